@@ -1,0 +1,597 @@
+//! The QMP client: one connection, one background reader, many callers.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde_json::{json, Map, Value};
+use tokio::io::Interest;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::{broadcast, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::error::QmpError;
+use crate::event::QmpEvent;
+use crate::fdpass;
+use crate::protocol::{self, Incoming, Reply};
+use crate::types::{
+    BlockInfo, BlockJobInfo, JobInfo, KvmInfo, NamedBlockNode, QemuVersion, StatusInfo,
+};
+
+/// Per-command timeout used by [`QmpClient::execute`] until changed with
+/// [`QmpClient::set_default_timeout`], and by [`QmpClient::connect`].
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How many events a slow subscriber may fall behind before it starts missing
+/// some ([`QmpError::EventsLagged`]). Block jobs emit a handful of events per
+/// state change, so this leaves a wide margin.
+const EVENT_CAPACITY: usize = 1024;
+
+/// An async QMP connection to one QEMU (or qemu-storage-daemon) monitor socket.
+///
+/// Cloning is cheap and every clone drives the same connection; commands from
+/// several tasks may be in flight at once, each reply being matched to its
+/// request by `id`. The connection is closed when the last clone is dropped.
+#[derive(Clone)]
+pub struct QmpClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    version: QemuVersion,
+    capabilities: Vec<String>,
+    /// Held for the whole of one message so that concurrent commands never
+    /// interleave their bytes on the socket.
+    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+    shared: Arc<Shared>,
+    next_id: AtomicU64,
+    default_timeout: Mutex<Duration>,
+    reader: JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The reader task owns the read half and would otherwise keep the
+        // socket (and QEMU's single monitor slot) open forever.
+        self.reader.abort();
+    }
+}
+
+/// State shared between callers and the reader task.
+struct Shared {
+    state: Mutex<ConnState>,
+}
+
+struct ConnState {
+    /// One entry per command still waiting for its reply.
+    pending: HashMap<u64, oneshot::Sender<Reply>>,
+    /// `None` once the socket has closed: dropping the only sender is what
+    /// ends every subscriber's stream, and it doubles as the "closed" flag.
+    events: Option<broadcast::Sender<QmpEvent>>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, ConnState> {
+        // The state stays consistent even if a holder panicked: every
+        // critical section is a single map/option operation.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn register(&self, id: u64) -> Result<oneshot::Receiver<Reply>, QmpError> {
+        let mut state = self.lock();
+        if state.events.is_none() {
+            return Err(QmpError::Disconnected);
+        }
+        let (tx, rx) = oneshot::channel();
+        state.pending.insert(id, tx);
+        Ok(rx)
+    }
+
+    fn complete(&self, id: u64, reply: Reply) {
+        let waiter = self.lock().pending.remove(&id);
+        match waiter {
+            // The receiver may have given up (timeout) in the meantime; then
+            // the reply has nobody to go to, which is fine.
+            Some(tx) => {
+                let _ = tx.send(reply);
+            }
+            None => tracing::debug!(id, "QMP reply for a request nobody waits for (timed out?)"),
+        }
+    }
+
+    fn publish(&self, event: QmpEvent) {
+        tracing::debug!(event = %event.event, data = %event.data,
+            timestamp = ?event.timestamp, "QMP event");
+        if let Some(tx) = &self.lock().events {
+            // An error only means there are no subscribers right now.
+            let _ = tx.send(event);
+        }
+    }
+
+    fn close(&self) {
+        let mut state = self.lock();
+        // Dropping the senders wakes every waiter with a RecvError, which
+        // `request` reports as Disconnected.
+        state.pending.clear();
+        state.events = None;
+    }
+}
+
+/// Removes a request's pending entry however the request ends (reply,
+/// timeout, or the caller dropping the future), so abandoned ids don't pile up.
+struct PendingGuard<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.lock().pending.remove(&self.id);
+    }
+}
+
+impl fmt::Debug for QmpClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QmpClient")
+            .field("path", &self.inner.path)
+            .field("version", &self.inner.version)
+            .field("connected", &self.is_connected())
+            .finish()
+    }
+}
+
+impl QmpClient {
+    /// Connects to the monitor socket at `path`, reads the greeting and
+    /// negotiates capabilities, all within [`DEFAULT_TIMEOUT`].
+    pub async fn connect(path: &Path) -> Result<QmpClient, QmpError> {
+        Self::connect_with_timeout(path, DEFAULT_TIMEOUT).await
+    }
+
+    /// Like [`QmpClient::connect`], with `timeout` bounding the whole
+    /// handshake (connect, greeting, `qmp_capabilities`).
+    ///
+    /// This makes a single attempt: a socket that does not exist yet is an
+    /// [`QmpError::Io`] error, and retrying while QEMU starts is up to the caller.
+    pub async fn connect_with_timeout(
+        path: &Path,
+        timeout: Duration,
+    ) -> Result<QmpClient, QmpError> {
+        let deadline = Instant::now() + timeout;
+        let (reader, writer, greeting) = tokio::time::timeout_at(deadline, Self::open(path))
+            .await
+            .map_err(|_| QmpError::Timeout {
+                command: "connect".into(),
+                after: timeout,
+            })??;
+        tracing::debug!(path = %path.display(), version = %greeting.version,
+            capabilities = ?greeting.capabilities, "QMP greeting");
+
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(ConnState {
+                pending: HashMap::new(),
+                events: Some(events),
+            }),
+        });
+        let reader = tokio::spawn(read_loop(reader, Arc::clone(&shared)));
+        let client = QmpClient {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                version: greeting.version,
+                capabilities: greeting.capabilities,
+                writer: Arc::new(tokio::sync::Mutex::new(writer)),
+                shared,
+                next_id: AtomicU64::new(1),
+                default_timeout: Mutex::new(DEFAULT_TIMEOUT),
+                reader,
+            }),
+        };
+        // QEMU refuses every command but this one until capabilities are
+        // negotiated. No optional capability (such as "oob") is enabled.
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        client
+            .execute_timeout("qmp_capabilities", None, remaining)
+            .await?;
+        Ok(client)
+    }
+
+    async fn open(
+        path: &Path,
+    ) -> Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf, protocol::Greeting), QmpError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| QmpError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let (read, write) = stream.into_split();
+        // The same BufReader goes on to the reader task, so nothing QEMU sent
+        // right after the greeting is lost.
+        let mut reader = BufReader::new(read);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = reader
+                .read_until(b'\n', &mut line)
+                .await
+                .map_err(|source| QmpError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            if n == 0 {
+                return Err(QmpError::Disconnected);
+            }
+            if !line.trim_ascii().is_empty() {
+                break;
+            }
+        }
+        let greeting = protocol::parse_greeting(line.trim_ascii())?;
+        Ok((reader, write, greeting))
+    }
+
+    /// QEMU's version from the greeting.
+    pub fn version(&self) -> &QemuVersion {
+        &self.inner.version
+    }
+
+    /// Optional capabilities QEMU offered in the greeting (e.g. `oob`); none is enabled.
+    pub fn capabilities(&self) -> &[String] {
+        &self.inner.capabilities
+    }
+
+    /// The monitor socket this client is connected to.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// False once the socket has closed; every later command fails with
+    /// [`QmpError::Disconnected`].
+    pub fn is_connected(&self) -> bool {
+        self.inner.shared.lock().events.is_some()
+    }
+
+    /// The timeout [`QmpClient::execute`] applies.
+    pub fn default_timeout(&self) -> Duration {
+        *self
+            .inner
+            .default_timeout
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Changes the timeout [`QmpClient::execute`] applies, for every clone of this client.
+    pub fn set_default_timeout(&self, timeout: Duration) {
+        *self
+            .inner
+            .default_timeout
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = timeout;
+    }
+
+    /// A new receiver for every event QEMU sends from now on.
+    ///
+    /// Subscribe *before* issuing the command whose events you want: e.g. a
+    /// job's `created`/`running` JOB_STATUS_CHANGE arrive before the reply to
+    /// the command that starts it. The stream ends (`RecvError::Closed`) when
+    /// the connection closes; a receiver obtained after that is already closed.
+    pub fn subscribe_events(&self) -> broadcast::Receiver<QmpEvent> {
+        match &self.inner.shared.lock().events {
+            Some(tx) => tx.subscribe(),
+            None => broadcast::channel(1).1,
+        }
+    }
+
+    /// Runs `command` with the default timeout and returns QEMU's `return` value.
+    pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        self.execute_timeout(command, arguments, self.default_timeout())
+            .await
+    }
+
+    /// Runs `command`, giving up after `timeout`.
+    ///
+    /// After a [`QmpError::Timeout`] the command may still complete inside
+    /// QEMU; its late reply is discarded and the connection stays usable.
+    pub async fn execute_timeout(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
+        self.request(command, arguments, None, timeout).await
+    }
+
+    /// Runs `command` with the default timeout and decodes its `return` value into `T`.
+    pub async fn execute_typed<T: DeserializeOwned>(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<T, QmpError> {
+        let value = self.execute(command, arguments).await?;
+        serde_json::from_value(value)
+            .map_err(|e| QmpError::Protocol(format!("reply to '{command}' did not decode: {e}")))
+    }
+
+    /// `query-status`.
+    pub async fn query_status(&self) -> Result<StatusInfo, QmpError> {
+        self.execute_typed("query-status", None).await
+    }
+
+    /// `query-block`: one entry per BlockBackend (empty with `-machine none`).
+    pub async fn query_block(&self) -> Result<Vec<BlockInfo>, QmpError> {
+        self.execute_typed("query-block", None).await
+    }
+
+    /// `query-named-block-nodes {"flat": true}`: every node once, without
+    /// the nested `backing-image` trees.
+    pub async fn query_named_block_nodes(&self) -> Result<Vec<NamedBlockNode>, QmpError> {
+        self.execute_typed("query-named-block-nodes", Some(json!({"flat": true})))
+            .await
+    }
+
+    /// `query-block-jobs`.
+    pub async fn query_block_jobs(&self) -> Result<Vec<BlockJobInfo>, QmpError> {
+        self.execute_typed("query-block-jobs", None).await
+    }
+
+    /// `query-jobs`.
+    pub async fn query_jobs(&self) -> Result<Vec<JobInfo>, QmpError> {
+        self.execute_typed("query-jobs", None).await
+    }
+
+    /// `query-kvm`.
+    pub async fn query_kvm(&self) -> Result<KvmInfo, QmpError> {
+        self.execute_typed("query-kvm", None).await
+    }
+
+    /// Passes `fd` to QEMU under `fdname` (`getfd` with the descriptor
+    /// attached via SCM_RIGHTS to the same message). QEMU replaces a
+    /// descriptor already registered under that name; `closefd` releases it.
+    ///
+    /// The caller keeps ownership of `fd`: QEMU receives its own duplicate.
+    pub async fn send_fd(&self, fdname: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+        // The write runs in a detached task (see `write`), which needs an
+        // owned descriptor; the duplicate is closed once it has been sent.
+        let owned = fd.try_clone_to_owned().map_err(|source| QmpError::Io {
+            path: self.inner.path.clone(),
+            source,
+        })?;
+        self.request(
+            "getfd",
+            Some(json!({ "fdname": fdname })),
+            Some(owned),
+            self.default_timeout(),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Runs an HMP command line through `human-monitor-command` and returns
+    /// its text output.
+    ///
+    /// QEMU quirk: HMP reports its errors as ordinary output, so an unknown
+    /// command or a failed operation still returns `Ok` with the error text
+    /// (e.g. `unknown command: 'foo'`). Only QMP-level problems are `Err`.
+    /// Interpreting the text is up to the caller. Also note that some HMP
+    /// commands (e.g. `qemu-io` read results) print to QEMU's stdout rather
+    /// than into this reply.
+    pub async fn human_monitor_command(&self, cmd: &str) -> Result<String, QmpError> {
+        self.execute_typed(
+            "human-monitor-command",
+            Some(json!({ "command-line": cmd })),
+        )
+        .await
+    }
+
+    /// Waits for the next event on `rx` that satisfies `pred`, skipping others.
+    ///
+    /// Fails with [`QmpError::Disconnected`] if the connection closes,
+    /// [`QmpError::EventsLagged`] if `rx` fell behind and lost events (the
+    /// awaited one may be among them), or [`QmpError::Timeout`] (command
+    /// `wait_event`) after `timeout`.
+    pub async fn wait_event(
+        &self,
+        rx: &mut broadcast::Receiver<QmpEvent>,
+        pred: impl Fn(&QmpEvent) -> bool,
+        timeout: Duration,
+    ) -> Result<QmpEvent, QmpError> {
+        let wait = async {
+            loop {
+                match rx.recv().await {
+                    Ok(event) if pred(&event) => return Ok(event),
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Closed) => return Err(QmpError::Disconnected),
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        return Err(QmpError::EventsLagged { missed })
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .unwrap_or_else(|_| {
+                Err(QmpError::Timeout {
+                    command: "wait_event".into(),
+                    after: timeout,
+                })
+            })
+    }
+
+    async fn request(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<OwnedFd>,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut msg = Map::new();
+        msg.insert("execute".into(), Value::from(command));
+        if let Some(arguments) = arguments {
+            msg.insert("arguments".into(), arguments);
+        }
+        msg.insert("id".into(), Value::from(id));
+        let mut bytes = serde_json::to_vec(&msg)
+            .map_err(|e| QmpError::Protocol(format!("cannot encode '{command}': {e}")))?;
+        bytes.push(b'\n');
+
+        // Registered before writing: the reply can arrive before the write
+        // call returns.
+        let rx = self.inner.shared.register(id)?;
+        let _pending = PendingGuard {
+            shared: &self.inner.shared,
+            id,
+        };
+        let started = Instant::now();
+        let with_fd = fd.is_some();
+        let exchange = async {
+            self.write(bytes, fd).await?;
+            tracing::debug!(command, id, with_fd, "QMP command sent");
+            rx.await.map_err(|_| QmpError::Disconnected)
+        };
+        let outcome = tokio::time::timeout(timeout, exchange).await;
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let reply = match outcome {
+            Ok(reply) => reply,
+            Err(_) => {
+                tracing::debug!(command, id, elapsed_ms, "QMP command timed out");
+                return Err(QmpError::Timeout {
+                    command: command.into(),
+                    after: timeout,
+                });
+            }
+        };
+        match reply {
+            Ok(Reply::Return(value)) => {
+                tracing::debug!(command, id, elapsed_ms, "QMP reply received");
+                Ok(value)
+            }
+            Ok(Reply::Error { class, desc }) => {
+                tracing::debug!(command, id, elapsed_ms, %class, %desc, "QMP error reply received");
+                Err(QmpError::Command {
+                    command: command.into(),
+                    class,
+                    desc,
+                })
+            }
+            Err(e) => {
+                tracing::debug!(command, id, elapsed_ms, error = %e, "QMP command failed");
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes one complete message, with `fd` attached if given.
+    ///
+    /// The write runs in its own task so that it always finishes even when the
+    /// caller's future is dropped (timeout, `select!`): abandoning a write
+    /// half-way would leave a truncated JSON object on the socket and corrupt
+    /// every later command on this connection.
+    async fn write(&self, bytes: Vec<u8>, fd: Option<OwnedFd>) -> Result<(), QmpError> {
+        let writer = Arc::clone(&self.inner.writer);
+        let task = tokio::spawn(async move {
+            let mut writer = writer.lock().await;
+            match fd {
+                Some(fd) => write_with_fd(&mut writer, &bytes, fd.as_fd()).await,
+                None => writer.write_all(&bytes).await,
+            }
+        });
+        match task.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(match e.kind() {
+                io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::NotConnected => QmpError::Disconnected,
+                _ => QmpError::Io {
+                    path: self.inner.path.clone(),
+                    source: e,
+                },
+            }),
+            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            // Cancelled: the runtime is shutting down.
+            Err(_) => Err(QmpError::Disconnected),
+        }
+    }
+}
+
+async fn write_with_fd(
+    writer: &mut OwnedWriteHalf,
+    bytes: &[u8],
+    fd: BorrowedFd<'_>,
+) -> io::Result<()> {
+    let stream: &UnixStream = writer.as_ref();
+    let sent = loop {
+        stream.writable().await?;
+        match stream.try_io(Interest::WRITABLE, || {
+            fdpass::send_with_fd(stream.as_fd(), bytes, fd)
+        }) {
+            Ok(n) => break n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    };
+    // QEMU keeps a received descriptor queued on the connection until a
+    // command claims it, so the remainder of the message (if the socket took
+    // only part of it) can follow as plain bytes.
+    writer.write_all(&bytes[sent..]).await
+}
+
+async fn read_loop(mut reader: BufReader<OwnedReadHalf>, shared: Arc<Shared>) {
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line).await {
+            Ok(0) => {
+                tracing::debug!("QMP socket closed by QEMU");
+                break;
+            }
+            Ok(_) if !line.ends_with(b"\n") => {
+                tracing::warn!(partial = %String::from_utf8_lossy(&line),
+                    "QMP socket closed in the middle of a message");
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "QMP socket read failed");
+                break;
+            }
+        }
+        let text = line.trim_ascii();
+        if text.is_empty() {
+            continue;
+        }
+        match protocol::parse_incoming(text) {
+            Ok(Incoming::Event(event)) => shared.publish(event),
+            Ok(Incoming::Reply {
+                id: Some(id),
+                reply,
+            }) => shared.complete(id, reply),
+            // QEMU only answers without an id when it could not parse the
+            // request; nobody can be matched to it.
+            Ok(Incoming::Reply { id: None, reply }) => {
+                tracing::warn!(?reply, "QMP reply without a usable id");
+            }
+            // A line that is not QMP cannot be attributed to any request; the
+            // affected caller (if any) will time out.
+            Err(e) => tracing::warn!(error = %e, "ignoring QMP line"),
+        }
+    }
+    shared.close();
+}

@@ -1,0 +1,109 @@
+//! The client's own timer, against a fake QMP peer that never answers.
+//!
+//! QEMU cannot be made reliably slow, so this one test uses a local socket
+//! that speaks just enough QMP; it checks the client's timeout and id
+//! bookkeeping, not QEMU behaviour.
+// Tests report failures by panicking.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use strata_qmp::{QmpClient, QmpError};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+
+const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "fake"}, "capabilities": ["oob"]}}"#;
+
+#[tokio::test]
+async fn client_timer_fires_when_fake_peer_never_replies() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fake.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+
+    // Answers qmp_capabilities, swallows every command except "reply-now",
+    // which it answers only after first sending late replies to everything
+    // it swallowed.
+    let peer = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (read, mut write) = stream.into_split();
+        write
+            .write_all(format!("{GREETING}\n").as_bytes())
+            .await
+            .unwrap();
+        let mut lines = BufReader::new(read).lines();
+        let mut swallowed: Vec<Value> = Vec::new();
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let request: Value = serde_json::from_str(&line).unwrap();
+            let id = request["id"].clone();
+            match request["execute"].as_str().unwrap() {
+                "qmp_capabilities" => {
+                    let reply = json!({"return": {}, "id": id});
+                    write
+                        .write_all(format!("{reply}\n").as_bytes())
+                        .await
+                        .unwrap();
+                }
+                "reply-now" => {
+                    for late in swallowed.drain(..) {
+                        let reply = json!({"return": {"stale": true}, "id": late});
+                        write
+                            .write_all(format!("{reply}\n").as_bytes())
+                            .await
+                            .unwrap();
+                    }
+                    let reply = json!({"return": {"fresh": true}, "id": id});
+                    write
+                        .write_all(format!("{reply}\n").as_bytes())
+                        .await
+                        .unwrap();
+                }
+                _ => swallowed.push(id),
+            }
+        }
+    });
+
+    let client = QmpClient::connect_with_timeout(&path, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(client.version().package, "fake");
+    assert_eq!(client.capabilities(), ["oob"]);
+
+    let started = Instant::now();
+    let err = client
+        .execute_timeout("slow-one", None, Duration::from_millis(100))
+        .await
+        .unwrap_err();
+    match err {
+        QmpError::Timeout { command, after } => {
+            assert_eq!(command, "slow-one");
+            assert_eq!(after, Duration::from_millis(100));
+        }
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    client.set_default_timeout(Duration::from_millis(50));
+    assert_eq!(client.default_timeout(), Duration::from_millis(50));
+    let err = client.execute("slow-two", None).await.unwrap_err();
+    assert!(
+        matches!(&err, QmpError::Timeout { command, after }
+            if command == "slow-two" && *after == Duration::from_millis(50)),
+        "{err:?}"
+    );
+
+    // The late replies to the two timed-out ids arrive first and must be
+    // discarded, not handed to this request.
+    let value = client
+        .execute_timeout("reply-now", None, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(value, json!({"fresh": true}));
+
+    // Dropping the last clone closes the connection, which ends the peer.
+    drop(client);
+    tokio::time::timeout(Duration::from_secs(5), peer)
+        .await
+        .expect("connection not closed on drop")
+        .unwrap();
+}
