@@ -1,1 +1,348 @@
-//! strata-qemu
+//! strata-qemu: Strata's QEMU driver.
+//!
+//! Domains are defined in a state store and run as real
+//! `qemu-system-x86_64` processes driven over QMP. No daemon is needed:
+//! QEMU outlives the `strata` process that started it and later calls find
+//! it again through the live status XML (see [`live`]).
+//!
+//! A program can embed the driver without the CLI or the registry:
+//! `QemuConnection::open_embedded("/some/dir")` gives a
+//! [`strata_core::driver::Connection`] (see `examples/embed.rs`).
+
+mod launch;
+pub mod live;
+mod persistent;
+mod process;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use strata_core::define;
+use strata_core::driver::{
+    Connection, DefineFlags, DefineOutcome, DiskChainCheck, DiskSetOps, DiskSetOutcome,
+    DomainInfo, DomainState, DomainSummary, DriverCapabilities, DumpXmlFlags, StartFlags,
+};
+use strata_core::registry::DriverRegistration;
+use strata_core::store::Store;
+use strata_core::uri::ConnectUri;
+use strata_core::xml::Domain;
+use strata_core::{Error, Result};
+
+pub use launch::MONITORS;
+use live::{LiveStatus, Monitor, MonitorCache};
+
+/// The emulator binary: `$STRATA_QEMU` or `qemu-system-x86_64` on `PATH`.
+fn qemu_binary() -> String {
+    std::env::var("STRATA_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_string())
+}
+
+/// A connection to one QEMU driver instance (one state root).
+pub struct QemuConnection {
+    uri: String,
+    store: Store,
+    monitors: MonitorCache,
+}
+
+impl QemuConnection {
+    /// Opens the instance named by a `qemu://` URI.
+    pub fn open(uri: &ConnectUri) -> Result<QemuConnection> {
+        if uri.driver != "qemu" {
+            return Err(Error::invalid_arg(format!("'{uri}' is not a qemu:// URI")));
+        }
+        if uri.host.is_some() || uri.transport.is_some() {
+            return Err(Error::no_support(format!(
+                "'{uri}': remote connections are not supported; Strata drives QEMU on this machine"
+            )));
+        }
+        let root = uri.state_root()?;
+        Ok(QemuConnection {
+            uri: uri.to_string(),
+            store: Store::open(root)?,
+            monitors: MonitorCache::default(),
+        })
+    }
+
+    /// Opens an embedded instance whose whole state lives under `root`
+    /// (the library equivalent of `qemu:///embed?root=DIR`).
+    pub fn open_embedded(root: &Path) -> Result<QemuConnection> {
+        if !root.is_absolute() {
+            return Err(Error::invalid_arg(format!(
+                "embed root '{}' must be an absolute path",
+                root.display()
+            )));
+        }
+        Ok(QemuConnection {
+            uri: format!("qemu:///embed?root={}", root.display()),
+            store: Store::open(root)?,
+            monitors: MonitorCache::default(),
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The running domain's status and a QMP monitor of it, or
+    /// operation-invalid when it is not running.
+    pub async fn running(&self, name: &str) -> Result<(LiveStatus, Arc<Monitor>)> {
+        persistent::load(&self.store, name)?;
+        let status = live::reconcile(&self.store, name)?
+            .ok_or_else(|| Error::operation_invalid("domain is not running"))?;
+        let monitor = self.monitors.get(&self.store, name, status.process).await?;
+        Ok((status, monitor))
+    }
+
+    async fn summary(&self, dom: &Domain) -> Result<DomainSummary> {
+        let name = dom.name();
+        let mut s = DomainSummary {
+            id: None,
+            name: name.clone(),
+            uuid: dom.uuid().unwrap_or_default(),
+            state: DomainState::Shutoff,
+            reason: Some("unknown".into()),
+            persistent: true,
+        };
+        if let Some(status) = live::reconcile(&self.store, &name)? {
+            let monitor = self.monitors.get(&self.store, &name, status.process).await?;
+            let run = monitor.client.query_status().await.map_err(|e| live::qmp_error(&name, e))?;
+            let (state, reason) = live::state_of(run.status);
+            s.id = Some(status.id);
+            s.state = state;
+            s.reason = Some(reason.into());
+        }
+        Ok(s)
+    }
+
+    async fn start_locked(&self, name: &str, flags: StartFlags) -> Result<()> {
+        if live::reconcile(&self.store, name)?.is_some() {
+            return Err(Error::operation_invalid(format!("domain '{name}' is already active")));
+        }
+        let mut dom = persistent::load(&self.store, name)?;
+        // A disk whose image did not exist at define time is probed now.
+        let before = dom.to_xml();
+        define::probe_missing_chains(&mut dom)?;
+        if dom.to_xml() != before {
+            self.store.write_domain(name, &dom.to_xml())?;
+        }
+        let accel = launch::accel_for(&dom)?;
+        let paths = live::runtime_paths(&self.store, name)?;
+        live::cleanup(&self.store, name)?;
+        std::fs::create_dir_all(&paths.dir).map_err(|e| Error::io("create", &paths.dir, e))?;
+        let (args, _) = launch::command_line(&dom, accel, &paths)?;
+        tracing::debug!(domain = name, ?args, "starting QEMU");
+        let mut spawned = process::spawn(&qemu_binary(), &args, &paths.log())?;
+        let started = async {
+            live::wait_for_socket(&paths.monitor_socket(MONITORS - 1), &mut spawned.child, &paths.log()).await?;
+            let status = LiveStatus { process: spawned.id, id: live::next_domain_id(&self.store)?, domain: dom };
+            self.store.write_status(name, &status.to_xml())?;
+            let monitor = self.monitors.get(&self.store, name, status.process).await?;
+            if !flags.paused {
+                monitor.client.execute("cont", None).await.map_err(|e| live::qmp_error(name, e))?;
+            }
+            Ok::<(), Error>(())
+        }
+        .await;
+        if let Err(e) = started {
+            self.monitors.forget(name).await;
+            let _ = spawned.id.terminate(Duration::from_secs(2)).await;
+            let _ = spawned.child.try_wait();
+            live::cleanup(&self.store, name)?;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The live definition: the one QEMU runs with, each disk's chain read
+    /// from QEMU's block graph.
+    async fn live_domain(&self, name: &str) -> Result<Domain> {
+        let (status, monitor) = self.running(name).await?;
+        let mut dom = status.domain.clone();
+        dom.set_id(Some(status.id));
+        let chains = live::live_chains(&monitor.client, name).await?;
+        for disk in dom.disks()? {
+            if let Some(chain) = chains.get(&disk.target) {
+                dom.set_disk_chain(&disk.target, chain)?;
+            }
+        }
+        Ok(dom)
+    }
+}
+
+fn open_registered(uri: &ConnectUri) -> Result<Box<dyn Connection>> {
+    Ok(Box::new(QemuConnection::open(uri)?))
+}
+
+inventory::submit! {
+    DriverRegistration {
+        scheme: "qemu",
+        description: "QEMU/KVM: qemu-system-x86_64 driven over QMP",
+        open: open_registered,
+    }
+}
+
+#[async_trait]
+impl Connection for QemuConnection {
+    fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    fn capabilities(&self) -> DriverCapabilities {
+        DriverCapabilities {
+            driver: "qemu".into(),
+            uri: self.uri.clone(),
+            hypervisor: "QEMU".into(),
+            live: true,
+            snapshots: false,
+            block_jobs: false,
+            disk_sets: true,
+            notes: vec![
+                "backing chains are probed natively and never by following an unrecorded format".into(),
+                format!("each QEMU has {MONITORS} QMP monitors; no daemon is needed"),
+            ],
+        }
+    }
+
+    async fn list_domains(&self) -> Result<Vec<DomainSummary>> {
+        let mut out = Vec::new();
+        for name in self.store.list_domains()? {
+            let dom = persistent::load(&self.store, &name)?;
+            out.push(self.summary(&dom).await?);
+        }
+        Ok(out)
+    }
+
+    async fn define_xml(&self, xml: &str, flags: DefineFlags) -> Result<DefineOutcome> {
+        persistent::define(&self.store, xml, flags)
+    }
+
+    async fn undefine(&self, name: &str) -> Result<()> {
+        let _lock = self.store.lock_domain(name)?;
+        if live::reconcile(&self.store, name)?.is_some() {
+            return Err(Error::operation_invalid(format!(
+                "domain '{name}' is running; destroy it before undefining it"
+            )));
+        }
+        persistent::undefine(&self.store, name)
+    }
+
+    async fn domain_info(&self, name: &str) -> Result<DomainInfo> {
+        let dom = persistent::load(&self.store, name)?;
+        Ok(DomainInfo {
+            summary: self.summary(&dom).await?,
+            os_type: dom.os_type(),
+            max_memory_kib: dom.memory_kib().unwrap_or(0),
+            used_memory_kib: dom.current_memory_kib().unwrap_or(0),
+            vcpus: dom.vcpus(),
+            autostart: false,
+            managed_save: false,
+        })
+    }
+
+    async fn start(&self, name: &str, flags: StartFlags) -> Result<()> {
+        let _lock = self.store.lock_domain(name)?;
+        self.start_locked(name, flags).await
+    }
+
+    async fn destroy(&self, name: &str) -> Result<()> {
+        let _lock = self.store.lock_domain(name)?;
+        persistent::load(&self.store, name)?;
+        let status = live::reconcile(&self.store, name)?
+            .ok_or_else(|| Error::operation_invalid("domain is not running"))?;
+        self.monitors.forget(name).await;
+        status.process.terminate(Duration::from_secs(3)).await?;
+        live::cleanup(&self.store, name)
+    }
+
+    async fn shutdown(&self, name: &str) -> Result<()> {
+        let (_, monitor) = self.running(name).await?;
+        monitor.client.execute("system_powerdown", None).await.map_err(|e| live::qmp_error(name, e))?;
+        Ok(())
+    }
+
+    async fn suspend(&self, name: &str) -> Result<()> {
+        let (_, monitor) = self.running(name).await?;
+        monitor.client.execute("stop", None).await.map_err(|e| live::qmp_error(name, e))?;
+        Ok(())
+    }
+
+    async fn resume(&self, name: &str) -> Result<()> {
+        let (_, monitor) = self.running(name).await?;
+        monitor.client.execute("cont", None).await.map_err(|e| live::qmp_error(name, e))?;
+        Ok(())
+    }
+
+    async fn dump_xml(&self, name: &str, flags: DumpXmlFlags) -> Result<String> {
+        if flags.inactive || live::reconcile(&self.store, name)?.is_none() {
+            return persistent::dump_xml(&self.store, name, flags);
+        }
+        Ok(self.live_domain(name).await?.to_xml())
+    }
+
+    async fn check_chains(&self, name: &str, disk: Option<&str>, fix: bool) -> Result<Vec<DiskChainCheck>> {
+        if live::reconcile(&self.store, name)?.is_none() {
+            return persistent::check_chains(&self.store, name, disk, fix);
+        }
+        // Running: what the status XML records, what QEMU has open and what
+        // the image headers say are compared pairwise.
+        let (status, monitor) = self.running(name).await?;
+        let qemu = live::live_chains(&monitor.client, name).await?;
+        let mut recorded = status.domain.clone();
+        let mut checks = define::check_chains(&mut recorded, disk, false)?;
+        let mut rewritten = false;
+        for check in &mut checks {
+            let Some(qemu_chain) = qemu.get(&check.disk) else { continue };
+            let xml_disk = recorded.find_disk(&check.disk)?;
+            if let Some(xml_chain) = &xml_disk.chain {
+                for d in xml_chain.differences(qemu_chain) {
+                    check.differences.push(strata_core::chain::ChainDifference {
+                        index: d.index,
+                        what: format!("XML vs QEMU: {}", d.what),
+                    });
+                }
+            }
+            if fix && !check.differences.is_empty() {
+                recorded.set_disk_chain(&check.disk, qemu_chain)?;
+                check.fixed = true;
+                rewritten = true;
+            }
+        }
+        if rewritten {
+            let _lock = self.store.lock_domain(name)?;
+            let status = LiveStatus { domain: recorded, ..status };
+            self.store.write_status(name, &status.to_xml())?;
+        }
+        Ok(checks)
+    }
+
+    fn disk_sets(&self) -> Option<&dyn DiskSetOps> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl DiskSetOps for QemuConnection {
+    async fn diskset_add(&self, domain: &str, disk: &str) -> Result<DiskSetOutcome> {
+        persistent::edit(&self.store, domain, |dom| strata_core::diskset::set_selected(dom, disk, true))
+    }
+
+    async fn diskset_remove(&self, domain: &str, disk: &str) -> Result<DiskSetOutcome> {
+        persistent::edit(&self.store, domain, |dom| strata_core::diskset::set_selected(dom, disk, false))
+    }
+
+    async fn diskset_add_all(&self, domain: &str) -> Result<usize> {
+        persistent::edit(&self.store, domain, |dom| {
+            strata_core::diskset::set_all(dom, true)?;
+            Ok(strata_core::diskset::selected(dom)?.len())
+        })
+    }
+
+    async fn diskset_remove_all(&self, domain: &str) -> Result<usize> {
+        persistent::edit(&self.store, domain, |dom| strata_core::diskset::set_all(dom, false))
+    }
+
+    async fn diskset_list(&self, domain: &str) -> Result<Vec<String>> {
+        strata_core::diskset::selected(&persistent::load(&self.store, domain)?)
+    }
+}

@@ -1,0 +1,652 @@
+//! The commands: parsed with clap, run against a connection, printed.
+
+use std::fmt::Write as _;
+
+use anyhow::{anyhow, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use strata_core::chain::{Backing, Chain};
+use strata_core::driver::{Connection, DefineFlags, DiskSetOutcome, DumpXmlFlags, StartFlags};
+use strata_core::xml::Domain;
+
+use crate::table::format_table;
+
+/// Settings that apply to every command of one invocation.
+pub struct Session {
+    pub uri: String,
+    pub quiet: bool,
+    pub json: bool,
+    conn: Option<Box<dyn Connection>>,
+}
+
+impl Session {
+    pub fn new(uri: String, quiet: bool, json: bool) -> Session {
+        Session { uri, quiet, json, conn: None }
+    }
+
+    /// Opens the connection on first use, so `version` and `help` need none.
+    fn conn(&mut self) -> Result<&dyn Connection> {
+        if self.conn.is_none() {
+            let conn = strata_core::registry::open(&self.uri)
+                .map_err(|e| anyhow!(e).context("failed to connect to the hypervisor"))?;
+            self.conn = Some(conn);
+        }
+        self.conn.as_deref().ok_or_else(|| anyhow!("failed to connect to the hypervisor"))
+    }
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "strata", no_binary_name = true, disable_help_subcommand = true)]
+pub struct CommandLine {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// A domain, given by position or as `--domain NAME` as virsh allows.
+#[derive(Args, Debug, Clone)]
+pub struct DomainArg {
+    #[arg(value_name = "DOMAIN")]
+    positional: Option<String>,
+    #[arg(long = "domain", value_name = "DOMAIN")]
+    named: Option<String>,
+}
+
+impl DomainArg {
+    fn get(&self) -> Result<&str> {
+        self.named
+            .as_deref()
+            .or(self.positional.as_deref())
+            .ok_or_else(|| anyhow!("command requires <domain> option"))
+    }
+}
+
+#[derive(Args, Debug, Clone, Copy)]
+pub struct JsonFlag {
+    /// Print JSON for scripts.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print the connection URI.
+    Uri,
+    /// Print Strata's version.
+    Version {
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// What the connected driver supports.
+    Capabilities {
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Define (but do not start) a domain from an XML file.
+    Define {
+        #[arg(value_name = "FILE")]
+        file: String,
+        /// Probe every disk's chain even when the XML gives one, and refuse a mismatch.
+        #[arg(long)]
+        validate: bool,
+    },
+    /// Undefine a domain.
+    Undefine {
+        #[command(flatten)]
+        domain: DomainArg,
+    },
+    /// List domains.
+    List {
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        inactive: bool,
+        #[arg(long)]
+        name: bool,
+        #[arg(long)]
+        uuid: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Domain information.
+    Dominfo {
+        #[command(flatten)]
+        domain: DomainArg,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Domain state.
+    Domstate {
+        #[command(flatten)]
+        domain: DomainArg,
+        #[arg(long)]
+        reason: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Domain XML, with each disk's backing chain.
+    Dumpxml {
+        #[command(flatten)]
+        domain: DomainArg,
+        #[arg(long)]
+        inactive: bool,
+        /// Re-read the image files and record the chains they describe.
+        #[arg(long = "refresh-chain")]
+        refresh_chain: bool,
+    },
+    /// List a domain's block devices.
+    Domblklist {
+        #[command(flatten)]
+        domain: DomainArg,
+        #[arg(long)]
+        details: bool,
+        #[arg(long)]
+        inactive: bool,
+        /// Draw each disk's backing tree.
+        #[arg(long)]
+        chain: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Compare recorded backing chains with the image files.
+    Domblkcheck {
+        #[command(flatten)]
+        domain: DomainArg,
+        #[arg(value_name = "DISK")]
+        disk: Option<String>,
+        /// Record what the image files say (correction mode).
+        #[arg(long)]
+        fix: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Start a defined domain.
+    Start {
+        #[command(flatten)]
+        domain: DomainArg,
+        #[arg(long)]
+        paused: bool,
+    },
+    /// Stop a domain at once.
+    Destroy {
+        #[command(flatten)]
+        domain: DomainArg,
+    },
+    /// Ask a domain to shut down.
+    Shutdown {
+        #[command(flatten)]
+        domain: DomainArg,
+    },
+    /// Pause a domain.
+    Suspend {
+        #[command(flatten)]
+        domain: DomainArg,
+    },
+    /// Resume a paused domain.
+    Resume {
+        #[command(flatten)]
+        domain: DomainArg,
+    },
+    /// Add a disk (or all disks) to the domain's disk set.
+    #[command(name = "diskset-add")]
+    DisksetAdd {
+        #[command(flatten)]
+        domain: DomainArg,
+        #[arg(value_name = "DISK", required_unless_present = "all")]
+        disk: Option<String>,
+        #[arg(long, conflicts_with = "disk")]
+        all: bool,
+    },
+    /// Remove a disk (or all disks) from the domain's disk set.
+    #[command(name = "diskset-remove")]
+    DisksetRemove {
+        #[command(flatten)]
+        domain: DomainArg,
+        #[arg(value_name = "DISK", required_unless_present = "all")]
+        disk: Option<String>,
+        #[arg(long, conflicts_with = "disk")]
+        all: bool,
+    },
+    /// List the disks in the domain's disk set.
+    #[command(name = "diskset-list")]
+    DisksetList {
+        #[command(flatten)]
+        domain: DomainArg,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Number of disks in the domain's disk set.
+    #[command(name = "diskset-size")]
+    DisksetSize {
+        #[command(flatten)]
+        domain: DomainArg,
+    },
+}
+
+/// A command that failed with a virsh-style message of its own, after
+/// printing `output` (a partial report) on stdout.
+#[derive(Debug)]
+pub struct CommandFailure {
+    pub message: String,
+    pub output: String,
+}
+
+impl CommandFailure {
+    fn new(message: String) -> CommandFailure {
+        CommandFailure { message, output: String::new() }
+    }
+}
+
+impl std::fmt::Display for CommandFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for CommandFailure {}
+
+/// Runs one parsed command, returning what it prints on stdout.
+pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
+    let global_json = session.json;
+    let quiet = session.quiet;
+    let wants_json = |f: JsonFlag| f.json || global_json;
+    let mut out = String::new();
+    match cmd {
+        Command::Uri => {
+            let uri = session.conn()?.uri().to_string();
+            writeln!(out, "{uri}\n")?;
+        }
+        Command::Version { json } => {
+            let version = env!("CARGO_PKG_VERSION");
+            if wants_json(json) {
+                writeln!(out, "{}", json!({ "strata": version }))?;
+            } else {
+                writeln!(out, "Compiled against library: strata {version}")?;
+                writeln!(out, "Using library: strata {version}\n")?;
+            }
+        }
+        Command::Capabilities { json } => {
+            let caps = session.conn()?.capabilities();
+            if wants_json(json) {
+                writeln!(out, "{}", serde_json::to_string_pretty(&caps)?)?;
+            } else {
+                writeln!(out, "Driver:      {}", caps.driver)?;
+                writeln!(out, "URI:         {}", caps.uri)?;
+                writeln!(out, "Hypervisor:  {}", caps.hypervisor)?;
+                let yes = |b: bool| if b { "yes" } else { "no" };
+                writeln!(out, "Live:        {}", yes(caps.live))?;
+                writeln!(out, "Snapshots:   {}", yes(caps.snapshots))?;
+                writeln!(out, "Block jobs:  {}", yes(caps.block_jobs))?;
+                writeln!(out, "Disk sets:   {}", yes(caps.disk_sets))?;
+                for note in &caps.notes {
+                    writeln!(out, "Note:        {note}")?;
+                }
+                writeln!(out, "Drivers:     {}", strata_core::registry::known_schemes().join(", "))?;
+                out.push('\n');
+            }
+        }
+        Command::Define { file, validate } => {
+            let xml = std::fs::read_to_string(&file).with_context(|| format!("Failed to open file '{file}'"))?;
+            let outcome = session
+                .conn()?
+                .define_xml(&xml, DefineFlags { validate })
+                .await
+                .map_err(|e| anyhow!(e).context(format!("Failed to define domain from {file}")))?;
+            for w in &outcome.warnings {
+                eprintln!("warning: {w}");
+            }
+            writeln!(out, "Domain '{}' defined from {file}\n", outcome.name)?;
+        }
+        Command::Undefine { domain } => {
+            let name = domain.get()?;
+            session
+                .conn()?
+                .undefine(name)
+                .await
+                .map_err(|e| domain_error(e, name, "Failed to undefine domain"))?;
+            writeln!(out, "Domain '{name}' has been undefined\n")?;
+        }
+        Command::List { all, inactive, name, uuid, json } => {
+            let domains = session.conn()?.list_domains().await?;
+            let shown: Vec<_> = domains
+                .into_iter()
+                .filter(|d| {
+                    if inactive {
+                        !d.state.is_active()
+                    } else {
+                        all || d.state.is_active()
+                    }
+                })
+                .collect();
+            if wants_json(json) {
+                writeln!(out, "{}", serde_json::to_string_pretty(&shown)?)?;
+            } else if name || uuid {
+                for d in &shown {
+                    match (uuid, name) {
+                        (true, true) => writeln!(out, "{}  {}", d.uuid, d.name)?,
+                        (true, false) => writeln!(out, "{}", d.uuid)?,
+                        _ => writeln!(out, "{}", d.name)?,
+                    }
+                }
+                out.push('\n');
+            } else {
+                let rows: Vec<Vec<String>> = shown
+                    .iter()
+                    .map(|d| {
+                        vec![
+                            d.id.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+                            d.name.clone(),
+                            d.state.as_virsh().to_string(),
+                        ]
+                    })
+                    .collect();
+                out.push_str(&format_table(&["Id", "Name", "State"], &rows, quiet));
+                out.push('\n');
+            }
+        }
+        Command::Dominfo { domain, json } => {
+            let name = domain.get()?;
+            let info = session.conn()?.domain_info(name).await.map_err(|e| lookup_error(e, name))?;
+            if wants_json(json) {
+                writeln!(out, "{}", serde_json::to_string_pretty(&info)?)?;
+            } else {
+                let s = &info.summary;
+                let rows = [
+                    ("Id", s.id.map(|i| i.to_string()).unwrap_or_else(|| "-".into())),
+                    ("Name", s.name.clone()),
+                    ("UUID", s.uuid.clone()),
+                    ("OS Type", info.os_type.clone()),
+                    ("State", s.state.as_virsh().to_string()),
+                    ("CPU(s)", info.vcpus.to_string()),
+                    ("Max memory", format!("{} KiB", info.max_memory_kib)),
+                    ("Used memory", format!("{} KiB", info.used_memory_kib)),
+                    ("Persistent", if s.persistent { "yes" } else { "no" }.into()),
+                    ("Autostart", if info.autostart { "enable" } else { "disable" }.into()),
+                    ("Managed save", if info.managed_save { "yes" } else { "no" }.into()),
+                    ("Security model", "none".into()),
+                    ("Security DOI", "0".into()),
+                ];
+                for (k, v) in rows {
+                    writeln!(out, "{:<16}{v}", format!("{k}:"))?;
+                }
+                out.push('\n');
+            }
+        }
+        Command::Domstate { domain, reason, json } => {
+            let name = domain.get()?;
+            let info = session.conn()?.domain_info(name).await.map_err(|e| lookup_error(e, name))?;
+            let s = &info.summary;
+            if wants_json(json) {
+                writeln!(out, "{}", json!({ "state": s.state, "reason": s.reason }))?;
+            } else if reason {
+                writeln!(out, "{} ({})\n", s.state.as_virsh(), s.reason.as_deref().unwrap_or("unknown"))?;
+            } else {
+                writeln!(out, "{}\n", s.state.as_virsh())?;
+            }
+        }
+        Command::Dumpxml { domain, inactive, refresh_chain } => {
+            let name = domain.get()?;
+            let xml = session
+                .conn()?
+                .dump_xml(name, DumpXmlFlags { inactive, refresh_chain })
+                .await
+                .map_err(|e| lookup_error(e, name))?;
+            writeln!(out, "{xml}")?;
+        }
+        Command::Domblklist { domain, details, inactive, chain, json } => {
+            let name = domain.get()?;
+            let xml = session
+                .conn()?
+                .dump_xml(name, DumpXmlFlags { inactive, refresh_chain: false })
+                .await
+                .map_err(|e| lookup_error(e, name))?;
+            let dom = Domain::parse(&xml)?;
+            let disks = dom.disks()?;
+            if wants_json(json) {
+                let list: Vec<_> = disks
+                    .iter()
+                    .map(|d| {
+                        json!({
+                            "type": d.disk_type,
+                            "device": d.device,
+                            "target": d.target,
+                            "source": d.source().map(|s| s.to_string()),
+                            "format": d.format,
+                            "selected": d.selected,
+                            "chain": d.chain.as_ref().map(chain_json),
+                        })
+                    })
+                    .collect();
+                writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
+            } else {
+                let header: &[&str] = if details {
+                    &["Type", "Device", "Target", "Source"]
+                } else {
+                    &["Target", "Source"]
+                };
+                let mut rows = Vec::new();
+                for d in &disks {
+                    let source = d.source().map(|s| s.to_string()).unwrap_or_else(|| "-".into());
+                    let mut row = Vec::new();
+                    if details {
+                        row.push(d.disk_type.clone());
+                        row.push(d.device.clone());
+                    }
+                    row.push(d.target.clone());
+                    if chain {
+                        row.push(format!("{source} ({})", d.format.as_deref().unwrap_or("raw")));
+                    } else {
+                        row.push(source);
+                    }
+                    rows.push(row);
+                    if let (true, Some(c)) = (chain, &d.chain) {
+                        for line in chain_tree_lines(c) {
+                            let mut r = vec![String::new(); header.len() - 1];
+                            r.push(line);
+                            rows.push(r);
+                        }
+                    }
+                }
+                out.push_str(&format_table(header, &rows, quiet));
+                out.push('\n');
+            }
+        }
+        Command::Domblkcheck { domain, disk, fix, json } => {
+            let name = domain.get()?;
+            let checks = session
+                .conn()?
+                .check_chains(name, disk.as_deref(), fix)
+                .await
+                .map_err(|e| lookup_error(e, name))?;
+            let unresolved = checks
+                .iter()
+                .filter(|c| c.error.is_some() || (!c.differences.is_empty() && !c.fixed))
+                .count();
+            if wants_json(json) {
+                writeln!(out, "{}", serde_json::to_string_pretty(&checks)?)?;
+            } else {
+                for c in &checks {
+                    if let Some(e) = &c.error {
+                        writeln!(out, "{}: cannot probe the images: {e}", c.disk)?;
+                    } else if c.differences.is_empty() {
+                        writeln!(out, "{}: recorded chain matches the images", c.disk)?;
+                    } else {
+                        for d in &c.differences {
+                            writeln!(out, "{}: {}", c.disk, d.what)?;
+                        }
+                        if c.fixed {
+                            writeln!(out, "{}: recorded chain replaced by the one the images describe", c.disk)?;
+                        }
+                    }
+                }
+                out.push('\n');
+            }
+            if unresolved > 0 {
+                return Err(CommandFailure {
+                    message: format!(
+                        "backing chain mismatch: {unresolved} disk(s) of domain '{name}' differ from their images{}",
+                        if fix { "" } else { "; run domblkcheck --fix to record what the images say" }
+                    ),
+                    output: out,
+                }
+                .into());
+            }
+        }
+        Command::Start { domain, paused } => {
+            let name = domain.get()?;
+            session
+                .conn()?
+                .start(name, StartFlags { paused })
+                .await
+                .map_err(|e| domain_error(e, name, "Failed to start domain"))?;
+            writeln!(out, "Domain '{name}' started\n")?;
+        }
+        Command::Destroy { domain } => {
+            let name = domain.get()?;
+            session.conn()?.destroy(name).await.map_err(|e| domain_error(e, name, "Failed to destroy domain"))?;
+            writeln!(out, "Domain '{name}' destroyed\n")?;
+        }
+        Command::Shutdown { domain } => {
+            let name = domain.get()?;
+            session.conn()?.shutdown(name).await.map_err(|e| domain_error(e, name, "Failed to shutdown domain"))?;
+            writeln!(out, "Domain '{name}' is being shutdown\n")?;
+        }
+        Command::Suspend { domain } => {
+            let name = domain.get()?;
+            session.conn()?.suspend(name).await.map_err(|e| domain_error(e, name, "Failed to suspend domain"))?;
+            writeln!(out, "Domain '{name}' suspended\n")?;
+        }
+        Command::Resume { domain } => {
+            let name = domain.get()?;
+            session.conn()?.resume(name).await.map_err(|e| domain_error(e, name, "Failed to resume domain"))?;
+            writeln!(out, "Domain '{name}' resumed\n")?;
+        }
+        Command::DisksetAdd { domain, disk, all } => {
+            let name = domain.get()?;
+            let sets = session.conn()?.require_disk_sets()?;
+            if all {
+                let size = sets.diskset_add_all(name).await.map_err(|e| lookup_error(e, name))?;
+                writeln!(out, "All disks of domain '{name}' selected ({size} in the disk set)")?;
+            } else {
+                let disk = disk.ok_or_else(|| anyhow!("command requires <disk> option or --all"))?;
+                let outcome = sets.diskset_add(name, &disk).await.map_err(|e| lookup_error(e, name))?;
+                writeln!(out, "{}", diskset_message(&disk, outcome))?;
+            }
+        }
+        Command::DisksetRemove { domain, disk, all } => {
+            let name = domain.get()?;
+            let sets = session.conn()?.require_disk_sets()?;
+            if all {
+                let removed = sets.diskset_remove_all(name).await.map_err(|e| lookup_error(e, name))?;
+                writeln!(out, "All disks of domain '{name}' deselected ({removed} removed from the disk set)")?;
+            } else {
+                let disk = disk.ok_or_else(|| anyhow!("command requires <disk> option or --all"))?;
+                let outcome = sets.diskset_remove(name, &disk).await.map_err(|e| lookup_error(e, name))?;
+                writeln!(out, "{}", diskset_message(&disk, outcome))?;
+            }
+        }
+        Command::DisksetList { domain, json } => {
+            let name = domain.get()?;
+            let list = session.conn()?.require_disk_sets()?.diskset_list(name).await.map_err(|e| lookup_error(e, name))?;
+            if wants_json(json) {
+                writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
+            } else {
+                for d in &list {
+                    writeln!(out, "{d}")?;
+                }
+                out.push('\n');
+            }
+        }
+        Command::DisksetSize { domain } => {
+            let name = domain.get()?;
+            let size = session.conn()?.require_disk_sets()?.diskset_size(name).await.map_err(|e| lookup_error(e, name))?;
+            writeln!(out, "{size}\n")?;
+        }
+    }
+    Ok(out)
+}
+
+fn diskset_message(disk: &str, outcome: DiskSetOutcome) -> String {
+    match outcome {
+        DiskSetOutcome::Added => format!("Disk '{disk}' added to the disk set"),
+        DiskSetOutcome::AlreadyPresent => format!("Disk '{disk}' is already in the disk set"),
+        DiskSetOutcome::Removed => format!("Disk '{disk}' removed from the disk set"),
+        DiskSetOutcome::AlreadyAbsent => format!("Disk '{disk}' is already absent from the disk set"),
+    }
+}
+
+/// virsh reports an unknown domain as "failed to get domain 'NAME'".
+fn lookup_error(e: strata_core::Error, name: &str) -> anyhow::Error {
+    if e.kind() == strata_core::ErrorKind::NoDomain {
+        anyhow!(CommandFailure::new(format!("failed to get domain '{name}'")))
+    } else {
+        anyhow!(e)
+    }
+}
+
+fn domain_error(e: strata_core::Error, name: &str, what: &str) -> anyhow::Error {
+    if e.kind() == strata_core::ErrorKind::NoDomain {
+        return lookup_error(e, name);
+    }
+    anyhow!(e).context(format!("{what} {name}"))
+}
+
+fn chain_json(chain: &Chain) -> serde_json::Value {
+    let layers: Vec<_> = chain
+        .walk()
+        .into_iter()
+        .map(|(id, depth)| {
+            let l = &chain.layers[id];
+            json!({
+                "index": l.index,
+                "depth": depth,
+                "type": l.source.type_name(),
+                "source": l.source.to_string(),
+                "format": l.format,
+                "backing": match &l.backing {
+                    Backing::Unknown => json!(null),
+                    Backing::End => json!([]),
+                    Backing::Layers(v) => json!(v.iter().map(|c| chain.layers[*c].index).collect::<Vec<_>>()),
+                },
+            })
+        })
+        .collect();
+    json!(layers)
+}
+
+/// Lines drawing a disk's backing tree below its active layer, one level
+/// of indentation per layer up to [`MAX_TREE_INDENT`] so that a 10,000-layer
+/// chain stays readable.
+fn chain_tree_lines(chain: &Chain) -> Vec<String> {
+    let mut lines = Vec::new();
+    if chain.layers.first().is_some_and(|l| l.backing == Backing::Unknown) {
+        lines.push("└─ (backing chain not probed yet)".to_string());
+    }
+    // (layer id, depth below the active layer, is the last sibling)
+    let mut stack: Vec<(usize, usize, bool)> = Vec::new();
+    let push_children = |stack: &mut Vec<(usize, usize, bool)>, id: usize, depth: usize| {
+        let kids = chain.backing_of(id);
+        for (i, k) in kids.iter().enumerate().rev() {
+            stack.push((*k, depth + 1, i + 1 == kids.len()));
+        }
+    };
+    push_children(&mut stack, 0, 0);
+    while let Some((id, depth, last)) = stack.pop() {
+        let l = &chain.layers[id];
+        let mark = if last { "└─" } else { "├─" };
+        let mut line = format!(
+            "{}{mark} [{}] {} ({})",
+            "   ".repeat((depth - 1).min(MAX_TREE_INDENT)),
+            l.index,
+            l.source,
+            l.format.as_deref().unwrap_or("unknown format")
+        );
+        if l.backing == Backing::Unknown {
+            line.push_str(" …");
+        }
+        lines.push(line);
+        push_children(&mut stack, id, depth);
+    }
+    lines
+}
+
+const MAX_TREE_INDENT: usize = 8;

@@ -1,0 +1,174 @@
+//! Seed 000's rules for backing chains when a domain is defined, refreshed
+//! or checked, shared by every driver that keeps domain XML.
+//!
+//! A `<backingStore>` given in the XML is trusted; an absent one is probed
+//! and filled in; validation probes anyway and reports every mismatch.
+
+use crate::chain::{self, Backing, Chain};
+use crate::driver::DiskChainCheck;
+use crate::error::{Error, ErrorKind, Result};
+use crate::xml::{Disk, Domain};
+
+/// The format the active layer is opened with: the XML's, else raw. The
+/// top image is never probed, as a guest controls its content.
+fn top_format(disk: &Disk) -> String {
+    disk.format.clone().unwrap_or_else(|| "raw".to_string())
+}
+
+/// What the images say the disk's chain is.
+pub fn probe_disk(disk: &Disk) -> Result<Option<Chain>> {
+    let Some(source) = disk.source() else { return Ok(None) };
+    if source.local_path().is_none() {
+        return Ok(None);
+    }
+    chain::probe_chain(source, &top_format(disk))
+        .map(Some)
+        .map_err(|e| e.context(format!("disk '{}'", disk.target)))
+}
+
+/// Fills in and checks the chains of a domain about to be defined.
+/// Returns warnings for the user.
+pub fn prepare_disks(dom: &mut Domain, validate: bool) -> Result<Vec<String>> {
+    let mut warnings = Vec::new();
+    for disk in dom.disks()? {
+        let Some(chain) = &disk.chain else { continue };
+        let Some(top) = chain.top() else { continue };
+        let Some(path) = top.source.local_path() else { continue };
+        if !path.is_absolute() {
+            return Err(Error::invalid_arg(format!(
+                "disk '{}' has a relative source path '{}'; give an absolute path",
+                disk.target,
+                path.display()
+            )));
+        }
+        if disk.format.is_none() && disk.device == "disk" {
+            warnings.push(format!(
+                "disk '{}' has no <driver type>; it is treated as raw (the top image is never probed)",
+                disk.target
+            ));
+        }
+        let recorded = top.backing != Backing::Unknown;
+        if !path.exists() {
+            if validate && recorded {
+                return Err(Error::new(
+                    ErrorKind::ChainMismatch,
+                    format!("disk '{}': image '{}' does not exist, so its chain cannot be validated", disk.target, path.display()),
+                ));
+            }
+            let mut fixed = chain.clone();
+            if top_format(&disk) == "raw" {
+                fixed.end_at(0);
+            } else if !recorded {
+                warnings.push(format!(
+                    "disk '{}': image '{}' does not exist yet; its chain will be probed when the domain starts or on dumpxml --refresh-chain",
+                    disk.target,
+                    path.display()
+                ));
+            }
+            fixed.layers[0].format = Some(top_format(&disk));
+            fixed.renumber();
+            dom.set_disk_chain(&disk.target, &fixed)?;
+            continue;
+        }
+        if recorded && !validate {
+            let mut trusted = chain.clone();
+            trusted.layers[0].format = Some(top_format(&disk));
+            trusted.renumber();
+            dom.set_disk_chain(&disk.target, &trusted)?;
+            continue;
+        }
+        let Some(found) = probe_disk(&disk)? else { continue };
+        if recorded {
+            let diffs = chain.differences(&found);
+            if !diffs.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::ChainMismatch,
+                    format!(
+                        "disk '{}': the backing chain in the XML does not match the images: {}",
+                        disk.target,
+                        diffs.iter().map(|d| d.what.as_str()).collect::<Vec<_>>().join("; ")
+                    ),
+                ));
+            }
+        }
+        dom.set_disk_chain(&disk.target, &found)?;
+    }
+    Ok(warnings)
+}
+
+/// Re-reads every disk's chain from the images and records it
+/// (`dumpxml --refresh-chain`). Disks whose images are missing keep theirs.
+pub fn refresh_chains(dom: &mut Domain) -> Result<()> {
+    for disk in dom.disks()? {
+        let exists = disk.source().and_then(|s| s.local_path()).is_some_and(|p| p.exists());
+        if !exists {
+            continue;
+        }
+        if let Some(found) = probe_disk(&disk)? {
+            dom.set_disk_chain(&disk.target, &found)?;
+        }
+    }
+    Ok(())
+}
+
+/// Probes the disks whose chain is not known yet (an image created after
+/// the domain was defined), failing if an image is still missing.
+pub fn probe_missing_chains(dom: &mut Domain) -> Result<()> {
+    for disk in dom.disks()? {
+        let Some(chain) = &disk.chain else { continue };
+        if chain.is_complete() {
+            continue;
+        }
+        if let Some(path) = disk.source().and_then(|s| s.local_path()) {
+            if !path.exists() {
+                return Err(Error::operation_invalid(format!(
+                    "disk '{}': image '{}' does not exist",
+                    disk.target,
+                    path.display()
+                )));
+            }
+        }
+        if let Some(found) = probe_disk(&disk)? {
+            dom.set_disk_chain(&disk.target, &found)?;
+        }
+    }
+    Ok(())
+}
+
+/// `domblkcheck`: compares each recorded chain with the images; with `fix`,
+/// records what the images say.
+pub fn check_chains(dom: &mut Domain, only: Option<&str>, fix: bool) -> Result<Vec<DiskChainCheck>> {
+    let disks = match only {
+        Some(name) => vec![dom.find_disk(name)?],
+        None => dom.disks()?,
+    };
+    let mut out = Vec::new();
+    for disk in disks {
+        let Some(recorded) = &disk.chain else { continue };
+        let mut check = DiskChainCheck {
+            disk: disk.target.clone(),
+            differences: Vec::new(),
+            error: None,
+            fixed: false,
+        };
+        match probe_disk(&disk) {
+            Ok(Some(found)) => {
+                check.differences = recorded.differences(&found);
+                if recorded.top().is_some_and(|t| t.backing == Backing::Unknown) {
+                    check.differences.push(chain::ChainDifference {
+                        index: 0,
+                        what: "no backing chain is recorded".to_string(),
+                    });
+                }
+                if fix && !check.differences.is_empty() {
+                    dom.set_disk_chain(&disk.target, &found)?;
+                    check.fixed = true;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => check.error = Some(e.to_string()),
+        }
+        out.push(check);
+    }
+    Ok(out)
+}

@@ -1,0 +1,255 @@
+//! The traits every driver implements, and the plain values they exchange.
+//!
+//! One [`Connection`] trait covers domains; snapshots, block jobs and disk
+//! sets are separate capability traits a driver may or may not offer,
+//! discovered at run time through [`Connection::snapshots`] and friends.
+//! Every input and output is XML text, flags or plain values, so a driver
+//! can sit behind a C-ABI plugin boundary.
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::chain::ChainDifference;
+use crate::error::{Error, Result};
+use crate::options::{
+    BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions,
+    SnapshotCreateFlags, SnapshotDeleteFlags, SnapshotRevertFlags,
+};
+
+/// virsh's domain states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DomainState {
+    NoState,
+    Running,
+    Blocked,
+    Paused,
+    Shutdown,
+    Shutoff,
+    Crashed,
+    PmSuspended,
+}
+
+impl DomainState {
+    /// The words virsh prints.
+    pub fn as_virsh(self) -> &'static str {
+        match self {
+            DomainState::NoState => "no state",
+            DomainState::Running => "running",
+            DomainState::Blocked => "idle",
+            DomainState::Paused => "paused",
+            DomainState::Shutdown => "in shutdown",
+            DomainState::Shutoff => "shut off",
+            DomainState::Crashed => "crashed",
+            DomainState::PmSuspended => "pmsuspended",
+        }
+    }
+
+    pub fn is_active(self) -> bool {
+        !matches!(self, DomainState::Shutoff)
+    }
+}
+
+/// One row of `list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DomainSummary {
+    pub id: Option<u32>,
+    pub name: String,
+    pub uuid: String,
+    pub state: DomainState,
+    /// Why the domain is in that state (`booted`, `user`, `destroyed`, …).
+    pub reason: Option<String>,
+    pub persistent: bool,
+}
+
+/// What `dominfo` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DomainInfo {
+    #[serde(flatten)]
+    pub summary: DomainSummary,
+    pub os_type: String,
+    pub max_memory_kib: u64,
+    pub used_memory_kib: u64,
+    pub vcpus: u32,
+    pub autostart: bool,
+    pub managed_save: bool,
+}
+
+/// Flags for [`Connection::define_xml`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DefineFlags {
+    /// Probe every disk's chain even when the XML gives one, and refuse a mismatch.
+    pub validate: bool,
+}
+
+/// The result of a define: the domain's name and anything the user should know.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DefineOutcome {
+    pub name: String,
+    pub warnings: Vec<String>,
+}
+
+/// Flags for [`Connection::dump_xml`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DumpXmlFlags {
+    /// The persistent definition even while the domain runs.
+    pub inactive: bool,
+    /// Re-read the image files and record the chains found (seed 000).
+    pub refresh_chain: bool,
+}
+
+/// Flags for [`Connection::start`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StartFlags {
+    pub paused: bool,
+}
+
+/// `domblkcheck`'s findings for one disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DiskChainCheck {
+    pub disk: String,
+    pub differences: Vec<ChainDifference>,
+    /// Set when a probe of the images failed; the message says why.
+    pub error: Option<String>,
+    /// Whether `--fix` rewrote the recorded chain.
+    pub fixed: bool,
+}
+
+/// Which optional capability traits a driver offers, and their limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DriverCapabilities {
+    pub driver: String,
+    pub uri: String,
+    pub hypervisor: String,
+    /// Domains can run (not only be defined).
+    pub live: bool,
+    pub snapshots: bool,
+    pub block_jobs: bool,
+    pub disk_sets: bool,
+    pub notes: Vec<String>,
+}
+
+/// A connection to one driver instance.
+#[async_trait]
+pub trait Connection: Send + Sync {
+    fn uri(&self) -> &str;
+    fn capabilities(&self) -> DriverCapabilities;
+    async fn list_domains(&self) -> Result<Vec<DomainSummary>>;
+    async fn define_xml(&self, xml: &str, flags: DefineFlags) -> Result<DefineOutcome>;
+    async fn undefine(&self, name: &str) -> Result<()>;
+    async fn domain_info(&self, name: &str) -> Result<DomainInfo>;
+    async fn start(&self, name: &str, flags: StartFlags) -> Result<()>;
+    async fn destroy(&self, name: &str) -> Result<()>;
+    async fn shutdown(&self, name: &str) -> Result<()>;
+    async fn suspend(&self, name: &str) -> Result<()>;
+    async fn resume(&self, name: &str) -> Result<()>;
+    async fn dump_xml(&self, name: &str, flags: DumpXmlFlags) -> Result<String>;
+    /// Compares recorded chains with the images (validation mode) and,
+    /// with `fix`, records what the images say (correction mode).
+    async fn check_chains(&self, name: &str, disk: Option<&str>, fix: bool) -> Result<Vec<DiskChainCheck>>;
+
+    fn snapshots(&self) -> Option<&dyn SnapshotOps> {
+        None
+    }
+    fn block_jobs(&self) -> Option<&dyn BlockJobOps> {
+        None
+    }
+    fn disk_sets(&self) -> Option<&dyn DiskSetOps> {
+        None
+    }
+}
+
+impl<'a> dyn Connection + 'a {
+    pub fn require_snapshots(&self) -> Result<&dyn SnapshotOps> {
+        self.snapshots().ok_or_else(|| not_supported(self, "snapshots"))
+    }
+    pub fn require_block_jobs(&self) -> Result<&dyn BlockJobOps> {
+        self.block_jobs().ok_or_else(|| not_supported(self, "block jobs"))
+    }
+    pub fn require_disk_sets(&self) -> Result<&dyn DiskSetOps> {
+        self.disk_sets().ok_or_else(|| not_supported(self, "disk sets"))
+    }
+}
+
+fn not_supported(conn: &dyn Connection, what: &str) -> Error {
+    Error::no_support(format!("the {} driver does not support {what}", conn.capabilities().driver))
+}
+
+/// One snapshot in a listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotSummary {
+    pub name: String,
+    pub parent: Option<String>,
+    pub creation_time: i64,
+    pub state: String,
+    pub current: bool,
+    /// `internal`, `external` or `mixed`.
+    pub location: String,
+}
+
+/// Snapshots: the QEMU driver keeps the tree in its store; VirtualBox keeps
+/// it in the hypervisor; LXC snapshots filesystems only (no memory state).
+#[async_trait]
+pub trait SnapshotOps: Send + Sync {
+    /// Creates a snapshot from `<domainsnapshot>` XML; returns its name.
+    async fn snapshot_create(&self, domain: &str, xml: &str, flags: SnapshotCreateFlags) -> Result<String>;
+    async fn snapshot_list(&self, domain: &str) -> Result<Vec<SnapshotSummary>>;
+    async fn snapshot_xml(&self, domain: &str, snapshot: &str) -> Result<String>;
+    async fn snapshot_revert(&self, domain: &str, snapshot: &str, flags: SnapshotRevertFlags) -> Result<()>;
+    /// Deletes; the returned lines say what was done to the images.
+    async fn snapshot_delete(&self, domain: &str, snapshot: &str, flags: SnapshotDeleteFlags) -> Result<Vec<String>>;
+}
+
+/// A running or finished block job, as `blockjob --info` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockJobInfo {
+    /// `pull`, `commit`, `active-commit` or `copy`.
+    pub kind: String,
+    pub disk: String,
+    pub cur: u64,
+    pub end: u64,
+    pub bandwidth_bytes: u64,
+    pub ready: bool,
+}
+
+/// Block jobs. Progress is reported by polling [`BlockJobOps::block_job_info`]
+/// or waiting with [`BlockJobOps::block_job_wait`], so nothing but plain
+/// values crosses the trait.
+#[async_trait]
+pub trait BlockJobOps: Send + Sync {
+    async fn block_pull(&self, domain: &str, disk: &str, opts: &BlockPullOptions) -> Result<()>;
+    async fn block_commit(&self, domain: &str, disk: &str, opts: &BlockCommitOptions) -> Result<()>;
+    async fn block_copy(&self, domain: &str, disk: &str, opts: &BlockCopyOptions) -> Result<()>;
+    async fn block_job_info(&self, domain: &str, disk: &str) -> Result<Option<BlockJobInfo>>;
+    async fn block_job_abort(&self, domain: &str, disk: &str, flags: BlockJobAbortFlags) -> Result<()>;
+    async fn block_job_set_speed(&self, domain: &str, disk: &str, bytes_per_sec: u64) -> Result<()>;
+    /// Waits for the job's next state change (progress, ready or end), at
+    /// most `timeout_ms`; returns the job as it then is, `None` once it ended.
+    async fn block_job_wait(&self, domain: &str, disk: &str, timeout_ms: u64) -> Result<Option<BlockJobInfo>>;
+}
+
+/// Seed 004's outcomes for adding or removing one disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskSetOutcome {
+    Added,
+    AlreadyPresent,
+    Removed,
+    AlreadyAbsent,
+}
+
+/// Seed 004's disk sets: a persistent selection of a domain's disks that
+/// later operations (snapshots, copies, migration) can be limited to.
+#[async_trait]
+pub trait DiskSetOps: Send + Sync {
+    async fn diskset_add(&self, domain: &str, disk: &str) -> Result<DiskSetOutcome>;
+    async fn diskset_remove(&self, domain: &str, disk: &str) -> Result<DiskSetOutcome>;
+    /// Adds every disk; returns the set's new size.
+    async fn diskset_add_all(&self, domain: &str) -> Result<usize>;
+    /// Empties the set; returns how many disks were removed.
+    async fn diskset_remove_all(&self, domain: &str) -> Result<usize>;
+    async fn diskset_list(&self, domain: &str) -> Result<Vec<String>>;
+    async fn diskset_size(&self, domain: &str) -> Result<usize> {
+        Ok(self.diskset_list(domain).await?.len())
+    }
+}

@@ -1,0 +1,290 @@
+//! The state store: one directory per connection root holding persistent
+//! domain XML, live status XML and snapshot XML.
+//!
+//! Layout (format version 1):
+//! ```text
+//! ROOT/format-version            "1"
+//! ROOT/locks/DOMAIN.lock         per-domain lock (flock), outlives the domain
+//! ROOT/domains/DOMAIN/domain.xml persistent definition
+//! ROOT/domains/DOMAIN/status.xml live status (driver-defined root element)
+//! ROOT/domains/DOMAIN/snapshots/NAME.xml
+//! ```
+//! Every write is atomic (temporary file, fsync, rename, directory fsync),
+//! and read-modify-write cycles hold the domain lock, so two `strata`
+//! processes never lose each other's updates.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// The store format this build writes and understands.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Checks a domain, snapshot or other object name before it becomes a path.
+pub fn validate_name(what: &str, name: &str) -> Result<()> {
+    let bad = |why: &str| Err(Error::invalid_arg(format!("{what} name '{}' is not valid: {why}", name.escape_debug())));
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name.len() > 200 {
+        return bad("it is longer than 200 bytes");
+    }
+    if name == "." || name == ".." {
+        return bad("it is a relative directory name");
+    }
+    if name.contains('/') {
+        return bad("it contains '/'");
+    }
+    if name.chars().any(char::is_control) {
+        return bad("it contains a control character");
+    }
+    if name.starts_with('.') {
+        return bad("it starts with '.'");
+    }
+    Ok(())
+}
+
+/// A connection's state directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// Holds a domain's lock until dropped.
+#[derive(Debug)]
+pub struct DomainLock {
+    _file: File,
+}
+
+impl Store {
+    /// Opens (creating if needed) a store at `root`, checking its format version.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
+        let root = root.into();
+        fs::create_dir_all(root.join("domains")).map_err(|e| Error::io("create the state directory", &root, e))?;
+        fs::create_dir_all(root.join("locks")).map_err(|e| Error::io("create the lock directory", &root, e))?;
+        let version_file = root.join("format-version");
+        match fs::read_to_string(&version_file) {
+            Ok(text) => {
+                let v: u32 = text.trim().parse().map_err(|_| {
+                    Error::new(
+                        ErrorKind::StoreFormat,
+                        format!("'{}' does not hold a version number", version_file.display()),
+                    )
+                })?;
+                if v > FORMAT_VERSION {
+                    return Err(Error::new(
+                        ErrorKind::StoreFormat,
+                        format!(
+                            "the state store at '{}' has format {v}, newer than this Strata understands ({FORMAT_VERSION})",
+                            root.display()
+                        ),
+                    ));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                atomic_write(&version_file, format!("{FORMAT_VERSION}\n").as_bytes())?;
+            }
+            Err(e) => return Err(Error::io("read", &version_file, e)),
+        }
+        Ok(Store { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The directory of a domain's files (for drivers' own runtime files).
+    pub fn domain_dir(&self, name: &str) -> Result<PathBuf> {
+        validate_name("domain", name)?;
+        Ok(self.root.join("domains").join(name))
+    }
+
+    /// Takes the domain's exclusive lock, waiting for other holders.
+    pub fn lock_domain(&self, name: &str) -> Result<DomainLock> {
+        validate_name("domain", name)?;
+        let path = self.root.join("locks").join(format!("{name}.lock"));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io("open the lock file", &path, e))?;
+        file.lock().map_err(|e| Error::io("lock", &path, e))?;
+        Ok(DomainLock { _file: file })
+    }
+
+    /// Names of all defined domains, sorted.
+    pub fn list_domains(&self) -> Result<Vec<String>> {
+        let dir = self.root.join("domains");
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))? {
+            let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.path().join("domain.xml").exists() || entry.path().join("status.xml").exists() {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn file(&self, domain: &str, file: &str) -> Result<PathBuf> {
+        Ok(self.domain_dir(domain)?.join(file))
+    }
+
+    pub fn read_domain(&self, name: &str) -> Result<Option<String>> {
+        read_optional(&self.file(name, "domain.xml")?)
+    }
+
+    pub fn write_domain(&self, name: &str, xml: &str) -> Result<()> {
+        let dir = self.domain_dir(name)?;
+        fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        atomic_write(&dir.join("domain.xml"), xml.as_bytes())
+    }
+
+    pub fn remove_domain(&self, name: &str) -> Result<()> {
+        remove_optional(&self.file(name, "domain.xml")?)
+    }
+
+    pub fn read_status(&self, name: &str) -> Result<Option<String>> {
+        read_optional(&self.file(name, "status.xml")?)
+    }
+
+    pub fn write_status(&self, name: &str, xml: &str) -> Result<()> {
+        let dir = self.domain_dir(name)?;
+        fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        atomic_write(&dir.join("status.xml"), xml.as_bytes())
+    }
+
+    pub fn remove_status(&self, name: &str) -> Result<()> {
+        remove_optional(&self.file(name, "status.xml")?)
+    }
+
+    /// Removes the domain's directory once nothing of it is left.
+    pub fn purge_domain_dir(&self, name: &str) -> Result<()> {
+        let dir = self.domain_dir(name)?;
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove", &dir, e)),
+        }
+    }
+
+    pub fn read_snapshot(&self, domain: &str, snap: &str) -> Result<Option<String>> {
+        validate_name("snapshot", snap)?;
+        read_optional(&self.file(domain, "snapshots")?.join(format!("{snap}.xml")))
+    }
+
+    pub fn write_snapshot(&self, domain: &str, snap: &str, xml: &str) -> Result<()> {
+        validate_name("snapshot", snap)?;
+        let dir = self.file(domain, "snapshots")?;
+        fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        atomic_write(&dir.join(format!("{snap}.xml")), xml.as_bytes())
+    }
+
+    pub fn list_snapshots(&self, domain: &str) -> Result<Vec<String>> {
+        let dir = self.file(domain, "snapshots")?;
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io("list", &dir, e)),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
+            let file = entry.file_name().to_string_lossy().into_owned();
+            if let Some(n) = file.strip_suffix(".xml") {
+                names.push(n.to_string());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+}
+
+fn read_optional(path: &Path) -> Result<Option<String>> {
+    match fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io("read", path, e)),
+    }
+}
+
+fn remove_optional(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => sync_dir(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove", path, e)),
+    }
+}
+
+/// Writes `data` to `path` so that a crash leaves either the old or the new
+/// content: temporary file in the same directory, fsync, rename, fsync the
+/// directory.
+pub fn atomic_write(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut f = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+        f.write_all(data).map_err(|e| Error::io("write", &tmp, e))?;
+        f.sync_all().map_err(|e| Error::io("sync", &tmp, e))?;
+        fs::rename(&tmp, path).map_err(|e| Error::io("rename into place", path, e))?;
+        sync_dir(path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn sync_dir(path: &Path) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("sync directory", dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_with_traversal_or_control_characters_are_refused() {
+        for bad in ["", ".", "..", "a/b", "../x", "x\n", "x\u{7}", ".hidden"] {
+            assert!(validate_name("domain", bad).is_err(), "{bad:?}");
+        }
+        for good in ["vm1", "web-01_test", "snäpshot", "a b"] {
+            assert!(validate_name("domain", good).is_ok(), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn store_records_version_and_refuses_newer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Store::open(dir.path()).expect("open");
+        assert_eq!(
+            fs::read_to_string(dir.path().join("format-version")).expect("read").trim(),
+            "1"
+        );
+        fs::write(dir.path().join("format-version"), "99\n").expect("write");
+        let err = Store::open(dir.path()).expect_err("newer format must be refused");
+        assert_eq!(err.kind(), ErrorKind::StoreFormat);
+    }
+
+    #[test]
+    fn domain_and_snapshot_files_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        store.write_domain("vm1", "<domain/>").expect("write");
+        assert_eq!(store.read_domain("vm1").expect("read").as_deref(), Some("<domain/>"));
+        assert_eq!(store.list_domains().expect("list"), ["vm1"]);
+        store.write_snapshot("vm1", "s1", "<domainsnapshot/>").expect("snap");
+        assert_eq!(store.list_snapshots("vm1").expect("list"), ["s1"]);
+        assert!(store.read_domain("../etc").is_err());
+        store.remove_domain("vm1").expect("remove");
+        assert_eq!(store.read_domain("vm1").expect("read"), None);
+    }
+}

@@ -1,0 +1,222 @@
+//! `<domain>`: a lossless document with typed accessors for what Strata uses.
+
+use super::disk::{self, Disk, DISK_CHILD_ORDER};
+use super::tree::Element;
+use crate::chain::Chain;
+use crate::error::{Error, Result};
+
+/// A domain definition. Everything Strata does not model is kept as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Domain {
+    root: Element,
+}
+
+impl Domain {
+    /// Parses and checks the parts Strata depends on (root, name, UUID,
+    /// disks); nothing else is interpreted.
+    pub fn parse(xml: &str) -> Result<Domain> {
+        let root = Element::parse(xml)?;
+        Domain::from_element(root)
+    }
+
+    pub fn from_element(root: Element) -> Result<Domain> {
+        if root.name != "domain" {
+            return Err(Error::xml(format!(
+                "expected a <domain> document, found <{}>",
+                root.name
+            )));
+        }
+        let dom = Domain { root };
+        let name = dom
+            .root
+            .child_text("name")
+            .ok_or_else(|| Error::xml("the domain has no <name>"))?;
+        crate::store::validate_name("domain", &name)?;
+        if let Some(uuid) = dom.uuid() {
+            uuid::Uuid::parse_str(&uuid)
+                .map_err(|_| Error::xml(format!("domain '{name}' has an invalid UUID '{uuid}'")))?;
+        }
+        let disks = dom.disks()?;
+        for (i, d) in disks.iter().enumerate() {
+            if disks[..i].iter().any(|o| o.target == d.target) {
+                return Err(Error::xml(format!(
+                    "domain '{name}' has two disks with target '{}'",
+                    d.target
+                )));
+            }
+        }
+        Ok(dom)
+    }
+
+    pub fn element(&self) -> &Element {
+        &self.root
+    }
+
+    pub fn name(&self) -> String {
+        self.root.child_text("name").unwrap_or_default()
+    }
+
+    pub fn uuid(&self) -> Option<String> {
+        self.root.child_text("uuid")
+    }
+
+    /// Gives the domain a UUID when it has none, as libvirt does on define.
+    pub fn ensure_uuid(&mut self) -> String {
+        if let Some(u) = self.uuid() {
+            return u;
+        }
+        let u = uuid::Uuid::new_v4().to_string();
+        self.set_uuid(&u);
+        u
+    }
+
+    pub fn set_uuid(&mut self, uuid: &str) {
+        self.root
+            .replace_or_insert(Element::new("uuid").with_text(uuid), &["name", "uuid"]);
+    }
+
+    /// The `type` attribute: `kvm`, `qemu`, `lxc`, `vbox`, …
+    pub fn domain_type(&self) -> Option<&str> {
+        self.root.attr("type")
+    }
+
+    pub fn set_id(&mut self, id: Option<u32>) {
+        match id {
+            Some(id) => self.root.set_attr("id", id.to_string()),
+            None => {
+                self.root.remove_attr("id");
+            }
+        }
+    }
+
+    /// Maximum memory in KiB (`<memory unit=…>`).
+    pub fn memory_kib(&self) -> Option<u64> {
+        memory_in_kib(self.root.child("memory")?)
+    }
+
+    /// Current memory in KiB, defaulting to the maximum.
+    pub fn current_memory_kib(&self) -> Option<u64> {
+        self.root
+            .child("currentMemory")
+            .and_then(memory_in_kib)
+            .or_else(|| self.memory_kib())
+    }
+
+    pub fn vcpus(&self) -> u32 {
+        self.root
+            .child_text("vcpu")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1)
+    }
+
+    /// `<os><type>`: `hvm`, `exe`, …
+    pub fn os_type(&self) -> String {
+        self.root
+            .child("os")
+            .and_then(|os| os.child_text("type"))
+            .unwrap_or_else(|| "hvm".to_string())
+    }
+
+    pub fn disks(&self) -> Result<Vec<Disk>> {
+        self.disk_elements().map(Disk::from_element).collect()
+    }
+
+    fn disk_elements(&self) -> impl Iterator<Item = &Element> {
+        self.root
+            .child("devices")
+            .into_iter()
+            .flat_map(|d| d.children_named("disk"))
+    }
+
+    /// Finds a disk by target (`vda`) or by the path of its active layer,
+    /// as virsh accepts both.
+    pub fn find_disk(&self, name: &str) -> Result<Disk> {
+        let disks = self.disks()?;
+        disks
+            .iter()
+            .find(|d| d.target == name)
+            .or_else(|| {
+                disks.iter().find(|d| {
+                    d.source()
+                        .and_then(|s| s.local_path())
+                        .is_some_and(|p| p == std::path::Path::new(name))
+                })
+            })
+            .cloned()
+            .ok_or_else(|| {
+                Error::invalid_arg(format!(
+                    "no disk '{name}' in domain '{}' (its disks: {})",
+                    self.name(),
+                    disks.iter().map(|d| d.target.as_str()).collect::<Vec<_>>().join(", ")
+                ))
+            })
+    }
+
+    fn disk_element_mut(&mut self, target: &str) -> Result<&mut Element> {
+        let name = self.name();
+        self.root
+            .child_mut("devices")
+            .and_then(|devs| {
+                devs.elements_mut().find(|e| {
+                    e.name == "disk"
+                        && e.child("target").and_then(|t| t.attr("dev")) == Some(target)
+                })
+            })
+            .ok_or_else(|| Error::invalid_arg(format!("no disk '{target}' in domain '{name}'")))
+    }
+
+    /// Records `chain` as the disk's active layer and backing stores.
+    pub fn set_disk_chain(&mut self, target: &str, chain: &Chain) -> Result<()> {
+        let el = self.disk_element_mut(target)?;
+        disk::write_disk_chain(el, chain);
+        Ok(())
+    }
+
+    /// Forgets the disk's recorded backing chain (it will be probed again).
+    pub fn clear_disk_chain(&mut self, target: &str) -> Result<()> {
+        let el = self.disk_element_mut(target)?;
+        disk::clear_disk_chain(el);
+        Ok(())
+    }
+
+    /// Sets seed 004's `selected` attribute; `false` removes it (the default).
+    pub fn set_disk_selected(&mut self, target: &str, selected: bool) -> Result<()> {
+        let el = self.disk_element_mut(target)?;
+        if selected {
+            el.set_attr("selected", "yes");
+        } else {
+            el.remove_attr("selected");
+        }
+        Ok(())
+    }
+
+    /// Replaces or removes a disk's `<mirror>` element.
+    pub fn set_disk_mirror(&mut self, target: &str, mirror: Option<Element>) -> Result<()> {
+        let el = self.disk_element_mut(target)?;
+        el.remove_children("mirror");
+        if let Some(m) = mirror {
+            el.insert_ordered(m, DISK_CHILD_ORDER);
+        }
+        Ok(())
+    }
+
+    pub fn to_xml(&self) -> String {
+        self.root.to_xml()
+    }
+}
+
+fn memory_in_kib(el: &Element) -> Option<u64> {
+    let value: u64 = el.text().trim().parse().ok()?;
+    let factor: u64 = match el.attr("unit").unwrap_or("KiB") {
+        "b" | "bytes" => return Some(value / 1024),
+        "KB" => return Some(value * 1000 / 1024),
+        "k" | "KiB" => 1,
+        "MB" => return Some(value * 1_000_000 / 1024),
+        "M" | "MiB" => 1024,
+        "GB" => return Some(value * 1_000_000_000 / 1024),
+        "G" | "GiB" => 1024 * 1024,
+        "T" | "TiB" => 1024 * 1024 * 1024,
+        _ => return None,
+    };
+    value.checked_mul(factor)
+}

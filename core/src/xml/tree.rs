@@ -1,0 +1,470 @@
+//! A small lossless element tree for libvirt's XML documents.
+//!
+//! Strata acts on a few parts of a domain (disks, names, UUIDs); everything
+//! else a user wrote must come back out unchanged. So the document itself is
+//! the source of truth and the typed models are views over it that patch
+//! only the elements they own. Parsing, formatting and dropping are iterative
+//! because backing chains nest one element per layer and may be 10,000 deep.
+
+use quick_xml::events::{BytesStart, Event};
+use quick_xml::Reader;
+
+use crate::error::{Error, Result};
+
+/// A node inside an element.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Node {
+    Element(Element),
+    Text(String),
+    Comment(String),
+}
+
+/// An XML element with its attributes in document order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Element {
+    pub name: String,
+    pub attrs: Vec<(String, String)>,
+    pub children: Vec<Node>,
+}
+
+impl Drop for Element {
+    // The derived drop recurses once per nesting level; a 10,000-layer
+    // backing chain would overflow a worker thread's stack.
+    fn drop(&mut self) {
+        let mut pending: Vec<Node> = std::mem::take(&mut self.children);
+        while let Some(node) = pending.pop() {
+            if let Node::Element(mut el) = node {
+                pending.append(&mut el.children);
+            }
+        }
+    }
+}
+
+impl Element {
+    pub fn new(name: impl Into<String>) -> Self {
+        Element { name: name.into(), attrs: Vec::new(), children: Vec::new() }
+    }
+
+    /// Builder: adds an attribute.
+    pub fn with_attr(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.set_attr(name, value);
+        self
+    }
+
+    /// Builder: adds a child element.
+    pub fn with_child(mut self, child: Element) -> Self {
+        self.children.push(Node::Element(child));
+        self
+    }
+
+    /// Builder: sets the text content.
+    pub fn with_text(mut self, text: impl Into<String>) -> Self {
+        self.children.push(Node::Text(text.into()));
+        self
+    }
+
+    pub fn attr(&self, name: &str) -> Option<&str> {
+        self.attrs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// Sets an attribute, keeping its position when it already exists.
+    pub fn set_attr(&mut self, name: &str, value: impl Into<String>) {
+        let value = value.into();
+        match self.attrs.iter_mut().find(|(k, _)| k == name) {
+            Some((_, v)) => *v = value,
+            None => self.attrs.push((name.to_string(), value)),
+        }
+    }
+
+    pub fn remove_attr(&mut self, name: &str) -> Option<String> {
+        let pos = self.attrs.iter().position(|(k, _)| k == name)?;
+        Some(self.attrs.remove(pos).1)
+    }
+
+    pub fn elements(&self) -> impl Iterator<Item = &Element> {
+        self.children.iter().filter_map(|n| match n {
+            Node::Element(e) => Some(e),
+            _ => None,
+        })
+    }
+
+    pub fn elements_mut(&mut self) -> impl Iterator<Item = &mut Element> {
+        self.children.iter_mut().filter_map(|n| match n {
+            Node::Element(e) => Some(e),
+            _ => None,
+        })
+    }
+
+    pub fn child(&self, name: &str) -> Option<&Element> {
+        self.elements().find(|e| e.name == name)
+    }
+
+    pub fn child_mut(&mut self, name: &str) -> Option<&mut Element> {
+        self.elements_mut().find(|e| e.name == name)
+    }
+
+    pub fn children_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Element> + 'a {
+        self.elements().filter(move |e| e.name == name)
+    }
+
+    /// The concatenated text content of this element (not of its descendants).
+    pub fn text(&self) -> String {
+        self.children
+            .iter()
+            .filter_map(|n| match n {
+                Node::Text(t) => Some(t.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Text of the named child, trimmed.
+    pub fn child_text(&self, name: &str) -> Option<String> {
+        self.child(name).map(|c| c.text().trim().to_string())
+    }
+
+    /// Replaces the text content, keeping child elements.
+    pub fn set_text(&mut self, text: impl Into<String>) {
+        self.children.retain(|n| !matches!(n, Node::Text(_)));
+        self.children.push(Node::Text(text.into()));
+    }
+
+    /// Removes every child element with this name; returns how many went.
+    pub fn remove_children(&mut self, name: &str) -> usize {
+        let before = self.children.len();
+        self.children
+            .retain(|n| !matches!(n, Node::Element(e) if e.name == name));
+        before - self.children.len()
+    }
+
+    /// Inserts `child` where libvirt's element order puts it: after the last
+    /// existing child whose name comes earlier in `order`. Children whose
+    /// names are not in `order` (things Strata does not model) keep their
+    /// places relative to one another.
+    pub fn insert_ordered(&mut self, child: Element, order: &[&str]) {
+        let rank = |name: &str| order.iter().position(|o| *o == name);
+        let my_rank = rank(&child.name);
+        let mut insert_at = 0;
+        let mut found_before = false;
+        for (i, node) in self.children.iter().enumerate() {
+            if let Node::Element(e) = node {
+                match (rank(&e.name), my_rank) {
+                    (Some(r), Some(m)) if r <= m => {
+                        insert_at = i + 1;
+                        found_before = true;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if !found_before {
+            // Nothing earlier in the order exists: go before the first
+            // element that libvirt places after this one, else at the end.
+            insert_at = self
+                .children
+                .iter()
+                .position(|n| {
+                    matches!(n, Node::Element(e)
+                        if matches!((rank(&e.name), my_rank), (Some(r), Some(m)) if r > m))
+                })
+                .unwrap_or(self.children.len());
+        }
+        self.children.insert(insert_at, Node::Element(child));
+    }
+
+    /// Replaces the first child named like `child` in place, or inserts it in order.
+    pub fn replace_or_insert(&mut self, child: Element, order: &[&str]) {
+        let pos = self
+            .children
+            .iter()
+            .position(|n| matches!(n, Node::Element(e) if e.name == child.name));
+        match pos {
+            Some(i) => self.children[i] = Node::Element(child),
+            None => self.insert_ordered(child, order),
+        }
+    }
+
+    /// Parses a document and returns its root element.
+    pub fn parse(xml: &str) -> Result<Element> {
+        let mut reader = Reader::from_str(xml);
+        let mut stack: Vec<Element> = Vec::new();
+        let mut root: Option<Element> = None;
+        loop {
+            let event = reader.read_event().map_err(|e| {
+                Error::xml(format!(
+                    "malformed XML at byte {}: {e}",
+                    reader.error_position()
+                ))
+            })?;
+            match event {
+                Event::Start(start) => stack.push(element_from_start(&start)?),
+                Event::Empty(start) => {
+                    let el = element_from_start(&start)?;
+                    attach(&mut stack, &mut root, el)?;
+                }
+                Event::End(_) => {
+                    let el = stack
+                        .pop()
+                        .ok_or_else(|| Error::xml("malformed XML: unexpected closing tag"))?;
+                    attach(&mut stack, &mut root, el)?;
+                }
+                Event::Text(text) => {
+                    let decoded = text
+                        .decode()
+                        .map_err(|e| Error::xml(format!("malformed XML text: {e}")))?;
+                    let unescaped = quick_xml::escape::unescape(&decoded)
+                        .map_err(|e| Error::xml(format!("malformed XML text: {e}")))?;
+                    push_text(&mut stack, &unescaped);
+                }
+                Event::GeneralRef(r) => {
+                    let name = r
+                        .decode()
+                        .map_err(|e| Error::xml(format!("malformed XML entity: {e}")))?;
+                    let resolved = resolve_entity(&name)
+                        .ok_or_else(|| Error::xml(format!("unknown XML entity '&{name};'")))?;
+                    push_text(&mut stack, &resolved);
+                }
+                Event::CData(data) => {
+                    let s = String::from_utf8_lossy(&data).into_owned();
+                    push_text(&mut stack, &s);
+                }
+                Event::Comment(c) => {
+                    if let Some(parent) = stack.last_mut() {
+                        let s = String::from_utf8_lossy(&c).into_owned();
+                        parent.children.push(Node::Comment(s));
+                    }
+                }
+                Event::Eof => break,
+                Event::Decl(_) | Event::PI(_) | Event::DocType(_) => {}
+            }
+        }
+        if !stack.is_empty() {
+            return Err(Error::xml(format!(
+                "malformed XML: element <{}> is not closed",
+                stack.last().map(|e| e.name.as_str()).unwrap_or("")
+            )));
+        }
+        root.ok_or_else(|| Error::xml("empty XML document"))
+    }
+
+    /// Formats the element as libvirt does: two-space indentation and
+    /// single-quoted attributes; whitespace between elements is re-made.
+    pub fn to_xml(&self) -> String {
+        let mut out = String::with_capacity(256);
+        // Each frame: element, index of the next child to write, depth.
+        let mut stack: Vec<(&Element, usize, usize)> = vec![(self, 0, 0)];
+        open_tag(&mut out, self, 0);
+        while let Some(frame) = stack.last_mut() {
+            let (el, next, depth) = (frame.0, frame.1, frame.2);
+            if is_inline(el) {
+                for node in &el.children {
+                    if let Node::Text(t) = node {
+                        escape_into(&mut out, t, false);
+                    }
+                }
+                close_tag(&mut out, el, depth, true);
+                stack.pop();
+                continue;
+            }
+            match el.children.get(next) {
+                None => {
+                    close_tag(&mut out, el, depth, false);
+                    stack.pop();
+                }
+                Some(node) => {
+                    frame.1 += 1;
+                    match node {
+                        Node::Element(child) => {
+                            open_tag(&mut out, child, depth + 1);
+                            stack.push((child, 0, depth + 1));
+                        }
+                        Node::Text(t) if !t.trim().is_empty() => {
+                            indent(&mut out, depth + 1);
+                            escape_into(&mut out, t.trim(), false);
+                            out.push('\n');
+                        }
+                        Node::Text(_) => {}
+                        Node::Comment(c) => {
+                            indent(&mut out, depth + 1);
+                            out.push_str("<!--");
+                            out.push_str(c);
+                            out.push_str("-->\n");
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn push_text(stack: &mut [Element], text: &str) {
+    if let Some(parent) = stack.last_mut() {
+        if let Some(Node::Text(prev)) = parent.children.last_mut() {
+            prev.push_str(text);
+        } else {
+            parent.children.push(Node::Text(text.to_string()));
+        }
+    }
+}
+
+fn resolve_entity(name: &str) -> Option<String> {
+    if let Some(num) = name.strip_prefix('#') {
+        let code = match num.strip_prefix('x') {
+            Some(hex) => u32::from_str_radix(hex, 16).ok()?,
+            None => num.parse().ok()?,
+        };
+        return char::from_u32(code).map(String::from);
+    }
+    quick_xml::escape::resolve_xml_entity(name).map(String::from)
+}
+
+fn element_from_start(start: &BytesStart<'_>) -> Result<Element> {
+    let name = String::from_utf8_lossy(start.name().as_ref()).into_owned();
+    let mut el = Element::new(name);
+    for attr in start.attributes() {
+        let attr = attr.map_err(|e| Error::xml(format!("malformed attribute in <{}>: {e}", el.name)))?;
+        let key = String::from_utf8_lossy(attr.key.as_ref()).into_owned();
+        let value = attr
+            .unescape_value()
+            .map_err(|e| Error::xml(format!("malformed attribute '{key}' in <{}>: {e}", el.name)))?
+            .into_owned();
+        el.attrs.push((key, value));
+    }
+    Ok(el)
+}
+
+fn attach(stack: &mut [Element], root: &mut Option<Element>, el: Element) -> Result<()> {
+    match stack.last_mut() {
+        Some(parent) => {
+            parent.children.push(Node::Element(el));
+            Ok(())
+        }
+        None if root.is_none() => {
+            *root = Some(el);
+            Ok(())
+        }
+        None => Err(Error::xml("malformed XML: more than one root element")),
+    }
+}
+
+/// An element written on one line: no child elements, no comments.
+fn is_inline(el: &Element) -> bool {
+    el.children.iter().all(|n| matches!(n, Node::Text(_)))
+        && el.children.iter().any(|n| matches!(n, Node::Text(t) if !t.trim().is_empty()))
+}
+
+fn indent(out: &mut String, depth: usize) {
+    for _ in 0..depth {
+        out.push_str("  ");
+    }
+}
+
+fn open_tag(out: &mut String, el: &Element, depth: usize) {
+    indent(out, depth);
+    out.push('<');
+    out.push_str(&el.name);
+    for (k, v) in &el.attrs {
+        out.push(' ');
+        out.push_str(k);
+        out.push_str("='");
+        escape_into(out, v, true);
+        out.push('\'');
+    }
+    let empty = el.children.iter().all(|n| matches!(n, Node::Text(t) if t.trim().is_empty()));
+    if empty {
+        out.push_str("/>\n");
+    } else if is_inline(el) {
+        out.push('>');
+    } else {
+        out.push_str(">\n");
+    }
+}
+
+fn close_tag(out: &mut String, el: &Element, depth: usize, inline: bool) {
+    let empty = el.children.iter().all(|n| matches!(n, Node::Text(t) if t.trim().is_empty()));
+    if empty {
+        return;
+    }
+    if !inline {
+        indent(out, depth);
+    }
+    out.push_str("</");
+    out.push_str(&el.name);
+    out.push_str(">\n");
+}
+
+fn escape_into(out: &mut String, s: &str, attribute: bool) {
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\'' if attribute => out.push_str("&apos;"),
+            '"' if attribute => out.push_str("&quot;"),
+            _ => out.push(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_keeps_unknown_content_and_formats_like_libvirt() {
+        let input = r#"<?xml version="1.0"?>
+<domain type="kvm" xmlns:q="urn:x"><name>vm1</name>
+   <!-- hello -->
+ <devices><graphics type="vnc" port="-1" custom='a&apos;b &amp; c'/><q:thing/></devices><cpu mode="host-model"><feature policy="require" name="x2apic"/></cpu></domain>"#;
+        let el = Element::parse(input).expect("parse");
+        let out = el.to_xml();
+        assert_eq!(
+            out,
+            "<domain type='kvm' xmlns:q='urn:x'>\n  <name>vm1</name>\n  <!-- hello -->\n  <devices>\n    <graphics type='vnc' port='-1' custom='a&apos;b &amp; c'/>\n    <q:thing/>\n  </devices>\n  <cpu mode='host-model'>\n    <feature policy='require' name='x2apic'/>\n  </cpu>\n</domain>\n"
+        );
+        assert_eq!(Element::parse(&out).expect("reparse").to_xml(), out);
+    }
+
+    #[test]
+    fn malformed_documents_are_errors_not_panics() {
+        for bad in ["", "<a>", "<a></b>", "<a/><b/>", "<a x='1' x='2'/>", "<a>&bogus;</a>"] {
+            assert!(Element::parse(bad).is_err(), "{bad:?} should fail");
+        }
+    }
+
+    #[test]
+    fn deep_nesting_parses_formats_and_drops() {
+        let depth = 20_000;
+        let mut xml = String::new();
+        for _ in 0..depth {
+            xml.push_str("<b>");
+        }
+        for _ in 0..depth {
+            xml.push_str("</b>");
+        }
+        // Run on a small stack to prove nothing recurses per level.
+        let handle = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                let el = Element::parse(&xml).expect("parse");
+                let out = el.to_xml();
+                assert_eq!(out.matches("<b>").count(), depth - 1);
+                drop(el);
+            })
+            .expect("spawn");
+        handle.join().expect("deep nesting thread");
+    }
+
+    #[test]
+    fn insert_ordered_follows_libvirt_order_and_keeps_unknowns() {
+        let mut disk = Element::parse(
+            "<disk><driver/><source/><x-unknown/><target/><alias/></disk>",
+        )
+        .expect("parse");
+        let order = ["driver", "source", "backingStore", "mirror", "target"];
+        disk.insert_ordered(Element::new("backingStore"), &order);
+        let names: Vec<&str> = disk.elements().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["driver", "source", "backingStore", "x-unknown", "target", "alias"]);
+    }
+}

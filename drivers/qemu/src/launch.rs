@@ -1,0 +1,287 @@
+//! The QEMU command line for a domain: machine, memory, monitors, and one
+//! `-blockdev` graph per disk with explicit node names and backing links,
+//! so that QEMU opens exactly the chain recorded in the XML and never
+//! follows image headers on its own.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+use strata_core::chain::{Backing, Chain, StorageSource};
+use strata_core::xml::{Disk, Domain};
+use strata_core::{Error, Result};
+
+/// How many QMP monitors each QEMU gets: one `strata` process can hold one
+/// for a long call (a block job's `--wait`) while others use the rest.
+pub const MONITORS: usize = 4;
+
+/// Where a running domain keeps its sockets and log.
+#[derive(Debug, Clone)]
+pub struct RuntimePaths {
+    pub dir: PathBuf,
+}
+
+impl RuntimePaths {
+    pub fn monitor_socket(&self, n: usize) -> PathBuf {
+        self.dir.join(format!("qmp-{n}.sock"))
+    }
+    pub fn monitor_lock(&self, n: usize) -> PathBuf {
+        self.dir.join(format!("qmp-{n}.lock"))
+    }
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("qemu.log")
+    }
+}
+
+/// One layer of a disk as QEMU opens it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerNodes {
+    pub format_node: String,
+    pub file_node: String,
+}
+
+/// What the launch decided, kept in the status XML.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskNodes {
+    pub target: String,
+    /// Node names by chain layer id (same order as `Chain::layers`).
+    pub layers: Vec<LayerNodes>,
+}
+
+/// The accelerator a domain type asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+/// Checks that the accelerator can be used here.
+pub fn accel_for(dom: &Domain) -> Result<Accel> {
+    match dom.domain_type() {
+        Some("kvm") => {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/kvm")
+                .map_err(|e| {
+                    Error::config_unsupported(format!(
+                        "domain '{}' has type 'kvm', but /dev/kvm cannot be opened on this machine ({e}); \
+                         use <domain type='qemu'> to run it under TCG emulation",
+                        dom.name()
+                    ))
+                })?;
+            Ok(Accel::Kvm)
+        }
+        Some("qemu") => Ok(Accel::Tcg),
+        other => Err(Error::config_unsupported(format!(
+            "domain type '{}' cannot be run by the qemu driver",
+            other.unwrap_or("")
+        ))),
+    }
+}
+
+/// Builds QEMU's argument list (without the program name).
+pub fn command_line(dom: &Domain, accel: Accel, paths: &RuntimePaths) -> Result<(Vec<String>, Vec<DiskNodes>)> {
+    let name = dom.name();
+    let mut args: Vec<String> = Vec::new();
+    fn push(args: &mut Vec<String>, a: &str, b: String) {
+        args.push(a.to_string());
+        args.push(b);
+    }
+    let os = dom.element().child("os");
+    let os_type = os.and_then(|o| o.child("type"));
+    if let Some(arch) = os_type.and_then(|t| t.attr("arch")) {
+        if arch != "x86_64" && arch != "i686" {
+            return Err(Error::config_unsupported(format!(
+                "domain '{name}' asks for architecture '{arch}'; this driver runs qemu-system-x86_64"
+            )));
+        }
+    }
+    let machine = os_type.and_then(|t| t.attr("machine")).unwrap_or("q35").to_string();
+    push(&mut args, "-name", format!("guest={},debug-threads=on", name.replace(',', ",,")));
+    if let Some(uuid) = dom.uuid() {
+        push(&mut args, "-uuid", uuid);
+    }
+    let accel_name = match accel {
+        Accel::Kvm => "kvm",
+        Accel::Tcg => "tcg",
+    };
+    push(&mut args, "-machine", format!("{machine},accel={accel_name}"));
+    let mem_mib = (dom.memory_kib().unwrap_or(128 * 1024) / 1024).max(16);
+    push(&mut args, "-m", mem_mib.to_string());
+    push(&mut args, "-smp", dom.vcpus().max(1).to_string());
+    if let Some(loader) = os.and_then(|o| o.child_text("loader")) {
+        push(&mut args, "-bios", loader);
+    }
+    for flag in ["-nodefaults", "-no-user-config", "-S"] {
+        args.push(flag.to_string());
+    }
+    push(&mut args, "-display", "none".to_string());
+    for n in 0..MONITORS {
+        push(&mut args, "-qmp", format!("unix:{},server=on,wait=off", paths.monitor_socket(n).display()));
+    }
+
+    let mut nodes = Vec::new();
+    let mut scsi_controller = false;
+    let mut ide_unit = 0usize;
+    for disk in dom.disks()? {
+        let disk_nodes = disk_blockdevs(&disk, &mut args)?;
+        let root = disk_nodes.layers.first().map(|l| l.format_node.clone());
+        let (controller, device) =
+            device_for(&disk, root.as_deref(), &mut scsi_controller, &mut ide_unit, &machine)?;
+        if let Some(controller) = controller {
+            args.push("-device".into());
+            args.push(controller);
+        }
+        args.push("-device".into());
+        args.push(device);
+        nodes.push(disk_nodes);
+    }
+    Ok((args, nodes))
+}
+
+/// Node names are limited to 31 characters; targets are short (`vda`).
+fn node_name(target: &str, layer: usize, kind: &str) -> String {
+    format!("{target}-{layer}-{kind}")
+}
+
+fn disk_blockdevs(disk: &Disk, args: &mut Vec<String>) -> Result<DiskNodes> {
+    let mut out = DiskNodes { target: disk.target.clone(), layers: Vec::new() };
+    let Some(chain) = &disk.chain else { return Ok(out) };
+    if !chain.is_complete() {
+        return Err(Error::operation_invalid(format!(
+            "disk '{}' has no complete backing chain recorded; run dumpxml --refresh-chain or domblkcheck",
+            disk.target
+        )));
+    }
+    for id in 0..chain.layers.len() {
+        out.layers.push(LayerNodes {
+            format_node: node_name(&disk.target, id, "fmt"),
+            file_node: node_name(&disk.target, id, "file"),
+        });
+    }
+    // Backing layers first so every `backing` reference names an existing node.
+    for id in (0..chain.layers.len()).rev() {
+        let layer = &chain.layers[id];
+        let nodes = &out.layers[id];
+        let readonly = id > 0 || disk.readonly || disk.device == "cdrom";
+        let protocol = protocol_node(&layer.source, &nodes.file_node, &disk.target)?;
+        let format = layer.format.as_deref().unwrap_or("raw");
+        let mut fmt = json!({
+            "driver": format,
+            "node-name": nodes.format_node,
+            "file": protocol,
+            "read-only": readonly,
+        });
+        if format != "raw" {
+            fmt["backing"] = backing_ref(chain, id, &out.layers);
+        }
+        args.push("-blockdev".into());
+        args.push(fmt.to_string());
+    }
+    Ok(out)
+}
+
+fn backing_ref(chain: &Chain, id: usize, layers: &[LayerNodes]) -> Value {
+    match &chain.layers[id].backing {
+        Backing::Layers(v) => match v.first().and_then(|c| layers.get(*c)) {
+            Some(n) => Value::String(n.format_node.clone()),
+            None => Value::Null,
+        },
+        _ => Value::Null,
+    }
+}
+
+fn protocol_node(source: &StorageSource, node: &str, target: &str) -> Result<Value> {
+    Ok(match source {
+        StorageSource::File { path } => json!({
+            "driver": "file", "node-name": node, "filename": path_str(path)?,
+            "auto-read-only": true, "discard": "unmap",
+        }),
+        StorageSource::Block { dev } => json!({
+            "driver": "host_device", "node-name": node, "filename": path_str(dev)?,
+            "auto-read-only": true, "discard": "unmap",
+        }),
+        StorageSource::Network(n) if n.protocol == "nbd" => {
+            let host = n.hosts.first().cloned().unwrap_or_default();
+            let server = match (&host.transport, &host.socket) {
+                (Some(t), Some(sock)) if t == "unix" => json!({"type": "unix", "path": sock}),
+                _ => json!({
+                    "type": "inet",
+                    "host": host.name.clone().unwrap_or_else(|| "localhost".into()),
+                    "port": host.port.unwrap_or(10809).to_string(),
+                }),
+            };
+            let mut v = json!({"driver": "nbd", "node-name": node, "server": server});
+            if let Some(export) = &n.name {
+                v["export"] = Value::String(export.clone());
+            }
+            v
+        }
+        other => {
+            return Err(Error::config_unsupported(format!(
+                "disk '{target}': storage '{other}' of type {} cannot be opened by this driver",
+                other.type_name()
+            )))
+        }
+    })
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str()
+        .ok_or_else(|| Error::invalid_arg(format!("path '{}' is not valid UTF-8", p.display())))
+}
+
+/// `(optional controller device, the disk's device)` for `-device`.
+fn device_for(
+    disk: &Disk,
+    root: Option<&str>,
+    scsi_controller: &mut bool,
+    ide_unit: &mut usize,
+    machine: &str,
+) -> Result<(Option<String>, String)> {
+    let id = &disk.target;
+    let cdrom = disk.device == "cdrom";
+    let drive = root.map(|r| format!(",drive={r}")).unwrap_or_default();
+    let share = if disk.shareable { ",share-rw=on" } else { "" };
+    let bus = disk.bus.clone().unwrap_or_else(|| {
+        if id.starts_with("vd") {
+            "virtio".into()
+        } else if id.starts_with("sd") {
+            "sata".into()
+        } else {
+            "ide".into()
+        }
+    });
+    Ok(match bus.as_str() {
+        "virtio" if !cdrom => (None, format!("virtio-blk-pci,id={id}{drive}{share}")),
+        "scsi" => {
+            let controller = if *scsi_controller {
+                None
+            } else {
+                *scsi_controller = true;
+                Some("virtio-scsi-pci,id=scsi0".to_string())
+            };
+            let kind = if cdrom { "scsi-cd" } else { "scsi-hd" };
+            (controller, format!("{kind},bus=scsi0.0,id={id}{drive}{share}"))
+        }
+        "sata" | "ide" => {
+            let kind = if cdrom { "ide-cd" } else { "ide-hd" };
+            // q35's AHCI has six ports with one unit each; pc's IDE has two
+            // buses with two units each.
+            let unit = *ide_unit;
+            *ide_unit += 1;
+            let placement = if machine.starts_with("pc") && !machine.starts_with("pc-q35") {
+                format!("bus=ide.{},unit={}", unit / 2, unit % 2)
+            } else {
+                format!("bus=ide.{unit}")
+            };
+            (None, format!("{kind},{placement},id={id}{drive}{share}"))
+        }
+        other => {
+            return Err(Error::config_unsupported(format!(
+                "disk '{id}': bus '{other}'{} is not supported by this driver",
+                if cdrom { " for a cdrom" } else { "" }
+            )))
+        }
+    })
+}

@@ -1,0 +1,360 @@
+//! Running domains without a daemon.
+//!
+//! `start` spawns QEMU in its own session and records it in the live status
+//! XML (pid, start time, domain id, the definition it was started from).
+//! Every later call reconciles first: a QEMU that is gone (or whose pid now
+//! belongs to another process) turns the domain shut off and its status and
+//! sockets are removed; a live one is reattached through one of its QMP
+//! monitors. Each QEMU has [`MONITORS`] monitors, each guarded by a lock
+//! file, so one `strata` can hold a monitor for a long call while others
+//! use the rest.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use strata_core::chain::{Chain, StorageSource};
+use strata_core::driver::DomainState;
+use strata_core::store::Store;
+use strata_core::xml::{Domain, Element};
+use strata_core::{Error, ErrorKind, Result};
+use strata_qmp::types::RunState;
+use strata_qmp::{QmpClient, QmpError};
+
+use crate::launch::{RuntimePaths, MONITORS};
+use crate::process::{Liveness, ProcessId};
+
+/// The live status of a running domain, as kept in `status.xml`.
+#[derive(Debug, Clone)]
+pub struct LiveStatus {
+    pub process: ProcessId,
+    pub id: u32,
+    /// The definition the domain runs with; disk chains are updated as
+    /// they change.
+    pub domain: Domain,
+}
+
+impl LiveStatus {
+    pub fn to_xml(&self) -> String {
+        let root = Element::new("domstatus")
+            .with_attr("pid", self.process.pid.to_string())
+            .with_attr("starttime", self.process.start_time.to_string())
+            .with_attr("id", self.id.to_string())
+            .with_child(self.domain.element().clone());
+        root.to_xml()
+    }
+
+    pub fn parse(xml: &str) -> Result<LiveStatus> {
+        let root = Element::parse(xml)?;
+        let num = |attr: &str| -> Result<u64> {
+            root.attr(attr)
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| Error::internal(format!("status XML lacks a numeric '{attr}'")))
+        };
+        let pid = i32::try_from(num("pid")?).map_err(|_| Error::internal("status XML pid out of range"))?;
+        let domain = root
+            .child("domain")
+            .cloned()
+            .ok_or_else(|| Error::internal("status XML lacks the <domain>"))?;
+        Ok(LiveStatus {
+            process: ProcessId { pid, start_time: num("starttime")? },
+            id: u32::try_from(num("id")?).map_err(|_| Error::internal("status XML id out of range"))?,
+            domain: Domain::from_element(domain)?,
+        })
+    }
+}
+
+pub fn runtime_paths(store: &Store, name: &str) -> Result<RuntimePaths> {
+    let dir = store.domain_dir(name)?.join("run");
+    // sun_path holds 108 bytes including the terminator.
+    let longest = dir.join(format!("qmp-{}.sock", MONITORS - 1));
+    if longest.as_os_str().len() > 107 {
+        return Err(Error::config_unsupported(format!(
+            "monitor socket path '{}' is longer than a Unix socket allows; use a shorter state root",
+            longest.display()
+        )));
+    }
+    Ok(RuntimePaths { dir })
+}
+
+/// Reads the status of `name` and checks that its QEMU still runs. A dead
+/// QEMU's status and runtime files are removed (the caller must hold the
+/// domain lock or accept that another process may do the same).
+pub fn reconcile(store: &Store, name: &str) -> Result<Option<LiveStatus>> {
+    let Some(xml) = store.read_status(name)? else { return Ok(None) };
+    let status = match LiveStatus::parse(&xml) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(domain = name, error = %e, "unreadable status XML; treating the domain as shut off");
+            cleanup(store, name)?;
+            return Ok(None);
+        }
+    };
+    if status.process.liveness() == Liveness::Gone {
+        tracing::debug!(domain = name, pid = status.process.pid, "QEMU is gone; cleaning up");
+        cleanup(store, name)?;
+        return Ok(None);
+    }
+    Ok(Some(status))
+}
+
+/// Removes a stopped domain's status and runtime directory.
+pub fn cleanup(store: &Store, name: &str) -> Result<()> {
+    store.remove_status(name)?;
+    let dir = runtime_paths(store, name)?.dir;
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove", &dir, e)),
+    }
+}
+
+/// A connected monitor and the lock that reserves it for this process.
+pub struct Monitor {
+    pub client: QmpClient,
+    _lock: File,
+}
+
+/// Monitors this process holds, by domain name.
+#[derive(Default)]
+pub struct MonitorCache {
+    held: tokio::sync::Mutex<HashMap<String, (ProcessId, Arc<Monitor>)>>,
+}
+
+impl MonitorCache {
+    /// A monitor of the running domain, reusing one this process holds.
+    pub async fn get(&self, store: &Store, name: &str, process: ProcessId) -> Result<Arc<Monitor>> {
+        let mut held = self.held.lock().await;
+        if let Some((pid, m)) = held.get(name) {
+            if *pid == process && m.client.is_connected() {
+                return Ok(Arc::clone(m));
+            }
+        }
+        let monitor = Arc::new(acquire(&runtime_paths(store, name)?, name).await?);
+        held.insert(name.to_string(), (process, Arc::clone(&monitor)));
+        Ok(monitor)
+    }
+
+    pub async fn forget(&self, name: &str) {
+        self.held.lock().await.remove(name);
+    }
+}
+
+/// Takes the first free monitor, waiting up to 30 s for one.
+async fn acquire(paths: &RuntimePaths, name: &str) -> Result<Monitor> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for n in 0..MONITORS {
+            let lock_path = paths.monitor_lock(n);
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .map_err(|e| Error::io("open the monitor lock", &lock_path, e))?;
+            if file.try_lock().is_err() {
+                continue;
+            }
+            let socket = paths.monitor_socket(n);
+            let client = QmpClient::connect_with_timeout(&socket, Duration::from_secs(10))
+                .await
+                .map_err(|e| qmp_error(name, e))?;
+            tracing::debug!(domain = name, monitor = n, "QMP monitor attached");
+            return Ok(Monitor { client, _lock: file });
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::new(
+                ErrorKind::OperationTimeout,
+                format!("all {MONITORS} QMP monitors of domain '{name}' stayed busy for 30 s"),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Maps a QMP failure into Strata's error, keeping QEMU's class and text.
+pub fn qmp_error(domain: &str, e: QmpError) -> Error {
+    match e {
+        QmpError::Command { command, class, desc } => Error::internal(format!(
+            "unable to execute QEMU command '{command}': {desc} ({class})"
+        )),
+        QmpError::Timeout { command, after } => Error::new(
+            ErrorKind::OperationTimeout,
+            format!("QEMU of domain '{domain}' did not answer '{command}' within {after:?}"),
+        ),
+        QmpError::Disconnected => {
+            Error::operation_failed(format!("the QEMU of domain '{domain}' closed its monitor (did it exit?)"))
+        }
+        other => Error::operation_failed(format!("QMP with domain '{domain}': {other}")),
+    }
+}
+
+/// virsh's state for a QEMU run state, with libvirt's reason words.
+pub fn state_of(run: RunState) -> (DomainState, &'static str) {
+    match run {
+        RunState::Running => (DomainState::Running, "booted"),
+        RunState::Prelaunch | RunState::Paused => (DomainState::Paused, "user"),
+        RunState::Debug => (DomainState::Paused, "debugger"),
+        RunState::Inmigrate | RunState::Postmigrate | RunState::FinishMigrate => (DomainState::Paused, "migration"),
+        RunState::IoError => (DomainState::Paused, "I/O error"),
+        RunState::InternalError => (DomainState::Paused, "unknown"),
+        RunState::SaveVm => (DomainState::Paused, "snapshot"),
+        RunState::RestoreVm => (DomainState::Paused, "from snapshot"),
+        RunState::Watchdog => (DomainState::Paused, "watchdog"),
+        RunState::GuestPanicked => (DomainState::Crashed, "panicked"),
+        RunState::Shutdown => (DomainState::Shutdown, "user"),
+        RunState::Suspended => (DomainState::PmSuspended, "unknown"),
+        RunState::Colo | RunState::Unknown => (DomainState::NoState, "unknown"),
+    }
+}
+
+/// The chain QEMU has open for each disk target, read from its block
+/// graph: the device's root node, then `backing` edges down, each format
+/// node's driver and its protocol child's file name.
+pub async fn live_chains(client: &QmpClient, domain: &str) -> Result<HashMap<String, Chain>> {
+    let block = client.query_block().await.map_err(|e| qmp_error(domain, e))?;
+    let nodes = client.query_named_block_nodes().await.map_err(|e| qmp_error(domain, e))?;
+    let graph = client
+        .execute("x-debug-query-block-graph", None)
+        .await
+        .map_err(|e| qmp_error(domain, e))?;
+    let graph = BlockGraph::parse(&graph)?;
+    let by_name: HashMap<&str, &strata_qmp::types::NamedBlockNode> =
+        nodes.iter().map(|n| (n.node_name.as_str(), n)).collect();
+
+    let mut out = HashMap::new();
+    for dev in &block {
+        let Some(qdev) = &dev.qdev else { continue };
+        let Some(target) = qdev.strip_prefix("/machine/peripheral/").and_then(|r| r.split('/').next()) else {
+            continue;
+        };
+        let Some(root) = dev.inserted.as_ref().and_then(|i| i.node_name.clone()) else { continue };
+        let mut chain: Option<Chain> = None;
+        let mut parent: Option<usize> = None;
+        let mut current = Some(root);
+        let mut guard = 0usize;
+        while let Some(node_name) = current.take() {
+            guard += 1;
+            if guard > nodes.len() + 1 {
+                return Err(Error::internal(format!("QEMU's block graph for '{target}' loops")));
+            }
+            let node = by_name
+                .get(node_name.as_str())
+                .ok_or_else(|| Error::internal(format!("QEMU node '{node_name}' is not in query-named-block-nodes")))?;
+            let file_node = graph.child(&node_name, "file").and_then(|f| by_name.get(f.as_str()).copied());
+            let filename = file_node.map(|f| f.file.clone()).unwrap_or_else(|| node.file.clone());
+            let protocol = file_node.map(|f| f.drv.as_str());
+            let source = match protocol {
+                Some("host_device") => StorageSource::Block { dev: PathBuf::from(&filename) },
+                _ => StorageSource::File { path: PathBuf::from(&filename) },
+            };
+            let format = Some(node.drv.clone());
+            let id = match (&mut chain, parent) {
+                (None, _) => {
+                    chain = Some(Chain::single(source, format));
+                    0
+                }
+                (Some(c), Some(p)) => c.push_backing(p, source, format),
+                (Some(_), None) => return Err(Error::internal("QEMU block graph walk lost its place")),
+            };
+            parent = Some(id);
+            current = graph.child(&node_name, "backing");
+            if current.is_none() {
+                if let Some(c) = &mut chain {
+                    c.end_at(id);
+                }
+            }
+        }
+        if let Some(mut c) = chain {
+            c.renumber();
+            out.insert(target.to_string(), c);
+        }
+    }
+    Ok(out)
+}
+
+/// `x-debug-query-block-graph`: node ids, names and named edges.
+struct BlockGraph {
+    names: HashMap<u64, String>,
+    ids: HashMap<String, u64>,
+    edges: Vec<(u64, u64, String)>,
+}
+
+impl BlockGraph {
+    fn parse(v: &serde_json::Value) -> Result<BlockGraph> {
+        let bad = || Error::internal("x-debug-query-block-graph returned an unexpected shape");
+        let mut names = HashMap::new();
+        let mut ids = HashMap::new();
+        for n in v.get("nodes").and_then(|n| n.as_array()).ok_or_else(bad)? {
+            let id = n.get("id").and_then(|i| i.as_u64()).ok_or_else(bad)?;
+            let name = n.get("name").and_then(|i| i.as_str()).unwrap_or("").to_string();
+            if n.get("type").and_then(|t| t.as_str()) == Some("block-driver") {
+                ids.insert(name.clone(), id);
+            }
+            names.insert(id, name);
+        }
+        let mut edges = Vec::new();
+        for e in v.get("edges").and_then(|n| n.as_array()).ok_or_else(bad)? {
+            let parent = e.get("parent").and_then(|i| i.as_u64()).ok_or_else(bad)?;
+            let child = e.get("child").and_then(|i| i.as_u64()).ok_or_else(bad)?;
+            let name = e.get("name").and_then(|i| i.as_str()).unwrap_or("").to_string();
+            edges.push((parent, child, name));
+        }
+        Ok(BlockGraph { names, ids, edges })
+    }
+
+    /// The node name of `node`'s child on edge `edge` (`file`, `backing`).
+    fn child(&self, node: &str, edge: &str) -> Option<String> {
+        let id = self.ids.get(node)?;
+        self.edges
+            .iter()
+            .find(|(p, _, n)| p == id && n == edge)
+            .and_then(|(_, c, _)| self.names.get(c).cloned())
+    }
+}
+
+/// Where the next domain id is counted (ids grow across restarts of
+/// domains, as libvirt's do, until the store is reset).
+pub fn next_domain_id(store: &Store) -> Result<u32> {
+    let path = store.root().join("next-id");
+    // A leading '.' keeps this lock apart from every domain's lock.
+    let lock_path = store.root().join("locks").join(".next-id.lock");
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::io("open", &lock_path, e))?;
+    lock.lock().map_err(|e| Error::io("lock", &lock_path, e))?;
+    let current: u32 = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1);
+    strata_core::store::atomic_write(&path, format!("{}\n", current.saturating_add(1)).as_bytes())?;
+    Ok(current)
+}
+
+/// Waits for QEMU to create its first monitor socket.
+pub async fn wait_for_socket(path: &Path, child: &mut std::process::Child, log: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if path.exists() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(Error::operation_failed(format!(
+                "QEMU exited during start-up ({status}): {}",
+                crate::process::log_tail(log, 5)
+            )));
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::new(
+                ErrorKind::OperationTimeout,
+                format!("QEMU did not create its monitor socket '{}' within 30 s", path.display()),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
