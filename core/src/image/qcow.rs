@@ -34,7 +34,9 @@ const EXT_DATA_FILE: u32 = 0x4441_5441;
 
 /// The version field of a file starting with the qcow magic, if present.
 fn version(head: &[u8]) -> Option<u32> {
-    has_magic(head, 0, MAGIC).then(|| peek_be32(head, 4)).flatten()
+    has_magic(head, 0, MAGIC)
+        .then(|| peek_be32(head, 4))
+        .flatten()
 }
 
 /// qcow magic with any version but 1. A qcow magic too short to hold a
@@ -59,14 +61,22 @@ pub(super) fn read_qcow2(img: &ImageFile) -> Result<ImageHeader> {
     match version {
         2 | 3 => {}
         1 => return Err(invalid(img, "is a qcow (version 1) image, not qcow2")),
-        v => return Err(invalid(img, format_args!("has unsupported qcow2 version {v}"))),
+        v => {
+            return Err(invalid(
+                img,
+                format_args!("has unsupported qcow2 version {v}"),
+            ))
+        }
     }
     let backing_offset = h.be64(8)?;
     let backing_len = h.be32(16)?;
     let cluster_bits = h.be32(20)?;
     let virtual_size = h.be64(24)?;
     if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
-        return Err(invalid(img, format_args!("has an unsupported qcow2 cluster size of 2^{cluster_bits} bytes")));
+        return Err(invalid(
+            img,
+            format_args!("has an unsupported qcow2 cluster size of 2^{cluster_bits} bytes"),
+        ));
     }
     let cluster_size = 1u64 << cluster_bits;
 
@@ -78,25 +88,41 @@ pub(super) fn read_qcow2(img: &ImageFile) -> Result<ImageHeader> {
         (V2_HEADER_LEN, 0)
     };
     if header_len < V2_HEADER_LEN || (version == 3 && header_len < V3_MIN_HEADER_LEN) {
-        return Err(invalid(img, format_args!("has a qcow2 header length of {header_len}, which is too short")));
+        return Err(invalid(
+            img,
+            format_args!("has a qcow2 header length of {header_len}, which is too short"),
+        ));
     }
     if u64::from(header_len) > cluster_size {
-        return Err(invalid(img, "has a qcow2 header larger than its cluster size"));
+        return Err(invalid(
+            img,
+            "has a qcow2 header larger than its cluster size",
+        ));
     }
     check_incompatible_features(img, incompatible)?;
 
     if backing_offset > cluster_size {
-        return Err(invalid(img, format_args!("has an invalid backing file offset {backing_offset}")));
+        return Err(invalid(
+            img,
+            format_args!("has an invalid backing file offset {backing_offset}"),
+        ));
     }
     // Extensions run from the end of the header to the backing name, or to
     // the end of the first cluster when there is none.
-    let ext_end = if backing_offset != 0 { backing_offset } else { cluster_size };
+    let ext_end = if backing_offset != 0 {
+        backing_offset
+    } else {
+        cluster_size
+    };
     let backing_format = read_extensions(img, u64::from(header_len), ext_end)?;
 
     let backing_file = if backing_offset != 0 {
         let room = cluster_size - backing_offset;
         if backing_len > MAX_BACKING_NAME || u64::from(backing_len) > room {
-            return Err(invalid(img, format_args!("has a backing file name of {backing_len} bytes, which is too long")));
+            return Err(invalid(
+                img,
+                format_args!("has a backing file name of {backing_len} bytes, which is too long"),
+            ));
         }
         let name = img.bytes(backing_offset, backing_len as usize, "backing file name")?;
         Some(utf8_name(name, path, "backing file name")?).filter(|name| !name.is_empty())
@@ -162,16 +188,23 @@ fn read_extensions(img: &ImageFile, start: u64, end: u64) -> Result<Option<Strin
         let len = h.be32(4)?;
         offset += 8;
         if offset > end || u64::from(len) > end - offset {
-            return Err(invalid(img, "has a qcow2 header extension that runs past the header area"));
+            return Err(invalid(
+                img,
+                "has a qcow2 header extension that runs past the header area",
+            ));
         }
         match kind {
             EXT_END => break,
             EXT_BACKING_FORMAT => {
                 if len > MAX_BACKING_FORMAT {
-                    return Err(invalid(img, format_args!("has a backing format name of {len} bytes, which is too long")));
+                    return Err(invalid(
+                        img,
+                        format_args!("has a backing format name of {len} bytes, which is too long"),
+                    ));
                 }
                 let name = img.bytes(offset, len as usize, "backing format name")?;
-                backing_format = Some(utf8_name(name, path, "backing format name")?).filter(|f| !f.is_empty());
+                backing_format =
+                    Some(utf8_name(name, path, "backing format name")?).filter(|f| !f.is_empty());
             }
             EXT_DATA_FILE => {
                 let name = img.bytes(offset, len as usize, "external data file name")?;
@@ -197,14 +230,20 @@ pub(super) fn read_qcow(img: &ImageFile) -> Result<ImageHeader> {
     let h = Fields::new(&buf, path, "qcow header");
     let version = h.be32(4)?;
     if version != 1 {
-        return Err(invalid(img, format_args!("is a qcow2 (version {version}) image, not qcow")));
+        return Err(invalid(
+            img,
+            format_args!("is a qcow2 (version {version}) image, not qcow"),
+        ));
     }
     let backing_offset = h.be64(8)?;
     let backing_len = h.be32(16)?;
     let virtual_size = h.be64(24)?;
     let backing_file = if backing_offset != 0 {
         if backing_len > MAX_BACKING_NAME {
-            return Err(invalid(img, format_args!("has a backing file name of {backing_len} bytes, which is too long")));
+            return Err(invalid(
+                img,
+                format_args!("has a backing file name of {backing_len} bytes, which is too long"),
+            ));
         }
         let name = img.bytes(backing_offset, backing_len as usize, "backing file name")?;
         Some(utf8_name(name, path, "backing file name")?).filter(|name| !name.is_empty())

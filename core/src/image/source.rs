@@ -31,7 +31,10 @@ impl<'a> ImageFile<'a> {
             .custom_flags(libc::O_NONBLOCK)
             .open(path)
             .map_err(|e| Error::io("open", path, e))?;
-        let file_type = file.metadata().map_err(|e| Error::io("stat", path, e))?.file_type();
+        let file_type = file
+            .metadata()
+            .map_err(|e| Error::io("stat", path, e))?
+            .file_type();
         if file_type.is_dir() {
             return Err(Error::probe_failed(format!(
                 "'{}' is a directory, not a disk image",
@@ -46,8 +49,15 @@ impl<'a> ImageFile<'a> {
         }
         // Seeking to the end gives the size of block devices too, whose
         // metadata reports a length of 0.
-        let len = file.seek(SeekFrom::End(0)).map_err(|e| Error::io("seek", path, e))?;
-        Ok(ImageFile { path, file, len, head: Vec::new() })
+        let len = file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| Error::io("seek", path, e))?;
+        Ok(ImageFile {
+            path,
+            file,
+            len,
+            head: Vec::new(),
+        })
     }
 
     /// Opens `path` and reads the start of the file for format detection and
@@ -94,7 +104,9 @@ impl<'a> ImageFile<'a> {
     }
 
     fn read_exact(&self, offset: u64, len: usize, what: &str) -> Result<Vec<u8>> {
-        let end = u64::try_from(len).ok().and_then(|len| offset.checked_add(len));
+        let end = u64::try_from(len)
+            .ok()
+            .and_then(|len| offset.checked_add(len));
         if end.is_none_or(|end| end > self.len) {
             return Err(self.truncated(offset, len, what));
         }
@@ -102,7 +114,9 @@ impl<'a> ImageFile<'a> {
         match self.file.read_exact_at(&mut buf, offset) {
             Ok(()) => Ok(buf),
             // The file shrank after its length was taken.
-            Err(e) if e.kind() == IoErrorKind::UnexpectedEof => Err(self.truncated(offset, len, what)),
+            Err(e) if e.kind() == IoErrorKind::UnexpectedEof => {
+                Err(self.truncated(offset, len, what))
+            }
             Err(e) => Err(Error::io("read", self.path, e)),
         }
     }
@@ -214,7 +228,10 @@ pub(super) fn utf8_name(bytes: Vec<u8>, path: &Path, what: &str) -> Result<Strin
         )));
     }
     String::from_utf8(bytes).map_err(|_| {
-        Error::probe_failed(format!("'{}' has a {what} that is not valid UTF-8", path.display()))
+        Error::probe_failed(format!(
+            "'{}' has a {what} that is not valid UTF-8",
+            path.display()
+        ))
     })
 }
 
@@ -224,7 +241,10 @@ pub(super) fn utf16_string(bytes: &[u8], big_endian: bool) -> Option<String> {
     let units: Vec<u16> = bytes
         .chunks_exact(2)
         .map(|pair| {
-            let pair = [pair.first().copied().unwrap_or(0), pair.get(1).copied().unwrap_or(0)];
+            let pair = [
+                pair.first().copied().unwrap_or(0),
+                pair.get(1).copied().unwrap_or(0),
+            ];
             if big_endian {
                 u16::from_be_bytes(pair)
             } else {

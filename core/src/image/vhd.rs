@@ -70,7 +70,10 @@ pub(super) fn read(img: &ImageFile) -> Result<ImageHeader> {
 
     let disk_type = f.be32(OFF_TYPE)?;
     if !matches!(disk_type, DISK_FIXED | DISK_DYNAMIC | DISK_DIFFERENCING) {
-        return Err(invalid(img, format_args!("has unknown VHD disk type {disk_type}")));
+        return Err(invalid(
+            img,
+            format_args!("has unknown VHD disk type {disk_type}"),
+        ));
     }
     let virtual_size = virtual_size(img, &f)?;
     let uuid = uuid_be(f.array(OFF_UUID)?);
@@ -89,7 +92,10 @@ pub(super) fn read(img: &ImageFile) -> Result<ImageHeader> {
         let dyn_header = img.bytes(offset, DYN_HEADER_LEN, "VHD dynamic disk header")?;
         let d = Fields::new(&dyn_header, img.path(), "VHD dynamic disk header");
         if d.slice(0, DYN_COOKIE.len())? != DYN_COOKIE {
-            return Err(invalid(img, "has a VHD dynamic disk header without its 'cxsparse' cookie"));
+            return Err(invalid(
+                img,
+                "has a VHD dynamic disk header without its 'cxsparse' cookie",
+            ));
         }
         header.parent_uuid = uuid_be(d.array(OFF_PARENT_UUID)?);
         header.backing_file = utf16_string(d.slice(OFF_PARENT_NAME, PARENT_NAME_LEN)?, true)
@@ -102,7 +108,11 @@ pub(super) fn read(img: &ImageFile) -> Result<ImageHeader> {
 /// checksum field taken as zero; QEMU refuses a mismatch.
 fn check_footer_checksum(img: &ImageFile, f: &Fields) -> Result<()> {
     let stored = f.be32(OFF_CHECKSUM)?;
-    let field: u32 = f.slice(OFF_CHECKSUM, 4)?.iter().map(|&b| u32::from(b)).sum();
+    let field: u32 = f
+        .slice(OFF_CHECKSUM, 4)?
+        .iter()
+        .map(|&b| u32::from(b))
+        .sum();
     let all: u32 = f.slice(0, FOOTER_LEN)?.iter().map(|&b| u32::from(b)).sum();
     if !(all - field) != stored {
         return Err(invalid(img, "has a VHD footer with an incorrect checksum"));
@@ -124,7 +134,10 @@ fn virtual_size(img: &ImageFile, f: &Fields) -> Result<u64> {
         geometry_sectors
     };
     if sectors > MAX_SECTORS {
-        return Err(invalid(img, "is larger than the 2040 GiB QEMU supports for VHD images"));
+        return Err(invalid(
+            img,
+            "is larger than the 2040 GiB QEMU supports for VHD images",
+        ));
     }
     sectors_to_bytes(img, sectors)
 }

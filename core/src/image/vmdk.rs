@@ -73,7 +73,10 @@ pub(super) fn probe_descriptor(head: &[u8]) -> bool {
                 let Some(tail) = rest.strip_prefix(b"version=") else {
                     return false;
                 };
-                return matches!(tail, [b'1'..=b'3', b'\n', ..] | [b'1'..=b'3', b'\r', b'\n', ..]);
+                return matches!(
+                    tail,
+                    [b'1'..=b'3', b'\n', ..] | [b'1'..=b'3', b'\r', b'\n', ..]
+                );
             }
         }
     }
@@ -93,10 +96,15 @@ pub(super) fn read(img: &ImageFile) -> Result<ImageHeader> {
     } else if has_magic(head, 0, MAGIC_VMDK3) {
         let buf = img.bytes(0, 16, "VMDK (COWD) header")?;
         let sectors = Fields::new(&buf, img.path(), "VMDK (COWD) header").le32(12)?;
-        (sectors_to_bytes(img, u64::from(sectors))?, SPARSE_DESCRIPTOR_OFFSET)
+        (
+            sectors_to_bytes(img, u64::from(sectors))?,
+            SPARSE_DESCRIPTOR_OFFSET,
+        )
     } else {
         let text = img.bytes_up_to(0, MAX_DESCRIPTOR_LEN, "VMDK descriptor")?;
-        if find(c_str(&text), CREATE_TYPE_KEY).is_none() {
+        // Without a createType, only a file that looks like a descriptor is
+        // worth calling a damaged one.
+        if find(c_str(&text), CREATE_TYPE_KEY).is_none() && !probe_descriptor(head) {
             return Err(not_format(img, ImageFormat::Vmdk));
         }
         (descriptor_size(img, &text)?, 0)
@@ -151,7 +159,10 @@ fn vmdk4_size(img: &ImageFile) -> Result<u64> {
         capacity = f.le64(524)?;
     }
     if version > 3 {
-        return Err(invalid(img, format_args!("has unsupported VMDK version {version}")));
+        return Err(invalid(
+            img,
+            format_args!("has unsupported VMDK version {version}"),
+        ));
     }
     sectors_to_bytes(img, capacity)
 }
@@ -193,7 +204,9 @@ fn quoted_value<'t>(text: &'t [u8], key: &[u8]) -> Option<&'t [u8]> {
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|window| window == needle)
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
 }
 
 /// The sectors of an extent line QEMU would use, `None` for other lines, or
@@ -203,13 +216,18 @@ fn extent_sectors(img: &ImageFile, line: &[u8]) -> Result<Option<u64>> {
     let mut rest = line;
     let mut token = || {
         let trimmed = rest.trim_ascii_start();
-        let end = trimmed.iter().position(u8::is_ascii_whitespace).unwrap_or(trimmed.len());
+        let end = trimmed
+            .iter()
+            .position(u8::is_ascii_whitespace)
+            .unwrap_or(trimmed.len());
         let (token, tail) = trimmed.split_at(end);
         rest = tail;
         token
     };
     let access = token();
-    let sectors = std::str::from_utf8(token()).ok().and_then(|s| s.parse::<i64>().ok());
+    let sectors = std::str::from_utf8(token())
+        .ok()
+        .and_then(|s| s.parse::<i64>().ok());
     let kind = token();
     let (Some(sectors), true) = (sectors, access == b"RW") else {
         return Ok(None);
@@ -218,7 +236,10 @@ fn extent_sectors(img: &ImageFile, line: &[u8]) -> Result<Option<u64>> {
     let Some(quoted) = rest.trim_ascii_start().strip_prefix(b"\"") else {
         return Ok(None);
     };
-    let name_len = quoted.iter().position(|&b| matches!(b, b'"' | b'\r' | b'\n')).unwrap_or(quoted.len());
+    let name_len = quoted
+        .iter()
+        .position(|&b| matches!(b, b'"' | b'\r' | b'\n'))
+        .unwrap_or(quoted.len());
     if name_len == 0 || kind.is_empty() || kind.len() > 10 {
         return Ok(None);
     }
@@ -235,7 +256,10 @@ fn extent_sectors(img: &ImageFile, line: &[u8]) -> Result<Option<u64>> {
     };
     if !well_formed {
         let shown: String = String::from_utf8_lossy(line).chars().take(200).collect();
-        return Err(invalid(img, format_args!("has an invalid VMDK extent line: {}", shown.trim_end())));
+        return Err(invalid(
+            img,
+            format_args!("has an invalid VMDK extent line: {}", shown.trim_end()),
+        ));
     }
     if sectors <= 0 || !EXTENT_TYPES.contains(&kind) {
         return Ok(None);
@@ -250,8 +274,12 @@ fn parent_hint(img: &ImageFile, offset: u64) -> Result<Option<String>> {
     if find(text, HINT_KEY).is_none() {
         return Ok(None);
     }
-    let name = quoted_value(text, HINT_KEY)
-        .ok_or_else(|| invalid(img, "has a malformed parentFileNameHint in its VMDK descriptor"))?;
+    let name = quoted_value(text, HINT_KEY).ok_or_else(|| {
+        invalid(
+            img,
+            "has a malformed parentFileNameHint in its VMDK descriptor",
+        )
+    })?;
     if name.len() > MAX_PARENT_NAME {
         return Err(invalid(img, "has a parentFileNameHint that is too long"));
     }
