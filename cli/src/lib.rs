@@ -1,4 +1,6 @@
-//! `strata`: a virsh-compatible command line over Strata's drivers.
+//! strata-cli: the `strata` command, a virsh-compatible command line over
+//! Strata's drivers. The binary is a thin wrapper around [`main_entry`], so
+//! the workspace tests can build the very same command.
 //!
 //! `strata [-c URI] [-q] [--json] [--debug] COMMAND [ARGS…]`, or several
 //! commands in one argument separated by `;`, or an interactive shell when
@@ -151,7 +153,8 @@ async fn interactive(session: &mut Session) -> bool {
     ok
 }
 
-fn main() -> ExitCode {
+/// Parses `std::env::args`, runs the command(s) and returns the exit status.
+pub fn main_entry() -> ExitCode {
     let global = Global::parse();
     init_tracing(global.debug);
     if global.version {

@@ -1,0 +1,300 @@
+//! Test support: a private state root per test, the `strata` command,
+//! images made with real qemu-img/qemu-io, schema validation of every XML
+//! document, and guest I/O on running domains without a guest OS.
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// One test's world: a temporary directory holding images and the state
+/// root of an embedded QEMU driver.
+pub struct TestEnv {
+    pub dir: tempfile::TempDir,
+    pub uri: String,
+}
+
+impl TestEnv {
+    pub fn new() -> TestEnv {
+        // Short paths: QMP socket paths must fit in 108 bytes.
+        let dir = tempfile::Builder::new().prefix("st").tempdir_in("/tmp").expect("tempdir");
+        let uri = format!("qemu:///embed?root={}/state", dir.path().display());
+        TestEnv { dir, uri }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn state_root(&self) -> PathBuf {
+        self.path("state")
+    }
+
+    /// Runs `strata -c URI ARGS…`.
+    pub fn strata(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
+            .arg("-c")
+            .arg(&self.uri)
+            .args(args)
+            .env_remove("STRATA_LOG")
+            .output()
+            .expect("run strata")
+    }
+
+    /// Runs strata and requires success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.strata(args);
+        assert!(
+            out.status.success(),
+            "strata {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs strata and requires failure with exit code 1; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.strata(args);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "strata {args:?} should fail with 1:\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Writes a domain XML file and defines it.
+    pub fn define(&self, name: &str, xml: &str) -> String {
+        let file = self.path(&format!("{name}.xml"));
+        std::fs::write(&file, xml).expect("write xml");
+        self.ok(&["define", file.to_str().expect("utf8")])
+    }
+}
+
+/// `qemu-img ARGS…`, which must succeed; returns stdout.
+pub fn qemu_img(args: &[&str]) -> String {
+    run_tool("qemu-img", args)
+}
+
+/// `qemu-io ARGS…` on an image, which must succeed.
+pub fn qemu_io(args: &[&str]) -> String {
+    run_tool("qemu-io", args)
+}
+
+fn run_tool(tool: &str, args: &[&str]) -> String {
+    let out = Command::new(tool).args(args).output().unwrap_or_else(|e| panic!("run {tool}: {e}"));
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Makes `names[0]` (base) ← `names[1]` ← … in `dir`, qcow2 with relative
+/// backing names and recorded formats, 64 MiB, layer i holding pattern
+/// 0x11*(i+1) in MiB i. Returns the paths, base first.
+pub fn make_chain(dir: &Path, names: &[&str]) -> Vec<PathBuf> {
+    let mut paths = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let path = dir.join(name);
+        let p = path.to_str().expect("utf8");
+        if i == 0 {
+            qemu_img(&["create", "-q", "-f", "qcow2", p, "64M"]);
+        } else {
+            qemu_img(&["create", "-q", "-f", "qcow2", "-b", names[i - 1], "-F", "qcow2", p]);
+        }
+        let pattern = format!("write -P {:#x} {}M 1M", 0x11 * (i + 1) as u32, i);
+        qemu_io(&["-f", "qcow2", "-c", &pattern, p]);
+        paths.push(path);
+    }
+    paths
+}
+
+/// The domain type these tests run: `kvm` when /dev/kvm opens, else `qemu`.
+pub fn domain_type() -> &'static str {
+    let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    if kvm { "kvm" } else { "qemu" }
+}
+
+/// One `<disk>` for [`domain_xml`].
+pub struct DiskSpec<'a> {
+    pub target: &'a str,
+    pub format: &'a str,
+    pub path: &'a Path,
+    /// Extra XML inside `<disk>` (a `<backingStore>`, `<readonly/>`, …).
+    pub extra: &'a str,
+}
+
+/// A minimal bootable-nothing domain with the given disks and some devices
+/// Strata does not model (they must survive every rewrite).
+pub fn domain_xml(name: &str, disks: &[DiskSpec]) -> String {
+    let mut devices = String::new();
+    for d in disks {
+        devices.push_str(&format!(
+            "    <disk type='file' device='disk'>\n      <driver name='qemu' type='{}'/>\n      <source file='{}'/>\n{}      <target dev='{}' bus='virtio'/>\n    </disk>\n",
+            d.format,
+            d.path.display(),
+            d.extra,
+            d.target
+        ));
+    }
+    format!(
+        "<domain type='{}'>\n  <name>{name}</name>\n  <memory unit='MiB'>128</memory>\n  <vcpu placement='static'>1</vcpu>\n  <os>\n    <type arch='x86_64' machine='q35'>hvm</type>\n  </os>\n  <cpu mode='custom' match='exact'>\n    <model fallback='allow'>qemu64</model>\n  </cpu>\n  <on_poweroff>destroy</on_poweroff>\n  <devices>\n{devices}    <graphics type='vnc' port='-1' autoport='yes'/>\n    <memballoon model='none'/>\n  </devices>\n</domain>\n",
+        domain_type()
+    )
+}
+
+/// Validates an XML document Strata emitted against libvirt's schemas,
+/// after removing Strata's documented extensions (docs/xml.md).
+pub fn validate_xml(xml: &str) {
+    let stripped = strip_extensions(xml);
+    let mut file = tempfile::Builder::new().suffix(".xml").tempfile().expect("temp xml");
+    std::io::Write::write_all(&mut file, stripped.as_bytes()).expect("write xml");
+    let out = Command::new("virt-xml-validate")
+        .arg(file.path())
+        .output()
+        .expect("run virt-xml-validate (install libvirt-clients and libxml2-utils)");
+    assert!(
+        out.status.success(),
+        "virt-xml-validate rejected:\n{stripped}\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Strata's extensions beyond libvirt's schema: `selected` on `<disk>`.
+fn strip_extensions(xml: &str) -> String {
+    xml.replace(" selected='yes'", "").replace(" selected='no'", "")
+}
+
+/// `qemu-img info --backing-chain -U --output=json` of an image: the
+/// (filename, format) of each layer, top first.
+pub fn qemu_chain(path: &Path) -> Vec<(String, String)> {
+    let out = qemu_img(&["info", "--backing-chain", "-U", "--output=json", path.to_str().expect("utf8")]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("qemu-img json");
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|l| {
+            (
+                l["filename"].as_str().expect("filename").to_string(),
+                l["format"].as_str().expect("format").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Destroys a test's running domain on drop (even when the test panics),
+/// and kills its QEMU by pid if destroy did not end it.
+pub struct DomainGuard<'a> {
+    pub env: &'a TestEnv,
+    pub name: String,
+}
+
+impl Drop for DomainGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.env.strata(&["destroy", &self.name]);
+        if let Some(pid) = qemu_pid(self.env, &self.name) {
+            // SAFETY: kill(2) on the pid recorded for this test's own QEMU.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// The pid of a running domain's QEMU, from its status XML.
+pub fn qemu_pid(env: &TestEnv, name: &str) -> Option<i32> {
+    let status = std::fs::read_to_string(env.state_root().join("domains").join(name).join("status.xml")).ok()?;
+    let start = status.find("pid='")? + 5;
+    let end = status[start..].find('\'')? + start;
+    status[start..end].parse().ok()
+}
+
+/// Guest I/O without a guest OS, through the running QEMU.
+pub mod guest {
+    use std::path::Path;
+    use std::process::Command;
+
+    use strata_qemu::QemuConnection;
+
+    /// qemu-io addresses a virtio-blk device through its backend (see the
+    /// recipe book, quirk 1); other buses by the device id.
+    fn qemu_io_device(target: &str) -> String {
+        if target.starts_with("vd") {
+            format!("{target}/virtio-backend")
+        } else {
+            target.to_string()
+        }
+    }
+
+    /// Writes `pattern` over `len` bytes at `offset` of the disk as the
+    /// guest would. HMP reports qemu-io failures as text, so any reply is
+    /// an error here (a successful write prints nothing into the reply).
+    pub async fn write(conn: &QemuConnection, domain: &str, target: &str, pattern: u8, offset: u64, len: u64) {
+        let (_, monitor) = conn.running(domain).await.expect("running domain");
+        let cmd = format!(
+            "qemu-io -d {} \"write -P {pattern:#x} {offset} {len}\"",
+            qemu_io_device(target)
+        );
+        let reply = monitor.client.human_monitor_command(&cmd).await.expect("hmp");
+        assert!(reply.trim().is_empty(), "qemu-io write on {target} failed: {reply}");
+    }
+
+    /// Compares what the guest sees on `target` with `reference` (an image
+    /// given the same writes), by exporting the device's node read-only
+    /// over NBD and running `qemu-img compare`.
+    pub async fn compare(conn: &QemuConnection, domain: &str, target: &str, reference: &Path) -> bool {
+        let (_, monitor) = conn.running(domain).await.expect("running domain");
+        let client = &monitor.client;
+        let block = client.query_block().await.expect("query-block");
+        let node = block
+            .iter()
+            .find(|b| b.qdev.as_deref().is_some_and(|q| q.starts_with(&format!("/machine/peripheral/{target}"))))
+            .and_then(|b| b.inserted.as_ref())
+            .and_then(|i| i.node_name.clone())
+            .expect("disk node");
+        let dir = tempfile::Builder::new().prefix("nbd").tempdir_in("/tmp").expect("tempdir");
+        let sock = dir.path().join("nbd.sock");
+        let sock_str = sock.to_str().expect("utf8").to_string();
+        client
+            .execute(
+                "nbd-server-start",
+                Some(serde_json::json!({"addr": {"type": "unix", "data": {"path": sock_str}}})),
+            )
+            .await
+            .expect("nbd-server-start");
+        client
+            .execute(
+                "block-export-add",
+                Some(serde_json::json!({"type": "nbd", "id": "cmp", "node-name": node, "name": "cmp", "writable": false})),
+            )
+            .await
+            .expect("block-export-add");
+        let uri = format!("nbd+unix:///cmp?socket={sock_str}");
+        let same = Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "qcow2", &uri])
+            .arg(reference)
+            .output()
+            .expect("qemu-img compare")
+            .status
+            .code()
+            == Some(0);
+        let _ = client
+            .execute("block-export-del", Some(serde_json::json!({"id": "cmp", "mode": "hard"})))
+            .await;
+        // The export goes away asynchronously; stopping the server waits for it.
+        for _ in 0..100 {
+            if client.execute("nbd-server-stop", None).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        same
+    }
+}
