@@ -285,3 +285,66 @@ fn device_for(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths() -> RuntimePaths {
+        RuntimePaths { dir: PathBuf::from("/run/x") }
+    }
+
+    const CHAIN_XML: &str = "<domain type='qemu'><name>t</name><memory unit='MiB'>64</memory>\
+        <os><type arch='x86_64' machine='q35'>hvm</type></os><devices>\
+        <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/i/top.qcow2'/>\
+        <backingStore type='file'><format type='qcow2'/><source file='/i/base.qcow2'/><backingStore/></backingStore>\
+        <target dev='vda' bus='virtio'/></disk>\
+        <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/i/d.raw'/><backingStore/>\
+        <target dev='sda' bus='sata'/><readonly/></disk>\
+        </devices></domain>";
+
+    fn blockdevs(args: &[String]) -> Vec<serde_json::Value> {
+        args.windows(2)
+            .filter(|w| w[0] == "-blockdev")
+            .map(|w| serde_json::from_str(&w[1]).expect("blockdev json"))
+            .collect()
+    }
+
+    #[test]
+    fn every_layer_gets_explicit_nodes_and_backing_links() {
+        let dom = Domain::parse(CHAIN_XML).expect("xml");
+        let (args, nodes) = command_line(&dom, Accel::Tcg, &paths()).expect("command line");
+        let devs = blockdevs(&args);
+        // Backing layers come first so references resolve.
+        assert_eq!(devs[0]["node-name"], "vda-1-fmt");
+        assert_eq!(devs[0]["backing"], serde_json::Value::Null);
+        assert_eq!(devs[0]["read-only"], true);
+        assert_eq!(devs[0]["file"]["filename"], "/i/base.qcow2");
+        assert_eq!(devs[1]["node-name"], "vda-0-fmt");
+        assert_eq!(devs[1]["backing"], "vda-1-fmt");
+        assert_eq!(devs[1]["read-only"], false);
+        // A raw layer takes no backing option; <readonly/> is honoured.
+        assert_eq!(devs[2]["driver"], "raw");
+        assert!(devs[2].get("backing").is_none());
+        assert_eq!(devs[2]["read-only"], true);
+        assert!(args.contains(&"virtio-blk-pci,id=vda,drive=vda-0-fmt".to_string()));
+        assert!(args.contains(&"ide-hd,bus=ide.0,id=sda,drive=sda-0-fmt".to_string()));
+        assert_eq!(args.iter().filter(|a| *a == "-qmp").count(), MONITORS);
+        assert!(args.contains(&"q35,accel=tcg".to_string()));
+        assert_eq!(nodes.len(), 2);
+    }
+
+    #[test]
+    fn unknown_chain_and_unsupported_bus_are_refused() {
+        let unknown = CHAIN_XML.replace(
+            "<backingStore type='file'><format type='qcow2'/><source file='/i/base.qcow2'/><backingStore/></backingStore>",
+            "",
+        );
+        let dom = Domain::parse(&unknown).expect("xml");
+        let err = command_line(&dom, Accel::Tcg, &paths()).expect_err("chain not known");
+        assert!(err.to_string().contains("no complete backing chain"), "{err}");
+        let usb = CHAIN_XML.replace("bus='sata'", "bus='usb'");
+        let err = command_line(&Domain::parse(&usb).expect("xml"), Accel::Tcg, &paths()).expect_err("usb");
+        assert!(err.to_string().contains("bus 'usb'"), "{err}");
+    }
+}
