@@ -147,15 +147,30 @@ pub fn parse_backing_string(backing: &str, image_path: &Path) -> Result<StorageS
 }
 
 fn parse_rbd(rest: &str) -> StorageSource {
-    // rbd:pool/image[@snap][:opt=val[:opt=val…]]
-    let mut parts = rest.split(':');
-    let name = parts.next().unwrap_or("").to_string();
+    // rbd:pool/image[@snap][:opt=val[:opt=val…]], where '\:' escapes a colon.
+    let mut parts: Vec<String> = vec![String::new()];
+    let mut chars = rest.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let (Some(next), Some(last)) = (chars.next(), parts.last_mut()) {
+                    last.push(next);
+                }
+            }
+            ':' => parts.push(String::new()),
+            c => {
+                if let Some(last) = parts.last_mut() {
+                    last.push(c);
+                }
+            }
+        }
+    }
+    let name = parts.first().cloned().unwrap_or_default();
     let mut hosts = Vec::new();
-    for opt in parts {
+    for opt in parts.iter().skip(1) {
         if let Some(mons) = opt.strip_prefix("mon_host=") {
             for mon in mons.split(';').filter(|m| !m.is_empty()) {
-                let mon = mon.replace("\\:", ":");
-                let (host, port) = split_host_port(&mon);
+                let (host, port) = split_host_port(mon);
                 hosts.push(NetworkHost { name: Some(host), port, ..Default::default() });
             }
         }

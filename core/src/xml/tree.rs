@@ -203,9 +203,13 @@ impl Element {
                     attach(&mut stack, &mut root, el)?;
                 }
                 Event::End(_) => {
-                    let el = stack
+                    let mut el = stack
                         .pop()
                         .ok_or_else(|| Error::xml("malformed XML: unexpected closing tag"))?;
+                    // Whitespace between child elements is layout, re-made on output.
+                    if el.children.iter().any(|n| matches!(n, Node::Element(_))) {
+                        el.children.retain(|n| !matches!(n, Node::Text(t) if t.trim().is_empty()));
+                    }
                     attach(&mut stack, &mut root, el)?;
                 }
                 Event::Text(text) => {

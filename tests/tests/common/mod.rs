@@ -167,9 +167,18 @@ pub fn validate_xml(xml: &str) {
     );
 }
 
-/// Strata's extensions beyond libvirt's schema: `selected` on `<disk>`.
+/// Strata's extensions beyond libvirt's schema (docs/xml.md): `selected`
+/// on `<disk>`, and `<backingStore>` nested below a volume's first one.
 fn strip_extensions(xml: &str) -> String {
-    xml.replace(" selected='yes'", "").replace(" selected='no'", "")
+    let xml = xml.replace(" selected='yes'", "").replace(" selected='no'", "");
+    let mut root = strata_core::xml::Element::parse(&xml).expect("emitted XML parses");
+    if root.name == "volume" {
+        if let Some(store) = root.child_mut("backingStore") {
+            store.remove_children("backingStore");
+        }
+        return root.to_xml();
+    }
+    xml
 }
 
 /// `qemu-img info --backing-chain -U --output=json` of an image: the
