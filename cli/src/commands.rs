@@ -220,6 +220,14 @@ pub enum Command {
         #[command(flatten)]
         domain: DomainArg,
     },
+    /// Pull backing data into the active layer.
+    Blockpull(crate::blockjobs::PullArgs),
+    /// Commit layers of a disk's chain into a lower one.
+    Blockcommit(crate::blockjobs::CommitArgs),
+    /// Copy a disk to a new image while the domain runs.
+    Blockcopy(crate::blockjobs::CopyArgs),
+    /// Show, throttle, pivot or abort a disk's block job.
+    Blockjob(crate::blockjobs::JobArgs),
 }
 
 /// A command that failed with a virsh-style message of its own, after
@@ -556,6 +564,26 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                 out.push('\n');
             }
         }
+        Command::Blockpull(a) => {
+            let domain = a.domain().to_string();
+            let jobs = session.conn()?.require_block_jobs()?;
+            out = crate::blockjobs::blockpull(jobs, a).await.map_err(|e| job_error(e, &domain))?;
+        }
+        Command::Blockcommit(a) => {
+            let domain = a.domain().to_string();
+            let jobs = session.conn()?.require_block_jobs()?;
+            out = crate::blockjobs::blockcommit(jobs, a).await.map_err(|e| job_error(e, &domain))?;
+        }
+        Command::Blockcopy(a) => {
+            let domain = a.domain().to_string();
+            let jobs = session.conn()?.require_block_jobs()?;
+            out = crate::blockjobs::blockcopy(jobs, a).await.map_err(|e| job_error(e, &domain))?;
+        }
+        Command::Blockjob(a) => {
+            let domain = a.domain().to_string();
+            let jobs = session.conn()?.require_block_jobs()?;
+            out = crate::blockjobs::blockjob(jobs, a).await.map_err(|e| job_error(e, &domain))?;
+        }
         Command::DisksetSize { domain } => {
             let name = domain.get()?;
             let size = session.conn()?.require_disk_sets()?.diskset_size(name).await.map_err(|e| lookup_error(e, name))?;
@@ -580,6 +608,14 @@ fn lookup_error(e: strata_core::Error, name: &str) -> anyhow::Error {
         anyhow!(CommandFailure::new(format!("failed to get domain '{name}'")))
     } else {
         anyhow!(e)
+    }
+}
+
+/// Block-job failures: an unknown domain reads as virsh says it.
+fn job_error(e: anyhow::Error, domain: &str) -> anyhow::Error {
+    match e.downcast::<strata_core::Error>() {
+        Ok(core) => lookup_error(core, domain),
+        Err(other) => other,
     }
 }
 

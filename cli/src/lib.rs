@@ -6,6 +6,7 @@
 //! commands in one argument separated by `;`, or an interactive shell when
 //! no command is given.
 
+mod blockjobs;
 mod commands;
 mod table;
 mod tokenize;

@@ -200,32 +200,97 @@ pub trait SnapshotOps: Send + Sync {
     async fn snapshot_delete(&self, domain: &str, snapshot: &str, flags: SnapshotDeleteFlags) -> Result<Vec<String>>;
 }
 
-/// A running or finished block job, as `blockjob --info` shows it.
+/// The four block jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BlockJobKind {
+    Pull,
+    Commit,
+    ActiveCommit,
+    Copy,
+}
+
+impl BlockJobKind {
+    /// The label virsh prints (`Block Pull: [ 12 %]`).
+    pub fn label(self) -> &'static str {
+        match self {
+            BlockJobKind::Pull => "Block Pull",
+            BlockJobKind::Commit => "Block Commit",
+            BlockJobKind::ActiveCommit => "Active Block Commit",
+            BlockJobKind::Copy => "Block Copy",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BlockJobKind::Pull => "pull",
+            BlockJobKind::Commit => "commit",
+            BlockJobKind::ActiveCommit => "active-commit",
+            BlockJobKind::Copy => "copy",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<BlockJobKind> {
+        [BlockJobKind::Pull, BlockJobKind::Commit, BlockJobKind::ActiveCommit, BlockJobKind::Copy]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+
+    /// Jobs with a second, synchronised phase that waits for pivot or abort.
+    pub fn has_ready_phase(self) -> bool {
+        matches!(self, BlockJobKind::ActiveCommit | BlockJobKind::Copy)
+    }
+}
+
+/// A block job as `blockjob --info` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BlockJobInfo {
-    /// `pull`, `commit`, `active-commit` or `copy`.
-    pub kind: String,
+    pub kind: BlockJobKind,
     pub disk: String,
     pub cur: u64,
     pub end: u64,
     pub bandwidth_bytes: u64,
+    /// In the synchronised phase (copy, active commit): ready to pivot.
     pub ready: bool,
 }
 
-/// Block jobs. Progress is reported by polling [`BlockJobOps::block_job_info`]
-/// or waiting with [`BlockJobOps::block_job_wait`], so nothing but plain
-/// values crosses the trait.
+/// How a block job ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "outcome", content = "error")]
+pub enum BlockJobEnd {
+    /// Finished: for copy and active commit, after a pivot.
+    Completed,
+    /// Copy or active commit ended without a pivot; the source stays in use.
+    Finished,
+    Cancelled,
+    Failed(String),
+}
+
+/// What [`BlockJobOps::block_job_wait`] saw.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "state")]
+pub enum BlockJobState {
+    Running(BlockJobInfo),
+    /// The synchronised phase was reached (or already held).
+    Ready(BlockJobInfo),
+    Ended { kind: BlockJobKind, end: BlockJobEnd },
+}
+
+/// Block jobs. Progress is observed by [`BlockJobOps::block_job_wait`],
+/// which returns as soon as the job changes state (event-driven) or after
+/// the caller's timeout, so only plain values cross the trait.
 #[async_trait]
 pub trait BlockJobOps: Send + Sync {
     async fn block_pull(&self, domain: &str, disk: &str, opts: &BlockPullOptions) -> Result<()>;
-    async fn block_commit(&self, domain: &str, disk: &str, opts: &BlockCommitOptions) -> Result<()>;
-    async fn block_copy(&self, domain: &str, disk: &str, opts: &BlockCopyOptions) -> Result<()>;
+    async fn block_commit(&self, domain: &str, disk: &str, opts: &BlockCommitOptions) -> Result<BlockJobKind>;
+    /// Starts a copy; returns warnings about the flag combination.
+    async fn block_copy(&self, domain: &str, disk: &str, opts: &BlockCopyOptions) -> Result<Vec<String>>;
     async fn block_job_info(&self, domain: &str, disk: &str) -> Result<Option<BlockJobInfo>>;
-    async fn block_job_abort(&self, domain: &str, disk: &str, flags: BlockJobAbortFlags) -> Result<()>;
+    /// Ends the job: with `pivot`, switches to the copy or the commit base.
+    async fn block_job_abort(&self, domain: &str, disk: &str, flags: BlockJobAbortFlags) -> Result<BlockJobEnd>;
     async fn block_job_set_speed(&self, domain: &str, disk: &str, bytes_per_sec: u64) -> Result<()>;
-    /// Waits for the job's next state change (progress, ready or end), at
-    /// most `timeout_ms`; returns the job as it then is, `None` once it ended.
-    async fn block_job_wait(&self, domain: &str, disk: &str, timeout_ms: u64) -> Result<Option<BlockJobInfo>>;
+    /// Waits at most `timeout_ms` for the job on `disk` to change state.
+    async fn block_job_wait(&self, domain: &str, disk: &str, timeout_ms: u64) -> Result<BlockJobState>;
 }
 
 /// Seed 004's outcomes for adding or removing one disk.

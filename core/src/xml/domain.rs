@@ -200,6 +200,14 @@ impl Domain {
         Ok(())
     }
 
+    /// Marks a disk's block copy as in its mirroring phase (`ready='yes'`).
+    pub fn set_mirror_ready(&mut self, target: &str) -> Result<()> {
+        if let Some(m) = self.disk_element_mut(target)?.child_mut("mirror") {
+            m.set_attr("ready", "yes");
+        }
+        Ok(())
+    }
+
     pub fn to_xml(&self) -> String {
         self.root.to_xml()
     }

@@ -9,6 +9,7 @@
 //! `QemuConnection::open_embedded("/some/dir")` gives a
 //! [`strata_core::driver::Connection`] (see `examples/embed.rs`).
 
+mod jobs;
 mod launch;
 pub mod live;
 mod persistent;
@@ -21,9 +22,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use strata_core::define;
 use strata_core::driver::{
-    Connection, DefineFlags, DefineOutcome, DiskChainCheck, DiskSetOps, DiskSetOutcome,
-    DomainInfo, DomainState, DomainSummary, DriverCapabilities, DumpXmlFlags, StartFlags,
+    BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobOps, BlockJobState, Connection, DefineFlags,
+    DefineOutcome, DiskChainCheck, DiskSetOps, DiskSetOutcome, DomainInfo, DomainState,
+    DomainSummary, DriverCapabilities, DumpXmlFlags, StartFlags,
 };
+use strata_core::options::{BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions};
 use strata_core::registry::DriverRegistration;
 use strata_core::store::Store;
 use strata_core::uri::ConnectUri;
@@ -91,6 +94,7 @@ impl QemuConnection {
         let status = live::reconcile(&self.store, name)?
             .ok_or_else(|| Error::operation_invalid("domain is not running"))?;
         let monitor = self.monitors.get(&self.store, name, status.process).await?;
+        let status = jobs::reconcile_jobs(&self.store, name, &monitor.client, status).await?;
         Ok((status, monitor))
     }
 
@@ -135,7 +139,7 @@ impl QemuConnection {
         let mut spawned = process::spawn(&qemu_binary(), &args, &paths.log())?;
         let started = async {
             live::wait_for_socket(&paths.monitor_socket(MONITORS - 1), &mut spawned.child, &paths.log()).await?;
-            let status = LiveStatus { process: spawned.id, id: live::next_domain_id(&self.store)?, domain: dom };
+            let status = LiveStatus::new(spawned.id, live::next_domain_id(&self.store)?, dom);
             self.store.write_status(name, &status.to_xml())?;
             let monitor = self.monitors.get(&self.store, name, status.process).await?;
             if !flags.paused {
@@ -146,9 +150,16 @@ impl QemuConnection {
         .await;
         if let Err(e) = started {
             self.monitors.forget(name).await;
+            // QEMU exiting on its own (a bad image, an unknown option) is
+            // the usual cause; its own words say more than a socket error.
+            let exited = spawned.id.wait_gone(Duration::from_millis(500)).await;
             let _ = spawned.id.terminate(Duration::from_secs(2)).await;
             let _ = spawned.child.try_wait();
+            let log = process::log_tail(&paths.log(), 5);
             live::cleanup(&self.store, name)?;
+            if exited && !log.trim().is_empty() {
+                return Err(Error::operation_failed(format!("QEMU exited during start-up: {}", log.trim())));
+            }
             return Err(e);
         }
         Ok(())
@@ -162,8 +173,8 @@ impl QemuConnection {
         dom.set_id(Some(status.id));
         let chains = live::live_chains(&monitor.client, name).await?;
         for disk in dom.disks()? {
-            if let Some(chain) = chains.get(&disk.target) {
-                dom.set_disk_chain(&disk.target, chain)?;
+            if let Some(live) = chains.get(&disk.target) {
+                dom.set_disk_chain(&disk.target, &live.chain)?;
             }
         }
         Ok(dom)
@@ -195,7 +206,7 @@ impl Connection for QemuConnection {
             hypervisor: "QEMU".into(),
             live: true,
             snapshots: false,
-            block_jobs: false,
+            block_jobs: true,
             disk_sets: true,
             notes: vec![
                 "backing chains are probed natively and never by following an unrecorded format".into(),
@@ -292,7 +303,7 @@ impl Connection for QemuConnection {
         let mut checks = define::check_chains(&mut recorded, disk, false)?;
         let mut rewritten = false;
         for check in &mut checks {
-            let Some(qemu_chain) = qemu.get(&check.disk) else { continue };
+            let Some(qemu_chain) = qemu.get(&check.disk).map(|l| &l.chain) else { continue };
             let xml_disk = recorded.find_disk(&check.disk)?;
             if let Some(xml_chain) = &xml_disk.chain {
                 for d in xml_chain.differences(qemu_chain) {
@@ -318,6 +329,48 @@ impl Connection for QemuConnection {
 
     fn disk_sets(&self) -> Option<&dyn DiskSetOps> {
         Some(self)
+    }
+
+    fn block_jobs(&self) -> Option<&dyn BlockJobOps> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl BlockJobOps for QemuConnection {
+    async fn block_pull(&self, domain: &str, disk: &str, opts: &BlockPullOptions) -> Result<()> {
+        let (_, monitor) = self.running(domain).await?;
+        jobs::pull(&self.store, domain, &monitor.client, disk, opts).await
+    }
+
+    async fn block_commit(&self, domain: &str, disk: &str, opts: &BlockCommitOptions) -> Result<BlockJobKind> {
+        let (_, monitor) = self.running(domain).await?;
+        jobs::commit(&self.store, domain, &monitor.client, disk, opts).await
+    }
+
+    async fn block_copy(&self, domain: &str, disk: &str, opts: &BlockCopyOptions) -> Result<Vec<String>> {
+        let (_, monitor) = self.running(domain).await?;
+        jobs::copy(&self.store, domain, &monitor.client, disk, opts).await
+    }
+
+    async fn block_job_info(&self, domain: &str, disk: &str) -> Result<Option<BlockJobInfo>> {
+        let (status, monitor) = self.running(domain).await?;
+        jobs::info(domain, &monitor.client, &status, disk).await
+    }
+
+    async fn block_job_abort(&self, domain: &str, disk: &str, flags: BlockJobAbortFlags) -> Result<BlockJobEnd> {
+        let (status, monitor) = self.running(domain).await?;
+        jobs::abort(&self.store, domain, &monitor.client, &status, disk, flags.pivot, !flags.no_wait).await
+    }
+
+    async fn block_job_set_speed(&self, domain: &str, disk: &str, bytes_per_sec: u64) -> Result<()> {
+        let (status, monitor) = self.running(domain).await?;
+        jobs::set_speed(domain, &monitor.client, &status, disk, bytes_per_sec).await
+    }
+
+    async fn block_job_wait(&self, domain: &str, disk: &str, timeout_ms: u64) -> Result<BlockJobState> {
+        let (_, monitor) = self.running(domain).await?;
+        jobs::wait(&self.store, domain, &monitor.client, disk, Duration::from_millis(timeout_ms)).await
     }
 }
 

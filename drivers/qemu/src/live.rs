@@ -23,6 +23,7 @@ use strata_core::{Error, ErrorKind, Result};
 use strata_qmp::types::RunState;
 use strata_qmp::{QmpClient, QmpError};
 
+use crate::jobs::{JobOutcome, JobRecord};
 use crate::launch::{RuntimePaths, MONITORS};
 use crate::process::{Liveness, ProcessId};
 
@@ -34,14 +35,30 @@ pub struct LiveStatus {
     /// The definition the domain runs with; disk chains are updated as
     /// they change.
     pub domain: Domain,
+    /// Block jobs in progress.
+    pub jobs: Vec<JobRecord>,
+    /// How the last job on each disk ended.
+    pub outcomes: Vec<JobOutcome>,
 }
 
 impl LiveStatus {
+    pub fn new(process: ProcessId, id: u32, domain: Domain) -> LiveStatus {
+        LiveStatus { process, id, domain, jobs: Vec::new(), outcomes: Vec::new() }
+    }
+
     pub fn to_xml(&self) -> String {
+        let mut jobs = Element::new("jobs");
+        for j in &self.jobs {
+            jobs = jobs.with_child(j.to_element());
+        }
+        for o in &self.outcomes {
+            jobs = jobs.with_child(o.to_element());
+        }
         let root = Element::new("domstatus")
             .with_attr("pid", self.process.pid.to_string())
             .with_attr("starttime", self.process.start_time.to_string())
             .with_attr("id", self.id.to_string())
+            .with_child(jobs)
             .with_child(self.domain.element().clone());
         root.to_xml()
     }
@@ -58,10 +75,20 @@ impl LiveStatus {
             .child("domain")
             .cloned()
             .ok_or_else(|| Error::internal("status XML lacks the <domain>"))?;
+        let jobs_el = root.child("jobs");
+        let jobs = jobs_el
+            .map(|j| j.children_named("job").map(JobRecord::from_element).collect::<Result<Vec<_>>>())
+            .transpose()?
+            .unwrap_or_default();
+        let outcomes = jobs_el
+            .map(|j| j.children_named("outcome").filter_map(JobOutcome::from_element).collect())
+            .unwrap_or_default();
         Ok(LiveStatus {
             process: ProcessId { pid, start_time: num("starttime")? },
             id: u32::try_from(num("id")?).map_err(|_| Error::internal("status XML id out of range"))?,
             domain: Domain::from_element(domain)?,
+            jobs,
+            outcomes,
         })
     }
 }
@@ -210,20 +237,26 @@ pub fn state_of(run: RunState) -> (DomainState, &'static str) {
     }
 }
 
+/// A disk as QEMU has it open: its chain and the format node of each layer
+/// (same order as `chain.layers`).
+#[derive(Debug, Clone)]
+pub struct LiveDisk {
+    pub chain: Chain,
+    pub nodes: Vec<String>,
+}
+
+impl LiveDisk {
+    pub fn root(&self) -> Option<&str> {
+        self.nodes.first().map(String::as_str)
+    }
+}
+
 /// The chain QEMU has open for each disk target, read from its block
 /// graph: the device's root node, then `backing` edges down, each format
 /// node's driver and its protocol child's file name.
-pub async fn live_chains(client: &QmpClient, domain: &str) -> Result<HashMap<String, Chain>> {
+pub async fn live_chains(client: &QmpClient, domain: &str) -> Result<HashMap<String, LiveDisk>> {
     let block = client.query_block().await.map_err(|e| qmp_error(domain, e))?;
-    let nodes = client.query_named_block_nodes().await.map_err(|e| qmp_error(domain, e))?;
-    let graph = client
-        .execute("x-debug-query-block-graph", None)
-        .await
-        .map_err(|e| qmp_error(domain, e))?;
-    let graph = BlockGraph::parse(&graph)?;
-    let by_name: HashMap<&str, &strata_qmp::types::NamedBlockNode> =
-        nodes.iter().map(|n| (n.node_name.as_str(), n)).collect();
-
+    let graph = BlockGraph::query(client, domain).await?;
     let mut out = HashMap::new();
     for dev in &block {
         let Some(qdev) = &dev.qdev else { continue };
@@ -231,22 +264,58 @@ pub async fn live_chains(client: &QmpClient, domain: &str) -> Result<HashMap<Str
             continue;
         };
         let Some(root) = dev.inserted.as_ref().and_then(|i| i.node_name.clone()) else { continue };
+        out.insert(target.to_string(), graph.chain_from(&root, target)?);
+    }
+    Ok(out)
+}
+
+/// QEMU's block graph: nodes by name, and named edges between them.
+pub struct BlockGraph {
+    nodes: HashMap<String, strata_qmp::types::NamedBlockNode>,
+    names: HashMap<u64, String>,
+    ids: HashMap<String, u64>,
+    edges: Vec<(u64, u64, String)>,
+}
+
+impl BlockGraph {
+    pub async fn query(client: &QmpClient, domain: &str) -> Result<BlockGraph> {
+        let nodes = client.query_named_block_nodes().await.map_err(|e| qmp_error(domain, e))?;
+        let graph = client
+            .execute("x-debug-query-block-graph", None)
+            .await
+            .map_err(|e| qmp_error(domain, e))?;
+        let mut g = BlockGraph::parse(&graph)?;
+        g.nodes = nodes.into_iter().map(|n| (n.node_name.clone(), n)).collect();
+        Ok(g)
+    }
+
+    /// Node names that exist.
+    pub fn node_names(&self) -> impl Iterator<Item = &str> {
+        self.nodes.keys().map(String::as_str)
+    }
+
+    /// Nodes with a parent of any kind (a device, a job, another node).
+    pub fn has_parent(&self, node: &str) -> bool {
+        self.ids.get(node).is_some_and(|id| self.edges.iter().any(|(_, c, _)| c == id))
+    }
+
+    /// The chain below format node `root`.
+    pub fn chain_from(&self, root: &str, target: &str) -> Result<LiveDisk> {
         let mut chain: Option<Chain> = None;
+        let mut nodes = Vec::new();
         let mut parent: Option<usize> = None;
-        let mut current = Some(root);
-        let mut guard = 0usize;
+        let mut current = Some(root.to_string());
         while let Some(node_name) = current.take() {
-            guard += 1;
-            if guard > nodes.len() + 1 {
+            if nodes.len() > self.nodes.len() {
                 return Err(Error::internal(format!("QEMU's block graph for '{target}' loops")));
             }
-            let node = by_name
-                .get(node_name.as_str())
+            let node = self
+                .nodes
+                .get(&node_name)
                 .ok_or_else(|| Error::internal(format!("QEMU node '{node_name}' is not in query-named-block-nodes")))?;
-            let file_node = graph.child(&node_name, "file").and_then(|f| by_name.get(f.as_str()).copied());
+            let file_node = self.child(&node_name, "file").and_then(|f| self.nodes.get(&f));
             let filename = file_node.map(|f| f.file.clone()).unwrap_or_else(|| node.file.clone());
-            let protocol = file_node.map(|f| f.drv.as_str());
-            let source = match protocol {
+            let source = match file_node.map(|f| f.drv.as_str()) {
                 Some("host_device") => StorageSource::Block { dev: PathBuf::from(&filename) },
                 _ => StorageSource::File { path: PathBuf::from(&filename) },
             };
@@ -259,30 +328,20 @@ pub async fn live_chains(client: &QmpClient, domain: &str) -> Result<HashMap<Str
                 (Some(c), Some(p)) => c.push_backing(p, source, format),
                 (Some(_), None) => return Err(Error::internal("QEMU block graph walk lost its place")),
             };
+            nodes.push(node_name.clone());
             parent = Some(id);
-            current = graph.child(&node_name, "backing");
+            current = self.child(&node_name, "backing");
             if current.is_none() {
                 if let Some(c) = &mut chain {
                     c.end_at(id);
                 }
             }
         }
-        if let Some(mut c) = chain {
-            c.renumber();
-            out.insert(target.to_string(), c);
-        }
+        let mut chain = chain.ok_or_else(|| Error::internal(format!("no QEMU node for disk '{target}'")))?;
+        chain.renumber();
+        Ok(LiveDisk { chain, nodes })
     }
-    Ok(out)
-}
 
-/// `x-debug-query-block-graph`: node ids, names and named edges.
-struct BlockGraph {
-    names: HashMap<u64, String>,
-    ids: HashMap<String, u64>,
-    edges: Vec<(u64, u64, String)>,
-}
-
-impl BlockGraph {
     fn parse(v: &serde_json::Value) -> Result<BlockGraph> {
         let bad = || Error::internal("x-debug-query-block-graph returned an unexpected shape");
         let mut names = HashMap::new();
@@ -302,11 +361,11 @@ impl BlockGraph {
             let name = e.get("name").and_then(|i| i.as_str()).unwrap_or("").to_string();
             edges.push((parent, child, name));
         }
-        Ok(BlockGraph { names, ids, edges })
+        Ok(BlockGraph { nodes: HashMap::new(), names, ids, edges })
     }
 
     /// The node name of `node`'s child on edge `edge` (`file`, `backing`).
-    fn child(&self, node: &str, edge: &str) -> Option<String> {
+    pub fn child(&self, node: &str, edge: &str) -> Option<String> {
         let id = self.ids.get(node)?;
         self.edges
             .iter()

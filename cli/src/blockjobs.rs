@@ -1,0 +1,450 @@
+//! `blockpull`, `blockcommit`, `blockcopy`, `blockjob`: virsh's syntax and
+//! messages, with event-driven `--wait`.
+
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Result};
+use clap::Args;
+use strata_core::driver::{BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobOps, BlockJobState};
+use strata_core::options::{BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions};
+
+use crate::commands::CommandFailure;
+
+/// Options every job command shares.
+#[derive(Args, Debug, Clone)]
+pub struct WaitArgs {
+    /// Wait for the job to end (or reach its synchronised phase).
+    #[arg(long)]
+    wait: bool,
+    /// Show progress while waiting.
+    #[arg(long)]
+    verbose: bool,
+    /// Abort the job after this many seconds (implies --wait).
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<u64>,
+    /// With --timeout: return once the abort is requested.
+    #[arg(long = "async")]
+    async_abort: bool,
+    /// Bandwidth limit in MiB/s (bytes/s with --bytes).
+    #[arg(long, value_name = "NUMBER")]
+    bandwidth: Option<u64>,
+    /// --bandwidth is in bytes/s.
+    #[arg(long)]
+    bytes: bool,
+}
+
+impl WaitArgs {
+    fn bandwidth_bytes(&self) -> Option<u64> {
+        self.bandwidth
+            .map(|b| if self.bytes { b } else { b.saturating_mul(1024 * 1024) })
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct PullArgs {
+    #[arg(value_name = "DOMAIN")]
+    domain: String,
+    #[arg(value_name = "DISK")]
+    disk: String,
+    /// Pull down to this image (path or DISK[N]) instead of flattening.
+    #[arg(long)]
+    base: Option<String>,
+    /// Keep the backing name relative.
+    #[arg(long = "keep-relative")]
+    keep_relative: bool,
+    #[command(flatten)]
+    wait: WaitArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct CommitArgs {
+    #[arg(value_name = "DOMAIN")]
+    domain: String,
+    #[arg(value_name = "DISK")]
+    disk: String,
+    #[arg(long)]
+    base: Option<String>,
+    #[arg(long)]
+    top: Option<String>,
+    /// Commit into the image just below the top.
+    #[arg(long)]
+    shallow: bool,
+    /// Commit the active layer (a two-phase job).
+    #[arg(long)]
+    active: bool,
+    /// With --active: switch to the base when synchronised.
+    #[arg(long)]
+    pivot: bool,
+    /// With --active: end the job keeping the overlay in use.
+    #[arg(long = "keep-overlay")]
+    keep_overlay: bool,
+    /// Delete the committed files once the job succeeds.
+    #[arg(long)]
+    delete: bool,
+    #[arg(long = "keep-relative")]
+    keep_relative: bool,
+    #[command(flatten)]
+    wait: WaitArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct CopyArgs {
+    #[arg(value_name = "DOMAIN")]
+    domain: String,
+    #[arg(value_name = "DISK")]
+    disk: String,
+    #[arg(value_name = "DEST")]
+    dest_positional: Option<String>,
+    #[arg(long)]
+    dest: Option<String>,
+    /// Destination as a <disk> XML file.
+    #[arg(long, value_name = "FILE")]
+    xml: Option<String>,
+    #[arg(long)]
+    shallow: bool,
+    #[arg(long = "reuse-external")]
+    reuse_external: bool,
+    #[arg(long)]
+    raw: bool,
+    #[arg(long)]
+    format: Option<String>,
+    /// Switch to the copy once it is synchronised.
+    #[arg(long)]
+    pivot: bool,
+    /// End the copy once synchronised, keeping the source in use.
+    #[arg(long)]
+    finish: bool,
+    #[arg(long)]
+    granularity: Option<u64>,
+    #[arg(long = "buf-size")]
+    buf_size: Option<u64>,
+    /// Accepted for virsh compatibility: Strata copies persistent domains too.
+    #[arg(long = "transient-job")]
+    transient_job: bool,
+    #[command(flatten)]
+    wait: WaitArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct JobArgs {
+    #[arg(value_name = "DOMAIN")]
+    domain: String,
+    #[arg(value_name = "DISK")]
+    disk: String,
+    #[arg(long)]
+    abort: bool,
+    #[arg(long = "async")]
+    async_abort: bool,
+    #[arg(long)]
+    pivot: bool,
+    #[arg(long)]
+    info: bool,
+    #[arg(long)]
+    raw: bool,
+    #[arg(long)]
+    bytes: bool,
+    #[arg(long, value_name = "NUMBER")]
+    bandwidth: Option<u64>,
+}
+
+fn percent(info: &BlockJobInfo) -> u64 {
+    if info.end == 0 {
+        if info.ready { 100 } else { 0 }
+    } else {
+        (info.cur.min(info.end) * 100) / info.end
+    }
+}
+
+/// Progress on stderr with `--verbose`: a bar on a terminal, plain
+/// percentage lines otherwise; printed only when the percentage changes.
+struct Progress {
+    label: &'static str,
+    verbose: bool,
+    bar: Option<indicatif::ProgressBar>,
+    last: Option<u64>,
+}
+
+impl Progress {
+    fn new(label: &'static str, verbose: bool) -> Progress {
+        let bar = (verbose && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(100);
+            if let Ok(style) = indicatif::ProgressStyle::with_template("{prefix}: [{bar:40}] {pos:>3} %") {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar.set_prefix(label);
+            bar
+        });
+        Progress { label, verbose, bar, last: None }
+    }
+
+    fn show(&mut self, pct: u64) {
+        if !self.verbose || self.last == Some(pct) {
+            return;
+        }
+        self.last = Some(pct);
+        match &self.bar {
+            Some(bar) => bar.set_position(pct),
+            None => {
+                eprintln!("{}: [{pct:3} %]", self.label);
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+}
+
+/// What a wait ended with.
+enum Waited {
+    Ready,
+    Ended(BlockJobEnd),
+    TimedOut,
+}
+
+/// Waits for the job, showing progress; aborts it at `--timeout`.
+async fn wait_job(jobs: &dyn BlockJobOps, domain: &str, disk: &str, label: &'static str, args: &WaitArgs) -> Result<Waited> {
+    let mut progress = Progress::new(label, args.verbose);
+    let deadline = args.timeout.map(|t| Instant::now() + Duration::from_secs(t));
+    // Progress is refreshed a few times a second; the job's end wakes the
+    // wait at once, whatever the tick.
+    let tick = if args.verbose { 200 } else { 60_000 };
+    loop {
+        let mut slice = tick;
+        if let Some(d) = deadline {
+            let left = d.saturating_duration_since(Instant::now()).as_millis() as u64;
+            if left == 0 {
+                jobs.block_job_abort(domain, disk, BlockJobAbortFlags { pivot: false, no_wait: args.async_abort })
+                    .await?;
+                progress.finish();
+                return Ok(Waited::TimedOut);
+            }
+            slice = slice.min(left);
+        }
+        match jobs.block_job_wait(domain, disk, slice).await? {
+            BlockJobState::Running(info) => progress.show(percent(&info)),
+            BlockJobState::Ready(info) => {
+                progress.show(percent(&info).max(100));
+                progress.finish();
+                return Ok(Waited::Ready);
+            }
+            BlockJobState::Ended { end, .. } => {
+                if end == BlockJobEnd::Completed || end == BlockJobEnd::Finished {
+                    progress.show(100);
+                }
+                progress.finish();
+                return Ok(Waited::Ended(end));
+            }
+        }
+    }
+}
+
+fn failure(message: String) -> anyhow::Error {
+    anyhow!(CommandFailure { message, output: String::new() })
+}
+
+fn ended_badly(end: &BlockJobEnd, what: &str) -> anyhow::Error {
+    match end {
+        BlockJobEnd::Failed(e) => failure(format!("{what} failed: {e}")),
+        _ => failure(format!("{what} was cancelled")),
+    }
+}
+
+pub async fn blockpull(jobs: &dyn BlockJobOps, a: PullArgs) -> Result<String> {
+    let opts = BlockPullOptions { base: a.base, bandwidth_bytes: a.wait.bandwidth_bytes(), keep_relative: a.keep_relative };
+    jobs.block_pull(&a.domain, &a.disk, &opts).await?;
+    if !(a.wait.wait || a.wait.verbose || a.wait.timeout.is_some()) {
+        return Ok("Block Pull started\n".into());
+    }
+    match wait_job(jobs, &a.domain, &a.disk, "Block Pull", &a.wait).await? {
+        Waited::Ready | Waited::Ended(BlockJobEnd::Completed) => Ok("\nPull complete\n".into()),
+        Waited::TimedOut => {
+            println!("\nPull aborted");
+            Err(failure("block pull timed out and was aborted".into()))
+        }
+        Waited::Ended(end) => Err(ended_badly(&end, "block pull")),
+    }
+}
+
+pub async fn blockcommit(jobs: &dyn BlockJobOps, a: CommitArgs) -> Result<String> {
+    let opts = BlockCommitOptions {
+        base: a.base,
+        top: a.top,
+        shallow: a.shallow,
+        active: a.active,
+        pivot: a.pivot,
+        keep_overlay: a.keep_overlay,
+        delete: a.delete,
+        bandwidth_bytes: a.wait.bandwidth_bytes(),
+        keep_relative: a.keep_relative,
+    };
+    let kind = jobs.block_commit(&a.domain, &a.disk, &opts).await?;
+    let wait = a.wait.wait || a.wait.verbose || a.wait.timeout.is_some() || a.pivot || a.keep_overlay;
+    if !wait {
+        return Ok(format!("{} started\n", kind.label()));
+    }
+    match wait_job(jobs, &a.domain, &a.disk, "Block commit", &a.wait).await? {
+        Waited::Ready if kind == BlockJobKind::ActiveCommit => {
+            if a.pivot || a.keep_overlay {
+                let end = jobs
+                    .block_job_abort(&a.domain, &a.disk, BlockJobAbortFlags { pivot: a.pivot, no_wait: false })
+                    .await?;
+                match (end, a.pivot) {
+                    (BlockJobEnd::Completed, true) => Ok("\nSuccessfully pivoted\n".into()),
+                    (BlockJobEnd::Finished, false) => Ok("\nCommit complete, overlay image kept\n".into()),
+                    (end, _) => Err(ended_badly(&end, "block commit")),
+                }
+            } else {
+                Ok("\nNow in synchronized phase\n".into())
+            }
+        }
+        Waited::Ready | Waited::Ended(BlockJobEnd::Completed) => Ok("\nCommit complete\n".into()),
+        Waited::TimedOut => {
+            println!("\nCommit aborted");
+            Err(failure("block commit timed out and was aborted".into()))
+        }
+        Waited::Ended(end) => Err(ended_badly(&end, "block commit")),
+    }
+}
+
+pub async fn blockcopy(jobs: &dyn BlockJobOps, a: CopyArgs) -> Result<String> {
+    if a.pivot && a.finish {
+        return Err(failure("Options --pivot and --finish are mutually exclusive".into()));
+    }
+    let dest = match (&a.dest, &a.dest_positional, &a.xml) {
+        (Some(d), _, None) | (None, Some(d), None) => d.clone(),
+        (None, None, Some(file)) => dest_from_xml(file)?,
+        (None, None, None) => return Err(failure("one of --dest or --xml is required".into())),
+        _ => return Err(failure("Options --dest and --xml are mutually exclusive".into())),
+    };
+    // Strata copies persistent domains as they are; the flag changes nothing.
+    let _ = a.transient_job;
+    let opts = BlockCopyOptions {
+        dest,
+        format: a.format,
+        raw: a.raw,
+        shallow: a.shallow,
+        reuse_external: a.reuse_external,
+        bandwidth_bytes: a.wait.bandwidth_bytes(),
+        granularity: a.granularity,
+        buf_size: a.buf_size,
+    };
+    let warnings = jobs.block_copy(&a.domain, &a.disk, &opts).await?;
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    let wait = a.wait.wait || a.wait.verbose || a.wait.timeout.is_some() || a.pivot || a.finish;
+    if !wait {
+        return Ok("Block Copy started\n".into());
+    }
+    match wait_job(jobs, &a.domain, &a.disk, "Block Copy", &a.wait).await? {
+        Waited::Ready => {
+            if a.pivot || a.finish {
+                let end = jobs
+                    .block_job_abort(&a.domain, &a.disk, BlockJobAbortFlags { pivot: a.pivot, no_wait: false })
+                    .await?;
+                match (end, a.pivot) {
+                    (BlockJobEnd::Completed, true) => Ok("\nSuccessfully pivoted\n".into()),
+                    (BlockJobEnd::Finished, false) => Ok("\nSuccessfully copied\n".into()),
+                    (end, _) => Err(ended_badly(&end, "block copy")),
+                }
+            } else {
+                Ok("\nNow in mirroring phase\n".into())
+            }
+        }
+        Waited::TimedOut => {
+            println!("\nCopy aborted");
+            Err(failure("block copy timed out and was aborted".into()))
+        }
+        Waited::Ended(end) => Err(ended_badly(&end, "block copy")),
+    }
+}
+
+/// `--xml FILE`: the destination `<disk>`'s source file.
+fn dest_from_xml(file: &str) -> Result<String> {
+    let text = std::fs::read_to_string(file).map_err(|e| anyhow!("Failed to open file '{file}': {e}"))?;
+    let el = strata_core::xml::Element::parse(&text)?;
+    let kind = el.attr("type").unwrap_or("file");
+    let source = strata_core::xml::parse_source(kind, el.child("source"))?
+        .ok_or_else(|| anyhow!("the <disk> in '{file}' has no <source>"))?;
+    source
+        .local_path()
+        .map(|p| p.to_string_lossy().into_owned())
+        .ok_or_else(|| anyhow!("the <disk> in '{file}' is not a local file or block device"))
+}
+
+pub async fn blockjob(jobs: &dyn BlockJobOps, a: JobArgs) -> Result<String> {
+    let mut out = String::new();
+    if a.abort || a.pivot {
+        if a.info || a.bandwidth.is_some() {
+            return Err(failure("Options --abort/--pivot and --info/--bandwidth are mutually exclusive".into()));
+        }
+        let end = jobs
+            .block_job_abort(&a.domain, &a.disk, BlockJobAbortFlags { pivot: a.pivot, no_wait: a.async_abort })
+            .await?;
+        if let BlockJobEnd::Failed(e) = end {
+            return Err(failure(format!("block job failed: {e}")));
+        }
+        out.push('\n');
+        return Ok(out);
+    }
+    if let Some(bw) = a.bandwidth {
+        let bytes = if a.bytes { bw } else { bw.saturating_mul(1024 * 1024) };
+        jobs.block_job_set_speed(&a.domain, &a.disk, bytes).await?;
+        if !a.info {
+            return Ok(out);
+        }
+    }
+    match jobs.block_job_info(&a.domain, &a.disk).await? {
+        None => writeln!(out, "No current block job for {}", a.disk)?,
+        Some(info) if a.raw => {
+            writeln!(out, " type={}", info.kind.label())?;
+            let bw = if a.bytes { info.bandwidth_bytes } else { info.bandwidth_bytes / (1024 * 1024) };
+            writeln!(out, " bandwidth={bw}")?;
+            writeln!(out, " cur={}", info.cur)?;
+            writeln!(out, " end={}", info.end)?;
+        }
+        Some(info) => {
+            write!(out, "\n{}: [{:3} %]", info.kind.label(), percent(&info))?;
+            if info.bandwidth_bytes > 0 {
+                write!(
+                    out,
+                    "    Bandwidth limit: {} bytes/s ({:.3} MiB/s)",
+                    info.bandwidth_bytes,
+                    info.bandwidth_bytes as f64 / (1024.0 * 1024.0)
+                )?;
+            }
+            out.push_str("\n\n");
+        }
+    }
+    let _ = std::io::stdout().flush();
+    Ok(out)
+}
+
+impl PullArgs {
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+}
+
+impl CommitArgs {
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+}
+
+impl CopyArgs {
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+}
+
+impl JobArgs {
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+}

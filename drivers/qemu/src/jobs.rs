@@ -1,0 +1,869 @@
+//! Block jobs on running domains: pull (`block-stream`), commit and active
+//! commit (`block-commit`), copy (`blockdev-mirror`).
+//!
+//! Every job runs with auto-finalize and auto-dismiss off, so QEMU keeps
+//! its outcome until Strata has recorded it. The job record (and, for a
+//! copy, the `<mirror>` element) is written to the status XML before the
+//! job starts. Whoever next looks at the domain — the `--wait`ing process,
+//! or any later `strata` call — finalizes a pending job at once (a pending
+//! mirror holds the guest's I/O), then, once it has concluded, records the
+//! chain QEMU now has in both the live and the persistent definition,
+//! deletes files a `--delete` asked for, removes the dead nodes and
+//! dismisses the job. A `strata` killed at any point loses nothing.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use strata_core::chain::{Chain, StorageSource};
+use strata_core::driver::{BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobState};
+use strata_core::image::{self, ImageFormat};
+use strata_core::options::{BlockCommitOptions, BlockCopyOptions, BlockPullOptions};
+use strata_core::store::Store;
+use strata_core::xml::Element;
+use strata_core::{Error, ErrorKind, Result};
+use strata_qmp::types::{JobInfo, JobStatus};
+use strata_qmp::{KnownEvent, QmpClient};
+
+use crate::live::{self, qmp_error, BlockGraph, LiveDisk, LiveStatus};
+
+/// A block job as recorded in the status XML.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRecord {
+    pub id: String,
+    pub kind: BlockJobKind,
+    pub disk: String,
+    /// Files to delete once the job has completed (`blockcommit --delete`).
+    pub delete: Vec<PathBuf>,
+    /// Set once the job reached its synchronised phase.
+    pub ready: bool,
+    /// Set when `job-complete` (pivot) was sent.
+    pub pivoting: bool,
+}
+
+impl JobRecord {
+    pub fn to_element(&self) -> Element {
+        let mut el = Element::new("job")
+            .with_attr("id", self.id.clone())
+            .with_attr("kind", self.kind.as_str())
+            .with_attr("disk", self.disk.clone())
+            .with_attr("ready", if self.ready { "yes" } else { "no" })
+            .with_attr("pivoting", if self.pivoting { "yes" } else { "no" });
+        for p in &self.delete {
+            el = el.with_child(Element::new("delete").with_attr("file", p.to_string_lossy()));
+        }
+        el
+    }
+
+    pub fn from_element(el: &Element) -> Result<JobRecord> {
+        let need = |a: &str| {
+            el.attr(a)
+                .map(str::to_string)
+                .ok_or_else(|| Error::internal(format!("job record lacks '{a}'")))
+        };
+        let kind = need("kind")?;
+        Ok(JobRecord {
+            id: need("id")?,
+            kind: BlockJobKind::parse(&kind)
+                .ok_or_else(|| Error::internal(format!("job record has unknown kind '{kind}'")))?,
+            disk: need("disk")?,
+            delete: el
+                .children_named("delete")
+                .filter_map(|d| d.attr("file").map(PathBuf::from))
+                .collect(),
+            ready: el.attr("ready") == Some("yes"),
+            pivoting: el.attr("pivoting") == Some("yes"),
+        })
+    }
+}
+
+/// How the last job on a disk ended, kept so a waiter that was not the one
+/// to record the end can still report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobOutcome {
+    pub disk: String,
+    pub kind: BlockJobKind,
+    pub end: BlockJobEnd,
+}
+
+impl JobOutcome {
+    pub fn to_element(&self) -> Element {
+        let (word, error) = match &self.end {
+            BlockJobEnd::Completed => ("completed", None),
+            BlockJobEnd::Finished => ("finished", None),
+            BlockJobEnd::Cancelled => ("cancelled", None),
+            BlockJobEnd::Failed(e) => ("failed", Some(e.clone())),
+        };
+        let mut el = Element::new("outcome")
+            .with_attr("disk", self.disk.clone())
+            .with_attr("kind", self.kind.as_str())
+            .with_attr("end", word);
+        if let Some(e) = error {
+            el.set_attr("error", e);
+        }
+        el
+    }
+
+    pub fn from_element(el: &Element) -> Option<JobOutcome> {
+        let end = match el.attr("end")? {
+            "completed" => BlockJobEnd::Completed,
+            "finished" => BlockJobEnd::Finished,
+            "cancelled" => BlockJobEnd::Cancelled,
+            _ => BlockJobEnd::Failed(el.attr("error").unwrap_or("failed").to_string()),
+        };
+        Some(JobOutcome {
+            disk: el.attr("disk")?.to_string(),
+            kind: BlockJobKind::parse(el.attr("kind")?)?,
+            end,
+        })
+    }
+}
+
+fn job_id(kind: BlockJobKind, disk: &str) -> String {
+    format!("strata-{}-{disk}", kind.as_str())
+}
+
+/// Refuses a second job on a disk.
+fn ensure_idle(status: &LiveStatus, disk: &str) -> Result<()> {
+    if status.jobs.iter().any(|j| j.disk == disk) {
+        return Err(Error::new(
+            ErrorKind::BlockCopyActive,
+            format!("disk '{disk}' already in active block job"),
+        ));
+    }
+    Ok(())
+}
+
+/// Resolves `--base`/`--top`: `disk[N]` (layer N) or a path in the chain.
+pub fn resolve_layer(disk: &str, chain: &Chain, spec: &str) -> Result<usize> {
+    if let Some(rest) = spec.strip_suffix(']') {
+        if let Some((name, n)) = rest.split_once('[') {
+            if name != disk {
+                return Err(Error::invalid_arg(format!(
+                    "requested target '{name}' does not match target '{disk}'"
+                )));
+            }
+            let n: usize = n
+                .parse()
+                .map_err(|_| Error::invalid_arg(format!("'{spec}' is not DISK[N] with a number N")))?;
+            return chain
+                .layers
+                .iter()
+                .position(|l| l.index == n)
+                .ok_or_else(|| {
+                    Error::invalid_arg(format!(
+                        "could not find backing store index '{n}' in chain for '{disk}' (it has layers 0 to {})",
+                        chain.layers.len().saturating_sub(1)
+                    ))
+                });
+        }
+    }
+    let top_dir = chain
+        .top()
+        .and_then(|l| l.source.local_path())
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let wanted = strata_core::chain::clean_path(&top_dir.join(spec));
+    chain
+        .layers
+        .iter()
+        .position(|l| l.source.local_path() == Some(wanted.as_path()))
+        .ok_or_else(|| Error::invalid_arg(format!("could not find image '{spec}' in chain for '{disk}'")))
+}
+
+/// The backing string to write into the image above `base`: its absolute
+/// path, or with `keep_relative` the name the image above it recorded.
+fn backing_string(chain: &Chain, base: usize, keep_relative: bool) -> Result<Option<String>> {
+    let Some(base_layer) = chain.layers.get(base) else { return Ok(None) };
+    let Some(base_path) = base_layer.source.local_path() else { return Ok(None) };
+    if keep_relative {
+        let above = chain
+            .layers
+            .iter()
+            .position(|l| matches!(&l.backing, strata_core::chain::Backing::Layers(v) if v.contains(&base)));
+        if let Some(above) = above {
+            if let Some(p) = chain.layers[above].source.local_path() {
+                let fmt: ImageFormat = chain.layers[above].format.as_deref().unwrap_or("raw").parse()?;
+                if let Some(written) = image::read_header(p, fmt)?.backing_file {
+                    return Ok(Some(written));
+                }
+            }
+        }
+    }
+    Ok(Some(base_path.to_string_lossy().into_owned()))
+}
+
+/// The disk as QEMU has it open.
+pub async fn live_disk(client: &QmpClient, domain: &str, disk: &str) -> Result<LiveDisk> {
+    live::live_chains(client, domain)
+        .await?
+        .remove(disk)
+        .ok_or_else(|| Error::invalid_arg(format!("disk '{disk}' not found in domain")))
+}
+
+/// Adds a job record under the domain lock, refusing a busy disk.
+fn record_job(store: &Store, name: &str, rec: JobRecord, mirror: Option<Element>) -> Result<()> {
+    let _lock = store.lock_domain(name)?;
+    let mut status = live::reconcile(store, name)?.ok_or_else(|| Error::operation_invalid("domain is not running"))?;
+    ensure_idle(&status, &rec.disk)?;
+    if let Some(m) = mirror {
+        status.domain.set_disk_mirror(&rec.disk, Some(m))?;
+    }
+    status.outcomes.retain(|o| o.disk != rec.disk);
+    status.jobs.push(rec);
+    store.write_status(name, &status.to_xml())
+}
+
+fn drop_record(store: &Store, name: &str, id: &str) -> Result<()> {
+    let _lock = store.lock_domain(name)?;
+    if let Some(mut status) = live::reconcile(store, name)? {
+        if let Some(rec) = status.jobs.iter().find(|j| j.id == id).cloned() {
+            status.jobs.retain(|j| j.id != id);
+            if rec.kind == BlockJobKind::Copy {
+                status.domain.set_disk_mirror(&rec.disk, None)?;
+            }
+            store.write_status(name, &status.to_xml())?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs a job-starting command after recording the job; forgets the record
+/// if QEMU refuses.
+async fn start_recorded(
+    store: &Store,
+    name: &str,
+    client: &QmpClient,
+    rec: JobRecord,
+    mirror: Option<Element>,
+    command: &str,
+    args: Value,
+) -> Result<()> {
+    let id = rec.id.clone();
+    record_job(store, name, rec, mirror)?;
+    if let Err(e) = client.execute(command, Some(args)).await {
+        drop_record(store, name, &id)?;
+        return Err(qmp_error(name, e));
+    }
+    Ok(())
+}
+
+pub async fn pull(store: &Store, name: &str, client: &QmpClient, disk: &str, opts: &BlockPullOptions) -> Result<()> {
+    opts.validate()?;
+    let live = live_disk(client, name, disk).await?;
+    let root = live.root().ok_or_else(|| Error::internal("disk without a root node"))?.to_string();
+    let mut args = json!({
+        "job-id": job_id(BlockJobKind::Pull, disk),
+        "device": root,
+        "auto-finalize": false,
+        "auto-dismiss": false,
+    });
+    if let Some(base) = &opts.base {
+        let b = resolve_layer(disk, &live.chain, base)?;
+        if b == 0 {
+            return Err(Error::invalid_arg(format!("could not find base image in chain for '{disk}'")));
+        }
+        args["base-node"] = Value::String(live.nodes[b].clone());
+        if let Some(s) = backing_string(&live.chain, b, opts.keep_relative)? {
+            args["backing-file"] = Value::String(s);
+        }
+    }
+    if let Some(bw) = opts.bandwidth_bytes {
+        args["speed"] = json!(bw);
+    }
+    let rec = JobRecord {
+        id: job_id(BlockJobKind::Pull, disk),
+        kind: BlockJobKind::Pull,
+        disk: disk.to_string(),
+        delete: Vec::new(),
+        ready: false,
+        pivoting: false,
+    };
+    start_recorded(store, name, client, rec, None, "block-stream", args).await
+}
+
+pub async fn commit(
+    store: &Store,
+    name: &str,
+    client: &QmpClient,
+    disk: &str,
+    opts: &BlockCommitOptions,
+) -> Result<BlockJobKind> {
+    opts.validate()?;
+    let live = live_disk(client, name, disk).await?;
+    let chain = &live.chain;
+    let top = match &opts.top {
+        Some(t) => resolve_layer(disk, chain, t)?,
+        None => 0,
+    };
+    let below_top = chain.backing_of(top).first().copied();
+    let base = match (&opts.base, opts.shallow) {
+        (Some(b), _) => resolve_layer(disk, chain, b)?,
+        (None, true) => below_top.ok_or_else(|| Error::invalid_arg(format!("could not find base image in chain for '{disk}'")))?,
+        (None, false) => {
+            let line = chain.main_line();
+            let last = line.last().map(|l| l.index).unwrap_or(0);
+            chain.layers.iter().position(|l| l.index == last).unwrap_or(0)
+        }
+    };
+    if below_top.is_none() {
+        return Err(Error::invalid_arg(format!("could not find base image in chain for '{disk}'")));
+    }
+    // The base must be below the top on the top's own line.
+    let mut cursor = below_top;
+    let mut removed = vec![top];
+    let mut found = false;
+    while let Some(c) = cursor {
+        if c == base {
+            found = true;
+            break;
+        }
+        removed.push(c);
+        cursor = chain.backing_of(c).first().copied();
+    }
+    if !found {
+        return Err(Error::invalid_arg(format!(
+            "base '{}' is not below top '{}' in the chain of '{disk}'",
+            opts.base.as_deref().unwrap_or("?"),
+            opts.top.as_deref().unwrap_or(disk)
+        )));
+    }
+    let active = top == 0;
+    if active && !opts.active {
+        return Err(Error::invalid_arg(format!("commit of '{disk}' active layer requires active flag")));
+    }
+    let kind = if active { BlockJobKind::ActiveCommit } else { BlockJobKind::Commit };
+    let mut args = json!({
+        "job-id": job_id(kind, disk),
+        "device": live.nodes[0],
+        "base-node": live.nodes[base],
+        "auto-finalize": false,
+        "auto-dismiss": false,
+    });
+    if !active {
+        args["top-node"] = Value::String(live.nodes[top].clone());
+        if let Some(s) = backing_string(chain, base, opts.keep_relative)? {
+            args["backing-file"] = Value::String(s);
+        }
+    }
+    if let Some(bw) = opts.bandwidth_bytes {
+        args["speed"] = json!(bw);
+    }
+    let delete = if opts.delete {
+        removed.iter().filter_map(|i| chain.layers[*i].source.local_path().map(Path::to_path_buf)).collect()
+    } else {
+        Vec::new()
+    };
+    let rec = JobRecord { id: job_id(kind, disk), kind, disk: disk.to_string(), delete, ready: false, pivoting: false };
+    start_recorded(store, name, client, rec, None, "block-commit", args).await?;
+    Ok(kind)
+}
+
+/// Runs a `blockdev-create` job to its end and dismisses it.
+async fn create_blockdev(client: &QmpClient, name: &str, job: &str, options: Value) -> Result<()> {
+    let mut rx = client.subscribe_events();
+    client
+        .execute("blockdev-create", Some(json!({"job-id": job, "options": options})))
+        .await
+        .map_err(|e| qmp_error(name, e))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
+        match jobs.iter().find(|j| j.id == job) {
+            Some(j) if j.status == JobStatus::Concluded => {
+                let error = j.error.clone();
+                client
+                    .execute("job-dismiss", Some(json!({"id": job})))
+                    .await
+                    .map_err(|e| qmp_error(name, e))?;
+                return match error {
+                    Some(e) => Err(Error::operation_failed(format!("cannot create the copy destination: {e}"))),
+                    None => Ok(()),
+                };
+            }
+            None => return Err(Error::internal(format!("creation job '{job}' vanished"))),
+            _ => {}
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::new(ErrorKind::OperationTimeout, "creating the copy destination took over 60 s"));
+        }
+        let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), rx.recv()).await;
+    }
+}
+
+fn unused_node_name(graph: &BlockGraph, base: &str) -> String {
+    let taken: std::collections::HashSet<&str> = graph.node_names().collect();
+    (1..)
+        .map(|n| format!("{base}{n}"))
+        .find(|c| !taken.contains(c.as_str()))
+        .unwrap_or_else(|| base.to_string())
+}
+
+pub async fn copy(
+    store: &Store,
+    name: &str,
+    client: &QmpClient,
+    disk: &str,
+    opts: &BlockCopyOptions,
+) -> Result<Vec<String>> {
+    let warnings = opts.validate()?;
+    let live = live_disk(client, name, disk).await?;
+    let top = live.chain.top().ok_or_else(|| Error::internal("empty chain"))?;
+    let source_format = top.format.clone().unwrap_or_else(|| "raw".into());
+    let source_backing = live.chain.backing_of(0).first().copied();
+    opts.validate_for_source(disk, &source_format, source_backing.is_some())?;
+    let dest = PathBuf::from(&opts.dest);
+    let exists = dest.exists();
+    let is_block = std::fs::metadata(&dest).map(|m| {
+        use std::os::unix::fs::FileTypeExt;
+        m.file_type().is_block_device()
+    });
+    let is_block = is_block.unwrap_or(false);
+    if exists && !opts.reuse_external && !is_block {
+        return Err(Error::config_unsupported(format!(
+            "external destination file for disk {disk} already exists and is not a block device: {}",
+            dest.display()
+        )));
+    }
+    if !exists && opts.reuse_external {
+        return Err(Error::operation_failed(format!(
+            "missing destination file for disk {disk}: {}: No such file or directory",
+            dest.display()
+        )));
+    }
+    // The destination format: as asked, else probed from a reused file
+    // (a raw destination is never probed: --raw fixes it), else the source's.
+    let format = match (opts.requested_format(), opts.reuse_external && !is_block) {
+        (Some(f), _) => f.to_string(),
+        (None, true) => image::detect_format(&dest)?.as_str().to_string(),
+        (None, false) => source_format.clone(),
+    };
+    let graph = BlockGraph::query(client, name).await?;
+    let fmt_node = unused_node_name(&graph, &format!("{disk}-copy-fmt"));
+    let file_node = unused_node_name(&graph, &format!("{disk}-copy-file"));
+    let dest_str = dest.to_str().ok_or_else(|| Error::invalid_arg("destination path is not UTF-8"))?;
+    let protocol = if is_block { "host_device" } else { "file" };
+    let shallow_backing = if opts.shallow { source_backing } else { None };
+    if !opts.reuse_external && !is_block {
+        let size = client
+            .query_block()
+            .await
+            .map_err(|e| qmp_error(name, e))?
+            .into_iter()
+            .filter_map(|b| b.inserted)
+            .find(|i| i.node_name.as_deref() == live.root())
+            .map(|i| i.image.virtual_size)
+            .ok_or_else(|| Error::internal("cannot read the disk's size"))?;
+        let size_now = if format == "raw" { size } else { 0 };
+        create_blockdev(client, name, &format!("{file_node}-create"), json!({"driver": "file", "filename": dest_str, "size": size_now})).await?;
+        client
+            .execute("blockdev-add", Some(json!({"driver": "file", "node-name": file_node, "filename": dest_str})))
+            .await
+            .map_err(|e| qmp_error(name, e))?;
+        if format != "raw" {
+            let mut options = json!({"driver": format, "file": file_node, "size": size});
+            if let Some(b) = shallow_backing {
+                if let Some(p) = live.chain.layers[b].source.local_path() {
+                    options["backing-file"] = Value::String(p.to_string_lossy().into_owned());
+                    options["backing-fmt"] = Value::String(live.chain.layers[b].format.clone().unwrap_or_else(|| "raw".into()));
+                }
+            }
+            create_blockdev(client, name, &format!("{fmt_node}-create"), options).await?;
+        }
+    } else {
+        client
+            .execute(
+                "blockdev-add",
+                Some(json!({"driver": protocol, "node-name": file_node, "filename": dest_str})),
+            )
+            .await
+            .map_err(|e| qmp_error(name, e))?;
+    }
+    let mut target = json!({"driver": format, "node-name": fmt_node, "file": file_node});
+    if format != "raw" {
+        // Quirk 4: a shallow copy's target must be given the source's backing
+        // node, or the guest misses data after the pivot.
+        target["backing"] = match shallow_backing {
+            Some(b) => Value::String(live.nodes[b].clone()),
+            None => Value::Null,
+        };
+    }
+    if let Err(e) = client.execute("blockdev-add", Some(target)).await {
+        let _ = client.execute("blockdev-del", Some(json!({"node-name": file_node}))).await;
+        return Err(qmp_error(name, e));
+    }
+    let mut args = json!({
+        "job-id": job_id(BlockJobKind::Copy, disk),
+        "device": live.nodes[0],
+        "target": fmt_node,
+        "sync": if opts.shallow { "top" } else { "full" },
+        "auto-finalize": false,
+        "auto-dismiss": false,
+    });
+    if let Some(bw) = opts.bandwidth_bytes {
+        args["speed"] = json!(bw);
+    }
+    if let Some(g) = opts.granularity {
+        args["granularity"] = json!(g);
+    }
+    if let Some(b) = opts.buf_size {
+        args["buf-size"] = json!(b);
+    }
+    let mirror = Element::new("mirror")
+        .with_attr("type", if is_block { "block" } else { "file" })
+        .with_attr("job", "copy")
+        .with_child(Element::new("format").with_attr("type", format.clone()))
+        .with_child(strata_core::xml::source_element(&StorageSource::local(dest.clone())));
+    let rec = JobRecord {
+        id: job_id(BlockJobKind::Copy, disk),
+        kind: BlockJobKind::Copy,
+        disk: disk.to_string(),
+        delete: Vec::new(),
+        ready: false,
+        pivoting: false,
+    };
+    if let Err(e) = start_recorded(store, name, client, rec, Some(mirror), "blockdev-mirror", args).await {
+        for n in [&fmt_node, &file_node] {
+            let _ = client.execute("blockdev-del", Some(json!({"node-name": n}))).await;
+        }
+        return Err(e);
+    }
+    Ok(warnings)
+}
+
+fn find_job<'a>(jobs: &'a [JobInfo], id: &str) -> Option<&'a JobInfo> {
+    jobs.iter().find(|j| j.id == id)
+}
+
+/// Brings every recorded job forward: finalizes pending ones, records
+/// concluded ones. Returns the (possibly updated) status.
+pub async fn reconcile_jobs(store: &Store, name: &str, client: &QmpClient, status: LiveStatus) -> Result<LiveStatus> {
+    if status.jobs.is_empty() {
+        return Ok(status);
+    }
+    let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
+    let mut changed = false;
+    for rec in &status.jobs {
+        match find_job(&jobs, &rec.id).map(|j| j.status) {
+            Some(JobStatus::Pending) => {
+                // A pending mirror or active commit holds the guest's I/O.
+                client
+                    .execute("job-finalize", Some(json!({"id": rec.id})))
+                    .await
+                    .map_err(|e| qmp_error(name, e))?;
+                wait_status(client, name, &rec.id, &[JobStatus::Concluded, JobStatus::Null], Duration::from_secs(30)).await?;
+                conclude(store, name, client, rec).await?;
+                changed = true;
+            }
+            Some(JobStatus::Concluded) | None => {
+                conclude(store, name, client, rec).await?;
+                changed = true;
+            }
+            Some(JobStatus::Ready) if !rec.ready => {
+                mark_ready(store, name, &rec.id)?;
+                changed = true;
+            }
+            _ => {}
+        }
+    }
+    if !changed {
+        return Ok(status);
+    }
+    live::reconcile(store, name)?.ok_or_else(|| Error::operation_invalid("domain is not running"))
+}
+
+fn mark_ready(store: &Store, name: &str, id: &str) -> Result<()> {
+    let _lock = store.lock_domain(name)?;
+    let Some(mut status) = live::reconcile(store, name)? else { return Ok(()) };
+    let Some(rec) = status.jobs.iter_mut().find(|j| j.id == id) else { return Ok(()) };
+    rec.ready = true;
+    if rec.kind == BlockJobKind::Copy {
+        let disk = rec.disk.clone();
+        status.domain.set_mirror_ready(&disk)?;
+    }
+    store.write_status(name, &status.to_xml())
+}
+
+async fn wait_status(client: &QmpClient, name: &str, id: &str, wanted: &[JobStatus], limit: Duration) -> Result<JobStatus> {
+    let mut rx = client.subscribe_events();
+    let deadline = Instant::now() + limit;
+    loop {
+        let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
+        let now = find_job(&jobs, id).map(|j| j.status).unwrap_or(JobStatus::Null);
+        if wanted.contains(&now) {
+            return Ok(now);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::new(
+                ErrorKind::OperationTimeout,
+                format!("block job '{id}' stayed {now:?} for {limit:?}"),
+            ));
+        }
+        let _ = tokio::time::timeout(left, async {
+            loop {
+                match rx.recv().await {
+                    Ok(ev) => {
+                        if let KnownEvent::JobStatusChange(c) = ev.known() {
+                            if c.id == id {
+                                return;
+                            }
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// Records a concluded (or vanished) job: the chain QEMU now has goes into
+/// the live and persistent definitions, `--delete` files go, dead nodes
+/// are removed, the job is dismissed and its outcome kept.
+async fn conclude(store: &Store, name: &str, client: &QmpClient, rec: &JobRecord) -> Result<()> {
+    let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
+    let info = find_job(&jobs, &rec.id).cloned();
+    let end = match &info {
+        None => BlockJobEnd::Failed("the job disappeared from QEMU".into()),
+        Some(j) => match (&j.error, rec.pivoting, rec.kind.has_ready_phase()) {
+            (Some(e), _, _) if e.contains("canceled") || e.contains("cancelled") => BlockJobEnd::Cancelled,
+            (Some(e), _, _) => BlockJobEnd::Failed(e.clone()),
+            (None, false, true) => BlockJobEnd::Finished,
+            (None, _, _) => BlockJobEnd::Completed,
+        },
+    };
+    let live_disk = live_disk(client, name, &rec.disk).await?;
+    {
+        let _lock = store.lock_domain(name)?;
+        let Some(mut status) = live::reconcile(store, name)? else { return Ok(()) };
+        if !status.jobs.iter().any(|j| j.id == rec.id) {
+            return Ok(()); // another process recorded it first
+        }
+        status.domain.set_disk_chain(&rec.disk, &live_disk.chain)?;
+        if rec.kind == BlockJobKind::Copy {
+            status.domain.set_disk_mirror(&rec.disk, None)?;
+        }
+        status.jobs.retain(|j| j.id != rec.id);
+        status.outcomes.retain(|o| o.disk != rec.disk);
+        status.outcomes.push(JobOutcome { disk: rec.disk.clone(), kind: rec.kind, end: end.clone() });
+        if let Some(xml) = store.read_domain(name)? {
+            let mut persistent = strata_core::xml::Domain::parse(&xml)?;
+            if persistent.find_disk(&rec.disk).is_ok() {
+                persistent.set_disk_chain(&rec.disk, &live_disk.chain)?;
+                store.write_domain(name, &persistent.to_xml())?;
+            }
+        }
+        store.write_status(name, &status.to_xml())?;
+    }
+    if info.is_some() {
+        client
+            .execute("job-dismiss", Some(json!({"id": rec.id})))
+            .await
+            .map_err(|e| qmp_error(name, e))?;
+    }
+    remove_dead_nodes(client, name).await?;
+    if end == BlockJobEnd::Completed {
+        for path in &rec.delete {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not delete a committed image");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes the nodes nothing uses any more (left by a finished job; QEMU
+/// keeps monitor-added nodes until told), format nodes before their files.
+async fn remove_dead_nodes(client: &QmpClient, name: &str) -> Result<()> {
+    for _ in 0..64 {
+        let graph = BlockGraph::query(client, name).await?;
+        let dead: Vec<String> = graph
+            .node_names()
+            .filter(|n| !n.starts_with('#') && !graph.has_parent(n))
+            .map(str::to_string)
+            .collect();
+        if dead.is_empty() {
+            return Ok(());
+        }
+        for node in dead {
+            if let Err(e) = client.execute("blockdev-del", Some(json!({"node-name": node}))).await {
+                tracing::debug!(node, error = %e, "node not removed");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn info_of(rec: &JobRecord, job: &JobInfo, speed: u64) -> BlockJobInfo {
+    BlockJobInfo {
+        kind: rec.kind,
+        disk: rec.disk.clone(),
+        cur: job.current_progress,
+        end: job.total_progress,
+        bandwidth_bytes: speed,
+        ready: rec.ready || job.status == JobStatus::Ready,
+    }
+}
+
+async fn speed_of(client: &QmpClient, name: &str, id: &str) -> Result<u64> {
+    let jobs = client.query_block_jobs().await.map_err(|e| qmp_error(name, e))?;
+    Ok(jobs.iter().find(|j| j.device == id).map(|j| j.speed).unwrap_or(0))
+}
+
+pub async fn info(name: &str, client: &QmpClient, status: &LiveStatus, disk: &str) -> Result<Option<BlockJobInfo>> {
+    status.domain.find_disk(disk).map_err(|_| Error::invalid_arg(format!("disk '{disk}' not found in domain")))?;
+    let Some(rec) = status.jobs.iter().find(|j| j.disk == disk) else { return Ok(None) };
+    let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
+    let Some(job) = find_job(&jobs, &rec.id) else { return Ok(None) };
+    let speed = speed_of(client, name, &rec.id).await?;
+    Ok(Some(info_of(rec, job, speed)))
+}
+
+fn no_job(disk: &str) -> Error {
+    Error::invalid_arg(format!("disk {disk} does not have an active block job"))
+}
+
+pub async fn set_speed(name: &str, client: &QmpClient, status: &LiveStatus, disk: &str, speed: u64) -> Result<()> {
+    let rec = status.jobs.iter().find(|j| j.disk == disk).ok_or_else(|| no_job(disk))?;
+    client
+        .execute("block-job-set-speed", Some(json!({"device": rec.id, "speed": speed})))
+        .await
+        .map_err(|e| qmp_error(name, e))?;
+    Ok(())
+}
+
+/// Ends a job: `pivot` switches to the copy or commit base (job-complete);
+/// otherwise a copy or active commit in its synchronised phase finishes
+/// consistently without switching (block-job-cancel), and anything else is
+/// cancelled (job-cancel).
+pub async fn abort(
+    store: &Store,
+    name: &str,
+    client: &QmpClient,
+    status: &LiveStatus,
+    disk: &str,
+    pivot: bool,
+    wait: bool,
+) -> Result<BlockJobEnd> {
+    let rec = status.jobs.iter().find(|j| j.disk == disk).cloned().ok_or_else(|| no_job(disk))?;
+    let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
+    let job = find_job(&jobs, &rec.id).ok_or_else(|| no_job(disk))?;
+    let ready = job.status == JobStatus::Ready;
+    if pivot {
+        if !rec.kind.has_ready_phase() || !ready {
+            return Err(Error::new(
+                ErrorKind::BlockCopyActive,
+                format!("block job '{}' not ready for pivot yet", rec.id),
+            ));
+        }
+        set_pivoting(store, name, &rec.id)?;
+        client
+            .execute("job-complete", Some(json!({"id": rec.id})))
+            .await
+            .map_err(|e| qmp_error(name, e))?;
+    } else if ready {
+        client
+            .execute("block-job-cancel", Some(json!({"device": rec.id, "force": false})))
+            .await
+            .map_err(|e| qmp_error(name, e))?;
+    } else {
+        client
+            .execute("job-cancel", Some(json!({"id": rec.id})))
+            .await
+            .map_err(|e| qmp_error(name, e))?;
+    }
+    if !wait {
+        return Ok(if pivot { BlockJobEnd::Completed } else { BlockJobEnd::Cancelled });
+    }
+    // Finalize the moment the job is pending: a pending mirror holds I/O.
+    let reached = wait_status(
+        client,
+        name,
+        &rec.id,
+        &[JobStatus::Pending, JobStatus::Concluded, JobStatus::Null],
+        Duration::from_secs(300),
+    )
+    .await?;
+    if reached == JobStatus::Pending {
+        client
+            .execute("job-finalize", Some(json!({"id": rec.id})))
+            .await
+            .map_err(|e| qmp_error(name, e))?;
+        wait_status(client, name, &rec.id, &[JobStatus::Concluded, JobStatus::Null], Duration::from_secs(60)).await?;
+    }
+    let mut rec = rec;
+    rec.pivoting = pivot;
+    conclude(store, name, client, &rec).await?;
+    Ok(last_outcome(store, name, disk)?.map(|o| o.end).unwrap_or(BlockJobEnd::Completed))
+}
+
+fn set_pivoting(store: &Store, name: &str, id: &str) -> Result<()> {
+    let _lock = store.lock_domain(name)?;
+    let Some(mut status) = live::reconcile(store, name)? else { return Ok(()) };
+    if let Some(rec) = status.jobs.iter_mut().find(|j| j.id == id) {
+        rec.pivoting = true;
+    }
+    store.write_status(name, &status.to_xml())
+}
+
+fn last_outcome(store: &Store, name: &str, disk: &str) -> Result<Option<JobOutcome>> {
+    Ok(live::reconcile(store, name)?.and_then(|s| s.outcomes.into_iter().find(|o| o.disk == disk)))
+}
+
+/// Waits up to `timeout` for the job on `disk` to change state; finalizes
+/// and records it when it ends. Driven by QEMU's events: a job's end is
+/// seen the moment QEMU reports it.
+pub async fn wait(store: &Store, name: &str, client: &QmpClient, disk: &str, timeout: Duration) -> Result<BlockJobState> {
+    let mut rx = client.subscribe_events();
+    let deadline = Instant::now() + timeout;
+    loop {
+        // Subscribed before looking, so no event between the two is lost.
+        let status = live::reconcile(store, name)?.ok_or_else(|| Error::operation_invalid("domain is not running"))?;
+        let status = reconcile_jobs(store, name, client, status).await?;
+        let Some(rec) = status.jobs.iter().find(|j| j.disk == disk).cloned() else {
+            return match status.outcomes.iter().find(|o| o.disk == disk) {
+                Some(o) => Ok(BlockJobState::Ended { kind: o.kind, end: o.end.clone() }),
+                None => Err(no_job(disk)),
+            };
+        };
+        let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
+        let Some(job) = find_job(&jobs, &rec.id) else { continue };
+        if matches!(job.status, JobStatus::Pending | JobStatus::Concluded) {
+            continue; // reconcile_jobs records it on the next turn
+        }
+        let speed = speed_of(client, name, &rec.id).await?;
+        let info = info_of(&rec, job, speed);
+        if job.status == JobStatus::Ready {
+            if !rec.ready {
+                mark_ready(store, name, &rec.id)?;
+            }
+            return Ok(BlockJobState::Ready(info));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(BlockJobState::Running(info));
+        }
+        let changed = tokio::time::timeout(left, async {
+            loop {
+                match rx.recv().await {
+                    Ok(ev) => {
+                        if let KnownEvent::JobStatusChange(c) = ev.known() {
+                            if c.id == rec.id {
+                                return true;
+                            }
+                        }
+                    }
+                    Err(_) => return true,
+                }
+            }
+        })
+        .await;
+        if changed.is_err() {
+            return Ok(BlockJobState::Running(info));
+        }
+    }
+}
