@@ -172,6 +172,20 @@ impl Store {
         }
     }
 
+    /// A driver's own per-domain file (`domains/NAME/FILE`), if present.
+    pub fn read_domain_file(&self, name: &str, file: &str) -> Result<Option<String>> {
+        validate_name("file", file)?;
+        read_optional(&self.file(name, file)?)
+    }
+
+    /// Writes a driver's own per-domain file atomically.
+    pub fn write_domain_file(&self, name: &str, file: &str, data: &str) -> Result<()> {
+        validate_name("file", file)?;
+        let dir = self.domain_dir(name)?;
+        fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        atomic_write(&dir.join(file), data.as_bytes())
+    }
+
     pub fn read_snapshot(&self, domain: &str, snap: &str) -> Result<Option<String>> {
         validate_name("snapshot", snap)?;
         read_optional(&self.file(domain, "snapshots")?.join(format!("{snap}.xml")))

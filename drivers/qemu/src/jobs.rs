@@ -119,6 +119,28 @@ impl JobOutcome {
     }
 }
 
+/// Outcomes live beside the status XML, so they outlive the process that
+/// ran the job (a storage daemon quits when its last job is recorded).
+const OUTCOMES_FILE: &str = "job-outcomes.xml";
+
+fn read_outcomes(store: &Store, name: &str) -> Result<Vec<JobOutcome>> {
+    let Some(xml) = store.read_domain_file(name, OUTCOMES_FILE)? else { return Ok(Vec::new()) };
+    let root = Element::parse(&xml)?;
+    Ok(root.children_named("outcome").filter_map(JobOutcome::from_element).collect())
+}
+
+/// Replaces the disk's outcome (`None` clears it). The caller holds the lock.
+fn set_outcome(store: &Store, name: &str, disk: &str, outcome: Option<JobOutcome>) -> Result<()> {
+    let mut all = read_outcomes(store, name)?;
+    all.retain(|o| o.disk != disk);
+    all.extend(outcome);
+    let mut root = Element::new("outcomes");
+    for o in &all {
+        root = root.with_child(o.to_element());
+    }
+    store.write_domain_file(name, OUTCOMES_FILE, &root.to_xml())
+}
+
 fn job_id(kind: BlockJobKind, disk: &str) -> String {
     format!("strata-{}-{disk}", kind.as_str())
 }
@@ -210,7 +232,7 @@ fn record_job(store: &Store, name: &str, rec: JobRecord, mirror: Option<Element>
     if let Some(m) = mirror {
         status.domain.set_disk_mirror(&rec.disk, Some(m))?;
     }
-    status.outcomes.retain(|o| o.disk != rec.disk);
+    set_outcome(store, name, &rec.disk, None)?;
     status.jobs.push(rec);
     store.write_status(name, &status.to_xml())
 }
@@ -538,10 +560,16 @@ fn find_job<'a>(jobs: &'a [JobInfo], id: &str) -> Option<&'a JobInfo> {
 }
 
 /// Brings every recorded job forward: finalizes pending ones, records
-/// concluded ones. Returns the (possibly updated) status.
-pub async fn reconcile_jobs(store: &Store, name: &str, client: &QmpClient, status: LiveStatus) -> Result<LiveStatus> {
+/// concluded ones. Returns the (possibly updated) status; `None` once a
+/// storage daemon whose last job ended has quit.
+pub async fn reconcile_jobs(store: &Store, name: &str, client: &QmpClient, status: LiveStatus) -> Result<Option<LiveStatus>> {
     if status.jobs.is_empty() {
-        return Ok(status);
+        if !status.is_vm() && daemon_orphaned(&status) {
+            // Its starter died before the first job began: nothing to do.
+            quit_daemon(store, name, client, &status).await?;
+            return Ok(None);
+        }
+        return Ok(Some(status));
     }
     let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
     let mut changed = false;
@@ -569,9 +597,27 @@ pub async fn reconcile_jobs(store: &Store, name: &str, client: &QmpClient, statu
         }
     }
     if !changed {
-        return Ok(status);
+        return Ok(Some(status));
     }
-    live::reconcile(store, name)?.ok_or_else(|| Error::operation_invalid("domain is not running"))
+    live::reconcile(store, name)
+}
+
+/// A storage daemon gets a minute to receive its first job: the process
+/// that started it records the job right after.
+fn daemon_orphaned(status: &LiveStatus) -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    now.saturating_sub(status.started) > 60
+}
+
+/// Ends a storage daemon and removes its status.
+async fn quit_daemon(store: &Store, name: &str, client: &QmpClient, status: &LiveStatus) -> Result<()> {
+    let _lock = store.lock_domain(name)?;
+    let _ = client.execute("quit", None).await;
+    status.process.terminate(Duration::from_secs(3)).await?;
+    live::cleanup(store, name)
 }
 
 fn mark_ready(store: &Store, name: &str, id: &str) -> Result<()> {
@@ -636,6 +682,15 @@ async fn conclude(store: &Store, name: &str, client: &QmpClient, rec: &JobRecord
             (None, _, _) => BlockJobEnd::Completed,
         },
     };
+    // Dismiss before reading the graph: on QEMU 7.2 (seen with
+    // qemu-storage-daemon), query-named-block-nodes between a stream's
+    // finalize and its dismiss crashes the process.
+    if info.is_some() {
+        client
+            .execute("job-dismiss", Some(json!({"id": rec.id})))
+            .await
+            .map_err(|e| qmp_error(name, e))?;
+    }
     let live_disk = live_disk(client, name, &rec.disk).await?;
     {
         let _lock = store.lock_domain(name)?;
@@ -648,8 +703,7 @@ async fn conclude(store: &Store, name: &str, client: &QmpClient, rec: &JobRecord
             status.domain.set_disk_mirror(&rec.disk, None)?;
         }
         status.jobs.retain(|j| j.id != rec.id);
-        status.outcomes.retain(|o| o.disk != rec.disk);
-        status.outcomes.push(JobOutcome { disk: rec.disk.clone(), kind: rec.kind, end: end.clone() });
+        set_outcome(store, name, &rec.disk, Some(JobOutcome { disk: rec.disk.clone(), kind: rec.kind, end: end.clone() }))?;
         if let Some(xml) = store.read_domain(name)? {
             let mut persistent = strata_core::xml::Domain::parse(&xml)?;
             if persistent.find_disk(&rec.disk).is_ok() {
@@ -659,18 +713,17 @@ async fn conclude(store: &Store, name: &str, client: &QmpClient, rec: &JobRecord
         }
         store.write_status(name, &status.to_xml())?;
     }
-    if info.is_some() {
-        client
-            .execute("job-dismiss", Some(json!({"id": rec.id})))
-            .await
-            .map_err(|e| qmp_error(name, e))?;
-    }
     remove_dead_nodes(client, name).await?;
     if end == BlockJobEnd::Completed {
         for path in &rec.delete {
             if let Err(e) = std::fs::remove_file(path) {
                 tracing::warn!(path = %path.display(), error = %e, "could not delete a committed image");
             }
+        }
+    }
+    if let Some(status) = live::reconcile(store, name)? {
+        if !status.is_vm() && status.jobs.is_empty() {
+            quit_daemon(store, name, client, &status).await?;
         }
     }
     Ok(())
@@ -810,8 +863,16 @@ fn set_pivoting(store: &Store, name: &str, id: &str) -> Result<()> {
     store.write_status(name, &status.to_xml())
 }
 
+/// The end of the last job on `disk`, when nothing serves the domain now.
+pub fn ended(store: &Store, name: &str, disk: &str) -> Result<BlockJobState> {
+    match last_outcome(store, name, disk)? {
+        Some(o) => Ok(BlockJobState::Ended { kind: o.kind, end: o.end }),
+        None => Err(no_job(disk)),
+    }
+}
+
 fn last_outcome(store: &Store, name: &str, disk: &str) -> Result<Option<JobOutcome>> {
-    Ok(live::reconcile(store, name)?.and_then(|s| s.outcomes.into_iter().find(|o| o.disk == disk)))
+    Ok(read_outcomes(store, name)?.into_iter().find(|o| o.disk == disk))
 }
 
 /// Waits up to `timeout` for the job on `disk` to change state; finalizes
@@ -822,13 +883,12 @@ pub async fn wait(store: &Store, name: &str, client: &QmpClient, disk: &str, tim
     let deadline = Instant::now() + timeout;
     loop {
         // Subscribed before looking, so no event between the two is lost.
-        let status = live::reconcile(store, name)?.ok_or_else(|| Error::operation_invalid("domain is not running"))?;
-        let status = reconcile_jobs(store, name, client, status).await?;
-        let Some(rec) = status.jobs.iter().find(|j| j.disk == disk).cloned() else {
-            return match status.outcomes.iter().find(|o| o.disk == disk) {
-                Some(o) => Ok(BlockJobState::Ended { kind: o.kind, end: o.end.clone() }),
-                None => Err(no_job(disk)),
-            };
+        let status = match live::reconcile(store, name)? {
+            Some(s) => reconcile_jobs(store, name, client, s).await?,
+            None => None,
+        };
+        let Some(rec) = status.as_ref().and_then(|s| s.jobs.iter().find(|j| j.disk == disk).cloned()) else {
+            return ended(store, name, disk);
         };
         let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
         let Some(job) = find_job(&jobs, &rec.id) else { continue };

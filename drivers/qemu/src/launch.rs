@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
-use strata_core::chain::{Backing, Chain, StorageSource};
+use strata_core::chain::{Backing, StorageSource};
 use strata_core::xml::{Disk, Domain};
 use strata_core::{Error, Result};
 
@@ -30,21 +30,6 @@ impl RuntimePaths {
     pub fn log(&self) -> PathBuf {
         self.dir.join("qemu.log")
     }
-}
-
-/// One layer of a disk as QEMU opens it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LayerNodes {
-    pub format_node: String,
-    pub file_node: String,
-}
-
-/// What the launch decided, kept in the status XML.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskNodes {
-    pub target: String,
-    /// Node names by chain layer id (same order as `Chain::layers`).
-    pub layers: Vec<LayerNodes>,
 }
 
 /// The accelerator a domain type asks for.
@@ -80,7 +65,7 @@ pub fn accel_for(dom: &Domain) -> Result<Accel> {
 }
 
 /// Builds QEMU's argument list (without the program name).
-pub fn command_line(dom: &Domain, accel: Accel, paths: &RuntimePaths) -> Result<(Vec<String>, Vec<DiskNodes>)> {
+pub fn command_line(dom: &Domain, accel: Accel, paths: &RuntimePaths) -> Result<Vec<String>> {
     let name = dom.name();
     let mut args: Vec<String> = Vec::new();
     fn push(args: &mut Vec<String>, a: &str, b: String) {
@@ -120,12 +105,10 @@ pub fn command_line(dom: &Domain, accel: Accel, paths: &RuntimePaths) -> Result<
         push(&mut args, "-qmp", format!("unix:{},server=on,wait=off", paths.monitor_socket(n).display()));
     }
 
-    let mut nodes = Vec::new();
     let mut scsi_controller = false;
     let mut ide_unit = 0usize;
     for disk in dom.disks()? {
-        let disk_nodes = disk_blockdevs(&disk, &mut args)?;
-        let root = disk_nodes.layers.first().map(|l| l.format_node.clone());
+        let root = disk_blockdevs(&disk, "-blockdev", &mut args)?;
         let (controller, device) =
             device_for(&disk, root.as_deref(), &mut scsi_controller, &mut ide_unit, &machine)?;
         if let Some(controller) = controller {
@@ -134,9 +117,36 @@ pub fn command_line(dom: &Domain, accel: Accel, paths: &RuntimePaths) -> Result<
         }
         args.push("-device".into());
         args.push(device);
-        nodes.push(disk_nodes);
     }
-    Ok((args, nodes))
+    Ok(args)
+}
+
+/// `qemu-storage-daemon`'s arguments for a shut-off domain's disks: the
+/// same node graph as a start would build, each disk's root exported over
+/// NBD (so the daemon keeps a parent for it that follows a pivot, as a
+/// guest device does) under the disk's target name, and the same monitors.
+pub fn storage_daemon_command_line(dom: &Domain, paths: &RuntimePaths) -> Result<Vec<String>> {
+    let mut args = Vec::new();
+    let mut exports = Vec::new();
+    for disk in dom.disks()? {
+        if let Some(root) = disk_blockdevs(&disk, "--blockdev", &mut args)? {
+            let writable = if disk.readonly || disk.device == "cdrom" { "off" } else { "on" };
+            exports.push(format!("type=nbd,id={},node-name={root},writable={writable}", disk.target));
+        }
+    }
+    args.push("--nbd-server".into());
+    args.push(format!("addr.type=unix,addr.path={}", paths.dir.join("nbd.sock").display()));
+    for e in exports {
+        args.push("--export".into());
+        args.push(e);
+    }
+    for n in 0..MONITORS {
+        args.push("--chardev".into());
+        args.push(format!("socket,id=qmp{n},path={},server=on,wait=off", paths.monitor_socket(n).display()));
+        args.push("--monitor".into());
+        args.push(format!("chardev=qmp{n}"));
+    }
+    Ok(args)
 }
 
 /// Node names are limited to 31 characters; targets are short (`vda`).
@@ -144,51 +154,40 @@ fn node_name(target: &str, layer: usize, kind: &str) -> String {
     format!("{target}-{layer}-{kind}")
 }
 
-fn disk_blockdevs(disk: &Disk, args: &mut Vec<String>) -> Result<DiskNodes> {
-    let mut out = DiskNodes { target: disk.target.clone(), layers: Vec::new() };
-    let Some(chain) = &disk.chain else { return Ok(out) };
+/// Appends `flag JSON` for each layer of `disk`; returns its root node.
+fn disk_blockdevs(disk: &Disk, flag: &str, args: &mut Vec<String>) -> Result<Option<String>> {
+    let Some(chain) = &disk.chain else { return Ok(None) };
     if !chain.is_complete() {
         return Err(Error::operation_invalid(format!(
             "disk '{}' has no complete backing chain recorded; run dumpxml --refresh-chain or domblkcheck",
             disk.target
         )));
     }
-    for id in 0..chain.layers.len() {
-        out.layers.push(LayerNodes {
-            format_node: node_name(&disk.target, id, "fmt"),
-            file_node: node_name(&disk.target, id, "file"),
-        });
-    }
     // Backing layers first so every `backing` reference names an existing node.
     for id in (0..chain.layers.len()).rev() {
         let layer = &chain.layers[id];
-        let nodes = &out.layers[id];
         let readonly = id > 0 || disk.readonly || disk.device == "cdrom";
-        let protocol = protocol_node(&layer.source, &nodes.file_node, &disk.target)?;
+        let protocol = protocol_node(&layer.source, &node_name(&disk.target, id, "file"), &disk.target)?;
         let format = layer.format.as_deref().unwrap_or("raw");
         let mut fmt = json!({
             "driver": format,
-            "node-name": nodes.format_node,
+            "node-name": node_name(&disk.target, id, "fmt"),
             "file": protocol,
             "read-only": readonly,
         });
         if format != "raw" {
-            fmt["backing"] = backing_ref(chain, id, &out.layers);
+            fmt["backing"] = match &layer.backing {
+                Backing::Layers(v) => v
+                    .first()
+                    .map(|c| Value::String(node_name(&disk.target, *c, "fmt")))
+                    .unwrap_or(Value::Null),
+                _ => Value::Null,
+            };
         }
-        args.push("-blockdev".into());
+        args.push(flag.to_string());
         args.push(fmt.to_string());
     }
-    Ok(out)
-}
-
-fn backing_ref(chain: &Chain, id: usize, layers: &[LayerNodes]) -> Value {
-    match &chain.layers[id].backing {
-        Backing::Layers(v) => match v.first().and_then(|c| layers.get(*c)) {
-            Some(n) => Value::String(n.format_node.clone()),
-            None => Value::Null,
-        },
-        _ => Value::Null,
-    }
+    Ok(Some(node_name(&disk.target, 0, "fmt")))
 }
 
 fn protocol_node(source: &StorageSource, node: &str, target: &str) -> Result<Value> {
@@ -313,7 +312,7 @@ mod tests {
     #[test]
     fn every_layer_gets_explicit_nodes_and_backing_links() {
         let dom = Domain::parse(CHAIN_XML).expect("xml");
-        let (args, nodes) = command_line(&dom, Accel::Tcg, &paths()).expect("command line");
+        let args = command_line(&dom, Accel::Tcg, &paths()).expect("command line");
         let devs = blockdevs(&args);
         // Backing layers come first so references resolve.
         assert_eq!(devs[0]["node-name"], "vda-1-fmt");
@@ -331,7 +330,6 @@ mod tests {
         assert!(args.contains(&"ide-hd,bus=ide.0,id=sda,drive=sda-0-fmt".to_string()));
         assert_eq!(args.iter().filter(|a| *a == "-qmp").count(), MONITORS);
         assert!(args.contains(&"q35,accel=tcg".to_string()));
-        assert_eq!(nodes.len(), 2);
     }
 
     #[test]

@@ -41,6 +41,12 @@ fn qemu_binary() -> String {
     std::env::var("STRATA_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_string())
 }
 
+/// The storage daemon for offline jobs: `$STRATA_QEMU_STORAGE_DAEMON` or
+/// `qemu-storage-daemon` on `PATH`.
+fn storage_daemon_binary() -> String {
+    std::env::var("STRATA_QEMU_STORAGE_DAEMON").unwrap_or_else(|_| "qemu-storage-daemon".to_string())
+}
+
 /// A connection to one QEMU driver instance (one state root).
 pub struct QemuConnection {
     uri: String,
@@ -90,12 +96,54 @@ impl QemuConnection {
     /// The running domain's status and a QMP monitor of it, or
     /// operation-invalid when it is not running.
     pub async fn running(&self, name: &str) -> Result<(LiveStatus, Arc<Monitor>)> {
+        match self.serving(name).await? {
+            Some((status, monitor)) if status.is_vm() => Ok((status, monitor)),
+            _ => Err(Error::operation_invalid("domain is not running")),
+        }
+    }
+
+    /// Whatever serves the domain's disks now — its QEMU, or the storage
+    /// daemon of an offline block job — with recorded jobs brought forward.
+    async fn serving(&self, name: &str) -> Result<Option<(LiveStatus, Arc<Monitor>)>> {
         persistent::load(&self.store, name)?;
-        let status = live::reconcile(&self.store, name)?
-            .ok_or_else(|| Error::operation_invalid("domain is not running"))?;
+        let Some(status) = live::reconcile(&self.store, name)? else { return Ok(None) };
         let monitor = self.monitors.get(&self.store, name, status.process).await?;
-        let status = jobs::reconcile_jobs(&self.store, name, &monitor.client, status).await?;
-        Ok((status, monitor))
+        match jobs::reconcile_jobs(&self.store, name, &monitor.client, status).await? {
+            Some(status) => Ok(Some((status, monitor))),
+            None => {
+                self.monitors.forget(name).await;
+                Ok(None)
+            }
+        }
+    }
+
+    /// For a new block job: the running QEMU, or for a shut-off domain a
+    /// `qemu-storage-daemon` started on its disks (it quits by itself once
+    /// its last job is recorded).
+    async fn job_server(&self, name: &str) -> Result<(LiveStatus, Arc<Monitor>)> {
+        if let Some(found) = self.serving(name).await? {
+            return Ok(found);
+        }
+        {
+            let _lock = self.store.lock_domain(name)?;
+            if live::reconcile(&self.store, name)?.is_none() {
+                self.spawn_server(name, live::Server::StorageDaemon, false).await?;
+            }
+        }
+        self.serving(name)
+            .await?
+            .ok_or_else(|| Error::operation_failed(format!("the storage daemon for domain '{name}' exited")))
+    }
+
+    /// Serving a domain that is not started: an error naming what runs.
+    fn refuse_if_daemon(status: &LiveStatus, name: &str) -> Result<()> {
+        if status.is_vm() {
+            return Ok(());
+        }
+        Err(Error::operation_invalid(format!(
+            "domain '{name}' is shut off but an offline block job runs on its disks; \
+             wait for it (blockjob --info) or abort it (blockjob --abort)"
+        )))
     }
 
     async fn summary(&self, dom: &Domain) -> Result<DomainSummary> {
@@ -108,7 +156,7 @@ impl QemuConnection {
             reason: Some("unknown".into()),
             persistent: true,
         };
-        if let Some(status) = live::reconcile(&self.store, &name)? {
+        if let Some(status) = live::reconcile(&self.store, &name)?.filter(LiveStatus::is_vm) {
             let monitor = self.monitors.get(&self.store, &name, status.process).await?;
             let run = monitor.client.query_status().await.map_err(|e| live::qmp_error(&name, e))?;
             let (state, reason) = live::state_of(run.status);
@@ -120,9 +168,16 @@ impl QemuConnection {
     }
 
     async fn start_locked(&self, name: &str, flags: StartFlags) -> Result<()> {
-        if live::reconcile(&self.store, name)?.is_some() {
+        if let Some(status) = live::reconcile(&self.store, name)? {
+            Self::refuse_if_daemon(&status, name)?;
             return Err(Error::operation_invalid(format!("domain '{name}' is already active")));
         }
+        self.spawn_server(name, live::Server::Vm, flags.paused).await
+    }
+
+    /// Starts QEMU for the domain, or the storage daemon for its offline
+    /// jobs; the caller holds the domain lock.
+    async fn spawn_server(&self, name: &str, server: live::Server, paused: bool) -> Result<()> {
         let mut dom = persistent::load(&self.store, name)?;
         // A disk whose image did not exist at define time is probed now.
         let before = dom.to_xml();
@@ -130,19 +185,30 @@ impl QemuConnection {
         if dom.to_xml() != before {
             self.store.write_domain(name, &dom.to_xml())?;
         }
-        let accel = launch::accel_for(&dom)?;
         let paths = live::runtime_paths(&self.store, name)?;
+        let (binary, args) = match server {
+            live::Server::Vm => {
+                let accel = launch::accel_for(&dom)?;
+                (qemu_binary(), launch::command_line(&dom, accel, &paths)?)
+            }
+            live::Server::StorageDaemon => {
+                (storage_daemon_binary(), launch::storage_daemon_command_line(&dom, &paths)?)
+            }
+        };
         live::cleanup(&self.store, name)?;
         std::fs::create_dir_all(&paths.dir).map_err(|e| Error::io("create", &paths.dir, e))?;
-        let (args, _) = launch::command_line(&dom, accel, &paths)?;
-        tracing::debug!(domain = name, ?args, "starting QEMU");
-        let mut spawned = process::spawn(&qemu_binary(), &args, &paths.log())?;
+        tracing::debug!(domain = name, binary, ?args, "starting");
+        let mut spawned = process::spawn(&binary, &args, &paths.log())?;
         let started = async {
             live::wait_for_socket(&paths.monitor_socket(MONITORS - 1), &mut spawned.child, &paths.log()).await?;
-            let status = LiveStatus::new(spawned.id, live::next_domain_id(&self.store)?, dom);
+            let id = match server {
+                live::Server::Vm => live::next_domain_id(&self.store)?,
+                live::Server::StorageDaemon => 0,
+            };
+            let status = LiveStatus::new(spawned.id, id, dom, server);
             self.store.write_status(name, &status.to_xml())?;
             let monitor = self.monitors.get(&self.store, name, status.process).await?;
-            if !flags.paused {
+            if server == live::Server::Vm && !paused {
                 monitor.client.execute("cont", None).await.map_err(|e| live::qmp_error(name, e))?;
             }
             Ok::<(), Error>(())
@@ -158,7 +224,7 @@ impl QemuConnection {
             let log = process::log_tail(&paths.log(), 5);
             live::cleanup(&self.store, name)?;
             if exited && !log.trim().is_empty() {
-                return Err(Error::operation_failed(format!("QEMU exited during start-up: {}", log.trim())));
+                return Err(Error::operation_failed(format!("{binary} exited during start-up: {}", log.trim())));
             }
             return Err(e);
         }
@@ -230,7 +296,8 @@ impl Connection for QemuConnection {
 
     async fn undefine(&self, name: &str) -> Result<()> {
         let _lock = self.store.lock_domain(name)?;
-        if live::reconcile(&self.store, name)?.is_some() {
+        if let Some(status) = live::reconcile(&self.store, name)? {
+            Self::refuse_if_daemon(&status, name)?;
             return Err(Error::operation_invalid(format!(
                 "domain '{name}' is running; destroy it before undefining it"
             )));
@@ -260,6 +327,7 @@ impl Connection for QemuConnection {
         let _lock = self.store.lock_domain(name)?;
         persistent::load(&self.store, name)?;
         let status = live::reconcile(&self.store, name)?
+            .filter(LiveStatus::is_vm)
             .ok_or_else(|| Error::operation_invalid("domain is not running"))?;
         self.monitors.forget(name).await;
         status.process.terminate(Duration::from_secs(3)).await?;
@@ -285,14 +353,19 @@ impl Connection for QemuConnection {
     }
 
     async fn dump_xml(&self, name: &str, flags: DumpXmlFlags) -> Result<String> {
-        if flags.inactive || live::reconcile(&self.store, name)?.is_none() {
+        if flags.inactive || live::reconcile(&self.store, name)?.filter(LiveStatus::is_vm).is_none() {
             return persistent::dump_xml(&self.store, name, flags);
         }
         Ok(self.live_domain(name).await?.to_xml())
     }
 
     async fn check_chains(&self, name: &str, disk: Option<&str>, fix: bool) -> Result<Vec<DiskChainCheck>> {
-        if live::reconcile(&self.store, name)?.is_none() {
+        if let Some(status) = live::reconcile(&self.store, name)? {
+            if fix {
+                Self::refuse_if_daemon(&status, name)?;
+            }
+        }
+        if live::reconcile(&self.store, name)?.filter(LiveStatus::is_vm).is_none() {
             return persistent::check_chains(&self.store, name, disk, fix);
         }
         // Running: what the status XML records, what QEMU has open and what
@@ -339,38 +412,53 @@ impl Connection for QemuConnection {
 #[async_trait]
 impl BlockJobOps for QemuConnection {
     async fn block_pull(&self, domain: &str, disk: &str, opts: &BlockPullOptions) -> Result<()> {
-        let (_, monitor) = self.running(domain).await?;
+        let (_, monitor) = self.job_server(domain).await?;
         jobs::pull(&self.store, domain, &monitor.client, disk, opts).await
     }
 
     async fn block_commit(&self, domain: &str, disk: &str, opts: &BlockCommitOptions) -> Result<BlockJobKind> {
-        let (_, monitor) = self.running(domain).await?;
+        let (_, monitor) = self.job_server(domain).await?;
         jobs::commit(&self.store, domain, &monitor.client, disk, opts).await
     }
 
     async fn block_copy(&self, domain: &str, disk: &str, opts: &BlockCopyOptions) -> Result<Vec<String>> {
-        let (_, monitor) = self.running(domain).await?;
+        let (_, monitor) = self.job_server(domain).await?;
         jobs::copy(&self.store, domain, &monitor.client, disk, opts).await
     }
 
     async fn block_job_info(&self, domain: &str, disk: &str) -> Result<Option<BlockJobInfo>> {
-        let (status, monitor) = self.running(domain).await?;
-        jobs::info(domain, &monitor.client, &status, disk).await
+        match self.serving(domain).await? {
+            Some((status, monitor)) => jobs::info(domain, &monitor.client, &status, disk).await,
+            None => {
+                persistent::load(&self.store, domain)?.find_disk(disk)?;
+                Ok(None)
+            }
+        }
     }
 
     async fn block_job_abort(&self, domain: &str, disk: &str, flags: BlockJobAbortFlags) -> Result<BlockJobEnd> {
-        let (status, monitor) = self.running(domain).await?;
+        let (status, monitor) = self
+            .serving(domain)
+            .await?
+            .ok_or_else(|| Error::invalid_arg(format!("disk {disk} does not have an active block job")))?;
         jobs::abort(&self.store, domain, &monitor.client, &status, disk, flags.pivot, !flags.no_wait).await
     }
 
     async fn block_job_set_speed(&self, domain: &str, disk: &str, bytes_per_sec: u64) -> Result<()> {
-        let (status, monitor) = self.running(domain).await?;
+        let (status, monitor) = self
+            .serving(domain)
+            .await?
+            .ok_or_else(|| Error::invalid_arg(format!("disk {disk} does not have an active block job")))?;
         jobs::set_speed(domain, &monitor.client, &status, disk, bytes_per_sec).await
     }
 
     async fn block_job_wait(&self, domain: &str, disk: &str, timeout_ms: u64) -> Result<BlockJobState> {
-        let (_, monitor) = self.running(domain).await?;
-        jobs::wait(&self.store, domain, &monitor.client, disk, Duration::from_millis(timeout_ms)).await
+        match self.serving(domain).await? {
+            Some((_, monitor)) => {
+                jobs::wait(&self.store, domain, &monitor.client, disk, Duration::from_millis(timeout_ms)).await
+            }
+            None => jobs::ended(&self.store, domain, disk),
+        }
     }
 }
 

@@ -23,7 +23,7 @@ use strata_core::{Error, ErrorKind, Result};
 use strata_qmp::types::RunState;
 use strata_qmp::{QmpClient, QmpError};
 
-use crate::jobs::{JobOutcome, JobRecord};
+use crate::jobs::JobRecord;
 use crate::launch::{RuntimePaths, MONITORS};
 use crate::process::{Liveness, ProcessId};
 
@@ -37,13 +37,31 @@ pub struct LiveStatus {
     pub domain: Domain,
     /// Block jobs in progress.
     pub jobs: Vec<JobRecord>,
-    /// How the last job on each disk ended.
-    pub outcomes: Vec<JobOutcome>,
+    pub server: Server,
+    /// When the server started (seconds since the epoch).
+    pub started: u64,
+}
+
+/// What serves the domain's disks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    /// The domain runs in `qemu-system-x86_64`.
+    Vm,
+    /// The domain is shut off; `qemu-storage-daemon` runs its block jobs.
+    StorageDaemon,
 }
 
 impl LiveStatus {
-    pub fn new(process: ProcessId, id: u32, domain: Domain) -> LiveStatus {
-        LiveStatus { process, id, domain, jobs: Vec::new(), outcomes: Vec::new() }
+    pub fn new(process: ProcessId, id: u32, domain: Domain, server: Server) -> LiveStatus {
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        LiveStatus { process, id, domain, jobs: Vec::new(), server, started }
+    }
+
+    pub fn is_vm(&self) -> bool {
+        self.server == Server::Vm
     }
 
     pub fn to_xml(&self) -> String {
@@ -51,13 +69,15 @@ impl LiveStatus {
         for j in &self.jobs {
             jobs = jobs.with_child(j.to_element());
         }
-        for o in &self.outcomes {
-            jobs = jobs.with_child(o.to_element());
-        }
         let root = Element::new("domstatus")
+            .with_attr("server", match self.server {
+                Server::Vm => "vm",
+                Server::StorageDaemon => "storage-daemon",
+            })
             .with_attr("pid", self.process.pid.to_string())
             .with_attr("starttime", self.process.start_time.to_string())
             .with_attr("id", self.id.to_string())
+            .with_attr("started", self.started.to_string())
             .with_child(jobs)
             .with_child(self.domain.element().clone());
         root.to_xml()
@@ -80,15 +100,16 @@ impl LiveStatus {
             .map(|j| j.children_named("job").map(JobRecord::from_element).collect::<Result<Vec<_>>>())
             .transpose()?
             .unwrap_or_default();
-        let outcomes = jobs_el
-            .map(|j| j.children_named("outcome").filter_map(JobOutcome::from_element).collect())
-            .unwrap_or_default();
         Ok(LiveStatus {
             process: ProcessId { pid, start_time: num("starttime")? },
             id: u32::try_from(num("id")?).map_err(|_| Error::internal("status XML id out of range"))?,
             domain: Domain::from_element(domain)?,
             jobs,
-            outcomes,
+            started: num("started").unwrap_or(0),
+            server: match root.attr("server") {
+                Some("storage-daemon") => Server::StorageDaemon,
+                _ => Server::Vm,
+            },
         })
     }
 }
@@ -265,6 +286,21 @@ pub async fn live_chains(client: &QmpClient, domain: &str) -> Result<HashMap<Str
         };
         let Some(root) = dev.inserted.as_ref().and_then(|i| i.node_name.clone()) else { continue };
         out.insert(target.to_string(), graph.chain_from(&root, target)?);
+    }
+    // A storage daemon has no devices; each disk is an NBD export named
+    // after its target, whose node follows a pivot as a device's would.
+    if block.is_empty() {
+        let exports = client
+            .execute("query-block-exports", None)
+            .await
+            .map_err(|e| qmp_error(domain, e))?;
+        for e in exports.as_array().into_iter().flatten() {
+            let (Some(id), Some(node)) = (e.get("id").and_then(|v| v.as_str()), e.get("node-name").and_then(|v| v.as_str()))
+            else {
+                continue;
+            };
+            out.insert(id.to_string(), graph.chain_from(node, id)?);
+        }
     }
     Ok(out)
 }

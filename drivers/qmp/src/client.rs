@@ -569,7 +569,9 @@ async fn read_loop(mut reader: BufReader<OwnedReadHalf>, shared: Arc<Shared>) {
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(error = %e, "QMP socket read failed");
+                // The peer going away (QEMU quit or was killed) ends the
+                // connection like EOF does; callers see Disconnected.
+                tracing::debug!(error = %e, "QMP socket read failed");
                 break;
             }
         }
