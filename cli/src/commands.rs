@@ -228,6 +228,33 @@ pub enum Command {
     Blockcopy(crate::blockjobs::CopyArgs),
     /// Show, throttle, pivot or abort a disk's block job.
     Blockjob(crate::blockjobs::JobArgs),
+    /// Print a domain's events as they happen.
+    Event {
+        #[arg(value_name = "DOMAIN")]
+        positional: Option<String>,
+        #[arg(long = "domain", value_name = "DOMAIN")]
+        named: Option<String>,
+        /// Only this event: block-job or lifecycle.
+        #[arg(long)]
+        event: Option<String>,
+        /// Every running domain.
+        #[arg(long)]
+        all: bool,
+        /// Keep printing events until interrupted or --timeout.
+        #[arg(long = "loop")]
+        keep_going: bool,
+        /// Stop after this many seconds.
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
+        /// Prefix each event with its time.
+        #[arg(long)]
+        timestamp: bool,
+        /// List the event names and exit.
+        #[arg(long)]
+        list: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
 }
 
 /// A command that failed with a virsh-style message of its own, after
@@ -584,6 +611,59 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
             let jobs = session.conn()?.require_block_jobs()?;
             out = crate::blockjobs::blockjob(jobs, a).await.map_err(|e| job_error(e, &domain))?;
         }
+        Command::Event { positional, named, event, all, keep_going, timeout, timestamp, list, json } => {
+            if list {
+                return Ok("block-job\nlifecycle\n".into());
+            }
+            if let Some(e) = &event {
+                if e != "block-job" && e != "lifecycle" {
+                    return Err(anyhow!("unknown event type '{e}' (known: block-job, lifecycle)"));
+                }
+            }
+            let conn = session.conn()?;
+            let domains: Vec<String> = match (named.or(positional), all) {
+                (Some(d), false) => vec![d],
+                (None, true) => conn
+                    .list_domains()
+                    .await?
+                    .into_iter()
+                    .filter(|d| d.state.is_active())
+                    .map(|d| d.name)
+                    .collect(),
+                (Some(_), true) => return Err(anyhow!("Options --domain and --all are mutually exclusive")),
+                (None, false) => return Err(anyhow!("either --domain or --all must be supplied")),
+            };
+            let deadline = timeout.map(|t| std::time::Instant::now() + std::time::Duration::from_secs(t));
+            let mut received = 0usize;
+            'outer: loop {
+                for dom in &domains {
+                    if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                        break 'outer;
+                    }
+                    let slice = if domains.len() == 1 { 1000 } else { 100 };
+                    let Some(ev) = conn.next_event(dom, slice).await.map_err(|e| lookup_error(e, dom))? else {
+                        continue;
+                    };
+                    if event.as_deref().is_some_and(|e| e != ev.event) {
+                        continue;
+                    }
+                    received += 1;
+                    if wants_json(json) {
+                        println!("{}", serde_json::to_string(&ev)?);
+                    } else {
+                        let stamp = if timestamp { format!("{}: ", format_timestamp(ev.timestamp_us)) } else { String::new() };
+                        println!("{stamp}event '{}' for domain '{}': {}", ev.event, ev.domain, ev.detail);
+                    }
+                    let _ = std::io::Write::flush(&mut std::io::stdout());
+                    if !keep_going {
+                        break 'outer;
+                    }
+                }
+            }
+            if !wants_json(json) {
+                writeln!(out, "events received: {received}")?;
+            }
+        }
         Command::DisksetSize { domain } => {
             let name = domain.get()?;
             let size = session.conn()?.require_disk_sets()?.diskset_size(name).await.map_err(|e| lookup_error(e, name))?;
@@ -686,3 +766,39 @@ fn chain_tree_lines(chain: &Chain) -> Vec<String> {
 }
 
 const MAX_TREE_INDENT: usize = 8;
+
+/// `2026-11-23 17:50:22.877+0000`, as virsh prints event times (UTC).
+fn format_timestamp(us: i64) -> String {
+    let secs = us.div_euclid(1_000_000);
+    let millis = us.rem_euclid(1_000_000) / 1000;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{millis:03}+0000",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_timestamp;
+
+    #[test]
+    fn event_timestamps_read_like_virsh() {
+        assert_eq!(format_timestamp(1_795_456_222_877_000), "2026-11-23 17:50:22.877+0000");
+        assert_eq!(format_timestamp(0), "1970-01-01 00:00:00.000+0000");
+        assert_eq!(format_timestamp(951_782_400_000_000), "2000-02-29 00:00:00.000+0000");
+    }
+}

@@ -54,7 +54,7 @@ mod tests {
         let out = format_table(&["Target", "Source"], &rows, false);
         assert_eq!(
             out,
-            " Target   Source\n------------------------------\n vda      ./img/top.qcow2\n vdb      ./img/data.raw\n"
+            " Target   Source\n---------------------------\n vda      ./img/top.qcow2\n vdb      ./img/data.raw\n"
         );
     }
 }

@@ -75,6 +75,18 @@ pub struct DomainInfo {
     pub managed_save: bool,
 }
 
+/// An event as `strata event` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DomainEvent {
+    pub domain: String,
+    /// `block-job` or `lifecycle`.
+    pub event: String,
+    /// What happened, in virsh's words (`Block Pull for vda completed`).
+    pub detail: String,
+    /// Microseconds since the epoch, from the hypervisor.
+    pub timestamp_us: i64,
+}
+
 /// Flags for [`Connection::define_xml`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DefineFlags {
@@ -147,6 +159,13 @@ pub trait Connection: Send + Sync {
     /// Compares recorded chains with the images (validation mode) and,
     /// with `fix`, records what the images say (correction mode).
     async fn check_chains(&self, name: &str, disk: Option<&str>, fix: bool) -> Result<Vec<DiskChainCheck>>;
+
+    /// The domain's next event, waiting at most `timeout_ms`; `None` when
+    /// none came. Events that arrive between calls are kept.
+    async fn next_event(&self, domain: &str, timeout_ms: u64) -> Result<Option<DomainEvent>> {
+        let _ = (domain, timeout_ms);
+        Err(Error::no_support(format!("the {} driver does not report events", self.capabilities().driver)))
+    }
 
     fn snapshots(&self) -> Option<&dyn SnapshotOps> {
         None

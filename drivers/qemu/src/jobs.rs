@@ -671,39 +671,41 @@ async fn wait_status(client: &QmpClient, name: &str, id: &str, wanted: &[JobStat
 /// the live and persistent definitions, `--delete` files go, dead nodes
 /// are removed, the job is dismissed and its outcome kept.
 async fn conclude(store: &Store, name: &str, client: &QmpClient, rec: &JobRecord) -> Result<()> {
-    let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
-    let info = find_job(&jobs, &rec.id).cloned();
-    let end = match &info {
-        None => BlockJobEnd::Failed("the job disappeared from QEMU".into()),
-        Some(j) => match (&j.error, rec.pivoting, rec.kind.has_ready_phase()) {
-            (Some(e), _, _) if e.contains("canceled") || e.contains("cancelled") => BlockJobEnd::Cancelled,
-            (Some(e), _, _) => BlockJobEnd::Failed(e.clone()),
-            (None, false, true) => BlockJobEnd::Finished,
-            (None, _, _) => BlockJobEnd::Completed,
-        },
-    };
-    // Dismiss before reading the graph: on QEMU 7.2 (seen with
-    // qemu-storage-daemon), query-named-block-nodes between a stream's
-    // finalize and its dismiss crashes the process.
-    if info.is_some() {
-        client
-            .execute("job-dismiss", Some(json!({"id": rec.id})))
-            .await
-            .map_err(|e| qmp_error(name, e))?;
-    }
-    let live_disk = live_disk(client, name, &rec.disk).await?;
-    {
+    let end = {
+        // Held throughout, so only one process records the job.
         let _lock = store.lock_domain(name)?;
         let Some(mut status) = live::reconcile(store, name)? else { return Ok(()) };
         if !status.jobs.iter().any(|j| j.id == rec.id) {
             return Ok(()); // another process recorded it first
         }
+        let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
+        let info = find_job(&jobs, &rec.id).cloned();
+        let end = match &info {
+            None => BlockJobEnd::Failed("the job disappeared from QEMU".into()),
+            Some(j) => match (&j.error, rec.pivoting, rec.kind.has_ready_phase()) {
+                (Some(e), _, _) if e.contains("canceled") || e.contains("cancelled") => BlockJobEnd::Cancelled,
+                (Some(e), _, _) => BlockJobEnd::Failed(e.clone()),
+                (None, false, true) => BlockJobEnd::Finished,
+                (None, _, _) => BlockJobEnd::Completed,
+            },
+        };
+        // Dismiss before reading the graph: on QEMU 7.2 (seen with
+        // qemu-storage-daemon), query-named-block-nodes between a stream's
+        // finalize and its dismiss crashes the process.
+        if info.is_some() {
+            client
+                .execute("job-dismiss", Some(json!({"id": rec.id})))
+                .await
+                .map_err(|e| qmp_error(name, e))?;
+        }
+        let live_disk = live_disk(client, name, &rec.disk).await?;
         status.domain.set_disk_chain(&rec.disk, &live_disk.chain)?;
         if rec.kind == BlockJobKind::Copy {
             status.domain.set_disk_mirror(&rec.disk, None)?;
         }
         status.jobs.retain(|j| j.id != rec.id);
-        set_outcome(store, name, &rec.disk, Some(JobOutcome { disk: rec.disk.clone(), kind: rec.kind, end: end.clone() }))?;
+        let outcome = JobOutcome { disk: rec.disk.clone(), kind: rec.kind, end: end.clone() };
+        set_outcome(store, name, &rec.disk, Some(outcome))?;
         if let Some(xml) = store.read_domain(name)? {
             let mut persistent = strata_core::xml::Domain::parse(&xml)?;
             if persistent.find_disk(&rec.disk).is_ok() {
@@ -712,8 +714,9 @@ async fn conclude(store: &Store, name: &str, client: &QmpClient, rec: &JobRecord
             }
         }
         store.write_status(name, &status.to_xml())?;
-    }
-    remove_dead_nodes(client, name).await?;
+        end
+    };
+    remove_dead_nodes(client, name, &rec.disk).await?;
     if end == BlockJobEnd::Completed {
         for path in &rec.delete {
             if let Err(e) = std::fs::remove_file(path) {
@@ -729,14 +732,16 @@ async fn conclude(store: &Store, name: &str, client: &QmpClient, rec: &JobRecord
     Ok(())
 }
 
-/// Removes the nodes nothing uses any more (left by a finished job; QEMU
-/// keeps monitor-added nodes until told), format nodes before their files.
-async fn remove_dead_nodes(client: &QmpClient, name: &str) -> Result<()> {
+/// Removes the disk's nodes nothing uses any more (left by a finished job;
+/// QEMU keeps monitor-added nodes until told), format nodes before their
+/// files. Only this disk's nodes: another disk's job may be adding some.
+async fn remove_dead_nodes(client: &QmpClient, name: &str, disk: &str) -> Result<()> {
+    let prefix = format!("{disk}-");
     for _ in 0..64 {
         let graph = BlockGraph::query(client, name).await?;
         let dead: Vec<String> = graph
             .node_names()
-            .filter(|n| !n.starts_with('#') && !graph.has_parent(n))
+            .filter(|n| n.starts_with(&prefix) && !graph.has_parent(n))
             .map(str::to_string)
             .collect();
         if dead.is_empty() {

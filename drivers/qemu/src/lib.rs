@@ -15,6 +15,7 @@ pub mod live;
 mod persistent;
 mod process;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +24,7 @@ use async_trait::async_trait;
 use strata_core::define;
 use strata_core::driver::{
     BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobOps, BlockJobState, Connection, DefineFlags,
-    DefineOutcome, DiskChainCheck, DiskSetOps, DiskSetOutcome, DomainInfo, DomainState,
+    DefineOutcome, DiskChainCheck, DiskSetOps, DiskSetOutcome, DomainEvent, DomainInfo, DomainState,
     DomainSummary, DriverCapabilities, DumpXmlFlags, StartFlags,
 };
 use strata_core::options::{BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions};
@@ -52,6 +53,8 @@ pub struct QemuConnection {
     uri: String,
     store: Store,
     monitors: MonitorCache,
+    /// Event subscriptions by domain, kept between `next_event` calls.
+    events: tokio::sync::Mutex<HashMap<String, tokio::sync::broadcast::Receiver<strata_qmp::QmpEvent>>>,
 }
 
 impl QemuConnection {
@@ -70,6 +73,7 @@ impl QemuConnection {
             uri: uri.to_string(),
             store: Store::open(root)?,
             monitors: MonitorCache::default(),
+            events: Default::default(),
         })
     }
 
@@ -86,6 +90,7 @@ impl QemuConnection {
             uri: format!("qemu:///embed?root={}", root.display()),
             store: Store::open(root)?,
             monitors: MonitorCache::default(),
+            events: Default::default(),
         })
     }
 
@@ -398,6 +403,29 @@ impl Connection for QemuConnection {
             self.store.write_status(name, &status.to_xml())?;
         }
         Ok(checks)
+    }
+
+    async fn next_event(&self, domain: &str, timeout_ms: u64) -> Result<Option<DomainEvent>> {
+        let (_, monitor) = self.running(domain).await?;
+        let mut events = self.events.lock().await;
+        let rx = events
+            .entry(domain.to_string())
+            .or_insert_with(|| monitor.client.subscribe_events());
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+        loop {
+            let ev = match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Err(_) => return Ok(None),
+                Ok(Ok(ev)) => ev,
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => continue,
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
+                    events.remove(domain);
+                    return Err(Error::operation_invalid("domain is not running"));
+                }
+            };
+            if let Some(e) = live::translate_event(domain, &ev) {
+                return Ok(Some(e));
+            }
+        }
     }
 
     fn disk_sets(&self) -> Option<&dyn DiskSetOps> {

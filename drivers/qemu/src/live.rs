@@ -453,3 +453,36 @@ pub async fn wait_for_socket(path: &Path, child: &mut std::process::Child, log: 
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// virsh's words for a QEMU event, if it is one `strata event` reports.
+pub fn translate_event(domain: &str, ev: &strata_qmp::QmpEvent) -> Option<strata_core::driver::DomainEvent> {
+    use strata_core::driver::BlockJobKind;
+    use strata_qmp::KnownEvent;
+    let block_job = |id: &str, what: &str| {
+        // Strata's job ids are strata-KIND-DISK.
+        let rest = id.strip_prefix("strata-")?;
+        let kind = [BlockJobKind::ActiveCommit, BlockJobKind::Pull, BlockJobKind::Commit, BlockJobKind::Copy]
+            .into_iter()
+            .find(|k| rest.starts_with(&format!("{}-", k.as_str())))?;
+        let disk = &rest[kind.as_str().len() + 1..];
+        Some(("block-job", format!("{} for {disk} {what}", kind.label())))
+    };
+    let (event, detail) = match ev.known() {
+        KnownEvent::BlockJobCompleted(e) => {
+            block_job(&e.device, if e.error.is_some() { "failed" } else { "completed" })?
+        }
+        KnownEvent::BlockJobCancelled(e) => block_job(&e.device, "canceled")?,
+        KnownEvent::BlockJobReady(e) => block_job(&e.device, "ready")?,
+        KnownEvent::BlockJobError(e) => block_job(&e.device, "failed")?,
+        KnownEvent::Stop => ("lifecycle", "Suspended Paused".to_string()),
+        KnownEvent::Resume => ("lifecycle", "Resumed Unpaused".to_string()),
+        KnownEvent::Shutdown(_) => ("lifecycle", "Stopped Shutdown".to_string()),
+        _ => return None,
+    };
+    Some(strata_core::driver::DomainEvent {
+        domain: domain.to_string(),
+        event: event.to_string(),
+        detail,
+        timestamp_us: ev.timestamp.0.saturating_mul(1_000_000).saturating_add(ev.timestamp.1),
+    })
+}
