@@ -54,6 +54,9 @@ pub struct PullArgs {
     /// Keep the backing name relative.
     #[arg(long = "keep-relative")]
     keep_relative: bool,
+    /// Pull into this layer (path or DISK[N]) instead of the active one.
+    #[arg(long)]
+    top: Option<String>,
     #[command(flatten)]
     wait: WaitArgs,
 }
@@ -255,7 +258,12 @@ fn ended_badly(end: &BlockJobEnd, what: &str) -> anyhow::Error {
 }
 
 pub async fn blockpull(jobs: &dyn BlockJobOps, a: PullArgs) -> Result<String> {
-    let opts = BlockPullOptions { base: a.base, bandwidth_bytes: a.wait.bandwidth_bytes(), keep_relative: a.keep_relative };
+    let opts = BlockPullOptions {
+        base: a.base,
+        top: a.top,
+        bandwidth_bytes: a.wait.bandwidth_bytes(),
+        keep_relative: a.keep_relative,
+    };
     jobs.block_pull(&a.domain, &a.disk, &opts).await?;
     if !(a.wait.wait || a.wait.verbose || a.wait.timeout.is_some()) {
         return Ok("Block Pull started\n".into());

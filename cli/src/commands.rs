@@ -228,6 +228,33 @@ pub enum Command {
     Blockcopy(crate::blockjobs::CopyArgs),
     /// Show, throttle, pivot or abort a disk's block job.
     Blockjob(crate::blockjobs::JobArgs),
+    /// Create a snapshot from XML (or an empty description).
+    #[command(name = "snapshot-create")]
+    SnapshotCreate(crate::snapshots::CreateArgs),
+    /// Create a snapshot from options.
+    #[command(name = "snapshot-create-as")]
+    SnapshotCreateAs(crate::snapshots::CreateAsArgs),
+    /// List snapshots.
+    #[command(name = "snapshot-list")]
+    SnapshotList(crate::snapshots::ListArgs),
+    /// Snapshot information.
+    #[command(name = "snapshot-info")]
+    SnapshotInfo(crate::snapshots::NameArgs),
+    /// Snapshot XML.
+    #[command(name = "snapshot-dumpxml")]
+    SnapshotDumpxml(crate::snapshots::NameArgs),
+    /// Show or set the current snapshot.
+    #[command(name = "snapshot-current")]
+    SnapshotCurrent(crate::snapshots::CurrentArgs),
+    /// A snapshot's parent.
+    #[command(name = "snapshot-parent")]
+    SnapshotParent(crate::snapshots::NameArgs),
+    /// Revert the domain to a snapshot.
+    #[command(name = "snapshot-revert")]
+    SnapshotRevert(crate::snapshots::RevertArgs),
+    /// Delete a snapshot.
+    #[command(name = "snapshot-delete")]
+    SnapshotDelete(crate::snapshots::DeleteArgs),
     /// Print a domain's events as they happen.
     Event {
         #[arg(value_name = "DOMAIN")]
@@ -611,6 +638,51 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
             let jobs = session.conn()?.require_block_jobs()?;
             out = crate::blockjobs::blockjob(jobs, a).await.map_err(|e| job_error(e, &domain))?;
         }
+        Command::SnapshotCreate(a) => {
+            let d = a.domain.clone();
+            let snaps = session.conn()?.require_snapshots()?;
+            out = crate::snapshots::create(snaps, a).await.map_err(|e| job_error(e, &d))?;
+        }
+        Command::SnapshotCreateAs(a) => {
+            let d = a.domain.clone();
+            let snaps = session.conn()?.require_snapshots()?;
+            out = crate::snapshots::create_as(snaps, a).await.map_err(|e| job_error(e, &d))?;
+        }
+        Command::SnapshotList(a) => {
+            let d = a.domain.clone();
+            let snaps = session.conn()?.require_snapshots()?;
+            out = crate::snapshots::list(snaps, a, quiet, global_json).await.map_err(|e| job_error(e, &d))?;
+        }
+        Command::SnapshotInfo(a) => {
+            let d = a.domain.clone();
+            let snaps = session.conn()?.require_snapshots()?;
+            out = crate::snapshots::info(snaps, a, global_json).await.map_err(|e| job_error(e, &d))?;
+        }
+        Command::SnapshotDumpxml(a) => {
+            let d = a.domain.clone();
+            let snaps = session.conn()?.require_snapshots()?;
+            out = crate::snapshots::dumpxml(snaps, a).await.map_err(|e| job_error(e, &d))?;
+        }
+        Command::SnapshotCurrent(a) => {
+            let d = a.domain.clone();
+            let snaps = session.conn()?.require_snapshots()?;
+            out = crate::snapshots::current(snaps, a).await.map_err(|e| job_error(e, &d))?;
+        }
+        Command::SnapshotParent(a) => {
+            let d = a.domain.clone();
+            let snaps = session.conn()?.require_snapshots()?;
+            out = crate::snapshots::parent(snaps, a).await.map_err(|e| job_error(e, &d))?;
+        }
+        Command::SnapshotRevert(a) => {
+            let d = a.domain.clone();
+            let snaps = session.conn()?.require_snapshots()?;
+            out = crate::snapshots::revert(snaps, a).await.map_err(|e| job_error(e, &d))?;
+        }
+        Command::SnapshotDelete(a) => {
+            let d = a.domain.clone();
+            let snaps = session.conn()?.require_snapshots()?;
+            out = crate::snapshots::delete(snaps, a).await.map_err(|e| job_error(e, &d))?;
+        }
         Command::Event { positional, named, event, all, keep_going, timeout, timestamp, list, json } => {
             if list {
                 return Ok("block-job\nlifecycle\n".into());
@@ -768,7 +840,7 @@ fn chain_tree_lines(chain: &Chain) -> Vec<String> {
 const MAX_TREE_INDENT: usize = 8;
 
 /// `2026-11-23 17:50:22.877+0000`, as virsh prints event times (UTC).
-fn format_timestamp(us: i64) -> String {
+pub(crate) fn format_timestamp(us: i64) -> String {
     let secs = us.div_euclid(1_000_000);
     let millis = us.rem_euclid(1_000_000) / 1000;
     let days = secs.div_euclid(86_400);

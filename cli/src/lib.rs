@@ -8,6 +8,7 @@
 
 mod blockjobs;
 mod commands;
+mod snapshots;
 mod table;
 mod tokenize;
 

@@ -214,6 +214,8 @@ pub trait SnapshotOps: Send + Sync {
     async fn snapshot_create(&self, domain: &str, xml: &str, flags: SnapshotCreateFlags) -> Result<String>;
     async fn snapshot_list(&self, domain: &str) -> Result<Vec<SnapshotSummary>>;
     async fn snapshot_xml(&self, domain: &str, snapshot: &str) -> Result<String>;
+    /// Makes an existing snapshot the current one.
+    async fn snapshot_set_current(&self, domain: &str, snapshot: &str) -> Result<()>;
     async fn snapshot_revert(&self, domain: &str, snapshot: &str, flags: SnapshotRevertFlags) -> Result<()>;
     /// Deletes; the returned lines say what was done to the images.
     async fn snapshot_delete(&self, domain: &str, snapshot: &str, flags: SnapshotDeleteFlags) -> Result<Vec<String>>;

@@ -24,8 +24,11 @@ fn requires(a: bool, a_name: &str, b: bool, b_name: &str) -> Result<()> {
 /// `blockpull`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct BlockPullOptions {
-    /// Path or `disk[N]`; `None` pulls everything into the active layer.
+    /// Path or `disk[N]`; `None` pulls everything below the target layer.
     pub base: Option<String>,
+    /// The layer that receives the data (Strata extension, `--top`);
+    /// `None` is the active layer, as in virsh.
+    pub top: Option<String>,
     pub bandwidth_bytes: Option<u64>,
     pub keep_relative: bool,
 }

@@ -194,6 +194,23 @@ pub fn resolve_layer(disk: &str, chain: &Chain, spec: &str) -> Result<usize> {
         .ok_or_else(|| Error::invalid_arg(format!("could not find image '{spec}' in chain for '{disk}'")))
 }
 
+/// Whether layer `lower` is somewhere below layer `upper` on its line.
+fn below(chain: &Chain, upper: usize, lower: usize) -> bool {
+    let mut cursor = chain.backing_of(upper).first().copied();
+    let mut steps = 0;
+    while let Some(c) = cursor {
+        if c == lower {
+            return true;
+        }
+        steps += 1;
+        if steps > chain.layers.len() {
+            return false;
+        }
+        cursor = chain.backing_of(c).first().copied();
+    }
+    false
+}
+
 /// The backing string to write into the image above `base`: its absolute
 /// path, or with `keep_relative` the name the image above it recorded.
 fn backing_string(chain: &Chain, base: usize, keep_relative: bool) -> Result<Option<String>> {
@@ -274,16 +291,19 @@ async fn start_recorded(
 pub async fn pull(store: &Store, name: &str, client: &QmpClient, disk: &str, opts: &BlockPullOptions) -> Result<()> {
     opts.validate()?;
     let live = live_disk(client, name, disk).await?;
-    let root = live.root().ok_or_else(|| Error::internal("disk without a root node"))?.to_string();
+    let into = match &opts.top {
+        Some(t) => resolve_layer(disk, &live.chain, t)?,
+        None => 0,
+    };
     let mut args = json!({
         "job-id": job_id(BlockJobKind::Pull, disk),
-        "device": root,
+        "device": live.nodes[into],
         "auto-finalize": false,
         "auto-dismiss": false,
     });
     if let Some(base) = &opts.base {
         let b = resolve_layer(disk, &live.chain, base)?;
-        if b == 0 {
+        if !below(&live.chain, into, b) {
             return Err(Error::invalid_arg(format!("could not find base image in chain for '{disk}'")));
         }
         args["base-node"] = Value::String(live.nodes[b].clone());
@@ -383,7 +403,7 @@ pub async fn commit(
 }
 
 /// Runs a `blockdev-create` job to its end and dismisses it.
-async fn create_blockdev(client: &QmpClient, name: &str, job: &str, options: Value) -> Result<()> {
+pub(crate) async fn create_blockdev(client: &QmpClient, name: &str, job: &str, options: Value) -> Result<()> {
     let mut rx = client.subscribe_events();
     client
         .execute("blockdev-create", Some(json!({"job-id": job, "options": options})))
@@ -632,7 +652,7 @@ fn mark_ready(store: &Store, name: &str, id: &str) -> Result<()> {
     store.write_status(name, &status.to_xml())
 }
 
-async fn wait_status(client: &QmpClient, name: &str, id: &str, wanted: &[JobStatus], limit: Duration) -> Result<JobStatus> {
+pub(crate) async fn wait_status(client: &QmpClient, name: &str, id: &str, wanted: &[JobStatus], limit: Duration) -> Result<JobStatus> {
     let mut rx = client.subscribe_events();
     let deadline = Instant::now() + limit;
     loop {

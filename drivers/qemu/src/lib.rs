@@ -14,6 +14,7 @@ mod launch;
 pub mod live;
 mod persistent;
 mod process;
+mod snapshots;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -25,9 +26,12 @@ use strata_core::define;
 use strata_core::driver::{
     BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobOps, BlockJobState, Connection, DefineFlags,
     DefineOutcome, DiskChainCheck, DiskSetOps, DiskSetOutcome, DomainEvent, DomainInfo, DomainState,
-    DomainSummary, DriverCapabilities, DumpXmlFlags, StartFlags,
+    DomainSummary, DriverCapabilities, DumpXmlFlags, SnapshotOps, SnapshotSummary, StartFlags,
 };
-use strata_core::options::{BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions};
+use strata_core::options::{
+    BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions, SnapshotCreateFlags,
+    SnapshotDeleteFlags, SnapshotRevertFlags,
+};
 use strata_core::registry::DriverRegistration;
 use strata_core::store::Store;
 use strata_core::uri::ConnectUri;
@@ -238,7 +242,7 @@ impl QemuConnection {
 
     /// The live definition: the one QEMU runs with, each disk's chain read
     /// from QEMU's block graph.
-    async fn live_domain(&self, name: &str) -> Result<Domain> {
+    pub(crate) async fn live_domain(&self, name: &str) -> Result<Domain> {
         let (status, monitor) = self.running(name).await?;
         let mut dom = status.domain.clone();
         dom.set_id(Some(status.id));
@@ -276,7 +280,7 @@ impl Connection for QemuConnection {
             uri: self.uri.clone(),
             hypervisor: "QEMU".into(),
             live: true,
-            snapshots: false,
+            snapshots: true,
             block_jobs: true,
             disk_sets: true,
             notes: vec![
@@ -434,6 +438,42 @@ impl Connection for QemuConnection {
 
     fn block_jobs(&self) -> Option<&dyn BlockJobOps> {
         Some(self)
+    }
+
+    fn snapshots(&self) -> Option<&dyn SnapshotOps> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl SnapshotOps for QemuConnection {
+    async fn snapshot_create(&self, domain: &str, xml: &str, flags: SnapshotCreateFlags) -> Result<String> {
+        self.snapshot_create_impl(domain, xml, flags).await
+    }
+
+    async fn snapshot_list(&self, domain: &str) -> Result<Vec<SnapshotSummary>> {
+        persistent::load(&self.store, domain)?;
+        snapshots::summaries(&self.store, domain)
+    }
+
+    async fn snapshot_xml(&self, domain: &str, snapshot: &str) -> Result<String> {
+        persistent::load(&self.store, domain)?;
+        Ok(snapshots::load(&self.store, domain, snapshot)?.to_xml())
+    }
+
+    async fn snapshot_set_current(&self, domain: &str, snapshot: &str) -> Result<()> {
+        persistent::load(&self.store, domain)?;
+        snapshots::load(&self.store, domain, snapshot)?;
+        self.store.write_domain_file(domain, "snapshot-current", snapshot)
+    }
+
+    async fn snapshot_revert(&self, domain: &str, snapshot: &str, flags: SnapshotRevertFlags) -> Result<()> {
+        self.snapshot_revert_impl(domain, snapshot, flags).await
+    }
+
+    async fn snapshot_delete(&self, domain: &str, snapshot: &str, flags: SnapshotDeleteFlags) -> Result<Vec<String>> {
+        persistent::load(&self.store, domain)?;
+        self.snapshot_delete_impl(domain, snapshot, flags).await
     }
 }
 

@@ -1,0 +1,608 @@
+//! The snapshot commands, with virsh's syntax, tables and tree.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use anyhow::{anyhow, bail, Result};
+use clap::Args;
+use strata_core::driver::{SnapshotOps, SnapshotSummary};
+use strata_core::options::{SnapshotCreateFlags, SnapshotDeleteFlags, SnapshotRevertFlags};
+use strata_core::xml::Element;
+
+use crate::table::format_table;
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    #[arg(value_name = "DOMAIN")]
+    pub domain: String,
+    /// A <domainsnapshot> XML file.
+    #[arg(value_name = "FILE")]
+    file: Option<String>,
+    #[arg(long)]
+    redefine: bool,
+    #[arg(long)]
+    current: bool,
+    #[arg(long = "no-metadata")]
+    no_metadata: bool,
+    #[arg(long = "disk-only")]
+    disk_only: bool,
+    #[arg(long = "reuse-external")]
+    reuse_external: bool,
+    #[arg(long)]
+    atomic: bool,
+    /// Revert to the XML's <parent> and snapshot on a new branch, in one call.
+    #[arg(long)]
+    branch: bool,
+    /// Snapshot exactly the domain's disk set (seed 004).
+    #[arg(long = "disk-set")]
+    disk_set: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CreateAsArgs {
+    #[arg(value_name = "DOMAIN")]
+    pub domain: String,
+    #[arg(value_name = "NAME")]
+    name: Option<String>,
+    #[arg(value_name = "DESCRIPTION")]
+    description_positional: Option<String>,
+    #[arg(long)]
+    description: Option<String>,
+    #[arg(long = "disk-only")]
+    disk_only: bool,
+    #[arg(long = "no-metadata")]
+    no_metadata: bool,
+    #[arg(long = "reuse-external")]
+    reuse_external: bool,
+    #[arg(long)]
+    atomic: bool,
+    #[arg(long)]
+    live: bool,
+    /// DISK[,snapshot=internal|external|no][,driver=qcow2][,file=PATH]
+    #[arg(long = "diskspec", value_name = "SPEC")]
+    diskspec: Vec<String>,
+    /// [file=]PATH[,snapshot=external|internal|no]
+    #[arg(long = "memspec", value_name = "SPEC")]
+    memspec: Option<String>,
+    #[arg(long = "disk-set")]
+    disk_set: bool,
+    /// Print the XML instead of creating the snapshot.
+    #[arg(long = "print-xml")]
+    print_xml: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    #[arg(value_name = "DOMAIN")]
+    pub domain: String,
+    #[arg(long)]
+    tree: bool,
+    #[arg(long)]
+    roots: bool,
+    #[arg(long)]
+    leaves: bool,
+    #[arg(long = "no-leaves")]
+    no_leaves: bool,
+    #[arg(long)]
+    parent: bool,
+    #[arg(long)]
+    current: bool,
+    #[arg(long)]
+    from: Option<String>,
+    #[arg(long)]
+    descendants: bool,
+    #[arg(long)]
+    name: bool,
+    #[arg(long)]
+    internal: bool,
+    #[arg(long)]
+    external: bool,
+    #[arg(long = "disk-only")]
+    disk_only: bool,
+    #[arg(long)]
+    active: bool,
+    #[arg(long)]
+    inactive: bool,
+    #[arg(long)]
+    topological: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct NameArgs {
+    #[arg(value_name = "DOMAIN")]
+    pub domain: String,
+    #[arg(value_name = "SNAPSHOT")]
+    snapshot: Option<String>,
+    #[arg(long = "snapshotname")]
+    snapshotname: Option<String>,
+    #[arg(long)]
+    current: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CurrentArgs {
+    #[arg(value_name = "DOMAIN")]
+    pub domain: String,
+    #[arg(value_name = "SNAPSHOT")]
+    snapshot: Option<String>,
+    #[arg(long)]
+    name: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RevertArgs {
+    #[arg(value_name = "DOMAIN")]
+    pub domain: String,
+    #[arg(value_name = "SNAPSHOT")]
+    snapshot: Option<String>,
+    #[arg(long)]
+    current: bool,
+    #[arg(long)]
+    running: bool,
+    #[arg(long)]
+    paused: bool,
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DeleteArgs {
+    #[arg(value_name = "DOMAIN")]
+    pub domain: String,
+    #[arg(value_name = "SNAPSHOT")]
+    snapshot: Option<String>,
+    #[arg(long)]
+    current: bool,
+    #[arg(long)]
+    children: bool,
+    #[arg(long = "children-only")]
+    children_only: bool,
+    #[arg(long)]
+    metadata: bool,
+}
+
+pub async fn create(snaps: &dyn SnapshotOps, a: CreateArgs) -> Result<String> {
+    let (xml, from) = match &a.file {
+        Some(f) => (
+            std::fs::read_to_string(f).map_err(|e| anyhow!("Failed to open file '{f}': {e}"))?,
+            Some(f.clone()),
+        ),
+        None => ("<domainsnapshot/>".to_string(), None),
+    };
+    let flags = SnapshotCreateFlags {
+        redefine: a.redefine,
+        current: a.current,
+        no_metadata: a.no_metadata,
+        disk_only: a.disk_only,
+        reuse_external: a.reuse_external,
+        atomic: a.atomic,
+        live: false,
+        branch: a.branch,
+        disk_set: a.disk_set,
+    };
+    let name = snaps.snapshot_create(&a.domain, &xml, flags).await?;
+    Ok(match from {
+        Some(f) => format!("Domain snapshot {name} created from '{f}'\n"),
+        None => format!("Domain snapshot {name} created\n"),
+    })
+}
+
+/// `snapshot-create-as`'s options as `<domainsnapshot>` XML, as virsh builds it.
+fn create_as_xml(a: &CreateAsArgs) -> Result<String> {
+    let mut root = Element::new("domainsnapshot");
+    if let Some(n) = &a.name {
+        root = root.with_child(Element::new("name").with_text(n.clone()));
+    }
+    if let Some(d) = a.description.as_ref().or(a.description_positional.as_ref()) {
+        root = root.with_child(Element::new("description").with_text(d.clone()));
+    }
+    if let Some(spec) = &a.memspec {
+        let mut mem = Element::new("memory");
+        for (i, part) in split_spec(spec).into_iter().enumerate() {
+            match part.split_once('=') {
+                Some(("file", v)) => mem.set_attr("file", v),
+                Some(("snapshot", v)) => mem.set_attr("snapshot", v),
+                None if i == 0 => mem.set_attr("file", part),
+                _ => bail!("invalid memspec '{spec}': unknown item '{part}'"),
+            }
+        }
+        if mem.attr("snapshot").is_none() {
+            mem.set_attr("snapshot", if mem.attr("file").is_some() { "external" } else { "no" });
+        }
+        root = root.with_child(mem);
+    }
+    if !a.diskspec.is_empty() {
+        let mut disks = Element::new("disks");
+        for spec in &a.diskspec {
+            let parts = split_spec(spec);
+            let Some(name) = parts.first().filter(|n| !n.is_empty() && !n.contains('=')) else {
+                bail!("invalid diskspec '{spec}': it must start with the disk name");
+            };
+            let mut disk = Element::new("disk").with_attr("name", name.clone());
+            let (mut driver, mut file) = (None, None);
+            for part in &parts[1..] {
+                match part.split_once('=') {
+                    Some(("snapshot", v)) => disk.set_attr("snapshot", v),
+                    Some(("driver", v)) => driver = Some(v.to_string()),
+                    Some(("file", v)) => file = Some(v.to_string()),
+                    Some(("stype", v)) => disk.set_attr("type", v),
+                    _ => bail!("invalid diskspec '{spec}': unknown item '{part}'"),
+                }
+            }
+            if let Some(d) = driver {
+                disk = disk.with_child(Element::new("driver").with_attr("type", d));
+            }
+            if let Some(f) = file {
+                if disk.attr("snapshot").is_none() {
+                    disk.set_attr("snapshot", "external");
+                }
+                disk = disk.with_child(Element::new("source").with_attr("file", f));
+            }
+            disks = disks.with_child(disk);
+        }
+        root = root.with_child(disks);
+    }
+    Ok(root.to_xml())
+}
+
+/// Splits on ',' where ",," stands for a literal comma, as virsh does.
+fn split_spec(spec: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut chars = spec.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                if let Some(last) = out.last_mut() {
+                    last.push(',');
+                }
+            } else {
+                out.push(String::new());
+            }
+        } else if let Some(last) = out.last_mut() {
+            last.push(c);
+        }
+    }
+    out
+}
+
+pub async fn create_as(snaps: &dyn SnapshotOps, a: CreateAsArgs) -> Result<String> {
+    let xml = create_as_xml(&a)?;
+    if a.print_xml {
+        return Ok(xml);
+    }
+    let flags = SnapshotCreateFlags {
+        no_metadata: a.no_metadata,
+        disk_only: a.disk_only,
+        reuse_external: a.reuse_external,
+        atomic: a.atomic,
+        live: a.live,
+        disk_set: a.disk_set,
+        ..Default::default()
+    };
+    let name = snaps.snapshot_create(&a.domain, &xml, flags).await?;
+    Ok(format!("Domain snapshot {name} created\n"))
+}
+
+fn format_time(secs: i64) -> String {
+    let stamp = crate::commands::format_timestamp(secs.saturating_mul(1_000_000));
+    // "2026-11-23 17:42:45 +0000", as snapshot-list prints it.
+    format!("{} +0000", &stamp[..19])
+}
+
+pub async fn list(snaps: &dyn SnapshotOps, a: ListArgs, quiet: bool, json: bool) -> Result<String> {
+    if a.roots && a.tree {
+        bail!("Options --roots and --tree are mutually exclusive");
+    }
+    if a.tree && (a.internal || a.external) {
+        bail!("--{} and --tree are mutually exclusive", if a.internal { "internal" } else { "external" });
+    }
+    if a.leaves && a.no_leaves {
+        bail!("Options --leaves and --no-leaves are mutually exclusive");
+    }
+    let all = snaps.snapshot_list(&a.domain).await?;
+    let by_name: HashMap<&str, &SnapshotSummary> = all.iter().map(|s| (s.name.as_str(), s)).collect();
+    let has_children = |n: &str| all.iter().any(|s| s.parent.as_deref() == Some(n));
+    let current = all.iter().find(|s| s.current).map(|s| s.name.clone());
+    let from = match (&a.from, a.current) {
+        (Some(f), _) => {
+            if !by_name.contains_key(f.as_str()) {
+                bail!("Domain snapshot not found: no domain snapshot with matching name '{f}'");
+            }
+            Some(f.clone())
+        }
+        (None, true) if !a.tree => current.clone(),
+        _ => None,
+    };
+    let mut shown: Vec<&SnapshotSummary> = all
+        .iter()
+        .filter(|s| match &from {
+            Some(f) if a.descendants || a.tree => is_under(&by_name, &s.name, f) || (a.tree && &s.name == f),
+            Some(f) => s.parent.as_deref() == Some(f.as_str()),
+            None => !(a.current && !a.tree),
+        })
+        .filter(|s| !a.roots || s.parent.is_none())
+        .filter(|s| !a.leaves || !has_children(&s.name))
+        .filter(|s| !a.no_leaves || has_children(&s.name))
+        .filter(|s| !a.internal || s.location == "internal")
+        .filter(|s| !a.external || s.location != "internal")
+        .filter(|s| !a.disk_only || s.state == "disk-snapshot")
+        .filter(|s| !a.active || s.state == "running" || s.state == "paused")
+        .filter(|s| !a.inactive || s.state == "shutoff")
+        .collect();
+    if a.topological {
+        shown.sort_by_key(|s| depth(s, &by_name));
+    }
+    if json || a.json {
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&shown)?));
+    }
+    if a.tree {
+        return Ok(tree(&shown));
+    }
+    if a.name {
+        let mut out = String::new();
+        for s in &shown {
+            writeln!(out, "{}", s.name)?;
+        }
+        out.push('\n');
+        return Ok(out);
+    }
+    let mut header = vec!["Name", "Creation Time", "State"];
+    if a.parent {
+        header.push("Parent");
+    }
+    let rows: Vec<Vec<String>> = shown
+        .iter()
+        .map(|s| {
+            let mut r = vec![s.name.clone(), format_time(s.creation_time), s.state.clone()];
+            if a.parent {
+                r.push(s.parent.clone().unwrap_or_default());
+            }
+            r
+        })
+        .collect();
+    let mut out = format_table(&header, &rows, quiet);
+    out.push('\n');
+    Ok(out)
+}
+
+/// Whether `n` descends from `root`.
+fn is_under<'a>(by_name: &HashMap<&'a str, &'a SnapshotSummary>, mut n: &'a str, root: &str) -> bool {
+    let mut steps = 0;
+    while let Some(p) = by_name.get(n).and_then(|s| s.parent.as_deref()) {
+        if p == root {
+            return true;
+        }
+        n = p;
+        steps += 1;
+        if steps > by_name.len() {
+            return false;
+        }
+    }
+    false
+}
+
+fn depth(s: &SnapshotSummary, by_name: &HashMap<&str, &SnapshotSummary>) -> usize {
+    let mut d = 0;
+    let mut cur = s.parent.as_deref();
+    while let Some(p) = cur {
+        d += 1;
+        if d > by_name.len() {
+            break;
+        }
+        cur = by_name.get(p).and_then(|x| x.parent.as_deref());
+    }
+    d
+}
+
+/// virsh's snapshot tree (vshTreePrint), built without recursion so a
+/// 10,000-deep tree prints too.
+fn tree(shown: &[&SnapshotSummary]) -> String {
+    let names: std::collections::HashSet<&str> = shown.iter().map(|s| s.name.as_str()).collect();
+    let mut children: HashMap<&str, Vec<&str>> = HashMap::new();
+    let mut roots = Vec::new();
+    for s in shown {
+        match s.parent.as_deref().filter(|p| names.contains(p)) {
+            Some(p) => children.entry(p).or_default().push(&s.name),
+            None => roots.push(s.name.as_str()),
+        }
+    }
+    let mut out = String::new();
+    for root in roots {
+        // Frames: (node, is last sibling, is root, phase); phase 0 prints
+        // the node and pushes its children, phase 1 closes it.
+        let mut indent = String::new();
+        let mut stack: Vec<(&str, bool, bool, bool)> = vec![(root, true, true, false)];
+        while let Some((node, last, is_root, closing)) = stack.pop() {
+            let kids = children.get(node).cloned().unwrap_or_default();
+            if closing {
+                indent.truncate(indent.len().saturating_sub(2));
+                if kids.is_empty() && last {
+                    let _ = writeln!(out, "{indent}");
+                }
+                if !is_root {
+                    indent.truncate(indent.len().saturating_sub(2));
+                }
+                continue;
+            }
+            let _ = writeln!(out, "{indent}{}{node}", if is_root { "" } else { "+- " });
+            if !is_root {
+                indent.push(if last { ' ' } else { '|' });
+                indent.push(' ');
+            }
+            if !kids.is_empty() {
+                let _ = writeln!(out, "{indent}  |");
+            }
+            indent.push_str("  ");
+            stack.push((node, last, is_root, true));
+            for (i, k) in kids.iter().enumerate().rev() {
+                stack.push((k, i + 1 == kids.len(), false, false));
+            }
+        }
+    }
+    out.push('\n');
+    out
+}
+
+fn pick_name(snapshot: &Option<String>, named: &Option<String>, current: bool, all: &[SnapshotSummary]) -> Result<String> {
+    if let Some(n) = named.as_ref().or(snapshot.as_ref()) {
+        return Ok(n.clone());
+    }
+    if current {
+        return all
+            .iter()
+            .find(|s| s.current)
+            .map(|s| s.name.clone())
+            .ok_or_else(|| anyhow!("the domain has no current snapshot"));
+    }
+    bail!("command requires <snapshotname> option or --current")
+}
+
+pub async fn info(snaps: &dyn SnapshotOps, a: NameArgs, json: bool) -> Result<String> {
+    let all = snaps.snapshot_list(&a.domain).await?;
+    let name = pick_name(&a.snapshot, &a.snapshotname, a.current, &all)?;
+    let s = all.iter().find(|s| s.name == name).ok_or_else(|| {
+        anyhow!(strata_core::Error::new(
+            strata_core::ErrorKind::NoDomainSnapshot,
+            format!("no domain snapshot with matching name '{name}'")
+        ))
+    })?;
+    let children = all.iter().filter(|c| c.parent.as_deref() == Some(name.as_str())).count();
+    let mut descendants = 0;
+    let mut frontier = vec![name.clone()];
+    while let Some(n) = frontier.pop() {
+        for c in all.iter().filter(|c| c.parent.as_deref() == Some(n.as_str())) {
+            descendants += 1;
+            frontier.push(c.name.clone());
+        }
+    }
+    if json || a.json {
+        let v = serde_json::json!({
+            "name": s.name, "domain": a.domain, "current": s.current, "state": s.state,
+            "location": s.location, "parent": s.parent, "children": children,
+            "descendants": descendants, "metadata": true, "creation_time": s.creation_time,
+        });
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&v)?));
+    }
+    let mut out = String::new();
+    let rows = [
+        ("Name", s.name.clone()),
+        ("Domain", a.domain.clone()),
+        ("Current", if s.current { "yes" } else { "no" }.into()),
+        ("State", s.state.clone()),
+        ("Location", s.location.clone()),
+        ("Parent", s.parent.clone().unwrap_or_else(|| "-".into())),
+        ("Children", children.to_string()),
+        ("Descendants", descendants.to_string()),
+        ("Metadata", "yes".into()),
+    ];
+    for (k, v) in rows {
+        writeln!(out, "{:<16}{v}", format!("{k}:"))?;
+    }
+    out.push('\n');
+    Ok(out)
+}
+
+pub async fn dumpxml(snaps: &dyn SnapshotOps, a: NameArgs) -> Result<String> {
+    let all = snaps.snapshot_list(&a.domain).await?;
+    let name = pick_name(&a.snapshot, &a.snapshotname, a.current, &all)?;
+    Ok(format!("{}\n", snaps.snapshot_xml(&a.domain, &name).await?))
+}
+
+pub async fn current(snaps: &dyn SnapshotOps, a: CurrentArgs) -> Result<String> {
+    if let Some(n) = &a.snapshot {
+        snaps.snapshot_set_current(&a.domain, n).await?;
+        return Ok(format!("Snapshot {n} set as current\n"));
+    }
+    let all = snaps.snapshot_list(&a.domain).await?;
+    let Some(cur) = all.iter().find(|s| s.current) else {
+        bail!("Domain snapshot not found: the domain does not have a current snapshot");
+    };
+    if a.name {
+        return Ok(format!("{}\n", cur.name));
+    }
+    Ok(format!("{}\n", snaps.snapshot_xml(&a.domain, &cur.name).await?))
+}
+
+pub async fn parent(snaps: &dyn SnapshotOps, a: NameArgs) -> Result<String> {
+    let all = snaps.snapshot_list(&a.domain).await?;
+    let name = pick_name(&a.snapshot, &a.snapshotname, a.current, &all)?;
+    let s = all.iter().find(|s| s.name == name).ok_or_else(|| {
+        anyhow!(strata_core::Error::new(
+            strata_core::ErrorKind::NoDomainSnapshot,
+            format!("no domain snapshot with matching name '{name}'")
+        ))
+    })?;
+    match &s.parent {
+        Some(p) => Ok(format!("{p}\n")),
+        None => bail!("snapshot '{name}' has no parent"),
+    }
+}
+
+pub async fn revert(snaps: &dyn SnapshotOps, a: RevertArgs) -> Result<String> {
+    let all = snaps.snapshot_list(&a.domain).await?;
+    let name = pick_name(&a.snapshot, &None, a.current, &all)?;
+    let flags = SnapshotRevertFlags { running: a.running, paused: a.paused, force: a.force };
+    snaps
+        .snapshot_revert(&a.domain, &name, flags)
+        .await
+        .map_err(|e| anyhow!(e).context(format!("Failed to revert snapshot {name}")))?;
+    Ok(format!("Domain snapshot {name} reverted\n"))
+}
+
+pub async fn delete(snaps: &dyn SnapshotOps, a: DeleteArgs) -> Result<String> {
+    let all = snaps.snapshot_list(&a.domain).await?;
+    let name = pick_name(&a.snapshot, &None, a.current, &all)?;
+    let flags = SnapshotDeleteFlags { children: a.children, children_only: a.children_only, metadata_only: a.metadata };
+    let notes = snaps
+        .snapshot_delete(&a.domain, &name, flags)
+        .await
+        .map_err(|e| anyhow!(e).context(format!("Failed to delete snapshot {name}")))?;
+    let mut out = String::new();
+    for n in notes {
+        writeln!(out, "{n}")?;
+    }
+    if a.children {
+        writeln!(out, "Domain snapshot {name} and all children deleted")?;
+    } else if a.children_only {
+        writeln!(out, "Domain snapshot {name} children deleted")?;
+    } else {
+        writeln!(out, "Domain snapshot {name} deleted")?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(name: &str, parent: Option<&str>) -> SnapshotSummary {
+        SnapshotSummary {
+            name: name.into(),
+            parent: parent.map(str::to_string),
+            creation_time: 0,
+            state: "disk-snapshot".into(),
+            current: false,
+            location: "external".into(),
+        }
+    }
+
+    #[test]
+    fn tree_matches_virsh() {
+        let a = [s("s1", None), s("s2", Some("s1")), s("s3", Some("s2"))];
+        let refs: Vec<&SnapshotSummary> = a.iter().collect();
+        assert_eq!(tree(&refs), "s1\n  |\n  +- s2\n      |\n      +- s3\n        \n\n");
+        let b = [s("r", None), s("a", Some("r")), s("b", Some("r"))];
+        let refs: Vec<&SnapshotSummary> = b.iter().collect();
+        assert_eq!(tree(&refs), "r\n  |\n  +- a\n  +- b\n    \n\n");
+    }
+
+    #[test]
+    fn specs_split_like_virsh() {
+        assert_eq!(split_spec("vda,snapshot=external,file=/a,,b"), ["vda", "snapshot=external", "file=/a,b"]);
+    }
+}

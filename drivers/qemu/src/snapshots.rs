@@ -1,0 +1,1084 @@
+//! Snapshots of QEMU domains: records in the store (each with the full
+//! domain definition of its moment), internal and external disk snapshots,
+//! live and offline, revert (external ones by branching a new overlay off
+//! the snapshot's images, so nothing another snapshot depends on is
+//! written), and delete (commit into the backing file when nothing else
+//! depends on it, otherwise pull into the children).
+//!
+//! Creating writes an intent record before touching any image; the next
+//! call on the domain rolls back an interrupted creation (overlays that
+//! never entered the chain are removed).
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use strata_core::chain::{probe_chain, StorageSource};
+use strata_core::driver::{
+    BlockJobEnd, BlockJobOps, BlockJobState, Connection, SnapshotSummary, StartFlags,
+};
+use strata_core::options::{
+    BlockCommitOptions, BlockJobAbortFlags, BlockPullOptions, SnapshotCreateFlags, SnapshotDeleteFlags,
+    SnapshotRevertFlags,
+};
+use strata_core::store::Store;
+use strata_core::xml::{Domain, Element, SnapshotDef, SnapshotDisk, SnapshotMemory};
+use strata_core::{Error, ErrorKind, Result};
+
+use crate::live::{self, qmp_error, BlockGraph, LiveStatus};
+use crate::QemuConnection;
+
+const CURRENT_FILE: &str = "snapshot-current";
+const INTENT_FILE: &str = "snapshot-intent.xml";
+
+fn no_snapshot(name: &str) -> Error {
+    Error::new(ErrorKind::NoDomainSnapshot, format!("no domain snapshot with matching name '{name}'"))
+}
+
+pub fn load(store: &Store, domain: &str, name: &str) -> Result<SnapshotDef> {
+    let xml = store.read_snapshot(domain, name)?.ok_or_else(|| no_snapshot(name))?;
+    SnapshotDef::parse(&xml).map_err(|e| e.context(format!("stored snapshot '{name}'")))
+}
+
+pub fn all(store: &Store, domain: &str) -> Result<Vec<SnapshotDef>> {
+    store.list_snapshots(domain)?.iter().map(|n| load(store, domain, n)).collect()
+}
+
+pub fn current(store: &Store, domain: &str) -> Result<Option<String>> {
+    Ok(store
+        .read_domain_file(domain, CURRENT_FILE)?
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty() && store.read_snapshot(domain, s).ok().flatten().is_some()))
+}
+
+fn set_current(store: &Store, domain: &str, name: Option<&str>) -> Result<()> {
+    store.write_domain_file(domain, CURRENT_FILE, name.unwrap_or(""))
+}
+
+fn save(store: &Store, domain: &str, def: &SnapshotDef) -> Result<()> {
+    let name = def.name.as_deref().ok_or_else(|| Error::internal("snapshot without a name"))?;
+    store.write_snapshot(domain, name, &def.to_xml())
+}
+
+/// Where a snapshot's disk data lives.
+fn location(def: &SnapshotDef) -> &'static str {
+    let modes: HashSet<&str> = def
+        .disks
+        .iter()
+        .filter_map(|d| d.snapshot.as_deref())
+        .filter(|m| *m != "no")
+        .collect();
+    match (modes.contains("internal"), modes.contains("external")) {
+        (true, true) => "mixed",
+        (false, true) => "external",
+        _ => "internal",
+    }
+}
+
+pub fn summaries(store: &Store, domain: &str) -> Result<Vec<SnapshotSummary>> {
+    let cur = current(store, domain)?;
+    let mut out: Vec<SnapshotSummary> = all(store, domain)?
+        .iter()
+        .map(|d| {
+            let name = d.name.clone().unwrap_or_default();
+            SnapshotSummary {
+                current: cur.as_deref() == Some(name.as_str()),
+                parent: d.parent.clone(),
+                creation_time: d.creation_time.unwrap_or(0),
+                state: d.state.clone().unwrap_or_else(|| "disk-snapshot".into()),
+                location: location(d).to_string(),
+                name,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.creation_time.cmp(&b.creation_time).then(a.name.cmp(&b.name)));
+    Ok(out)
+}
+
+/// What `snapshot-create` asked of each disk, resolved against the domain.
+struct DiskPlan {
+    target: String,
+    mode: String,
+    /// The image the disk uses now (the one the snapshot freezes).
+    image: PathBuf,
+    format: String,
+    /// For external: the new overlay.
+    overlay: Option<PathBuf>,
+}
+
+fn default_overlay(image: &Path, snap: &str) -> PathBuf {
+    let stem = image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    image.with_file_name(format!("{stem}.{snap}"))
+}
+
+fn plan_disks(dom: &Domain, def: &SnapshotDef, flags: &SnapshotCreateFlags, name: &str) -> Result<Vec<DiskPlan>> {
+    let disks = dom.disks()?;
+    let mut asked: HashMap<String, &SnapshotDisk> = HashMap::new();
+    for d in &def.disks {
+        let disk = dom
+            .find_disk(&d.name)
+            .map_err(|_| Error::config_unsupported(format!("no disk named '{}'", d.name)))?;
+        if asked.insert(disk.target.clone(), d).is_some() {
+            return Err(Error::config_unsupported("too many disk snapshot requests for domain"));
+        }
+    }
+    let default_mode = if flags.disk_only { "external" } else { "internal" };
+    let mut plans = Vec::new();
+    for disk in &disks {
+        let spec = asked.get(&disk.target);
+        let mut mode = spec
+            .and_then(|s| s.snapshot.clone())
+            .unwrap_or_else(|| default_mode.to_string());
+        if flags.disk_set && !disk.selected && spec.is_none() {
+            mode = "no".into();
+        }
+        let Some(image) = disk.source().and_then(|s| s.local_path()).map(Path::to_path_buf) else {
+            if mode != "no" && spec.is_some() {
+                return Err(Error::config_unsupported(format!("disk '{}' has no local image to snapshot", disk.target)));
+            }
+            continue;
+        };
+        if disk.device != "disk" || disk.readonly {
+            if spec.is_some_and(|s| s.snapshot.as_deref().is_some_and(|m| m != "no")) {
+                return Err(Error::config_unsupported(format!("disk '{}' is read-only and cannot be snapshotted", disk.target)));
+            }
+            mode = "no".into();
+        }
+        let format = disk.format.clone().unwrap_or_else(|| "raw".into());
+        let overlay = if mode == "external" {
+            if let Some(t) = spec.and_then(|s| s.driver_type.as_deref()) {
+                if t != "qcow2" {
+                    return Err(Error::config_unsupported(format!(
+                        "external snapshot format for disk {} is unsupported: {t}",
+                        disk.target
+                    )));
+                }
+            }
+            let path = spec
+                .and_then(|s| s.source.as_ref())
+                .and_then(|s| s.local_path())
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| default_overlay(&image, name));
+            if !path.is_absolute() {
+                return Err(Error::invalid_arg(format!(
+                    "external snapshot file for disk {} must be an absolute path: {}",
+                    disk.target,
+                    path.display()
+                )));
+            }
+            Some(path)
+        } else {
+            None
+        };
+        if mode == "internal" && format != "qcow2" {
+            return Err(Error::config_unsupported(format!(
+                "internal snapshot for disk {} unsupported for storage type {format}; \
+                 use --diskspec {},snapshot=no or an external snapshot",
+                disk.target, disk.target
+            )));
+        }
+        if mode == "manual" {
+            mode = "no".into();
+        }
+        plans.push(DiskPlan { target: disk.target.clone(), mode, image, format, overlay });
+    }
+    if plans.iter().all(|p| p.mode == "no") {
+        return Err(Error::config_unsupported("nothing selected for snapshot"));
+    }
+    Ok(plans)
+}
+
+fn run(tool: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(tool)
+        .args(args)
+        .output()
+        .map_err(|e| Error::operation_failed(format!("cannot run {tool}: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::operation_failed(format!(
+            "{tool} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str().ok_or_else(|| Error::invalid_arg(format!("path '{}' is not UTF-8", p.display())))
+}
+
+/// Records the files a creation is about to make (crash safety).
+fn write_intent(store: &Store, domain: &str, files: &[PathBuf]) -> Result<()> {
+    let mut root = Element::new("intent").with_attr("op", "snapshot-create");
+    for f in files {
+        root = root.with_child(Element::new("file").with_attr("path", f.to_string_lossy()));
+    }
+    store.write_domain_file(domain, INTENT_FILE, &root.to_xml())
+}
+
+fn clear_intent(store: &Store, domain: &str) -> Result<()> {
+    store.write_domain_file(domain, INTENT_FILE, "")
+}
+
+/// Finishes or undoes a creation interrupted by a crash: overlays the
+/// domain's chains use are kept (the snapshot happened; only its record is
+/// missing, and the chain says so), the others are removed.
+pub fn recover(store: &Store, domain: &str, status: Option<&LiveStatus>) -> Result<Vec<String>> {
+    let Some(text) = store.read_domain_file(domain, INTENT_FILE)? else { return Ok(Vec::new()) };
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let root = Element::parse(&text)?;
+    let mut in_use: HashSet<PathBuf> = HashSet::new();
+    let mut doms = Vec::new();
+    if let Some(xml) = store.read_domain(domain)? {
+        doms.push(Domain::parse(&xml)?);
+    }
+    if let Some(s) = status {
+        doms.push(s.domain.clone());
+    }
+    for d in &doms {
+        for disk in d.disks()? {
+            if let Some(c) = &disk.chain {
+                in_use.extend(c.layers.iter().filter_map(|l| l.source.local_path().map(Path::to_path_buf)));
+            }
+        }
+    }
+    let mut notes = Vec::new();
+    for f in root.children_named("file").filter_map(|f| f.attr("path")) {
+        let p = PathBuf::from(f);
+        if !in_use.contains(&p) && p.exists() {
+            std::fs::remove_file(&p).map_err(|e| Error::io("remove", &p, e))?;
+            notes.push(format!("removed '{}' left by an interrupted snapshot creation", p.display()));
+        }
+    }
+    clear_intent(store, domain)?;
+    Ok(notes)
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl QemuConnection {
+    /// The definition as it is now: live when running, else persistent.
+    async fn current_definition(&self, domain: &str) -> Result<(Domain, Option<LiveStatus>)> {
+        match live::reconcile(self.store(), domain)? {
+            Some(s) if s.is_vm() => Ok((self.live_domain(domain).await?, Some(s))),
+            Some(_) => Err(Error::operation_invalid(format!(
+                "an offline block job runs on the disks of domain '{domain}'; wait for it to end"
+            ))),
+            None => Ok((crate::persistent::load(self.store(), domain)?, None)),
+        }
+    }
+
+    pub(crate) async fn snapshot_create_impl(&self, domain: &str, xml: &str, flags: SnapshotCreateFlags) -> Result<String> {
+        flags.validate()?;
+        let store = self.store();
+        crate::persistent::load(store, domain)?;
+        recover(store, domain, live::reconcile(store, domain)?.as_ref())?;
+        let mut def = SnapshotDef::parse(xml)?;
+        if flags.redefine {
+            return self.redefine(domain, def, flags.current);
+        }
+        if def.memory.as_ref().is_some_and(|m| m.snapshot == "external") {
+            return Err(Error::new(
+                ErrorKind::OperationUnsupported,
+                "external memory snapshots (--memspec) are not supported by this driver yet",
+            ));
+        }
+        let name = def.name.clone().unwrap_or_else(|| now_secs().to_string());
+        strata_core::store::validate_name("snapshot", &name)?;
+        if store.read_snapshot(domain, &name)?.is_some() {
+            return Err(Error::operation_failed(format!("domain moment {name} already exists")));
+        }
+        if flags.branch {
+            let parent = def
+                .parent
+                .clone()
+                .ok_or_else(|| Error::invalid_arg("--branch needs a <parent> in the snapshot XML"))?;
+            let was_running = live::reconcile(store, domain)?.filter(LiveStatus::is_vm).is_some();
+            self.snapshot_revert_impl(
+                domain,
+                &parent,
+                SnapshotRevertFlags { running: was_running, paused: false, force: true },
+            )
+            .await?;
+        }
+        let (dom, status) = self.current_definition(domain).await?;
+        let plans = plan_disks(&dom, &def, &flags, &name)?;
+        for p in plans.iter().filter(|p| p.mode == "external") {
+            if let Some(o) = &p.overlay {
+                let exists = o.exists();
+                if exists && !flags.reuse_external {
+                    return Err(Error::config_unsupported(format!(
+                        "external snapshot file for disk {} already exists and is not a block device: {}",
+                        p.target,
+                        o.display()
+                    )));
+                }
+                if !exists && flags.reuse_external {
+                    return Err(Error::operation_failed(format!(
+                        "missing external snapshot file for disk {}: {}",
+                        p.target,
+                        o.display()
+                    )));
+                }
+            }
+        }
+        let created: Vec<PathBuf> = if flags.reuse_external {
+            Vec::new()
+        } else {
+            plans.iter().filter_map(|p| p.overlay.clone()).collect()
+        };
+        write_intent(store, domain, &created)?;
+        let state = match &status {
+            Some(_) => {
+                let (_, monitor) = self.running(domain).await?;
+                let run = monitor.client.query_status().await.map_err(|e| qmp_error(domain, e))?;
+                let running = live::state_of(run.status).0 == strata_core::driver::DomainState::Running;
+                let checkpoint = !flags.disk_only && def.memory.as_ref().is_none_or(|m| m.snapshot != "no");
+                self.create_live(domain, &monitor.client, &plans, &name, checkpoint, &created).await?;
+                if checkpoint {
+                    if running { "running" } else { "paused" }
+                } else {
+                    "disk-snapshot"
+                }
+            }
+            None => {
+                create_offline(&plans, &name, &created)?;
+                if flags.disk_only { "disk-snapshot" } else { "shutoff" }
+            }
+        };
+        // Record the chains the images now have.
+        self.record_chains(domain, &plans).await?;
+        clear_intent(store, domain)?;
+        if flags.no_metadata {
+            return Ok(name);
+        }
+        def.name = Some(name.clone());
+        def.state = Some(state.to_string());
+        def.creation_time = Some(now_secs());
+        def.parent = current(store, domain)?;
+        if def.memory.is_none() || state == "disk-snapshot" || state == "shutoff" {
+            def.memory = Some(SnapshotMemory {
+                snapshot: if state == "running" || state == "paused" { "internal" } else { "no" }.into(),
+                file: None,
+            });
+        }
+        def.disks = plans
+            .iter()
+            .map(|p| SnapshotDisk {
+                name: p.target.clone(),
+                snapshot: Some(p.mode.clone()),
+                driver_type: p.overlay.as_ref().map(|_| "qcow2".to_string()),
+                source: p.overlay.clone().map(|path| StorageSource::File { path }),
+            })
+            .collect();
+        def.domain = Some(dom.element().clone());
+        save(store, domain, &def)?;
+        set_current(store, domain, Some(&name))?;
+        Ok(name)
+    }
+
+    /// `--redefine`: a record from dumped XML, checked against the domain.
+    fn redefine(&self, domain: &str, def: SnapshotDef, make_current: bool) -> Result<String> {
+        let store = self.store();
+        let name = def.name.clone().ok_or_else(|| Error::invalid_arg("a redefined snapshot needs a <name>"))?;
+        let saved = def
+            .domain
+            .clone()
+            .ok_or_else(|| Error::invalid_arg(format!("snapshot '{name}' lacks the <domain> it was taken of")))?;
+        let saved = Domain::from_element(saved)?;
+        let dom = crate::persistent::load(store, domain)?;
+        if saved.uuid().is_some() && saved.uuid() != dom.uuid() {
+            return Err(Error::invalid_arg(format!(
+                "snapshot '{name}' was taken of a domain with uuid {}, not {}",
+                saved.uuid().unwrap_or_default(),
+                dom.uuid().unwrap_or_default()
+            )));
+        }
+        if let Some(parent) = &def.parent {
+            if parent == &name || store.read_snapshot(domain, parent)?.is_none() {
+                return Err(Error::invalid_arg(format!("parent snapshot '{parent}' of '{name}' does not exist")));
+            }
+        }
+        for d in &def.disks {
+            saved.find_disk(&d.name).map_err(|_| {
+                Error::invalid_arg(format!("snapshot '{name}' names disk '{}' that its domain does not have", d.name))
+            })?;
+        }
+        save(store, domain, &def)?;
+        if make_current {
+            set_current(store, domain, Some(&name))?;
+        }
+        Ok(name)
+    }
+
+    async fn create_live(
+        &self,
+        domain: &str,
+        client: &strata_qmp::QmpClient,
+        plans: &[DiskPlan],
+        name: &str,
+        checkpoint: bool,
+        created: &[PathBuf],
+    ) -> Result<()> {
+        let chains = live::live_chains(client, domain).await?;
+        let root = |t: &str| -> Result<String> {
+            chains
+                .get(t)
+                .and_then(|l| l.root())
+                .map(str::to_string)
+                .ok_or_else(|| Error::internal(format!("QEMU has no node for disk '{t}'")))
+        };
+        if checkpoint {
+            // A system checkpoint: VM state and every selected qcow2 disk
+            // in one snapshot-save job (disks with snapshot='no' are left out).
+            if plans.iter().any(|p| p.mode == "external") {
+                return Err(Error::new(
+                    ErrorKind::OperationUnsupported,
+                    "a checkpoint with external disk snapshots needs external memory (--memspec), which this driver does not support yet; use --disk-only",
+                ));
+            }
+            let devices: Vec<String> = plans.iter().filter(|p| p.mode == "internal").map(|p| root(&p.target)).collect::<Result<_>>()?;
+            let vmstate = devices.first().cloned().ok_or_else(|| Error::config_unsupported("nothing selected for snapshot"))?;
+            run_job(client, domain, "snapshot-save", json!({
+                "job-id": "strata-snapshot-save", "tag": name, "vmstate": vmstate, "devices": devices,
+            }))
+            .await?;
+            return Ok(());
+        }
+        let graph = BlockGraph::query(client, domain).await?;
+        let mut added: Vec<String> = Vec::new();
+        let mut actions: Vec<Value> = Vec::new();
+        let outcome = async {
+            for p in plans {
+                match p.mode.as_str() {
+                    "internal" => actions.push(json!({
+                        "type": "blockdev-snapshot-internal-sync",
+                        "data": {"device": root(&p.target)?, "name": name},
+                    })),
+                    "external" => {
+                        let overlay = p.overlay.as_ref().ok_or_else(|| Error::internal("external plan without overlay"))?;
+                        let fmt_node = unique_node(&graph, &added, &format!("{}-snap-fmt", p.target));
+                        let file_node = unique_node(&graph, &added, &format!("{}-snap-file", p.target));
+                        let ov = path_str(overlay)?;
+                        if created.contains(overlay) {
+                            crate::jobs::create_blockdev(client, domain, &format!("{file_node}-create"), json!({"driver": "file", "filename": ov, "size": 0})).await?;
+                        }
+                        client
+                            .execute("blockdev-add", Some(json!({"driver": "file", "node-name": file_node, "filename": ov})))
+                            .await
+                            .map_err(|e| qmp_error(domain, e))?;
+                        added.push(file_node.clone());
+                        if created.contains(overlay) {
+                            let size = image_size(&p.image, &p.format)?;
+                            // QMP's blockdev-snapshot never writes the backing name
+                            // into the overlay (recipe book quirk 3): the header
+                            // gets it here, with its format.
+                            crate::jobs::create_blockdev(client, domain, &format!("{fmt_node}-create"), json!({
+                                "driver": "qcow2", "file": file_node, "size": size,
+                                "backing-file": path_str(&p.image)?, "backing-fmt": p.format,
+                            }))
+                            .await?;
+                        }
+                        // Quirk 2: "backing": null, or QEMU opens the header's
+                        // backing file a second time and fails on its lock.
+                        client
+                            .execute("blockdev-add", Some(json!({"driver": "qcow2", "node-name": fmt_node, "file": file_node, "backing": null})))
+                            .await
+                            .map_err(|e| qmp_error(domain, e))?;
+                        added.push(fmt_node.clone());
+                        actions.push(json!({
+                            "type": "blockdev-snapshot",
+                            "data": {"node": root(&p.target)?, "overlay": fmt_node},
+                        }));
+                    }
+                    _ => {}
+                }
+            }
+            client
+                .execute("transaction", Some(json!({"actions": actions})))
+                .await
+                .map_err(|e| qmp_error(domain, e))?;
+            Ok::<(), Error>(())
+        }
+        .await;
+        if let Err(e) = outcome {
+            for node in added.iter().rev() {
+                let _ = client.execute("blockdev-del", Some(json!({"node-name": node}))).await;
+            }
+            for f in created {
+                let _ = std::fs::remove_file(f);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Records in the persistent (and live) definition the chains the
+    /// images have after a snapshot operation.
+    async fn record_chains(&self, domain: &str, plans: &[DiskPlan]) -> Result<()> {
+        let store = self.store();
+        let live_chains = match live::reconcile(store, domain)?.filter(LiveStatus::is_vm) {
+            Some(_) => {
+                let (_, monitor) = self.running(domain).await?;
+                Some(live::live_chains(&monitor.client, domain).await?)
+            }
+            None => None,
+        };
+        let _lock = store.lock_domain(domain)?;
+        let mut persistent = crate::persistent::load(store, domain)?;
+        let mut status = live::reconcile(store, domain)?;
+        for p in plans.iter().filter(|p| p.mode == "external") {
+            let chain = match live_chains.as_ref().and_then(|c| c.get(&p.target)) {
+                Some(l) => l.chain.clone(),
+                None => {
+                    let overlay = p.overlay.clone().ok_or_else(|| Error::internal("external plan without overlay"))?;
+                    probe_chain(&StorageSource::local(overlay), "qcow2")?
+                }
+            };
+            if persistent.find_disk(&p.target).is_ok() {
+                persistent.set_disk_chain(&p.target, &chain)?;
+            }
+            if let Some(s) = status.as_mut() {
+                s.domain.set_disk_chain(&p.target, &chain)?;
+            }
+        }
+        store.write_domain(domain, &persistent.to_xml())?;
+        if let Some(s) = status {
+            store.write_status(domain, &s.to_xml())?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn snapshot_revert_impl(&self, domain: &str, snap: &str, flags: SnapshotRevertFlags) -> Result<()> {
+        flags.validate()?;
+        let store = self.store();
+        let def = load(store, domain, snap)?;
+        let saved = def
+            .domain
+            .clone()
+            .ok_or_else(|| Error::operation_invalid(format!("snapshot '{snap}' has no saved domain definition")))?;
+        let mut target = Domain::from_element(saved)?;
+        let state = def.state.clone().unwrap_or_else(|| "disk-snapshot".into());
+        let has_vmstate = state == "running" || state == "paused";
+        let running = live::reconcile(store, domain)?.filter(LiveStatus::is_vm).is_some();
+        let end_running = flags.running || (!flags.paused && state == "running" && (running || has_vmstate));
+        let end_paused = flags.paused || (!flags.running && state == "paused");
+        let internal_disks: Vec<&SnapshotDisk> =
+            def.disks.iter().filter(|d| d.snapshot.as_deref() == Some("internal")).collect();
+        let external_disks: Vec<&SnapshotDisk> =
+            def.disks.iter().filter(|d| d.snapshot.as_deref() == Some("external")).collect();
+
+        // Live revert of a checkpoint without restarting QEMU.
+        if running && has_vmstate && external_disks.is_empty() {
+            let (_, monitor) = self.running(domain).await?;
+            let chains = live::live_chains(&monitor.client, domain).await?;
+            let devices: Vec<String> = internal_disks
+                .iter()
+                .filter_map(|d| chains.get(&d.name).and_then(|l| l.root()).map(str::to_string))
+                .collect();
+            let vmstate = devices.first().cloned().ok_or_else(|| Error::internal("checkpoint without disks"))?;
+            monitor.client.execute("stop", None).await.map_err(|e| qmp_error(domain, e))?;
+            run_job(&monitor.client, domain, "snapshot-load", json!({
+                "job-id": "strata-snapshot-load", "tag": snap, "vmstate": vmstate, "devices": devices,
+            }))
+            .await?;
+            if end_running && !end_paused {
+                monitor.client.execute("cont", None).await.map_err(|e| qmp_error(domain, e))?;
+            }
+            self.adopt_definition(domain, &target)?;
+            return set_current(store, domain, Some(snap));
+        }
+
+        if running {
+            self.destroy(domain).await?;
+        }
+        // Internal disk snapshots: apply them to the images.
+        for d in &internal_disks {
+            let disk = target.find_disk(&d.name)?;
+            if let Some(p) = disk.source().and_then(|s| s.local_path()) {
+                run("qemu-img", &["snapshot", "-a", snap, path_str(p)?])?;
+            }
+        }
+        // External: a new overlay on each frozen image, so the images that
+        // later snapshots and the abandoned current state depend on are
+        // never written; the tree gains a branch.
+        for d in &external_disks {
+            let disk = target.find_disk(&d.name)?;
+            let frozen = disk
+                .source()
+                .and_then(|s| s.local_path())
+                .map(Path::to_path_buf)
+                .ok_or_else(|| Error::internal(format!("disk '{}' of snapshot '{snap}' has no image", d.name)))?;
+            let fmt = disk.format.clone().unwrap_or_else(|| "raw".into());
+            let base_name = d
+                .source
+                .as_ref()
+                .and_then(|s| s.local_path())
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| default_overlay(&frozen, snap));
+            let overlay = (1..)
+                .map(|n| PathBuf::from(format!("{}.branch{n}", base_name.display())))
+                .find(|p| !p.exists())
+                .ok_or_else(|| Error::internal("no free overlay name"))?;
+            run("qemu-img", &["create", "-q", "-f", "qcow2", "-b", path_str(&frozen)?, "-F", &fmt, path_str(&overlay)?])?;
+            let chain = probe_chain(&StorageSource::local(overlay), "qcow2")?;
+            target.set_disk_chain(&d.name, &chain)?;
+        }
+        self.adopt_definition(domain, &target)?;
+        set_current(store, domain, Some(snap))?;
+        if end_running || end_paused {
+            self.start(domain, StartFlags { paused: true }).await?;
+            if has_vmstate {
+                let (_, monitor) = self.running(domain).await?;
+                let chains = live::live_chains(&monitor.client, domain).await?;
+                let devices: Vec<String> = internal_disks
+                    .iter()
+                    .filter_map(|d| chains.get(&d.name).and_then(|l| l.root()).map(str::to_string))
+                    .collect();
+                if let Some(vmstate) = devices.first().cloned() {
+                    run_job(&monitor.client, domain, "snapshot-load", json!({
+                        "job-id": "strata-snapshot-load", "tag": snap, "vmstate": vmstate, "devices": devices,
+                    }))
+                    .await?;
+                }
+            }
+            if end_running && !end_paused {
+                self.resume(domain).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes a snapshot's definition the domain's persistent one (a disk
+    /// added after the snapshot is gone), keeping the domain's name.
+    fn adopt_definition(&self, domain: &str, target: &Domain) -> Result<()> {
+        let store = self.store();
+        let _lock = store.lock_domain(domain)?;
+        let mut t = target.clone();
+        t.set_id(None);
+        if let Some(status) = live::reconcile(store, domain)?.filter(LiveStatus::is_vm) {
+            let mut s = status;
+            for d in t.disks()? {
+                if let Some(c) = &d.chain {
+                    if s.domain.find_disk(&d.target).is_ok() {
+                        s.domain.set_disk_chain(&d.target, c)?;
+                    }
+                }
+            }
+            store.write_status(domain, &s.to_xml())?;
+        }
+        store.write_domain(domain, &t.to_xml())
+    }
+
+    pub(crate) async fn snapshot_delete_impl(&self, domain: &str, snap: &str, flags: SnapshotDeleteFlags) -> Result<Vec<String>> {
+        flags.validate()?;
+        let store = self.store();
+        load(store, domain, snap)?;
+        let defs = all(store, domain)?;
+        let children_of = |name: &str| -> Vec<String> {
+            defs.iter()
+                .filter(|d| d.parent.as_deref() == Some(name))
+                .filter_map(|d| d.name.clone())
+                .collect()
+        };
+        // Descendants, deepest first, for --children / --children-only.
+        let mut order = Vec::new();
+        if flags.children || flags.children_only {
+            let mut stack = children_of(snap);
+            while let Some(n) = stack.pop() {
+                stack.extend(children_of(&n));
+                order.push(n);
+            }
+            order.reverse();
+        }
+        if !flags.children_only {
+            order.push(snap.to_string());
+        }
+        let mut notes = Vec::new();
+        for name in order {
+            notes.extend(self.delete_one(domain, &name, flags.metadata_only).await?);
+        }
+        Ok(notes)
+    }
+
+    async fn delete_one(&self, domain: &str, snap: &str, metadata_only: bool) -> Result<Vec<String>> {
+        let store = self.store();
+        let def = load(store, domain, snap)?;
+        let mut notes = Vec::new();
+        if !metadata_only {
+            for d in def.disks.iter().filter(|d| d.snapshot.as_deref() == Some("internal")) {
+                notes.push(self.delete_internal(domain, &def, &d.name).await?);
+            }
+            for d in def.disks.iter().filter(|d| d.snapshot.as_deref() == Some("external")) {
+                notes.extend(self.delete_external(domain, &def, d).await?);
+            }
+        }
+        // Records: children move to this snapshot's parent; current moves
+        // up too. Only the parent links change, so every remaining record
+        // still describes what it described.
+        let _lock = store.lock_domain(domain)?;
+        for mut child in all(store, domain)?.into_iter().filter(|c| c.parent.as_deref() == Some(snap)) {
+            child.parent = def.parent.clone();
+            save(store, domain, &child)?;
+        }
+        if current(store, domain)?.as_deref() == Some(snap) {
+            set_current(store, domain, def.parent.as_deref())?;
+        }
+        let path = store.domain_dir(domain)?.join("snapshots").join(format!("{snap}.xml"));
+        std::fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))?;
+        Ok(notes)
+    }
+
+    async fn delete_internal(&self, domain: &str, def: &SnapshotDef, disk: &str) -> Result<String> {
+        let snap = def.name.clone().unwrap_or_default();
+        let dom = crate::persistent::load(self.store(), domain)?;
+        let image = dom
+            .find_disk(disk)?
+            .chain
+            .and_then(|c| c.layers.iter().filter_map(|l| l.source.local_path().map(Path::to_path_buf)).find(|p| has_internal(p, &snap)))
+            .ok_or_else(|| Error::operation_failed(format!("no image of disk '{disk}' holds internal snapshot '{snap}'")))?;
+        if live::reconcile(self.store(), domain)?.filter(LiveStatus::is_vm).is_some() {
+            let (_, monitor) = self.running(domain).await?;
+            let chains = live::live_chains(&monitor.client, domain).await?;
+            let node = chains
+                .get(disk)
+                .and_then(|l| l.chain.layers.iter().position(|x| x.source.local_path() == Some(image.as_path())).map(|i| l.nodes[i].clone()))
+                .ok_or_else(|| Error::internal(format!("QEMU has no node for '{}'", image.display())))?;
+            monitor
+                .client
+                .execute("blockdev-snapshot-delete-internal-sync", Some(json!({"device": node, "name": snap})))
+                .await
+                .map_err(|e| qmp_error(domain, e))?;
+        } else {
+            run("qemu-img", &["snapshot", "-d", &snap, path_str(&image)?])?;
+        }
+        Ok(format!("{disk}: internal snapshot '{snap}' removed from {}", image.display()))
+    }
+
+    /// Removes an external snapshot's point from the disk's chain while
+    /// keeping every other snapshot and the current state reading what they
+    /// read: commit the snapshot's overlay into the frozen image when that
+    /// image has no other dependent (method 1), else pull the frozen image
+    /// into each of its children (method 2).
+    async fn delete_external(&self, domain: &str, def: &SnapshotDef, d: &SnapshotDisk) -> Result<Vec<String>> {
+        let saved = Domain::from_element(def.domain.clone().ok_or_else(|| Error::internal("snapshot without domain"))?)?;
+        let frozen = saved
+            .find_disk(&d.name)?
+            .source()
+            .and_then(|s| s.local_path())
+            .map(Path::to_path_buf)
+            .ok_or_else(|| Error::internal("snapshot disk without image"))?;
+        let overlay = d
+            .source
+            .as_ref()
+            .and_then(|s| s.local_path())
+            .map(Path::to_path_buf)
+            .ok_or_else(|| Error::internal("external snapshot disk without overlay"))?;
+        let edges = self.image_edges(domain).await?;
+        tracing::debug!(?edges, frozen = %frozen.display(), overlay = %overlay.display(), "image dependencies");
+        let children: Vec<PathBuf> = edges.iter().filter(|(_, b)| *b == frozen).map(|(c, _)| c.clone()).collect();
+        let (dom, _) = self.current_definition(domain).await?;
+        let chain = dom.find_disk(&d.name)?.chain.ok_or_else(|| Error::internal("disk without chain"))?;
+        let layer_of = |p: &Path| chain.main_line().iter().find(|l| l.source.local_path() == Some(p)).map(|l| l.index);
+        let mut notes = Vec::new();
+        if children.len() <= 1 && overlay.exists() && children.iter().all(|c| *c == overlay) {
+            // Method 1: commit the overlay into the frozen image.
+            match (layer_of(&overlay), layer_of(&frozen)) {
+                (Some(0), Some(base)) => {
+                    self.job_to_end(domain, &d.name, JobRequest::ActiveCommit { base }).await?;
+                }
+                (Some(top), Some(base)) => {
+                    self.job_to_end(domain, &d.name, JobRequest::Commit { top, base }).await?;
+                }
+                _ => {
+                    run("qemu-img", &["commit", "-d", "-q", path_str(&overlay)?])?;
+                    for (child, _) in edges.iter().filter(|(_, b)| *b == overlay) {
+                        let fmt = "qcow2";
+                        run("qemu-img", &["rebase", "-u", "-b", path_str(&frozen)?, "-F", &image_format(&frozen)?, "-f", fmt, path_str(child)?])?;
+                    }
+                }
+            }
+            std::fs::remove_file(&overlay).map_err(|e| Error::io("remove", &overlay, e))?;
+            self.replace_references(domain, &overlay, &frozen).await?;
+            notes.push(format!(
+                "{}: committed {} into {} (method 1: nothing else depends on it) and deleted {}",
+                d.name,
+                overlay.display(),
+                frozen.display(),
+                overlay.display()
+            ));
+        } else {
+            // Method 2: pull the frozen image into each child.
+            let below = edges.iter().find(|(c, _)| *c == frozen).map(|(_, b)| b.clone());
+            for child in &children {
+                match layer_of(child) {
+                    Some(into) => {
+                        let base = below.as_ref().and_then(|b| layer_of(b));
+                        self.job_to_end(domain, &d.name, JobRequest::Pull { into, base }).await?;
+                    }
+                    None => {
+                        match &below {
+                            Some(b) => run("qemu-img", &["rebase", "-q", "-f", "qcow2", "-b", path_str(b)?, "-F", &image_format(b)?, path_str(child)?])?,
+                            None => run("qemu-img", &["rebase", "-q", "-f", "qcow2", "-b", "", path_str(child)?])?,
+                        }
+                    }
+                }
+            }
+            self.refresh_saved_chains(domain).await?;
+            notes.push(format!(
+                "{}: pulled {} into {} (method 2: {} images depend on it); the file is kept",
+                d.name,
+                frozen.display(),
+                children.iter().map(|c| c.display().to_string()).collect::<Vec<_>>().join(", "),
+                children.len()
+            ));
+        }
+        Ok(notes)
+    }
+
+
+    /// (image, its backing image) for every image any record or the
+    /// current state knows of.
+    async fn image_edges(&self, domain: &str) -> Result<Vec<(PathBuf, PathBuf)>> {
+        let store = self.store();
+        let mut tops: Vec<PathBuf> = Vec::new();
+        let (dom, _) = self.current_definition(domain).await?;
+        let mut doms = vec![dom];
+        for def in all(store, domain)? {
+            for d in &def.disks {
+                if let Some(p) = d.source.as_ref().and_then(|s| s.local_path()) {
+                    tops.push(p.to_path_buf());
+                }
+            }
+            if let Some(el) = def.domain {
+                doms.push(Domain::from_element(el)?);
+            }
+        }
+        for d in &doms {
+            for disk in d.disks()? {
+                if let Some(p) = disk.source().and_then(|s| s.local_path()) {
+                    tops.push(p.to_path_buf());
+                }
+            }
+        }
+        let mut edges: Vec<(PathBuf, PathBuf)> = Vec::new();
+        let mut seen = HashSet::new();
+        for top in tops {
+            if !seen.insert(top.clone()) || !top.exists() {
+                continue;
+            }
+            let fmt = image_format(&top)?;
+            let Ok(chain) = probe_chain(&StorageSource::local(top.clone()), &fmt) else { continue };
+            let line = chain.main_line();
+            for pair in line.windows(2) {
+                if let (Some(a), Some(b)) = (pair[0].source.local_path(), pair[1].source.local_path()) {
+                    let e = (a.to_path_buf(), b.to_path_buf());
+                    if !edges.contains(&e) {
+                        edges.push(e);
+                    }
+                }
+            }
+        }
+        Ok(edges)
+    }
+
+    /// After `gone` was merged into `kept`: records that named `gone`
+    /// name `kept`, and every saved chain is re-read from the images.
+    async fn replace_references(&self, domain: &str, gone: &Path, kept: &Path) -> Result<()> {
+        let store = self.store();
+        let _lock = store.lock_domain(domain)?;
+        for mut def in all(store, domain)? {
+            let mut changed = false;
+            for d in &mut def.disks {
+                if d.source.as_ref().and_then(|s| s.local_path()) == Some(gone) {
+                    d.source = Some(StorageSource::local(kept.to_path_buf()));
+                    changed = true;
+                }
+            }
+            if let Some(el) = def.domain.clone() {
+                let mut saved = Domain::from_element(el)?;
+                for disk in saved.disks()? {
+                    if disk.source().and_then(|s| s.local_path()) == Some(gone) {
+                        let fmt = image_format(kept)?;
+                        let chain = probe_chain(&StorageSource::local(kept.to_path_buf()), &fmt)?;
+                        saved.set_disk_chain(&disk.target, &chain)?;
+                        changed = true;
+                    } else if disk.chain.as_ref().is_some_and(|c| c.by_path(gone).is_some()) {
+                        if let Some(p) = disk.source().and_then(|s| s.local_path()) {
+                            if p.exists() {
+                                let chain = probe_chain(&StorageSource::local(p.to_path_buf()), disk.format.as_deref().unwrap_or("raw"))?;
+                                saved.set_disk_chain(&disk.target, &chain)?;
+                                changed = true;
+                            }
+                        }
+                    }
+                }
+                def.domain = Some(saved.element().clone());
+            }
+            if changed {
+                save(store, domain, &def)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-reads from the images every chain recorded in snapshot records
+    /// and the persistent definition (after images were rebased).
+    async fn refresh_saved_chains(&self, domain: &str) -> Result<()> {
+        let store = self.store();
+        let _lock = store.lock_domain(domain)?;
+        for mut def in all(store, domain)? {
+            if let Some(el) = def.domain.clone() {
+                let mut saved = Domain::from_element(el)?;
+                strata_core::define::refresh_chains(&mut saved)?;
+                def.domain = Some(saved.element().clone());
+                save(store, domain, &def)?;
+            }
+        }
+        if live::reconcile(store, domain)?.is_none() {
+            let mut persistent = crate::persistent::load(store, domain)?;
+            strata_core::define::refresh_chains(&mut persistent)?;
+            store.write_domain(domain, &persistent.to_xml())?;
+        }
+        Ok(())
+    }
+
+    /// Runs a block job through this driver's own job machinery (QEMU when
+    /// running, the storage daemon otherwise) and waits for its end.
+    async fn job_to_end(&self, domain: &str, disk: &str, req: JobRequest) -> Result<()> {
+        let layer = |i: usize| format!("{disk}[{i}]");
+        let pivot = match req {
+            JobRequest::ActiveCommit { base } => {
+                self.block_commit(domain, disk, &BlockCommitOptions { active: true, pivot: true, base: Some(layer(base)), ..Default::default() })
+                    .await?;
+                true
+            }
+            JobRequest::Commit { top, base } => {
+                self.block_commit(domain, disk, &BlockCommitOptions { top: Some(layer(top)), base: Some(layer(base)), ..Default::default() })
+                    .await?;
+                false
+            }
+            JobRequest::Pull { into, base } => {
+                let opts = BlockPullOptions { base: base.map(layer), top: Some(layer(into)), ..Default::default() };
+                self.block_pull(domain, disk, &opts).await?;
+                false
+            }
+        };
+        loop {
+            match self.block_job_wait(domain, disk, 60_000).await? {
+                BlockJobState::Running(_) => {}
+                BlockJobState::Ready(_) => {
+                    let end = self.block_job_abort(domain, disk, BlockJobAbortFlags { pivot, no_wait: false }).await?;
+                    return job_result(end);
+                }
+                BlockJobState::Ended { end, .. } => return job_result(end),
+            }
+        }
+    }
+}
+
+enum JobRequest {
+    ActiveCommit { base: usize },
+    Commit { top: usize, base: usize },
+    Pull { into: usize, base: Option<usize> },
+}
+
+fn job_result(end: BlockJobEnd) -> Result<()> {
+    match end {
+        BlockJobEnd::Completed => Ok(()),
+        BlockJobEnd::Failed(e) => Err(Error::operation_failed(format!("block job failed: {e}"))),
+        other => Err(Error::operation_failed(format!("block job ended as {other:?}"))),
+    }
+}
+
+fn unique_node(graph: &BlockGraph, added: &[String], base: &str) -> String {
+    let taken: HashSet<&str> = graph.node_names().chain(added.iter().map(String::as_str)).collect();
+    (1..)
+        .map(|n| format!("{base}{n}"))
+        .find(|c| !taken.contains(c.as_str()))
+        .unwrap_or_else(|| base.to_string())
+}
+
+/// The format of an image Strata created or recorded (probe only used for
+/// images whose format Strata wrote itself: overlays are qcow2).
+fn image_format(p: &Path) -> Result<String> {
+    Ok(strata_core::image::detect_format(p)?.as_str().to_string())
+}
+
+fn image_size(p: &Path, fmt: &str) -> Result<u64> {
+    let f: strata_core::image::ImageFormat = fmt.parse()?;
+    Ok(strata_core::image::read_header(p, f)?.virtual_size)
+}
+
+fn has_internal(p: &Path, snap: &str) -> bool {
+    Command::new("qemu-img")
+        .args(["snapshot", "-U", "-l"])
+        .arg(p)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.split_whitespace().nth(1) == Some(snap)))
+        .unwrap_or(false)
+}
+
+fn create_offline(plans: &[DiskPlan], name: &str, created: &[PathBuf]) -> Result<()> {
+    let mut made: Vec<PathBuf> = Vec::new();
+    let mut tagged: Vec<PathBuf> = Vec::new();
+    let result = (|| {
+        for p in plans {
+            match p.mode.as_str() {
+                "internal" => {
+                    run("qemu-img", &["snapshot", "-c", name, path_str(&p.image)?])?;
+                    tagged.push(p.image.clone());
+                }
+                "external" => {
+                    let overlay = p.overlay.as_ref().ok_or_else(|| Error::internal("external plan without overlay"))?;
+                    if created.contains(overlay) {
+                        run("qemu-img", &["create", "-q", "-f", "qcow2", "-b", path_str(&p.image)?, "-F", &p.format, path_str(overlay)?])?;
+                        made.push(overlay.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        // All or nothing: undo what this call made.
+        for f in &made {
+            let _ = std::fs::remove_file(f);
+        }
+        for img in &tagged {
+            let _ = run("qemu-img", &["snapshot", "-d", name, path_str(img).unwrap_or_default()]);
+        }
+    }
+    result
+}
+
+/// Runs a job (snapshot-save/-load) to its end and dismisses it.
+async fn run_job(client: &strata_qmp::QmpClient, domain: &str, command: &str, args: Value) -> Result<()> {
+    let id = args.get("job-id").and_then(|v| v.as_str()).unwrap_or_default().to_string();
+    client.execute(command, Some(args)).await.map_err(|e| qmp_error(domain, e))?;
+    crate::jobs::wait_status(
+        client,
+        domain,
+        &id,
+        &[strata_qmp::types::JobStatus::Concluded, strata_qmp::types::JobStatus::Null],
+        Duration::from_secs(600),
+    )
+    .await?;
+    let jobs = client.query_jobs().await.map_err(|e| qmp_error(domain, e))?;
+    let error = jobs.iter().find(|j| j.id == id).and_then(|j| j.error.clone());
+    let _ = client.execute("job-dismiss", Some(json!({"id": id}))).await;
+    match error {
+        Some(e) => Err(Error::operation_failed(format!("{command} failed: {e}"))),
+        None => Ok(()),
+    }
+}
