@@ -153,10 +153,10 @@ pub struct JobArgs {
 }
 
 fn percent(info: &BlockJobInfo) -> u64 {
-    if info.end == 0 {
-        if info.ready { 100 } else { 0 }
-    } else {
-        (info.cur.min(info.end) * 100) / info.end
+    match (info.cur.min(info.end) * 100).checked_div(info.end) {
+        Some(p) => p,
+        None if info.ready => 100,
+        None => 0,
     }
 }
 

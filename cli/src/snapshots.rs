@@ -323,7 +323,7 @@ pub async fn list(snaps: &dyn SnapshotOps, a: ListArgs, quiet: bool, json: bool)
         .filter(|s| match &from {
             Some(f) if a.descendants || a.tree => is_under(&by_name, &s.name, f) || (a.tree && &s.name == f),
             Some(f) => s.parent.as_deref() == Some(f.as_str()),
-            None => !(a.current && !a.tree),
+            None => !a.current || a.tree,
         })
         .filter(|s| !a.roots || s.parent.is_none())
         .filter(|s| !a.leaves || !has_children(&s.name))
