@@ -323,9 +323,14 @@ pub async fn blockcopy(jobs: &dyn BlockJobOps, a: CopyArgs) -> Result<String> {
     if a.pivot && a.finish {
         return Err(failure("Options --pivot and --finish are mutually exclusive".into()));
     }
+    let mut xml_format = None;
     let dest = match (&a.dest, &a.dest_positional, &a.xml) {
         (Some(d), _, None) | (None, Some(d), None) => d.clone(),
-        (None, None, Some(file)) => dest_from_xml(file)?,
+        (None, None, Some(file)) => {
+            let (path, format) = dest_from_xml(file)?;
+            xml_format = format;
+            path
+        }
         (None, None, None) => return Err(failure("one of --dest or --xml is required".into())),
         _ => return Err(failure("Options --dest and --xml are mutually exclusive".into())),
     };
@@ -333,7 +338,7 @@ pub async fn blockcopy(jobs: &dyn BlockJobOps, a: CopyArgs) -> Result<String> {
     let _ = a.transient_job;
     let opts = BlockCopyOptions {
         dest,
-        format: a.format,
+        format: a.format.or(xml_format),
         raw: a.raw,
         shallow: a.shallow,
         reuse_external: a.reuse_external,
@@ -372,17 +377,19 @@ pub async fn blockcopy(jobs: &dyn BlockJobOps, a: CopyArgs) -> Result<String> {
     }
 }
 
-/// `--xml FILE`: the destination `<disk>`'s source file.
-fn dest_from_xml(file: &str) -> Result<String> {
+/// `--xml FILE`: the destination `<disk>`'s source and its `<driver type>`.
+fn dest_from_xml(file: &str) -> Result<(String, Option<String>)> {
     let text = std::fs::read_to_string(file).map_err(|e| anyhow!("Failed to open file '{file}': {e}"))?;
     let el = strata_core::xml::Element::parse(&text)?;
     let kind = el.attr("type").unwrap_or("file");
     let source = strata_core::xml::parse_source(kind, el.child("source"))?
         .ok_or_else(|| anyhow!("the <disk> in '{file}' has no <source>"))?;
-    source
+    let path = source
         .local_path()
         .map(|p| p.to_string_lossy().into_owned())
-        .ok_or_else(|| anyhow!("the <disk> in '{file}' is not a local file or block device"))
+        .ok_or_else(|| anyhow!("the <disk> in '{file}' is not a local file or block device"))?;
+    let format = el.child("driver").and_then(|d| d.attr("type")).map(str::to_string);
+    Ok((path, format))
 }
 
 pub async fn blockjob(jobs: &dyn BlockJobOps, a: JobArgs) -> Result<String> {

@@ -358,8 +358,13 @@ fn is_inline(el: &Element) -> bool {
         && el.children.iter().any(|n| matches!(n, Node::Text(t) if !t.trim().is_empty()))
 }
 
+/// Indentation stops growing past this depth, so a document nesting one
+/// element per backing layer stays linear in size (a 10,000-layer chain
+/// would otherwise take 400 MB). Real domains never reach it.
+const MAX_INDENT_DEPTH: usize = 32;
+
 fn indent(out: &mut String, depth: usize) {
-    for _ in 0..depth {
+    for _ in 0..depth.min(MAX_INDENT_DEPTH) {
         out.push_str("  ");
     }
 }

@@ -39,6 +39,11 @@ pub struct JobRecord {
     pub ready: bool,
     /// Set when `job-complete` (pivot) was sent.
     pub pivoting: bool,
+    /// Recorded but not yet confirmed started by QEMU: another process
+    /// seeing no such job in QEMU must wait, not call it vanished.
+    pub starting: bool,
+    /// When the record was written (seconds since the epoch).
+    pub recorded: u64,
 }
 
 impl JobRecord {
@@ -48,7 +53,9 @@ impl JobRecord {
             .with_attr("kind", self.kind.as_str())
             .with_attr("disk", self.disk.clone())
             .with_attr("ready", if self.ready { "yes" } else { "no" })
-            .with_attr("pivoting", if self.pivoting { "yes" } else { "no" });
+            .with_attr("pivoting", if self.pivoting { "yes" } else { "no" })
+            .with_attr("starting", if self.starting { "yes" } else { "no" })
+            .with_attr("recorded", self.recorded.to_string());
         for p in &self.delete {
             el = el.with_child(Element::new("delete").with_attr("file", p.to_string_lossy()));
         }
@@ -73,6 +80,8 @@ impl JobRecord {
                 .collect(),
             ready: el.attr("ready") == Some("yes"),
             pivoting: el.attr("pivoting") == Some("yes"),
+            starting: el.attr("starting") == Some("yes"),
+            recorded: el.attr("recorded").and_then(|v| v.parse().ok()).unwrap_or(0),
         })
     }
 }
@@ -139,6 +148,53 @@ fn set_outcome(store: &Store, name: &str, disk: &str, outcome: Option<JobOutcome
         root = root.with_child(o.to_element());
     }
     store.write_domain_file(name, OUTCOMES_FILE, &root.to_xml())
+}
+
+fn epoch_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl JobRecord {
+    fn new(kind: BlockJobKind, disk: &str, delete: Vec<PathBuf>) -> JobRecord {
+        JobRecord {
+            id: job_id(kind, disk),
+            kind,
+            disk: disk.to_string(),
+            delete,
+            ready: false,
+            pivoting: false,
+            starting: true,
+            recorded: epoch_secs(),
+        }
+    }
+
+    /// A record whose starter has had a minute to start the job in QEMU.
+    fn start_overdue(&self) -> bool {
+        self.starting && epoch_secs().saturating_sub(self.recorded) > 60
+    }
+}
+
+/// Refuses early (before any file is made) when the disk already has a job.
+fn check_idle(store: &Store, name: &str, disk: &str) -> Result<()> {
+    match live::reconcile(store, name)? {
+        Some(status) => ensure_idle(&status, disk),
+        None => Ok(()),
+    }
+}
+
+/// `job-finalize`, tolerating another process having finalized it first.
+async fn finalize(client: &QmpClient, name: &str, id: &str) -> Result<()> {
+    if let Err(e) = client.execute("job-finalize", Some(json!({"id": id}))).await {
+        let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
+        let done = find_job(&jobs, id).is_none_or(|j| matches!(j.status, JobStatus::Concluded | JobStatus::Aborting));
+        if !done {
+            return Err(qmp_error(name, e));
+        }
+    }
+    Ok(())
 }
 
 fn job_id(kind: BlockJobKind, disk: &str) -> String {
@@ -285,11 +341,19 @@ async fn start_recorded(
         drop_record(store, name, &id)?;
         return Err(qmp_error(name, e));
     }
+    let _lock = store.lock_domain(name)?;
+    if let Some(mut status) = live::reconcile(store, name)? {
+        if let Some(r) = status.jobs.iter_mut().find(|j| j.id == id) {
+            r.starting = false;
+            store.write_status(name, &status.to_xml())?;
+        }
+    }
     Ok(())
 }
 
 pub async fn pull(store: &Store, name: &str, client: &QmpClient, disk: &str, opts: &BlockPullOptions) -> Result<()> {
     opts.validate()?;
+    check_idle(store, name, disk)?;
     let live = live_disk(client, name, disk).await?;
     let into = match &opts.top {
         Some(t) => resolve_layer(disk, &live.chain, t)?,
@@ -314,14 +378,7 @@ pub async fn pull(store: &Store, name: &str, client: &QmpClient, disk: &str, opt
     if let Some(bw) = opts.bandwidth_bytes {
         args["speed"] = json!(bw);
     }
-    let rec = JobRecord {
-        id: job_id(BlockJobKind::Pull, disk),
-        kind: BlockJobKind::Pull,
-        disk: disk.to_string(),
-        delete: Vec::new(),
-        ready: false,
-        pivoting: false,
-    };
+    let rec = JobRecord::new(BlockJobKind::Pull, disk, Vec::new());
     start_recorded(store, name, client, rec, None, "block-stream", args).await
 }
 
@@ -333,6 +390,7 @@ pub async fn commit(
     opts: &BlockCommitOptions,
 ) -> Result<BlockJobKind> {
     opts.validate()?;
+    check_idle(store, name, disk)?;
     let live = live_disk(client, name, disk).await?;
     let chain = &live.chain;
     let top = match &opts.top {
@@ -397,7 +455,7 @@ pub async fn commit(
     } else {
         Vec::new()
     };
-    let rec = JobRecord { id: job_id(kind, disk), kind, disk: disk.to_string(), delete, ready: false, pivoting: false };
+    let rec = JobRecord::new(kind, disk, delete);
     start_recorded(store, name, client, rec, None, "block-commit", args).await?;
     Ok(kind)
 }
@@ -451,6 +509,7 @@ pub async fn copy(
     opts: &BlockCopyOptions,
 ) -> Result<Vec<String>> {
     let warnings = opts.validate()?;
+    check_idle(store, name, disk)?;
     let live = live_disk(client, name, disk).await?;
     let top = live.chain.top().ok_or_else(|| Error::internal("empty chain"))?;
     let source_format = top.format.clone().unwrap_or_else(|| "raw".into());
@@ -558,14 +617,7 @@ pub async fn copy(
         .with_attr("job", "copy")
         .with_child(Element::new("format").with_attr("type", format.clone()))
         .with_child(strata_core::xml::source_element(&StorageSource::local(dest.clone())));
-    let rec = JobRecord {
-        id: job_id(BlockJobKind::Copy, disk),
-        kind: BlockJobKind::Copy,
-        disk: disk.to_string(),
-        delete: Vec::new(),
-        ready: false,
-        pivoting: false,
-    };
+    let rec = JobRecord::new(BlockJobKind::Copy, disk, Vec::new());
     if let Err(e) = start_recorded(store, name, client, rec, Some(mirror), "blockdev-mirror", args).await {
         for n in [&fmt_node, &file_node] {
             let _ = client.execute("blockdev-del", Some(json!({"node-name": n}))).await;
@@ -597,14 +649,12 @@ pub async fn reconcile_jobs(store: &Store, name: &str, client: &QmpClient, statu
         match find_job(&jobs, &rec.id).map(|j| j.status) {
             Some(JobStatus::Pending) => {
                 // A pending mirror or active commit holds the guest's I/O.
-                client
-                    .execute("job-finalize", Some(json!({"id": rec.id})))
-                    .await
-                    .map_err(|e| qmp_error(name, e))?;
+                finalize(client, name, &rec.id).await?;
                 wait_status(client, name, &rec.id, &[JobStatus::Concluded, JobStatus::Null], Duration::from_secs(30)).await?;
                 conclude(store, name, client, rec).await?;
                 changed = true;
             }
+            None if rec.starting && !rec.start_overdue() => {}
             Some(JobStatus::Concluded) | None => {
                 conclude(store, name, client, rec).await?;
                 changed = true;
@@ -695,11 +745,14 @@ async fn conclude(store: &Store, name: &str, client: &QmpClient, rec: &JobRecord
         // Held throughout, so only one process records the job.
         let _lock = store.lock_domain(name)?;
         let Some(mut status) = live::reconcile(store, name)? else { return Ok(()) };
-        if !status.jobs.iter().any(|j| j.id == rec.id) {
+        let Some(fresh) = status.jobs.iter().find(|j| j.id == rec.id).cloned() else {
             return Ok(()); // another process recorded it first
-        }
+        };
         let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
         let info = find_job(&jobs, &rec.id).cloned();
+        if info.is_none() && fresh.starting && !fresh.start_overdue() {
+            return Ok(()); // its starter has not sent the command yet
+        }
         let end = match &info {
             None => BlockJobEnd::Failed("the job disappeared from QEMU".into()),
             Some(j) => match (&j.error, rec.pivoting, rec.kind.has_ready_phase()) {
@@ -737,6 +790,9 @@ async fn conclude(store: &Store, name: &str, client: &QmpClient, rec: &JobRecord
         end
     };
     remove_dead_nodes(client, name, &rec.disk).await?;
+    if rec.kind == BlockJobKind::ActiveCommit && end != BlockJobEnd::Completed {
+        reopen_backing_read_only(client, name, &rec.disk).await?;
+    }
     if end == BlockJobEnd::Completed {
         for path in &rec.delete {
             if let Err(e) = std::fs::remove_file(path) {
@@ -749,6 +805,45 @@ async fn conclude(store: &Store, name: &str, client: &QmpClient, rec: &JobRecord
             quit_daemon(store, name, client, &status).await?;
         }
     }
+    Ok(())
+}
+
+/// An active commit that ended without a pivot leaves its base open
+/// read-write (QEMU 7.2 does not reopen it), holding the image's write
+/// lock; backing layers go back to read-only here.
+async fn reopen_backing_read_only(client: &QmpClient, name: &str, disk: &str) -> Result<()> {
+    let live = live_disk(client, name, disk).await?;
+    let nodes = client.query_named_block_nodes().await.map_err(|e| qmp_error(name, e))?;
+    for node in live.nodes.iter().skip(1) {
+        if nodes.iter().any(|n| &n.node_name == node && !n.ro) {
+            if let Err(e) = reopen_node(client, name, node, true).await {
+                tracing::warn!(node, error = %e, "could not reopen a backing layer read-only");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `blockdev-reopen` of a format node with its current children, changing
+/// only whether it is read-only.
+pub(crate) async fn reopen_node(client: &QmpClient, name: &str, node: &str, read_only: bool) -> Result<()> {
+    let nodes = client.query_named_block_nodes().await.map_err(|e| qmp_error(name, e))?;
+    let info = nodes
+        .iter()
+        .find(|n| n.node_name == node)
+        .ok_or_else(|| Error::internal(format!("QEMU has no node '{node}'")))?;
+    let graph = BlockGraph::query(client, name).await?;
+    let mut options = json!({"driver": info.drv, "node-name": node, "read-only": read_only});
+    if let Some(file) = graph.child(node, "file") {
+        options["file"] = Value::String(file);
+    }
+    if info.drv != "raw" {
+        options["backing"] = graph.child(node, "backing").map(Value::String).unwrap_or(Value::Null);
+    }
+    client
+        .execute("blockdev-reopen", Some(json!({"options": [options]})))
+        .await
+        .map_err(|e| qmp_error(name, e))?;
     Ok(())
 }
 
@@ -867,10 +962,7 @@ pub async fn abort(
     )
     .await?;
     if reached == JobStatus::Pending {
-        client
-            .execute("job-finalize", Some(json!({"id": rec.id})))
-            .await
-            .map_err(|e| qmp_error(name, e))?;
+        finalize(client, name, &rec.id).await?;
         wait_status(client, name, &rec.id, &[JobStatus::Concluded, JobStatus::Null], Duration::from_secs(60)).await?;
     }
     let mut rec = rec;

@@ -116,12 +116,31 @@ impl QemuConnection {
     async fn serving(&self, name: &str) -> Result<Option<(LiveStatus, Arc<Monitor>)>> {
         persistent::load(&self.store, name)?;
         let Some(status) = live::reconcile(&self.store, name)? else { return Ok(None) };
-        let monitor = self.monitors.get(&self.store, name, status.process).await?;
+        let Some(monitor) = self.attach(name, &status).await? else { return Ok(None) };
         match jobs::reconcile_jobs(&self.store, name, &monitor.client, status).await? {
             Some(status) => Ok(Some((status, monitor))),
             None => {
                 self.monitors.forget(name).await;
                 Ok(None)
+            }
+        }
+    }
+
+    /// A monitor of the recorded process; `None` when the process turns
+    /// out to be dying (killed a moment ago: its sockets already refuse),
+    /// in which case the domain is cleaned up as shut off.
+    async fn attach(&self, name: &str, status: &LiveStatus) -> Result<Option<Arc<Monitor>>> {
+        match self.monitors.get(&self.store, name, status.process).await {
+            Ok(m) => Ok(Some(m)),
+            Err(e) => {
+                if status.process.wait_gone(Duration::from_secs(2)).await {
+                    self.monitors.forget(name).await;
+                    // Reconciling a gone process removes its status.
+                    let _lock = self.store.lock_domain(name)?;
+                    live::reconcile(&self.store, name)?;
+                    return Ok(None);
+                }
+                Err(e)
             }
         }
     }
@@ -166,7 +185,7 @@ impl QemuConnection {
             persistent: true,
         };
         if let Some(status) = live::reconcile(&self.store, &name)?.filter(LiveStatus::is_vm) {
-            let monitor = self.monitors.get(&self.store, &name, status.process).await?;
+            let Some(monitor) = self.attach(&name, &status).await? else { return Ok(s) };
             let run = monitor.client.query_status().await.map_err(|e| live::qmp_error(&name, e))?;
             let (state, reason) = live::state_of(run.status);
             s.id = Some(status.id);
@@ -236,6 +255,17 @@ impl QemuConnection {
                 return Err(Error::operation_failed(format!("{binary} exited during start-up: {}", log.trim())));
             }
             return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Finishes or undoes a snapshot creation a crash interrupted; every
+    /// snapshot call starts with it.
+    fn snapshot_recover(&self, domain: &str) -> Result<()> {
+        persistent::load(&self.store, domain)?;
+        let status = live::reconcile(&self.store, domain)?;
+        for note in snapshots::recover(&self.store, domain, status.as_ref())? {
+            tracing::info!(domain, "{note}");
         }
         Ok(())
     }
@@ -362,6 +392,11 @@ impl Connection for QemuConnection {
     }
 
     async fn dump_xml(&self, name: &str, flags: DumpXmlFlags) -> Result<String> {
+        // Jobs that ended while no strata ran are recorded first, so the
+        // persistent chain shown is the one the images now have.
+        if live::reconcile(&self.store, name)?.is_some_and(|s| !s.jobs.is_empty()) {
+            self.serving(name).await?;
+        }
         if flags.inactive || live::reconcile(&self.store, name)?.filter(LiveStatus::is_vm).is_none() {
             return persistent::dump_xml(&self.store, name, flags);
         }
@@ -452,27 +487,28 @@ impl SnapshotOps for QemuConnection {
     }
 
     async fn snapshot_list(&self, domain: &str) -> Result<Vec<SnapshotSummary>> {
-        persistent::load(&self.store, domain)?;
+        self.snapshot_recover(domain)?;
         snapshots::summaries(&self.store, domain)
     }
 
     async fn snapshot_xml(&self, domain: &str, snapshot: &str) -> Result<String> {
-        persistent::load(&self.store, domain)?;
+        self.snapshot_recover(domain)?;
         Ok(snapshots::load(&self.store, domain, snapshot)?.to_xml())
     }
 
     async fn snapshot_set_current(&self, domain: &str, snapshot: &str) -> Result<()> {
-        persistent::load(&self.store, domain)?;
+        self.snapshot_recover(domain)?;
         snapshots::load(&self.store, domain, snapshot)?;
         self.store.write_domain_file(domain, "snapshot-current", snapshot)
     }
 
     async fn snapshot_revert(&self, domain: &str, snapshot: &str, flags: SnapshotRevertFlags) -> Result<()> {
+        self.snapshot_recover(domain)?;
         self.snapshot_revert_impl(domain, snapshot, flags).await
     }
 
     async fn snapshot_delete(&self, domain: &str, snapshot: &str, flags: SnapshotDeleteFlags) -> Result<Vec<String>> {
-        persistent::load(&self.store, domain)?;
+        self.snapshot_recover(domain)?;
         self.snapshot_delete_impl(domain, snapshot, flags).await
     }
 }

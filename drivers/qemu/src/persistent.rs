@@ -70,8 +70,8 @@ pub fn define(store: &Store, xml: &str, flags: DefineFlags) -> Result<DefineOutc
     Ok(DefineOutcome { name, warnings })
 }
 
+/// Removes the definition; the caller holds the domain lock.
 pub fn undefine(store: &Store, name: &str) -> Result<()> {
-    let _lock = store.lock_domain(name)?;
     load(store, name)?;
     let snapshots = store.list_snapshots(name)?;
     if !snapshots.is_empty() {

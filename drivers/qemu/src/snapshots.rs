@@ -113,7 +113,15 @@ fn default_overlay(image: &Path, snap: &str) -> PathBuf {
     image.with_file_name(format!("{stem}.{snap}"))
 }
 
-fn plan_disks(dom: &Domain, def: &SnapshotDef, flags: &SnapshotCreateFlags, name: &str) -> Result<Vec<DiskPlan>> {
+/// `selected`: the disk set, from the persistent definition (it changes
+/// while the domain runs; the live definition keeps the start's copy).
+fn plan_disks(
+    dom: &Domain,
+    def: &SnapshotDef,
+    flags: &SnapshotCreateFlags,
+    name: &str,
+    selected: &HashSet<String>,
+) -> Result<Vec<DiskPlan>> {
     let disks = dom.disks()?;
     let mut asked: HashMap<String, &SnapshotDisk> = HashMap::new();
     for d in &def.disks {
@@ -131,7 +139,7 @@ fn plan_disks(dom: &Domain, def: &SnapshotDef, flags: &SnapshotCreateFlags, name
         let mut mode = spec
             .and_then(|s| s.snapshot.clone())
             .unwrap_or_else(|| default_mode.to_string());
-        if flags.disk_set && !disk.selected && spec.is_none() {
+        if flags.disk_set && !selected.contains(&disk.target) && spec.is_none() {
             mode = "no".into();
         }
         let Some(image) = disk.source().and_then(|s| s.local_path()).map(Path::to_path_buf) else {
@@ -311,7 +319,9 @@ impl QemuConnection {
             .await?;
         }
         let (dom, status) = self.current_definition(domain).await?;
-        let plans = plan_disks(&dom, &def, &flags, &name)?;
+        let selected: HashSet<String> =
+            strata_core::diskset::selected(&crate::persistent::load(store, domain)?)?.into_iter().collect();
+        let plans = plan_disks(&dom, &def, &flags, &name, &selected)?;
         for p in plans.iter().filter(|p| p.mode == "external") {
             if let Some(o) = &p.overlay {
                 let exists = o.exists();
@@ -577,8 +587,19 @@ impl QemuConnection {
         let external_disks: Vec<&SnapshotDisk> =
             def.disks.iter().filter(|d| d.snapshot.as_deref() == Some("external")).collect();
 
-        // Live revert of a checkpoint without restarting QEMU.
-        if running && has_vmstate && external_disks.is_empty() {
+        // Live revert of a checkpoint without restarting QEMU, when the
+        // disks still run on the images the checkpoint is stored in.
+        let same_images = if running {
+            let (live_now, _) = self.current_definition(domain).await?;
+            internal_disks.iter().all(|d| {
+                let now = live_now.find_disk(&d.name).ok().and_then(|x| x.source().cloned());
+                let then = target.find_disk(&d.name).ok().and_then(|x| x.source().cloned());
+                now.is_some() && now == then
+            })
+        } else {
+            false
+        };
+        if running && has_vmstate && external_disks.is_empty() && same_images {
             let (_, monitor) = self.running(domain).await?;
             let chains = live::live_chains(&monitor.client, domain).await?;
             let devices: Vec<String> = internal_disks
@@ -586,11 +607,19 @@ impl QemuConnection {
                 .filter_map(|d| chains.get(&d.name).and_then(|l| l.root()).map(str::to_string))
                 .collect();
             let vmstate = devices.first().cloned().ok_or_else(|| Error::internal("checkpoint without disks"))?;
+            let run = monitor.client.query_status().await.map_err(|e| qmp_error(domain, e))?;
             monitor.client.execute("stop", None).await.map_err(|e| qmp_error(domain, e))?;
-            run_job(&monitor.client, domain, "snapshot-load", json!({
+            let loaded = run_job(&monitor.client, domain, "snapshot-load", json!({
                 "job-id": "strata-snapshot-load", "tag": snap, "vmstate": vmstate, "devices": devices,
             }))
-            .await?;
+            .await;
+            if let Err(e) = loaded {
+                // Leave the guest as it was found.
+                if run.running {
+                    let _ = monitor.client.execute("cont", None).await;
+                }
+                return Err(e);
+            }
             if end_running && !end_paused {
                 monitor.client.execute("cont", None).await.map_err(|e| qmp_error(domain, e))?;
             }
@@ -749,10 +778,29 @@ impl QemuConnection {
         if live::reconcile(self.store(), domain)?.filter(LiveStatus::is_vm).is_some() {
             let (_, monitor) = self.running(domain).await?;
             let chains = live::live_chains(&monitor.client, domain).await?;
-            let node = chains
+            let (node, layer) = chains
                 .get(disk)
-                .and_then(|l| l.chain.layers.iter().position(|x| x.source.local_path() == Some(image.as_path())).map(|i| l.nodes[i].clone()))
+                .and_then(|l| {
+                    l.chain
+                        .layers
+                        .iter()
+                        .position(|x| x.source.local_path() == Some(image.as_path()))
+                        .map(|i| (l.nodes[i].clone(), i))
+                })
                 .ok_or_else(|| Error::internal(format!("QEMU has no node for '{}'", image.display())))?;
+            if layer != 0 {
+                // blockdev-snapshot-delete-internal-sync wants a root node;
+                // the snapshot-delete job takes any node, but only a
+                // writable one, so the backing layer is reopened for it.
+                crate::jobs::reopen_node(&monitor.client, domain, &node, false).await?;
+                let deleted = run_job(&monitor.client, domain, "snapshot-delete", json!({
+                    "job-id": "strata-snapshot-delete", "tag": snap, "devices": [node],
+                }))
+                .await;
+                crate::jobs::reopen_node(&monitor.client, domain, &node, true).await?;
+                deleted?;
+                return Ok(format!("{disk}: internal snapshot '{snap}' removed from {}", image.display()));
+            }
             monitor
                 .client
                 .execute("blockdev-snapshot-delete-internal-sync", Some(json!({"device": node, "name": snap})))

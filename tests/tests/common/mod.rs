@@ -16,7 +16,10 @@ pub struct TestEnv {
 impl TestEnv {
     pub fn new() -> TestEnv {
         // Short paths: QMP socket paths must fit in 108 bytes.
-        let dir = tempfile::Builder::new().prefix("st").tempdir_in("/tmp").expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("st")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
         let uri = format!("qemu:///embed?root={}/state", dir.path().display());
         TestEnv { dir, uri }
     }
@@ -85,7 +88,10 @@ pub fn qemu_io(args: &[&str]) -> String {
 }
 
 fn run_tool(tool: &str, args: &[&str]) -> String {
-    let out = Command::new(tool).args(args).output().unwrap_or_else(|e| panic!("run {tool}: {e}"));
+    let out = Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {tool}: {e}"));
     assert!(
         out.status.success(),
         "{tool} {args:?} failed: {}{}",
@@ -106,7 +112,17 @@ pub fn make_chain(dir: &Path, names: &[&str]) -> Vec<PathBuf> {
         if i == 0 {
             qemu_img(&["create", "-q", "-f", "qcow2", p, "64M"]);
         } else {
-            qemu_img(&["create", "-q", "-f", "qcow2", "-b", names[i - 1], "-F", "qcow2", p]);
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                names[i - 1],
+                "-F",
+                "qcow2",
+                p,
+            ]);
         }
         let pattern = format!("write -P {:#x} {}M 1M", 0x11 * (i + 1) as u32, i);
         qemu_io(&["-f", "qcow2", "-c", &pattern, p]);
@@ -117,8 +133,16 @@ pub fn make_chain(dir: &Path, names: &[&str]) -> Vec<PathBuf> {
 
 /// The domain type these tests run: `kvm` when /dev/kvm opens, else `qemu`.
 pub fn domain_type() -> &'static str {
-    let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
-    if kvm { "kvm" } else { "qemu" }
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if kvm {
+        "kvm"
+    } else {
+        "qemu"
+    }
 }
 
 /// One `<disk>` for [`domain_xml`].
@@ -153,7 +177,10 @@ pub fn domain_xml(name: &str, disks: &[DiskSpec]) -> String {
 /// after removing Strata's documented extensions (docs/xml.md).
 pub fn validate_xml(xml: &str) {
     let stripped = strip_extensions(xml);
-    let mut file = tempfile::Builder::new().suffix(".xml").tempfile().expect("temp xml");
+    let mut file = tempfile::Builder::new()
+        .suffix(".xml")
+        .tempfile()
+        .expect("temp xml");
     std::io::Write::write_all(&mut file, stripped.as_bytes()).expect("write xml");
     let out = Command::new("virt-xml-validate")
         .arg(file.path())
@@ -170,7 +197,9 @@ pub fn validate_xml(xml: &str) {
 /// Strata's extensions beyond libvirt's schema (docs/xml.md): `selected`
 /// on `<disk>`, and `<backingStore>` nested below a volume's first one.
 fn strip_extensions(xml: &str) -> String {
-    let xml = xml.replace(" selected='yes'", "").replace(" selected='no'", "");
+    let xml = xml
+        .replace(" selected='yes'", "")
+        .replace(" selected='no'", "");
     let mut root = strata_core::xml::Element::parse(&xml).expect("emitted XML parses");
     if root.name == "volume" {
         if let Some(store) = root.child_mut("backingStore") {
@@ -184,7 +213,13 @@ fn strip_extensions(xml: &str) -> String {
 /// `qemu-img info --backing-chain -U --output=json` of an image: the
 /// (filename, format) of each layer, top first.
 pub fn qemu_chain(path: &Path) -> Vec<(String, String)> {
-    let out = qemu_img(&["info", "--backing-chain", "-U", "--output=json", path.to_str().expect("utf8")]);
+    let out = qemu_img(&[
+        "info",
+        "--backing-chain",
+        "-U",
+        "--output=json",
+        path.to_str().expect("utf8"),
+    ]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("qemu-img json");
     v.as_array()
         .expect("array")
@@ -219,7 +254,13 @@ impl Drop for DomainGuard<'_> {
 
 /// The pid of a running domain's QEMU, from its status XML.
 pub fn qemu_pid(env: &TestEnv, name: &str) -> Option<i32> {
-    let status = std::fs::read_to_string(env.state_root().join("domains").join(name).join("status.xml")).ok()?;
+    let status = std::fs::read_to_string(
+        env.state_root()
+            .join("domains")
+            .join(name)
+            .join("status.xml"),
+    )
+    .ok()?;
     let start = status.find("pid='")? + 5;
     let end = status[start..].find('\'')? + start;
     status[start..end].parse().ok()
@@ -245,30 +286,56 @@ pub mod guest {
     /// Writes `pattern` over `len` bytes at `offset` of the disk as the
     /// guest would. HMP reports qemu-io failures as text, so any reply is
     /// an error here (a successful write prints nothing into the reply).
-    pub async fn write(conn: &QemuConnection, domain: &str, target: &str, pattern: u8, offset: u64, len: u64) {
+    pub async fn write(
+        conn: &QemuConnection,
+        domain: &str,
+        target: &str,
+        pattern: u8,
+        offset: u64,
+        len: u64,
+    ) {
         let (_, monitor) = conn.running(domain).await.expect("running domain");
         let cmd = format!(
             "qemu-io -d {} \"write -P {pattern:#x} {offset} {len}\"",
             qemu_io_device(target)
         );
-        let reply = monitor.client.human_monitor_command(&cmd).await.expect("hmp");
-        assert!(reply.trim().is_empty(), "qemu-io write on {target} failed: {reply}");
+        let reply = monitor
+            .client
+            .human_monitor_command(&cmd)
+            .await
+            .expect("hmp");
+        assert!(
+            reply.trim().is_empty(),
+            "qemu-io write on {target} failed: {reply}"
+        );
     }
 
     /// Compares what the guest sees on `target` with `reference` (an image
     /// given the same writes), by exporting the device's node read-only
     /// over NBD and running `qemu-img compare`.
-    pub async fn compare(conn: &QemuConnection, domain: &str, target: &str, reference: &Path) -> bool {
+    pub async fn compare(
+        conn: &QemuConnection,
+        domain: &str,
+        target: &str,
+        reference: &Path,
+    ) -> bool {
         let (_, monitor) = conn.running(domain).await.expect("running domain");
         let client = &monitor.client;
         let block = client.query_block().await.expect("query-block");
         let node = block
             .iter()
-            .find(|b| b.qdev.as_deref().is_some_and(|q| q.starts_with(&format!("/machine/peripheral/{target}"))))
+            .find(|b| {
+                b.qdev
+                    .as_deref()
+                    .is_some_and(|q| q.starts_with(&format!("/machine/peripheral/{target}")))
+            })
             .and_then(|b| b.inserted.as_ref())
             .and_then(|i| i.node_name.clone())
             .expect("disk node");
-        let dir = tempfile::Builder::new().prefix("nbd").tempdir_in("/tmp").expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("nbd")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
         let sock = dir.path().join("nbd.sock");
         let sock_str = sock.to_str().expect("utf8").to_string();
         client
@@ -295,7 +362,10 @@ pub mod guest {
             .code()
             == Some(0);
         let _ = client
-            .execute("block-export-del", Some(serde_json::json!({"id": "cmp", "mode": "hard"})))
+            .execute(
+                "block-export-del",
+                Some(serde_json::json!({"id": "cmp", "mode": "hard"})),
+            )
             .await;
         // The export goes away asynchronously; stopping the server waits for it.
         for _ in 0..100 {

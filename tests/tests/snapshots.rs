@@ -1,0 +1,1880 @@
+//! Snapshots through the real `strata` command and real QEMU: external
+//! disk-only snapshots (seed 003), internal checkpoints, revert to external
+//! snapshots that have children (branches), `--branch`, delete by merge
+//! (method 1 and 2), `--metadata`, atomic failure, configuration rollback,
+//! disk sets, error messages, `--redefine` and crash recovery.
+//!
+//! Data checks: every guest write is replayed with qemu-io on a reference
+//! image; at each snapshot the reference is copied, so each snapshot's frozen
+//! image (and the overlay that followed it) can later be compared with what
+//! it read at the time.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{
+    domain_xml, make_chain, qemu_chain, qemu_img, qemu_io, validate_xml, DiskSpec, DomainGuard,
+    TestEnv,
+};
+use strata_core::xml::{Domain, Element, SnapshotDef};
+use strata_qemu::QemuConnection;
+
+const MIB: u64 = 1024 * 1024;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf8")
+}
+
+/// What the second disk is.
+#[derive(Clone, Copy, PartialEq)]
+enum Vdb {
+    None,
+    Raw,
+    Qcow2,
+}
+
+/// A test domain `vm`: vda on base.qcow2 ← top.qcow2 (make_chain), vdb as
+/// asked, plus the reference image that mirrors what vda reads.
+struct Vm<'a> {
+    env: &'a TestEnv,
+    live: bool,
+    top: PathBuf,
+    base: PathBuf,
+    vdb: Option<PathBuf>,
+    /// Receives every write vda gets, so it always reads what vda reads.
+    reference: PathBuf,
+    refs: usize,
+}
+
+impl<'a> Vm<'a> {
+    fn new(env: &'a TestEnv, vdb: Vdb, live: bool) -> Vm<'a> {
+        let chain = make_chain(env.dir.path(), &["base.qcow2", "top.qcow2"]);
+        let mut disks = vec![DiskSpec {
+            target: "vda",
+            format: "qcow2",
+            path: &chain[1],
+            extra: "",
+        }];
+        let vdb_path = match vdb {
+            Vdb::None => None,
+            Vdb::Raw => {
+                let p = env.path("data.raw");
+                qemu_img(&["create", "-q", "-f", "raw", s(&p), "16M"]);
+                Some(p)
+            }
+            Vdb::Qcow2 => {
+                let p = env.path("data.qcow2");
+                qemu_img(&["create", "-q", "-f", "qcow2", s(&p), "16M"]);
+                qemu_io(&["-f", "qcow2", "-c", "write -P 0x66 0 1M", s(&p)]);
+                Some(p)
+            }
+        };
+        if let Some(p) = &vdb_path {
+            let format = if vdb == Vdb::Raw { "raw" } else { "qcow2" };
+            disks.push(DiskSpec {
+                target: "vdb",
+                format,
+                path: p,
+                extra: "",
+            });
+        }
+        env.define("vm", &domain_xml("vm", &disks));
+        let reference = env.path("ref.qcow2");
+        qemu_img(&["convert", "-O", "qcow2", s(&chain[1]), s(&reference)]);
+        if live {
+            env.ok(&["start", "vm"]);
+        }
+        Vm {
+            env,
+            live,
+            top: chain[1].clone(),
+            base: chain[0].clone(),
+            vdb: vdb_path,
+            reference,
+            refs: 0,
+        }
+    }
+
+    fn guard(&self) -> DomainGuard<'a> {
+        DomainGuard {
+            env: self.env,
+            name: "vm".into(),
+        }
+    }
+
+    /// Writes to vda as the guest would (through QEMU when running, into the
+    /// active image otherwise) and replays the write on the reference.
+    fn write(&self, pattern: u8, offset: u64, len: u64) {
+        if self.live {
+            let conn = QemuConnection::open_embedded(&self.env.state_root()).expect("open");
+            runtime().block_on(common::guest::write(
+                &conn, "vm", "vda", pattern, offset, len,
+            ));
+        } else {
+            let active = active(self.env, "vda");
+            qemu_io(&[
+                "-f",
+                "qcow2",
+                "-c",
+                &format!("write -P {pattern:#x} {offset} {len}"),
+                s(&active),
+            ]);
+        }
+        qemu_io(&[
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("write -P {pattern:#x} {offset} {len}"),
+            s(&self.reference),
+        ]);
+    }
+
+    /// A frozen copy of the reference: what vda reads now.
+    fn snap_ref(&mut self) -> PathBuf {
+        self.refs += 1;
+        let copy = self.env.path(&format!("ref{}.qcow2", self.refs));
+        std::fs::copy(&self.reference, &copy).expect("copy reference");
+        copy
+    }
+
+    /// Replaces the reference by an earlier copy (after a revert).
+    fn reset_ref(&self, to: &Path) {
+        std::fs::copy(to, &self.reference).expect("reset reference");
+    }
+
+    /// Whether vda, as the guest (or an offline reader) sees it, reads
+    /// exactly `reference`.
+    fn reads(&self, reference: &Path) -> bool {
+        if self.live {
+            let conn = QemuConnection::open_embedded(&self.env.state_root()).expect("open");
+            runtime().block_on(common::guest::compare(&conn, "vm", "vda", reference))
+        } else {
+            same(&active(self.env, "vda"), reference)
+        }
+    }
+
+    /// Disk-only external snapshot of vda with the default overlay name
+    /// (vdb excluded when present).
+    fn ext_snapshot(&self, name: &str) {
+        let mut args = vec!["snapshot-create-as", "vm", name, "--disk-only", "--atomic"];
+        if self.vdb.is_some() {
+            args.extend(["--diskspec", "vdb,snapshot=no"]);
+        }
+        let out = self.env.ok(&args);
+        assert_eq!(out.trim(), format!("Domain snapshot {name} created"));
+    }
+
+    fn start(&mut self) {
+        self.env.ok(&["start", "vm"]);
+        self.live = true;
+    }
+
+    fn destroy(&mut self) {
+        if self.live {
+            self.env.ok(&["destroy", "vm"]);
+            self.live = false;
+        }
+    }
+}
+
+/// `qemu-img compare -U a b` (each with its backing chain) says identical.
+fn same(a: &Path, b: &Path) -> bool {
+    let out = std::process::Command::new("qemu-img")
+        .args(["compare", "-U", s(a), s(b)])
+        .output()
+        .expect("run qemu-img compare");
+    assert!(
+        matches!(out.status.code(), Some(0) | Some(1)),
+        "qemu-img compare {} {} failed: {}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.status.code() == Some(0)
+}
+
+/// domblklist's source for `target`.
+fn active(env: &TestEnv, target: &str) -> PathBuf {
+    let list = env.ok(&["domblklist", "vm"]);
+    let source = list
+        .lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.len() == 2 && cols[0] == target).then(|| cols[1].to_string())
+        })
+        .next()
+        .unwrap_or_else(|| panic!("no {target} in domblklist:\n{list}"));
+    PathBuf::from(source)
+}
+
+/// The layers of `target`'s chain in a domain XML, top first.
+fn xml_chain(xml: &str, target: &str) -> Vec<String> {
+    let dom = Domain::parse(xml).expect("domain xml");
+    let disk = dom.find_disk(target).expect("disk");
+    disk.chain
+        .expect("chain")
+        .main_line()
+        .iter()
+        .map(|l| l.source.local_path().expect("local").display().to_string())
+        .collect()
+}
+
+/// The file names of qemu_chain.
+fn chain_files(top: &Path) -> Vec<String> {
+    qemu_chain(top).into_iter().map(|(f, _)| f).collect()
+}
+
+fn strs(paths: &[&Path]) -> Vec<String> {
+    paths.iter().map(|p| p.display().to_string()).collect()
+}
+
+fn snapshot_xml(env: &TestEnv, snap: &str) -> String {
+    let xml = env.ok(&["snapshot-dumpxml", "vm", snap]);
+    validate_xml(&xml);
+    xml
+}
+
+fn snapshot_def(env: &TestEnv, snap: &str) -> SnapshotDef {
+    SnapshotDef::parse(&snapshot_xml(env, snap)).expect("snapshot xml")
+}
+
+/// The image a snapshot froze for `disk`: the disk's source in the
+/// snapshot's saved `<domain>`.
+fn frozen(env: &TestEnv, snap: &str, disk: &str) -> PathBuf {
+    let def = snapshot_def(env, snap);
+    let dom = Domain::from_element(def.domain.expect("saved <domain>")).expect("saved domain");
+    dom.find_disk(disk)
+        .expect("disk in saved domain")
+        .source()
+        .and_then(|s| s.local_path())
+        .expect("local source")
+        .to_path_buf()
+}
+
+/// The overlay an external snapshot created for `disk`.
+fn overlay(env: &TestEnv, snap: &str, disk: &str) -> PathBuf {
+    let def = snapshot_def(env, snap);
+    let d = def
+        .disks
+        .iter()
+        .find(|d| d.name == disk)
+        .expect("disk in <disks>");
+    assert_eq!(
+        d.snapshot.as_deref(),
+        Some("external"),
+        "{snap}/{disk} is not external"
+    );
+    d.source
+        .as_ref()
+        .and_then(|s| s.local_path())
+        .expect("overlay path")
+        .to_path_buf()
+}
+
+/// `snapshot-list --name` (plus filters), sorted: snapshots made within the
+/// same second have no defined order.
+fn names(env: &TestEnv, extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["snapshot-list", "vm", "--name"];
+    args.extend_from_slice(extra);
+    let mut out: Vec<String> = env
+        .ok(&args)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    out.sort();
+    out
+}
+
+fn current_name(env: &TestEnv) -> String {
+    env.ok(&["snapshot-current", "vm", "--name"])
+        .trim()
+        .to_string()
+}
+
+fn parent_of(env: &TestEnv, snap: &str) -> String {
+    env.ok(&["snapshot-parent", "vm", snap]).trim().to_string()
+}
+
+fn internal_snapshots(image: &Path) -> Vec<String> {
+    qemu_img(&["snapshot", "-U", "-l", s(image)])
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .collect()
+}
+
+fn domstate(env: &TestEnv) -> String {
+    env.ok(&["domstate", "vm"]).trim().to_string()
+}
+
+// ---------------------------------------------------------------------------
+// Creation
+
+/// Seed 003: the external disk-only snapshot of a running domain with an
+/// explicit overlay, the raw disk excluded, --atomic.
+#[test]
+fn external_disk_only_live_seed003_flow() {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::Raw, true);
+    let _guard = vm.guard();
+    let raw = vm.vdb.clone().expect("vdb");
+    let s1 = env.path("sn1-of-top.qcow2");
+    vm.write(0x31, 2 * MIB, 64 * 1024);
+    let at_s1 = vm.snap_ref();
+
+    let out = env.ok(&[
+        "snapshot-create-as",
+        "vm",
+        "s1",
+        "first external",
+        "--disk-only",
+        "--diskspec",
+        &format!("vda,snapshot=external,file={}", s(&s1)),
+        "--diskspec",
+        "vdb,snapshot=no",
+        "--atomic",
+    ]);
+    assert_eq!(out, "Domain snapshot s1 created\n");
+
+    let blk = env.ok(&["domblklist", "vm"]);
+    assert_eq!(active(&env, "vda"), s1, "{blk}");
+    assert_eq!(active(&env, "vdb"), raw, "{blk}");
+
+    // The overlay's header names the image it replaced, with its format.
+    let info: serde_json::Value =
+        serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", s(&s1)])).expect("json");
+    assert_eq!(info["format"], "qcow2");
+    assert_eq!(
+        info["backing-filename"].as_str(),
+        Some(s(&vm.top)),
+        "{info}"
+    );
+    assert_eq!(
+        info["backing-filename-format"].as_str(),
+        Some("qcow2"),
+        "{info}"
+    );
+    assert_eq!(chain_files(&s1), strs(&[&s1, &vm.top, &vm.base]));
+    assert_eq!(
+        qemu_chain(&raw),
+        vec![(s(&raw).to_string(), "raw".to_string())],
+        "vdb untouched"
+    );
+
+    // Both definitions carry the new chain.
+    let live = env.ok(&["dumpxml", "vm"]);
+    let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
+    validate_xml(&live);
+    validate_xml(&inactive);
+    assert_eq!(xml_chain(&live, "vda"), strs(&[&s1, &vm.top, &vm.base]));
+    assert_eq!(xml_chain(&inactive, "vda"), strs(&[&s1, &vm.top, &vm.base]));
+    assert_eq!(xml_chain(&inactive, "vdb"), strs(&[&raw]));
+
+    // The record.
+    let xml = snapshot_xml(&env, "s1");
+    let def = SnapshotDef::parse(&xml).expect("parse");
+    assert_eq!(def.name.as_deref(), Some("s1"));
+    assert_eq!(def.description.as_deref(), Some("first external"));
+    assert_eq!(def.state.as_deref(), Some("disk-snapshot"));
+    assert_eq!(def.parent, None);
+    assert_eq!(overlay(&env, "s1", "vda"), s1);
+    let vdb = def
+        .disks
+        .iter()
+        .find(|d| d.name == "vdb")
+        .expect("vdb in <disks>");
+    assert_eq!(vdb.snapshot.as_deref(), Some("no"));
+    assert_eq!(frozen(&env, "s1", "vda"), vm.top);
+    assert_eq!(names(&env, &[]), ["s1"]);
+    let info = env.ok(&["snapshot-info", "vm", "s1"]);
+    for line in [
+        "Name:           s1",
+        "State:          disk-snapshot",
+        "Location:       external",
+        "Current:        yes",
+    ] {
+        assert!(info.contains(line), "missing {line:?} in:\n{info}");
+    }
+    assert_eq!(current_name(&env), "s1");
+
+    // The guest keeps running on the overlay; the frozen image keeps its data.
+    assert_eq!(domstate(&env), "running");
+    assert!(vm.reads(&at_s1));
+    vm.write(0x32, 3 * MIB, 64 * 1024);
+    assert!(vm.reads(&vm.reference));
+
+    // Second snapshot with the default overlay name next to the image.
+    vm.ext_snapshot("s2");
+    let s2 = env.path("sn1-of-top.s2");
+    assert_eq!(active(&env, "vda"), s2);
+    assert_eq!(overlay(&env, "s2", "vda"), s2);
+    assert_eq!(chain_files(&s2), strs(&[&s2, &s1, &vm.top, &vm.base]));
+    assert_eq!(parent_of(&env, "s2"), "s1");
+    vm.destroy();
+    assert!(same(&vm.top, &at_s1), "the frozen image changed");
+}
+
+/// A checkpoint of a running qcow2-only domain: a guest write made after
+/// it is undone by the revert; then delete.
+#[test]
+fn internal_checkpoint_live_create_revert_delete() {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::Qcow2, true);
+    let _guard = vm.guard();
+    let data = vm.vdb.clone().expect("vdb");
+    vm.write(0x41, 2 * MIB, 64 * 1024);
+    let at_c1 = vm.snap_ref();
+    let data_ref = env.path("data-ref.qcow2");
+    qemu_img(&["convert", "-U", "-O", "qcow2", s(&data), s(&data_ref)]);
+
+    assert_eq!(
+        env.ok(&["snapshot-create-as", "vm", "c1", "a checkpoint"]),
+        "Domain snapshot c1 created\n"
+    );
+    let info = env.ok(&["snapshot-info", "vm", "c1"]);
+    assert!(info.contains("State:          running"), "{info}");
+    assert!(info.contains("Location:       internal"), "{info}");
+    let def = snapshot_def(&env, "c1");
+    assert!(
+        def.disks
+            .iter()
+            .all(|d| d.snapshot.as_deref() == Some("internal")),
+        "{:?}",
+        def.disks
+    );
+    assert_eq!(names(&env, &["--internal"]), ["c1"]);
+    assert!(names(&env, &["--external"]).is_empty());
+    // No new files: the chain is the same.
+    assert_eq!(active(&env, "vda"), vm.top);
+    assert_eq!(chain_files(&vm.top), strs(&[&vm.top, &vm.base]));
+
+    vm.write(0x42, 2 * MIB, 64 * 1024);
+    vm.write(0x43, 5 * MIB, 64 * 1024);
+    let conn = QemuConnection::open_embedded(&env.state_root()).expect("open");
+    let rt = runtime();
+    rt.block_on(common::guest::write(&conn, "vm", "vdb", 0x44, 0, 64 * 1024));
+    assert!(!vm.reads(&at_c1));
+    assert!(!rt.block_on(common::guest::compare(&conn, "vm", "vdb", &data_ref)));
+
+    assert_eq!(
+        env.ok(&["snapshot-revert", "vm", "c1"]),
+        "Domain snapshot c1 reverted\n"
+    );
+    assert_eq!(domstate(&env), "running");
+    assert!(
+        vm.reads(&at_c1),
+        "the write after the checkpoint is still visible on vda"
+    );
+    let conn = QemuConnection::open_embedded(&env.state_root()).expect("open");
+    assert!(
+        rt.block_on(common::guest::compare(&conn, "vm", "vdb", &data_ref)),
+        "vdb not reverted"
+    );
+    assert_eq!(current_name(&env), "c1");
+
+    let out = env.ok(&["snapshot-delete", "vm", "c1"]);
+    assert!(out.ends_with("Domain snapshot c1 deleted\n"), "{out}");
+    assert!(names(&env, &[]).is_empty());
+    assert!(vm.reads(&at_c1), "delete changed the disk");
+    vm.destroy();
+    assert!(!internal_snapshots(&vm.top).contains(&"c1".to_string()));
+    assert!(!internal_snapshots(&data).contains(&"c1".to_string()));
+}
+
+/// Offline: internal disk snapshots (state shutoff), revert, delete.
+#[test]
+fn internal_offline_create_revert_delete() {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::Qcow2, false);
+    let data = vm.vdb.clone().expect("vdb");
+    vm.write(0x51, 2 * MIB, 64 * 1024);
+    let at_o1 = vm.snap_ref();
+    let data_ref = env.path("data-ref.qcow2");
+    qemu_img(&["convert", "-O", "qcow2", s(&data), s(&data_ref)]);
+
+    assert_eq!(
+        env.ok(&["snapshot-create-as", "vm", "o1"]),
+        "Domain snapshot o1 created\n"
+    );
+    let info = env.ok(&["snapshot-info", "vm", "o1"]);
+    assert!(info.contains("State:          shutoff"), "{info}");
+    assert!(info.contains("Location:       internal"), "{info}");
+    assert!(internal_snapshots(&vm.top).contains(&"o1".to_string()));
+    assert!(internal_snapshots(&data).contains(&"o1".to_string()));
+    assert_eq!(domstate(&env), "shut off");
+
+    vm.write(0x52, 2 * MIB, 64 * 1024);
+    qemu_io(&["-f", "qcow2", "-c", "write -P 0x53 0 64k", s(&data)]);
+    assert!(!vm.reads(&at_o1));
+
+    assert_eq!(
+        env.ok(&["snapshot-revert", "vm", "o1"]),
+        "Domain snapshot o1 reverted\n"
+    );
+    assert_eq!(domstate(&env), "shut off");
+    assert!(vm.reads(&at_o1));
+    assert!(same(&data, &data_ref));
+    vm.reset_ref(&at_o1);
+
+    // A second one on top, then delete the first: the second stays usable.
+    vm.write(0x54, 4 * MIB, 64 * 1024);
+    let at_o2 = vm.snap_ref();
+    env.ok(&["snapshot-create-as", "vm", "o2"]);
+    assert_eq!(parent_of(&env, "o2"), "o1");
+    let out = env.ok(&["snapshot-delete", "vm", "o1"]);
+    assert!(out.ends_with("Domain snapshot o1 deleted\n"), "{out}");
+    assert!(!internal_snapshots(&vm.top).contains(&"o1".to_string()));
+    assert!(!internal_snapshots(&data).contains(&"o1".to_string()));
+    assert_eq!(names(&env, &[]), ["o2"]);
+    assert!(env
+        .fails(&["snapshot-parent", "vm", "o2"])
+        .contains("has no parent"));
+    vm.write(0x55, 4 * MIB, 64 * 1024);
+    env.ok(&["snapshot-revert", "vm", "o2"]);
+    assert!(vm.reads(&at_o2));
+}
+
+/// A raw disk excluded with snapshot=no does not stop an internal snapshot.
+#[test]
+fn internal_with_raw_disk_excluded() {
+    let env = TestEnv::new();
+    let vm = Vm::new(&env, Vdb::Raw, false);
+    let err = env.fails(&["snapshot-create-as", "vm", "i1"]);
+    assert!(
+        err.contains("internal snapshot for disk vdb unsupported for storage type raw"),
+        "{err}"
+    );
+    assert!(names(&env, &[]).is_empty());
+    env.ok(&[
+        "snapshot-create-as",
+        "vm",
+        "i1",
+        "--diskspec",
+        "vdb,snapshot=no",
+    ]);
+    assert!(internal_snapshots(&vm.top).contains(&"i1".to_string()));
+    let def = snapshot_def(&env, "i1");
+    let vdb = def.disks.iter().find(|d| d.name == "vdb").expect("vdb");
+    assert_eq!(vdb.snapshot.as_deref(), Some("no"));
+}
+
+/// A checkpoint taken live and reverted to while the domain is shut off:
+/// the domain comes back running with the checkpoint's disks.
+#[test]
+fn internal_checkpoint_revert_from_shut_off() {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::Qcow2, true);
+    let _guard = vm.guard();
+    vm.write(0x45, 2 * MIB, 64 * 1024);
+    let at_c1 = vm.snap_ref();
+    env.ok(&["snapshot-create-as", "vm", "c1"]);
+    vm.write(0x46, 2 * MIB, 64 * 1024);
+    vm.destroy();
+    assert_eq!(
+        env.ok(&["snapshot-revert", "vm", "c1"]),
+        "Domain snapshot c1 reverted\n"
+    );
+    assert_eq!(domstate(&env), "running");
+    vm.live = true;
+    assert!(vm.reads(&at_c1));
+}
+
+/// A checkpoint, then an external disk-only snapshot on top, then revert to
+/// the checkpoint while running: the domain goes back to the checkpoint's
+/// own disks (its saved definition) and reads what it read then.
+#[test]
+fn revert_internal_checkpoint_after_external_live() {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::Qcow2, true);
+    let _guard = vm.guard();
+    vm.write(0x3a, 2 * MIB, 64 * 1024);
+    let at_c1 = vm.snap_ref();
+    env.ok(&["snapshot-create-as", "vm", "c1"]);
+    vm.ext_snapshot("e1");
+    assert_eq!(active(&env, "vda"), env.path("top.e1"));
+    vm.write(0x3b, 3 * MIB, 64 * 1024);
+
+    let out = env.strata(&["snapshot-revert", "vm", "c1"]);
+    let state = domstate(&env);
+    assert!(
+        out.status.success(),
+        "revert failed (domain left {state}): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Domain snapshot c1 reverted\n"
+    );
+    assert_eq!(state, "running");
+    assert_eq!(
+        active(&env, "vda"),
+        vm.top,
+        "the checkpoint's own disk source"
+    );
+    assert_eq!(current_name(&env), "c1");
+    assert!(vm.reads(&at_c1));
+}
+
+/// Deleting a checkpoint whose image has since become a backing file of an
+/// external overlay, while the domain runs.
+#[test]
+fn delete_internal_checkpoint_below_external_overlay_live() {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::Qcow2, true);
+    let _guard = vm.guard();
+    let data = vm.vdb.clone().expect("vdb");
+    vm.write(0x3c, 2 * MIB, 64 * 1024);
+    env.ok(&["snapshot-create-as", "vm", "c1"]);
+    vm.ext_snapshot("e1");
+    vm.write(0x3d, 3 * MIB, 64 * 1024);
+    let now = vm.snap_ref();
+
+    let out = env.ok(&["snapshot-delete", "vm", "c1"]);
+    assert!(out.ends_with("Domain snapshot c1 deleted\n"), "{out}");
+    assert_eq!(names(&env, &[]), ["e1"]);
+    assert!(env
+        .fails(&["snapshot-parent", "vm", "e1"])
+        .contains("has no parent"));
+    assert!(vm.reads(&now));
+    vm.destroy();
+    assert!(!internal_snapshots(&vm.top).contains(&"c1".to_string()));
+    assert!(!internal_snapshots(&data).contains(&"c1".to_string()));
+}
+
+// ---------------------------------------------------------------------------
+// Revert to external snapshots with children
+
+/// s1, s2 (child of s1), revert to s1, s3: every snapshot's images read
+/// what they read when taken, the abandoned state is kept, the tree branches.
+fn revert_with_children(live: bool) {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::Raw, live);
+    let _guard = vm.guard();
+    vm.write(0x61, 2 * MIB, 64 * 1024);
+    let at_s1 = vm.snap_ref();
+    vm.ext_snapshot("s1");
+    vm.write(0x62, 3 * MIB, 64 * 1024);
+    let at_s2 = vm.snap_ref();
+    vm.ext_snapshot("s2");
+    vm.write(0x63, 4 * MIB, 64 * 1024);
+    vm.write(0x64, 2 * MIB, 32 * 1024);
+    let abandoned = vm.snap_ref();
+    let (o1, o2) = (overlay(&env, "s1", "vda"), overlay(&env, "s2", "vda"));
+    assert_eq!(o1, env.path("top.s1"));
+    assert_eq!(o2, env.path("top.s2"));
+
+    assert!(
+        !vm.reads(&at_s1),
+        "the checks below would not tell the states apart"
+    );
+    assert!(!same(&o2, &at_s1));
+    let mut args = vec!["snapshot-revert", "vm", "s1"];
+    if live {
+        args.push("--running");
+    }
+    assert_eq!(env.ok(&args), "Domain snapshot s1 reverted\n");
+    assert_eq!(domstate(&env), if live { "running" } else { "shut off" });
+    let branch = PathBuf::from(format!("{}.branch1", o1.display()));
+    assert_eq!(
+        active(&env, "vda"),
+        branch,
+        "revert must branch a new overlay off the frozen image"
+    );
+    assert_eq!(chain_files(&branch), strs(&[&branch, &vm.top, &vm.base]));
+    let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
+    assert_eq!(
+        xml_chain(&inactive, "vda"),
+        strs(&[&branch, &vm.top, &vm.base])
+    );
+    assert_eq!(current_name(&env), "s1");
+    assert!(
+        vm.reads(&at_s1),
+        "the disk does not read what it read at s1"
+    );
+
+    // Nothing another snapshot depends on was touched.
+    assert_eq!(chain_files(&o2), strs(&[&o2, &o1, &vm.top, &vm.base]));
+    assert!(
+        same(&o1, &at_s2),
+        "s1's overlay (s2's frozen image) changed"
+    );
+    assert!(same(&o2, &abandoned), "the abandoned current state changed");
+
+    // Work on the new branch, then a snapshot there.
+    vm.reset_ref(&at_s1);
+    vm.write(0x65, 2 * MIB, 64 * 1024);
+    vm.write(0x66, 6 * MIB, 64 * 1024);
+    let at_s3 = vm.snap_ref();
+    vm.ext_snapshot("s3");
+    vm.write(0x67, 3 * MIB, 64 * 1024);
+    let now = vm.snap_ref();
+    assert_eq!(parent_of(&env, "s3"), "s1");
+    assert_eq!(
+        env.ok(&["snapshot-list", "vm", "--tree"]),
+        "s1\n  |\n  +- s2\n  +- s3\n    \n\n"
+    );
+    assert_eq!(names(&env, &["--leaves"]), ["s2", "s3"]);
+    assert_eq!(names(&env, &["--from", "s1"]), ["s2", "s3"]);
+    assert!(vm.reads(&now));
+
+    vm.destroy();
+    assert!(
+        same(&frozen(&env, "s1", "vda"), &at_s1),
+        "s1's frozen image"
+    );
+    assert!(same(&o1, &at_s2), "s1's overlay");
+    assert!(
+        same(&frozen(&env, "s2", "vda"), &at_s2),
+        "s2's frozen image"
+    );
+    assert!(same(&o2, &abandoned), "s2's overlay");
+    assert_eq!(frozen(&env, "s3", "vda"), branch);
+    assert!(same(&branch, &at_s3), "s3's frozen image");
+    assert!(same(&overlay(&env, "s3", "vda"), &now), "s3's overlay");
+    assert!(same(&active(&env, "vda"), &now));
+}
+
+#[test]
+fn revert_external_with_children_live() {
+    revert_with_children(true);
+}
+
+#[test]
+fn revert_external_with_children_offline() {
+    revert_with_children(false);
+}
+
+/// Reverting twice to the same snapshot makes a second branch; the first
+/// branch's data stays.
+#[test]
+fn revert_twice_makes_distinct_branches() {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::None, false);
+    let at_s1 = vm.snap_ref();
+    vm.ext_snapshot("s1");
+    vm.write(0x71, 2 * MIB, 64 * 1024);
+    env.ok(&["snapshot-revert", "vm", "s1"]);
+    let b1 = active(&env, "vda");
+    vm.reset_ref(&at_s1);
+    vm.write(0x72, 3 * MIB, 64 * 1024);
+    let on_b1 = vm.snap_ref();
+    env.ok(&["snapshot-revert", "vm", "s1"]);
+    let b2 = active(&env, "vda");
+    assert_ne!(b1, b2);
+    assert_eq!(
+        b2,
+        PathBuf::from(format!("{}.branch2", overlay(&env, "s1", "vda").display()))
+    );
+    assert!(same(&b2, &at_s1));
+    assert!(same(&b1, &on_b1), "the first branch was overwritten");
+}
+
+/// `snapshot-create --branch` with a <parent>: revert to the parent, then
+/// snapshot on the new branch, in one call.
+#[test]
+fn branch_creation_from_parent_live() {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::Raw, true);
+    let _guard = vm.guard();
+    vm.write(0x81, 2 * MIB, 64 * 1024);
+    let at_s1 = vm.snap_ref();
+    vm.ext_snapshot("s1");
+    vm.write(0x82, 3 * MIB, 64 * 1024);
+    let at_s2 = vm.snap_ref();
+    vm.ext_snapshot("s2");
+    vm.write(0x83, 4 * MIB, 64 * 1024);
+    let abandoned = vm.snap_ref();
+
+    let b3 = env.path("s3.qcow2");
+    let xml = format!(
+        "<domainsnapshot>\n  <name>s3</name>\n  <parent>\n    <name>s1</name>\n  </parent>\n  <disks>\n    <disk name='vda' snapshot='external'>\n      <source file='{}'/>\n    </disk>\n    <disk name='vdb' snapshot='no'/>\n  </disks>\n</domainsnapshot>\n",
+        b3.display()
+    );
+    let file = env.path("s3.xml");
+    std::fs::write(&file, xml).expect("write");
+    let out = env.ok(&["snapshot-create", "vm", s(&file), "--branch", "--disk-only"]);
+    assert_eq!(
+        out,
+        format!("Domain snapshot s3 created from '{}'\n", s(&file))
+    );
+
+    assert_eq!(domstate(&env), "running");
+    assert_eq!(parent_of(&env, "s3"), "s1");
+    assert_eq!(current_name(&env), "s3");
+    assert_eq!(
+        env.ok(&["snapshot-list", "vm", "--tree"]),
+        "s1\n  |\n  +- s2\n  +- s3\n    \n\n"
+    );
+    assert_eq!(active(&env, "vda"), b3);
+    let chain = chain_files(&b3);
+    assert_eq!(chain.len(), 4, "{chain:?}");
+    assert_eq!(
+        chain[2..],
+        strs(&[&vm.top, &vm.base]),
+        "s3 must sit on s1's frozen image"
+    );
+    let o1 = overlay(&env, "s1", "vda");
+    assert_ne!(
+        chain[1],
+        s(&o1),
+        "the branch must not write s1's overlay (s2 depends on it)"
+    );
+    assert_eq!(frozen(&env, "s3", "vda").display().to_string(), chain[1]);
+    vm.reset_ref(&at_s1);
+    assert!(vm.reads(&at_s1));
+    vm.write(0x84, 2 * MIB, 64 * 1024);
+    let now = vm.snap_ref();
+
+    vm.destroy();
+    assert!(same(&o1, &at_s2));
+    assert!(same(&overlay(&env, "s2", "vda"), &abandoned));
+    assert!(same(&vm.top, &at_s1));
+    assert!(same(&b3, &now));
+}
+
+/// `--branch` without a <parent> is refused.
+#[test]
+fn branch_needs_a_parent() {
+    let env = TestEnv::new();
+    let vm = Vm::new(&env, Vdb::None, false);
+    vm.ext_snapshot("s1");
+    let file = env.path("b.xml");
+    std::fs::write(&file, "<domainsnapshot><name>b</name></domainsnapshot>").expect("write");
+    let err = env.fails(&["snapshot-create", "vm", s(&file), "--branch", "--disk-only"]);
+    assert!(err.contains("<parent>"), "{err}");
+    assert_eq!(names(&env, &[]), ["s1"]);
+}
+
+// ---------------------------------------------------------------------------
+// Delete
+
+/// s1 ← s2 ← s3 ← current; delete the middle (s2), then the root (s1).
+fn delete_middle_then_root(live: bool) {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::Raw, live);
+    let _guard = vm.guard();
+    vm.write(0x91, 2 * MIB, 64 * 1024);
+    let at_s1 = vm.snap_ref();
+    vm.ext_snapshot("s1");
+    vm.write(0x92, 3 * MIB, 64 * 1024);
+    vm.ext_snapshot("s2");
+    vm.write(0x93, 2 * MIB, 32 * 1024);
+    let at_s3 = vm.snap_ref();
+    vm.ext_snapshot("s3");
+    vm.write(0x94, 5 * MIB, 64 * 1024);
+    let now = vm.snap_ref();
+    let (o2, o3) = (overlay(&env, "s2", "vda"), overlay(&env, "s3", "vda"));
+
+    let out = env.ok(&["snapshot-delete", "vm", "s2"]);
+    assert!(out.contains("method 1"), "{out}");
+    assert!(out.ends_with("Domain snapshot s2 deleted\n"), "{out}");
+    assert!(!o2.exists(), "the merged overlay {} is left", o2.display());
+    assert_eq!(names(&env, &[]), ["s1", "s3"]);
+    assert_eq!(parent_of(&env, "s3"), "s1");
+    assert_eq!(current_name(&env), "s3");
+    assert!(
+        same(&frozen(&env, "s1", "vda"), &at_s1),
+        "s1's frozen image changed"
+    );
+    assert!(vm.reads(&now), "the current state changed");
+    let cur = active(&env, "vda");
+    assert_eq!(cur, o3);
+    let f3 = frozen(&env, "s3", "vda");
+    assert!(f3.exists());
+    assert_eq!(chain_files(&o3), strs(&[&o3, &f3, &vm.top, &vm.base]));
+    let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
+    validate_xml(&inactive);
+    assert_eq!(xml_chain(&inactive, "vda"), chain_files(&o3));
+    if live {
+        assert_eq!(
+            xml_chain(&env.ok(&["dumpxml", "vm"]), "vda"),
+            chain_files(&o3)
+        );
+    }
+
+    let out = env.ok(&["snapshot-delete", "vm", "s1"]);
+    assert!(
+        out.contains("method 1") || out.contains("method 2"),
+        "{out}"
+    );
+    assert!(out.ends_with("Domain snapshot s1 deleted\n"), "{out}");
+    assert_eq!(names(&env, &[]), ["s3"]);
+    assert!(env
+        .fails(&["snapshot-parent", "vm", "s3"])
+        .contains("has no parent"));
+    assert!(vm.reads(&now), "the current state changed");
+    let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
+    assert_eq!(
+        xml_chain(&inactive, "vda"),
+        chain_files(&active(&env, "vda"))
+    );
+
+    vm.destroy();
+    assert!(
+        same(&frozen(&env, "s3", "vda"), &at_s3),
+        "s3's frozen image changed"
+    );
+    assert!(same(&overlay(&env, "s3", "vda"), &now), "s3's overlay");
+    assert!(same(&active(&env, "vda"), &now));
+    // s3 still reverts to what it froze.
+    env.ok(&["snapshot-revert", "vm", "s3"]);
+    assert!(same(&active(&env, "vda"), &at_s3));
+}
+
+#[test]
+fn delete_middle_and_root_external_live() {
+    delete_middle_then_root(true);
+}
+
+#[test]
+fn delete_middle_and_root_external_offline() {
+    delete_middle_then_root(false);
+}
+
+/// s1 with two children (s2 on the old branch, s3 after a revert): delete
+/// s1 (method 2), then the abandoned leaf s2.
+fn delete_multi_child(live: bool) {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::Raw, live);
+    let _guard = vm.guard();
+    vm.write(0xa1, 2 * MIB, 64 * 1024);
+    let at_s1 = vm.snap_ref();
+    vm.ext_snapshot("s1");
+    vm.write(0xa2, 3 * MIB, 64 * 1024);
+    let at_s2 = vm.snap_ref();
+    vm.ext_snapshot("s2");
+    vm.write(0xa3, 4 * MIB, 64 * 1024);
+    let abandoned = vm.snap_ref();
+    let mut args = vec!["snapshot-revert", "vm", "s1"];
+    if live {
+        args.push("--running");
+    }
+    env.ok(&args);
+    vm.reset_ref(&at_s1);
+    vm.write(0xa4, 2 * MIB, 32 * 1024);
+    let at_s3 = vm.snap_ref();
+    vm.ext_snapshot("s3");
+    vm.write(0xa5, 6 * MIB, 64 * 1024);
+    let now = vm.snap_ref();
+    assert_eq!(
+        env.ok(&["snapshot-list", "vm", "--tree"]),
+        "s1\n  |\n  +- s2\n  +- s3\n    \n\n"
+    );
+
+    let out = env.ok(&["snapshot-delete", "vm", "s1"]);
+    assert!(
+        out.contains("method 2"),
+        "two images depend on s1's frozen image:\n{out}"
+    );
+    assert!(out.ends_with("Domain snapshot s1 deleted\n"), "{out}");
+    assert_eq!(names(&env, &["--roots"]), ["s2", "s3"]);
+    assert!(vm.reads(&now), "the current state changed");
+    assert!(
+        same(&frozen(&env, "s2", "vda"), &at_s2),
+        "s2's frozen image changed"
+    );
+    assert!(
+        same(&overlay(&env, "s2", "vda"), &abandoned),
+        "s2's overlay changed"
+    );
+    assert!(
+        same(&frozen(&env, "s3", "vda"), &at_s3),
+        "s3's frozen image changed"
+    );
+    let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
+    validate_xml(&inactive);
+    assert_eq!(
+        xml_chain(&inactive, "vda"),
+        chain_files(&active(&env, "vda"))
+    );
+
+    let out = env.ok(&["snapshot-delete", "vm", "s2"]);
+    assert!(
+        out.contains("method 1") || out.contains("method 2"),
+        "{out}"
+    );
+    assert!(out.ends_with("Domain snapshot s2 deleted\n"), "{out}");
+    assert_eq!(names(&env, &[]), ["s3"]);
+    assert!(vm.reads(&now), "the current state changed");
+    assert_eq!(current_name(&env), "s3");
+
+    vm.destroy();
+    assert!(
+        same(&frozen(&env, "s3", "vda"), &at_s3),
+        "s3's frozen image changed"
+    );
+    assert!(same(&overlay(&env, "s3", "vda"), &now));
+    assert!(same(&active(&env, "vda"), &now));
+}
+
+#[test]
+fn delete_multi_child_external_live() {
+    delete_multi_child(true);
+}
+
+#[test]
+fn delete_multi_child_external_offline() {
+    delete_multi_child(false);
+}
+
+/// Deleting the current leaf snapshot commits it away; the domain keeps
+/// reading the same.
+#[test]
+fn delete_current_leaf_external_live() {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::Raw, true);
+    let _guard = vm.guard();
+    vm.ext_snapshot("s1");
+    vm.write(0xb1, 2 * MIB, 64 * 1024);
+    vm.ext_snapshot("s2");
+    vm.write(0xb2, 3 * MIB, 64 * 1024);
+    let now = vm.snap_ref();
+    let o2 = overlay(&env, "s2", "vda");
+    let out = env.ok(&["snapshot-delete", "vm", "s2"]);
+    assert!(out.contains("method 1"), "{out}");
+    assert_eq!(names(&env, &[]), ["s1"]);
+    assert_eq!(current_name(&env), "s1");
+    assert!(vm.reads(&now));
+    assert!(!o2.exists());
+    let o1 = overlay(&env, "s1", "vda");
+    assert_eq!(active(&env, "vda"), o1);
+    assert_eq!(
+        xml_chain(&env.ok(&["dumpxml", "vm", "--inactive"]), "vda"),
+        strs(&[&o1, &vm.top, &vm.base])
+    );
+    vm.destroy();
+    assert!(same(&o1, &now));
+}
+
+/// A raw disk gets a qcow2 overlay whose backing format is raw; deleting
+/// the snapshot commits the guest's writes back into the raw image.
+#[test]
+fn external_snapshot_of_raw_disk_and_delete_live() {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::Raw, true);
+    let _guard = vm.guard();
+    let raw = vm.vdb.clone().expect("vdb");
+    let raw_ref = env.path("raw-ref.qcow2");
+    qemu_img(&[
+        "convert",
+        "-U",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        s(&raw),
+        s(&raw_ref),
+    ]);
+    assert_eq!(
+        env.ok(&["snapshot-create-as", "vm", "s1", "--disk-only"]),
+        "Domain snapshot s1 created\n"
+    );
+    let ob = env.path("data.s1");
+    assert_eq!(active(&env, "vdb"), ob);
+    assert_eq!(overlay(&env, "s1", "vdb"), ob);
+    let info: serde_json::Value =
+        serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", s(&ob)])).expect("json");
+    assert_eq!(info["format"], "qcow2");
+    assert_eq!(info["backing-filename"].as_str(), Some(s(&raw)), "{info}");
+    assert_eq!(
+        info["backing-filename-format"].as_str(),
+        Some("raw"),
+        "{info}"
+    );
+
+    let conn = QemuConnection::open_embedded(&env.state_root()).expect("open");
+    let rt = runtime();
+    rt.block_on(common::guest::write(
+        &conn,
+        "vm",
+        "vdb",
+        0x7e,
+        MIB,
+        64 * 1024,
+    ));
+    qemu_io(&["-f", "qcow2", "-c", "write -P 0x7e 1M 64k", s(&raw_ref)]);
+    vm.write(0x7f, 2 * MIB, 64 * 1024);
+    assert!(rt.block_on(common::guest::compare(&conn, "vm", "vdb", &raw_ref)));
+
+    let out = env.ok(&["snapshot-delete", "vm", "s1"]);
+    assert!(out.contains("method 1"), "{out}");
+    assert!(names(&env, &[]).is_empty());
+    assert_eq!(active(&env, "vdb"), raw);
+    assert_eq!(active(&env, "vda"), vm.top);
+    let conn = QemuConnection::open_embedded(&env.state_root()).expect("open");
+    assert!(rt.block_on(common::guest::compare(&conn, "vm", "vdb", &raw_ref)));
+    assert!(vm.reads(&vm.reference));
+    let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
+    assert_eq!(xml_chain(&inactive, "vdb"), strs(&[&raw]));
+    vm.destroy();
+    assert!(
+        same(&raw, &raw_ref),
+        "the guest's writes did not reach the raw image"
+    );
+}
+
+/// `--children-only`, then `--children`, on a running domain's external
+/// chain: the current state reads the same throughout.
+#[test]
+fn delete_children_external_live() {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::Raw, true);
+    let _guard = vm.guard();
+    vm.ext_snapshot("s1");
+    vm.write(0xf1, 2 * MIB, 64 * 1024);
+    let at_s2 = vm.snap_ref();
+    vm.ext_snapshot("s2");
+    vm.write(0xf2, 3 * MIB, 64 * 1024);
+    vm.ext_snapshot("s3");
+    vm.write(0xf3, 4 * MIB, 64 * 1024);
+    let now = vm.snap_ref();
+
+    let out = env.ok(&["snapshot-delete", "vm", "s2", "--children-only"]);
+    assert!(
+        out.ends_with("Domain snapshot s2 children deleted\n"),
+        "{out}"
+    );
+    assert_eq!(names(&env, &[]), ["s1", "s2"]);
+    assert_eq!(current_name(&env), "s2");
+    assert!(vm.reads(&now));
+    assert!(same(&frozen(&env, "s2", "vda"), &at_s2));
+
+    let out = env.ok(&["snapshot-delete", "vm", "s1", "--children"]);
+    assert!(
+        out.ends_with("Domain snapshot s1 and all children deleted\n"),
+        "{out}"
+    );
+    assert!(names(&env, &[]).is_empty());
+    assert!(vm.reads(&now));
+    let cur = active(&env, "vda");
+    let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
+    assert_eq!(xml_chain(&inactive, "vda"), chain_files(&cur));
+    vm.destroy();
+    assert!(same(&cur, &now));
+}
+
+/// `--no-metadata`: the overlay is made and used, no record is kept.
+#[test]
+fn no_metadata_creates_overlay_without_record() {
+    let env = TestEnv::new();
+    let vm = Vm::new(&env, Vdb::None, false);
+    assert_eq!(
+        env.ok(&[
+            "snapshot-create-as",
+            "vm",
+            "n1",
+            "--disk-only",
+            "--no-metadata"
+        ]),
+        "Domain snapshot n1 created\n"
+    );
+    let o = env.path("top.n1");
+    assert_eq!(active(&env, "vda"), o);
+    assert_eq!(chain_files(&o), strs(&[&o, &vm.top, &vm.base]));
+    assert!(names(&env, &[]).is_empty());
+    assert!(env
+        .fails(&["snapshot-info", "vm", "n1"])
+        .contains("Domain snapshot not found"));
+}
+
+/// Revert to an external snapshot with --paused leaves the domain paused
+/// on the new branch.
+#[test]
+fn revert_external_paused_live() {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::Raw, true);
+    let _guard = vm.guard();
+    vm.write(0x4e, 2 * MIB, 64 * 1024);
+    let at_s1 = vm.snap_ref();
+    vm.ext_snapshot("s1");
+    vm.write(0x4f, 2 * MIB, 64 * 1024);
+    env.ok(&["snapshot-revert", "vm", "s1", "--paused"]);
+    assert_eq!(domstate(&env), "paused");
+    assert_eq!(
+        active(&env, "vda"),
+        PathBuf::from(format!("{}.branch1", overlay(&env, "s1", "vda").display()))
+    );
+    assert!(vm.reads(&at_s1));
+}
+
+/// `--metadata` only forgets the record: files and chains stay, the child's
+/// saved <domain> is not rewritten (libvirt 9.0 corrupts it), the child's
+/// parent becomes the grandparent, and the child can still be deleted.
+#[test]
+fn metadata_delete_keeps_records_consistent() {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::Raw, false);
+    vm.write(0xc1, 2 * MIB, 64 * 1024);
+    let at_s1 = vm.snap_ref();
+    vm.ext_snapshot("s1");
+    vm.write(0xc2, 3 * MIB, 64 * 1024);
+    vm.ext_snapshot("s2");
+    vm.write(0xc3, 4 * MIB, 64 * 1024);
+    let at_s3 = vm.snap_ref();
+    vm.ext_snapshot("s3");
+    vm.write(0xc4, 5 * MIB, 64 * 1024);
+    let now = vm.snap_ref();
+    let before_s3 = SnapshotDef::parse(&snapshot_xml(&env, "s3")).expect("parse");
+    let frozen_s3 = frozen(&env, "s3", "vda");
+    let o2 = overlay(&env, "s2", "vda");
+    assert_eq!(frozen_s3, o2);
+    let cur = active(&env, "vda");
+    let chain_before = chain_files(&cur);
+
+    let out = env.ok(&["snapshot-delete", "vm", "s2", "--metadata"]);
+    assert_eq!(out, "Domain snapshot s2 deleted\n");
+    assert_eq!(names(&env, &[]), ["s1", "s3"]);
+    assert!(o2.exists(), "--metadata must not touch files");
+    assert_eq!(chain_files(&cur), chain_before);
+    assert_eq!(
+        frozen(&env, "s3", "vda"),
+        frozen_s3,
+        "s3's saved <domain> disk source was rewritten"
+    );
+    let after_s3 = SnapshotDef::parse(&snapshot_xml(&env, "s3")).expect("parse");
+    assert_eq!(
+        after_s3.domain, before_s3.domain,
+        "s3's saved <domain> changed"
+    );
+    assert_eq!(after_s3.disks, before_s3.disks);
+    assert_eq!(parent_of(&env, "s3"), "s1");
+    assert_eq!(current_name(&env), "s3");
+    assert!(vm.reads(&now));
+    assert!(same(&frozen(&env, "s3", "vda"), &at_s3));
+
+    let out = env.ok(&["snapshot-delete", "vm", "s3"]);
+    assert!(
+        out.contains("method 1") || out.contains("method 2"),
+        "{out}"
+    );
+    assert!(out.ends_with("Domain snapshot s3 deleted\n"), "{out}");
+    assert_eq!(names(&env, &[]), ["s1"]);
+    assert_eq!(current_name(&env), "s1");
+    assert!(vm.reads(&now), "the current state changed");
+    assert!(same(&frozen(&env, "s1", "vda"), &at_s1));
+    // Metadata delete of the root too, then s1 is gone without file changes.
+    let cur = active(&env, "vda");
+    let chain_before = chain_files(&cur);
+    env.ok(&["snapshot-delete", "vm", "s1", "--metadata"]);
+    assert!(names(&env, &[]).is_empty());
+    assert_eq!(chain_files(&cur), chain_before);
+    assert!(vm.reads(&now));
+}
+
+/// `--metadata` of a parent whose child is then reverted to: the child's
+/// record still describes its own images.
+#[test]
+fn metadata_delete_then_revert_child() {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::None, false);
+    vm.ext_snapshot("s1");
+    vm.write(0xc5, 2 * MIB, 64 * 1024);
+    let at_s2 = vm.snap_ref();
+    vm.ext_snapshot("s2");
+    vm.write(0xc6, 2 * MIB, 64 * 1024);
+    env.ok(&["snapshot-delete", "vm", "s1", "--metadata"]);
+    assert!(env
+        .fails(&["snapshot-parent", "vm", "s2"])
+        .contains("has no parent"));
+    env.ok(&["snapshot-revert", "vm", "s2"]);
+    assert!(vm.reads(&at_s2));
+}
+
+// ---------------------------------------------------------------------------
+// Atomicity, configuration, disk sets
+
+fn atomic_failure(live: bool) {
+    let env = TestEnv::new();
+    let vm = Vm::new(&env, Vdb::Qcow2, live);
+    let _guard = vm.guard();
+    let data = vm.vdb.clone().expect("vdb");
+    vm.write(0xd1, 2 * MIB, 64 * 1024);
+    let a = env.path("a.qcow2");
+    let inactive_before = env.ok(&["dumpxml", "vm", "--inactive"]);
+    let err = env.fails(&[
+        "snapshot-create-as",
+        "vm",
+        "bad",
+        "--disk-only",
+        "--atomic",
+        "--diskspec",
+        &format!("vda,snapshot=external,file={}", s(&a)),
+        "--diskspec",
+        "vdb,snapshot=external,file=/nonexistent-dir/x.qcow2",
+    ]);
+    assert!(err.contains("error:"), "{err}");
+    assert!(!a.exists(), "the first disk's overlay was left behind");
+    assert!(!Path::new("/nonexistent-dir/x.qcow2").exists());
+    assert!(names(&env, &[]).is_empty(), "a record was left");
+    assert_eq!(env.ok(&["snapshot-list", "vm", "--name"]), "\n");
+    assert_eq!(active(&env, "vda"), vm.top);
+    assert_eq!(active(&env, "vdb"), data);
+    assert_eq!(chain_files(&vm.top), strs(&[&vm.top, &vm.base]));
+    assert_eq!(chain_files(&data), strs(&[&data]));
+    let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
+    assert_eq!(
+        xml_chain(&inactive, "vda"),
+        xml_chain(&inactive_before, "vda")
+    );
+    assert_eq!(
+        xml_chain(&inactive, "vdb"),
+        xml_chain(&inactive_before, "vdb")
+    );
+    if live {
+        assert_eq!(domstate(&env), "running");
+        assert_eq!(
+            xml_chain(&env.ok(&["dumpxml", "vm"]), "vda"),
+            strs(&[&vm.top, &vm.base])
+        );
+    }
+    assert!(vm.reads(&vm.reference));
+    // The domain is still usable for a good snapshot afterwards.
+    env.ok(&[
+        "snapshot-create-as",
+        "vm",
+        "good",
+        "--disk-only",
+        "--atomic",
+        "--diskspec",
+        &format!("vda,snapshot=external,file={}", s(&a)),
+        "--diskspec",
+        "vdb,snapshot=no",
+    ]);
+    assert_eq!(active(&env, "vda"), a);
+    assert!(vm.reads(&vm.reference));
+}
+
+#[test]
+fn atomic_failure_leaves_nothing_live() {
+    atomic_failure(true);
+}
+
+#[test]
+fn atomic_failure_leaves_nothing_offline() {
+    atomic_failure(false);
+}
+
+/// Reverting rolls back the configuration: a disk added after the snapshot
+/// is gone (internal and external snapshots).
+#[test]
+fn revert_rolls_back_configuration() {
+    let env = TestEnv::new();
+    let vm = Vm::new(&env, Vdb::None, false);
+    let extra = env.path("extra.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&extra), "8M"]);
+    let with_extra = |vda: &Path| {
+        domain_xml(
+            "vm",
+            &[
+                DiskSpec {
+                    target: "vda",
+                    format: "qcow2",
+                    path: vda,
+                    extra: "",
+                },
+                DiskSpec {
+                    target: "vdc",
+                    format: "qcow2",
+                    path: &extra,
+                    extra: "",
+                },
+            ],
+        )
+    };
+
+    env.ok(&["snapshot-create-as", "vm", "c1"]);
+    env.define("vm", &with_extra(&vm.top));
+    let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
+    assert!(inactive.contains("extra.qcow2"), "{inactive}");
+    env.ok(&["snapshot-revert", "vm", "c1"]);
+    let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
+    validate_xml(&inactive);
+    assert!(
+        !inactive.contains("extra.qcow2") && !inactive.contains("vdc"),
+        "the added disk survived revert:\n{inactive}"
+    );
+
+    vm.ext_snapshot("e1");
+    let o1 = overlay(&env, "e1", "vda");
+    env.define("vm", &with_extra(&o1));
+    assert!(env.ok(&["dumpxml", "vm", "--inactive"]).contains("vdc"));
+    env.ok(&["snapshot-revert", "vm", "e1"]);
+    let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
+    validate_xml(&inactive);
+    assert!(
+        !inactive.contains("vdc"),
+        "the added disk survived revert:\n{inactive}"
+    );
+    let branch = PathBuf::from(format!("{}.branch1", o1.display()));
+    assert_eq!(
+        xml_chain(&inactive, "vda"),
+        strs(&[&branch, &vm.top, &vm.base])
+    );
+    // The domain starts on the reverted configuration.
+    env.ok(&["start", "vm"]);
+    let _guard = vm.guard();
+    let blk = env.ok(&["domblklist", "vm"]);
+    assert!(!blk.contains("vdc"), "{blk}");
+}
+
+/// When the disk set is chosen relative to the domain's start.
+#[derive(Clone, Copy, PartialEq)]
+enum DiskSetWhen {
+    Offline,
+    BeforeStart,
+    WhileRunning,
+}
+
+fn disk_set_only_selected(when: DiskSetWhen) {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::Qcow2, when == DiskSetWhen::WhileRunning);
+    let _guard = vm.guard();
+    let data = vm.vdb.clone().expect("vdb");
+    assert_eq!(
+        env.ok(&["diskset-add", "vm", "vda"]),
+        "Disk 'vda' added to the disk set\n"
+    );
+    if when == DiskSetWhen::BeforeStart {
+        vm.start();
+    }
+    assert_eq!(env.ok(&["diskset-list", "vm"]).trim(), "vda");
+    vm.write(0x5d, 2 * MIB, 64 * 1024);
+    let at_ds1 = vm.snap_ref();
+    let out = env.ok(&[
+        "snapshot-create-as",
+        "vm",
+        "ds1",
+        "--disk-only",
+        "--disk-set",
+    ]);
+    assert_eq!(out, "Domain snapshot ds1 created\n");
+    let o = env.path("top.ds1");
+    assert_eq!(
+        active(&env, "vda"),
+        o,
+        "vda (in the disk set) got no overlay"
+    );
+    assert_eq!(chain_files(&o), strs(&[&o, &vm.top, &vm.base]));
+    assert_eq!(
+        active(&env, "vdb"),
+        data,
+        "vdb (not in the set) was snapshotted"
+    );
+    assert_eq!(chain_files(&data), strs(&[&data]));
+    assert!(!env.path("data.ds1").exists());
+    let def = snapshot_def(&env, "ds1");
+    let vdb = def.disks.iter().find(|d| d.name == "vdb").expect("vdb");
+    assert_eq!(vdb.snapshot.as_deref(), Some("no"));
+    let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
+    assert_eq!(xml_chain(&inactive, "vdb"), strs(&[&data]));
+    assert_eq!(xml_chain(&inactive, "vda"), strs(&[&o, &vm.top, &vm.base]));
+    assert!(vm.reads(&at_ds1));
+    vm.destroy();
+    assert!(same(&vm.top, &at_ds1));
+}
+
+#[test]
+fn disk_set_snapshots_only_selected_disks_offline() {
+    disk_set_only_selected(DiskSetWhen::Offline);
+}
+
+#[test]
+fn disk_set_snapshots_only_selected_disks_live_set_before_start() {
+    disk_set_only_selected(DiskSetWhen::BeforeStart);
+}
+
+/// The disk set edited while the domain runs (diskset-list shows it) is
+/// the one `--disk-set` snapshots.
+#[test]
+fn disk_set_snapshots_only_selected_disks_live_set_while_running() {
+    disk_set_only_selected(DiskSetWhen::WhileRunning);
+}
+
+// ---------------------------------------------------------------------------
+// Errors, listing, redefine
+
+#[test]
+fn error_messages() {
+    let env = TestEnv::new();
+    let vm = Vm::new(&env, Vdb::Raw, false);
+    vm.ext_snapshot("s1");
+    let o1 = overlay(&env, "s1", "vda");
+    let chain = chain_files(&o1);
+
+    let err = env.fails(&[
+        "snapshot-create-as",
+        "vm",
+        "s1",
+        "--disk-only",
+        "--diskspec",
+        "vdb,snapshot=no",
+    ]);
+    assert!(
+        err.contains("error: operation failed: domain moment s1 already exists"),
+        "{err}"
+    );
+    let err = env.fails(&[
+        "snapshot-create-as",
+        "vm",
+        "x",
+        "--disk-only",
+        "--diskspec",
+        "vdx,snapshot=external",
+    ]);
+    assert!(
+        err.contains("error: unsupported configuration: no disk named 'vdx'"),
+        "{err}"
+    );
+    let err = env.fails(&[
+        "snapshot-create-as",
+        "vm",
+        "x",
+        "--disk-only",
+        "--diskspec",
+        "vda,snapshot=no",
+        "--diskspec",
+        "vdb,snapshot=no",
+    ]);
+    assert!(
+        err.contains("error: unsupported configuration: nothing selected for snapshot"),
+        "{err}"
+    );
+    let err = env.fails(&[
+        "snapshot-create-as",
+        "vm",
+        "x",
+        "--diskspec",
+        "vda,snapshot=internal",
+    ]);
+    assert!(err.contains("unsupported for storage type raw"), "{err}");
+    let err = env.fails(&[
+        "snapshot-create-as",
+        "vm",
+        "x",
+        "--disk-only",
+        "--diskspec",
+        "vda,snapshot=external",
+        "--diskspec",
+        "vdb,snapshot=external",
+        "--diskspec",
+        "vdb,snapshot=no",
+    ]);
+    assert!(
+        err.contains("too many disk snapshot requests for domain"),
+        "{err}"
+    );
+    let err = env.fails(&[
+        "snapshot-create-as",
+        "vm",
+        "x",
+        "--disk-only",
+        "--diskspec",
+        &format!(
+            "vda,snapshot=external,file={},driver=raw",
+            s(&env.path("x.raw"))
+        ),
+        "--diskspec",
+        "vdb,snapshot=no",
+    ]);
+    assert!(
+        err.contains("external snapshot format for disk vda is unsupported: raw"),
+        "{err}"
+    );
+
+    // An existing overlay file needs --reuse-external.
+    let pre = env.path("pre.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        s(&o1),
+        "-F",
+        "qcow2",
+        s(&pre),
+    ]);
+    let spec = format!("vda,snapshot=external,file={}", s(&pre));
+    let err = env.fails(&[
+        "snapshot-create-as",
+        "vm",
+        "x",
+        "--disk-only",
+        "--diskspec",
+        &spec,
+        "--diskspec",
+        "vdb,snapshot=no",
+    ]);
+    assert!(
+        err.contains(
+            "external snapshot file for disk vda already exists and is not a block device"
+        ),
+        "{err}"
+    );
+    assert_eq!(names(&env, &[]), ["s1"], "failed creations left records");
+    assert_eq!(active(&env, "vda"), o1);
+    assert_eq!(chain_files(&o1), chain);
+    assert!(pre.exists(), "the user's file was removed");
+
+    let out = env.ok(&[
+        "snapshot-create-as",
+        "vm",
+        "r1",
+        "--disk-only",
+        "--reuse-external",
+        "--diskspec",
+        &spec,
+        "--diskspec",
+        "vdb,snapshot=no",
+    ]);
+    assert_eq!(out, "Domain snapshot r1 created\n");
+    assert_eq!(active(&env, "vda"), pre);
+    let mut expect = vec![s(&pre).to_string()];
+    expect.extend(chain);
+    assert_eq!(chain_files(&pre), expect);
+
+    for cmd in [
+        vec!["snapshot-info", "vm", "nosuch"],
+        vec!["snapshot-dumpxml", "vm", "nosuch"],
+        vec!["snapshot-revert", "vm", "nosuch"],
+        vec!["snapshot-delete", "vm", "nosuch"],
+        vec!["snapshot-parent", "vm", "nosuch"],
+        vec!["snapshot-current", "vm", "nosuch"],
+        vec!["snapshot-list", "vm", "--from", "nosuch"],
+    ] {
+        let err = env.fails(&cmd);
+        assert!(
+            err.contains(
+                "error: Domain snapshot not found: no domain snapshot with matching name 'nosuch'"
+            ),
+            "{cmd:?}: {err}"
+        );
+    }
+    let err = env.fails(&["snapshot-parent", "vm", "s1"]);
+    assert!(err.contains("error: snapshot 's1' has no parent"), "{err}");
+    assert_eq!(names(&env, &[]), ["r1", "s1"]);
+}
+
+#[test]
+fn listing_and_navigation() {
+    let env = TestEnv::new();
+    let vm = Vm::new(&env, Vdb::None, false);
+    env.ok(&["snapshot-create-as", "vm", "i1"]);
+    vm.ext_snapshot("e1");
+    vm.ext_snapshot("e2");
+    env.ok(&["snapshot-revert", "vm", "e1"]);
+    vm.ext_snapshot("e3");
+
+    assert_eq!(names(&env, &[]), ["e1", "e2", "e3", "i1"]);
+    assert_eq!(names(&env, &["--roots"]), ["i1"]);
+    assert_eq!(names(&env, &["--leaves"]), ["e2", "e3"]);
+    assert_eq!(names(&env, &["--no-leaves"]), ["e1", "i1"]);
+    assert_eq!(names(&env, &["--from", "i1"]), ["e1"]);
+    assert_eq!(
+        names(&env, &["--from", "i1", "--descendants"]),
+        ["e1", "e2", "e3"]
+    );
+    assert_eq!(names(&env, &["--internal"]), ["i1"]);
+    assert_eq!(names(&env, &["--external"]), ["e1", "e2", "e3"]);
+    assert_eq!(names(&env, &["--disk-only"]), ["e1", "e2", "e3"]);
+    assert_eq!(
+        env.ok(&["snapshot-list", "vm", "--tree"]),
+        "i1\n  |\n  +- e1\n      |\n      +- e2\n      +- e3\n        \n\n"
+    );
+    assert_eq!(current_name(&env), "e3");
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ok(&["snapshot-list", "vm", "--json"])).expect("json list");
+    let arr = json.as_array().expect("array");
+    assert_eq!(arr.len(), 4);
+    let e3 = arr.iter().find(|v| v["name"] == "e3").expect("e3");
+    assert_eq!(e3["parent"], "e1");
+    assert_eq!(e3["current"], true);
+    let table = env.ok(&["snapshot-list", "vm", "--parent"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(" e2 ") && l.trim_end().ends_with("e1")),
+        "{table}"
+    );
+
+    let info = env.ok(&["snapshot-info", "vm", "--current"]);
+    assert!(info.contains("Name:           e3"), "{info}");
+    let info: serde_json::Value =
+        serde_json::from_str(&env.ok(&["snapshot-info", "vm", "e1", "--json"])).expect("json info");
+    assert_eq!(info["children"], 2);
+    assert_eq!(info["descendants"], 2);
+    assert_eq!(info["parent"], "i1");
+
+    assert_eq!(
+        env.ok(&["snapshot-current", "vm", "i1"]),
+        "Snapshot i1 set as current\n"
+    );
+    assert_eq!(current_name(&env), "i1");
+    assert_eq!(names(&env, &["--current"]), ["e1"]);
+    let xml = env.ok(&["snapshot-current", "vm"]);
+    validate_xml(&xml);
+    assert!(xml.contains("<name>i1</name>"), "{xml}");
+
+    // --print-xml only prints.
+    let printed = env.ok(&[
+        "snapshot-create-as",
+        "vm",
+        "p1",
+        "--disk-only",
+        "--print-xml",
+        "--diskspec",
+        "vda,snapshot=external,file=/x/p1.qcow2",
+    ]);
+    let def = SnapshotDef::parse(&printed).expect("printed xml");
+    assert_eq!(def.name.as_deref(), Some("p1"));
+    assert_eq!(names(&env, &[]).len(), 4);
+}
+
+/// `--redefine` from dumped XML recreates a record whose metadata was
+/// deleted; `--current` makes it current; the record works afterwards.
+#[test]
+fn redefine_after_metadata_delete() {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::None, false);
+    vm.ext_snapshot("s1");
+    vm.write(0xe1, 2 * MIB, 64 * 1024);
+    let at_s2 = vm.snap_ref();
+    vm.ext_snapshot("s2");
+    vm.write(0xe2, 3 * MIB, 64 * 1024);
+    let now = vm.snap_ref();
+    let dumped = snapshot_xml(&env, "s2");
+    let file = env.path("s2.xml");
+    std::fs::write(&file, &dumped).expect("write");
+
+    env.ok(&["snapshot-delete", "vm", "s2", "--metadata"]);
+    assert_eq!(names(&env, &[]), ["s1"]);
+    assert_eq!(current_name(&env), "s1");
+
+    let out = env.ok(&["snapshot-create", "vm", s(&file), "--redefine"]);
+    assert_eq!(
+        out,
+        format!("Domain snapshot s2 created from '{}'\n", s(&file))
+    );
+    assert_eq!(names(&env, &[]), ["s1", "s2"]);
+    assert_eq!(parent_of(&env, "s2"), "s1");
+    assert_eq!(
+        current_name(&env),
+        "s1",
+        "--redefine without --current changed the current snapshot"
+    );
+    assert_eq!(
+        SnapshotDef::parse(&snapshot_xml(&env, "s2")).expect("parse"),
+        SnapshotDef::parse(&dumped).expect("parse")
+    );
+
+    env.ok(&["snapshot-delete", "vm", "s2", "--metadata"]);
+    env.ok(&["snapshot-create", "vm", s(&file), "--redefine", "--current"]);
+    assert_eq!(current_name(&env), "s2");
+    assert!(vm.reads(&now));
+
+    // The redefined record is a full one: revert and delete work.
+    env.ok(&["snapshot-revert", "vm", "s2"]);
+    assert!(vm.reads(&at_s2));
+    let out = env.ok(&["snapshot-delete", "vm", "s2"]);
+    assert!(out.ends_with("Domain snapshot s2 deleted\n"), "{out}");
+    assert!(vm.reads(&at_s2));
+    assert_eq!(names(&env, &[]), ["s1"]);
+}
+
+/// A redefine naming a missing parent is refused.
+#[test]
+fn redefine_refuses_missing_parent() {
+    let env = TestEnv::new();
+    let vm = Vm::new(&env, Vdb::None, false);
+    vm.ext_snapshot("s1");
+    vm.ext_snapshot("s2");
+    let file = env.path("s2.xml");
+    std::fs::write(&file, snapshot_xml(&env, "s2")).expect("write");
+    env.ok(&["snapshot-delete", "vm", "s2", "--metadata"]);
+    env.ok(&["snapshot-delete", "vm", "s1", "--metadata"]);
+    let err = env.fails(&["snapshot-create", "vm", s(&file), "--redefine"]);
+    assert!(
+        err.contains("parent snapshot 's1' of 's2' does not exist"),
+        "{err}"
+    );
+    assert!(names(&env, &[]).is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// Crash safety
+
+/// Writes the intent record as the driver's write_intent does.
+fn write_intent(env: &TestEnv, files: &[&Path]) {
+    let mut root = Element::new("intent").with_attr("op", "snapshot-create");
+    for f in files {
+        root = root.with_child(Element::new("file").with_attr("path", f.to_string_lossy()));
+    }
+    let dir = env.state_root().join("domains").join("vm");
+    std::fs::write(dir.join("snapshot-intent.xml"), root.to_xml()).expect("write intent");
+}
+
+/// An interrupted creation: the overlay in the chain is kept, the stray one
+/// is removed, by the next snapshot command of any kind.
+fn crash_recovery(live: bool, command: &[&str]) {
+    let env = TestEnv::new();
+    let vm = Vm::new(&env, Vdb::None, live);
+    let _guard = vm.guard();
+    vm.ext_snapshot("s1");
+    let o1 = overlay(&env, "s1", "vda");
+    let stray = env.path("top.s2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        s(&o1),
+        "-F",
+        "qcow2",
+        s(&stray),
+    ]);
+    write_intent(&env, &[&o1, &stray]);
+
+    // Whatever the command's own outcome, recovery runs first.
+    let out = env.strata(command);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !stray.exists(),
+        "{command:?} left the stray overlay of an interrupted creation ({err})"
+    );
+    assert!(
+        o1.exists(),
+        "{command:?} removed an overlay that is in the chain"
+    );
+    assert_eq!(active(&env, "vda"), o1);
+    assert_eq!(chain_files(&o1), strs(&[&o1, &vm.top, &vm.base]));
+    assert!(vm.reads(&vm.reference));
+    // The domain's snapshots keep working.
+    vm.ext_snapshot("s2");
+    assert_eq!(active(&env, "vda"), stray);
+}
+
+#[test]
+fn crash_recovery_by_snapshot_list_offline() {
+    crash_recovery(false, &["snapshot-list", "vm"]);
+}
+
+#[test]
+fn crash_recovery_by_snapshot_list_live() {
+    crash_recovery(true, &["snapshot-list", "vm"]);
+}
+
+/// A creation that then fails (the name exists) still rolls back first.
+#[test]
+fn crash_recovery_by_snapshot_create_live() {
+    crash_recovery(true, &["snapshot-create-as", "vm", "s1", "--disk-only"]);
+}
