@@ -548,14 +548,14 @@ pub async fn copy(
     let protocol = if is_block { "host_device" } else { "file" };
     let shallow_backing = if opts.shallow { source_backing } else { None };
     if !opts.reuse_external && !is_block {
+        // By node, not device: a storage daemon has no devices.
         let size = client
-            .query_block()
+            .query_named_block_nodes()
             .await
             .map_err(|e| qmp_error(name, e))?
             .into_iter()
-            .filter_map(|b| b.inserted)
-            .find(|i| i.node_name.as_deref() == live.root())
-            .map(|i| i.image.virtual_size)
+            .find(|n| Some(n.node_name.as_str()) == live.root())
+            .map(|n| n.image.virtual_size)
             .ok_or_else(|| Error::internal("cannot read the disk's size"))?;
         let size_now = if format == "raw" { size } else { 0 };
         create_blockdev(client, name, &format!("{file_node}-create"), json!({"driver": "file", "filename": dest_str, "size": size_now})).await?;
@@ -680,6 +680,17 @@ fn daemon_orphaned(status: &LiveStatus) -> bool {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     now.saturating_sub(status.started) > 60
+}
+
+/// Quits a storage daemon that has no job (one started for a job whose
+/// request was then refused).
+pub async fn quit_if_idle_daemon(store: &Store, name: &str, client: &QmpClient) -> Result<()> {
+    if let Some(status) = live::reconcile(store, name)? {
+        if !status.is_vm() && status.jobs.is_empty() {
+            quit_daemon(store, name, client, &status).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Ends a storage daemon and removes its status.

@@ -163,6 +163,15 @@ impl QemuConnection {
             .ok_or_else(|| Error::operation_failed(format!("the storage daemon for domain '{name}' exited")))
     }
 
+    /// A refused job request on a shut-off domain leaves no storage daemon.
+    async fn after_job_request<T>(&self, domain: &str, monitor: &Monitor, started: Result<T>) -> Result<T> {
+        if started.is_err() {
+            jobs::quit_if_idle_daemon(&self.store, domain, &monitor.client).await?;
+            self.monitors.forget(domain).await;
+        }
+        started
+    }
+
     /// Serving a domain that is not started: an error naming what runs.
     fn refuse_if_daemon(status: &LiveStatus, name: &str) -> Result<()> {
         if status.is_vm() {
@@ -517,17 +526,20 @@ impl SnapshotOps for QemuConnection {
 impl BlockJobOps for QemuConnection {
     async fn block_pull(&self, domain: &str, disk: &str, opts: &BlockPullOptions) -> Result<()> {
         let (_, monitor) = self.job_server(domain).await?;
-        jobs::pull(&self.store, domain, &monitor.client, disk, opts).await
+        let started = jobs::pull(&self.store, domain, &monitor.client, disk, opts).await;
+        self.after_job_request(domain, &monitor, started).await
     }
 
     async fn block_commit(&self, domain: &str, disk: &str, opts: &BlockCommitOptions) -> Result<BlockJobKind> {
         let (_, monitor) = self.job_server(domain).await?;
-        jobs::commit(&self.store, domain, &monitor.client, disk, opts).await
+        let started = jobs::commit(&self.store, domain, &monitor.client, disk, opts).await;
+        self.after_job_request(domain, &monitor, started).await
     }
 
     async fn block_copy(&self, domain: &str, disk: &str, opts: &BlockCopyOptions) -> Result<Vec<String>> {
         let (_, monitor) = self.job_server(domain).await?;
-        jobs::copy(&self.store, domain, &monitor.client, disk, opts).await
+        let started = jobs::copy(&self.store, domain, &monitor.client, disk, opts).await;
+        self.after_job_request(domain, &monitor, started).await
     }
 
     async fn block_job_info(&self, domain: &str, disk: &str) -> Result<Option<BlockJobInfo>> {
