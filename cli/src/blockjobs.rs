@@ -45,7 +45,7 @@ impl WaitArgs {
 #[derive(Args, Debug)]
 pub struct PullArgs {
     #[arg(value_name = "DOMAIN")]
-    domain: String,
+    pub domain: String,
     #[arg(value_name = "DISK")]
     disk: String,
     /// Pull down to this image (path or DISK[N]) instead of flattening.
@@ -64,7 +64,7 @@ pub struct PullArgs {
 #[derive(Args, Debug)]
 pub struct CommitArgs {
     #[arg(value_name = "DOMAIN")]
-    domain: String,
+    pub domain: String,
     #[arg(value_name = "DISK")]
     disk: String,
     #[arg(long)]
@@ -95,7 +95,7 @@ pub struct CommitArgs {
 #[derive(Args, Debug)]
 pub struct CopyArgs {
     #[arg(value_name = "DOMAIN")]
-    domain: String,
+    pub domain: String,
     #[arg(value_name = "DISK")]
     disk: String,
     #[arg(value_name = "DEST")]
@@ -133,7 +133,7 @@ pub struct CopyArgs {
 #[derive(Args, Debug)]
 pub struct JobArgs {
     #[arg(value_name = "DOMAIN")]
-    domain: String,
+    pub domain: String,
     #[arg(value_name = "DISK")]
     disk: String,
     #[arg(long)]
@@ -440,26 +440,3 @@ pub async fn blockjob(jobs: &dyn BlockJobOps, a: JobArgs) -> Result<String> {
     Ok(out)
 }
 
-impl PullArgs {
-    pub fn domain(&self) -> &str {
-        &self.domain
-    }
-}
-
-impl CommitArgs {
-    pub fn domain(&self) -> &str {
-        &self.domain
-    }
-}
-
-impl CopyArgs {
-    pub fn domain(&self) -> &str {
-        &self.domain
-    }
-}
-
-impl JobArgs {
-    pub fn domain(&self) -> &str {
-        &self.domain
-    }
-}

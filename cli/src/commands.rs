@@ -306,6 +306,16 @@ impl std::fmt::Display for CommandFailure {
 
 impl std::error::Error for CommandFailure {}
 
+/// Runs a block-job or snapshot command: the capability trait it needs,
+/// then the command, with an unknown domain reported as virsh does.
+macro_rules! with_ops {
+    ($session:expr, $require:ident, $args:expr, $run:path $(, $extra:expr)*) => {{
+        let domain = $args.domain.clone();
+        let ops = $session.conn()?.$require()?;
+        $run(ops, $args $(, $extra)*).await.map_err(|e| job_error(e, &domain))?
+    }};
+}
+
 /// Runs one parsed command, returning what it prints on stdout.
 pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
     let global_json = session.json;
@@ -427,10 +437,7 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                     ("Security model", "none".into()),
                     ("Security DOI", "0".into()),
                 ];
-                for (k, v) in rows {
-                    writeln!(out, "{:<16}{v}", format!("{k}:"))?;
-                }
-                out.push('\n');
+                out.push_str(&crate::table::format_fields(&rows));
             }
         }
         Command::Domstate { domain, reason, json } => {
@@ -618,71 +625,19 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                 out.push('\n');
             }
         }
-        Command::Blockpull(a) => {
-            let domain = a.domain().to_string();
-            let jobs = session.conn()?.require_block_jobs()?;
-            out = crate::blockjobs::blockpull(jobs, a).await.map_err(|e| job_error(e, &domain))?;
-        }
-        Command::Blockcommit(a) => {
-            let domain = a.domain().to_string();
-            let jobs = session.conn()?.require_block_jobs()?;
-            out = crate::blockjobs::blockcommit(jobs, a).await.map_err(|e| job_error(e, &domain))?;
-        }
-        Command::Blockcopy(a) => {
-            let domain = a.domain().to_string();
-            let jobs = session.conn()?.require_block_jobs()?;
-            out = crate::blockjobs::blockcopy(jobs, a).await.map_err(|e| job_error(e, &domain))?;
-        }
-        Command::Blockjob(a) => {
-            let domain = a.domain().to_string();
-            let jobs = session.conn()?.require_block_jobs()?;
-            out = crate::blockjobs::blockjob(jobs, a).await.map_err(|e| job_error(e, &domain))?;
-        }
-        Command::SnapshotCreate(a) => {
-            let d = a.domain.clone();
-            let snaps = session.conn()?.require_snapshots()?;
-            out = crate::snapshots::create(snaps, a).await.map_err(|e| job_error(e, &d))?;
-        }
-        Command::SnapshotCreateAs(a) => {
-            let d = a.domain.clone();
-            let snaps = session.conn()?.require_snapshots()?;
-            out = crate::snapshots::create_as(snaps, a).await.map_err(|e| job_error(e, &d))?;
-        }
-        Command::SnapshotList(a) => {
-            let d = a.domain.clone();
-            let snaps = session.conn()?.require_snapshots()?;
-            out = crate::snapshots::list(snaps, a, quiet, global_json).await.map_err(|e| job_error(e, &d))?;
-        }
-        Command::SnapshotInfo(a) => {
-            let d = a.domain.clone();
-            let snaps = session.conn()?.require_snapshots()?;
-            out = crate::snapshots::info(snaps, a, global_json).await.map_err(|e| job_error(e, &d))?;
-        }
-        Command::SnapshotDumpxml(a) => {
-            let d = a.domain.clone();
-            let snaps = session.conn()?.require_snapshots()?;
-            out = crate::snapshots::dumpxml(snaps, a).await.map_err(|e| job_error(e, &d))?;
-        }
-        Command::SnapshotCurrent(a) => {
-            let d = a.domain.clone();
-            let snaps = session.conn()?.require_snapshots()?;
-            out = crate::snapshots::current(snaps, a).await.map_err(|e| job_error(e, &d))?;
-        }
-        Command::SnapshotParent(a) => {
-            let d = a.domain.clone();
-            let snaps = session.conn()?.require_snapshots()?;
-            out = crate::snapshots::parent(snaps, a).await.map_err(|e| job_error(e, &d))?;
-        }
-        Command::SnapshotRevert(a) => {
-            let d = a.domain.clone();
-            let snaps = session.conn()?.require_snapshots()?;
-            out = crate::snapshots::revert(snaps, a).await.map_err(|e| job_error(e, &d))?;
-        }
-        Command::SnapshotDelete(a) => {
-            let d = a.domain.clone();
-            let snaps = session.conn()?.require_snapshots()?;
-            out = crate::snapshots::delete(snaps, a).await.map_err(|e| job_error(e, &d))?;
-        }
+        Command::Blockpull(a) => out = with_ops!(session, require_block_jobs, a, crate::blockjobs::blockpull),
+        Command::Blockcommit(a) => out = with_ops!(session, require_block_jobs, a, crate::blockjobs::blockcommit),
+        Command::Blockcopy(a) => out = with_ops!(session, require_block_jobs, a, crate::blockjobs::blockcopy),
+        Command::Blockjob(a) => out = with_ops!(session, require_block_jobs, a, crate::blockjobs::blockjob),
+        Command::SnapshotCreate(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::create),
+        Command::SnapshotCreateAs(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::create_as),
+        Command::SnapshotList(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::list, quiet, global_json),
+        Command::SnapshotInfo(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::info, global_json),
+        Command::SnapshotDumpxml(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::dumpxml),
+        Command::SnapshotCurrent(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::current),
+        Command::SnapshotParent(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::parent),
+        Command::SnapshotRevert(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::revert),
+        Command::SnapshotDelete(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::delete),
         Command::Event { positional, named, event, all, keep_going, timeout, timestamp, list, json } => {
             if list {
                 return Ok("block-job\nlifecycle\n".into());

@@ -488,7 +488,6 @@ pub async fn info(snaps: &dyn SnapshotOps, a: NameArgs, json: bool) -> Result<St
         });
         return Ok(format!("{}\n", serde_json::to_string_pretty(&v)?));
     }
-    let mut out = String::new();
     let rows = [
         ("Name", s.name.clone()),
         ("Domain", a.domain.clone()),
@@ -500,11 +499,7 @@ pub async fn info(snaps: &dyn SnapshotOps, a: NameArgs, json: bool) -> Result<St
         ("Descendants", descendants.to_string()),
         ("Metadata", "yes".into()),
     ];
-    for (k, v) in rows {
-        writeln!(out, "{:<16}{v}", format!("{k}:"))?;
-    }
-    out.push('\n');
-    Ok(out)
+    Ok(crate::table::format_fields(&rows))
 }
 
 pub async fn dumpxml(snaps: &dyn SnapshotOps, a: NameArgs) -> Result<String> {

@@ -41,6 +41,17 @@ pub fn format_table(header: &[&str], rows: &[Vec<String>], quiet: bool) -> Strin
     out
 }
 
+/// virsh's "Key:  value" listing (`dominfo`, `snapshot-info`): keys padded
+/// to 16 columns, then a blank line.
+pub fn format_fields(rows: &[(&str, String)]) -> String {
+    let mut out = String::new();
+    for (k, v) in rows {
+        out.push_str(&format!("{:<16}{v}\n", format!("{k}:")));
+    }
+    out.push('\n');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

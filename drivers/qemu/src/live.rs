@@ -276,6 +276,12 @@ impl LiveDisk {
 /// graph: the device's root node, then `backing` edges down, each format
 /// node's driver and its protocol child's file name.
 pub async fn live_chains(client: &QmpClient, domain: &str) -> Result<HashMap<String, LiveDisk>> {
+    Ok(live_state(client, domain).await?.0)
+}
+
+/// [`live_chains`] and the graph they were read from, for callers that
+/// also need node names (one set of queries instead of two).
+pub async fn live_state(client: &QmpClient, domain: &str) -> Result<(HashMap<String, LiveDisk>, BlockGraph)> {
     let block = client.query_block().await.map_err(|e| qmp_error(domain, e))?;
     let graph = BlockGraph::query(client, domain).await?;
     let mut out = HashMap::new();
@@ -302,7 +308,7 @@ pub async fn live_chains(client: &QmpClient, domain: &str) -> Result<HashMap<Str
             out.insert(id.to_string(), graph.chain_from(node, id)?);
         }
     }
-    Ok(out)
+    Ok((out, graph))
 }
 
 /// QEMU's block graph: nodes by name, and named edges between them.

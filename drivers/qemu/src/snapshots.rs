@@ -276,8 +276,17 @@ fn now_secs() -> i64 {
 impl QemuConnection {
     /// The definition as it is now: live when running, else persistent.
     async fn current_definition(&self, domain: &str) -> Result<(Domain, Option<LiveStatus>)> {
+        let (dom, view) = self.current_view(domain).await?;
+        Ok((dom, view.map(|v| v.status)))
+    }
+
+    /// [`Self::current_definition`] with what QEMU showed, when running.
+    async fn current_view(&self, domain: &str) -> Result<(Domain, Option<crate::LiveView>)> {
         match live::reconcile(self.store(), domain)? {
-            Some(s) if s.is_vm() => Ok((self.live_domain(domain).await?, Some(s))),
+            Some(s) if s.is_vm() => {
+                let (dom, view) = self.live_view(domain).await?;
+                Ok((dom, Some(view)))
+            }
             Some(_) => Err(Error::operation_invalid(format!(
                 "an offline block job runs on the disks of domain '{domain}'; wait for it to end"
             ))),
@@ -318,7 +327,9 @@ impl QemuConnection {
             )
             .await?;
         }
-        let (dom, status) = self.current_definition(domain).await?;
+        let (mut dom, view) = self.current_view(domain).await?;
+        // The record keeps the definition, not this run's domain id.
+        dom.set_id(None);
         let selected: HashSet<String> =
             strata_core::diskset::selected(&crate::persistent::load(store, domain)?)?.into_iter().collect();
         let plans = plan_disks(&dom, &def, &flags, &name, &selected)?;
@@ -347,13 +358,13 @@ impl QemuConnection {
             plans.iter().filter_map(|p| p.overlay.clone()).collect()
         };
         write_intent(store, domain, &created)?;
-        let state = match &status {
-            Some(_) => {
-                let (_, monitor) = self.running(domain).await?;
-                let run = monitor.client.query_status().await.map_err(|e| qmp_error(domain, e))?;
+        let state = match &view {
+            Some(view) => {
+                let client = &view.monitor.client;
+                let run = client.query_status().await.map_err(|e| qmp_error(domain, e))?;
                 let running = live::state_of(run.status).0 == strata_core::driver::DomainState::Running;
                 let checkpoint = !flags.disk_only && def.memory.as_ref().is_none_or(|m| m.snapshot != "no");
-                self.create_live(domain, &monitor.client, &plans, &name, checkpoint, &created).await?;
+                self.create_live(domain, view, &plans, &name, checkpoint, &created).await?;
                 if checkpoint {
                     if running { "running" } else { "paused" }
                 } else {
@@ -433,13 +444,13 @@ impl QemuConnection {
     async fn create_live(
         &self,
         domain: &str,
-        client: &strata_qmp::QmpClient,
+        view: &crate::LiveView,
         plans: &[DiskPlan],
         name: &str,
         checkpoint: bool,
         created: &[PathBuf],
     ) -> Result<()> {
-        let chains = live::live_chains(client, domain).await?;
+        let (client, chains, graph) = (&view.monitor.client, &view.chains, &view.graph);
         let root = |t: &str| -> Result<String> {
             chains
                 .get(t)
@@ -464,7 +475,6 @@ impl QemuConnection {
             .await?;
             return Ok(());
         }
-        let graph = BlockGraph::query(client, domain).await?;
         let mut added: Vec<String> = Vec::new();
         let mut actions: Vec<Value> = Vec::new();
         let outcome = async {
@@ -476,8 +486,8 @@ impl QemuConnection {
                     })),
                     "external" => {
                         let overlay = p.overlay.as_ref().ok_or_else(|| Error::internal("external plan without overlay"))?;
-                        let fmt_node = unique_node(&graph, &added, &format!("{}-snap-fmt", p.target));
-                        let file_node = unique_node(&graph, &added, &format!("{}-snap-file", p.target));
+                        let fmt_node = unique_node(graph, &added, &format!("{}-snap-fmt", p.target));
+                        let file_node = unique_node(graph, &added, &format!("{}-snap-file", p.target));
                         let ov = path_str(overlay)?;
                         if created.contains(overlay) {
                             crate::jobs::create_blockdev(client, domain, &format!("{file_node}-create"), json!({"driver": "file", "filename": ov, "size": 0})).await?;
