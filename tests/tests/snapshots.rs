@@ -1878,3 +1878,46 @@ fn crash_recovery_by_snapshot_list_live() {
 fn crash_recovery_by_snapshot_create_live() {
     crash_recovery(true, &["snapshot-create-as", "vm", "s1", "--disk-only"]);
 }
+
+/// A checkpoint with external memory (`--memspec`): disks and RAM of one
+/// instant; reverting restarts QEMU from the saved state on a new overlay,
+/// and the guest reads the disk as it was (virsh 9.0 cannot revert it).
+#[test]
+fn external_memory_checkpoint_create_and_revert() {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::None, true);
+    let _guard = vm.guard();
+    vm.write(0x51, 3 * MIB, 64 * 1024);
+    let at_m1 = vm.snap_ref();
+    let state = env.path("m1.state");
+    let spec = format!("file={},snapshot=external", s(&state));
+    assert_eq!(
+        env.ok(&["snapshot-create-as", "vm", "m1", "--memspec", &spec]),
+        "Domain snapshot m1 created\n"
+    );
+    assert!(std::fs::metadata(&state).expect("memory file").len() > 0);
+    assert_eq!(domstate(&env), "running", "the guest runs on after the checkpoint");
+    let def = snapshot_def(&env, "m1");
+    let mem = def.memory.clone().expect("memory element");
+    assert_eq!((mem.snapshot.as_str(), mem.file.as_deref()), ("external", Some(s(&state))));
+    assert_eq!(def.state.as_deref(), Some("running"));
+    validate_xml(&snapshot_xml(&env, "m1"));
+    let m1_overlay = overlay(&env, "m1", "vda");
+    assert_eq!(active(&env, "vda"), m1_overlay);
+
+    vm.write(0x52, 3 * MIB, 64 * 1024);
+    assert!(!vm.reads(&at_m1));
+    assert_eq!(env.ok(&["snapshot-revert", "vm", "m1"]), "Domain snapshot m1 reverted\n");
+    assert_eq!(domstate(&env), "running");
+    let branch = active(&env, "vda");
+    assert_ne!(branch, m1_overlay, "revert made a new overlay");
+    assert_eq!(chain_files(&branch)[1], s(&vm.top), "the overlay is on the frozen image");
+    assert!(vm.reads(&at_m1), "after revert the guest reads the disk of the checkpoint");
+
+    // Shut off, a memory checkpoint is refused clearly.
+    vm.destroy();
+    let spec2 = format!("file={},snapshot=external", s(&env.path("m2.state")));
+    let err = env.fails(&["snapshot-create-as", "vm", "m2", "--memspec", &spec2]);
+    assert!(err.contains("domain is not running"), "{err}");
+    assert!(!env.path("m2.state").exists());
+}

@@ -155,7 +155,7 @@ impl QemuConnection {
         {
             let _lock = self.store.lock_domain(name)?;
             if live::reconcile(&self.store, name)?.is_none() {
-                self.spawn_server(name, live::Server::StorageDaemon, false).await?;
+                self.spawn_server(name, live::Server::StorageDaemon, StartMode::Paused).await?;
             }
         }
         self.serving(name)
@@ -209,12 +209,13 @@ impl QemuConnection {
             Self::refuse_if_daemon(&status, name)?;
             return Err(Error::operation_invalid(format!("domain '{name}' is already active")));
         }
-        self.spawn_server(name, live::Server::Vm, flags.paused).await
+        let mode = if flags.paused { StartMode::Paused } else { StartMode::Run };
+        self.spawn_server(name, live::Server::Vm, mode).await
     }
 
     /// Starts QEMU for the domain, or the storage daemon for its offline
     /// jobs; the caller holds the domain lock.
-    async fn spawn_server(&self, name: &str, server: live::Server, paused: bool) -> Result<()> {
+    pub(crate) async fn spawn_server(&self, name: &str, server: live::Server, mode: StartMode) -> Result<()> {
         let mut dom = persistent::load(&self.store, name)?;
         // A disk whose image did not exist at define time is probed now.
         let before = dom.to_xml();
@@ -226,7 +227,11 @@ impl QemuConnection {
         let (binary, args) = match server {
             live::Server::Vm => {
                 let accel = launch::accel_for(&dom)?;
-                (qemu_binary(), launch::command_line(&dom, accel, &paths)?)
+                let mut args = launch::command_line(&dom, accel, &paths)?;
+                if mode == StartMode::Incoming {
+                    args.extend(["-incoming".to_string(), "defer".to_string()]);
+                }
+                (qemu_binary(), args)
             }
             live::Server::StorageDaemon => {
                 (storage_daemon_binary(), launch::storage_daemon_command_line(&dom, &paths)?)
@@ -245,7 +250,7 @@ impl QemuConnection {
             let status = LiveStatus::new(spawned.id, id, dom, server);
             self.store.write_status(name, &status.to_xml())?;
             let monitor = self.monitors.get(&self.store, name, status.process).await?;
-            if server == live::Server::Vm && !paused {
+            if server == live::Server::Vm && mode == StartMode::Run {
                 monitor.client.execute("cont", None).await.map_err(|e| live::qmp_error(name, e))?;
             }
             Ok::<(), Error>(())
@@ -299,6 +304,15 @@ impl QemuConnection {
         }
         Ok((dom, LiveView { status, monitor, chains, graph }))
     }
+}
+
+/// How a started QEMU is left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StartMode {
+    Run,
+    Paused,
+    /// Waiting for a saved VM state (`-incoming defer`).
+    Incoming,
 }
 
 /// A running domain as one round of queries saw it.

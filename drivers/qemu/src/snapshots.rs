@@ -303,12 +303,32 @@ impl QemuConnection {
         if flags.redefine {
             return self.redefine(domain, def, flags.current);
         }
-        if def.memory.as_ref().is_some_and(|m| m.snapshot == "external") {
-            return Err(Error::new(
-                ErrorKind::OperationUnsupported,
-                "external memory snapshots (--memspec) are not supported by this driver yet",
-            ));
-        }
+        let memory_file = match def.memory.as_ref().filter(|m| m.snapshot == "external") {
+            Some(m) => {
+                let file = m
+                    .file
+                    .as_ref()
+                    .map(PathBuf::from)
+                    .ok_or_else(|| Error::invalid_arg("an external memory snapshot needs a file (--memspec file=PATH)"))?;
+                if !file.is_absolute() {
+                    return Err(Error::invalid_arg(format!("memory file '{}' must be an absolute path", file.display())));
+                }
+                if file.exists() {
+                    return Err(Error::config_unsupported(format!(
+                        "memory state file '{}' already exists",
+                        file.display()
+                    )));
+                }
+                if flags.disk_only {
+                    return Err(Error::invalid_arg("--disk-only and an external memory file are mutually exclusive"));
+                }
+                if live::reconcile(store, domain)?.filter(LiveStatus::is_vm).is_none() {
+                    return Err(Error::operation_invalid("domain is not running"));
+                }
+                Some(file)
+            }
+            None => None,
+        };
         let name = def.name.clone().unwrap_or_else(|| now_secs().to_string());
         strata_core::store::validate_name("snapshot", &name)?;
         if store.read_snapshot(domain, &name)?.is_some() {
@@ -332,7 +352,13 @@ impl QemuConnection {
         dom.set_id(None);
         let selected: HashSet<String> =
             strata_core::diskset::selected(&crate::persistent::load(store, domain)?)?.into_iter().collect();
-        let plans = plan_disks(&dom, &def, &flags, &name, &selected)?;
+        let disk_flags = SnapshotCreateFlags { disk_only: flags.disk_only || memory_file.is_some(), ..flags };
+        let plans = plan_disks(&dom, &def, &disk_flags, &name, &selected)?;
+        if memory_file.is_some() && plans.iter().any(|p| p.mode == "internal") {
+            return Err(Error::config_unsupported(
+                "a checkpoint with external memory needs external (or no) disk snapshots",
+            ));
+        }
         for p in plans.iter().filter(|p| p.mode == "external") {
             if let Some(o) = &p.overlay {
                 let exists = o.exists();
@@ -364,7 +390,10 @@ impl QemuConnection {
                 let run = client.query_status().await.map_err(|e| qmp_error(domain, e))?;
                 let running = live::state_of(run.status).0 == strata_core::driver::DomainState::Running;
                 let checkpoint = !flags.disk_only && def.memory.as_ref().is_none_or(|m| m.snapshot != "no");
-                self.create_live(domain, view, &plans, &name, checkpoint, &created).await?;
+                match &memory_file {
+                    Some(file) => self.create_with_memory(domain, view, &plans, &name, file, &created, run.running).await?,
+                    None => self.create_live(domain, view, &plans, &name, checkpoint, &created).await?,
+                }
                 if checkpoint {
                     if running { "running" } else { "paused" }
                 } else {
@@ -386,7 +415,7 @@ impl QemuConnection {
         def.state = Some(state.to_string());
         def.creation_time = Some(now_secs());
         def.parent = current(store, domain)?;
-        if def.memory.is_none() || state == "disk-snapshot" || state == "shutoff" {
+        if memory_file.is_none() && (def.memory.is_none() || state == "disk-snapshot" || state == "shutoff") {
             def.memory = Some(SnapshotMemory {
                 snapshot: if state == "running" || state == "paused" { "internal" } else { "no" }.into(),
                 file: None,
@@ -542,6 +571,59 @@ impl QemuConnection {
         Ok(())
     }
 
+    /// A checkpoint with external memory: the guest is stopped, its disks
+    /// switch to new overlays in one transaction, its state migrates to
+    /// the file, and it runs again; disks and memory are of one instant.
+    #[allow(clippy::too_many_arguments)]
+    async fn create_with_memory(
+        &self,
+        domain: &str,
+        view: &crate::LiveView,
+        plans: &[DiskPlan],
+        name: &str,
+        file: &Path,
+        created: &[PathBuf],
+        was_running: bool,
+    ) -> Result<()> {
+        let client = &view.monitor.client;
+        client.execute("stop", None).await.map_err(|e| qmp_error(domain, e))?;
+        let saved = async {
+            self.create_live(domain, view, plans, name, false, created).await?;
+            save_memory(client, domain, file).await
+        }
+        .await;
+        // Back to running (or paused: QEMU refuses a later migration of a
+        // guest left paused by a migration, so it is resumed and stopped).
+        let _ = client.execute("cont", None).await;
+        if !was_running {
+            let _ = client.execute("stop", None).await;
+        }
+        if saved.is_err() {
+            let _ = std::fs::remove_file(file);
+        }
+        saved
+    }
+
+    /// Starts QEMU on the adopted definition and loads a saved VM state.
+    async fn start_from_memory(&self, domain: &str, file: &Path) -> Result<()> {
+        {
+            let _lock = self.store().lock_domain(domain)?;
+            self.spawn_server(domain, live::Server::Vm, crate::StartMode::Incoming).await?;
+        }
+        let (_, monitor) = self.running(domain).await?;
+        let client = &monitor.client;
+        let f = std::fs::File::open(file).map_err(|e| Error::io("open", file, e))?;
+        client
+            .send_fd("strata-mem-in", std::os::fd::AsFd::as_fd(&f))
+            .await
+            .map_err(|e| qmp_error(domain, e))?;
+        client
+            .execute("migrate-incoming", Some(json!({"uri": "fd:strata-mem-in"})))
+            .await
+            .map_err(|e| qmp_error(domain, e))?;
+        wait_migration(client, domain).await
+    }
+
     /// Records in the persistent (and live) definition the chains the
     /// images have after a snapshot operation.
     async fn record_chains(&self, domain: &str, plans: &[DiskPlan]) -> Result<()> {
@@ -588,9 +670,11 @@ impl QemuConnection {
             .ok_or_else(|| Error::operation_invalid(format!("snapshot '{snap}' has no saved domain definition")))?;
         let mut target = Domain::from_element(saved)?;
         let state = def.state.clone().unwrap_or_else(|| "disk-snapshot".into());
-        let has_vmstate = state == "running" || state == "paused";
+        let external_memory = def.memory.as_ref().is_some_and(|m| m.snapshot == "external");
+        let has_vmstate = (state == "running" || state == "paused") && !external_memory;
         let running = live::reconcile(store, domain)?.filter(LiveStatus::is_vm).is_some();
-        let end_running = flags.running || (!flags.paused && state == "running" && (running || has_vmstate));
+        let end_running =
+            flags.running || (!flags.paused && state == "running" && (running || has_vmstate || external_memory));
         let end_paused = flags.paused || (!flags.running && state == "paused");
         let internal_disks: Vec<&SnapshotDisk> =
             def.disks.iter().filter(|d| d.snapshot.as_deref() == Some("internal")).collect();
@@ -674,6 +758,21 @@ impl QemuConnection {
         }
         self.adopt_definition(domain, &target)?;
         set_current(store, domain, Some(snap))?;
+        let memory_file = def
+            .memory
+            .as_ref()
+            .filter(|m| m.snapshot == "external")
+            .and_then(|m| m.file.as_ref())
+            .map(PathBuf::from);
+        if let Some(file) = memory_file {
+            if end_running || end_paused {
+                self.start_from_memory(domain, &file).await?;
+                if end_running && !end_paused {
+                    self.resume(domain).await?;
+                }
+            }
+            return Ok(());
+        }
         if end_running || end_paused {
             self.start(domain, StartFlags { paused: true }).await?;
             if has_vmstate {
@@ -1138,5 +1237,49 @@ async fn run_job(client: &strata_qmp::QmpClient, domain: &str, command: &str, ar
     match error {
         Some(e) => Err(Error::operation_failed(format!("{command} failed: {e}"))),
         None => Ok(()),
+    }
+}
+
+/// Migrates the stopped guest's state into `file` through a passed fd.
+async fn save_memory(client: &strata_qmp::QmpClient, domain: &str, file: &Path) -> Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(file)
+        .map_err(|e| Error::io("create", file, e))?;
+    client
+        .send_fd("strata-mem-out", std::os::fd::AsFd::as_fd(&f))
+        .await
+        .map_err(|e| qmp_error(domain, e))?;
+    // QEMU throttles migration to 128 MiB/s by default, also into a file.
+    client
+        .execute("migrate-set-parameters", Some(json!({"max-bandwidth": 10_u64 << 30})))
+        .await
+        .map_err(|e| qmp_error(domain, e))?;
+    client
+        .execute("migrate", Some(json!({"uri": "fd:strata-mem-out"})))
+        .await
+        .map_err(|e| qmp_error(domain, e))?;
+    wait_migration(client, domain).await?;
+    f.sync_all().map_err(|e| Error::io("sync", file, e))
+}
+
+/// Waits for an outgoing or incoming migration to end.
+async fn wait_migration(client: &strata_qmp::QmpClient, domain: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    loop {
+        let info = client.execute("query-migrate", None).await.map_err(|e| qmp_error(domain, e))?;
+        match info.get("status").and_then(|s| s.as_str()) {
+            Some("completed") => return Ok(()),
+            Some("failed") | Some("cancelled") => {
+                let why = info.get("error-desc").and_then(|e| e.as_str()).unwrap_or("unknown reason");
+                return Err(Error::operation_failed(format!("saving or loading the VM state failed: {why}")));
+            }
+            _ => {}
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(Error::new(ErrorKind::OperationTimeout, "the VM state transfer took over 10 minutes"));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
