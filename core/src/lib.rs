@@ -16,5 +16,17 @@ pub mod xml;
 
 pub use error::{Error, ErrorKind, Result};
 
+/// Ends the process at once, as SIGKILL would, when `STRATA_CRASH_AT` names
+/// this step. Multi-step operations mark their steps with it so tests can
+/// show that the next command finishes or undoes an interrupted one.
+pub fn crash_point(step: &str) {
+    if std::env::var("STRATA_CRASH_AT").is_ok_and(|v| v == step) {
+        // SAFETY: kill(2) on this process's own pid; no preconditions.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}
+
 /// Re-exported so driver crates register with the same `inventory` version.
 pub use inventory;

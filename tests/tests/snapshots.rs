@@ -1921,3 +1921,65 @@ fn external_memory_checkpoint_create_and_revert() {
     assert!(err.contains("domain is not running"), "{err}");
     assert!(!env.path("m2.state").exists());
 }
+
+/// `snapshot-create-as` killed (SIGKILL) at each of its steps: the next
+/// command either rolls the creation back (nothing changed yet in a chain)
+/// or finishes it (the disks already use the overlay), and in both cases
+/// images, chain records and snapshot records agree and the data is intact.
+fn killed_at_each_step(live: bool) {
+    // Offline, an overlay made but not yet recorded in any chain is not
+    // in use, so the creation is rolled back at the images step too.
+    let steps: &[(&str, bool)] = &[
+        ("snapshot-create:intent", false),
+        ("snapshot-create:overlays", false),
+        ("snapshot-create:images", live),
+        ("snapshot-create:chains", true),
+        ("snapshot-create:record", true),
+    ];
+    for (step, finished) in steps {
+        if *step == "snapshot-create:overlays" && !live {
+            continue; // the overlay step is the live path's
+        }
+        let env = TestEnv::new();
+        let vm = Vm::new(&env, Vdb::None, live);
+        let _guard = vm.guard();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
+            .args(["-c", &env.uri, "snapshot-create-as", "vm", "s1", "--disk-only", "--atomic"])
+            .env("STRATA_CRASH_AT", step)
+            .output()
+            .expect("run strata");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(libc::SIGKILL), "{step}: strata was not killed there");
+
+        let listed = env.ok(&["snapshot-list", "vm", "--name"]);
+        let overlay_path = env.path("top.s1");
+        if *finished {
+            assert_eq!(listed.trim(), "s1", "{step}: the snapshot was not finished");
+            assert_eq!(current_name(&env), "s1");
+            assert_eq!(active(&env, "vda"), overlay_path, "{step}");
+            let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
+            assert_eq!(xml_chain(&inactive, "vda"), strs(&[&overlay_path, &vm.top, &vm.base]), "{step}");
+            assert_eq!(chain_files(&overlay_path), strs(&[&overlay_path, &vm.top, &vm.base]), "{step}");
+        } else {
+            assert!(listed.trim().is_empty(), "{step}: a record survived a rolled-back creation");
+            assert!(!overlay_path.exists(), "{step}: the overlay was left behind");
+            assert_eq!(active(&env, "vda"), vm.top, "{step}");
+            let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
+            assert_eq!(xml_chain(&inactive, "vda"), strs(&[&vm.top, &vm.base]), "{step}");
+        }
+        assert!(vm.reads(&vm.reference), "{step}: the disk no longer reads its data");
+        // And snapshots go on working.
+        vm.ext_snapshot("s2");
+        assert_eq!(active(&env, "vda"), env.path("top.s2"), "{step}");
+    }
+}
+
+#[test]
+fn killed_at_each_step_live() {
+    killed_at_each_step(true);
+}
+
+#[test]
+fn killed_at_each_step_offline() {
+    killed_at_each_step(false);
+}

@@ -275,10 +275,9 @@ impl QemuConnection {
 
     /// Finishes or undoes a snapshot creation a crash interrupted; every
     /// snapshot call starts with it.
-    fn snapshot_recover(&self, domain: &str) -> Result<()> {
+    async fn snapshot_recover(&self, domain: &str) -> Result<()> {
         persistent::load(&self.store, domain)?;
-        let status = live::reconcile(&self.store, domain)?;
-        for note in snapshots::recover(&self.store, domain, status.as_ref())? {
+        for note in self.recover_creation(domain).await? {
             tracing::info!(domain, "{note}");
         }
         Ok(())
@@ -524,28 +523,28 @@ impl SnapshotOps for QemuConnection {
     }
 
     async fn snapshot_list(&self, domain: &str) -> Result<Vec<SnapshotSummary>> {
-        self.snapshot_recover(domain)?;
+        self.snapshot_recover(domain).await?;
         snapshots::summaries(&self.store, domain)
     }
 
     async fn snapshot_xml(&self, domain: &str, snapshot: &str) -> Result<String> {
-        self.snapshot_recover(domain)?;
+        self.snapshot_recover(domain).await?;
         Ok(snapshots::load(&self.store, domain, snapshot)?.to_xml())
     }
 
     async fn snapshot_set_current(&self, domain: &str, snapshot: &str) -> Result<()> {
-        self.snapshot_recover(domain)?;
+        self.snapshot_recover(domain).await?;
         snapshots::load(&self.store, domain, snapshot)?;
         self.store.write_domain_file(domain, "snapshot-current", snapshot)
     }
 
     async fn snapshot_revert(&self, domain: &str, snapshot: &str, flags: SnapshotRevertFlags) -> Result<()> {
-        self.snapshot_recover(domain)?;
+        self.snapshot_recover(domain).await?;
         self.snapshot_revert_impl(domain, snapshot, flags).await
     }
 
     async fn snapshot_delete(&self, domain: &str, snapshot: &str, flags: SnapshotDeleteFlags) -> Result<Vec<String>> {
-        self.snapshot_recover(domain)?;
+        self.snapshot_recover(domain).await?;
         self.snapshot_delete_impl(domain, snapshot, flags).await
     }
 }

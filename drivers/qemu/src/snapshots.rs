@@ -217,53 +217,39 @@ fn path_str(p: &Path) -> Result<&str> {
     p.to_str().ok_or_else(|| Error::invalid_arg(format!("path '{}' is not UTF-8", p.display())))
 }
 
-/// Records the files a creation is about to make (crash safety).
-fn write_intent(store: &Store, domain: &str, files: &[PathBuf]) -> Result<()> {
-    let mut root = Element::new("intent").with_attr("op", "snapshot-create");
+/// Records a creation before it touches an image: the files it will make
+/// and the record it will save.
+fn write_intent(store: &Store, domain: &str, files: &[PathBuf], record: &SnapshotDef, no_metadata: bool) -> Result<()> {
+    let mut root = Element::new("intent")
+        .with_attr("op", "snapshot-create")
+        .with_attr("metadata", if no_metadata { "no" } else { "yes" });
     for f in files {
         root = root.with_child(Element::new("file").with_attr("path", f.to_string_lossy()));
     }
+    root = root.with_child(record.to_element());
     store.write_domain_file(domain, INTENT_FILE, &root.to_xml())
+}
+
+/// What an interrupted creation left: the files it was making, the record
+/// it was to save, and whether it was to save one.
+type Intent = (Vec<PathBuf>, Option<SnapshotDef>, bool);
+
+fn read_intent(store: &Store, domain: &str) -> Result<Option<Intent>> {
+    let Some(text) = store.read_domain_file(domain, INTENT_FILE)? else { return Ok(None) };
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    let root = Element::parse(&text)?;
+    let files = root.children_named("file").filter_map(|f| f.attr("path")).map(PathBuf::from).collect();
+    let record = match root.child("domainsnapshot") {
+        Some(el) => Some(SnapshotDef::parse(&el.to_xml())?),
+        None => None,
+    };
+    Ok(Some((files, record, root.attr("metadata") == Some("no"))))
 }
 
 fn clear_intent(store: &Store, domain: &str) -> Result<()> {
     store.write_domain_file(domain, INTENT_FILE, "")
-}
-
-/// Finishes or undoes a creation interrupted by a crash: overlays the
-/// domain's chains use are kept (the snapshot happened; only its record is
-/// missing, and the chain says so), the others are removed.
-pub fn recover(store: &Store, domain: &str, status: Option<&LiveStatus>) -> Result<Vec<String>> {
-    let Some(text) = store.read_domain_file(domain, INTENT_FILE)? else { return Ok(Vec::new()) };
-    if text.trim().is_empty() {
-        return Ok(Vec::new());
-    }
-    let root = Element::parse(&text)?;
-    let mut in_use: HashSet<PathBuf> = HashSet::new();
-    let mut doms = Vec::new();
-    if let Some(xml) = store.read_domain(domain)? {
-        doms.push(Domain::parse(&xml)?);
-    }
-    if let Some(s) = status {
-        doms.push(s.domain.clone());
-    }
-    for d in &doms {
-        for disk in d.disks()? {
-            if let Some(c) = &disk.chain {
-                in_use.extend(c.layers.iter().filter_map(|l| l.source.local_path().map(Path::to_path_buf)));
-            }
-        }
-    }
-    let mut notes = Vec::new();
-    for f in root.children_named("file").filter_map(|f| f.attr("path")) {
-        let p = PathBuf::from(f);
-        if !in_use.contains(&p) && p.exists() {
-            std::fs::remove_file(&p).map_err(|e| Error::io("remove", &p, e))?;
-            notes.push(format!("removed '{}' left by an interrupted snapshot creation", p.display()));
-        }
-    }
-    clear_intent(store, domain)?;
-    Ok(notes)
 }
 
 fn now_secs() -> i64 {
@@ -298,7 +284,7 @@ impl QemuConnection {
         flags.validate()?;
         let store = self.store();
         crate::persistent::load(store, domain)?;
-        recover(store, domain, live::reconcile(store, domain)?.as_ref())?;
+        self.recover_creation(domain).await?;
         let mut def = SnapshotDef::parse(xml)?;
         if flags.redefine {
             return self.redefine(domain, def, flags.current);
@@ -383,39 +369,27 @@ impl QemuConnection {
         } else {
             plans.iter().filter_map(|p| p.overlay.clone()).collect()
         };
-        write_intent(store, domain, &created)?;
-        let state = match &view {
+        // The whole record is settled before any image changes, and kept
+        // in the intent, so a crash at any later step can be finished.
+        let (running, checkpoint) = match &view {
             Some(view) => {
-                let client = &view.monitor.client;
-                let run = client.query_status().await.map_err(|e| qmp_error(domain, e))?;
+                let run = view.monitor.client.query_status().await.map_err(|e| qmp_error(domain, e))?;
                 let running = live::state_of(run.status).0 == strata_core::driver::DomainState::Running;
-                let checkpoint = !flags.disk_only && def.memory.as_ref().is_none_or(|m| m.snapshot != "no");
-                match &memory_file {
-                    Some(file) => self.create_with_memory(domain, view, &plans, &name, file, &created, run.running).await?,
-                    None => self.create_live(domain, view, &plans, &name, checkpoint, &created).await?,
-                }
-                if checkpoint {
-                    if running { "running" } else { "paused" }
-                } else {
-                    "disk-snapshot"
-                }
+                (Some(running), !flags.disk_only && def.memory.as_ref().is_none_or(|m| m.snapshot != "no"))
             }
-            None => {
-                create_offline(&plans, &name, &created)?;
-                if flags.disk_only { "disk-snapshot" } else { "shutoff" }
-            }
+            None => (None, false),
         };
-        // Record the chains the images now have.
-        self.record_chains(domain, &plans).await?;
-        clear_intent(store, domain)?;
-        if flags.no_metadata {
-            return Ok(name);
-        }
+        let state = match (running, checkpoint) {
+            (Some(true), true) => "running",
+            (Some(false), true) => "paused",
+            (None, _) if !flags.disk_only => "shutoff",
+            _ => "disk-snapshot",
+        };
         def.name = Some(name.clone());
         def.state = Some(state.to_string());
         def.creation_time = Some(now_secs());
         def.parent = current(store, domain)?;
-        if memory_file.is_none() && (def.memory.is_none() || state == "disk-snapshot" || state == "shutoff") {
+        if memory_file.is_none() {
             def.memory = Some(SnapshotMemory {
                 snapshot: if state == "running" || state == "paused" { "internal" } else { "no" }.into(),
                 file: None,
@@ -431,9 +405,85 @@ impl QemuConnection {
             })
             .collect();
         def.domain = Some(dom.element().clone());
-        save(store, domain, &def)?;
-        set_current(store, domain, Some(&name))?;
+        write_intent(store, domain, &created, &def, flags.no_metadata)?;
+        strata_core::crash_point("snapshot-create:intent");
+        match (&view, &memory_file) {
+            (Some(view), Some(file)) => {
+                self.create_with_memory(domain, view, &plans, &name, file, &created, running == Some(true)).await?
+            }
+            (Some(view), None) => self.create_live(domain, view, &plans, &name, checkpoint, &created).await?,
+            (None, _) => create_offline(&plans, &name, &created)?,
+        }
+        strata_core::crash_point("snapshot-create:images");
+        self.finish_creation(domain, &def, flags.no_metadata).await?;
         Ok(name)
+    }
+
+    /// The steps after the images changed: chains recorded, the record
+    /// saved and made current, the intent cleared. Also what recovery runs
+    /// for a creation whose images had changed when it was interrupted.
+    async fn finish_creation(&self, domain: &str, def: &SnapshotDef, no_metadata: bool) -> Result<()> {
+        let store = self.store();
+        let targets: Vec<String> = def
+            .disks
+            .iter()
+            .filter(|d| d.snapshot.as_deref() == Some("external"))
+            .map(|d| d.name.clone())
+            .collect();
+        let overlays: HashMap<String, PathBuf> = def
+            .disks
+            .iter()
+            .filter_map(|d| Some((d.name.clone(), d.source.as_ref()?.local_path()?.to_path_buf())))
+            .collect();
+        self.record_chains(domain, &targets, &overlays).await?;
+        strata_core::crash_point("snapshot-create:chains");
+        if !no_metadata {
+            let name = def.name.clone().unwrap_or_default();
+            save(store, domain, def)?;
+            strata_core::crash_point("snapshot-create:record");
+            set_current(store, domain, Some(&name))?;
+        }
+        clear_intent(store, domain)
+    }
+
+    /// Finishes or undoes a creation a crash interrupted: if any image it
+    /// made is in a chain QEMU or the definitions use, the snapshot happened
+    /// and is finished; otherwise the images it made are removed.
+    pub(crate) async fn recover_creation(&self, domain: &str) -> Result<Vec<String>> {
+        let store = self.store();
+        let Some((files, record, no_metadata)) = read_intent(store, domain)? else { return Ok(Vec::new()) };
+        let mut in_use: HashSet<PathBuf> = HashSet::new();
+        let mut doms = Vec::new();
+        if let Some(xml) = store.read_domain(domain)? {
+            doms.push(Domain::parse(&xml)?);
+        }
+        if live::reconcile(store, domain)?.filter(LiveStatus::is_vm).is_some() {
+            doms.push(self.live_domain(domain).await?);
+        }
+        for d in &doms {
+            for disk in d.disks()? {
+                if let Some(c) = &disk.chain {
+                    in_use.extend(c.layers.iter().filter_map(|l| l.source.local_path().map(Path::to_path_buf)));
+                }
+            }
+        }
+        let mut notes = Vec::new();
+        if files.iter().any(|f| in_use.contains(f)) {
+            if let Some(def) = record {
+                self.finish_creation(domain, &def, no_metadata).await?;
+                notes.push(format!(
+                    "finished snapshot '{}', interrupted after its images changed",
+                    def.name.unwrap_or_default()
+                ));
+                return Ok(notes);
+            }
+        }
+        for p in files.iter().filter(|f| !in_use.contains(*f) && f.exists()) {
+            std::fs::remove_file(p).map_err(|e| Error::io("remove", p, e))?;
+            notes.push(format!("removed '{}' left by an interrupted snapshot creation", p.display()));
+        }
+        clear_intent(store, domain)?;
+        Ok(notes)
     }
 
     /// `--redefine`: a record from dumped XML, checked against the domain.
@@ -552,6 +602,7 @@ impl QemuConnection {
                     _ => {}
                 }
             }
+            strata_core::crash_point("snapshot-create:overlays");
             client
                 .execute("transaction", Some(json!({"actions": actions})))
                 .await
@@ -625,8 +676,9 @@ impl QemuConnection {
     }
 
     /// Records in the persistent (and live) definition the chains the
-    /// images have after a snapshot operation.
-    async fn record_chains(&self, domain: &str, plans: &[DiskPlan]) -> Result<()> {
+    /// images have after a snapshot: QEMU's when running, else the
+    /// overlays' headers.
+    async fn record_chains(&self, domain: &str, targets: &[String], overlays: &HashMap<String, PathBuf>) -> Result<()> {
         let store = self.store();
         let live_chains = match live::reconcile(store, domain)?.filter(LiveStatus::is_vm) {
             Some(_) => {
@@ -638,19 +690,22 @@ impl QemuConnection {
         let _lock = store.lock_domain(domain)?;
         let mut persistent = crate::persistent::load(store, domain)?;
         let mut status = live::reconcile(store, domain)?;
-        for p in plans.iter().filter(|p| p.mode == "external") {
-            let chain = match live_chains.as_ref().and_then(|c| c.get(&p.target)) {
+        for target in targets {
+            let chain = match live_chains.as_ref().and_then(|c| c.get(target)) {
                 Some(l) => l.chain.clone(),
                 None => {
-                    let overlay = p.overlay.clone().ok_or_else(|| Error::internal("external plan without overlay"))?;
+                    let overlay = overlays
+                        .get(target)
+                        .cloned()
+                        .ok_or_else(|| Error::internal(format!("no overlay recorded for disk '{target}'")))?;
                     probe_chain(&StorageSource::local(overlay), "qcow2")?
                 }
             };
-            if persistent.find_disk(&p.target).is_ok() {
-                persistent.set_disk_chain(&p.target, &chain)?;
+            if persistent.find_disk(target).is_ok() {
+                persistent.set_disk_chain(target, &chain)?;
             }
             if let Some(s) = status.as_mut() {
-                s.domain.set_disk_chain(&p.target, &chain)?;
+                s.domain.set_disk_chain(target, &chain)?;
             }
         }
         store.write_domain(domain, &persistent.to_xml())?;
