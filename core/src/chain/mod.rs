@@ -70,6 +70,23 @@ impl Chain {
         id
     }
 
+    /// This chain with a new active layer on top (an external snapshot's
+    /// overlay): the old active layer becomes its backing image.
+    pub fn with_overlay(&self, source: StorageSource, format: Option<String>) -> Chain {
+        let mut layers = Vec::with_capacity(self.layers.len() + 1);
+        layers.push(Layer { source, format, index: 0, backing: Backing::Layers(vec![1]) });
+        for l in &self.layers {
+            let backing = match &l.backing {
+                Backing::Layers(v) => Backing::Layers(v.iter().map(|i| i + 1).collect()),
+                other => other.clone(),
+            };
+            layers.push(Layer { backing, ..l.clone() });
+        }
+        let mut chain = Chain { layers };
+        chain.renumber();
+        chain
+    }
+
     /// Marks a layer as having no backing image.
     pub fn end_at(&mut self, layer: usize) {
         if let Some(l) = self.layers.get_mut(layer) {

@@ -784,6 +784,9 @@ async fn conclude(store: &Store, name: &str, client: &QmpClient, rec: &JobRecord
         }
         let live_disk = live_disk(client, name, &rec.disk).await?;
         status.domain.set_disk_chain(&rec.disk, &live_disk.chain)?;
+        if let Some(root) = live_disk.root() {
+            status.roots.insert(rec.disk.clone(), root.to_string());
+        }
         if rec.kind == BlockJobKind::Copy {
             status.domain.set_disk_mirror(&rec.disk, None)?;
         }

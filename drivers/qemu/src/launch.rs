@@ -149,6 +149,11 @@ pub fn storage_daemon_command_line(dom: &Domain, paths: &RuntimePaths) -> Result
     Ok(args)
 }
 
+/// The format node of a disk's active layer as a start names it.
+pub fn root_node(target: &str) -> String {
+    node_name(target, 0, "fmt")
+}
+
 /// Node names are limited to 31 characters; targets are short (`vda`).
 fn node_name(target: &str, layer: usize, kind: &str) -> String {
     format!("{target}-{layer}-{kind}")

@@ -286,22 +286,16 @@ impl QemuConnection {
     /// The live definition: the one QEMU runs with, each disk's chain read
     /// from QEMU's block graph.
     pub(crate) async fn live_domain(&self, name: &str) -> Result<Domain> {
-        Ok(self.live_view(name).await?.0)
-    }
-
-    /// The live definition with what it was read from: the status, the
-    /// monitor, and QEMU's disks and block graph.
-    pub(crate) async fn live_view(&self, name: &str) -> Result<(Domain, LiveView)> {
         let (status, monitor) = self.running(name).await?;
         let mut dom = status.domain.clone();
         dom.set_id(Some(status.id));
-        let (chains, graph) = live::live_state(&monitor.client, name).await?;
+        let chains = live::live_chains(&monitor.client, name).await?;
         for disk in dom.disks()? {
             if let Some(live) = chains.get(&disk.target) {
                 dom.set_disk_chain(&disk.target, &live.chain)?;
             }
         }
-        Ok((dom, LiveView { status, monitor, chains, graph }))
+        Ok(dom)
     }
 }
 
@@ -312,14 +306,6 @@ pub(crate) enum StartMode {
     Paused,
     /// Waiting for a saved VM state (`-incoming defer`).
     Incoming,
-}
-
-/// A running domain as one round of queries saw it.
-pub(crate) struct LiveView {
-    pub status: LiveStatus,
-    pub monitor: Arc<Monitor>,
-    pub chains: HashMap<String, live::LiveDisk>,
-    pub graph: live::BlockGraph,
 }
 
 fn open_registered(uri: &ConnectUri) -> Result<Box<dyn Connection>> {

@@ -40,6 +40,11 @@ pub struct LiveStatus {
     pub server: Server,
     /// When the server started (seconds since the epoch).
     pub started: u64,
+    /// Each disk's root (active) format node, kept up to date so that
+    /// operations need not read QEMU's whole block graph to find it.
+    pub roots: std::collections::BTreeMap<String, String>,
+    /// For unique names of nodes Strata adds later.
+    pub next_node: u64,
 }
 
 /// What serves the domain's disks.
@@ -57,7 +62,14 @@ impl LiveStatus {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        LiveStatus { process, id, domain, jobs: Vec::new(), server, started }
+        let roots = domain
+            .disks()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|d| d.chain.is_some())
+            .map(|d| (d.target.clone(), crate::launch::root_node(&d.target)))
+            .collect();
+        LiveStatus { process, id, domain, jobs: Vec::new(), server, started, roots, next_node: 1 }
     }
 
     pub fn is_vm(&self) -> bool {
@@ -69,6 +81,10 @@ impl LiveStatus {
         for j in &self.jobs {
             jobs = jobs.with_child(j.to_element());
         }
+        let mut roots = Element::new("roots").with_attr("next", self.next_node.to_string());
+        for (disk, node) in &self.roots {
+            roots = roots.with_child(Element::new("root").with_attr("disk", disk.clone()).with_attr("node", node.clone()));
+        }
         let root = Element::new("domstatus")
             .with_attr("server", match self.server {
                 Server::Vm => "vm",
@@ -79,6 +95,7 @@ impl LiveStatus {
             .with_attr("id", self.id.to_string())
             .with_attr("started", self.started.to_string())
             .with_child(jobs)
+            .with_child(roots)
             .with_child(self.domain.element().clone());
         root.to_xml()
     }
@@ -106,6 +123,19 @@ impl LiveStatus {
             domain: Domain::from_element(domain)?,
             jobs,
             started: num("started").unwrap_or(0),
+            roots: root
+                .child("roots")
+                .map(|r| {
+                    r.children_named("root")
+                        .filter_map(|e| Some((e.attr("disk")?.to_string(), e.attr("node")?.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            next_node: root
+                .child("roots")
+                .and_then(|r| r.attr("next"))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(1),
             server: match root.attr("server") {
                 Some("storage-daemon") => Server::StorageDaemon,
                 _ => Server::Vm,
@@ -276,12 +306,6 @@ impl LiveDisk {
 /// graph: the device's root node, then `backing` edges down, each format
 /// node's driver and its protocol child's file name.
 pub async fn live_chains(client: &QmpClient, domain: &str) -> Result<HashMap<String, LiveDisk>> {
-    Ok(live_state(client, domain).await?.0)
-}
-
-/// [`live_chains`] and the graph they were read from, for callers that
-/// also need node names (one set of queries instead of two).
-pub async fn live_state(client: &QmpClient, domain: &str) -> Result<(HashMap<String, LiveDisk>, BlockGraph)> {
     let block = client.query_block().await.map_err(|e| qmp_error(domain, e))?;
     let graph = BlockGraph::query(client, domain).await?;
     let mut out = HashMap::new();
@@ -308,7 +332,7 @@ pub async fn live_state(client: &QmpClient, domain: &str) -> Result<(HashMap<Str
             out.insert(id.to_string(), graph.chain_from(node, id)?);
         }
     }
-    Ok((out, graph))
+    Ok(out)
 }
 
 /// QEMU's block graph: nodes by name, and named edges between them.

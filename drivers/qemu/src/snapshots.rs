@@ -27,7 +27,7 @@ use strata_core::store::Store;
 use strata_core::xml::{Domain, Element, SnapshotDef, SnapshotDisk, SnapshotMemory};
 use strata_core::{Error, ErrorKind, Result};
 
-use crate::live::{self, qmp_error, BlockGraph, LiveStatus};
+use crate::live::{self, qmp_error, LiveStatus};
 use crate::QemuConnection;
 
 const CURRENT_FILE: &str = "snapshot-current";
@@ -262,17 +262,8 @@ fn now_secs() -> i64 {
 impl QemuConnection {
     /// The definition as it is now: live when running, else persistent.
     async fn current_definition(&self, domain: &str) -> Result<(Domain, Option<LiveStatus>)> {
-        let (dom, view) = self.current_view(domain).await?;
-        Ok((dom, view.map(|v| v.status)))
-    }
-
-    /// [`Self::current_definition`] with what QEMU showed, when running.
-    async fn current_view(&self, domain: &str) -> Result<(Domain, Option<crate::LiveView>)> {
         match live::reconcile(self.store(), domain)? {
-            Some(s) if s.is_vm() => {
-                let (dom, view) = self.live_view(domain).await?;
-                Ok((dom, Some(view)))
-            }
+            Some(s) if s.is_vm() => Ok((self.live_domain(domain).await?, Some(s))),
             Some(_) => Err(Error::operation_invalid(format!(
                 "an offline block job runs on the disks of domain '{domain}'; wait for it to end"
             ))),
@@ -333,7 +324,21 @@ impl QemuConnection {
             )
             .await?;
         }
-        let (mut dom, view) = self.current_view(domain).await?;
+        // The status records the running chains and root nodes, so no
+        // query of QEMU's whole block graph is needed: creation costs the
+        // same at any chain depth.
+        let (mut dom, view) = match live::reconcile(store, domain)? {
+            Some(s) if s.is_vm() => {
+                let (status, monitor) = self.running(domain).await?;
+                (status.domain.clone(), Some((status, monitor)))
+            }
+            Some(_) => {
+                return Err(Error::operation_invalid(format!(
+                    "an offline block job runs on the disks of domain '{domain}'; wait for it to end"
+                )))
+            }
+            None => (crate::persistent::load(store, domain)?, None),
+        };
         // The record keeps the definition, not this run's domain id.
         dom.set_id(None);
         let selected: HashSet<String> =
@@ -372,8 +377,8 @@ impl QemuConnection {
         // The whole record is settled before any image changes, and kept
         // in the intent, so a crash at any later step can be finished.
         let (running, checkpoint) = match &view {
-            Some(view) => {
-                let run = view.monitor.client.query_status().await.map_err(|e| qmp_error(domain, e))?;
+            Some((_, monitor)) => {
+                let run = monitor.client.query_status().await.map_err(|e| qmp_error(domain, e))?;
                 let running = live::state_of(run.status).0 == strata_core::driver::DomainState::Running;
                 (Some(running), !flags.disk_only && def.memory.as_ref().is_none_or(|m| m.snapshot != "no"))
             }
@@ -407,22 +412,36 @@ impl QemuConnection {
         def.domain = Some(dom.element().clone());
         write_intent(store, domain, &created, &def, flags.no_metadata)?;
         strata_core::crash_point("snapshot-create:intent");
-        match (&view, &memory_file) {
-            (Some(view), Some(file)) => {
-                self.create_with_memory(domain, view, &plans, &name, file, &created, running == Some(true)).await?
+        let roots = match (&view, &memory_file) {
+            (Some((status, monitor)), Some(file)) => Some(
+                self.create_with_memory(domain, status, &monitor.client, &plans, &name, file, &created, running == Some(true))
+                    .await?,
+            ),
+            (Some((status, monitor)), None) => {
+                Some(self.create_live(domain, status, &monitor.client, &plans, &name, checkpoint, &created).await?)
             }
-            (Some(view), None) => self.create_live(domain, view, &plans, &name, checkpoint, &created).await?,
-            (None, _) => create_offline(&plans, &name, &created)?,
-        }
+            (None, _) => {
+                create_offline(&plans, &name, &created)?;
+                None
+            }
+        };
         strata_core::crash_point("snapshot-create:images");
-        self.finish_creation(domain, &def, flags.no_metadata).await?;
+        self.finish_creation(domain, &def, flags.no_metadata, roots).await?;
         Ok(name)
     }
 
     /// The steps after the images changed: chains recorded, the record
     /// saved and made current, the intent cleared. Also what recovery runs
     /// for a creation whose images had changed when it was interrupted.
-    async fn finish_creation(&self, domain: &str, def: &SnapshotDef, no_metadata: bool) -> Result<()> {
+    /// `roots`: the new root node of each disk that got an overlay, when
+    /// this process made them (recovery passes `None` and asks QEMU).
+    async fn finish_creation(
+        &self,
+        domain: &str,
+        def: &SnapshotDef,
+        no_metadata: bool,
+        roots: Option<HashMap<String, String>>,
+    ) -> Result<()> {
         let store = self.store();
         let targets: Vec<String> = def
             .disks
@@ -435,7 +454,7 @@ impl QemuConnection {
             .iter()
             .filter_map(|d| Some((d.name.clone(), d.source.as_ref()?.local_path()?.to_path_buf())))
             .collect();
-        self.record_chains(domain, &targets, &overlays).await?;
+        self.record_chains(domain, &targets, &overlays, roots).await?;
         strata_core::crash_point("snapshot-create:chains");
         if !no_metadata {
             let name = def.name.clone().unwrap_or_default();
@@ -470,7 +489,7 @@ impl QemuConnection {
         let mut notes = Vec::new();
         if files.iter().any(|f| in_use.contains(f)) {
             if let Some(def) = record {
-                self.finish_creation(domain, &def, no_metadata).await?;
+                self.finish_creation(domain, &def, no_metadata, None).await?;
                 notes.push(format!(
                     "finished snapshot '{}', interrupted after its images changed",
                     def.name.unwrap_or_default()
@@ -520,30 +539,33 @@ impl QemuConnection {
         Ok(name)
     }
 
+    /// Takes the snapshot in the running QEMU; returns each disk's new
+    /// root node.
+    #[allow(clippy::too_many_arguments)]
     async fn create_live(
         &self,
         domain: &str,
-        view: &crate::LiveView,
+        status: &LiveStatus,
+        client: &strata_qmp::QmpClient,
         plans: &[DiskPlan],
         name: &str,
         checkpoint: bool,
         created: &[PathBuf],
-    ) -> Result<()> {
-        let (client, chains, graph) = (&view.monitor.client, &view.chains, &view.graph);
+    ) -> Result<HashMap<String, String>> {
         let root = |t: &str| -> Result<String> {
-            chains
+            status
+                .roots
                 .get(t)
-                .and_then(|l| l.root())
-                .map(str::to_string)
-                .ok_or_else(|| Error::internal(format!("QEMU has no node for disk '{t}'")))
+                .cloned()
+                .ok_or_else(|| Error::internal(format!("no root node recorded for disk '{t}'")))
         };
+        let mut new_roots = HashMap::new();
         if checkpoint {
             // A system checkpoint: VM state and every selected qcow2 disk
             // in one snapshot-save job (disks with snapshot='no' are left out).
             if plans.iter().any(|p| p.mode == "external") {
-                return Err(Error::new(
-                    ErrorKind::OperationUnsupported,
-                    "a checkpoint with external disk snapshots needs external memory (--memspec), which this driver does not support yet; use --disk-only",
+                return Err(Error::config_unsupported(
+                    "a checkpoint with external disk snapshots needs external memory: add --memspec file=PATH, or use --disk-only",
                 ));
             }
             let devices: Vec<String> = plans.iter().filter(|p| p.mode == "internal").map(|p| root(&p.target)).collect::<Result<_>>()?;
@@ -552,8 +574,10 @@ impl QemuConnection {
                 "job-id": "strata-snapshot-save", "tag": name, "vmstate": vmstate, "devices": devices,
             }))
             .await?;
-            return Ok(());
+            return Ok(new_roots);
         }
+        let externals = plans.iter().filter(|p| p.mode == "external").count() as u64;
+        let mut number = if externals > 0 { self.reserve_nodes(domain, externals)? } else { 0 };
         let mut added: Vec<String> = Vec::new();
         let mut actions: Vec<Value> = Vec::new();
         let outcome = async {
@@ -565,8 +589,10 @@ impl QemuConnection {
                     })),
                     "external" => {
                         let overlay = p.overlay.as_ref().ok_or_else(|| Error::internal("external plan without overlay"))?;
-                        let fmt_node = unique_node(graph, &added, &format!("{}-snap-fmt", p.target));
-                        let file_node = unique_node(graph, &added, &format!("{}-snap-file", p.target));
+                        let fmt_node = format!("{}-s{number}-fmt", p.target);
+                        let file_node = format!("{}-s{number}-file", p.target);
+                        number += 1;
+                        new_roots.insert(p.target.clone(), fmt_node.clone());
                         let ov = path_str(overlay)?;
                         if created.contains(overlay) {
                             crate::jobs::create_blockdev(client, domain, &format!("{file_node}-create"), json!({"driver": "file", "filename": ov, "size": 0})).await?;
@@ -619,7 +645,7 @@ impl QemuConnection {
             }
             return Err(e);
         }
-        Ok(())
+        Ok(new_roots)
     }
 
     /// A checkpoint with external memory: the guest is stopped, its disks
@@ -629,18 +655,19 @@ impl QemuConnection {
     async fn create_with_memory(
         &self,
         domain: &str,
-        view: &crate::LiveView,
+        status: &LiveStatus,
+        client: &strata_qmp::QmpClient,
         plans: &[DiskPlan],
         name: &str,
         file: &Path,
         created: &[PathBuf],
         was_running: bool,
-    ) -> Result<()> {
-        let client = &view.monitor.client;
+    ) -> Result<HashMap<String, String>> {
         client.execute("stop", None).await.map_err(|e| qmp_error(domain, e))?;
         let saved = async {
-            self.create_live(domain, view, plans, name, false, created).await?;
-            save_memory(client, domain, file).await
+            let roots = self.create_live(domain, status, client, plans, name, false, created).await?;
+            save_memory(client, domain, file).await?;
+            Ok(roots)
         }
         .await;
         // Back to running (or paused: QEMU refuses a later migration of a
@@ -676,30 +703,50 @@ impl QemuConnection {
     }
 
     /// Records in the persistent (and live) definition the chains the
-    /// images have after a snapshot: QEMU's when running, else the
-    /// overlays' headers.
-    async fn record_chains(&self, domain: &str, targets: &[String], overlays: &HashMap<String, PathBuf>) -> Result<()> {
+    /// images have after a snapshot: each overlay on the chain recorded
+    /// before it, with its new root node (`roots`); without `roots`
+    /// (recovery), QEMU's chains when running, else the overlays' headers.
+    async fn record_chains(
+        &self,
+        domain: &str,
+        targets: &[String],
+        overlays: &HashMap<String, PathBuf>,
+        roots: Option<HashMap<String, String>>,
+    ) -> Result<()> {
         let store = self.store();
-        let live_chains = match live::reconcile(store, domain)?.filter(LiveStatus::is_vm) {
-            Some(_) => {
+        let running = live::reconcile(store, domain)?.filter(LiveStatus::is_vm).is_some();
+        let qemu_chains = match (running, &roots) {
+            (true, None) => {
                 let (_, monitor) = self.running(domain).await?;
                 Some(live::live_chains(&monitor.client, domain).await?)
             }
-            None => None,
+            _ => None,
         };
         let _lock = store.lock_domain(domain)?;
         let mut persistent = crate::persistent::load(store, domain)?;
         let mut status = live::reconcile(store, domain)?;
         for target in targets {
-            let chain = match live_chains.as_ref().and_then(|c| c.get(target)) {
-                Some(l) => l.chain.clone(),
-                None => {
-                    let overlay = overlays
-                        .get(target)
-                        .cloned()
-                        .ok_or_else(|| Error::internal(format!("no overlay recorded for disk '{target}'")))?;
-                    probe_chain(&StorageSource::local(overlay), "qcow2")?
+            let overlay = overlays
+                .get(target)
+                .cloned()
+                .ok_or_else(|| Error::internal(format!("no overlay recorded for disk '{target}'")))?;
+            let chain = if let Some(l) = qemu_chains.as_ref().and_then(|c| c.get(target)) {
+                if let Some(s) = status.as_mut() {
+                    if let Some(root) = l.root() {
+                        s.roots.insert(target.clone(), root.to_string());
+                    }
                 }
+                l.chain.clone()
+            } else if let (Some(s), Some(node)) = (status.as_mut(), roots.as_ref().and_then(|r| r.get(target))) {
+                s.roots.insert(target.clone(), node.clone());
+                let below = s
+                    .domain
+                    .find_disk(target)?
+                    .chain
+                    .ok_or_else(|| Error::internal(format!("disk '{target}' has no recorded chain")))?;
+                below.with_overlay(StorageSource::local(overlay), Some("qcow2".into()))
+            } else {
+                probe_chain(&StorageSource::local(overlay), "qcow2")?
             };
             if persistent.find_disk(target).is_ok() {
                 persistent.set_disk_chain(target, &chain)?;
@@ -713,6 +760,17 @@ impl QemuConnection {
             store.write_status(domain, &s.to_xml())?;
         }
         Ok(())
+    }
+
+    /// Reserves `count` node numbers in the status for new node names.
+    fn reserve_nodes(&self, domain: &str, count: u64) -> Result<u64> {
+        let store = self.store();
+        let _lock = store.lock_domain(domain)?;
+        let mut status = live::reconcile(store, domain)?.ok_or_else(|| Error::operation_invalid("domain is not running"))?;
+        let first = status.next_node;
+        status.next_node = first.saturating_add(count);
+        store.write_status(domain, &status.to_xml())?;
+        Ok(first)
     }
 
     pub(crate) async fn snapshot_revert_impl(&self, domain: &str, snap: &str, flags: SnapshotRevertFlags) -> Result<()> {
@@ -1210,14 +1268,6 @@ fn job_result(end: BlockJobEnd) -> Result<()> {
         BlockJobEnd::Failed(e) => Err(Error::operation_failed(format!("block job failed: {e}"))),
         other => Err(Error::operation_failed(format!("block job ended as {other:?}"))),
     }
-}
-
-fn unique_node(graph: &BlockGraph, added: &[String], base: &str) -> String {
-    let taken: HashSet<&str> = graph.node_names().chain(added.iter().map(String::as_str)).collect();
-    (1..)
-        .map(|n| format!("{base}{n}"))
-        .find(|c| !taken.contains(c.as_str()))
-        .unwrap_or_else(|| base.to_string())
 }
 
 /// The format of an image Strata created or recorded (probe only used for
