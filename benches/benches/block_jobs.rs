@@ -13,16 +13,28 @@
 //! this target directory (`cargo build --release -p strata-cli`), or
 //! `$STRATA_BENCH_BIN`. `STRATA_BENCH_QUICK=1` runs fewer repetitions.
 
-use std::fs::File;
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Output};
+use std::path::Path;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use serde_json::json;
-use strata_benches::{have_tool, ms, quick, run_tool, time, Stats};
+use strata_benches::{
+    copy_images, domain_xml, ms, path_str, qcow2_chain, qemu_io, quick_suffix, run_tool, time,
+    BackingNames, DomainBench, DomainGuard, Leftover, Stats, Strata, Tools,
+};
 
 const DOMAIN: &str = "vm";
+/// Block jobs on a shut-off domain run in qemu-storage-daemon; qemu-io
+/// writes the images' data.
+const TOOLS: Tools = Tools {
+    programs: &[
+        "qemu-img",
+        "qemu-io",
+        "qemu-system-x86_64",
+        "qemu-storage-daemon",
+    ],
+    packages: "qemu-utils qemu-system-x86 qemu-block-extra",
+};
 /// Data the 1 GiB commit moves (the top's written range).
 const BIG_COMMIT_MIB: f64 = 256.0;
 /// `virsh blockpull --wait` on the same chain, from the libvirt-9.0
@@ -30,52 +42,13 @@ const BIG_COMMIT_MIB: f64 = 256.0;
 const VIRSH_PULL_REFERENCE_MS: f64 = 525.0;
 
 fn main() -> ExitCode {
-    let Some(strata) = locate_strata() else {
-        eprintln!(
-            "block_jobs: no strata binary found next to this benchmark (target/release/strata or \
-             target/debug/strata).\nBuild it first:  cargo build --release -p strata-cli\n\
-             (or point STRATA_BENCH_BIN at a strata binary)"
-        );
+    let Some(env) = DomainBench::setup("block_jobs", &TOOLS) else {
         return ExitCode::FAILURE;
     };
-    for tool in [
-        "qemu-img",
-        "qemu-io",
-        "qemu-system-x86_64",
-        "qemu-storage-daemon",
-    ] {
-        if !have_tool(tool) {
-            eprintln!(
-                "block_jobs: {tool} is not installed (Debian/Ubuntu: apt-get install qemu-utils \
-                 qemu-system-x86 qemu-block-extra)"
-            );
-            return ExitCode::FAILURE;
-        }
-    }
-    warn_if_stale(&strata);
-    if strata
-        .parent()
-        .and_then(Path::file_name)
-        .is_some_and(|d| d == "debug")
-    {
-        eprintln!(
-            "note: {} is a debug build; for representative numbers build the release one: \
-             cargo build --release -p strata-cli",
-            strata.display()
-        );
-    }
-    let quick = quick();
-    let runs = if quick { 2 } else { 5 };
+    let runs = if env.quick { 2 } else { 5 };
 
-    // Short path: QMP socket paths must fit in 108 bytes.
-    let dir = tempfile::Builder::new()
-        .prefix("sb")
-        .tempdir_in("/tmp")
-        .expect("create a temporary directory under /tmp");
-    let root = dir.path();
+    let root = env.dir.path();
     let state = root.join("state");
-    let uri = format!("qemu:///embed?root={}", state.display());
-    let kind = domain_type();
 
     // Templates, made once; every run works on fresh copies of them.
     let tpl_small = root.join("tpl-small");
@@ -91,38 +64,34 @@ fn main() -> ExitCode {
     let offline_xml = root.join("offline.xml");
     std::fs::write(
         &live_xml,
-        domain_xml(DOMAIN, kind, &live_dir.join("top.qcow2")),
+        domain_xml(DOMAIN, env.kind, &[live_dir.join("top.qcow2")]),
     )
     .expect("write the domain XML");
     std::fs::write(
         &offline_xml,
-        domain_xml(DOMAIN, kind, &strata_dir.join("top.qcow2")),
+        domain_xml(DOMAIN, env.kind, &[strata_dir.join("top.qcow2")]),
     )
     .expect("write the domain XML");
 
-    let cli = Strata {
-        bin: &strata,
-        uri: &uri,
-    };
+    // NO_COLOR: the job times are read from strata's debug log.
+    let cli = Strata::embedded(&env.strata, &state).without_color();
     copy_images(&tpl_small, &live_dir);
     cli.ok(&["define", path_str(&live_xml)]);
-    // From here on the domain is destroyed however this function ends.
-    let _guard = DomainGuard {
-        cli: &cli,
-        state: &state,
-        name: DOMAIN,
-    };
+    // From here on the domain is destroyed (and a QEMU or storage daemon it
+    // leaves behind killed) however this function ends.
+    let guard = DomainGuard::new(cli, DOMAIN, "block_jobs", Leftover::Process);
+    let cli = &guard.cli;
+    let uri = &cli.uri;
 
     println!(
         "strata block jobs{}: median of {runs} runs, fresh images each run",
-        if quick {
-            " (quick mode: STRATA_BENCH_QUICK=1)"
-        } else {
-            ""
-        }
+        quick_suffix(env.quick)
     );
-    println!("binary: {}", strata.display());
-    println!("domain: '{DOMAIN}', type {kind}, 128 MiB, q35, one virtio disk");
+    println!("binary: {}", env.strata.display());
+    println!(
+        "domain: '{DOMAIN}', type {}, 128 MiB, q35, one virtio disk",
+        env.kind
+    );
     println!("uri:    {uri}");
     println!(
         "images: {:.1} s to make the templates (once)\n",
@@ -131,21 +100,12 @@ fn main() -> ExitCode {
 
     // 1 and 2: a running domain on a fresh 64 MiB 3-layer chain.
     let pull = (0..runs)
-        .map(|i| {
-            live_job(
-                &cli,
-                &live_dir,
-                &tpl_small,
-                &live_xml,
-                LiveJob::Pull,
-                i == 0,
-            )
-        })
+        .map(|i| live_job(cli, &live_dir, &tpl_small, &live_xml, LiveJob::Pull, i == 0))
         .collect::<Vec<_>>();
     let commit = (0..runs)
         .map(|i| {
             live_job(
-                &cli,
+                cli,
                 &live_dir,
                 &tpl_small,
                 &live_xml,
@@ -175,7 +135,7 @@ fn main() -> ExitCode {
             qemu_img.push(qemu_img_commit(&qemu_img_dir));
         }
         offline.push(timed_job(
-            &cli,
+            cli,
             &["blockcommit", DOMAIN, "vda", "--active", "--pivot"],
             "Successfully pivoted",
         ));
@@ -183,7 +143,7 @@ fn main() -> ExitCode {
             qemu_img.push(qemu_img_commit(&qemu_img_dir));
         }
         if i == 0 {
-            verify_offline_commit(&cli, &strata_dir, &qemu_img_dir, &tpl_big);
+            verify_offline_commit(cli, &strata_dir, &qemu_img_dir, &tpl_big);
         }
     }
 
@@ -266,9 +226,9 @@ fn main() -> ExitCode {
 
     let result = json!({
         "bench": "block_jobs",
-        "quick": quick,
+        "quick": env.quick,
         "runs": runs,
-        "domain_type": kind,
+        "domain_type": env.kind,
         "running": [pull_row.json(), commit_row.json()],
         "active_commit_ready_ms": ms(ready),
         "virsh_9_0_blockpull_reference_ms": VIRSH_PULL_REFERENCE_MS,
@@ -541,244 +501,29 @@ fn strip_ansi(line: &str) -> String {
     out
 }
 
-/// The `strata` command with one connection URI.
-struct Strata<'a> {
-    bin: &'a Path,
-    uri: &'a str,
-}
-
-impl Strata<'_> {
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(self.bin)
-            .arg("-c")
-            .arg(self.uri)
-            .args(args)
-            .env_remove("STRATA_LOG")
-            .env("NO_COLOR", "1")
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()))
-    }
-
-    /// Runs and requires success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "strata {args:?} failed ({}):\nstdout: {}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-/// Destroys the domain when dropped (also when the bench panics); if its
-/// status file still names a process afterwards (QEMU, or the storage
-/// daemon of an interrupted offline job), kills that pid.
-struct DomainGuard<'a> {
-    cli: &'a Strata<'a>,
-    state: &'a Path,
-    name: &'a str,
-}
-
-impl Drop for DomainGuard<'_> {
-    fn drop(&mut self) {
-        let out = self.cli.run(&["destroy", self.name]);
-        let status = self
-            .state
-            .join("domains")
-            .join(self.name)
-            .join("status.xml");
-        let Some(pid) = std::fs::read_to_string(&status)
-            .ok()
-            .as_deref()
-            .and_then(pid_attr)
-        else {
-            return;
-        };
-        eprintln!(
-            "block_jobs: destroy did not end pid {pid} ({}); killing it\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // Only a process started for this state root: its command line
-        // names the state directory (a recycled pid would not).
-        let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
-            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&*self.state.to_string_lossy()));
-        if ours {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-        } else {
-            eprintln!(
-                "block_jobs: pid {pid} is gone or is not this bench's process; not killing it"
-            );
-        }
-    }
-}
-
-/// `pid='N'` in a status XML document.
-fn pid_attr(xml: &str) -> Option<u32> {
-    let start = xml.find("pid='")? + 5;
-    let end = xml[start..].find('\'')? + start;
-    xml[start..end].parse().ok()
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("temporary path is UTF-8")
-}
-
-/// Replaces `to` with a copy of the images in `from`, written with plain
-/// read/write (never a reflink or in-kernel clone, so the copies are real
-/// data) and fsynced: what is timed next finds them clean in the page cache.
-fn copy_images(from: &Path, to: &Path) {
-    let _ = std::fs::remove_dir_all(to);
-    std::fs::create_dir_all(to).expect("create an image directory");
-    let mut buf = vec![0u8; 1 << 20];
-    for entry in std::fs::read_dir(from).expect("read the template directory") {
-        let src_path = entry.expect("read the template directory").path();
-        let dst_path = to.join(src_path.file_name().expect("a file name"));
-        let mut src = File::open(&src_path).expect("open a template image");
-        let mut dst = File::create(&dst_path).expect("create an image copy");
-        loop {
-            let n = src.read(&mut buf).expect("read a template image");
-            if n == 0 {
-                break;
-            }
-            dst.write_all(&buf[..n]).expect("write an image copy");
-        }
-        dst.sync_all().expect("fsync an image copy");
-    }
-}
-
-/// Runs `qemu-io -f qcow2 -c CMD IMAGE`.
-fn qemu_io(image: &Path, cmd: &str) {
-    run_tool("qemu-io", &["-f", "qcow2", "-c", cmd, path_str(image)]);
-}
-
-/// Creates `DIR/name` as a qcow2 image (on `backing`, a relative name, if
-/// given).
-fn qcow2(dir: &Path, name: &str, size: &str, backing: Option<&str>) -> PathBuf {
-    let path = dir.join(name);
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    if let Some(b) = backing {
-        args.extend_from_slice(&["-b", b, "-F", "qcow2"]);
-    }
-    args.push(path_str(&path));
-    if backing.is_none() {
-        args.push(size);
-    }
-    run_tool("qemu-img", &args);
-    path
-}
-
 /// base.qcow2 (64 MiB, 32 MiB of 0x11) ← mid.qcow2 (16 MiB of 0x22) ←
-/// top.qcow2 (8 MiB of 0x33).
+/// top.qcow2 (8 MiB of 0x33), relative backing names.
 fn make_small_chain(dir: &Path) {
-    std::fs::create_dir_all(dir).expect("create the template directory");
-    let base = qcow2(dir, "base.qcow2", "64M", None);
-    qemu_io(&base, "write -P 0x11 0 32M");
-    let mid = qcow2(dir, "mid.qcow2", "", Some("base.qcow2"));
-    qemu_io(&mid, "write -P 0x22 0 16M");
-    let top = qcow2(dir, "top.qcow2", "", Some("mid.qcow2"));
-    qemu_io(&top, "write -P 0x33 0 8M");
+    let names = ["base.qcow2", "mid.qcow2", "top.qcow2"];
+    let chain = qcow2_chain(dir, &names, "64M", BackingNames::Relative);
+    for (image, cmd) in chain.iter().zip([
+        "write -P 0x11 0 32M",
+        "write -P 0x22 0 16M",
+        "write -P 0x33 0 8M",
+    ]) {
+        qemu_io(image, cmd);
+    }
 }
 
 /// base.qcow2 (1 GiB, 512 MiB of 0x11) ← top.qcow2 (256 MiB of 0x5a at
-/// [128M, 384M)).
+/// [128M, 384M)), relative backing names.
 fn make_big_chain(dir: &Path) {
-    std::fs::create_dir_all(dir).expect("create the template directory");
-    let base = qcow2(dir, "base.qcow2", "1G", None);
-    qemu_io(&base, "write -P 0x11 0 512M");
-    let top = qcow2(dir, "top.qcow2", "", Some("base.qcow2"));
-    qemu_io(&top, "write -P 0x5a 128M 256M");
-}
-
-/// `$STRATA_BENCH_BIN`, else `strata` in this bench's own profile directory
-/// (target/<profile>/deps/<bench> → target/<profile>/strata), else in
-/// target/release or target/debug.
-fn locate_strata() -> Option<PathBuf> {
-    if let Some(bin) = std::env::var_os("STRATA_BENCH_BIN") {
-        return Some(PathBuf::from(bin));
-    }
-    let exe = std::env::current_exe().ok()?;
-    let profile_dir = exe.parent()?.parent()?;
-    let target = profile_dir.parent()?;
-    [
-        profile_dir.join("strata"),
-        target.join("release/strata"),
-        target.join("debug/strata"),
-    ]
-    .into_iter()
-    .find(|p| p.is_file())
-}
-
-/// Warns when the binary is older than the newest source of the crates it
-/// is built from (it would not measure the current code).
-fn warn_if_stale(bin: &Path) {
-    let Ok(built) = std::fs::metadata(bin).and_then(|m| m.modified()) else {
-        return;
-    };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let newest = ["core/src", "drivers", "cli/src"]
-        .iter()
-        .filter_map(|d| newest_rs(&root.join(d)))
-        .max();
-    if newest.is_some_and(|n| n > built) {
-        eprintln!(
-            "note: {} is older than the Strata sources; rebuild it to measure the current code: \
-             cargo build --release -p strata-cli",
-            bin.display()
-        );
-    }
-}
-
-/// The newest modification time of a `.rs` file under `dir`.
-fn newest_rs(dir: &Path) -> Option<std::time::SystemTime> {
-    let mut newest = None;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let Ok(meta) = entry.metadata() else {
-                continue;
-            };
-            if meta.is_dir() {
-                stack.push(path);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                newest = newest.max(meta.modified().ok());
-            }
-        }
-    }
-    newest
-}
-
-/// `kvm` when /dev/kvm opens read-write, else `qemu` (TCG).
-fn domain_type() -> &'static str {
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if kvm {
-        "kvm"
-    } else {
-        "qemu"
-    }
-}
-
-/// A domain with no guest OS and one virtio disk (the template of
-/// tests/tests/common/mod.rs).
-fn domain_xml(name: &str, kind: &str, disk: &Path) -> String {
-    format!(
-        "<domain type='{kind}'>\n  <name>{name}</name>\n  <memory unit='MiB'>128</memory>\n  \
-         <vcpu placement='static'>1</vcpu>\n  <os>\n    <type arch='x86_64' machine='q35'>hvm</type>\n  </os>\n  \
-         <cpu mode='custom' match='exact'>\n    <model fallback='allow'>qemu64</model>\n  </cpu>\n  \
-         <on_poweroff>destroy</on_poweroff>\n  <devices>\n    <disk type='file' device='disk'>\n      \
-         <driver name='qemu' type='qcow2'/>\n      <source file='{}'/>\n      <target dev='vda' bus='virtio'/>\n    \
-         </disk>\n    <memballoon model='none'/>\n  </devices>\n</domain>\n",
-        disk.display()
-    )
+    let chain = qcow2_chain(
+        dir,
+        &["base.qcow2", "top.qcow2"],
+        "1G",
+        BackingNames::Relative,
+    );
+    qemu_io(&chain[0], "write -P 0x11 0 512M");
+    qemu_io(&chain[1], "write -P 0x5a 128M 256M");
 }

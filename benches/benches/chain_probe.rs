@@ -17,7 +17,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use serde_json::json;
-use strata_benches::{have_tool, human, ms, quick, run_tool, time, us, Stats};
+use strata_benches::{
+    human, ms, path_str, qcow2_chain, quick, quick_suffix, require_tools, run_tool, temp_dir, time,
+    us, BackingNames, Stats, Tools,
+};
 use strata_core::chain::{probe_chain, Backing, StorageSource};
 
 const MAX_DEPTH: usize = 10_000;
@@ -44,27 +47,21 @@ fn runs_for(depth: usize, quick: bool) -> usize {
 }
 
 fn main() -> ExitCode {
-    if !have_tool("qemu-img") {
-        eprintln!(
-            "chain_probe: qemu-img is not installed (Debian/Ubuntu: apt-get install qemu-utils)"
-        );
+    let tools = Tools {
+        programs: &["qemu-img"],
+        packages: "qemu-utils",
+    };
+    if !require_tools("chain_probe", &tools) {
         return ExitCode::FAILURE;
     }
     let quick = quick();
-    let dir = tempfile::Builder::new()
-        .prefix("strata-bench-chain-")
-        .tempdir_in("/tmp")
-        .expect("create a temporary directory under /tmp");
+    let dir = temp_dir("strata-bench-chain-");
 
     let (build_time, ()) = time(|| build_fixture(dir.path()));
     verify_fixture(dir.path());
     println!(
         "Strata backing-chain probe: strata_core::chain::probe_chain on qcow2 chains{}",
-        if quick {
-            " (quick mode: STRATA_BENCH_QUICK=1)"
-        } else {
-            ""
-        }
+        quick_suffix(quick)
     );
     println!(
         "fixture: {} qcow2 images in {} built in {}; top layer verified with qemu-img info",
@@ -134,9 +131,9 @@ fn main() -> ExitCode {
 
     // qemu-img on the same depth-500 chain.
     let top500 = dir.path().join(layer_name(QEMU_DEPTH));
-    let top500_s = top500.to_str().expect("temporary path is UTF-8");
-    let base_s = dir.path().join(layer_name(0));
-    let base_s = base_s.to_str().expect("temporary path is UTF-8");
+    let top500_s = path_str(&top500);
+    let base = dir.path().join(layer_name(0));
+    let base_s = path_str(&base);
     let qemu_runs = 3;
     let qemu_samples: Vec<Duration> = (0..qemu_runs)
         .map(|_| {
@@ -245,26 +242,11 @@ fn check_probe(top: &Path, depth: usize) {
 /// patched copies of `l00001`.
 fn build_fixture(dir: &Path) {
     let path = |i: usize| -> PathBuf { dir.join(layer_name(i)) };
-    let p = |i: usize| {
-        path(i)
-            .to_str()
-            .expect("temporary path is UTF-8")
-            .to_string()
-    };
-    run_tool("qemu-img", &["create", "-q", "-f", "qcow2", &p(0), "64M"]);
-    run_tool(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            &layer_name(0),
-            "-F",
-            "qcow2",
-            &p(1),
-        ],
+    qcow2_chain(
+        dir,
+        &[layer_name(0), layer_name(1)],
+        "64M",
+        BackingNames::Relative,
     );
 
     let template = std::fs::read(path(1)).expect("read the overlay made by qemu-img");
@@ -315,14 +297,7 @@ fn write_sparse(path: &Path, bytes: &[u8]) {
 /// below it, with the backing format recorded.
 fn verify_fixture(dir: &Path) {
     let top = dir.join(layer_name(MAX_DEPTH));
-    let out = run_tool(
-        "qemu-img",
-        &[
-            "info",
-            "--output=json",
-            top.to_str().expect("temporary path is UTF-8"),
-        ],
-    );
+    let out = run_tool("qemu-img", &["info", "--output=json", path_str(&top)]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("qemu-img info prints JSON");
     assert_eq!(v["format"], "qcow2", "generated layer: {out}");
     assert_eq!(

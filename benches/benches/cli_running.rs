@@ -9,85 +9,52 @@
 //! (`cargo build --release -p strata-cli`), or `$STRATA_BENCH_BIN`.
 //! `STRATA_BENCH_QUICK=1` runs fewer repetitions.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Output};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use serde_json::json;
-use strata_benches::{have_tool, ms, quick, run_tool, time, Stats};
+use strata_benches::{
+    domain_xml, ms, path_str, qcow2_chain, quick_suffix, time, BackingNames, DomainBench,
+    DomainGuard, Leftover, Stats, Strata, RUNNING_DOMAIN_TOOLS,
+};
 
 const DOMAIN: &str = "vm";
 const WARMUP: usize = 2;
 
 fn main() -> ExitCode {
-    let Some(strata) = locate_strata() else {
-        eprintln!(
-            "cli_running: no strata binary found next to this benchmark (target/release/strata or \
-             target/debug/strata).\nBuild it first:  cargo build --release -p strata-cli\n\
-             (or point STRATA_BENCH_BIN at a strata binary)"
-        );
+    let Some(env) = DomainBench::setup("cli_running", &RUNNING_DOMAIN_TOOLS) else {
         return ExitCode::FAILURE;
     };
-    for tool in ["qemu-img", "qemu-system-x86_64"] {
-        if !have_tool(tool) {
-            eprintln!("cli_running: {tool} is not installed (Debian/Ubuntu: apt-get install qemu-utils qemu-system-x86)");
-            return ExitCode::FAILURE;
-        }
-    }
-    warn_if_stale(&strata);
-    if strata
-        .parent()
-        .and_then(Path::file_name)
-        .is_some_and(|d| d == "debug")
-    {
-        eprintln!(
-            "note: {} is a debug build; for representative numbers build the release one: \
-             cargo build --release -p strata-cli",
-            strata.display()
-        );
-    }
-    let quick = quick();
-    let runs = if quick { 10 } else { 30 };
+    let runs = if env.quick { 10 } else { 30 };
 
-    // Short path: QMP socket paths must fit in 108 bytes.
-    let dir = tempfile::Builder::new()
-        .prefix("sb")
-        .tempdir_in("/tmp")
-        .expect("create a temporary directory under /tmp");
-    let state = dir.path().join("state");
-    let uri = format!("qemu:///embed?root={}", state.display());
-    let top = make_chain(dir.path());
-    let kind = domain_type();
-    let xml_path = dir.path().join("vm.xml");
-    std::fs::write(&xml_path, domain_xml(DOMAIN, kind, &top)).expect("write the domain XML");
+    let state = env.dir.path().join("state");
+    // base.qcow2 ← mid.qcow2 ← top.qcow2 (64 MiB, relative backing names).
+    let chain = qcow2_chain(
+        env.dir.path(),
+        &["base.qcow2", "mid.qcow2", "top.qcow2"],
+        "64M",
+        BackingNames::Relative,
+    );
+    let xml_path = env.dir.path().join("vm.xml");
+    std::fs::write(&xml_path, domain_xml(DOMAIN, env.kind, &chain[2..]))
+        .expect("write the domain XML");
 
-    let cli = Strata {
-        bin: &strata,
-        uri: &uri,
-    };
-    cli.ok(&[
-        "define",
-        xml_path.to_str().expect("temporary path is UTF-8"),
-    ]);
+    let cli = Strata::embedded(&env.strata, &state);
+    cli.ok(&["define", path_str(&xml_path)]);
     // From here on the domain is destroyed however this function ends.
-    let _guard = DomainGuard {
-        cli: &cli,
-        state: &state,
-        name: DOMAIN,
-    };
+    let guard = DomainGuard::new(cli, DOMAIN, "cli_running", Leftover::Qemu);
+    let cli = &guard.cli;
+    let uri = &cli.uri;
     let (start_time, _) = time(|| cli.ok(&["start", DOMAIN]));
 
     println!(
         "strata on a running domain{}: wall time per invocation (process start to exit)",
-        if quick {
-            " (quick mode: STRATA_BENCH_QUICK=1)"
-        } else {
-            ""
-        }
+        quick_suffix(env.quick)
     );
-    println!("binary: {}", strata.display());
+    println!("binary: {}", env.strata.display());
     println!(
-        "domain: '{DOMAIN}', type {kind}, 128 MiB, q35, one virtio disk on a 3-layer qcow2 chain"
+        "domain: '{DOMAIN}', type {}, 128 MiB, q35, one virtio disk on a 3-layer qcow2 chain",
+        env.kind
     );
     println!("uri:    {uri}");
     println!("start:  {:.1} ms (once)\n", ms(start_time));
@@ -146,8 +113,8 @@ fn main() -> ExitCode {
     );
     let result = json!({
         "bench": "cli_running",
-        "quick": quick,
-        "domain_type": kind,
+        "quick": env.quick,
+        "domain_type": env.kind,
         "start_ms": ms(start_time),
         "commands": rows,
     });
@@ -157,200 +124,3 @@ fn main() -> ExitCode {
 
 /// A timed command: label, arguments, and a check of its first output.
 type Case = (&'static str, &'static [&'static str], fn(&str) -> bool);
-
-/// The `strata` command with one connection URI.
-struct Strata<'a> {
-    bin: &'a Path,
-    uri: &'a str,
-}
-
-impl Strata<'_> {
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(self.bin)
-            .arg("-c")
-            .arg(self.uri)
-            .args(args)
-            .env_remove("STRATA_LOG")
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()))
-    }
-
-    /// Runs and requires success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "strata {args:?} failed ({}):\nstdout: {}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-/// Destroys the domain when dropped (also when the bench panics); if its
-/// status file still names a QEMU pid afterwards, kills that pid.
-struct DomainGuard<'a> {
-    cli: &'a Strata<'a>,
-    state: &'a Path,
-    name: &'a str,
-}
-
-impl Drop for DomainGuard<'_> {
-    fn drop(&mut self) {
-        let out = self.cli.run(&["destroy", self.name]);
-        let status = self
-            .state
-            .join("domains")
-            .join(self.name)
-            .join("status.xml");
-        let Some(pid) = std::fs::read_to_string(&status)
-            .ok()
-            .as_deref()
-            .and_then(pid_attr)
-        else {
-            return;
-        };
-        eprintln!(
-            "cli_running: destroy did not end QEMU pid {pid} ({}); killing it\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // Only a process started for this state root: its command line
-        // names the state directory (a recycled pid would not).
-        let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
-            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&*self.state.to_string_lossy()));
-        if ours {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-        } else {
-            eprintln!("cli_running: pid {pid} is gone or is not this bench's QEMU; not killing it");
-        }
-    }
-}
-
-/// `pid='N'` in a status XML document.
-fn pid_attr(xml: &str) -> Option<u32> {
-    let start = xml.find("pid='")? + 5;
-    let end = xml[start..].find('\'')? + start;
-    xml[start..end].parse().ok()
-}
-
-/// `$STRATA_BENCH_BIN`, else `strata` in this bench's own profile directory
-/// (target/<profile>/deps/<bench> → target/<profile>/strata), else in
-/// target/release or target/debug.
-fn locate_strata() -> Option<PathBuf> {
-    if let Some(bin) = std::env::var_os("STRATA_BENCH_BIN") {
-        return Some(PathBuf::from(bin));
-    }
-    let exe = std::env::current_exe().ok()?;
-    let profile_dir = exe.parent()?.parent()?;
-    let target = profile_dir.parent()?;
-    [
-        profile_dir.join("strata"),
-        target.join("release/strata"),
-        target.join("debug/strata"),
-    ]
-    .into_iter()
-    .find(|p| p.is_file())
-}
-
-/// Warns when the binary is older than the newest source of the crates it
-/// is built from (it would not measure the current code).
-fn warn_if_stale(bin: &Path) {
-    let Ok(built) = std::fs::metadata(bin).and_then(|m| m.modified()) else {
-        return;
-    };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let newest = ["core/src", "drivers", "cli/src"]
-        .iter()
-        .filter_map(|d| newest_rs(&root.join(d)))
-        .max();
-    if newest.is_some_and(|n| n > built) {
-        eprintln!(
-            "note: {} is older than the Strata sources; rebuild it to measure the current code: \
-             cargo build --release -p strata-cli",
-            bin.display()
-        );
-    }
-}
-
-/// The newest modification time of a `.rs` file under `dir`.
-fn newest_rs(dir: &Path) -> Option<std::time::SystemTime> {
-    let mut newest = None;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let Ok(meta) = entry.metadata() else {
-                continue;
-            };
-            if meta.is_dir() {
-                stack.push(path);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                newest = newest.max(meta.modified().ok());
-            }
-        }
-    }
-    newest
-}
-
-/// base.qcow2 ← mid.qcow2 ← top.qcow2 (64 MiB, relative backing names,
-/// formats recorded); returns the top.
-fn make_chain(dir: &Path) -> PathBuf {
-    let names = ["base.qcow2", "mid.qcow2", "top.qcow2"];
-    for (i, name) in names.iter().enumerate() {
-        let path = dir.join(name);
-        let p = path.to_str().expect("temporary path is UTF-8");
-        if i == 0 {
-            run_tool("qemu-img", &["create", "-q", "-f", "qcow2", p, "64M"]);
-        } else {
-            run_tool(
-                "qemu-img",
-                &[
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-b",
-                    names[i - 1],
-                    "-F",
-                    "qcow2",
-                    p,
-                ],
-            );
-        }
-    }
-    dir.join(names[2])
-}
-
-/// `kvm` when /dev/kvm opens read-write, else `qemu` (TCG).
-fn domain_type() -> &'static str {
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if kvm {
-        "kvm"
-    } else {
-        "qemu"
-    }
-}
-
-/// A domain with no guest OS and one virtio disk (the template of
-/// tests/tests/common/mod.rs).
-fn domain_xml(name: &str, kind: &str, disk: &Path) -> String {
-    format!(
-        "<domain type='{kind}'>\n  <name>{name}</name>\n  <memory unit='MiB'>128</memory>\n  \
-         <vcpu placement='static'>1</vcpu>\n  <os>\n    <type arch='x86_64' machine='q35'>hvm</type>\n  </os>\n  \
-         <cpu mode='custom' match='exact'>\n    <model fallback='allow'>qemu64</model>\n  </cpu>\n  \
-         <on_poweroff>destroy</on_poweroff>\n  <devices>\n    <disk type='file' device='disk'>\n      \
-         <driver name='qemu' type='qcow2'/>\n      <source file='{}'/>\n      <target dev='vda' bus='virtio'/>\n    \
-         </disk>\n    <memballoon model='none'/>\n  </devices>\n</domain>\n",
-        disk.display()
-    )
-}

@@ -1,15 +1,57 @@
 //! Shared helpers for Strata's benchmark programs (`benches/*.rs`): timing
-//! statistics, the quick-mode switch and running external tools.
+//! statistics, the quick-mode switch, running external tools and temporary
+//! directories here; the `strata` command and the domains it runs in
+//! [`strata`]; qcow2 images in [`images`].
 //!
 //! The benchmarks are plain programs (`harness = false`); each prints a
 //! human-readable table and one final `RESULT {json}` line.
 
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
+
+pub mod images;
+pub mod strata;
+
+pub use images::{copy_images, create_qcow2, qcow2_chain, qemu_io, BackingNames};
+pub use strata::{
+    domain_type, domain_xml, pid_attr, strata_for_bench, DomainBench, DomainGuard, Leftover, Strata,
+};
 
 /// `STRATA_BENCH_QUICK=1`: fewer repetitions, for CI smoke runs.
 pub fn quick() -> bool {
     std::env::var("STRATA_BENCH_QUICK").is_ok_and(|v| v == "1")
+}
+
+/// The note a bench's title line gets in quick mode (empty otherwise).
+pub fn quick_suffix(quick: bool) -> &'static str {
+    if quick {
+        " (quick mode: STRATA_BENCH_QUICK=1)"
+    } else {
+        ""
+    }
+}
+
+/// A new temporary directory under /tmp named `PREFIX…`, removed when
+/// dropped. Benches that start QEMU use a short prefix: QMP socket paths
+/// must fit in 108 bytes.
+pub fn temp_dir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/tmp")
+        .expect("create a temporary directory under /tmp")
+}
+
+/// A path as `&str`; the benches only make UTF-8 paths (under /tmp).
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("temporary path is UTF-8")
+}
+
+/// The text between `start` and the next `end`.
+pub fn between<'a>(s: &'a str, start: &str, end: &str) -> Option<&'a str> {
+    let a = s.find(start)? + start.len();
+    let b = s[a..].find(end)? + a;
+    Some(&s[a..b])
 }
 
 /// Times `f` once.
@@ -82,6 +124,12 @@ pub fn run_tool(tool: &str, args: &[&str]) -> String {
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {tool}: {e} (is it installed and on PATH?)"));
+    success_stdout(tool, args, &out)
+}
+
+/// The stdout of `tool ARGS…`'s finished run `out`, which must have
+/// succeeded (else panics showing its status, stdout and stderr).
+pub fn success_stdout(tool: &str, args: &[&str], out: &Output) -> String {
     assert!(
         out.status.success(),
         "{tool} {args:?} failed ({}):\nstdout: {}\nstderr: {}",
@@ -95,6 +143,35 @@ pub fn run_tool(tool: &str, args: &[&str]) -> String {
 /// Whether `tool` can be run at all (`tool --version` starts).
 pub fn have_tool(tool: &str) -> bool {
     Command::new(tool).arg("--version").output().is_ok()
+}
+
+/// External programs a bench needs, and the Debian/Ubuntu packages that
+/// provide them (for the message when one is missing).
+#[derive(Debug, Clone, Copy)]
+pub struct Tools {
+    pub programs: &'static [&'static str],
+    pub packages: &'static str,
+}
+
+/// What a bench on a running domain needs: qemu-img and QEMU itself.
+pub const RUNNING_DOMAIN_TOOLS: Tools = Tools {
+    programs: &["qemu-img", "qemu-system-x86_64"],
+    packages: "qemu-utils qemu-system-x86",
+};
+
+/// Whether every one of `tools` can be run; if not, tells which one is
+/// missing and which packages provide them, prefixed with the bench's name.
+pub fn require_tools(bench: &str, tools: &Tools) -> bool {
+    for tool in tools.programs {
+        if !have_tool(tool) {
+            eprintln!(
+                "{bench}: {tool} is not installed (Debian/Ubuntu: apt-get install {})",
+                tools.packages
+            );
+            return false;
+        }
+    }
+    true
 }
 
 #[cfg(test)]
@@ -114,5 +191,14 @@ mod tests {
             (one.median, one.p90),
             (Duration::from_millis(3), Duration::from_millis(3))
         );
+    }
+
+    #[test]
+    fn between_and_pid_attr() {
+        let xml = "<domstatus state='running' pid='4242'>";
+        assert_eq!(between(xml, "state='", "'"), Some("running"));
+        assert_eq!(between(xml, "nope='", "'"), None);
+        assert_eq!(pid_attr(xml), Some(4242));
+        assert_eq!(pid_attr("<domstatus state='shutoff'>"), None);
     }
 }
