@@ -19,20 +19,15 @@ use std::time::Duration;
 
 use serde_json::json;
 use strata_benches::{
-    copy_images, domain_xml, ms, path_str, qcow2_chain, qemu_io, quick_suffix, run_tool, time,
-    BackingNames, DomainBench, DomainGuard, Leftover, Stats, Strata, Tools,
+    copy_images, domain_xml, ms, path_str, qcow2_chain, qemu_io, quick_suffix, run_tool, time, BackingNames,
+    DomainBench, DomainGuard, Leftover, Stats, Strata, Tools,
 };
 
 const DOMAIN: &str = "vm";
 /// Block jobs on a shut-off domain run in qemu-storage-daemon; qemu-io
 /// writes the images' data.
 const TOOLS: Tools = Tools {
-    programs: &[
-        "qemu-img",
-        "qemu-io",
-        "qemu-system-x86_64",
-        "qemu-storage-daemon",
-    ],
+    programs: &["qemu-img", "qemu-io", "qemu-system-x86_64", "qemu-storage-daemon"],
     packages: "qemu-utils qemu-system-x86 qemu-block-extra",
 };
 /// Data the 1 GiB commit moves (the top's written range).
@@ -62,16 +57,10 @@ fn main() -> ExitCode {
     let qemu_img_dir = root.join("q");
     let live_xml = root.join("live.xml");
     let offline_xml = root.join("offline.xml");
-    std::fs::write(
-        &live_xml,
-        domain_xml(DOMAIN, env.kind, &[live_dir.join("top.qcow2")]),
-    )
-    .expect("write the domain XML");
-    std::fs::write(
-        &offline_xml,
-        domain_xml(DOMAIN, env.kind, &[strata_dir.join("top.qcow2")]),
-    )
-    .expect("write the domain XML");
+    std::fs::write(&live_xml, domain_xml(DOMAIN, env.kind, &[live_dir.join("top.qcow2")]))
+        .expect("write the domain XML");
+    std::fs::write(&offline_xml, domain_xml(DOMAIN, env.kind, &[strata_dir.join("top.qcow2")]))
+        .expect("write the domain XML");
 
     // NO_COLOR: the job times are read from strata's debug log.
     let cli = Strata::embedded(&env.strata, &state).without_color();
@@ -83,36 +72,17 @@ fn main() -> ExitCode {
     let cli = &guard.cli;
     let uri = &cli.uri;
 
-    println!(
-        "strata block jobs{}: median of {runs} runs, fresh images each run",
-        quick_suffix(env.quick)
-    );
+    println!("strata block jobs{}: median of {runs} runs, fresh images each run", quick_suffix(env.quick));
     println!("binary: {}", env.strata.display());
-    println!(
-        "domain: '{DOMAIN}', type {}, 128 MiB, q35, one virtio disk",
-        env.kind
-    );
+    println!("domain: '{DOMAIN}', type {}, 128 MiB, q35, one virtio disk", env.kind);
     println!("uri:    {uri}");
-    println!(
-        "images: {:.1} s to make the templates (once)\n",
-        setup_time.as_secs_f64()
-    );
+    println!("images: {:.1} s to make the templates (once)\n", setup_time.as_secs_f64());
 
     // 1 and 2: a running domain on a fresh 64 MiB 3-layer chain.
-    let pull = (0..runs)
-        .map(|i| live_job(cli, &live_dir, &tpl_small, &live_xml, LiveJob::Pull, i == 0))
-        .collect::<Vec<_>>();
+    let pull =
+        (0..runs).map(|i| live_job(cli, &live_dir, &tpl_small, &live_xml, LiveJob::Pull, i == 0)).collect::<Vec<_>>();
     let commit = (0..runs)
-        .map(|i| {
-            live_job(
-                cli,
-                &live_dir,
-                &tpl_small,
-                &live_xml,
-                LiveJob::ActiveCommit,
-                i == 0,
-            )
-        })
+        .map(|i| live_job(cli, &live_dir, &tpl_small, &live_xml, LiveJob::ActiveCommit, i == 0))
         .collect::<Vec<_>>();
     cli.ok(&["destroy", DOMAIN]);
 
@@ -125,20 +95,13 @@ fn main() -> ExitCode {
         copy_images(&tpl_big, &qemu_img_dir);
         cli.ok(&["define", path_str(&offline_xml)]);
         let st = cli.ok(&["domstate", DOMAIN]);
-        assert!(
-            st.contains("shut off"),
-            "the domain should be shut off for the offline commit, domstate says: {st}"
-        );
+        assert!(st.contains("shut off"), "the domain should be shut off for the offline commit, domstate says: {st}");
         // Alternate which one goes first: neither always gets the quieter disk.
         let strata_first = i % 2 == 0;
         if !strata_first {
             qemu_img.push(qemu_img_commit(&qemu_img_dir));
         }
-        offline.push(timed_job(
-            cli,
-            &["blockcommit", DOMAIN, "vda", "--active", "--pivot"],
-            "Successfully pivoted",
-        ));
+        offline.push(timed_job(cli, &["blockcommit", DOMAIN, "vda", "--active", "--pivot"], "Successfully pivoted"));
         if strata_first {
             qemu_img.push(qemu_img_commit(&qemu_img_dir));
         }
@@ -165,13 +128,7 @@ fn main() -> ExitCode {
             ms(r.wall_min)
         );
     }
-    let ready = Stats::of(
-        &commit
-            .iter()
-            .map(|s| s.job.ready.expect("checked when parsed"))
-            .collect::<Vec<_>>(),
-    )
-    .median;
+    let ready = Stats::of(&commit.iter().map(|s| s.job.ready.expect("checked when parsed")).collect::<Vec<_>>()).median;
     println!(
         "  strata ms: the whole `strata --debug …` process; QEMU job ms: JOB_STATUS_CHANGE \
          'created' → 'concluded' (QEMU's timestamps); overhead = difference (medians).\n  \
@@ -193,10 +150,7 @@ fn main() -> ExitCode {
     let img = Stats::of(&qemu_img).median;
     let rate = |d: Duration| BIG_COMMIT_MIB / d.as_secs_f64();
     println!("\nshut-off domain, 1 GiB base (512 MiB data) ← top (256 MiB data at [128M,384M)):");
-    println!(
-        "{:<48} {:>5} {:>10} {:>8}",
-        "command", "runs", "median s", "MiB/s"
-    );
+    println!("{:<48} {:>5} {:>10} {:>8}", "command", "runs", "median s", "MiB/s");
     println!(
         "{:<48} {:>5} {:>10.3} {:>8.0}",
         "strata blockcommit --active --pivot (qsd)",
@@ -290,14 +244,7 @@ impl Row {
 
 /// Restarts the domain on fresh copies of the small chain and times one
 /// job on it; the first run also checks the resulting chain.
-fn live_job(
-    cli: &Strata,
-    live_dir: &Path,
-    tpl: &Path,
-    xml: &Path,
-    job: LiveJob,
-    check: bool,
-) -> Sample {
+fn live_job(cli: &Strata, live_dir: &Path, tpl: &Path, xml: &Path, job: LiveJob, check: bool) -> Sample {
     // Not running the first time: the failure is expected and harmless.
     let _ = cli.run(&["destroy", DOMAIN]);
     copy_images(tpl, live_dir);
@@ -305,16 +252,10 @@ fn live_job(
     cli.ok(&["define", path_str(xml)]);
     cli.ok(&["start", DOMAIN]);
     let sample = match job {
-        LiveJob::Pull => timed_job(
-            cli,
-            &["blockpull", DOMAIN, "vda", "--wait"],
-            "Pull complete",
-        ),
-        LiveJob::ActiveCommit => timed_job(
-            cli,
-            &["blockcommit", DOMAIN, "vda", "--active", "--pivot"],
-            "Successfully pivoted",
-        ),
+        LiveJob::Pull => timed_job(cli, &["blockpull", DOMAIN, "vda", "--wait"], "Pull complete"),
+        LiveJob::ActiveCommit => {
+            timed_job(cli, &["blockcommit", DOMAIN, "vda", "--active", "--pivot"], "Successfully pivoted")
+        }
     };
     if check {
         let list = cli.ok(&["domblklist", DOMAIN]);
@@ -323,24 +264,10 @@ fn live_job(
             LiveJob::Pull => "top.qcow2",
             LiveJob::ActiveCommit => "base.qcow2",
         };
-        assert!(
-            list.contains(&*live_dir.join(want).to_string_lossy()),
-            "after the job vda should be {want}:\n{list}"
-        );
+        assert!(list.contains(&*live_dir.join(want).to_string_lossy()), "after the job vda should be {want}:\n{list}");
         // -U: the running QEMU holds the image.
-        let info = run_tool(
-            "qemu-img",
-            &[
-                "info",
-                "-U",
-                "--output=json",
-                path_str(&live_dir.join(want)),
-            ],
-        );
-        assert!(
-            !info.contains("backing-filename"),
-            "{want} should have no backing file after the job:\n{info}"
-        );
+        let info = run_tool("qemu-img", &["info", "-U", "--output=json", path_str(&live_dir.join(want))]);
+        assert!(!info.contains("backing-filename"), "{want} should have no backing file after the job:\n{info}");
     }
     sample
 }
@@ -366,10 +293,7 @@ fn timed_job(cli: &Strata, args: &[&str], expect: &str) -> Sample {
         )
     });
     if args.contains(&"--active") {
-        assert!(
-            job.ready.is_some(),
-            "an active commit should report 'ready':\n{stderr}"
-        );
+        assert!(job.ready.is_some(), "an active commit should report 'ready':\n{stderr}");
     }
     Sample { wall, job }
 }
@@ -377,13 +301,7 @@ fn timed_job(cli: &Strata, args: &[&str], expect: &str) -> Sample {
 /// `qemu-img commit -d -f qcow2 DIR/top.qcow2`, timed.
 fn qemu_img_commit(dir: &Path) -> Duration {
     let top = dir.join("top.qcow2");
-    time(|| {
-        run_tool(
-            "qemu-img",
-            &["commit", "-q", "-d", "-f", "qcow2", path_str(&top)],
-        )
-    })
-    .0
+    time(|| run_tool("qemu-img", &["commit", "-q", "-d", "-f", "qcow2", path_str(&top)])).0
 }
 
 /// After the first offline commit: the domain now uses the base alone, and
@@ -397,24 +315,8 @@ fn verify_offline_commit(cli: &Strata, strata_dir: &Path, qemu_img_dir: &Path, t
         base.display()
     );
     let compare = |a: &Path, b: &Path| {
-        let out = run_tool(
-            "qemu-img",
-            &[
-                "compare",
-                "-f",
-                "qcow2",
-                "-F",
-                "qcow2",
-                path_str(a),
-                path_str(b),
-            ],
-        );
-        assert!(
-            out.contains("Images are identical"),
-            "qemu-img compare {} {}: {out}",
-            a.display(),
-            b.display()
-        );
+        let out = run_tool("qemu-img", &["compare", "-f", "qcow2", "-F", "qcow2", path_str(a), path_str(b)]);
+        assert!(out.contains("Images are identical"), "qemu-img compare {} {}: {out}", a.display(), b.display());
     };
     compare(&base, &qemu_img_dir.join("base.qcow2"));
     compare(&base, &tpl.join("top.qcow2"));
@@ -477,10 +379,7 @@ fn job_times(log: &str) -> Option<JobTimes> {
     }
     let (created, concluded) = (created?, concluded?);
     let since = |t: u64| Duration::from_micros(t.saturating_sub(created));
-    Some(JobTimes {
-        total: since(concluded),
-        ready: ready.map(since),
-    })
+    Some(JobTimes { total: since(concluded), ready: ready.map(since) })
 }
 
 /// The line without terminal colour sequences (`ESC [ … m`).
@@ -506,11 +405,7 @@ fn strip_ansi(line: &str) -> String {
 fn make_small_chain(dir: &Path) {
     let names = ["base.qcow2", "mid.qcow2", "top.qcow2"];
     let chain = qcow2_chain(dir, &names, "64M", BackingNames::Relative);
-    for (image, cmd) in chain.iter().zip([
-        "write -P 0x11 0 32M",
-        "write -P 0x22 0 16M",
-        "write -P 0x33 0 8M",
-    ]) {
+    for (image, cmd) in chain.iter().zip(["write -P 0x11 0 32M", "write -P 0x22 0 16M", "write -P 0x33 0 8M"]) {
         qemu_io(image, cmd);
     }
 }
@@ -518,12 +413,7 @@ fn make_small_chain(dir: &Path) {
 /// base.qcow2 (1 GiB, 512 MiB of 0x11) ← top.qcow2 (256 MiB of 0x5a at
 /// [128M, 384M)), relative backing names.
 fn make_big_chain(dir: &Path) {
-    let chain = qcow2_chain(
-        dir,
-        &["base.qcow2", "top.qcow2"],
-        "1G",
-        BackingNames::Relative,
-    );
+    let chain = qcow2_chain(dir, &["base.qcow2", "top.qcow2"], "1G", BackingNames::Relative);
     qemu_io(&chain[0], "write -P 0x11 0 512M");
     qemu_io(&chain[1], "write -P 0x5a 128M 256M");
 }

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use strata_benches::{
-    human, ms, path_str, qcow2_chain, quick, quick_suffix, require_tools, run_tool, temp_dir, time,
-    us, BackingNames, Stats, Tools,
+    human, ms, path_str, qcow2_chain, quick, quick_suffix, require_tools, run_tool, temp_dir, time, us, BackingNames,
+    Stats, Tools,
 };
 use strata_core::chain::{probe_chain, Backing, StorageSource};
 
@@ -47,10 +47,7 @@ fn runs_for(depth: usize, quick: bool) -> usize {
 }
 
 fn main() -> ExitCode {
-    let tools = Tools {
-        programs: &["qemu-img"],
-        packages: "qemu-utils",
-    };
+    let tools = Tools { programs: &["qemu-img"], packages: "qemu-utils" };
     if !require_tools("chain_probe", &tools) {
         return ExitCode::FAILURE;
     }
@@ -59,10 +56,7 @@ fn main() -> ExitCode {
 
     let (build_time, ()) = time(|| build_fixture(dir.path()));
     verify_fixture(dir.path());
-    println!(
-        "Strata backing-chain probe: strata_core::chain::probe_chain on qcow2 chains{}",
-        quick_suffix(quick)
-    );
+    println!("Strata backing-chain probe: strata_core::chain::probe_chain on qcow2 chains{}", quick_suffix(quick));
     println!(
         "fixture: {} qcow2 images in {} built in {}; top layer verified with qemu-img info",
         MAX_DEPTH + 1,
@@ -108,20 +102,8 @@ fn main() -> ExitCode {
             "per_layer_us": per_layer,
         }));
     }
-    let per: Vec<f64> = rows
-        .iter()
-        .map(|r| {
-            r["per_layer_us"]
-                .as_f64()
-                .expect("per_layer_us is a number")
-        })
-        .collect();
-    let at = |depth: usize| {
-        per[DEPTHS
-            .iter()
-            .position(|d| *d == depth)
-            .expect("a measured depth")]
-    };
+    let per: Vec<f64> = rows.iter().map(|r| r["per_layer_us"].as_f64().expect("per_layer_us is a number")).collect();
+    let at = |depth: usize| per[DEPTHS.iter().position(|d| *d == depth).expect("a measured depth")];
     let linear_ratio = at(10_000) / at(100);
     println!(
         "\nper-layer cost at depth 10000 vs depth 100: {:.2} µs vs {:.2} µs ({linear_ratio:.2}x; ~1x means linear)",
@@ -137,23 +119,10 @@ fn main() -> ExitCode {
     let qemu_runs = 3;
     let qemu_samples: Vec<Duration> = (0..qemu_runs)
         .map(|_| {
-            let (d, out) = time(|| {
-                run_tool(
-                    "qemu-img",
-                    &["info", "--backing-chain", "-U", "--output=json", top500_s],
-                )
-            });
-            let v: serde_json::Value =
-                serde_json::from_str(&out).expect("qemu-img info prints JSON");
-            let n = v
-                .as_array()
-                .expect("qemu-img info --backing-chain prints an array")
-                .len();
-            assert_eq!(
-                n,
-                QEMU_DEPTH + 1,
-                "qemu-img saw {n} images in the depth-{QEMU_DEPTH} chain"
-            );
+            let (d, out) = time(|| run_tool("qemu-img", &["info", "--backing-chain", "-U", "--output=json", top500_s]));
+            let v: serde_json::Value = serde_json::from_str(&out).expect("qemu-img info prints JSON");
+            let n = v.as_array().expect("qemu-img info --backing-chain prints an array").len();
+            assert_eq!(n, QEMU_DEPTH + 1, "qemu-img saw {n} images in the depth-{QEMU_DEPTH} chain");
             d
         })
         .collect();
@@ -165,10 +134,7 @@ fn main() -> ExitCode {
     );
     let strata = probe_500.expect("depth 500 is measured");
     let ratio = qemu.median.as_secs_f64() / strata.median.as_secs_f64();
-    println!(
-        "\ndepth {QEMU_DEPTH} ({} images): qemu-img vs Strata",
-        QEMU_DEPTH + 1
-    );
+    println!("\ndepth {QEMU_DEPTH} ({} images): qemu-img vs Strata", QEMU_DEPTH + 1);
     println!(
         "  {:<58} {:>12}",
         format!("qemu-img info --backing-chain -U --output=json (median of {qemu_runs})"),
@@ -205,57 +171,31 @@ fn main() -> ExitCode {
 }
 
 fn probe(top: &Path) -> strata_core::chain::Chain {
-    probe_chain(
-        &StorageSource::File {
-            path: top.to_path_buf(),
-        },
-        "qcow2",
-    )
-    .unwrap_or_else(|e| panic!("probe_chain({}) failed: {e}", top.display()))
+    probe_chain(&StorageSource::File { path: top.to_path_buf() }, "qcow2")
+        .unwrap_or_else(|e| panic!("probe_chain({}) failed: {e}", top.display()))
 }
 
 /// The probe of the depth-`depth` chain finds every layer down to the base.
 fn check_probe(top: &Path, depth: usize) {
     let chain = probe(top);
     let line = chain.main_line();
-    assert_eq!(
-        line.len(),
-        depth + 1,
-        "probe of {} found {} layers",
-        top.display(),
-        line.len()
-    );
+    assert_eq!(line.len(), depth + 1, "probe of {} found {} layers", top.display(), line.len());
     let base = line.last().expect("a chain has a top");
-    assert_eq!(
-        base.backing,
-        Backing::End,
-        "the base layer has no backing file"
-    );
+    assert_eq!(base.backing, Backing::End, "the base layer has no backing file");
     assert_eq!(base.format.as_deref(), Some("qcow2"));
-    assert_eq!(
-        base.source.local_path().and_then(Path::file_name),
-        Some(layer_name(0).as_ref())
-    );
+    assert_eq!(base.source.local_path().and_then(Path::file_name), Some(layer_name(0).as_ref()));
 }
 
 /// `l00000` (base) and `l00001` with qemu-img; `l00002` … `l10000` as
 /// patched copies of `l00001`.
 fn build_fixture(dir: &Path) {
     let path = |i: usize| -> PathBuf { dir.join(layer_name(i)) };
-    qcow2_chain(
-        dir,
-        &[layer_name(0), layer_name(1)],
-        "64M",
-        BackingNames::Relative,
-    );
+    qcow2_chain(dir, &[layer_name(0), layer_name(1)], "64M", BackingNames::Relative);
 
     let template = std::fs::read(path(1)).expect("read the overlay made by qemu-img");
     let be64 = |at: usize| u64::from_be_bytes(template[at..at + 8].try_into().expect("8 bytes"));
     let be32 = |at: usize| u32::from_be_bytes(template[at..at + 4].try_into().expect("4 bytes"));
-    assert!(
-        template.len() >= 24 && template.starts_with(b"QFI\xfb"),
-        "qemu-img did not write a qcow2 header"
-    );
+    assert!(template.len() >= 24 && template.starts_with(b"QFI\xfb"), "qemu-img did not write a qcow2 header");
     let offset = usize::try_from(be64(8)).expect("backing_file_offset fits in usize");
     let size = be32(16) as usize;
     let name = layer_name(0);
@@ -268,11 +208,7 @@ fn build_fixture(dir: &Path) {
     let mut bytes = template.clone();
     for i in 2..=MAX_DEPTH {
         let backing = layer_name(i - 1);
-        assert_eq!(
-            backing.len(),
-            size,
-            "layer names must all have the same length"
-        );
+        assert_eq!(backing.len(), size, "layer names must all have the same length");
         bytes[offset..offset + size].copy_from_slice(backing.as_bytes());
         write_sparse(&path(i), &bytes);
     }
@@ -285,12 +221,10 @@ fn write_sparse(path: &Path, bytes: &[u8]) {
     let file = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
     for (n, block) in bytes.chunks(BLOCK).enumerate() {
         if block.iter().any(|b| *b != 0) {
-            file.write_all_at(block, (n * BLOCK) as u64)
-                .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+            file.write_all_at(block, (n * BLOCK) as u64).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
         }
     }
-    file.set_len(bytes.len() as u64)
-        .unwrap_or_else(|e| panic!("size {}: {e}", path.display()));
+    file.set_len(bytes.len() as u64).unwrap_or_else(|e| panic!("size {}: {e}", path.display()));
 }
 
 /// qemu-img agrees that a generated layer is a qcow2 overlay of the one
@@ -300,13 +234,6 @@ fn verify_fixture(dir: &Path) {
     let out = run_tool("qemu-img", &["info", "--output=json", path_str(&top)]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("qemu-img info prints JSON");
     assert_eq!(v["format"], "qcow2", "generated layer: {out}");
-    assert_eq!(
-        v["backing-filename"],
-        layer_name(MAX_DEPTH - 1).as_str(),
-        "generated layer: {out}"
-    );
-    assert_eq!(
-        v["backing-filename-format"], "qcow2",
-        "generated layer: {out}"
-    );
+    assert_eq!(v["backing-filename"], layer_name(MAX_DEPTH - 1).as_str(), "generated layer: {out}");
+    assert_eq!(v["backing-filename-format"], "qcow2", "generated layer: {out}");
 }

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use strata_benches::{
-    domain_xml, ms, path_str, qcow2_chain, quick_suffix, time, BackingNames, DomainBench,
-    DomainGuard, Leftover, Stats, Strata, RUNNING_DOMAIN_TOOLS,
+    domain_xml, ms, path_str, qcow2_chain, quick_suffix, time, BackingNames, DomainBench, DomainGuard, Leftover, Stats,
+    Strata, RUNNING_DOMAIN_TOOLS,
 };
 
 const DOMAIN: &str = "vm";
@@ -29,15 +29,9 @@ fn main() -> ExitCode {
 
     let state = env.dir.path().join("state");
     // base.qcow2 ← mid.qcow2 ← top.qcow2 (64 MiB, relative backing names).
-    let chain = qcow2_chain(
-        env.dir.path(),
-        &["base.qcow2", "mid.qcow2", "top.qcow2"],
-        "64M",
-        BackingNames::Relative,
-    );
+    let chain = qcow2_chain(env.dir.path(), &["base.qcow2", "mid.qcow2", "top.qcow2"], "64M", BackingNames::Relative);
     let xml_path = env.dir.path().join("vm.xml");
-    std::fs::write(&xml_path, domain_xml(DOMAIN, env.kind, &chain[2..]))
-        .expect("write the domain XML");
+    std::fs::write(&xml_path, domain_xml(DOMAIN, env.kind, &chain[2..])).expect("write the domain XML");
 
     let cli = Strata::embedded(&env.strata, &state);
     cli.ok(&["define", path_str(&xml_path)]);
@@ -47,53 +41,29 @@ fn main() -> ExitCode {
     let uri = &cli.uri;
     let (start_time, _) = time(|| cli.ok(&["start", DOMAIN]));
 
-    println!(
-        "strata on a running domain{}: wall time per invocation (process start to exit)",
-        quick_suffix(env.quick)
-    );
+    println!("strata on a running domain{}: wall time per invocation (process start to exit)", quick_suffix(env.quick));
     println!("binary: {}", env.strata.display());
-    println!(
-        "domain: '{DOMAIN}', type {}, 128 MiB, q35, one virtio disk on a 3-layer qcow2 chain",
-        env.kind
-    );
+    println!("domain: '{DOMAIN}', type {}, 128 MiB, q35, one virtio disk on a 3-layer qcow2 chain", env.kind);
     println!("uri:    {uri}");
     println!("start:  {:.1} ms (once)\n", ms(start_time));
 
     let cases: [Case; 4] = [
         ("--version (start-up only)", &["--version"], |_| true),
-        ("list --all", &["list", "--all"], |out| {
-            out.contains(DOMAIN) && out.contains("running")
-        }),
-        ("dominfo vm", &["dominfo", DOMAIN], |out| {
-            out.contains("running")
-        }),
-        ("dumpxml vm", &["dumpxml", DOMAIN], |out| {
-            out.contains("<domain") && out.contains("id='")
-        }),
+        ("list --all", &["list", "--all"], |out| out.contains(DOMAIN) && out.contains("running")),
+        ("dominfo vm", &["dominfo", DOMAIN], |out| out.contains("running")),
+        ("dumpxml vm", &["dumpxml", DOMAIN], |out| out.contains("<domain") && out.contains("id='")),
     ];
-    println!(
-        "{:<28} {:>5} {:>10} {:>10} {:>10}",
-        "command", "runs", "min ms", "median ms", "p90 ms"
-    );
+    println!("{:<28} {:>5} {:>10} {:>10} {:>10}", "command", "runs", "min ms", "median ms", "p90 ms");
     let mut rows = Vec::new();
     for (label, args, check) in cases {
         let out = cli.ok(args);
-        assert!(
-            check(&out),
-            "strata {args:?} printed something unexpected:\n{out}"
-        );
+        assert!(check(&out), "strata {args:?} printed something unexpected:\n{out}");
         for _ in 1..WARMUP {
             cli.ok(args);
         }
         let samples: Vec<Duration> = (0..runs).map(|_| time(|| cli.ok(args)).0).collect();
         let s = Stats::of(&samples);
-        println!(
-            "{label:<28} {:>5} {:>10.2} {:>10.2} {:>10.2}",
-            s.runs,
-            ms(s.min),
-            ms(s.median),
-            ms(s.p90)
-        );
+        println!("{label:<28} {:>5} {:>10.2} {:>10.2} {:>10.2}", s.runs, ms(s.min), ms(s.median), ms(s.p90));
         rows.push(json!({
             "command": args.join(" "),
             "runs": s.runs,

@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use strata_benches::{
-    between, create_qcow2, domain_xml, ms, path_str, qcow2_chain, quick_suffix, time,
-    BackingNames as Names, DomainBench, DomainGuard, Leftover, Stats, Strata, RUNNING_DOMAIN_TOOLS,
+    between, create_qcow2, domain_xml, ms, path_str, qcow2_chain, quick_suffix, time, BackingNames as Names,
+    DomainBench, DomainGuard, Leftover, Stats, Strata, RUNNING_DOMAIN_TOOLS,
 };
 
 const DOMAIN: &str = "vm";
@@ -72,10 +72,7 @@ fn main() -> ExitCode {
     let list_runs = if env.quick { 1 } else { 3 };
 
     let root = env.dir.path();
-    let bench = Bench {
-        bin: &env.strata,
-        kind: env.kind,
-    };
+    let bench = Bench { bin: &env.strata, kind: env.kind };
 
     println!("strata snapshots{}", quick_suffix(env.quick));
     println!("binary: {}", env.strata.display());
@@ -104,28 +101,16 @@ fn main() -> ExitCode {
                     })
                 })
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("make a template chain"))
-                .collect::<Vec<PathBuf>>()
+            handles.into_iter().map(|h| h.join().expect("make a template chain")).collect::<Vec<PathBuf>>()
         })
     });
-    let templates: Vec<((usize, Names), [PathBuf; 2])> = keys
-        .iter()
-        .zip(layers.chunks(2))
-        .map(|(k, l)| (*k, [l[0].clone(), l[1].clone()]))
-        .collect();
+    let templates: Vec<((usize, Names), [PathBuf; 2])> =
+        keys.iter().zip(layers.chunks(2)).map(|(k, l)| (*k, [l[0].clone(), l[1].clone()])).collect();
     let backing_of = |depth: usize, names: Names| -> [&Path; 2] {
-        let (_, l) = templates
-            .iter()
-            .find(|(k, _)| *k == (depth, names))
-            .expect("a template for every case");
+        let (_, l) = templates.iter().find(|(k, _)| *k == (depth, names)).expect("a template for every case");
         [l[0].as_path(), l[1].as_path()]
     };
-    println!(
-        "images: {:.2} s to make the lower layers with qemu-img (once)\n",
-        tpl_time.as_secs_f64()
-    );
+    println!("images: {:.2} s to make the lower layers with qemu-img (once)\n", tpl_time.as_secs_f64());
 
     // ---- 1. snapshot-create-as on fresh running domains -------------------
     // Interleaved so drift on a shared machine hits every case alike.
@@ -136,13 +121,7 @@ fn main() -> ExitCode {
     for run in 0..runs {
         for (i, &(disks, depth, names)) in CASES.iter().enumerate() {
             n += 1;
-            let t = bench.create_sample(
-                &root.join(format!("c{n}")),
-                backing_of(depth, names),
-                depth,
-                disks,
-                run == 0,
-            );
+            let t = bench.create_sample(&root.join(format!("c{n}")), backing_of(depth, names), depth, disks, run == 0);
             samples[i].push(t);
         }
     }
@@ -153,14 +132,7 @@ fn main() -> ExitCode {
     );
     println!(
         "{:<24} {:>6} {:<22} {:>5} {:>10} {:>8} {:>8} {:>8}",
-        "disks snapshotted",
-        "depth",
-        "lower layers' backing",
-        "runs",
-        "median ms",
-        "min ms",
-        "p90 ms",
-        "max ms"
+        "disks snapshotted", "depth", "lower layers' backing", "runs", "median ms", "min ms", "p90 ms", "max ms"
     );
     let mut create_rows = Vec::new();
     let mut medians = Vec::new();
@@ -185,15 +157,9 @@ fn main() -> ExitCode {
         }));
     }
     let median_of = |disks: usize, depth: usize, names: Names| -> f64 {
-        medians
-            .iter()
-            .find(|(k, _)| *k == (disks, depth, names))
-            .map(|(_, m)| *m)
-            .expect("a measured case")
+        medians.iter().find(|(k, _)| *k == (disks, depth, names)).map(|(_, m)| *m).expect("a measured case")
     };
-    let ratio = |disks: usize, names: Names| {
-        median_of(disks, DEEP, names) / median_of(disks, 1, Names::Absolute)
-    };
+    let ratio = |disks: usize, names: Names| median_of(disks, DEEP, names) / median_of(disks, 1, Names::Absolute);
     println!(
         "ratio depth {DEEP} / depth 1 (medians): 1 disk {:.2}, 2 disks {:.2} (absolute names); \
          2 disks {:.2} (relative names)\n",
@@ -277,13 +243,7 @@ fn disk_label(disks: usize) -> &'static str {
 
 /// `snapshot-create-as` arguments for snapshot `name` of 1 or 2 disks.
 fn create_args(name: &str, disks: usize) -> Vec<&str> {
-    let mut args = vec![
-        "snapshot-create-as",
-        DOMAIN,
-        name,
-        "--disk-only",
-        "--atomic",
-    ];
+    let mut args = vec!["snapshot-create-as", DOMAIN, name, "--disk-only", "--atomic"];
     if disks == 1 {
         args.extend(["--diskspec", "vdb,snapshot=no"]);
     }
@@ -298,14 +258,7 @@ struct Bench<'a> {
 impl Bench<'_> {
     /// A fresh running domain in `dir`, takes one timed snapshot, checks the
     /// chains before (when `check`) and the overlays after, destroys it.
-    fn create_sample(
-        &self,
-        dir: &Path,
-        backings: [&Path; 2],
-        depth: usize,
-        disks: usize,
-        check: bool,
-    ) -> Duration {
+    fn create_sample(&self, dir: &Path, backings: [&Path; 2], depth: usize, disks: usize, check: bool) -> Duration {
         let dom = RunningDomain::start(self.bin, dir, self.kind, backings);
         if check {
             assert_eq!(
@@ -315,16 +268,9 @@ impl Bench<'_> {
             );
         }
         let (t, out) = time(|| dom.cli.ok(&create_args("snap", disks)));
-        assert!(
-            out.contains("Domain snapshot snap created"),
-            "unexpected output: {out}"
-        );
+        assert!(out.contains("Domain snapshot snap created"), "unexpected output: {out}");
         assert!(dir.join("vda.snap").is_file(), "no overlay vda.snap");
-        assert_eq!(
-            dir.join("vdb.snap").is_file(),
-            disks == 2,
-            "vdb.snap present/absent wrongly"
-        );
+        assert_eq!(dir.join("vdb.snap").is_file(), disks == 2, "vdb.snap present/absent wrongly");
         if check {
             let vdb = if disks == 2 { depth + 1 } else { depth };
             assert_eq!(
@@ -359,15 +305,9 @@ impl Bench<'_> {
         assert_eq!(list.lines().filter(|l| !l.is_empty()).count(), count);
         let snapdir = dom.domain_dir().join("snapshots");
         let size = |i: usize| {
-            fs::metadata(snapdir.join(format!("n{i:02}.xml")))
-                .map(|m| m.len())
-                .expect("a snapshot record in the store")
+            fs::metadata(snapdir.join(format!("n{i:02}.xml"))).map(|m| m.len()).expect("a snapshot record in the store")
         };
-        Series {
-            times,
-            depth: 1 + count,
-            record_bytes: (size(1), size(count)),
-        }
+        Series { times, depth: 1 + count, record_bytes: (size(1), size(count)) }
     }
 
     /// Part 3; returns the JSON rows.
@@ -378,11 +318,7 @@ impl Bench<'_> {
         let snapdir = dom.domain_dir().join("snapshots");
         let stored = fs::read_to_string(snapdir.join(format!("{FIRST}.xml")))
             .expect("the real snapshot's record is in domains/vm/snapshots/");
-        assert_eq!(
-            stored.trim_end(),
-            dump.trim_end(),
-            "snapshot-dumpxml differs from the stored record"
-        );
+        assert_eq!(stored.trim_end(), dump.trim_end(), "snapshot-dumpxml differs from the stored record");
         let records = Records::new(&dump);
 
         println!(
@@ -410,8 +346,7 @@ impl Bench<'_> {
                 chain = Shape::Chain(FALLBACK_DEPTH);
                 records.write(&snapdir, &chain);
                 dom.check_shape(&chain);
-                dom.tree_size(TREE_LIMIT * 10)
-                    .expect("the fallback tree finishes")
+                dom.tree_size(TREE_LIMIT * 10).expect("the fallback tree finishes")
             }
         };
         let bushy = Shape::Bushy(ROOTS, RECORDS / ROOTS);
@@ -423,41 +358,18 @@ impl Bench<'_> {
             let tree = if matches!(shape, Shape::Chain(_)) {
                 tree_size
             } else {
-                dom.tree_size(TREE_LIMIT)
-                    .expect("the bushy tree finishes in time")
+                dom.tree_size(TREE_LIMIT).expect("the bushy tree finishes in time")
             };
-            assert_eq!(
-                tree.nodes,
-                shape.records(),
-                "--tree did not print every snapshot"
-            );
+            assert_eq!(tree.nodes, shape.records(), "--tree did not print every snapshot");
             let name_out = dom.cli.ok(&["snapshot-list", DOMAIN, "--name"]);
-            assert_eq!(
-                name_out.lines().filter(|l| !l.is_empty()).count(),
-                shape.records()
-            );
-            for (cmd, out_bytes, lines) in [
-                ("--tree", tree.bytes, tree.lines),
-                (
-                    "--name",
-                    name_out.len() as u64,
-                    name_out.lines().count() as u64,
-                ),
-            ] {
-                let samples: Vec<Duration> = (0..runs)
-                    .map(|_| dom.time_to_null(&["snapshot-list", DOMAIN, cmd]))
-                    .collect();
+            assert_eq!(name_out.lines().filter(|l| !l.is_empty()).count(), shape.records());
+            for (cmd, out_bytes, lines) in
+                [("--tree", tree.bytes, tree.lines), ("--name", name_out.len() as u64, name_out.lines().count() as u64)]
+            {
+                let samples: Vec<Duration> =
+                    (0..runs).map(|_| dom.time_to_null(&["snapshot-list", DOMAIN, cmd])).collect();
                 let st = Stats::of(&samples);
-                table.push((
-                    shape.label(),
-                    shape.records(),
-                    shape.depth(),
-                    cmd,
-                    st,
-                    out_bytes,
-                    lines,
-                    tree.widest,
-                ));
+                table.push((shape.label(), shape.records(), shape.depth(), cmd, st, out_bytes, lines, tree.widest));
                 rows.push(json!({
                     "shape": shape.label(), "records": shape.records(), "depth": shape.depth(),
                     "command": format!("snapshot-list vm {cmd}"), "runs": st.runs,
@@ -470,16 +382,7 @@ impl Bench<'_> {
         }
         println!(
             "{:<30} {:>7} {:>6} {:>8} {:>5} {:>10} {:>9} {:>9} {:>11} {:>8}",
-            "shape",
-            "records",
-            "depth",
-            "option",
-            "runs",
-            "median ms",
-            "min ms",
-            "max ms",
-            "output",
-            "lines"
+            "shape", "records", "depth", "option", "runs", "median ms", "min ms", "max ms", "output", "lines"
         );
         for (label, recs, depth, cmd, st, bytes, lines, widest) in table {
             println!(
@@ -489,11 +392,7 @@ impl Bench<'_> {
                 ms(st.min),
                 ms(st.max),
                 human_bytes(bytes),
-                if cmd == "--tree" {
-                    format!("  (widest line {widest} columns)")
-                } else {
-                    String::new()
-                }
+                if cmd == "--tree" { format!("  (widest line {widest} columns)") } else { String::new() }
             );
         }
         println!(
@@ -578,18 +477,11 @@ impl Records {
             "unexpected snapshot dump:\n{dump}"
         );
         // The name, and the two overlays vda.s00001 and vdb.s00001.
-        assert_eq!(
-            dump.matches(FIRST).count(),
-            3,
-            "the dump names {FIRST} in unexpected places:\n{dump}"
-        );
+        assert_eq!(dump.matches(FIRST).count(), 3, "the dump names {FIRST} in unexpected places:\n{dump}");
         let creation_time = between(&dump, "<creationTime>", "</creationTime>")
             .and_then(|t| t.parse().ok())
             .expect("a <creationTime> in the dump");
-        Records {
-            dump,
-            creation_time,
-        }
+        Records { dump, creation_time }
     }
 
     /// Record `i` of `shape`, in the format `snapshot-dumpxml` prints.
@@ -597,20 +489,11 @@ impl Records {
         let name = record_name(i);
         let mut xml = self.dump.replace(FIRST, &name).replace(
             &format!("<creationTime>{}</creationTime>", self.creation_time),
-            &format!(
-                "<creationTime>{}</creationTime>",
-                self.creation_time + i as i64 - 1
-            ),
+            &format!("<creationTime>{}</creationTime>", self.creation_time + i as i64 - 1),
         );
         if let Some(p) = shape.parent(i) {
             let at = xml.find("</state>\n").expect("a <state> in the dump") + "</state>\n".len();
-            xml.insert_str(
-                at,
-                &format!(
-                    "  <parent>\n    <name>{}</name>\n  </parent>\n",
-                    record_name(p)
-                ),
-            );
+            xml.insert_str(at, &format!("  <parent>\n    <name>{}</name>\n  </parent>\n", record_name(p)));
         }
         xml.push('\n');
         xml
@@ -618,20 +501,14 @@ impl Records {
 
     /// Replaces every record in `snapdir` by `shape`'s.
     fn write(&self, snapdir: &Path, shape: &Shape) {
-        for entry in fs::read_dir(snapdir)
-            .expect("list the snapshot records")
-            .flatten()
-        {
+        for entry in fs::read_dir(snapdir).expect("list the snapshot records").flatten() {
             if entry.path().extension().is_some_and(|e| e == "xml") {
                 fs::remove_file(entry.path()).expect("remove a snapshot record");
             }
         }
         for i in 1..=shape.records() {
-            fs::write(
-                snapdir.join(format!("{}.xml", record_name(i))),
-                self.xml(shape, i),
-            )
-            .expect("write a snapshot record");
+            fs::write(snapdir.join(format!("{}.xml", record_name(i))), self.xml(shape, i))
+                .expect("write a snapshot record");
         }
     }
 }
@@ -706,8 +583,7 @@ impl RunningDomain {
         let out = self.cli.ok(&["snapshot-info", DOMAIN, &record_name(last)]);
         let want = shape.parent(last).map_or("-".to_string(), record_name);
         assert!(
-            out.lines()
-                .any(|l| l.starts_with("Parent:") && l.trim_end().ends_with(&want)),
+            out.lines().any(|l| l.starts_with("Parent:") && l.trim_end().ends_with(&want)),
             "snapshot-info {} does not show parent {want}:\n{out}",
             record_name(last)
         );
@@ -727,12 +603,7 @@ impl RunningDomain {
         let reader = std::thread::spawn(move || {
             let mut r = BufReader::with_capacity(1 << 20, stdout);
             let mut line = Vec::new();
-            let mut size = TreeSize {
-                bytes: 0,
-                lines: 0,
-                widest: 0,
-                nodes: 0,
-            };
+            let mut size = TreeSize { bytes: 0, lines: 0, widest: 0, nodes: 0 };
             while r.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
                 size.bytes += line.len() as u64;
                 size.lines += 1;

@@ -43,12 +43,7 @@ impl BackingNames {
 /// A linear qcow2 chain in `dir` (created if missing): `names[0]` is the
 /// base of virtual size `size`, each further image an empty overlay of the
 /// one before (formats recorded). Returns the images' paths, base first.
-pub fn qcow2_chain<S: AsRef<str>>(
-    dir: &Path,
-    names: &[S],
-    size: &str,
-    backing: BackingNames,
-) -> Vec<PathBuf> {
+pub fn qcow2_chain<S: AsRef<str>>(dir: &Path, names: &[S], size: &str, backing: BackingNames) -> Vec<PathBuf> {
     std::fs::create_dir_all(dir).expect("create an image directory");
     let paths: Vec<PathBuf> = names.iter().map(|n| dir.join(n.as_ref())).collect();
     for (i, path) in paths.iter().enumerate() {

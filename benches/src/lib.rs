@@ -14,9 +14,7 @@ pub mod images;
 pub mod strata;
 
 pub use images::{copy_images, create_qcow2, qcow2_chain, qemu_io, BackingNames};
-pub use strata::{
-    domain_type, domain_xml, pid_attr, strata_for_bench, DomainBench, DomainGuard, Leftover, Strata,
-};
+pub use strata::{domain_type, domain_xml, pid_attr, strata_for_bench, DomainBench, DomainGuard, Leftover, Strata};
 
 /// `STRATA_BENCH_QUICK=1`: fewer repetitions, for CI smoke runs.
 pub fn quick() -> bool {
@@ -36,10 +34,7 @@ pub fn quick_suffix(quick: bool) -> &'static str {
 /// dropped. Benches that start QEMU use a short prefix: QMP socket paths
 /// must fit in 108 bytes.
 pub fn temp_dir(prefix: &str) -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir_in("/tmp")
-        .expect("create a temporary directory under /tmp")
+    tempfile::Builder::new().prefix(prefix).tempdir_in("/tmp").expect("create a temporary directory under /tmp")
 }
 
 /// A path as `&str`; the benches only make UTF-8 paths (under /tmp).
@@ -79,20 +74,10 @@ impl Stats {
         let mut s = samples.to_vec();
         s.sort_unstable();
         let n = s.len();
-        let median = if n % 2 == 1 {
-            s[n / 2]
-        } else {
-            (s[n / 2 - 1] + s[n / 2]) / 2
-        };
+        let median = if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2 };
         // Nearest rank: the smallest sample with at least 90% at or below it.
         let p90 = s[(n * 9).div_ceil(10).max(1) - 1];
-        Stats {
-            runs: n,
-            min: s[0],
-            median,
-            p90,
-            max: s[n - 1],
-        }
+        Stats { runs: n, min: s[0], median, p90, max: s[n - 1] }
     }
 }
 
@@ -154,20 +139,15 @@ pub struct Tools {
 }
 
 /// What a bench on a running domain needs: qemu-img and QEMU itself.
-pub const RUNNING_DOMAIN_TOOLS: Tools = Tools {
-    programs: &["qemu-img", "qemu-system-x86_64"],
-    packages: "qemu-utils qemu-system-x86",
-};
+pub const RUNNING_DOMAIN_TOOLS: Tools =
+    Tools { programs: &["qemu-img", "qemu-system-x86_64"], packages: "qemu-utils qemu-system-x86" };
 
 /// Whether every one of `tools` can be run; if not, tells which one is
 /// missing and which packages provide them, prefixed with the bench's name.
 pub fn require_tools(bench: &str, tools: &Tools) -> bool {
     for tool in tools.programs {
         if !have_tool(tool) {
-            eprintln!(
-                "{bench}: {tool} is not installed (Debian/Ubuntu: apt-get install {})",
-                tools.packages
-            );
+            eprintln!("{bench}: {tool} is not installed (Debian/Ubuntu: apt-get install {})", tools.packages);
             return false;
         }
     }
@@ -187,10 +167,7 @@ mod tests {
         assert_eq!(s.p90, Duration::from_millis(9));
         assert_eq!(s.max, Duration::from_millis(10));
         let one = Stats::of(&[Duration::from_millis(3)]);
-        assert_eq!(
-            (one.median, one.p90),
-            (Duration::from_millis(3), Duration::from_millis(3))
-        );
+        assert_eq!((one.median, one.p90), (Duration::from_millis(3), Duration::from_millis(3)));
     }
 
     #[test]

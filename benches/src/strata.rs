@@ -23,11 +23,7 @@ pub fn strata_for_bench(bench: &str, tools: &Tools) -> Option<PathBuf> {
         return None;
     }
     warn_if_stale(&strata);
-    if strata
-        .parent()
-        .and_then(Path::file_name)
-        .is_some_and(|d| d == "debug")
-    {
+    if strata.parent().and_then(Path::file_name).is_some_and(|d| d == "debug") {
         eprintln!(
             "note: {} is a debug build; for representative numbers build the release one: \
              cargo build --release -p strata-cli",
@@ -55,12 +51,7 @@ impl DomainBench {
     /// (None if one is missing) and makes the temporary directory.
     pub fn setup(bench: &str, tools: &Tools) -> Option<DomainBench> {
         let strata = strata_for_bench(bench, tools)?;
-        Some(DomainBench {
-            strata,
-            quick: crate::quick(),
-            dir: crate::temp_dir("sb"),
-            kind: domain_type(),
-        })
+        Some(DomainBench { strata, quick: crate::quick(), dir: crate::temp_dir("sb"), kind: domain_type() })
     }
 }
 
@@ -74,13 +65,9 @@ pub fn locate_strata() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let profile_dir = exe.parent()?.parent()?;
     let target = profile_dir.parent()?;
-    [
-        profile_dir.join("strata"),
-        target.join("release/strata"),
-        target.join("debug/strata"),
-    ]
-    .into_iter()
-    .find(|p| p.is_file())
+    [profile_dir.join("strata"), target.join("release/strata"), target.join("debug/strata")]
+        .into_iter()
+        .find(|p| p.is_file())
 }
 
 /// Warns when the binary is older than the newest source of the crates it
@@ -90,10 +77,7 @@ pub fn warn_if_stale(bin: &Path) {
         return;
     };
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let newest = ["core/src", "drivers", "cli/src"]
-        .iter()
-        .filter_map(|d| newest_rs(&root.join(d)))
-        .max();
+    let newest = ["core/src", "drivers", "cli/src"].iter().filter_map(|d| newest_rs(&root.join(d))).max();
     if newest.is_some_and(|n| n > built) {
         eprintln!(
             "note: {} is older than the Strata sources; rebuild it to measure the current code: \
@@ -151,19 +135,13 @@ impl Strata {
     /// The same, with `NO_COLOR=1` for every [`Strata::run`] and
     /// [`Strata::ok`] (a log without colour sequences).
     pub fn without_color(self) -> Strata {
-        Strata {
-            no_color: true,
-            ..self
-        }
+        Strata { no_color: true, ..self }
     }
 
     /// `strata -c URI ARGS…`, not started yet (without `NO_COLOR`).
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.bin);
-        cmd.arg("-c")
-            .arg(&self.uri)
-            .args(args)
-            .env_remove("STRATA_LOG");
+        cmd.arg("-c").arg(&self.uri).args(args).env_remove("STRATA_LOG");
         cmd
     }
 
@@ -173,8 +151,7 @@ impl Strata {
         if self.no_color {
             cmd.env("NO_COLOR", "1");
         }
-        cmd.output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()))
+        cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()))
     }
 
     /// Runs and requires success; returns stdout.
@@ -218,12 +195,7 @@ pub struct DomainGuard {
 impl DomainGuard {
     /// Guards the domain `name` defined with `cli`.
     pub fn new(cli: Strata, name: &str, bench: &'static str, leftover: Leftover) -> DomainGuard {
-        DomainGuard {
-            cli,
-            name: name.to_string(),
-            bench,
-            leftover,
-        }
+        DomainGuard { cli, name: name.to_string(), bench, leftover }
     }
 
     /// The domain's directory in the state root (`STATE/domains/NAME`):
@@ -238,11 +210,7 @@ impl Drop for DomainGuard {
         let (bench, state) = (self.bench, &self.cli.state);
         let out = self.cli.run(&["destroy", &self.name]);
         let status = self.domain_dir().join("status.xml");
-        let Some(pid) = std::fs::read_to_string(&status)
-            .ok()
-            .as_deref()
-            .and_then(pid_attr)
-        else {
+        let Some(pid) = std::fs::read_to_string(&status).ok().as_deref().and_then(pid_attr) else {
             return;
         };
         let (which, what) = self.leftover.words();
@@ -270,11 +238,7 @@ pub fn pid_attr(xml: &str) -> Option<u32> {
 
 /// `kvm` when /dev/kvm opens read-write, else `qemu` (TCG).
 pub fn domain_type() -> &'static str {
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
+    let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
     if kvm {
         "kvm"
     } else {
@@ -317,8 +281,6 @@ mod tests {
         let b = xml.find("<source file='/b.qcow2'/>\n      <target dev='vdb'");
         assert!(a.is_some() && b.is_some() && a < b, "{xml}");
         assert!(xml.starts_with("<domain type='qemu'>\n  <name>vm</name>\n"));
-        assert!(
-            xml.ends_with("    </disk>\n    <memballoon model='none'/>\n  </devices>\n</domain>\n")
-        );
+        assert!(xml.ends_with("    </disk>\n    <memballoon model='none'/>\n  </devices>\n</domain>\n"));
     }
 }

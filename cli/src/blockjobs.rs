@@ -37,8 +37,7 @@ pub struct WaitArgs {
 
 impl WaitArgs {
     fn bandwidth_bytes(&self) -> Option<u64> {
-        self.bandwidth
-            .map(|b| if self.bytes { b } else { b.saturating_mul(1024 * 1024) })
+        self.bandwidth.map(|b| if self.bytes { b } else { b.saturating_mul(1024 * 1024) })
     }
 }
 
@@ -210,7 +209,13 @@ enum Waited {
 }
 
 /// Waits for the job, showing progress; aborts it at `--timeout`.
-async fn wait_job(jobs: &dyn BlockJobOps, domain: &str, disk: &str, label: &'static str, args: &WaitArgs) -> Result<Waited> {
+async fn wait_job(
+    jobs: &dyn BlockJobOps,
+    domain: &str,
+    disk: &str,
+    label: &'static str,
+    args: &WaitArgs,
+) -> Result<Waited> {
     let mut progress = Progress::new(label, args.verbose);
     let deadline = args.timeout.map(|t| Instant::now() + Duration::from_secs(t));
     // Progress is refreshed a few times a second; the job's end wakes the
@@ -439,4 +444,3 @@ pub async fn blockjob(jobs: &dyn BlockJobOps, a: JobArgs) -> Result<String> {
     let _ = std::io::stdout().flush();
     Ok(out)
 }
-

@@ -53,10 +53,7 @@ pub struct DomainArg {
 
 impl DomainArg {
     fn get(&self) -> Result<&str> {
-        self.named
-            .as_deref()
-            .or(self.positional.as_deref())
-            .ok_or_else(|| anyhow!("command requires <domain> option"))
+        self.named.as_deref().or(self.positional.as_deref()).ok_or_else(|| anyhow!("command requires <domain> option"))
     }
 }
 
@@ -370,24 +367,14 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
         }
         Command::Undefine { domain } => {
             let name = domain.get()?;
-            session
-                .conn()?
-                .undefine(name)
-                .await
-                .map_err(|e| domain_error(e, name, "Failed to undefine domain"))?;
+            session.conn()?.undefine(name).await.map_err(|e| domain_error(e, name, "Failed to undefine domain"))?;
             writeln!(out, "Domain '{name}' has been undefined\n")?;
         }
         Command::List { all, inactive, name, uuid, json } => {
             let domains = session.conn()?.list_domains().await?;
             let shown: Vec<_> = domains
                 .into_iter()
-                .filter(|d| {
-                    if inactive {
-                        !d.state.is_active()
-                    } else {
-                        all || d.state.is_active()
-                    }
-                })
+                .filter(|d| if inactive { !d.state.is_active() } else { all || d.state.is_active() })
                 .collect();
             if wants_json(json) {
                 writeln!(out, "{}", serde_json::to_string_pretty(&shown)?)?;
@@ -487,11 +474,8 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                     .collect();
                 writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
             } else {
-                let header: &[&str] = if details {
-                    &["Type", "Device", "Target", "Source"]
-                } else {
-                    &["Target", "Source"]
-                };
+                let header: &[&str] =
+                    if details { &["Type", "Device", "Target", "Source"] } else { &["Target", "Source"] };
                 let mut rows = Vec::new();
                 for d in &disks {
                     let source = d.source().map(|s| s.to_string()).unwrap_or_else(|| "-".into());
@@ -521,15 +505,10 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
         }
         Command::Domblkcheck { domain, disk, fix, json } => {
             let name = domain.get()?;
-            let checks = session
-                .conn()?
-                .check_chains(name, disk.as_deref(), fix)
-                .await
-                .map_err(|e| lookup_error(e, name))?;
-            let unresolved = checks
-                .iter()
-                .filter(|c| c.error.is_some() || (!c.differences.is_empty() && !c.fixed))
-                .count();
+            let checks =
+                session.conn()?.check_chains(name, disk.as_deref(), fix).await.map_err(|e| lookup_error(e, name))?;
+            let unresolved =
+                checks.iter().filter(|c| c.error.is_some() || (!c.differences.is_empty() && !c.fixed)).count();
             if wants_json(json) {
                 writeln!(out, "{}", serde_json::to_string_pretty(&checks)?)?;
             } else {
@@ -615,7 +594,8 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
         }
         Command::DisksetList { domain, json } => {
             let name = domain.get()?;
-            let list = session.conn()?.require_disk_sets()?.diskset_list(name).await.map_err(|e| lookup_error(e, name))?;
+            let list =
+                session.conn()?.require_disk_sets()?.diskset_list(name).await.map_err(|e| lookup_error(e, name))?;
             if wants_json(json) {
                 writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
             } else {
@@ -631,7 +611,9 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
         Command::Blockjob(a) => out = with_ops!(session, require_block_jobs, a, crate::blockjobs::blockjob),
         Command::SnapshotCreate(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::create),
         Command::SnapshotCreateAs(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::create_as),
-        Command::SnapshotList(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::list, quiet, global_json),
+        Command::SnapshotList(a) => {
+            out = with_ops!(session, require_snapshots, a, crate::snapshots::list, quiet, global_json)
+        }
         Command::SnapshotInfo(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::info, global_json),
         Command::SnapshotDumpxml(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::dumpxml),
         Command::SnapshotCurrent(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::current),
@@ -650,13 +632,9 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
             let conn = session.conn()?;
             let domains: Vec<String> = match (named.or(positional), all) {
                 (Some(d), false) => vec![d],
-                (None, true) => conn
-                    .list_domains()
-                    .await?
-                    .into_iter()
-                    .filter(|d| d.state.is_active())
-                    .map(|d| d.name)
-                    .collect(),
+                (None, true) => {
+                    conn.list_domains().await?.into_iter().filter(|d| d.state.is_active()).map(|d| d.name).collect()
+                }
                 (Some(_), true) => return Err(anyhow!("Options --domain and --all are mutually exclusive")),
                 (None, false) => return Err(anyhow!("either --domain or --all must be supplied")),
             };
@@ -678,7 +656,8 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                     if wants_json(json) {
                         println!("{}", serde_json::to_string(&ev)?);
                     } else {
-                        let stamp = if timestamp { format!("{}: ", format_timestamp(ev.timestamp_us)) } else { String::new() };
+                        let stamp =
+                            if timestamp { format!("{}: ", format_timestamp(ev.timestamp_us)) } else { String::new() };
                         println!("{stamp}event '{}' for domain '{}': {}", ev.event, ev.domain, ev.detail);
                     }
                     let _ = std::io::Write::flush(&mut std::io::stdout());
@@ -693,7 +672,8 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
         }
         Command::DisksetSize { domain } => {
             let name = domain.get()?;
-            let size = session.conn()?.require_disk_sets()?.diskset_size(name).await.map_err(|e| lookup_error(e, name))?;
+            let size =
+                session.conn()?.require_disk_sets()?.diskset_size(name).await.map_err(|e| lookup_error(e, name))?;
             writeln!(out, "{size}\n")?;
         }
     }
@@ -810,12 +790,7 @@ pub(crate) fn format_timestamp(us: i64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{millis:03}+0000",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{millis:03}+0000", rem / 3600, (rem % 3600) / 60, rem % 60)
 }
 
 #[cfg(test)]

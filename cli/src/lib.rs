@@ -57,11 +57,7 @@ fn init_tracing(debug: bool) {
         tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }
 
 /// Runs one command's words; prints its output and errors; returns success.

@@ -167,10 +167,9 @@ pub struct DeleteArgs {
 
 pub async fn create(snaps: &dyn SnapshotOps, a: CreateArgs) -> Result<String> {
     let (xml, from) = match &a.file {
-        Some(f) => (
-            std::fs::read_to_string(f).map_err(|e| anyhow!("Failed to open file '{f}': {e}"))?,
-            Some(f.clone()),
-        ),
+        Some(f) => {
+            (std::fs::read_to_string(f).map_err(|e| anyhow!("Failed to open file '{f}': {e}"))?, Some(f.clone()))
+        }
         None => ("<domainsnapshot/>".to_string(), None),
     };
     let flags = SnapshotCreateFlags {
@@ -448,7 +447,12 @@ fn tree(shown: &[&SnapshotSummary]) -> String {
     out
 }
 
-fn pick_name(snapshot: &Option<String>, named: &Option<String>, current: bool, all: &[SnapshotSummary]) -> Result<String> {
+fn pick_name(
+    snapshot: &Option<String>,
+    named: &Option<String>,
+    current: bool,
+    all: &[SnapshotSummary],
+) -> Result<String> {
     if let Some(n) = named.as_ref().or(snapshot.as_ref()) {
         return Ok(n.clone());
     }

@@ -21,9 +21,7 @@ pub fn probe_disk(disk: &Disk) -> Result<Option<Chain>> {
     if source.local_path().is_none() {
         return Ok(None);
     }
-    chain::probe_chain(source, &top_format(disk))
-        .map(Some)
-        .map_err(|e| e.context(format!("disk '{}'", disk.target)))
+    chain::probe_chain(source, &top_format(disk)).map(Some).map_err(|e| e.context(format!("disk '{}'", disk.target)))
 }
 
 /// Fills in and checks the chains of a domain about to be defined.
@@ -52,7 +50,11 @@ pub fn prepare_disks(dom: &mut Domain, validate: bool) -> Result<Vec<String>> {
             if validate && recorded {
                 return Err(Error::new(
                     ErrorKind::ChainMismatch,
-                    format!("disk '{}': image '{}' does not exist, so its chain cannot be validated", disk.target, path.display()),
+                    format!(
+                        "disk '{}': image '{}' does not exist, so its chain cannot be validated",
+                        disk.target,
+                        path.display()
+                    ),
                 ));
             }
             let mut fixed = chain.clone();
@@ -145,20 +147,15 @@ pub fn check_chains(dom: &mut Domain, only: Option<&str>, fix: bool) -> Result<V
     let mut out = Vec::new();
     for disk in disks {
         let Some(recorded) = &disk.chain else { continue };
-        let mut check = DiskChainCheck {
-            disk: disk.target.clone(),
-            differences: Vec::new(),
-            error: None,
-            fixed: false,
-        };
+        let mut check =
+            DiskChainCheck { disk: disk.target.clone(), differences: Vec::new(), error: None, fixed: false };
         match probe_disk(&disk) {
             Ok(Some(found)) => {
                 check.differences = recorded.differences(&found);
                 if recorded.top().is_some_and(|t| t.backing == Backing::Unknown) {
-                    check.differences.push(chain::ChainDifference {
-                        index: 0,
-                        what: "no backing chain is recorded".to_string(),
-                    });
+                    check
+                        .differences
+                        .push(chain::ChainDifference { index: 0, what: "no backing chain is recorded".to_string() });
                 }
                 if fix && !check.differences.is_empty() {
                     dom.set_disk_chain(&disk.target, &found)?;

@@ -12,8 +12,8 @@ use serde::Serialize;
 use crate::chain::ChainDifference;
 use crate::error::{Error, Result};
 use crate::options::{
-    BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions,
-    SnapshotCreateFlags, SnapshotDeleteFlags, SnapshotRevertFlags,
+    BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions, SnapshotCreateFlags,
+    SnapshotDeleteFlags, SnapshotRevertFlags,
 };
 
 /// virsh's domain states.
@@ -294,7 +294,10 @@ pub enum BlockJobState {
     Running(BlockJobInfo),
     /// The synchronised phase was reached (or already held).
     Ready(BlockJobInfo),
-    Ended { kind: BlockJobKind, end: BlockJobEnd },
+    Ended {
+        kind: BlockJobKind,
+        end: BlockJobEnd,
+    },
 }
 
 /// Block jobs. Progress is observed by [`BlockJobOps::block_job_wait`],

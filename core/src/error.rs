@@ -91,11 +91,7 @@ impl ErrorKind {
 
     /// The kind for a code produced by [`ErrorKind::code`] (used at the plugin boundary).
     pub fn from_code(code: i32) -> ErrorKind {
-        ALL_KINDS
-            .iter()
-            .copied()
-            .find(|k| k.code() == code)
-            .unwrap_or(ErrorKind::Internal)
+        ALL_KINDS.iter().copied().find(|k| k.code() == code).unwrap_or(ErrorKind::Internal)
     }
 
     /// A stable identifier for scripts (`--json` error output).

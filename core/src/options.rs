@@ -7,9 +7,7 @@ use crate::error::{Error, Result};
 
 fn exclusive(a: bool, a_name: &str, b: bool, b_name: &str) -> Result<()> {
     if a && b {
-        return Err(Error::invalid_arg(format!(
-            "Options {a_name} and {b_name} are mutually exclusive"
-        )));
+        return Err(Error::invalid_arg(format!("Options {a_name} and {b_name} are mutually exclusive")));
     }
     Ok(())
 }
@@ -94,10 +92,7 @@ impl BlockCopyOptions {
     /// calls legal but of little use.
     pub fn validate(&self) -> Result<Vec<String>> {
         if !self.dest.starts_with('/') {
-            return Err(Error::invalid_arg(format!(
-                "copy destination '{}' must be an absolute path",
-                self.dest
-            )));
+            return Err(Error::invalid_arg(format!("copy destination '{}' must be an absolute path", self.dest)));
         }
         if self.raw && self.format.as_deref().is_some_and(|f| f != "raw") {
             return Err(Error::invalid_arg("Options --raw and --format are mutually exclusive"));
@@ -205,13 +200,7 @@ mod tests {
     use super::*;
 
     fn copy(shallow: bool, reuse: bool, raw: bool) -> BlockCopyOptions {
-        BlockCopyOptions {
-            dest: "/images/copy.img".into(),
-            shallow,
-            reuse_external: reuse,
-            raw,
-            ..Default::default()
-        }
+        BlockCopyOptions { dest: "/images/copy.img".into(), shallow, reuse_external: reuse, raw, ..Default::default() }
     }
 
     /// Seed 002's eight combinations of shallow / reuse-external / raw, each
@@ -230,8 +219,7 @@ mod tests {
         for (s, r, raw) in accepted_for_chain {
             let o = copy(s, r, raw);
             o.validate().expect("flags alone are valid");
-            o.validate_for_source("vda", "qcow2", true)
-                .unwrap_or_else(|e| panic!("{s} {r} {raw} refused: {e}"));
+            o.validate_for_source("vda", "qcow2", true).unwrap_or_else(|e| panic!("{s} {r} {raw} refused: {e}"));
         }
         let warned = copy(false, true, true).validate().expect("valid");
         assert_eq!(warned.len(), 1, "reuse-external + raw without shallow warns");

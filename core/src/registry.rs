@@ -26,10 +26,8 @@ pub fn known_schemes() -> Vec<&'static str> {
 /// Opens a connection to the driver named by `uri`.
 pub fn open(uri: &str) -> Result<Box<dyn Connection>> {
     let parsed = ConnectUri::parse(uri)?;
-    let reg = inventory::iter::<DriverRegistration>
-        .into_iter()
-        .find(|d| d.scheme == parsed.driver)
-        .ok_or_else(|| {
+    let reg =
+        inventory::iter::<DriverRegistration>.into_iter().find(|d| d.scheme == parsed.driver).ok_or_else(|| {
             Error::new(
                 ErrorKind::NoConnect,
                 format!(

@@ -256,9 +256,7 @@ pub fn atomic_write(path: &Path, data: &[u8]) -> Result<()> {
 
 fn sync_dir(path: &Path) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("sync directory", dir, e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("sync directory", dir, e))
 }
 
 #[cfg(test)]
@@ -279,10 +277,7 @@ mod tests {
     fn store_records_version_and_refuses_newer() {
         let dir = tempfile::tempdir().expect("tempdir");
         Store::open(dir.path()).expect("open");
-        assert_eq!(
-            fs::read_to_string(dir.path().join("format-version")).expect("read").trim(),
-            "1"
-        );
+        assert_eq!(fs::read_to_string(dir.path().join("format-version")).expect("read").trim(), "1");
         fs::write(dir.path().join("format-version"), "99\n").expect("write");
         let err = Store::open(dir.path()).expect_err("newer format must be refused");
         assert_eq!(err.kind(), ErrorKind::StoreFormat);

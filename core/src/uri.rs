@@ -20,9 +20,8 @@ pub struct ConnectUri {
 impl ConnectUri {
     pub fn parse(uri: &str) -> Result<ConnectUri> {
         let bad = |why: &str| Error::invalid_arg(format!("connection URI '{uri}' is not valid: {why}"));
-        let (scheme, rest) = uri
-            .split_once("://")
-            .ok_or_else(|| bad("expected DRIVER:///PATH, e.g. qemu:///session"))?;
+        let (scheme, rest) =
+            uri.split_once("://").ok_or_else(|| bad("expected DRIVER:///PATH, e.g. qemu:///session"))?;
         if scheme.is_empty() {
             return Err(bad("it names no driver"));
         }
@@ -84,9 +83,9 @@ impl ConnectUri {
                 Ok(base.join("strata").join(&self.driver))
             }
             "embed" => {
-                let root = self.param("root").ok_or_else(|| {
-                    Error::invalid_arg(format!("connection URI '{}' needs ?root=DIR", self.raw))
-                })?;
+                let root = self
+                    .param("root")
+                    .ok_or_else(|| Error::invalid_arg(format!("connection URI '{}' needs ?root=DIR", self.raw)))?;
                 let root = PathBuf::from(root);
                 if !root.is_absolute() {
                     return Err(Error::invalid_arg(format!(

@@ -72,9 +72,7 @@ mod xmlq {
                 if let Some(close) = rest.strip_prefix("</") {
                     let gt = close.find('>').expect("unterminated closing tag");
                     let name = close[..gt].trim();
-                    let open = stack
-                        .pop()
-                        .unwrap_or_else(|| panic!("closing tag </{name}> without an open element"));
+                    let open = stack.pop().unwrap_or_else(|| panic!("closing tag </{name}> without an open element"));
                     assert_eq!(els[open].name, name, "mismatched closing tag");
                     pos = lt + 2 + gt + 1;
                     continue;
@@ -100,12 +98,7 @@ mod xmlq {
                 };
                 let (name, attrs) = parse_tag(inner);
                 let id = els.len();
-                els.push(El {
-                    name,
-                    attrs,
-                    kids: Vec::new(),
-                    text: String::new(),
-                });
+                els.push(El { name, attrs, kids: Vec::new(), text: String::new() });
                 match stack.last() {
                     Some(&parent) => els[parent].kids.push(id),
                     None => assert_eq!(id, ROOT, "more than one root element"),
@@ -115,10 +108,7 @@ mod xmlq {
                 }
                 pos = i + 1;
             }
-            assert!(
-                stack.is_empty(),
-                "unclosed elements at the end of the document"
-            );
+            assert!(stack.is_empty(), "unclosed elements at the end of the document");
             assert!(!els.is_empty(), "empty document");
             Doc { els }
         }
@@ -128,11 +118,7 @@ mod xmlq {
         }
 
         pub fn attr(&self, id: usize, name: &str) -> Option<&str> {
-            self.els[id]
-                .attrs
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
+            self.els[id].attrs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
         }
 
         pub fn text(&self, id: usize) -> String {
@@ -148,11 +134,7 @@ mod xmlq {
         }
 
         pub fn children(&self, id: usize, name: &str) -> Vec<usize> {
-            self.kids(id)
-                .iter()
-                .copied()
-                .filter(|&k| self.name(k) == name)
-                .collect()
+            self.kids(id).iter().copied().filter(|&k| self.name(k) == name).collect()
         }
 
         pub fn child(&self, id: usize, name: &str) -> Option<usize> {
@@ -176,35 +158,22 @@ mod xmlq {
             attrs.sort();
             let attrs: Vec<String> = attrs.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
             let kids: Vec<String> = el.kids.iter().map(|&k| self.canon(k)).collect();
-            format!(
-                "<{} {}>{:?}[{}]",
-                el.name,
-                attrs.join(" "),
-                el.text.trim(),
-                kids.join(",")
-            )
+            format!("<{} {}>{:?}[{}]", el.name, attrs.join(" "), el.text.trim(), kids.join(","))
         }
     }
 
     fn parse_tag(inner: &str) -> (String, Vec<(String, String)>) {
         let inner = inner.trim();
-        let name_end = inner
-            .find(|c: char| c.is_whitespace())
-            .unwrap_or(inner.len());
+        let name_end = inner.find(|c: char| c.is_whitespace()).unwrap_or(inner.len());
         let name = inner[..name_end].to_string();
         let mut rest = inner[name_end..].trim_start();
         let mut attrs = Vec::new();
         while !rest.is_empty() {
-            let eq = rest
-                .find('=')
-                .unwrap_or_else(|| panic!("attribute without a value in <{name}>"));
+            let eq = rest.find('=').unwrap_or_else(|| panic!("attribute without a value in <{name}>"));
             let key = rest[..eq].trim().to_string();
             let after = rest[eq + 1..].trim_start();
             let q = after.chars().next().expect("attribute value");
-            assert!(
-                q == '\'' || q == '"',
-                "unquoted attribute value in <{name}>"
-            );
+            assert!(q == '\'' || q == '"', "unquoted attribute value in <{name}>");
             let end = after[1..].find(q).expect("unterminated attribute value") + 1;
             attrs.push((key, unescape(&after[1..end])));
             rest = after[end + 1..].trim_start();
@@ -228,11 +197,7 @@ mod xmlq {
                 _ => {
                     let code = match ent.strip_prefix("#x") {
                         Some(hex) => u32::from_str_radix(hex, 16).expect("hex entity"),
-                        None => ent
-                            .strip_prefix('#')
-                            .expect("known entity")
-                            .parse()
-                            .expect("numeric entity"),
+                        None => ent.strip_prefix('#').expect("known entity").parse().expect("numeric entity"),
                     };
                     out.push(char::from_u32(code).expect("valid character reference"));
                 }
@@ -284,12 +249,7 @@ fn dumpxml(env: &TestEnv, dom: &str, flags: &[&str]) -> (String, Doc) {
 
 /// Names listed by `list --all --name`.
 fn domain_names(env: &TestEnv) -> Vec<String> {
-    env.ok(&["list", "--all", "--name"])
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect()
+    env.ok(&["list", "--all", "--name"]).lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect()
 }
 
 /// The `<disk>` element whose target is `target`.
@@ -325,12 +285,7 @@ fn recorded_chain(doc: &Doc, disk_el: usize) -> Recorded {
     loop {
         let stores = doc.children(cur, "backingStore");
         match stores.as_slice() {
-            [] => {
-                return Recorded {
-                    layers,
-                    ends: false,
-                }
-            }
+            [] => return Recorded { layers, ends: false },
             [one] => {
                 let one = *one;
                 if doc.els[one].attrs.is_empty() && doc.kids(one).is_empty() {
@@ -339,35 +294,22 @@ fn recorded_chain(doc: &Doc, disk_el: usize) -> Recorded {
                 layers.push(Layer {
                     index: doc.attr(one, "index").map(str::to_string),
                     kind: doc.attr(one, "type").map(str::to_string),
-                    format: doc
-                        .child(one, "format")
-                        .and_then(|f| doc.attr(f, "type"))
-                        .map(str::to_string),
-                    file: doc
-                        .child(one, "source")
-                        .and_then(|s| doc.attr(s, "file"))
-                        .map(str::to_string),
+                    format: doc.child(one, "format").and_then(|f| doc.attr(f, "type")).map(str::to_string),
+                    file: doc.child(one, "source").and_then(|s| doc.attr(s, "file")).map(str::to_string),
                 });
                 cur = one;
             }
-            more => panic!(
-                "{} sibling <backingStore> elements in one chain",
-                more.len()
-            ),
+            more => panic!("{} sibling <backingStore> elements in one chain", more.len()),
         }
     }
 }
 
 fn disk_source(doc: &Doc, disk_el: usize) -> Option<String> {
-    doc.child(disk_el, "source")
-        .and_then(|s| doc.attr(s, "file"))
-        .map(str::to_string)
+    doc.child(disk_el, "source").and_then(|s| doc.attr(s, "file")).map(str::to_string)
 }
 
 fn disk_format(doc: &Doc, disk_el: usize) -> Option<String> {
-    doc.child(disk_el, "driver")
-        .and_then(|d| doc.attr(d, "type"))
-        .map(str::to_string)
+    doc.child(disk_el, "driver").and_then(|d| doc.attr(d, "type")).map(str::to_string)
 }
 
 /// Expected backing layers, numbered 1.. below the active layer.
@@ -387,22 +329,11 @@ fn file_layers(layers: &[(&Path, &str)]) -> Vec<Layer> {
 /// Asserts a disk's active layer and complete chain.
 fn assert_chain(doc: &Doc, target: &str, top: &Path, top_format: &str, below: &[(&Path, &str)]) {
     let d = disk(doc, target);
-    assert_eq!(
-        disk_source(doc, d).as_deref(),
-        Some(p(top)),
-        "active layer of {target}"
-    );
-    assert_eq!(
-        disk_format(doc, d).as_deref(),
-        Some(top_format),
-        "driver type of {target}"
-    );
+    assert_eq!(disk_source(doc, d).as_deref(), Some(p(top)), "active layer of {target}");
+    assert_eq!(disk_format(doc, d).as_deref(), Some(top_format), "driver type of {target}");
     assert_eq!(
         recorded_chain(doc, d),
-        Recorded {
-            layers: file_layers(below),
-            ends: true
-        },
+        Recorded { layers: file_layers(below), ends: true },
         "backing chain of {target}"
     );
 }
@@ -413,21 +344,11 @@ fn assert_matches_qemu(doc: &Doc, target: &str, top: &Path) {
     let d = disk(doc, target);
     let rec = recorded_chain(doc, d);
     assert!(rec.ends, "chain of {target} should be complete");
-    let mut ours = vec![(
-        disk_source(doc, d).expect("disk source"),
-        disk_format(doc, d).expect("disk format"),
-    )];
-    ours.extend(rec.layers.iter().map(|l| {
-        (
-            l.file.clone().expect("layer file"),
-            l.format.clone().expect("layer format"),
-        )
-    }));
-    assert_eq!(
-        ours,
-        qemu_chain(top),
-        "Strata's chain of {target} vs qemu-img's"
+    let mut ours = vec![(disk_source(doc, d).expect("disk source"), disk_format(doc, d).expect("disk format"))];
+    ours.extend(
+        rec.layers.iter().map(|l| (l.file.clone().expect("layer file"), l.format.clone().expect("layer format"))),
     );
+    assert_eq!(ours, qemu_chain(top), "Strata's chain of {target} vs qemu-img's");
 }
 
 /// Turns the backing-format header extension of a qcow2 image into an
@@ -452,16 +373,12 @@ fn strip_backing_format(path: &Path) {
     std::fs::write(path, bytes).expect("write qcow2");
     let info = qemu_img(&["info", "-U", p(path)]);
     assert!(info.contains("backing file:"), "{info}");
-    assert!(
-        !info.contains("backing file format"),
-        "backing format still recorded:\n{info}"
-    );
+    assert!(!info.contains("backing file format"), "backing format still recorded:\n{info}");
 }
 
 /// `qemu-img info --output=json` of one image (no chain).
 fn qemu_info(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", p(path)]))
-        .expect("qemu-img json")
+    serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", p(path)])).expect("qemu-img json")
 }
 
 fn raw_image(path: &Path) {
@@ -470,15 +387,7 @@ fn raw_image(path: &Path) {
 
 /// A domain named `name` over the given single qcow2/raw top image.
 fn one_disk_domain(name: &str, top: &Path, format: &str) -> String {
-    domain_xml(
-        name,
-        &[DiskSpec {
-            target: "vda",
-            format,
-            path: top,
-            extra: "",
-        }],
-    )
+    domain_xml(name, &[DiskSpec { target: "vda", format, path: top, extra: "" }])
 }
 
 /// Runs strata, killing it (and reporting None) if it does not end in time.
@@ -515,16 +424,7 @@ fn build_deep_chain(dir: &Path, depth: usize) -> Vec<PathBuf> {
     assert!(depth <= 99_999);
     let name = |i: usize| format!("l{i:05}.qcow2");
     let base = dir.join(name(depth));
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=512",
-        p(&base),
-        "1M",
-    ]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", p(&base), "1M"]);
     let template = dir.join("template.qcow2");
     qemu_img(&[
         "create",
@@ -544,11 +444,7 @@ fn build_deep_chain(dir: &Path, depth: usize) -> Vec<PathBuf> {
     let bytes = std::fs::read(&template).expect("read template");
     let offset = u64::from_be_bytes(bytes[8..16].try_into().expect("8 bytes")) as usize;
     let len = u32::from_be_bytes(bytes[16..20].try_into().expect("4 bytes")) as usize;
-    assert_eq!(
-        &bytes[offset..offset + len],
-        name(1).as_bytes(),
-        "template backing name"
-    );
+    assert_eq!(&bytes[offset..offset + len], name(1).as_bytes(), "template backing name");
     std::fs::remove_file(&template).expect("remove template");
     let mut paths = Vec::with_capacity(depth + 1);
     for i in 0..depth {
@@ -578,18 +474,8 @@ fn define_probes_three_deep_relative_chain() {
     let xml = domain_xml(
         "vm1",
         &[
-            DiskSpec {
-                target: "vda",
-                format: "qcow2",
-                path: top,
-                extra: "",
-            },
-            DiskSpec {
-                target: "vdb",
-                format: "raw",
-                path: &data,
-                extra: "",
-            },
+            DiskSpec { target: "vda", format: "qcow2", path: top, extra: "" },
+            DiskSpec { target: "vdb", format: "raw", path: &data, extra: "" },
         ],
     );
     assert!(!xml.contains("backingStore"));
@@ -597,24 +483,11 @@ fn define_probes_three_deep_relative_chain() {
 
     for flags in [&[][..], &["--inactive"][..]] {
         let (text, doc) = dumpxml(&env, "vm1", flags);
-        assert_chain(
-            &doc,
-            "vda",
-            top,
-            "qcow2",
-            &[(mid, "qcow2"), (base, "qcow2")],
-        );
+        assert_chain(&doc, "vda", top, "qcow2", &[(mid, "qcow2"), (base, "qcow2")]);
         assert_matches_qemu(&doc, "vda", top);
         // The raw disk ends at once, right after its source.
         let vdb = disk(&doc, "vdb");
-        assert_eq!(
-            recorded_chain(&doc, vdb),
-            Recorded {
-                layers: vec![],
-                ends: true
-            },
-            "{text}"
-        );
+        assert_eq!(recorded_chain(&doc, vdb), Recorded { layers: vec![], ends: true }, "{text}");
         let names = doc.kid_names(vdb);
         let src = names.iter().position(|n| *n == "source").expect("source");
         assert_eq!(names.get(src + 1), Some(&"backingStore"), "{names:?}");
@@ -634,78 +507,35 @@ fn seed000_missing_backing_format_is_refused_with_fix() {
     let mid = env.path("mid.qcow2");
     let top = env.path("top.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "64M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        p(&mid),
-    ]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        p(&top),
-    ]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", p(&mid)]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", p(&top)]);
     strip_backing_format(&top);
     assert!(qemu_info(&top).get("backing-filename-format").is_none());
 
     let out = try_define(&env, "vm", &one_disk_domain("vm", &top, "qcow2"), &[]);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "define must be refused: {}",
-        stdout_of(&out)
-    );
+    assert_eq!(out.status.code(), Some(1), "define must be refused: {}", stdout_of(&out));
     let err = stderr_of(&out);
     assert!(err.starts_with("error:"), "{err}");
     assert!(err.contains(p(&top)), "names the top image: {err}");
     assert!(err.contains(p(&mid)), "names the backing image: {err}");
     // What QEMU would do: probe mid and go on to open base.
-    assert!(
-        err.contains("QEMU") && err.to_lowercase().contains("probe"),
-        "{err}"
-    );
-    assert!(
-        err.contains("base.qcow2"),
-        "says QEMU would open base: {err}"
-    );
+    assert!(err.contains("QEMU") && err.to_lowercase().contains("probe"), "{err}");
+    assert!(err.contains("base.qcow2"), "says QEMU would open base: {err}");
     assert!(!domain_names(&env).contains(&"vm".to_string()));
 
     let expected_fix = format!("qemu-img rebase -u -F qcow2 -b mid.qcow2 {}", top.display());
-    assert!(
-        err.contains(&expected_fix),
-        "exact fix missing; expected `{expected_fix}` in:\n{err}"
-    );
+    assert!(err.contains(&expected_fix), "exact fix missing; expected `{expected_fix}` in:\n{err}");
     // Run the command exactly as printed.
     let start = err.find("qemu-img rebase").expect("fix command");
     let line = err[start..].lines().next().expect("fix line").trim();
     let words: Vec<&str> = line.split_whitespace().collect();
-    let status = Command::new(words[0])
-        .args(&words[1..])
-        .status()
-        .expect("run the fix");
+    let status = Command::new(words[0]).args(&words[1..]).status().expect("run the fix");
     assert!(status.success(), "the printed fix failed: {line}");
     assert_eq!(qemu_info(&top)["backing-filename-format"], "qcow2");
 
     env.define("vm", &one_disk_domain("vm", &top, "qcow2"));
     let (_, doc) = dumpxml(&env, "vm", &[]);
-    assert_chain(
-        &doc,
-        "vda",
-        &top,
-        "qcow2",
-        &[(&mid, "qcow2"), (&base, "qcow2")],
-    );
+    assert_chain(&doc, "vda", &top, "qcow2", &[(&mid, "qcow2"), (&base, "qcow2")]);
     assert_matches_qemu(&doc, "vda", &top);
 }
 
@@ -714,19 +544,7 @@ fn raw_disk_with_fake_qcow2_header_is_never_followed() {
     let env = TestEnv::new();
     // A raw disk whose guest wrote a qcow2 header naming /etc/shadow.
     let fake = env.path("fake.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        "/etc/shadow",
-        "-F",
-        "raw",
-        p(&fake),
-        "1M",
-    ]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", "/etc/shadow", "-F", "raw", p(&fake), "1M"]);
     let disk_raw = env.path("disk.raw");
     std::fs::copy(&fake, &disk_raw).expect("copy header into the raw disk");
     // The trap is real: probing the file finds qcow2 with that backing file.
@@ -736,65 +554,29 @@ fn raw_disk_with_fake_qcow2_header_is_never_followed() {
     let xml = domain_xml(
         "rawvm",
         &[
-            DiskSpec {
-                target: "vda",
-                format: "raw",
-                path: &disk_raw,
-                extra: "",
-            },
-            DiskSpec {
-                target: "vdb",
-                format: "NOTYPE",
-                path: &disk_raw,
-                extra: "",
-            },
+            DiskSpec { target: "vda", format: "raw", path: &disk_raw, extra: "" },
+            DiskSpec { target: "vdb", format: "NOTYPE", path: &disk_raw, extra: "" },
         ],
     )
     .replace("      <driver name='qemu' type='NOTYPE'/>\n", "");
     let out = try_define(&env, "rawvm", &xml, &[]);
     assert!(out.status.success(), "{}", stderr_of(&out));
-    assert!(
-        stderr_of(&out).contains("warning:"),
-        "no driver type deserves a warning"
-    );
+    assert!(stderr_of(&out).contains("warning:"), "no driver type deserves a warning");
     let (text, doc) = dumpxml(&env, "rawvm", &[]);
     assert!(!text.contains("/etc/shadow"), "{text}");
     for target in ["vda", "vdb"] {
         let d = disk(&doc, target);
-        assert_eq!(
-            recorded_chain(&doc, d),
-            Recorded {
-                layers: vec![],
-                ends: true
-            },
-            "{target}"
-        );
+        assert_eq!(recorded_chain(&doc, d), Recorded { layers: vec![], ends: true }, "{target}");
         let names = doc.kid_names(d);
         let src = names.iter().position(|n| *n == "source").expect("source");
-        assert_eq!(
-            names.get(src + 1),
-            Some(&"backingStore"),
-            "{target}: {names:?}"
-        );
+        assert_eq!(names.get(src + 1), Some(&"backingStore"), "{target}: {names:?}");
     }
     let out = env.ok(&["domblklist", "rawvm", "--json"]);
     assert!(!out.contains("/etc/shadow"), "{out}");
 
     // (b) A qcow2 top recording the raw disk as raw: the chain stops there.
     let top_raw = env.path("top-raw.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        "disk.raw",
-        "-F",
-        "raw",
-        p(&top_raw),
-        "1M",
-    ]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", "disk.raw", "-F", "raw", p(&top_raw), "1M"]);
     env.define("qraw", &one_disk_domain("qraw", &top_raw, "qcow2"));
     let (text, doc) = dumpxml(&env, "qraw", &[]);
     assert!(!text.contains("/etc/shadow"), "{text}");
@@ -804,37 +586,12 @@ fn raw_disk_with_fake_qcow2_header_is_never_followed() {
     // (c) A qcow2 top naming the raw disk without a format: QEMU would
     // probe it, find qcow2 and open /etc/shadow. Refused.
     let top_probe = env.path("top-probe.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        "disk.raw",
-        "-F",
-        "raw",
-        p(&top_probe),
-        "1M",
-    ]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", "disk.raw", "-F", "raw", p(&top_probe), "1M"]);
     strip_backing_format(&top_probe);
-    let out = try_define(
-        &env,
-        "qprobe",
-        &one_disk_domain("qprobe", &top_probe, "qcow2"),
-        &[],
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "must be refused: {}",
-        stdout_of(&out)
-    );
+    let out = try_define(&env, "qprobe", &one_disk_domain("qprobe", &top_probe, "qcow2"), &[]);
+    assert_eq!(out.status.code(), Some(1), "must be refused: {}", stdout_of(&out));
     let err = stderr_of(&out);
-    assert!(
-        err.starts_with("error:") && err.contains(p(&disk_raw)),
-        "{err}"
-    );
+    assert!(err.starts_with("error:") && err.contains(p(&disk_raw)), "{err}");
     assert!(!domain_names(&env).contains(&"qprobe".to_string()));
     let out = env.strata(&["dumpxml", "qprobe"]);
     assert_eq!(out.status.code(), Some(1));
@@ -848,19 +605,7 @@ fn raw_disk_with_fake_qcow2_header_is_never_followed() {
     for (name, backing, format) in [("ok-qcow2", &plain, "qcow2"), ("ok-raw", &zeros, "raw")] {
         let top = env.path(&format!("{name}.qcow2"));
         let backing_name = backing.file_name().and_then(|n| n.to_str()).expect("name");
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            backing_name,
-            "-F",
-            format,
-            p(&top),
-            "1M",
-        ]);
+        qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", backing_name, "-F", format, p(&top), "1M"]);
         strip_backing_format(&top);
         env.define(name, &one_disk_domain(name, &top, "qcow2"));
         let (_, doc) = dumpxml(&env, name, &[]);
@@ -873,72 +618,34 @@ fn self_reference_and_two_image_cycle_are_errors() {
     let env = TestEnv::new();
     let selfie = env.path("self.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", p(&selfie), "1M"]);
-    qemu_img(&[
-        "rebase",
-        "-u",
-        "-b",
-        "self.qcow2",
-        "-F",
-        "qcow2",
-        p(&selfie),
-    ]);
+    qemu_img(&["rebase", "-u", "-b", "self.qcow2", "-F", "qcow2", p(&selfie)]);
     assert_eq!(qemu_info(&selfie)["backing-filename"], "self.qcow2");
 
     let a = env.path("a.qcow2");
     let b = env.path("b.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", p(&a), "1M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "a.qcow2",
-        "-F",
-        "qcow2",
-        p(&b),
-    ]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", p(&b)]);
     qemu_img(&["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", p(&a)]);
 
-    let out = try_define(
-        &env,
-        "loop-self",
-        &one_disk_domain("loop-self", &selfie, "qcow2"),
-        &[],
-    );
+    let out = try_define(&env, "loop-self", &one_disk_domain("loop-self", &selfie, "qcow2"), &[]);
     assert_eq!(out.status.code(), Some(1), "self loop must be refused");
     let err = stderr_of(&out);
-    assert!(
-        err.starts_with("error:") && err.contains(p(&selfie)),
-        "{err}"
-    );
-    assert!(
-        err.contains("itself") || err.contains("loop") || err.contains("cycle"),
-        "names the loop: {err}"
-    );
+    assert!(err.starts_with("error:") && err.contains(p(&selfie)), "{err}");
+    assert!(err.contains("itself") || err.contains("loop") || err.contains("cycle"), "names the loop: {err}");
 
     for (name, top) in [("loop-a", &a), ("loop-b", &b)] {
         let out = try_define(&env, name, &one_disk_domain(name, top, "qcow2"), &[]);
         assert_eq!(out.status.code(), Some(1), "{name}: cycle must be refused");
         let err = stderr_of(&out);
-        assert!(
-            err.contains(p(&a)) && err.contains(p(&b)),
-            "both images of the loop named: {err}"
-        );
+        assert!(err.contains(p(&a)) && err.contains(p(&b)), "both images of the loop named: {err}");
         assert!(err.contains("loop") || err.contains("cycle"), "{err}");
     }
 
     let names = domain_names(&env);
     for name in ["loop-self", "loop-a", "loop-b"] {
-        assert!(
-            !names.contains(&name.to_string()),
-            "{name} was defined: {names:?}"
-        );
+        assert!(!names.contains(&name.to_string()), "{name} was defined: {names:?}");
         let err = env.fails(&["dominfo", name]);
-        assert!(
-            err.contains(&format!("error: failed to get domain '{name}'")),
-            "{err}"
-        );
+        assert!(err.contains(&format!("error: failed to get domain '{name}'")), "{err}");
     }
 }
 
@@ -967,10 +674,7 @@ fn ten_thousand_deep_chain_is_probed() {
     let top200 = &paths[DEPTH - 200];
     env.define("deep200", &one_disk_domain("deep200", top200, "qcow2"));
     let (_, doc) = dumpxml(&env, "deep200", &[]);
-    let below: Vec<(&Path, &str)> = paths[DEPTH - 199..]
-        .iter()
-        .map(|p| (p.as_path(), "qcow2"))
-        .collect();
+    let below: Vec<(&Path, &str)> = paths[DEPTH - 199..].iter().map(|p| (p.as_path(), "qcow2")).collect();
     assert_chain(&doc, "vda", top200, "qcow2", &below);
 
     let t = Instant::now();
@@ -1008,11 +712,7 @@ fn dumpxml_unindented(env: &TestEnv, dom: &str) -> String {
         .spawn()
         .expect("spawn strata");
     let pipe = strata.stdout.take().expect("strata stdout");
-    let sed = Command::new("sed")
-        .arg("s/^[[:space:]]*//")
-        .stdin(Stdio::from(pipe))
-        .output()
-        .expect("run sed");
+    let sed = Command::new("sed").arg("s/^[[:space:]]*//").stdin(Stdio::from(pipe)).output().expect("run sed");
     let status = strata.wait().expect("wait strata");
     assert!(status.success(), "dumpxml {dom} failed: {status}");
     assert!(sed.status.success());
@@ -1057,18 +757,8 @@ fn domblkcheck_detects_rebase_behind_back_and_fix_repairs() {
     let xml = domain_xml(
         "vm",
         &[
-            DiskSpec {
-                target: "vda",
-                format: "qcow2",
-                path: top,
-                extra: "",
-            },
-            DiskSpec {
-                target: "vdb",
-                format: "raw",
-                path: &data,
-                extra: "",
-            },
+            DiskSpec { target: "vda", format: "qcow2", path: top, extra: "" },
+            DiskSpec { target: "vdb", format: "raw", path: &data, extra: "" },
         ],
     );
     env.define("vm", &xml);
@@ -1079,76 +769,30 @@ fn domblkcheck_detects_rebase_behind_back_and_fix_repairs() {
     assert_eq!(qemu_chain(top).len(), 2);
 
     let out = env.strata(&["domblkcheck", "vm"]);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "mismatch must fail: {}",
-        stdout_of(&out)
-    );
-    assert!(
-        stderr_of(&out).contains("error: backing chain mismatch"),
-        "{}",
-        stderr_of(&out)
-    );
+    assert_eq!(out.status.code(), Some(1), "mismatch must fail: {}", stdout_of(&out));
+    assert!(stderr_of(&out).contains("error: backing chain mismatch"), "{}", stderr_of(&out));
     let report = stdout_of(&out);
     let vda_lines: Vec<&str> = report.lines().filter(|l| l.starts_with("vda")).collect();
     assert!(!vda_lines.is_empty(), "{report}");
-    assert!(
-        vda_lines.iter().any(|l| l.contains(p(mid))),
-        "the dropped layer is named: {report}"
-    );
+    assert!(vda_lines.iter().any(|l| l.contains(p(mid))), "the dropped layer is named: {report}");
     let json_out = env.strata(&["domblkcheck", "vm", "--json"]);
     assert_eq!(json_out.status.code(), Some(1));
-    let checks: serde_json::Value =
-        serde_json::from_str(&stdout_of(&json_out)).expect("domblkcheck json");
-    let vda = checks
-        .as_array()
-        .expect("array")
-        .iter()
-        .find(|c| c["disk"] == "vda")
-        .expect("vda check");
-    assert!(!vda["differences"]
-        .as_array()
-        .expect("differences")
-        .is_empty());
-    let vdb = checks
-        .as_array()
-        .expect("array")
-        .iter()
-        .find(|c| c["disk"] == "vdb")
-        .expect("vdb check");
-    assert!(vdb["differences"]
-        .as_array()
-        .expect("differences")
-        .is_empty());
+    let checks: serde_json::Value = serde_json::from_str(&stdout_of(&json_out)).expect("domblkcheck json");
+    let vda = checks.as_array().expect("array").iter().find(|c| c["disk"] == "vda").expect("vda check");
+    assert!(!vda["differences"].as_array().expect("differences").is_empty());
+    let vdb = checks.as_array().expect("array").iter().find(|c| c["disk"] == "vdb").expect("vdb check");
+    assert!(vdb["differences"].as_array().expect("differences").is_empty());
 
     // Checking changes nothing.
     let (_, doc) = dumpxml(&env, "vm", &[]);
-    assert_chain(
-        &doc,
-        "vda",
-        top,
-        "qcow2",
-        &[(mid, "qcow2"), (base, "qcow2")],
-    );
+    assert_chain(&doc, "vda", top, "qcow2", &[(mid, "qcow2"), (base, "qcow2")]);
 
     let out = env.strata(&["domblkcheck", "vm", "--fix"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "--fix repairs: {}",
-        stderr_of(&out)
-    );
+    assert_eq!(out.status.code(), Some(0), "--fix repairs: {}", stderr_of(&out));
     let (_, doc) = dumpxml(&env, "vm", &[]);
     assert_chain(&doc, "vda", top, "qcow2", &[(base, "qcow2")]);
     assert_matches_qemu(&doc, "vda", top);
-    assert_eq!(
-        recorded_chain(&doc, disk(&doc, "vdb")),
-        Recorded {
-            layers: vec![],
-            ends: true
-        }
-    );
+    assert_eq!(recorded_chain(&doc, disk(&doc, "vdb")), Recorded { layers: vec![], ends: true });
     let (_, doc) = dumpxml(&env, "vm", &["--inactive"]);
     assert_chain(&doc, "vda", top, "qcow2", &[(base, "qcow2")]);
     env.ok(&["domblkcheck", "vm"]);
@@ -1162,28 +806,17 @@ fn domblkcheck_detects_rebase_behind_back_and_fix_repairs() {
 fn concurrent_processes_lose_no_update() {
     const TARGETS: [&str; 8] = ["vda", "vdb", "vdc", "vdd", "vde", "vdf", "vdg", "vdh"];
     let env = TestEnv::new();
-    let files: Vec<PathBuf> = TARGETS
-        .iter()
-        .map(|t| env.path(&format!("{t}.raw")))
-        .collect();
+    let files: Vec<PathBuf> = TARGETS.iter().map(|t| env.path(&format!("{t}.raw"))).collect();
     for f in &files {
         raw_image(f);
     }
-    let specs: Vec<DiskSpec> = TARGETS
-        .iter()
-        .zip(&files)
-        .map(|(t, f)| DiskSpec {
-            target: t,
-            format: "raw",
-            path: f,
-            extra: "",
-        })
-        .collect();
+    let specs: Vec<DiskSpec> =
+        TARGETS.iter().zip(&files).map(|(t, f)| DiskSpec { target: t, format: "raw", path: f, extra: "" }).collect();
     env.define("vm", &domain_xml("vm", &specs));
 
     let selected = |env: &TestEnv| -> Vec<String> {
-        let list: Vec<String> = serde_json::from_str(&env.ok(&["diskset-list", "vm", "--json"]))
-            .expect("diskset-list json");
+        let list: Vec<String> =
+            serde_json::from_str(&env.ok(&["diskset-list", "vm", "--json"])).expect("diskset-list json");
         list
     };
     let run_all = |cmd: &str| {
@@ -1208,11 +841,7 @@ fn concurrent_processes_lose_no_update() {
         run_all("diskset-add");
         assert_eq!(selected(&env), TARGETS, "round {round}: an add was lost");
         run_all("diskset-remove");
-        assert!(
-            selected(&env).is_empty(),
-            "round {round}: a remove was lost: {:?}",
-            selected(&env)
-        );
+        assert!(selected(&env).is_empty(), "round {round}: a remove was lost: {:?}", selected(&env));
     }
     let (_, doc) = dumpxml(&env, "vm", &[]);
     assert_eq!(doc.at(&["devices", "disk"]).len(), 8);
@@ -1234,11 +863,7 @@ fn undefine_removes_domain() {
     let out = strata_with_timeout(&env, &["undefine", "gone"], Duration::from_secs(10))
         .expect("`undefine` of an unknown domain did not finish within 10 s (hung)");
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr_of(&out).contains("error: failed to get domain 'gone'"),
-        "{}",
-        stderr_of(&out)
-    );
+    assert!(stderr_of(&out).contains("error: failed to get domain 'gone'"), "{}", stderr_of(&out));
 }
 
 // ---------------------------------------------------------------------------
@@ -1338,10 +963,7 @@ fn unmodeled_parts(doc: &Doc) -> Vec<(String, String)> {
     let driver = doc.at(&["devices", "disk", "driver"]);
     assert_eq!(driver.len(), 1);
     for attr in ["name", "cache", "discard"] {
-        parts.push((
-            format!("driver@{attr}"),
-            doc.attr(driver[0], attr).unwrap_or("<missing>").to_string(),
-        ));
+        parts.push((format!("driver@{attr}"), doc.attr(driver[0], attr).unwrap_or("<missing>").to_string()));
     }
     parts
 }
@@ -1392,32 +1014,16 @@ fn unmodeled_non_schema_xml_survives() {
     let (base, top) = (&chain[0], &chain[2]);
     let input = one_disk_domain("odd", top, "qcow2")
         .replacen("<domain type=", "<domain x-root='r1' type=", 1)
-        .replace(
-            "<disk type='file' device='disk'>",
-            "<disk type='file' x-mine='1' device='disk'>",
-        )
-        .replace(
-            "      <target dev='vda'",
-            "      <x-note level='2'>keep me</x-note>\n      <target dev='vda'",
-        )
-        .replace(
-            "  <devices>\n",
-            "  <x-extension><x-inner a='b'/></x-extension>\n  <devices>\n",
-        );
+        .replace("<disk type='file' device='disk'>", "<disk type='file' x-mine='1' device='disk'>")
+        .replace("      <target dev='vda'", "      <x-note level='2'>keep me</x-note>\n      <target dev='vda'")
+        .replace("  <devices>\n", "  <x-extension><x-inner a='b'/></x-extension>\n  <devices>\n");
     let parts = |doc: &Doc| -> Vec<String> {
         let d = disk(doc, "vda");
         vec![
-            doc.attr(xmlq::ROOT, "x-root")
-                .unwrap_or("<missing>")
-                .to_string(),
+            doc.attr(xmlq::ROOT, "x-root").unwrap_or("<missing>").to_string(),
             doc.attr(d, "x-mine").unwrap_or("<missing>").to_string(),
-            doc.child(d, "x-note")
-                .map(|n| doc.canon(n))
-                .unwrap_or_default(),
-            doc.at(&["x-extension"])
-                .first()
-                .map(|&n| doc.canon(n))
-                .unwrap_or_default(),
+            doc.child(d, "x-note").map(|n| doc.canon(n)).unwrap_or_default(),
+            doc.at(&["x-extension"]).first().map(|&n| doc.canon(n)).unwrap_or_default(),
         ]
     };
     let want = parts(&Doc::parse(&input));
@@ -1457,45 +1063,22 @@ fn json_outputs_parse() {
     let xml = domain_xml(
         "jvm",
         &[
-            DiskSpec {
-                target: "vda",
-                format: "qcow2",
-                path: &chain[2],
-                extra: "",
-            },
-            DiskSpec {
-                target: "vdb",
-                format: "raw",
-                path: &data,
-                extra: "",
-            },
+            DiskSpec { target: "vda", format: "qcow2", path: &chain[2], extra: "" },
+            DiskSpec { target: "vdb", format: "raw", path: &data, extra: "" },
         ],
     )
-    .replace(
-        "<vcpu placement='static'>1</vcpu>",
-        "<vcpu placement='static'>3</vcpu>",
-    );
+    .replace("<vcpu placement='static'>1</vcpu>", "<vcpu placement='static'>3</vcpu>");
     env.define("jvm", &xml);
     env.define("other", &one_disk_domain("other", &data, "raw"));
     let (_, doc) = dumpxml(&env, "jvm", &[]);
-    let uuid = doc
-        .at(&["uuid"])
-        .first()
-        .map(|&u| doc.text(u))
-        .expect("uuid assigned on define");
+    let uuid = doc.at(&["uuid"]).first().map(|&u| doc.text(u)).expect("uuid assigned on define");
     let parse = |text: String| -> serde_json::Value {
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}):\n{text}"))
     };
 
-    for list in [
-        parse(env.ok(&["list", "--all", "--json"])),
-        parse(env.ok(&["--json", "list", "--all"])),
-    ] {
+    for list in [parse(env.ok(&["list", "--all", "--json"])), parse(env.ok(&["--json", "list", "--all"]))] {
         let list = list.as_array().expect("list is an array").clone();
-        let names: Vec<&str> = list
-            .iter()
-            .map(|d| d["name"].as_str().expect("name"))
-            .collect();
+        let names: Vec<&str> = list.iter().map(|d| d["name"].as_str().expect("name")).collect();
         assert_eq!(names, ["jvm", "other"]);
         let jvm = &list[0];
         assert_eq!(jvm["uuid"], uuid.as_str());
@@ -1505,10 +1088,7 @@ fn json_outputs_parse() {
     // Without --all, inactive domains are not listed.
     assert_eq!(parse(env.ok(&["list", "--json"])), serde_json::json!([]));
 
-    for info in [
-        parse(env.ok(&["dominfo", "jvm", "--json"])),
-        parse(env.ok(&["--json", "dominfo", "jvm"])),
-    ] {
+    for info in [parse(env.ok(&["dominfo", "jvm", "--json"])), parse(env.ok(&["--json", "dominfo", "jvm"]))] {
         assert_eq!(info["name"], "jvm");
         assert_eq!(info["uuid"], uuid.as_str());
         assert_eq!(info["vcpus"], 3);
@@ -1517,15 +1097,9 @@ fn json_outputs_parse() {
         assert_eq!(info["persistent"], true);
     }
 
-    for disks in [
-        parse(env.ok(&["domblklist", "jvm", "--json"])),
-        parse(env.ok(&["--json", "domblklist", "jvm"])),
-    ] {
+    for disks in [parse(env.ok(&["domblklist", "jvm", "--json"])), parse(env.ok(&["--json", "domblklist", "jvm"]))] {
         let disks = disks.as_array().expect("array");
-        let targets: Vec<&str> = disks
-            .iter()
-            .map(|d| d["target"].as_str().expect("target"))
-            .collect();
+        let targets: Vec<&str> = disks.iter().map(|d| d["target"].as_str().expect("target")).collect();
         assert_eq!(targets, ["vda", "vdb"]);
         let vda = &disks[0];
         assert_eq!(vda["source"], p(&chain[2]));
@@ -1553,19 +1127,10 @@ fn json_outputs_parse() {
         assert_eq!(vdb_chain[0]["source"], p(&data));
     }
 
-    assert_eq!(
-        parse(env.ok(&["diskset-list", "jvm", "--json"])),
-        serde_json::json!([])
-    );
+    assert_eq!(parse(env.ok(&["diskset-list", "jvm", "--json"])), serde_json::json!([]));
     env.ok(&["diskset-add", "jvm", "vdb"]);
-    assert_eq!(
-        parse(env.ok(&["diskset-list", "jvm", "--json"])),
-        serde_json::json!(["vdb"])
-    );
-    assert_eq!(
-        parse(env.ok(&["--json", "diskset-list", "jvm"])),
-        serde_json::json!(["vdb"])
-    );
+    assert_eq!(parse(env.ok(&["diskset-list", "jvm", "--json"])), serde_json::json!(["vdb"]));
+    assert_eq!(parse(env.ok(&["--json", "diskset-list", "jvm"])), serde_json::json!(["vdb"]));
 }
 
 #[test]
@@ -1584,27 +1149,13 @@ fn batches_and_errors() {
     let xml = &out[start..];
     validate_xml(xml);
     let doc = Doc::parse(xml);
-    assert_eq!(
-        doc.at(&["name"]).first().map(|&n| doc.text(n)).as_deref(),
-        Some("vm1")
-    );
-    assert_eq!(
-        disk_source(&doc, disk(&doc, "vda")).as_deref(),
-        Some(p(&data))
-    );
+    assert_eq!(doc.at(&["name"]).first().map(|&n| doc.text(n)).as_deref(), Some("vm1"));
+    assert_eq!(disk_source(&doc, disk(&doc, "vda")).as_deref(), Some(p(&data)));
 
     // Unknown domain, for several commands.
-    for args in [
-        &["dumpxml", "nope"][..],
-        &["dominfo", "nope"],
-        &["domblklist", "nope"],
-        &["diskset-list", "nope"],
-    ] {
+    for args in [&["dumpxml", "nope"][..], &["dominfo", "nope"], &["domblklist", "nope"], &["diskset-list", "nope"]] {
         let err = env.fails(args);
-        assert!(
-            err.contains("error: failed to get domain 'nope'"),
-            "{args:?}: {err}"
-        );
+        assert!(err.contains("error: failed to get domain 'nope'"), "{args:?}: {err}");
     }
 
     // Malformed XML.
@@ -1626,10 +1177,8 @@ fn batches_and_errors() {
 
     // A domain name that would escape the state directory.
     for bad_name in ["../x", "..", "a/b"] {
-        let xml = one_disk_domain("PLACEHOLDER", &data, "raw").replace(
-            "<name>PLACEHOLDER</name>",
-            &format!("<name>{bad_name}</name>"),
-        );
+        let xml = one_disk_domain("PLACEHOLDER", &data, "raw")
+            .replace("<name>PLACEHOLDER</name>", &format!("<name>{bad_name}</name>"));
         let out = try_define(&env, "traversal", &xml, &[]);
         assert_eq!(out.status.code(), Some(1), "name {bad_name:?} accepted");
         assert!(stderr_of(&out).contains(bad_name), "{}", stderr_of(&out));
@@ -1657,57 +1206,25 @@ fn disk_files_need_not_exist() {
     let xml = domain_xml(
         "ghost",
         &[
-            DiskSpec {
-                target: "vda",
-                format: "qcow2",
-                path: &ghost_top,
-                extra: &given,
-            },
-            DiskSpec {
-                target: "vdb",
-                format: "qcow2",
-                path: &later,
-                extra: "",
-            },
+            DiskSpec { target: "vda", format: "qcow2", path: &ghost_top, extra: &given },
+            DiskSpec { target: "vdb", format: "qcow2", path: &later, extra: "" },
         ],
     );
     let out = try_define(&env, "ghost", &xml, &[]);
     assert!(out.status.success(), "{}", stderr_of(&out));
     let warn = stderr_of(&out);
-    assert!(
-        warn.contains("warning:") && warn.contains(p(&later)),
-        "missing image warned about: {warn}"
-    );
-    assert!(
-        !warn.contains(p(&ghost_top)),
-        "a disk with a given chain needs no warning: {warn}"
-    );
+    assert!(warn.contains("warning:") && warn.contains(p(&later)), "missing image warned about: {warn}");
+    assert!(!warn.contains(p(&ghost_top)), "a disk with a given chain needs no warning: {warn}");
 
     let (_, doc) = dumpxml(&env, "ghost", &[]);
     assert_chain(&doc, "vda", &ghost_top, "qcow2", &[(&ghost_base, "qcow2")]);
     let vdb = disk(&doc, "vdb");
     assert_eq!(disk_source(&doc, vdb).as_deref(), Some(p(&later)));
-    assert_eq!(
-        recorded_chain(&doc, vdb),
-        Recorded {
-            layers: vec![],
-            ends: false
-        }
-    );
+    assert_eq!(recorded_chain(&doc, vdb), Recorded { layers: vec![], ends: false });
 
     // The image appears, with a backing file.
     qemu_img(&["create", "-q", "-f", "qcow2", p(&backing), "16M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "later-base.qcow2",
-        "-F",
-        "qcow2",
-        p(&later),
-    ]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "later-base.qcow2", "-F", "qcow2", p(&later)]);
     let (_, doc) = dumpxml(&env, "ghost", &["--refresh-chain"]);
     assert_chain(&doc, "vdb", &later, "qcow2", &[(&backing, "qcow2")]);
     assert_chain(&doc, "vda", &ghost_top, "qcow2", &[(&ghost_base, "qcow2")]);
@@ -1727,29 +1244,13 @@ fn define_validate_refuses_mismatch() {
         "      <backingStore type='file'>\n        <format type='qcow2'/>\n        <source file='{}'/>\n        <backingStore/>\n      </backingStore>\n",
         base.display()
     );
-    let xml = domain_xml(
-        "claim",
-        &[DiskSpec {
-            target: "vda",
-            format: "qcow2",
-            path: top,
-            extra: &claimed,
-        }],
-    );
+    let xml = domain_xml("claim", &[DiskSpec { target: "vda", format: "qcow2", path: top, extra: &claimed }]);
 
     let out = try_define(&env, "claim", &xml, &["--validate"]);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "--validate must refuse: {}",
-        stdout_of(&out)
-    );
+    assert_eq!(out.status.code(), Some(1), "--validate must refuse: {}", stdout_of(&out));
     let err = stderr_of(&out);
     assert!(err.starts_with("error:") && err.contains("vda"), "{err}");
-    assert!(
-        err.contains(p(mid)),
-        "the difference (mid is the real layer 1) is named: {err}"
-    );
+    assert!(err.contains(p(mid)), "the difference (mid is the real layer 1) is named: {err}");
     assert!(!domain_names(&env).contains(&"claim".to_string()));
 
     // Trusted without --validate, kept as given.
@@ -1764,25 +1265,11 @@ fn define_validate_refuses_mismatch() {
         mid.display(),
         base.display()
     );
-    let xml = domain_xml(
-        "right",
-        &[DiskSpec {
-            target: "vda",
-            format: "qcow2",
-            path: top,
-            extra: &right,
-        }],
-    );
+    let xml = domain_xml("right", &[DiskSpec { target: "vda", format: "qcow2", path: top, extra: &right }]);
     let out = try_define(&env, "right", &xml, &["--validate"]);
     assert!(out.status.success(), "{}", stderr_of(&out));
     let (_, doc) = dumpxml(&env, "right", &[]);
-    assert_chain(
-        &doc,
-        "vda",
-        top,
-        "qcow2",
-        &[(mid, "qcow2"), (base, "qcow2")],
-    );
+    assert_chain(&doc, "vda", top, "qcow2", &[(mid, "qcow2"), (base, "qcow2")]);
 }
 
 // ---------------------------------------------------------------------------
@@ -1799,34 +1286,15 @@ fn diskset_outcomes() {
     let xml = domain_xml(
         "ds",
         &[
-            DiskSpec {
-                target: "vda",
-                format: "raw",
-                path: &a,
-                extra: "",
-            },
-            DiskSpec {
-                target: "vdb",
-                format: "raw",
-                path: &b,
-                extra: "",
-            },
+            DiskSpec { target: "vda", format: "raw", path: &a, extra: "" },
+            DiskSpec { target: "vdb", format: "raw", path: &b, extra: "" },
         ],
     );
     env.define("ds", &xml);
-    let size = |env: &TestEnv| -> usize {
-        env.ok(&["diskset-size", "ds"])
-            .trim()
-            .parse()
-            .expect("diskset-size number")
-    };
+    let size =
+        |env: &TestEnv| -> usize { env.ok(&["diskset-size", "ds"]).trim().parse().expect("diskset-size number") };
     let listed = |env: &TestEnv| -> Vec<String> {
-        env.ok(&["diskset-list", "ds"])
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(str::to_string)
-            .collect()
+        env.ok(&["diskset-list", "ds"]).lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect()
     };
     let selected_attr = |env: &TestEnv, target: &str| -> Option<String> {
         let (_, doc) = dumpxml(env, "ds", &[]);

@@ -13,20 +13,14 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{
-    domain_xml, make_chain, qemu_chain, qemu_img, qemu_io, validate_xml, DiskSpec, DomainGuard,
-    TestEnv,
-};
+use common::{domain_xml, make_chain, qemu_chain, qemu_img, qemu_io, validate_xml, DiskSpec, DomainGuard, TestEnv};
 use strata_core::xml::{Domain, Element, SnapshotDef};
 use strata_qemu::QemuConnection;
 
 const MIB: u64 = 1024 * 1024;
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
 }
 
 fn s(p: &Path) -> &str {
@@ -57,12 +51,7 @@ struct Vm<'a> {
 impl<'a> Vm<'a> {
     fn new(env: &'a TestEnv, vdb: Vdb, live: bool) -> Vm<'a> {
         let chain = make_chain(env.dir.path(), &["base.qcow2", "top.qcow2"]);
-        let mut disks = vec![DiskSpec {
-            target: "vda",
-            format: "qcow2",
-            path: &chain[1],
-            extra: "",
-        }];
+        let mut disks = vec![DiskSpec { target: "vda", format: "qcow2", path: &chain[1], extra: "" }];
         let vdb_path = match vdb {
             Vdb::None => None,
             Vdb::Raw => {
@@ -79,12 +68,7 @@ impl<'a> Vm<'a> {
         };
         if let Some(p) = &vdb_path {
             let format = if vdb == Vdb::Raw { "raw" } else { "qcow2" };
-            disks.push(DiskSpec {
-                target: "vdb",
-                format,
-                path: p,
-                extra: "",
-            });
+            disks.push(DiskSpec { target: "vdb", format, path: p, extra: "" });
         }
         env.define("vm", &domain_xml("vm", &disks));
         let reference = env.path("ref.qcow2");
@@ -92,22 +76,11 @@ impl<'a> Vm<'a> {
         if live {
             env.ok(&["start", "vm"]);
         }
-        Vm {
-            env,
-            live,
-            top: chain[1].clone(),
-            base: chain[0].clone(),
-            vdb: vdb_path,
-            reference,
-            refs: 0,
-        }
+        Vm { env, live, top: chain[1].clone(), base: chain[0].clone(), vdb: vdb_path, reference, refs: 0 }
     }
 
     fn guard(&self) -> DomainGuard<'a> {
-        DomainGuard {
-            env: self.env,
-            name: "vm".into(),
-        }
+        DomainGuard { env: self.env, name: "vm".into() }
     }
 
     /// Writes to vda as the guest would (through QEMU when running, into the
@@ -115,26 +88,12 @@ impl<'a> Vm<'a> {
     fn write(&self, pattern: u8, offset: u64, len: u64) {
         if self.live {
             let conn = QemuConnection::open_embedded(&self.env.state_root()).expect("open");
-            runtime().block_on(common::guest::write(
-                &conn, "vm", "vda", pattern, offset, len,
-            ));
+            runtime().block_on(common::guest::write(&conn, "vm", "vda", pattern, offset, len));
         } else {
             let active = active(self.env, "vda");
-            qemu_io(&[
-                "-f",
-                "qcow2",
-                "-c",
-                &format!("write -P {pattern:#x} {offset} {len}"),
-                s(&active),
-            ]);
+            qemu_io(&["-f", "qcow2", "-c", &format!("write -P {pattern:#x} {offset} {len}"), s(&active)]);
         }
-        qemu_io(&[
-            "-f",
-            "qcow2",
-            "-c",
-            &format!("write -P {pattern:#x} {offset} {len}"),
-            s(&self.reference),
-        ]);
+        qemu_io(&["-f", "qcow2", "-c", &format!("write -P {pattern:#x} {offset} {len}"), s(&self.reference)]);
     }
 
     /// A frozen copy of the reference: what vda reads now.
@@ -262,21 +221,9 @@ fn frozen(env: &TestEnv, snap: &str, disk: &str) -> PathBuf {
 /// The overlay an external snapshot created for `disk`.
 fn overlay(env: &TestEnv, snap: &str, disk: &str) -> PathBuf {
     let def = snapshot_def(env, snap);
-    let d = def
-        .disks
-        .iter()
-        .find(|d| d.name == disk)
-        .expect("disk in <disks>");
-    assert_eq!(
-        d.snapshot.as_deref(),
-        Some("external"),
-        "{snap}/{disk} is not external"
-    );
-    d.source
-        .as_ref()
-        .and_then(|s| s.local_path())
-        .expect("overlay path")
-        .to_path_buf()
+    let d = def.disks.iter().find(|d| d.name == disk).expect("disk in <disks>");
+    assert_eq!(d.snapshot.as_deref(), Some("external"), "{snap}/{disk} is not external");
+    d.source.as_ref().and_then(|s| s.local_path()).expect("overlay path").to_path_buf()
 }
 
 /// `snapshot-list --name` (plus filters), sorted: snapshots made within the
@@ -284,20 +231,13 @@ fn overlay(env: &TestEnv, snap: &str, disk: &str) -> PathBuf {
 fn names(env: &TestEnv, extra: &[&str]) -> Vec<String> {
     let mut args = vec!["snapshot-list", "vm", "--name"];
     args.extend_from_slice(extra);
-    let mut out: Vec<String> = env
-        .ok(&args)
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect();
+    let mut out: Vec<String> = env.ok(&args).lines().filter(|l| !l.is_empty()).map(str::to_string).collect();
     out.sort();
     out
 }
 
 fn current_name(env: &TestEnv) -> String {
-    env.ok(&["snapshot-current", "vm", "--name"])
-        .trim()
-        .to_string()
+    env.ok(&["snapshot-current", "vm", "--name"]).trim().to_string()
 }
 
 fn parent_of(env: &TestEnv, snap: &str) -> String {
@@ -353,22 +293,10 @@ fn external_disk_only_live_seed003_flow() {
     let info: serde_json::Value =
         serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", s(&s1)])).expect("json");
     assert_eq!(info["format"], "qcow2");
-    assert_eq!(
-        info["backing-filename"].as_str(),
-        Some(s(&vm.top)),
-        "{info}"
-    );
-    assert_eq!(
-        info["backing-filename-format"].as_str(),
-        Some("qcow2"),
-        "{info}"
-    );
+    assert_eq!(info["backing-filename"].as_str(), Some(s(&vm.top)), "{info}");
+    assert_eq!(info["backing-filename-format"].as_str(), Some("qcow2"), "{info}");
     assert_eq!(chain_files(&s1), strs(&[&s1, &vm.top, &vm.base]));
-    assert_eq!(
-        qemu_chain(&raw),
-        vec![(s(&raw).to_string(), "raw".to_string())],
-        "vdb untouched"
-    );
+    assert_eq!(qemu_chain(&raw), vec![(s(&raw).to_string(), "raw".to_string())], "vdb untouched");
 
     // Both definitions carry the new chain.
     let live = env.ok(&["dumpxml", "vm"]);
@@ -387,21 +315,14 @@ fn external_disk_only_live_seed003_flow() {
     assert_eq!(def.state.as_deref(), Some("disk-snapshot"));
     assert_eq!(def.parent, None);
     assert_eq!(overlay(&env, "s1", "vda"), s1);
-    let vdb = def
-        .disks
-        .iter()
-        .find(|d| d.name == "vdb")
-        .expect("vdb in <disks>");
+    let vdb = def.disks.iter().find(|d| d.name == "vdb").expect("vdb in <disks>");
     assert_eq!(vdb.snapshot.as_deref(), Some("no"));
     assert_eq!(frozen(&env, "s1", "vda"), vm.top);
     assert_eq!(names(&env, &[]), ["s1"]);
     let info = env.ok(&["snapshot-info", "vm", "s1"]);
-    for line in [
-        "Name:           s1",
-        "State:          disk-snapshot",
-        "Location:       external",
-        "Current:        yes",
-    ] {
+    for line in
+        ["Name:           s1", "State:          disk-snapshot", "Location:       external", "Current:        yes"]
+    {
         assert!(info.contains(line), "missing {line:?} in:\n{info}");
     }
     assert_eq!(current_name(&env), "s1");
@@ -436,21 +357,12 @@ fn internal_checkpoint_live_create_revert_delete() {
     let data_ref = env.path("data-ref.qcow2");
     qemu_img(&["convert", "-U", "-O", "qcow2", s(&data), s(&data_ref)]);
 
-    assert_eq!(
-        env.ok(&["snapshot-create-as", "vm", "c1", "a checkpoint"]),
-        "Domain snapshot c1 created\n"
-    );
+    assert_eq!(env.ok(&["snapshot-create-as", "vm", "c1", "a checkpoint"]), "Domain snapshot c1 created\n");
     let info = env.ok(&["snapshot-info", "vm", "c1"]);
     assert!(info.contains("State:          running"), "{info}");
     assert!(info.contains("Location:       internal"), "{info}");
     let def = snapshot_def(&env, "c1");
-    assert!(
-        def.disks
-            .iter()
-            .all(|d| d.snapshot.as_deref() == Some("internal")),
-        "{:?}",
-        def.disks
-    );
+    assert!(def.disks.iter().all(|d| d.snapshot.as_deref() == Some("internal")), "{:?}", def.disks);
     assert_eq!(names(&env, &["--internal"]), ["c1"]);
     assert!(names(&env, &["--external"]).is_empty());
     // No new files: the chain is the same.
@@ -465,20 +377,11 @@ fn internal_checkpoint_live_create_revert_delete() {
     assert!(!vm.reads(&at_c1));
     assert!(!rt.block_on(common::guest::compare(&conn, "vm", "vdb", &data_ref)));
 
-    assert_eq!(
-        env.ok(&["snapshot-revert", "vm", "c1"]),
-        "Domain snapshot c1 reverted\n"
-    );
+    assert_eq!(env.ok(&["snapshot-revert", "vm", "c1"]), "Domain snapshot c1 reverted\n");
     assert_eq!(domstate(&env), "running");
-    assert!(
-        vm.reads(&at_c1),
-        "the write after the checkpoint is still visible on vda"
-    );
+    assert!(vm.reads(&at_c1), "the write after the checkpoint is still visible on vda");
     let conn = QemuConnection::open_embedded(&env.state_root()).expect("open");
-    assert!(
-        rt.block_on(common::guest::compare(&conn, "vm", "vdb", &data_ref)),
-        "vdb not reverted"
-    );
+    assert!(rt.block_on(common::guest::compare(&conn, "vm", "vdb", &data_ref)), "vdb not reverted");
     assert_eq!(current_name(&env), "c1");
 
     let out = env.ok(&["snapshot-delete", "vm", "c1"]);
@@ -501,10 +404,7 @@ fn internal_offline_create_revert_delete() {
     let data_ref = env.path("data-ref.qcow2");
     qemu_img(&["convert", "-O", "qcow2", s(&data), s(&data_ref)]);
 
-    assert_eq!(
-        env.ok(&["snapshot-create-as", "vm", "o1"]),
-        "Domain snapshot o1 created\n"
-    );
+    assert_eq!(env.ok(&["snapshot-create-as", "vm", "o1"]), "Domain snapshot o1 created\n");
     let info = env.ok(&["snapshot-info", "vm", "o1"]);
     assert!(info.contains("State:          shutoff"), "{info}");
     assert!(info.contains("Location:       internal"), "{info}");
@@ -516,10 +416,7 @@ fn internal_offline_create_revert_delete() {
     qemu_io(&["-f", "qcow2", "-c", "write -P 0x53 0 64k", s(&data)]);
     assert!(!vm.reads(&at_o1));
 
-    assert_eq!(
-        env.ok(&["snapshot-revert", "vm", "o1"]),
-        "Domain snapshot o1 reverted\n"
-    );
+    assert_eq!(env.ok(&["snapshot-revert", "vm", "o1"]), "Domain snapshot o1 reverted\n");
     assert_eq!(domstate(&env), "shut off");
     assert!(vm.reads(&at_o1));
     assert!(same(&data, &data_ref));
@@ -535,9 +432,7 @@ fn internal_offline_create_revert_delete() {
     assert!(!internal_snapshots(&vm.top).contains(&"o1".to_string()));
     assert!(!internal_snapshots(&data).contains(&"o1".to_string()));
     assert_eq!(names(&env, &[]), ["o2"]);
-    assert!(env
-        .fails(&["snapshot-parent", "vm", "o2"])
-        .contains("has no parent"));
+    assert!(env.fails(&["snapshot-parent", "vm", "o2"]).contains("has no parent"));
     vm.write(0x55, 4 * MIB, 64 * 1024);
     env.ok(&["snapshot-revert", "vm", "o2"]);
     assert!(vm.reads(&at_o2));
@@ -549,18 +444,9 @@ fn internal_with_raw_disk_excluded() {
     let env = TestEnv::new();
     let vm = Vm::new(&env, Vdb::Raw, false);
     let err = env.fails(&["snapshot-create-as", "vm", "i1"]);
-    assert!(
-        err.contains("internal snapshot for disk vdb unsupported for storage type raw"),
-        "{err}"
-    );
+    assert!(err.contains("internal snapshot for disk vdb unsupported for storage type raw"), "{err}");
     assert!(names(&env, &[]).is_empty());
-    env.ok(&[
-        "snapshot-create-as",
-        "vm",
-        "i1",
-        "--diskspec",
-        "vdb,snapshot=no",
-    ]);
+    env.ok(&["snapshot-create-as", "vm", "i1", "--diskspec", "vdb,snapshot=no"]);
     assert!(internal_snapshots(&vm.top).contains(&"i1".to_string()));
     let def = snapshot_def(&env, "i1");
     let vdb = def.disks.iter().find(|d| d.name == "vdb").expect("vdb");
@@ -579,10 +465,7 @@ fn internal_checkpoint_revert_from_shut_off() {
     env.ok(&["snapshot-create-as", "vm", "c1"]);
     vm.write(0x46, 2 * MIB, 64 * 1024);
     vm.destroy();
-    assert_eq!(
-        env.ok(&["snapshot-revert", "vm", "c1"]),
-        "Domain snapshot c1 reverted\n"
-    );
+    assert_eq!(env.ok(&["snapshot-revert", "vm", "c1"]), "Domain snapshot c1 reverted\n");
     assert_eq!(domstate(&env), "running");
     vm.live = true;
     assert!(vm.reads(&at_c1));
@@ -605,21 +488,10 @@ fn revert_internal_checkpoint_after_external_live() {
 
     let out = env.strata(&["snapshot-revert", "vm", "c1"]);
     let state = domstate(&env);
-    assert!(
-        out.status.success(),
-        "revert failed (domain left {state}): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "Domain snapshot c1 reverted\n"
-    );
+    assert!(out.status.success(), "revert failed (domain left {state}): {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "Domain snapshot c1 reverted\n");
     assert_eq!(state, "running");
-    assert_eq!(
-        active(&env, "vda"),
-        vm.top,
-        "the checkpoint's own disk source"
-    );
+    assert_eq!(active(&env, "vda"), vm.top, "the checkpoint's own disk source");
     assert_eq!(current_name(&env), "c1");
     assert!(vm.reads(&at_c1));
 }
@@ -641,9 +513,7 @@ fn delete_internal_checkpoint_below_external_overlay_live() {
     let out = env.ok(&["snapshot-delete", "vm", "c1"]);
     assert!(out.ends_with("Domain snapshot c1 deleted\n"), "{out}");
     assert_eq!(names(&env, &[]), ["e1"]);
-    assert!(env
-        .fails(&["snapshot-parent", "vm", "e1"])
-        .contains("has no parent"));
+    assert!(env.fails(&["snapshot-parent", "vm", "e1"]).contains("has no parent"));
     assert!(vm.reads(&now));
     vm.destroy();
     assert!(!internal_snapshots(&vm.top).contains(&"c1".to_string()));
@@ -672,10 +542,7 @@ fn revert_with_children(live: bool) {
     assert_eq!(o1, env.path("top.s1"));
     assert_eq!(o2, env.path("top.s2"));
 
-    assert!(
-        !vm.reads(&at_s1),
-        "the checks below would not tell the states apart"
-    );
+    assert!(!vm.reads(&at_s1), "the checks below would not tell the states apart");
     assert!(!same(&o2, &at_s1));
     let mut args = vec!["snapshot-revert", "vm", "s1"];
     if live {
@@ -684,29 +551,16 @@ fn revert_with_children(live: bool) {
     assert_eq!(env.ok(&args), "Domain snapshot s1 reverted\n");
     assert_eq!(domstate(&env), if live { "running" } else { "shut off" });
     let branch = PathBuf::from(format!("{}.branch1", o1.display()));
-    assert_eq!(
-        active(&env, "vda"),
-        branch,
-        "revert must branch a new overlay off the frozen image"
-    );
+    assert_eq!(active(&env, "vda"), branch, "revert must branch a new overlay off the frozen image");
     assert_eq!(chain_files(&branch), strs(&[&branch, &vm.top, &vm.base]));
     let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
-    assert_eq!(
-        xml_chain(&inactive, "vda"),
-        strs(&[&branch, &vm.top, &vm.base])
-    );
+    assert_eq!(xml_chain(&inactive, "vda"), strs(&[&branch, &vm.top, &vm.base]));
     assert_eq!(current_name(&env), "s1");
-    assert!(
-        vm.reads(&at_s1),
-        "the disk does not read what it read at s1"
-    );
+    assert!(vm.reads(&at_s1), "the disk does not read what it read at s1");
 
     // Nothing another snapshot depends on was touched.
     assert_eq!(chain_files(&o2), strs(&[&o2, &o1, &vm.top, &vm.base]));
-    assert!(
-        same(&o1, &at_s2),
-        "s1's overlay (s2's frozen image) changed"
-    );
+    assert!(same(&o1, &at_s2), "s1's overlay (s2's frozen image) changed");
     assert!(same(&o2, &abandoned), "the abandoned current state changed");
 
     // Work on the new branch, then a snapshot there.
@@ -718,24 +572,15 @@ fn revert_with_children(live: bool) {
     vm.write(0x67, 3 * MIB, 64 * 1024);
     let now = vm.snap_ref();
     assert_eq!(parent_of(&env, "s3"), "s1");
-    assert_eq!(
-        env.ok(&["snapshot-list", "vm", "--tree"]),
-        "s1\n  |\n  +- s2\n  +- s3\n    \n\n"
-    );
+    assert_eq!(env.ok(&["snapshot-list", "vm", "--tree"]), "s1\n  |\n  +- s2\n  +- s3\n    \n\n");
     assert_eq!(names(&env, &["--leaves"]), ["s2", "s3"]);
     assert_eq!(names(&env, &["--from", "s1"]), ["s2", "s3"]);
     assert!(vm.reads(&now));
 
     vm.destroy();
-    assert!(
-        same(&frozen(&env, "s1", "vda"), &at_s1),
-        "s1's frozen image"
-    );
+    assert!(same(&frozen(&env, "s1", "vda"), &at_s1), "s1's frozen image");
     assert!(same(&o1, &at_s2), "s1's overlay");
-    assert!(
-        same(&frozen(&env, "s2", "vda"), &at_s2),
-        "s2's frozen image"
-    );
+    assert!(same(&frozen(&env, "s2", "vda"), &at_s2), "s2's frozen image");
     assert!(same(&o2, &abandoned), "s2's overlay");
     assert_eq!(frozen(&env, "s3", "vda"), branch);
     assert!(same(&branch, &at_s3), "s3's frozen image");
@@ -770,10 +615,7 @@ fn revert_twice_makes_distinct_branches() {
     env.ok(&["snapshot-revert", "vm", "s1"]);
     let b2 = active(&env, "vda");
     assert_ne!(b1, b2);
-    assert_eq!(
-        b2,
-        PathBuf::from(format!("{}.branch2", overlay(&env, "s1", "vda").display()))
-    );
+    assert_eq!(b2, PathBuf::from(format!("{}.branch2", overlay(&env, "s1", "vda").display())));
     assert!(same(&b2, &at_s1));
     assert!(same(&b1, &on_b1), "the first branch was overwritten");
 }
@@ -802,32 +644,18 @@ fn branch_creation_from_parent_live() {
     let file = env.path("s3.xml");
     std::fs::write(&file, xml).expect("write");
     let out = env.ok(&["snapshot-create", "vm", s(&file), "--branch", "--disk-only"]);
-    assert_eq!(
-        out,
-        format!("Domain snapshot s3 created from '{}'\n", s(&file))
-    );
+    assert_eq!(out, format!("Domain snapshot s3 created from '{}'\n", s(&file)));
 
     assert_eq!(domstate(&env), "running");
     assert_eq!(parent_of(&env, "s3"), "s1");
     assert_eq!(current_name(&env), "s3");
-    assert_eq!(
-        env.ok(&["snapshot-list", "vm", "--tree"]),
-        "s1\n  |\n  +- s2\n  +- s3\n    \n\n"
-    );
+    assert_eq!(env.ok(&["snapshot-list", "vm", "--tree"]), "s1\n  |\n  +- s2\n  +- s3\n    \n\n");
     assert_eq!(active(&env, "vda"), b3);
     let chain = chain_files(&b3);
     assert_eq!(chain.len(), 4, "{chain:?}");
-    assert_eq!(
-        chain[2..],
-        strs(&[&vm.top, &vm.base]),
-        "s3 must sit on s1's frozen image"
-    );
+    assert_eq!(chain[2..], strs(&[&vm.top, &vm.base]), "s3 must sit on s1's frozen image");
     let o1 = overlay(&env, "s1", "vda");
-    assert_ne!(
-        chain[1],
-        s(&o1),
-        "the branch must not write s1's overlay (s2 depends on it)"
-    );
+    assert_ne!(chain[1], s(&o1), "the branch must not write s1's overlay (s2 depends on it)");
     assert_eq!(frozen(&env, "s3", "vda").display().to_string(), chain[1]);
     vm.reset_ref(&at_s1);
     assert!(vm.reads(&at_s1));
@@ -881,10 +709,7 @@ fn delete_middle_then_root(live: bool) {
     assert_eq!(names(&env, &[]), ["s1", "s3"]);
     assert_eq!(parent_of(&env, "s3"), "s1");
     assert_eq!(current_name(&env), "s3");
-    assert!(
-        same(&frozen(&env, "s1", "vda"), &at_s1),
-        "s1's frozen image changed"
-    );
+    assert!(same(&frozen(&env, "s1", "vda"), &at_s1), "s1's frozen image changed");
     assert!(vm.reads(&now), "the current state changed");
     let cur = active(&env, "vda");
     assert_eq!(cur, o3);
@@ -895,34 +720,20 @@ fn delete_middle_then_root(live: bool) {
     validate_xml(&inactive);
     assert_eq!(xml_chain(&inactive, "vda"), chain_files(&o3));
     if live {
-        assert_eq!(
-            xml_chain(&env.ok(&["dumpxml", "vm"]), "vda"),
-            chain_files(&o3)
-        );
+        assert_eq!(xml_chain(&env.ok(&["dumpxml", "vm"]), "vda"), chain_files(&o3));
     }
 
     let out = env.ok(&["snapshot-delete", "vm", "s1"]);
-    assert!(
-        out.contains("method 1") || out.contains("method 2"),
-        "{out}"
-    );
+    assert!(out.contains("method 1") || out.contains("method 2"), "{out}");
     assert!(out.ends_with("Domain snapshot s1 deleted\n"), "{out}");
     assert_eq!(names(&env, &[]), ["s3"]);
-    assert!(env
-        .fails(&["snapshot-parent", "vm", "s3"])
-        .contains("has no parent"));
+    assert!(env.fails(&["snapshot-parent", "vm", "s3"]).contains("has no parent"));
     assert!(vm.reads(&now), "the current state changed");
     let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
-    assert_eq!(
-        xml_chain(&inactive, "vda"),
-        chain_files(&active(&env, "vda"))
-    );
+    assert_eq!(xml_chain(&inactive, "vda"), chain_files(&active(&env, "vda")));
 
     vm.destroy();
-    assert!(
-        same(&frozen(&env, "s3", "vda"), &at_s3),
-        "s3's frozen image changed"
-    );
+    assert!(same(&frozen(&env, "s3", "vda"), &at_s3), "s3's frozen image changed");
     assert!(same(&overlay(&env, "s3", "vda"), &now), "s3's overlay");
     assert!(same(&active(&env, "vda"), &now));
     // s3 still reverts to what it froze.
@@ -965,53 +776,29 @@ fn delete_multi_child(live: bool) {
     vm.ext_snapshot("s3");
     vm.write(0xa5, 6 * MIB, 64 * 1024);
     let now = vm.snap_ref();
-    assert_eq!(
-        env.ok(&["snapshot-list", "vm", "--tree"]),
-        "s1\n  |\n  +- s2\n  +- s3\n    \n\n"
-    );
+    assert_eq!(env.ok(&["snapshot-list", "vm", "--tree"]), "s1\n  |\n  +- s2\n  +- s3\n    \n\n");
 
     let out = env.ok(&["snapshot-delete", "vm", "s1"]);
-    assert!(
-        out.contains("method 2"),
-        "two images depend on s1's frozen image:\n{out}"
-    );
+    assert!(out.contains("method 2"), "two images depend on s1's frozen image:\n{out}");
     assert!(out.ends_with("Domain snapshot s1 deleted\n"), "{out}");
     assert_eq!(names(&env, &["--roots"]), ["s2", "s3"]);
     assert!(vm.reads(&now), "the current state changed");
-    assert!(
-        same(&frozen(&env, "s2", "vda"), &at_s2),
-        "s2's frozen image changed"
-    );
-    assert!(
-        same(&overlay(&env, "s2", "vda"), &abandoned),
-        "s2's overlay changed"
-    );
-    assert!(
-        same(&frozen(&env, "s3", "vda"), &at_s3),
-        "s3's frozen image changed"
-    );
+    assert!(same(&frozen(&env, "s2", "vda"), &at_s2), "s2's frozen image changed");
+    assert!(same(&overlay(&env, "s2", "vda"), &abandoned), "s2's overlay changed");
+    assert!(same(&frozen(&env, "s3", "vda"), &at_s3), "s3's frozen image changed");
     let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
     validate_xml(&inactive);
-    assert_eq!(
-        xml_chain(&inactive, "vda"),
-        chain_files(&active(&env, "vda"))
-    );
+    assert_eq!(xml_chain(&inactive, "vda"), chain_files(&active(&env, "vda")));
 
     let out = env.ok(&["snapshot-delete", "vm", "s2"]);
-    assert!(
-        out.contains("method 1") || out.contains("method 2"),
-        "{out}"
-    );
+    assert!(out.contains("method 1") || out.contains("method 2"), "{out}");
     assert!(out.ends_with("Domain snapshot s2 deleted\n"), "{out}");
     assert_eq!(names(&env, &[]), ["s3"]);
     assert!(vm.reads(&now), "the current state changed");
     assert_eq!(current_name(&env), "s3");
 
     vm.destroy();
-    assert!(
-        same(&frozen(&env, "s3", "vda"), &at_s3),
-        "s3's frozen image changed"
-    );
+    assert!(same(&frozen(&env, "s3", "vda"), &at_s3), "s3's frozen image changed");
     assert!(same(&overlay(&env, "s3", "vda"), &now));
     assert!(same(&active(&env, "vda"), &now));
 }
@@ -1047,10 +834,7 @@ fn delete_current_leaf_external_live() {
     assert!(!o2.exists());
     let o1 = overlay(&env, "s1", "vda");
     assert_eq!(active(&env, "vda"), o1);
-    assert_eq!(
-        xml_chain(&env.ok(&["dumpxml", "vm", "--inactive"]), "vda"),
-        strs(&[&o1, &vm.top, &vm.base])
-    );
+    assert_eq!(xml_chain(&env.ok(&["dumpxml", "vm", "--inactive"]), "vda"), strs(&[&o1, &vm.top, &vm.base]));
     vm.destroy();
     assert!(same(&o1, &now));
 }
@@ -1064,20 +848,8 @@ fn external_snapshot_of_raw_disk_and_delete_live() {
     let _guard = vm.guard();
     let raw = vm.vdb.clone().expect("vdb");
     let raw_ref = env.path("raw-ref.qcow2");
-    qemu_img(&[
-        "convert",
-        "-U",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        s(&raw),
-        s(&raw_ref),
-    ]);
-    assert_eq!(
-        env.ok(&["snapshot-create-as", "vm", "s1", "--disk-only"]),
-        "Domain snapshot s1 created\n"
-    );
+    qemu_img(&["convert", "-U", "-f", "raw", "-O", "qcow2", s(&raw), s(&raw_ref)]);
+    assert_eq!(env.ok(&["snapshot-create-as", "vm", "s1", "--disk-only"]), "Domain snapshot s1 created\n");
     let ob = env.path("data.s1");
     assert_eq!(active(&env, "vdb"), ob);
     assert_eq!(overlay(&env, "s1", "vdb"), ob);
@@ -1085,22 +857,11 @@ fn external_snapshot_of_raw_disk_and_delete_live() {
         serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", s(&ob)])).expect("json");
     assert_eq!(info["format"], "qcow2");
     assert_eq!(info["backing-filename"].as_str(), Some(s(&raw)), "{info}");
-    assert_eq!(
-        info["backing-filename-format"].as_str(),
-        Some("raw"),
-        "{info}"
-    );
+    assert_eq!(info["backing-filename-format"].as_str(), Some("raw"), "{info}");
 
     let conn = QemuConnection::open_embedded(&env.state_root()).expect("open");
     let rt = runtime();
-    rt.block_on(common::guest::write(
-        &conn,
-        "vm",
-        "vdb",
-        0x7e,
-        MIB,
-        64 * 1024,
-    ));
+    rt.block_on(common::guest::write(&conn, "vm", "vdb", 0x7e, MIB, 64 * 1024));
     qemu_io(&["-f", "qcow2", "-c", "write -P 0x7e 1M 64k", s(&raw_ref)]);
     vm.write(0x7f, 2 * MIB, 64 * 1024);
     assert!(rt.block_on(common::guest::compare(&conn, "vm", "vdb", &raw_ref)));
@@ -1116,10 +877,7 @@ fn external_snapshot_of_raw_disk_and_delete_live() {
     let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
     assert_eq!(xml_chain(&inactive, "vdb"), strs(&[&raw]));
     vm.destroy();
-    assert!(
-        same(&raw, &raw_ref),
-        "the guest's writes did not reach the raw image"
-    );
+    assert!(same(&raw, &raw_ref), "the guest's writes did not reach the raw image");
 }
 
 /// `--children-only`, then `--children`, on a running domain's external
@@ -1139,20 +897,14 @@ fn delete_children_external_live() {
     let now = vm.snap_ref();
 
     let out = env.ok(&["snapshot-delete", "vm", "s2", "--children-only"]);
-    assert!(
-        out.ends_with("Domain snapshot s2 children deleted\n"),
-        "{out}"
-    );
+    assert!(out.ends_with("Domain snapshot s2 children deleted\n"), "{out}");
     assert_eq!(names(&env, &[]), ["s1", "s2"]);
     assert_eq!(current_name(&env), "s2");
     assert!(vm.reads(&now));
     assert!(same(&frozen(&env, "s2", "vda"), &at_s2));
 
     let out = env.ok(&["snapshot-delete", "vm", "s1", "--children"]);
-    assert!(
-        out.ends_with("Domain snapshot s1 and all children deleted\n"),
-        "{out}"
-    );
+    assert!(out.ends_with("Domain snapshot s1 and all children deleted\n"), "{out}");
     assert!(names(&env, &[]).is_empty());
     assert!(vm.reads(&now));
     let cur = active(&env, "vda");
@@ -1168,22 +920,14 @@ fn no_metadata_creates_overlay_without_record() {
     let env = TestEnv::new();
     let vm = Vm::new(&env, Vdb::None, false);
     assert_eq!(
-        env.ok(&[
-            "snapshot-create-as",
-            "vm",
-            "n1",
-            "--disk-only",
-            "--no-metadata"
-        ]),
+        env.ok(&["snapshot-create-as", "vm", "n1", "--disk-only", "--no-metadata"]),
         "Domain snapshot n1 created\n"
     );
     let o = env.path("top.n1");
     assert_eq!(active(&env, "vda"), o);
     assert_eq!(chain_files(&o), strs(&[&o, &vm.top, &vm.base]));
     assert!(names(&env, &[]).is_empty());
-    assert!(env
-        .fails(&["snapshot-info", "vm", "n1"])
-        .contains("Domain snapshot not found"));
+    assert!(env.fails(&["snapshot-info", "vm", "n1"]).contains("Domain snapshot not found"));
 }
 
 /// Revert to an external snapshot with --paused leaves the domain paused
@@ -1199,10 +943,7 @@ fn revert_external_paused_live() {
     vm.write(0x4f, 2 * MIB, 64 * 1024);
     env.ok(&["snapshot-revert", "vm", "s1", "--paused"]);
     assert_eq!(domstate(&env), "paused");
-    assert_eq!(
-        active(&env, "vda"),
-        PathBuf::from(format!("{}.branch1", overlay(&env, "s1", "vda").display()))
-    );
+    assert_eq!(active(&env, "vda"), PathBuf::from(format!("{}.branch1", overlay(&env, "s1", "vda").display())));
     assert!(vm.reads(&at_s1));
 }
 
@@ -1235,16 +976,9 @@ fn metadata_delete_keeps_records_consistent() {
     assert_eq!(names(&env, &[]), ["s1", "s3"]);
     assert!(o2.exists(), "--metadata must not touch files");
     assert_eq!(chain_files(&cur), chain_before);
-    assert_eq!(
-        frozen(&env, "s3", "vda"),
-        frozen_s3,
-        "s3's saved <domain> disk source was rewritten"
-    );
+    assert_eq!(frozen(&env, "s3", "vda"), frozen_s3, "s3's saved <domain> disk source was rewritten");
     let after_s3 = SnapshotDef::parse(&snapshot_xml(&env, "s3")).expect("parse");
-    assert_eq!(
-        after_s3.domain, before_s3.domain,
-        "s3's saved <domain> changed"
-    );
+    assert_eq!(after_s3.domain, before_s3.domain, "s3's saved <domain> changed");
     assert_eq!(after_s3.disks, before_s3.disks);
     assert_eq!(parent_of(&env, "s3"), "s1");
     assert_eq!(current_name(&env), "s3");
@@ -1252,10 +986,7 @@ fn metadata_delete_keeps_records_consistent() {
     assert!(same(&frozen(&env, "s3", "vda"), &at_s3));
 
     let out = env.ok(&["snapshot-delete", "vm", "s3"]);
-    assert!(
-        out.contains("method 1") || out.contains("method 2"),
-        "{out}"
-    );
+    assert!(out.contains("method 1") || out.contains("method 2"), "{out}");
     assert!(out.ends_with("Domain snapshot s3 deleted\n"), "{out}");
     assert_eq!(names(&env, &[]), ["s1"]);
     assert_eq!(current_name(&env), "s1");
@@ -1282,9 +1013,7 @@ fn metadata_delete_then_revert_child() {
     vm.ext_snapshot("s2");
     vm.write(0xc6, 2 * MIB, 64 * 1024);
     env.ok(&["snapshot-delete", "vm", "s1", "--metadata"]);
-    assert!(env
-        .fails(&["snapshot-parent", "vm", "s2"])
-        .contains("has no parent"));
+    assert!(env.fails(&["snapshot-parent", "vm", "s2"]).contains("has no parent"));
     env.ok(&["snapshot-revert", "vm", "s2"]);
     assert!(vm.reads(&at_s2));
 }
@@ -1321,20 +1050,11 @@ fn atomic_failure(live: bool) {
     assert_eq!(chain_files(&vm.top), strs(&[&vm.top, &vm.base]));
     assert_eq!(chain_files(&data), strs(&[&data]));
     let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
-    assert_eq!(
-        xml_chain(&inactive, "vda"),
-        xml_chain(&inactive_before, "vda")
-    );
-    assert_eq!(
-        xml_chain(&inactive, "vdb"),
-        xml_chain(&inactive_before, "vdb")
-    );
+    assert_eq!(xml_chain(&inactive, "vda"), xml_chain(&inactive_before, "vda"));
+    assert_eq!(xml_chain(&inactive, "vdb"), xml_chain(&inactive_before, "vdb"));
     if live {
         assert_eq!(domstate(&env), "running");
-        assert_eq!(
-            xml_chain(&env.ok(&["dumpxml", "vm"]), "vda"),
-            strs(&[&vm.top, &vm.base])
-        );
+        assert_eq!(xml_chain(&env.ok(&["dumpxml", "vm"]), "vda"), strs(&[&vm.top, &vm.base]));
     }
     assert!(vm.reads(&vm.reference));
     // The domain is still usable for a good snapshot afterwards.
@@ -1375,18 +1095,8 @@ fn revert_rolls_back_configuration() {
         domain_xml(
             "vm",
             &[
-                DiskSpec {
-                    target: "vda",
-                    format: "qcow2",
-                    path: vda,
-                    extra: "",
-                },
-                DiskSpec {
-                    target: "vdc",
-                    format: "qcow2",
-                    path: &extra,
-                    extra: "",
-                },
+                DiskSpec { target: "vda", format: "qcow2", path: vda, extra: "" },
+                DiskSpec { target: "vdc", format: "qcow2", path: &extra, extra: "" },
             ],
         )
     };
@@ -1410,15 +1120,9 @@ fn revert_rolls_back_configuration() {
     env.ok(&["snapshot-revert", "vm", "e1"]);
     let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
     validate_xml(&inactive);
-    assert!(
-        !inactive.contains("vdc"),
-        "the added disk survived revert:\n{inactive}"
-    );
+    assert!(!inactive.contains("vdc"), "the added disk survived revert:\n{inactive}");
     let branch = PathBuf::from(format!("{}.branch1", o1.display()));
-    assert_eq!(
-        xml_chain(&inactive, "vda"),
-        strs(&[&branch, &vm.top, &vm.base])
-    );
+    assert_eq!(xml_chain(&inactive, "vda"), strs(&[&branch, &vm.top, &vm.base]));
     // The domain starts on the reverted configuration.
     env.ok(&["start", "vm"]);
     let _guard = vm.guard();
@@ -1439,36 +1143,19 @@ fn disk_set_only_selected(when: DiskSetWhen) {
     let mut vm = Vm::new(&env, Vdb::Qcow2, when == DiskSetWhen::WhileRunning);
     let _guard = vm.guard();
     let data = vm.vdb.clone().expect("vdb");
-    assert_eq!(
-        env.ok(&["diskset-add", "vm", "vda"]),
-        "Disk 'vda' added to the disk set\n"
-    );
+    assert_eq!(env.ok(&["diskset-add", "vm", "vda"]), "Disk 'vda' added to the disk set\n");
     if when == DiskSetWhen::BeforeStart {
         vm.start();
     }
     assert_eq!(env.ok(&["diskset-list", "vm"]).trim(), "vda");
     vm.write(0x5d, 2 * MIB, 64 * 1024);
     let at_ds1 = vm.snap_ref();
-    let out = env.ok(&[
-        "snapshot-create-as",
-        "vm",
-        "ds1",
-        "--disk-only",
-        "--disk-set",
-    ]);
+    let out = env.ok(&["snapshot-create-as", "vm", "ds1", "--disk-only", "--disk-set"]);
     assert_eq!(out, "Domain snapshot ds1 created\n");
     let o = env.path("top.ds1");
-    assert_eq!(
-        active(&env, "vda"),
-        o,
-        "vda (in the disk set) got no overlay"
-    );
+    assert_eq!(active(&env, "vda"), o, "vda (in the disk set) got no overlay");
     assert_eq!(chain_files(&o), strs(&[&o, &vm.top, &vm.base]));
-    assert_eq!(
-        active(&env, "vdb"),
-        data,
-        "vdb (not in the set) was snapshotted"
-    );
+    assert_eq!(active(&env, "vdb"), data, "vdb (not in the set) was snapshotted");
     assert_eq!(chain_files(&data), strs(&[&data]));
     assert!(!env.path("data.ds1").exists());
     let def = snapshot_def(&env, "ds1");
@@ -1510,30 +1197,10 @@ fn error_messages() {
     let o1 = overlay(&env, "s1", "vda");
     let chain = chain_files(&o1);
 
-    let err = env.fails(&[
-        "snapshot-create-as",
-        "vm",
-        "s1",
-        "--disk-only",
-        "--diskspec",
-        "vdb,snapshot=no",
-    ]);
-    assert!(
-        err.contains("error: operation failed: domain moment s1 already exists"),
-        "{err}"
-    );
-    let err = env.fails(&[
-        "snapshot-create-as",
-        "vm",
-        "x",
-        "--disk-only",
-        "--diskspec",
-        "vdx,snapshot=external",
-    ]);
-    assert!(
-        err.contains("error: unsupported configuration: no disk named 'vdx'"),
-        "{err}"
-    );
+    let err = env.fails(&["snapshot-create-as", "vm", "s1", "--disk-only", "--diskspec", "vdb,snapshot=no"]);
+    assert!(err.contains("error: operation failed: domain moment s1 already exists"), "{err}");
+    let err = env.fails(&["snapshot-create-as", "vm", "x", "--disk-only", "--diskspec", "vdx,snapshot=external"]);
+    assert!(err.contains("error: unsupported configuration: no disk named 'vdx'"), "{err}");
     let err = env.fails(&[
         "snapshot-create-as",
         "vm",
@@ -1544,17 +1211,8 @@ fn error_messages() {
         "--diskspec",
         "vdb,snapshot=no",
     ]);
-    assert!(
-        err.contains("error: unsupported configuration: nothing selected for snapshot"),
-        "{err}"
-    );
-    let err = env.fails(&[
-        "snapshot-create-as",
-        "vm",
-        "x",
-        "--diskspec",
-        "vda,snapshot=internal",
-    ]);
+    assert!(err.contains("error: unsupported configuration: nothing selected for snapshot"), "{err}");
+    let err = env.fails(&["snapshot-create-as", "vm", "x", "--diskspec", "vda,snapshot=internal"]);
     assert!(err.contains("unsupported for storage type raw"), "{err}");
     let err = env.fails(&[
         "snapshot-create-as",
@@ -1568,41 +1226,22 @@ fn error_messages() {
         "--diskspec",
         "vdb,snapshot=no",
     ]);
-    assert!(
-        err.contains("too many disk snapshot requests for domain"),
-        "{err}"
-    );
+    assert!(err.contains("too many disk snapshot requests for domain"), "{err}");
     let err = env.fails(&[
         "snapshot-create-as",
         "vm",
         "x",
         "--disk-only",
         "--diskspec",
-        &format!(
-            "vda,snapshot=external,file={},driver=raw",
-            s(&env.path("x.raw"))
-        ),
+        &format!("vda,snapshot=external,file={},driver=raw", s(&env.path("x.raw"))),
         "--diskspec",
         "vdb,snapshot=no",
     ]);
-    assert!(
-        err.contains("external snapshot format for disk vda is unsupported: raw"),
-        "{err}"
-    );
+    assert!(err.contains("external snapshot format for disk vda is unsupported: raw"), "{err}");
 
     // An existing overlay file needs --reuse-external.
     let pre = env.path("pre.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        s(&o1),
-        "-F",
-        "qcow2",
-        s(&pre),
-    ]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", s(&o1), "-F", "qcow2", s(&pre)]);
     let spec = format!("vda,snapshot=external,file={}", s(&pre));
     let err = env.fails(&[
         "snapshot-create-as",
@@ -1614,12 +1253,7 @@ fn error_messages() {
         "--diskspec",
         "vdb,snapshot=no",
     ]);
-    assert!(
-        err.contains(
-            "external snapshot file for disk vda already exists and is not a block device"
-        ),
-        "{err}"
-    );
+    assert!(err.contains("external snapshot file for disk vda already exists and is not a block device"), "{err}");
     assert_eq!(names(&env, &[]), ["s1"], "failed creations left records");
     assert_eq!(active(&env, "vda"), o1);
     assert_eq!(chain_files(&o1), chain);
@@ -1653,9 +1287,7 @@ fn error_messages() {
     ] {
         let err = env.fails(&cmd);
         assert!(
-            err.contains(
-                "error: Domain snapshot not found: no domain snapshot with matching name 'nosuch'"
-            ),
+            err.contains("error: Domain snapshot not found: no domain snapshot with matching name 'nosuch'"),
             "{cmd:?}: {err}"
         );
     }
@@ -1679,10 +1311,7 @@ fn listing_and_navigation() {
     assert_eq!(names(&env, &["--leaves"]), ["e2", "e3"]);
     assert_eq!(names(&env, &["--no-leaves"]), ["e1", "i1"]);
     assert_eq!(names(&env, &["--from", "i1"]), ["e1"]);
-    assert_eq!(
-        names(&env, &["--from", "i1", "--descendants"]),
-        ["e1", "e2", "e3"]
-    );
+    assert_eq!(names(&env, &["--from", "i1", "--descendants"]), ["e1", "e2", "e3"]);
     assert_eq!(names(&env, &["--internal"]), ["i1"]);
     assert_eq!(names(&env, &["--external"]), ["e1", "e2", "e3"]);
     assert_eq!(names(&env, &["--disk-only"]), ["e1", "e2", "e3"]);
@@ -1691,20 +1320,14 @@ fn listing_and_navigation() {
         "i1\n  |\n  +- e1\n      |\n      +- e2\n      +- e3\n        \n\n"
     );
     assert_eq!(current_name(&env), "e3");
-    let json: serde_json::Value =
-        serde_json::from_str(&env.ok(&["snapshot-list", "vm", "--json"])).expect("json list");
+    let json: serde_json::Value = serde_json::from_str(&env.ok(&["snapshot-list", "vm", "--json"])).expect("json list");
     let arr = json.as_array().expect("array");
     assert_eq!(arr.len(), 4);
     let e3 = arr.iter().find(|v| v["name"] == "e3").expect("e3");
     assert_eq!(e3["parent"], "e1");
     assert_eq!(e3["current"], true);
     let table = env.ok(&["snapshot-list", "vm", "--parent"]);
-    assert!(
-        table
-            .lines()
-            .any(|l| l.starts_with(" e2 ") && l.trim_end().ends_with("e1")),
-        "{table}"
-    );
+    assert!(table.lines().any(|l| l.starts_with(" e2 ") && l.trim_end().ends_with("e1")), "{table}");
 
     let info = env.ok(&["snapshot-info", "vm", "--current"]);
     assert!(info.contains("Name:           e3"), "{info}");
@@ -1714,10 +1337,7 @@ fn listing_and_navigation() {
     assert_eq!(info["descendants"], 2);
     assert_eq!(info["parent"], "i1");
 
-    assert_eq!(
-        env.ok(&["snapshot-current", "vm", "i1"]),
-        "Snapshot i1 set as current\n"
-    );
+    assert_eq!(env.ok(&["snapshot-current", "vm", "i1"]), "Snapshot i1 set as current\n");
     assert_eq!(current_name(&env), "i1");
     assert_eq!(names(&env, &["--current"]), ["e1"]);
     let xml = env.ok(&["snapshot-current", "vm"]);
@@ -1760,17 +1380,10 @@ fn redefine_after_metadata_delete() {
     assert_eq!(current_name(&env), "s1");
 
     let out = env.ok(&["snapshot-create", "vm", s(&file), "--redefine"]);
-    assert_eq!(
-        out,
-        format!("Domain snapshot s2 created from '{}'\n", s(&file))
-    );
+    assert_eq!(out, format!("Domain snapshot s2 created from '{}'\n", s(&file)));
     assert_eq!(names(&env, &[]), ["s1", "s2"]);
     assert_eq!(parent_of(&env, "s2"), "s1");
-    assert_eq!(
-        current_name(&env),
-        "s1",
-        "--redefine without --current changed the current snapshot"
-    );
+    assert_eq!(current_name(&env), "s1", "--redefine without --current changed the current snapshot");
     assert_eq!(
         SnapshotDef::parse(&snapshot_xml(&env, "s2")).expect("parse"),
         SnapshotDef::parse(&dumped).expect("parse")
@@ -1802,10 +1415,7 @@ fn redefine_refuses_missing_parent() {
     env.ok(&["snapshot-delete", "vm", "s2", "--metadata"]);
     env.ok(&["snapshot-delete", "vm", "s1", "--metadata"]);
     let err = env.fails(&["snapshot-create", "vm", s(&file), "--redefine"]);
-    assert!(
-        err.contains("parent snapshot 's1' of 's2' does not exist"),
-        "{err}"
-    );
+    assert!(err.contains("parent snapshot 's1' of 's2' does not exist"), "{err}");
     assert!(names(&env, &[]).is_empty());
 }
 
@@ -1831,30 +1441,14 @@ fn crash_recovery(live: bool, command: &[&str]) {
     vm.ext_snapshot("s1");
     let o1 = overlay(&env, "s1", "vda");
     let stray = env.path("top.s2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        s(&o1),
-        "-F",
-        "qcow2",
-        s(&stray),
-    ]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", s(&o1), "-F", "qcow2", s(&stray)]);
     write_intent(&env, &[&o1, &stray]);
 
     // Whatever the command's own outcome, recovery runs first.
     let out = env.strata(command);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !stray.exists(),
-        "{command:?} left the stray overlay of an interrupted creation ({err})"
-    );
-    assert!(
-        o1.exists(),
-        "{command:?} removed an overlay that is in the chain"
-    );
+    assert!(!stray.exists(), "{command:?} left the stray overlay of an interrupted creation ({err})");
+    assert!(o1.exists(), "{command:?} removed an overlay that is in the chain");
     assert_eq!(active(&env, "vda"), o1);
     assert_eq!(chain_files(&o1), strs(&[&o1, &vm.top, &vm.base]));
     assert!(vm.reads(&vm.reference));
@@ -1891,10 +1485,7 @@ fn external_memory_checkpoint_create_and_revert() {
     let at_m1 = vm.snap_ref();
     let state = env.path("m1.state");
     let spec = format!("file={},snapshot=external", s(&state));
-    assert_eq!(
-        env.ok(&["snapshot-create-as", "vm", "m1", "--memspec", &spec]),
-        "Domain snapshot m1 created\n"
-    );
+    assert_eq!(env.ok(&["snapshot-create-as", "vm", "m1", "--memspec", &spec]), "Domain snapshot m1 created\n");
     assert!(std::fs::metadata(&state).expect("memory file").len() > 0);
     assert_eq!(domstate(&env), "running", "the guest runs on after the checkpoint");
     let def = snapshot_def(&env, "m1");

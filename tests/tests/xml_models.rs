@@ -38,10 +38,7 @@ fn snapshot_xml_round_trips_and_validates() {
     assert_eq!(def.creation_time, Some(1_700_000_000));
     assert_eq!(def.disks.len(), 2);
     assert_eq!(def.disks[0].snapshot.as_deref(), Some("external"));
-    assert_eq!(
-        def.disks[0].source,
-        Some(StorageSource::File { path: "/images/vda.s1.qcow2".into() })
-    );
+    assert_eq!(def.disks[0].source, Some(StorageSource::File { path: "/images/vda.s1.qcow2".into() }));
     let out = def.to_xml();
     validate_xml(&out);
     assert!(out.contains("<graphics type='vnc' port='-1'/>"), "embedded domain kept:\n{out}");

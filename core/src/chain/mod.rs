@@ -48,9 +48,7 @@ pub struct Chain {
 impl Chain {
     /// A chain of one layer whose backing is not known yet.
     pub fn single(source: StorageSource, format: Option<String>) -> Chain {
-        Chain {
-            layers: vec![Layer { source, format, index: 0, backing: Backing::Unknown }],
-        }
+        Chain { layers: vec![Layer { source, format, index: 0, backing: Backing::Unknown }] }
     }
 
     pub fn top(&self) -> Option<&Layer> {
@@ -176,10 +174,7 @@ impl Chain {
             if r.source != a.source {
                 out.push(ChainDifference {
                     index: depth,
-                    what: format!(
-                        "layer {depth} is recorded as {} but the image chain has {}",
-                        r.source, a.source
-                    ),
+                    what: format!("layer {depth} is recorded as {} but the image chain has {}", r.source, a.source),
                 });
             } else if r.format.is_some() && a.format.is_some() && r.format != a.format {
                 out.push(ChainDifference {
@@ -199,20 +194,14 @@ impl Chain {
             for (depth, layer) in recorded.iter().enumerate().skip(al) {
                 out.push(ChainDifference {
                     index: depth,
-                    what: format!(
-                        "layer {depth} ({}) is recorded but is no longer in the image chain",
-                        layer.source
-                    ),
+                    what: format!("layer {depth} ({}) is recorded but is no longer in the image chain", layer.source),
                 });
             }
         } else if al > rl && recorded_known {
             for (depth, layer) in found.iter().enumerate().skip(rl) {
                 out.push(ChainDifference {
                     index: depth,
-                    what: format!(
-                        "the image chain has layer {depth} ({}) that is not recorded",
-                        layer.source
-                    ),
+                    what: format!("the image chain has layer {depth} ({}) that is not recorded", layer.source),
                 });
             }
         }
@@ -231,7 +220,5 @@ pub struct ChainDifference {
 /// the file system would be wrong where symlinks are involved, and QEMU
 /// does not resolve it either.
 pub fn clean_path(path: &Path) -> PathBuf {
-    path.components()
-        .filter(|c| !matches!(c, std::path::Component::CurDir))
-        .collect()
+    path.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect()
 }

@@ -30,9 +30,8 @@ pub fn probe_chain(top: &StorageSource, top_format: &str) -> Result<Chain> {
 
     let mut current = 0usize;
     let mut current_path = top_path.to_path_buf();
-    let mut current_format: ImageFormat = top_format.parse().map_err(|e: Error| {
-        e.context(format!("disk '{}'", top_path.display()))
-    })?;
+    let mut current_format: ImageFormat =
+        top_format.parse().map_err(|e: Error| e.context(format!("disk '{}'", top_path.display())))?;
     loop {
         if current_format == ImageFormat::Raw {
             chain.end_at(current);
@@ -45,11 +44,7 @@ pub fn probe_chain(top: &StorageSource, top_format: &str) -> Result<Chain> {
                     "image '{}' is a differencing {} image whose parent{} cannot be located from its header",
                     current_path.display(),
                     current_format,
-                    header
-                        .parent_uuid
-                        .as_deref()
-                        .map(|u| format!(" (UUID {u})"))
-                        .unwrap_or_default()
+                    header.parent_uuid.as_deref().map(|u| format!(" (UUID {u})")).unwrap_or_default()
                 )));
             }
             chain.end_at(current);
@@ -87,9 +82,9 @@ pub fn probe_chain(top: &StorageSource, top_format: &str) -> Result<Chain> {
             ));
         }
         let backing_format = match &header.backing_format {
-            Some(f) => f.parse::<ImageFormat>().map_err(|e: Error| {
-                e.context(format!("backing format recorded in '{}'", current_path.display()))
-            })?,
+            Some(f) => f
+                .parse::<ImageFormat>()
+                .map_err(|e: Error| e.context(format!("backing format recorded in '{}'", current_path.display())))?,
             None => probe_unrecorded_format(&current_path, &backing_string, &backing_path)?,
         };
         current = chain.push_backing(current, source, Some(backing_format.as_str().to_string()));

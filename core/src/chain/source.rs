@@ -138,11 +138,8 @@ pub fn parse_backing_string(backing: &str, image_path: &Path) -> Result<StorageS
         }
     }
     let path = Path::new(backing);
-    let full = if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        image_path.parent().unwrap_or(Path::new("")).join(path)
-    };
+    let full =
+        if path.is_absolute() { path.to_path_buf() } else { image_path.parent().unwrap_or(Path::new("")).join(path) };
     Ok(StorageSource::local(super::clean_path(&full)))
 }
 
@@ -237,9 +234,8 @@ fn parse_json_backing(json: &str, whole: &str) -> Result<StorageSource> {
             if i + 1 == parts.len() {
                 cursor.insert((*part).to_string(), v.clone());
             } else {
-                let entry = cursor
-                    .entry((*part).to_string())
-                    .or_insert_with(|| serde_json::Value::Object(Default::default()));
+                let entry =
+                    cursor.entry((*part).to_string()).or_insert_with(|| serde_json::Value::Object(Default::default()));
                 cursor = match entry.as_object_mut() {
                     Some(o) => o,
                     None => return Err(bad(format!("key '{k}' conflicts with another key"))),
@@ -259,7 +255,9 @@ fn parse_json_backing(json: &str, whole: &str) -> Result<StorageSource> {
             let filename = get("filename").ok_or_else(|| bad("its file has no 'filename'".into()))?;
             let path = PathBuf::from(filename);
             if !path.is_absolute() {
-                return Err(bad("its filename is relative, which QEMU resolves against its own working directory".into()));
+                return Err(bad(
+                    "its filename is relative, which QEMU resolves against its own working directory".into()
+                ));
             }
             Ok(StorageSource::local(path))
         }
@@ -280,11 +278,7 @@ fn parse_json_backing(json: &str, whole: &str) -> Result<StorageSource> {
                         .and_then(|p| p.parse().ok());
                 }
             }
-            Ok(StorageSource::Network(NetworkSource {
-                protocol: "nbd".into(),
-                name: get("export"),
-                hosts: vec![host],
-            }))
+            Ok(StorageSource::Network(NetworkSource { protocol: "nbd".into(), name: get("export"), hosts: vec![host] }))
         }
         "http" | "https" | "ftp" | "ftps" => {
             let url = get("url").ok_or_else(|| bad(format!("its {driver} source has no 'url'")))?;

@@ -98,10 +98,7 @@ impl ImageFormat {
     /// VHD and VHDX differencing disks and VDI children are reported
     /// (`differencing`) but QEMU never follows their parents.
     pub fn supports_backing(self) -> bool {
-        matches!(
-            self,
-            ImageFormat::Qcow2 | ImageFormat::Qcow | ImageFormat::Qed | ImageFormat::Vmdk
-        )
+        matches!(self, ImageFormat::Qcow2 | ImageFormat::Qcow | ImageFormat::Qed | ImageFormat::Vmdk)
     }
 }
 
@@ -112,16 +109,13 @@ impl FromStr for ImageFormat {
         if s == "vhd" {
             return Ok(ImageFormat::Vpc);
         }
-        ImageFormat::ALL
-            .into_iter()
-            .find(|format| format.as_str() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = ImageFormat::ALL.iter().map(|f| f.as_str()).collect();
-                Error::invalid_arg(format!(
-                    "unknown image format '{s}'; accepted formats are {} (and 'vhd' for 'vpc')",
-                    names.join(", ")
-                ))
-            })
+        ImageFormat::ALL.into_iter().find(|format| format.as_str() == s).ok_or_else(|| {
+            let names: Vec<&str> = ImageFormat::ALL.iter().map(|f| f.as_str()).collect();
+            Error::invalid_arg(format!(
+                "unknown image format '{s}'; accepted formats are {} (and 'vhd' for 'vpc')",
+                names.join(", ")
+            ))
+        })
     }
 }
 
@@ -257,10 +251,7 @@ fn parse(img: &ImageFile, format: ImageFormat) -> Result<ImageHeader> {
 fn not_format(img: &ImageFile, format: ImageFormat) -> Error {
     Error::new(
         ErrorKind::StorageProbeFailed,
-        format!(
-            "'{}' is not a {format} image (its format magic is missing)",
-            img.path().display()
-        ),
+        format!("'{}' is not a {format} image (its format magic is missing)", img.path().display()),
     )
 }
 
@@ -272,10 +263,7 @@ fn invalid(img: &ImageFile, what: impl fmt::Display) -> Error {
 /// `sectors` 512-byte sectors in bytes, or an error about `img` if that
 /// overflows.
 fn sectors_to_bytes(img: &ImageFile, sectors: u64) -> Result<u64> {
-    sectors.checked_mul(512).ok_or_else(|| {
-        invalid(
-            img,
-            format_args!("records an impossible size of {sectors} sectors"),
-        )
-    })
+    sectors
+        .checked_mul(512)
+        .ok_or_else(|| invalid(img, format_args!("records an impossible size of {sectors} sectors")))
 }

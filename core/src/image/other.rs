@@ -24,8 +24,7 @@ const BOCHS_SUBTYPE: &[u8] = b"Growing";
 const BOCHS_VERSION_1: u32 = 0x0001_0000;
 const BOCHS_VERSION_2: u32 = 0x0002_0000;
 
-const CLOOP_MAGIC: &[u8] =
-    b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n";
+const CLOOP_MAGIC: &[u8] = b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n";
 
 const PARALLELS_MAGIC: &[u8] = b"WithoutFreeSpace";
 const PARALLELS_MAGIC_EXT: &[u8] = b"WithouFreSpacExt";
@@ -45,12 +44,9 @@ pub(super) fn read_luks(img: &ImageFile) -> Result<ImageHeader> {
     let h = Fields::new(&buf, img.path(), "LUKS header");
     let virtual_size = if h.be16(6)? == 1 {
         let payload = sectors_to_bytes(img, u64::from(h.be32(LUKS1_PAYLOAD_OFFSET)?))?;
-        img.len().checked_sub(payload).ok_or_else(|| {
-            invalid(
-                img,
-                "is shorter than the LUKS payload offset its header records",
-            )
-        })?
+        img.len()
+            .checked_sub(payload)
+            .ok_or_else(|| invalid(img, "is shorter than the LUKS payload offset its header records"))?
     } else {
         img.len()
     };
@@ -62,11 +58,7 @@ pub(super) fn probe_iso(img: &ImageFile) -> Result<bool> {
     if img.len() < end {
         return Ok(false);
     }
-    Ok(img.bytes(
-        ISO_MAGIC_OFFSET,
-        ISO_MAGIC.len(),
-        "ISO 9660 volume descriptor",
-    )? == ISO_MAGIC)
+    Ok(img.bytes(ISO_MAGIC_OFFSET, ISO_MAGIC.len(), "ISO 9660 volume descriptor")? == ISO_MAGIC)
 }
 
 pub(super) fn read_iso(img: &ImageFile) -> Result<ImageHeader> {
@@ -90,11 +82,7 @@ pub(super) fn read_dmg(img: &ImageFile) -> Result<ImageHeader> {
         return Err(not_format(img, ImageFormat::Dmg));
     }
     let sectors = Fields::new(&tail, img.path(), "DMG trailer").be64(DMG_SECTOR_COUNT)?;
-    let virtual_size = if sectors == 0 {
-        img.len()
-    } else {
-        sectors_to_bytes(img, sectors)?
-    };
+    let virtual_size = if sectors == 0 { img.len() } else { sectors_to_bytes(img, sectors)? };
     Ok(ImageHeader::standalone(ImageFormat::Dmg, virtual_size))
 }
 
@@ -102,10 +90,7 @@ pub(super) fn read_dmg(img: &ImageFile) -> Result<ImageHeader> {
 /// known version.
 pub(super) fn probe_bochs(head: &[u8]) -> bool {
     let field = |offset: usize, len: usize| head.get(offset..offset + len).map(c_str);
-    let version = head
-        .get(64..68)
-        .and_then(|b| b.try_into().ok())
-        .map(u32::from_le_bytes);
+    let version = head.get(64..68).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes);
     field(0, 32) == Some(BOCHS_MAGIC)
         && field(32, 16) == Some(BOCHS_TYPE)
         && field(48, 16) == Some(BOCHS_SUBTYPE)
@@ -119,15 +104,8 @@ pub(super) fn read_bochs(img: &ImageFile) -> Result<ImageHeader> {
     let buf = img.bytes(0, 96, "Bochs header")?;
     let h = Fields::new(&buf, img.path(), "Bochs header");
     // Version 2 added a reserved word before the disk size.
-    let size_offset = if h.le32(64)? == BOCHS_VERSION_1 {
-        84
-    } else {
-        88
-    };
-    Ok(ImageHeader::standalone(
-        ImageFormat::Bochs,
-        h.le64(size_offset)?,
-    ))
+    let size_offset = if h.le32(64)? == BOCHS_VERSION_1 { 84 } else { 88 };
+    Ok(ImageHeader::standalone(ImageFormat::Bochs, h.le64(size_offset)?))
 }
 
 pub(super) fn probe_cloop(head: &[u8]) -> bool {
@@ -144,17 +122,11 @@ pub(super) fn read_cloop(img: &ImageFile) -> Result<ImageHeader> {
     let block_size = u64::from(h.be32(128)?);
     let blocks = u64::from(h.be32(132)?);
     // Two u32 values: the product always fits in a u64.
-    Ok(ImageHeader::standalone(
-        ImageFormat::Cloop,
-        block_size * blocks,
-    ))
+    Ok(ImageHeader::standalone(ImageFormat::Cloop, block_size * blocks))
 }
 
 pub(super) fn probe_parallels(head: &[u8]) -> bool {
-    let version = head
-        .get(16..20)
-        .and_then(|b| b.try_into().ok())
-        .map(u32::from_le_bytes);
+    let version = head.get(16..20).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes);
     (has_magic(head, 0, PARALLELS_MAGIC) || has_magic(head, 0, PARALLELS_MAGIC_EXT))
         && version == Some(PARALLELS_VERSION)
         && head.len() >= 64
@@ -171,8 +143,5 @@ pub(super) fn read_parallels(img: &ImageFile) -> Result<ImageHeader> {
     if has_magic(&buf, 0, PARALLELS_MAGIC) {
         sectors &= 0xffff_ffff;
     }
-    Ok(ImageHeader::standalone(
-        ImageFormat::Parallels,
-        sectors_to_bytes(img, sectors)?,
-    ))
+    Ok(ImageHeader::standalone(ImageFormat::Parallels, sectors_to_bytes(img, sectors)?))
 }

@@ -34,9 +34,7 @@ const EXT_DATA_FILE: u32 = 0x4441_5441;
 
 /// The version field of a file starting with the qcow magic, if present.
 fn version(head: &[u8]) -> Option<u32> {
-    has_magic(head, 0, MAGIC)
-        .then(|| peek_be32(head, 4))
-        .flatten()
+    has_magic(head, 0, MAGIC).then(|| peek_be32(head, 4)).flatten()
 }
 
 /// qcow magic with any version but 1. A qcow magic too short to hold a
@@ -61,22 +59,14 @@ pub(super) fn read_qcow2(img: &ImageFile) -> Result<ImageHeader> {
     match version {
         2 | 3 => {}
         1 => return Err(invalid(img, "is a qcow (version 1) image, not qcow2")),
-        v => {
-            return Err(invalid(
-                img,
-                format_args!("has unsupported qcow2 version {v}"),
-            ))
-        }
+        v => return Err(invalid(img, format_args!("has unsupported qcow2 version {v}"))),
     }
     let backing_offset = h.be64(8)?;
     let backing_len = h.be32(16)?;
     let cluster_bits = h.be32(20)?;
     let virtual_size = h.be64(24)?;
     if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
-        return Err(invalid(
-            img,
-            format_args!("has an unsupported qcow2 cluster size of 2^{cluster_bits} bytes"),
-        ));
+        return Err(invalid(img, format_args!("has an unsupported qcow2 cluster size of 2^{cluster_bits} bytes")));
     }
     let cluster_size = 1u64 << cluster_bits;
 
@@ -88,32 +78,19 @@ pub(super) fn read_qcow2(img: &ImageFile) -> Result<ImageHeader> {
         (V2_HEADER_LEN, 0)
     };
     if header_len < V2_HEADER_LEN || (version == 3 && header_len < V3_MIN_HEADER_LEN) {
-        return Err(invalid(
-            img,
-            format_args!("has a qcow2 header length of {header_len}, which is too short"),
-        ));
+        return Err(invalid(img, format_args!("has a qcow2 header length of {header_len}, which is too short")));
     }
     if u64::from(header_len) > cluster_size {
-        return Err(invalid(
-            img,
-            "has a qcow2 header larger than its cluster size",
-        ));
+        return Err(invalid(img, "has a qcow2 header larger than its cluster size"));
     }
     check_incompatible_features(img, incompatible)?;
 
     if backing_offset > cluster_size {
-        return Err(invalid(
-            img,
-            format_args!("has an invalid backing file offset {backing_offset}"),
-        ));
+        return Err(invalid(img, format_args!("has an invalid backing file offset {backing_offset}")));
     }
     // Extensions run from the end of the header to the backing name, or to
     // the end of the first cluster when there is none.
-    let ext_end = if backing_offset != 0 {
-        backing_offset
-    } else {
-        cluster_size
-    };
+    let ext_end = if backing_offset != 0 { backing_offset } else { cluster_size };
     let backing_format = read_extensions(img, u64::from(header_len), ext_end)?;
 
     let backing_file = if backing_offset != 0 {
@@ -167,12 +144,7 @@ fn check_incompatible_features(img: &ImageFile, incompatible: u64) -> Result<()>
 
 fn external_data_file(img: &ImageFile, name: Option<&str>) -> crate::error::Error {
     let named = name.map(|n| format!(" ('{n}')")).unwrap_or_default();
-    invalid(
-        img,
-        format_args!(
-            "keeps its guest data in an external data file{named}, which Strata does not support"
-        ),
-    )
+    invalid(img, format_args!("keeps its guest data in an external data file{named}, which Strata does not support"))
 }
 
 /// Walks the header extensions in `[start, end)` as QEMU does and returns the
@@ -188,10 +160,7 @@ fn read_extensions(img: &ImageFile, start: u64, end: u64) -> Result<Option<Strin
         let len = h.be32(4)?;
         offset += 8;
         if offset > end || u64::from(len) > end - offset {
-            return Err(invalid(
-                img,
-                "has a qcow2 header extension that runs past the header area",
-            ));
+            return Err(invalid(img, "has a qcow2 header extension that runs past the header area"));
         }
         match kind {
             EXT_END => break,
@@ -203,8 +172,7 @@ fn read_extensions(img: &ImageFile, start: u64, end: u64) -> Result<Option<Strin
                     ));
                 }
                 let name = img.bytes(offset, len as usize, "backing format name")?;
-                backing_format =
-                    Some(utf8_name(name, path, "backing format name")?).filter(|f| !f.is_empty());
+                backing_format = Some(utf8_name(name, path, "backing format name")?).filter(|f| !f.is_empty());
             }
             EXT_DATA_FILE => {
                 let name = img.bytes(offset, len as usize, "external data file name")?;
@@ -230,10 +198,7 @@ pub(super) fn read_qcow(img: &ImageFile) -> Result<ImageHeader> {
     let h = Fields::new(&buf, path, "qcow header");
     let version = h.be32(4)?;
     if version != 1 {
-        return Err(invalid(
-            img,
-            format_args!("is a qcow2 (version {version}) image, not qcow"),
-        ));
+        return Err(invalid(img, format_args!("is a qcow2 (version {version}) image, not qcow")));
     }
     let backing_offset = h.be64(8)?;
     let backing_len = h.be32(16)?;

@@ -37,20 +37,12 @@ pub(super) fn read(img: &ImageFile) -> Result<ImageHeader> {
     let backing_offset = h.le32(56)?;
     let backing_len = h.le32(60)?;
 
-    if !cluster_size.is_power_of_two()
-        || !(MIN_CLUSTER_SIZE..=MAX_CLUSTER_SIZE).contains(&cluster_size)
-    {
-        return Err(invalid(
-            img,
-            format_args!("has an invalid QED cluster size of {cluster_size} bytes"),
-        ));
+    if !cluster_size.is_power_of_two() || !(MIN_CLUSTER_SIZE..=MAX_CLUSTER_SIZE).contains(&cluster_size) {
+        return Err(invalid(img, format_args!("has an invalid QED cluster size of {cluster_size} bytes")));
     }
     let unknown = features & !KNOWN_FEATURES;
     if unknown != 0 {
-        return Err(invalid(
-            img,
-            format_args!("uses unknown QED features (bits 0x{unknown:x}); QEMU cannot open it"),
-        ));
+        return Err(invalid(img, format_args!("uses unknown QED features (bits 0x{unknown:x}); QEMU cannot open it")));
     }
 
     let (backing_file, backing_format) = if features & F_BACKING_FILE != 0 {
@@ -58,10 +50,7 @@ pub(super) fn read(img: &ImageFile) -> Result<ImageHeader> {
         let header_size = u64::from(cluster_size) * u64::from(header_clusters);
         let name_end = u64::from(backing_offset) + u64::from(backing_len);
         if name_end > header_size {
-            return Err(invalid(
-                img,
-                "has a QED backing file name that lies outside its header",
-            ));
+            return Err(invalid(img, "has a QED backing file name that lies outside its header"));
         }
         if backing_len > MAX_BACKING_NAME {
             return Err(invalid(
@@ -69,13 +58,8 @@ pub(super) fn read(img: &ImageFile) -> Result<ImageHeader> {
                 format_args!("has a backing file name of {backing_len} bytes, which is too long"),
             ));
         }
-        let name = img.bytes(
-            u64::from(backing_offset),
-            backing_len as usize,
-            "backing file name",
-        )?;
-        let name =
-            Some(utf8_name(name, path, "backing file name")?).filter(|name| !name.is_empty());
+        let name = img.bytes(u64::from(backing_offset), backing_len as usize, "backing file name")?;
+        let name = Some(utf8_name(name, path, "backing file name")?).filter(|name| !name.is_empty());
         let format = (features & F_BACKING_FORMAT_NO_PROBE != 0).then(|| "raw".to_owned());
         (name, format)
     } else {

@@ -31,15 +31,9 @@ impl<'a> ImageFile<'a> {
             .custom_flags(libc::O_NONBLOCK)
             .open(path)
             .map_err(|e| Error::io("open", path, e))?;
-        let file_type = file
-            .metadata()
-            .map_err(|e| Error::io("stat", path, e))?
-            .file_type();
+        let file_type = file.metadata().map_err(|e| Error::io("stat", path, e))?.file_type();
         if file_type.is_dir() {
-            return Err(Error::probe_failed(format!(
-                "'{}' is a directory, not a disk image",
-                path.display()
-            )));
+            return Err(Error::probe_failed(format!("'{}' is a directory, not a disk image", path.display())));
         }
         if !file_type.is_file() && !file_type.is_block_device() {
             return Err(Error::probe_failed(format!(
@@ -49,15 +43,8 @@ impl<'a> ImageFile<'a> {
         }
         // Seeking to the end gives the size of block devices too, whose
         // metadata reports a length of 0.
-        let len = file
-            .seek(SeekFrom::End(0))
-            .map_err(|e| Error::io("seek", path, e))?;
-        Ok(ImageFile {
-            path,
-            file,
-            len,
-            head: Vec::new(),
-        })
+        let len = file.seek(SeekFrom::End(0)).map_err(|e| Error::io("seek", path, e))?;
+        Ok(ImageFile { path, file, len, head: Vec::new() })
     }
 
     /// Opens `path` and reads the start of the file for format detection and
@@ -87,9 +74,8 @@ impl<'a> ImageFile<'a> {
     /// file is an error naming `what` was being read.
     pub(super) fn bytes(&self, offset: u64, len: usize, what: &str) -> Result<Vec<u8>> {
         let start = usize::try_from(offset).ok();
-        let cached = start
-            .and_then(|start| Some(start..start.checked_add(len)?))
-            .and_then(|range| self.head.get(range));
+        let cached =
+            start.and_then(|start| Some(start..start.checked_add(len)?)).and_then(|range| self.head.get(range));
         match cached {
             Some(bytes) => Ok(bytes.to_vec()),
             None => self.read_exact(offset, len, what),
@@ -104,9 +90,7 @@ impl<'a> ImageFile<'a> {
     }
 
     fn read_exact(&self, offset: u64, len: usize, what: &str) -> Result<Vec<u8>> {
-        let end = u64::try_from(len)
-            .ok()
-            .and_then(|len| offset.checked_add(len));
+        let end = u64::try_from(len).ok().and_then(|len| offset.checked_add(len));
         if end.is_none_or(|end| end > self.len) {
             return Err(self.truncated(offset, len, what));
         }
@@ -114,9 +98,7 @@ impl<'a> ImageFile<'a> {
         match self.file.read_exact_at(&mut buf, offset) {
             Ok(()) => Ok(buf),
             // The file shrank after its length was taken.
-            Err(e) if e.kind() == IoErrorKind::UnexpectedEof => {
-                Err(self.truncated(offset, len, what))
-            }
+            Err(e) if e.kind() == IoErrorKind::UnexpectedEof => Err(self.truncated(offset, len, what)),
             Err(e) => Err(Error::io("read", self.path, e)),
         }
     }
@@ -145,16 +127,13 @@ impl<'a> Fields<'a> {
     }
 
     pub(super) fn slice(&self, offset: usize, len: usize) -> Result<&'a [u8]> {
-        offset
-            .checked_add(len)
-            .and_then(|end| self.buf.get(offset..end))
-            .ok_or_else(|| {
-                Error::probe_failed(format!(
-                    "'{}' is truncated or damaged: a field at offset {offset} lies outside its {}",
-                    self.path.display(),
-                    self.what
-                ))
-            })
+        offset.checked_add(len).and_then(|end| self.buf.get(offset..end)).ok_or_else(|| {
+            Error::probe_failed(format!(
+                "'{}' is truncated or damaged: a field at offset {offset} lies outside its {}",
+                self.path.display(),
+                self.what
+            ))
+        })
     }
 
     pub(super) fn array<const N: usize>(&self, offset: usize) -> Result<[u8; N]> {
@@ -206,10 +185,7 @@ pub(super) fn peek_le32(buf: &[u8], offset: usize) -> Option<u32> {
 
 /// Whether `buf` holds `magic` at `offset`.
 pub(super) fn has_magic(buf: &[u8], offset: usize, magic: &[u8]) -> bool {
-    offset
-        .checked_add(magic.len())
-        .and_then(|end| buf.get(offset..end))
-        .is_some_and(|bytes| bytes == magic)
+    offset.checked_add(magic.len()).and_then(|end| buf.get(offset..end)).is_some_and(|bytes| bytes == magic)
 }
 
 /// The bytes of a NUL-padded C string field, up to its first NUL.
@@ -222,17 +198,10 @@ pub(super) fn c_str(field: &[u8]) -> &[u8] {
 /// embedded NUL is refused because QEMU would silently cut the name there.
 pub(super) fn utf8_name(bytes: Vec<u8>, path: &Path, what: &str) -> Result<String> {
     if bytes.contains(&0) {
-        return Err(Error::probe_failed(format!(
-            "'{}' has a {what} containing a NUL byte",
-            path.display()
-        )));
+        return Err(Error::probe_failed(format!("'{}' has a {what} containing a NUL byte", path.display())));
     }
-    String::from_utf8(bytes).map_err(|_| {
-        Error::probe_failed(format!(
-            "'{}' has a {what} that is not valid UTF-8",
-            path.display()
-        ))
-    })
+    String::from_utf8(bytes)
+        .map_err(|_| Error::probe_failed(format!("'{}' has a {what} that is not valid UTF-8", path.display())))
 }
 
 /// Decodes UTF-16 code units (stopping at the first NUL), or `None` when
@@ -241,10 +210,7 @@ pub(super) fn utf16_string(bytes: &[u8], big_endian: bool) -> Option<String> {
     let units: Vec<u16> = bytes
         .chunks_exact(2)
         .map(|pair| {
-            let pair = [
-                pair.first().copied().unwrap_or(0),
-                pair.get(1).copied().unwrap_or(0),
-            ];
+            let pair = [pair.first().copied().unwrap_or(0), pair.get(1).copied().unwrap_or(0)];
             if big_endian {
                 u16::from_be_bytes(pair)
             } else {

@@ -14,16 +14,8 @@ use super::*;
 
 /// Runs qemu-img, panicking with its stderr on failure; returns stdout.
 fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img must be installed for these tests");
-    assert!(
-        out.status.success(),
-        "qemu-img {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("qemu-img").args(args).output().expect("qemu-img must be installed for these tests");
+    assert!(out.status.success(), "qemu-img {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -31,9 +23,7 @@ fn qemu_img(args: &[&str]) -> String {
 fn qemu_size(path: &Path, format: &str) -> u64 {
     let json = qemu_img(&["info", "--output=json", "-f", format, path_str(path)]);
     let info: serde_json::Value = serde_json::from_str(&json).expect("qemu-img info prints JSON");
-    info["virtual-size"]
-        .as_u64()
-        .expect("virtual-size is a number")
+    info["virtual-size"].as_u64().expect("virtual-size is a number")
 }
 
 fn path_str(path: &Path) -> &str {
@@ -52,19 +42,13 @@ fn create(dir: &Path, name: &str, format: &str, extra: &[&str], size: Option<&st
 }
 
 fn patch(path: &Path, offset: u64, bytes: &[u8]) {
-    let file = fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .expect("open for patching");
+    let file = fs::OpenOptions::new().write(true).open(path).expect("open for patching");
     file.write_all_at(bytes, offset).expect("patch image");
 }
 
 fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0; len];
-    fs::File::open(path)
-        .expect("open")
-        .read_exact_at(&mut buf, offset)
-        .expect("read");
+    fs::File::open(path).expect("open").read_exact_at(&mut buf, offset).expect("read");
     buf
 }
 
@@ -76,20 +60,12 @@ fn probe_err(path: &Path) -> Error {
 /// `needle`.
 fn assert_probe_error(err: &Error, path: &Path, needle: &str) {
     assert_eq!(err.kind(), ErrorKind::StorageProbeFailed, "{err}");
-    assert!(
-        err.message().contains(path_str(path)),
-        "message does not name the file: {err}"
-    );
-    assert!(
-        err.message().contains(needle),
-        "expected {needle:?} in: {err}"
-    );
+    assert!(err.message().contains(path_str(path)), "message does not name the file: {err}");
+    assert!(err.message().contains(needle), "expected {needle:?} in: {err}");
 }
 
 fn uuid_le_bytes(text: &str) -> [u8; 16] {
-    uuid::Uuid::parse_str(text)
-        .expect("valid UUID")
-        .to_bytes_le()
+    uuid::Uuid::parse_str(text).expect("valid UUID").to_bytes_le()
 }
 
 // ---------------------------------------------------------------- qcow2
@@ -100,35 +76,16 @@ fn qcow2_v3_without_backing() {
     let img = create(dir.path(), "plain.qcow2", "qcow2", &[], Some("64M"));
     assert_eq!(detect_format(&img).unwrap(), ImageFormat::Qcow2);
     let header = probe(&img).unwrap();
-    assert_eq!(
-        header,
-        ImageHeader::standalone(ImageFormat::Qcow2, qemu_size(&img, "qcow2"))
-    );
+    assert_eq!(header, ImageHeader::standalone(ImageFormat::Qcow2, qemu_size(&img, "qcow2")));
     assert_eq!(read_header(&img, ImageFormat::Qcow2).unwrap(), header);
 }
 
 #[test]
 fn qcow2_v2_with_relative_backing_and_format() {
     let dir = tempfile::tempdir().unwrap();
-    create(
-        dir.path(),
-        "base.qcow2",
-        "qcow2",
-        &["-o", "compat=0.10"],
-        Some("32M"),
-    );
-    let top = create(
-        dir.path(),
-        "top.qcow2",
-        "qcow2",
-        &["-o", "compat=0.10", "-b", "base.qcow2", "-F", "qcow2"],
-        None,
-    );
-    assert_eq!(
-        read_at(&top, 4, 4),
-        [0, 0, 0, 2],
-        "compat=0.10 makes a version 2 image"
-    );
+    create(dir.path(), "base.qcow2", "qcow2", &["-o", "compat=0.10"], Some("32M"));
+    let top = create(dir.path(), "top.qcow2", "qcow2", &["-o", "compat=0.10", "-b", "base.qcow2", "-F", "qcow2"], None);
+    assert_eq!(read_at(&top, 4, 4), [0, 0, 0, 2], "compat=0.10 makes a version 2 image");
     let header = probe(&top).unwrap();
     assert_eq!(header.format, ImageFormat::Qcow2);
     assert_eq!(header.virtual_size, qemu_size(&top, "qcow2"));
@@ -142,13 +99,7 @@ fn qcow2_v2_with_relative_backing_and_format() {
 fn qcow2_v3_with_absolute_raw_backing() {
     let dir = tempfile::tempdir().unwrap();
     let base = create(dir.path(), "base.raw", "raw", &[], Some("16M"));
-    let top = create(
-        dir.path(),
-        "top.qcow2",
-        "qcow2",
-        &["-b", path_str(&base), "-F", "raw"],
-        Some("64M"),
-    );
+    let top = create(dir.path(), "top.qcow2", "qcow2", &["-b", path_str(&base), "-F", "raw"], Some("64M"));
     let header = probe(&top).unwrap();
     assert_eq!(header.virtual_size, qemu_size(&top, "qcow2"));
     assert_eq!(header.virtual_size, 64 << 20);
@@ -164,18 +115,9 @@ fn qcow2_backing_without_format() {
     // unknown type, which QEMU skips.
     let dir = tempfile::tempdir().unwrap();
     create(dir.path(), "base.qcow2", "qcow2", &[], Some("8M"));
-    let top = create(
-        dir.path(),
-        "top.qcow2",
-        "qcow2",
-        &["-b", "base.qcow2", "-F", "qcow2"],
-        None,
-    );
+    let top = create(dir.path(), "top.qcow2", "qcow2", &["-b", "base.qcow2", "-F", "qcow2"], None);
     let header_len = u32::from_be_bytes(read_at(&top, 100, 4).try_into().unwrap());
-    assert_eq!(
-        read_at(&top, header_len.into(), 4),
-        0xe279_2acau32.to_be_bytes()
-    );
+    assert_eq!(read_at(&top, header_len.into(), 4), 0xe279_2acau32.to_be_bytes());
     patch(&top, header_len.into(), &0x0bad_cafeu32.to_be_bytes());
     let header = probe(&top).unwrap();
     assert_eq!(header.backing_file.as_deref(), Some("base.qcow2"));
@@ -188,18 +130,9 @@ fn qcow2_backing_uri_and_json_are_returned_verbatim() {
     let dir = tempfile::tempdir().unwrap();
     for (name, backing) in [
         ("nbd.qcow2", "nbd://localhost:10809/export"),
-        (
-            "json.qcow2",
-            r#"json:{"driver":"raw","file":{"driver":"file","filename":"/x/y.img"}}"#,
-        ),
+        ("json.qcow2", r#"json:{"driver":"raw","file":{"driver":"file","filename":"/x/y.img"}}"#),
     ] {
-        let top = create(
-            dir.path(),
-            name,
-            "qcow2",
-            &["-u", "-b", backing, "-F", "raw"],
-            Some("16M"),
-        );
+        let top = create(dir.path(), name, "qcow2", &["-u", "-b", backing, "-F", "raw"], Some("16M"));
         let header = probe(&top).unwrap();
         assert_eq!(header.backing_file.as_deref(), Some(backing));
         assert_eq!(header.backing_format.as_deref(), Some("raw"));
@@ -210,13 +143,7 @@ fn qcow2_backing_uri_and_json_are_returned_verbatim() {
 fn qcow2_external_data_file_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("guest.data");
-    let img = create(
-        dir.path(),
-        "ext.qcow2",
-        "qcow2",
-        &["-o", &format!("data_file={}", path_str(&data))],
-        Some("16M"),
-    );
+    let img = create(dir.path(), "ext.qcow2", "qcow2", &["-o", &format!("data_file={}", path_str(&data))], Some("16M"));
     let err = probe_err(&img);
     assert_probe_error(&err, &img, "external data file");
 
@@ -235,17 +162,9 @@ fn qcow2_unknown_incompatible_feature_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let img = create(dir.path(), "future.qcow2", "qcow2", &[], Some("16M"));
     patch(&img, 79, &[0x20]);
-    assert_probe_error(
-        &probe_err(&img),
-        &img,
-        "unknown incompatible qcow2 features (bits 0x20)",
-    );
+    assert_probe_error(&probe_err(&img), &img, "unknown incompatible qcow2 features (bits 0x20)");
     patch(&img, 72, &[0x80, 0, 0, 0, 0, 0, 0, 0]);
-    assert_probe_error(
-        &probe_err(&img),
-        &img,
-        "unknown incompatible qcow2 features",
-    );
+    assert_probe_error(&probe_err(&img), &img, "unknown incompatible qcow2 features");
 }
 
 #[test]
@@ -274,13 +193,7 @@ fn qcow2_unsupported_version_is_refused() {
 fn qcow_v1_with_backing() {
     let dir = tempfile::tempdir().unwrap();
     create(dir.path(), "base.raw", "raw", &[], Some("10M"));
-    let img = create(
-        dir.path(),
-        "old.qcow",
-        "qcow",
-        &["-b", "base.raw", "-F", "raw"],
-        None,
-    );
+    let img = create(dir.path(), "old.qcow", "qcow", &["-b", "base.raw", "-F", "raw"], None);
     assert_eq!(detect_format(&img).unwrap(), ImageFormat::Qcow);
     let header = probe(&img).unwrap();
     assert_eq!(header.format, ImageFormat::Qcow);
@@ -288,11 +201,7 @@ fn qcow_v1_with_backing() {
     assert_eq!(header.backing_file.as_deref(), Some("base.raw"));
     assert_eq!(header.backing_format, None);
     assert!(header.differencing);
-    assert_probe_error(
-        &read_header(&img, ImageFormat::Qcow2).unwrap_err(),
-        &img,
-        "qcow (version 1)",
-    );
+    assert_probe_error(&read_header(&img, ImageFormat::Qcow2).unwrap_err(), &img, "qcow (version 1)");
 }
 
 #[test]
@@ -301,43 +210,24 @@ fn qed_with_backing() {
     create(dir.path(), "base.raw", "raw", &[], Some("10M"));
     create(dir.path(), "base.qcow2", "qcow2", &[], Some("20M"));
 
-    let img = create(
-        dir.path(),
-        "raw-child.qed",
-        "qed",
-        &["-b", "base.raw", "-F", "raw"],
-        None,
-    );
+    let img = create(dir.path(), "raw-child.qed", "qed", &["-b", "base.raw", "-F", "raw"], None);
     assert_eq!(detect_format(&img).unwrap(), ImageFormat::Qed);
     let header = probe(&img).unwrap();
     assert_eq!(header.virtual_size, qemu_size(&img, "qed"));
     assert_eq!(header.virtual_size, 10 << 20);
     assert_eq!(header.backing_file.as_deref(), Some("base.raw"));
-    assert_eq!(
-        header.backing_format.as_deref(),
-        Some("raw"),
-        "QED_F_BACKING_FORMAT_NO_PROBE"
-    );
+    assert_eq!(header.backing_format.as_deref(), Some("raw"), "QED_F_BACKING_FORMAT_NO_PROBE");
     assert!(header.differencing);
 
     // QED records only "raw"; any other backing format is left to probing.
-    let img = create(
-        dir.path(),
-        "qcow2-child.qed",
-        "qed",
-        &["-b", "base.qcow2", "-F", "qcow2"],
-        None,
-    );
+    let img = create(dir.path(), "qcow2-child.qed", "qed", &["-b", "base.qcow2", "-F", "qcow2"], None);
     let header = probe(&img).unwrap();
     assert_eq!(header.virtual_size, 20 << 20);
     assert_eq!(header.backing_file.as_deref(), Some("base.qcow2"));
     assert_eq!(header.backing_format, None);
 
     let img = create(dir.path(), "plain.qed", "qed", &[], Some("30M"));
-    assert_eq!(
-        probe(&img).unwrap(),
-        ImageHeader::standalone(ImageFormat::Qed, 30 << 20)
-    );
+    assert_eq!(probe(&img).unwrap(), ImageHeader::standalone(ImageFormat::Qed, 30 << 20));
 }
 
 // ------------------------------------------------------------------ vmdk
@@ -348,18 +238,9 @@ fn vmdk_monolithic_sparse_and_child() {
     let base = create(dir.path(), "base.vmdk", "vmdk", &[], Some("64M"));
     assert_eq!(detect_format(&base).unwrap(), ImageFormat::Vmdk);
     let header = probe(&base).unwrap();
-    assert_eq!(
-        header,
-        ImageHeader::standalone(ImageFormat::Vmdk, qemu_size(&base, "vmdk"))
-    );
+    assert_eq!(header, ImageHeader::standalone(ImageFormat::Vmdk, qemu_size(&base, "vmdk")));
 
-    let child = create(
-        dir.path(),
-        "child.vmdk",
-        "vmdk",
-        &["-b", "base.vmdk", "-F", "vmdk"],
-        None,
-    );
+    let child = create(dir.path(), "child.vmdk", "vmdk", &["-b", "base.vmdk", "-F", "vmdk"], None);
     let header = probe(&child).unwrap();
     assert_eq!(header.virtual_size, 64 << 20);
     assert_eq!(header.virtual_size, qemu_size(&child, "vmdk"));
@@ -376,30 +257,11 @@ fn vmdk_descriptor_files() {
         ("flat.vmdk", "monolithicFlat", "64M"),
         ("splitflat.vmdk", "twoGbMaxExtentFlat", "3G"),
     ] {
-        let img = create(
-            dir.path(),
-            name,
-            "vmdk",
-            &["-o", &format!("subformat={subformat}")],
-            Some(size),
-        );
-        assert!(
-            fs::read(&img)
-                .unwrap()
-                .starts_with(b"# Disk DescriptorFile"),
-            "{subformat} is a text descriptor"
-        );
-        assert_eq!(
-            detect_format(&img).unwrap(),
-            ImageFormat::Vmdk,
-            "{subformat}"
-        );
+        let img = create(dir.path(), name, "vmdk", &["-o", &format!("subformat={subformat}")], Some(size));
+        assert!(fs::read(&img).unwrap().starts_with(b"# Disk DescriptorFile"), "{subformat} is a text descriptor");
+        assert_eq!(detect_format(&img).unwrap(), ImageFormat::Vmdk, "{subformat}");
         let header = probe(&img).unwrap();
-        assert_eq!(
-            header,
-            ImageHeader::standalone(ImageFormat::Vmdk, qemu_size(&img, "vmdk")),
-            "{subformat}"
-        );
+        assert_eq!(header, ImageHeader::standalone(ImageFormat::Vmdk, qemu_size(&img, "vmdk")), "{subformat}");
     }
 }
 
@@ -418,41 +280,27 @@ fn vmdk_descriptor_with_parent_and_odd_lines() {
     let header = probe(&desc).unwrap();
     // QEMU opens only RW extents with a file: 2048 + 512 sectors.
     assert_eq!(header.virtual_size, (2048 + 512) * 512);
-    assert_eq!(
-        header.backing_file.as_deref(),
-        Some("/images/my parent.vmdk")
-    );
+    assert_eq!(header.backing_file.as_deref(), Some("/images/my parent.vmdk"));
     assert_eq!(header.backing_format.as_deref(), Some("vmdk"));
 
-    fs::write(&desc, "# Disk DescriptorFile\nversion=1\ncreateType=\"monolithicFlat\"\nRW 2048 FLAT \"x.vmdk\"\n").unwrap();
+    fs::write(&desc, "# Disk DescriptorFile\nversion=1\ncreateType=\"monolithicFlat\"\nRW 2048 FLAT \"x.vmdk\"\n")
+        .unwrap();
     assert_probe_error(&probe_err(&desc), &desc, "invalid VMDK extent line");
 
-    fs::write(
-        &desc,
-        "# Disk DescriptorFile\nversion=1\ncreateType=\"monolithicSparse\"\n",
-    )
-    .unwrap();
+    fs::write(&desc, "# Disk DescriptorFile\nversion=1\ncreateType=\"monolithicSparse\"\n").unwrap();
     assert_probe_error(&probe_err(&desc), &desc, "create type 'monolithicSparse'");
 
-    fs::write(&desc, "# Disk DescriptorFile\nversion=1\ncreateType=\"vmfs\"\nparentFileNameHint=\"unterminated\n").unwrap();
+    fs::write(&desc, "# Disk DescriptorFile\nversion=1\ncreateType=\"vmfs\"\nparentFileNameHint=\"unterminated\n")
+        .unwrap();
     assert_probe_error(&probe_err(&desc), &desc, "malformed parentFileNameHint");
 }
 
 #[test]
 fn vmdk_stream_optimized() {
     let dir = tempfile::tempdir().unwrap();
-    let img = create(
-        dir.path(),
-        "stream.vmdk",
-        "vmdk",
-        &["-o", "subformat=streamOptimized"],
-        Some("100M"),
-    );
+    let img = create(dir.path(), "stream.vmdk", "vmdk", &["-o", "subformat=streamOptimized"], Some("100M"));
     let header = probe(&img).unwrap();
-    assert_eq!(
-        header,
-        ImageHeader::standalone(ImageFormat::Vmdk, qemu_size(&img, "vmdk"))
-    );
+    assert_eq!(header, ImageHeader::standalone(ImageFormat::Vmdk, qemu_size(&img, "vmdk")));
 }
 
 // ------------------------------------------------------------------- vdi
@@ -501,34 +349,15 @@ fn vpc_dynamic_and_fixed() {
     assert!(!header.differencing);
     assert!(header.uuid.is_some());
 
-    let fixed = create(
-        dir.path(),
-        "fixed.vhd",
-        "vpc",
-        &["-o", "subformat=fixed"],
-        Some("64M"),
-    );
-    assert_eq!(
-        detect_format(&fixed).unwrap(),
-        ImageFormat::Vpc,
-        "footer at the end only"
-    );
+    let fixed = create(dir.path(), "fixed.vhd", "vpc", &["-o", "subformat=fixed"], Some("64M"));
+    assert_eq!(detect_format(&fixed).unwrap(), ImageFormat::Vpc, "footer at the end only");
     let header = probe(&fixed).unwrap();
     assert_eq!(header.virtual_size, qemu_size(&fixed, "vpc"));
     assert!(!header.differencing);
     assert_eq!("vhd".parse::<ImageFormat>().unwrap(), ImageFormat::Vpc);
 
-    let sized = create(
-        dir.path(),
-        "sized.vhd",
-        "vpc",
-        &["-o", "force_size=on"],
-        Some("100M"),
-    );
-    assert_eq!(
-        probe(&sized).unwrap().virtual_size,
-        qemu_size(&sized, "vpc")
-    );
+    let sized = create(dir.path(), "sized.vhd", "vpc", &["-o", "force_size=on"], Some("100M"));
+    assert_eq!(probe(&sized).unwrap().virtual_size, qemu_size(&sized, "vpc"));
     assert_eq!(probe(&sized).unwrap().virtual_size, 100 << 20);
 }
 
@@ -546,15 +375,8 @@ fn vpc_differencing_patched() {
     let dyn_header = u64::from_be_bytes(read_at(&img, 16, 8).try_into().unwrap());
     assert_eq!(read_at(&img, dyn_header, 8), b"cxsparse");
     let parent = "6ba7b810-9dad-11d1-80b4-00c04fd430c8";
-    patch(
-        &img,
-        dyn_header + 40,
-        uuid::Uuid::parse_str(parent).unwrap().as_bytes(),
-    );
-    let name: Vec<u8> = "parent dir/base.vhd"
-        .encode_utf16()
-        .flat_map(u16::to_be_bytes)
-        .collect();
+    patch(&img, dyn_header + 40, uuid::Uuid::parse_str(parent).unwrap().as_bytes());
+    let name: Vec<u8> = "parent dir/base.vhd".encode_utf16().flat_map(u16::to_be_bytes).collect();
     patch(&img, dyn_header + 64, &name);
 
     let header = probe(&img).unwrap();
@@ -598,8 +420,7 @@ fn make_vhdx_differencing(path: &Path, pairs: &[(&str, &str)]) {
         .map(|i| &table[32 + i * 32..64 + i * 32])
         .find(|entry| entry[..16] == uuid_le_bytes(VHDX_FILE_PARAMETERS))
         .expect("file parameters item");
-    let params_offset =
-        metadata + u64::from(u32::from_le_bytes(params[16..20].try_into().unwrap()));
+    let params_offset = metadata + u64::from(u32::from_le_bytes(params[16..20].try_into().unwrap()));
     let flags = u32::from_le_bytes(read_at(path, params_offset + 4, 4).try_into().unwrap());
     patch(path, params_offset + 4, &(flags | 2).to_le_bytes());
 
@@ -640,10 +461,7 @@ fn vhdx_plain() {
     let img = create(dir.path(), "disk.vhdx", "vhdx", &[], Some("64M"));
     assert_eq!(detect_format(&img).unwrap(), ImageFormat::Vhdx);
     let header = probe(&img).unwrap();
-    assert_eq!(
-        header,
-        ImageHeader::standalone(ImageFormat::Vhdx, qemu_size(&img, "vhdx"))
-    );
+    assert_eq!(header, ImageHeader::standalone(ImageFormat::Vhdx, qemu_size(&img, "vhdx")));
 
     // A damaged primary region table falls back to the backup copy.
     patch(&img, 192 * 1024 + 40, &[0xff; 4]);
@@ -699,18 +517,12 @@ fn luks_and_parallels_sizes() {
         "16M",
     ]);
     assert_eq!(detect_format(&luks).unwrap(), ImageFormat::Luks);
-    assert_eq!(
-        probe(&luks).unwrap(),
-        ImageHeader::standalone(ImageFormat::Luks, 16 << 20)
-    );
+    assert_eq!(probe(&luks).unwrap(), ImageHeader::standalone(ImageFormat::Luks, 16 << 20));
 
     let parallels = create(dir.path(), "disk.hdd", "parallels", &[], Some("64M"));
     assert_eq!(detect_format(&parallels).unwrap(), ImageFormat::Parallels);
     let header = probe(&parallels).unwrap();
-    assert_eq!(
-        header,
-        ImageHeader::standalone(ImageFormat::Parallels, qemu_size(&parallels, "parallels"))
-    );
+    assert_eq!(header, ImageHeader::standalone(ImageFormat::Parallels, qemu_size(&parallels, "parallels")));
 }
 
 #[test]
@@ -722,20 +534,14 @@ fn synthetic_iso_dmg_bochs_cloop() {
     bytes[0x8000] = 1;
     bytes[0x8001..0x8006].copy_from_slice(b"CD001");
     fs::write(&iso, &bytes).unwrap();
-    assert_eq!(
-        probe(&iso).unwrap(),
-        ImageHeader::standalone(ImageFormat::Iso, 0x9000)
-    );
+    assert_eq!(probe(&iso).unwrap(), ImageHeader::standalone(ImageFormat::Iso, 0x9000));
 
     let dmg = dir.path().join("mac.dmg");
     let mut bytes = vec![0; 4096];
     bytes[4096 - 512..4096 - 508].copy_from_slice(b"koly");
     bytes[4096 - 512 + 492..4096 - 512 + 500].copy_from_slice(&2048u64.to_be_bytes());
     fs::write(&dmg, &bytes).unwrap();
-    assert_eq!(
-        probe(&dmg).unwrap(),
-        ImageHeader::standalone(ImageFormat::Dmg, 2048 * 512)
-    );
+    assert_eq!(probe(&dmg).unwrap(), ImageHeader::standalone(ImageFormat::Dmg, 2048 * 512));
 
     let bochs = dir.path().join("disk.bochs");
     let mut bytes = vec![0; 512];
@@ -745,23 +551,15 @@ fn synthetic_iso_dmg_bochs_cloop() {
     bytes[64..68].copy_from_slice(&0x0002_0000u32.to_le_bytes());
     bytes[88..96].copy_from_slice(&(10u64 << 20).to_le_bytes());
     fs::write(&bochs, &bytes).unwrap();
-    assert_eq!(
-        probe(&bochs).unwrap(),
-        ImageHeader::standalone(ImageFormat::Bochs, 10 << 20)
-    );
+    assert_eq!(probe(&bochs).unwrap(), ImageHeader::standalone(ImageFormat::Bochs, 10 << 20));
 
     let cloop = dir.path().join("disk.cloop");
-    let mut bytes =
-        b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
-            .to_vec();
+    let mut bytes = b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n".to_vec();
     bytes.resize(128, 0);
     bytes.extend_from_slice(&65536u32.to_be_bytes());
     bytes.extend_from_slice(&100u32.to_be_bytes());
     fs::write(&cloop, &bytes).unwrap();
-    assert_eq!(
-        probe(&cloop).unwrap(),
-        ImageHeader::standalone(ImageFormat::Cloop, 65536 * 100)
-    );
+    assert_eq!(probe(&cloop).unwrap(), ImageHeader::standalone(ImageFormat::Cloop, 65536 * 100));
 }
 
 // ------------------------------------------------------------------- raw
@@ -793,10 +591,7 @@ fn raw_with_qcow2_header_is_not_followed() {
     assert_eq!(header, ImageHeader::standalone(ImageFormat::Raw, 1 << 20));
     // Detection reports what the bytes say; callers decide whether to trust it.
     assert_eq!(detect_format(&disk).unwrap(), ImageFormat::Qcow2);
-    assert_eq!(
-        probe(&disk).unwrap().backing_file.as_deref(),
-        Some("/etc/shadow")
-    );
+    assert_eq!(probe(&disk).unwrap().backing_file.as_deref(), Some("/etc/shadow"));
 }
 
 #[test]
@@ -804,22 +599,12 @@ fn raw_files_and_empty_files() {
     let dir = tempfile::tempdir().unwrap();
     let raw = create(dir.path(), "disk.raw", "raw", &[], Some("3M"));
     assert_eq!(detect_format(&raw).unwrap(), ImageFormat::Raw);
-    assert_eq!(
-        probe(&raw).unwrap(),
-        ImageHeader::standalone(ImageFormat::Raw, 3 << 20)
-    );
+    assert_eq!(probe(&raw).unwrap(), ImageHeader::standalone(ImageFormat::Raw, 3 << 20));
 
     let empty = dir.path().join("empty");
     fs::write(&empty, b"").unwrap();
-    assert_eq!(
-        probe(&empty).unwrap(),
-        ImageHeader::standalone(ImageFormat::Raw, 0)
-    );
-    assert_probe_error(
-        &read_header(&empty, ImageFormat::Qcow2).unwrap_err(),
-        &empty,
-        "is not a qcow2 image",
-    );
+    assert_eq!(probe(&empty).unwrap(), ImageHeader::standalone(ImageFormat::Raw, 0));
+    assert_probe_error(&read_header(&empty, ImageFormat::Qcow2).unwrap_err(), &empty, "is not a qcow2 image");
 }
 
 #[test]
@@ -899,18 +684,12 @@ fn truncated_and_garbage_headers_are_errors() {
 fn mismatched_format_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let img = create(dir.path(), "disk.qcow2", "qcow2", &[], Some("1M"));
-    for format in ImageFormat::ALL
-        .into_iter()
-        .filter(|f| !matches!(f, ImageFormat::Raw | ImageFormat::Qcow2))
-    {
+    for format in ImageFormat::ALL.into_iter().filter(|f| !matches!(f, ImageFormat::Raw | ImageFormat::Qcow2)) {
         let err = read_header(&img, format).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::StorageProbeFailed, "{format}: {err}");
         assert!(err.message().contains(path_str(&img)), "{err}");
         if format != ImageFormat::Qcow {
-            assert!(
-                err.message().contains(&format!("is not a {format} image")),
-                "{err}"
-            );
+            assert!(err.message().contains(&format!("is not a {format} image")), "{err}");
         }
     }
 }
@@ -923,57 +702,12 @@ fn mutated_headers_never_panic() {
     let d = dir.path();
     create(d, "base.qcow2", "qcow2", &[], Some("1M"));
     let images = [
-        (
-            create(
-                d,
-                "top.qcow2",
-                "qcow2",
-                &["-b", "base.qcow2", "-F", "qcow2"],
-                None,
-            ),
-            0..1024u64,
-        ),
-        (
-            create(
-                d,
-                "top.qed",
-                "qed",
-                &["-b", "base.qcow2", "-F", "qcow2"],
-                None,
-            ),
-            0..128,
-        ),
-        (
-            create(
-                d,
-                "old.qcow",
-                "qcow",
-                &["-b", "base.qcow2", "-F", "qcow2"],
-                None,
-            ),
-            0..128,
-        ),
+        (create(d, "top.qcow2", "qcow2", &["-b", "base.qcow2", "-F", "qcow2"], None), 0..1024u64),
+        (create(d, "top.qed", "qed", &["-b", "base.qcow2", "-F", "qcow2"], None), 0..128),
+        (create(d, "old.qcow", "qcow", &["-b", "base.qcow2", "-F", "qcow2"], None), 0..128),
         (create(d, "base.vmdk", "vmdk", &[], Some("1M")), 0..128),
-        (
-            create(
-                d,
-                "child.vmdk",
-                "vmdk",
-                &["-b", "base.vmdk", "-F", "vmdk"],
-                None,
-            ),
-            0x200..0x400,
-        ),
-        (
-            create(
-                d,
-                "stream.vmdk",
-                "vmdk",
-                &["-o", "subformat=streamOptimized"],
-                Some("1M"),
-            ),
-            0..96,
-        ),
+        (create(d, "child.vmdk", "vmdk", &["-b", "base.vmdk", "-F", "vmdk"], None), 0x200..0x400),
+        (create(d, "stream.vmdk", "vmdk", &["-o", "subformat=streamOptimized"], Some("1M")), 0..96),
         (create(d, "disk.vdi", "vdi", &[], Some("1M")), 0..512),
         (create(d, "disk.vhd", "vpc", &[], Some("1M")), 0..512),
         (create(d, "disk.vhdx", "vhdx", &[], Some("1M")), 0..64),
@@ -984,21 +718,9 @@ fn mutated_headers_never_panic() {
     make_vhdx_differencing(&vhdx, &[("relative_path", "base.vhdx")]);
     let mut targets: Vec<(PathBuf, std::ops::Range<u64>)> = images.into_iter().collect();
     targets.push((vhdx.clone(), metadata..metadata + 256));
-    targets.push((
-        vhdx.clone(),
-        metadata + 512 * 1024..metadata + 512 * 1024 + 64,
-    ));
+    targets.push((vhdx.clone(), metadata + 512 * 1024..metadata + 512 * 1024 + 64));
     let descriptor = d.join("flat.vmdk");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vmdk",
-        "-o",
-        "subformat=monolithicFlat",
-        path_str(&descriptor),
-        "1M",
-    ]);
+    qemu_img(&["create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", path_str(&descriptor), "1M"]);
     let descriptor_len = fs::metadata(&descriptor).unwrap().len();
     targets.push((descriptor, 0..descriptor_len));
 
@@ -1061,29 +783,12 @@ fn format_names_round_trip() {
     for format in ImageFormat::ALL {
         assert_eq!(format.as_str().parse::<ImageFormat>().unwrap(), format);
         assert_eq!(format.to_string(), format.as_str());
-        assert_eq!(
-            serde_json::to_string(&format).unwrap(),
-            format!("\"{format}\"")
-        );
+        assert_eq!(serde_json::to_string(&format).unwrap(), format!("\"{format}\""));
     }
     assert_eq!("vhd".parse::<ImageFormat>().unwrap(), ImageFormat::Vpc);
     let err = "qcow3".parse::<ImageFormat>().unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArg);
-    assert!(
-        err.message().contains("'qcow3'") && err.message().contains("qcow2, qcow, qed"),
-        "{err}"
-    );
-    let backing: Vec<ImageFormat> = ImageFormat::ALL
-        .into_iter()
-        .filter(|f| f.supports_backing())
-        .collect();
-    assert_eq!(
-        backing,
-        [
-            ImageFormat::Qcow2,
-            ImageFormat::Qcow,
-            ImageFormat::Qed,
-            ImageFormat::Vmdk
-        ]
-    );
+    assert!(err.message().contains("'qcow3'") && err.message().contains("qcow2, qcow, qed"), "{err}");
+    let backing: Vec<ImageFormat> = ImageFormat::ALL.into_iter().filter(|f| f.supports_backing()).collect();
+    assert_eq!(backing, [ImageFormat::Qcow2, ImageFormat::Qcow, ImageFormat::Qed, ImageFormat::Vmdk]);
 }

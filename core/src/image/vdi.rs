@@ -35,23 +35,16 @@ pub(super) fn read(img: &ImageFile) -> Result<ImageHeader> {
     if version != VERSION_1_1 {
         return Err(invalid(
             img,
-            format_args!(
-                "has unsupported VDI header version {}.{}",
-                version >> 16,
-                version & 0xffff
-            ),
+            format_args!("has unsupported VDI header version {}.{}", version >> 16, version & 0xffff),
         ));
     }
     let image_type = h.le32(OFF_TYPE)?;
     // QEMU rounds odd sizes (made by 'VBoxManage convertfromraw') up to a
     // whole sector.
     let disk_size = h.le64(OFF_DISK_SIZE)?;
-    let virtual_size = disk_size.checked_next_multiple_of(512).ok_or_else(|| {
-        invalid(
-            img,
-            format_args!("records an impossible disk size of {disk_size} bytes"),
-        )
-    })?;
+    let virtual_size = disk_size
+        .checked_next_multiple_of(512)
+        .ok_or_else(|| invalid(img, format_args!("records an impossible disk size of {disk_size} bytes")))?;
     let uuid = uuid_le(h.array(OFF_UUID_CREATE)?);
     let parent_uuid = uuid_le(h.array(OFF_UUID_LINKAGE)?);
     let parent_modify = uuid_le(h.array(OFF_UUID_PARENT_MODIFY)?);

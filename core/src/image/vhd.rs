@@ -70,10 +70,7 @@ pub(super) fn read(img: &ImageFile) -> Result<ImageHeader> {
 
     let disk_type = f.be32(OFF_TYPE)?;
     if !matches!(disk_type, DISK_FIXED | DISK_DYNAMIC | DISK_DIFFERENCING) {
-        return Err(invalid(
-            img,
-            format_args!("has unknown VHD disk type {disk_type}"),
-        ));
+        return Err(invalid(img, format_args!("has unknown VHD disk type {disk_type}")));
     }
     let virtual_size = virtual_size(img, &f)?;
     let uuid = uuid_be(f.array(OFF_UUID)?);
@@ -92,14 +89,11 @@ pub(super) fn read(img: &ImageFile) -> Result<ImageHeader> {
         let dyn_header = img.bytes(offset, DYN_HEADER_LEN, "VHD dynamic disk header")?;
         let d = Fields::new(&dyn_header, img.path(), "VHD dynamic disk header");
         if d.slice(0, DYN_COOKIE.len())? != DYN_COOKIE {
-            return Err(invalid(
-                img,
-                "has a VHD dynamic disk header without its 'cxsparse' cookie",
-            ));
+            return Err(invalid(img, "has a VHD dynamic disk header without its 'cxsparse' cookie"));
         }
         header.parent_uuid = uuid_be(d.array(OFF_PARENT_UUID)?);
-        header.backing_file = utf16_string(d.slice(OFF_PARENT_NAME, PARENT_NAME_LEN)?, true)
-            .filter(|name| !name.is_empty());
+        header.backing_file =
+            utf16_string(d.slice(OFF_PARENT_NAME, PARENT_NAME_LEN)?, true).filter(|name| !name.is_empty());
     }
     Ok(header)
 }
@@ -108,11 +102,7 @@ pub(super) fn read(img: &ImageFile) -> Result<ImageHeader> {
 /// checksum field taken as zero; QEMU refuses a mismatch.
 fn check_footer_checksum(img: &ImageFile, f: &Fields) -> Result<()> {
     let stored = f.be32(OFF_CHECKSUM)?;
-    let field: u32 = f
-        .slice(OFF_CHECKSUM, 4)?
-        .iter()
-        .map(|&b| u32::from(b))
-        .sum();
+    let field: u32 = f.slice(OFF_CHECKSUM, 4)?.iter().map(|&b| u32::from(b)).sum();
     let all: u32 = f.slice(0, FOOTER_LEN)?.iter().map(|&b| u32::from(b)).sum();
     if !(all - field) != stored {
         return Err(invalid(img, "has a VHD footer with an incorrect checksum"));
@@ -123,9 +113,8 @@ fn check_footer_checksum(img: &ImageFile, f: &Fields) -> Result<()> {
 /// Virtual PC sizes a disk by its CHS geometry, Hyper-V and others by the
 /// footer's current size; QEMU tells them apart by the creator application.
 fn virtual_size(img: &ImageFile, f: &Fields) -> Result<u64> {
-    let geometry_sectors = u64::from(f.be16(OFF_CYLINDERS)?)
-        * u64::from(f.u8(OFF_HEADS)?)
-        * u64::from(f.u8(OFF_SECTORS_PER_TRACK)?);
+    let geometry_sectors =
+        u64::from(f.be16(OFF_CYLINDERS)?) * u64::from(f.u8(OFF_HEADS)?) * u64::from(f.u8(OFF_SECTORS_PER_TRACK)?);
     let creator: [u8; 4] = f.array(OFF_CREATOR_APP)?;
     let sized_by_footer = SIZE_FROM_FOOTER_CREATORS.contains(&&creator);
     let sectors = if sized_by_footer || geometry_sectors == MAX_GEOMETRY_SECTORS {
@@ -134,10 +123,7 @@ fn virtual_size(img: &ImageFile, f: &Fields) -> Result<u64> {
         geometry_sectors
     };
     if sectors > MAX_SECTORS {
-        return Err(invalid(
-            img,
-            "is larger than the 2040 GiB QEMU supports for VHD images",
-        ));
+        return Err(invalid(img, "is larger than the 2040 GiB QEMU supports for VHD images"));
     }
     sectors_to_bytes(img, sectors)
 }

@@ -32,10 +32,7 @@ const FILE_PARAMS_HAS_PARENT: u32 = 1 << 1;
 /// stored little-endian, the last eight bytes as they are.
 const fn guid(canonical: u128) -> [u8; 16] {
     let b = canonical.to_be_bytes();
-    [
-        b[3], b[2], b[1], b[0], b[5], b[4], b[7], b[6], b[8], b[9], b[10], b[11], b[12], b[13],
-        b[14], b[15],
-    ]
+    [b[3], b[2], b[1], b[0], b[5], b[4], b[7], b[6], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]
 }
 
 const REGION_BAT: [u8; 16] = guid(0x2dc27766_f623_4200_9d64_115e9bfd4a08);
@@ -73,26 +70,14 @@ pub(super) fn read(img: &ImageFile) -> Result<ImageHeader> {
     let metadata_offset = metadata_region(img)?;
     let items = metadata_items(img, metadata_offset)?;
 
-    let file_parameters = items
-        .file_parameters
-        .ok_or_else(|| invalid(img, "lacks the required VHDX file parameters metadata item"))?;
-    let params = read_item(
-        img,
-        metadata_offset,
-        file_parameters,
-        8,
-        "VHDX file parameters",
-    )?;
-    let has_parent = Fields::new(&params, img.path(), "VHDX file parameters").le32(4)?
-        & FILE_PARAMS_HAS_PARENT
-        != 0;
+    let file_parameters =
+        items.file_parameters.ok_or_else(|| invalid(img, "lacks the required VHDX file parameters metadata item"))?;
+    let params = read_item(img, metadata_offset, file_parameters, 8, "VHDX file parameters")?;
+    let has_parent = Fields::new(&params, img.path(), "VHDX file parameters").le32(4)? & FILE_PARAMS_HAS_PARENT != 0;
 
-    let size_item = items.virtual_disk_size.ok_or_else(|| {
-        invalid(
-            img,
-            "lacks the required VHDX virtual disk size metadata item",
-        )
-    })?;
+    let size_item = items
+        .virtual_disk_size
+        .ok_or_else(|| invalid(img, "lacks the required VHDX virtual disk size metadata item"))?;
     let size = read_item(img, metadata_offset, size_item, 8, "VHDX virtual disk size")?;
     let virtual_size = Fields::new(&size, img.path(), "VHDX virtual disk size").le64(0)?;
 
@@ -119,19 +104,11 @@ fn metadata_region(img: &ImageFile) -> Result<u64> {
             break;
         }
     }
-    let table = table.ok_or_else(|| {
-        invalid(
-            img,
-            "has no valid VHDX region table (both copies are damaged)",
-        )
-    })?;
+    let table = table.ok_or_else(|| invalid(img, "has no valid VHDX region table (both copies are damaged)"))?;
     let t = Fields::new(&table, img.path(), "VHDX region table");
     let count = t.le32(8)? as usize;
     if count > MAX_TABLE_ENTRIES {
-        return Err(invalid(
-            img,
-            format_args!("has {count} VHDX region table entries, more than allowed"),
-        ));
+        return Err(invalid(img, format_args!("has {count} VHDX region table entries, more than allowed")));
     }
     let (mut metadata, mut bat_seen) = (None, false);
     for i in 0..count {
@@ -143,10 +120,7 @@ fn metadata_region(img: &ImageFile) -> Result<u64> {
             REGION_METADATA => metadata.replace(file_offset).is_some(),
             REGION_BAT => std::mem::replace(&mut bat_seen, true),
             _ if required => {
-                return Err(invalid(
-                    img,
-                    "requires a VHDX region that Strata does not know",
-                ));
+                return Err(invalid(img, "requires a VHDX region that Strata does not know"));
             }
             _ => false,
         };
@@ -158,9 +132,7 @@ fn metadata_region(img: &ImageFile) -> Result<u64> {
 }
 
 fn region_table_is_valid(table: &[u8]) -> bool {
-    let (Some(signature), Some(stored), Some(rest)) =
-        (table.get(..4), table.get(4..8), table.get(8..))
-    else {
+    let (Some(signature), Some(stored), Some(rest)) = (table.get(..4), table.get(4..8), table.get(8..)) else {
         return false;
     };
     let stored = stored.try_into().ok().map(u32::from_le_bytes);
@@ -173,26 +145,17 @@ fn metadata_items(img: &ImageFile, metadata_offset: u64) -> Result<Items> {
     let table = img.bytes(metadata_offset, METADATA_TABLE_LEN, "VHDX metadata table")?;
     let t = Fields::new(&table, img.path(), "VHDX metadata table");
     if t.slice(0, METADATA_SIGNATURE.len())? != METADATA_SIGNATURE {
-        return Err(invalid(
-            img,
-            "has a VHDX metadata table without its 'metadata' signature",
-        ));
+        return Err(invalid(img, "has a VHDX metadata table without its 'metadata' signature"));
     }
     let count = usize::from(t.le16(10)?);
     if count > MAX_TABLE_ENTRIES {
-        return Err(invalid(
-            img,
-            format_args!("has {count} VHDX metadata entries, more than allowed"),
-        ));
+        return Err(invalid(img, format_args!("has {count} VHDX metadata entries, more than allowed")));
     }
     let mut items = Items::default();
     for i in 0..count {
         let base = 32 + i * 32;
         let id: [u8; 16] = t.array(base)?;
-        let item = Item {
-            offset: t.le32(base + 16)?,
-            len: t.le32(base + 20)?,
-        };
+        let item = Item { offset: t.le32(base + 16)?, len: t.le32(base + 20)? };
         let required = t.le32(base + 24)? & METADATA_IS_REQUIRED != 0;
         let slot = match id {
             ITEM_FILE_PARAMETERS => &mut items.file_parameters,
@@ -200,10 +163,7 @@ fn metadata_items(img: &ImageFile, metadata_offset: u64) -> Result<Items> {
             ITEM_PARENT_LOCATOR => &mut items.parent_locator,
             ITEM_PAGE83_DATA | ITEM_LOGICAL_SECTOR_SIZE | ITEM_PHYSICAL_SECTOR_SIZE => continue,
             _ if required => {
-                return Err(invalid(
-                    img,
-                    "requires a VHDX metadata item that Strata does not know",
-                ));
+                return Err(invalid(img, "requires a VHDX metadata item that Strata does not know"));
             }
             _ => continue,
         };
@@ -215,27 +175,13 @@ fn metadata_items(img: &ImageFile, metadata_offset: u64) -> Result<Items> {
 }
 
 /// The first `len` bytes of a metadata item, which must be at least that long.
-fn read_item(
-    img: &ImageFile,
-    metadata_offset: u64,
-    item: Item,
-    len: u32,
-    what: &str,
-) -> Result<Vec<u8>> {
+fn read_item(img: &ImageFile, metadata_offset: u64, item: Item, len: u32, what: &str) -> Result<Vec<u8>> {
     if item.len < len || len > MAX_ITEM_LEN {
-        return Err(invalid(
-            img,
-            format_args!("has a {what} metadata item of invalid length {}", item.len),
-        ));
+        return Err(invalid(img, format_args!("has a {what} metadata item of invalid length {}", item.len)));
     }
     let offset = metadata_offset
         .checked_add(u64::from(item.offset))
-        .ok_or_else(|| {
-            invalid(
-                img,
-                format_args!("has a {what} metadata item at an impossible offset"),
-            )
-        })?;
+        .ok_or_else(|| invalid(img, format_args!("has a {what} metadata item at an impossible offset")))?;
     img.bytes(offset, len as usize, what)
 }
 
@@ -260,18 +206,10 @@ fn parse_parent_locator(img: &ImageFile, bytes: &[u8]) -> Result<ParentLocator> 
         }
     }
     let get = |wanted: &str| {
-        pairs
-            .iter()
-            .find(|(key, value)| key == wanted && !value.is_empty())
-            .map(|(_, value)| value.clone())
+        pairs.iter().find(|(key, value)| key == wanted && !value.is_empty()).map(|(_, value)| value.clone())
     };
-    let path = get("relative_path")
-        .or_else(|| get("absolute_win32_path"))
-        .or_else(|| get("volume_path"));
-    let linkage = get("parent_linkage").map(|guid| {
-        guid.trim_matches(|c| c == '{' || c == '}')
-            .to_ascii_lowercase()
-    });
+    let path = get("relative_path").or_else(|| get("absolute_win32_path")).or_else(|| get("volume_path"));
+    let linkage = get("parent_linkage").map(|guid| guid.trim_matches(|c| c == '{' || c == '}').to_ascii_lowercase());
     Ok(ParentLocator { path, linkage })
 }
 
@@ -286,11 +224,7 @@ mod crc32c {
             let mut crc = i as u32;
             let mut bit = 0;
             while bit < 8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ POLY
-                } else {
-                    crc >> 1
-                };
+                crc = if crc & 1 != 0 { (crc >> 1) ^ POLY } else { crc >> 1 };
                 bit += 1;
             }
             table[i] = crc;

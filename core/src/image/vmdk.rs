@@ -30,14 +30,8 @@ const MAX_PARENT_NAME: usize = 4095;
 const HINT_KEY: &[u8] = b"parentFileNameHint";
 const CREATE_TYPE_KEY: &[u8] = b"createType";
 /// The create types QEMU accepts in a descriptor file.
-const DESCRIPTOR_CREATE_TYPES: [&[u8]; 6] = [
-    b"monolithicFlat",
-    b"vmfs",
-    b"vmfsSparse",
-    b"seSparse",
-    b"twoGbMaxExtentSparse",
-    b"twoGbMaxExtentFlat",
-];
+const DESCRIPTOR_CREATE_TYPES: [&[u8]; 6] =
+    [b"monolithicFlat", b"vmfs", b"vmfsSparse", b"seSparse", b"twoGbMaxExtentSparse", b"twoGbMaxExtentFlat"];
 /// Extent types QEMU opens; lines with other types are ignored.
 const EXTENT_TYPES: [&[u8]; 5] = [b"FLAT", b"SPARSE", b"VMFS", b"VMFSSPARSE", b"SESPARSE"];
 
@@ -73,10 +67,7 @@ pub(super) fn probe_descriptor(head: &[u8]) -> bool {
                 let Some(tail) = rest.strip_prefix(b"version=") else {
                     return false;
                 };
-                return matches!(
-                    tail,
-                    [b'1'..=b'3', b'\n', ..] | [b'1'..=b'3', b'\r', b'\n', ..]
-                );
+                return matches!(tail, [b'1'..=b'3', b'\n', ..] | [b'1'..=b'3', b'\r', b'\n', ..]);
             }
         }
     }
@@ -96,10 +87,7 @@ pub(super) fn read(img: &ImageFile) -> Result<ImageHeader> {
     } else if has_magic(head, 0, MAGIC_VMDK3) {
         let buf = img.bytes(0, 16, "VMDK (COWD) header")?;
         let sectors = Fields::new(&buf, img.path(), "VMDK (COWD) header").le32(12)?;
-        (
-            sectors_to_bytes(img, u64::from(sectors))?,
-            SPARSE_DESCRIPTOR_OFFSET,
-        )
+        (sectors_to_bytes(img, u64::from(sectors))?, SPARSE_DESCRIPTOR_OFFSET)
     } else {
         let text = img.bytes_up_to(0, MAX_DESCRIPTOR_LEN, "VMDK descriptor")?;
         // Without a createType, only a file that looks like a descriptor is
@@ -133,9 +121,8 @@ fn vmdk4_size(img: &ImageFile) -> Result<u64> {
     let desc_offset = h.le64(28)?;
     let mut version = h.le32(4)?;
     if capacity == 0 && desc_offset != 0 {
-        let offset = desc_offset
-            .checked_mul(SECTOR)
-            .ok_or_else(|| invalid(img, "has an impossible VMDK descriptor offset"))?;
+        let offset =
+            desc_offset.checked_mul(SECTOR).ok_or_else(|| invalid(img, "has an impossible VMDK descriptor offset"))?;
         let text = img.bytes_up_to(offset, MAX_DESCRIPTOR_LEN, "VMDK descriptor")?;
         return descriptor_size(img, &text);
     }
@@ -159,10 +146,7 @@ fn vmdk4_size(img: &ImageFile) -> Result<u64> {
         capacity = f.le64(524)?;
     }
     if version > 3 {
-        return Err(invalid(
-            img,
-            format_args!("has unsupported VMDK version {version}"),
-        ));
+        return Err(invalid(img, format_args!("has unsupported VMDK version {version}")));
     }
     sectors_to_bytes(img, capacity)
 }
@@ -204,9 +188,7 @@ fn quoted_value<'t>(text: &'t [u8], key: &[u8]) -> Option<&'t [u8]> {
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack
-        .windows(needle.len())
-        .position(|window| window == needle)
+    haystack.windows(needle.len()).position(|window| window == needle)
 }
 
 /// The sectors of an extent line QEMU would use, `None` for other lines, or
@@ -216,18 +198,13 @@ fn extent_sectors(img: &ImageFile, line: &[u8]) -> Result<Option<u64>> {
     let mut rest = line;
     let mut token = || {
         let trimmed = rest.trim_ascii_start();
-        let end = trimmed
-            .iter()
-            .position(u8::is_ascii_whitespace)
-            .unwrap_or(trimmed.len());
+        let end = trimmed.iter().position(u8::is_ascii_whitespace).unwrap_or(trimmed.len());
         let (token, tail) = trimmed.split_at(end);
         rest = tail;
         token
     };
     let access = token();
-    let sectors = std::str::from_utf8(token())
-        .ok()
-        .and_then(|s| s.parse::<i64>().ok());
+    let sectors = std::str::from_utf8(token()).ok().and_then(|s| s.parse::<i64>().ok());
     let kind = token();
     let (Some(sectors), true) = (sectors, access == b"RW") else {
         return Ok(None);
@@ -236,10 +213,7 @@ fn extent_sectors(img: &ImageFile, line: &[u8]) -> Result<Option<u64>> {
     let Some(quoted) = rest.trim_ascii_start().strip_prefix(b"\"") else {
         return Ok(None);
     };
-    let name_len = quoted
-        .iter()
-        .position(|&b| matches!(b, b'"' | b'\r' | b'\n'))
-        .unwrap_or(quoted.len());
+    let name_len = quoted.iter().position(|&b| matches!(b, b'"' | b'\r' | b'\n')).unwrap_or(quoted.len());
     if name_len == 0 || kind.is_empty() || kind.len() > 10 {
         return Ok(None);
     }
@@ -256,10 +230,7 @@ fn extent_sectors(img: &ImageFile, line: &[u8]) -> Result<Option<u64>> {
     };
     if !well_formed {
         let shown: String = String::from_utf8_lossy(line).chars().take(200).collect();
-        return Err(invalid(
-            img,
-            format_args!("has an invalid VMDK extent line: {}", shown.trim_end()),
-        ));
+        return Err(invalid(img, format_args!("has an invalid VMDK extent line: {}", shown.trim_end())));
     }
     if sectors <= 0 || !EXTENT_TYPES.contains(&kind) {
         return Ok(None);
@@ -274,12 +245,8 @@ fn parent_hint(img: &ImageFile, offset: u64) -> Result<Option<String>> {
     if find(text, HINT_KEY).is_none() {
         return Ok(None);
     }
-    let name = quoted_value(text, HINT_KEY).ok_or_else(|| {
-        invalid(
-            img,
-            "has a malformed parentFileNameHint in its VMDK descriptor",
-        )
-    })?;
+    let name = quoted_value(text, HINT_KEY)
+        .ok_or_else(|| invalid(img, "has a malformed parentFileNameHint in its VMDK descriptor"))?;
     if name.len() > MAX_PARENT_NAME {
         return Err(invalid(img, "has a parentFileNameHint that is too long"));
     }

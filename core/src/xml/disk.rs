@@ -12,9 +12,26 @@ use crate::error::{Error, Result};
 /// libvirt's order of `<disk>` children; Strata inserts what it writes at
 /// these places and leaves every other child where it was.
 pub const DISK_CHILD_ORDER: &[&str] = &[
-    "driver", "auth", "source", "backingStore", "geometry", "blockio", "mirror", "target",
-    "iotune", "readonly", "shareable", "transient", "serial", "wwn", "vendor", "product",
-    "encryption", "boot", "alias", "address",
+    "driver",
+    "auth",
+    "source",
+    "backingStore",
+    "geometry",
+    "blockio",
+    "mirror",
+    "target",
+    "iotune",
+    "readonly",
+    "shareable",
+    "transient",
+    "serial",
+    "wwn",
+    "vendor",
+    "product",
+    "encryption",
+    "boot",
+    "alias",
+    "address",
 ];
 
 const BACKING_CHILD_ORDER: &[&str] = &["format", "source", "backingStore"];
@@ -53,26 +70,21 @@ impl Disk {
     pub fn from_element(el: &Element) -> Result<Disk> {
         let disk_type = el.attr("type").unwrap_or("file").to_string();
         let device = el.attr("device").unwrap_or("disk").to_string();
-        let target_el = el
-            .child("target")
-            .ok_or_else(|| Error::xml("a <disk> has no <target>"))?;
-        let target = target_el
-            .attr("dev")
-            .ok_or_else(|| Error::xml("a <disk> <target> has no 'dev' attribute"))?
-            .to_string();
+        let target_el = el.child("target").ok_or_else(|| Error::xml("a <disk> has no <target>"))?;
+        let target =
+            target_el.attr("dev").ok_or_else(|| Error::xml("a <disk> <target> has no 'dev' attribute"))?.to_string();
         let driver = el.child("driver");
         let format = driver.and_then(|d| d.attr("type")).map(str::to_string);
-        let chain = match parse_source(&disk_type, el.child("source"))
-            .map_err(|e| e.context(format!("disk '{target}'")))?
-        {
-            None => None,
-            Some(source) => {
-                let mut chain = Chain::single(source, format.clone());
-                read_backing(el, &mut chain, 0).map_err(|e| e.context(format!("disk '{target}'")))?;
-                chain.renumber();
-                Some(chain)
-            }
-        };
+        let chain =
+            match parse_source(&disk_type, el.child("source")).map_err(|e| e.context(format!("disk '{target}'")))? {
+                None => None,
+                Some(source) => {
+                    let mut chain = Chain::single(source, format.clone());
+                    read_backing(el, &mut chain, 0).map_err(|e| e.context(format!("disk '{target}'")))?;
+                    chain.renumber();
+                    Some(chain)
+                }
+            };
         let mirror = match el.child("mirror") {
             None => None,
             Some(m) => Some(parse_mirror(m).map_err(|e| e.context(format!("disk '{target}' <mirror>")))?),
@@ -81,9 +93,7 @@ impl Disk {
             None | Some("no") => false,
             Some("yes") => true,
             Some(other) => {
-                return Err(Error::xml(format!(
-                    "disk '{target}' has selected='{other}'; expected 'yes' or 'no'"
-                )))
+                return Err(Error::xml(format!("disk '{target}' has selected='{other}'; expected 'yes' or 'no'")))
             }
         };
         Ok(Disk {
@@ -116,19 +126,11 @@ fn parse_mirror(m: &Element) -> Result<Mirror> {
         None => parse_source(kind, m.child("source"))?,
     };
     let source = source.ok_or_else(|| Error::xml("a <mirror> has no source"))?;
-    let format = m
-        .child("format")
-        .and_then(|f| f.attr("type"))
-        .or_else(|| m.attr("format"))
-        .map(str::to_string);
+    let format = m.child("format").and_then(|f| f.attr("type")).or_else(|| m.attr("format")).map(str::to_string);
     let mut chain = Chain::single(source, format);
     read_backing(m, &mut chain, 0)?;
     chain.renumber();
-    Ok(Mirror {
-        job: m.attr("job").map(str::to_string),
-        ready: m.attr("ready").map(str::to_string),
-        chain,
-    })
+    Ok(Mirror { job: m.attr("job").map(str::to_string), ready: m.attr("ready").map(str::to_string), chain })
 }
 
 /// Reads the `<backingStore>` children of `el` into `chain` below `layer`,
@@ -183,9 +185,10 @@ pub fn parse_source(kind: &str, el: Option<&Element>) -> Result<Option<StorageSo
                 .map(|h| {
                     let port = match h.attr("port") {
                         None => Ok(None),
-                        Some(p) => p.parse::<u16>().map(Some).map_err(|_| {
-                            Error::xml(format!("host port '{p}' is not a port number"))
-                        }),
+                        Some(p) => p
+                            .parse::<u16>()
+                            .map(Some)
+                            .map_err(|_| Error::xml(format!("host port '{p}' is not a port number"))),
                     }?;
                     Ok(NetworkHost {
                         name: h.attr("name").map(str::to_string),

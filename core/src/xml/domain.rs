@@ -21,16 +21,10 @@ impl Domain {
 
     pub fn from_element(root: Element) -> Result<Domain> {
         if root.name != "domain" {
-            return Err(Error::xml(format!(
-                "expected a <domain> document, found <{}>",
-                root.name
-            )));
+            return Err(Error::xml(format!("expected a <domain> document, found <{}>", root.name)));
         }
         let dom = Domain { root };
-        let name = dom
-            .root
-            .child_text("name")
-            .ok_or_else(|| Error::xml("the domain has no <name>"))?;
+        let name = dom.root.child_text("name").ok_or_else(|| Error::xml("the domain has no <name>"))?;
         crate::store::validate_name("domain", &name)?;
         if let Some(uuid) = dom.uuid() {
             uuid::Uuid::parse_str(&uuid)
@@ -39,10 +33,7 @@ impl Domain {
         let disks = dom.disks()?;
         for (i, d) in disks.iter().enumerate() {
             if disks[..i].iter().any(|o| o.target == d.target) {
-                return Err(Error::xml(format!(
-                    "domain '{name}' has two disks with target '{}'",
-                    d.target
-                )));
+                return Err(Error::xml(format!("domain '{name}' has two disks with target '{}'", d.target)));
             }
         }
         Ok(dom)
@@ -71,8 +62,7 @@ impl Domain {
     }
 
     pub fn set_uuid(&mut self, uuid: &str) {
-        self.root
-            .replace_or_insert(Element::new("uuid").with_text(uuid), &["name", "uuid"]);
+        self.root.replace_or_insert(Element::new("uuid").with_text(uuid), &["name", "uuid"]);
     }
 
     /// The `type` attribute: `kvm`, `qemu`, `lxc`, `vbox`, …
@@ -96,25 +86,16 @@ impl Domain {
 
     /// Current memory in KiB, defaulting to the maximum.
     pub fn current_memory_kib(&self) -> Option<u64> {
-        self.root
-            .child("currentMemory")
-            .and_then(memory_in_kib)
-            .or_else(|| self.memory_kib())
+        self.root.child("currentMemory").and_then(memory_in_kib).or_else(|| self.memory_kib())
     }
 
     pub fn vcpus(&self) -> u32 {
-        self.root
-            .child_text("vcpu")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1)
+        self.root.child_text("vcpu").and_then(|v| v.parse().ok()).unwrap_or(1)
     }
 
     /// `<os><type>`: `hvm`, `exe`, …
     pub fn os_type(&self) -> String {
-        self.root
-            .child("os")
-            .and_then(|os| os.child_text("type"))
-            .unwrap_or_else(|| "hvm".to_string())
+        self.root.child("os").and_then(|os| os.child_text("type")).unwrap_or_else(|| "hvm".to_string())
     }
 
     pub fn disks(&self) -> Result<Vec<Disk>> {
@@ -122,10 +103,7 @@ impl Domain {
     }
 
     fn disk_elements(&self) -> impl Iterator<Item = &Element> {
-        self.root
-            .child("devices")
-            .into_iter()
-            .flat_map(|d| d.children_named("disk"))
+        self.root.child("devices").into_iter().flat_map(|d| d.children_named("disk"))
     }
 
     /// Finds a disk by target (`vda`) or by the path of its active layer,
@@ -136,11 +114,9 @@ impl Domain {
             .iter()
             .find(|d| d.target == name)
             .or_else(|| {
-                disks.iter().find(|d| {
-                    d.source()
-                        .and_then(|s| s.local_path())
-                        .is_some_and(|p| p == std::path::Path::new(name))
-                })
+                disks
+                    .iter()
+                    .find(|d| d.source().and_then(|s| s.local_path()).is_some_and(|p| p == std::path::Path::new(name)))
             })
             .cloned()
             .ok_or_else(|| {
@@ -157,10 +133,8 @@ impl Domain {
         self.root
             .child_mut("devices")
             .and_then(|devs| {
-                devs.elements_mut().find(|e| {
-                    e.name == "disk"
-                        && e.child("target").and_then(|t| t.attr("dev")) == Some(target)
-                })
+                devs.elements_mut()
+                    .find(|e| e.name == "disk" && e.child("target").and_then(|t| t.attr("dev")) == Some(target))
             })
             .ok_or_else(|| Error::invalid_arg(format!("no disk '{target}' in domain '{name}'")))
     }

@@ -9,8 +9,17 @@ use crate::chain::StorageSource;
 use crate::error::{Error, Result};
 
 const SNAPSHOT_CHILD_ORDER: &[&str] = &[
-    "name", "description", "state", "parent", "creationTime", "memory", "disks", "active",
-    "domain", "inactiveDomain", "cookie",
+    "name",
+    "description",
+    "state",
+    "parent",
+    "creationTime",
+    "memory",
+    "disks",
+    "active",
+    "domain",
+    "inactiveDomain",
+    "cookie",
 ];
 
 /// `<memory snapshot=… file=…/>`
@@ -54,10 +63,7 @@ impl SnapshotDef {
     pub fn parse(xml: &str) -> Result<SnapshotDef> {
         let root = Element::parse(xml)?;
         if root.name != "domainsnapshot" {
-            return Err(Error::xml(format!(
-                "expected a <domainsnapshot> document, found <{}>",
-                root.name
-            )));
+            return Err(Error::xml(format!("expected a <domainsnapshot> document, found <{}>", root.name)));
         }
         let mut def = SnapshotDef {
             name: root.child_text("name"),
@@ -71,40 +77,29 @@ impl SnapshotDef {
             inactive_domain: root.child("inactiveDomain").cloned(),
             active: None,
             cookie: root.child("cookie").cloned(),
-            unknown: root
-                .elements()
-                .filter(|e| !SNAPSHOT_CHILD_ORDER.contains(&e.name.as_str()))
-                .cloned()
-                .collect(),
+            unknown: root.elements().filter(|e| !SNAPSHOT_CHILD_ORDER.contains(&e.name.as_str())).cloned().collect(),
         };
         if let Some(name) = &def.name {
             crate::store::validate_name("snapshot", name)?;
         }
         if let Some(t) = root.child_text("creationTime") {
-            def.creation_time = Some(
-                t.parse()
-                    .map_err(|_| Error::xml(format!("snapshot creationTime '{t}' is not a number")))?,
-            );
+            def.creation_time =
+                Some(t.parse().map_err(|_| Error::xml(format!("snapshot creationTime '{t}' is not a number")))?);
         }
         if let Some(a) = root.child_text("active") {
             def.active = Some(a == "1");
         }
         if let Some(m) = root.child("memory") {
-            let snapshot = m
-                .attr("snapshot")
-                .ok_or_else(|| Error::xml("snapshot <memory> needs a 'snapshot' attribute"))?;
+            let snapshot =
+                m.attr("snapshot").ok_or_else(|| Error::xml("snapshot <memory> needs a 'snapshot' attribute"))?;
             check_mode("memory", snapshot, &["no", "internal", "external"])?;
-            def.memory = Some(SnapshotMemory {
-                snapshot: snapshot.to_string(),
-                file: m.attr("file").map(str::to_string),
-            });
+            def.memory =
+                Some(SnapshotMemory { snapshot: snapshot.to_string(), file: m.attr("file").map(str::to_string) });
         }
         if let Some(disks) = root.child("disks") {
             for d in disks.children_named("disk") {
-                let name = d
-                    .attr("name")
-                    .ok_or_else(|| Error::xml("snapshot <disk> needs a 'name' attribute"))?
-                    .to_string();
+                let name =
+                    d.attr("name").ok_or_else(|| Error::xml("snapshot <disk> needs a 'name' attribute"))?.to_string();
                 let snapshot = d.attr("snapshot").map(str::to_string);
                 if let Some(s) = &snapshot {
                     check_mode(&format!("disk '{name}'"), s, &["no", "internal", "external", "manual"])?;
@@ -187,9 +182,6 @@ fn check_mode(what: &str, value: &str, allowed: &[&str]) -> Result<()> {
     if allowed.contains(&value) {
         Ok(())
     } else {
-        Err(Error::xml(format!(
-            "{what} has snapshot='{value}'; expected one of {}",
-            allowed.join(", ")
-        )))
+        Err(Error::xml(format!("{what} has snapshot='{value}'; expected one of {}", allowed.join(", "))))
     }
 }

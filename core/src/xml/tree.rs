@@ -132,8 +132,7 @@ impl Element {
     /// Removes every child element with this name; returns how many went.
     pub fn remove_children(&mut self, name: &str) -> usize {
         let before = self.children.len();
-        self.children
-            .retain(|n| !matches!(n, Node::Element(e) if e.name == name));
+        self.children.retain(|n| !matches!(n, Node::Element(e) if e.name == name));
         before - self.children.len()
     }
 
@@ -174,10 +173,7 @@ impl Element {
 
     /// Replaces the first child named like `child` in place, or inserts it in order.
     pub fn replace_or_insert(&mut self, child: Element, order: &[&str]) {
-        let pos = self
-            .children
-            .iter()
-            .position(|n| matches!(n, Node::Element(e) if e.name == child.name));
+        let pos = self.children.iter().position(|n| matches!(n, Node::Element(e) if e.name == child.name));
         match pos {
             Some(i) => self.children[i] = Node::Element(child),
             None => self.insert_ordered(child, order),
@@ -190,12 +186,9 @@ impl Element {
         let mut stack: Vec<Element> = Vec::new();
         let mut root: Option<Element> = None;
         loop {
-            let event = reader.read_event().map_err(|e| {
-                Error::xml(format!(
-                    "malformed XML at byte {}: {e}",
-                    reader.error_position()
-                ))
-            })?;
+            let event = reader
+                .read_event()
+                .map_err(|e| Error::xml(format!("malformed XML at byte {}: {e}", reader.error_position())))?;
             match event {
                 Event::Start(start) => stack.push(element_from_start(&start)?),
                 Event::Empty(start) => {
@@ -203,9 +196,7 @@ impl Element {
                     attach(&mut stack, &mut root, el)?;
                 }
                 Event::End(_) => {
-                    let mut el = stack
-                        .pop()
-                        .ok_or_else(|| Error::xml("malformed XML: unexpected closing tag"))?;
+                    let mut el = stack.pop().ok_or_else(|| Error::xml("malformed XML: unexpected closing tag"))?;
                     // Whitespace between child elements is layout, re-made on output.
                     if el.children.iter().any(|n| matches!(n, Node::Element(_))) {
                         el.children.retain(|n| !matches!(n, Node::Text(t) if t.trim().is_empty()));
@@ -213,19 +204,15 @@ impl Element {
                     attach(&mut stack, &mut root, el)?;
                 }
                 Event::Text(text) => {
-                    let decoded = text
-                        .decode()
-                        .map_err(|e| Error::xml(format!("malformed XML text: {e}")))?;
+                    let decoded = text.decode().map_err(|e| Error::xml(format!("malformed XML text: {e}")))?;
                     let unescaped = quick_xml::escape::unescape(&decoded)
                         .map_err(|e| Error::xml(format!("malformed XML text: {e}")))?;
                     push_text(&mut stack, &unescaped);
                 }
                 Event::GeneralRef(r) => {
-                    let name = r
-                        .decode()
-                        .map_err(|e| Error::xml(format!("malformed XML entity: {e}")))?;
-                    let resolved = resolve_entity(&name)
-                        .ok_or_else(|| Error::xml(format!("unknown XML entity '&{name};'")))?;
+                    let name = r.decode().map_err(|e| Error::xml(format!("malformed XML entity: {e}")))?;
+                    let resolved =
+                        resolve_entity(&name).ok_or_else(|| Error::xml(format!("unknown XML entity '&{name};'")))?;
                     push_text(&mut stack, &resolved);
                 }
                 Event::CData(data) => {
@@ -467,10 +454,7 @@ mod tests {
 
     #[test]
     fn insert_ordered_follows_libvirt_order_and_keeps_unknowns() {
-        let mut disk = Element::parse(
-            "<disk><driver/><source/><x-unknown/><target/><alias/></disk>",
-        )
-        .expect("parse");
+        let mut disk = Element::parse("<disk><driver/><source/><x-unknown/><target/><alias/></disk>").expect("parse");
         let order = ["driver", "source", "backingStore", "mirror", "target"];
         disk.insert_ordered(Element::new("backingStore"), &order);
         let names: Vec<&str> = disk.elements().map(|e| e.name.as_str()).collect();

@@ -10,10 +10,8 @@ use crate::error::{Error, Result};
 /// Formats the volume for the top layer of `chain` with `capacity` bytes.
 pub fn volume_element(name: &str, chain: &Chain, capacity: u64) -> Result<Element> {
     let top = chain.top().ok_or_else(|| Error::invalid_arg("an empty chain has no volume"))?;
-    let path = top
-        .source
-        .local_path()
-        .ok_or_else(|| Error::invalid_arg(format!("volume '{name}' is not a local file")))?;
+    let path =
+        top.source.local_path().ok_or_else(|| Error::invalid_arg(format!("volume '{name}' is not a local file")))?;
     let mut vol = Element::new("volume")
         .with_attr("type", top.source.type_name())
         .with_child(Element::new("name").with_text(name))
@@ -50,9 +48,7 @@ pub fn chain_from_volume(vol: &Element) -> Result<Chain> {
         return Err(Error::xml(format!("expected a <volume> document, found <{}>", vol.name)));
     }
     let target = vol.child("target").ok_or_else(|| Error::xml("the volume has no <target>"))?;
-    let path = target
-        .child_text("path")
-        .ok_or_else(|| Error::xml("the volume <target> has no <path>"))?;
+    let path = target.child_text("path").ok_or_else(|| Error::xml("the volume <target> has no <path>"))?;
     let fmt = |el: &Element| el.child("format").and_then(|f| f.attr("type")).map(str::to_string);
     let mut chain = Chain::single(crate::chain::StorageSource::local(path.into()), fmt(target));
     let mut cursor = vol;

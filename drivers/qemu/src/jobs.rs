@@ -63,21 +63,15 @@ impl JobRecord {
     }
 
     pub fn from_element(el: &Element) -> Result<JobRecord> {
-        let need = |a: &str| {
-            el.attr(a)
-                .map(str::to_string)
-                .ok_or_else(|| Error::internal(format!("job record lacks '{a}'")))
-        };
+        let need =
+            |a: &str| el.attr(a).map(str::to_string).ok_or_else(|| Error::internal(format!("job record lacks '{a}'")));
         let kind = need("kind")?;
         Ok(JobRecord {
             id: need("id")?,
             kind: BlockJobKind::parse(&kind)
                 .ok_or_else(|| Error::internal(format!("job record has unknown kind '{kind}'")))?,
             disk: need("disk")?,
-            delete: el
-                .children_named("delete")
-                .filter_map(|d| d.attr("file").map(PathBuf::from))
-                .collect(),
+            delete: el.children_named("delete").filter_map(|d| d.attr("file").map(PathBuf::from)).collect(),
             ready: el.attr("ready") == Some("yes"),
             pivoting: el.attr("pivoting") == Some("yes"),
             starting: el.attr("starting") == Some("yes"),
@@ -120,11 +114,7 @@ impl JobOutcome {
             "cancelled" => BlockJobEnd::Cancelled,
             _ => BlockJobEnd::Failed(el.attr("error").unwrap_or("failed").to_string()),
         };
-        Some(JobOutcome {
-            disk: el.attr("disk")?.to_string(),
-            kind: BlockJobKind::parse(el.attr("kind")?)?,
-            end,
-        })
+        Some(JobOutcome { disk: el.attr("disk")?.to_string(), kind: BlockJobKind::parse(el.attr("kind")?)?, end })
     }
 }
 
@@ -151,10 +141,7 @@ fn set_outcome(store: &Store, name: &str, disk: &str, outcome: Option<JobOutcome
 }
 
 fn epoch_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 impl JobRecord {
@@ -204,10 +191,7 @@ fn job_id(kind: BlockJobKind, disk: &str) -> String {
 /// Refuses a second job on a disk.
 fn ensure_idle(status: &LiveStatus, disk: &str) -> Result<()> {
     if status.jobs.iter().any(|j| j.disk == disk) {
-        return Err(Error::new(
-            ErrorKind::BlockCopyActive,
-            format!("disk '{disk}' already in active block job"),
-        ));
+        return Err(Error::new(ErrorKind::BlockCopyActive, format!("disk '{disk}' already in active block job")));
     }
     Ok(())
 }
@@ -217,23 +201,16 @@ pub fn resolve_layer(disk: &str, chain: &Chain, spec: &str) -> Result<usize> {
     if let Some(rest) = spec.strip_suffix(']') {
         if let Some((name, n)) = rest.split_once('[') {
             if name != disk {
-                return Err(Error::invalid_arg(format!(
-                    "requested target '{name}' does not match target '{disk}'"
-                )));
+                return Err(Error::invalid_arg(format!("requested target '{name}' does not match target '{disk}'")));
             }
-            let n: usize = n
-                .parse()
-                .map_err(|_| Error::invalid_arg(format!("'{spec}' is not DISK[N] with a number N")))?;
-            return chain
-                .layers
-                .iter()
-                .position(|l| l.index == n)
-                .ok_or_else(|| {
-                    Error::invalid_arg(format!(
-                        "could not find backing store index '{n}' in chain for '{disk}' (it has layers 0 to {})",
-                        chain.layers.len().saturating_sub(1)
-                    ))
-                });
+            let n: usize =
+                n.parse().map_err(|_| Error::invalid_arg(format!("'{spec}' is not DISK[N] with a number N")))?;
+            return chain.layers.iter().position(|l| l.index == n).ok_or_else(|| {
+                Error::invalid_arg(format!(
+                    "could not find backing store index '{n}' in chain for '{disk}' (it has layers 0 to {})",
+                    chain.layers.len().saturating_sub(1)
+                ))
+            });
         }
     }
     let top_dir = chain
@@ -400,7 +377,9 @@ pub async fn commit(
     let below_top = chain.backing_of(top).first().copied();
     let base = match (&opts.base, opts.shallow) {
         (Some(b), _) => resolve_layer(disk, chain, b)?,
-        (None, true) => below_top.ok_or_else(|| Error::invalid_arg(format!("could not find base image in chain for '{disk}'")))?,
+        (None, true) => {
+            below_top.ok_or_else(|| Error::invalid_arg(format!("could not find base image in chain for '{disk}'")))?
+        }
         (None, false) => {
             let line = chain.main_line();
             let last = line.last().map(|l| l.index).unwrap_or(0);
@@ -473,10 +452,7 @@ pub(crate) async fn create_blockdev(client: &QmpClient, name: &str, job: &str, o
         match jobs.iter().find(|j| j.id == job) {
             Some(j) if j.status == JobStatus::Concluded => {
                 let error = j.error.clone();
-                client
-                    .execute("job-dismiss", Some(json!({"id": job})))
-                    .await
-                    .map_err(|e| qmp_error(name, e))?;
+                client.execute("job-dismiss", Some(json!({"id": job}))).await.map_err(|e| qmp_error(name, e))?;
                 return match error {
                     Some(e) => Err(Error::operation_failed(format!("cannot create the copy destination: {e}"))),
                     None => Ok(()),
@@ -495,10 +471,7 @@ pub(crate) async fn create_blockdev(client: &QmpClient, name: &str, job: &str, o
 
 fn unused_node_name(graph: &BlockGraph, base: &str) -> String {
     let taken: std::collections::HashSet<&str> = graph.node_names().collect();
-    (1..)
-        .map(|n| format!("{base}{n}"))
-        .find(|c| !taken.contains(c.as_str()))
-        .unwrap_or_else(|| base.to_string())
+    (1..).map(|n| format!("{base}{n}")).find(|c| !taken.contains(c.as_str())).unwrap_or_else(|| base.to_string())
 }
 
 pub async fn copy(
@@ -558,7 +531,13 @@ pub async fn copy(
             .map(|n| n.image.virtual_size)
             .ok_or_else(|| Error::internal("cannot read the disk's size"))?;
         let size_now = if format == "raw" { size } else { 0 };
-        create_blockdev(client, name, &format!("{file_node}-create"), json!({"driver": "file", "filename": dest_str, "size": size_now})).await?;
+        create_blockdev(
+            client,
+            name,
+            &format!("{file_node}-create"),
+            json!({"driver": "file", "filename": dest_str, "size": size_now}),
+        )
+        .await?;
         client
             .execute("blockdev-add", Some(json!({"driver": "file", "node-name": file_node, "filename": dest_str})))
             .await
@@ -568,17 +547,15 @@ pub async fn copy(
             if let Some(b) = shallow_backing {
                 if let Some(p) = live.chain.layers[b].source.local_path() {
                     options["backing-file"] = Value::String(p.to_string_lossy().into_owned());
-                    options["backing-fmt"] = Value::String(live.chain.layers[b].format.clone().unwrap_or_else(|| "raw".into()));
+                    options["backing-fmt"] =
+                        Value::String(live.chain.layers[b].format.clone().unwrap_or_else(|| "raw".into()));
                 }
             }
             create_blockdev(client, name, &format!("{fmt_node}-create"), options).await?;
         }
     } else {
         client
-            .execute(
-                "blockdev-add",
-                Some(json!({"driver": protocol, "node-name": file_node, "filename": dest_str})),
-            )
+            .execute("blockdev-add", Some(json!({"driver": protocol, "node-name": file_node, "filename": dest_str})))
             .await
             .map_err(|e| qmp_error(name, e))?;
     }
@@ -634,7 +611,12 @@ fn find_job<'a>(jobs: &'a [JobInfo], id: &str) -> Option<&'a JobInfo> {
 /// Brings every recorded job forward: finalizes pending ones, records
 /// concluded ones. Returns the (possibly updated) status; `None` once a
 /// storage daemon whose last job ended has quit.
-pub async fn reconcile_jobs(store: &Store, name: &str, client: &QmpClient, status: LiveStatus) -> Result<Option<LiveStatus>> {
+pub async fn reconcile_jobs(
+    store: &Store,
+    name: &str,
+    client: &QmpClient,
+    status: LiveStatus,
+) -> Result<Option<LiveStatus>> {
     if status.jobs.is_empty() {
         if !status.is_vm() && daemon_orphaned(&status) {
             // Its starter died before the first job began: nothing to do.
@@ -650,7 +632,8 @@ pub async fn reconcile_jobs(store: &Store, name: &str, client: &QmpClient, statu
             Some(JobStatus::Pending) => {
                 // A pending mirror or active commit holds the guest's I/O.
                 finalize(client, name, &rec.id).await?;
-                wait_status(client, name, &rec.id, &[JobStatus::Concluded, JobStatus::Null], Duration::from_secs(30)).await?;
+                wait_status(client, name, &rec.id, &[JobStatus::Concluded, JobStatus::Null], Duration::from_secs(30))
+                    .await?;
                 conclude(store, name, client, rec).await?;
                 changed = true;
             }
@@ -675,10 +658,7 @@ pub async fn reconcile_jobs(store: &Store, name: &str, client: &QmpClient, statu
 /// A storage daemon gets a minute to receive its first job: the process
 /// that started it records the job right after.
 fn daemon_orphaned(status: &LiveStatus) -> bool {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     now.saturating_sub(status.started) > 60
 }
 
@@ -713,7 +693,13 @@ fn mark_ready(store: &Store, name: &str, id: &str) -> Result<()> {
     store.write_status(name, &status.to_xml())
 }
 
-pub(crate) async fn wait_status(client: &QmpClient, name: &str, id: &str, wanted: &[JobStatus], limit: Duration) -> Result<JobStatus> {
+pub(crate) async fn wait_status(
+    client: &QmpClient,
+    name: &str,
+    id: &str,
+    wanted: &[JobStatus],
+    limit: Duration,
+) -> Result<JobStatus> {
     let mut rx = client.subscribe_events();
     let deadline = Instant::now() + limit;
     loop {
@@ -777,10 +763,7 @@ async fn conclude(store: &Store, name: &str, client: &QmpClient, rec: &JobRecord
         // qemu-storage-daemon), query-named-block-nodes between a stream's
         // finalize and its dismiss crashes the process.
         if info.is_some() {
-            client
-                .execute("job-dismiss", Some(json!({"id": rec.id})))
-                .await
-                .map_err(|e| qmp_error(name, e))?;
+            client.execute("job-dismiss", Some(json!({"id": rec.id}))).await.map_err(|e| qmp_error(name, e))?;
         }
         let live_disk = live_disk(client, name, &rec.disk).await?;
         status.domain.set_disk_chain(&rec.disk, &live_disk.chain)?;
@@ -854,10 +837,7 @@ pub(crate) async fn reopen_node(client: &QmpClient, name: &str, node: &str, read
     if info.drv != "raw" {
         options["backing"] = graph.child(node, "backing").map(Value::String).unwrap_or(Value::Null);
     }
-    client
-        .execute("blockdev-reopen", Some(json!({"options": [options]})))
-        .await
-        .map_err(|e| qmp_error(name, e))?;
+    client.execute("blockdev-reopen", Some(json!({"options": [options]}))).await.map_err(|e| qmp_error(name, e))?;
     Ok(())
 }
 
@@ -868,11 +848,8 @@ async fn remove_dead_nodes(client: &QmpClient, name: &str, disk: &str) -> Result
     let prefix = format!("{disk}-");
     for _ in 0..64 {
         let graph = BlockGraph::query(client, name).await?;
-        let dead: Vec<String> = graph
-            .node_names()
-            .filter(|n| n.starts_with(&prefix) && !graph.has_parent(n))
-            .map(str::to_string)
-            .collect();
+        let dead: Vec<String> =
+            graph.node_names().filter(|n| n.starts_with(&prefix) && !graph.has_parent(n)).map(str::to_string).collect();
         if dead.is_empty() {
             return Ok(());
         }
@@ -948,20 +925,14 @@ pub async fn abort(
             ));
         }
         set_pivoting(store, name, &rec.id)?;
-        client
-            .execute("job-complete", Some(json!({"id": rec.id})))
-            .await
-            .map_err(|e| qmp_error(name, e))?;
+        client.execute("job-complete", Some(json!({"id": rec.id}))).await.map_err(|e| qmp_error(name, e))?;
     } else if ready {
         client
             .execute("block-job-cancel", Some(json!({"device": rec.id, "force": false})))
             .await
             .map_err(|e| qmp_error(name, e))?;
     } else {
-        client
-            .execute("job-cancel", Some(json!({"id": rec.id})))
-            .await
-            .map_err(|e| qmp_error(name, e))?;
+        client.execute("job-cancel", Some(json!({"id": rec.id}))).await.map_err(|e| qmp_error(name, e))?;
     }
     if !wait {
         return Ok(if pivot { BlockJobEnd::Completed } else { BlockJobEnd::Cancelled });
@@ -1009,7 +980,13 @@ fn last_outcome(store: &Store, name: &str, disk: &str) -> Result<Option<JobOutco
 /// Waits up to `timeout` for the job on `disk` to change state; finalizes
 /// and records it when it ends. Driven by QEMU's events: a job's end is
 /// seen the moment QEMU reports it.
-pub async fn wait(store: &Store, name: &str, client: &QmpClient, disk: &str, timeout: Duration) -> Result<BlockJobState> {
+pub async fn wait(
+    store: &Store,
+    name: &str,
+    client: &QmpClient,
+    disk: &str,
+    timeout: Duration,
+) -> Result<BlockJobState> {
     let mut rx = client.subscribe_events();
     let deadline = Instant::now() + timeout;
     loop {

@@ -43,17 +43,13 @@ pub enum Accel {
 pub fn accel_for(dom: &Domain) -> Result<Accel> {
     match dom.domain_type() {
         Some("kvm") => {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/kvm")
-                .map_err(|e| {
-                    Error::config_unsupported(format!(
-                        "domain '{}' has type 'kvm', but /dev/kvm cannot be opened on this machine ({e}); \
+            std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").map_err(|e| {
+                Error::config_unsupported(format!(
+                    "domain '{}' has type 'kvm', but /dev/kvm cannot be opened on this machine ({e}); \
                          use <domain type='qemu'> to run it under TCG emulation",
-                        dom.name()
-                    ))
-                })?;
+                    dom.name()
+                ))
+            })?;
             Ok(Accel::Kvm)
         }
         Some("qemu") => Ok(Accel::Tcg),
@@ -109,8 +105,7 @@ pub fn command_line(dom: &Domain, accel: Accel, paths: &RuntimePaths) -> Result<
     let mut ide_unit = 0usize;
     for disk in dom.disks()? {
         let root = disk_blockdevs(&disk, "-blockdev", &mut args)?;
-        let (controller, device) =
-            device_for(&disk, root.as_deref(), &mut scsi_controller, &mut ide_unit, &machine)?;
+        let (controller, device) = device_for(&disk, root.as_deref(), &mut scsi_controller, &mut ide_unit, &machine)?;
         if let Some(controller) = controller {
             args.push("-device".into());
             args.push(controller);
@@ -182,10 +177,9 @@ fn disk_blockdevs(disk: &Disk, flag: &str, args: &mut Vec<String>) -> Result<Opt
         });
         if format != "raw" {
             fmt["backing"] = match &layer.backing {
-                Backing::Layers(v) => v
-                    .first()
-                    .map(|c| Value::String(node_name(&disk.target, *c, "fmt")))
-                    .unwrap_or(Value::Null),
+                Backing::Layers(v) => {
+                    v.first().map(|c| Value::String(node_name(&disk.target, *c, "fmt"))).unwrap_or(Value::Null)
+                }
                 _ => Value::Null,
             };
         }
@@ -231,8 +225,7 @@ fn protocol_node(source: &StorageSource, node: &str, target: &str) -> Result<Val
 }
 
 fn path_str(p: &Path) -> Result<&str> {
-    p.to_str()
-        .ok_or_else(|| Error::invalid_arg(format!("path '{}' is not valid UTF-8", p.display())))
+    p.to_str().ok_or_else(|| Error::invalid_arg(format!("path '{}' is not valid UTF-8", p.display())))
 }
 
 /// `(optional controller device, the disk's device)` for `-device`.

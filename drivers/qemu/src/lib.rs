@@ -24,9 +24,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use strata_core::define;
 use strata_core::driver::{
-    BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobOps, BlockJobState, Connection, DefineFlags,
-    DefineOutcome, DiskChainCheck, DiskSetOps, DiskSetOutcome, DomainEvent, DomainInfo, DomainState,
-    DomainSummary, DriverCapabilities, DumpXmlFlags, SnapshotOps, SnapshotSummary, StartFlags,
+    BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobOps, BlockJobState, Connection, DefineFlags, DefineOutcome,
+    DiskChainCheck, DiskSetOps, DiskSetOutcome, DomainEvent, DomainInfo, DomainState, DomainSummary,
+    DriverCapabilities, DumpXmlFlags, SnapshotOps, SnapshotSummary, StartFlags,
 };
 use strata_core::options::{
     BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions, SnapshotCreateFlags,
@@ -85,10 +85,7 @@ impl QemuConnection {
     /// (the library equivalent of `qemu:///embed?root=DIR`).
     pub fn open_embedded(root: &Path) -> Result<QemuConnection> {
         if !root.is_absolute() {
-            return Err(Error::invalid_arg(format!(
-                "embed root '{}' must be an absolute path",
-                root.display()
-            )));
+            return Err(Error::invalid_arg(format!("embed root '{}' must be an absolute path", root.display())));
         }
         Ok(QemuConnection {
             uri: format!("qemu:///embed?root={}", root.display()),
@@ -469,9 +466,7 @@ impl Connection for QemuConnection {
     async fn next_event(&self, domain: &str, timeout_ms: u64) -> Result<Option<DomainEvent>> {
         let (_, monitor) = self.running(domain).await?;
         let mut events = self.events.lock().await;
-        let rx = events
-            .entry(domain.to_string())
-            .or_insert_with(|| monitor.client.subscribe_events());
+        let rx = events.entry(domain.to_string()).or_insert_with(|| monitor.client.subscribe_events());
         let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
         loop {
             let ev = match tokio::time::timeout_at(deadline, rx.recv()).await {

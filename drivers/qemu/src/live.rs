@@ -58,10 +58,8 @@ pub enum Server {
 
 impl LiveStatus {
     pub fn new(process: ProcessId, id: u32, domain: Domain, server: Server) -> LiveStatus {
-        let started = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let started =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let roots = domain
             .disks()
             .unwrap_or_default()
@@ -83,13 +81,17 @@ impl LiveStatus {
         }
         let mut roots = Element::new("roots").with_attr("next", self.next_node.to_string());
         for (disk, node) in &self.roots {
-            roots = roots.with_child(Element::new("root").with_attr("disk", disk.clone()).with_attr("node", node.clone()));
+            roots =
+                roots.with_child(Element::new("root").with_attr("disk", disk.clone()).with_attr("node", node.clone()));
         }
         let root = Element::new("domstatus")
-            .with_attr("server", match self.server {
-                Server::Vm => "vm",
-                Server::StorageDaemon => "storage-daemon",
-            })
+            .with_attr(
+                "server",
+                match self.server {
+                    Server::Vm => "vm",
+                    Server::StorageDaemon => "storage-daemon",
+                },
+            )
             .with_attr("pid", self.process.pid.to_string())
             .with_attr("starttime", self.process.start_time.to_string())
             .with_attr("id", self.id.to_string())
@@ -108,10 +110,7 @@ impl LiveStatus {
                 .ok_or_else(|| Error::internal(format!("status XML lacks a numeric '{attr}'")))
         };
         let pid = i32::try_from(num("pid")?).map_err(|_| Error::internal("status XML pid out of range"))?;
-        let domain = root
-            .child("domain")
-            .cloned()
-            .ok_or_else(|| Error::internal("status XML lacks the <domain>"))?;
+        let domain = root.child("domain").cloned().ok_or_else(|| Error::internal("status XML lacks the <domain>"))?;
         let jobs_el = root.child("jobs");
         let jobs = jobs_el
             .map(|j| j.children_named("job").map(JobRecord::from_element).collect::<Result<Vec<_>>>())
@@ -131,11 +130,7 @@ impl LiveStatus {
                         .collect()
                 })
                 .unwrap_or_default(),
-            next_node: root
-                .child("roots")
-                .and_then(|r| r.attr("next"))
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(1),
+            next_node: root.child("roots").and_then(|r| r.attr("next")).and_then(|n| n.parse().ok()).unwrap_or(1),
             server: match root.attr("server") {
                 Some("storage-daemon") => Server::StorageDaemon,
                 _ => Server::Vm,
@@ -255,9 +250,9 @@ async fn acquire(paths: &RuntimePaths, name: &str) -> Result<Monitor> {
 /// Maps a QMP failure into Strata's error, keeping QEMU's class and text.
 pub fn qmp_error(domain: &str, e: QmpError) -> Error {
     match e {
-        QmpError::Command { command, class, desc } => Error::internal(format!(
-            "unable to execute QEMU command '{command}': {desc} ({class})"
-        )),
+        QmpError::Command { command, class, desc } => {
+            Error::internal(format!("unable to execute QEMU command '{command}': {desc} ({class})"))
+        }
         QmpError::Timeout { command, after } => Error::new(
             ErrorKind::OperationTimeout,
             format!("QEMU of domain '{domain}' did not answer '{command}' within {after:?}"),
@@ -320,12 +315,10 @@ pub async fn live_chains(client: &QmpClient, domain: &str) -> Result<HashMap<Str
     // A storage daemon has no devices; each disk is an NBD export named
     // after its target, whose node follows a pivot as a device's would.
     if block.is_empty() {
-        let exports = client
-            .execute("query-block-exports", None)
-            .await
-            .map_err(|e| qmp_error(domain, e))?;
+        let exports = client.execute("query-block-exports", None).await.map_err(|e| qmp_error(domain, e))?;
         for e in exports.as_array().into_iter().flatten() {
-            let (Some(id), Some(node)) = (e.get("id").and_then(|v| v.as_str()), e.get("node-name").and_then(|v| v.as_str()))
+            let (Some(id), Some(node)) =
+                (e.get("id").and_then(|v| v.as_str()), e.get("node-name").and_then(|v| v.as_str()))
             else {
                 continue;
             };
@@ -346,10 +339,7 @@ pub struct BlockGraph {
 impl BlockGraph {
     pub async fn query(client: &QmpClient, domain: &str) -> Result<BlockGraph> {
         let nodes = client.query_named_block_nodes().await.map_err(|e| qmp_error(domain, e))?;
-        let graph = client
-            .execute("x-debug-query-block-graph", None)
-            .await
-            .map_err(|e| qmp_error(domain, e))?;
+        let graph = client.execute("x-debug-query-block-graph", None).await.map_err(|e| qmp_error(domain, e))?;
         let mut g = BlockGraph::parse(&graph)?;
         g.nodes = nodes.into_iter().map(|n| (n.node_name.clone(), n)).collect();
         Ok(g)
@@ -433,10 +423,7 @@ impl BlockGraph {
     /// The node name of `node`'s child on edge `edge` (`file`, `backing`).
     pub fn child(&self, node: &str, edge: &str) -> Option<String> {
         let id = self.ids.get(node)?;
-        self.edges
-            .iter()
-            .find(|(p, _, n)| p == id && n == edge)
-            .and_then(|(_, c, _)| self.names.get(c).cloned())
+        self.edges.iter().find(|(p, _, n)| p == id && n == edge).and_then(|(_, c, _)| self.names.get(c).cloned())
     }
 }
 
@@ -453,10 +440,7 @@ pub fn next_domain_id(store: &Store) -> Result<u32> {
         .open(&lock_path)
         .map_err(|e| Error::io("open", &lock_path, e))?;
     lock.lock().map_err(|e| Error::io("lock", &lock_path, e))?;
-    let current: u32 = std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(1);
+    let current: u32 = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(1);
     strata_core::store::atomic_write(&path, format!("{}\n", current.saturating_add(1)).as_bytes())?;
     Ok(current)
 }

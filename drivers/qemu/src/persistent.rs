@@ -9,9 +9,8 @@ use strata_core::{Error, ErrorKind, Result};
 /// Reads a domain's persistent definition.
 pub fn load(store: &Store, name: &str) -> Result<Domain> {
     strata_core::store::validate_name("domain", name)?;
-    let xml = store
-        .read_domain(name)?
-        .ok_or_else(|| Error::no_domain(format!("no domain with matching name '{name}'")))?;
+    let xml =
+        store.read_domain(name)?.ok_or_else(|| Error::no_domain(format!("no domain with matching name '{name}'")))?;
     Domain::parse(&xml).map_err(|e| e.context(format!("stored definition of domain '{name}'")))
 }
 

@@ -105,17 +105,11 @@ pub struct Spawned {
 
 /// Starts `binary args…` in a new session with its output appended to `log`.
 pub fn spawn(binary: &str, args: &[String], log: &Path) -> Result<Spawned> {
-    let log_file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map_err(|e| Error::io("open the QEMU log", log, e))?;
+    let log_file =
+        OpenOptions::new().create(true).append(true).open(log).map_err(|e| Error::io("open the QEMU log", log, e))?;
     let log_err = log_file.try_clone().map_err(|e| Error::io("open the QEMU log", log, e))?;
     let mut cmd = Command::new(binary);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log_file))
-        .stderr(Stdio::from(log_err));
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::from(log_file)).stderr(Stdio::from(log_err));
     // SAFETY: the closure runs in the forked child before exec and calls
     // only setsid(2), which is async-signal-safe.
     unsafe {
@@ -126,9 +120,7 @@ pub fn spawn(binary: &str, args: &[String], log: &Path) -> Result<Spawned> {
             Ok(())
         });
     }
-    let child = cmd
-        .spawn()
-        .map_err(|e| Error::operation_failed(format!("cannot run {binary}: {e}")))?;
+    let child = cmd.spawn().map_err(|e| Error::operation_failed(format!("cannot run {binary}: {e}")))?;
     let pid = i32::try_from(child.id()).map_err(|_| Error::internal("QEMU pid out of range"))?;
     let id = ProcessId::of(pid).ok_or_else(|| {
         Error::operation_failed(format!("{binary} (pid {pid}) exited immediately; see {}", log.display()))

@@ -16,9 +16,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use strata_core::chain::{probe_chain, StorageSource};
-use strata_core::driver::{
-    BlockJobEnd, BlockJobOps, BlockJobState, Connection, SnapshotSummary, StartFlags,
-};
+use strata_core::driver::{BlockJobEnd, BlockJobOps, BlockJobState, Connection, SnapshotSummary, StartFlags};
 use strata_core::options::{
     BlockCommitOptions, BlockJobAbortFlags, BlockPullOptions, SnapshotCreateFlags, SnapshotDeleteFlags,
     SnapshotRevertFlags,
@@ -64,12 +62,7 @@ fn save(store: &Store, domain: &str, def: &SnapshotDef) -> Result<()> {
 
 /// Where a snapshot's disk data lives.
 fn location(def: &SnapshotDef) -> &'static str {
-    let modes: HashSet<&str> = def
-        .disks
-        .iter()
-        .filter_map(|d| d.snapshot.as_deref())
-        .filter(|m| *m != "no")
-        .collect();
+    let modes: HashSet<&str> = def.disks.iter().filter_map(|d| d.snapshot.as_deref()).filter(|m| *m != "no").collect();
     match (modes.contains("internal"), modes.contains("external")) {
         (true, true) => "mixed",
         (false, true) => "external",
@@ -125,9 +118,8 @@ fn plan_disks(
     let disks = dom.disks()?;
     let mut asked: HashMap<String, &SnapshotDisk> = HashMap::new();
     for d in &def.disks {
-        let disk = dom
-            .find_disk(&d.name)
-            .map_err(|_| Error::config_unsupported(format!("no disk named '{}'", d.name)))?;
+        let disk =
+            dom.find_disk(&d.name).map_err(|_| Error::config_unsupported(format!("no disk named '{}'", d.name)))?;
         if asked.insert(disk.target.clone(), d).is_some() {
             return Err(Error::config_unsupported("too many disk snapshot requests for domain"));
         }
@@ -136,21 +128,25 @@ fn plan_disks(
     let mut plans = Vec::new();
     for disk in &disks {
         let spec = asked.get(&disk.target);
-        let mut mode = spec
-            .and_then(|s| s.snapshot.clone())
-            .unwrap_or_else(|| default_mode.to_string());
+        let mut mode = spec.and_then(|s| s.snapshot.clone()).unwrap_or_else(|| default_mode.to_string());
         if flags.disk_set && !selected.contains(&disk.target) && spec.is_none() {
             mode = "no".into();
         }
         let Some(image) = disk.source().and_then(|s| s.local_path()).map(Path::to_path_buf) else {
             if mode != "no" && spec.is_some() {
-                return Err(Error::config_unsupported(format!("disk '{}' has no local image to snapshot", disk.target)));
+                return Err(Error::config_unsupported(format!(
+                    "disk '{}' has no local image to snapshot",
+                    disk.target
+                )));
             }
             continue;
         };
         if disk.device != "disk" || disk.readonly {
             if spec.is_some_and(|s| s.snapshot.as_deref().is_some_and(|m| m != "no")) {
-                return Err(Error::config_unsupported(format!("disk '{}' is read-only and cannot be snapshotted", disk.target)));
+                return Err(Error::config_unsupported(format!(
+                    "disk '{}' is read-only and cannot be snapshotted",
+                    disk.target
+                )));
             }
             mode = "no".into();
         }
@@ -253,10 +249,7 @@ fn clear_intent(store: &Store, domain: &str) -> Result<()> {
 }
 
 fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 impl QemuConnection {
@@ -271,7 +264,12 @@ impl QemuConnection {
         }
     }
 
-    pub(crate) async fn snapshot_create_impl(&self, domain: &str, xml: &str, flags: SnapshotCreateFlags) -> Result<String> {
+    pub(crate) async fn snapshot_create_impl(
+        &self,
+        domain: &str,
+        xml: &str,
+        flags: SnapshotCreateFlags,
+    ) -> Result<String> {
         flags.validate()?;
         let store = self.store();
         crate::persistent::load(store, domain)?;
@@ -282,13 +280,14 @@ impl QemuConnection {
         }
         let memory_file = match def.memory.as_ref().filter(|m| m.snapshot == "external") {
             Some(m) => {
-                let file = m
-                    .file
-                    .as_ref()
-                    .map(PathBuf::from)
-                    .ok_or_else(|| Error::invalid_arg("an external memory snapshot needs a file (--memspec file=PATH)"))?;
+                let file = m.file.as_ref().map(PathBuf::from).ok_or_else(|| {
+                    Error::invalid_arg("an external memory snapshot needs a file (--memspec file=PATH)")
+                })?;
                 if !file.is_absolute() {
-                    return Err(Error::invalid_arg(format!("memory file '{}' must be an absolute path", file.display())));
+                    return Err(Error::invalid_arg(format!(
+                        "memory file '{}' must be an absolute path",
+                        file.display()
+                    )));
                 }
                 if file.exists() {
                     return Err(Error::config_unsupported(format!(
@@ -369,11 +368,8 @@ impl QemuConnection {
                 }
             }
         }
-        let created: Vec<PathBuf> = if flags.reuse_external {
-            Vec::new()
-        } else {
-            plans.iter().filter_map(|p| p.overlay.clone()).collect()
-        };
+        let created: Vec<PathBuf> =
+            if flags.reuse_external { Vec::new() } else { plans.iter().filter_map(|p| p.overlay.clone()).collect() };
         // The whole record is settled before any image changes, and kept
         // in the intent, so a crash at any later step can be finished.
         let (running, checkpoint) = match &view {
@@ -414,8 +410,17 @@ impl QemuConnection {
         strata_core::crash_point("snapshot-create:intent");
         let roots = match (&view, &memory_file) {
             (Some((status, monitor)), Some(file)) => Some(
-                self.create_with_memory(domain, status, &monitor.client, &plans, &name, file, &created, running == Some(true))
-                    .await?,
+                self.create_with_memory(
+                    domain,
+                    status,
+                    &monitor.client,
+                    &plans,
+                    &name,
+                    file,
+                    &created,
+                    running == Some(true),
+                )
+                .await?,
             ),
             (Some((status, monitor)), None) => {
                 Some(self.create_live(domain, status, &monitor.client, &plans, &name, checkpoint, &created).await?)
@@ -443,12 +448,8 @@ impl QemuConnection {
         roots: Option<HashMap<String, String>>,
     ) -> Result<()> {
         let store = self.store();
-        let targets: Vec<String> = def
-            .disks
-            .iter()
-            .filter(|d| d.snapshot.as_deref() == Some("external"))
-            .map(|d| d.name.clone())
-            .collect();
+        let targets: Vec<String> =
+            def.disks.iter().filter(|d| d.snapshot.as_deref() == Some("external")).map(|d| d.name.clone()).collect();
         let overlays: HashMap<String, PathBuf> = def
             .disks
             .iter()
@@ -553,11 +554,7 @@ impl QemuConnection {
         created: &[PathBuf],
     ) -> Result<HashMap<String, String>> {
         let root = |t: &str| -> Result<String> {
-            status
-                .roots
-                .get(t)
-                .cloned()
-                .ok_or_else(|| Error::internal(format!("no root node recorded for disk '{t}'")))
+            status.roots.get(t).cloned().ok_or_else(|| Error::internal(format!("no root node recorded for disk '{t}'")))
         };
         let mut new_roots = HashMap::new();
         if checkpoint {
@@ -568,11 +565,18 @@ impl QemuConnection {
                     "a checkpoint with external disk snapshots needs external memory: add --memspec file=PATH, or use --disk-only",
                 ));
             }
-            let devices: Vec<String> = plans.iter().filter(|p| p.mode == "internal").map(|p| root(&p.target)).collect::<Result<_>>()?;
-            let vmstate = devices.first().cloned().ok_or_else(|| Error::config_unsupported("nothing selected for snapshot"))?;
-            run_job(client, domain, "snapshot-save", json!({
-                "job-id": "strata-snapshot-save", "tag": name, "vmstate": vmstate, "devices": devices,
-            }))
+            let devices: Vec<String> =
+                plans.iter().filter(|p| p.mode == "internal").map(|p| root(&p.target)).collect::<Result<_>>()?;
+            let vmstate =
+                devices.first().cloned().ok_or_else(|| Error::config_unsupported("nothing selected for snapshot"))?;
+            run_job(
+                client,
+                domain,
+                "snapshot-save",
+                json!({
+                    "job-id": "strata-snapshot-save", "tag": name, "vmstate": vmstate, "devices": devices,
+                }),
+            )
             .await?;
             return Ok(new_roots);
         }
@@ -691,10 +695,7 @@ impl QemuConnection {
         let (_, monitor) = self.running(domain).await?;
         let client = &monitor.client;
         let f = std::fs::File::open(file).map_err(|e| Error::io("open", file, e))?;
-        client
-            .send_fd("strata-mem-in", std::os::fd::AsFd::as_fd(&f))
-            .await
-            .map_err(|e| qmp_error(domain, e))?;
+        client.send_fd("strata-mem-in", std::os::fd::AsFd::as_fd(&f)).await.map_err(|e| qmp_error(domain, e))?;
         client
             .execute("migrate-incoming", Some(json!({"uri": "fd:strata-mem-in"})))
             .await
@@ -766,14 +767,20 @@ impl QemuConnection {
     fn reserve_nodes(&self, domain: &str, count: u64) -> Result<u64> {
         let store = self.store();
         let _lock = store.lock_domain(domain)?;
-        let mut status = live::reconcile(store, domain)?.ok_or_else(|| Error::operation_invalid("domain is not running"))?;
+        let mut status =
+            live::reconcile(store, domain)?.ok_or_else(|| Error::operation_invalid("domain is not running"))?;
         let first = status.next_node;
         status.next_node = first.saturating_add(count);
         store.write_status(domain, &status.to_xml())?;
         Ok(first)
     }
 
-    pub(crate) async fn snapshot_revert_impl(&self, domain: &str, snap: &str, flags: SnapshotRevertFlags) -> Result<()> {
+    pub(crate) async fn snapshot_revert_impl(
+        &self,
+        domain: &str,
+        snap: &str,
+        flags: SnapshotRevertFlags,
+    ) -> Result<()> {
         flags.validate()?;
         let store = self.store();
         let def = load(store, domain, snap)?;
@@ -816,9 +823,14 @@ impl QemuConnection {
             let vmstate = devices.first().cloned().ok_or_else(|| Error::internal("checkpoint without disks"))?;
             let run = monitor.client.query_status().await.map_err(|e| qmp_error(domain, e))?;
             monitor.client.execute("stop", None).await.map_err(|e| qmp_error(domain, e))?;
-            let loaded = run_job(&monitor.client, domain, "snapshot-load", json!({
-                "job-id": "strata-snapshot-load", "tag": snap, "vmstate": vmstate, "devices": devices,
-            }))
+            let loaded = run_job(
+                &monitor.client,
+                domain,
+                "snapshot-load",
+                json!({
+                    "job-id": "strata-snapshot-load", "tag": snap, "vmstate": vmstate, "devices": devices,
+                }),
+            )
             .await;
             if let Err(e) = loaded {
                 // Leave the guest as it was found.
@@ -865,18 +877,17 @@ impl QemuConnection {
                 .map(|n| PathBuf::from(format!("{}.branch{n}", base_name.display())))
                 .find(|p| !p.exists())
                 .ok_or_else(|| Error::internal("no free overlay name"))?;
-            run("qemu-img", &["create", "-q", "-f", "qcow2", "-b", path_str(&frozen)?, "-F", &fmt, path_str(&overlay)?])?;
+            run(
+                "qemu-img",
+                &["create", "-q", "-f", "qcow2", "-b", path_str(&frozen)?, "-F", &fmt, path_str(&overlay)?],
+            )?;
             let chain = probe_chain(&StorageSource::local(overlay), "qcow2")?;
             target.set_disk_chain(&d.name, &chain)?;
         }
         self.adopt_definition(domain, &target)?;
         set_current(store, domain, Some(snap))?;
-        let memory_file = def
-            .memory
-            .as_ref()
-            .filter(|m| m.snapshot == "external")
-            .and_then(|m| m.file.as_ref())
-            .map(PathBuf::from);
+        let memory_file =
+            def.memory.as_ref().filter(|m| m.snapshot == "external").and_then(|m| m.file.as_ref()).map(PathBuf::from);
         if let Some(file) = memory_file {
             if end_running || end_paused {
                 self.start_from_memory(domain, &file).await?;
@@ -896,9 +907,14 @@ impl QemuConnection {
                     .filter_map(|d| chains.get(&d.name).and_then(|l| l.root()).map(str::to_string))
                     .collect();
                 if let Some(vmstate) = devices.first().cloned() {
-                    run_job(&monitor.client, domain, "snapshot-load", json!({
-                        "job-id": "strata-snapshot-load", "tag": snap, "vmstate": vmstate, "devices": devices,
-                    }))
+                    run_job(
+                        &monitor.client,
+                        domain,
+                        "snapshot-load",
+                        json!({
+                            "job-id": "strata-snapshot-load", "tag": snap, "vmstate": vmstate, "devices": devices,
+                        }),
+                    )
                     .await?;
                 }
             }
@@ -930,16 +946,18 @@ impl QemuConnection {
         store.write_domain(domain, &t.to_xml())
     }
 
-    pub(crate) async fn snapshot_delete_impl(&self, domain: &str, snap: &str, flags: SnapshotDeleteFlags) -> Result<Vec<String>> {
+    pub(crate) async fn snapshot_delete_impl(
+        &self,
+        domain: &str,
+        snap: &str,
+        flags: SnapshotDeleteFlags,
+    ) -> Result<Vec<String>> {
         flags.validate()?;
         let store = self.store();
         load(store, domain, snap)?;
         let defs = all(store, domain)?;
         let children_of = |name: &str| -> Vec<String> {
-            defs.iter()
-                .filter(|d| d.parent.as_deref() == Some(name))
-                .filter_map(|d| d.name.clone())
-                .collect()
+            defs.iter().filter(|d| d.parent.as_deref() == Some(name)).filter_map(|d| d.name.clone()).collect()
         };
         // Descendants, deepest first, for --children / --children-only.
         let mut order = Vec::new();
@@ -995,8 +1013,15 @@ impl QemuConnection {
         let image = dom
             .find_disk(disk)?
             .chain
-            .and_then(|c| c.layers.iter().filter_map(|l| l.source.local_path().map(Path::to_path_buf)).find(|p| has_internal(p, &snap)))
-            .ok_or_else(|| Error::operation_failed(format!("no image of disk '{disk}' holds internal snapshot '{snap}'")))?;
+            .and_then(|c| {
+                c.layers
+                    .iter()
+                    .filter_map(|l| l.source.local_path().map(Path::to_path_buf))
+                    .find(|p| has_internal(p, &snap))
+            })
+            .ok_or_else(|| {
+                Error::operation_failed(format!("no image of disk '{disk}' holds internal snapshot '{snap}'"))
+            })?;
         if live::reconcile(self.store(), domain)?.filter(LiveStatus::is_vm).is_some() {
             let (_, monitor) = self.running(domain).await?;
             let chains = live::live_chains(&monitor.client, domain).await?;
@@ -1015,9 +1040,14 @@ impl QemuConnection {
                 // the snapshot-delete job takes any node, but only a
                 // writable one, so the backing layer is reopened for it.
                 crate::jobs::reopen_node(&monitor.client, domain, &node, false).await?;
-                let deleted = run_job(&monitor.client, domain, "snapshot-delete", json!({
-                    "job-id": "strata-snapshot-delete", "tag": snap, "devices": [node],
-                }))
+                let deleted = run_job(
+                    &monitor.client,
+                    domain,
+                    "snapshot-delete",
+                    json!({
+                        "job-id": "strata-snapshot-delete", "tag": snap, "devices": [node],
+                    }),
+                )
                 .await;
                 crate::jobs::reopen_node(&monitor.client, domain, &node, true).await?;
                 deleted?;
@@ -1040,7 +1070,8 @@ impl QemuConnection {
     /// image has no other dependent (method 1), else pull the frozen image
     /// into each of its children (method 2).
     async fn delete_external(&self, domain: &str, def: &SnapshotDef, d: &SnapshotDisk) -> Result<Vec<String>> {
-        let saved = Domain::from_element(def.domain.clone().ok_or_else(|| Error::internal("snapshot without domain"))?)?;
+        let saved =
+            Domain::from_element(def.domain.clone().ok_or_else(|| Error::internal("snapshot without domain"))?)?;
         let frozen = saved
             .find_disk(&d.name)?
             .source()
@@ -1073,7 +1104,20 @@ impl QemuConnection {
                     run("qemu-img", &["commit", "-d", "-q", path_str(&overlay)?])?;
                     for (child, _) in edges.iter().filter(|(_, b)| *b == overlay) {
                         let fmt = "qcow2";
-                        run("qemu-img", &["rebase", "-u", "-b", path_str(&frozen)?, "-F", &image_format(&frozen)?, "-f", fmt, path_str(child)?])?;
+                        run(
+                            "qemu-img",
+                            &[
+                                "rebase",
+                                "-u",
+                                "-b",
+                                path_str(&frozen)?,
+                                "-F",
+                                &image_format(&frozen)?,
+                                "-f",
+                                fmt,
+                                path_str(child)?,
+                            ],
+                        )?;
                     }
                 }
             }
@@ -1095,12 +1139,23 @@ impl QemuConnection {
                         let base = below.as_ref().and_then(|b| layer_of(b));
                         self.job_to_end(domain, &d.name, JobRequest::Pull { into, base }).await?;
                     }
-                    None => {
-                        match &below {
-                            Some(b) => run("qemu-img", &["rebase", "-q", "-f", "qcow2", "-b", path_str(b)?, "-F", &image_format(b)?, path_str(child)?])?,
-                            None => run("qemu-img", &["rebase", "-q", "-f", "qcow2", "-b", "", path_str(child)?])?,
-                        }
-                    }
+                    None => match &below {
+                        Some(b) => run(
+                            "qemu-img",
+                            &[
+                                "rebase",
+                                "-q",
+                                "-f",
+                                "qcow2",
+                                "-b",
+                                path_str(b)?,
+                                "-F",
+                                &image_format(b)?,
+                                path_str(child)?,
+                            ],
+                        )?,
+                        None => run("qemu-img", &["rebase", "-q", "-f", "qcow2", "-b", "", path_str(child)?])?,
+                    },
                 }
             }
             self.refresh_saved_chains(domain).await?;
@@ -1114,7 +1169,6 @@ impl QemuConnection {
         }
         Ok(notes)
     }
-
 
     /// (image, its backing image) for every image any record or the
     /// current state knows of.
@@ -1185,7 +1239,10 @@ impl QemuConnection {
                     } else if disk.chain.as_ref().is_some_and(|c| c.by_path(gone).is_some()) {
                         if let Some(p) = disk.source().and_then(|s| s.local_path()) {
                             if p.exists() {
-                                let chain = probe_chain(&StorageSource::local(p.to_path_buf()), disk.format.as_deref().unwrap_or("raw"))?;
+                                let chain = probe_chain(
+                                    &StorageSource::local(p.to_path_buf()),
+                                    disk.format.as_deref().unwrap_or("raw"),
+                                )?;
                                 saved.set_disk_chain(&disk.target, &chain)?;
                                 changed = true;
                             }
@@ -1228,13 +1285,21 @@ impl QemuConnection {
         let layer = |i: usize| format!("{disk}[{i}]");
         let pivot = match req {
             JobRequest::ActiveCommit { base } => {
-                self.block_commit(domain, disk, &BlockCommitOptions { active: true, pivot: true, base: Some(layer(base)), ..Default::default() })
-                    .await?;
+                self.block_commit(
+                    domain,
+                    disk,
+                    &BlockCommitOptions { active: true, pivot: true, base: Some(layer(base)), ..Default::default() },
+                )
+                .await?;
                 true
             }
             JobRequest::Commit { top, base } => {
-                self.block_commit(domain, disk, &BlockCommitOptions { top: Some(layer(top)), base: Some(layer(base)), ..Default::default() })
-                    .await?;
+                self.block_commit(
+                    domain,
+                    disk,
+                    &BlockCommitOptions { top: Some(layer(top)), base: Some(layer(base)), ..Default::default() },
+                )
+                .await?;
                 false
             }
             JobRequest::Pull { into, base } => {
@@ -1303,7 +1368,20 @@ fn create_offline(plans: &[DiskPlan], name: &str, created: &[PathBuf]) -> Result
                 "external" => {
                     let overlay = p.overlay.as_ref().ok_or_else(|| Error::internal("external plan without overlay"))?;
                     if created.contains(overlay) {
-                        run("qemu-img", &["create", "-q", "-f", "qcow2", "-b", path_str(&p.image)?, "-F", &p.format, path_str(overlay)?])?;
+                        run(
+                            "qemu-img",
+                            &[
+                                "create",
+                                "-q",
+                                "-f",
+                                "qcow2",
+                                "-b",
+                                path_str(&p.image)?,
+                                "-F",
+                                &p.format,
+                                path_str(overlay)?,
+                            ],
+                        )?;
                         made.push(overlay.clone());
                     }
                 }
@@ -1352,19 +1430,13 @@ async fn save_memory(client: &strata_qmp::QmpClient, domain: &str, file: &Path) 
         .create_new(true)
         .open(file)
         .map_err(|e| Error::io("create", file, e))?;
-    client
-        .send_fd("strata-mem-out", std::os::fd::AsFd::as_fd(&f))
-        .await
-        .map_err(|e| qmp_error(domain, e))?;
+    client.send_fd("strata-mem-out", std::os::fd::AsFd::as_fd(&f)).await.map_err(|e| qmp_error(domain, e))?;
     // QEMU throttles migration to 128 MiB/s by default, also into a file.
     client
         .execute("migrate-set-parameters", Some(json!({"max-bandwidth": 10_u64 << 30})))
         .await
         .map_err(|e| qmp_error(domain, e))?;
-    client
-        .execute("migrate", Some(json!({"uri": "fd:strata-mem-out"})))
-        .await
-        .map_err(|e| qmp_error(domain, e))?;
+    client.execute("migrate", Some(json!({"uri": "fd:strata-mem-out"}))).await.map_err(|e| qmp_error(domain, e))?;
     wait_migration(client, domain).await?;
     f.sync_all().map_err(|e| Error::io("sync", file, e))
 }

@@ -31,11 +31,7 @@ fn embed_example_defines_and_probes() {
         top.display()
     );
     std::fs::write(d.join("dom.xml"), xml).expect("write");
-    let out = Command::new(&example)
-        .arg(d.join("state"))
-        .arg(d.join("dom.xml"))
-        .output()
-        .expect("run example");
+    let out = Command::new(&example).arg(d.join("state")).arg(d.join("dom.xml")).output().expect("run example");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains(&format!("vda[1] {} (qcow2)", base.display())), "{stdout}");

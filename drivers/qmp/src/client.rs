@@ -23,9 +23,7 @@ use crate::error::QmpError;
 use crate::event::QmpEvent;
 use crate::fdpass;
 use crate::protocol::{self, Incoming, Reply};
-use crate::types::{
-    BlockInfo, BlockJobInfo, JobInfo, KvmInfo, NamedBlockNode, QemuVersion, StatusInfo,
-};
+use crate::types::{BlockInfo, BlockJobInfo, JobInfo, KvmInfo, NamedBlockNode, QemuVersion, StatusInfo};
 
 /// Per-command timeout used by [`QmpClient::execute`] until changed with
 /// [`QmpClient::set_default_timeout`], and by [`QmpClient::connect`].
@@ -162,27 +160,17 @@ impl QmpClient {
     ///
     /// This makes a single attempt: a socket that does not exist yet is an
     /// [`QmpError::Io`] error, and retrying while QEMU starts is up to the caller.
-    pub async fn connect_with_timeout(
-        path: &Path,
-        timeout: Duration,
-    ) -> Result<QmpClient, QmpError> {
+    pub async fn connect_with_timeout(path: &Path, timeout: Duration) -> Result<QmpClient, QmpError> {
         let deadline = Instant::now() + timeout;
         let (reader, writer, greeting) = tokio::time::timeout_at(deadline, Self::open(path))
             .await
-            .map_err(|_| QmpError::Timeout {
-                command: "connect".into(),
-                after: timeout,
-            })??;
+            .map_err(|_| QmpError::Timeout { command: "connect".into(), after: timeout })??;
         tracing::debug!(path = %path.display(), version = %greeting.version,
             capabilities = ?greeting.capabilities, "QMP greeting");
 
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
-        let shared = Arc::new(Shared {
-            state: Mutex::new(ConnState {
-                pending: HashMap::new(),
-                events: Some(events),
-            }),
-        });
+        let shared =
+            Arc::new(Shared { state: Mutex::new(ConnState { pending: HashMap::new(), events: Some(events) }) });
         let reader = tokio::spawn(read_loop(reader, Arc::clone(&shared)));
         let client = QmpClient {
             inner: Arc::new(Inner {
@@ -199,21 +187,13 @@ impl QmpClient {
         // QEMU refuses every command but this one until capabilities are
         // negotiated. No optional capability (such as "oob") is enabled.
         let remaining = deadline.saturating_duration_since(Instant::now());
-        client
-            .execute_timeout("qmp_capabilities", None, remaining)
-            .await?;
+        client.execute_timeout("qmp_capabilities", None, remaining).await?;
         Ok(client)
     }
 
-    async fn open(
-        path: &Path,
-    ) -> Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf, protocol::Greeting), QmpError> {
-        let stream = UnixStream::connect(path)
-            .await
-            .map_err(|source| QmpError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?;
+    async fn open(path: &Path) -> Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf, protocol::Greeting), QmpError> {
+        let stream =
+            UnixStream::connect(path).await.map_err(|source| QmpError::Io { path: path.to_path_buf(), source })?;
         let (read, write) = stream.into_split();
         // The same BufReader goes on to the reader task, so nothing QEMU sent
         // right after the greeting is lost.
@@ -224,10 +204,7 @@ impl QmpClient {
             let n = reader
                 .read_until(b'\n', &mut line)
                 .await
-                .map_err(|source| QmpError::Io {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
+                .map_err(|source| QmpError::Io { path: path.to_path_buf(), source })?;
             if n == 0 {
                 return Err(QmpError::Disconnected);
             }
@@ -262,20 +239,12 @@ impl QmpClient {
 
     /// The timeout [`QmpClient::execute`] applies.
     pub fn default_timeout(&self) -> Duration {
-        *self
-            .inner
-            .default_timeout
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        *self.inner.default_timeout.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Changes the timeout [`QmpClient::execute`] applies, for every clone of this client.
     pub fn set_default_timeout(&self, timeout: Duration) {
-        *self
-            .inner
-            .default_timeout
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = timeout;
+        *self.inner.default_timeout.lock().unwrap_or_else(PoisonError::into_inner) = timeout;
     }
 
     /// A new receiver for every event QEMU sends from now on.
@@ -292,13 +261,8 @@ impl QmpClient {
     }
 
     /// Runs `command` with the default timeout and returns QEMU's `return` value.
-    pub async fn execute(
-        &self,
-        command: &str,
-        arguments: Option<Value>,
-    ) -> Result<Value, QmpError> {
-        self.execute_timeout(command, arguments, self.default_timeout())
-            .await
+    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+        self.execute_timeout(command, arguments, self.default_timeout()).await
     }
 
     /// Runs `command`, giving up after `timeout`.
@@ -338,8 +302,7 @@ impl QmpClient {
     /// `query-named-block-nodes {"flat": true}`: every node once, without
     /// the nested `backing-image` trees.
     pub async fn query_named_block_nodes(&self) -> Result<Vec<NamedBlockNode>, QmpError> {
-        self.execute_typed("query-named-block-nodes", Some(json!({"flat": true})))
-            .await
+        self.execute_typed("query-named-block-nodes", Some(json!({"flat": true}))).await
     }
 
     /// `query-block-jobs`.
@@ -365,18 +328,8 @@ impl QmpClient {
     pub async fn send_fd(&self, fdname: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
         // The write runs in a detached task (see `write`), which needs an
         // owned descriptor; the duplicate is closed once it has been sent.
-        let owned = fd.try_clone_to_owned().map_err(|source| QmpError::Io {
-            path: self.inner.path.clone(),
-            source,
-        })?;
-        self.request(
-            "getfd",
-            Some(json!({ "fdname": fdname })),
-            Some(owned),
-            self.default_timeout(),
-        )
-        .await
-        .map(drop)
+        let owned = fd.try_clone_to_owned().map_err(|source| QmpError::Io { path: self.inner.path.clone(), source })?;
+        self.request("getfd", Some(json!({ "fdname": fdname })), Some(owned), self.default_timeout()).await.map(drop)
     }
 
     /// Runs an HMP command line through `human-monitor-command` and returns
@@ -389,11 +342,7 @@ impl QmpClient {
     /// commands (e.g. `qemu-io` read results) print to QEMU's stdout rather
     /// than into this reply.
     pub async fn human_monitor_command(&self, cmd: &str) -> Result<String, QmpError> {
-        self.execute_typed(
-            "human-monitor-command",
-            Some(json!({ "command-line": cmd })),
-        )
-        .await
+        self.execute_typed("human-monitor-command", Some(json!({ "command-line": cmd }))).await
     }
 
     /// Waits for the next event on `rx` that satisfies `pred`, skipping others.
@@ -414,20 +363,13 @@ impl QmpClient {
                     Ok(event) if pred(&event) => return Ok(event),
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Closed) => return Err(QmpError::Disconnected),
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        return Err(QmpError::EventsLagged { missed })
-                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => return Err(QmpError::EventsLagged { missed }),
                 }
             }
         };
         tokio::time::timeout(timeout, wait)
             .await
-            .unwrap_or_else(|_| {
-                Err(QmpError::Timeout {
-                    command: "wait_event".into(),
-                    after: timeout,
-                })
-            })
+            .unwrap_or_else(|_| Err(QmpError::Timeout { command: "wait_event".into(), after: timeout }))
     }
 
     async fn request(
@@ -444,17 +386,14 @@ impl QmpClient {
             msg.insert("arguments".into(), arguments);
         }
         msg.insert("id".into(), Value::from(id));
-        let mut bytes = serde_json::to_vec(&msg)
-            .map_err(|e| QmpError::Protocol(format!("cannot encode '{command}': {e}")))?;
+        let mut bytes =
+            serde_json::to_vec(&msg).map_err(|e| QmpError::Protocol(format!("cannot encode '{command}': {e}")))?;
         bytes.push(b'\n');
 
         // Registered before writing: the reply can arrive before the write
         // call returns.
         let rx = self.inner.shared.register(id)?;
-        let _pending = PendingGuard {
-            shared: &self.inner.shared,
-            id,
-        };
+        let _pending = PendingGuard { shared: &self.inner.shared, id };
         let started = Instant::now();
         let with_fd = fd.is_some();
         let exchange = async {
@@ -468,10 +407,7 @@ impl QmpClient {
             Ok(reply) => reply,
             Err(_) => {
                 tracing::debug!(command, id, elapsed_ms, "QMP command timed out");
-                return Err(QmpError::Timeout {
-                    command: command.into(),
-                    after: timeout,
-                });
+                return Err(QmpError::Timeout { command: command.into(), after: timeout });
             }
         };
         match reply {
@@ -481,11 +417,7 @@ impl QmpClient {
             }
             Ok(Reply::Error { class, desc }) => {
                 tracing::debug!(command, id, elapsed_ms, %class, %desc, "QMP error reply received");
-                Err(QmpError::Command {
-                    command: command.into(),
-                    class,
-                    desc,
-                })
+                Err(QmpError::Command { command: command.into(), class, desc })
             }
             Err(e) => {
                 tracing::debug!(command, id, elapsed_ms, error = %e, "QMP command failed");
@@ -512,13 +444,10 @@ impl QmpClient {
         match task.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(match e.kind() {
-                io::ErrorKind::BrokenPipe
-                | io::ErrorKind::ConnectionReset
-                | io::ErrorKind::NotConnected => QmpError::Disconnected,
-                _ => QmpError::Io {
-                    path: self.inner.path.clone(),
-                    source: e,
-                },
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::NotConnected => {
+                    QmpError::Disconnected
+                }
+                _ => QmpError::Io { path: self.inner.path.clone(), source: e },
             }),
             Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
             // Cancelled: the runtime is shutting down.
@@ -527,23 +456,13 @@ impl QmpClient {
     }
 }
 
-async fn write_with_fd(
-    writer: &mut OwnedWriteHalf,
-    bytes: &[u8],
-    fd: BorrowedFd<'_>,
-) -> io::Result<()> {
+async fn write_with_fd(writer: &mut OwnedWriteHalf, bytes: &[u8], fd: BorrowedFd<'_>) -> io::Result<()> {
     let stream: &UnixStream = writer.as_ref();
     let sent = loop {
         stream.writable().await?;
-        match stream.try_io(Interest::WRITABLE, || {
-            fdpass::send_with_fd(stream.as_fd(), bytes, fd)
-        }) {
+        match stream.try_io(Interest::WRITABLE, || fdpass::send_with_fd(stream.as_fd(), bytes, fd)) {
             Ok(n) => break n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
             Err(e) => return Err(e),
         }
     };
@@ -581,10 +500,7 @@ async fn read_loop(mut reader: BufReader<OwnedReadHalf>, shared: Arc<Shared>) {
         }
         match protocol::parse_incoming(text) {
             Ok(Incoming::Event(event)) => shared.publish(event),
-            Ok(Incoming::Reply {
-                id: Some(id),
-                reply,
-            }) => shared.complete(id, reply),
+            Ok(Incoming::Reply { id: Some(id), reply }) => shared.complete(id, reply),
             // QEMU only answers without an id when it could not parse the
             // request; nobody can be matched to it.
             Ok(Incoming::Reply { id: None, reply }) => {

@@ -185,36 +185,20 @@ mod tests {
     use serde_json::json;
 
     fn ev(name: &str, data: Value) -> QmpEvent {
-        QmpEvent {
-            event: name.into(),
-            data,
-            timestamp: (1, 2),
-        }
+        QmpEvent { event: name.into(), data, timestamp: (1, 2) }
     }
 
     #[test]
     fn job_status_change() {
-        let e = ev(
-            "JOB_STATUS_CHANGE",
-            json!({"status": "pending", "id": "j1"}),
-        );
+        let e = ev("JOB_STATUS_CHANGE", json!({"status": "pending", "id": "j1"}));
         assert_eq!(
             e.known(),
-            KnownEvent::JobStatusChange(JobStatusChange {
-                id: "j1".into(),
-                status: JobStatus::Pending
-            })
+            KnownEvent::JobStatusChange(JobStatusChange { id: "j1".into(), status: JobStatus::Pending })
         );
-        let e = ev(
-            "JOB_STATUS_CHANGE",
-            json!({"status": "levitating", "id": "j1", "extra": 1}),
-        );
+        let e = ev("JOB_STATUS_CHANGE", json!({"status": "levitating", "id": "j1", "extra": 1}));
         assert_eq!(
             e.known(),
-            KnownEvent::JobStatusChange(JobStatusChange {
-                id: "j1".into(),
-                status: JobStatus::Unknown
-            })
+            KnownEvent::JobStatusChange(JobStatusChange { id: "j1".into(), status: JobStatus::Unknown })
         );
     }
 
@@ -229,18 +213,9 @@ mod tests {
             speed: 0,
             error: None,
         };
-        assert_eq!(
-            ev("BLOCK_JOB_COMPLETED", data.clone()).known(),
-            KnownEvent::BlockJobCompleted(expect.clone())
-        );
-        assert_eq!(
-            ev("BLOCK_JOB_CANCELLED", data.clone()).known(),
-            KnownEvent::BlockJobCancelled(expect.clone())
-        );
-        assert_eq!(
-            ev("BLOCK_JOB_READY", data).known(),
-            KnownEvent::BlockJobReady(expect)
-        );
+        assert_eq!(ev("BLOCK_JOB_COMPLETED", data.clone()).known(), KnownEvent::BlockJobCompleted(expect.clone()));
+        assert_eq!(ev("BLOCK_JOB_CANCELLED", data.clone()).known(), KnownEvent::BlockJobCancelled(expect.clone()));
+        assert_eq!(ev("BLOCK_JOB_READY", data).known(), KnownEvent::BlockJobReady(expect));
         let failed = ev(
             "BLOCK_JOB_COMPLETED",
             json!({"device": "c", "len": 10, "offset": 3, "speed": 0, "type": "commit", "error": "Input/output error"}),
@@ -258,17 +233,10 @@ mod tests {
     fn block_job_pending_and_error() {
         assert_eq!(
             ev("BLOCK_JOB_PENDING", json!({"type": "mirror", "id": "m"})).known(),
-            KnownEvent::BlockJobPending(BlockJobPending {
-                type_: JobType::Mirror,
-                id: "m".into()
-            })
+            KnownEvent::BlockJobPending(BlockJobPending { type_: JobType::Mirror, id: "m".into() })
         );
         assert_eq!(
-            ev(
-                "BLOCK_JOB_ERROR",
-                json!({"device": "ide0-hd1", "operation": "write", "action": "stop"})
-            )
-            .known(),
+            ev("BLOCK_JOB_ERROR", json!({"device": "ide0-hd1", "operation": "write", "action": "stop"})).known(),
             KnownEvent::BlockJobError(BlockJobError {
                 device: "ide0-hd1".into(),
                 operation: IoOperation::Write,
@@ -280,15 +248,8 @@ mod tests {
     #[test]
     fn vm_lifecycle_events() {
         assert_eq!(
-            ev(
-                "SHUTDOWN",
-                json!({"guest": false, "reason": "host-qmp-quit"})
-            )
-            .known(),
-            KnownEvent::Shutdown(Shutdown {
-                guest: false,
-                reason: ShutdownCause::HostQmpQuit
-            })
+            ev("SHUTDOWN", json!({"guest": false, "reason": "host-qmp-quit"})).known(),
+            KnownEvent::Shutdown(Shutdown { guest: false, reason: ShutdownCause::HostQmpQuit })
         );
         assert_eq!(ev("STOP", Value::Null).known(), KnownEvent::Stop);
         assert_eq!(ev("RESUME", Value::Null).known(), KnownEvent::Resume);
@@ -296,13 +257,7 @@ mod tests {
 
     #[test]
     fn unknown_and_malformed_events_are_other() {
-        assert_eq!(
-            ev("BLOCK_WRITE_THRESHOLD", json!({"node-name": "x"})).known(),
-            KnownEvent::Other
-        );
-        assert_eq!(
-            ev("JOB_STATUS_CHANGE", json!({"status": "running"})).known(),
-            KnownEvent::Other
-        );
+        assert_eq!(ev("BLOCK_WRITE_THRESHOLD", json!({"node-name": "x"})).known(), KnownEvent::Other);
+        assert_eq!(ev("JOB_STATUS_CHANGE", json!({"status": "running"})).known(), KnownEvent::Other);
     }
 }

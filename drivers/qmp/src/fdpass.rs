@@ -7,11 +7,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 /// ancillary data. Returns how many bytes of `data` were sent; the kernel
 /// attaches the descriptor to the first byte, so the caller may send the rest
 /// without it. The socket is non-blocking: `WouldBlock` is returned as is.
-pub(crate) fn send_with_fd(
-    sock: BorrowedFd<'_>,
-    data: &[u8],
-    fd: BorrowedFd<'_>,
-) -> io::Result<usize> {
+pub(crate) fn send_with_fd(sock: BorrowedFd<'_>, data: &[u8], fd: BorrowedFd<'_>) -> io::Result<usize> {
     // One descriptor; the size of an int always fits in c_uint.
     const FD_LEN: libc::c_uint = std::mem::size_of::<RawFd>() as libc::c_uint;
 
@@ -21,9 +17,7 @@ pub(crate) fn send_with_fd(
     // SAFETY: CMSG_SPACE only does arithmetic on its argument.
     let space = unsafe { libc::CMSG_SPACE(FD_LEN) } as usize;
     if space > std::mem::size_of_val(&control) {
-        return Err(io::Error::other(
-            "SCM_RIGHTS control message larger than expected",
-        ));
+        return Err(io::Error::other("SCM_RIGHTS control message larger than expected"));
     }
 
     let mut iov = libc::iovec {

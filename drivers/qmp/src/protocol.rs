@@ -43,16 +43,9 @@ struct RawTriple {
 
 /// Parses `{"QMP": {"version": {"qemu": {...}, "package": ...}, "capabilities": [...]}}`.
 pub(crate) fn parse_greeting(line: &[u8]) -> Result<Greeting, QmpError> {
-    let raw: RawGreeting = serde_json::from_slice(line).map_err(|e| {
-        QmpError::Protocol(format!(
-            "unexpected greeting {:?}: {e}",
-            String::from_utf8_lossy(line)
-        ))
-    })?;
-    let RawGreetingBody {
-        version,
-        capabilities,
-    } = raw.qmp;
+    let raw: RawGreeting = serde_json::from_slice(line)
+        .map_err(|e| QmpError::Protocol(format!("unexpected greeting {:?}: {e}", String::from_utf8_lossy(line))))?;
+    let RawGreetingBody { version, capabilities } = raw.qmp;
     Ok(Greeting {
         version: QemuVersion {
             major: version.qemu.major,
@@ -104,47 +97,27 @@ pub(crate) fn parse_incoming(line: &[u8]) -> Result<Incoming, QmpError> {
 
     if let Some(name) = obj.remove("event") {
         let Value::String(event) = name else {
-            return Err(QmpError::Protocol(format!(
-                "event name is not a string: {:?}",
-                lossy()
-            )));
+            return Err(QmpError::Protocol(format!("event name is not a string: {:?}", lossy())));
         };
         let data = obj.remove("data").unwrap_or(Value::Null);
         let ts = match obj.remove("timestamp") {
-            Some(v) => RawTimestamp::deserialize(v).map_err(|e| {
-                QmpError::Protocol(format!("bad event timestamp: {e}: {:?}", lossy()))
-            })?,
+            Some(v) => RawTimestamp::deserialize(v)
+                .map_err(|e| QmpError::Protocol(format!("bad event timestamp: {e}: {:?}", lossy())))?,
             None => RawTimestamp::default(),
         };
-        return Ok(Incoming::Event(QmpEvent {
-            event,
-            data,
-            timestamp: (ts.seconds, ts.microseconds),
-        }));
+        return Ok(Incoming::Event(QmpEvent { event, data, timestamp: (ts.seconds, ts.microseconds) }));
     }
 
     let id = obj.get("id").and_then(Value::as_u64);
     if let Some(ret) = obj.remove("return") {
-        return Ok(Incoming::Reply {
-            id,
-            reply: Reply::Return(ret),
-        });
+        return Ok(Incoming::Reply { id, reply: Reply::Return(ret) });
     }
     if let Some(err) = obj.remove("error") {
         let err = RawError::deserialize(err)
             .map_err(|e| QmpError::Protocol(format!("bad error reply: {e}: {:?}", lossy())))?;
-        return Ok(Incoming::Reply {
-            id,
-            reply: Reply::Error {
-                class: err.class,
-                desc: err.desc,
-            },
-        });
+        return Ok(Incoming::Reply { id, reply: Reply::Error { class: err.class, desc: err.desc } });
     }
-    Err(QmpError::Protocol(format!(
-        "neither event nor reply: {:?}",
-        lossy()
-    )))
+    Err(QmpError::Protocol(format!("neither event nor reply: {:?}", lossy())))
 }
 
 #[cfg(test)]
@@ -179,11 +152,7 @@ mod tests {
 
     #[test]
     fn greeting_rejects_non_qmp() {
-        for bad in [
-            &b"SSH-2.0-OpenSSH_9.2"[..],
-            br#"{"return": {}}"#,
-            br#"{"QMP": {"capabilities": []}}"#,
-        ] {
+        for bad in [&b"SSH-2.0-OpenSSH_9.2"[..], br#"{"return": {}}"#, br#"{"QMP": {"capabilities": []}}"#] {
             match parse_greeting(bad) {
                 Err(QmpError::Protocol(_)) => {}
                 other => panic!("{:?} gave {other:?}", String::from_utf8_lossy(bad)),
@@ -195,10 +164,7 @@ mod tests {
     fn replies_and_errors() {
         assert_eq!(
             parse_incoming(br#"{"return": {}, "id": 2}"#).unwrap(),
-            Incoming::Reply {
-                id: Some(2),
-                reply: Reply::Return(json!({}))
-            }
+            Incoming::Reply { id: Some(2), reply: Reply::Return(json!({})) }
         );
         assert_eq!(
             parse_incoming(br#"{"id": 10, "error": {"class": "CommandNotFound", "desc": "The command nonexistent has not been found"}}"#).unwrap(),
@@ -211,23 +177,15 @@ mod tests {
             }
         );
         assert_eq!(
-            parse_incoming(br#"{"error": {"class": "GenericError", "desc": "JSON parse error"}}"#)
-                .unwrap(),
+            parse_incoming(br#"{"error": {"class": "GenericError", "desc": "JSON parse error"}}"#).unwrap(),
             Incoming::Reply {
                 id: None,
-                reply: Reply::Error {
-                    class: "GenericError".into(),
-                    desc: "JSON parse error".into()
-                }
+                reply: Reply::Error { class: "GenericError".into(), desc: "JSON parse error".into() }
             }
         );
         assert_eq!(
-            parse_incoming(br#"{"return": "unknown command: 'foo'\r\n", "id": "not-ours"}"#)
-                .unwrap(),
-            Incoming::Reply {
-                id: None,
-                reply: Reply::Return(json!("unknown command: 'foo'\r\n"))
-            }
+            parse_incoming(br#"{"return": "unknown command: 'foo'\r\n", "id": "not-ours"}"#).unwrap(),
+            Incoming::Reply { id: None, reply: Reply::Return(json!("unknown command: 'foo'\r\n")) }
         );
     }
 
@@ -242,30 +200,15 @@ mod tests {
             })
         );
         assert_eq!(
-            parse_incoming(br#"{"timestamp": {"seconds": 5, "microseconds": 6}, "event": "STOP"}"#)
-                .unwrap(),
-            Incoming::Event(QmpEvent {
-                event: "STOP".into(),
-                data: Value::Null,
-                timestamp: (5, 6),
-            })
+            parse_incoming(br#"{"timestamp": {"seconds": 5, "microseconds": 6}, "event": "STOP"}"#).unwrap(),
+            Incoming::Event(QmpEvent { event: "STOP".into(), data: Value::Null, timestamp: (5, 6) })
         );
     }
 
     #[test]
     fn garbage_is_a_protocol_error() {
-        for bad in [
-            &b"{not json"[..],
-            b"[1, 2]",
-            br#"{"id": 3}"#,
-            br#"{"event": 7}"#,
-            br#"{"error": "flat"}"#,
-        ] {
-            assert!(
-                matches!(parse_incoming(bad), Err(QmpError::Protocol(_))),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
+        for bad in [&b"{not json"[..], b"[1, 2]", br#"{"id": 3}"#, br#"{"event": 7}"#, br#"{"error": "flat"}"#] {
+            assert!(matches!(parse_incoming(bad), Err(QmpError::Protocol(_))), "{:?}", String::from_utf8_lossy(bad));
         }
     }
 }

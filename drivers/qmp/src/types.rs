@@ -272,13 +272,7 @@ mod tests {
     fn status_info_decodes_and_ignores_deprecated_fields() {
         let v = json!({"status": "prelaunch", "singlestep": false, "running": false});
         let s: StatusInfo = serde_json::from_value(v).unwrap();
-        assert_eq!(
-            s,
-            StatusInfo {
-                running: false,
-                status: RunState::Prelaunch
-            }
-        );
+        assert_eq!(s, StatusInfo { running: false, status: RunState::Prelaunch });
     }
 
     #[test]
@@ -306,8 +300,7 @@ mod tests {
 
     #[test]
     fn kvm_info_decodes() {
-        let k: KvmInfo =
-            serde_json::from_value(json!({"enabled": false, "present": true})).unwrap();
+        let k: KvmInfo = serde_json::from_value(json!({"enabled": false, "present": true})).unwrap();
         assert!(!k.enabled);
         assert!(k.present);
     }
@@ -340,16 +333,10 @@ mod tests {
         assert_eq!(nodes[0].node_name, "top-fmt");
         assert_eq!(nodes[0].drv, "qcow2");
         assert!(!nodes[0].ro);
-        assert_eq!(
-            nodes[0].backing_file.as_deref(),
-            Some("/tmp/qmpx/base.qcow2")
-        );
+        assert_eq!(nodes[0].backing_file.as_deref(), Some("/tmp/qmpx/base.qcow2"));
         assert_eq!(nodes[0].image.virtual_size, 16 << 20);
         assert_eq!(nodes[0].image.cluster_size, Some(65536));
-        assert_eq!(
-            nodes[0].image.backing_filename_format.as_deref(),
-            Some("qcow2")
-        );
+        assert_eq!(nodes[0].image.backing_filename_format.as_deref(), Some("qcow2"));
         assert!(nodes[0].image.backing_image.is_none());
         assert_eq!(nodes[1].node_name, "top-file");
         assert_eq!(nodes[1].backing_file, None);
@@ -384,10 +371,7 @@ mod tests {
         assert_eq!(blocks.len(), 2);
         let inserted = blocks[0].inserted.as_ref().unwrap();
         assert_eq!(blocks[0].device, "");
-        assert_eq!(
-            blocks[0].qdev.as_deref(),
-            Some("/machine/peripheral/vda/virtio-backend")
-        );
+        assert_eq!(blocks[0].qdev.as_deref(), Some("/machine/peripheral/vda/virtio-backend"));
         assert_eq!(inserted.node_name.as_deref(), Some("top-fmt"));
         assert_eq!(inserted.backing_file_depth, 2);
         let mut chain = Vec::new();
@@ -441,12 +425,7 @@ mod tests {
 
     #[test]
     fn version_display() {
-        let v = QemuVersion {
-            major: 7,
-            minor: 2,
-            micro: 22,
-            package: "Debian 1:7.2+dfsg-7+deb12u18+b3".into(),
-        };
+        let v = QemuVersion { major: 7, minor: 2, micro: 22, package: "Debian 1:7.2+dfsg-7+deb12u18+b3".into() };
         assert_eq!(v.to_string(), "7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)");
     }
 }

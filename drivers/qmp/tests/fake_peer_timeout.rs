@@ -27,10 +27,7 @@ async fn client_timer_fires_when_fake_peer_never_replies() {
     let peer = tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
         let (read, mut write) = stream.into_split();
-        write
-            .write_all(format!("{GREETING}\n").as_bytes())
-            .await
-            .unwrap();
+        write.write_all(format!("{GREETING}\n").as_bytes()).await.unwrap();
         let mut lines = BufReader::new(read).lines();
         let mut swallowed: Vec<Value> = Vec::new();
         while let Some(line) = lines.next_line().await.unwrap() {
@@ -39,41 +36,27 @@ async fn client_timer_fires_when_fake_peer_never_replies() {
             match request["execute"].as_str().unwrap() {
                 "qmp_capabilities" => {
                     let reply = json!({"return": {}, "id": id});
-                    write
-                        .write_all(format!("{reply}\n").as_bytes())
-                        .await
-                        .unwrap();
+                    write.write_all(format!("{reply}\n").as_bytes()).await.unwrap();
                 }
                 "reply-now" => {
                     for late in swallowed.drain(..) {
                         let reply = json!({"return": {"stale": true}, "id": late});
-                        write
-                            .write_all(format!("{reply}\n").as_bytes())
-                            .await
-                            .unwrap();
+                        write.write_all(format!("{reply}\n").as_bytes()).await.unwrap();
                     }
                     let reply = json!({"return": {"fresh": true}, "id": id});
-                    write
-                        .write_all(format!("{reply}\n").as_bytes())
-                        .await
-                        .unwrap();
+                    write.write_all(format!("{reply}\n").as_bytes()).await.unwrap();
                 }
                 _ => swallowed.push(id),
             }
         }
     });
 
-    let client = QmpClient::connect_with_timeout(&path, Duration::from_secs(5))
-        .await
-        .unwrap();
+    let client = QmpClient::connect_with_timeout(&path, Duration::from_secs(5)).await.unwrap();
     assert_eq!(client.version().package, "fake");
     assert_eq!(client.capabilities(), ["oob"]);
 
     let started = Instant::now();
-    let err = client
-        .execute_timeout("slow-one", None, Duration::from_millis(100))
-        .await
-        .unwrap_err();
+    let err = client.execute_timeout("slow-one", None, Duration::from_millis(100)).await.unwrap_err();
     match err {
         QmpError::Timeout { command, after } => {
             assert_eq!(command, "slow-one");
@@ -94,16 +77,10 @@ async fn client_timer_fires_when_fake_peer_never_replies() {
 
     // The late replies to the two timed-out ids arrive first and must be
     // discarded, not handed to this request.
-    let value = client
-        .execute_timeout("reply-now", None, Duration::from_secs(5))
-        .await
-        .unwrap();
+    let value = client.execute_timeout("reply-now", None, Duration::from_secs(5)).await.unwrap();
     assert_eq!(value, json!({"fresh": true}));
 
     // Dropping the last clone closes the connection, which ends the peer.
     drop(client);
-    tokio::time::timeout(Duration::from_secs(5), peer)
-        .await
-        .expect("connection not closed on drop")
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), peer).await.expect("connection not closed on drop").unwrap();
 }

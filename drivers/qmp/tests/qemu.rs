@@ -25,21 +25,12 @@ async fn connect_reports_version_and_status_follows_cont() {
     assert!(client.is_connected());
 
     let status = client.query_status().await.unwrap();
-    assert_eq!(
-        status,
-        StatusInfo {
-            running: false,
-            status: RunState::Prelaunch
-        }
-    );
+    assert_eq!(status, StatusInfo { running: false, status: RunState::Prelaunch });
     assert!(!client.query_kvm().await.unwrap().enabled);
 
     let mut events = client.subscribe_events();
     client.execute("cont", None).await.unwrap();
-    let resume = client
-        .wait_event(&mut events, |e| e.event == "RESUME", EVENT_WAIT)
-        .await
-        .unwrap();
+    let resume = client.wait_event(&mut events, |e| e.event == "RESUME", EVENT_WAIT).await.unwrap();
     assert_eq!(resume.known(), KnownEvent::Resume);
 
     let status = client.query_status().await.unwrap();
@@ -52,11 +43,7 @@ async fn unknown_command_is_command_not_found() {
     let mut qemu = Qemu::spawn();
     let client = qemu.connect().await;
     match client.execute("no-such-command", None).await {
-        Err(QmpError::Command {
-            command,
-            class,
-            desc,
-        }) => {
+        Err(QmpError::Command { command, class, desc }) => {
             assert_eq!(command, "no-such-command");
             assert_eq!(class, "CommandNotFound");
             assert!(desc.contains("no-such-command"), "{desc}");
@@ -131,19 +118,9 @@ async fn blockdev_add_shows_named_nodes() {
 }
 
 /// The next JOB_STATUS_CHANGE of job `id`.
-async fn next_status(
-    client: &QmpClient,
-    events: &mut broadcast::Receiver<QmpEvent>,
-    id: &str,
-) -> JobStatus {
-    let event = client
-        .wait_event(
-            events,
-            |e| e.event == "JOB_STATUS_CHANGE" && e.data["id"] == id,
-            EVENT_WAIT,
-        )
-        .await
-        .unwrap();
+async fn next_status(client: &QmpClient, events: &mut broadcast::Receiver<QmpEvent>, id: &str) -> JobStatus {
+    let event =
+        client.wait_event(events, |e| e.event == "JOB_STATUS_CHANGE" && e.data["id"] == id, EVENT_WAIT).await.unwrap();
     match event.known() {
         KnownEvent::JobStatusChange(JobStatusChange { status, .. }) => status,
         other => panic!("undecodable JOB_STATUS_CHANGE {event:?}: {other:?}"),
@@ -157,16 +134,7 @@ async fn block_stream_job_lifecycle_with_manual_finalize() {
     let base = qemu.dir().join("base.qcow2");
     let top = qemu.dir().join("top.qcow2");
     qemu_img_create(&["-q", "-f", "qcow2", base.to_str().unwrap(), "16M"]);
-    qemu_img_create(&[
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        base.to_str().unwrap(),
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-    ]);
+    qemu_img_create(&["-q", "-f", "qcow2", "-b", base.to_str().unwrap(), "-F", "qcow2", top.to_str().unwrap()]);
     client
         .execute(
             "blockdev-add",
@@ -211,25 +179,11 @@ async fn block_stream_job_lifecycle_with_manual_finalize() {
         }
         assert!(seen.len() < 10, "no pending: {seen:?}");
     }
-    assert_eq!(
-        seen,
-        [
-            JobStatus::Created,
-            JobStatus::Running,
-            JobStatus::Waiting,
-            JobStatus::Pending
-        ]
-    );
-    let pending = client
-        .wait_event(&mut events, |e| e.event == "BLOCK_JOB_PENDING", EVENT_WAIT)
-        .await
-        .unwrap();
+    assert_eq!(seen, [JobStatus::Created, JobStatus::Running, JobStatus::Waiting, JobStatus::Pending]);
+    let pending = client.wait_event(&mut events, |e| e.event == "BLOCK_JOB_PENDING", EVENT_WAIT).await.unwrap();
     assert_eq!(
         pending.known(),
-        KnownEvent::BlockJobPending(BlockJobPending {
-            type_: JobType::Stream,
-            id: "j1".into()
-        })
+        KnownEvent::BlockJobPending(BlockJobPending { type_: JobType::Stream, id: "j1".into() })
     );
 
     let jobs = client.query_block_jobs().await.unwrap();
@@ -245,18 +199,8 @@ async fn block_stream_job_lifecycle_with_manual_finalize() {
     assert_eq!(jobs[0].id, "j1");
     assert_eq!(jobs[0].status, JobStatus::Pending);
 
-    client
-        .execute("job-finalize", Some(json!({"id": "j1"})))
-        .await
-        .unwrap();
-    let completed = client
-        .wait_event(
-            &mut events,
-            |e| e.event == "BLOCK_JOB_COMPLETED",
-            EVENT_WAIT,
-        )
-        .await
-        .unwrap();
+    client.execute("job-finalize", Some(json!({"id": "j1"}))).await.unwrap();
+    let completed = client.wait_event(&mut events, |e| e.event == "BLOCK_JOB_COMPLETED", EVENT_WAIT).await.unwrap();
     match completed.known() {
         KnownEvent::BlockJobCompleted(p) => {
             assert_eq!(p.device, "j1");
@@ -266,18 +210,9 @@ async fn block_stream_job_lifecycle_with_manual_finalize() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(
-        next_status(&client, &mut events, "j1").await,
-        JobStatus::Concluded
-    );
-    client
-        .execute("job-dismiss", Some(json!({"id": "j1"})))
-        .await
-        .unwrap();
-    assert_eq!(
-        next_status(&client, &mut events, "j1").await,
-        JobStatus::Null
-    );
+    assert_eq!(next_status(&client, &mut events, "j1").await, JobStatus::Concluded);
+    client.execute("job-dismiss", Some(json!({"id": "j1"}))).await.unwrap();
+    assert_eq!(next_status(&client, &mut events, "j1").await, JobStatus::Null);
     assert!(client.query_jobs().await.unwrap().is_empty());
 
     // The stream pulled base into top: top no longer has a backing file.
@@ -297,20 +232,12 @@ async fn killed_qemu_gives_disconnected_and_ends_events() {
         .await
         .expect("execute hung after QEMU died");
     assert!(matches!(result, Err(QmpError::Disconnected)), "{result:?}");
-    let end = tokio::time::timeout(Duration::from_secs(5), events.recv())
-        .await
-        .expect("event stream did not end");
+    let end = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.expect("event stream did not end");
     assert_eq!(end, Err(broadcast::error::RecvError::Closed));
     assert!(!client.is_connected());
     // Later commands and subscriptions fail immediately.
-    assert!(matches!(
-        client.query_status().await,
-        Err(QmpError::Disconnected)
-    ));
-    assert_eq!(
-        client.subscribe_events().recv().await,
-        Err(broadcast::error::RecvError::Closed)
-    );
+    assert!(matches!(client.query_status().await, Err(QmpError::Disconnected)));
+    assert_eq!(client.subscribe_events().recv().await, Err(broadcast::error::RecvError::Closed));
 }
 
 #[tokio::test]
@@ -340,17 +267,8 @@ async fn quit_emits_shutdown_then_closes() {
     let client = qemu.connect().await;
     let mut events = client.subscribe_events();
     client.execute("quit", None).await.unwrap();
-    let shutdown = client
-        .wait_event(&mut events, |e| e.event == "SHUTDOWN", EVENT_WAIT)
-        .await
-        .unwrap();
-    assert_eq!(
-        shutdown.known(),
-        KnownEvent::Shutdown(Shutdown {
-            guest: false,
-            reason: ShutdownCause::HostQmpQuit
-        })
-    );
+    let shutdown = client.wait_event(&mut events, |e| e.event == "SHUTDOWN", EVENT_WAIT).await.unwrap();
+    assert_eq!(shutdown.known(), KnownEvent::Shutdown(Shutdown { guest: false, reason: ShutdownCause::HostQmpQuit }));
     assert!(shutdown.timestamp.0 > 0);
     let rest = client.wait_event(&mut events, |_| false, EVENT_WAIT).await;
     assert!(matches!(rest, Err(QmpError::Disconnected)), "{rest:?}");
@@ -364,21 +282,12 @@ async fn send_fd_then_closefd() {
     client.send_fd("fd-test", devnull.as_fd()).await.unwrap();
     // closefd only succeeds if QEMU holds a descriptor under that name,
     // i.e. the SCM_RIGHTS payload arrived with the getfd command.
-    client
-        .execute("closefd", Some(json!({"fdname": "fd-test"})))
-        .await
-        .unwrap();
-    match client
-        .execute("closefd", Some(json!({"fdname": "fd-test"})))
-        .await
-    {
+    client.execute("closefd", Some(json!({"fdname": "fd-test"}))).await.unwrap();
+    match client.execute("closefd", Some(json!({"fdname": "fd-test"}))).await {
         Err(QmpError::Command { class, .. }) => assert_eq!(class, "GenericError"),
         other => panic!("expected a Command error, got {other:?}"),
     }
-    match client
-        .execute("closefd", Some(json!({"fdname": "never-sent"})))
-        .await
-    {
+    match client.execute("closefd", Some(json!({"fdname": "never-sent"}))).await {
         Err(QmpError::Command { command, .. }) => assert_eq!(command, "closefd"),
         other => panic!("expected a Command error, got {other:?}"),
     }
@@ -390,10 +299,7 @@ async fn send_fd_then_closefd() {
 async fn getfd_without_descriptor_fails() {
     let mut qemu = Qemu::spawn();
     let client = qemu.connect().await;
-    match client
-        .execute("getfd", Some(json!({"fdname": "nothing"})))
-        .await
-    {
+    match client.execute("getfd", Some(json!({"fdname": "nothing"}))).await {
         Err(QmpError::Command { class, .. }) => assert_eq!(class, "GenericError"),
         other => panic!("expected a Command error, got {other:?}"),
     }
@@ -405,9 +311,6 @@ async fn hmp_errors_come_back_as_text() {
     let client = qemu.connect().await;
     let version = client.human_monitor_command("info version").await.unwrap();
     assert!(version.starts_with("7.2"), "{version:?}");
-    let unknown = client
-        .human_monitor_command("no-such-hmp-command")
-        .await
-        .unwrap();
+    let unknown = client.human_monitor_command("no-such-hmp-command").await.unwrap();
     assert!(unknown.contains("unknown command"), "{unknown:?}");
 }

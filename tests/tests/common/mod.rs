@@ -16,10 +16,7 @@ pub struct TestEnv {
 impl TestEnv {
     pub fn new() -> TestEnv {
         // Short paths: QMP socket paths must fit in 108 bytes.
-        let dir = tempfile::Builder::new()
-            .prefix("st")
-            .tempdir_in("/tmp")
-            .expect("tempdir");
+        let dir = tempfile::Builder::new().prefix("st").tempdir_in("/tmp").expect("tempdir");
         let uri = format!("qemu:///embed?root={}/state", dir.path().display());
         TestEnv { dir, uri }
     }
@@ -88,10 +85,7 @@ pub fn qemu_io(args: &[&str]) -> String {
 }
 
 fn run_tool(tool: &str, args: &[&str]) -> String {
-    let out = Command::new(tool)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run {tool}: {e}"));
+    let out = Command::new(tool).args(args).output().unwrap_or_else(|e| panic!("run {tool}: {e}"));
     assert!(
         out.status.success(),
         "{tool} {args:?} failed: {}{}",
@@ -112,17 +106,7 @@ pub fn make_chain(dir: &Path, names: &[&str]) -> Vec<PathBuf> {
         if i == 0 {
             qemu_img(&["create", "-q", "-f", "qcow2", p, "64M"]);
         } else {
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                names[i - 1],
-                "-F",
-                "qcow2",
-                p,
-            ]);
+            qemu_img(&["create", "-q", "-f", "qcow2", "-b", names[i - 1], "-F", "qcow2", p]);
         }
         let pattern = format!("write -P {:#x} {}M 1M", 0x11 * (i + 1) as u32, i);
         qemu_io(&["-f", "qcow2", "-c", &pattern, p]);
@@ -133,11 +117,7 @@ pub fn make_chain(dir: &Path, names: &[&str]) -> Vec<PathBuf> {
 
 /// The domain type these tests run: `kvm` when /dev/kvm opens, else `qemu`.
 pub fn domain_type() -> &'static str {
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
+    let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
     if kvm {
         "kvm"
     } else {
@@ -177,10 +157,7 @@ pub fn domain_xml(name: &str, disks: &[DiskSpec]) -> String {
 /// after removing Strata's documented extensions (docs/xml.md).
 pub fn validate_xml(xml: &str) {
     let stripped = strip_extensions(xml);
-    let mut file = tempfile::Builder::new()
-        .suffix(".xml")
-        .tempfile()
-        .expect("temp xml");
+    let mut file = tempfile::Builder::new().suffix(".xml").tempfile().expect("temp xml");
     std::io::Write::write_all(&mut file, stripped.as_bytes()).expect("write xml");
     let out = Command::new("virt-xml-validate")
         .arg(file.path())
@@ -197,9 +174,7 @@ pub fn validate_xml(xml: &str) {
 /// Strata's extensions beyond libvirt's schema (docs/xml.md): `selected`
 /// on `<disk>`, and `<backingStore>` nested below a volume's first one.
 fn strip_extensions(xml: &str) -> String {
-    let xml = xml
-        .replace(" selected='yes'", "")
-        .replace(" selected='no'", "");
+    let xml = xml.replace(" selected='yes'", "").replace(" selected='no'", "");
     let mut root = strata_core::xml::Element::parse(&xml).expect("emitted XML parses");
     if root.name == "volume" {
         if let Some(store) = root.child_mut("backingStore") {
@@ -213,22 +188,13 @@ fn strip_extensions(xml: &str) -> String {
 /// `qemu-img info --backing-chain -U --output=json` of an image: the
 /// (filename, format) of each layer, top first.
 pub fn qemu_chain(path: &Path) -> Vec<(String, String)> {
-    let out = qemu_img(&[
-        "info",
-        "--backing-chain",
-        "-U",
-        "--output=json",
-        path.to_str().expect("utf8"),
-    ]);
+    let out = qemu_img(&["info", "--backing-chain", "-U", "--output=json", path.to_str().expect("utf8")]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("qemu-img json");
     v.as_array()
         .expect("array")
         .iter()
         .map(|l| {
-            (
-                l["filename"].as_str().expect("filename").to_string(),
-                l["format"].as_str().expect("format").to_string(),
-            )
+            (l["filename"].as_str().expect("filename").to_string(), l["format"].as_str().expect("format").to_string())
         })
         .collect()
 }
@@ -254,13 +220,7 @@ impl Drop for DomainGuard<'_> {
 
 /// The pid of a running domain's QEMU, from its status XML.
 pub fn qemu_pid(env: &TestEnv, name: &str) -> Option<i32> {
-    let status = std::fs::read_to_string(
-        env.state_root()
-            .join("domains")
-            .join(name)
-            .join("status.xml"),
-    )
-    .ok()?;
+    let status = std::fs::read_to_string(env.state_root().join("domains").join(name).join("status.xml")).ok()?;
     let start = status.find("pid='")? + 5;
     let end = status[start..].find('\'')? + start;
     status[start..end].parse().ok()
@@ -286,56 +246,27 @@ pub mod guest {
     /// Writes `pattern` over `len` bytes at `offset` of the disk as the
     /// guest would. HMP reports qemu-io failures as text, so any reply is
     /// an error here (a successful write prints nothing into the reply).
-    pub async fn write(
-        conn: &QemuConnection,
-        domain: &str,
-        target: &str,
-        pattern: u8,
-        offset: u64,
-        len: u64,
-    ) {
+    pub async fn write(conn: &QemuConnection, domain: &str, target: &str, pattern: u8, offset: u64, len: u64) {
         let (_, monitor) = conn.running(domain).await.expect("running domain");
-        let cmd = format!(
-            "qemu-io -d {} \"write -P {pattern:#x} {offset} {len}\"",
-            qemu_io_device(target)
-        );
-        let reply = monitor
-            .client
-            .human_monitor_command(&cmd)
-            .await
-            .expect("hmp");
-        assert!(
-            reply.trim().is_empty(),
-            "qemu-io write on {target} failed: {reply}"
-        );
+        let cmd = format!("qemu-io -d {} \"write -P {pattern:#x} {offset} {len}\"", qemu_io_device(target));
+        let reply = monitor.client.human_monitor_command(&cmd).await.expect("hmp");
+        assert!(reply.trim().is_empty(), "qemu-io write on {target} failed: {reply}");
     }
 
     /// Compares what the guest sees on `target` with `reference` (an image
     /// given the same writes), by exporting the device's node read-only
     /// over NBD and running `qemu-img compare`.
-    pub async fn compare(
-        conn: &QemuConnection,
-        domain: &str,
-        target: &str,
-        reference: &Path,
-    ) -> bool {
+    pub async fn compare(conn: &QemuConnection, domain: &str, target: &str, reference: &Path) -> bool {
         let (_, monitor) = conn.running(domain).await.expect("running domain");
         let client = &monitor.client;
         let block = client.query_block().await.expect("query-block");
         let node = block
             .iter()
-            .find(|b| {
-                b.qdev
-                    .as_deref()
-                    .is_some_and(|q| q.starts_with(&format!("/machine/peripheral/{target}")))
-            })
+            .find(|b| b.qdev.as_deref().is_some_and(|q| q.starts_with(&format!("/machine/peripheral/{target}"))))
             .and_then(|b| b.inserted.as_ref())
             .and_then(|i| i.node_name.clone())
             .expect("disk node");
-        let dir = tempfile::Builder::new()
-            .prefix("nbd")
-            .tempdir_in("/tmp")
-            .expect("tempdir");
+        let dir = tempfile::Builder::new().prefix("nbd").tempdir_in("/tmp").expect("tempdir");
         let sock = dir.path().join("nbd.sock");
         let sock_str = sock.to_str().expect("utf8").to_string();
         client
@@ -361,12 +292,7 @@ pub mod guest {
             .status
             .code()
             == Some(0);
-        let _ = client
-            .execute(
-                "block-export-del",
-                Some(serde_json::json!({"id": "cmp", "mode": "hard"})),
-            )
-            .await;
+        let _ = client.execute("block-export-del", Some(serde_json::json!({"id": "cmp", "mode": "hard"}))).await;
         // The export goes away asynchronously; stopping the server waits for it.
         for _ in 0..100 {
             if client.execute("nbd-server-stop", None).await.is_ok() {

@@ -24,17 +24,7 @@ impl Qemu {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("qmp.sock");
         let child = Command::new("qemu-system-x86_64")
-            .args([
-                "-machine",
-                "none",
-                "-accel",
-                "tcg",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-S",
-                "-qmp",
-            ])
+            .args(["-machine", "none", "-accel", "tcg", "-nodefaults", "-display", "none", "-S", "-qmp"])
             .arg(format!("unix:{},server=on,wait=off", socket.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -94,14 +84,6 @@ impl Drop for Qemu {
 
 /// `qemu-img create` with the given arguments; panics on failure.
 pub fn qemu_img_create(args: &[&str]) {
-    let out = Command::new("qemu-img")
-        .arg("create")
-        .args(args)
-        .output()
-        .expect("run qemu-img");
-    assert!(
-        out.status.success(),
-        "qemu-img create {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("qemu-img").arg("create").args(args).output().expect("run qemu-img");
+    assert!(out.status.success(), "qemu-img create {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
