@@ -208,9 +208,20 @@ impl QmpClient {
             if n == 0 {
                 return Err(QmpError::Disconnected);
             }
-            if !line.trim_ascii().is_empty() {
-                break;
+            let trimmed = line.trim_ascii();
+            if trimmed.is_empty() {
+                continue;
             }
+            // QEMU keeps a monitor in command mode from one client's
+            // disconnect until the next client's connection is processed, and
+            // an event emitted in that window reaches the new client ahead
+            // of its greeting. It was meant for the previous client, and no
+            // caller can have subscribed yet, so it is dropped.
+            if let Ok(Incoming::Event(event)) = protocol::parse_incoming(trimmed) {
+                tracing::debug!(path = %path.display(), event = %event.event, "event ahead of the greeting dropped");
+                continue;
+            }
+            break;
         }
         let greeting = protocol::parse_greeting(line.trim_ascii())?;
         Ok((reader, write, greeting))
