@@ -262,6 +262,25 @@ fn ended_badly(end: &BlockJobEnd, what: &str) -> anyhow::Error {
     }
 }
 
+/// Ends a copy or active commit in its synchronised phase: `pivot`
+/// switches to the new image, otherwise the job finishes leaving the
+/// source in use (`kept` is what virsh prints then).
+async fn end_synchronised(
+    jobs: &dyn BlockJobOps,
+    domain: &str,
+    disk: &str,
+    pivot: bool,
+    what: &str,
+    kept: &str,
+) -> Result<String> {
+    let end = jobs.block_job_abort(domain, disk, BlockJobAbortFlags { pivot, no_wait: false }).await?;
+    match (end, pivot) {
+        (BlockJobEnd::Completed, true) => Ok("\nSuccessfully pivoted\n".into()),
+        (BlockJobEnd::Finished, false) => Ok(format!("\n{kept}\n")),
+        (end, _) => Err(ended_badly(&end, what)),
+    }
+}
+
 pub async fn blockpull(jobs: &dyn BlockJobOps, a: PullArgs) -> Result<String> {
     let opts = BlockPullOptions {
         base: a.base,
@@ -303,14 +322,15 @@ pub async fn blockcommit(jobs: &dyn BlockJobOps, a: CommitArgs) -> Result<String
     match wait_job(jobs, &a.domain, &a.disk, "Block commit", &a.wait).await? {
         Waited::Ready if kind == BlockJobKind::ActiveCommit => {
             if a.pivot || a.keep_overlay {
-                let end = jobs
-                    .block_job_abort(&a.domain, &a.disk, BlockJobAbortFlags { pivot: a.pivot, no_wait: false })
-                    .await?;
-                match (end, a.pivot) {
-                    (BlockJobEnd::Completed, true) => Ok("\nSuccessfully pivoted\n".into()),
-                    (BlockJobEnd::Finished, false) => Ok("\nCommit complete, overlay image kept\n".into()),
-                    (end, _) => Err(ended_badly(&end, "block commit")),
-                }
+                end_synchronised(
+                    jobs,
+                    &a.domain,
+                    &a.disk,
+                    a.pivot,
+                    "block commit",
+                    "Commit complete, overlay image kept",
+                )
+                .await
             } else {
                 Ok("\nNow in synchronized phase\n".into())
             }
@@ -362,14 +382,7 @@ pub async fn blockcopy(jobs: &dyn BlockJobOps, a: CopyArgs) -> Result<String> {
     match wait_job(jobs, &a.domain, &a.disk, "Block Copy", &a.wait).await? {
         Waited::Ready => {
             if a.pivot || a.finish {
-                let end = jobs
-                    .block_job_abort(&a.domain, &a.disk, BlockJobAbortFlags { pivot: a.pivot, no_wait: false })
-                    .await?;
-                match (end, a.pivot) {
-                    (BlockJobEnd::Completed, true) => Ok("\nSuccessfully pivoted\n".into()),
-                    (BlockJobEnd::Finished, false) => Ok("\nSuccessfully copied\n".into()),
-                    (end, _) => Err(ended_badly(&end, "block copy")),
-                }
+                end_synchronised(jobs, &a.domain, &a.disk, a.pivot, "block copy", "Successfully copied").await
             } else {
                 Ok("\nNow in mirroring phase\n".into())
             }

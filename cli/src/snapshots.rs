@@ -466,15 +466,19 @@ fn pick_name(
     bail!("command requires <snapshotname> option or --current")
 }
 
-pub async fn info(snaps: &dyn SnapshotOps, a: NameArgs, json: bool) -> Result<String> {
-    let all = snaps.snapshot_list(&a.domain).await?;
-    let name = pick_name(&a.snapshot, &a.snapshotname, a.current, &all)?;
-    let s = all.iter().find(|s| s.name == name).ok_or_else(|| {
+fn find_summary<'a>(all: &'a [SnapshotSummary], name: &str) -> Result<&'a SnapshotSummary> {
+    all.iter().find(|s| s.name == name).ok_or_else(|| {
         anyhow!(strata_core::Error::new(
             strata_core::ErrorKind::NoDomainSnapshot,
             format!("no domain snapshot with matching name '{name}'")
         ))
-    })?;
+    })
+}
+
+pub async fn info(snaps: &dyn SnapshotOps, a: NameArgs, json: bool) -> Result<String> {
+    let all = snaps.snapshot_list(&a.domain).await?;
+    let name = pick_name(&a.snapshot, &a.snapshotname, a.current, &all)?;
+    let s = find_summary(&all, &name)?;
     let children = all.iter().filter(|c| c.parent.as_deref() == Some(name.as_str())).count();
     let mut descendants = 0;
     let mut frontier = vec![name.clone()];
@@ -530,12 +534,7 @@ pub async fn current(snaps: &dyn SnapshotOps, a: CurrentArgs) -> Result<String> 
 pub async fn parent(snaps: &dyn SnapshotOps, a: NameArgs) -> Result<String> {
     let all = snaps.snapshot_list(&a.domain).await?;
     let name = pick_name(&a.snapshot, &a.snapshotname, a.current, &all)?;
-    let s = all.iter().find(|s| s.name == name).ok_or_else(|| {
-        anyhow!(strata_core::Error::new(
-            strata_core::ErrorKind::NoDomainSnapshot,
-            format!("no domain snapshot with matching name '{name}'")
-        ))
-    })?;
+    let s = find_summary(&all, &name)?;
     match &s.parent {
         Some(p) => Ok(format!("{p}\n")),
         None => bail!("snapshot '{name}' has no parent"),
