@@ -1574,3 +1574,220 @@ fn killed_at_each_step_live() {
 fn killed_at_each_step_offline() {
     killed_at_each_step(false);
 }
+
+/// Runs `strata ARGS…` with a crash point armed and checks it was killed
+/// there (SIGKILL, as a power cut or the OOM killer would end it).
+fn killed_at(env: &TestEnv, args: &[&str], step: &str) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
+        .args(["-c", &env.uri])
+        .args(args)
+        .env("STRATA_CRASH_AT", step)
+        .output()
+        .expect("run strata");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGKILL),
+        "{step}: strata {args:?} was not killed there: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `snapshot-revert` to an external snapshot with a child, killed at each
+/// step: the next command finishes the revert (redoing it when the new
+/// definition was not adopted yet) with exactly one branch overlay, the
+/// state asked for, and every other image untouched.
+fn revert_killed_at_each_step(live: bool) {
+    for step in ["snapshot-revert:intent", "snapshot-revert:overlays", "snapshot-revert:adopted"] {
+        let env = TestEnv::new();
+        let mut vm = Vm::new(&env, Vdb::None, live);
+        let _guard = vm.guard();
+        vm.write(0xb1, 2 * MIB, 64 * 1024);
+        let at_s1 = vm.snap_ref();
+        vm.ext_snapshot("s1");
+        vm.write(0xb2, 3 * MIB, 64 * 1024);
+        let at_s2 = vm.snap_ref();
+        vm.ext_snapshot("s2");
+        vm.write(0xb3, 4 * MIB, 64 * 1024);
+        let abandoned = vm.snap_ref();
+        let (o1, o2) = (overlay(&env, "s1", "vda"), overlay(&env, "s2", "vda"));
+
+        let mut args = vec!["snapshot-revert", "vm", "s1"];
+        if live {
+            args.push("--running");
+        }
+        killed_at(&env, &args, step);
+        env.ok(&["snapshot-list", "vm"]);
+
+        let branch = PathBuf::from(format!("{}.branch1", o1.display()));
+        assert_eq!(current_name(&env), "s1", "{step}");
+        assert_eq!(active(&env, "vda"), branch, "{step}");
+        assert!(!PathBuf::from(format!("{}.branch2", o1.display())).exists(), "{step}: a second branch overlay");
+        assert_eq!(chain_files(&branch), strs(&[&branch, &vm.top, &vm.base]), "{step}");
+        let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
+        assert_eq!(xml_chain(&inactive, "vda"), strs(&[&branch, &vm.top, &vm.base]), "{step}");
+        assert_eq!(domstate(&env), if live { "running" } else { "shut off" }, "{step}");
+        assert!(vm.reads(&at_s1), "{step}: the disk does not read what it read at s1");
+        vm.destroy();
+        assert!(same(&o1, &at_s2), "{step}: s2's frozen image changed");
+        assert!(same(&o2, &abandoned), "{step}: the abandoned state changed");
+        assert_eq!(Intent::pending(&env), None, "{step}");
+    }
+}
+
+#[test]
+fn revert_killed_at_each_step_live() {
+    revert_killed_at_each_step(true);
+}
+
+#[test]
+fn revert_killed_at_each_step_offline() {
+    revert_killed_at_each_step(false);
+}
+
+/// A live revert of an internal checkpoint (snapshot-load in the running
+/// QEMU) killed after its intent: the next command loads the checkpoint.
+#[test]
+fn internal_revert_killed_live() {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::None, true);
+    let _guard = vm.guard();
+    vm.write(0xc1, 2 * MIB, 64 * 1024);
+    let at_c1 = vm.snap_ref();
+    env.ok(&["snapshot-create-as", "vm", "c1"]);
+    vm.write(0xc2, 2 * MIB, 64 * 1024);
+    assert!(!vm.reads(&at_c1));
+    killed_at(&env, &["snapshot-revert", "vm", "c1"], "snapshot-revert:intent");
+    env.ok(&["snapshot-list", "vm"]);
+    assert_eq!(domstate(&env), "running");
+    assert!(vm.reads(&at_c1), "the checkpoint was not loaded");
+    assert_eq!(current_name(&env), "c1");
+    // QEMU's job list is clean: another checkpoint and revert work.
+    env.ok(&["snapshot-create-as", "vm", "c2"]);
+    env.ok(&["snapshot-revert", "vm", "c1"]);
+    assert!(vm.reads(&at_c1));
+}
+
+/// What the test checks of the intent file: whether one is pending.
+struct Intent;
+
+impl Intent {
+    fn pending(env: &TestEnv) -> Option<String> {
+        let path = env.state_root().join("domains").join("vm").join("snapshot-intent.xml");
+        std::fs::read_to_string(path).ok().filter(|t| !t.trim().is_empty())
+    }
+}
+
+/// Which delete the kill test runs.
+#[derive(Clone, Copy, Debug)]
+enum DeleteCase {
+    /// s2 between s1 and s3: its overlay is committed (method 1).
+    Middle,
+    /// s1 with two children (s2, and s3 after a revert): pulled into both
+    /// (method 2).
+    MultiChild,
+}
+
+/// `snapshot-delete` killed at each step, for method 1 and method 2, live
+/// and offline: the next command resumes the recorded plan (a block job
+/// the dead process left is waited for), and afterwards every remaining
+/// snapshot and the current state read what they read before.
+fn delete_killed_at_each_step(live: bool, case: DeleteCase) {
+    let steps: &[&str] = match case {
+        DeleteCase::Middle => &[
+            "snapshot-delete:intent",
+            "snapshot-delete:planned",
+            "snapshot-delete:job",
+            "snapshot-delete:merged",
+            "snapshot-delete:images",
+            "snapshot-delete:records",
+        ],
+        DeleteCase::MultiChild => &[
+            "snapshot-delete:intent",
+            "snapshot-delete:planned",
+            "snapshot-delete:job",
+            "snapshot-delete:pulled",
+            "snapshot-delete:images",
+            "snapshot-delete:records",
+        ],
+    };
+    for step in steps {
+        let env = TestEnv::new();
+        let mut vm = Vm::new(&env, Vdb::None, live);
+        let _guard = vm.guard();
+        vm.write(0xd1, 2 * MIB, 64 * 1024);
+        let at_s1 = vm.snap_ref();
+        vm.ext_snapshot("s1");
+        vm.write(0xd2, 3 * MIB, 64 * 1024);
+        let at_s2 = vm.snap_ref();
+        vm.ext_snapshot("s2");
+        vm.write(0xd3, 4 * MIB, 64 * 1024);
+        let after_s2 = vm.snap_ref();
+        if let DeleteCase::MultiChild = case {
+            let mut args = vec!["snapshot-revert", "vm", "s1"];
+            if live {
+                args.push("--running");
+            }
+            env.ok(&args);
+            vm.reset_ref(&at_s1);
+        }
+        vm.write(0xd4, 2 * MIB, 32 * 1024);
+        let at_s3 = vm.snap_ref();
+        vm.ext_snapshot("s3");
+        vm.write(0xd5, 6 * MIB, 64 * 1024);
+        let now = vm.snap_ref();
+        let o2 = overlay(&env, "s2", "vda");
+        let victim = match case {
+            DeleteCase::Middle => "s2",
+            DeleteCase::MultiChild => "s1",
+        };
+
+        killed_at(&env, &["snapshot-delete", "vm", victim], step);
+        env.ok(&["snapshot-list", "vm"]);
+        assert_eq!(Intent::pending(&env), None, "{case:?} {step}: the intent was not settled");
+        assert!(env.fails(&["snapshot-info", "vm", victim]).contains("no domain snapshot"), "{case:?} {step}");
+        assert!(vm.reads(&now), "{case:?} {step}: the current state changed");
+        let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
+        assert_eq!(xml_chain(&inactive, "vda"), chain_files(&active(&env, "vda")), "{case:?} {step}");
+        assert_eq!(current_name(&env), "s3", "{case:?} {step}");
+        match case {
+            DeleteCase::Middle => {
+                assert_eq!(names(&env, &[]), ["s1", "s3"], "{step}");
+                assert_eq!(parent_of(&env, "s3"), "s1", "{step}");
+                assert!(!o2.exists(), "{step}: the merged overlay is left");
+            }
+            DeleteCase::MultiChild => {
+                assert_eq!(names(&env, &["--roots"]), ["s2", "s3"], "{step}");
+            }
+        }
+        vm.destroy();
+        if let DeleteCase::Middle = case {
+            assert!(same(&frozen(&env, "s1", "vda"), &at_s1), "{step}: s1's frozen image changed");
+        } else {
+            assert!(same(&frozen(&env, "s2", "vda"), &at_s2), "{step}: s2's frozen image changed");
+            assert!(same(&overlay(&env, "s2", "vda"), &after_s2), "{step}: s2's overlay changed");
+        }
+        assert!(same(&frozen(&env, "s3", "vda"), &at_s3), "{case:?} {step}: s3's frozen image changed");
+        assert!(same(&overlay(&env, "s3", "vda"), &now), "{case:?} {step}: s3's overlay changed");
+    }
+}
+
+#[test]
+fn delete_method1_killed_at_each_step_live() {
+    delete_killed_at_each_step(true, DeleteCase::Middle);
+}
+
+#[test]
+fn delete_method1_killed_at_each_step_offline() {
+    delete_killed_at_each_step(false, DeleteCase::Middle);
+}
+
+#[test]
+fn delete_method2_killed_at_each_step_live() {
+    delete_killed_at_each_step(true, DeleteCase::MultiChild);
+}
+
+#[test]
+fn delete_method2_killed_at_each_step_offline() {
+    delete_killed_at_each_step(false, DeleteCase::MultiChild);
+}

@@ -9,6 +9,7 @@
 //! `QemuConnection::open_embedded("/some/dir")` gives a
 //! [`strata_core::driver::Connection`] (see `examples/embed.rs`).
 
+mod intent;
 mod jobs;
 mod launch;
 pub mod live;
@@ -270,11 +271,11 @@ impl QemuConnection {
         Ok(())
     }
 
-    /// Finishes or undoes a snapshot creation a crash interrupted; every
+    /// Finishes or undoes a snapshot operation a crash interrupted; every
     /// snapshot call starts with it.
     async fn snapshot_recover(&self, domain: &str) -> Result<()> {
         persistent::load(&self.store, domain)?;
-        for note in self.recover_creation(domain).await? {
+        for note in self.recover_interrupted(domain).await? {
             tracing::info!(domain, "{note}");
         }
         Ok(())

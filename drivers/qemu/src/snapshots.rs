@@ -5,9 +5,13 @@
 //! written), and delete (commit into the backing file when nothing else
 //! depends on it, otherwise pull into the children).
 //!
-//! Creating writes an intent record before touching any image; the next
-//! call on the domain rolls back an interrupted creation (overlays that
-//! never entered the chain are removed).
+//! Create, revert and delete write an intent record (`intent.rs`) before
+//! touching any image; the next snapshot call on the domain finishes or
+//! rolls back an operation a crash interrupted: a creation is finished if
+//! its overlays entered a chain and undone otherwise, a revert is finished
+//! (redone from the start if its new definition was not yet adopted), and
+//! a delete resumes the plans it recorded, each step checking whether it
+//! is still to do.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -16,20 +20,22 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use strata_core::chain::{probe_chain, StorageSource};
-use strata_core::driver::{BlockJobEnd, BlockJobOps, BlockJobState, Connection, SnapshotSummary, StartFlags};
+use strata_core::driver::{
+    BlockJobEnd, BlockJobKind, BlockJobOps, BlockJobState, Connection, SnapshotSummary, StartFlags,
+};
 use strata_core::options::{
     BlockCommitOptions, BlockJobAbortFlags, BlockPullOptions, SnapshotCreateFlags, SnapshotDeleteFlags,
     SnapshotRevertFlags,
 };
 use strata_core::store::Store;
-use strata_core::xml::{Domain, Element, SnapshotDef, SnapshotDisk, SnapshotMemory};
+use strata_core::xml::{Domain, SnapshotDef, SnapshotDisk, SnapshotMemory};
 use strata_core::{Error, ErrorKind, Result};
 
+use crate::intent::{DeleteMethod, DeletePlan, Intent};
 use crate::live::{self, qmp_error, LiveStatus};
 use crate::QemuConnection;
 
 const CURRENT_FILE: &str = "snapshot-current";
-const INTENT_FILE: &str = "snapshot-intent.xml";
 
 fn no_snapshot(name: &str) -> Error {
     Error::new(ErrorKind::NoDomainSnapshot, format!("no domain snapshot with matching name '{name}'"))
@@ -213,41 +219,6 @@ fn path_str(p: &Path) -> Result<&str> {
     p.to_str().ok_or_else(|| Error::invalid_arg(format!("path '{}' is not UTF-8", p.display())))
 }
 
-/// Records a creation before it touches an image: the files it will make
-/// and the record it will save.
-fn write_intent(store: &Store, domain: &str, files: &[PathBuf], record: &SnapshotDef, no_metadata: bool) -> Result<()> {
-    let mut root = Element::new("intent")
-        .with_attr("op", "snapshot-create")
-        .with_attr("metadata", if no_metadata { "no" } else { "yes" });
-    for f in files {
-        root = root.with_child(Element::new("file").with_attr("path", f.to_string_lossy()));
-    }
-    root = root.with_child(record.to_element());
-    store.write_domain_file(domain, INTENT_FILE, &root.to_xml())
-}
-
-/// What an interrupted creation left: the files it was making, the record
-/// it was to save, and whether it was to save one.
-type Intent = (Vec<PathBuf>, Option<SnapshotDef>, bool);
-
-fn read_intent(store: &Store, domain: &str) -> Result<Option<Intent>> {
-    let Some(text) = store.read_domain_file(domain, INTENT_FILE)? else { return Ok(None) };
-    if text.trim().is_empty() {
-        return Ok(None);
-    }
-    let root = Element::parse(&text)?;
-    let files = root.children_named("file").filter_map(|f| f.attr("path")).map(PathBuf::from).collect();
-    let record = match root.child("domainsnapshot") {
-        Some(el) => Some(SnapshotDef::parse(&el.to_xml())?),
-        None => None,
-    };
-    Ok(Some((files, record, root.attr("metadata") == Some("no"))))
-}
-
-fn clear_intent(store: &Store, domain: &str) -> Result<()> {
-    store.write_domain_file(domain, INTENT_FILE, "")
-}
-
 fn now_secs() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
@@ -273,7 +244,7 @@ impl QemuConnection {
         flags.validate()?;
         let store = self.store();
         crate::persistent::load(store, domain)?;
-        self.recover_creation(domain).await?;
+        self.recover_interrupted(domain).await?;
         let mut def = SnapshotDef::parse(xml)?;
         if flags.redefine {
             return self.redefine(domain, def, flags.current);
@@ -406,7 +377,8 @@ impl QemuConnection {
             })
             .collect();
         def.domain = Some(dom.element().clone());
-        write_intent(store, domain, &created, &def, flags.no_metadata)?;
+        Intent::Create { files: created.clone(), record: Some(Box::new(def.clone())), no_metadata: flags.no_metadata }
+            .write(store, domain)?;
         strata_core::crash_point("snapshot-create:intent");
         let roots = match (&view, &memory_file) {
             (Some((status, monitor)), Some(file)) => Some(
@@ -463,15 +435,80 @@ impl QemuConnection {
             strata_core::crash_point("snapshot-create:record");
             set_current(store, domain, Some(&name))?;
         }
-        clear_intent(store, domain)
+        Intent::clear(store, domain)
+    }
+
+    /// Finishes or undoes the snapshot operation a crash interrupted, as
+    /// its intent record says; every snapshot call starts with it.
+    pub(crate) async fn recover_interrupted(&self, domain: &str) -> Result<Vec<String>> {
+        let store = self.store();
+        let Some(pending) = Intent::read(store, domain)? else { return Ok(Vec::new()) };
+        if live::reconcile(store, domain)?.filter(LiveStatus::is_vm).is_some() {
+            // A snapshot job the dead process started has ended (or ends
+            // now) in QEMU; it is dismissed so its id can be used again.
+            let (_, monitor) = self.running(domain).await?;
+            dismiss_snapshot_jobs(&monitor.client, domain).await?;
+        }
+        match pending {
+            Intent::Create { files, record, no_metadata } => {
+                self.recover_creation(domain, files, record, no_metadata).await
+            }
+            Intent::Revert { snapshot, running, paused, overlays } => {
+                self.recover_revert(domain, &snapshot, running, paused, &overlays).await
+            }
+            Intent::Delete { snapshots, metadata_only, plans } => {
+                let mut notes = self.run_delete(domain, snapshots, metadata_only, plans, true).await?;
+                notes.insert(0, "finished a snapshot deletion that was interrupted".into());
+                Ok(notes)
+            }
+        }
+    }
+
+    /// A revert is past its point of no return once its intent is written
+    /// (the state it leaves is being discarded), so recovery finishes it:
+    /// if the definition already runs on the new overlays only the last
+    /// steps remain; otherwise the unused overlays are removed and the
+    /// revert runs again from the start.
+    async fn recover_revert(
+        &self,
+        domain: &str,
+        snap: &str,
+        running: bool,
+        paused: bool,
+        overlays: &[PathBuf],
+    ) -> Result<Vec<String>> {
+        let store = self.store();
+        let Ok(def) = load(store, domain, snap) else {
+            Intent::clear(store, domain)?;
+            return Ok(vec![format!("dropped an interrupted revert to snapshot '{snap}', which no longer exists")]);
+        };
+        let in_use = images_in_use(&crate::persistent::load(store, domain)?)?;
+        if !overlays.is_empty() && overlays.iter().all(|o| in_use.contains(o)) {
+            set_current(store, domain, Some(snap))?;
+            Intent::clear(store, domain)?;
+            if live::reconcile(store, domain)?.is_none() {
+                self.revert_run_state(domain, &def, running, paused).await?;
+            }
+            return Ok(vec![format!("finished the interrupted revert to snapshot '{snap}'")]);
+        }
+        for o in overlays.iter().filter(|o| !in_use.contains(*o) && o.exists()) {
+            std::fs::remove_file(o).map_err(|e| Error::io("remove", o, e))?;
+        }
+        self.snapshot_revert_impl(domain, snap, SnapshotRevertFlags { running, paused, force: true }).await?;
+        Ok(vec![format!("redid the interrupted revert to snapshot '{snap}'")])
     }
 
     /// Finishes or undoes a creation a crash interrupted: if any image it
     /// made is in a chain QEMU or the definitions use, the snapshot happened
     /// and is finished; otherwise the images it made are removed.
-    pub(crate) async fn recover_creation(&self, domain: &str) -> Result<Vec<String>> {
+    async fn recover_creation(
+        &self,
+        domain: &str,
+        files: Vec<PathBuf>,
+        record: Option<Box<SnapshotDef>>,
+        no_metadata: bool,
+    ) -> Result<Vec<String>> {
         let store = self.store();
-        let Some((files, record, no_metadata)) = read_intent(store, domain)? else { return Ok(Vec::new()) };
         let mut in_use: HashSet<PathBuf> = HashSet::new();
         let mut doms = Vec::new();
         if let Some(xml) = store.read_domain(domain)? {
@@ -481,11 +518,7 @@ impl QemuConnection {
             doms.push(self.live_domain(domain).await?);
         }
         for d in &doms {
-            for disk in d.disks()? {
-                if let Some(c) = &disk.chain {
-                    in_use.extend(c.layers.iter().filter_map(|l| l.source.local_path().map(Path::to_path_buf)));
-                }
-            }
+            in_use.extend(images_in_use(d)?);
         }
         let mut notes = Vec::new();
         if files.iter().any(|f| in_use.contains(f)) {
@@ -502,7 +535,7 @@ impl QemuConnection {
             std::fs::remove_file(p).map_err(|e| Error::io("remove", p, e))?;
             notes.push(format!("removed '{}' left by an interrupted snapshot creation", p.display()));
         }
-        clear_intent(store, domain)?;
+        Intent::clear(store, domain)?;
         Ok(notes)
     }
 
@@ -814,6 +847,9 @@ impl QemuConnection {
             false
         };
         if running && has_vmstate && external_disks.is_empty() && same_images {
+            Intent::Revert { snapshot: snap.into(), running: end_running, paused: end_paused, overlays: Vec::new() }
+                .write(store, domain)?;
+            strata_core::crash_point("snapshot-revert:intent");
             let (_, monitor) = self.running(domain).await?;
             let chains = live::live_chains(&monitor.client, domain).await?;
             let devices: Vec<String> = internal_disks
@@ -833,32 +869,26 @@ impl QemuConnection {
             )
             .await;
             if let Err(e) = loaded {
-                // Leave the guest as it was found.
+                // Leave the guest as it was found; nothing was loaded.
                 if run.running {
                     let _ = monitor.client.execute("cont", None).await;
                 }
+                Intent::clear(store, domain)?;
                 return Err(e);
             }
             if end_running && !end_paused {
                 monitor.client.execute("cont", None).await.map_err(|e| qmp_error(domain, e))?;
             }
             self.adopt_definition(domain, &target)?;
-            return set_current(store, domain, Some(snap));
+            set_current(store, domain, Some(snap))?;
+            return Intent::clear(store, domain);
         }
 
-        if running {
-            self.destroy(domain).await?;
-        }
-        // Internal disk snapshots: apply them to the images.
-        for d in &internal_disks {
-            let disk = target.find_disk(&d.name)?;
-            if let Some(p) = disk.source().and_then(|s| s.local_path()) {
-                run("qemu-img", &["snapshot", "-a", snap, path_str(p)?])?;
-            }
-        }
         // External: a new overlay on each frozen image, so the images that
         // later snapshots and the abandoned current state depend on are
-        // never written; the tree gains a branch.
+        // never written; the tree gains a branch. The names are chosen
+        // (and recorded in the intent) before anything changes.
+        let mut branches: Vec<(String, PathBuf, String, PathBuf)> = Vec::new();
         for d in &external_disks {
             let disk = target.find_disk(&d.name)?;
             let frozen = disk
@@ -877,50 +907,103 @@ impl QemuConnection {
                 .map(|n| PathBuf::from(format!("{}.branch{n}", base_name.display())))
                 .find(|p| !p.exists())
                 .ok_or_else(|| Error::internal("no free overlay name"))?;
-            run(
-                "qemu-img",
-                &["create", "-q", "-f", "qcow2", "-b", path_str(&frozen)?, "-F", &fmt, path_str(&overlay)?],
-            )?;
-            let chain = probe_chain(&StorageSource::local(overlay), "qcow2")?;
-            target.set_disk_chain(&d.name, &chain)?;
+            branches.push((d.name.clone(), frozen, fmt, overlay));
         }
-        self.adopt_definition(domain, &target)?;
+        Intent::Revert {
+            snapshot: snap.into(),
+            running: end_running,
+            paused: end_paused,
+            overlays: branches.iter().map(|b| b.3.clone()).collect(),
+        }
+        .write(store, domain)?;
+        strata_core::crash_point("snapshot-revert:intent");
+        let changed = async {
+            if running {
+                self.destroy(domain).await?;
+            }
+            // Internal disk snapshots: apply them to the images.
+            for d in &internal_disks {
+                let disk = target.find_disk(&d.name)?;
+                if let Some(p) = disk.source().and_then(|s| s.local_path()) {
+                    run("qemu-img", &["snapshot", "-a", snap, path_str(p)?])?;
+                }
+            }
+            for (name, frozen, fmt, overlay) in &branches {
+                run(
+                    "qemu-img",
+                    &["create", "-q", "-f", "qcow2", "-b", path_str(frozen)?, "-F", fmt, path_str(overlay)?],
+                )?;
+                let chain = probe_chain(&StorageSource::local(overlay.clone()), "qcow2")?;
+                target.set_disk_chain(name, &chain)?;
+            }
+            strata_core::crash_point("snapshot-revert:overlays");
+            self.adopt_definition(domain, &target)
+        }
+        .await;
+        if let Err(e) = changed {
+            // The definition was not switched: the new overlays are unused.
+            for (_, _, _, overlay) in &branches {
+                let _ = std::fs::remove_file(overlay);
+            }
+            Intent::clear(store, domain)?;
+            return Err(e);
+        }
+        strata_core::crash_point("snapshot-revert:adopted");
         set_current(store, domain, Some(snap))?;
+        Intent::clear(store, domain)?;
+        self.revert_run_state(domain, &def, end_running, end_paused).await
+    }
+
+    /// The last step of a revert that restarts the guest: starts QEMU on
+    /// the adopted definition and loads the snapshot's VM state (from its
+    /// memory file, or from the internal checkpoint), as `end_running` and
+    /// `end_paused` ask; a shut-off end leaves it off.
+    async fn revert_run_state(
+        &self,
+        domain: &str,
+        def: &SnapshotDef,
+        end_running: bool,
+        end_paused: bool,
+    ) -> Result<()> {
+        if !end_running && !end_paused {
+            return Ok(());
+        }
+        let snap = def.name.clone().unwrap_or_default();
         let memory_file =
             def.memory.as_ref().filter(|m| m.snapshot == "external").and_then(|m| m.file.as_ref()).map(PathBuf::from);
         if let Some(file) = memory_file {
-            if end_running || end_paused {
-                self.start_from_memory(domain, &file).await?;
-                if end_running && !end_paused {
-                    self.resume(domain).await?;
-                }
-            }
-            return Ok(());
-        }
-        if end_running || end_paused {
-            self.start(domain, StartFlags { paused: true }).await?;
-            if has_vmstate {
-                let (_, monitor) = self.running(domain).await?;
-                let chains = live::live_chains(&monitor.client, domain).await?;
-                let devices: Vec<String> = internal_disks
-                    .iter()
-                    .filter_map(|d| chains.get(&d.name).and_then(|l| l.root()).map(str::to_string))
-                    .collect();
-                if let Some(vmstate) = devices.first().cloned() {
-                    run_job(
-                        &monitor.client,
-                        domain,
-                        "snapshot-load",
-                        json!({
-                            "job-id": "strata-snapshot-load", "tag": snap, "vmstate": vmstate, "devices": devices,
-                        }),
-                    )
-                    .await?;
-                }
-            }
+            self.start_from_memory(domain, &file).await?;
             if end_running && !end_paused {
                 self.resume(domain).await?;
             }
+            return Ok(());
+        }
+        let state = def.state.as_deref().unwrap_or("disk-snapshot");
+        let has_vmstate = state == "running" || state == "paused";
+        self.start(domain, StartFlags { paused: true }).await?;
+        if has_vmstate {
+            let (_, monitor) = self.running(domain).await?;
+            let chains = live::live_chains(&monitor.client, domain).await?;
+            let devices: Vec<String> = def
+                .disks
+                .iter()
+                .filter(|d| d.snapshot.as_deref() == Some("internal"))
+                .filter_map(|d| chains.get(&d.name).and_then(|l| l.root()).map(str::to_string))
+                .collect();
+            if let Some(vmstate) = devices.first().cloned() {
+                run_job(
+                    &monitor.client,
+                    domain,
+                    "snapshot-load",
+                    json!({
+                        "job-id": "strata-snapshot-load", "tag": snap, "vmstate": vmstate, "devices": devices,
+                    }),
+                )
+                .await?;
+            }
+        }
+        if end_running && !end_paused {
+            self.resume(domain).await?;
         }
         Ok(())
     }
@@ -972,28 +1055,62 @@ impl QemuConnection {
         if !flags.children_only {
             order.push(snap.to_string());
         }
+        self.run_delete(domain, order, flags.metadata_only, Vec::new(), false).await
+    }
+
+    /// Deletes `snapshots` in order, recording the operation and each
+    /// disk's plan in the intent before acting, so that a resumed delete
+    /// (`resuming`, from recovery) carries on the plans already chosen.
+    /// Snapshots whose record is already gone were done before.
+    async fn run_delete(
+        &self,
+        domain: &str,
+        snapshots: Vec<String>,
+        metadata_only: bool,
+        mut plans: Vec<DeletePlan>,
+        resuming: bool,
+    ) -> Result<Vec<String>> {
+        let store = self.store();
+        Intent::Delete { snapshots: snapshots.clone(), metadata_only, plans: plans.clone() }.write(store, domain)?;
+        strata_core::crash_point("snapshot-delete:intent");
         let mut notes = Vec::new();
-        for name in order {
-            notes.extend(self.delete_one(domain, &name, flags.metadata_only).await?);
+        for name in &snapshots {
+            if store.read_snapshot(domain, name)?.is_none() {
+                continue;
+            }
+            let def = load(store, domain, name)?;
+            if !metadata_only {
+                for d in def.disks.iter().filter(|d| d.snapshot.as_deref() == Some("internal")) {
+                    notes.extend(self.delete_internal(domain, &def, &d.name, resuming).await?);
+                }
+                for d in def.disks.iter().filter(|d| d.snapshot.as_deref() == Some("external")) {
+                    let plan = match plans.iter().find(|p| p.snapshot == *name && p.disk == d.name) {
+                        Some(p) => p.clone(),
+                        None => {
+                            let p = self.plan_external_delete(domain, &def, d).await?;
+                            plans.push(p.clone());
+                            Intent::Delete { snapshots: snapshots.clone(), metadata_only, plans: plans.clone() }
+                                .write(store, domain)?;
+                            strata_core::crash_point("snapshot-delete:planned");
+                            p
+                        }
+                    };
+                    notes.push(self.apply_delete_plan(domain, &plan, resuming).await?);
+                    strata_core::crash_point("snapshot-delete:images");
+                }
+            }
+            self.remove_record(domain, &def)?;
         }
+        Intent::clear(store, domain)?;
         Ok(notes)
     }
 
-    async fn delete_one(&self, domain: &str, snap: &str, metadata_only: bool) -> Result<Vec<String>> {
+    /// Removes a snapshot's record: children move to its parent, and so
+    /// does current. Only the parent links change, so every remaining
+    /// record still describes what it described. Safe to repeat.
+    fn remove_record(&self, domain: &str, def: &SnapshotDef) -> Result<()> {
         let store = self.store();
-        let def = load(store, domain, snap)?;
-        let mut notes = Vec::new();
-        if !metadata_only {
-            for d in def.disks.iter().filter(|d| d.snapshot.as_deref() == Some("internal")) {
-                notes.push(self.delete_internal(domain, &def, &d.name).await?);
-            }
-            for d in def.disks.iter().filter(|d| d.snapshot.as_deref() == Some("external")) {
-                notes.extend(self.delete_external(domain, &def, d).await?);
-            }
-        }
-        // Records: children move to this snapshot's parent; current moves
-        // up too. Only the parent links change, so every remaining record
-        // still describes what it described.
+        let snap = def.name.as_deref().ok_or_else(|| Error::internal("snapshot without a name"))?;
         let _lock = store.lock_domain(domain)?;
         for mut child in all(store, domain)?.into_iter().filter(|c| c.parent.as_deref() == Some(snap)) {
             child.parent = def.parent.clone();
@@ -1002,26 +1119,41 @@ impl QemuConnection {
         if current(store, domain)?.as_deref() == Some(snap) {
             set_current(store, domain, def.parent.as_deref())?;
         }
+        strata_core::crash_point("snapshot-delete:records");
         let path = store.domain_dir(domain)?.join("snapshots").join(format!("{snap}.xml"));
-        std::fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))?;
-        Ok(notes)
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io("remove", &path, e)),
+            _ => Ok(()),
+        }
     }
 
-    async fn delete_internal(&self, domain: &str, def: &SnapshotDef, disk: &str) -> Result<String> {
+    /// Removes an internal snapshot from the image of `disk` that holds it.
+    /// When `resuming` an interrupted delete, an image that no longer holds
+    /// it was done before the interruption.
+    async fn delete_internal(
+        &self,
+        domain: &str,
+        def: &SnapshotDef,
+        disk: &str,
+        resuming: bool,
+    ) -> Result<Option<String>> {
         let snap = def.name.clone().unwrap_or_default();
         let dom = crate::persistent::load(self.store(), domain)?;
-        let image = dom
-            .find_disk(disk)?
-            .chain
-            .and_then(|c| {
-                c.layers
-                    .iter()
-                    .filter_map(|l| l.source.local_path().map(Path::to_path_buf))
-                    .find(|p| has_internal(p, &snap))
-            })
-            .ok_or_else(|| {
-                Error::operation_failed(format!("no image of disk '{disk}' holds internal snapshot '{snap}'"))
-            })?;
+        let holder = dom.find_disk(disk)?.chain.and_then(|c| {
+            c.layers
+                .iter()
+                .filter_map(|l| l.source.local_path().map(Path::to_path_buf))
+                .find(|p| has_internal(p, &snap))
+        });
+        let image = match holder {
+            Some(image) => image,
+            None if resuming => return Ok(None),
+            None => {
+                return Err(Error::operation_failed(format!(
+                    "no image of disk '{disk}' holds internal snapshot '{snap}'"
+                )))
+            }
+        };
         if live::reconcile(self.store(), domain)?.filter(LiveStatus::is_vm).is_some() {
             let (_, monitor) = self.running(domain).await?;
             let chains = live::live_chains(&monitor.client, domain).await?;
@@ -1051,7 +1183,7 @@ impl QemuConnection {
                 .await;
                 crate::jobs::reopen_node(&monitor.client, domain, &node, true).await?;
                 deleted?;
-                return Ok(format!("{disk}: internal snapshot '{snap}' removed from {}", image.display()));
+                return Ok(Some(format!("{disk}: internal snapshot '{snap}' removed from {}", image.display())));
             }
             monitor
                 .client
@@ -1061,15 +1193,15 @@ impl QemuConnection {
         } else {
             run("qemu-img", &["snapshot", "-d", &snap, path_str(&image)?])?;
         }
-        Ok(format!("{disk}: internal snapshot '{snap}' removed from {}", image.display()))
+        Ok(Some(format!("{disk}: internal snapshot '{snap}' removed from {}", image.display())))
     }
 
-    /// Removes an external snapshot's point from the disk's chain while
-    /// keeping every other snapshot and the current state reading what they
-    /// read: commit the snapshot's overlay into the frozen image when that
-    /// image has no other dependent (method 1), else pull the frozen image
-    /// into each of its children (method 2).
-    async fn delete_external(&self, domain: &str, def: &SnapshotDef, d: &SnapshotDisk) -> Result<Vec<String>> {
+    /// Chooses how an external snapshot's point leaves the disk's chain
+    /// while every other snapshot and the current state keep reading what
+    /// they read: commit the snapshot's overlay into the frozen image when
+    /// that image has no other dependent (method 1), else pull the frozen
+    /// image into each of its children (method 2).
+    async fn plan_external_delete(&self, domain: &str, def: &SnapshotDef, d: &SnapshotDisk) -> Result<DeletePlan> {
         let saved =
             Domain::from_element(def.domain.clone().ok_or_else(|| Error::internal("snapshot without domain"))?)?;
         let frozen = saved
@@ -1087,87 +1219,146 @@ impl QemuConnection {
         let edges = self.image_edges(domain).await?;
         tracing::debug!(?edges, frozen = %frozen.display(), overlay = %overlay.display(), "image dependencies");
         let children: Vec<PathBuf> = edges.iter().filter(|(_, b)| *b == frozen).map(|(c, _)| c.clone()).collect();
-        let (dom, _) = self.current_definition(domain).await?;
-        let chain = dom.find_disk(&d.name)?.chain.ok_or_else(|| Error::internal("disk without chain"))?;
-        let layer_of = |p: &Path| chain.main_line().iter().find(|l| l.source.local_path() == Some(p)).map(|l| l.index);
-        let mut notes = Vec::new();
-        if children.len() <= 1 && overlay.exists() && children.iter().all(|c| *c == overlay) {
-            // Method 1: commit the overlay into the frozen image.
-            match (layer_of(&overlay), layer_of(&frozen)) {
-                (Some(0), Some(base)) => {
-                    self.job_to_end(domain, &d.name, JobRequest::ActiveCommit { base }).await?;
-                }
-                (Some(top), Some(base)) => {
-                    self.job_to_end(domain, &d.name, JobRequest::Commit { top, base }).await?;
-                }
-                _ => {
-                    run("qemu-img", &["commit", "-d", "-q", path_str(&overlay)?])?;
-                    for (child, _) in edges.iter().filter(|(_, b)| *b == overlay) {
-                        let fmt = "qcow2";
-                        run(
-                            "qemu-img",
-                            &[
-                                "rebase",
-                                "-u",
-                                "-b",
-                                path_str(&frozen)?,
-                                "-F",
-                                &image_format(&frozen)?,
-                                "-f",
-                                fmt,
-                                path_str(child)?,
-                            ],
-                        )?;
-                    }
-                }
-            }
-            std::fs::remove_file(&overlay).map_err(|e| Error::io("remove", &overlay, e))?;
-            self.replace_references(domain, &overlay, &frozen).await?;
-            notes.push(format!(
-                "{}: committed {} into {} (method 1: nothing else depends on it) and deleted {}",
-                d.name,
-                overlay.display(),
-                frozen.display(),
-                overlay.display()
-            ));
+        let below = edges.iter().find(|(c, _)| *c == frozen).map(|(_, b)| b.clone());
+        let method = if children.len() <= 1 && overlay.exists() && children.iter().all(|c| *c == overlay) {
+            DeleteMethod::Commit
         } else {
-            // Method 2: pull the frozen image into each child.
-            let below = edges.iter().find(|(c, _)| *c == frozen).map(|(_, b)| b.clone());
-            for child in &children {
-                match layer_of(child) {
-                    Some(into) => {
-                        let base = below.as_ref().and_then(|b| layer_of(b));
-                        self.job_to_end(domain, &d.name, JobRequest::Pull { into, base }).await?;
+            DeleteMethod::Pull
+        };
+        Ok(DeletePlan {
+            snapshot: def.name.clone().unwrap_or_default(),
+            disk: d.name.clone(),
+            method,
+            overlay,
+            frozen,
+            below,
+            children,
+        })
+    }
+
+    /// Carries out a delete plan. Each step first checks whether it is
+    /// still to do (an image still in the chain, still backed by the
+    /// frozen image), so a plan interrupted at any point is finished by
+    /// running it again; `resuming` also waits for the block job the
+    /// interrupted run left on the disk.
+    async fn apply_delete_plan(&self, domain: &str, plan: &DeletePlan, resuming: bool) -> Result<String> {
+        let DeletePlan { disk, overlay, frozen, below, children, .. } = plan;
+        if resuming {
+            self.settle_disk_job(domain, disk).await?;
+        }
+        let (dom, _) = self.current_definition(domain).await?;
+        let chain = dom.find_disk(disk)?.chain.ok_or_else(|| Error::internal("disk without chain"))?;
+        let layer_of = |p: &Path| chain.main_line().iter().find(|l| l.source.local_path() == Some(p)).map(|l| l.index);
+        match plan.method {
+            DeleteMethod::Commit => {
+                if overlay.exists() {
+                    let edges = self.image_edges(domain).await?;
+                    let dependents: Vec<&PathBuf> =
+                        edges.iter().filter(|(_, b)| b == overlay).map(|(c, _)| c).collect();
+                    match (layer_of(overlay), layer_of(frozen)) {
+                        (Some(0), Some(base)) => {
+                            self.job_to_end(domain, disk, JobRequest::ActiveCommit { base }).await?;
+                        }
+                        (Some(top), Some(base)) => {
+                            self.job_to_end(domain, disk, JobRequest::Commit { top, base }).await?;
+                        }
+                        // Outside the running chain: committed with qemu-img
+                        // while something still reads through the overlay
+                        // (once nothing does, its data is no one's).
+                        _ if !dependents.is_empty() => {
+                            run("qemu-img", &["commit", "-d", "-q", path_str(overlay)?])?;
+                            for child in dependents {
+                                run(
+                                    "qemu-img",
+                                    &[
+                                        "rebase",
+                                        "-u",
+                                        "-b",
+                                        path_str(frozen)?,
+                                        "-F",
+                                        &image_format(frozen)?,
+                                        "-f",
+                                        "qcow2",
+                                        path_str(child)?,
+                                    ],
+                                )?;
+                            }
+                        }
+                        _ => {}
                     }
-                    None => match &below {
-                        Some(b) => run(
-                            "qemu-img",
-                            &[
-                                "rebase",
-                                "-q",
-                                "-f",
-                                "qcow2",
-                                "-b",
-                                path_str(b)?,
-                                "-F",
-                                &image_format(b)?,
-                                path_str(child)?,
-                            ],
-                        )?,
-                        None => run("qemu-img", &["rebase", "-q", "-f", "qcow2", "-b", "", path_str(child)?])?,
-                    },
+                    strata_core::crash_point("snapshot-delete:merged");
+                    std::fs::remove_file(overlay).map_err(|e| Error::io("remove", overlay, e))?;
                 }
+                self.replace_references(domain, overlay, frozen).await?;
+                Ok(format!(
+                    "{disk}: committed {} into {} (method 1: nothing else depends on it) and deleted {}",
+                    overlay.display(),
+                    frozen.display(),
+                    overlay.display()
+                ))
             }
-            self.refresh_saved_chains(domain).await?;
-            notes.push(format!(
-                "{}: pulled {} into {} (method 2: {} images depend on it); the file is kept",
-                d.name,
-                frozen.display(),
-                children.iter().map(|c| c.display().to_string()).collect::<Vec<_>>().join(", "),
-                children.len()
+            DeleteMethod::Pull => {
+                for child in children {
+                    if !child.exists() || backing_of(child)?.as_ref() != Some(frozen) {
+                        continue;
+                    }
+                    match layer_of(child) {
+                        Some(into) => {
+                            let base = below.as_ref().and_then(|b| layer_of(b));
+                            self.job_to_end(domain, disk, JobRequest::Pull { into, base }).await?;
+                        }
+                        None => match below {
+                            Some(b) => run(
+                                "qemu-img",
+                                &[
+                                    "rebase",
+                                    "-q",
+                                    "-f",
+                                    "qcow2",
+                                    "-b",
+                                    path_str(b)?,
+                                    "-F",
+                                    &image_format(b)?,
+                                    path_str(child)?,
+                                ],
+                            )?,
+                            None => run("qemu-img", &["rebase", "-q", "-f", "qcow2", "-b", "", path_str(child)?])?,
+                        },
+                    }
+                    strata_core::crash_point("snapshot-delete:pulled");
+                }
+                self.refresh_saved_chains(domain).await?;
+                Ok(format!(
+                    "{disk}: pulled {} into {} (method 2: {} images depend on it); the file is kept",
+                    frozen.display(),
+                    children.iter().map(|c| c.display().to_string()).collect::<Vec<_>>().join(", "),
+                    children.len()
+                ))
+            }
+        }
+    }
+
+    /// Waits for the end of a pull or commit left running on `disk` by an
+    /// interrupted delete, pivoting an active commit once it is ready.
+    async fn settle_disk_job(&self, domain: &str, disk: &str) -> Result<()> {
+        let Some(info) = self.block_job_info(domain, disk).await? else { return Ok(()) };
+        if !matches!(info.kind, BlockJobKind::Pull | BlockJobKind::Commit | BlockJobKind::ActiveCommit) {
+            return Err(Error::new(
+                ErrorKind::BlockCopyActive,
+                format!("disk '{disk}' has a block copy in progress; end it before the snapshot delete can finish"),
             ));
         }
-        Ok(notes)
+        loop {
+            match self.block_job_wait(domain, disk, 60_000).await? {
+                BlockJobState::Running(_) => {}
+                BlockJobState::Ready(_) => {
+                    let end =
+                        self.block_job_abort(domain, disk, BlockJobAbortFlags { pivot: true, no_wait: false }).await?;
+                    return job_result(end);
+                }
+                BlockJobState::Ended { end, .. } => return job_result(end),
+            }
+        }
     }
 
     /// (image, its backing image) for every image any record or the
@@ -1308,6 +1499,7 @@ impl QemuConnection {
                 false
             }
         };
+        strata_core::crash_point("snapshot-delete:job");
         loop {
             match self.block_job_wait(domain, disk, 60_000).await? {
                 BlockJobState::Running(_) => {}
@@ -1339,6 +1531,12 @@ fn job_result(end: BlockJobEnd) -> Result<()> {
 /// images whose format Strata wrote itself: overlays are qcow2).
 fn image_format(p: &Path) -> Result<String> {
     Ok(strata_core::image::detect_format(p)?.as_str().to_string())
+}
+
+/// The backing image named in `image`'s header, as a local path.
+fn backing_of(image: &Path) -> Result<Option<PathBuf>> {
+    let chain = probe_chain(&StorageSource::local(image.to_path_buf()), &image_format(image)?)?;
+    Ok(chain.main_line().get(1).and_then(|l| l.source.local_path()).map(Path::to_path_buf))
 }
 
 fn image_size(p: &Path, fmt: &str) -> Result<u64> {
@@ -1400,6 +1598,35 @@ fn create_offline(plans: &[DiskPlan], name: &str, created: &[PathBuf]) -> Result
         }
     }
     result
+}
+
+/// Every local image in the chains of `dom`'s disks.
+fn images_in_use(dom: &Domain) -> Result<HashSet<PathBuf>> {
+    let mut in_use = HashSet::new();
+    for disk in dom.disks()? {
+        if let Some(c) = &disk.chain {
+            in_use.extend(c.layers.iter().filter_map(|l| l.source.local_path().map(Path::to_path_buf)));
+        }
+    }
+    Ok(in_use)
+}
+
+/// Waits for the end of any snapshot job (`strata-snapshot-*`) left in QEMU
+/// by a process that died, and dismisses it.
+async fn dismiss_snapshot_jobs(client: &strata_qmp::QmpClient, domain: &str) -> Result<()> {
+    let jobs = client.query_jobs().await.map_err(|e| qmp_error(domain, e))?;
+    for job in jobs.iter().filter(|j| j.id.starts_with("strata-snapshot-")) {
+        crate::jobs::wait_status(
+            client,
+            domain,
+            &job.id,
+            &[strata_qmp::types::JobStatus::Concluded, strata_qmp::types::JobStatus::Null],
+            Duration::from_secs(600),
+        )
+        .await?;
+        let _ = client.execute("job-dismiss", Some(json!({"id": job.id}))).await;
+    }
+    Ok(())
 }
 
 /// Runs a job (snapshot-save/-load) to its end and dismisses it.

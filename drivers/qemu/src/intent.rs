@@ -1,0 +1,250 @@
+//! The intent record of a multi-step snapshot operation.
+//!
+//! Creation, revert and delete each write what they are about to do into
+//! the domain's intent file before touching an image, and clear it when
+//! done. A `strata` killed midway leaves the record behind, and the next
+//! snapshot call on the domain reads it to finish or undo the operation
+//! (see `snapshots.rs`). One file per domain: the operations of a domain
+//! are serialised by that recovery running first.
+
+use std::path::PathBuf;
+
+use strata_core::store::Store;
+use strata_core::xml::{Element, SnapshotDef};
+use strata_core::{Error, Result};
+
+const INTENT_FILE: &str = "snapshot-intent.xml";
+
+/// What an interrupted operation was doing.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Intent {
+    /// A creation: the files it makes and the record it saves (`None` in a
+    /// record written by hand or by an older Strata: then only the files
+    /// are rolled back).
+    Create { files: Vec<PathBuf>, record: Option<Box<SnapshotDef>>, no_metadata: bool },
+    /// A revert to `snapshot`, ending running and/or paused as recorded,
+    /// with the branch overlays it creates.
+    Revert { snapshot: String, running: bool, paused: bool, overlays: Vec<PathBuf> },
+    /// A delete of `snapshots` in this order, with the plan chosen for each
+    /// external disk once it was chosen (so a resumed delete does what the
+    /// interrupted one started, whatever the images look like halfway).
+    Delete { snapshots: Vec<String>, metadata_only: bool, plans: Vec<DeletePlan> },
+}
+
+/// How an external snapshot's point leaves one disk's chain.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct DeletePlan {
+    pub snapshot: String,
+    pub disk: String,
+    pub method: DeleteMethod,
+    /// The image that was active after the snapshot (its overlay).
+    pub overlay: PathBuf,
+    /// The image the snapshot froze.
+    pub frozen: PathBuf,
+    /// The frozen image's backing file, if any.
+    pub below: Option<PathBuf>,
+    /// Every image backed by the frozen one when the plan was made.
+    pub children: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DeleteMethod {
+    /// Seed 003 method 1: commit the overlay into the frozen image.
+    Commit,
+    /// Seed 003 method 2: pull the frozen image into each child.
+    Pull,
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn file_elements(root: Element, name: &str, paths: &[PathBuf]) -> Element {
+    paths.iter().fold(root, |r, p| r.with_child(Element::new(name).with_attr("path", p.to_string_lossy())))
+}
+
+fn paths_of(el: &Element, name: &str) -> Vec<PathBuf> {
+    el.children_named(name).filter_map(|f| f.attr("path")).map(PathBuf::from).collect()
+}
+
+fn required<'a>(el: &'a Element, attr: &str) -> Result<&'a str> {
+    el.attr(attr).ok_or_else(|| Error::operation_failed(format!("intent record: <{}> lacks '{attr}'", el.name)))
+}
+
+impl DeletePlan {
+    fn to_element(&self) -> Element {
+        let mut el = Element::new("disk")
+            .with_attr("snapshot", &*self.snapshot)
+            .with_attr("name", &*self.disk)
+            .with_attr(
+                "method",
+                match self.method {
+                    DeleteMethod::Commit => "commit",
+                    DeleteMethod::Pull => "pull",
+                },
+            )
+            .with_attr("overlay", self.overlay.to_string_lossy())
+            .with_attr("frozen", self.frozen.to_string_lossy());
+        if let Some(b) = &self.below {
+            el = el.with_attr("below", b.to_string_lossy());
+        }
+        file_elements(el, "child", &self.children)
+    }
+
+    fn from_element(el: &Element) -> Result<DeletePlan> {
+        let method = match required(el, "method")? {
+            "commit" => DeleteMethod::Commit,
+            "pull" => DeleteMethod::Pull,
+            other => return Err(Error::operation_failed(format!("intent record: unknown delete method '{other}'"))),
+        };
+        Ok(DeletePlan {
+            snapshot: required(el, "snapshot")?.to_string(),
+            disk: required(el, "name")?.to_string(),
+            method,
+            overlay: PathBuf::from(required(el, "overlay")?),
+            frozen: PathBuf::from(required(el, "frozen")?),
+            below: el.attr("below").map(PathBuf::from),
+            children: paths_of(el, "child"),
+        })
+    }
+}
+
+impl Intent {
+    fn to_element(&self) -> Element {
+        match self {
+            Intent::Create { files, record, no_metadata } => {
+                let root = Element::new("intent")
+                    .with_attr("op", "snapshot-create")
+                    .with_attr("metadata", yes_no(!*no_metadata));
+                let root = file_elements(root, "file", files);
+                match record {
+                    Some(r) => root.with_child(r.to_element()),
+                    None => root,
+                }
+            }
+            Intent::Revert { snapshot, running, paused, overlays } => {
+                let root = Element::new("intent")
+                    .with_attr("op", "snapshot-revert")
+                    .with_attr("snapshot", &**snapshot)
+                    .with_attr("running", yes_no(*running))
+                    .with_attr("paused", yes_no(*paused));
+                file_elements(root, "file", overlays)
+            }
+            Intent::Delete { snapshots, metadata_only, plans } => {
+                let root = Element::new("intent")
+                    .with_attr("op", "snapshot-delete")
+                    .with_attr("metadata-only", yes_no(*metadata_only));
+                let root =
+                    snapshots.iter().fold(root, |r, n| r.with_child(Element::new("snapshot").with_attr("name", &**n)));
+                plans.iter().fold(root, |r, p| r.with_child(p.to_element()))
+            }
+        }
+    }
+
+    fn from_element(root: &Element) -> Result<Intent> {
+        match root.attr("op") {
+            Some("snapshot-create") => Ok(Intent::Create {
+                files: paths_of(root, "file"),
+                record: match root.child("domainsnapshot") {
+                    Some(el) => Some(Box::new(SnapshotDef::parse(&el.to_xml())?)),
+                    None => None,
+                },
+                no_metadata: root.attr("metadata") == Some("no"),
+            }),
+            Some("snapshot-revert") => Ok(Intent::Revert {
+                snapshot: required(root, "snapshot")?.to_string(),
+                running: root.attr("running") == Some("yes"),
+                paused: root.attr("paused") == Some("yes"),
+                overlays: paths_of(root, "file"),
+            }),
+            Some("snapshot-delete") => Ok(Intent::Delete {
+                snapshots: root.children_named("snapshot").filter_map(|s| s.attr("name")).map(String::from).collect(),
+                metadata_only: root.attr("metadata-only") == Some("yes"),
+                plans: root.children_named("disk").map(DeletePlan::from_element).collect::<Result<_>>()?,
+            }),
+            other => Err(Error::operation_failed(format!(
+                "intent record of an unknown operation {other:?}; remove '{INTENT_FILE}' from the domain's state \
+                 directory once its images are checked by hand"
+            ))),
+        }
+    }
+
+    /// Writes (or replaces) the domain's intent record.
+    pub(crate) fn write(&self, store: &Store, domain: &str) -> Result<()> {
+        store.write_domain_file(domain, INTENT_FILE, &self.to_element().to_xml())
+    }
+
+    /// The domain's pending intent, if an operation was interrupted.
+    pub(crate) fn read(store: &Store, domain: &str) -> Result<Option<Intent>> {
+        let Some(text) = store.read_domain_file(domain, INTENT_FILE)? else { return Ok(None) };
+        if text.trim().is_empty() {
+            return Ok(None);
+        }
+        let root = Element::parse(&text).map_err(|e| e.context(format!("intent record '{INTENT_FILE}'")))?;
+        Intent::from_element(&root).map(Some)
+    }
+
+    /// Marks the operation done.
+    pub(crate) fn clear(store: &Store, domain: &str) -> Result<()> {
+        store.write_domain_file(domain, INTENT_FILE, "")
+    }
+}
+
+#[cfg(test)]
+// A failed unwrap is how these tests report a decoding failure.
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn round_trip(intent: Intent) {
+        let xml = intent.to_element().to_xml();
+        let back = Intent::from_element(&Element::parse(&xml).unwrap()).unwrap();
+        assert_eq!(back, intent, "{xml}");
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        round_trip(Intent::Create { files: vec!["/i/a.s1".into()], record: None, no_metadata: true });
+        round_trip(Intent::Revert {
+            snapshot: "s1".into(),
+            running: true,
+            paused: false,
+            overlays: vec!["/i/top.s1.branch1".into()],
+        });
+        round_trip(Intent::Delete {
+            snapshots: vec!["s2".into(), "s1".into()],
+            metadata_only: false,
+            plans: vec![
+                DeletePlan {
+                    snapshot: "s2".into(),
+                    disk: "vda".into(),
+                    method: DeleteMethod::Pull,
+                    overlay: "/i/top.s2".into(),
+                    frozen: "/i/top.s1".into(),
+                    below: Some("/i/top.qcow2".into()),
+                    children: vec!["/i/top.s2".into(), "/i/top.s1.branch1".into()],
+                },
+                DeletePlan {
+                    snapshot: "s1".into(),
+                    disk: "vda".into(),
+                    method: DeleteMethod::Commit,
+                    overlay: "/i/top.s1".into(),
+                    frozen: "/i/top.qcow2".into(),
+                    below: None,
+                    children: vec![],
+                },
+            ],
+        });
+    }
+
+    #[test]
+    fn unknown_operation_is_refused_with_the_file_named() {
+        let root = Element::parse("<intent op='snapshot-frobnicate'/>").unwrap();
+        let err = Intent::from_element(&root).unwrap_err();
+        assert!(err.to_string().contains(INTENT_FILE), "{err}");
+    }
+}
