@@ -379,6 +379,12 @@ fn internal_checkpoint_live_create_revert_delete() {
 
     assert_eq!(env.ok(&["snapshot-revert", "vm", "c1"]), "Domain snapshot c1 reverted\n");
     assert_eq!(domstate(&env), "running");
+    // virsh's reason words follow each change Strata makes.
+    assert_eq!(env.ok(&["domstate", "vm", "--reason"]), "running (from snapshot)\n\n");
+    env.ok(&["suspend", "vm"]);
+    assert_eq!(env.ok(&["domstate", "vm", "--reason"]), "paused (user)\n\n");
+    env.ok(&["resume", "vm"]);
+    assert_eq!(env.ok(&["domstate", "vm", "--reason"]), "running (unpaused)\n\n");
     assert!(vm.reads(&at_c1), "the write after the checkpoint is still visible on vda");
     let conn = QemuConnection::open_embedded(&env.state_root()).expect("open");
     assert!(rt.block_on(common::guest::compare(&conn, "vm", "vdb", &data_ref)), "vdb not reverted");
@@ -943,6 +949,7 @@ fn revert_external_paused_live() {
     vm.write(0x4f, 2 * MIB, 64 * 1024);
     env.ok(&["snapshot-revert", "vm", "s1", "--paused"]);
     assert_eq!(domstate(&env), "paused");
+    assert_eq!(env.ok(&["domstate", "vm", "--reason"]), "paused (from snapshot)\n\n");
     assert_eq!(active(&env, "vda"), PathBuf::from(format!("{}.branch1", overlay(&env, "s1", "vda").display())));
     assert!(vm.reads(&at_s1));
 }

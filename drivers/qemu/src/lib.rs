@@ -197,7 +197,10 @@ impl QemuConnection {
             let (state, reason) = live::state_of(run.status);
             s.id = Some(status.id);
             s.state = state;
-            s.reason = Some(reason.into());
+            s.reason = Some(match status.reason {
+                Some((recorded, word)) if recorded == state.as_virsh() => word,
+                _ => reason.into(),
+            });
         }
         Ok(s)
     }
@@ -267,6 +270,17 @@ impl QemuConnection {
                 return Err(Error::operation_failed(format!("{binary} exited during start-up: {}", log.trim())));
             }
             return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Records why the running domain is in `state` (libvirt's reason word),
+    /// for `domstate --reason` until the next change.
+    pub(crate) fn record_reason(&self, name: &str, state: DomainState, word: &str) -> Result<()> {
+        let _lock = self.store.lock_domain(name)?;
+        if let Some(mut status) = live::reconcile(&self.store, name)?.filter(LiveStatus::is_vm) {
+            status.reason = Some((state.as_virsh().to_string(), word.to_string()));
+            self.store.write_status(name, &status.to_xml())?;
         }
         Ok(())
     }
@@ -402,13 +416,13 @@ impl Connection for QemuConnection {
     async fn suspend(&self, name: &str) -> Result<()> {
         let (_, monitor) = self.running(name).await?;
         monitor.client.execute("stop", None).await.map_err(|e| live::qmp_error(name, e))?;
-        Ok(())
+        self.record_reason(name, DomainState::Paused, "user")
     }
 
     async fn resume(&self, name: &str) -> Result<()> {
         let (_, monitor) = self.running(name).await?;
         monitor.client.execute("cont", None).await.map_err(|e| live::qmp_error(name, e))?;
-        Ok(())
+        self.record_reason(name, DomainState::Running, "unpaused")
     }
 
     async fn dump_xml(&self, name: &str, flags: DumpXmlFlags) -> Result<String> {

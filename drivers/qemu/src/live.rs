@@ -45,6 +45,10 @@ pub struct LiveStatus {
     pub roots: std::collections::BTreeMap<String, String>,
     /// For unique names of nodes Strata adds later.
     pub next_node: u64,
+    /// The reason word of the last run-state change Strata made, with the
+    /// state (virsh's word) it led to: libvirt reports `(unpaused)` or
+    /// `(from snapshot)`, which QEMU's run state alone cannot tell.
+    pub reason: Option<(String, String)>,
 }
 
 /// What serves the domain's disks.
@@ -67,7 +71,7 @@ impl LiveStatus {
             .filter(|d| d.chain.is_some())
             .map(|d| (d.target.clone(), crate::launch::root_node(&d.target)))
             .collect();
-        LiveStatus { process, id, domain, jobs: Vec::new(), server, started, roots, next_node: 1 }
+        LiveStatus { process, id, domain, jobs: Vec::new(), server, started, roots, next_node: 1, reason: None }
     }
 
     pub fn is_vm(&self) -> bool {
@@ -84,7 +88,7 @@ impl LiveStatus {
             roots =
                 roots.with_child(Element::new("root").with_attr("disk", disk.clone()).with_attr("node", node.clone()));
         }
-        let root = Element::new("domstatus")
+        let mut root = Element::new("domstatus")
             .with_attr(
                 "server",
                 match self.server {
@@ -97,9 +101,11 @@ impl LiveStatus {
             .with_attr("id", self.id.to_string())
             .with_attr("started", self.started.to_string())
             .with_child(jobs)
-            .with_child(roots)
-            .with_child(self.domain.element().clone());
-        root.to_xml()
+            .with_child(roots);
+        if let Some((state, word)) = &self.reason {
+            root = root.with_child(Element::new("reason").with_attr("state", &**state).with_text(&**word));
+        }
+        root.with_child(self.domain.element().clone()).to_xml()
     }
 
     pub fn parse(xml: &str) -> Result<LiveStatus> {
@@ -135,6 +141,7 @@ impl LiveStatus {
                 Some("storage-daemon") => Server::StorageDaemon,
                 _ => Server::Vm,
             },
+            reason: root.child("reason").and_then(|r| Some((r.attr("state")?.to_string(), r.text()))),
         })
     }
 }

@@ -880,6 +880,7 @@ impl QemuConnection {
                 monitor.client.execute("cont", None).await.map_err(|e| qmp_error(domain, e))?;
             }
             self.adopt_definition(domain, &target)?;
+            self.record_reason(domain, end_state(end_running, end_paused), "from snapshot")?;
             set_current(store, domain, Some(snap))?;
             return Intent::clear(store, domain);
         }
@@ -976,7 +977,7 @@ impl QemuConnection {
             if end_running && !end_paused {
                 self.resume(domain).await?;
             }
-            return Ok(());
+            return self.record_reason(domain, end_state(end_running, end_paused), "from snapshot");
         }
         let state = def.state.as_deref().unwrap_or("disk-snapshot");
         let has_vmstate = state == "running" || state == "paused";
@@ -1005,7 +1006,7 @@ impl QemuConnection {
         if end_running && !end_paused {
             self.resume(domain).await?;
         }
-        Ok(())
+        self.record_reason(domain, end_state(end_running, end_paused), "from snapshot")
     }
 
     /// Makes a snapshot's definition the domain's persistent one (a disk
@@ -1531,6 +1532,15 @@ fn job_result(end: BlockJobEnd) -> Result<()> {
 /// images whose format Strata wrote itself: overlays are qcow2).
 fn image_format(p: &Path) -> Result<String> {
     Ok(strata_core::image::detect_format(p)?.as_str().to_string())
+}
+
+/// The run state a revert leaves: paused wins over running, as in virsh.
+fn end_state(end_running: bool, end_paused: bool) -> strata_core::driver::DomainState {
+    if end_running && !end_paused {
+        strata_core::driver::DomainState::Running
+    } else {
+        strata_core::driver::DomainState::Paused
+    }
 }
 
 /// The backing image named in `image`'s header, as a local path.
