@@ -692,20 +692,48 @@ fn branch_needs_a_parent() {
 // Delete
 
 /// s1 ← s2 ← s3 ← current; delete the middle (s2), then the root (s1).
+/// What vda read at each point of [`three_snapshots`].
+struct ThreeSnapshots {
+    at_s1: PathBuf,
+    at_s2: PathBuf,
+    /// The state s2's overlay holds (abandoned when `branch`).
+    after_s2: PathBuf,
+    at_s3: PathBuf,
+    now: PathBuf,
+}
+
+/// External snapshots s1, s2 and s3 of vda with guest writes between them;
+/// with `branch`, s3 is taken after a revert to s1, so s1 has two children.
+fn three_snapshots(env: &TestEnv, vm: &mut Vm, branch: bool) -> ThreeSnapshots {
+    vm.write(0xd1, 2 * MIB, 64 * 1024);
+    let at_s1 = vm.snap_ref();
+    vm.ext_snapshot("s1");
+    vm.write(0xd2, 3 * MIB, 64 * 1024);
+    let at_s2 = vm.snap_ref();
+    vm.ext_snapshot("s2");
+    vm.write(0xd3, 4 * MIB, 64 * 1024);
+    let after_s2 = vm.snap_ref();
+    if branch {
+        let mut args = vec!["snapshot-revert", "vm", "s1"];
+        if vm.live {
+            args.push("--running");
+        }
+        env.ok(&args);
+        vm.reset_ref(&at_s1);
+    }
+    vm.write(0xd4, 2 * MIB, 32 * 1024);
+    let at_s3 = vm.snap_ref();
+    vm.ext_snapshot("s3");
+    vm.write(0xd5, 6 * MIB, 64 * 1024);
+    let now = vm.snap_ref();
+    ThreeSnapshots { at_s1, at_s2, after_s2, at_s3, now }
+}
+
 fn delete_middle_then_root(live: bool) {
     let env = TestEnv::new();
     let mut vm = Vm::new(&env, Vdb::Raw, live);
     let _guard = vm.guard();
-    vm.write(0x91, 2 * MIB, 64 * 1024);
-    let at_s1 = vm.snap_ref();
-    vm.ext_snapshot("s1");
-    vm.write(0x92, 3 * MIB, 64 * 1024);
-    vm.ext_snapshot("s2");
-    vm.write(0x93, 2 * MIB, 32 * 1024);
-    let at_s3 = vm.snap_ref();
-    vm.ext_snapshot("s3");
-    vm.write(0x94, 5 * MIB, 64 * 1024);
-    let now = vm.snap_ref();
+    let ThreeSnapshots { at_s1, at_s3, now, .. } = three_snapshots(&env, &mut vm, false);
     let (o2, o3) = (overlay(&env, "s2", "vda"), overlay(&env, "s3", "vda"));
 
     let out = env.ok(&["snapshot-delete", "vm", "s2"]);
@@ -763,25 +791,7 @@ fn delete_multi_child(live: bool) {
     let env = TestEnv::new();
     let mut vm = Vm::new(&env, Vdb::Raw, live);
     let _guard = vm.guard();
-    vm.write(0xa1, 2 * MIB, 64 * 1024);
-    let at_s1 = vm.snap_ref();
-    vm.ext_snapshot("s1");
-    vm.write(0xa2, 3 * MIB, 64 * 1024);
-    let at_s2 = vm.snap_ref();
-    vm.ext_snapshot("s2");
-    vm.write(0xa3, 4 * MIB, 64 * 1024);
-    let abandoned = vm.snap_ref();
-    let mut args = vec!["snapshot-revert", "vm", "s1"];
-    if live {
-        args.push("--running");
-    }
-    env.ok(&args);
-    vm.reset_ref(&at_s1);
-    vm.write(0xa4, 2 * MIB, 32 * 1024);
-    let at_s3 = vm.snap_ref();
-    vm.ext_snapshot("s3");
-    vm.write(0xa5, 6 * MIB, 64 * 1024);
-    let now = vm.snap_ref();
+    let ThreeSnapshots { at_s2, after_s2: abandoned, at_s3, now, .. } = three_snapshots(&env, &mut vm, true);
     assert_eq!(env.ok(&["snapshot-list", "vm", "--tree"]), "s1\n  |\n  +- s2\n  +- s3\n    \n\n");
 
     let out = env.ok(&["snapshot-delete", "vm", "s1"]);
@@ -1722,27 +1732,8 @@ fn delete_killed_at_each_step(live: bool, case: DeleteCase) {
         let env = TestEnv::new();
         let mut vm = Vm::new(&env, Vdb::None, live);
         let _guard = vm.guard();
-        vm.write(0xd1, 2 * MIB, 64 * 1024);
-        let at_s1 = vm.snap_ref();
-        vm.ext_snapshot("s1");
-        vm.write(0xd2, 3 * MIB, 64 * 1024);
-        let at_s2 = vm.snap_ref();
-        vm.ext_snapshot("s2");
-        vm.write(0xd3, 4 * MIB, 64 * 1024);
-        let after_s2 = vm.snap_ref();
-        if let DeleteCase::MultiChild = case {
-            let mut args = vec!["snapshot-revert", "vm", "s1"];
-            if live {
-                args.push("--running");
-            }
-            env.ok(&args);
-            vm.reset_ref(&at_s1);
-        }
-        vm.write(0xd4, 2 * MIB, 32 * 1024);
-        let at_s3 = vm.snap_ref();
-        vm.ext_snapshot("s3");
-        vm.write(0xd5, 6 * MIB, 64 * 1024);
-        let now = vm.snap_ref();
+        let ThreeSnapshots { at_s1, at_s2, after_s2, at_s3, now } =
+            three_snapshots(&env, &mut vm, matches!(case, DeleteCase::MultiChild));
         let o2 = overlay(&env, "s2", "vda");
         let victim = match case {
             DeleteCase::Middle => "s2",

@@ -7,48 +7,59 @@
 // Tests report failures by panicking.
 #![allow(clippy::unwrap_used)]
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use strata_qmp::{QmpClient, QmpError};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
+use tokio::task::JoinHandle;
 
 const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "fake"}, "capabilities": ["oob"]}}"#;
 
-#[tokio::test]
-async fn client_timer_fires_when_fake_peer_never_replies() {
+/// Binds a fake monitor socket and serves one connection: it sends
+/// `prelude` and the greeting, then writes what `answer` returns for each
+/// request (given the command name and the request's id).
+fn serve(
+    prelude: &'static str,
+    mut answer: impl FnMut(&str, Value) -> Vec<Value> + Send + 'static,
+) -> (tempfile::TempDir, PathBuf, JoinHandle<()>) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fake.sock");
     let listener = UnixListener::bind(&path).unwrap();
-
-    // Answers qmp_capabilities, swallows every command except "reply-now",
-    // which it answers only after first sending late replies to everything
-    // it swallowed.
     let peer = tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
         let (read, mut write) = stream.into_split();
-        write.write_all(format!("{GREETING}\n").as_bytes()).await.unwrap();
+        write.write_all(format!("{prelude}{GREETING}\n").as_bytes()).await.unwrap();
         let mut lines = BufReader::new(read).lines();
-        let mut swallowed: Vec<Value> = Vec::new();
         while let Some(line) = lines.next_line().await.unwrap() {
             let request: Value = serde_json::from_str(&line).unwrap();
-            let id = request["id"].clone();
-            match request["execute"].as_str().unwrap() {
-                "qmp_capabilities" => {
-                    let reply = json!({"return": {}, "id": id});
-                    write.write_all(format!("{reply}\n").as_bytes()).await.unwrap();
-                }
-                "reply-now" => {
-                    for late in swallowed.drain(..) {
-                        let reply = json!({"return": {"stale": true}, "id": late});
-                        write.write_all(format!("{reply}\n").as_bytes()).await.unwrap();
-                    }
-                    let reply = json!({"return": {"fresh": true}, "id": id});
-                    write.write_all(format!("{reply}\n").as_bytes()).await.unwrap();
-                }
-                _ => swallowed.push(id),
+            for reply in answer(request["execute"].as_str().unwrap(), request["id"].clone()) {
+                write.write_all(format!("{reply}\n").as_bytes()).await.unwrap();
             }
+        }
+    });
+    (dir, path, peer)
+}
+
+#[tokio::test]
+async fn client_timer_fires_when_fake_peer_never_replies() {
+    // Answers qmp_capabilities, swallows every command except "reply-now",
+    // which it answers only after first sending late replies to everything
+    // it swallowed.
+    let mut swallowed: Vec<Value> = Vec::new();
+    let (_dir, path, peer) = serve("", move |command, id| match command {
+        "qmp_capabilities" => vec![json!({"return": {}, "id": id})],
+        "reply-now" => {
+            let mut replies: Vec<Value> =
+                swallowed.drain(..).map(|late| json!({"return": {"stale": true}, "id": late})).collect();
+            replies.push(json!({"return": {"fresh": true}, "id": id}));
+            replies
+        }
+        _ => {
+            swallowed.push(id);
+            Vec::new()
         }
     });
 
@@ -91,24 +102,14 @@ async fn client_timer_fires_when_fake_peer_never_replies() {
 /// job's BLOCK_JOB_READY) reaches the new client before its greeting.
 #[tokio::test]
 async fn event_ahead_of_the_greeting_is_skipped() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("fake.sock");
-    let listener = UnixListener::bind(&path).unwrap();
-
-    let peer = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let (read, mut write) = stream.into_split();
-        let stale = r#"{"timestamp": {"seconds": 1795473704, "microseconds": 657287}, "event": "BLOCK_JOB_READY", "data": {"device": "strata-copy-vda", "len": 67108864, "offset": 67108864, "speed": 0, "type": "mirror"}}"#;
-        write.write_all(format!("{stale}\n{GREETING}\n").as_bytes()).await.unwrap();
-        let mut lines = BufReader::new(read).lines();
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let request: Value = serde_json::from_str(&line).unwrap();
-            let reply = match request["execute"].as_str().unwrap() {
-                "qmp_capabilities" => json!({"return": {}, "id": request["id"]}),
-                other => json!({"return": {"command": other}, "id": request["id"]}),
-            };
-            write.write_all(format!("{reply}\n").as_bytes()).await.unwrap();
-        }
+    const STALE: &str = concat!(
+        r#"{"timestamp": {"seconds": 1795473704, "microseconds": 657287}, "event": "BLOCK_JOB_READY", "#,
+        r#""data": {"device": "strata-copy-vda", "len": 67108864, "offset": 67108864, "speed": 0, "type": "mirror"}}"#,
+        "\n"
+    );
+    let (_dir, path, peer) = serve(STALE, |command, id| match command {
+        "qmp_capabilities" => vec![json!({"return": {}, "id": id})],
+        other => vec![json!({"return": {"command": other}, "id": id})],
     });
 
     let client = QmpClient::connect_with_timeout(&path, Duration::from_secs(5)).await.unwrap();
