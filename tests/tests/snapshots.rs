@@ -633,14 +633,7 @@ fn branch_creation_from_parent_live() {
     let env = TestEnv::new();
     let mut vm = Vm::new(&env, Vdb::Raw, true);
     let _guard = vm.guard();
-    vm.write(0x81, 2 * MIB, 64 * 1024);
-    let at_s1 = vm.snap_ref();
-    vm.ext_snapshot("s1");
-    vm.write(0x82, 3 * MIB, 64 * 1024);
-    let at_s2 = vm.snap_ref();
-    vm.ext_snapshot("s2");
-    vm.write(0x83, 4 * MIB, 64 * 1024);
-    let abandoned = vm.snap_ref();
+    let (at_s1, at_s2, abandoned) = two_snapshots(&mut vm);
 
     let b3 = env.path("s3.qcow2");
     let xml = format!(
@@ -692,6 +685,19 @@ fn branch_needs_a_parent() {
 // Delete
 
 /// s1 ← s2 ← s3 ← current; delete the middle (s2), then the root (s1).
+/// External snapshots s1 and s2 of vda with guest writes before each and
+/// after s2; returns what vda read at s1, at s2, and after s2.
+fn two_snapshots(vm: &mut Vm) -> (PathBuf, PathBuf, PathBuf) {
+    vm.write(0xd1, 2 * MIB, 64 * 1024);
+    let at_s1 = vm.snap_ref();
+    vm.ext_snapshot("s1");
+    vm.write(0xd2, 3 * MIB, 64 * 1024);
+    let at_s2 = vm.snap_ref();
+    vm.ext_snapshot("s2");
+    vm.write(0xd3, 4 * MIB, 64 * 1024);
+    (at_s1, at_s2, vm.snap_ref())
+}
+
 /// What vda read at each point of [`three_snapshots`].
 struct ThreeSnapshots {
     at_s1: PathBuf,
@@ -705,14 +711,7 @@ struct ThreeSnapshots {
 /// External snapshots s1, s2 and s3 of vda with guest writes between them;
 /// with `branch`, s3 is taken after a revert to s1, so s1 has two children.
 fn three_snapshots(env: &TestEnv, vm: &mut Vm, branch: bool) -> ThreeSnapshots {
-    vm.write(0xd1, 2 * MIB, 64 * 1024);
-    let at_s1 = vm.snap_ref();
-    vm.ext_snapshot("s1");
-    vm.write(0xd2, 3 * MIB, 64 * 1024);
-    let at_s2 = vm.snap_ref();
-    vm.ext_snapshot("s2");
-    vm.write(0xd3, 4 * MIB, 64 * 1024);
-    let after_s2 = vm.snap_ref();
+    let (at_s1, at_s2, after_s2) = two_snapshots(vm);
     if branch {
         let mut args = vec!["snapshot-revert", "vm", "s1"];
         if vm.live {
@@ -1619,14 +1618,7 @@ fn revert_killed_at_each_step(live: bool) {
         let env = TestEnv::new();
         let mut vm = Vm::new(&env, Vdb::None, live);
         let _guard = vm.guard();
-        vm.write(0xb1, 2 * MIB, 64 * 1024);
-        let at_s1 = vm.snap_ref();
-        vm.ext_snapshot("s1");
-        vm.write(0xb2, 3 * MIB, 64 * 1024);
-        let at_s2 = vm.snap_ref();
-        vm.ext_snapshot("s2");
-        vm.write(0xb3, 4 * MIB, 64 * 1024);
-        let abandoned = vm.snap_ref();
+        let (at_s1, at_s2, abandoned) = two_snapshots(&mut vm);
         let (o1, o2) = (overlay(&env, "s1", "vda"), overlay(&env, "s2", "vda"));
 
         let mut args = vec!["snapshot-revert", "vm", "s1"];
