@@ -104,15 +104,40 @@ impl Store {
     /// Takes the domain's exclusive lock, waiting for other holders.
     pub fn lock_domain(&self, name: &str) -> Result<DomainLock> {
         validate_name("domain", name)?;
-        let path = self.root.join("locks").join(format!("{name}.lock"));
+        let (file, path) = self.open_lock_file(&format!("{name}.lock"))?;
+        file.lock().map_err(|e| Error::io("lock", &path, e))?;
+        Ok(DomainLock { _file: file })
+    }
+
+    fn open_lock_file(&self, file_name: &str) -> Result<(File, PathBuf)> {
+        let path = self.root.join("locks").join(file_name);
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&path)
             .map_err(|e| Error::io("open the lock file", &path, e))?;
-        file.lock().map_err(|e| Error::io("lock", &path, e))?;
-        Ok(DomainLock { _file: file })
+        Ok((file, path))
+    }
+
+    /// The lock a multi-step operation on the domain (a snapshot create,
+    /// revert or delete) holds from start to end. With `wait`, waits for
+    /// another holder; without, returns `None` when one holds it. The
+    /// kernel releases it when its holder dies, which is how a later call
+    /// tells an interrupted operation (its intent left, the lock free)
+    /// from one still running in another process (the lock held).
+    pub fn lock_domain_operation(&self, name: &str, wait: bool) -> Result<Option<DomainLock>> {
+        validate_name("domain", name)?;
+        let (file, path) = self.open_lock_file(&format!("{name}.operation.lock"))?;
+        if wait {
+            file.lock().map_err(|e| Error::io("lock", &path, e))?;
+            return Ok(Some(DomainLock { _file: file }));
+        }
+        match file.try_lock() {
+            Ok(()) => Ok(Some(DomainLock { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock", &path, e)),
+        }
     }
 
     /// Names of all defined domains, sorted.

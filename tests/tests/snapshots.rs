@@ -1489,6 +1489,44 @@ fn crash_recovery_by_snapshot_create_live() {
     crash_recovery(true, &["snapshot-create-as", "vm", "s1", "--disk-only"]);
 }
 
+/// An intent whose operation still runs in another process (it holds the
+/// domain's operation lock) is left alone by readers, and a second
+/// operation waits for the lock; once the holder is gone, the next call
+/// recovers it.
+#[test]
+fn intent_of_a_running_operation_is_not_recovered() {
+    let env = TestEnv::new();
+    let vm = Vm::new(&env, Vdb::None, false);
+    vm.ext_snapshot("s1");
+    let o1 = overlay(&env, "s1", "vda");
+    let stray = env.path("top.s2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", s(&o1), "-F", "qcow2", s(&stray)]);
+    write_intent(&env, &[&stray]);
+
+    // This test process plays the operation in progress.
+    let lock_path = env.state_root().join("locks").join("vm.operation.lock");
+    let holder = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).expect("open");
+    holder.lock().expect("lock");
+    assert_eq!(names(&env, &[]), ["s1"]);
+    assert!(stray.exists(), "a reader recovered an operation that is still running");
+    let mut waiting = std::process::Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
+        .args(["-c", &env.uri, "snapshot-create-as", "vm", "s3", "--disk-only"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn strata");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(waiting.try_wait().expect("try_wait").is_none(), "a second operation did not wait for the first");
+    assert!(stray.exists());
+
+    drop(holder);
+    assert!(waiting.wait().expect("wait").success());
+    assert!(!stray.exists(), "the interrupted creation was not rolled back once its process was gone");
+    assert_eq!(names(&env, &[]), ["s1", "s3"]);
+    assert_eq!(active(&env, "vda"), env.path("top.s3"));
+    assert!(vm.reads(&vm.reference));
+}
+
 /// A checkpoint with external memory (`--memspec`): disks and RAM of one
 /// instant; reverting restarts QEMU from the saved state on a new overlay,
 /// and the guest reads the disk as it was (virsh 9.0 cannot revert it).

@@ -285,10 +285,35 @@ impl QemuConnection {
         Ok(())
     }
 
-    /// Finishes or undoes a snapshot operation a crash interrupted; every
-    /// snapshot call starts with it.
+    /// Before a snapshot call that only reads: finishes or undoes a snapshot
+    /// operation a crash interrupted, unless that operation is still running
+    /// in another process (it holds the operation lock).
     async fn snapshot_recover(&self, domain: &str) -> Result<()> {
         persistent::load(&self.store, domain)?;
+        if snapshots::intent_pending(&self.store, domain)? {
+            match self.store.lock_domain_operation(domain, false)? {
+                Some(_operation) => self.log_recovery(domain).await?,
+                None => tracing::debug!(domain, "a snapshot operation is in progress in another process"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Before a snapshot call that changes images or records: waits for any
+    /// other such operation on the domain, takes the operation lock (held
+    /// until the returned guard drops) and finishes or undoes an operation
+    /// a crash interrupted.
+    async fn snapshot_operation(&self, domain: &str) -> Result<strata_core::store::DomainLock> {
+        persistent::load(&self.store, domain)?;
+        let operation = self
+            .store
+            .lock_domain_operation(domain, true)?
+            .ok_or_else(|| Error::internal("a waiting lock returned no guard"))?;
+        self.log_recovery(domain).await?;
+        Ok(operation)
+    }
+
+    async fn log_recovery(&self, domain: &str) -> Result<()> {
         for note in self.recover_interrupted(domain).await? {
             tracing::info!(domain, "{note}");
         }
@@ -515,6 +540,7 @@ impl Connection for QemuConnection {
 #[async_trait]
 impl SnapshotOps for QemuConnection {
     async fn snapshot_create(&self, domain: &str, xml: &str, flags: SnapshotCreateFlags) -> Result<String> {
+        let _operation = self.snapshot_operation(domain).await?;
         self.snapshot_create_impl(domain, xml, flags).await
     }
 
@@ -535,12 +561,12 @@ impl SnapshotOps for QemuConnection {
     }
 
     async fn snapshot_revert(&self, domain: &str, snapshot: &str, flags: SnapshotRevertFlags) -> Result<()> {
-        self.snapshot_recover(domain).await?;
+        let _operation = self.snapshot_operation(domain).await?;
         self.snapshot_revert_impl(domain, snapshot, flags).await
     }
 
     async fn snapshot_delete(&self, domain: &str, snapshot: &str, flags: SnapshotDeleteFlags) -> Result<Vec<String>> {
-        self.snapshot_recover(domain).await?;
+        let _operation = self.snapshot_operation(domain).await?;
         self.snapshot_delete_impl(domain, snapshot, flags).await
     }
 }

@@ -219,6 +219,11 @@ fn path_str(p: &Path) -> Result<&str> {
     p.to_str().ok_or_else(|| Error::invalid_arg(format!("path '{}' is not UTF-8", p.display())))
 }
 
+/// Whether an interrupted (or running) snapshot operation left its intent.
+pub fn intent_pending(store: &Store, domain: &str) -> Result<bool> {
+    Ok(Intent::read(store, domain)?.is_some())
+}
+
 fn now_secs() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
@@ -244,7 +249,6 @@ impl QemuConnection {
         flags.validate()?;
         let store = self.store();
         crate::persistent::load(store, domain)?;
-        self.recover_interrupted(domain).await?;
         let mut def = SnapshotDef::parse(xml)?;
         if flags.redefine {
             return self.redefine(domain, def, flags.current);
