@@ -121,18 +121,22 @@ impl Store {
     }
 
     /// The lock a multi-step operation on the domain (a snapshot create,
-    /// revert or delete) holds from start to end. With `wait`, waits for
-    /// another holder; without, returns `None` when one holds it. The
-    /// kernel releases it when its holder dies, which is how a later call
-    /// tells an interrupted operation (its intent left, the lock free)
+    /// revert or delete) holds from start to end; waits for another holder.
+    /// The kernel releases it when its holder dies, which is how a later
+    /// call tells an interrupted operation (its intent left, the lock free)
     /// from one still running in another process (the lock held).
-    pub fn lock_domain_operation(&self, name: &str, wait: bool) -> Result<Option<DomainLock>> {
+    pub fn lock_domain_operation(&self, name: &str) -> Result<DomainLock> {
         validate_name("domain", name)?;
         let (file, path) = self.open_lock_file(&format!("{name}.operation.lock"))?;
-        if wait {
-            file.lock().map_err(|e| Error::io("lock", &path, e))?;
-            return Ok(Some(DomainLock { _file: file }));
-        }
+        file.lock().map_err(|e| Error::io("lock", &path, e))?;
+        Ok(DomainLock { _file: file })
+    }
+
+    /// Like [`Store::lock_domain_operation`] without waiting: `None` while
+    /// another process holds it.
+    pub fn try_lock_domain_operation(&self, name: &str) -> Result<Option<DomainLock>> {
+        validate_name("domain", name)?;
+        let (file, path) = self.open_lock_file(&format!("{name}.operation.lock"))?;
         match file.try_lock() {
             Ok(()) => Ok(Some(DomainLock { _file: file })),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),

@@ -291,7 +291,7 @@ impl QemuConnection {
     async fn snapshot_recover(&self, domain: &str) -> Result<()> {
         persistent::load(&self.store, domain)?;
         if snapshots::intent_pending(&self.store, domain)? {
-            match self.store.lock_domain_operation(domain, false)? {
+            match self.store.try_lock_domain_operation(domain)? {
                 Some(_operation) => self.log_recovery(domain).await?,
                 None => tracing::debug!(domain, "a snapshot operation is in progress in another process"),
             }
@@ -305,10 +305,7 @@ impl QemuConnection {
     /// a crash interrupted.
     async fn snapshot_operation(&self, domain: &str) -> Result<strata_core::store::DomainLock> {
         persistent::load(&self.store, domain)?;
-        let operation = self
-            .store
-            .lock_domain_operation(domain, true)?
-            .ok_or_else(|| Error::internal("a waiting lock returned no guard"))?;
+        let operation = self.store.lock_domain_operation(domain)?;
         self.log_recovery(domain).await?;
         Ok(operation)
     }
