@@ -20,10 +20,21 @@ pub use error::{Error, ErrorKind, Result};
 /// this step. Multi-step operations mark their steps with it so tests can
 /// show that the next command finishes or undoes an interrupted one.
 pub fn crash_point(step: &str) {
-    if std::env::var("STRATA_CRASH_AT").is_ok_and(|v| v == step) {
+    signal_self_at("STRATA_CRASH_AT", step, libc::SIGKILL);
+}
+
+/// Stops the process (SIGSTOP, until a SIGCONT) when `STRATA_PAUSE_AT`
+/// names this step, so a test can run other commands inside a window that
+/// is otherwise too short to hit on purpose.
+pub fn pause_point(step: &str) {
+    signal_self_at("STRATA_PAUSE_AT", step, libc::SIGSTOP);
+}
+
+fn signal_self_at(variable: &str, step: &str, signal: libc::c_int) {
+    if std::env::var(variable).is_ok_and(|v| v == step) {
         // SAFETY: kill(2) on this process's own pid; no preconditions.
         unsafe {
-            libc::kill(libc::getpid(), libc::SIGKILL);
+            libc::kill(libc::getpid(), signal);
         }
     }
 }

@@ -126,8 +126,17 @@ impl Store {
     /// call tells an interrupted operation (its intent left, the lock free)
     /// from one still running in another process (the lock held).
     pub fn lock_domain_operation(&self, name: &str) -> Result<DomainLock> {
+        self.lock_domain_for(name, "operation")
+    }
+
+    /// A lock of the domain for one purpose a driver names (file
+    /// `locks/NAME.PURPOSE.lock`), independent of the domain lock and of
+    /// other purposes; waits for another holder. Never take the same
+    /// purpose twice in one process: the second call would wait forever.
+    pub fn lock_domain_for(&self, name: &str, purpose: &str) -> Result<DomainLock> {
         validate_name("domain", name)?;
-        let (file, path) = self.open_lock_file(&format!("{name}.operation.lock"))?;
+        validate_name("lock purpose", purpose)?;
+        let (file, path) = self.open_lock_file(&format!("{name}.{purpose}.lock"))?;
         file.lock().map_err(|e| Error::io("lock", &path, e))?;
         Ok(DomainLock { _file: file })
     }

@@ -222,12 +222,45 @@ impl Background {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn strata");
-        // Give it time to start its job before the test looks: a call that
-        // reconciles while a job is being started can lose it (see
-        // concurrent_callers_while_jobs_start_and_end), which this keeps
-        // out of the tests of other features.
+        // Give it time to start its job, so the test looks at a running one.
         std::thread::sleep(Duration::from_millis(500));
         Background { child: Some(child) }
+    }
+
+    /// Starts `strata` with `STRATA_PAUSE_AT=step` and returns once it has
+    /// stopped itself there; its output when it ended without reaching
+    /// `step`.
+    fn spawn_paused_at(env: &TestEnv, args: &[&str], step: &str) -> Result<Background, Output> {
+        let child = Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
+            .arg("-c")
+            .arg(&env.uri)
+            .args(args)
+            .env_remove("STRATA_LOG")
+            .env("STRATA_PAUSE_AT", step)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn strata");
+        let mut bg = Background { child: Some(child) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if !bg.running() {
+                return Err(bg.child.take().expect("child").wait_with_output().expect("collect output"));
+            }
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", bg.pid())).unwrap_or_default();
+            // The state follows the command name's closing parenthesis.
+            if stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T')) {
+                return Ok(bg);
+            }
+            assert!(Instant::now() < deadline, "strata {args:?} neither stopped at {step} nor ended");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn resume(&self) {
+        // SAFETY: kill(2) on the pid of our own child, which is not yet reaped.
+        let rc = unsafe { libc::kill(self.pid(), libc::SIGCONT) };
+        assert_eq!(rc, 0, "SIGCONT to strata failed");
     }
 
     fn running(&mut self) -> bool {
@@ -1084,6 +1117,86 @@ fn concurrent_callers_while_jobs_start_and_end() {
     assert_eq!(out.trim(), "Commit complete");
     assert_chain(&env, &c.expect(&[SNAP4, SNAP2, SNAP1, ROOT]), "after the rounds");
     assert_guest_sees(&env, &c.reference, "after the rounds");
+}
+
+/// The window behind an earlier CI failure of the test above, opened on
+/// purpose: one process has recorded a finished job and is about to remove
+/// the disk's dead nodes while another has added the nodes of a new copy on
+/// the same disk but not yet started the copy. The removal must spare them.
+#[test]
+fn dead_node_removal_spares_the_nodes_of_a_starting_copy() {
+    let env = TestEnv::new();
+    let (c, _guard) = start_chain(&env);
+    let out = env.ok(&["blockpull", "vm", "vda", "--base", "vda[4]"]);
+    assert_eq!(out.trim(), "Block Pull started");
+    // The next call finds the pull ended in QEMU, records it and stops
+    // before removing dead nodes.
+    let recorder = loop {
+        match Background::spawn_paused_at(&env, &["blockjob", "vm", "vda", "--info"], "job:recorded") {
+            Ok(bg) => break bg,
+            Err(out) => {
+                let printed = text(&out.stdout);
+                assert!(printed.contains("Block Pull: ["), "the pull was recorded elsewhere: {printed:?} {out:?}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    let dest = env.path("copy.qcow2");
+    let copier = Background::spawn_paused_at(
+        &env,
+        &["blockcopy", "vm", "vda", "--dest", s(&dest), "--wait", "--finish"],
+        "blockcopy:nodes-added",
+    )
+    .unwrap_or_else(|out| panic!("the copy ended before adding its nodes: {out:?}"));
+    recorder.resume();
+    // Without the lock the recorder removes the copy's nodes now and ends.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut recorder = recorder;
+    while recorder.running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    copier.resume();
+    let out = copier.finish(Duration::from_secs(60));
+    assert!(out.status.success(), "the copy failed: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "Successfully copied");
+    let out = recorder.finish(Duration::from_secs(30));
+    assert!(out.status.success(), "blockjob --info failed: {}", text(&out.stderr));
+    assert_eq!(job_info(&env).trim(), "No current block job for vda");
+    assert_chain(&env, &c.expect(&[SNAP4, ROOT]), "after the pull and the copy");
+    assert_guest_sees(&env, &c.reference, "after the pull and the copy");
+    qemu_img(&["compare", s(&dest), s(&c.reference)]);
+}
+
+/// A process that saw a job end gets to record it only after another one
+/// has recorded that end and started the next job of the same kind on the
+/// disk: it must leave the new job alone (an earlier CI failure: it tried
+/// to dismiss the new job, and would have recorded its end).
+#[test]
+fn a_late_recorder_leaves_the_next_job_alone() {
+    let env = TestEnv::new();
+    let (c, _guard) = start_chain(&env);
+    env.ok(&["blockpull", "vm", "vda", "--base", "vda[4]"]);
+    let late = loop {
+        match Background::spawn_paused_at(&env, &["blockjob", "vm", "vda", "--info"], "job:seen-ended") {
+            Ok(bg) => break bg,
+            Err(out) => {
+                let printed = text(&out.stdout);
+                assert!(printed.contains("Block Pull: ["), "the pull was recorded elsewhere: {printed:?} {out:?}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    assert_eq!(job_info(&env).trim(), "No current block job for vda");
+    env.ok(&["blockpull", "vm", "vda", "--bandwidth", "1048576", "--bytes"]);
+    late.resume();
+    let out = late.finish(Duration::from_secs(30));
+    assert!(out.status.success(), "the late blockjob --info failed: {}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("Block Pull: ["), "the late call lost the second pull: {out:?}");
+    assert!(job_info(&env).contains("Block Pull: ["), "the second pull is no longer running");
+    env.ok(&["blockjob", "vm", "vda", "--abort"]);
+    assert_eq!(job_info(&env).trim(), "No current block job for vda");
+    assert_chain(&env, &c.expect(&[SNAP4, ROOT]), "after the first pull and the aborted second");
+    assert_guest_sees(&env, &c.reference, "after the two pulls");
 }
 
 /// `--timeout 1` on a slow pull aborts it: "Pull aborted", exit 1, chain

@@ -19,7 +19,7 @@ use strata_core::chain::{Chain, StorageSource};
 use strata_core::driver::{BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobState};
 use strata_core::image::{self, ImageFormat};
 use strata_core::options::{BlockCommitOptions, BlockCopyOptions, BlockPullOptions};
-use strata_core::store::Store;
+use strata_core::store::{DomainLock, Store};
 use strata_core::xml::Element;
 use strata_core::{Error, ErrorKind, Result};
 use strata_qmp::types::{JobInfo, JobStatus};
@@ -147,7 +147,7 @@ fn epoch_secs() -> u64 {
 impl JobRecord {
     fn new(kind: BlockJobKind, disk: &str, delete: Vec<PathBuf>) -> JobRecord {
         JobRecord {
-            id: job_id(kind, disk),
+            id: String::new(), // given by record_job
             kind,
             disk: disk.to_string(),
             delete,
@@ -184,8 +184,10 @@ async fn finalize(client: &QmpClient, name: &str, id: &str) -> Result<()> {
     Ok(())
 }
 
-fn job_id(kind: BlockJobKind, disk: &str) -> String {
-    format!("strata-{}-{disk}", kind.as_str())
+/// A job id never used before in this QEMU: a process that read an older
+/// record must not take a later job on the same disk for the one it read.
+fn job_id(kind: BlockJobKind, disk: &str, number: u64) -> String {
+    format!("strata-{}-{disk}-{number}", kind.as_str())
 }
 
 /// Refuses a second job on a disk.
@@ -274,17 +276,22 @@ pub async fn live_disk(client: &QmpClient, domain: &str, disk: &str) -> Result<L
         .ok_or_else(|| Error::invalid_arg(format!("disk '{disk}' not found in domain")))
 }
 
-/// Adds a job record under the domain lock, refusing a busy disk.
-fn record_job(store: &Store, name: &str, rec: JobRecord, mirror: Option<Element>) -> Result<()> {
+/// Adds a job record under the domain lock, refusing a busy disk; returns
+/// the job id it gave the record.
+fn record_job(store: &Store, name: &str, mut rec: JobRecord, mirror: Option<Element>) -> Result<String> {
     let _lock = store.lock_domain(name)?;
     let mut status = live::reconcile(store, name)?.ok_or_else(|| Error::operation_invalid("domain is not running"))?;
     ensure_idle(&status, &rec.disk)?;
+    rec.id = job_id(rec.kind, &rec.disk, status.next_node);
+    status.next_node = status.next_node.saturating_add(1);
+    let id = rec.id.clone();
     if let Some(m) = mirror {
         status.domain.set_disk_mirror(&rec.disk, Some(m))?;
     }
     set_outcome(store, name, &rec.disk, None)?;
     status.jobs.push(rec);
-    store.write_status(name, &status.to_xml())
+    store.write_status(name, &status.to_xml())?;
+    Ok(id)
 }
 
 fn drop_record(store: &Store, name: &str, id: &str) -> Result<()> {
@@ -301,8 +308,8 @@ fn drop_record(store: &Store, name: &str, id: &str) -> Result<()> {
     Ok(())
 }
 
-/// Runs a job-starting command after recording the job; forgets the record
-/// if QEMU refuses.
+/// Runs a job-starting command (its arguments without the `job-id`) after
+/// recording the job; forgets the record if QEMU refuses.
 async fn start_recorded(
     store: &Store,
     name: &str,
@@ -310,10 +317,10 @@ async fn start_recorded(
     rec: JobRecord,
     mirror: Option<Element>,
     command: &str,
-    args: Value,
+    mut args: Value,
 ) -> Result<()> {
-    let id = rec.id.clone();
-    record_job(store, name, rec, mirror)?;
+    let id = record_job(store, name, rec, mirror)?;
+    args["job-id"] = Value::String(id.clone());
     if let Err(e) = client.execute(command, Some(args)).await {
         drop_record(store, name, &id)?;
         return Err(qmp_error(name, e));
@@ -337,7 +344,6 @@ pub async fn pull(store: &Store, name: &str, client: &QmpClient, disk: &str, opt
         None => 0,
     };
     let mut args = json!({
-        "job-id": job_id(BlockJobKind::Pull, disk),
         "device": live.nodes[into],
         "auto-finalize": false,
         "auto-dismiss": false,
@@ -414,7 +420,6 @@ pub async fn commit(
     }
     let kind = if active { BlockJobKind::ActiveCommit } else { BlockJobKind::Commit };
     let mut args = json!({
-        "job-id": job_id(kind, disk),
         "device": live.nodes[0],
         "base-node": live.nodes[base],
         "auto-finalize": false,
@@ -514,6 +519,7 @@ pub async fn copy(
         (None, true) => image::detect_format(&dest)?.as_str().to_string(),
         (None, false) => source_format.clone(),
     };
+    let _nodes = lock_unattached_nodes(store, name)?;
     let graph = BlockGraph::query(client, name).await?;
     let fmt_node = unused_node_name(&graph, &format!("{disk}-copy-fmt"));
     let file_node = unused_node_name(&graph, &format!("{disk}-copy-file"));
@@ -572,8 +578,8 @@ pub async fn copy(
         let _ = client.execute("blockdev-del", Some(json!({"node-name": file_node}))).await;
         return Err(qmp_error(name, e));
     }
+    strata_core::pause_point("blockcopy:nodes-added");
     let mut args = json!({
-        "job-id": job_id(BlockJobKind::Copy, disk),
         "device": live.nodes[0],
         "target": fmt_node,
         "sync": if opts.shallow { "top" } else { "full" },
@@ -630,6 +636,7 @@ pub async fn reconcile_jobs(
     for rec in &status.jobs {
         match find_job(&jobs, &rec.id).map(|j| j.status) {
             Some(JobStatus::Pending) => {
+                strata_core::pause_point("job:seen-ended");
                 // A pending mirror or active commit holds the guest's I/O.
                 finalize(client, name, &rec.id).await?;
                 wait_status(client, name, &rec.id, &[JobStatus::Concluded, JobStatus::Null], Duration::from_secs(30))
@@ -639,6 +646,7 @@ pub async fn reconcile_jobs(
             }
             None if rec.starting && !rec.start_overdue() => {}
             Some(JobStatus::Concluded) | None => {
+                strata_core::pause_point("job:seen-ended");
                 conclude(store, name, client, rec).await?;
                 changed = true;
             }
@@ -752,7 +760,8 @@ async fn conclude(store: &Store, name: &str, client: &QmpClient, rec: &JobRecord
         }
         let end = match &info {
             None => BlockJobEnd::Failed("the job disappeared from QEMU".into()),
-            Some(j) => match (&j.error, rec.pivoting, rec.kind.has_ready_phase()) {
+            // The record as it is now: the caller's copy may predate a pivot.
+            Some(j) => match (&j.error, fresh.pivoting || rec.pivoting, rec.kind.has_ready_phase()) {
                 (Some(e), _, _) if e.contains("canceled") || e.contains("cancelled") => BlockJobEnd::Cancelled,
                 (Some(e), _, _) => BlockJobEnd::Failed(e.clone()),
                 (None, false, true) => BlockJobEnd::Finished,
@@ -786,7 +795,8 @@ async fn conclude(store: &Store, name: &str, client: &QmpClient, rec: &JobRecord
         store.write_status(name, &status.to_xml())?;
         end
     };
-    remove_dead_nodes(client, name, &rec.disk).await?;
+    strata_core::pause_point("job:recorded");
+    remove_dead_nodes(store, client, name, &rec.disk).await?;
     if rec.kind == BlockJobKind::ActiveCommit && end != BlockJobEnd::Completed {
         reopen_backing_read_only(client, name, &rec.disk).await?;
     }
@@ -841,10 +851,19 @@ pub(crate) async fn reopen_node(client: &QmpClient, name: &str, node: &str, read
     Ok(())
 }
 
+/// The lock over nodes QEMU has without a parent yet: held from adding
+/// such nodes until the command that attaches them (a job, a snapshot
+/// transaction) has returned, and by [`remove_dead_nodes`], which would
+/// otherwise take another process's fresh nodes for dead ones.
+pub(crate) fn lock_unattached_nodes(store: &Store, name: &str) -> Result<DomainLock> {
+    store.lock_domain_for(name, "nodes")
+}
+
 /// Removes the disk's nodes nothing uses any more (left by a finished job;
 /// QEMU keeps monitor-added nodes until told), format nodes before their
 /// files. Only this disk's nodes: another disk's job may be adding some.
-async fn remove_dead_nodes(client: &QmpClient, name: &str, disk: &str) -> Result<()> {
+async fn remove_dead_nodes(store: &Store, client: &QmpClient, name: &str, disk: &str) -> Result<()> {
+    let _nodes = lock_unattached_nodes(store, name)?;
     let prefix = format!("{disk}-");
     for _ in 0..64 {
         let graph = BlockGraph::query(client, name).await?;

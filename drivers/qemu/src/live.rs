@@ -43,7 +43,7 @@ pub struct LiveStatus {
     /// Each disk's root (active) format node, kept up to date so that
     /// operations need not read QEMU's whole block graph to find it.
     pub roots: std::collections::BTreeMap<String, String>,
-    /// For unique names of nodes Strata adds later.
+    /// For unique names of nodes Strata adds later, and unique job ids.
     pub next_node: u64,
     /// The reason word of the last run-state change Strata made, with the
     /// state (virsh's word) it led to: libvirt reports `(unpaused)` or

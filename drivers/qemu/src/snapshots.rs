@@ -619,6 +619,7 @@ impl QemuConnection {
         }
         let externals = plans.iter().filter(|p| p.mode == "external").count() as u64;
         let mut number = if externals > 0 { self.reserve_nodes(domain, externals)? } else { 0 };
+        let _nodes = crate::jobs::lock_unattached_nodes(self.store(), domain)?;
         let mut added: Vec<String> = Vec::new();
         let mut actions: Vec<Value> = Vec::new();
         let outcome = async {
