@@ -1362,3 +1362,48 @@ fn sigkill_to_qemu_mid_job_leaves_a_consistent_record() {
     assert_eq!(job_info(&env).trim(), "No current block job for vda");
     assert_guest_sees(&env, &c.reference, "after a restart");
 }
+
+/// Snapshot create (disk-only and checkpoint), revert and delete are refused
+/// with virsh's words while a block job runs on the domain, and change
+/// nothing; the job goes on. Once it has ended, deleting the snapshot whose
+/// frozen image the pull took out of the chain keeps both files.
+#[test]
+fn snapshot_commands_wait_for_the_end_of_a_block_job() {
+    let env = TestEnv::new();
+    let (c, _guard) = start_chain(&env);
+    env.ok(&["snapshot-create-as", "vm", "s0", "--disk-only", "--atomic"]);
+    let s0_overlay = env.path("snap4.s0");
+    env.ok(&["blockpull", "vm", "vda", "--base", "vda[2]", "--bandwidth", "1048576", "--bytes"]);
+    wait_job_visible(&env, "Block Pull");
+    for args in [
+        &["snapshot-create-as", "vm", "s1", "--disk-only", "--atomic"][..],
+        &["snapshot-create-as", "vm", "s2"],
+        &["snapshot-revert", "vm", "s0"],
+        &["snapshot-delete", "vm", "s0"],
+    ] {
+        let out = env.strata(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?} was not refused: {}", text(&out.stdout));
+        assert_eq!(
+            text(&out.stderr).trim(),
+            "error: block copy still active: disk 'vda' already in active block job",
+            "{args:?}"
+        );
+    }
+    assert!(!env.path("snap4.s1").exists(), "a refused snapshot left its overlay");
+    assert_eq!(env.ok(&["snapshot-list", "vm", "--name"]).trim(), "s0");
+    assert!(job_info(&env).contains("Block Pull: ["), "the pull did not survive the refusals");
+    env.ok(&["blockjob", "vm", "vda", "--bandwidth", "0"]);
+    wait_no_job(&env);
+    let mut expected = vec![(s(&s0_overlay).to_string(), "qcow2".to_string())];
+    expected.extend(c.expect(&[SNAP3, SNAP2, SNAP1, ROOT]));
+    assert_chain(&env, &expected, "after the pull");
+    // The pull left the overlay on snap3: nothing depends on snap4, the
+    // image s0 froze, so nothing is merged and no file goes (before, the
+    // delete removed the overlay QEMU was running on).
+    let out = env.ok(&["snapshot-delete", "vm", "s0"]);
+    assert!(out.contains(&format!("vda: no image depends on {} any more", c.arg(SNAP4))), "{out}");
+    assert!(s0_overlay.exists() && c.path(SNAP4).exists(), "the delete removed a file");
+    assert_chain(&env, &expected, "after the delete");
+    assert_eq!(env.ok(&["snapshot-list", "vm", "--name"]).trim(), "");
+    assert_guest_sees(&env, &c.reference, "after the pull and the delete");
+}

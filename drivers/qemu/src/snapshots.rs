@@ -229,6 +229,22 @@ fn now_secs() -> i64 {
 }
 
 impl QemuConnection {
+    /// Refuses, as libvirt does, while a block job runs on a disk of the
+    /// domain: a snapshot would change the chain under the job, and a
+    /// revert would end the QEMU that runs it. Jobs that ended meanwhile
+    /// are recorded first, so only a running one stands in the way.
+    async fn refuse_during_block_job(&self, domain: &str) -> Result<()> {
+        if let Some((status, _)) = self.serving(domain).await? {
+            if let Some(job) = status.jobs.first() {
+                return Err(Error::new(
+                    ErrorKind::BlockCopyActive,
+                    format!("disk '{}' already in active block job", job.disk),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The definition as it is now: live when running, else persistent.
     async fn current_definition(&self, domain: &str) -> Result<(Domain, Option<LiveStatus>)> {
         match live::reconcile(self.store(), domain)? {
@@ -253,6 +269,7 @@ impl QemuConnection {
         if flags.redefine {
             return self.redefine(domain, def, flags.current);
         }
+        self.refuse_during_block_job(domain).await?;
         let memory_file = match def.memory.as_ref().filter(|m| m.snapshot == "external") {
             Some(m) => {
                 let file = m.file.as_ref().map(PathBuf::from).ok_or_else(|| {
@@ -822,6 +839,7 @@ impl QemuConnection {
         flags.validate()?;
         let store = self.store();
         let def = load(store, domain, snap)?;
+        self.refuse_during_block_job(domain).await?;
         let saved = def
             .domain
             .clone()
@@ -1044,6 +1062,9 @@ impl QemuConnection {
         flags.validate()?;
         let store = self.store();
         load(store, domain, snap)?;
+        if !flags.metadata_only {
+            self.refuse_during_block_job(domain).await?;
+        }
         let defs = all(store, domain)?;
         let children_of = |name: &str| -> Vec<String> {
             defs.iter().filter(|d| d.parent.as_deref() == Some(name)).filter_map(|d| d.name.clone()).collect()
@@ -1226,11 +1247,11 @@ impl QemuConnection {
         tracing::debug!(?edges, frozen = %frozen.display(), overlay = %overlay.display(), "image dependencies");
         let children: Vec<PathBuf> = edges.iter().filter(|(_, b)| *b == frozen).map(|(c, _)| c.clone()).collect();
         let below = edges.iter().find(|(c, _)| *c == frozen).map(|(_, b)| b.clone());
-        let method = if children.len() <= 1 && overlay.exists() && children.iter().all(|c| *c == overlay) {
-            DeleteMethod::Commit
-        } else {
-            DeleteMethod::Pull
-        };
+        // Method 1 only when the overlay is the frozen image's one child: a
+        // block job may have left it on another backing (then nothing is
+        // to merge, and method 2 with no child keeps both files).
+        let method =
+            if children == [overlay.clone()] && overlay.exists() { DeleteMethod::Commit } else { DeleteMethod::Pull };
         Ok(DeletePlan {
             snapshot: def.name.clone().unwrap_or_default(),
             disk: d.name.clone(),
@@ -1267,6 +1288,13 @@ impl QemuConnection {
                         }
                         (Some(top), Some(base)) => {
                             self.job_to_end(domain, disk, JobRequest::Commit { top, base }).await?;
+                        }
+                        (Some(_), None) => {
+                            return Err(Error::operation_failed(format!(
+                                "{} is in the running chain of {disk} but {} is no longer below it: nothing was merged or removed",
+                                overlay.display(),
+                                frozen.display()
+                            )))
                         }
                         // Outside the running chain: committed with qemu-img
                         // while something still reads through the overlay
@@ -1334,6 +1362,13 @@ impl QemuConnection {
                     strata_core::crash_point("snapshot-delete:pulled");
                 }
                 self.refresh_saved_chains(domain).await?;
+                if children.is_empty() {
+                    return Ok(format!(
+                        "{disk}: no image depends on {} any more ({} is now backed by another image); both files are kept",
+                        frozen.display(),
+                        overlay.display()
+                    ));
+                }
                 Ok(format!(
                     "{disk}: pulled {} into {} (method 2: {} images depend on it); the file is kept",
                     frozen.display(),
