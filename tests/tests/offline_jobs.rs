@@ -131,3 +131,27 @@ fn offline_errors_leave_nothing_running() {
     assert!(err.contains("does not have an active block job"), "{err}");
     nothing_left(&env);
 }
+
+/// A domain redefined onto another image while an offline pull runs keeps
+/// that image when the pull ends: as in libvirt, a job's new chain goes only
+/// to a persistent disk still on the image the job ran on.
+#[test]
+fn a_disk_redefined_during_a_job_keeps_its_new_image() {
+    let env = TestEnv::new();
+    let (chain, reference) = setup(&env);
+    env.ok(&["blockpull", "vm", "vda", "--bandwidth", "1048576", "--bytes"]);
+    let other = env.path("other.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&other), "16M"]);
+    env.define("vm", &domain_xml("vm", &[DiskSpec { target: "vda", format: "qcow2", path: &other, extra: "" }]));
+    env.ok(&["blockjob", "vm", "vda", "--bandwidth", "0"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !env.ok(&["blockjob", "vm", "vda", "--info"]).contains("No current block job for vda") {
+        assert!(std::time::Instant::now() < deadline, "the pull did not end");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(recorded(&env), vec![s(&other).to_string()], "the redefined disk lost its image");
+    // The pull itself was done, on the image it ran on.
+    assert_eq!(qemu_chain(&chain[2]), vec![(s(&chain[2]).to_string(), "qcow2".to_string())]);
+    same_data(&chain[2], &reference);
+    nothing_left(&env);
+}

@@ -775,6 +775,7 @@ async fn conclude(store: &Store, name: &str, client: &QmpClient, rec: &JobRecord
             client.execute("job-dismiss", Some(json!({"id": rec.id}))).await.map_err(|e| qmp_error(name, e))?;
         }
         let live_disk = live_disk(client, name, &rec.disk).await?;
+        let source_before = status.domain.find_disk(&rec.disk)?.source().cloned();
         status.domain.set_disk_chain(&rec.disk, &live_disk.chain)?;
         if let Some(root) = live_disk.root() {
             status.roots.insert(rec.disk.clone(), root.to_string());
@@ -787,7 +788,11 @@ async fn conclude(store: &Store, name: &str, client: &QmpClient, rec: &JobRecord
         set_outcome(store, name, &rec.disk, Some(outcome))?;
         if let Some(xml) = store.read_domain(name)? {
             let mut persistent = strata_core::xml::Domain::parse(&xml)?;
-            if persistent.find_disk(&rec.disk).is_ok() {
+            // As libvirt does: only a persistent disk still on the image the
+            // job ran on takes its new chain; one redefined meanwhile to
+            // another image keeps it.
+            let same_image = persistent.find_disk(&rec.disk).is_ok_and(|d| d.source() == source_before.as_ref());
+            if same_image {
                 persistent.set_disk_chain(&rec.disk, &live_disk.chain)?;
                 store.write_domain(name, &persistent.to_xml())?;
             }
