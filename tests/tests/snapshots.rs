@@ -1819,3 +1819,55 @@ fn delete_method2_killed_at_each_step_live() {
 fn delete_method2_killed_at_each_step_offline() {
     delete_killed_at_each_step(false, DeleteCase::MultiChild);
 }
+
+/// A user's `blockpull` flattens vda onto s2's overlay, so s1's overlay
+/// leaves the running chain while s2's record still froze it. Deleting s1
+/// must merge that overlay into s1's frozen image before s2's record is
+/// pointed there (before, the overlay was removed unmerged, and reverting
+/// to s2 gave other data).
+#[test]
+fn delete_after_a_user_pull_keeps_what_later_snapshots_froze() {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::None, true);
+    let _guard = vm.guard();
+    let (_, at_s2, after_s2) = two_snapshots(&mut vm);
+    let (o1, o2) = (overlay(&env, "s1", "vda"), overlay(&env, "s2", "vda"));
+    env.ok(&["blockpull", "vm", "vda", "--wait"]);
+    assert_eq!(chain_files(&active(&env, "vda")), strs(&[&o2]));
+    let out = env.ok(&["snapshot-delete", "vm", "s1"]);
+    assert!(out.ends_with("Domain snapshot s1 deleted\n"), "{out}");
+    assert!(!o1.exists(), "s1's overlay is left");
+    assert_eq!(frozen(&env, "s2", "vda"), vm.top);
+    assert!(vm.reads(&after_s2), "the current state changed");
+    vm.destroy();
+    env.ok(&["snapshot-revert", "vm", "s2"]);
+    assert!(same(&active(&env, "vda"), &at_s2), "s2 no longer reverts to what it froze");
+}
+
+/// A user's active commit with pivot merges both overlays into the image s1
+/// froze, and the guest writes on. s1's overlay can then be neither merged
+/// again (that would overwrite newer data) nor dropped (s2's overlay still
+/// reads through it): the delete is refused, changes nothing, and leaves
+/// no pending operation; `--metadata` still removes the record.
+#[test]
+fn delete_refuses_an_overlay_merged_behind_its_back() {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::None, true);
+    let _guard = vm.guard();
+    two_snapshots(&mut vm);
+    let (o1, o2) = (overlay(&env, "s1", "vda"), overlay(&env, "s2", "vda"));
+    let out = env.ok(&["blockcommit", "vm", "vda", "--active", "--pivot", "--base", "vda[2]", "--wait"]);
+    assert_eq!(out.trim(), "Successfully pivoted");
+    assert_eq!(active(&env, "vda"), vm.top);
+    vm.write(0xe1, 5 * MIB, 64 * 1024);
+    let now = vm.snap_ref();
+    let err = env.fails(&["snapshot-delete", "vm", "s1"]);
+    assert!(err.contains("cannot delete snapshot 's1' on vda") && err.contains("--metadata"), "{err}");
+    assert!(o1.exists() && o2.exists(), "a refused delete removed a file");
+    assert_eq!(names(&env, &[]), ["s1", "s2"]);
+    assert_eq!(Intent::pending(&env), None, "the refusal left an intent");
+    assert!(vm.reads(&now), "the refusal changed the guest's data");
+    env.ok(&["snapshot-delete", "vm", "s1", "--metadata"]);
+    assert_eq!(names(&env, &[]), ["s2"]);
+    assert!(vm.reads(&now));
+}

@@ -292,7 +292,14 @@ impl QemuConnection {
         persistent::load(&self.store, domain)?;
         if snapshots::intent_pending(&self.store, domain)? {
             match self.store.try_lock_domain_operation(domain)? {
-                Some(_operation) => self.log_recovery(domain).await?,
+                Some(_operation) => {
+                    // A read still answers when the operation cannot be
+                    // finished now; the next create, revert or delete
+                    // tries again and reports why it cannot.
+                    if let Err(e) = self.log_recovery(domain).await {
+                        tracing::warn!(domain, error = %e, "an interrupted snapshot operation could not be finished");
+                    }
+                }
                 None => tracing::debug!(domain, "a snapshot operation is in progress in another process"),
             }
         }

@@ -1101,35 +1101,76 @@ impl QemuConnection {
         Intent::Delete { snapshots: snapshots.clone(), metadata_only, plans: plans.clone() }.write(store, domain)?;
         strata_core::crash_point("snapshot-delete:intent");
         let mut notes = Vec::new();
-        for name in &snapshots {
+        let mut in_progress = false;
+        let outcome = self
+            .delete_each(domain, &snapshots, metadata_only, &mut plans, resuming, &mut in_progress, &mut notes)
+            .await;
+        if let Err(e) = outcome {
+            // A refusal before any step leaves nothing to finish; after
+            // one, the intent stays so that the next call finishes the rest.
+            if !in_progress {
+                Intent::clear(store, domain)?;
+            }
+            return Err(e);
+        }
+        Intent::clear(store, domain)?;
+        Ok(notes)
+    }
+
+    /// The steps of [`Self::run_delete`]. `in_progress` tells the caller,
+    /// when a step fails, whether a snapshot's deletion has begun (its
+    /// intent must stay to be finished) or none has (a clean refusal).
+    #[allow(clippy::too_many_arguments)]
+    async fn delete_each(
+        &self,
+        domain: &str,
+        snapshots: &[String],
+        metadata_only: bool,
+        plans: &mut Vec<DeletePlan>,
+        resuming: bool,
+        in_progress: &mut bool,
+        notes: &mut Vec<String>,
+    ) -> Result<()> {
+        let store = self.store();
+        for name in snapshots {
+            // A plan on record means its steps may have begun.
+            *in_progress = plans.iter().any(|p| p.snapshot == *name);
             if store.read_snapshot(domain, name)?.is_none() {
                 continue;
             }
             let def = load(store, domain, name)?;
             if !metadata_only {
-                for d in def.disks.iter().filter(|d| d.snapshot.as_deref() == Some("internal")) {
-                    notes.extend(self.delete_internal(domain, &def, &d.name, resuming).await?);
-                }
+                // Every disk is planned before any is changed, so a disk
+                // that cannot be done refuses the whole snapshot cleanly.
+                let mut todo = Vec::new();
                 for d in def.disks.iter().filter(|d| d.snapshot.as_deref() == Some("external")) {
                     let plan = match plans.iter().find(|p| p.snapshot == *name && p.disk == d.name) {
                         Some(p) => p.clone(),
                         None => {
                             let p = self.plan_external_delete(domain, &def, d).await?;
                             plans.push(p.clone());
-                            Intent::Delete { snapshots: snapshots.clone(), metadata_only, plans: plans.clone() }
-                                .write(store, domain)?;
-                            strata_core::crash_point("snapshot-delete:planned");
                             p
                         }
                     };
-                    notes.push(self.apply_delete_plan(domain, &plan, resuming).await?);
+                    todo.push(plan);
+                }
+                Intent::Delete { snapshots: snapshots.to_vec(), metadata_only, plans: plans.clone() }
+                    .write(store, domain)?;
+                strata_core::crash_point("snapshot-delete:planned");
+                *in_progress = true;
+                for d in def.disks.iter().filter(|d| d.snapshot.as_deref() == Some("internal")) {
+                    notes.extend(self.delete_internal(domain, &def, &d.name, resuming).await?);
+                }
+                for plan in &todo {
+                    notes.push(self.apply_delete_plan(domain, plan, resuming).await?);
                     strata_core::crash_point("snapshot-delete:images");
                 }
             }
+            *in_progress = true;
             self.remove_record(domain, &def)?;
+            *in_progress = false;
         }
-        Intent::clear(store, domain)?;
-        Ok(notes)
+        Ok(())
     }
 
     /// Removes a snapshot's record: children move to its parent, and so
@@ -1252,6 +1293,32 @@ impl QemuConnection {
         // to merge, and method 2 with no child keeps both files).
         let method =
             if children == [overlay.clone()] && overlay.exists() { DeleteMethod::Commit } else { DeleteMethod::Pull };
+        if method == DeleteMethod::Commit {
+            // The frozen image is in use but its overlay is not: something
+            // committed the overlay into it behind Strata's back, and newer
+            // data has been written over. Merging the overlay again would
+            // overwrite that data; dropping it would lose what still reads
+            // through it.
+            let (dom, _) = self.current_definition(domain).await?;
+            let in_use = |p: &Path| {
+                dom.find_disk(&d.name)
+                    .ok()
+                    .and_then(|disk| disk.chain)
+                    .is_some_and(|c| c.main_line().iter().any(|l| l.source.local_path() == Some(p)))
+            };
+            let snapshot = def.name.as_deref().unwrap_or_default();
+            let read_through =
+                edges.iter().any(|(_, b)| *b == overlay) || self.saved_elsewhere(domain, snapshot, &overlay)?;
+            if in_use(&frozen) && !in_use(&overlay) && read_through {
+                return Err(Error::operation_invalid(format!(
+                    "cannot delete snapshot '{snapshot}' on {}: {} is in use but {} is not (it was merged behind Strata's back), and other images or snapshots still read through {}; `snapshot-delete --metadata` removes only the record",
+                    d.name,
+                    frozen.display(),
+                    overlay.display(),
+                    overlay.display()
+                )));
+            }
+        }
         Ok(DeletePlan {
             snapshot: def.name.clone().unwrap_or_default(),
             disk: d.name.clone(),
@@ -1296,10 +1363,23 @@ impl QemuConnection {
                                 frozen.display()
                             )))
                         }
-                        // Outside the running chain: committed with qemu-img
-                        // while something still reads through the overlay
-                        // (once nothing does, its data is no one's).
-                        _ if !dependents.is_empty() => {
+                        // The frozen image runs but the overlay does not: a
+                        // commit (this delete's, before an interruption)
+                        // has merged it, and it only has to go, unless an
+                        // image still reads through it.
+                        (None, Some(_)) if !dependents.is_empty() => {
+                            return Err(Error::operation_failed(format!(
+                                "{} was merged into {} but images still read through it: nothing was removed",
+                                overlay.display(),
+                                frozen.display()
+                            )))
+                        }
+                        (None, Some(_)) => {}
+                        // Neither runs: committed with qemu-img while an image
+                        // or another snapshot's saved definition still reads
+                        // through the overlay (once nothing does, its data is
+                        // no one's).
+                        (None, None) if !dependents.is_empty() || self.saved_elsewhere(domain, &plan.snapshot, overlay)? => {
                             run("qemu-img", &["commit", "-d", "-q", path_str(overlay)?])?;
                             for child in dependents {
                                 run(
@@ -1377,6 +1457,27 @@ impl QemuConnection {
                 ))
             }
         }
+    }
+
+    /// Whether a saved definition other than `snapshot`'s (another
+    /// snapshot's, or the persistent one) has `image` in a disk's chain.
+    fn saved_elsewhere(&self, domain: &str, snapshot: &str, image: &Path) -> Result<bool> {
+        let mut doms = vec![crate::persistent::load(self.store(), domain)?];
+        for def in all(self.store(), domain)? {
+            if def.name.as_deref() != Some(snapshot) {
+                if let Some(el) = def.domain {
+                    doms.push(Domain::from_element(el)?);
+                }
+            }
+        }
+        for dom in doms {
+            for disk in dom.disks()? {
+                if disk.chain.iter().flat_map(|c| &c.layers).any(|l| l.source.local_path() == Some(image)) {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
     }
 
     /// Waits for the end of a pull or commit left running on `disk` by an
