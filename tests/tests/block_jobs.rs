@@ -857,9 +857,10 @@ fn copy_destination_from_xml_uses_its_format() {
 }
 
 /// An existing destination needs `--reuse-external`; `--reuse-external`
-/// needs an existing destination. Neither refusal touches anything.
+/// needs an existing destination that no chain or snapshot reads. No
+/// refusal touches anything.
 #[test]
-fn copy_destination_existence_is_checked() {
+fn copy_destination_existence_and_use_are_checked() {
     let env = TestEnv::new();
     let (c, _guard) = start_chain(&env);
     let existing = env.path("existing.qcow2");
@@ -877,6 +878,15 @@ fn copy_destination_existence_is_checked() {
         "{err}"
     );
     assert!(!missing.exists());
+    assert_eq!(job_info(&env).trim(), "No current block job for vda");
+    // A reused destination the guest reads (its active or a backing image).
+    for layer in [SNAP4, SNAP2] {
+        let err = env.fails(&["blockcopy", "vm", "vda", "--dest", c.arg(layer), "--reuse-external", "--wait"]);
+        assert!(
+            err.contains("is an image the domain or one of its snapshots uses") && err.contains(c.arg(layer)),
+            "{err}"
+        );
+    }
     assert_eq!(job_info(&env).trim(), "No current block job for vda");
     assert_chain(&env, &c.expect(&[SNAP4, SNAP3, SNAP2, SNAP1, ROOT]), "after the refusals");
     assert_guest_sees(&env, &c.reference, "after the refusals");

@@ -1871,3 +1871,60 @@ fn delete_refuses_an_overlay_merged_behind_its_back() {
     assert_eq!(names(&env, &[]), ["s2"]);
     assert!(vm.reads(&now));
 }
+
+/// `--reuse-external` with an image the domain or a snapshot reads (its
+/// own backing file, its active image, a snapshot's frozen image), or one
+/// file for two disks, is refused before anything changes: the guest would
+/// otherwise write into an image others read.
+fn reused_overlay_in_use_is_refused(live: bool) {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::Qcow2, live);
+    let _guard = vm.guard();
+    vm.write(0xc1, MIB, 64 * 1024);
+    vm.ext_snapshot("s1");
+    let frozen_s1 = frozen(&env, "s1", "vda");
+    let before = chain_files(&active(&env, "vda"));
+    let now = vm.snap_ref();
+    for (image, what) in [(&vm.base, "backing"), (&active(&env, "vda"), "active"), (&frozen_s1, "frozen")] {
+        let spec = format!("vda,file={}", s(image));
+        let err = env.fails(&[
+            "snapshot-create-as",
+            "vm",
+            "r",
+            "--disk-only",
+            "--reuse-external",
+            "--diskspec",
+            &spec,
+            "--diskspec",
+            "vdb,snapshot=no",
+        ]);
+        assert!(err.contains("is an image the domain or one of its snapshots uses"), "{what}: {err}");
+    }
+    let shared = env.path("shared.qcow2");
+    let err = env.fails(&[
+        "snapshot-create-as",
+        "vm",
+        "r",
+        "--disk-only",
+        "--diskspec",
+        &format!("vda,file={}", s(&shared)),
+        "--diskspec",
+        &format!("vdb,file={}", s(&shared)),
+    ]);
+    assert!(err.contains("is given for more than one disk"), "{err}");
+    assert!(!shared.exists(), "a refused snapshot created its file");
+    assert_eq!(names(&env, &[]), ["s1"]);
+    assert_eq!(chain_files(&active(&env, "vda")), before, "a refusal changed the chain");
+    assert!(vm.reads(&now), "a refusal changed the guest's data");
+    vm.destroy();
+}
+
+#[test]
+fn reused_overlay_in_use_is_refused_live() {
+    reused_overlay_in_use_is_refused(true);
+}
+
+#[test]
+fn reused_overlay_in_use_is_refused_offline() {
+    reused_overlay_in_use_is_refused(false);
+}

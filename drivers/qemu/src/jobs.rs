@@ -459,7 +459,7 @@ pub(crate) async fn create_blockdev(client: &QmpClient, name: &str, job: &str, o
                 let error = j.error.clone();
                 client.execute("job-dismiss", Some(json!({"id": job}))).await.map_err(|e| qmp_error(name, e))?;
                 return match error {
-                    Some(e) => Err(Error::operation_failed(format!("cannot create the copy destination: {e}"))),
+                    Some(e) => Err(Error::operation_failed(format!("cannot create the image: {e}"))),
                     None => Ok(()),
                 };
             }
@@ -468,7 +468,7 @@ pub(crate) async fn create_blockdev(client: &QmpClient, name: &str, job: &str, o
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(Error::new(ErrorKind::OperationTimeout, "creating the copy destination took over 60 s"));
+            return Err(Error::new(ErrorKind::OperationTimeout, "creating the image took over 60 s"));
         }
         let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), rx.recv()).await;
     }
@@ -511,6 +511,17 @@ pub async fn copy(
             "missing destination file for disk {disk}: {}: No such file or directory",
             dest.display()
         )));
+    }
+    if exists {
+        // The copy would write into an image the guest or a snapshot reads.
+        let mut taken = crate::snapshots::images_read_by(store, name, &crate::persistent::load(store, name)?)?;
+        taken.extend(live.chain.layers.iter().filter_map(|l| l.source.local_path().map(Path::to_path_buf)));
+        if taken.contains(&dest) {
+            return Err(Error::config_unsupported(format!(
+                "destination for disk {disk} is an image the domain or one of its snapshots uses: {}",
+                dest.display()
+            )));
+        }
     }
     // The destination format: as asked, else probed from a reused file
     // (a raw destination is never probed: --raw fixes it), else the source's.

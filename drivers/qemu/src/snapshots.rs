@@ -341,8 +341,25 @@ impl QemuConnection {
                 "a checkpoint with external memory needs external (or no) disk snapshots",
             ));
         }
+        // A reused file must be no image the domain or a snapshot reads:
+        // the guest would write into a backing or frozen image.
+        let taken = if flags.reuse_external { images_read_by(store, domain, &dom)? } else { HashSet::new() };
+        let mut overlays = HashSet::new();
         for p in plans.iter().filter(|p| p.mode == "external") {
             if let Some(o) = &p.overlay {
+                if !overlays.insert(o) {
+                    return Err(Error::config_unsupported(format!(
+                        "external snapshot file {} is given for more than one disk",
+                        o.display()
+                    )));
+                }
+                if taken.contains(o) {
+                    return Err(Error::config_unsupported(format!(
+                        "external snapshot file for disk {} is an image the domain or one of its snapshots uses: {}",
+                        p.target,
+                        o.display()
+                    )));
+                }
                 let exists = o.exists();
                 if exists && !flags.reuse_external {
                     return Err(Error::config_unsupported(format!(
@@ -1760,6 +1777,18 @@ fn images_in_use(dom: &Domain) -> Result<HashSet<PathBuf>> {
         }
     }
     Ok(in_use)
+}
+
+/// Every local image that `current` (the domain's definition) or a saved
+/// definition of one of its snapshots reads.
+pub(crate) fn images_read_by(store: &Store, domain: &str, current: &Domain) -> Result<HashSet<PathBuf>> {
+    let mut taken = images_in_use(current)?;
+    for def in all(store, domain)? {
+        if let Some(el) = def.domain {
+            taken.extend(images_in_use(&Domain::from_element(el)?)?);
+        }
+    }
+    Ok(taken)
 }
 
 /// Waits for the end of any snapshot job (`strata-snapshot-*`) left in QEMU
