@@ -1362,6 +1362,9 @@ impl QemuConnection {
         let layer_of = |p: &Path| chain.main_line().iter().find(|l| l.source.local_path() == Some(p)).map(|l| l.index);
         match plan.method {
             DeleteMethod::Commit => {
+                // Whether the overlay's data went into the frozen image (now
+                // or before an interruption), or was no one's any more.
+                let mut merged = true;
                 if overlay.exists() {
                     let edges = self.image_edges(domain).await?;
                     let dependents: Vec<&PathBuf> =
@@ -1415,12 +1418,18 @@ impl QemuConnection {
                                 )?;
                             }
                         }
-                        _ => {}
+                        (None, None) => merged = false,
                     }
                     strata_core::crash_point("snapshot-delete:merged");
                     std::fs::remove_file(overlay).map_err(|e| Error::io("remove", overlay, e))?;
                 }
                 self.replace_references(domain, overlay, frozen).await?;
+                if !merged {
+                    return Ok(format!(
+                        "{disk}: deleted {}, which nothing reads any more (the state a revert left behind)",
+                        overlay.display()
+                    ));
+                }
                 Ok(format!(
                     "{disk}: committed {} into {} (method 1: nothing else depends on it) and deleted {}",
                     overlay.display(),
