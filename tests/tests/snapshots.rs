@@ -1932,3 +1932,41 @@ fn reused_overlay_in_use_is_refused_live() {
 fn reused_overlay_in_use_is_refused_offline() {
     reused_overlay_in_use_is_refused(false);
 }
+
+/// Starting a block job changes a chain, so it first settles snapshot
+/// operations: it waits for one that runs in another process (the test
+/// holds the operation lock), and rolls back a creation a crash interrupted
+/// before it pulls (before, the interrupted creation stayed pending until
+/// the next snapshot command, under a chain the pull had changed).
+#[test]
+fn a_block_job_settles_snapshot_operations_first() {
+    let env = TestEnv::new();
+    let vm = Vm::new(&env, Vdb::None, true);
+    let _guard = vm.guard();
+    killed_at(&env, &["snapshot-create-as", "vm", "s1", "--disk-only", "--atomic"], "snapshot-create:overlays");
+    let overlay_path = env.path("top.s1");
+    assert!(overlay_path.exists() && Intent::pending(&env).is_some(), "the killed creation left no trace to settle");
+
+    let lock_path = env.state_root().join("locks").join("vm.operation.lock");
+    let holder = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).expect("open");
+    holder.lock().expect("lock");
+    let mut pull = std::process::Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
+        .args(["-c", &env.uri, "blockpull", "vm", "vda", "--wait"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn strata");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(pull.try_wait().expect("try_wait").is_none(), "the pull did not wait for the snapshot operation");
+    assert!(overlay_path.exists(), "the pull recovered an operation that was still running");
+
+    drop(holder);
+    let out = pull.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "Pull complete");
+    assert_eq!(Intent::pending(&env), None, "the interrupted creation is still pending");
+    assert!(!overlay_path.exists(), "the interrupted creation's overlay is left");
+    assert_eq!(names(&env, &[]), Vec::<String>::new());
+    assert_eq!(chain_files(&active(&env, "vda")), strs(&[&vm.top]));
+    assert!(vm.reads(&vm.reference));
+}

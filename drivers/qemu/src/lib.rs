@@ -317,6 +317,19 @@ impl QemuConnection {
         Ok(operation)
     }
 
+    /// Before a block job starts or ends: waits for a snapshot operation
+    /// in progress and tries to finish one a crash interrupted. Unlike a
+    /// snapshot command it goes on when that cannot be done now, since a
+    /// job (or its abort) may be what lets the user unblock it.
+    async fn block_job_operation(&self, domain: &str) -> Result<strata_core::store::DomainLock> {
+        persistent::load(&self.store, domain)?;
+        let operation = self.store.lock_domain_operation(domain)?;
+        if let Err(e) = self.log_recovery(domain).await {
+            tracing::warn!(domain, error = %e, "an interrupted snapshot operation could not be finished");
+        }
+        Ok(operation)
+    }
+
     async fn log_recovery(&self, domain: &str) -> Result<()> {
         for note in self.recover_interrupted(domain).await? {
             tracing::info!(domain, "{note}");
@@ -575,21 +588,51 @@ impl SnapshotOps for QemuConnection {
     }
 }
 
-#[async_trait]
-impl BlockJobOps for QemuConnection {
-    async fn block_pull(&self, domain: &str, disk: &str, opts: &BlockPullOptions) -> Result<()> {
+/// Block jobs the snapshot code runs while it holds the operation lock.
+impl QemuConnection {
+    pub(crate) async fn start_pull(&self, domain: &str, disk: &str, opts: &BlockPullOptions) -> Result<()> {
         let (_, monitor) = self.job_server(domain).await?;
         let started = jobs::pull(&self.store, domain, &monitor.client, disk, opts).await;
         self.after_job_request(domain, &monitor, started).await
     }
 
-    async fn block_commit(&self, domain: &str, disk: &str, opts: &BlockCommitOptions) -> Result<BlockJobKind> {
+    pub(crate) async fn start_commit(
+        &self,
+        domain: &str,
+        disk: &str,
+        opts: &BlockCommitOptions,
+    ) -> Result<BlockJobKind> {
         let (_, monitor) = self.job_server(domain).await?;
         let started = jobs::commit(&self.store, domain, &monitor.client, disk, opts).await;
         self.after_job_request(domain, &monitor, started).await
     }
 
+    pub(crate) async fn end_job(&self, domain: &str, disk: &str, flags: BlockJobAbortFlags) -> Result<BlockJobEnd> {
+        let (status, monitor) = self
+            .serving(domain)
+            .await?
+            .ok_or_else(|| Error::invalid_arg(format!("disk {disk} does not have an active block job")))?;
+        jobs::abort(&self.store, domain, &monitor.client, &status, disk, flags.pivot, !flags.no_wait).await
+    }
+}
+
+/// Starting or ending a job changes a chain, so it waits for a snapshot
+/// operation in progress and finishes one a crash interrupted; waiting for
+/// a job and reading it do not.
+#[async_trait]
+impl BlockJobOps for QemuConnection {
+    async fn block_pull(&self, domain: &str, disk: &str, opts: &BlockPullOptions) -> Result<()> {
+        let _operation = self.block_job_operation(domain).await?;
+        self.start_pull(domain, disk, opts).await
+    }
+
+    async fn block_commit(&self, domain: &str, disk: &str, opts: &BlockCommitOptions) -> Result<BlockJobKind> {
+        let _operation = self.block_job_operation(domain).await?;
+        self.start_commit(domain, disk, opts).await
+    }
+
     async fn block_copy(&self, domain: &str, disk: &str, opts: &BlockCopyOptions) -> Result<Vec<String>> {
+        let _operation = self.block_job_operation(domain).await?;
         let (_, monitor) = self.job_server(domain).await?;
         let started = jobs::copy(&self.store, domain, &monitor.client, disk, opts).await;
         self.after_job_request(domain, &monitor, started).await
@@ -606,11 +649,8 @@ impl BlockJobOps for QemuConnection {
     }
 
     async fn block_job_abort(&self, domain: &str, disk: &str, flags: BlockJobAbortFlags) -> Result<BlockJobEnd> {
-        let (status, monitor) = self
-            .serving(domain)
-            .await?
-            .ok_or_else(|| Error::invalid_arg(format!("disk {disk} does not have an active block job")))?;
-        jobs::abort(&self.store, domain, &monitor.client, &status, disk, flags.pivot, !flags.no_wait).await
+        let _operation = self.block_job_operation(domain).await?;
+        self.end_job(domain, disk, flags).await
     }
 
     async fn block_job_set_speed(&self, domain: &str, disk: &str, bytes_per_sec: u64) -> Result<()> {

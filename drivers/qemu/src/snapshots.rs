@@ -1520,8 +1520,7 @@ impl QemuConnection {
             match self.block_job_wait(domain, disk, 60_000).await? {
                 BlockJobState::Running(_) => {}
                 BlockJobState::Ready(_) => {
-                    let end =
-                        self.block_job_abort(domain, disk, BlockJobAbortFlags { pivot: true, no_wait: false }).await?;
+                    let end = self.end_job(domain, disk, BlockJobAbortFlags { pivot: true, no_wait: false }).await?;
                     return job_result(end);
                 }
                 BlockJobState::Ended { end, .. } => return job_result(end),
@@ -1644,7 +1643,7 @@ impl QemuConnection {
         let layer = |i: usize| format!("{disk}[{i}]");
         let pivot = match req {
             JobRequest::ActiveCommit { base } => {
-                self.block_commit(
+                self.start_commit(
                     domain,
                     disk,
                     &BlockCommitOptions { active: true, pivot: true, base: Some(layer(base)), ..Default::default() },
@@ -1653,7 +1652,7 @@ impl QemuConnection {
                 true
             }
             JobRequest::Commit { top, base } => {
-                self.block_commit(
+                self.start_commit(
                     domain,
                     disk,
                     &BlockCommitOptions { top: Some(layer(top)), base: Some(layer(base)), ..Default::default() },
@@ -1663,7 +1662,7 @@ impl QemuConnection {
             }
             JobRequest::Pull { into, base } => {
                 let opts = BlockPullOptions { base: base.map(layer), top: Some(layer(into)), ..Default::default() };
-                self.block_pull(domain, disk, &opts).await?;
+                self.start_pull(domain, disk, &opts).await?;
                 false
             }
         };
@@ -1672,7 +1671,7 @@ impl QemuConnection {
             match self.block_job_wait(domain, disk, 60_000).await? {
                 BlockJobState::Running(_) => {}
                 BlockJobState::Ready(_) => {
-                    let end = self.block_job_abort(domain, disk, BlockJobAbortFlags { pivot, no_wait: false }).await?;
+                    let end = self.end_job(domain, disk, BlockJobAbortFlags { pivot, no_wait: false }).await?;
                     return job_result(end);
                 }
                 BlockJobState::Ended { end, .. } => return job_result(end),
