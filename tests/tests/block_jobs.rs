@@ -1067,7 +1067,9 @@ fn blockjob_info_answers_while_another_process_waits() {
     for _ in 0..3 {
         let started = Instant::now();
         let info = job_info(&env);
-        assert!(started.elapsed() < Duration::from_secs(2), "blockjob --info took {:?}", started.elapsed());
+        // A loose bound against a hang; that --info does not wait for the
+        // pull shows below, where the waiter must still be running.
+        assert!(started.elapsed() < Duration::from_secs(15), "blockjob --info took {:?}", started.elapsed());
         assert!(
             info.contains("Block Pull: [") && info.contains("Bandwidth limit: 1048576 bytes/s (1.000 MiB/s)"),
             "{info}"
@@ -1075,7 +1077,7 @@ fn blockjob_info_answers_while_another_process_waits() {
     }
     let started = Instant::now();
     let raw = env.ok(&["blockjob", "vm", "vda", "--info", "--raw"]);
-    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(started.elapsed() < Duration::from_secs(15), "blockjob --info --raw took {:?}", started.elapsed());
     assert!(raw.contains(" type=Block Pull\n") && raw.contains(" bandwidth=1\n") && raw.contains(" end="), "{raw}");
     let mut waiter = waiter;
     assert!(waiter.running(), "the pull ended before --bandwidth 0");

@@ -76,7 +76,8 @@ async fn client_timer_fires_when_fake_peer_never_replies() {
         }
         other => panic!("expected Timeout, got {other:?}"),
     }
-    assert!(started.elapsed() < Duration::from_secs(2));
+    // The peer never answers: without the timeout the call would not end.
+    assert!(started.elapsed() < Duration::from_secs(10));
 
     client.set_default_timeout(Duration::from_millis(50));
     assert_eq!(client.default_timeout(), Duration::from_millis(50));

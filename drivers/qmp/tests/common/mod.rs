@@ -9,7 +9,7 @@ use tempfile::TempDir;
 use tokio::time::Instant;
 
 /// How long QEMU gets to create and listen on its socket.
-const STARTUP_LIMIT: Duration = Duration::from_secs(5);
+const STARTUP_LIMIT: Duration = Duration::from_secs(30);
 
 /// One `qemu-system-x86_64 -machine none` child. Dropping it kills (SIGKILL,
 /// by the child's own pid) and reaps QEMU, so a failing test never leaks one.
