@@ -1199,7 +1199,7 @@ fn a_late_recorder_leaves_the_next_job_alone() {
         }
     };
     assert_eq!(job_info(&env).trim(), "No current block job for vda");
-    env.ok(&["blockpull", "vm", "vda", "--bandwidth", "1048576", "--bytes"]);
+    env.ok(&["blockpull", "vm", "vda", "--bandwidth", "16384", "--bytes"]);
     late.resume();
     let out = late.finish(Duration::from_secs(30));
     assert!(out.status.success(), "the late blockjob --info failed: {}", text(&out.stderr));
@@ -1385,7 +1385,7 @@ fn snapshot_commands_wait_for_the_end_of_a_block_job() {
     let (c, _guard) = start_chain(&env);
     env.ok(&["snapshot-create-as", "vm", "s0", "--disk-only", "--atomic"]);
     let s0_overlay = env.path("snap4.s0");
-    env.ok(&["blockpull", "vm", "vda", "--base", "vda[2]", "--bandwidth", "1048576", "--bytes"]);
+    env.ok(&["blockpull", "vm", "vda", "--base", "vda[2]", "--bandwidth", "16384", "--bytes"]);
     wait_job_visible(&env, "Block Pull");
     for args in [
         &["snapshot-create-as", "vm", "s1", "--disk-only", "--atomic"][..],

@@ -139,7 +139,7 @@ fn offline_errors_leave_nothing_running() {
 fn a_disk_redefined_during_a_job_keeps_its_new_image() {
     let env = TestEnv::new();
     let (chain, reference) = setup(&env);
-    env.ok(&["blockpull", "vm", "vda", "--bandwidth", "1048576", "--bytes"]);
+    env.ok(&["blockpull", "vm", "vda", "--bandwidth", "16384", "--bytes"]);
     let other = env.path("other.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&other), "16M"]);
     env.define("vm", &domain_xml("vm", &[DiskSpec { target: "vda", format: "qcow2", path: &other, extra: "" }]));
