@@ -1131,6 +1131,21 @@ fn concurrent_callers_while_jobs_start_and_end() {
     assert_guest_sees(&env, &c.reference, "after the rounds");
 }
 
+/// `blockjob --info`, stopped at `step` of recording the pull on vda that
+/// has ended in QEMU (retried while the pull still runs).
+fn info_paused_at(env: &TestEnv, step: &str) -> Background {
+    loop {
+        match Background::spawn_paused_at(env, &["blockjob", "vm", "vda", "--info"], step) {
+            Ok(bg) => return bg,
+            Err(out) => {
+                let printed = text(&out.stdout);
+                assert!(printed.contains("Block Pull: ["), "the pull was recorded elsewhere: {printed:?} {out:?}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
 /// The window behind an earlier CI failure of the test above, opened on
 /// purpose: one process has recorded a finished job and is about to remove
 /// the disk's dead nodes while another has added the nodes of a new copy on
@@ -1143,16 +1158,7 @@ fn dead_node_removal_spares_the_nodes_of_a_starting_copy() {
     assert_eq!(out.trim(), "Block Pull started");
     // The next call finds the pull ended in QEMU, records it and stops
     // before removing dead nodes.
-    let recorder = loop {
-        match Background::spawn_paused_at(&env, &["blockjob", "vm", "vda", "--info"], "job:recorded") {
-            Ok(bg) => break bg,
-            Err(out) => {
-                let printed = text(&out.stdout);
-                assert!(printed.contains("Block Pull: ["), "the pull was recorded elsewhere: {printed:?} {out:?}");
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
-    };
+    let recorder = info_paused_at(&env, "job:recorded");
     let dest = env.path("copy.qcow2");
     let copier = Background::spawn_paused_at(
         &env,
@@ -1188,16 +1194,7 @@ fn a_late_recorder_leaves_the_next_job_alone() {
     let env = TestEnv::new();
     let (c, _guard) = start_chain(&env);
     env.ok(&["blockpull", "vm", "vda", "--base", "vda[4]"]);
-    let late = loop {
-        match Background::spawn_paused_at(&env, &["blockjob", "vm", "vda", "--info"], "job:seen-ended") {
-            Ok(bg) => break bg,
-            Err(out) => {
-                let printed = text(&out.stdout);
-                assert!(printed.contains("Block Pull: ["), "the pull was recorded elsewhere: {printed:?} {out:?}");
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
-    };
+    let late = info_paused_at(&env, "job:seen-ended");
     assert_eq!(job_info(&env).trim(), "No current block job for vda");
     env.ok(&["blockpull", "vm", "vda", "--bandwidth", "16384", "--bytes"]);
     late.resume();
