@@ -6,7 +6,7 @@ use anyhow::{anyhow, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use strata_core::chain::{Backing, Chain};
-use strata_core::driver::{Connection, DefineFlags, DiskSetOutcome, DumpXmlFlags, StartFlags};
+use strata_core::driver::{Connection, DefineFlags, DiskSetOutcome, DumpXmlFlags, StartFlags, UndefineFlags};
 use strata_core::xml::Domain;
 
 use crate::table::format_table;
@@ -90,6 +90,9 @@ pub enum Command {
     Undefine {
         #[command(flatten)]
         domain: DomainArg,
+        /// Also remove the domain's snapshot records (their images stay).
+        #[arg(long)]
+        snapshots_metadata: bool,
     },
     /// List domains.
     List {
@@ -365,9 +368,14 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
             }
             writeln!(out, "Domain '{}' defined from {file}\n", outcome.name)?;
         }
-        Command::Undefine { domain } => {
+        Command::Undefine { domain, snapshots_metadata } => {
             let name = domain.get()?;
-            session.conn()?.undefine(name).await.map_err(|e| domain_error(e, name, "Failed to undefine domain"))?;
+            let flags = UndefineFlags { snapshots_metadata };
+            session
+                .conn()?
+                .undefine(name, flags)
+                .await
+                .map_err(|e| domain_error(e, name, "Failed to undefine domain"))?;
             writeln!(out, "Domain '{name}' has been undefined\n")?;
         }
         Command::List { all, inactive, name, uuid, json } => {

@@ -110,6 +110,13 @@ pub struct DumpXmlFlags {
     pub refresh_chain: bool,
 }
 
+/// Flags for [`Connection::undefine`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UndefineFlags {
+    /// Also remove the domain's snapshot records (their images stay).
+    pub snapshots_metadata: bool,
+}
+
 /// Flags for [`Connection::start`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StartFlags {
@@ -148,7 +155,7 @@ pub trait Connection: Send + Sync {
     fn capabilities(&self) -> DriverCapabilities;
     async fn list_domains(&self) -> Result<Vec<DomainSummary>>;
     async fn define_xml(&self, xml: &str, flags: DefineFlags) -> Result<DefineOutcome>;
-    async fn undefine(&self, name: &str) -> Result<()>;
+    async fn undefine(&self, name: &str, flags: UndefineFlags) -> Result<()>;
     async fn domain_info(&self, name: &str) -> Result<DomainInfo>;
     async fn start(&self, name: &str, flags: StartFlags) -> Result<()>;
     async fn destroy(&self, name: &str) -> Result<()>;

@@ -1974,3 +1974,23 @@ fn a_block_job_settles_snapshot_operations_first() {
     assert_eq!(chain_files(&active(&env, "vda")), strs(&[&vm.top]));
     assert!(vm.reads(&vm.reference));
 }
+
+/// `undefine` refuses a domain with snapshots, as virsh does, and names the
+/// way out; `undefine --snapshots-metadata` removes the definition and the
+/// records, and leaves every image.
+#[test]
+fn undefine_with_snapshots_needs_snapshots_metadata() {
+    let env = TestEnv::new();
+    let vm = Vm::new(&env, Vdb::None, false);
+    vm.ext_snapshot("s1");
+    let o1 = overlay(&env, "s1", "vda");
+    let err = env.fails(&["undefine", "vm"]);
+    assert!(err.contains("cannot undefine domain 'vm' with 1 snapshots") && err.contains("--snapshots-metadata"), "{err}");
+    assert_eq!(names(&env, &[]), ["s1"]);
+    let out = env.ok(&["undefine", "vm", "--snapshots-metadata"]);
+    assert_eq!(out.trim(), "Domain 'vm' has been undefined");
+    assert!(env.fails(&["snapshot-list", "vm"]).contains("vm"));
+    assert!(!env.ok(&["list", "--all"]).contains("vm"));
+    assert!(o1.exists() && vm.top.exists() && vm.base.exists(), "undefine removed an image");
+    assert_eq!(chain_files(&o1), strs(&[&o1, &vm.top, &vm.base]));
+}

@@ -27,7 +27,7 @@ use strata_core::define;
 use strata_core::driver::{
     BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobOps, BlockJobState, Connection, DefineFlags, DefineOutcome,
     DiskChainCheck, DiskSetOps, DiskSetOutcome, DomainEvent, DomainInfo, DomainState, DomainSummary,
-    DriverCapabilities, DumpXmlFlags, SnapshotOps, SnapshotSummary, StartFlags,
+    DriverCapabilities, DumpXmlFlags, SnapshotOps, SnapshotSummary, StartFlags, UndefineFlags,
 };
 use strata_core::options::{
     BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions, SnapshotCreateFlags,
@@ -409,7 +409,7 @@ impl Connection for QemuConnection {
         persistent::define(&self.store, xml, flags)
     }
 
-    async fn undefine(&self, name: &str) -> Result<()> {
+    async fn undefine(&self, name: &str, flags: UndefineFlags) -> Result<()> {
         let _lock = self.store.lock_domain(name)?;
         if let Some(status) = live::reconcile(&self.store, name)? {
             Self::refuse_if_daemon(&status, name)?;
@@ -417,7 +417,7 @@ impl Connection for QemuConnection {
                 "domain '{name}' is running; destroy it before undefining it"
             )));
         }
-        persistent::undefine(&self.store, name)
+        persistent::undefine(&self.store, name, flags.snapshots_metadata)
     }
 
     async fn domain_info(&self, name: &str) -> Result<DomainInfo> {

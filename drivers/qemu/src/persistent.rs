@@ -69,13 +69,14 @@ pub fn define(store: &Store, xml: &str, flags: DefineFlags) -> Result<DefineOutc
     Ok(DefineOutcome { name, warnings })
 }
 
-/// Removes the definition; the caller holds the domain lock.
-pub fn undefine(store: &Store, name: &str) -> Result<()> {
+/// Removes the definition, and with `snapshots_metadata` the snapshot
+/// records (never an image); the caller holds the domain lock.
+pub fn undefine(store: &Store, name: &str, snapshots_metadata: bool) -> Result<()> {
     load(store, name)?;
     let snapshots = store.list_snapshots(name)?;
-    if !snapshots.is_empty() {
+    if !snapshots.is_empty() && !snapshots_metadata {
         return Err(Error::operation_invalid(format!(
-            "cannot undefine domain '{name}' with {} snapshots",
+            "cannot undefine domain '{name}' with {} snapshots; --snapshots-metadata removes their records too (their images stay)",
             snapshots.len()
         )));
     }
