@@ -1985,7 +1985,10 @@ fn undefine_with_snapshots_needs_snapshots_metadata() {
     vm.ext_snapshot("s1");
     let o1 = overlay(&env, "s1", "vda");
     let err = env.fails(&["undefine", "vm"]);
-    assert!(err.contains("cannot undefine domain 'vm' with 1 snapshots") && err.contains("--snapshots-metadata"), "{err}");
+    assert!(
+        err.contains("cannot undefine domain 'vm' with 1 snapshots") && err.contains("--snapshots-metadata"),
+        "{err}"
+    );
     assert_eq!(names(&env, &[]), ["s1"]);
     let out = env.ok(&["undefine", "vm", "--snapshots-metadata"]);
     assert_eq!(out.trim(), "Domain 'vm' has been undefined");
@@ -1993,4 +1996,30 @@ fn undefine_with_snapshots_needs_snapshots_metadata() {
     assert!(!env.ok(&["list", "--all"]).contains("vm"));
     assert!(o1.exists() && vm.top.exists() && vm.base.exists(), "undefine removed an image");
     assert_eq!(chain_files(&o1), strs(&[&o1, &vm.top, &vm.base]));
+}
+
+/// `blockcommit --delete` refuses to remove an image a snapshot froze
+/// (the snapshot could no longer be reverted to) and changes nothing; the
+/// same commit without `--delete` works, and the snapshot still reverts
+/// to what it froze.
+#[test]
+fn commit_delete_keeps_images_snapshots_use() {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::None, true);
+    let _guard = vm.guard();
+    vm.write(0xa1, 2 * MIB, 64 * 1024);
+    let at_s1 = vm.snap_ref();
+    vm.ext_snapshot("s1");
+    vm.write(0xa2, 3 * MIB, 64 * 1024);
+    let o1 = overlay(&env, "s1", "vda");
+    let commit = ["blockcommit", "vm", "vda", "--top", "vda[1]", "--base", "vda[2]", "--wait"];
+    let err = env.fails(&[&commit[..], &["--delete"]].concat());
+    assert!(err.contains(&format!("--delete would remove {}, which snapshot 's1' uses", s(&vm.top))), "{err}");
+    assert!(vm.top.exists());
+    assert_eq!(chain_files(&active(&env, "vda")), strs(&[&o1, &vm.top, &vm.base]));
+    assert_eq!(env.ok(&commit).trim(), "Commit complete");
+    assert_eq!(chain_files(&active(&env, "vda")), strs(&[&o1, &vm.base]));
+    vm.destroy();
+    env.ok(&["snapshot-revert", "vm", "s1"]);
+    assert!(same(&active(&env, "vda"), &at_s1), "s1 no longer reverts to what it froze");
 }

@@ -434,11 +434,22 @@ pub async fn commit(
     if let Some(bw) = opts.bandwidth_bytes {
         args["speed"] = json!(bw);
     }
-    let delete = if opts.delete {
+    let delete: Vec<PathBuf> = if opts.delete {
         removed.iter().filter_map(|i| chain.layers[*i].source.local_path().map(Path::to_path_buf)).collect()
     } else {
         Vec::new()
     };
+    if !delete.is_empty() {
+        // A snapshot's saved definition reads its images: deleting one
+        // would make the snapshot unusable.
+        let snapshot_images = crate::snapshots::snapshot_images(store, name)?;
+        if let Some((path, snap)) = delete.iter().find_map(|p| snapshot_images.get(p).map(|s| (p, s))) {
+            return Err(Error::operation_invalid(format!(
+                "--delete would remove {}, which snapshot '{snap}' uses; commit without --delete, or delete the snapshot first",
+                path.display()
+            )));
+        }
+    }
     let rec = JobRecord::new(kind, disk, delete);
     start_recorded(store, name, client, rec, None, "block-commit", args).await?;
     Ok(kind)

@@ -1791,12 +1791,22 @@ fn images_in_use(dom: &Domain) -> Result<HashSet<PathBuf>> {
 /// definition of one of its snapshots reads.
 pub(crate) fn images_read_by(store: &Store, domain: &str, current: &Domain) -> Result<HashSet<PathBuf>> {
     let mut taken = images_in_use(current)?;
+    taken.extend(snapshot_images(store, domain)?.into_keys());
+    Ok(taken)
+}
+
+/// Every local image a saved definition of a snapshot reads, with the
+/// name of one snapshot that reads it.
+pub(crate) fn snapshot_images(store: &Store, domain: &str) -> Result<HashMap<PathBuf, String>> {
+    let mut images = HashMap::new();
     for def in all(store, domain)? {
-        if let Some(el) = def.domain {
-            taken.extend(images_in_use(&Domain::from_element(el)?)?);
+        if let (Some(el), Some(name)) = (def.domain, def.name) {
+            for image in images_in_use(&Domain::from_element(el)?)? {
+                images.entry(image).or_insert_with(|| name.clone());
+            }
         }
     }
-    Ok(taken)
+    Ok(images)
 }
 
 /// Waits for the end of any snapshot job (`strata-snapshot-*`) left in QEMU
