@@ -1426,7 +1426,7 @@ impl QemuConnection {
                 self.replace_references(domain, overlay, frozen).await?;
                 if !merged {
                     return Ok(format!(
-                        "{disk}: deleted {}, which nothing reads any more (the state a revert left behind)",
+                        "{disk}: deleted {}, which nothing reads any more (a revert or a block job left it behind)",
                         overlay.display()
                     ));
                 }
