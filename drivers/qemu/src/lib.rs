@@ -292,14 +292,10 @@ impl QemuConnection {
         persistent::load(&self.store, domain)?;
         if snapshots::intent_pending(&self.store, domain)? {
             match self.store.try_lock_domain_operation(domain)? {
-                Some(_operation) => {
-                    // A read still answers when the operation cannot be
-                    // finished now; the next create, revert or delete
-                    // tries again and reports why it cannot.
-                    if let Err(e) = self.log_recovery(domain).await {
-                        tracing::warn!(domain, error = %e, "an interrupted snapshot operation could not be finished");
-                    }
-                }
+                // A read still answers when the operation cannot be finished
+                // now; the next create, revert or delete tries again and
+                // reports why it cannot.
+                Some(_operation) => self.recover_or_warn(domain).await,
                 None => tracing::debug!(domain, "a snapshot operation is in progress in another process"),
             }
         }
@@ -324,10 +320,16 @@ impl QemuConnection {
     async fn block_job_operation(&self, domain: &str) -> Result<strata_core::store::DomainLock> {
         persistent::load(&self.store, domain)?;
         let operation = self.store.lock_domain_operation(domain)?;
+        self.recover_or_warn(domain).await;
+        Ok(operation)
+    }
+
+    /// Tries to finish an interrupted snapshot operation, warning when it
+    /// cannot be done now; for callers that go on either way.
+    async fn recover_or_warn(&self, domain: &str) {
         if let Err(e) = self.log_recovery(domain).await {
             tracing::warn!(domain, error = %e, "an interrupted snapshot operation could not be finished");
         }
-        Ok(operation)
     }
 
     async fn log_recovery(&self, domain: &str) -> Result<()> {
