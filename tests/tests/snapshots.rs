@@ -477,29 +477,130 @@ fn internal_checkpoint_revert_from_shut_off() {
     assert!(vm.reads(&at_c1));
 }
 
-/// A checkpoint, then an external disk-only snapshot on top, then revert to
-/// the checkpoint while running: the domain goes back to the checkpoint's
-/// own disks (its saved definition) and reads what it read then.
-#[test]
-fn revert_internal_checkpoint_after_external_live() {
+/// An internal snapshot i1 (a checkpoint when live), then an external
+/// disk-only snapshot e1 that froze i1's image. Reverting to i1 would
+/// rewrite that image under e1 (before, it did, and e1 then reverted to
+/// other data): it is refused, naming e1, and changes nothing. Once e1 is
+/// deleted, i1 reverts to its own disks and reads what it read then.
+fn revert_to_internal_keeps_what_a_later_snapshot_froze(live: bool) {
     let env = TestEnv::new();
-    let mut vm = Vm::new(&env, Vdb::Qcow2, true);
+    let mut vm = Vm::new(&env, Vdb::Qcow2, live);
     let _guard = vm.guard();
     vm.write(0x3a, 2 * MIB, 64 * 1024);
-    let at_c1 = vm.snap_ref();
-    env.ok(&["snapshot-create-as", "vm", "c1"]);
-    vm.ext_snapshot("e1");
-    assert_eq!(active(&env, "vda"), env.path("top.e1"));
+    let at_i1 = vm.snap_ref();
+    env.ok(&["snapshot-create-as", "vm", "i1"]);
+    assert!(internal_snapshots(&vm.top).contains(&"i1".to_string()));
     vm.write(0x3b, 3 * MIB, 64 * 1024);
+    let at_e1 = vm.snap_ref();
+    vm.ext_snapshot("e1");
+    let e1_overlay = overlay(&env, "e1", "vda");
+    assert_eq!(frozen(&env, "e1", "vda"), vm.top);
+    vm.write(0x3c, 4 * MIB, 64 * 1024);
+    let now = vm.snap_ref();
+    assert!(vm.reads(&now), "the write after e1 did not happen");
+    assert!(same(&vm.top, &at_e1), "e1's frozen image does not hold the write before e1");
 
-    let out = env.strata(&["snapshot-revert", "vm", "c1"]);
-    let state = domstate(&env);
-    assert!(out.status.success(), "revert failed (domain left {state}): {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "Domain snapshot c1 reverted\n");
-    assert_eq!(state, "running");
-    assert_eq!(active(&env, "vda"), vm.top, "the checkpoint's own disk source");
-    assert_eq!(current_name(&env), "c1");
-    assert!(vm.reads(&at_c1));
+    let err = env.fails(&["snapshot-revert", "vm", "i1"]);
+    assert!(
+        err.contains(&format!(
+            "cannot revert to snapshot 'i1': it would write into {}, which snapshot 'e1' froze",
+            s(&vm.top)
+        )) && err.contains("delete snapshot 'e1' first"),
+        "{err}"
+    );
+    assert_eq!(domstate(&env), if live { "running" } else { "shut off" });
+    assert_eq!(chain_files(&active(&env, "vda")), strs(&[&e1_overlay, &vm.top, &vm.base]));
+    assert!(same(&vm.top, &at_e1), "the refusal changed e1's frozen image");
+    assert!(vm.reads(&now), "the refusal changed the current state");
+    assert_eq!(current_name(&env), "e1");
+    assert_eq!(Intent::pending(&env), None, "the refusal left an intent");
+
+    env.ok(&["snapshot-delete", "vm", "e1"]);
+    assert_eq!(env.ok(&["snapshot-revert", "vm", "i1"]), "Domain snapshot i1 reverted\n");
+    assert_eq!(domstate(&env), if live { "running" } else { "shut off" });
+    assert_eq!(active(&env, "vda"), vm.top, "the snapshot's own disk source");
+    assert_eq!(current_name(&env), "i1");
+    assert!(vm.reads(&at_i1));
+}
+
+#[test]
+fn revert_to_internal_keeps_what_a_later_snapshot_froze_live() {
+    revert_to_internal_keeps_what_a_later_snapshot_froze(true);
+}
+
+#[test]
+fn revert_to_internal_keeps_what_a_later_snapshot_froze_offline() {
+    revert_to_internal_keeps_what_a_later_snapshot_froze(false);
+}
+
+/// s1 left vdb out, and s2 later froze vdb's image. Reverting to s1 puts
+/// vdb back on that image, where the guest would write into what s2 froze:
+/// refused, naming s2, and nothing changes.
+#[test]
+fn revert_refuses_a_left_out_disk_a_later_snapshot_froze() {
+    let env = TestEnv::new();
+    let vm = Vm::new(&env, Vdb::Qcow2, false);
+    let data = vm.vdb.clone().expect("vdb");
+    vm.ext_snapshot("s1");
+    env.ok(&["snapshot-create-as", "vm", "s2", "--disk-only"]);
+    let vdb_overlay = overlay(&env, "s2", "vdb");
+    assert_eq!(frozen(&env, "s2", "vdb"), data);
+    let data_before = env.path("data-before.qcow2");
+    qemu_img(&["convert", "-O", "qcow2", s(&data), s(&data_before)]);
+
+    let err = env.fails(&["snapshot-revert", "vm", "s1"]);
+    assert!(
+        err.contains(&format!(
+            "cannot revert to snapshot 's1': it would write into {}, which snapshot 's2' froze",
+            s(&data)
+        )) && err.contains("delete snapshot 's2' first"),
+        "{err}"
+    );
+    assert_eq!(active(&env, "vdb"), vdb_overlay);
+    assert_eq!(current_name(&env), "s2");
+    assert!(same(&data, &data_before), "the refusal changed s2's image");
+}
+
+/// The image holding internal snapshot i1 is now the backing image of an
+/// overlay no snapshot records (`--no-metadata`). Reverting to i1 would
+/// rewrite it under that overlay: refused, naming the blockcommit that
+/// merges the overlay first; after that commit the revert works.
+#[test]
+fn revert_to_internal_refuses_a_backing_image_of_the_current_state() {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::None, false);
+    vm.write(0x3d, 2 * MIB, 64 * 1024);
+    let at_i1 = vm.snap_ref();
+    env.ok(&["snapshot-create-as", "vm", "i1"]);
+    env.ok(&["snapshot-create-as", "vm", "n1", "--disk-only", "--no-metadata"]);
+    let n1 = env.path("top.n1");
+    assert_eq!(chain_files(&active(&env, "vda")), strs(&[&n1, &vm.top, &vm.base]));
+    vm.write(0x3e, 2 * MIB, 64 * 1024);
+    let now = vm.snap_ref();
+    assert!(vm.reads(&now), "the write on the overlay did not happen");
+    let top_before = env.path("top-before.qcow2");
+    qemu_img(&["convert", "-O", "qcow2", s(&vm.top), s(&top_before)]);
+
+    let err = env.fails(&["snapshot-revert", "vm", "i1"]);
+    let commit = format!("blockcommit vm vda --active --pivot --base {}", s(&vm.top));
+    assert!(
+        err.contains(&format!(
+            "it would write into {}, which the current state of disk vda reads below {}",
+            s(&vm.top),
+            s(&n1)
+        )) && err.contains(&commit),
+        "{err}"
+    );
+    assert_eq!(chain_files(&active(&env, "vda")), strs(&[&n1, &vm.top, &vm.base]));
+    assert!(same(&vm.top, &top_before), "the refusal changed the backing image");
+    assert!(vm.reads(&now), "the refusal changed the current state");
+
+    let mut args: Vec<&str> = commit.split(' ').collect();
+    args.push("--wait");
+    env.ok(&args);
+    assert_eq!(active(&env, "vda"), vm.top);
+    env.ok(&["snapshot-revert", "vm", "i1"]);
+    assert!(vm.reads(&at_i1));
 }
 
 /// Deleting a checkpoint whose image has since become a backing file of an

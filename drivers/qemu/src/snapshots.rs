@@ -862,6 +862,7 @@ impl QemuConnection {
             .clone()
             .ok_or_else(|| Error::operation_invalid(format!("snapshot '{snap}' has no saved domain definition")))?;
         let mut target = Domain::from_element(saved)?;
+        self.refuse_writing_read_images(domain, &def, &target).await?;
         let state = def.state.clone().unwrap_or_else(|| "disk-snapshot".into());
         let external_memory = def.memory.as_ref().is_some_and(|m| m.snapshot == "external");
         let has_vmstate = (state == "running" || state == "paused") && !external_memory;
@@ -993,6 +994,51 @@ impl QemuConnection {
         set_current(store, domain, Some(snap))?;
         Intent::clear(store, domain)?;
         self.revert_run_state(domain, &def, end_running, end_paused).await
+    }
+
+    /// Refuses a revert that would write into an image a snapshot froze, or
+    /// into a backing image of the current state. A revert writes into the
+    /// images that hold its internal disk snapshots (it applies them), and
+    /// the guest then writes into the top image of every disk the snapshot
+    /// gave no new overlay (only external disks get one).
+    async fn refuse_writing_read_images(&self, domain: &str, def: &SnapshotDef, target: &Domain) -> Result<()> {
+        let snap = def.name.as_deref().unwrap_or_default();
+        let mut written = Vec::new();
+        for disk in target.disks()? {
+            let external = def.disks.iter().any(|d| d.name == disk.target && d.snapshot.as_deref() == Some("external"));
+            if let Some(image) = disk.source().and_then(|s| s.local_path()).filter(|_| !external && !disk.readonly) {
+                written.push(image.to_path_buf());
+            }
+        }
+        let frozen = frozen_images(self.store(), domain)?;
+        for image in &written {
+            if let Some(snapshots) = frozen_by(&frozen, image) {
+                return Err(Error::operation_invalid(format!(
+                    "cannot revert to snapshot '{snap}': it would write into {}, which {snapshots} froze (the data saved there would change); delete {snapshots} first if that data may go",
+                    image.display()
+                )));
+            }
+        }
+        // The revert discards the current state, but an image it writes
+        // must not change under that state's overlays while they exist.
+        let (now, _) = self.current_definition(domain).await?;
+        for disk in now.disks()? {
+            let Some(chain) = &disk.chain else { continue };
+            let line = chain.main_line();
+            let Some(top) = line.first().and_then(|l| l.source.local_path()) else { continue };
+            if let Some(image) = written.iter().find(|w| line.iter().skip(1).any(|l| l.source.local_path() == Some(w)))
+            {
+                return Err(Error::operation_invalid(format!(
+                    "cannot revert to snapshot '{snap}': it would write into {}, which the current state of disk {} reads below {}; the revert discards that state, so commit it into that image first (blockcommit {domain} {} --active --pivot --base {})",
+                    image.display(),
+                    disk.target,
+                    top.display(),
+                    disk.target,
+                    image.display()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The last step of a revert that restarts the guest: starts QEMU on
@@ -1807,6 +1853,46 @@ pub(crate) fn snapshot_images(store: &Store, domain: &str) -> Result<HashMap<Pat
         }
     }
     Ok(images)
+}
+
+/// What each snapshot froze, by snapshot name: the local images its saved
+/// definition reads and needs unchanged for a revert to give what it
+/// holds. An external disk snapshot froze the disk's whole chain; an
+/// internal one keeps the top image's data inside that image, so it froze
+/// the images below; a disk the snapshot left out froze nothing.
+pub(crate) fn frozen_images(store: &Store, domain: &str) -> Result<Vec<(String, HashSet<PathBuf>)>> {
+    let mut frozen = Vec::new();
+    for def in all(store, domain)? {
+        let (Some(el), Some(name)) = (def.domain, def.name) else { continue };
+        let saved = Domain::from_element(el)?;
+        let mut images = HashSet::new();
+        for d in &def.disks {
+            let from_layer = match d.snapshot.as_deref() {
+                Some("external") => 0,
+                Some("internal") => 1,
+                _ => continue,
+            };
+            if let Some(chain) = saved.find_disk(&d.name).ok().and_then(|disk| disk.chain) {
+                images.extend(
+                    chain.layers.iter().skip(from_layer).filter_map(|l| l.source.local_path().map(Path::to_path_buf)),
+                );
+            }
+        }
+        frozen.push((name, images));
+    }
+    Ok(frozen)
+}
+
+/// The snapshots of [`frozen_images`] that froze `image`, named for a
+/// message ("snapshot 's1'", "snapshots 's1', 's2'"); `None` when none did.
+pub(crate) fn frozen_by(frozen: &[(String, HashSet<PathBuf>)], image: &Path) -> Option<String> {
+    let names: Vec<String> =
+        frozen.iter().filter(|(_, images)| images.contains(image)).map(|(name, _)| format!("'{name}'")).collect();
+    match names.len() {
+        0 => None,
+        1 => Some(format!("snapshot {}", names[0])),
+        _ => Some(format!("snapshots {}", names.join(", "))),
+    }
 }
 
 /// Waits for the end of any snapshot job (`strata-snapshot-*`) left in QEMU
