@@ -87,6 +87,10 @@ pub struct CommitArgs {
     delete: bool,
     #[arg(long = "keep-relative")]
     keep_relative: bool,
+    /// Commit even into an image a snapshot froze (that snapshot then
+    /// reverts to other data).
+    #[arg(long = "allow-snapshot-change")]
+    allow_snapshot_change: bool,
     #[command(flatten)]
     wait: WaitArgs,
 }
@@ -313,6 +317,7 @@ pub async fn blockcommit(jobs: &dyn BlockJobOps, a: CommitArgs) -> Result<String
         delete: a.delete,
         bandwidth_bytes: a.wait.bandwidth_bytes(),
         keep_relative: a.keep_relative,
+        allow_snapshot_change: a.allow_snapshot_change,
     };
     let kind = jobs.block_commit(&a.domain, &a.disk, &opts).await?;
     let wait = a.wait.wait || a.wait.verbose || a.wait.timeout.is_some() || a.pivot || a.keep_overlay;

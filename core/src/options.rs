@@ -49,6 +49,9 @@ pub struct BlockCommitOptions {
     pub delete: bool,
     pub bandwidth_bytes: Option<u64>,
     pub keep_relative: bool,
+    /// Commit even into an image a snapshot froze, changing what reverting
+    /// to that snapshot gives (`--allow-snapshot-change`, a Strata flag).
+    pub allow_snapshot_change: bool,
 }
 
 impl BlockCommitOptions {

@@ -1955,8 +1955,8 @@ fn delete_after_a_user_pull_keeps_what_later_snapshots_froze() {
     assert!(same(&active(&env, "vda"), &at_s2), "s2 no longer reverts to what it froze");
 }
 
-/// A user's active commit with pivot merges both overlays into the image s1
-/// froze, and the guest writes on. s1's overlay can then be neither merged
+/// A user's active commit with pivot (told that it may change snapshots)
+/// merges both overlays into the image s1 froze, and the guest writes on. s1's overlay can then be neither merged
 /// again (that would overwrite newer data) nor dropped (s2's overlay still
 /// reads through it): the delete is refused, changes nothing, and leaves
 /// no pending operation; `--metadata` still removes the record.
@@ -1967,7 +1967,17 @@ fn delete_refuses_an_overlay_merged_behind_its_back() {
     let _guard = vm.guard();
     two_snapshots(&mut vm);
     let (o1, o2) = (overlay(&env, "s1", "vda"), overlay(&env, "s2", "vda"));
-    let out = env.ok(&["blockcommit", "vm", "vda", "--active", "--pivot", "--base", "vda[2]", "--wait"]);
+    let out = env.ok(&[
+        "blockcommit",
+        "vm",
+        "vda",
+        "--active",
+        "--pivot",
+        "--base",
+        "vda[2]",
+        "--wait",
+        "--allow-snapshot-change",
+    ]);
     assert_eq!(out.trim(), "Successfully pivoted");
     assert_eq!(active(&env, "vda"), vm.top);
     vm.write(0xe1, 5 * MIB, 64 * 1024);
@@ -2123,4 +2133,62 @@ fn commit_delete_keeps_images_snapshots_use() {
     vm.destroy();
     env.ok(&["snapshot-revert", "vm", "s1"]);
     assert!(same(&active(&env, "vda"), &at_s1), "s1 no longer reverts to what it froze");
+}
+
+/// s1 froze top.qcow2 and s2 froze s1's overlay. Committing s1's overlay
+/// into top.qcow2 (`--top vda[1]`) would change what s1 reverts to, and an
+/// active commit into s1's overlay what s2 reverts to: both are refused,
+/// naming only the snapshot that would change and the flag, and change
+/// nothing (before, the commit silently changed s1). With
+/// `--allow-snapshot-change` the commit runs: the guest's data stays, s1's
+/// image changes, and s2, which read through the committed overlay, still
+/// reverts to what it froze.
+fn commit_into_a_frozen_image_needs_allow_snapshot_change(live: bool) {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::None, live);
+    let _guard = vm.guard();
+    let (at_s1, at_s2, after_s2) = two_snapshots(&mut vm);
+    let (o1, o2) = (overlay(&env, "s1", "vda"), overlay(&env, "s2", "vda"));
+    let chain = strs(&[&o2, &o1, &vm.top, &vm.base]);
+    assert_eq!(chain_files(&o2), chain);
+    assert!(vm.reads(&after_s2), "the writes did not happen");
+    assert!(same(&vm.top, &at_s1) && same(&o1, &at_s2), "the frozen images do not hold the writes before them");
+
+    let commit = ["blockcommit", "vm", "vda", "--top", "vda[1]", "--base", "vda[2]", "--wait"];
+    let err = env.fails(&commit);
+    assert!(
+        err.contains(&format!("cannot commit into {}: snapshot 's1' froze it", s(&vm.top)))
+            && err.contains("--allow-snapshot-change")
+            && !err.contains("'s2'"),
+        "{err}"
+    );
+    let err = env.fails(&["blockcommit", "vm", "vda", "--active", "--pivot", "--base", "vda[1]", "--wait"]);
+    assert!(
+        err.contains(&format!("cannot commit into {}: snapshot 's2' froze it", s(&o1)))
+            && err.contains("--allow-snapshot-change")
+            && !err.contains("'s1'"),
+        "{err}"
+    );
+    assert_eq!(chain_files(&active(&env, "vda")), chain, "a refusal changed the chain");
+    assert!(same(&vm.top, &at_s1) && same(&o1, &at_s2), "a refusal changed a frozen image");
+    assert!(vm.reads(&after_s2), "a refusal changed the guest's data");
+
+    let out = env.ok(&[&commit[..], &["--allow-snapshot-change"]].concat());
+    assert_eq!(out.trim(), "Commit complete");
+    assert_eq!(chain_files(&active(&env, "vda")), strs(&[&o2, &vm.top, &vm.base]));
+    assert!(vm.reads(&after_s2), "the commit changed the guest's data");
+    assert!(!same(&vm.top, &at_s1), "the commit did not go into s1's image");
+    vm.destroy();
+    env.ok(&["snapshot-revert", "vm", "s2"]);
+    assert!(same(&active(&env, "vda"), &at_s2), "s2 no longer reverts to what it froze");
+}
+
+#[test]
+fn commit_into_a_frozen_image_needs_allow_snapshot_change_live() {
+    commit_into_a_frozen_image_needs_allow_snapshot_change(true);
+}
+
+#[test]
+fn commit_into_a_frozen_image_needs_allow_snapshot_change_offline() {
+    commit_into_a_frozen_image_needs_allow_snapshot_change(false);
 }

@@ -434,6 +434,9 @@ pub async fn commit(
     if let Some(bw) = opts.bandwidth_bytes {
         args["speed"] = json!(bw);
     }
+    if !opts.allow_snapshot_change {
+        refuse_changing_snapshots(store, name, chain, top, base, active)?;
+    }
     let delete: Vec<PathBuf> = if opts.delete {
         removed.iter().filter_map(|i| chain.layers[*i].source.local_path().map(Path::to_path_buf)).collect()
     } else {
@@ -453,6 +456,34 @@ pub async fn commit(
     let rec = JobRecord::new(kind, disk, delete);
     start_recorded(store, name, client, rec, None, "block-commit", args).await?;
     Ok(kind)
+}
+
+/// Refuses a commit into an image a snapshot froze, unless asked. The
+/// commit writes into `base` what reads through `top`: a snapshot that
+/// reads through `top` too reads the same afterwards, any other one that
+/// froze `base` does not. After an active commit the guest writes into
+/// `base`, which changes every snapshot that froze it.
+fn refuse_changing_snapshots(
+    store: &Store,
+    name: &str,
+    chain: &Chain,
+    top: usize,
+    base: usize,
+    active: bool,
+) -> Result<()> {
+    let Some(base_image) = chain.layers[base].source.local_path() else { return Ok(()) };
+    let top_image = chain.layers[top].source.local_path();
+    let changed: Vec<_> = crate::snapshots::frozen_images(store, name)?
+        .into_iter()
+        .filter(|(_, images)| active || top_image.is_none_or(|t| !images.contains(t)))
+        .collect();
+    match crate::snapshots::frozen_by(&changed, base_image) {
+        Some(snapshots) => Err(Error::operation_invalid(format!(
+            "cannot commit into {}: {snapshots} froze it (the data saved there would change); commit with --allow-snapshot-change to change it anyway, or delete {snapshots} first",
+            base_image.display()
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Runs a `blockdev-create` job to its end and dismisses it.

@@ -1687,23 +1687,30 @@ impl QemuConnection {
     /// running, the storage daemon otherwise) and waits for its end.
     async fn job_to_end(&self, domain: &str, disk: &str, req: JobRequest) -> Result<()> {
         let layer = |i: usize| format!("{disk}[{i}]");
+        // A delete commits an overlay into the image its snapshot froze
+        // only when no other image reads through that image (the plan
+        // checked), so the one snapshot the commit changes is the one
+        // being deleted.
         let pivot = match req {
             JobRequest::ActiveCommit { base } => {
-                self.start_commit(
-                    domain,
-                    disk,
-                    &BlockCommitOptions { active: true, pivot: true, base: Some(layer(base)), ..Default::default() },
-                )
-                .await?;
+                let opts = BlockCommitOptions {
+                    active: true,
+                    pivot: true,
+                    base: Some(layer(base)),
+                    allow_snapshot_change: true,
+                    ..Default::default()
+                };
+                self.start_commit(domain, disk, &opts).await?;
                 true
             }
             JobRequest::Commit { top, base } => {
-                self.start_commit(
-                    domain,
-                    disk,
-                    &BlockCommitOptions { top: Some(layer(top)), base: Some(layer(base)), ..Default::default() },
-                )
-                .await?;
+                let opts = BlockCommitOptions {
+                    top: Some(layer(top)),
+                    base: Some(layer(base)),
+                    allow_snapshot_change: true,
+                    ..Default::default()
+                };
+                self.start_commit(domain, disk, &opts).await?;
                 false
             }
             JobRequest::Pull { into, base } => {
