@@ -96,6 +96,16 @@ impl Disk {
                 return Err(Error::xml(format!("disk '{target}' has selected='{other}'; expected 'yes' or 'no'")))
             }
         };
+        // libvirt 7.4's shareBacking: several domains may run on the image
+        // at once. A driver that opens the image read-only allows that for
+        // every transient disk, so only the value is checked here.
+        if let Some(share) = el.child("transient").and_then(|t| t.attr("shareBacking")) {
+            if share != "yes" && share != "no" {
+                return Err(Error::xml(format!(
+                    "disk '{target}' has <transient shareBacking='{share}'>; expected 'yes' or 'no'"
+                )));
+            }
+        }
         Ok(Disk {
             disk_type,
             device,
@@ -115,6 +125,20 @@ impl Disk {
     /// The active layer's source.
     pub fn source(&self) -> Option<&StorageSource> {
         self.chain.as_ref().and_then(|c| c.top()).map(|l| &l.source)
+    }
+
+    /// Refuses `operations` (`snapshots`, `block jobs`, …) on a transient
+    /// disk, in libvirt's words: what the guest writes to it lives in a
+    /// throwaway overlay, so there is nothing to keep, merge or copy.
+    pub fn refuse_if_transient(&self, operations: &str) -> Result<()> {
+        if !self.transient {
+            return Ok(());
+        }
+        Err(Error::config_unsupported(format!(
+            "transient disk '{}' does not support {operations}: the guest's writes to it go to a throwaway \
+             overlay that is removed when the domain stops",
+            self.target
+        )))
     }
 }
 

@@ -30,6 +30,11 @@ impl RuntimePaths {
     pub fn log(&self) -> PathBuf {
         self.dir.join("qemu.log")
     }
+    /// The throwaway overlay a transient disk's guest writes go to; it
+    /// lives and dies with the runtime directory.
+    pub fn transient_overlay(&self, target: &str) -> PathBuf {
+        self.dir.join(format!("transient-{target}.qcow2"))
+    }
 }
 
 /// The accelerator a domain type asks for.
@@ -104,7 +109,9 @@ pub fn command_line(dom: &Domain, accel: Accel, paths: &RuntimePaths) -> Result<
     let mut scsi_controller = false;
     let mut ide_unit = 0usize;
     for disk in dom.disks()? {
-        let root = disk_blockdevs(&disk, "-blockdev", &mut args)?;
+        crate::transient::check_disk(&disk)?;
+        let overlay = disk.transient.then(|| paths.transient_overlay(&disk.target));
+        let root = disk_blockdevs(&disk, "-blockdev", &mut args, overlay.as_deref())?;
         let (controller, device) = device_for(&disk, root.as_deref(), &mut scsi_controller, &mut ide_unit, &machine)?;
         if let Some(controller) = controller {
             args.push("-device".into());
@@ -120,12 +127,13 @@ pub fn command_line(dom: &Domain, accel: Accel, paths: &RuntimePaths) -> Result<
 /// same node graph as a start would build, each disk's root exported over
 /// NBD (so the daemon keeps a parent for it that follows a pivot, as a
 /// guest device does) under the disk's target name, and the same monitors.
+/// A transient disk is opened and exported read-only: no job writes it.
 pub fn storage_daemon_command_line(dom: &Domain, paths: &RuntimePaths) -> Result<Vec<String>> {
     let mut args = Vec::new();
     let mut exports = Vec::new();
     for disk in dom.disks()? {
-        if let Some(root) = disk_blockdevs(&disk, "--blockdev", &mut args)? {
-            let writable = if disk.readonly || disk.device == "cdrom" { "off" } else { "on" };
+        if let Some(root) = disk_blockdevs(&disk, "--blockdev", &mut args, None)? {
+            let writable = if read_only(&disk) { "off" } else { "on" };
             exports.push(format!("type=nbd,id={},node-name={root},writable={writable}", disk.target));
         }
     }
@@ -154,8 +162,25 @@ fn node_name(target: &str, layer: usize, kind: &str) -> String {
     format!("{target}-{layer}-{kind}")
 }
 
-/// Appends `flag JSON` for each layer of `disk`; returns its root node.
-fn disk_blockdevs(disk: &Disk, flag: &str, args: &mut Vec<String>) -> Result<Option<String>> {
+/// The format node of a transient disk's throwaway overlay, the device's
+/// root; readers of the live chain look through it (see `live`).
+pub fn transient_node(target: &str) -> String {
+    format!("{target}-transient-fmt")
+}
+
+/// Whether the guest (or a job) must not write the disk's own image.
+fn read_only(disk: &Disk) -> bool {
+    disk.readonly || disk.device == "cdrom" || disk.transient
+}
+
+/// Appends `flag JSON` for each layer of `disk`, and for a transient disk
+/// started with `transient_overlay` that overlay on top; returns the root.
+fn disk_blockdevs(
+    disk: &Disk,
+    flag: &str,
+    args: &mut Vec<String>,
+    transient_overlay: Option<&Path>,
+) -> Result<Option<String>> {
     let Some(chain) = &disk.chain else { return Ok(None) };
     if !chain.is_complete() {
         return Err(Error::operation_invalid(format!(
@@ -166,7 +191,7 @@ fn disk_blockdevs(disk: &Disk, flag: &str, args: &mut Vec<String>) -> Result<Opt
     // Backing layers first so every `backing` reference names an existing node.
     for id in (0..chain.layers.len()).rev() {
         let layer = &chain.layers[id];
-        let readonly = id > 0 || disk.readonly || disk.device == "cdrom";
+        let readonly = id > 0 || read_only(disk);
         let protocol = protocol_node(&layer.source, &node_name(&disk.target, id, "file"), &disk.target)?;
         let format = layer.format.as_deref().unwrap_or("raw");
         let mut fmt = json!({
@@ -186,7 +211,19 @@ fn disk_blockdevs(disk: &Disk, flag: &str, args: &mut Vec<String>) -> Result<Opt
         args.push(flag.to_string());
         args.push(fmt.to_string());
     }
-    Ok(Some(node_name(&disk.target, 0, "fmt")))
+    let image_root = node_name(&disk.target, 0, "fmt");
+    let Some(overlay) = transient_overlay else { return Ok(Some(image_root)) };
+    let root = transient_node(&disk.target);
+    let overlay = json!({
+        "driver": "qcow2",
+        "node-name": root,
+        "file": protocol_node(&StorageSource::local(overlay.to_path_buf()), &format!("{}-transient-file", disk.target), &disk.target)?,
+        "backing": image_root,
+        "read-only": false,
+    });
+    args.push(flag.to_string());
+    args.push(overlay.to_string());
+    Ok(Some(root))
 }
 
 fn protocol_node(source: &StorageSource, node: &str, target: &str) -> Result<Value> {
@@ -300,18 +337,16 @@ mod tests {
         <target dev='sda' bus='sata'/><readonly/></disk>\
         </devices></domain>";
 
-    fn blockdevs(args: &[String]) -> Vec<serde_json::Value> {
-        args.windows(2)
-            .filter(|w| w[0] == "-blockdev")
-            .map(|w| serde_json::from_str(&w[1]).expect("blockdev json"))
-            .collect()
+    /// The JSON of each `flag` (`-blockdev`, `--blockdev`) argument.
+    fn blockdevs_of(args: &[String], flag: &str) -> Vec<serde_json::Value> {
+        args.windows(2).filter(|w| w[0] == flag).map(|w| serde_json::from_str(&w[1]).expect("blockdev json")).collect()
     }
 
     #[test]
     fn every_layer_gets_explicit_nodes_and_backing_links() {
         let dom = Domain::parse(CHAIN_XML).expect("xml");
         let args = command_line(&dom, Accel::Tcg, &paths()).expect("command line");
-        let devs = blockdevs(&args);
+        let devs = blockdevs_of(&args, "-blockdev");
         // Backing layers come first so references resolve.
         assert_eq!(devs[0]["node-name"], "vda-1-fmt");
         assert_eq!(devs[0]["backing"], serde_json::Value::Null);
@@ -328,6 +363,31 @@ mod tests {
         assert!(args.contains(&"ide-hd,bus=ide.0,id=sda,drive=sda-0-fmt".to_string()));
         assert_eq!(args.iter().filter(|a| *a == "-qmp").count(), MONITORS);
         assert!(args.contains(&"q35,accel=tcg".to_string()));
+    }
+
+    #[test]
+    fn a_transient_disk_writes_only_into_its_overlay() {
+        let transient =
+            CHAIN_XML.replace("<target dev='vda' bus='virtio'/>", "<target dev='vda' bus='virtio'/><transient/>");
+        let dom = Domain::parse(&transient).expect("xml");
+        let args = command_line(&dom, Accel::Tcg, &paths()).expect("command line");
+        let devs = blockdevs_of(&args, "-blockdev");
+        assert_eq!(devs[1]["node-name"], "vda-0-fmt");
+        assert_eq!(devs[1]["read-only"], true, "the image itself is opened read-only");
+        assert_eq!(devs[2]["node-name"], "vda-transient-fmt");
+        assert_eq!(devs[2]["backing"], "vda-0-fmt");
+        assert_eq!(devs[2]["read-only"], false);
+        assert_eq!(devs[2]["file"]["filename"], "/run/x/transient-vda.qcow2");
+        assert!(args.contains(&"virtio-blk-pci,id=vda,drive=vda-transient-fmt".to_string()));
+
+        // Offline jobs never write it: read-only nodes, a read-only export.
+        let args = storage_daemon_command_line(&dom, &paths()).expect("daemon command line");
+        let devs = blockdevs_of(&args, "--blockdev");
+        assert!(devs
+            .iter()
+            .filter(|d| d["node-name"].as_str().is_some_and(|n| n.starts_with("vda")))
+            .all(|d| d["read-only"] == true));
+        assert!(args.contains(&"type=nbd,id=vda,node-name=vda-0-fmt,writable=off".to_string()), "{args:?}");
     }
 
     #[test]

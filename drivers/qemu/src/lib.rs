@@ -16,6 +16,7 @@ pub mod live;
 mod persistent;
 mod process;
 mod snapshots;
+mod transient;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -240,6 +241,9 @@ impl QemuConnection {
         };
         live::cleanup(&self.store, name)?;
         std::fs::create_dir_all(&paths.dir).map_err(|e| Error::io("create", &paths.dir, e))?;
+        if server == live::Server::Vm {
+            transient::create_overlays(&dom, &paths)?;
+        }
         tracing::debug!(domain = name, binary, ?args, "starting");
         let mut spawned = process::spawn(&binary, &args, &paths.log())?;
         let started = async {
@@ -394,6 +398,7 @@ impl Connection for QemuConnection {
             notes: vec![
                 "backing chains are probed natively and never by following an unrecorded format".into(),
                 format!("each QEMU has {MONITORS} QMP monitors; no daemon is needed"),
+                "a transient disk's writes go to an overlay removed at stop; snapshots, block jobs and disk sets refuse it".into(),
             ],
         }
     }
@@ -624,16 +629,19 @@ impl QemuConnection {
 #[async_trait]
 impl BlockJobOps for QemuConnection {
     async fn block_pull(&self, domain: &str, disk: &str, opts: &BlockPullOptions) -> Result<()> {
+        transient::refuse_block_job(&self.store, domain, disk)?;
         let _operation = self.block_job_operation(domain).await?;
         self.start_pull(domain, disk, opts).await
     }
 
     async fn block_commit(&self, domain: &str, disk: &str, opts: &BlockCommitOptions) -> Result<BlockJobKind> {
+        transient::refuse_block_job(&self.store, domain, disk)?;
         let _operation = self.block_job_operation(domain).await?;
         self.start_commit(domain, disk, opts).await
     }
 
     async fn block_copy(&self, domain: &str, disk: &str, opts: &BlockCopyOptions) -> Result<Vec<String>> {
+        transient::refuse_block_job(&self.store, domain, disk)?;
         let _operation = self.block_job_operation(domain).await?;
         let (_, monitor) = self.job_server(domain).await?;
         let started = jobs::copy(&self.store, domain, &monitor.client, disk, opts).await;

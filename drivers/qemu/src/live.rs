@@ -306,7 +306,8 @@ impl LiveDisk {
 
 /// The chain QEMU has open for each disk target, read from its block
 /// graph: the device's root node, then `backing` edges down, each format
-/// node's driver and its protocol child's file name.
+/// node's driver and its protocol child's file name. A transient disk's
+/// throwaway overlay is looked through: the disk's chain is its image's.
 pub async fn live_chains(client: &QmpClient, domain: &str) -> Result<HashMap<String, LiveDisk>> {
     let block = client.query_block().await.map_err(|e| qmp_error(domain, e))?;
     let graph = BlockGraph::query(client, domain).await?;
@@ -316,7 +317,12 @@ pub async fn live_chains(client: &QmpClient, domain: &str) -> Result<HashMap<Str
         let Some(target) = qdev.strip_prefix("/machine/peripheral/").and_then(|r| r.split('/').next()) else {
             continue;
         };
-        let Some(root) = dev.inserted.as_ref().and_then(|i| i.node_name.clone()) else { continue };
+        let Some(mut root) = dev.inserted.as_ref().and_then(|i| i.node_name.clone()) else { continue };
+        if root == crate::launch::transient_node(target) {
+            root = graph
+                .child(&root, "backing")
+                .ok_or_else(|| Error::internal(format!("transient disk '{target}' has no image below its overlay")))?;
+        }
         out.insert(target.to_string(), graph.chain_from(&root, target)?);
     }
     // A storage daemon has no devices; each disk is an NBD export named

@@ -35,6 +35,9 @@ pub fn define(store: &Store, xml: &str, flags: DefineFlags) -> Result<DefineOutc
         }
         None => return Err(Error::xml("the <domain> has no 'type' attribute")),
     }
+    for disk in dom.disks()? {
+        crate::transient::check_disk(&disk)?;
+    }
     let name = dom.name();
     let _lock = store.lock_domain(&name)?;
     if let Some(existing) = store.read_domain(&name)? {

@@ -156,6 +156,15 @@ fn plan_disks(
             }
             mode = "no".into();
         }
+        if mode != "no" && mode != "manual" {
+            disk.refuse_if_transient("snapshots").map_err(|e| {
+                Error::config_unsupported(format!(
+                    "{}; leave it out with --diskspec {},snapshot=no",
+                    e.message(),
+                    disk.target
+                ))
+            })?;
+        }
         let format = disk.format.clone().unwrap_or_else(|| "raw".into());
         let overlay = if mode == "external" {
             if let Some(t) = spec.and_then(|s| s.driver_type.as_deref()) {
@@ -856,6 +865,7 @@ impl QemuConnection {
         flags.validate()?;
         let store = self.store();
         let def = load(store, domain, snap)?;
+        crate::transient::refuse_snapshots(store, domain, [&def])?;
         self.refuse_during_block_job(domain).await?;
         let saved = def
             .domain
@@ -1144,6 +1154,10 @@ impl QemuConnection {
         }
         if !flags.children_only {
             order.push(snap.to_string());
+        }
+        if !flags.metadata_only {
+            let deleted = defs.iter().filter(|d| d.name.as_ref().is_some_and(|n| order.contains(n)));
+            crate::transient::refuse_snapshots(store, domain, deleted)?;
         }
         self.run_delete(domain, order, flags.metadata_only, Vec::new(), false).await
     }
@@ -1782,6 +1796,12 @@ fn has_internal(p: &Path, snap: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Creates a qcow2 overlay on `image` whose header names `image` and its
+/// `format`, so that the overlay reads the same without Strata.
+pub(crate) fn create_overlay(image: &Path, format: &str, overlay: &Path) -> Result<()> {
+    run("qemu-img", &["create", "-q", "-f", "qcow2", "-b", path_str(image)?, "-F", format, path_str(overlay)?])
+}
+
 fn create_offline(plans: &[DiskPlan], name: &str, created: &[PathBuf]) -> Result<()> {
     let mut made: Vec<PathBuf> = Vec::new();
     let mut tagged: Vec<PathBuf> = Vec::new();
@@ -1795,20 +1815,7 @@ fn create_offline(plans: &[DiskPlan], name: &str, created: &[PathBuf]) -> Result
                 "external" => {
                     let overlay = p.overlay.as_ref().ok_or_else(|| Error::internal("external plan without overlay"))?;
                     if created.contains(overlay) {
-                        run(
-                            "qemu-img",
-                            &[
-                                "create",
-                                "-q",
-                                "-f",
-                                "qcow2",
-                                "-b",
-                                path_str(&p.image)?,
-                                "-F",
-                                &p.format,
-                                path_str(overlay)?,
-                            ],
-                        )?;
+                        create_overlay(&p.image, &p.format, overlay)?;
                         made.push(overlay.clone());
                     }
                 }

@@ -1,0 +1,113 @@
+//! `<transient/>` disks, with libvirt's semantics: at start each gets a
+//! throwaway qcow2 overlay in the domain's runtime directory (its header
+//! names the disk's image and format), QEMU opens the image itself
+//! read-only and the guest writes only into the overlay. The overlay goes
+//! with the runtime directory when the domain stops, is destroyed or is
+//! found dead. Definitions, live or persistent, show the disk as defined.
+//!
+//! Nothing that would keep, merge or copy the guest's writes applies to
+//! such a disk, so snapshots covering it, block jobs on it and disk sets
+//! holding it are refused. `shareBacking='yes'` (libvirt 7.4) asks that
+//! several domains may run on one image at once; opening the image
+//! read-only always allows that here, so both forms behave alike.
+
+use std::path::PathBuf;
+
+use strata_core::store::Store;
+use strata_core::xml::{Disk, Domain, SnapshotDef};
+use strata_core::{Error, Result};
+
+use crate::launch::RuntimePaths;
+use crate::live;
+
+/// Checks that a transient disk is one an overlay can be put on: a
+/// writable, unshared local file behind a `disk` device.
+pub fn check_disk(disk: &Disk) -> Result<()> {
+    if !disk.transient {
+        return Ok(());
+    }
+    let t = &disk.target;
+    let refuse = |why: &str| Err(Error::config_unsupported(format!("transient disk '{t}' {why}")));
+    if disk.device != "disk" {
+        return refuse(&format!("must be a 'disk' device, not '{}'", disk.device));
+    }
+    if disk.readonly {
+        return refuse("must not be read-only (<readonly/>): it is writable and its writes are thrown away");
+    }
+    if disk.shareable {
+        return refuse("must not be shareable: its writes go to an overlay private to this domain");
+    }
+    match disk.source() {
+        None => refuse("has no image"),
+        Some(s) if disk.disk_type != "file" || s.local_path().is_none() => {
+            refuse(&format!("must be a local file (type 'file'), not '{}'", disk.disk_type))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+/// Creates each transient disk's overlay in the runtime directory, before
+/// QEMU opens it; on failure removes the overlays already made.
+pub(crate) fn create_overlays(dom: &Domain, paths: &RuntimePaths) -> Result<()> {
+    let mut made: Vec<PathBuf> = Vec::new();
+    let result = (|| {
+        for disk in dom.disks()?.iter().filter(|d| d.transient) {
+            check_disk(disk)?;
+            let top = disk.chain.as_ref().and_then(|c| c.top());
+            let (Some(image), format) = (top.and_then(|l| l.source.local_path()), top.and_then(|l| l.format.clone()))
+            else {
+                return Err(Error::internal(format!("transient disk '{}' has no image", disk.target)));
+            };
+            let overlay = paths.transient_overlay(&disk.target);
+            crate::snapshots::create_overlay(image, format.as_deref().unwrap_or("raw"), &overlay)?;
+            made.push(overlay);
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        for f in &made {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+    result
+}
+
+/// The definition the domain's disks are used with now: the live one
+/// while QEMU or a storage daemon serves it, else the persistent one.
+fn current_definition(store: &Store, domain: &str) -> Result<Domain> {
+    match live::reconcile(store, domain)? {
+        Some(status) => Ok(status.domain),
+        None => crate::persistent::load(store, domain),
+    }
+}
+
+/// Refuses a block job on a transient disk. A disk the domain does not
+/// have is left to the job's own lookup to report.
+pub(crate) fn refuse_block_job(store: &Store, domain: &str, disk: &str) -> Result<()> {
+    match current_definition(store, domain)?.find_disk(disk) {
+        Ok(d) => d.refuse_if_transient("block jobs"),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Refuses a revert to, or a delete of, snapshots that cover a disk that
+/// is transient now or was in the snapshot's saved definition: either
+/// would write into images a transient disk reads.
+pub(crate) fn refuse_snapshots<'a>(
+    store: &Store,
+    domain: &str,
+    snapshots: impl IntoIterator<Item = &'a SnapshotDef>,
+) -> Result<()> {
+    let current = current_definition(store, domain)?;
+    for def in snapshots {
+        let saved = def.domain.clone().map(Domain::from_element).transpose()?;
+        for covered in def.disks.iter().filter(|d| d.snapshot.as_deref() != Some("no")) {
+            for dom in std::iter::once(&current).chain(saved.as_ref()) {
+                if let Ok(disk) = dom.find_disk(&covered.name) {
+                    disk.refuse_if_transient("snapshots")?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
