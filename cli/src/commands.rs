@@ -349,6 +349,8 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                 writeln!(out, "Snapshots:   {}", yes(caps.snapshots))?;
                 writeln!(out, "Block jobs:  {}", yes(caps.block_jobs))?;
                 writeln!(out, "Disk sets:   {}", yes(caps.disk_sets))?;
+                writeln!(out, "Honoured:    {}", caps.honoured_elements.join(", "))?;
+                writeln!(out, "Unhonoured:  {}", caps.unhonoured_elements.join(", "))?;
                 for note in &caps.notes {
                     writeln!(out, "Note:        {note}")?;
                 }
@@ -549,11 +551,14 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
         }
         Command::Start { domain, paused } => {
             let name = domain.get()?;
-            session
+            let outcome = session
                 .conn()?
                 .start(name, StartFlags { paused })
                 .await
                 .map_err(|e| domain_error(e, name, "Failed to start domain"))?;
+            for w in &outcome.warnings {
+                eprintln!("warning: {w}");
+            }
             writeln!(out, "Domain '{name}' started\n")?;
         }
         Command::Destroy { domain } => {

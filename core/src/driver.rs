@@ -123,6 +123,13 @@ pub struct StartFlags {
     pub paused: bool,
 }
 
+/// The result of a start: anything the user should know, such as each
+/// element of the definition the driver does not act on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StartOutcome {
+    pub warnings: Vec<String>,
+}
+
 /// `domblkcheck`'s findings for one disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DiskChainCheck {
@@ -145,6 +152,12 @@ pub struct DriverCapabilities {
     pub snapshots: bool,
     pub block_jobs: bool,
     pub disk_sets: bool,
+    /// Domain elements the driver acts on (some only in the form given).
+    pub honoured_elements: Vec<String>,
+    /// Elements that change what the guest sees which the driver keeps in
+    /// the definition but does not act on yet; `start` warns about each of
+    /// these, and about any other element it does not know.
+    pub unhonoured_elements: Vec<String>,
     pub notes: Vec<String>,
 }
 
@@ -157,7 +170,7 @@ pub trait Connection: Send + Sync {
     async fn define_xml(&self, xml: &str, flags: DefineFlags) -> Result<DefineOutcome>;
     async fn undefine(&self, name: &str, flags: UndefineFlags) -> Result<()>;
     async fn domain_info(&self, name: &str) -> Result<DomainInfo>;
-    async fn start(&self, name: &str, flags: StartFlags) -> Result<()>;
+    async fn start(&self, name: &str, flags: StartFlags) -> Result<StartOutcome>;
     async fn destroy(&self, name: &str) -> Result<()>;
     async fn shutdown(&self, name: &str) -> Result<()>;
     async fn suspend(&self, name: &str) -> Result<()>;

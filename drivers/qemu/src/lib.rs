@@ -9,6 +9,7 @@
 //! `QemuConnection::open_embedded("/some/dir")` gives a
 //! [`strata_core::driver::Connection`] (see `examples/embed.rs`).
 
+mod honoured;
 mod intent;
 mod jobs;
 mod launch;
@@ -28,7 +29,7 @@ use strata_core::define;
 use strata_core::driver::{
     BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobOps, BlockJobState, Connection, DefineFlags, DefineOutcome,
     DiskChainCheck, DiskSetOps, DiskSetOutcome, DomainEvent, DomainInfo, DomainState, DomainSummary,
-    DriverCapabilities, DumpXmlFlags, SnapshotOps, SnapshotSummary, StartFlags, UndefineFlags,
+    DriverCapabilities, DumpXmlFlags, SnapshotOps, SnapshotSummary, StartFlags, StartOutcome, UndefineFlags,
 };
 use strata_core::options::{
     BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions, SnapshotCreateFlags,
@@ -395,9 +396,12 @@ impl Connection for QemuConnection {
             snapshots: true,
             block_jobs: true,
             disk_sets: true,
+            honoured_elements: honoured::honoured_list(),
+            unhonoured_elements: honoured::not_yet_list(),
             notes: vec![
                 "backing chains are probed natively and never by following an unrecorded format".into(),
                 format!("each QEMU has {MONITORS} QMP monitors; no daemon is needed"),
+                "elements not honoured (those listed and any unknown one) are kept in the definition; start warns about each".into(),
                 "a transient disk's writes go to an overlay removed at stop; snapshots, block jobs and disk sets refuse it".into(),
             ],
         }
@@ -440,9 +444,17 @@ impl Connection for QemuConnection {
         })
     }
 
-    async fn start(&self, name: &str, flags: StartFlags) -> Result<()> {
+    async fn start(&self, name: &str, flags: StartFlags) -> Result<StartOutcome> {
         let _lock = self.store.lock_domain(name)?;
-        self.start_locked(name, flags).await
+        self.start_locked(name, flags).await?;
+        let dom = persistent::load(&self.store, name)?;
+        let warnings = honoured::unhonoured(&dom)
+            .into_iter()
+            .map(|element| {
+                format!("domain '{name}': <{element}> is not honoured by the qemu driver (kept in the definition, not acted on)")
+            })
+            .collect();
+        Ok(StartOutcome { warnings })
     }
 
     async fn destroy(&self, name: &str) -> Result<()> {
