@@ -500,6 +500,49 @@ fn define_probes_three_deep_relative_chain() {
     assert_eq!(first, second);
 }
 
+/// A backing name with QEMU's `file:` prefix is the file QEMU opens: the
+/// rest of the name, taken literally (colons too). A relative rest, which
+/// QEMU opens from its own working directory rather than the image's, is
+/// refused.
+#[test]
+fn file_prefixed_backing_names_are_the_files_qemu_opens() {
+    let env = TestEnv::new();
+    let base = env.path("base.qcow2");
+    let colon = env.path("b:c.qcow2");
+    for image in [&base, &colon] {
+        qemu_img(&["create", "-q", "-f", "qcow2", p(image), "1M"]);
+    }
+    std::fs::create_dir(env.path("sub")).expect("mkdir sub");
+    let overlay = |name: &str, backing: &str| {
+        let path = env.path(&format!("sub/{name}"));
+        qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b", backing, p(&path), "1M"]);
+        path
+    };
+    let abs = overlay("abs.qcow2", &format!("file:{}", p(&base)));
+    let with_colon = overlay("colon.qcow2", &format!("file:{}", p(&colon)));
+    let relative = overlay("rel.qcow2", "file:base.qcow2");
+
+    let xml = domain_xml(
+        "fp",
+        &[
+            DiskSpec { target: "vda", format: "qcow2", path: &abs, extra: "" },
+            DiskSpec { target: "vdb", format: "qcow2", path: &with_colon, extra: "" },
+        ],
+    );
+    env.define("fp", &xml);
+    let (_, doc) = dumpxml(&env, "fp", &[]);
+    assert_chain(&doc, "vda", &abs, "qcow2", &[(&base, "qcow2")]);
+    assert_matches_qemu(&doc, "vda", &abs);
+    assert_chain(&doc, "vdb", &with_colon, "qcow2", &[(&colon, "qcow2")]);
+    assert_matches_qemu(&doc, "vdb", &with_colon);
+
+    let out = try_define(&env, "fr", &one_disk_domain("fr", &relative, "qcow2"), &[]);
+    assert_eq!(out.status.code(), Some(1), "a relative file: name was accepted: {out:?}");
+    let err = stderr_of(&out);
+    assert!(err.contains("'file:base.qcow2'") && err.contains("relative file after 'file:'"), "{err}");
+    assert_eq!(domain_names(&env), ["fp"]);
+}
+
 #[test]
 fn seed000_missing_backing_format_is_refused_with_fix() {
     let env = TestEnv::new();

@@ -115,32 +115,55 @@ const URI_SCHEMES: &[(&str, &str, Option<&str>)] = &[
     ("nfs", "nfs", None),
 ];
 
-/// Resolves a backing string from the header of the image at `image_path`.
+/// Resolves a backing string from the header of the image at `image_path`
+/// into the image QEMU would open, or refuses it.
 ///
-/// Relative names resolve against the directory of the image path as given,
-/// without resolving symlinks, as QEMU does.
+/// As QEMU reads it, a name with a `:` before any `/` starts with a
+/// protocol (`file:`, `json:`, `nbd://…`); any other name is a path, and a
+/// relative one resolves against the directory of the image path as given,
+/// without resolving symlinks.
 pub fn parse_backing_string(backing: &str, image_path: &Path) -> Result<StorageSource> {
-    if let Some(json) = backing.strip_prefix("json:") {
-        return parse_json_backing(json, backing);
+    let Some(protocol) = protocol_prefix(backing) else {
+        let path = Path::new(backing);
+        let full = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            image_path.parent().unwrap_or(Path::new("")).join(path)
+        };
+        return Ok(StorageSource::local(super::clean_path(&full)));
+    };
+    let rest = &backing[protocol.len() + 1..];
+    let refuse = |why: &str| {
+        Error::probe_failed(format!("backing file '{backing}' of '{}' {why}", image_path.display()))
+    };
+    match protocol {
+        "json" => parse_json_backing(rest, backing),
+        "rbd" => Ok(parse_rbd(rest)),
+        // QEMU's file protocol takes the rest literally: an absolute path,
+        // or one relative to QEMU's own working directory (not the image's).
+        "file" => match Path::new(rest) {
+            _ if rest.is_empty() => Err(refuse("names no file after 'file:'")),
+            p if p.is_relative() => Err(refuse(
+                "names a relative file after 'file:', which QEMU opens from its own working directory, \
+                 not the image's; rewrite it without the prefix or as an absolute path (qemu-img rebase -u)",
+            )),
+            p => Ok(StorageSource::local(super::clean_path(p))),
+        },
+        _ => match URI_SCHEMES.iter().find(|(s, _, _)| *s == protocol) {
+            Some(&(_, libvirt_protocol, transport)) if rest.starts_with("//") => {
+                parse_uri(backing, libvirt_protocol, transport)
+            }
+            Some(_) => Err(refuse(&format!("uses protocol '{protocol}' without a URI, which Strata does not read"))),
+            None => Err(refuse(&format!("uses protocol '{protocol}', which Strata does not know"))),
+        },
     }
-    if let Some(rest) = backing.strip_prefix("rbd:") {
-        return Ok(parse_rbd(rest));
-    }
-    if let Some((scheme, _)) = backing.split_once("://") {
-        if let Some(&(_, protocol, transport)) = URI_SCHEMES.iter().find(|(s, _, _)| *s == scheme) {
-            return parse_uri(backing, protocol, transport);
-        }
-        if scheme.chars().all(|c| c.is_ascii_alphanumeric() || c == '+') {
-            return Err(Error::probe_failed(format!(
-                "backing file '{backing}' of '{}' uses protocol '{scheme}', which Strata does not know",
-                image_path.display()
-            )));
-        }
-    }
-    let path = Path::new(backing);
-    let full =
-        if path.is_absolute() { path.to_path_buf() } else { image_path.parent().unwrap_or(Path::new("")).join(path) };
-    Ok(StorageSource::local(super::clean_path(&full)))
+}
+
+/// The protocol a backing name starts with, by QEMU's rule
+/// (`path_has_protocol`): the text before a `:` that comes before any `/`.
+fn protocol_prefix(backing: &str) -> Option<&str> {
+    let end = backing.find([':', '/'])?;
+    backing[end..].starts_with(':').then(|| &backing[..end])
 }
 
 fn parse_rbd(rest: &str) -> StorageSource {
@@ -315,6 +338,33 @@ mod tests {
         assert_eq!(s, StorageSource::File { path: "/a/sub/../b.qcow2".into() });
         let s = parse_backing_string("/abs/b.qcow2", Path::new("/a/t.qcow2")).expect("parse");
         assert_eq!(s, StorageSource::File { path: "/abs/b.qcow2".into() });
+    }
+
+    /// What qemu-img 7.2 opens for each form (`qemu-img info --backing-chain`):
+    /// `file:` takes the rest literally, colons included; a relative rest is
+    /// opened from qemu-img's working directory, so it is refused; a name
+    /// with another unknown prefix is an unknown protocol to QEMU.
+    #[test]
+    fn file_prefix_and_other_protocol_prefixes_read_as_qemu_reads_them() {
+        let top = Path::new("/imgs/sub/top.qcow2");
+        let file = |s: &str| parse_backing_string(s, top).expect(s);
+        assert_eq!(file("file:/imgs/base.qcow2"), StorageSource::File { path: "/imgs/base.qcow2".into() });
+        assert_eq!(file("file:/imgs/b:c.qcow2"), StorageSource::File { path: "/imgs/b:c.qcow2".into() });
+        assert_eq!(file("file:///imgs/base.qcow2"), StorageSource::File { path: "/imgs/base.qcow2".into() });
+        assert_eq!(file("./b:c.qcow2"), StorageSource::File { path: "/imgs/sub/b:c.qcow2".into() });
+        assert_eq!(file("dir/b:c.qcow2"), StorageSource::File { path: "/imgs/sub/dir/b:c.qcow2".into() });
+        for (refused, why) in [
+            ("file:base.qcow2", "relative file after 'file:'"),
+            ("file:file:/imgs/base.qcow2", "relative file after 'file:'"),
+            ("file:", "names no file"),
+            ("b:c.qcow2", "protocol 'b'"),
+            ("FILE:/imgs/base.qcow2", "protocol 'FILE'"),
+            ("nbd:localhost:10809", "protocol 'nbd' without a URI"),
+        ] {
+            let err = parse_backing_string(refused, top).expect_err(refused);
+            assert!(err.message().contains(why), "{refused}: {err}");
+            assert!(err.message().contains(refused) && err.message().contains("/imgs/sub/top.qcow2"), "{err}");
+        }
     }
 
     #[test]
