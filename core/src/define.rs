@@ -163,7 +163,7 @@ pub fn check_chains(dom: &mut Domain, only: Option<&str>, fix: bool) -> Result<V
                 }
             }
             Ok(None) => {}
-            Err(e) => check.error = Some(e.to_string()),
+            Err(e) => check.error = Some(e.report()),
         }
         out.push(check);
     }

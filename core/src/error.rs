@@ -72,7 +72,7 @@ impl ErrorKind {
             ErrorKind::XmlError => 27,
             ErrorKind::System => 38,
             ErrorKind::NoDomain => 42,
-            ErrorKind::DomainExists => 52,
+            ErrorKind::DomainExists => 28,
             ErrorKind::OperationInvalid => 55,
             ErrorKind::ConfigUnsupported => 67,
             ErrorKind::OperationTimeout => 68,
@@ -198,11 +198,12 @@ impl Error {
         Error { kind, message: message.into(), source: None }
     }
 
-    /// An OS-level failure on `path` while doing `what`.
+    /// An OS-level failure on `path` while doing `what`. The OS's reason is
+    /// the source, not part of the message: [`Error::report`] joins them.
     pub fn io(what: &str, path: &Path, err: std::io::Error) -> Self {
         Error {
             kind: ErrorKind::System,
-            message: format!("cannot {what} '{}': {err}", path.display()),
+            message: format!("cannot {what} '{}'", path.display()),
             source: Some(Box::new(err)),
         }
     }
@@ -221,10 +222,38 @@ impl Error {
         &self.message
     }
 
+    /// The error and each of its causes on one line, as libvirt prints a
+    /// system error: `system error: cannot open '/x': No such file or directory`.
+    pub fn report(&self) -> String {
+        format!("{}: {}", self.kind.prefix(), self.detail())
+    }
+
+    /// The message and each of its causes, without the kind's prefix.
+    pub fn detail(&self) -> String {
+        let mut line = self.message.clone();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            line.push_str(": ");
+            line.push_str(&os_reason(c));
+            cause = c.source();
+        }
+        line
+    }
+
     /// Prepends context ("while defining 'vm1'") to the message, keeping the kind.
     pub fn context(mut self, context: impl fmt::Display) -> Self {
         self.message = format!("{context}: {}", self.message);
         self
+    }
+}
+
+/// An error's text; for an OS error, the reason as libvirt prints it
+/// (strerror), without Rust's "(os error N)".
+pub fn os_reason(err: &(dyn std::error::Error + 'static)) -> String {
+    let text = err.to_string();
+    match err.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error) {
+        Some(code) => text.strip_suffix(&format!(" (os error {code})")).unwrap_or(&text).to_string(),
+        None => text,
     }
 }
 
@@ -268,6 +297,48 @@ mod tests {
         codes.sort_unstable();
         codes.dedup();
         assert_eq!(codes.len(), ALL_KINDS.len());
+    }
+
+    /// The codes of libvirt's `virErrorNumber` (include/libvirt/virterror.h,
+    /// where each value is written out), one per kind that claims one.
+    #[test]
+    fn codes_are_libvirts() {
+        let libvirt = [
+            (ErrorKind::Internal, 1, "VIR_ERR_INTERNAL_ERROR"),
+            (ErrorKind::NoSupport, 3, "VIR_ERR_NO_SUPPORT"),
+            (ErrorKind::NoConnect, 5, "VIR_ERR_NO_CONNECT"),
+            (ErrorKind::InvalidArg, 8, "VIR_ERR_INVALID_ARG"),
+            (ErrorKind::OperationFailed, 9, "VIR_ERR_OPERATION_FAILED"),
+            (ErrorKind::XmlError, 27, "VIR_ERR_XML_ERROR"),
+            (ErrorKind::DomainExists, 28, "VIR_ERR_DOM_EXIST"),
+            (ErrorKind::System, 38, "VIR_ERR_SYSTEM_ERROR"),
+            (ErrorKind::NoDomain, 42, "VIR_ERR_NO_DOMAIN"),
+            (ErrorKind::OperationInvalid, 55, "VIR_ERR_OPERATION_INVALID"),
+            (ErrorKind::ConfigUnsupported, 67, "VIR_ERR_CONFIG_UNSUPPORTED"),
+            (ErrorKind::OperationTimeout, 68, "VIR_ERR_OPERATION_TIMEOUT"),
+            (ErrorKind::NoDomainSnapshot, 72, "VIR_ERR_NO_DOMAIN_SNAPSHOT"),
+            (ErrorKind::ArgumentUnsupported, 74, "VIR_ERR_ARGUMENT_UNSUPPORTED"),
+            (ErrorKind::StorageProbeFailed, 75, "VIR_ERR_STORAGE_PROBE_FAILED"),
+            (ErrorKind::OperationAborted, 78, "VIR_ERR_OPERATION_ABORTED"),
+            (ErrorKind::BlockCopyActive, 83, "VIR_ERR_BLOCK_COPY_ACTIVE"),
+            (ErrorKind::OperationUnsupported, 84, "VIR_ERR_OPERATION_UNSUPPORTED"),
+            (ErrorKind::XmlInvalidSchema, 92, "VIR_ERR_XML_INVALID_SCHEMA"),
+        ];
+        for (kind, code, name) in libvirt {
+            assert_eq!(kind.code(), code, "{kind:?} should carry {name} = {code}");
+        }
+        let strata_only = ALL_KINDS.iter().filter(|k| k.code() >= 1000).count();
+        assert_eq!(libvirt.len() + strata_only, ALL_KINDS.len(), "a kind is neither libvirt's nor Strata's own");
+    }
+
+    #[test]
+    fn io_errors_name_their_reason_once() {
+        let missing = std::io::Error::from_raw_os_error(libc::ENOENT);
+        let e = Error::io("open", Path::new("/no/such"), missing);
+        assert_eq!(e.to_string(), "system error: cannot open '/no/such'");
+        assert_eq!(e.report(), "system error: cannot open '/no/such': No such file or directory");
+        let plain = Error::no_domain("no domain with matching name 'vm9'");
+        assert_eq!(plain.report(), plain.to_string());
     }
 
     #[test]

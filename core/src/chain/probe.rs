@@ -63,7 +63,7 @@ pub fn probe_chain(top: &StorageSource, top_format: &str) -> Result<Chain> {
                     "backing file '{}' of '{}' cannot be used: {}",
                     backing_path.display(),
                     current_path.display(),
-                    e.message()
+                    e.detail()
                 ),
             )
         })?;

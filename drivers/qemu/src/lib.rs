@@ -333,7 +333,7 @@ impl QemuConnection {
     /// cannot be done now; for callers that go on either way.
     async fn recover_or_warn(&self, domain: &str) {
         if let Err(e) = self.log_recovery(domain).await {
-            tracing::warn!(domain, error = %e, "an interrupted snapshot operation could not be finished");
+            tracing::warn!(domain, error = %e.report(), "an interrupted snapshot operation could not be finished");
         }
     }
 
