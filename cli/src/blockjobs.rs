@@ -2,7 +2,7 @@
 //! messages, with event-driven `--wait`.
 
 use std::fmt::Write as _;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
@@ -11,6 +11,7 @@ use strata_core::driver::{BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobOps, 
 use strata_core::options::{BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions};
 
 use crate::commands::CommandFailure;
+use crate::output;
 
 /// Options every job command shares.
 #[derive(Args, Debug, Clone)]
@@ -193,7 +194,7 @@ impl Progress {
         match &self.bar {
             Some(bar) => bar.set_position(pct),
             None => {
-                eprintln!("{}: [{pct:3} %]", self.label);
+                output::err(&format!("{}: [{pct:3} %]\n", self.label));
             }
         }
     }
@@ -299,7 +300,7 @@ pub async fn blockpull(jobs: &dyn BlockJobOps, a: PullArgs) -> Result<String> {
     match wait_job(jobs, &a.domain, &a.disk, "Block Pull", &a.wait).await? {
         Waited::Ready | Waited::Ended(BlockJobEnd::Completed) => Ok("\nPull complete\n".into()),
         Waited::TimedOut => {
-            println!("\nPull aborted");
+            output::out("\nPull aborted\n");
             Err(failure("block pull timed out and was aborted".into()))
         }
         Waited::Ended(end) => Err(ended_badly(&end, "block pull")),
@@ -342,7 +343,7 @@ pub async fn blockcommit(jobs: &dyn BlockJobOps, a: CommitArgs) -> Result<String
         }
         Waited::Ready | Waited::Ended(BlockJobEnd::Completed) => Ok("\nCommit complete\n".into()),
         Waited::TimedOut => {
-            println!("\nCommit aborted");
+            output::out("\nCommit aborted\n");
             Err(failure("block commit timed out and was aborted".into()))
         }
         Waited::Ended(end) => Err(ended_badly(&end, "block commit")),
@@ -378,7 +379,7 @@ pub async fn blockcopy(jobs: &dyn BlockJobOps, a: CopyArgs) -> Result<String> {
     };
     let warnings = jobs.block_copy(&a.domain, &a.disk, &opts).await?;
     for w in warnings {
-        eprintln!("warning: {w}");
+        output::err(&format!("warning: {w}\n"));
     }
     let wait = a.wait.wait || a.wait.verbose || a.wait.timeout.is_some() || a.pivot || a.finish;
     if !wait {
@@ -393,7 +394,7 @@ pub async fn blockcopy(jobs: &dyn BlockJobOps, a: CopyArgs) -> Result<String> {
             }
         }
         Waited::TimedOut => {
-            println!("\nCopy aborted");
+            output::out("\nCopy aborted\n");
             Err(failure("block copy timed out and was aborted".into()))
         }
         Waited::Ended(end) => Err(ended_badly(&end, "block copy")),
@@ -459,6 +460,5 @@ pub async fn blockjob(jobs: &dyn BlockJobOps, a: JobArgs) -> Result<String> {
             out.push_str("\n\n");
         }
     }
-    let _ = std::io::stdout().flush();
     Ok(out)
 }

@@ -1,6 +1,7 @@
 //! The commands: parsed with clap, run against a connection, printed.
 
 use std::fmt::Write as _;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -9,6 +10,7 @@ use strata_core::chain::{Backing, Chain};
 use strata_core::driver::{Connection, DefineFlags, DiskSetOutcome, DumpXmlFlags, StartFlags, UndefineFlags};
 use strata_core::xml::Domain;
 
+use crate::output;
 use crate::table::format_table;
 
 /// Settings that apply to every command of one invocation.
@@ -42,8 +44,10 @@ pub struct CommandLine {
     pub command: Command,
 }
 
-/// A domain, given by position or as `--domain NAME` as virsh allows.
+/// A domain, given by position or as `--domain NAME` as virsh allows;
+/// one of the two is required.
 #[derive(Args, Debug, Clone)]
+#[group(required = true, multiple = false)]
 pub struct DomainArg {
     #[arg(value_name = "DOMAIN")]
     positional: Option<String>,
@@ -256,36 +260,135 @@ pub enum Command {
     #[command(name = "snapshot-delete")]
     SnapshotDelete(crate::snapshots::DeleteArgs),
     /// Print a domain's events as they happen.
-    Event {
-        #[arg(value_name = "DOMAIN")]
-        positional: Option<String>,
-        #[arg(long = "domain", value_name = "DOMAIN")]
-        named: Option<String>,
-        /// Only this event: block-job or lifecycle.
-        #[arg(long)]
-        event: Option<String>,
-        /// Every running domain.
-        #[arg(long)]
-        all: bool,
-        /// Keep printing events until interrupted or --timeout.
-        #[arg(long = "loop")]
-        keep_going: bool,
-        /// Stop after this many seconds.
-        #[arg(long, value_name = "SECONDS")]
-        timeout: Option<u64>,
-        /// Prefix each event with its time.
-        #[arg(long)]
-        timestamp: bool,
-        /// List the event names and exit.
-        #[arg(long)]
-        list: bool,
-        #[command(flatten)]
-        json: JsonFlag,
-    },
+    Event(EventArgs),
+}
+
+/// `event`: virsh's options. Without a domain, every running domain is
+/// watched, including those that start while the command waits.
+#[derive(Args, Debug)]
+pub struct EventArgs {
+    #[arg(value_name = "DOMAIN")]
+    positional: Option<String>,
+    #[arg(long = "domain", value_name = "DOMAIN")]
+    named: Option<String>,
+    /// Only this event: block-job or lifecycle.
+    #[arg(long)]
+    event: Option<String>,
+    /// Every event type (the default with a domain).
+    #[arg(long)]
+    all: bool,
+    /// Keep printing events until interrupted or --timeout.
+    #[arg(long = "loop")]
+    keep_going: bool,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<u64>,
+    /// Prefix each event with its time.
+    #[arg(long)]
+    timestamp: bool,
+    /// List the event names and exit.
+    #[arg(long)]
+    list: bool,
+    #[command(flatten)]
+    json: JsonFlag,
+}
+
+/// How often `event` without a domain looks for domains that started.
+const EVENT_RESCAN: Duration = Duration::from_secs(1);
+
+/// How long one wait for a domain's next event lasts when several
+/// domains are watched in turn (their events queue meanwhile).
+const EVENT_SLICE_SHARED: Duration = Duration::from_millis(100);
+
+/// Waits for events and prints each as it comes; returns virsh's summary.
+/// Every wait sleeps on a domain's event stream or a timer, and ends at
+/// `--timeout`. As virsh's, the command fails (with no message) when no
+/// event came.
+async fn watch_events(conn: &dyn Connection, args: EventArgs, json: bool) -> Result<String> {
+    if let Some(e) = &args.event {
+        if e != "block-job" && e != "lifecycle" {
+            return Err(anyhow!("unknown event type '{e}' (known: block-job, lifecycle)"));
+        }
+        if args.all {
+            return Err(anyhow!("Options --all and --event are mutually exclusive"));
+        }
+    }
+    let named = args.named.or(args.positional);
+    if named.is_none() && !args.all && args.event.is_none() {
+        return Err(anyhow!("one of --list, --all, or --event <type> is required"));
+    }
+    let deadline = args.timeout.map(|t| Instant::now() + Duration::from_secs(t));
+    let mut watched: Vec<String> = named.iter().cloned().collect();
+    let mut rescan_at = Instant::now();
+    let mut received = 0usize;
+    let timed_out = 'wait: loop {
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
+            break true;
+        }
+        if named.is_none() && now >= rescan_at {
+            watched =
+                conn.list_domains().await?.into_iter().filter(|d| d.state.is_active()).map(|d| d.name).collect();
+            rescan_at = now + EVENT_RESCAN;
+        }
+        // This turn ends at the deadline, or at the next look for new domains.
+        let turn_end = [deadline, named.is_none().then_some(rescan_at)].into_iter().flatten().min();
+        if watched.is_empty() {
+            if let Some(end) = turn_end {
+                tokio::time::sleep_until(end.into()).await;
+            }
+            continue;
+        }
+        let slice = if watched.len() == 1 { EVENT_RESCAN } else { EVENT_SLICE_SHARED };
+        let mut stopped = Vec::new();
+        for dom in &watched {
+            let left = turn_end.map_or(slice, |end| end.saturating_duration_since(Instant::now()).min(slice));
+            if left.is_zero() {
+                break;
+            }
+            let ev = match conn.next_event(dom, left.as_millis() as u64).await {
+                Ok(Some(ev)) => ev,
+                Ok(None) => continue,
+                // Watching every domain: one that stopped is looked for again.
+                Err(_) if named.is_none() => {
+                    stopped.push(dom.clone());
+                    continue;
+                }
+                Err(e) => return Err(lookup_error(e, dom)),
+            };
+            if args.event.as_deref().is_some_and(|e| e != ev.event) {
+                continue;
+            }
+            received += 1;
+            if json {
+                output::out(&format!("{}\n", serde_json::to_string(&ev)?));
+            } else {
+                let stamp =
+                    if args.timestamp { format!("{}: ", format_timestamp(ev.timestamp_us)) } else { String::new() };
+                output::out(&format!("{stamp}event '{}' for domain '{}': {}\n", ev.event, ev.domain, ev.detail));
+            }
+            if !args.keep_going {
+                break 'wait false;
+            }
+        }
+        watched.retain(|d| !stopped.contains(d));
+    };
+    let mut summary = String::new();
+    if !json {
+        if timed_out {
+            summary.push_str("event loop timed out\n");
+        }
+        writeln!(summary, "events received: {received}\n")?;
+    }
+    if received == 0 {
+        return Err(CommandFailure { message: String::new(), output: summary }.into());
+    }
+    Ok(summary)
 }
 
 /// A command that failed with a virsh-style message of its own, after
-/// printing `output` (a partial report) on stdout.
+/// printing `output` (a partial report) on stdout. An empty message is a
+/// failure virsh reports by its status alone.
 #[derive(Debug)]
 pub struct CommandFailure {
     pub message: String,
@@ -366,7 +469,7 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                 .await
                 .map_err(|e| anyhow!(e).context(format!("Failed to define domain from {file}")))?;
             for w in &outcome.warnings {
-                eprintln!("warning: {w}");
+                output::err(&format!("warning: {w}\n"));
             }
             writeln!(out, "Domain '{}' defined from {file}\n", outcome.name)?;
         }
@@ -633,55 +736,12 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
         Command::SnapshotParent(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::parent),
         Command::SnapshotRevert(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::revert),
         Command::SnapshotDelete(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::delete),
-        Command::Event { positional, named, event, all, keep_going, timeout, timestamp, list, json } => {
-            if list {
+        Command::Event(args) => {
+            if args.list {
                 return Ok("block-job\nlifecycle\n".into());
             }
-            if let Some(e) = &event {
-                if e != "block-job" && e != "lifecycle" {
-                    return Err(anyhow!("unknown event type '{e}' (known: block-job, lifecycle)"));
-                }
-            }
-            let conn = session.conn()?;
-            let domains: Vec<String> = match (named.or(positional), all) {
-                (Some(d), false) => vec![d],
-                (None, true) => {
-                    conn.list_domains().await?.into_iter().filter(|d| d.state.is_active()).map(|d| d.name).collect()
-                }
-                (Some(_), true) => return Err(anyhow!("Options --domain and --all are mutually exclusive")),
-                (None, false) => return Err(anyhow!("either --domain or --all must be supplied")),
-            };
-            let deadline = timeout.map(|t| std::time::Instant::now() + std::time::Duration::from_secs(t));
-            let mut received = 0usize;
-            'outer: loop {
-                for dom in &domains {
-                    if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-                        break 'outer;
-                    }
-                    let slice = if domains.len() == 1 { 1000 } else { 100 };
-                    let Some(ev) = conn.next_event(dom, slice).await.map_err(|e| lookup_error(e, dom))? else {
-                        continue;
-                    };
-                    if event.as_deref().is_some_and(|e| e != ev.event) {
-                        continue;
-                    }
-                    received += 1;
-                    if wants_json(json) {
-                        println!("{}", serde_json::to_string(&ev)?);
-                    } else {
-                        let stamp =
-                            if timestamp { format!("{}: ", format_timestamp(ev.timestamp_us)) } else { String::new() };
-                        println!("{stamp}event '{}' for domain '{}': {}", ev.event, ev.domain, ev.detail);
-                    }
-                    let _ = std::io::Write::flush(&mut std::io::stdout());
-                    if !keep_going {
-                        break 'outer;
-                    }
-                }
-            }
-            if !wants_json(json) {
-                writeln!(out, "events received: {received}")?;
-            }
+            let json = wants_json(args.json);
+            out = watch_events(session.conn()?, args, json).await?;
         }
         Command::DisksetSize { domain } => {
             let name = domain.get()?;

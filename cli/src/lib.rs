@@ -8,11 +8,12 @@
 
 mod blockjobs;
 mod commands;
+mod output;
 mod snapshots;
 mod table;
 mod tokenize;
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -60,49 +61,131 @@ fn init_tracing(debug: bool) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }
 
-/// Runs one command's words; prints its output and errors; returns success.
-async fn run_words(session: &mut Session, words: Vec<String>) -> bool {
-    let parsed = match CommandLine::try_parse_from(&words) {
-        Ok(p) => p,
-        Err(e) => {
-            use clap::error::ErrorKind as K;
-            if matches!(e.kind(), K::DisplayHelp | K::DisplayVersion) {
-                print!("{e}");
-                return true;
-            }
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid command").trim_start_matches("error: ");
-            eprintln!("error: {first}");
-            return false;
+/// One command of a batch, parsed.
+enum Parsed {
+    Run(commands::Command),
+    /// `--help`: clap's text, printed when the batch runs.
+    Help(String),
+}
+
+/// Parses one command's words; a refusal is virsh's message for it.
+fn parse_words(words: &[String]) -> Result<Parsed, String> {
+    match CommandLine::try_parse_from(words) {
+        Ok(p) => Ok(Parsed::Run(p.command)),
+        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => {
+            Ok(Parsed::Help(e.to_string()))
         }
+        Err(e) => Err(parse_error_message(words.first().map(String::as_str).unwrap_or_default(), &e)),
+    }
+}
+
+/// virsh's words for a command line it cannot run: `command 'dominfo'
+/// requires <domain> option`, `command 'list' doesn't support option
+/// --foo`, `unknown command: 'foo'`; otherwise clap's own sentence.
+fn parse_error_message(command: &str, e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue, ErrorKind as K};
+    let context = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        Some(ContextValue::Strings(v)) => v.first().cloned(),
+        _ => None,
     };
-    match commands::run(session, parsed.command).await {
+    match (e.kind(), context(ContextKind::InvalidArg), context(ContextKind::InvalidSubcommand)) {
+        (K::MissingRequiredArgument, Some(arg), _) => format!("command '{command}' requires {} option", virsh_option(&arg)),
+        (K::UnknownArgument, Some(arg), _) if arg.starts_with('-') => {
+            format!("command '{command}' doesn't support option {arg}")
+        }
+        (K::UnknownArgument, Some(arg), _) => format!("unexpected data '{arg}'"),
+        (K::InvalidSubcommand, _, Some(name)) => format!("unknown command: '{name}'"),
+        _ => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            first.strip_prefix("error: ").unwrap_or(first).to_string()
+        }
+    }
+}
+
+/// How virsh names a missing option: `<disk>` for one that may be given
+/// by position, `--dest` for one that must be named. clap describes it as
+/// `<DISK>`, `--dest <DEST>`, or a group `<DOMAIN|--domain <DOMAIN>>`.
+fn virsh_option(clap_arg: &str) -> String {
+    let first = clap_arg.split('|').next().unwrap_or(clap_arg);
+    match first.strip_prefix('<') {
+        Some(name) => format!("<{}>", name.trim_end_matches('>').to_lowercase()),
+        None => first.split_whitespace().next().unwrap_or(first).to_string(),
+    }
+}
+
+/// Runs one parsed command; prints its output and errors; returns success.
+async fn run_parsed(session: &mut Session, parsed: Parsed) -> bool {
+    let command = match parsed {
+        Parsed::Help(text) => {
+            output::out(&text);
+            return true;
+        }
+        Parsed::Run(command) => command,
+    };
+    match commands::run(session, command).await {
         Ok(out) => {
-            print!("{out}");
+            output::out(&out);
             true
         }
         Err(err) => {
             if let Some(f) = err.downcast_ref::<CommandFailure>() {
-                print!("{}", f.output);
+                output::out(&f.output);
             }
-            let _ = std::io::stdout().flush();
-            for cause in err.chain() {
-                eprintln!("error: {cause}");
+            for line in error_lines(&err) {
+                output::err(&format!("error: {line}\n"));
             }
             false
         }
     }
 }
 
-/// Runs a `;`-separated batch; like virsh, every command runs and the
-/// status is that of the last one.
-async fn run_batch(session: &mut Session, commands: Vec<Vec<String>>) -> bool {
-    let mut ok = true;
-    for words in commands {
-        if words.is_empty() {
-            continue;
+/// A failure as virsh prints it: one `error:` line per context, with an
+/// OS error's reason completing the line it explains, never repeated.
+fn error_lines(err: &anyhow::Error) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for cause in err.chain() {
+        if let Some(core) = cause.downcast_ref::<strata_core::Error>() {
+            // Its report holds its causes: the rest of the chain.
+            lines.push(core.report());
+            break;
         }
-        ok = run_words(session, words).await;
+        if let Some(CommandFailure { message, .. }) = cause.downcast_ref::<CommandFailure>() {
+            if message.is_empty() {
+                continue; // a failure virsh reports with no message
+            }
+        }
+        let text = strata_core::error::os_reason(cause);
+        match lines.last_mut() {
+            Some(last) if cause.is::<std::io::Error>() => {
+                last.push_str(": ");
+                last.push_str(&text);
+            }
+            _ => lines.push(text),
+        }
+    }
+    lines
+}
+
+/// Runs a `;`-separated batch as virsh does: every command is parsed
+/// first, and one that cannot be parsed stops the batch before anything
+/// runs (status 1); otherwise every command runs and the status is that
+/// of the last one.
+async fn run_batch(session: &mut Session, commands: Vec<Vec<String>>) -> bool {
+    let mut parsed = Vec::new();
+    for words in commands.iter().filter(|w| !w.is_empty()) {
+        match parse_words(words) {
+            Ok(p) => parsed.push(p),
+            Err(message) => {
+                output::err(&format!("error: {message}\n"));
+                return false;
+            }
+        }
+    }
+    let mut ok = true;
+    for p in parsed {
+        ok = run_parsed(session, p).await;
     }
     ok
 }
@@ -111,22 +194,21 @@ async fn interactive(session: &mut Session) -> bool {
     let stdin = std::io::stdin();
     let tty = stdin.is_terminal();
     if tty {
-        println!("Welcome to strata, the virtualization disk terminal.\n");
-        println!("Type:  'help' for help with commands\n       'quit' to quit\n");
+        output::out("Welcome to strata, the virtualization disk terminal.\n\n");
+        output::out("Type:  'help' for help with commands\n       'quit' to quit\n\n");
     }
     let mut ok = true;
     let mut line = String::new();
     loop {
         if tty {
-            print!("strata # ");
-            let _ = std::io::stdout().flush();
+            output::out("strata # ");
         }
         line.clear();
         match stdin.lock().read_line(&mut line) {
             Ok(0) => break,
             Ok(_) => {}
             Err(e) => {
-                eprintln!("error: cannot read a command: {e}");
+                output::err(&format!("error: cannot read a command: {e}\n"));
                 return false;
             }
         }
@@ -143,7 +225,7 @@ async fn interactive(session: &mut Session) -> bool {
                 ok = run_batch(session, cmds).await;
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                output::err(&format!("error: {e}\n"));
                 ok = false;
             }
         }
@@ -156,7 +238,7 @@ pub fn main_entry() -> ExitCode {
     let global = Global::parse();
     init_tracing(global.debug);
     if global.version {
-        println!("{}", env!("CARGO_PKG_VERSION"));
+        output::out(concat!(env!("CARGO_PKG_VERSION"), "\n"));
         return ExitCode::SUCCESS;
     }
     let uri = global.connect.clone().unwrap_or_else(strata_core::uri::default_uri);
@@ -164,7 +246,7 @@ pub fn main_entry() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            output::err(&format!("error: cannot start the async runtime: {e}\n"));
             return ExitCode::FAILURE;
         }
     };
@@ -176,11 +258,11 @@ pub fn main_entry() -> ExitCode {
             [one] => match tokenize::split_commands(one) {
                 Ok(cmds) => run_batch(&mut session, cmds).await,
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    output::err(&format!("error: {e}\n"));
                     false
                 }
             },
-            words => run_words(&mut session, words.to_vec()).await,
+            words => run_batch(&mut session, vec![words.to_vec()]).await,
         }
     });
     if ok {

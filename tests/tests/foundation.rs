@@ -1231,6 +1231,91 @@ fn batches_and_errors() {
     assert_eq!(domain_names(&env), ["vm1"]);
 }
 
+/// Command lines that cannot run read as virsh words them, naming what is
+/// wrong. As in virsh, a batch holding one is refused before any of its
+/// commands runs (status 1), while a command that fails when it runs does
+/// not stop the batch, whose status is that of its last command.
+#[test]
+fn bad_command_lines_read_like_virsh_and_stop_a_batch() {
+    let env = TestEnv::new();
+    for (args, message) in [
+        (&["dominfo"][..], "error: command 'dominfo' requires <domain> option"),
+        (&["blockpull", "vm1"], "error: command 'blockpull' requires <disk> option"),
+        (&["blockcopy", "vm1"], "error: command 'blockcopy' requires <disk> option"),
+        (&["list", "--bogus"], "error: command 'list' doesn't support option --bogus"),
+        (&["bogus"], "error: unknown command: 'bogus'"),
+        (&["list", "extra"], "error: unexpected data 'extra'"),
+    ] {
+        assert_eq!(env.fails(args).trim_end(), message, "{args:?}");
+    }
+
+    let out = env.strata(&["list --name; dominfo; list --name"]);
+    assert_eq!(out.status.code(), Some(1), "a batch with a command that cannot run: {out:?}");
+    assert_eq!(stdout_of(&out), "", "no command of the batch ran");
+    assert_eq!(stderr_of(&out).trim_end(), "error: command 'dominfo' requires <domain> option");
+
+    let out = env.strata(&["list --name; dominfo nope; uri"]);
+    assert_eq!(out.status.code(), Some(0), "the last command's status: {out:?}");
+    assert!(stderr_of(&out).contains("error: failed to get domain 'nope'"), "{out:?}");
+    assert!(stdout_of(&out).contains(&env.uri), "the batch went on after the failure: {out:?}");
+    let err = env.fails(&["uri; dominfo nope"]);
+    assert!(err.contains("error: failed to get domain 'nope'"), "{err}");
+}
+
+/// An OS error gives its reason once, completing the line it explains, as
+/// libvirt prints a system error.
+#[test]
+fn os_errors_give_their_reason_once() {
+    // /proc takes no new directory, so the state root cannot be made.
+    let out = Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
+        .args(["-c", "qemu:///embed?root=/proc/strata-no-root", "list"])
+        .output()
+        .expect("run strata");
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains(
+            "error: system error: cannot create the state directory '/proc/strata-no-root': No such file or directory\n"
+        ),
+        "{err}"
+    );
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}
+
+/// Output into a pipe nobody reads any more (`strata list | head -0`)
+/// ends the command as it ends other tools: no panic and no message, with
+/// the status a shell shows for a tool SIGPIPE ended.
+#[test]
+fn output_into_a_closed_pipe_stops_quietly() {
+    let env = TestEnv::new();
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
+        .args(["-c", &env.uri, "list", "--all"])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run strata");
+    assert_eq!(stderr_of(&out), "", "nothing said about the closed pipe");
+    assert_eq!(out.status.code(), Some(141), "{out:?}");
+}
+
+/// `event --all --timeout 2` with no domain running waits quietly, asleep,
+/// and ends at its timeout with virsh's words and status (1: no event came).
+#[test]
+fn event_with_nothing_running_sleeps_until_its_timeout() {
+    let env = TestEnv::new();
+    for extra in [&[][..], &["--loop"]] {
+        let mut args = vec!["event", "--all", "--timeout", "2"];
+        args.extend_from_slice(extra);
+        let (out, cpu) = env.strata_with_cpu(&args, Duration::from_secs(60));
+        assert_eq!(stdout_of(&out), "event loop timed out\nevents received: 0\n\n", "{args:?}");
+        assert_eq!(stderr_of(&out), "", "{args:?}");
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(cpu < Duration::from_millis(500), "{args:?} used {cpu:?} of CPU to wait 2 s");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 6. Images that do not exist (yet), and trusted vs validated chains
 // ---------------------------------------------------------------------------

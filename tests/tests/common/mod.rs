@@ -3,8 +3,11 @@
 //! document, and guest I/O on running domains without a guest OS.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// One test's world: a temporary directory holding images and the state
 /// root of an embedded QEMU driver.
@@ -38,6 +41,49 @@ impl TestEnv {
             .env_remove("STRATA_LOG")
             .output()
             .expect("run strata")
+    }
+
+    /// Runs `strata -c URI ARGS…` and returns its output with the CPU time
+    /// (user + system) it used, from wait4(2); kills it and fails the test
+    /// if it runs longer than `limit` (a hang guard).
+    pub fn strata_with_cpu(&self, args: &[&str], limit: Duration) -> (Output, Duration) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
+            .arg("-c")
+            .arg(&self.uri)
+            .args(args)
+            .env_remove("STRATA_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn strata");
+        let pid = i32::try_from(child.id()).expect("pid");
+        let deadline = Instant::now() + limit;
+        let mut status = 0;
+        // SAFETY: rusage is plain integers, for which all zeroes are valid.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        loop {
+            // SAFETY: wait4(2) on our own unreaped child, writing into locals.
+            let rc = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+            if rc == pid {
+                break;
+            }
+            assert_eq!(rc, 0, "wait4 on strata failed: {}", std::io::Error::last_os_error());
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("strata {args:?} still running after {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let read = |pipe: Option<&mut dyn Read>| {
+            let mut bytes = Vec::new();
+            pipe.expect("piped").read_to_end(&mut bytes).expect("read strata output");
+            bytes
+        };
+        let stdout = read(child.stdout.as_mut().map(|p| p as &mut dyn Read));
+        let stderr = read(child.stderr.as_mut().map(|p| p as &mut dyn Read));
+        let timeval = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+        let cpu = timeval(usage.ru_utime) + timeval(usage.ru_stime);
+        (Output { status: ExitStatus::from_raw(status), stdout, stderr }, cpu)
     }
 
     /// Runs strata and requires success; returns stdout.
