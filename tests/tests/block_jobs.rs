@@ -1372,6 +1372,65 @@ fn sigkill_to_qemu_mid_job_leaves_a_consistent_record() {
     assert_guest_sees(&env, &c.reference, "after a restart");
 }
 
+/// A `--wait`ing blockpull whose QEMU is SIGKILLed mid-job says that
+/// QEMU exited while the job ran (before: that the disk had no job).
+#[test]
+fn a_waiter_whose_qemu_is_killed_says_so() {
+    let env = TestEnv::new();
+    let (_c, _guard) = start_chain(&env);
+    let waiter = Background::spawn(&env, &["blockpull", "vm", "vda", "--wait", "--bandwidth", "16384", "--bytes"]);
+    wait_job_visible(&env, "Block Pull");
+    let pid = qemu_pid(&env, "vm").expect("QEMU pid");
+    // SAFETY: kill(2) on the QEMU this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let out = waiter.finish(Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("domain 'vm' (QEMU pid {pid}) exited while block job on 'vda' was running")),
+        "{err}"
+    );
+    assert!(!err.contains("does not have an active block job"), "{err}");
+    assert_eq!(env.ok(&["domstate", "vm"]).trim(), "shut off");
+}
+
+/// CPU time this thread has used.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime(2) writing into a live local.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime failed");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// A wait on a job its starter has recorded but not yet sent to QEMU
+/// sleeps (on QEMU's events and a timer) instead of spinning, returns at
+/// its deadline with the job still to come, and the job then starts.
+#[test]
+fn a_wait_on_a_starting_job_sleeps_until_its_deadline() {
+    use strata_core::driver::{BlockJobOps, BlockJobState};
+    let env = TestEnv::new();
+    let (_c, _guard) = start_chain(&env);
+    let starter = Background::spawn_paused_at(
+        &env,
+        &["blockpull", "vm", "vda", "--bandwidth", "16384", "--bytes"],
+        "job:starting",
+    )
+    .unwrap_or_else(|out| panic!("the pull ended before it was recorded: {out:?}"));
+    let conn = QemuConnection::open_embedded(&env.state_root()).expect("open the driver");
+    // The wait runs on this thread alone (a current-thread runtime).
+    let before = thread_cpu_time();
+    let state = runtime().block_on(conn.block_job_wait("vm", "vda", 2000)).expect("wait");
+    let cpu = thread_cpu_time() - before;
+    assert!(matches!(state, BlockJobState::Running(_)), "{state:?}");
+    assert!(cpu < Duration::from_millis(500), "used {cpu:?} of CPU to wait 2 s");
+    starter.resume();
+    let out = starter.finish(Duration::from_secs(60));
+    assert_eq!(text(&out.stdout).trim(), "Block Pull started", "{out:?}");
+    wait_job_visible(&env, "Block Pull");
+    env.ok(&["blockjob", "vm", "vda", "--abort"]);
+}
+
 /// Snapshot create (disk-only and checkpoint), revert and delete are refused
 /// with virsh's words while a block job runs on the domain, and change
 /// nothing; the job goes on. Once it has ended, deleting the snapshot whose

@@ -23,7 +23,8 @@ use strata_core::store::{DomainLock, Store};
 use strata_core::xml::Element;
 use strata_core::{Error, ErrorKind, Result};
 use strata_qmp::types::{JobInfo, JobStatus};
-use strata_qmp::{KnownEvent, QmpClient};
+use strata_qmp::{KnownEvent, QmpClient, QmpEvent};
+use tokio::sync::broadcast;
 
 use crate::live::{self, qmp_error, BlockGraph, LiveDisk, LiveStatus};
 
@@ -320,6 +321,7 @@ async fn start_recorded(
     mut args: Value,
 ) -> Result<()> {
     let id = record_job(store, name, rec, mirror)?;
+    strata_core::pause_point("job:starting");
     args["job-id"] = Value::String(id.clone());
     if let Err(e) = client.execute(command, Some(args)).await {
         drop_record(store, name, &id)?;
@@ -776,23 +778,30 @@ pub(crate) async fn wait_status(
                 format!("block job '{id}' stayed {now:?} for {limit:?}"),
             ));
         }
-        let _ = tokio::time::timeout(left, async {
-            loop {
-                match rx.recv().await {
-                    Ok(ev) => {
-                        if let KnownEvent::JobStatusChange(c) = ev.known() {
-                            if c.id == id {
-                                return;
-                            }
+        job_status_changed(&mut rx, id, left).await;
+    }
+}
+
+/// Waits up to `limit` for QEMU to report a status change of job `id`;
+/// false when none came in time. Missed events (a lagging receiver) or a
+/// closed monitor end the wait too: the caller looks again.
+async fn job_status_changed(rx: &mut broadcast::Receiver<QmpEvent>, id: &str, limit: Duration) -> bool {
+    tokio::time::timeout(limit, async {
+        loop {
+            match rx.recv().await {
+                Ok(ev) => {
+                    if let KnownEvent::JobStatusChange(c) = ev.known() {
+                        if c.id == id {
+                            return;
                         }
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 }
+                Err(_) => return,
             }
-        })
-        .await;
-    }
+        }
+    })
+    .await
+    .is_ok()
 }
 
 /// Records a concluded (or vanished) job: the chain QEMU now has goes into
@@ -939,6 +948,11 @@ async fn remove_dead_nodes(store: &Store, client: &QmpClient, name: &str, disk: 
     Ok(())
 }
 
+/// A job whose starter has not sent it to QEMU yet: no progress.
+fn info_starting(rec: &JobRecord) -> BlockJobInfo {
+    BlockJobInfo { kind: rec.kind, disk: rec.disk.clone(), cur: 0, end: 0, bandwidth_bytes: 0, ready: false }
+}
+
 fn info_of(rec: &JobRecord, job: &JobInfo, speed: u64) -> BlockJobInfo {
     BlockJobInfo {
         kind: rec.kind,
@@ -1042,6 +1056,22 @@ fn set_pivoting(store: &Store, name: &str, id: &str) -> Result<()> {
     store.write_status(name, &status.to_xml())
 }
 
+/// Keeps, as the outcome of each job the status records, that the process
+/// serving the domain exited while it ran (called when that process is
+/// found gone), so a waiter can say so.
+pub(crate) fn record_server_exit(store: &Store, name: &str, status: &LiveStatus) -> Result<()> {
+    let server = if status.is_vm() { "QEMU" } else { "qemu-storage-daemon" };
+    for rec in &status.jobs {
+        let why = format!(
+            "domain '{name}' ({server} pid {}) exited while block job on '{}' was running",
+            status.process.pid, rec.disk
+        );
+        let outcome = JobOutcome { disk: rec.disk.clone(), kind: rec.kind, end: BlockJobEnd::Failed(why) };
+        set_outcome(store, name, &rec.disk, Some(outcome))?;
+    }
+    Ok(())
+}
+
 /// The end of the last job on `disk`, when nothing serves the domain now.
 pub fn ended(store: &Store, name: &str, disk: &str) -> Result<BlockJobState> {
     match last_outcome(store, name, disk)? {
@@ -1076,7 +1106,18 @@ pub async fn wait(
             return ended(store, name, disk);
         };
         let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
-        let Some(job) = find_job(&jobs, &rec.id) else { continue };
+        let Some(job) = find_job(&jobs, &rec.id) else {
+            // Recorded, not yet started in QEMU: its starter sends the
+            // command next, or drops the record if QEMU refuses (which no
+            // event announces), so the wait wakes on the job's first event
+            // or looks again shortly.
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(BlockJobState::Running(info_starting(&rec)));
+            }
+            job_status_changed(&mut rx, &rec.id, left.min(STARTING_RECHECK)).await;
+            continue;
+        };
         if matches!(job.status, JobStatus::Pending | JobStatus::Concluded) {
             continue; // reconcile_jobs records it on the next turn
         }
@@ -1092,23 +1133,12 @@ pub async fn wait(
         if left.is_zero() {
             return Ok(BlockJobState::Running(info));
         }
-        let changed = tokio::time::timeout(left, async {
-            loop {
-                match rx.recv().await {
-                    Ok(ev) => {
-                        if let KnownEvent::JobStatusChange(c) = ev.known() {
-                            if c.id == rec.id {
-                                return true;
-                            }
-                        }
-                    }
-                    Err(_) => return true,
-                }
-            }
-        })
-        .await;
-        if changed.is_err() {
+        if !job_status_changed(&mut rx, &rec.id, left).await {
             return Ok(BlockJobState::Running(info));
         }
     }
 }
+
+/// How often a wait looks again at a job that is recorded but not yet
+/// started in QEMU.
+const STARTING_RECHECK: Duration = Duration::from_millis(200);

@@ -684,11 +684,19 @@ impl BlockJobOps for QemuConnection {
     }
 
     async fn block_job_wait(&self, domain: &str, disk: &str, timeout_ms: u64) -> Result<BlockJobState> {
-        match self.serving(domain).await? {
-            Some((_, monitor)) => {
-                jobs::wait(&self.store, domain, &monitor.client, disk, Duration::from_millis(timeout_ms)).await
+        let Some((status, monitor)) = self.serving(domain).await? else {
+            return jobs::ended(&self.store, domain, disk);
+        };
+        let waited = jobs::wait(&self.store, domain, &monitor.client, disk, Duration::from_millis(timeout_ms)).await;
+        match waited {
+            // The monitor closed under the wait: when its process is gone,
+            // the job ended with it (reconciling records that).
+            Err(_) if !monitor.client.is_connected() && status.process.wait_gone(Duration::from_secs(10)).await => {
+                self.monitors.forget(domain).await;
+                live::reconcile(&self.store, domain)?;
+                jobs::ended(&self.store, domain, disk)
             }
-            None => jobs::ended(&self.store, domain, disk),
+            other => other,
         }
     }
 }

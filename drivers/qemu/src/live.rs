@@ -174,6 +174,7 @@ pub fn reconcile(store: &Store, name: &str) -> Result<Option<LiveStatus>> {
     };
     if status.process.liveness() == Liveness::Gone {
         tracing::debug!(domain = name, pid = status.process.pid, "QEMU is gone; cleaning up");
+        crate::jobs::record_server_exit(store, name, &status)?;
         cleanup(store, name)?;
         return Ok(None);
     }
