@@ -185,6 +185,37 @@ fn sigkill_to_qemu_is_reconciled_and_start_works_again() {
     assert_ne!(qemu_pid(&env, "vm"), Some(pid));
 }
 
+/// `event --all` started before any domain runs picks up one that starts
+/// later, as virsh's does, and ends with its first event.
+#[test]
+fn event_all_sees_a_domain_that_starts_later() {
+    let env = TestEnv::new();
+    let mut watcher = std::process::Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
+        .args(["-c", &env.uri, "event", "--all", "--timeout", "120"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn strata event");
+    start_three_deep(&env);
+    let _guard = DomainGuard { env: &env, name: "vm".into() };
+    // Lifecycle events until the watcher has seen one (it looks for new
+    // domains now and then, so the first ones may come before it watches).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while watcher.try_wait().expect("poll strata event").is_none() {
+        if Instant::now() > deadline {
+            let _ = watcher.kill();
+            panic!("strata event saw no event of the domain started after it");
+        }
+        env.ok(&["suspend", "vm"]);
+        env.ok(&["resume", "vm"]);
+    }
+    let out = watcher.wait_with_output().expect("strata event output");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{printed} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(printed.starts_with("event 'lifecycle' for domain 'vm': "), "{printed}");
+    assert!(printed.ends_with("events received: 1\n\n"), "{printed}");
+}
+
 #[test]
 fn qemu_outlives_strata_and_later_calls_reattach() {
     let env = TestEnv::new();
