@@ -327,8 +327,7 @@ async fn watch_events(conn: &dyn Connection, args: EventArgs, json: bool) -> Res
             break true;
         }
         if named.is_none() && now >= rescan_at {
-            watched =
-                conn.list_domains().await?.into_iter().filter(|d| d.state.is_active()).map(|d| d.name).collect();
+            watched = conn.list_domains().await?.into_iter().filter(|d| d.state.is_active()).map(|d| d.name).collect();
             rescan_at = now + EVENT_RESCAN;
         }
         // This turn ends at the deadline, or at the next look for new domains.

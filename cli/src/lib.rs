@@ -90,7 +90,9 @@ fn parse_error_message(command: &str, e: &clap::Error) -> String {
         _ => None,
     };
     match (e.kind(), context(ContextKind::InvalidArg), context(ContextKind::InvalidSubcommand)) {
-        (K::MissingRequiredArgument, Some(arg), _) => format!("command '{command}' requires {} option", virsh_option(&arg)),
+        (K::MissingRequiredArgument, Some(arg), _) => {
+            format!("command '{command}' requires {} option", virsh_option(&arg))
+        }
         (K::UnknownArgument, Some(arg), _) if arg.starts_with('-') => {
             format!("command '{command}' doesn't support option {arg}")
         }

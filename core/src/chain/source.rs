@@ -133,9 +133,8 @@ pub fn parse_backing_string(backing: &str, image_path: &Path) -> Result<StorageS
         return Ok(StorageSource::local(super::clean_path(&full)));
     };
     let rest = &backing[protocol.len() + 1..];
-    let refuse = |why: &str| {
-        Error::probe_failed(format!("backing file '{backing}' of '{}' {why}", image_path.display()))
-    };
+    let refuse =
+        |why: &str| Error::probe_failed(format!("backing file '{backing}' of '{}' {why}", image_path.display()));
     match protocol {
         "json" => parse_json_backing(rest, backing),
         "rbd" => Ok(parse_rbd(rest)),

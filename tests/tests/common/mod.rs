@@ -46,6 +46,7 @@ impl TestEnv {
     /// Runs `strata -c URI ARGS…` and returns its output with the CPU time
     /// (user + system) it used, from wait4(2); kills it and fails the test
     /// if it runs longer than `limit` (a hang guard).
+    #[allow(clippy::zombie_processes, reason = "wait4 reaps the child, which is how its CPU time is read")]
     pub fn strata_with_cpu(&self, args: &[&str], limit: Duration) -> (Output, Duration) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
             .arg("-c")
