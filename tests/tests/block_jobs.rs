@@ -8,7 +8,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use common::{
@@ -213,15 +213,7 @@ struct Background {
 
 impl Background {
     fn spawn(env: &TestEnv, args: &[&str]) -> Background {
-        let child = Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
-            .arg("-c")
-            .arg(&env.uri)
-            .args(args)
-            .env_remove("STRATA_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn strata");
+        let child = env.command(args).spawn().expect("spawn strata");
         // Give it time to start its job, so the test looks at a running one.
         std::thread::sleep(Duration::from_millis(500));
         Background { child: Some(child) }
@@ -231,16 +223,7 @@ impl Background {
     /// stopped itself there; its output when it ended without reaching
     /// `step`.
     fn spawn_paused_at(env: &TestEnv, args: &[&str], step: &str) -> Result<Background, Output> {
-        let child = Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
-            .arg("-c")
-            .arg(&env.uri)
-            .args(args)
-            .env_remove("STRATA_LOG")
-            .env("STRATA_PAUSE_AT", step)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn strata");
+        let child = env.command(args).env("STRATA_PAUSE_AT", step).spawn().expect("spawn strata");
         let mut bg = Background { child: Some(child) };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

@@ -392,15 +392,7 @@ fn one_disk_domain(name: &str, top: &Path, format: &str) -> String {
 
 /// Runs strata, killing it (and reporting None) if it does not end in time.
 fn strata_with_timeout(env: &TestEnv, args: &[&str], limit: Duration) -> Option<Output> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
-        .arg("-c")
-        .arg(&env.uri)
-        .args(args)
-        .env_remove("STRATA_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn strata");
+    let mut child = env.command(args).spawn().expect("spawn strata");
     let start = Instant::now();
     loop {
         if child.try_wait().expect("poll strata").is_some() {
@@ -1290,12 +1282,7 @@ fn output_into_a_closed_pipe_stops_quietly() {
     let env = TestEnv::new();
     let (reader, writer) = std::io::pipe().expect("pipe");
     drop(reader);
-    let out = Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
-        .args(["-c", &env.uri, "list", "--all"])
-        .stdout(writer)
-        .stderr(Stdio::piped())
-        .output()
-        .expect("run strata");
+    let out = env.command(&["list", "--all"]).stdout(writer).output().expect("run strata");
     assert_eq!(stderr_of(&out), "", "nothing said about the closed pipe");
     assert_eq!(out.status.code(), Some(141), "{out:?}");
 }

@@ -190,12 +190,7 @@ fn sigkill_to_qemu_is_reconciled_and_start_works_again() {
 #[test]
 fn event_all_sees_a_domain_that_starts_later() {
     let env = TestEnv::new();
-    let mut watcher = std::process::Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
-        .args(["-c", &env.uri, "event", "--all", "--timeout", "120"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn strata event");
+    let mut watcher = env.command(&["event", "--all", "--timeout", "120"]).spawn().expect("spawn strata event");
     start_three_deep(&env);
     let _guard = DomainGuard { env: &env, name: "vm".into() };
     // Lifecycle events until the watcher has seen one (it looks for new

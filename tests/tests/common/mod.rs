@@ -32,15 +32,22 @@ impl TestEnv {
         self.path("state")
     }
 
-    /// Runs `strata -c URI ARGS…`.
-    pub fn strata(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
+    /// `strata -c URI ARGS…`, to be run, with its output piped.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_strata-test-cli"));
+        command
             .arg("-c")
             .arg(&self.uri)
             .args(args)
             .env_remove("STRATA_LOG")
-            .output()
-            .expect("run strata")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    }
+
+    /// Runs `strata -c URI ARGS…`.
+    pub fn strata(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run strata")
     }
 
     /// Runs `strata -c URI ARGS…` and returns its output with the CPU time
@@ -48,15 +55,7 @@ impl TestEnv {
     /// if it runs longer than `limit` (a hang guard).
     #[allow(clippy::zombie_processes, reason = "wait4 reaps the child, which is how its CPU time is read")]
     pub fn strata_with_cpu(&self, args: &[&str], limit: Duration) -> (Output, Duration) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
-            .arg("-c")
-            .arg(&self.uri)
-            .args(args)
-            .env_remove("STRATA_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn strata");
+        let mut child = self.command(args).spawn().expect("spawn strata");
         let pid = i32::try_from(child.id()).expect("pid");
         let deadline = Instant::now() + limit;
         let mut status = 0;
