@@ -170,10 +170,11 @@ fn error_lines(err: &anyhow::Error) -> Vec<String> {
     lines
 }
 
-/// Runs a `;`-separated batch as virsh does: every command is parsed
-/// first, and one that cannot be parsed stops the batch before anything
-/// runs (status 1); otherwise every command runs and the status is that
-/// of the last one.
+/// Runs a `;`-separated batch: every command is parsed first, and one
+/// that cannot be parsed stops the batch before anything runs (status 1),
+/// as in virsh; otherwise every command runs, and the batch fails when any
+/// of them failed. virsh returns the last command's status instead, which
+/// lets a script miss a failed snapshot or block job in the middle.
 async fn run_batch(session: &mut Session, commands: Vec<Vec<String>>) -> bool {
     let mut parsed = Vec::new();
     for words in commands.iter().filter(|w| !w.is_empty()) {
@@ -187,7 +188,7 @@ async fn run_batch(session: &mut Session, commands: Vec<Vec<String>>) -> bool {
     }
     let mut ok = true;
     for p in parsed {
-        ok = run_parsed(session, p).await;
+        ok &= run_parsed(session, p).await;
     }
     ok
 }

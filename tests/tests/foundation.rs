@@ -1226,7 +1226,8 @@ fn batches_and_errors() {
 /// Command lines that cannot run read as virsh words them, naming what is
 /// wrong. As in virsh, a batch holding one is refused before any of its
 /// commands runs (status 1), while a command that fails when it runs does
-/// not stop the batch, whose status is that of its last command.
+/// not stop the batch; the batch then fails (virsh would return the last
+/// command's status).
 #[test]
 fn bad_command_lines_read_like_virsh_and_stop_a_batch() {
     let env = TestEnv::new();
@@ -1247,7 +1248,7 @@ fn bad_command_lines_read_like_virsh_and_stop_a_batch() {
     assert_eq!(stderr_of(&out).trim_end(), "error: command 'dominfo' requires <domain> option");
 
     let out = env.strata(&["list --name; dominfo nope; uri"]);
-    assert_eq!(out.status.code(), Some(0), "the last command's status: {out:?}");
+    assert_eq!(out.status.code(), Some(1), "a batch whose middle command failed: {out:?}");
     assert!(stderr_of(&out).contains("error: failed to get domain 'nope'"), "{out:?}");
     assert!(stdout_of(&out).contains(&env.uri), "the batch went on after the failure: {out:?}");
     let err = env.fails(&["uri; dominfo nope"]);
