@@ -403,7 +403,7 @@ pub async fn blockcopy(jobs: &dyn BlockJobOps, a: CopyArgs) -> Result<String> {
 
 /// `--xml FILE`: the destination `<disk>`'s source and its `<driver type>`.
 fn dest_from_xml(file: &str) -> Result<(String, Option<String>)> {
-    let text = std::fs::read_to_string(file).map_err(|e| anyhow!("Failed to open file '{file}': {e}"))?;
+    let text = crate::commands::read_document(file)?;
     let el = strata_core::xml::Element::parse(&text)?;
     let kind = el.attr("type").unwrap_or("file");
     let source = strata_core::xml::parse_source(kind, el.child("source"))?

@@ -461,7 +461,7 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
             }
         }
         Command::Define { file, validate } => {
-            let xml = std::fs::read_to_string(&file).with_context(|| format!("Failed to open file '{file}'"))?;
+            let xml = read_document(&file)?;
             let outcome = session
                 .conn()?
                 .define_xml(&xml, DefineFlags { validate })
@@ -762,6 +762,12 @@ fn diskset_message(disk: &str, outcome: DiskSetOutcome) -> String {
 }
 
 /// virsh reports an unknown domain as "failed to get domain 'NAME'".
+/// An XML file a command reads (`define FILE`, `snapshot-create FILE`,
+/// `blockcopy --xml FILE`), within the limits on XML documents.
+pub(crate) fn read_document(file: &str) -> Result<String> {
+    strata_core::xml::read_document(std::path::Path::new(file)).with_context(|| format!("Failed to open file '{file}'"))
+}
+
 fn lookup_error(e: strata_core::Error, name: &str) -> anyhow::Error {
     if e.kind() == strata_core::ErrorKind::NoDomain {
         anyhow!(CommandFailure::new(format!("failed to get domain '{name}'")))

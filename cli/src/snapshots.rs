@@ -167,9 +167,7 @@ pub struct DeleteArgs {
 
 pub async fn create(snaps: &dyn SnapshotOps, a: CreateArgs) -> Result<String> {
     let (xml, from) = match &a.file {
-        Some(f) => {
-            (std::fs::read_to_string(f).map_err(|e| anyhow!("Failed to open file '{f}': {e}"))?, Some(f.clone()))
-        }
+        Some(f) => (crate::commands::read_document(f)?, Some(f.clone())),
         None => ("<domainsnapshot/>".to_string(), None),
     };
     let flags = SnapshotCreateFlags {

@@ -11,7 +11,8 @@
 //! ```
 //! Every write is atomic (temporary file, fsync, rename, directory fsync),
 //! and read-modify-write cycles hold the domain lock, so two `strata`
-//! processes never lose each other's updates.
+//! processes never lose each other's updates. Every read is bounded by the
+//! limits on XML documents ([`crate::xml::MAX_DOCUMENT_BYTES`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -256,8 +257,9 @@ impl Store {
     }
 }
 
+/// A store file, bounded as every XML document is; `None` when absent.
 fn read_optional(path: &Path) -> Result<Option<String>> {
-    match fs::read_to_string(path) {
+    match crate::xml::read_document(path) {
         Ok(s) => Ok(Some(s)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io("read", path, e)),

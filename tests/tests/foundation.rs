@@ -901,6 +901,52 @@ fn undefine_removes_domain() {
     assert!(stderr_of(&out).contains("error: failed to get domain 'gone'"), "{}", stderr_of(&out));
 }
 
+/// Every file an XML argument names is refused, before it is read in full,
+/// when it is not a regular file or is over the 10 MiB limit, and a document
+/// of too many elements is refused as soon as the count is passed (before,
+/// `define /dev/zero` read until the kernel killed it, a FIFO with no writer
+/// hung, and 10 MiB of empty elements was stored for every later `list` to
+/// parse).
+#[test]
+fn xml_files_are_bounded() {
+    let env = TestEnv::new();
+    let data = env.path("data.raw");
+    raw_image(&data);
+    env.define("vm", &one_disk_domain("vm", &data, "raw"));
+    let fifo = env.path("fifo.xml");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("run mkfifo");
+    assert!(made.success());
+    let big = env.path("big.xml");
+    let padding = " ".repeat(10 * 1024 * 1024);
+    std::fs::write(&big, one_disk_domain("big", &data, "raw").replace("</domain>", &format!("{padding}</domain>")))
+        .expect("write");
+    let flood = env.path("flood.xml");
+    let elements = "<x/>".repeat(10 * 1024 * 1024 / 4 - 1024);
+    std::fs::write(&flood, one_disk_domain("flood", &data, "raw").replace("</domain>", &format!("{elements}</domain>")))
+        .expect("write");
+
+    // Each with a hang guard: a FIFO nobody writes blocks a plain open.
+    let refused = |args: &[&str], why: &str| {
+        let out = strata_with_timeout(&env, args, Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("strata {args:?} did not end within 60 s"));
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stdout_of(&out));
+        let err = stderr_of(&out);
+        assert!(err.starts_with("error: ") && err.contains(why), "{args:?}: {err}");
+    };
+    refused(&["define", p(&fifo)], "it is a FIFO, not a regular file");
+    refused(&["define", p(env.dir.path())], "it is a directory, not a regular file");
+    refused(&["define", p(&big)], "larger than 10 MiB");
+    refused(
+        &["define", p(&flood)],
+        "error: XML error: the document has more than 250000 elements, attributes and comments",
+    );
+    refused(&["define", "/dev/zero"], "it is a character device, not a regular file");
+    refused(&["snapshot-create", "vm", p(&fifo)], "it is a FIFO");
+    refused(&["blockcopy", "vm", "vda", "--xml", p(&fifo)], "it is a FIFO");
+    assert_eq!(domain_names(&env), ["vm"]);
+    assert!(env.ok(&["snapshot-list", "vm", "--name"]).trim().is_empty());
+}
+
 // ---------------------------------------------------------------------------
 // 4. XML Strata does not model
 // ---------------------------------------------------------------------------

@@ -1,12 +1,14 @@
 //! libvirt's XML formats: a lossless element tree and typed views over it.
 mod disk;
 mod domain;
+mod limits;
 mod snapshot;
 mod tree;
 mod volume;
 
 pub use disk::{backing_elements, parse_source, source_element, Disk, Mirror, DISK_CHILD_ORDER};
 pub use domain::Domain;
+pub use limits::{read_document, MAX_DOCUMENT_BYTES, MAX_DOCUMENT_NODES};
 pub use snapshot::{SnapshotDef, SnapshotDisk, SnapshotMemory};
 pub use tree::{Element, Node};
 pub use volume::{chain_from_volume, volume_element};

@@ -9,6 +9,7 @@
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::Reader;
 
+use super::limits::{MAX_DOCUMENT_BYTES, MAX_DOCUMENT_NODES};
 use crate::error::{Error, Result};
 
 /// A node inside an element.
@@ -180,19 +181,25 @@ impl Element {
         }
     }
 
-    /// Parses a document and returns its root element.
+    /// Parses a document and returns its root element. A document over
+    /// [`MAX_DOCUMENT_BYTES`] or [`MAX_DOCUMENT_NODES`] is refused, the
+    /// latter as soon as the count is passed.
     pub fn parse(xml: &str) -> Result<Element> {
+        if xml.len() > MAX_DOCUMENT_BYTES {
+            return Err(Error::xml(format!("the document is refused: {}", super::limits::too_large())));
+        }
         let mut reader = Reader::from_str(xml);
         let mut stack: Vec<Element> = Vec::new();
         let mut root: Option<Element> = None;
+        let mut nodes = NodeBudget(MAX_DOCUMENT_NODES);
         loop {
             let event = reader
                 .read_event()
                 .map_err(|e| Error::xml(format!("malformed XML at byte {}: {e}", reader.error_position())))?;
             match event {
-                Event::Start(start) => stack.push(element_from_start(&start)?),
+                Event::Start(start) => stack.push(element_from_start(&start, &mut nodes)?),
                 Event::Empty(start) => {
-                    let el = element_from_start(&start)?;
+                    let el = element_from_start(&start, &mut nodes)?;
                     attach(&mut stack, &mut root, el)?;
                 }
                 Event::End(_) => {
@@ -220,6 +227,7 @@ impl Element {
                     push_text(&mut stack, &s);
                 }
                 Event::Comment(c) => {
+                    nodes.take()?;
                     if let Some(parent) = stack.last_mut() {
                         let s = String::from_utf8_lossy(&c).into_owned();
                         parent.children.push(Node::Comment(s));
@@ -310,10 +318,29 @@ fn resolve_entity(name: &str) -> Option<String> {
     quick_xml::escape::resolve_xml_entity(name).map(String::from)
 }
 
-fn element_from_start(start: &BytesStart<'_>) -> Result<Element> {
+/// How many more elements, attributes and comments a document may hold.
+struct NodeBudget(usize);
+
+impl NodeBudget {
+    fn take(&mut self) -> Result<()> {
+        self.0 = self.0.checked_sub(1).ok_or_else(|| {
+            Error::xml(format!(
+                "the document has more than {MAX_DOCUMENT_NODES} elements, attributes and comments, the limit on an XML document"
+            ))
+        })?;
+        Ok(())
+    }
+}
+
+fn element_from_start(start: &BytesStart<'_>, nodes: &mut NodeBudget) -> Result<Element> {
+    nodes.take()?;
     let name = String::from_utf8_lossy(start.name().as_ref()).into_owned();
     let mut el = Element::new(name);
-    for attr in start.attributes() {
+    // quick-xml's duplicate check compares each attribute with every one
+    // before it; duplicates are found below by sorting instead, so that a
+    // start tag of a million attributes costs no more than a million elements.
+    for attr in start.attributes().with_checks(false) {
+        nodes.take()?;
         let attr = attr.map_err(|e| Error::xml(format!("malformed attribute in <{}>: {e}", el.name)))?;
         let key = String::from_utf8_lossy(attr.key.as_ref()).into_owned();
         let value = attr
@@ -321,6 +348,13 @@ fn element_from_start(start: &BytesStart<'_>) -> Result<Element> {
             .map_err(|e| Error::xml(format!("malformed attribute '{key}' in <{}>: {e}", el.name)))?
             .into_owned();
         el.attrs.push((key, value));
+    }
+    if el.attrs.len() > 1 {
+        let mut keys: Vec<&str> = el.attrs.iter().map(|(k, _)| k.as_str()).collect();
+        keys.sort_unstable();
+        if let Some(pair) = keys.windows(2).find(|pair| pair[0] == pair[1]) {
+            return Err(Error::xml(format!("attribute '{}' appears twice in <{}>", pair[0], el.name)));
+        }
     }
     Ok(el)
 }
@@ -427,6 +461,26 @@ mod tests {
         for bad in ["", "<a>", "<a></b>", "<a/><b/>", "<a x='1' x='2'/>", "<a>&bogus;</a>"] {
             assert!(Element::parse(bad).is_err(), "{bad:?} should fail");
         }
+    }
+
+    #[test]
+    fn documents_over_the_node_limit_are_refused_early() {
+        let within = format!("<a>{}</a>", "<b/>".repeat(MAX_DOCUMENT_NODES - 1));
+        assert!(Element::parse(&within).is_ok());
+        // Elements, attributes and comments all count.
+        let cases = [
+            format!("<a>{}</a>", "<b/>".repeat(MAX_DOCUMENT_NODES)),
+            format!("<a>{}</a>", "<!---->".repeat(MAX_DOCUMENT_NODES)),
+            format!("<a {}/>", (0..MAX_DOCUMENT_NODES).map(|i| format!("x{i}=''")).collect::<Vec<_>>().join(" ")),
+        ];
+        for xml in cases {
+            let err = Element::parse(&xml).expect_err("over the node limit");
+            assert!(err.to_string().contains(&format!("more than {MAX_DOCUMENT_NODES} elements")), "{err}");
+        }
+        // Over the byte limit, refused before parsing: the tag is unclosed.
+        let huge = format!("<a>{}", " ".repeat(MAX_DOCUMENT_BYTES));
+        let err = Element::parse(&huge).expect_err("over the byte limit");
+        assert!(err.to_string().contains("10 MiB"), "{err}");
     }
 
     #[test]

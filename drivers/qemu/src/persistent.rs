@@ -68,7 +68,11 @@ pub fn define(store: &Store, xml: &str, flags: DefineFlags) -> Result<DefineOutc
         }
     }
     let warnings = define::prepare_disks(&mut dom, flags.validate)?;
-    store.write_domain(&name, &dom.to_xml())?;
+    let out = dom.to_xml();
+    // Recorded chains make a definition larger than its input: it must stay
+    // within what the store reads back.
+    Domain::parse(&out).map_err(|e| e.context("the definition with its backing chains recorded"))?;
+    store.write_domain(&name, &out)?;
     Ok(DefineOutcome { name, warnings })
 }
 
