@@ -1,14 +1,22 @@
 //! The state store: one directory per connection root holding persistent
 //! domain XML, live status XML and snapshot XML.
 //!
-//! Layout (format version 1):
+//! Layout (format version 2):
 //! ```text
-//! ROOT/format-version            "1"
-//! ROOT/locks/DOMAIN.lock         per-domain lock (flock), outlives the domain
-//! ROOT/domains/DOMAIN/domain.xml persistent definition
-//! ROOT/domains/DOMAIN/status.xml live status (driver-defined root element)
+//! ROOT/format-version                  "2"
+//! ROOT/locks/domains/DOMAIN/domain.lock   per-domain lock (flock), outlives the domain
+//! ROOT/locks/domains/DOMAIN/PURPOSE.lock  per-domain locks for one purpose (`operation`, …)
+//! ROOT/locks/.PURPOSE.lock             store-wide locks (a driver's `next-id`, …)
+//! ROOT/domains/DOMAIN/domain.xml       persistent definition
+//! ROOT/domains/DOMAIN/status.xml       live status (driver-defined root element)
 //! ROOT/domains/DOMAIN/snapshots/NAME.xml
 //! ```
+//! A domain's lock files live in a directory of its own, so no domain name
+//! can name another domain's lock (format 1 kept `locks/NAME.lock` and
+//! `locks/NAME.PURPOSE.lock` side by side: a domain named `vm.operation`
+//! shared `vm`'s operation lock). Store-wide locks start with '.', which
+//! no domain name may.
+//!
 //! Every write is atomic (temporary file, fsync, rename, directory fsync),
 //! and read-modify-write cycles hold the domain lock, so two `strata`
 //! processes never lose each other's updates. Every read is bounded by the
@@ -21,7 +29,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, ErrorKind, Result};
 
 /// The store format this build writes and understands.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Checks a domain, snapshot or other object name before it becomes a path.
 pub fn validate_name(what: &str, name: &str) -> Result<()> {
@@ -47,24 +55,31 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The no-domain error for a name no domain has, in libvirt's words.
+pub fn no_such_domain(name: &str) -> Error {
+    Error::no_domain(format!("no domain with matching name '{name}'"))
+}
+
 /// A connection's state directory.
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
 }
 
-/// Holds a domain's lock until dropped.
+/// Holds a lock (one of a domain's or a store-wide one) until dropped.
 #[derive(Debug)]
 pub struct DomainLock {
     _file: File,
 }
 
 impl Store {
-    /// Opens (creating if needed) a store at `root`, checking its format version.
+    /// Opens (creating if needed) a store at `root`, checking its format
+    /// version; a format 1 store is brought to format 2.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
         let root = root.into();
         fs::create_dir_all(root.join("domains")).map_err(|e| Error::io("create the state directory", &root, e))?;
-        fs::create_dir_all(root.join("locks")).map_err(|e| Error::io("create the lock directory", &root, e))?;
+        let domain_locks = root.join("locks").join("domains");
+        fs::create_dir_all(&domain_locks).map_err(|e| Error::io("create the lock directory", &domain_locks, e))?;
         let version_file = root.join("format-version");
         match fs::read_to_string(&version_file) {
             Ok(text) => {
@@ -82,6 +97,10 @@ impl Store {
                             root.display()
                         ),
                     ));
+                }
+                if v < FORMAT_VERSION {
+                    remove_format1_locks(&root.join("locks"))?;
+                    atomic_write(&version_file, format!("{FORMAT_VERSION}\n").as_bytes())?;
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -102,23 +121,45 @@ impl Store {
         Ok(self.root.join("domains").join(name))
     }
 
-    /// Takes the domain's exclusive lock, waiting for other holders.
-    pub fn lock_domain(&self, name: &str) -> Result<DomainLock> {
-        validate_name("domain", name)?;
-        let (file, path) = self.open_lock_file(&format!("{name}.lock"))?;
-        file.lock().map_err(|e| Error::io("lock", &path, e))?;
-        Ok(DomainLock { _file: file })
+    /// Whether the domain is defined (persistent) or running (live status).
+    pub fn is_defined(&self, name: &str) -> Result<bool> {
+        let dir = self.domain_dir(name)?;
+        Ok(dir.join("domain.xml").exists() || dir.join("status.xml").exists())
     }
 
-    fn open_lock_file(&self, file_name: &str) -> Result<(File, PathBuf)> {
-        let path = self.root.join("locks").join(file_name);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::io("open the lock file", &path, e))?;
-        Ok((file, path))
+    /// Takes the domain's exclusive lock, waiting for other holders; a
+    /// domain that is not defined is a no-domain error, and no file is
+    /// created for it.
+    pub fn lock_domain(&self, name: &str) -> Result<DomainLock> {
+        self.lock_domain_for(name, "domain")
+    }
+
+    /// The domain lock of a domain that may not exist yet, for defining it.
+    pub fn lock_domain_to_define(&self, name: &str) -> Result<DomainLock> {
+        hold(self.open_domain_lock_file(name, "domain")?)
+    }
+
+    /// A store-wide lock for one purpose a driver names (file
+    /// `locks/.PURPOSE.lock`); waits for another holder.
+    pub fn lock_store_for(&self, purpose: &str) -> Result<DomainLock> {
+        validate_name("lock purpose", purpose)?;
+        hold(open_lock_file(self.root.join("locks").join(format!(".{purpose}.lock")))?)
+    }
+
+    /// The lock file of a defined domain for one purpose.
+    fn open_domain_lock_file(&self, name: &str, purpose: &str) -> Result<(File, PathBuf)> {
+        validate_name("domain", name)?;
+        validate_name("lock purpose", purpose)?;
+        let dir = self.root.join("locks").join("domains").join(name);
+        fs::create_dir_all(&dir).map_err(|e| Error::io("create the lock directory", &dir, e))?;
+        open_lock_file(dir.join(format!("{purpose}.lock")))
+    }
+
+    fn open_existing_domain_lock_file(&self, name: &str, purpose: &str) -> Result<(File, PathBuf)> {
+        if !self.is_defined(name)? {
+            return Err(no_such_domain(name));
+        }
+        self.open_domain_lock_file(name, purpose)
     }
 
     /// The lock a multi-step operation on the domain (a snapshot create,
@@ -131,22 +172,18 @@ impl Store {
     }
 
     /// A lock of the domain for one purpose a driver names (file
-    /// `locks/NAME.PURPOSE.lock`), independent of the domain lock and of
-    /// other purposes; waits for another holder. Never take the same
-    /// purpose twice in one process: the second call would wait forever.
+    /// `locks/domains/NAME/PURPOSE.lock`), independent of the domain lock
+    /// (purpose `domain`) and of other purposes; waits for another holder.
+    /// Never take the same purpose twice in one process: the second call
+    /// would wait forever.
     pub fn lock_domain_for(&self, name: &str, purpose: &str) -> Result<DomainLock> {
-        validate_name("domain", name)?;
-        validate_name("lock purpose", purpose)?;
-        let (file, path) = self.open_lock_file(&format!("{name}.{purpose}.lock"))?;
-        file.lock().map_err(|e| Error::io("lock", &path, e))?;
-        Ok(DomainLock { _file: file })
+        hold(self.open_existing_domain_lock_file(name, purpose)?)
     }
 
     /// Like [`Store::lock_domain_operation`] without waiting: `None` while
     /// another process holds it.
     pub fn try_lock_domain_operation(&self, name: &str) -> Result<Option<DomainLock>> {
-        validate_name("domain", name)?;
-        let (file, path) = self.open_lock_file(&format!("{name}.operation.lock"))?;
+        let (file, path) = self.open_existing_domain_lock_file(name, "operation")?;
         match file.try_lock() {
             Ok(()) => Ok(Some(DomainLock { _file: file })),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
@@ -160,8 +197,9 @@ impl Store {
         let mut names = Vec::new();
         for entry in fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))? {
             let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if entry.path().join("domain.xml").exists() || entry.path().join("status.xml").exists() {
+            // Anything whose name no domain may have is not Strata's.
+            let Ok(name) = entry.file_name().into_string() else { continue };
+            if validate_name("domain", &name).is_ok() && self.is_defined(&name)? {
                 names.push(name);
             }
         }
@@ -257,6 +295,36 @@ impl Store {
     }
 }
 
+fn open_lock_file(path: PathBuf) -> Result<(File, PathBuf)> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io("open the lock file", &path, e))?;
+    Ok((file, path))
+}
+
+/// Takes an opened lock file's lock, waiting for another holder.
+fn hold((file, path): (File, PathBuf)) -> Result<DomainLock> {
+    file.lock().map_err(|e| Error::io("lock", &path, e))?;
+    Ok(DomainLock { _file: file })
+}
+
+/// Format 1's lock files (`locks/NAME.lock`, `locks/NAME.PURPOSE.lock`);
+/// format 2 uses none of them. Store-wide locks (a leading '.') stay.
+fn remove_format1_locks(locks: &Path) -> Result<()> {
+    for entry in fs::read_dir(locks).map_err(|e| Error::io("list", locks, e))? {
+        let entry = entry.map_err(|e| Error::io("list", locks, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_file = entry.file_type().map_err(|e| Error::io("list", locks, e))?.is_file();
+        if is_file && name.ends_with(".lock") && !name.starts_with('.') {
+            remove_optional(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
 /// A store file, bounded as every XML document is; `None` when absent.
 fn read_optional(path: &Path) -> Result<Option<String>> {
     match crate::xml::read_document(path) {
@@ -317,7 +385,7 @@ mod tests {
     fn store_records_version_and_refuses_newer() {
         let dir = tempfile::tempdir().expect("tempdir");
         Store::open(dir.path()).expect("open");
-        assert_eq!(fs::read_to_string(dir.path().join("format-version")).expect("read").trim(), "1");
+        assert_eq!(fs::read_to_string(dir.path().join("format-version")).expect("read").trim(), "2");
         fs::write(dir.path().join("format-version"), "99\n").expect("write");
         let err = Store::open(dir.path()).expect_err("newer format must be refused");
         assert_eq!(err.kind(), ErrorKind::StoreFormat);
@@ -335,5 +403,81 @@ mod tests {
         assert!(store.read_domain("../etc").is_err());
         store.remove_domain("vm1").expect("remove");
         assert_eq!(store.read_domain("vm1").expect("read"), None);
+    }
+
+    #[test]
+    fn format1_store_is_brought_to_format2_without_its_lock_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let locks = dir.path().join("locks");
+        fs::create_dir_all(&locks).expect("mkdir");
+        fs::write(dir.path().join("format-version"), "1\n").expect("write");
+        for old in ["vm.lock", "vm.operation.lock", "vm.nodes.lock", ".next-id.lock"] {
+            fs::write(locks.join(old), "").expect("write");
+        }
+        let store = Store::open(dir.path()).expect("open");
+        assert_eq!(fs::read_to_string(dir.path().join("format-version")).expect("read").trim(), "2");
+        let mut left: Vec<String> =
+            fs::read_dir(&locks).expect("list").map(|e| e.expect("entry").file_name().into_string().expect("utf-8")).collect();
+        left.sort();
+        assert_eq!(left, [".next-id.lock", "domains"]);
+        store.write_domain("vm", "<domain/>").expect("write");
+        store.lock_domain("vm").expect("lock");
+    }
+
+    /// Each lock of a domain is its own, whatever the other domains are
+    /// called: in format 1, `vm.operation`'s domain lock was `vm`'s
+    /// operation lock.
+    #[test]
+    fn lock_names_of_two_domains_never_meet() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        for purpose in ["operation", "nodes", "domain"] {
+            let other = format!("vm.{purpose}");
+            store.write_domain("vm", "<domain/>").expect("write");
+            store.write_domain(&other, "<domain/>").expect("write");
+            let _held = store.lock_domain(&other).expect("lock");
+            assert!(store.try_lock_domain_operation("vm").expect("try").is_some(), "{other}");
+            let _also = store.lock_domain_for("vm", purpose).expect("lock");
+        }
+    }
+
+    #[test]
+    fn locking_a_domain_that_does_not_exist_creates_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let before = tree(dir.path());
+        assert_eq!(store.lock_domain("nosuch").expect_err("no domain").kind(), ErrorKind::NoDomain);
+        assert_eq!(store.lock_domain_operation("nosuch").expect_err("no domain").kind(), ErrorKind::NoDomain);
+        assert_eq!(store.try_lock_domain_operation("nosuch").expect_err("no domain").kind(), ErrorKind::NoDomain);
+        assert_eq!(store.lock_domain_for("nosuch", "nodes").expect_err("no domain").kind(), ErrorKind::NoDomain);
+        assert_eq!(tree(dir.path()), before);
+    }
+
+    /// Every path under `root`, sorted.
+    fn tree(root: &Path) -> Vec<PathBuf> {
+        let mut pending = vec![root.to_path_buf()];
+        let mut all = Vec::new();
+        while let Some(dir) = pending.pop() {
+            for entry in fs::read_dir(&dir).expect("list") {
+                let path = entry.expect("entry").path();
+                if path.is_dir() {
+                    pending.push(path.clone());
+                }
+                all.push(path);
+            }
+        }
+        all.sort();
+        all
+    }
+
+    #[test]
+    fn listing_skips_what_no_domain_may_be_called() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        store.write_domain("vm", "<domain/>").expect("write");
+        let stray = dir.path().join("domains").join(".stray");
+        fs::create_dir_all(&stray).expect("mkdir");
+        fs::write(stray.join("domain.xml"), "<domain/>").expect("write");
+        assert_eq!(store.list_domains().expect("list"), ["vm"]);
     }
 }

@@ -947,6 +947,83 @@ fn xml_files_are_bounded() {
     assert!(env.ok(&["snapshot-list", "vm", "--name"]).trim().is_empty());
 }
 
+/// No domain name makes a lock of another domain its own (before,
+/// `vm.operation`'s domain lock was `vm`'s operation lock, so a snapshot
+/// operation on `vm` blocked every change to `vm.operation`).
+#[test]
+fn a_domain_never_shares_another_domains_lock() {
+    let env = TestEnv::new();
+    let data = env.path("data.raw");
+    raw_image(&data);
+    env.define("vm", &one_disk_domain("vm", &data, "raw"));
+    for purpose in ["operation", "nodes"] {
+        let other = format!("vm.{purpose}");
+        env.define(&other, &one_disk_domain(&other, &data, "raw"));
+        let _held = common::hold_domain_lock(&env, "vm", purpose);
+        let out = strata_with_timeout(&env, &["diskset-add", &other, "vda"], Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("diskset-add on '{other}' waited for vm's {purpose} lock"));
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        assert_eq!(env.ok(&["diskset-list", &other]).trim(), "vda");
+    }
+}
+
+/// Every file and directory under `root`, sorted.
+fn files_under(root: &Path) -> Vec<PathBuf> {
+    let mut pending = vec![root.to_path_buf()];
+    let mut all = Vec::new();
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).expect("list") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                pending.push(path.clone());
+            }
+            all.push(path);
+        }
+    }
+    all.sort();
+    all
+}
+
+/// Commands on a domain that does not exist fail as virsh's do and leave
+/// no file behind (before, several created a lock file for it).
+#[test]
+fn commands_on_an_unknown_domain_create_no_file() {
+    let env = TestEnv::new();
+    let data = env.path("data.raw");
+    raw_image(&data);
+    env.define("vm", &one_disk_domain("vm", &data, "raw"));
+    let before = files_under(&env.state_root());
+    let commands: [&[&str]; 22] = [
+        &["dominfo", "nosuch"],
+        &["domstate", "nosuch"],
+        &["dumpxml", "nosuch"],
+        &["dumpxml", "nosuch", "--refresh-chain"],
+        &["domblklist", "nosuch"],
+        &["domblkcheck", "nosuch"],
+        &["domblkcheck", "nosuch", "--fix"],
+        &["diskset-list", "nosuch"],
+        &["diskset-add", "nosuch", "vda"],
+        &["snapshot-list", "nosuch"],
+        &["snapshot-current", "nosuch"],
+        &["snapshot-info", "nosuch", "s1"],
+        &["snapshot-create-as", "nosuch", "s1", "--disk-only"],
+        &["snapshot-delete", "nosuch", "s1"],
+        &["blockjob", "nosuch", "vda"],
+        &["blockjob", "nosuch", "vda", "--abort"],
+        &["blockpull", "nosuch", "vda"],
+        &["event", "nosuch", "--timeout", "1"],
+        &["start", "nosuch"],
+        &["destroy", "nosuch"],
+        &["suspend", "nosuch"],
+        &["undefine", "nosuch"],
+    ];
+    for args in commands {
+        let err = env.fails(args);
+        assert!(err.contains("error: failed to get domain 'nosuch'"), "{args:?}: {err}");
+        assert_eq!(files_under(&env.state_root()), before, "{args:?} left files behind");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 4. XML Strata does not model
 // ---------------------------------------------------------------------------

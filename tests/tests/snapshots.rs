@@ -13,7 +13,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{domain_xml, make_chain, qemu_chain, qemu_img, qemu_io, validate_xml, DiskSpec, DomainGuard, TestEnv};
+use common::{
+    domain_xml, hold_domain_lock, make_chain, qemu_chain, qemu_img, qemu_io, validate_xml, DiskSpec, DomainGuard, TestEnv,
+};
 use strata_core::xml::{Domain, Element, SnapshotDef};
 use strata_qemu::QemuConnection;
 
@@ -1594,15 +1596,6 @@ fn crash_recovery_by_snapshot_create_live() {
     crash_recovery(true, &["snapshot-create-as", "vm", "s1", "--disk-only"]);
 }
 
-/// Takes vm's operation lock from this test process, which so plays a
-/// snapshot operation in progress until the returned file is dropped.
-fn hold_operation_lock(env: &TestEnv) -> std::fs::File {
-    let lock_path = env.state_root().join("locks").join("vm.operation.lock");
-    let holder = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).expect("open");
-    holder.lock().expect("lock");
-    holder
-}
-
 /// An intent whose operation still runs in another process (it holds the
 /// domain's operation lock) is left alone by readers, and a second
 /// operation waits for the lock; once the holder is gone, the next call
@@ -1617,7 +1610,7 @@ fn intent_of_a_running_operation_is_not_recovered() {
     qemu_img(&["create", "-q", "-f", "qcow2", "-b", s(&o1), "-F", "qcow2", s(&stray)]);
     write_intent(&env, &[&stray]);
 
-    let holder = hold_operation_lock(&env);
+    let holder = hold_domain_lock(&env, "vm", "operation");
     assert_eq!(names(&env, &[]), ["s1"]);
     assert!(stray.exists(), "a reader recovered an operation that is still running");
     let mut waiting = std::process::Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
@@ -2064,7 +2057,7 @@ fn a_block_job_settles_snapshot_operations_first() {
     let overlay_path = env.path("top.s1");
     assert!(overlay_path.exists() && Intent::pending(&env).is_some(), "the killed creation left no trace to settle");
 
-    let holder = hold_operation_lock(&env);
+    let holder = hold_domain_lock(&env, "vm", "operation");
     let mut pull = std::process::Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
         .args(["-c", &env.uri, "blockpull", "vm", "vda", "--wait"])
         .stdout(std::process::Stdio::piped())

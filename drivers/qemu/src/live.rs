@@ -445,15 +445,7 @@ impl BlockGraph {
 /// domains, as libvirt's do, until the store is reset).
 pub fn next_domain_id(store: &Store) -> Result<u32> {
     let path = store.root().join("next-id");
-    // A leading '.' keeps this lock apart from every domain's lock.
-    let lock_path = store.root().join("locks").join(".next-id.lock");
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| Error::io("open", &lock_path, e))?;
-    lock.lock().map_err(|e| Error::io("lock", &lock_path, e))?;
+    let _lock = store.lock_store_for("next-id")?;
     let current: u32 = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(1);
     strata_core::store::atomic_write(&path, format!("{}\n", current.saturating_add(1)).as_bytes())?;
     Ok(current)

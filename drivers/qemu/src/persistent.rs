@@ -2,15 +2,14 @@
 
 use strata_core::define;
 use strata_core::driver::{DefineFlags, DefineOutcome, DiskChainCheck, DumpXmlFlags};
-use strata_core::store::Store;
+use strata_core::store::{no_such_domain, Store};
 use strata_core::xml::Domain;
 use strata_core::{Error, ErrorKind, Result};
 
 /// Reads a domain's persistent definition.
 pub fn load(store: &Store, name: &str) -> Result<Domain> {
     strata_core::store::validate_name("domain", name)?;
-    let xml =
-        store.read_domain(name)?.ok_or_else(|| Error::no_domain(format!("no domain with matching name '{name}'")))?;
+    let xml = store.read_domain(name)?.ok_or_else(|| no_such_domain(name))?;
     Domain::parse(&xml).map_err(|e| e.context(format!("stored definition of domain '{name}'")))
 }
 
@@ -39,7 +38,7 @@ pub fn define(store: &Store, xml: &str, flags: DefineFlags) -> Result<DefineOutc
         crate::transient::check_disk(&disk)?;
     }
     let name = dom.name();
-    let _lock = store.lock_domain(&name)?;
+    let _lock = store.lock_domain_to_define(&name)?;
     if let Some(existing) = store.read_domain(&name)? {
         let existing = Domain::parse(&existing)?;
         match (existing.uuid(), dom.uuid()) {

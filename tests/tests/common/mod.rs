@@ -120,6 +120,14 @@ impl TestEnv {
     }
 }
 
+/// Takes one of a domain's locks (`operation`, `nodes`, …) from this test
+/// process through the store's own API, until the returned guard drops: it
+/// plays an operation in progress in another process.
+pub fn hold_domain_lock(env: &TestEnv, domain: &str, purpose: &str) -> strata_core::store::DomainLock {
+    let store = strata_core::store::Store::open(env.state_root()).expect("open the state store");
+    store.lock_domain_for(domain, purpose).expect("take the lock")
+}
+
 /// `qemu-img ARGS…`, which must succeed; returns stdout.
 pub fn qemu_img(args: &[&str]) -> String {
     run_tool("qemu-img", args)
