@@ -484,6 +484,9 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
         }
         Command::List { all, inactive, name, uuid, json } => {
             let domains = session.conn()?.list_domains().await?;
+            for reason in domains.iter().filter_map(|d| d.damaged.as_ref()) {
+                eprintln!("warning: {reason}");
+            }
             let shown: Vec<_> = domains
                 .into_iter()
                 .filter(|d| if inactive { !d.state.is_active() } else { all || d.state.is_active() })

@@ -28,6 +28,9 @@ pub enum DomainState {
     Shutoff,
     Crashed,
     PmSuspended,
+    /// Not one of virsh's: the stored definition cannot be used (see
+    /// [`DomainSummary::damaged`]).
+    Damaged,
 }
 
 impl DomainState {
@@ -42,11 +45,12 @@ impl DomainState {
             DomainState::Shutoff => "shut off",
             DomainState::Crashed => "crashed",
             DomainState::PmSuspended => "pmsuspended",
+            DomainState::Damaged => "damaged",
         }
     }
 
     pub fn is_active(self) -> bool {
-        !matches!(self, DomainState::Shutoff)
+        !matches!(self, DomainState::Shutoff | DomainState::Damaged)
     }
 }
 
@@ -60,6 +64,10 @@ pub struct DomainSummary {
     /// Why the domain is in that state (`booted`, `user`, `destroyed`, …).
     pub reason: Option<String>,
     pub persistent: bool,
+    /// Why the stored definition cannot be used, naming its file; the
+    /// state is then [`DomainState::Damaged`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub damaged: Option<String>,
 }
 
 /// What `dominfo` shows.

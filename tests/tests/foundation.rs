@@ -947,6 +947,95 @@ fn xml_files_are_bounded() {
     assert!(env.ok(&["snapshot-list", "vm", "--name"]).trim().is_empty());
 }
 
+/// The table row of `list --all` for a domain: its columns.
+fn list_row(env: &TestEnv, name: &str) -> Vec<String> {
+    let table = env.ok(&["list", "--all"]);
+    let row = table.lines().map(|l| l.split_whitespace().collect::<Vec<_>>()).find(|cols| cols.get(1) == Some(&name));
+    row.unwrap_or_else(|| panic!("'{name}' not listed:\n{table}")).into_iter().map(str::to_string).collect()
+}
+
+/// A definition that is empty, garbage, too large or names another domain
+/// is shown as damaged (with its path and why) while every other domain
+/// lists and defines as before; `undefine` removes it and `define`
+/// replaces it (before, it made `list --all`, `undefine` and every
+/// `define` fail).
+#[test]
+fn damaged_definition_is_listed_alone_and_can_be_removed_or_replaced() {
+    let env = TestEnv::new();
+    let data = env.path("data.raw");
+    raw_image(&data);
+    for name in ["a", "b", "c"] {
+        env.define(name, &one_disk_domain(name, &data, "raw"));
+    }
+    let stored = env.state_root().join("domains").join("b").join("domain.xml");
+    let oversized = format!("{}{}", one_disk_domain("b", &data, "raw"), " ".repeat(11 * 1024 * 1024));
+    let damages: [(&[u8], &str); 4] = [
+        (b"", "empty XML document"),
+        (b"\xff\xfe not XML <<<", "cannot read"),
+        (oversized.as_bytes(), "larger than 10 MiB"),
+        (b"<domain type='qemu'><name>other</name></domain>", "it defines domain 'other'"),
+    ];
+    let mut names = vec!["a".to_string(), "b".to_string(), "c".to_string()];
+    for (i, (content, why)) in damages.iter().enumerate() {
+        std::fs::write(&stored, content).expect("damage domain.xml");
+        let out = env.strata(&["list", "--all"]);
+        assert!(out.status.success(), "{why}: {}", stderr_of(&out));
+        let warning = stderr_of(&out);
+        assert!(warning.starts_with("warning: ") && warning.contains(p(&stored)) && warning.contains(why), "{warning}");
+        assert_eq!(list_row(&env, "a")[2..], ["shut", "off"]);
+        assert_eq!(list_row(&env, "b")[2..], ["damaged"]);
+        assert_eq!(domain_names(&env), names);
+        let listed: serde_json::Value =
+            serde_json::from_str(&env.ok(&["--json", "list", "--all"])).expect("list json");
+        let b = listed.as_array().expect("array").iter().find(|d| d["name"] == "b").expect("b listed");
+        assert_eq!(b["state"], "damaged");
+        assert!(b["damaged"].as_str().is_some_and(|r| r.contains(p(&stored)) && r.contains(why)), "{b}");
+
+        let err = env.fails(&["dominfo", "b"]);
+        assert!(err.contains(p(&stored)) && err.contains(why), "{err}");
+        let err = env.fails(&["dumpxml", "b"]);
+        assert!(err.contains(p(&stored)) && err.contains(why), "{err}");
+        // Other domains define (their UUIDs checked against the rest).
+        let other = format!("d{i}");
+        env.define(&other, &one_disk_domain(&other, &data, "raw"));
+        names.push(other);
+
+        let file = env.path("b.xml");
+        let out = env.strata(&["define", p(&file)]);
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        let warning = stderr_of(&out);
+        assert!(warning.contains("replacing the damaged definition") && warning.contains(why), "{warning}");
+        assert_eq!(list_row(&env, "b")[2..], ["shut", "off"]);
+        let (_, doc) = dumpxml(&env, "b", &[]);
+        assert_eq!(disk_source(&doc, disk(&doc, "vda")).as_deref(), Some(p(&data)));
+    }
+    std::fs::write(&stored, "").expect("damage domain.xml");
+    env.ok(&["undefine", "b"]);
+    assert_eq!(domain_names(&env), ["a", "c", "d0", "d1", "d2", "d3"]);
+    assert!(!stored.exists());
+}
+
+/// A damaged domain with snapshots keeps today's rule: its snapshot
+/// records go only with `--snapshots-metadata`, and never an image.
+#[test]
+fn damaged_definition_with_snapshots_needs_snapshots_metadata_to_go() {
+    let env = TestEnv::new();
+    let chain = make_chain(env.dir.path(), &["base.qcow2", "top.qcow2"]);
+    env.define("vm", &one_disk_domain("vm", &chain[1], "qcow2"));
+    env.ok(&["snapshot-create-as", "vm", "s1", "--disk-only"]);
+    let overlay = env.path("top.s1");
+    assert_eq!(qemu_chain(&overlay).len(), 3, "the snapshot's overlay is on the chain");
+    let stored = env.state_root().join("domains").join("vm").join("domain.xml");
+    std::fs::write(&stored, "garbage").expect("damage domain.xml");
+    let err = env.fails(&["undefine", "vm"]);
+    assert!(err.contains("--snapshots-metadata"), "{err}");
+    assert_eq!(domain_names(&env), ["vm"]);
+    env.ok(&["undefine", "vm", "--snapshots-metadata"]);
+    assert!(domain_names(&env).is_empty());
+    assert!(!env.state_root().join("domains").join("vm").exists());
+    assert_eq!(qemu_chain(&overlay).len(), 3, "images stay");
+}
+
 /// No domain name makes a lock of another domain its own (before,
 /// `vm.operation`'s domain lock was `vm`'s operation lock, so a snapshot
 /// operation on `vm` blocked every change to `vm.operation`).

@@ -39,7 +39,7 @@ use strata_core::registry::DriverRegistration;
 use strata_core::store::Store;
 use strata_core::uri::ConnectUri;
 use strata_core::xml::Domain;
-use strata_core::{Error, Result};
+use strata_core::{Error, ErrorKind, Result};
 
 pub use launch::MONITORS;
 use live::{LiveStatus, Monitor, MonitorCache};
@@ -192,6 +192,7 @@ impl QemuConnection {
             state: DomainState::Shutoff,
             reason: Some("unknown".into()),
             persistent: true,
+            damaged: None,
         };
         if let Some(status) = live::reconcile(&self.store, &name)?.filter(LiveStatus::is_vm) {
             let Some(monitor) = self.attach(&name, &status).await? else { return Ok(s) };
@@ -410,8 +411,22 @@ impl Connection for QemuConnection {
     async fn list_domains(&self) -> Result<Vec<DomainSummary>> {
         let mut out = Vec::new();
         for name in self.store.list_domains()? {
-            let dom = persistent::load(&self.store, &name)?;
-            out.push(self.summary(&dom).await?);
+            match persistent::load(&self.store, &name) {
+                Ok(dom) => out.push(self.summary(&dom).await?),
+                // One damaged definition must not hide every other domain.
+                Err(e) if e.kind() == ErrorKind::StoreFormat => out.push(DomainSummary {
+                    id: None,
+                    name,
+                    uuid: String::new(),
+                    state: DomainState::Damaged,
+                    reason: None,
+                    persistent: true,
+                    damaged: Some(e.message().to_string()),
+                }),
+                // Undefined since the names were listed.
+                Err(e) if e.kind() == ErrorKind::NoDomain => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(out)
     }

@@ -1,16 +1,54 @@
 //! The persistent side of QEMU domains: definitions in the store.
 
+use std::path::PathBuf;
+
 use strata_core::define;
 use strata_core::driver::{DefineFlags, DefineOutcome, DiskChainCheck, DumpXmlFlags};
 use strata_core::store::{no_such_domain, Store};
 use strata_core::xml::Domain;
 use strata_core::{Error, ErrorKind, Result};
 
-/// Reads a domain's persistent definition.
+/// What the store holds as a domain's persistent definition.
+enum Stored {
+    Missing,
+    /// A file that cannot be read or parsed, or that names another domain
+    /// (written by hand, or by a Strata without today's limits).
+    Damaged {
+        path: PathBuf,
+        reason: String,
+    },
+    Defined(Domain),
+}
+
+fn read(store: &Store, name: &str) -> Result<Stored> {
+    let path = store.domain_dir(name)?.join("domain.xml");
+    let damaged = |reason: String| Stored::Damaged { path: path.clone(), reason };
+    let xml = match store.read_domain(name) {
+        Ok(Some(xml)) => xml,
+        Ok(None) => return Ok(Stored::Missing),
+        Err(e) => return Ok(damaged(e.to_string())),
+    };
+    Ok(match Domain::parse(&xml) {
+        Ok(dom) if dom.name() == name => Stored::Defined(dom),
+        Ok(dom) => damaged(format!("it defines domain '{}'", dom.name())),
+        Err(e) => damaged(e.to_string()),
+    })
+}
+
+/// Reads a domain's persistent definition. A damaged one is a store error
+/// naming the file and why, which `list` shows for that domain alone.
 pub fn load(store: &Store, name: &str) -> Result<Domain> {
-    strata_core::store::validate_name("domain", name)?;
-    let xml = store.read_domain(name)?.ok_or_else(|| no_such_domain(name))?;
-    Domain::parse(&xml).map_err(|e| e.context(format!("stored definition of domain '{name}'")))
+    match read(store, name)? {
+        Stored::Defined(dom) => Ok(dom),
+        Stored::Missing => Err(no_such_domain(name)),
+        Stored::Damaged { path, reason } => Err(Error::new(
+            ErrorKind::StoreFormat,
+            format!(
+                "the definition of domain '{name}' in '{}' is damaged: {reason}; undefine the domain or define it again",
+                path.display()
+            ),
+        )),
+    }
 }
 
 /// Runs `change` on the definition under the domain lock and saves it only
@@ -23,6 +61,9 @@ pub fn edit<T>(store: &Store, name: &str, change: impl FnOnce(&mut Domain) -> Re
     Ok(out)
 }
 
+/// Defines or redefines a domain. A new definition replaces a damaged one
+/// (with a warning): the snapshot records of the domain stay, where
+/// undefining it first would need `--snapshots-metadata` and drop them.
 pub fn define(store: &Store, xml: &str, flags: DefineFlags) -> Result<DefineOutcome> {
     let mut dom = Domain::parse(xml)?;
     match dom.domain_type() {
@@ -39,9 +80,9 @@ pub fn define(store: &Store, xml: &str, flags: DefineFlags) -> Result<DefineOutc
     }
     let name = dom.name();
     let _lock = store.lock_domain_to_define(&name)?;
-    if let Some(existing) = store.read_domain(&name)? {
-        let existing = Domain::parse(&existing)?;
-        match (existing.uuid(), dom.uuid()) {
+    let mut warnings = Vec::new();
+    match read(store, &name)? {
+        Stored::Defined(existing) => match (existing.uuid(), dom.uuid()) {
             (Some(old), Some(new)) if old != new => {
                 return Err(Error::new(
                     ErrorKind::DomainExists,
@@ -50,15 +91,20 @@ pub fn define(store: &Store, xml: &str, flags: DefineFlags) -> Result<DefineOutc
             }
             (Some(old), None) => dom.set_uuid(&old),
             _ => {}
+        },
+        Stored::Damaged { path, reason } => {
+            warnings.push(format!("replacing the damaged definition in '{}': {reason}", path.display()))
         }
+        Stored::Missing => {}
     }
     let uuid = dom.ensure_uuid();
     for other in store.list_domains()? {
         if other == name {
             continue;
         }
-        if let Some(xml) = store.read_domain(&other)? {
-            if Domain::parse(&xml).ok().and_then(|d| d.uuid()).as_deref() == Some(uuid.as_str()) {
+        // A damaged definition's UUID cannot be known; it is not checked.
+        if let Stored::Defined(d) = read(store, &other)? {
+            if d.uuid().as_deref() == Some(uuid.as_str()) {
                 return Err(Error::new(
                     ErrorKind::DomainExists,
                     format!("domain '{other}' already exists with uuid {uuid}"),
@@ -66,7 +112,7 @@ pub fn define(store: &Store, xml: &str, flags: DefineFlags) -> Result<DefineOutc
             }
         }
     }
-    let warnings = define::prepare_disks(&mut dom, flags.validate)?;
+    warnings.extend(define::prepare_disks(&mut dom, flags.validate)?);
     let out = dom.to_xml();
     // Recorded chains make a definition larger than its input: it must stay
     // within what the store reads back.
@@ -75,10 +121,12 @@ pub fn define(store: &Store, xml: &str, flags: DefineFlags) -> Result<DefineOutc
     Ok(DefineOutcome { name, warnings })
 }
 
-/// Removes the definition, and with `snapshots_metadata` the snapshot
-/// records (never an image); the caller holds the domain lock.
+/// Removes the definition, damaged or not, and with `snapshots_metadata`
+/// the snapshot records (never an image); the caller holds the domain lock.
 pub fn undefine(store: &Store, name: &str, snapshots_metadata: bool) -> Result<()> {
-    load(store, name)?;
+    if let Stored::Missing = read(store, name)? {
+        return Err(no_such_domain(name));
+    }
     let snapshots = store.list_snapshots(name)?;
     if !snapshots.is_empty() && !snapshots_metadata {
         return Err(Error::operation_invalid(format!(
