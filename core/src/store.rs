@@ -6,7 +6,7 @@
 //! ROOT/format-version                  "2"
 //! ROOT/locks/domains/DOMAIN/domain.lock   per-domain lock (flock), outlives the domain
 //! ROOT/locks/domains/DOMAIN/PURPOSE.lock  per-domain locks for one purpose (`operation`, …)
-//! ROOT/locks/.PURPOSE.lock             store-wide locks (a driver's `next-id`, …)
+//! ROOT/locks/.PURPOSE.lock             store-wide locks (`definitions`, a driver's `next-id`)
 //! ROOT/domains/DOMAIN/domain.xml       persistent definition
 //! ROOT/domains/DOMAIN/status.xml       live status (driver-defined root element)
 //! ROOT/domains/DOMAIN/snapshots/NAME.xml
@@ -134,9 +134,17 @@ impl Store {
         self.lock_domain_for(name, "domain")
     }
 
-    /// The domain lock of a domain that may not exist yet, for defining it.
+    /// The domain lock of a domain that may not exist yet, for defining it;
+    /// the caller holds [`Store::lock_definitions`].
     pub fn lock_domain_to_define(&self, name: &str) -> Result<DomainLock> {
         hold(self.open_domain_lock_file(name, "domain")?)
+    }
+
+    /// The lock held while a definition is checked against all others (its
+    /// UUID and name must be unique) and written; short, and taken before
+    /// the domain lock.
+    pub fn lock_definitions(&self) -> Result<DomainLock> {
+        self.lock_store_for("definitions")
     }
 
     /// A store-wide lock for one purpose a driver names (file

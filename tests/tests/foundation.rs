@@ -1113,6 +1113,85 @@ fn commands_on_an_unknown_domain_create_no_file() {
     }
 }
 
+/// The XML of a domain with the given name and UUID over the top of a
+/// chain deep enough that probing it takes a while.
+fn domain_with_uuid(name: &str, uuid: &str, top: &Path) -> String {
+    one_disk_domain(name, top, "qcow2").replace("</name>", &format!("</name>\n  <uuid>{uuid}</uuid>"))
+}
+
+/// `define` of each file at once, one process per file; their outputs.
+fn define_at_once(env: &TestEnv, files: &[PathBuf]) -> Vec<Output> {
+    let children: Vec<_> = files
+        .iter()
+        .map(|f| {
+            Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
+                .args(["-c", &env.uri, "define", p(f)])
+                .env_remove("STRATA_LOG")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn strata")
+        })
+        .collect();
+    children.into_iter().map(|c| c.wait_with_output().expect("wait strata")).collect()
+}
+
+/// Eight defines at once of one UUID under eight names leave one domain
+/// with it, and of one name with eight UUIDs leave the first one's, the
+/// others refused as a sequential define is (before, several domains could
+/// end up sharing the UUID).
+#[test]
+fn concurrent_defines_keep_names_and_uuids_unique() {
+    const AT_ONCE: usize = 8;
+    let env = TestEnv::new();
+    // Probing a 100-layer chain is the part of define that takes time.
+    let chain = build_deep_chain(env.dir.path(), 100);
+    let top = &chain[0];
+    for round in 0..4 {
+        let uuid = format!("6c0a8d3e-0000-4000-8000-{round:012}");
+        let files: Vec<PathBuf> = (0..AT_ONCE)
+            .map(|i| {
+                let name = format!("r{round}-{i}");
+                let file = env.path(&format!("{name}.xml"));
+                std::fs::write(&file, domain_with_uuid(&name, &uuid, top)).expect("write xml");
+                file
+            })
+            .collect();
+        let outs = define_at_once(&env, &files);
+        let defined: Vec<&Output> = outs.iter().filter(|o| o.status.success()).collect();
+        assert_eq!(defined.len(), 1, "round {round}: {} defines of one UUID succeeded", defined.len());
+        for out in outs.iter().filter(|o| !o.status.success()) {
+            let err = stderr_of(out);
+            assert!(err.contains(&format!("already exists with uuid {uuid}")), "round {round}: {err}");
+        }
+        let listed: serde_json::Value =
+            serde_json::from_str(&env.ok(&["--json", "list", "--all"])).expect("list json");
+        let holders = listed.as_array().expect("array").iter().filter(|d| d["uuid"] == uuid.as_str()).count();
+        assert_eq!(holders, 1, "round {round}: {listed}");
+
+        let name = format!("same{round}");
+        let files: Vec<PathBuf> = (0..AT_ONCE)
+            .map(|i| {
+                let file = env.path(&format!("{name}-{i}.xml"));
+                let uuid = format!("6c0a8d3e-1111-4000-8000-{:06}{i:06}", round);
+                std::fs::write(&file, domain_with_uuid(&name, &uuid, top)).expect("write xml");
+                file
+            })
+            .collect();
+        let outs = define_at_once(&env, &files);
+        let winners: Vec<usize> = (0..AT_ONCE).filter(|&i| outs[i].status.success()).collect();
+        assert_eq!(winners.len(), 1, "round {round}: {} defines of '{name}' succeeded", winners.len());
+        for out in outs.iter().filter(|o| !o.status.success()) {
+            let err = stderr_of(out);
+            assert!(err.contains(&format!("domain '{name}' is already defined with uuid")), "round {round}: {err}");
+        }
+        let (_, doc) = dumpxml(&env, &name, &[]);
+        let kept = doc.at(&["uuid"]).first().map(|&u| doc.text(u));
+        let winner_uuid = format!("6c0a8d3e-1111-4000-8000-{:06}{:06}", round, winners[0]);
+        assert_eq!(kept.as_deref(), Some(winner_uuid.as_str()), "round {round}");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 4. XML Strata does not model
 // ---------------------------------------------------------------------------

@@ -79,8 +79,12 @@ pub fn define(store: &Store, xml: &str, flags: DefineFlags) -> Result<DefineOutc
         crate::transient::check_disk(&disk)?;
     }
     let name = dom.name();
+    // Probing reads every image of every chain: done before any lock.
+    let mut warnings = define::prepare_disks(&mut dom, flags.validate)?;
+    // The store-wide lock makes the checks below and the write one step,
+    // so concurrent defines cannot give one UUID to two names.
+    let _definitions = store.lock_definitions()?;
     let _lock = store.lock_domain_to_define(&name)?;
-    let mut warnings = Vec::new();
     match read(store, &name)? {
         Stored::Defined(existing) => match (existing.uuid(), dom.uuid()) {
             (Some(old), Some(new)) if old != new => {
@@ -112,7 +116,6 @@ pub fn define(store: &Store, xml: &str, flags: DefineFlags) -> Result<DefineOutc
             }
         }
     }
-    warnings.extend(define::prepare_disks(&mut dom, flags.validate)?);
     let out = dom.to_xml();
     // Recorded chains make a definition larger than its input: it must stay
     // within what the store reads back.
