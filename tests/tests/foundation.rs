@@ -392,7 +392,7 @@ fn one_disk_domain(name: &str, top: &Path, format: &str) -> String {
 
 /// Runs strata, killing it (and reporting None) if it does not end in time.
 fn strata_with_timeout(env: &TestEnv, args: &[&str], limit: Duration) -> Option<Output> {
-    let mut child = env.command(args).spawn().expect("spawn strata");
+    let mut child = env.spawn(args);
     let start = Instant::now();
     loop {
         if child.try_wait().expect("poll strata").is_some() {
@@ -855,18 +855,7 @@ fn concurrent_processes_lose_no_update() {
         list
     };
     let run_all = |cmd: &str| {
-        let children: Vec<_> = TARGETS
-            .iter()
-            .map(|t| {
-                Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
-                    .args(["-c", &env.uri, cmd, "vm", t])
-                    .env_remove("STRATA_LOG")
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .expect("spawn strata")
-            })
-            .collect();
+        let children: Vec<_> = TARGETS.iter().map(|t| env.spawn(&[cmd, "vm", t])).collect();
         for (t, child) in TARGETS.iter().zip(children) {
             let out = child.wait_with_output().expect("wait strata");
             assert!(out.status.success(), "{cmd} {t}: {}", stderr_of(&out));
@@ -922,8 +911,11 @@ fn xml_files_are_bounded() {
         .expect("write");
     let flood = env.path("flood.xml");
     let elements = "<x/>".repeat(10 * 1024 * 1024 / 4 - 1024);
-    std::fs::write(&flood, one_disk_domain("flood", &data, "raw").replace("</domain>", &format!("{elements}</domain>")))
-        .expect("write");
+    std::fs::write(
+        &flood,
+        one_disk_domain("flood", &data, "raw").replace("</domain>", &format!("{elements}</domain>")),
+    )
+    .expect("write");
 
     // Each with a hang guard: a FIFO nobody writes blocks a plain open.
     let refused = |args: &[&str], why: &str| {
@@ -985,8 +977,7 @@ fn damaged_definition_is_listed_alone_and_can_be_removed_or_replaced() {
         assert_eq!(list_row(&env, "a")[2..], ["shut", "off"]);
         assert_eq!(list_row(&env, "b")[2..], ["damaged"]);
         assert_eq!(domain_names(&env), names);
-        let listed: serde_json::Value =
-            serde_json::from_str(&env.ok(&["--json", "list", "--all"])).expect("list json");
+        let listed: serde_json::Value = serde_json::from_str(&env.ok(&["--json", "list", "--all"])).expect("list json");
         let b = listed.as_array().expect("array").iter().find(|d| d["name"] == "b").expect("b listed");
         assert_eq!(b["state"], "damaged");
         assert!(b["damaged"].as_str().is_some_and(|r| r.contains(p(&stored)) && r.contains(why)), "{b}");
@@ -1121,18 +1112,7 @@ fn domain_with_uuid(name: &str, uuid: &str, top: &Path) -> String {
 
 /// `define` of each file at once, one process per file; their outputs.
 fn define_at_once(env: &TestEnv, files: &[PathBuf]) -> Vec<Output> {
-    let children: Vec<_> = files
-        .iter()
-        .map(|f| {
-            Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
-                .args(["-c", &env.uri, "define", p(f)])
-                .env_remove("STRATA_LOG")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn strata")
-        })
-        .collect();
+    let children: Vec<_> = files.iter().map(|f| env.spawn(&["define", p(f)])).collect();
     children.into_iter().map(|c| c.wait_with_output().expect("wait strata")).collect()
 }
 
@@ -1164,8 +1144,7 @@ fn concurrent_defines_keep_names_and_uuids_unique() {
             let err = stderr_of(out);
             assert!(err.contains(&format!("already exists with uuid {uuid}")), "round {round}: {err}");
         }
-        let listed: serde_json::Value =
-            serde_json::from_str(&env.ok(&["--json", "list", "--all"])).expect("list json");
+        let listed: serde_json::Value = serde_json::from_str(&env.ok(&["--json", "list", "--all"])).expect("list json");
         let holders = listed.as_array().expect("array").iter().filter(|d| d["uuid"] == uuid.as_str()).count();
         assert_eq!(holders, 1, "round {round}: {listed}");
 

@@ -14,7 +14,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{
-    domain_xml, hold_domain_lock, make_chain, qemu_chain, qemu_img, qemu_io, validate_xml, DiskSpec, DomainGuard, TestEnv,
+    domain_xml, hold_domain_lock, make_chain, qemu_chain, qemu_img, qemu_io, validate_xml, DiskSpec, DomainGuard,
+    TestEnv,
 };
 use strata_core::xml::{Domain, Element, SnapshotDef};
 use strata_qemu::QemuConnection;

@@ -86,6 +86,11 @@ impl TestEnv {
         (Output { status: ExitStatus::from_raw(status), stdout, stderr }, cpu)
     }
 
+    /// Starts `strata -c URI ARGS…` with its output piped, without waiting.
+    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        self.command(args).spawn().expect("spawn strata")
+    }
+
     /// Runs strata and requires success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.strata(args);
