@@ -213,7 +213,7 @@ struct Background {
 
 impl Background {
     fn spawn(env: &TestEnv, args: &[&str]) -> Background {
-        let child = env.command(args).spawn().expect("spawn strata");
+        let child = env.spawn(args);
         // Give it time to start its job, so the test looks at a running one.
         std::thread::sleep(Duration::from_millis(500));
         Background { child: Some(child) }
