@@ -26,12 +26,12 @@ fn read(store: &Store, name: &str) -> Result<Stored> {
     let xml = match store.read_domain(name) {
         Ok(Some(xml)) => xml,
         Ok(None) => return Ok(Stored::Missing),
-        Err(e) => return Ok(damaged(e.to_string())),
+        Err(e) => return Ok(damaged(e.report())),
     };
     Ok(match Domain::parse(&xml) {
         Ok(dom) if dom.name() == name => Stored::Defined(dom),
         Ok(dom) => damaged(format!("it defines domain '{}'", dom.name())),
-        Err(e) => damaged(e.to_string()),
+        Err(e) => damaged(e.report()),
     })
 }
 
