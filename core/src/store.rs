@@ -304,12 +304,15 @@ impl Store {
 }
 
 fn open_lock_file(path: PathBuf) -> Result<(File, PathBuf)> {
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::io("open the lock file", &path, e))?;
+    let opened = OpenOptions::new().create(true).truncate(false).write(true).open(&path);
+    // On a read-only store an existing lock file still locks (flock needs
+    // no write access), so reads and checks go on answering; a change
+    // fails at its first write, before it touches an image.
+    let opened = match opened {
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => File::open(&path).map_err(|_| e),
+        other => other,
+    };
+    let file = opened.map_err(|e| Error::io("open the lock file", &path, e))?;
     Ok((file, path))
 }
 

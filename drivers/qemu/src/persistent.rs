@@ -52,12 +52,18 @@ pub fn load(store: &Store, name: &str) -> Result<Domain> {
 }
 
 /// Runs `change` on the definition under the domain lock and saves it only
-/// if `change` succeeds, so a failed edit leaves the stored XML untouched.
+/// if `change` succeeds, so a failed edit leaves the stored XML untouched,
+/// and only if it changed anything, so a check that finds nothing to fix
+/// writes nothing (and works on a read-only store).
 pub fn edit<T>(store: &Store, name: &str, change: impl FnOnce(&mut Domain) -> Result<T>) -> Result<T> {
     let _lock = store.lock_domain(name)?;
     let mut dom = load(store, name)?;
+    let before = dom.to_xml();
     let out = change(&mut dom)?;
-    store.write_domain(name, &dom.to_xml())?;
+    let after = dom.to_xml();
+    if after != before {
+        store.write_domain(name, &after)?;
+    }
     Ok(out)
 }
 
