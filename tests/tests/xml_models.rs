@@ -4,7 +4,7 @@
 mod common;
 
 use common::{make_chain, validate_xml};
-use strata_core::chain::{probe_chain, Backing, StorageSource};
+use strata_core::chain::{probe_chain, Backing, Slice, StorageSource};
 use strata_core::xml::{chain_from_volume, volume_element, Domain, Element, SnapshotDef};
 
 const SNAPSHOT: &str = r#"<domainsnapshot>
@@ -112,18 +112,73 @@ fn every_disk_type_and_a_mirror_round_trip() {
       <target dev='sda' bus='sata'/>
       <readonly/>
     </disk>
+    <disk type='dir' device='disk'>
+      <driver name='qemu' type='fat'/>
+      <source dir='/images/share'/>
+      <backingStore/>
+      <target dev='vde' bus='virtio'/>
+    </disk>
+    <disk type='nvme' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source type='pci' managed='yes' namespace='1'>
+        <address domain='0x0000' bus='0x01' slot='0x00' function='0x0'/>
+      </source>
+      <target dev='vdf' bus='virtio'/>
+    </disk>
+    <disk type='vhostuser' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source type='unix' path='/run/vhost-blk.sock'>
+        <reconnect enabled='yes' timeout='10'/>
+      </source>
+      <target dev='vdg' bus='virtio'/>
+    </disk>
+    <disk type='network' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source protocol='https' name='folder/disk.img' query='a=1&amp;b=2'>
+        <host name='example.com' port='443'/>
+        <ssl verify='no'/>
+        <cookies>
+          <cookie name='session'>"abc"</cookie>
+        </cookies>
+        <readahead size='65536'/>
+        <timeout seconds='20'/>
+      </source>
+      <backingStore type='network' index='1'>
+        <format type='raw'/>
+        <source protocol='rbd' name='pool/img'>
+          <host name='mon1' port='6789'/>
+          <host name='mon2'/>
+          <snapshot name='snap'/>
+          <config file='/etc/ceph/ceph.conf'/>
+        </source>
+        <backingStore type='file' index='2'>
+          <format type='raw'/>
+          <source file='/images/data.raw'>
+            <slices>
+              <slice type='storage' offset='512' size='1048064'/>
+            </slices>
+          </source>
+          <backingStore/>
+        </backingStore>
+      </backingStore>
+      <target dev='vdh' bus='virtio'/>
+    </disk>
   </devices>
 </domain>
 "#;
     let dom = Domain::parse(xml).expect("parse");
     let disks = dom.disks().expect("disks");
-    assert_eq!(disks.len(), 5);
+    assert_eq!(disks.len(), 9);
     let vdb = disks[1].chain.as_ref().expect("network chain");
     assert_eq!(vdb.layers[1].source.type_name(), "network");
     assert_eq!(vdb.layers[1].backing, Backing::Unknown, "no terminator: unknown below");
     let mirror = disks[3].mirror.as_ref().expect("mirror");
     assert_eq!((mirror.job.as_deref(), mirror.ready.as_deref()), (Some("copy"), Some("yes")));
     assert!(disks[4].chain.is_none() && disks[4].readonly, "empty cdrom");
+    let types: Vec<&str> = disks.iter().filter_map(|d| d.source()).map(StorageSource::type_name).collect();
+    assert_eq!(types, ["block", "network", "volume", "file", "dir", "nvme", "vhostuser", "network"]);
+    let vdh = disks[8].chain.as_ref().expect("network chain");
+    assert_eq!(vdh.layers[2].slice, Some(Slice { offset: 512, size: Some(1_048_064) }));
 
     // Rewriting every chain keeps the document valid and otherwise equal.
     let mut rewritten = dom.clone();

@@ -12,8 +12,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-pub use probe::probe_chain;
-pub use source::{parse_backing_string, NetworkHost, NetworkSource, StorageSource};
+pub use probe::{probe_chain, probe_chain_to_missing, MissingBacking};
+pub use source::{
+    parse_backing_string, BackingImage, NetworkHost, NetworkSource, NvmeSource, PciAddress, Slice, StorageSource,
+};
 
 /// What lies below a layer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -37,6 +39,9 @@ pub struct Layer {
     /// pre-order, which for an ordinary chain is the depth below the top.
     pub index: usize,
     pub backing: Backing,
+    /// The byte range of the storage the image occupies, when not all of it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slice: Option<Slice>,
 }
 
 /// A disk's backing tree; `layers[0]` is the active layer.
@@ -48,7 +53,7 @@ pub struct Chain {
 impl Chain {
     /// A chain of one layer whose backing is not known yet.
     pub fn single(source: StorageSource, format: Option<String>) -> Chain {
-        Chain { layers: vec![Layer { source, format, index: 0, backing: Backing::Unknown }] }
+        Chain { layers: vec![Layer { source, format, index: 0, backing: Backing::Unknown, slice: None }] }
     }
 
     pub fn top(&self) -> Option<&Layer> {
@@ -58,7 +63,7 @@ impl Chain {
     /// Appends a layer as the (only or additional) backing of `parent`.
     pub fn push_backing(&mut self, parent: usize, source: StorageSource, format: Option<String>) -> usize {
         let id = self.layers.len();
-        self.layers.push(Layer { source, format, index: id, backing: Backing::Unknown });
+        self.layers.push(Layer { source, format, index: id, backing: Backing::Unknown, slice: None });
         if let Some(p) = self.layers.get_mut(parent) {
             match &mut p.backing {
                 Backing::Layers(v) => v.push(id),
@@ -72,7 +77,7 @@ impl Chain {
     /// overlay): the old active layer becomes its backing image.
     pub fn with_overlay(&self, source: StorageSource, format: Option<String>) -> Chain {
         let mut layers = Vec::with_capacity(self.layers.len() + 1);
-        layers.push(Layer { source, format, index: 0, backing: Backing::Layers(vec![1]) });
+        layers.push(Layer { source, format, index: 0, backing: Backing::Layers(vec![1]), slice: None });
         for l in &self.layers {
             let backing = match &l.backing {
                 Backing::Layers(v) => Backing::Layers(v.iter().map(|i| i + 1).collect()),

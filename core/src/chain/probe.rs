@@ -9,7 +9,7 @@
 
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::{Chain, StorageSource};
 use crate::error::{Error, ErrorKind, Result};
@@ -20,11 +20,36 @@ use crate::image::{self, ImageFormat};
 /// Cost is one `stat` and a few small header reads per layer, with no
 /// recursion, so very deep chains are fine.
 pub fn probe_chain(top: &StorageSource, top_format: &str) -> Result<Chain> {
+    probe(top, top_format, false).map(|(chain, _)| chain)
+}
+
+/// A local backing file that a header names and that does not exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MissingBacking {
+    /// The image whose header names it.
+    pub image: PathBuf,
+    pub backing: PathBuf,
+}
+
+/// Like [`probe_chain`], except that a local backing file that does not
+/// exist ends the probe: it is recorded as a layer whose own backing is not
+/// known, and returned, so a definition can keep the chain as far as it
+/// goes.
+pub fn probe_chain_to_missing(top: &StorageSource, top_format: &str) -> Result<(Chain, Option<MissingBacking>)> {
+    probe(top, top_format, true)
+}
+
+fn probe(top: &StorageSource, top_format: &str, stop_at_missing: bool) -> Result<(Chain, Option<MissingBacking>)> {
     let mut chain = Chain::single(top.clone(), Some(top_format.to_string()));
     let Some(top_path) = top.local_path() else {
         // A network top cannot be opened here; its chain stays unknown.
-        return Ok(chain);
+        return Ok((chain, None));
     };
+    if matches!(top, StorageSource::Dir { .. }) {
+        // A directory (QEMU's virtual FAT disk) has no backing image.
+        chain.end_at(0);
+        return Ok((chain, None));
+    }
     let mut seen: HashSet<(u64, u64)> = HashSet::new();
     seen.insert(identity(top_path)?);
 
@@ -32,6 +57,7 @@ pub fn probe_chain(top: &StorageSource, top_format: &str) -> Result<Chain> {
     let mut current_path = top_path.to_path_buf();
     let mut current_format: ImageFormat =
         top_format.parse().map_err(|e: Error| e.context(format!("disk '{}'", top_path.display())))?;
+    let mut missing = None;
     loop {
         if current_format == ImageFormat::Raw {
             chain.end_at(current);
@@ -50,12 +76,35 @@ pub fn probe_chain(top: &StorageSource, top_format: &str) -> Result<Chain> {
             chain.end_at(current);
             break;
         };
-        let source = super::parse_backing_string(&backing_string, &current_path)?;
-        let Some(backing_path) = source.local_path().map(Path::to_path_buf) else {
-            // Network backing: recorded, not followed.
-            chain.push_backing(current, source, header.backing_format.clone());
+        let backing = super::parse_backing_string(&backing_string, &current_path)?;
+        // The header's backing format wins over a json: string's, as in QEMU.
+        let written_format = header.backing_format.clone().or(backing.format.clone());
+        if backing.slice.is_some() && written_format.as_deref() != Some("raw") {
+            return Err(Error::probe_failed(format!(
+                "backing file '{backing_string}' of '{}' gives an offset or size, which only the raw format \
+                 takes, but its format is recorded as '{}'",
+                current_path.display(),
+                written_format.as_deref().unwrap_or("none")
+            )));
+        }
+        let local = backing.source.local_path().map(Path::to_path_buf);
+        let Some(backing_path) = local.filter(|_| !matches!(backing.source, StorageSource::Dir { .. })) else {
+            // A network image is recorded, not followed; a directory has
+            // no backing image.
+            let fat = matches!(backing.source, StorageSource::Dir { .. });
+            let id = chain.push_backing(current, backing.source, written_format);
+            chain.layers[id].slice = backing.slice;
+            if fat {
+                chain.end_at(id);
+            }
             break;
         };
+        if stop_at_missing && !backing_path.exists() {
+            let id = chain.push_backing(current, backing.source, written_format);
+            chain.layers[id].slice = backing.slice;
+            missing = Some(MissingBacking { image: current_path, backing: backing_path });
+            break;
+        }
         let id = identity(&backing_path).map_err(|e| {
             Error::new(
                 ErrorKind::StorageProbeFailed,
@@ -81,18 +130,19 @@ pub fn probe_chain(top: &StorageSource, top_format: &str) -> Result<Chain> {
                 },
             ));
         }
-        let backing_format = match &header.backing_format {
+        let backing_format = match &written_format {
             Some(f) => f
                 .parse::<ImageFormat>()
                 .map_err(|e: Error| e.context(format!("backing format recorded in '{}'", current_path.display())))?,
             None => probe_unrecorded_format(&current_path, &backing_string, &backing_path)?,
         };
-        current = chain.push_backing(current, source, Some(backing_format.as_str().to_string()));
+        current = chain.push_backing(current, backing.source, Some(backing_format.as_str().to_string()));
+        chain.layers[current].slice = backing.slice;
         current_path = backing_path;
         current_format = backing_format;
     }
     chain.renumber();
-    Ok(chain)
+    Ok((chain, missing))
 }
 
 /// `image` names `backing` (written as `written`) without a format. Probing

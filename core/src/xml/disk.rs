@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::tree::Element;
-use crate::chain::{Backing, Chain, NetworkHost, NetworkSource, StorageSource};
+use crate::chain::{Backing, Chain, Layer, NetworkHost, NetworkSource, NvmeSource, PciAddress, Slice, StorageSource};
 use crate::error::{Error, Result};
 
 /// libvirt's order of `<disk>` children; Strata inserts what it writes at
@@ -80,6 +80,7 @@ impl Disk {
                 None => None,
                 Some(source) => {
                     let mut chain = Chain::single(source, format.clone());
+                    chain.layers[0].slice = parse_slice(el.child("source"))?;
                     read_backing(el, &mut chain, 0).map_err(|e| e.context(format!("disk '{target}'")))?;
                     chain.renumber();
                     Some(chain)
@@ -178,6 +179,7 @@ fn read_backing(el: &Element, chain: &mut Chain, layer: usize) -> Result<()> {
                 .ok_or_else(|| Error::xml("a <backingStore> has no <source>"))?;
             let format = store.child("format").and_then(|f| f.attr("type")).map(str::to_string);
             let id = chain.push_backing(parent_id, source, format);
+            chain.layers[id].slice = parse_slice(store.child("source"))?;
             stack.push((store, id));
         }
     }
@@ -203,36 +205,109 @@ pub fn parse_source(kind: &str, el: Option<&Element>) -> Result<Option<StorageSo
         },
         "dir" => StorageSource::Dir { dir: PathBuf::from(need("dir")?) },
         "volume" => StorageSource::Volume { pool: need("pool")?, volume: need("volume")? },
-        "network" => {
-            let hosts = el
-                .children_named("host")
-                .map(|h| {
-                    let port = match h.attr("port") {
-                        None => Ok(None),
-                        Some(p) => p
-                            .parse::<u16>()
-                            .map(Some)
-                            .map_err(|_| Error::xml(format!("host port '{p}' is not a port number"))),
-                    }?;
-                    Ok(NetworkHost {
-                        name: h.attr("name").map(str::to_string),
-                        port,
-                        transport: h.attr("transport").map(str::to_string),
-                        socket: h.attr("socket").map(str::to_string),
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            StorageSource::Network(NetworkSource {
-                protocol: need("protocol")?,
-                name: el.attr("name").map(str::to_string),
-                hosts,
-            })
-        }
+        "network" => StorageSource::Network(Box::new(parse_network_source(el, need("protocol")?)?)),
+        "nvme" => StorageSource::Nvme(parse_nvme_source(el)?),
+        "vhostuser" => StorageSource::VhostUser { socket: PathBuf::from(need("path")?) },
+        "vhostvdpa" => StorageSource::VhostVdpa { dev: PathBuf::from(need("dev")?) },
         other => {
             return Err(Error::xml(format!(
-                "disk type '{other}' is not supported (expected file, block, network, volume or dir)"
+                "disk type '{other}' is not one of libvirt's (file, block, dir, network, volume, nvme, vhostuser, \
+                 vhostvdpa)"
             )))
         }
+    }))
+}
+
+fn number_attr<T: std::str::FromStr>(el: &Element, attr: &str) -> Result<Option<T>> {
+    el.attr(attr)
+        .map(|v| v.parse::<T>().map_err(|_| Error::xml(format!("<{} {attr}='{v}'> is not a valid number", el.name))))
+        .transpose()
+}
+
+fn parse_network_source(el: &Element, protocol: String) -> Result<NetworkSource> {
+    let hosts = el
+        .children_named("host")
+        .map(|h| {
+            Ok(NetworkHost {
+                name: h.attr("name").map(str::to_string),
+                port: number_attr::<u16>(h, "port")?,
+                transport: h.attr("transport").map(str::to_string),
+                socket: h.attr("socket").map(str::to_string),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let child_attr = |child: &str, attr: &str| el.child(child).and_then(|c| c.attr(attr)).map(str::to_string);
+    let ssl_verify = match child_attr("ssl", "verify").as_deref() {
+        None => None,
+        Some("yes") => Some(true),
+        Some("no") => Some(false),
+        Some(other) => return Err(Error::xml(format!("<ssl verify='{other}'> is not 'yes' or 'no'"))),
+    };
+    let cookies = el
+        .child("cookies")
+        .map(|c| {
+            c.children_named("cookie")
+                .map(|k| {
+                    let name = k.attr("name").ok_or_else(|| Error::xml("a <cookie> has no 'name' attribute"))?;
+                    Ok((name.to_string(), k.text()))
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .transpose()?
+        .unwrap_or_default();
+    let identity = el.child("identity").and_then(|i| Some((i.attr("user")?.to_string(), i.attr("group")?.to_string())));
+    Ok(NetworkSource {
+        protocol,
+        name: el.attr("name").map(str::to_string),
+        query: el.attr("query").map(str::to_string),
+        hosts,
+        snapshot: child_attr("snapshot", "name"),
+        config_file: child_attr("config", "file"),
+        ssl_verify,
+        cookies,
+        readahead: el.child("readahead").map(|r| number_attr::<u64>(r, "size")).transpose()?.flatten(),
+        timeout: el.child("timeout").map(|t| number_attr::<u64>(t, "seconds")).transpose()?.flatten(),
+        identity,
+    })
+}
+
+fn parse_nvme_source(el: &Element) -> Result<NvmeSource> {
+    if el.attr("type") != Some("pci") {
+        return Err(Error::xml("an nvme <source> needs type='pci'"));
+    }
+    let namespace = number_attr::<u64>(el, "namespace")?
+        .filter(|n| *n > 0)
+        .ok_or_else(|| Error::xml("an nvme <source> needs a positive 'namespace'"))?;
+    let address = el.child("address").ok_or_else(|| Error::xml("an nvme <source> needs an <address>"))?;
+    let part = |attr: &str| -> Result<u32> {
+        let v = address.attr(attr).unwrap_or("0");
+        let digits = v.strip_prefix("0x").unwrap_or(v);
+        u32::from_str_radix(digits, 16)
+            .map_err(|_| Error::xml(format!("nvme <address {attr}='{v}'> is not a hexadecimal number")))
+    };
+    Ok(NvmeSource {
+        address: PciAddress {
+            domain: part("domain")?,
+            bus: part("bus")?,
+            slot: part("slot")?,
+            function: part("function")?,
+        },
+        namespace,
+        managed: el.attr("managed").map(str::to_string),
+    })
+}
+
+/// The `<slices>` of a `<source>`: the storage slice, when there is one.
+fn parse_slice(source: Option<&Element>) -> Result<Option<Slice>> {
+    let Some(slice) = source
+        .and_then(|s| s.child("slices"))
+        .and_then(|s| s.children_named("slice").find(|c| c.attr("type") == Some("storage")))
+    else {
+        return Ok(None);
+    };
+    Ok(Some(Slice {
+        offset: number_attr::<u64>(slice, "offset")?.unwrap_or(0),
+        size: number_attr::<u64>(slice, "size")?,
     }))
 }
 
@@ -241,35 +316,97 @@ pub fn source_element(source: &StorageSource) -> Element {
     let el = Element::new("source");
     match source {
         StorageSource::File { path } => el.with_attr("file", path.to_string_lossy()),
-        StorageSource::Block { dev } => el.with_attr("dev", dev.to_string_lossy()),
+        StorageSource::Block { dev } | StorageSource::VhostVdpa { dev } => el.with_attr("dev", dev.to_string_lossy()),
         StorageSource::Dir { dir } => el.with_attr("dir", dir.to_string_lossy()),
         StorageSource::Volume { pool, volume } => {
             el.with_attr("pool", pool.clone()).with_attr("volume", volume.clone())
         }
-        StorageSource::Network(n) => {
-            let mut el = el.with_attr("protocol", n.protocol.clone());
-            if let Some(name) = &n.name {
-                el.set_attr("name", name.clone());
+        StorageSource::VhostUser { socket } => el.with_attr("type", "unix").with_attr("path", socket.to_string_lossy()),
+        StorageSource::Nvme(n) => {
+            let mut el = el.with_attr("type", "pci");
+            if let Some(managed) = &n.managed {
+                el.set_attr("managed", managed.clone());
             }
-            for h in &n.hosts {
-                let mut host = Element::new("host");
-                if let Some(t) = &h.transport {
-                    host.set_attr("transport", t.clone());
-                }
-                if let Some(name) = &h.name {
-                    host.set_attr("name", name.clone());
-                }
-                if let Some(p) = h.port {
-                    host.set_attr("port", p.to_string());
-                }
-                if let Some(s) = &h.socket {
-                    host.set_attr("socket", s.clone());
-                }
-                el.children.push(super::tree::Node::Element(host));
-            }
-            el
+            let a = n.address;
+            el.with_attr("namespace", n.namespace.to_string()).with_child(
+                Element::new("address")
+                    .with_attr("domain", format!("0x{:04x}", a.domain))
+                    .with_attr("bus", format!("0x{:02x}", a.bus))
+                    .with_attr("slot", format!("0x{:02x}", a.slot))
+                    .with_attr("function", format!("0x{:x}", a.function)),
+            )
         }
+        StorageSource::Network(n) => network_source_element(el, n),
     }
+}
+
+/// libvirt's layout of a network `<source>`: its attributes, the hosts,
+/// then the other children in the order libvirt writes them.
+fn network_source_element(el: Element, n: &NetworkSource) -> Element {
+    let mut el = el.with_attr("protocol", n.protocol.clone());
+    if let Some(name) = &n.name {
+        el.set_attr("name", name.clone());
+    }
+    if let Some(query) = &n.query {
+        el.set_attr("query", query.clone());
+    }
+    for h in &n.hosts {
+        let mut host = Element::new("host");
+        if let Some(t) = &h.transport {
+            host.set_attr("transport", t.clone());
+        }
+        if let Some(name) = &h.name {
+            host.set_attr("name", name.clone());
+        }
+        if let Some(p) = h.port {
+            host.set_attr("port", p.to_string());
+        }
+        if let Some(s) = &h.socket {
+            host.set_attr("socket", s.clone());
+        }
+        el = el.with_child(host);
+    }
+    if let Some(snapshot) = &n.snapshot {
+        el = el.with_child(Element::new("snapshot").with_attr("name", snapshot.clone()));
+    }
+    if let Some(file) = &n.config_file {
+        el = el.with_child(Element::new("config").with_attr("file", file.clone()));
+    }
+    if let Some(verify) = n.ssl_verify {
+        el = el.with_child(Element::new("ssl").with_attr("verify", if verify { "yes" } else { "no" }));
+    }
+    if !n.cookies.is_empty() {
+        let mut cookies = Element::new("cookies");
+        for (name, value) in &n.cookies {
+            cookies =
+                cookies.with_child(Element::new("cookie").with_attr("name", name.clone()).with_text(value.clone()));
+        }
+        el = el.with_child(cookies);
+    }
+    if let Some(size) = n.readahead {
+        el = el.with_child(Element::new("readahead").with_attr("size", size.to_string()));
+    }
+    if let Some(seconds) = n.timeout {
+        el = el.with_child(Element::new("timeout").with_attr("seconds", seconds.to_string()));
+    }
+    if let Some((user, group)) = &n.identity {
+        el = el.with_child(Element::new("identity").with_attr("user", user.clone()).with_attr("group", group.clone()));
+    }
+    el
+}
+
+/// The `<source>` of a chain layer: its storage and its slice.
+pub fn layer_source_element(layer: &Layer) -> Element {
+    let mut el = source_element(&layer.source);
+    if let Some(slice) = layer.slice {
+        let mut storage =
+            Element::new("slice").with_attr("type", "storage").with_attr("offset", slice.offset.to_string());
+        if let Some(size) = slice.size {
+            storage.set_attr("size", size.to_string());
+        }
+        el = el.with_child(Element::new("slices").with_child(storage));
+    }
+    el
 }
 
 /// The `<backingStore>` element(s) for what lies below `layer`: empty when
@@ -300,7 +437,7 @@ pub fn backing_elements(chain: &Chain, layer: usize) -> Vec<Element> {
         if let Some(f) = &l.format {
             el.insert_ordered(Element::new("format").with_attr("type", f.clone()), BACKING_CHILD_ORDER);
         }
-        el.insert_ordered(source_element(&l.source), BACKING_CHILD_ORDER);
+        el.insert_ordered(layer_source_element(l), BACKING_CHILD_ORDER);
         for child in below(id, &mut built) {
             el.children.push(super::tree::Node::Element(child));
         }
@@ -325,17 +462,35 @@ pub fn write_disk_chain(disk: &mut Element, chain: &Chain) {
     }
     // Keep attributes and children of an existing <source> (startupPolicy,
     // seclabels, …) that Strata does not model; replace only the location.
-    let mut new_source = source_element(&top.source);
+    let mut new_source = layer_source_element(top);
     if let Some(old) = disk.child("source") {
         for (k, v) in &old.attrs {
-            if !matches!(k.as_str(), "file" | "dev" | "dir" | "pool" | "volume" | "protocol" | "name" | "index") {
+            if !matches!(
+                k.as_str(),
+                "file"
+                    | "dev"
+                    | "dir"
+                    | "pool"
+                    | "volume"
+                    | "protocol"
+                    | "name"
+                    | "query"
+                    | "type"
+                    | "path"
+                    | "namespace"
+                    | "managed"
+                    | "index"
+            ) {
                 new_source.set_attr(k, v.clone());
             }
         }
+        // Children the new source writes itself (hosts, slices, …) replace
+        // the old ones; the others (seclabels, auth, …) are kept.
+        let written: Vec<String> = new_source.elements().map(|e| e.name.clone()).collect();
         let keep: Vec<super::tree::Node> = old
             .children
             .iter()
-            .filter(|n| !matches!(n, super::tree::Node::Element(e) if e.name == "host"))
+            .filter(|n| !matches!(n, super::tree::Node::Element(e) if e.name == "host" || written.contains(&e.name)))
             .cloned()
             .collect();
         new_source.children.extend(keep);

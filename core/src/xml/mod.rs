@@ -6,7 +6,7 @@ mod snapshot;
 mod tree;
 mod volume;
 
-pub use disk::{backing_elements, parse_source, source_element, Disk, Mirror, DISK_CHILD_ORDER};
+pub use disk::{backing_elements, layer_source_element, parse_source, source_element, Disk, Mirror, DISK_CHILD_ORDER};
 pub use domain::Domain;
 pub use limits::{read_document, MAX_DOCUMENT_BYTES, MAX_DOCUMENT_NODES};
 pub use snapshot::{SnapshotDef, SnapshotDisk, SnapshotMemory};
