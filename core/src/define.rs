@@ -4,7 +4,7 @@
 //! A `<backingStore>` given in the XML is trusted; an absent one is probed
 //! and filled in; validation probes anyway and reports every mismatch.
 
-use crate::chain::{self, Backing, Chain};
+use crate::chain::{self, Backing, Chain, MissingBacking, StorageSource};
 use crate::driver::DiskChainCheck;
 use crate::error::{Error, ErrorKind, Result};
 use crate::xml::{Disk, Domain};
@@ -17,11 +17,31 @@ fn top_format(disk: &Disk) -> String {
 
 /// What the images say the disk's chain is.
 pub fn probe_disk(disk: &Disk) -> Result<Option<Chain>> {
+    probe_disk_with(disk, chain::probe_chain)
+}
+
+/// What the images say the disk's chain is, down to a local backing file
+/// that does not exist, if one does not.
+fn probe_disk_to_missing(disk: &Disk) -> Result<Option<(Chain, Option<MissingBacking>)>> {
+    probe_disk_with(disk, chain::probe_chain_to_missing)
+}
+
+fn probe_disk_with<T>(disk: &Disk, probe: impl Fn(&StorageSource, &str) -> Result<T>) -> Result<Option<T>> {
     let Some(source) = disk.source() else { return Ok(None) };
     if source.local_path().is_none() {
         return Ok(None);
     }
-    chain::probe_chain(source, &top_format(disk)).map(Some).map_err(|e| e.context(format!("disk '{}'", disk.target)))
+    probe(source, &top_format(disk)).map(Some).map_err(|e| e.context(format!("disk '{}'", disk.target)))
+}
+
+/// `disk 'vda': backing file '/b' of '/t' does not exist`.
+fn missing_backing(disk: &Disk, missing: &MissingBacking) -> String {
+    format!(
+        "disk '{}': backing file '{}' of '{}' does not exist",
+        disk.target,
+        missing.backing.display(),
+        missing.image.display()
+    )
 }
 
 /// Fills in and checks the chains of a domain about to be defined.
@@ -79,7 +99,22 @@ pub fn prepare_disks(dom: &mut Domain, validate: bool) -> Result<Vec<String>> {
             dom.set_disk_chain(&disk.target, &trusted)?;
             continue;
         }
-        let Some(found) = probe_disk(&disk)? else { continue };
+        let found = if validate {
+            probe_disk(&disk)?
+        } else {
+            // A missing backing file does not refuse the definition: the
+            // chain is recorded down to it, and start refuses until it exists.
+            probe_disk_to_missing(&disk)?.map(|(found, missing)| {
+                if let Some(missing) = missing {
+                    warnings.push(format!(
+                        "{}; the chain is recorded down to it, and the domain cannot start until it exists",
+                        missing_backing(&disk, &missing)
+                    ));
+                }
+                found
+            })
+        };
+        let Some(found) = found else { continue };
         if recorded {
             let diffs = chain.differences(&found);
             if !diffs.is_empty() {
@@ -130,7 +165,13 @@ pub fn probe_missing_chains(dom: &mut Domain) -> Result<()> {
                 )));
             }
         }
-        if let Some(found) = probe_disk(&disk)? {
+        if let Some((found, missing)) = probe_disk_to_missing(&disk)? {
+            if let Some(missing) = missing {
+                return Err(Error::operation_invalid(format!(
+                    "{}; create it, or point the image at an existing one with qemu-img rebase -u",
+                    missing_backing(&disk, &missing)
+                )));
+            }
             dom.set_disk_chain(&disk.target, &found)?;
         }
     }

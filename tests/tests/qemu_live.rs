@@ -291,3 +291,102 @@ fn start_refuses_missing_images_and_bad_types_cleanly() {
     let err = env.fails(&["define", env.path("lxc.xml").to_str().expect("utf8")]);
     assert!(err.contains("domain type 'lxc' is not supported by the qemu driver"), "{err}");
 }
+
+#[test]
+fn a_missing_backing_file_is_recorded_at_define_and_refused_at_start() {
+    let env = TestEnv::new();
+    let chain = make_chain(env.dir.path(), &["base.qcow2", "mid.qcow2", "top.qcow2"]);
+    let (mid, top) = (&chain[1], &chain[2]);
+    let away = env.path("mid.away");
+    std::fs::rename(mid, &away).expect("move mid.qcow2 away");
+    let file = env.path("vm.xml");
+    std::fs::write(&file, domain_xml("vm", &[DiskSpec { target: "vda", format: "qcow2", path: top, extra: "" }]))
+        .expect("write");
+    let out = env.strata(&["define", file.to_str().expect("utf8")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "define refused a missing backing file: {stderr}");
+    let named = format!("backing file '{}' of '{}' does not exist", mid.display(), top.display());
+    assert!(stderr.contains("warning:") && stderr.contains(&named), "{stderr}");
+
+    // The chain is recorded down to the missing file, unknown below it.
+    let xml = env.ok(&["dumpxml", "vm"]);
+    validate_xml(&xml);
+    let disk = Domain::parse(&xml).expect("parse").find_disk("vda").expect("vda");
+    let recorded = disk.chain.expect("a recorded chain");
+    let layers: Vec<(String, Option<&str>)> =
+        recorded.layers.iter().map(|l| (l.source.to_string(), l.format.as_deref())).collect();
+    assert_eq!(
+        layers,
+        [(top.display().to_string(), Some("qcow2")), (mid.display().to_string(), Some("qcow2"))],
+        "{xml}"
+    );
+    assert!(!recorded.is_complete(), "nothing is recorded below the missing file:\n{xml}");
+
+    let err = env.fails(&["start", "vm"]);
+    assert!(err.starts_with("error: ") && err.contains(&named), "{err}");
+    assert_eq!(env.ok(&["domstate", "vm"]).trim(), "shut off");
+    assert!(!env.state_root().join("domains/vm/status.xml").exists());
+
+    // Once the file is back, start records the whole chain and QEMU opens it.
+    std::fs::rename(&away, mid).expect("move mid.qcow2 back");
+    env.ok(&["start", "vm"]);
+    let _guard = DomainGuard { env: &env, name: "vm".into() };
+    let opened: Vec<String> = qemu_view(&env, "vda").into_iter().map(|(file, _)| file).collect();
+    let want: Vec<String> = chain.iter().rev().map(|p| p.display().to_string()).collect();
+    assert_eq!(opened, want);
+    let disk = Domain::parse(&env.ok(&["dumpxml", "vm", "--inactive"])).expect("parse").find_disk("vda").expect("vda");
+    assert!(disk.chain.expect("chain").is_complete(), "the whole chain is recorded after start");
+}
+
+#[test]
+fn disk_types_the_driver_cannot_start_are_defined_and_refused_at_start() {
+    let env = TestEnv::new();
+    let share = env.path("share");
+    std::fs::create_dir(&share).expect("mkdir share");
+    let cases = [
+        ("dir", format!("<driver name='qemu' type='fat'/><source dir='{}'/>", share.display()), "of type 'dir'"),
+        (
+            "network",
+            "<driver name='qemu' type='raw'/><source protocol='gluster' name='vol/img'><host name='g1'/></source>"
+                .to_string(),
+            "protocol 'gluster'",
+        ),
+        (
+            "volume",
+            "<driver name='qemu' type='raw'/><source pool='default' volume='img'/>".to_string(),
+            "of type 'volume'",
+        ),
+        (
+            "nvme",
+            "<driver name='qemu' type='raw'/><source type='pci' namespace='1'>\
+             <address domain='0x0000' bus='0x01' slot='0x00' function='0x0'/></source>"
+                .to_string(),
+            "of type 'nvme'",
+        ),
+        (
+            "vhostuser",
+            "<driver name='qemu' type='raw'/><source type='unix' path='/run/vhost-blk.sock'/>".to_string(),
+            "of type 'vhostuser'",
+        ),
+        (
+            "vhostvdpa",
+            "<driver name='qemu' type='raw'/><source dev='/dev/vhost-vdpa-0'/>".to_string(),
+            "of type 'vhostvdpa'",
+        ),
+    ];
+    for (kind, inner, why) in cases {
+        let name = format!("vm-{kind}");
+        let disk = format!("    <disk type='{kind}' device='disk'>{inner}<target dev='vda' bus='virtio'/></disk>\n");
+        env.define(&name, &domain_xml(&name, &[]).replace("    <graphics", &format!("{disk}    <graphics")));
+        let err = env.fails(&["start", &name]);
+        assert!(
+            err.starts_with("error: ")
+                && err.contains("disk 'vda'")
+                && err.contains(why)
+                && err.contains("the QEMU driver"),
+            "{kind}: {err}"
+        );
+        assert_eq!(env.ok(&["domstate", &name]).trim(), "shut off", "{kind}");
+        assert!(!env.state_root().join("domains").join(&name).join("status.xml").exists(), "{kind}");
+    }
+}

@@ -182,6 +182,13 @@ fn disk_blockdevs(
     transient_overlay: Option<&Path>,
 ) -> Result<Option<String>> {
     let Some(chain) = &disk.chain else { return Ok(None) };
+    // Storage this driver cannot open is refused before anything else.
+    let mut protocols = chain
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(id, layer)| protocol_node(&layer.source, &node_name(&disk.target, id, "file"), &disk.target))
+        .collect::<Result<Vec<_>>>()?;
     if !chain.is_complete() {
         return Err(Error::operation_invalid(format!(
             "disk '{}' has no complete backing chain recorded; run dumpxml --refresh-chain or domblkcheck",
@@ -192,7 +199,7 @@ fn disk_blockdevs(
     for id in (0..chain.layers.len()).rev() {
         let layer = &chain.layers[id];
         let readonly = id > 0 || read_only(disk);
-        let protocol = protocol_node(&layer.source, &node_name(&disk.target, id, "file"), &disk.target)?;
+        let protocol = std::mem::take(&mut protocols[id]);
         let format = layer.format.as_deref().unwrap_or("raw");
         let mut fmt = json!({
             "driver": format,
@@ -200,6 +207,20 @@ fn disk_blockdevs(
             "file": protocol,
             "read-only": readonly,
         });
+        if let Some(slice) = layer.slice {
+            // QEMU's raw driver opens the slice itself; no other format does.
+            if format != "raw" {
+                return Err(Error::config_unsupported(format!(
+                    "disk '{}': layer {} ({}) is a {format} image in a slice of its storage, which this driver \
+                     opens only for raw images",
+                    disk.target, layer.index, layer.source
+                )));
+            }
+            fmt["offset"] = json!(slice.offset);
+            if let Some(size) = slice.size {
+                fmt["size"] = json!(size);
+            }
+        }
         if format != "raw" {
             fmt["backing"] = match &layer.backing {
                 Backing::Layers(v) => {
@@ -252,9 +273,17 @@ fn protocol_node(source: &StorageSource, node: &str, target: &str) -> Result<Val
             }
             v
         }
+        StorageSource::Network(n) => {
+            return Err(Error::config_unsupported(format!(
+                "disk '{target}': network storage '{n}' uses protocol '{}', which the QEMU driver cannot start \
+                 (it starts nbd)",
+                n.protocol
+            )))
+        }
         other => {
             return Err(Error::config_unsupported(format!(
-                "disk '{target}': storage '{other}' of type {} cannot be opened by this driver",
+                "disk '{target}': storage '{other}' of type '{}' cannot be started by the QEMU driver \
+                 (it starts file, block and nbd network storage)",
                 other.type_name()
             )))
         }
