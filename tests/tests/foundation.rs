@@ -17,7 +17,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{domain_xml, make_chain, qemu_chain, qemu_img, validate_xml, DiskSpec, TestEnv};
+use common::{
+    domain_xml, make_chain, qemu_chain, qemu_img, validate_xml, DiskSpec, TestEnv, NVME_DISK, VHOSTUSER_DISK,
+    VHOSTVDPA_DISK,
+};
 
 // ---------------------------------------------------------------------------
 // A minimal XML reader, independent of Strata's own.
@@ -1735,16 +1738,6 @@ fn diskset_outcomes() {
     env.fails(&["diskset-add", "ds"]);
 }
 
-/// The vhostvdpa disk of [`every_disk_type_in_libvirts_schema_round_trips_through_define`]:
-/// libvirt 9.8 added the type to its schema, so the 9.0 `virt-xml-validate`
-/// here checks the document without it.
-const VHOSTVDPA_DISK: &str = "    <disk type='vhostvdpa' device='disk'>
-      <driver name='qemu' type='raw' cache='none' io='threads'/>
-      <source dev='/dev/vhost-vdpa-0'/>
-      <target dev='vdh' bus='virtio'/>
-    </disk>
-";
-
 #[test]
 fn every_disk_type_in_libvirts_schema_round_trips_through_define() {
     let env = TestEnv::new();
@@ -1790,21 +1783,7 @@ fn every_disk_type_in_libvirts_schema_round_trips_through_define() {
       <source pool='default' volume='img1.qcow2'/>
       <target dev='vde' bus='virtio'/>
     </disk>
-    <disk type='nvme' device='disk'>
-      <driver name='qemu' type='raw'/>
-      <source type='pci' managed='yes' namespace='1'>
-        <address domain='0x0000' bus='0x01' slot='0x00' function='0x0'/>
-      </source>
-      <target dev='vdf' bus='virtio'/>
-    </disk>
-    <disk type='vhostuser' device='disk'>
-      <driver name='qemu' type='raw'/>
-      <source type='unix' path='/run/vhost-blk.sock'>
-        <reconnect enabled='yes' timeout='10'/>
-      </source>
-      <target dev='vdg' bus='virtio'/>
-    </disk>
-{VHOSTVDPA_DISK}",
+{NVME_DISK}{VHOSTUSER_DISK}{VHOSTVDPA_DISK}",
         raw = p(&raw),
         dev = p(&env.path("no-such-device")),
         share = p(&share),

@@ -5,7 +5,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{domain_xml, make_chain, qemu_img, qemu_io, qemu_pid, validate_xml, DiskSpec, DomainGuard, TestEnv};
+use common::{
+    domain_xml, make_chain, qemu_img, qemu_io, qemu_pid, validate_xml, DiskSpec, DomainGuard, TestEnv, NVME_DISK,
+    VHOSTUSER_DISK, VHOSTVDPA_DISK,
+};
 use strata_core::xml::Domain;
 use strata_qemu::QemuConnection;
 
@@ -343,45 +346,42 @@ fn disk_types_the_driver_cannot_start_are_defined_and_refused_at_start() {
     let env = TestEnv::new();
     let share = env.path("share");
     std::fs::create_dir(&share).expect("mkdir share");
+    let one = |kind: &str, inner: &str| {
+        format!("    <disk type='{kind}' device='disk'>{inner}<target dev='vda' bus='virtio'/></disk>\n")
+    };
     let cases = [
-        ("dir", format!("<driver name='qemu' type='fat'/><source dir='{}'/>", share.display()), "of type 'dir'"),
+        (
+            "dir",
+            one("dir", &format!("<driver name='qemu' type='fat'/><source dir='{}'/>", share.display())),
+            "vda",
+            "of type 'dir'",
+        ),
         (
             "network",
-            "<driver name='qemu' type='raw'/><source protocol='gluster' name='vol/img'><host name='g1'/></source>"
-                .to_string(),
+            one(
+                "network",
+                "<driver name='qemu' type='raw'/><source protocol='gluster' name='vol/img'><host name='g1'/></source>",
+            ),
+            "vda",
             "protocol 'gluster'",
         ),
         (
             "volume",
-            "<driver name='qemu' type='raw'/><source pool='default' volume='img'/>".to_string(),
+            one("volume", "<driver name='qemu' type='raw'/><source pool='default' volume='img'/>"),
+            "vda",
             "of type 'volume'",
         ),
-        (
-            "nvme",
-            "<driver name='qemu' type='raw'/><source type='pci' namespace='1'>\
-             <address domain='0x0000' bus='0x01' slot='0x00' function='0x0'/></source>"
-                .to_string(),
-            "of type 'nvme'",
-        ),
-        (
-            "vhostuser",
-            "<driver name='qemu' type='raw'/><source type='unix' path='/run/vhost-blk.sock'/>".to_string(),
-            "of type 'vhostuser'",
-        ),
-        (
-            "vhostvdpa",
-            "<driver name='qemu' type='raw'/><source dev='/dev/vhost-vdpa-0'/>".to_string(),
-            "of type 'vhostvdpa'",
-        ),
+        ("nvme", NVME_DISK.to_string(), "vdf", "of type 'nvme'"),
+        ("vhostuser", VHOSTUSER_DISK.to_string(), "vdg", "of type 'vhostuser'"),
+        ("vhostvdpa", VHOSTVDPA_DISK.to_string(), "vdh", "of type 'vhostvdpa'"),
     ];
-    for (kind, inner, why) in cases {
+    for (kind, disk, target, why) in cases {
         let name = format!("vm-{kind}");
-        let disk = format!("    <disk type='{kind}' device='disk'>{inner}<target dev='vda' bus='virtio'/></disk>\n");
         env.define(&name, &domain_xml(&name, &[]).replace("    <graphics", &format!("{disk}    <graphics")));
         let err = env.fails(&["start", &name]);
         assert!(
             err.starts_with("error: ")
-                && err.contains("disk 'vda'")
+                && err.contains(&format!("disk '{target}'"))
                 && err.contains(why)
                 && err.contains("the QEMU driver"),
             "{kind}: {err}"

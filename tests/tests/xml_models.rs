@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{make_chain, validate_xml};
+use common::{make_chain, validate_xml, NVME_DISK, VHOSTUSER_DISK};
 use strata_core::chain::{probe_chain, Backing, Slice, StorageSource};
 use strata_core::xml::{chain_from_volume, volume_element, Domain, Element, SnapshotDef};
 
@@ -67,7 +67,8 @@ fn volume_shows_the_whole_chain() {
 
 #[test]
 fn every_disk_type_and_a_mirror_round_trip() {
-    let xml = r#"<domain type='kvm'>
+    let xml = &format!(
+        r#"<domain type='kvm'>
   <name>types</name>
   <memory>65536</memory>
   <os><type>hvm</type></os>
@@ -118,21 +119,7 @@ fn every_disk_type_and_a_mirror_round_trip() {
       <backingStore/>
       <target dev='vde' bus='virtio'/>
     </disk>
-    <disk type='nvme' device='disk'>
-      <driver name='qemu' type='raw'/>
-      <source type='pci' managed='yes' namespace='1'>
-        <address domain='0x0000' bus='0x01' slot='0x00' function='0x0'/>
-      </source>
-      <target dev='vdf' bus='virtio'/>
-    </disk>
-    <disk type='vhostuser' device='disk'>
-      <driver name='qemu' type='raw'/>
-      <source type='unix' path='/run/vhost-blk.sock'>
-        <reconnect enabled='yes' timeout='10'/>
-      </source>
-      <target dev='vdg' bus='virtio'/>
-    </disk>
-    <disk type='network' device='disk'>
+{NVME_DISK}{VHOSTUSER_DISK}    <disk type='network' device='disk'>
       <driver name='qemu' type='raw'/>
       <source protocol='https' name='folder/disk.img' query='a=1&amp;b=2'>
         <host name='example.com' port='443'/>
@@ -165,7 +152,8 @@ fn every_disk_type_and_a_mirror_round_trip() {
     </disk>
   </devices>
 </domain>
-"#;
+"#
+    );
     let dom = Domain::parse(xml).expect("parse");
     let disks = dom.disks().expect("disks");
     assert_eq!(disks.len(), 9);
