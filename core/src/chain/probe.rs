@@ -99,7 +99,8 @@ fn probe(top: &StorageSource, top_format: &str, stop_at_missing: bool) -> Result
             }
             break;
         };
-        if stop_at_missing && !backing_path.exists() {
+        let absent = matches!(std::fs::metadata(&backing_path), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+        if stop_at_missing && absent {
             let id = chain.push_backing(current, backing.source, written_format);
             chain.layers[id].slice = backing.slice;
             missing = Some(MissingBacking { image: current_path, backing: backing_path });
