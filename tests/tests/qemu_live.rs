@@ -390,3 +390,34 @@ fn disk_types_the_driver_cannot_start_are_defined_and_refused_at_start() {
         assert!(!env.state_root().join("domains").join(&name).join("status.xml").exists(), "{kind}");
     }
 }
+
+#[test]
+fn a_raw_disk_in_a_slice_of_its_file_shows_the_guest_only_the_slice() {
+    let env = TestEnv::new();
+    let image = env.path("sliced.raw");
+    let path = image.to_str().expect("utf8");
+    qemu_img(&["create", "-q", "-f", "raw", path, "3M"]);
+    let xml =
+        domain_xml("vm", &[DiskSpec { target: "vda", format: "raw", path: &image, extra: "      <backingStore/>\n" }])
+            .replace(
+                &format!("<source file='{path}'/>"),
+                &format!(
+            "<source file='{path}'><slices><slice type='storage' offset='1048576' size='1048576'/></slices></source>"
+        ),
+            );
+    env.define("vm", &xml);
+    validate_xml(&env.ok(&["dumpxml", "vm"]));
+    env.ok(&["start", "vm"]);
+    let guard = DomainGuard { env: &env, name: "vm".into() };
+    let size = runtime().block_on(async {
+        let conn = QemuConnection::open_embedded(&env.state_root()).expect("open");
+        common::guest::write(&conn, "vm", "vda", 0x55, 0, 65536).await;
+        let (_, monitor) = conn.running("vm").await.expect("running");
+        let block = monitor.client.query_block().await.expect("query-block");
+        block.iter().find_map(|b| b.inserted.as_ref()).map(|i| i.image.virtual_size)
+    });
+    drop(guard);
+    assert_eq!(size, Some(1 << 20), "the guest sees the slice's size");
+    // The write landed at the slice's offset, and nowhere else.
+    qemu_io(&["-f", "raw", "-c", "read -P 0x55 1M 64k", "-c", "read -P 0 0 1M", "-c", "read -P 0 1088k 1984k", path]);
+}
