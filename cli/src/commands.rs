@@ -261,6 +261,8 @@ pub enum Command {
     SnapshotDelete(crate::snapshots::DeleteArgs),
     /// Print a domain's events as they happen.
     Event(EventArgs),
+    #[command(flatten)]
+    Pools(crate::pools::PoolCommand),
 }
 
 /// `event`: virsh's options. Without a domain, every running domain is
@@ -744,6 +746,10 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
             }
             let json = wants_json(args.json);
             out = watch_events(session.conn()?, args, json).await?;
+        }
+        Command::Pools(command) => {
+            let pools = session.conn()?.require_storage_pools()?;
+            out = crate::pools::run(pools.as_ref(), command, global_json, quiet).await?;
         }
         Command::DisksetSize { domain } => {
             let name = domain.get()?;

@@ -9,6 +9,7 @@
 mod blockjobs;
 mod commands;
 mod output;
+mod pools;
 mod snapshots;
 mod table;
 mod tokenize;

@@ -4,9 +4,12 @@
 //! A `<backingStore>` given in the XML is trusted; an absent one is probed
 //! and filled in; validation probes anyway and reports every mismatch.
 
+use std::path::PathBuf;
+
 use crate::chain::{self, Backing, Chain, MissingBacking, StorageSource};
 use crate::driver::DiskChainCheck;
 use crate::error::{Error, ErrorKind, Result};
+use crate::pool::PoolManager;
 use crate::xml::{Disk, Domain};
 
 /// The format the active layer is opened with: the XML's, else raw. The
@@ -116,21 +119,26 @@ pub fn prepare_disks(dom: &mut Domain, validate: bool) -> Result<Vec<String>> {
         };
         let Some(found) = found else { continue };
         if recorded {
-            let diffs = chain.differences(&found);
-            if !diffs.is_empty() {
-                return Err(Error::new(
-                    ErrorKind::ChainMismatch,
-                    format!(
-                        "disk '{}': the backing chain in the XML does not match the images: {}",
-                        disk.target,
-                        diffs.iter().map(|d| d.what.as_str()).collect::<Vec<_>>().join("; ")
-                    ),
-                ));
-            }
+            refuse_mismatch(&disk.target, chain, &found)?;
         }
         dom.set_disk_chain(&disk.target, &found)?;
     }
     Ok(warnings)
+}
+
+/// Refuses a chain given in the XML that differs from what the images say.
+fn refuse_mismatch(target: &str, recorded: &Chain, found: &Chain) -> Result<()> {
+    let diffs = recorded.differences(found);
+    if diffs.is_empty() {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::ChainMismatch,
+        format!(
+            "disk '{target}': the backing chain in the XML does not match the images: {}",
+            diffs.iter().map(|d| d.what.as_str()).collect::<Vec<_>>().join("; ")
+        ),
+    ))
 }
 
 /// Re-reads every disk's chain from the images and records it
@@ -209,4 +217,54 @@ pub fn check_chains(dom: &mut Domain, only: Option<&str>, fix: bool) -> Result<V
         out.push(check);
     }
     Ok(out)
+}
+
+/// The pool and volume a `<disk type='volume'>` names, if it is one.
+fn volume_of(disk: &Disk) -> Option<(&str, &str)> {
+    match disk.source()? {
+        StorageSource::Volume { pool, volume } => Some((pool, volume)),
+        _ => None,
+    }
+}
+
+/// The file a volume disk's volume is, through its pool; a missing pool or
+/// volume (or one whose pool is not running) is an error naming the disk.
+fn volume_disk_path(disk: &Disk, pools: &PoolManager) -> Result<Option<PathBuf>> {
+    let Some((pool, volume)) = volume_of(disk) else { return Ok(None) };
+    pools.volume_path(pool, volume).map(Some).map_err(|e| e.context(format!("disk '{}'", disk.target)))
+}
+
+/// Records the chain of each `<disk type='volume'>` of a domain about to be
+/// defined, probed below the volume's file; the disk keeps naming its pool
+/// and volume. A chain the XML gives is trusted unless `validate`.
+pub fn prepare_volume_disks(dom: &mut Domain, pools: &PoolManager, validate: bool) -> Result<()> {
+    for disk in dom.disks()? {
+        let Some(path) = volume_disk_path(&disk, pools)? else { continue };
+        let Some(recorded) = &disk.chain else { continue };
+        let known = recorded.top().is_some_and(|t| t.backing != Backing::Unknown);
+        if known && !validate {
+            continue;
+        }
+        let mut found = chain::probe_chain(&StorageSource::File { path }, &top_format(&disk))
+            .map_err(|e| e.context(format!("disk '{}'", disk.target)))?;
+        found.layers[0].source = recorded.layers[0].source.clone();
+        if known {
+            refuse_mismatch(&disk.target, recorded, &found)?;
+        }
+        dom.set_disk_chain(&disk.target, &found)?;
+    }
+    Ok(())
+}
+
+/// The domain with each volume disk's active layer as the volume's file,
+/// for a driver that opens files (the definition keeps the volume).
+pub fn resolve_volume_disks(dom: &Domain, pools: &PoolManager) -> Result<Domain> {
+    let mut resolved = dom.clone();
+    for disk in dom.disks()? {
+        let Some(path) = volume_disk_path(&disk, pools)? else { continue };
+        let Some(mut chain) = disk.chain.clone() else { continue };
+        chain.layers[0].source = StorageSource::local(path);
+        resolved.set_disk_chain(&disk.target, &chain)?;
+    }
+    Ok(resolved)
 }

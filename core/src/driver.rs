@@ -15,6 +15,8 @@ use crate::options::{
     BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions, SnapshotCreateFlags,
     SnapshotDeleteFlags, SnapshotRevertFlags,
 };
+use crate::pool::PoolManager;
+use crate::store::Store;
 
 /// virsh's domain states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -204,6 +206,17 @@ pub trait Connection: Send + Sync {
     fn disk_sets(&self) -> Option<&dyn DiskSetOps> {
         None
     }
+
+    /// The state store the connection keeps its objects in. A driver that
+    /// has one gets the hypervisor-neutral storage pools over it.
+    fn state_store(&self) -> Option<&Store> {
+        None
+    }
+    /// Storage pools: by default the neutral `dir` and `fs` pools kept in
+    /// [`Connection::state_store`].
+    fn storage_pools(&self) -> Option<Box<dyn StoragePoolOps>> {
+        self.state_store().map(|store| Box::new(PoolManager::new(store.clone())) as Box<dyn StoragePoolOps>)
+    }
 }
 
 impl<'a> dyn Connection + 'a {
@@ -215,6 +228,9 @@ impl<'a> dyn Connection + 'a {
     }
     pub fn require_disk_sets(&self) -> Result<&dyn DiskSetOps> {
         self.disk_sets().ok_or_else(|| not_supported(self, "disk sets"))
+    }
+    pub fn require_storage_pools(&self) -> Result<Box<dyn StoragePoolOps>> {
+        self.storage_pools().ok_or_else(|| not_supported(self, "storage pools"))
     }
 }
 
@@ -369,4 +385,97 @@ pub trait DiskSetOps: Send + Sync {
     async fn diskset_size(&self, domain: &str) -> Result<usize> {
         Ok(self.diskset_list(domain).await?.len())
     }
+}
+
+/// A storage pool's state as virsh names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoolState {
+    Inactive,
+    Running,
+}
+
+/// A storage pool as `pool-list` and `pool-info` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PoolInfo {
+    pub name: String,
+    pub uuid: String,
+    /// `dir` or `fs`.
+    #[serde(rename = "type")]
+    pub pool_type: String,
+    pub state: PoolState,
+    pub persistent: bool,
+    pub autostart: bool,
+    /// The directory holding the volumes.
+    pub target: String,
+    /// Sizes in bytes of the pool's filesystem, known while it runs.
+    pub capacity: Option<u64>,
+    pub allocation: Option<u64>,
+    pub available: Option<u64>,
+}
+
+/// A volume as `vol-list --details` and `vol-info` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub pool: String,
+    pub path: String,
+    /// libvirt's volume type: `file`.
+    #[serde(rename = "type")]
+    pub volume_type: String,
+    /// The image format found in the file (`raw` when it has no known header).
+    pub format: String,
+    /// Virtual size in bytes.
+    pub capacity: u64,
+    /// Bytes the file occupies on the host.
+    pub allocation: u64,
+}
+
+/// Flags for [`StoragePoolOps::pool_build`] (an `fs` pool's device).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolBuildFlags {
+    /// Make a new filesystem on the device even if it holds one.
+    pub overwrite: bool,
+    /// Make a filesystem on the device only if it holds none.
+    pub no_overwrite: bool,
+}
+
+/// Flags for [`StoragePoolOps::vol_resize`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VolumeResizeFlags {
+    /// The size is added to the current capacity.
+    pub delta: bool,
+    /// The volume may become smaller (its data past the new end is lost).
+    pub shrink: bool,
+}
+
+/// Storage pools and their volumes, as virsh's `pool-*` and `vol-*`
+/// commands use them. A volume is named by its pool and name; where the
+/// pool is `None`, the volume is given by its path (its key) and looked up
+/// in every running pool.
+#[async_trait]
+pub trait StoragePoolOps: Send + Sync {
+    /// Defines (or redefines) a pool from `<pool>` XML; returns its name.
+    async fn pool_define_xml(&self, xml: &str) -> Result<String>;
+    async fn pool_undefine(&self, pool: &str) -> Result<()>;
+    async fn pool_build(&self, pool: &str, flags: PoolBuildFlags) -> Result<()>;
+    async fn pool_start(&self, pool: &str) -> Result<()>;
+    async fn pool_destroy(&self, pool: &str) -> Result<()>;
+    async fn pool_refresh(&self, pool: &str) -> Result<()>;
+    async fn pool_list(&self) -> Result<Vec<PoolInfo>>;
+    async fn pool_info(&self, pool: &str) -> Result<PoolInfo>;
+    /// The definition, with the sizes while the pool runs unless `inactive`.
+    async fn pool_xml(&self, pool: &str, inactive: bool) -> Result<String>;
+    async fn pool_set_autostart(&self, pool: &str, autostart: bool) -> Result<()>;
+    async fn vol_list(&self, pool: &str) -> Result<Vec<VolumeInfo>>;
+    async fn vol_info(&self, pool: Option<&str>, volume: &str) -> Result<VolumeInfo>;
+    /// `<volume>` with the whole backing chain as nested `<backingStore>`.
+    async fn vol_xml(&self, pool: Option<&str>, volume: &str) -> Result<String>;
+    /// Creates a volume from `<volume>` XML; returns its name.
+    async fn vol_create_xml(&self, pool: &str, xml: &str) -> Result<String>;
+    async fn vol_delete(&self, pool: Option<&str>, volume: &str) -> Result<()>;
+    /// Sets the capacity to `bytes` (or adds them with `delta`); returns the new capacity.
+    async fn vol_resize(&self, pool: Option<&str>, volume: &str, bytes: u64, flags: VolumeResizeFlags) -> Result<u64>;
+    /// Copies a volume's data into a new volume `new_name` of its pool.
+    async fn vol_clone(&self, pool: Option<&str>, volume: &str, new_name: &str) -> Result<()>;
 }

@@ -52,6 +52,12 @@ pub enum ErrorKind {
     XmlInvalidSchema,
     /// VIR_ERR_DOM_EXIST: a domain with this name or UUID already exists.
     DomainExists,
+    /// VIR_ERR_NO_STORAGE_POOL
+    NoStoragePool,
+    /// VIR_ERR_NO_STORAGE_VOL
+    NoStorageVol,
+    /// VIR_ERR_STORAGE_VOL_EXIST: a volume of this name is already in the pool.
+    StorageVolExists,
     /// A backing chain refers back to one of its own layers.
     BackingChainCycle,
     /// The recorded backing chain and the image files disagree.
@@ -73,6 +79,9 @@ impl ErrorKind {
             ErrorKind::System => 38,
             ErrorKind::NoDomain => 42,
             ErrorKind::DomainExists => 28,
+            ErrorKind::NoStoragePool => 49,
+            ErrorKind::NoStorageVol => 50,
+            ErrorKind::StorageVolExists => 90,
             ErrorKind::OperationInvalid => 55,
             ErrorKind::ConfigUnsupported => 67,
             ErrorKind::OperationTimeout => 68,
@@ -106,6 +115,9 @@ impl ErrorKind {
             ErrorKind::System => "system-error",
             ErrorKind::NoDomain => "no-domain",
             ErrorKind::DomainExists => "domain-exists",
+            ErrorKind::NoStoragePool => "no-storage-pool",
+            ErrorKind::NoStorageVol => "no-storage-vol",
+            ErrorKind::StorageVolExists => "storage-vol-exists",
             ErrorKind::OperationInvalid => "operation-invalid",
             ErrorKind::ConfigUnsupported => "config-unsupported",
             ErrorKind::OperationTimeout => "operation-timeout",
@@ -134,6 +146,9 @@ impl ErrorKind {
             ErrorKind::System => "system error",
             ErrorKind::NoDomain => "Domain not found",
             ErrorKind::DomainExists => "operation failed",
+            ErrorKind::NoStoragePool => "Storage pool not found",
+            ErrorKind::NoStorageVol => "Storage volume not found",
+            ErrorKind::StorageVolExists => "storage volume already exists",
             ErrorKind::OperationInvalid => "Requested operation is not valid",
             ErrorKind::ConfigUnsupported => "unsupported configuration",
             ErrorKind::OperationTimeout => "Timed out during operation",
@@ -161,6 +176,9 @@ const ALL_KINDS: &[ErrorKind] = &[
     ErrorKind::System,
     ErrorKind::NoDomain,
     ErrorKind::DomainExists,
+    ErrorKind::NoStoragePool,
+    ErrorKind::NoStorageVol,
+    ErrorKind::StorageVolExists,
     ErrorKind::OperationInvalid,
     ErrorKind::ConfigUnsupported,
     ErrorKind::OperationTimeout,
@@ -313,6 +331,8 @@ mod tests {
             (ErrorKind::DomainExists, 28, "VIR_ERR_DOM_EXIST"),
             (ErrorKind::System, 38, "VIR_ERR_SYSTEM_ERROR"),
             (ErrorKind::NoDomain, 42, "VIR_ERR_NO_DOMAIN"),
+            (ErrorKind::NoStoragePool, 49, "VIR_ERR_NO_STORAGE_POOL"),
+            (ErrorKind::NoStorageVol, 50, "VIR_ERR_NO_STORAGE_VOL"),
             (ErrorKind::OperationInvalid, 55, "VIR_ERR_OPERATION_INVALID"),
             (ErrorKind::ConfigUnsupported, 67, "VIR_ERR_CONFIG_UNSUPPORTED"),
             (ErrorKind::OperationTimeout, 68, "VIR_ERR_OPERATION_TIMEOUT"),
@@ -322,6 +342,7 @@ mod tests {
             (ErrorKind::OperationAborted, 78, "VIR_ERR_OPERATION_ABORTED"),
             (ErrorKind::BlockCopyActive, 83, "VIR_ERR_BLOCK_COPY_ACTIVE"),
             (ErrorKind::OperationUnsupported, 84, "VIR_ERR_OPERATION_UNSUPPORTED"),
+            (ErrorKind::StorageVolExists, 90, "VIR_ERR_STORAGE_VOL_EXIST"),
             (ErrorKind::XmlInvalidSchema, 92, "VIR_ERR_XML_INVALID_SCHEMA"),
         ];
         for (kind, code, name) in libvirt {

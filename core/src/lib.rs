@@ -9,8 +9,10 @@ pub mod driver;
 pub mod error;
 pub mod image;
 pub mod options;
+pub mod pool;
 pub mod registry;
 pub mod store;
+pub mod tool;
 pub mod uri;
 pub mod xml;
 

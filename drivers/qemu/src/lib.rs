@@ -35,6 +35,7 @@ use strata_core::options::{
     BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions, SnapshotCreateFlags,
     SnapshotDeleteFlags, SnapshotRevertFlags,
 };
+use strata_core::pool::PoolManager;
 use strata_core::registry::DriverRegistration;
 use strata_core::store::Store;
 use strata_core::uri::ConnectUri;
@@ -228,17 +229,19 @@ impl QemuConnection {
             self.store.write_domain(name, &dom.to_xml())?;
         }
         let paths = live::runtime_paths(&self.store, name)?;
+        // QEMU opens a volume disk's file; the status keeps the volume.
+        let launched = define::resolve_volume_disks(&dom, &PoolManager::new(self.store.clone()))?;
         let (binary, args) = match server {
             live::Server::Vm => {
                 let accel = launch::accel_for(&dom)?;
-                let mut args = launch::command_line(&dom, accel, &paths)?;
+                let mut args = launch::command_line(&launched, accel, &paths)?;
                 if mode == StartMode::Incoming {
                     args.extend(["-incoming".to_string(), "defer".to_string()]);
                 }
                 (qemu_binary(), args)
             }
             live::Server::StorageDaemon => {
-                (storage_daemon_binary(), launch::storage_daemon_command_line(&dom, &paths)?)
+                (storage_daemon_binary(), launch::storage_daemon_command_line(&launched, &paths)?)
             }
         };
         live::cleanup(&self.store, name)?;
@@ -573,6 +576,10 @@ impl Connection for QemuConnection {
                 return Ok(Some(e));
             }
         }
+    }
+
+    fn state_store(&self) -> Option<&Store> {
+        Some(&self.store)
     }
 
     fn disk_sets(&self) -> Option<&dyn DiskSetOps> {

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use strata_core::define;
 use strata_core::driver::{DefineFlags, DefineOutcome, DiskChainCheck, DumpXmlFlags};
+use strata_core::pool::PoolManager;
 use strata_core::store::{no_such_domain, Store};
 use strata_core::xml::Domain;
 use strata_core::{Error, ErrorKind, Result};
@@ -86,6 +87,7 @@ pub fn define(store: &Store, xml: &str, flags: DefineFlags) -> Result<DefineOutc
     }
     let name = dom.name();
     // Probing reads every image of every chain: done before any lock.
+    define::prepare_volume_disks(&mut dom, &PoolManager::new(store.clone()), flags.validate)?;
     let mut warnings = define::prepare_disks(&mut dom, flags.validate)?;
     // The store-wide lock makes the checks below and the write one step,
     // so concurrent defines cannot give one UUID to two names.

@@ -1,0 +1,710 @@
+//! The storage pool and volume commands, with virsh's syntax, tables and
+//! `key: value` listings.
+//!
+//! As in virsh, every option that takes a value may also be given by
+//! position: named ones are taken first, and the words given by position
+//! fill the remaining options in their order (`pool-define-as p dir - - -
+//! - /srv/p` is `--target /srv/p`; `-` leaves a source option empty).
+
+use std::fmt::Write as _;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use strata_core::driver::{PoolBuildFlags, PoolInfo, PoolState, StoragePoolOps, VolumeInfo, VolumeResizeFlags};
+use strata_core::pool::{parse_scaled, pool_xml_from_parts};
+use strata_core::xml::Element;
+use strata_core::ErrorKind;
+
+use crate::table::{format_fields, format_table};
+
+#[derive(Subcommand, Debug)]
+pub enum PoolCommand {
+    /// Define a pool from a set of args.
+    #[command(name = "pool-define-as")]
+    PoolDefineAs(DefineAsArgs),
+    /// Define (but do not start) a pool from an XML file.
+    #[command(name = "pool-define")]
+    PoolDefine(FileArgs),
+    /// Build a pool: its directory, and with a flag an fs pool's filesystem.
+    #[command(name = "pool-build")]
+    PoolBuild(BuildArgs),
+    /// Start a (previously defined) inactive pool.
+    #[command(name = "pool-start")]
+    PoolStart(StartArgs),
+    /// Destroy (stop) a pool; the data in it is untouched.
+    #[command(name = "pool-destroy")]
+    PoolDestroy(PoolArgs),
+    /// Undefine an inactive pool.
+    #[command(name = "pool-undefine")]
+    PoolUndefine(PoolArgs),
+    /// Refresh a pool.
+    #[command(name = "pool-refresh")]
+    PoolRefresh(PoolArgs),
+    /// List pools.
+    #[command(name = "pool-list")]
+    PoolList(PoolListArgs),
+    /// Storage pool information.
+    #[command(name = "pool-info")]
+    PoolInfo(PoolInfoArgs),
+    /// Pool information in XML.
+    #[command(name = "pool-dumpxml")]
+    PoolDumpxml(PoolDumpxmlArgs),
+    /// Autostart a pool.
+    #[command(name = "pool-autostart")]
+    PoolAutostart(AutostartArgs),
+    /// List volumes of a pool.
+    #[command(name = "vol-list")]
+    VolList(VolListArgs),
+    /// Storage volume information.
+    #[command(name = "vol-info")]
+    VolInfo(VolInfoArgs),
+    /// Volume information in XML, with the whole backing chain.
+    #[command(name = "vol-dumpxml")]
+    VolDumpxml(VolArgs),
+    /// Create a volume from a set of args.
+    #[command(name = "vol-create-as")]
+    VolCreateAs(CreateAsArgs),
+    /// Create a volume from an XML file.
+    #[command(name = "vol-create")]
+    VolCreate(VolCreateArgs),
+    /// Delete a volume.
+    #[command(name = "vol-delete")]
+    VolDelete(VolArgs),
+    /// Return the path of a volume.
+    #[command(name = "vol-path")]
+    VolPath(VolArgs),
+    /// Resize a volume.
+    #[command(name = "vol-resize")]
+    VolResize(ResizeArgs),
+    /// Clone a volume.
+    #[command(name = "vol-clone")]
+    VolClone(CloneArgs),
+}
+
+/// `pool-define-as NAME TYPE [SOURCE-HOST] [SOURCE-PATH] [SOURCE-DEV] [SOURCE-NAME] [TARGET]`.
+#[derive(Args, Debug)]
+pub struct DefineAsArgs {
+    #[arg(value_name = "NAME TYPE …")]
+    words: Vec<String>,
+    #[arg(long)]
+    name: Option<String>,
+    /// dir or fs.
+    #[arg(long = "type")]
+    pool_type: Option<String>,
+    #[arg(long = "source-host")]
+    source_host: Option<String>,
+    #[arg(long = "source-path")]
+    source_path: Option<String>,
+    /// The device of an fs pool.
+    #[arg(long = "source-dev")]
+    source_dev: Option<String>,
+    #[arg(long = "source-name")]
+    source_name: Option<String>,
+    /// The directory holding the volumes (an fs pool's mount point).
+    #[arg(long)]
+    target: Option<String>,
+    /// An fs pool's filesystem type (ext4, xfs, …, auto).
+    #[arg(long = "source-format")]
+    source_format: Option<String>,
+    /// Print the XML instead of defining the pool.
+    #[arg(long = "print-xml")]
+    print_xml: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct FileArgs {
+    #[arg(value_name = "FILE")]
+    words: Vec<String>,
+    #[arg(long)]
+    file: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct PoolArgs {
+    #[arg(value_name = "POOL")]
+    words: Vec<String>,
+    #[arg(long)]
+    pool: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    pool: PoolArgs,
+    /// Make the fs pool's filesystem, replacing any on the device.
+    #[arg(long)]
+    overwrite: bool,
+    /// Make the fs pool's filesystem only if the device holds none.
+    #[arg(long = "no-overwrite")]
+    no_overwrite: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StartArgs {
+    #[command(flatten)]
+    build: BuildArgs,
+    /// Build the pool first.
+    #[arg(long = "build")]
+    build_first: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PoolListArgs {
+    #[arg(long)]
+    all: bool,
+    #[arg(long)]
+    inactive: bool,
+    #[arg(long)]
+    details: bool,
+    #[arg(long)]
+    name: bool,
+    #[arg(long)]
+    uuid: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PoolInfoArgs {
+    #[command(flatten)]
+    pool: PoolArgs,
+    /// Sizes in bytes.
+    #[arg(long)]
+    bytes: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PoolDumpxmlArgs {
+    #[command(flatten)]
+    pool: PoolArgs,
+    /// The definition without the sizes of the running pool.
+    #[arg(long)]
+    inactive: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct AutostartArgs {
+    #[command(flatten)]
+    pool: PoolArgs,
+    #[arg(long)]
+    disable: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct VolListArgs {
+    #[command(flatten)]
+    pool: PoolArgs,
+    #[arg(long)]
+    details: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+/// A volume: its name with `--pool`, or its path.
+#[derive(Args, Debug)]
+pub struct VolArgs {
+    #[arg(value_name = "VOL")]
+    words: Vec<String>,
+    #[arg(long)]
+    vol: Option<String>,
+    #[arg(long)]
+    pool: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct VolInfoArgs {
+    #[command(flatten)]
+    vol: VolArgs,
+    #[arg(long)]
+    bytes: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+/// `vol-create-as POOL NAME CAPACITY`.
+#[derive(Args, Debug)]
+pub struct CreateAsArgs {
+    #[arg(value_name = "POOL NAME CAPACITY")]
+    words: Vec<String>,
+    #[arg(long)]
+    pool: Option<String>,
+    #[arg(long)]
+    name: Option<String>,
+    /// Size with an optional unit (64M, 1GiB, …).
+    #[arg(long)]
+    capacity: Option<String>,
+    /// Accepted as virsh does; images are created sparse.
+    #[arg(long)]
+    allocation: Option<String>,
+    /// raw (the default), qcow2, …
+    #[arg(long)]
+    format: Option<String>,
+    /// The backing volume: a name in the pool, or a path.
+    #[arg(long = "backing-vol")]
+    backing_vol: Option<String>,
+    #[arg(long = "backing-vol-format")]
+    backing_vol_format: Option<String>,
+    /// Accepted as virsh does; qemu-img writes the metadata anyway.
+    #[arg(long = "prealloc-metadata")]
+    prealloc_metadata: bool,
+    #[arg(long = "print-xml")]
+    print_xml: bool,
+}
+
+/// `vol-create POOL FILE`.
+#[derive(Args, Debug)]
+pub struct VolCreateArgs {
+    #[arg(value_name = "POOL FILE")]
+    words: Vec<String>,
+    #[arg(long)]
+    pool: Option<String>,
+    #[arg(long)]
+    file: Option<String>,
+}
+
+/// `vol-resize VOL CAPACITY`.
+#[derive(Args, Debug)]
+pub struct ResizeArgs {
+    #[arg(value_name = "VOL CAPACITY")]
+    words: Vec<String>,
+    #[arg(long)]
+    vol: Option<String>,
+    #[arg(long)]
+    capacity: Option<String>,
+    #[arg(long)]
+    pool: Option<String>,
+    /// Add the capacity to the current one.
+    #[arg(long)]
+    delta: bool,
+    /// Allow the volume to become smaller.
+    #[arg(long)]
+    shrink: bool,
+    /// Accepted as virsh does; images stay sparse.
+    #[arg(long)]
+    allocate: bool,
+}
+
+/// `vol-clone VOL NEWNAME`.
+#[derive(Args, Debug)]
+pub struct CloneArgs {
+    #[arg(value_name = "VOL NEWNAME")]
+    words: Vec<String>,
+    #[arg(long)]
+    vol: Option<String>,
+    #[arg(long)]
+    newname: Option<String>,
+    #[arg(long)]
+    pool: Option<String>,
+}
+
+/// virsh's filling of options: those given by name keep their value, and
+/// the words given by position fill the others in order.
+fn fill<const N: usize>(slots: [Option<String>; N], words: Vec<String>) -> Result<[Option<String>; N]> {
+    let mut slots = slots;
+    let mut words = words.into_iter();
+    for slot in slots.iter_mut().filter(|s| s.is_none()) {
+        match words.next() {
+            Some(w) => *slot = Some(w),
+            None => break,
+        }
+    }
+    if let Some(extra) = words.next() {
+        bail!("unexpected data '{extra}'");
+    }
+    Ok(slots)
+}
+
+fn required(command: &str, option: &str, value: Option<String>) -> Result<String> {
+    value.ok_or_else(|| anyhow!("command '{command}' requires <{option}> option"))
+}
+
+impl PoolArgs {
+    fn name(self, command: &str) -> Result<String> {
+        let [pool] = fill([self.pool], self.words)?;
+        required(command, "pool", pool)
+    }
+}
+
+/// The volume and the pool it is looked up in (`None`: by path).
+impl VolArgs {
+    fn get(self, command: &str) -> Result<(String, Option<String>)> {
+        let [vol, pool] = fill([self.vol, self.pool], self.words)?;
+        Ok((required(command, "vol", vol)?, pool))
+    }
+}
+
+/// An unknown pool or volume as virsh reports it: `failed to get pool 'p'`
+/// and then libvirt's error; other failures under `context`.
+fn lookup_error(e: strata_core::Error, pool: Option<&str>, vol: Option<&str>, context: String) -> anyhow::Error {
+    let lookup = match (e.kind(), pool, vol) {
+        (ErrorKind::NoStoragePool, Some(p), _) => format!("failed to get pool '{p}'"),
+        (ErrorKind::NoStorageVol, _, Some(v)) => format!("failed to get vol '{v}'"),
+        _ => context,
+    };
+    anyhow!(e).context(lookup)
+}
+
+/// virsh's size with a binary unit: `64.00 MiB`.
+fn pretty_size(bytes: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.2} {}", UNITS[unit])
+}
+
+fn size_text(bytes: u64, exact: bool) -> String {
+    if exact {
+        format!("{bytes} bytes")
+    } else {
+        pretty_size(bytes)
+    }
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.to_string()
+}
+
+fn running(info: &PoolInfo) -> bool {
+    info.state == PoolState::Running
+}
+
+/// Runs one pool or volume command; returns what it prints.
+pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool, quiet: bool) -> Result<String> {
+    let mut out = String::new();
+    match cmd {
+        PoolCommand::PoolDefineAs(a) => {
+            let [name, pool_type, _host, _path, device, _source_name, target] = fill(
+                [a.name, a.pool_type, a.source_host, a.source_path, a.source_dev, a.source_name, a.target],
+                a.words,
+            )?;
+            let name = required("pool-define-as", "name", name)?;
+            let pool_type = required("pool-define-as", "type", pool_type)?;
+            fn given(v: &Option<String>) -> Option<&str> {
+                v.as_deref().filter(|s| *s != "-")
+            }
+            let xml =
+                pool_xml_from_parts(&name, &pool_type, given(&device), a.source_format.as_deref(), given(&target));
+            if a.print_xml {
+                out.push_str(&xml);
+            } else {
+                pools
+                    .pool_define_xml(&xml)
+                    .await
+                    .map_err(|e| anyhow!(e).context(format!("Failed to define pool {name}")))?;
+                writeln!(out, "Pool {name} defined\n")?;
+            }
+        }
+        PoolCommand::PoolDefine(a) => {
+            let [file] = fill([a.file], a.words)?;
+            let file = required("pool-define", "file", file)?;
+            let xml = crate::commands::read_document(&file)?;
+            let name = pools
+                .pool_define_xml(&xml)
+                .await
+                .map_err(|e| anyhow!(e).context(format!("Failed to define pool from {file}")))?;
+            writeln!(out, "Pool {name} defined from {file}\n")?;
+        }
+        PoolCommand::PoolBuild(a) => {
+            let flags = PoolBuildFlags { overwrite: a.overwrite, no_overwrite: a.no_overwrite };
+            let name = a.pool.name("pool-build")?;
+            pools
+                .pool_build(&name, flags)
+                .await
+                .map_err(|e| lookup_error(e, Some(&name), None, format!("Failed to build pool {name}")))?;
+            writeln!(out, "Pool {name} built\n")?;
+        }
+        PoolCommand::PoolStart(a) => {
+            let flags = PoolBuildFlags { overwrite: a.build.overwrite, no_overwrite: a.build.no_overwrite };
+            let build = a.build_first || flags.overwrite || flags.no_overwrite;
+            let name = a.build.pool.name("pool-start")?;
+            let context = || format!("Failed to start pool {name}");
+            if build {
+                pools.pool_build(&name, flags).await.map_err(|e| lookup_error(e, Some(&name), None, context()))?;
+            }
+            pools.pool_start(&name).await.map_err(|e| lookup_error(e, Some(&name), None, context()))?;
+            writeln!(out, "Pool {name} started\n")?;
+        }
+        PoolCommand::PoolDestroy(a) => {
+            let name = a.name("pool-destroy")?;
+            pools
+                .pool_destroy(&name)
+                .await
+                .map_err(|e| lookup_error(e, Some(&name), None, format!("Failed to destroy pool {name}")))?;
+            writeln!(out, "Pool {name} destroyed\n")?;
+        }
+        PoolCommand::PoolUndefine(a) => {
+            let name = a.name("pool-undefine")?;
+            pools
+                .pool_undefine(&name)
+                .await
+                .map_err(|e| lookup_error(e, Some(&name), None, format!("Failed to undefine pool {name}")))?;
+            writeln!(out, "Pool {name} has been undefined\n")?;
+        }
+        PoolCommand::PoolRefresh(a) => {
+            let name = a.name("pool-refresh")?;
+            pools
+                .pool_refresh(&name)
+                .await
+                .map_err(|e| lookup_error(e, Some(&name), None, format!("Failed to refresh pool {name}")))?;
+            writeln!(out, "Pool {name} refreshed\n")?;
+        }
+        PoolCommand::PoolList(a) => {
+            let shown: Vec<PoolInfo> = pools
+                .pool_list()
+                .await?
+                .into_iter()
+                .filter(|p| if a.inactive { !running(p) } else { a.all || running(p) })
+                .collect();
+            if a.json || global_json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&shown)?)?;
+            } else if a.name || a.uuid {
+                for p in &shown {
+                    writeln!(out, "{}", if a.uuid { &p.uuid } else { &p.name })?;
+                }
+                out.push('\n');
+            } else if a.details {
+                let size = |s: Option<u64>| s.map_or_else(|| "-".to_string(), pretty_size);
+                let rows: Vec<Vec<String>> = shown
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            p.name.clone(),
+                            if running(p) { "running" } else { "inactive" }.to_string(),
+                            yes_no(p.autostart),
+                            yes_no(p.persistent),
+                            size(p.capacity),
+                            size(p.allocation),
+                            size(p.available),
+                        ]
+                    })
+                    .collect();
+                let header = ["Name", "State", "Autostart", "Persistent", "Capacity", "Allocation", "Available"];
+                out.push_str(&format_table(&header, &rows, quiet));
+                out.push('\n');
+            } else {
+                let rows: Vec<Vec<String>> = shown
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            p.name.clone(),
+                            if running(p) { "active" } else { "inactive" }.to_string(),
+                            yes_no(p.autostart),
+                        ]
+                    })
+                    .collect();
+                out.push_str(&format_table(&["Name", "State", "Autostart"], &rows, quiet));
+                out.push('\n');
+            }
+        }
+        PoolCommand::PoolInfo(a) => {
+            let name = a.pool.name("pool-info")?;
+            let info = pools.pool_info(&name).await.map_err(|e| lookup_error(e, Some(&name), None, String::new()))?;
+            if a.json || global_json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&info)?)?;
+            } else {
+                let mut rows = vec![
+                    ("Name", info.name.clone()),
+                    ("UUID", info.uuid.clone()),
+                    ("State", if running(&info) { "running" } else { "inactive" }.to_string()),
+                    ("Persistent", yes_no(info.persistent)),
+                    ("Autostart", yes_no(info.autostart)),
+                ];
+                for (key, value) in
+                    [("Capacity", info.capacity), ("Allocation", info.allocation), ("Available", info.available)]
+                {
+                    if let Some(v) = value {
+                        rows.push((key, size_text(v, a.bytes)));
+                    }
+                }
+                out.push_str(&format_fields(&rows));
+            }
+        }
+        PoolCommand::PoolDumpxml(a) => {
+            let name = a.pool.name("pool-dumpxml")?;
+            let xml = pools
+                .pool_xml(&name, a.inactive)
+                .await
+                .map_err(|e| lookup_error(e, Some(&name), None, String::new()))?;
+            out.push_str(&xml);
+        }
+        PoolCommand::PoolAutostart(a) => {
+            let name = a.pool.name("pool-autostart")?;
+            let word = if a.disable { "unmark" } else { "mark" };
+            pools.pool_set_autostart(&name, !a.disable).await.map_err(|e| {
+                lookup_error(e, Some(&name), None, format!("failed to {word} pool {name} as autostarted"))
+            })?;
+            writeln!(out, "Pool {name} {word}ed as autostarted\n")?;
+        }
+        PoolCommand::VolList(a) => {
+            let name = a.pool.name("vol-list")?;
+            let vols = pools.vol_list(&name).await.map_err(|e| lookup_error(e, Some(&name), None, String::new()))?;
+            if a.json || global_json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&vols)?)?;
+            } else if a.details {
+                let rows: Vec<Vec<String>> = vols
+                    .iter()
+                    .map(|v| {
+                        vec![
+                            v.name.clone(),
+                            v.path.clone(),
+                            v.volume_type.clone(),
+                            pretty_size(v.capacity),
+                            pretty_size(v.allocation),
+                        ]
+                    })
+                    .collect();
+                out.push_str(&format_table(&["Name", "Path", "Type", "Capacity", "Allocation"], &rows, quiet));
+                out.push('\n');
+            } else {
+                let rows: Vec<Vec<String>> = vols.iter().map(|v| vec![v.name.clone(), v.path.clone()]).collect();
+                out.push_str(&format_table(&["Name", "Path"], &rows, quiet));
+                out.push('\n');
+            }
+        }
+        PoolCommand::VolInfo(a) => {
+            let (vol, pool) = a.vol.get("vol-info")?;
+            let info: VolumeInfo = pools
+                .vol_info(pool.as_deref(), &vol)
+                .await
+                .map_err(|e| lookup_error(e, pool.as_deref(), Some(&vol), String::new()))?;
+            if a.json || global_json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&info)?)?;
+            } else {
+                out.push_str(&format_fields(&[
+                    ("Name", info.name.clone()),
+                    ("Type", info.volume_type.clone()),
+                    ("Capacity", size_text(info.capacity, a.bytes)),
+                    ("Allocation", size_text(info.allocation, a.bytes)),
+                ]));
+            }
+        }
+        PoolCommand::VolDumpxml(a) => {
+            let (vol, pool) = a.get("vol-dumpxml")?;
+            let xml = pools
+                .vol_xml(pool.as_deref(), &vol)
+                .await
+                .map_err(|e| lookup_error(e, pool.as_deref(), Some(&vol), String::new()))?;
+            out.push_str(&xml);
+        }
+        PoolCommand::VolCreateAs(a) => {
+            let [pool, name, capacity] = fill([a.pool, a.name, a.capacity], a.words)?;
+            let pool = required("vol-create-as", "pool", pool)?;
+            let name = required("vol-create-as", "name", name)?;
+            let capacity = required("vol-create-as", "capacity", capacity)?;
+            let bytes = parse_scaled(&capacity, 1).with_context(|| format!("Malformed size {capacity}"))?;
+            let mut vol = Element::new("volume")
+                .with_child(Element::new("name").with_text(name.clone()))
+                .with_child(Element::new("capacity").with_text(bytes.to_string()));
+            if let Some(f) = &a.format {
+                vol = vol.with_child(Element::new("target").with_child(Element::new("format").with_attr("type", f)));
+            }
+            if let Some(backing) = &a.backing_vol {
+                // virsh looks the backing volume up in the pool, then by path.
+                let found = match pools.vol_info(Some(&pool), backing).await {
+                    Ok(info) => info,
+                    Err(_) => pools
+                        .vol_info(None, backing)
+                        .await
+                        .map_err(|e| lookup_error(e, None, Some(backing), String::new()))?,
+                };
+                let mut store = Element::new("backingStore").with_child(Element::new("path").with_text(found.path));
+                if let Some(f) = &a.backing_vol_format {
+                    store = store.with_child(Element::new("format").with_attr("type", f));
+                }
+                vol = vol.with_child(store);
+            }
+            let xml = vol.to_xml();
+            if a.print_xml {
+                out.push_str(&xml);
+            } else {
+                pools
+                    .vol_create_xml(&pool, &xml)
+                    .await
+                    .map_err(|e| lookup_error(e, Some(&pool), None, format!("Failed to create vol {name}")))?;
+                writeln!(out, "Vol {name} created\n")?;
+            }
+        }
+        PoolCommand::VolCreate(a) => {
+            let [pool, file] = fill([a.pool, a.file], a.words)?;
+            let pool = required("vol-create", "pool", pool)?;
+            let file = required("vol-create", "file", file)?;
+            let xml = crate::commands::read_document(&file)?;
+            let name = pools
+                .vol_create_xml(&pool, &xml)
+                .await
+                .map_err(|e| lookup_error(e, Some(&pool), None, format!("Failed to create vol from {file}")))?;
+            writeln!(out, "Vol {name} created from {file}\n")?;
+        }
+        PoolCommand::VolDelete(a) => {
+            let (vol, pool) = a.get("vol-delete")?;
+            pools
+                .vol_delete(pool.as_deref(), &vol)
+                .await
+                .map_err(|e| lookup_error(e, pool.as_deref(), Some(&vol), format!("Failed to delete vol {vol}")))?;
+            writeln!(out, "Vol {vol} deleted\n")?;
+        }
+        PoolCommand::VolPath(a) => {
+            let (vol, pool) = a.get("vol-path")?;
+            let info = pools
+                .vol_info(pool.as_deref(), &vol)
+                .await
+                .map_err(|e| lookup_error(e, pool.as_deref(), Some(&vol), String::new()))?;
+            writeln!(out, "{}\n", info.path)?;
+        }
+        PoolCommand::VolResize(a) => {
+            let [vol, capacity, pool] = fill([a.vol, a.capacity, a.pool], a.words)?;
+            let vol = required("vol-resize", "vol", vol)?;
+            let capacity = required("vol-resize", "capacity", capacity)?;
+            let bytes = parse_scaled(&capacity, 1).with_context(|| format!("Malformed size {capacity}"))?;
+            let flags = VolumeResizeFlags { delta: a.delta, shrink: a.shrink };
+            pools.vol_resize(pool.as_deref(), &vol, bytes, flags).await.map_err(|e| {
+                lookup_error(
+                    e,
+                    pool.as_deref(),
+                    Some(&vol),
+                    format!("Failed to change size of volume '{vol}' to {capacity}"),
+                )
+            })?;
+            writeln!(out, "Size of volume '{vol}' successfully changed to {capacity}\n")?;
+        }
+        PoolCommand::VolClone(a) => {
+            let [vol, new_name, pool] = fill([a.vol, a.newname, a.pool], a.words)?;
+            let vol = required("vol-clone", "vol", vol)?;
+            let new_name = required("vol-clone", "newname", new_name)?;
+            pools
+                .vol_clone(pool.as_deref(), &vol, &new_name)
+                .await
+                .map_err(|e| lookup_error(e, pool.as_deref(), Some(&vol), format!("Failed to clone vol from {vol}")))?;
+            writeln!(out, "Vol {new_name} cloned from {vol}\n")?;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_print_as_virsh_prints_them() {
+        assert_eq!(pretty_size(0), "0.00 B");
+        assert_eq!(pretty_size(64 << 20), "64.00 MiB");
+        assert_eq!(pretty_size(1536), "1.50 KiB");
+    }
+
+    #[test]
+    fn words_fill_the_options_not_given_by_name() {
+        let words = vec!["p".to_string(), "dir".to_string()];
+        let [name, target, kind] = fill([None, Some("/t".to_string()), None], words).expect("two words, two options");
+        assert_eq!((name.as_deref(), target.as_deref(), kind.as_deref()), (Some("p"), Some("/t"), Some("dir")));
+        let words = vec!["p".to_string(), "dir".to_string(), "/t".to_string()];
+        let err = fill([None, None], words).expect_err("three words for two options");
+        assert_eq!(err.to_string(), "unexpected data '/t'");
+    }
+}
