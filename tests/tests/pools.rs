@@ -96,7 +96,20 @@ fn dir_pool_lifecycle_listing_and_xml() {
     assert_eq!(env.ok(&["pool-autostart", "p"]), "Pool p marked as autostarted\n\n");
     let listed: serde_json::Value = serde_json::from_str(&env.ok(&["pool-list", "--json"])).expect("json");
     assert_eq!(listed[0]["autostart"], serde_json::Value::Bool(true), "{listed}");
+    // A reboot of the host (the pools' records carry an earlier boot id):
+    // the pool is no longer running, and the first pool command starts it
+    // again because it is marked autostart, as libvirtd does at its start.
+    let reboot = || {
+        let pools = env.state_root().join("pools");
+        std::fs::write(pools.join(".autostarted"), "an-earlier-boot\n").expect("write");
+        std::fs::write(pools.join("p").join("running"), "an-earlier-boot\n").expect("write");
+    };
+    reboot();
+    assert!(env.ok(&["pool-list"]).contains(" p      active   yes\n"));
     assert_eq!(env.ok(&["pool-autostart", "p", "--disable"]), "Pool p unmarked as autostarted\n\n");
+    reboot();
+    assert!(env.ok(&["pool-list", "--all"]).contains(" p      inactive   no\n"));
+    env.ok(&["pool-start", "p"]);
     assert_eq!(env.ok(&["pool-refresh", "p"]), "Pool p refreshed\n\n");
 
     let err = env.fails(&["pool-undefine", "p"]);
