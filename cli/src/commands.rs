@@ -262,7 +262,7 @@ pub enum Command {
     /// Print a domain's events as they happen.
     Event(EventArgs),
     #[command(flatten)]
-    Pools(crate::pools::PoolCommand),
+    Pools(Box<crate::pools::PoolCommand>),
 }
 
 /// `event`: virsh's options. Without a domain, every running domain is
@@ -749,7 +749,7 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
         }
         Command::Pools(command) => {
             let pools = session.conn()?.require_storage_pools()?;
-            out = crate::pools::run(pools.as_ref(), command, global_json, quiet).await?;
+            out = crate::pools::run(pools.as_ref(), *command, global_json, quiet).await?;
         }
         Command::DisksetSize { domain } => {
             let name = domain.get()?;
