@@ -374,6 +374,29 @@ fn running(info: &PoolInfo) -> bool {
     info.state == PoolState::Running
 }
 
+/// The commands that name a pool and nothing else.
+enum PoolChange {
+    Destroy,
+    Undefine,
+    Refresh,
+}
+
+async fn change_pool(pools: &dyn StoragePoolOps, a: PoolArgs, change: PoolChange) -> Result<String> {
+    let (command, verb, done) = match change {
+        PoolChange::Destroy => ("pool-destroy", "destroy", "destroyed"),
+        PoolChange::Undefine => ("pool-undefine", "undefine", "has been undefined"),
+        PoolChange::Refresh => ("pool-refresh", "refresh", "refreshed"),
+    };
+    let name = a.name(command)?;
+    let result = match change {
+        PoolChange::Destroy => pools.pool_destroy(&name).await,
+        PoolChange::Undefine => pools.pool_undefine(&name).await,
+        PoolChange::Refresh => pools.pool_refresh(&name).await,
+    };
+    result.map_err(|e| lookup_error(e, Some(&name), None, format!("Failed to {verb} pool {name}")))?;
+    Ok(format!("Pool {name} {done}\n\n"))
+}
+
 /// Runs one pool or volume command; returns what it prints.
 pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool, quiet: bool) -> Result<String> {
     let mut out = String::new();
@@ -430,30 +453,9 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
             pools.pool_start(&name).await.map_err(|e| lookup_error(e, Some(&name), None, context()))?;
             writeln!(out, "Pool {name} started\n")?;
         }
-        PoolCommand::PoolDestroy(a) => {
-            let name = a.name("pool-destroy")?;
-            pools
-                .pool_destroy(&name)
-                .await
-                .map_err(|e| lookup_error(e, Some(&name), None, format!("Failed to destroy pool {name}")))?;
-            writeln!(out, "Pool {name} destroyed\n")?;
-        }
-        PoolCommand::PoolUndefine(a) => {
-            let name = a.name("pool-undefine")?;
-            pools
-                .pool_undefine(&name)
-                .await
-                .map_err(|e| lookup_error(e, Some(&name), None, format!("Failed to undefine pool {name}")))?;
-            writeln!(out, "Pool {name} has been undefined\n")?;
-        }
-        PoolCommand::PoolRefresh(a) => {
-            let name = a.name("pool-refresh")?;
-            pools
-                .pool_refresh(&name)
-                .await
-                .map_err(|e| lookup_error(e, Some(&name), None, format!("Failed to refresh pool {name}")))?;
-            writeln!(out, "Pool {name} refreshed\n")?;
-        }
+        PoolCommand::PoolDestroy(a) => out = change_pool(pools, a, PoolChange::Destroy).await?,
+        PoolCommand::PoolUndefine(a) => out = change_pool(pools, a, PoolChange::Undefine).await?,
+        PoolCommand::PoolRefresh(a) => out = change_pool(pools, a, PoolChange::Refresh).await?,
         PoolCommand::PoolList(a) => {
             let shown: Vec<PoolInfo> = pools
                 .pool_list()

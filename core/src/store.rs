@@ -284,23 +284,28 @@ impl Store {
     }
 
     pub fn list_snapshots(&self, domain: &str) -> Result<Vec<String>> {
-        let dir = self.file(domain, "snapshots")?;
-        let entries = match fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(Error::io("list", &dir, e)),
-        };
-        let mut names = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
-            let file = entry.file_name().to_string_lossy().into_owned();
-            if let Some(n) = file.strip_suffix(".xml") {
-                names.push(n.to_string());
-            }
-        }
-        names.sort();
-        Ok(names)
+        let files = entry_names(&self.file(domain, "snapshots")?)?;
+        Ok(files.iter().filter_map(|f| f.strip_suffix(".xml")).map(str::to_string).collect())
     }
+}
+
+/// The names of the entries of a store directory, sorted; none when it
+/// does not exist. A name that is not UTF-8 is none of Strata's.
+pub fn entry_names(dir: &Path) -> Result<Vec<String>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("list", dir, e)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("list", dir, e))?;
+        if let Ok(name) = entry.file_name().into_string() {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
 }
 
 fn open_lock_file(path: PathBuf) -> Result<(File, PathBuf)> {

@@ -55,6 +55,15 @@ fn volume_chain(env: &TestEnv, pool: &str, dir: &Path) -> Vec<PathBuf> {
     paths
 }
 
+/// A running `dir` pool `p` in `images/` holding [`volume_chain`].
+fn pool_with_chain() -> (TestEnv, PathBuf, Vec<PathBuf>) {
+    let env = TestEnv::new();
+    let dir = env.path("images");
+    start_dir_pool(&env, "p", &dir);
+    let paths = volume_chain(&env, "p", &dir);
+    (env, dir, paths)
+}
+
 #[test]
 fn dir_pool_lifecycle_listing_and_xml() {
     let env = TestEnv::new();
@@ -144,10 +153,7 @@ fn dir_pool_lifecycle_listing_and_xml() {
 
 #[test]
 fn volumes_of_a_dir_pool_show_their_whole_chain() {
-    let env = TestEnv::new();
-    let dir = env.path("images");
-    start_dir_pool(&env, "p", &dir);
-    let paths = volume_chain(&env, "p", &dir);
+    let (env, _, paths) = pool_with_chain();
     let on_disk: Vec<(String, String)> =
         paths.iter().rev().map(|p| (p.display().to_string(), "qcow2".to_string())).collect();
     assert_eq!(qemu_chain(&paths[2]), on_disk);
@@ -191,10 +197,7 @@ fn volumes_of_a_dir_pool_show_their_whole_chain() {
 
 #[test]
 fn volumes_are_created_resized_cloned_and_deleted() {
-    let env = TestEnv::new();
-    let dir = env.path("images");
-    start_dir_pool(&env, "p", &dir);
-    let paths = volume_chain(&env, "p", &dir);
+    let (env, dir, paths) = pool_with_chain();
 
     let err = env.fails(&["vol-resize", "top.qcow2", "32M", "--pool", "p"]);
     assert!(err.contains("can't shrink capacity of volume 'top.qcow2'") && err.contains("--shrink"), "{err}");
@@ -255,10 +258,7 @@ fn volume_domain(env: &TestEnv, pool: &str, volume: &str) -> String {
 
 #[test]
 fn a_domain_on_a_volume_is_defined_and_started_through_its_pool() {
-    let env = TestEnv::new();
-    let dir = env.path("images");
-    start_dir_pool(&env, "p", &dir);
-    let paths = volume_chain(&env, "p", &dir);
+    let (env, _, paths) = pool_with_chain();
 
     let file = env.path("missing.xml");
     std::fs::write(&file, volume_domain(&env, "nopool", "top.qcow2")).expect("write");

@@ -33,7 +33,7 @@ pub use volume::{parse_scaled, VolumeRequest};
 
 use crate::driver::{PoolBuildFlags, PoolInfo, PoolState, StoragePoolOps, VolumeInfo, VolumeResizeFlags};
 use crate::error::{Error, ErrorKind, Result};
-use crate::store::{atomic_write, validate_name, DomainLock, Store};
+use crate::store::{atomic_write, entry_names, validate_name, DomainLock, Store};
 
 /// The storage pools of one state store.
 #[derive(Debug, Clone)]
@@ -95,21 +95,10 @@ impl PoolManager {
 
     fn names(&self) -> Result<Vec<String>> {
         let dir = self.pools_dir();
-        let entries = match fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(Error::io("list", &dir, e)),
-        };
-        let mut names = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
-            let Ok(name) = entry.file_name().into_string() else { continue };
-            if validate_name("storage pool", &name).is_ok() && entry.path().join("pool.xml").exists() {
-                names.push(name);
-            }
-        }
-        names.sort();
-        Ok(names)
+        Ok(entry_names(&dir)?
+            .into_iter()
+            .filter(|name| validate_name("storage pool", name).is_ok() && dir.join(name).join("pool.xml").exists())
+            .collect())
     }
 
     fn autostart(&self, name: &str) -> Result<bool> {
