@@ -336,14 +336,22 @@ impl VolArgs {
 }
 
 /// An unknown pool or volume as virsh reports it: `failed to get pool 'p'`
-/// and then libvirt's error; other failures under `context`.
-fn lookup_error(e: strata_core::Error, pool: Option<&str>, vol: Option<&str>, context: String) -> anyhow::Error {
+/// and then libvirt's error; other failures under `context`, if any.
+fn lookup_error(
+    e: strata_core::Error,
+    pool: Option<&str>,
+    vol: Option<&str>,
+    context: Option<String>,
+) -> anyhow::Error {
     let lookup = match (e.kind(), pool, vol) {
-        (ErrorKind::NoStoragePool, Some(p), _) => format!("failed to get pool '{p}'"),
-        (ErrorKind::NoStorageVol, _, Some(v)) => format!("failed to get vol '{v}'"),
+        (ErrorKind::NoStoragePool, Some(p), _) => Some(format!("failed to get pool '{p}'")),
+        (ErrorKind::NoStorageVol, _, Some(v)) => Some(format!("failed to get vol '{v}'")),
         _ => context,
     };
-    anyhow!(e).context(lookup)
+    match lookup {
+        Some(line) => anyhow!(e).context(line),
+        None => anyhow!(e),
+    }
 }
 
 /// virsh's size with a binary unit: `64.00 MiB`.
@@ -393,7 +401,7 @@ async fn change_pool(pools: &dyn StoragePoolOps, a: PoolArgs, change: PoolChange
         PoolChange::Undefine => pools.pool_undefine(&name).await,
         PoolChange::Refresh => pools.pool_refresh(&name).await,
     };
-    result.map_err(|e| lookup_error(e, Some(&name), None, format!("Failed to {verb} pool {name}")))?;
+    result.map_err(|e| lookup_error(e, Some(&name), None, Some(format!("Failed to {verb} pool {name}"))))?;
     Ok(format!("Pool {name} {done}\n\n"))
 }
 
@@ -439,7 +447,7 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
             pools
                 .pool_build(&name, flags)
                 .await
-                .map_err(|e| lookup_error(e, Some(&name), None, format!("Failed to build pool {name}")))?;
+                .map_err(|e| lookup_error(e, Some(&name), None, Some(format!("Failed to build pool {name}"))))?;
             writeln!(out, "Pool {name} built\n")?;
         }
         PoolCommand::PoolStart(a) => {
@@ -448,9 +456,12 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
             let name = a.build.pool.name("pool-start")?;
             let context = || format!("Failed to start pool {name}");
             if build {
-                pools.pool_build(&name, flags).await.map_err(|e| lookup_error(e, Some(&name), None, context()))?;
+                pools
+                    .pool_build(&name, flags)
+                    .await
+                    .map_err(|e| lookup_error(e, Some(&name), None, Some(context())))?;
             }
-            pools.pool_start(&name).await.map_err(|e| lookup_error(e, Some(&name), None, context()))?;
+            pools.pool_start(&name).await.map_err(|e| lookup_error(e, Some(&name), None, Some(context())))?;
             writeln!(out, "Pool {name} started\n")?;
         }
         PoolCommand::PoolDestroy(a) => out = change_pool(pools, a, PoolChange::Destroy).await?,
@@ -506,7 +517,7 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
         }
         PoolCommand::PoolInfo(a) => {
             let name = a.pool.name("pool-info")?;
-            let info = pools.pool_info(&name).await.map_err(|e| lookup_error(e, Some(&name), None, String::new()))?;
+            let info = pools.pool_info(&name).await.map_err(|e| lookup_error(e, Some(&name), None, None))?;
             if a.json || global_json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&info)?)?;
             } else {
@@ -529,23 +540,20 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
         }
         PoolCommand::PoolDumpxml(a) => {
             let name = a.pool.name("pool-dumpxml")?;
-            let xml = pools
-                .pool_xml(&name, a.inactive)
-                .await
-                .map_err(|e| lookup_error(e, Some(&name), None, String::new()))?;
+            let xml = pools.pool_xml(&name, a.inactive).await.map_err(|e| lookup_error(e, Some(&name), None, None))?;
             out.push_str(&xml);
         }
         PoolCommand::PoolAutostart(a) => {
             let name = a.pool.name("pool-autostart")?;
             let word = if a.disable { "unmark" } else { "mark" };
             pools.pool_set_autostart(&name, !a.disable).await.map_err(|e| {
-                lookup_error(e, Some(&name), None, format!("failed to {word} pool {name} as autostarted"))
+                lookup_error(e, Some(&name), None, Some(format!("failed to {word} pool {name} as autostarted")))
             })?;
             writeln!(out, "Pool {name} {word}ed as autostarted\n")?;
         }
         PoolCommand::VolList(a) => {
             let name = a.pool.name("vol-list")?;
-            let vols = pools.vol_list(&name).await.map_err(|e| lookup_error(e, Some(&name), None, String::new()))?;
+            let vols = pools.vol_list(&name).await.map_err(|e| lookup_error(e, Some(&name), None, None))?;
             if a.json || global_json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&vols)?)?;
             } else if a.details {
@@ -574,7 +582,7 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
             let info: VolumeInfo = pools
                 .vol_info(pool.as_deref(), &vol)
                 .await
-                .map_err(|e| lookup_error(e, pool.as_deref(), Some(&vol), String::new()))?;
+                .map_err(|e| lookup_error(e, pool.as_deref(), Some(&vol), None))?;
             if a.json || global_json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&info)?)?;
             } else {
@@ -591,7 +599,7 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
             let xml = pools
                 .vol_xml(pool.as_deref(), &vol)
                 .await
-                .map_err(|e| lookup_error(e, pool.as_deref(), Some(&vol), String::new()))?;
+                .map_err(|e| lookup_error(e, pool.as_deref(), Some(&vol), None))?;
             out.push_str(&xml);
         }
         PoolCommand::VolCreateAs(a) => {
@@ -610,10 +618,9 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
                 // virsh looks the backing volume up in the pool, then by path.
                 let found = match pools.vol_info(Some(&pool), backing).await {
                     Ok(info) => info,
-                    Err(_) => pools
-                        .vol_info(None, backing)
-                        .await
-                        .map_err(|e| lookup_error(e, None, Some(backing), String::new()))?,
+                    Err(_) => {
+                        pools.vol_info(None, backing).await.map_err(|e| lookup_error(e, None, Some(backing), None))?
+                    }
                 };
                 let mut store = Element::new("backingStore").with_child(Element::new("path").with_text(found.path));
                 if let Some(f) = &a.backing_vol_format {
@@ -628,7 +635,7 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
                 pools
                     .vol_create_xml(&pool, &xml)
                     .await
-                    .map_err(|e| lookup_error(e, Some(&pool), None, format!("Failed to create vol {name}")))?;
+                    .map_err(|e| lookup_error(e, Some(&pool), None, Some(format!("Failed to create vol {name}"))))?;
                 writeln!(out, "Vol {name} created\n")?;
             }
         }
@@ -640,15 +647,14 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
             let name = pools
                 .vol_create_xml(&pool, &xml)
                 .await
-                .map_err(|e| lookup_error(e, Some(&pool), None, format!("Failed to create vol from {file}")))?;
+                .map_err(|e| lookup_error(e, Some(&pool), None, Some(format!("Failed to create vol from {file}"))))?;
             writeln!(out, "Vol {name} created from {file}\n")?;
         }
         PoolCommand::VolDelete(a) => {
             let (vol, pool) = a.get("vol-delete")?;
-            pools
-                .vol_delete(pool.as_deref(), &vol)
-                .await
-                .map_err(|e| lookup_error(e, pool.as_deref(), Some(&vol), format!("Failed to delete vol {vol}")))?;
+            pools.vol_delete(pool.as_deref(), &vol).await.map_err(|e| {
+                lookup_error(e, pool.as_deref(), Some(&vol), Some(format!("Failed to delete vol {vol}")))
+            })?;
             writeln!(out, "Vol {vol} deleted\n")?;
         }
         PoolCommand::VolPath(a) => {
@@ -656,7 +662,7 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
             let info = pools
                 .vol_info(pool.as_deref(), &vol)
                 .await
-                .map_err(|e| lookup_error(e, pool.as_deref(), Some(&vol), String::new()))?;
+                .map_err(|e| lookup_error(e, pool.as_deref(), Some(&vol), None))?;
             writeln!(out, "{}\n", info.path)?;
         }
         PoolCommand::VolResize(a) => {
@@ -670,7 +676,7 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
                     e,
                     pool.as_deref(),
                     Some(&vol),
-                    format!("Failed to change size of volume '{vol}' to {capacity}"),
+                    Some(format!("Failed to change size of volume '{vol}' to {capacity}")),
                 )
             })?;
             writeln!(out, "Size of volume '{vol}' successfully changed to {capacity}\n")?;
@@ -679,10 +685,9 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
             let [vol, new_name, pool] = fill([a.vol, a.newname, a.pool], a.words)?;
             let vol = required("vol-clone", "vol", vol)?;
             let new_name = required("vol-clone", "newname", new_name)?;
-            pools
-                .vol_clone(pool.as_deref(), &vol, &new_name)
-                .await
-                .map_err(|e| lookup_error(e, pool.as_deref(), Some(&vol), format!("Failed to clone vol from {vol}")))?;
+            pools.vol_clone(pool.as_deref(), &vol, &new_name).await.map_err(|e| {
+                lookup_error(e, pool.as_deref(), Some(&vol), Some(format!("Failed to clone vol from {vol}")))
+            })?;
             writeln!(out, "Vol {new_name} cloned from {vol}\n")?;
         }
     }

@@ -74,8 +74,10 @@ fn dir_pool_lifecycle_listing_and_xml() {
         env.ok(&["pool-list", "--all"]),
         " Name   State      Autostart\n------------------------------\n p      inactive   no\n\n"
     );
-    let err = env.fails(&["vol-list", "p"]);
-    assert!(err.contains("error: Requested operation is not valid: storage pool 'p' is not active"), "{err}");
+    assert_eq!(
+        env.fails(&["vol-list", "p"]),
+        "error: Requested operation is not valid: storage pool 'p' is not active\n"
+    );
     let err = env.fails(&["pool-start", "p"]);
     assert!(err.contains("error: Failed to start pool p") && err.contains(s(&dir)), "{err}");
     env.ok(&["pool-build", "--pool", "p"]);
