@@ -268,3 +268,36 @@ pub fn resolve_volume_disks(dom: &Domain, pools: &PoolManager) -> Result<Domain>
     }
     Ok(resolved)
 }
+
+/// A chain read from the hypervisor, with its active layer named as the
+/// recorded disk names it: a volume disk's file is shown as its volume.
+pub fn live_chain_as_recorded(disk: &Disk, live: &Chain, pools: &PoolManager) -> Chain {
+    let mut chain = live.clone();
+    let volume_file = volume_disk_path(disk, pools).ok().flatten();
+    let same_file = |p: &std::path::Path| volume_file.as_deref().is_some_and(|v| p == v);
+    if chain.top().and_then(|t| t.source.local_path()).is_some_and(same_file) {
+        if let Some(source) = disk.source() {
+            chain.layers[0].source = source.clone();
+        }
+    }
+    chain
+}
+
+/// `domblkcheck` for a domain that may have volume disks: each is checked
+/// below its volume's file, and a fixed chain keeps naming the volume.
+pub fn check_chains_in_pools(
+    dom: &mut Domain,
+    only: Option<&str>,
+    fix: bool,
+    pools: &PoolManager,
+) -> Result<Vec<DiskChainCheck>> {
+    let mut resolved = resolve_volume_disks(dom, pools)?;
+    let checks = check_chains(&mut resolved, only, fix)?;
+    for check in checks.iter().filter(|c| c.fixed) {
+        let recorded = dom.find_disk(&check.disk)?;
+        if let Some(found) = resolved.find_disk(&check.disk)?.chain {
+            dom.set_disk_chain(&check.disk, &live_chain_as_recorded(&recorded, &found, pools))?;
+        }
+    }
+    Ok(checks)
+}

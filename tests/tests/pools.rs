@@ -284,6 +284,12 @@ fn a_domain_on_a_volume_is_defined_and_started_through_its_pool() {
     let _guard = DomainGuard { env: &env, name: "vm".into() };
     env.ok(&["start", "vm"]);
     assert_eq!(env.ok(&["domstate", "vm"]), "running\n\n");
+    let live = env.ok(&["dumpxml", "vm"]);
+    assert!(
+        live.contains("<disk type='volume' device='disk'>") && live.contains("<source pool='p' volume='top.qcow2'/>"),
+        "{live}"
+    );
+    assert_eq!(env.ok(&["domblkcheck", "vm"]), "vda: recorded chain matches the images\n\n");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
         let conn = QemuConnection::open_embedded(&env.state_root()).expect("open");
@@ -292,6 +298,15 @@ fn a_domain_on_a_volume_is_defined_and_started_through_its_pool() {
     env.ok(&["destroy", "vm"]);
     qemu_io(&["-f", "qcow2", "-c", "read -P 0x5a 2M 1M", s(&paths[2])]);
     qemu_io(&["-f", "qcow2", "-c", "read -P 0x11 0 1M", s(&paths[2])]);
+
+    // The chain is checked below the volume's file; a fix keeps the volume.
+    assert_eq!(env.ok(&["domblkcheck", "vm"]), "vda: recorded chain matches the images\n\n");
+    qemu_img(&["rebase", "-u", "-F", "qcow2", "-b", s(&paths[0]), s(&paths[2])]);
+    let out = env.strata(&["domblkcheck", "vm"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("but the image chain has {}", paths[0].display())));
+    env.ok(&["domblkcheck", "vm", "--fix"]);
+    let fixed = env.ok(&["dumpxml", "vm"]);
+    assert!(fixed.contains("<source pool='p' volume='top.qcow2'/>") && !fixed.contains(s(&paths[1])), "{fixed}");
 
     // A pool that stopped is a clear refusal at the next start.
     env.ok(&["pool-destroy", "p"]);

@@ -355,9 +355,10 @@ impl QemuConnection {
         let mut dom = status.domain.clone();
         dom.set_id(Some(status.id));
         let chains = live::live_chains(&monitor.client, name).await?;
+        let pools = PoolManager::new(self.store.clone());
         for disk in dom.disks()? {
             if let Some(live) = chains.get(&disk.target) {
-                dom.set_disk_chain(&disk.target, &live.chain)?;
+                dom.set_disk_chain(&disk.target, &define::live_chain_as_recorded(&disk, &live.chain, &pools))?;
             }
         }
         Ok(dom)
@@ -530,11 +531,17 @@ impl Connection for QemuConnection {
         let (status, monitor) = self.running(name).await?;
         let qemu = live::live_chains(&monitor.client, name).await?;
         let mut recorded = status.domain.clone();
-        let mut checks = define::check_chains(&mut recorded, disk, false)?;
+        let pools = PoolManager::new(self.store.clone());
+        let mut checks = define::check_chains_in_pools(&mut recorded, disk, false, &pools)?;
         let mut rewritten = false;
         for check in &mut checks {
-            let Some(qemu_chain) = qemu.get(&check.disk).map(|l| &l.chain) else { continue };
             let xml_disk = recorded.find_disk(&check.disk)?;
+            let Some(qemu_chain) =
+                qemu.get(&check.disk).map(|l| define::live_chain_as_recorded(&xml_disk, &l.chain, &pools))
+            else {
+                continue;
+            };
+            let qemu_chain = &qemu_chain;
             if let Some(xml_chain) = &xml_disk.chain {
                 for d in xml_chain.differences(qemu_chain) {
                     check.differences.push(strata_core::chain::ChainDifference {

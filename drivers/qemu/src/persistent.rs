@@ -160,5 +160,5 @@ pub fn dump_xml(store: &Store, name: &str, flags: DumpXmlFlags) -> Result<String
 }
 
 pub fn check_chains(store: &Store, name: &str, disk: Option<&str>, fix: bool) -> Result<Vec<DiskChainCheck>> {
-    edit(store, name, |dom| define::check_chains(dom, disk, fix))
+    edit(store, name, |dom| define::check_chains_in_pools(dom, disk, fix, &PoolManager::new(store.clone())))
 }
