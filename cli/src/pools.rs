@@ -154,6 +154,19 @@ pub struct PoolListArgs {
     all: bool,
     #[arg(long)]
     inactive: bool,
+    /// Only persistent pools (every pool Strata defines is).
+    #[arg(long)]
+    persistent: bool,
+    /// Only transient pools (Strata has none).
+    #[arg(long)]
+    transient: bool,
+    #[arg(long)]
+    autostart: bool,
+    #[arg(long = "no-autostart")]
+    no_autostart: bool,
+    /// Only pools of these types (comma-separated).
+    #[arg(long = "type", value_name = "TYPES")]
+    pool_type: Option<String>,
     #[arg(long)]
     details: bool,
     #[arg(long)]
@@ -473,6 +486,15 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
                 .await?
                 .into_iter()
                 .filter(|p| if a.inactive { !running(p) } else { a.all || running(p) })
+                .filter(|p| {
+                    !(a.persistent || a.transient) || (a.persistent && p.persistent) || (a.transient && !p.persistent)
+                })
+                .filter(|p| {
+                    !(a.autostart || a.no_autostart) || (a.autostart && p.autostart) || (a.no_autostart && !p.autostart)
+                })
+                .filter(|p| {
+                    a.pool_type.as_deref().is_none_or(|types| types.split(',').any(|t| t.trim() == p.pool_type))
+                })
                 .collect();
             if a.json || global_json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&shown)?)?;

@@ -117,6 +117,9 @@ fn dir_pool_lifecycle_listing_and_xml() {
     };
     reboot();
     assert!(env.ok(&["pool-list"]).contains(" p      active   yes\n"));
+    assert_eq!(env.ok(&["pool-list", "--autostart", "--type", "fs,dir", "--name"]), "p\n\n");
+    assert_eq!(env.ok(&["pool-list", "--no-autostart", "--name"]), "\n");
+    assert_eq!(env.ok(&["pool-list", "--type", "fs", "--name"]), "\n");
     assert_eq!(env.ok(&["pool-autostart", "p", "--disable"]), "Pool p unmarked as autostarted\n\n");
     reboot();
     assert!(env.ok(&["pool-list", "--all"]).contains(" p      inactive   no\n"));
