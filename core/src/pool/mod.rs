@@ -235,10 +235,6 @@ impl PoolManager {
 
     /// The path of volume `volume` of pool `pool`, for `<disk type='volume'>`.
     pub fn volume_path(&self, pool: &str, volume: &str) -> Result<PathBuf> {
-        let def = self.pool(pool)?;
-        if !self.is_running(&def)? {
-            return Err(not_active(pool));
-        }
         validate_name("volume", volume)?;
         self.lookup(Some(pool), volume).map(|v| v.path)
     }
