@@ -298,6 +298,8 @@ fn a_domain_on_a_volume_is_defined_and_started_through_its_pool() {
         let conn = QemuConnection::open_embedded(&env.state_root()).expect("open");
         guest::write(&conn, "vm", "vda", 0x5a, 2 << 20, 1 << 20).await;
     });
+    let err = env.fails(&["snapshot-create-as", "vm", "s1", "--disk-only"]);
+    assert!(err.contains("disk 'vda' is volume 'top.qcow2' of storage pool 'p'"), "{err}");
     env.ok(&["destroy", "vm"]);
     qemu_io(&["-f", "qcow2", "-c", "read -P 0x5a 2M 1M", s(&paths[2])]);
     qemu_io(&["-f", "qcow2", "-c", "read -P 0x11 0 1M", s(&paths[2])]);

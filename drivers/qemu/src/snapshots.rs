@@ -139,6 +139,13 @@ fn plan_disks(
             mode = "no".into();
         }
         let Some(image) = disk.source().and_then(|s| s.local_path()).map(Path::to_path_buf) else {
+            if let Some(StorageSource::Volume { pool, volume }) = disk.source().filter(|_| mode != "no") {
+                return Err(Error::config_unsupported(format!(
+                    "disk '{}' is volume '{volume}' of storage pool '{pool}', which snapshots do not support yet; \
+                     leave it out with --diskspec {},snapshot=no",
+                    disk.target, disk.target
+                )));
+            }
             if mode != "no" && spec.is_some() {
                 return Err(Error::config_unsupported(format!(
                     "disk '{}' has no local image to snapshot",
