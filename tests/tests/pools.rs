@@ -313,6 +313,15 @@ fn a_domain_on_a_volume_is_defined_and_started_through_its_pool() {
     let fixed = env.ok(&["dumpxml", "vm"]);
     assert!(fixed.contains("<source pool='p' volume='top.qcow2'/>") && !fixed.contains(s(&paths[1])), "{fixed}");
 
+    // A block job leaves the disk on its volume.
+    env.ok(&["start", "vm"]);
+    env.ok(&["blockpull", "vm", "vda", "--wait"]);
+    env.ok(&["destroy", "vm"]);
+    assert_eq!(qemu_chain(&paths[2]), [(paths[2].display().to_string(), "qcow2".to_string())]);
+    qemu_io(&["-f", "qcow2", "-c", "read -P 0x11 0 1M", s(&paths[2])]);
+    let pulled = env.ok(&["dumpxml", "vm"]);
+    assert!(pulled.contains("<source pool='p' volume='top.qcow2'/>\n      <backingStore/>"), "{pulled}");
+
     // A pool that stopped is a clear refusal at the next start.
     env.ok(&["pool-destroy", "p"]);
     let err = env.fails(&["start", "vm"]);

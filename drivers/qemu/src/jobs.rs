@@ -16,9 +16,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use strata_core::chain::{Chain, StorageSource};
+use strata_core::define;
 use strata_core::driver::{BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobState};
 use strata_core::image::{self, ImageFormat};
 use strata_core::options::{BlockCommitOptions, BlockCopyOptions, BlockPullOptions};
+use strata_core::pool::PoolManager;
 use strata_core::store::{DomainLock, Store};
 use strata_core::xml::Element;
 use strata_core::{Error, ErrorKind, Result};
@@ -837,8 +839,11 @@ async fn conclude(store: &Store, name: &str, client: &QmpClient, rec: &JobRecord
             client.execute("job-dismiss", Some(json!({"id": rec.id}))).await.map_err(|e| qmp_error(name, e))?;
         }
         let live_disk = live_disk(client, name, &rec.disk).await?;
-        let source_before = status.domain.find_disk(&rec.disk)?.source().cloned();
-        status.domain.set_disk_chain(&rec.disk, &live_disk.chain)?;
+        let disk_before = status.domain.find_disk(&rec.disk)?;
+        let source_before = disk_before.source().cloned();
+        // A volume disk still on its volume keeps naming it.
+        let chain = define::live_chain_as_recorded(&disk_before, &live_disk.chain, &PoolManager::new(store.clone()));
+        status.domain.set_disk_chain(&rec.disk, &chain)?;
         if let Some(root) = live_disk.root() {
             status.roots.insert(rec.disk.clone(), root.to_string());
         }
@@ -855,7 +860,7 @@ async fn conclude(store: &Store, name: &str, client: &QmpClient, rec: &JobRecord
             // another image keeps it.
             let same_image = persistent.find_disk(&rec.disk).is_ok_and(|d| d.source() == source_before.as_ref());
             if same_image {
-                persistent.set_disk_chain(&rec.disk, &live_disk.chain)?;
+                persistent.set_disk_chain(&rec.disk, &chain)?;
                 store.write_domain(name, &persistent.to_xml())?;
             }
         }
