@@ -236,10 +236,23 @@ fn volume_disk_path(disk: &Disk, pools: &PoolManager) -> Result<Option<PathBuf>>
 
 /// Records the chain of each `<disk type='volume'>` of a domain about to be
 /// defined, probed below the volume's file; the disk keeps naming its pool
-/// and volume. A chain the XML gives is trusted unless `validate`.
-pub fn prepare_volume_disks(dom: &mut Domain, pools: &PoolManager, validate: bool) -> Result<()> {
+/// and volume. A chain the XML gives is trusted unless `validate`. A volume
+/// that cannot be found now (no such pool or volume, a pool not running)
+/// does not refuse the definition, as in libvirt: it is a warning, and
+/// `start` refuses until the volume can be found; `validate` refuses it.
+/// Returns the warnings.
+pub fn prepare_volume_disks(dom: &mut Domain, pools: &PoolManager, validate: bool) -> Result<Vec<String>> {
+    let mut warnings = Vec::new();
     for disk in dom.disks()? {
-        let Some(path) = volume_disk_path(&disk, pools)? else { continue };
+        let path = match volume_disk_path(&disk, pools) {
+            Ok(Some(path)) => path,
+            Ok(None) => continue,
+            Err(e) if !validate && volume_not_found(&e) => {
+                warnings.push(format!("{}; the domain cannot start until it can be found", e.detail()));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let Some(recorded) = &disk.chain else { continue };
         let known = recorded.top().is_some_and(|t| t.backing != Backing::Unknown);
         if known && !validate {
@@ -253,7 +266,13 @@ pub fn prepare_volume_disks(dom: &mut Domain, pools: &PoolManager, validate: boo
         }
         dom.set_disk_chain(&disk.target, &found)?;
     }
-    Ok(())
+    Ok(warnings)
+}
+
+/// Whether looking a volume up failed because its pool or volume is not
+/// there (or not running) now, rather than for a reason that stays.
+fn volume_not_found(e: &Error) -> bool {
+    matches!(e.kind(), ErrorKind::NoStoragePool | ErrorKind::NoStorageVol | ErrorKind::OperationInvalid)
 }
 
 /// The domain with each volume disk's active layer as the volume's file,

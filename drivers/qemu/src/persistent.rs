@@ -87,8 +87,8 @@ pub fn define(store: &Store, xml: &str, flags: DefineFlags) -> Result<DefineOutc
     }
     let name = dom.name();
     // Probing reads every image of every chain: done before any lock.
-    define::prepare_volume_disks(&mut dom, &PoolManager::new(store.clone()), flags.validate)?;
-    let mut warnings = define::prepare_disks(&mut dom, flags.validate)?;
+    let mut warnings = define::prepare_volume_disks(&mut dom, &PoolManager::new(store.clone()), flags.validate)?;
+    warnings.extend(define::prepare_disks(&mut dom, flags.validate)?);
     // The store-wide lock makes the checks below and the write one step,
     // so concurrent defines cannot give one UUID to two names.
     let _definitions = store.lock_definitions()?;
