@@ -69,7 +69,16 @@ pub struct Store {
 /// Holds a lock (one of a domain's or a store-wide one) until dropped.
 #[derive(Debug)]
 pub struct DomainLock {
-    _file: File,
+    file: File,
+}
+
+/// The lock's descriptor, for a child process that must hold the lock
+/// until it exits (the lock is the open file's, shared by every copy of
+/// the descriptor).
+impl std::os::fd::AsFd for DomainLock {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
 }
 
 impl Store {
@@ -193,7 +202,7 @@ impl Store {
     pub fn try_lock_domain_operation(&self, name: &str) -> Result<Option<DomainLock>> {
         let (file, path) = self.open_existing_domain_lock_file(name, "operation")?;
         match file.try_lock() {
-            Ok(()) => Ok(Some(DomainLock { _file: file })),
+            Ok(()) => Ok(Some(DomainLock { file })),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
             Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock", &path, e)),
         }
@@ -324,7 +333,7 @@ fn open_lock_file(path: PathBuf) -> Result<(File, PathBuf)> {
 /// Takes an opened lock file's lock, waiting for another holder.
 fn hold((file, path): (File, PathBuf)) -> Result<DomainLock> {
     file.lock().map_err(|e| Error::io("lock", &path, e))?;
-    Ok(DomainLock { _file: file })
+    Ok(DomainLock { file })
 }
 
 /// Format 1's lock files (`locks/NAME.lock`, `locks/NAME.PURPOSE.lock`);

@@ -13,6 +13,8 @@ use strata_core::store::Store;
 use strata_core::xml::{Element, SnapshotDef};
 use strata_core::{Error, Result};
 
+use crate::process::{Liveness, ProcessId};
+
 const INTENT_FILE: &str = "snapshot-intent.xml";
 
 /// What an interrupted operation was doing.
@@ -113,6 +115,14 @@ impl DeletePlan {
     }
 }
 
+fn read_root(store: &Store, domain: &str) -> Result<Option<Element>> {
+    let Some(text) = store.read_domain_file(domain, INTENT_FILE)? else { return Ok(None) };
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    Element::parse(&text).map(Some).map_err(|e| e.context(format!("intent record '{INTENT_FILE}'")))
+}
+
 impl Intent {
     fn to_element(&self) -> Element {
         match self {
@@ -173,19 +183,25 @@ impl Intent {
         }
     }
 
-    /// Writes (or replaces) the domain's intent record.
+    /// Writes (or replaces) the domain's intent record, naming this process
+    /// as the one carrying the operation out.
     pub(crate) fn write(&self, store: &Store, domain: &str) -> Result<()> {
-        store.write_domain_file(domain, INTENT_FILE, &self.to_element().to_xml())
+        let mut root = self.to_element();
+        ProcessId::this()?.set_attrs(&mut root, "owner");
+        store.write_domain_file(domain, INTENT_FILE, &root.to_xml())
     }
 
     /// The domain's pending intent, if an operation was interrupted.
     pub(crate) fn read(store: &Store, domain: &str) -> Result<Option<Intent>> {
-        let Some(text) = store.read_domain_file(domain, INTENT_FILE)? else { return Ok(None) };
-        if text.trim().is_empty() {
-            return Ok(None);
-        }
-        let root = Element::parse(&text).map_err(|e| e.context(format!("intent record '{INTENT_FILE}'")))?;
-        Intent::from_element(&root).map(Some)
+        read_root(store, domain)?.map(|root| Intent::from_element(&root)).transpose()
+    }
+
+    /// Whether the process that wrote the pending intent is known to be
+    /// gone (a record without an owner names none).
+    pub(crate) fn owner_gone(store: &Store, domain: &str) -> Result<bool> {
+        Ok(read_root(store, domain)?
+            .and_then(|root| ProcessId::from_attrs(&root, "owner"))
+            .is_some_and(|owner| owner.liveness() == Liveness::Gone))
     }
 
     /// Marks the operation done.

@@ -29,6 +29,7 @@ use strata_qmp::{KnownEvent, QmpClient, QmpEvent};
 use tokio::sync::broadcast;
 
 use crate::live::{self, qmp_error, BlockGraph, LiveDisk, LiveStatus};
+use crate::process::{Liveness, ProcessId};
 
 /// A block job as recorded in the status XML.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,10 +44,11 @@ pub struct JobRecord {
     /// Set when `job-complete` (pivot) was sent.
     pub pivoting: bool,
     /// Recorded but not yet confirmed started by QEMU: another process
-    /// seeing no such job in QEMU must wait, not call it vanished.
+    /// seeing no such job in QEMU must wait, not call it vanished, while
+    /// the `starter` lives.
     pub starting: bool,
-    /// When the record was written (seconds since the epoch).
-    pub recorded: u64,
+    /// The `strata` process that wrote the record and starts the job.
+    pub starter: Option<ProcessId>,
 }
 
 impl JobRecord {
@@ -57,8 +59,10 @@ impl JobRecord {
             .with_attr("disk", self.disk.clone())
             .with_attr("ready", if self.ready { "yes" } else { "no" })
             .with_attr("pivoting", if self.pivoting { "yes" } else { "no" })
-            .with_attr("starting", if self.starting { "yes" } else { "no" })
-            .with_attr("recorded", self.recorded.to_string());
+            .with_attr("starting", if self.starting { "yes" } else { "no" });
+        if let Some(starter) = self.starter {
+            starter.set_attrs(&mut el, "starter");
+        }
         for p in &self.delete {
             el = el.with_child(Element::new("delete").with_attr("file", p.to_string_lossy()));
         }
@@ -78,7 +82,7 @@ impl JobRecord {
             ready: el.attr("ready") == Some("yes"),
             pivoting: el.attr("pivoting") == Some("yes"),
             starting: el.attr("starting") == Some("yes"),
-            recorded: el.attr("recorded").and_then(|v| v.parse().ok()).unwrap_or(0),
+            starter: ProcessId::from_attrs(el, "starter"),
         })
     }
 }
@@ -143,10 +147,6 @@ fn set_outcome(store: &Store, name: &str, disk: &str, outcome: Option<JobOutcome
     store.write_domain_file(name, OUTCOMES_FILE, &root.to_xml())
 }
 
-fn epoch_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
 impl JobRecord {
     fn new(kind: BlockJobKind, disk: &str, delete: Vec<PathBuf>) -> JobRecord {
         JobRecord {
@@ -157,13 +157,13 @@ impl JobRecord {
             ready: false,
             pivoting: false,
             starting: true,
-            recorded: epoch_secs(),
+            starter: None, // given by record_job
         }
     }
 
-    /// A record whose starter has had a minute to start the job in QEMU.
-    fn start_overdue(&self) -> bool {
-        self.starting && epoch_secs().saturating_sub(self.recorded) > 60
+    /// A record whose starter died before it knew that QEMU had the job.
+    fn start_abandoned(&self) -> bool {
+        self.starting && self.starter.is_none_or(|s| s.liveness() == Liveness::Gone)
     }
 }
 
@@ -286,6 +286,7 @@ fn record_job(store: &Store, name: &str, mut rec: JobRecord, mirror: Option<Elem
     let mut status = live::reconcile(store, name)?.ok_or_else(|| Error::operation_invalid("domain is not running"))?;
     ensure_idle(&status, &rec.disk)?;
     rec.id = job_id(rec.kind, &rec.disk, status.next_node);
+    rec.starter = Some(ProcessId::this()?);
     status.next_node = status.next_node.saturating_add(1);
     let id = rec.id.clone();
     if let Some(m) = mirror {
@@ -324,11 +325,13 @@ async fn start_recorded(
 ) -> Result<()> {
     let id = record_job(store, name, rec, mirror)?;
     strata_core::pause_point("job:starting");
+    strata_core::crash_point("job:starting");
     args["job-id"] = Value::String(id.clone());
     if let Err(e) = client.execute(command, Some(args)).await {
         drop_record(store, name, &id)?;
         return Err(qmp_error(name, e));
     }
+    strata_core::crash_point("job:started");
     let _lock = store.lock_domain(name)?;
     if let Some(mut status) = live::reconcile(store, name)? {
         if let Some(r) = status.jobs.iter_mut().find(|j| j.id == id) {
@@ -681,11 +684,6 @@ pub async fn reconcile_jobs(
     status: LiveStatus,
 ) -> Result<Option<LiveStatus>> {
     if status.jobs.is_empty() {
-        if !status.is_vm() && daemon_orphaned(&status) {
-            // Its starter died before the first job began: nothing to do.
-            quit_daemon(store, name, client, &status).await?;
-            return Ok(None);
-        }
         return Ok(Some(status));
     }
     let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
@@ -701,7 +699,7 @@ pub async fn reconcile_jobs(
                 conclude(store, name, client, rec).await?;
                 changed = true;
             }
-            None if rec.starting && !rec.start_overdue() => {}
+            None if rec.starting && !rec.start_abandoned() => {}
             Some(JobStatus::Concluded) | None => {
                 strata_core::pause_point("job:seen-ended");
                 conclude(store, name, client, rec).await?;
@@ -718,13 +716,6 @@ pub async fn reconcile_jobs(
         return Ok(Some(status));
     }
     live::reconcile(store, name)
-}
-
-/// A storage daemon gets a minute to receive its first job: the process
-/// that started it records the job right after.
-fn daemon_orphaned(status: &LiveStatus) -> bool {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    now.saturating_sub(status.started) > 60
 }
 
 /// Quits a storage daemon that has no job (one started for a job whose
@@ -819,7 +810,7 @@ async fn conclude(store: &Store, name: &str, client: &QmpClient, rec: &JobRecord
         };
         let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
         let info = find_job(&jobs, &rec.id).cloned();
-        if info.is_none() && fresh.starting && !fresh.start_overdue() {
+        if info.is_none() && fresh.starting && !fresh.start_abandoned() {
             return Ok(()); // its starter has not sent the command yet
         }
         let end = match &info {
@@ -851,6 +842,10 @@ async fn conclude(store: &Store, name: &str, client: &QmpClient, rec: &JobRecord
             status.domain.set_disk_mirror(&rec.disk, None)?;
         }
         status.jobs.retain(|j| j.id != rec.id);
+        if !status.is_vm() {
+            // Answerable for a daemon left without a job: it quits it below.
+            status.owner = Some(ProcessId::this()?);
+        }
         let outcome = JobOutcome { disk: rec.disk.clone(), kind: rec.kind, end: end.clone() };
         set_outcome(store, name, &rec.disk, Some(outcome))?;
         if let Some(xml) = store.read_domain(name)? {
@@ -868,6 +863,7 @@ async fn conclude(store: &Store, name: &str, client: &QmpClient, rec: &JobRecord
         end
     };
     strata_core::pause_point("job:recorded");
+    strata_core::crash_point("job:recorded");
     remove_dead_nodes(store, client, name, &rec.disk).await?;
     if rec.kind == BlockJobKind::ActiveCommit && end != BlockJobEnd::Completed {
         reopen_backing_read_only(client, name, &rec.disk).await?;

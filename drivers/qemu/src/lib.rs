@@ -37,7 +37,7 @@ use strata_core::options::{
 };
 use strata_core::pool::PoolManager;
 use strata_core::registry::DriverRegistration;
-use strata_core::store::Store;
+use strata_core::store::{DomainLock, Store};
 use strata_core::uri::ConnectUri;
 use strata_core::xml::Domain;
 use strata_core::{Error, ErrorKind, Result};
@@ -48,6 +48,12 @@ use live::{LiveStatus, Monitor, MonitorCache};
 /// The emulator binary: `$STRATA_QEMU` or `qemu-system-x86_64` on `PATH`.
 fn qemu_binary() -> String {
     std::env::var("STRATA_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_string())
+}
+
+/// The image tool, run as a short-lived helper: `$STRATA_QEMU_IMG` or
+/// `qemu-img` on `PATH`.
+fn qemu_img_binary() -> String {
+    std::env::var("STRATA_QEMU_IMG").unwrap_or_else(|_| "qemu-img".to_string())
 }
 
 /// The storage daemon for offline jobs: `$STRATA_QEMU_STORAGE_DAEMON` or
@@ -249,16 +255,30 @@ impl QemuConnection {
         if server == live::Server::Vm {
             transient::create_overlays(&dom, &paths)?;
         }
+        let id = match server {
+            live::Server::Vm => live::next_domain_id(&self.store)?,
+            live::Server::StorageDaemon => 0,
+        };
+        let owner = process::ProcessId::this()?;
         tracing::debug!(domain = name, binary, ?args, "starting");
-        let mut spawned = process::spawn(&binary, &args, &paths.log())?;
+        // Recorded as starting before it runs: whoever finds it while this
+        // process is gone stops it (see live::reconcile).
+        let record =
+            |process| self.store.write_status(name, &LiveStatus::new(process, id, dom.clone(), server, owner).to_xml());
+        let mut spawned = match process::spawn(&binary, &args, &paths.log(), record) {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                live::cleanup(&self.store, name)?;
+                return Err(e);
+            }
+        };
+        strata_core::crash_point("server:spawned");
         let started = async {
             live::wait_for_socket(&paths.monitor_socket(MONITORS - 1), &mut spawned.child, &paths.log()).await?;
-            let id = match server {
-                live::Server::Vm => live::next_domain_id(&self.store)?,
-                live::Server::StorageDaemon => 0,
-            };
-            let status = LiveStatus::new(spawned.id, id, dom, server);
+            let mut status = LiveStatus::new(spawned.id, id, dom, server, owner);
+            status.starting = false;
             self.store.write_status(name, &status.to_xml())?;
+            strata_core::crash_point("server:started");
             let monitor = self.monitors.get(&self.store, name, status.process).await?;
             if server == live::Server::Vm && mode == StartMode::Run {
                 monitor.client.execute("cont", None).await.map_err(|e| live::qmp_error(name, e))?;
@@ -296,15 +316,28 @@ impl QemuConnection {
 
     /// Before a snapshot call that only reads: finishes or undoes a snapshot
     /// operation a crash interrupted, unless that operation is still running
-    /// in another process (it holds the operation lock).
+    /// in another process (it holds the operation lock). Like every call, it
+    /// first settles the domain's recorded server (one a killed process was
+    /// starting is stopped).
     async fn snapshot_recover(&self, domain: &str) -> Result<()> {
         persistent::load(&self.store, domain)?;
+        live::reconcile(&self.store, domain)?;
         if snapshots::intent_pending(&self.store, domain)? {
-            match self.store.try_lock_domain_operation(domain)? {
+            let operation = match self.store.try_lock_domain_operation(domain)? {
+                Some(operation) => Some(operation),
+                // The lock outlives a killed owner for as long as a helper
+                // or held server child it started takes to exit (or another
+                // process recovers): worth the wait.
+                None if intent::Intent::owner_gone(&self.store, domain)? => {
+                    Some(self.store.lock_domain_operation(domain)?)
+                }
+                None => None,
+            };
+            match operation {
                 // A read still answers when the operation cannot be finished
                 // now; the next create, revert or delete tries again and
                 // reports why it cannot.
-                Some(_operation) => self.recover_or_warn(domain).await,
+                Some(operation) => self.recover_or_warn(domain, &operation).await,
                 None => tracing::debug!(domain, "a snapshot operation is in progress in another process"),
             }
         }
@@ -315,10 +348,10 @@ impl QemuConnection {
     /// other such operation on the domain, takes the operation lock (held
     /// until the returned guard drops) and finishes or undoes an operation
     /// a crash interrupted.
-    async fn snapshot_operation(&self, domain: &str) -> Result<strata_core::store::DomainLock> {
+    async fn snapshot_operation(&self, domain: &str) -> Result<DomainLock> {
         persistent::load(&self.store, domain)?;
         let operation = self.store.lock_domain_operation(domain)?;
-        self.log_recovery(domain).await?;
+        self.log_recovery(domain, &operation).await?;
         Ok(operation)
     }
 
@@ -326,23 +359,23 @@ impl QemuConnection {
     /// in progress and tries to finish one a crash interrupted. Unlike a
     /// snapshot command it goes on when that cannot be done now, since a
     /// job (or its abort) may be what lets the user unblock it.
-    async fn block_job_operation(&self, domain: &str) -> Result<strata_core::store::DomainLock> {
+    async fn block_job_operation(&self, domain: &str) -> Result<DomainLock> {
         persistent::load(&self.store, domain)?;
         let operation = self.store.lock_domain_operation(domain)?;
-        self.recover_or_warn(domain).await;
+        self.recover_or_warn(domain, &operation).await;
         Ok(operation)
     }
 
     /// Tries to finish an interrupted snapshot operation, warning when it
     /// cannot be done now; for callers that go on either way.
-    async fn recover_or_warn(&self, domain: &str) {
-        if let Err(e) = self.log_recovery(domain).await {
+    async fn recover_or_warn(&self, domain: &str, operation: &DomainLock) {
+        if let Err(e) = self.log_recovery(domain, operation).await {
             tracing::warn!(domain, error = %e.report(), "an interrupted snapshot operation could not be finished");
         }
     }
 
-    async fn log_recovery(&self, domain: &str) -> Result<()> {
-        for note in self.recover_interrupted(domain).await? {
+    async fn log_recovery(&self, domain: &str, operation: &DomainLock) -> Result<()> {
+        for note in self.recover_interrupted(domain, operation).await? {
             tracing::info!(domain, "{note}");
         }
         Ok(())
@@ -605,8 +638,8 @@ impl Connection for QemuConnection {
 #[async_trait]
 impl SnapshotOps for QemuConnection {
     async fn snapshot_create(&self, domain: &str, xml: &str, flags: SnapshotCreateFlags) -> Result<String> {
-        let _operation = self.snapshot_operation(domain).await?;
-        self.snapshot_create_impl(domain, xml, flags).await
+        let operation = self.snapshot_operation(domain).await?;
+        self.snapshot_create_impl(domain, xml, flags, &operation).await
     }
 
     async fn snapshot_list(&self, domain: &str) -> Result<Vec<SnapshotSummary>> {
@@ -626,13 +659,13 @@ impl SnapshotOps for QemuConnection {
     }
 
     async fn snapshot_revert(&self, domain: &str, snapshot: &str, flags: SnapshotRevertFlags) -> Result<()> {
-        let _operation = self.snapshot_operation(domain).await?;
-        self.snapshot_revert_impl(domain, snapshot, flags).await
+        let operation = self.snapshot_operation(domain).await?;
+        self.snapshot_revert_impl(domain, snapshot, flags, &operation).await
     }
 
     async fn snapshot_delete(&self, domain: &str, snapshot: &str, flags: SnapshotDeleteFlags) -> Result<Vec<String>> {
-        let _operation = self.snapshot_operation(domain).await?;
-        self.snapshot_delete_impl(domain, snapshot, flags).await
+        let operation = self.snapshot_operation(domain).await?;
+        self.snapshot_delete_impl(domain, snapshot, flags, &operation).await
     }
 }
 

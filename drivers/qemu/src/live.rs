@@ -1,10 +1,13 @@
 //! Running domains without a daemon.
 //!
 //! `start` spawns QEMU in its own session and records it in the live status
-//! XML (pid, start time, domain id, the definition it was started from).
-//! Every later call reconciles first: a QEMU that is gone (or whose pid now
-//! belongs to another process) turns the domain shut off and its status and
-//! sockets are removed; a live one is reattached through one of its QMP
+//! XML (pid, start time, domain id, the definition it was started from, the
+//! `strata` process that started it) before QEMU runs, as starting until its
+//! monitors are up. Every later call reconciles first: a QEMU that is gone
+//! (or whose pid now belongs to another process) turns the domain shut off
+//! and its status and sockets are removed; one whose starter died before it
+//! was of any use (still starting, or a storage daemon without a job) is
+//! stopped the same way; a live one is reattached through one of its QMP
 //! monitors. Each QEMU has [`MONITORS`] monitors, each guarded by a lock
 //! file, so one `strata` can hold a monitor for a long call while others
 //! use the rest.
@@ -38,8 +41,12 @@ pub struct LiveStatus {
     /// Block jobs in progress.
     pub jobs: Vec<JobRecord>,
     pub server: Server,
-    /// When the server started (seconds since the epoch).
-    pub started: u64,
+    /// Recorded before the process runs, until its monitors are up.
+    pub starting: bool,
+    /// The `strata` process answerable for the server while it is starting
+    /// or, for a storage daemon, while it has no job: the one that started
+    /// it, or the one that recorded the end of its last job (and quits it).
+    pub owner: Option<ProcessId>,
     /// Each disk's root (active) format node, kept up to date so that
     /// operations need not read QEMU's whole block graph to find it.
     pub roots: std::collections::BTreeMap<String, String>,
@@ -61,9 +68,8 @@ pub enum Server {
 }
 
 impl LiveStatus {
-    pub fn new(process: ProcessId, id: u32, domain: Domain, server: Server) -> LiveStatus {
-        let started =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    /// The record of a server about to run, started by `owner`.
+    pub fn new(process: ProcessId, id: u32, domain: Domain, server: Server, owner: ProcessId) -> LiveStatus {
         let roots = domain
             .disks()
             .unwrap_or_default()
@@ -71,7 +77,24 @@ impl LiveStatus {
             .filter(|d| d.chain.is_some())
             .map(|d| (d.target.clone(), crate::launch::root_node(&d.target)))
             .collect();
-        LiveStatus { process, id, domain, jobs: Vec::new(), server, started, roots, next_node: 1, reason: None }
+        LiveStatus {
+            process,
+            id,
+            domain,
+            jobs: Vec::new(),
+            server,
+            starting: true,
+            owner: Some(owner),
+            roots,
+            next_node: 1,
+            reason: None,
+        }
+    }
+
+    /// Whether the server exists only for its owner now: while it starts,
+    /// and for a storage daemon while it has no job.
+    fn needs_owner(&self) -> bool {
+        self.starting || (!self.is_vm() && self.jobs.is_empty())
     }
 
     pub fn is_vm(&self) -> bool {
@@ -98,10 +121,14 @@ impl LiveStatus {
             )
             .with_attr("pid", self.process.pid.to_string())
             .with_attr("starttime", self.process.start_time.to_string())
-            .with_attr("id", self.id.to_string())
-            .with_attr("started", self.started.to_string())
-            .with_child(jobs)
-            .with_child(roots);
+            .with_attr("id", self.id.to_string());
+        if self.starting {
+            root.set_attr("state", "starting");
+        }
+        if let Some(owner) = self.owner {
+            owner.set_attrs(&mut root, "owner");
+        }
+        root = root.with_child(jobs).with_child(roots);
         if let Some((state, word)) = &self.reason {
             root = root.with_child(Element::new("reason").with_attr("state", &**state).with_text(&**word));
         }
@@ -127,7 +154,8 @@ impl LiveStatus {
             id: u32::try_from(num("id")?).map_err(|_| Error::internal("status XML id out of range"))?,
             domain: Domain::from_element(domain)?,
             jobs,
-            started: num("started").unwrap_or(0),
+            starting: root.attr("state") == Some("starting"),
+            owner: ProcessId::from_attrs(&root, "owner"),
             roots: root
                 .child("roots")
                 .map(|r| {
@@ -161,7 +189,10 @@ pub fn runtime_paths(store: &Store, name: &str) -> Result<RuntimePaths> {
 
 /// Reads the status of `name` and checks that its QEMU still runs. A dead
 /// QEMU's status and runtime files are removed (the caller must hold the
-/// domain lock or accept that another process may do the same).
+/// domain lock or accept that another process may do the same), and so
+/// are those of a server whose owner died while it was of use to no one
+/// else (still starting, or a storage daemon without a job), once it is
+/// stopped. A server another process is starting is not there yet.
 pub fn reconcile(store: &Store, name: &str) -> Result<Option<LiveStatus>> {
     let Some(xml) = store.read_status(name)? else { return Ok(None) };
     let status = match LiveStatus::parse(&xml) {
@@ -175,10 +206,29 @@ pub fn reconcile(store: &Store, name: &str) -> Result<Option<LiveStatus>> {
     if status.process.liveness() == Liveness::Gone {
         tracing::debug!(domain = name, pid = status.process.pid, "QEMU is gone; cleaning up");
         crate::jobs::record_server_exit(store, name, &status)?;
-        cleanup(store, name)?;
+        forget(store, name, status.process)?;
+        return Ok(None);
+    }
+    if status.needs_owner() {
+        if status.owner.is_some_and(|o| o.liveness() == Liveness::Alive) {
+            return Ok((!status.starting).then_some(status));
+        }
+        tracing::info!(domain = name, pid = status.process.pid, "stopping a server whose starter died");
+        status.process.stop(Duration::from_secs(3))?;
+        forget(store, name, status.process)?;
         return Ok(None);
     }
     Ok(Some(status))
+}
+
+/// [`cleanup`] unless the status has meanwhile come to name another
+/// process (another caller cleaned up and started a new one).
+fn forget(store: &Store, name: &str, process: ProcessId) -> Result<()> {
+    let still = store.read_status(name)?.and_then(|xml| LiveStatus::parse(&xml).ok()).map(|s| s.process);
+    if still.is_none_or(|p| p == process) {
+        cleanup(store, name)?;
+    }
+    Ok(())
 }
 
 /// Removes a stopped domain's status and runtime directory.

@@ -1,13 +1,18 @@
-//! QEMU processes: spawned as children in their own session so that they
-//! outlive `strata`, and recognised later by pid plus start time so that a
-//! reused pid is never mistaken for (or signalled as) our QEMU.
+//! Processes Strata starts. Servers (QEMU, qemu-storage-daemon) are
+//! children in their own session so that they outlive `strata`, recorded
+//! before they run, and recognised later by pid plus start time so that a
+//! reused pid is never mistaken for (or signalled as) one of them. Helpers
+//! (`qemu-img`) die with the `strata` that runs them.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use strata_core::xml::Element;
 use strata_core::{Error, Result};
 
 /// A QEMU process as recorded in the status XML.
@@ -40,6 +45,27 @@ fn stat(pid: i32) -> Option<(char, u64)> {
 impl ProcessId {
     pub fn of(pid: i32) -> Option<ProcessId> {
         stat(pid).map(|(_, start_time)| ProcessId { pid, start_time })
+    }
+
+    /// This process.
+    pub fn this() -> Result<ProcessId> {
+        let pid = i32::try_from(std::process::id()).map_err(|_| Error::internal("pid out of range"))?;
+        ProcessId::of(pid).ok_or_else(|| Error::internal("cannot read this process's start time from /proc"))
+    }
+
+    /// Records the process in `el` as attributes `ROLE` (the pid) and
+    /// `ROLEstart` (the start time).
+    pub fn set_attrs(&self, el: &mut Element, role: &str) {
+        el.set_attr(role, self.pid.to_string());
+        el.set_attr(&format!("{role}start"), self.start_time.to_string());
+    }
+
+    /// The process [`ProcessId::set_attrs`] recorded in `el` as `role`.
+    pub fn from_attrs(el: &Element, role: &str) -> Option<ProcessId> {
+        Some(ProcessId {
+            pid: el.attr(role)?.parse().ok()?,
+            start_time: el.attr(&format!("{role}start"))?.parse().ok()?,
+        })
     }
 
     pub fn liveness(&self) -> Liveness {
@@ -83,16 +109,36 @@ impl ProcessId {
     /// SIGTERM, then SIGKILL if QEMU has not exited after `grace` (QEMU can
     /// ignore SIGTERM while a drained job holds it; see the recipe book).
     pub async fn terminate(&self, grace: Duration) -> Result<()> {
+        let id = *self;
+        tokio::task::spawn_blocking(move || id.stop(grace))
+            .await
+            .map_err(|e| Error::internal(format!("stopping QEMU pid {}: {e}", id.pid)))?
+    }
+
+    /// [`ProcessId::terminate`] for callers that are not async: blocks this
+    /// thread until the process is gone.
+    pub fn stop(&self, grace: Duration) -> Result<()> {
         self.signal(libc::SIGTERM)?;
-        if self.wait_gone(grace).await {
+        if self.wait_gone_blocking(grace) {
             return Ok(());
         }
         self.signal(libc::SIGKILL)?;
-        if self.wait_gone(Duration::from_secs(10)).await {
+        if self.wait_gone_blocking(Duration::from_secs(10)) {
             Ok(())
         } else {
             Err(Error::operation_failed(format!("QEMU pid {} did not exit after SIGKILL", self.pid)))
         }
+    }
+
+    fn wait_gone_blocking(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.liveness() == Liveness::Alive {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
     }
 }
 
@@ -103,29 +149,117 @@ pub struct Spawned {
     pub child: std::process::Child,
 }
 
-/// Starts `binary args…` in a new session with its output appended to `log`.
-pub fn spawn(binary: &str, args: &[String], log: &Path) -> Result<Spawned> {
+/// Starts `binary args…` in a new session with its output appended to
+/// `log`, recorded before it runs: the child is held between fork and exec
+/// until `record` has written down its identity, so no server that a
+/// record does not name ever opens an image. When `record` fails, or this
+/// process dies before it is done, the child exits without running.
+pub fn spawn(
+    binary: &str,
+    args: &[String],
+    log: &Path,
+    record: impl FnOnce(ProcessId) -> Result<()>,
+) -> Result<Spawned> {
     let log_file =
         OpenOptions::new().create(true).append(true).open(log).map_err(|e| Error::io("open the QEMU log", log, e))?;
     let log_err = log_file.try_clone().map_err(|e| Error::io("open the QEMU log", log, e))?;
     let mut cmd = Command::new(binary);
     cmd.args(args).stdin(Stdio::null()).stdout(Stdio::from(log_file)).stderr(Stdio::from(log_err));
+    let (ready_read, ready_write) = pipe()?;
+    let (go_read, go_write) = pipe()?;
+    let fds = HoldFds { ready: ready_write.as_raw_fd(), go_read: go_read.as_raw_fd(), go_write: go_write.as_raw_fd() };
     // SAFETY: the closure runs in the forked child before exec and calls
-    // only setsid(2), which is async-signal-safe.
+    // only async-signal-safe functions (see `wait_to_be_recorded`).
     unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || wait_to_be_recorded(fds));
     }
-    let child = cmd.spawn().map_err(|e| Error::operation_failed(format!("cannot run {binary}: {e}")))?;
-    let pid = i32::try_from(child.id()).map_err(|_| Error::internal("QEMU pid out of range"))?;
-    let id = ProcessId::of(pid).ok_or_else(|| {
-        Error::operation_failed(format!("{binary} (pid {pid}) exited immediately; see {}", log.display()))
-    })?;
-    Ok(Spawned { id, child })
+    // `spawn` returns only once the child has exec'd (or failed), which it
+    // does only after the record: so it runs on a thread of its own. The
+    // child's ends of the pipes stay open there until then.
+    let forking = std::thread::spawn(move || {
+        let spawned = cmd.spawn();
+        drop((ready_write, go_read));
+        spawned
+    });
+    let recorded = held_child(ready_read).and_then(|id| {
+        strata_core::crash_point("server:forked");
+        record(id)?;
+        strata_core::crash_point("server:recorded");
+        Ok(id)
+    });
+    let mut go = File::from(go_write);
+    let released = recorded.and_then(|id| {
+        go.write_all(&[1]).map_err(|e| Error::operation_failed(format!("cannot release {binary}: {e}")))?;
+        Ok(id)
+    });
+    // Without the go byte, the closed pipe ends the held child.
+    drop(go);
+    let child = forking.join().map_err(|_| Error::internal(format!("the thread starting {binary} panicked")))?;
+    match (released, child) {
+        (Ok(id), Ok(child)) => Ok(Spawned { id, child }),
+        (Ok(_), Err(e)) => Err(Error::operation_failed(format!("cannot run {binary}: {e}"))),
+        (Err(e), _) => Err(e),
+    }
+}
+
+/// The pipe ends a held child uses, as raw numbers (all the pre-exec code
+/// can touch).
+#[derive(Clone, Copy)]
+struct HoldFds {
+    ready: RawFd,
+    go_read: RawFd,
+    go_write: RawFd,
+}
+
+/// In the forked child, before exec: a session of its own, its pid to the
+/// parent, then a wait for the parent's go byte. A go pipe closed without
+/// it (the parent refused, or died) ends the child before exec. Only
+/// async-signal-safe calls: the parent has other threads.
+fn wait_to_be_recorded(fds: HoldFds) -> std::io::Result<()> {
+    // SAFETY: setsid, close, getpid, write and read are async-signal-safe
+    // system calls on descriptors this child inherited; the buffers are
+    // local and sized as passed.
+    unsafe {
+        if libc::setsid() < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // Only the parent may hold the go pipe open.
+        libc::close(fds.go_write);
+        let pid = libc::getpid().to_ne_bytes();
+        if libc::write(fds.ready, pid.as_ptr().cast(), pid.len()) != pid.len() as isize {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut go = 0u8;
+        loop {
+            match libc::read(fds.go_read, (&mut go as *mut u8).cast(), 1) {
+                1 => return Ok(()),
+                0 => return Err(std::io::Error::from_raw_os_error(libc::ECANCELED)),
+                _ if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) => {}
+                _ => return Err(std::io::Error::last_os_error()),
+            }
+        }
+    }
+}
+
+/// The identity of the child held before exec, from the pid it wrote.
+fn held_child(ready: OwnedFd) -> Result<ProcessId> {
+    let mut pid = [0u8; 4];
+    File::from(ready)
+        .read_exact(&mut pid)
+        .map_err(|e| Error::operation_failed(format!("the new process did not report its pid: {e}")))?;
+    let pid = i32::from_ne_bytes(pid);
+    ProcessId::of(pid).ok_or_else(|| Error::operation_failed(format!("the new process (pid {pid}) vanished")))
+}
+
+/// A pipe whose ends close on exec.
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2(2) fills the two-element array it is given.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Error::operation_failed(format!("cannot create a pipe: {}", std::io::Error::last_os_error())));
+    }
+    // SAFETY: both descriptors were just created and nothing else owns them.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// The last lines of a log, for error messages.

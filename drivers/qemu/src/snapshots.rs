@@ -14,8 +14,8 @@
 //! is still to do.
 
 use std::collections::{HashMap, HashSet};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -27,7 +27,7 @@ use strata_core::options::{
     BlockCommitOptions, BlockJobAbortFlags, BlockPullOptions, SnapshotCreateFlags, SnapshotDeleteFlags,
     SnapshotRevertFlags,
 };
-use strata_core::store::Store;
+use strata_core::store::{DomainLock, Store};
 use strata_core::xml::{Domain, SnapshotDef, SnapshotDisk, SnapshotMemory};
 use strata_core::{Error, ErrorKind, Result};
 
@@ -216,11 +216,16 @@ fn plan_disks(
     Ok(plans)
 }
 
-fn run(tool: &str, args: &[&str]) -> Result<()> {
-    let out = Command::new(tool)
-        .args(args)
-        .output()
-        .map_err(|e| Error::operation_failed(format!("cannot run {tool}: {e}")))?;
+/// Runs `qemu-img ARGS…` as a helper that holds the operation lock until
+/// it has exited (see [`strata_core::tool::run_tool_output`]).
+fn run(operation: &DomainLock, args: &[&str]) -> Result<()> {
+    run_holding(Some(operation), args)
+}
+
+/// `qemu-img ARGS…` that dies with this process, holding `operation` if given.
+fn run_holding(operation: Option<&DomainLock>, args: &[&str]) -> Result<()> {
+    let tool = crate::qemu_img_binary();
+    let out = strata_core::tool::run_tool_output(&tool, args, operation.map(AsFd::as_fd))?;
     if !out.status.success() {
         return Err(Error::operation_failed(format!(
             "{tool} {} failed: {}",
@@ -277,6 +282,7 @@ impl QemuConnection {
         domain: &str,
         xml: &str,
         flags: SnapshotCreateFlags,
+        operation: &DomainLock,
     ) -> Result<String> {
         flags.validate()?;
         let store = self.store();
@@ -328,6 +334,7 @@ impl QemuConnection {
                 domain,
                 &parent,
                 SnapshotRevertFlags { running: was_running, paused: false, force: true },
+                operation,
             )
             .await?;
         }
@@ -452,7 +459,7 @@ impl QemuConnection {
                 Some(self.create_live(domain, status, &monitor.client, &plans, &name, checkpoint, &created).await?)
             }
             (None, _) => {
-                create_offline(&plans, &name, &created)?;
+                create_offline(operation, &plans, &name, &created)?;
                 None
             }
         };
@@ -494,7 +501,7 @@ impl QemuConnection {
 
     /// Finishes or undoes the snapshot operation a crash interrupted, as
     /// its intent record says; every snapshot call starts with it.
-    pub(crate) async fn recover_interrupted(&self, domain: &str) -> Result<Vec<String>> {
+    pub(crate) async fn recover_interrupted(&self, domain: &str, operation: &DomainLock) -> Result<Vec<String>> {
         let store = self.store();
         let Some(pending) = Intent::read(store, domain)? else { return Ok(Vec::new()) };
         if live::reconcile(store, domain)?.filter(LiveStatus::is_vm).is_some() {
@@ -508,10 +515,10 @@ impl QemuConnection {
                 self.recover_creation(domain, files, record, no_metadata).await
             }
             Intent::Revert { snapshot, running, paused, overlays } => {
-                self.recover_revert(domain, &snapshot, running, paused, &overlays).await
+                self.recover_revert(domain, &snapshot, running, paused, &overlays, operation).await
             }
             Intent::Delete { snapshots, metadata_only, plans } => {
-                let mut notes = self.run_delete(domain, snapshots, metadata_only, plans, true).await?;
+                let mut notes = self.run_delete(domain, snapshots, metadata_only, plans, true, operation).await?;
                 notes.insert(0, "finished a snapshot deletion that was interrupted".into());
                 Ok(notes)
             }
@@ -530,6 +537,7 @@ impl QemuConnection {
         running: bool,
         paused: bool,
         overlays: &[PathBuf],
+        operation: &DomainLock,
     ) -> Result<Vec<String>> {
         let store = self.store();
         let Ok(def) = load(store, domain, snap) else {
@@ -548,7 +556,8 @@ impl QemuConnection {
         for o in overlays.iter().filter(|o| !in_use.contains(*o) && o.exists()) {
             std::fs::remove_file(o).map_err(|e| Error::io("remove", o, e))?;
         }
-        self.snapshot_revert_impl(domain, snap, SnapshotRevertFlags { running, paused, force: true }).await?;
+        self.snapshot_revert_impl(domain, snap, SnapshotRevertFlags { running, paused, force: true }, operation)
+            .await?;
         Ok(vec![format!("redid the interrupted revert to snapshot '{snap}'")])
     }
 
@@ -868,6 +877,7 @@ impl QemuConnection {
         domain: &str,
         snap: &str,
         flags: SnapshotRevertFlags,
+        operation: &DomainLock,
     ) -> Result<()> {
         flags.validate()?;
         let store = self.store();
@@ -984,12 +994,12 @@ impl QemuConnection {
             for d in &internal_disks {
                 let disk = target.find_disk(&d.name)?;
                 if let Some(p) = disk.source().and_then(|s| s.local_path()) {
-                    run("qemu-img", &["snapshot", "-a", snap, path_str(p)?])?;
+                    run(operation, &["snapshot", "-a", snap, path_str(p)?])?;
                 }
             }
             for (name, frozen, fmt, overlay) in &branches {
                 run(
-                    "qemu-img",
+                    operation,
                     &["create", "-q", "-f", "qcow2", "-b", path_str(frozen)?, "-F", fmt, path_str(overlay)?],
                 )?;
                 let chain = probe_chain(&StorageSource::local(overlay.clone()), "qcow2")?;
@@ -1138,6 +1148,7 @@ impl QemuConnection {
         domain: &str,
         snap: &str,
         flags: SnapshotDeleteFlags,
+        operation: &DomainLock,
     ) -> Result<Vec<String>> {
         flags.validate()?;
         let store = self.store();
@@ -1166,7 +1177,7 @@ impl QemuConnection {
             let deleted = defs.iter().filter(|d| d.name.as_ref().is_some_and(|n| order.contains(n)));
             crate::transient::refuse_snapshots(store, domain, deleted)?;
         }
-        self.run_delete(domain, order, flags.metadata_only, Vec::new(), false).await
+        self.run_delete(domain, order, flags.metadata_only, Vec::new(), false, operation).await
     }
 
     /// Deletes `snapshots` in order, recording the operation and each
@@ -1180,6 +1191,7 @@ impl QemuConnection {
         metadata_only: bool,
         mut plans: Vec<DeletePlan>,
         resuming: bool,
+        operation: &DomainLock,
     ) -> Result<Vec<String>> {
         let store = self.store();
         Intent::Delete { snapshots: snapshots.clone(), metadata_only, plans: plans.clone() }.write(store, domain)?;
@@ -1187,7 +1199,16 @@ impl QemuConnection {
         let mut notes = Vec::new();
         let mut in_progress = false;
         let outcome = self
-            .delete_each(domain, &snapshots, metadata_only, &mut plans, resuming, &mut in_progress, &mut notes)
+            .delete_each(
+                domain,
+                &snapshots,
+                metadata_only,
+                &mut plans,
+                resuming,
+                &mut in_progress,
+                &mut notes,
+                operation,
+            )
             .await;
         if let Err(e) = outcome {
             // A refusal before any step leaves nothing to finish; after
@@ -1214,6 +1235,7 @@ impl QemuConnection {
         resuming: bool,
         in_progress: &mut bool,
         notes: &mut Vec<String>,
+        operation: &DomainLock,
     ) -> Result<()> {
         let store = self.store();
         for name in snapshots {
@@ -1243,10 +1265,10 @@ impl QemuConnection {
                 strata_core::crash_point("snapshot-delete:planned");
                 *in_progress = true;
                 for d in def.disks.iter().filter(|d| d.snapshot.as_deref() == Some("internal")) {
-                    notes.extend(self.delete_internal(domain, &def, &d.name, resuming).await?);
+                    notes.extend(self.delete_internal(domain, &def, &d.name, resuming, operation).await?);
                 }
                 for plan in &todo {
-                    notes.push(self.apply_delete_plan(domain, plan, resuming).await?);
+                    notes.push(self.apply_delete_plan(domain, plan, resuming, operation).await?);
                     strata_core::crash_point("snapshot-delete:images");
                 }
             }
@@ -1288,6 +1310,7 @@ impl QemuConnection {
         def: &SnapshotDef,
         disk: &str,
         resuming: bool,
+        operation: &DomainLock,
     ) -> Result<Option<String>> {
         let snap = def.name.clone().unwrap_or_default();
         let dom = crate::persistent::load(self.store(), domain)?;
@@ -1295,7 +1318,7 @@ impl QemuConnection {
             c.layers
                 .iter()
                 .filter_map(|l| l.source.local_path().map(Path::to_path_buf))
-                .find(|p| has_internal(p, &snap))
+                .find(|p| has_internal(operation, p, &snap))
         });
         let image = match holder {
             Some(image) => image,
@@ -1343,7 +1366,7 @@ impl QemuConnection {
                 .await
                 .map_err(|e| qmp_error(domain, e))?;
         } else {
-            run("qemu-img", &["snapshot", "-d", &snap, path_str(&image)?])?;
+            run(operation, &["snapshot", "-d", &snap, path_str(&image)?])?;
         }
         Ok(Some(format!("{disk}: internal snapshot '{snap}' removed from {}", image.display())))
     }
@@ -1419,7 +1442,13 @@ impl QemuConnection {
     /// frozen image), so a plan interrupted at any point is finished by
     /// running it again; `resuming` also waits for the block job the
     /// interrupted run left on the disk.
-    async fn apply_delete_plan(&self, domain: &str, plan: &DeletePlan, resuming: bool) -> Result<String> {
+    async fn apply_delete_plan(
+        &self,
+        domain: &str,
+        plan: &DeletePlan,
+        resuming: bool,
+        operation: &DomainLock,
+    ) -> Result<String> {
         let DeletePlan { disk, overlay, frozen, below, children, .. } = plan;
         if resuming {
             self.settle_disk_job(domain, disk).await?;
@@ -1467,10 +1496,10 @@ impl QemuConnection {
                         // through the overlay (once nothing does, its data is
                         // no one's).
                         (None, None) if !dependents.is_empty() || self.saved_elsewhere(domain, &plan.snapshot, overlay)? => {
-                            run("qemu-img", &["commit", "-d", "-q", path_str(overlay)?])?;
+                            run(operation, &["commit", "-d", "-q", path_str(overlay)?])?;
                             for child in dependents {
                                 run(
-                                    "qemu-img",
+                                    operation,
                                     &[
                                         "rebase",
                                         "-u",
@@ -1516,7 +1545,7 @@ impl QemuConnection {
                         }
                         None => match below {
                             Some(b) => run(
-                                "qemu-img",
+                                operation,
                                 &[
                                     "rebase",
                                     "-q",
@@ -1529,7 +1558,7 @@ impl QemuConnection {
                                     path_str(child)?,
                                 ],
                             )?,
-                            None => run("qemu-img", &["rebase", "-q", "-f", "qcow2", "-b", "", path_str(child)?])?,
+                            None => run(operation, &["rebase", "-q", "-f", "qcow2", "-b", "", path_str(child)?])?,
                         },
                     }
                     strata_core::crash_point("snapshot-delete:pulled");
@@ -1794,35 +1823,40 @@ fn image_size(p: &Path, fmt: &str) -> Result<u64> {
     Ok(strata_core::image::read_header(p, f)?.virtual_size)
 }
 
-fn has_internal(p: &Path, snap: &str) -> bool {
-    Command::new("qemu-img")
-        .args(["snapshot", "-U", "-l"])
-        .arg(p)
-        .output()
+fn has_internal(operation: &DomainLock, p: &Path, snap: &str) -> bool {
+    let Some(path) = p.to_str() else { return false };
+    strata_core::tool::run_tool_output(&crate::qemu_img_binary(), &["snapshot", "-U", "-l", path], Some(operation.as_fd()))
         .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.split_whitespace().nth(1) == Some(snap)))
         .unwrap_or(false)
 }
 
 /// Creates a qcow2 overlay on `image` whose header names `image` and its
-/// `format`, so that the overlay reads the same without Strata.
-pub(crate) fn create_overlay(image: &Path, format: &str, overlay: &Path) -> Result<()> {
-    run("qemu-img", &["create", "-q", "-f", "qcow2", "-b", path_str(image)?, "-F", format, path_str(overlay)?])
+/// `format`, so that the overlay reads the same without Strata; `operation`
+/// is the operation lock the caller holds, if any (see `strata_core::tool::run_tool_output`).
+pub(crate) fn create_overlay(
+    operation: Option<&DomainLock>,
+    image: &Path,
+    format: &str,
+    overlay: &Path,
+) -> Result<()> {
+    let args = ["create", "-q", "-f", "qcow2", "-b", path_str(image)?, "-F", format, path_str(overlay)?];
+    run_holding(operation, &args)
 }
 
-fn create_offline(plans: &[DiskPlan], name: &str, created: &[PathBuf]) -> Result<()> {
+fn create_offline(operation: &DomainLock, plans: &[DiskPlan], name: &str, created: &[PathBuf]) -> Result<()> {
     let mut made: Vec<PathBuf> = Vec::new();
     let mut tagged: Vec<PathBuf> = Vec::new();
     let result = (|| {
         for p in plans {
             match p.mode.as_str() {
                 "internal" => {
-                    run("qemu-img", &["snapshot", "-c", name, path_str(&p.image)?])?;
+                    run(operation, &["snapshot", "-c", name, path_str(&p.image)?])?;
                     tagged.push(p.image.clone());
                 }
                 "external" => {
                     let overlay = p.overlay.as_ref().ok_or_else(|| Error::internal("external plan without overlay"))?;
                     if created.contains(overlay) {
-                        create_overlay(&p.image, &p.format, overlay)?;
+                        create_overlay(Some(operation), &p.image, &p.format, overlay)?;
                         made.push(overlay.clone());
                     }
                 }
@@ -1837,7 +1871,7 @@ fn create_offline(plans: &[DiskPlan], name: &str, created: &[PathBuf]) -> Result
             let _ = std::fs::remove_file(f);
         }
         for img in &tagged {
-            let _ = run("qemu-img", &["snapshot", "-d", name, path_str(img).unwrap_or_default()]);
+            let _ = run(operation, &["snapshot", "-d", name, path_str(img).unwrap_or_default()]);
         }
     }
     result
