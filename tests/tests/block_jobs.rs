@@ -12,8 +12,9 @@ use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use common::{
-    domain_xml, guest, make_chain, qemu_chain, qemu_img, qemu_io, qemu_pid, validate_xml, DiskSpec, DomainGuard,
-    TestEnv,
+    assert_images_writable, assert_no_stray_processes, assert_recovered, domain_xml, end_block_job, guest, make_chain,
+    qemu_chain, qemu_img, qemu_io, qemu_pid, test_processes, validate_xml, DiskSpec, DomainGuard, JobCommand, Kill,
+    TestEnv, JOB_STEPS,
 };
 use strata_core::chain::Backing;
 use strata_core::xml::Domain;
@@ -1412,6 +1413,47 @@ fn a_wait_on_a_starting_job_sleeps_until_its_deadline() {
     assert_eq!(text(&out.stdout).trim(), "Block Pull started", "{out:?}");
     wait_job_visible(&env, "Block Pull");
     env.ok(&["blockjob", "vm", "vda", "--abort"]);
+}
+
+/// A block job command killed (`kill`) on a running domain, then the next
+/// command (`blockjob --info`): no process is left but the domain's QEMU,
+/// the guest reads what it read, the recorded chain matches the images,
+/// and once the user's job has ended and the domain is destroyed, every
+/// image opens for writing.
+fn killed_job_leaves_no_helper(command: JobCommand, kill: Kill) {
+    let env = TestEnv::new();
+    let (c, _guard) = start_chain(&env);
+    let when = format!("{command:?} killed {kill:?}");
+    kill.run(&env, &command.args(&env.path("copy.qcow2")));
+    job_info(&env);
+    assert_no_stray_processes(&env, &when);
+    end_block_job(&env);
+    assert_recovered(&env, &when);
+    assert_guest_sees(&env, &c.reference, &when);
+    env.ok(&["destroy", "vm"]);
+    assert_eq!(test_processes(&env), Vec::new(), "{when}: processes left after destroy");
+    assert_images_writable(&env, &when);
+}
+
+/// Each command killed at every step of starting its job and recording
+/// its end.
+#[test]
+fn live_jobs_killed_at_each_step_leave_no_helper() {
+    for command in JobCommand::ALL {
+        for step in JOB_STEPS {
+            killed_job_leaves_no_helper(command, Kill::At(step));
+        }
+    }
+}
+
+/// The same, killed anywhere in the first 150 ms (a few times per command).
+#[test]
+fn live_jobs_killed_at_random_moments_leave_no_helper() {
+    for command in JobCommand::ALL {
+        for kill in Kill::random(3, Duration::from_millis(150)) {
+            killed_job_leaves_no_helper(command, kill);
+        }
+    }
 }
 
 /// Snapshot create (disk-only and checkpoint), revert and delete are refused

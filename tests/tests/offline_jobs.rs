@@ -4,8 +4,12 @@
 mod common;
 
 use std::path::Path;
+use std::time::Duration;
 
-use common::{domain_xml, make_chain, qemu_chain, qemu_img, validate_xml, DiskSpec, TestEnv};
+use common::{
+    assert_no_stray_processes, assert_recovered, domain_xml, end_block_job, make_chain, qemu_chain, qemu_img,
+    test_processes, validate_xml, DiskSpec, JobCommand, Kill, TestEnv, JOB_STEPS, SERVER_STEPS,
+};
 use strata_core::xml::Domain;
 
 const NAMES: [&str; 3] = ["base.qcow2", "mid.qcow2", "top.qcow2"];
@@ -154,4 +158,47 @@ fn a_disk_redefined_during_a_job_keeps_its_new_image() {
     assert_eq!(qemu_chain(&chain[2]), vec![(s(&chain[2]).to_string(), "qcow2".to_string())]);
     same_data(&chain[2], &reference);
     nothing_left(&env);
+}
+
+/// An offline job command killed (`kill`), then the next command
+/// (`blockjob --info`): no process is left that no record names, and a
+/// storage daemon only while the user's job is recorded on it. Once that
+/// job has ended nothing runs, the recorded chain matches the images, the
+/// data is intact and every image opens for writing.
+fn killed_job_leaves_no_helper(command: JobCommand, kill: Kill) {
+    let env = TestEnv::new();
+    let (_, reference) = setup(&env);
+    let when = format!("{command:?} killed {kill:?}");
+    kill.run(&env, &command.args(&env.path("copy.qcow2")));
+    env.ok(&["blockjob", "vm", "vda", "--info"]);
+    assert_no_stray_processes(&env, &when);
+    end_block_job(&env);
+    assert_eq!(test_processes(&env), Vec::new(), "{when}: processes left once the job ended");
+    // A kill before the record may leave the runtime directory (the next
+    // start clears it), never a status.
+    assert!(!env.state_root().join("domains/vm/status.xml").exists(), "{when}: status left behind");
+    assert_eq!(env.ok(&["domstate", "vm"]).trim(), "shut off", "{when}");
+    same_data(Path::new(&recorded(&env)[0]), &reference);
+    assert_recovered(&env, &when);
+}
+
+/// Each command killed at every step of starting its storage daemon and
+/// its job, and of recording the job's end.
+#[test]
+fn offline_jobs_killed_at_each_step_leave_no_helper() {
+    for command in JobCommand::ALL {
+        for step in SERVER_STEPS.into_iter().chain(JOB_STEPS) {
+            killed_job_leaves_no_helper(command, Kill::At(step));
+        }
+    }
+}
+
+/// The same, killed anywhere in the first 150 ms (a few times per command).
+#[test]
+fn offline_jobs_killed_at_random_moments_leave_no_helper() {
+    for command in JobCommand::ALL {
+        for kill in Kill::random(4, Duration::from_millis(150)) {
+            killed_job_leaves_no_helper(command, kill);
+        }
+    }
 }

@@ -6,8 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    domain_xml, make_chain, qemu_img, qemu_io, qemu_pid, validate_xml, DiskSpec, DomainGuard, TestEnv, NVME_DISK,
-    VHOSTUSER_DISK, VHOSTVDPA_DISK,
+    assert_recovered, domain_xml, killed_at, make_chain, qemu_img, qemu_io, qemu_pid, validate_xml, DiskSpec,
+    DomainGuard, TestEnv, NVME_DISK, SERVER_STEPS, VHOSTUSER_DISK, VHOSTVDPA_DISK,
 };
 use strata_core::xml::Domain;
 use strata_qemu::QemuConnection;
@@ -420,4 +420,28 @@ fn a_raw_disk_in_a_slice_of_its_file_shows_the_guest_only_the_slice() {
     assert_eq!(size, Some(1 << 20), "the guest sees the slice's size");
     // The write landed at the slice's offset, and nowhere else.
     qemu_io(&["-f", "raw", "-c", "read -P 0x55 1M 64k", "-c", "read -P 0 0 1M", "-c", "read -P 0 1088k 1984k", path]);
+}
+/// `start` killed at each step of starting QEMU: the next command stops a
+/// QEMU that was not up yet (shut off, its images free) and keeps one that
+/// was (recorded; paused, as it was not yet resumed). Either way no
+/// process is left that no record names, and the domain then runs.
+#[test]
+fn start_killed_at_each_step_leaves_no_untracked_qemu() {
+    for step in SERVER_STEPS {
+        let env = TestEnv::new();
+        let chain = make_chain(env.dir.path(), &["base.qcow2", "top.qcow2"]);
+        env.define("vm", &domain_xml("vm", &[DiskSpec { target: "vda", format: "qcow2", path: &chain[1], extra: "" }]));
+        let _guard = DomainGuard { env: &env, name: "vm".into() };
+        killed_at(&env, &["start", "vm"], step);
+        let state = env.ok(&["domstate", "vm"]);
+        assert_recovered(&env, step);
+        if step == "server:started" {
+            assert_eq!(state.trim(), "paused", "{step}");
+            env.ok(&["resume", "vm"]);
+        } else {
+            assert_eq!(state.trim(), "shut off", "{step}");
+            env.ok(&["start", "vm"]);
+        }
+        assert_eq!(env.ok(&["domstate", "vm"]).trim(), "running", "{step}");
+    }
 }

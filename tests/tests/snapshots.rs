@@ -14,8 +14,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{
-    domain_xml, hold_domain_lock, make_chain, qemu_chain, qemu_img, qemu_io, validate_xml, DiskSpec, DomainGuard,
-    TestEnv,
+    assert_recovered, domain_xml, hold_domain_lock, killed_at, make_chain, qemu_chain, qemu_img, qemu_io, validate_xml,
+    DiskSpec, DomainGuard, TestEnv, JOB_STEPS, SERVER_STEPS,
 };
 use strata_core::xml::{Domain, Element, SnapshotDef};
 use strata_qemu::QemuConnection;
@@ -1675,33 +1675,33 @@ fn external_memory_checkpoint_create_and_revert() {
 /// `snapshot-create-as` killed (SIGKILL) at each of its steps: the next
 /// command either rolls the creation back (nothing changed yet in a chain)
 /// or finishes it (the disks already use the overlay), and in both cases
-/// images, chain records and snapshot records agree and the data is intact.
+/// images, chain records and snapshot records agree, the data is intact
+/// and no process is left (offline, the `qemu-img` making the overlay dies
+/// with the command).
 fn killed_at_each_step(live: bool) {
     // Offline, an overlay made but not yet recorded in any chain is not
     // in use, so the creation is rolled back at the images step too.
     let steps: &[(&str, bool)] = &[
         ("snapshot-create:intent", false),
         ("snapshot-create:overlays", false),
+        ("helper:spawned", false),
         ("snapshot-create:images", live),
         ("snapshot-create:chains", true),
         ("snapshot-create:record", true),
     ];
     for (step, finished) in steps {
-        if *step == "snapshot-create:overlays" && !live {
-            continue; // the overlay step is the live path's
+        // QEMU makes the overlays live, qemu-img offline.
+        let other_path_step = if live { "helper:spawned" } else { "snapshot-create:overlays" };
+        if *step == other_path_step {
+            continue;
         }
         let env = TestEnv::new();
         let vm = Vm::new(&env, Vdb::None, live);
         let _guard = vm.guard();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
-            .args(["-c", &env.uri, "snapshot-create-as", "vm", "s1", "--disk-only", "--atomic"])
-            .env("STRATA_CRASH_AT", step)
-            .output()
-            .expect("run strata");
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(out.status.signal(), Some(libc::SIGKILL), "{step}: strata was not killed there");
+        killed_at(&env, &["snapshot-create-as", "vm", "s1", "--disk-only", "--atomic"], step);
 
         let listed = env.ok(&["snapshot-list", "vm", "--name"]);
+        assert_recovered(&env, step);
         let overlay_path = env.path("top.s1");
         if *finished {
             assert_eq!(listed.trim(), "s1", "{step}: the snapshot was not finished");
@@ -1734,30 +1734,76 @@ fn killed_at_each_step_offline() {
     killed_at_each_step(false);
 }
 
-/// Runs `strata ARGS…` with a crash point armed and checks it was killed
-/// there (SIGKILL, as a power cut or the OOM killer would end it).
-fn killed_at(env: &TestEnv, args: &[&str], step: &str) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
-        .args(["-c", &env.uri])
-        .args(args)
-        .env("STRATA_CRASH_AT", step)
-        .output()
-        .expect("run strata");
-    use std::os::unix::process::ExitStatusExt;
-    assert_eq!(
-        out.status.signal(),
-        Some(libc::SIGKILL),
-        "{step}: strata {args:?} was not killed there: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// A `qemu-img` that takes its time: it waits 2 s on a FIFO nobody writes
+/// (bash's `read`, so no child process of its own) before it runs.
+fn slow_qemu_img(env: &TestEnv) -> PathBuf {
+    let fifo = env.path("hold.fifo");
+    let c_path = std::ffi::CString::new(s(&fifo)).expect("no NUL in the path");
+    // SAFETY: mkfifo(3) with a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+    let script = env.path("slow-qemu-img");
+    std::fs::write(&script, format!("#!/bin/bash\nread -t 2 _ <> {}\nexec qemu-img \"$@\"\n", s(&fifo)))
+        .expect("write the script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    script
+}
+
+/// Internal snapshot c1 of the shut-off domain.
+fn internal_checkpoint(vm: &mut Vm) {
+    vm.env.ok(&["snapshot-create-as", "vm", "c1"]);
+}
+
+/// An offline snapshot command killed while its `qemu-img` runs (slowed
+/// down so that it is still running): the helper dies with the command,
+/// so nothing writes after the next command has finished or undone the
+/// operation (before, the helper ran on, e.g. to make the overlay of a
+/// creation already rolled back). Creating, reverting to and deleting an
+/// external and an internal snapshot.
+#[test]
+fn helpers_die_with_a_killed_command() {
+    type Setup = fn(&mut Vm);
+    let cases: [(&str, Setup, &[&str]); 5] = [
+        ("external create", |_| {}, &["snapshot-create-as", "vm", "s1", "--disk-only", "--atomic"]),
+        ("external revert", |vm| drop(two_snapshots(vm)), &["snapshot-revert", "vm", "s1"]),
+        ("internal create", |_| {}, &["snapshot-create-as", "vm", "c1"]),
+        ("internal revert", internal_checkpoint, &["snapshot-revert", "vm", "c1"]),
+        ("internal delete", internal_checkpoint, &["snapshot-delete", "vm", "c1"]),
+    ];
+    for (case, setup, command) in cases {
+        let env = TestEnv::new();
+        let mut vm = Vm::new(&env, Vdb::None, false);
+        setup(&mut vm);
+        let slow = slow_qemu_img(&env);
+        common::killed_at_with(&env, command, "helper:spawned", &[("STRATA_QEMU_IMG", &slow)]);
+        env.ok(&["snapshot-list", "vm"]);
+        assert_recovered(&env, case);
+        assert_eq!(Intent::pending(&env), None, "{case}");
+        if case == "external create" {
+            assert!(!env.path("top.s1").exists(), "{case}: the rolled-back overlay exists");
+        }
+    }
 }
 
 /// `snapshot-revert` to an external snapshot with a child, killed at each
 /// step: the next command finishes the revert (redoing it when the new
 /// definition was not adopted yet) with exactly one branch overlay, the
-/// state asked for, and every other image untouched.
+/// state asked for, every other image untouched and no process left. A
+/// kill while QEMU was started again on the adopted definition leaves the
+/// revert done, and the QEMU stopped when it was not up yet (shut off) or
+/// kept when it was (paused: it was not yet resumed).
 fn revert_killed_at_each_step(live: bool) {
-    for step in ["snapshot-revert:intent", "snapshot-revert:overlays", "snapshot-revert:adopted"] {
+    let mut steps = vec!["snapshot-revert:intent", "snapshot-revert:overlays", "snapshot-revert:adopted"];
+    if live {
+        steps.extend(SERVER_STEPS);
+    } else {
+        steps.push("helper:spawned"); // qemu-img making the branch overlay
+    }
+    for step in steps {
+        let state = match step {
+            "server:started" => "paused",
+            _ if SERVER_STEPS.contains(&step) || !live => "shut off",
+            _ => "running",
+        };
         let env = TestEnv::new();
         let mut vm = Vm::new(&env, Vdb::None, live);
         let _guard = vm.guard();
@@ -1770,6 +1816,7 @@ fn revert_killed_at_each_step(live: bool) {
         }
         killed_at(&env, &args, step);
         env.ok(&["snapshot-list", "vm"]);
+        assert_recovered(&env, step);
 
         let branch = PathBuf::from(format!("{}.branch1", o1.display()));
         assert_eq!(current_name(&env), "s1", "{step}");
@@ -1778,9 +1825,13 @@ fn revert_killed_at_each_step(live: bool) {
         assert_eq!(chain_files(&branch), strs(&[&branch, &vm.top, &vm.base]), "{step}");
         let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
         assert_eq!(xml_chain(&inactive, "vda"), strs(&[&branch, &vm.top, &vm.base]), "{step}");
-        assert_eq!(domstate(&env), if live { "running" } else { "shut off" }, "{step}");
+        assert_eq!(domstate(&env), state, "{step}");
+        if live && state == "shut off" {
+            vm.start();
+        }
         assert!(vm.reads(&at_s1), "{step}: the disk does not read what it read at s1");
         vm.destroy();
+        common::assert_images_writable(&env, step);
         assert!(same(&o1, &at_s2), "{step}: s2's frozen image changed");
         assert!(same(&o2, &abandoned), "{step}: the abandoned state changed");
         assert_eq!(Intent::pending(&env), None, "{step}");
@@ -1841,11 +1892,13 @@ enum DeleteCase {
 }
 
 /// `snapshot-delete` killed at each step, for method 1 and method 2, live
-/// and offline: the next command resumes the recorded plan (a block job
-/// the dead process left is waited for), and afterwards every remaining
-/// snapshot and the current state read what they read before.
+/// and offline, including the steps of its block jobs (and offline, of the
+/// storage daemon that runs them): the next command resumes the recorded
+/// plan (a block job the dead process left is waited for), and afterwards
+/// every remaining snapshot and the current state read what they read
+/// before, and no process is left.
 fn delete_killed_at_each_step(live: bool, case: DeleteCase) {
-    let steps: &[&str] = match case {
+    let plan_steps: &[&str] = match case {
         DeleteCase::Middle => &[
             "snapshot-delete:intent",
             "snapshot-delete:planned",
@@ -1863,6 +1916,11 @@ fn delete_killed_at_each_step(live: bool, case: DeleteCase) {
             "snapshot-delete:records",
         ],
     };
+    let mut steps = plan_steps.to_vec();
+    steps.extend(JOB_STEPS);
+    if !live {
+        steps.extend(SERVER_STEPS);
+    }
     for step in steps {
         let env = TestEnv::new();
         let mut vm = Vm::new(&env, Vdb::None, live);
@@ -1877,6 +1935,7 @@ fn delete_killed_at_each_step(live: bool, case: DeleteCase) {
 
         killed_at(&env, &["snapshot-delete", "vm", victim], step);
         env.ok(&["snapshot-list", "vm"]);
+        assert_recovered(&env, &format!("{case:?} {step}"));
         assert_eq!(Intent::pending(&env), None, "{case:?} {step}: the intent was not settled");
         assert!(env.fails(&["snapshot-info", "vm", victim]).contains("no domain snapshot"), "{case:?} {step}");
         assert!(vm.reads(&now), "{case:?} {step}: the current state changed");
@@ -1894,6 +1953,7 @@ fn delete_killed_at_each_step(live: bool, case: DeleteCase) {
             }
         }
         vm.destroy();
+        common::assert_images_writable(&env, step);
         if let DeleteCase::Middle = case {
             assert!(same(&frozen(&env, "s1", "vda"), &at_s1), "{step}: s1's frozen image changed");
         } else {

@@ -133,6 +133,260 @@ pub fn hold_domain_lock(env: &TestEnv, domain: &str, purpose: &str) -> strata_co
     store.lock_domain_for(domain, purpose).expect("take the lock")
 }
 
+/// Whatever the test started and left running (a QEMU, a storage daemon,
+/// a helper, a `strata`) is killed by pid before its directory goes.
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        for p in processes_naming(self.dir.path()) {
+            // SAFETY: kill(2) on a process whose command line names this
+            // test's own temporary directory; it has no other preconditions.
+            unsafe {
+                libc::kill(p.pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// A process found in /proc.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestProcess {
+    pub pid: i32,
+    /// Field 22 of /proc/PID/stat, as Strata records it.
+    pub start_time: u64,
+    pub cmdline: String,
+}
+
+/// Every live process other than this one whose command line names `dir`.
+fn processes_naming(dir: &Path) -> Vec<TestProcess> {
+    let needle = dir.to_str().expect("utf8");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        if pid == std::process::id() as i32 {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        let Some(start_time) = start_time(pid) else { continue };
+        if cmdline.contains(needle) {
+            found.push(TestProcess { pid, start_time, cmdline: cmdline.trim_end().to_string() });
+        }
+    }
+    found
+}
+
+/// A process's start time (field 22 of /proc/PID/stat); `None` once it
+/// is gone or a zombie.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    if matches!(fields.first(), Some(&"Z") | Some(&"X")) {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+/// The QEMUs, storage daemons and image helpers running for this test:
+/// processes other than `strata` whose command line names its directory.
+pub fn test_processes(env: &TestEnv) -> Vec<TestProcess> {
+    processes_naming(env.dir.path())
+        .into_iter()
+        .filter(|p| !p.cmdline.split(' ').next().is_some_and(|exe| exe.ends_with("strata-test-cli")))
+        .collect()
+}
+
+/// After a killed command and the one that followed it: every process
+/// running for this test is the server a domain's status records (pid and
+/// start time), started and not starting, and a storage daemon only while
+/// a block job the user started is recorded on it.
+pub fn assert_no_stray_processes(env: &TestEnv, when: &str) {
+    let mut allowed = Vec::new();
+    let domains = env.state_root().join("domains");
+    for entry in std::fs::read_dir(&domains).into_iter().flatten().flatten() {
+        let Ok(xml) = std::fs::read_to_string(entry.path().join("status.xml")) else { continue };
+        let status = strata_core::xml::Element::parse(&xml).expect("status XML parses");
+        let number = |attr: &str| status.attr(attr).and_then(|v| v.parse::<u64>().ok());
+        let (Some(pid), Some(start)) = (number("pid"), number("starttime")) else { continue };
+        let job_recorded = status.child("jobs").is_some_and(|j| j.children_named("job").next().is_some());
+        let daemon = status.attr("server") == Some("storage-daemon");
+        if status.attr("state") != Some("starting") && (!daemon || job_recorded) {
+            allowed.push((pid as i32, start));
+        }
+    }
+    let strays: Vec<TestProcess> =
+        test_processes(env).into_iter().filter(|p| !allowed.contains(&(p.pid, p.start_time))).collect();
+    assert_eq!(strays, Vec::new(), "{when}: processes left that no record accounts for");
+}
+
+/// The steps of starting a QEMU or storage daemon: held before exec, then
+/// recorded, released, and up with its monitors.
+pub const SERVER_STEPS: [&str; 4] = ["server:forked", "server:recorded", "server:spawned", "server:started"];
+
+/// The steps of a block job: recorded but not sent, sent but not yet
+/// marked started, its end recorded before its nodes and daemon go.
+pub const JOB_STEPS: [&str; 3] = ["job:starting", "job:started", "job:recorded"];
+
+/// The block job commands the kill tests interrupt, on vda of `vm`.
+#[derive(Debug, Clone, Copy)]
+pub enum JobCommand {
+    CommitTop,
+    ActiveCommitPivot,
+    Pull,
+    CopyPivot,
+}
+
+impl JobCommand {
+    pub const ALL: [JobCommand; 4] =
+        [JobCommand::CommitTop, JobCommand::ActiveCommitPivot, JobCommand::Pull, JobCommand::CopyPivot];
+
+    /// The command line; a copy goes to `dest`.
+    pub fn args(self, dest: &Path) -> Vec<&str> {
+        match self {
+            JobCommand::CommitTop => vec!["blockcommit", "vm", "vda", "--top", "vda[1]", "--wait"],
+            JobCommand::ActiveCommitPivot => vec!["blockcommit", "vm", "vda", "--active", "--pivot"],
+            JobCommand::Pull => vec!["blockpull", "vm", "vda", "--wait"],
+            JobCommand::CopyPivot => vec!["blockcopy", "vm", "vda", dest.to_str().expect("utf8"), "--pivot"],
+        }
+    }
+}
+
+/// Ends the job a killed command left on vda (the user's job, still
+/// running and recorded): waits for it, pivoting one that reaches its
+/// synchronised phase, as the killed command asked.
+pub fn end_block_job(env: &TestEnv) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = env.ok(&["blockjob", "vm", "vda", "--info"]);
+        if info.contains("No current block job for vda") {
+            return;
+        }
+        let two_phase = info.contains("Active Block Commit") || info.contains("Block Copy");
+        if two_phase && env.strata(&["blockjob", "vm", "vda", "--pivot"]).status.success() {
+            continue;
+        }
+        assert!(Instant::now() < deadline, "the job on vda did not end: {info}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What a kill test checks once the command after the killed one has run:
+/// no process the records do not account for, `domblkcheck` clean, and,
+/// while the domain is shut off, every file of the test opening for writing.
+pub fn assert_recovered(env: &TestEnv, when: &str) {
+    assert_no_stray_processes(env, when);
+    let check = env.ok(&["domblkcheck", "vm"]);
+    assert!(
+        check.lines().filter(|l| !l.is_empty()).all(|l| l.ends_with(": recorded chain matches the images")),
+        "{when}: domblkcheck found differences:\n{check}"
+    );
+    if env.ok(&["domstate", "vm"]).trim() == "shut off" {
+        assert_images_writable(env, when);
+    }
+}
+
+/// Every file in the test's directory (its images among them) opens for
+/// writing: no process holds one.
+pub fn assert_images_writable(env: &TestEnv, when: &str) {
+    for entry in std::fs::read_dir(env.dir.path()).expect("list the test directory").flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            assert_writable(&entry.path(), when);
+        }
+    }
+}
+
+/// No process holds `image`: qemu-io opens it for writing (taking its
+/// write lock) and writes nothing.
+pub fn assert_writable(image: &Path, when: &str) {
+    let out =
+        Command::new("qemu-io").args(["-c", "info", image.to_str().expect("utf8")]).output().expect("run qemu-io");
+    assert!(
+        out.status.success(),
+        "{when}: {} cannot be opened for writing: {}{}",
+        image.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `strata ARGS…` with a crash point armed and checks it was killed
+/// there (SIGKILL, as a power cut or the OOM killer would end it).
+pub fn killed_at(env: &TestEnv, args: &[&str], step: &str) {
+    killed_at_with(env, args, step, &[]);
+}
+
+/// [`killed_at`] with more environment variables for `strata`.
+pub fn killed_at_with(env: &TestEnv, args: &[&str], step: &str, vars: &[(&str, &Path)]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
+        .args(["-c", &env.uri])
+        .args(args)
+        .env("STRATA_CRASH_AT", step)
+        .envs(vars.iter().copied())
+        .output()
+        .expect("run strata");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGKILL),
+        "{step}: strata {args:?} was not killed there: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `strata ARGS…` and sends it SIGKILL `delay` after it started,
+/// unless it has ended by then.
+pub fn killed_after(env: &TestEnv, args: &[&str], delay: Duration) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
+        .args(["-c", &env.uri])
+        .args(args)
+        .env_remove("STRATA_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn strata");
+    std::thread::sleep(delay);
+    // Ignored when it has already ended: then there is nothing to kill.
+    let _ = child.kill();
+    child.wait().expect("reap strata");
+}
+
+/// Where a kill test ends a command.
+#[derive(Debug, Clone, Copy)]
+pub enum Kill {
+    /// At a crash point (`STRATA_CRASH_AT`).
+    At(&'static str),
+    /// By SIGKILL this long after it started, wherever it is then.
+    After(Duration),
+}
+
+impl Kill {
+    /// Runs `strata ARGS…` and kills it here.
+    pub fn run(self, env: &TestEnv, args: &[&str]) {
+        match self {
+            Kill::At(step) => killed_at(env, args, step),
+            Kill::After(delay) => killed_after(env, args, delay),
+        }
+    }
+
+    /// `count` kills at random moments in the first `within` of a command
+    /// (each failure message names its delay).
+    pub fn random(count: usize, within: Duration) -> Vec<Kill> {
+        let mut state = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() as u64 | 1)
+            .unwrap_or(1);
+        let span = within.as_micros().max(1) as u64;
+        (0..count)
+            .map(|_| {
+                // xorshift64: varied, and cheap without a crate.
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                Kill::After(Duration::from_micros(state % span))
+            })
+            .collect()
+    }
+}
+
 /// `qemu-img ARGS…`, which must succeed; returns stdout.
 pub fn qemu_img(args: &[&str]) -> String {
     run_tool("qemu-img", args)
