@@ -1418,8 +1418,8 @@ fn a_wait_on_a_starting_job_sleeps_until_its_deadline() {
 /// A block job command killed (`kill`) on a running domain, then the next
 /// command (`blockjob --info`): no process is left but the domain's QEMU,
 /// the guest reads what it read, the recorded chain matches the images,
-/// and once the user's job has ended and the domain is destroyed, every
-/// image opens for writing.
+/// no record of a job that never started stands in the way of the next
+/// one, and once the domain is destroyed every image opens for writing.
 fn killed_job_leaves_no_helper(command: JobCommand, kill: Kill) {
     let env = TestEnv::new();
     let (c, _guard) = start_chain(&env);
@@ -1430,6 +1430,7 @@ fn killed_job_leaves_no_helper(command: JobCommand, kill: Kill) {
     end_block_job(&env);
     assert_recovered(&env, &when);
     assert_guest_sees(&env, &c.reference, &when);
+    assert_eq!(env.ok(&["blockpull", "vm", "vda", "--wait"]).trim(), "Pull complete", "{when}");
     env.ok(&["destroy", "vm"]);
     assert_eq!(test_processes(&env), Vec::new(), "{when}: processes left after destroy");
     assert_images_writable(&env, &when);

@@ -164,7 +164,7 @@ fn a_disk_redefined_during_a_job_keeps_its_new_image() {
 /// (`blockjob --info`): no process is left that no record names, and a
 /// storage daemon only while the user's job is recorded on it. Once that
 /// job has ended nothing runs, the recorded chain matches the images, the
-/// data is intact and every image opens for writing.
+/// data is intact, every image opens for writing and a new job runs.
 fn killed_job_leaves_no_helper(command: JobCommand, kill: Kill) {
     let env = TestEnv::new();
     let (_, reference) = setup(&env);
@@ -180,6 +180,7 @@ fn killed_job_leaves_no_helper(command: JobCommand, kill: Kill) {
     assert_eq!(env.ok(&["domstate", "vm"]).trim(), "shut off", "{when}");
     same_data(Path::new(&recorded(&env)[0]), &reference);
     assert_recovered(&env, &when);
+    assert_eq!(env.ok(&["blockpull", "vm", "vda", "--wait"]).trim(), "Pull complete", "{when}");
 }
 
 /// Each command killed at every step of starting its storage daemon and
