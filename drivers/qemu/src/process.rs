@@ -181,14 +181,11 @@ pub fn spawn(
         drop((ready_write, go_read));
         spawned
     });
-    let recorded = held_child(ready_read).and_then(|id| {
+    let mut go = File::from(go_write);
+    let released = held_child(ready_read).map(|id| {
         strata_core::crash_point("server:forked");
         record(id)?;
         strata_core::crash_point("server:recorded");
-        Ok(id)
-    });
-    let mut go = File::from(go_write);
-    let released = recorded.and_then(|id| {
         go.write_all(&[1]).map_err(|e| Error::operation_failed(format!("cannot release {binary}: {e}")))?;
         Ok(id)
     });
@@ -196,9 +193,11 @@ pub fn spawn(
     drop(go);
     let child = forking.join().map_err(|_| Error::internal(format!("the thread starting {binary} panicked")))?;
     match (released, child) {
-        (Ok(id), Ok(child)) => Ok(Spawned { id, child }),
-        (Ok(_), Err(e)) => Err(Error::operation_failed(format!("cannot run {binary}: {e}"))),
-        (Err(e), _) => Err(e),
+        (Some(Ok(id)), Ok(child)) => Ok(Spawned { id, child }),
+        (Some(Err(e)), _) => Err(e),
+        (_, Err(e)) => Err(Error::operation_failed(format!("cannot run {binary}: {e}"))),
+        // Cannot happen: the child execs only on the go byte.
+        (None, Ok(_)) => Err(Error::internal(format!("{binary} ran without reporting its pid"))),
     }
 }
 
@@ -241,14 +240,12 @@ fn wait_to_be_recorded(fds: HoldFds) -> std::io::Result<()> {
     }
 }
 
-/// The identity of the child held before exec, from the pid it wrote.
-fn held_child(ready: OwnedFd) -> Result<ProcessId> {
+/// The identity of the child held before exec, from the pid it wrote;
+/// `None` when it never got there (the spawn's own error says why).
+fn held_child(ready: OwnedFd) -> Option<ProcessId> {
     let mut pid = [0u8; 4];
-    File::from(ready)
-        .read_exact(&mut pid)
-        .map_err(|e| Error::operation_failed(format!("the new process did not report its pid: {e}")))?;
-    let pid = i32::from_ne_bytes(pid);
-    ProcessId::of(pid).ok_or_else(|| Error::operation_failed(format!("the new process (pid {pid}) vanished")))
+    File::from(ready).read_exact(&mut pid).ok()?;
+    ProcessId::of(i32::from_ne_bytes(pid))
 }
 
 /// A pipe whose ends close on exec.
