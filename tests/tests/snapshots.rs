@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use common::{
     assert_recovered, domain_xml, hold_domain_lock, killed_at, make_chain, qemu_chain, qemu_img, qemu_io, validate_xml,
-    DiskSpec, DomainGuard, TestEnv, JOB_STEPS, SERVER_STEPS,
+    DiskSpec, DomainGuard, Kill, TestEnv, JOB_STEPS, SERVER_STEPS,
 };
 use strata_core::xml::{Domain, Element, SnapshotDef};
 use strata_qemu::QemuConnection;
@@ -1782,6 +1782,50 @@ fn helpers_die_with_a_killed_command() {
             assert!(!env.path("top.s1").exists(), "{case}: the rolled-back overlay exists");
         }
     }
+}
+
+/// Create, revert and delete killed at random moments in their first
+/// 150 ms (a few times each): the next command settles them (no intent is
+/// left), no process is left that no record names, `domblkcheck` is clean,
+/// the images are free once the domain is off, and vda reads what it read
+/// before or, after a revert, what s1 froze.
+fn snapshot_commands_killed_at_random_moments(live: bool) {
+    let mut revert = vec!["snapshot-revert", "vm", "s1"];
+    if live {
+        revert.push("--running");
+    }
+    let commands: [(&str, &[&str]); 3] = [
+        ("create", &["snapshot-create-as", "vm", "s3", "--disk-only", "--atomic"]),
+        ("revert", &revert),
+        ("delete", &["snapshot-delete", "vm", "s1"]),
+    ];
+    for (what, args) in commands {
+        for kill in Kill::random(2, std::time::Duration::from_millis(150)) {
+            let when = format!("{what} killed {kill:?}");
+            let env = TestEnv::new();
+            let mut vm = Vm::new(&env, Vdb::None, live);
+            let _guard = vm.guard();
+            let (at_s1, _, now) = two_snapshots(&mut vm);
+            kill.run(&env, args);
+            env.ok(&["snapshot-list", "vm"]);
+            assert_recovered(&env, &when);
+            assert_eq!(Intent::pending(&env), None, "{when}");
+            if live && domstate(&env) == "shut off" {
+                vm.start(); // a revert killed while it started QEMU again
+            }
+            assert!(vm.reads(&now) || (what == "revert" && vm.reads(&at_s1)), "{when}: vda reads other data");
+        }
+    }
+}
+
+#[test]
+fn snapshot_commands_killed_at_random_moments_live() {
+    snapshot_commands_killed_at_random_moments(true);
+}
+
+#[test]
+fn snapshot_commands_killed_at_random_moments_offline() {
+    snapshot_commands_killed_at_random_moments(false);
 }
 
 /// `snapshot-revert` to an external snapshot with a child, killed at each
