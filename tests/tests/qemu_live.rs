@@ -365,12 +365,6 @@ fn disk_types_the_driver_cannot_start_are_defined_and_refused_at_start() {
             "vda",
             "protocol 'gluster'",
         ),
-        (
-            "volume",
-            one("volume", "<driver name='qemu' type='raw'/><source pool='default' volume='img'/>"),
-            "vda",
-            "of type 'volume'",
-        ),
         ("nvme", NVME_DISK.to_string(), "vdf", "of type 'nvme'"),
         ("vhostuser", VHOSTUSER_DISK.to_string(), "vdg", "of type 'vhostuser'"),
         ("vhostvdpa", VHOSTVDPA_DISK.to_string(), "vdh", "of type 'vhostvdpa'"),

@@ -1825,20 +1825,19 @@ fn image_size(p: &Path, fmt: &str) -> Result<u64> {
 
 fn has_internal(operation: &DomainLock, p: &Path, snap: &str) -> bool {
     let Some(path) = p.to_str() else { return false };
-    strata_core::tool::run_tool_output(&crate::qemu_img_binary(), &["snapshot", "-U", "-l", path], Some(operation.as_fd()))
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.split_whitespace().nth(1) == Some(snap)))
-        .unwrap_or(false)
+    strata_core::tool::run_tool_output(
+        &crate::qemu_img_binary(),
+        &["snapshot", "-U", "-l", path],
+        Some(operation.as_fd()),
+    )
+    .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.split_whitespace().nth(1) == Some(snap)))
+    .unwrap_or(false)
 }
 
 /// Creates a qcow2 overlay on `image` whose header names `image` and its
 /// `format`, so that the overlay reads the same without Strata; `operation`
 /// is the operation lock the caller holds, if any (see `strata_core::tool::run_tool_output`).
-pub(crate) fn create_overlay(
-    operation: Option<&DomainLock>,
-    image: &Path,
-    format: &str,
-    overlay: &Path,
-) -> Result<()> {
+pub(crate) fn create_overlay(operation: Option<&DomainLock>, image: &Path, format: &str, overlay: &Path) -> Result<()> {
     let args = ["create", "-q", "-f", "qcow2", "-b", path_str(image)?, "-F", format, path_str(overlay)?];
     run_holding(operation, &args)
 }
