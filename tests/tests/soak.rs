@@ -322,16 +322,10 @@ impl<'a> Soak<'a> {
         self.no_untracked_helpers();
     }
 
-    /// Every process whose command line names this test's directory is the
-    /// one server the domain's status records (QEMU, or the storage daemon
-    /// of a job still running).
+    /// Every process running for this test is a server a record accounts
+    /// for (QEMU, or the storage daemon of a job still running).
     fn no_untracked_helpers(&self) {
-        let recorded = common::qemu_pid(self.env, "vm");
-        if let Some((pid, cmdline)) =
-            processes_naming(self.env.dir.path()).into_iter().find(|(pid, _)| Some(*pid) != recorded)
-        {
-            self.fail(format!("pid {pid} is not recorded: {cmdline}"));
-        }
+        common::assert_no_stray_processes(self.env, &format!("operations so far:\n{}", self.log.join("\n")));
     }
 
     /// Whether QEMU runs the domain (a killed `start` may leave it paused).
@@ -361,38 +355,6 @@ impl<'a> Soak<'a> {
     }
 }
 
-/// The pids and command lines of the processes whose command line names
-/// `dir` (a test's own temporary directory, so only its processes match).
-fn processes_naming(dir: &Path) -> Vec<(i32, String)> {
-    let dir = dir.display().to_string();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(&dir) {
-            found.push((pid, cmdline));
-        }
-    }
-    found
-}
-
-/// Kills, when the test ends, every process still naming its directory:
-/// a failing run must not leave the untracked helper it found behind.
-struct KillLeftovers<'a>(&'a TestEnv);
-
-impl Drop for KillLeftovers<'_> {
-    fn drop(&mut self) {
-        for (pid, _) in processes_naming(self.0.dir.path()) {
-            // SAFETY: kill(2) on a pid whose command line names this test's
-            // own temporary directory.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
-        }
-    }
-}
-
 #[test]
 fn random_operations_with_random_kills() {
     let ops: usize = std::env::var("STRATA_SOAK_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_OPS);
@@ -401,7 +363,6 @@ fn random_operations_with_random_kills() {
     });
     println!("soak: {ops} operations, STRATA_SOAK_SEED={seed}");
     let env = TestEnv::new();
-    let _leftovers = KillLeftovers(&env);
     let _guard = DomainGuard { env: &env, name: "vm".into() };
     let mut soak = Soak::new(&env, seed);
     for _ in 0..ops {
