@@ -431,6 +431,7 @@ fn start_killed_at_each_step_leaves_no_untracked_qemu() {
         assert_recovered(&env, step);
         if step == "server:started" {
             assert_eq!(state.trim(), "paused", "{step}");
+            assert_eq!(env.ok(&["domstate", "vm", "--reason"]).trim(), "paused (starting up)", "{step}");
             env.ok(&["resume", "vm"]);
         } else {
             assert_eq!(state.trim(), "shut off", "{step}");

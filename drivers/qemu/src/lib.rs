@@ -277,6 +277,12 @@ impl QemuConnection {
             live::wait_for_socket(&paths.monitor_socket(MONITORS - 1), &mut spawned.child, &paths.log()).await?;
             let mut status = LiveStatus::new(spawned.id, id, dom, server, owner);
             status.starting = false;
+            if server == live::Server::Vm && mode == StartMode::Run {
+                // Until `cont` below: a start killed in between leaves the
+                // guest paused, and domstate --reason says why (libvirt's
+                // VIR_DOMAIN_PAUSED_STARTING_UP), not that a user paused it.
+                status.reason = Some((DomainState::Paused.as_virsh().to_string(), "starting up".to_string()));
+            }
             self.store.write_status(name, &status.to_xml())?;
             strata_core::crash_point("server:started");
             let monitor = self.monitors.get(&self.store, name, status.process).await?;
