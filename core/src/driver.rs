@@ -17,6 +17,7 @@ use crate::options::{
 };
 use crate::pool::PoolManager;
 use crate::store::Store;
+use crate::xml::Domain;
 
 /// virsh's domain states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -93,6 +94,8 @@ pub struct DomainEvent {
     pub event: String,
     /// What happened, in virsh's words (`Block Pull for vda completed`).
     pub detail: String,
+    /// The disk (its target, `vda`) a block-job event is about.
+    pub disk: Option<String>,
     /// Microseconds since the epoch, from the hypervisor.
     pub timestamp_us: i64,
 }
@@ -217,6 +220,9 @@ pub trait Connection: Send + Sync {
     fn storage_pools(&self) -> Option<Box<dyn StoragePoolOps>> {
         self.state_store().map(|store| Box::new(PoolManager::new(store.clone())) as Box<dyn StoragePoolOps>)
     }
+    fn monitor(&self) -> Option<&dyn MonitorOps> {
+        None
+    }
 }
 
 impl<'a> dyn Connection + 'a {
@@ -231,6 +237,19 @@ impl<'a> dyn Connection + 'a {
     }
     pub fn require_storage_pools(&self) -> Result<Box<dyn StoragePoolOps>> {
         self.storage_pools().ok_or_else(|| not_supported(self, "storage pools"))
+    }
+
+    pub fn require_monitor(&self) -> Result<&dyn MonitorOps> {
+        self.monitor().ok_or_else(|| not_supported(self, "monitor commands"))
+    }
+
+    /// The target (`vda`) of the domain's disk that `disk` names, in the
+    /// domain's current XML (live when it runs): the one place a disk
+    /// given on a command line as a target or an image path is resolved;
+    /// see [`Domain::find_disk`] for what is accepted.
+    pub async fn disk_target(&self, domain: &str, disk: &str) -> Result<String> {
+        let xml = self.dump_xml(domain, DumpXmlFlags::default()).await?;
+        Ok(Domain::parse(&xml)?.find_disk(disk)?.target)
     }
 }
 
@@ -359,6 +378,18 @@ pub trait BlockJobOps: Send + Sync {
     async fn block_job_set_speed(&self, domain: &str, disk: &str, bytes_per_sec: u64) -> Result<()>;
     /// Waits at most `timeout_ms` for the job on `disk` to change state.
     async fn block_job_wait(&self, domain: &str, disk: &str, timeout_ms: u64) -> Result<BlockJobState>;
+}
+
+/// A hypervisor monitor that passes commands through as they are
+/// (virsh's `qemu-monitor-command`), for operators. What such a command
+/// changes behind the driver is not recorded.
+#[async_trait]
+pub trait MonitorOps: Send + Sync {
+    /// Sends `command` to the running domain's monitor — the monitor's own
+    /// protocol (QMP JSON for QEMU), or with `human` its human monitor
+    /// command line — and returns the reply as the monitor gave it (a
+    /// refused command's error reply included).
+    async fn monitor_command(&self, domain: &str, command: &str, human: bool) -> Result<String>;
 }
 
 /// Seed 004's outcomes for adding or removing one disk.

@@ -106,26 +106,28 @@ impl Domain {
         self.root.child("devices").into_iter().flat_map(|d| d.children_named("disk"))
     }
 
-    /// Finds a disk by target (`vda`) or by the path of its active layer,
-    /// as virsh accepts both.
+    /// Finds a disk as libvirt's `virDomainDiskByName` does, and exactly as
+    /// permissively: a name without a leading `/` is a target (`vda`); one
+    /// with it is the path of a disk's active image (not of a backing
+    /// image, which libvirt does not match either), and names nothing when
+    /// several disks have that image.
     pub fn find_disk(&self, name: &str) -> Result<Disk> {
         let disks = self.disks()?;
-        disks
-            .iter()
-            .find(|d| d.target == name)
-            .or_else(|| {
-                disks
-                    .iter()
-                    .find(|d| d.source().and_then(|s| s.local_path()).is_some_and(|p| p == std::path::Path::new(name)))
-            })
-            .cloned()
-            .ok_or_else(|| {
-                Error::invalid_arg(format!(
-                    "no disk '{name}' in domain '{}' (its disks: {})",
-                    self.name(),
-                    disks.iter().map(|d| d.target.as_str()).collect::<Vec<_>>().join(", ")
-                ))
-            })
+        let found: Vec<&Disk> = if name.starts_with('/') {
+            let path = std::path::Path::new(name);
+            disks.iter().filter(|d| d.source().and_then(|s| s.local_path()).is_some_and(|p| p == path)).collect()
+        } else {
+            disks.iter().filter(|d| d.target == name).take(1).collect()
+        };
+        match found.as_slice() {
+            [disk] => Ok((*disk).clone()),
+            _ => Err(Error::invalid_arg(format!(
+                "no disk '{name}' in domain '{}'{} (its disks: {})",
+                self.name(),
+                if found.is_empty() { "" } else { ": several disks have that image" },
+                disks.iter().map(|d| d.target.as_str()).collect::<Vec<_>>().join(", ")
+            ))),
+        }
     }
 
     fn disk_element_mut(&mut self, target: &str) -> Result<&mut Element> {

@@ -14,6 +14,7 @@ mod intent;
 mod jobs;
 mod launch;
 pub mod live;
+mod monitor_command;
 mod persistent;
 mod process;
 mod snapshots;
@@ -29,7 +30,8 @@ use strata_core::define;
 use strata_core::driver::{
     BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobOps, BlockJobState, Connection, DefineFlags, DefineOutcome,
     DiskChainCheck, DiskSetOps, DiskSetOutcome, DomainEvent, DomainInfo, DomainState, DomainSummary,
-    DriverCapabilities, DumpXmlFlags, SnapshotOps, SnapshotSummary, StartFlags, StartOutcome, UndefineFlags,
+    DriverCapabilities, DumpXmlFlags, MonitorOps, SnapshotOps, SnapshotSummary, StartFlags, StartOutcome,
+    UndefineFlags,
 };
 use strata_core::options::{
     BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions, SnapshotCreateFlags,
@@ -637,6 +639,10 @@ impl Connection for QemuConnection {
     }
 
     fn snapshots(&self) -> Option<&dyn SnapshotOps> {
+        Some(self)
+    }
+
+    fn monitor(&self) -> Option<&dyn MonitorOps> {
         Some(self)
     }
 }

@@ -535,24 +535,25 @@ pub fn translate_event(domain: &str, ev: &strata_qmp::QmpEvent) -> Option<strata
             .into_iter()
             .find(|k| rest.starts_with(&format!("{}-", k.as_str())))?;
         let disk = &rest[kind.as_str().len() + 1..];
-        Some(("block-job", format!("{} for {disk} {what}", kind.label())))
+        Some(("block-job", format!("{} for {disk} {what}", kind.label()), Some(disk.to_string())))
     };
-    let (event, detail) = match ev.known() {
+    let (event, detail, disk) = match ev.known() {
         KnownEvent::BlockJobCompleted(e) => {
             block_job(&e.device, if e.error.is_some() { "failed" } else { "completed" })?
         }
         KnownEvent::BlockJobCancelled(e) => block_job(&e.device, "canceled")?,
         KnownEvent::BlockJobReady(e) => block_job(&e.device, "ready")?,
         KnownEvent::BlockJobError(e) => block_job(&e.device, "failed")?,
-        KnownEvent::Stop => ("lifecycle", "Suspended Paused".to_string()),
-        KnownEvent::Resume => ("lifecycle", "Resumed Unpaused".to_string()),
-        KnownEvent::Shutdown(_) => ("lifecycle", "Stopped Shutdown".to_string()),
+        KnownEvent::Stop => ("lifecycle", "Suspended Paused".to_string(), None),
+        KnownEvent::Resume => ("lifecycle", "Resumed Unpaused".to_string(), None),
+        KnownEvent::Shutdown(_) => ("lifecycle", "Stopped Shutdown".to_string(), None),
         _ => return None,
     };
     Some(strata_core::driver::DomainEvent {
         domain: domain.to_string(),
         event: event.to_string(),
         detail,
+        disk,
         timestamp_us: ev.timestamp.0.saturating_mul(1_000_000).saturating_add(ev.timestamp.1),
     })
 }
