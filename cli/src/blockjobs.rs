@@ -10,7 +10,7 @@ use clap::Args;
 use strata_core::driver::{BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobOps, BlockJobState};
 use strata_core::options::{BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions};
 
-use crate::commands::CommandFailure;
+use crate::commands::{CommandFailure, BY_POSITION};
 use crate::output;
 
 /// Options every job command shares.
@@ -44,10 +44,12 @@ impl WaitArgs {
 
 #[derive(Args, Debug)]
 pub struct PullArgs {
-    #[arg(value_name = "DOMAIN")]
+    /// Domain name.
+    #[arg(long, value_name = "DOMAIN", help_heading = BY_POSITION)]
     pub domain: String,
-    #[arg(value_name = "DISK")]
-    disk: String,
+    /// The disk: its target (vda) or the path of its active image.
+    #[arg(long = "path", visible_alias = "disk", value_name = "DISK", help_heading = BY_POSITION)]
+    pub disk: String,
     /// Pull down to this image (path or DISK[N]) instead of flattening.
     #[arg(long)]
     base: Option<String>,
@@ -63,12 +65,16 @@ pub struct PullArgs {
 
 #[derive(Args, Debug)]
 pub struct CommitArgs {
-    #[arg(value_name = "DOMAIN")]
+    /// Domain name.
+    #[arg(long, value_name = "DOMAIN", help_heading = BY_POSITION)]
     pub domain: String,
-    #[arg(value_name = "DISK")]
-    disk: String,
+    /// The disk: its target (vda) or the path of its active image.
+    #[arg(long = "path", visible_alias = "disk", value_name = "DISK", help_heading = BY_POSITION)]
+    pub disk: String,
+    /// Commit into this image (path or DISK[N]) instead of the bottom of the chain.
     #[arg(long)]
     base: Option<String>,
+    /// Commit from this image (path or DISK[N]) instead of the active layer.
     #[arg(long)]
     top: Option<String>,
     /// Commit into the image just below the top.
@@ -86,6 +92,7 @@ pub struct CommitArgs {
     /// Delete the committed files once the job succeeds.
     #[arg(long)]
     delete: bool,
+    /// Keep the backing name relative.
     #[arg(long = "keep-relative")]
     keep_relative: bool,
     /// Commit even into an image a snapshot froze (that snapshot then
@@ -98,23 +105,28 @@ pub struct CommitArgs {
 
 #[derive(Args, Debug)]
 pub struct CopyArgs {
-    #[arg(value_name = "DOMAIN")]
+    /// Domain name.
+    #[arg(long, value_name = "DOMAIN", help_heading = BY_POSITION)]
     pub domain: String,
-    #[arg(value_name = "DISK")]
-    disk: String,
-    #[arg(value_name = "DEST")]
-    dest_positional: Option<String>,
-    #[arg(long)]
+    /// The disk: its target (vda) or the path of its active image.
+    #[arg(long = "path", visible_alias = "disk", value_name = "DISK", help_heading = BY_POSITION)]
+    pub disk: String,
+    /// The copy's path.
+    #[arg(long, value_name = "DEST", help_heading = BY_POSITION)]
     dest: Option<String>,
     /// Destination as a <disk> XML file.
     #[arg(long, value_name = "FILE")]
     xml: Option<String>,
+    /// Copy only the active layer; the copy keeps its backing chain.
     #[arg(long)]
     shallow: bool,
+    /// Copy into an existing image instead of creating it.
     #[arg(long = "reuse-external")]
     reuse_external: bool,
+    /// The destination is raw (same as --format raw).
     #[arg(long)]
     raw: bool,
+    /// The destination's format.
     #[arg(long)]
     format: Option<String>,
     /// Switch to the copy once it is synchronised.
@@ -123,8 +135,10 @@ pub struct CopyArgs {
     /// End the copy once synchronised, keeping the source in use.
     #[arg(long)]
     finish: bool,
+    /// Dirty-bitmap granularity in bytes (a power of two).
     #[arg(long)]
     granularity: Option<u64>,
+    /// Copy buffer size in bytes.
     #[arg(long = "buf-size")]
     buf_size: Option<u64>,
     /// Accepted for virsh compatibility: Strata copies persistent domains too.
@@ -136,24 +150,36 @@ pub struct CopyArgs {
 
 #[derive(Args, Debug)]
 pub struct JobArgs {
-    #[arg(value_name = "DOMAIN")]
+    /// Domain name.
+    #[arg(long, value_name = "DOMAIN", help_heading = BY_POSITION)]
     pub domain: String,
-    #[arg(value_name = "DISK")]
-    disk: String,
+    /// The disk: its target (vda) or the path of its active image.
+    #[arg(long = "path", visible_alias = "disk", value_name = "DISK", help_heading = BY_POSITION)]
+    pub disk: String,
+    /// Abort the job.
     #[arg(long)]
     abort: bool,
+    /// With --abort: return once the abort is requested.
     #[arg(long = "async")]
     async_abort: bool,
+    /// Switch to the copy or the commit base, ending the job.
     #[arg(long)]
     pivot: bool,
+    /// Show the job's progress (the default).
     #[arg(long)]
     info: bool,
+    /// With --info: key=value lines.
     #[arg(long)]
     raw: bool,
+    /// --bandwidth is in bytes/s, and --raw shows it so.
     #[arg(long)]
     bytes: bool,
+    /// Set the job's bandwidth limit in MiB/s (bytes/s with --bytes).
     #[arg(long, value_name = "NUMBER")]
     bandwidth: Option<u64>,
+    /// With --info (the default): the job as JSON, `null` when there is none.
+    #[arg(long)]
+    json: bool,
 }
 
 fn percent(info: &BlockJobInfo) -> u64 {
@@ -355,14 +381,14 @@ pub async fn blockcopy(jobs: &dyn BlockJobOps, a: CopyArgs) -> Result<String> {
         return Err(failure("Options --pivot and --finish are mutually exclusive".into()));
     }
     let mut xml_format = None;
-    let dest = match (&a.dest, &a.dest_positional, &a.xml) {
-        (Some(d), _, None) | (None, Some(d), None) => d.clone(),
-        (None, None, Some(file)) => {
+    let dest = match (&a.dest, &a.xml) {
+        (Some(d), None) => d.clone(),
+        (None, Some(file)) => {
             let (path, format) = dest_from_xml(file)?;
             xml_format = format;
             path
         }
-        (None, None, None) => return Err(failure("one of --dest or --xml is required".into())),
+        (None, None) => return Err(failure("one of --dest or --xml is required".into())),
         _ => return Err(failure("Options --dest and --xml are mutually exclusive".into())),
     };
     // Strata copies persistent domains as they are; the flag changes nothing.
@@ -416,7 +442,7 @@ fn dest_from_xml(file: &str) -> Result<(String, Option<String>)> {
     Ok((path, format))
 }
 
-pub async fn blockjob(jobs: &dyn BlockJobOps, a: JobArgs) -> Result<String> {
+pub async fn blockjob(jobs: &dyn BlockJobOps, a: JobArgs, json: bool) -> Result<String> {
     let mut out = String::new();
     if a.abort || a.pivot {
         if a.info || a.bandwidth.is_some() {
@@ -438,7 +464,12 @@ pub async fn blockjob(jobs: &dyn BlockJobOps, a: JobArgs) -> Result<String> {
             return Ok(out);
         }
     }
-    match jobs.block_job_info(&a.domain, &a.disk).await? {
+    let info = jobs.block_job_info(&a.domain, &a.disk).await?;
+    if json || a.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&info)?)?;
+        return Ok(out);
+    }
+    match info {
         None => writeln!(out, "No current block job for {}", a.disk)?,
         Some(info) if a.raw => {
             writeln!(out, " type={}", info.kind.label())?;

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgAction, Args, Parser, Subcommand};
 use serde_json::json;
 use strata_core::chain::{Backing, Chain};
 use strata_core::driver::{Connection, DefineFlags, DiskSetOutcome, DumpXmlFlags, StartFlags, UndefineFlags};
@@ -44,21 +44,39 @@ pub struct CommandLine {
     pub command: Command,
 }
 
-/// A domain, given by position or as `--domain NAME` as virsh allows;
-/// one of the two is required.
+/// The heading of the options that, as in virsh, may also be given by
+/// position: bare words fill them in the order they are declared (see
+/// [`crate::virsh_args`]).
+pub const BY_POSITION: &str = "Options also given by position";
+
+/// A domain, given as `--domain NAME` or by position, as virsh allows.
 #[derive(Args, Debug, Clone)]
-#[group(required = true, multiple = false)]
 pub struct DomainArg {
-    #[arg(value_name = "DOMAIN")]
-    positional: Option<String>,
-    #[arg(long = "domain", value_name = "DOMAIN")]
-    named: Option<String>,
+    /// Domain name.
+    #[arg(id = "domain", long = "domain", value_name = "DOMAIN", help_heading = BY_POSITION)]
+    name: String,
 }
 
 impl DomainArg {
-    fn get(&self) -> Result<&str> {
-        self.named.as_deref().or(self.positional.as_deref()).ok_or_else(|| anyhow!("command requires <domain> option"))
+    fn name(&self) -> &str {
+        &self.name
     }
+}
+
+/// virsh's `dumpxml` flags that change nothing in Strata's XML, accepted
+/// so that virsh command lines run: Strata records no host CPU model to
+/// update, no secret to hide, and nothing a migration would drop.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct UnchangedXmlFlags {
+    /// Accepted; changes nothing.
+    #[arg(long = "update-cpu")]
+    _update_cpu: bool,
+    /// Accepted; changes nothing.
+    #[arg(long = "security-info")]
+    _security_info: bool,
+    /// Accepted; changes nothing.
+    #[arg(long = "migratable")]
+    _migratable: bool,
 }
 
 #[derive(Args, Debug, Clone, Copy)]
@@ -84,7 +102,8 @@ pub enum Command {
     },
     /// Define (but do not start) a domain from an XML file.
     Define {
-        #[arg(value_name = "FILE")]
+        /// The domain's XML file.
+        #[arg(long, value_name = "FILE", help_heading = BY_POSITION)]
         file: String,
         /// Probe every disk's chain even when the XML gives one, and refuse a mismatch.
         #[arg(long)]
@@ -100,12 +119,16 @@ pub enum Command {
     },
     /// List domains.
     List {
+        /// List inactive and active domains.
         #[arg(long)]
         all: bool,
+        /// List inactive domains only.
         #[arg(long)]
         inactive: bool,
+        /// List domain names only.
         #[arg(long)]
         name: bool,
+        /// List domain UUIDs only.
         #[arg(long)]
         uuid: bool,
         #[command(flatten)]
@@ -122,6 +145,7 @@ pub enum Command {
     Domstate {
         #[command(flatten)]
         domain: DomainArg,
+        /// Also print the reason for the state.
         #[arg(long)]
         reason: bool,
         #[command(flatten)]
@@ -131,18 +155,23 @@ pub enum Command {
     Dumpxml {
         #[command(flatten)]
         domain: DomainArg,
+        /// The persistent definition, even while the domain runs.
         #[arg(long)]
         inactive: bool,
         /// Re-read the image files and record the chains they describe.
         #[arg(long = "refresh-chain")]
         refresh_chain: bool,
+        #[command(flatten)]
+        unchanged: UnchangedXmlFlags,
     },
     /// List a domain's block devices.
     Domblklist {
         #[command(flatten)]
         domain: DomainArg,
+        /// Also show the disk type and device.
         #[arg(long)]
         details: bool,
+        /// The persistent definition's disks, even while the domain runs.
         #[arg(long)]
         inactive: bool,
         /// Draw each disk's backing tree.
@@ -155,7 +184,8 @@ pub enum Command {
     Domblkcheck {
         #[command(flatten)]
         domain: DomainArg,
-        #[arg(value_name = "DISK")]
+        /// Only this disk: its target or the path of its active image.
+        #[arg(long = "disk", visible_alias = "path", value_name = "DISK", help_heading = BY_POSITION)]
         disk: Option<String>,
         /// Record what the image files say (correction mode).
         #[arg(long)]
@@ -167,6 +197,7 @@ pub enum Command {
     Start {
         #[command(flatten)]
         domain: DomainArg,
+        /// Leave the guest paused.
         #[arg(long)]
         paused: bool,
     },
@@ -195,8 +226,10 @@ pub enum Command {
     DisksetAdd {
         #[command(flatten)]
         domain: DomainArg,
-        #[arg(value_name = "DISK", required_unless_present = "all")]
+        /// The disk: its target or the path of its active image.
+        #[arg(long = "disk", visible_alias = "path", value_name = "DISK", required_unless_present = "all", help_heading = BY_POSITION)]
         disk: Option<String>,
+        /// Every disk of the domain.
         #[arg(long, conflicts_with = "disk")]
         all: bool,
     },
@@ -205,8 +238,10 @@ pub enum Command {
     DisksetRemove {
         #[command(flatten)]
         domain: DomainArg,
-        #[arg(value_name = "DISK", required_unless_present = "all")]
+        /// The disk: its target or the path of its active image.
+        #[arg(long = "disk", visible_alias = "path", value_name = "DISK", required_unless_present = "all", help_heading = BY_POSITION)]
         disk: Option<String>,
+        /// Every disk of the domain.
         #[arg(long, conflicts_with = "disk")]
         all: bool,
     },
@@ -263,16 +298,43 @@ pub enum Command {
     Event(EventArgs),
     #[command(flatten)]
     Pools(Box<crate::pools::PoolCommand>),
+    /// Send a command to the domain's monitor and print its reply.
+    ///
+    /// The command is QMP JSON (`{"execute":"query-block"}`), passed through
+    /// as it is; with --hmp, a human monitor command (`info block`). The
+    /// reply is printed as the monitor gave it; --pretty indents a JSON reply.
+    #[command(name = "qemu-monitor-command")]
+    QemuMonitorCommand {
+        #[command(flatten)]
+        domain: DomainArg,
+        /// The command is a human monitor command.
+        #[arg(long)]
+        hmp: bool,
+        /// Indent the JSON reply.
+        #[arg(long, conflicts_with = "hmp")]
+        pretty: bool,
+        /// The command; several words are joined by spaces.
+        #[arg(long, value_name = "CMD", required = true, action = ArgAction::Append, help_heading = BY_POSITION)]
+        cmd: Vec<String>,
+    },
+    /// Print help: the commands by group, a group's commands, or one
+    /// command's synopsis and options.
+    Help {
+        /// A command, or a group's help keyword.
+        #[arg(long, value_name = "COMMAND", help_heading = BY_POSITION)]
+        command: Option<String>,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
 }
 
 /// `event`: virsh's options. Without a domain, every running domain is
 /// watched, including those that start while the command waits.
 #[derive(Args, Debug)]
 pub struct EventArgs {
-    #[arg(value_name = "DOMAIN")]
-    positional: Option<String>,
-    #[arg(long = "domain", value_name = "DOMAIN")]
-    named: Option<String>,
+    /// Only this domain's events.
+    #[arg(long, value_name = "DOMAIN", help_heading = BY_POSITION)]
+    domain: Option<String>,
     /// Only this event: block-job or lifecycle.
     #[arg(long)]
     event: Option<String>,
@@ -315,7 +377,7 @@ async fn watch_events(conn: &dyn Connection, args: EventArgs, json: bool) -> Res
             return Err(anyhow!("Options --all and --event are mutually exclusive"));
         }
     }
-    let named = args.named.or(args.positional);
+    let named = args.domain;
     if named.is_none() && !args.all && args.event.is_none() {
         return Err(anyhow!("one of --list, --all, or --event <type> is required"));
     }
@@ -475,7 +537,7 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
             writeln!(out, "Domain '{}' defined from {file}\n", outcome.name)?;
         }
         Command::Undefine { domain, snapshots_metadata } => {
-            let name = domain.get()?;
+            let name = domain.name();
             let flags = UndefineFlags { snapshots_metadata };
             session
                 .conn()?
@@ -520,7 +582,7 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
             }
         }
         Command::Dominfo { domain, json } => {
-            let name = domain.get()?;
+            let name = domain.name();
             let info = session.conn()?.domain_info(name).await.map_err(|e| lookup_error(e, name))?;
             if wants_json(json) {
                 writeln!(out, "{}", serde_json::to_string_pretty(&info)?)?;
@@ -545,7 +607,7 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
             }
         }
         Command::Domstate { domain, reason, json } => {
-            let name = domain.get()?;
+            let name = domain.name();
             let info = session.conn()?.domain_info(name).await.map_err(|e| lookup_error(e, name))?;
             let s = &info.summary;
             if wants_json(json) {
@@ -556,8 +618,8 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                 writeln!(out, "{}\n", s.state.as_virsh())?;
             }
         }
-        Command::Dumpxml { domain, inactive, refresh_chain } => {
-            let name = domain.get()?;
+        Command::Dumpxml { domain, inactive, refresh_chain, .. } => {
+            let name = domain.name();
             let xml = session
                 .conn()?
                 .dump_xml(name, DumpXmlFlags { inactive, refresh_chain })
@@ -566,7 +628,7 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
             writeln!(out, "{xml}")?;
         }
         Command::Domblklist { domain, details, inactive, chain, json } => {
-            let name = domain.get()?;
+            let name = domain.name();
             let xml = session
                 .conn()?
                 .dump_xml(name, DumpXmlFlags { inactive, refresh_chain: false })
@@ -621,7 +683,11 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
             }
         }
         Command::Domblkcheck { domain, disk, fix, json } => {
-            let name = domain.get()?;
+            let name = domain.name();
+            let disk = match disk {
+                Some(d) => Some(disk_target(session, name, &d).await?),
+                None => None,
+            };
             let checks =
                 session.conn()?.check_chains(name, disk.as_deref(), fix).await.map_err(|e| lookup_error(e, name))?;
             let unresolved =
@@ -657,7 +723,7 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
             }
         }
         Command::Start { domain, paused } => {
-            let name = domain.get()?;
+            let name = domain.name();
             let outcome = session
                 .conn()?
                 .start(name, StartFlags { paused })
@@ -669,51 +735,55 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
             writeln!(out, "Domain '{name}' started\n")?;
         }
         Command::Destroy { domain } => {
-            let name = domain.get()?;
+            let name = domain.name();
             session.conn()?.destroy(name).await.map_err(|e| domain_error(e, name, "Failed to destroy domain"))?;
             writeln!(out, "Domain '{name}' destroyed\n")?;
         }
         Command::Shutdown { domain } => {
-            let name = domain.get()?;
+            let name = domain.name();
             session.conn()?.shutdown(name).await.map_err(|e| domain_error(e, name, "Failed to shutdown domain"))?;
             writeln!(out, "Domain '{name}' is being shutdown\n")?;
         }
         Command::Suspend { domain } => {
-            let name = domain.get()?;
+            let name = domain.name();
             session.conn()?.suspend(name).await.map_err(|e| domain_error(e, name, "Failed to suspend domain"))?;
             writeln!(out, "Domain '{name}' suspended\n")?;
         }
         Command::Resume { domain } => {
-            let name = domain.get()?;
+            let name = domain.name();
             session.conn()?.resume(name).await.map_err(|e| domain_error(e, name, "Failed to resume domain"))?;
             writeln!(out, "Domain '{name}' resumed\n")?;
         }
         Command::DisksetAdd { domain, disk, all } => {
-            let name = domain.get()?;
+            let name = domain.name();
             let sets = session.conn()?.require_disk_sets()?;
             if all {
                 let size = sets.diskset_add_all(name).await.map_err(|e| lookup_error(e, name))?;
                 writeln!(out, "All disks of domain '{name}' selected ({size} in the disk set)")?;
             } else {
                 let disk = disk.ok_or_else(|| anyhow!("command requires <disk> option or --all"))?;
+                let disk = disk_target(session, name, &disk).await?;
+                let sets = session.conn()?.require_disk_sets()?;
                 let outcome = sets.diskset_add(name, &disk).await.map_err(|e| lookup_error(e, name))?;
                 writeln!(out, "{}", diskset_message(&disk, outcome))?;
             }
         }
         Command::DisksetRemove { domain, disk, all } => {
-            let name = domain.get()?;
+            let name = domain.name();
             let sets = session.conn()?.require_disk_sets()?;
             if all {
                 let removed = sets.diskset_remove_all(name).await.map_err(|e| lookup_error(e, name))?;
                 writeln!(out, "All disks of domain '{name}' deselected ({removed} removed from the disk set)")?;
             } else {
                 let disk = disk.ok_or_else(|| anyhow!("command requires <disk> option or --all"))?;
+                let disk = disk_target(session, name, &disk).await?;
+                let sets = session.conn()?.require_disk_sets()?;
                 let outcome = sets.diskset_remove(name, &disk).await.map_err(|e| lookup_error(e, name))?;
                 writeln!(out, "{}", diskset_message(&disk, outcome))?;
             }
         }
         Command::DisksetList { domain, json } => {
-            let name = domain.get()?;
+            let name = domain.name();
             let list =
                 session.conn()?.require_disk_sets()?.diskset_list(name).await.map_err(|e| lookup_error(e, name))?;
             if wants_json(json) {
@@ -725,10 +795,22 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                 out.push('\n');
             }
         }
-        Command::Blockpull(a) => out = with_ops!(session, require_block_jobs, a, crate::blockjobs::blockpull),
-        Command::Blockcommit(a) => out = with_ops!(session, require_block_jobs, a, crate::blockjobs::blockcommit),
-        Command::Blockcopy(a) => out = with_ops!(session, require_block_jobs, a, crate::blockjobs::blockcopy),
-        Command::Blockjob(a) => out = with_ops!(session, require_block_jobs, a, crate::blockjobs::blockjob),
+        Command::Blockpull(mut a) => {
+            a.disk = disk_target(session, &a.domain, &a.disk).await?;
+            out = with_ops!(session, require_block_jobs, a, crate::blockjobs::blockpull)
+        }
+        Command::Blockcommit(mut a) => {
+            a.disk = disk_target(session, &a.domain, &a.disk).await?;
+            out = with_ops!(session, require_block_jobs, a, crate::blockjobs::blockcommit)
+        }
+        Command::Blockcopy(mut a) => {
+            a.disk = disk_target(session, &a.domain, &a.disk).await?;
+            out = with_ops!(session, require_block_jobs, a, crate::blockjobs::blockcopy)
+        }
+        Command::Blockjob(mut a) => {
+            a.disk = disk_target(session, &a.domain, &a.disk).await?;
+            out = with_ops!(session, require_block_jobs, a, crate::blockjobs::blockjob, global_json)
+        }
         Command::SnapshotCreate(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::create),
         Command::SnapshotCreateAs(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::create_as),
         Command::SnapshotList(a) => {
@@ -751,14 +833,42 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
             let pools = session.conn()?.require_storage_pools()?;
             out = crate::pools::run(pools.as_ref(), *command, global_json, quiet).await?;
         }
+        Command::QemuMonitorCommand { domain, hmp, pretty, cmd } => {
+            let name = domain.name();
+            let reply = session
+                .conn()?
+                .require_monitor()?
+                .monitor_command(name, &cmd.join(" "), hmp)
+                .await
+                .map_err(|e| lookup_error(e, name))?;
+            if pretty {
+                let value: serde_json::Value = serde_json::from_str(&reply)?;
+                writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+            } else {
+                writeln!(out, "{reply}")?;
+            }
+        }
+        Command::Help { command, json } => match command {
+            None => out = crate::help::overview(wants_json(json)),
+            Some(name) => {
+                out = crate::help::topic(&name)
+                    .ok_or_else(|| CommandFailure::new(format!("command or command group '{name}' doesn't exist")))?
+            }
+        },
         Command::DisksetSize { domain } => {
-            let name = domain.get()?;
+            let name = domain.name();
             let size =
                 session.conn()?.require_disk_sets()?.diskset_size(name).await.map_err(|e| lookup_error(e, name))?;
             writeln!(out, "{size}\n")?;
         }
     }
     Ok(out)
+}
+
+/// The target of the domain's disk that a command line names, as a target
+/// or an image path.
+async fn disk_target(session: &mut Session, domain: &str, disk: &str) -> Result<String> {
+    session.conn()?.disk_target(domain, disk).await.map_err(|e| lookup_error(e, domain))
 }
 
 fn diskset_message(disk: &str, outcome: DiskSetOutcome) -> String {

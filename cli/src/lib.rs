@@ -8,11 +8,13 @@
 
 mod blockjobs;
 mod commands;
+mod help;
 mod output;
 mod pools;
 mod snapshots;
 mod table;
 mod tokenize;
+mod virsh_args;
 
 use std::io::{BufRead, IsTerminal};
 use std::process::ExitCode;
@@ -29,7 +31,9 @@ use strata_qemu as _;
     name = "strata",
     about = "Manage the disks of virtual machines and containers: backing chains, snapshots, block jobs, disk sets",
     disable_version_flag = true,
-    override_usage = "strata [OPTION]... [COMMAND_STRING]\n       strata [OPTION]... COMMAND [ARG]..."
+    override_usage = "strata [OPTION]... [COMMAND_STRING]\n       strata [OPTION]... COMMAND [ARG]...",
+    after_help = "Commands: 'strata help' lists them by group, 'strata help COMMAND' (or 'strata COMMAND --help') \
+                  shows one command's synopsis and options, 'strata help KEYWORD' one group's commands."
 )]
 struct Global {
     /// Hypervisor connection URI (default: $STRATA_DEFAULT_URI, $LIBVIRT_DEFAULT_URI, qemu:///session or qemu:///system for root).
@@ -69,14 +73,16 @@ enum Parsed {
     Help(String),
 }
 
-/// Parses one command's words; a refusal is virsh's message for it.
+/// Parses one command's words, read as virsh reads them (see
+/// [`virsh_args`]); a refusal is virsh's message for it.
 fn parse_words(words: &[String]) -> Result<Parsed, String> {
-    match CommandLine::try_parse_from(words) {
+    let command = words.first().map(String::as_str).unwrap_or_default();
+    match CommandLine::try_parse_from(virsh_args::name_positional_words(words)) {
         Ok(p) => Ok(Parsed::Run(p.command)),
         Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => {
-            Ok(Parsed::Help(e.to_string()))
+            Ok(Parsed::Help(help::topic(command).unwrap_or_else(|| e.to_string())))
         }
-        Err(e) => Err(parse_error_message(words.first().map(String::as_str).unwrap_or_default(), &e)),
+        Err(e) => Err(parse_error_message(command, &e)),
     }
 }
 
@@ -92,7 +98,7 @@ fn parse_error_message(command: &str, e: &clap::Error) -> String {
     };
     match (e.kind(), context(ContextKind::InvalidArg), context(ContextKind::InvalidSubcommand)) {
         (K::MissingRequiredArgument, Some(arg), _) => {
-            format!("command '{command}' requires {} option", virsh_option(&arg))
+            format!("command '{command}' requires {} option", virsh_option(command, &arg))
         }
         (K::UnknownArgument, Some(arg), _) if arg.starts_with('-') => {
             format!("command '{command}' doesn't support option {arg}")
@@ -107,14 +113,18 @@ fn parse_error_message(command: &str, e: &clap::Error) -> String {
     }
 }
 
-/// How virsh names a missing option: `<disk>` for one that may be given
+/// How virsh names a missing option: `<domain>` for one that may be given
 /// by position, `--dest` for one that must be named. clap describes it as
-/// `<DISK>`, `--dest <DEST>`, or a group `<DOMAIN|--domain <DOMAIN>>`.
-fn virsh_option(clap_arg: &str) -> String {
-    let first = clap_arg.split('|').next().unwrap_or(clap_arg);
-    match first.strip_prefix('<') {
-        Some(name) => format!("<{}>", name.trim_end_matches('>').to_lowercase()),
-        None => first.split_whitespace().next().unwrap_or(first).to_string(),
+/// `--domain <DOMAIN>`.
+fn virsh_option(command: &str, clap_arg: &str) -> String {
+    let option = clap_arg.split_whitespace().next().unwrap_or(clap_arg);
+    let root = <CommandLine as clap::CommandFactory>::command();
+    let by_position = root.find_subcommand(command).is_some_and(|cmd| {
+        cmd.get_arguments().any(|a| virsh_args::by_position(a) && a.get_long() == option.strip_prefix("--"))
+    });
+    match option.strip_prefix("--") {
+        Some(name) if by_position => format!("<{name}>"),
+        _ => option.to_string(),
     }
 }
 
@@ -221,13 +231,7 @@ async fn interactive(session: &mut Session) -> bool {
             break;
         }
         match tokenize::split_commands(trimmed) {
-            Ok(cmds) => {
-                let cmds = cmds
-                    .into_iter()
-                    .map(|c| if c.first().map(String::as_str) == Some("help") { vec!["--help".into()] } else { c })
-                    .collect();
-                ok = run_batch(session, cmds).await;
-            }
+            Ok(cmds) => ok = run_batch(session, cmds).await,
             Err(e) => {
                 output::err(&format!("error: {e}\n"));
                 ok = false;

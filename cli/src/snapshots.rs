@@ -9,25 +9,33 @@ use strata_core::driver::{SnapshotOps, SnapshotSummary};
 use strata_core::options::{SnapshotCreateFlags, SnapshotDeleteFlags, SnapshotRevertFlags};
 use strata_core::xml::Element;
 
+use crate::commands::BY_POSITION;
 use crate::table::format_table;
 
 #[derive(Args, Debug)]
 pub struct CreateArgs {
-    #[arg(value_name = "DOMAIN")]
+    /// Domain name.
+    #[arg(long, value_name = "DOMAIN", help_heading = BY_POSITION)]
     pub domain: String,
     /// A <domainsnapshot> XML file.
-    #[arg(value_name = "FILE")]
+    #[arg(long = "xmlfile", value_name = "FILE", help_heading = BY_POSITION)]
     file: Option<String>,
+    /// Record the snapshot the XML describes without creating it.
     #[arg(long)]
     redefine: bool,
+    /// With --redefine: make it the current snapshot.
     #[arg(long)]
     current: bool,
+    /// Create the snapshot without recording it.
     #[arg(long = "no-metadata")]
     no_metadata: bool,
+    /// Snapshot the disks only, not the memory.
     #[arg(long = "disk-only")]
     disk_only: bool,
+    /// Use existing overlay images instead of creating them.
     #[arg(long = "reuse-external")]
     reuse_external: bool,
+    /// All disks or none (Strata's snapshots always are).
     #[arg(long)]
     atomic: bool,
     /// Revert to the XML's <parent> and snapshot on a new branch, in one call.
@@ -40,22 +48,28 @@ pub struct CreateArgs {
 
 #[derive(Args, Debug)]
 pub struct CreateAsArgs {
-    #[arg(value_name = "DOMAIN")]
+    /// Domain name.
+    #[arg(long, value_name = "DOMAIN", help_heading = BY_POSITION)]
     pub domain: String,
-    #[arg(value_name = "NAME")]
+    /// The snapshot's name (default: the time of creation).
+    #[arg(long, value_name = "NAME", help_heading = BY_POSITION)]
     name: Option<String>,
-    #[arg(value_name = "DESCRIPTION")]
-    description_positional: Option<String>,
-    #[arg(long)]
+    /// The snapshot's description.
+    #[arg(long, value_name = "DESCRIPTION", help_heading = BY_POSITION)]
     description: Option<String>,
+    /// Snapshot the disks only, not the memory.
     #[arg(long = "disk-only")]
     disk_only: bool,
+    /// Create the snapshot without recording it.
     #[arg(long = "no-metadata")]
     no_metadata: bool,
+    /// Use existing overlay images instead of creating them.
     #[arg(long = "reuse-external")]
     reuse_external: bool,
+    /// All disks or none (Strata's snapshots always are).
     #[arg(long)]
     atomic: bool,
+    /// Take the snapshot while the guest runs.
     #[arg(long)]
     live: bool,
     /// DISK[,snapshot=internal|external|no][,driver=qcow2][,file=PATH]
@@ -64,6 +78,7 @@ pub struct CreateAsArgs {
     /// [file=]PATH[,snapshot=external|internal|no]
     #[arg(long = "memspec", value_name = "SPEC")]
     memspec: Option<String>,
+    /// Snapshot exactly the domain's disk set (seed 004).
     #[arg(long = "disk-set")]
     disk_set: bool,
     /// Print the XML instead of creating the snapshot.
@@ -73,94 +88,128 @@ pub struct CreateAsArgs {
 
 #[derive(Args, Debug)]
 pub struct ListArgs {
-    #[arg(value_name = "DOMAIN")]
+    /// Domain name.
+    #[arg(long, value_name = "DOMAIN", help_heading = BY_POSITION)]
     pub domain: String,
+    /// Draw the snapshots as a tree.
     #[arg(long)]
     tree: bool,
+    /// Only snapshots without a parent.
     #[arg(long)]
     roots: bool,
+    /// Only snapshots without children.
     #[arg(long)]
     leaves: bool,
+    /// Only snapshots with children.
     #[arg(long = "no-leaves")]
     no_leaves: bool,
+    /// Also show each snapshot's parent.
     #[arg(long)]
     parent: bool,
+    /// Only the current snapshot (with --descendants, its descendants).
     #[arg(long)]
     current: bool,
+    /// Only the children of this snapshot (with --descendants, all its descendants).
     #[arg(long)]
     from: Option<String>,
+    /// With --from or --current: every descendant, not only children.
     #[arg(long)]
     descendants: bool,
+    /// Snapshot names only.
     #[arg(long)]
     name: bool,
+    /// Only internal snapshots.
     #[arg(long)]
     internal: bool,
+    /// Only external snapshots.
     #[arg(long)]
     external: bool,
+    /// Only disk-only snapshots.
     #[arg(long = "disk-only")]
     disk_only: bool,
+    /// Only snapshots taken while the domain ran.
     #[arg(long)]
     active: bool,
+    /// Only snapshots taken while the domain was shut off.
     #[arg(long)]
     inactive: bool,
+    /// Parents before their children.
     #[arg(long)]
     topological: bool,
+    /// Print JSON for scripts.
     #[arg(long)]
     json: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct NameArgs {
-    #[arg(value_name = "DOMAIN")]
+    /// Domain name.
+    #[arg(long, value_name = "DOMAIN", help_heading = BY_POSITION)]
     pub domain: String,
-    #[arg(value_name = "SNAPSHOT")]
+    /// Snapshot name.
+    #[arg(long = "snapshotname", value_name = "SNAPSHOT", help_heading = BY_POSITION)]
     snapshot: Option<String>,
-    #[arg(long = "snapshotname")]
-    snapshotname: Option<String>,
+    /// The current snapshot.
     #[arg(long)]
     current: bool,
+    /// Print JSON for scripts.
     #[arg(long)]
     json: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct CurrentArgs {
-    #[arg(value_name = "DOMAIN")]
+    /// Domain name.
+    #[arg(long, value_name = "DOMAIN", help_heading = BY_POSITION)]
     pub domain: String,
-    #[arg(value_name = "SNAPSHOT")]
+    /// Snapshot name.
+    #[arg(long = "snapshotname", value_name = "SNAPSHOT", help_heading = BY_POSITION)]
     snapshot: Option<String>,
+    /// Print the current snapshot's name only.
     #[arg(long)]
     name: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct RevertArgs {
-    #[arg(value_name = "DOMAIN")]
+    /// Domain name.
+    #[arg(long, value_name = "DOMAIN", help_heading = BY_POSITION)]
     pub domain: String,
-    #[arg(value_name = "SNAPSHOT")]
+    /// Snapshot name.
+    #[arg(long = "snapshotname", value_name = "SNAPSHOT", help_heading = BY_POSITION)]
     snapshot: Option<String>,
+    /// Revert to the current snapshot.
     #[arg(long)]
     current: bool,
+    /// Leave the domain running after the revert.
     #[arg(long)]
     running: bool,
+    /// Leave the domain paused after the revert.
     #[arg(long)]
     paused: bool,
+    /// Revert even where it is risky.
     #[arg(long)]
     force: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct DeleteArgs {
-    #[arg(value_name = "DOMAIN")]
+    /// Domain name.
+    #[arg(long, value_name = "DOMAIN", help_heading = BY_POSITION)]
     pub domain: String,
-    #[arg(value_name = "SNAPSHOT")]
+    /// Snapshot name.
+    #[arg(long = "snapshotname", value_name = "SNAPSHOT", help_heading = BY_POSITION)]
     snapshot: Option<String>,
+    /// Delete the current snapshot.
     #[arg(long)]
     current: bool,
+    /// Also delete the snapshot's descendants.
     #[arg(long)]
     children: bool,
+    /// Delete the snapshot's descendants only.
     #[arg(long = "children-only")]
     children_only: bool,
+    /// Forget the snapshot's record only; no image is changed.
     #[arg(long)]
     metadata: bool,
 }
@@ -194,7 +243,7 @@ fn create_as_xml(a: &CreateAsArgs) -> Result<String> {
     if let Some(n) = &a.name {
         root = root.with_child(Element::new("name").with_text(n.clone()));
     }
-    if let Some(d) = a.description.as_ref().or(a.description_positional.as_ref()) {
+    if let Some(d) = &a.description {
         root = root.with_child(Element::new("description").with_text(d.clone()));
     }
     if let Some(spec) = &a.memspec {
@@ -445,13 +494,8 @@ fn tree(shown: &[&SnapshotSummary]) -> String {
     out
 }
 
-fn pick_name(
-    snapshot: &Option<String>,
-    named: &Option<String>,
-    current: bool,
-    all: &[SnapshotSummary],
-) -> Result<String> {
-    if let Some(n) = named.as_ref().or(snapshot.as_ref()) {
+fn pick_name(snapshot: &Option<String>, current: bool, all: &[SnapshotSummary]) -> Result<String> {
+    if let Some(n) = snapshot {
         return Ok(n.clone());
     }
     if current {
@@ -475,7 +519,7 @@ fn find_summary<'a>(all: &'a [SnapshotSummary], name: &str) -> Result<&'a Snapsh
 
 pub async fn info(snaps: &dyn SnapshotOps, a: NameArgs, json: bool) -> Result<String> {
     let all = snaps.snapshot_list(&a.domain).await?;
-    let name = pick_name(&a.snapshot, &a.snapshotname, a.current, &all)?;
+    let name = pick_name(&a.snapshot, a.current, &all)?;
     let s = find_summary(&all, &name)?;
     let children = all.iter().filter(|c| c.parent.as_deref() == Some(name.as_str())).count();
     let mut descendants = 0;
@@ -510,7 +554,7 @@ pub async fn info(snaps: &dyn SnapshotOps, a: NameArgs, json: bool) -> Result<St
 
 pub async fn dumpxml(snaps: &dyn SnapshotOps, a: NameArgs) -> Result<String> {
     let all = snaps.snapshot_list(&a.domain).await?;
-    let name = pick_name(&a.snapshot, &a.snapshotname, a.current, &all)?;
+    let name = pick_name(&a.snapshot, a.current, &all)?;
     Ok(format!("{}\n", snaps.snapshot_xml(&a.domain, &name).await?))
 }
 
@@ -531,7 +575,7 @@ pub async fn current(snaps: &dyn SnapshotOps, a: CurrentArgs) -> Result<String> 
 
 pub async fn parent(snaps: &dyn SnapshotOps, a: NameArgs) -> Result<String> {
     let all = snaps.snapshot_list(&a.domain).await?;
-    let name = pick_name(&a.snapshot, &a.snapshotname, a.current, &all)?;
+    let name = pick_name(&a.snapshot, a.current, &all)?;
     let s = find_summary(&all, &name)?;
     match &s.parent {
         Some(p) => Ok(format!("{p}\n")),
@@ -541,7 +585,7 @@ pub async fn parent(snaps: &dyn SnapshotOps, a: NameArgs) -> Result<String> {
 
 pub async fn revert(snaps: &dyn SnapshotOps, a: RevertArgs) -> Result<String> {
     let all = snaps.snapshot_list(&a.domain).await?;
-    let name = pick_name(&a.snapshot, &None, a.current, &all)?;
+    let name = pick_name(&a.snapshot, a.current, &all)?;
     let flags = SnapshotRevertFlags { running: a.running, paused: a.paused, force: a.force };
     snaps
         .snapshot_revert(&a.domain, &name, flags)
@@ -552,7 +596,7 @@ pub async fn revert(snaps: &dyn SnapshotOps, a: RevertArgs) -> Result<String> {
 
 pub async fn delete(snaps: &dyn SnapshotOps, a: DeleteArgs) -> Result<String> {
     let all = snaps.snapshot_list(&a.domain).await?;
-    let name = pick_name(&a.snapshot, &None, a.current, &all)?;
+    let name = pick_name(&a.snapshot, a.current, &all)?;
     let flags = SnapshotDeleteFlags { children: a.children, children_only: a.children_only, metadata_only: a.metadata };
     let notes = snaps
         .snapshot_delete(&a.domain, &name, flags)
