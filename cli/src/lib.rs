@@ -105,6 +105,9 @@ fn parse_error_message(command: &str, e: &clap::Error) -> String {
         }
         (K::UnknownArgument, Some(arg), _) => format!("unexpected data '{arg}'"),
         (K::InvalidSubcommand, _, Some(name)) => format!("unknown command: '{name}'"),
+        (K::ArgumentConflict, Some(arg), _) if e.to_string().contains("cannot be used multiple times") => {
+            format!("option {} already seen", arg.split_whitespace().next().unwrap_or(&arg))
+        }
         _ => {
             let text = e.to_string();
             let first = text.lines().next().unwrap_or_default();

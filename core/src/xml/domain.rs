@@ -204,3 +204,43 @@ fn memory_in_kib(el: &Element) -> Option<u64> {
     };
     value.checked_mul(factor)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Domain;
+
+    fn domain(disks: &[(&str, &str)]) -> Domain {
+        let disks: String = disks
+            .iter()
+            .map(|(target, file)| {
+                format!(
+                    "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{file}'/>\
+                     <backingStore type='file'><format type='qcow2'/><source file='/img/base.qcow2'/><backingStore/></backingStore>\
+                     <target dev='{target}'/></disk>"
+                )
+            })
+            .collect();
+        Domain::parse(&format!("<domain type='kvm'><name>vm</name><devices>{disks}</devices></domain>"))
+            .expect("parses")
+    }
+
+    #[test]
+    fn a_disk_is_found_as_libvirt_finds_it() {
+        let dom = domain(&[("vda", "/img/a.qcow2"), ("vdb", "/img/b.qcow2")]);
+        assert_eq!(dom.find_disk("vdb").expect("by target").target, "vdb");
+        assert_eq!(dom.find_disk("/img/b.qcow2").expect("by active image").target, "vdb");
+        // A name without a leading '/' is a target only; a backing image
+        // is not the disk's source.
+        assert!(dom.find_disk("img/b.qcow2").is_err());
+        let err = dom.find_disk("/img/base.qcow2").expect_err("backing image");
+        assert!(err.to_string().contains("no disk '/img/base.qcow2' in domain 'vm' (its disks: vda, vdb)"), "{err}");
+    }
+
+    #[test]
+    fn an_image_two_disks_have_names_neither() {
+        let dom = domain(&[("vda", "/img/shared.qcow2"), ("vdb", "/img/shared.qcow2")]);
+        let err = dom.find_disk("/img/shared.qcow2").expect_err("ambiguous");
+        assert!(err.to_string().contains("several disks have that image"), "{err}");
+        assert_eq!(dom.find_disk("vdb").expect("by target").target, "vdb");
+    }
+}
