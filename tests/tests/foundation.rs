@@ -1506,8 +1506,8 @@ fn bad_command_lines_read_like_virsh_and_stop_a_batch() {
     let env = TestEnv::new();
     for (args, message) in [
         (&["dominfo"][..], "error: command 'dominfo' requires <domain> option"),
-        (&["blockpull", "vm1"], "error: command 'blockpull' requires <disk> option"),
-        (&["blockcopy", "vm1"], "error: command 'blockcopy' requires <disk> option"),
+        (&["blockpull", "vm1"], "error: command 'blockpull' requires <path> option"),
+        (&["blockcopy", "vm1"], "error: command 'blockcopy' requires <path> option"),
         (&["list", "--bogus"], "error: command 'list' doesn't support option --bogus"),
         (&["bogus"], "error: unknown command: 'bogus'"),
         (&["list", "extra"], "error: unexpected data 'extra'"),
