@@ -358,3 +358,36 @@ fn qemu_monitor_command_passes_qmp_and_hmp_through() {
     env.ok(&["destroy", "vm"]);
     qemu_io(&["-f", "qcow2", "-c", "read -P 0x5a 4M 1M", s(&image)]);
 }
+
+/// `event` names the disk a block-job event is about by its target, in
+/// its text and in --json.
+#[test]
+fn block_job_events_name_the_disk() {
+    let env = TestEnv::new();
+    let chain = make_chain(env.dir.path(), &["base.qcow2", "top.qcow2"]);
+    define_on(&env, "vm", &chain[1]);
+    let _guard = DomainGuard { env: &env, name: "vm".into() };
+    env.ok(&["start", "vm"]);
+    let mut watcher = env.spawn(&["event", "vm", "--event", "block-job", "--timeout", "120", "--json"]);
+    // Copies to the mirroring phase and aborts until the watcher has seen
+    // one of their events (it may start watching after the first ones).
+    let dest = env.path("copy.qcow2");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while watcher.try_wait().expect("poll strata event").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = watcher.kill();
+            panic!("strata event saw no block-job event");
+        }
+        assert!(env.ok(&["blockcopy", "vm", "vda", s(&dest), "--wait"]).contains("Now in mirroring phase"));
+        env.ok(&["blockjob", "vm", "vda", "--abort"]);
+        std::fs::remove_file(&dest).expect("remove the copy");
+    }
+    let out = watcher.wait_with_output().expect("strata event output");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{printed} {}", String::from_utf8_lossy(&out.stderr));
+    let event: serde_json::Value = serde_json::from_str(printed.trim()).expect("one JSON event");
+    assert_eq!(event["event"], "block-job", "{event}");
+    assert_eq!(event["disk"], "vda", "{event}");
+    let detail = event["detail"].as_str().expect("detail");
+    assert!(detail.starts_with("Block Copy for vda "), "{detail}");
+}

@@ -193,6 +193,17 @@ fn job_id(kind: BlockJobKind, disk: &str, number: u64) -> String {
     format!("strata-{}-{disk}-{number}", kind.as_str())
 }
 
+/// The kind and disk of a job [`job_id`] named; None for another id.
+pub fn job_of_id(id: &str) -> Option<(BlockJobKind, &str)> {
+    let rest = id.strip_prefix("strata-")?;
+    let kind = [BlockJobKind::ActiveCommit, BlockJobKind::Pull, BlockJobKind::Commit, BlockJobKind::Copy]
+        .into_iter()
+        .find(|k| rest.starts_with(&format!("{}-", k.as_str())))?;
+    let (disk, number) = rest[kind.as_str().len() + 1..].rsplit_once('-')?;
+    number.parse::<u64>().ok()?;
+    Some((kind, disk))
+}
+
 /// Refuses a second job on a disk.
 fn ensure_idle(status: &LiveStatus, disk: &str) -> Result<()> {
     if status.jobs.iter().any(|j| j.disk == disk) {

@@ -526,15 +526,9 @@ pub async fn wait_for_socket(path: &Path, child: &mut std::process::Child, log: 
 
 /// virsh's words for a QEMU event, if it is one `strata event` reports.
 pub fn translate_event(domain: &str, ev: &strata_qmp::QmpEvent) -> Option<strata_core::driver::DomainEvent> {
-    use strata_core::driver::BlockJobKind;
     use strata_qmp::KnownEvent;
     let block_job = |id: &str, what: &str| {
-        // Strata's job ids are strata-KIND-DISK.
-        let rest = id.strip_prefix("strata-")?;
-        let kind = [BlockJobKind::ActiveCommit, BlockJobKind::Pull, BlockJobKind::Commit, BlockJobKind::Copy]
-            .into_iter()
-            .find(|k| rest.starts_with(&format!("{}-", k.as_str())))?;
-        let disk = &rest[kind.as_str().len() + 1..];
+        let (kind, disk) = crate::jobs::job_of_id(id)?;
         Some(("block-job", format!("{} for {disk} {what}", kind.label()), Some(disk.to_string())))
     };
     let (event, detail, disk) = match ev.known() {
