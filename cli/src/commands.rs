@@ -89,7 +89,10 @@ pub struct JsonFlag {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Print the connection URI.
-    Uri,
+    Uri {
+        #[command(flatten)]
+        json: JsonFlag,
+    },
     /// Print Strata's version.
     Version {
         #[command(flatten)]
@@ -258,6 +261,8 @@ pub enum Command {
     DisksetSize {
         #[command(flatten)]
         domain: DomainArg,
+        #[command(flatten)]
+        json: JsonFlag,
     },
     /// Pull backing data into the active layer.
     Blockpull(crate::blockjobs::PullArgs),
@@ -489,9 +494,13 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
     let wants_json = |f: JsonFlag| f.json || global_json;
     let mut out = String::new();
     match cmd {
-        Command::Uri => {
+        Command::Uri { json } => {
             let uri = session.conn()?.uri().to_string();
-            writeln!(out, "{uri}\n")?;
+            if wants_json(json) {
+                writeln!(out, "{}", json!({ "uri": uri }))?;
+            } else {
+                writeln!(out, "{uri}\n")?;
+            }
         }
         Command::Version { json } => {
             let version = env!("CARGO_PKG_VERSION");
@@ -818,8 +827,12 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
         }
         Command::SnapshotInfo(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::info, global_json),
         Command::SnapshotDumpxml(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::dumpxml),
-        Command::SnapshotCurrent(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::current),
-        Command::SnapshotParent(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::parent),
+        Command::SnapshotCurrent(a) => {
+            out = with_ops!(session, require_snapshots, a, crate::snapshots::current, global_json)
+        }
+        Command::SnapshotParent(a) => {
+            out = with_ops!(session, require_snapshots, a, crate::snapshots::parent, global_json)
+        }
         Command::SnapshotRevert(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::revert),
         Command::SnapshotDelete(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::delete),
         Command::Event(args) => {
@@ -855,11 +868,15 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                     .ok_or_else(|| CommandFailure::new(format!("command or command group '{name}' doesn't exist")))?
             }
         },
-        Command::DisksetSize { domain } => {
+        Command::DisksetSize { domain, json } => {
             let name = domain.name();
             let size =
                 session.conn()?.require_disk_sets()?.diskset_size(name).await.map_err(|e| lookup_error(e, name))?;
-            writeln!(out, "{size}\n")?;
+            if wants_json(json) {
+                writeln!(out, "{}", json!({ "size": size }))?;
+            } else {
+                writeln!(out, "{size}\n")?;
+            }
         }
     }
     Ok(out)

@@ -168,6 +168,9 @@ pub struct CurrentArgs {
     /// Print the current snapshot's name only.
     #[arg(long)]
     name: bool,
+    /// Print the current snapshot as JSON, as snapshot-list --json lists it.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -553,12 +556,15 @@ pub async fn info(snaps: &dyn SnapshotOps, a: NameArgs, json: bool) -> Result<St
 }
 
 pub async fn dumpxml(snaps: &dyn SnapshotOps, a: NameArgs) -> Result<String> {
+    if a.json {
+        bail!("snapshot-dumpxml prints XML: --json is not supported");
+    }
     let all = snaps.snapshot_list(&a.domain).await?;
     let name = pick_name(&a.snapshot, a.current, &all)?;
     Ok(format!("{}\n", snaps.snapshot_xml(&a.domain, &name).await?))
 }
 
-pub async fn current(snaps: &dyn SnapshotOps, a: CurrentArgs) -> Result<String> {
+pub async fn current(snaps: &dyn SnapshotOps, a: CurrentArgs, json: bool) -> Result<String> {
     if let Some(n) = &a.snapshot {
         snaps.snapshot_set_current(&a.domain, n).await?;
         return Ok(format!("Snapshot {n} set as current\n"));
@@ -567,17 +573,21 @@ pub async fn current(snaps: &dyn SnapshotOps, a: CurrentArgs) -> Result<String> 
     let Some(cur) = all.iter().find(|s| s.current) else {
         bail!("Domain snapshot not found: the domain does not have a current snapshot");
     };
+    if json || a.json {
+        return Ok(format!("{}\n", serde_json::to_string_pretty(cur)?));
+    }
     if a.name {
         return Ok(format!("{}\n", cur.name));
     }
     Ok(format!("{}\n", snaps.snapshot_xml(&a.domain, &cur.name).await?))
 }
 
-pub async fn parent(snaps: &dyn SnapshotOps, a: NameArgs) -> Result<String> {
+pub async fn parent(snaps: &dyn SnapshotOps, a: NameArgs, json: bool) -> Result<String> {
     let all = snaps.snapshot_list(&a.domain).await?;
     let name = pick_name(&a.snapshot, a.current, &all)?;
     let s = find_summary(&all, &name)?;
     match &s.parent {
+        Some(p) if json || a.json => Ok(format!("{}\n", serde_json::json!({ "snapshot": name, "parent": p }))),
         Some(p) => Ok(format!("{p}\n")),
         None => bail!("snapshot '{name}' has no parent"),
     }

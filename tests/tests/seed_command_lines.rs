@@ -391,3 +391,37 @@ fn block_job_events_name_the_disk() {
     let detail = event["detail"].as_str().expect("detail");
     assert!(detail.starts_with("Block Copy for vda "), "{detail}");
 }
+
+/// `--json` gives JSON on every listing and info command.
+#[test]
+fn every_listing_and_info_command_prints_json() {
+    let env = TestEnv::new();
+    let image = make_chain(env.dir.path(), &["vm.qcow2"]).remove(0);
+    define_on(&env, "vm", &image);
+    env.ok(&["snapshot-create-as", "vm", "s1"]);
+    env.ok(&["snapshot-create-as", "vm", "s2"]);
+    env.ok(&["diskset-add", "vm", "vda"]);
+    let json = |line: &str| -> serde_json::Value {
+        let mut args = vec!["--json"];
+        args.extend(words(line));
+        let out = env.ok(&args);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{line} printed no JSON ({e}): {out}"))
+    };
+    assert_eq!(json("list --all")[0]["name"], "vm");
+    assert_eq!(json("dominfo vm")["name"], "vm");
+    assert_eq!(json("domstate vm")["state"], "shutoff");
+    assert_eq!(json("domblklist vm")[0]["target"], "vda");
+    assert_eq!(json("domblkcheck vm")[0]["disk"], "vda");
+    assert_eq!(json("diskset-list vm")[0], "vda");
+    assert_eq!(json("diskset-size vm")["size"], 1);
+    assert_eq!(json("capabilities")["driver"], "qemu");
+    assert!(json("version")["strata"].is_string());
+    assert_eq!(json("uri")["uri"], env.uri.as_str());
+    assert_eq!(json("snapshot-list vm").as_array().map(Vec::len), Some(2));
+    assert_eq!(json("snapshot-info vm s2")["name"], "s2");
+    assert_eq!(json("snapshot-current vm")["name"], "s2");
+    assert_eq!(json("snapshot-parent vm s2")["parent"], "s1");
+    assert!(json("blockjob vm vda --info").is_null());
+    assert!(json("help").as_array().is_some_and(|c| !c.is_empty()));
+    assert!(env.fails(&["snapshot-dumpxml", "vm", "s1", "--json"]).contains("--json is not supported"));
+}
