@@ -119,6 +119,12 @@ pub enum Command {
         /// Also remove the domain's snapshot records (their images stay).
         #[arg(long)]
         snapshots_metadata: bool,
+        /// Accepted; changes nothing: Strata keeps no managed save image.
+        #[arg(long = "managed-save")]
+        _managed_save: bool,
+        /// Accepted; changes nothing: Strata keeps no checkpoint records.
+        #[arg(long = "checkpoints-metadata")]
+        _checkpoints_metadata: bool,
     },
     /// List domains.
     List {
@@ -134,6 +140,9 @@ pub enum Command {
         /// List domain UUIDs only.
         #[arg(long)]
         uuid: bool,
+        /// Accepted; changes nothing: the table is the default layout.
+        #[arg(long)]
+        _table: bool,
         #[command(flatten)]
         json: JsonFlag,
     },
@@ -203,6 +212,13 @@ pub enum Command {
         /// Leave the guest paused.
         #[arg(long)]
         paused: bool,
+        /// Accepted; changes nothing: every start is a fresh boot (Strata
+        /// keeps no managed save image to restore or bypass the cache for).
+        #[arg(long = "force-boot")]
+        _force_boot: bool,
+        /// Accepted; changes nothing (see --force-boot).
+        #[arg(long = "bypass-cache")]
+        _bypass_cache: bool,
     },
     /// Stop a domain at once.
     Destroy {
@@ -545,7 +561,7 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
             }
             writeln!(out, "Domain '{}' defined from {file}\n", outcome.name)?;
         }
-        Command::Undefine { domain, snapshots_metadata } => {
+        Command::Undefine { domain, snapshots_metadata, .. } => {
             let name = domain.name();
             let flags = UndefineFlags { snapshots_metadata };
             session
@@ -555,7 +571,7 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                 .map_err(|e| domain_error(e, name, "Failed to undefine domain"))?;
             writeln!(out, "Domain '{name}' has been undefined\n")?;
         }
-        Command::List { all, inactive, name, uuid, json } => {
+        Command::List { all, inactive, name, uuid, json, .. } => {
             let domains = session.conn()?.list_domains().await?;
             for reason in domains.iter().filter_map(|d| d.damaged.as_ref()) {
                 eprintln!("warning: {reason}");
@@ -731,7 +747,7 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                 .into());
             }
         }
-        Command::Start { domain, paused } => {
+        Command::Start { domain, paused, .. } => {
             let name = domain.name();
             let outcome = session
                 .conn()?

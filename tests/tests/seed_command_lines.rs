@@ -425,3 +425,24 @@ fn every_listing_and_info_command_prints_json() {
     assert!(json("help").as_array().is_some_and(|c| !c.is_empty()));
     assert!(env.fails(&["snapshot-dumpxml", "vm", "s1", "--json"]).contains("--json is not supported"));
 }
+
+/// virsh's flags that change nothing in Strata are accepted and change
+/// nothing: `list --table`, `start --force-boot --bypass-cache`,
+/// `undefine --managed-save --checkpoints-metadata`.
+#[test]
+fn virsh_flags_without_effect_are_accepted() {
+    let env = TestEnv::new();
+    let image = make_chain(env.dir.path(), &["vm.qcow2"]).remove(0);
+    define_on(&env, "vm", &image);
+    assert_eq!(env.ok(&["list", "--all", "--table"]), env.ok(&["list", "--all"]));
+    let _guard = DomainGuard { env: &env, name: "vm".into() };
+    assert_eq!(env.ok(&["start", "vm", "--force-boot", "--bypass-cache"]).trim(), "Domain 'vm' started");
+    assert_eq!(env.ok(&["domstate", "vm"]).trim(), "running");
+    env.ok(&["destroy", "vm"]);
+    assert_eq!(
+        env.ok(&["undefine", "vm", "--managed-save", "--checkpoints-metadata"]).trim(),
+        "Domain 'vm' has been undefined"
+    );
+    assert_eq!(env.ok(&["list", "--all", "--name"]).trim(), "");
+    assert!(image.exists());
+}
