@@ -325,7 +325,7 @@ pub enum Command {
     /// as it is; with --hmp, a human monitor command (`info block`). The
     /// reply is printed as the monitor gave it; --pretty indents a JSON reply.
     #[command(name = "qemu-monitor-command")]
-    QemuMonitorCommand {
+    QemuMonitor {
         #[command(flatten)]
         domain: DomainArg,
         /// The command is a human monitor command.
@@ -862,7 +862,7 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
             let pools = session.conn()?.require_storage_pools()?;
             out = crate::pools::run(pools.as_ref(), *command, global_json, quiet).await?;
         }
-        Command::QemuMonitorCommand { domain, hmp, pretty, cmd } => {
+        Command::QemuMonitor { domain, hmp, pretty, cmd } => {
             let name = domain.name();
             let reply = session
                 .conn()?
