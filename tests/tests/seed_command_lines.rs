@@ -9,7 +9,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{domain_xml, make_chain, qemu_chain, qemu_img, qemu_io, DiskSpec, DomainGuard, TestEnv};
+use common::{domain_xml, internal_snapshots, make_chain, qemu_chain, qemu_io, DiskSpec, DomainGuard, TestEnv};
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf8 path")
@@ -31,15 +31,6 @@ fn define_on(env: &TestEnv, name: &str, path: &Path) {
 fn assert_chain(top: &Path, expected: &[&Path]) {
     let want: Vec<(String, String)> = expected.iter().map(|p| (s(p).to_string(), "qcow2".to_string())).collect();
     assert_eq!(qemu_chain(top), want, "backing chain of {}", top.display());
-}
-
-/// The internal snapshot names an image holds (`qemu-img snapshot -l`).
-fn internal_snapshots(image: &Path) -> Vec<String> {
-    qemu_img(&["snapshot", "-l", "-U", s(image)])
-        .lines()
-        .skip(2)
-        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
-        .collect()
 }
 
 /// `snapshot-list`'s table rows: the names, header and rule dropped.

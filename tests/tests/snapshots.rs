@@ -14,8 +14,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{
-    assert_recovered, domain_xml, hold_domain_lock, killed_at, make_chain, qemu_chain, qemu_img, qemu_io, validate_xml,
-    DiskSpec, DomainGuard, Kill, TestEnv, JOB_STEPS, SERVER_STEPS,
+    assert_recovered, domain_xml, hold_domain_lock, internal_snapshots, killed_at, make_chain, qemu_chain, qemu_img,
+    qemu_io, validate_xml, DiskSpec, DomainGuard, Kill, TestEnv, JOB_STEPS, SERVER_STEPS,
 };
 use strata_core::xml::{Domain, Element, SnapshotDef};
 use strata_qemu::QemuConnection;
@@ -245,14 +245,6 @@ fn current_name(env: &TestEnv) -> String {
 
 fn parent_of(env: &TestEnv, snap: &str) -> String {
     env.ok(&["snapshot-parent", "vm", snap]).trim().to_string()
-}
-
-fn internal_snapshots(image: &Path) -> Vec<String> {
-    qemu_img(&["snapshot", "-U", "-l", s(image)])
-        .lines()
-        .skip(2)
-        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
-        .collect()
 }
 
 fn domstate(env: &TestEnv) -> String {

@@ -527,6 +527,16 @@ fn strip_extensions(xml: &str) -> String {
     xml
 }
 
+/// The names of the internal snapshots an image holds (`qemu-img
+/// snapshot -l`).
+pub fn internal_snapshots(image: &Path) -> Vec<String> {
+    qemu_img(&["snapshot", "-U", "-l", image.to_str().expect("utf8")])
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .collect()
+}
+
 /// `qemu-img info --backing-chain -U --output=json` of an image: the
 /// (filename, format) of each layer, top first.
 pub fn qemu_chain(path: &Path) -> Vec<(String, String)> {
