@@ -334,6 +334,9 @@ pub enum Command {
         /// Indent the JSON reply.
         #[arg(long, conflicts_with = "hmp")]
         pretty: bool,
+        /// Print only the reply's "return" value.
+        #[arg(long = "return-value", conflicts_with = "hmp")]
+        return_value: bool,
         /// The command; several words are joined by spaces.
         #[arg(long, value_name = "CMD", required = true, action = ArgAction::Append, help_heading = BY_POSITION)]
         cmd: Vec<String>,
@@ -862,7 +865,7 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
             let pools = session.conn()?.require_storage_pools()?;
             out = crate::pools::run(pools.as_ref(), *command, global_json, quiet).await?;
         }
-        Command::QemuMonitor { domain, hmp, pretty, cmd } => {
+        Command::QemuMonitor { domain, hmp, pretty, return_value, cmd } => {
             let name = domain.name();
             let reply = session
                 .conn()?
@@ -870,9 +873,15 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                 .monitor_command(name, &cmd.join(" "), hmp)
                 .await
                 .map_err(|e| lookup_error(e, name))?;
-            if pretty {
-                let value: serde_json::Value = serde_json::from_str(&reply)?;
-                writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+            if pretty || return_value {
+                let mut value: serde_json::Value = serde_json::from_str(&reply)?;
+                if return_value {
+                    value = value.get_mut("return").map(serde_json::Value::take).ok_or_else(|| {
+                        CommandFailure::new(format!("the monitor's reply has no return value: {reply}"))
+                    })?;
+                }
+                let text = if pretty { serde_json::to_string_pretty(&value)? } else { value.to_string() };
+                writeln!(out, "{text}")?;
             } else {
                 writeln!(out, "{reply}")?;
             }

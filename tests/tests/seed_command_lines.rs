@@ -340,6 +340,10 @@ fn qemu_monitor_command_passes_qmp_and_hmp_through() {
         serde_json::from_str(&env.ok(&["qemu-monitor-command", "vm", r#"{"execute":"no-such-command"}"#]))
             .expect("json");
     assert_eq!(refused["error"]["class"], "CommandNotFound", "{refused}");
+    let value = env.ok(&["qemu-monitor-command", "vm", "--return-value", r#"{"execute":"query-status"}"#]);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&value).expect("json")["status"], "running", "{value}");
+    let err = env.fails(&["qemu-monitor-command", "vm", "--return-value", r#"{"execute":"no-such-command"}"#]);
+    assert!(err.contains("the monitor's reply has no return value"), "{err}");
 
     let block = env.ok(&["qemu-monitor-command", "vm", "--hmp", "info", "block"]);
     assert!(block.contains(s(&image)), "{block}");
@@ -424,7 +428,10 @@ fn every_listing_and_info_command_prints_json() {
 fn virsh_flags_without_effect_are_accepted() {
     let env = TestEnv::new();
     let image = make_chain(env.dir.path(), &["vm.qcow2"]).remove(0);
-    define_on(&env, "vm", &image);
+    let file = env.path("vm.xml");
+    std::fs::write(&file, domain_xml("vm", &[DiskSpec { target: "vda", format: "qcow2", path: &image, extra: "" }]))
+        .expect("write the definition");
+    assert!(env.ok(&["define", "--file", s(&file)]).contains("Domain 'vm' defined"));
     assert_eq!(env.ok(&["list", "--all", "--table"]), env.ok(&["list", "--all"]));
     let _guard = DomainGuard { env: &env, name: "vm".into() };
     assert_eq!(env.ok(&["start", "vm", "--force-boot", "--bypass-cache"]).trim(), "Domain 'vm' started");
