@@ -302,7 +302,7 @@ pub enum Command {
     SnapshotInfo(crate::snapshots::NameArgs),
     /// Snapshot XML.
     #[command(name = "snapshot-dumpxml")]
-    SnapshotDumpxml(crate::snapshots::NameArgs),
+    SnapshotDumpxml(crate::snapshots::DumpxmlArgs),
     /// Show or set the current snapshot.
     #[command(name = "snapshot-current")]
     SnapshotCurrent(crate::snapshots::CurrentArgs),

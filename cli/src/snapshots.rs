@@ -157,6 +157,23 @@ pub struct NameArgs {
     json: bool,
 }
 
+/// `snapshot-dumpxml`: a snapshot's XML.
+#[derive(Args, Debug)]
+pub struct DumpxmlArgs {
+    /// Domain name.
+    #[arg(long, value_name = "DOMAIN", help_heading = BY_POSITION)]
+    pub domain: String,
+    /// Snapshot name.
+    #[arg(long = "snapshotname", value_name = "SNAPSHOT", help_heading = BY_POSITION)]
+    snapshot: Option<String>,
+    /// The current snapshot.
+    #[arg(long)]
+    current: bool,
+    /// Accepted; changes nothing: a snapshot's XML holds no secret to hide.
+    #[arg(long = "security-info")]
+    _security_info: bool,
+}
+
 #[derive(Args, Debug)]
 pub struct CurrentArgs {
     /// Domain name.
@@ -168,6 +185,9 @@ pub struct CurrentArgs {
     /// Print the current snapshot's name only.
     #[arg(long)]
     name: bool,
+    /// Accepted; changes nothing: a snapshot's XML holds no secret to hide.
+    #[arg(long = "security-info")]
+    _security_info: bool,
     /// Print the current snapshot as JSON, as snapshot-list --json lists it.
     #[arg(long)]
     json: bool,
@@ -555,10 +575,7 @@ pub async fn info(snaps: &dyn SnapshotOps, a: NameArgs, json: bool) -> Result<St
     Ok(crate::table::format_fields(&rows))
 }
 
-pub async fn dumpxml(snaps: &dyn SnapshotOps, a: NameArgs) -> Result<String> {
-    if a.json {
-        bail!("snapshot-dumpxml prints XML: --json is not supported");
-    }
+pub async fn dumpxml(snaps: &dyn SnapshotOps, a: DumpxmlArgs) -> Result<String> {
     let all = snaps.snapshot_list(&a.domain).await?;
     let name = pick_name(&a.snapshot, a.current, &all)?;
     Ok(format!("{}\n", snaps.snapshot_xml(&a.domain, &name).await?))

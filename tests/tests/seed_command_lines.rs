@@ -418,12 +418,13 @@ fn every_listing_and_info_command_prints_json() {
     assert_eq!(json("snapshot-parent vm s2")["parent"], "s1");
     assert!(json("blockjob vm vda --info").is_null());
     assert!(json("help").as_array().is_some_and(|c| !c.is_empty()));
-    assert!(env.fails(&["snapshot-dumpxml", "vm", "s1", "--json"]).contains("--json is not supported"));
+    assert!(env.fails(&["snapshot-dumpxml", "vm", "s1", "--json"]).contains("doesn't support option --json"));
 }
 
 /// virsh's flags that change nothing in Strata are accepted and change
 /// nothing: `list --table`, `start --force-boot --bypass-cache`,
-/// `undefine --managed-save --checkpoints-metadata`.
+/// `snapshot-dumpxml` and `snapshot-current --security-info`, `undefine
+/// --managed-save --checkpoints-metadata`.
 #[test]
 fn virsh_flags_without_effect_are_accepted() {
     let env = TestEnv::new();
@@ -437,8 +438,13 @@ fn virsh_flags_without_effect_are_accepted() {
     assert_eq!(env.ok(&["start", "vm", "--force-boot", "--bypass-cache"]).trim(), "Domain 'vm' started");
     assert_eq!(env.ok(&["domstate", "vm"]).trim(), "running");
     env.ok(&["destroy", "vm"]);
+    env.ok(&["snapshot-create-as", "vm", "s1"]);
+    let xml = env.ok(&["snapshot-dumpxml", "vm", "s1"]);
+    assert!(xml.contains("<name>s1</name>"), "{xml}");
+    assert_eq!(env.ok(&["snapshot-dumpxml", "--domain", "vm", "--snapshotname", "s1", "--security-info"]), xml);
+    assert_eq!(env.ok(&["snapshot-current", "vm", "--security-info"]), xml);
     assert_eq!(
-        env.ok(&["undefine", "vm", "--managed-save", "--checkpoints-metadata"]).trim(),
+        env.ok(&["undefine", "vm", "--managed-save", "--checkpoints-metadata", "--snapshots-metadata"]).trim(),
         "Domain 'vm' has been undefined"
     );
     assert_eq!(env.ok(&["list", "--all", "--name"]).trim(), "");
