@@ -153,6 +153,15 @@ pub enum Command {
         #[command(flatten)]
         json: JsonFlag,
     },
+    /// The running domain's virtual CPUs: where each last ran, its CPU
+    /// time, and the host CPUs it may run on (every CPU present, online or
+    /// not, is shown).
+    Vcpuinfo {
+        #[command(flatten)]
+        domain: DomainArg,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
     /// Domain state.
     Domstate {
         #[command(flatten)]
@@ -632,6 +641,22 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                     ("Security DOI", "0".into()),
                 ];
                 out.push_str(&crate::table::format_fields(&rows));
+            }
+        }
+        Command::Vcpuinfo { domain, json } => {
+            let name = domain.name();
+            let vcpus = session.conn()?.vcpu_info(name).await.map_err(|e| lookup_error(e, name))?;
+            if wants_json(json) {
+                writeln!(out, "{}", serde_json::to_string_pretty(&vcpus)?)?;
+            } else {
+                for v in &vcpus {
+                    let affinity: String = v.affinity.iter().map(|allowed| if *allowed { 'y' } else { '-' }).collect();
+                    writeln!(out, "{:<15} {}", "VCPU:", v.number)?;
+                    writeln!(out, "{:<15} {}", "CPU:", v.cpu)?;
+                    writeln!(out, "{:<15} {}", "State:", v.state)?;
+                    writeln!(out, "{:<15} {:.1}s", "CPU time:", v.cpu_time_ns as f64 / 1e9)?;
+                    writeln!(out, "{:<15} {affinity}\n", "CPU Affinity:")?;
+                }
             }
         }
         Command::Domstate { domain, reason, json } => {

@@ -34,7 +34,7 @@ const GROUPS: &[(&str, &str, &[&str])] = &[
             "undefine",
         ],
     ),
-    ("Domain Monitoring", "monitor", &["domblkcheck", "domblklist", "dominfo", "domstate", "list"]),
+    ("Domain Monitoring", "monitor", &["domblkcheck", "domblklist", "dominfo", "domstate", "list", "vcpuinfo"]),
     ("Disk Sets", "diskset", &["diskset-add", "diskset-list", "diskset-remove", "diskset-size"]),
     ("Host and Hypervisor", "host", &["capabilities", "uri", "version"]),
     (

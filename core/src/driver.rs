@@ -100,6 +100,20 @@ pub struct DomainEvent {
     pub timestamp_us: i64,
 }
 
+/// One virtual CPU of a running domain, as `vcpuinfo` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VcpuInfo {
+    pub number: u32,
+    /// The host CPU it last ran on.
+    pub cpu: u32,
+    /// `running` (libvirt's word for every online vCPU of a QEMU domain).
+    pub state: String,
+    /// Host CPU time it used, in nanoseconds.
+    pub cpu_time_ns: u64,
+    /// For each host CPU present, online or not, whether it may run there.
+    pub affinity: Vec<bool>,
+}
+
 /// Flags for [`Connection::define_xml`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DefineFlags {
@@ -200,6 +214,12 @@ pub trait Connection: Send + Sync {
         Err(Error::no_support(format!("the {} driver does not report events", self.capabilities().driver)))
     }
 
+    /// The running domain's virtual CPUs.
+    async fn vcpu_info(&self, name: &str) -> Result<Vec<VcpuInfo>> {
+        let _ = name;
+        Err(not_supported_by(&self.capabilities().driver, "vCPU information"))
+    }
+
     fn snapshots(&self) -> Option<&dyn SnapshotOps> {
         None
     }
@@ -254,7 +274,11 @@ impl<'a> dyn Connection + 'a {
 }
 
 fn not_supported(conn: &dyn Connection, what: &str) -> Error {
-    Error::no_support(format!("the {} driver does not support {what}", conn.capabilities().driver))
+    not_supported_by(&conn.capabilities().driver, what)
+}
+
+fn not_supported_by(driver: &str, what: &str) -> Error {
+    Error::no_support(format!("the {driver} driver does not support {what}"))
 }
 
 /// One snapshot in a listing.

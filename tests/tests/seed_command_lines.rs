@@ -450,3 +450,33 @@ fn virsh_flags_without_effect_are_accepted() {
     assert_eq!(env.ok(&["list", "--all", "--name"]).trim(), "");
     assert!(image.exists());
 }
+
+/// Seed 003's `virsh vcpuinfo guest`: virsh's layout, with an affinity
+/// over every host CPU present (the seed's bug: an offline CPU shortened
+/// it), in which the CPU the vCPU last ran on is allowed.
+#[test]
+fn seed_vcpuinfo_line() {
+    let env = TestEnv::new();
+    let image = make_chain(env.dir.path(), &["guest.qcow2"]).remove(0);
+    define_on(&env, "guest", &image);
+    assert!(env.fails(&words("virsh vcpuinfo guest")).contains("not running"));
+    let _guard = DomainGuard { env: &env, name: "guest".into() };
+    env.ok(&["start", "guest"]);
+    let out = env.ok(&words("virsh vcpuinfo guest"));
+    let rows: Vec<(&str, &str)> =
+        out.lines().filter(|l| !l.is_empty()).map(|l| (l[..16].trim_end(), &l[16..])).collect();
+    let labels: Vec<&str> = rows.iter().map(|r| r.0).collect();
+    assert_eq!(labels, ["VCPU:", "CPU:", "State:", "CPU time:", "CPU Affinity:"], "{out}");
+    assert!(out.ends_with("\n\n"), "{out:?}");
+    assert_eq!(rows[0].1, "0");
+    assert_eq!(rows[2].1, "running");
+    assert!(rows[3].1.strip_suffix('s').is_some_and(|t| t.parse::<f64>().is_ok()), "{out}");
+    let present = std::fs::read_to_string("/sys/devices/system/cpu/present").expect("present CPUs");
+    let count =
+        present.trim().split(',').filter_map(|r| r.rsplit('-').next()?.parse::<usize>().ok()).max().expect("a CPU") + 1;
+    let affinity = rows[4].1;
+    assert_eq!(affinity.len(), count, "{out}");
+    assert!(affinity.chars().all(|c| c == 'y' || c == '-'), "{out}");
+    let cpu: usize = rows[1].1.parse().expect("a CPU number");
+    assert_eq!(affinity.as_bytes()[cpu], b'y', "{out}");
+}

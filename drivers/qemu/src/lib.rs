@@ -19,6 +19,7 @@ mod persistent;
 mod process;
 mod snapshots;
 mod transient;
+mod vcpus;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -31,7 +32,7 @@ use strata_core::driver::{
     BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobOps, BlockJobState, Connection, DefineFlags, DefineOutcome,
     DiskChainCheck, DiskSetOps, DiskSetOutcome, DomainEvent, DomainInfo, DomainState, DomainSummary,
     DriverCapabilities, DumpXmlFlags, MonitorOps, SnapshotOps, SnapshotSummary, StartFlags, StartOutcome,
-    UndefineFlags,
+    UndefineFlags, VcpuInfo,
 };
 use strata_core::options::{
     BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions, SnapshotCreateFlags,
@@ -628,6 +629,10 @@ impl Connection for QemuConnection {
 
     fn state_store(&self) -> Option<&Store> {
         Some(&self.store)
+    }
+
+    async fn vcpu_info(&self, name: &str) -> Result<Vec<VcpuInfo>> {
+        self.vcpus(name).await
     }
 
     fn disk_sets(&self) -> Option<&dyn DiskSetOps> {
