@@ -141,17 +141,24 @@ pub struct ListArgs {
     json: bool,
 }
 
+/// The snapshot a command acts on: by name (or position), or `--current`.
 #[derive(Args, Debug)]
-pub struct NameArgs {
-    /// Domain name.
-    #[arg(long, value_name = "DOMAIN", help_heading = BY_POSITION)]
-    pub domain: String,
+pub struct WhichSnapshot {
     /// Snapshot name.
     #[arg(long = "snapshotname", value_name = "SNAPSHOT", help_heading = BY_POSITION)]
     snapshot: Option<String>,
     /// The current snapshot.
     #[arg(long)]
     current: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct NameArgs {
+    /// Domain name.
+    #[arg(long, value_name = "DOMAIN", help_heading = BY_POSITION)]
+    pub domain: String,
+    #[command(flatten)]
+    which: WhichSnapshot,
     /// Print JSON for scripts.
     #[arg(long)]
     json: bool,
@@ -163,12 +170,8 @@ pub struct DumpxmlArgs {
     /// Domain name.
     #[arg(long, value_name = "DOMAIN", help_heading = BY_POSITION)]
     pub domain: String,
-    /// Snapshot name.
-    #[arg(long = "snapshotname", value_name = "SNAPSHOT", help_heading = BY_POSITION)]
-    snapshot: Option<String>,
-    /// The current snapshot.
-    #[arg(long)]
-    current: bool,
+    #[command(flatten)]
+    which: WhichSnapshot,
     /// Accepted; changes nothing: a snapshot's XML holds no secret to hide.
     #[arg(long = "security-info")]
     _security_info: bool,
@@ -198,12 +201,8 @@ pub struct RevertArgs {
     /// Domain name.
     #[arg(long, value_name = "DOMAIN", help_heading = BY_POSITION)]
     pub domain: String,
-    /// Snapshot name.
-    #[arg(long = "snapshotname", value_name = "SNAPSHOT", help_heading = BY_POSITION)]
-    snapshot: Option<String>,
-    /// Revert to the current snapshot.
-    #[arg(long)]
-    current: bool,
+    #[command(flatten)]
+    which: WhichSnapshot,
     /// Leave the domain running after the revert.
     #[arg(long)]
     running: bool,
@@ -220,12 +219,8 @@ pub struct DeleteArgs {
     /// Domain name.
     #[arg(long, value_name = "DOMAIN", help_heading = BY_POSITION)]
     pub domain: String,
-    /// Snapshot name.
-    #[arg(long = "snapshotname", value_name = "SNAPSHOT", help_heading = BY_POSITION)]
-    snapshot: Option<String>,
-    /// Delete the current snapshot.
-    #[arg(long)]
-    current: bool,
+    #[command(flatten)]
+    which: WhichSnapshot,
     /// Also delete the snapshot's descendants.
     #[arg(long)]
     children: bool,
@@ -517,18 +512,21 @@ fn tree(shown: &[&SnapshotSummary]) -> String {
     out
 }
 
-fn pick_name(snapshot: &Option<String>, current: bool, all: &[SnapshotSummary]) -> Result<String> {
-    if let Some(n) = snapshot {
-        return Ok(n.clone());
+impl WhichSnapshot {
+    /// The snapshot's name: the one given, or the current one's.
+    fn pick(&self, all: &[SnapshotSummary]) -> Result<String> {
+        if let Some(n) = &self.snapshot {
+            return Ok(n.clone());
+        }
+        if self.current {
+            return all
+                .iter()
+                .find(|s| s.current)
+                .map(|s| s.name.clone())
+                .ok_or_else(|| anyhow!("the domain has no current snapshot"));
+        }
+        bail!("command requires <snapshotname> option or --current")
     }
-    if current {
-        return all
-            .iter()
-            .find(|s| s.current)
-            .map(|s| s.name.clone())
-            .ok_or_else(|| anyhow!("the domain has no current snapshot"));
-    }
-    bail!("command requires <snapshotname> option or --current")
 }
 
 fn find_summary<'a>(all: &'a [SnapshotSummary], name: &str) -> Result<&'a SnapshotSummary> {
@@ -542,7 +540,7 @@ fn find_summary<'a>(all: &'a [SnapshotSummary], name: &str) -> Result<&'a Snapsh
 
 pub async fn info(snaps: &dyn SnapshotOps, a: NameArgs, json: bool) -> Result<String> {
     let all = snaps.snapshot_list(&a.domain).await?;
-    let name = pick_name(&a.snapshot, a.current, &all)?;
+    let name = a.which.pick(&all)?;
     let s = find_summary(&all, &name)?;
     let children = all.iter().filter(|c| c.parent.as_deref() == Some(name.as_str())).count();
     let mut descendants = 0;
@@ -577,7 +575,7 @@ pub async fn info(snaps: &dyn SnapshotOps, a: NameArgs, json: bool) -> Result<St
 
 pub async fn dumpxml(snaps: &dyn SnapshotOps, a: DumpxmlArgs) -> Result<String> {
     let all = snaps.snapshot_list(&a.domain).await?;
-    let name = pick_name(&a.snapshot, a.current, &all)?;
+    let name = a.which.pick(&all)?;
     Ok(format!("{}\n", snaps.snapshot_xml(&a.domain, &name).await?))
 }
 
@@ -601,7 +599,7 @@ pub async fn current(snaps: &dyn SnapshotOps, a: CurrentArgs, json: bool) -> Res
 
 pub async fn parent(snaps: &dyn SnapshotOps, a: NameArgs, json: bool) -> Result<String> {
     let all = snaps.snapshot_list(&a.domain).await?;
-    let name = pick_name(&a.snapshot, a.current, &all)?;
+    let name = a.which.pick(&all)?;
     let s = find_summary(&all, &name)?;
     match &s.parent {
         Some(p) if json || a.json => Ok(format!("{}\n", serde_json::json!({ "snapshot": name, "parent": p }))),
@@ -612,7 +610,7 @@ pub async fn parent(snaps: &dyn SnapshotOps, a: NameArgs, json: bool) -> Result<
 
 pub async fn revert(snaps: &dyn SnapshotOps, a: RevertArgs) -> Result<String> {
     let all = snaps.snapshot_list(&a.domain).await?;
-    let name = pick_name(&a.snapshot, a.current, &all)?;
+    let name = a.which.pick(&all)?;
     let flags = SnapshotRevertFlags { running: a.running, paused: a.paused, force: a.force };
     snaps
         .snapshot_revert(&a.domain, &name, flags)
@@ -623,7 +621,7 @@ pub async fn revert(snaps: &dyn SnapshotOps, a: RevertArgs) -> Result<String> {
 
 pub async fn delete(snaps: &dyn SnapshotOps, a: DeleteArgs) -> Result<String> {
     let all = snaps.snapshot_list(&a.domain).await?;
-    let name = pick_name(&a.snapshot, a.current, &all)?;
+    let name = a.which.pick(&all)?;
     let flags = SnapshotDeleteFlags { children: a.children, children_only: a.children_only, metadata_only: a.metadata };
     let notes = snaps
         .snapshot_delete(&a.domain, &name, flags)
