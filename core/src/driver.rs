@@ -266,8 +266,13 @@ impl<'a> dyn Connection + 'a {
     /// The target (`vda`) of the domain's disk that `disk` names, in the
     /// domain's current XML (live when it runs): the one place a disk
     /// given on a command line as a target or an image path is resolved;
-    /// see [`Domain::find_disk`] for what is accepted.
+    /// see [`Domain::find_disk`] for what is accepted. A name without a
+    /// leading `/` is a target as it stands (the command checks that the
+    /// disk exists), so only a path costs a look at the domain's XML.
     pub async fn disk_target(&self, domain: &str, disk: &str) -> Result<String> {
+        if !disk.starts_with('/') {
+            return Ok(disk.to_string());
+        }
         let xml = self.dump_xml(domain, DumpXmlFlags::default()).await?;
         Ok(Domain::parse(&xml)?.find_disk(disk)?.target)
     }

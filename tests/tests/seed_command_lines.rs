@@ -178,7 +178,7 @@ fn seed_blockpull_to_base_and_snapshot_metadata_lines() {
     let relative = s(&active).trim_start_matches('/').to_string();
     let verbatim = format!("virsh blockpull --domain RootBase --path {relative} --base {} --wait --verbose", s(&root));
     let err = env.fails(&words(&verbatim));
-    assert!(err.contains(&format!("no disk '{relative}'")), "{err}");
+    assert!(err.contains(&format!("disk '{relative}' not found in domain")), "{err}");
 
     let line = format!("virsh blockpull --domain RootBase --path {} --base {} --wait --verbose", s(&active), s(&root));
     assert_eq!(env.ok(&words(&line)).trim(), "Pull complete");
