@@ -52,6 +52,38 @@ const GROUPS: &[(&str, &str, &[&str])] = &[
             "snapshot-revert",
         ],
     ),
+    (
+        "Storage Pool",
+        "pool",
+        &[
+            "pool-autostart",
+            "pool-build",
+            "pool-define",
+            "pool-define-as",
+            "pool-destroy",
+            "pool-dumpxml",
+            "pool-info",
+            "pool-list",
+            "pool-refresh",
+            "pool-start",
+            "pool-undefine",
+        ],
+    ),
+    (
+        "Storage Volume",
+        "volume",
+        &[
+            "vol-clone",
+            "vol-create",
+            "vol-create-as",
+            "vol-delete",
+            "vol-dumpxml",
+            "vol-info",
+            "vol-list",
+            "vol-path",
+            "vol-resize",
+        ],
+    ),
     ("Strata itself", "strata", &["help"]),
 ];
 

@@ -1,20 +1,22 @@
 //! The storage pool and volume commands, with virsh's syntax, tables and
 //! `key: value` listings.
 //!
-//! As in virsh, every option that takes a value may also be given by
-//! position: named ones are taken first, and the words given by position
-//! fill the remaining options in their order (`pool-define-as p dir - - -
-//! - /srv/p` is `--target /srv/p`; `-` leaves a source option empty).
+//! As in virsh, the options that name a command's pool, volume, file or
+//! size are declared under [`BY_POSITION`], in virsh's order, so each may
+//! be given by name or by position (see [`crate::virsh_args`]):
+//! `pool-define-as p dir - - - - /srv/p` is `--target /srv/p`, and a `-`
+//! leaves a source option empty, as in virsh.
 
 use std::fmt::Write as _;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use clap::{Args, Subcommand};
 use strata_core::driver::{PoolBuildFlags, PoolInfo, PoolState, StoragePoolOps, VolumeInfo, VolumeResizeFlags};
 use strata_core::pool::{parse_scaled, pool_xml_from_parts};
 use strata_core::xml::Element;
 use strata_core::ErrorKind;
 
+use crate::commands::BY_POSITION;
 use crate::table::{format_fields, format_table};
 
 #[derive(Subcommand, Debug)]
@@ -84,24 +86,26 @@ pub enum PoolCommand {
 /// `pool-define-as NAME TYPE [SOURCE-HOST] [SOURCE-PATH] [SOURCE-DEV] [SOURCE-NAME] [TARGET]`.
 #[derive(Args, Debug)]
 pub struct DefineAsArgs {
-    #[arg(value_name = "NAME TYPE …")]
-    words: Vec<String>,
-    #[arg(long)]
-    name: Option<String>,
-    /// dir or fs.
-    #[arg(long = "type")]
-    pool_type: Option<String>,
-    #[arg(long = "source-host")]
-    source_host: Option<String>,
-    #[arg(long = "source-path")]
-    source_path: Option<String>,
-    /// The device of an fs pool.
-    #[arg(long = "source-dev")]
+    /// Name of the pool.
+    #[arg(long, value_name = "NAME", help_heading = BY_POSITION)]
+    name: String,
+    /// Type of the pool: dir or fs.
+    #[arg(long = "type", value_name = "TYPE", help_heading = BY_POSITION)]
+    pool_type: String,
+    /// Accepted as virsh does; no pool type Strata has uses a source host.
+    #[arg(long = "source-host", value_name = "HOST", help_heading = BY_POSITION)]
+    _source_host: Option<String>,
+    /// Accepted as virsh does; no pool type Strata has uses a source path.
+    #[arg(long = "source-path", value_name = "PATH", help_heading = BY_POSITION)]
+    _source_path: Option<String>,
+    /// The device of an fs pool ('-' for none).
+    #[arg(long = "source-dev", value_name = "DEVICE", help_heading = BY_POSITION)]
     source_dev: Option<String>,
-    #[arg(long = "source-name")]
-    source_name: Option<String>,
-    /// The directory holding the volumes (an fs pool's mount point).
-    #[arg(long)]
+    /// Accepted as virsh does; no pool type Strata has uses a source name.
+    #[arg(long = "source-name", value_name = "NAME", help_heading = BY_POSITION)]
+    _source_name: Option<String>,
+    /// The directory holding the volumes, an fs pool's mount point ('-' for none).
+    #[arg(long, value_name = "DIR", help_heading = BY_POSITION)]
     target: Option<String>,
     /// An fs pool's filesystem type (ext4, xfs, …, auto).
     #[arg(long = "source-format")]
@@ -111,20 +115,20 @@ pub struct DefineAsArgs {
     print_xml: bool,
 }
 
+/// `pool-define FILE`.
 #[derive(Args, Debug)]
 pub struct FileArgs {
-    #[arg(value_name = "FILE")]
-    words: Vec<String>,
-    #[arg(long)]
-    file: Option<String>,
+    /// A <pool> XML file.
+    #[arg(long, value_name = "FILE", help_heading = BY_POSITION)]
+    file: String,
 }
 
+/// The pool a command acts on.
 #[derive(Args, Debug)]
 pub struct PoolArgs {
-    #[arg(value_name = "POOL")]
-    words: Vec<String>,
-    #[arg(long)]
-    pool: Option<String>,
+    /// Pool name.
+    #[arg(long, value_name = "POOL", help_heading = BY_POSITION)]
+    pool: String,
 }
 
 #[derive(Args, Debug)]
@@ -150,8 +154,10 @@ pub struct StartArgs {
 
 #[derive(Args, Debug)]
 pub struct PoolListArgs {
+    /// List inactive and active pools.
     #[arg(long)]
     all: bool,
+    /// List inactive pools only.
     #[arg(long)]
     inactive: bool,
     /// Only persistent pools (every pool Strata defines is).
@@ -160,19 +166,25 @@ pub struct PoolListArgs {
     /// Only transient pools (Strata has none).
     #[arg(long)]
     transient: bool,
+    /// Only pools marked to start at boot.
     #[arg(long)]
     autostart: bool,
+    /// Only pools not marked to start at boot.
     #[arg(long = "no-autostart")]
     no_autostart: bool,
     /// Only pools of these types (comma-separated).
     #[arg(long = "type", value_name = "TYPES")]
     pool_type: Option<String>,
+    /// Also show each pool's persistence and sizes.
     #[arg(long)]
     details: bool,
+    /// List pool names only.
     #[arg(long)]
     name: bool,
+    /// List pool UUIDs only.
     #[arg(long)]
     uuid: bool,
+    /// Print JSON for scripts.
     #[arg(long)]
     json: bool,
 }
@@ -184,6 +196,7 @@ pub struct PoolInfoArgs {
     /// Sizes in bytes.
     #[arg(long)]
     bytes: bool,
+    /// Print JSON for scripts.
     #[arg(long)]
     json: bool,
 }
@@ -201,6 +214,7 @@ pub struct PoolDumpxmlArgs {
 pub struct AutostartArgs {
     #[command(flatten)]
     pool: PoolArgs,
+    /// Unmark the pool: it no longer starts at boot.
     #[arg(long)]
     disable: bool,
 }
@@ -209,8 +223,10 @@ pub struct AutostartArgs {
 pub struct VolListArgs {
     #[command(flatten)]
     pool: PoolArgs,
+    /// Also show each volume's type and sizes.
     #[arg(long)]
     details: bool,
+    /// Print JSON for scripts.
     #[arg(long)]
     json: bool,
 }
@@ -218,11 +234,11 @@ pub struct VolListArgs {
 /// A volume: its name with `--pool`, or its path.
 #[derive(Args, Debug)]
 pub struct VolArgs {
-    #[arg(value_name = "VOL")]
-    words: Vec<String>,
-    #[arg(long)]
-    vol: Option<String>,
-    #[arg(long)]
+    /// Volume name (with --pool) or path.
+    #[arg(long, value_name = "VOL", help_heading = BY_POSITION)]
+    vol: String,
+    /// The pool holding the volume named by --vol.
+    #[arg(long, value_name = "POOL", help_heading = BY_POSITION)]
     pool: Option<String>,
 }
 
@@ -230,8 +246,10 @@ pub struct VolArgs {
 pub struct VolInfoArgs {
     #[command(flatten)]
     vol: VolArgs,
+    /// Sizes in bytes.
     #[arg(long)]
     bytes: bool,
+    /// Print JSON for scripts.
     #[arg(long)]
     json: bool,
 }
@@ -239,29 +257,31 @@ pub struct VolInfoArgs {
 /// `vol-create-as POOL NAME CAPACITY`.
 #[derive(Args, Debug)]
 pub struct CreateAsArgs {
-    #[arg(value_name = "POOL NAME CAPACITY")]
-    words: Vec<String>,
-    #[arg(long)]
-    pool: Option<String>,
-    #[arg(long)]
-    name: Option<String>,
+    /// The pool to create the volume in.
+    #[arg(long, value_name = "POOL", help_heading = BY_POSITION)]
+    pool: String,
+    /// Name of the volume.
+    #[arg(long, value_name = "NAME", help_heading = BY_POSITION)]
+    name: String,
     /// Size with an optional unit (64M, 1GiB, …).
-    #[arg(long)]
-    capacity: Option<String>,
+    #[arg(long, value_name = "SIZE", help_heading = BY_POSITION)]
+    capacity: String,
     /// Accepted as virsh does; images are created sparse.
-    #[arg(long)]
+    #[arg(long, value_name = "SIZE")]
     allocation: Option<String>,
     /// raw (the default), qcow2, …
-    #[arg(long)]
+    #[arg(long, value_name = "FORMAT")]
     format: Option<String>,
     /// The backing volume: a name in the pool, or a path.
-    #[arg(long = "backing-vol")]
+    #[arg(long = "backing-vol", value_name = "VOL")]
     backing_vol: Option<String>,
-    #[arg(long = "backing-vol-format")]
+    /// The backing volume's format (raw, qcow2, …).
+    #[arg(long = "backing-vol-format", value_name = "FORMAT")]
     backing_vol_format: Option<String>,
     /// Accepted as virsh does; qemu-img writes the metadata anyway.
     #[arg(long = "prealloc-metadata")]
     prealloc_metadata: bool,
+    /// Print the XML instead of creating the volume.
     #[arg(long = "print-xml")]
     print_xml: bool,
 }
@@ -269,24 +289,25 @@ pub struct CreateAsArgs {
 /// `vol-create POOL FILE`.
 #[derive(Args, Debug)]
 pub struct VolCreateArgs {
-    #[arg(value_name = "POOL FILE")]
-    words: Vec<String>,
-    #[arg(long)]
-    pool: Option<String>,
-    #[arg(long)]
-    file: Option<String>,
+    /// The pool to create the volume in.
+    #[arg(long, value_name = "POOL", help_heading = BY_POSITION)]
+    pool: String,
+    /// A <volume> XML file.
+    #[arg(long, value_name = "FILE", help_heading = BY_POSITION)]
+    file: String,
 }
 
-/// `vol-resize VOL CAPACITY`.
+/// `vol-resize VOL CAPACITY [POOL]`.
 #[derive(Args, Debug)]
 pub struct ResizeArgs {
-    #[arg(value_name = "VOL CAPACITY")]
-    words: Vec<String>,
-    #[arg(long)]
-    vol: Option<String>,
-    #[arg(long)]
-    capacity: Option<String>,
-    #[arg(long)]
+    /// Volume name (with --pool) or path.
+    #[arg(long, value_name = "VOL", help_heading = BY_POSITION)]
+    vol: String,
+    /// The new size, with an optional unit (64M, 1GiB, …).
+    #[arg(long, value_name = "SIZE", help_heading = BY_POSITION)]
+    capacity: String,
+    /// The pool holding the volume named by --vol.
+    #[arg(long, value_name = "POOL", help_heading = BY_POSITION)]
     pool: Option<String>,
     /// Add the capacity to the current one.
     #[arg(long)]
@@ -299,53 +320,18 @@ pub struct ResizeArgs {
     allocate: bool,
 }
 
-/// `vol-clone VOL NEWNAME`.
+/// `vol-clone VOL NEWNAME [POOL]`.
 #[derive(Args, Debug)]
 pub struct CloneArgs {
-    #[arg(value_name = "VOL NEWNAME")]
-    words: Vec<String>,
-    #[arg(long)]
-    vol: Option<String>,
-    #[arg(long)]
-    newname: Option<String>,
-    #[arg(long)]
+    /// Volume name (with --pool) or path.
+    #[arg(long, value_name = "VOL", help_heading = BY_POSITION)]
+    vol: String,
+    /// Name of the clone.
+    #[arg(long, value_name = "NAME", help_heading = BY_POSITION)]
+    newname: String,
+    /// The pool holding the volume named by --vol.
+    #[arg(long, value_name = "POOL", help_heading = BY_POSITION)]
     pool: Option<String>,
-}
-
-/// virsh's filling of options: those given by name keep their value, and
-/// the words given by position fill the others in order.
-fn fill<const N: usize>(slots: [Option<String>; N], words: Vec<String>) -> Result<[Option<String>; N]> {
-    let mut slots = slots;
-    let mut words = words.into_iter();
-    for slot in slots.iter_mut().filter(|s| s.is_none()) {
-        match words.next() {
-            Some(w) => *slot = Some(w),
-            None => break,
-        }
-    }
-    if let Some(extra) = words.next() {
-        bail!("unexpected data '{extra}'");
-    }
-    Ok(slots)
-}
-
-fn required(command: &str, option: &str, value: Option<String>) -> Result<String> {
-    value.ok_or_else(|| anyhow!("command '{command}' requires <{option}> option"))
-}
-
-impl PoolArgs {
-    fn name(self, command: &str) -> Result<String> {
-        let [pool] = fill([self.pool], self.words)?;
-        required(command, "pool", pool)
-    }
-}
-
-/// The volume and the pool it is looked up in (`None`: by path).
-impl VolArgs {
-    fn get(self, command: &str) -> Result<(String, Option<String>)> {
-        let [vol, pool] = fill([self.vol, self.pool], self.words)?;
-        Ok((required(command, "vol", vol)?, pool))
-    }
 }
 
 /// An unknown pool or volume as virsh reports it: `failed to get pool 'p'`
@@ -403,12 +389,12 @@ enum PoolChange {
 }
 
 async fn change_pool(pools: &dyn StoragePoolOps, a: PoolArgs, change: PoolChange) -> Result<String> {
-    let (command, verb, done) = match change {
-        PoolChange::Destroy => ("pool-destroy", "destroy", "destroyed"),
-        PoolChange::Undefine => ("pool-undefine", "undefine", "has been undefined"),
-        PoolChange::Refresh => ("pool-refresh", "refresh", "refreshed"),
+    let (verb, done) = match change {
+        PoolChange::Destroy => ("destroy", "destroyed"),
+        PoolChange::Undefine => ("undefine", "has been undefined"),
+        PoolChange::Refresh => ("refresh", "refreshed"),
     };
-    let name = a.name(command)?;
+    let name = a.pool;
     let result = match change {
         PoolChange::Destroy => pools.pool_destroy(&name).await,
         PoolChange::Undefine => pools.pool_undefine(&name).await,
@@ -423,17 +409,14 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
     let mut out = String::new();
     match cmd {
         PoolCommand::PoolDefineAs(a) => {
-            let [name, pool_type, _host, _path, device, _source_name, target] = fill(
-                [a.name, a.pool_type, a.source_host, a.source_path, a.source_dev, a.source_name, a.target],
-                a.words,
-            )?;
-            let name = required("pool-define-as", "name", name)?;
-            let pool_type = required("pool-define-as", "type", pool_type)?;
+            let DefineAsArgs { name, pool_type, source_dev, target, .. } = &a;
+            // As in virsh, `-` (given by position to reach a later option)
+            // leaves an option empty.
             fn given(v: &Option<String>) -> Option<&str> {
                 v.as_deref().filter(|s| *s != "-")
             }
             let xml =
-                pool_xml_from_parts(&name, &pool_type, given(&device), a.source_format.as_deref(), given(&target));
+                pool_xml_from_parts(name, pool_type, given(source_dev), a.source_format.as_deref(), given(target));
             if a.print_xml {
                 out.push_str(&xml);
             } else {
@@ -445,8 +428,7 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
             }
         }
         PoolCommand::PoolDefine(a) => {
-            let [file] = fill([a.file], a.words)?;
-            let file = required("pool-define", "file", file)?;
+            let file = a.file;
             let xml = crate::commands::read_document(&file)?;
             let name = pools
                 .pool_define_xml(&xml)
@@ -456,7 +438,7 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
         }
         PoolCommand::PoolBuild(a) => {
             let flags = PoolBuildFlags { overwrite: a.overwrite, no_overwrite: a.no_overwrite };
-            let name = a.pool.name("pool-build")?;
+            let name = a.pool.pool;
             pools
                 .pool_build(&name, flags)
                 .await
@@ -466,7 +448,7 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
         PoolCommand::PoolStart(a) => {
             let flags = PoolBuildFlags { overwrite: a.build.overwrite, no_overwrite: a.build.no_overwrite };
             let build = a.build_first || flags.overwrite || flags.no_overwrite;
-            let name = a.build.pool.name("pool-start")?;
+            let name = a.build.pool.pool;
             let context = || format!("Failed to start pool {name}");
             if build {
                 pools
@@ -538,7 +520,7 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
             }
         }
         PoolCommand::PoolInfo(a) => {
-            let name = a.pool.name("pool-info")?;
+            let name = a.pool.pool;
             let info = pools.pool_info(&name).await.map_err(|e| lookup_error(e, Some(&name), None, None))?;
             if a.json || global_json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&info)?)?;
@@ -561,12 +543,12 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
             }
         }
         PoolCommand::PoolDumpxml(a) => {
-            let name = a.pool.name("pool-dumpxml")?;
+            let name = a.pool.pool;
             let xml = pools.pool_xml(&name, a.inactive).await.map_err(|e| lookup_error(e, Some(&name), None, None))?;
             out.push_str(&xml);
         }
         PoolCommand::PoolAutostart(a) => {
-            let name = a.pool.name("pool-autostart")?;
+            let name = a.pool.pool;
             let word = if a.disable { "unmark" } else { "mark" };
             pools.pool_set_autostart(&name, !a.disable).await.map_err(|e| {
                 lookup_error(e, Some(&name), None, Some(format!("failed to {word} pool {name} as autostarted")))
@@ -574,7 +556,7 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
             writeln!(out, "Pool {name} {word}ed as autostarted\n")?;
         }
         PoolCommand::VolList(a) => {
-            let name = a.pool.name("vol-list")?;
+            let name = a.pool.pool;
             let vols = pools.vol_list(&name).await.map_err(|e| lookup_error(e, Some(&name), None, None))?;
             if a.json || global_json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&vols)?)?;
@@ -600,7 +582,7 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
             }
         }
         PoolCommand::VolInfo(a) => {
-            let (vol, pool) = a.vol.get("vol-info")?;
+            let VolArgs { vol, pool } = a.vol;
             let info: VolumeInfo = pools
                 .vol_info(pool.as_deref(), &vol)
                 .await
@@ -617,7 +599,7 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
             }
         }
         PoolCommand::VolDumpxml(a) => {
-            let (vol, pool) = a.get("vol-dumpxml")?;
+            let VolArgs { vol, pool } = a;
             let xml = pools
                 .vol_xml(pool.as_deref(), &vol)
                 .await
@@ -625,11 +607,8 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
             out.push_str(&xml);
         }
         PoolCommand::VolCreateAs(a) => {
-            let [pool, name, capacity] = fill([a.pool, a.name, a.capacity], a.words)?;
-            let pool = required("vol-create-as", "pool", pool)?;
-            let name = required("vol-create-as", "name", name)?;
-            let capacity = required("vol-create-as", "capacity", capacity)?;
-            let bytes = parse_scaled(&capacity, 1).with_context(|| format!("Malformed size {capacity}"))?;
+            let CreateAsArgs { pool, name, capacity, .. } = &a;
+            let bytes = parse_scaled(capacity, 1).with_context(|| format!("Malformed size {capacity}"))?;
             let mut vol = Element::new("volume")
                 .with_child(Element::new("name").with_text(name.clone()))
                 .with_child(Element::new("capacity").with_text(bytes.to_string()));
@@ -638,7 +617,7 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
             }
             if let Some(backing) = &a.backing_vol {
                 // virsh looks the backing volume up in the pool, then by path.
-                let found = match pools.vol_info(Some(&pool), backing).await {
+                let found = match pools.vol_info(Some(pool), backing).await {
                     Ok(info) => info,
                     Err(_) => {
                         pools.vol_info(None, backing).await.map_err(|e| lookup_error(e, None, Some(backing), None))?
@@ -655,16 +634,14 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
                 out.push_str(&xml);
             } else {
                 pools
-                    .vol_create_xml(&pool, &xml)
+                    .vol_create_xml(pool, &xml)
                     .await
-                    .map_err(|e| lookup_error(e, Some(&pool), None, Some(format!("Failed to create vol {name}"))))?;
+                    .map_err(|e| lookup_error(e, Some(pool), None, Some(format!("Failed to create vol {name}"))))?;
                 writeln!(out, "Vol {name} created\n")?;
             }
         }
         PoolCommand::VolCreate(a) => {
-            let [pool, file] = fill([a.pool, a.file], a.words)?;
-            let pool = required("vol-create", "pool", pool)?;
-            let file = required("vol-create", "file", file)?;
+            let VolCreateArgs { pool, file } = a;
             let xml = crate::commands::read_document(&file)?;
             let name = pools
                 .vol_create_xml(&pool, &xml)
@@ -673,14 +650,14 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
             writeln!(out, "Vol {name} created from {file}\n")?;
         }
         PoolCommand::VolDelete(a) => {
-            let (vol, pool) = a.get("vol-delete")?;
+            let VolArgs { vol, pool } = a;
             pools.vol_delete(pool.as_deref(), &vol).await.map_err(|e| {
                 lookup_error(e, pool.as_deref(), Some(&vol), Some(format!("Failed to delete vol {vol}")))
             })?;
             writeln!(out, "Vol {vol} deleted\n")?;
         }
         PoolCommand::VolPath(a) => {
-            let (vol, pool) = a.get("vol-path")?;
+            let VolArgs { vol, pool } = a;
             let info = pools
                 .vol_info(pool.as_deref(), &vol)
                 .await
@@ -688,25 +665,21 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
             writeln!(out, "{}\n", info.path)?;
         }
         PoolCommand::VolResize(a) => {
-            let [vol, capacity, pool] = fill([a.vol, a.capacity, a.pool], a.words)?;
-            let vol = required("vol-resize", "vol", vol)?;
-            let capacity = required("vol-resize", "capacity", capacity)?;
-            let bytes = parse_scaled(&capacity, 1).with_context(|| format!("Malformed size {capacity}"))?;
+            let ResizeArgs { vol, capacity, pool, .. } = &a;
+            let bytes = parse_scaled(capacity, 1).with_context(|| format!("Malformed size {capacity}"))?;
             let flags = VolumeResizeFlags { delta: a.delta, shrink: a.shrink };
-            pools.vol_resize(pool.as_deref(), &vol, bytes, flags).await.map_err(|e| {
+            pools.vol_resize(pool.as_deref(), vol, bytes, flags).await.map_err(|e| {
                 lookup_error(
                     e,
                     pool.as_deref(),
-                    Some(&vol),
+                    Some(vol),
                     Some(format!("Failed to change size of volume '{vol}' to {capacity}")),
                 )
             })?;
             writeln!(out, "Size of volume '{vol}' successfully changed to {capacity}\n")?;
         }
         PoolCommand::VolClone(a) => {
-            let [vol, new_name, pool] = fill([a.vol, a.newname, a.pool], a.words)?;
-            let vol = required("vol-clone", "vol", vol)?;
-            let new_name = required("vol-clone", "newname", new_name)?;
+            let CloneArgs { vol, newname: new_name, pool } = a;
             pools.vol_clone(pool.as_deref(), &vol, &new_name).await.map_err(|e| {
                 lookup_error(e, pool.as_deref(), Some(&vol), Some(format!("Failed to clone vol from {vol}")))
             })?;
@@ -725,15 +698,5 @@ mod tests {
         assert_eq!(pretty_size(0), "0.00 B");
         assert_eq!(pretty_size(64 << 20), "64.00 MiB");
         assert_eq!(pretty_size(1536), "1.50 KiB");
-    }
-
-    #[test]
-    fn words_fill_the_options_not_given_by_name() {
-        let words = vec!["p".to_string(), "dir".to_string()];
-        let [name, target, kind] = fill([None, Some("/t".to_string()), None], words).expect("two words, two options");
-        assert_eq!((name.as_deref(), target.as_deref(), kind.as_deref()), (Some("p"), Some("/t"), Some("dir")));
-        let words = vec!["p".to_string(), "dir".to_string(), "/t".to_string()];
-        let err = fill([None, None], words).expect_err("three words for two options");
-        assert_eq!(err.to_string(), "unexpected data '/t'");
     }
 }

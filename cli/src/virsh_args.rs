@@ -99,5 +99,17 @@ mod tests {
         );
         assert_eq!(name_positional_words(&words("dominfo -- --odd")), words("dominfo --domain=--odd"));
         assert_eq!(name_positional_words(&words("dominfo a b")), words("dominfo --domain=a b"));
+        // A bare `-` is a value: pool-define-as reads it as "leave empty".
+        assert_eq!(
+            name_positional_words(&words("pool-define-as p dir - - - - /srv/p")),
+            words(
+                "pool-define-as --name=p --type=dir --source-host=- --source-path=- --source-dev=- --source-name=- \
+                 --target=/srv/p"
+            )
+        );
+        assert_eq!(
+            name_positional_words(&words("vol-create-as --pool p v1 --format qcow2 1M")),
+            words("vol-create-as --pool p --name=v1 --format qcow2 --capacity=1M")
+        );
     }
 }

@@ -250,6 +250,46 @@ fn volumes_are_created_resized_cloned_and_deleted() {
     assert!(err.contains("no storage vol with matching name 'copy.qcow2'"), "{err}");
 }
 
+/// As in virsh, a pool or volume command takes its options by name or by
+/// position in any mix, each bare word filling the first of them (in
+/// virsh's order) not named yet; a missing one or a word too many is
+/// refused before anything runs. `help pool-list` prints its synopsis.
+#[test]
+fn pool_commands_take_options_by_name_and_by_position_in_any_mix() {
+    let env = TestEnv::new();
+    let dir = env.path("images");
+    // The name by position, the target by name, the type by position.
+    assert_eq!(env.ok(&["pool-define-as", "p", "--target", s(&dir), "dir"]), "Pool p defined\n\n");
+    env.ok(&["pool-build", "--pool", "p"]);
+    env.ok(&["pool-start", "p"]);
+    assert_eq!(env.ok(&["vol-create-as", "--pool", "p", "v1", "1M"]), "Vol v1 created\n\n");
+    assert_eq!(env.ok(&["vol-create-as", "p", "--capacity", "1M", "v2", "--format", "qcow2"]), "Vol v2 created\n\n");
+    let info = env.ok(&["vol-info", "--pool", "p", "v1"]);
+    assert!(info.starts_with("Name:           v1\nType:           file\nCapacity:       1.00 MiB\n"), "{info}");
+    assert_eq!(env.ok(&["vol-info", "v1", "p"]), info, "--pool by position after the volume");
+    assert_eq!(env.ok(&["vol-info", "--vol", "v1", "p"]), info);
+    assert_eq!(env.ok(&["vol-path", "--pool", "p", "v2"]), format!("{}\n\n", dir.join("v2").display()));
+    assert_eq!(
+        env.ok(&["vol-resize", "--capacity", "2M", "v1", "p"]),
+        "Size of volume 'v1' successfully changed to 2M\n\n"
+    );
+    assert_eq!(env.ok(&["vol-clone", "v1", "--pool", "p", "v3"]), "Vol v3 cloned from v1\n\n");
+
+    assert_eq!(
+        env.fails(&["vol-create-as", "--pool", "p", "v4"]),
+        "error: command 'vol-create-as' requires <capacity> option\n"
+    );
+    assert_eq!(env.fails(&["vol-info", "v1", "p", "extra"]), "error: unexpected data 'extra'\n");
+    assert_eq!(env.fails(&["pool-info"]), "error: command 'pool-info' requires <pool> option\n");
+
+    let help = env.ok(&["help", "pool-list"]);
+    assert!(help.contains("  SYNOPSIS\n    pool-list [--all] [--inactive] "), "{help}");
+    assert_eq!(env.ok(&["pool-list", "--help"]), help);
+    let help = env.ok(&["help", "vol-create-as"]);
+    assert!(help.contains("\n    vol-create-as <pool> <name> <capacity> [--allocation <string>]"), "{help}");
+    assert!(env.ok(&["help", "pool"]).starts_with(" Storage Pool (help keyword 'pool'):\n"));
+}
+
 /// The domain XML for `vm` whose `vda` is volume `volume` of pool `pool`.
 fn volume_domain(env: &TestEnv, pool: &str, volume: &str) -> String {
     let placeholder = env.path("placeholder");
