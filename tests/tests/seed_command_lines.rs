@@ -480,3 +480,25 @@ fn seed_vcpuinfo_line() {
     let cpu: usize = rows[1].1.parse().expect("a CPU number");
     assert_eq!(affinity.as_bytes()[cpu], b'y', "{out}");
 }
+
+/// Seed 000: `virsh vol-dumpxml --pool gluster img3`, here on a `dir` pool
+/// named `gluster` holding img1 ← img2 ← img3: the whole backing chain is
+/// shown (libvirt shows one level), each layer with its path and format.
+#[test]
+fn seed_vol_dumpxml_line() {
+    let env = TestEnv::new();
+    let dir = env.path("gluster");
+    std::fs::create_dir(&dir).expect("pool directory");
+    let chain = make_chain(&dir, &["img1", "img2", "img3"]);
+    env.ok(&["pool-define-as", "gluster", "dir", "--target", s(&dir)]);
+    env.ok(&["pool-start", "gluster"]);
+
+    let xml = env.ok(&words("virsh vol-dumpxml --pool gluster img3"));
+    common::validate_xml(&xml);
+    let paths: Vec<&str> = xml.lines().map(str::trim).filter(|l| l.starts_with("<path>")).collect();
+    let expected: Vec<String> = chain.iter().rev().map(|p| format!("<path>{}</path>", p.display())).collect();
+    assert_eq!(paths, expected, "{xml}");
+    assert_eq!(xml.matches("<backingStore>").count(), 2, "{xml}");
+    assert_eq!(xml.matches("<format type='qcow2'/>").count(), 3, "{xml}");
+    assert!(xml.starts_with("<volume type='file'>") && xml.contains("<name>img3</name>"), "{xml}");
+}
