@@ -2282,3 +2282,51 @@ fn commit_into_a_frozen_image_needs_allow_snapshot_change_live() {
 fn commit_into_a_frozen_image_needs_allow_snapshot_change_offline() {
     commit_into_a_frozen_image_needs_allow_snapshot_change(false);
 }
+
+/// s1 ← s2 ← s3 ← s4, then a revert to s3 (a branch on s2's overlay), then
+/// s2 deleted: s2's overlay is merged into s1's and removed, and every
+/// image that read through it — the branch in the running chain and s3's
+/// overlay, which s4 froze — is re-pointed at the merged image (before,
+/// only the running one was, and s4 could no longer be reverted to).
+fn delete_after_a_revert_repoints_every_reader(live: bool) {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::None, live);
+    let _guard = vm.guard();
+    let mut at = Vec::new();
+    for (i, name) in ["s1", "s2", "s3", "s4"].iter().enumerate() {
+        vm.write(0xa1 + i as u8, (4 + i as u64) * MIB, 64 * 1024);
+        at.push(vm.snap_ref());
+        vm.ext_snapshot(name);
+    }
+    assert!(vm.reads(&at[3]), "the writes did not land");
+    let mut revert = vec!["snapshot-revert", "vm", "s3"];
+    if live {
+        revert.push("--running");
+    }
+    env.ok(&revert);
+    vm.reset_ref(&at[2]);
+    assert!(vm.reads(&at[2]), "the revert to s3 does not read s3's data");
+    let (o2, o3) = (overlay(&env, "s2", "vda"), overlay(&env, "s3", "vda"));
+
+    let out = env.ok(&["snapshot-delete", "vm", "s2"]);
+    assert!(out.ends_with("Domain snapshot s2 deleted\n"), "{out}");
+    assert!(!o2.exists(), "s2's overlay is left");
+    assert_eq!(chain_files(&o3)[1], overlay(&env, "s1", "vda").display().to_string(), "s3's overlay");
+    assert!(vm.reads(&at[2]), "the current state changed");
+    env.ok(&["domblkcheck", "vm"]);
+    vm.destroy();
+    for (name, data) in [("s4", &at[3]), ("s3", &at[2]), ("s1", &at[0])] {
+        env.ok(&["snapshot-revert", "vm", name]);
+        assert!(same(&active(&env, "vda"), data), "{name} no longer reverts to what it froze");
+    }
+}
+
+#[test]
+fn delete_after_a_revert_repoints_every_reader_live() {
+    delete_after_a_revert_repoints_every_reader(true);
+}
+
+#[test]
+fn delete_after_a_revert_repoints_every_reader_offline() {
+    delete_after_a_revert_repoints_every_reader(false);
+}

@@ -222,6 +222,20 @@ fn run(operation: &DomainLock, args: &[&str]) -> Result<()> {
     run_holding(Some(operation), args)
 }
 
+/// Points each of `images` at `onto` without copying data (`qemu-img
+/// rebase -u`): for images whose backing's data is now in `onto`. An image
+/// already on `onto` is left alone, so a resumed delete can run it again.
+fn rebase_unsafe(operation: &DomainLock, images: &[&PathBuf], onto: &Path) -> Result<()> {
+    for image in images {
+        if backing_of(image)?.as_deref() == Some(onto) {
+            continue;
+        }
+        let format = image_format(onto)?;
+        run(operation, &["rebase", "-u", "-b", path_str(onto)?, "-F", &format, "-f", "qcow2", path_str(image)?])?;
+    }
+    Ok(())
+}
+
 /// `qemu-img ARGS…` that dies with this process, holding `operation` if given.
 fn run_holding(operation: Option<&DomainLock>, args: &[&str]) -> Result<()> {
     let tool = crate::qemu_img_binary();
@@ -1465,12 +1479,27 @@ impl QemuConnection {
                     let edges = self.image_edges(domain).await?;
                     let dependents: Vec<&PathBuf> =
                         edges.iter().filter(|(_, b)| b == overlay).map(|(c, _)| c).collect();
+                    // Images that read through the overlay outside the
+                    // running chain (another snapshot's overlay above it, a
+                    // branch a revert left): QEMU's commit re-points only
+                    // the image above it in the chain, so they are rebased
+                    // onto the frozen image, which reads what the overlay
+                    // read once the overlay is merged into it.
+                    let outside: Vec<&PathBuf> = dependents.iter().copied().filter(|c| layer_of(c).is_none()).collect();
                     match (layer_of(overlay), layer_of(frozen)) {
+                        (Some(0), Some(_)) if !outside.is_empty() => {
+                            return Err(Error::operation_failed(format!(
+                                "{} is the running image of {disk} and {} read through it: nothing was merged or removed",
+                                overlay.display(),
+                                outside.iter().map(|c| c.display().to_string()).collect::<Vec<_>>().join(", ")
+                            )))
+                        }
                         (Some(0), Some(base)) => {
                             self.job_to_end(domain, disk, JobRequest::ActiveCommit { base }).await?;
                         }
                         (Some(top), Some(base)) => {
                             self.job_to_end(domain, disk, JobRequest::Commit { top, base }).await?;
+                            rebase_unsafe(operation, &outside, frozen)?;
                         }
                         (Some(_), None) => {
                             return Err(Error::operation_failed(format!(
@@ -1479,40 +1508,18 @@ impl QemuConnection {
                                 frozen.display()
                             )))
                         }
-                        // The frozen image runs but the overlay does not: a
-                        // commit (this delete's, before an interruption)
-                        // has merged it, and it only has to go, unless an
-                        // image still reads through it.
-                        (None, Some(_)) if !dependents.is_empty() => {
-                            return Err(Error::operation_failed(format!(
-                                "{} was merged into {} but images still read through it: nothing was removed",
-                                overlay.display(),
-                                frozen.display()
-                            )))
-                        }
-                        (None, Some(_)) => {}
+                        // The frozen image runs but the overlay does not:
+                        // this delete's commit merged it before an
+                        // interruption (the plan refuses an overlay merged
+                        // behind Strata's back that images read through).
+                        (None, Some(_)) => rebase_unsafe(operation, &dependents, frozen)?,
                         // Neither runs: committed with qemu-img while an image
                         // or another snapshot's saved definition still reads
                         // through the overlay (once nothing does, its data is
                         // no one's).
                         (None, None) if !dependents.is_empty() || self.saved_elsewhere(domain, &plan.snapshot, overlay)? => {
                             run(operation, &["commit", "-d", "-q", path_str(overlay)?])?;
-                            for child in dependents {
-                                run(
-                                    operation,
-                                    &[
-                                        "rebase",
-                                        "-u",
-                                        "-b",
-                                        path_str(frozen)?,
-                                        "-F",
-                                        &image_format(frozen)?,
-                                        "-f",
-                                        "qcow2",
-                                        path_str(child)?,
-                                    ],
-                                )?;
-                            }
+                            rebase_unsafe(operation, &dependents, frozen)?;
                         }
                         (None, None) => merged = false,
                     }
