@@ -108,12 +108,27 @@ impl<'a> Soak<'a> {
     fn fail(&self, what: String) -> ! {
         let state = self.env.strata(&["domstate", "vm"]);
         let xml = self.env.strata(&["dumpxml", "vm"]);
+        let files: Vec<String> = std::fs::read_dir(self.env.dir.path())
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
         panic!(
-            "{what}\noperations so far:\n{}\ndomstate: {}\ndumpxml:\n{}",
+            "{what}\noperations so far:\n{}\ndomstate: {}\nfiles: {files:?}\ndumpxml:\n{}",
             self.log.join("\n"),
             String::from_utf8_lossy(&state.stdout).trim(),
             String::from_utf8_lossy(&xml.stdout)
         );
+    }
+
+    /// Runs `strata ARGS…`, which must succeed without a warning (a warning
+    /// here means an interrupted operation was left unfinished); returns
+    /// its standard output.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.env.strata(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() || !stderr.trim().is_empty() {
+            self.fail(format!("strata {args:?} ({}): {stderr}", out.status));
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// A qcow2 image holding `content`, made once per distinct content.
@@ -132,7 +147,7 @@ impl<'a> Soak<'a> {
     }
 
     fn active_image(&self) -> PathBuf {
-        let list = self.env.ok(&["domblklist", "vm"]);
+        let list = self.ok(&["domblklist", "vm"]);
         list.lines()
             .filter_map(|l| {
                 let cols: Vec<&str> = l.split_whitespace().collect();
@@ -200,14 +215,16 @@ impl<'a> Soak<'a> {
             .stderr(Stdio::piped())
             .spawn()
             .expect("run strata");
+        let mut delay = None;
         if kill {
-            let delay = Duration::from_millis(self.rng.below(150));
-            std::thread::sleep(delay);
+            let after = Duration::from_millis(self.rng.below(150));
+            std::thread::sleep(after);
             let _ = child.kill();
+            delay = Some(after);
         }
         let out = child.wait_with_output().expect("wait for strata");
         let how = match (out.status.code(), out.status.signal()) {
-            (_, Some(libc::SIGKILL)) => "killed".to_string(),
+            (_, Some(libc::SIGKILL)) => format!("killed after {delay:?}"),
             (Some(code), _) => format!("exit {code}"),
             (None, sig) => format!("signal {sig:?}"),
         };
@@ -272,10 +289,10 @@ impl<'a> Soak<'a> {
     /// snapshot operation, and any block job still running or waiting for
     /// its pivot. Returns the snapshots Strata lists.
     fn settle(&mut self) -> Vec<String> {
-        let listed = self.env.ok(&["snapshot-list", "vm", "--name"]);
+        let listed = self.ok(&["snapshot-list", "vm", "--name"]);
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let info = self.env.ok(&["blockjob", "vm", "vda", "--info"]);
+            let info = self.ok(&["blockjob", "vm", "vda", "--info"]);
             if info.contains("No current block job") {
                 break;
             }
@@ -330,19 +347,19 @@ impl<'a> Soak<'a> {
 
     /// Whether QEMU runs the domain (a killed `start` may leave it paused).
     fn is_active(&self) -> bool {
-        matches!(self.env.ok(&["domstate", "vm"]).trim(), "running" | "paused")
+        matches!(self.ok(&["domstate", "vm"]).trim(), "running" | "paused")
     }
 
     /// Destroys the domain and reverts to every snapshot in turn: each must
     /// read exactly what it froze.
     fn revert_to_each(&mut self) {
         if self.model.running {
-            self.env.ok(&["destroy", "vm"]);
+            self.ok(&["destroy", "vm"]);
             self.model.running = false;
         }
         let snapshots: Vec<(String, Content)> = self.model.snapshots.iter().map(|(n, c)| (n.clone(), *c)).collect();
         for (name, content) in snapshots {
-            self.env.ok(&["snapshot-revert", "vm", &name]);
+            self.ok(&["snapshot-revert", "vm", &name]);
             self.model.running = self.is_active();
             if !self.reads(content) {
                 self.fail(format!("reverting to {name} does not give its data {content:?}"));
