@@ -2330,3 +2330,36 @@ fn delete_after_a_revert_repoints_every_reader_live() {
 fn delete_after_a_revert_repoints_every_reader_offline() {
     delete_after_a_revert_repoints_every_reader(false);
 }
+
+/// An offline external snapshot of a disk on a 5,000-deep chain writes one
+/// overlay header without opening the chain (before, `qemu-img create`
+/// opened all 5,000 layers, which took minutes). The bound is generous: it
+/// catches the cost growing with the chain, not a slow machine.
+#[test]
+fn offline_snapshot_of_a_5000_deep_chain_does_not_open_the_chain() {
+    let env = TestEnv::new();
+    let dir = env.path("deep");
+    std::fs::create_dir(&dir).expect("chain directory");
+    let layer = |i: usize| dir.join(format!("l{i}.qcow2"));
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&layer(0)), "8M"]);
+    for i in 1..=5000 {
+        // -u: the test's own chain is built without opening it either.
+        let below = format!("l{}.qcow2", i - 1);
+        qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", &below, "-F", "qcow2", s(&layer(i)), "8M"]);
+    }
+    let top = layer(5000);
+    env.define("vm", &domain_xml("vm", &[DiskSpec { target: "vda", format: "qcow2", path: &top, extra: "" }]));
+
+    let started = std::time::Instant::now();
+    env.ok(&["snapshot-create-as", "vm", "s1", "--disk-only"]);
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(20), "the snapshot took {took:?}");
+    let overlay = dir.join("l5000.s1");
+    let info = qemu_img(&["info", "-U", "--output=json", s(&overlay)]);
+    let info: serde_json::Value = serde_json::from_str(&info).expect("qemu-img json");
+    assert_eq!(info["backing-filename"], s(&top));
+    assert_eq!(info["backing-filename-format"], "qcow2");
+    assert_eq!(info["virtual-size"], 8 * MIB);
+    assert_eq!(active(&env, "vda"), overlay);
+    env.ok(&["domblkcheck", "vm"]);
+}

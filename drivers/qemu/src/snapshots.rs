@@ -1844,8 +1844,15 @@ fn has_internal(operation: &DomainLock, p: &Path, snap: &str) -> bool {
 /// Creates a qcow2 overlay on `image` whose header names `image` and its
 /// `format`, so that the overlay reads the same without Strata; `operation`
 /// is the operation lock the caller holds, if any (see `strata_core::tool::run_tool_output`).
+///
+/// The size is read from `image`'s own header and given to `qemu-img
+/// create -u`, which then writes the header without opening the backing
+/// chain: otherwise it opens every layer, and an offline snapshot of a
+/// 2,000-deep chain took 28 s instead of milliseconds. The chain was
+/// already probed and checked by Strata.
 pub(crate) fn create_overlay(operation: Option<&DomainLock>, image: &Path, format: &str, overlay: &Path) -> Result<()> {
-    let args = ["create", "-q", "-f", "qcow2", "-b", path_str(image)?, "-F", format, path_str(overlay)?];
+    let size = image_size(image, format)?.to_string();
+    let args = ["create", "-q", "-f", "qcow2", "-u", "-b", path_str(image)?, "-F", format, path_str(overlay)?, &size];
     run_holding(operation, &args)
 }
 
