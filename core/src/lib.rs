@@ -7,6 +7,7 @@ pub mod define;
 pub mod diskset;
 pub mod driver;
 pub mod error;
+pub mod hostcpu;
 pub mod image;
 pub mod options;
 pub mod pool;
