@@ -8,6 +8,7 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 use serde_json::json;
 use strata_core::chain::{Backing, Chain};
 use strata_core::driver::{Connection, DefineFlags, DiskSetOutcome, DumpXmlFlags, StartFlags, UndefineFlags};
+use strata_core::hostcpu::format_cpulist;
 use strata_core::xml::Domain;
 
 use crate::output;
@@ -95,6 +96,20 @@ pub enum Command {
     },
     /// Print Strata's version.
     Version {
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// The host's CPUs, sockets, cores, threads, NUMA cells and memory.
+    Nodeinfo {
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// The host's CPUs present and online, and the map of online ones
+    /// (`y` online, `-` offline or absent).
+    Nodecpumap {
+        /// Print the online CPUs as a list (`0,2`) rather than a map.
+        #[arg(long)]
+        pretty: bool,
         #[command(flatten)]
         json: JsonFlag,
     },
@@ -537,6 +552,41 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
             } else {
                 writeln!(out, "Compiled against library: strata {version}")?;
                 writeln!(out, "Using library: strata {version}\n")?;
+            }
+        }
+        Command::Nodeinfo { json } => {
+            let info = session.conn()?.require_cpu_placement()?.node_info().await?;
+            if wants_json(json) {
+                writeln!(out, "{}", serde_json::to_string_pretty(&info)?)?;
+            } else {
+                writeln!(out, "{:<20} {}", "CPU model:", info.model)?;
+                writeln!(out, "{:<20} {}", "CPU(s):", info.cpus)?;
+                if info.mhz > 0 {
+                    writeln!(out, "{:<20} {} MHz", "CPU frequency:", info.mhz)?;
+                }
+                writeln!(out, "{:<20} {}", "CPU socket(s):", info.sockets)?;
+                writeln!(out, "{:<20} {}", "Core(s) per socket:", info.cores)?;
+                writeln!(out, "{:<20} {}", "Thread(s) per core:", info.threads)?;
+                writeln!(out, "{:<20} {}", "NUMA cell(s):", info.nodes)?;
+                writeln!(out, "{:<20} {} KiB\n", "Memory size:", info.memory_kib)?;
+            }
+        }
+        Command::Nodecpumap { pretty, json } => {
+            let map = session.conn()?.require_cpu_placement()?.node_cpu_map().await?;
+            let online = format_cpulist(map.online());
+            if wants_json(json) {
+                let report = json!({
+                    "present": map.mask_len(),
+                    "online": map.online().len(),
+                    "map": map.online_mask(),
+                    "online_cpus": online,
+                });
+                writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+            } else {
+                writeln!(out, "{:<15} {}", "CPUs present:", map.mask_len())?;
+                writeln!(out, "{:<15} {}", "CPUs online:", map.online().len())?;
+                let shown = if pretty { online } else { map.online_mask() };
+                writeln!(out, "{:<15} {shown}\n", "CPU map:")?;
             }
         }
         Command::Capabilities { json } => {

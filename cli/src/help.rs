@@ -36,7 +36,7 @@ const GROUPS: &[(&str, &str, &[&str])] = &[
     ),
     ("Domain Monitoring", "monitor", &["domblkcheck", "domblklist", "dominfo", "domstate", "list", "vcpuinfo"]),
     ("Disk Sets", "diskset", &["diskset-add", "diskset-list", "diskset-remove", "diskset-size"]),
-    ("Host and Hypervisor", "host", &["capabilities", "uri", "version"]),
+    ("Host and Hypervisor", "host", &["capabilities", "nodecpumap", "nodeinfo", "uri", "version"]),
     (
         "Snapshot",
         "snapshot",

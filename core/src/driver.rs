@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::chain::ChainDifference;
 use crate::error::{Error, Result};
+use crate::hostcpu::{HostCpuMap, NodeInfo};
 use crate::options::{
     BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions, SnapshotCreateFlags,
     SnapshotDeleteFlags, SnapshotRevertFlags,
@@ -243,6 +244,9 @@ pub trait Connection: Send + Sync {
     fn monitor(&self) -> Option<&dyn MonitorOps> {
         None
     }
+    fn cpu_placement(&self) -> Option<&dyn CpuPlacementOps> {
+        None
+    }
 }
 
 impl<'a> dyn Connection + 'a {
@@ -261,6 +265,10 @@ impl<'a> dyn Connection + 'a {
 
     pub fn require_monitor(&self) -> Result<&dyn MonitorOps> {
         self.monitor().ok_or_else(|| not_supported(self, "monitor commands"))
+    }
+
+    pub fn require_cpu_placement(&self) -> Result<&dyn CpuPlacementOps> {
+        self.cpu_placement().ok_or_else(|| not_supported(self, "host CPU information and placement"))
     }
 
     /// The target (`vda`) of the domain's disk that `disk` names, in the
@@ -419,6 +427,15 @@ pub trait MonitorOps: Send + Sync {
     /// command line — and returns the reply as the monitor gave it (a
     /// refused command's error reply included).
     async fn monitor_command(&self, domain: &str, command: &str, human: bool) -> Result<String>;
+}
+
+/// The host's CPUs as the driver's guests run on them (`nodeinfo`,
+/// `nodecpumap`): masks sized by the CPUs present, offline ones kept in
+/// place (seed 003).
+#[async_trait]
+pub trait CpuPlacementOps: Send + Sync {
+    async fn node_info(&self) -> Result<NodeInfo>;
+    async fn node_cpu_map(&self) -> Result<HostCpuMap>;
 }
 
 /// Seed 004's outcomes for adding or removing one disk.

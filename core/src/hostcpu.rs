@@ -8,6 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
+use serde::Serialize;
+
 use crate::{Error, Result};
 
 /// Where the kernel lists the host's CPUs.
@@ -20,6 +22,19 @@ pub trait HostCpus {
     fn present(&self) -> Result<String>;
     /// The CPUs online (`online`).
     fn online(&self) -> Result<String>;
+    /// Where an online CPU sits: its socket (package) and core ids, when
+    /// the host says.
+    fn topology(&self, cpu: u32) -> Option<CpuTopology> {
+        let _ = cpu;
+        None
+    }
+}
+
+/// The socket and core one host CPU belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CpuTopology {
+    pub package: u32,
+    pub core: u32,
 }
 
 /// The lists read from a sysfs CPU directory (`/sys/devices/system/cpu` on
@@ -52,6 +67,14 @@ impl HostCpus for SysfsCpus {
 
     fn online(&self) -> Result<String> {
         self.read("online")
+    }
+
+    fn topology(&self, cpu: u32) -> Option<CpuTopology> {
+        let id = |file: &str| {
+            let text = std::fs::read_to_string(self.dir.join(format!("cpu{cpu}/topology/{file}"))).ok()?;
+            text.trim().parse::<u32>().ok()
+        };
+        Some(CpuTopology { package: id("physical_package_id")?, core: id("core_id")? })
     }
 }
 
@@ -133,6 +156,98 @@ impl HostCpuMap {
         }
         Ok(())
     }
+}
+
+/// What `nodeinfo` reports of the host, as libvirt's `virNodeInfo`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeInfo {
+    /// The host's architecture (`x86_64`), as libvirt names its model.
+    pub model: String,
+    /// CPUs online.
+    pub cpus: u32,
+    /// The CPUs' frequency; 0 when the host does not say.
+    pub mhz: u32,
+    /// NUMA cells (1 for a uniform host).
+    pub nodes: u32,
+    /// Sockets per NUMA cell.
+    pub sockets: u32,
+    pub cores: u32,
+    pub threads: u32,
+    pub memory_kib: u64,
+}
+
+impl NodeInfo {
+    /// Reads the running host, its CPUs through `cpus`. The topology comes
+    /// from each online CPU's socket and core ids; when those are missing
+    /// or do not multiply out to the online CPUs, it is given as libvirt
+    /// then gives it: one socket of one-thread cores.
+    pub fn read(cpus: &dyn HostCpus) -> Result<NodeInfo> {
+        let map = HostCpuMap::read(cpus)?;
+        let online = u32::try_from(map.online().len()).unwrap_or(u32::MAX);
+        let nodes = numa_nodes();
+        let topology: Option<Vec<CpuTopology>> = map.online().iter().map(|cpu| cpus.topology(*cpu)).collect();
+        let fitted = topology
+            .and_then(|topology| sockets_cores_threads(&topology, nodes))
+            .filter(|(sockets, cores, threads)| nodes * sockets * cores * threads == online);
+        let (nodes, sockets, cores, threads) = match fitted {
+            Some((sockets, cores, threads)) => (nodes, sockets, cores, threads),
+            None => (1, 1, online, 1),
+        };
+        Ok(NodeInfo {
+            model: std::env::consts::ARCH.to_string(),
+            cpus: online,
+            mhz: cpu_mhz(),
+            nodes,
+            sockets,
+            cores,
+            threads,
+            memory_kib: memory_kib()?,
+        })
+    }
+}
+
+/// Sockets per NUMA cell, cores per socket and threads per core of the
+/// online CPUs; `None` when they do not divide evenly.
+fn sockets_cores_threads(topology: &[CpuTopology], nodes: u32) -> Option<(u32, u32, u32)> {
+    let mut cores = topology.to_vec();
+    cores.sort_unstable();
+    cores.dedup();
+    let mut packages: Vec<u32> = cores.iter().map(|c| c.package).collect();
+    packages.dedup();
+    let count = |n: usize| u32::try_from(n).ok();
+    let (threads, cores, packages) = (count(topology.len())?, count(cores.len())?, count(packages.len())?);
+    let even = |a: u32, b: u32| (b > 0 && a.is_multiple_of(b)).then(|| a / b);
+    Some((even(packages, nodes)?, even(cores, packages)?, even(threads, cores)?))
+}
+
+fn numa_nodes() -> u32 {
+    let Ok(entries) = std::fs::read_dir("/sys/devices/system/node") else { return 1 };
+    let is_node =
+        |name: &str| name.strip_prefix("node").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    let count = entries.filter_map(|e| e.ok()).filter(|e| is_node(&e.file_name().to_string_lossy())).count();
+    u32::try_from(count).unwrap_or(1).max(1)
+}
+
+/// The first CPU's `cpu MHz` in `/proc/cpuinfo`, 0 when there is none.
+fn cpu_mhz() -> u32 {
+    let Ok(cpuinfo) = std::fs::read_to_string("/proc/cpuinfo") else { return 0 };
+    cpuinfo
+        .lines()
+        .find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            (key.trim() == "cpu MHz").then(|| value.trim().parse::<f64>().ok())?
+        })
+        .map_or(0, |mhz| mhz as u32)
+}
+
+/// `MemTotal` of `/proc/meminfo`, in KiB.
+fn memory_kib() -> Result<u64> {
+    let path = Path::new("/proc/meminfo");
+    let meminfo = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
+    meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .ok_or_else(|| Error::internal("/proc/meminfo gives no MemTotal"))
 }
 
 /// A mask as virsh prints one: `y` for a set entry, `-` for a clear one.
@@ -242,6 +357,24 @@ mod tests {
         let host = HostCpuMap::read(&SysfsCpus::at(&dir));
         std::fs::remove_dir_all(&dir).expect("ok");
         assert_eq!(host.expect("ok").online_mask(), "yy-y");
+    }
+
+    #[test]
+    fn topology_multiplies_out_to_the_online_cpus() {
+        let t = |package, core| CpuTopology { package, core };
+        // Two sockets of two cores of two threads.
+        let topology = [t(0, 0), t(0, 0), t(0, 1), t(0, 1), t(1, 0), t(1, 0), t(1, 1), t(1, 1)];
+        assert_eq!(sockets_cores_threads(&topology, 1), Some((2, 2, 2)));
+        assert_eq!(sockets_cores_threads(&topology, 2), Some((1, 2, 2)));
+        // Three threads on two cores do not divide evenly.
+        assert_eq!(sockets_cores_threads(&[t(0, 0), t(0, 0), t(0, 1)], 1), None);
+    }
+
+    #[test]
+    fn a_host_without_topology_is_one_socket_of_single_thread_cores() {
+        let info = NodeInfo::read(&FixedHostCpus { present: "0-2".into(), online: "0,2".into() }).expect("read");
+        assert_eq!((info.cpus, info.sockets, info.cores, info.threads), (2, 1, 2, 1));
+        assert!(info.memory_kib > 0);
     }
 
     #[test]

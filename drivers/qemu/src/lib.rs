@@ -16,6 +16,7 @@ mod launch;
 pub mod live;
 mod monitor_command;
 mod persistent;
+mod placement;
 mod process;
 mod snapshots;
 mod transient;
@@ -29,11 +30,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use strata_core::define;
 use strata_core::driver::{
-    BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobOps, BlockJobState, Connection, DefineFlags, DefineOutcome,
-    DiskChainCheck, DiskSetOps, DiskSetOutcome, DomainEvent, DomainInfo, DomainState, DomainSummary,
+    BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobOps, BlockJobState, Connection, CpuPlacementOps, DefineFlags,
+    DefineOutcome, DiskChainCheck, DiskSetOps, DiskSetOutcome, DomainEvent, DomainInfo, DomainState, DomainSummary,
     DriverCapabilities, DumpXmlFlags, MonitorOps, SnapshotOps, SnapshotSummary, StartFlags, StartOutcome,
     UndefineFlags, VcpuInfo,
 };
+use strata_core::hostcpu::SysfsCpus;
 use strata_core::options::{
     BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions, SnapshotCreateFlags,
     SnapshotDeleteFlags, SnapshotRevertFlags,
@@ -72,6 +74,8 @@ pub struct QemuConnection {
     monitors: MonitorCache,
     /// Event subscriptions by domain, kept between `next_event` calls.
     events: tokio::sync::Mutex<HashMap<String, tokio::sync::broadcast::Receiver<strata_qmp::QmpEvent>>>,
+    /// Where the host's CPU lists are read.
+    host_cpus: SysfsCpus,
 }
 
 impl QemuConnection {
@@ -91,6 +95,7 @@ impl QemuConnection {
             store: Store::open(root)?,
             monitors: MonitorCache::default(),
             events: Default::default(),
+            host_cpus: placement::host_cpus(),
         })
     }
 
@@ -105,6 +110,7 @@ impl QemuConnection {
             store: Store::open(root)?,
             monitors: MonitorCache::default(),
             events: Default::default(),
+            host_cpus: placement::host_cpus(),
         })
     }
 
@@ -648,6 +654,10 @@ impl Connection for QemuConnection {
     }
 
     fn monitor(&self) -> Option<&dyn MonitorOps> {
+        Some(self)
+    }
+
+    fn cpu_placement(&self) -> Option<&dyn CpuPlacementOps> {
         Some(self)
     }
 }

@@ -1,0 +1,108 @@
+//! CPU placement (issue 16): the host's CPU map and node information as
+//! virsh prints them, on this host and on seed 003's host presented
+//! through the sysfs seam (CPUs 0-2 present, cpu1 offline).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::TestEnv;
+use serde_json::Value;
+use strata_core::hostcpu::parse_cpulist;
+
+/// A directory laid out as `/sys/devices/system/cpu` for seed 003's host:
+/// three CPUs present, cpu1 taken offline.
+fn seed_host(env: &TestEnv) -> PathBuf {
+    let dir = env.path("seed-host-cpus");
+    std::fs::create_dir(&dir).expect("host CPU directory");
+    std::fs::write(dir.join("present"), "0-2\n").expect("present");
+    std::fs::write(dir.join("online"), "0,2\n").expect("online");
+    dir
+}
+
+/// Runs strata with the host's CPU lists read from `host`.
+fn strata_on(env: &TestEnv, host: &Path, args: &[&str]) -> Output {
+    env.command(args).env("STRATA_HOST_CPU_DIR", host).output().expect("run strata")
+}
+
+fn stdout_of(out: &Output) -> String {
+    assert!(out.status.success(), "strata failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// This host's CPUs, as the kernel lists them.
+fn real_cpus(list: &str) -> Vec<u32> {
+    let path = format!("/sys/devices/system/cpu/{list}");
+    parse_cpulist(&std::fs::read_to_string(&path).expect("sysfs CPU list")).expect("a cpulist")
+}
+
+#[test]
+fn nodecpumap_on_the_seed_host_keeps_the_offline_cpu_in_the_map() {
+    let env = TestEnv::new();
+    let host = seed_host(&env);
+    let out = stdout_of(&strata_on(&env, &host, &["nodecpumap"]));
+    assert_eq!(out, "CPUs present:   3\nCPUs online:    2\nCPU map:        y-y\n\n");
+    let pretty = stdout_of(&strata_on(&env, &host, &["nodecpumap", "--pretty"]));
+    assert_eq!(pretty, "CPUs present:   3\nCPUs online:    2\nCPU map:        0,2\n\n");
+    let json: Value = serde_json::from_str(&stdout_of(&strata_on(&env, &host, &["nodecpumap", "--json"])))
+        .expect("nodecpumap --json");
+    assert_eq!(json["present"], 3, "{json}");
+    assert_eq!(json["online"], 2, "{json}");
+    assert_eq!(json["map"], "y-y", "{json}");
+    assert_eq!(json["online_cpus"], "0,2", "{json}");
+}
+
+#[test]
+fn nodecpumap_on_this_host_lists_its_sysfs_cpus() {
+    let env = TestEnv::new();
+    let (present, online) = (real_cpus("present"), real_cpus("online"));
+    let out = env.ok(&["nodecpumap"]);
+    let size = *present.last().expect("a CPU present") as usize + 1;
+    let map: String = (0..size as u32).map(|cpu| if online.contains(&cpu) { 'y' } else { '-' }).collect();
+    assert_eq!(out, format!("CPUs present:   {size}\nCPUs online:    {}\nCPU map:        {map}\n\n", online.len()));
+}
+
+#[test]
+fn nodeinfo_prints_virsh_layout_with_this_hosts_cpus_and_memory() {
+    let env = TestEnv::new();
+    let out = env.ok(&["nodeinfo"]);
+    let rows: Vec<(&str, &str)> =
+        out.lines().filter(|l| !l.is_empty()).map(|l| (l[..21].trim_end(), l[21..].trim_end())).collect();
+    let labels: Vec<&str> = rows.iter().map(|r| r.0).collect();
+    let mut expected = vec!["CPU model:", "CPU(s):", "CPU frequency:"];
+    expected.extend(["CPU socket(s):", "Core(s) per socket:", "Thread(s) per core:", "NUMA cell(s):", "Memory size:"]);
+    if !std::fs::read_to_string("/proc/cpuinfo").expect("cpuinfo").contains("cpu MHz") {
+        expected.retain(|label| *label != "CPU frequency:");
+    }
+    assert_eq!(labels, expected, "{out}");
+    assert!(out.ends_with("KiB\n\n"), "{out:?}");
+    let value = |label: &str| rows.iter().find(|r| r.0 == label).map(|r| r.1).expect(label);
+    assert_eq!(value("CPU model:"), std::env::consts::ARCH);
+    let online = real_cpus("online").len();
+    assert_eq!(value("CPU(s):"), online.to_string(), "{out}");
+    let number = |label: &str| value(label).parse::<usize>().expect(label);
+    let topology = number("NUMA cell(s):") * number("CPU socket(s):");
+    assert_eq!(topology * number("Core(s) per socket:") * number("Thread(s) per core:"), online, "{out}");
+    let meminfo = std::fs::read_to_string("/proc/meminfo").expect("meminfo");
+    let total = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:")).expect("MemTotal").trim();
+    assert_eq!(value("Memory size:"), total.replace("kB", "KiB"), "{out}");
+
+    let json: Value = serde_json::from_str(&env.ok(&["nodeinfo", "--json"])).expect("nodeinfo --json");
+    assert_eq!(json["cpus"], online, "{json}");
+    assert_eq!(json["model"], std::env::consts::ARCH, "{json}");
+    assert!(json["memory_kib"].as_u64().is_some_and(|kib| kib > 0), "{json}");
+}
+
+#[test]
+fn nodeinfo_on_the_seed_host_counts_its_online_cpus() {
+    let env = TestEnv::new();
+    let host = seed_host(&env);
+    let json: Value =
+        serde_json::from_str(&stdout_of(&strata_on(&env, &host, &["nodeinfo", "--json"]))).expect("nodeinfo --json");
+    assert_eq!(json["cpus"], 2, "{json}");
+    assert_eq!(
+        (json["sockets"].clone(), json["cores"].clone(), json["threads"].clone()),
+        (1.into(), 2.into(), 1.into())
+    );
+}
