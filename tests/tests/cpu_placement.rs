@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::TestEnv;
+use common::{domain_xml, make_chain, DiskSpec, DomainGuard, TestEnv};
 use serde_json::Value;
 use strata_core::hostcpu::parse_cpulist;
 
@@ -35,6 +35,39 @@ fn stdout_of(out: &Output) -> String {
 fn real_cpus(list: &str) -> Vec<u32> {
     let path = format!("/sys/devices/system/cpu/{list}");
     parse_cpulist(&std::fs::read_to_string(&path).expect("sysfs CPU list")).expect("a cpulist")
+}
+
+/// Defines and starts `name`, a guest with two vCPUs on one qcow2 disk.
+fn start_two_vcpu_guest<'a>(env: &'a TestEnv, name: &str) -> DomainGuard<'a> {
+    let image = make_chain(env.dir.path(), &[&format!("{name}.qcow2")]).remove(0);
+    let xml = domain_xml(name, &[DiskSpec { target: "vda", format: "qcow2", path: &image, extra: "" }]);
+    let two = xml.replace("<vcpu placement='static'>1</vcpu>", "<vcpu placement='static'>2</vcpu>");
+    assert_ne!(two, xml, "the helper's XML has one static vCPU");
+    env.define(name, &two);
+    let guard = DomainGuard { env, name: name.into() };
+    env.ok(&["start", name]);
+    guard
+}
+
+/// The running domain's vCPU thread ids, in vCPU order, as QEMU reports them.
+fn vcpu_threads(env: &TestEnv, name: &str) -> Vec<i64> {
+    let reply = env.ok(&["qemu-monitor-command", name, r#"{"execute":"query-cpus-fast"}"#]);
+    let reply: Value = serde_json::from_str(&reply).expect("a QMP reply");
+    let cpus = reply["return"].as_array().expect("a vCPU list").clone();
+    cpus.iter().map(|cpu| cpu["thread-id"].as_i64().expect("thread-id")).collect()
+}
+
+/// The CPUs a thread of QEMU may run on, from `/proc/PID/task/TID/status`.
+fn cpus_allowed(env: &TestEnv, name: &str, tid: i64) -> Vec<u32> {
+    let pid = common::qemu_pid(env, name).expect("QEMU's pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).expect("thread status");
+    let list = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).expect("Cpus_allowed_list");
+    parse_cpulist(list).expect("a cpulist")
+}
+
+/// The `CPU Affinity:` rows of `vcpuinfo`, in vCPU order.
+fn affinities(vcpuinfo: &str) -> Vec<String> {
+    vcpuinfo.lines().filter_map(|l| l.strip_prefix("CPU Affinity:")).map(|m| m.trim().to_string()).collect()
 }
 
 #[test]
@@ -105,4 +138,46 @@ fn nodeinfo_on_the_seed_host_counts_its_online_cpus() {
         (json["sockets"].clone(), json["cores"].clone(), json["threads"].clone()),
         (1.into(), 2.into(), 1.into())
     );
+}
+
+/// `vcpuinfo` on a 2-vCPU guest: each affinity has one entry per host CPU
+/// present and agrees with the kernel's `Cpus_allowed_list` of the vCPU
+/// thread; on seed 003's host the offline cpu1 is `-` and the mask keeps
+/// CPU 2's place (which this 2-CPU machine does not have, so `-` too).
+#[test]
+fn vcpuinfo_masks_are_sized_by_present_cpus_with_offline_ones_clear() {
+    let env = TestEnv::new();
+    let _guard = start_two_vcpu_guest(&env, "vm");
+    let threads = vcpu_threads(&env, "vm");
+    assert_eq!(threads.len(), 2);
+    let (present, online) = (real_cpus("present"), real_cpus("online"));
+    let size = *present.last().expect("a CPU") + 1;
+    let out = env.ok(&["vcpuinfo", "vm"]);
+    let shown = affinities(&out);
+    for (tid, mask) in threads.iter().zip(&shown) {
+        let allowed = cpus_allowed(&env, "vm", *tid);
+        let expected: String =
+            (0..size).map(|cpu| if allowed.contains(&cpu) && online.contains(&cpu) { 'y' } else { '-' }).collect();
+        assert_eq!(mask, &expected, "{out}");
+    }
+    assert_eq!(shown.len(), 2, "{out}");
+
+    let host = seed_host(&env);
+    let out = stdout_of(&strata_on(&env, &host, &["vcpuinfo", "vm"]));
+    let shown = affinities(&out);
+    assert_eq!(shown.len(), 2, "{out}");
+    for (tid, mask) in threads.iter().zip(&shown) {
+        let allowed = cpus_allowed(&env, "vm", *tid);
+        let expected: String = (0..3).map(|cpu| if cpu != 1 && allowed.contains(&cpu) { 'y' } else { '-' }).collect();
+        assert_eq!(mask, &expected, "{out}");
+        assert_eq!(&mask[1..2], "-", "{out}");
+    }
+    let json: Value = serde_json::from_str(&stdout_of(&strata_on(&env, &host, &["vcpuinfo", "vm", "--json"])))
+        .expect("vcpuinfo --json");
+    let vcpus = json.as_array().expect("a vCPU list");
+    assert_eq!(vcpus.len(), 2, "{json}");
+    for vcpu in vcpus {
+        assert_eq!(vcpu["affinity"].as_array().map(Vec::len), Some(3), "{json}");
+        assert_eq!(vcpu["affinity"][1], false, "{json}");
+    }
 }

@@ -1,31 +1,30 @@
 //! `vcpuinfo`: each vCPU thread QEMU reports (`query-cpus-fast`), read from
 //! the host as libvirt reads it: the CPU it last ran on and its CPU time
 //! from `/proc/TID/stat`, its affinity from sched_getaffinity(2) over every
-//! host CPU present, online or not (seed 003: an offline CPU must not
-//! shorten the mask).
+//! host CPU present, online or not, as the host CPU seam lists them (seed
+//! 003: an offline CPU must not shorten the mask, and shows as `-`).
 
 use std::path::Path;
 
 use serde_json::Value;
 use strata_core::driver::VcpuInfo;
+use strata_core::hostcpu::HostCpuMap;
 use strata_core::{Error, Result};
 
 use crate::live::qmp_error;
 use crate::QemuConnection;
 
-const PRESENT_CPUS: &str = "/sys/devices/system/cpu/present";
-
 impl QemuConnection {
     pub(crate) async fn vcpus(&self, name: &str) -> Result<Vec<VcpuInfo>> {
         let (_, monitor) = self.running(name).await?;
         let reply = monitor.client.execute("query-cpus-fast", None).await.map_err(|e| qmp_error(name, e))?;
-        let present = present_cpus()?;
+        let host = HostCpuMap::read(&self.host_cpus)?;
         let cpus = reply.as_array().ok_or_else(|| Error::internal("query-cpus-fast did not return a list"))?;
-        cpus.iter().map(|cpu| vcpu(cpu, present)).collect()
+        cpus.iter().map(|cpu| vcpu(cpu, &host)).collect()
     }
 }
 
-fn vcpu(cpu: &Value, present: usize) -> Result<VcpuInfo> {
+fn vcpu(cpu: &Value, host: &HostCpuMap) -> Result<VcpuInfo> {
     let field = |key: &str| {
         cpu.get(key)
             .and_then(Value::as_u64)
@@ -34,19 +33,7 @@ fn vcpu(cpu: &Value, present: usize) -> Result<VcpuInfo> {
     let number = u32::try_from(field("cpu-index")?).map_err(|_| Error::internal("vCPU index out of range"))?;
     let tid = i32::try_from(field("thread-id")?).map_err(|_| Error::internal("vCPU thread id out of range"))?;
     let (cpu_time_ns, last_cpu) = thread_times(tid)?;
-    Ok(VcpuInfo { number, cpu: last_cpu, state: "running".into(), cpu_time_ns, affinity: affinity(tid, present)? })
-}
-
-/// The number of host CPUs present (`0-3` → 4), online or not.
-fn present_cpus() -> Result<usize> {
-    let path = Path::new(PRESENT_CPUS);
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
-    text.trim()
-        .split(',')
-        .filter_map(|range| range.rsplit('-').next()?.parse::<usize>().ok())
-        .max()
-        .map(|last| last + 1)
-        .ok_or_else(|| Error::internal(format!("{PRESENT_CPUS} lists no CPU: {text:?}")))
+    Ok(VcpuInfo { number, cpu: last_cpu, state: "running".into(), cpu_time_ns, affinity: affinity(tid, host)? })
 }
 
 /// A thread's CPU time (user + system, in ns) and the CPU it last ran on,
@@ -68,8 +55,9 @@ fn thread_times(tid: i32) -> Result<(u64, u32)> {
     Ok((ns, u32::try_from(processor).unwrap_or(u32::MAX)))
 }
 
-/// Where a thread may run, one entry per present host CPU.
-fn affinity(tid: i32, present: usize) -> Result<Vec<bool>> {
+/// Where a thread may run, one entry per host CPU up to the highest
+/// present one; an offline CPU is never allowed.
+fn affinity(tid: i32, host: &HostCpuMap) -> Result<Vec<bool>> {
     // SAFETY: cpu_set_t is a plain bit array, for which all zeroes is valid.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: sched_getaffinity(2) writes at most the given size into `set`.
@@ -81,8 +69,9 @@ fn affinity(tid: i32, present: usize) -> Result<Vec<bool>> {
         );
     }
     // A cpu_set_t holds CPU_SETSIZE CPUs: beyond, none is allowed.
-    let in_set = present.min(libc::CPU_SETSIZE as usize);
+    let in_set = host.mask_len().min(libc::CPU_SETSIZE as usize);
     // SAFETY: CPU_ISSET reads one bit of `set`, an index below its size.
-    let allowed = (0..present).map(|cpu| cpu < in_set && unsafe { libc::CPU_ISSET(cpu, &set) });
+    let allowed = (0..host.mask_len())
+        .map(|cpu| cpu < in_set && unsafe { libc::CPU_ISSET(cpu, &set) } && host.is_online(cpu as u32));
     Ok(allowed.collect())
 }
