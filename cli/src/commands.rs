@@ -7,8 +7,8 @@ use anyhow::{anyhow, Context, Result};
 use clap::{ArgAction, Args, Parser, Subcommand};
 use serde_json::json;
 use strata_core::chain::{Backing, Chain};
-use strata_core::driver::{Connection, DefineFlags, DiskSetOutcome, DumpXmlFlags, StartFlags, UndefineFlags};
-use strata_core::hostcpu::format_cpulist;
+use strata_core::driver::{Connection, DefineFlags, DiskSetOutcome, DumpXmlFlags, PinScope, StartFlags, UndefineFlags};
+use strata_core::hostcpu::{format_cpulist, parse_cpulist};
 use strata_core::xml::Domain;
 
 use crate::output;
@@ -85,6 +85,28 @@ pub struct JsonFlag {
     /// Print JSON for scripts.
     #[arg(long)]
     json: bool,
+}
+
+/// virsh's `--live`, `--config` and `--current` of `vcpupin` and
+/// `emulatorpin`.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct PinScopeFlags {
+    /// The running domain.
+    #[arg(long)]
+    live: bool,
+    /// The persistent definition.
+    #[arg(long)]
+    config: bool,
+    /// The running domain when it runs, else the persistent definition
+    /// (the default).
+    #[arg(long, conflicts_with_all = ["live", "config"])]
+    current: bool,
+}
+
+impl PinScopeFlags {
+    fn scope(self) -> PinScope {
+        PinScope { live: self.live, config: self.config }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -174,6 +196,35 @@ pub enum Command {
     Vcpuinfo {
         #[command(flatten)]
         domain: DomainArg,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Show or set which host CPUs a domain's vCPUs may run on.
+    Vcpupin {
+        #[command(flatten)]
+        domain: DomainArg,
+        /// The vCPU number (all vCPUs are shown when absent).
+        #[arg(long, value_name = "NUMBER", help_heading = BY_POSITION)]
+        vcpu: Option<u32>,
+        /// Host CPUs to pin the vCPU to (`0,2`, `0-3,^1`); without it the
+        /// pinning is shown.
+        #[arg(long, value_name = "CPULIST", help_heading = BY_POSITION)]
+        cpulist: Option<String>,
+        #[command(flatten)]
+        scope: PinScopeFlags,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Show or set which host CPUs a domain's emulator threads may run on.
+    Emulatorpin {
+        #[command(flatten)]
+        domain: DomainArg,
+        /// Host CPUs to pin the emulator threads to; without it the pinning
+        /// is shown.
+        #[arg(long, value_name = "CPULIST", help_heading = BY_POSITION)]
+        cpulist: Option<String>,
+        #[command(flatten)]
+        scope: PinScopeFlags,
         #[command(flatten)]
         json: JsonFlag,
     },
@@ -707,6 +758,61 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                     writeln!(out, "{:<15} {:.1}s", "CPU time:", v.cpu_time_ns as f64 / 1e9)?;
                     writeln!(out, "{:<15} {affinity}\n", "CPU Affinity:")?;
                 }
+            }
+        }
+        Command::Vcpupin { domain, vcpu, cpulist, scope, json } => {
+            let name = domain.name();
+            let placement = session.conn()?.require_cpu_placement()?;
+            if let Some(cpulist) = cpulist {
+                let vcpu = vcpu.ok_or_else(|| anyhow!("vcpupin: Missing vCPU number in pin mode."))?;
+                let cpus = parse_cpulist(&cpulist)?;
+                placement.pin_vcpu(name, vcpu, &cpus, scope.scope()).await.map_err(|e| lookup_error(e, name))?;
+                if wants_json(json) {
+                    writeln!(out, "{}", json!({ "vcpu": vcpu, "cpus": format_cpulist(&cpus) }))?;
+                }
+            } else {
+                let pins = placement.vcpu_pins(name, scope.scope()).await.map_err(|e| lookup_error(e, name))?;
+                if let Some(vcpu) = vcpu.filter(|v| *v as usize >= pins.len()) {
+                    return Err(anyhow!(strata_core::Error::invalid_arg(format!(
+                        "vcpu {vcpu} is out of range of cpu count {}",
+                        pins.len()
+                    ))));
+                }
+                let rows: Vec<(usize, String)> = pins
+                    .iter()
+                    .enumerate()
+                    .filter(|(number, _)| vcpu.is_none_or(|v| v as usize == *number))
+                    .map(|(number, cpus)| (number, format_cpulist(cpus)))
+                    .collect();
+                if wants_json(json) {
+                    let rows: Vec<_> = rows.iter().map(|(vcpu, cpus)| json!({ "vcpu": vcpu, "cpus": cpus })).collect();
+                    writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
+                } else {
+                    let rows: Vec<Vec<String>> =
+                        rows.into_iter().map(|(vcpu, cpus)| vec![vcpu.to_string(), cpus]).collect();
+                    writeln!(out, "{}", format_table(&["VCPU", "CPU Affinity"], &rows, session.quiet))?;
+                }
+            }
+        }
+        Command::Emulatorpin { domain, cpulist, scope, json } => {
+            let name = domain.name();
+            let placement = session.conn()?.require_cpu_placement()?;
+            let cpus = match cpulist {
+                Some(cpulist) => {
+                    let cpus = parse_cpulist(&cpulist)?;
+                    placement.pin_emulator(name, &cpus, scope.scope()).await.map_err(|e| lookup_error(e, name))?;
+                    wants_json(json).then_some(cpus)
+                }
+                None => Some(placement.emulator_pin(name, scope.scope()).await.map_err(|e| lookup_error(e, name))?),
+            };
+            match cpus {
+                Some(cpus) if wants_json(json) => writeln!(out, "{}", json!({ "emulator": format_cpulist(&cpus) }))?,
+                Some(cpus) => {
+                    writeln!(out, "emulator: CPU Affinity")?;
+                    writeln!(out, "----------------------------------")?;
+                    writeln!(out, "       *: {}\n", format_cpulist(&cpus))?;
+                }
+                None => {}
             }
         }
         Command::Domstate { domain, reason, json } => {

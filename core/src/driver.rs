@@ -436,6 +436,23 @@ pub trait MonitorOps: Send + Sync {
 pub trait CpuPlacementOps: Send + Sync {
     async fn node_info(&self) -> Result<NodeInfo>;
     async fn node_cpu_map(&self) -> Result<HostCpuMap>;
+    /// The host CPUs each vCPU may run on, in vCPU order.
+    async fn vcpu_pins(&self, domain: &str, scope: PinScope) -> Result<Vec<Vec<u32>>>;
+    /// Pins one vCPU to `cpus`, which must all be present and online.
+    async fn pin_vcpu(&self, domain: &str, vcpu: u32, cpus: &[u32], scope: PinScope) -> Result<()>;
+    /// The host CPUs the emulator's own threads may run on.
+    async fn emulator_pin(&self, domain: &str, scope: PinScope) -> Result<Vec<u32>>;
+    /// Pins the emulator's threads (every thread but the vCPUs') to `cpus`.
+    async fn pin_emulator(&self, domain: &str, cpus: &[u32], scope: PinScope) -> Result<()>;
+}
+
+/// Which definition `vcpupin`/`emulatorpin` read or change: virsh's
+/// `--live` (the running domain) and `--config` (the persistent
+/// definition); neither is `--current`, the running domain when it runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PinScope {
+    pub live: bool,
+    pub config: bool,
 }
 
 /// Seed 004's outcomes for adding or removing one disk.

@@ -181,3 +181,147 @@ fn vcpuinfo_masks_are_sized_by_present_cpus_with_offline_ones_clear() {
         assert_eq!(vcpu["affinity"][1], false, "{json}");
     }
 }
+
+/// The persistent definition, as `dumpxml --inactive` prints it.
+fn inactive_xml(env: &TestEnv, name: &str) -> String {
+    env.ok(&["dumpxml", name, "--inactive"])
+}
+
+/// `vcpupin vm 0 0` on a running 2-vCPU guest: the vCPU 0 thread's
+/// `Cpus_allowed_list` becomes 0, vCPU 1 keeps its CPUs, `vcpuinfo` and the
+/// `vcpupin` table (virsh's layout) agree, and the persistent definition is
+/// not touched (`--current` on a running domain is `--live`).
+#[test]
+fn vcpupin_pins_the_vcpu_thread_live() {
+    let env = TestEnv::new();
+    let _guard = start_two_vcpu_guest(&env, "vm");
+    let threads = vcpu_threads(&env, "vm");
+    let before: Vec<Vec<u32>> = threads.iter().map(|tid| cpus_allowed(&env, "vm", *tid)).collect();
+    assert!(before[0].contains(&0), "vCPU 0 may run on CPU 0 before the pin: {before:?}");
+    let xml_before = inactive_xml(&env, "vm");
+
+    assert_eq!(env.ok(&["vcpupin", "vm", "0", "0"]), "");
+    assert_eq!(cpus_allowed(&env, "vm", threads[0]), vec![0]);
+    assert_eq!(cpus_allowed(&env, "vm", threads[1]), before[1]);
+    let size = *real_cpus("present").last().expect("a CPU") as usize + 1;
+    let pinned: String = (0..size).map(|cpu| if cpu == 0 { 'y' } else { '-' }).collect();
+    assert_eq!(affinities(&env.ok(&["vcpuinfo", "vm"]))[0], pinned);
+
+    let list = |cpus: &[u32]| strata_core::hostcpu::format_cpulist(cpus);
+    let table = env.ok(&["vcpupin", "vm"]);
+    let width = list(&before[1]).len().max("CPU Affinity".len());
+    let expected =
+        format!(" VCPU   CPU Affinity\n{}\n 0      0\n 1      {}\n\n", "-".repeat(4 + 3 + width + 3), list(&before[1]));
+    assert_eq!(table, expected);
+    assert_eq!(
+        env.ok(&["vcpupin", "--domain", "vm", "--vcpu", "0"]),
+        format!(" VCPU   CPU Affinity\n{}\n 0      0\n\n", "-".repeat(22))
+    );
+    let json: Value = serde_json::from_str(&env.ok(&["vcpupin", "vm", "--json"])).expect("vcpupin --json");
+    assert_eq!(json, serde_json::json!([{ "vcpu": 0, "cpus": "0" }, { "vcpu": 1, "cpus": list(&before[1]) }]));
+    assert_eq!(inactive_xml(&env, "vm"), xml_before, "a live pin changed the persistent definition");
+
+    let err = env.fails(&["vcpupin", "vm", "2", "0"]);
+    assert_eq!(err.trim(), "error: invalid argument: vcpu 2 is out of range of live cpu count 2");
+}
+
+/// `vcpupin --config` records `<cputune><vcpupin/>` in the persistent XML
+/// (everything else kept) without touching the running thread, and a
+/// `--config` query reads it back.
+#[test]
+fn vcpupin_config_records_cputune_in_the_persistent_xml() {
+    let env = TestEnv::new();
+    let _guard = start_two_vcpu_guest(&env, "vm");
+    let threads = vcpu_threads(&env, "vm");
+    let live_before = cpus_allowed(&env, "vm", threads[1]);
+    let xml_before = inactive_xml(&env, "vm");
+    assert!(!xml_before.contains("<cputune>"), "{xml_before}");
+
+    assert_eq!(env.ok(&["vcpupin", "vm", "1", "1", "--config"]), "");
+    let xml = inactive_xml(&env, "vm");
+    assert!(xml.contains("<cputune>\n    <vcpupin vcpu='1' cpuset='1'/>\n  </cputune>"), "{xml}");
+    assert_eq!(xml.replace("  <cputune>\n    <vcpupin vcpu='1' cpuset='1'/>\n  </cputune>\n", ""), xml_before);
+    common::validate_xml(&xml);
+    assert_eq!(cpus_allowed(&env, "vm", threads[1]), live_before, "a --config pin changed the running thread");
+    let json: Value = serde_json::from_str(&env.ok(&["vcpupin", "vm", "1", "--config", "--json"])).expect("json");
+    assert_eq!(json, serde_json::json!([{ "vcpu": 1, "cpus": "1" }]));
+
+    // On a stopped domain, --current is the persistent definition.
+    env.ok(&["destroy", "vm"]);
+    assert_eq!(env.ok(&["vcpupin", "vm", "0", "0"]), "");
+    assert!(inactive_xml(&env, "vm").contains("<vcpupin vcpu='0' cpuset='0'/>"));
+    let err = env.fails(&["vcpupin", "vm", "0", "0", "--live"]);
+    assert_eq!(err.trim(), "error: Requested operation is not valid: domain is not running");
+}
+
+/// `emulatorpin vm 0`: QEMU's main thread (and its other non-vCPU threads)
+/// may then run on CPU 0 only, the vCPU threads keep theirs; the query
+/// prints virsh's layout; `--config` records `<emulatorpin/>`.
+#[test]
+fn emulatorpin_pins_the_emulator_threads_and_records_it_with_config() {
+    let env = TestEnv::new();
+    let _guard = start_two_vcpu_guest(&env, "vm");
+    let threads = vcpu_threads(&env, "vm");
+    let vcpus_before: Vec<Vec<u32>> = threads.iter().map(|tid| cpus_allowed(&env, "vm", *tid)).collect();
+    let pid = common::qemu_pid(&env, "vm").expect("QEMU's pid");
+    assert!(cpus_allowed(&env, "vm", pid.into()).contains(&0));
+
+    assert_eq!(env.ok(&["emulatorpin", "vm", "0"]), "");
+    assert_eq!(cpus_allowed(&env, "vm", pid.into()), vec![0]);
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("QEMU's threads");
+    for tid in tasks.filter_map(|t| t.ok()?.file_name().to_str()?.parse::<i64>().ok()) {
+        if !threads.contains(&tid) {
+            assert_eq!(cpus_allowed(&env, "vm", tid), vec![0], "emulator thread {tid}");
+        }
+    }
+    let vcpus_after: Vec<Vec<u32>> = threads.iter().map(|tid| cpus_allowed(&env, "vm", *tid)).collect();
+    assert_eq!(vcpus_after, vcpus_before);
+    let out = env.ok(&["emulatorpin", "vm"]);
+    assert_eq!(out, "emulator: CPU Affinity\n----------------------------------\n       *: 0\n\n");
+    let json: Value = serde_json::from_str(&env.ok(&["emulatorpin", "vm", "--json"])).expect("json");
+    assert_eq!(json, serde_json::json!({ "emulator": "0" }));
+    assert!(!inactive_xml(&env, "vm").contains("emulatorpin"));
+
+    env.ok(&["emulatorpin", "vm", "0", "--config"]);
+    let xml = inactive_xml(&env, "vm");
+    assert!(xml.contains("<cputune>\n    <emulatorpin cpuset='0'/>\n  </cputune>"), "{xml}");
+    common::validate_xml(&xml);
+    assert_eq!(env.ok(&["emulatorpin", "vm", "--config"]).lines().nth(2), Some("       *: 0"));
+}
+
+/// Seed 003's host through the seam: pinning to the offline cpu1 is
+/// refused with the reason and changes nothing, live or in the XML;
+/// pinning to 0,2 is accepted and recorded (this 2-CPU machine runs the
+/// thread on CPU 0, the only one of the two it has).
+#[test]
+fn pinning_on_the_seed_host_refuses_the_offline_cpu_and_takes_0_2() {
+    let env = TestEnv::new();
+    let _guard = start_two_vcpu_guest(&env, "vm");
+    let host = seed_host(&env);
+    let threads = vcpu_threads(&env, "vm");
+    let before = cpus_allowed(&env, "vm", threads[0]);
+    let xml_before = inactive_xml(&env, "vm");
+
+    for args in [
+        &["vcpupin", "vm", "0", "1"][..],
+        &["vcpupin", "vm", "0", "0-1", "--live", "--config"],
+        &["emulatorpin", "vm", "1", "--config"],
+    ] {
+        let out = strata_on(&env, &host, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "error: invalid argument: CPU 1 is offline");
+    }
+    let out = strata_on(&env, &host, &["vcpupin", "vm", "0", "3"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "error: invalid argument: CPU 3 is not present on this host (present: 0-2)"
+    );
+    assert_eq!(cpus_allowed(&env, "vm", threads[0]), before);
+    assert_eq!(inactive_xml(&env, "vm"), xml_before);
+
+    stdout_of(&strata_on(&env, &host, &["vcpupin", "vm", "0", "0,2", "--live", "--config"]));
+    assert_eq!(cpus_allowed(&env, "vm", threads[0]), vec![0]);
+    assert!(inactive_xml(&env, "vm").contains("<vcpupin vcpu='0' cpuset='0,2'/>"));
+    let table = stdout_of(&strata_on(&env, &host, &["vcpupin", "vm", "0", "--config"]));
+    assert!(table.contains("\n 0      0,2\n"), "{table}");
+}

@@ -5,6 +5,49 @@ use super::tree::Element;
 use crate::chain::Chain;
 use crate::error::{Error, Result};
 
+/// libvirt's order of the `<domain>` children up to `<cputune>`; the rest
+/// (`<os>`, `<devices>`, …) come after it.
+const DOMAIN_CHILD_ORDER: &[&str] = &[
+    "name",
+    "uuid",
+    "genid",
+    "title",
+    "description",
+    "metadata",
+    "maxMemory",
+    "memory",
+    "currentMemory",
+    "blkiotune",
+    "memtune",
+    "memoryBacking",
+    "vcpu",
+    "vcpus",
+    "iothreads",
+    "iothreadids",
+    "cputune",
+];
+
+/// libvirt's order of the `<cputune>` children.
+const CPUTUNE_CHILD_ORDER: &[&str] = &[
+    "shares",
+    "period",
+    "quota",
+    "global_period",
+    "global_quota",
+    "emulator_period",
+    "emulator_quota",
+    "iothread_period",
+    "iothread_quota",
+    "vcpupin",
+    "emulatorpin",
+    "iothreadpin",
+    "vcpusched",
+    "iothreadsched",
+    "emulatorsched",
+    "cachetune",
+    "memorytune",
+];
+
 /// A domain definition. Everything Strata does not model is kept as written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Domain {
@@ -91,6 +134,56 @@ impl Domain {
 
     pub fn vcpus(&self) -> u32 {
         self.root.child_text("vcpu").and_then(|v| v.parse().ok()).unwrap_or(1)
+    }
+
+    /// `<vcpu cpuset='…'>`: the host CPUs every vCPU and the emulator may
+    /// run on unless `<cputune>` pins them.
+    pub fn vcpu_cpuset(&self) -> Option<String> {
+        self.root.child("vcpu")?.attr("cpuset").map(str::to_string)
+    }
+
+    /// `<cputune><vcpupin vcpu='N' cpuset='…'/>`.
+    pub fn vcpu_pin(&self, vcpu: u32) -> Option<String> {
+        let cputune = self.root.child("cputune")?;
+        let mut pins = cputune.children_named("vcpupin");
+        let pin = pins.find(|pin| pin.attr("vcpu").and_then(|v| v.parse::<u32>().ok()) == Some(vcpu))?;
+        pin.attr("cpuset").map(str::to_string)
+    }
+
+    /// `<cputune><emulatorpin cpuset='…'/>`.
+    pub fn emulator_pin(&self) -> Option<String> {
+        self.root.child("cputune")?.child("emulatorpin")?.attr("cpuset").map(str::to_string)
+    }
+
+    /// Records `<vcpupin vcpu='N' cpuset='…'/>` in `<cputune>` (made when
+    /// missing), replacing the vCPU's earlier pin.
+    pub fn set_vcpu_pin(&mut self, vcpu: u32, cpuset: &str) {
+        let number = vcpu.to_string();
+        self.edit_cputune(|cputune| {
+            let earlier =
+                cputune.elements_mut().find(|e| e.name == "vcpupin" && e.attr("vcpu") == Some(number.as_str()));
+            match earlier {
+                Some(pin) => pin.set_attr("cpuset", cpuset),
+                None => cputune.insert_ordered(
+                    Element::new("vcpupin").with_attr("vcpu", number.as_str()).with_attr("cpuset", cpuset),
+                    CPUTUNE_CHILD_ORDER,
+                ),
+            }
+        });
+    }
+
+    /// Records `<emulatorpin cpuset='…'/>` in `<cputune>` (made when missing).
+    pub fn set_emulator_pin(&mut self, cpuset: &str) {
+        let pin = Element::new("emulatorpin").with_attr("cpuset", cpuset);
+        self.edit_cputune(|cputune| cputune.replace_or_insert(pin, CPUTUNE_CHILD_ORDER));
+    }
+
+    /// Changes `<cputune>`, made in libvirt's place when missing; its other
+    /// children stay as written.
+    fn edit_cputune(&mut self, change: impl FnOnce(&mut Element)) {
+        let mut cputune = self.root.child("cputune").cloned().unwrap_or_else(|| Element::new("cputune"));
+        change(&mut cputune);
+        self.root.replace_or_insert(cputune, DOMAIN_CHILD_ORDER);
     }
 
     /// `<os><type>`: `hvm`, `exe`, …
@@ -242,5 +335,39 @@ mod tests {
         let err = dom.find_disk("/img/shared.qcow2").expect_err("ambiguous");
         assert!(err.to_string().contains("several disks have that image"), "{err}");
         assert_eq!(dom.find_disk("vdb").expect("by target").target, "vdb");
+    }
+
+    #[test]
+    fn pins_go_into_cputune_in_libvirt_order_keeping_what_was_there() {
+        let xml = "<domain type='kvm'><name>vm</name><memory>1024</memory><vcpu cpuset='0-1'>2</vcpu>\
+                   <os><type>hvm</type></os><devices><mystery a='1'/></devices></domain>";
+        let mut dom = Domain::parse(xml).expect("parses");
+        assert_eq!(dom.vcpu_cpuset().as_deref(), Some("0-1"));
+        assert_eq!(dom.vcpu_pin(1), None);
+        dom.set_vcpu_pin(1, "0");
+        dom.set_emulator_pin("1");
+        dom.set_vcpu_pin(0, "0,2");
+        dom.set_vcpu_pin(1, "2");
+        assert_eq!(dom.vcpu_pin(0).as_deref(), Some("0,2"));
+        assert_eq!(dom.vcpu_pin(1).as_deref(), Some("2"));
+        assert_eq!(dom.emulator_pin().as_deref(), Some("1"));
+        let out = dom.to_xml();
+        let at = |needle: &str| out.find(needle).unwrap_or_else(|| panic!("{needle} missing from {out}"));
+        assert!(at("<vcpu cpuset") < at("<cputune>") && at("<cputune>") < at("<os>"), "{out}");
+        assert!(at("<vcpupin vcpu='1' cpuset='2'/>") < at("<vcpupin vcpu='0'"), "{out}");
+        assert!(at("<vcpupin vcpu='0' cpuset='0,2'/>") < at("<emulatorpin cpuset='1'/>"), "{out}");
+        assert_eq!(out.matches("<vcpupin").count(), 2, "{out}");
+        assert!(out.contains("<mystery a='1'/>"), "{out}");
+
+        let tuned = "<domain type='kvm'><name>vm</name><vcpu>2</vcpu><cputune><shares>2048</shares>\
+                     <emulatorpin cpuset='0'/></cputune></domain>";
+        let mut dom = Domain::parse(tuned).expect("parses");
+        dom.set_emulator_pin("1");
+        dom.set_vcpu_pin(0, "1");
+        let out = dom.to_xml();
+        let at = |needle: &str| out.find(needle).unwrap_or_else(|| panic!("{needle} missing from {out}"));
+        assert!(at("<shares>2048</shares>") < at("<vcpupin vcpu='0' cpuset='1'/>"), "{out}");
+        assert!(at("<vcpupin vcpu='0'") < at("<emulatorpin cpuset='1'/>"), "{out}");
+        assert_eq!(out.matches("<emulatorpin").count(), 1, "{out}");
     }
 }

@@ -10,30 +10,49 @@ use serde_json::Value;
 use strata_core::driver::VcpuInfo;
 use strata_core::hostcpu::HostCpuMap;
 use strata_core::{Error, Result};
+use strata_qmp::QmpClient;
 
 use crate::live::qmp_error;
+use crate::placement::thread_affinity;
 use crate::QemuConnection;
+
+/// One vCPU of a running QEMU and the host thread that runs it.
+pub(crate) struct VcpuThread {
+    pub index: u32,
+    pub tid: i32,
+}
 
 impl QemuConnection {
     pub(crate) async fn vcpus(&self, name: &str) -> Result<Vec<VcpuInfo>> {
         let (_, monitor) = self.running(name).await?;
-        let reply = monitor.client.execute("query-cpus-fast", None).await.map_err(|e| qmp_error(name, e))?;
+        let threads = vcpu_threads(&monitor.client, name).await?;
         let host = HostCpuMap::read(&self.host_cpus)?;
-        let cpus = reply.as_array().ok_or_else(|| Error::internal("query-cpus-fast did not return a list"))?;
-        cpus.iter().map(|cpu| vcpu(cpu, &host)).collect()
+        threads.iter().map(|thread| vcpu(thread, &host)).collect()
     }
 }
 
-fn vcpu(cpu: &Value, host: &HostCpuMap) -> Result<VcpuInfo> {
+/// The vCPU threads QEMU reports (`query-cpus-fast`), in its order.
+pub(crate) async fn vcpu_threads(client: &QmpClient, name: &str) -> Result<Vec<VcpuThread>> {
+    let reply = client.execute("query-cpus-fast", None).await.map_err(|e| qmp_error(name, e))?;
+    let cpus = reply.as_array().ok_or_else(|| Error::internal("query-cpus-fast did not return a list"))?;
+    cpus.iter().map(vcpu_thread).collect()
+}
+
+fn vcpu_thread(cpu: &Value) -> Result<VcpuThread> {
     let field = |key: &str| {
         cpu.get(key)
             .and_then(Value::as_u64)
             .ok_or_else(|| Error::internal(format!("query-cpus-fast gave a vCPU without '{key}': {cpu}")))
     };
-    let number = u32::try_from(field("cpu-index")?).map_err(|_| Error::internal("vCPU index out of range"))?;
+    let index = u32::try_from(field("cpu-index")?).map_err(|_| Error::internal("vCPU index out of range"))?;
     let tid = i32::try_from(field("thread-id")?).map_err(|_| Error::internal("vCPU thread id out of range"))?;
-    let (cpu_time_ns, last_cpu) = thread_times(tid)?;
-    Ok(VcpuInfo { number, cpu: last_cpu, state: "running".into(), cpu_time_ns, affinity: affinity(tid, host)? })
+    Ok(VcpuThread { index, tid })
+}
+
+fn vcpu(thread: &VcpuThread, host: &HostCpuMap) -> Result<VcpuInfo> {
+    let (cpu_time_ns, last_cpu) = thread_times(thread.tid)?;
+    let affinity = thread_affinity(thread.tid, host)?;
+    Ok(VcpuInfo { number: thread.index, cpu: last_cpu, state: "running".into(), cpu_time_ns, affinity })
 }
 
 /// A thread's CPU time (user + system, in ns) and the CPU it last ran on,
@@ -53,25 +72,4 @@ fn thread_times(tid: i32) -> Result<(u64, u32)> {
     let ticks = u64::try_from(ticks).ok().filter(|t| *t > 0).unwrap_or(100);
     let ns = (utime + stime).saturating_mul(1_000_000_000) / ticks;
     Ok((ns, u32::try_from(processor).unwrap_or(u32::MAX)))
-}
-
-/// Where a thread may run, one entry per host CPU up to the highest
-/// present one; an offline CPU is never allowed.
-fn affinity(tid: i32, host: &HostCpuMap) -> Result<Vec<bool>> {
-    // SAFETY: cpu_set_t is a plain bit array, for which all zeroes is valid.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: sched_getaffinity(2) writes at most the given size into `set`.
-    let rc = unsafe { libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
-        return Err(
-            Error::operation_failed(format!("cannot read the CPU affinity of vCPU thread {tid}")).with_source(err)
-        );
-    }
-    // A cpu_set_t holds CPU_SETSIZE CPUs: beyond, none is allowed.
-    let in_set = host.mask_len().min(libc::CPU_SETSIZE as usize);
-    // SAFETY: CPU_ISSET reads one bit of `set`, an index below its size.
-    let allowed = (0..host.mask_len())
-        .map(|cpu| cpu < in_set && unsafe { libc::CPU_ISSET(cpu, &set) } && host.is_online(cpu as u32));
-    Ok(allowed.collect())
 }
