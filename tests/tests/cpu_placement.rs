@@ -37,13 +37,19 @@ fn real_cpus(list: &str) -> Vec<u32> {
     parse_cpulist(&std::fs::read_to_string(&path).expect("sysfs CPU list")).expect("a cpulist")
 }
 
-/// Defines and starts `name`, a guest with two vCPUs on one qcow2 disk.
-fn start_two_vcpu_guest<'a>(env: &'a TestEnv, name: &str) -> DomainGuard<'a> {
+/// The XML of `name`, a guest on one qcow2 disk whose `<vcpu>` element
+/// (one vCPU in the common helper) is `vcpu`, which may add `<cputune>`.
+fn guest_xml(env: &TestEnv, name: &str, vcpu: &str) -> String {
     let image = make_chain(env.dir.path(), &[&format!("{name}.qcow2")]).remove(0);
     let xml = domain_xml(name, &[DiskSpec { target: "vda", format: "qcow2", path: &image, extra: "" }]);
-    let two = xml.replace("<vcpu placement='static'>1</vcpu>", "<vcpu placement='static'>2</vcpu>");
-    assert_ne!(two, xml, "the helper's XML has one static vCPU");
-    env.define(name, &two);
+    let changed = xml.replace("<vcpu placement='static'>1</vcpu>", vcpu);
+    assert_ne!(changed, xml, "the helper's XML has one static vCPU");
+    changed
+}
+
+/// Defines and starts `name`, a guest with two vCPUs on one qcow2 disk.
+fn start_two_vcpu_guest<'a>(env: &'a TestEnv, name: &str) -> DomainGuard<'a> {
+    env.define(name, &guest_xml(env, name, "<vcpu placement='static'>2</vcpu>"));
     let guard = DomainGuard { env, name: name.into() };
     env.ok(&["start", name]);
     guard
@@ -324,4 +330,54 @@ fn pinning_on_the_seed_host_refuses_the_offline_cpu_and_takes_0_2() {
     assert!(inactive_xml(&env, "vm").contains("<vcpupin vcpu='0' cpuset='0,2'/>"));
     let table = stdout_of(&strata_on(&env, &host, &["vcpupin", "vm", "0", "--config"]));
     assert!(table.contains("\n 0      0,2\n"), "{table}");
+}
+
+/// `<vcpu cpuset>` and `<cputune>`'s vcpupin/emulatorpin are applied at
+/// start: vCPU 0 runs on its vcpupin's CPU 0, vCPU 1 on the `<vcpu
+/// cpuset>` CPU 1, QEMU's main thread on the emulatorpin's CPU 0; `start`
+/// warns about none of them, and the `vcpupin` table shows the pins.
+#[test]
+fn cputune_and_vcpu_cpuset_are_applied_at_start() {
+    let env = TestEnv::new();
+    let vcpu = "<vcpu placement='static' cpuset='1'>2</vcpu>\n  <cputune>\n    <vcpupin vcpu='0' cpuset='0'/>\n    \
+                <emulatorpin cpuset='0'/>\n  </cputune>";
+    let xml = guest_xml(&env, "vm", vcpu);
+    common::validate_xml(&xml);
+    env.define("vm", &xml);
+    let _guard = DomainGuard { env: &env, name: "vm".into() };
+    let out = env.strata(&["start", "vm"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let warnings = String::from_utf8_lossy(&out.stderr);
+    assert!(!warnings.contains("cputune") && !warnings.contains("vcpu"), "{warnings}");
+
+    let threads = vcpu_threads(&env, "vm");
+    assert_eq!(cpus_allowed(&env, "vm", threads[0]), vec![0]);
+    assert_eq!(cpus_allowed(&env, "vm", threads[1]), vec![1]);
+    let pid = common::qemu_pid(&env, "vm").expect("QEMU's pid");
+    assert_eq!(cpus_allowed(&env, "vm", pid.into()), vec![0]);
+    let table = env.ok(&["vcpupin", "vm"]);
+    assert!(table.ends_with("\n 0      0\n 1      1\n\n"), "{table}");
+    assert_eq!(env.ok(&["emulatorpin", "vm"]).lines().nth(2), Some("       *: 0"));
+    let caps = env.ok(&["capabilities"]);
+    assert!(caps.contains("cputune (vcpupin and emulatorpin)"), "{caps}");
+}
+
+/// On seed 003's host a definition pinning a vCPU to the offline cpu1
+/// does not start: the reason names the element, and no QEMU is left.
+#[test]
+fn a_start_pinned_to_an_offline_cpu_is_refused() {
+    let env = TestEnv::new();
+    let vcpu = "<vcpu placement='static'>2</vcpu>\n  <cputune>\n    <vcpupin vcpu='1' cpuset='1'/>\n  </cputune>";
+    env.define("vm", &guest_xml(&env, "vm", vcpu));
+    let _guard = DomainGuard { env: &env, name: "vm".into() };
+    let host = seed_host(&env);
+    let out = strata_on(&env, &host, &["start", "vm"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.trim(),
+        "error: Failed to start domain vm\nerror: invalid argument: vcpupin of vCPU 1 of domain 'vm': CPU 1 is offline"
+    );
+    assert_eq!(env.ok(&["domstate", "vm"]).trim(), "shut off");
+    common::assert_no_stray_processes(&env, "after the refused start");
 }

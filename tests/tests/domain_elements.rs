@@ -80,7 +80,7 @@ fn capabilities_list_what_is_and_is_not_honoured() {
     for element in ["disk", "memory", "vcpu"] {
         assert!(honoured.iter().any(|e| e == element), "{element} not listed as honoured:\n{text}");
     }
-    for element in ["interface", "cputune", "graphics"] {
+    for element in ["interface", "numatune", "graphics"] {
         assert!(unhonoured.iter().any(|e| e == element), "{element} not listed as unhonoured:\n{text}");
         assert!(!honoured.iter().any(|e| e == element), "{element} listed as honoured:\n{text}");
     }

@@ -30,7 +30,7 @@ const ELEMENTS: &[(&str, Treatment)] = &[
     ("uuid", Honoured { when: always, form: "" }),
     ("memory", Honoured { when: always, form: "" }),
     ("currentMemory", Honoured { when: current_memory_is_all, form: "equal to <memory>" }),
-    ("vcpu", Honoured { when: vcpus_all_online_unpinned, form: "a count, without current or cpuset" }),
+    ("vcpu", Honoured { when: vcpus_all_online, form: "a count and cpuset, without current" }),
     ("os/type", Honoured { when: always, form: "" }),
     ("os/loader", Honoured { when: always, form: "" }),
     ("os/boot", Honoured { when: boot_from_disk, form: "dev='hd', SeaBIOS's own order" }),
@@ -39,6 +39,7 @@ const ELEMENTS: &[(&str, Treatment)] = &[
     ("features/pae", Honoured { when: always, form: "QEMU's default" }),
     ("cpu", Honoured { when: cpu_is_qemu64, form: "absent, or model qemu64: QEMU's default" }),
     ("clock", Honoured { when: clock_is_utc, form: "offset='utc' without timers" }),
+    ("cputune", Honoured { when: cputune_pins_only, form: "vcpupin and emulatorpin" }),
     ("on_poweroff", Honoured { when: |e, _| e.text().trim() == "destroy", form: "destroy" }),
     ("on_reboot", Honoured { when: |e, _| e.text().trim() == "restart", form: "restart" }),
     ("devices/disk", Honoured { when: always, form: "" }),
@@ -54,7 +55,6 @@ const ELEMENTS: &[(&str, Treatment)] = &[
     ("resource", NoGuestEffect),
     ("perf", NoGuestEffect),
     ("devices/emulator", NoGuestEffect),
-    ("cputune", NotYet),
     ("numatune", NotYet),
     ("memtune", NotYet),
     ("blkiotune", NotYet),
@@ -86,8 +86,14 @@ fn current_memory_is_all(_: &Element, dom: &Domain) -> bool {
     dom.current_memory_kib() == dom.memory_kib()
 }
 
-fn vcpus_all_online_unpinned(el: &Element, dom: &Domain) -> bool {
-    el.attr("cpuset").is_none() && el.attr("current").is_none_or(|c| c.parse() == Ok(dom.vcpus()))
+fn vcpus_all_online(el: &Element, dom: &Domain) -> bool {
+    el.attr("current").is_none_or(|c| c.parse() == Ok(dom.vcpus()))
+}
+
+/// Pins are applied at start (`placement::apply_defined_placement`);
+/// scheduler shares, quotas and the like are not.
+fn cputune_pins_only(el: &Element, _: &Domain) -> bool {
+    el.elements().all(|c| matches!(c.name.as_str(), "vcpupin" | "emulatorpin"))
 }
 
 fn boot_from_disk(el: &Element, _: &Domain) -> bool {
@@ -222,6 +228,17 @@ mod tests {
                 "video",
             ]
         );
+    }
+
+    #[test]
+    fn cpu_pins_are_honoured_and_other_cputune_children_are_not() {
+        let pinned = domain("<cputune><vcpupin vcpu='0' cpuset='0'/><emulatorpin cpuset='0'/></cputune>", "");
+        assert_eq!(unhonoured(&pinned), Vec::<String>::new());
+        let shares = domain("<cputune><vcpupin vcpu='0' cpuset='0'/><shares>2048</shares></cputune>", "");
+        assert_eq!(unhonoured(&shares), ["cputune"]);
+        let cpuset =
+            Domain::parse("<domain type='qemu'><name>t</name><vcpu cpuset='0-1'>2</vcpu></domain>").expect("xml");
+        assert_eq!(unhonoured(&cpuset), Vec::<String>::new());
     }
 
     #[test]

@@ -35,7 +35,7 @@ use strata_core::driver::{
     DriverCapabilities, DumpXmlFlags, MonitorOps, SnapshotOps, SnapshotSummary, StartFlags, StartOutcome,
     UndefineFlags, VcpuInfo,
 };
-use strata_core::hostcpu::SysfsCpus;
+use strata_core::hostcpu::{HostCpuMap, SysfsCpus};
 use strata_core::options::{
     BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions, SnapshotCreateFlags,
     SnapshotDeleteFlags, SnapshotRevertFlags,
@@ -295,6 +295,11 @@ impl QemuConnection {
             self.store.write_status(name, &status.to_xml())?;
             strata_core::crash_point("server:started");
             let monitor = self.monitors.get(&self.store, name, status.process).await?;
+            if server == live::Server::Vm {
+                let host = HostCpuMap::read(&self.host_cpus)?;
+                placement::apply_defined_placement(&monitor.client, name, status.process.pid, &status.domain, &host)
+                    .await?;
+            }
             if server == live::Server::Vm && mode == StartMode::Run {
                 monitor.client.execute("cont", None).await.map_err(|e| live::qmp_error(name, e))?;
             }

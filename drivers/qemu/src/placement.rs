@@ -17,7 +17,7 @@ use strata_core::{Error, Result};
 use strata_qmp::QmpClient;
 
 use crate::live::{LiveStatus, Monitor};
-use crate::vcpus::vcpu_threads;
+use crate::vcpus::{vcpu_threads, VcpuThread};
 use crate::{persistent, QemuConnection};
 
 /// The host's CPU lists: from `$STRATA_HOST_CPU_DIR` (a directory laid
@@ -164,16 +164,49 @@ fn configured_cpus(pin: Option<String>, dom: &Domain, host: &HostCpuMap) -> Resu
 
 /// Pins every thread of QEMU `pid` that runs no vCPU.
 async fn pin_emulator_threads(client: &QmpClient, domain: &str, pid: i32, cpus: &[u32]) -> Result<()> {
-    let vcpus: Vec<i32> = vcpu_threads(client, domain).await?.iter().map(|thread| thread.tid).collect();
+    let vcpus = vcpu_threads(client, domain).await?;
+    pin_threads_but(pid, &vcpus, cpus)
+}
+
+/// Pins every thread of QEMU `pid` but the vCPU threads `vcpus`.
+fn pin_threads_but(pid: i32, vcpus: &[VcpuThread], cpus: &[u32]) -> Result<()> {
     let tasks = Path::new("/proc").join(pid.to_string()).join("task");
     let entries = std::fs::read_dir(&tasks).map_err(|e| Error::io("read", &tasks, e))?;
     let tids = entries.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok());
-    for tid in tids.filter(|tid| !vcpus.contains(tid)) {
+    for tid in tids.filter(|tid| vcpus.iter().all(|vcpu| vcpu.tid != *tid)) {
         match set_thread_affinity(tid, cpus) {
             // A thread that ended since the listing needs no pin.
-            Err(_) if !Path::new(&format!("/proc/{pid}/task/{tid}")).exists() => {}
+            Err(_) if !tasks.join(tid.to_string()).exists() => {}
             other => other?,
         }
+    }
+    Ok(())
+}
+
+/// Applies a definition's placement to its QEMU `pid`, started paused:
+/// each vCPU thread to its `<cputune><vcpupin>`, else `<vcpu cpuset>`;
+/// the other threads to `<emulatorpin>`, else `<vcpu cpuset>`. A CPU set
+/// with an offline or absent CPU is refused, naming the element.
+pub(crate) async fn apply_defined_placement(
+    client: &QmpClient,
+    name: &str,
+    pid: i32,
+    dom: &Domain,
+    host: &HostCpuMap,
+) -> Result<()> {
+    let cpus_for = |pin: Option<String>, element: &str| -> Result<Option<Vec<u32>>> {
+        let Some(cpuset) = pin.or_else(|| dom.vcpu_cpuset()) else { return Ok(None) };
+        let cpus = parse_cpulist(&cpuset).and_then(|cpus| host.check_pinnable(&cpus).map(|()| cpus));
+        cpus.map(Some).map_err(|e| e.context(format!("{element} of domain '{name}'")))
+    };
+    let threads = vcpu_threads(client, name).await?;
+    for thread in &threads {
+        if let Some(cpus) = cpus_for(dom.vcpu_pin(thread.index), &format!("vcpupin of vCPU {}", thread.index))? {
+            set_thread_affinity(thread.tid, &cpus)?;
+        }
+    }
+    if let Some(cpus) = cpus_for(dom.emulator_pin(), "emulatorpin")? {
+        pin_threads_but(pid, &threads, &cpus)?;
     }
     Ok(())
 }
