@@ -381,3 +381,39 @@ fn a_start_pinned_to_an_offline_cpu_is_refused() {
     assert_eq!(env.ok(&["domstate", "vm"]).trim(), "shut off");
     common::assert_no_stray_processes(&env, "after the refused start");
 }
+
+/// Puts a real CPU back online when dropped, even if the test panics.
+struct OfflineCpu(PathBuf);
+
+impl Drop for OfflineCpu {
+    fn drop(&mut self) {
+        std::fs::write(&self.0, "1").expect("put the CPU back online");
+    }
+}
+
+/// Seed 003 on real hardware: the host's highest CPU taken offline (needs
+/// root and a hot-pluggable CPU; it disturbs whatever else runs on the
+/// machine, so it is not run by default). Run it alone with
+/// `cargo test -p strata-tests --test cpu_placement -- --ignored a_real_offline_cpu`.
+#[test]
+#[ignore = "takes a real host CPU offline"]
+fn a_real_offline_cpu_keeps_its_place_and_cannot_be_pinned_to() {
+    let env = TestEnv::new();
+    let _guard = start_two_vcpu_guest(&env, "vm");
+    let last = *real_cpus("present").last().expect("a CPU");
+    assert!(last > 0, "this test needs a second CPU to take offline");
+    let online = PathBuf::from(format!("/sys/devices/system/cpu/cpu{last}/online"));
+    std::fs::write(&online, "0").expect("take the CPU offline");
+    let _back = OfflineCpu(online);
+
+    let map = env.ok(&["nodecpumap"]);
+    let expected: String = (0..=last).map(|cpu| if cpu == last { '-' } else { 'y' }).collect();
+    assert!(map.contains(&format!("CPU map:        {expected}\n")), "{map}");
+    for mask in affinities(&env.ok(&["vcpuinfo", "vm"])) {
+        assert_eq!(mask.len(), last as usize + 1);
+        assert!(mask.ends_with('-'), "{mask}");
+    }
+    let err = env.fails(&["vcpupin", "vm", "0", &last.to_string()]);
+    assert_eq!(err.trim(), format!("error: invalid argument: CPU {last} is offline"));
+    assert_eq!(env.ok(&["vcpupin", "vm", "0", "0"]), "");
+}
