@@ -29,7 +29,7 @@ use strata_qmp::{KnownEvent, QmpClient, QmpEvent};
 use tokio::sync::broadcast;
 
 use crate::live::{self, qmp_error, BlockGraph, LiveDisk, LiveStatus};
-use crate::process::{Liveness, ProcessId};
+use strata_engine::process::{Liveness, ProcessId};
 
 /// A block job as recorded in the status XML.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -463,7 +463,7 @@ pub async fn commit(
     if !delete.is_empty() {
         // A snapshot's saved definition reads its images: deleting one
         // would make the snapshot unusable.
-        let snapshot_images = crate::snapshots::snapshot_images(store, name)?;
+        let snapshot_images = strata_engine::graph::snapshot_images(store, name)?;
         if let Some((path, snap)) = delete.iter().find_map(|p| snapshot_images.get(p).map(|s| (p, s))) {
             return Err(Error::operation_invalid(format!(
                 "--delete would remove {}, which snapshot '{snap}' uses; commit without --delete, or delete the snapshot first",
@@ -491,11 +491,11 @@ fn refuse_changing_snapshots(
 ) -> Result<()> {
     let Some(base_image) = chain.layers[base].source.local_path() else { return Ok(()) };
     let top_image = chain.layers[top].source.local_path();
-    let changed: Vec<_> = crate::snapshots::frozen_images(store, name)?
+    let changed: Vec<_> = strata_engine::graph::frozen_images(store, name)?
         .into_iter()
         .filter(|(_, images)| active || top_image.is_none_or(|t| !images.contains(t)))
         .collect();
-    match crate::snapshots::frozen_by(&changed, base_image) {
+    match strata_engine::graph::frozen_by(&changed, base_image) {
         Some(snapshots) => Err(Error::operation_invalid(format!(
             "cannot commit into {}: {snapshots} froze it (the data saved there would change); commit with --allow-snapshot-change to change it anyway, or delete {snapshots} first",
             base_image.display()
@@ -574,7 +574,8 @@ pub async fn copy(
     }
     if exists {
         // The copy would write into an image the guest or a snapshot reads.
-        let mut taken = crate::snapshots::images_read_by(store, name, &crate::persistent::load(store, name)?)?;
+        let mut taken =
+            strata_engine::graph::images_read_by(store, name, &strata_engine::definitions::load(store, name)?)?;
         taken.extend(live.chain.layers.iter().filter_map(|l| l.source.local_path().map(Path::to_path_buf)));
         if taken.contains(&dest) {
             return Err(Error::config_unsupported(format!(

@@ -109,7 +109,7 @@ pub fn command_line(dom: &Domain, accel: Accel, paths: &RuntimePaths) -> Result<
     let mut scsi_controller = false;
     let mut ide_unit = 0usize;
     for disk in dom.disks()? {
-        crate::transient::check_disk(&disk)?;
+        strata_engine::definitions::check_transient_disk(&disk)?;
         let overlay = disk.transient.then(|| paths.transient_overlay(&disk.target));
         let root = disk_blockdevs(&disk, "-blockdev", &mut args, overlay.as_deref())?;
         let (controller, device) = device_for(&disk, root.as_deref(), &mut scsi_controller, &mut ide_unit, &machine)?;

@@ -10,14 +10,11 @@
 //! [`strata_core::driver::Connection`] (see `examples/embed.rs`).
 
 mod honoured;
-mod intent;
 mod jobs;
 mod launch;
 pub mod live;
 mod monitor_command;
-mod persistent;
 mod placement;
-mod process;
 mod snapshots;
 mod transient;
 mod vcpus;
@@ -130,7 +127,7 @@ impl QemuConnection {
     /// Whatever serves the domain's disks now — its QEMU, or the storage
     /// daemon of an offline block job — with recorded jobs brought forward.
     async fn serving(&self, name: &str) -> Result<Option<(LiveStatus, Arc<Monitor>)>> {
-        persistent::load(&self.store, name)?;
+        strata_engine::definitions::load(&self.store, name)?;
         let Some(status) = live::reconcile(&self.store, name)? else { return Ok(None) };
         let Some(monitor) = self.attach(name, &status).await? else { return Ok(None) };
         match jobs::reconcile_jobs(&self.store, name, &monitor.client, status).await? {
@@ -236,7 +233,7 @@ impl QemuConnection {
     /// Starts QEMU for the domain, or the storage daemon for its offline
     /// jobs; the caller holds the domain lock.
     pub(crate) async fn spawn_server(&self, name: &str, server: live::Server, mode: StartMode) -> Result<()> {
-        let mut dom = persistent::load(&self.store, name)?;
+        let mut dom = strata_engine::definitions::load(&self.store, name)?;
         // A disk whose image did not exist at define time is probed now.
         let before = dom.to_xml();
         define::probe_missing_chains(&mut dom)?;
@@ -268,13 +265,13 @@ impl QemuConnection {
             live::Server::Vm => live::next_domain_id(&self.store)?,
             live::Server::StorageDaemon => 0,
         };
-        let owner = process::ProcessId::this()?;
+        let owner = strata_engine::process::ProcessId::this()?;
         tracing::debug!(domain = name, binary, ?args, "starting");
         // Recorded as starting before it runs: whoever finds it while this
         // process is gone stops it (see live::reconcile).
         let record =
             |process| self.store.write_status(name, &LiveStatus::new(process, id, dom.clone(), server, owner).to_xml());
-        let mut spawned = match process::spawn(&binary, &args, &paths.log(), record) {
+        let mut spawned = match strata_engine::process::spawn(&binary, &args, &paths.log(), record) {
             Ok(spawned) => spawned,
             Err(e) => {
                 live::cleanup(&self.store, name)?;
@@ -313,7 +310,7 @@ impl QemuConnection {
             let exited = spawned.id.wait_gone(Duration::from_millis(500)).await;
             let _ = spawned.id.terminate(Duration::from_secs(2)).await;
             let _ = spawned.child.try_wait();
-            let log = process::log_tail(&paths.log(), 5);
+            let log = strata_engine::process::log_tail(&paths.log(), 5);
             live::cleanup(&self.store, name)?;
             if exited && !log.trim().is_empty() {
                 return Err(Error::operation_failed(format!("{binary} exited during start-up: {}", log.trim())));
@@ -340,7 +337,7 @@ impl QemuConnection {
     /// first settles the domain's recorded server (one a killed process was
     /// starting is stopped).
     async fn snapshot_recover(&self, domain: &str) -> Result<()> {
-        persistent::load(&self.store, domain)?;
+        strata_engine::definitions::load(&self.store, domain)?;
         live::reconcile(&self.store, domain)?;
         if snapshots::intent_pending(&self.store, domain)? {
             let operation = match self.store.try_lock_domain_operation(domain)? {
@@ -348,7 +345,7 @@ impl QemuConnection {
                 // The lock outlives a killed owner for as long as a helper
                 // or held server child it started takes to exit (or another
                 // process recovers): worth the wait.
-                None if intent::Intent::owner_gone(&self.store, domain)? => {
+                None if strata_engine::intent::Intent::owner_gone(&self.store, domain)? => {
                     Some(self.store.lock_domain_operation(domain)?)
                 }
                 None => None,
@@ -369,7 +366,7 @@ impl QemuConnection {
     /// until the returned guard drops) and finishes or undoes an operation
     /// a crash interrupted.
     async fn snapshot_operation(&self, domain: &str) -> Result<DomainLock> {
-        persistent::load(&self.store, domain)?;
+        strata_engine::definitions::load(&self.store, domain)?;
         let operation = self.store.lock_domain_operation(domain)?;
         self.log_recovery(domain, &operation).await?;
         Ok(operation)
@@ -380,7 +377,7 @@ impl QemuConnection {
     /// snapshot command it goes on when that cannot be done now, since a
     /// job (or its abort) may be what lets the user unblock it.
     async fn block_job_operation(&self, domain: &str) -> Result<DomainLock> {
-        persistent::load(&self.store, domain)?;
+        strata_engine::definitions::load(&self.store, domain)?;
         let operation = self.store.lock_domain_operation(domain)?;
         self.recover_or_warn(domain, &operation).await;
         Ok(operation)
@@ -468,7 +465,7 @@ impl Connection for QemuConnection {
     async fn list_domains(&self) -> Result<Vec<DomainSummary>> {
         let mut out = Vec::new();
         for name in self.store.list_domains()? {
-            match persistent::load(&self.store, &name) {
+            match strata_engine::definitions::load(&self.store, &name) {
                 Ok(dom) => out.push(self.summary(&dom).await?),
                 // One damaged definition must not hide every other domain.
                 Err(e) if e.kind() == ErrorKind::StoreFormat => out.push(DomainSummary {
@@ -489,7 +486,7 @@ impl Connection for QemuConnection {
     }
 
     async fn define_xml(&self, xml: &str, flags: DefineFlags) -> Result<DefineOutcome> {
-        persistent::define(&self.store, xml, flags)
+        strata_engine::definitions::define(&self.store, xml, flags)
     }
 
     async fn undefine(&self, name: &str, flags: UndefineFlags) -> Result<()> {
@@ -500,11 +497,11 @@ impl Connection for QemuConnection {
                 "domain '{name}' is running; destroy it before undefining it"
             )));
         }
-        persistent::undefine(&self.store, name, flags.snapshots_metadata)
+        strata_engine::definitions::undefine(&self.store, name, flags.snapshots_metadata)
     }
 
     async fn domain_info(&self, name: &str) -> Result<DomainInfo> {
-        let dom = persistent::load(&self.store, name)?;
+        let dom = strata_engine::definitions::load(&self.store, name)?;
         Ok(DomainInfo {
             summary: self.summary(&dom).await?,
             os_type: dom.os_type(),
@@ -519,7 +516,7 @@ impl Connection for QemuConnection {
     async fn start(&self, name: &str, flags: StartFlags) -> Result<StartOutcome> {
         let _lock = self.store.lock_domain(name)?;
         self.start_locked(name, flags).await?;
-        let dom = persistent::load(&self.store, name)?;
+        let dom = strata_engine::definitions::load(&self.store, name)?;
         let warnings = honoured::unhonoured(&dom)
             .into_iter()
             .map(|element| {
@@ -531,7 +528,7 @@ impl Connection for QemuConnection {
 
     async fn destroy(&self, name: &str) -> Result<()> {
         let _lock = self.store.lock_domain(name)?;
-        persistent::load(&self.store, name)?;
+        strata_engine::definitions::load(&self.store, name)?;
         let status = live::reconcile(&self.store, name)?
             .filter(LiveStatus::is_vm)
             .ok_or_else(|| Error::operation_invalid("domain is not running"))?;
@@ -565,7 +562,7 @@ impl Connection for QemuConnection {
             self.serving(name).await?;
         }
         if flags.inactive || live::reconcile(&self.store, name)?.filter(LiveStatus::is_vm).is_none() {
-            return persistent::dump_xml(&self.store, name, flags);
+            return strata_engine::definitions::dump_xml(&self.store, name, flags);
         }
         Ok(self.live_domain(name).await?.to_xml())
     }
@@ -577,7 +574,7 @@ impl Connection for QemuConnection {
             }
         }
         if live::reconcile(&self.store, name)?.filter(LiveStatus::is_vm).is_none() {
-            return persistent::check_chains(&self.store, name, disk, fix);
+            return strata_engine::definitions::check_chains(&self.store, name, disk, fix);
         }
         // Running: what the status XML records, what QEMU has open and what
         // the image headers say are compared pairwise.
@@ -676,17 +673,17 @@ impl SnapshotOps for QemuConnection {
 
     async fn snapshot_list(&self, domain: &str) -> Result<Vec<SnapshotSummary>> {
         self.snapshot_recover(domain).await?;
-        snapshots::summaries(&self.store, domain)
+        strata_engine::records::summaries(&self.store, domain)
     }
 
     async fn snapshot_xml(&self, domain: &str, snapshot: &str) -> Result<String> {
         self.snapshot_recover(domain).await?;
-        Ok(snapshots::load(&self.store, domain, snapshot)?.to_xml())
+        Ok(strata_engine::records::load(&self.store, domain, snapshot)?.to_xml())
     }
 
     async fn snapshot_set_current(&self, domain: &str, snapshot: &str) -> Result<()> {
         self.snapshot_recover(domain).await?;
-        snapshots::load(&self.store, domain, snapshot)?;
+        strata_engine::records::load(&self.store, domain, snapshot)?;
         self.store.write_domain_file(domain, "snapshot-current", snapshot)
     }
 
@@ -758,7 +755,7 @@ impl BlockJobOps for QemuConnection {
         match self.serving(domain).await? {
             Some((status, monitor)) => jobs::info(domain, &monitor.client, &status, disk).await,
             None => {
-                persistent::load(&self.store, domain)?.find_disk(disk)?;
+                strata_engine::definitions::load(&self.store, domain)?.find_disk(disk)?;
                 Ok(None)
             }
         }
@@ -798,25 +795,27 @@ impl BlockJobOps for QemuConnection {
 #[async_trait]
 impl DiskSetOps for QemuConnection {
     async fn diskset_add(&self, domain: &str, disk: &str) -> Result<DiskSetOutcome> {
-        persistent::edit(&self.store, domain, |dom| strata_core::diskset::set_selected(dom, disk, true))
+        strata_engine::definitions::edit(&self.store, domain, |dom| strata_core::diskset::set_selected(dom, disk, true))
     }
 
     async fn diskset_remove(&self, domain: &str, disk: &str) -> Result<DiskSetOutcome> {
-        persistent::edit(&self.store, domain, |dom| strata_core::diskset::set_selected(dom, disk, false))
+        strata_engine::definitions::edit(&self.store, domain, |dom| {
+            strata_core::diskset::set_selected(dom, disk, false)
+        })
     }
 
     async fn diskset_add_all(&self, domain: &str) -> Result<usize> {
-        persistent::edit(&self.store, domain, |dom| {
+        strata_engine::definitions::edit(&self.store, domain, |dom| {
             strata_core::diskset::set_all(dom, true)?;
             Ok(strata_core::diskset::selected(dom)?.len())
         })
     }
 
     async fn diskset_remove_all(&self, domain: &str) -> Result<usize> {
-        persistent::edit(&self.store, domain, |dom| strata_core::diskset::set_all(dom, false))
+        strata_engine::definitions::edit(&self.store, domain, |dom| strata_core::diskset::set_all(dom, false))
     }
 
     async fn diskset_list(&self, domain: &str) -> Result<Vec<String>> {
-        strata_core::diskset::selected(&persistent::load(&self.store, domain)?)
+        strata_core::diskset::selected(&strata_engine::definitions::load(&self.store, domain)?)
     }
 }

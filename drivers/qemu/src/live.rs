@@ -28,7 +28,7 @@ use strata_qmp::{QmpClient, QmpError};
 
 use crate::jobs::JobRecord;
 use crate::launch::{RuntimePaths, MONITORS};
-use crate::process::{Liveness, ProcessId};
+use strata_engine::process::{Liveness, ProcessId};
 
 /// The live status of a running domain, as kept in `status.xml`.
 #[derive(Debug, Clone)]
@@ -511,7 +511,7 @@ pub async fn wait_for_socket(path: &Path, child: &mut std::process::Child, log: 
         if let Ok(Some(status)) = child.try_wait() {
             return Err(Error::operation_failed(format!(
                 "QEMU exited during start-up ({status}): {}",
-                crate::process::log_tail(log, 5)
+                strata_engine::process::log_tail(log, 5)
             )));
         }
         if Instant::now() >= deadline {

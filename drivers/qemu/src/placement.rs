@@ -18,7 +18,9 @@ use strata_qmp::QmpClient;
 
 use crate::live::{LiveStatus, Monitor};
 use crate::vcpus::{vcpu_threads, VcpuThread};
-use crate::{persistent, QemuConnection};
+use strata_engine::definitions as persistent;
+
+use crate::QemuConnection;
 
 /// The host's CPU lists: from `$STRATA_HOST_CPU_DIR` (a directory laid
 /// out as `/sys/devices/system/cpu`, for tests that present another host)

@@ -20,9 +20,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use strata_core::chain::{probe_chain, StorageSource};
-use strata_core::driver::{
-    BlockJobEnd, BlockJobKind, BlockJobOps, BlockJobState, Connection, SnapshotSummary, StartFlags,
-};
+use strata_core::driver::{BlockJobEnd, BlockJobKind, BlockJobOps, BlockJobState, Connection, StartFlags};
 use strata_core::options::{
     BlockCommitOptions, BlockJobAbortFlags, BlockPullOptions, SnapshotCreateFlags, SnapshotDeleteFlags,
     SnapshotRevertFlags,
@@ -31,70 +29,12 @@ use strata_core::store::{DomainLock, Store};
 use strata_core::xml::{Domain, SnapshotDef, SnapshotDisk, SnapshotMemory};
 use strata_core::{Error, ErrorKind, Result};
 
-use crate::intent::{DeleteMethod, DeletePlan, Intent};
 use crate::live::{self, qmp_error, LiveStatus};
+use strata_engine::graph::{frozen_by, frozen_images, images_in_use, images_read_by};
+use strata_engine::intent::{DeleteMethod, DeletePlan, Intent};
+use strata_engine::records::{all, current, load, save, set_current};
+
 use crate::QemuConnection;
-
-const CURRENT_FILE: &str = "snapshot-current";
-
-fn no_snapshot(name: &str) -> Error {
-    Error::new(ErrorKind::NoDomainSnapshot, format!("no domain snapshot with matching name '{name}'"))
-}
-
-pub fn load(store: &Store, domain: &str, name: &str) -> Result<SnapshotDef> {
-    let xml = store.read_snapshot(domain, name)?.ok_or_else(|| no_snapshot(name))?;
-    SnapshotDef::parse(&xml).map_err(|e| e.context(format!("stored snapshot '{name}'")))
-}
-
-pub fn all(store: &Store, domain: &str) -> Result<Vec<SnapshotDef>> {
-    store.list_snapshots(domain)?.iter().map(|n| load(store, domain, n)).collect()
-}
-
-pub fn current(store: &Store, domain: &str) -> Result<Option<String>> {
-    Ok(store
-        .read_domain_file(domain, CURRENT_FILE)?
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty() && store.read_snapshot(domain, s).ok().flatten().is_some()))
-}
-
-fn set_current(store: &Store, domain: &str, name: Option<&str>) -> Result<()> {
-    store.write_domain_file(domain, CURRENT_FILE, name.unwrap_or(""))
-}
-
-fn save(store: &Store, domain: &str, def: &SnapshotDef) -> Result<()> {
-    let name = def.name.as_deref().ok_or_else(|| Error::internal("snapshot without a name"))?;
-    store.write_snapshot(domain, name, &def.to_xml())
-}
-
-/// Where a snapshot's disk data lives.
-fn location(def: &SnapshotDef) -> &'static str {
-    let modes: HashSet<&str> = def.disks.iter().filter_map(|d| d.snapshot.as_deref()).filter(|m| *m != "no").collect();
-    match (modes.contains("internal"), modes.contains("external")) {
-        (true, true) => "mixed",
-        (false, true) => "external",
-        _ => "internal",
-    }
-}
-
-pub fn summaries(store: &Store, domain: &str) -> Result<Vec<SnapshotSummary>> {
-    let cur = current(store, domain)?;
-    let mut out: Vec<SnapshotSummary> = all(store, domain)?
-        .iter()
-        .map(|d| {
-            let name = d.name.clone().unwrap_or_default();
-            SnapshotSummary {
-                current: cur.as_deref() == Some(name.as_str()),
-                parent: d.parent.clone(),
-                creation_time: d.creation_time.unwrap_or(0),
-                state: d.state.clone().unwrap_or_else(|| "disk-snapshot".into()),
-                location: location(d).to_string(),
-                name,
-            }
-        })
-        .collect();
-    out.sort_by(|a, b| a.creation_time.cmp(&b.creation_time).then(a.name.cmp(&b.name)));
-    Ok(out)
-}
 
 /// What `snapshot-create` asked of each disk, resolved against the domain.
 struct DiskPlan {
@@ -287,7 +227,7 @@ impl QemuConnection {
             Some(_) => Err(Error::operation_invalid(format!(
                 "an offline block job runs on the disks of domain '{domain}'; wait for it to end"
             ))),
-            None => Ok((crate::persistent::load(self.store(), domain)?, None)),
+            None => Ok((strata_engine::definitions::load(self.store(), domain)?, None)),
         }
     }
 
@@ -300,7 +240,7 @@ impl QemuConnection {
     ) -> Result<String> {
         flags.validate()?;
         let store = self.store();
-        crate::persistent::load(store, domain)?;
+        strata_engine::definitions::load(store, domain)?;
         let mut def = SnapshotDef::parse(xml)?;
         if flags.redefine {
             return self.redefine(domain, def, flags.current);
@@ -365,12 +305,12 @@ impl QemuConnection {
                     "an offline block job runs on the disks of domain '{domain}'; wait for it to end"
                 )))
             }
-            None => (crate::persistent::load(store, domain)?, None),
+            None => (strata_engine::definitions::load(store, domain)?, None),
         };
         // The record keeps the definition, not this run's domain id.
         dom.set_id(None);
         let selected: HashSet<String> =
-            strata_core::diskset::selected(&crate::persistent::load(store, domain)?)?.into_iter().collect();
+            strata_core::diskset::selected(&strata_engine::definitions::load(store, domain)?)?.into_iter().collect();
         let disk_flags = SnapshotCreateFlags { disk_only: flags.disk_only || memory_file.is_some(), ..flags };
         let plans = plan_disks(&dom, &def, &disk_flags, &name, &selected)?;
         if memory_file.is_some() && plans.iter().any(|p| p.mode == "internal") {
@@ -558,7 +498,7 @@ impl QemuConnection {
             Intent::clear(store, domain)?;
             return Ok(vec![format!("dropped an interrupted revert to snapshot '{snap}', which no longer exists")]);
         };
-        let in_use = images_in_use(&crate::persistent::load(store, domain)?)?;
+        let in_use = images_in_use(&strata_engine::definitions::load(store, domain)?)?;
         if !overlays.is_empty() && overlays.iter().all(|o| in_use.contains(o)) {
             set_current(store, domain, Some(snap))?;
             Intent::clear(store, domain)?;
@@ -625,7 +565,7 @@ impl QemuConnection {
             .clone()
             .ok_or_else(|| Error::invalid_arg(format!("snapshot '{name}' lacks the <domain> it was taken of")))?;
         let saved = Domain::from_element(saved)?;
-        let dom = crate::persistent::load(store, domain)?;
+        let dom = strata_engine::definitions::load(store, domain)?;
         if saved.uuid().is_some() && saved.uuid() != dom.uuid() {
             return Err(Error::invalid_arg(format!(
                 "snapshot '{name}' was taken of a domain with uuid {}, not {}",
@@ -835,7 +775,7 @@ impl QemuConnection {
             _ => None,
         };
         let _lock = store.lock_domain(domain)?;
-        let mut persistent = crate::persistent::load(store, domain)?;
+        let mut persistent = strata_engine::definitions::load(store, domain)?;
         let mut status = live::reconcile(store, domain)?;
         for target in targets {
             let overlay = overlays
@@ -1327,7 +1267,7 @@ impl QemuConnection {
         operation: &DomainLock,
     ) -> Result<Option<String>> {
         let snap = def.name.clone().unwrap_or_default();
-        let dom = crate::persistent::load(self.store(), domain)?;
+        let dom = strata_engine::definitions::load(self.store(), domain)?;
         let holder = dom.find_disk(disk)?.chain.and_then(|c| {
             c.layers
                 .iter()
@@ -1591,7 +1531,7 @@ impl QemuConnection {
     /// Whether a saved definition other than `snapshot`'s (another
     /// snapshot's, or the persistent one) has `image` in a disk's chain.
     fn saved_elsewhere(&self, domain: &str, snapshot: &str, image: &Path) -> Result<bool> {
-        let mut doms = vec![crate::persistent::load(self.store(), domain)?];
+        let mut doms = vec![strata_engine::definitions::load(self.store(), domain)?];
         for def in all(self.store(), domain)? {
             if def.name.as_deref() != Some(snapshot) {
                 if let Some(el) = def.domain {
@@ -1733,7 +1673,7 @@ impl QemuConnection {
             }
         }
         if live::reconcile(store, domain)?.is_none() {
-            let mut persistent = crate::persistent::load(store, domain)?;
+            let mut persistent = strata_engine::definitions::load(store, domain)?;
             strata_core::define::refresh_chains(&mut persistent)?;
             store.write_domain(domain, &persistent.to_xml())?;
         }
@@ -1888,79 +1828,6 @@ fn create_offline(operation: &DomainLock, plans: &[DiskPlan], name: &str, create
         }
     }
     result
-}
-
-/// Every local image in the chains of `dom`'s disks.
-fn images_in_use(dom: &Domain) -> Result<HashSet<PathBuf>> {
-    let mut in_use = HashSet::new();
-    for disk in dom.disks()? {
-        if let Some(c) = &disk.chain {
-            in_use.extend(c.layers.iter().filter_map(|l| l.source.local_path().map(Path::to_path_buf)));
-        }
-    }
-    Ok(in_use)
-}
-
-/// Every local image that `current` (the domain's definition) or a saved
-/// definition of one of its snapshots reads.
-pub(crate) fn images_read_by(store: &Store, domain: &str, current: &Domain) -> Result<HashSet<PathBuf>> {
-    let mut taken = images_in_use(current)?;
-    taken.extend(snapshot_images(store, domain)?.into_keys());
-    Ok(taken)
-}
-
-/// Every local image a saved definition of a snapshot reads, with the
-/// name of one snapshot that reads it.
-pub(crate) fn snapshot_images(store: &Store, domain: &str) -> Result<HashMap<PathBuf, String>> {
-    let mut images = HashMap::new();
-    for def in all(store, domain)? {
-        if let (Some(el), Some(name)) = (def.domain, def.name) {
-            for image in images_in_use(&Domain::from_element(el)?)? {
-                images.entry(image).or_insert_with(|| name.clone());
-            }
-        }
-    }
-    Ok(images)
-}
-
-/// What each snapshot froze, by snapshot name: the local images its saved
-/// definition reads and needs unchanged for a revert to give what it
-/// holds. An external disk snapshot froze the disk's whole chain; an
-/// internal one keeps the top image's data inside that image, so it froze
-/// the images below; a disk the snapshot left out froze nothing.
-pub(crate) fn frozen_images(store: &Store, domain: &str) -> Result<Vec<(String, HashSet<PathBuf>)>> {
-    let mut frozen = Vec::new();
-    for def in all(store, domain)? {
-        let (Some(el), Some(name)) = (def.domain, def.name) else { continue };
-        let saved = Domain::from_element(el)?;
-        let mut images = HashSet::new();
-        for d in &def.disks {
-            let from_layer = match d.snapshot.as_deref() {
-                Some("external") => 0,
-                Some("internal") => 1,
-                _ => continue,
-            };
-            if let Some(chain) = saved.find_disk(&d.name).ok().and_then(|disk| disk.chain) {
-                images.extend(
-                    chain.layers.iter().skip(from_layer).filter_map(|l| l.source.local_path().map(Path::to_path_buf)),
-                );
-            }
-        }
-        frozen.push((name, images));
-    }
-    Ok(frozen)
-}
-
-/// The snapshots of [`frozen_images`] that froze `image`, named for a
-/// message ("snapshot 's1'", "snapshots 's1', 's2'"); `None` when none did.
-pub(crate) fn frozen_by(frozen: &[(String, HashSet<PathBuf>)], image: &Path) -> Option<String> {
-    let names: Vec<String> =
-        frozen.iter().filter(|(_, images)| images.contains(image)).map(|(name, _)| format!("'{name}'")).collect();
-    match names.len() {
-        0 => None,
-        1 => Some(format!("snapshot {}", names[0])),
-        _ => Some(format!("snapshots {}", names.join(", "))),
-    }
 }
 
 /// Waits for the end of any snapshot job (`strata-snapshot-*`) left in QEMU

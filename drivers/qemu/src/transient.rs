@@ -14,37 +14,11 @@
 use std::path::PathBuf;
 
 use strata_core::store::Store;
-use strata_core::xml::{Disk, Domain, SnapshotDef};
+use strata_core::xml::{Domain, SnapshotDef};
 use strata_core::{Error, Result};
 
 use crate::launch::RuntimePaths;
 use crate::live;
-
-/// Checks that a transient disk is one an overlay can be put on: a
-/// writable, unshared local file behind a `disk` device.
-pub fn check_disk(disk: &Disk) -> Result<()> {
-    if !disk.transient {
-        return Ok(());
-    }
-    let t = &disk.target;
-    let refuse = |why: &str| Err(Error::config_unsupported(format!("transient disk '{t}' {why}")));
-    if disk.device != "disk" {
-        return refuse(&format!("must be a 'disk' device, not '{}'", disk.device));
-    }
-    if disk.readonly {
-        return refuse("must not be read-only (<readonly/>): it is writable and its writes are thrown away");
-    }
-    if disk.shareable {
-        return refuse("must not be shareable: its writes go to an overlay private to this domain");
-    }
-    match disk.source() {
-        None => refuse("has no image"),
-        Some(s) if disk.disk_type != "file" || s.local_path().is_none() => {
-            refuse(&format!("must be a local file (type 'file'), not '{}'", disk.disk_type))
-        }
-        Some(_) => Ok(()),
-    }
-}
 
 /// Creates each transient disk's overlay in the runtime directory, before
 /// QEMU opens it; on failure removes the overlays already made.
@@ -52,7 +26,7 @@ pub(crate) fn create_overlays(dom: &Domain, paths: &RuntimePaths) -> Result<()> 
     let mut made: Vec<PathBuf> = Vec::new();
     let result = (|| {
         for disk in dom.disks()?.iter().filter(|d| d.transient) {
-            check_disk(disk)?;
+            strata_engine::definitions::check_transient_disk(disk)?;
             let top = disk.chain.as_ref().and_then(|c| c.top());
             let (Some(image), format) = (top.and_then(|l| l.source.local_path()), top.and_then(|l| l.format.clone()))
             else {
@@ -77,7 +51,7 @@ pub(crate) fn create_overlays(dom: &Domain, paths: &RuntimePaths) -> Result<()> 
 fn current_definition(store: &Store, domain: &str) -> Result<Domain> {
     match live::reconcile(store, domain)? {
         Some(status) => Ok(status.domain),
-        None => crate::persistent::load(store, domain),
+        None => strata_engine::definitions::load(store, domain),
     }
 }
 

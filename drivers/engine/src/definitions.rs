@@ -1,4 +1,4 @@
-//! The persistent side of QEMU domains: definitions in the store.
+//! Persistent domain definitions in the store, for every driver.
 
 use std::path::PathBuf;
 
@@ -6,7 +6,7 @@ use strata_core::define;
 use strata_core::driver::{DefineFlags, DefineOutcome, DiskChainCheck, DumpXmlFlags};
 use strata_core::pool::PoolManager;
 use strata_core::store::{no_such_domain, Store};
-use strata_core::xml::Domain;
+use strata_core::xml::{Disk, Domain};
 use strata_core::{Error, ErrorKind, Result};
 
 /// What the store holds as a domain's persistent definition.
@@ -83,7 +83,7 @@ pub fn define(store: &Store, xml: &str, flags: DefineFlags) -> Result<DefineOutc
         None => return Err(Error::xml("the <domain> has no 'type' attribute")),
     }
     for disk in dom.disks()? {
-        crate::transient::check_disk(&disk)?;
+        check_transient_disk(&disk)?;
     }
     let name = dom.name();
     // Probing reads every image of every chain: done before any lock.
@@ -161,4 +161,30 @@ pub fn dump_xml(store: &Store, name: &str, flags: DumpXmlFlags) -> Result<String
 
 pub fn check_chains(store: &Store, name: &str, disk: Option<&str>, fix: bool) -> Result<Vec<DiskChainCheck>> {
     edit(store, name, |dom| define::check_chains_in_pools(dom, disk, fix, &PoolManager::new(store.clone())))
+}
+
+/// Checks that a transient disk is one an overlay can be put on: a
+/// writable, unshared local file behind a `disk` device.
+pub fn check_transient_disk(disk: &Disk) -> Result<()> {
+    if !disk.transient {
+        return Ok(());
+    }
+    let t = &disk.target;
+    let refuse = |why: &str| Err(Error::config_unsupported(format!("transient disk '{t}' {why}")));
+    if disk.device != "disk" {
+        return refuse(&format!("must be a 'disk' device, not '{}'", disk.device));
+    }
+    if disk.readonly {
+        return refuse("must not be read-only (<readonly/>): it is writable and its writes are thrown away");
+    }
+    if disk.shareable {
+        return refuse("must not be shareable: its writes go to an overlay private to this domain");
+    }
+    match disk.source() {
+        None => refuse("has no image"),
+        Some(s) if disk.disk_type != "file" || s.local_path().is_none() => {
+            refuse(&format!("must be a local file (type 'file'), not '{}'", disk.disk_type))
+        }
+        Some(_) => Ok(()),
+    }
 }

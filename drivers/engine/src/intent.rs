@@ -19,7 +19,7 @@ const INTENT_FILE: &str = "snapshot-intent.xml";
 
 /// What an interrupted operation was doing.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Intent {
+pub enum Intent {
     /// A creation: the files it makes and the record it saves (`None` in a
     /// record written by hand or by an older Strata: then only the files
     /// are rolled back).
@@ -35,7 +35,7 @@ pub(crate) enum Intent {
 
 /// How an external snapshot's point leaves one disk's chain.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct DeletePlan {
+pub struct DeletePlan {
     pub snapshot: String,
     pub disk: String,
     pub method: DeleteMethod,
@@ -50,7 +50,7 @@ pub(crate) struct DeletePlan {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum DeleteMethod {
+pub enum DeleteMethod {
     /// Seed 003 method 1: commit the overlay into the frozen image.
     Commit,
     /// Seed 003 method 2: pull the frozen image into each child.
@@ -185,27 +185,27 @@ impl Intent {
 
     /// Writes (or replaces) the domain's intent record, naming this process
     /// as the one carrying the operation out.
-    pub(crate) fn write(&self, store: &Store, domain: &str) -> Result<()> {
+    pub fn write(&self, store: &Store, domain: &str) -> Result<()> {
         let mut root = self.to_element();
         ProcessId::this()?.set_attrs(&mut root, "owner");
         store.write_domain_file(domain, INTENT_FILE, &root.to_xml())
     }
 
     /// The domain's pending intent, if an operation was interrupted.
-    pub(crate) fn read(store: &Store, domain: &str) -> Result<Option<Intent>> {
+    pub fn read(store: &Store, domain: &str) -> Result<Option<Intent>> {
         read_root(store, domain)?.map(|root| Intent::from_element(&root)).transpose()
     }
 
     /// Whether the process that wrote the pending intent is known to be
     /// gone (a record without an owner names none).
-    pub(crate) fn owner_gone(store: &Store, domain: &str) -> Result<bool> {
+    pub fn owner_gone(store: &Store, domain: &str) -> Result<bool> {
         Ok(read_root(store, domain)?
             .and_then(|root| ProcessId::from_attrs(&root, "owner"))
             .is_some_and(|owner| owner.liveness() == Liveness::Gone))
     }
 
     /// Marks the operation done.
-    pub(crate) fn clear(store: &Store, domain: &str) -> Result<()> {
+    pub fn clear(store: &Store, domain: &str) -> Result<()> {
         store.write_domain_file(domain, INTENT_FILE, "")
     }
 }
