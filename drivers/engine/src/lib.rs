@@ -1,12 +1,14 @@
 //! strata-engine: what a snapshot or a block job means, whatever runs the
 //! domain. Drivers keep only what their hypervisor alone can do.
 //!
+//! - `blocking`: lock waits and tool runs off the async runtime.
 //! - `definitions`: persistent domain definitions in the store.
 //! - `records`: snapshot records and the current snapshot.
 //! - `graph`: which images a domain and its snapshots read or froze.
 //! - `intent`: the intent record that lets the next command finish or
 //!   undo a snapshot operation a crash interrupted.
 //! - `process`: processes a driver starts, recorded before they run.
+pub mod blocking;
 pub mod definitions;
 pub mod graph;
 pub mod intent;
