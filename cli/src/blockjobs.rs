@@ -10,8 +10,9 @@ use clap::Args;
 use strata_core::driver::{BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobOps, BlockJobState};
 use strata_core::options::{BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions};
 
-use crate::commands::{CommandFailure, BY_POSITION};
 use crate::output;
+use crate::shared::{read_document, CommandFailure};
+use crate::virsh_args::BY_POSITION;
 
 /// Options every job command shares.
 #[derive(Args, Debug, Clone)]
@@ -429,7 +430,7 @@ pub async fn blockcopy(jobs: &dyn BlockJobOps, a: CopyArgs) -> Result<String> {
 
 /// `--xml FILE`: the destination `<disk>`'s source and its `<driver type>`.
 fn dest_from_xml(file: &str) -> Result<(String, Option<String>)> {
-    let text = crate::commands::read_document(file)?;
+    let text = read_document(file)?;
     let el = strata_core::xml::Element::parse(&text)?;
     let kind = el.attr("type").unwrap_or("file");
     let source = strata_core::xml::parse_source(kind, el.child("source"))?

@@ -1,10 +1,13 @@
 //! The commands: parsed with clap, run against a connection, printed.
+//! This is the clap root and the dispatch, on top of the crate's modules:
+//! it uses the subcommand modules (`blockjobs`, `snapshots`, `pools`,
+//! `help`), and none of them uses it.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
-use clap::{ArgAction, Args, Parser, Subcommand};
+use anyhow::{anyhow, Result};
+use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
 use serde_json::json;
 use strata_core::chain::{Backing, Chain};
 use strata_core::driver::{Connection, DefineFlags, DiskSetOutcome, DumpXmlFlags, PinScope, StartFlags, UndefineFlags};
@@ -12,7 +15,9 @@ use strata_core::hostcpu::{format_cpulist, parse_cpulist};
 use strata_core::xml::Domain;
 
 use crate::output;
+use crate::shared::{format_timestamp, read_document, CommandFailure};
 use crate::table::format_table;
+use crate::virsh_args::BY_POSITION;
 
 /// Settings that apply to every command of one invocation.
 pub struct Session {
@@ -44,11 +49,6 @@ pub struct CommandLine {
     #[command(subcommand)]
     pub command: Command,
 }
-
-/// The heading of the options that, as in virsh, may also be given by
-/// position: bare words fill them in the order they are declared (see
-/// [`crate::virsh_args`]).
-pub const BY_POSITION: &str = "Options also given by position";
 
 /// A domain, given as `--domain NAME` or by position, as virsh allows.
 #[derive(Args, Debug, Clone)]
@@ -548,29 +548,6 @@ async fn watch_events(conn: &dyn Connection, args: EventArgs, json: bool) -> Res
     Ok(summary)
 }
 
-/// A command that failed with a virsh-style message of its own, after
-/// printing `output` (a partial report) on stdout. An empty message is a
-/// failure virsh reports by its status alone.
-#[derive(Debug)]
-pub struct CommandFailure {
-    pub message: String,
-    pub output: String,
-}
-
-impl CommandFailure {
-    fn new(message: String) -> CommandFailure {
-        CommandFailure { message, output: String::new() }
-    }
-}
-
-impl std::fmt::Display for CommandFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for CommandFailure {}
-
 /// Runs a block-job or snapshot command: the capability trait it needs,
 /// then the command, with an unknown domain reported as virsh does.
 macro_rules! with_ops {
@@ -1068,9 +1045,9 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
             }
         }
         Command::Help { command, json } => match command {
-            None => out = crate::help::overview(wants_json(json)),
+            None => out = crate::help::overview(&CommandLine::command(), wants_json(json)),
             Some(name) => {
-                out = crate::help::topic(&name)
+                out = crate::help::topic(&CommandLine::command(), &name)
                     .ok_or_else(|| CommandFailure::new(format!("command or command group '{name}' doesn't exist")))?
             }
         },
@@ -1104,12 +1081,6 @@ fn diskset_message(disk: &str, outcome: DiskSetOutcome) -> String {
 }
 
 /// virsh reports an unknown domain as "failed to get domain 'NAME'".
-/// An XML file a command reads (`define FILE`, `snapshot-create FILE`,
-/// `blockcopy --xml FILE`), within the limits on XML documents.
-pub(crate) fn read_document(file: &str) -> Result<String> {
-    strata_core::xml::read_document(std::path::Path::new(file)).with_context(|| format!("Failed to open file '{file}'"))
-}
-
 fn lookup_error(e: strata_core::Error, name: &str) -> anyhow::Error {
     if e.kind() == strata_core::ErrorKind::NoDomain {
         anyhow!(CommandFailure::new(format!("failed to get domain '{name}'")))
@@ -1193,34 +1164,3 @@ fn chain_tree_lines(chain: &Chain) -> Vec<String> {
 }
 
 const MAX_TREE_INDENT: usize = 8;
-
-/// `2026-11-23 17:50:22.877+0000`, as virsh prints event times (UTC).
-pub(crate) fn format_timestamp(us: i64) -> String {
-    let secs = us.div_euclid(1_000_000);
-    let millis = us.rem_euclid(1_000_000) / 1000;
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{millis:03}+0000", rem / 3600, (rem % 3600) / 60, rem % 60)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::format_timestamp;
-
-    #[test]
-    fn event_timestamps_read_like_virsh() {
-        assert_eq!(format_timestamp(1_795_456_222_877_000), "2026-11-23 17:50:22.877+0000");
-        assert_eq!(format_timestamp(0), "1970-01-01 00:00:00.000+0000");
-        assert_eq!(format_timestamp(951_782_400_000_000), "2000-02-29 00:00:00.000+0000");
-    }
-}

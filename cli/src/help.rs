@@ -6,10 +6,9 @@
 use std::any::TypeId;
 use std::fmt::Write as _;
 
-use clap::{Arg, CommandFactory};
+use clap::Arg;
 use serde_json::json;
 
-use crate::commands::CommandLine;
 use crate::virsh_args::by_position;
 
 /// virsh's command groups: (title, help keyword, commands).
@@ -93,9 +92,9 @@ const GROUPS: &[(&str, &str, &[&str])] = &[
 /// still shows).
 const OTHER_GROUP: &str = "Other";
 
-/// Every command's (name, group title, one-line description), by group.
-fn commands() -> Vec<(String, &'static str, String)> {
-    let root = CommandLine::command();
+/// Every command of `root` as (name, group title, one-line description),
+/// by group.
+fn commands(root: &clap::Command) -> Vec<(String, &'static str, String)> {
     let mut all: Vec<(String, &'static str, String)> = root
         .get_subcommands()
         .map(|c| {
@@ -117,9 +116,10 @@ fn about(cmd: &clap::Command) -> String {
 }
 
 /// `help` with no command: every group, as `virsh help` prints them; with
-/// `json`, the list of commands.
-pub fn overview(json: bool) -> String {
-    let all = commands();
+/// `json`, the list of commands. `root` is the command line that declares
+/// the commands.
+pub fn overview(root: &clap::Command, json: bool) -> String {
+    let all = commands(root);
     if json {
         let list: Vec<_> = all
             .iter()
@@ -153,12 +153,11 @@ fn group_text(title: &str, all: &[(String, &'static str, String)]) -> String {
 }
 
 /// `help NAME`: a command's help, or a group's commands by its keyword;
-/// None when NAME is neither.
-pub fn topic(name: &str) -> Option<String> {
+/// None when NAME is neither of `root`'s.
+pub fn topic(root: &clap::Command, name: &str) -> Option<String> {
     if let Some((title, _, _)) = GROUPS.iter().find(|(_, keyword, _)| *keyword == name) {
-        return Some(group_text(title, &commands()));
+        return Some(group_text(title, &commands(root)));
     }
-    let root = CommandLine::command();
     root.find_subcommand(name).map(command_help)
 }
 

@@ -11,6 +11,7 @@ mod commands;
 mod help;
 mod output;
 mod pools;
+mod shared;
 mod snapshots;
 mod table;
 mod tokenize;
@@ -19,9 +20,10 @@ mod virsh_args;
 use std::io::{BufRead, IsTerminal};
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
-use commands::{CommandFailure, CommandLine, Session};
+use commands::{CommandLine, Session};
+use shared::CommandFailure;
 
 // Link the built-in drivers so their registrations are present.
 use strata_qemu as _;
@@ -77,10 +79,11 @@ enum Parsed {
 /// [`virsh_args`]); a refusal is virsh's message for it.
 fn parse_words(words: &[String]) -> Result<Parsed, String> {
     let command = words.first().map(String::as_str).unwrap_or_default();
-    match CommandLine::try_parse_from(virsh_args::name_positional_words(words)) {
+    let root = CommandLine::command();
+    match CommandLine::try_parse_from(virsh_args::name_positional_words(&root, words)) {
         Ok(p) => Ok(Parsed::Run(p.command)),
         Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => {
-            Ok(Parsed::Help(help::topic(command).unwrap_or_else(|| e.to_string())))
+            Ok(Parsed::Help(help::topic(&root, command).unwrap_or_else(|| e.to_string())))
         }
         Err(e) => Err(parse_error_message(command, &e)),
     }
@@ -121,7 +124,7 @@ fn parse_error_message(command: &str, e: &clap::Error) -> String {
 /// `--domain <DOMAIN>`.
 fn virsh_option(command: &str, clap_arg: &str) -> String {
     let option = clap_arg.split_whitespace().next().unwrap_or(clap_arg);
-    let root = <CommandLine as clap::CommandFactory>::command();
+    let root = CommandLine::command();
     let by_position = root.find_subcommand(command).is_some_and(|cmd| {
         cmd.get_arguments().any(|a| virsh_args::by_position(a) && a.get_long() == option.strip_prefix("--"))
     });

@@ -16,8 +16,9 @@ use strata_core::pool::{parse_scaled, pool_xml_from_parts};
 use strata_core::xml::Element;
 use strata_core::ErrorKind;
 
-use crate::commands::BY_POSITION;
+use crate::shared::read_document;
 use crate::table::{format_fields, format_table};
+use crate::virsh_args::BY_POSITION;
 
 #[derive(Subcommand, Debug)]
 pub enum PoolCommand {
@@ -429,7 +430,7 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
         }
         PoolCommand::PoolDefine(a) => {
             let file = a.file;
-            let xml = crate::commands::read_document(&file)?;
+            let xml = read_document(&file)?;
             let name = pools
                 .pool_define_xml(&xml)
                 .await
@@ -642,7 +643,7 @@ pub async fn run(pools: &dyn StoragePoolOps, cmd: PoolCommand, global_json: bool
         }
         PoolCommand::VolCreate(a) => {
             let VolCreateArgs { pool, file } = a;
-            let xml = crate::commands::read_document(&file)?;
+            let xml = read_document(&file)?;
             let name = pools
                 .vol_create_xml(&pool, &xml)
                 .await

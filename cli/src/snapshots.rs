@@ -9,8 +9,9 @@ use strata_core::driver::{SnapshotOps, SnapshotSummary};
 use strata_core::options::{SnapshotCreateFlags, SnapshotDeleteFlags, SnapshotRevertFlags};
 use strata_core::xml::Element;
 
-use crate::commands::BY_POSITION;
+use crate::shared::{format_timestamp, read_document};
 use crate::table::format_table;
+use crate::virsh_args::BY_POSITION;
 
 #[derive(Args, Debug)]
 pub struct CreateArgs {
@@ -234,7 +235,7 @@ pub struct DeleteArgs {
 
 pub async fn create(snaps: &dyn SnapshotOps, a: CreateArgs) -> Result<String> {
     let (xml, from) = match &a.file {
-        Some(f) => (crate::commands::read_document(f)?, Some(f.clone())),
+        Some(f) => (read_document(f)?, Some(f.clone())),
         None => ("<domainsnapshot/>".to_string(), None),
     };
     let flags = SnapshotCreateFlags {
@@ -353,7 +354,7 @@ pub async fn create_as(snaps: &dyn SnapshotOps, a: CreateAsArgs) -> Result<Strin
 }
 
 fn format_time(secs: i64) -> String {
-    let stamp = crate::commands::format_timestamp(secs.saturating_mul(1_000_000));
+    let stamp = format_timestamp(secs.saturating_mul(1_000_000));
     // "2026-11-23 17:42:45 +0000", as snapshot-list prints it.
     format!("{} +0000", &stamp[..19])
 }

@@ -8,9 +8,11 @@
 //! that takes several words (`qemu-monitor-command`'s command) takes every
 //! bare word left.
 
-use clap::{Arg, ArgAction, CommandFactory};
+use clap::{Arg, ArgAction};
 
-use crate::commands::{CommandLine, BY_POSITION};
+/// The heading of the options that, as in virsh, may also be given by
+/// position: bare words fill them in the order they are declared.
+pub const BY_POSITION: &str = "Options also given by position";
 
 /// Whether `arg` may be given by position.
 pub fn by_position(arg: &Arg) -> bool {
@@ -24,11 +26,11 @@ fn option_named<'a>(cmd: &'a clap::Command, name: &str) -> Option<&'a Arg> {
 }
 
 /// `words` (a command and its options) with every bare word given as the
-/// option it fills, `--NAME=WORD`, for clap. Bare words left over stay as
-/// they are, for clap to refuse as virsh does ("unexpected data").
-pub fn name_positional_words(words: &[String]) -> Vec<String> {
+/// option it fills, `--NAME=WORD`, for clap, whose command line `root`
+/// declares the commands. Bare words left over stay as they are, for clap
+/// to refuse as virsh does ("unexpected data").
+pub fn name_positional_words(root: &clap::Command, words: &[String]) -> Vec<String> {
     let Some((command, rest)) = words.split_first() else { return Vec::new() };
-    let root = CommandLine::command();
     let Some(cmd) = root.find_subcommand(command) else { return words.to_vec() };
     let slots: Vec<&Arg> = cmd.get_arguments().filter(|a| by_position(a)).collect();
     let mut given = vec![false; slots.len()];
@@ -81,10 +83,16 @@ fn mark_given(slots: &[&Arg], given: &mut [bool], long: &str) {
 
 #[cfg(test)]
 mod tests {
-    use super::name_positional_words;
+    use clap::CommandFactory;
+
+    use crate::commands::CommandLine;
 
     fn words(line: &str) -> Vec<String> {
         line.split_whitespace().map(str::to_string).collect()
+    }
+
+    fn name_positional_words(words: &[String]) -> Vec<String> {
+        super::name_positional_words(&CommandLine::command(), words)
     }
 
     #[test]
