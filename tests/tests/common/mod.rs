@@ -408,24 +408,21 @@ fn run_tool(tool: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Makes `names[0]` (base) ← `names[1]` ← … in `dir`, qcow2 with relative
-/// backing names and recorded formats, 64 MiB, layer i holding pattern
-/// 0x11*(i+1) in MiB i. Returns the paths, base first.
+/// The path of `relative` in the workspace's `fixtures/`.
+pub fn fixture(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures").join(relative)
+}
+
+/// Makes `names[0]` (base) ← `names[1]` ← … in `dir` with
+/// `fixtures/images/make-chain`: qcow2 with relative backing names and
+/// recorded formats, 64 MiB, layer i holding pattern 0x11*(i+1) in MiB i.
+/// Returns the paths, base first.
 pub fn make_chain(dir: &Path, names: &[&str]) -> Vec<PathBuf> {
-    let mut paths = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let path = dir.join(name);
-        let p = path.to_str().expect("utf8");
-        if i == 0 {
-            qemu_img(&["create", "-q", "-f", "qcow2", p, "64M"]);
-        } else {
-            qemu_img(&["create", "-q", "-f", "qcow2", "-b", names[i - 1], "-F", "qcow2", p]);
-        }
-        let pattern = format!("write -P {:#x} {}M 1M", 0x11 * (i + 1) as u32, i);
-        qemu_io(&["-f", "qcow2", "-c", &pattern, p]);
-        paths.push(path);
-    }
-    paths
+    let script = fixture("images/make-chain");
+    let mut args = vec![dir.to_str().expect("utf8")];
+    args.extend_from_slice(names);
+    run_tool(script.to_str().expect("utf8"), &args);
+    names.iter().map(|name| dir.join(name)).collect()
 }
 
 /// The domain type these tests run: `kvm` when /dev/kvm opens, else `qemu`.
@@ -447,23 +444,28 @@ pub struct DiskSpec<'a> {
     pub extra: &'a str,
 }
 
-/// A minimal bootable-nothing domain with the given disks and some devices
-/// Strata does not model (they must survive every rewrite).
+/// `fixtures/domains/minimal.xml`: a bootable-nothing domain whose disks
+/// replace its `@DISKS@` line, with some devices Strata does not model
+/// (they must survive every rewrite).
+const MINIMAL_DOMAIN: &str = include_str!("../../../fixtures/domains/minimal.xml");
+
+/// `fixtures/domains/file-disk.xml`: one file-backed virtio `<disk>`.
+const FILE_DISK: &str = include_str!("../../../fixtures/domains/file-disk.xml");
+
+/// The minimal domain of `fixtures/domains/` named `name`, of
+/// [`domain_type`], with the given disks.
 pub fn domain_xml(name: &str, disks: &[DiskSpec]) -> String {
-    let mut devices = String::new();
-    for d in disks {
-        devices.push_str(&format!(
-            "    <disk type='file' device='disk'>\n      <driver name='qemu' type='{}'/>\n      <source file='{}'/>\n{}      <target dev='{}' bus='virtio'/>\n    </disk>\n",
-            d.format,
-            d.path.display(),
-            d.extra,
-            d.target
-        ));
-    }
-    format!(
-        "<domain type='{}'>\n  <name>{name}</name>\n  <memory unit='MiB'>128</memory>\n  <vcpu placement='static'>1</vcpu>\n  <os>\n    <type arch='x86_64' machine='q35'>hvm</type>\n  </os>\n  <cpu mode='custom' match='exact'>\n    <model fallback='allow'>qemu64</model>\n  </cpu>\n  <on_poweroff>destroy</on_poweroff>\n  <devices>\n{devices}    <graphics type='vnc' port='-1' autoport='yes'/>\n    <memballoon model='none'/>\n  </devices>\n</domain>\n",
-        domain_type()
-    )
+    let devices: String = disks
+        .iter()
+        .map(|d| {
+            FILE_DISK
+                .replace("@FORMAT@", d.format)
+                .replace("@PATH@", &d.path.display().to_string())
+                .replace("@TARGET@", d.target)
+                .replace("@EXTRA@\n", d.extra)
+        })
+        .collect();
+    MINIMAL_DOMAIN.replace("@TYPE@", domain_type()).replace("@NAME@", name).replace("@DISKS@\n", &devices)
 }
 
 /// A `<disk type='nvme'>` (target vdf) as libvirt's schema has it.
