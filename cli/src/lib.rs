@@ -25,7 +25,9 @@ use clap::{CommandFactory, Parser};
 use commands::{CommandLine, Session};
 use shared::CommandFailure;
 
-// Link the built-in drivers so their registrations are present.
+// Link the built-in drivers so their registrations are present; each is a
+// Cargo feature named after its scheme.
+#[cfg(feature = "qemu")]
 use strata_qemu as _;
 
 #[derive(Parser, Debug)]
