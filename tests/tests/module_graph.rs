@@ -6,6 +6,9 @@
 //! not count either. The crate root (`lib.rs`, else `main.rs`) is a module
 //! like the others, named `lib` (or `main`): `crate::Item` for an item it
 //! defines is a reference to it.
+//!
+//! And the CLI library links a driver only through the Cargo feature named
+//! after its scheme, so that an embedder can leave every driver out.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -390,6 +393,34 @@ fn cli_modules_depend_one_way() {
 #[ignore = "drivers/qemu has module cycles (jobs <-> live, jobs <-> snapshots, ...) until the engine move of issue 10 lands; enable this test then"]
 fn qemu_driver_modules_depend_one_way() {
     assert_no_module_cycles(&workspace_dir("drivers/qemu/src"));
+}
+
+/// The workspace crates under `drivers/` that `cargo tree` lists as
+/// direct normal dependencies of strata-cli, given `features` flags.
+fn cli_driver_dependencies(features: &[&str]) -> Vec<String> {
+    let workspace = workspace_dir("").canonicalize().expect("workspace dir");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let out = std::process::Command::new(cargo)
+        .args(["tree", "-p", "strata-cli", "-e", "normal", "--depth", "1", "--offline"])
+        .args(features)
+        .current_dir(&workspace)
+        .output()
+        .expect("run cargo tree");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "cargo tree failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    let drivers = format!("({}/", workspace.join("drivers").display());
+    text.lines()
+        .filter(|line| line.contains(&drivers))
+        .map(|line| line.trim_start_matches(['├', '└', '─', ' ']).to_string())
+        .collect()
+}
+
+#[test]
+fn cli_links_drivers_only_through_their_features() {
+    assert_eq!(cli_driver_dependencies(&["--no-default-features"]), Vec::<String>::new());
+    let default = cli_driver_dependencies(&[]);
+    assert!(default.iter().any(|d| d.starts_with("strata-qemu ")), "{default:?}");
+    assert_eq!(cli_driver_dependencies(&["--no-default-features", "--features", "qemu"]), default);
 }
 
 #[test]
