@@ -469,33 +469,14 @@ pub fn domain_xml(name: &str, disks: &[DiskSpec]) -> String {
 }
 
 /// A `<disk type='nvme'>` (target vdf) as libvirt's schema has it.
-pub const NVME_DISK: &str = "    <disk type='nvme' device='disk'>
-      <driver name='qemu' type='raw'/>
-      <source type='pci' managed='yes' namespace='1'>
-        <address domain='0x0000' bus='0x01' slot='0x00' function='0x0'/>
-      </source>
-      <target dev='vdf' bus='virtio'/>
-    </disk>
-";
+pub const NVME_DISK: &str = include_str!("../../../fixtures/domains/nvme-disk.xml");
 
 /// A `<disk type='vhostuser'>` (target vdg) as libvirt's schema has it.
-pub const VHOSTUSER_DISK: &str = "    <disk type='vhostuser' device='disk'>
-      <driver name='qemu' type='raw'/>
-      <source type='unix' path='/run/vhost-blk.sock'>
-        <reconnect enabled='yes' timeout='10'/>
-      </source>
-      <target dev='vdg' bus='virtio'/>
-    </disk>
-";
+pub const VHOSTUSER_DISK: &str = include_str!("../../../fixtures/domains/vhostuser-disk.xml");
 
 /// A `<disk type='vhostvdpa'>` (target vdh): libvirt 9.8 added the type to
 /// its schema, so the 9.0 `virt-xml-validate` here refuses it.
-pub const VHOSTVDPA_DISK: &str = "    <disk type='vhostvdpa' device='disk'>
-      <driver name='qemu' type='raw' cache='none' io='threads'/>
-      <source dev='/dev/vhost-vdpa-0'/>
-      <target dev='vdh' bus='virtio'/>
-    </disk>
-";
+pub const VHOSTVDPA_DISK: &str = include_str!("../../../fixtures/domains/vhostvdpa-disk.xml");
 
 /// Validates an XML document Strata emitted against libvirt's schemas,
 /// after removing Strata's documented extensions (docs/xml.md).
