@@ -7,192 +7,119 @@
 use std::fmt;
 use std::path::Path;
 
-/// What went wrong, in a form callers can match on.
-///
-/// The numeric code ([`ErrorKind::code`]) is libvirt's `virErrorNumber` where
-/// one exists; Strata-only kinds use codes from 1000 up.
-#[non_exhaustive]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ErrorKind {
+use serde::{Deserialize, Serialize};
+
+/// Declares [`ErrorKind`] from one table, so that no kind can lack a code,
+/// a stable name or a prefix, and [`ALL_KINDS`] lists every kind.
+macro_rules! error_kinds {
+    ($($(#[$doc:meta])* $kind:ident = $code:literal, $name:literal, $prefix:literal;)+) => {
+        /// What went wrong, in a form callers can match on.
+        ///
+        /// The numeric code ([`ErrorKind::code`]) is libvirt's `virErrorNumber` where
+        /// one exists; Strata-only kinds use codes from 1000 up.
+        #[non_exhaustive]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum ErrorKind {
+            $($(#[$doc])* $kind,)+
+        }
+
+        impl ErrorKind {
+            /// libvirt's error number where one exists, otherwise a Strata code ≥ 1000.
+            pub fn code(self) -> i32 {
+                match self {
+                    $(ErrorKind::$kind => $code,)+
+                }
+            }
+
+            /// A stable identifier for scripts (`--json` error output) and
+            /// for the plugin boundary ([`ErrorPayload::kind`]).
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(ErrorKind::$kind => $name,)+
+                }
+            }
+
+            /// libvirt's standard prefix text for the kind, as virsh prints it.
+            pub fn prefix(self) -> &'static str {
+                match self {
+                    $(ErrorKind::$kind => $prefix,)+
+                }
+            }
+        }
+
+        /// Every kind, in the order declared.
+        pub const ALL_KINDS: &[ErrorKind] = &[$(ErrorKind::$kind),+];
+    };
+}
+
+error_kinds! {
     /// VIR_ERR_INTERNAL_ERROR
-    Internal,
+    Internal = 1, "internal-error", "internal error";
     /// VIR_ERR_NO_SUPPORT: the driver lacks this capability.
-    NoSupport,
+    NoSupport = 3, "no-support", "this function is not supported by the connection driver";
     /// VIR_ERR_NO_CONNECT: no driver for the URI.
-    NoConnect,
+    NoConnect = 5, "no-connect", "no connection driver available";
     /// VIR_ERR_INVALID_ARG
-    InvalidArg,
+    InvalidArg = 8, "invalid-arg", "invalid argument";
     /// VIR_ERR_OPERATION_FAILED
-    OperationFailed,
+    OperationFailed = 9, "operation-failed", "operation failed";
     /// VIR_ERR_XML_ERROR
-    XmlError,
+    XmlError = 27, "xml-error", "XML error";
     /// VIR_ERR_SYSTEM_ERROR: an I/O or OS call failed.
-    System,
+    System = 38, "system-error", "system error";
     /// VIR_ERR_NO_DOMAIN
-    NoDomain,
+    NoDomain = 42, "no-domain", "Domain not found";
     /// VIR_ERR_OPERATION_INVALID
-    OperationInvalid,
+    OperationInvalid = 55, "operation-invalid", "Requested operation is not valid";
     /// VIR_ERR_CONFIG_UNSUPPORTED
-    ConfigUnsupported,
+    ConfigUnsupported = 67, "config-unsupported", "unsupported configuration";
     /// VIR_ERR_OPERATION_TIMEOUT
-    OperationTimeout,
+    OperationTimeout = 68, "operation-timeout", "Timed out during operation";
     /// VIR_ERR_NO_DOMAIN_SNAPSHOT
-    NoDomainSnapshot,
+    NoDomainSnapshot = 72, "no-domain-snapshot", "Domain snapshot not found";
     /// VIR_ERR_ARGUMENT_UNSUPPORTED
-    ArgumentUnsupported,
+    ArgumentUnsupported = 74, "argument-unsupported", "argument unsupported";
     /// VIR_ERR_STORAGE_PROBE_FAILED: an image header is unusable or unsafe to follow.
-    StorageProbeFailed,
+    StorageProbeFailed = 75, "storage-probe-failed", "Storage probe failed";
     /// VIR_ERR_OPERATION_ABORTED
-    OperationAborted,
+    OperationAborted = 78, "operation-aborted", "operation aborted";
     /// VIR_ERR_BLOCK_COPY_ACTIVE
-    BlockCopyActive,
+    BlockCopyActive = 83, "block-copy-active", "block copy still active";
     /// VIR_ERR_OPERATION_UNSUPPORTED
-    OperationUnsupported,
+    OperationUnsupported = 84, "operation-unsupported", "Operation not supported";
     /// VIR_ERR_XML_INVALID_SCHEMA
-    XmlInvalidSchema,
+    XmlInvalidSchema = 92, "xml-invalid-schema", "XML document failed to validate against schema";
     /// VIR_ERR_DOM_EXIST: a domain with this name or UUID already exists.
-    DomainExists,
+    DomainExists = 28, "domain-exists", "operation failed";
     /// VIR_ERR_NO_STORAGE_POOL
-    NoStoragePool,
+    NoStoragePool = 49, "no-storage-pool", "Storage pool not found";
     /// VIR_ERR_NO_STORAGE_VOL
-    NoStorageVol,
+    NoStorageVol = 50, "no-storage-vol", "Storage volume not found";
     /// VIR_ERR_STORAGE_VOL_EXIST: a volume of this name is already in the pool.
-    StorageVolExists,
+    StorageVolExists = 90, "storage-vol-exists", "storage volume already exists";
     /// A backing chain refers back to one of its own layers.
-    BackingChainCycle,
+    BackingChainCycle = 1000, "backing-chain-cycle", "backing chain cycle";
     /// The recorded backing chain and the image files disagree.
-    ChainMismatch,
+    ChainMismatch = 1001, "chain-mismatch", "backing chain mismatch";
     /// The state store is from a newer Strata or otherwise unreadable.
-    StoreFormat,
+    StoreFormat = 1002, "store-format", "state store error";
 }
 
 impl ErrorKind {
-    /// libvirt's error number where one exists, otherwise a Strata code ≥ 1000.
-    pub fn code(self) -> i32 {
-        match self {
-            ErrorKind::Internal => 1,
-            ErrorKind::NoSupport => 3,
-            ErrorKind::NoConnect => 5,
-            ErrorKind::InvalidArg => 8,
-            ErrorKind::OperationFailed => 9,
-            ErrorKind::XmlError => 27,
-            ErrorKind::System => 38,
-            ErrorKind::NoDomain => 42,
-            ErrorKind::DomainExists => 28,
-            ErrorKind::NoStoragePool => 49,
-            ErrorKind::NoStorageVol => 50,
-            ErrorKind::StorageVolExists => 90,
-            ErrorKind::OperationInvalid => 55,
-            ErrorKind::ConfigUnsupported => 67,
-            ErrorKind::OperationTimeout => 68,
-            ErrorKind::NoDomainSnapshot => 72,
-            ErrorKind::ArgumentUnsupported => 74,
-            ErrorKind::StorageProbeFailed => 75,
-            ErrorKind::OperationAborted => 78,
-            ErrorKind::BlockCopyActive => 83,
-            ErrorKind::OperationUnsupported => 84,
-            ErrorKind::XmlInvalidSchema => 92,
-            ErrorKind::BackingChainCycle => 1000,
-            ErrorKind::ChainMismatch => 1001,
-            ErrorKind::StoreFormat => 1002,
-        }
-    }
-
     /// The kind for a code produced by [`ErrorKind::code`] (used at the plugin boundary).
     pub fn from_code(code: i32) -> ErrorKind {
-        ALL_KINDS.iter().copied().find(|k| k.code() == code).unwrap_or(ErrorKind::Internal)
+        ErrorKind::with_code(code).unwrap_or(ErrorKind::Internal)
     }
 
-    /// A stable identifier for scripts (`--json` error output).
-    pub fn name(self) -> &'static str {
-        match self {
-            ErrorKind::Internal => "internal-error",
-            ErrorKind::NoSupport => "no-support",
-            ErrorKind::NoConnect => "no-connect",
-            ErrorKind::InvalidArg => "invalid-arg",
-            ErrorKind::OperationFailed => "operation-failed",
-            ErrorKind::XmlError => "xml-error",
-            ErrorKind::System => "system-error",
-            ErrorKind::NoDomain => "no-domain",
-            ErrorKind::DomainExists => "domain-exists",
-            ErrorKind::NoStoragePool => "no-storage-pool",
-            ErrorKind::NoStorageVol => "no-storage-vol",
-            ErrorKind::StorageVolExists => "storage-vol-exists",
-            ErrorKind::OperationInvalid => "operation-invalid",
-            ErrorKind::ConfigUnsupported => "config-unsupported",
-            ErrorKind::OperationTimeout => "operation-timeout",
-            ErrorKind::NoDomainSnapshot => "no-domain-snapshot",
-            ErrorKind::ArgumentUnsupported => "argument-unsupported",
-            ErrorKind::StorageProbeFailed => "storage-probe-failed",
-            ErrorKind::OperationAborted => "operation-aborted",
-            ErrorKind::BlockCopyActive => "block-copy-active",
-            ErrorKind::OperationUnsupported => "operation-unsupported",
-            ErrorKind::XmlInvalidSchema => "xml-invalid-schema",
-            ErrorKind::BackingChainCycle => "backing-chain-cycle",
-            ErrorKind::ChainMismatch => "chain-mismatch",
-            ErrorKind::StoreFormat => "store-format",
-        }
+    fn with_code(code: i32) -> Option<ErrorKind> {
+        ALL_KINDS.iter().copied().find(|k| k.code() == code)
     }
 
-    /// libvirt's standard prefix text for the kind, as virsh prints it.
-    pub fn prefix(self) -> &'static str {
-        match self {
-            ErrorKind::Internal => "internal error",
-            ErrorKind::NoSupport => "this function is not supported by the connection driver",
-            ErrorKind::NoConnect => "no connection driver available",
-            ErrorKind::InvalidArg => "invalid argument",
-            ErrorKind::OperationFailed => "operation failed",
-            ErrorKind::XmlError => "XML error",
-            ErrorKind::System => "system error",
-            ErrorKind::NoDomain => "Domain not found",
-            ErrorKind::DomainExists => "operation failed",
-            ErrorKind::NoStoragePool => "Storage pool not found",
-            ErrorKind::NoStorageVol => "Storage volume not found",
-            ErrorKind::StorageVolExists => "storage volume already exists",
-            ErrorKind::OperationInvalid => "Requested operation is not valid",
-            ErrorKind::ConfigUnsupported => "unsupported configuration",
-            ErrorKind::OperationTimeout => "Timed out during operation",
-            ErrorKind::NoDomainSnapshot => "Domain snapshot not found",
-            ErrorKind::ArgumentUnsupported => "argument unsupported",
-            ErrorKind::StorageProbeFailed => "Storage probe failed",
-            ErrorKind::OperationAborted => "operation aborted",
-            ErrorKind::BlockCopyActive => "block copy still active",
-            ErrorKind::OperationUnsupported => "Operation not supported",
-            ErrorKind::XmlInvalidSchema => "XML document failed to validate against schema",
-            ErrorKind::BackingChainCycle => "backing chain cycle",
-            ErrorKind::ChainMismatch => "backing chain mismatch",
-            ErrorKind::StoreFormat => "state store error",
-        }
+    /// The kind a [`ErrorKind::name`] stands for.
+    pub fn from_name(name: &str) -> Option<ErrorKind> {
+        ALL_KINDS.iter().copied().find(|k| k.name() == name)
     }
 }
-
-const ALL_KINDS: &[ErrorKind] = &[
-    ErrorKind::Internal,
-    ErrorKind::NoSupport,
-    ErrorKind::NoConnect,
-    ErrorKind::InvalidArg,
-    ErrorKind::OperationFailed,
-    ErrorKind::XmlError,
-    ErrorKind::System,
-    ErrorKind::NoDomain,
-    ErrorKind::DomainExists,
-    ErrorKind::NoStoragePool,
-    ErrorKind::NoStorageVol,
-    ErrorKind::StorageVolExists,
-    ErrorKind::OperationInvalid,
-    ErrorKind::ConfigUnsupported,
-    ErrorKind::OperationTimeout,
-    ErrorKind::NoDomainSnapshot,
-    ErrorKind::ArgumentUnsupported,
-    ErrorKind::StorageProbeFailed,
-    ErrorKind::OperationAborted,
-    ErrorKind::BlockCopyActive,
-    ErrorKind::OperationUnsupported,
-    ErrorKind::XmlInvalidSchema,
-    ErrorKind::BackingChainCycle,
-    ErrorKind::ChainMismatch,
-    ErrorKind::StoreFormat,
-];
 
 impl fmt::Display for ErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -262,6 +189,43 @@ impl Error {
     pub fn context(mut self, context: impl fmt::Display) -> Self {
         self.message = format!("{context}: {}", self.message);
         self
+    }
+}
+
+/// An error as plain data, for the plugin boundary: the kind's stable name
+/// ([`ErrorKind::name`]), its code (libvirt's number where it has one) and
+/// the message with its causes ([`Error::detail`]), without the kind's
+/// prefix. Converting back gives an error that reports the same line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorPayload {
+    pub kind: String,
+    pub code: i32,
+    pub message: String,
+}
+
+impl From<&Error> for ErrorPayload {
+    fn from(err: &Error) -> Self {
+        ErrorPayload { kind: err.kind.name().to_string(), code: err.kind.code(), message: err.detail() }
+    }
+}
+
+impl From<Error> for ErrorPayload {
+    fn from(err: Error) -> Self {
+        ErrorPayload::from(&err)
+    }
+}
+
+impl From<ErrorPayload> for Error {
+    /// The kind is found by name, else by code (a newer peer's kind that
+    /// carries a libvirt number); a payload naming neither is an internal
+    /// error whose message keeps what the peer sent.
+    fn from(payload: ErrorPayload) -> Self {
+        match ErrorKind::from_name(&payload.kind).or_else(|| ErrorKind::with_code(payload.code)) {
+            Some(kind) => Error::new(kind, payload.message),
+            None => {
+                Error::internal(format!("{} (error kind '{}', code {})", payload.message, payload.kind, payload.code))
+            }
+        }
     }
 }
 
@@ -350,6 +314,42 @@ mod tests {
         }
         let strata_only = ALL_KINDS.iter().filter(|k| k.code() >= 1000).count();
         assert_eq!(libvirt.len() + strata_only, ALL_KINDS.len(), "a kind is neither libvirt's nor Strata's own");
+    }
+
+    /// Every kind (ALL_KINDS is generated from the same table as the
+    /// enum, so a new kind is in it and has a name and a code) crosses the
+    /// plugin boundary as a payload and comes back as itself.
+    #[test]
+    fn every_kind_round_trips_through_its_payload() {
+        for kind in ALL_KINDS {
+            let payload = ErrorPayload::from(Error::new(*kind, "the message"));
+            assert_eq!((payload.kind.as_str(), payload.code), (kind.name(), kind.code()));
+            let json = serde_json::to_string(&payload).expect("a payload encodes");
+            let decoded: ErrorPayload = serde_json::from_str(&json).expect("a payload decodes");
+            assert_eq!(decoded, payload);
+            let back = Error::from(decoded);
+            assert_eq!((back.kind(), back.message()), (*kind, "the message"), "{kind:?} via {json}");
+        }
+        let mut names: Vec<&str> = ALL_KINDS.iter().map(|k| k.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ALL_KINDS.len(), "two kinds share a name");
+    }
+
+    #[test]
+    fn a_payload_keeps_the_cause_and_an_unknown_kind_is_kept_in_the_message() {
+        let missing = std::io::Error::from_raw_os_error(libc::ENOENT);
+        let original = Error::io("open", Path::new("/no/such"), missing);
+        let payload = ErrorPayload::from(&original);
+        assert_eq!(payload.message, "cannot open '/no/such': No such file or directory");
+        assert_eq!(Error::from(payload).report(), original.report());
+
+        let by_code = ErrorPayload { kind: "a-newer-kind".into(), code: 42, message: "gone".into() };
+        assert_eq!(Error::from(by_code).kind(), ErrorKind::NoDomain);
+        let unknown = ErrorPayload { kind: "a-newer-kind".into(), code: 4242, message: "odd".into() };
+        let err = Error::from(unknown);
+        assert_eq!(err.kind(), ErrorKind::Internal);
+        assert_eq!(err.message(), "odd (error kind 'a-newer-kind', code 4242)");
     }
 
     #[test]
