@@ -7,21 +7,21 @@
 //! can sit behind a C-ABI plugin boundary.
 
 use async_trait::async_trait;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::chain::ChainDifference;
 use crate::error::{Error, Result};
 use crate::hostcpu::{HostCpuMap, NodeInfo};
 use crate::options::{
-    BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions, SnapshotCreateFlags,
-    SnapshotDeleteFlags, SnapshotRevertFlags,
+    wire_flags, BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions, SnapshotCreateFlags,
+    SnapshotDeleteFlags, SnapshotRevertFlags, STRATA_FLAGS,
 };
 use crate::pool::PoolManager;
 use crate::store::Store;
 use crate::xml::Domain;
 
 /// virsh's domain states.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DomainState {
     NoState,
@@ -59,7 +59,7 @@ impl DomainState {
 }
 
 /// One row of `list`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomainSummary {
     pub id: Option<u32>,
     pub name: String,
@@ -75,7 +75,7 @@ pub struct DomainSummary {
 }
 
 /// What `dominfo` shows.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomainInfo {
     #[serde(flatten)]
     pub summary: DomainSummary,
@@ -88,7 +88,7 @@ pub struct DomainInfo {
 }
 
 /// An event as `strata event` prints it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomainEvent {
     pub domain: String,
     /// `block-job` or `lifecycle`.
@@ -102,7 +102,7 @@ pub struct DomainEvent {
 }
 
 /// One virtual CPU of a running domain, as `vcpuinfo` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VcpuInfo {
     pub number: u32,
     /// The host CPU it last ran on.
@@ -116,21 +116,27 @@ pub struct VcpuInfo {
 }
 
 /// Flags for [`Connection::define_xml`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "u32", try_from = "u32")]
 pub struct DefineFlags {
     /// Probe every disk's chain even when the XML gives one, and refuse a mismatch.
     pub validate: bool,
 }
 
+wire_flags!(DefineFlags as u32 {
+    validate = 1 << 0, // VIR_DOMAIN_DEFINE_VALIDATE
+});
+
 /// The result of a define: the domain's name and anything the user should know.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DefineOutcome {
     pub name: String,
     pub warnings: Vec<String>,
 }
 
 /// Flags for [`Connection::dump_xml`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "u32", try_from = "u32")]
 pub struct DumpXmlFlags {
     /// The persistent definition even while the domain runs.
     pub inactive: bool,
@@ -138,28 +144,43 @@ pub struct DumpXmlFlags {
     pub refresh_chain: bool,
 }
 
+wire_flags!(DumpXmlFlags as u32 {
+    inactive = 1 << 1, // VIR_DOMAIN_XML_INACTIVE
+    refresh_chain = STRATA_FLAGS, // --refresh-chain, Strata's own
+});
+
 /// Flags for [`Connection::undefine`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "u32", try_from = "u32")]
 pub struct UndefineFlags {
     /// Also remove the domain's snapshot records (their images stay).
     pub snapshots_metadata: bool,
 }
 
+wire_flags!(UndefineFlags as u32 {
+    snapshots_metadata = 1 << 1, // VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+});
+
 /// Flags for [`Connection::start`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "u32", try_from = "u32")]
 pub struct StartFlags {
     pub paused: bool,
 }
 
+wire_flags!(StartFlags as u32 {
+    paused = 1 << 0, // VIR_DOMAIN_START_PAUSED
+});
+
 /// The result of a start: anything the user should know, such as each
 /// element of the definition the driver does not act on.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StartOutcome {
     pub warnings: Vec<String>,
 }
 
 /// `domblkcheck`'s findings for one disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskChainCheck {
     pub disk: String,
     pub differences: Vec<ChainDifference>,
@@ -295,7 +316,7 @@ fn not_supported_by(driver: &str, what: &str) -> Error {
 }
 
 /// One snapshot in a listing.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotSummary {
     pub name: String,
     pub parent: Option<String>,
@@ -322,7 +343,7 @@ pub trait SnapshotOps: Send + Sync {
 }
 
 /// The four block jobs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BlockJobKind {
     Pull,
@@ -364,7 +385,7 @@ impl BlockJobKind {
 }
 
 /// A block job as `blockjob --info` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockJobInfo {
     pub kind: BlockJobKind,
     pub disk: String,
@@ -376,7 +397,7 @@ pub struct BlockJobInfo {
 }
 
 /// How a block job ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "outcome", content = "error")]
 pub enum BlockJobEnd {
     /// Finished: for copy and active commit, after a pivot.
@@ -388,7 +409,7 @@ pub enum BlockJobEnd {
 }
 
 /// What [`BlockJobOps::block_job_wait`] saw.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "state")]
 pub enum BlockJobState {
     Running(BlockJobInfo),
@@ -449,14 +470,21 @@ pub trait CpuPlacementOps: Send + Sync {
 /// Which definition `vcpupin`/`emulatorpin` read or change: virsh's
 /// `--live` (the running domain) and `--config` (the persistent
 /// definition); neither is `--current`, the running domain when it runs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "u32", try_from = "u32")]
 pub struct PinScope {
     pub live: bool,
     pub config: bool,
 }
 
+// virDomainModificationImpact: neither bit is VIR_DOMAIN_AFFECT_CURRENT.
+wire_flags!(PinScope as u32 {
+    live = 1 << 0,   // VIR_DOMAIN_AFFECT_LIVE
+    config = 1 << 1, // VIR_DOMAIN_AFFECT_CONFIG
+});
+
 /// Seed 004's outcomes for adding or removing one disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DiskSetOutcome {
     Added,
@@ -482,7 +510,7 @@ pub trait DiskSetOps: Send + Sync {
 }
 
 /// A storage pool's state as virsh names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PoolState {
     Inactive,
@@ -490,7 +518,7 @@ pub enum PoolState {
 }
 
 /// A storage pool as `pool-list` and `pool-info` show it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolInfo {
     pub name: String,
     pub uuid: String,
@@ -509,7 +537,7 @@ pub struct PoolInfo {
 }
 
 /// A volume as `vol-list --details` and `vol-info` show it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeInfo {
     pub name: String,
     pub pool: String,
@@ -526,7 +554,8 @@ pub struct VolumeInfo {
 }
 
 /// Flags for [`StoragePoolOps::pool_build`] (an `fs` pool's device).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "u32", try_from = "u32")]
 pub struct PoolBuildFlags {
     /// Make a new filesystem on the device even if it holds one.
     pub overwrite: bool,
@@ -534,14 +563,25 @@ pub struct PoolBuildFlags {
     pub no_overwrite: bool,
 }
 
+wire_flags!(PoolBuildFlags as u32 {
+    no_overwrite = 1 << 2, // VIR_STORAGE_POOL_BUILD_NO_OVERWRITE
+    overwrite = 1 << 3,    // VIR_STORAGE_POOL_BUILD_OVERWRITE
+});
+
 /// Flags for [`StoragePoolOps::vol_resize`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "u32", try_from = "u32")]
 pub struct VolumeResizeFlags {
     /// The size is added to the current capacity.
     pub delta: bool,
     /// The volume may become smaller (its data past the new end is lost).
     pub shrink: bool,
 }
+
+wire_flags!(VolumeResizeFlags as u32 {
+    delta = 1 << 1,  // VIR_STORAGE_VOL_RESIZE_DELTA
+    shrink = 1 << 2, // VIR_STORAGE_VOL_RESIZE_SHRINK
+});
 
 /// Storage pools and their volumes, as virsh's `pool-*` and `vol-*`
 /// commands use them. A volume is named by its pool and name; where the

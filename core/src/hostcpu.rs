@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
@@ -94,8 +94,10 @@ impl HostCpus for FixedHostCpus {
     }
 }
 
-/// The host's CPUs: present ones and, among them, online ones.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The host's CPUs: present ones and, among them, online ones. Its serde
+/// form is the two lists; one read back must hold that shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "CpuLists")]
 pub struct HostCpuMap {
     present: Vec<u32>,
     online: Vec<u32>,
@@ -158,8 +160,31 @@ impl HostCpuMap {
     }
 }
 
+/// [`HostCpuMap`] as read from elsewhere (a plugin's reply), not yet checked.
+#[derive(Deserialize)]
+struct CpuLists {
+    present: Vec<u32>,
+    online: Vec<u32>,
+}
+
+impl TryFrom<CpuLists> for HostCpuMap {
+    type Error = Error;
+    /// Holds the invariants [`HostCpuMap::read`] gives: some CPU present,
+    /// both lists ascending without repeats, every online CPU present.
+    fn try_from(lists: CpuLists) -> Result<HostCpuMap> {
+        let ascending = |cpus: &[u32]| cpus.windows(2).all(|pair| pair[0] < pair[1]);
+        if lists.present.is_empty() || !ascending(&lists.present) || !ascending(&lists.online) {
+            return Err(Error::invalid_arg("host CPU lists must be ascending, with some CPU present"));
+        }
+        if let Some(cpu) = lists.online.iter().find(|cpu| lists.present.binary_search(cpu).is_err()) {
+            return Err(Error::invalid_arg(format!("host CPU {cpu} is listed online but not present")));
+        }
+        Ok(HostCpuMap { present: lists.present, online: lists.online })
+    }
+}
+
 /// What `nodeinfo` reports of the host, as libvirt's `virNodeInfo`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
     /// The host's architecture (`x86_64`), as libvirt names its model.
     pub model: String,
@@ -300,6 +325,8 @@ pub fn format_cpulist(cpus: &[u32]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
     use crate::ErrorKind;
 
@@ -382,5 +409,19 @@ mod tests {
         let host = HostCpuMap::read(&SysfsCpus::host()).expect("ok");
         assert!(host.present().contains(&0));
         assert!(host.is_online(0));
+    }
+
+    #[test]
+    fn a_host_cpu_map_that_breaks_its_shape_is_refused() {
+        for lists in [
+            json!({ "present": [], "online": [] }),
+            json!({ "present": [2, 0], "online": [0] }),
+            json!({ "present": [0, 1], "online": [0, 3] }),
+        ] {
+            assert!(serde_json::from_value::<HostCpuMap>(lists.clone()).is_err(), "{lists} accepted");
+        }
+        let seed_003: HostCpuMap = serde_json::from_value(json!({ "present": [0, 1, 2], "online": [0, 2] }))
+            .expect("a map of seed 003's host");
+        assert_eq!(seed_003.online_mask(), "y-y");
     }
 }

@@ -10,7 +10,7 @@ mod source;
 
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use probe::{probe_chain, probe_chain_to_missing, MissingBacking};
 pub use source::{
@@ -215,7 +215,7 @@ impl Chain {
 }
 
 /// One mismatch between a recorded chain and the images.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChainDifference {
     pub index: usize,
     pub what: String,
