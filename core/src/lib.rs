@@ -15,6 +15,7 @@ pub mod registry;
 pub mod store;
 pub mod tool;
 pub mod uri;
+pub mod wire;
 pub mod xml;
 
 pub use error::{Error, ErrorKind, Result};
