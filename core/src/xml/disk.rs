@@ -76,27 +76,12 @@ impl Disk {
         let driver = el.child("driver");
         let format = driver.and_then(|d| d.attr("type")).map(str::to_string);
         let chain =
-            match parse_source(&disk_type, el.child("source")).map_err(|e| e.context(format!("disk '{target}'")))? {
-                None => None,
-                Some(source) => {
-                    let mut chain = Chain::single(source, format.clone());
-                    chain.layers[0].slice = parse_slice(el.child("source"))?;
-                    read_backing(el, &mut chain, 0).map_err(|e| e.context(format!("disk '{target}'")))?;
-                    chain.renumber();
-                    Some(chain)
-                }
-            };
+            read_device_chain(el, &disk_type, format.clone()).map_err(|e| e.context(format!("disk '{target}'")))?;
         let mirror = match el.child("mirror") {
             None => None,
             Some(m) => Some(parse_mirror(m).map_err(|e| e.context(format!("disk '{target}' <mirror>")))?),
         };
-        let selected = match el.attr("selected") {
-            None | Some("no") => false,
-            Some("yes") => true,
-            Some(other) => {
-                return Err(Error::xml(format!("disk '{target}' has selected='{other}'; expected 'yes' or 'no'")))
-            }
-        };
+        let selected = read_selected(el, &format!("disk '{target}'"))?;
         // libvirt 7.4's shareBacking: several domains may run on the image
         // at once. A driver that opens the image read-only allows that for
         // every transient disk, so only the value is checked here.
@@ -156,6 +141,40 @@ fn parse_mirror(m: &Element) -> Result<Mirror> {
     read_backing(m, &mut chain, 0)?;
     chain.renumber();
     Ok(Mirror { job: m.attr("job").map(str::to_string), ready: m.attr("ready").map(str::to_string), chain })
+}
+
+/// The chain of a device element (`<disk>`, `<filesystem>`) whose
+/// `<source>` is of storage type `kind` (`file`, `block`, `volume`, …) and
+/// whose active layer has `format`: the active layer and what the
+/// `<backingStore>` children say lies below it. `None` when the element
+/// names no image (an empty drive).
+pub(crate) fn read_device_chain(el: &Element, kind: &str, format: Option<String>) -> Result<Option<Chain>> {
+    let Some(source) = parse_source(kind, el.child("source"))? else { return Ok(None) };
+    let mut chain = Chain::single(source, format);
+    chain.layers[0].slice = parse_slice(el.child("source"))?;
+    read_backing(el, &mut chain, 0)?;
+    chain.renumber();
+    Ok(Some(chain))
+}
+
+/// Seed 004's disk-set membership of a device element, `what` naming it
+/// (`disk 'vda'`): `selected='yes'`, or `no` and absent for not selected.
+pub(crate) fn read_selected(el: &Element, what: &str) -> Result<bool> {
+    match el.attr("selected") {
+        None | Some("no") => Ok(false),
+        Some("yes") => Ok(true),
+        Some(other) => Err(Error::xml(format!("{what} has selected='{other}'; expected 'yes' or 'no'"))),
+    }
+}
+
+/// Records seed 004's disk-set membership on a device element; `false`
+/// removes the attribute (the default).
+pub(crate) fn write_selected(el: &mut Element, selected: bool) {
+    if selected {
+        el.set_attr("selected", "yes");
+    } else {
+        el.remove_attr("selected");
+    }
 }
 
 /// Reads the `<backingStore>` children of `el` into `chain` below `layer`,
@@ -460,10 +479,20 @@ pub fn write_disk_chain(disk: &mut Element, chain: &Chain) {
             ),
         }
     }
+    write_device_chain(disk, chain, DISK_CHILD_ORDER);
+}
+
+/// Writes `chain` into a device element (`<disk>`, `<filesystem>`): the
+/// active layer's location into `<source>` and the layers below it as
+/// `<backingStore>` children, inserted where `order` (the element's child
+/// order) puts them. The element's type and format attributes are the
+/// caller's, as disks and filesystems name them differently.
+pub(crate) fn write_device_chain(device: &mut Element, chain: &Chain, order: &[&str]) {
+    let Some(top) = chain.top() else { return };
     // Keep attributes and children of an existing <source> (startupPolicy,
     // seclabels, …) that Strata does not model; replace only the location.
     let mut new_source = layer_source_element(top);
-    if let Some(old) = disk.child("source") {
+    if let Some(old) = device.child("source") {
         for (k, v) in &old.attrs {
             if !matches!(
                 k.as_str(),
@@ -495,14 +524,15 @@ pub fn write_disk_chain(disk: &mut Element, chain: &Chain) {
             .collect();
         new_source.children.extend(keep);
     }
-    disk.replace_or_insert(new_source, DISK_CHILD_ORDER);
-    disk.remove_children("backingStore");
+    device.replace_or_insert(new_source, order);
+    device.remove_children("backingStore");
     for el in backing_elements(chain, 0) {
-        disk.insert_ordered(el, DISK_CHILD_ORDER);
+        device.insert_ordered(el, order);
     }
 }
 
-/// Removes the recorded backing chain from a `<disk>`: the chain is unknown.
-pub fn clear_disk_chain(disk: &mut Element) {
-    disk.remove_children("backingStore");
+/// Removes the recorded backing chain from a device element (`<disk>`,
+/// `<filesystem>`): the chain is unknown.
+pub(crate) fn clear_device_chain(device: &mut Element) {
+    device.remove_children("backingStore");
 }

@@ -1,6 +1,10 @@
 //! `<domain>`: a lossless document with typed accessors for what Strata uses.
 
+use std::path::Path;
+
 use super::disk::{self, Disk, DISK_CHILD_ORDER};
+use super::filesystem::{self, Filesystem};
+use super::storage::{StorageAddress, StorageDevice};
 use super::tree::Element;
 use crate::chain::Chain;
 use crate::error::{Error, Result};
@@ -56,7 +60,7 @@ pub struct Domain {
 
 impl Domain {
     /// Parses and checks the parts Strata depends on (root, name, UUID,
-    /// disks); nothing else is interpreted.
+    /// disks, filesystems); nothing else is interpreted.
     pub fn parse(xml: &str) -> Result<Domain> {
         let root = Element::parse(xml)?;
         Domain::from_element(root)
@@ -77,6 +81,12 @@ impl Domain {
         for (i, d) in disks.iter().enumerate() {
             if disks[..i].iter().any(|o| o.target == d.target) {
                 return Err(Error::xml(format!("domain '{name}' has two disks with target '{}'", d.target)));
+            }
+        }
+        let filesystems = dom.filesystems()?;
+        for (i, f) in filesystems.iter().enumerate() {
+            if filesystems[..i].iter().any(|o| o.target == f.target) {
+                return Err(Error::xml(format!("domain '{name}' has two filesystems with target dir '{}'", f.target)));
             }
         }
         Ok(dom)
@@ -192,11 +202,7 @@ impl Domain {
     }
 
     pub fn disks(&self) -> Result<Vec<Disk>> {
-        self.disk_elements().map(Disk::from_element).collect()
-    }
-
-    fn disk_elements(&self) -> impl Iterator<Item = &Element> {
-        self.root.child("devices").into_iter().flat_map(|d| d.children_named("disk"))
+        self.device_elements("disk").map(Disk::from_element).collect()
     }
 
     /// Finds a disk as libvirt's `virDomainDiskByName` does, and exactly as
@@ -223,6 +229,92 @@ impl Domain {
         }
     }
 
+    pub fn filesystems(&self) -> Result<Vec<Filesystem>> {
+        self.device_elements("filesystem").map(Filesystem::from_element).collect()
+    }
+
+    fn device_elements<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Element> + 'a {
+        self.root.child("devices").into_iter().flat_map(move |d| d.children_named(kind))
+    }
+
+    /// The disks and filesystems, in the order `<devices>` lists them.
+    pub fn storage_devices(&self) -> Result<Vec<StorageDevice>> {
+        let devices = self.root.child("devices").into_iter().flat_map(|d| d.elements());
+        devices
+            .filter_map(|el| match el.name.as_str() {
+                "disk" => Some(Disk::from_element(el).map(StorageDevice::Disk)),
+                "filesystem" => Some(Filesystem::from_element(el).map(StorageDevice::Filesystem)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Finds the disk or filesystem `spec` names, as chains, snapshots,
+    /// block jobs and disk sets address them:
+    ///
+    /// - `spec` is the target dir of a filesystem (`/`, `/data`, or a
+    ///   mount tag such as `share`);
+    /// - a `spec` without a leading `/` is the target of a disk (`vda`);
+    /// - a `spec` with a leading `/` is the path of the active image of a
+    ///   disk or a filesystem (not of a backing image).
+    ///
+    /// A `spec` starting with `/` is thus looked up first as a filesystem
+    /// target dir, then as an image path. When these name more than one
+    /// device (a filesystem mounted at `/data` and a disk whose image is
+    /// `/data`), the spec is refused, naming every match; a device found
+    /// both ways is one match. In a domain without filesystems this is
+    /// [`Domain::find_disk`], errors included.
+    pub fn find_storage_device(&self, spec: &str) -> Result<StorageDevice> {
+        let filesystems = self.filesystems()?;
+        if filesystems.is_empty() {
+            return self.find_disk(spec).map(StorageDevice::Disk);
+        }
+        let disks = self.disks()?;
+        let is_image =
+            |source: Option<&crate::chain::StorageSource>| source.and_then(|s| s.local_path()) == Some(Path::new(spec));
+        let mut found: Vec<(StorageDevice, &str)> = Vec::new();
+        let mut add = |device: StorageDevice, how: &'static str| {
+            if !found.iter().any(|(d, _)| d.address() == device.address()) {
+                found.push((device, how));
+            }
+        };
+        for f in filesystems.iter().filter(|f| f.target == spec) {
+            add(StorageDevice::Filesystem(f.clone()), "the target dir");
+        }
+        if spec.starts_with('/') {
+            for f in filesystems.iter().filter(|f| is_image(f.image())) {
+                add(StorageDevice::Filesystem(f.clone()), "the active image");
+            }
+            for d in disks.iter().filter(|d| is_image(d.source())) {
+                add(StorageDevice::Disk(d.clone()), "the active image");
+            }
+        } else {
+            for d in disks.iter().filter(|d| d.target == spec) {
+                add(StorageDevice::Disk(d.clone()), "the target");
+            }
+        }
+        if found.len() == 1 {
+            if let Some((device, _)) = found.pop() {
+                return Ok(device);
+            }
+        }
+        if found.is_empty() {
+            let names = |names: Vec<&str>| names.join(", ");
+            return Err(Error::invalid_arg(format!(
+                "no disk or filesystem '{spec}' in domain '{}' (its disks: {}; its filesystems: {})",
+                self.name(),
+                names(disks.iter().map(|d| d.target.as_str()).collect()),
+                names(filesystems.iter().map(|f| f.target.as_str()).collect()),
+            )));
+        }
+        let matches: Vec<String> = found.iter().map(|(device, how)| format!("{how} of {device}")).collect();
+        Err(Error::invalid_arg(format!(
+            "'{spec}' names more than one storage device of domain '{}': it is {}",
+            self.name(),
+            matches.join(" and ")
+        )))
+    }
+
     fn disk_element_mut(&mut self, target: &str) -> Result<&mut Element> {
         let name = self.name();
         self.root
@@ -244,19 +336,69 @@ impl Domain {
     /// Forgets the disk's recorded backing chain (it will be probed again).
     pub fn clear_disk_chain(&mut self, target: &str) -> Result<()> {
         let el = self.disk_element_mut(target)?;
-        disk::clear_disk_chain(el);
+        disk::clear_device_chain(el);
         Ok(())
     }
 
     /// Sets seed 004's `selected` attribute; `false` removes it (the default).
     pub fn set_disk_selected(&mut self, target: &str, selected: bool) -> Result<()> {
         let el = self.disk_element_mut(target)?;
-        if selected {
-            el.set_attr("selected", "yes");
-        } else {
-            el.remove_attr("selected");
-        }
+        disk::write_selected(el, selected);
         Ok(())
+    }
+
+    fn filesystem_element_mut(&mut self, dir: &str) -> Result<&mut Element> {
+        let name = self.name();
+        self.root
+            .child_mut("devices")
+            .and_then(|devs| {
+                devs.elements_mut()
+                    .find(|e| e.name == "filesystem" && e.child("target").and_then(|t| t.attr("dir")) == Some(dir))
+            })
+            .ok_or_else(|| Error::invalid_arg(format!("no filesystem '{dir}' in domain '{name}'")))
+    }
+
+    /// Records `chain` as the active layer and backing stores of the
+    /// filesystem mounted at `dir`, which must hold an image (`file`,
+    /// `block`, `volume`); its other children and attributes are kept.
+    pub fn set_filesystem_chain(&mut self, dir: &str, chain: &Chain) -> Result<()> {
+        let el = self.filesystem_element_mut(dir)?;
+        let mut patched = el.clone();
+        filesystem::write_filesystem_chain(&mut patched, chain)?;
+        *el = patched;
+        Ok(())
+    }
+
+    /// Records `chain` for the device at `address` (a disk's or a
+    /// filesystem's, see [`Domain::set_disk_chain`] and
+    /// [`Domain::set_filesystem_chain`]).
+    pub fn set_storage_chain(&mut self, address: &StorageAddress, chain: &Chain) -> Result<()> {
+        match address {
+            StorageAddress::Disk(target) => self.set_disk_chain(target, chain),
+            StorageAddress::Filesystem(dir) => self.set_filesystem_chain(dir, chain),
+        }
+    }
+
+    /// Forgets the recorded backing chain of the device at `address`.
+    pub fn clear_storage_chain(&mut self, address: &StorageAddress) -> Result<()> {
+        match address {
+            StorageAddress::Disk(target) => self.clear_disk_chain(target),
+            StorageAddress::Filesystem(dir) => {
+                disk::clear_device_chain(self.filesystem_element_mut(dir)?);
+                Ok(())
+            }
+        }
+    }
+
+    /// Puts the device at `address` in the disk set, or takes it out.
+    pub fn set_storage_selected(&mut self, address: &StorageAddress, selected: bool) -> Result<()> {
+        match address {
+            StorageAddress::Disk(target) => self.set_disk_selected(target, selected),
+            StorageAddress::Filesystem(dir) => {
+                disk::write_selected(self.filesystem_element_mut(dir)?, selected);
+                Ok(())
+            }
+        }
     }
 
     /// Replaces or removes a disk's `<mirror>` element.
@@ -300,7 +442,12 @@ fn memory_in_kib(el: &Element) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::Domain;
+    use crate::chain::StorageSource;
+    use crate::error::ErrorKind;
+    use crate::xml::StorageAddress;
 
     fn domain(disks: &[(&str, &str)]) -> Domain {
         let disks: String = disks
@@ -335,6 +482,110 @@ mod tests {
         let err = dom.find_disk("/img/shared.qcow2").expect_err("ambiguous");
         assert!(err.to_string().contains("several disks have that image"), "{err}");
         assert_eq!(dom.find_disk("vdb").expect("by target").target, "vdb");
+    }
+
+    /// Disks `vda` (image `/img/a.qcow2`) and `vdb` (image `/data`), and
+    /// filesystems `/` (image `/img/root.qcow2`), `/data` (a directory) and
+    /// `share` (a virtiofs mount tag).
+    fn mixed_domain() -> Domain {
+        let xml = "<domain type='kvm'><name>mixed</name><devices>\
+                   <disk type='file'><driver name='qemu' type='qcow2'/><source file='/img/a.qcow2'/><target dev='vda'/></disk>\
+                   <filesystem type='file'><driver type='nbd' format='qcow2'/><source file='/img/root.qcow2'/>\
+                   <target dir='/'/></filesystem>\
+                   <disk type='file'><driver name='qemu' type='raw'/><source file='/data'/><target dev='vdb'/></disk>\
+                   <filesystem type='mount'><source dir='/srv/data'/><target dir='/data'/></filesystem>\
+                   <filesystem type='mount'><driver type='virtiofs'/><source dir='/srv/share'/><target dir='share'/></filesystem>\
+                   </devices></domain>";
+        Domain::parse(xml).expect("parses")
+    }
+
+    #[test]
+    fn storage_devices_are_listed_in_device_order() {
+        let names: Vec<String> =
+            mixed_domain().storage_devices().expect("parse").iter().map(|d| d.to_string()).collect();
+        assert_eq!(names, ["disk 'vda'", "filesystem '/'", "disk 'vdb'", "filesystem '/data'", "filesystem 'share'"]);
+    }
+
+    #[test]
+    fn a_storage_device_is_found_by_target_target_dir_or_active_image() {
+        let dom = mixed_domain();
+        let found = |spec: &str| dom.find_storage_device(spec).unwrap_or_else(|e| panic!("{spec}: {e}"));
+        let vda = found("vda");
+        assert_eq!(vda.address(), StorageAddress::Disk("vda".to_string()));
+        assert_eq!(vda.as_disk().map(|d| d.target.as_str()), Some("vda"));
+        assert_eq!(found("/img/a.qcow2").address(), StorageAddress::Disk("vda".to_string()), "by active image");
+        let root = found("/");
+        assert_eq!(root.address(), StorageAddress::Filesystem("/".to_string()));
+        assert_eq!((root.format(), root.readonly(), root.selected()), (Some("qcow2"), false, false));
+        assert_eq!(root.source().and_then(|s| s.local_path()), Some(Path::new("/img/root.qcow2")));
+        assert_eq!(root.chain().map(|c| c.layers.len()), Some(1));
+        assert_eq!(found("/img/root.qcow2").address(), root.address(), "a filesystem by its active image");
+        let share = found("share");
+        assert_eq!(share.as_filesystem().map(|f| f.target.as_str()), Some("share"), "a mount tag");
+        assert_eq!((share.source(), share.chain()), (None, None), "a directory is no image");
+    }
+
+    #[test]
+    fn a_spec_naming_two_storage_devices_is_refused_naming_both() {
+        let dom = mixed_domain();
+        let err = dom.find_storage_device("/data").expect_err("a filesystem's target dir and a disk's image");
+        assert_eq!(err.kind(), ErrorKind::InvalidArg);
+        assert!(
+            err.to_string().contains(
+                "'/data' names more than one storage device of domain 'mixed': it is the target dir of \
+                 filesystem '/data' and the active image of disk 'vdb'"
+            ),
+            "{err}"
+        );
+        let xml = "<domain><name>tags</name><devices>\
+                   <disk type='file'><source file='/img/a.raw'/><target dev='vda'/></disk>\
+                   <filesystem><source dir='/srv'/><target dir='vda'/></filesystem></devices></domain>";
+        let err = Domain::parse(xml).expect("parses").find_storage_device("vda").expect_err("a target and a tag");
+        assert!(
+            err.to_string().contains("it is the target dir of filesystem 'vda' and the target of disk 'vda'"),
+            "{err}"
+        );
+        let err = dom.find_storage_device("/nowhere").expect_err("nothing there");
+        assert!(
+            err.to_string().contains(
+                "no disk or filesystem '/nowhere' in domain 'mixed' (its disks: vda, vdb; its filesystems: /, /data, share)"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn without_filesystems_a_storage_device_is_found_as_a_disk_is() {
+        let dom = domain(&[("vda", "/img/shared.qcow2"), ("vdb", "/img/shared.qcow2"), ("vdc", "/img/c.qcow2")]);
+        for spec in ["vdb", "/img/c.qcow2", "/img/shared.qcow2", "vdz", "/img/base.qcow2", "img/c.qcow2"] {
+            let as_disk = dom.find_disk(spec).map(|d| d.target).map_err(|e| e.to_string());
+            let as_device = dom.find_storage_device(spec).map(|d| d.name().to_string()).map_err(|e| e.to_string());
+            assert_eq!(as_device, as_disk, "{spec}");
+        }
+    }
+
+    #[test]
+    fn a_filesystem_is_written_through_its_storage_address() {
+        let mut dom = mixed_domain();
+        let root = dom.find_storage_device("/").expect("found");
+        let mut chain = root.chain().cloned().expect("a chain");
+        let base = chain.push_backing(0, StorageSource::File { path: "/img/base.qcow2".into() }, Some("qcow2".into()));
+        chain.end_at(base);
+        chain.renumber();
+        dom.set_storage_chain(&root.address(), &chain).expect("set");
+        dom.set_storage_selected(&root.address(), true).expect("select");
+        let root = dom.find_storage_device("/").expect("found");
+        assert_eq!(root.chain(), Some(&chain));
+        assert!(root.selected());
+        let xml = dom.to_xml();
+        assert!(xml.contains("<filesystem type='file' selected='yes'>"), "{xml}");
+        assert!(xml.contains("<source file='/img/base.qcow2'/>"), "{xml}");
+        dom.clear_storage_chain(&root.address()).expect("clear");
+        dom.set_storage_selected(&root.address(), false).expect("deselect");
+        assert_eq!(dom, mixed_domain(), "back to the document as written");
+        let vda = dom.find_storage_device("vda").expect("found");
+        dom.set_storage_selected(&vda.address(), true).expect("select a disk");
+        assert!(dom.find_disk("vda").expect("found").selected);
     }
 
     #[test]

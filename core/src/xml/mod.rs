@@ -1,14 +1,18 @@
 //! libvirt's XML formats: a lossless element tree and typed views over it.
 mod disk;
 mod domain;
+mod filesystem;
 mod limits;
 mod snapshot;
+mod storage;
 mod tree;
 mod volume;
 
 pub use disk::{backing_elements, layer_source_element, parse_source, source_element, Disk, Mirror, DISK_CHILD_ORDER};
 pub use domain::Domain;
+pub use filesystem::{Filesystem, FilesystemDriver, FilesystemSource, FilesystemType, FILESYSTEM_CHILD_ORDER};
 pub use limits::{read_document, MAX_DOCUMENT_BYTES, MAX_DOCUMENT_NODES};
 pub use snapshot::{SnapshotDef, SnapshotDisk, SnapshotMemory};
+pub use storage::{StorageAddress, StorageDevice};
 pub use tree::{Element, Node};
 pub use volume::{chain_from_volume, volume_element};
