@@ -315,15 +315,21 @@ impl Domain {
         )))
     }
 
-    fn disk_element_mut(&mut self, target: &str) -> Result<&mut Element> {
-        let name = self.name();
+    /// The `<kind>` device whose `<target ATTR>` is `name` (a disk's `dev`,
+    /// a filesystem's `dir`).
+    fn device_element_mut(&mut self, kind: &str, attr: &str, name: &str) -> Result<&mut Element> {
+        let domain = self.name();
         self.root
             .child_mut("devices")
             .and_then(|devs| {
                 devs.elements_mut()
-                    .find(|e| e.name == "disk" && e.child("target").and_then(|t| t.attr("dev")) == Some(target))
+                    .find(|e| e.name == kind && e.child("target").and_then(|t| t.attr(attr)) == Some(name))
             })
-            .ok_or_else(|| Error::invalid_arg(format!("no disk '{target}' in domain '{name}'")))
+            .ok_or_else(|| Error::invalid_arg(format!("no {kind} '{name}' in domain '{domain}'")))
+    }
+
+    fn disk_element_mut(&mut self, target: &str) -> Result<&mut Element> {
+        self.device_element_mut("disk", "dev", target)
     }
 
     /// Records `chain` as the disk's active layer and backing stores.
@@ -348,25 +354,14 @@ impl Domain {
     }
 
     fn filesystem_element_mut(&mut self, dir: &str) -> Result<&mut Element> {
-        let name = self.name();
-        self.root
-            .child_mut("devices")
-            .and_then(|devs| {
-                devs.elements_mut()
-                    .find(|e| e.name == "filesystem" && e.child("target").and_then(|t| t.attr("dir")) == Some(dir))
-            })
-            .ok_or_else(|| Error::invalid_arg(format!("no filesystem '{dir}' in domain '{name}'")))
+        self.device_element_mut("filesystem", "dir", dir)
     }
 
     /// Records `chain` as the active layer and backing stores of the
     /// filesystem mounted at `dir`, which must hold an image (`file`,
     /// `block`, `volume`); its other children and attributes are kept.
     pub fn set_filesystem_chain(&mut self, dir: &str, chain: &Chain) -> Result<()> {
-        let el = self.filesystem_element_mut(dir)?;
-        let mut patched = el.clone();
-        filesystem::write_filesystem_chain(&mut patched, chain)?;
-        *el = patched;
-        Ok(())
+        filesystem::write_filesystem_chain(self.filesystem_element_mut(dir)?, chain)
     }
 
     /// Records `chain` for the device at `address` (a disk's or a
