@@ -86,6 +86,11 @@ impl FilesystemType {
         }
     }
 
+    /// Whether a filesystem of this type holds an image, and so a chain.
+    pub fn holds_image(&self) -> bool {
+        matches!(self, FilesystemType::File | FilesystemType::Block | FilesystemType::Volume)
+    }
+
     /// The filesystem type whose `<source>` names `source`, for the types
     /// that hold an image (and so a chain).
     fn of_image(source: &StorageSource) -> Option<FilesystemType> {
@@ -245,7 +250,7 @@ impl Filesystem {
 pub(crate) fn write_filesystem_chain(fs: &mut Element, chain: &Chain) -> Result<()> {
     let target = fs.child("target").and_then(|t| t.attr("dir")).unwrap_or_default().to_string();
     let current = FilesystemType::parse(fs.attr("type").unwrap_or("mount"));
-    if !matches!(current, FilesystemType::File | FilesystemType::Block | FilesystemType::Volume) {
+    if !current.holds_image() {
         return Err(Error::config_unsupported(format!(
             "filesystem '{target}' of type '{current}' holds no image, so it has no backing chain"
         )));
