@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Result};
 use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
 use serde_json::json;
+use strata_core::capabilities::{DriverCapabilities, RevertTo, RevertedGuest};
 use strata_core::chain::{Backing, Chain};
 use strata_core::driver::{Connection, DefineFlags, DiskSetOutcome, DumpXmlFlags, PinScope, StartFlags, UndefineFlags};
 use strata_core::hostcpu::{format_cpulist, parse_cpulist};
@@ -625,11 +626,9 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                 writeln!(out, "Driver:      {}", caps.driver)?;
                 writeln!(out, "URI:         {}", caps.uri)?;
                 writeln!(out, "Hypervisor:  {}", caps.hypervisor)?;
-                let yes = |b: bool| if b { "yes" } else { "no" };
-                writeln!(out, "Live:        {}", yes(caps.live))?;
-                writeln!(out, "Snapshots:   {}", yes(caps.snapshots))?;
-                writeln!(out, "Block jobs:  {}", yes(caps.block_jobs))?;
-                writeln!(out, "Disk sets:   {}", yes(caps.disk_sets))?;
+                for (label, families) in capability_lines(&caps) {
+                    writeln!(out, "{:<13}{families}", format!("{label}:"))?;
+                }
                 writeln!(out, "Honoured:    {}", caps.honoured_elements.join(", "))?;
                 writeln!(out, "Unhonoured:  {}", caps.unhonoured_elements.join(", "))?;
                 for note in &caps.notes {
@@ -1090,6 +1089,90 @@ fn lookup_error(e: strata_core::Error, name: &str) -> anyhow::Error {
 }
 
 /// Block-job failures: an unknown domain reads as virsh says it.
+/// `capabilities`' line for each capability family: the names of what the
+/// driver has, in groups separated by `;`, or `none`.
+fn capability_lines(caps: &DriverCapabilities) -> Vec<(&'static str, String)> {
+    let listed = |groups: &[&[(bool, &str)]]| {
+        let named: Vec<String> = groups
+            .iter()
+            .map(|group| group.iter().filter(|(has, _)| *has).map(|(_, name)| *name).collect::<Vec<_>>().join(", "))
+            .filter(|group| !group.is_empty())
+            .collect();
+        if named.is_empty() {
+            "none".to_string()
+        } else {
+            named.join("; ")
+        }
+    };
+    let (domains, snapshots, jobs, storage) = (caps.domains, caps.snapshots, caps.block_jobs, caps.storage);
+    let (kinds, creation, revert, delete) = (snapshots.kinds, snapshots.creation, snapshots.revert, snapshots.delete);
+    let any_snapshot = revert.to == RevertTo::AnySnapshot;
+    let running_guest = revert.guest == RevertedGuest::RunningOrPaused;
+    vec![
+        (
+            "Domains",
+            listed(&[&[
+                (domains.run, "run"),
+                (domains.events, "events"),
+                (domains.vcpu_info, "vCPU information"),
+                (domains.monitor, "monitor commands"),
+                (domains.cpu_placement, "CPU placement"),
+            ]]),
+        ),
+        (
+            "Snapshots",
+            listed(&[
+                &[
+                    (kinds.internal_disk, "internal disk"),
+                    (kinds.external_disk, "external disk"),
+                    (kinds.internal_memory, "internal memory"),
+                    (kinds.external_memory, "external memory"),
+                ],
+                &[(creation.live, "live"), (creation.offline, "offline")],
+            ]),
+        ),
+        (
+            "Revert",
+            listed(&[
+                &[(any_snapshot, "any snapshot"), (!any_snapshot, "the current snapshot only")],
+                &[(revert.external, "external snapshots too")],
+                &[
+                    (running_guest, "to a running, paused or stopped guest"),
+                    (!running_guest, "to a stopped guest only"),
+                ],
+            ]),
+        ),
+        (
+            "Delete",
+            listed(&[&[
+                (delete.internal, "internal"),
+                (delete.external_by_commit, "external by commit"),
+                (delete.external_by_pull, "external by pull"),
+                (delete.metadata_only, "metadata only"),
+                (delete.children, "children"),
+            ]]),
+        ),
+        (
+            "Block jobs",
+            listed(&[
+                &[
+                    (jobs.kinds.pull, "pull"),
+                    (jobs.kinds.intermediate_commit, "intermediate commit"),
+                    (jobs.kinds.active_commit, "active commit"),
+                    (jobs.kinds.copy, "copy"),
+                ],
+                &[
+                    (jobs.copy.shallow, "shallow copy"),
+                    (jobs.copy.raw, "raw copy"),
+                    (jobs.copy.reuse_external, "copy into an existing destination"),
+                ],
+                &[(jobs.bandwidth, "bandwidth"), (jobs.ready_pivot, "ready and pivot")],
+            ]),
+        ),
+        ("Storage", listed(&[&[(storage.disk_sets, "disk sets"), (storage.storage_pools, "storage pools")]])),
+    ]
+}
+
 fn job_error(e: anyhow::Error, domain: &str) -> anyhow::Error {
     match e.downcast::<strata_core::Error>() {
         Ok(core) => lookup_error(core, domain),

@@ -9,6 +9,8 @@
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use crate::capabilities::refusal;
+pub use crate::capabilities::DriverCapabilities;
 use crate::chain::ChainDifference;
 use crate::error::{Error, Result};
 use crate::hostcpu::{HostCpuMap, NodeInfo};
@@ -190,26 +192,6 @@ pub struct DiskChainCheck {
     pub fixed: bool,
 }
 
-/// Which optional capability traits a driver offers, and their limits.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct DriverCapabilities {
-    pub driver: String,
-    pub uri: String,
-    pub hypervisor: String,
-    /// Domains can run (not only be defined).
-    pub live: bool,
-    pub snapshots: bool,
-    pub block_jobs: bool,
-    pub disk_sets: bool,
-    /// Domain elements the driver acts on (some only in the form given).
-    pub honoured_elements: Vec<String>,
-    /// Elements that change what the guest sees which the driver keeps in
-    /// the definition but does not act on yet; `start` warns about each of
-    /// these, and about any other element it does not know.
-    pub unhonoured_elements: Vec<String>,
-    pub notes: Vec<String>,
-}
-
 /// A connection to one driver instance.
 #[async_trait]
 pub trait Connection: Send + Sync {
@@ -233,7 +215,7 @@ pub trait Connection: Send + Sync {
     /// none came. Events that arrive between calls are kept.
     async fn next_event(&self, domain: &str, timeout_ms: u64) -> Result<Option<DomainEvent>> {
         let _ = (domain, timeout_ms);
-        Err(Error::no_support(format!("the {} driver does not report events", self.capabilities().driver)))
+        Err(refusal(&self.capabilities().driver, "does not report events"))
     }
 
     /// The running domain's virtual CPUs.
@@ -312,7 +294,7 @@ fn not_supported(conn: &dyn Connection, what: &str) -> Error {
 }
 
 fn not_supported_by(driver: &str, what: &str) -> Error {
-    Error::no_support(format!("the {driver} driver does not support {what}"))
+    refusal(driver, &format!("does not support {what}"))
 }
 
 /// One snapshot in a listing.

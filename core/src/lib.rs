@@ -2,6 +2,7 @@
 //! libvirt XML models, the backing-chain model and image probing, the driver
 //! traits and registry, typed options with their validation, the state
 //! store, and the error type.
+pub mod capabilities;
 pub mod chain;
 pub mod define;
 pub mod diskset;

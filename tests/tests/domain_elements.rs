@@ -1,6 +1,7 @@
 //! Elements of a definition the QEMU driver does not act on are not
 //! dropped silently: `start` warns about each one that changes what the
-//! guest sees, and `capabilities` lists what is and is not honoured.
+//! guest sees, and `capabilities` lists what is and is not honoured, with
+//! what the driver can do.
 
 mod common;
 
@@ -96,4 +97,36 @@ fn capabilities_list_what_is_and_is_not_honoured() {
     };
     assert!(list("unhonoured_elements").iter().any(|e| e == "interface"), "{json}");
     assert!(list("honoured_elements").iter().any(|e| e == "disk"), "{json}");
+}
+
+/// `capabilities --json` is the whole typed model, and the text has one
+/// line per capability family: QEMU takes every kind of snapshot (external
+/// memory included) and runs every block job (active commit included).
+#[test]
+fn capabilities_report_what_the_driver_can_do() {
+    let env = TestEnv::new();
+    let json: serde_json::Value = serde_json::from_str(&env.ok(&["capabilities", "--json"])).expect("json");
+    assert_eq!(json["driver"], "qemu", "{json}");
+    assert_eq!(json["uri"], env.uri.as_str(), "{json}");
+    let snapshots = &json["snapshots"];
+    assert_eq!(snapshots["kinds"]["external_memory"], true, "{json}");
+    assert_eq!(snapshots["creation"]["live"], true, "{json}");
+    assert_eq!(snapshots["revert"]["to"], "any-snapshot", "{json}");
+    assert_eq!(snapshots["delete"]["external_by_pull"], true, "{json}");
+    assert_eq!(json["block_jobs"]["kinds"]["active_commit"], true, "{json}");
+    assert_eq!(json["block_jobs"]["copy"]["reuse_external"], true, "{json}");
+    assert_eq!(json["storage"]["disk_sets"], true, "{json}");
+
+    let text = env.ok(&["capabilities"]);
+    let lines: Vec<&str> = text.lines().collect();
+    for line in [
+        "Snapshots:   internal disk, external disk, internal memory, external memory; live, offline",
+        "Revert:      any snapshot; external snapshots too; to a running, paused or stopped guest",
+        "Delete:      internal, external by commit, external by pull, metadata only, children",
+        "Block jobs:  pull, intermediate commit, active commit, copy; \
+         shallow copy, raw copy, copy into an existing destination; bandwidth, ready and pivot",
+        "Storage:     disk sets, storage pools",
+    ] {
+        assert!(lines.contains(&line), "no line '{line}' in:\n{text}");
+    }
 }

@@ -25,6 +25,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use strata_core::capabilities::{
+    BlockJobCapabilities, BlockJobKinds, CopyModes, DeleteMethods, DomainCapabilities, RevertRules, RevertTo,
+    RevertedGuest, SnapshotCapabilities, SnapshotCreation, SnapshotKinds, StorageCapabilities,
+};
 use strata_core::define;
 use strata_core::driver::{
     BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobOps, BlockJobState, Connection, CpuPlacementOps, DefineFlags,
@@ -447,10 +451,26 @@ impl Connection for QemuConnection {
             driver: "qemu".into(),
             uri: self.uri.clone(),
             hypervisor: "QEMU".into(),
-            live: true,
-            snapshots: true,
-            block_jobs: true,
-            disk_sets: true,
+            domains: DomainCapabilities { run: true, events: true, vcpu_info: true, monitor: true, cpu_placement: true },
+            snapshots: SnapshotCapabilities {
+                kinds: SnapshotKinds { internal_disk: true, external_disk: true, internal_memory: true, external_memory: true },
+                creation: SnapshotCreation { live: true, offline: true },
+                revert: RevertRules { to: RevertTo::AnySnapshot, external: true, guest: RevertedGuest::RunningOrPaused },
+                delete: DeleteMethods {
+                    internal: true,
+                    external_by_commit: true,
+                    external_by_pull: true,
+                    metadata_only: true,
+                    children: true,
+                },
+            },
+            block_jobs: BlockJobCapabilities {
+                kinds: BlockJobKinds { pull: true, intermediate_commit: true, active_commit: true, copy: true },
+                copy: CopyModes { shallow: true, raw: true, reuse_external: true },
+                bandwidth: true,
+                ready_pivot: true,
+            },
+            storage: StorageCapabilities { disk_sets: true, storage_pools: true },
             honoured_elements: honoured::honoured_list(),
             unhonoured_elements: honoured::not_yet_list(),
             notes: vec![
