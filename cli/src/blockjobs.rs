@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use clap::Args;
-use strata_core::driver::{BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobOps, BlockJobState};
+use strata_core::capabilities::BlockJobRequest;
+use strata_core::driver::{BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobOps, BlockJobState, Connection};
 use strata_core::options::{BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions};
 
 use crate::output;
@@ -313,13 +314,15 @@ async fn end_synchronised(
     }
 }
 
-pub async fn blockpull(jobs: &dyn BlockJobOps, a: PullArgs) -> Result<String> {
+pub async fn blockpull(conn: &dyn Connection, a: PullArgs) -> Result<String> {
+    let jobs = conn.require_block_jobs()?;
     let opts = BlockPullOptions {
         base: a.base,
         top: a.top,
         bandwidth_bytes: a.wait.bandwidth_bytes(),
         keep_relative: a.keep_relative,
     };
+    conn.capabilities().check_block_job(&BlockJobRequest::pull(&opts))?;
     jobs.block_pull(&a.domain, &a.disk, &opts).await?;
     if !(a.wait.wait || a.wait.verbose || a.wait.timeout.is_some()) {
         return Ok("Block Pull started\n".into());
@@ -334,7 +337,8 @@ pub async fn blockpull(jobs: &dyn BlockJobOps, a: PullArgs) -> Result<String> {
     }
 }
 
-pub async fn blockcommit(jobs: &dyn BlockJobOps, a: CommitArgs) -> Result<String> {
+pub async fn blockcommit(conn: &dyn Connection, a: CommitArgs) -> Result<String> {
+    let jobs = conn.require_block_jobs()?;
     let opts = BlockCommitOptions {
         base: a.base,
         top: a.top,
@@ -347,6 +351,7 @@ pub async fn blockcommit(jobs: &dyn BlockJobOps, a: CommitArgs) -> Result<String
         keep_relative: a.keep_relative,
         allow_snapshot_change: a.allow_snapshot_change,
     };
+    conn.capabilities().check_block_job(&BlockJobRequest::commit(&opts))?;
     let kind = jobs.block_commit(&a.domain, &a.disk, &opts).await?;
     let wait = a.wait.wait || a.wait.verbose || a.wait.timeout.is_some() || a.pivot || a.keep_overlay;
     if !wait {
@@ -377,7 +382,8 @@ pub async fn blockcommit(jobs: &dyn BlockJobOps, a: CommitArgs) -> Result<String
     }
 }
 
-pub async fn blockcopy(jobs: &dyn BlockJobOps, a: CopyArgs) -> Result<String> {
+pub async fn blockcopy(conn: &dyn Connection, a: CopyArgs) -> Result<String> {
+    let jobs = conn.require_block_jobs()?;
     if a.pivot && a.finish {
         return Err(failure("Options --pivot and --finish are mutually exclusive".into()));
     }
@@ -404,6 +410,7 @@ pub async fn blockcopy(jobs: &dyn BlockJobOps, a: CopyArgs) -> Result<String> {
         granularity: a.granularity,
         buf_size: a.buf_size,
     };
+    conn.capabilities().check_block_job(&BlockJobRequest::copy(&opts, a.pivot || a.finish))?;
     let warnings = jobs.block_copy(&a.domain, &a.disk, &opts).await?;
     for w in warnings {
         output::err(&format!("warning: {w}\n"));

@@ -552,6 +552,13 @@ async fn watch_events(conn: &dyn Connection, args: EventArgs, json: bool) -> Res
 /// Runs a block-job or snapshot command: the capability trait it needs,
 /// then the command, with an unknown domain reported as virsh does.
 macro_rules! with_ops {
+    // A command that checks its request against the driver's capabilities
+    // takes the connection, and asks it for the ops itself.
+    ($session:expr, connection, $args:expr, $run:path) => {{
+        let domain = $args.domain.clone();
+        let conn = $session.conn()?;
+        $run(conn, $args).await.map_err(|e| job_error(e, &domain))?
+    }};
     ($session:expr, $require:ident, $args:expr, $run:path $(, $extra:expr)*) => {{
         let domain = $args.domain.clone();
         let ops = $session.conn()?.$require()?;
@@ -982,22 +989,22 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
         }
         Command::Blockpull(mut a) => {
             a.disk = disk_target(session, &a.domain, &a.disk).await?;
-            out = with_ops!(session, require_block_jobs, a, crate::blockjobs::blockpull)
+            out = with_ops!(session, connection, a, crate::blockjobs::blockpull)
         }
         Command::Blockcommit(mut a) => {
             a.disk = disk_target(session, &a.domain, &a.disk).await?;
-            out = with_ops!(session, require_block_jobs, a, crate::blockjobs::blockcommit)
+            out = with_ops!(session, connection, a, crate::blockjobs::blockcommit)
         }
         Command::Blockcopy(mut a) => {
             a.disk = disk_target(session, &a.domain, &a.disk).await?;
-            out = with_ops!(session, require_block_jobs, a, crate::blockjobs::blockcopy)
+            out = with_ops!(session, connection, a, crate::blockjobs::blockcopy)
         }
         Command::Blockjob(mut a) => {
             a.disk = disk_target(session, &a.domain, &a.disk).await?;
             out = with_ops!(session, require_block_jobs, a, crate::blockjobs::blockjob, global_json)
         }
-        Command::SnapshotCreate(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::create),
-        Command::SnapshotCreateAs(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::create_as),
+        Command::SnapshotCreate(a) => out = with_ops!(session, connection, a, crate::snapshots::create),
+        Command::SnapshotCreateAs(a) => out = with_ops!(session, connection, a, crate::snapshots::create_as),
         Command::SnapshotList(a) => {
             out = with_ops!(session, require_snapshots, a, crate::snapshots::list, quiet, global_json)
         }
@@ -1009,8 +1016,8 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
         Command::SnapshotParent(a) => {
             out = with_ops!(session, require_snapshots, a, crate::snapshots::parent, global_json)
         }
-        Command::SnapshotRevert(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::revert),
-        Command::SnapshotDelete(a) => out = with_ops!(session, require_snapshots, a, crate::snapshots::delete),
+        Command::SnapshotRevert(a) => out = with_ops!(session, connection, a, crate::snapshots::revert),
+        Command::SnapshotDelete(a) => out = with_ops!(session, connection, a, crate::snapshots::delete),
         Command::Event(args) => {
             if args.list {
                 return Ok("block-job\nlifecycle\n".into());

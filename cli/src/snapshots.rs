@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use anyhow::{anyhow, bail, Result};
 use clap::Args;
-use strata_core::driver::{SnapshotOps, SnapshotSummary};
+use strata_core::driver::{Connection, SnapshotOps, SnapshotSummary};
 use strata_core::options::{SnapshotCreateFlags, SnapshotDeleteFlags, SnapshotRevertFlags};
 use strata_core::xml::Element;
 
@@ -233,7 +233,8 @@ pub struct DeleteArgs {
     metadata: bool,
 }
 
-pub async fn create(snaps: &dyn SnapshotOps, a: CreateArgs) -> Result<String> {
+pub async fn create(conn: &dyn Connection, a: CreateArgs) -> Result<String> {
+    let snaps = conn.require_snapshots()?;
     let (xml, from) = match &a.file {
         Some(f) => (read_document(f)?, Some(f.clone())),
         None => ("<domainsnapshot/>".to_string(), None),
@@ -249,6 +250,7 @@ pub async fn create(snaps: &dyn SnapshotOps, a: CreateArgs) -> Result<String> {
         branch: a.branch,
         disk_set: a.disk_set,
     };
+    conn.check_snapshot_create(&a.domain, &xml, &flags).await?;
     let name = snaps.snapshot_create(&a.domain, &xml, flags).await?;
     Ok(match from {
         Some(f) => format!("Domain snapshot {name} created from '{f}'\n"),
@@ -335,7 +337,8 @@ fn split_spec(spec: &str) -> Vec<String> {
     out
 }
 
-pub async fn create_as(snaps: &dyn SnapshotOps, a: CreateAsArgs) -> Result<String> {
+pub async fn create_as(conn: &dyn Connection, a: CreateAsArgs) -> Result<String> {
+    let snaps = conn.require_snapshots()?;
     let xml = create_as_xml(&a)?;
     if a.print_xml {
         return Ok(xml);
@@ -349,6 +352,7 @@ pub async fn create_as(snaps: &dyn SnapshotOps, a: CreateAsArgs) -> Result<Strin
         disk_set: a.disk_set,
         ..Default::default()
     };
+    conn.check_snapshot_create(&a.domain, &xml, &flags).await?;
     let name = snaps.snapshot_create(&a.domain, &xml, flags).await?;
     Ok(format!("Domain snapshot {name} created\n"))
 }
@@ -609,25 +613,29 @@ pub async fn parent(snaps: &dyn SnapshotOps, a: NameArgs, json: bool) -> Result<
     }
 }
 
-pub async fn revert(snaps: &dyn SnapshotOps, a: RevertArgs) -> Result<String> {
+pub async fn revert(conn: &dyn Connection, a: RevertArgs) -> Result<String> {
+    let snaps = conn.require_snapshots()?;
     let all = snaps.snapshot_list(&a.domain).await?;
     let name = a.which.pick(&all)?;
     let flags = SnapshotRevertFlags { running: a.running, paused: a.paused, force: a.force };
-    snaps
-        .snapshot_revert(&a.domain, &name, flags)
-        .await
-        .map_err(|e| anyhow!(e).context(format!("Failed to revert snapshot {name}")))?;
+    let reverted = async {
+        conn.capabilities().check_revert(&all, &name, &flags)?;
+        snaps.snapshot_revert(&a.domain, &name, flags).await
+    };
+    reverted.await.map_err(|e| anyhow!(e).context(format!("Failed to revert snapshot {name}")))?;
     Ok(format!("Domain snapshot {name} reverted\n"))
 }
 
-pub async fn delete(snaps: &dyn SnapshotOps, a: DeleteArgs) -> Result<String> {
+pub async fn delete(conn: &dyn Connection, a: DeleteArgs) -> Result<String> {
+    let snaps = conn.require_snapshots()?;
     let all = snaps.snapshot_list(&a.domain).await?;
     let name = a.which.pick(&all)?;
     let flags = SnapshotDeleteFlags { children: a.children, children_only: a.children_only, metadata_only: a.metadata };
-    let notes = snaps
-        .snapshot_delete(&a.domain, &name, flags)
-        .await
-        .map_err(|e| anyhow!(e).context(format!("Failed to delete snapshot {name}")))?;
+    let deleted = async {
+        conn.capabilities().check_delete(&all, &name, &flags)?;
+        snaps.snapshot_delete(&a.domain, &name, flags).await
+    };
+    let notes = deleted.await.map_err(|e| anyhow!(e).context(format!("Failed to delete snapshot {name}")))?;
     let mut out = String::new();
     for n in notes {
         writeln!(out, "{n}")?;

@@ -9,8 +9,8 @@
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::capabilities::refusal;
 pub use crate::capabilities::DriverCapabilities;
+use crate::capabilities::{refusal, SnapshotRequest};
 use crate::chain::ChainDifference;
 use crate::error::{Error, Result};
 use crate::hostcpu::{HostCpuMap, NodeInfo};
@@ -20,7 +20,7 @@ use crate::options::{
 };
 use crate::pool::PoolManager;
 use crate::store::Store;
-use crate::xml::Domain;
+use crate::xml::{Domain, SnapshotDef};
 
 /// virsh's domain states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,6 +272,26 @@ impl<'a> dyn Connection + 'a {
 
     pub fn require_cpu_placement(&self) -> Result<&dyn CpuPlacementOps> {
         self.cpu_placement().ok_or_else(|| not_supported(self, "host CPU information and placement"))
+    }
+
+    /// Refuses, before the driver is asked, a snapshot of `domain` that the
+    /// driver's capabilities say it cannot take (see
+    /// [`DriverCapabilities::check_snapshot_create`]). The domain's state
+    /// and disks are read only when the capabilities leave the answer
+    /// open; a document that does not parse is left to the driver, which
+    /// says what is wrong with it, and so is `--redefine`, which only records.
+    pub async fn check_snapshot_create(&self, domain: &str, xml: &str, flags: &SnapshotCreateFlags) -> Result<()> {
+        let caps = self.capabilities();
+        if caps.snapshots.takes_every_snapshot() || flags.redefine {
+            return Ok(());
+        }
+        let Ok(def) = SnapshotDef::parse(xml) else {
+            return Ok(());
+        };
+        let live = self.domain_info(domain).await?.summary.state.is_active();
+        let inactive = DumpXmlFlags { inactive: true, ..Default::default() };
+        let dom = Domain::parse(&self.dump_xml(domain, inactive).await?)?;
+        caps.check_snapshot_create(&SnapshotRequest::for_domain(&def, flags, live, &dom)?)
     }
 
     /// The target (`vda`) of the domain's disk that `disk` names, in the
