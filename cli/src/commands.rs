@@ -1095,7 +1095,6 @@ fn lookup_error(e: strata_core::Error, name: &str) -> anyhow::Error {
     }
 }
 
-/// Block-job failures: an unknown domain reads as virsh says it.
 /// `capabilities`' line for each capability family: the names of what the
 /// driver has, in groups separated by `;`, or `none`.
 fn capability_lines(caps: &DriverCapabilities) -> Vec<(&'static str, String)> {
@@ -1180,6 +1179,7 @@ fn capability_lines(caps: &DriverCapabilities) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// Block-job failures: an unknown domain reads as virsh says it.
 fn job_error(e: anyhow::Error, domain: &str) -> anyhow::Error {
     match e.downcast::<strata_core::Error>() {
         Ok(core) => lookup_error(core, domain),

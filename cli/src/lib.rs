@@ -7,6 +7,8 @@
 //! no command is given.
 
 mod blockjobs;
+#[cfg(test)]
+mod capability_refusals;
 mod commands;
 mod help;
 mod output;
