@@ -450,7 +450,9 @@ fn dest_from_xml(file: &str) -> Result<(String, Option<String>)> {
     Ok((path, format))
 }
 
-pub async fn blockjob(jobs: &dyn BlockJobOps, a: JobArgs, json: bool) -> Result<String> {
+pub async fn blockjob(conn: &dyn Connection, a: JobArgs, json: bool) -> Result<String> {
+    let jobs = conn.require_block_jobs()?;
+    conn.capabilities().check_block_job_control(a.bandwidth.is_some(), a.pivot)?;
     let mut out = String::new();
     if a.abort || a.pivot {
         if a.info || a.bandwidth.is_some() {

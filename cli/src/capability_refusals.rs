@@ -218,6 +218,8 @@ async fn what_the_capabilities_lack_is_refused_before_the_driver_is_called() {
         ("blockpull vm vda --bandwidth 1", "cannot limit a block job's bandwidth"),
         ("blockcommit vm vda --active --pivot", "cannot run an active block commit"),
         ("blockcopy vm vda /copy", "cannot run a block copy"),
+        ("blockjob vm vda --bandwidth 1", "cannot limit a block job's bandwidth"),
+        ("blockjob vm vda --pivot", "cannot pivot or finish a block job in a ready phase"),
     ];
     for (line, cannot) in cases {
         assert_eq!(errors_of(line).await, [format!("{NO_SUPPORT} {cannot}")], "{line}");
@@ -232,6 +234,7 @@ async fn what_the_capabilities_have_reaches_the_driver() {
         ("snapshot-revert vm s2", "revert"),
         ("snapshot-delete vm s2", "delete a snapshot"),
         ("blockpull vm vda", "pull"),
+        ("blockjob vm vda --abort", "abort a job"),
     ];
     for (line, what) in cases {
         assert_eq!(errors_of(line).await, [format!("internal error: the driver was asked to {what}")], "{line}");

@@ -554,10 +554,10 @@ async fn watch_events(conn: &dyn Connection, args: EventArgs, json: bool) -> Res
 macro_rules! with_ops {
     // A command that checks its request against the driver's capabilities
     // takes the connection, and asks it for the ops itself.
-    ($session:expr, connection, $args:expr, $run:path) => {{
+    ($session:expr, connection, $args:expr, $run:path $(, $extra:expr)*) => {{
         let domain = $args.domain.clone();
         let conn = $session.conn()?;
-        $run(conn, $args).await.map_err(|e| job_error(e, &domain))?
+        $run(conn, $args $(, $extra)*).await.map_err(|e| job_error(e, &domain))?
     }};
     ($session:expr, $require:ident, $args:expr, $run:path $(, $extra:expr)*) => {{
         let domain = $args.domain.clone();
@@ -1001,7 +1001,7 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
         }
         Command::Blockjob(mut a) => {
             a.disk = disk_target(session, &a.domain, &a.disk).await?;
-            out = with_ops!(session, require_block_jobs, a, crate::blockjobs::blockjob, global_json)
+            out = with_ops!(session, connection, a, crate::blockjobs::blockjob, global_json)
         }
         Command::SnapshotCreate(a) => out = with_ops!(session, connection, a, crate::snapshots::create),
         Command::SnapshotCreateAs(a) => out = with_ops!(session, connection, a, crate::snapshots::create_as),

@@ -296,6 +296,9 @@ impl BlockJobRequest {
 /// the refusal says it cannot do.
 type Need = (bool, bool, &'static str);
 
+const NO_BANDWIDTH: &str = "cannot limit a block job's bandwidth";
+const NO_READY_PHASE: &str = "cannot pivot or finish a block job in a ready phase";
+
 impl DriverCapabilities {
     /// The first need the capabilities lack, refused.
     fn refuse_missing(&self, needs: &[Need]) -> Result<()> {
@@ -407,9 +410,16 @@ impl DriverCapabilities {
             (copy.shallow, jobs.copy.shallow, "cannot make a shallow block copy"),
             (copy.raw, jobs.copy.raw, "cannot copy into a raw destination"),
             (copy.reuse_external, jobs.copy.reuse_external, "cannot copy into an existing destination"),
-            (request.bandwidth, jobs.bandwidth, "cannot limit a block job's bandwidth"),
-            (request.ends_ready_phase, jobs.ready_pivot, "cannot pivot or finish a block job in a ready phase"),
+            (request.bandwidth, jobs.bandwidth, NO_BANDWIDTH),
+            (request.ends_ready_phase, jobs.ready_pivot, NO_READY_PHASE),
         ])
+    }
+
+    /// Refuses a change to a running job the driver lacks: a new
+    /// bandwidth limit, or a pivot (`blockjob --bandwidth`, `--pivot`).
+    pub fn check_block_job_control(&self, set_bandwidth: bool, pivot: bool) -> Result<()> {
+        let jobs = self.block_jobs;
+        self.refuse_missing(&[(set_bandwidth, jobs.bandwidth, NO_BANDWIDTH), (pivot, jobs.ready_pivot, NO_READY_PHASE)])
     }
 }
 
@@ -785,6 +795,27 @@ mod tests {
             no_ready.check_block_job(&BlockJobRequest::commit(&keep)).is_err(),
             "--keep-overlay ends a ready phase"
         );
+    }
+
+    #[test]
+    fn a_running_jobs_bandwidth_and_pivot_are_checked() {
+        let everything = everything("test");
+        everything.check_block_job_control(true, true).expect("a driver with everything");
+        let mut no_bandwidth = everything.clone();
+        no_bandwidth.block_jobs.bandwidth = false;
+        assert_refused(
+            no_bandwidth.check_block_job_control(true, false),
+            "the test driver cannot limit a block job's bandwidth",
+        );
+        no_bandwidth.check_block_job_control(false, true).expect("a pivot");
+        let mut no_ready = everything;
+        no_ready.block_jobs.ready_pivot = false;
+        assert_refused(
+            no_ready.check_block_job_control(false, true),
+            "the test driver cannot pivot or finish a block job in a ready phase",
+        );
+        no_ready.check_block_job_control(true, false).expect("a bandwidth");
+        no_ready.check_block_job_control(false, false).expect("an abort or --info");
     }
 
     #[test]
