@@ -9,6 +9,8 @@
 //! VIR_ERR_NO_SUPPORT, worded the same for every driver
 //! (`the lxc driver cannot save memory state`).
 
+use std::collections::{HashMap, HashSet};
+
 use serde::{Deserialize, Serialize};
 
 use crate::driver::{BlockJobKind, SnapshotSummary};
@@ -362,23 +364,29 @@ impl DriverCapabilities {
         snapshot: &str,
         flags: &SnapshotDeleteFlags,
     ) -> Result<()> {
-        if !snapshots.iter().any(|s| s.name == snapshot) {
+        let Some(target) = snapshots.iter().find(|s| s.name == snapshot) else {
             return Ok(());
-        }
-        let mut deleted: Vec<&SnapshotSummary> = Vec::new();
-        let mut parents = vec![snapshot];
-        while let Some(parent) = parents.pop() {
-            for child in snapshots.iter().filter(|s| s.parent.as_deref() == Some(parent)) {
-                deleted.push(child);
-                parents.push(&child.name);
-            }
-        }
+        };
         let with_children = flags.children || flags.children_only;
-        if !with_children {
-            deleted.clear();
-        }
-        if !flags.children_only {
-            deleted.extend(snapshots.iter().find(|s| s.name == snapshot));
+        let mut deleted: Vec<&SnapshotSummary> = if flags.children_only { Vec::new() } else { vec![target] };
+        if with_children {
+            let mut children: HashMap<&str, Vec<&SnapshotSummary>> = HashMap::new();
+            for s in snapshots {
+                if let Some(parent) = &s.parent {
+                    children.entry(parent).or_default().push(s);
+                }
+            }
+            // Each snapshot once, even were the parents to form a loop.
+            let mut seen: HashSet<&str> = HashSet::from([snapshot]);
+            let mut parents = vec![snapshot];
+            while let Some(parent) = parents.pop() {
+                for child in children.get(parent).into_iter().flatten() {
+                    if seen.insert(&child.name) {
+                        deleted.push(child);
+                        parents.push(&child.name);
+                    }
+                }
+            }
         }
         let methods = self.snapshots.delete;
         let merges = !flags.metadata_only;
@@ -709,6 +717,17 @@ mod tests {
 
         let nothing = DriverCapabilities { driver: "test".into(), ..Default::default() };
         nothing.check_delete(&all, "s9", &children).expect("an unknown snapshot is the driver's to name");
+
+        // Records whose parents form a loop are each checked once.
+        let looped = [
+            summary("a", Some("b"), "external", "disk-snapshot", true),
+            summary("b", Some("a"), "internal", "shutoff", false),
+        ];
+        assert_refused(
+            no_internal.check_delete(&looped, "a", &children_only),
+            "the test driver cannot delete internal snapshots",
+        );
+        everything("test").check_delete(&looped, "a", &children).expect("everything");
     }
 
     #[test]
