@@ -11,6 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::capabilities::DriverCapabilities;
 use crate::driver::{
     BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobState, Connection, DefineFlags, DefineOutcome, DiskChainCheck,
     DiskSetOutcome, DomainEvent, DomainInfo, DomainSummary, DumpXmlFlags, PinScope, PoolBuildFlags, PoolInfo,
@@ -113,8 +114,7 @@ pub enum Reply {
     Count(u64),
     /// A volume's new capacity.
     Bytes(u64),
-    /// The driver's capabilities in their `strata capabilities --json` form.
-    Capabilities(serde_json::Value),
+    Capabilities(Box<DriverCapabilities>),
     Domains(Vec<DomainSummary>),
     Defined(DefineOutcome),
     DomainInfo(DomainInfo),
@@ -153,10 +153,7 @@ async fn perform(conn: &dyn Connection, call: Call) -> Result<Reply> {
     let count = |n: usize| Reply::Count(n as u64);
     Ok(match call {
         Call::Uri => Reply::Text(conn.uri().to_string()),
-        Call::Capabilities => Reply::Capabilities(
-            serde_json::to_value(conn.capabilities())
-                .map_err(|e| Error::internal(format!("cannot encode the driver's capabilities: {e}")))?,
-        ),
+        Call::Capabilities => Reply::Capabilities(Box::new(conn.capabilities())),
         Call::ListDomains => Reply::Domains(conn.list_domains().await?),
         Call::DefineXml { xml, flags } => Reply::Defined(conn.define_xml(&xml, flags).await?),
         Call::Undefine { domain, flags } => done(conn.undefine(&domain, flags).await?),
@@ -374,7 +371,7 @@ mod tests {
 
     use super::*;
     use crate::chain::ChainDifference;
-    use crate::driver::{DomainState, DriverCapabilities, PoolState};
+    use crate::driver::{DomainState, PoolState};
     use crate::xml::Domain;
 
     fn round_trip<T: Serialize + DeserializeOwned + PartialEq + Debug>(value: &T) {
@@ -687,7 +684,7 @@ mod tests {
             Reply::Lines(vec!["merged s1 into base.qcow2".into()]),
             Reply::Count(2),
             Reply::Bytes(1 << 30),
-            Reply::Capabilities(json!({ "driver": "test", "snapshots": false })),
+            Reply::Capabilities(Box::new(DriverCapabilities { driver: "test".into(), ..Default::default() })),
             Reply::Domains(vec![summary("vm1"), summary("vm2")]),
             Reply::Defined(DefineOutcome { name: "vm1".into(), warnings: vec![] }),
             Reply::DomainInfo(domain_info(summary("vm1"))),
@@ -777,13 +774,7 @@ mod tests {
                 driver: "memory".into(),
                 uri: self.uri().into(),
                 hypervisor: "none".into(),
-                live: false,
-                snapshots: false,
-                block_jobs: false,
-                disk_sets: false,
-                honoured_elements: vec![],
-                unhonoured_elements: vec![],
-                notes: vec![],
+                ..Default::default()
             }
         }
 
