@@ -7,10 +7,13 @@
 //! - `graph`: which images a domain and its snapshots read or froze.
 //! - `intent`: the intent record that lets the next command finish or
 //!   undo a snapshot operation a crash interrupted.
+//! - `job`: block jobs: records and outcomes, layer resolution,
+//!   refusals, reconciliation decisions, what a job's end changes.
 //! - `process`: processes a driver starts, recorded before they run.
 pub mod blocking;
 pub mod definitions;
 pub mod graph;
 pub mod intent;
+pub mod job;
 pub mod process;
 pub mod records;

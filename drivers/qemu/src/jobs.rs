@@ -11,166 +11,34 @@
 //! deletes files a `--delete` asked for, removes the dead nodes and
 //! dismisses the job. A `strata` killed at any point loses nothing.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use strata_core::chain::{Chain, StorageSource};
+use strata_core::chain::StorageSource;
 use strata_core::define;
 use strata_core::driver::{BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobState};
-use strata_core::image::{self, ImageFormat};
+use strata_core::image;
 use strata_core::options::{BlockCommitOptions, BlockCopyOptions, BlockPullOptions};
 use strata_core::pool::PoolManager;
 use strata_core::store::{DomainLock, Store};
 use strata_core::xml::Element;
 use strata_core::{Error, ErrorKind, Result};
+use strata_engine::blocking::blocking;
+use strata_engine::job::reconcile::{self, Step};
+use strata_engine::job::record::{self, no_job, JobRecord};
+use strata_engine::job::{conclude, layers, refusals, JobPhase, ObservedJob};
+use strata_engine::process::ProcessId;
 use strata_qmp::types::{JobInfo, JobStatus};
 use strata_qmp::{KnownEvent, QmpClient, QmpEvent};
 use tokio::sync::broadcast;
 
 use crate::live::{self, qmp_error, BlockGraph, LiveDisk, LiveStatus};
-use strata_engine::process::{Liveness, ProcessId};
-
-/// A block job as recorded in the status XML.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobRecord {
-    pub id: String,
-    pub kind: BlockJobKind,
-    pub disk: String,
-    /// Files to delete once the job has completed (`blockcommit --delete`).
-    pub delete: Vec<PathBuf>,
-    /// Set once the job reached its synchronised phase.
-    pub ready: bool,
-    /// Set when `job-complete` (pivot) was sent.
-    pub pivoting: bool,
-    /// Recorded but not yet confirmed started by QEMU: another process
-    /// seeing no such job in QEMU must wait, not call it vanished, while
-    /// the `starter` lives.
-    pub starting: bool,
-    /// The `strata` process that wrote the record and starts the job.
-    pub starter: Option<ProcessId>,
-}
-
-impl JobRecord {
-    pub fn to_element(&self) -> Element {
-        let mut el = Element::new("job")
-            .with_attr("id", self.id.clone())
-            .with_attr("kind", self.kind.as_str())
-            .with_attr("disk", self.disk.clone())
-            .with_attr("ready", if self.ready { "yes" } else { "no" })
-            .with_attr("pivoting", if self.pivoting { "yes" } else { "no" })
-            .with_attr("starting", if self.starting { "yes" } else { "no" });
-        if let Some(starter) = self.starter {
-            starter.set_attrs(&mut el, "starter");
-        }
-        for p in &self.delete {
-            el = el.with_child(Element::new("delete").with_attr("file", p.to_string_lossy()));
-        }
-        el
-    }
-
-    pub fn from_element(el: &Element) -> Result<JobRecord> {
-        let need =
-            |a: &str| el.attr(a).map(str::to_string).ok_or_else(|| Error::internal(format!("job record lacks '{a}'")));
-        let kind = need("kind")?;
-        Ok(JobRecord {
-            id: need("id")?,
-            kind: BlockJobKind::parse(&kind)
-                .ok_or_else(|| Error::internal(format!("job record has unknown kind '{kind}'")))?,
-            disk: need("disk")?,
-            delete: el.children_named("delete").filter_map(|d| d.attr("file").map(PathBuf::from)).collect(),
-            ready: el.attr("ready") == Some("yes"),
-            pivoting: el.attr("pivoting") == Some("yes"),
-            starting: el.attr("starting") == Some("yes"),
-            starter: ProcessId::from_attrs(el, "starter"),
-        })
-    }
-}
-
-/// How the last job on a disk ended, kept so a waiter that was not the one
-/// to record the end can still report it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobOutcome {
-    pub disk: String,
-    pub kind: BlockJobKind,
-    pub end: BlockJobEnd,
-}
-
-impl JobOutcome {
-    pub fn to_element(&self) -> Element {
-        let (word, error) = match &self.end {
-            BlockJobEnd::Completed => ("completed", None),
-            BlockJobEnd::Finished => ("finished", None),
-            BlockJobEnd::Cancelled => ("cancelled", None),
-            BlockJobEnd::Failed(e) => ("failed", Some(e.clone())),
-        };
-        let mut el = Element::new("outcome")
-            .with_attr("disk", self.disk.clone())
-            .with_attr("kind", self.kind.as_str())
-            .with_attr("end", word);
-        if let Some(e) = error {
-            el.set_attr("error", e);
-        }
-        el
-    }
-
-    pub fn from_element(el: &Element) -> Option<JobOutcome> {
-        let end = match el.attr("end")? {
-            "completed" => BlockJobEnd::Completed,
-            "finished" => BlockJobEnd::Finished,
-            "cancelled" => BlockJobEnd::Cancelled,
-            _ => BlockJobEnd::Failed(el.attr("error").unwrap_or("failed").to_string()),
-        };
-        Some(JobOutcome { disk: el.attr("disk")?.to_string(), kind: BlockJobKind::parse(el.attr("kind")?)?, end })
-    }
-}
-
-/// Outcomes live beside the status XML, so they outlive the process that
-/// ran the job (a storage daemon quits when its last job is recorded).
-const OUTCOMES_FILE: &str = "job-outcomes.xml";
-
-fn read_outcomes(store: &Store, name: &str) -> Result<Vec<JobOutcome>> {
-    let Some(xml) = store.read_domain_file(name, OUTCOMES_FILE)? else { return Ok(Vec::new()) };
-    let root = Element::parse(&xml)?;
-    Ok(root.children_named("outcome").filter_map(JobOutcome::from_element).collect())
-}
-
-/// Replaces the disk's outcome (`None` clears it). The caller holds the lock.
-fn set_outcome(store: &Store, name: &str, disk: &str, outcome: Option<JobOutcome>) -> Result<()> {
-    let mut all = read_outcomes(store, name)?;
-    all.retain(|o| o.disk != disk);
-    all.extend(outcome);
-    let mut root = Element::new("outcomes");
-    for o in &all {
-        root = root.with_child(o.to_element());
-    }
-    store.write_domain_file(name, OUTCOMES_FILE, &root.to_xml())
-}
-
-impl JobRecord {
-    fn new(kind: BlockJobKind, disk: &str, delete: Vec<PathBuf>) -> JobRecord {
-        JobRecord {
-            id: String::new(), // given by record_job
-            kind,
-            disk: disk.to_string(),
-            delete,
-            ready: false,
-            pivoting: false,
-            starting: true,
-            starter: None, // given by record_job
-        }
-    }
-
-    /// A record whose starter died before it knew that QEMU had the job.
-    fn start_abandoned(&self) -> bool {
-        self.starting && self.starter.is_none_or(|s| s.liveness() == Liveness::Gone)
-    }
-}
 
 /// Refuses early (before any file is made) when the disk already has a job.
 fn check_idle(store: &Store, name: &str, disk: &str) -> Result<()> {
     match live::reconcile(store, name)? {
-        Some(status) => ensure_idle(&status, disk),
+        Some(status) => refusals::ensure_idle(&status.jobs, disk),
         None => Ok(()),
     }
 }
@@ -187,101 +55,6 @@ async fn finalize(client: &QmpClient, name: &str, id: &str) -> Result<()> {
     Ok(())
 }
 
-/// A job id never used before in this QEMU: a process that read an older
-/// record must not take a later job on the same disk for the one it read.
-fn job_id(kind: BlockJobKind, disk: &str, number: u64) -> String {
-    format!("strata-{}-{disk}-{number}", kind.as_str())
-}
-
-/// The kind and disk of a job [`job_id`] named; None for another id.
-pub fn job_of_id(id: &str) -> Option<(BlockJobKind, &str)> {
-    let rest = id.strip_prefix("strata-")?;
-    let kind = [BlockJobKind::ActiveCommit, BlockJobKind::Pull, BlockJobKind::Commit, BlockJobKind::Copy]
-        .into_iter()
-        .find(|k| rest.starts_with(&format!("{}-", k.as_str())))?;
-    let (disk, number) = rest[kind.as_str().len() + 1..].rsplit_once('-')?;
-    number.parse::<u64>().ok()?;
-    Some((kind, disk))
-}
-
-/// Refuses a second job on a disk.
-fn ensure_idle(status: &LiveStatus, disk: &str) -> Result<()> {
-    if status.jobs.iter().any(|j| j.disk == disk) {
-        return Err(Error::new(ErrorKind::BlockCopyActive, format!("disk '{disk}' already in active block job")));
-    }
-    Ok(())
-}
-
-/// Resolves `--base`/`--top`: `disk[N]` (layer N) or a path in the chain.
-pub fn resolve_layer(disk: &str, chain: &Chain, spec: &str) -> Result<usize> {
-    if let Some(rest) = spec.strip_suffix(']') {
-        if let Some((name, n)) = rest.split_once('[') {
-            if name != disk {
-                return Err(Error::invalid_arg(format!("requested target '{name}' does not match target '{disk}'")));
-            }
-            let n: usize =
-                n.parse().map_err(|_| Error::invalid_arg(format!("'{spec}' is not DISK[N] with a number N")))?;
-            return chain.layers.iter().position(|l| l.index == n).ok_or_else(|| {
-                Error::invalid_arg(format!(
-                    "could not find backing store index '{n}' in chain for '{disk}' (it has layers 0 to {})",
-                    chain.layers.len().saturating_sub(1)
-                ))
-            });
-        }
-    }
-    let top_dir = chain
-        .top()
-        .and_then(|l| l.source.local_path())
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let wanted = strata_core::chain::clean_path(&top_dir.join(spec));
-    chain
-        .layers
-        .iter()
-        .position(|l| l.source.local_path() == Some(wanted.as_path()))
-        .ok_or_else(|| Error::invalid_arg(format!("could not find image '{spec}' in chain for '{disk}'")))
-}
-
-/// Whether layer `lower` is somewhere below layer `upper` on its line.
-fn below(chain: &Chain, upper: usize, lower: usize) -> bool {
-    let mut cursor = chain.backing_of(upper).first().copied();
-    let mut steps = 0;
-    while let Some(c) = cursor {
-        if c == lower {
-            return true;
-        }
-        steps += 1;
-        if steps > chain.layers.len() {
-            return false;
-        }
-        cursor = chain.backing_of(c).first().copied();
-    }
-    false
-}
-
-/// The backing string to write into the image above `base`: its absolute
-/// path, or with `keep_relative` the name the image above it recorded.
-fn backing_string(chain: &Chain, base: usize, keep_relative: bool) -> Result<Option<String>> {
-    let Some(base_layer) = chain.layers.get(base) else { return Ok(None) };
-    let Some(base_path) = base_layer.source.local_path() else { return Ok(None) };
-    if keep_relative {
-        let above = chain
-            .layers
-            .iter()
-            .position(|l| matches!(&l.backing, strata_core::chain::Backing::Layers(v) if v.contains(&base)));
-        if let Some(above) = above {
-            if let Some(p) = chain.layers[above].source.local_path() {
-                let fmt: ImageFormat = chain.layers[above].format.as_deref().unwrap_or("raw").parse()?;
-                if let Some(written) = image::read_header(p, fmt)?.backing_file {
-                    return Ok(Some(written));
-                }
-            }
-        }
-    }
-    Ok(Some(base_path.to_string_lossy().into_owned()))
-}
-
 /// The disk as QEMU has it open.
 pub async fn live_disk(client: &QmpClient, domain: &str, disk: &str) -> Result<LiveDisk> {
     live::live_chains(client, domain)
@@ -292,34 +65,34 @@ pub async fn live_disk(client: &QmpClient, domain: &str, disk: &str) -> Result<L
 
 /// Adds a job record under the domain lock, refusing a busy disk; returns
 /// the job id it gave the record.
-fn record_job(store: &Store, name: &str, mut rec: JobRecord, mirror: Option<Element>) -> Result<String> {
-    let _lock = store.lock_domain(name)?;
-    let mut status = live::reconcile(store, name)?.ok_or_else(|| Error::operation_invalid("domain is not running"))?;
-    ensure_idle(&status, &rec.disk)?;
-    rec.id = job_id(rec.kind, &rec.disk, status.next_node);
-    rec.starter = Some(ProcessId::this()?);
-    status.next_node = status.next_node.saturating_add(1);
-    let id = rec.id.clone();
-    if let Some(m) = mirror {
-        status.domain.set_disk_mirror(&rec.disk, Some(m))?;
-    }
-    set_outcome(store, name, &rec.disk, None)?;
-    status.jobs.push(rec);
-    store.write_status(name, &status.to_xml())?;
-    Ok(id)
+async fn record_job(store: &Store, name: &str, mut rec: JobRecord, mirror: Option<Element>) -> Result<String> {
+    live::edit_status_async(store, name, |status| {
+        refusals::ensure_idle(&status.jobs, &rec.disk)?;
+        rec.give_id(status.next_node)?;
+        status.next_node = status.next_node.saturating_add(1);
+        let id = rec.id.clone();
+        if let Some(m) = mirror {
+            status.domain.set_disk_mirror(&rec.disk, Some(m))?;
+        }
+        record::set_outcome(store, name, &rec.disk, None)?;
+        status.jobs.push(rec);
+        Ok(id)
+    })
+    .await?
+    .ok_or_else(|| Error::operation_invalid("domain is not running"))
 }
 
-fn drop_record(store: &Store, name: &str, id: &str) -> Result<()> {
-    let _lock = store.lock_domain(name)?;
-    if let Some(mut status) = live::reconcile(store, name)? {
+async fn drop_record(store: &Store, name: &str, id: &str) -> Result<()> {
+    live::edit_status_async(store, name, |status| {
         if let Some(rec) = status.jobs.iter().find(|j| j.id == id).cloned() {
             status.jobs.retain(|j| j.id != id);
             if rec.kind == BlockJobKind::Copy {
                 status.domain.set_disk_mirror(&rec.disk, None)?;
             }
-            store.write_status(name, &status.to_xml())?;
         }
-    }
+        Ok(())
+    })
+    .await?;
     Ok(())
 }
 
@@ -334,45 +107,45 @@ async fn start_recorded(
     command: &str,
     mut args: Value,
 ) -> Result<()> {
-    let id = record_job(store, name, rec, mirror)?;
+    let id = record_job(store, name, rec, mirror).await?;
     strata_core::pause_point("job:starting");
     strata_core::crash_point("job:starting");
     args["job-id"] = Value::String(id.clone());
     if let Err(e) = client.execute(command, Some(args)).await {
-        drop_record(store, name, &id)?;
+        drop_record(store, name, &id).await?;
         return Err(qmp_error(name, e));
     }
     strata_core::crash_point("job:started");
-    let _lock = store.lock_domain(name)?;
-    if let Some(mut status) = live::reconcile(store, name)? {
+    live::edit_status_async(store, name, |status| {
         if let Some(r) = status.jobs.iter_mut().find(|j| j.id == id) {
             r.starting = false;
-            store.write_status(name, &status.to_xml())?;
         }
-    }
+        Ok(())
+    })
+    .await?;
     Ok(())
+}
+
+/// The backing string for the image above layer `base` of `live`'s chain
+/// (reading an image header, so off the runtime).
+async fn backing_string(live: &LiveDisk, base: usize, keep_relative: bool) -> Result<Option<String>> {
+    let chain = live.chain.clone();
+    blocking(move || layers::backing_string(&chain, base, keep_relative)).await
 }
 
 pub async fn pull(store: &Store, name: &str, client: &QmpClient, disk: &str, opts: &BlockPullOptions) -> Result<()> {
     opts.validate()?;
     check_idle(store, name, disk)?;
     let live = live_disk(client, name, disk).await?;
-    let into = match &opts.top {
-        Some(t) => resolve_layer(disk, &live.chain, t)?,
-        None => 0,
-    };
+    let layers = layers::pull_layers(disk, &live.chain, opts)?;
     let mut args = json!({
-        "device": live.nodes[into],
+        "device": live.nodes[layers.into],
         "auto-finalize": false,
         "auto-dismiss": false,
     });
-    if let Some(base) = &opts.base {
-        let b = resolve_layer(disk, &live.chain, base)?;
-        if !below(&live.chain, into, b) {
-            return Err(Error::invalid_arg(format!("could not find base image in chain for '{disk}'")));
-        }
+    if let Some(b) = layers.base {
         args["base-node"] = Value::String(live.nodes[b].clone());
-        if let Some(s) = backing_string(&live.chain, b, opts.keep_relative)? {
+        if let Some(s) = backing_string(&live, b, opts.keep_relative).await? {
             args["backing-file"] = Value::String(s);
         }
     }
@@ -394,49 +167,9 @@ pub async fn commit(
     check_idle(store, name, disk)?;
     let live = live_disk(client, name, disk).await?;
     let chain = &live.chain;
-    let top = match &opts.top {
-        Some(t) => resolve_layer(disk, chain, t)?,
-        None => 0,
-    };
-    let below_top = chain.backing_of(top).first().copied();
-    let base = match (&opts.base, opts.shallow) {
-        (Some(b), _) => resolve_layer(disk, chain, b)?,
-        (None, true) => {
-            below_top.ok_or_else(|| Error::invalid_arg(format!("could not find base image in chain for '{disk}'")))?
-        }
-        (None, false) => {
-            let line = chain.main_line();
-            let last = line.last().map(|l| l.index).unwrap_or(0);
-            chain.layers.iter().position(|l| l.index == last).unwrap_or(0)
-        }
-    };
-    if below_top.is_none() {
-        return Err(Error::invalid_arg(format!("could not find base image in chain for '{disk}'")));
-    }
-    // The base must be below the top on the top's own line.
-    let mut cursor = below_top;
-    let mut removed = vec![top];
-    let mut found = false;
-    while let Some(c) = cursor {
-        if c == base {
-            found = true;
-            break;
-        }
-        removed.push(c);
-        cursor = chain.backing_of(c).first().copied();
-    }
-    if !found {
-        return Err(Error::invalid_arg(format!(
-            "base '{}' is not below top '{}' in the chain of '{disk}'",
-            opts.base.as_deref().unwrap_or("?"),
-            opts.top.as_deref().unwrap_or(disk)
-        )));
-    }
-    let active = top == 0;
-    if active && !opts.active {
-        return Err(Error::invalid_arg(format!("commit of '{disk}' active layer requires active flag")));
-    }
-    let kind = if active { BlockJobKind::ActiveCommit } else { BlockJobKind::Commit };
+    let layers = layers::commit_layers(disk, chain, opts)?;
+    let (top, base, kind) = (layers.top, layers.base, layers.kind);
+    let active = kind == BlockJobKind::ActiveCommit;
     let mut args = json!({
         "device": live.nodes[0],
         "base-node": live.nodes[base],
@@ -445,7 +178,7 @@ pub async fn commit(
     });
     if !active {
         args["top-node"] = Value::String(live.nodes[top].clone());
-        if let Some(s) = backing_string(chain, base, opts.keep_relative)? {
+        if let Some(s) = backing_string(&live, base, opts.keep_relative).await? {
             args["backing-file"] = Value::String(s);
         }
     }
@@ -453,55 +186,13 @@ pub async fn commit(
         args["speed"] = json!(bw);
     }
     if !opts.allow_snapshot_change {
-        refuse_changing_snapshots(store, name, chain, top, base, active)?;
+        refusals::refuse_changing_snapshots(store, name, chain, top, base, active)?;
     }
-    let delete: Vec<PathBuf> = if opts.delete {
-        removed.iter().filter_map(|i| chain.layers[*i].source.local_path().map(Path::to_path_buf)).collect()
-    } else {
-        Vec::new()
-    };
-    if !delete.is_empty() {
-        // A snapshot's saved definition reads its images: deleting one
-        // would make the snapshot unusable.
-        let snapshot_images = strata_engine::graph::snapshot_images(store, name)?;
-        if let Some((path, snap)) = delete.iter().find_map(|p| snapshot_images.get(p).map(|s| (p, s))) {
-            return Err(Error::operation_invalid(format!(
-                "--delete would remove {}, which snapshot '{snap}' uses; commit without --delete, or delete the snapshot first",
-                path.display()
-            )));
-        }
-    }
+    let delete: Vec<PathBuf> = if opts.delete { layers.removed_files(chain) } else { Vec::new() };
+    refusals::refuse_deleting_snapshot_images(store, name, &delete)?;
     let rec = JobRecord::new(kind, disk, delete);
     start_recorded(store, name, client, rec, None, "block-commit", args).await?;
     Ok(kind)
-}
-
-/// Refuses a commit into an image a snapshot froze, unless asked. The
-/// commit writes into `base` what reads through `top`: a snapshot that
-/// reads through `top` too reads the same afterwards, any other one that
-/// froze `base` does not. After an active commit the guest writes into
-/// `base`, which changes every snapshot that froze it.
-fn refuse_changing_snapshots(
-    store: &Store,
-    name: &str,
-    chain: &Chain,
-    top: usize,
-    base: usize,
-    active: bool,
-) -> Result<()> {
-    let Some(base_image) = chain.layers[base].source.local_path() else { return Ok(()) };
-    let top_image = chain.layers[top].source.local_path();
-    let changed: Vec<_> = strata_engine::graph::frozen_images(store, name)?
-        .into_iter()
-        .filter(|(_, images)| active || top_image.is_none_or(|t| !images.contains(t)))
-        .collect();
-    match strata_engine::graph::frozen_by(&changed, base_image) {
-        Some(snapshots) => Err(Error::operation_invalid(format!(
-            "cannot commit into {}: {snapshots} froze it (the data saved there would change); commit with --allow-snapshot-change to change it anyway, or delete {snapshots} first",
-            base_image.display()
-        ))),
-        None => Ok(()),
-    }
 }
 
 /// Runs a `blockdev-create` job to its end and dismisses it.
@@ -554,44 +245,19 @@ pub async fn copy(
     let source_backing = live.chain.backing_of(0).first().copied();
     opts.validate_for_source(disk, &source_format, source_backing.is_some())?;
     let dest = PathBuf::from(&opts.dest);
-    let exists = dest.exists();
-    let is_block = std::fs::metadata(&dest).map(|m| {
-        use std::os::unix::fs::FileTypeExt;
-        m.file_type().is_block_device()
-    });
-    let is_block = is_block.unwrap_or(false);
-    if exists && !opts.reuse_external && !is_block {
-        return Err(Error::config_unsupported(format!(
-            "external destination file for disk {disk} already exists and is not a block device: {}",
-            dest.display()
-        )));
-    }
-    if !exists && opts.reuse_external {
-        return Err(Error::operation_failed(format!(
-            "missing destination file for disk {disk}: {}: No such file or directory",
-            dest.display()
-        )));
-    }
-    if exists {
-        // The copy would write into an image the guest or a snapshot reads.
-        let mut taken =
-            strata_engine::graph::images_read_by(store, name, &strata_engine::definitions::load(store, name)?)?;
-        taken.extend(live.chain.layers.iter().filter_map(|l| l.source.local_path().map(Path::to_path_buf)));
-        if taken.contains(&dest) {
-            return Err(Error::config_unsupported(format!(
-                "destination for disk {disk} is an image the domain or one of its snapshots uses: {}",
-                dest.display()
-            )));
-        }
-    }
+    let refusals::CopyDestination { is_block, .. } =
+        refusals::check_copy_destination(store, name, disk, &dest, opts.reuse_external, &live.chain)?;
     // The destination format: as asked, else probed from a reused file
     // (a raw destination is never probed: --raw fixes it), else the source's.
     let format = match (opts.requested_format(), opts.reuse_external && !is_block) {
         (Some(f), _) => f.to_string(),
-        (None, true) => image::detect_format(&dest)?.as_str().to_string(),
+        (None, true) => {
+            let probed = dest.clone();
+            blocking(move || image::detect_format(&probed)).await?.as_str().to_string()
+        }
         (None, false) => source_format.clone(),
     };
-    let _nodes = lock_unattached_nodes(store, name)?;
+    let _nodes = strata_engine::blocking::lock_domain_for(store, name, UNATTACHED_NODES).await?;
     let graph = BlockGraph::query(client, name).await?;
     let fmt_node = unused_node_name(&graph, &format!("{disk}-copy-fmt"));
     let file_node = unused_node_name(&graph, &format!("{disk}-copy-file"));
@@ -686,6 +352,21 @@ fn find_job<'a>(jobs: &'a [JobInfo], id: &str) -> Option<&'a JobInfo> {
     jobs.iter().find(|j| j.id == id)
 }
 
+/// Job `id` as QEMU reports it in `jobs`, in the engine's terms.
+fn observed(jobs: &[JobInfo], id: &str) -> Option<ObservedJob> {
+    find_job(jobs, id).map(|j| ObservedJob {
+        phase: match j.status {
+            JobStatus::Ready => JobPhase::Ready,
+            JobStatus::Pending => JobPhase::Pending,
+            JobStatus::Concluded => JobPhase::Concluded,
+            _ => JobPhase::Running,
+        },
+        error: j.error.clone(),
+        done: j.current_progress,
+        total: j.total_progress,
+    })
+}
+
 /// Brings every recorded job forward: finalizes pending ones, records
 /// concluded ones. Returns the (possibly updated) status; `None` once a
 /// storage daemon whose last job ended has quit.
@@ -701,8 +382,8 @@ pub async fn reconcile_jobs(
     let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
     let mut changed = false;
     for rec in &status.jobs {
-        match find_job(&jobs, &rec.id).map(|j| j.status) {
-            Some(JobStatus::Pending) => {
+        match reconcile::next_step(rec, observed(&jobs, &rec.id).as_ref()) {
+            Step::Finalize => {
                 strata_core::pause_point("job:seen-ended");
                 // A pending mirror or active commit holds the guest's I/O.
                 finalize(client, name, &rec.id).await?;
@@ -711,17 +392,16 @@ pub async fn reconcile_jobs(
                 conclude(store, name, client, rec).await?;
                 changed = true;
             }
-            None if rec.starting && !rec.start_abandoned() => {}
-            Some(JobStatus::Concluded) | None => {
+            Step::Conclude => {
                 strata_core::pause_point("job:seen-ended");
                 conclude(store, name, client, rec).await?;
                 changed = true;
             }
-            Some(JobStatus::Ready) if !rec.ready => {
-                mark_ready(store, name, &rec.id)?;
+            Step::MarkReady => {
+                mark_ready(store, name, &rec.id).await?;
                 changed = true;
             }
-            _ => {}
+            Step::Leave => {}
         }
     }
     if !changed {
@@ -741,24 +421,28 @@ pub async fn quit_if_idle_daemon(store: &Store, name: &str, client: &QmpClient) 
     Ok(())
 }
 
-/// Ends a storage daemon and removes its status.
+/// Ends a storage daemon and removes its status. The offline job server
+/// stays in this driver until a second driver needs one (the LXC driver's
+/// issue moves it).
 async fn quit_daemon(store: &Store, name: &str, client: &QmpClient, status: &LiveStatus) -> Result<()> {
-    let _lock = store.lock_domain(name)?;
+    let _lock = strata_engine::blocking::lock_domain(store, name).await?;
     let _ = client.execute("quit", None).await;
     status.process.terminate(Duration::from_secs(3)).await?;
     live::cleanup(store, name)
 }
 
-fn mark_ready(store: &Store, name: &str, id: &str) -> Result<()> {
-    let _lock = store.lock_domain(name)?;
-    let Some(mut status) = live::reconcile(store, name)? else { return Ok(()) };
-    let Some(rec) = status.jobs.iter_mut().find(|j| j.id == id) else { return Ok(()) };
-    rec.ready = true;
-    if rec.kind == BlockJobKind::Copy {
-        let disk = rec.disk.clone();
-        status.domain.set_mirror_ready(&disk)?;
-    }
-    store.write_status(name, &status.to_xml())
+async fn mark_ready(store: &Store, name: &str, id: &str) -> Result<()> {
+    live::edit_status_async(store, name, |status| {
+        let Some(rec) = status.jobs.iter_mut().find(|j| j.id == id) else { return Ok(()) };
+        rec.ready = true;
+        if rec.kind == BlockJobKind::Copy {
+            let disk = rec.disk.clone();
+            status.domain.set_mirror_ready(&disk)?;
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(())
 }
 
 pub(crate) async fn wait_status(
@@ -815,63 +499,40 @@ async fn job_status_changed(rx: &mut broadcast::Receiver<QmpEvent>, id: &str, li
 async fn conclude(store: &Store, name: &str, client: &QmpClient, rec: &JobRecord) -> Result<()> {
     let end = {
         // Held throughout, so only one process records the job.
-        let _lock = store.lock_domain(name)?;
-        let Some(mut status) = live::reconcile(store, name)? else { return Ok(()) };
+        let _lock = strata_engine::blocking::lock_domain(store, name).await?;
+        let Some(status) = live::reconcile(store, name)? else { return Ok(()) };
         let Some(fresh) = status.jobs.iter().find(|j| j.id == rec.id).cloned() else {
             return Ok(()); // another process recorded it first
         };
         let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
-        let info = find_job(&jobs, &rec.id).cloned();
-        if info.is_none() && fresh.starting && !fresh.start_abandoned() {
+        let job = observed(&jobs, &rec.id);
+        if reconcile::awaits_start(&fresh, job.as_ref()) {
             return Ok(()); // its starter has not sent the command yet
         }
-        let end = match &info {
-            None => BlockJobEnd::Failed("the job disappeared from QEMU".into()),
-            // The record as it is now: the caller's copy may predate a pivot.
-            Some(j) => match (&j.error, fresh.pivoting || rec.pivoting, rec.kind.has_ready_phase()) {
-                (Some(e), _, _) if e.contains("canceled") || e.contains("cancelled") => BlockJobEnd::Cancelled,
-                (Some(e), _, _) => BlockJobEnd::Failed(e.clone()),
-                (None, false, true) => BlockJobEnd::Finished,
-                (None, _, _) => BlockJobEnd::Completed,
-            },
-        };
+        // The record as it is now: the caller's copy may predate a pivot.
+        let end = reconcile::end_of(job.as_ref(), fresh.pivoting || rec.pivoting, rec.kind);
         // Dismiss before reading the graph: on QEMU 7.2 (seen with
         // qemu-storage-daemon), query-named-block-nodes between a stream's
         // finalize and its dismiss crashes the process.
-        if info.is_some() {
+        if job.is_some() {
             client.execute("job-dismiss", Some(json!({"id": rec.id}))).await.map_err(|e| qmp_error(name, e))?;
         }
         let live_disk = live_disk(client, name, &rec.disk).await?;
-        let disk_before = status.domain.find_disk(&rec.disk)?;
-        let source_before = disk_before.source().cloned();
-        // A volume disk still on its volume keeps naming it.
-        let chain = define::live_chain_as_recorded(&disk_before, &live_disk.chain, &PoolManager::new(store.clone()));
-        status.domain.set_disk_chain(&rec.disk, &chain)?;
-        if let Some(root) = live_disk.root() {
-            status.roots.insert(rec.disk.clone(), root.to_string());
-        }
-        if rec.kind == BlockJobKind::Copy {
-            status.domain.set_disk_mirror(&rec.disk, None)?;
-        }
-        status.jobs.retain(|j| j.id != rec.id);
-        if !status.is_vm() {
-            // Answerable for a daemon left without a job: it quits it below.
-            status.owner = Some(ProcessId::this()?);
-        }
-        let outcome = JobOutcome { disk: rec.disk.clone(), kind: rec.kind, end: end.clone() };
-        set_outcome(store, name, &rec.disk, Some(outcome))?;
-        if let Some(xml) = store.read_domain(name)? {
-            let mut persistent = strata_core::xml::Domain::parse(&xml)?;
-            // As libvirt does: only a persistent disk still on the image the
-            // job ran on takes its new chain; one redefined meanwhile to
-            // another image keeps it.
-            let same_image = persistent.find_disk(&rec.disk).is_ok_and(|d| d.source() == source_before.as_ref());
-            if same_image {
-                persistent.set_disk_chain(&rec.disk, &chain)?;
-                store.write_domain(name, &persistent.to_xml())?;
+        live::edit_locked_status(store, name, |status| {
+            let disk_before = status.domain.find_disk(&rec.disk)?;
+            // A volume disk still on its volume keeps naming it.
+            let chain =
+                define::live_chain_as_recorded(&disk_before, &live_disk.chain, &PoolManager::new(store.clone()));
+            conclude::record_in_live(&mut status.domain, &mut status.jobs, rec, &chain)?;
+            if let Some(root) = live_disk.root() {
+                status.roots.insert(rec.disk.clone(), root.to_string());
             }
-        }
-        store.write_status(name, &status.to_xml())?;
+            if !status.is_vm() {
+                // Answerable for a daemon left without a job: it quits it below.
+                status.owner = Some(ProcessId::this()?);
+            }
+            conclude::record_in_store(store, name, rec, &end, disk_before.source(), &chain)
+        })?;
         end
     };
     strata_core::pause_point("job:recorded");
@@ -880,13 +541,7 @@ async fn conclude(store: &Store, name: &str, client: &QmpClient, rec: &JobRecord
     if rec.kind == BlockJobKind::ActiveCommit && end != BlockJobEnd::Completed {
         reopen_backing_read_only(client, name, &rec.disk).await?;
     }
-    if end == BlockJobEnd::Completed {
-        for path in &rec.delete {
-            if let Err(e) = std::fs::remove_file(path) {
-                tracing::warn!(path = %path.display(), error = %e, "could not delete a committed image");
-            }
-        }
-    }
+    conclude::delete_committed(rec, &end);
     if let Some(status) = live::reconcile(store, name)? {
         if !status.is_vm() && status.jobs.is_empty() {
             quit_daemon(store, name, client, &status).await?;
@@ -935,15 +590,18 @@ pub(crate) async fn reopen_node(client: &QmpClient, name: &str, node: &str, read
 /// such nodes until the command that attaches them (a job, a snapshot
 /// transaction) has returned, and by [`remove_dead_nodes`], which would
 /// otherwise take another process's fresh nodes for dead ones.
+const UNATTACHED_NODES: &str = "nodes";
+
+/// Takes the [`UNATTACHED_NODES`] lock.
 pub(crate) fn lock_unattached_nodes(store: &Store, name: &str) -> Result<DomainLock> {
-    store.lock_domain_for(name, "nodes")
+    store.lock_domain_for(name, UNATTACHED_NODES)
 }
 
 /// Removes the disk's nodes nothing uses any more (left by a finished job;
 /// QEMU keeps monitor-added nodes until told), format nodes before their
 /// files. Only this disk's nodes: another disk's job may be adding some.
 async fn remove_dead_nodes(store: &Store, client: &QmpClient, name: &str, disk: &str) -> Result<()> {
-    let _nodes = lock_unattached_nodes(store, name)?;
+    let _nodes = strata_engine::blocking::lock_domain_for(store, name, UNATTACHED_NODES).await?;
     let prefix = format!("{disk}-");
     for _ in 0..64 {
         let graph = BlockGraph::query(client, name).await?;
@@ -961,22 +619,6 @@ async fn remove_dead_nodes(store: &Store, client: &QmpClient, name: &str, disk: 
     Ok(())
 }
 
-/// A job whose starter has not sent it to QEMU yet: no progress.
-fn info_starting(rec: &JobRecord) -> BlockJobInfo {
-    BlockJobInfo { kind: rec.kind, disk: rec.disk.clone(), cur: 0, end: 0, bandwidth_bytes: 0, ready: false }
-}
-
-fn info_of(rec: &JobRecord, job: &JobInfo, speed: u64) -> BlockJobInfo {
-    BlockJobInfo {
-        kind: rec.kind,
-        disk: rec.disk.clone(),
-        cur: job.current_progress,
-        end: job.total_progress,
-        bandwidth_bytes: speed,
-        ready: rec.ready || job.status == JobStatus::Ready,
-    }
-}
-
 async fn speed_of(client: &QmpClient, name: &str, id: &str) -> Result<u64> {
     let jobs = client.query_block_jobs().await.map_err(|e| qmp_error(name, e))?;
     Ok(jobs.iter().find(|j| j.device == id).map(|j| j.speed).unwrap_or(0))
@@ -986,13 +628,9 @@ pub async fn info(name: &str, client: &QmpClient, status: &LiveStatus, disk: &st
     status.domain.find_disk(disk).map_err(|_| Error::invalid_arg(format!("disk '{disk}' not found in domain")))?;
     let Some(rec) = status.jobs.iter().find(|j| j.disk == disk) else { return Ok(None) };
     let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
-    let Some(job) = find_job(&jobs, &rec.id) else { return Ok(None) };
+    let Some(job) = observed(&jobs, &rec.id) else { return Ok(None) };
     let speed = speed_of(client, name, &rec.id).await?;
-    Ok(Some(info_of(rec, job, speed)))
-}
-
-fn no_job(disk: &str) -> Error {
-    Error::invalid_arg(format!("disk {disk} does not have an active block job"))
+    Ok(Some(reconcile::info_of(rec, &job, speed)))
 }
 
 pub async fn set_speed(name: &str, client: &QmpClient, status: &LiveStatus, disk: &str, speed: u64) -> Result<()> {
@@ -1019,8 +657,8 @@ pub async fn abort(
 ) -> Result<BlockJobEnd> {
     let rec = status.jobs.iter().find(|j| j.disk == disk).cloned().ok_or_else(|| no_job(disk))?;
     let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
-    let job = find_job(&jobs, &rec.id).ok_or_else(|| no_job(disk))?;
-    let ready = job.status == JobStatus::Ready;
+    let job = observed(&jobs, &rec.id).ok_or_else(|| no_job(disk))?;
+    let ready = job.phase == JobPhase::Ready;
     if pivot {
         if !rec.kind.has_ready_phase() || !ready {
             return Err(Error::new(
@@ -1028,7 +666,7 @@ pub async fn abort(
                 format!("block job '{}' not ready for pivot yet", rec.id),
             ));
         }
-        set_pivoting(store, name, &rec.id)?;
+        set_pivoting(store, name, &rec.id).await?;
         client.execute("job-complete", Some(json!({"id": rec.id}))).await.map_err(|e| qmp_error(name, e))?;
     } else if ready {
         client
@@ -1057,44 +695,18 @@ pub async fn abort(
     let mut rec = rec;
     rec.pivoting = pivot;
     conclude(store, name, client, &rec).await?;
-    Ok(last_outcome(store, name, disk)?.map(|o| o.end).unwrap_or(BlockJobEnd::Completed))
+    Ok(record::last_outcome(store, name, disk)?.map(|o| o.end).unwrap_or(BlockJobEnd::Completed))
 }
 
-fn set_pivoting(store: &Store, name: &str, id: &str) -> Result<()> {
-    let _lock = store.lock_domain(name)?;
-    let Some(mut status) = live::reconcile(store, name)? else { return Ok(()) };
-    if let Some(rec) = status.jobs.iter_mut().find(|j| j.id == id) {
-        rec.pivoting = true;
-    }
-    store.write_status(name, &status.to_xml())
-}
-
-/// Keeps, as the outcome of each job the status records, that the process
-/// serving the domain exited while it ran (called when that process is
-/// found gone), so a waiter can say so.
-pub(crate) fn record_server_exit(store: &Store, name: &str, status: &LiveStatus) -> Result<()> {
-    let server = if status.is_vm() { "QEMU" } else { "qemu-storage-daemon" };
-    for rec in &status.jobs {
-        let why = format!(
-            "domain '{name}' ({server} pid {}) exited while block job on '{}' was running",
-            status.process.pid, rec.disk
-        );
-        let outcome = JobOutcome { disk: rec.disk.clone(), kind: rec.kind, end: BlockJobEnd::Failed(why) };
-        set_outcome(store, name, &rec.disk, Some(outcome))?;
-    }
+async fn set_pivoting(store: &Store, name: &str, id: &str) -> Result<()> {
+    live::edit_status_async(store, name, |status| {
+        if let Some(rec) = status.jobs.iter_mut().find(|j| j.id == id) {
+            rec.pivoting = true;
+        }
+        Ok(())
+    })
+    .await?;
     Ok(())
-}
-
-/// The end of the last job on `disk`, when nothing serves the domain now.
-pub fn ended(store: &Store, name: &str, disk: &str) -> Result<BlockJobState> {
-    match last_outcome(store, name, disk)? {
-        Some(o) => Ok(BlockJobState::Ended { kind: o.kind, end: o.end }),
-        None => Err(no_job(disk)),
-    }
-}
-
-fn last_outcome(store: &Store, name: &str, disk: &str) -> Result<Option<JobOutcome>> {
-    Ok(read_outcomes(store, name)?.into_iter().find(|o| o.disk == disk))
 }
 
 /// Waits up to `timeout` for the job on `disk` to change state; finalizes
@@ -1116,29 +728,29 @@ pub async fn wait(
             None => None,
         };
         let Some(rec) = status.as_ref().and_then(|s| s.jobs.iter().find(|j| j.disk == disk).cloned()) else {
-            return ended(store, name, disk);
+            return record::ended(store, name, disk);
         };
         let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
-        let Some(job) = find_job(&jobs, &rec.id) else {
+        let Some(job) = observed(&jobs, &rec.id) else {
             // Recorded, not yet started in QEMU: its starter sends the
             // command next, or drops the record if QEMU refuses (which no
             // event announces), so the wait wakes on the job's first event
             // or looks again shortly.
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Ok(BlockJobState::Running(info_starting(&rec)));
+                return Ok(BlockJobState::Running(reconcile::info_starting(&rec)));
             }
             job_status_changed(&mut rx, &rec.id, left.min(STARTING_RECHECK)).await;
             continue;
         };
-        if matches!(job.status, JobStatus::Pending | JobStatus::Concluded) {
+        if matches!(job.phase, JobPhase::Pending | JobPhase::Concluded) {
             continue; // reconcile_jobs records it on the next turn
         }
         let speed = speed_of(client, name, &rec.id).await?;
-        let info = info_of(&rec, job, speed);
-        if job.status == JobStatus::Ready {
+        let info = reconcile::info_of(&rec, &job, speed);
+        if job.phase == JobPhase::Ready {
             if !rec.ready {
-                mark_ready(store, name, &rec.id)?;
+                mark_ready(store, name, &rec.id).await?;
             }
             return Ok(BlockJobState::Ready(info));
         }

@@ -796,7 +796,7 @@ impl BlockJobOps for QemuConnection {
 
     async fn block_job_wait(&self, domain: &str, disk: &str, timeout_ms: u64) -> Result<BlockJobState> {
         let Some((status, monitor)) = self.serving(domain).await? else {
-            return jobs::ended(&self.store, domain, disk);
+            return strata_engine::job::record::ended(&self.store, domain, disk);
         };
         let waited = jobs::wait(&self.store, domain, &monitor.client, disk, Duration::from_millis(timeout_ms)).await;
         match waited {
@@ -805,7 +805,7 @@ impl BlockJobOps for QemuConnection {
             Err(_) if !monitor.client.is_connected() && status.process.wait_gone(Duration::from_secs(10)).await => {
                 self.monitors.forget(domain).await;
                 live::reconcile(&self.store, domain)?;
-                jobs::ended(&self.store, domain, disk)
+                strata_engine::job::record::ended(&self.store, domain, disk)
             }
             other => other,
         }

@@ -26,8 +26,8 @@ use strata_core::{Error, ErrorKind, Result};
 use strata_qmp::types::RunState;
 use strata_qmp::{QmpClient, QmpError};
 
-use crate::jobs::JobRecord;
 use crate::launch::{RuntimePaths, MONITORS};
+use strata_engine::job::record::{self, JobRecord};
 use strata_engine::process::{Liveness, ProcessId};
 
 /// The live status of a running domain, as kept in `status.xml`.
@@ -205,7 +205,8 @@ pub fn reconcile(store: &Store, name: &str) -> Result<Option<LiveStatus>> {
     };
     if status.process.liveness() == Liveness::Gone {
         tracing::debug!(domain = name, pid = status.process.pid, "QEMU is gone; cleaning up");
-        crate::jobs::record_server_exit(store, name, &status)?;
+        let server = if status.is_vm() { "QEMU" } else { "qemu-storage-daemon" };
+        record::record_server_exit(store, name, &status.jobs, server, status.process.pid)?;
         forget(store, name, status.process)?;
         return Ok(None);
     }
@@ -219,6 +220,46 @@ pub fn reconcile(store: &Store, name: &str) -> Result<Option<LiveStatus>> {
         return Ok(None);
     }
     Ok(Some(status))
+}
+
+/// Changes the running domain's status under the domain lock: reads it
+/// afresh ([`reconcile`]), lets `change` edit it and writes it back if it
+/// changed; `None` (nothing written) when nothing serves the domain. An
+/// error from `change` leaves the status as it was. Async code calls
+/// [`edit_status_async`], which waits for the lock off the runtime.
+pub fn edit_status<T>(
+    store: &Store,
+    name: &str,
+    change: impl FnOnce(&mut LiveStatus) -> Result<T>,
+) -> Result<Option<T>> {
+    let _lock = store.lock_domain(name)?;
+    edit_locked_status(store, name, change)
+}
+
+/// [`edit_status`] from async code.
+pub async fn edit_status_async<T>(
+    store: &Store,
+    name: &str,
+    change: impl FnOnce(&mut LiveStatus) -> Result<T>,
+) -> Result<Option<T>> {
+    let _lock = strata_engine::blocking::lock_domain(store, name).await?;
+    edit_locked_status(store, name, change)
+}
+
+/// [`edit_status`] for a caller that already holds the domain lock.
+pub fn edit_locked_status<T>(
+    store: &Store,
+    name: &str,
+    change: impl FnOnce(&mut LiveStatus) -> Result<T>,
+) -> Result<Option<T>> {
+    let Some(mut status) = reconcile(store, name)? else { return Ok(None) };
+    let before = status.to_xml();
+    let changed = change(&mut status)?;
+    let after = status.to_xml();
+    if after != before {
+        store.write_status(name, &after)?;
+    }
+    Ok(Some(changed))
 }
 
 /// [`cleanup`] unless the status has meanwhile come to name another
@@ -528,7 +569,7 @@ pub async fn wait_for_socket(path: &Path, child: &mut std::process::Child, log: 
 pub fn translate_event(domain: &str, ev: &strata_qmp::QmpEvent) -> Option<strata_core::driver::DomainEvent> {
     use strata_qmp::KnownEvent;
     let block_job = |id: &str, what: &str| {
-        let (kind, disk) = crate::jobs::job_of_id(id)?;
+        let (kind, disk) = record::job_of_id(id)?;
         Some(("block-job", format!("{} for {disk} {what}", kind.label()), Some(disk.to_string())))
     };
     let (event, detail, disk) = match ev.known() {

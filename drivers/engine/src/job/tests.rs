@@ -1,0 +1,348 @@
+//! The block-job engine's decisions on plain data and a temp store; no
+//! hypervisor and no `qemu-*` tool is run (image headers are written here).
+
+use std::path::{Path, PathBuf};
+
+use strata_core::chain::{Chain, StorageSource};
+use strata_core::driver::{BlockJobEnd, BlockJobKind, BlockJobState};
+use strata_core::options::{BlockCommitOptions, BlockPullOptions};
+use strata_core::store::Store;
+use strata_core::xml::{Domain, Element};
+use strata_core::ErrorKind;
+
+use super::conclude::{persistent_takes_chain, record_in_live, record_in_store};
+use super::layers::{backing_string, commit_layers, pull_layers, resolve_layer};
+use super::reconcile::{end_of, next_step, Step};
+use super::record::{ended, job_of_id, last_outcome, record_server_exit, set_outcome, JobOutcome, JobRecord};
+use super::refusals::ensure_idle;
+use super::{JobPhase, ObservedJob};
+use crate::process::ProcessId;
+
+/// A linear chain of qcow2 files, the active layer first.
+fn chain(paths: &[&str]) -> Chain {
+    let file = |p: &str| StorageSource::File { path: PathBuf::from(p) };
+    let mut chain = Chain::single(file(paths[0]), Some("qcow2".into()));
+    let mut parent = 0;
+    for p in &paths[1..] {
+        parent = chain.push_backing(parent, file(p), Some("qcow2".into()));
+    }
+    chain.end_at(parent);
+    chain.renumber();
+    chain
+}
+
+const VDA: [&str; 4] = ["/imgs/top.qcow2", "/imgs/mid.qcow2", "/imgs/low.qcow2", "/imgs/base.qcow2"];
+
+fn message(e: strata_core::Error) -> String {
+    e.message().to_string()
+}
+
+#[test]
+fn a_layer_is_found_by_index_or_by_path_relative_to_the_top() {
+    let c = chain(&VDA);
+    assert_eq!(resolve_layer("vda", &c, "vda[2]").expect("vda[2]"), 2);
+    assert_eq!(resolve_layer("vda", &c, "/imgs/mid.qcow2").expect("absolute path"), 1);
+    assert_eq!(resolve_layer("vda", &c, "low.qcow2").expect("relative path"), 2);
+    assert_eq!(resolve_layer("vda", &c, "./base.qcow2").expect("path with ."), 3);
+}
+
+#[test]
+fn a_layer_that_is_not_in_the_chain_is_refused_naming_it() {
+    let c = chain(&VDA);
+    assert_eq!(
+        message(resolve_layer("vda", &c, "vdb[1]").expect_err("other disk")),
+        "requested target 'vdb' does not match target 'vda'"
+    );
+    assert_eq!(
+        message(resolve_layer("vda", &c, "vda[7]").expect_err("no such index")),
+        "could not find backing store index '7' in chain for 'vda' (it has layers 0 to 3)"
+    );
+    assert_eq!(
+        message(resolve_layer("vda", &c, "vda[x]").expect_err("not a number")),
+        "'vda[x]' is not DISK[N] with a number N"
+    );
+    let err = resolve_layer("vda", &c, "/elsewhere/base.qcow2").expect_err("not in chain");
+    assert_eq!(err.kind(), ErrorKind::InvalidArg);
+    assert_eq!(message(err), "could not find image '/elsewhere/base.qcow2' in chain for 'vda'");
+}
+
+#[test]
+fn a_pull_base_must_be_below_the_layer_pulled_into() {
+    let c = chain(&VDA);
+    let opts = |top: Option<&str>, base: Option<&str>| BlockPullOptions {
+        top: top.map(str::to_string),
+        base: base.map(str::to_string),
+        ..Default::default()
+    };
+    let whole = pull_layers("vda", &c, &opts(None, None)).expect("pull everything");
+    assert_eq!((whole.into, whole.base), (0, None));
+    let part = pull_layers("vda", &c, &opts(Some("vda[1]"), Some("vda[3]"))).expect("pull into mid");
+    assert_eq!((part.into, part.base), (1, Some(3)));
+    for (top, base) in [(Some("vda[2]"), "vda[1]"), (None, "vda[0]")] {
+        let err = pull_layers("vda", &c, &opts(top, Some(base))).expect_err("base not below");
+        assert_eq!(message(err), "could not find base image in chain for 'vda'");
+    }
+}
+
+#[test]
+fn a_commit_base_above_its_top_is_refused() {
+    let c = chain(&VDA);
+    let opts = BlockCommitOptions { top: Some("vda[2]".into()), base: Some("vda[1]".into()), ..Default::default() };
+    assert_eq!(
+        message(commit_layers("vda", &c, &opts).expect_err("base above top")),
+        "base 'vda[1]' is not below top 'vda[2]' in the chain of 'vda'"
+    );
+}
+
+#[test]
+fn a_commit_takes_its_layers_from_the_options() {
+    let c = chain(&VDA);
+    // No base: down to the bottom of the chain.
+    let opts = BlockCommitOptions { top: Some("vda[1]".into()), ..Default::default() };
+    let l = commit_layers("vda", &c, &opts).expect("commit mid");
+    assert_eq!((l.top, l.base, l.removed.clone(), l.kind), (1, 3, vec![1, 2], BlockJobKind::Commit));
+    assert_eq!(l.removed_files(&c), [PathBuf::from("/imgs/mid.qcow2"), PathBuf::from("/imgs/low.qcow2")]);
+    // Shallow: into the image just below the top.
+    let opts = BlockCommitOptions { top: Some("vda[1]".into()), shallow: true, ..Default::default() };
+    assert_eq!(commit_layers("vda", &c, &opts).expect("shallow").base, 2);
+    // The active layer needs --active and makes an active commit.
+    let opts = BlockCommitOptions::default();
+    assert_eq!(
+        message(commit_layers("vda", &c, &opts).expect_err("no --active")),
+        "commit of 'vda' active layer requires active flag"
+    );
+    let opts = BlockCommitOptions { active: true, ..Default::default() };
+    assert_eq!(commit_layers("vda", &c, &opts).expect("active").kind, BlockJobKind::ActiveCommit);
+    // A single image has nothing to commit into.
+    let opts = BlockCommitOptions { active: true, ..Default::default() };
+    assert_eq!(
+        message(commit_layers("vda", &chain(&VDA[3..]), &opts).expect_err("one layer")),
+        "could not find base image in chain for 'vda'"
+    );
+}
+
+/// A qcow2 version 2 header (no extensions) whose backing file name is
+/// `backing`, as `qemu-img create -b` writes it.
+fn write_qcow2_with_backing(path: &Path, backing: &str) {
+    const HEADER_LEN: u64 = 72;
+    let mut h = vec![0u8; HEADER_LEN as usize];
+    h[0..4].copy_from_slice(b"QFI\xfb");
+    h[4..8].copy_from_slice(&2u32.to_be_bytes());
+    h[8..16].copy_from_slice(&HEADER_LEN.to_be_bytes());
+    h[16..20].copy_from_slice(&u32::try_from(backing.len()).expect("short name").to_be_bytes());
+    h[20..24].copy_from_slice(&16u32.to_be_bytes());
+    h[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
+    h.extend_from_slice(backing.as_bytes());
+    h.resize(1 << 16, 0);
+    std::fs::write(path, h).expect("write the header");
+}
+
+#[test]
+fn keep_relative_writes_the_backing_name_the_image_above_recorded() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let top = dir.path().join("top.qcow2");
+    let mid = dir.path().join("mid.qcow2");
+    let base = dir.path().join("base.qcow2");
+    write_qcow2_with_backing(&top, "mid.qcow2");
+    write_qcow2_with_backing(&mid, "base.qcow2");
+    let paths = [&top, &mid, &base].map(|p| p.to_str().expect("utf-8 temp path").to_string());
+    let c = chain(&paths.each_ref().map(String::as_str));
+    assert_eq!(backing_string(&c, 2, true).expect("keep relative"), Some("base.qcow2".to_string()));
+    assert_eq!(backing_string(&c, 2, false).expect("absolute"), Some(paths[2].clone()));
+    assert_eq!(backing_string(&c, 9, true).expect("no such layer"), None);
+}
+
+fn record(kind: BlockJobKind, starter: Option<ProcessId>, starting: bool) -> JobRecord {
+    JobRecord {
+        id: "strata-copy-vda-4".into(),
+        kind,
+        disk: "vda".into(),
+        delete: Vec::new(),
+        ready: false,
+        pivoting: false,
+        starting,
+        starter,
+    }
+}
+
+fn this_process() -> ProcessId {
+    ProcessId::this().expect("this process")
+}
+
+/// This process's pid with another start time: a starter that is gone.
+fn gone_process() -> ProcessId {
+    let me = this_process();
+    ProcessId { pid: me.pid, start_time: me.start_time + 1 }
+}
+
+fn job(phase: JobPhase, error: Option<&str>) -> ObservedJob {
+    ObservedJob { phase, error: error.map(str::to_string), done: 5, total: 10 }
+}
+
+#[test]
+fn a_job_not_yet_sent_by_a_live_starter_is_waited_for() {
+    let rec = record(BlockJobKind::Pull, Some(this_process()), true);
+    assert_eq!(next_step(&rec, None), Step::Leave);
+}
+
+#[test]
+fn a_job_whose_starter_died_before_sending_it_is_concluded_as_vanished() {
+    for starter in [Some(gone_process()), None] {
+        let rec = record(BlockJobKind::Pull, starter, true);
+        assert_eq!(next_step(&rec, None), Step::Conclude);
+    }
+    // Started and then gone from the hypervisor: vanished too.
+    let rec = record(BlockJobKind::Pull, Some(this_process()), false);
+    assert_eq!(next_step(&rec, None), Step::Conclude);
+    assert_eq!(end_of(None, false, BlockJobKind::Pull), BlockJobEnd::Failed("the job disappeared from QEMU".into()));
+}
+
+#[test]
+fn a_concluded_job_is_recorded_with_its_error() {
+    let rec = record(BlockJobKind::Commit, Some(this_process()), false);
+    let failed = job(JobPhase::Concluded, Some("No space left on device"));
+    assert_eq!(next_step(&rec, Some(&failed)), Step::Conclude);
+    assert_eq!(
+        end_of(Some(&failed), false, BlockJobKind::Commit),
+        BlockJobEnd::Failed("No space left on device".into())
+    );
+    let cancelled = job(JobPhase::Concluded, Some("Operation canceled"));
+    assert_eq!(end_of(Some(&cancelled), false, BlockJobKind::Commit), BlockJobEnd::Cancelled);
+    let done = job(JobPhase::Concluded, None);
+    assert_eq!(end_of(Some(&done), false, BlockJobKind::Commit), BlockJobEnd::Completed);
+    // A copy ended without a pivot finished; with one it completed.
+    assert_eq!(end_of(Some(&done), false, BlockJobKind::Copy), BlockJobEnd::Finished);
+    assert_eq!(end_of(Some(&done), true, BlockJobKind::Copy), BlockJobEnd::Completed);
+}
+
+#[test]
+fn a_pending_job_is_finalized_and_a_ready_one_marked_once() {
+    let mut rec = record(BlockJobKind::Copy, Some(this_process()), false);
+    assert_eq!(next_step(&rec, Some(&job(JobPhase::Pending, None))), Step::Finalize);
+    assert_eq!(next_step(&rec, Some(&job(JobPhase::Ready, None))), Step::MarkReady);
+    assert_eq!(next_step(&rec, Some(&job(JobPhase::Running, None))), Step::Leave);
+    rec.ready = true;
+    assert_eq!(next_step(&rec, Some(&job(JobPhase::Ready, None))), Step::Leave);
+}
+
+const DOMAIN: &str = "<domain type='kvm'><name>vm</name><devices>\
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+    <source file='/imgs/top.qcow2'/><target dev='vda' bus='virtio'/></disk>\
+    </devices></domain>";
+
+fn store_with_domain(dir: &Path, xml: &str) -> Store {
+    let store = Store::open(dir).expect("store");
+    store.write_domain("vm", xml).expect("define");
+    store
+}
+
+fn vda_source(dom: &Domain) -> Option<StorageSource> {
+    dom.find_disk("vda").expect("vda").source().cloned()
+}
+
+#[test]
+fn the_new_chain_reaches_a_persistent_disk_still_on_the_image_the_job_ran_on() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_with_domain(dir.path(), DOMAIN);
+    let before = vda_source(&Domain::parse(DOMAIN).expect("parse"));
+    let merged = chain(&["/imgs/top.qcow2", "/imgs/base.qcow2"]);
+    let rec = record(BlockJobKind::Commit, None, false);
+    record_in_store(&store, "vm", &rec, &BlockJobEnd::Completed, before.as_ref(), &merged).expect("record");
+    let persistent = Domain::parse(&store.read_domain("vm").expect("read").expect("defined")).expect("parse");
+    assert_eq!(persistent.find_disk("vda").expect("vda").chain, Some(merged));
+    assert_eq!(
+        last_outcome(&store, "vm", "vda").expect("outcome"),
+        Some(JobOutcome { disk: "vda".into(), kind: BlockJobKind::Commit, end: BlockJobEnd::Completed })
+    );
+}
+
+#[test]
+fn a_persistent_disk_redefined_meanwhile_keeps_its_new_image() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let redefined = DOMAIN.replace("/imgs/top.qcow2", "/imgs/other.qcow2");
+    let store = store_with_domain(dir.path(), &redefined);
+    let before = vda_source(&Domain::parse(DOMAIN).expect("parse"));
+    assert!(!persistent_takes_chain(&Domain::parse(&redefined).expect("parse"), "vda", before.as_ref()));
+    let rec = record(BlockJobKind::Commit, None, false);
+    let merged = chain(&["/imgs/top.qcow2", "/imgs/base.qcow2"]);
+    record_in_store(&store, "vm", &rec, &BlockJobEnd::Completed, before.as_ref(), &merged).expect("record");
+    let xml = store.read_domain("vm").expect("read").expect("defined");
+    assert_eq!(xml, redefined, "the redefined disk's definition is left as it was");
+}
+
+#[test]
+fn the_live_definition_drops_a_copy_mirror_and_its_record() {
+    let mut live = Domain::parse(DOMAIN).expect("parse");
+    live.set_disk_mirror("vda", Some(Element::new("mirror").with_attr("job", "copy"))).expect("mirror");
+    let rec = record(BlockJobKind::Copy, None, false);
+    let other = JobRecord { id: "strata-pull-vdb-5".into(), disk: "vdb".into(), ..rec.clone() };
+    let mut jobs = vec![rec.clone(), other.clone()];
+    let copied = chain(&["/imgs/copy.qcow2"]);
+    record_in_live(&mut live, &mut jobs, &rec, &copied).expect("record");
+    assert_eq!(jobs, [other]);
+    assert!(!live.to_xml().contains("<mirror"), "{}", live.to_xml());
+    assert_eq!(live.find_disk("vda").expect("vda").chain, Some(copied));
+}
+
+#[test]
+fn a_record_survives_its_xml_and_its_id_names_kind_and_disk() {
+    let mut rec = JobRecord::new(BlockJobKind::ActiveCommit, "vdb", vec![PathBuf::from("/imgs/mid.qcow2")]);
+    rec.give_id(7).expect("id");
+    assert_eq!(rec.id, "strata-active-commit-vdb-7");
+    assert_eq!(rec.starter, Some(this_process()));
+    assert_eq!(job_of_id(&rec.id), Some((BlockJobKind::ActiveCommit, "vdb")));
+    assert_eq!(job_of_id("strata-pull-my-disk-3"), Some((BlockJobKind::Pull, "my-disk")));
+    assert_eq!(job_of_id("blockdev-create-1"), None);
+    rec.ready = true;
+    let parsed = JobRecord::from_element(&Element::parse(&rec.to_element().to_xml()).expect("xml")).expect("parse");
+    assert_eq!(parsed, rec);
+    assert!(!parsed.start_abandoned(), "its starter, this process, lives");
+    let err = JobRecord::from_element(&Element::new("job").with_attr("id", "x")).expect_err("no kind");
+    assert_eq!(message(err), "job record lacks 'kind'");
+}
+
+#[test]
+fn outcomes_round_trip_through_the_store_one_per_disk() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_with_domain(dir.path(), DOMAIN);
+    assert_eq!(
+        message(ended(&store, "vm", "vda").expect_err("no outcome yet")),
+        "disk vda does not have an active block job"
+    );
+    let failed = BlockJobEnd::Failed("Input/output error".into());
+    set_outcome(
+        &store,
+        "vm",
+        "vda",
+        Some(JobOutcome { disk: "vda".into(), kind: BlockJobKind::Copy, end: failed.clone() }),
+    )
+    .expect("set vda");
+    set_outcome(
+        &store,
+        "vm",
+        "vdb",
+        Some(JobOutcome { disk: "vdb".into(), kind: BlockJobKind::Pull, end: BlockJobEnd::Cancelled }),
+    )
+    .expect("set vdb");
+    match ended(&store, "vm", "vda").expect("ended") {
+        BlockJobState::Ended { kind, end } => assert_eq!((kind, end), (BlockJobKind::Copy, failed)),
+        other => panic!("expected an end, got {other:?}"),
+    }
+    set_outcome(&store, "vm", "vda", None).expect("clear vda");
+    assert_eq!(last_outcome(&store, "vm", "vda").expect("read"), None);
+    assert_eq!(last_outcome(&store, "vm", "vdb").expect("read").map(|o| o.end), Some(BlockJobEnd::Cancelled));
+    record_server_exit(&store, "vm", &[record(BlockJobKind::Pull, None, false)], "QEMU", 4242).expect("exit");
+    assert_eq!(
+        last_outcome(&store, "vm", "vda").expect("read").map(|o| o.end),
+        Some(BlockJobEnd::Failed("domain 'vm' (QEMU pid 4242) exited while block job on 'vda' was running".into()))
+    );
+}
+
+#[test]
+fn a_second_job_on_a_disk_is_refused() {
+    let jobs = [record(BlockJobKind::Pull, None, false)];
+    let err = ensure_idle(&jobs, "vda").expect_err("busy");
+    assert_eq!(err.kind(), ErrorKind::BlockCopyActive);
+    assert_eq!(message(err), "disk 'vda' already in active block job");
+    ensure_idle(&jobs, "vdb").expect("another disk is idle");
+}
