@@ -170,7 +170,7 @@ impl QemuConnection {
             return Ok(found);
         }
         {
-            let _lock = self.store.lock_domain(name)?;
+            let _lock = strata_engine::blocking::lock_domain(&self.store, name).await?;
             if live::reconcile(&self.store, name)?.is_none() {
                 self.spawn_server(name, live::Server::StorageDaemon, StartMode::Paused).await?;
             }
@@ -327,11 +327,12 @@ impl QemuConnection {
     /// Records why the running domain is in `state` (libvirt's reason word),
     /// for `domstate --reason` until the next change.
     pub(crate) fn record_reason(&self, name: &str, state: DomainState, word: &str) -> Result<()> {
-        let _lock = self.store.lock_domain(name)?;
-        if let Some(mut status) = live::reconcile(&self.store, name)?.filter(LiveStatus::is_vm) {
-            status.reason = Some((state.as_virsh().to_string(), word.to_string()));
-            self.store.write_status(name, &status.to_xml())?;
-        }
+        live::edit_status(&self.store, name, |status| {
+            if status.is_vm() {
+                status.reason = Some((state.as_virsh().to_string(), word.to_string()));
+            }
+            Ok(())
+        })?;
         Ok(())
     }
 
@@ -627,9 +628,11 @@ impl Connection for QemuConnection {
             }
         }
         if rewritten {
-            let _lock = self.store.lock_domain(name)?;
-            let status = LiveStatus { domain: recorded, ..status };
-            self.store.write_status(name, &status.to_xml())?;
+            live::edit_status_async(&self.store, name, |status| {
+                status.domain = recorded;
+                Ok(())
+            })
+            .await?;
         }
         Ok(checks)
     }
