@@ -9,6 +9,7 @@
 //! `QemuConnection::open_embedded("/some/dir")` gives a
 //! [`strata_core::driver::Connection`] (see `examples/embed.rs`).
 
+mod affinity;
 mod honoured;
 mod jobs;
 mod launch;
@@ -33,10 +34,10 @@ use strata_core::define;
 use strata_core::driver::{
     BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobOps, BlockJobState, Connection, CpuPlacementOps, DefineFlags,
     DefineOutcome, DiskChainCheck, DiskSetOps, DiskSetOutcome, DomainEvent, DomainInfo, DomainState, DomainSummary,
-    DriverCapabilities, DumpXmlFlags, MonitorOps, SnapshotOps, SnapshotSummary, StartFlags, StartOutcome,
+    DriverCapabilities, DumpXmlFlags, MonitorOps, PinScope, SnapshotOps, SnapshotSummary, StartFlags, StartOutcome,
     UndefineFlags, VcpuInfo,
 };
-use strata_core::hostcpu::{HostCpuMap, SysfsCpus};
+use strata_core::hostcpu::{HostCpuMap, NodeInfo, SysfsCpus};
 use strata_core::options::{
     BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions, SnapshotCreateFlags,
     SnapshotDeleteFlags, SnapshotRevertFlags,
@@ -663,7 +664,8 @@ impl Connection for QemuConnection {
     }
 
     async fn vcpu_info(&self, name: &str) -> Result<Vec<VcpuInfo>> {
-        self.vcpus(name).await
+        let (_, monitor) = self.running(name).await?;
+        vcpus::vcpu_info(&monitor.client, name, &self.host_cpus).await
     }
 
     fn disk_sets(&self) -> Option<&dyn DiskSetOps> {
@@ -684,6 +686,59 @@ impl Connection for QemuConnection {
 
     fn cpu_placement(&self) -> Option<&dyn CpuPlacementOps> {
         Some(self)
+    }
+}
+
+/// CPU placement: the domain's QEMU when it runs, looked up once the
+/// request is known to be well formed, else its persistent definition.
+impl QemuConnection {
+    async fn running_vm(&self, domain: &str) -> Result<Option<(LiveStatus, Arc<Monitor>)>> {
+        Ok(self.serving(domain).await?.filter(|(status, _)| status.is_vm()))
+    }
+
+    fn placement(&self) -> placement::Placement<'_> {
+        placement::Placement { store: &self.store, host_cpus: &self.host_cpus }
+    }
+}
+
+#[async_trait]
+impl CpuPlacementOps for QemuConnection {
+    async fn node_info(&self) -> Result<NodeInfo> {
+        self.placement().node_info()
+    }
+
+    async fn node_cpu_map(&self) -> Result<HostCpuMap> {
+        self.placement().node_cpu_map()
+    }
+
+    async fn vcpu_pins(&self, domain: &str, scope: PinScope) -> Result<Vec<Vec<u32>>> {
+        placement::refuse_query_of_both(scope)?;
+        let running = self.running_vm(domain).await?;
+        self.placement().vcpu_pins(domain, scope, running).await
+    }
+
+    async fn pin_vcpu(&self, domain: &str, vcpu: u32, cpus: &[u32], scope: PinScope) -> Result<()> {
+        let running = self.running_vm(domain).await?;
+        self.placement().pin_vcpu(domain, vcpu, cpus, scope, running).await
+    }
+
+    async fn emulator_pin(&self, domain: &str, scope: PinScope) -> Result<Vec<u32>> {
+        placement::refuse_query_of_both(scope)?;
+        let running = self.running_vm(domain).await?;
+        self.placement().emulator_pin(domain, scope, running)
+    }
+
+    async fn pin_emulator(&self, domain: &str, cpus: &[u32], scope: PinScope) -> Result<()> {
+        let running = self.running_vm(domain).await?;
+        self.placement().pin_emulator(domain, cpus, scope, running).await
+    }
+}
+
+#[async_trait]
+impl MonitorOps for QemuConnection {
+    async fn monitor_command(&self, domain: &str, command: &str, human: bool) -> Result<String> {
+        let (_, monitor) = self.running(domain).await?;
+        monitor_command::run(&monitor.client, domain, command, human).await
     }
 }
 

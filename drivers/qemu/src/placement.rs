@@ -9,18 +9,17 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use strata_core::driver::{CpuPlacementOps, PinScope};
+use strata_core::driver::PinScope;
 use strata_core::hostcpu::{format_cpulist, parse_cpulist, HostCpuMap, NodeInfo, SysfsCpus};
+use strata_core::store::Store;
 use strata_core::xml::Domain;
 use strata_core::{Error, Result};
 use strata_qmp::QmpClient;
 
+use crate::affinity::{set_thread_affinity, thread_affinity};
 use crate::live::{LiveStatus, Monitor};
 use crate::vcpus::{vcpu_threads, VcpuThread};
 use strata_engine::definitions as persistent;
-
-use crate::QemuConnection;
 
 /// The host's CPU lists: from `$STRATA_HOST_CPU_DIR` (a directory laid
 /// out as `/sys/devices/system/cpu`, for tests that present another host)
@@ -39,48 +38,59 @@ struct PinTargets {
     config: bool,
 }
 
-impl QemuConnection {
-    /// Resolves virsh's `--live`/`--config`/`--current` for `domain`.
-    async fn pin_targets(&self, domain: &str, scope: PinScope) -> Result<PinTargets> {
-        let running = self.serving(domain).await?.filter(|(status, _)| status.is_vm());
-        let (live, config) = match (scope.live, scope.config) {
-            (false, false) => (running.is_some(), running.is_none()),
-            scope => scope,
-        };
-        let live = match (live, running) {
-            (false, _) => None,
-            (true, Some(running)) => Some(running),
-            (true, None) => return Err(Error::operation_invalid("domain is not running")),
-        };
-        Ok(PinTargets { live, config })
-    }
-
-    /// The one definition a query reads: the running domain's or the
-    /// persistent one.
-    async fn query_target(&self, domain: &str, scope: PinScope) -> Result<PinTargets> {
-        if scope.live && scope.config {
-            return Err(Error::invalid_arg("a query reads either --live or --config, not both"));
-        }
-        self.pin_targets(domain, scope).await
-    }
-
-    fn host_map(&self) -> Result<HostCpuMap> {
-        HostCpuMap::read(&self.host_cpus)
-    }
+/// Resolves virsh's `--live`/`--config`/`--current` for a domain that
+/// `running` serves now (its QEMU and monitor), or that is shut off.
+fn pin_targets(running: Option<(LiveStatus, Arc<Monitor>)>, scope: PinScope) -> Result<PinTargets> {
+    let (live, config) = match (scope.live, scope.config) {
+        (false, false) => (running.is_some(), running.is_none()),
+        scope => scope,
+    };
+    let live = match (live, running) {
+        (false, _) => None,
+        (true, Some(running)) => Some(running),
+        (true, None) => return Err(Error::operation_invalid("domain is not running")),
+    };
+    Ok(PinTargets { live, config })
 }
 
-#[async_trait]
-impl CpuPlacementOps for QemuConnection {
-    async fn node_info(&self) -> Result<NodeInfo> {
-        NodeInfo::read(&self.host_cpus)
+/// Refuses a query that names both definitions (checked before the
+/// domain is looked at): a query reads one.
+pub(crate) fn refuse_query_of_both(scope: PinScope) -> Result<()> {
+    if scope.live && scope.config {
+        return Err(Error::invalid_arg("a query reads either --live or --config, not both"));
+    }
+    Ok(())
+}
+
+/// Where a connection's domains run: its store and the host's CPU lists.
+/// Each call takes the domain's QEMU as the connection found it (`None`
+/// when it is not running).
+pub(crate) struct Placement<'a> {
+    pub store: &'a Store,
+    pub host_cpus: &'a SysfsCpus,
+}
+
+impl Placement<'_> {
+    fn host_map(&self) -> Result<HostCpuMap> {
+        HostCpuMap::read(self.host_cpus)
     }
 
-    async fn node_cpu_map(&self) -> Result<HostCpuMap> {
+    pub(crate) fn node_info(&self) -> Result<NodeInfo> {
+        NodeInfo::read(self.host_cpus)
+    }
+
+    pub(crate) fn node_cpu_map(&self) -> Result<HostCpuMap> {
         self.host_map()
     }
 
-    async fn vcpu_pins(&self, domain: &str, scope: PinScope) -> Result<Vec<Vec<u32>>> {
-        let target = self.query_target(domain, scope).await?;
+    /// After [`refuse_query_of_both`].
+    pub(crate) async fn vcpu_pins(
+        &self,
+        domain: &str,
+        scope: PinScope,
+        running: Option<(LiveStatus, Arc<Monitor>)>,
+    ) -> Result<Vec<Vec<u32>>> {
+        let target = pin_targets(running, scope)?;
         let host = self.host_map()?;
         match target.live {
             Some((_, monitor)) => {
@@ -89,14 +99,21 @@ impl CpuPlacementOps for QemuConnection {
                 threads.iter().map(|thread| Ok(allowed_cpus(&thread_affinity(thread.tid, &host)?))).collect()
             }
             None => {
-                let dom = persistent::load(&self.store, domain)?;
+                let dom = persistent::load(self.store, domain)?;
                 (0..dom.vcpus()).map(|vcpu| configured_cpus(dom.vcpu_pin(vcpu), &dom, &host)).collect()
             }
         }
     }
 
-    async fn pin_vcpu(&self, domain: &str, vcpu: u32, cpus: &[u32], scope: PinScope) -> Result<()> {
-        let target = self.pin_targets(domain, scope).await?;
+    pub(crate) async fn pin_vcpu(
+        &self,
+        domain: &str,
+        vcpu: u32,
+        cpus: &[u32],
+        scope: PinScope,
+        running: Option<(LiveStatus, Arc<Monitor>)>,
+    ) -> Result<()> {
+        let target = pin_targets(running, scope)?;
         self.host_map()?.check_pinnable(cpus)?;
         let thread = match &target.live {
             Some((_, monitor)) => {
@@ -110,7 +127,7 @@ impl CpuPlacementOps for QemuConnection {
             None => None,
         };
         if target.config {
-            let count = persistent::load(&self.store, domain)?.vcpus();
+            let count = persistent::load(self.store, domain)?.vcpus();
             if vcpu >= count {
                 return Err(Error::invalid_arg(format!("vcpu {vcpu} is out of range of persistent cpu count {count}")));
             }
@@ -119,7 +136,7 @@ impl CpuPlacementOps for QemuConnection {
             set_thread_affinity(thread.tid, cpus)?;
         }
         if target.config {
-            persistent::edit(&self.store, domain, |dom| {
+            persistent::edit(self.store, domain, |dom| {
                 dom.set_vcpu_pin(vcpu, &format_cpulist(cpus));
                 Ok(())
             })?;
@@ -127,26 +144,38 @@ impl CpuPlacementOps for QemuConnection {
         Ok(())
     }
 
-    async fn emulator_pin(&self, domain: &str, scope: PinScope) -> Result<Vec<u32>> {
-        let target = self.query_target(domain, scope).await?;
+    /// After [`refuse_query_of_both`].
+    pub(crate) fn emulator_pin(
+        &self,
+        domain: &str,
+        scope: PinScope,
+        running: Option<(LiveStatus, Arc<Monitor>)>,
+    ) -> Result<Vec<u32>> {
+        let target = pin_targets(running, scope)?;
         let host = self.host_map()?;
         match target.live {
             Some((status, _)) => Ok(allowed_cpus(&thread_affinity(status.process.pid, &host)?)),
             None => {
-                let dom = persistent::load(&self.store, domain)?;
+                let dom = persistent::load(self.store, domain)?;
                 configured_cpus(dom.emulator_pin(), &dom, &host)
             }
         }
     }
 
-    async fn pin_emulator(&self, domain: &str, cpus: &[u32], scope: PinScope) -> Result<()> {
-        let target = self.pin_targets(domain, scope).await?;
+    pub(crate) async fn pin_emulator(
+        &self,
+        domain: &str,
+        cpus: &[u32],
+        scope: PinScope,
+        running: Option<(LiveStatus, Arc<Monitor>)>,
+    ) -> Result<()> {
+        let target = pin_targets(running, scope)?;
         self.host_map()?.check_pinnable(cpus)?;
         if let Some((status, monitor)) = &target.live {
             pin_emulator_threads(&monitor.client, domain, status.process.pid, cpus).await?;
         }
         if target.config {
-            persistent::edit(&self.store, domain, |dom| {
+            persistent::edit(self.store, domain, |dom| {
                 dom.set_emulator_pin(&format_cpulist(cpus));
                 Ok(())
             })?;
@@ -216,46 +245,4 @@ pub(crate) async fn apply_defined_placement(
 /// The CPU numbers set in a mask.
 fn allowed_cpus(mask: &[bool]) -> Vec<u32> {
     (0u32..).zip(mask).filter(|(_, allowed)| **allowed).map(|(cpu, _)| cpu).collect()
-}
-
-/// Where a thread may run, one entry per host CPU up to the highest
-/// present one; an offline CPU is never allowed.
-pub(crate) fn thread_affinity(tid: i32, host: &HostCpuMap) -> Result<Vec<bool>> {
-    // SAFETY: cpu_set_t is a plain bit array, for which all zeroes is valid.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: sched_getaffinity(2) writes at most the given size into `set`.
-    let rc = unsafe { libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
-        return Err(Error::operation_failed(format!("cannot read the CPU affinity of thread {tid}")).with_source(err));
-    }
-    // A cpu_set_t holds CPU_SETSIZE CPUs: beyond, none is allowed.
-    let in_set = host.mask_len().min(libc::CPU_SETSIZE as usize);
-    let allowed = (0..host.mask_len()).map(|cpu| {
-        // SAFETY: CPU_ISSET reads one bit of `set`, an index below its size.
-        cpu < in_set && unsafe { libc::CPU_ISSET(cpu, &set) } && u32::try_from(cpu).is_ok_and(|c| host.is_online(c))
-    });
-    Ok(allowed.collect())
-}
-
-/// Lets thread `tid` run on `cpus` only (sched_setaffinity(2)).
-pub(crate) fn set_thread_affinity(tid: i32, cpus: &[u32]) -> Result<()> {
-    // SAFETY: cpu_set_t is a plain bit array, for which all zeroes is valid.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &cpu in cpus {
-        let cpu = cpu as usize;
-        if cpu >= libc::CPU_SETSIZE as usize {
-            return Err(Error::invalid_arg(format!("CPU {cpu} is beyond the {} a CPU set holds", libc::CPU_SETSIZE)));
-        }
-        // SAFETY: CPU_SET writes one bit of `set`, an index below its size.
-        unsafe { libc::CPU_SET(cpu, &mut set) };
-    }
-    // SAFETY: sched_setaffinity(2) reads the given size from `set`.
-    let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
-        return Err(Error::operation_failed(format!("cannot pin thread {tid} to CPUs {}", format_cpulist(cpus)))
-            .with_source(err));
-    }
-    Ok(())
 }

@@ -8,13 +8,12 @@ use std::path::Path;
 
 use serde_json::Value;
 use strata_core::driver::VcpuInfo;
-use strata_core::hostcpu::HostCpuMap;
+use strata_core::hostcpu::{HostCpuMap, SysfsCpus};
 use strata_core::{Error, Result};
 use strata_qmp::QmpClient;
 
+use crate::affinity::thread_affinity;
 use crate::live::qmp_error;
-use crate::placement::thread_affinity;
-use crate::QemuConnection;
 
 /// One vCPU of a running QEMU and the host thread that runs it.
 pub(crate) struct VcpuThread {
@@ -22,13 +21,12 @@ pub(crate) struct VcpuThread {
     pub tid: i32,
 }
 
-impl QemuConnection {
-    pub(crate) async fn vcpus(&self, name: &str) -> Result<Vec<VcpuInfo>> {
-        let (_, monitor) = self.running(name).await?;
-        let threads = vcpu_threads(&monitor.client, name).await?;
-        let host = HostCpuMap::read(&self.host_cpus)?;
-        threads.iter().map(|thread| vcpu(thread, &host)).collect()
-    }
+/// Each vCPU of the domain whose monitor is `client`, on the host whose
+/// CPUs `host_cpus` lists.
+pub(crate) async fn vcpu_info(client: &QmpClient, name: &str, host_cpus: &SysfsCpus) -> Result<Vec<VcpuInfo>> {
+    let threads = vcpu_threads(client, name).await?;
+    let host = HostCpuMap::read(host_cpus)?;
+    threads.iter().map(|thread| vcpu(thread, &host)).collect()
 }
 
 /// The vCPU threads QEMU reports (`query-cpus-fast`), in its order.
