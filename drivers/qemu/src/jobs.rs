@@ -1,5 +1,8 @@
-//! Block jobs on running domains: pull (`block-stream`), commit and active
-//! commit (`block-commit`), copy (`blockdev-mirror`).
+//! Block jobs on QEMU and qemu-storage-daemon: pull (`block-stream`),
+//! commit and active commit (`block-commit`), copy (`blockdev-mirror`),
+//! and the QMP side of strata-engine's job handling ([`QemuJobServer`]).
+//! What a job means — its record, layers, refusals, the steps that bring
+//! it forward and what its end changes — is the engine's.
 //!
 //! Every job runs with auto-finalize and auto-dismiss off, so QEMU keeps
 //! its outcome until Strata has recorded it. The job record (and, for a
@@ -14,34 +17,24 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use serde_json::{json, Value};
-use strata_core::chain::StorageSource;
-use strata_core::define;
-use strata_core::driver::{BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobState};
+use strata_core::chain::{Chain, StorageSource};
+use strata_core::driver::{BlockJobEnd, BlockJobKind};
 use strata_core::image;
 use strata_core::options::{BlockCommitOptions, BlockCopyOptions, BlockPullOptions};
-use strata_core::pool::PoolManager;
 use strata_core::store::{DomainLock, Store};
 use strata_core::xml::Element;
 use strata_core::{Error, ErrorKind, Result};
 use strata_engine::blocking::blocking;
-use strata_engine::job::reconcile::{self, Step};
-use strata_engine::job::record::{self, no_job, JobRecord};
-use strata_engine::job::{conclude, layers, refusals, JobPhase, ObservedJob};
+use strata_engine::job::record::JobRecord;
+use strata_engine::job::{layers, refusals, run, BlockJobBackend, JobPhase, JobTable, ObservedJob};
 use strata_engine::process::ProcessId;
 use strata_qmp::types::{JobInfo, JobStatus};
 use strata_qmp::{KnownEvent, QmpClient, QmpEvent};
 use tokio::sync::broadcast;
 
 use crate::live::{self, qmp_error, BlockGraph, LiveDisk, LiveStatus};
-
-/// Refuses early (before any file is made) when the disk already has a job.
-fn check_idle(store: &Store, name: &str, disk: &str) -> Result<()> {
-    match live::reconcile(store, name)? {
-        Some(status) => refusals::ensure_idle(&status.jobs, disk),
-        None => Ok(()),
-    }
-}
 
 /// `job-finalize`, tolerating another process having finalized it first.
 async fn finalize(client: &QmpClient, name: &str, id: &str) -> Result<()> {
@@ -63,67 +56,21 @@ pub async fn live_disk(client: &QmpClient, domain: &str, disk: &str) -> Result<L
         .ok_or_else(|| Error::invalid_arg(format!("disk '{disk}' not found in domain")))
 }
 
-/// Adds a job record under the domain lock, refusing a busy disk; returns
-/// the job id it gave the record.
-async fn record_job(store: &Store, name: &str, mut rec: JobRecord, mirror: Option<Element>) -> Result<String> {
-    live::edit_status_async(store, name, |status| {
-        refusals::ensure_idle(&status.jobs, &rec.disk)?;
-        rec.give_id(status.next_node)?;
-        status.next_node = status.next_node.saturating_add(1);
-        let id = rec.id.clone();
-        if let Some(m) = mirror {
-            status.domain.set_disk_mirror(&rec.disk, Some(m))?;
-        }
-        record::set_outcome(store, name, &rec.disk, None)?;
-        status.jobs.push(rec);
-        Ok(id)
-    })
-    .await?
-    .ok_or_else(|| Error::operation_invalid("domain is not running"))
-}
-
-async fn drop_record(store: &Store, name: &str, id: &str) -> Result<()> {
-    live::edit_status_async(store, name, |status| {
-        if let Some(rec) = status.jobs.iter().find(|j| j.id == id).cloned() {
-            status.jobs.retain(|j| j.id != id);
-            if rec.kind == BlockJobKind::Copy {
-                status.domain.set_disk_mirror(&rec.disk, None)?;
-            }
-        }
-        Ok(())
-    })
-    .await?;
-    Ok(())
-}
-
-/// Runs a job-starting command (its arguments without the `job-id`) after
-/// recording the job; forgets the record if QEMU refuses.
+/// Runs a job-starting command (its arguments without the `job-id`) once
+/// the engine has recorded the job (see [`run::start_recorded`]).
 async fn start_recorded(
-    store: &Store,
-    name: &str,
-    client: &QmpClient,
+    server: &QemuJobServer<'_>,
     rec: JobRecord,
     mirror: Option<Element>,
     command: &str,
     mut args: Value,
 ) -> Result<()> {
-    let id = record_job(store, name, rec, mirror).await?;
-    strata_core::pause_point("job:starting");
-    strata_core::crash_point("job:starting");
-    args["job-id"] = Value::String(id.clone());
-    if let Err(e) = client.execute(command, Some(args)).await {
-        drop_record(store, name, &id).await?;
-        return Err(qmp_error(name, e));
-    }
-    strata_core::crash_point("job:started");
-    live::edit_status_async(store, name, |status| {
-        if let Some(r) = status.jobs.iter_mut().find(|j| j.id == id) {
-            r.starting = false;
-        }
+    run::start_recorded(server, rec, mirror, |id| async move {
+        args["job-id"] = Value::String(id);
+        server.client.execute(command, Some(args)).await.map_err(|e| qmp_error(server.name, e))?;
         Ok(())
     })
-    .await?;
-    Ok(())
+    .await
 }
 
 /// The backing string for the image above layer `base` of `live`'s chain
@@ -135,7 +82,8 @@ async fn backing_string(live: &LiveDisk, base: usize, keep_relative: bool) -> Re
 
 pub async fn pull(store: &Store, name: &str, client: &QmpClient, disk: &str, opts: &BlockPullOptions) -> Result<()> {
     opts.validate()?;
-    check_idle(store, name, disk)?;
+    let server = QemuJobServer { store, name, client };
+    run::check_idle(&server, disk)?;
     let live = live_disk(client, name, disk).await?;
     let layers = layers::pull_layers(disk, &live.chain, opts)?;
     let mut args = json!({
@@ -153,7 +101,7 @@ pub async fn pull(store: &Store, name: &str, client: &QmpClient, disk: &str, opt
         args["speed"] = json!(bw);
     }
     let rec = JobRecord::new(BlockJobKind::Pull, disk, Vec::new());
-    start_recorded(store, name, client, rec, None, "block-stream", args).await
+    start_recorded(&server, rec, None, "block-stream", args).await
 }
 
 pub async fn commit(
@@ -164,7 +112,8 @@ pub async fn commit(
     opts: &BlockCommitOptions,
 ) -> Result<BlockJobKind> {
     opts.validate()?;
-    check_idle(store, name, disk)?;
+    let server = QemuJobServer { store, name, client };
+    run::check_idle(&server, disk)?;
     let live = live_disk(client, name, disk).await?;
     let chain = &live.chain;
     let layers = layers::commit_layers(disk, chain, opts)?;
@@ -191,7 +140,7 @@ pub async fn commit(
     let delete: Vec<PathBuf> = if opts.delete { layers.removed_files(chain) } else { Vec::new() };
     refusals::refuse_deleting_snapshot_images(store, name, &delete)?;
     let rec = JobRecord::new(kind, disk, delete);
-    start_recorded(store, name, client, rec, None, "block-commit", args).await?;
+    start_recorded(&server, rec, None, "block-commit", args).await?;
     Ok(kind)
 }
 
@@ -238,7 +187,8 @@ pub async fn copy(
     opts: &BlockCopyOptions,
 ) -> Result<Vec<String>> {
     let warnings = opts.validate()?;
-    check_idle(store, name, disk)?;
+    let server = QemuJobServer { store, name, client };
+    run::check_idle(&server, disk)?;
     let live = live_disk(client, name, disk).await?;
     let top = live.chain.top().ok_or_else(|| Error::internal("empty chain"))?;
     let source_format = top.format.clone().unwrap_or_else(|| "raw".into());
@@ -339,7 +289,7 @@ pub async fn copy(
         .with_child(Element::new("format").with_attr("type", format.clone()))
         .with_child(strata_core::xml::source_element(&StorageSource::local(dest.clone())));
     let rec = JobRecord::new(BlockJobKind::Copy, disk, Vec::new());
-    if let Err(e) = start_recorded(store, name, client, rec, Some(mirror), "blockdev-mirror", args).await {
+    if let Err(e) = start_recorded(&server, rec, Some(mirror), "blockdev-mirror", args).await {
         for n in [&fmt_node, &file_node] {
             let _ = client.execute("blockdev-del", Some(json!({"node-name": n}))).await;
         }
@@ -352,24 +302,24 @@ fn find_job<'a>(jobs: &'a [JobInfo], id: &str) -> Option<&'a JobInfo> {
     jobs.iter().find(|j| j.id == id)
 }
 
-/// Job `id` as QEMU reports it in `jobs`, in the engine's terms.
-fn observed(jobs: &[JobInfo], id: &str) -> Option<ObservedJob> {
-    find_job(jobs, id).map(|j| ObservedJob {
-        phase: match j.status {
+/// A job as QEMU reports it, in the engine's terms.
+fn observed_job(job: &JobInfo) -> ObservedJob {
+    ObservedJob {
+        phase: match job.status {
             JobStatus::Ready => JobPhase::Ready,
             JobStatus::Pending => JobPhase::Pending,
             JobStatus::Concluded => JobPhase::Concluded,
             _ => JobPhase::Running,
         },
-        error: j.error.clone(),
-        done: j.current_progress,
-        total: j.total_progress,
-    })
+        error: job.error.clone(),
+        done: job.current_progress,
+        total: job.total_progress,
+    }
 }
 
-/// Brings every recorded job forward: finalizes pending ones, records
-/// concluded ones. Returns the (possibly updated) status; `None` once a
-/// storage daemon whose last job ended has quit.
+/// Brings every recorded job forward (see [`run::reconcile_jobs`]).
+/// Returns the (possibly updated) status; `None` once a storage daemon
+/// whose last job ended has quit.
 pub async fn reconcile_jobs(
     store: &Store,
     name: &str,
@@ -379,32 +329,7 @@ pub async fn reconcile_jobs(
     if status.jobs.is_empty() {
         return Ok(Some(status));
     }
-    let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
-    let mut changed = false;
-    for rec in &status.jobs {
-        match reconcile::next_step(rec, observed(&jobs, &rec.id).as_ref()) {
-            Step::Finalize => {
-                strata_core::pause_point("job:seen-ended");
-                // A pending mirror or active commit holds the guest's I/O.
-                finalize(client, name, &rec.id).await?;
-                wait_status(client, name, &rec.id, &[JobStatus::Concluded, JobStatus::Null], Duration::from_secs(30))
-                    .await?;
-                conclude(store, name, client, rec).await?;
-                changed = true;
-            }
-            Step::Conclude => {
-                strata_core::pause_point("job:seen-ended");
-                conclude(store, name, client, rec).await?;
-                changed = true;
-            }
-            Step::MarkReady => {
-                mark_ready(store, name, &rec.id).await?;
-                changed = true;
-            }
-            Step::Leave => {}
-        }
-    }
-    if !changed {
+    if !run::reconcile_jobs(&QemuJobServer { store, name, client }, &status.jobs).await? {
         return Ok(Some(status));
     }
     live::reconcile(store, name)
@@ -421,28 +346,12 @@ pub async fn quit_if_idle_daemon(store: &Store, name: &str, client: &QmpClient) 
     Ok(())
 }
 
-/// Ends a storage daemon and removes its status. The offline job server
-/// stays in this driver until a second driver needs one (the LXC driver's
-/// issue moves it).
+/// Ends a storage daemon and removes its status.
 async fn quit_daemon(store: &Store, name: &str, client: &QmpClient, status: &LiveStatus) -> Result<()> {
     let _lock = strata_engine::blocking::lock_domain(store, name).await?;
     let _ = client.execute("quit", None).await;
     status.process.terminate(Duration::from_secs(3)).await?;
     live::cleanup(store, name)
-}
-
-async fn mark_ready(store: &Store, name: &str, id: &str) -> Result<()> {
-    live::edit_status_async(store, name, |status| {
-        let Some(rec) = status.jobs.iter_mut().find(|j| j.id == id) else { return Ok(()) };
-        rec.ready = true;
-        if rec.kind == BlockJobKind::Copy {
-            let disk = rec.disk.clone();
-            status.domain.set_mirror_ready(&disk)?;
-        }
-        Ok(())
-    })
-    .await?;
-    Ok(())
 }
 
 pub(crate) async fn wait_status(
@@ -493,61 +402,143 @@ async fn job_status_changed(rx: &mut broadcast::Receiver<QmpEvent>, id: &str, li
     .is_ok()
 }
 
-/// Records a concluded (or vanished) job: the chain QEMU now has goes into
-/// the live and persistent definitions, `--delete` files go, dead nodes
-/// are removed, the job is dismissed and its outcome kept.
-async fn conclude(store: &Store, name: &str, client: &QmpClient, rec: &JobRecord) -> Result<()> {
-    let end = {
-        // Held throughout, so only one process records the job.
-        let _lock = strata_engine::blocking::lock_domain(store, name).await?;
-        let Some(status) = live::reconcile(store, name)? else { return Ok(()) };
-        let Some(fresh) = status.jobs.iter().find(|j| j.id == rec.id).cloned() else {
-            return Ok(()); // another process recorded it first
+/// A domain's jobs as its QEMU or storage daemon runs them: the QMP side
+/// of the engine's job handling, the records kept in the status XML. The
+/// offline job server (`qemu-storage-daemon`) stays in this driver until a
+/// second driver needs one (the LXC driver's issue moves it).
+pub(crate) struct QemuJobServer<'a> {
+    pub store: &'a Store,
+    pub name: &'a str,
+    pub client: &'a QmpClient,
+}
+
+#[async_trait]
+impl BlockJobBackend for QemuJobServer<'_> {
+    type OpenDisk = LiveDisk;
+    type Changes = broadcast::Receiver<QmpEvent>;
+
+    fn store(&self) -> &Store {
+        self.store
+    }
+
+    fn domain(&self) -> &str {
+        self.name
+    }
+
+    async fn observe(&self) -> Result<Vec<(String, ObservedJob)>> {
+        let jobs = self.client.query_jobs().await.map_err(|e| qmp_error(self.name, e))?;
+        Ok(jobs.iter().map(|j| (j.id.clone(), observed_job(j))).collect())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<QmpEvent> {
+        self.client.subscribe_events()
+    }
+
+    async fn changed(&self, changes: &mut broadcast::Receiver<QmpEvent>, id: &str, limit: Duration) -> bool {
+        job_status_changed(changes, id, limit).await
+    }
+
+    async fn speed(&self, id: &str) -> Result<u64> {
+        speed_of(self.client, self.name, id).await
+    }
+
+    async fn set_speed(&self, id: &str, bytes_per_sec: u64) -> Result<()> {
+        self.client
+            .execute("block-job-set-speed", Some(json!({"device": id, "speed": bytes_per_sec})))
+            .await
+            .map_err(|e| qmp_error(self.name, e))?;
+        Ok(())
+    }
+
+    async fn complete(&self, id: &str) -> Result<()> {
+        self.client.execute("job-complete", Some(json!({"id": id}))).await.map_err(|e| qmp_error(self.name, e))?;
+        Ok(())
+    }
+
+    /// `block-job-cancel` of a ready job finishes it consistently without
+    /// a pivot; `job-cancel` cancels any other.
+    async fn cancel(&self, id: &str, ready: bool) -> Result<()> {
+        let (command, args) = if ready {
+            ("block-job-cancel", json!({"device": id, "force": false}))
+        } else {
+            ("job-cancel", json!({"id": id}))
         };
-        let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
-        let job = observed(&jobs, &rec.id);
-        if reconcile::awaits_start(&fresh, job.as_ref()) {
-            return Ok(()); // its starter has not sent the command yet
-        }
-        // The record as it is now: the caller's copy may predate a pivot.
-        let end = reconcile::end_of(job.as_ref(), fresh.pivoting || rec.pivoting, rec.kind);
-        // Dismiss before reading the graph: on QEMU 7.2 (seen with
-        // qemu-storage-daemon), query-named-block-nodes between a stream's
-        // finalize and its dismiss crashes the process.
-        if job.is_some() {
-            client.execute("job-dismiss", Some(json!({"id": rec.id}))).await.map_err(|e| qmp_error(name, e))?;
-        }
-        let live_disk = live_disk(client, name, &rec.disk).await?;
-        live::edit_locked_status(store, name, |status| {
-            let disk_before = status.domain.find_disk(&rec.disk)?;
-            // A volume disk still on its volume keeps naming it.
-            let chain =
-                define::live_chain_as_recorded(&disk_before, &live_disk.chain, &PoolManager::new(store.clone()));
-            conclude::record_in_live(&mut status.domain, &mut status.jobs, rec, &chain)?;
-            if let Some(root) = live_disk.root() {
-                status.roots.insert(rec.disk.clone(), root.to_string());
-            }
-            if !status.is_vm() {
-                // Answerable for a daemon left without a job: it quits it below.
-                status.owner = Some(ProcessId::this()?);
-            }
-            conclude::record_in_store(store, name, rec, &end, disk_before.source(), &chain)
-        })?;
-        end
-    };
-    strata_core::pause_point("job:recorded");
-    strata_core::crash_point("job:recorded");
-    remove_dead_nodes(store, client, name, &rec.disk).await?;
-    if rec.kind == BlockJobKind::ActiveCommit && end != BlockJobEnd::Completed {
-        reopen_backing_read_only(client, name, &rec.disk).await?;
+        self.client.execute(command, Some(args)).await.map_err(|e| qmp_error(self.name, e))?;
+        Ok(())
     }
-    conclude::delete_committed(rec, &end);
-    if let Some(status) = live::reconcile(store, name)? {
-        if !status.is_vm() && status.jobs.is_empty() {
-            quit_daemon(store, name, client, &status).await?;
+
+    async fn settle(&self, id: &str) -> Result<()> {
+        // Finalize the moment the job is pending: a pending mirror holds I/O.
+        let (client, name) = (self.client, self.name);
+        let ended = [JobStatus::Pending, JobStatus::Concluded, JobStatus::Null];
+        if wait_status(client, name, id, &ended, Duration::from_secs(300)).await? == JobStatus::Pending {
+            finalize(client, name, id).await?;
+            wait_status(client, name, id, &[JobStatus::Concluded, JobStatus::Null], Duration::from_secs(60)).await?;
         }
+        Ok(())
     }
-    Ok(())
+
+    async fn finalize(&self, id: &str) -> Result<()> {
+        finalize(self.client, self.name, id).await?;
+        let done = [JobStatus::Concluded, JobStatus::Null];
+        wait_status(self.client, self.name, id, &done, Duration::from_secs(30)).await?;
+        Ok(())
+    }
+
+    /// Dismissed before the graph is read: on QEMU 7.2 (seen with
+    /// qemu-storage-daemon), query-named-block-nodes between a stream's
+    /// finalize and its dismiss crashes the process.
+    async fn dismiss(&self, id: &str) -> Result<()> {
+        self.client.execute("job-dismiss", Some(json!({"id": id}))).await.map_err(|e| qmp_error(self.name, e))?;
+        Ok(())
+    }
+
+    async fn open_disk(&self, disk: &str) -> Result<LiveDisk> {
+        live_disk(self.client, self.name, disk).await
+    }
+
+    fn chain(disk: &LiveDisk) -> &Chain {
+        &disk.chain
+    }
+
+    async fn tidy_after(&self, rec: &JobRecord, end: &BlockJobEnd) -> Result<()> {
+        remove_dead_nodes(self.store, self.client, self.name, &rec.disk).await?;
+        if rec.kind == BlockJobKind::ActiveCommit && *end != BlockJobEnd::Completed {
+            reopen_backing_read_only(self.client, self.name, &rec.disk).await?;
+        }
+        Ok(())
+    }
+
+    async fn quit_if_idle(&self) -> Result<()> {
+        quit_if_idle_daemon(self.store, self.name, self.client).await
+    }
+
+    async fn lock(&self) -> Result<DomainLock> {
+        strata_engine::blocking::lock_domain(self.store, self.name).await
+    }
+
+    fn recorded_jobs(&self) -> Result<Option<Vec<JobRecord>>> {
+        Ok(live::reconcile(self.store, self.name)?.map(|status| status.jobs))
+    }
+
+    fn edit_records<T>(
+        &self,
+        ended: Option<(&str, &LiveDisk)>,
+        change: impl FnOnce(JobTable<'_>) -> Result<T>,
+    ) -> Result<Option<T>> {
+        live::edit_locked_status(self.store, self.name, |status| {
+            if let Some((disk, open)) = ended {
+                if let Some(root) = open.root() {
+                    status.roots.insert(disk.to_string(), root.to_string());
+                }
+                if !status.is_vm() {
+                    // Answerable for a daemon left without a job: it quits it.
+                    status.owner = Some(ProcessId::this()?);
+                }
+            }
+            change(JobTable { jobs: &mut status.jobs, live: &mut status.domain, next_number: &mut status.next_node })
+        })
+    }
 }
 
 /// An active commit that ended without a pivot leaves its base open
@@ -623,147 +614,3 @@ async fn speed_of(client: &QmpClient, name: &str, id: &str) -> Result<u64> {
     let jobs = client.query_block_jobs().await.map_err(|e| qmp_error(name, e))?;
     Ok(jobs.iter().find(|j| j.device == id).map(|j| j.speed).unwrap_or(0))
 }
-
-pub async fn info(name: &str, client: &QmpClient, status: &LiveStatus, disk: &str) -> Result<Option<BlockJobInfo>> {
-    status.domain.find_disk(disk).map_err(|_| Error::invalid_arg(format!("disk '{disk}' not found in domain")))?;
-    let Some(rec) = status.jobs.iter().find(|j| j.disk == disk) else { return Ok(None) };
-    let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
-    let Some(job) = observed(&jobs, &rec.id) else { return Ok(None) };
-    let speed = speed_of(client, name, &rec.id).await?;
-    Ok(Some(reconcile::info_of(rec, &job, speed)))
-}
-
-pub async fn set_speed(name: &str, client: &QmpClient, status: &LiveStatus, disk: &str, speed: u64) -> Result<()> {
-    let rec = status.jobs.iter().find(|j| j.disk == disk).ok_or_else(|| no_job(disk))?;
-    client
-        .execute("block-job-set-speed", Some(json!({"device": rec.id, "speed": speed})))
-        .await
-        .map_err(|e| qmp_error(name, e))?;
-    Ok(())
-}
-
-/// Ends a job: `pivot` switches to the copy or commit base (job-complete);
-/// otherwise a copy or active commit in its synchronised phase finishes
-/// consistently without switching (block-job-cancel), and anything else is
-/// cancelled (job-cancel).
-pub async fn abort(
-    store: &Store,
-    name: &str,
-    client: &QmpClient,
-    status: &LiveStatus,
-    disk: &str,
-    pivot: bool,
-    wait: bool,
-) -> Result<BlockJobEnd> {
-    let rec = status.jobs.iter().find(|j| j.disk == disk).cloned().ok_or_else(|| no_job(disk))?;
-    let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
-    let job = observed(&jobs, &rec.id).ok_or_else(|| no_job(disk))?;
-    let ready = job.phase == JobPhase::Ready;
-    if pivot {
-        if !rec.kind.has_ready_phase() || !ready {
-            return Err(Error::new(
-                ErrorKind::BlockCopyActive,
-                format!("block job '{}' not ready for pivot yet", rec.id),
-            ));
-        }
-        set_pivoting(store, name, &rec.id).await?;
-        client.execute("job-complete", Some(json!({"id": rec.id}))).await.map_err(|e| qmp_error(name, e))?;
-    } else if ready {
-        client
-            .execute("block-job-cancel", Some(json!({"device": rec.id, "force": false})))
-            .await
-            .map_err(|e| qmp_error(name, e))?;
-    } else {
-        client.execute("job-cancel", Some(json!({"id": rec.id}))).await.map_err(|e| qmp_error(name, e))?;
-    }
-    if !wait {
-        return Ok(if pivot { BlockJobEnd::Completed } else { BlockJobEnd::Cancelled });
-    }
-    // Finalize the moment the job is pending: a pending mirror holds I/O.
-    let reached = wait_status(
-        client,
-        name,
-        &rec.id,
-        &[JobStatus::Pending, JobStatus::Concluded, JobStatus::Null],
-        Duration::from_secs(300),
-    )
-    .await?;
-    if reached == JobStatus::Pending {
-        finalize(client, name, &rec.id).await?;
-        wait_status(client, name, &rec.id, &[JobStatus::Concluded, JobStatus::Null], Duration::from_secs(60)).await?;
-    }
-    let mut rec = rec;
-    rec.pivoting = pivot;
-    conclude(store, name, client, &rec).await?;
-    Ok(record::last_outcome(store, name, disk)?.map(|o| o.end).unwrap_or(BlockJobEnd::Completed))
-}
-
-async fn set_pivoting(store: &Store, name: &str, id: &str) -> Result<()> {
-    live::edit_status_async(store, name, |status| {
-        if let Some(rec) = status.jobs.iter_mut().find(|j| j.id == id) {
-            rec.pivoting = true;
-        }
-        Ok(())
-    })
-    .await?;
-    Ok(())
-}
-
-/// Waits up to `timeout` for the job on `disk` to change state; finalizes
-/// and records it when it ends. Driven by QEMU's events: a job's end is
-/// seen the moment QEMU reports it.
-pub async fn wait(
-    store: &Store,
-    name: &str,
-    client: &QmpClient,
-    disk: &str,
-    timeout: Duration,
-) -> Result<BlockJobState> {
-    let mut rx = client.subscribe_events();
-    let deadline = Instant::now() + timeout;
-    loop {
-        // Subscribed before looking, so no event between the two is lost.
-        let status = match live::reconcile(store, name)? {
-            Some(s) => reconcile_jobs(store, name, client, s).await?,
-            None => None,
-        };
-        let Some(rec) = status.as_ref().and_then(|s| s.jobs.iter().find(|j| j.disk == disk).cloned()) else {
-            return record::ended(store, name, disk);
-        };
-        let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
-        let Some(job) = observed(&jobs, &rec.id) else {
-            // Recorded, not yet started in QEMU: its starter sends the
-            // command next, or drops the record if QEMU refuses (which no
-            // event announces), so the wait wakes on the job's first event
-            // or looks again shortly.
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(BlockJobState::Running(reconcile::info_starting(&rec)));
-            }
-            job_status_changed(&mut rx, &rec.id, left.min(STARTING_RECHECK)).await;
-            continue;
-        };
-        if matches!(job.phase, JobPhase::Pending | JobPhase::Concluded) {
-            continue; // reconcile_jobs records it on the next turn
-        }
-        let speed = speed_of(client, name, &rec.id).await?;
-        let info = reconcile::info_of(&rec, &job, speed);
-        if job.phase == JobPhase::Ready {
-            if !rec.ready {
-                mark_ready(store, name, &rec.id).await?;
-            }
-            return Ok(BlockJobState::Ready(info));
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Ok(BlockJobState::Running(info));
-        }
-        if !job_status_changed(&mut rx, &rec.id, left).await {
-            return Ok(BlockJobState::Running(info));
-        }
-    }
-}
-
-/// How often a wait looks again at a job that is recorded but not yet
-/// started in QEMU.
-const STARTING_RECHECK: Duration = Duration::from_millis(200);

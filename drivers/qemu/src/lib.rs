@@ -48,6 +48,7 @@ use strata_core::store::{DomainLock, Store};
 use strata_core::uri::ConnectUri;
 use strata_core::xml::Domain;
 use strata_core::{Error, ErrorKind, Result};
+use strata_engine::job::run;
 
 pub use launch::MONITORS;
 use live::{LiveStatus, Monitor, MonitorCache};
@@ -800,7 +801,8 @@ impl QemuConnection {
             .serving(domain)
             .await?
             .ok_or_else(|| Error::invalid_arg(format!("disk {disk} does not have an active block job")))?;
-        jobs::abort(&self.store, domain, &monitor.client, &status, disk, flags.pivot, !flags.no_wait).await
+        let server = jobs::QemuJobServer { store: &self.store, name: domain, client: &monitor.client };
+        run::abort(&server, &status.jobs, disk, flags.pivot, !flags.no_wait).await
     }
 }
 
@@ -831,7 +833,10 @@ impl BlockJobOps for QemuConnection {
 
     async fn block_job_info(&self, domain: &str, disk: &str) -> Result<Option<BlockJobInfo>> {
         match self.serving(domain).await? {
-            Some((status, monitor)) => jobs::info(domain, &monitor.client, &status, disk).await,
+            Some((status, monitor)) => {
+                let server = jobs::QemuJobServer { store: &self.store, name: domain, client: &monitor.client };
+                run::info(&server, &status.domain, &status.jobs, disk).await
+            }
             None => {
                 strata_engine::definitions::load(&self.store, domain)?.find_disk(disk)?;
                 Ok(None)
@@ -849,14 +854,16 @@ impl BlockJobOps for QemuConnection {
             .serving(domain)
             .await?
             .ok_or_else(|| Error::invalid_arg(format!("disk {disk} does not have an active block job")))?;
-        jobs::set_speed(domain, &monitor.client, &status, disk, bytes_per_sec).await
+        let server = jobs::QemuJobServer { store: &self.store, name: domain, client: &monitor.client };
+        run::set_speed(&server, &status.jobs, disk, bytes_per_sec).await
     }
 
     async fn block_job_wait(&self, domain: &str, disk: &str, timeout_ms: u64) -> Result<BlockJobState> {
         let Some((status, monitor)) = self.serving(domain).await? else {
             return strata_engine::job::record::ended(&self.store, domain, disk);
         };
-        let waited = jobs::wait(&self.store, domain, &monitor.client, disk, Duration::from_millis(timeout_ms)).await;
+        let server = jobs::QemuJobServer { store: &self.store, name: domain, client: &monitor.client };
+        let waited = run::wait(&server, disk, Duration::from_millis(timeout_ms)).await;
         match waited {
             // The monitor closed under the wait: when its process is gone,
             // the job ended with it (reconciling records that).

@@ -5,14 +5,25 @@
 //! ([`reconcile`]) and what its end changes in the definitions and on disk
 //! ([`conclude`]).
 //!
-//! A driver observes its hypervisor's jobs as [`ObservedJob`]s and runs
-//! what these decide; nothing here talks to a hypervisor.
+//! A driver observes its hypervisor's jobs as [`ObservedJob`]s and acts
+//! through a [`BlockJobBackend`]; [`run`] brings recorded jobs forward with
+//! it. Nothing here talks to a hypervisor.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use strata_core::chain::Chain;
+use strata_core::driver::BlockJobEnd;
+use strata_core::store::{DomainLock, Store};
+use strata_core::xml::Domain;
+use strata_core::Result;
 
 pub mod conclude;
 pub mod layers;
 pub mod reconcile;
 pub mod record;
 pub mod refusals;
+pub mod run;
 
 /// A job as the hypervisor reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +48,81 @@ pub enum JobPhase {
     Pending,
     /// Finalized; its outcome is to be recorded.
     Concluded,
+}
+
+/// What the records of a running domain hold about its jobs: the job
+/// records, the live definition (a copy's `<mirror>`, the chains) and a
+/// counter of numbers never used before on the server (for job ids).
+pub struct JobTable<'a> {
+    pub jobs: &'a mut Vec<JobRecord>,
+    pub live: &'a mut Domain,
+    pub next_number: &'a mut u64,
+}
+
+use record::JobRecord;
+
+/// What only the hypervisor can do for the jobs of one domain, through
+/// the process serving its disks now; the engine ([`run`]) decides what
+/// is done. Where the driver keeps the records is its own business too
+/// (beside the process it tracks), reached through [`JobTable`].
+#[async_trait]
+pub trait BlockJobBackend: Send + Sync {
+    /// A disk as the hypervisor has it open: its chain, and whatever the
+    /// backend needs to act on its layers.
+    type OpenDisk: Send + Sync;
+
+    /// The store of the domain's definitions and job outcomes.
+    fn store(&self) -> &Store;
+    fn domain(&self) -> &str;
+
+    /// A subscription to the hypervisor's job state changes, taken before
+    /// a look so that no change between the two is missed.
+    type Changes: Send;
+
+    /// Every job the hypervisor has now, by id.
+    async fn observe(&self) -> Result<Vec<(String, ObservedJob)>>;
+    fn subscribe(&self) -> Self::Changes;
+    /// Waits up to `limit` for a state change of job `id`; false when none
+    /// came in time. A subscription that lost changes or its source ends
+    /// the wait too: the caller looks again.
+    async fn changed(&self, changes: &mut Self::Changes, id: &str, limit: Duration) -> bool;
+    /// The job's bandwidth limit in bytes per second (0: none).
+    async fn speed(&self, id: &str) -> Result<u64>;
+    async fn set_speed(&self, id: &str, bytes_per_sec: u64) -> Result<()>;
+    /// Pivots a ready job: the disk switches to the copy or commit base.
+    async fn complete(&self, id: &str) -> Result<()>;
+    /// Ends a job without a pivot: one in its synchronised phase (`ready`)
+    /// finishes consistently, any other is cancelled.
+    async fn cancel(&self, id: &str, ready: bool) -> Result<()>;
+    /// Waits for a job told to end to get there, finalizing it the moment
+    /// it is pending.
+    async fn settle(&self, id: &str) -> Result<()>;
+    /// Finalizes a pending job and waits until it has concluded.
+    async fn finalize(&self, id: &str) -> Result<()>;
+    /// Lets go of a concluded job, which the hypervisor keeps until told.
+    async fn dismiss(&self, id: &str) -> Result<()>;
+    /// The disk as the hypervisor has it open now.
+    async fn open_disk(&self, disk: &str) -> Result<Self::OpenDisk>;
+    fn chain(disk: &Self::OpenDisk) -> &Chain;
+    /// Cleans up what a job that ended with `end` left in the hypervisor.
+    async fn tidy_after(&self, rec: &JobRecord, end: &BlockJobEnd) -> Result<()>;
+    /// Ends the process that serves the disks if it runs only for jobs
+    /// and has none left.
+    async fn quit_if_idle(&self) -> Result<()>;
+
+    /// The domain lock, waited for off the async runtime.
+    async fn lock(&self) -> Result<DomainLock>;
+    /// The job records, read afresh; `None` when nothing serves the
+    /// domain. A caller about to change them holds the lock.
+    fn recorded_jobs(&self) -> Result<Option<Vec<JobRecord>>>;
+    /// Changes the records (the caller holds the lock) and keeps them if
+    /// `change` succeeds; `None` when nothing serves the domain. `ended`
+    /// names the disk, as now open, whose job's end `change` records.
+    fn edit_records<T>(
+        &self,
+        ended: Option<(&str, &Self::OpenDisk)>,
+        change: impl FnOnce(JobTable<'_>) -> Result<T>,
+    ) -> Result<Option<T>>;
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! The block-job engine's decisions on plain data and a temp store; no
-//! hypervisor and no `qemu-*` tool is run (image headers are written here).
+//! The block-job engine's decisions on plain data and a temp store, and
+//! its runs through a job server that exists only here; no hypervisor and
+//! no `qemu-*` tool is run (image headers are written here).
 
 use std::path::{Path, PathBuf};
 
@@ -15,7 +16,7 @@ use super::layers::{backing_string, commit_layers, pull_layers, resolve_layer};
 use super::reconcile::{end_of, next_step, Step};
 use super::record::{ended, job_of_id, last_outcome, record_server_exit, set_outcome, JobOutcome, JobRecord};
 use super::refusals::ensure_idle;
-use super::{JobPhase, ObservedJob};
+use super::{run, BlockJobBackend, JobPhase, JobTable, ObservedJob};
 use crate::process::ProcessId;
 
 /// A linear chain of qcow2 files, the active layer first.
@@ -345,4 +346,406 @@ fn a_second_job_on_a_disk_is_refused() {
     assert_eq!(err.kind(), ErrorKind::BlockCopyActive);
     assert_eq!(message(err), "disk 'vda' already in active block job");
     ensure_idle(&jobs, "vdb").expect("another disk is idle");
+}
+
+/// A job server that exists only here: it answers with the jobs a test
+/// gives it, keeps the records in memory and logs what it is asked to do.
+struct FakeServer {
+    store: Store,
+    /// `None`: nothing serves the domain.
+    records: std::sync::Mutex<Option<Vec<JobRecord>>>,
+    live: std::sync::Mutex<Domain>,
+    observed: std::sync::Mutex<Vec<(String, ObservedJob)>>,
+    /// The chain the disk has open once a job has ended.
+    open: Chain,
+    calls: std::sync::Mutex<Vec<String>>,
+}
+
+impl FakeServer {
+    fn new(store: Store, records: Vec<JobRecord>, observed: Vec<(String, ObservedJob)>, open: Chain) -> FakeServer {
+        FakeServer {
+            store,
+            records: std::sync::Mutex::new(Some(records)),
+            live: std::sync::Mutex::new(Domain::parse(DOMAIN).expect("parse")),
+            observed: std::sync::Mutex::new(observed),
+            open,
+            calls: Default::default(),
+        }
+    }
+
+    fn log(&self, call: String) {
+        self.calls.lock().expect("calls").push(call);
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().expect("calls").clone()
+    }
+
+    fn records(&self) -> Vec<JobRecord> {
+        self.records.lock().expect("records").clone().unwrap_or_default()
+    }
+
+    /// Job `id` concludes, with `error` if any.
+    fn end(&self, id: &str, error: Option<&str>) {
+        for (job, seen) in self.observed.lock().expect("observed").iter_mut() {
+            if job == id {
+                *seen = ObservedJob { phase: JobPhase::Concluded, error: error.map(str::to_string), ..seen.clone() };
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl BlockJobBackend for FakeServer {
+    type OpenDisk = Chain;
+    /// Nothing announces changes: a wait looks again when its time is up.
+    type Changes = ();
+
+    fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn domain(&self) -> &str {
+        "vm"
+    }
+
+    async fn observe(&self) -> strata_core::Result<Vec<(String, ObservedJob)>> {
+        Ok(self.observed.lock().expect("observed").clone())
+    }
+
+    fn subscribe(&self) {}
+
+    async fn changed(&self, _changes: &mut (), id: &str, _limit: std::time::Duration) -> bool {
+        self.log(format!("wait for {id}"));
+        false
+    }
+
+    async fn speed(&self, _id: &str) -> strata_core::Result<u64> {
+        Ok(1 << 20)
+    }
+
+    async fn set_speed(&self, id: &str, bytes_per_sec: u64) -> strata_core::Result<()> {
+        self.log(format!("set speed {id} {bytes_per_sec}"));
+        Ok(())
+    }
+
+    async fn complete(&self, id: &str) -> strata_core::Result<()> {
+        self.log(format!("complete {id}"));
+        self.end(id, None);
+        Ok(())
+    }
+
+    async fn cancel(&self, id: &str, ready: bool) -> strata_core::Result<()> {
+        self.log(format!("cancel {id} ready={ready}"));
+        self.end(id, (!ready).then_some("Operation canceled"));
+        Ok(())
+    }
+
+    async fn settle(&self, id: &str) -> strata_core::Result<()> {
+        self.log(format!("settle {id}"));
+        Ok(())
+    }
+
+    async fn finalize(&self, id: &str) -> strata_core::Result<()> {
+        self.log(format!("finalize {id}"));
+        self.end(id, None);
+        Ok(())
+    }
+
+    async fn dismiss(&self, id: &str) -> strata_core::Result<()> {
+        self.log(format!("dismiss {id}"));
+        self.observed.lock().expect("observed").retain(|(job, _)| job != id);
+        Ok(())
+    }
+
+    async fn open_disk(&self, disk: &str) -> strata_core::Result<Chain> {
+        self.log(format!("open {disk}"));
+        Ok(self.open.clone())
+    }
+
+    fn chain(disk: &Chain) -> &Chain {
+        disk
+    }
+
+    async fn tidy_after(&self, rec: &JobRecord, end: &BlockJobEnd) -> strata_core::Result<()> {
+        self.log(format!("tidy {} {end:?}", rec.disk));
+        Ok(())
+    }
+
+    async fn quit_if_idle(&self) -> strata_core::Result<()> {
+        self.log("quit if idle".into());
+        Ok(())
+    }
+
+    async fn lock(&self) -> strata_core::Result<strata_core::store::DomainLock> {
+        crate::blocking::lock_domain(&self.store, "vm").await
+    }
+
+    fn recorded_jobs(&self) -> strata_core::Result<Option<Vec<JobRecord>>> {
+        Ok(self.records.lock().expect("records").clone())
+    }
+
+    fn edit_records<T>(
+        &self,
+        ended: Option<(&str, &Chain)>,
+        change: impl FnOnce(JobTable<'_>) -> strata_core::Result<T>,
+    ) -> strata_core::Result<Option<T>> {
+        let mut records = self.records.lock().expect("records");
+        let Some(jobs) = records.as_mut() else { return Ok(None) };
+        if let Some((disk, _)) = ended {
+            self.log(format!("record the end on {disk}"));
+        }
+        let mut live = self.live.lock().expect("live");
+        let mut next_number = 1;
+        change(JobTable { jobs, live: &mut live, next_number: &mut next_number }).map(Some)
+    }
+}
+
+const JOB: &str = "strata-copy-vda-4";
+
+fn persistent_chain(store: &Store) -> Option<Chain> {
+    let xml = store.read_domain("vm").expect("read").expect("defined");
+    Domain::parse(&xml).expect("parse").find_disk("vda").expect("vda").chain
+}
+
+#[tokio::test]
+async fn a_pending_job_is_finalized_dismissed_and_its_end_recorded_everywhere() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_with_domain(dir.path(), DOMAIN);
+    let merged = chain(&["/imgs/top.qcow2", "/imgs/base.qcow2"]);
+    let rec = record(BlockJobKind::Commit, Some(this_process()), false);
+    let server = FakeServer::new(
+        store.clone(),
+        vec![rec.clone()],
+        vec![(JOB.into(), job(JobPhase::Pending, None))],
+        merged.clone(),
+    );
+    assert!(run::reconcile_jobs(&server, &[rec]).await.expect("reconcile"), "the record changed");
+    assert_eq!(
+        server.calls(),
+        [
+            format!("finalize {JOB}"),
+            format!("dismiss {JOB}"),
+            "open vda".into(),
+            "record the end on vda".into(),
+            "tidy vda Completed".into(),
+            "quit if idle".into()
+        ]
+    );
+    assert!(server.records().is_empty(), "the record is gone");
+    assert_eq!(server.live.lock().expect("live").find_disk("vda").expect("vda").chain, Some(merged.clone()));
+    assert_eq!(persistent_chain(&store), Some(merged));
+    assert_eq!(last_outcome(&store, "vm", "vda").expect("outcome").map(|o| o.end), Some(BlockJobEnd::Completed));
+}
+
+#[tokio::test]
+async fn a_job_that_failed_has_its_error_kept_and_its_files_kept() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_with_domain(dir.path(), DOMAIN);
+    let doomed = dir.path().join("mid.qcow2");
+    std::fs::write(&doomed, b"layer").expect("write a layer");
+    let rec = JobRecord { delete: vec![doomed.clone()], ..record(BlockJobKind::Commit, None, false) };
+    let failed = job(JobPhase::Concluded, Some("No space left on device"));
+    let server = FakeServer::new(store.clone(), vec![rec.clone()], vec![(JOB.into(), failed)], chain(&VDA));
+    assert!(run::reconcile_jobs(&server, &[rec]).await.expect("reconcile"));
+    assert!(!server.calls().iter().any(|c| c.starts_with("finalize")), "{:?}", server.calls());
+    assert_eq!(
+        last_outcome(&store, "vm", "vda").expect("outcome").map(|o| o.end),
+        Some(BlockJobEnd::Failed("No space left on device".into()))
+    );
+    assert!(doomed.exists(), "--delete removes files only after a completed commit");
+}
+
+#[tokio::test]
+async fn a_completed_commit_deletes_what_delete_named() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_with_domain(dir.path(), DOMAIN);
+    let doomed = dir.path().join("mid.qcow2");
+    std::fs::write(&doomed, b"layer").expect("write a layer");
+    assert!(doomed.exists(), "the layer was written");
+    let rec = JobRecord { delete: vec![doomed.clone()], ..record(BlockJobKind::Commit, None, false) };
+    let server =
+        FakeServer::new(store, vec![rec.clone()], vec![(JOB.into(), job(JobPhase::Concluded, None))], chain(&VDA));
+    run::conclude(&server, &rec).await.expect("conclude");
+    assert!(!doomed.exists(), "the committed layer is deleted");
+}
+
+#[tokio::test]
+async fn a_job_its_live_starter_has_not_sent_yet_is_left_alone() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_with_domain(dir.path(), DOMAIN);
+    let rec = record(BlockJobKind::Pull, Some(this_process()), true);
+    let server = FakeServer::new(store.clone(), vec![rec.clone()], Vec::new(), chain(&VDA));
+    assert!(!run::reconcile_jobs(&server, std::slice::from_ref(&rec)).await.expect("reconcile"));
+    // Concluding it anyway (another caller's view) changes nothing either.
+    run::conclude(&server, &rec).await.expect("conclude");
+    assert_eq!(server.calls(), Vec::<String>::new());
+    assert_eq!(server.records(), [rec]);
+    assert_eq!(last_outcome(&store, "vm", "vda").expect("read"), None);
+}
+
+#[tokio::test]
+async fn a_job_whose_starter_died_unsent_ends_as_vanished_without_a_dismiss() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_with_domain(dir.path(), DOMAIN);
+    let rec = record(BlockJobKind::Pull, Some(gone_process()), true);
+    let server = FakeServer::new(store.clone(), vec![rec.clone()], Vec::new(), chain(&VDA));
+    assert!(run::reconcile_jobs(&server, &[rec]).await.expect("reconcile"));
+    assert!(!server.calls().iter().any(|c| c.starts_with("dismiss")), "{:?}", server.calls());
+    assert!(server.records().is_empty());
+    assert_eq!(
+        last_outcome(&store, "vm", "vda").expect("outcome").map(|o| o.end),
+        Some(BlockJobEnd::Failed("the job disappeared from QEMU".into()))
+    );
+}
+
+#[tokio::test]
+async fn a_ready_copy_is_marked_ready_in_its_record_and_its_mirror() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_with_domain(dir.path(), DOMAIN);
+    let rec = record(BlockJobKind::Copy, Some(this_process()), false);
+    let server = FakeServer::new(store, vec![rec.clone()], vec![(JOB.into(), job(JobPhase::Ready, None))], chain(&VDA));
+    server
+        .live
+        .lock()
+        .expect("live")
+        .set_disk_mirror("vda", Some(Element::new("mirror").with_attr("job", "copy")))
+        .expect("mirror");
+    assert!(run::reconcile_jobs(&server, &[rec]).await.expect("reconcile"));
+    assert!(server.records()[0].ready, "the record says ready");
+    let live = server.live.lock().expect("live").to_xml();
+    assert!(live.contains("ready='yes'") || live.contains("ready=\"yes\""), "{live}");
+    assert_eq!(server.calls(), Vec::<String>::new(), "nothing is asked of the hypervisor");
+}
+
+#[tokio::test]
+async fn a_job_another_process_recorded_first_is_not_recorded_twice() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_with_domain(dir.path(), DOMAIN);
+    let rec = record(BlockJobKind::Commit, None, false);
+    let server =
+        FakeServer::new(store.clone(), Vec::new(), vec![(JOB.into(), job(JobPhase::Concluded, None))], chain(&VDA));
+    run::conclude(&server, &rec).await.expect("conclude");
+    assert_eq!(server.calls(), Vec::<String>::new());
+    assert_eq!(last_outcome(&store, "vm", "vda").expect("read"), None);
+}
+
+#[tokio::test]
+async fn a_wait_reports_progress_then_the_end_another_process_recorded() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_with_domain(dir.path(), DOMAIN);
+    let rec = record(BlockJobKind::Pull, Some(this_process()), false);
+    let server = FakeServer::new(
+        store.clone(),
+        vec![rec.clone()],
+        vec![(JOB.into(), job(JobPhase::Running, None))],
+        chain(&VDA),
+    );
+    match run::wait(&server, "vda", std::time::Duration::ZERO).await.expect("wait") {
+        BlockJobState::Running(info) => {
+            assert_eq!((info.kind, info.cur, info.end, info.bandwidth_bytes), (BlockJobKind::Pull, 5, 10, 1 << 20));
+        }
+        other => panic!("expected a running job, got {other:?}"),
+    }
+    // The job ends and another process records it: the wait reports that end.
+    *server.records.lock().expect("records") = Some(Vec::new());
+    let outcome = JobOutcome { disk: "vda".into(), kind: BlockJobKind::Pull, end: BlockJobEnd::Completed };
+    set_outcome(&store, "vm", "vda", Some(outcome)).expect("outcome");
+    match run::wait(&server, "vda", std::time::Duration::ZERO).await.expect("wait") {
+        BlockJobState::Ended { kind, end } => assert_eq!((kind, end), (BlockJobKind::Pull, BlockJobEnd::Completed)),
+        other => panic!("expected the end, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_pivot_of_a_job_that_is_not_ready_is_refused_before_anything_is_sent() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_with_domain(dir.path(), DOMAIN);
+    let rec = record(BlockJobKind::Copy, Some(this_process()), false);
+    let jobs = vec![rec.clone()];
+    let server = FakeServer::new(store, jobs.clone(), vec![(JOB.into(), job(JobPhase::Running, None))], chain(&VDA));
+    let err = run::abort(&server, &jobs, "vda", true, true).await.expect_err("not ready");
+    assert_eq!(err.kind(), ErrorKind::BlockCopyActive);
+    assert_eq!(message(err), format!("block job '{JOB}' not ready for pivot yet"));
+    assert_eq!(server.calls(), Vec::<String>::new());
+    assert_eq!(
+        message(run::abort(&server, &jobs, "vdb", false, true).await.expect_err("no job on vdb")),
+        "disk vdb does not have an active block job"
+    );
+}
+
+#[tokio::test]
+async fn a_pivot_records_the_copy_as_completed_and_an_abort_of_a_ready_copy_as_finished() {
+    for (pivot, end, sent) in [
+        (true, BlockJobEnd::Completed, format!("complete {JOB}")),
+        (false, BlockJobEnd::Finished, format!("cancel {JOB} ready=true")),
+    ] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = store_with_domain(dir.path(), DOMAIN);
+        let rec = JobRecord { ready: true, ..record(BlockJobKind::Copy, Some(this_process()), false) };
+        let jobs = vec![rec.clone()];
+        let server =
+            FakeServer::new(store.clone(), jobs.clone(), vec![(JOB.into(), job(JobPhase::Ready, None))], chain(&VDA));
+        assert_eq!(run::abort(&server, &jobs, "vda", pivot, true).await.expect("abort"), end);
+        assert_eq!(server.calls()[..2], [sent, format!("settle {JOB}")]);
+        assert!(server.records().is_empty(), "the end is recorded");
+    }
+}
+
+#[tokio::test]
+async fn a_started_job_is_recorded_first_and_marked_started_after() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_with_domain(dir.path(), DOMAIN);
+    let old = JobOutcome { disk: "vda".into(), kind: BlockJobKind::Pull, end: BlockJobEnd::Cancelled };
+    set_outcome(&store, "vm", "vda", Some(old)).expect("an earlier job's outcome");
+    let server = FakeServer::new(store.clone(), Vec::new(), Vec::new(), chain(&VDA));
+    let rec = JobRecord::new(BlockJobKind::Pull, "vda", Vec::new());
+    run::start_recorded(&server, rec, None, |id| {
+        let seen = server.records();
+        async move {
+            assert_eq!(id, "strata-pull-vda-1");
+            assert!(seen.iter().any(|r| r.id == id && r.starting), "recorded as starting before it is sent");
+            Ok(())
+        }
+    })
+    .await
+    .expect("start");
+    let records = server.records();
+    assert_eq!(records.len(), 1);
+    assert!(!records[0].starting, "marked started once sent");
+    assert_eq!(records[0].starter, Some(this_process()));
+    assert_eq!(last_outcome(&store, "vm", "vda").expect("read"), None, "the earlier outcome is cleared");
+}
+
+#[tokio::test]
+async fn a_refused_start_leaves_no_record_and_no_mirror() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_with_domain(dir.path(), DOMAIN);
+    let server = FakeServer::new(store, Vec::new(), Vec::new(), chain(&VDA));
+    let mirror = Element::new("mirror").with_attr("job", "copy");
+    let rec = JobRecord::new(BlockJobKind::Copy, "vda", Vec::new());
+    let err = run::start_recorded(&server, rec, Some(mirror), |_| async {
+        Err(strata_core::Error::operation_failed("the hypervisor refused"))
+    })
+    .await
+    .expect_err("refused");
+    assert_eq!(message(err), "the hypervisor refused");
+    assert!(server.records().is_empty());
+    assert!(!server.live.lock().expect("live").to_xml().contains("<mirror"));
+}
+
+#[tokio::test]
+async fn a_start_on_a_busy_disk_is_refused_before_it_is_sent() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_with_domain(dir.path(), DOMAIN);
+    let busy = record(BlockJobKind::Pull, Some(this_process()), false);
+    let server = FakeServer::new(store, vec![busy.clone()], Vec::new(), chain(&VDA));
+    let err = run::check_idle(&server, "vda").expect_err("busy");
+    assert_eq!(err.kind(), ErrorKind::BlockCopyActive);
+    let rec = JobRecord::new(BlockJobKind::Commit, "vda", Vec::new());
+    let err = run::start_recorded(&server, rec, None, |_| async { panic!("a refused job must not be sent") })
+        .await
+        .expect_err("busy");
+    assert_eq!(message(err), "disk 'vda' already in active block job");
+    assert_eq!(server.records(), [busy]);
 }
