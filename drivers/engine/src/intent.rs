@@ -4,7 +4,7 @@
 //! the domain's intent file before touching an image, and clear it when
 //! done. A `strata` killed midway leaves the record behind, and the next
 //! snapshot call on the domain reads it to finish or undo the operation
-//! (see `snapshots.rs`). One file per domain: the operations of a domain
+//! (see `snapshot/recover.rs`). One file per domain: the operations of a domain
 //! are serialised by that recovery running first.
 
 use std::path::PathBuf;

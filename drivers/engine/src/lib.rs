@@ -5,15 +5,20 @@
 //! - `definitions`: persistent domain definitions in the store.
 //! - `records`: snapshot records and the current snapshot.
 //! - `graph`: which images a domain and its snapshots read or froze.
+//! - `image_work`: offline image work through `qemu-img`.
 //! - `intent`: the intent record that lets the next command finish or
 //!   undo a snapshot operation a crash interrupted.
 //! - `job`: block jobs: records and outcomes, layer resolution,
 //!   refusals, reconciliation decisions, what a job's end changes.
 //! - `process`: processes a driver starts, recorded before they run.
+//! - `snapshot`: snapshot create, revert, delete and recovery over a
+//!   driver's `SnapshotBackend`.
 pub mod blocking;
 pub mod definitions;
 pub mod graph;
+pub mod image_work;
 pub mod intent;
 pub mod job;
 pub mod process;
 pub mod records;
+pub mod snapshot;

@@ -16,7 +16,7 @@ mod launch;
 pub mod live;
 mod monitor_command;
 mod placement;
-mod snapshots;
+mod snapshot_backend;
 mod transient;
 mod vcpus;
 
@@ -34,14 +34,11 @@ use strata_core::define;
 use strata_core::driver::{
     BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobOps, BlockJobState, Connection, CpuPlacementOps, DefineFlags,
     DefineOutcome, DiskChainCheck, DiskSetOps, DiskSetOutcome, DomainEvent, DomainInfo, DomainState, DomainSummary,
-    DriverCapabilities, DumpXmlFlags, MonitorOps, PinScope, SnapshotOps, SnapshotSummary, StartFlags, StartOutcome,
-    UndefineFlags, VcpuInfo,
+    DriverCapabilities, DumpXmlFlags, MonitorOps, PinScope, SnapshotOps, StartFlags, StartOutcome, UndefineFlags,
+    VcpuInfo,
 };
 use strata_core::hostcpu::{HostCpuMap, NodeInfo, SysfsCpus};
-use strata_core::options::{
-    BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions, SnapshotCreateFlags,
-    SnapshotDeleteFlags, SnapshotRevertFlags,
-};
+use strata_core::options::{BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions};
 use strata_core::pool::PoolManager;
 use strata_core::registry::DriverRegistration;
 use strata_core::store::{DomainLock, Store};
@@ -56,12 +53,6 @@ use live::{LiveStatus, Monitor, MonitorCache};
 /// The emulator binary: `$STRATA_QEMU` or `qemu-system-x86_64` on `PATH`.
 fn qemu_binary() -> String {
     std::env::var("STRATA_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_string())
-}
-
-/// The image tool, run as a short-lived helper: `$STRATA_QEMU_IMG` or
-/// `qemu-img` on `PATH`.
-fn qemu_img_binary() -> String {
-    std::env::var("STRATA_QEMU_IMG").unwrap_or_else(|_| "qemu-img".to_string())
 }
 
 /// The storage daemon for offline jobs: `$STRATA_QEMU_STORAGE_DAEMON` or
@@ -338,71 +329,11 @@ impl QemuConnection {
         Ok(())
     }
 
-    /// Before a snapshot call that only reads: finishes or undoes a snapshot
-    /// operation a crash interrupted, unless that operation is still running
-    /// in another process (it holds the operation lock). Like every call, it
-    /// first settles the domain's recorded server (one a killed process was
-    /// starting is stopped).
-    async fn snapshot_recover(&self, domain: &str) -> Result<()> {
-        strata_engine::definitions::load(&self.store, domain)?;
-        live::reconcile(&self.store, domain)?;
-        if snapshots::intent_pending(&self.store, domain)? {
-            let operation = match self.store.try_lock_domain_operation(domain)? {
-                Some(operation) => Some(operation),
-                // The lock outlives a killed owner for as long as a helper
-                // or held server child it started takes to exit (or another
-                // process recovers): worth the wait.
-                None if strata_engine::intent::Intent::owner_gone(&self.store, domain)? => {
-                    Some(self.store.lock_domain_operation(domain)?)
-                }
-                None => None,
-            };
-            match operation {
-                // A read still answers when the operation cannot be finished
-                // now; the next create, revert or delete tries again and
-                // reports why it cannot.
-                Some(operation) => self.recover_or_warn(domain, &operation).await,
-                None => tracing::debug!(domain, "a snapshot operation is in progress in another process"),
-            }
-        }
-        Ok(())
-    }
-
-    /// Before a snapshot call that changes images or records: waits for any
-    /// other such operation on the domain, takes the operation lock (held
-    /// until the returned guard drops) and finishes or undoes an operation
-    /// a crash interrupted.
-    async fn snapshot_operation(&self, domain: &str) -> Result<DomainLock> {
-        strata_engine::definitions::load(&self.store, domain)?;
-        let operation = self.store.lock_domain_operation(domain)?;
-        self.log_recovery(domain, &operation).await?;
-        Ok(operation)
-    }
-
     /// Before a block job starts or ends: waits for a snapshot operation
-    /// in progress and tries to finish one a crash interrupted. Unlike a
-    /// snapshot command it goes on when that cannot be done now, since a
-    /// job (or its abort) may be what lets the user unblock it.
+    /// in progress and tries to finish one a crash interrupted (see
+    /// [`strata_engine::snapshot::settle_operations`]).
     async fn block_job_operation(&self, domain: &str) -> Result<DomainLock> {
-        strata_engine::definitions::load(&self.store, domain)?;
-        let operation = self.store.lock_domain_operation(domain)?;
-        self.recover_or_warn(domain, &operation).await;
-        Ok(operation)
-    }
-
-    /// Tries to finish an interrupted snapshot operation, warning when it
-    /// cannot be done now; for callers that go on either way.
-    async fn recover_or_warn(&self, domain: &str, operation: &DomainLock) {
-        if let Err(e) = self.log_recovery(domain, operation).await {
-            tracing::warn!(domain, error = %e.report(), "an interrupted snapshot operation could not be finished");
-        }
-    }
-
-    async fn log_recovery(&self, domain: &str, operation: &DomainLock) -> Result<()> {
-        for note in self.recover_interrupted(domain, operation).await? {
-            tracing::info!(domain, "{note}");
-        }
-        Ok(())
+        strata_engine::snapshot::settle_operations(self, domain).await
     }
 
     /// The live definition: the one QEMU runs with, each disk's chain read
@@ -678,7 +609,7 @@ impl Connection for QemuConnection {
     }
 
     fn snapshots(&self) -> Option<&dyn SnapshotOps> {
-        Some(self)
+        Some(strata_engine::snapshot::SnapshotEngine::over(self))
     }
 
     fn monitor(&self) -> Option<&dyn MonitorOps> {
@@ -740,40 +671,6 @@ impl MonitorOps for QemuConnection {
     async fn monitor_command(&self, domain: &str, command: &str, human: bool) -> Result<String> {
         let (_, monitor) = self.running(domain).await?;
         monitor_command::run(&monitor.client, domain, command, human).await
-    }
-}
-
-#[async_trait]
-impl SnapshotOps for QemuConnection {
-    async fn snapshot_create(&self, domain: &str, xml: &str, flags: SnapshotCreateFlags) -> Result<String> {
-        let operation = self.snapshot_operation(domain).await?;
-        self.snapshot_create_impl(domain, xml, flags, &operation).await
-    }
-
-    async fn snapshot_list(&self, domain: &str) -> Result<Vec<SnapshotSummary>> {
-        self.snapshot_recover(domain).await?;
-        strata_engine::records::summaries(&self.store, domain)
-    }
-
-    async fn snapshot_xml(&self, domain: &str, snapshot: &str) -> Result<String> {
-        self.snapshot_recover(domain).await?;
-        Ok(strata_engine::records::load(&self.store, domain, snapshot)?.to_xml())
-    }
-
-    async fn snapshot_set_current(&self, domain: &str, snapshot: &str) -> Result<()> {
-        self.snapshot_recover(domain).await?;
-        strata_engine::records::load(&self.store, domain, snapshot)?;
-        self.store.write_domain_file(domain, "snapshot-current", snapshot)
-    }
-
-    async fn snapshot_revert(&self, domain: &str, snapshot: &str, flags: SnapshotRevertFlags) -> Result<()> {
-        let operation = self.snapshot_operation(domain).await?;
-        self.snapshot_revert_impl(domain, snapshot, flags, &operation).await
-    }
-
-    async fn snapshot_delete(&self, domain: &str, snapshot: &str, flags: SnapshotDeleteFlags) -> Result<Vec<String>> {
-        let operation = self.snapshot_operation(domain).await?;
-        self.snapshot_delete_impl(domain, snapshot, flags, &operation).await
     }
 }
 

@@ -14,7 +14,7 @@
 use std::path::PathBuf;
 
 use strata_core::store::Store;
-use strata_core::xml::{Domain, SnapshotDef};
+use strata_core::xml::Domain;
 use strata_core::{Error, Result};
 
 use crate::launch::RuntimePaths;
@@ -33,7 +33,7 @@ pub(crate) fn create_overlays(dom: &Domain, paths: &RuntimePaths) -> Result<()> 
                 return Err(Error::internal(format!("transient disk '{}' has no image", disk.target)));
             };
             let overlay = paths.transient_overlay(&disk.target);
-            crate::snapshots::create_overlay(None, image, format.as_deref().unwrap_or("raw"), &overlay)?;
+            strata_engine::image_work::create_overlay(None, image, format.as_deref().unwrap_or("raw"), &overlay)?;
             made.push(overlay);
         }
         Ok(())
@@ -62,26 +62,4 @@ pub(crate) fn refuse_block_job(store: &Store, domain: &str, disk: &str) -> Resul
         Ok(d) => d.refuse_if_transient("block jobs"),
         Err(_) => Ok(()),
     }
-}
-
-/// Refuses a revert to, or a delete of, snapshots that cover a disk that
-/// is transient now or was in the snapshot's saved definition: either
-/// would write into images a transient disk reads.
-pub(crate) fn refuse_snapshots<'a>(
-    store: &Store,
-    domain: &str,
-    snapshots: impl IntoIterator<Item = &'a SnapshotDef>,
-) -> Result<()> {
-    let current = current_definition(store, domain)?;
-    for def in snapshots {
-        let saved = def.domain.clone().map(Domain::from_element).transpose()?;
-        for covered in def.disks.iter().filter(|d| d.snapshot.as_deref() != Some("no")) {
-            for dom in std::iter::once(&current).chain(saved.as_ref()) {
-                if let Ok(disk) = dom.find_disk(&covered.name) {
-                    disk.refuse_if_transient("snapshots")?;
-                }
-            }
-        }
-    }
-    Ok(())
 }

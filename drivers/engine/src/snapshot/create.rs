@@ -1,0 +1,334 @@
+//! Snapshot creation: validation, the plan of each disk, the record
+//! settled before any image changes, the intent, the images (by the
+//! backend while the domain runs, by `qemu-img` while it is shut off),
+//! then the chains recorded and the record saved.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+
+use strata_core::chain::{probe_chain, StorageSource};
+use strata_core::options::{SnapshotCreateFlags, SnapshotRevertFlags};
+use strata_core::store::DomainLock;
+use strata_core::xml::{Domain, SnapshotDef, SnapshotDisk, SnapshotMemory};
+use strata_core::{Error, Result};
+
+use super::plan::{plan_disks, DiskPlan};
+use super::{now_secs, Activity, NewTops, RecordedChain, SnapshotBackend, SnapshotEngine};
+use crate::graph::images_read_by;
+use crate::intent::Intent;
+use crate::records::{current, save, set_current};
+
+impl<B: SnapshotBackend> SnapshotEngine<B> {
+    pub(super) async fn create(
+        &self,
+        domain: &str,
+        xml: &str,
+        flags: SnapshotCreateFlags,
+        operation: &DomainLock,
+    ) -> Result<String> {
+        flags.validate()?;
+        let store = self.store();
+        crate::definitions::load(store, domain)?;
+        let mut def = SnapshotDef::parse(xml)?;
+        if flags.redefine {
+            return self.redefine(domain, def, flags.current);
+        }
+        self.backend.refuse_during_block_job(domain).await?;
+        let memory_file = match def.memory.as_ref().filter(|m| m.snapshot == "external") {
+            Some(m) => {
+                let file = m.file.as_ref().map(PathBuf::from).ok_or_else(|| {
+                    Error::invalid_arg("an external memory snapshot needs a file (--memspec file=PATH)")
+                })?;
+                if !file.is_absolute() {
+                    return Err(Error::invalid_arg(format!(
+                        "memory file '{}' must be an absolute path",
+                        file.display()
+                    )));
+                }
+                if file.exists() {
+                    return Err(Error::config_unsupported(format!(
+                        "memory state file '{}' already exists",
+                        file.display()
+                    )));
+                }
+                if flags.disk_only {
+                    return Err(Error::invalid_arg("--disk-only and an external memory file are mutually exclusive"));
+                }
+                if !self.running(domain)? {
+                    return Err(Error::operation_invalid("domain is not running"));
+                }
+                Some(file)
+            }
+            None => None,
+        };
+        let name = def.name.clone().unwrap_or_else(|| now_secs().to_string());
+        strata_core::store::validate_name("snapshot", &name)?;
+        if store.read_snapshot(domain, &name)?.is_some() {
+            return Err(Error::operation_failed(format!("domain moment {name} already exists")));
+        }
+        if flags.branch {
+            let parent = def
+                .parent
+                .clone()
+                .ok_or_else(|| Error::invalid_arg("--branch needs a <parent> in the snapshot XML"))?;
+            let was_running = self.running(domain)?;
+            self.revert(
+                domain,
+                &parent,
+                SnapshotRevertFlags { running: was_running, paused: false, force: true },
+                operation,
+            )
+            .await?;
+        }
+        // The live state records the running chains and root nodes, so no
+        // query of the hypervisor's whole block graph is needed: creation
+        // costs the same at any chain depth.
+        let (mut dom, live) = match self.backend.activity(domain)? {
+            Activity::Running => (self.backend.running_definition(domain).await?, true),
+            Activity::OfflineJob => {
+                return Err(Error::operation_invalid(format!(
+                    "an offline block job runs on the disks of domain '{domain}'; wait for it to end"
+                )))
+            }
+            Activity::ShutOff => (crate::definitions::load(store, domain)?, false),
+        };
+        // The record keeps the definition, not this run's domain id.
+        dom.set_id(None);
+        let selected: HashSet<String> =
+            strata_core::diskset::selected(&crate::definitions::load(store, domain)?)?.into_iter().collect();
+        let disk_flags = SnapshotCreateFlags { disk_only: flags.disk_only || memory_file.is_some(), ..flags };
+        let plans = plan_disks(&dom, &def, &disk_flags, &name, &selected)?;
+        if memory_file.is_some() && plans.iter().any(|p| p.mode == "internal") {
+            return Err(Error::config_unsupported(
+                "a checkpoint with external memory needs external (or no) disk snapshots",
+            ));
+        }
+        // A reused file must be no image the domain or a snapshot reads:
+        // the guest would write into a backing or frozen image.
+        let taken = if flags.reuse_external { images_read_by(store, domain, &dom)? } else { HashSet::new() };
+        let mut overlays = HashSet::new();
+        for p in plans.iter().filter(|p| p.mode == "external") {
+            if let Some(o) = &p.overlay {
+                if !overlays.insert(o) {
+                    return Err(Error::config_unsupported(format!(
+                        "external snapshot file {} is given for more than one disk",
+                        o.display()
+                    )));
+                }
+                if taken.contains(o) {
+                    return Err(Error::config_unsupported(format!(
+                        "external snapshot file for disk {} is an image the domain or one of its snapshots uses: {}",
+                        p.target,
+                        o.display()
+                    )));
+                }
+                let exists = o.exists();
+                if exists && !flags.reuse_external {
+                    return Err(Error::config_unsupported(format!(
+                        "external snapshot file for disk {} already exists and is not a block device: {}",
+                        p.target,
+                        o.display()
+                    )));
+                }
+                if !exists && flags.reuse_external {
+                    return Err(Error::operation_failed(format!(
+                        "missing external snapshot file for disk {}: {}",
+                        p.target,
+                        o.display()
+                    )));
+                }
+            }
+        }
+        let created: Vec<PathBuf> =
+            if flags.reuse_external { Vec::new() } else { plans.iter().filter_map(|p| p.overlay.clone()).collect() };
+        // The whole record is settled before any image changes, and kept
+        // in the intent, so a crash at any later step can be finished.
+        let (running, checkpoint) = if live {
+            let running = self.backend.guest_running(domain).await?;
+            (Some(running), !flags.disk_only && def.memory.as_ref().is_none_or(|m| m.snapshot != "no"))
+        } else {
+            (None, false)
+        };
+        let state = match (running, checkpoint) {
+            (Some(true), true) => "running",
+            (Some(false), true) => "paused",
+            (None, _) if !flags.disk_only => "shutoff",
+            _ => "disk-snapshot",
+        };
+        def.name = Some(name.clone());
+        def.state = Some(state.to_string());
+        def.creation_time = Some(now_secs());
+        def.parent = current(store, domain)?;
+        if memory_file.is_none() {
+            def.memory = Some(SnapshotMemory {
+                snapshot: if state == "running" || state == "paused" { "internal" } else { "no" }.into(),
+                file: None,
+            });
+        }
+        def.disks = plans
+            .iter()
+            .map(|p| SnapshotDisk {
+                name: p.target.clone(),
+                snapshot: Some(p.mode.clone()),
+                driver_type: p.overlay.as_ref().map(|_| "qcow2".to_string()),
+                source: p.overlay.clone().map(|path| StorageSource::File { path }),
+            })
+            .collect();
+        def.domain = Some(dom.element().clone());
+        Intent::Create { files: created.clone(), record: Some(Box::new(def.clone())), no_metadata: flags.no_metadata }
+            .write(store, domain)?;
+        strata_core::crash_point("snapshot-create:intent");
+        let roots = match (live, &memory_file) {
+            (true, Some(file)) => Some(
+                self.backend
+                    .snapshot_disks_with_memory(domain, &plans, &name, file, &created, running == Some(true))
+                    .await?,
+            ),
+            (true, None) => Some(self.create_live(domain, &plans, &name, checkpoint, &created).await?),
+            (false, _) => {
+                crate::image_work::create_offline(operation, &plans, &name, &created)?;
+                None
+            }
+        };
+        strata_core::crash_point("snapshot-create:images");
+        self.finish_creation(domain, &def, flags.no_metadata, roots).await?;
+        Ok(name)
+    }
+
+    /// Takes the snapshot in the running domain; returns each disk's new
+    /// top handle.
+    async fn create_live(
+        &self,
+        domain: &str,
+        plans: &[DiskPlan],
+        name: &str,
+        checkpoint: bool,
+        created: &[PathBuf],
+    ) -> Result<NewTops> {
+        if checkpoint {
+            // A system checkpoint: VM state and every selected qcow2 disk
+            // in one internal snapshot (disks with snapshot='no' are left out).
+            if plans.iter().any(|p| p.mode == "external") {
+                return Err(Error::config_unsupported(
+                    "a checkpoint with external disk snapshots needs external memory: add --memspec file=PATH, or use --disk-only",
+                ));
+            }
+            self.backend.save_checkpoint(domain, plans, name).await?;
+            return Ok(NewTops::new());
+        }
+        self.backend.snapshot_disks(domain, plans, name, created).await
+    }
+
+    /// The steps after the images changed: chains recorded, the record
+    /// saved and made current, the intent cleared. Also what recovery runs
+    /// for a creation whose images had changed when it was interrupted.
+    /// `roots`: the new top handle of each disk that got an overlay, when
+    /// this process made them (recovery passes `None` and asks the backend).
+    pub(super) async fn finish_creation(
+        &self,
+        domain: &str,
+        def: &SnapshotDef,
+        no_metadata: bool,
+        roots: Option<NewTops>,
+    ) -> Result<()> {
+        let store = self.store();
+        let targets: Vec<String> =
+            def.disks.iter().filter(|d| d.snapshot.as_deref() == Some("external")).map(|d| d.name.clone()).collect();
+        let overlays: HashMap<String, PathBuf> = def
+            .disks
+            .iter()
+            .filter_map(|d| Some((d.name.clone(), d.source.as_ref()?.local_path()?.to_path_buf())))
+            .collect();
+        self.record_chains(domain, &targets, &overlays, roots).await?;
+        strata_core::crash_point("snapshot-create:chains");
+        if !no_metadata {
+            let name = def.name.clone().unwrap_or_default();
+            save(store, domain, def)?;
+            strata_core::crash_point("snapshot-create:record");
+            set_current(store, domain, Some(&name))?;
+        }
+        Intent::clear(store, domain)
+    }
+
+    /// Records in the persistent (and live) definition the chains the
+    /// images have after a snapshot: each overlay on the chain recorded
+    /// before it, with its new top handle (`roots`); without `roots`
+    /// (recovery), the hypervisor's chains when running, else the
+    /// overlays' headers.
+    async fn record_chains(
+        &self,
+        domain: &str,
+        targets: &[String],
+        overlays: &HashMap<String, PathBuf>,
+        roots: Option<NewTops>,
+    ) -> Result<()> {
+        let store = self.store();
+        let live_chains = match (self.running(domain)?, &roots) {
+            (true, None) => Some(self.backend.live_chains(domain).await?),
+            _ => None,
+        };
+        let _lock = crate::blocking::lock_domain(store, domain).await?;
+        let mut persistent = crate::definitions::load(store, domain)?;
+        let recorded = self.backend.recorded_live_definition(domain)?;
+        let mut live_updates = Vec::new();
+        for target in targets {
+            let overlay = overlays
+                .get(target)
+                .cloned()
+                .ok_or_else(|| Error::internal(format!("no overlay recorded for disk '{target}'")))?;
+            let (chain, top) = if let Some(l) = live_chains.as_ref().and_then(|c| c.get(target)) {
+                (l.chain.clone(), l.top.clone())
+            } else if let (Some(rec), Some(node)) = (recorded.as_ref(), roots.as_ref().and_then(|r| r.get(target))) {
+                let below = rec
+                    .find_disk(target)?
+                    .chain
+                    .ok_or_else(|| Error::internal(format!("disk '{target}' has no recorded chain")))?;
+                (below.with_overlay(StorageSource::local(overlay), Some("qcow2".into())), Some(node.clone()))
+            } else {
+                (probe_chain(&StorageSource::local(overlay), "qcow2")?, None)
+            };
+            if persistent.find_disk(target).is_ok() {
+                persistent.set_disk_chain(target, &chain)?;
+            }
+            if recorded.is_some() {
+                live_updates.push(RecordedChain { disk: target.clone(), chain, top });
+            }
+        }
+        store.write_domain(domain, &persistent.to_xml())?;
+        self.backend.record_live_chains(domain, &live_updates)
+    }
+
+    /// `--redefine`: a record from dumped XML, checked against the domain.
+    fn redefine(&self, domain: &str, def: SnapshotDef, make_current: bool) -> Result<String> {
+        let store = self.store();
+        let name = def.name.clone().ok_or_else(|| Error::invalid_arg("a redefined snapshot needs a <name>"))?;
+        let saved = def
+            .domain
+            .clone()
+            .ok_or_else(|| Error::invalid_arg(format!("snapshot '{name}' lacks the <domain> it was taken of")))?;
+        let saved = Domain::from_element(saved)?;
+        let dom = crate::definitions::load(store, domain)?;
+        if saved.uuid().is_some() && saved.uuid() != dom.uuid() {
+            return Err(Error::invalid_arg(format!(
+                "snapshot '{name}' was taken of a domain with uuid {}, not {}",
+                saved.uuid().unwrap_or_default(),
+                dom.uuid().unwrap_or_default()
+            )));
+        }
+        if let Some(parent) = &def.parent {
+            if parent == &name || store.read_snapshot(domain, parent)?.is_none() {
+                return Err(Error::invalid_arg(format!("parent snapshot '{parent}' of '{name}' does not exist")));
+            }
+        }
+        for d in &def.disks {
+            saved.find_disk(&d.name).map_err(|_| {
+                Error::invalid_arg(format!("snapshot '{name}' names disk '{}' that its domain does not have", d.name))
+            })?;
+        }
+        save(store, domain, &def)?;
+        if make_current {
+            set_current(store, domain, Some(&name))?;
+        }
+        Ok(name)
+    }
+}

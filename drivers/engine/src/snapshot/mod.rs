@@ -1,0 +1,400 @@
+//! Snapshots, whatever runs the domain: records in the store (each with
+//! the full domain definition of its moment), internal and external disk
+//! snapshots, live and offline, revert (external ones by branching a new
+//! overlay off the snapshot's images, so nothing another snapshot depends
+//! on is written), and delete (commit into the backing file when nothing
+//! else depends on it, otherwise pull into the children).
+//!
+//! Create, revert and delete write an intent record (`intent.rs`) before
+//! touching any image; the next snapshot call on the domain finishes or
+//! rolls back an operation a crash interrupted: a creation is finished if
+//! its overlays entered a chain and undone otherwise, a revert is finished
+//! (redone from the start if its new definition was not yet adopted), and
+//! a delete resumes the plans it recorded, each step checking whether it
+//! is still to do.
+//!
+//! A driver implements [`SnapshotBackend`] with what only its hypervisor
+//! can do; [`SnapshotEngine`] over it is the driver's [`SnapshotOps`].
+
+mod create;
+mod delete;
+pub mod plan;
+mod recover;
+mod revert;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use strata_core::chain::Chain;
+use strata_core::driver::{DomainState, SnapshotOps, SnapshotSummary};
+use strata_core::options::{SnapshotCreateFlags, SnapshotDeleteFlags, SnapshotRevertFlags};
+use strata_core::store::{DomainLock, Store};
+use strata_core::xml::{Domain, SnapshotDef};
+use strata_core::{Error, Result};
+
+use crate::intent::Intent;
+
+pub use delete::{delete_method, refuse_merged_behind_back};
+pub use plan::{default_overlay, plan_disks, DiskPlan};
+pub use recover::{creation_recovery, revert_recovery, CreationRecovery, RevertRecovery};
+
+/// What serves a domain's disks now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activity {
+    /// Nothing: the domain is shut off.
+    ShutOff,
+    /// The domain runs; its guest may be running or paused.
+    Running,
+    /// The domain is shut off but an offline block job's server has its
+    /// disks open.
+    OfflineJob,
+}
+
+/// A disk's chain as the running hypervisor has it open, with the
+/// backend's handle of its top layer (QEMU: the root node name).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveChain {
+    pub chain: Chain,
+    pub top: Option<String>,
+}
+
+/// A disk's chain to record in the live state after its overlay changed,
+/// with the backend's handle of the new top when it is known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedChain {
+    pub disk: String,
+    pub chain: Chain,
+    pub top: Option<String>,
+}
+
+/// A block job that a snapshot delete runs on one disk, its layers
+/// numbered as in the running chain (0 is the active image).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskJob {
+    ActiveCommit { base: usize },
+    Commit { top: usize, base: usize },
+    Pull { into: usize, base: Option<usize> },
+}
+
+/// The new top handle of each disk a live snapshot gave an overlay, by
+/// disk target.
+pub type NewTops = HashMap<String, String>;
+
+/// An error for what a backend cannot do.
+pub fn not_supported(what: &str) -> Error {
+    Error::no_support(format!("this driver cannot {what}"))
+}
+
+/// What only the hypervisor that runs a domain can do for its snapshots.
+/// Everything else (planning, records, intents and recovery, offline image
+/// work, the delete plans) is the engine's. The memory and internal
+/// snapshot methods have defaults that refuse, for a backend without them.
+#[async_trait]
+pub trait SnapshotBackend: Send + Sync {
+    /// The store the domain's definitions and snapshot records live in.
+    fn store(&self) -> &Store;
+
+    /// What serves the domain's disks now; a recorded server found gone is
+    /// settled first (like every call does).
+    fn activity(&self, domain: &str) -> Result<Activity>;
+
+    /// The definition the live state records (the one the running domain
+    /// or an offline job's server was started with, chains as last
+    /// recorded); `None` when nothing serves the domain.
+    fn recorded_live_definition(&self, domain: &str) -> Result<Option<Domain>>;
+
+    /// Records in the live state each disk's chain (and top handle, when
+    /// given) after a switch of overlays; nothing when nothing serves the
+    /// domain. The caller holds the domain lock.
+    fn record_live_chains(&self, domain: &str, chains: &[RecordedChain]) -> Result<()>;
+
+    /// The running domain's recorded definition, without asking the
+    /// hypervisor for its whole block graph (so a snapshot costs the same
+    /// at any chain depth); operation-invalid when it does not run.
+    async fn running_definition(&self, domain: &str) -> Result<Domain>;
+
+    /// The running domain's definition, each disk's chain as the
+    /// hypervisor has it open.
+    async fn live_definition(&self, domain: &str) -> Result<Domain>;
+
+    /// The chain the hypervisor has open for each disk, by target.
+    async fn live_chains(&self, domain: &str) -> Result<HashMap<String, LiveChain>>;
+
+    /// Whether the running domain's guest runs (rather than being paused).
+    async fn guest_running(&self, domain: &str) -> Result<bool>;
+
+    /// Refuses while a block job runs on a disk of the domain.
+    async fn refuse_during_block_job(&self, domain: &str) -> Result<()>;
+
+    /// Waits for and clears snapshot work that a process which died left
+    /// in the running hypervisor.
+    async fn settle_snapshot_jobs(&self, _domain: &str) -> Result<()> {
+        Ok(())
+    }
+
+    /// Takes a live disk snapshot atomically: each external plan's overlay
+    /// becomes its disk's top (the files in `created` are made first) and
+    /// each internal plan's image gets the snapshot `name`. Returns the
+    /// new top handle of each disk that got an overlay.
+    async fn snapshot_disks(
+        &self,
+        domain: &str,
+        plans: &[DiskPlan],
+        name: &str,
+        created: &[PathBuf],
+    ) -> Result<NewTops>;
+
+    /// [`SnapshotBackend::snapshot_disks`] of external plans with the
+    /// guest's memory saved into `file`, of one instant; the guest is left
+    /// running when `was_running`, else paused.
+    #[allow(clippy::too_many_arguments)]
+    async fn snapshot_disks_with_memory(
+        &self,
+        _domain: &str,
+        _plans: &[DiskPlan],
+        _name: &str,
+        _file: &Path,
+        _created: &[PathBuf],
+        _was_running: bool,
+    ) -> Result<NewTops> {
+        Err(not_supported("save memory state"))
+    }
+
+    /// Saves the running guest's state and its internal plans' disks as
+    /// internal snapshot `name` (a checkpoint).
+    async fn save_checkpoint(&self, _domain: &str, _plans: &[DiskPlan], _name: &str) -> Result<()> {
+        Err(not_supported("save memory state"))
+    }
+
+    /// Loads internal snapshot `name` (guest state and disks) into the
+    /// paused guest; `tops` are the disks' top handles, the first holding
+    /// the guest state.
+    async fn load_checkpoint(&self, _domain: &str, _name: &str, _tops: &[String]) -> Result<()> {
+        Err(not_supported("load memory state"))
+    }
+
+    /// Removes internal snapshot `name` from `image`, a layer of `disk`'s
+    /// running chain.
+    async fn delete_internal_live(&self, _domain: &str, _disk: &str, _image: &Path, _name: &str) -> Result<()> {
+        Err(not_supported("delete internal snapshots of a running domain"))
+    }
+
+    /// Starts the domain from the guest state saved in `file`, paused.
+    async fn start_from_memory(&self, _domain: &str, _file: &Path) -> Result<()> {
+        Err(not_supported("load memory state"))
+    }
+
+    /// Pauses the guest; returns whether it was running.
+    async fn pause_guest(&self, domain: &str) -> Result<bool>;
+
+    /// Lets the paused guest run again (no state reason recorded).
+    async fn continue_guest(&self, domain: &str) -> Result<()>;
+
+    /// Resumes the guest as a user's resume does.
+    async fn resume(&self, domain: &str) -> Result<()>;
+
+    /// Starts the domain paused.
+    async fn start_paused(&self, domain: &str) -> Result<()>;
+
+    /// Stops the running domain at once.
+    async fn stop(&self, domain: &str) -> Result<()>;
+
+    /// Records why the running domain is in `state` (libvirt's reason word).
+    fn record_reason(&self, domain: &str, state: DomainState, word: &str) -> Result<()>;
+
+    /// Runs `job` on `disk` to its end (pivoting an active commit).
+    async fn run_disk_job(&self, domain: &str, disk: &str, job: DiskJob) -> Result<()>;
+
+    /// Waits for the end of a pull or commit left running on `disk` by an
+    /// interrupted delete, pivoting an active commit once it is ready.
+    async fn settle_disk_job(&self, domain: &str, disk: &str) -> Result<()>;
+}
+
+/// The snapshot semantics over a backend: a driver's [`SnapshotOps`].
+/// It keeps no state of its own (everything is in the store), so a driver
+/// may also view itself as one with [`SnapshotEngine::over`].
+#[repr(transparent)]
+pub struct SnapshotEngine<B> {
+    backend: B,
+}
+
+impl<B: SnapshotBackend> SnapshotEngine<B> {
+    pub fn new(backend: B) -> SnapshotEngine<B> {
+        SnapshotEngine { backend }
+    }
+
+    /// The engine over a backend borrowed for as long as the view.
+    pub fn over(backend: &B) -> &SnapshotEngine<B> {
+        let engine = (backend as *const B).cast::<SnapshotEngine<B>>();
+        // SAFETY: SnapshotEngine<B> is repr(transparent) over its one field
+        // of type B, so it has B's layout and validity; the reference keeps
+        // the borrow's lifetime.
+        unsafe { &*engine }
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    fn store(&self) -> &Store {
+        self.backend.store()
+    }
+
+    /// The definition as it is now: live when running, else persistent.
+    async fn current_definition(&self, domain: &str) -> Result<Domain> {
+        match self.backend.activity(domain)? {
+            Activity::Running => self.backend.live_definition(domain).await,
+            Activity::OfflineJob => Err(Error::operation_invalid(format!(
+                "an offline block job runs on the disks of domain '{domain}'; wait for it to end"
+            ))),
+            Activity::ShutOff => crate::definitions::load(self.store(), domain),
+        }
+    }
+
+    fn running(&self, domain: &str) -> Result<bool> {
+        Ok(self.backend.activity(domain)? == Activity::Running)
+    }
+
+    /// Before a snapshot call that only reads: finishes or undoes a snapshot
+    /// operation a crash interrupted, unless that operation is still running
+    /// in another process (it holds the operation lock). Like every call, it
+    /// first settles the domain's recorded server (one a killed process was
+    /// starting is stopped).
+    async fn snapshot_recover(&self, domain: &str) -> Result<()> {
+        let store = self.store();
+        crate::definitions::load(store, domain)?;
+        self.backend.activity(domain)?;
+        if Intent::read(store, domain)?.is_some() {
+            let operation = match store.try_lock_domain_operation(domain)? {
+                Some(operation) => Some(operation),
+                // The lock outlives a killed owner for as long as a helper
+                // or held server child it started takes to exit (or another
+                // process recovers): worth the wait.
+                None if Intent::owner_gone(store, domain)? => {
+                    Some(crate::blocking::lock_domain_operation(store, domain).await?)
+                }
+                None => None,
+            };
+            match operation {
+                // A read still answers when the operation cannot be finished
+                // now; the next create, revert or delete tries again and
+                // reports why it cannot.
+                Some(operation) => self.recover_or_warn(domain, &operation).await,
+                None => tracing::debug!(domain, "a snapshot operation is in progress in another process"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Before a snapshot call that changes images or records: waits for any
+    /// other such operation on the domain, takes the operation lock (held
+    /// until the returned guard drops) and finishes or undoes an operation
+    /// a crash interrupted.
+    async fn snapshot_operation(&self, domain: &str) -> Result<DomainLock> {
+        crate::definitions::load(self.store(), domain)?;
+        let operation = crate::blocking::lock_domain_operation(self.store(), domain).await?;
+        self.log_recovery(domain, &operation).await?;
+        Ok(operation)
+    }
+
+    /// See [`settle_operations`].
+    pub async fn settle_operations(&self, domain: &str) -> Result<DomainLock> {
+        crate::definitions::load(self.store(), domain)?;
+        let operation = crate::blocking::lock_domain_operation(self.store(), domain).await?;
+        self.recover_or_warn(domain, &operation).await;
+        Ok(operation)
+    }
+
+    /// Tries to finish an interrupted snapshot operation, warning when it
+    /// cannot be done now; for callers that go on either way.
+    async fn recover_or_warn(&self, domain: &str, operation: &DomainLock) {
+        if let Err(e) = self.log_recovery(domain, operation).await {
+            tracing::warn!(domain, error = %e.report(), "an interrupted snapshot operation could not be finished");
+        }
+    }
+
+    async fn log_recovery(&self, domain: &str, operation: &DomainLock) -> Result<()> {
+        for note in self.recover_interrupted(domain, operation).await? {
+            tracing::info!(domain, "{note}");
+        }
+        Ok(())
+    }
+
+    /// Refuses a revert to, or a delete of, snapshots that cover a disk that
+    /// is transient now or was in the snapshot's saved definition: either
+    /// would write into images a transient disk reads.
+    fn refuse_transient<'a>(&self, domain: &str, snapshots: impl IntoIterator<Item = &'a SnapshotDef>) -> Result<()> {
+        let current = match self.backend.recorded_live_definition(domain)? {
+            Some(live) => live,
+            None => crate::definitions::load(self.store(), domain)?,
+        };
+        for def in snapshots {
+            let saved = def.domain.clone().map(Domain::from_element).transpose()?;
+            for covered in def.disks.iter().filter(|d| d.snapshot.as_deref() != Some("no")) {
+                for dom in std::iter::once(&current).chain(saved.as_ref()) {
+                    if let Ok(disk) = dom.find_disk(&covered.name) {
+                        disk.refuse_if_transient("snapshots")?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Before a block job starts or ends: waits for a snapshot operation in
+/// progress and tries to finish one a crash interrupted. Unlike a snapshot
+/// command it goes on when that cannot be done now, since a job (or its
+/// abort) may be what lets the user unblock it. The returned operation
+/// lock is held until it drops.
+pub async fn settle_operations<B: SnapshotBackend>(backend: &B, domain: &str) -> Result<DomainLock> {
+    SnapshotEngine::over(backend).settle_operations(domain).await
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// The run state a revert leaves: paused wins over running, as in virsh.
+fn end_state(end_running: bool, end_paused: bool) -> DomainState {
+    if end_running && !end_paused {
+        DomainState::Running
+    } else {
+        DomainState::Paused
+    }
+}
+
+#[async_trait]
+impl<B: SnapshotBackend> SnapshotOps for SnapshotEngine<B> {
+    async fn snapshot_create(&self, domain: &str, xml: &str, flags: SnapshotCreateFlags) -> Result<String> {
+        let operation = self.snapshot_operation(domain).await?;
+        self.create(domain, xml, flags, &operation).await
+    }
+
+    async fn snapshot_list(&self, domain: &str) -> Result<Vec<SnapshotSummary>> {
+        self.snapshot_recover(domain).await?;
+        crate::records::summaries(self.store(), domain)
+    }
+
+    async fn snapshot_xml(&self, domain: &str, snapshot: &str) -> Result<String> {
+        self.snapshot_recover(domain).await?;
+        Ok(crate::records::load(self.store(), domain, snapshot)?.to_xml())
+    }
+
+    async fn snapshot_set_current(&self, domain: &str, snapshot: &str) -> Result<()> {
+        self.snapshot_recover(domain).await?;
+        crate::records::load(self.store(), domain, snapshot)?;
+        crate::records::set_current(self.store(), domain, Some(snapshot))
+    }
+
+    async fn snapshot_revert(&self, domain: &str, snapshot: &str, flags: SnapshotRevertFlags) -> Result<()> {
+        let operation = self.snapshot_operation(domain).await?;
+        self.revert(domain, snapshot, flags, &operation).await
+    }
+
+    async fn snapshot_delete(&self, domain: &str, snapshot: &str, flags: SnapshotDeleteFlags) -> Result<Vec<String>> {
+        let operation = self.snapshot_operation(domain).await?;
+        self.delete(domain, snapshot, flags, &operation).await
+    }
+}

@@ -1,0 +1,531 @@
+//! The QEMU driver's snapshot backend: what only QEMU can do for a
+//! snapshot of a running domain (the live transaction of blockdev-create,
+//! blockdev-add and `transaction`, memory saved and loaded by migration
+//! through a passed fd, internal snapshots saved, loaded and deleted by
+//! snapshot jobs, the commit or pull a delete runs through the driver's
+//! block jobs). What a snapshot means, its records, intents and recovery,
+//! and the offline image work are `strata_engine::snapshot`'s.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{json, Value};
+use strata_core::driver::{BlockJobEnd, BlockJobKind, BlockJobOps, BlockJobState, Connection, DomainState, StartFlags};
+use strata_core::options::{BlockCommitOptions, BlockJobAbortFlags, BlockPullOptions};
+use strata_core::store::Store;
+use strata_core::xml::Domain;
+use strata_core::{Error, ErrorKind, Result};
+use strata_engine::image_work::{image_size, path_str};
+use strata_engine::snapshot::{Activity, DiskJob, DiskPlan, LiveChain, NewTops, RecordedChain, SnapshotBackend};
+
+use crate::live::{self, qmp_error, LiveStatus};
+use crate::QemuConnection;
+
+#[async_trait]
+impl SnapshotBackend for QemuConnection {
+    fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn activity(&self, domain: &str) -> Result<Activity> {
+        Ok(match live::reconcile(&self.store, domain)? {
+            None => Activity::ShutOff,
+            Some(status) if status.is_vm() => Activity::Running,
+            Some(_) => Activity::OfflineJob,
+        })
+    }
+
+    fn recorded_live_definition(&self, domain: &str) -> Result<Option<Domain>> {
+        Ok(live::reconcile(&self.store, domain)?.map(|status| status.domain))
+    }
+
+    fn record_live_chains(&self, domain: &str, chains: &[RecordedChain]) -> Result<()> {
+        let Some(mut status) = live::reconcile(&self.store, domain)? else { return Ok(()) };
+        for recorded in chains {
+            if let Some(root) = &recorded.top {
+                status.roots.insert(recorded.disk.clone(), root.clone());
+            }
+            status.domain.set_disk_chain(&recorded.disk, &recorded.chain)?;
+        }
+        self.store.write_status(domain, &status.to_xml())
+    }
+
+    /// The status records the running chains and root nodes.
+    async fn running_definition(&self, domain: &str) -> Result<Domain> {
+        let (status, _) = self.running(domain).await?;
+        Ok(status.domain)
+    }
+
+    async fn live_definition(&self, domain: &str) -> Result<Domain> {
+        self.live_domain(domain).await
+    }
+
+    async fn live_chains(&self, domain: &str) -> Result<HashMap<String, LiveChain>> {
+        let (_, monitor) = self.running(domain).await?;
+        let chains = live::live_chains(&monitor.client, domain).await?;
+        Ok(chains
+            .into_iter()
+            .map(|(target, disk)| (target, LiveChain { top: disk.root().map(str::to_string), chain: disk.chain }))
+            .collect())
+    }
+
+    async fn guest_running(&self, domain: &str) -> Result<bool> {
+        let (_, monitor) = self.running(domain).await?;
+        let run = monitor.client.query_status().await.map_err(|e| qmp_error(domain, e))?;
+        Ok(live::state_of(run.status).0 == DomainState::Running)
+    }
+
+    /// Refuses, as libvirt does, while a block job runs on a disk of the
+    /// domain: a snapshot would change the chain under the job, and a
+    /// revert would end the QEMU that runs it. Jobs that ended meanwhile
+    /// are recorded first, so only a running one stands in the way.
+    async fn refuse_during_block_job(&self, domain: &str) -> Result<()> {
+        if let Some((status, _)) = self.serving(domain).await? {
+            if let Some(job) = status.jobs.first() {
+                return Err(Error::new(
+                    ErrorKind::BlockCopyActive,
+                    format!("disk '{}' already in active block job", job.disk),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn settle_snapshot_jobs(&self, domain: &str) -> Result<()> {
+        let (_, monitor) = self.running(domain).await?;
+        dismiss_snapshot_jobs(&monitor.client, domain).await
+    }
+
+    async fn snapshot_disks(
+        &self,
+        domain: &str,
+        plans: &[DiskPlan],
+        name: &str,
+        created: &[PathBuf],
+    ) -> Result<NewTops> {
+        let (status, monitor) = self.running(domain).await?;
+        self.create_live(domain, &status, &monitor.client, plans, name, created).await
+    }
+
+    /// A checkpoint with external memory: the guest is stopped, its disks
+    /// switch to new overlays in one transaction, its state migrates to
+    /// the file, and it runs again; disks and memory are of one instant.
+    #[allow(clippy::too_many_arguments)]
+    async fn snapshot_disks_with_memory(
+        &self,
+        domain: &str,
+        plans: &[DiskPlan],
+        name: &str,
+        file: &Path,
+        created: &[PathBuf],
+        was_running: bool,
+    ) -> Result<NewTops> {
+        let (status, monitor) = self.running(domain).await?;
+        let client = &monitor.client;
+        client.execute("stop", None).await.map_err(|e| qmp_error(domain, e))?;
+        let saved = async {
+            let roots = self.create_live(domain, &status, client, plans, name, created).await?;
+            save_memory(client, domain, file).await?;
+            Ok(roots)
+        }
+        .await;
+        // Back to running (or paused: QEMU refuses a later migration of a
+        // guest left paused by a migration, so it is resumed and stopped).
+        let _ = client.execute("cont", None).await;
+        if !was_running {
+            let _ = client.execute("stop", None).await;
+        }
+        if saved.is_err() {
+            let _ = std::fs::remove_file(file);
+        }
+        saved
+    }
+
+    /// A system checkpoint: VM state and every selected qcow2 disk in one
+    /// snapshot-save job (disks with snapshot='no' are left out).
+    async fn save_checkpoint(&self, domain: &str, plans: &[DiskPlan], name: &str) -> Result<()> {
+        let (status, monitor) = self.running(domain).await?;
+        let devices: Vec<String> = plans
+            .iter()
+            .filter(|p| p.mode == "internal")
+            .map(|p| root_of(&status, &p.target))
+            .collect::<Result<_>>()?;
+        let vmstate =
+            devices.first().cloned().ok_or_else(|| Error::config_unsupported("nothing selected for snapshot"))?;
+        run_job(
+            &monitor.client,
+            domain,
+            "snapshot-save",
+            json!({
+                "job-id": "strata-snapshot-save", "tag": name, "vmstate": vmstate, "devices": devices,
+            }),
+        )
+        .await
+    }
+
+    async fn load_checkpoint(&self, domain: &str, name: &str, tops: &[String]) -> Result<()> {
+        let (_, monitor) = self.running(domain).await?;
+        let vmstate = tops.first().cloned().ok_or_else(|| Error::internal("checkpoint without disks"))?;
+        run_job(
+            &monitor.client,
+            domain,
+            "snapshot-load",
+            json!({
+                "job-id": "strata-snapshot-load", "tag": name, "vmstate": vmstate, "devices": tops,
+            }),
+        )
+        .await
+    }
+
+    async fn delete_internal_live(&self, domain: &str, disk: &str, image: &Path, snap: &str) -> Result<()> {
+        let (_, monitor) = self.running(domain).await?;
+        let chains = live::live_chains(&monitor.client, domain).await?;
+        let (node, layer) = chains
+            .get(disk)
+            .and_then(|l| {
+                l.chain
+                    .layers
+                    .iter()
+                    .position(|x| x.source.local_path() == Some(image))
+                    .map(|i| (l.nodes[i].clone(), i))
+            })
+            .ok_or_else(|| Error::internal(format!("QEMU has no node for '{}'", image.display())))?;
+        if layer != 0 {
+            // blockdev-snapshot-delete-internal-sync wants a root node;
+            // the snapshot-delete job takes any node, but only a
+            // writable one, so the backing layer is reopened for it.
+            crate::jobs::reopen_node(&monitor.client, domain, &node, false).await?;
+            let deleted = run_job(
+                &monitor.client,
+                domain,
+                "snapshot-delete",
+                json!({
+                    "job-id": "strata-snapshot-delete", "tag": snap, "devices": [node],
+                }),
+            )
+            .await;
+            crate::jobs::reopen_node(&monitor.client, domain, &node, true).await?;
+            return deleted;
+        }
+        monitor
+            .client
+            .execute("blockdev-snapshot-delete-internal-sync", Some(json!({"device": node, "name": snap})))
+            .await
+            .map_err(|e| qmp_error(domain, e))?;
+        Ok(())
+    }
+
+    /// Starts QEMU on the adopted definition and loads a saved VM state.
+    async fn start_from_memory(&self, domain: &str, file: &Path) -> Result<()> {
+        {
+            let _lock = self.store().lock_domain(domain)?;
+            self.spawn_server(domain, live::Server::Vm, crate::StartMode::Incoming).await?;
+        }
+        let (_, monitor) = self.running(domain).await?;
+        let client = &monitor.client;
+        let f = std::fs::File::open(file).map_err(|e| Error::io("open", file, e))?;
+        client.send_fd("strata-mem-in", std::os::fd::AsFd::as_fd(&f)).await.map_err(|e| qmp_error(domain, e))?;
+        client
+            .execute("migrate-incoming", Some(json!({"uri": "fd:strata-mem-in"})))
+            .await
+            .map_err(|e| qmp_error(domain, e))?;
+        wait_migration(client, domain).await
+    }
+
+    async fn pause_guest(&self, domain: &str) -> Result<bool> {
+        let (_, monitor) = self.running(domain).await?;
+        let run = monitor.client.query_status().await.map_err(|e| qmp_error(domain, e))?;
+        monitor.client.execute("stop", None).await.map_err(|e| qmp_error(domain, e))?;
+        Ok(run.running)
+    }
+
+    async fn continue_guest(&self, domain: &str) -> Result<()> {
+        let (_, monitor) = self.running(domain).await?;
+        monitor.client.execute("cont", None).await.map_err(|e| qmp_error(domain, e))?;
+        Ok(())
+    }
+
+    async fn resume(&self, domain: &str) -> Result<()> {
+        Connection::resume(self, domain).await
+    }
+
+    async fn start_paused(&self, domain: &str) -> Result<()> {
+        Connection::start(self, domain, StartFlags { paused: true }).await.map(|_| ())
+    }
+
+    async fn stop(&self, domain: &str) -> Result<()> {
+        Connection::destroy(self, domain).await
+    }
+
+    fn record_reason(&self, domain: &str, state: DomainState, word: &str) -> Result<()> {
+        QemuConnection::record_reason(self, domain, state, word)
+    }
+
+    /// Runs a block job through this driver's own job machinery (QEMU when
+    /// running, the storage daemon otherwise) and waits for its end.
+    async fn run_disk_job(&self, domain: &str, disk: &str, job: DiskJob) -> Result<()> {
+        let layer = |i: usize| format!("{disk}[{i}]");
+        // A delete commits an overlay into the image its snapshot froze
+        // only when no other image reads through that image (the plan
+        // checked), so the one snapshot the commit changes is the one
+        // being deleted.
+        let pivot = match job {
+            DiskJob::ActiveCommit { base } => {
+                let opts = BlockCommitOptions {
+                    active: true,
+                    pivot: true,
+                    base: Some(layer(base)),
+                    allow_snapshot_change: true,
+                    ..Default::default()
+                };
+                self.start_commit(domain, disk, &opts).await?;
+                true
+            }
+            DiskJob::Commit { top, base } => {
+                let opts = BlockCommitOptions {
+                    top: Some(layer(top)),
+                    base: Some(layer(base)),
+                    allow_snapshot_change: true,
+                    ..Default::default()
+                };
+                self.start_commit(domain, disk, &opts).await?;
+                false
+            }
+            DiskJob::Pull { into, base } => {
+                let opts = BlockPullOptions { base: base.map(layer), top: Some(layer(into)), ..Default::default() };
+                self.start_pull(domain, disk, &opts).await?;
+                false
+            }
+        };
+        strata_core::crash_point("snapshot-delete:job");
+        loop {
+            match self.block_job_wait(domain, disk, 60_000).await? {
+                BlockJobState::Running(_) => {}
+                BlockJobState::Ready(_) => {
+                    let end = self.end_job(domain, disk, BlockJobAbortFlags { pivot, no_wait: false }).await?;
+                    return job_result(end);
+                }
+                BlockJobState::Ended { end, .. } => return job_result(end),
+            }
+        }
+    }
+
+    /// Waits for the end of a pull or commit left running on `disk` by an
+    /// interrupted delete, pivoting an active commit once it is ready.
+    async fn settle_disk_job(&self, domain: &str, disk: &str) -> Result<()> {
+        let Some(info) = self.block_job_info(domain, disk).await? else { return Ok(()) };
+        if !matches!(info.kind, BlockJobKind::Pull | BlockJobKind::Commit | BlockJobKind::ActiveCommit) {
+            return Err(Error::new(
+                ErrorKind::BlockCopyActive,
+                format!("disk '{disk}' has a block copy in progress; end it before the snapshot delete can finish"),
+            ));
+        }
+        loop {
+            match self.block_job_wait(domain, disk, 60_000).await? {
+                BlockJobState::Running(_) => {}
+                BlockJobState::Ready(_) => {
+                    let end = self.end_job(domain, disk, BlockJobAbortFlags { pivot: true, no_wait: false }).await?;
+                    return job_result(end);
+                }
+                BlockJobState::Ended { end, .. } => return job_result(end),
+            }
+        }
+    }
+}
+
+/// The root node the status records for disk `target`.
+fn root_of(status: &LiveStatus, target: &str) -> Result<String> {
+    status
+        .roots
+        .get(target)
+        .cloned()
+        .ok_or_else(|| Error::internal(format!("no root node recorded for disk '{target}'")))
+}
+
+impl QemuConnection {
+    /// Takes a disk snapshot in the running QEMU: internal snapshots and
+    /// new overlays switched in one transaction; returns each disk's new
+    /// root node.
+    async fn create_live(
+        &self,
+        domain: &str,
+        status: &LiveStatus,
+        client: &strata_qmp::QmpClient,
+        plans: &[DiskPlan],
+        name: &str,
+        created: &[PathBuf],
+    ) -> Result<NewTops> {
+        let root = |t: &str| root_of(status, t);
+        let mut new_roots = HashMap::new();
+        let externals = plans.iter().filter(|p| p.mode == "external").count() as u64;
+        let mut number = if externals > 0 { self.reserve_nodes(domain, externals)? } else { 0 };
+        let _nodes = crate::jobs::lock_unattached_nodes(self.store(), domain)?;
+        let mut added: Vec<String> = Vec::new();
+        let mut actions: Vec<Value> = Vec::new();
+        let outcome = async {
+            for p in plans {
+                match p.mode.as_str() {
+                    "internal" => actions.push(json!({
+                        "type": "blockdev-snapshot-internal-sync",
+                        "data": {"device": root(&p.target)?, "name": name},
+                    })),
+                    "external" => {
+                        let overlay = p.overlay.as_ref().ok_or_else(|| Error::internal("external plan without overlay"))?;
+                        let fmt_node = format!("{}-s{number}-fmt", p.target);
+                        let file_node = format!("{}-s{number}-file", p.target);
+                        number += 1;
+                        new_roots.insert(p.target.clone(), fmt_node.clone());
+                        let ov = path_str(overlay)?;
+                        if created.contains(overlay) {
+                            crate::jobs::create_blockdev(client, domain, &format!("{file_node}-create"), json!({"driver": "file", "filename": ov, "size": 0})).await?;
+                        }
+                        client
+                            .execute("blockdev-add", Some(json!({"driver": "file", "node-name": file_node, "filename": ov})))
+                            .await
+                            .map_err(|e| qmp_error(domain, e))?;
+                        added.push(file_node.clone());
+                        if created.contains(overlay) {
+                            let size = image_size(&p.image, &p.format)?;
+                            // QMP's blockdev-snapshot never writes the backing name
+                            // into the overlay (recipe book quirk 3): the header
+                            // gets it here, with its format.
+                            crate::jobs::create_blockdev(client, domain, &format!("{fmt_node}-create"), json!({
+                                "driver": "qcow2", "file": file_node, "size": size,
+                                "backing-file": path_str(&p.image)?, "backing-fmt": p.format,
+                            }))
+                            .await?;
+                        }
+                        // Quirk 2: "backing": null, or QEMU opens the header's
+                        // backing file a second time and fails on its lock.
+                        client
+                            .execute("blockdev-add", Some(json!({"driver": "qcow2", "node-name": fmt_node, "file": file_node, "backing": null})))
+                            .await
+                            .map_err(|e| qmp_error(domain, e))?;
+                        added.push(fmt_node.clone());
+                        actions.push(json!({
+                            "type": "blockdev-snapshot",
+                            "data": {"node": root(&p.target)?, "overlay": fmt_node},
+                        }));
+                    }
+                    _ => {}
+                }
+            }
+            strata_core::crash_point("snapshot-create:overlays");
+            client
+                .execute("transaction", Some(json!({"actions": actions})))
+                .await
+                .map_err(|e| qmp_error(domain, e))?;
+            Ok::<(), Error>(())
+        }
+        .await;
+        if let Err(e) = outcome {
+            for node in added.iter().rev() {
+                let _ = client.execute("blockdev-del", Some(json!({"node-name": node}))).await;
+            }
+            for f in created {
+                let _ = std::fs::remove_file(f);
+            }
+            return Err(e);
+        }
+        Ok(new_roots)
+    }
+
+    /// Reserves `count` node numbers in the status for new node names.
+    fn reserve_nodes(&self, domain: &str, count: u64) -> Result<u64> {
+        let store = self.store();
+        let _lock = store.lock_domain(domain)?;
+        let mut status =
+            live::reconcile(store, domain)?.ok_or_else(|| Error::operation_invalid("domain is not running"))?;
+        let first = status.next_node;
+        status.next_node = first.saturating_add(count);
+        store.write_status(domain, &status.to_xml())?;
+        Ok(first)
+    }
+}
+
+fn job_result(end: BlockJobEnd) -> Result<()> {
+    match end {
+        BlockJobEnd::Completed => Ok(()),
+        BlockJobEnd::Failed(e) => Err(Error::operation_failed(format!("block job failed: {e}"))),
+        other => Err(Error::operation_failed(format!("block job ended as {other:?}"))),
+    }
+}
+
+/// Waits for the end of any snapshot job (`strata-snapshot-*`) left in QEMU
+/// by a process that died, and dismisses it.
+async fn dismiss_snapshot_jobs(client: &strata_qmp::QmpClient, domain: &str) -> Result<()> {
+    let jobs = client.query_jobs().await.map_err(|e| qmp_error(domain, e))?;
+    for job in jobs.iter().filter(|j| j.id.starts_with("strata-snapshot-")) {
+        crate::jobs::wait_status(
+            client,
+            domain,
+            &job.id,
+            &[strata_qmp::types::JobStatus::Concluded, strata_qmp::types::JobStatus::Null],
+            Duration::from_secs(600),
+        )
+        .await?;
+        let _ = client.execute("job-dismiss", Some(json!({"id": job.id}))).await;
+    }
+    Ok(())
+}
+
+/// Runs a job (snapshot-save/-load) to its end and dismisses it.
+async fn run_job(client: &strata_qmp::QmpClient, domain: &str, command: &str, args: Value) -> Result<()> {
+    let id = args.get("job-id").and_then(|v| v.as_str()).unwrap_or_default().to_string();
+    client.execute(command, Some(args)).await.map_err(|e| qmp_error(domain, e))?;
+    crate::jobs::wait_status(
+        client,
+        domain,
+        &id,
+        &[strata_qmp::types::JobStatus::Concluded, strata_qmp::types::JobStatus::Null],
+        Duration::from_secs(600),
+    )
+    .await?;
+    let jobs = client.query_jobs().await.map_err(|e| qmp_error(domain, e))?;
+    let error = jobs.iter().find(|j| j.id == id).and_then(|j| j.error.clone());
+    let _ = client.execute("job-dismiss", Some(json!({"id": id}))).await;
+    match error {
+        Some(e) => Err(Error::operation_failed(format!("{command} failed: {e}"))),
+        None => Ok(()),
+    }
+}
+
+/// Migrates the stopped guest's state into `file` through a passed fd.
+async fn save_memory(client: &strata_qmp::QmpClient, domain: &str, file: &Path) -> Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(file)
+        .map_err(|e| Error::io("create", file, e))?;
+    client.send_fd("strata-mem-out", std::os::fd::AsFd::as_fd(&f)).await.map_err(|e| qmp_error(domain, e))?;
+    // QEMU throttles migration to 128 MiB/s by default, also into a file.
+    client
+        .execute("migrate-set-parameters", Some(json!({"max-bandwidth": 10_u64 << 30})))
+        .await
+        .map_err(|e| qmp_error(domain, e))?;
+    client.execute("migrate", Some(json!({"uri": "fd:strata-mem-out"}))).await.map_err(|e| qmp_error(domain, e))?;
+    wait_migration(client, domain).await?;
+    f.sync_all().map_err(|e| Error::io("sync", file, e))
+}
+
+/// Waits for an outgoing or incoming migration to end.
+async fn wait_migration(client: &strata_qmp::QmpClient, domain: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    loop {
+        let info = client.execute("query-migrate", None).await.map_err(|e| qmp_error(domain, e))?;
+        match info.get("status").and_then(|s| s.as_str()) {
+            Some("completed") => return Ok(()),
+            Some("failed") | Some("cancelled") => {
+                let why = info.get("error-desc").and_then(|e| e.as_str()).unwrap_or("unknown reason");
+                return Err(Error::operation_failed(format!("saving or loading the VM state failed: {why}")));
+            }
+            _ => {}
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(Error::new(ErrorKind::OperationTimeout, "the VM state transfer took over 10 minutes"));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
