@@ -1,0 +1,364 @@
+//! The snapshot engine's create and delete flows on a running domain,
+//! against a backend that exists only here: it records the calls that
+//! change something, with the intent on record at each, and keeps the
+//! live definition as a hypervisor would. No `qemu-*` binary runs: the
+//! images are raw files and qcow2 headers written here, read by core's
+//! native probe.
+
+// A failed unwrap or expect is how these tests report an unexpected error.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use strata_core::chain::{probe_chain, StorageSource};
+use strata_core::driver::{DomainState, SnapshotOps};
+use strata_core::options::{SnapshotCreateFlags, SnapshotDeleteFlags};
+use strata_core::store::Store;
+use strata_core::xml::Domain;
+use strata_core::Result;
+use strata_engine::intent::Intent;
+use strata_engine::snapshot::{
+    Activity, DiskJob, DiskPlan, LiveChain, NewTops, RecordedChain, SnapshotBackend, SnapshotEngine,
+};
+
+/// A qcow2 version 3 header of a 1 MiB image backed by `backing` in
+/// format `format` (the backing format header extension), as `qemu-img
+/// create -u` writes it; core's probe reads nothing more.
+fn write_qcow2_overlay(path: &Path, backing: &Path, format: &str) {
+    let backing = backing.to_str().unwrap();
+    let mut h = vec![0u8; 104];
+    h[0..4].copy_from_slice(b"QFI\xfb");
+    h[4..8].copy_from_slice(&3u32.to_be_bytes());
+    h[8..16].copy_from_slice(&0x200u64.to_be_bytes());
+    h[16..20].copy_from_slice(&(backing.len() as u32).to_be_bytes());
+    h[20..24].copy_from_slice(&16u32.to_be_bytes());
+    h[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
+    h[96..100].copy_from_slice(&4u32.to_be_bytes());
+    h[100..104].copy_from_slice(&104u32.to_be_bytes());
+    h.extend_from_slice(&0xe279_2acau32.to_be_bytes());
+    h.extend_from_slice(&(format.len() as u32).to_be_bytes());
+    h.extend_from_slice(format.as_bytes());
+    h.resize(h.len().next_multiple_of(8), 0);
+    h.extend_from_slice(&[0; 8]);
+    h.resize(0x200, 0);
+    h.extend_from_slice(backing.as_bytes());
+    std::fs::write(path, h).unwrap();
+}
+
+/// A running domain as the test backend keeps it: its live definition,
+/// the top handle of each disk, and the calls that changed something.
+struct TestBackend {
+    store: Store,
+    live: Mutex<Domain>,
+    tops: Mutex<HashMap<String, String>>,
+    calls: Mutex<Vec<String>>,
+}
+
+impl TestBackend {
+    /// Records `call` with the intent on record when it was made.
+    fn record(&self, call: String) {
+        let intent = match Intent::read(&self.store, "vm").unwrap() {
+            None => "no intent".to_string(),
+            Some(Intent::Create { files, .. }) => format!("create intent of {} file(s)", files.len()),
+            Some(Intent::Revert { .. }) => "revert intent".to_string(),
+            Some(Intent::Delete { plans, .. }) => format!(
+                "delete intent with plans {:?}",
+                plans.iter().map(|p| (p.disk.as_str(), p.method)).collect::<Vec<_>>()
+            ),
+        };
+        self.calls.lock().unwrap().push(format!("{call} [{intent}]"));
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl SnapshotBackend for TestBackend {
+    fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn activity(&self, _domain: &str) -> Result<Activity> {
+        Ok(Activity::Running)
+    }
+
+    fn recorded_live_definition(&self, _domain: &str) -> Result<Option<Domain>> {
+        Ok(Some(self.live.lock().unwrap().clone()))
+    }
+
+    fn record_live_chains(&self, _domain: &str, chains: &[RecordedChain]) -> Result<()> {
+        let mut live = self.live.lock().unwrap();
+        for c in chains {
+            live.set_disk_chain(&c.disk, &c.chain)?;
+            if let Some(top) = &c.top {
+                self.tops.lock().unwrap().insert(c.disk.clone(), top.clone());
+            }
+        }
+        drop(live);
+        let recorded: Vec<String> =
+            chains.iter().map(|c| format!("{}@{}", c.disk, c.top.as_deref().unwrap_or("-"))).collect();
+        self.record(format!("record_live_chains {}", recorded.join(",")));
+        Ok(())
+    }
+
+    async fn running_definition(&self, _domain: &str) -> Result<Domain> {
+        Ok(self.live.lock().unwrap().clone())
+    }
+
+    async fn live_definition(&self, _domain: &str) -> Result<Domain> {
+        Ok(self.live.lock().unwrap().clone())
+    }
+
+    async fn live_chains(&self, _domain: &str) -> Result<HashMap<String, LiveChain>> {
+        let live = self.live.lock().unwrap().clone();
+        let tops = self.tops.lock().unwrap().clone();
+        Ok(live
+            .disks()?
+            .into_iter()
+            .filter_map(|d| Some((d.target.clone(), LiveChain { chain: d.chain?, top: tops.get(&d.target).cloned() })))
+            .collect())
+    }
+
+    async fn guest_running(&self, _domain: &str) -> Result<bool> {
+        Ok(true)
+    }
+
+    async fn refuse_during_block_job(&self, _domain: &str) -> Result<()> {
+        self.record("refuse_during_block_job".into());
+        Ok(())
+    }
+
+    /// Makes each new overlay as the hypervisor would, on the image the
+    /// plan froze.
+    async fn snapshot_disks(
+        &self,
+        _domain: &str,
+        plans: &[DiskPlan],
+        _name: &str,
+        created: &[PathBuf],
+    ) -> Result<NewTops> {
+        let mut tops = NewTops::new();
+        for p in plans.iter().filter(|p| p.mode == "external") {
+            let overlay = p.overlay.as_ref().unwrap();
+            assert!(created.contains(overlay));
+            write_qcow2_overlay(overlay, &p.image, &p.format);
+            tops.insert(p.target.clone(), format!("{}-top", p.target));
+        }
+        let planned: Vec<String> = plans.iter().map(|p| format!("{}:{}", p.target, p.mode)).collect();
+        self.record(format!("snapshot_disks {}", planned.join(",")));
+        Ok(tops)
+    }
+
+    async fn pause_guest(&self, _domain: &str) -> Result<bool> {
+        self.record("pause_guest".into());
+        Ok(true)
+    }
+
+    async fn continue_guest(&self, _domain: &str) -> Result<()> {
+        self.record("continue_guest".into());
+        Ok(())
+    }
+
+    async fn resume(&self, _domain: &str) -> Result<()> {
+        self.record("resume".into());
+        Ok(())
+    }
+
+    async fn start_paused(&self, _domain: &str) -> Result<()> {
+        self.record("start_paused".into());
+        Ok(())
+    }
+
+    async fn stop(&self, _domain: &str) -> Result<()> {
+        self.record("stop".into());
+        Ok(())
+    }
+
+    fn record_reason(&self, _domain: &str, state: DomainState, word: &str) -> Result<()> {
+        self.record(format!("record_reason {state:?} {word}"));
+        Ok(())
+    }
+
+    async fn run_disk_job(&self, _domain: &str, disk: &str, job: DiskJob) -> Result<()> {
+        self.record(format!("run_disk_job {disk} {job:?}"));
+        Ok(())
+    }
+
+    async fn settle_disk_job(&self, _domain: &str, disk: &str) -> Result<()> {
+        self.record(format!("settle_disk_job {disk}"));
+        Ok(())
+    }
+}
+
+/// A store with domain `vm` on a raw image, running as the backend has it.
+fn running_domain(dir: &Path) -> SnapshotEngine<TestBackend> {
+    let base = dir.join("base.img");
+    std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+    let xml = format!(
+        "<domain type='kvm'><name>vm</name><devices>
+           <disk type='file' device='disk'><driver name='qemu' type='raw'/>
+             <source file='{}'/><target dev='vda'/></disk>
+         </devices></domain>",
+        base.display()
+    );
+    let mut dom = Domain::parse(&xml).unwrap();
+    strata_core::define::refresh_chains(&mut dom).unwrap();
+    let store = Store::open(dir.join("state")).unwrap();
+    store.write_domain("vm", &dom.to_xml()).unwrap();
+    SnapshotEngine::new(TestBackend {
+        store,
+        live: Mutex::new(dom),
+        tops: Mutex::new(HashMap::new()),
+        calls: Mutex::new(Vec::new()),
+    })
+}
+
+fn chain_of(dom: &Domain) -> Vec<PathBuf> {
+    let chain = dom.find_disk("vda").unwrap().chain.unwrap();
+    chain.main_line().iter().filter_map(|l| l.source.local_path().map(Path::to_path_buf)).collect()
+}
+
+#[tokio::test]
+async fn a_live_external_snapshot_is_recorded_after_the_switch_and_deleted_by_an_active_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, overlay) = (dir.path().join("base.img"), dir.path().join("base.s1"));
+    let engine = running_domain(dir.path());
+    let backend = engine.backend();
+    let store = &backend.store;
+
+    let disk_only = SnapshotCreateFlags { disk_only: true, ..Default::default() };
+    let name = engine.snapshot_create("vm", "<domainsnapshot><name>s1</name></domainsnapshot>", disk_only).await;
+    assert_eq!(name.unwrap(), "s1");
+    assert_eq!(
+        backend.calls(),
+        [
+            "refuse_during_block_job [no intent]",
+            // The intent names the overlay before the hypervisor makes it.
+            "snapshot_disks vda:external [create intent of 1 file(s)]",
+            "record_live_chains vda@vda-top [create intent of 1 file(s)]",
+        ]
+    );
+    assert_eq!(chain_of(&backend.live.lock().unwrap()), [overlay.clone(), base.clone()]);
+    let persistent = strata_engine::definitions::load(store, "vm").unwrap();
+    assert_eq!(chain_of(&persistent), [overlay.clone(), base.clone()]);
+    let record = strata_engine::records::load(store, "vm", "s1").unwrap();
+    assert_eq!(record.state.as_deref(), Some("disk-snapshot"));
+    assert_eq!(record.disks[0].source.as_ref().and_then(|s| s.local_path()), Some(overlay.as_path()));
+    assert_eq!(strata_engine::records::current(store, "vm").unwrap().as_deref(), Some("s1"));
+    assert_eq!(Intent::read(store, "vm").unwrap(), None);
+
+    backend.calls.lock().unwrap().clear();
+    let notes = engine.snapshot_delete("vm", "s1", SnapshotDeleteFlags::default()).await.unwrap();
+    // The overlay is the frozen image's one child and the active layer:
+    // it is committed by an active commit down to layer 1, the plan on
+    // record before the job starts.
+    assert_eq!(
+        backend.calls(),
+        [
+            "refuse_during_block_job [no intent]",
+            "run_disk_job vda ActiveCommit { base: 1 } [delete intent with plans [(\"vda\", Commit)]]",
+        ]
+    );
+    assert_eq!(
+        notes,
+        [format!(
+            "vda: committed {} into {} (method 1: nothing else depends on it) and deleted {}",
+            overlay.display(),
+            base.display(),
+            overlay.display()
+        )]
+    );
+    assert!(!overlay.exists(), "the merged overlay is removed");
+    assert!(base.exists());
+    assert_eq!(store.list_snapshots("vm").unwrap(), Vec::<String>::new());
+    assert_eq!(strata_engine::records::current(store, "vm").unwrap(), None);
+    assert_eq!(Intent::read(store, "vm").unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_delete_refused_while_planning_leaves_no_intent_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, overlay, later) = (dir.path().join("base.img"), dir.path().join("base.s1"), dir.path().join("base.s2"));
+    let engine = running_domain(dir.path());
+    let backend = engine.backend();
+    let store = &backend.store;
+    let disk_only = SnapshotCreateFlags { disk_only: true, ..Default::default() };
+    engine.snapshot_create("vm", "<domainsnapshot><name>s1</name></domainsnapshot>", disk_only).await.unwrap();
+    // Snapshot s2's overlay reads through s1's, and the guest runs on the
+    // frozen image alone: s1's overlay was merged behind Strata's back.
+    write_qcow2_overlay(&later, &overlay, "qcow2");
+    let mut s2 = strata_engine::records::load(store, "vm", "s1").unwrap();
+    s2.name = Some("s2".into());
+    s2.parent = Some("s1".into());
+    s2.disks[0].source = Some(StorageSource::local(later.clone()));
+    strata_engine::records::save(store, "vm", &s2).unwrap();
+    let base_only = probe_chain(&StorageSource::local(base.clone()), "raw").unwrap();
+    backend.live.lock().unwrap().set_disk_chain("vda", &base_only).unwrap();
+    backend.calls.lock().unwrap().clear();
+
+    let err = engine.snapshot_delete("vm", "s1", SnapshotDeleteFlags::default()).await.unwrap_err();
+    assert!(err.message().contains("is in use but"), "{err}");
+    assert!(err.message().contains("was merged behind Strata's back"), "{err}");
+    assert_eq!(backend.calls(), ["refuse_during_block_job [no intent]"]);
+    assert_eq!(Intent::read(store, "vm").unwrap(), None, "a refusal before any step leaves no intent");
+    assert!(overlay.exists() && later.exists());
+    assert_eq!(store.list_snapshots("vm").unwrap(), ["s1", "s2"]);
+}
+
+/// A creation of snapshot s1 (overlay base.s1) interrupted after its
+/// intent was written; `switched`: whether the hypervisor already runs on
+/// the overlay.
+fn interrupted_creation(dir: &Path, switched: bool) -> SnapshotEngine<TestBackend> {
+    let (base, overlay) = (dir.join("base.img"), dir.join("base.s1"));
+    let engine = running_domain(dir);
+    let backend = engine.backend();
+    let mut record = strata_core::xml::SnapshotDef::parse(
+        "<domainsnapshot><name>s1</name><state>disk-snapshot</state><disks><disk name='vda' snapshot='external'/></disks></domainsnapshot>",
+    )
+    .unwrap();
+    record.disks[0].source = Some(StorageSource::local(overlay.clone()));
+    record.domain = Some(backend.live.lock().unwrap().element().clone());
+    write_qcow2_overlay(&overlay, &base, "raw");
+    if switched {
+        let chain = probe_chain(&StorageSource::local(overlay.clone()), "qcow2").unwrap();
+        backend.live.lock().unwrap().set_disk_chain("vda", &chain).unwrap();
+        backend.tops.lock().unwrap().insert("vda".into(), "vda-top".into());
+    }
+    Intent::Create { files: vec![overlay], record: Some(Box::new(record)), no_metadata: false }
+        .write(&backend.store, "vm")
+        .unwrap();
+    engine
+}
+
+#[tokio::test]
+async fn a_creation_interrupted_after_the_switch_is_finished_by_the_next_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = interrupted_creation(dir.path(), true);
+    let store = &engine.backend().store;
+    let listed = engine.snapshot_list("vm").await.unwrap();
+    assert_eq!(listed.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["s1"]);
+    assert!(listed[0].current);
+    // The chain comes from the hypervisor, with its top handle.
+    assert_eq!(engine.backend().calls(), ["record_live_chains vda@vda-top [create intent of 1 file(s)]"]);
+    let persistent = strata_engine::definitions::load(store, "vm").unwrap();
+    assert_eq!(chain_of(&persistent), [dir.path().join("base.s1"), dir.path().join("base.img")]);
+    assert_eq!(Intent::read(store, "vm").unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_creation_interrupted_before_the_switch_is_undone_by_the_next_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = interrupted_creation(dir.path(), false);
+    let store = &engine.backend().store;
+    let listed = engine.snapshot_list("vm").await.unwrap();
+    assert!(listed.is_empty(), "{listed:?}");
+    assert!(!dir.path().join("base.s1").exists(), "the unused overlay is removed");
+    assert_eq!(engine.backend().calls(), Vec::<String>::new());
+    assert_eq!(chain_of(&strata_engine::definitions::load(store, "vm").unwrap()), [dir.path().join("base.img")]);
+    assert_eq!(Intent::read(store, "vm").unwrap(), None);
+}
