@@ -152,31 +152,14 @@ impl SnapshotBackend for QemuConnection {
             .filter(|p| p.mode == "internal")
             .map(|p| root_of(&status, &p.target))
             .collect::<Result<_>>()?;
-        let vmstate =
-            devices.first().cloned().ok_or_else(|| Error::config_unsupported("nothing selected for snapshot"))?;
-        run_job(
-            &monitor.client,
-            domain,
-            "snapshot-save",
-            json!({
-                "job-id": "strata-snapshot-save", "tag": name, "vmstate": vmstate, "devices": devices,
-            }),
-        )
-        .await
+        let vmstate = devices.first().ok_or_else(|| Error::config_unsupported("nothing selected for snapshot"))?;
+        run_checkpoint_job(&monitor.client, domain, "snapshot-save", name, vmstate, &devices).await
     }
 
     async fn load_checkpoint(&self, domain: &str, name: &str, tops: &[String]) -> Result<()> {
         let (_, monitor) = self.running(domain).await?;
-        let vmstate = tops.first().cloned().ok_or_else(|| Error::internal("checkpoint without disks"))?;
-        run_job(
-            &monitor.client,
-            domain,
-            "snapshot-load",
-            json!({
-                "job-id": "strata-snapshot-load", "tag": name, "vmstate": vmstate, "devices": tops,
-            }),
-        )
-        .await
+        let vmstate = tops.first().ok_or_else(|| Error::internal("checkpoint without disks"))?;
+        run_checkpoint_job(&monitor.client, domain, "snapshot-load", name, vmstate, tops).await
     }
 
     async fn delete_internal_live(&self, domain: &str, disk: &str, image: &Path, snap: &str) -> Result<()> {
@@ -490,6 +473,20 @@ async fn run_job(client: &strata_qmp::QmpClient, domain: &str, command: &str, ar
         Some(e) => Err(Error::operation_failed(format!("{command} failed: {e}"))),
         None => Ok(()),
     }
+}
+
+/// Runs `command` (snapshot-save or snapshot-load) of checkpoint `tag` on
+/// the nodes `devices`, `vmstate` the one holding the VM state.
+async fn run_checkpoint_job(
+    client: &strata_qmp::QmpClient,
+    domain: &str,
+    command: &str,
+    tag: &str,
+    vmstate: &str,
+    devices: &[String],
+) -> Result<()> {
+    let args = json!({"job-id": format!("strata-{command}"), "tag": tag, "vmstate": vmstate, "devices": devices});
+    run_job(client, domain, command, args).await
 }
 
 /// Migrates the stopped guest's state into `file` through a passed fd.
