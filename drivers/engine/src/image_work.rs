@@ -3,16 +3,18 @@
 //! headers and data while no hypervisor has them open. Each run goes
 //! through core's tool runner (`strata_core::tool`), so it dies with this
 //! process and, given the operation lock, holds that lock until it has
-//! exited. These functions block: async code calls them through
-//! [`crate::blocking::blocking`] or while it holds the operation lock.
+//! exited. The async functions run `qemu-img` on the blocking pool (see
+//! [`crate::blocking`]), handing it a copy of the operation lock's
+//! descriptor: the lock belongs to the open file, so the copy holds it too.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use strata_core::chain::{probe_chain, StorageSource};
 use strata_core::store::DomainLock;
 use strata_core::{Error, Result};
 
+use crate::blocking::blocking;
 use crate::snapshot::plan::DiskPlan;
 
 /// The image tool, run as a short-lived helper: `$STRATA_QEMU_IMG` or
@@ -21,30 +23,46 @@ pub fn qemu_img_binary() -> String {
     std::env::var("STRATA_QEMU_IMG").unwrap_or_else(|_| "qemu-img".to_string())
 }
 
+/// The operation lock as a task on the blocking pool can own it.
+fn held(operation: &DomainLock) -> Result<OwnedFd> {
+    operation
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| Error::operation_failed(format!("cannot hand the operation lock to a helper: {e}")))
+}
+
 /// Runs `qemu-img ARGS…` as a helper that holds the operation lock until
 /// it has exited (see [`strata_core::tool::run_tool_output`]).
-pub fn run(operation: &DomainLock, args: &[&str]) -> Result<()> {
-    run_holding(Some(operation), args)
+pub async fn run(operation: &DomainLock, args: &[&str]) -> Result<()> {
+    let lock = held(operation)?;
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    blocking(move || run_holding(Some(lock.as_fd()), &args.iter().map(String::as_str).collect::<Vec<_>>())).await
 }
 
 /// Points each of `images` at `onto` without copying data (`qemu-img
 /// rebase -u`): for images whose backing's data is now in `onto`. An image
 /// already on `onto` is left alone, so a resumed delete can run it again.
-pub fn rebase_unsafe(operation: &DomainLock, images: &[&PathBuf], onto: &Path) -> Result<()> {
-    for image in images {
-        if backing_of(image)?.as_deref() == Some(onto) {
-            continue;
+pub async fn rebase_unsafe(operation: &DomainLock, images: &[&PathBuf], onto: &Path) -> Result<()> {
+    let lock = held(operation)?;
+    let (images, onto): (Vec<PathBuf>, PathBuf) = (images.iter().map(|i| i.to_path_buf()).collect(), onto.into());
+    blocking(move || {
+        for image in &images {
+            if backing_of(image)?.as_deref() == Some(onto.as_path()) {
+                continue;
+            }
+            let format = image_format(&onto)?;
+            let args = ["rebase", "-u", "-b", path_str(&onto)?, "-F", &format, "-f", "qcow2", path_str(image)?];
+            run_holding(Some(lock.as_fd()), &args)?;
         }
-        let format = image_format(onto)?;
-        run(operation, &["rebase", "-u", "-b", path_str(onto)?, "-F", &format, "-f", "qcow2", path_str(image)?])?;
-    }
-    Ok(())
+        Ok(())
+    })
+    .await
 }
 
 /// `qemu-img ARGS…` that dies with this process, holding `operation` if given.
-fn run_holding(operation: Option<&DomainLock>, args: &[&str]) -> Result<()> {
+fn run_holding(operation: Option<BorrowedFd<'_>>, args: &[&str]) -> Result<()> {
     let tool = qemu_img_binary();
-    let out = strata_core::tool::run_tool_output(&tool, args, operation.map(AsFd::as_fd))?;
+    let out = strata_core::tool::run_tool_output(&tool, args, operation)?;
     if !out.status.success() {
         return Err(Error::operation_failed(format!(
             "{tool} {} failed: {}",
@@ -77,11 +95,15 @@ pub fn image_size(p: &Path, fmt: &str) -> Result<u64> {
 }
 
 /// Whether the image at `p` holds an internal snapshot named `snap`.
-pub fn has_internal(operation: &DomainLock, p: &Path, snap: &str) -> bool {
-    let Some(path) = p.to_str() else { return false };
-    strata_core::tool::run_tool_output(&qemu_img_binary(), &["snapshot", "-U", "-l", path], Some(operation.as_fd()))
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.split_whitespace().nth(1) == Some(snap)))
-        .unwrap_or(false)
+pub async fn has_internal(operation: &DomainLock, p: &Path, snap: &str) -> bool {
+    let (Ok(lock), Some(path)) = (held(operation), p.to_str()) else { return false };
+    let (path, snap) = (path.to_string(), snap.to_string());
+    blocking(move || {
+        strata_core::tool::run_tool_output(&qemu_img_binary(), &["snapshot", "-U", "-l", &path], Some(lock.as_fd()))
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.split_whitespace().nth(1) == Some(&*snap)))
+    })
+    .await
+    .unwrap_or(false)
 }
 
 /// Creates a qcow2 overlay on `image` whose header names `image` and its
@@ -93,7 +115,7 @@ pub fn has_internal(operation: &DomainLock, p: &Path, snap: &str) -> bool {
 /// chain: otherwise it opens every layer, and an offline snapshot of a
 /// 2,000-deep chain took 28 s instead of milliseconds. The chain was
 /// already probed and checked by Strata.
-pub fn create_overlay(operation: Option<&DomainLock>, image: &Path, format: &str, overlay: &Path) -> Result<()> {
+pub fn create_overlay(operation: Option<BorrowedFd<'_>>, image: &Path, format: &str, overlay: &Path) -> Result<()> {
     let size = image_size(image, format)?.to_string();
     let args = ["create", "-q", "-f", "qcow2", "-u", "-b", path_str(image)?, "-F", format, path_str(overlay)?, &size];
     run_holding(operation, &args)
@@ -102,14 +124,25 @@ pub fn create_overlay(operation: Option<&DomainLock>, image: &Path, format: &str
 /// Takes the snapshot `plans` describe in the images of a shut-off domain:
 /// internal ones with `qemu-img snapshot -c`, external ones as new
 /// overlays (those in `created`; the others are reused files).
-pub fn create_offline(operation: &DomainLock, plans: &[DiskPlan], name: &str, created: &[PathBuf]) -> Result<()> {
+pub async fn create_offline(operation: &DomainLock, plans: &[DiskPlan], name: &str, created: &[PathBuf]) -> Result<()> {
+    let lock = held(operation)?;
+    let (plans, name, created) = (plans.to_vec(), name.to_string(), created.to_vec());
+    blocking(move || create_offline_holding(lock.as_fd(), &plans, &name, &created)).await
+}
+
+fn create_offline_holding(
+    operation: BorrowedFd<'_>,
+    plans: &[DiskPlan],
+    name: &str,
+    created: &[PathBuf],
+) -> Result<()> {
     let mut made: Vec<PathBuf> = Vec::new();
     let mut tagged: Vec<PathBuf> = Vec::new();
     let result = (|| {
         for p in plans {
             match p.mode.as_str() {
                 "internal" => {
-                    run(operation, &["snapshot", "-c", name, path_str(&p.image)?])?;
+                    run_holding(Some(operation), &["snapshot", "-c", name, path_str(&p.image)?])?;
                     tagged.push(p.image.clone());
                 }
                 "external" => {
@@ -130,7 +163,7 @@ pub fn create_offline(operation: &DomainLock, plans: &[DiskPlan], name: &str, cr
             let _ = std::fs::remove_file(f);
         }
         for img in &tagged {
-            let _ = run(operation, &["snapshot", "-d", name, path_str(img).unwrap_or_default()]);
+            let _ = run_holding(Some(operation), &["snapshot", "-d", name, path_str(img).unwrap_or_default()]);
         }
     }
     result

@@ -186,7 +186,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
             ),
             (true, None) => Some(self.create_live(domain, &plans, &name, checkpoint, &created).await?),
             (false, _) => {
-                crate::image_work::create_offline(operation, &plans, &name, &created)?;
+                crate::image_work::create_offline(operation, &plans, &name, &created).await?;
                 None
             }
         };

@@ -229,12 +229,14 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
     ) -> Result<Option<String>> {
         let snap = def.name.clone().unwrap_or_default();
         let dom = crate::definitions::load(self.store(), domain)?;
-        let holder = dom.find_disk(disk)?.chain.and_then(|c| {
-            c.layers
-                .iter()
-                .filter_map(|l| l.source.local_path().map(Path::to_path_buf))
-                .find(|p| has_internal(operation, p, &snap))
-        });
+        let mut holder = None;
+        let layers = dom.find_disk(disk)?.chain.map(|c| c.layers).unwrap_or_default();
+        for p in layers.iter().filter_map(|l| l.source.local_path()) {
+            if has_internal(operation, p, &snap).await {
+                holder = Some(p.to_path_buf());
+                break;
+            }
+        }
         let image = match holder {
             Some(image) => image,
             None if resuming => return Ok(None),
@@ -247,7 +249,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         if self.running(domain)? {
             self.backend.delete_internal_live(domain, disk, &image, &snap).await?;
         } else {
-            run(operation, &["snapshot", "-d", &snap, path_str(&image)?])?;
+            run(operation, &["snapshot", "-d", &snap, path_str(&image)?]).await?;
         }
         Ok(Some(format!("{disk}: internal snapshot '{snap}' removed from {}", image.display())))
     }
@@ -349,7 +351,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
                         }
                         (Some(top), Some(base)) => {
                             self.backend.run_disk_job(domain, disk, DiskJob::Commit { top, base }).await?;
-                            rebase_unsafe(operation, &outside, frozen)?;
+                            rebase_unsafe(operation, &outside, frozen).await?;
                         }
                         (Some(_), None) => {
                             return Err(Error::operation_failed(format!(
@@ -362,14 +364,14 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
                         // this delete's commit merged it before an
                         // interruption (the plan refuses an overlay merged
                         // behind Strata's back that images read through).
-                        (None, Some(_)) => rebase_unsafe(operation, &dependents, frozen)?,
+                        (None, Some(_)) => rebase_unsafe(operation, &dependents, frozen).await?,
                         // Neither runs: committed with qemu-img while an image
                         // or another snapshot's saved definition still reads
                         // through the overlay (once nothing does, its data is
                         // no one's).
                         (None, None) if !dependents.is_empty() || self.saved_elsewhere(domain, &plan.snapshot, overlay)? => {
-                            run(operation, &["commit", "-d", "-q", path_str(overlay)?])?;
-                            rebase_unsafe(operation, &dependents, frozen)?;
+                            run(operation, &["commit", "-d", "-q", path_str(overlay)?]).await?;
+                            rebase_unsafe(operation, &dependents, frozen).await?;
                         }
                         (None, None) => merged = false,
                     }
@@ -401,21 +403,26 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
                             self.backend.run_disk_job(domain, disk, DiskJob::Pull { into, base }).await?;
                         }
                         None => match below {
-                            Some(b) => run(
-                                operation,
-                                &[
-                                    "rebase",
-                                    "-q",
-                                    "-f",
-                                    "qcow2",
-                                    "-b",
-                                    path_str(b)?,
-                                    "-F",
-                                    &image_format(b)?,
-                                    path_str(child)?,
-                                ],
-                            )?,
-                            None => run(operation, &["rebase", "-q", "-f", "qcow2", "-b", "", path_str(child)?])?,
+                            Some(b) => {
+                                run(
+                                    operation,
+                                    &[
+                                        "rebase",
+                                        "-q",
+                                        "-f",
+                                        "qcow2",
+                                        "-b",
+                                        path_str(b)?,
+                                        "-F",
+                                        &image_format(b)?,
+                                        path_str(child)?,
+                                    ],
+                                )
+                                .await?
+                            }
+                            None => {
+                                run(operation, &["rebase", "-q", "-f", "qcow2", "-b", "", path_str(child)?]).await?
+                            }
                         },
                     }
                     strata_core::crash_point("snapshot-delete:pulled");
@@ -508,7 +515,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
     /// name `kept`, and every saved chain is re-read from the images.
     async fn replace_references(&self, domain: &str, gone: &Path, kept: &Path) -> Result<()> {
         let store = self.store();
-        let _lock = store.lock_domain(domain)?;
+        let _lock = crate::blocking::lock_domain(store, domain).await?;
         for mut def in all(store, domain)? {
             let mut changed = false;
             for d in &mut def.disks {
@@ -551,7 +558,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
     /// and the persistent definition (after images were rebased).
     async fn refresh_saved_chains(&self, domain: &str) -> Result<()> {
         let store = self.store();
-        let _lock = store.lock_domain(domain)?;
+        let _lock = crate::blocking::lock_domain(store, domain).await?;
         for mut def in all(store, domain)? {
             if let Some(el) = def.domain.clone() {
                 let mut saved = Domain::from_element(el)?;

@@ -130,14 +130,15 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
             for d in &internal_disks {
                 let disk = target.find_disk(&d.name)?;
                 if let Some(p) = disk.source().and_then(|s| s.local_path()) {
-                    run(operation, &["snapshot", "-a", snap, path_str(p)?])?;
+                    run(operation, &["snapshot", "-a", snap, path_str(p)?]).await?;
                 }
             }
             for (name, frozen, fmt, overlay) in &branches {
                 run(
                     operation,
                     &["create", "-q", "-f", "qcow2", "-b", path_str(frozen)?, "-F", fmt, path_str(overlay)?],
-                )?;
+                )
+                .await?;
                 let chain = probe_chain(&StorageSource::local(overlay.clone()), "qcow2")?;
                 target.set_disk_chain(name, &chain)?;
             }
