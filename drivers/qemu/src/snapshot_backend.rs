@@ -283,16 +283,7 @@ impl SnapshotBackend for QemuConnection {
             }
         };
         strata_core::crash_point("snapshot-delete:job");
-        loop {
-            match self.block_job_wait(domain, disk, 60_000).await? {
-                BlockJobState::Running(_) => {}
-                BlockJobState::Ready(_) => {
-                    let end = self.end_job(domain, disk, BlockJobAbortFlags { pivot, no_wait: false }).await?;
-                    return job_result(end);
-                }
-                BlockJobState::Ended { end, .. } => return job_result(end),
-            }
-        }
+        self.job_to_end(domain, disk, pivot).await
     }
 
     /// Waits for the end of a pull or commit left running on `disk` by an
@@ -305,16 +296,7 @@ impl SnapshotBackend for QemuConnection {
                 format!("disk '{disk}' has a block copy in progress; end it before the snapshot delete can finish"),
             ));
         }
-        loop {
-            match self.block_job_wait(domain, disk, 60_000).await? {
-                BlockJobState::Running(_) => {}
-                BlockJobState::Ready(_) => {
-                    let end = self.end_job(domain, disk, BlockJobAbortFlags { pivot: true, no_wait: false }).await?;
-                    return job_result(end);
-                }
-                BlockJobState::Ended { end, .. } => return job_result(end),
-            }
-        }
+        self.job_to_end(domain, disk, true).await
     }
 }
 
@@ -413,6 +395,21 @@ impl QemuConnection {
             return Err(e);
         }
         Ok(new_roots)
+    }
+
+    /// Waits for the end of the job on `disk`, ending it once it is ready
+    /// (pivoting when `pivot`).
+    async fn job_to_end(&self, domain: &str, disk: &str, pivot: bool) -> Result<()> {
+        loop {
+            match self.block_job_wait(domain, disk, 60_000).await? {
+                BlockJobState::Running(_) => {}
+                BlockJobState::Ready(_) => {
+                    let end = self.end_job(domain, disk, BlockJobAbortFlags { pivot, no_wait: false }).await?;
+                    return job_result(end);
+                }
+                BlockJobState::Ended { end, .. } => return job_result(end),
+            }
+        }
     }
 
     /// Reserves `count` node numbers in the status for new node names.
