@@ -390,7 +390,6 @@ fn cli_modules_depend_one_way() {
 }
 
 #[test]
-#[ignore = "drivers/qemu has module cycles (jobs <-> live, jobs <-> snapshots, ...) until the engine move of issue 10 lands; enable this test then"]
 fn qemu_driver_modules_depend_one_way() {
     assert_no_module_cycles(&workspace_dir("drivers/qemu/src"));
 }
