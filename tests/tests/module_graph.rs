@@ -459,3 +459,8 @@ fn a_hand_made_cycle_is_found_and_named() {
     std::fs::write(src.join("e/inner.rs"), "fn root() {}\n").expect("write inner.rs");
     assert_no_module_cycles(src);
 }
+
+#[test]
+fn engine_modules_depend_one_way() {
+    assert_no_module_cycles(&workspace_dir("drivers/engine/src"));
+}

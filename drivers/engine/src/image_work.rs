@@ -15,7 +15,6 @@ use strata_core::store::DomainLock;
 use strata_core::{Error, Result};
 
 use crate::blocking::blocking;
-use crate::snapshot::plan::DiskPlan;
 
 /// The image tool, run as a short-lived helper: `$STRATA_QEMU_IMG` or
 /// `qemu-img` on `PATH`.
@@ -24,7 +23,7 @@ pub fn qemu_img_binary() -> String {
 }
 
 /// The operation lock as a task on the blocking pool can own it.
-fn held(operation: &DomainLock) -> Result<OwnedFd> {
+pub fn held(operation: &DomainLock) -> Result<OwnedFd> {
     operation
         .as_fd()
         .try_clone_to_owned()
@@ -60,7 +59,7 @@ pub async fn rebase_unsafe(operation: &DomainLock, images: &[&PathBuf], onto: &P
 }
 
 /// `qemu-img ARGS…` that dies with this process, holding `operation` if given.
-fn run_holding(operation: Option<BorrowedFd<'_>>, args: &[&str]) -> Result<()> {
+pub fn run_holding(operation: Option<BorrowedFd<'_>>, args: &[&str]) -> Result<()> {
     let tool = qemu_img_binary();
     let out = strata_core::tool::run_tool_output(&tool, args, operation)?;
     if !out.status.success() {
@@ -119,52 +118,4 @@ pub fn create_overlay(operation: Option<BorrowedFd<'_>>, image: &Path, format: &
     let size = image_size(image, format)?.to_string();
     let args = ["create", "-q", "-f", "qcow2", "-u", "-b", path_str(image)?, "-F", format, path_str(overlay)?, &size];
     run_holding(operation, &args)
-}
-
-/// Takes the snapshot `plans` describe in the images of a shut-off domain:
-/// internal ones with `qemu-img snapshot -c`, external ones as new
-/// overlays (those in `created`; the others are reused files).
-pub async fn create_offline(operation: &DomainLock, plans: &[DiskPlan], name: &str, created: &[PathBuf]) -> Result<()> {
-    let lock = held(operation)?;
-    let (plans, name, created) = (plans.to_vec(), name.to_string(), created.to_vec());
-    blocking(move || create_offline_holding(lock.as_fd(), &plans, &name, &created)).await
-}
-
-fn create_offline_holding(
-    operation: BorrowedFd<'_>,
-    plans: &[DiskPlan],
-    name: &str,
-    created: &[PathBuf],
-) -> Result<()> {
-    let mut made: Vec<PathBuf> = Vec::new();
-    let mut tagged: Vec<PathBuf> = Vec::new();
-    let result = (|| {
-        for p in plans {
-            match p.mode.as_str() {
-                "internal" => {
-                    run_holding(Some(operation), &["snapshot", "-c", name, path_str(&p.image)?])?;
-                    tagged.push(p.image.clone());
-                }
-                "external" => {
-                    let overlay = p.overlay.as_ref().ok_or_else(|| Error::internal("external plan without overlay"))?;
-                    if created.contains(overlay) {
-                        create_overlay(Some(operation), &p.image, &p.format, overlay)?;
-                        made.push(overlay.clone());
-                    }
-                }
-                _ => {}
-            }
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        // All or nothing: undo what this call made.
-        for f in &made {
-            let _ = std::fs::remove_file(f);
-        }
-        for img in &tagged {
-            let _ = run_holding(Some(operation), &["snapshot", "-d", name, path_str(img).unwrap_or_default()]);
-        }
-    }
-    result
 }

@@ -4,6 +4,7 @@
 //! then the chains recorded and the record saved.
 
 use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 
 use strata_core::chain::{probe_chain, StorageSource};
@@ -14,7 +15,9 @@ use strata_core::{Error, Result};
 
 use super::plan::{plan_disks, DiskPlan};
 use super::{now_secs, Activity, NewTops, RecordedChain, SnapshotBackend, SnapshotEngine};
+use crate::blocking::blocking;
 use crate::graph::images_read_by;
+use crate::image_work::{create_overlay, held, path_str, run_holding};
 use crate::intent::Intent;
 use crate::records::{current, save, set_current};
 
@@ -186,7 +189,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
             ),
             (true, None) => Some(self.create_live(domain, &plans, &name, checkpoint, &created).await?),
             (false, _) => {
-                crate::image_work::create_offline(operation, &plans, &name, &created).await?;
+                create_offline(operation, &plans, &name, &created).await?;
                 None
             }
         };
@@ -331,4 +334,52 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         }
         Ok(name)
     }
+}
+
+/// Takes the snapshot `plans` describe in the images of a shut-off domain:
+/// internal ones with `qemu-img snapshot -c`, external ones as new
+/// overlays (those in `created`; the others are reused files).
+pub async fn create_offline(operation: &DomainLock, plans: &[DiskPlan], name: &str, created: &[PathBuf]) -> Result<()> {
+    let lock = held(operation)?;
+    let (plans, name, created) = (plans.to_vec(), name.to_string(), created.to_vec());
+    blocking(move || create_offline_holding(lock.as_fd(), &plans, &name, &created)).await
+}
+
+fn create_offline_holding(
+    operation: BorrowedFd<'_>,
+    plans: &[DiskPlan],
+    name: &str,
+    created: &[PathBuf],
+) -> Result<()> {
+    let mut made: Vec<PathBuf> = Vec::new();
+    let mut tagged: Vec<PathBuf> = Vec::new();
+    let result = (|| {
+        for p in plans {
+            match p.mode.as_str() {
+                "internal" => {
+                    run_holding(Some(operation), &["snapshot", "-c", name, path_str(&p.image)?])?;
+                    tagged.push(p.image.clone());
+                }
+                "external" => {
+                    let overlay = p.overlay.as_ref().ok_or_else(|| Error::internal("external plan without overlay"))?;
+                    if created.contains(overlay) {
+                        create_overlay(Some(operation), &p.image, &p.format, overlay)?;
+                        made.push(overlay.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        // All or nothing: undo what this call made.
+        for f in &made {
+            let _ = std::fs::remove_file(f);
+        }
+        for img in &tagged {
+            let _ = run_holding(Some(operation), &["snapshot", "-d", name, path_str(img).unwrap_or_default()]);
+        }
+    }
+    result
 }
