@@ -257,9 +257,11 @@ fn canonical(path: &Path) -> PathBuf {
     path.canonicalize().unwrap_or_else(|_| path.to_path_buf())
 }
 
-#[async_trait]
-impl StoragePoolOps for PoolManager {
-    async fn pool_define_xml(&self, xml: &str) -> Result<String> {
+/// The bodies of [`StoragePoolOps`]: they wait for locks and run mkfs,
+/// mount and `qemu-img`, so the trait's methods run them on tokio's
+/// blocking pool.
+impl PoolManager {
+    fn pool_define_xml_blocking(&self, xml: &str) -> Result<String> {
         let def = PoolDef::parse(xml)?;
         let _lock = self.lock()?;
         for other in self.names()? {
@@ -283,7 +285,7 @@ impl StoragePoolOps for PoolManager {
         Ok(def.name)
     }
 
-    async fn pool_undefine(&self, pool: &str) -> Result<()> {
+    fn pool_undefine_blocking(&self, pool: &str) -> Result<()> {
         let def = self.pool(pool)?;
         let _lock = self.lock()?;
         if self.is_running(&def)? {
@@ -293,7 +295,7 @@ impl StoragePoolOps for PoolManager {
         fs::remove_dir_all(&dir).map_err(|e| Error::io("remove", &dir, e))
     }
 
-    async fn pool_build(&self, pool: &str, flags: PoolBuildFlags) -> Result<()> {
+    fn pool_build_blocking(&self, pool: &str, flags: PoolBuildFlags) -> Result<()> {
         let def = self.pool(pool)?;
         let _lock = self.lock()?;
         if self.is_running(&def)? {
@@ -302,7 +304,7 @@ impl StoragePoolOps for PoolManager {
         backend::build(&def, flags)
     }
 
-    async fn pool_start(&self, pool: &str) -> Result<()> {
+    fn pool_start_blocking(&self, pool: &str) -> Result<()> {
         let def = self.pool(pool)?;
         let _lock = self.lock()?;
         if self.is_running(&def)? {
@@ -311,28 +313,28 @@ impl StoragePoolOps for PoolManager {
         self.start_locked(&def)
     }
 
-    async fn pool_destroy(&self, pool: &str) -> Result<()> {
+    fn pool_destroy_blocking(&self, pool: &str) -> Result<()> {
         let def = self.running_pool(pool)?;
         let _lock = self.lock()?;
         backend::stop(&def)?;
         self.set_running(pool, false)
     }
 
-    async fn pool_refresh(&self, pool: &str) -> Result<()> {
+    fn pool_refresh_blocking(&self, pool: &str) -> Result<()> {
         // Volumes are read from the target at each call: nothing is cached.
         self.running_pool(pool).map(|_| ())
     }
 
-    async fn pool_list(&self) -> Result<Vec<PoolInfo>> {
+    fn pool_list_blocking(&self) -> Result<Vec<PoolInfo>> {
         self.autostart_once_per_boot()?;
         self.names()?.iter().map(|n| self.info(&self.load(n)?)).collect()
     }
 
-    async fn pool_info(&self, pool: &str) -> Result<PoolInfo> {
+    fn pool_info_blocking(&self, pool: &str) -> Result<PoolInfo> {
         self.info(&self.pool(pool)?)
     }
 
-    async fn pool_xml(&self, pool: &str, inactive: bool) -> Result<String> {
+    fn pool_xml_blocking(&self, pool: &str, inactive: bool) -> Result<String> {
         let def = self.pool(pool)?;
         if inactive || !self.is_running(&def)? {
             return Ok(def.to_xml());
@@ -340,7 +342,7 @@ impl StoragePoolOps for PoolManager {
         Ok(def.with_sizes(backend::sizes(&def.target)?))
     }
 
-    async fn pool_set_autostart(&self, pool: &str, autostart: bool) -> Result<()> {
+    fn pool_set_autostart_blocking(&self, pool: &str, autostart: bool) -> Result<()> {
         self.pool(pool)?;
         let _lock = self.lock()?;
         let marker = self.pool_dir(pool)?.join("autostart");
@@ -355,20 +357,20 @@ impl StoragePoolOps for PoolManager {
         result.map_err(|e| Error::io(if autostart { "create" } else { "remove" }, &marker, e))
     }
 
-    async fn vol_list(&self, pool: &str) -> Result<Vec<VolumeInfo>> {
+    fn vol_list_blocking(&self, pool: &str) -> Result<Vec<VolumeInfo>> {
         let def = self.running_pool(pool)?;
         self.volumes(&def)?.iter().map(volume::info).collect()
     }
 
-    async fn vol_info(&self, pool: Option<&str>, volume: &str) -> Result<VolumeInfo> {
+    fn vol_info_blocking(&self, pool: Option<&str>, volume: &str) -> Result<VolumeInfo> {
         volume::info(&self.lookup(pool, volume)?)
     }
 
-    async fn vol_xml(&self, pool: Option<&str>, volume: &str) -> Result<String> {
+    fn vol_xml_blocking(&self, pool: Option<&str>, volume: &str) -> Result<String> {
         volume::xml(&self.lookup(pool, volume)?)
     }
 
-    async fn vol_create_xml(&self, pool: &str, xml: &str) -> Result<String> {
+    fn vol_create_xml_blocking(&self, pool: &str, xml: &str) -> Result<String> {
         let def = self.running_pool(pool)?;
         let request = VolumeRequest::parse(xml)?;
         let _lock = self.lock()?;
@@ -377,23 +379,148 @@ impl StoragePoolOps for PoolManager {
         Ok(request.name)
     }
 
-    async fn vol_delete(&self, pool: Option<&str>, volume: &str) -> Result<()> {
+    fn vol_delete_blocking(&self, pool: Option<&str>, volume: &str) -> Result<()> {
         let vol = self.lookup(pool, volume)?;
         let _lock = self.lock()?;
         fs::remove_file(&vol.path).map_err(|e| Error::io("remove", &vol.path, e))
     }
 
-    async fn vol_resize(&self, pool: Option<&str>, volume: &str, bytes: u64, flags: VolumeResizeFlags) -> Result<u64> {
+    fn vol_resize_blocking(
+        &self,
+        pool: Option<&str>,
+        volume: &str,
+        bytes: u64,
+        flags: VolumeResizeFlags,
+    ) -> Result<u64> {
         let vol = self.lookup(pool, volume)?;
         let _lock = self.lock()?;
         volume::resize(&vol, bytes, flags)
     }
 
-    async fn vol_clone(&self, pool: Option<&str>, volume: &str, new_name: &str) -> Result<()> {
+    fn vol_clone_blocking(&self, pool: Option<&str>, volume: &str, new_name: &str) -> Result<()> {
         let vol = self.lookup(pool, volume)?;
         let def = self.running_pool(&vol.pool)?;
         let _lock = self.lock()?;
         let path = self.new_volume_path(&def, new_name)?;
         volume::clone(&vol, &path)
+    }
+}
+
+/// Runs blocking pool work off the async runtime.
+async fn offload<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::internal(format!("a storage pool task ended abnormally: {e}")))?
+}
+
+#[async_trait]
+impl StoragePoolOps for PoolManager {
+    async fn pool_define_xml(&self, xml: &str) -> Result<String> {
+        let (manager, xml) = (self.clone(), xml.to_string());
+        offload(move || manager.pool_define_xml_blocking(&xml)).await
+    }
+
+    async fn pool_undefine(&self, pool: &str) -> Result<()> {
+        let (manager, pool) = (self.clone(), pool.to_string());
+        offload(move || manager.pool_undefine_blocking(&pool)).await
+    }
+
+    async fn pool_build(&self, pool: &str, flags: PoolBuildFlags) -> Result<()> {
+        let (manager, pool, flags) = (self.clone(), pool.to_string(), flags);
+        offload(move || manager.pool_build_blocking(&pool, flags)).await
+    }
+
+    async fn pool_start(&self, pool: &str) -> Result<()> {
+        let (manager, pool) = (self.clone(), pool.to_string());
+        offload(move || manager.pool_start_blocking(&pool)).await
+    }
+
+    async fn pool_destroy(&self, pool: &str) -> Result<()> {
+        let (manager, pool) = (self.clone(), pool.to_string());
+        offload(move || manager.pool_destroy_blocking(&pool)).await
+    }
+
+    async fn pool_refresh(&self, pool: &str) -> Result<()> {
+        let (manager, pool) = (self.clone(), pool.to_string());
+        offload(move || manager.pool_refresh_blocking(&pool)).await
+    }
+
+    async fn pool_list(&self) -> Result<Vec<PoolInfo>> {
+        let manager = self.clone();
+        offload(move || manager.pool_list_blocking()).await
+    }
+
+    async fn pool_info(&self, pool: &str) -> Result<PoolInfo> {
+        let (manager, pool) = (self.clone(), pool.to_string());
+        offload(move || manager.pool_info_blocking(&pool)).await
+    }
+
+    async fn pool_xml(&self, pool: &str, inactive: bool) -> Result<String> {
+        let (manager, pool, inactive) = (self.clone(), pool.to_string(), inactive);
+        offload(move || manager.pool_xml_blocking(&pool, inactive)).await
+    }
+
+    async fn pool_set_autostart(&self, pool: &str, autostart: bool) -> Result<()> {
+        let (manager, pool, autostart) = (self.clone(), pool.to_string(), autostart);
+        offload(move || manager.pool_set_autostart_blocking(&pool, autostart)).await
+    }
+
+    async fn vol_list(&self, pool: &str) -> Result<Vec<VolumeInfo>> {
+        let (manager, pool) = (self.clone(), pool.to_string());
+        offload(move || manager.vol_list_blocking(&pool)).await
+    }
+
+    async fn vol_info(&self, pool: Option<&str>, volume: &str) -> Result<VolumeInfo> {
+        let (manager, pool, volume) = (self.clone(), pool.map(str::to_string), volume.to_string());
+        offload(move || manager.vol_info_blocking(pool.as_deref(), &volume)).await
+    }
+
+    async fn vol_xml(&self, pool: Option<&str>, volume: &str) -> Result<String> {
+        let (manager, pool, volume) = (self.clone(), pool.map(str::to_string), volume.to_string());
+        offload(move || manager.vol_xml_blocking(pool.as_deref(), &volume)).await
+    }
+
+    async fn vol_create_xml(&self, pool: &str, xml: &str) -> Result<String> {
+        let (manager, pool, xml) = (self.clone(), pool.to_string(), xml.to_string());
+        offload(move || manager.vol_create_xml_blocking(&pool, &xml)).await
+    }
+
+    async fn vol_delete(&self, pool: Option<&str>, volume: &str) -> Result<()> {
+        let (manager, pool, volume) = (self.clone(), pool.map(str::to_string), volume.to_string());
+        offload(move || manager.vol_delete_blocking(pool.as_deref(), &volume)).await
+    }
+
+    async fn vol_resize(&self, pool: Option<&str>, volume: &str, bytes: u64, flags: VolumeResizeFlags) -> Result<u64> {
+        let (manager, pool, volume, bytes, flags) =
+            (self.clone(), pool.map(str::to_string), volume.to_string(), bytes, flags);
+        offload(move || manager.vol_resize_blocking(pool.as_deref(), &volume, bytes, flags)).await
+    }
+
+    async fn vol_clone(&self, pool: Option<&str>, volume: &str, new_name: &str) -> Result<()> {
+        let (manager, pool, volume, new_name) =
+            (self.clone(), pool.map(str::to_string), volume.to_string(), new_name.to_string());
+        offload(move || manager.vol_clone_blocking(pool.as_deref(), &volume, &new_name)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_pool_call_waiting_for_the_pools_lock_leaves_the_runtime_free() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("store");
+        let manager = PoolManager::new(store.clone());
+        let held = store.lock_store_for("pools").expect("pools lock");
+        let target = dir.path().join("images");
+        let xml =
+            format!("<pool type='dir'><name>images</name><target><path>{}</path></target></pool>", target.display());
+        let define = tokio::spawn(async move { manager.pool_define_xml(&xml).await });
+        // This current-thread runtime still runs this task while the define waits.
+        tokio::task::yield_now().await;
+        assert!(!define.is_finished(), "the pools lock is held, so the define must still wait");
+        drop(held);
+        assert_eq!(define.await.expect("join").expect("define once the lock is free"), "images");
     }
 }
