@@ -13,6 +13,7 @@
 //! - `process`: processes a driver starts, recorded before they run.
 //! - `snapshot`: snapshot create, revert, delete and recovery over a
 //!   driver's `SnapshotBackend`.
+//! - `view`: an engine viewed over the driver it borrows.
 pub mod blocking;
 pub mod definitions;
 pub mod graph;
@@ -22,3 +23,4 @@ pub mod job;
 pub mod process;
 pub mod records;
 pub mod snapshot;
+pub mod view;

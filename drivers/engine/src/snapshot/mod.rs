@@ -34,6 +34,7 @@ use strata_core::xml::{Domain, SnapshotDef};
 use strata_core::{Error, Result};
 
 use crate::intent::Intent;
+use crate::view::TransparentOver;
 
 pub use delete::{delete_method, refuse_merged_behind_back};
 pub use plan::{default_overlay, plan_disks, DiskPlan};
@@ -219,6 +220,11 @@ pub struct SnapshotEngine<B> {
     backend: B,
 }
 
+// SAFETY: SnapshotEngine<B> is repr(transparent) over its one field, a B.
+unsafe impl<B> TransparentOver for SnapshotEngine<B> {
+    type Inner = B;
+}
+
 impl<B: SnapshotBackend> SnapshotEngine<B> {
     pub fn new(backend: B) -> SnapshotEngine<B> {
         SnapshotEngine { backend }
@@ -226,11 +232,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
 
     /// The engine over a backend borrowed for as long as the view.
     pub fn over(backend: &B) -> &SnapshotEngine<B> {
-        let engine = (backend as *const B).cast::<SnapshotEngine<B>>();
-        // SAFETY: SnapshotEngine<B> is repr(transparent) over its one field
-        // of type B, so it has B's layout and validity; the reference keeps
-        // the borrow's lifetime.
-        unsafe { &*engine }
+        crate::view::over(backend)
     }
 
     pub fn backend(&self) -> &B {
@@ -325,10 +327,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
     /// is transient now or was in the snapshot's saved definition: either
     /// would write into images a transient disk reads.
     fn refuse_transient<'a>(&self, domain: &str, snapshots: impl IntoIterator<Item = &'a SnapshotDef>) -> Result<()> {
-        let current = match self.backend.recorded_live_definition(domain)? {
-            Some(live) => live,
-            None => crate::definitions::load(self.store(), domain)?,
-        };
+        let current = in_use_definition(&self.backend, domain)?;
         for def in snapshots {
             let saved = def.domain.clone().map(Domain::from_element).transpose()?;
             for covered in def.disks.iter().filter(|d| d.snapshot.as_deref() != Some("no")) {
@@ -340,6 +339,16 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
             }
         }
         Ok(())
+    }
+}
+
+/// The definition the domain's disks are used with now: the live one the
+/// backend records while something serves the domain, else the
+/// persistent one.
+pub fn in_use_definition<B: SnapshotBackend>(backend: &B, domain: &str) -> Result<Domain> {
+    match backend.recorded_live_definition(domain)? {
+        Some(live) => Ok(live),
+        None => crate::definitions::load(backend.store(), domain),
     }
 }
 
