@@ -1392,7 +1392,7 @@ fn thread_cpu_time() -> Duration {
 /// its deadline with the job still to come, and the job then starts.
 #[test]
 fn a_wait_on_a_starting_job_sleeps_until_its_deadline() {
-    use strata_core::driver::{BlockJobOps, BlockJobState};
+    use strata_core::driver::{BlockJobState, Connection};
     let env = TestEnv::new();
     let (_c, _guard) = start_chain(&env);
     let starter = Background::spawn_paused_at(
@@ -1402,9 +1402,10 @@ fn a_wait_on_a_starting_job_sleeps_until_its_deadline() {
     )
     .unwrap_or_else(|out| panic!("the pull ended before it was recorded: {out:?}"));
     let conn = QemuConnection::open_embedded(&env.state_root()).expect("open the driver");
+    let jobs = conn.block_jobs().expect("the QEMU driver runs block jobs");
     // The wait runs on this thread alone (a current-thread runtime).
     let before = thread_cpu_time();
-    let state = runtime().block_on(conn.block_job_wait("vm", "vda", 2000)).expect("wait");
+    let state = runtime().block_on(jobs.block_job_wait("vm", "vda", 2000)).expect("wait");
     let cpu = thread_cpu_time() - before;
     assert!(matches!(state, BlockJobState::Running(_)), "{state:?}");
     assert!(cpu < Duration::from_millis(500), "used {cpu:?} of CPU to wait 2 s");

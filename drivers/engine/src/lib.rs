@@ -9,7 +9,8 @@
 //! - `intent`: the intent record that lets the next command finish or
 //!   undo a snapshot operation a crash interrupted.
 //! - `job`: block jobs: records and outcomes, layer resolution,
-//!   refusals, reconciliation decisions, what a job's end changes.
+//!   refusals, reconciliation decisions, what a job's end changes, and
+//!   the `BlockJobEngine` a driver's `BlockJobHost` gets `BlockJobOps` from.
 //! - `process`: processes a driver starts, recorded before they run.
 //! - `snapshot`: snapshot create, revert, delete and recovery over a
 //!   driver's `SnapshotBackend`.

@@ -1,7 +1,8 @@
-//! Block jobs on QEMU and qemu-storage-daemon: pull (`block-stream`),
-//! commit and active commit (`block-commit`), copy (`blockdev-mirror`),
-//! and the QMP side of strata-engine's job handling ([`QemuJobServer`]).
-//! What a job means — its record, layers, refusals, the steps that bring
+//! Block jobs on QEMU and qemu-storage-daemon: the QMP side of
+//! strata-engine's job handling ([`QemuJobServer`]): pull
+//! (`block-stream`), commit and active commit (`block-commit`), copy
+//! (`blockdev-mirror` into nodes added for its destination). What a job
+//! means — its record, layers, refusals, the steps that start it and bring
 //! it forward and what its end changes — is the engine's.
 //!
 //! Every job runs with auto-finalize and auto-dismiss off, so QEMU keeps
@@ -14,27 +15,25 @@
 //! deletes files a `--delete` asked for, removes the dead nodes and
 //! dismisses the job. A `strata` killed at any point loses nothing.
 
-use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
-use strata_core::chain::{Chain, StorageSource};
+use strata_core::chain::Chain;
 use strata_core::driver::{BlockJobEnd, BlockJobKind};
-use strata_core::image;
-use strata_core::options::{BlockCommitOptions, BlockCopyOptions, BlockPullOptions};
+use strata_core::options::BlockCopyOptions;
 use strata_core::store::{DomainLock, Store};
-use strata_core::xml::Element;
 use strata_core::{Error, ErrorKind, Result};
-use strata_engine::blocking::blocking;
+use strata_engine::job::layers::{CommitLayers, PullLayers};
 use strata_engine::job::record::JobRecord;
-use strata_engine::job::{layers, refusals, run, BlockJobBackend, JobPhase, JobTable, ObservedJob};
+use strata_engine::job::{run, BlockJobBackend, CopyTarget, JobPhase, JobTable, ObservedJob};
 use strata_engine::process::ProcessId;
 use strata_qmp::types::{JobInfo, JobStatus};
 use strata_qmp::{KnownEvent, QmpClient, QmpEvent};
 use tokio::sync::broadcast;
 
-use crate::live::{self, qmp_error, BlockGraph, LiveDisk, LiveStatus};
+use crate::live::{self, qmp_error, BlockGraph, LiveDisk, LiveStatus, Monitor};
 
 /// `job-finalize`, tolerating another process having finalized it first.
 async fn finalize(client: &QmpClient, name: &str, id: &str) -> Result<()> {
@@ -54,94 +53,6 @@ pub async fn live_disk(client: &QmpClient, domain: &str, disk: &str) -> Result<L
         .await?
         .remove(disk)
         .ok_or_else(|| Error::invalid_arg(format!("disk '{disk}' not found in domain")))
-}
-
-/// Runs a job-starting command (its arguments without the `job-id`) once
-/// the engine has recorded the job (see [`run::start_recorded`]).
-async fn start_recorded(
-    server: &QemuJobServer<'_>,
-    rec: JobRecord,
-    mirror: Option<Element>,
-    command: &str,
-    mut args: Value,
-) -> Result<()> {
-    run::start_recorded(server, rec, mirror, |id| async move {
-        args["job-id"] = Value::String(id);
-        server.client.execute(command, Some(args)).await.map_err(|e| qmp_error(server.name, e))?;
-        Ok(())
-    })
-    .await
-}
-
-/// The backing string for the image above layer `base` of `live`'s chain
-/// (reading an image header, so off the runtime).
-async fn backing_string(live: &LiveDisk, base: usize, keep_relative: bool) -> Result<Option<String>> {
-    let chain = live.chain.clone();
-    blocking(move || layers::backing_string(&chain, base, keep_relative)).await
-}
-
-pub async fn pull(store: &Store, name: &str, client: &QmpClient, disk: &str, opts: &BlockPullOptions) -> Result<()> {
-    opts.validate()?;
-    let server = QemuJobServer { store, name, client };
-    run::check_idle(&server, disk)?;
-    let live = live_disk(client, name, disk).await?;
-    let layers = layers::pull_layers(disk, &live.chain, opts)?;
-    let mut args = json!({
-        "device": live.nodes[layers.into],
-        "auto-finalize": false,
-        "auto-dismiss": false,
-    });
-    if let Some(b) = layers.base {
-        args["base-node"] = Value::String(live.nodes[b].clone());
-        if let Some(s) = backing_string(&live, b, opts.keep_relative).await? {
-            args["backing-file"] = Value::String(s);
-        }
-    }
-    if let Some(bw) = opts.bandwidth_bytes {
-        args["speed"] = json!(bw);
-    }
-    let rec = JobRecord::new(BlockJobKind::Pull, disk, Vec::new());
-    start_recorded(&server, rec, None, "block-stream", args).await
-}
-
-pub async fn commit(
-    store: &Store,
-    name: &str,
-    client: &QmpClient,
-    disk: &str,
-    opts: &BlockCommitOptions,
-) -> Result<BlockJobKind> {
-    opts.validate()?;
-    let server = QemuJobServer { store, name, client };
-    run::check_idle(&server, disk)?;
-    let live = live_disk(client, name, disk).await?;
-    let chain = &live.chain;
-    let layers = layers::commit_layers(disk, chain, opts)?;
-    let (top, base, kind) = (layers.top, layers.base, layers.kind);
-    let active = kind == BlockJobKind::ActiveCommit;
-    let mut args = json!({
-        "device": live.nodes[0],
-        "base-node": live.nodes[base],
-        "auto-finalize": false,
-        "auto-dismiss": false,
-    });
-    if !active {
-        args["top-node"] = Value::String(live.nodes[top].clone());
-        if let Some(s) = backing_string(&live, base, opts.keep_relative).await? {
-            args["backing-file"] = Value::String(s);
-        }
-    }
-    if let Some(bw) = opts.bandwidth_bytes {
-        args["speed"] = json!(bw);
-    }
-    if !opts.allow_snapshot_change {
-        refusals::refuse_changing_snapshots(store, name, chain, top, base, active)?;
-    }
-    let delete: Vec<PathBuf> = if opts.delete { layers.removed_files(chain) } else { Vec::new() };
-    refusals::refuse_deleting_snapshot_images(store, name, &delete)?;
-    let rec = JobRecord::new(kind, disk, delete);
-    start_recorded(&server, rec, None, "block-commit", args).await?;
-    Ok(kind)
 }
 
 /// Runs a `blockdev-create` job to its end and dismisses it.
@@ -179,125 +90,6 @@ fn unused_node_name(graph: &BlockGraph, base: &str) -> String {
     (1..).map(|n| format!("{base}{n}")).find(|c| !taken.contains(c.as_str())).unwrap_or_else(|| base.to_string())
 }
 
-pub async fn copy(
-    store: &Store,
-    name: &str,
-    client: &QmpClient,
-    disk: &str,
-    opts: &BlockCopyOptions,
-) -> Result<Vec<String>> {
-    let warnings = opts.validate()?;
-    let server = QemuJobServer { store, name, client };
-    run::check_idle(&server, disk)?;
-    let live = live_disk(client, name, disk).await?;
-    let top = live.chain.top().ok_or_else(|| Error::internal("empty chain"))?;
-    let source_format = top.format.clone().unwrap_or_else(|| "raw".into());
-    let source_backing = live.chain.backing_of(0).first().copied();
-    opts.validate_for_source(disk, &source_format, source_backing.is_some())?;
-    let dest = PathBuf::from(&opts.dest);
-    let refusals::CopyDestination { is_block, .. } =
-        refusals::check_copy_destination(store, name, disk, &dest, opts.reuse_external, &live.chain)?;
-    // The destination format: as asked, else probed from a reused file
-    // (a raw destination is never probed: --raw fixes it), else the source's.
-    let format = match (opts.requested_format(), opts.reuse_external && !is_block) {
-        (Some(f), _) => f.to_string(),
-        (None, true) => {
-            let probed = dest.clone();
-            blocking(move || image::detect_format(&probed)).await?.as_str().to_string()
-        }
-        (None, false) => source_format.clone(),
-    };
-    let _nodes = strata_engine::blocking::lock_domain_for(store, name, UNATTACHED_NODES).await?;
-    let graph = BlockGraph::query(client, name).await?;
-    let fmt_node = unused_node_name(&graph, &format!("{disk}-copy-fmt"));
-    let file_node = unused_node_name(&graph, &format!("{disk}-copy-file"));
-    let dest_str = dest.to_str().ok_or_else(|| Error::invalid_arg("destination path is not UTF-8"))?;
-    let protocol = if is_block { "host_device" } else { "file" };
-    let shallow_backing = if opts.shallow { source_backing } else { None };
-    if !opts.reuse_external && !is_block {
-        // By node, not device: a storage daemon has no devices.
-        let size = client
-            .query_named_block_nodes()
-            .await
-            .map_err(|e| qmp_error(name, e))?
-            .into_iter()
-            .find(|n| Some(n.node_name.as_str()) == live.root())
-            .map(|n| n.image.virtual_size)
-            .ok_or_else(|| Error::internal("cannot read the disk's size"))?;
-        let size_now = if format == "raw" { size } else { 0 };
-        create_blockdev(
-            client,
-            name,
-            &format!("{file_node}-create"),
-            json!({"driver": "file", "filename": dest_str, "size": size_now}),
-        )
-        .await?;
-        client
-            .execute("blockdev-add", Some(json!({"driver": "file", "node-name": file_node, "filename": dest_str})))
-            .await
-            .map_err(|e| qmp_error(name, e))?;
-        if format != "raw" {
-            let mut options = json!({"driver": format, "file": file_node, "size": size});
-            if let Some(b) = shallow_backing {
-                if let Some(p) = live.chain.layers[b].source.local_path() {
-                    options["backing-file"] = Value::String(p.to_string_lossy().into_owned());
-                    options["backing-fmt"] =
-                        Value::String(live.chain.layers[b].format.clone().unwrap_or_else(|| "raw".into()));
-                }
-            }
-            create_blockdev(client, name, &format!("{fmt_node}-create"), options).await?;
-        }
-    } else {
-        client
-            .execute("blockdev-add", Some(json!({"driver": protocol, "node-name": file_node, "filename": dest_str})))
-            .await
-            .map_err(|e| qmp_error(name, e))?;
-    }
-    let mut target = json!({"driver": format, "node-name": fmt_node, "file": file_node});
-    if format != "raw" {
-        // Quirk 4: a shallow copy's target must be given the source's backing
-        // node, or the guest misses data after the pivot.
-        target["backing"] = match shallow_backing {
-            Some(b) => Value::String(live.nodes[b].clone()),
-            None => Value::Null,
-        };
-    }
-    if let Err(e) = client.execute("blockdev-add", Some(target)).await {
-        let _ = client.execute("blockdev-del", Some(json!({"node-name": file_node}))).await;
-        return Err(qmp_error(name, e));
-    }
-    strata_core::pause_point("blockcopy:nodes-added");
-    let mut args = json!({
-        "device": live.nodes[0],
-        "target": fmt_node,
-        "sync": if opts.shallow { "top" } else { "full" },
-        "auto-finalize": false,
-        "auto-dismiss": false,
-    });
-    if let Some(bw) = opts.bandwidth_bytes {
-        args["speed"] = json!(bw);
-    }
-    if let Some(g) = opts.granularity {
-        args["granularity"] = json!(g);
-    }
-    if let Some(b) = opts.buf_size {
-        args["buf-size"] = json!(b);
-    }
-    let mirror = Element::new("mirror")
-        .with_attr("type", if is_block { "block" } else { "file" })
-        .with_attr("job", "copy")
-        .with_child(Element::new("format").with_attr("type", format.clone()))
-        .with_child(strata_core::xml::source_element(&StorageSource::local(dest.clone())));
-    let rec = JobRecord::new(BlockJobKind::Copy, disk, Vec::new());
-    if let Err(e) = start_recorded(&server, rec, Some(mirror), "blockdev-mirror", args).await {
-        for n in [&fmt_node, &file_node] {
-            let _ = client.execute("blockdev-del", Some(json!({"node-name": n}))).await;
-        }
-        return Err(e);
-    }
-    Ok(warnings)
-}
-
 fn find_job<'a>(jobs: &'a [JobInfo], id: &str) -> Option<&'a JobInfo> {
     jobs.iter().find(|j| j.id == id)
 }
@@ -323,13 +115,13 @@ fn observed_job(job: &JobInfo) -> ObservedJob {
 pub async fn reconcile_jobs(
     store: &Store,
     name: &str,
-    client: &QmpClient,
+    monitor: &Arc<Monitor>,
     status: LiveStatus,
 ) -> Result<Option<LiveStatus>> {
     if status.jobs.is_empty() {
         return Ok(Some(status));
     }
-    if !run::reconcile_jobs(&QemuJobServer { store, name, client }, &status.jobs).await? {
+    if !run::reconcile_jobs(&QemuJobServer::new(store, name, monitor.clone(), &status), &status.jobs).await? {
         return Ok(Some(status));
     }
     live::reconcile(store, name)
@@ -406,32 +198,61 @@ async fn job_status_changed(rx: &mut broadcast::Receiver<QmpEvent>, id: &str, li
 /// of the engine's job handling, the records kept in the status XML. The
 /// offline job server (`qemu-storage-daemon`) stays in this driver until a
 /// second driver needs one (the LXC driver's issue moves it).
-pub(crate) struct QemuJobServer<'a> {
-    pub store: &'a Store,
-    pub name: &'a str,
-    pub client: &'a QmpClient,
+pub struct QemuJobServer {
+    store: Store,
+    name: String,
+    monitor: Arc<Monitor>,
+    /// The QEMU or storage daemon process.
+    pub(crate) process: ProcessId,
+}
+
+impl QemuJobServer {
+    pub(crate) fn new(store: &Store, name: &str, monitor: Arc<Monitor>, status: &LiveStatus) -> QemuJobServer {
+        QemuJobServer { store: store.clone(), name: name.to_string(), monitor, process: status.process }
+    }
+
+    pub(crate) fn client(&self) -> &QmpClient {
+        &self.monitor.client
+    }
+
+    /// Runs a job-starting command with its `job-id`.
+    async fn start(&self, command: &str, id: &str, mut args: Value) -> Result<()> {
+        args["job-id"] = Value::String(id.to_string());
+        self.client().execute(command, Some(args)).await.map_err(|e| qmp_error(&self.name, e))?;
+        Ok(())
+    }
+}
+
+/// The nodes a copy's destination was added as, and the lock over nodes
+/// without a parent, held until the copy has started (or the nodes are
+/// removed).
+pub struct QemuCopyTarget {
+    format_node: String,
+    file_node: String,
+    _unattached: DomainLock,
 }
 
 #[async_trait]
-impl BlockJobBackend for QemuJobServer<'_> {
+impl BlockJobBackend for QemuJobServer {
     type OpenDisk = LiveDisk;
     type Changes = broadcast::Receiver<QmpEvent>;
+    type CopyTarget = QemuCopyTarget;
 
     fn store(&self) -> &Store {
-        self.store
+        &self.store
     }
 
     fn domain(&self) -> &str {
-        self.name
+        &self.name
     }
 
     async fn observe(&self) -> Result<Vec<(String, ObservedJob)>> {
-        let jobs = self.client.query_jobs().await.map_err(|e| qmp_error(self.name, e))?;
+        let jobs = self.client().query_jobs().await.map_err(|e| qmp_error(&self.name, e))?;
         Ok(jobs.iter().map(|j| (j.id.clone(), observed_job(j))).collect())
     }
 
     fn subscribe(&self) -> broadcast::Receiver<QmpEvent> {
-        self.client.subscribe_events()
+        self.client().subscribe_events()
     }
 
     async fn changed(&self, changes: &mut broadcast::Receiver<QmpEvent>, id: &str, limit: Duration) -> bool {
@@ -439,19 +260,19 @@ impl BlockJobBackend for QemuJobServer<'_> {
     }
 
     async fn speed(&self, id: &str) -> Result<u64> {
-        speed_of(self.client, self.name, id).await
+        speed_of(self.client(), &self.name, id).await
     }
 
     async fn set_speed(&self, id: &str, bytes_per_sec: u64) -> Result<()> {
-        self.client
+        self.client()
             .execute("block-job-set-speed", Some(json!({"device": id, "speed": bytes_per_sec})))
             .await
-            .map_err(|e| qmp_error(self.name, e))?;
+            .map_err(|e| qmp_error(&self.name, e))?;
         Ok(())
     }
 
     async fn complete(&self, id: &str) -> Result<()> {
-        self.client.execute("job-complete", Some(json!({"id": id}))).await.map_err(|e| qmp_error(self.name, e))?;
+        self.client().execute("job-complete", Some(json!({"id": id}))).await.map_err(|e| qmp_error(&self.name, e))?;
         Ok(())
     }
 
@@ -463,13 +284,13 @@ impl BlockJobBackend for QemuJobServer<'_> {
         } else {
             ("job-cancel", json!({"id": id}))
         };
-        self.client.execute(command, Some(args)).await.map_err(|e| qmp_error(self.name, e))?;
+        self.client().execute(command, Some(args)).await.map_err(|e| qmp_error(&self.name, e))?;
         Ok(())
     }
 
     async fn settle(&self, id: &str) -> Result<()> {
         // Finalize the moment the job is pending: a pending mirror holds I/O.
-        let (client, name) = (self.client, self.name);
+        let (client, name) = (self.client(), &self.name);
         let ended = [JobStatus::Pending, JobStatus::Concluded, JobStatus::Null];
         if wait_status(client, name, id, &ended, Duration::from_secs(300)).await? == JobStatus::Pending {
             finalize(client, name, id).await?;
@@ -479,9 +300,9 @@ impl BlockJobBackend for QemuJobServer<'_> {
     }
 
     async fn finalize(&self, id: &str) -> Result<()> {
-        finalize(self.client, self.name, id).await?;
+        finalize(self.client(), &self.name, id).await?;
         let done = [JobStatus::Concluded, JobStatus::Null];
-        wait_status(self.client, self.name, id, &done, Duration::from_secs(30)).await?;
+        wait_status(self.client(), &self.name, id, &done, Duration::from_secs(30)).await?;
         Ok(())
     }
 
@@ -489,36 +310,189 @@ impl BlockJobBackend for QemuJobServer<'_> {
     /// qemu-storage-daemon), query-named-block-nodes between a stream's
     /// finalize and its dismiss crashes the process.
     async fn dismiss(&self, id: &str) -> Result<()> {
-        self.client.execute("job-dismiss", Some(json!({"id": id}))).await.map_err(|e| qmp_error(self.name, e))?;
+        self.client().execute("job-dismiss", Some(json!({"id": id}))).await.map_err(|e| qmp_error(&self.name, e))?;
         Ok(())
     }
 
     async fn open_disk(&self, disk: &str) -> Result<LiveDisk> {
-        live_disk(self.client, self.name, disk).await
+        live_disk(self.client(), &self.name, disk).await
     }
 
     fn chain(disk: &LiveDisk) -> &Chain {
         &disk.chain
     }
 
+    async fn start_pull(
+        &self,
+        id: &str,
+        disk: &LiveDisk,
+        layers: &PullLayers,
+        backing: Option<String>,
+        bandwidth: Option<u64>,
+    ) -> Result<()> {
+        let mut args = json!({
+            "device": disk.nodes[layers.into],
+            "auto-finalize": false,
+            "auto-dismiss": false,
+        });
+        if let Some(b) = layers.base {
+            args["base-node"] = Value::String(disk.nodes[b].clone());
+            if let Some(s) = backing {
+                args["backing-file"] = Value::String(s);
+            }
+        }
+        if let Some(bw) = bandwidth {
+            args["speed"] = json!(bw);
+        }
+        self.start("block-stream", id, args).await
+    }
+
+    async fn start_commit(
+        &self,
+        id: &str,
+        disk: &LiveDisk,
+        layers: &CommitLayers,
+        backing: Option<String>,
+        bandwidth: Option<u64>,
+    ) -> Result<()> {
+        let mut args = json!({
+            "device": disk.nodes[0],
+            "base-node": disk.nodes[layers.base],
+            "auto-finalize": false,
+            "auto-dismiss": false,
+        });
+        if layers.kind != BlockJobKind::ActiveCommit {
+            args["top-node"] = Value::String(disk.nodes[layers.top].clone());
+            if let Some(s) = backing {
+                args["backing-file"] = Value::String(s);
+            }
+        }
+        if let Some(bw) = bandwidth {
+            args["speed"] = json!(bw);
+        }
+        self.start("block-commit", id, args).await
+    }
+
+    /// The destination's format node over its file (or host device) node,
+    /// named after the disk; a new image is made by `blockdev-create`.
+    async fn open_copy_target(&self, disk_name: &str, disk: &LiveDisk, target: &CopyTarget) -> Result<QemuCopyTarget> {
+        let (client, name) = (self.client(), self.name.as_str());
+        let unattached = strata_engine::blocking::lock_domain_for(&self.store, name, UNATTACHED_NODES).await?;
+        let graph = BlockGraph::query(client, name).await?;
+        let fmt_node = unused_node_name(&graph, &format!("{disk_name}-copy-fmt"));
+        let file_node = unused_node_name(&graph, &format!("{disk_name}-copy-file"));
+        let dest_str = target.path.to_str().ok_or_else(|| Error::invalid_arg("destination path is not UTF-8"))?;
+        let protocol = if target.is_block { "host_device" } else { "file" };
+        let format = target.format.as_str();
+        if !target.reuse && !target.is_block {
+            // By node, not device: a storage daemon has no devices.
+            let size = client
+                .query_named_block_nodes()
+                .await
+                .map_err(|e| qmp_error(name, e))?
+                .into_iter()
+                .find(|n| Some(n.node_name.as_str()) == disk.root())
+                .map(|n| n.image.virtual_size)
+                .ok_or_else(|| Error::internal("cannot read the disk's size"))?;
+            let size_now = if format == "raw" { size } else { 0 };
+            create_blockdev(
+                client,
+                name,
+                &format!("{file_node}-create"),
+                json!({"driver": "file", "filename": dest_str, "size": size_now}),
+            )
+            .await?;
+            client
+                .execute("blockdev-add", Some(json!({"driver": "file", "node-name": file_node, "filename": dest_str})))
+                .await
+                .map_err(|e| qmp_error(name, e))?;
+            if format != "raw" {
+                let mut options = json!({"driver": format, "file": file_node, "size": size});
+                if let Some(b) = target.backing {
+                    if let Some(p) = disk.chain.layers[b].source.local_path() {
+                        options["backing-file"] = Value::String(p.to_string_lossy().into_owned());
+                        options["backing-fmt"] =
+                            Value::String(disk.chain.layers[b].format.clone().unwrap_or_else(|| "raw".into()));
+                    }
+                }
+                create_blockdev(client, name, &format!("{fmt_node}-create"), options).await?;
+            }
+        } else {
+            client
+                .execute(
+                    "blockdev-add",
+                    Some(json!({"driver": protocol, "node-name": file_node, "filename": dest_str})),
+                )
+                .await
+                .map_err(|e| qmp_error(name, e))?;
+        }
+        let mut format_node = json!({"driver": format, "node-name": fmt_node, "file": file_node});
+        if format != "raw" {
+            // Quirk 4: a shallow copy's target must be given the source's
+            // backing node, or the guest misses data after the pivot.
+            format_node["backing"] = match target.backing {
+                Some(b) => Value::String(disk.nodes[b].clone()),
+                None => Value::Null,
+            };
+        }
+        if let Err(e) = client.execute("blockdev-add", Some(format_node)).await {
+            let _ = client.execute("blockdev-del", Some(json!({"node-name": file_node}))).await;
+            return Err(qmp_error(name, e));
+        }
+        strata_core::pause_point("blockcopy:nodes-added");
+        Ok(QemuCopyTarget { format_node: fmt_node, file_node, _unattached: unattached })
+    }
+
+    async fn start_copy(
+        &self,
+        id: &str,
+        disk: &LiveDisk,
+        target: &QemuCopyTarget,
+        opts: &BlockCopyOptions,
+    ) -> Result<()> {
+        let mut args = json!({
+            "device": disk.nodes[0],
+            "target": target.format_node,
+            "sync": if opts.shallow { "top" } else { "full" },
+            "auto-finalize": false,
+            "auto-dismiss": false,
+        });
+        if let Some(bw) = opts.bandwidth_bytes {
+            args["speed"] = json!(bw);
+        }
+        if let Some(g) = opts.granularity {
+            args["granularity"] = json!(g);
+        }
+        if let Some(b) = opts.buf_size {
+            args["buf-size"] = json!(b);
+        }
+        self.start("blockdev-mirror", id, args).await
+    }
+
+    async fn close_copy_target(&self, target: QemuCopyTarget) {
+        for n in [&target.format_node, &target.file_node] {
+            let _ = self.client().execute("blockdev-del", Some(json!({"node-name": n}))).await;
+        }
+    }
+
     async fn tidy_after(&self, rec: &JobRecord, end: &BlockJobEnd) -> Result<()> {
-        remove_dead_nodes(self.store, self.client, self.name, &rec.disk).await?;
+        remove_dead_nodes(&self.store, self.client(), &self.name, &rec.disk).await?;
         if rec.kind == BlockJobKind::ActiveCommit && *end != BlockJobEnd::Completed {
-            reopen_backing_read_only(self.client, self.name, &rec.disk).await?;
+            reopen_backing_read_only(self.client(), &self.name, &rec.disk).await?;
         }
         Ok(())
     }
 
     async fn quit_if_idle(&self) -> Result<()> {
-        quit_if_idle_daemon(self.store, self.name, self.client).await
+        quit_if_idle_daemon(&self.store, &self.name, self.client()).await
     }
 
     async fn lock(&self) -> Result<DomainLock> {
-        strata_engine::blocking::lock_domain(self.store, self.name).await
+        strata_engine::blocking::lock_domain(&self.store, &self.name).await
     }
 
     fn recorded_jobs(&self) -> Result<Option<Vec<JobRecord>>> {
-        Ok(live::reconcile(self.store, self.name)?.map(|status| status.jobs))
+        Ok(live::reconcile(&self.store, &self.name)?.map(|status| status.jobs))
     }
 
     fn edit_records<T>(
@@ -526,7 +500,7 @@ impl BlockJobBackend for QemuJobServer<'_> {
         ended: Option<(&str, &LiveDisk)>,
         change: impl FnOnce(JobTable<'_>) -> Result<T>,
     ) -> Result<Option<T>> {
-        live::edit_locked_status(self.store, self.name, |status| {
+        live::edit_locked_status(&self.store, &self.name, |status| {
             if let Some((disk, open)) = ended {
                 if let Some(root) = open.root() {
                     status.roots.insert(disk.to_string(), root.to_string());

@@ -32,20 +32,18 @@ use strata_core::capabilities::{
 };
 use strata_core::define;
 use strata_core::driver::{
-    BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobOps, BlockJobState, Connection, CpuPlacementOps, DefineFlags,
-    DefineOutcome, DiskChainCheck, DiskSetOps, DiskSetOutcome, DomainEvent, DomainInfo, DomainState, DomainSummary,
-    DriverCapabilities, DumpXmlFlags, MonitorOps, PinScope, SnapshotOps, StartFlags, StartOutcome, UndefineFlags,
-    VcpuInfo,
+    BlockJobOps, Connection, CpuPlacementOps, DefineFlags, DefineOutcome, DiskChainCheck, DiskSetOps, DiskSetOutcome,
+    DomainEvent, DomainInfo, DomainState, DomainSummary, DriverCapabilities, DumpXmlFlags, MonitorOps, PinScope,
+    SnapshotOps, StartFlags, StartOutcome, UndefineFlags, VcpuInfo,
 };
 use strata_core::hostcpu::{HostCpuMap, NodeInfo, SysfsCpus};
-use strata_core::options::{BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions};
 use strata_core::pool::PoolManager;
 use strata_core::registry::DriverRegistration;
-use strata_core::store::{DomainLock, Store};
+use strata_core::store::Store;
 use strata_core::uri::ConnectUri;
 use strata_core::xml::Domain;
 use strata_core::{Error, ErrorKind, Result};
-use strata_engine::job::run;
+use strata_engine::job::engine::{BlockJobEngine, BlockJobHost, Served};
 
 pub use launch::MONITORS;
 use live::{LiveStatus, Monitor, MonitorCache};
@@ -127,7 +125,7 @@ impl QemuConnection {
         strata_engine::definitions::load(&self.store, name)?;
         let Some(status) = live::reconcile(&self.store, name)? else { return Ok(None) };
         let Some(monitor) = self.attach(name, &status).await? else { return Ok(None) };
-        match jobs::reconcile_jobs(&self.store, name, &monitor.client, status).await? {
+        match jobs::reconcile_jobs(&self.store, name, &monitor, status).await? {
             Some(status) => Ok(Some((status, monitor))),
             None => {
                 self.monitors.forget(name).await;
@@ -153,33 +151,6 @@ impl QemuConnection {
                 Err(e)
             }
         }
-    }
-
-    /// For a new block job: the running QEMU, or for a shut-off domain a
-    /// `qemu-storage-daemon` started on its disks (it quits by itself once
-    /// its last job is recorded).
-    async fn job_server(&self, name: &str) -> Result<(LiveStatus, Arc<Monitor>)> {
-        if let Some(found) = self.serving(name).await? {
-            return Ok(found);
-        }
-        {
-            let _lock = strata_engine::blocking::lock_domain(&self.store, name).await?;
-            if live::reconcile(&self.store, name)?.is_none() {
-                self.spawn_server(name, live::Server::StorageDaemon, StartMode::Paused).await?;
-            }
-        }
-        self.serving(name)
-            .await?
-            .ok_or_else(|| Error::operation_failed(format!("the storage daemon for domain '{name}' exited")))
-    }
-
-    /// A refused job request on a shut-off domain leaves no storage daemon.
-    async fn after_job_request<T>(&self, domain: &str, monitor: &Monitor, started: Result<T>) -> Result<T> {
-        if started.is_err() {
-            jobs::quit_if_idle_daemon(&self.store, domain, &monitor.client).await?;
-            self.monitors.forget(domain).await;
-        }
-        started
     }
 
     /// Serving a domain that is not started: an error naming what runs.
@@ -327,13 +298,6 @@ impl QemuConnection {
             Ok(())
         })?;
         Ok(())
-    }
-
-    /// Before a block job starts or ends: waits for a snapshot operation
-    /// in progress and tries to finish one a crash interrupted (see
-    /// [`strata_engine::snapshot::settle_operations`]).
-    async fn block_job_operation(&self, domain: &str) -> Result<DomainLock> {
-        strata_engine::snapshot::settle_operations(self, domain).await
     }
 
     /// The live definition: the one QEMU runs with, each disk's chain read
@@ -605,7 +569,7 @@ impl Connection for QemuConnection {
     }
 
     fn block_jobs(&self) -> Option<&dyn BlockJobOps> {
-        Some(self)
+        Some(BlockJobEngine::over(self))
     }
 
     fn snapshots(&self) -> Option<&dyn SnapshotOps> {
@@ -674,103 +638,52 @@ impl MonitorOps for QemuConnection {
     }
 }
 
-/// Block jobs the snapshot code runs while it holds the operation lock.
-impl QemuConnection {
-    pub(crate) async fn start_pull(&self, domain: &str, disk: &str, opts: &BlockPullOptions) -> Result<()> {
-        let (_, monitor) = self.job_server(domain).await?;
-        let started = jobs::pull(&self.store, domain, &monitor.client, disk, opts).await;
-        self.after_job_request(domain, &monitor, started).await
-    }
-
-    pub(crate) async fn start_commit(
-        &self,
-        domain: &str,
-        disk: &str,
-        opts: &BlockCommitOptions,
-    ) -> Result<BlockJobKind> {
-        let (_, monitor) = self.job_server(domain).await?;
-        let started = jobs::commit(&self.store, domain, &monitor.client, disk, opts).await;
-        self.after_job_request(domain, &monitor, started).await
-    }
-
-    pub(crate) async fn end_job(&self, domain: &str, disk: &str, flags: BlockJobAbortFlags) -> Result<BlockJobEnd> {
-        let (status, monitor) = self
-            .serving(domain)
-            .await?
-            .ok_or_else(|| Error::invalid_arg(format!("disk {disk} does not have an active block job")))?;
-        let server = jobs::QemuJobServer { store: &self.store, name: domain, client: &monitor.client };
-        run::abort(&server, &status.jobs, disk, flags.pivot, !flags.no_wait).await
-    }
-}
-
-/// Starting or ending a job changes a chain, so it waits for a snapshot
-/// operation in progress and finishes one a crash interrupted; waiting for
-/// a job and reading it do not.
+/// Block jobs run in the domain's QEMU, or for a shut-off domain in a
+/// `qemu-storage-daemon` started on its disks (it quits by itself once its
+/// last job is recorded); the engine does the rest.
 #[async_trait]
-impl BlockJobOps for QemuConnection {
-    async fn block_pull(&self, domain: &str, disk: &str, opts: &BlockPullOptions) -> Result<()> {
-        transient::refuse_block_job(&self.store, domain, disk)?;
-        let _operation = self.block_job_operation(domain).await?;
-        self.start_pull(domain, disk, opts).await
+impl BlockJobHost for QemuConnection {
+    type Server = jobs::QemuJobServer;
+
+    fn store(&self) -> &Store {
+        &self.store
     }
 
-    async fn block_commit(&self, domain: &str, disk: &str, opts: &BlockCommitOptions) -> Result<BlockJobKind> {
-        transient::refuse_block_job(&self.store, domain, disk)?;
-        let _operation = self.block_job_operation(domain).await?;
-        self.start_commit(domain, disk, opts).await
+    async fn serving(&self, domain: &str) -> Result<Option<Served<jobs::QemuJobServer>>> {
+        Ok(QemuConnection::serving(self, domain).await?.map(|(status, monitor)| Served {
+            server: jobs::QemuJobServer::new(&self.store, domain, monitor, &status),
+            jobs: status.jobs,
+            live: status.domain,
+        }))
     }
 
-    async fn block_copy(&self, domain: &str, disk: &str, opts: &BlockCopyOptions) -> Result<Vec<String>> {
-        transient::refuse_block_job(&self.store, domain, disk)?;
-        let _operation = self.block_job_operation(domain).await?;
-        let (_, monitor) = self.job_server(domain).await?;
-        let started = jobs::copy(&self.store, domain, &monitor.client, disk, opts).await;
-        self.after_job_request(domain, &monitor, started).await
-    }
-
-    async fn block_job_info(&self, domain: &str, disk: &str) -> Result<Option<BlockJobInfo>> {
-        match self.serving(domain).await? {
-            Some((status, monitor)) => {
-                let server = jobs::QemuJobServer { store: &self.store, name: domain, client: &monitor.client };
-                run::info(&server, &status.domain, &status.jobs, disk).await
-            }
-            None => {
-                strata_engine::definitions::load(&self.store, domain)?.find_disk(disk)?;
-                Ok(None)
+    async fn start_offline_server(&self, domain: &str) -> Result<Served<jobs::QemuJobServer>> {
+        {
+            let _lock = strata_engine::blocking::lock_domain(&self.store, domain).await?;
+            if live::reconcile(&self.store, domain)?.is_none() {
+                self.spawn_server(domain, live::Server::StorageDaemon, StartMode::Paused).await?;
             }
         }
-    }
-
-    async fn block_job_abort(&self, domain: &str, disk: &str, flags: BlockJobAbortFlags) -> Result<BlockJobEnd> {
-        let _operation = self.block_job_operation(domain).await?;
-        self.end_job(domain, disk, flags).await
-    }
-
-    async fn block_job_set_speed(&self, domain: &str, disk: &str, bytes_per_sec: u64) -> Result<()> {
-        let (status, monitor) = self
-            .serving(domain)
+        BlockJobHost::serving(self, domain)
             .await?
-            .ok_or_else(|| Error::invalid_arg(format!("disk {disk} does not have an active block job")))?;
-        let server = jobs::QemuJobServer { store: &self.store, name: domain, client: &monitor.client };
-        run::set_speed(&server, &status.jobs, disk, bytes_per_sec).await
+            .ok_or_else(|| Error::operation_failed(format!("the storage daemon for domain '{domain}' exited")))
     }
 
-    async fn block_job_wait(&self, domain: &str, disk: &str, timeout_ms: u64) -> Result<BlockJobState> {
-        let Some((status, monitor)) = self.serving(domain).await? else {
-            return strata_engine::job::record::ended(&self.store, domain, disk);
-        };
-        let server = jobs::QemuJobServer { store: &self.store, name: domain, client: &monitor.client };
-        let waited = run::wait(&server, disk, Duration::from_millis(timeout_ms)).await;
-        match waited {
-            // The monitor closed under the wait: when its process is gone,
-            // the job ended with it (reconciling records that).
-            Err(_) if !monitor.client.is_connected() && status.process.wait_gone(Duration::from_secs(10)).await => {
-                self.monitors.forget(domain).await;
-                live::reconcile(&self.store, domain)?;
-                strata_engine::job::record::ended(&self.store, domain, disk)
-            }
-            other => other,
+    async fn after_refused_request(&self, domain: &str, server: &jobs::QemuJobServer) -> Result<()> {
+        jobs::quit_if_idle_daemon(&self.store, domain, server.client()).await?;
+        self.monitors.forget(domain).await;
+        Ok(())
+    }
+
+    /// A closed monitor whose process is gone: reconciling the domain
+    /// records how its jobs ended.
+    async fn server_gone(&self, domain: &str, server: &jobs::QemuJobServer) -> Result<bool> {
+        if server.client().is_connected() || !server.process.wait_gone(Duration::from_secs(10)).await {
+            return Ok(false);
         }
+        self.monitors.forget(domain).await;
+        live::reconcile(&self.store, domain)?;
+        Ok(true)
     }
 }
 

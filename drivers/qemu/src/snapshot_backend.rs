@@ -12,12 +12,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
-use strata_core::driver::{BlockJobEnd, BlockJobKind, BlockJobOps, BlockJobState, Connection, DomainState, StartFlags};
+use strata_core::driver::{BlockJobEnd, BlockJobKind, BlockJobState, Connection, DomainState, StartFlags};
 use strata_core::options::{BlockCommitOptions, BlockJobAbortFlags, BlockPullOptions};
 use strata_core::store::Store;
 use strata_core::xml::Domain;
 use strata_core::{Error, ErrorKind, Result};
 use strata_engine::image_work::{image_size, path_str};
+use strata_engine::job::engine::BlockJobEngine;
 use strata_engine::snapshot::{Activity, DiskJob, DiskPlan, LiveChain, NewTops, RecordedChain, SnapshotBackend};
 
 use crate::live::{self, qmp_error, LiveStatus};
@@ -263,7 +264,7 @@ impl SnapshotBackend for QemuConnection {
                     allow_snapshot_change: true,
                     ..Default::default()
                 };
-                self.start_commit(domain, disk, &opts).await?;
+                self.jobs().start_commit(domain, disk, &opts).await?;
                 true
             }
             DiskJob::Commit { top, base } => {
@@ -273,12 +274,12 @@ impl SnapshotBackend for QemuConnection {
                     allow_snapshot_change: true,
                     ..Default::default()
                 };
-                self.start_commit(domain, disk, &opts).await?;
+                self.jobs().start_commit(domain, disk, &opts).await?;
                 false
             }
             DiskJob::Pull { into, base } => {
                 let opts = BlockPullOptions { base: base.map(layer), top: Some(layer(into)), ..Default::default() };
-                self.start_pull(domain, disk, &opts).await?;
+                self.jobs().start_pull(domain, disk, &opts).await?;
                 false
             }
         };
@@ -289,7 +290,7 @@ impl SnapshotBackend for QemuConnection {
     /// Waits for the end of a pull or commit left running on `disk` by an
     /// interrupted delete, pivoting an active commit once it is ready.
     async fn settle_disk_job(&self, domain: &str, disk: &str) -> Result<()> {
-        let Some(info) = self.block_job_info(domain, disk).await? else { return Ok(()) };
+        let Some(info) = self.jobs().info(domain, disk).await? else { return Ok(()) };
         if !matches!(info.kind, BlockJobKind::Pull | BlockJobKind::Commit | BlockJobKind::ActiveCommit) {
             return Err(Error::new(
                 ErrorKind::BlockCopyActive,
@@ -397,14 +398,20 @@ impl QemuConnection {
         Ok(new_roots)
     }
 
+    /// The block-job engine over this connection, for the jobs a snapshot
+    /// delete runs while it holds the operation lock.
+    fn jobs(&self) -> &BlockJobEngine<QemuConnection> {
+        BlockJobEngine::over(self)
+    }
+
     /// Waits for the end of the job on `disk`, ending it once it is ready
     /// (pivoting when `pivot`).
     async fn job_to_end(&self, domain: &str, disk: &str, pivot: bool) -> Result<()> {
         loop {
-            match self.block_job_wait(domain, disk, 60_000).await? {
+            match self.jobs().wait(domain, disk, Duration::from_secs(60)).await? {
                 BlockJobState::Running(_) => {}
                 BlockJobState::Ready(_) => {
-                    let end = self.end_job(domain, disk, BlockJobAbortFlags { pivot, no_wait: false }).await?;
+                    let end = self.jobs().end_job(domain, disk, BlockJobAbortFlags { pivot, no_wait: false }).await?;
                     return job_result(end);
                 }
                 BlockJobState::Ended { end, .. } => return job_result(end),

@@ -13,12 +13,10 @@
 
 use std::path::PathBuf;
 
-use strata_core::store::Store;
 use strata_core::xml::Domain;
 use strata_core::{Error, Result};
 
 use crate::launch::RuntimePaths;
-use crate::live;
 
 /// Creates each transient disk's overlay in the runtime directory, before
 /// QEMU opens it; on failure removes the overlays already made.
@@ -44,22 +42,4 @@ pub(crate) fn create_overlays(dom: &Domain, paths: &RuntimePaths) -> Result<()> 
         }
     }
     result
-}
-
-/// The definition the domain's disks are used with now: the live one
-/// while QEMU or a storage daemon serves it, else the persistent one.
-fn current_definition(store: &Store, domain: &str) -> Result<Domain> {
-    match live::reconcile(store, domain)? {
-        Some(status) => Ok(status.domain),
-        None => strata_engine::definitions::load(store, domain),
-    }
-}
-
-/// Refuses a block job on a transient disk. A disk the domain does not
-/// have is left to the job's own lookup to report.
-pub(crate) fn refuse_block_job(store: &Store, domain: &str, disk: &str) -> Result<()> {
-    match current_definition(store, domain)?.find_disk(disk) {
-        Ok(d) => d.refuse_if_transient("block jobs"),
-        Err(_) => Ok(()),
-    }
 }

@@ -6,19 +6,24 @@
 //! ([`conclude`]).
 //!
 //! A driver observes its hypervisor's jobs as [`ObservedJob`]s and acts
-//! through a [`BlockJobBackend`]; [`run`] brings recorded jobs forward with
-//! it. Nothing here talks to a hypervisor.
+//! through a [`BlockJobBackend`]; [`run`] starts jobs and brings recorded
+//! ones forward with it. A driver that says where a domain's jobs run
+//! ([`engine::BlockJobHost`]) gets its `BlockJobOps` from
+//! [`engine::BlockJobEngine`]. Nothing here talks to a hypervisor.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use strata_core::chain::Chain;
 use strata_core::driver::BlockJobEnd;
+use strata_core::options::BlockCopyOptions;
 use strata_core::store::{DomainLock, Store};
 use strata_core::xml::Domain;
 use strata_core::Result;
 
 pub mod conclude;
+pub mod engine;
 pub mod layers;
 pub mod reconcile;
 pub mod record;
@@ -59,7 +64,24 @@ pub struct JobTable<'a> {
     pub next_number: &'a mut u64,
 }
 
+use layers::{CommitLayers, PullLayers};
 use record::JobRecord;
+
+/// A copy's destination, as the engine resolved it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyTarget {
+    pub path: PathBuf,
+    /// The image format to write.
+    pub format: String,
+    /// A block device rather than a file.
+    pub is_block: bool,
+    /// An existing image to copy into (`--reuse-external`) rather than a
+    /// new one.
+    pub reuse: bool,
+    /// For a shallow copy, the layer of the source that the copy's new
+    /// image is to be backed by.
+    pub backing: Option<usize>,
+}
 
 /// What only the hypervisor can do for the jobs of one domain, through
 /// the process serving its disks now; the engine ([`run`]) decides what
@@ -104,6 +126,53 @@ pub trait BlockJobBackend: Send + Sync {
     /// The disk as the hypervisor has it open now.
     async fn open_disk(&self, disk: &str) -> Result<Self::OpenDisk>;
     fn chain(disk: &Self::OpenDisk) -> &Chain;
+
+    /// Starts job `id`, a pull into layer `layers.into` of `disk` (numbered
+    /// as in its chain, 0 the active image) of what lies above
+    /// `layers.base` (everything below, without one); `backing` is the name
+    /// to record for the base in the image above it.
+    async fn start_pull(
+        &self,
+        id: &str,
+        disk: &Self::OpenDisk,
+        layers: &PullLayers,
+        backing: Option<String>,
+        bandwidth: Option<u64>,
+    ) -> Result<()>;
+    /// Starts job `id`, a commit of `layers.top` down into `layers.base`
+    /// (an active commit when `layers.kind` says so, with no `backing`).
+    async fn start_commit(
+        &self,
+        id: &str,
+        disk: &Self::OpenDisk,
+        layers: &CommitLayers,
+        backing: Option<String>,
+        bandwidth: Option<u64>,
+    ) -> Result<()>;
+
+    /// A copy's destination as the hypervisor has it open, ready to be
+    /// copied into.
+    type CopyTarget: Send + Sync;
+    /// Opens the destination of a copy of disk `disk_name` (creating the image first unless it is
+    /// reused or a block device); nothing else may start on the disk's nodes until the target
+    /// is started into or closed.
+    async fn open_copy_target(
+        &self,
+        disk_name: &str,
+        disk: &Self::OpenDisk,
+        target: &CopyTarget,
+    ) -> Result<Self::CopyTarget>;
+    /// Starts job `id`, a copy of `disk` into `target` (`--shallow`: its
+    /// top layer only), with `opts`' bandwidth, granularity and buffer size.
+    async fn start_copy(
+        &self,
+        id: &str,
+        disk: &Self::OpenDisk,
+        target: &Self::CopyTarget,
+        opts: &BlockCopyOptions,
+    ) -> Result<()>;
+    /// Closes a target no copy started into.
+    async fn close_copy_target(&self, target: Self::CopyTarget);
     /// Cleans up what a job that ended with `end` left in the hypervisor.
     async fn tidy_after(&self, rec: &JobRecord, end: &BlockJobEnd) -> Result<()>;
     /// Ends the process that serves the disks if it runs only for jobs

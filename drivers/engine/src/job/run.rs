@@ -1,22 +1,29 @@
-//! Block jobs carried out through a [`BlockJobBackend`]: recorded jobs are
+//! Block jobs carried out through a [`BlockJobBackend`]: pulls, commits and
+//! copies are resolved, checked, recorded and started; recorded jobs are
 //! brought forward (a pending job is finalized at once, since a pending
 //! mirror holds the guest's I/O; a concluded or vanished one has its end
 //! recorded; a ready one is marked), waited for, read, slowed and ended.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use strata_core::chain::{Chain, StorageSource};
 use strata_core::define;
 use strata_core::driver::{BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobState};
+use strata_core::image;
+use strata_core::options::{BlockCommitOptions, BlockCopyOptions, BlockPullOptions};
 use strata_core::pool::PoolManager;
 use strata_core::xml::{Domain, Element};
 use strata_core::{Error, ErrorKind, Result};
 
+use crate::blocking::blocking;
+
 use super::conclude::{delete_committed, record_in_live, record_in_store};
 use super::reconcile::{awaits_start, end_of, info_of, info_starting, next_step, Step};
 use super::record::{ended, last_outcome, no_job, set_outcome, JobRecord};
-use super::refusals::ensure_idle;
-use super::{BlockJobBackend, JobPhase, JobTable, ObservedJob};
+use super::refusals::{self, ensure_idle};
+use super::{layers, BlockJobBackend, CopyTarget, JobPhase, JobTable, ObservedJob};
 
 fn find<'a>(observed: &'a [(String, ObservedJob)], id: &str) -> Option<&'a ObservedJob> {
     observed.iter().find(|(job, _)| job == id).map(|(_, job)| job)
@@ -84,6 +91,109 @@ pub async fn start_recorded<B: BlockJobBackend, F: Future<Output = Result<()>>>(
     }
     strata_core::crash_point("job:started");
     edit_record(backend, &id, |r| r.starting = false).await
+}
+
+/// The backing string for the image above layer `base` (reading an image
+/// header, so off the runtime).
+async fn backing_string(chain: &Chain, base: usize, keep_relative: bool) -> Result<Option<String>> {
+    let chain = chain.clone();
+    blocking(move || layers::backing_string(&chain, base, keep_relative)).await
+}
+
+/// Starts a pull on `disk` (`blockpull`).
+pub async fn pull<B: BlockJobBackend>(backend: &B, disk: &str, opts: &BlockPullOptions) -> Result<()> {
+    opts.validate()?;
+    check_idle(backend, disk)?;
+    let open = backend.open_disk(disk).await?;
+    let layers = layers::pull_layers(disk, B::chain(&open), opts)?;
+    let backing = match layers.base {
+        Some(base) => backing_string(B::chain(&open), base, opts.keep_relative).await?,
+        None => None,
+    };
+    let rec = JobRecord::new(BlockJobKind::Pull, disk, Vec::new());
+    let (open, layers) = (&open, &layers);
+    start_recorded(backend, rec, None, |id| async move {
+        backend.start_pull(&id, open, layers, backing, opts.bandwidth_bytes).await
+    })
+    .await
+}
+
+/// Starts a commit on `disk` (`blockcommit`); returns whether it is an
+/// active commit. A commit into an image a snapshot froze is refused
+/// unless asked for, and a `--delete` of an image a snapshot reads always.
+pub async fn commit<B: BlockJobBackend>(backend: &B, disk: &str, opts: &BlockCommitOptions) -> Result<BlockJobKind> {
+    opts.validate()?;
+    check_idle(backend, disk)?;
+    let open = backend.open_disk(disk).await?;
+    let chain = B::chain(&open);
+    let layers = layers::commit_layers(disk, chain, opts)?;
+    let kind = layers.kind;
+    let active = kind == BlockJobKind::ActiveCommit;
+    let backing = if active { None } else { backing_string(chain, layers.base, opts.keep_relative).await? };
+    let (store, name) = (backend.store(), backend.domain());
+    if !opts.allow_snapshot_change {
+        refusals::refuse_changing_snapshots(store, name, chain, layers.top, layers.base, active)?;
+    }
+    let delete: Vec<PathBuf> = if opts.delete { layers.removed_files(chain) } else { Vec::new() };
+    refusals::refuse_deleting_snapshot_images(store, name, &delete)?;
+    let rec = JobRecord::new(kind, disk, delete);
+    let (open, layers) = (&open, &layers);
+    start_recorded(backend, rec, None, |id| async move {
+        backend.start_commit(&id, open, layers, backing, opts.bandwidth_bytes).await
+    })
+    .await?;
+    Ok(kind)
+}
+
+/// Starts a copy of `disk` (`blockcopy`); returns warnings about the flag
+/// combination. The destination is checked (see
+/// [`refusals::check_copy_destination`]); its format is the one asked
+/// for, else a reused file's (a raw destination is never probed: `--raw`
+/// fixes it), else the source's.
+pub async fn copy<B: BlockJobBackend>(backend: &B, disk: &str, opts: &BlockCopyOptions) -> Result<Vec<String>> {
+    let warnings = opts.validate()?;
+    check_idle(backend, disk)?;
+    let open = backend.open_disk(disk).await?;
+    let chain = B::chain(&open);
+    let top = chain.top().ok_or_else(|| Error::internal("empty chain"))?;
+    let source_format = top.format.clone().unwrap_or_else(|| "raw".into());
+    let source_backing = chain.backing_of(0).first().copied();
+    opts.validate_for_source(disk, &source_format, source_backing.is_some())?;
+    let dest = PathBuf::from(&opts.dest);
+    let refusals::CopyDestination { is_block, .. } =
+        refusals::check_copy_destination(backend.store(), backend.domain(), disk, &dest, opts.reuse_external, chain)?;
+    let format = match (opts.requested_format(), opts.reuse_external && !is_block) {
+        (Some(f), _) => f.to_string(),
+        (None, true) => {
+            let probed = dest.clone();
+            blocking(move || image::detect_format(&probed)).await?.as_str().to_string()
+        }
+        (None, false) => source_format,
+    };
+    let target = CopyTarget {
+        path: dest,
+        format,
+        is_block,
+        reuse: opts.reuse_external,
+        backing: if opts.shallow { source_backing } else { None },
+    };
+    let opened = backend.open_copy_target(disk, &open, &target).await?;
+    let mirror = Element::new("mirror")
+        .with_attr("type", if is_block { "block" } else { "file" })
+        .with_attr("job", "copy")
+        .with_child(Element::new("format").with_attr("type", target.format.clone()))
+        .with_child(strata_core::xml::source_element(&StorageSource::local(target.path.clone())));
+    let rec = JobRecord::new(BlockJobKind::Copy, disk, Vec::new());
+    let (open_ref, opened_ref) = (&open, &opened);
+    let started = start_recorded(backend, rec, Some(mirror), |id| async move {
+        backend.start_copy(&id, open_ref, opened_ref, opts).await
+    })
+    .await;
+    if let Err(e) = started {
+        backend.close_copy_target(opened).await;
+        return Err(e);
+    }
+    Ok(warnings)
 }
 
 /// Changes the record of job `id`, if it is still recorded, under the

@@ -3,20 +3,22 @@
 //! no `qemu-*` tool is run (image headers are written here).
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use strata_core::chain::{Chain, StorageSource};
 use strata_core::driver::{BlockJobEnd, BlockJobKind, BlockJobState};
-use strata_core::options::{BlockCommitOptions, BlockPullOptions};
+use strata_core::options::{BlockCommitOptions, BlockCopyOptions, BlockPullOptions};
 use strata_core::store::Store;
 use strata_core::xml::{Domain, Element};
 use strata_core::ErrorKind;
 
 use super::conclude::{persistent_takes_chain, record_in_live, record_in_store};
-use super::layers::{backing_string, commit_layers, pull_layers, resolve_layer};
+use super::engine::{BlockJobEngine, BlockJobHost, Served};
+use super::layers::{backing_string, commit_layers, pull_layers, resolve_layer, CommitLayers, PullLayers};
 use super::reconcile::{end_of, next_step, Step};
 use super::record::{ended, job_of_id, last_outcome, record_server_exit, set_outcome, JobOutcome, JobRecord};
 use super::refusals::ensure_idle;
-use super::{run, BlockJobBackend, JobPhase, JobTable, ObservedJob};
+use super::{run, BlockJobBackend, CopyTarget, JobPhase, JobTable, ObservedJob};
 use crate::process::ProcessId;
 
 /// A linear chain of qcow2 files, the active layer first.
@@ -348,29 +350,50 @@ fn a_second_job_on_a_disk_is_refused() {
     ensure_idle(&jobs, "vdb").expect("another disk is idle");
 }
 
+/// State a test's job server and its host share.
+type Shared<T> = Arc<Mutex<T>>;
+
 /// A job server that exists only here: it answers with the jobs a test
 /// gives it, keeps the records in memory and logs what it is asked to do.
+/// Its clones are handles of one server.
+#[derive(Clone)]
 struct FakeServer {
     store: Store,
     /// `None`: nothing serves the domain.
-    records: std::sync::Mutex<Option<Vec<JobRecord>>>,
-    live: std::sync::Mutex<Domain>,
-    observed: std::sync::Mutex<Vec<(String, ObservedJob)>>,
-    /// The chain the disk has open once a job has ended.
+    records: Shared<Option<Vec<JobRecord>>>,
+    live: Shared<Domain>,
+    observed: Shared<Vec<(String, ObservedJob)>>,
+    /// The chain the disk has open (once a job has ended, the new one).
     open: Chain,
-    calls: std::sync::Mutex<Vec<String>>,
+    calls: Shared<Vec<String>>,
+    /// Started for an offline job: it quits once it has none.
+    offline: Shared<bool>,
+    /// Why the hypervisor refuses to start a job, if it does.
+    refusal: Option<&'static str>,
 }
 
 impl FakeServer {
     fn new(store: Store, records: Vec<JobRecord>, observed: Vec<(String, ObservedJob)>, open: Chain) -> FakeServer {
         FakeServer {
             store,
-            records: std::sync::Mutex::new(Some(records)),
-            live: std::sync::Mutex::new(Domain::parse(DOMAIN).expect("parse")),
-            observed: std::sync::Mutex::new(observed),
+            records: Arc::new(Mutex::new(Some(records))),
+            live: Arc::new(Mutex::new(Domain::parse(DOMAIN).expect("parse"))),
+            observed: Arc::new(Mutex::new(observed)),
             open,
             calls: Default::default(),
+            offline: Default::default(),
+            refusal: None,
         }
+    }
+
+    /// A job started under `id`, as the hypervisor reports it at first.
+    fn started(&self, id: &str, what: String) -> strata_core::Result<()> {
+        self.log(what);
+        if let Some(refusal) = self.refusal {
+            return Err(strata_core::Error::operation_failed(refusal));
+        }
+        self.observed.lock().expect("observed").push((id.to_string(), job(JobPhase::Running, None)));
+        Ok(())
     }
 
     fn log(&self, call: String) {
@@ -400,6 +423,7 @@ impl BlockJobBackend for FakeServer {
     type OpenDisk = Chain;
     /// Nothing announces changes: a wait looks again when its time is up.
     type Changes = ();
+    type CopyTarget = CopyTarget;
 
     fn store(&self) -> &Store {
         &self.store
@@ -472,8 +496,64 @@ impl BlockJobBackend for FakeServer {
         Ok(())
     }
 
+    async fn start_pull(
+        &self,
+        id: &str,
+        _disk: &Chain,
+        layers: &PullLayers,
+        backing: Option<String>,
+        bandwidth: Option<u64>,
+    ) -> strata_core::Result<()> {
+        self.started(
+            id,
+            format!("pull {id} into {} base {:?} backing {backing:?} speed {bandwidth:?}", layers.into, layers.base),
+        )
+    }
+
+    async fn start_commit(
+        &self,
+        id: &str,
+        _disk: &Chain,
+        layers: &CommitLayers,
+        backing: Option<String>,
+        bandwidth: Option<u64>,
+    ) -> strata_core::Result<()> {
+        self.started(
+            id,
+            format!("commit {id} top {} base {} backing {backing:?} speed {bandwidth:?}", layers.top, layers.base),
+        )
+    }
+
+    async fn open_copy_target(
+        &self,
+        disk_name: &str,
+        _disk: &Chain,
+        target: &CopyTarget,
+    ) -> strata_core::Result<CopyTarget> {
+        self.log(format!("open copy target of {disk_name} at {} as {}", target.path.display(), target.format));
+        Ok(target.clone())
+    }
+
+    async fn start_copy(
+        &self,
+        id: &str,
+        _disk: &Chain,
+        target: &CopyTarget,
+        _opts: &BlockCopyOptions,
+    ) -> strata_core::Result<()> {
+        self.started(id, format!("copy {id} into {}", target.path.display()))
+    }
+
+    async fn close_copy_target(&self, target: CopyTarget) {
+        self.log(format!("close copy target {}", target.path.display()));
+    }
+
     async fn quit_if_idle(&self) -> strata_core::Result<()> {
         self.log("quit if idle".into());
+        let mut records = self.records.lock().expect("records");
+        if *self.offline.lock().expect("offline") && records.as_ref().is_some_and(Vec::is_empty) {
+            *records = None;
+        }
         Ok(())
     }
 
@@ -748,4 +828,149 @@ async fn a_start_on_a_busy_disk_is_refused_before_it_is_sent() {
         .expect_err("busy");
     assert_eq!(message(err), "disk 'vda' already in active block job");
     assert_eq!(server.records(), [busy]);
+}
+
+/// A driver as the block-job engine sees it, with the test's job server:
+/// it serves the domain while the server holds records, and starts the
+/// server for an offline job.
+struct TestHost {
+    server: FakeServer,
+}
+
+impl TestHost {
+    /// A host of domain `vm` (defined, with disk `vda` on `VDA`) that
+    /// nothing serves yet.
+    fn unserved(store: Store) -> TestHost {
+        let server = FakeServer::new(store, Vec::new(), Vec::new(), chain(&VDA));
+        *server.records.lock().expect("records") = None;
+        TestHost { server }
+    }
+}
+
+#[async_trait::async_trait]
+impl BlockJobHost for TestHost {
+    type Server = FakeServer;
+
+    fn store(&self) -> &Store {
+        &self.server.store
+    }
+
+    async fn serving(&self, _domain: &str) -> strata_core::Result<Option<Served<FakeServer>>> {
+        let Some(jobs) = self.server.records.lock().expect("records").clone() else { return Ok(None) };
+        Ok(Some(Served { server: self.server.clone(), jobs, live: self.server.live.lock().expect("live").clone() }))
+    }
+
+    async fn start_offline_server(&self, domain: &str) -> strata_core::Result<Served<FakeServer>> {
+        self.server.log(format!("start an offline server for {domain}"));
+        *self.server.offline.lock().expect("offline") = true;
+        *self.server.records.lock().expect("records") = Some(Vec::new());
+        let live = self.server.live.lock().expect("live").clone();
+        Ok(Served { server: self.server.clone(), jobs: Vec::new(), live })
+    }
+
+    async fn after_refused_request(&self, _domain: &str, server: &FakeServer) -> strata_core::Result<()> {
+        server.quit_if_idle().await
+    }
+
+    async fn server_gone(&self, _domain: &str, _server: &FakeServer) -> strata_core::Result<bool> {
+        Ok(false)
+    }
+}
+
+fn serves(engine: &BlockJobEngine<TestHost>) -> bool {
+    engine.host().server.records.lock().expect("records").is_some()
+}
+
+#[tokio::test]
+async fn a_pull_on_a_domain_nobody_serves_starts_an_offline_server_and_the_job_in_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let engine = BlockJobEngine::new(TestHost::unserved(store_with_domain(dir.path(), DOMAIN)));
+    assert!(!serves(&engine), "nothing serves the domain before the pull");
+    engine.start_pull("vm", "vda", &BlockPullOptions::default()).await.expect("pull");
+    let server = &engine.host().server;
+    assert_eq!(
+        server.calls(),
+        [
+            "start an offline server for vm".to_string(),
+            "open vda".into(),
+            "pull strata-pull-vda-1 into 0 base None backing None speed None".into()
+        ]
+    );
+    let records = server.records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!((records[0].kind, records[0].disk.as_str(), records[0].starting), (BlockJobKind::Pull, "vda", false));
+}
+
+#[tokio::test]
+async fn a_refused_start_quits_the_offline_server_started_for_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut host = TestHost::unserved(store_with_domain(dir.path(), DOMAIN));
+    host.server.refusal = Some("the hypervisor refused");
+    let engine = BlockJobEngine::new(host);
+    let opts = BlockCommitOptions { top: Some("vda[1]".into()), base: Some("vda[3]".into()), ..Default::default() };
+    let err = engine.start_commit("vm", "vda", &opts).await.expect_err("refused");
+    assert_eq!(message(err), "the hypervisor refused");
+    assert_eq!(
+        engine.host().server.calls(),
+        [
+            "start an offline server for vm".to_string(),
+            "open vda".into(),
+            "commit strata-commit-vda-1 top 1 base 3 backing Some(\"/imgs/base.qcow2\") speed None".into(),
+            "quit if idle".into()
+        ]
+    );
+    assert!(!serves(&engine), "the offline server quit");
+}
+
+#[tokio::test]
+async fn a_refused_copy_closes_its_target_and_leaves_the_running_server_serving() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_with_domain(dir.path(), DOMAIN);
+    let mut server = FakeServer::new(store, Vec::new(), Vec::new(), chain(&VDA));
+    server.refusal = Some("the hypervisor refused");
+    let engine = BlockJobEngine::new(TestHost { server });
+    let dest = dir.path().join("copy.qcow2");
+    let opts = BlockCopyOptions { dest: dest.to_str().expect("utf-8 temp path").to_string(), ..Default::default() };
+    let err = engine.start_copy("vm", "vda", &opts).await.expect_err("refused");
+    assert_eq!(message(err), "the hypervisor refused");
+    let calls = engine.host().server.calls();
+    assert_eq!(
+        calls[1..],
+        [
+            format!("open copy target of vda at {} as qcow2", dest.display()),
+            "copy strata-copy-vda-1 into ".to_string() + &dest.display().to_string(),
+            format!("close copy target {}", dest.display()),
+            "quit if idle".into()
+        ]
+    );
+    assert!(serves(&engine), "a server that runs the domain stays");
+    assert!(engine.host().server.records().is_empty());
+    assert!(!engine.host().server.live.lock().expect("live").to_xml().contains("<mirror"));
+}
+
+#[tokio::test]
+async fn info_on_a_domain_nobody_serves_answers_no_job_for_a_disk_it_has() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let engine = BlockJobEngine::new(TestHost::unserved(store_with_domain(dir.path(), DOMAIN)));
+    assert_eq!(engine.info("vm", "vda").await.expect("info"), None);
+    let err = engine.info("vm", "vdz").await.expect_err("no such disk");
+    assert_eq!(err.kind(), ErrorKind::InvalidArg, "{}", err.message());
+    assert!(engine.host().server.calls().is_empty(), "no server is started to answer");
+}
+
+#[tokio::test]
+async fn a_wait_on_a_domain_nobody_serves_answers_how_its_last_job_ended() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_with_domain(dir.path(), DOMAIN);
+    let engine = BlockJobEngine::new(TestHost::unserved(store.clone()));
+    let failed = BlockJobEnd::Failed("Input/output error".into());
+    let outcome = JobOutcome { disk: "vda".into(), kind: BlockJobKind::Commit, end: failed.clone() };
+    set_outcome(&store, "vm", "vda", Some(outcome)).expect("outcome");
+    match engine.wait("vm", "vda", std::time::Duration::ZERO).await.expect("wait") {
+        BlockJobState::Ended { kind, end } => assert_eq!((kind, end), (BlockJobKind::Commit, failed)),
+        other => panic!("expected the end, got {other:?}"),
+    }
+    let err = engine.end_job("vm", "vda", Default::default()).await.expect_err("no job to end");
+    assert_eq!(message(err), "disk vda does not have an active block job");
+    assert!(engine.host().server.calls().is_empty(), "no server is started to answer");
 }
