@@ -370,6 +370,8 @@ struct FakeServer {
     offline: Shared<bool>,
     /// Why the hypervisor refuses to start a job, if it does.
     refusal: Option<&'static str>,
+    /// Its process has exited: it answers nothing.
+    gone: Shared<bool>,
 }
 
 impl FakeServer {
@@ -383,6 +385,7 @@ impl FakeServer {
             calls: Default::default(),
             offline: Default::default(),
             refusal: None,
+            gone: Default::default(),
         }
     }
 
@@ -434,6 +437,9 @@ impl BlockJobBackend for FakeServer {
     }
 
     async fn observe(&self) -> strata_core::Result<Vec<(String, ObservedJob)>> {
+        if *self.gone.lock().expect("gone") {
+            return Err(strata_core::Error::operation_failed("the monitor closed"));
+        }
         Ok(self.observed.lock().expect("observed").clone())
     }
 
@@ -872,8 +878,14 @@ impl BlockJobHost for TestHost {
         server.quit_if_idle().await
     }
 
-    async fn server_gone(&self, _domain: &str, _server: &FakeServer) -> strata_core::Result<bool> {
-        Ok(false)
+    /// A server that is gone is settled: its jobs ended with it.
+    async fn server_gone(&self, domain: &str, server: &FakeServer) -> strata_core::Result<bool> {
+        if !*server.gone.lock().expect("gone") {
+            return Ok(false);
+        }
+        let jobs = server.records.lock().expect("records").take().unwrap_or_default();
+        record_server_exit(&server.store, domain, &jobs, "test server", 4242)?;
+        Ok(true)
     }
 }
 
@@ -973,4 +985,28 @@ async fn a_wait_on_a_domain_nobody_serves_answers_how_its_last_job_ended() {
     let err = engine.end_job("vm", "vda", Default::default()).await.expect_err("no job to end");
     assert_eq!(message(err), "disk vda does not have an active block job");
     assert!(engine.host().server.calls().is_empty(), "no server is started to answer");
+}
+
+#[tokio::test]
+async fn a_wait_whose_server_went_away_answers_that_the_job_ended_with_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_with_domain(dir.path(), DOMAIN);
+    let rec = record(BlockJobKind::Pull, Some(this_process()), false);
+    let server = FakeServer::new(store, vec![rec], vec![(JOB.into(), job(JobPhase::Running, None))], chain(&VDA));
+    let engine = BlockJobEngine::new(TestHost { server });
+    assert!(serves(&engine), "the server runs the job before it goes");
+    *engine.host().server.gone.lock().expect("gone") = true;
+    match engine.wait("vm", "vda", std::time::Duration::ZERO).await.expect("wait") {
+        BlockJobState::Ended { kind, end } => assert_eq!(
+            (kind, end),
+            (
+                BlockJobKind::Pull,
+                BlockJobEnd::Failed(
+                    "domain 'vm' (test server pid 4242) exited while block job on 'vda' was running".into()
+                )
+            )
+        ),
+        other => panic!("expected the end, got {other:?}"),
+    }
+    assert!(!serves(&engine), "nothing serves the domain any more");
 }
