@@ -144,7 +144,7 @@ impl QemuConnection {
                 if status.process.wait_gone(Duration::from_secs(2)).await {
                     self.monitors.forget(name).await;
                     // Reconciling a gone process removes its status.
-                    let _lock = self.store.lock_domain(name)?;
+                    let _lock = strata_engine::blocking::lock_domain(&self.store, name).await?;
                     live::reconcile(&self.store, name)?;
                     return Ok(None);
                 }
@@ -408,7 +408,7 @@ impl Connection for QemuConnection {
     }
 
     async fn undefine(&self, name: &str, flags: UndefineFlags) -> Result<()> {
-        let _lock = self.store.lock_domain(name)?;
+        let _lock = strata_engine::blocking::lock_domain(&self.store, name).await?;
         if let Some(status) = live::reconcile(&self.store, name)? {
             Self::refuse_if_daemon(&status, name)?;
             return Err(Error::operation_invalid(format!(
@@ -432,7 +432,7 @@ impl Connection for QemuConnection {
     }
 
     async fn start(&self, name: &str, flags: StartFlags) -> Result<StartOutcome> {
-        let _lock = self.store.lock_domain(name)?;
+        let _lock = strata_engine::blocking::lock_domain(&self.store, name).await?;
         self.start_locked(name, flags).await?;
         let dom = strata_engine::definitions::load(&self.store, name)?;
         let warnings = honoured::unhonoured(&dom)
@@ -445,7 +445,7 @@ impl Connection for QemuConnection {
     }
 
     async fn destroy(&self, name: &str) -> Result<()> {
-        let _lock = self.store.lock_domain(name)?;
+        let _lock = strata_engine::blocking::lock_domain(&self.store, name).await?;
         strata_engine::definitions::load(&self.store, name)?;
         let status = live::reconcile(&self.store, name)?
             .filter(LiveStatus::is_vm)

@@ -204,7 +204,7 @@ impl SnapshotBackend for QemuConnection {
     /// Starts QEMU on the adopted definition and loads a saved VM state.
     async fn start_from_memory(&self, domain: &str, file: &Path) -> Result<()> {
         {
-            let _lock = self.store().lock_domain(domain)?;
+            let _lock = strata_engine::blocking::lock_domain(self.store(), domain).await?;
             self.spawn_server(domain, live::Server::Vm, crate::StartMode::Incoming).await?;
         }
         let (_, monitor) = self.running(domain).await?;
