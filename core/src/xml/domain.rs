@@ -83,6 +83,13 @@ impl Domain {
                 return Err(Error::xml(format!("domain '{name}' has two disks with target '{}'", d.target)));
             }
         }
+        if dom.current_vcpus() > dom.vcpus() {
+            return Err(Error::xml(format!(
+                "domain '{name}': maxvcpus must not be less than current vcpus ({} < {})",
+                dom.vcpus(),
+                dom.current_vcpus()
+            )));
+        }
         let filesystems = dom.filesystems()?;
         for (i, f) in filesystems.iter().enumerate() {
             if filesystems[..i].iter().any(|o| o.target == f.target) {
@@ -142,8 +149,30 @@ impl Domain {
         self.root.child("currentMemory").and_then(memory_in_kib).or_else(|| self.memory_kib())
     }
 
+    /// `<vcpu>N</vcpu>`: the most vCPUs the domain can have.
     pub fn vcpus(&self) -> u32 {
         self.root.child_text("vcpu").and_then(|v| v.parse().ok()).unwrap_or(1)
+    }
+
+    /// `<vcpu current='M'>`: the vCPUs the domain starts with, all of them
+    /// when absent.
+    pub fn current_vcpus(&self) -> u32 {
+        let current = self.root.child("vcpu").and_then(|v| v.attr("current")?.parse().ok());
+        current.unwrap_or_else(|| self.vcpus())
+    }
+
+    /// Sets `<vcpu>`'s maximum and current counts (made when missing), its
+    /// other attributes kept; `current` is written only when it differs
+    /// from the maximum, as libvirt writes it.
+    pub fn set_vcpus(&mut self, maximum: u32, current: u32) {
+        let mut vcpu = self.root.child("vcpu").cloned().unwrap_or_else(|| Element::new("vcpu"));
+        vcpu.set_text(maximum.to_string());
+        if current == maximum {
+            vcpu.remove_attr("current");
+        } else {
+            vcpu.set_attr("current", current.to_string());
+        }
+        self.root.replace_or_insert(vcpu, DOMAIN_CHILD_ORDER);
     }
 
     /// `<vcpu cpuset='…'>`: the host CPUs every vCPU and the emulator may
@@ -615,5 +644,22 @@ mod tests {
         assert!(at("<shares>2048</shares>") < at("<vcpupin vcpu='0' cpuset='1'/>"), "{out}");
         assert!(at("<vcpupin vcpu='0'") < at("<emulatorpin cpuset='1'/>"), "{out}");
         assert_eq!(out.matches("<emulatorpin").count(), 1, "{out}");
+    }
+
+    #[test]
+    fn vcpu_counts_keep_the_elements_attributes_and_current_above_maximum_is_refused() {
+        let xml = "<domain type='kvm'><name>vm</name><vcpu placement='static' cpuset='0' current='1'>2</vcpu>\
+                   <os><type>hvm</type></os></domain>";
+        let mut dom = Domain::parse(xml).expect("parses");
+        assert_eq!((dom.vcpus(), dom.current_vcpus()), (2, 1));
+        dom.set_vcpus(2, 2);
+        assert!(dom.to_xml().contains("<vcpu placement='static' cpuset='0'>2</vcpu>"), "{}", dom.to_xml());
+        dom.set_vcpus(4, 3);
+        assert!(dom.to_xml().contains("<vcpu placement='static' cpuset='0' current='3'>4</vcpu>"), "{}", dom.to_xml());
+
+        let over = "<domain type='kvm'><name>vm</name><vcpu current='3'>2</vcpu></domain>";
+        let err = Domain::parse(over).expect_err("current above the maximum");
+        assert_eq!(err.kind(), crate::error::ErrorKind::XmlError);
+        assert!(err.message().contains("maxvcpus must not be less than current vcpus (2 < 3)"), "{err}");
     }
 }
