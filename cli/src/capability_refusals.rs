@@ -220,6 +220,7 @@ async fn what_the_capabilities_lack_is_refused_before_the_driver_is_called() {
         ("blockcopy vm vda /copy", "cannot run a block copy"),
         ("blockjob vm vda --bandwidth 1", "cannot limit a block job's bandwidth"),
         ("blockjob vm vda --pivot", "cannot pivot or finish a block job in a ready phase"),
+        ("setvcpus vm 2 --live", "cannot plug vCPUs into a running domain"),
     ];
     for (line, cannot) in cases {
         assert_eq!(errors_of(line).await, [format!("{NO_SUPPORT} {cannot}")], "{line}");

@@ -11,9 +11,12 @@ use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
 use serde_json::json;
 use strata_core::capabilities::{DriverCapabilities, RevertTo, RevertedGuest};
 use strata_core::chain::{Backing, Chain};
-use strata_core::driver::{Connection, DefineFlags, DiskSetOutcome, DumpXmlFlags, PinScope, StartFlags, UndefineFlags};
+use strata_core::driver::{
+    Connection, DefineFlags, DiskSetOutcome, DumpXmlFlags, PinScope, StartFlags, UndefineFlags, VcpuCounts,
+};
 use strata_core::hostcpu::{format_cpulist, parse_cpulist};
 use strata_core::xml::Domain;
+use strata_core::ErrorKind;
 
 use crate::output;
 use crate::shared::{format_timestamp, read_document, CommandFailure};
@@ -102,6 +105,21 @@ pub struct PinScopeFlags {
     /// (the default).
     #[arg(long, conflicts_with_all = ["live", "config"])]
     current: bool,
+}
+
+/// The one count `vcpucount` prints when given options: the maximum or
+/// the current count of the definition `scope` names (`--current`: the
+/// live one while the domain runs).
+fn selected_vcpu_count(counts: &VcpuCounts, maximum: bool, scope: PinScope) -> Result<u32> {
+    let definition = match (scope.config, counts.live) {
+        (true, _) => counts.config,
+        (false, Some(live)) => live,
+        (false, None) if scope.live => {
+            return Err(anyhow!(strata_core::Error::operation_invalid("domain is not running")))
+        }
+        (false, None) => counts.config,
+    };
+    Ok(if maximum { definition.maximum } else { definition.current })
 }
 
 impl PinScopeFlags {
@@ -211,6 +229,43 @@ pub enum Command {
         /// pinning is shown.
         #[arg(long, value_name = "CPULIST", help_heading = BY_POSITION)]
         cpulist: Option<String>,
+        #[command(flatten)]
+        scope: PinScopeFlags,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// A domain's vCPU counts: the most it can have and the ones it runs
+    /// with, in its persistent definition and while it runs. Without
+    /// options, virsh's table; with any, one count.
+    Vcpucount {
+        #[command(flatten)]
+        domain: DomainArg,
+        /// The most vCPUs the domain can have.
+        #[arg(long, conflicts_with = "active")]
+        maximum: bool,
+        /// The vCPUs the domain runs with.
+        #[arg(long)]
+        active: bool,
+        #[command(flatten)]
+        scope: PinScopeFlags,
+        /// The guest agent's count (not supported: Strata talks to no guest agent).
+        #[arg(long)]
+        guest: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Set a domain's vCPU count: plugged into the running domain
+    /// (`--live`), in its persistent definition (`--config`), or the most
+    /// it can have (`--maximum`, persistent only).
+    Setvcpus {
+        #[command(flatten)]
+        domain: DomainArg,
+        /// The vCPU count.
+        #[arg(long, value_name = "COUNT", help_heading = BY_POSITION)]
+        count: u32,
+        /// Set the most vCPUs the domain can have.
+        #[arg(long)]
+        maximum: bool,
         #[command(flatten)]
         scope: PinScopeFlags,
         #[command(flatten)]
@@ -777,6 +832,52 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                 }
             }
         }
+        Command::Vcpucount { domain, maximum, active, scope, guest, json } => {
+            if guest {
+                return Err(anyhow!(strata_core::Error::new(
+                    ErrorKind::ArgumentUnsupported,
+                    "vcpucount --guest needs a guest agent, which Strata does not talk to"
+                )));
+            }
+            if scope.live && scope.config {
+                return Err(anyhow!("Options --live and --config are mutually exclusive"));
+            }
+            let name = domain.name();
+            let placement = session.conn()?.require_cpu_placement()?;
+            let counts = placement.vcpu_counts(name).await.map_err(|e| lookup_error(e, name))?;
+            if maximum || active || scope.live || scope.config || scope.current {
+                let count = selected_vcpu_count(&counts, maximum, scope.scope())?;
+                match wants_json(json) {
+                    true => writeln!(out, "{}", json!({ "count": count }))?,
+                    false => writeln!(out, "{count}")?,
+                }
+            } else if wants_json(json) {
+                writeln!(out, "{}", serde_json::to_string_pretty(&counts)?)?;
+            } else {
+                let live = counts.live;
+                let rows = [
+                    ("maximum", "config", Some(counts.config.maximum)),
+                    ("maximum", "live", live.map(|l| l.maximum)),
+                    ("current", "config", Some(counts.config.current)),
+                    ("current", "live", live.map(|l| l.current)),
+                ];
+                for (which, definition, count) in rows {
+                    if let Some(count) = count {
+                        writeln!(out, "{which:<12} {definition:<12} {count:>3}")?;
+                    }
+                }
+            }
+        }
+        Command::Setvcpus { domain, count, maximum, scope, json } => {
+            let name = domain.name();
+            let conn = session.conn()?;
+            conn.capabilities().check_vcpu_change(scope.live)?;
+            let placement = conn.require_cpu_placement()?;
+            placement.set_vcpus(name, count, scope.scope(), maximum).await.map_err(|e| lookup_error(e, name))?;
+            if wants_json(json) {
+                writeln!(out, "{}", json!({ "count": count, "maximum": maximum }))?;
+            }
+        }
         Command::Emulatorpin { domain, cpulist, scope, json } => {
             let name = domain.name();
             let placement = session.conn()?.require_cpu_placement()?;
@@ -1123,6 +1224,7 @@ fn capability_lines(caps: &DriverCapabilities) -> Vec<(&'static str, String)> {
                 (domains.vcpu_info, "vCPU information"),
                 (domains.monitor, "monitor commands"),
                 (domains.cpu_placement, "CPU placement"),
+                (domains.vcpu_hotplug, "vCPU hotplug"),
             ]]),
         ),
         (

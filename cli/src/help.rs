@@ -28,6 +28,7 @@ const GROUPS: &[(&str, &str, &[&str])] = &[
             "event",
             "qemu-monitor-command",
             "resume",
+            "setvcpus",
             "shutdown",
             "start",
             "suspend",
@@ -35,7 +36,11 @@ const GROUPS: &[(&str, &str, &[&str])] = &[
             "vcpupin",
         ],
     ),
-    ("Domain Monitoring", "monitor", &["domblkcheck", "domblklist", "dominfo", "domstate", "list", "vcpuinfo"]),
+    (
+        "Domain Monitoring",
+        "monitor",
+        &["domblkcheck", "domblklist", "dominfo", "domstate", "list", "vcpucount", "vcpuinfo"],
+    ),
     ("Disk Sets", "diskset", &["diskset-add", "diskset-list", "diskset-remove", "diskset-size"]),
     ("Host and Hypervisor", "host", &["capabilities", "nodecpumap", "nodeinfo", "uri", "version"]),
     (

@@ -54,6 +54,8 @@ pub struct DomainCapabilities {
     pub monitor: bool,
     /// The host's CPUs and the pinning of guests to them (`nodeinfo`, `vcpupin`, …).
     pub cpu_placement: bool,
+    /// vCPUs plugged into a running domain (`setvcpus --live`).
+    pub vcpu_hotplug: bool,
 }
 
 /// Snapshots: what they can hold, when they can be taken, how they are
@@ -302,6 +304,12 @@ const NO_BANDWIDTH: &str = "cannot limit a block job's bandwidth";
 const NO_READY_PHASE: &str = "cannot pivot or finish a block job in a ready phase";
 
 impl DriverCapabilities {
+    /// Refuses a vCPU count change of a running domain (`live`) that the
+    /// driver cannot plug.
+    pub fn check_vcpu_change(&self, live: bool) -> Result<()> {
+        self.refuse_missing(&[(live, self.domains.vcpu_hotplug, "cannot plug vCPUs into a running domain")])
+    }
+
     /// The first need the capabilities lack, refused.
     fn refuse_missing(&self, needs: &[Need]) -> Result<()> {
         match needs.iter().find(|(needed, has, _)| *needed && !*has) {

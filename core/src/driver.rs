@@ -467,6 +467,28 @@ pub trait CpuPlacementOps: Send + Sync {
     async fn emulator_pin(&self, domain: &str, scope: PinScope) -> Result<Vec<u32>>;
     /// Pins the emulator's threads (every thread but the vCPUs') to `cpus`.
     async fn pin_emulator(&self, domain: &str, cpus: &[u32], scope: PinScope) -> Result<()>;
+    /// The domain's vCPU counts (`vcpucount`).
+    async fn vcpu_counts(&self, domain: &str) -> Result<VcpuCounts>;
+    /// Sets the domain's vCPU count (`setvcpus`): with `maximum`, the most
+    /// it can have (persistent definition only); else the vCPUs it runs
+    /// with, plugged into the running domain with `scope.live`.
+    async fn set_vcpus(&self, domain: &str, count: u32, scope: PinScope, maximum: bool) -> Result<()>;
+}
+
+/// A domain's vCPU counts, as `vcpucount` shows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuCounts {
+    /// The persistent definition's.
+    pub config: VcpuCount,
+    /// The running domain's, while it runs.
+    pub live: Option<VcpuCount>,
+}
+
+/// The most vCPUs a definition allows and the ones it runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuCount {
+    pub maximum: u32,
+    pub current: u32,
 }
 
 /// Which definition `vcpupin`/`emulatorpin` read or change: virsh's

@@ -15,7 +15,7 @@ use crate::capabilities::DriverCapabilities;
 use crate::driver::{
     BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobState, Connection, DefineFlags, DefineOutcome, DiskChainCheck,
     DiskSetOutcome, DomainEvent, DomainInfo, DomainSummary, DumpXmlFlags, PinScope, PoolBuildFlags, PoolInfo,
-    SnapshotSummary, StartFlags, StartOutcome, UndefineFlags, VcpuInfo, VolumeInfo, VolumeResizeFlags,
+    SnapshotSummary, StartFlags, StartOutcome, UndefineFlags, VcpuCounts, VcpuInfo, VolumeInfo, VolumeResizeFlags,
 };
 use crate::error::{Error, ErrorKind, ErrorPayload, Result};
 use crate::hostcpu::{HostCpuMap, NodeInfo};
@@ -80,6 +80,8 @@ pub enum Call {
     PinVcpu { domain: String, vcpu: u32, cpus: Vec<u32>, scope: PinScope },
     EmulatorPin { domain: String, scope: PinScope },
     PinEmulator { domain: String, cpus: Vec<u32>, scope: PinScope },
+    VcpuCounts { domain: String },
+    SetVcpus { domain: String, count: u32, scope: PinScope, maximum: bool },
     // StoragePoolOps; a volume without a pool is named by its path.
     PoolDefineXml { xml: String },
     PoolUndefine { pool: String },
@@ -134,6 +136,7 @@ pub enum Reply {
     VcpuPins(Vec<Vec<u32>>),
     /// The host CPUs the emulator's threads may run on.
     Cpus(Vec<u32>),
+    VcpuCounts(VcpuCounts),
     Pools(Vec<PoolInfo>),
     Pool(PoolInfo),
     Volumes(Vec<VolumeInfo>),
@@ -237,6 +240,10 @@ async fn perform(conn: &dyn Connection, call: Call) -> Result<Reply> {
         }
         Call::PinEmulator { domain, cpus, scope } => {
             done(conn.require_cpu_placement()?.pin_emulator(&domain, &cpus, scope).await?)
+        }
+        Call::VcpuCounts { domain } => Reply::VcpuCounts(conn.require_cpu_placement()?.vcpu_counts(&domain).await?),
+        Call::SetVcpus { domain, count, scope, maximum } => {
+            done(conn.require_cpu_placement()?.set_vcpus(&domain, count, scope, maximum).await?)
         }
 
         Call::PoolDefineXml { xml } => Reply::Text(conn.require_storage_pools()?.pool_define_xml(&xml).await?),
@@ -371,7 +378,7 @@ mod tests {
 
     use super::*;
     use crate::chain::ChainDifference;
-    use crate::driver::{DomainState, PoolState};
+    use crate::driver::{DomainState, PoolState, VcpuCount};
     use crate::xml::Domain;
 
     fn round_trip<T: Serialize + DeserializeOwned + PartialEq + Debug>(value: &T) {
@@ -652,6 +659,8 @@ mod tests {
             Call::PinVcpu { domain: d(), vcpu: 1, cpus: vec![0, 2], scope },
             Call::EmulatorPin { domain: d(), scope },
             Call::PinEmulator { domain: d(), cpus: vec![2], scope },
+            Call::VcpuCounts { domain: d() },
+            Call::SetVcpus { domain: d(), count: 2, scope, maximum: false },
             Call::PoolDefineXml { xml: "<pool/>".into() },
             Call::PoolUndefine { pool: pool() },
             Call::PoolBuild { pool: pool(), flags: PoolBuildFlags { no_overwrite: true, overwrite: false } },
@@ -713,6 +722,10 @@ mod tests {
             Reply::HostCpuMap(host_cpus()),
             Reply::VcpuPins(vec![vec![0, 2], vec![2]]),
             Reply::Cpus(vec![0]),
+            Reply::VcpuCounts(VcpuCounts {
+                config: VcpuCount { maximum: 2, current: 1 },
+                live: Some(VcpuCount { maximum: 2, current: 2 }),
+            }),
             Reply::Pools(vec![pool_info()]),
             Reply::Pool(pool_info()),
             Reply::Volumes(vec![volume_info()]),

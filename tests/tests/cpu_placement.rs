@@ -417,3 +417,114 @@ fn a_real_offline_cpu_keeps_its_place_and_cannot_be_pinned_to() {
     assert_eq!(err.trim(), format!("error: invalid argument: CPU {last} is offline"));
     assert_eq!(env.ok(&["vcpupin", "vm", "0", "0"]), "");
 }
+
+/// The vCPU counts `vcpucount` prints for `name`, a single count when
+/// `args` selects one.
+fn vcpucount(env: &TestEnv, name: &str, args: &[&str]) -> String {
+    env.ok(&[&["vcpucount", name], args].concat())
+}
+
+/// `<vcpu current='1'>2</vcpu>` starts one vCPU with room for a second;
+/// `setvcpus 2 --live` plugs it (QEMU then runs two, `vcpuinfo` lists both,
+/// the new one can be pinned, the live definition counts it), the
+/// persistent definition is left as it was; more than the maximum and an
+/// unplug are refused.
+#[test]
+fn setvcpus_live_plugs_vcpus_up_to_the_maximum_of_a_guest_started_with_fewer() {
+    let env = TestEnv::new();
+    env.define("vm", &guest_xml(&env, "vm", "<vcpu placement='static' current='1'>2</vcpu>"));
+    let _guard = DomainGuard { env: &env, name: "vm".into() };
+    env.ok(&["start", "vm"]);
+    assert_eq!(vcpu_threads(&env, "vm").len(), 1, "QEMU started more vCPUs than <vcpu current>");
+    let table = "maximum      config         2\nmaximum      live           2\n\
+                 current      config         1\ncurrent      live           1\n";
+    assert_eq!(vcpucount(&env, "vm", &[]), table);
+    let xml_before = inactive_xml(&env, "vm");
+
+    assert_eq!(env.ok(&["setvcpus", "vm", "2", "--live"]), "");
+    let threads = vcpu_threads(&env, "vm");
+    assert_eq!(threads.len(), 2, "query-cpus-fast after the plug");
+    let vcpuinfo = env.ok(&["vcpuinfo", "vm"]);
+    assert_eq!(vcpuinfo.lines().filter(|l| l.starts_with("VCPU:")).count(), 2, "{vcpuinfo}");
+    assert_eq!(vcpucount(&env, "vm", &["--live", "--active"]), "2\n");
+    assert_eq!(vcpucount(&env, "vm", &["--config"]), "1\n");
+    assert_eq!(inactive_xml(&env, "vm"), xml_before, "a live plug changed the persistent definition");
+    assert!(env.ok(&["dumpxml", "vm"]).contains("<vcpu placement='static'>2</vcpu>"));
+    let json: Value = serde_json::from_str(&vcpucount(&env, "vm", &["--json"])).expect("vcpucount --json");
+    assert_eq!(
+        json,
+        serde_json::json!({ "config": { "maximum": 2, "current": 1 }, "live": { "maximum": 2, "current": 2 } })
+    );
+
+    assert_eq!(env.ok(&["vcpupin", "vm", "1", "0"]), "");
+    assert_eq!(cpus_allowed(&env, "vm", threads[1]), vec![0]);
+
+    let err = env.fails(&["setvcpus", "vm", "3", "--live"]);
+    assert_eq!(
+        err.trim(),
+        "error: invalid argument: requested vcpus is greater than max allowable vcpus for the live domain: 3 > 2"
+    );
+    let err = env.fails(&["setvcpus", "vm", "1", "--live"]);
+    assert!(err.starts_with("error: Operation not supported: cannot unplug vCPUs of domain 'vm' (2 to 1)"), "{err}");
+    assert!(err.contains("guest OS"), "{err}");
+    assert_eq!(vcpu_threads(&env, "vm").len(), 2, "a refused change changed the running guest");
+}
+
+/// `setvcpus --config` on a stopped guest changes `<vcpu>`'s count only:
+/// its other attributes and every other element stay as they were;
+/// `--maximum` raises the maximum, and a count above it is refused.
+#[test]
+fn setvcpus_config_rewrites_only_the_vcpu_element() {
+    let env = TestEnv::new();
+    env.define("vm", &guest_xml(&env, "vm", "<vcpu placement='static' cpuset='0'>2</vcpu>"));
+    let before = inactive_xml(&env, "vm");
+    assert!(before.contains("<vcpu placement='static' cpuset='0'>2</vcpu>"), "{before}");
+
+    assert_eq!(env.ok(&["setvcpus", "vm", "1", "--config"]), "");
+    let xml = inactive_xml(&env, "vm");
+    let expected = before.replace(
+        "<vcpu placement='static' cpuset='0'>2</vcpu>",
+        "<vcpu placement='static' cpuset='0' current='1'>2</vcpu>",
+    );
+    assert_eq!(xml, expected);
+    common::validate_xml(&xml);
+    assert_eq!(vcpucount(&env, "vm", &[]), "maximum      config         2\ncurrent      config         1\n");
+
+    assert_eq!(env.ok(&["setvcpus", "vm", "4", "--maximum", "--config"]), "");
+    assert_eq!(vcpucount(&env, "vm", &["--maximum", "--config"]), "4\n");
+    let err = env.fails(&["setvcpus", "vm", "5", "--config"]);
+    assert_eq!(
+        err.trim(),
+        "error: invalid argument: requested vcpus is greater than max allowable vcpus for the persistent domain: 5 > 4"
+    );
+    assert_eq!(env.ok(&["setvcpus", "vm", "2"]), "");
+    let xml = inactive_xml(&env, "vm");
+    let expected = before.replace(
+        "<vcpu placement='static' cpuset='0'>2</vcpu>",
+        "<vcpu placement='static' cpuset='0' current='2'>4</vcpu>",
+    );
+    assert_eq!(xml, expected);
+
+    let err = env.fails(&["vcpucount", "vm", "--live"]);
+    assert_eq!(err.trim(), "error: Requested operation is not valid: domain is not running");
+    let err = env.fails(&["vcpucount", "vm", "--guest"]);
+    assert!(err.starts_with("error: argument unsupported: vcpucount --guest"), "{err}");
+}
+
+/// A `current` above the maximum is refused at define, naming both counts.
+#[test]
+fn define_refuses_more_current_vcpus_than_the_maximum() {
+    let env = TestEnv::new();
+    let file = env.path("vm.xml");
+    std::fs::write(&file, guest_xml(&env, "vm", "<vcpu current='3'>2</vcpu>")).expect("write xml");
+    let file = file.to_str().expect("utf8");
+    let err = env.fails(&["define", file]);
+    assert_eq!(
+        err.trim(),
+        format!(
+            "error: Failed to define domain from {file}\n\
+             error: XML error: domain 'vm': maxvcpus must not be less than current vcpus (2 < 3)"
+        )
+    );
+    env.fails(&["dominfo", "vm"]);
+}

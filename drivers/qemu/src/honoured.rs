@@ -30,7 +30,7 @@ const ELEMENTS: &[(&str, Treatment)] = &[
     ("uuid", Honoured { when: always, form: "" }),
     ("memory", Honoured { when: always, form: "" }),
     ("currentMemory", Honoured { when: current_memory_is_all, form: "equal to <memory>" }),
-    ("vcpu", Honoured { when: vcpus_all_online, form: "a count and cpuset, without current" }),
+    ("vcpu", Honoured { when: always, form: "" }),
     ("os/type", Honoured { when: always, form: "" }),
     ("os/loader", Honoured { when: always, form: "" }),
     ("os/boot", Honoured { when: boot_from_disk, form: "dev='hd', SeaBIOS's own order" }),
@@ -84,10 +84,6 @@ fn always(_: &Element, _: &Domain) -> bool {
 
 fn current_memory_is_all(_: &Element, dom: &Domain) -> bool {
     dom.current_memory_kib() == dom.memory_kib()
-}
-
-fn vcpus_all_online(el: &Element, dom: &Domain) -> bool {
-    el.attr("current").is_none_or(|c| c.parse() == Ok(dom.vcpus()))
 }
 
 /// Pins are applied at start (`placement::apply_defined_placement`);
@@ -251,7 +247,7 @@ mod tests {
         .expect("xml");
         assert_eq!(
             unhonoured(&dom),
-            ["currentMemory", "vcpu", "cpu mode='host-passthrough'", "clock offset='localtime'", "on_reboot"]
+            ["currentMemory", "cpu mode='host-passthrough'", "clock offset='localtime'", "on_reboot"]
         );
     }
 }

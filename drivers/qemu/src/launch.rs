@@ -94,7 +94,9 @@ pub fn command_line(dom: &Domain, accel: Accel, paths: &RuntimePaths) -> Result<
     push(&mut args, "-machine", format!("{machine},accel={accel_name}"));
     let mem_mib = (dom.memory_kib().unwrap_or(128 * 1024) / 1024).max(16);
     push(&mut args, "-m", mem_mib.to_string());
-    push(&mut args, "-smp", dom.vcpus().max(1).to_string());
+    // `<vcpu current>` online at start, the rest hotpluggable up to the maximum.
+    let maximum = dom.vcpus().max(1);
+    push(&mut args, "-smp", format!("{},maxcpus={maximum}", dom.current_vcpus().clamp(1, maximum)));
     if let Some(loader) = os.and_then(|o| o.child_text("loader")) {
         push(&mut args, "-bios", loader);
     }

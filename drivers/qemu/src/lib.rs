@@ -34,7 +34,7 @@ use strata_core::define;
 use strata_core::driver::{
     BlockJobOps, Connection, CpuPlacementOps, DefineFlags, DefineOutcome, DiskChainCheck, DiskSetOps, DiskSetOutcome,
     DomainEvent, DomainInfo, DomainState, DomainSummary, DriverCapabilities, DumpXmlFlags, MonitorOps, PinScope,
-    SnapshotOps, StartFlags, StartOutcome, UndefineFlags, VcpuInfo,
+    SnapshotOps, StartFlags, StartOutcome, UndefineFlags, VcpuCounts, VcpuInfo,
 };
 use strata_core::hostcpu::{HostCpuMap, NodeInfo, SysfsCpus};
 use strata_core::pool::PoolManager;
@@ -349,7 +349,14 @@ impl Connection for QemuConnection {
             driver: "qemu".into(),
             uri: self.uri.clone(),
             hypervisor: "QEMU".into(),
-            domains: DomainCapabilities { run: true, events: true, vcpu_info: true, monitor: true, cpu_placement: true },
+            domains: DomainCapabilities {
+                run: true,
+                events: true,
+                vcpu_info: true,
+                monitor: true,
+                cpu_placement: true,
+                vcpu_hotplug: true,
+            },
             snapshots: SnapshotCapabilities {
                 kinds: SnapshotKinds { internal_disk: true, external_disk: true, internal_memory: true, external_memory: true },
                 creation: SnapshotCreation { live: true, offline: true },
@@ -627,6 +634,16 @@ impl CpuPlacementOps for QemuConnection {
     async fn pin_emulator(&self, domain: &str, cpus: &[u32], scope: PinScope) -> Result<()> {
         let running = self.running_vm(domain).await?;
         self.placement().pin_emulator(domain, cpus, scope, running).await
+    }
+
+    async fn vcpu_counts(&self, domain: &str) -> Result<VcpuCounts> {
+        let running = self.running_vm(domain).await?;
+        self.placement().vcpu_counts(domain, running)
+    }
+
+    async fn set_vcpus(&self, domain: &str, count: u32, scope: PinScope, maximum: bool) -> Result<()> {
+        let running = self.running_vm(domain).await?;
+        self.placement().set_vcpus(domain, count, scope, maximum, running).await
     }
 }
 

@@ -1,7 +1,8 @@
 //! The host's CPUs as QEMU guests run on them: `nodeinfo`, `nodecpumap`,
 //! and where a domain's threads may run (`vcpupin`, `emulatorpin`), set
 //! with sched_setaffinity(2) on the vCPU threads QEMU reports and on its
-//! other (emulator) threads, and recorded in `<cputune>` with `--config`.
+//! other (emulator) threads, and recorded in `<cputune>` with `--config`;
+//! and how many vCPUs a domain has (`vcpucount`, `setvcpus`).
 //! Host CPUs are read through the [`strata_core::hostcpu::HostCpus`] seam, so a test can present
 //! a host other than the one it runs on; every CPU pinned to must be
 //! present and online there.
@@ -9,16 +10,16 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use strata_core::driver::PinScope;
+use strata_core::driver::{PinScope, VcpuCount, VcpuCounts};
 use strata_core::hostcpu::{format_cpulist, parse_cpulist, HostCpuMap, NodeInfo, SysfsCpus};
 use strata_core::store::Store;
 use strata_core::xml::Domain;
-use strata_core::{Error, Result};
+use strata_core::{Error, ErrorKind, Result};
 use strata_qmp::QmpClient;
 
 use crate::affinity::{set_thread_affinity, thread_affinity};
-use crate::live::{LiveStatus, Monitor};
-use crate::vcpus::{vcpu_threads, VcpuThread};
+use crate::live::{edit_status_async, LiveStatus, Monitor};
+use crate::vcpus::{plug_vcpus, vcpu_threads, VcpuThread};
 use strata_engine::definitions as persistent;
 
 /// The host's CPU lists: from `$STRATA_HOST_CPU_DIR` (a directory laid
@@ -182,6 +183,84 @@ impl Placement<'_> {
         }
         Ok(())
     }
+
+    pub(crate) fn vcpu_counts(&self, domain: &str, running: Option<(LiveStatus, Arc<Monitor>)>) -> Result<VcpuCounts> {
+        let count = |dom: &Domain| VcpuCount { maximum: dom.vcpus(), current: dom.current_vcpus() };
+        let config = count(&persistent::load(self.store, domain)?);
+        Ok(VcpuCounts { config, live: running.map(|(status, _)| count(&status.domain)) })
+    }
+
+    /// `setvcpus`: every request is checked before anything changes; the
+    /// live count goes up by plugging vCPUs (x86 unplug needs the guest's
+    /// help, so a lower live count is refused rather than waited for).
+    pub(crate) async fn set_vcpus(
+        &self,
+        domain: &str,
+        count: u32,
+        scope: PinScope,
+        maximum: bool,
+        running: Option<(LiveStatus, Arc<Monitor>)>,
+    ) -> Result<()> {
+        if count == 0 {
+            return Err(Error::invalid_arg("a domain needs at least 1 vCPU"));
+        }
+        let target = pin_targets(running, scope)?;
+        if let Some((status, _)) = &target.live {
+            if maximum {
+                return Err(Error::new(
+                    ErrorKind::ConfigUnsupported,
+                    "maximum vcpu count of a live domain can't be modified",
+                ));
+            }
+            refuse_above_maximum(count, status.domain.vcpus(), "live")?;
+            let current = status.domain.current_vcpus();
+            if count < current {
+                return Err(Error::new(
+                    ErrorKind::OperationUnsupported,
+                    format!(
+                        "cannot unplug vCPUs of domain '{domain}' ({current} to {count}): an x86 vCPU leaves only \
+                         when the guest OS ejects it, which QEMU cannot complete on its own; lower the count with \
+                         --config and restart the domain"
+                    ),
+                ));
+            }
+        }
+        if target.config && !maximum {
+            refuse_above_maximum(count, persistent::load(self.store, domain)?.vcpus(), "persistent")?;
+        }
+        if let Some((_, monitor)) = &target.live {
+            let plugged = plug_vcpus(&monitor.client, domain, count).await;
+            // What is online is recorded even when a plug failed part way.
+            let online = u32::try_from(vcpu_threads(&monitor.client, domain).await?.len())
+                .map_err(|_| Error::internal("vCPU count out of range"))?;
+            edit_status_async(self.store, domain, |status| {
+                status.domain.set_vcpus(status.domain.vcpus(), online);
+                Ok(())
+            })
+            .await?;
+            plugged?;
+        }
+        if target.config {
+            persistent::edit(self.store, domain, |dom| {
+                match maximum {
+                    true => dom.set_vcpus(count, dom.current_vcpus().min(count)),
+                    false => dom.set_vcpus(dom.vcpus(), count),
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// libvirt's refusal of more vCPUs than a definition allows.
+fn refuse_above_maximum(count: u32, maximum: u32, definition: &str) -> Result<()> {
+    if count > maximum {
+        return Err(Error::invalid_arg(format!(
+            "requested vcpus is greater than max allowable vcpus for the {definition} domain: {count} > {maximum}"
+        )));
+    }
+    Ok(())
 }
 
 /// The CPUs a definition gives a thread: its own pin, else `<vcpu

@@ -3,10 +3,12 @@
 //! from `/proc/TID/stat`, its affinity from sched_getaffinity(2) over every
 //! host CPU present, online or not, as the host CPU seam lists them (seed
 //! 003: an offline CPU must not shorten the mask, and shows as `-`).
+//! And `setvcpus --live`: vCPUs plugged into the slots QEMU offers
+//! (`query-hotpluggable-cpus`) with `device_add`.
 
 use std::path::Path;
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 use strata_core::driver::VcpuInfo;
 use strata_core::hostcpu::{HostCpuMap, SysfsCpus};
 use strata_core::{Error, Result};
@@ -45,6 +47,36 @@ fn vcpu_thread(cpu: &Value) -> Result<VcpuThread> {
     let index = u32::try_from(field("cpu-index")?).map_err(|_| Error::internal("vCPU index out of range"))?;
     let tid = i32::try_from(field("thread-id")?).map_err(|_| Error::internal("vCPU thread id out of range"))?;
     Ok(VcpuThread { index, tid })
+}
+
+/// Plugs vCPUs into the domain whose monitor is `client` until `count` are
+/// online: `device_add` of the free slots QEMU lists, in socket, die, core
+/// and thread order, each with the driver and ids QEMU gives it.
+pub(crate) async fn plug_vcpus(client: &QmpClient, name: &str, count: u32) -> Result<()> {
+    let reply = client.execute("query-hotpluggable-cpus", None).await.map_err(|e| qmp_error(name, e))?;
+    let slots = reply.as_array().ok_or_else(|| Error::internal("query-hotpluggable-cpus did not return a list"))?;
+    let online = slots.iter().filter(|slot| slot.get("qom-path").is_some()).count();
+    let mut free: Vec<&Value> = slots.iter().filter(|slot| slot.get("qom-path").is_none()).collect();
+    free.sort_by_key(|slot| slot_position(slot));
+    let wanted = usize::try_from(count).unwrap_or(usize::MAX).saturating_sub(online);
+    for (number, slot) in (online..).zip(free.into_iter().take(wanted)) {
+        let driver = slot.get("type").and_then(Value::as_str);
+        let props = slot.get("props").and_then(Value::as_object);
+        let (Some(driver), Some(props)) = (driver, props) else {
+            return Err(Error::internal(format!("query-hotpluggable-cpus gave a slot without type or props: {slot}")));
+        };
+        let mut args: Map<String, Value> = props.clone();
+        args.insert("driver".into(), driver.into());
+        args.insert("id".into(), format!("vcpu{number}").into());
+        client.execute("device_add", Some(Value::Object(args))).await.map_err(|e| qmp_error(name, e))?;
+    }
+    Ok(())
+}
+
+/// Where a hotpluggable CPU slot sits: its socket, die, core and thread.
+fn slot_position(slot: &Value) -> [u64; 4] {
+    let id = |key: &str| slot.get("props").and_then(|props| props.get(key)).and_then(Value::as_u64).unwrap_or(0);
+    [id("socket-id"), id("die-id"), id("core-id"), id("thread-id")]
 }
 
 fn vcpu(thread: &VcpuThread, host: &HostCpuMap) -> Result<VcpuInfo> {
