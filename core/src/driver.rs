@@ -296,8 +296,9 @@ impl<'a> dyn Connection + 'a {
 
     /// The target (`vda`) of the domain's disk that `disk` names, in the
     /// domain's current XML (live when it runs): the one place a disk
-    /// given on a command line as a target or an image path is resolved;
-    /// see [`Domain::find_disk`] for what is accepted. A name without a
+    /// given on a command line as a target, a filesystem target dir or an
+    /// image path is resolved; see [`Domain::find_storage_device`] for what
+    /// is accepted. A name without a
     /// leading `/` is a target as it stands (the command checks that the
     /// disk exists), so only a path costs a look at the domain's XML.
     pub async fn disk_target(&self, domain: &str, disk: &str) -> Result<String> {
@@ -305,7 +306,7 @@ impl<'a> dyn Connection + 'a {
             return Ok(disk.to_string());
         }
         let xml = self.dump_xml(domain, DumpXmlFlags::default()).await?;
-        Ok(Domain::parse(&xml)?.find_disk(disk)?.target)
+        Ok(Domain::parse(&xml)?.find_storage_device(disk)?.name().to_string())
     }
 }
 

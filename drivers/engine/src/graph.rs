@@ -11,11 +11,12 @@ use strata_core::Result;
 
 use crate::records::all;
 
-/// Every local image in the chains of `dom`'s disks.
+/// Every local image in the chains of `dom`'s disks and image-holding
+/// filesystems.
 pub fn images_in_use(dom: &Domain) -> Result<HashSet<PathBuf>> {
     let mut in_use = HashSet::new();
-    for disk in dom.disks()? {
-        if let Some(c) = &disk.chain {
+    for device in dom.storage_devices()? {
+        if let Some(c) = device.chain() {
             in_use.extend(c.layers.iter().filter_map(|l| l.source.local_path().map(Path::to_path_buf)));
         }
     }
@@ -61,7 +62,7 @@ pub fn frozen_images(store: &Store, domain: &str) -> Result<Vec<(String, HashSet
                 Some("internal") => 1,
                 _ => continue,
             };
-            if let Some(chain) = saved.find_disk(&d.name).ok().and_then(|disk| disk.chain) {
+            if let Some(chain) = saved.find_storage_device(&d.name).ok().and_then(|device| device.chain().cloned()) {
                 images.extend(
                     chain.layers.iter().skip(from_layer).filter_map(|l| l.source.local_path().map(Path::to_path_buf)),
                 );

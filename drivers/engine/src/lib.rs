@@ -14,6 +14,7 @@
 //! - `process`: processes a driver starts, recorded before they run.
 //! - `snapshot`: snapshot create, revert, delete and recovery over a
 //!   driver's `SnapshotBackend`.
+//! - `storage`: a disk or filesystem by the name records give it.
 //! - `view`: an engine viewed over the driver it borrows.
 pub mod blocking;
 pub mod definitions;
@@ -24,4 +25,5 @@ pub mod job;
 pub mod process;
 pub mod records;
 pub mod snapshot;
+pub mod storage;
 pub mod view;

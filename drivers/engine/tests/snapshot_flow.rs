@@ -49,7 +49,8 @@ fn write_qcow2_overlay(path: &Path, backing: &Path, format: &str) {
 }
 
 /// A running domain as the test backend keeps it: its live definition,
-/// the top handle of each disk, and the calls that changed something.
+/// the top handle of each disk or filesystem (this hypervisor runs both),
+/// and the calls that changed something.
 struct TestBackend {
     store: Store,
     live: Mutex<Domain>,
@@ -94,7 +95,7 @@ impl SnapshotBackend for TestBackend {
     fn record_live_chains(&self, _domain: &str, chains: &[RecordedChain]) -> Result<()> {
         let mut live = self.live.lock().unwrap();
         for c in chains {
-            live.set_disk_chain(&c.disk, &c.chain)?;
+            strata_engine::storage::set_chain(&mut live, &c.disk, &c.chain)?;
             if let Some(top) = &c.top {
                 self.tops.lock().unwrap().insert(c.disk.clone(), top.clone());
             }
@@ -118,9 +119,12 @@ impl SnapshotBackend for TestBackend {
         let live = self.live.lock().unwrap().clone();
         let tops = self.tops.lock().unwrap().clone();
         Ok(live
-            .disks()?
+            .storage_devices()?
             .into_iter()
-            .filter_map(|d| Some((d.target.clone(), LiveChain { chain: d.chain?, top: tops.get(&d.target).cloned() })))
+            .filter_map(|d| {
+                let live = LiveChain { chain: d.chain()?.clone(), top: tops.get(d.name()).cloned() };
+                Some((d.name().to_string(), live))
+            })
             .collect())
     }
 
@@ -197,12 +201,18 @@ impl SnapshotBackend for TestBackend {
 
 /// A store with domain `vm` on a raw image, running as the backend has it.
 fn running_domain(dir: &Path) -> SnapshotEngine<TestBackend> {
+    running_domain_with(dir, "")
+}
+
+/// As [`running_domain`], with `devices` (XML) after its disk.
+fn running_domain_with(dir: &Path, devices: &str) -> SnapshotEngine<TestBackend> {
     let base = dir.join("base.img");
     std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
     let xml = format!(
         "<domain type='kvm'><name>vm</name><devices>
            <disk type='file' device='disk'><driver name='qemu' type='raw'/>
              <source file='{}'/><target dev='vda'/></disk>
+           {devices}
          </devices></domain>",
         base.display()
     );
@@ -219,8 +229,20 @@ fn running_domain(dir: &Path) -> SnapshotEngine<TestBackend> {
 }
 
 fn chain_of(dom: &Domain) -> Vec<PathBuf> {
-    let chain = dom.find_disk("vda").unwrap().chain.unwrap();
+    device_chain(dom, "vda")
+}
+
+/// The main line of the chain of the disk or filesystem `name` names.
+fn device_chain(dom: &Domain, name: &str) -> Vec<PathBuf> {
+    let chain = strata_engine::storage::chain_of(dom, name).unwrap().unwrap();
     chain.main_line().iter().filter_map(|l| l.source.local_path().map(Path::to_path_buf)).collect()
+}
+
+/// `snapshot-create-as vm s1 --disk-only`, which must succeed.
+async fn create_disk_only_s1(engine: &SnapshotEngine<TestBackend>) {
+    let disk_only = SnapshotCreateFlags { disk_only: true, ..Default::default() };
+    let name = engine.snapshot_create("vm", "<domainsnapshot><name>s1</name></domainsnapshot>", disk_only).await;
+    assert_eq!(name.unwrap(), "s1");
 }
 
 #[tokio::test]
@@ -231,9 +253,7 @@ async fn a_live_external_snapshot_is_recorded_after_the_switch_and_deleted_by_an
     let backend = engine.backend();
     let store = &backend.store;
 
-    let disk_only = SnapshotCreateFlags { disk_only: true, ..Default::default() };
-    let name = engine.snapshot_create("vm", "<domainsnapshot><name>s1</name></domainsnapshot>", disk_only).await;
-    assert_eq!(name.unwrap(), "s1");
+    create_disk_only_s1(&engine).await;
     assert_eq!(
         backend.calls(),
         [
@@ -287,8 +307,7 @@ async fn a_delete_refused_while_planning_leaves_no_intent_and_changes_nothing() 
     let engine = running_domain(dir.path());
     let backend = engine.backend();
     let store = &backend.store;
-    let disk_only = SnapshotCreateFlags { disk_only: true, ..Default::default() };
-    engine.snapshot_create("vm", "<domainsnapshot><name>s1</name></domainsnapshot>", disk_only).await.unwrap();
+    create_disk_only_s1(&engine).await;
     // Snapshot s2's overlay reads through s1's, and the guest runs on the
     // frozen image alone: s1's overlay was merged behind Strata's back.
     write_qcow2_overlay(&later, &overlay, "qcow2");
@@ -361,4 +380,59 @@ async fn a_creation_interrupted_before_the_switch_is_undone_by_the_next_call() {
     assert_eq!(engine.backend().calls(), Vec::<String>::new());
     assert_eq!(chain_of(&strata_engine::definitions::load(store, "vm").unwrap()), [dir.path().join("base.img")]);
     assert_eq!(Intent::read(store, "vm").unwrap(), None);
+}
+
+/// A root filesystem on an image is snapshotted, recorded, counted as in
+/// use and frozen, and deleted like a disk, named by its target dir.
+#[tokio::test]
+async fn a_root_filesystem_image_is_snapshotted_and_deleted_with_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root.img");
+    std::fs::write(&root, vec![0u8; 1 << 20]).unwrap();
+    let root_overlay = dir.path().join("root.s1");
+    let (base, overlay) = (dir.path().join("base.img"), dir.path().join("base.s1"));
+    let root_fs = format!(
+        "<filesystem type='file' accessmode='passthrough'><driver type='loop' format='raw'/>
+           <source file='{}'/><target dir='/'/></filesystem>
+         <filesystem type='mount'><source dir='/srv/data'/><target dir='/data'/></filesystem>",
+        root.display()
+    );
+    let engine = running_domain_with(dir.path(), &root_fs);
+    let backend = engine.backend();
+    let store = &backend.store;
+
+    create_disk_only_s1(&engine).await;
+    assert_eq!(
+        backend.calls(),
+        [
+            "refuse_during_block_job [no intent]",
+            "snapshot_disks vda:external,/:external [create intent of 2 file(s)]",
+            "record_live_chains vda@vda-top,/@/-top [create intent of 2 file(s)]",
+        ]
+    );
+    let persistent = strata_engine::definitions::load(store, "vm").unwrap();
+    assert_eq!(device_chain(&persistent, "/"), [root_overlay.clone(), root.clone()]);
+    assert_eq!(device_chain(&persistent, "vda"), [overlay.clone(), base.clone()]);
+    let record = strata_engine::records::load(store, "vm", "s1").unwrap();
+    let recorded: Vec<&str> = record.disks.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(recorded, ["vda", "/"]);
+
+    let in_use = strata_engine::graph::images_in_use(&persistent).unwrap();
+    assert!(in_use.contains(&root) && in_use.contains(&root_overlay), "{in_use:?}");
+    let frozen = strata_engine::graph::frozen_images(store, "vm").unwrap();
+    assert_eq!(frozen.len(), 1);
+    assert!(frozen[0].1.contains(&root), "the snapshot froze the root image: {frozen:?}");
+
+    backend.calls.lock().unwrap().clear();
+    engine.snapshot_delete("vm", "s1", SnapshotDeleteFlags::default()).await.unwrap();
+    assert_eq!(
+        backend.calls(),
+        [
+            "refuse_during_block_job [no intent]",
+            "run_disk_job vda ActiveCommit { base: 1 } [delete intent with plans [(\"vda\", Commit), (\"/\", Commit)]]",
+            "run_disk_job / ActiveCommit { base: 1 } [delete intent with plans [(\"vda\", Commit), (\"/\", Commit)]]",
+        ]
+    );
+    assert!(!root_overlay.exists() && !overlay.exists(), "the merged overlays are removed");
+    assert_eq!(store.list_snapshots("vm").unwrap(), Vec::<String>::new());
 }

@@ -12,7 +12,7 @@ use super::record::{set_outcome, JobOutcome, JobRecord};
 /// Records the end in the live definition and the job list: the disk has
 /// `chain` now, a copy's `<mirror>` goes, and so does the record.
 pub fn record_in_live(live: &mut Domain, jobs: &mut Vec<JobRecord>, rec: &JobRecord, chain: &Chain) -> Result<()> {
-    live.set_disk_chain(&rec.disk, chain)?;
+    crate::storage::set_chain(live, &rec.disk, chain)?;
     if rec.kind == BlockJobKind::Copy {
         live.set_disk_mirror(&rec.disk, None)?;
     }
@@ -24,7 +24,7 @@ pub fn record_in_live(live: &mut Domain, jobs: &mut Vec<JobRecord>, rec: &JobRec
 /// on (`source_before`) takes its new chain; one redefined meanwhile to
 /// another image keeps it.
 pub fn persistent_takes_chain(persistent: &Domain, disk: &str, source_before: Option<&StorageSource>) -> bool {
-    persistent.find_disk(disk).is_ok_and(|d| d.source() == source_before)
+    persistent.find_storage_device(disk).is_ok_and(|d| d.source() == source_before)
 }
 
 /// Keeps the job's outcome for waiters, then records the disk's new chain
@@ -43,7 +43,7 @@ pub fn record_in_store(
     if let Some(xml) = store.read_domain(name)? {
         let mut persistent = Domain::parse(&xml)?;
         if persistent_takes_chain(&persistent, &rec.disk, source_before) {
-            persistent.set_disk_chain(&rec.disk, chain)?;
+            crate::storage::set_chain(&mut persistent, &rec.disk, chain)?;
             store.write_domain(name, &persistent.to_xml())?;
         }
     }

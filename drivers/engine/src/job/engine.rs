@@ -128,7 +128,7 @@ impl<B: BlockJobHost> BlockJobEngine<B> {
         match self.host.serving(domain).await? {
             Some(served) => run::info(&served.server, &served.live, &served.jobs, disk).await,
             None => {
-                crate::definitions::load(self.host.store(), domain)?.find_disk(disk)?;
+                crate::definitions::load(self.host.store(), domain)?.find_storage_device(disk)?;
                 Ok(None)
             }
         }
@@ -166,7 +166,7 @@ impl<B: BlockJobHost + SnapshotBackend> BlockJobEngine<B> {
     /// Refuses a job on a transient disk; a disk the domain does not have
     /// is left to the job's own lookup to report.
     fn refuse_transient(&self, domain: &str, disk: &str) -> Result<()> {
-        match in_use_definition(&self.host, domain)?.find_disk(disk) {
+        match in_use_definition(&self.host, domain)?.find_storage_device(disk) {
             Ok(d) => d.refuse_if_transient("block jobs"),
             Err(_) => Ok(()),
         }

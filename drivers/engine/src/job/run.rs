@@ -308,7 +308,7 @@ pub async fn info<B: BlockJobBackend>(
     jobs: &[JobRecord],
     disk: &str,
 ) -> Result<Option<BlockJobInfo>> {
-    live.find_disk(disk).map_err(|_| Error::invalid_arg(format!("disk '{disk}' not found in domain")))?;
+    live.find_storage_device(disk).map_err(|_| Error::invalid_arg(format!("disk '{disk}' not found in domain")))?;
     let Some(rec) = jobs.iter().find(|j| j.disk == disk) else { return Ok(None) };
     let observed = backend.observe().await?;
     let Some(job) = find(&observed, &rec.id) else { return Ok(None) };

@@ -50,6 +50,18 @@ fn a_layer_is_found_by_index_or_by_path_relative_to_the_top() {
 }
 
 #[test]
+fn a_filesystem_layer_is_found_by_its_target_dir_and_index() {
+    let c = chain(&VDA);
+    assert_eq!(resolve_layer("/", &c, "/[1]").expect("/[1]"), 1);
+    assert_eq!(resolve_layer("/data", &c, "/data[3]").expect("/data[3]"), 3);
+    assert_eq!(resolve_layer("/", &c, "/imgs/low.qcow2").expect("absolute path"), 2);
+    assert_eq!(
+        message(resolve_layer("/", &c, "/data[1]").expect_err("other filesystem")),
+        "requested target '/data' does not match target '/'"
+    );
+}
+
+#[test]
 fn a_layer_that_is_not_in_the_chain_is_refused_naming_it() {
     let c = chain(&VDA);
     assert_eq!(
@@ -257,6 +269,28 @@ fn the_new_chain_reaches_a_persistent_disk_still_on_the_image_the_job_ran_on() {
         last_outcome(&store, "vm", "vda").expect("outcome"),
         Some(JobOutcome { disk: "vda".into(), kind: BlockJobKind::Commit, end: BlockJobEnd::Completed })
     );
+}
+
+/// A domain whose root `/` is a qcow2 image filesystem, beside disk vda.
+const CONTAINER: &str = "<domain type='kvm'><name>vm</name><devices>\
+    <filesystem type='file'><driver type='loop' format='qcow2'/>\
+    <source file='/imgs/root.qcow2'/><target dir='/'/></filesystem>\
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+    <source file='/imgs/top.qcow2'/><target dev='vda' bus='virtio'/></disk>\
+    </devices></domain>";
+
+#[test]
+fn the_new_chain_of_a_filesystem_job_reaches_the_filesystem_named_by_its_target_dir() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = store_with_domain(dir.path(), CONTAINER);
+    let root = Domain::parse(CONTAINER).expect("parse").find_storage_device("/").expect("/");
+    let merged = chain(&["/imgs/root.qcow2", "/imgs/root-base.qcow2"]);
+    let rec = JobRecord { disk: "/".into(), ..record(BlockJobKind::Commit, None, false) };
+    record_in_store(&store, "vm", &rec, &BlockJobEnd::Completed, root.source(), &merged).expect("record");
+    let persistent = Domain::parse(&store.read_domain("vm").expect("read").expect("defined")).expect("parse");
+    assert_eq!(persistent.find_storage_device("/").expect("/").chain(), Some(&merged));
+    let vda = |dom: &Domain| dom.find_disk("vda").expect("vda").chain;
+    assert_eq!(vda(&persistent), vda(&Domain::parse(CONTAINER).expect("parse")), "the disk is left as it was");
 }
 
 #[test]

@@ -283,15 +283,16 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
                 (l.chain.clone(), l.top.clone())
             } else if let (Some(rec), Some(node)) = (recorded.as_ref(), roots.as_ref().and_then(|r| r.get(target))) {
                 let below = rec
-                    .find_disk(target)?
-                    .chain
+                    .find_storage_device(target)?
+                    .chain()
+                    .cloned()
                     .ok_or_else(|| Error::internal(format!("disk '{target}' has no recorded chain")))?;
                 (below.with_overlay(StorageSource::local(overlay), Some("qcow2".into())), Some(node.clone()))
             } else {
                 (probe_chain(&StorageSource::local(overlay), "qcow2")?, None)
             };
-            if persistent.find_disk(target).is_ok() {
-                persistent.set_disk_chain(target, &chain)?;
+            if let Ok(device) = persistent.find_storage_device(target) {
+                persistent.set_storage_chain(&device.address(), &chain)?;
             }
             if recorded.is_some() {
                 live_updates.push(RecordedChain { disk: target.clone(), chain, top });
@@ -324,7 +325,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
             }
         }
         for d in &def.disks {
-            saved.find_disk(&d.name).map_err(|_| {
+            saved.find_storage_device(&d.name).map_err(|_| {
                 Error::invalid_arg(format!("snapshot '{name}' names disk '{}' that its domain does not have", d.name))
             })?;
         }

@@ -17,6 +17,7 @@ use super::{Activity, DiskJob, SnapshotBackend, SnapshotEngine};
 use crate::image_work::{backing_of, has_internal, image_format, path_str, rebase_unsafe, run};
 use crate::intent::{DeleteMethod, DeletePlan, Intent};
 use crate::records::{all, current, load, save, set_current};
+use crate::storage::chain_of;
 
 /// How an external snapshot's point leaves a disk's chain, given every
 /// image backed by the frozen one (`children`). Method 1 (commit) only
@@ -230,7 +231,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         let snap = def.name.clone().unwrap_or_default();
         let dom = crate::definitions::load(self.store(), domain)?;
         let mut holder = None;
-        let layers = dom.find_disk(disk)?.chain.map(|c| c.layers).unwrap_or_default();
+        let layers = chain_of(&dom, disk)?.map(|c| c.layers).unwrap_or_default();
         for p in layers.iter().filter_map(|l| l.source.local_path()) {
             if has_internal(operation, p, &snap).await {
                 holder = Some(p.to_path_buf());
@@ -263,7 +264,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         let saved =
             Domain::from_element(def.domain.clone().ok_or_else(|| Error::internal("snapshot without domain"))?)?;
         let frozen = saved
-            .find_disk(&d.name)?
+            .find_storage_device(&d.name)?
             .source()
             .and_then(|s| s.local_path())
             .map(Path::to_path_buf)
@@ -281,10 +282,9 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         let method = delete_method(&children, &overlay, overlay.exists());
         if method == DeleteMethod::Commit {
             let dom = self.current_definition(domain).await?;
-            let running_line: Vec<PathBuf> = dom
-                .find_disk(&d.name)
+            let running_line: Vec<PathBuf> = chain_of(&dom, &d.name)
                 .ok()
-                .and_then(|disk| disk.chain)
+                .flatten()
                 .map(|c| c.main_line().iter().filter_map(|l| l.source.local_path().map(Path::to_path_buf)).collect())
                 .unwrap_or_default();
             let snapshot = def.name.as_deref().unwrap_or_default();
@@ -320,7 +320,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
             self.backend.settle_disk_job(domain, disk).await?;
         }
         let dom = self.current_definition(domain).await?;
-        let chain = dom.find_disk(disk)?.chain.ok_or_else(|| Error::internal("disk without chain"))?;
+        let chain = chain_of(&dom, disk)?.ok_or_else(|| Error::internal("disk without chain"))?;
         let layer_of = |p: &Path| chain.main_line().iter().find(|l| l.source.local_path() == Some(p)).map(|l| l.index);
         match plan.method {
             DeleteMethod::Commit => {
@@ -457,8 +457,8 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
             }
         }
         for dom in doms {
-            for disk in dom.disks()? {
-                if disk.chain.iter().flat_map(|c| &c.layers).any(|l| l.source.local_path() == Some(image)) {
+            for device in dom.storage_devices()? {
+                if device.chain().iter().flat_map(|c| &c.layers).any(|l| l.source.local_path() == Some(image)) {
                     return Ok(true);
                 }
             }
@@ -484,8 +484,8 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
             }
         }
         for d in &doms {
-            for disk in d.disks()? {
-                if let Some(p) = disk.source().and_then(|s| s.local_path()) {
+            for device in d.storage_devices()? {
+                if let Some(p) = device.source().and_then(|s| s.local_path()) {
                     tops.push(p.to_path_buf());
                 }
             }
@@ -526,20 +526,20 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
             }
             if let Some(el) = def.domain.clone() {
                 let mut saved = Domain::from_element(el)?;
-                for disk in saved.disks()? {
-                    if disk.source().and_then(|s| s.local_path()) == Some(gone) {
+                for device in saved.storage_devices()? {
+                    if device.source().and_then(|s| s.local_path()) == Some(gone) {
                         let fmt = image_format(kept)?;
                         let chain = probe_chain(&StorageSource::local(kept.to_path_buf()), &fmt)?;
-                        saved.set_disk_chain(&disk.target, &chain)?;
+                        saved.set_storage_chain(&device.address(), &chain)?;
                         changed = true;
-                    } else if disk.chain.as_ref().is_some_and(|c| c.by_path(gone).is_some()) {
-                        if let Some(p) = disk.source().and_then(|s| s.local_path()) {
+                    } else if device.chain().is_some_and(|c| c.by_path(gone).is_some()) {
+                        if let Some(p) = device.source().and_then(|s| s.local_path()) {
                             if p.exists() {
                                 let chain = probe_chain(
                                     &StorageSource::local(p.to_path_buf()),
-                                    disk.format.as_deref().unwrap_or("raw"),
+                                    device.format().unwrap_or("raw"),
                                 )?;
-                                saved.set_disk_chain(&disk.target, &chain)?;
+                                saved.set_storage_chain(&device.address(), &chain)?;
                                 changed = true;
                             }
                         }

@@ -332,8 +332,8 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
             let saved = def.domain.clone().map(Domain::from_element).transpose()?;
             for covered in def.disks.iter().filter(|d| d.snapshot.as_deref() != Some("no")) {
                 for dom in std::iter::once(&current).chain(saved.as_ref()) {
-                    if let Ok(disk) = dom.find_disk(&covered.name) {
-                        disk.refuse_if_transient("snapshots")?;
+                    if let Ok(device) = dom.find_storage_device(&covered.name) {
+                        device.refuse_if_transient("snapshots")?;
                     }
                 }
             }

@@ -35,64 +35,63 @@ pub fn plan_disks(
     name: &str,
     selected: &HashSet<String>,
 ) -> Result<Vec<DiskPlan>> {
-    let disks = dom.disks()?;
+    let devices = dom.storage_devices()?;
     let mut asked: HashMap<String, &SnapshotDisk> = HashMap::new();
     for d in &def.disks {
-        let disk =
-            dom.find_disk(&d.name).map_err(|_| Error::config_unsupported(format!("no disk named '{}'", d.name)))?;
-        if asked.insert(disk.target.clone(), d).is_some() {
+        let device = dom
+            .find_storage_device(&d.name)
+            .map_err(|_| Error::config_unsupported(format!("no disk named '{}'", d.name)))?;
+        if asked.insert(device.name().to_string(), d).is_some() {
             return Err(Error::config_unsupported("too many disk snapshot requests for domain"));
         }
     }
     let default_mode = if flags.disk_only { "external" } else { "internal" };
     let mut plans = Vec::new();
-    for disk in &disks {
-        let spec = asked.get(&disk.target);
+    for device in &devices {
+        let name_of = device.name();
+        let spec = asked.get(name_of);
         let mut mode = spec.and_then(|s| s.snapshot.clone()).unwrap_or_else(|| default_mode.to_string());
-        if flags.disk_set && !selected.contains(&disk.target) && spec.is_none() {
+        if flags.disk_set && !selected.contains(name_of) && spec.is_none() {
             mode = "no".into();
         }
-        let Some(image) = disk.source().and_then(|s| s.local_path()).map(Path::to_path_buf) else {
-            if let Some(StorageSource::Volume { pool, volume }) = disk.source().filter(|_| mode != "no") {
+        let Some(image) = device.source().and_then(|s| s.local_path()).map(Path::to_path_buf) else {
+            if let Some(StorageSource::Volume { pool, volume }) = device.source().filter(|_| mode != "no") {
                 return Err(Error::config_unsupported(format!(
-                    "disk '{}' is volume '{volume}' of storage pool '{pool}', which snapshots do not support yet; \
-                     leave it out with --diskspec {},snapshot=no",
-                    disk.target, disk.target
+                    "{device} is volume '{volume}' of storage pool '{pool}', which snapshots do not support yet; \
+                     leave it out with --diskspec {name_of},snapshot=no"
                 )));
             }
             if mode != "no" && spec.is_some() {
-                return Err(Error::config_unsupported(format!(
-                    "disk '{}' has no local image to snapshot",
-                    disk.target
-                )));
+                return Err(Error::config_unsupported(match device.as_filesystem() {
+                    Some(fs) if !fs.fs_type.holds_image() => {
+                        format!("{device} is a '{}' filesystem, which holds no image to snapshot", fs.fs_type)
+                    }
+                    _ => format!("{device} has no local image to snapshot"),
+                }));
             }
             continue;
         };
-        if disk.device != "disk" || disk.readonly {
+        let not_a_disk = device.as_disk().is_some_and(|d| d.device != "disk");
+        if not_a_disk || device.readonly() {
             if spec.is_some_and(|s| s.snapshot.as_deref().is_some_and(|m| m != "no")) {
-                return Err(Error::config_unsupported(format!(
-                    "disk '{}' is read-only and cannot be snapshotted",
-                    disk.target
-                )));
+                return Err(Error::config_unsupported(format!("{device} is read-only and cannot be snapshotted")));
             }
             mode = "no".into();
         }
         if mode != "no" && mode != "manual" {
-            disk.refuse_if_transient("snapshots").map_err(|e| {
+            device.refuse_if_transient("snapshots").map_err(|e| {
                 Error::config_unsupported(format!(
-                    "{}; leave it out with --diskspec {},snapshot=no",
-                    e.message(),
-                    disk.target
+                    "{}; leave it out with --diskspec {name_of},snapshot=no",
+                    e.message()
                 ))
             })?;
         }
-        let format = disk.format.clone().unwrap_or_else(|| "raw".into());
+        let format = device.format().unwrap_or("raw").to_string();
         let overlay = if mode == "external" {
             if let Some(t) = spec.and_then(|s| s.driver_type.as_deref()) {
                 if t != "qcow2" {
                     return Err(Error::config_unsupported(format!(
-                        "external snapshot format for disk {} is unsupported: {t}",
-                        disk.target
+                        "external snapshot format for disk {name_of} is unsupported: {t}"
                     )));
                 }
             }
@@ -103,8 +102,7 @@ pub fn plan_disks(
                 .unwrap_or_else(|| default_overlay(&image, name));
             if !path.is_absolute() {
                 return Err(Error::invalid_arg(format!(
-                    "external snapshot file for disk {} must be an absolute path: {}",
-                    disk.target,
+                    "external snapshot file for disk {name_of} must be an absolute path: {}",
                     path.display()
                 )));
             }
@@ -114,15 +112,14 @@ pub fn plan_disks(
         };
         if mode == "internal" && format != "qcow2" {
             return Err(Error::config_unsupported(format!(
-                "internal snapshot for disk {} unsupported for storage type {format}; \
-                 use --diskspec {},snapshot=no or an external snapshot",
-                disk.target, disk.target
+                "internal snapshot for disk {name_of} unsupported for storage type {format}; \
+                 use --diskspec {name_of},snapshot=no or an external snapshot"
             )));
         }
         if mode == "manual" {
             mode = "no".into();
         }
-        plans.push(DiskPlan { target: disk.target.clone(), mode, image, format, overlay });
+        plans.push(DiskPlan { target: name_of.to_string(), mode, image, format, overlay });
     }
     if plans.iter().all(|p| p.mode == "no") {
         return Err(Error::config_unsupported("nothing selected for snapshot"));
@@ -250,6 +247,55 @@ mod tests {
         let asked = format!("<disk name='hdc' snapshot='external'/>{LEAVE_OUT}");
         let err = plan(&asked, SnapshotCreateFlags::default(), &[]).unwrap_err();
         assert_eq!(err.message(), "disk 'hdc' is read-only and cannot be snapshotted");
+    }
+
+    /// A container-like domain: its root `/` a qcow2 image filesystem, a
+    /// disk vda, and `/data` a directory mounted from the host.
+    fn with_filesystems() -> Domain {
+        Domain::parse(
+            "<domain type='kvm'><name>ct</name><devices>
+               <filesystem type='file' accessmode='passthrough'><driver type='loop' format='qcow2'/>
+                 <source file='/i/root.qcow2'/><target dir='/'/></filesystem>
+               <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+                 <source file='/i/a.qcow2'/><target dev='vda'/></disk>
+               <filesystem type='mount'><source dir='/srv/data'/><target dir='/data'/></filesystem>
+             </devices></domain>",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn an_image_filesystem_is_planned_like_a_disk_and_named_by_its_target_dir() {
+        let flags = SnapshotCreateFlags { disk_only: true, ..Default::default() };
+        let plans = plan_disks(&with_filesystems(), &snapshot(""), &flags, "s1", &HashSet::new()).unwrap();
+        // The mount filesystem holds no image: it is not planned at all.
+        assert_eq!(modes(&plans), [("/", "external"), ("vda", "external")]);
+        assert_eq!(plans[0].image, PathBuf::from("/i/root.qcow2"));
+        assert_eq!(plans[0].format, "qcow2");
+        assert_eq!(plans[0].overlay.as_deref(), Some(Path::new("/i/root.s1")));
+
+        // Named by its target dir or its image, it is the same device.
+        let asked = snapshot("<disk name='/' snapshot='no'/>");
+        let plans = plan_disks(&with_filesystems(), &asked, &flags, "s1", &HashSet::new()).unwrap();
+        assert_eq!(modes(&plans), [("/", "no"), ("vda", "external")]);
+        let twice = snapshot("<disk name='/' snapshot='no'/><disk name='/i/root.qcow2' snapshot='no'/>");
+        let err = plan_disks(&with_filesystems(), &twice, &flags, "s1", &HashSet::new()).unwrap_err();
+        assert_eq!(err.message(), "too many disk snapshot requests for domain");
+
+        // The disk set selects a filesystem by its target dir.
+        let flags = SnapshotCreateFlags { disk_only: true, disk_set: true, ..Default::default() };
+        let selected = HashSet::from(["/".to_string()]);
+        let plans = plan_disks(&with_filesystems(), &snapshot(""), &flags, "s1", &selected).unwrap();
+        assert_eq!(modes(&plans), [("/", "external"), ("vda", "no")]);
+    }
+
+    #[test]
+    fn a_filesystem_without_an_image_asked_for_is_refused() {
+        let flags = SnapshotCreateFlags { disk_only: true, ..Default::default() };
+        let asked = snapshot("<disk name='/data' snapshot='external'/>");
+        let err = plan_disks(&with_filesystems(), &asked, &flags, "s1", &HashSet::new()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ConfigUnsupported);
+        assert_eq!(err.message(), "filesystem '/data' is a 'mount' filesystem, which holds no image to snapshot");
     }
 
     #[test]

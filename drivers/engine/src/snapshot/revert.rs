@@ -55,8 +55,8 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         let same_images = if running {
             let live_now = self.current_definition(domain).await?;
             internal_disks.iter().all(|d| {
-                let now = live_now.find_disk(&d.name).ok().and_then(|x| x.source().cloned());
-                let then = target.find_disk(&d.name).ok().and_then(|x| x.source().cloned());
+                let now = live_now.find_storage_device(&d.name).ok().and_then(|x| x.source().cloned());
+                let then = target.find_storage_device(&d.name).ok().and_then(|x| x.source().cloned());
                 now.is_some() && now == then
             })
         } else {
@@ -95,13 +95,13 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         // (and recorded in the intent) before anything changes.
         let mut branches: Vec<(String, PathBuf, String, PathBuf)> = Vec::new();
         for d in &external_disks {
-            let disk = target.find_disk(&d.name)?;
+            let disk = target.find_storage_device(&d.name)?;
             let frozen = disk
                 .source()
                 .and_then(|s| s.local_path())
                 .map(Path::to_path_buf)
                 .ok_or_else(|| Error::internal(format!("disk '{}' of snapshot '{snap}' has no image", d.name)))?;
-            let fmt = disk.format.clone().unwrap_or_else(|| "raw".into());
+            let fmt = disk.format().unwrap_or("raw").to_string();
             let base_name = d
                 .source
                 .as_ref()
@@ -128,7 +128,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
             }
             // Internal disk snapshots: apply them to the images.
             for d in &internal_disks {
-                let disk = target.find_disk(&d.name)?;
+                let disk = target.find_storage_device(&d.name)?;
                 if let Some(p) = disk.source().and_then(|s| s.local_path()) {
                     run(operation, &["snapshot", "-a", snap, path_str(p)?]).await?;
                 }
@@ -140,7 +140,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
                 )
                 .await?;
                 let chain = probe_chain(&StorageSource::local(overlay.clone()), "qcow2")?;
-                target.set_disk_chain(name, &chain)?;
+                crate::storage::set_chain(&mut target, name, &chain)?;
             }
             strata_core::crash_point("snapshot-revert:overlays");
             self.adopt_definition(domain, &target)
@@ -168,9 +168,12 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
     async fn refuse_writing_read_images(&self, domain: &str, def: &SnapshotDef, target: &Domain) -> Result<()> {
         let snap = def.name.as_deref().unwrap_or_default();
         let mut written = Vec::new();
-        for disk in target.disks()? {
-            let external = def.disks.iter().any(|d| d.name == disk.target && d.snapshot.as_deref() == Some("external"));
-            if let Some(image) = disk.source().and_then(|s| s.local_path()).filter(|_| !external && !disk.readonly) {
+        for device in target.storage_devices()? {
+            let external =
+                def.disks.iter().any(|d| d.name == device.name() && d.snapshot.as_deref() == Some("external"));
+            if let Some(image) =
+                device.source().and_then(|s| s.local_path()).filter(|_| !external && !device.readonly())
+            {
                 written.push(image.to_path_buf());
             }
         }
@@ -186,8 +189,8 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         // The revert discards the current state, but an image it writes
         // must not change under that state's overlays while they exist.
         let now = self.current_definition(domain).await?;
-        for disk in now.disks()? {
-            let Some(chain) = &disk.chain else { continue };
+        for device in now.storage_devices()? {
+            let Some(chain) = device.chain() else { continue };
             let line = chain.main_line();
             let Some(top) = line.first().and_then(|l| l.source.local_path()) else { continue };
             if let Some(image) = written.iter().find(|w| line.iter().skip(1).any(|l| l.source.local_path() == Some(w)))
@@ -195,9 +198,9 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
                 return Err(Error::operation_invalid(format!(
                     "cannot revert to snapshot '{snap}': it would write into {}, which the current state of disk {} reads below {}; the revert discards that state, so commit it into that image first (blockcommit {domain} {} --active --pivot --base {})",
                     image.display(),
-                    disk.target,
+                    device.name(),
                     top.display(),
-                    disk.target,
+                    device.name(),
                     image.display()
                 )));
             }
@@ -260,10 +263,10 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         if self.running(domain)? {
             if let Some(live) = self.backend.recorded_live_definition(domain)? {
                 let mut chains = Vec::new();
-                for d in t.disks()? {
-                    if let Some(c) = &d.chain {
-                        if live.find_disk(&d.target).is_ok() {
-                            chains.push(RecordedChain { disk: d.target.clone(), chain: c.clone(), top: None });
+                for d in t.storage_devices()? {
+                    if let Some(c) = d.chain() {
+                        if live.find_storage_device(d.name()).is_ok() {
+                            chains.push(RecordedChain { disk: d.name().to_string(), chain: c.clone(), top: None });
                         }
                     }
                 }
