@@ -203,3 +203,27 @@ fn offline_jobs_killed_at_random_moments_leave_no_helper() {
         }
     }
 }
+
+/// A block job's disk may be a filesystem, named by its target dir or its
+/// image, as every command names it: `blockjob vm / --info` finds the
+/// root filesystem of a shut-off domain.
+#[test]
+fn a_filesystem_is_named_by_its_target_dir_or_its_image() {
+    let env = TestEnv::new();
+    let chain = make_chain(env.dir.path(), &NAMES);
+    let root = env.path("root.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&root), "1M"]);
+    let root_fs = format!(
+        "<filesystem type='file' accessmode='passthrough'><driver type='loop' format='qcow2'/>\
+         <source file='{}'/><target dir='/'/></filesystem>\n</devices>",
+        s(&root)
+    );
+    let xml = domain_xml("vm", &[DiskSpec { target: "vda", format: "qcow2", path: &chain[2], extra: "" }]);
+    env.define("vm", &xml.replace("</devices>", &root_fs));
+    assert_eq!(env.ok(&["blockjob", "vm", "/", "--info"]).trim(), "No current block job for /");
+    assert_eq!(env.ok(&["blockjob", "vm", s(&root), "--info"]).trim(), "No current block job for /");
+    assert_eq!(env.ok(&["blockjob", "vm", s(&chain[2]), "--info"]).trim(), "No current block job for vda");
+    let err = env.fails(&["blockjob", "vm", "/srv", "--info"]);
+    assert!(err.contains("no disk or filesystem '/srv' in domain 'vm' (its disks: vda; its filesystems: /)"), "{err}");
+    nothing_left(&env);
+}

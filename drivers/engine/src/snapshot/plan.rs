@@ -48,17 +48,17 @@ pub fn plan_disks(
     let default_mode = if flags.disk_only { "external" } else { "internal" };
     let mut plans = Vec::new();
     for device in &devices {
-        let name_of = device.name();
-        let spec = asked.get(name_of);
+        let device_name = device.name();
+        let spec = asked.get(device_name);
         let mut mode = spec.and_then(|s| s.snapshot.clone()).unwrap_or_else(|| default_mode.to_string());
-        if flags.disk_set && !selected.contains(name_of) && spec.is_none() {
+        if flags.disk_set && !selected.contains(device_name) && spec.is_none() {
             mode = "no".into();
         }
         let Some(image) = device.source().and_then(|s| s.local_path()).map(Path::to_path_buf) else {
             if let Some(StorageSource::Volume { pool, volume }) = device.source().filter(|_| mode != "no") {
                 return Err(Error::config_unsupported(format!(
                     "{device} is volume '{volume}' of storage pool '{pool}', which snapshots do not support yet; \
-                     leave it out with --diskspec {name_of},snapshot=no"
+                     leave it out with --diskspec {device_name},snapshot=no"
                 )));
             }
             if mode != "no" && spec.is_some() {
@@ -81,7 +81,7 @@ pub fn plan_disks(
         if mode != "no" && mode != "manual" {
             device.refuse_if_transient("snapshots").map_err(|e| {
                 Error::config_unsupported(format!(
-                    "{}; leave it out with --diskspec {name_of},snapshot=no",
+                    "{}; leave it out with --diskspec {device_name},snapshot=no",
                     e.message()
                 ))
             })?;
@@ -91,7 +91,7 @@ pub fn plan_disks(
             if let Some(t) = spec.and_then(|s| s.driver_type.as_deref()) {
                 if t != "qcow2" {
                     return Err(Error::config_unsupported(format!(
-                        "external snapshot format for disk {name_of} is unsupported: {t}"
+                        "external snapshot format for disk {device_name} is unsupported: {t}"
                     )));
                 }
             }
@@ -102,7 +102,7 @@ pub fn plan_disks(
                 .unwrap_or_else(|| default_overlay(&image, name));
             if !path.is_absolute() {
                 return Err(Error::invalid_arg(format!(
-                    "external snapshot file for disk {name_of} must be an absolute path: {}",
+                    "external snapshot file for disk {device_name} must be an absolute path: {}",
                     path.display()
                 )));
             }
@@ -112,14 +112,14 @@ pub fn plan_disks(
         };
         if mode == "internal" && format != "qcow2" {
             return Err(Error::config_unsupported(format!(
-                "internal snapshot for disk {name_of} unsupported for storage type {format}; \
-                 use --diskspec {name_of},snapshot=no or an external snapshot"
+                "internal snapshot for disk {device_name} unsupported for storage type {format}; \
+                 use --diskspec {device_name},snapshot=no or an external snapshot"
             )));
         }
         if mode == "manual" {
             mode = "no".into();
         }
-        plans.push(DiskPlan { target: name_of.to_string(), mode, image, format, overlay });
+        plans.push(DiskPlan { target: device_name.to_string(), mode, image, format, overlay });
     }
     if plans.iter().all(|p| p.mode == "no") {
         return Err(Error::config_unsupported("nothing selected for snapshot"));
