@@ -127,6 +127,31 @@ pub fn prepare_disks(dom: &mut Domain, validate: bool) -> Result<Vec<String>> {
     Ok(warnings)
 }
 
+/// Gives each interface without a `<mac>` one in libvirt's range for
+/// QEMU guests (`52:54:00:xx:xx:xx`), recorded in the definition so the
+/// guest sees the same NIC at every start; a MAC another interface of the
+/// domain has is not given twice.
+pub fn assign_macs(dom: &mut Domain) -> Result<()> {
+    let interfaces = dom.interfaces()?;
+    let mut taken: Vec<String> = interfaces.iter().filter_map(|i| i.mac.as_ref().map(|m| m.to_lowercase())).collect();
+    for (index, iface) in interfaces.iter().enumerate() {
+        if iface.mac.is_some() {
+            continue;
+        }
+        let mac = loop {
+            let random = uuid::Uuid::new_v4();
+            let bytes = random.as_bytes();
+            let mac = crate::xml::generated_mac([bytes[0], bytes[1], bytes[2]]);
+            if !taken.contains(&mac) {
+                break mac;
+            }
+        };
+        dom.set_interface_mac(index, &mac)?;
+        taken.push(mac);
+    }
+    Ok(())
+}
+
 /// Refuses a chain given in the XML that differs from what the images say.
 fn refuse_mismatch(device: &StorageAddress, recorded: &Chain, found: &Chain) -> Result<()> {
     let diffs = recorded.differences(found);
@@ -324,7 +349,7 @@ pub fn check_chains_in_pools(
 mod tests {
     use std::path::{Path, PathBuf};
 
-    use super::{prepare_disks, refresh_chains};
+    use super::{assign_macs, prepare_disks, refresh_chains};
     use crate::error::ErrorKind;
     use crate::tool::run_tool;
     use crate::xml::{Domain, Filesystem};
@@ -461,5 +486,24 @@ mod tests {
         assert_eq!(recorded_paths(&filesystem(&dom, "/")), [root.clone(), base]);
         refresh_chains(&mut dom).expect("refreshed");
         assert_eq!(recorded_paths(&filesystem(&dom, "/")), chain_on_disk(&root));
+    }
+
+    #[test]
+    fn interfaces_without_a_mac_get_distinct_ones_in_libvirts_range() {
+        let xml = "<domain type='qemu'><name>vm</name><devices>\
+                   <interface type='user'/><interface type='user'><mac address='52:54:00:00:00:01'/></interface>\
+                   <interface type='network'><source network='default'/></interface></devices></domain>";
+        let mut dom = Domain::parse(xml).expect("parses");
+        assign_macs(&mut dom).expect("assigned");
+        let macs: Vec<String> = dom.interfaces().expect("read").into_iter().filter_map(|i| i.mac).collect();
+        assert_eq!(macs.len(), 3, "{macs:?}");
+        assert_eq!(macs[1], "52:54:00:00:00:01", "a given MAC stays");
+        for mac in [&macs[0], &macs[2]] {
+            assert!(mac.starts_with("52:54:00:") && crate::xml::check_mac(mac).is_ok(), "{mac}");
+        }
+        assert!(macs[0] != macs[2] && macs[0] != macs[1] && macs[2] != macs[1], "{macs:?}");
+        let again = dom.to_xml();
+        assign_macs(&mut dom).expect("assigned");
+        assert_eq!(dom.to_xml(), again, "a MAC once given is kept");
     }
 }

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use super::disk::{self, Disk, DISK_CHILD_ORDER};
 use super::filesystem::{self, Filesystem};
+use super::interface::{self, Interface};
 use super::storage::{StorageAddress, StorageDevice};
 use super::tree::Element;
 use crate::chain::Chain;
@@ -96,6 +97,7 @@ impl Domain {
                 return Err(Error::xml(format!("domain '{name}' has two filesystems with target dir '{}'", f.target)));
             }
         }
+        dom.interfaces()?;
         Ok(dom)
     }
 
@@ -260,6 +262,23 @@ impl Domain {
 
     pub fn filesystems(&self) -> Result<Vec<Filesystem>> {
         self.device_elements("filesystem").map(Filesystem::from_element).collect()
+    }
+
+    /// The network interfaces, in the order `<devices>` lists them.
+    pub fn interfaces(&self) -> Result<Vec<Interface>> {
+        self.device_elements("interface").enumerate().map(|(i, el)| Interface::from_element(el, i)).collect()
+    }
+
+    /// Records `mac` as the `<mac address>` of the `index`th interface.
+    pub fn set_interface_mac(&mut self, index: usize, mac: &str) -> Result<()> {
+        let domain = self.name();
+        let el = self
+            .root
+            .child_mut("devices")
+            .and_then(|devs| devs.elements_mut().filter(|e| e.name == "interface").nth(index))
+            .ok_or_else(|| Error::invalid_arg(format!("domain '{domain}' has no interface {}", index + 1)))?;
+        interface::write_mac(el, mac);
+        Ok(())
     }
 
     fn device_elements<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Element> + 'a {

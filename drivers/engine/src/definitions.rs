@@ -85,6 +85,7 @@ pub fn define(store: &Store, xml: &str, flags: DefineFlags) -> Result<DefineOutc
     for disk in dom.disks()? {
         check_transient_disk(&disk)?;
     }
+    define::assign_macs(&mut dom)?;
     let name = dom.name();
     // Probing reads every image of every chain: done before any lock.
     let mut warnings = define::prepare_volume_disks(&mut dom, &PoolManager::new(store.clone()), flags.validate)?;
