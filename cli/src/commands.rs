@@ -323,6 +323,17 @@ pub enum Command {
         #[command(flatten)]
         json: JsonFlag,
     },
+    /// List a domain's network interfaces; a running domain's MACs are the
+    /// ones its hypervisor reports.
+    Domiflist {
+        #[command(flatten)]
+        domain: DomainArg,
+        /// The persistent definition's interfaces, even while the domain runs.
+        #[arg(long)]
+        inactive: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
     /// Compare recorded backing chains with the image files.
     Domblkcheck {
         #[command(flatten)]
@@ -972,6 +983,28 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                     }
                 }
                 out.push_str(&format_table(header, &rows, quiet));
+                out.push('\n');
+            }
+        }
+        Command::Domiflist { domain, inactive, json } => {
+            let name = domain.name();
+            let xml = session
+                .conn()?
+                .dump_xml(name, DumpXmlFlags { inactive, refresh_chain: false })
+                .await
+                .map_err(|e| lookup_error(e, name))?;
+            let interfaces = Domain::parse(&xml)?.interfaces()?;
+            if wants_json(json) {
+                writeln!(out, "{}", serde_json::to_string_pretty(&interfaces)?)?;
+            } else {
+                let cell = |value: &Option<String>| value.clone().unwrap_or_else(|| "-".into());
+                let rows: Vec<Vec<String>> = interfaces
+                    .iter()
+                    .map(|i| {
+                        vec![cell(&i.target_dev), i.iface_type.clone(), cell(&i.source), cell(&i.model), cell(&i.mac)]
+                    })
+                    .collect();
+                out.push_str(&format_table(&["Interface", "Type", "Source", "Model", "MAC"], &rows, quiet));
                 out.push('\n');
             }
         }

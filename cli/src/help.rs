@@ -39,7 +39,7 @@ const GROUPS: &[(&str, &str, &[&str])] = &[
     (
         "Domain Monitoring",
         "monitor",
-        &["domblkcheck", "domblklist", "dominfo", "domstate", "list", "vcpucount", "vcpuinfo"],
+        &["domblkcheck", "domblklist", "domiflist", "dominfo", "domstate", "list", "vcpucount", "vcpuinfo"],
     ),
     ("Disk Sets", "diskset", &["diskset-add", "diskset-list", "diskset-remove", "diskset-size"]),
     ("Host and Hypervisor", "host", &["capabilities", "nodecpumap", "nodeinfo", "uri", "version"]),

@@ -45,6 +45,7 @@ const ELEMENTS: &[(&str, Treatment)] = &[
     ("devices/disk", Honoured { when: always, form: "" }),
     ("devices/controller", Honoured { when: controller_is_built_in, form: "pci root, sata, ide, virtio-scsi" }),
     ("devices/input", Honoured { when: input_is_ps2, form: "ps2 mouse or keyboard, built into the machine" }),
+    ("devices/interface", Honoured { when: user_interface, form: "type='user': mac, model, portForward" }),
     ("devices/memballoon", Honoured { when: |e, _| e.attr("model") == Some("none"), form: "model='none'" }),
     ("title", NoGuestEffect),
     ("description", NoGuestEffect),
@@ -62,7 +63,6 @@ const ELEMENTS: &[(&str, Treatment)] = &[
     ("iothreads", NotYet),
     ("sysinfo", NotYet),
     ("pm", NotYet),
-    ("devices/interface", NotYet),
     ("devices/graphics", NotYet),
     ("devices/video", NotYet),
     ("devices/sound", NotYet),
@@ -115,6 +115,14 @@ fn controller_is_built_in(el: &Element, _: &Domain) -> bool {
         (Some("usb"), Some("none")) => true,
         _ => false,
     }
+}
+
+/// `launch` starts a `type='user'` interface with its MAC, model and port
+/// forwards (QEMU's user-mode stack); its other settings, and the other
+/// types, are not acted on.
+fn user_interface(el: &Element, _: &Domain) -> bool {
+    el.attr("type") == Some("user")
+        && el.elements().all(|c| matches!(c.name.as_str(), "mac" | "model" | "portForward" | "alias" | "address"))
 }
 
 fn input_is_ps2(el: &Element, _: &Domain) -> bool {
@@ -224,6 +232,22 @@ mod tests {
                 "video",
             ]
         );
+    }
+
+    #[test]
+    fn a_user_interface_is_honoured_and_other_types_or_settings_are_not() {
+        let user = domain(
+            "",
+            "<interface type='user'><mac address='52:54:00:00:00:01'/><model type='virtio'/>\
+             <portForward proto='tcp'><range start='2022' to='22'/></portForward></interface>",
+        );
+        assert_eq!(unhonoured(&user), Vec::<String>::new());
+        let others = domain(
+            "",
+            "<interface type='user'><driver name='vhost' queues='2'/></interface>\
+             <interface type='bridge'><source bridge='br0'/></interface>",
+        );
+        assert_eq!(unhonoured(&others), ["interface type='user'", "interface type='bridge'"]);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 use strata_core::chain::{Backing, StorageSource};
-use strata_core::xml::{Disk, Domain};
+use strata_core::xml::{Disk, Domain, Interface};
 use strata_core::{Error, Result};
 
 /// How many QMP monitors each QEMU gets: one `strata` process can hold one
@@ -122,7 +122,71 @@ pub fn command_line(dom: &Domain, accel: Accel, paths: &RuntimePaths) -> Result<
         args.push("-device".into());
         args.push(device);
     }
+    for (index, iface) in dom.interfaces()?.iter().enumerate() {
+        if let Some((netdev, device)) = user_interface(iface, index)? {
+            push(&mut args, "-netdev", netdev);
+            push(&mut args, "-device", device);
+        }
+    }
     Ok(args)
+}
+
+/// The QEMU id of the NIC of the domain's `index`th interface (libvirt's
+/// alias for it); its netdev is `host` followed by it.
+pub fn nic_id(index: usize) -> String {
+    format!("net{index}")
+}
+
+/// The model libvirt's QEMU driver gives an x86 guest's NIC when the XML
+/// names none.
+pub const DEFAULT_NIC_MODEL: &str = "rtl8139";
+
+/// `-netdev` and `-device` for a `type='user'` interface (QEMU's user-mode
+/// stack, each port forward a `hostfwd`); `None` for the other types,
+/// which are not started (`start` warns about them).
+fn user_interface(iface: &Interface, index: usize) -> Result<Option<(String, String)>> {
+    if iface.iface_type != "user" {
+        return Ok(None);
+    }
+    let id = nic_id(index);
+    let what = format!("interface '{}'", iface.mac.as_deref().unwrap_or(&id));
+    let mut netdev = format!("user,id=host{id}");
+    for forward in &iface.port_forwards {
+        if let Some(dev) = &forward.dev {
+            return Err(Error::config_unsupported(format!(
+                "{what}: <portForward dev='{dev}'> cannot be honoured by QEMU's user-mode stack, which listens on \
+                 an address, not on a device; give address= instead"
+            )));
+        }
+        let address = match &forward.address {
+            None => String::new(),
+            Some(a) => {
+                a.parse::<std::net::Ipv4Addr>().map_err(|_| {
+                    Error::config_unsupported(format!(
+                        "{what}: <portForward address='{a}'> is not an IPv4 address, the only kind QEMU's \
+                         user-mode stack listens on"
+                    ))
+                })?;
+                a.clone()
+            }
+        };
+        for (host, guest) in forward.port_pairs() {
+            netdev.push_str(&format!(",hostfwd={}:{address}:{host}-:{guest}", forward.proto));
+        }
+    }
+    let model = iface.model.as_deref().unwrap_or(DEFAULT_NIC_MODEL);
+    let device = match model {
+        "virtio" => "virtio-net-pci",
+        "e1000" | "e1000e" | "rtl8139" | "ne2k_pci" | "pcnet" | "vmxnet3" | "i82551" | "i82557b" | "i82559er" => model,
+        other => {
+            return Err(Error::config_unsupported(format!(
+                "{what}: <model type='{other}'> is not a NIC this driver starts (virtio, e1000, e1000e, rtl8139, \
+                 ne2k_pci, pcnet, vmxnet3, i82551, i82557b, i82559er)"
+            )))
+        }
+    };
+    let mac = iface.mac.as_ref().map(|m| format!(",mac={m}")).unwrap_or_default();
+    Ok(Some((netdev, format!("{device},id={id},netdev=host{id}{mac}"))))
 }
 
 /// `qemu-storage-daemon`'s arguments for a shut-off domain's disks: the
@@ -419,6 +483,49 @@ mod tests {
             .filter(|d| d["node-name"].as_str().is_some_and(|n| n.starts_with("vda")))
             .all(|d| d["read-only"] == true));
         assert!(args.contains(&"type=nbd,id=vda,node-name=vda-0-fmt,writable=off".to_string()), "{args:?}");
+    }
+
+    /// `CHAIN_XML` with `interfaces` added to its devices.
+    fn with_interfaces(interfaces: &str) -> Domain {
+        Domain::parse(&CHAIN_XML.replace("</devices>", &format!("{interfaces}</devices>"))).expect("xml")
+    }
+
+    #[test]
+    fn a_user_interface_gets_a_netdev_with_its_forwards_and_a_nic() {
+        let dom = with_interfaces(
+            "<interface type='network'><source network='default'/></interface>\
+             <interface type='user'><mac address='52:54:00:00:00:02'/><model type='virtio'/>\
+             <portForward proto='tcp' address='127.0.0.1'><range start='2022' to='22'/></portForward>\
+             <portForward proto='udp'><range start='5000' end='5001'/></portForward></interface>\
+             <interface type='user'/>",
+        );
+        let args = command_line(&dom, Accel::Tcg, &paths()).expect("command line");
+        let values =
+            |flag: &str| -> Vec<String> { args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].clone()).collect() };
+        assert_eq!(
+            values("-netdev"),
+            [
+                "user,id=hostnet1,hostfwd=tcp:127.0.0.1:2022-:22,hostfwd=udp::5000-:5000,hostfwd=udp::5001-:5001",
+                "user,id=hostnet2",
+            ]
+        );
+        let devices = values("-device");
+        assert!(devices.contains(&"virtio-net-pci,id=net1,netdev=hostnet1,mac=52:54:00:00:00:02".to_string()));
+        assert!(devices.contains(&"rtl8139,id=net2,netdev=hostnet2".to_string()), "{devices:?}");
+    }
+
+    #[test]
+    fn a_forward_or_model_user_mode_cannot_give_is_refused() {
+        let refused =
+            |iface: &str| command_line(&with_interfaces(iface), Accel::Tcg, &paths()).expect_err("refused").to_string();
+        let err = refused(
+            "<interface type='user'><portForward proto='tcp' dev='eth0'><range start='80'/></portForward></interface>",
+        );
+        assert!(err.contains("interface 'net0': <portForward dev='eth0'> cannot be honoured"), "{err}");
+        let err = refused("<interface type='user'><portForward proto='tcp' address='::1'><range start='80'/></portForward></interface>");
+        assert!(err.contains("address='::1'> is not an IPv4 address"), "{err}");
+        let err = refused("<interface type='user'><mac address='52:54:00:00:00:09'/><model type='tulip'/></interface>");
+        assert!(err.contains("interface '52:54:00:00:00:09': <model type='tulip'> is not a NIC"), "{err}");
     }
 
     #[test]

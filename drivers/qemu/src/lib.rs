@@ -301,7 +301,7 @@ impl QemuConnection {
     }
 
     /// The live definition: the one QEMU runs with, each disk's chain read
-    /// from QEMU's block graph.
+    /// from QEMU's block graph and each NIC's MAC as QEMU reports it.
     pub(crate) async fn live_domain(&self, name: &str) -> Result<Domain> {
         let (status, monitor) = self.running(name).await?;
         let mut dom = status.domain.clone();
@@ -312,6 +312,9 @@ impl QemuConnection {
             if let Some(live) = chains.get(&disk.target) {
                 dom.set_disk_chain(&disk.target, &define::live_chain_as_recorded(&disk, &live.chain, &pools))?;
             }
+        }
+        for (index, mac) in live::nic_macs(&monitor.client, name, &dom).await? {
+            dom.set_interface_mac(index, &mac)?;
         }
         Ok(dom)
     }

@@ -433,6 +433,27 @@ pub async fn live_chains(client: &QmpClient, domain: &str) -> Result<HashMap<Str
     Ok(out)
 }
 
+/// The MAC QEMU reports for the NIC of each of the domain's interfaces
+/// (the NIC's `mac` property, which every model has), as
+/// `(interface index, MAC)`; an interface QEMU runs no NIC for (a type the
+/// driver does not start) has none.
+pub async fn nic_macs(client: &QmpClient, domain: &str, dom: &Domain) -> Result<Vec<(usize, String)>> {
+    let mut out = Vec::new();
+    for (index, _) in dom.interfaces()?.iter().enumerate().filter(|(_, i)| i.iface_type == "user") {
+        let path = format!("/machine/peripheral/{}", crate::launch::nic_id(index));
+        let args = serde_json::json!({ "path": path, "property": "mac" });
+        match client.execute("qom-get", Some(args)).await {
+            Ok(mac) => {
+                let mac = mac.as_str().ok_or_else(|| Error::internal(format!("qom-get {path} mac gave {mac}")))?;
+                out.push((index, mac.to_string()));
+            }
+            Err(QmpError::Command { class, .. }) if class == "DeviceNotFound" => {}
+            Err(e) => return Err(qmp_error(domain, e)),
+        }
+    }
+    Ok(out)
+}
+
 /// QEMU's block graph: nodes by name, and named edges between them.
 pub struct BlockGraph {
     nodes: HashMap<String, strata_qmp::types::NamedBlockNode>,
