@@ -932,14 +932,7 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
             writeln!(out, "{xml}")?;
         }
         Command::Domblklist { domain, details, inactive, chain, json } => {
-            let name = domain.name();
-            let xml = session
-                .conn()?
-                .dump_xml(name, DumpXmlFlags { inactive, refresh_chain: false })
-                .await
-                .map_err(|e| lookup_error(e, name))?;
-            let dom = Domain::parse(&xml)?;
-            let disks = dom.disks()?;
+            let disks = listed_domain(session, domain.name(), inactive).await?.disks()?;
             if wants_json(json) {
                 let list: Vec<_> = disks
                     .iter()
@@ -987,13 +980,7 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
             }
         }
         Command::Domiflist { domain, inactive, json } => {
-            let name = domain.name();
-            let xml = session
-                .conn()?
-                .dump_xml(name, DumpXmlFlags { inactive, refresh_chain: false })
-                .await
-                .map_err(|e| lookup_error(e, name))?;
-            let interfaces = Domain::parse(&xml)?.interfaces()?;
+            let interfaces = listed_domain(session, domain.name(), inactive).await?.interfaces()?;
             if wants_json(json) {
                 writeln!(out, "{}", serde_json::to_string_pretty(&interfaces)?)?;
             } else {
@@ -1203,6 +1190,15 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
         }
     }
     Ok(out)
+}
+
+/// The domain whose devices a listing (`domblklist`, `domiflist`) shows:
+/// the live definition while it runs, else (or with `inactive`) the
+/// persistent one.
+async fn listed_domain(session: &mut Session, name: &str, inactive: bool) -> Result<Domain> {
+    let flags = DumpXmlFlags { inactive, refresh_chain: false };
+    let xml = session.conn()?.dump_xml(name, flags).await.map_err(|e| lookup_error(e, name))?;
+    Ok(Domain::parse(&xml)?)
 }
 
 /// The target of the domain's disk that a command line names, as a target

@@ -78,10 +78,10 @@ fn capabilities_list_what_is_and_is_not_honoured() {
     };
     let honoured = names(line("Honoured:"));
     let unhonoured = names(line("Unhonoured:"));
-    for element in ["disk", "memory", "vcpu"] {
+    for element in ["disk", "memory", "vcpu", "interface"] {
         assert!(honoured.iter().any(|e| e == element), "{element} not listed as honoured:\n{text}");
     }
-    for element in ["interface", "numatune", "graphics"] {
+    for element in ["numatune", "graphics"] {
         assert!(unhonoured.iter().any(|e| e == element), "{element} not listed as unhonoured:\n{text}");
         assert!(!honoured.iter().any(|e| e == element), "{element} listed as honoured:\n{text}");
     }
@@ -95,7 +95,11 @@ fn capabilities_list_what_is_and_is_not_honoured() {
             .map(|v| v.as_str().expect("string").to_string())
             .collect()
     };
-    assert!(list("unhonoured_elements").iter().any(|e| e == "interface"), "{json}");
+    assert!(list("unhonoured_elements").iter().any(|e| e == "numatune"), "{json}");
+    assert!(
+        list("honoured_elements").iter().any(|e| e == "interface (type='user' with mac/model/portForward)"),
+        "{json}"
+    );
     assert!(list("honoured_elements").iter().any(|e| e == "disk"), "{json}");
 }
 

@@ -45,7 +45,7 @@ const ELEMENTS: &[(&str, Treatment)] = &[
     ("devices/disk", Honoured { when: always, form: "" }),
     ("devices/controller", Honoured { when: controller_is_built_in, form: "pci root, sata, ide, virtio-scsi" }),
     ("devices/input", Honoured { when: input_is_ps2, form: "ps2 mouse or keyboard, built into the machine" }),
-    ("devices/interface", Honoured { when: user_interface, form: "type='user': mac, model, portForward" }),
+    ("devices/interface", Honoured { when: user_interface, form: "type='user' with mac/model/portForward" }),
     ("devices/memballoon", Honoured { when: |e, _| e.attr("model") == Some("none"), form: "model='none'" }),
     ("title", NoGuestEffect),
     ("description", NoGuestEffect),
