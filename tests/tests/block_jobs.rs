@@ -8,13 +8,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
     assert_images_writable, assert_no_stray_processes, assert_recovered, domain_xml, end_block_job, guest, make_chain,
-    qemu_chain, qemu_img, qemu_io, qemu_pid, test_processes, validate_xml, DiskSpec, DomainGuard, JobCommand, Kill,
-    TestEnv, JOB_STEPS,
+    qemu_chain, qemu_img, qemu_io, qemu_pid, test_processes, validate_xml, Background, DiskSpec, DomainGuard,
+    JobCommand, Kill, TestEnv, JOB_STEPS,
 };
 use strata_core::chain::Backing;
 use strata_core::xml::Domain;
@@ -203,75 +203,6 @@ fn wait_job_visible(env: &TestEnv, label: &str) -> String {
         }
         assert!(Instant::now() < deadline, "no '{label}' job appeared on vda: {info}");
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A `strata` running in the background (started half a second before
-/// `spawn` returns); killed if the test ends first.
-struct Background {
-    child: Option<Child>,
-}
-
-impl Background {
-    fn spawn(env: &TestEnv, args: &[&str]) -> Background {
-        let child = env.spawn(args);
-        // Give it time to start its job, so the test looks at a running one.
-        std::thread::sleep(Duration::from_millis(500));
-        Background { child: Some(child) }
-    }
-
-    /// Starts `strata` with `STRATA_PAUSE_AT=step` and returns once it has
-    /// stopped itself there; its output when it ended without reaching
-    /// `step`.
-    fn spawn_paused_at(env: &TestEnv, args: &[&str], step: &str) -> Result<Background, Output> {
-        let child = env.command(args).env("STRATA_PAUSE_AT", step).spawn().expect("spawn strata");
-        let mut bg = Background { child: Some(child) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if !bg.running() {
-                return Err(bg.child.take().expect("child").wait_with_output().expect("collect output"));
-            }
-            let stat = std::fs::read_to_string(format!("/proc/{}/stat", bg.pid())).unwrap_or_default();
-            // The state follows the command name's closing parenthesis.
-            if stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T')) {
-                return Ok(bg);
-            }
-            assert!(Instant::now() < deadline, "strata {args:?} neither stopped at {step} nor ended");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn resume(&self) {
-        // SAFETY: kill(2) on the pid of our own child, which is not yet reaped.
-        let rc = unsafe { libc::kill(self.pid(), libc::SIGCONT) };
-        assert_eq!(rc, 0, "SIGCONT to strata failed");
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.as_mut().expect("child").try_wait().expect("try_wait").is_none()
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().expect("child").id() as i32
-    }
-
-    /// Waits for the child to exit, at most `limit`.
-    fn finish(mut self, limit: Duration) -> Output {
-        let deadline = Instant::now() + limit;
-        while self.running() {
-            assert!(Instant::now() < deadline, "background strata still running after {limit:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.child.take().expect("child").wait_with_output().expect("collect output")
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 

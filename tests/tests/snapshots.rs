@@ -14,8 +14,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{
-    assert_recovered, domain_xml, hold_domain_lock, internal_snapshots, killed_at, make_chain, qemu_chain, qemu_img,
-    qemu_io, validate_xml, DiskSpec, DomainGuard, Kill, TestEnv, JOB_STEPS, SERVER_STEPS,
+    assert_recovered, domain_xml, hold_domain_lock, internal_snapshots, kill_qemu, killed_at, make_chain, qemu_chain,
+    qemu_img, qemu_io, validate_xml, Background, DiskSpec, DomainGuard, Kill, TestEnv, JOB_STEPS, SERVER_STEPS,
 };
 use strata_core::xml::{Domain, Element, SnapshotDef};
 use strata_qemu::QemuConnection;
@@ -1799,9 +1799,10 @@ fn snapshot_commands_killed_at_random_moments(live: bool) {
             let _guard = vm.guard();
             let (at_s1, _, now) = two_snapshots(&mut vm);
             kill.run(&env, args);
-            env.ok(&["snapshot-list", "vm"]);
+            let listed = env.strata(&["snapshot-list", "vm"]);
+            assert!(listed.status.success(), "{when}: {listed:?}");
             assert_recovered(&env, &when);
-            assert_eq!(Intent::pending(&env), None, "{when}");
+            assert_eq!(Intent::pending(&env), None, "{when}: {}", String::from_utf8_lossy(&listed.stderr));
             if live && domstate(&env) == "shut off" {
                 vm.start(); // a revert killed while it started QEMU again
             }
@@ -1818,6 +1819,37 @@ fn snapshot_commands_killed_at_random_moments_live() {
 #[test]
 fn snapshot_commands_killed_at_random_moments_offline() {
     snapshot_commands_killed_at_random_moments(false);
+}
+
+/// A `snapshot-revert --running` killed once its intent is written, whose
+/// QEMU exits (as when the killed revert had told it to stop) after the
+/// next reader found it running and before that reader cleared its
+/// snapshot jobs: the reader finishes the revert anyway, with QEMU started
+/// again on s1's branch, instead of only warning that the domain is not
+/// running and leaving the intent.
+#[test]
+fn a_reader_finishes_a_revert_whose_qemu_exits_under_it() {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::None, true);
+    let _guard = vm.guard();
+    let (at_s1, _, _) = two_snapshots(&mut vm);
+    killed_at(&env, &["snapshot-revert", "vm", "s1", "--running"], "snapshot-revert:intent");
+    assert!(Intent::pending(&env).is_some(), "the killed revert left no intent");
+    let reader = Background::spawn_paused_at(&env, &["snapshot-list", "vm"], "snapshot-recover:settle-jobs")
+        .unwrap_or_else(|out| panic!("snapshot-list did not find the domain running: {out:?}"));
+    kill_qemu(&env, "vm");
+    reader.resume();
+    let out = reader.finish(std::time::Duration::from_secs(120));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(Intent::pending(&env), None, "{stderr}");
+    assert_recovered(&env, "after the reader");
+    let o1 = overlay(&env, "s1", "vda");
+    let branch = PathBuf::from(format!("{}.branch1", o1.display()));
+    assert_eq!(current_name(&env), "s1");
+    assert_eq!(active(&env, "vda"), branch);
+    assert_eq!(domstate(&env), "running");
+    assert!(vm.reads(&at_s1), "vda does not read what s1 froze");
 }
 
 /// `snapshot-revert` to an external snapshot with a child, killed at each

@@ -6,7 +6,7 @@
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// One test's world: a temporary directory holding images and the state
@@ -122,6 +122,75 @@ impl TestEnv {
         let file = self.path(&format!("{name}.xml"));
         std::fs::write(&file, xml).expect("write xml");
         self.ok(&["define", file.to_str().expect("utf8")])
+    }
+}
+
+/// A `strata` running in the background (started half a second before
+/// `spawn` returns); killed if the test ends first.
+pub struct Background {
+    child: Option<Child>,
+}
+
+impl Background {
+    pub fn spawn(env: &TestEnv, args: &[&str]) -> Background {
+        let child = env.spawn(args);
+        // Give it time to start its job, so the test looks at a running one.
+        std::thread::sleep(Duration::from_millis(500));
+        Background { child: Some(child) }
+    }
+
+    /// Starts `strata` with `STRATA_PAUSE_AT=step` and returns once it has
+    /// stopped itself there; its output when it ended without reaching
+    /// `step`.
+    pub fn spawn_paused_at(env: &TestEnv, args: &[&str], step: &str) -> Result<Background, Output> {
+        let child = env.command(args).env("STRATA_PAUSE_AT", step).spawn().expect("spawn strata");
+        let mut bg = Background { child: Some(child) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if !bg.running() {
+                return Err(bg.child.take().expect("child").wait_with_output().expect("collect output"));
+            }
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", bg.pid())).unwrap_or_default();
+            // The state follows the command name's closing parenthesis.
+            if stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T')) {
+                return Ok(bg);
+            }
+            assert!(Instant::now() < deadline, "strata {args:?} neither stopped at {step} nor ended");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn resume(&self) {
+        // SAFETY: kill(2) on the pid of our own child, which is not yet reaped.
+        let rc = unsafe { libc::kill(self.pid(), libc::SIGCONT) };
+        assert_eq!(rc, 0, "SIGCONT to strata failed");
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().expect("child").try_wait().expect("try_wait").is_none()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("child").id() as i32
+    }
+
+    /// Waits for the child to exit, at most `limit`.
+    pub fn finish(mut self, limit: Duration) -> Output {
+        let deadline = Instant::now() + limit;
+        while self.running() {
+            assert!(Instant::now() < deadline, "background strata still running after {limit:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.child.take().expect("child").wait_with_output().expect("collect output")
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

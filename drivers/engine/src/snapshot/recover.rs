@@ -59,9 +59,16 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         let store = self.store();
         let Some(pending) = Intent::read(store, domain)? else { return Ok(Vec::new()) };
         if self.running(domain)? {
+            strata_core::pause_point("snapshot-recover:settle-jobs");
             // A snapshot job the dead process started has ended (or ends
-            // now) in the hypervisor; it is cleared so its id can be used again.
-            self.backend.settle_snapshot_jobs(domain).await?;
+            // now) in the hypervisor; it is cleared so its id can be used
+            // again. A hypervisor gone since (the dead process was stopping
+            // it) has no job left, and the operation is recovered offline.
+            if let Err(e) = self.backend.settle_snapshot_jobs(domain).await {
+                if self.running(domain)? {
+                    return Err(e);
+                }
+            }
         }
         match pending {
             Intent::Create { files, record, no_metadata } => {
