@@ -1852,6 +1852,32 @@ fn a_reader_finishes_a_revert_whose_qemu_exits_under_it() {
     assert!(vm.reads(&at_s1), "vda does not read what s1 froze");
 }
 
+/// A `snapshot-revert --running` whose QEMU exits after the revert found it
+/// running and before the revert stopped it (it crashed, or a killed
+/// revert had told it to stop): the revert goes on, as it would have on a
+/// domain it found shut off, and QEMU runs again on s1's branch.
+#[test]
+fn a_revert_whose_qemu_exits_before_it_stops_it_goes_on() {
+    let env = TestEnv::new();
+    let mut vm = Vm::new(&env, Vdb::None, true);
+    let _guard = vm.guard();
+    let (at_s1, _, _) = two_snapshots(&mut vm);
+    let revert =
+        Background::spawn_paused_at(&env, &["snapshot-revert", "vm", "s1", "--running"], "snapshot-revert:intent")
+            .unwrap_or_else(|out| panic!("the revert ended before its intent: {out:?}"));
+    kill_qemu(&env, "vm");
+    revert.resume();
+    let out = revert.finish(std::time::Duration::from_secs(120));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(Intent::pending(&env), None);
+    assert_recovered(&env, "after the revert");
+    let branch = PathBuf::from(format!("{}.branch1", overlay(&env, "s1", "vda").display()));
+    assert_eq!(current_name(&env), "s1");
+    assert_eq!(active(&env, "vda"), branch);
+    assert_eq!(domstate(&env), "running");
+    assert!(vm.reads(&at_s1), "vda does not read what s1 froze");
+}
+
 /// `snapshot-revert` to an external snapshot with a child, killed at each
 /// step: the next command finishes the revert (redoing it when the new
 /// definition was not adopted yet) with exactly one branch overlay, the

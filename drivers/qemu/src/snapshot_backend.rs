@@ -240,7 +240,12 @@ impl SnapshotBackend for QemuConnection {
     }
 
     async fn stop(&self, domain: &str) -> Result<()> {
-        Connection::destroy(self, domain).await
+        match Connection::destroy(self, domain).await {
+            // It exited by itself since the caller found it running (it
+            // crashed, or a killed operation had told it to stop): stopped.
+            Err(_) if self.activity(domain)? == Activity::ShutOff => Ok(()),
+            stopped => stopped,
+        }
     }
 
     fn record_reason(&self, domain: &str, state: DomainState, word: &str) -> Result<()> {

@@ -198,7 +198,8 @@ pub trait SnapshotBackend: Send + Sync {
     /// Starts the domain paused.
     async fn start_paused(&self, domain: &str) -> Result<()>;
 
-    /// Stops the running domain at once.
+    /// Stops the running domain at once; done too when it has exited by
+    /// itself since the caller found it running.
     async fn stop(&self, domain: &str) -> Result<()>;
 
     /// Records why the running domain is in `state` (libvirt's reason word).

@@ -121,6 +121,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
             overlays: branches.iter().map(|b| b.3.clone()).collect(),
         }
         .write(store, domain)?;
+        strata_core::pause_point("snapshot-revert:intent");
         strata_core::crash_point("snapshot-revert:intent");
         let changed = async {
             if running {
