@@ -1821,61 +1821,51 @@ fn snapshot_commands_killed_at_random_moments_offline() {
     snapshot_commands_killed_at_random_moments(false);
 }
 
-/// A `snapshot-revert --running` killed once its intent is written, whose
-/// QEMU exits (as when the killed revert had told it to stop) after the
-/// next reader found it running and before that reader cleared its
-/// snapshot jobs: the reader finishes the revert anyway, with QEMU started
-/// again on s1's branch, instead of only warning that the domain is not
-/// running and leaving the intent.
-#[test]
-fn a_reader_finishes_a_revert_whose_qemu_exits_under_it() {
+/// A live domain with two snapshots; `before` runs on it, then `strata
+/// ARGS…` paused at `step` while its QEMU is killed, as a crash or a
+/// killed revert that had told it to stop would end it: the command goes
+/// on and leaves the revert to s1 done, with QEMU running again on s1's
+/// branch and no intent left.
+fn revert_done_though_qemu_exits_at(args: &[&str], step: &str, before: impl FnOnce(&TestEnv)) {
     let env = TestEnv::new();
     let mut vm = Vm::new(&env, Vdb::None, true);
     let _guard = vm.guard();
     let (at_s1, _, _) = two_snapshots(&mut vm);
-    killed_at(&env, &["snapshot-revert", "vm", "s1", "--running"], "snapshot-revert:intent");
-    assert!(Intent::pending(&env).is_some(), "the killed revert left no intent");
-    let reader = Background::spawn_paused_at(&env, &["snapshot-list", "vm"], "snapshot-recover:settle-jobs")
-        .unwrap_or_else(|out| panic!("snapshot-list did not find the domain running: {out:?}"));
+    before(&env);
+    let paused = Background::spawn_paused_at(&env, args, step)
+        .unwrap_or_else(|out| panic!("strata {args:?} ended before {step}: {out:?}"));
     kill_qemu(&env, "vm");
-    reader.resume();
-    let out = reader.finish(std::time::Duration::from_secs(120));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    paused.resume();
+    let out = paused.finish(std::time::Duration::from_secs(120));
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(Intent::pending(&env), None, "{stderr}");
-    assert_recovered(&env, "after the reader");
-    let o1 = overlay(&env, "s1", "vda");
-    let branch = PathBuf::from(format!("{}.branch1", o1.display()));
+    assert_eq!(Intent::pending(&env), None, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_recovered(&env, step);
+    let branch = PathBuf::from(format!("{}.branch1", overlay(&env, "s1", "vda").display()));
     assert_eq!(current_name(&env), "s1");
     assert_eq!(active(&env, "vda"), branch);
     assert_eq!(domstate(&env), "running");
     assert!(vm.reads(&at_s1), "vda does not read what s1 froze");
 }
 
+/// A `snapshot-revert --running` killed once its intent is written, whose
+/// QEMU exits after the next reader found it running and before that
+/// reader cleared its snapshot jobs: the reader finishes the revert anyway
+/// instead of only warning that the domain is not running and leaving the
+/// intent.
+#[test]
+fn a_reader_finishes_a_revert_whose_qemu_exits_under_it() {
+    revert_done_though_qemu_exits_at(&["snapshot-list", "vm"], "snapshot-recover:settle-jobs", |env| {
+        killed_at(env, &["snapshot-revert", "vm", "s1", "--running"], "snapshot-revert:intent");
+        assert!(Intent::pending(env).is_some(), "the killed revert left no intent");
+    });
+}
+
 /// A `snapshot-revert --running` whose QEMU exits after the revert found it
-/// running and before the revert stopped it (it crashed, or a killed
-/// revert had told it to stop): the revert goes on, as it would have on a
-/// domain it found shut off, and QEMU runs again on s1's branch.
+/// running and before the revert stopped it: the revert goes on, as it
+/// would have on a domain it found shut off.
 #[test]
 fn a_revert_whose_qemu_exits_before_it_stops_it_goes_on() {
-    let env = TestEnv::new();
-    let mut vm = Vm::new(&env, Vdb::None, true);
-    let _guard = vm.guard();
-    let (at_s1, _, _) = two_snapshots(&mut vm);
-    let revert =
-        Background::spawn_paused_at(&env, &["snapshot-revert", "vm", "s1", "--running"], "snapshot-revert:intent")
-            .unwrap_or_else(|out| panic!("the revert ended before its intent: {out:?}"));
-    kill_qemu(&env, "vm");
-    revert.resume();
-    let out = revert.finish(std::time::Duration::from_secs(120));
-    assert!(out.status.success(), "{out:?}");
-    assert_eq!(Intent::pending(&env), None);
-    assert_recovered(&env, "after the revert");
-    let branch = PathBuf::from(format!("{}.branch1", overlay(&env, "s1", "vda").display()));
-    assert_eq!(current_name(&env), "s1");
-    assert_eq!(active(&env, "vda"), branch);
-    assert_eq!(domstate(&env), "running");
-    assert!(vm.reads(&at_s1), "vda does not read what s1 froze");
+    revert_done_though_qemu_exits_at(&["snapshot-revert", "vm", "s1", "--running"], "snapshot-revert:intent", |_| {});
 }
 
 /// `snapshot-revert` to an external snapshot with a child, killed at each
