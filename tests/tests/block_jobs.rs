@@ -239,17 +239,18 @@ impl Spec {
 /// then checks the chain `remaining` (top first) everywhere, that the image
 /// now above the base names it by absolute path, that the committed files
 /// are kept, and the guest's data. With `write_during`, the job runs at
-/// 1 MiB/s and the guest writes while it runs.
+/// 16 KiB/s (minutes for its data, however slow the machine) and the guest
+/// writes while it runs; the `--bandwidth 0` after the writes must find it.
 fn commit_case(top: Spec, base: Spec, remaining: &[usize], write_during: bool) {
     let env = TestEnv::new();
     let (c, _guard) = start_chain(&env);
     let (top_arg, base_arg) = (top.arg(&c), base.arg(&c));
     let args = ["blockcommit", "vm", "vda", "--top", &top_arg, "--base", &base_arg];
     if write_during {
-        let out = env.ok(&[&args[..], &["--bandwidth", "1"]].concat());
+        let out = env.ok(&[&args[..], &["--bandwidth", "16384", "--bytes"]].concat());
         assert_eq!(out.trim(), "Block Commit started");
         let info = wait_job_visible(&env, "Block Commit");
-        assert!(info.contains("Bandwidth limit: 1048576 bytes/s"), "{info}");
+        assert!(info.contains("Bandwidth limit: 16384 bytes/s"), "{info}");
         // Over the boundary of snap1's and snap2's data, and into nothing.
         guest_write(&env, &c.reference, 0x5a, MIB + MIB / 2, MIB);
         guest_write(&env, &c.reference, 0xa5, 10 * MIB, 64 * 1024);
@@ -366,8 +367,10 @@ fn active_commit_pivot_runs_on_the_base() {
     // iteration and only then waits for the rate limit: data far from
     // MiB 1-4 makes a second iteration, which keeps the job running.
     guest_write(&env, &c.reference, 0x66, 40 * MIB, MIB);
-    let job =
-        Background::spawn(&env, &["blockcommit", "vm", "vda", "--active", "--pivot", "--bandwidth", "1", "--verbose"]);
+    let job = Background::spawn(
+        &env,
+        &["blockcommit", "vm", "vda", "--active", "--pivot", "--bandwidth", "16384", "--bytes", "--verbose"],
+    );
     wait_job_visible(&env, "Active Block Commit");
     guest_write(&env, &c.reference, 0x5a, 4 * MIB - 4096, 8192);
     guest_write(&env, &c.reference, 0x3c, 20 * MIB, MIB);
@@ -869,7 +872,7 @@ fn copy_pivot_switches_live_and_persistent_definitions() {
 fn busy_disk_refuses_a_second_job() {
     let env = TestEnv::new();
     let (c, _guard) = start_chain(&env);
-    env.ok(&["blockpull", "vm", "vda", "--bandwidth", "1"]);
+    env.ok(&["blockpull", "vm", "vda", "--bandwidth", "16384", "--bytes"]);
     wait_job_visible(&env, "Block Pull");
 
     let err = env.fails(&["blockcommit", "vm", "vda", "--top", "vda[1]", "--base", "vda[4]"]);
@@ -893,7 +896,7 @@ fn busy_disk_refuses_a_second_job() {
 fn copy_on_a_busy_disk_is_refused_without_leaving_a_file() {
     let env = TestEnv::new();
     let (c, _guard) = start_chain(&env);
-    env.ok(&["blockcommit", "vm", "vda", "--top", "vda[1]", "--base", "vda[4]", "--bandwidth", "1"]);
+    env.ok(&["blockcommit", "vm", "vda", "--top", "vda[1]", "--base", "vda[4]", "--bandwidth", "16384", "--bytes"]);
     wait_job_visible(&env, "Block Commit");
     let dest = env.path("copy.qcow2");
     let err = env.fails(&["blockcopy", "vm", "vda", "--dest", s(&dest), "--wait", "--finish"]);
@@ -1234,7 +1237,19 @@ fn sigkill_to_the_waiting_strata_loses_nothing() {
     let (c, _guard) = start_chain(&env);
     let mut waiter = Background::spawn(
         &env,
-        &["blockcommit", "vm", "vda", "--top", "vda[1]", "--base", "vda[4]", "--bandwidth", "1", "--wait"],
+        &[
+            "blockcommit",
+            "vm",
+            "vda",
+            "--top",
+            "vda[1]",
+            "--base",
+            "vda[4]",
+            "--bandwidth",
+            "16384",
+            "--bytes",
+            "--wait",
+        ],
     );
     wait_job_visible(&env, "Block Commit");
     assert!(waiter.running());
