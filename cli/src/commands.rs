@@ -154,8 +154,12 @@ pub enum Command {
         #[command(flatten)]
         json: JsonFlag,
     },
-    /// What the connected driver supports.
+    /// What the connected driver supports; with --all, every driver this
+    /// strata can open, built in or plugin, without connecting.
     Capabilities {
+        /// List every driver (built-in and plugin) with its ABI version and URI schemes.
+        #[arg(long)]
+        all: bool,
         #[command(flatten)]
         json: JsonFlag,
     },
@@ -691,7 +695,8 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                 writeln!(out, "{:<15} {shown}\n", "CPU map:")?;
             }
         }
-        Command::Capabilities { json } => {
+        Command::Capabilities { all: true, json } => out = list_drivers(wants_json(json))?,
+        Command::Capabilities { all: false, json } => {
             let caps = session.conn()?.capabilities();
             if wants_json(json) {
                 writeln!(out, "{}", serde_json::to_string_pretty(&caps)?)?;
@@ -1223,6 +1228,35 @@ fn lookup_error(e: strata_core::Error, name: &str) -> anyhow::Error {
     } else {
         anyhow!(e)
     }
+}
+
+/// `capabilities --all`: every driver, built in or plugin, and each
+/// plugin library that was refused, with why.
+fn list_drivers(json: bool) -> Result<String> {
+    let drivers = strata_core::registry::drivers();
+    let refused: Vec<String> =
+        strata_core::plugin::discovered().refused.iter().map(|e| e.message().to_string()).collect();
+    if json {
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&json!({ "drivers": drivers, "refused": refused }))?));
+    }
+    let rows: Vec<Vec<String>> = drivers
+        .iter()
+        .map(|d| {
+            vec![
+                d.name.clone(),
+                d.schemes.join(", "),
+                d.origin.to_string(),
+                d.abi_version.to_string(),
+                d.library.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let mut out = format_table(&["Driver", "Schemes", "Origin", "ABI", "Library"], &rows, false);
+    for why in refused {
+        writeln!(out, "Refused: {why}")?;
+    }
+    out.push('\n');
+    Ok(out)
 }
 
 /// `capabilities`' line for each capability family: the names of what the

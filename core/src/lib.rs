@@ -1,6 +1,6 @@
 //! strata-core: everything in Strata that knows no particular hypervisor —
 //! libvirt XML models, the backing-chain model and image probing, the driver
-//! traits and registry, typed options with their validation, the state
+//! traits and registry (built-in drivers and plugins), typed options with their validation, the state
 //! store, and the error type.
 pub mod capabilities;
 pub mod chain;
@@ -11,6 +11,7 @@ pub mod error;
 pub mod hostcpu;
 pub mod image;
 pub mod options;
+pub mod plugin;
 pub mod pool;
 pub mod registry;
 pub mod store;

@@ -24,10 +24,11 @@ use crate::options::{
     SnapshotDeleteFlags, SnapshotRevertFlags,
 };
 
-/// The version of the envelope and of [`Call`] and [`Reply`]. It changes
-/// when a change would make an older peer misread a message; a side
-/// refuses a message of another version.
-pub const ABI_VERSION: u32 = 1;
+/// The version of the envelope and of [`Call`] and [`Reply`], which is the
+/// plugin C ABI's version (`strata-plugin-abi`). It changes when a change
+/// would make an older peer misread a message; a side refuses a message of
+/// another version.
+pub const ABI_VERSION: u32 = strata_plugin_abi::STRATA_ABI_VERSION;
 
 /// One trait method with its arguments, named as the method is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
