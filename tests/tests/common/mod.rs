@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 pub struct TestEnv {
     pub dir: tempfile::TempDir,
     pub uri: String,
+    /// Environment variables every `strata` of the test runs with.
+    pub vars: Vec<(String, PathBuf)>,
 }
 
 impl TestEnv {
@@ -21,7 +23,7 @@ impl TestEnv {
         // Short paths: QMP socket paths must fit in 108 bytes.
         let dir = tempfile::Builder::new().prefix("st").tempdir_in("/tmp").expect("tempdir");
         let uri = format!("qemu:///embed?root={}/state", dir.path().display());
-        TestEnv { dir, uri }
+        TestEnv { dir, uri, vars: Vec::new() }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -39,6 +41,7 @@ impl TestEnv {
             .arg("-c")
             .arg(&self.uri)
             .args(args)
+            .envs(self.vars.iter().map(|(k, v)| (k, v)))
             .env_remove("STRATA_LOG")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

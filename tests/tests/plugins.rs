@@ -1,0 +1,276 @@
+//! Third-party driver plugins (issue 14) through the `strata` command: the
+//! Rust example (`tests/plugins/example-rust`, built with cargo) and the C
+//! example (`tests/plugins/example-c`, built here with `cc` from
+//! `sdk/include/strata_driver.h` alone), each put in a temporary
+//! `$STRATA_PLUGIN_DIR` and opened by URI. Both keep their state in a
+//! directory, so each command's `strata` sees what the one before did.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use common::{domain_xml, DiskSpec, TestEnv};
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The Rust example's library, built once per test run with cargo.
+fn rust_plugin() -> &'static Path {
+    static LIBRARY: OnceLock<PathBuf> = OnceLock::new();
+    LIBRARY.get_or_init(|| {
+        let out = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--offline",
+                "--locked",
+                "--message-format=json",
+                "-p",
+                "strata-example-rust",
+                "--manifest-path",
+            ])
+            .arg(workspace().join("Cargo.toml"))
+            .output()
+            .expect("run cargo");
+        assert!(out.status.success(), "cargo build of example-rust failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "strata_example_rust")
+            .flat_map(|m| m["filenames"].as_array().cloned().unwrap_or_default())
+            .filter_map(|f| f.as_str().map(PathBuf::from))
+            .find(|f| f.extension().is_some_and(|e| e == "so"))
+            .expect("cargo names the example's .so")
+    })
+}
+
+/// Builds the C example into `dir` with `cc`, from the header alone,
+/// claiming ABI version `abi` when given.
+fn build_c_plugin(dir: &Path, abi: Option<u32>) -> PathBuf {
+    let library = dir.join("libexamplec.so");
+    let mut cc = Command::new("cc");
+    cc.args(["-shared", "-fPIC", "-Wall", "-Wextra", "-I"])
+        .arg(workspace().join("sdk/include"))
+        .arg("-o")
+        .arg(&library)
+        .arg(workspace().join("tests/plugins/example-c/example.c"))
+        .arg("-lpthread");
+    if let Some(abi) = abi {
+        cc.arg(format!("-DEXAMPLEC_ABI_VERSION={abi}"));
+    }
+    let out = cc.output().expect("cc must be installed to build the C example plugin");
+    assert!(out.status.success(), "cc failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    set_mode(&library, 0o755);
+    library
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// A test environment whose `strata` finds plugins in its `plugins` dir,
+/// keeps the examples' state in its `example-state` dir and opens `uri`.
+fn plugin_env(uri: &str) -> TestEnv {
+    let mut env = TestEnv::new();
+    let (plugins, state) = (env.path("plugins"), env.path("example-state"));
+    std::fs::create_dir_all(&plugins).expect("plugin dir");
+    env.vars.push(("STRATA_PLUGIN_DIR".into(), plugins));
+    env.vars.push(("STRATA_EXAMPLE_STATE".into(), state));
+    env.uri = uri.to_string();
+    env
+}
+
+/// Copies the Rust example into the environment's plugin dir.
+fn install_rust_plugin(env: &TestEnv) -> PathBuf {
+    let installed = env.path("plugins/libstrata_example_rust.so");
+    std::fs::copy(rust_plugin(), &installed).expect("copy the plugin");
+    set_mode(&installed, 0o755);
+    installed
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A domain of the fixtures' minimal kind with the disks `targets`.
+fn define_vm1(env: &TestEnv, targets: &[&str]) {
+    let image = env.path("unused.qcow2");
+    let disks: Vec<DiskSpec> =
+        targets.iter().map(|target| DiskSpec { target, format: "qcow2", path: &image, extra: "" }).collect();
+    env.define("vm1", &domain_xml("vm1", &disks));
+}
+
+/// define/list/dumpxml, snapshots created, listed and reverted to, disk
+/// sets and events, on the driver `env.uri` names.
+fn exercise_driver(env: &TestEnv) {
+    define_vm1(env, &["vda"]);
+    let listed = env.ok(&["list", "--all"]);
+    assert!(
+        listed.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["-", "vm1", "shut", "off"]),
+        "{listed}"
+    );
+    let xml = env.ok(&["dumpxml", "vm1"]);
+    assert!(xml.contains("<name>vm1</name>") && xml.contains("dev='vda'"), "{xml}");
+    assert!(!xml.contains("dev='vdb'"), "{xml}");
+
+    assert_eq!(env.ok(&["snapshot-create-as", "vm1", "s1"]).trim(), "Domain snapshot s1 created");
+    define_vm1(env, &["vda", "vdb"]);
+    assert!(env.ok(&["dumpxml", "vm1"]).contains("dev='vdb'"), "the redefinition did not happen");
+    assert_eq!(env.ok(&["snapshot-create-as", "vm1", "s2"]).trim(), "Domain snapshot s2 created");
+    let parents = env.ok(&["snapshot-list", "vm1", "--parent"]);
+    let rows: Vec<Vec<&str>> = parents.lines().skip(2).map(|l| l.split_whitespace().collect()).collect();
+    // Name, creation date, time and zone, state, and the parent when there is one.
+    let names_and_parents: Vec<(&str, Option<&str>)> =
+        rows.iter().filter(|r| !r.is_empty()).map(|r| (r[0], r.get(5).copied())).collect();
+    assert_eq!(names_and_parents, [("s1", None), ("s2", Some("s1"))], "{parents}");
+
+    assert_eq!(env.ok(&["snapshot-revert", "vm1", "s1"]).trim(), "Domain snapshot s1 reverted");
+    let reverted = env.ok(&["dumpxml", "vm1"]);
+    assert!(reverted.contains("dev='vda'") && !reverted.contains("dev='vdb'"), "{reverted}");
+    assert_eq!(env.ok(&["snapshot-current", "vm1", "--name"]).trim(), "s1");
+
+    assert_eq!(env.ok(&["diskset-add", "vm1", "vda"]).trim(), "Disk 'vda' added to the disk set");
+    assert_eq!(env.ok(&["diskset-add", "vm1", "vda"]).trim(), "Disk 'vda' is already in the disk set");
+    let refused = env.fails(&["diskset-add", "vm1", "vdz"]);
+    assert!(refused.starts_with("error: ") && refused.contains("vdz"), "{refused}");
+    assert_eq!(env.ok(&["diskset-list", "vm1"]).trim(), "vda");
+    assert_eq!(env.ok(&["diskset-size", "vm1"]).trim(), "1");
+    assert_eq!(env.ok(&["diskset-remove", "vm1", "vda"]).trim(), "Disk 'vda' removed from the disk set");
+    assert_eq!(env.ok(&["diskset-size", "vm1"]).trim(), "0");
+
+    // The start's event reaches the host's callback and waits there for `event`.
+    let events = env.ok(&["start vm1 ; event --domain vm1 --timeout 60"]);
+    assert!(events.contains("event 'lifecycle' for domain 'vm1': Started Booted"), "{events}");
+    assert!(env.ok(&["list"]).contains("running"));
+    env.ok(&["destroy", "vm1"]);
+}
+
+#[test]
+fn the_rust_example_plugin_runs_the_ordinary_commands() {
+    let env = plugin_env("example:///");
+    install_rust_plugin(&env);
+    exercise_driver(&env);
+}
+
+#[test]
+fn the_c_example_plugin_built_from_the_header_runs_the_ordinary_commands() {
+    let env = plugin_env("examplec:///");
+    build_c_plugin(&env.path("plugins"), None);
+    exercise_driver(&env);
+    // What the C example leaves out is refused with the no-support error.
+    let refused = env.fails(&["snapshot-dumpxml", "vm1", "s1"]);
+    assert_eq!(
+        refused.trim(),
+        "error: this function is not supported by the connection driver: the examplec driver does not support snapshot_xml"
+    );
+}
+
+#[test]
+fn capabilities_all_lists_built_in_and_plugin_drivers() {
+    let env = plugin_env("example:///");
+    let rust = install_rust_plugin(&env);
+    let c = build_c_plugin(&env.path("plugins"), None);
+    let table = env.ok(&["capabilities", "--all"]);
+    let rows: Vec<Vec<&str>> = table.lines().skip(2).map(|l| l.split_whitespace().collect()).collect();
+    let (rust, c) = (rust.display().to_string(), c.display().to_string());
+    assert!(rows.contains(&vec!["qemu", "qemu", "built-in", "1", "-"]), "{table}");
+    assert!(rows.contains(&vec!["example", "example", "plugin", "1", &rust]), "{table}");
+    assert!(rows.contains(&vec!["examplec", "examplec", "plugin", "1", &c]), "{table}");
+
+    let json: serde_json::Value = serde_json::from_str(&env.ok(&["capabilities", "--all", "--json"])).expect("JSON");
+    let example = json["drivers"].as_array().expect("drivers").iter().find(|d| d["name"] == "example").cloned();
+    assert_eq!(
+        example,
+        Some(serde_json::json!({
+            "name": "example", "schemes": ["example"], "origin": "plugin", "abi_version": 1, "library": rust
+        }))
+    );
+    assert_eq!(json["refused"], serde_json::json!([]));
+}
+
+#[test]
+fn a_plugin_of_another_abi_version_is_refused_naming_both_versions() {
+    let env = plugin_env("examplec:///");
+    let library = build_c_plugin(&env.path("plugins"), Some(7));
+    let expected = format!(
+        "driver plugin '{}' is not loaded: it speaks driver ABI version 7, but this strata speaks version 1",
+        library.display()
+    );
+    let refused = env.fails(&["list", "--all"]);
+    assert!(refused.starts_with("error: failed to connect to the hypervisor"), "{refused}");
+    assert!(refused.contains(&expected), "{refused}");
+    assert!(env.ok(&["capabilities", "--all"]).contains(&format!("Refused: {expected}")));
+}
+
+#[test]
+fn a_panic_in_a_rust_plugin_is_an_error_and_the_connection_goes_on() {
+    let mut env = plugin_env("example:///");
+    install_rust_plugin(&env);
+    define_vm1(&env, &["vda"]);
+    env.vars.push(("STRATA_EXAMPLE_PANIC_IN".into(), PathBuf::from("domain_info")));
+    let out = env.strata(&["dominfo vm1 ; list --all"]);
+    assert_eq!(out.status.code(), Some(1), "strata must exit 1, not die: {out:?}");
+    let stderr = stderr_of(&out);
+    assert!(
+        stderr.contains(
+            "error: internal error: the example driver panicked in domain_info: \
+             domain_info was told to panic by STRATA_EXAMPLE_PANIC_IN"
+        ),
+        "{stderr}"
+    );
+    // The same process, the same connection: the next command is answered.
+    assert!(String::from_utf8_lossy(&out.stdout).contains("vm1"), "{out:?}");
+}
+
+#[test]
+fn a_plugin_other_users_could_change_is_refused_naming_the_file() {
+    let env = plugin_env("example:///");
+    let library = install_rust_plugin(&env);
+    set_mode(&library, 0o666);
+    let refused = env.fails(&["list", "--all"]);
+    assert!(
+        refused.contains(&format!(
+            "driver plugin '{}' is not loaded: it is writable by its group or by others (mode 0666)",
+            library.display()
+        )),
+        "{refused}"
+    );
+    assert!(refused.contains("no driver for 'example'"), "{refused}");
+
+    set_mode(&library, 0o755);
+    // SAFETY: geteuid(2) has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let other = if me == 65534 { 65533 } else { 65534 };
+    std::os::unix::fs::chown(&library, Some(other), None).expect("chown (the tests run as root)");
+    let refused = env.fails(&["list", "--all"]);
+    assert!(
+        refused.contains(&format!(
+            "driver plugin '{}' is not loaded: it is owned by uid {other}, neither root nor the current user (uid {me})",
+            library.display()
+        )),
+        "{refused}"
+    );
+
+    std::os::unix::fs::chown(&library, Some(me), None).expect("chown back");
+    env.ok(&["list", "--all"]);
+}
+
+#[test]
+fn a_plugin_notifying_through_a_stopped_callback_gets_an_error_and_nothing_crashes() {
+    let mut env = plugin_env("examplec:///");
+    build_c_plugin(&env.path("plugins"), None);
+    define_vm1(&env, &["vda"]);
+    env.vars.push(("STRATA_EXAMPLEC_NOTIFY_AFTER_STOP".into(), PathBuf::from("1")));
+    let out = env.strata(&["start vm1 ; event --domain vm1 --timeout 60"]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), stderr_of(&out));
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("event 'lifecycle' for domain 'vm1': Started Booted"), "{stdout}");
+    // The plugin was told to stop (when the connection closed), notified
+    // anyway, and was answered operation-aborted (78) by the host.
+    assert!(stderr.contains("examplec: notified after being told to stop; the host answered 78"), "{stderr}");
+    assert!(stderr.contains("a plugin notified through an unregistered callback; refused"), "{stderr}");
+    assert!(!stdout.contains("Too late"), "{stdout}");
+}
