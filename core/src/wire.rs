@@ -5,9 +5,10 @@
 //! its result one [`Reply`] variant; an error is an [`ErrorPayload`].
 //! [`dispatch`] performs a call on a connection, and [`dispatch_json`] does
 //! the same for a JSON request in a versioned envelope, which is what a
-//! plugin exports behind its one C function. Nothing waits for the other
-//! side: events and block-job progress are asked for with a timeout
-//! ([`Call::NextEvent`], [`Call::BlockJobWait`]), so no callback crosses.
+//! plugin's `call` carries (see [`crate::plugin`]). Nothing waits for the
+//! other side: events and block-job progress are asked for with a timeout
+//! ([`Call::NextEvent`], [`Call::BlockJobWait`]); a plugin driver pushes its
+//! events instead, through a callback record the host owns.
 
 use serde::{Deserialize, Serialize};
 

@@ -340,3 +340,159 @@ unsafe extern "C" fn close<T: PluginDriver>(handle: *mut c_void) {
         }
     }));
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    use async_trait::async_trait;
+    use strata_core::driver::{
+        DefineFlags, DefineOutcome, DiskChainCheck, DomainInfo, DomainSummary, DumpXmlFlags, StartFlags, StartOutcome,
+        UndefineFlags,
+    };
+    use strata_core::wire::{read_response, Reply};
+
+    use super::*;
+
+    /// A driver whose domain list never comes and whose domain_info panics.
+    struct Stuck;
+
+    fn refused() -> Error {
+        Error::no_support("the stuck driver does only two things")
+    }
+
+    #[async_trait]
+    impl Connection for Stuck {
+        fn uri(&self) -> &str {
+            "stuck:///"
+        }
+        fn capabilities(&self) -> DriverCapabilities {
+            Self::driver_capabilities()
+        }
+        async fn list_domains(&self) -> Result<Vec<DomainSummary>> {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok(Vec::new())
+        }
+        async fn define_xml(&self, _xml: &str, _flags: DefineFlags) -> Result<DefineOutcome> {
+            Err(refused())
+        }
+        async fn undefine(&self, _name: &str, _flags: UndefineFlags) -> Result<()> {
+            Err(refused())
+        }
+        async fn domain_info(&self, name: &str) -> Result<DomainInfo> {
+            panic!("no info on {name}");
+        }
+        async fn start(&self, _name: &str, _flags: StartFlags) -> Result<StartOutcome> {
+            Err(refused())
+        }
+        async fn destroy(&self, _name: &str) -> Result<()> {
+            Err(refused())
+        }
+        async fn shutdown(&self, _name: &str) -> Result<()> {
+            Err(refused())
+        }
+        async fn suspend(&self, _name: &str) -> Result<()> {
+            Err(refused())
+        }
+        async fn resume(&self, _name: &str) -> Result<()> {
+            Err(refused())
+        }
+        async fn dump_xml(&self, _name: &str, _flags: DumpXmlFlags) -> Result<String> {
+            Err(refused())
+        }
+        async fn check_chains(&self, _name: &str, _disk: Option<&str>, _fix: bool) -> Result<Vec<DiskChainCheck>> {
+            Err(refused())
+        }
+    }
+
+    impl PluginDriver for Stuck {
+        const NAME: &'static str = "stuck";
+        const SCHEMES: &'static [&'static str] = &["stuck"];
+        fn driver_capabilities() -> DriverCapabilities {
+            DriverCapabilities { driver: "stuck".into(), ..Default::default() }
+        }
+        fn open(_uri: &ConnectUri, _events: EventSink) -> Result<Self> {
+            Ok(Stuck)
+        }
+    }
+
+    /// A handle of the table's open, as the host would get it.
+    struct Handle(*mut c_void);
+    // SAFETY: the SDK's handles may be used from any thread (the ABI's rule).
+    unsafe impl Send for Handle {}
+
+    fn table() -> &'static StrataDriverV1 {
+        // SAFETY: driver_table returns a leaked table, valid for the process.
+        unsafe { &*driver_table::<Stuck>() }
+    }
+
+    fn open_stuck() -> Handle {
+        let uri = CString::new("stuck:///").expect("no NUL");
+        let mut handle = std::ptr::null_mut();
+        let mut error = StrataBytes::EMPTY;
+        // SAFETY: a NUL-terminated URI and out-parameters, as the ABI asks.
+        let status = unsafe { table().open.expect("open")(uri.as_ptr(), &mut handle, &mut error) };
+        assert_eq!(status, STRATA_OK);
+        Handle(handle)
+    }
+
+    /// Performs a call as the host does and reads its JSON response.
+    fn perform(handle: &Handle, id: u64, request: &str) -> std::result::Result<Reply, ErrorPayload> {
+        let mut response = StrataBytes::EMPTY;
+        // SAFETY: a live handle, the request's bytes for the call, an out-parameter.
+        let status =
+            unsafe { table().call.expect("call")(handle.0, id, request.as_ptr(), request.len(), &mut response) };
+        assert_eq!(status, STRATA_OK);
+        // SAFETY: the SDK returned len bytes at ptr, freed once below.
+        let text =
+            String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(response.ptr, response.len) }).into_owned();
+        // SAFETY: bytes this table returned, freed once.
+        unsafe { table().free_bytes.expect("free_bytes")(response) };
+        read_response(&text)
+    }
+
+    #[test]
+    fn a_running_call_is_cancelled_when_the_host_asks() {
+        let handle = open_stuck();
+        let (sent, received) = mpsc::channel();
+        let caller = Handle(handle.0);
+        std::thread::spawn(move || {
+            let _ = sent.send(perform(&caller, 7, r#"{"abi":1,"call":{"method":"list_domains"}}"#));
+        });
+        // SAFETY: the handle is live; open made it for Stuck.
+        let session = unsafe { session::<Stuck>(handle.0) };
+        let guard = Instant::now() + Duration::from_secs(120);
+        while !session.running().contains_key(&7) {
+            assert!(Instant::now() < guard, "the call never started");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // SAFETY: a live handle.
+        assert_eq!(unsafe { table().cancel.expect("cancel")(handle.0, 7) }, STRATA_OK);
+        let answer = received.recv_timeout(Duration::from_secs(120)).expect("the cancelled call returns");
+        let payload = answer.expect_err("a cancelled call is an error");
+        assert_eq!(
+            (payload.kind.as_str(), payload.message.as_str()),
+            ("operation-aborted", "the stuck driver's list_domains call was cancelled")
+        );
+        // SAFETY: a live handle; no call 8 runs.
+        assert_eq!(unsafe { table().cancel.expect("cancel")(handle.0, 8) }, STRATA_ERR_OPERATION_INVALID);
+        // SAFETY: the handle is closed once, with no call running.
+        unsafe { table().close.expect("close")(handle.0) };
+    }
+
+    #[test]
+    fn a_panic_in_the_driver_is_an_internal_error_and_the_handle_still_works() {
+        let handle = open_stuck();
+        let panicked = perform(&handle, 1, r#"{"abi":1,"call":{"method":"domain_info","args":{"domain":"vm1"}}}"#);
+        let payload = panicked.expect_err("a panic is an error");
+        assert_eq!(
+            (payload.kind.as_str(), payload.message.as_str()),
+            ("internal-error", "the stuck driver panicked in domain_info: no info on vm1")
+        );
+        let uri = perform(&handle, 2, r#"{"abi":1,"call":{"method":"uri"}}"#);
+        assert_eq!(uri, Ok(Reply::Text("stuck:///".into())));
+        // SAFETY: the handle is closed once, with no call running.
+        unsafe { table().close.expect("close")(handle.0) };
+    }
+}

@@ -50,21 +50,26 @@ fn rust_plugin() -> &'static Path {
 /// Builds the C example into `dir` with `cc`, from the header alone,
 /// claiming ABI version `abi` when given.
 fn build_c_plugin(dir: &Path, abi: Option<u32>) -> PathBuf {
-    let library = dir.join("libexamplec.so");
-    let mut cc = Command::new("cc");
-    cc.args(["-shared", "-fPIC", "-Wall", "-Wextra", "-I"])
+    let defines: Vec<String> = abi.map(|abi| format!("-DEXAMPLEC_ABI_VERSION={abi}")).into_iter().collect();
+    compile_c_plugin(&workspace().join("tests/plugins/example-c/example.c"), &dir.join("libexamplec.so"), &defines)
+}
+
+/// Compiles the C driver `source` into the shared library `library` with
+/// `cc` and nothing but the SDK's header.
+fn compile_c_plugin(source: &Path, library: &Path, defines: &[String]) -> PathBuf {
+    let out = Command::new("cc")
+        .args(["-shared", "-fPIC", "-Wall", "-Wextra", "-I"])
         .arg(workspace().join("sdk/include"))
         .arg("-o")
-        .arg(&library)
-        .arg(workspace().join("tests/plugins/example-c/example.c"))
-        .arg("-lpthread");
-    if let Some(abi) = abi {
-        cc.arg(format!("-DEXAMPLEC_ABI_VERSION={abi}"));
-    }
-    let out = cc.output().expect("cc must be installed to build the C example plugin");
+        .arg(library)
+        .arg(source)
+        .arg("-lpthread")
+        .args(defines)
+        .output()
+        .expect("cc must be installed to build the C plugins");
     assert!(out.status.success(), "cc failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    set_mode(&library, 0o755);
-    library
+    set_mode(library, 0o755);
+    library.to_path_buf()
 }
 
 fn set_mode(path: &Path, mode: u32) {
@@ -273,4 +278,22 @@ fn a_plugin_notifying_through_a_stopped_callback_gets_an_error_and_nothing_crash
     assert!(stderr.contains("examplec: notified after being told to stop; the host answered 78"), "{stderr}");
     assert!(stderr.contains("a plugin notified through an unregistered callback; refused"), "{stderr}");
     assert!(!stdout.contains("Too late"), "{stdout}");
+}
+
+/// The C driver docs/plugins.md shows builds as it stands and lists its domain.
+#[test]
+fn the_c_driver_in_the_plugin_docs_builds_and_answers() {
+    let env = plugin_env("hello:///");
+    let docs = std::fs::read_to_string(workspace().join("docs/plugins.md")).expect("docs/plugins.md");
+    let source = docs.split("```c\n").nth(1).and_then(|rest| rest.split("```").next()).expect("a C block");
+    let file = env.path("hello.c");
+    std::fs::write(&file, source).expect("write hello.c");
+    compile_c_plugin(&file, &env.path("plugins/libhello.so"), &[]);
+    let listed = env.ok(&["list", "--all"]);
+    assert!(listed.contains("hello-vm") && listed.contains("shut off"), "{listed}");
+    let refused = env.fails(&["dominfo", "hello-vm"]);
+    assert_eq!(
+        refused.trim(),
+        "error: this function is not supported by the connection driver: the hello driver only lists its domain"
+    );
 }
