@@ -230,19 +230,21 @@ fn a_panic_in_a_rust_plugin_is_an_error_and_the_connection_goes_on() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("vm1"), "{out:?}");
 }
 
+/// Opening the plugin's scheme fails, naming `library` and `why` it was
+/// not loaded; returns the error.
+fn assert_refused(env: &TestEnv, library: &Path, why: &str) -> String {
+    let refused = env.fails(&["list", "--all"]);
+    let expected = format!("driver plugin '{}' is not loaded: {why}", library.display());
+    assert!(refused.contains(&expected), "{refused}");
+    refused
+}
+
 #[test]
 fn a_plugin_other_users_could_change_is_refused_naming_the_file() {
     let env = plugin_env("example:///");
     let library = install_rust_plugin(&env);
     set_mode(&library, 0o666);
-    let refused = env.fails(&["list", "--all"]);
-    assert!(
-        refused.contains(&format!(
-            "driver plugin '{}' is not loaded: it is writable by its group or by others (mode 0666)",
-            library.display()
-        )),
-        "{refused}"
-    );
+    let refused = assert_refused(&env, &library, "it is writable by its group or by others (mode 0666)");
     assert!(refused.contains("no driver for 'example'"), "{refused}");
 
     set_mode(&library, 0o755);
@@ -250,13 +252,10 @@ fn a_plugin_other_users_could_change_is_refused_naming_the_file() {
     let me = unsafe { libc::geteuid() };
     let other = if me == 65534 { 65533 } else { 65534 };
     std::os::unix::fs::chown(&library, Some(other), None).expect("chown (the tests run as root)");
-    let refused = env.fails(&["list", "--all"]);
-    assert!(
-        refused.contains(&format!(
-            "driver plugin '{}' is not loaded: it is owned by uid {other}, neither root nor the current user (uid {me})",
-            library.display()
-        )),
-        "{refused}"
+    assert_refused(
+        &env,
+        &library,
+        &format!("it is owned by uid {other}, neither root nor the current user (uid {me})"),
     );
 
     std::os::unix::fs::chown(&library, Some(me), None).expect("chown back");

@@ -228,20 +228,28 @@ static int in_set(const char *set, const char *disk) {
     return 0;
 }
 
+/* The next file name in d ending with suffix, without it, into name; 0 at the end. */
+static int next_named(DIR *d, const char *suffix, char *name, size_t size) {
+    struct dirent *e;
+    size_t cut = strlen(suffix);
+    while (d && (e = readdir(d))) {
+        size_t n = strlen(e->d_name);
+        if (n > cut && strcmp(e->d_name + n - cut, suffix) == 0) {
+            snprintf(name, size, "%.*s", (int)(n - cut), e->d_name);
+            return 1;
+        }
+    }
+    return 0;
+}
+
 static void list_domains(struct buf *out, struct connection *c) {
-    char dir[4096];
+    char dir[4096], name[256];
     path_of(dir, sizeof dir, c, "domains", NULL, NULL);
     struct buf list = {0};
     buf_add(&list, "[");
     DIR *d = opendir(dir);
-    struct dirent *e;
     int first = 1;
-    while (d && (e = readdir(d))) {
-        size_t n = strlen(e->d_name);
-        if (n < 5 || strcmp(e->d_name + n - 4, ".xml") != 0)
-            continue;
-        char name[256];
-        snprintf(name, sizeof name, "%.*s", (int)(n - 4), e->d_name);
+    while (next_named(d, ".xml", name, sizeof name)) {
         struct buf ignored = {0};
         char *xml = domain_xml(&ignored, c, name);
         free(ignored.text);
@@ -350,25 +358,21 @@ static void perform(struct buf *out, struct connection *c, const char *method, c
         struct buf list = {0};
         buf_add(&list, "[");
         DIR *d = opendir(path);
-        struct dirent *e;
         int first = 1;
-        while (d && (e = readdir(d))) {
-            size_t n = strlen(e->d_name);
-            if (n < 6 || strcmp(e->d_name + n - 5, ".meta") != 0)
-                continue;
-            char file[sizeof path + sizeof e->d_name + 1];
-            snprintf(file, sizeof file, "%s/%s", path, e->d_name);
+        char snapshot[256];
+        while (next_named(d, ".meta", snapshot, sizeof snapshot)) {
+            char file[sizeof path + sizeof snapshot + 8];
+            snprintf(file, sizeof file, "%s/%s.meta", path, snapshot);
             char *meta = read_file(file);
             long long when = 0;
             char state[32] = "", parent[256] = "";
             if (meta)
                 sscanf(meta, "%lld %31s %255s", &when, state, parent);
             free(meta);
-            buf_add(&list, "%s{\"name\":\"%.*s\",\"parent\":", first ? "" : ",", (int)(n - 5), e->d_name);
+            buf_add(&list, "%s{\"name\":\"%s\",\"parent\":", first ? "" : ",", snapshot);
             buf_add(&list, *parent ? "\"%s\"" : "null", parent);
             buf_add(&list, ",\"creation_time\":%lld,\"state\":\"%s\",\"current\":%s,\"location\":\"internal\"}", when,
-                    state,
-                    current && strlen(current) == n - 5 && strncmp(current, e->d_name, n - 5) == 0 ? "true" : "false");
+                    state, current && strcmp(current, snapshot) == 0 ? "true" : "false");
             first = 0;
         }
         if (d)
