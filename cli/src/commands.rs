@@ -1235,7 +1235,7 @@ fn lookup_error(e: strata_core::Error, name: &str) -> anyhow::Error {
 fn list_drivers(json: bool) -> Result<String> {
     let drivers = strata_core::registry::drivers();
     let refused: Vec<String> =
-        strata_core::plugin::discovered().refused.iter().map(|e| e.message().to_string()).collect();
+        strata_core::registry::plugins().refused.iter().map(|e| e.message().to_string()).collect();
     if json {
         return Ok(format!("{}\n", serde_json::to_string_pretty(&json!({ "drivers": drivers, "refused": refused }))?));
     }

@@ -81,10 +81,12 @@ impl Discovery {
     }
 }
 
-/// The plugins of this process, looked for and loaded at the first call.
-pub fn discovered() -> &'static Discovery {
+/// The plugins of this process, looked for and loaded at the first call;
+/// `builtin` are the schemes of the drivers linked in, which no plugin
+/// may take (the registry passes them).
+pub fn discovered(builtin: &[&str]) -> &'static Discovery {
     static DISCOVERY: OnceLock<Discovery> = OnceLock::new();
-    DISCOVERY.get_or_init(|| discover(&plugin_dirs()))
+    DISCOVERY.get_or_init(|| discover(&plugin_dirs(), builtin))
 }
 
 /// `$STRATA_PLUGIN_DIR`, then `<prefix>/lib/strata/drivers`.
@@ -97,8 +99,9 @@ pub fn plugin_dirs() -> Vec<PathBuf> {
 }
 
 /// Loads every `*.so` in `dirs` (a directory that does not exist holds
-/// none); the first plugin to claim a scheme serves it.
-pub fn discover(dirs: &[PathBuf]) -> Discovery {
+/// none); the first plugin to claim a scheme serves it, and one claiming a
+/// `builtin` scheme or one an earlier plugin serves is refused.
+pub fn discover(dirs: &[PathBuf], builtin: &[&str]) -> Discovery {
     let mut found = Discovery { plugins: Vec::new(), refused: Vec::new() };
     for dir in dirs {
         let Ok(entries) = std::fs::read_dir(dir) else { continue };
@@ -109,14 +112,17 @@ pub fn discover(dirs: &[PathBuf]) -> Discovery {
         libraries.sort();
         for path in libraries {
             match load(&path) {
-                Ok(plugin) => match plugin.schemes.iter().find(|s| found.find(s).is_some()) {
-                    Some(taken) => found.refused.push(refusal(
-                        &path,
-                        &format!("its scheme '{taken}' is served by an earlier plugin"),
-                        ErrorKind::OperationInvalid,
-                    )),
-                    None => found.plugins.push(plugin),
-                },
+                Ok(plugin) => {
+                    let taken = |s: &&String| builtin.contains(&s.as_str()) || found.find(s).is_some();
+                    match plugin.schemes.iter().find(taken) {
+                        Some(scheme) => found.refused.push(refusal(
+                            &path,
+                            &format!("its scheme '{scheme}' is served by another driver"),
+                            ErrorKind::OperationInvalid,
+                        )),
+                        None => found.plugins.push(plugin),
+                    }
+                }
                 Err(err) => found.refused.push(err),
             }
         }
@@ -763,7 +769,7 @@ mod tests {
         std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o644)).expect("chmod");
         std::fs::write(dir.path().join("README"), b"not a library").expect("write");
 
-        let found = discover(&[dir.path().to_path_buf(), dir.path().join("missing")]);
+        let found = discover(&[dir.path().to_path_buf(), dir.path().join("missing")], &["qemu"]);
         assert!(found.plugins.is_empty());
         let messages: Vec<String> = found.refused.iter().map(|e| e.message().to_string()).collect();
         assert_eq!(messages.len(), 2, "{messages:?}");

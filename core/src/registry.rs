@@ -42,6 +42,15 @@ pub struct DriverListing {
     pub library: Option<String>,
 }
 
+fn builtin_schemes() -> Vec<&'static str> {
+    inventory::iter::<DriverRegistration>.into_iter().map(|d| d.scheme).collect()
+}
+
+/// The plugins found, none of them taking a built-in driver's scheme.
+pub fn plugins() -> &'static plugin::Discovery {
+    plugin::discovered(&builtin_schemes())
+}
+
 /// Every driver: the built-in ones, then the plugins loaded.
 pub fn drivers() -> Vec<DriverListing> {
     let mut builtin: Vec<DriverListing> = inventory::iter::<DriverRegistration>
@@ -56,7 +65,7 @@ pub fn drivers() -> Vec<DriverListing> {
         .collect();
     builtin.sort_by(|a, b| a.name.cmp(&b.name));
     builtin.dedup();
-    let plugins = plugin::discovered().plugins.iter().map(|p| DriverListing {
+    let plugins = plugins().plugins.iter().map(|p| DriverListing {
         name: p.name.clone(),
         schemes: p.schemes.clone(),
         origin: "plugin",
@@ -73,7 +82,7 @@ pub fn open(uri: &str) -> Result<Box<dyn Connection>> {
     if let Some(reg) = inventory::iter::<DriverRegistration>.into_iter().find(|d| d.scheme == parsed.driver) {
         return (reg.open)(&parsed);
     }
-    let discovery = plugin::discovered();
+    let discovery = plugins();
     if let Some(plugin) = discovery.find(&parsed.driver) {
         return plugin.open(&parsed);
     }

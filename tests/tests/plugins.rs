@@ -51,7 +51,12 @@ fn rust_plugin() -> &'static Path {
 /// claiming ABI version `abi` when given.
 fn build_c_plugin(dir: &Path, abi: Option<u32>) -> PathBuf {
     let defines: Vec<String> = abi.map(|abi| format!("-DEXAMPLEC_ABI_VERSION={abi}")).into_iter().collect();
-    compile_c_plugin(&workspace().join("tests/plugins/example-c/example.c"), &dir.join("libexamplec.so"), &defines)
+    build_c_example_as(&dir.join("libexamplec.so"), &defines)
+}
+
+/// The C example built into `library` with the extra `defines`.
+fn build_c_example_as(library: &Path, defines: &[String]) -> PathBuf {
+    compile_c_plugin(&workspace().join("tests/plugins/example-c/example.c"), library, defines)
 }
 
 /// Compiles the C driver `source` into the shared library `library` with
@@ -208,6 +213,24 @@ fn a_plugin_of_another_abi_version_is_refused_naming_both_versions() {
     assert!(refused.starts_with("error: failed to connect to the hypervisor"), "{refused}");
     assert!(refused.contains(&expected), "{refused}");
     assert!(env.ok(&["capabilities", "--all"]).contains(&format!("Refused: {expected}")));
+}
+
+#[test]
+fn a_plugin_claiming_a_scheme_already_served_is_refused() {
+    let env = plugin_env("examplec:///");
+    let first = build_c_plugin(&env.path("plugins"), None);
+    let second = build_c_example_as(&env.path("plugins/libexamplec2.so"), &[]);
+    let as_qemu = build_c_example_as(&env.path("plugins/libqemu.so"), &["-DEXAMPLEC_SCHEME=\"qemu\"".to_string()]);
+    let listing = env.ok(&["capabilities", "--all"]);
+    for (library, scheme) in [(&second, "examplec"), (&as_qemu, "qemu")] {
+        let refused = format!(
+            "Refused: driver plugin '{}' is not loaded: its scheme '{scheme}' is served by another driver",
+            library.display()
+        );
+        assert!(listing.contains(&refused), "{listing}");
+    }
+    assert!(listing.contains(&first.display().to_string()), "{listing}");
+    env.ok(&["list", "--all"]);
 }
 
 #[test]

@@ -19,7 +19,8 @@
  * prints what the host answered.
  *
  * EXAMPLEC_ABI_VERSION (the header's STRATA_ABI_VERSION unless defined on the
- * command line) is the version its table claims.
+ * command line) is the version its table claims, and EXAMPLEC_SCHEME
+ * ("examplec" unless defined) the scheme.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -36,6 +37,10 @@
 
 #ifndef EXAMPLEC_ABI_VERSION
 #define EXAMPLEC_ABI_VERSION STRATA_ABI_VERSION
+#endif
+
+#ifndef EXAMPLEC_SCHEME
+#define EXAMPLEC_SCHEME "examplec"
 #endif
 
 #define MAX_CALLBACKS 8
@@ -550,7 +555,7 @@ static void examplec_close(void *handle) {
     free(c);
 }
 
-static const char *const schemes[] = {"examplec", NULL};
+static const char *const schemes[] = {EXAMPLEC_SCHEME, NULL};
 
 static const StrataDriverV1 table = {
     .abi_version = EXAMPLEC_ABI_VERSION,
