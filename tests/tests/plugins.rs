@@ -11,6 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use common::{domain_xml, DiskSpec, TestEnv};
 
@@ -318,4 +319,32 @@ fn the_c_driver_in_the_plugin_docs_builds_and_answers() {
         refused.trim(),
         "error: this function is not supported by the connection driver: the hello driver only lists its domain"
     );
+}
+
+/// Waits for `path` to exist (a hang guard, not a timing).
+async fn wait_for_file(path: &Path, what: &str) {
+    let guard = Instant::now() + Duration::from_secs(120);
+    while !path.exists() {
+        assert!(Instant::now() < guard, "{what}: {} never appeared", path.display());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A call the host gives up (its future dropped, as when `strata` is
+/// interrupted) is cancelled in the plugin, whose driver sees its call end.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_the_host_gives_up_is_cancelled_in_the_plugin() {
+    let env = plugin_env("example:///");
+    install_rust_plugin(&env);
+    let discovery = Box::leak(Box::new(strata_core::plugin::discover(&[env.path("plugins")], &[])));
+    let plugin = discovery.find("example").expect("the example plugin loads");
+    let state = env.path("example-state");
+    let uri = format!("example:///?root={}&hang=list_domains", state.display());
+    let conn = plugin.open(&strata_core::uri::ConnectUri::parse(&uri).expect("URI")).expect("open");
+    let started = state.join("list_domains.started");
+    tokio::select! {
+        listed = conn.list_domains() => panic!("the hanging call returned: {listed:?}"),
+        () = wait_for_file(&started, "the call") => {}
+    }
+    wait_for_file(&state.join("list_domains.cancelled"), "the cancellation").await;
 }

@@ -7,7 +7,10 @@
 //! A snapshot is a copy of the domain's definition; reverting puts it
 //! back. Lifecycle events go to the host's callbacks as they happen.
 //! `STRATA_EXAMPLE_PANIC_IN=domain_info` makes `domain_info` panic, to
-//! show what the SDK does with a panicking driver.
+//! show what the SDK does with a panicking driver, and the URI's
+//! `hang=list_domains` makes `list_domains` wait for an hour, writing
+//! `list_domains.started` in the state directory when it starts and
+//! `list_domains.cancelled` when the call is given up, to show cancellation.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -36,6 +39,17 @@ pub struct ExampleDriver {
     uri: String,
     root: PathBuf,
     events: EventSink,
+    /// The method that hangs (the URI's `hang`).
+    hang: Option<String>,
+}
+
+/// Marks a hanging call given up, when the SDK drops it.
+struct CancelMark(PathBuf);
+
+impl Drop for CancelMark {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.0, "");
+    }
 }
 
 /// A snapshot as the example keeps it.
@@ -198,7 +212,7 @@ impl PluginDriver for ExampleDriver {
                     uri.as_str()
                 ))
             })?;
-        Ok(ExampleDriver { uri: uri.as_str().to_string(), root, events })
+        Ok(ExampleDriver { uri: uri.as_str().to_string(), root, events, hang: uri.param("hang").map(str::to_string) })
     }
 }
 
@@ -213,6 +227,11 @@ impl Connection for ExampleDriver {
     }
 
     async fn list_domains(&self) -> Result<Vec<DomainSummary>> {
+        if self.hang.as_deref() == Some("list_domains") {
+            write(&self.root.join("list_domains.started"), "")?;
+            let _mark = CancelMark(self.root.join("list_domains.cancelled"));
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+        }
         let dir = self.root.join("domains");
         let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(Vec::new()) };
         let mut names: Vec<String> =
