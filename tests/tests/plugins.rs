@@ -2,8 +2,13 @@
 //! Rust example (`tests/plugins/example-rust`, built with cargo) and the C
 //! example (`tests/plugins/example-c`, built here with `cc` from
 //! `sdk/include/strata_driver.h` alone), each put in a temporary
-//! `$STRATA_PLUGIN_DIR` and opened by URI. Both keep their state in a
-//! directory, so each command's `strata` sees what the one before did.
+//! `$STRATA_PLUGIN_DIR` (or under the executable's prefix) and opened by
+//! URI. Both keep their state in a directory, so each command's `strata`
+//! sees what the one before did. Covered: the ordinary commands on both,
+//! `capabilities --all`, the refusals (another ABI version, a library
+//! others could change, a scheme already served), a panic, a callback
+//! used after it was stopped, a cancelled call, and the C driver in
+//! docs/plugins.md.
 
 mod common;
 
@@ -347,4 +352,33 @@ async fn a_call_the_host_gives_up_is_cancelled_in_the_plugin() {
         () = wait_for_file(&started, "the call") => {}
     }
     wait_for_file(&state.join("list_domains.cancelled"), "the cancellation").await;
+}
+
+/// Without `$STRATA_PLUGIN_DIR`, plugins are found in
+/// `<prefix>/lib/strata/drivers`, the prefix being the directory above the
+/// executable's.
+#[test]
+fn plugins_are_found_under_the_executables_prefix() {
+    let env = plugin_env("example:///");
+    let (bin, drivers) = (env.path("prefix/bin"), env.path("prefix/lib/strata/drivers"));
+    std::fs::create_dir_all(&bin).expect("bin dir");
+    std::fs::create_dir_all(&drivers).expect("drivers dir");
+    let strata = bin.join("strata");
+    let built = Path::new(env!("CARGO_BIN_EXE_strata-test-cli"));
+    if std::fs::hard_link(built, &strata).is_err() {
+        std::fs::copy(built, &strata).expect("copy strata");
+    }
+    let library = drivers.join("libstrata_example_rust.so");
+    std::fs::copy(rust_plugin(), &library).expect("copy the plugin");
+    set_mode(&library, 0o755);
+    let out = Command::new(&strata)
+        .args(["capabilities", "--all", "--json"])
+        .env_remove("STRATA_PLUGIN_DIR")
+        .output()
+        .expect("run strata");
+    assert!(out.status.success(), "{out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let libraries: Vec<&str> =
+        json["drivers"].as_array().expect("drivers").iter().filter_map(|d| d["library"].as_str()).collect();
+    assert_eq!(libraries, [library.to_str().expect("utf8")]);
 }
