@@ -105,6 +105,15 @@ pub fn discover(dirs: &[PathBuf], builtin: &[&str]) -> Discovery {
     let mut found = Discovery { plugins: Vec::new(), refused: Vec::new() };
     for dir in dirs {
         let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        // Another user who can write the directory can swap a trusted
+        // library for their own between the check and the load.
+        if let Err(why) = check_owner_and_mode(dir) {
+            found.refused.push(Error::new(
+                ErrorKind::OperationInvalid,
+                format!("driver plugin directory '{}' is not used: {why}", dir.display()),
+            ));
+            continue;
+        }
         let mut libraries: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e == "so"))
@@ -136,19 +145,22 @@ fn refusal(path: &Path, why: &str, kind: ErrorKind) -> Error {
 
 /// Refuses a library another user could have put there or changed.
 fn check_trusted(path: &Path) -> Result<()> {
-    let untrusted = |why: &str| refusal(path, why, ErrorKind::OperationInvalid);
-    let meta = std::fs::metadata(path).map_err(|e| untrusted(&format!("cannot read its status: {e}")))?;
+    check_owner_and_mode(path).map_err(|why| refusal(path, &why, ErrorKind::OperationInvalid))
+}
+
+/// Why another user could change `path` (a library or the directory that
+/// holds it), if they could: it is owned by neither root nor the current
+/// user, or its group or others may write it.
+fn check_owner_and_mode(path: &Path) -> std::result::Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read its status: {e}"))?;
     // SAFETY: geteuid(2) has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
     if meta.uid() != 0 && meta.uid() != me {
-        return Err(untrusted(&format!(
-            "it is owned by uid {}, neither root nor the current user (uid {me})",
-            meta.uid()
-        )));
+        return Err(format!("it is owned by uid {}, neither root nor the current user (uid {me})", meta.uid()));
     }
     let mode = meta.mode() & 0o7777;
     if mode & 0o022 != 0 {
-        return Err(untrusted(&format!("it is writable by its group or by others (mode {mode:04o})")));
+        return Err(format!("it is writable by its group or by others (mode {mode:04o})"));
     }
     Ok(())
 }
@@ -784,6 +796,28 @@ mod tests {
                 "driver plugin '{}' is not loaded: it is writable by its group or by others (mode 0666)",
                 writable.display()
             )
+        );
+    }
+
+    /// A directory others may write is not looked into: its libraries are
+    /// neither loaded nor listed, and the refusal names the directory.
+    #[test]
+    fn discovery_refuses_a_directory_others_can_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let library = dir.path().join("libbroken.so");
+        std::fs::write(&library, b"not an ELF file").expect("write");
+        std::fs::set_permissions(&library, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
+
+        let found = discover(&[dir.path().to_path_buf()], &["qemu"]);
+        assert!(found.plugins.is_empty());
+        let messages: Vec<String> = found.refused.iter().map(|e| e.message().to_string()).collect();
+        assert_eq!(
+            messages,
+            [format!(
+                "driver plugin directory '{}' is not used: it is writable by its group or by others (mode 0777)",
+                dir.path().display()
+            )]
         );
     }
 }
