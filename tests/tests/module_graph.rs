@@ -461,6 +461,11 @@ fn a_hand_made_cycle_is_found_and_named() {
 }
 
 #[test]
+fn qemu_block_modules_depend_one_way() {
+    assert_no_module_cycles(&workspace_dir("drivers/qemu-block/src"));
+}
+
+#[test]
 fn engine_modules_depend_one_way() {
     assert_no_module_cycles(&workspace_dir("drivers/engine/src"));
 }

@@ -1,41 +1,12 @@
-//! The QEMU command line for a domain: machine, memory, monitors, and one
-//! `-blockdev` graph per disk with explicit node names and backing links,
-//! so that QEMU opens exactly the chain recorded in the XML and never
-//! follows image headers on its own.
+//! The QEMU command line for a domain: machine, memory, monitors, devices,
+//! NICs, and one `-blockdev` graph per disk built by `strata_qemu_block`
+//! with explicit node names and backing links, so that QEMU opens exactly
+//! the chain recorded in the XML and never follows image headers on its own.
 
-use std::path::{Path, PathBuf};
-
-use serde_json::{json, Value};
-use strata_core::chain::{Backing, StorageSource};
-use strata_core::xml::{Disk, Domain, Interface};
+use strata_core::xml::{Disk, Domain, Interface, StorageDevice};
 use strata_core::{Error, Result};
-
-/// How many QMP monitors each QEMU gets: one `strata` process can hold one
-/// for a long call (a block job's `--wait`) while others use the rest.
-pub const MONITORS: usize = 4;
-
-/// Where a running domain keeps its sockets and log.
-#[derive(Debug, Clone)]
-pub struct RuntimePaths {
-    pub dir: PathBuf,
-}
-
-impl RuntimePaths {
-    pub fn monitor_socket(&self, n: usize) -> PathBuf {
-        self.dir.join(format!("qmp-{n}.sock"))
-    }
-    pub fn monitor_lock(&self, n: usize) -> PathBuf {
-        self.dir.join(format!("qmp-{n}.lock"))
-    }
-    pub fn log(&self) -> PathBuf {
-        self.dir.join("qemu.log")
-    }
-    /// The throwaway overlay a transient disk's guest writes go to; it
-    /// lives and dies with the runtime directory.
-    pub fn transient_overlay(&self, target: &str) -> PathBuf {
-        self.dir.join(format!("transient-{target}.qcow2"))
-    }
-}
+use strata_qemu_block::nodes::device_blockdevs;
+use strata_qemu_block::runtime::{RuntimePaths, MONITORS};
 
 /// The accelerator a domain type asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +84,7 @@ pub fn command_line(dom: &Domain, accel: Accel, paths: &RuntimePaths) -> Result<
     for disk in dom.disks()? {
         strata_engine::definitions::check_transient_disk(&disk)?;
         let overlay = disk.transient.then(|| paths.transient_overlay(&disk.target));
-        let root = disk_blockdevs(&disk, "-blockdev", &mut args, overlay.as_deref())?;
+        let root = device_blockdevs(&StorageDevice::Disk(disk.clone()), "-blockdev", &mut args, overlay.as_deref())?;
         let (controller, device) = device_for(&disk, root.as_deref(), &mut scsi_controller, &mut ide_unit, &machine)?;
         if let Some(controller) = controller {
             args.push("-device".into());
@@ -189,177 +160,6 @@ fn user_interface(iface: &Interface, index: usize) -> Result<Option<(String, Str
     Ok(Some((netdev, format!("{device},id={id},netdev=host{id}{mac}"))))
 }
 
-/// `qemu-storage-daemon`'s arguments for a shut-off domain's disks: the
-/// same node graph as a start would build, each disk's root exported over
-/// NBD (so the daemon keeps a parent for it that follows a pivot, as a
-/// guest device does) under the disk's target name, and the same monitors.
-/// A transient disk is opened and exported read-only: no job writes it.
-pub fn storage_daemon_command_line(dom: &Domain, paths: &RuntimePaths) -> Result<Vec<String>> {
-    let mut args = Vec::new();
-    let mut exports = Vec::new();
-    for disk in dom.disks()? {
-        if let Some(root) = disk_blockdevs(&disk, "--blockdev", &mut args, None)? {
-            let writable = if read_only(&disk) { "off" } else { "on" };
-            exports.push(format!("type=nbd,id={},node-name={root},writable={writable}", disk.target));
-        }
-    }
-    args.push("--nbd-server".into());
-    args.push(format!("addr.type=unix,addr.path={}", paths.dir.join("nbd.sock").display()));
-    for e in exports {
-        args.push("--export".into());
-        args.push(e);
-    }
-    for n in 0..MONITORS {
-        args.push("--chardev".into());
-        args.push(format!("socket,id=qmp{n},path={},server=on,wait=off", paths.monitor_socket(n).display()));
-        args.push("--monitor".into());
-        args.push(format!("chardev=qmp{n}"));
-    }
-    Ok(args)
-}
-
-/// The format node of a disk's active layer as a start names it.
-pub fn root_node(target: &str) -> String {
-    node_name(target, 0, "fmt")
-}
-
-/// Node names are limited to 31 characters; targets are short (`vda`).
-fn node_name(target: &str, layer: usize, kind: &str) -> String {
-    format!("{target}-{layer}-{kind}")
-}
-
-/// The format node of a transient disk's throwaway overlay, the device's
-/// root; readers of the live chain look through it (see `live`).
-pub fn transient_node(target: &str) -> String {
-    format!("{target}-transient-fmt")
-}
-
-/// Whether the guest (or a job) must not write the disk's own image.
-fn read_only(disk: &Disk) -> bool {
-    disk.readonly || disk.device == "cdrom" || disk.transient
-}
-
-/// Appends `flag JSON` for each layer of `disk`, and for a transient disk
-/// started with `transient_overlay` that overlay on top; returns the root.
-fn disk_blockdevs(
-    disk: &Disk,
-    flag: &str,
-    args: &mut Vec<String>,
-    transient_overlay: Option<&Path>,
-) -> Result<Option<String>> {
-    let Some(chain) = &disk.chain else { return Ok(None) };
-    // Storage this driver cannot open is refused before anything else.
-    let mut protocols = chain
-        .layers
-        .iter()
-        .enumerate()
-        .map(|(id, layer)| protocol_node(&layer.source, &node_name(&disk.target, id, "file"), &disk.target))
-        .collect::<Result<Vec<_>>>()?;
-    if !chain.is_complete() {
-        return Err(Error::operation_invalid(format!(
-            "disk '{}' has no complete backing chain recorded; run dumpxml --refresh-chain or domblkcheck",
-            disk.target
-        )));
-    }
-    // Backing layers first so every `backing` reference names an existing node.
-    for id in (0..chain.layers.len()).rev() {
-        let layer = &chain.layers[id];
-        let readonly = id > 0 || read_only(disk);
-        let protocol = std::mem::take(&mut protocols[id]);
-        let format = layer.format.as_deref().unwrap_or("raw");
-        let mut fmt = json!({
-            "driver": format,
-            "node-name": node_name(&disk.target, id, "fmt"),
-            "file": protocol,
-            "read-only": readonly,
-        });
-        if let Some(slice) = layer.slice {
-            // QEMU's raw driver opens the slice itself; no other format does.
-            if format != "raw" {
-                return Err(Error::config_unsupported(format!(
-                    "disk '{}': layer {} ({}) is a {format} image in a slice of its storage, which this driver \
-                     opens only for raw images",
-                    disk.target, layer.index, layer.source
-                )));
-            }
-            fmt["offset"] = json!(slice.offset);
-            if let Some(size) = slice.size {
-                fmt["size"] = json!(size);
-            }
-        }
-        if format != "raw" {
-            fmt["backing"] = match &layer.backing {
-                Backing::Layers(v) => {
-                    v.first().map(|c| Value::String(node_name(&disk.target, *c, "fmt"))).unwrap_or(Value::Null)
-                }
-                _ => Value::Null,
-            };
-        }
-        args.push(flag.to_string());
-        args.push(fmt.to_string());
-    }
-    let image_root = node_name(&disk.target, 0, "fmt");
-    let Some(overlay) = transient_overlay else { return Ok(Some(image_root)) };
-    let root = transient_node(&disk.target);
-    let overlay = json!({
-        "driver": "qcow2",
-        "node-name": root,
-        "file": protocol_node(&StorageSource::local(overlay.to_path_buf()), &format!("{}-transient-file", disk.target), &disk.target)?,
-        "backing": image_root,
-        "read-only": false,
-    });
-    args.push(flag.to_string());
-    args.push(overlay.to_string());
-    Ok(Some(root))
-}
-
-fn protocol_node(source: &StorageSource, node: &str, target: &str) -> Result<Value> {
-    Ok(match source {
-        StorageSource::File { path } => json!({
-            "driver": "file", "node-name": node, "filename": path_str(path)?,
-            "auto-read-only": true, "discard": "unmap",
-        }),
-        StorageSource::Block { dev } => json!({
-            "driver": "host_device", "node-name": node, "filename": path_str(dev)?,
-            "auto-read-only": true, "discard": "unmap",
-        }),
-        StorageSource::Network(n) if n.protocol == "nbd" => {
-            let host = n.hosts.first().cloned().unwrap_or_default();
-            let server = match (&host.transport, &host.socket) {
-                (Some(t), Some(sock)) if t == "unix" => json!({"type": "unix", "path": sock}),
-                _ => json!({
-                    "type": "inet",
-                    "host": host.name.clone().unwrap_or_else(|| "localhost".into()),
-                    "port": host.port.unwrap_or(10809).to_string(),
-                }),
-            };
-            let mut v = json!({"driver": "nbd", "node-name": node, "server": server});
-            if let Some(export) = &n.name {
-                v["export"] = Value::String(export.clone());
-            }
-            v
-        }
-        StorageSource::Network(n) => {
-            return Err(Error::config_unsupported(format!(
-                "disk '{target}': network storage '{n}' uses protocol '{}', which the QEMU driver cannot start \
-                 (it starts nbd)",
-                n.protocol
-            )))
-        }
-        other => {
-            return Err(Error::config_unsupported(format!(
-                "disk '{target}': storage '{other}' of type '{}' cannot be started by the QEMU driver \
-                 (it starts file, block and nbd network storage)",
-                other.type_name()
-            )))
-        }
-    })
-}
-
-fn path_str(p: &Path) -> Result<&str> {
-    p.to_str().ok_or_else(|| Error::invalid_arg(format!("path '{}' is not valid UTF-8", p.display())))
-}
-
 /// `(optional controller device, the disk's device)` for `-device`.
 fn device_for(
     disk: &Disk,
@@ -418,6 +218,8 @@ fn device_for(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
+    use strata_qemu_block::daemon::storage_daemon_command_line;
 
     fn paths() -> RuntimePaths {
         RuntimePaths { dir: PathBuf::from("/run/x") }
@@ -476,7 +278,8 @@ mod tests {
         assert!(args.contains(&"virtio-blk-pci,id=vda,drive=vda-transient-fmt".to_string()));
 
         // Offline jobs never write it: read-only nodes, a read-only export.
-        let args = storage_daemon_command_line(&dom, &paths()).expect("daemon command line");
+        let disks: Vec<_> = dom.disks().expect("disks").into_iter().map(StorageDevice::Disk).collect();
+        let args = storage_daemon_command_line(&disks, &paths()).expect("daemon command line");
         let devs = blockdevs_of(&args, "--blockdev");
         assert!(devs
             .iter()

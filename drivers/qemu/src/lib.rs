@@ -41,22 +41,19 @@ use strata_core::pool::PoolManager;
 use strata_core::registry::DriverRegistration;
 use strata_core::store::Store;
 use strata_core::uri::ConnectUri;
-use strata_core::xml::Domain;
+use strata_core::xml::{Domain, StorageDevice};
 use strata_core::{Error, ErrorKind, Result};
 use strata_engine::job::engine::{BlockJobEngine, BlockJobHost, Served};
 
-pub use launch::MONITORS;
-use live::{LiveStatus, Monitor, MonitorCache};
+use live::{LiveStatus, MonitorCache};
+use strata_qemu_block::daemon::{storage_daemon_binary, storage_daemon_command_line, wait_for_socket};
+use strata_qemu_block::graph::live_chains;
+use strata_qemu_block::monitor::{qmp_error, Monitor};
+pub use strata_qemu_block::runtime::MONITORS;
 
 /// The emulator binary: `$STRATA_QEMU` or `qemu-system-x86_64` on `PATH`.
 fn qemu_binary() -> String {
     std::env::var("STRATA_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_string())
-}
-
-/// The storage daemon for offline jobs: `$STRATA_QEMU_STORAGE_DAEMON` or
-/// `qemu-storage-daemon` on `PATH`.
-fn storage_daemon_binary() -> String {
-    std::env::var("STRATA_QEMU_STORAGE_DAEMON").unwrap_or_else(|_| "qemu-storage-daemon".to_string())
 }
 
 /// A connection to one QEMU driver instance (one state root).
@@ -177,7 +174,7 @@ impl QemuConnection {
         };
         if let Some(status) = live::reconcile(&self.store, &name)?.filter(LiveStatus::is_vm) {
             let Some(monitor) = self.attach(&name, &status).await? else { return Ok(s) };
-            let run = monitor.client.query_status().await.map_err(|e| live::qmp_error(&name, e))?;
+            let run = monitor.client.query_status().await.map_err(|e| qmp_error(&name, e))?;
             let (state, reason) = live::state_of(run.status);
             s.id = Some(status.id);
             s.state = state;
@@ -221,7 +218,8 @@ impl QemuConnection {
                 (qemu_binary(), args)
             }
             live::Server::StorageDaemon => {
-                (storage_daemon_binary(), launch::storage_daemon_command_line(&launched, &paths)?)
+                let disks: Vec<StorageDevice> = launched.disks()?.into_iter().map(StorageDevice::Disk).collect();
+                (storage_daemon_binary(), storage_daemon_command_line(&disks, &paths)?)
             }
         };
         live::cleanup(&self.store, name)?;
@@ -248,7 +246,7 @@ impl QemuConnection {
         };
         strata_core::crash_point("server:spawned");
         let started = async {
-            live::wait_for_socket(&paths.monitor_socket(MONITORS - 1), &mut spawned.child, &paths.log()).await?;
+            wait_for_socket(&paths.monitor_socket(MONITORS - 1), &mut spawned.child, &paths.log()).await?;
             let mut status = LiveStatus::new(spawned.id, id, dom, server, owner);
             status.starting = false;
             if server == live::Server::Vm && mode == StartMode::Run {
@@ -266,7 +264,7 @@ impl QemuConnection {
                     .await?;
             }
             if server == live::Server::Vm && mode == StartMode::Run {
-                monitor.client.execute("cont", None).await.map_err(|e| live::qmp_error(name, e))?;
+                monitor.client.execute("cont", None).await.map_err(|e| qmp_error(name, e))?;
             }
             Ok::<(), Error>(())
         }
@@ -306,7 +304,7 @@ impl QemuConnection {
         let (status, monitor) = self.running(name).await?;
         let mut dom = status.domain.clone();
         dom.set_id(Some(status.id));
-        let chains = live::live_chains(&monitor.client, name).await?;
+        let chains = live_chains(&monitor.client, name).await?;
         let pools = PoolManager::new(self.store.clone());
         for disk in dom.disks()? {
             if let Some(live) = chains.get(&disk.target) {
@@ -467,19 +465,19 @@ impl Connection for QemuConnection {
 
     async fn shutdown(&self, name: &str) -> Result<()> {
         let (_, monitor) = self.running(name).await?;
-        monitor.client.execute("system_powerdown", None).await.map_err(|e| live::qmp_error(name, e))?;
+        monitor.client.execute("system_powerdown", None).await.map_err(|e| qmp_error(name, e))?;
         Ok(())
     }
 
     async fn suspend(&self, name: &str) -> Result<()> {
         let (_, monitor) = self.running(name).await?;
-        monitor.client.execute("stop", None).await.map_err(|e| live::qmp_error(name, e))?;
+        monitor.client.execute("stop", None).await.map_err(|e| qmp_error(name, e))?;
         self.record_reason(name, DomainState::Paused, "user")
     }
 
     async fn resume(&self, name: &str) -> Result<()> {
         let (_, monitor) = self.running(name).await?;
-        monitor.client.execute("cont", None).await.map_err(|e| live::qmp_error(name, e))?;
+        monitor.client.execute("cont", None).await.map_err(|e| qmp_error(name, e))?;
         self.record_reason(name, DomainState::Running, "unpaused")
     }
 
@@ -507,7 +505,7 @@ impl Connection for QemuConnection {
         // Running: what the status XML records, what QEMU has open and what
         // the image headers say are compared pairwise.
         let (status, monitor) = self.running(name).await?;
-        let qemu = live::live_chains(&monitor.client, name).await?;
+        let qemu = live_chains(&monitor.client, name).await?;
         let mut recorded = status.domain.clone();
         let pools = PoolManager::new(self.store.clone());
         let mut checks = define::check_chains_in_pools(&mut recorded, disk, false, &pools)?;
@@ -671,7 +669,7 @@ impl BlockJobHost for QemuConnection {
 
     async fn serving(&self, domain: &str) -> Result<Option<Served<jobs::QemuJobServer>>> {
         Ok(QemuConnection::serving(self, domain).await?.map(|(status, monitor)| Served {
-            server: jobs::QemuJobServer::new(&self.store, domain, monitor, &status),
+            server: jobs::job_server(&self.store, domain, monitor, &status),
             jobs: status.jobs,
             live: status.domain,
         }))

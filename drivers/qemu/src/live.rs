@@ -13,22 +13,20 @@
 //! use the rest.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use strata_core::chain::{Chain, StorageSource};
 use strata_core::driver::DomainState;
 use strata_core::store::Store;
 use strata_core::xml::{Domain, Element};
-use strata_core::{Error, ErrorKind, Result};
-use strata_qmp::types::RunState;
-use strata_qmp::{QmpClient, QmpError};
-
-use crate::launch::{RuntimePaths, MONITORS};
+use strata_core::{Error, Result};
 use strata_engine::job::record::{self, JobRecord};
 use strata_engine::process::{Liveness, ProcessId};
+use strata_qemu_block::monitor::{acquire, qmp_error, Monitor};
+use strata_qemu_block::nodes::root_node;
+use strata_qemu_block::runtime::{RuntimePaths, MONITORS};
+use strata_qmp::types::RunState;
+use strata_qmp::{QmpClient, QmpError};
 
 /// The live status of a running domain, as kept in `status.xml`.
 #[derive(Debug, Clone)]
@@ -75,7 +73,7 @@ impl LiveStatus {
             .unwrap_or_default()
             .into_iter()
             .filter(|d| d.chain.is_some())
-            .map(|d| (d.target.clone(), crate::launch::root_node(&d.target)))
+            .map(|d| (d.target.clone(), root_node(&d.target)))
             .collect();
         LiveStatus {
             process,
@@ -283,12 +281,6 @@ pub fn cleanup(store: &Store, name: &str) -> Result<()> {
     }
 }
 
-/// A connected monitor and the lock that reserves it for this process.
-pub struct Monitor {
-    pub client: QmpClient,
-    _lock: File,
-}
-
 /// Monitors this process holds, by domain name.
 #[derive(Default)]
 pub struct MonitorCache {
@@ -314,55 +306,6 @@ impl MonitorCache {
     }
 }
 
-/// Takes the first free monitor, waiting up to 30 s for one.
-async fn acquire(paths: &RuntimePaths, name: &str) -> Result<Monitor> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        for n in 0..MONITORS {
-            let lock_path = paths.monitor_lock(n);
-            let file = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&lock_path)
-                .map_err(|e| Error::io("open the monitor lock", &lock_path, e))?;
-            if file.try_lock().is_err() {
-                continue;
-            }
-            let socket = paths.monitor_socket(n);
-            let client = QmpClient::connect_with_timeout(&socket, Duration::from_secs(10))
-                .await
-                .map_err(|e| qmp_error(name, e))?;
-            tracing::debug!(domain = name, monitor = n, "QMP monitor attached");
-            return Ok(Monitor { client, _lock: file });
-        }
-        if Instant::now() >= deadline {
-            return Err(Error::new(
-                ErrorKind::OperationTimeout,
-                format!("all {MONITORS} QMP monitors of domain '{name}' stayed busy for 30 s"),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Maps a QMP failure into Strata's error, keeping QEMU's class and text.
-pub fn qmp_error(domain: &str, e: QmpError) -> Error {
-    match e {
-        QmpError::Command { command, class, desc } => {
-            Error::internal(format!("unable to execute QEMU command '{command}': {desc} ({class})"))
-        }
-        QmpError::Timeout { command, after } => Error::new(
-            ErrorKind::OperationTimeout,
-            format!("QEMU of domain '{domain}' did not answer '{command}' within {after:?}"),
-        ),
-        QmpError::Disconnected => {
-            Error::operation_failed(format!("the QEMU of domain '{domain}' closed its monitor (did it exit?)"))
-        }
-        other => Error::operation_failed(format!("QMP with domain '{domain}': {other}")),
-    }
-}
-
 /// virsh's state for a QEMU run state, with libvirt's reason words.
 pub fn state_of(run: RunState) -> (DomainState, &'static str) {
     match run {
@@ -380,57 +323,6 @@ pub fn state_of(run: RunState) -> (DomainState, &'static str) {
         RunState::Suspended => (DomainState::PmSuspended, "unknown"),
         RunState::Colo | RunState::Unknown => (DomainState::NoState, "unknown"),
     }
-}
-
-/// A disk as QEMU has it open: its chain and the format node of each layer
-/// (same order as `chain.layers`).
-#[derive(Debug, Clone)]
-pub struct LiveDisk {
-    pub chain: Chain,
-    pub nodes: Vec<String>,
-}
-
-impl LiveDisk {
-    pub fn root(&self) -> Option<&str> {
-        self.nodes.first().map(String::as_str)
-    }
-}
-
-/// The chain QEMU has open for each disk target, read from its block
-/// graph: the device's root node, then `backing` edges down, each format
-/// node's driver and its protocol child's file name. A transient disk's
-/// throwaway overlay is looked through: the disk's chain is its image's.
-pub async fn live_chains(client: &QmpClient, domain: &str) -> Result<HashMap<String, LiveDisk>> {
-    let block = client.query_block().await.map_err(|e| qmp_error(domain, e))?;
-    let graph = BlockGraph::query(client, domain).await?;
-    let mut out = HashMap::new();
-    for dev in &block {
-        let Some(qdev) = &dev.qdev else { continue };
-        let Some(target) = qdev.strip_prefix("/machine/peripheral/").and_then(|r| r.split('/').next()) else {
-            continue;
-        };
-        let Some(mut root) = dev.inserted.as_ref().and_then(|i| i.node_name.clone()) else { continue };
-        if root == crate::launch::transient_node(target) {
-            root = graph
-                .child(&root, "backing")
-                .ok_or_else(|| Error::internal(format!("transient disk '{target}' has no image below its overlay")))?;
-        }
-        out.insert(target.to_string(), graph.chain_from(&root, target)?);
-    }
-    // A storage daemon has no devices; each disk is an NBD export named
-    // after its target, whose node follows a pivot as a device's would.
-    if block.is_empty() {
-        let exports = client.execute("query-block-exports", None).await.map_err(|e| qmp_error(domain, e))?;
-        for e in exports.as_array().into_iter().flatten() {
-            let (Some(id), Some(node)) =
-                (e.get("id").and_then(|v| v.as_str()), e.get("node-name").and_then(|v| v.as_str()))
-            else {
-                continue;
-            };
-            out.insert(id.to_string(), graph.chain_from(node, id)?);
-        }
-    }
-    Ok(out)
 }
 
 /// The MAC QEMU reports for the NIC of each of the domain's interfaces
@@ -454,105 +346,6 @@ pub async fn nic_macs(client: &QmpClient, domain: &str, dom: &Domain) -> Result<
     Ok(out)
 }
 
-/// QEMU's block graph: nodes by name, and named edges between them.
-pub struct BlockGraph {
-    nodes: HashMap<String, strata_qmp::types::NamedBlockNode>,
-    names: HashMap<u64, String>,
-    ids: HashMap<String, u64>,
-    edges: Vec<(u64, u64, String)>,
-}
-
-impl BlockGraph {
-    pub async fn query(client: &QmpClient, domain: &str) -> Result<BlockGraph> {
-        let nodes = client.query_named_block_nodes().await.map_err(|e| qmp_error(domain, e))?;
-        let graph = client.execute("x-debug-query-block-graph", None).await.map_err(|e| qmp_error(domain, e))?;
-        let mut g = BlockGraph::parse(&graph)?;
-        g.nodes = nodes.into_iter().map(|n| (n.node_name.clone(), n)).collect();
-        Ok(g)
-    }
-
-    /// Node names that exist.
-    pub fn node_names(&self) -> impl Iterator<Item = &str> {
-        self.nodes.keys().map(String::as_str)
-    }
-
-    /// Nodes with a parent of any kind (a device, a job, another node).
-    pub fn has_parent(&self, node: &str) -> bool {
-        self.ids.get(node).is_some_and(|id| self.edges.iter().any(|(_, c, _)| c == id))
-    }
-
-    /// The chain below format node `root`.
-    pub fn chain_from(&self, root: &str, target: &str) -> Result<LiveDisk> {
-        let mut chain: Option<Chain> = None;
-        let mut nodes = Vec::new();
-        let mut parent: Option<usize> = None;
-        let mut current = Some(root.to_string());
-        while let Some(node_name) = current.take() {
-            if nodes.len() > self.nodes.len() {
-                return Err(Error::internal(format!("QEMU's block graph for '{target}' loops")));
-            }
-            let node = self
-                .nodes
-                .get(&node_name)
-                .ok_or_else(|| Error::internal(format!("QEMU node '{node_name}' is not in query-named-block-nodes")))?;
-            let file_node = self.child(&node_name, "file").and_then(|f| self.nodes.get(&f));
-            let filename = file_node.map(|f| f.file.clone()).unwrap_or_else(|| node.file.clone());
-            let source = match file_node.map(|f| f.drv.as_str()) {
-                Some("host_device") => StorageSource::Block { dev: PathBuf::from(&filename) },
-                _ => StorageSource::File { path: PathBuf::from(&filename) },
-            };
-            let format = Some(node.drv.clone());
-            let id = match (&mut chain, parent) {
-                (None, _) => {
-                    chain = Some(Chain::single(source, format));
-                    0
-                }
-                (Some(c), Some(p)) => c.push_backing(p, source, format),
-                (Some(_), None) => return Err(Error::internal("QEMU block graph walk lost its place")),
-            };
-            nodes.push(node_name.clone());
-            parent = Some(id);
-            current = self.child(&node_name, "backing");
-            if current.is_none() {
-                if let Some(c) = &mut chain {
-                    c.end_at(id);
-                }
-            }
-        }
-        let mut chain = chain.ok_or_else(|| Error::internal(format!("no QEMU node for disk '{target}'")))?;
-        chain.renumber();
-        Ok(LiveDisk { chain, nodes })
-    }
-
-    fn parse(v: &serde_json::Value) -> Result<BlockGraph> {
-        let bad = || Error::internal("x-debug-query-block-graph returned an unexpected shape");
-        let mut names = HashMap::new();
-        let mut ids = HashMap::new();
-        for n in v.get("nodes").and_then(|n| n.as_array()).ok_or_else(bad)? {
-            let id = n.get("id").and_then(|i| i.as_u64()).ok_or_else(bad)?;
-            let name = n.get("name").and_then(|i| i.as_str()).unwrap_or("").to_string();
-            if n.get("type").and_then(|t| t.as_str()) == Some("block-driver") {
-                ids.insert(name.clone(), id);
-            }
-            names.insert(id, name);
-        }
-        let mut edges = Vec::new();
-        for e in v.get("edges").and_then(|n| n.as_array()).ok_or_else(bad)? {
-            let parent = e.get("parent").and_then(|i| i.as_u64()).ok_or_else(bad)?;
-            let child = e.get("child").and_then(|i| i.as_u64()).ok_or_else(bad)?;
-            let name = e.get("name").and_then(|i| i.as_str()).unwrap_or("").to_string();
-            edges.push((parent, child, name));
-        }
-        Ok(BlockGraph { nodes: HashMap::new(), names, ids, edges })
-    }
-
-    /// The node name of `node`'s child on edge `edge` (`file`, `backing`).
-    pub fn child(&self, node: &str, edge: &str) -> Option<String> {
-        let id = self.ids.get(node)?;
-        self.edges.iter().find(|(p, _, n)| p == id && n == edge).and_then(|(_, c, _)| self.names.get(c).cloned())
-    }
-}
-
 /// Where the next domain id is counted (ids grow across restarts of
 /// domains, as libvirt's do, until the store is reset).
 pub fn next_domain_id(store: &Store) -> Result<u32> {
@@ -561,29 +354,6 @@ pub fn next_domain_id(store: &Store) -> Result<u32> {
     let current: u32 = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(1);
     strata_core::store::atomic_write(&path, format!("{}\n", current.saturating_add(1)).as_bytes())?;
     Ok(current)
-}
-
-/// Waits for QEMU to create its first monitor socket.
-pub async fn wait_for_socket(path: &Path, child: &mut std::process::Child, log: &Path) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if path.exists() {
-            return Ok(());
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(Error::operation_failed(format!(
-                "QEMU exited during start-up ({status}): {}",
-                strata_engine::process::log_tail(log, 5)
-            )));
-        }
-        if Instant::now() >= deadline {
-            return Err(Error::new(
-                ErrorKind::OperationTimeout,
-                format!("QEMU did not create its monitor socket '{}' within 30 s", path.display()),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// virsh's words for a QEMU event, if it is one `strata event` reports.

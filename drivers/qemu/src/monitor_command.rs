@@ -4,9 +4,8 @@
 
 use serde_json::{json, Value};
 use strata_core::{Error, Result};
+use strata_qemu_block::monitor::qmp_error;
 use strata_qmp::{QmpClient, QmpError};
-
-use crate::live::qmp_error;
 
 /// Sends `command` on `client`, the monitor of `domain`, and returns the
 /// reply as virsh prints it.

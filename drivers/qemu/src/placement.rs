@@ -15,10 +15,11 @@ use strata_core::hostcpu::{format_cpulist, parse_cpulist, HostCpuMap, NodeInfo, 
 use strata_core::store::Store;
 use strata_core::xml::Domain;
 use strata_core::{Error, ErrorKind, Result};
+use strata_qemu_block::monitor::Monitor;
 use strata_qmp::QmpClient;
 
 use crate::affinity::{set_thread_affinity, thread_affinity};
-use crate::live::{edit_status_async, LiveStatus, Monitor};
+use crate::live::{edit_status_async, LiveStatus};
 use crate::vcpus::{plug_vcpus, vcpu_threads, VcpuThread};
 use strata_engine::definitions as persistent;
 

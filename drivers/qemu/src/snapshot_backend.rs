@@ -17,11 +17,14 @@ use strata_core::options::{BlockCommitOptions, BlockJobAbortFlags, BlockPullOpti
 use strata_core::store::Store;
 use strata_core::xml::Domain;
 use strata_core::{Error, ErrorKind, Result};
-use strata_engine::image_work::{image_size, path_str};
 use strata_engine::job::engine::BlockJobEngine;
 use strata_engine::snapshot::{Activity, DiskJob, DiskPlan, LiveChain, NewTops, RecordedChain, SnapshotBackend};
+use strata_qemu_block::graph::live_chains;
+use strata_qemu_block::jobs::{lock_unattached_nodes, reopen_node, wait_status};
+use strata_qemu_block::monitor::qmp_error;
+use strata_qemu_block::snapshot::snapshot_live;
 
-use crate::live::{self, qmp_error, LiveStatus};
+use crate::live::{self, LiveStatus};
 use crate::QemuConnection;
 
 #[async_trait]
@@ -65,7 +68,7 @@ impl SnapshotBackend for QemuConnection {
 
     async fn live_chains(&self, domain: &str) -> Result<HashMap<String, LiveChain>> {
         let (_, monitor) = self.running(domain).await?;
-        let chains = live::live_chains(&monitor.client, domain).await?;
+        let chains = live_chains(&monitor.client, domain).await?;
         Ok(chains
             .into_iter()
             .map(|(target, disk)| (target, LiveChain { top: disk.root().map(str::to_string), chain: disk.chain }))
@@ -165,7 +168,7 @@ impl SnapshotBackend for QemuConnection {
 
     async fn delete_internal_live(&self, domain: &str, disk: &str, image: &Path, snap: &str) -> Result<()> {
         let (_, monitor) = self.running(domain).await?;
-        let chains = live::live_chains(&monitor.client, domain).await?;
+        let chains = live_chains(&monitor.client, domain).await?;
         let (node, layer) = chains
             .get(disk)
             .and_then(|l| {
@@ -180,7 +183,7 @@ impl SnapshotBackend for QemuConnection {
             // blockdev-snapshot-delete-internal-sync wants a root node;
             // the snapshot-delete job takes any node, but only a
             // writable one, so the backing layer is reopened for it.
-            crate::jobs::reopen_node(&monitor.client, domain, &node, false).await?;
+            reopen_node(&monitor.client, domain, &node, false).await?;
             let deleted = run_job(
                 &monitor.client,
                 domain,
@@ -190,7 +193,7 @@ impl SnapshotBackend for QemuConnection {
                 }),
             )
             .await;
-            crate::jobs::reopen_node(&monitor.client, domain, &node, true).await?;
+            reopen_node(&monitor.client, domain, &node, true).await?;
             return deleted;
         }
         monitor
@@ -316,9 +319,9 @@ fn root_of(status: &LiveStatus, target: &str) -> Result<String> {
 }
 
 impl QemuConnection {
-    /// Takes a disk snapshot in the running QEMU: internal snapshots and
-    /// new overlays switched in one transaction; returns each disk's new
-    /// root node.
+    /// Takes a disk snapshot in the running QEMU (see [`snapshot_live`]),
+    /// its new nodes numbered from those reserved in the status; returns
+    /// each disk's new root node.
     async fn create_live(
         &self,
         domain: &str,
@@ -328,79 +331,10 @@ impl QemuConnection {
         name: &str,
         created: &[PathBuf],
     ) -> Result<NewTops> {
-        let root = |t: &str| root_of(status, t);
-        let mut new_roots = HashMap::new();
         let externals = plans.iter().filter(|p| p.mode == "external").count() as u64;
-        let mut number = if externals > 0 { self.reserve_nodes(domain, externals)? } else { 0 };
-        let _nodes = crate::jobs::lock_unattached_nodes(self.store(), domain)?;
-        let mut added: Vec<String> = Vec::new();
-        let mut actions: Vec<Value> = Vec::new();
-        let outcome = async {
-            for p in plans {
-                match p.mode.as_str() {
-                    "internal" => actions.push(json!({
-                        "type": "blockdev-snapshot-internal-sync",
-                        "data": {"device": root(&p.target)?, "name": name},
-                    })),
-                    "external" => {
-                        let overlay = p.overlay.as_ref().ok_or_else(|| Error::internal("external plan without overlay"))?;
-                        let fmt_node = format!("{}-s{number}-fmt", p.target);
-                        let file_node = format!("{}-s{number}-file", p.target);
-                        number += 1;
-                        new_roots.insert(p.target.clone(), fmt_node.clone());
-                        let ov = path_str(overlay)?;
-                        if created.contains(overlay) {
-                            crate::jobs::create_blockdev(client, domain, &format!("{file_node}-create"), json!({"driver": "file", "filename": ov, "size": 0})).await?;
-                        }
-                        client
-                            .execute("blockdev-add", Some(json!({"driver": "file", "node-name": file_node, "filename": ov})))
-                            .await
-                            .map_err(|e| qmp_error(domain, e))?;
-                        added.push(file_node.clone());
-                        if created.contains(overlay) {
-                            let size = image_size(&p.image, &p.format)?;
-                            // QMP's blockdev-snapshot never writes the backing name
-                            // into the overlay (recipe book quirk 3): the header
-                            // gets it here, with its format.
-                            crate::jobs::create_blockdev(client, domain, &format!("{fmt_node}-create"), json!({
-                                "driver": "qcow2", "file": file_node, "size": size,
-                                "backing-file": path_str(&p.image)?, "backing-fmt": p.format,
-                            }))
-                            .await?;
-                        }
-                        // Quirk 2: "backing": null, or QEMU opens the header's
-                        // backing file a second time and fails on its lock.
-                        client
-                            .execute("blockdev-add", Some(json!({"driver": "qcow2", "node-name": fmt_node, "file": file_node, "backing": null})))
-                            .await
-                            .map_err(|e| qmp_error(domain, e))?;
-                        added.push(fmt_node.clone());
-                        actions.push(json!({
-                            "type": "blockdev-snapshot",
-                            "data": {"node": root(&p.target)?, "overlay": fmt_node},
-                        }));
-                    }
-                    _ => {}
-                }
-            }
-            strata_core::crash_point("snapshot-create:overlays");
-            client
-                .execute("transaction", Some(json!({"actions": actions})))
-                .await
-                .map_err(|e| qmp_error(domain, e))?;
-            Ok::<(), Error>(())
-        }
-        .await;
-        if let Err(e) = outcome {
-            for node in added.iter().rev() {
-                let _ = client.execute("blockdev-del", Some(json!({"node-name": node}))).await;
-            }
-            for f in created {
-                let _ = std::fs::remove_file(f);
-            }
-            return Err(e);
-        }
-        Ok(new_roots)
+        let number = if externals > 0 { self.reserve_nodes(domain, externals)? } else { 0 };
+        let _nodes = lock_unattached_nodes(self.store(), domain)?;
+        snapshot_live(client, domain, plans, name, number, created, |t| root_of(status, t)).await
     }
 
     /// The block-job engine over this connection, for the jobs a snapshot
@@ -450,7 +384,7 @@ fn job_result(end: BlockJobEnd) -> Result<()> {
 async fn dismiss_snapshot_jobs(client: &strata_qmp::QmpClient, domain: &str) -> Result<()> {
     let jobs = client.query_jobs().await.map_err(|e| qmp_error(domain, e))?;
     for job in jobs.iter().filter(|j| j.id.starts_with("strata-snapshot-")) {
-        crate::jobs::wait_status(
+        wait_status(
             client,
             domain,
             &job.id,
@@ -467,7 +401,7 @@ async fn dismiss_snapshot_jobs(client: &strata_qmp::QmpClient, domain: &str) -> 
 async fn run_job(client: &strata_qmp::QmpClient, domain: &str, command: &str, args: Value) -> Result<()> {
     let id = args.get("job-id").and_then(|v| v.as_str()).unwrap_or_default().to_string();
     client.execute(command, Some(args)).await.map_err(|e| qmp_error(domain, e))?;
-    crate::jobs::wait_status(
+    wait_status(
         client,
         domain,
         &id,

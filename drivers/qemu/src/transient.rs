@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use strata_core::xml::Domain;
 use strata_core::{Error, Result};
 
-use crate::launch::RuntimePaths;
+use strata_qemu_block::runtime::RuntimePaths;
 
 /// Creates each transient disk's overlay in the runtime directory, before
 /// QEMU opens it; on failure removes the overlays already made.

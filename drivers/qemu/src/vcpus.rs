@@ -12,10 +12,10 @@ use serde_json::{Map, Value};
 use strata_core::driver::VcpuInfo;
 use strata_core::hostcpu::{HostCpuMap, SysfsCpus};
 use strata_core::{Error, Result};
+use strata_qemu_block::monitor::qmp_error;
 use strata_qmp::QmpClient;
 
 use crate::affinity::thread_affinity;
-use crate::live::qmp_error;
 
 /// One vCPU of a running QEMU and the host thread that runs it.
 pub(crate) struct VcpuThread {
