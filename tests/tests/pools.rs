@@ -8,7 +8,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{domain_xml, guest, qemu_chain, qemu_img, qemu_io, validate_xml, DiskSpec, DomainGuard, TestEnv};
+use common::{
+    domain_xml, guest, mounted_at, qemu_chain, qemu_img, qemu_io, validate_xml, DiskSpec, DomainGuard, LoopDevice,
+    TestEnv,
+};
 use strata_qemu::QemuConnection;
 
 fn s(p: &Path) -> &str {
@@ -378,30 +381,6 @@ fn a_domain_on_a_volume_is_defined_and_started_through_its_pool() {
     env.ok(&["pool-destroy", "p"]);
     let err = env.fails(&["start", "vm"]);
     assert!(err.contains("disk 'vda'") && err.contains("storage pool 'p' is not active"), "{err}");
-}
-
-/// A loop device over a file, detached (and its mount point unmounted) on drop.
-struct LoopDevice {
-    device: String,
-    mount_point: PathBuf,
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let mounted = std::fs::read_to_string("/proc/self/mountinfo")
-            .is_ok_and(|m| m.lines().any(|l| l.split(' ').nth(4) == self.mount_point.to_str()));
-        if mounted {
-            let _ = Command::new("umount").arg(&self.mount_point).status();
-        }
-        let _ = Command::new("losetup").args(["-d", &self.device]).status();
-    }
-}
-
-fn mounted_at(dir: &Path) -> bool {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .expect("mountinfo")
-        .lines()
-        .any(|l| l.split(' ').nth(4) == dir.to_str())
 }
 
 #[test]

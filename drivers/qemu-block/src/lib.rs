@@ -13,12 +13,15 @@
 //! - [`graph`]: the chain of each device as QEMU has it open;
 //! - [`jobs`]: [`jobs::QemuJobServer`], strata-engine's `BlockJobBackend`
 //!   over a monitor, its records kept by the driver ([`jobs::JobRecords`]);
-//! - [`snapshot`]: overlays added and switched in one `transaction`.
+//! - [`snapshot`]: overlays added and switched in one `transaction`;
+//! - [`fuse`]: a chain served by a storage daemon as a FUSE-exported file
+//!   (for a loop device, which the caller attaches).
 //!
 //! Processes are started through `strata_engine::process`, recorded
 //! before they open an image.
 
 pub mod daemon;
+pub mod fuse;
 pub mod graph;
 pub mod jobs;
 pub mod monitor;

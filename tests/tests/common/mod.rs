@@ -728,3 +728,44 @@ pub mod guest {
         same
     }
 }
+
+/// A loop device over a file, detached (and its mount point unmounted) on drop.
+pub struct LoopDevice {
+    pub device: String,
+    pub mount_point: PathBuf,
+}
+
+impl LoopDevice {
+    /// `losetup --direct-io=off --show -f FILE`, which must succeed (a
+    /// FUSE-exported file must never get loop direct I/O: it corrupts).
+    pub fn attach(file: &Path, mount_point: PathBuf) -> LoopDevice {
+        let device = run_tool("losetup", &["--direct-io=off", "--show", "-f", file.to_str().expect("utf8")]);
+        LoopDevice { device: device.trim().to_string(), mount_point }
+    }
+
+    /// `losetup -d DEVICE`, which must succeed; the drop then leaves the
+    /// device alone (another test may have it by then).
+    pub fn detach(mut self) {
+        run_tool("losetup", &["-d", &self.device]);
+        self.device.clear();
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        if mounted_at(&self.mount_point) {
+            let _ = Command::new("umount").arg(&self.mount_point).status();
+        }
+        if !self.device.is_empty() {
+            let _ = Command::new("losetup").args(["-d", &self.device]).status();
+        }
+    }
+}
+
+/// Whether something is mounted at `dir` (a directory or a file).
+pub fn mounted_at(dir: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .any(|l| l.split(' ').nth(4) == dir.to_str())
+}
