@@ -541,7 +541,8 @@ pub async fn reopen_node(client: &QmpClient, name: &str, node: &str, read_only: 
 /// otherwise take another process's fresh nodes for dead ones.
 const UNATTACHED_NODES: &str = "nodes";
 
-/// Takes the [`UNATTACHED_NODES`] lock.
+/// Takes the domain's lock over nodes QEMU has without a parent yet
+/// (`UNATTACHED_NODES`), for a caller about to add some.
 pub fn lock_unattached_nodes(store: &Store, name: &str) -> Result<DomainLock> {
     store.lock_domain_for(name, UNATTACHED_NODES)
 }
