@@ -487,6 +487,22 @@ pub enum Command {
         #[arg(long, value_name = "CMD", required = true, action = ArgAction::Append, help_heading = BY_POSITION)]
         cmd: Vec<String>,
     },
+    /// Run a command inside a container's namespaces.
+    ///
+    /// The command (after `--`) runs in the container's mount, pid, uts,
+    /// ipc and net namespaces and its cgroup, at its root, with strata's
+    /// standard input, output and error; strata exits with its status.
+    #[command(name = "lxc-enter-namespace")]
+    LxcEnterNamespace {
+        #[command(flatten)]
+        domain: DomainArg,
+        /// Accepted as virsh takes it: Strata gives containers no security label.
+        #[arg(long)]
+        noseclabel: bool,
+        /// The program and its arguments.
+        #[arg(long, value_name = "CMD", required = true, action = ArgAction::Append, help_heading = BY_POSITION)]
+        cmd: Vec<String>,
+    },
     /// Print help: the commands by group, a group's commands, or one
     /// command's synopsis and options.
     Help {
@@ -1174,6 +1190,15 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                 writeln!(out, "{text}")?;
             } else {
                 writeln!(out, "{reply}")?;
+            }
+        }
+        Command::LxcEnterNamespace { domain, noseclabel: _, cmd } => {
+            let name = domain.name();
+            let status = session.conn()?.enter_namespace(name, &cmd).await.map_err(|e| lookup_error(e, name))?;
+            if status != 0 {
+                // The command's own status, as virsh passes it on; its
+                // output went straight to this process's stdout and stderr.
+                std::process::exit(status);
             }
         }
         Command::Help { command, json } => match command {

@@ -26,6 +26,7 @@ const GROUPS: &[(&str, &str, &[&str])] = &[
             "dumpxml",
             "emulatorpin",
             "event",
+            "lxc-enter-namespace",
             "qemu-monitor-command",
             "resume",
             "setvcpus",

@@ -29,6 +29,8 @@ use shared::CommandFailure;
 
 // Link the built-in drivers so their registrations are present; each is a
 // Cargo feature named after its scheme.
+#[cfg(feature = "lxc")]
+use strata_lxc as _;
 #[cfg(feature = "qemu")]
 use strata_qemu as _;
 

@@ -303,7 +303,32 @@ type Need = (bool, bool, &'static str);
 const NO_BANDWIDTH: &str = "cannot limit a block job's bandwidth";
 const NO_READY_PHASE: &str = "cannot pivot or finish a block job in a ready phase";
 
+/// Why a driver on storage without image layers has no snapshots or block jobs.
+const NO_IMAGE_LAYER: &str = "its storage has no image layer (such as qcow2) to hold one";
+
 impl DriverCapabilities {
+    /// Whether the domains this driver runs have image layers at all: one
+    /// that runs domains but declares no snapshot kind and no block job
+    /// runs them on storage with no layer to add or merge (raw images,
+    /// devices, directories, memory).
+    pub fn has_image_layers(&self) -> bool {
+        !self.domains.run
+            || self.snapshots.kinds != SnapshotKinds::default()
+            || self.block_jobs.kinds != BlockJobKinds::default()
+    }
+
+    /// The refusal of a whole capability family (`snapshots`, `block
+    /// jobs`) the driver lacks; for storage without image layers it says
+    /// that is why (`the lxc driver cannot take snapshots: its storage has
+    /// no image layer …`).
+    pub fn refuse_without_layers(&self, cannot: &str, family: &str) -> Error {
+        if self.has_image_layers() {
+            refusal(&self.driver, &format!("does not support {family}"))
+        } else {
+            refusal(&self.driver, &format!("cannot {cannot}: {NO_IMAGE_LAYER}"))
+        }
+    }
+
     /// Refuses a vCPU count change of a running domain (`live`) that the
     /// driver cannot plug.
     pub fn check_vcpu_change(&self, live: bool) -> Result<()> {
@@ -518,6 +543,32 @@ mod tests {
         assert_refused(
             lxc.check_snapshot_create(&request(kinds(true, false, false, false), false)),
             "the lxc driver cannot take internal disk snapshots",
+        );
+    }
+
+    /// A driver on plain filesystems says why it has no snapshots or block
+    /// jobs; one on image chains that lacks them only says it lacks them.
+    #[test]
+    fn a_driver_without_image_layers_says_so_when_refusing_snapshots_and_jobs() {
+        let mut lxc = DriverCapabilities { driver: "lxc".into(), ..Default::default() };
+        lxc.domains.run = true;
+        assert!(!lxc.has_image_layers());
+        let err = lxc.refuse_without_layers("take snapshots", "snapshots");
+        assert_eq!(err.kind(), crate::ErrorKind::NoSupport);
+        assert_eq!(
+            err.message(),
+            "the lxc driver cannot take snapshots: its storage has no image layer (such as qcow2) to hold one"
+        );
+        let mut pulls = lxc.clone();
+        pulls.block_jobs.kinds.pull = true;
+        assert_eq!(
+            pulls.refuse_without_layers("take snapshots", "snapshots").message(),
+            "the lxc driver does not support snapshots"
+        );
+        let nothing_runs = DriverCapabilities { driver: "test".into(), ..Default::default() };
+        assert_eq!(
+            nothing_runs.refuse_without_layers("run block jobs", "block jobs").message(),
+            "the test driver does not support block jobs"
         );
     }
 

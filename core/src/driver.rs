@@ -218,6 +218,14 @@ pub trait Connection: Send + Sync {
         Err(refusal(&self.capabilities().driver, "does not report events"))
     }
 
+    /// Runs `command` (a program and its arguments) inside the running
+    /// container's namespaces, at its root, with this process's standard
+    /// input and output, and returns its exit status (`lxc-enter-namespace`).
+    async fn enter_namespace(&self, name: &str, command: &[String]) -> Result<i32> {
+        let _ = (name, command);
+        Err(refusal(&self.capabilities().driver, "cannot enter a domain's namespaces"))
+    }
+
     /// The running domain's virtual CPUs.
     async fn vcpu_info(&self, name: &str) -> Result<Vec<VcpuInfo>> {
         let _ = name;
@@ -253,11 +261,15 @@ pub trait Connection: Send + Sync {
 }
 
 impl<'a> dyn Connection + 'a {
+    /// The driver's snapshots; a driver whose storage has no image layer
+    /// says so in its refusal.
     pub fn require_snapshots(&self) -> Result<&dyn SnapshotOps> {
-        self.snapshots().ok_or_else(|| not_supported(self, "snapshots"))
+        self.snapshots().ok_or_else(|| self.capabilities().refuse_without_layers("take snapshots", "snapshots"))
     }
+    /// The driver's block jobs; a driver whose storage has no image layer
+    /// says so in its refusal.
     pub fn require_block_jobs(&self) -> Result<&dyn BlockJobOps> {
-        self.block_jobs().ok_or_else(|| not_supported(self, "block jobs"))
+        self.block_jobs().ok_or_else(|| self.capabilities().refuse_without_layers("run block jobs", "block jobs"))
     }
     pub fn require_disk_sets(&self) -> Result<&dyn DiskSetOps> {
         self.disk_sets().ok_or_else(|| not_supported(self, "disk sets"))

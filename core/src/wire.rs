@@ -48,6 +48,7 @@ pub enum Call {
     Suspend { domain: String },
     Resume { domain: String },
     DumpXml { domain: String, flags: DumpXmlFlags },
+    EnterNamespace { domain: String, command: Vec<String> },
     CheckChains { domain: String, disk: Option<String>, fix: bool },
     NextEvent { domain: String, timeout_ms: u64 },
     VcpuInfo { domain: String },
@@ -118,6 +119,8 @@ pub enum Reply {
     Count(u64),
     /// A volume's new capacity.
     Bytes(u64),
+    /// The exit status of a command run in a domain.
+    ExitStatus(i32),
     Capabilities(Box<DriverCapabilities>),
     Domains(Vec<DomainSummary>),
     Defined(DefineOutcome),
@@ -169,6 +172,7 @@ async fn perform(conn: &dyn Connection, call: Call) -> Result<Reply> {
         Call::Suspend { domain } => done(conn.suspend(&domain).await?),
         Call::Resume { domain } => done(conn.resume(&domain).await?),
         Call::DumpXml { domain, flags } => Reply::Text(conn.dump_xml(&domain, flags).await?),
+        Call::EnterNamespace { domain, command } => Reply::ExitStatus(conn.enter_namespace(&domain, &command).await?),
         Call::CheckChains { domain, disk, fix } => {
             Reply::ChainChecks(conn.check_chains(&domain, disk.as_deref(), fix).await?)
         }
@@ -604,6 +608,7 @@ mod tests {
             Call::Suspend { domain: d() },
             Call::Resume { domain: d() },
             Call::DumpXml { domain: d(), flags: DumpXmlFlags { inactive: true, refresh_chain: true } },
+            Call::EnterNamespace { domain: d(), command: vec!["/bin/hostname".into()] },
             Call::CheckChains { domain: d(), disk: Some(disk()), fix: true },
             Call::NextEvent { domain: d(), timeout_ms: 500 },
             Call::VcpuInfo { domain: d() },
@@ -695,6 +700,7 @@ mod tests {
             Reply::Lines(vec!["merged s1 into base.qcow2".into()]),
             Reply::Count(2),
             Reply::Bytes(1 << 30),
+            Reply::ExitStatus(3),
             Reply::Capabilities(Box::new(DriverCapabilities { driver: "test".into(), ..Default::default() })),
             Reply::Domains(vec![summary("vm1"), summary("vm2")]),
             Reply::Defined(DefineOutcome { name: "vm1".into(), warnings: vec![] }),

@@ -72,16 +72,33 @@ pub fn edit<T>(store: &Store, name: &str, change: impl FnOnce(&mut Domain) -> Re
 /// (with a warning): the snapshot records of the domain stay, where
 /// undefining it first would need `--snapshots-metadata` and drop them.
 pub fn define(store: &Store, xml: &str, flags: DefineFlags) -> Result<DefineOutcome> {
+    define_for(store, xml, flags, "qemu", &["kvm", "qemu"], |_| Ok(()))
+}
+
+/// [`define`] for the driver named `driver`, which runs domains of the
+/// `types` given and checks what else it needs of a definition with
+/// `validate` before anything is written.
+pub fn define_for(
+    store: &Store,
+    xml: &str,
+    flags: DefineFlags,
+    driver: &str,
+    types: &[&str],
+    validate: impl FnOnce(&Domain) -> Result<()>,
+) -> Result<DefineOutcome> {
     let mut dom = Domain::parse(xml)?;
     match dom.domain_type() {
-        Some("kvm") | Some("qemu") => {}
+        Some(t) if types.contains(&t) => {}
         Some(other) => {
+            let expected: Vec<String> = types.iter().map(|t| format!("'{t}'")).collect();
             return Err(Error::config_unsupported(format!(
-                "domain type '{other}' is not supported by the qemu driver (expected 'kvm' or 'qemu')"
-            )))
+                "domain type '{other}' is not supported by the {driver} driver (expected {})",
+                expected.join(" or ")
+            )));
         }
         None => return Err(Error::xml("the <domain> has no 'type' attribute")),
     }
+    validate(&dom)?;
     for disk in dom.disks()? {
         check_transient_disk(&disk)?;
     }

@@ -1,0 +1,317 @@
+//! strata-lxc: Strata's LXC driver.
+//!
+//! Containers (`<domain type='lxc'>`) run on the kernel directly: new
+//! mount, pid, uts, ipc and net namespaces, a root filesystem mounted in
+//! the container's mount namespace only (a block device, a raw image on a
+//! loop device, a host directory, or memory), `/proc`, a minimal `/dev`,
+//! `pivot_root`, and the init the definition names, in a cgroup of its
+//! own. Every kernel call goes through one seam ([`syscall::Syscall`]).
+//! No daemon: the init outlives `strata`, and later calls find it again by
+//! its recorded pid and start time ([`status`]).
+//!
+//! Snapshots and block jobs need a qcow2 layer, which these roots lack:
+//! the capabilities say so, and the requests are refused with that reason.
+
+mod container;
+mod plan;
+mod probe;
+pub mod status;
+pub mod syscall;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use strata_core::capabilities::{refusal, DomainCapabilities, StorageCapabilities};
+use strata_core::driver::{
+    Connection, DefineFlags, DefineOutcome, DiskChainCheck, DomainInfo, DomainState, DomainSummary, DriverCapabilities,
+    DumpXmlFlags, StartFlags, StartOutcome, UndefineFlags,
+};
+use strata_core::registry::DriverRegistration;
+use strata_core::store::Store;
+use strata_core::uri::ConnectUri;
+use strata_core::xml::Domain;
+use strata_core::{Error, ErrorKind, Result};
+use strata_engine::blocking::blocking;
+use strata_engine::definitions;
+
+use crate::status::LiveStatus;
+use crate::syscall::Linux;
+
+/// How long `shutdown` waits after SIGTERM before it kills the container.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// The `<devices>` children a container acts on; start warns about others.
+const HONOURED_DEVICES: &[&str] = &["filesystem", "emulator", "console"];
+
+/// A connection to one LXC driver instance (one state root).
+pub struct LxcConnection {
+    uri: String,
+    store: Store,
+}
+
+impl LxcConnection {
+    /// Opens the instance named by an `lxc://` URI: `lxc:///system` or
+    /// `lxc:///embed?root=DIR`.
+    pub fn open(uri: &ConnectUri) -> Result<LxcConnection> {
+        if uri.driver != "lxc" {
+            return Err(Error::invalid_arg(format!("'{uri}' is not an lxc:// URI")));
+        }
+        if uri.host.is_some() || uri.transport.is_some() {
+            return Err(Error::no_support(format!(
+                "'{uri}': remote connections are not supported; Strata runs containers on this machine"
+            )));
+        }
+        if uri.path == "session" {
+            return Err(Error::no_support(format!(
+                "'{uri}': unprivileged containers need a user namespace with an id map, which the lxc driver \
+                 does not set up yet; use lxc:///system (as root) or lxc:///embed?root=DIR"
+            )));
+        }
+        Ok(LxcConnection { uri: uri.to_string(), store: Store::open(uri.state_root()?)? })
+    }
+
+    /// The domain's record after reconciling it, under the domain lock:
+    /// `None` when it is shut off.
+    async fn reconciled(&self, name: &str) -> Result<Option<LiveStatus>> {
+        let (store, name) = (self.store.clone(), name.to_string());
+        blocking(move || {
+            let _lock = store.lock_domain(&name)?;
+            status::reconcile(&Linux, &store, &name)
+        })
+        .await
+    }
+
+    async fn summary(&self, dom: &Domain) -> Result<DomainSummary> {
+        let name = dom.name();
+        let running = self.reconciled(&name).await?.and_then(|s| s.init.filter(|_| !s.starting));
+        Ok(DomainSummary {
+            id: running.and_then(|init| u32::try_from(init.pid).ok()),
+            name,
+            uuid: dom.uuid().unwrap_or_default(),
+            state: if running.is_some() { DomainState::Running } else { DomainState::Shutoff },
+            reason: Some(if running.is_some() { "booted" } else { "unknown" }.into()),
+            persistent: true,
+            damaged: None,
+        })
+    }
+
+    /// Runs `stop` on the running container's record under the domain
+    /// lock, then tears it down; refuses a container that is not running.
+    async fn stop(&self, name: &str, stop: impl FnOnce(&LiveStatus) -> Result<()> + Send + 'static) -> Result<()> {
+        let (store, name) = (self.store.clone(), name.to_string());
+        blocking(move || {
+            let _lock = store.lock_domain(&name)?;
+            definitions::load(&store, &name)?;
+            let status = status::reconcile(&Linux, &store, &name)?
+                .ok_or_else(|| Error::operation_invalid("domain is not running"))?;
+            stop(&status)?;
+            status::teardown(&Linux, &status)?;
+            status::forget(&store, &name)
+        })
+        .await
+    }
+}
+
+fn open_registered(uri: &ConnectUri) -> Result<Box<dyn Connection>> {
+    Ok(Box::new(LxcConnection::open(uri)?))
+}
+
+inventory::submit! {
+    DriverRegistration {
+        scheme: "lxc",
+        description: "Linux containers on block, loop, bind and ram root filesystems",
+        open: open_registered,
+    }
+}
+
+/// The elements of a definition the driver does not act on, for start's
+/// warnings.
+fn unhonoured(dom: &Domain) -> Vec<String> {
+    let root = dom.element();
+    let devices = root.child("devices").into_iter().flat_map(|d| d.elements());
+    let mut out: Vec<String> =
+        devices.map(|e| e.name.clone()).filter(|n| !HONOURED_DEVICES.contains(&n.as_str())).collect();
+    out.extend(
+        ["idmap", "resource", "cputune", "memtune"].iter().filter(|n| root.child(n).is_some()).map(|n| n.to_string()),
+    );
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[async_trait]
+impl Connection for LxcConnection {
+    fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    fn capabilities(&self) -> DriverCapabilities {
+        DriverCapabilities {
+            driver: "lxc".into(),
+            uri: self.uri.clone(),
+            hypervisor: "Linux namespaces".into(),
+            domains: DomainCapabilities { run: true, ..Default::default() },
+            storage: StorageCapabilities { disk_sets: false, storage_pools: true },
+            honoured_elements: vec![
+                "os/type exe, os/init, os/initarg".into(),
+                "filesystem type='block' (ext2/3/4, xfs, btrfs, vfat probed), type='file' with a raw loop driver, \
+                 type='mount', type='ram'; readonly"
+                    .into(),
+                "name (the container's hostname)".into(),
+            ],
+            unhonoured_elements: vec![
+                "interface".into(),
+                "idmap".into(),
+                "disk".into(),
+                "resource".into(),
+                "cputune".into(),
+                "memtune".into(),
+            ],
+            notes: vec![
+                "a container gets new mount, pid, uts, ipc and net namespaces and a cgroup2 group of its own".into(),
+                "its root is mounted in its own mount namespace only; image files go through loop devices \
+                 (autoclear, no direct I/O), each image on one device at most"
+                    .into(),
+                "snapshots and block jobs need a qcow2 layer, which raw, loop, block, bind and ram filesystems lack"
+                    .into(),
+                "memory state cannot be saved (no checkpoint/restore)".into(),
+                format!(
+                    "shutdown sends SIGTERM to the init and kills the container after {} s",
+                    SHUTDOWN_GRACE.as_secs()
+                ),
+            ],
+            ..Default::default()
+        }
+    }
+
+    async fn list_domains(&self) -> Result<Vec<DomainSummary>> {
+        let mut out = Vec::new();
+        for name in self.store.list_domains()? {
+            match definitions::load(&self.store, &name) {
+                Ok(dom) => out.push(self.summary(&dom).await?),
+                Err(e) if e.kind() == ErrorKind::StoreFormat => out.push(DomainSummary {
+                    id: None,
+                    name,
+                    uuid: String::new(),
+                    state: DomainState::Damaged,
+                    reason: None,
+                    persistent: true,
+                    damaged: Some(e.message().to_string()),
+                }),
+                Err(e) if e.kind() == ErrorKind::NoDomain => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn define_xml(&self, xml: &str, flags: DefineFlags) -> Result<DefineOutcome> {
+        definitions::define_for(&self.store, xml, flags, "lxc", &["lxc"], |dom| {
+            plan::Container::from_domain(dom).map(drop)
+        })
+    }
+
+    async fn undefine(&self, name: &str, flags: UndefineFlags) -> Result<()> {
+        let (store, name) = (self.store.clone(), name.to_string());
+        blocking(move || {
+            let _lock = store.lock_domain(&name)?;
+            if status::reconcile(&Linux, &store, &name)?.is_some() {
+                return Err(Error::operation_invalid(format!(
+                    "domain '{name}' is running; destroy it before undefining it"
+                )));
+            }
+            definitions::undefine(&store, &name, flags.snapshots_metadata)
+        })
+        .await
+    }
+
+    async fn domain_info(&self, name: &str) -> Result<DomainInfo> {
+        let dom = definitions::load(&self.store, name)?;
+        Ok(DomainInfo {
+            summary: self.summary(&dom).await?,
+            os_type: dom.os_type(),
+            max_memory_kib: dom.memory_kib().unwrap_or(0),
+            used_memory_kib: dom.current_memory_kib().unwrap_or(0),
+            vcpus: dom.vcpus(),
+            autostart: false,
+            managed_save: false,
+        })
+    }
+
+    async fn start(&self, name: &str, flags: StartFlags) -> Result<StartOutcome> {
+        if flags.paused {
+            return Err(refusal("lxc", "cannot start a container paused"));
+        }
+        let (store, name) = (self.store.clone(), name.to_string());
+        blocking(move || {
+            let _lock = store.lock_domain(&name)?;
+            let dom = definitions::load(&store, &name)?;
+            if status::reconcile(&Linux, &store, &name)?.is_some() {
+                return Err(Error::operation_invalid(format!("domain '{name}' is already active")));
+            }
+            let warnings = unhonoured(&dom)
+                .into_iter()
+                .map(|e| format!("domain '{name}': <{e}> is not honoured by the lxc driver (kept in the definition, not acted on)"))
+                .collect();
+            container::start(&store, &name, dom)?;
+            Ok(StartOutcome { warnings })
+        })
+        .await
+    }
+
+    async fn destroy(&self, name: &str) -> Result<()> {
+        self.stop(name, |_| Ok(())).await
+    }
+
+    async fn shutdown(&self, name: &str) -> Result<()> {
+        self.stop(name, |status| {
+            if let Some(init) = status.running_init() {
+                init.signal(libc::SIGTERM)?;
+                // Still running after the grace: the teardown kills it.
+                let _ = status::wait_gone(init, SHUTDOWN_GRACE);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn suspend(&self, _name: &str) -> Result<()> {
+        Err(refusal("lxc", "cannot suspend a container"))
+    }
+
+    async fn resume(&self, _name: &str) -> Result<()> {
+        Err(refusal("lxc", "cannot resume a container"))
+    }
+
+    async fn dump_xml(&self, name: &str, flags: DumpXmlFlags) -> Result<String> {
+        definitions::load(&self.store, name)?;
+        match self.reconciled(name).await?.filter(|s| !flags.inactive && !s.starting) {
+            Some(status) => {
+                let mut dom = status.domain;
+                dom.set_id(status.init.and_then(|init| u32::try_from(init.pid).ok()));
+                Ok(dom.to_xml())
+            }
+            None => definitions::dump_xml(&self.store, name, flags),
+        }
+    }
+
+    async fn check_chains(&self, name: &str, disk: Option<&str>, fix: bool) -> Result<Vec<DiskChainCheck>> {
+        definitions::check_chains(&self.store, name, disk, fix)
+    }
+
+    async fn enter_namespace(&self, name: &str, command: &[String]) -> Result<i32> {
+        definitions::load(&self.store, name)?;
+        let status = self
+            .reconciled(name)
+            .await?
+            .filter(|s| !s.starting)
+            .ok_or_else(|| Error::operation_invalid("domain is not running"))?;
+        let init = status.init.ok_or_else(|| Error::operation_invalid("domain is not running"))?;
+        let command = command.to_vec();
+        blocking(move || container::enter(init, &status.cgroup, &command)).await
+    }
+
+    fn state_store(&self) -> Option<&Store> {
+        Some(&self.store)
+    }
+}

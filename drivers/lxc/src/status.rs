@@ -1,0 +1,217 @@
+//! A running container's record (`status.xml` in the store) and what every
+//! call does with it first: reconcile it with the kernel, and tear down
+//! what a container that is gone left (its processes, loop devices and
+//! cgroup), so that a `strata` killed at any moment leaves nothing the
+//! next call does not find.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use strata_core::store::Store;
+use strata_core::xml::{Domain, Element};
+use strata_core::{Error, Result};
+use strata_engine::process::{Liveness, ProcessId};
+
+use crate::syscall::Syscall;
+
+/// A loop device a container's filesystem was attached to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedLoop {
+    pub device: PathBuf,
+    pub image: PathBuf,
+}
+
+/// What `status.xml` records of a container.
+#[derive(Debug, Clone)]
+pub struct LiveStatus {
+    /// The definition it runs with.
+    pub domain: Domain,
+    /// Its init, once cloned.
+    pub init: Option<ProcessId>,
+    /// The `strata` that starts it; answerable for it while `starting`.
+    pub owner: ProcessId,
+    /// Set until `start` has seen the init run.
+    pub starting: bool,
+    pub cgroup: PathBuf,
+    pub loops: Vec<AttachedLoop>,
+}
+
+impl LiveStatus {
+    pub fn to_xml(&self) -> String {
+        let mut root = Element::new("lxcstatus").with_attr("cgroup", self.cgroup.to_string_lossy());
+        if self.starting {
+            root.set_attr("state", "starting");
+        }
+        self.owner.set_attrs(&mut root, "owner");
+        if let Some(init) = self.init {
+            init.set_attrs(&mut root, "init");
+        }
+        for l in &self.loops {
+            root = root.with_child(
+                Element::new("loop")
+                    .with_attr("dev", l.device.to_string_lossy())
+                    .with_attr("image", l.image.to_string_lossy()),
+            );
+        }
+        root.with_child(self.domain.element().clone()).to_xml()
+    }
+
+    pub fn parse(xml: &str) -> Result<LiveStatus> {
+        let root = Element::parse(xml)?;
+        let bad = |what: &str| Error::internal(format!("the container's status XML lacks {what}"));
+        let domain = root.child("domain").cloned().ok_or_else(|| bad("the <domain>"))?;
+        Ok(LiveStatus {
+            domain: Domain::from_element(domain)?,
+            init: ProcessId::from_attrs(&root, "init"),
+            owner: ProcessId::from_attrs(&root, "owner").ok_or_else(|| bad("its owner"))?,
+            starting: root.attr("state") == Some("starting"),
+            cgroup: root.attr("cgroup").map(PathBuf::from).ok_or_else(|| bad("its cgroup"))?,
+            loops: root
+                .children_named("loop")
+                .filter_map(|l| Some(AttachedLoop { device: l.attr("dev")?.into(), image: l.attr("image")?.into() }))
+                .collect(),
+        })
+    }
+
+    /// The init, when it still runs.
+    pub fn running_init(&self) -> Option<ProcessId> {
+        self.init.filter(|p| p.liveness() == Liveness::Alive)
+    }
+}
+
+/// Where the container's tree is put together before the pivot: a
+/// directory on the host that only the container's namespace mounts on.
+pub fn runtime_dir(store: &Store, name: &str) -> Result<PathBuf> {
+    Ok(store.domain_dir(name)?.join("run"))
+}
+
+/// The container's record, reconciled with the kernel; the caller holds
+/// the domain lock. A container whose init is gone, or whose start was
+/// abandoned (its `strata` died before it saw the init run), is torn down
+/// and reads as shut off (`None`).
+pub fn reconcile(sys: &dyn Syscall, store: &Store, name: &str) -> Result<Option<LiveStatus>> {
+    let Some(xml) = store.read_status(name)? else { return Ok(None) };
+    let status = LiveStatus::parse(&xml)?;
+    let init_runs = status.running_init().is_some();
+    if status.starting && status.owner.liveness() == Liveness::Alive {
+        return Ok(Some(status));
+    }
+    if init_runs && !status.starting {
+        return Ok(Some(status));
+    }
+    tracing::debug!(domain = name, init_runs, starting = status.starting, "tearing down a container that is gone");
+    teardown(sys, &status)?;
+    forget(store, name)?;
+    Ok(None)
+}
+
+/// Removes the record and the staging directory of a container torn down.
+pub fn forget(store: &Store, name: &str) -> Result<()> {
+    let dir = runtime_dir(store, name)?;
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io("remove", &dir, e)),
+    }
+    store.remove_status(name)
+}
+
+/// Everything a container holds, released: its processes killed (the
+/// cgroup's, and the init by its recorded identity, so a reused pid is
+/// never signalled), its loop devices detached once its mounts are gone,
+/// its cgroup removed.
+pub fn teardown(sys: &dyn Syscall, status: &LiveStatus) -> Result<()> {
+    sys.cgroup_kill(&status.cgroup)?;
+    if let Some(init) = status.running_init() {
+        sys.kill(init.pid, libc::SIGKILL)?;
+        wait_gone(init, Duration::from_secs(30))?;
+    }
+    for l in &status.loops {
+        sys.loop_detach(&l.device, &l.image)?;
+    }
+    sys.cgroup_remove(&status.cgroup)
+}
+
+/// Waits until `process` is gone, at most `timeout`.
+pub fn wait_gone(process: ProcessId, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while process.liveness() == Liveness::Alive {
+        if Instant::now() >= deadline {
+            return Err(Error::operation_failed(format!("the container's init (pid {}) did not exit", process.pid)));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// The cgroup2 hierarchy: `/sys/fs/cgroup/unified` on a hybrid host,
+/// `/sys/fs/cgroup` on a unified one.
+pub fn cgroup2_root() -> Result<PathBuf> {
+    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .map(Path::new)
+        .find(|dir| dir.join("cgroup.controllers").is_file())
+        .map(Path::to_path_buf)
+        .ok_or_else(|| {
+            Error::operation_failed(
+                "no cgroup2 hierarchy is mounted (neither /sys/fs/cgroup/unified nor /sys/fs/cgroup has \
+                 cgroup.controllers); the lxc driver holds and kills a container's processes through one",
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::syscall::recording::Recorder;
+
+    fn status(init: Option<ProcessId>) -> LiveStatus {
+        LiveStatus {
+            domain: Domain::parse("<domain type='lxc'><name>ct1</name></domain>").expect("domain"),
+            init,
+            owner: ProcessId { pid: 1, start_time: 1 },
+            starting: false,
+            cgroup: "/sys/fs/cgroup/unified/strata-lxc/u1".into(),
+            loops: vec![
+                AttachedLoop { device: "/dev/loop7".into(), image: "/img/root.raw".into() },
+                AttachedLoop { device: "/dev/loop8".into(), image: "/img/data.raw".into() },
+            ],
+        }
+    }
+
+    /// The cgroup's processes are killed before the loop devices are
+    /// detached (their mounts go with the processes), and the cgroup is
+    /// removed last; an init already gone is not signalled.
+    #[test]
+    fn teardown_kills_then_detaches_then_removes_the_cgroup() {
+        let sys = Recorder::default();
+        let gone = ProcessId { pid: i32::MAX, start_time: 1 };
+        teardown(&sys, &status(Some(gone))).expect("teardown");
+        assert_eq!(
+            sys.lines(),
+            [
+                "cgroup_kill /sys/fs/cgroup/unified/strata-lxc/u1",
+                "loop_detach /dev/loop7 /img/root.raw",
+                "loop_detach /dev/loop8 /img/data.raw",
+                "cgroup_remove /sys/fs/cgroup/unified/strata-lxc/u1",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_detach_keeps_the_cgroup_for_the_next_call() {
+        let sys = Recorder::failing("loop_detach /dev/loop8");
+        assert!(teardown(&sys, &status(None)).is_err());
+        assert!(!sys.lines().iter().any(|l| l.starts_with("cgroup_remove")), "{:#?}", sys.lines());
+    }
+
+    #[test]
+    fn the_record_round_trips() {
+        let mut s = status(Some(ProcessId { pid: 42, start_time: 7 }));
+        s.starting = true;
+        let back = LiveStatus::parse(&s.to_xml()).expect("parse");
+        assert_eq!((back.init, back.owner, back.starting), (s.init, s.owner, true));
+        assert_eq!((back.cgroup, back.loops), (s.cgroup, s.loops));
+        assert_eq!(back.domain.name(), "ct1");
+    }
+}
