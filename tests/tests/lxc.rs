@@ -1,0 +1,428 @@
+//! The LXC driver against the real kernel: containers with a busybox
+//! userland started on each root kind (a block device, a raw image on a
+//! loop device, a host directory, memory), entered with
+//! `lxc-enter-namespace`, and stopped; failed starts and a `strata` killed
+//! mid-start, each checked to leave no mount, loop device, cgroup or
+//! process behind. Run as root (namespaces, mounts and loop devices).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{busybox_root, ext4_image, killed_at, TestEnv};
+
+const MIB: u64 = 1024 * 1024;
+
+/// A container definition: `init` (with its args) on the `<filesystem>`
+/// elements given.
+fn container_xml(name: &str, init: &[&str], filesystems: &str) -> String {
+    let (program, args) = init.split_first().expect("an init");
+    let args: String = args.iter().map(|a| format!("<initarg>{a}</initarg>")).collect();
+    format!(
+        "<domain type='lxc'><name>{name}</name><memory unit='KiB'>65536</memory>\
+         <os><type>exe</type><init>{program}</init>{args}</os><devices>{filesystems}</devices></domain>"
+    )
+}
+
+fn loop_root(image: &Path) -> String {
+    format!(
+        "<filesystem type='file' accessmode='passthrough'><driver type='loop' format='raw'/>\
+         <source file='{}'/><target dir='/'/></filesystem>",
+        image.display()
+    )
+}
+
+fn block_root(device: &Path) -> String {
+    format!("<filesystem type='block'><source dev='{}'/><target dir='/'/></filesystem>", device.display())
+}
+
+fn bind(dir: &Path, target: &str) -> String {
+    format!("<filesystem type='mount'><source dir='{}'/><target dir='{target}'/></filesystem>", dir.display())
+}
+
+const SLEEPER: &[&str] = &["/bin/sleep", "1000"];
+
+/// A loop device the test attaches itself, standing in for an LV; detached
+/// (by its path) when the test ends.
+struct TestLoop(PathBuf);
+
+impl TestLoop {
+    fn attach(image: &Path) -> TestLoop {
+        let out = Command::new("losetup").args(["--find", "--show"]).arg(image).output().expect("run losetup");
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        TestLoop(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    }
+}
+
+impl Drop for TestLoop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+/// What a running container holds, read from its record: the init's pid,
+/// its cgroup and its loop devices.
+struct Held {
+    init: i32,
+    cgroup: PathBuf,
+    status: String,
+}
+
+fn attr<'a>(xml: &'a str, name: &str) -> Option<&'a str> {
+    let start = xml.find(&format!(" {name}='"))? + name.len() + 3;
+    let end = xml[start..].find('\'')? + start;
+    Some(&xml[start..end])
+}
+
+fn held(env: &TestEnv, name: &str) -> Held {
+    let status = std::fs::read_to_string(env.state_root().join("domains").join(name).join("status.xml"))
+        .expect("a running container's status.xml");
+    Held {
+        init: attr(&status, "init").and_then(|p| p.parse().ok()).expect("the init's pid"),
+        cgroup: PathBuf::from(attr(&status, "cgroup").expect("the cgroup")),
+        status,
+    }
+}
+
+/// Destroys the container when the test ends, and kills its init by pid
+/// if destroy did not.
+struct ContainerGuard<'a> {
+    env: &'a TestEnv,
+    name: String,
+    init: Option<i32>,
+}
+
+impl Drop for ContainerGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.env.strata(&["destroy", &self.name]);
+        if let Some(pid) = self.init.filter(|pid| alive(*pid)) {
+            // SAFETY: kill(2) on the init this test's container recorded.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Whether `pid` runs (a zombie does not).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+fn losetup_j(image: &Path) -> String {
+    let out = Command::new("losetup").arg("-j").arg(image).output().expect("run losetup -j");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn host_mounts() -> String {
+    std::fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo")
+}
+
+/// Nothing of the container is left: no status, no process, no cgroup, no
+/// loop device on `image`, no host mount under the state root.
+fn assert_nothing_left(env: &TestEnv, name: &str, init: Option<i32>, cgroup: Option<&Path>, image: Option<&Path>) {
+    let dir = env.state_root().join("domains").join(name);
+    assert!(!dir.join("status.xml").exists(), "{name}: a status record is left");
+    assert!(!dir.join("run").exists(), "{name}: its staging directory is left");
+    if let Some(pid) = init {
+        assert!(!alive(pid), "{name}: its init {pid} still runs");
+    }
+    if let Some(cgroup) = cgroup {
+        assert!(!cgroup.exists(), "{name}: cgroup {} is left", cgroup.display());
+    }
+    if let Some(image) = image {
+        assert_eq!(losetup_j(image), "", "{name}: a loop device still holds {}", image.display());
+    }
+    let state = env.state_root().display().to_string();
+    assert!(!host_mounts().contains(&state), "{name}: a host mount under {state}");
+}
+
+/// Starts `name` (defined already), checks it from the inside and the
+/// outside, destroys it, and checks nothing is left. `image` is a file a
+/// loop device of Strata's holds while it runs; `device` the block device
+/// its root is, which no host mount may show.
+fn run_and_destroy(env: &TestEnv, name: &str, image: Option<&Path>, device: Option<&Path>) {
+    env.ok(&["start", name]);
+    let held = held(env, name);
+    let _guard = ContainerGuard { env, name: name.into(), init: Some(held.init) };
+    assert!(alive(held.init), "the init runs after start");
+
+    let hostname = env.ok(&["lxc-enter-namespace", name, "--noseclabel", "--", "/bin/hostname"]);
+    assert_eq!(hostname.trim(), name);
+    let listing = env.ok(&["lxc-enter-namespace", name, "--noseclabel", "--", "/bin/ls", "/"]);
+    let entries: Vec<&str> = listing.lines().collect();
+    for entry in ["bin", "dev", "proc"] {
+        assert!(entries.contains(&entry), "ls / in {name}: {entries:?}");
+    }
+    let pid1 = env.ok(&["lxc-enter-namespace", name, "--noseclabel", "--", "/bin/cat", "/proc/1/cmdline"]);
+    assert!(pid1.starts_with("/bin/sleep"), "the init is pid 1 in the container: {pid1:?}");
+
+    let info = env.ok(&["dominfo", name]);
+    assert!(info.contains("State:          running"), "{info}");
+    assert!(info.contains(&format!("Id:             {}\n", held.init)), "dominfo shows the init's pid: {info}");
+    assert!(held.cgroup.join("cgroup.procs").is_file(), "the container's cgroup {}", held.cgroup.display());
+    let procs = std::fs::read_to_string(held.cgroup.join("cgroup.procs")).expect("cgroup.procs");
+    assert!(procs.lines().any(|p| p == held.init.to_string()), "the init is in its cgroup: {procs}");
+
+    // The root is mounted in the container's mount namespace only.
+    let inside = std::fs::read_to_string(format!("/proc/{}/mountinfo", held.init)).expect("the init's mountinfo");
+    let root_line = inside.lines().find(|l| l.split(' ').nth(4) == Some("/")).expect("a root mount");
+    if let Some(image) = image {
+        let losetup = losetup_j(image);
+        let dev = losetup.split(':').next().expect("a loop device holds the image");
+        assert!(root_line.contains(dev), "the root is {dev}: {root_line}");
+        assert!(!host_mounts().contains(dev), "{dev} is mounted on the host");
+        assert!(held.status.contains(&format!("dev='{dev}'")), "the loop device is recorded: {}", held.status);
+    }
+    if let Some(device) = device {
+        let device = device.display().to_string();
+        assert!(root_line.contains(&device), "the root is {device}: {root_line}");
+        assert!(!host_mounts().contains(&device), "{device} is mounted on the host");
+    }
+
+    env.ok(&["destroy", name]);
+    assert!(env.ok(&["domstate", name]).starts_with("shut off"));
+    assert_nothing_left(env, name, Some(held.init), Some(&held.cgroup), image);
+}
+
+/// Seed 003's case: a block root is really mounted, and the container runs on it.
+#[test]
+fn a_container_runs_on_a_block_device_root() {
+    let env = TestEnv::lxc();
+    let image = env.path("lv.raw");
+    ext4_image(&busybox_root(&env.path("tree")), &image, 64 * MIB);
+    let lv = TestLoop::attach(&image);
+    env.define("blk", &container_xml("blk", SLEEPER, &block_root(&lv.0)));
+    run_and_destroy(&env, "blk", None, Some(&lv.0));
+}
+
+#[test]
+fn a_container_runs_on_a_raw_image_through_a_loop_device() {
+    let env = TestEnv::lxc();
+    let image = env.path("root.raw");
+    ext4_image(&busybox_root(&env.path("tree")), &image, 64 * MIB);
+    env.define("file", &container_xml("file", SLEEPER, &loop_root(&image)));
+    run_and_destroy(&env, "file", Some(&image), None);
+}
+
+#[test]
+fn a_container_runs_on_a_host_directory() {
+    let env = TestEnv::lxc();
+    let tree = busybox_root(&env.path("tree"));
+    env.define("dir", &container_xml("dir", SLEEPER, &bind(&tree, "/")));
+    run_and_destroy(&env, "dir", None, None);
+}
+
+/// A ram root starts empty: the userland comes from a read-only bind
+/// mount on /bin, whose mount point the driver creates in the tmpfs.
+#[test]
+fn a_container_runs_on_a_ram_root() {
+    let env = TestEnv::lxc();
+    let tree = busybox_root(&env.path("tree"));
+    let filesystems = format!(
+        "<filesystem type='ram'><source usage='8' units='MiB'/><target dir='/'/></filesystem>\
+         <filesystem type='mount'><source dir='{}'/><target dir='/bin'/><readonly/></filesystem>",
+        tree.join("bin").display()
+    );
+    env.define("ram", &container_xml("ram", SLEEPER, &filesystems));
+    env.ok(&["start", "ram"]);
+    let held = held(&env, "ram");
+    let _guard = ContainerGuard { env: &env, name: "ram".into(), init: Some(held.init) };
+    let enter = |args: &[&str]| {
+        let mut all = vec!["lxc-enter-namespace", "ram", "--noseclabel", "--"];
+        all.extend_from_slice(args);
+        env.strata(&all)
+    };
+    let mounts = String::from_utf8_lossy(&enter(&["/bin/cat", "/proc/self/mountinfo"]).stdout).into_owned();
+    let root = mounts.lines().find(|l| l.split(' ').nth(4) == Some("/")).expect("a root mount");
+    assert!(root.contains(" - tmpfs ") && root.contains("size=8192k"), "{root}");
+    let bin = mounts.lines().find(|l| l.split(' ').nth(4) == Some("/bin")).expect("/bin");
+    assert!(bin.split(' ').nth(5).is_some_and(|o| o.starts_with("ro")), "read-only /bin: {bin}");
+    let write = enter(&["/bin/touch", "/bin/new"]);
+    assert_eq!(write.status.code(), Some(1), "a read-only /bin refuses writes; the command's status passes through");
+    assert!(!tree.join("bin/new").exists());
+    assert!(enter(&["/bin/touch", "/written"]).status.success(), "the ram root is writable");
+    assert_eq!(String::from_utf8_lossy(&enter(&["/bin/hostname"]).stdout).trim(), "ram");
+    env.ok(&["destroy", "ram"]);
+    assert_nothing_left(&env, "ram", Some(held.init), Some(&held.cgroup), None);
+}
+
+/// Each start that cannot work fails with the reason and leaves nothing:
+/// a missing block device, an unformatted one (seed 003: it must not
+/// "appear to start"), an unformatted image on a loop device, an init
+/// that exits at once, and one that does not exist.
+#[test]
+fn a_failed_start_says_why_and_leaves_nothing_behind() {
+    let env = TestEnv::lxc();
+    let tree = busybox_root(&env.path("tree"));
+    let image = env.path("root.raw");
+    ext4_image(&tree, &image, 64 * MIB);
+    let zeroes = env.path("zeroes.raw");
+    std::fs::File::create(&zeroes).and_then(|f| f.set_len(16 * MIB)).expect("a zeroed image");
+    let blank = TestLoop::attach(&zeroes);
+    let zero_file = env.path("zero-file.raw");
+    std::fs::File::create(&zero_file).and_then(|f| f.set_len(16 * MIB)).expect("a zeroed image");
+
+    let cases: Vec<(&str, String, Option<&Path>, String)> = vec![
+        (
+            "nodev",
+            container_xml("nodev", SLEEPER, &block_root(Path::new("/dev/strata-no-such-device"))),
+            None,
+            "filesystem '/': block device '/dev/strata-no-such-device' does not exist".into(),
+        ),
+        (
+            "blank",
+            container_xml("blank", SLEEPER, &block_root(&blank.0)),
+            None,
+            format!("filesystem '/': '{}' holds no filesystem Strata recognises", blank.0.display()),
+        ),
+        (
+            "blankfile",
+            container_xml("blankfile", SLEEPER, &loop_root(&zero_file)),
+            Some(&zero_file),
+            "holds no filesystem Strata recognises".into(),
+        ),
+        (
+            "quits",
+            container_xml("quits", &["/bin/false"], &loop_root(&image)),
+            Some(&image),
+            "domain 'quits' did not start: its init '/bin/false' exited at once (status 1)".into(),
+        ),
+        (
+            "noinit",
+            container_xml("noinit", &["/sbin/no-such-init"], &loop_root(&image)),
+            Some(&image),
+            "domain 'noinit' did not start: cannot run its init '/sbin/no-such-init': No such file or directory".into(),
+        ),
+    ];
+    for (name, xml, image, reason) in cases {
+        env.define(name, &xml);
+        let err = env.fails(&["start", name]);
+        assert!(err.starts_with(&format!("error: Failed to start domain {name}\n")), "{err}");
+        assert!(err.contains(&reason), "{name}: expected {reason:?} in {err}");
+        assert!(env.ok(&["domstate", name]).starts_with("shut off"), "{name}");
+        let xml = env.ok(&["dumpxml", name]);
+        let uuid = xml.split("<uuid>").nth(1).and_then(|rest| rest.split("</uuid>").next()).expect("a uuid");
+        let cgroup = strata_lxc::status::cgroup2_root().expect("a cgroup2 hierarchy").join("strata-lxc").join(uuid);
+        assert_nothing_left(&env, name, None, Some(&cgroup), image);
+    }
+}
+
+#[test]
+fn an_image_a_loop_device_holds_already_is_refused() {
+    let env = TestEnv::lxc();
+    let image = env.path("root.raw");
+    ext4_image(&busybox_root(&env.path("tree")), &image, 64 * MIB);
+    let other = TestLoop::attach(&image);
+    env.define("twice", &container_xml("twice", SLEEPER, &loop_root(&image)));
+    let err = env.fails(&["start", "twice"]);
+    let expected =
+        format!("image '{}' is attached to {} already (losetup -j lists it)", image.display(), other.0.display());
+    assert!(err.contains(&expected), "{err}");
+    assert_eq!(losetup_j(&image).lines().count(), 1, "only the test's own loop device holds it");
+    assert!(!env.state_root().join("domains/twice/status.xml").exists());
+}
+
+/// An init that ignores SIGTERM (pid 1 of a pid namespace ignores every
+/// signal it has no handler for) is killed after the grace period, and
+/// the container is then shut off with nothing left.
+#[test]
+fn shutdown_kills_an_init_that_ignores_sigterm() {
+    let env = TestEnv::lxc();
+    let image = env.path("root.raw");
+    ext4_image(&busybox_root(&env.path("tree")), &image, 64 * MIB);
+    env.define("stubborn", &container_xml("stubborn", SLEEPER, &loop_root(&image)));
+    env.ok(&["start", "stubborn"]);
+    let held = held(&env, "stubborn");
+    let _guard = ContainerGuard { env: &env, name: "stubborn".into(), init: Some(held.init) };
+    env.ok(&["shutdown", "stubborn"]);
+    assert!(env.ok(&["domstate", "stubborn"]).starts_with("shut off"));
+    assert_nothing_left(&env, "stubborn", Some(held.init), Some(&held.cgroup), Some(&image));
+}
+
+/// `strata` killed after the container's init has run but before start
+/// confirmed it, and killed after the init was recorded but before it was
+/// released: the next `list` finds what it left and tears it down.
+#[test]
+fn a_strata_killed_during_start_leaves_what_the_next_call_cleans() {
+    let env = TestEnv::lxc();
+    let image = env.path("root.raw");
+    ext4_image(&busybox_root(&env.path("tree")), &image, 64 * MIB);
+    env.define("killed", &container_xml("killed", SLEEPER, &loop_root(&image)));
+    for step in ["lxc-start:running", "lxc-start:recorded"] {
+        killed_at(&env, &["start", "killed"], step);
+        let held = held(&env, "killed");
+        let _guard = ContainerGuard { env: &env, name: "killed".into(), init: Some(held.init) };
+        assert!(held.status.contains("state='starting'"), "{step}: {}", held.status);
+        if step == "lxc-start:running" {
+            assert!(alive(held.init), "{step}: the init runs after strata died");
+            assert_eq!(losetup_j(&image).lines().count(), 1, "{step}: the root's loop device is attached");
+        }
+        let list = env.ok(&["list", "--all"]);
+        assert!(list.lines().any(|l| l.contains("killed") && l.contains("shut off")), "{step}: {list}");
+        assert_nothing_left(&env, "killed", Some(held.init), Some(&held.cgroup), Some(&image));
+    }
+    // And the domain starts again afterwards.
+    env.ok(&["start", "killed"]);
+    let held = held(&env, "killed");
+    let _guard = ContainerGuard { env: &env, name: "killed".into(), init: Some(held.init) };
+    env.ok(&["destroy", "killed"]);
+    assert_nothing_left(&env, "killed", Some(held.init), Some(&held.cgroup), Some(&image));
+}
+
+/// Snapshots and block jobs of a raw root are refused by capability,
+/// saying why, before anything runs; define refuses what the driver
+/// cannot mount, naming the element.
+#[test]
+fn snapshots_jobs_and_unsupported_filesystems_are_refused_with_the_reason() {
+    let env = TestEnv::lxc();
+    let image = env.path("root.raw");
+    ext4_image(&busybox_root(&env.path("tree")), &image, 64 * MIB);
+    env.define("raw", &container_xml("raw", SLEEPER, &loop_root(&image)));
+    let prefix = "error: this function is not supported by the connection driver: ";
+    let err = env.fails(&["snapshot-create-as", "raw", "s1", "--disk-only"]);
+    assert_eq!(
+        err,
+        format!("{prefix}the lxc driver cannot take snapshots: its storage has no image layer (such as qcow2) to hold one\n")
+    );
+    let err = env.fails(&["blockpull", "raw", "/"]);
+    assert_eq!(
+        err,
+        format!("{prefix}the lxc driver cannot run block jobs: its storage has no image layer (such as qcow2) to hold one\n")
+    );
+    let caps = env.ok(&["capabilities"]);
+    assert!(caps.contains("lxc"), "{caps}");
+    assert!(caps.contains("memory state cannot be saved"), "{caps}");
+
+    let qcow2 = container_xml(
+        "q",
+        SLEEPER,
+        "<filesystem type='file'><driver type='loop' format='qcow2'/><source file='/x.qcow2'/><target dir='/'/></filesystem>",
+    );
+    std::fs::write(env.path("q.xml"), qcow2).expect("write");
+    let err = env.fails(&["define", env.path("q.xml").to_str().expect("utf8")]);
+    assert!(err.contains("filesystem '/': <driver format='qcow2'> is not supported by the lxc driver yet"), "{err}");
+    let kvm = "<domain type='kvm'><name>vm</name><os><type>hvm</type></os></domain>";
+    std::fs::write(env.path("vm.xml"), kvm).expect("write");
+    let err = env.fails(&["define", env.path("vm.xml").to_str().expect("utf8")]);
+    assert!(err.contains("domain type 'kvm' is not supported by the lxc driver (expected 'lxc')"), "{err}");
+}
+
+/// An init that handles SIGTERM ends on its own at shutdown: its handler
+/// ran (it wrote into the root, a host directory here) before it exited.
+#[test]
+fn shutdown_lets_an_init_that_handles_sigterm_exit() {
+    let env = TestEnv::lxc();
+    let tree = busybox_root(&env.path("tree"));
+    let init = ["/bin/sh", "-c", "trap 'echo bye > /tmp/bye; exit 0' TERM; while true; do sleep 1; done"];
+    env.define("polite", &container_xml("polite", &init, &bind(&tree, "/")));
+    env.ok(&["start", "polite"]);
+    let held = held(&env, "polite");
+    let _guard = ContainerGuard { env: &env, name: "polite".into(), init: Some(held.init) };
+    env.ok(&["shutdown", "polite"]);
+    assert_eq!(std::fs::read_to_string(tree.join("tmp/bye")).expect("the handler's file"), "bye\n");
+    assert!(env.ok(&["domstate", "polite"]).starts_with("shut off"));
+    assert_nothing_left(&env, "polite", Some(held.init), Some(&held.cgroup), None);
+}
