@@ -55,6 +55,20 @@ impl ConnectUri {
         })
     }
 
+    /// Refuses a URI that is not `driver`'s, or that names a remote host
+    /// or a transport: each driver runs `what` on this machine only.
+    pub fn require_local(&self, driver: &str, what: &str) -> Result<()> {
+        if self.driver != driver {
+            return Err(Error::invalid_arg(format!("'{self}' is not a {driver}:// URI")));
+        }
+        if self.host.is_some() || self.transport.is_some() {
+            return Err(Error::no_support(format!(
+                "'{self}': remote connections are not supported; Strata runs {what} on this machine"
+            )));
+        }
+        Ok(())
+    }
+
     pub fn param(&self, name: &str) -> Option<&str> {
         self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
@@ -147,6 +161,18 @@ pub fn default_uri() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_driver_takes_only_its_own_local_uris() {
+        let local = ConnectUri::parse("lxc:///system").expect("parse");
+        local.require_local("lxc", "containers").expect("local");
+        let other = local.require_local("qemu", "QEMU").expect_err("another driver's");
+        assert_eq!(other.message(), "'lxc:///system' is not a qemu:// URI");
+        let remote = ConnectUri::parse("lxc+ssh://host/system").expect("parse");
+        let err = remote.require_local("lxc", "containers").expect_err("remote");
+        assert_eq!(err.kind(), crate::ErrorKind::NoSupport);
+        assert!(err.message().ends_with("Strata runs containers on this machine"), "{err}");
+    }
 
     #[test]
     fn parses_the_documented_forms() {

@@ -43,6 +43,15 @@ fn bind(dir: &Path, target: &str) -> String {
 
 const SLEEPER: &[&str] = &["/bin/sleep", "1000"];
 
+/// Defines `name`, a container sleeping on a raw ext4 image with busybox
+/// (attached through a loop device at start); returns the image.
+fn sleeper_on_raw_image(env: &TestEnv, name: &str) -> PathBuf {
+    let image = env.path("root.raw");
+    ext4_image(&busybox_root(&env.path("tree")), &image, 64 * MIB);
+    env.define(name, &container_xml(name, SLEEPER, &loop_root(&image)));
+    image
+}
+
 /// A loop device the test attaches itself, standing in for an LV; detached
 /// (by its path) when the test ends.
 struct TestLoop(PathBuf);
@@ -201,9 +210,7 @@ fn a_container_runs_on_a_block_device_root() {
 #[test]
 fn a_container_runs_on_a_raw_image_through_a_loop_device() {
     let env = TestEnv::lxc();
-    let image = env.path("root.raw");
-    ext4_image(&busybox_root(&env.path("tree")), &image, 64 * MIB);
-    env.define("file", &container_xml("file", SLEEPER, &loop_root(&image)));
+    let image = sleeper_on_raw_image(&env, "file");
     run_and_destroy(&env, "file", Some(&image), None);
 }
 
@@ -331,9 +338,7 @@ fn an_image_a_loop_device_holds_already_is_refused() {
 #[test]
 fn shutdown_kills_an_init_that_ignores_sigterm() {
     let env = TestEnv::lxc();
-    let image = env.path("root.raw");
-    ext4_image(&busybox_root(&env.path("tree")), &image, 64 * MIB);
-    env.define("stubborn", &container_xml("stubborn", SLEEPER, &loop_root(&image)));
+    let image = sleeper_on_raw_image(&env, "stubborn");
     env.ok(&["start", "stubborn"]);
     let held = held(&env, "stubborn");
     let _guard = ContainerGuard { env: &env, name: "stubborn".into(), init: Some(held.init) };
@@ -348,9 +353,7 @@ fn shutdown_kills_an_init_that_ignores_sigterm() {
 #[test]
 fn a_strata_killed_during_start_leaves_what_the_next_call_cleans() {
     let env = TestEnv::lxc();
-    let image = env.path("root.raw");
-    ext4_image(&busybox_root(&env.path("tree")), &image, 64 * MIB);
-    env.define("killed", &container_xml("killed", SLEEPER, &loop_root(&image)));
+    let image = sleeper_on_raw_image(&env, "killed");
     for step in ["lxc-start:running", "lxc-start:recorded"] {
         killed_at(&env, &["start", "killed"], step);
         let held = held(&env, "killed");
@@ -378,9 +381,7 @@ fn a_strata_killed_during_start_leaves_what_the_next_call_cleans() {
 #[test]
 fn snapshots_jobs_and_unsupported_filesystems_are_refused_with_the_reason() {
     let env = TestEnv::lxc();
-    let image = env.path("root.raw");
-    ext4_image(&busybox_root(&env.path("tree")), &image, 64 * MIB);
-    env.define("raw", &container_xml("raw", SLEEPER, &loop_root(&image)));
+    sleeper_on_raw_image(&env, "raw");
     let prefix = "error: this function is not supported by the connection driver: ";
     let err = env.fails(&["snapshot-create-as", "raw", "s1", "--disk-only"]);
     assert_eq!(

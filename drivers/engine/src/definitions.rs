@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use strata_core::define;
-use strata_core::driver::{DefineFlags, DefineOutcome, DiskChainCheck, DumpXmlFlags};
+use strata_core::driver::{DefineFlags, DefineOutcome, DiskChainCheck, DomainState, DomainSummary, DumpXmlFlags};
 use strata_core::pool::PoolManager;
 use strata_core::store::{no_such_domain, Store};
 use strata_core::xml::{Disk, Domain};
@@ -50,6 +50,30 @@ pub fn load(store: &Store, name: &str) -> Result<Domain> {
             ),
         )),
     }
+}
+
+/// Every domain the store defines, for `list`: its definition, or the
+/// row of one whose definition is damaged (which must not hide the
+/// others). A domain undefined while the names were read is left out.
+pub fn list(store: &Store) -> Result<Vec<std::result::Result<Domain, DomainSummary>>> {
+    let mut out = Vec::new();
+    for name in store.list_domains()? {
+        match load(store, &name) {
+            Ok(dom) => out.push(Ok(dom)),
+            Err(e) if e.kind() == ErrorKind::StoreFormat => out.push(Err(DomainSummary {
+                id: None,
+                name,
+                uuid: String::new(),
+                state: DomainState::Damaged,
+                reason: None,
+                persistent: true,
+                damaged: Some(e.message().to_string()),
+            })),
+            Err(e) if e.kind() == ErrorKind::NoDomain => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
 }
 
 /// Runs `change` on the definition under the domain lock and saves it only

@@ -130,7 +130,8 @@ impl ProcessId {
         }
     }
 
-    fn wait_gone_blocking(&self, timeout: Duration) -> bool {
+    /// [`ProcessId::wait_gone`] for callers that are not async.
+    pub fn wait_gone_blocking(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while self.liveness() == Liveness::Alive {
             if Instant::now() >= deadline {
@@ -248,8 +249,8 @@ fn held_child(ready: OwnedFd) -> Option<ProcessId> {
     ProcessId::of(i32::from_ne_bytes(pid))
 }
 
-/// A pipe whose ends close on exec.
-fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+/// A pipe whose ends close on exec: (read, write).
+pub fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: pipe2(2) fills the two-element array it is given.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {

@@ -13,7 +13,7 @@
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 use strata_core::store::Store;
 use strata_core::xml::Domain;
 use strata_core::{Error, Result};
-use strata_engine::process::ProcessId;
+use strata_engine::process::{pipe, ProcessId};
 
-use crate::plan::{self, Container, Mountable, PlannedStep, Prepared, Source};
+use crate::plan::{self, cstr, Container, Mountable, PlannedStep, Prepared, Source};
 use crate::probe;
 use crate::status::{self, AttachedLoop, LiveStatus};
 use crate::syscall::{loop_devices_holding, Linux, LoopDevice, Syscall};
@@ -38,21 +38,14 @@ const EXEC_STEP: u32 = u32::MAX;
 const NAMESPACES: libc::c_int =
     libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWNET;
 
-/// A pipe whose ends close on exec: (read, write).
-fn pipe() -> Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: pipe2(2) fills the two-element array it is given.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(Error::operation_failed(format!("cannot create a pipe: {}", std::io::Error::last_os_error())));
-    }
-    // SAFETY: both descriptors were just created and nothing else owns them.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-fn cstr(s: impl AsRef<std::ffi::OsStr>) -> Result<CString> {
-    let s = s.as_ref();
-    CString::new(s.as_encoded_bytes())
-        .map_err(|_| Error::invalid_arg(format!("'{}' holds a NUL byte", s.to_string_lossy())))
+/// Everything a child wrote on a report pipe before it exec'd or exited
+/// (nothing when the exec succeeded).
+fn read_report(report: OwnedFd, whose: &str) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    File::from(report)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::operation_failed(format!("cannot read {whose} report: {e}")))?;
+    Ok(bytes)
 }
 
 /// A null-terminated array of pointers into `strings`, for exec.
@@ -194,10 +187,7 @@ fn launch(
     File::from(go_write)
         .write_all(&[1])
         .map_err(|e| Error::operation_failed(format!("cannot release the container's first process: {e}")))?;
-    let mut report = Vec::new();
-    File::from(report_read)
-        .read_to_end(&mut report)
-        .map_err(|e| Error::operation_failed(format!("cannot read the container's start-up report: {e}")))?;
+    let report = read_report(report_read, "the container's start-up")?;
     if report.len() >= 8 {
         let index = u32::from_ne_bytes([report[0], report[1], report[2], report[3]]);
         let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
@@ -437,10 +427,7 @@ pub fn enter(init: ProcessId, cgroup: &Path, command: &[String]) -> Result<i32> 
             )));
         }
     }
-    let mut report = Vec::new();
-    File::from(report_read)
-        .read_to_end(&mut report)
-        .map_err(|e| Error::operation_failed(format!("cannot read the command's report: {e}")))?;
+    let report = read_report(report_read, "the command's")?;
     if report.len() >= 4 {
         let errno = i32::from_ne_bytes([report[0], report[1], report[2], report[3]]);
         return Err(Error::operation_failed(format!(

@@ -30,7 +30,7 @@ use strata_core::registry::DriverRegistration;
 use strata_core::store::Store;
 use strata_core::uri::ConnectUri;
 use strata_core::xml::Domain;
-use strata_core::{Error, ErrorKind, Result};
+use strata_core::{Error, Result};
 use strata_engine::blocking::blocking;
 use strata_engine::definitions;
 
@@ -53,14 +53,7 @@ impl LxcConnection {
     /// Opens the instance named by an `lxc://` URI: `lxc:///system` or
     /// `lxc:///embed?root=DIR`.
     pub fn open(uri: &ConnectUri) -> Result<LxcConnection> {
-        if uri.driver != "lxc" {
-            return Err(Error::invalid_arg(format!("'{uri}' is not an lxc:// URI")));
-        }
-        if uri.host.is_some() || uri.transport.is_some() {
-            return Err(Error::no_support(format!(
-                "'{uri}': remote connections are not supported; Strata runs containers on this machine"
-            )));
-        }
+        uri.require_local("lxc", "containers")?;
         if uri.path == "session" {
             return Err(Error::no_support(format!(
                 "'{uri}': unprivileged containers need a user namespace with an id map, which the lxc driver \
@@ -186,21 +179,11 @@ impl Connection for LxcConnection {
 
     async fn list_domains(&self) -> Result<Vec<DomainSummary>> {
         let mut out = Vec::new();
-        for name in self.store.list_domains()? {
-            match definitions::load(&self.store, &name) {
-                Ok(dom) => out.push(self.summary(&dom).await?),
-                Err(e) if e.kind() == ErrorKind::StoreFormat => out.push(DomainSummary {
-                    id: None,
-                    name,
-                    uuid: String::new(),
-                    state: DomainState::Damaged,
-                    reason: None,
-                    persistent: true,
-                    damaged: Some(e.message().to_string()),
-                }),
-                Err(e) if e.kind() == ErrorKind::NoDomain => {}
-                Err(e) => return Err(e),
-            }
+        for listed in definitions::list(&self.store)? {
+            out.push(match listed {
+                Ok(dom) => self.summary(&dom).await?,
+                Err(damaged) => damaged,
+            });
         }
         Ok(out)
     }

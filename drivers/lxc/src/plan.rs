@@ -219,7 +219,8 @@ pub struct PlannedStep {
     pub what: String,
 }
 
-fn cstr(s: impl AsRef<std::ffi::OsStr>) -> Result<CString> {
+/// `s` as a C string for the kernel; one holding a NUL byte is refused.
+pub(crate) fn cstr(s: impl AsRef<std::ffi::OsStr>) -> Result<CString> {
     let s = s.as_ref();
     CString::new(s.as_encoded_bytes())
         .map_err(|_| Error::invalid_arg(format!("'{}' holds a NUL byte", s.to_string_lossy())))

@@ -5,7 +5,7 @@
 //! next call does not find.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use strata_core::store::Store;
 use strata_core::xml::{Domain, Element};
@@ -134,14 +134,11 @@ pub fn teardown(sys: &dyn Syscall, status: &LiveStatus) -> Result<()> {
 
 /// Waits until `process` is gone, at most `timeout`.
 pub fn wait_gone(process: ProcessId, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while process.liveness() == Liveness::Alive {
-        if Instant::now() >= deadline {
-            return Err(Error::operation_failed(format!("the container's init (pid {}) did not exit", process.pid)));
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    if process.wait_gone_blocking(timeout) {
+        Ok(())
+    } else {
+        Err(Error::operation_failed(format!("the container's init (pid {}) did not exit", process.pid)))
     }
-    Ok(())
 }
 
 /// The cgroup2 hierarchy: `/sys/fs/cgroup/unified` on a hybrid host,
