@@ -10,7 +10,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{busybox_root, ext4_image, killed_at, TestEnv};
+use std::time::Duration;
+
+use common::{busybox_root, ext4_image, killed_at, Background, TestEnv};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -426,4 +428,29 @@ fn shutdown_lets_an_init_that_handles_sigterm_exit() {
     assert_eq!(std::fs::read_to_string(tree.join("tmp/bye")).expect("the handler's file"), "bye\n");
     assert!(env.ok(&["domstate", "polite"]).starts_with("shut off"));
     assert_nothing_left(&env, "polite", Some(held.init), Some(&held.cgroup), None);
+}
+
+/// `event DOM` reports the container's start and its destroy: each
+/// watcher has taken its first look (paused there) before the change.
+#[test]
+fn lifecycle_events_report_start_and_destroy() {
+    let env = TestEnv::lxc();
+    sleeper_on_raw_image(&env, "watched");
+    let watch = ["event", "watched", "--event", "lifecycle", "--timeout", "120"];
+    let watcher = Background::spawn_paused_at(&env, &watch, "lxc-event:watching").expect("the watcher's first look");
+    env.ok(&["start", "watched"]);
+    let held = held(&env, "watched");
+    let _guard = ContainerGuard { env: &env, name: "watched".into(), init: Some(held.init) };
+    watcher.resume();
+    let out = watcher.finish(Duration::from_secs(120));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.starts_with("event 'lifecycle' for domain 'watched': Started Booted\n"), "{text}");
+
+    let watcher = Background::spawn_paused_at(&env, &watch, "lxc-event:watching").expect("the watcher's first look");
+    env.ok(&["destroy", "watched"]);
+    watcher.resume();
+    let out = watcher.finish(Duration::from_secs(120));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("event 'lifecycle' for domain 'watched': Stopped Destroyed\n"), "{text}");
 }

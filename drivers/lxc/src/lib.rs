@@ -18,13 +18,14 @@ mod probe;
 pub mod status;
 pub mod syscall;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use strata_core::capabilities::{refusal, DomainCapabilities, StorageCapabilities};
 use strata_core::driver::{
-    Connection, DefineFlags, DefineOutcome, DiskChainCheck, DomainInfo, DomainState, DomainSummary, DriverCapabilities,
-    DumpXmlFlags, StartFlags, StartOutcome, UndefineFlags,
+    Connection, DefineFlags, DefineOutcome, DiskChainCheck, DomainEvent, DomainInfo, DomainState, DomainSummary,
+    DriverCapabilities, DumpXmlFlags, StartFlags, StartOutcome, UndefineFlags,
 };
 use strata_core::registry::DriverRegistration;
 use strata_core::store::Store;
@@ -33,6 +34,7 @@ use strata_core::xml::Domain;
 use strata_core::{Error, Result};
 use strata_engine::blocking::blocking;
 use strata_engine::definitions;
+use strata_engine::process::ProcessId;
 
 use crate::status::LiveStatus;
 use crate::syscall::Linux;
@@ -43,10 +45,15 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// The `<devices>` children a container acts on; start warns about others.
 const HONOURED_DEVICES: &[&str] = &["filesystem", "emulator", "console"];
 
+/// How often `next_event` looks at a watched container's record.
+const EVENT_POLL: Duration = Duration::from_millis(50);
+
 /// A connection to one LXC driver instance (one state root).
 pub struct LxcConnection {
     uri: String,
     store: Store,
+    /// Per watched domain, the init `next_event` saw last (`None`: shut off).
+    watched: std::sync::Mutex<HashMap<String, Option<ProcessId>>>,
 }
 
 impl LxcConnection {
@@ -60,7 +67,7 @@ impl LxcConnection {
                  does not set up yet; use lxc:///system (as root) or lxc:///embed?root=DIR"
             )));
         }
-        Ok(LxcConnection { uri: uri.to_string(), store: Store::open(uri.state_root()?)? })
+        Ok(LxcConnection { uri: uri.to_string(), store: Store::open(uri.state_root()?)?, watched: Default::default() })
     }
 
     /// The domain's record after reconciling it, under the domain lock:
@@ -72,6 +79,15 @@ impl LxcConnection {
             status::reconcile(&Linux, &store, &name)
         })
         .await
+    }
+
+    /// The container's running init as its record shows it, without
+    /// waiting for the domain lock (a start in progress is not running
+    /// yet), and whether a record is there at all.
+    fn observe(&self, name: &str) -> Result<(Option<ProcessId>, bool)> {
+        let Some(xml) = self.store.read_status(name)? else { return Ok((None, false)) };
+        let status = LiveStatus::parse(&xml)?;
+        Ok((status.running_init().filter(|_| !status.starting), true))
     }
 
     async fn summary(&self, dom: &Domain) -> Result<DomainSummary> {
@@ -143,7 +159,7 @@ impl Connection for LxcConnection {
             driver: "lxc".into(),
             uri: self.uri.clone(),
             hypervisor: "Linux namespaces".into(),
-            domains: DomainCapabilities { run: true, ..Default::default() },
+            domains: DomainCapabilities { run: true, events: true, ..Default::default() },
             storage: StorageCapabilities { disk_sets: false, storage_pools: true },
             honoured_elements: vec![
                 "os/type exe, os/init, os/initarg".into(),
@@ -280,6 +296,61 @@ impl Connection for LxcConnection {
 
     async fn check_chains(&self, name: &str, disk: Option<&str>, fix: bool) -> Result<Vec<DiskChainCheck>> {
         definitions::check_chains(&self.store, name, disk, fix)
+    }
+
+    /// Lifecycle events, seen by watching the container's record: its init
+    /// appearing (`Started Booted`), exiting by itself (`Stopped
+    /// Shutdown`), or its record going with a destroy or shutdown
+    /// (`Stopped Destroyed`). An init started after this process began
+    /// counts as started even when the first look already finds it.
+    async fn next_event(&self, domain: &str, timeout_ms: u64) -> Result<Option<DomainEvent>> {
+        definitions::load(&self.store, domain)?;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+        let first =
+            self.watched.lock().map_err(|_| Error::internal("the event watch lock is poisoned"))?.get(domain).copied();
+        let mut last = match first {
+            Some(last) => last,
+            None => {
+                let this = ProcessId::this()?;
+                let (init, _) = self.observe(domain)?;
+                strata_core::pause_point("lxc-event:watching");
+                // Started before this watcher: not an event.
+                init.filter(|i| i.start_time < this.start_time)
+            }
+        };
+        let event = loop {
+            let (init, recorded) = self.observe(domain)?;
+            let detail = match (last, init) {
+                (None, Some(_)) => Some("Started Booted"),
+                (Some(_), None) if recorded => Some("Stopped Shutdown"),
+                (Some(_), None) => Some("Stopped Destroyed"),
+                // Another init since: the stop first, the start next time.
+                (Some(a), Some(b)) if a != b => Some("Stopped Destroyed"),
+                _ => None,
+            };
+            if let Some(detail) = detail {
+                last = if detail.starts_with("Started") { init } else { None };
+                let timestamp_us = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+                break Some(DomainEvent {
+                    domain: domain.to_string(),
+                    event: "lifecycle".into(),
+                    detail: detail.into(),
+                    disk: None,
+                    timestamp_us,
+                });
+            }
+            if tokio::time::Instant::now() + EVENT_POLL > deadline {
+                break None;
+            }
+            tokio::time::sleep(EVENT_POLL).await;
+        };
+        self.watched
+            .lock()
+            .map_err(|_| Error::internal("the event watch lock is poisoned"))?
+            .insert(domain.to_string(), last);
+        Ok(event)
     }
 
     async fn enter_namespace(&self, name: &str, command: &[String]) -> Result<i32> {
