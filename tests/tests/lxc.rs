@@ -193,6 +193,11 @@ fn run_and_destroy(env: &TestEnv, name: &str, image: Option<&Path>, device: Opti
         assert!(!host_mounts().contains(&device), "{device} is mounted on the host");
     }
 
+    let refused = env.fails(&["undefine", name]);
+    assert!(refused.contains(&format!("domain '{name}' is running; destroy it before undefining it")), "{refused}");
+    let live = env.ok(&["dumpxml", name]);
+    assert!(live.contains(&format!("<domain type='lxc' id='{}'>", held.init)), "{live}");
+
     env.ok(&["destroy", name]);
     assert!(env.ok(&["domstate", name]).starts_with("shut off"));
     assert_nothing_left(env, name, Some(held.init), Some(&held.cgroup), image);
@@ -453,4 +458,43 @@ fn lifecycle_events_report_start_and_destroy() {
     let out = watcher.finish(Duration::from_secs(120));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("event 'lifecycle' for domain 'watched': Stopped Destroyed\n"), "{text}");
+}
+
+/// A read-only image is attached to a read-only loop device and mounted
+/// read-only beside a writable root: the container cannot write to it.
+#[test]
+fn a_readonly_image_is_mounted_on_a_readonly_loop_device() {
+    let env = TestEnv::lxc();
+    let tree = busybox_root(&env.path("tree"));
+    let (root, data) = (env.path("root.raw"), env.path("data.raw"));
+    ext4_image(&tree, &root, 64 * MIB);
+    ext4_image(&tree, &data, 16 * MIB);
+    let filesystems = format!(
+        "{}<filesystem type='file'><driver type='loop' format='raw'/><source file='{}'/>\
+         <target dir='/data'/><readonly/></filesystem>",
+        loop_root(&root),
+        data.display()
+    );
+    env.define("ro", &container_xml("ro", SLEEPER, &filesystems));
+    env.ok(&["start", "ro"]);
+    let held = held(&env, "ro");
+    let _guard = ContainerGuard { env: &env, name: "ro".into(), init: Some(held.init) };
+    let holder = losetup_j(&data);
+    let device = holder.split(':').next().expect("a loop device holds the data image");
+    let name = device.trim_start_matches("/dev/");
+    let ro = std::fs::read_to_string(format!("/sys/block/{name}/ro")).expect("the device's ro flag");
+    assert_eq!(ro.trim(), "1", "{device} is read-only");
+    let enter = |args: &[&str]| {
+        let mut all = vec!["lxc-enter-namespace", "ro", "--noseclabel", "--"];
+        all.extend_from_slice(args);
+        env.strata(&all)
+    };
+    assert!(enter(&["/bin/touch", "/written"]).status.success(), "the root is writable");
+    assert_eq!(enter(&["/bin/touch", "/data/written"]).status.code(), Some(1), "/data refuses writes");
+    let mounts = String::from_utf8_lossy(&enter(&["/bin/cat", "/proc/self/mountinfo"]).stdout).into_owned();
+    let line = mounts.lines().find(|l| l.split(' ').nth(4) == Some("/data")).expect("/data");
+    assert!(line.split(' ').nth(5).is_some_and(|o| o.starts_with("ro")) && line.contains(device), "{line}");
+    env.ok(&["destroy", "ro"]);
+    assert_nothing_left(&env, "ro", Some(held.init), Some(&held.cgroup), Some(&data));
+    assert_eq!(losetup_j(&root), "", "the root's loop device is gone too");
 }

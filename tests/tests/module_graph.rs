@@ -394,6 +394,11 @@ fn qemu_driver_modules_depend_one_way() {
     assert_no_module_cycles(&workspace_dir("drivers/qemu/src"));
 }
 
+#[test]
+fn lxc_driver_modules_depend_one_way() {
+    assert_no_module_cycles(&workspace_dir("drivers/lxc/src"));
+}
+
 /// The workspace crates under `drivers/` that `cargo tree` lists as
 /// direct normal dependencies of strata-cli, given `features` flags.
 fn cli_driver_dependencies(features: &[&str]) -> Vec<String> {
@@ -418,8 +423,12 @@ fn cli_driver_dependencies(features: &[&str]) -> Vec<String> {
 fn cli_links_drivers_only_through_their_features() {
     assert_eq!(cli_driver_dependencies(&["--no-default-features"]), Vec::<String>::new());
     let default = cli_driver_dependencies(&[]);
-    assert!(default.iter().any(|d| d.starts_with("strata-qemu ")), "{default:?}");
-    assert_eq!(cli_driver_dependencies(&["--no-default-features", "--features", "qemu"]), default);
+    let named = |prefix: &str| default.iter().filter(|d| d.starts_with(prefix)).cloned().collect::<Vec<_>>();
+    let (qemu, lxc) = (named("strata-qemu "), named("strata-lxc "));
+    assert!(qemu.len() == 1 && lxc.len() == 1, "both drivers by default: {default:?}");
+    assert_eq!(cli_driver_dependencies(&["--no-default-features", "--features", "qemu"]), qemu);
+    assert_eq!(cli_driver_dependencies(&["--no-default-features", "--features", "lxc"]), lxc);
+    assert_eq!(cli_driver_dependencies(&["--features", "qemu,lxc"]), default);
 }
 
 #[test]
