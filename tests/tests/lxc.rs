@@ -498,3 +498,27 @@ fn a_readonly_image_is_mounted_on_a_readonly_loop_device() {
     assert_nothing_left(&env, "ro", Some(held.init), Some(&held.cgroup), Some(&data));
     assert_eq!(losetup_j(&root), "", "the root's loop device is gone too");
 }
+
+/// A container whose init dies behind Strata's back (killed from the
+/// host) is found shut off by the next call, which tears down what it
+/// held: its loop device, its cgroup, its record.
+#[test]
+fn a_container_whose_init_died_is_cleaned_up_by_the_next_call() {
+    let env = TestEnv::lxc();
+    let image = sleeper_on_raw_image(&env, "crashed");
+    env.ok(&["start", "crashed"]);
+    let held = held(&env, "crashed");
+    let _guard = ContainerGuard { env: &env, name: "crashed".into(), init: Some(held.init) };
+    // SAFETY: kill(2) on the init this test's container recorded.
+    assert_eq!(unsafe { libc::kill(held.init, libc::SIGKILL) }, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while alive(held.init) {
+        assert!(std::time::Instant::now() < deadline, "the killed init {} is still there", held.init);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(env.state_root().join("domains/crashed/status.xml").exists(), "no strata call has run since");
+    assert!(env.ok(&["domstate", "crashed"]).starts_with("shut off"));
+    assert_nothing_left(&env, "crashed", Some(held.init), Some(&held.cgroup), Some(&image));
+    let err = env.fails(&["destroy", "crashed"]);
+    assert!(err.contains("domain is not running"), "{err}");
+}
