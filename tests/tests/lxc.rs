@@ -169,6 +169,11 @@ fn run_and_destroy(env: &TestEnv, name: &str, image: Option<&Path>, device: Opti
     }
     let pid1 = env.ok(&["lxc-enter-namespace", name, "--noseclabel", "--", "/bin/cat", "/proc/1/cmdline"]);
     assert!(pid1.starts_with("/bin/sleep"), "the init is pid 1 in the container: {pid1:?}");
+    let status = env.strata(&["lxc-enter-namespace", name, "--noseclabel", "--", "sh", "-c", "echo out; exit 3"]);
+    assert_eq!(status.status.code(), Some(3), "the command's status is strata's");
+    assert_eq!(String::from_utf8_lossy(&status.stdout), "out\n", "its output passes through");
+    let missing = env.fails(&["lxc-enter-namespace", name, "--noseclabel", "--", "/bin/no-such-command"]);
+    assert!(missing.contains("cannot run '/bin/no-such-command' in the container: No such file"), "{missing}");
 
     let info = env.ok(&["dominfo", name]);
     assert!(info.contains("State:          running"), "{info}");
