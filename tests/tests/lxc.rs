@@ -12,7 +12,7 @@ use std::process::Command;
 
 use std::time::Duration;
 
-use common::{busybox_root, ext4_image, killed_at, Background, TestEnv};
+use common::{busybox_image, busybox_root, killed_at, Background, TestEnv};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -49,7 +49,7 @@ const SLEEPER: &[&str] = &["/bin/sleep", "1000"];
 /// (attached through a loop device at start); returns the image.
 fn sleeper_on_raw_image(env: &TestEnv, name: &str) -> PathBuf {
     let image = env.path("root.raw");
-    ext4_image(&busybox_root(&env.path("tree")), &image, 64 * MIB);
+    busybox_image(&env.path("tree"), &image, 64);
     env.define(name, &container_xml(name, SLEEPER, &loop_root(&image)));
     image
 }
@@ -213,7 +213,7 @@ fn run_and_destroy(env: &TestEnv, name: &str, image: Option<&Path>, device: Opti
 fn a_container_runs_on_a_block_device_root() {
     let env = TestEnv::lxc();
     let image = env.path("lv.raw");
-    ext4_image(&busybox_root(&env.path("tree")), &image, 64 * MIB);
+    busybox_image(&env.path("tree"), &image, 64);
     let lv = TestLoop::attach(&image);
     env.define("blk", &container_xml("blk", SLEEPER, &block_root(&lv.0)));
     run_and_destroy(&env, "blk", None, Some(&lv.0));
@@ -275,9 +275,8 @@ fn a_container_runs_on_a_ram_root() {
 #[test]
 fn a_failed_start_says_why_and_leaves_nothing_behind() {
     let env = TestEnv::lxc();
-    let tree = busybox_root(&env.path("tree"));
     let image = env.path("root.raw");
-    ext4_image(&tree, &image, 64 * MIB);
+    busybox_image(&env.path("tree"), &image, 64);
     let zeroes = env.path("zeroes.raw");
     std::fs::File::create(&zeroes).and_then(|f| f.set_len(16 * MIB)).expect("a zeroed image");
     let blank = TestLoop::attach(&zeroes);
@@ -333,7 +332,7 @@ fn a_failed_start_says_why_and_leaves_nothing_behind() {
 fn an_image_a_loop_device_holds_already_is_refused() {
     let env = TestEnv::lxc();
     let image = env.path("root.raw");
-    ext4_image(&busybox_root(&env.path("tree")), &image, 64 * MIB);
+    busybox_image(&env.path("tree"), &image, 64);
     let other = TestLoop::attach(&image);
     env.define("twice", &container_xml("twice", SLEEPER, &loop_root(&image)));
     let err = env.fails(&["start", "twice"]);
@@ -470,10 +469,9 @@ fn lifecycle_events_report_start_and_destroy() {
 #[test]
 fn a_readonly_image_is_mounted_on_a_readonly_loop_device() {
     let env = TestEnv::lxc();
-    let tree = busybox_root(&env.path("tree"));
     let (root, data) = (env.path("root.raw"), env.path("data.raw"));
-    ext4_image(&tree, &root, 64 * MIB);
-    ext4_image(&tree, &data, 16 * MIB);
+    busybox_image(&env.path("tree"), &root, 64);
+    busybox_image(&env.path("tree"), &data, 16);
     let filesystems = format!(
         "{}<filesystem type='file'><driver type='loop' format='raw'/><source file='{}'/>\
          <target dir='/data'/><readonly/></filesystem>",

@@ -777,33 +777,18 @@ pub fn mounted_at(dir: &Path) -> bool {
         .any(|l| l.split(' ').nth(4) == dir.to_str())
 }
 
-/// The busybox applets a test container's userland links to.
-const BUSYBOX_APPLETS: &[&str] = &["sh", "ls", "hostname", "sleep", "cat", "true", "false", "echo", "touch", "mount"];
-
-/// A container's root tree at `dir`: busybox-static (from Debian's
-/// busybox-static package, which a test needs installed) with links for
-/// its applets, and the directories a container mounts on.
+/// A container's root tree at `dir` (busybox-static with links for its
+/// applets, and the directories a container mounts on), made by
+/// `fixtures/images/make-busybox-root`.
 pub fn busybox_root(dir: &Path) -> PathBuf {
-    let busybox = Path::new("/bin/busybox");
-    assert!(busybox.is_file(), "/bin/busybox is missing: install busybox-static (.ci/install-deps does)");
-    for sub in ["bin", "proc", "dev", "sys", "tmp", "etc"] {
-        std::fs::create_dir_all(dir.join(sub)).expect("create the root's directories");
-    }
-    std::fs::copy(busybox, dir.join("bin/busybox")).expect("copy busybox");
-    for applet in BUSYBOX_APPLETS {
-        std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet)).expect("link an applet");
-    }
+    let script = fixture("images/make-busybox-root");
+    run_tool(script.to_str().expect("utf8"), &[dir.to_str().expect("utf8")]);
     dir.to_path_buf()
 }
 
-/// A raw ext4 image of `bytes` holding the tree at `root` (`mkfs.ext4 -d`).
-pub fn ext4_image(root: &Path, image: &Path, bytes: u64) {
-    std::fs::File::create(image).and_then(|f| f.set_len(bytes)).expect("create the image");
-    let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-b", "4096", "-d"])
-        .arg(root)
-        .arg(image)
-        .output()
-        .expect("run mkfs.ext4");
-    assert!(out.status.success(), "mkfs.ext4: {}", String::from_utf8_lossy(&out.stderr));
+/// [`busybox_root`] at `dir`, and a raw ext4 image of `mib` MiB holding it.
+pub fn busybox_image(dir: &Path, image: &Path, mib: u64) {
+    let script = fixture("images/make-busybox-root");
+    let mib = mib.to_string();
+    run_tool(script.to_str().expect("utf8"), &[dir.to_str().expect("utf8"), image.to_str().expect("utf8"), &mib]);
 }
