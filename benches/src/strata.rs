@@ -132,6 +132,11 @@ impl Strata {
         }
     }
 
+    /// `bin -c lxc:///embed?root=STATE`: the LXC driver on a private state root.
+    pub fn embedded_lxc(bin: &Path, state: &Path) -> Strata {
+        Strata { uri: format!("lxc:///embed?root={}", state.display()), ..Strata::embedded(bin, state) }
+    }
+
     /// The same, with `NO_COLOR=1` for every [`Strata::run`] and
     /// [`Strata::ok`] (a log without colour sequences).
     pub fn without_color(self) -> Strata {
