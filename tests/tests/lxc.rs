@@ -198,6 +198,8 @@ fn run_and_destroy(env: &TestEnv, name: &str, image: Option<&Path>, device: Opti
         assert!(!host_mounts().contains(&device), "{device} is mounted on the host");
     }
 
+    let again = env.fails(&["start", name]);
+    assert!(again.contains(&format!("domain '{name}' is already active")), "{again}");
     let refused = env.fails(&["undefine", name]);
     assert!(refused.contains(&format!("domain '{name}' is running; destroy it before undefining it")), "{refused}");
     let live = env.ok(&["dumpxml", name]);
@@ -416,6 +418,13 @@ fn snapshots_jobs_and_unsupported_filesystems_are_refused_with_the_reason() {
     std::fs::write(env.path("q.xml"), qcow2).expect("write");
     let err = env.fails(&["define", env.path("q.xml").to_str().expect("utf8")]);
     assert!(err.contains("filesystem '/': <driver format='qcow2'> is not supported by the lxc driver yet"), "{err}");
+    let session = Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
+        .args(["-c", "lxc:///session", "list"])
+        .output()
+        .expect("run strata");
+    let err = String::from_utf8_lossy(&session.stderr);
+    assert_eq!(session.status.code(), Some(1), "{err}");
+    assert!(err.contains("unprivileged containers need a user namespace with an id map"), "{err}");
     let kvm = "<domain type='kvm'><name>vm</name><os><type>hvm</type></os></domain>";
     std::fs::write(env.path("vm.xml"), kvm).expect("write");
     let err = env.fails(&["define", env.path("vm.xml").to_str().expect("utf8")]);

@@ -18,6 +18,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use strata_core::error::os_reason;
 use strata_core::store::Store;
 use strata_core::xml::Domain;
 use strata_core::{Error, Result};
@@ -191,7 +192,7 @@ fn launch(
     if report.len() >= 8 {
         let index = u32::from_ne_bytes([report[0], report[1], report[2], report[3]]);
         let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
-        let err = std::io::Error::from_raw_os_error(errno);
+        let err = os_reason(&std::io::Error::from_raw_os_error(errno));
         reaped.wait();
         let what = match steps.get(index as usize) {
             Some(PlannedStep { what, .. }) => format!("cannot {what}"),
@@ -432,7 +433,7 @@ pub fn enter(init: ProcessId, cgroup: &Path, command: &[String]) -> Result<i32> 
         let errno = i32::from_ne_bytes([report[0], report[1], report[2], report[3]]);
         return Err(Error::operation_failed(format!(
             "cannot run '{program}' in the container: {}",
-            std::io::Error::from_raw_os_error(errno)
+            os_reason(&std::io::Error::from_raw_os_error(errno))
         )));
     }
     Ok(if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 128 + libc::WTERMSIG(status) })
