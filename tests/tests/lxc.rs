@@ -175,6 +175,10 @@ fn run_and_destroy(env: &TestEnv, name: &str, image: Option<&Path>, device: Opti
     let missing = env.fails(&["lxc-enter-namespace", name, "--noseclabel", "--", "/bin/no-such-command"]);
     assert!(missing.contains("cannot run '/bin/no-such-command' in the container: No such file"), "{missing}");
 
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", held.init)).expect("the init's stat");
+    let session = stat.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').nth(3)).expect("its session");
+    assert_eq!(session, held.init.to_string(), "the init leads a session of its own, away from strata's terminal");
+
     let info = env.ok(&["dominfo", name]);
     assert!(info.contains("State:          running"), "{info}");
     assert!(info.contains(&format!("Id:             {}\n", held.init)), "dominfo shows the init's pid: {info}");

@@ -322,7 +322,7 @@ fn child_main(
             libc::_exit(1)
         }
     };
-    // SAFETY: close, read, dup2, signal and sigprocmask on descriptors and
+    // SAFETY: close, read, setsid, dup2, signal and sigprocmask on descriptors and
     // local values this process owns; all async-signal-safe.
     unsafe {
         libc::close(fds.go_write);
@@ -337,6 +337,10 @@ fn child_main(
             }
         }
         libc::close(fds.go_read);
+        // A session of its own: no terminal strata ran in signals it.
+        if libc::setsid() < 0 {
+            report(EXEC_STEP, std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO));
+        }
         if libc::dup2(fds.stdin, 0) < 0 || libc::dup2(fds.output, 1) < 0 || libc::dup2(fds.output, 2) < 0 {
             report(EXEC_STEP, std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO));
         }
