@@ -89,6 +89,21 @@ pub struct DomainInfo {
     pub managed_save: bool,
 }
 
+impl DomainInfo {
+    /// What `dominfo` shows of the definition `dom`, in the state `summary` gives.
+    pub fn of_definition(dom: &Domain, summary: DomainSummary) -> DomainInfo {
+        DomainInfo {
+            summary,
+            os_type: dom.os_type(),
+            max_memory_kib: dom.memory_kib().unwrap_or(0),
+            used_memory_kib: dom.current_memory_kib().unwrap_or(0),
+            vcpus: dom.vcpus(),
+            autostart: false,
+            managed_save: false,
+        }
+    }
+}
+
 /// An event as `strata event` prints it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomainEvent {

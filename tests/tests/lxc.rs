@@ -96,6 +96,14 @@ fn held(env: &TestEnv, name: &str) -> Held {
     }
 }
 
+/// Starts `name` and guards it: what it holds, and the guard that destroys it.
+fn start_guarded<'a>(env: &'a TestEnv, name: &str) -> (Held, ContainerGuard<'a>) {
+    env.ok(&["start", name]);
+    let held = held(env, name);
+    let guard = ContainerGuard { env, name: name.into(), init: Some(held.init) };
+    (held, guard)
+}
+
 /// Destroys the container when the test ends, and kills its init by pid
 /// if destroy did not.
 struct ContainerGuard<'a> {
@@ -155,9 +163,7 @@ fn assert_nothing_left(env: &TestEnv, name: &str, init: Option<i32>, cgroup: Opt
 /// loop device of Strata's holds while it runs; `device` the block device
 /// its root is, which no host mount may show.
 fn run_and_destroy(env: &TestEnv, name: &str, image: Option<&Path>, device: Option<&Path>) {
-    env.ok(&["start", name]);
-    let held = held(env, name);
-    let _guard = ContainerGuard { env, name: name.into(), init: Some(held.init) };
+    let (held, _guard) = start_guarded(env, name);
     assert!(alive(held.init), "the init runs after start");
 
     let hostname = env.ok(&["lxc-enter-namespace", name, "--noseclabel", "--", "/bin/hostname"]);
@@ -252,9 +258,7 @@ fn a_container_runs_on_a_ram_root() {
         tree.join("bin").display()
     );
     env.define("ram", &container_xml("ram", SLEEPER, &filesystems));
-    env.ok(&["start", "ram"]);
-    let held = held(&env, "ram");
-    let _guard = ContainerGuard { env: &env, name: "ram".into(), init: Some(held.init) };
+    let (held, _guard) = start_guarded(&env, "ram");
     let enter = |args: &[&str]| {
         let mut all = vec!["lxc-enter-namespace", "ram", "--noseclabel", "--"];
         all.extend_from_slice(args);
@@ -356,9 +360,7 @@ fn an_image_a_loop_device_holds_already_is_refused() {
 fn shutdown_kills_an_init_that_ignores_sigterm() {
     let env = TestEnv::lxc();
     let image = sleeper_on_raw_image(&env, "stubborn");
-    env.ok(&["start", "stubborn"]);
-    let held = held(&env, "stubborn");
-    let _guard = ContainerGuard { env: &env, name: "stubborn".into(), init: Some(held.init) };
+    let (held, _guard) = start_guarded(&env, "stubborn");
     env.ok(&["shutdown", "stubborn"]);
     assert!(env.ok(&["domstate", "stubborn"]).starts_with("shut off"));
     assert_nothing_left(&env, "stubborn", Some(held.init), Some(&held.cgroup), Some(&image));
@@ -385,9 +387,7 @@ fn a_strata_killed_during_start_leaves_what_the_next_call_cleans() {
         assert_nothing_left(&env, "killed", Some(held.init), Some(&held.cgroup), Some(&image));
     }
     // And the domain starts again afterwards.
-    env.ok(&["start", "killed"]);
-    let held = held(&env, "killed");
-    let _guard = ContainerGuard { env: &env, name: "killed".into(), init: Some(held.init) };
+    let (held, _guard) = start_guarded(&env, "killed");
     env.ok(&["destroy", "killed"]);
     assert_nothing_left(&env, "killed", Some(held.init), Some(&held.cgroup), Some(&image));
 }
@@ -443,9 +443,7 @@ fn shutdown_lets_an_init_that_handles_sigterm_exit() {
     let tree = busybox_root(&env.path("tree"));
     let init = ["/bin/sh", "-c", "trap 'echo bye > /tmp/bye; exit 0' TERM; while true; do sleep 1; done"];
     env.define("polite", &container_xml("polite", &init, &bind(&tree, "/")));
-    env.ok(&["start", "polite"]);
-    let held = held(&env, "polite");
-    let _guard = ContainerGuard { env: &env, name: "polite".into(), init: Some(held.init) };
+    let (held, _guard) = start_guarded(&env, "polite");
     env.ok(&["shutdown", "polite"]);
     assert_eq!(std::fs::read_to_string(tree.join("tmp/bye")).expect("the handler's file"), "bye\n");
     assert!(env.ok(&["domstate", "polite"]).starts_with("shut off"));
@@ -460,9 +458,7 @@ fn lifecycle_events_report_start_and_destroy() {
     sleeper_on_raw_image(&env, "watched");
     let watch = ["event", "watched", "--event", "lifecycle", "--timeout", "120"];
     let watcher = Background::spawn_paused_at(&env, &watch, "lxc-event:watching").expect("the watcher's first look");
-    env.ok(&["start", "watched"]);
-    let held = held(&env, "watched");
-    let _guard = ContainerGuard { env: &env, name: "watched".into(), init: Some(held.init) };
+    let (_held, _guard) = start_guarded(&env, "watched");
     watcher.resume();
     let out = watcher.finish(Duration::from_secs(120));
     let text = String::from_utf8_lossy(&out.stdout);
@@ -492,9 +488,7 @@ fn a_readonly_image_is_mounted_on_a_readonly_loop_device() {
         data.display()
     );
     env.define("ro", &container_xml("ro", SLEEPER, &filesystems));
-    env.ok(&["start", "ro"]);
-    let held = held(&env, "ro");
-    let _guard = ContainerGuard { env: &env, name: "ro".into(), init: Some(held.init) };
+    let (held, _guard) = start_guarded(&env, "ro");
     let holder = losetup_j(&data);
     let device = holder.split(':').next().expect("a loop device holds the data image");
     let name = device.trim_start_matches("/dev/");
@@ -522,9 +516,7 @@ fn a_readonly_image_is_mounted_on_a_readonly_loop_device() {
 fn a_container_whose_init_died_is_cleaned_up_by_the_next_call() {
     let env = TestEnv::lxc();
     let image = sleeper_on_raw_image(&env, "crashed");
-    env.ok(&["start", "crashed"]);
-    let held = held(&env, "crashed");
-    let _guard = ContainerGuard { env: &env, name: "crashed".into(), init: Some(held.init) };
+    let (held, _guard) = start_guarded(&env, "crashed");
     // SAFETY: kill(2) on the init this test's container recorded.
     assert_eq!(unsafe { libc::kill(held.init, libc::SIGKILL) }, 0);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

@@ -226,15 +226,7 @@ impl Connection for LxcConnection {
 
     async fn domain_info(&self, name: &str) -> Result<DomainInfo> {
         let dom = definitions::load(&self.store, name)?;
-        Ok(DomainInfo {
-            summary: self.summary(&dom).await?,
-            os_type: dom.os_type(),
-            max_memory_kib: dom.memory_kib().unwrap_or(0),
-            used_memory_kib: dom.current_memory_kib().unwrap_or(0),
-            vcpus: dom.vcpus(),
-            autostart: false,
-            managed_save: false,
-        })
+        Ok(DomainInfo::of_definition(&dom, self.summary(&dom).await?))
     }
 
     async fn start(&self, name: &str, flags: StartFlags) -> Result<StartOutcome> {
