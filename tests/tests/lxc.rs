@@ -530,3 +530,20 @@ fn a_container_whose_init_died_is_cleaned_up_by_the_next_call() {
     let err = env.fails(&["destroy", "crashed"]);
     assert!(err.contains("domain is not running"), "{err}");
 }
+
+/// Two state roots defining one UUID would share its cgroup, and a destroy
+/// in one would kill the other's container: the second start is refused.
+#[test]
+fn a_uuid_running_from_another_state_root_is_refused() {
+    let (first, second) = (TestEnv::lxc(), TestEnv::lxc());
+    let tree = busybox_root(&first.path("tree"));
+    let xml = container_xml("twin", SLEEPER, &bind(&tree, "/"))
+        .replace("<name>twin</name>", "<name>twin</name><uuid>5d6f0c1e-2b7a-4c39-9e8d-0f1a2b3c4d5e</uuid>");
+    first.define("twin", &xml);
+    second.define("twin", &xml);
+    let (held, _guard) = start_guarded(&first, "twin");
+    let err = second.fails(&["start", "twin"]);
+    assert!(err.contains(&format!("cgroup '{}' holds processes already", held.cgroup.display())), "{err}");
+    assert!(!second.state_root().join("domains/twin/status.xml").exists());
+    assert!(alive(held.init), "the first container still runs");
+}

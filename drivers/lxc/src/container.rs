@@ -89,6 +89,16 @@ pub fn start(store: &Store, name: &str, dom: Domain) -> Result<()> {
     check_sources(&container)?;
     let uuid = dom.uuid().ok_or_else(|| Error::internal(format!("domain '{name}' has no uuid")))?;
     let cgroup = status::cgroup2_root()?.join("strata-lxc").join(&uuid);
+    // A container of another state root with the same UUID would share
+    // it, and be killed with this one.
+    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+    if !procs.trim().is_empty() {
+        return Err(Error::operation_invalid(format!(
+            "domain '{name}': cgroup '{}' holds processes already (a container with uuid {uuid} runs from another \
+             state root?)",
+            cgroup.display()
+        )));
+    }
     let run = status::runtime_dir(store, name)?;
     let stage = run.join("root");
     std::fs::create_dir_all(&stage).map_err(|e| Error::io("create", &stage, e))?;
