@@ -547,3 +547,30 @@ fn a_uuid_running_from_another_state_root_is_refused() {
     assert!(!second.state_root().join("domains/twin/status.xml").exists());
     assert!(alive(held.init), "the first container still runs");
 }
+
+/// suspend freezes the container's cgroup and resume thaws it, as domstate
+/// and the kernel's cgroup.events show; a paused container refuses
+/// lxc-enter-namespace (the command would freeze with it), and destroy
+/// ends it all the same.
+#[test]
+fn suspend_and_resume_freeze_and_thaw_the_container() {
+    let env = TestEnv::lxc();
+    let tree = busybox_root(&env.path("tree"));
+    env.define("frozen", &container_xml("frozen", SLEEPER, &bind(&tree, "/")));
+    let (held, _guard) = start_guarded(&env, "frozen");
+    let events = || std::fs::read_to_string(held.cgroup.join("cgroup.events")).expect("cgroup.events");
+    assert!(events().contains("frozen 0"), "{}", events());
+    env.ok(&["suspend", "frozen"]);
+    assert_eq!(env.ok(&["domstate", "frozen", "--reason"]).trim(), "paused (user)");
+    assert!(events().contains("frozen 1"), "{}", events());
+    let err = env.fails(&["lxc-enter-namespace", "frozen", "--noseclabel", "--", "/bin/hostname"]);
+    assert!(err.contains("domain 'frozen' is paused; resume it first"), "{err}");
+    assert!(env.fails(&["suspend", "frozen"]).contains("domain is already paused"));
+    env.ok(&["resume", "frozen"]);
+    assert_eq!(env.ok(&["domstate", "frozen"]).trim(), "running");
+    assert!(events().contains("frozen 0"), "{}", events());
+    assert_eq!(env.ok(&["lxc-enter-namespace", "frozen", "--noseclabel", "--", "/bin/hostname"]).trim(), "frozen");
+    env.ok(&["suspend", "frozen"]);
+    env.ok(&["destroy", "frozen"]);
+    assert_nothing_left(&env, "frozen", Some(held.init), Some(&held.cgroup), None);
+}

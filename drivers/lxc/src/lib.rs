@@ -37,7 +37,7 @@ use strata_engine::definitions;
 use strata_engine::process::ProcessId;
 
 use crate::status::LiveStatus;
-use crate::syscall::Linux;
+use crate::syscall::{Linux, Syscall};
 
 /// How long `shutdown` waits after SIGTERM before it kills the container.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -92,13 +92,19 @@ impl LxcConnection {
 
     async fn summary(&self, dom: &Domain) -> Result<DomainSummary> {
         let name = dom.name();
-        let running = self.reconciled(&name).await?.and_then(|s| s.init.filter(|_| !s.starting));
+        let live = self.reconciled(&name).await?.filter(|s| !s.starting);
+        let running = live.as_ref().and_then(|s| s.init);
+        let (state, reason) = match &live {
+            None => (DomainState::Shutoff, "unknown"),
+            Some(s) if syscall::cgroup_frozen(&s.cgroup) => (DomainState::Paused, "user"),
+            Some(_) => (DomainState::Running, "booted"),
+        };
         Ok(DomainSummary {
             id: running.and_then(|init| u32::try_from(init.pid).ok()),
             name,
             uuid: dom.uuid().unwrap_or_default(),
-            state: if running.is_some() { DomainState::Running } else { DomainState::Shutoff },
-            reason: Some(if running.is_some() { "booted" } else { "unknown" }.into()),
+            state,
+            reason: Some(reason.into()),
             persistent: true,
             damaged: None,
         })
@@ -116,6 +122,29 @@ impl LxcConnection {
             stop(&status)?;
             status::teardown(&Linux, &status)?;
             status::forget(&store, &name)
+        })
+        .await
+    }
+}
+
+impl LxcConnection {
+    /// Freezes or thaws the running container's cgroup (`suspend`, `resume`).
+    async fn freeze(&self, name: &str, frozen: bool) -> Result<()> {
+        let (store, name) = (self.store.clone(), name.to_string());
+        blocking(move || {
+            let _lock = store.lock_domain(&name)?;
+            definitions::load(&store, &name)?;
+            let status = status::reconcile(&Linux, &store, &name)?
+                .filter(|s| !s.starting)
+                .ok_or_else(|| Error::operation_invalid("domain is not running"))?;
+            if syscall::cgroup_frozen(&status.cgroup) == frozen {
+                return Err(Error::operation_invalid(if frozen {
+                    "domain is already paused"
+                } else {
+                    "domain is not paused"
+                }));
+            }
+            Linux.cgroup_freeze(&status.cgroup, frozen)
         })
         .await
     }
@@ -184,6 +213,7 @@ impl Connection for LxcConnection {
                 "snapshots and block jobs need a qcow2 layer, which raw, loop, block, bind and ram filesystems lack"
                     .into(),
                 "memory state cannot be saved (no checkpoint/restore)".into(),
+                "suspend and resume freeze and thaw the container's cgroup".into(),
                 format!(
                     "shutdown sends SIGTERM to the init and kills the container after {} s",
                     SHUTDOWN_GRACE.as_secs()
@@ -257,6 +287,10 @@ impl Connection for LxcConnection {
     async fn shutdown(&self, name: &str) -> Result<()> {
         self.stop(name, |status| {
             if let Some(init) = status.running_init() {
+                // A frozen init would handle SIGTERM only once thawed.
+                if syscall::cgroup_frozen(&status.cgroup) {
+                    Linux.cgroup_freeze(&status.cgroup, false)?;
+                }
                 init.signal(libc::SIGTERM)?;
                 // Still running after the grace: the teardown kills it.
                 let _ = status::wait_gone(init, SHUTDOWN_GRACE);
@@ -266,12 +300,12 @@ impl Connection for LxcConnection {
         .await
     }
 
-    async fn suspend(&self, _name: &str) -> Result<()> {
-        Err(refusal("lxc", "cannot suspend a container"))
+    async fn suspend(&self, name: &str) -> Result<()> {
+        self.freeze(name, true).await
     }
 
-    async fn resume(&self, _name: &str) -> Result<()> {
-        Err(refusal("lxc", "cannot resume a container"))
+    async fn resume(&self, name: &str) -> Result<()> {
+        self.freeze(name, false).await
     }
 
     async fn dump_xml(&self, name: &str, flags: DumpXmlFlags) -> Result<String> {
@@ -353,6 +387,10 @@ impl Connection for LxcConnection {
             .filter(|s| !s.starting)
             .ok_or_else(|| Error::operation_invalid("domain is not running"))?;
         let init = status.init.ok_or_else(|| Error::operation_invalid("domain is not running"))?;
+        if syscall::cgroup_frozen(&status.cgroup) {
+            // The command would join the frozen cgroup and wait with it.
+            return Err(Error::operation_invalid(format!("domain '{name}' is paused; resume it first")));
+        }
         let command = command.to_vec();
         blocking(move || container::enter(init, &status.cgroup, &command)).await
     }

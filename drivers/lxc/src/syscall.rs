@@ -1,6 +1,6 @@
 //! The one seam between the driver and the kernel (youki's `Syscall`
 //! trait is the model): mounts, the root switch, namespaces, the hostname,
-//! loop devices, cgroups and signals. [`Linux`] makes the calls; the unit
+//! loop devices, cgroups (with their freezer) and signals. [`Linux`] makes the calls; the unit
 //! tests hand the mount plan and the teardown a recorder instead, so the
 //! order of the calls is checked without a kernel, while the integration
 //! tests run the real thing.
@@ -61,6 +61,9 @@ pub trait Syscall {
     fn cgroup_attach(&self, dir: &Path, pid: libc::pid_t) -> Result<()>;
     /// Kills every process in the cgroup (cgroup2's `cgroup.kill`).
     fn cgroup_kill(&self, dir: &Path) -> Result<()>;
+    /// Freezes (`true`) or thaws the cgroup's processes, returning once the
+    /// kernel reports it done (cgroup2's `cgroup.freeze`, `cgroup.events`).
+    fn cgroup_freeze(&self, dir: &Path, frozen: bool) -> Result<()>;
     /// Removes the cgroup once its processes are gone; a missing one is
     /// no error.
     fn cgroup_remove(&self, dir: &Path) -> Result<()>;
@@ -147,6 +150,11 @@ pub fn loop_backing_file(device: &Path) -> Option<PathBuf> {
     let text = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).ok()?;
     let text = text.trim_end_matches('\n');
     Some(PathBuf::from(text.strip_suffix(" (deleted)").unwrap_or(text)))
+}
+
+/// Whether the cgroup's processes are frozen (`frozen 1` in `cgroup.events`).
+pub fn cgroup_frozen(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("cgroup.events")).is_ok_and(|events| events.lines().any(|l| l == "frozen 1"))
 }
 
 /// The loop devices that hold `image` now (what `losetup -j` lists).
@@ -348,6 +356,24 @@ impl Syscall for Linux {
         }
     }
 
+    fn cgroup_freeze(&self, dir: &Path, frozen: bool) -> Result<()> {
+        let freeze = dir.join("cgroup.freeze");
+        std::fs::write(&freeze, if frozen { "1" } else { "0" })
+            .map_err(|e| Error::io(if frozen { "freeze" } else { "thaw" }, &freeze, e))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while cgroup_frozen(dir) != frozen {
+            if Instant::now() >= deadline {
+                return Err(Error::operation_failed(format!(
+                    "cgroup '{}' did not {} within 30 s",
+                    dir.display(),
+                    if frozen { "freeze" } else { "thaw" }
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
     fn cgroup_remove(&self, dir: &Path) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -473,6 +499,9 @@ pub(crate) mod recording {
         }
         fn cgroup_kill(&self, dir: &Path) -> Result<()> {
             self.record_result(format!("cgroup_kill {}", dir.display()))
+        }
+        fn cgroup_freeze(&self, dir: &Path, frozen: bool) -> Result<()> {
+            self.record_result(format!("cgroup_freeze {} {frozen}", dir.display()))
         }
         fn cgroup_remove(&self, dir: &Path) -> Result<()> {
             self.record_result(format!("cgroup_remove {}", dir.display()))
