@@ -33,6 +33,8 @@ use shared::CommandFailure;
 use strata_lxc as _;
 #[cfg(feature = "qemu")]
 use strata_qemu as _;
+#[cfg(feature = "vbox")]
+use strata_vbox as _;
 
 #[derive(Parser, Debug)]
 #[command(
