@@ -399,6 +399,11 @@ fn lxc_driver_modules_depend_one_way() {
     assert_no_module_cycles(&workspace_dir("drivers/lxc/src"));
 }
 
+#[test]
+fn vbox_driver_modules_depend_one_way() {
+    assert_no_module_cycles(&workspace_dir("drivers/vbox/src"));
+}
+
 /// The workspace crates under `drivers/` that `cargo tree` lists as
 /// direct normal dependencies of strata-cli, given `features` flags.
 fn cli_driver_dependencies(features: &[&str]) -> Vec<String> {
@@ -424,11 +429,12 @@ fn cli_links_drivers_only_through_their_features() {
     assert_eq!(cli_driver_dependencies(&["--no-default-features"]), Vec::<String>::new());
     let default = cli_driver_dependencies(&[]);
     let named = |prefix: &str| default.iter().filter(|d| d.starts_with(prefix)).cloned().collect::<Vec<_>>();
-    let (qemu, lxc) = (named("strata-qemu "), named("strata-lxc "));
-    assert!(qemu.len() == 1 && lxc.len() == 1, "both drivers by default: {default:?}");
+    let (qemu, lxc, vbox) = (named("strata-qemu "), named("strata-lxc "), named("strata-vbox "));
+    assert!(qemu.len() == 1 && lxc.len() == 1 && vbox.len() == 1, "every driver by default: {default:?}");
     assert_eq!(cli_driver_dependencies(&["--no-default-features", "--features", "qemu"]), qemu);
     assert_eq!(cli_driver_dependencies(&["--no-default-features", "--features", "lxc"]), lxc);
-    assert_eq!(cli_driver_dependencies(&["--features", "qemu,lxc"]), default);
+    assert_eq!(cli_driver_dependencies(&["--no-default-features", "--features", "vbox"]), vbox);
+    assert_eq!(cli_driver_dependencies(&["--features", "qemu,lxc,vbox"]), default);
 }
 
 #[test]

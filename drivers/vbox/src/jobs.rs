@@ -2,32 +2,16 @@
 //! pull and commit are IMedium::MergeTo (layers merged up into the active
 //! image, or down into a base), copy is IMedium::CloneTo into a new
 //! medium, which a pivot attaches in place of the source. Each runs
-//! behind an IProgress this client holds, so a job is seen by the process
-//! that started it; one still running when the connection closes is
-//! waited for, as VirtualBox would carry it out anyway.
+//! behind an IProgress this client holds (`xpcom::HeldJob`), so a job is
+//! seen by the process that started it; one still running when the
+//! connection closes is waited for.
 
 use strata_core::driver::{BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobState};
 use strata_core::{Error, Result};
 
 use crate::ffi::{IProgressVtbl, DEVICE_HARD_DISK, MEDIUM_VARIANT_STANDARD};
 use crate::machines::{domain_state, DiskAttachment, Machine, Medium};
-use crate::xpcom::{call, get, get_obj, Com, Ctx};
-
-/// A job this client started.
-pub struct Running {
-    pub kind: BlockJobKind,
-    progress: Com<IProgressVtbl>,
-    /// A copy's new medium, attached in place of the source by a pivot.
-    copy: Option<Medium>,
-}
-
-/// Waits for every job still running (the connection is closing).
-pub fn finish_all(ctx: &mut Ctx) {
-    for (_, job) in ctx.jobs.drain() {
-        let progress = &job.progress;
-        let _ = call!(progress.WaitForCompletion(-1));
-    }
-}
+use crate::xpcom::{call, get, get_obj, Com, Ctx, HeldJob};
 
 fn no_job(domain: &str, disk: &str) -> Error {
     Error::operation_invalid(format!("no active block job on disk '{disk}' of domain '{domain}'"))
@@ -84,7 +68,7 @@ impl Ctx {
         copy: Option<Medium>,
     ) -> Result<()> {
         let progress = progress.ok_or_else(|| Error::internal("VirtualBox gave no progress for the job"))?;
-        self.jobs.insert((domain.to_string(), disk.target.clone()), Running { kind, progress, copy });
+        self.jobs.insert((domain.to_string(), disk.target.clone()), HeldJob { kind, progress, copy });
         Ok(())
     }
 
@@ -161,7 +145,7 @@ impl Ctx {
         self.start_job(domain, &disk, BlockJobKind::Copy, progress, Some(target))
     }
 
-    fn job_info(&self, disk: &str, job: &Running) -> Result<BlockJobInfo> {
+    fn job_info(&self, disk: &str, job: &HeldJob) -> Result<BlockJobInfo> {
         let progress = &job.progress;
         let percent: u32 = get!(progress.GetPercent)?;
         let completed: i32 = get!(progress.GetCompleted)?;

@@ -20,6 +20,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use libloading::Library;
+use strata_core::driver::BlockJobKind;
 use strata_core::{Error, ErrorKind, Result};
 
 use crate::ffi::{
@@ -236,16 +237,34 @@ impl Drop for InStr {
     }
 }
 
+/// A block job this client started: its IProgress and, for a copy, the
+/// new medium a pivot attaches.
+pub struct HeldJob {
+    pub kind: BlockJobKind,
+    pub progress: Com<crate::ffi::IProgressVtbl>,
+    pub copy: Option<Com<crate::ffi::IMediumVtbl>>,
+}
+
 /// What lives on the XPCOM thread: the function table, the two objects
 /// pfnComInitialize gave, and the block jobs this process started.
 pub struct Ctx {
     funcs: &'static FunctionTable,
     pub vbox: Com<crate::ffi::IVirtualBoxVtbl>,
     pub session: Com<crate::ffi::ISessionVtbl>,
-    pub jobs: HashMap<(String, String), crate::jobs::Running>,
+    /// Block jobs this client started, by (domain, disk target).
+    pub jobs: HashMap<(String, String), HeldJob>,
 }
 
 impl Ctx {
+    /// Waits for every job still running (the connection is closing), as
+    /// VirtualBox would carry them out after its client went.
+    fn finish_jobs(&mut self) {
+        for (_, job) in self.jobs.drain() {
+            let progress = &job.progress;
+            let _ = call!(progress.WaitForCompletion(-1));
+        }
+    }
+
     /// `s` as UTF-16 for an in-parameter.
     pub fn utf16(&self, s: &str) -> Result<InStr> {
         let c = CString::new(s).map_err(|_| Error::invalid_arg(format!("'{s}' contains a NUL character")))?;
@@ -456,7 +475,7 @@ impl Xpcom {
                 while let Ok(job) = jobs_rx.recv() {
                     job(&mut ctx);
                 }
-                crate::jobs::finish_all(&mut ctx);
+                ctx.finish_jobs();
                 drop(ctx);
                 // SAFETY: every object of this thread was released just above.
                 unsafe { (funcs.pfnComUninitialize)() };

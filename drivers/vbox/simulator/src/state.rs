@@ -598,32 +598,39 @@ impl World {
     }
 
     /// IMedium::MergeTo: `source` and every medium between it and
-    /// `target` are merged into `target` and deleted.
+    /// `target` are merged into `target` and deleted; what referred to a
+    /// merged medium (attachments, snapshots, children) refers to `target`,
+    /// as after VirtualBox's merges of a deleted snapshot. A merged medium
+    /// with a child off the merged line (a branch) is refused.
     pub fn merge(&mut self, source: &str, target: &str) -> Outcome<()> {
         self.check_merge(source, target)?;
         let down = self.ancestry(source);
-        if let Some(pos) = down.iter().position(|id| id == target) {
+        let merging_down = down.iter().any(|id| id == target);
+        let (merged, line): (Vec<String>, Vec<String>) = match down.iter().position(|id| id == target) {
             // Source is a descendant: merged down into its ancestor target.
-            for merged in &down[..pos] {
-                self.redirect(merged, target);
-                self.remove_medium(merged);
-            }
-        } else {
+            Some(pos) => (down[..pos].to_vec(), down[..=pos].to_vec()),
             // Source is an ancestor: merged up into its descendant target.
-            let up = self.ancestry(target);
-            let pos = up.iter().position(|id| id == source).unwrap_or(0);
-            let new_parent = self.medium(source)?.parent.clone();
-            for merged in &up[1..=pos] {
-                if self.children(merged).len() > 1 || self.references(merged) {
-                    return Err(fault(
-                        VBOX_E_INVALID_OBJECT_STATE,
-                        format!("Medium {{{merged}}} is used by another medium or a snapshot and cannot be merged"),
-                    ));
-                }
+            None => {
+                let up = self.ancestry(target);
+                let pos = up.iter().position(|id| id == source).unwrap_or(0);
+                (up[1..=pos].to_vec(), up[..=pos].to_vec())
             }
-            for merged in &up[1..=pos] {
-                self.remove_medium(merged);
+        };
+        for m in &merged {
+            // Merging down, the source's own children move onto the target.
+            if self.children(m).iter().any(|c| !line.contains(c)) && !(merging_down && m == source) {
+                return Err(fault(
+                    VBOX_E_INVALID_OBJECT_STATE,
+                    format!("Medium {{{m}}} has children off the merged chain and cannot be merged"),
+                ));
             }
+        }
+        let new_parent = self.medium(line.last().map_or(target, String::as_str))?.parent.clone();
+        for m in &merged {
+            self.redirect(m, target);
+            self.remove_medium(m);
+        }
+        if !merging_down {
             self.medium_mut(target)?.parent = new_parent;
         }
         Ok(())
@@ -750,24 +757,13 @@ impl World {
         Ok(())
     }
 
-    /// IConsole::DeleteSnapshot: each medium the snapshot froze takes in
-    /// its one differencing child, and the snapshot's children move to its parent.
+    /// IConsole::DeleteSnapshot: the snapshot's children move to its
+    /// parent, then each medium it froze takes in its one differencing
+    /// child, or goes when it is a differencing medium nothing uses any more
+    /// (the state that followed the snapshot was discarded by a restore).
     pub fn delete_snapshot(&mut self, machine: &str, snapshot: &str) -> Outcome<()> {
         self.check_delete_snapshot(machine, snapshot)?;
         let s = self.snapshot(machine, snapshot)?.clone();
-        for frozen in
-            s.attachments.iter().filter(|a| a.device_type == DEVICE_HARD_DISK).filter_map(|a| a.medium.clone())
-        {
-            if let [child] = self.children(&frozen).as_slice() {
-                let child = child.clone();
-                let grandchildren = self.children(&child);
-                self.redirect(&child, &frozen);
-                for g in grandchildren {
-                    self.medium_mut(&g)?.parent = Some(frozen.clone());
-                }
-                self.remove_medium(&child);
-            }
-        }
         let m = self.machine_mut(machine)?;
         for child in m.snapshots.iter_mut().filter(|c| c.parent.as_deref() == Some(snapshot)) {
             child.parent = s.parent.clone();
@@ -776,6 +772,21 @@ impl World {
             m.current_snapshot = s.parent.clone();
         }
         m.snapshots.retain(|x| x.id != snapshot);
+        for frozen in
+            s.attachments.iter().filter(|a| a.device_type == DEVICE_HARD_DISK).filter_map(|a| a.medium.clone())
+        {
+            match self.children(&frozen).as_slice() {
+                [child] => {
+                    let child = child.clone();
+                    self.redirect(&child, &frozen);
+                    self.remove_medium(&child);
+                }
+                [] if self.medium(&frozen)?.parent.is_some() && !self.references(&frozen) => {
+                    self.remove_medium(&frozen)
+                }
+                _ => {}
+            }
+        }
         Ok(())
     }
 }
