@@ -7,7 +7,7 @@ use strata_core::xml::SnapshotDef;
 use strata_core::{Error, ErrorKind, Result};
 
 use crate::ffi::ISnapshotVtbl;
-use crate::machines::{domain_state, Machine};
+use crate::machines::Machine;
 use crate::xpcom::{get, get_array, get_obj, get_str, Com, Ctx, VBOX_E_OBJECT_NOT_FOUND};
 
 type Snapshot = Com<ISnapshotVtbl>;
@@ -181,11 +181,5 @@ impl Ctx {
             })?;
         }
         Ok(())
-    }
-
-    /// Whether the domain runs (for `live` snapshot requests).
-    pub fn is_running(&self, domain: &str) -> Result<bool> {
-        let machine = self.find_machine(domain)?;
-        Ok(domain_state(self.machine_state(&machine)?).is_active())
     }
 }
