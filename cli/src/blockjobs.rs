@@ -2,7 +2,6 @@
 //! messages, with event-driven `--wait`.
 
 use std::fmt::Write as _;
-use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
@@ -11,7 +10,7 @@ use strata_core::capabilities::BlockJobRequest;
 use strata_core::driver::{BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobOps, BlockJobState, Connection};
 use strata_core::options::{BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions};
 
-use crate::output;
+use crate::output::{self, Progress};
 use crate::shared::{read_document, CommandFailure};
 use crate::virsh_args::BY_POSITION;
 
@@ -189,48 +188,6 @@ fn percent(info: &BlockJobInfo) -> u64 {
         Some(p) => p,
         None if info.ready => 100,
         None => 0,
-    }
-}
-
-/// Progress on stderr with `--verbose`: a bar on a terminal, plain
-/// percentage lines otherwise; printed only when the percentage changes.
-struct Progress {
-    label: &'static str,
-    verbose: bool,
-    bar: Option<indicatif::ProgressBar>,
-    last: Option<u64>,
-}
-
-impl Progress {
-    fn new(label: &'static str, verbose: bool) -> Progress {
-        let bar = (verbose && std::io::stderr().is_terminal()).then(|| {
-            let bar = indicatif::ProgressBar::new(100);
-            if let Ok(style) = indicatif::ProgressStyle::with_template("{prefix}: [{bar:40}] {pos:>3} %") {
-                bar.set_style(style.progress_chars("=> "));
-            }
-            bar.set_prefix(label);
-            bar
-        });
-        Progress { label, verbose, bar, last: None }
-    }
-
-    fn show(&mut self, pct: u64) {
-        if !self.verbose || self.last == Some(pct) {
-            return;
-        }
-        self.last = Some(pct);
-        match &self.bar {
-            Some(bar) => bar.set_position(pct),
-            None => {
-                output::err(&format!("{}: [{pct:3} %]\n", self.label));
-            }
-        }
-    }
-
-    fn finish(&mut self) {
-        if let Some(bar) = &self.bar {
-            bar.finish();
-        }
     }
 }
 

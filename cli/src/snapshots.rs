@@ -2,6 +2,8 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::future::Future;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
 use clap::Args;
@@ -9,6 +11,7 @@ use strata_core::driver::{Connection, SnapshotOps, SnapshotSummary};
 use strata_core::options::{SnapshotCreateFlags, SnapshotDeleteFlags, SnapshotRevertFlags};
 use strata_core::xml::Element;
 
+use crate::output::Progress;
 use crate::shared::{format_timestamp, read_document};
 use crate::table::format_table;
 use crate::virsh_args::BY_POSITION;
@@ -233,6 +236,34 @@ pub struct DeleteArgs {
     metadata: bool,
 }
 
+/// Awaits a snapshot operation on `domain`, showing on stderr the progress
+/// the driver reports while it runs (a bar on a terminal, else lines).
+async fn with_progress<T>(
+    snaps: &dyn SnapshotOps,
+    domain: &str,
+    label: &'static str,
+    operation: impl Future<Output = strata_core::Result<T>>,
+) -> strata_core::Result<T> {
+    let mut operation = std::pin::pin!(operation);
+    let mut progress = Progress::new(label, true);
+    loop {
+        tokio::select! {
+            done = &mut operation => {
+                match &done {
+                    Ok(_) => progress.complete(),
+                    Err(_) => progress.finish(),
+                }
+                return done;
+            }
+            () = tokio::time::sleep(Duration::from_millis(100)) => {
+                if let Ok(Some(percent)) = snaps.snapshot_progress(domain).await {
+                    progress.show(u64::from(percent));
+                }
+            }
+        }
+    }
+}
+
 pub async fn create(conn: &dyn Connection, a: CreateArgs) -> Result<String> {
     let snaps = conn.require_snapshots()?;
     let (xml, from) = match &a.file {
@@ -251,7 +282,8 @@ pub async fn create(conn: &dyn Connection, a: CreateArgs) -> Result<String> {
         disk_set: a.disk_set,
     };
     conn.check_snapshot_create(&a.domain, &xml, &flags).await?;
-    let name = snaps.snapshot_create(&a.domain, &xml, flags).await?;
+    let name =
+        with_progress(snaps, &a.domain, "Snapshot create", snaps.snapshot_create(&a.domain, &xml, flags)).await?;
     Ok(match from {
         Some(f) => format!("Domain snapshot {name} created from '{f}'\n"),
         None => format!("Domain snapshot {name} created\n"),
@@ -353,7 +385,8 @@ pub async fn create_as(conn: &dyn Connection, a: CreateAsArgs) -> Result<String>
         ..Default::default()
     };
     conn.check_snapshot_create(&a.domain, &xml, &flags).await?;
-    let name = snaps.snapshot_create(&a.domain, &xml, flags).await?;
+    let name =
+        with_progress(snaps, &a.domain, "Snapshot create", snaps.snapshot_create(&a.domain, &xml, flags)).await?;
     Ok(format!("Domain snapshot {name} created\n"))
 }
 
@@ -620,7 +653,7 @@ pub async fn revert(conn: &dyn Connection, a: RevertArgs) -> Result<String> {
     let flags = SnapshotRevertFlags { running: a.running, paused: a.paused, force: a.force };
     let reverted = async {
         conn.capabilities().check_revert(&all, &name, &flags)?;
-        snaps.snapshot_revert(&a.domain, &name, flags).await
+        with_progress(snaps, &a.domain, "Snapshot revert", snaps.snapshot_revert(&a.domain, &name, flags)).await
     };
     reverted.await.map_err(|e| anyhow!(e).context(format!("Failed to revert snapshot {name}")))?;
     Ok(format!("Domain snapshot {name} reverted\n"))
@@ -633,7 +666,7 @@ pub async fn delete(conn: &dyn Connection, a: DeleteArgs) -> Result<String> {
     let flags = SnapshotDeleteFlags { children: a.children, children_only: a.children_only, metadata_only: a.metadata };
     let deleted = async {
         conn.capabilities().check_delete(&all, &name, &flags)?;
-        snaps.snapshot_delete(&a.domain, &name, flags).await
+        with_progress(snaps, &a.domain, "Snapshot delete", snaps.snapshot_delete(&a.domain, &name, flags)).await
     };
     let notes = deleted.await.map_err(|e| anyhow!(e).context(format!("Failed to delete snapshot {name}")))?;
     let mut out = String::new();

@@ -370,6 +370,14 @@ pub trait SnapshotOps: Send + Sync {
     async fn snapshot_revert(&self, domain: &str, snapshot: &str, flags: SnapshotRevertFlags) -> Result<()>;
     /// Deletes; the returned lines say what was done to the images.
     async fn snapshot_delete(&self, domain: &str, snapshot: &str, flags: SnapshotDeleteFlags) -> Result<Vec<String>>;
+    /// How far the create, revert or delete this connection is running on
+    /// `domain` has gone, in percent, where the hypervisor reports it
+    /// (VirtualBox's IProgress); `None` otherwise. The caller polls it
+    /// while it awaits the operation, to show a progress bar.
+    async fn snapshot_progress(&self, domain: &str) -> Result<Option<u32>> {
+        let _ = domain;
+        Ok(None)
+    }
 }
 
 /// The four block jobs.

@@ -57,6 +57,7 @@ pub enum Call {
     SnapshotList { domain: String },
     SnapshotXml { domain: String, snapshot: String },
     SnapshotSetCurrent { domain: String, snapshot: String },
+    SnapshotProgress { domain: String },
     SnapshotRevert { domain: String, snapshot: String, flags: SnapshotRevertFlags },
     SnapshotDelete { domain: String, snapshot: String, flags: SnapshotDeleteFlags },
     // BlockJobOps
@@ -121,6 +122,8 @@ pub enum Reply {
     Bytes(u64),
     /// The exit status of a command run in a domain.
     ExitStatus(i32),
+    /// How far an operation has gone, when the driver knows.
+    Percent(Option<u32>),
     Capabilities(Box<DriverCapabilities>),
     Domains(Vec<DomainSummary>),
     Defined(DefineOutcome),
@@ -188,6 +191,9 @@ async fn perform(conn: &dyn Connection, call: Call) -> Result<Reply> {
         }
         Call::SnapshotSetCurrent { domain, snapshot } => {
             done(conn.require_snapshots()?.snapshot_set_current(&domain, &snapshot).await?)
+        }
+        Call::SnapshotProgress { domain } => {
+            Reply::Percent(conn.require_snapshots()?.snapshot_progress(&domain).await?)
         }
         Call::SnapshotRevert { domain, snapshot, flags } => {
             done(conn.require_snapshots()?.snapshot_revert(&domain, &snapshot, flags).await?)
@@ -620,6 +626,7 @@ mod tests {
             Call::SnapshotList { domain: d() },
             Call::SnapshotXml { domain: d(), snapshot: snap() },
             Call::SnapshotSetCurrent { domain: d(), snapshot: snap() },
+            Call::SnapshotProgress { domain: d() },
             Call::SnapshotRevert {
                 domain: d(),
                 snapshot: snap(),
@@ -701,6 +708,7 @@ mod tests {
             Reply::Count(2),
             Reply::Bytes(1 << 30),
             Reply::ExitStatus(3),
+            Reply::Percent(Some(40)),
             Reply::Capabilities(Box::new(DriverCapabilities { driver: "test".into(), ..Default::default() })),
             Reply::Domains(vec![summary("vm1"), summary("vm2")]),
             Reply::Defined(DefineOutcome { name: "vm1".into(), warnings: vec![] }),

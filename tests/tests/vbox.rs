@@ -203,6 +203,18 @@ fn snapshots_create_list_revert_and_delete_with_children() {
     assert!(snapshot_names(&env).is_empty());
     assert_eq!(sda_chain(&env), vec![base]);
 
+    // A long operation shows VirtualBox's progress on stderr.
+    let out = env
+        .command(&["snapshot-create-as", "vm1", "slow"])
+        .env("STRATA_VBOX_SIM_STEP_MS", "100")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.lines().filter(|l| l.starts_with("Snapshot create: [")).count() >= 3, "no progress: {stderr}");
+    assert!(stderr.contains("Snapshot create: [100 %]"), "{stderr}");
+    env.ok(&["snapshot-delete", "vm1", "slow"]);
+
     // Online: the snapshot holds the running state.
     env.ok(&["start", "vm1"]);
     env.ok(&["snapshot-create-as", "vm1", "live"]);

@@ -42,6 +42,8 @@ const DRIVER: &str = "vbox";
 pub struct VboxConnection {
     uri: String,
     xpcom: Xpcom,
+    /// Running snapshot operations' progress, by domain.
+    percents: xpcom::Percents,
 }
 
 impl VboxConnection {
@@ -50,7 +52,8 @@ impl VboxConnection {
         if uri.path != "session" || uri.host.is_some() || uri.transport.is_some() {
             return Err(Error::invalid_arg(format!("'{}': the vbox driver serves vbox:///session only", uri.as_str())));
         }
-        Ok(VboxConnection { uri: uri.as_str().to_string(), xpcom: Xpcom::start()? })
+        let percents = xpcom::Percents::default();
+        Ok(VboxConnection { uri: uri.as_str().to_string(), xpcom: Xpcom::start(percents.clone())?, percents })
     }
 
     async fn run<T: Send + 'static>(&self, f: impl FnOnce(&mut Ctx) -> Result<T> + Send + 'static) -> Result<T> {
@@ -255,6 +258,11 @@ impl SnapshotOps for VboxConnection {
         }
         let (domain, snapshot) = (domain.to_string(), snapshot.to_string());
         self.run(move |ctx| ctx.snapshot_revert(&domain, &snapshot, flags.running)).await
+    }
+
+    async fn snapshot_progress(&self, domain: &str) -> Result<Option<u32>> {
+        let percents = self.percents.lock().map_err(|_| Error::internal("snapshot progress lock poisoned"))?;
+        Ok(percents.get(domain).copied())
     }
 
     async fn snapshot_delete(&self, domain: &str, snapshot: &str, flags: SnapshotDeleteFlags) -> Result<Vec<String>> {

@@ -108,7 +108,7 @@ impl Ctx {
                 get_obj!(session.GetConsole())?.ok_or_else(|| Error::internal("the session has no console"))?;
             let (n, d) = (ctx.utf16(&name)?, ctx.utf16(&description)?);
             let progress = get_obj!(console.TakeSnapshot(n.ptr(), d.ptr()))?;
-            ctx.wait(progress, &format!("taking snapshot '{name}' of '{domain}'"))
+            ctx.wait_for(domain, progress, &format!("taking snapshot '{name}' of '{domain}'"))
         })?;
         Ok(name)
     }
@@ -143,7 +143,7 @@ impl Ctx {
             let console =
                 get_obj!(session.GetConsole())?.ok_or_else(|| Error::internal("the session has no console"))?;
             let progress = get_obj!(console.RestoreSnapshot(target.raw()))?;
-            ctx.wait(progress, &format!("reverting '{domain}' to snapshot '{snapshot}'"))
+            ctx.wait_for(domain, progress, &format!("reverting '{domain}' to snapshot '{snapshot}'"))
         })?;
         if start {
             self.start(domain)?;
@@ -177,7 +177,7 @@ impl Ctx {
                     get_obj!(session.GetConsole())?.ok_or_else(|| Error::internal("the session has no console"))?;
                 let id = ctx.utf16(&id)?;
                 let progress = get_obj!(console.DeleteSnapshot(id.ptr()))?;
-                ctx.wait(progress, &format!("deleting snapshot '{name}' of '{domain}'"))
+                ctx.wait_for(domain, progress, &format!("deleting snapshot '{name}' of '{domain}'"))
             })?;
         }
         Ok(())

@@ -16,7 +16,7 @@ use std::marker::PhantomData;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
 use libloading::Library;
@@ -253,7 +253,12 @@ pub struct Ctx {
     pub session: Com<crate::ffi::ISessionVtbl>,
     /// Block jobs this client started, by (domain, disk target).
     pub jobs: HashMap<(String, String), HeldJob>,
+    percents: Percents,
 }
+
+/// How far each domain's running snapshot operation has gone, shared with
+/// the connection so it is read without waiting for the XPCOM thread.
+pub type Percents = Arc<Mutex<HashMap<String, u32>>>;
 
 impl Ctx {
     /// Waits for every job still running (the connection is closing), as
@@ -320,6 +325,39 @@ impl Ctx {
     pub fn wait(&self, progress: Option<Com<crate::ffi::IProgressVtbl>>, what: &str) -> Result<()> {
         let Some(progress) = progress else { return Ok(()) };
         call!(progress.WaitForCompletion(-1))?;
+        self.outcome(&progress, what)
+    }
+
+    /// Waits for a long operation on `domain`, publishing its percentage
+    /// in the shared [`Percents`] while it runs.
+    pub fn wait_for(&self, domain: &str, progress: Option<Com<crate::ffi::IProgressVtbl>>, what: &str) -> Result<()> {
+        let Some(progress) = progress else { return Ok(()) };
+        let publish = |percent: Option<u32>| {
+            if let Ok(mut percents) = self.percents.lock() {
+                match percent {
+                    Some(p) => percents.insert(domain.to_string(), p),
+                    None => percents.remove(domain),
+                };
+            }
+        };
+        let waited = loop {
+            if let Err(f) = call!(progress.WaitForCompletion(100)) {
+                break Err(Error::from(f));
+            }
+            let completed: i32 = match get!(progress.GetCompleted) {
+                Ok(c) => c,
+                Err(f) => break Err(Error::from(f)),
+            };
+            if completed != 0 {
+                break Ok(());
+            }
+            match get!(progress.GetPercent) {
+                Ok(percent) => publish(Some(percent)),
+                Err(f) => break Err(Error::from(f)),
+            }
+        };
+        publish(None);
+        waited?;
         self.outcome(&progress, what)
     }
 
@@ -428,7 +466,7 @@ fn load() -> Result<Loaded> {
 }
 
 /// Initialises XPCOM on this thread.
-fn initialise(funcs: &'static FunctionTable) -> Result<Ctx> {
+fn initialise(funcs: &'static FunctionTable, percents: Percents) -> Result<Ctx> {
     let (vbox_iid, session_iid) = (CString::new(IVIRTUALBOX_IID), CString::new(ISESSION_IID));
     let (Ok(vbox_iid), Ok(session_iid)) = (vbox_iid, session_iid) else {
         return Err(Error::internal("interface IDs hold a NUL character"));
@@ -441,7 +479,7 @@ fn initialise(funcs: &'static FunctionTable) -> Result<Ctx> {
     // SAFETY: each is NULL or an AddRef'd object of that interface.
     let (vbox, session) = unsafe { (Com::from_raw(vbox), Com::from_raw(session)) };
     match (vbox, session) {
-        (Some(vbox), Some(session)) => Ok(Ctx { funcs, vbox, session, jobs: HashMap::new() }),
+        (Some(vbox), Some(session)) => Ok(Ctx { funcs, vbox, session, jobs: HashMap::new(), percents }),
         _ => {
             // SAFETY: undoes the initialisation that gave no objects.
             unsafe { (funcs.pfnComUninitialize)() };
@@ -454,8 +492,9 @@ fn initialise(funcs: &'static FunctionTable) -> Result<Ctx> {
 }
 
 impl Xpcom {
-    /// Loads the library and starts the XPCOM thread.
-    pub fn start() -> Result<Xpcom> {
+    /// Loads the library and starts the XPCOM thread, which publishes
+    /// snapshot operations' progress in `percents`.
+    pub fn start(percents: Percents) -> Result<Xpcom> {
         let loaded = load()?;
         let (version, library) = (loaded.version, loaded.path.clone());
         let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
@@ -464,7 +503,7 @@ impl Xpcom {
         let thread = std::thread::Builder::new()
             .name("xpcom".into())
             .spawn(move || {
-                let mut ctx = match initialise(funcs) {
+                let mut ctx = match initialise(funcs, percents) {
                     Ok(ctx) => ctx,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
