@@ -31,11 +31,13 @@ fn layer_index(disk: &DiskAttachment, spec: &str) -> Result<usize> {
 }
 
 impl Ctx {
-    /// A shut-off machine's disk named by target or active image path.
-    fn job_disk(&self, domain: &str, disk: &str) -> Result<(Machine, DiskAttachment)> {
+    /// A machine's disk named by target or active image path, with its
+    /// whole chain when `full_chain` (to start a job; a running job's
+    /// merge may remove layers under a later look).
+    fn job_disk(&self, domain: &str, disk: &str, full_chain: bool) -> Result<(Machine, DiskAttachment)> {
         let machine = self.find_machine(domain)?;
         let found = self
-            .disks(&machine)?
+            .disks(&machine, full_chain)?
             .into_iter()
             .find(|d| d.target == disk || d.chain.first().is_some_and(|l| l.location.as_os_str() == disk))
             .ok_or_else(|| Error::invalid_arg(format!("domain '{domain}' has no disk '{disk}'")))?;
@@ -84,7 +86,7 @@ impl Ctx {
 
     /// Pull: the layers above `base` (all of them without one) merged up into the active image.
     pub fn block_pull(&mut self, domain: &str, disk: &str, base: Option<&str>) -> Result<()> {
-        let (machine, disk) = self.job_disk(domain, disk)?;
+        let (machine, disk) = self.job_disk(domain, disk, true)?;
         self.require_shut_off(&machine, domain)?;
         self.refuse_second_job(domain, &disk)?;
         let top_of_pulled = match base {
@@ -102,7 +104,7 @@ impl Ctx {
     /// Commit: `top` (and the layers between) merged down into `base`
     /// (the chain's last image without one).
     pub fn block_commit(&mut self, domain: &str, disk: &str, top: Option<&str>, base: Option<&str>) -> Result<()> {
-        let (machine, disk) = self.job_disk(domain, disk)?;
+        let (machine, disk) = self.job_disk(domain, disk, true)?;
         self.require_shut_off(&machine, domain)?;
         self.refuse_second_job(domain, &disk)?;
         let top = top.map(|t| layer_index(&disk, t)).transpose()?.unwrap_or(0);
@@ -124,7 +126,7 @@ impl Ctx {
 
     /// Copy: the disk's data cloned into a new medium at `dest`.
     pub fn block_copy(&mut self, domain: &str, disk: &str, dest: &str, format: Option<&str>) -> Result<()> {
-        let (machine, disk) = self.job_disk(domain, disk)?;
+        let (machine, disk) = self.job_disk(domain, disk, true)?;
         self.require_shut_off(&machine, domain)?;
         self.refuse_second_job(domain, &disk)?;
         let format = match format {
@@ -160,7 +162,7 @@ impl Ctx {
     }
 
     pub fn block_job_info(&self, domain: &str, disk: &str) -> Result<Option<BlockJobInfo>> {
-        let (_, disk) = self.job_disk(domain, disk)?;
+        let (_, disk) = self.job_disk(domain, disk, false)?;
         match self.jobs.get(&(domain.to_string(), disk.target.clone())) {
             Some(job) => Ok(Some(self.job_info(&disk.target, job)?)),
             None => Ok(None),
@@ -168,7 +170,7 @@ impl Ctx {
     }
 
     pub fn block_job_wait(&mut self, domain: &str, disk: &str, timeout_ms: u64) -> Result<BlockJobState> {
-        let (_, disk) = self.job_disk(domain, disk)?;
+        let (_, disk) = self.job_disk(domain, disk, false)?;
         let key = (domain.to_string(), disk.target.clone());
         let job = self.jobs.get(&key).ok_or_else(|| no_job(domain, &disk.target))?;
         let progress = &job.progress;
@@ -196,7 +198,7 @@ impl Ctx {
     /// Ends a copy that completed: a pivot attaches the copy in place of
     /// the source. A merge or a clone still running cannot be stopped.
     pub fn block_job_abort(&mut self, domain: &str, disk: &str, pivot: bool) -> Result<BlockJobEnd> {
-        let (machine, disk) = self.job_disk(domain, disk)?;
+        let (machine, disk) = self.job_disk(domain, disk, false)?;
         let key = (domain.to_string(), disk.target.clone());
         let job = self.jobs.get(&key).ok_or_else(|| no_job(domain, &disk.target))?;
         let progress = &job.progress;

@@ -163,8 +163,8 @@ impl Ctx {
         Err(Error::no_domain(format!("no domain with matching name '{name}'")))
     }
 
-    /// A medium and its parents.
-    pub fn medium_chain(&self, medium: Medium) -> Result<Vec<Layer>> {
+    /// A medium and its parents (only the medium unless `full`).
+    pub fn medium_chain(&self, medium: Medium, full: bool) -> Result<Vec<Layer>> {
         let mut chain = Vec::new();
         let mut next = Some(medium);
         while let Some(m) = next {
@@ -173,13 +173,15 @@ impl Ctx {
                 location: PathBuf::from(get_str!(self, m.GetLocation())?),
                 format: get_str!(self, m.GetFormat())?.to_ascii_lowercase(),
             });
-            next = get_obj!(m.GetParent())?;
+            next = if full { get_obj!(m.GetParent())? } else { None };
         }
         Ok(chain)
     }
 
-    /// The machine's hard disks, in attachment order.
-    pub fn disks(&self, machine: &Machine) -> Result<Vec<DiskAttachment>> {
+    /// The machine's hard disks, in attachment order, each with its whole
+    /// chain when `full_chains`, else with its attached medium only (which
+    /// a merge running meanwhile does not remove).
+    pub fn disks(&self, machine: &Machine, full_chains: bool) -> Result<Vec<DiskAttachment>> {
         let mut buses = Vec::new();
         for c in get_array!(self, machine.GetStorageControllers)? {
             buses.push((get_str!(self, c.GetName())?, get!(c.GetBus)?));
@@ -199,7 +201,14 @@ impl Ctx {
                 BUS_SCSI => (format!("sd{}", letter(port)), "scsi"),
                 _ => (format!("sd{}", letter(port)), "sata"),
             };
-            disks.push(DiskAttachment { target, bus, controller, port, device, chain: self.medium_chain(medium)? });
+            disks.push(DiskAttachment {
+                target,
+                bus,
+                controller,
+                port,
+                device,
+                chain: self.medium_chain(medium, full_chains)?,
+            });
         }
         Ok(disks)
     }
@@ -210,7 +219,7 @@ impl Ctx {
     pub fn domain(&self, machine: &Machine) -> Result<Domain> {
         let memory_kib = (u64::from(get!(machine.GetMemorySize)?) * 1024).to_string();
         let cpus: u32 = get!(machine.GetCPUCount)?;
-        let disks = self.disks(machine)?;
+        let disks = self.disks(machine, true)?;
         let mut devices = Element::new("devices");
         for d in &disks {
             devices = devices.with_child(
