@@ -60,3 +60,31 @@ pub fn compare(abi: &Value, side: &str, layouts: &[VtableLayout], count: SlotCou
     }
     problems
 }
+
+/// Every disagreement between a side's `VBOXXPCOMC` function table
+/// (fields as (name, byte offset), and its size) and `abi`'s.
+pub fn compare_function_table(abi: &Value, side: &str, fields: &[(&str, usize)], size: usize) -> Vec<String> {
+    let table = &abi["loading"]["function_table"];
+    let described: Vec<(&str, Option<u64>)> = table["fields"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|f| (f["name"].as_str().unwrap_or("?"), f["offset_lp64"].as_u64()))
+        .collect();
+    let mut problems = Vec::new();
+    if described.len() != fields.len() {
+        problems.push(format!("{side}: VBOXXPCOMC has {} fields, the ABI {}", fields.len(), described.len()));
+    }
+    for (i, (&(name, offset), (abi_name, abi_offset))) in fields.iter().zip(&described).enumerate() {
+        if name != *abi_name || Some(offset as u64) != *abi_offset {
+            problems.push(format!(
+                "{side}: VBOXXPCOMC field {i} is {name} at byte {offset}, the ABI has {abi_name} at {abi_offset:?}"
+            ));
+        }
+    }
+    if table["sizeof_lp64"].as_u64() != Some(size as u64) {
+        problems.push(format!("{side}: VBOXXPCOMC is {size} bytes, the ABI says {}", table["sizeof_lp64"]));
+    }
+    problems
+}

@@ -50,6 +50,30 @@ pub struct FunctionTable {
     pub uEndVersion: u32,
 }
 
+/// The function table's fields as (name, byte offset), and its size, for the ABI check.
+pub fn function_table_layout() -> (Vec<(&'static str, usize)>, usize) {
+    macro_rules! fields {
+        ($($field:ident),+) => {
+            vec![$((stringify!($field), offset_of!(FunctionTable, $field))),+]
+        };
+    }
+    let fields = fields!(
+        cb,
+        uVersion,
+        pfnGetVersion,
+        pfnComInitialize,
+        pfnComUninitialize,
+        pfnComUnallocMem,
+        pfnUtf16Free,
+        pfnUtf8Free,
+        pfnUtf16ToUtf8,
+        pfnUtf8ToUtf16,
+        pfnGetEventQueue,
+        uEndVersion
+    );
+    (fields, size_of::<FunctionTable>())
+}
+
 /// `VBoxGetXPCOMCFunctions`.
 pub type GetFunctions = unsafe extern "C" fn(u32) -> *const FunctionTable;
 

@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use strata_vbox::abi::{compare, SlotCount};
-use strata_vbox::ffi::{vtable_layouts, VtableLayout};
+use strata_vbox::abi::{compare, compare_function_table, SlotCount};
+use strata_vbox::ffi::{function_table_layout, vtable_layouts, VtableLayout};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/vbox/vbox42-abi.json")
@@ -25,9 +25,13 @@ fn simulator_layouts() -> Vec<VtableLayout> {
         .collect()
 }
 
-/// Both sides against `abi`: every disagreement found.
+/// Both sides against `abi`, function table and vtables: every disagreement found.
 fn check_both(abi: &Value) -> Vec<String> {
-    let mut problems = compare(abi, "driver", &vtable_layouts(), SlotCount::AtMost);
+    let (driver_fields, driver_size) = function_table_layout();
+    let (sim_fields, sim_size) = strata_vbox_simulator::function_table_layout();
+    let mut problems = compare_function_table(abi, "driver", &driver_fields, driver_size);
+    problems.extend(compare_function_table(abi, "simulator", &sim_fields, sim_size));
+    problems.extend(compare(abi, "driver", &vtable_layouts(), SlotCount::AtMost));
     problems.extend(compare(abi, "simulator", &simulator_layouts(), SlotCount::Exactly));
     problems
 }
@@ -45,6 +49,19 @@ fn driver_and_simulator_vtables_match_the_4_2_abi() {
     assert_eq!(machine.slot_count, 194);
     let problems = check_both(&abi);
     assert!(problems.is_empty(), "ABI mismatches:\n{}", problems.join("\n"));
+}
+
+#[test]
+fn a_moved_function_table_field_in_the_abi_is_found() {
+    let mut abi = read_abi(&fixture());
+    let fields = abi["loading"]["function_table"]["fields"].as_array_mut().expect("fields");
+    fields.swap(5, 6);
+    let problems = check_both(&abi);
+    for side in ["driver", "simulator"] {
+        let expected =
+            format!("{side}: VBOXXPCOMC field 5 is pfnComUnallocMem at byte 32, the ABI has pfnUtf16Free at Some(40)");
+        assert!(problems.contains(&expected), "{problems:#?}");
+    }
 }
 
 #[test]

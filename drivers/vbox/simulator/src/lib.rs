@@ -50,35 +50,56 @@ pub(crate) fn guarded<T>(fallback: T, body: impl FnOnce() -> T) -> T {
 
 /// `VBOXXPCOMC`, the function table (88 bytes on LP64).
 #[repr(C)]
+#[allow(non_snake_case)]
 pub struct FunctionTable {
     pub cb: u32,
-    pub version: u32,
-    pub get_version: extern "C" fn() -> u32,
-    pub com_initialize: extern "C" fn(*const c_char, *mut *mut c_void, *const c_char, *mut *mut c_void),
-    pub com_uninitialize: extern "C" fn(),
-    pub com_unalloc_mem: extern "C" fn(*mut c_void),
-    pub utf16_free: extern "C" fn(*mut u16),
-    pub utf8_free: extern "C" fn(*mut c_char),
-    pub utf16_to_utf8: extern "C" fn(*const u16, *mut *mut c_char) -> i32,
-    pub utf8_to_utf16: extern "C" fn(*const c_char, *mut *mut u16) -> i32,
-    pub get_event_queue: extern "C" fn(*mut *mut c_void),
-    pub end_version: u32,
+    pub uVersion: u32,
+    pub pfnGetVersion: extern "C" fn() -> u32,
+    pub pfnComInitialize: extern "C" fn(*const c_char, *mut *mut c_void, *const c_char, *mut *mut c_void),
+    pub pfnComUninitialize: extern "C" fn(),
+    pub pfnComUnallocMem: extern "C" fn(*mut c_void),
+    pub pfnUtf16Free: extern "C" fn(*mut u16),
+    pub pfnUtf8Free: extern "C" fn(*mut c_char),
+    pub pfnUtf16ToUtf8: extern "C" fn(*const u16, *mut *mut c_char) -> i32,
+    pub pfnUtf8ToUtf16: extern "C" fn(*const c_char, *mut *mut u16) -> i32,
+    pub pfnGetEventQueue: extern "C" fn(*mut *mut c_void),
+    pub uEndVersion: u32,
 }
 
 static TABLE: FunctionTable = FunctionTable {
     cb: std::mem::size_of::<FunctionTable>() as u32,
-    version: XPCOMC_VERSION,
-    get_version,
-    com_initialize,
-    com_uninitialize,
-    com_unalloc_mem: free_memory,
-    utf16_free: free_utf16,
-    utf8_free: free_utf8,
-    utf16_to_utf8,
-    utf8_to_utf16,
-    get_event_queue,
-    end_version: XPCOMC_VERSION,
+    uVersion: XPCOMC_VERSION,
+    pfnGetVersion: get_version,
+    pfnComInitialize: com_initialize,
+    pfnComUninitialize: com_uninitialize,
+    pfnComUnallocMem: free_memory,
+    pfnUtf16Free: free_utf16,
+    pfnUtf8Free: free_utf8,
+    pfnUtf16ToUtf8: utf16_to_utf8,
+    pfnUtf8ToUtf16: utf8_to_utf16,
+    pfnGetEventQueue: get_event_queue,
+    uEndVersion: XPCOMC_VERSION,
 };
+
+/// The function table's fields as (name, byte offset), and its size, for the ABI check.
+pub fn function_table_layout() -> (Vec<(&'static str, usize)>, usize) {
+    use std::mem::offset_of;
+    let fields = vec![
+        ("cb", offset_of!(FunctionTable, cb)),
+        ("uVersion", offset_of!(FunctionTable, uVersion)),
+        ("pfnGetVersion", offset_of!(FunctionTable, pfnGetVersion)),
+        ("pfnComInitialize", offset_of!(FunctionTable, pfnComInitialize)),
+        ("pfnComUninitialize", offset_of!(FunctionTable, pfnComUninitialize)),
+        ("pfnComUnallocMem", offset_of!(FunctionTable, pfnComUnallocMem)),
+        ("pfnUtf16Free", offset_of!(FunctionTable, pfnUtf16Free)),
+        ("pfnUtf8Free", offset_of!(FunctionTable, pfnUtf8Free)),
+        ("pfnUtf16ToUtf8", offset_of!(FunctionTable, pfnUtf16ToUtf8)),
+        ("pfnUtf8ToUtf16", offset_of!(FunctionTable, pfnUtf8ToUtf16)),
+        ("pfnGetEventQueue", offset_of!(FunctionTable, pfnGetEventQueue)),
+        ("uEndVersion", offset_of!(FunctionTable, uEndVersion)),
+    ];
+    (fields, std::mem::size_of::<FunctionTable>())
+}
 
 /// The entry point: the 2.0 table for a 2.x request, else NULL (this
 /// stand-in has no legacy 1.0 table).
