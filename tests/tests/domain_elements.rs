@@ -97,7 +97,9 @@ fn capabilities_list_what_is_and_is_not_honoured() {
     };
     assert!(list("unhonoured_elements").iter().any(|e| e == "numatune"), "{json}");
     assert!(
-        list("honoured_elements").iter().any(|e| e == "interface (type='user' with mac/model/portForward)"),
+        list("honoured_elements").iter().any(|e| e
+            == "interface (type='user' with mac/model/portForward; type='ethernet'|'bridge'|'direct' with \
+                   mac/model/source/target/driver)"),
         "{json}"
     );
     assert!(list("honoured_elements").iter().any(|e| e == "disk"), "{json}");

@@ -271,14 +271,23 @@ impl Domain {
 
     /// Records `mac` as the `<mac address>` of the `index`th interface.
     pub fn set_interface_mac(&mut self, index: usize, mac: &str) -> Result<()> {
+        interface::write_mac(self.interface_mut(index)?, mac);
+        Ok(())
+    }
+
+    /// Records `dev` as the `<target dev>` of the `index`th interface: the
+    /// host device it runs on, as a live definition shows it.
+    pub fn set_interface_target(&mut self, index: usize, dev: &str) -> Result<()> {
+        interface::write_target(self.interface_mut(index)?, dev);
+        Ok(())
+    }
+
+    fn interface_mut(&mut self, index: usize) -> Result<&mut Element> {
         let domain = self.name();
-        let el = self
-            .root
+        self.root
             .child_mut("devices")
             .and_then(|devs| devs.elements_mut().filter(|e| e.name == "interface").nth(index))
-            .ok_or_else(|| Error::invalid_arg(format!("domain '{domain}' has no interface {}", index + 1)))?;
-        interface::write_mac(el, mac);
-        Ok(())
+            .ok_or_else(|| Error::invalid_arg(format!("domain '{domain}' has no interface {}", index + 1)))
     }
 
     fn device_elements<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Element> + 'a {

@@ -94,6 +94,8 @@ pub struct Interface {
     /// What `<source>` names, as virsh's `domiflist` shows it: its
     /// `bridge`, `dev`, `network`, `name` or `path`.
     pub source: Option<String>,
+    /// `<source mode>`: a `direct` interface's macvtap mode.
+    pub source_mode: Option<String>,
     /// `<target dev>`: the host side's device name.
     pub target_dev: Option<String>,
     /// `<driver name>`: `vhost` or `qemu`.
@@ -134,6 +136,7 @@ impl Interface {
             mac,
             model: attr("model", "type"),
             source,
+            source_mode: attr("source", "mode"),
             target_dev: attr("target", "dev"),
             driver_name: attr("driver", "name"),
             driver_queues,
@@ -141,6 +144,13 @@ impl Interface {
             alias: attr("alias", "name"),
             iface_type,
         })
+    }
+}
+
+impl Interface {
+    /// How an error names the interface that is `index`th in `<devices>`.
+    pub fn description(&self, index: usize) -> String {
+        describe(&self.iface_type, self.mac.as_deref(), index)
     }
 }
 
@@ -225,6 +235,11 @@ pub fn generated_mac(random: [u8; 3]) -> String {
 /// Writes `<mac address>` into an `<interface>`, in libvirt's place.
 pub(crate) fn write_mac(el: &mut Element, mac: &str) {
     el.replace_or_insert(Element::new("mac").with_attr("address", mac), INTERFACE_CHILD_ORDER);
+}
+
+/// Writes `<target dev>` into an `<interface>`, in libvirt's place.
+pub(crate) fn write_target(el: &mut Element, dev: &str) {
+    el.replace_or_insert(Element::new("target").with_attr("dev", dev), INTERFACE_CHILD_ORDER);
 }
 
 #[cfg(test)]

@@ -154,10 +154,12 @@ pub struct Spawned {
 /// `log`, recorded before it runs: the child is held between fork and exec
 /// until `record` has written down its identity, so no server that a
 /// record does not name ever opens an image. When `record` fails, or this
-/// process dies before it is done, the child exits without running.
+/// process dies before it is done, the child exits without running. The
+/// `inherited` descriptors stay open in it across exec.
 pub fn spawn(
     binary: &str,
     args: &[String],
+    inherited: &[RawFd],
     log: &Path,
     record: impl FnOnce(ProcessId) -> Result<()>,
 ) -> Result<Spawned> {
@@ -169,10 +171,15 @@ pub fn spawn(
     let (ready_read, ready_write) = pipe()?;
     let (go_read, go_write) = pipe()?;
     let fds = HoldFds { ready: ready_write.as_raw_fd(), go_read: go_read.as_raw_fd(), go_write: go_write.as_raw_fd() };
+    let inherited = inherited.to_vec();
     // SAFETY: the closure runs in the forked child before exec and calls
-    // only async-signal-safe functions (see `wait_to_be_recorded`).
+    // only async-signal-safe functions (see `wait_to_be_recorded` and
+    // `keep_across_exec`).
     unsafe {
-        cmd.pre_exec(move || wait_to_be_recorded(fds));
+        cmd.pre_exec(move || {
+            keep_across_exec(&inherited)?;
+            wait_to_be_recorded(fds)
+        });
     }
     // `spawn` returns only once the child has exec'd (or failed), which it
     // does only after the record: so it runs on a thread of its own. The
@@ -239,6 +246,20 @@ fn wait_to_be_recorded(fds: HoldFds) -> std::io::Result<()> {
             }
         }
     }
+}
+
+/// In the forked child, before exec: the descriptors the server is given
+/// by number on its command line (a tap QEMU must not open itself) lose
+/// their close-on-exec flag. Only fcntl(2), which is async-signal-safe.
+fn keep_across_exec(inherited: &[RawFd]) -> std::io::Result<()> {
+    for &fd in inherited {
+        // SAFETY: fcntl on a descriptor number changes only its flags; one
+        // that is not open fails with EBADF, returned as the error.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// The identity of the child held before exec, from the pid it wrote;

@@ -45,7 +45,7 @@ const ELEMENTS: &[(&str, Treatment)] = &[
     ("devices/disk", Honoured { when: always, form: "" }),
     ("devices/controller", Honoured { when: controller_is_built_in, form: "pci root, sata, ide, virtio-scsi" }),
     ("devices/input", Honoured { when: input_is_ps2, form: "ps2 mouse or keyboard, built into the machine" }),
-    ("devices/interface", Honoured { when: user_interface, form: "type='user' with mac/model/portForward" }),
+    ("devices/interface", Honoured { when: interface_is_started, form: INTERFACE_FORM }),
     ("devices/memballoon", Honoured { when: |e, _| e.attr("model") == Some("none"), form: "model='none'" }),
     ("title", NoGuestEffect),
     ("description", NoGuestEffect),
@@ -117,12 +117,24 @@ fn controller_is_built_in(el: &Element, _: &Domain) -> bool {
     }
 }
 
+/// What `interface_is_started` accepts, as `capabilities` describes it.
+const INTERFACE_FORM: &str = "type='user' with mac/model/portForward; type='ethernet'|'bridge'|'direct' with \
+                              mac/model/source/target/driver";
+
 /// `launch` starts a `type='user'` interface with its MAC, model and port
-/// forwards (QEMU's user-mode stack); its other settings, and the other
+/// forwards (QEMU's user-mode stack), and an `ethernet`, `bridge` or
+/// `direct` one on the tap or macvtap `tap` opens, with its MAC, model,
+/// source, target dev and driver; their other settings, and the other
 /// types, are not acted on.
-fn user_interface(el: &Element, _: &Domain) -> bool {
-    el.attr("type") == Some("user")
-        && el.elements().all(|c| matches!(c.name.as_str(), "mac" | "model" | "portForward" | "alias" | "address"))
+fn interface_is_started(el: &Element, _: &Domain) -> bool {
+    let common = |c: &Element| matches!(c.name.as_str(), "mac" | "model" | "alias" | "address");
+    match el.attr("type") {
+        Some("user") => el.elements().all(|c| common(c) || c.name == "portForward"),
+        Some("ethernet" | "bridge" | "direct") => {
+            el.elements().all(|c| common(c) || matches!(c.name.as_str(), "source" | "target" | "driver"))
+        }
+        _ => false,
+    }
 }
 
 fn input_is_ps2(el: &Element, _: &Domain) -> bool {
@@ -235,19 +247,30 @@ mod tests {
     }
 
     #[test]
-    fn a_user_interface_is_honoured_and_other_types_or_settings_are_not() {
+    fn interfaces_on_a_host_device_or_user_mode_are_honoured_and_other_types_or_settings_are_not() {
         let user = domain(
             "",
             "<interface type='user'><mac address='52:54:00:00:00:01'/><model type='virtio'/>\
              <portForward proto='tcp'><range start='2022' to='22'/></portForward></interface>",
         );
         assert_eq!(unhonoured(&user), Vec::<String>::new());
+        let host_devices = domain(
+            "",
+            "<interface type='ethernet'><target dev='tap7'/><driver name='vhost' queues='2'/></interface>\
+             <interface type='bridge'><source bridge='br0'/><model type='virtio'/></interface>\
+             <interface type='direct'><source dev='eth0' mode='bridge'/></interface>",
+        );
+        assert_eq!(unhonoured(&host_devices), Vec::<String>::new());
         let others = domain(
             "",
             "<interface type='user'><driver name='vhost' queues='2'/></interface>\
-             <interface type='bridge'><source bridge='br0'/></interface>",
+             <interface type='bridge'><source bridge='br0'/><bandwidth/></interface>\
+             <interface type='vhostuser'/>",
         );
-        assert_eq!(unhonoured(&others), ["interface type='user'", "interface type='bridge'"]);
+        assert_eq!(
+            unhonoured(&others),
+            ["interface type='user'", "interface type='bridge'", "interface type='vhostuser'"]
+        );
     }
 
     #[test]

@@ -8,6 +8,8 @@ use strata_core::{Error, Result};
 use strata_qemu_block::nodes::device_blockdevs;
 use strata_qemu_block::runtime::{RuntimePaths, MONITORS};
 
+use crate::tap::{HostNics, OpenedNic};
+
 /// The accelerator a domain type asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -36,8 +38,9 @@ pub fn accel_for(dom: &Domain) -> Result<Accel> {
     }
 }
 
-/// Builds QEMU's argument list (without the program name).
-pub fn command_line(dom: &Domain, accel: Accel, paths: &RuntimePaths) -> Result<Vec<String>> {
+/// Builds QEMU's argument list (without the program name); `nics` holds
+/// the host side of the interfaces that have one, opened by Strata.
+pub fn command_line(dom: &Domain, accel: Accel, paths: &RuntimePaths, nics: &HostNics) -> Result<Vec<String>> {
     let name = dom.name();
     let mut args: Vec<String> = Vec::new();
     fn push(args: &mut Vec<String>, a: &str, b: String) {
@@ -94,7 +97,7 @@ pub fn command_line(dom: &Domain, accel: Accel, paths: &RuntimePaths) -> Result<
         args.push(device);
     }
     for (index, iface) in dom.interfaces()?.iter().enumerate() {
-        if let Some((netdev, device)) = user_interface(iface, index)? {
+        if let Some((netdev, device)) = nic_args(iface, index, nics.by_index.get(&index))? {
             push(&mut args, "-netdev", netdev);
             push(&mut args, "-device", device);
         }
@@ -112,15 +115,44 @@ pub fn nic_id(index: usize) -> String {
 /// names none.
 pub const DEFAULT_NIC_MODEL: &str = "rtl8139";
 
-/// `-netdev` and `-device` for a `type='user'` interface (QEMU's user-mode
-/// stack, each port forward a `hostfwd`); `None` for the other types,
-/// which are not started (`start` warns about them).
-fn user_interface(iface: &Interface, index: usize) -> Result<Option<(String, String)>> {
-    if iface.iface_type != "user" {
-        return Ok(None);
-    }
+/// `-netdev` and `-device` for an interface: QEMU's user-mode stack for
+/// `type='user'`, the descriptors Strata opened for one with a host
+/// device; `None` for the other types, which are not started (`start`
+/// warns about them).
+pub fn nic_args(iface: &Interface, index: usize, host: Option<&OpenedNic>) -> Result<Option<(String, String)>> {
     let id = nic_id(index);
+    let netdev = match (iface.iface_type.as_str(), host) {
+        ("user", _) => user_netdev(iface, &id)?,
+        (_, Some(host)) => host.netdev_options(&format!("host{id}")),
+        _ => return Ok(None),
+    };
     let what = format!("interface '{}'", iface.mac.as_deref().unwrap_or(&id));
+    let model = iface.model.as_deref().unwrap_or(DEFAULT_NIC_MODEL);
+    let device = match model {
+        "virtio" => "virtio-net-pci",
+        "e1000" | "e1000e" | "rtl8139" | "ne2k_pci" | "pcnet" | "vmxnet3" | "i82551" | "i82557b" | "i82559er" => model,
+        other => {
+            return Err(Error::config_unsupported(format!(
+                "{what}: <model type='{other}'> is not a NIC this driver starts (virtio, e1000, e1000e, rtl8139, \
+                 ne2k_pci, pcnet, vmxnet3, i82551, i82557b, i82559er)"
+            )))
+        }
+    };
+    let mac = iface.mac.as_ref().map(|m| format!(",mac={m}")).unwrap_or_default();
+    // A virtio NIC serves every queue of its tap with a vector pair each.
+    let queues = host.map_or(1, |h| h.taps.len());
+    let multiqueue = if device == "virtio-net-pci" && queues > 1 {
+        format!(",mq=on,vectors={}", 2 * queues + 2)
+    } else {
+        String::new()
+    };
+    Ok(Some((netdev, format!("{device},id={id},netdev=host{id}{mac}{multiqueue}"))))
+}
+
+/// QEMU's user-mode stack for a `type='user'` interface, each port
+/// forward a `hostfwd`.
+fn user_netdev(iface: &Interface, id: &str) -> Result<String> {
+    let what = format!("interface '{}'", iface.mac.as_deref().unwrap_or(id));
     let mut netdev = format!("user,id=host{id}");
     for forward in &iface.port_forwards {
         if let Some(dev) = &forward.dev {
@@ -145,19 +177,7 @@ fn user_interface(iface: &Interface, index: usize) -> Result<Option<(String, Str
             netdev.push_str(&format!(",hostfwd={}:{address}:{host}-:{guest}", forward.proto));
         }
     }
-    let model = iface.model.as_deref().unwrap_or(DEFAULT_NIC_MODEL);
-    let device = match model {
-        "virtio" => "virtio-net-pci",
-        "e1000" | "e1000e" | "rtl8139" | "ne2k_pci" | "pcnet" | "vmxnet3" | "i82551" | "i82557b" | "i82559er" => model,
-        other => {
-            return Err(Error::config_unsupported(format!(
-                "{what}: <model type='{other}'> is not a NIC this driver starts (virtio, e1000, e1000e, rtl8139, \
-                 ne2k_pci, pcnet, vmxnet3, i82551, i82557b, i82559er)"
-            )))
-        }
-    };
-    let mac = iface.mac.as_ref().map(|m| format!(",mac={m}")).unwrap_or_default();
-    Ok(Some((netdev, format!("{device},id={id},netdev=host{id}{mac}"))))
+    Ok(netdev)
 }
 
 /// `(optional controller device, the disk's device)` for `-device`.
@@ -242,7 +262,7 @@ mod tests {
     #[test]
     fn every_layer_gets_explicit_nodes_and_backing_links() {
         let dom = Domain::parse(CHAIN_XML).expect("xml");
-        let args = command_line(&dom, Accel::Tcg, &paths()).expect("command line");
+        let args = command_line(&dom, Accel::Tcg, &paths(), &HostNics::default()).expect("command line");
         let devs = blockdevs_of(&args, "-blockdev");
         // Backing layers come first so references resolve.
         assert_eq!(devs[0]["node-name"], "vda-1-fmt");
@@ -267,7 +287,7 @@ mod tests {
         let transient =
             CHAIN_XML.replace("<target dev='vda' bus='virtio'/>", "<target dev='vda' bus='virtio'/><transient/>");
         let dom = Domain::parse(&transient).expect("xml");
-        let args = command_line(&dom, Accel::Tcg, &paths()).expect("command line");
+        let args = command_line(&dom, Accel::Tcg, &paths(), &HostNics::default()).expect("command line");
         let devs = blockdevs_of(&args, "-blockdev");
         assert_eq!(devs[1]["node-name"], "vda-0-fmt");
         assert_eq!(devs[1]["read-only"], true, "the image itself is opened read-only");
@@ -302,7 +322,7 @@ mod tests {
              <portForward proto='udp'><range start='5000' end='5001'/></portForward></interface>\
              <interface type='user'/>",
         );
-        let args = command_line(&dom, Accel::Tcg, &paths()).expect("command line");
+        let args = command_line(&dom, Accel::Tcg, &paths(), &HostNics::default()).expect("command line");
         let values =
             |flag: &str| -> Vec<String> { args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].clone()).collect() };
         assert_eq!(
@@ -319,8 +339,11 @@ mod tests {
 
     #[test]
     fn a_forward_or_model_user_mode_cannot_give_is_refused() {
-        let refused =
-            |iface: &str| command_line(&with_interfaces(iface), Accel::Tcg, &paths()).expect_err("refused").to_string();
+        let refused = |iface: &str| {
+            command_line(&with_interfaces(iface), Accel::Tcg, &paths(), &HostNics::default())
+                .expect_err("refused")
+                .to_string()
+        };
         let err = refused(
             "<interface type='user'><portForward proto='tcp' dev='eth0'><range start='80'/></portForward></interface>",
         );
@@ -338,10 +361,11 @@ mod tests {
             "",
         );
         let dom = Domain::parse(&unknown).expect("xml");
-        let err = command_line(&dom, Accel::Tcg, &paths()).expect_err("chain not known");
+        let err = command_line(&dom, Accel::Tcg, &paths(), &HostNics::default()).expect_err("chain not known");
         assert!(err.to_string().contains("no complete backing chain"), "{err}");
         let usb = CHAIN_XML.replace("bus='sata'", "bus='usb'");
-        let err = command_line(&Domain::parse(&usb).expect("xml"), Accel::Tcg, &paths()).expect_err("usb");
+        let err = command_line(&Domain::parse(&usb).expect("xml"), Accel::Tcg, &paths(), &HostNics::default())
+            .expect_err("usb");
         assert!(err.to_string().contains("bus 'usb'"), "{err}");
     }
 }

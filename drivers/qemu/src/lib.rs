@@ -17,6 +17,7 @@ pub mod live;
 mod monitor_command;
 mod placement;
 mod snapshot_backend;
+mod tap;
 mod transient;
 mod vcpus;
 
@@ -208,10 +209,19 @@ impl QemuConnection {
         let paths = live::runtime_paths(&self.store, name)?;
         // QEMU opens a volume disk's file; the status keeps the volume.
         let launched = define::resolve_volume_disks(&dom, &PoolManager::new(self.store.clone()))?;
+        // What a previous run left (its status, runtime files, host NICs)
+        // goes before this run opens its own.
+        live::cleanup(&self.store, name)?;
+        let mut nics = tap::HostNics::default();
         let (binary, args) = match server {
             live::Server::Vm => {
                 let accel = launch::accel_for(&dom)?;
-                let mut args = launch::command_line(&launched, accel, &paths)?;
+                nics = tap::HostNics::open(&launched)?;
+                // The live definition names the host device each runs on.
+                for (index, nic) in &nics.by_index {
+                    dom.set_interface_target(*index, &nic.name)?;
+                }
+                let mut args = launch::command_line(&launched, accel, &paths, &nics)?;
                 if mode == StartMode::Incoming {
                     args.extend(["-incoming".to_string(), "defer".to_string()]);
                 }
@@ -222,7 +232,6 @@ impl QemuConnection {
                 (storage_daemon_binary(), storage_daemon_command_line(&disks, &paths)?)
             }
         };
-        live::cleanup(&self.store, name)?;
         std::fs::create_dir_all(&paths.dir).map_err(|e| Error::io("create", &paths.dir, e))?;
         if server == live::Server::Vm {
             transient::create_overlays(&dom, &paths)?;
@@ -235,10 +244,21 @@ impl QemuConnection {
         tracing::debug!(domain = name, binary, ?args, "starting");
         // Recorded as starting before it runs: whoever finds it while this
         // process is gone stops it (see live::reconcile).
-        let record =
-            |process| self.store.write_status(name, &LiveStatus::new(process, id, dom.clone(), server, owner).to_xml());
-        let mut spawned = match strata_engine::process::spawn(&binary, &args, &paths.log(), record) {
-            Ok(spawned) => spawned,
+        // The host NICs Strata created are in the record before QEMU runs.
+        let created_nics = nics.created();
+        let record = |process| {
+            let mut status = LiveStatus::new(process, id, dom.clone(), server, owner);
+            status.host_nics = created_nics.clone();
+            self.store.write_status(name, &status.to_xml())
+        };
+        let spawned = strata_engine::process::spawn(&binary, &args, &nics.descriptors(), &paths.log(), record);
+        // QEMU holds its own copies of the descriptors now; the status
+        // answers for what was created.
+        let mut spawned = match spawned {
+            Ok(spawned) => {
+                nics.into_recorded();
+                spawned
+            }
             Err(e) => {
                 live::cleanup(&self.store, name)?;
                 return Err(e);
@@ -248,6 +268,7 @@ impl QemuConnection {
         let started = async {
             wait_for_socket(&paths.monitor_socket(MONITORS - 1), &mut spawned.child, &paths.log()).await?;
             let mut status = LiveStatus::new(spawned.id, id, dom, server, owner);
+            status.host_nics = created_nics;
             status.starting = false;
             if server == live::Server::Vm && mode == StartMode::Run {
                 // Until `cont` below: a start killed in between leaves the

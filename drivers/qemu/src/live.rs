@@ -20,6 +20,8 @@ use strata_core::driver::DomainState;
 use strata_core::store::Store;
 use strata_core::xml::{Domain, Element};
 use strata_core::{Error, Result};
+
+use crate::tap::CreatedNic;
 use strata_engine::job::record::{self, JobRecord};
 use strata_engine::process::{Liveness, ProcessId};
 use strata_qemu_block::monitor::{acquire, qmp_error, Monitor};
@@ -54,6 +56,9 @@ pub struct LiveStatus {
     /// state (virsh's word) it led to: libvirt reports `(unpaused)` or
     /// `(from snapshot)`, which QEMU's run state alone cannot tell.
     pub reason: Option<(String, String)>,
+    /// Host network devices Strata created for the guest (taps,
+    /// macvtaps), deleted at [`cleanup`]; recorded before QEMU runs.
+    pub host_nics: Vec<CreatedNic>,
 }
 
 /// What serves the domain's disks.
@@ -86,6 +91,7 @@ impl LiveStatus {
             roots,
             next_node: 1,
             reason: None,
+            host_nics: Vec::new(),
         }
     }
 
@@ -127,6 +133,10 @@ impl LiveStatus {
             owner.set_attrs(&mut root, "owner");
         }
         root = root.with_child(jobs).with_child(roots);
+        if !self.host_nics.is_empty() {
+            let nics = self.host_nics.iter().fold(Element::new("hostnics"), |nics, n| nics.with_child(n.to_element()));
+            root = root.with_child(nics);
+        }
         if let Some((state, word)) = &self.reason {
             root = root.with_child(Element::new("reason").with_attr("state", &**state).with_text(&**word));
         }
@@ -168,6 +178,10 @@ impl LiveStatus {
                 _ => Server::Vm,
             },
             reason: root.child("reason").and_then(|r| Some((r.attr("state")?.to_string(), r.text()))),
+            host_nics: root
+                .child("hostnics")
+                .map(|n| n.children_named("hostnic").filter_map(CreatedNic::from_element).collect())
+                .unwrap_or_default(),
         })
     }
 }
@@ -270,8 +284,14 @@ fn forget(store: &Store, name: &str, process: ProcessId) -> Result<()> {
     Ok(())
 }
 
-/// Removes a stopped domain's status and runtime directory.
+/// Removes a stopped domain's host network devices, status and runtime
+/// directory.
 pub fn cleanup(store: &Store, name: &str) -> Result<()> {
+    if let Some(status) = store.read_status(name)?.and_then(|xml| LiveStatus::parse(&xml).ok()) {
+        for nic in &status.host_nics {
+            nic.remove()?;
+        }
+    }
     store.remove_status(name)?;
     let dir = runtime_paths(store, name)?.dir;
     match std::fs::remove_dir_all(&dir) {
