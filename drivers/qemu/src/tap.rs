@@ -15,9 +15,9 @@ use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use strata_core::tool::run_tool;
 use strata_core::xml::{Domain, Element, Interface};
 use strata_core::{Error, Result};
 
@@ -139,7 +139,7 @@ impl CreatedNic {
                 }
                 Ok(())
             }
-            HostNicKind::Macvtap => run_ip(&["link", "delete", &self.name]),
+            HostNicKind::Macvtap => run_tool("ip", &["link", "delete", &self.name]).map(drop),
         }
     }
 }
@@ -472,7 +472,8 @@ fn open_macvtap(iface: &Interface, vhosts: Vec<OwnedFd>, what: &str) -> Result<O
         }
         None => (0..).map(|n| format!("macvtap{n}")).find(|n| !device_exists(n)).unwrap_or_default(),
     };
-    run_ip(&macvtap_add_args(&link, &name, mode, iface.mac.as_deref())).map_err(|e| {
+    let add = macvtap_add_args(&link, &name, mode, iface.mac.as_deref());
+    run_tool("ip", &add.iter().map(String::as_str).collect::<Vec<_>>()).map_err(|e| {
         let support = if Path::new("/sys/module/macvtap").exists() { "" } else { " (it has no macvtap module)" };
         Error::config_unsupported(format!(
             "{what} needs a macvtap, which this host's kernel cannot create{support}: {e}"
@@ -490,16 +491,6 @@ fn open_macvtap(iface: &Interface, vhosts: Vec<OwnedFd>, what: &str) -> Result<O
         nic.taps.push(open_rw(&char_device).map_err(|e| Error::io("open", Path::new(&char_device), e))?);
     }
     Ok(nic)
-}
-
-/// Runs `ip ARGS…` to its end; its own message on failure.
-fn run_ip(args: &[impl AsRef<std::ffi::OsStr>]) -> Result<()> {
-    let out =
-        Command::new("ip").args(args).output().map_err(|e| Error::operation_failed(format!("cannot run ip: {e}")))?;
-    if out.status.success() {
-        return Ok(());
-    }
-    Err(Error::operation_failed(format!("ip failed: {}", String::from_utf8_lossy(&out.stderr).trim())))
 }
 
 #[cfg(test)]
