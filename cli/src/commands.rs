@@ -15,6 +15,7 @@ use strata_core::driver::{
     Connection, DefineFlags, DiskSetOutcome, DumpXmlFlags, PinScope, StartFlags, UndefineFlags, VcpuCounts,
 };
 use strata_core::hostcpu::{format_cpulist, parse_cpulist};
+use strata_core::ifaddr::{self, AddressSource};
 use strata_core::xml::Domain;
 use strata_core::ErrorKind;
 
@@ -335,6 +336,25 @@ pub enum Command {
         /// The persistent definition's interfaces, even while the domain runs.
         #[arg(long)]
         inactive: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// List a running domain's IP addresses: from the host's neighbour
+    /// table for the interfaces' MACs (`--source arp`), or from DHCP
+    /// leases (`lease`, the default; no Strata network hands any out).
+    Domifaddr {
+        #[command(flatten)]
+        domain: DomainArg,
+        /// Only the interface running on this host device.
+        #[arg(long, value_name = "INTERFACE", help_heading = BY_POSITION)]
+        interface: Option<String>,
+        /// Where the addresses come from: lease, arp or agent.
+        #[arg(long, default_value = "lease")]
+        source: String,
+        /// Name and MAC on every row, not only the first of an interface
+        /// (accepted; each interface's rows are already labelled).
+        #[arg(long)]
+        full: bool,
         #[command(flatten)]
         json: JsonFlag,
     },
@@ -1014,6 +1034,34 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                     .collect();
                 out.push_str(&format_table(&["Interface", "Type", "Source", "Model", "MAC"], &rows, quiet));
                 out.push('\n');
+            }
+        }
+        Command::Domifaddr { domain, interface, source, full: _, json } => {
+            let name = domain.name();
+            let source = AddressSource::parse(&source)?;
+            if source == AddressSource::Agent {
+                return Err(anyhow!(strata_core::Error::new(
+                    ErrorKind::ArgumentUnsupported,
+                    "domifaddr --source agent needs a guest agent, which Strata does not talk to"
+                )));
+            }
+            let dom = listed_domain(session, name, false).await?;
+            if dom.element().attr("id").is_none() {
+                return Err(anyhow!(strata_core::Error::operation_invalid("domain is not running")));
+            }
+            let interfaces: Vec<_> = dom
+                .interfaces()?
+                .into_iter()
+                .filter(|i| interface.as_ref().is_none_or(|wanted| i.target_dev.as_ref() == Some(wanted)))
+                .collect();
+            let addresses = match source {
+                AddressSource::Arp => ifaddr::arp_addresses(&interfaces, &ifaddr::read_arp_table()?),
+                AddressSource::Lease | AddressSource::Agent => Vec::new(),
+            };
+            if wants_json(json) {
+                writeln!(out, "{}", serde_json::to_string_pretty(&addresses)?)?;
+            } else {
+                out.push_str(&ifaddr::format_addresses(&addresses));
             }
         }
         Command::Domblkcheck { domain, disk, fix, json } => {

@@ -40,7 +40,17 @@ const GROUPS: &[(&str, &str, &[&str])] = &[
     (
         "Domain Monitoring",
         "monitor",
-        &["domblkcheck", "domblklist", "domiflist", "dominfo", "domstate", "list", "vcpucount", "vcpuinfo"],
+        &[
+            "domblkcheck",
+            "domblklist",
+            "domifaddr",
+            "domiflist",
+            "dominfo",
+            "domstate",
+            "list",
+            "vcpucount",
+            "vcpuinfo",
+        ],
     ),
     ("Disk Sets", "diskset", &["diskset-add", "diskset-list", "diskset-remove", "diskset-size"]),
     ("Host and Hypervisor", "host", &["capabilities", "nodecpumap", "nodeinfo", "uri", "version"]),

@@ -9,6 +9,7 @@ pub mod diskset;
 pub mod driver;
 pub mod error;
 pub mod hostcpu;
+pub mod ifaddr;
 pub mod image;
 pub mod options;
 pub mod plugin;

@@ -4,7 +4,8 @@
 //! QEMU reports. `ethernet` and `bridge` interfaces run on taps Strata
 //! opens on the host (checked with `ip` and QEMU's `/proc/PID/fdinfo`),
 //! gone after destroy and after a crash; vhost-net and macvtap, which this
-//! kernel lacks, fail clearly and leave nothing.
+//! kernel lacks, fail clearly and leave nothing. `domifaddr --source arp`
+//! reads the host's neighbour table for the guest's MAC.
 
 mod common;
 
@@ -200,6 +201,24 @@ fn an_ethernet_tap_is_opened_by_strata_held_by_qemu_and_gone_after_destroy_and_a
     let listed = env.ok(&["domiflist", "vm"]);
     let row: Vec<&str> = listed.lines().nth(2).expect("a row").split_whitespace().collect();
     assert_eq!(row, [tap.as_str(), "ethernet", "-", "virtio", mac.as_str()], "{listed}");
+
+    // The guest's neighbour entry on its tap, as its first ARP reply makes it.
+    let none = env.ok(&["domifaddr", "vm", "--source", "arp"]);
+    assert_eq!(none.lines().count(), 2, "no address before the host has seen one: {none}");
+    ip(&["neigh", "add", "192.0.2.77", "lladdr", &mac, "dev", &tap, "nud", "permanent"]);
+    assert!(std::fs::read_to_string("/proc/net/arp").expect("arp table").contains("192.0.2.77"));
+    let addresses = env.ok(&["domifaddr", "vm", "--source", "arp"]);
+    assert_eq!(
+        addresses.lines().nth(2),
+        Some(format!(" {tap:<10} {mac}    ipv4         192.0.2.77/0").as_str()),
+        "{addresses}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ok(&["domifaddr", "vm", "--source", "arp", "--json"])).expect("json");
+    assert_eq!(json[0]["address"], "192.0.2.77", "{json}");
+    assert_eq!(json[0]["mac"], mac.as_str(), "{json}");
+    let leases = env.ok(&["domifaddr", "vm"]);
+    assert_eq!(leases.lines().count(), 2, "no Strata network leased this guest an address: {leases}");
 
     env.ok(&["destroy", "vm"]);
     assert!(!device_exists(&tap), "the tap is gone after destroy");
