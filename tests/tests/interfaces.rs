@@ -286,6 +286,22 @@ fn a_bridge_interface_puts_its_tap_on_the_bridge_and_a_missing_bridge_is_refused
     assert!(qemu_pid(&env, "vm").is_none(), "no QEMU was started");
 }
 
+/// Starts `vm`, whose interface needs a host feature: where the host has
+/// it (`available`), QEMU runs holding a file `held` accepts and is
+/// destroyed; elsewhere the start fails naming `feature` and no QEMU runs.
+fn start_holding_or_refused(env: &TestEnv, available: bool, held: impl Fn(&str) -> bool, feature: &str) {
+    if available {
+        env.ok(&["start", "vm"]);
+        let pid = qemu_pid(env, "vm").expect("QEMU runs");
+        assert!(files_held_by(pid).iter().any(|f| held(f)), "QEMU holds the {feature} Strata opened");
+        env.ok(&["destroy", "vm"]);
+    } else {
+        let err = env.fails(&["start", "vm"]);
+        assert!(err.starts_with("error: ") && err.contains(feature), "{err}");
+        assert!(qemu_pid(env, "vm").is_none(), "no QEMU was started");
+    }
+}
+
 #[test]
 fn vhost_net_is_used_when_present_and_asked_for_fails_naming_it_when_missing() {
     let env = TestEnv::new();
@@ -293,16 +309,8 @@ fn vhost_net_is_used_when_present_and_asked_for_fails_naming_it_when_missing() {
     let _tap = HostDevice(tap.clone());
     env.define("vm", &vm_with(&env, &interface("ethernet", &format!("<target dev='{tap}'/><driver name='vhost'/>"))));
     let _guard = DomainGuard { env: &env, name: "vm".into() };
-    if std::path::Path::new("/dev/vhost-net").exists() {
-        env.ok(&["start", "vm"]);
-        let pid = qemu_pid(&env, "vm").expect("QEMU runs");
-        assert!(files_held_by(pid).iter().any(|f| f == "/dev/vhost-net"), "QEMU holds the vhost-net Strata opened");
-        env.ok(&["destroy", "vm"]);
-    } else {
-        let err = env.fails(&["start", "vm"]);
-        assert!(err.starts_with("error: ") && err.contains("/dev/vhost-net"), "{err}");
-        assert!(qemu_pid(&env, "vm").is_none(), "no QEMU was started");
-    }
+    let available = std::path::Path::new("/dev/vhost-net").exists();
+    start_holding_or_refused(&env, available, |f| f == "/dev/vhost-net", "/dev/vhost-net");
     assert!(!device_exists(&tap), "no tap is left");
 }
 
@@ -322,15 +330,7 @@ fn a_direct_interface_runs_on_a_macvtap_or_fails_naming_the_missing_kernel_suppo
         .expect("run ip");
     if probe.status.success() {
         ip(&["link", "delete", &macvtap]);
-        env.ok(&["start", "vm"]);
-        assert_eq!(link(&macvtap)["linkinfo"]["info_kind"], "macvtap");
-        let pid = qemu_pid(&env, "vm").expect("QEMU runs");
-        assert!(files_held_by(pid).iter().any(|f| f.starts_with("/dev/tap")), "QEMU holds the macvtap's /dev/tapN");
-        env.ok(&["destroy", "vm"]);
-    } else {
-        let err = env.fails(&["start", "vm"]);
-        assert!(err.starts_with("error: ") && err.contains("macvtap"), "{err}");
-        assert!(qemu_pid(&env, "vm").is_none(), "no QEMU was started");
     }
+    start_holding_or_refused(&env, probe.status.success(), |f| f.starts_with("/dev/tap"), "macvtap");
     assert!(!device_exists(&macvtap), "no macvtap is left");
 }

@@ -236,7 +236,10 @@ pub fn open_interface(iface: &Interface, index: usize) -> Result<Option<OpenedNi
             // vhost first: a refusal leaves no tap behind.
             let vhosts = open_vhosts(iface, queues, &what)?;
             let nic = open_tap(iface.target_dev.as_deref(), queues, vhosts, &what)?;
-            set_host_mac(&nic.name, iface.mac.as_deref())?;
+            // A tap that existed before is someone else's to configure.
+            if nic.created.is_some() {
+                set_host_mac(&nic.name, iface.mac.as_deref())?;
+            }
             if let Some(bridge) = bridge {
                 add_to_bridge(&bridge, &nic.name)?;
             }
@@ -304,10 +307,10 @@ pub fn device_exists(name: &str) -> bool {
 
 /// A name the kernel accepts for a network device.
 fn check_device_name(name: &str, what: &str) -> Result<()> {
-    if name.is_empty() || name.len() >= IFNAMSIZ || name.contains(['/', ' ', ':']) || name == "." || name == ".." {
+    if name.is_empty() || name.len() >= IFNAMSIZ || name.contains(['/', ' ', ':', '%']) || name == "." || name == ".." {
         return Err(Error::config_unsupported(format!(
-            "{what} has <target dev='{name}'>, which is not a network device name (1 to 15 characters, no '/', ':' \
-             or space)"
+            "{what} has <target dev='{name}'>, which is not a network device name (1 to 15 characters, no '/', ':', \
+             '%' or space)"
         )));
     }
     Ok(())
@@ -533,7 +536,7 @@ mod tests {
 
     #[test]
     fn a_target_dev_the_kernel_cannot_name_is_refused() {
-        for bad in ["", "a/b", "sixteen-chars-xx"] {
+        for bad in ["", "a/b", "sixteen-chars-xx", "vnet%d"] {
             assert!(check_device_name(bad, "i").is_err(), "{bad}");
         }
         check_device_name("vnet12", "i").expect("a good name");
