@@ -247,6 +247,23 @@ fn a_tap_that_existed_before_is_used_and_left_in_place() {
 }
 
 #[test]
+fn a_multiqueue_tap_gives_qemu_one_descriptor_per_queue() {
+    let env = TestEnv::new();
+    let tap = host_dev("q");
+    let _tap = HostDevice(tap.clone());
+    let inner = format!("<target dev='{tap}'/><driver name='qemu' queues='2'/>");
+    env.define("vm", &vm_with(&env, &interface("ethernet", &inner)));
+    let _guard = DomainGuard { env: &env, name: "vm".into() };
+    env.ok(&["start", "vm"]);
+    let pid = qemu_pid(&env, "vm").expect("QEMU runs");
+    assert_eq!(taps_held_by(pid), [tap.as_str(), tap.as_str()], "QEMU holds a descriptor per queue");
+    let tree = env.ok(&["qemu-monitor-command", "vm", "--hmp", "info", "qtree"]);
+    assert!(tree.contains("mq = true"), "the virtio NIC serves both queues: {tree}");
+    env.ok(&["destroy", "vm"]);
+    assert!(!device_exists(&tap), "the tap is gone after destroy");
+}
+
+#[test]
 fn a_bridge_interface_puts_its_tap_on_the_bridge_and_a_missing_bridge_is_refused() {
     let env = TestEnv::new();
     let bridge_name = host_dev("b");
