@@ -68,7 +68,7 @@ impl FuseServer {
             strata_core::store::atomic_write(&record_file, format!("{} {}\n", id.pid, id.start_time).as_bytes())
         };
         let binary = storage_daemon_binary();
-        let mut spawned = strata_engine::process::spawn(&binary, &monitor_args(&paths), &paths.log(), record)?;
+        let mut spawned = strata_engine::process::spawn(&binary, &monitor_args(&paths), &[], &paths.log(), record)?;
         let started = async {
             wait_for_socket(&paths.monitor_socket(MONITORS - 1), &mut spawned.child, &paths.log()).await?;
             acquire(&paths, name).await
