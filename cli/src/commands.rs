@@ -485,6 +485,8 @@ pub enum Command {
     Event(EventArgs),
     #[command(flatten)]
     Pools(Box<crate::pools::PoolCommand>),
+    #[command(flatten)]
+    Save(Box<crate::save::SaveCommand>),
     /// Send a command to the domain's monitor and print its reply.
     ///
     /// The command is QMP JSON (`{"execute":"query-block"}`), passed through
@@ -1219,6 +1221,19 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
             let pools = session.conn()?.require_storage_pools()?;
             out = crate::pools::run(pools.as_ref(), *command, global_json, quiet).await?;
         }
+        Command::Save(command) => {
+            let domain = command.domain().map(str::to_string);
+            let ran = crate::save::run(session.conn()?, *command, global_json).await;
+            // An unknown domain is virsh's lookup failure; any other error
+            // keeps the command's own context ("Failed to save domain …").
+            let no_domain = |e: &anyhow::Error| {
+                e.downcast_ref::<strata_core::Error>().is_some_and(|core| core.kind() == ErrorKind::NoDomain)
+            };
+            out = match (ran, domain) {
+                (Err(e), Some(domain)) if no_domain(&e) => return Err(job_error(e, &domain)),
+                (ran, _) => ran?,
+            };
+        }
         Command::QemuMonitor { domain, hmp, pretty, return_value, cmd } => {
             let name = domain.name();
             let reply = session
@@ -1361,6 +1376,8 @@ fn capability_lines(caps: &DriverCapabilities) -> Vec<(&'static str, String)> {
                 (domains.monitor, "monitor commands"),
                 (domains.cpu_placement, "CPU placement"),
                 (domains.vcpu_hotplug, "vCPU hotplug"),
+                (domains.save_restore, "save and restore"),
+                (domains.migration, "migration"),
             ]]),
         ),
         (

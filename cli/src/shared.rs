@@ -65,3 +65,16 @@ mod tests {
         assert_eq!(format_timestamp(951_782_400_000_000), "2000-02-29 00:00:00.000+0000");
     }
 }
+
+/// `bytes` in the largest binary unit that keeps the value at 1 or more,
+/// as virsh scales sizes (`vshPrettyCapacity`).
+pub(crate) fn binary_units(bytes: u64) -> (f64, &'static str) {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    (value, UNITS[unit])
+}

@@ -14,8 +14,10 @@ mod honoured;
 mod jobs;
 mod launch;
 pub mod live;
+mod memory_stream;
 mod monitor_command;
 mod placement;
+mod save;
 mod snapshot_backend;
 mod tap;
 mod transient;
@@ -34,8 +36,9 @@ use strata_core::capabilities::{
 use strata_core::define;
 use strata_core::driver::{
     BlockJobOps, Connection, CpuPlacementOps, DefineFlags, DefineOutcome, DiskChainCheck, DiskSetOps, DiskSetOutcome,
-    DomainEvent, DomainInfo, DomainState, DomainSummary, DriverCapabilities, DumpXmlFlags, MonitorOps, PinScope,
-    SnapshotOps, StartFlags, StartOutcome, UndefineFlags, VcpuCounts, VcpuInfo,
+    DomainEvent, DomainInfo, DomainJobInfo, DomainState, DomainSummary, DriverCapabilities, DumpXmlFlags,
+    MigrateOptions, MonitorOps, PinScope, SaveFlags, SaveMigrateOps, SaveOptions, SnapshotOps, StartFlags,
+    StartOutcome, UndefineFlags, VcpuCounts, VcpuInfo,
 };
 use strata_core::hostcpu::{HostCpuMap, NodeInfo, SysfsCpus};
 use strata_core::pool::PoolManager;
@@ -206,6 +209,13 @@ impl QemuConnection {
         if dom.to_xml() != before {
             self.store.write_domain(name, &dom.to_xml())?;
         }
+        self.launch(name, server, mode, dom).await
+    }
+
+    /// Starts QEMU (or the storage daemon) on `dom`, which may differ from
+    /// the persistent definition (a restored image's); the caller holds
+    /// the domain lock.
+    pub(crate) async fn launch(&self, name: &str, server: live::Server, mode: StartMode, dom: Domain) -> Result<()> {
         let paths = live::runtime_paths(&self.store, name)?;
         // QEMU opens a volume disk's file; the status keeps the volume.
         let launched = define::resolve_volume_disks(&dom, &PoolManager::new(self.store.clone()))?;
@@ -378,6 +388,8 @@ impl Connection for QemuConnection {
                 monitor: true,
                 cpu_placement: true,
                 vcpu_hotplug: true,
+                save_restore: true,
+                migration: false,
             },
             snapshots: SnapshotCapabilities {
                 kinds: SnapshotKinds { internal_disk: true, external_disk: true, internal_memory: true, external_memory: true },
@@ -456,13 +468,17 @@ impl Connection for QemuConnection {
             used_memory_kib: dom.current_memory_kib().unwrap_or(0),
             vcpus: dom.vcpus(),
             autostart: false,
-            managed_save: false,
+            managed_save: self.managed_image(name)?.exists(),
         })
     }
 
     async fn start(&self, name: &str, flags: StartFlags) -> Result<StartOutcome> {
-        let _lock = strata_engine::blocking::lock_domain(&self.store, name).await?;
-        self.start_locked(name, flags).await?;
+        if self.managed_image(name)?.exists() {
+            self.start_from_managed_save(name, flags.paused).await?;
+        } else {
+            let _lock = strata_engine::blocking::lock_domain(&self.store, name).await?;
+            self.start_locked(name, flags).await?;
+        }
         let dom = strata_engine::definitions::load(&self.store, name)?;
         let warnings = honoured::unhonoured(&dom)
             .into_iter()
@@ -611,6 +627,53 @@ impl Connection for QemuConnection {
 
     fn cpu_placement(&self) -> Option<&dyn CpuPlacementOps> {
         Some(self)
+    }
+
+    fn save_migrate(&self) -> Option<&dyn SaveMigrateOps> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl SaveMigrateOps for QemuConnection {
+    async fn save(&self, domain: &str, file: &str, opts: &SaveOptions) -> Result<()> {
+        self.save_domain(domain, Path::new(file), opts).await
+    }
+
+    async fn restore(&self, file: &str, flags: SaveFlags) -> Result<String> {
+        self.restore_domain(Path::new(file), flags).await
+    }
+
+    async fn save_image_xml(&self, file: &str) -> Result<String> {
+        self.saved_image_xml(Path::new(file))
+    }
+
+    async fn managed_save(&self, domain: &str, opts: &SaveOptions) -> Result<()> {
+        let image = self.managed_image(domain)?;
+        self.save_domain(domain, &image, opts).await
+    }
+
+    async fn managed_save_remove(&self, domain: &str) -> Result<()> {
+        strata_engine::definitions::load(&self.store, domain)?;
+        match std::fs::remove_file(self.managed_image(domain)?) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::io("remove", &self.managed_image(domain)?, e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn job_info(&self, domain: &str) -> Result<Option<DomainJobInfo>> {
+        self.domain_job_info(domain).await
+    }
+
+    async fn job_abort(&self, domain: &str) -> Result<()> {
+        self.domain_job_abort(domain).await
+    }
+
+    async fn migrate(&self, domain: &str, dest_uri: &str, opts: &MigrateOptions) -> Result<()> {
+        let _ = (domain, dest_uri, opts);
+        Err(strata_core::capabilities::refusal("qemu", "cannot migrate domains yet"))
     }
 }
 

@@ -1,0 +1,343 @@
+//! save, restore, managedsave and the domain job (domjobinfo, domjobabort)
+//! against real QEMU: guest RAM written through QEMU's gdb stub and
+//! compared with `pmemsave` dumps, saved images on files, loop block
+//! devices and full targets.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The guest RAM of the fixture's domain.
+const RAM_BYTES: u64 = 128 << 20;
+/// Where the tests write guest RAM, and how much: far above what the
+/// firmware uses, and enough to make a save take seconds at 1 MiB/s.
+const FILL_AT: u64 = 64 << 20;
+const FILL_BYTES: usize = 8 << 20;
+
+/// Bytes that do not compress or repeat (xorshift), different per seed.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A domain `name` with one 16 MiB qcow2 disk, started; destroyed when
+/// the guard drops.
+fn running_domain<'a>(env: &'a TestEnv, name: &str) -> (DomainGuard<'a>, PathBuf) {
+    let disk = env.path(&format!("{name}.qcow2"));
+    qemu_img(&["create", "-q", "-f", "qcow2", disk.to_str().expect("utf8"), "16M"]);
+    env.define(name, &domain_xml(name, &[DiskSpec { target: "vda", format: "qcow2", path: &disk, extra: "" }]));
+    env.ok(&["start", name]);
+    (DomainGuard { env, name: name.to_string() }, disk)
+}
+
+/// One gdb remote-protocol exchange: sends `body` as a packet and returns
+/// the reply's payload. Stop replies (`T…`: the stub stops the guest when
+/// a debugger attaches and says so unasked) are read and passed over.
+fn gdb_packet(stream: &mut UnixStream, body: &str) -> String {
+    let sum = body.bytes().fold(0u8, u8::wrapping_add);
+    stream.write_all(format!("${body}#{sum:02x}").as_bytes()).expect("send to the gdb stub");
+    loop {
+        let reply = gdb_reply(stream);
+        if !reply.starts_with('T') {
+            return reply;
+        }
+    }
+}
+
+/// Reads one `$payload#xx` packet (skipping acks) and acknowledges it.
+fn gdb_reply(stream: &mut UnixStream) -> String {
+    let mut packet = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        stream.read_exact(&mut byte).expect("read from the gdb stub");
+        if packet.is_empty() && byte[0] != b'$' {
+            continue;
+        }
+        packet.push(byte[0]);
+        if packet.len() >= 3 && packet[packet.len() - 3] == b'#' {
+            break;
+        }
+    }
+    stream.write_all(b"+").expect("ack the gdb stub");
+    String::from_utf8_lossy(&packet[1..packet.len() - 3]).into_owned()
+}
+
+/// Writes `data` into guest RAM at `addr` (linear = physical: the firmware
+/// runs without paging) through QEMU's gdb stub, which pauses the guest
+/// while a debugger is attached and resumes it when it detaches.
+fn write_guest_ram(env: &TestEnv, name: &str, addr: u64, data: &[u8]) {
+    let sock = env.path(&format!("{name}-gdb.sock"));
+    let start = format!("gdbserver unix:{},server=on,wait=off", sock.display());
+    env.ok(&["qemu-monitor-command", name, "--hmp", &start]);
+    let mut stream = UnixStream::connect(&sock).expect("connect to the gdb stub");
+    stream.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    for (i, chunk) in data.chunks(1024).enumerate() {
+        let hex: String = chunk.iter().map(|b| format!("{b:02x}")).collect();
+        let at = addr + (i * 1024) as u64;
+        assert_eq!(gdb_packet(&mut stream, &format!("M{at:x},{:x}:{hex}", chunk.len())), "OK");
+    }
+    assert_eq!(gdb_packet(&mut stream, "D"), "OK");
+    drop(stream);
+    env.ok(&["qemu-monitor-command", name, "--hmp", "gdbserver none"]);
+}
+
+/// Guest RAM as `pmemsave` dumps it.
+fn guest_ram(env: &TestEnv, name: &str, dump: &str) -> Vec<u8> {
+    let file = env.path(dump);
+    let cmd = serde_json::json!({"execute": "pmemsave", "arguments": {"val": 0, "size": RAM_BYTES, "filename": file}});
+    env.ok(&["qemu-monitor-command", name, &cmd.to_string()]);
+    let ram = std::fs::read(&file).expect("read the RAM dump");
+    assert_eq!(ram.len() as u64, RAM_BYTES);
+    ram
+}
+
+/// Where the guest's RAM is compared from: below 1 MiB, QEMU's kvmvapic
+/// option ROM (copied there by the firmware) has its state bytes rewritten
+/// by QEMU itself when a migration stream is loaded, whatever the stream.
+const COMPARED_FROM: usize = 1 << 20;
+
+/// Guest RAM dumped after a restore is the RAM dumped before the save.
+fn assert_same_ram(before: &[u8], after: &[u8]) {
+    let differing = (COMPARED_FROM..after.len()).find(|&i| after[i] != before[i]);
+    assert_eq!(differing, None, "restored RAM differs from saved RAM (first at this offset)");
+}
+
+/// Fills guest RAM with noise, pauses the guest (so its RAM stays as it
+/// is) and returns a dump, checked to hold the noise.
+fn filled_and_paused(env: &TestEnv, name: &str, seed: u64) -> Vec<u8> {
+    let data = noise(seed, FILL_BYTES);
+    write_guest_ram(env, name, FILL_AT, &data);
+    env.ok(&["suspend", name]);
+    let ram = guest_ram(env, name, "before.ram");
+    assert!(ram[FILL_AT as usize..FILL_AT as usize + FILL_BYTES] == data[..], "the RAM write did not happen");
+    ram
+}
+
+/// QEMU's own run state (`query-status`).
+fn qemu_status(env: &TestEnv, name: &str) -> String {
+    let reply = env.ok(&["qemu-monitor-command", name, r#"{"execute":"query-status"}"#]);
+    let value: serde_json::Value = serde_json::from_str(&reply).expect("QMP reply");
+    value["return"]["status"].as_str().expect("a status").to_string()
+}
+
+fn domstate(env: &TestEnv, name: &str) -> String {
+    env.ok(&["domstate", name]).trim().to_string()
+}
+
+/// The names in `dir`, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A loop block device on a file of `bytes` the test makes; detached by
+/// its path on drop.
+struct LoopDevice {
+    path: String,
+}
+
+impl LoopDevice {
+    fn attach(env: &TestEnv, name: &str, bytes: u64) -> LoopDevice {
+        let backing = env.path(name);
+        std::fs::File::create(&backing).and_then(|f| f.set_len(bytes)).expect("backing file");
+        let out = Command::new("losetup").arg("-f").arg("--show").arg(&backing).output().expect("run losetup");
+        assert!(out.status.success(), "losetup failed: {}", String::from_utf8_lossy(&out.stderr));
+        LoopDevice { path: String::from_utf8_lossy(&out.stdout).trim().to_string() }
+    }
+
+    fn is_block_device(&self) -> bool {
+        std::fs::metadata(&self.path).is_ok_and(|m| m.file_type().is_block_device())
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+    }
+}
+
+/// A tmpfs of `size` mounted at `dir`; unmounted by its path on drop.
+struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(dir: PathBuf, size: &str) -> Tmpfs {
+        std::fs::create_dir(&dir).expect("mount point");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mounting a tmpfs failed");
+        Tmpfs { dir }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+    }
+}
+
+#[test]
+fn save_to_a_file_and_restore_keeps_ram_and_leaves_the_disk() {
+    let env = TestEnv::new();
+    let (_guard, disk) = running_domain(&env, "vm1");
+    let before = filled_and_paused(&env, "vm1", 1);
+    let disk_before = env.path("disk-before.raw");
+    qemu_img(&["convert", "-U", "-O", "raw", disk.to_str().expect("utf8"), disk_before.to_str().expect("utf8")]);
+
+    let saves = env.path("saves");
+    std::fs::create_dir(&saves).expect("mkdir");
+    let file = saves.join("vm1.save");
+    let file = file.to_str().expect("utf8");
+    let out = env.ok(&["save", "vm1", file]);
+    assert!(out.contains(&format!("Domain 'vm1' saved to {file}")), "{out}");
+    assert_eq!(domstate(&env, "vm1"), "shut off");
+    assert_eq!(listing(&saves), ["vm1.save"], "only the image, renamed into place");
+    assert!(env.ok(&["save-image-dumpxml", file]).contains("<name>vm1</name>"));
+    let same = qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        disk_before.to_str().expect("utf8"),
+        disk.to_str().expect("utf8"),
+    ]);
+    assert!(same.contains("identical"), "{same}");
+
+    let out = env.ok(&["restore", file]);
+    assert!(out.contains(&format!("Domain restored from {file}")), "{out}");
+    // Saved paused, restored paused: the RAM stays as it was.
+    assert_eq!(domstate(&env, "vm1"), "paused");
+    assert_same_ram(&before, &guest_ram(&env, "vm1", "after.ram"));
+    env.ok(&["resume", "vm1"]);
+    assert_eq!(qemu_status(&env, "vm1"), "running");
+}
+
+#[test]
+fn save_to_a_loop_block_device_and_restore() {
+    let env = TestEnv::new();
+    let (_guard, _disk) = running_domain(&env, "vm1");
+    let device = LoopDevice::attach(&env, "loop-backing", 64 << 20);
+    let before = filled_and_paused(&env, "vm1", 2);
+
+    let out = env.ok(&["save", "vm1", &device.path, "--running"]);
+    assert!(out.contains(&format!("Domain 'vm1' saved to {}", device.path)), "{out}");
+    assert!(device.is_block_device(), "the device node is still there");
+    assert!(env.ok(&["save-image-dumpxml", &device.path]).contains("<name>vm1</name>"));
+
+    env.ok(&["restore", &device.path, "--paused"]);
+    assert_eq!(domstate(&env, "vm1"), "paused");
+    assert_same_ram(&before, &guest_ram(&env, "vm1", "after.ram"));
+    // Without a flag, the state recorded by `save --running`.
+    env.ok(&["destroy", "vm1"]);
+    env.ok(&["restore", &device.path]);
+    assert_eq!(qemu_status(&env, "vm1"), "running");
+}
+
+#[test]
+fn a_save_that_fills_its_target_leaves_the_device_node_the_file_and_the_running_domain() {
+    let env = TestEnv::new();
+    let (_guard, _disk) = running_domain(&env, "vm1");
+    write_guest_ram(&env, "vm1", FILL_AT, &noise(3, FILL_BYTES));
+    assert_eq!(qemu_status(&env, "vm1"), "running");
+
+    let device = LoopDevice::attach(&env, "small-backing", 1 << 20);
+    let err = env.fails(&["save", "vm1", &device.path]);
+    assert!(err.contains(&format!("error: Failed to save domain 'vm1' to {}", device.path)), "{err}");
+    assert!(device.is_block_device(), "a failed save must not remove the device node");
+    assert_eq!(qemu_status(&env, "vm1"), "running");
+    assert_eq!(domstate(&env, "vm1"), "running");
+
+    let tiny = Tmpfs::mount(env.path("tiny"), "1M");
+    let file = tiny.dir.join("vm1.save");
+    std::fs::write(&file, "an earlier save").expect("write");
+    let err = env.fails(&["save", "vm1", file.to_str().expect("utf8")]);
+    assert!(err.contains("Failed to save domain 'vm1'"), "{err}");
+    assert_eq!(listing(&tiny.dir), ["vm1.save"], "the partial image is removed");
+    assert_eq!(std::fs::read_to_string(&file).expect("read"), "an earlier save");
+    assert_eq!(qemu_status(&env, "vm1"), "running");
+}
+
+#[test]
+fn managedsave_and_start_resume_with_ram_identical() {
+    let env = TestEnv::new();
+    let (_guard, _disk) = running_domain(&env, "vm1");
+    let before = filled_and_paused(&env, "vm1", 4);
+
+    let out = env.ok(&["managedsave", "vm1"]);
+    assert!(out.contains("Domain 'vm1' state saved by Strata"), "{out}");
+    assert_eq!(domstate(&env, "vm1"), "shut off");
+    assert!(env.ok(&["dominfo", "vm1"]).contains("Managed save:   yes"));
+
+    env.ok(&["start", "vm1"]);
+    assert_eq!(domstate(&env, "vm1"), "paused", "saved paused, resumed paused");
+    assert_same_ram(&before, &guest_ram(&env, "vm1", "after.ram"));
+    assert!(env.ok(&["dominfo", "vm1"]).contains("Managed save:   no"));
+
+    // A second managed save, removed: the next start boots afresh.
+    env.ok(&["resume", "vm1"]);
+    env.ok(&["managedsave", "vm1"]);
+    assert!(env.ok(&["managedsave-remove", "vm1"]).contains("Removed managedsave image for domain 'vm1'"));
+    assert!(env.ok(&["dominfo", "vm1"]).contains("Managed save:   no"));
+    env.ok(&["start", "vm1"]);
+    assert!(guest_ram(&env, "vm1", "booted.ram")[FILL_AT as usize..FILL_AT as usize + FILL_BYTES]
+        .iter()
+        .all(|&b| b == 0));
+}
+
+#[test]
+fn domjobabort_cancels_a_throttled_save_and_the_domain_runs_on() {
+    let env = TestEnv::new();
+    let (_guard, _disk) = running_domain(&env, "vm1");
+    write_guest_ram(&env, "vm1", FILL_AT, &noise(5, FILL_BYTES));
+    let saves = env.path("saves");
+    std::fs::create_dir(&saves).expect("mkdir");
+    let file = saves.join("vm1.save");
+
+    let save = Background::spawn(&env, &["save", "vm1", file.to_str().expect("utf8"), "--bandwidth", "1"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let info = loop {
+        let info = env.ok(&["domjobinfo", "vm1"]);
+        if info.contains("Operation:        Save") {
+            break info;
+        }
+        assert!(Instant::now() < deadline, "no save job seen: {info}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(info.starts_with("Job type:         Unbounded"), "{info}");
+    assert!(info.contains("Data total:"), "{info}");
+    let json: serde_json::Value = serde_json::from_str(&env.ok(&["domjobinfo", "vm1", "--json"])).expect("JSON");
+    assert_eq!(json["job"]["operation"], "save");
+
+    env.ok(&["domjobabort", "vm1"]);
+    let out = save.finish(Duration::from_secs(120));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("operation aborted"), "{err}");
+    assert_eq!(qemu_status(&env, "vm1"), "running");
+    assert!(listing(&saves).is_empty(), "the partial image is removed: {:?}", listing(&saves));
+    assert!(env.ok(&["domjobinfo", "vm1"]).starts_with("Job type:         None"));
+    assert!(env.fails(&["domjobabort", "vm1"]).contains("no job is active on the domain"));
+}
