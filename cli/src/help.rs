@@ -30,6 +30,7 @@ const GROUPS: &[(&str, &str, &[&str])] = &[
             "lxc-enter-namespace",
             "managedsave",
             "managedsave-remove",
+            "migrate",
             "qemu-monitor-command",
             "restore",
             "resume",

@@ -1,6 +1,7 @@
-//! The save, restore and domain-job commands, with virsh's syntax and
-//! messages: `save`, `restore`, `save-image-dumpxml`, `managedsave`,
-//! `managedsave-remove`, `domjobinfo`, `domjobabort`.
+//! The commands that move a running domain's state, with virsh's syntax
+//! and messages: `save`, `restore`, `save-image-dumpxml`, `managedsave`,
+//! `managedsave-remove`, `migrate`, and `domjobinfo`/`domjobabort` for
+//! the save or migration in progress.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -9,7 +10,9 @@ use std::time::Duration;
 use anyhow::{anyhow, Result};
 use clap::{Args, Subcommand};
 use serde_json::json;
-use strata_core::driver::{Connection, DomainJobInfo, SaveFlags, SaveMigrateOps, SaveOptions};
+use strata_core::driver::{
+    Connection, DomainJobInfo, MigrateFlags, MigrateOptions, SaveFlags, SaveMigrateOps, SaveOptions,
+};
 
 use crate::shared::{binary_units, read_document};
 use crate::virsh_args::BY_POSITION;
@@ -32,6 +35,8 @@ pub enum SaveCommand {
     Domjobinfo(JobInfoArgs),
     /// Cancel a domain's running save or migration; the domain keeps running.
     Domjobabort(DomainArgs),
+    /// Move a running domain to another connection.
+    Migrate(MigrateArgs),
 }
 
 impl SaveCommand {
@@ -42,6 +47,7 @@ impl SaveCommand {
             SaveCommand::Managedsave(a) => Some(&a.domain),
             SaveCommand::ManagedsaveRemove(a) | SaveCommand::Domjobabort(a) => Some(&a.domain),
             SaveCommand::Domjobinfo(a) => Some(&a.domain),
+            SaveCommand::Migrate(a) => Some(&a.domain),
             SaveCommand::Restore(_) | SaveCommand::SaveImageDumpxml(_) => None,
         }
     }
@@ -132,6 +138,47 @@ pub struct DomainArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// Domain name.
+    #[arg(long, value_name = "DOMAIN", help_heading = BY_POSITION)]
+    domain: String,
+    /// The destination connection's URI (a Strata connection of the same driver).
+    #[arg(long, value_name = "URI", help_heading = BY_POSITION)]
+    desturi: String,
+    /// Migrate while the guest runs (otherwise it is paused for the move).
+    #[arg(long)]
+    live: bool,
+    /// Copy the disks of the domain's disk set; the others must be on
+    /// storage shared with the destination (seed 004).
+    #[arg(long = "copy-storage-disk-set", conflicts_with_all = ["copy_storage_all", "copy_storage_inc"])]
+    copy_storage_disk_set: bool,
+    /// Copy every disk.
+    #[arg(long = "copy-storage-all", conflicts_with = "copy_storage_inc")]
+    copy_storage_all: bool,
+    /// Copy every disk's top image, the destination sharing the rest.
+    #[arg(long = "copy-storage-inc")]
+    copy_storage_inc: bool,
+    /// Define the domain at the destination.
+    #[arg(long)]
+    persistent: bool,
+    /// Undefine the domain at the source once it runs at the destination.
+    #[arg(long)]
+    undefinesource: bool,
+    /// Cap the transfer at this many MiB/s.
+    #[arg(long, value_name = "MiB")]
+    bandwidth: Option<u64>,
+    /// Print the migration's progress.
+    #[arg(long)]
+    verbose: bool,
+    /// Pause the guest after this many seconds of live migration.
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<u64>,
+    /// Abort the migration on an I/O error (Strata always does).
+    #[arg(long = "abort-on-error")]
+    abort_on_error: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct JobInfoArgs {
     /// Domain name.
     #[arg(long, value_name = "DOMAIN", help_heading = BY_POSITION)]
@@ -149,7 +196,7 @@ pub async fn run(conn: &dyn Connection, cmd: SaveCommand, global_json: bool) -> 
             let flags = save_flags(a.bypass_cache, a.state, a.disk_set);
             let xml = a.xml.as_deref().map(read_document).transpose()?;
             let opts = SaveOptions { xml, bandwidth_mib: a.bandwidth, flags };
-            let saved = with_progress(ops, &a.domain, a.verbose, ops.save(&a.domain, &a.file, &opts));
+            let saved = with_progress(ops, &a.domain, "Save", a.verbose, ops.save(&a.domain, &a.file, &opts));
             saved
                 .await
                 .map_err(|e| anyhow!(e).context(format!("Failed to save domain '{}' to {}", a.domain, a.file)))?;
@@ -165,7 +212,7 @@ pub async fn run(conn: &dyn Connection, cmd: SaveCommand, global_json: bool) -> 
         SaveCommand::SaveImageDumpxml(a) => out = ops.save_image_xml(&a.file).await?,
         SaveCommand::Managedsave(a) => {
             let opts = SaveOptions { flags: save_flags(a.bypass_cache, a.state, false), ..Default::default() };
-            let saved = with_progress(ops, &a.domain, a.verbose, ops.managed_save(&a.domain, &opts));
+            let saved = with_progress(ops, &a.domain, "Managedsave", a.verbose, ops.managed_save(&a.domain, &opts));
             saved.await.map_err(|e| anyhow!(e).context(format!("Failed to save domain '{}' state", a.domain)))?;
             writeln!(out, "\nDomain '{}' state saved by Strata\n", a.domain)?;
         }
@@ -186,6 +233,21 @@ pub async fn run(conn: &dyn Connection, cmd: SaveCommand, global_json: bool) -> 
             }
         }
         SaveCommand::Domjobabort(a) => ops.job_abort(&a.domain).await?,
+        SaveCommand::Migrate(a) => {
+            let flags = MigrateFlags {
+                live: a.live,
+                persist_dest: a.persistent,
+                undefine_source: a.undefinesource,
+                copy_storage_all: a.copy_storage_all,
+                copy_storage_inc: a.copy_storage_inc,
+                abort_on_error: a.abort_on_error,
+                copy_storage_disk_set: a.copy_storage_disk_set,
+            };
+            let opts = MigrateOptions { bandwidth_mib: a.bandwidth, timeout_s: a.timeout, flags };
+            let migrated =
+                with_progress(ops, &a.domain, "Migration", a.verbose, ops.migrate(&a.domain, &a.desturi, &opts));
+            migrated.await.map_err(|e| anyhow!(e).context(format!("Failed to migrate domain '{}'", a.domain)))?;
+        }
     }
     Ok(out)
 }
@@ -195,10 +257,11 @@ fn save_flags(bypass_cache: bool, state: RestoredState, disk_set: bool) -> SaveF
 }
 
 /// Runs `job`; with `verbose`, prints virsh's `Save: [ NN %]` from the
-/// domain's job while it runs, and `[100 %]` once it is done.
+/// domain's job while it runs (virsh's `label`), and `[100 %]` once done.
 async fn with_progress<T>(
     ops: &dyn SaveMigrateOps,
     domain: &str,
+    label: &str,
     verbose: bool,
     job: impl std::future::Future<Output = strata_core::Result<T>>,
 ) -> strata_core::Result<T> {
@@ -212,14 +275,14 @@ async fn with_progress<T>(
             () = tokio::time::sleep(Duration::from_millis(500)) => {
                 if let Ok(Some(info)) = ops.job_info(domain).await {
                     let done = (info.data_processed * 100).checked_div(info.data_total).unwrap_or(0).min(99);
-                    eprint!("\r{}: [{done:3} %]", info.operation.as_virsh());
+                    eprint!("\r{label}: [{done:3} %]");
                     let _ = std::io::stderr().flush();
                 }
             }
         }
     };
     if outcome.is_ok() {
-        eprintln!("\rSave: [100 %]");
+        eprintln!("\r{label}: [100 %]");
     }
     outcome
 }

@@ -656,11 +656,29 @@ wire_flags!(MigrateFlags as u32 {
     copy_storage_disk_set = STRATA_FLAGS,
 });
 
+impl MigrateFlags {
+    pub fn validate(&self) -> Result<()> {
+        let copies = [
+            (self.copy_storage_all, "--copy-storage-all"),
+            (self.copy_storage_inc, "--copy-storage-inc"),
+            (self.copy_storage_disk_set, "--copy-storage-disk-set"),
+        ];
+        let given: Vec<&str> = copies.iter().filter(|(on, _)| *on).map(|(_, name)| *name).collect();
+        if given.len() > 1 {
+            return Err(Error::invalid_arg(format!("Options {} are mutually exclusive", given.join(" and "))));
+        }
+        Ok(())
+    }
+}
+
 /// A migration's request besides the domain and the destination.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrateOptions {
     /// A cap on the transfer in MiB/s.
     pub bandwidth_mib: Option<u64>,
+    /// Pause the guest once the memory transfer has run this many
+    /// seconds, so that it ends (virsh's `--timeout`).
+    pub timeout_s: Option<u64>,
     pub flags: MigrateFlags,
 }
 

@@ -721,6 +721,7 @@ mod tests {
                 dest_uri: "qemu:///embed?root=/srv/b".into(),
                 options: MigrateOptions {
                     bandwidth_mib: Some(100),
+                    timeout_s: Some(30),
                     flags: MigrateFlags { live: true, copy_storage_disk_set: true, ..Default::default() },
                 },
             },

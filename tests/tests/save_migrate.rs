@@ -341,3 +341,133 @@ fn domjobabort_cancels_a_throttled_save_and_the_domain_runs_on() {
     assert!(env.ok(&["domjobinfo", "vm1"]).starts_with("Job type:         None"));
     assert!(env.fails(&["domjobabort", "vm1"]).contains("no job is active on the domain"));
 }
+
+/// A domain `vm1` on `src` with vda (in the disk set, to be copied) and
+/// vdb on `shared/` (a running pool of `dest` holds that directory), and,
+/// with `private`, vdc neither copied nor shared; every disk holds a
+/// pattern the guest wrote. Started; destroyed when the guard drops.
+fn migratable_domain<'a>(src: &'a TestEnv, dest: &TestEnv, private: bool) -> DomainGuard<'a> {
+    let shared = src.path("shared");
+    std::fs::create_dir(&shared).expect("mkdir");
+    dest.ok(&["pool-define-as", "shared", "dir", "--target", shared.to_str().expect("utf8")]);
+    dest.ok(&["pool-start", "shared"]);
+    let vda = src.path("copied.qcow2");
+    let vdb = shared.join("shared.qcow2");
+    let vdc = src.path("private.qcow2");
+    let mut disks = vec![(vda, "vda"), (vdb, "vdb")];
+    if private {
+        disks.push((vdc, "vdc"));
+    }
+    for (path, _) in &disks {
+        qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().expect("utf8"), "16M"]);
+    }
+    let specs: Vec<DiskSpec> =
+        disks.iter().map(|(path, target)| DiskSpec { target, format: "qcow2", path, extra: "" }).collect();
+    src.define("vm1", &domain_xml("vm1", &specs));
+    src.ok(&["diskset-add", "vm1", "vda"]);
+    src.ok(&["start", "vm1"]);
+    for (i, (_, target)) in disks.iter().enumerate() {
+        let write = format!("qemu-io -d {target}/virtio-backend \"write -P {:#x} 1M 2M\"", 0x51 + i);
+        assert_eq!(src.ok(&["qemu-monitor-command", "vm1", "--hmp", &write]).trim(), "");
+    }
+    DomainGuard { env: src, name: "vm1".into() }
+}
+
+/// The destination has no trace of a migration: no domain, no QEMU, no
+/// copied image.
+fn assert_destination_clean(dest: &TestEnv) {
+    assert_eq!(dest.ok(&["list", "--all", "--name"]).trim(), "", "no domain at the destination");
+    let images = dest.state_root().join("images");
+    let left: Vec<String> = std::fs::read_dir(&images)
+        .map(|d| d.flatten().map(|e| e.path().display().to_string()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "copied images left at the destination: {left:?}");
+    assert_no_stray_processes(dest, "after a migration that did not happen");
+}
+
+#[test]
+fn migrate_copies_the_disk_set_shares_the_rest_and_keeps_ram() {
+    let src = TestEnv::new();
+    let dest = TestEnv::new();
+    let _guard = migratable_domain(&src, &dest, false);
+    let _dest_guard = DomainGuard { env: &dest, name: "vm1".into() };
+    // The firmware of a running guest keeps changing its own RAM, so the
+    // guest is paused for the dumps; it arrives paused and is resumed.
+    let before = filled_and_paused(&src, "vm1", 6);
+
+    src.ok(&["migrate", "vm1", &dest.uri, "--live", "--copy-storage-disk-set", "--persistent", "--undefinesource"]);
+    assert_eq!(qemu_status(&dest, "vm1"), "paused");
+    assert_eq!(src.ok(&["list", "--all", "--name"]).trim(), "", "undefined at the source");
+    assert_same_ram(&before, &guest_ram(&dest, "vm1", "after.ram"));
+    dest.ok(&["resume", "vm1"]);
+    assert_eq!(qemu_status(&dest, "vm1"), "running");
+
+    let blklist = dest.ok(&["domblklist", "vm1"]);
+    let copied = dest.state_root().join("images/vm1/copied.qcow2");
+    let shared = src.path("shared/shared.qcow2");
+    assert!(blklist.contains(&copied.display().to_string()), "{blklist}");
+    assert!(blklist.contains(&shared.display().to_string()), "{blklist}");
+    let source = src.path("copied.qcow2");
+    let same = qemu_img(&["compare", "-U", source.to_str().expect("utf8"), copied.to_str().expect("utf8")]);
+    assert!(same.contains("identical"), "{same}");
+    // What the guest wrote before the move is on the destination's disks.
+    let read = |image: &Path, pattern: u8| {
+        qemu_io(&[
+            "-U",
+            "-r",
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("read -P {pattern:#x} 1M 2M"),
+            image.to_str().expect("utf8"),
+        ])
+    };
+    assert!(!read(&copied, 0x51).contains("Pattern verification failed"));
+    assert!(!read(&shared, 0x52).contains("Pattern verification failed"));
+    assert!(dest.ok(&["dumpxml", "vm1", "--inactive"]).contains("<name>vm1</name>"), "defined at the destination");
+}
+
+#[test]
+fn migrate_refuses_a_disk_neither_copied_nor_shared_before_anything_starts() {
+    let src = TestEnv::new();
+    let dest = TestEnv::new();
+    let _guard = migratable_domain(&src, &dest, true);
+    let err = src.fails(&["migrate", "vm1", &dest.uri, "--live", "--copy-storage-disk-set"]);
+    let private = src.path("private.qcow2");
+    assert!(
+        err.contains(&format!("disk 'vdc' is not copied and '{}' is not on storage shared with", private.display())),
+        "{err}"
+    );
+    assert_eq!(qemu_status(&src, "vm1"), "running");
+    assert_eq!(domstate(&src, "vm1"), "running");
+    assert_destination_clean(&dest);
+}
+
+#[test]
+fn domjobabort_cancels_a_throttled_migration_leaving_the_source_running_and_the_destination_clean() {
+    let src = TestEnv::new();
+    let dest = TestEnv::new();
+    let _guard = migratable_domain(&src, &dest, false);
+    write_guest_ram(&src, "vm1", FILL_AT, &noise(7, FILL_BYTES));
+
+    let args = ["migrate", "vm1", &dest.uri, "--live", "--copy-storage-disk-set", "--bandwidth", "1"];
+    let migration = Background::spawn(&src, &args);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = src.ok(&["domjobinfo", "vm1"]);
+        if info.contains("Operation:        Outgoing migration") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no migration job seen: {info}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    src.ok(&["domjobabort", "vm1"]);
+    let out = migration.finish(Duration::from_secs(120));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Failed to migrate domain 'vm1'") && err.contains("operation aborted"), "{err}");
+    assert_eq!(qemu_status(&src, "vm1"), "running");
+    assert_destination_clean(&dest);
+    // The source can still be saved: the migration left no capability behind.
+    src.ok(&["save", "vm1", src.path("after-abort.save").to_str().expect("utf8")]);
+}

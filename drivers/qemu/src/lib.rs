@@ -15,6 +15,7 @@ mod jobs;
 mod launch;
 pub mod live;
 mod memory_stream;
+mod migrate;
 mod monitor_command;
 mod placement;
 mod save;
@@ -389,7 +390,7 @@ impl Connection for QemuConnection {
                 cpu_placement: true,
                 vcpu_hotplug: true,
                 save_restore: true,
-                migration: false,
+                migration: true,
             },
             snapshots: SnapshotCapabilities {
                 kinds: SnapshotKinds { internal_disk: true, external_disk: true, internal_memory: true, external_memory: true },
@@ -672,8 +673,7 @@ impl SaveMigrateOps for QemuConnection {
     }
 
     async fn migrate(&self, domain: &str, dest_uri: &str, opts: &MigrateOptions) -> Result<()> {
-        let _ = (domain, dest_uri, opts);
-        Err(strata_core::capabilities::refusal("qemu", "cannot migrate domains yet"))
+        self.migrate_domain(domain, dest_uri, opts).await
     }
 }
 

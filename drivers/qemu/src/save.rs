@@ -32,7 +32,7 @@ const VERSION: u32 = 1;
 const ALIGN: u64 = 4096;
 /// The file, in the domain's runtime directory, naming the operation the
 /// running migration stream is for, so another process can report it.
-const JOB_FILE: &str = "domain-job";
+pub(crate) const JOB_FILE: &str = "domain-job";
 
 /// What a saved image holds before QEMU's stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
