@@ -471,3 +471,50 @@ fn domjobabort_cancels_a_throttled_migration_leaving_the_source_running_and_the_
     // The source can still be saved: the migration left no capability behind.
     src.ok(&["save", "vm1", src.path("after-abort.save").to_str().expect("utf8")]);
 }
+
+#[test]
+fn save_with_disk_set_puts_overlays_on_the_set_at_the_saved_instant() {
+    let env = TestEnv::new();
+    let set = env.path("set.qcow2");
+    let other = env.path("other.qcow2");
+    for path in [&set, &other] {
+        qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().expect("utf8"), "16M"]);
+    }
+    let disks = [
+        DiskSpec { target: "vda", format: "qcow2", path: &set, extra: "" },
+        DiskSpec { target: "vdb", format: "qcow2", path: &other, extra: "" },
+    ];
+    env.define("vm1", &domain_xml("vm1", &disks));
+    env.ok(&["diskset-add", "vm1", "vda"]);
+    env.ok(&["start", "vm1"]);
+    let _guard = DomainGuard { env: &env, name: "vm1".into() };
+    let write = "qemu-io -d vda/virtio-backend \"write -P 0x61 0 1M\"";
+    assert_eq!(env.ok(&["qemu-monitor-command", "vm1", "--hmp", write]).trim(), "");
+
+    let file = env.path("vm1.save");
+    let file = file.to_str().expect("utf8");
+    env.ok(&["save", "vm1", file, "--disk-set"]);
+    let snapshots = env.ok(&["snapshot-list", "vm1", "--name"]);
+    assert_eq!(snapshots.lines().filter(|l| !l.trim().is_empty()).count(), 1, "{snapshots}");
+
+    // The image holds the domain on a new overlay of vda only.
+    let saved = strata_core::xml::Domain::parse(&env.ok(&["save-image-dumpxml", file])).expect("domain XML");
+    let top = |target: &str| {
+        let disk = saved.find_disk(target).expect("disk");
+        let chain = disk.chain.expect("chain");
+        chain.top().and_then(|l| l.source.local_path()).expect("a file").to_path_buf()
+    };
+    let overlay = top("vda");
+    assert_ne!(overlay, set);
+    assert_eq!(top("vdb"), other);
+    let chain = qemu_chain(&overlay);
+    assert_eq!(chain.iter().map(|(f, _)| PathBuf::from(f)).collect::<Vec<_>>(), [overlay.clone(), set.clone()]);
+    // The frozen image holds what the guest wrote before the save.
+    let read = qemu_io(&["-U", "-r", "-f", "qcow2", "-c", "read -P 0x61 0 1M", set.to_str().expect("utf8")]);
+    assert!(!read.contains("Pattern verification failed"), "{read}");
+
+    env.ok(&["restore", file]);
+    let blklist = env.ok(&["domblklist", "vm1"]);
+    assert!(blklist.contains(&overlay.display().to_string()), "{blklist}");
+    assert_eq!(qemu_status(&env, "vm1"), "running");
+}
