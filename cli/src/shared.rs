@@ -54,18 +54,6 @@ pub(crate) fn format_timestamp(us: i64) -> String {
     format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{millis:03}+0000", rem / 3600, (rem % 3600) / 60, rem % 60)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::format_timestamp;
-
-    #[test]
-    fn event_timestamps_read_like_virsh() {
-        assert_eq!(format_timestamp(1_795_456_222_877_000), "2026-11-23 17:50:22.877+0000");
-        assert_eq!(format_timestamp(0), "1970-01-01 00:00:00.000+0000");
-        assert_eq!(format_timestamp(951_782_400_000_000), "2000-02-29 00:00:00.000+0000");
-    }
-}
-
 /// `bytes` in the largest binary unit that keeps the value at 1 or more,
 /// as virsh scales sizes (`vshPrettyCapacity`).
 pub(crate) fn binary_units(bytes: u64) -> (f64, &'static str) {
@@ -77,4 +65,16 @@ pub(crate) fn binary_units(bytes: u64) -> (f64, &'static str) {
         unit += 1;
     }
     (value, UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_timestamp;
+
+    #[test]
+    fn event_timestamps_read_like_virsh() {
+        assert_eq!(format_timestamp(1_795_456_222_877_000), "2026-11-23 17:50:22.877+0000");
+        assert_eq!(format_timestamp(0), "1970-01-01 00:00:00.000+0000");
+        assert_eq!(format_timestamp(951_782_400_000_000), "2000-02-29 00:00:00.000+0000");
+    }
 }

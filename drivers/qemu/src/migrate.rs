@@ -9,6 +9,8 @@
 //! whatever image the destination has, without a word. Nothing starts
 //! until every disk is accounted for; a failed or cancelled migration
 //! leaves the source running and the destination with nothing of it.
+//! The domain is defined at the destination whether or not the request
+//! asks for it (`--persistent`): Strata has no transient domains.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
