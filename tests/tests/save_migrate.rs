@@ -138,6 +138,20 @@ fn domstate(env: &TestEnv, name: &str) -> String {
     env.ok(&["domstate", name]).trim().to_string()
 }
 
+/// Waits until `domjobinfo` shows the domain's `operation` running (a
+/// 60 s hang guard) and returns what it printed.
+fn job_running(env: &TestEnv, name: &str, operation: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = env.ok(&["domjobinfo", name]);
+        if info.contains(&format!("Operation:        {operation}")) {
+            return info;
+        }
+        assert!(Instant::now() < deadline, "no {operation} job seen: {info}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The names in `dir`, sorted.
 fn listing(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -171,30 +185,6 @@ impl LoopDevice {
 impl Drop for LoopDevice {
     fn drop(&mut self) {
         let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
-    }
-}
-
-/// A tmpfs of `size` mounted at `dir`; unmounted by its path on drop.
-struct Tmpfs {
-    dir: PathBuf,
-}
-
-impl Tmpfs {
-    fn mount(dir: PathBuf, size: &str) -> Tmpfs {
-        std::fs::create_dir(&dir).expect("mount point");
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&dir)
-            .status()
-            .expect("run mount");
-        assert!(status.success(), "mounting a tmpfs failed");
-        Tmpfs { dir }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dir).status();
     }
 }
 
@@ -271,11 +261,11 @@ fn a_save_that_fills_its_target_leaves_the_device_node_the_file_and_the_running_
     assert_eq!(domstate(&env, "vm1"), "running");
 
     let tiny = Tmpfs::mount(env.path("tiny"), "1M");
-    let file = tiny.dir.join("vm1.save");
+    let file = tiny.path.join("vm1.save");
     std::fs::write(&file, "an earlier save").expect("write");
     let err = env.fails(&["save", "vm1", file.to_str().expect("utf8")]);
     assert!(err.contains("Failed to save domain 'vm1'"), "{err}");
-    assert_eq!(listing(&tiny.dir), ["vm1.save"], "the partial image is removed");
+    assert_eq!(listing(&tiny.path), ["vm1.save"], "the partial image is removed");
     assert_eq!(std::fs::read_to_string(&file).expect("read"), "an earlier save");
     assert_eq!(qemu_status(&env, "vm1"), "running");
 }
@@ -317,15 +307,7 @@ fn domjobabort_cancels_a_throttled_save_and_the_domain_runs_on() {
     let file = saves.join("vm1.save");
 
     let save = Background::spawn(&env, &["save", "vm1", file.to_str().expect("utf8"), "--bandwidth", "1"]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let info = loop {
-        let info = env.ok(&["domjobinfo", "vm1"]);
-        if info.contains("Operation:        Save") {
-            break info;
-        }
-        assert!(Instant::now() < deadline, "no save job seen: {info}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let info = job_running(&env, "vm1", "Save");
     assert!(info.starts_with("Job type:         Unbounded"), "{info}");
     assert!(info.contains("Data total:"), "{info}");
     let json: serde_json::Value = serde_json::from_str(&env.ok(&["domjobinfo", "vm1", "--json"])).expect("JSON");
@@ -452,15 +434,7 @@ fn domjobabort_cancels_a_throttled_migration_leaving_the_source_running_and_the_
 
     let args = ["migrate", "vm1", &dest.uri, "--live", "--copy-storage-disk-set", "--bandwidth", "1"];
     let migration = Background::spawn(&src, &args);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let info = src.ok(&["domjobinfo", "vm1"]);
-        if info.contains("Operation:        Outgoing migration") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no migration job seen: {info}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    job_running(&src, "vm1", "Outgoing migration");
     src.ok(&["domjobabort", "vm1"]);
     let out = migration.finish(Duration::from_secs(120));
     assert_eq!(out.status.code(), Some(1));

@@ -69,17 +69,8 @@ impl QemuConnection {
         if dest.store().root() == self.store().root() {
             return Err(Error::invalid_arg(format!("'{dest_uri}' is the domain's own connection")));
         }
-        let (status, monitor) = self.running(domain).await?;
-        if let Some(job) = status.jobs.first() {
-            return Err(Error::new(
-                ErrorKind::BlockCopyActive,
-                format!("disk '{}' already in active block job", job.disk),
-            ));
-        }
+        let (status, monitor) = self.running_without_job(domain).await?;
         let client = &monitor.client;
-        if migration_status(client).await.is_some_and(|s| is_active(&s)) {
-            return Err(Error::operation_invalid(format!("domain '{domain}' has a save or migration in progress")));
-        }
         let persistent = strata_engine::definitions::load(self.store(), domain)?;
         let copied = copied_targets(&persistent, &status.domain, opts)?;
         let images = dest.store().root().join("images").join(domain);

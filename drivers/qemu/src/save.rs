@@ -12,6 +12,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde_json::Value;
 use strata_core::driver::{
@@ -21,7 +22,7 @@ use strata_core::options::SnapshotCreateFlags;
 use strata_core::xml::Domain;
 use strata_core::{Error, ErrorKind, Result};
 
-use crate::live::{self, qmp_error};
+use crate::live::{self, qmp_error, LiveStatus, Monitor};
 use crate::memory_stream::{is_active, migrate_from_fd, migrate_to_fd, migration_status, query_migrate, UNCAPPED};
 use crate::{QemuConnection, StartMode};
 
@@ -176,6 +177,23 @@ impl SaveTarget {
 }
 
 impl QemuConnection {
+    /// The running domain, refused while a block job runs on it (the
+    /// stream would carry a half-made disk state) or a save or migration
+    /// already streams its memory.
+    pub(crate) async fn running_without_job(&self, domain: &str) -> Result<(LiveStatus, Arc<Monitor>)> {
+        let (status, monitor) = self.running(domain).await?;
+        if let Some(job) = status.jobs.first() {
+            return Err(Error::new(
+                ErrorKind::BlockCopyActive,
+                format!("disk '{}' already in active block job", job.disk),
+            ));
+        }
+        if migration_status(&monitor.client).await.is_some_and(|s| is_active(&s)) {
+            return Err(Error::operation_invalid(format!("domain '{domain}' has a save or migration in progress")));
+        }
+        Ok((status, monitor))
+    }
+
     /// The image a managed save keeps for the domain.
     pub(crate) fn managed_image(&self, domain: &str) -> Result<PathBuf> {
         Ok(self.store().domain_dir(domain)?.join("managed.save"))
@@ -186,17 +204,8 @@ impl QemuConnection {
     /// runs again if anything fails.
     pub(crate) async fn save_domain(&self, domain: &str, path: &Path, opts: &SaveOptions) -> Result<()> {
         opts.flags.validate()?;
-        let (status, monitor) = self.running(domain).await?;
-        if let Some(job) = status.jobs.first() {
-            return Err(Error::new(
-                ErrorKind::BlockCopyActive,
-                format!("disk '{}' already in active block job", job.disk),
-            ));
-        }
+        let (status, monitor) = self.running_without_job(domain).await?;
         let client = &monitor.client;
-        if migration_status(client).await.is_some_and(|s| is_active(&s)) {
-            return Err(Error::operation_invalid(format!("domain '{domain}' has a save or migration in progress")));
-        }
         let xml_override = match &opts.xml {
             Some(xml) => Some(checked_replacement(&status.domain, xml)?),
             None => None,

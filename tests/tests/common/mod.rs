@@ -658,6 +658,31 @@ pub fn kill_qemu(env: &TestEnv, name: &str) {
     }
 }
 
+/// A tmpfs of `size` mounted at `path` for the length of a test;
+/// unmounted by its path on drop.
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(path: PathBuf, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(&path).expect("mount point");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .output()
+            .expect("run mount");
+        assert!(out.status.success(), "mount tmpfs (the suite runs as root): {}", String::from_utf8_lossy(&out.stderr));
+        Tmpfs { path }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).output();
+    }
+}
+
 /// Guest I/O without a guest OS, through the running QEMU.
 pub mod guest {
     use std::path::Path;
