@@ -492,3 +492,27 @@ fn save_with_disk_set_puts_overlays_on_the_set_at_the_saved_instant() {
     assert!(blklist.contains(&overlay.display().to_string()), "{blklist}");
     assert_eq!(qemu_status(&env, "vm1"), "running");
 }
+
+#[test]
+fn save_with_xml_records_that_document_and_refuses_another_domain_leaving_it_running() {
+    let env = TestEnv::new();
+    let (_guard, _disk) = running_domain(&env, "vm1");
+    let live = env.ok(&["dumpxml", "vm1"]);
+    let other = env.path("other.xml");
+    std::fs::write(&other, live.replace("<name>vm1</name>", "<name>vm2</name>")).expect("write");
+    let file = env.path("vm1.save");
+    let file = file.to_str().expect("utf8");
+    let err = env.fails(&["save", "vm1", file, "--xml", other.to_str().expect("utf8")]);
+    assert!(err.contains("describes domain 'vm2', not 'vm1'"), "{err}");
+    assert_eq!(qemu_status(&env, "vm1"), "running");
+    assert!(!Path::new(file).exists());
+
+    let described = env.path("described.xml");
+    let with_description =
+        live.replacen("<name>vm1</name>", "<name>vm1</name>\n  <description>saved on purpose</description>", 1);
+    std::fs::write(&described, with_description).expect("write");
+    env.ok(&["save", "vm1", file, "--xml", described.to_str().expect("utf8")]);
+    assert!(env.ok(&["save-image-dumpxml", file]).contains("<description>saved on purpose</description>"));
+    env.ok(&["restore", file]);
+    assert!(env.ok(&["dumpxml", "vm1"]).contains("<description>saved on purpose</description>"));
+}
