@@ -324,6 +324,52 @@ fn domjobabort_cancels_a_throttled_save_and_the_domain_runs_on() {
     assert!(env.fails(&["domjobabort", "vm1"]).contains("no job is active on the domain"));
 }
 
+#[test]
+fn a_save_killed_mid_stream_is_undone_by_the_next_command() {
+    let env = TestEnv::new();
+    let (_guard, _disk) = running_domain(&env, "vm1");
+    let data = noise(8, FILL_BYTES);
+    write_guest_ram(&env, "vm1", FILL_AT, &data);
+    let saves = env.path("saves");
+    std::fs::create_dir(&saves).expect("mkdir");
+    let file = saves.join("vm1.save");
+
+    let save = Background::spawn(&env, &["save", "vm1", file.to_str().expect("utf8"), "--bandwidth", "1"]);
+    job_running(&env, "vm1", "Save");
+    let partial = listing(&saves);
+    assert!(partial.len() == 1 && partial[0].ends_with(".partial"), "the save writes a partial image: {partial:?}");
+    // SIGKILL, as the OOM killer would end it, mid-stream.
+    drop(save);
+
+    assert_eq!(domstate(&env, "vm1"), "running");
+    assert_eq!(qemu_status(&env, "vm1"), "running");
+    assert!(listing(&saves).is_empty(), "the partial image is removed: {:?}", listing(&saves));
+    assert!(env.ok(&["domjobinfo", "vm1"]).starts_with("Job type:         None"));
+    env.ok(&["suspend", "vm1"]);
+    let ram = guest_ram(&env, "vm1", "after.ram");
+    assert!(ram[FILL_AT as usize..FILL_AT as usize + FILL_BYTES] == data[..], "guest RAM changed");
+}
+
+#[test]
+fn a_save_killed_once_its_image_is_in_place_is_finished_by_the_next_command() {
+    let env = TestEnv::new();
+    let (_guard, _disk) = running_domain(&env, "vm1");
+    let before = filled_and_paused(&env, "vm1", 9);
+    let file = env.path("vm1.save");
+
+    killed_at(&env, &["save", "vm1", file.to_str().expect("utf8")], "save:committed");
+    // Read without strata, which would finish the save first.
+    let pid = qemu_pid(&env, "vm1").expect("killed before the source QEMU was stopped");
+    assert!(process_runs(pid), "the source QEMU runs");
+
+    assert_eq!(env.ok(&["list", "--all", "--name"]).trim(), "vm1");
+    assert_eq!(domstate(&env, "vm1"), "shut off");
+    assert!(qemu_pid(&env, "vm1").is_none(), "the source QEMU is stopped");
+    assert!(!process_runs(pid), "the source QEMU is gone");
+    env.ok(&["restore", file.to_str().expect("utf8")]);
+    assert_same_ram(&before, &guest_ram(&env, "vm1", "after.ram"));
+}
+
 /// A domain `vm1` on `src` with vda (in the disk set, to be copied) and
 /// vdb on `shared/` (a running pool of `dest` holds that directory), and,
 /// with `private`, vdc neither copied nor shared; every disk holds a
@@ -515,4 +561,31 @@ fn save_with_xml_records_that_document_and_refuses_another_domain_leaving_it_run
     assert!(env.ok(&["save-image-dumpxml", file]).contains("<description>saved on purpose</description>"));
     env.ok(&["restore", file]);
     assert!(env.ok(&["dumpxml", "vm1"]).contains("<description>saved on purpose</description>"));
+}
+
+#[test]
+fn a_migration_killed_mid_stream_is_undone_by_the_next_command_on_the_source() {
+    let src = TestEnv::new();
+    let dest = TestEnv::new();
+    let _guard = migratable_domain(&src, &dest, false);
+    let data = noise(10, FILL_BYTES);
+    write_guest_ram(&src, "vm1", FILL_AT, &data);
+
+    let args = ["migrate", "vm1", &dest.uri, "--live", "--copy-storage-disk-set", "--bandwidth", "1"];
+    let migration = Background::spawn(&src, &args);
+    job_running(&src, "vm1", "Outgoing migration");
+    assert!(qemu_pid(&dest, "vm1").is_some(), "the destination QEMU runs");
+    assert!(dest.state_root().join("images/vm1/copied.qcow2").exists(), "the copied image is made");
+    // SIGKILL mid-stream.
+    drop(migration);
+
+    src.ok(&["list", "--all"]);
+    assert_eq!(qemu_status(&src, "vm1"), "running");
+    assert!(src.ok(&["domjobinfo", "vm1"]).starts_with("Job type:         None"));
+    assert_destination_clean(&dest);
+    src.ok(&["suspend", "vm1"]);
+    let ram = guest_ram(&src, "vm1", "after.ram");
+    assert!(ram[FILL_AT as usize..FILL_AT as usize + FILL_BYTES] == data[..], "guest RAM changed");
+    // The source can be saved: the killed migration left no job or capability behind.
+    src.ok(&["save", "vm1", src.path("after-kill.save").to_str().expect("utf8")]);
 }

@@ -20,6 +20,7 @@ mod monitor_command;
 mod placement;
 mod save;
 mod snapshot_backend;
+mod stream_intent;
 mod tap;
 mod transient;
 mod vcpus;
@@ -125,6 +126,7 @@ impl QemuConnection {
     /// daemon of an offline block job — with recorded jobs brought forward.
     async fn serving(&self, name: &str) -> Result<Option<(LiveStatus, Arc<Monitor>)>> {
         strata_engine::definitions::load(&self.store, name)?;
+        self.recover_stream(name).await?;
         let Some(status) = live::reconcile(&self.store, name)? else { return Ok(None) };
         let Some(monitor) = self.attach(name, &status).await? else { return Ok(None) };
         match jobs::reconcile_jobs(&self.store, name, &monitor, status).await? {
@@ -177,6 +179,7 @@ impl QemuConnection {
             persistent: true,
             damaged: None,
         };
+        self.recover_stream(&name).await?;
         if let Some(status) = live::reconcile(&self.store, &name)?.filter(LiveStatus::is_vm) {
             let Some(monitor) = self.attach(&name, &status).await? else { return Ok(s) };
             let run = monitor.client.query_status().await.map_err(|e| qmp_error(&name, e))?;
@@ -474,6 +477,8 @@ impl Connection for QemuConnection {
     }
 
     async fn start(&self, name: &str, flags: StartFlags) -> Result<StartOutcome> {
+        strata_engine::definitions::load(&self.store, name)?;
+        self.recover_stream(name).await?;
         if self.managed_image(name)?.exists() {
             self.start_from_managed_save(name, flags.paused).await?;
         } else {

@@ -28,6 +28,7 @@ use strata_qmp::QmpClient;
 
 use crate::live::{self, qmp_error};
 use crate::memory_stream::{is_active, migration_status, UNCAPPED};
+use crate::stream_intent::{remove_regular_file, StreamIntent};
 use crate::{QemuConnection, StartMode};
 
 /// A disk the migration copies: its root node at the source and the
@@ -42,19 +43,21 @@ struct CopiedDisk {
 
 impl CopiedDisk {
     fn job(&self) -> String {
-        format!("strata-migrate-{}", self.target)
+        mirror_job(&self.target)
     }
     fn nbd_node(&self) -> String {
-        format!("strata-migrate-{}-nbd", self.target)
+        nbd_node(&self.target)
     }
 }
 
-/// What the destination holds for the migration, removed if it fails.
-#[derive(Default)]
-struct DestinationState {
-    defined: bool,
-    started: bool,
-    images: Vec<PathBuf>,
+/// The mirror job copying disk `target` to the destination.
+fn mirror_job(target: &str) -> String {
+    format!("strata-migrate-{target}")
+}
+
+/// The source's NBD client node of disk `target`'s export.
+fn nbd_node(target: &str) -> String {
+    format!("strata-migrate-{target}-nbd")
 }
 
 impl QemuConnection {
@@ -116,18 +119,35 @@ impl QemuConnection {
         }
         refuse_existing_destination(&dest, &dest_dom).await?;
 
-        let mut state = DestinationState::default();
-        let migrated = self.run_migration(domain, client, &dest, &dest_dom, &disks, opts, &mut state).await;
+        let was_running = client.query_status().await.map_err(|e| qmp_error(domain, e))?.running;
+        let images: Vec<PathBuf> = disks.iter().map(|d| d.image.clone()).collect();
+        let targets: Vec<String> = disks.iter().map(|d| d.target.clone()).collect();
+        let record = StreamIntent::Migrate {
+            running: was_running,
+            root: dest.store().root().to_path_buf(),
+            name: domain.to_string(),
+            uuid: dest_dom.uuid(),
+            images: images.clone(),
+            targets: targets.clone(),
+            undefine_source: opts.flags.undefine_source,
+            committed: false,
+        };
+        record.write(self.store(), domain)?;
+        let migrated = self.run_migration(domain, client, &dest, &dest_dom, &disks, opts, was_running, &record).await;
         if let Err(e) = migrated {
-            self.abandon(domain, client, &disks).await;
-            dest.clean_destination(domain, &state).await;
+            self.abandon(domain, client, &targets, was_running).await;
+            match dest.remove_migrated(domain, dest_dom.uuid().as_deref(), &images).await {
+                Ok(()) => StreamIntent::clear(self.store(), domain)?,
+                // The record stays for the next command to finish the cleanup.
+                Err(left) => tracing::warn!(domain, error = %left.report(), "the destination is not cleaned up yet"),
+            }
             return Err(e);
         }
         Connection::destroy(self, domain).await?;
         if opts.flags.undefine_source {
             strata_engine::definitions::undefine(self.store(), domain, false)?;
         }
-        Ok(())
+        StreamIntent::clear(self.store(), domain)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -139,13 +159,12 @@ impl QemuConnection {
         dest_dom: &Domain,
         disks: &[CopiedDisk],
         opts: &MigrateOptions,
-        state: &mut DestinationState,
+        was_running: bool,
+        record: &StreamIntent,
     ) -> Result<()> {
-        let was_running = client.query_status().await.map_err(|e| qmp_error(domain, e))?.running;
         for disk in disks {
             let dir = disk.image.parent().ok_or_else(|| Error::internal("an image without a directory"))?;
             std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
-            state.images.push(disk.image.clone());
             strata_core::tool::run_tool(
                 &strata_engine::image_work::qemu_img_binary(),
                 &["create", "-q", "-f", &disk.format, path_str(&disk.image)?, &disk.size.to_string()],
@@ -154,10 +173,8 @@ impl QemuConnection {
         let mut persistent = dest_dom.clone();
         persistent.set_id(None);
         strata_engine::definitions::define(dest.store(), &persistent.to_xml(), DefineFlags::default())?;
-        state.defined = true;
         {
             let _lock = strata_engine::blocking::lock_domain(dest.store(), domain).await?;
-            state.started = true;
             dest.launch(domain, live::Server::Vm, StartMode::Incoming, dest_dom.clone()).await?;
         }
         let (dest_status, dest_monitor) = dest.running(domain).await?;
@@ -252,6 +269,9 @@ impl QemuConnection {
         let _ = std::fs::remove_file(&job_file);
         moved?;
         wait_migration_state(dest_client, domain, "completed", None).await?;
+        // Both sides hold the guest, paused: from here the next command
+        // finishes the migration rather than undoing it.
+        record.committed().write(self.store(), domain)?;
         if !disks.is_empty() {
             dest_client.execute("nbd-server-stop", None).await.map_err(|e| qmp_error(domain, e))?;
         }
@@ -266,7 +286,7 @@ impl QemuConnection {
 
     /// The source after a failed migration: the stream cancelled, the
     /// mirrors and their NBD clients gone, the guest running as before.
-    async fn abandon(&self, domain: &str, client: &QmpClient, disks: &[CopiedDisk]) {
+    pub(crate) async fn abandon(&self, domain: &str, client: &QmpClient, targets: &[String], resume: bool) {
         let _ = client.execute("migrate_cancel", None).await;
         let deadline = Instant::now() + Duration::from_secs(60);
         while migration_status(client).await.is_some_and(|s| is_active(&s)) && Instant::now() < deadline {
@@ -275,30 +295,40 @@ impl QemuConnection {
         // A later save must not stop before its switchover.
         let switchover = json!({"capability": "pause-before-switchover", "state": false});
         let _ = client.execute("migrate-set-capabilities", Some(json!({"capabilities": [switchover]}))).await;
-        for disk in disks {
-            if client.execute("block-job-cancel", Some(json!({"device": disk.job(), "force": true}))).await.is_ok() {
-                let _ = wait_job(client, domain, &disk.job(), JobStatus::Null).await;
+        for target in targets {
+            let job = mirror_job(target);
+            if client.execute("block-job-cancel", Some(json!({"device": job, "force": true}))).await.is_ok() {
+                let _ = wait_job(client, domain, &job, JobStatus::Null).await;
             }
-            let _ = client.execute("blockdev-del", Some(json!({"node-name": disk.nbd_node()}))).await;
+            let _ = client.execute("blockdev-del", Some(json!({"node-name": nbd_node(target)}))).await;
         }
-        let _ = client.execute("cont", None).await;
+        if resume {
+            let _ = client.execute("cont", None).await;
+        }
     }
 
-    /// The destination after a failed migration: its QEMU stopped, the
-    /// definition and the copied images it made removed.
-    async fn clean_destination(&self, domain: &str, state: &DestinationState) {
-        if state.started {
-            let _ = Connection::destroy(self, domain).await;
+    /// The destination after a failed migration: its QEMU stopped and
+    /// the definition removed (only if it is the migrated domain's, by
+    /// UUID), and the copied images it made removed.
+    pub(crate) async fn remove_migrated(&self, domain: &str, uuid: Option<&str>, images: &[PathBuf]) -> Result<()> {
+        let ours = match strata_engine::definitions::load(self.store(), domain) {
+            Ok(dom) => dom.uuid().as_deref() == uuid,
+            Err(e) if e.kind() == ErrorKind::NoDomain => false,
+            Err(e) => return Err(e),
+        };
+        if ours {
+            if live::reconcile(self.store(), domain)?.is_some_and(|s| s.is_vm()) {
+                Connection::destroy(self, domain).await?;
+            }
+            strata_engine::definitions::undefine(self.store(), domain, false)?;
         }
-        if state.defined {
-            let _ = strata_engine::definitions::undefine(self.store(), domain, false);
+        for image in images {
+            remove_regular_file(image)?;
         }
-        for image in &state.images {
-            let _ = std::fs::remove_file(image);
-        }
-        if let Some(dir) = state.images.first().and_then(|i| i.parent()) {
+        if let Some(dir) = images.first().and_then(|i| i.parent()) {
             let _ = std::fs::remove_dir(dir);
         }
+        Ok(())
     }
 }
 

@@ -24,6 +24,7 @@ use strata_core::{Error, ErrorKind, Result};
 
 use crate::live::{self, qmp_error, LiveStatus, Monitor};
 use crate::memory_stream::{is_active, migrate_from_fd, migrate_to_fd, migration_status, query_migrate, UNCAPPED};
+use crate::stream_intent::StreamIntent;
 use crate::{QemuConnection, StartMode};
 
 /// The first bytes of a saved image.
@@ -103,13 +104,11 @@ enum SaveTarget {
 }
 
 impl SaveTarget {
-    fn open(path: &Path) -> Result<SaveTarget> {
+    /// The partial file a save to `path` writes: `None` for a block
+    /// device, written in place.
+    fn partial_for(path: &Path) -> Result<Option<PathBuf>> {
         match std::fs::metadata(path) {
-            Ok(meta) if meta.file_type().is_block_device() => {
-                let file =
-                    std::fs::OpenOptions::new().write(true).open(path).map_err(|e| Error::io("open", path, e))?;
-                Ok(SaveTarget::Device { path: path.to_path_buf(), file })
-            }
+            Ok(meta) if meta.file_type().is_block_device() => Ok(None),
             Ok(meta) if !meta.is_file() => {
                 Err(Error::invalid_arg(format!("'{}' is neither a regular file nor a block device", path.display())))
             }
@@ -118,8 +117,20 @@ impl SaveTarget {
                 let name = path
                     .file_name()
                     .ok_or_else(|| Error::invalid_arg(format!("'{}' names no file", path.display())))?;
-                let partial =
-                    path.with_file_name(format!(".{}.{}.partial", name.to_string_lossy(), std::process::id()));
+                Ok(Some(path.with_file_name(format!(".{}.{}.partial", name.to_string_lossy(), std::process::id()))))
+            }
+        }
+    }
+
+    /// Opens the target [`SaveTarget::partial_for`] chose.
+    fn open(path: &Path, partial: Option<PathBuf>) -> Result<SaveTarget> {
+        match partial {
+            None => {
+                let file =
+                    std::fs::OpenOptions::new().write(true).open(path).map_err(|e| Error::io("open", path, e))?;
+                Ok(SaveTarget::Device { path: path.to_path_buf(), file })
+            }
+            Some(partial) => {
                 let file = std::fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
@@ -211,8 +222,21 @@ impl QemuConnection {
             None => None,
         };
         let run = client.query_status().await.map_err(|e| qmp_error(domain, e))?;
-        let mut target = SaveTarget::open(path)?;
-        client.execute("stop", None).await.map_err(|e| qmp_error(domain, e))?;
+        let partial = SaveTarget::partial_for(path)?;
+        let record = StreamIntent::Save { running: run.running, partial: partial.clone(), committed: false };
+        record.write(self.store(), domain)?;
+        let mut target = match SaveTarget::open(path, partial) {
+            Ok(target) => target,
+            Err(e) => {
+                StreamIntent::clear(self.store(), domain)?;
+                return Err(e);
+            }
+        };
+        if let Err(e) = client.execute("stop", None).await {
+            target.discard();
+            StreamIntent::clear(self.store(), domain)?;
+            return Err(qmp_error(domain, e));
+        }
         let job_file = live::runtime_paths(self.store(), domain)?.dir.join(JOB_FILE);
         let saved = async {
             if opts.flags.disk_set {
@@ -245,9 +269,14 @@ impl QemuConnection {
             if run.running {
                 let _ = client.execute("cont", None).await;
             }
+            StreamIntent::clear(self.store(), domain)?;
             return Err(e);
         }
-        Connection::destroy(self, domain).await
+        // The image is in place: the next command stops the source.
+        record.committed().write(self.store(), domain)?;
+        strata_core::crash_point("save:committed");
+        Connection::destroy(self, domain).await?;
+        StreamIntent::clear(self.store(), domain)
     }
 
     /// Seed 004's save flag: an external disk-only snapshot of the disk
