@@ -589,3 +589,57 @@ fn a_migration_killed_mid_stream_is_undone_by_the_next_command_on_the_source() {
     // The source can be saved: the killed migration left no job or capability behind.
     src.ok(&["save", "vm1", src.path("after-kill.save").to_str().expect("utf8")]);
 }
+
+#[test]
+fn a_running_save_refuses_snapshots_and_block_jobs_and_a_snapshot_operation_refuses_a_save() {
+    let env = TestEnv::new();
+    let (_guard, disk) = running_domain(&env, "vm1");
+    write_guest_ram(&env, "vm1", FILL_AT, &noise(11, FILL_BYTES));
+    let file = env.path("vm1.save");
+
+    let save = Background::spawn(&env, &["save", "vm1", file.to_str().expect("utf8"), "--bandwidth", "1"]);
+    job_running(&env, "vm1", "Save");
+    let busy = "cannot acquire state change lock: domain 'vm1' has a save job running";
+    let err = env.fails(&["snapshot-create-as", "vm1", "s1", "--disk-only"]);
+    assert!(err.contains(busy), "{err}");
+    let err = env.fails(&["blockpull", "vm1", "vda"]);
+    assert!(err.contains(busy), "{err}");
+    env.ok(&["domjobabort", "vm1"]);
+    assert_eq!(save.finish(Duration::from_secs(120)).status.code(), Some(1));
+    assert_eq!(env.ok(&["snapshot-list", "vm1", "--name"]).trim(), "", "no snapshot was taken");
+    assert_eq!(qemu_chain(&disk).len(), 1, "no overlay was made");
+
+    // A snapshot operation in progress (its lock held) refuses a save.
+    let operation = hold_domain_lock(&env, "vm1", "operation");
+    let err = env.fails(&["save", "vm1", file.to_str().expect("utf8")]);
+    assert!(
+        err.contains("cannot acquire state change lock: a snapshot operation or block job holds domain 'vm1'"),
+        "{err}"
+    );
+    drop(operation);
+    assert_eq!(qemu_status(&env, "vm1"), "running");
+    assert!(!file.exists(), "no image made");
+}
+
+#[test]
+fn a_migration_copying_its_disks_shows_in_domjobinfo_and_refuses_snapshots() {
+    let src = TestEnv::new();
+    let dest = TestEnv::new();
+    let _guard = migratable_domain(&src, &dest, false);
+    let _dest_guard = DomainGuard { env: &dest, name: "vm1".into() };
+
+    let args = ["migrate", "vm1", &dest.uri, "--live", "--copy-storage-disk-set"];
+    let migration = Background::spawn_paused_at(&src, &args, "migrate:disks-copied").expect("paused at the disk copy");
+    let info = src.ok(&["domjobinfo", "vm1"]);
+    assert!(info.contains("Operation:        Outgoing migration"), "{info}");
+    assert!(info.contains("Data total:"), "{info}");
+    let err = src.fails(&["snapshot-create-as", "vm1", "s1", "--disk-only"]);
+    assert!(
+        err.contains("cannot acquire state change lock: domain 'vm1' has an outgoing migration job running"),
+        "{err}"
+    );
+    migration.resume();
+    let out = migration.finish(Duration::from_secs(300));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(qemu_status(&dest, "vm1"), "running");
+}

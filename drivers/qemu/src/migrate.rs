@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use strata_core::chain::{Backing, Chain, Layer, StorageSource};
-use strata_core::driver::{Connection, DefineFlags, DomainState, MigrateOptions, StoragePoolOps};
+use strata_core::driver::{
+    Connection, DefineFlags, DomainJobInfo, DomainJobOperation, DomainState, MigrateOptions, StoragePoolOps,
+};
 use strata_core::pool::PoolManager;
 use strata_core::uri::ConnectUri;
 use strata_core::xml::Domain;
@@ -52,8 +54,10 @@ impl CopiedDisk {
 
 /// The mirror job copying disk `target` to the destination.
 fn mirror_job(target: &str) -> String {
-    format!("strata-migrate-{target}")
+    format!("{MIRROR_JOB_PREFIX}{target}")
 }
+
+const MIRROR_JOB_PREFIX: &str = "strata-migrate-";
 
 /// The source's NBD client node of disk `target`'s export.
 fn nbd_node(target: &str) -> String {
@@ -73,6 +77,7 @@ impl QemuConnection {
             return Err(Error::invalid_arg(format!("'{dest_uri}' is the domain's own connection")));
         }
         let (status, monitor) = self.running_without_job(domain).await?;
+        let _operation = self.stream_operation(domain)?;
         let client = &monitor.client;
         let persistent = strata_engine::definitions::load(self.store(), domain)?;
         let copied = copied_targets(&persistent, &status.domain, opts)?;
@@ -224,6 +229,7 @@ impl QemuConnection {
         for disk in disks {
             wait_job(client, domain, &disk.job(), JobStatus::Ready).await?;
         }
+        strata_core::pause_point("migrate:disks-copied");
         let events = json!({"capability": "events", "state": true});
         dest_client
             .execute("migrate-set-capabilities", Some(json!({"capabilities": [events]})))
@@ -244,8 +250,6 @@ impl QemuConnection {
         }
         let uri = format!("unix:{}", path_str(&migration_socket)?);
         dest_client.execute("migrate-incoming", Some(json!({"uri": uri}))).await.map_err(|e| qmp_error(domain, e))?;
-        let job_file = live::runtime_paths(self.store(), domain)?.dir.join(crate::save::JOB_FILE);
-        std::fs::write(&job_file, "migration-out").map_err(|e| Error::io("write", &job_file, e))?;
         let moved = async {
             client.execute("migrate", Some(json!({"uri": uri}))).await.map_err(|e| qmp_error(domain, e))?;
             wait_migration_state(client, domain, "pre-switchover", opts.timeout_s).await?;
@@ -266,7 +270,6 @@ impl QemuConnection {
             wait_migration_state(client, domain, "completed", None).await
         }
         .await;
-        let _ = std::fs::remove_file(&job_file);
         moved?;
         wait_migration_state(dest_client, domain, "completed", None).await?;
         // Both sides hold the guest, paused: from here the next command
@@ -305,6 +308,23 @@ impl QemuConnection {
         if resume {
             let _ = client.execute("cont", None).await;
         }
+    }
+
+    /// `domjobinfo` of a migration still copying its disks: the progress
+    /// of its mirror jobs.
+    pub(crate) async fn disk_copy_info(&self, domain: &str, client: &QmpClient) -> Result<DomainJobInfo> {
+        let jobs = client.query_jobs().await.map_err(|e| qmp_error(domain, e))?;
+        let mirrors: Vec<_> = jobs.iter().filter(|j| j.id.starts_with(MIRROR_JOB_PREFIX)).collect();
+        let processed: u64 = mirrors.iter().map(|j| j.current_progress).sum();
+        let total: u64 = mirrors.iter().map(|j| j.total_progress).sum();
+        Ok(DomainJobInfo {
+            operation: DomainJobOperation::MigrationOut,
+            elapsed_ms: 0,
+            data_processed: processed,
+            data_remaining: total.saturating_sub(processed),
+            data_total: total,
+            memory_bandwidth: 0,
+        })
     }
 
     /// The destination after a failed migration: its QEMU stopped and
@@ -378,6 +398,19 @@ async fn refuse_existing_destination(dest: &QemuConnection, dom: &Domain) -> Res
         Err(e) if e.kind() == ErrorKind::NoDomain => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// Cancels the copies of a migration's disks still mirroring (before its
+/// memory stream starts): the migrating strata sees them end before they
+/// were ready and undoes the migration.
+pub(crate) async fn cancel_disk_copies(client: &QmpClient, domain: &str, targets: &[String]) -> Result<()> {
+    for target in targets {
+        client
+            .execute("block-job-cancel", Some(json!({"device": mirror_job(target), "force": true})))
+            .await
+            .map_err(|e| qmp_error(domain, e))?;
+    }
+    Ok(())
 }
 
 /// Waits for block job `id` to reach `wanted` (`Null`: gone), failing if

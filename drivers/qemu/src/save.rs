@@ -16,14 +16,16 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use strata_core::driver::{
-    Connection, DefineFlags, DomainJobInfo, DomainJobOperation, DomainState, SaveFlags, SaveOptions, SnapshotOps,
+    Connection, DefineFlags, DomainJobInfo, DomainJobOperation, DomainState, SaveFlags, SaveOptions,
 };
 use strata_core::options::SnapshotCreateFlags;
+use strata_core::store::DomainLock;
 use strata_core::xml::Domain;
 use strata_core::{Error, ErrorKind, Result};
 
 use crate::live::{self, qmp_error, LiveStatus, Monitor};
 use crate::memory_stream::{is_active, migrate_from_fd, migrate_to_fd, migration_status, query_migrate, UNCAPPED};
+use crate::migrate::cancel_disk_copies;
 use crate::stream_intent::StreamIntent;
 use crate::{QemuConnection, StartMode};
 
@@ -32,9 +34,6 @@ const MAGIC: &[u8; 16] = b"StrataSavedState";
 const VERSION: u32 = 1;
 /// QEMU's stream starts at a multiple of this, past the header.
 const ALIGN: u64 = 4096;
-/// The file, in the domain's runtime directory, naming the operation the
-/// running migration stream is for, so another process can report it.
-pub(crate) const JOB_FILE: &str = "domain-job";
 
 /// What a saved image holds before QEMU's stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,6 +215,7 @@ impl QemuConnection {
     pub(crate) async fn save_domain(&self, domain: &str, path: &Path, opts: &SaveOptions) -> Result<()> {
         opts.flags.validate()?;
         let (status, monitor) = self.running_without_job(domain).await?;
+        let operation = self.stream_operation(domain)?;
         let client = &monitor.client;
         let xml_override = match &opts.xml {
             Some(xml) => Some(checked_replacement(&status.domain, xml)?),
@@ -237,10 +237,9 @@ impl QemuConnection {
             StreamIntent::clear(self.store(), domain)?;
             return Err(qmp_error(domain, e));
         }
-        let job_file = live::runtime_paths(self.store(), domain)?.dir.join(JOB_FILE);
         let saved = async {
             if opts.flags.disk_set {
-                self.snapshot_disk_set(domain).await?;
+                self.snapshot_disk_set(domain, &operation).await?;
             }
             let xml = match xml_override {
                 Some(xml) => xml,
@@ -248,12 +247,10 @@ impl QemuConnection {
             };
             let running = if opts.flags.running || opts.flags.paused { opts.flags.running } else { run.running };
             target.write_header(&SaveHeader { running, xml })?;
-            std::fs::write(&job_file, "save").map_err(|e| Error::io("write", &job_file, e))?;
             let bandwidth = opts.bandwidth_mib.map_or(UNCAPPED, |mib| mib << 20);
             migrate_to_fd(client, domain, target.file().as_fd(), bandwidth).await
         }
         .await;
-        let _ = std::fs::remove_file(&job_file);
         let committed = match saved {
             Ok(()) => target.commit(opts.flags.bypass_cache),
             Err(e) => {
@@ -282,7 +279,7 @@ impl QemuConnection {
     /// Seed 004's save flag: an external disk-only snapshot of the disk
     /// set, taken by the snapshot engine while the guest is paused, so the
     /// overlays start at the instant the memory is saved.
-    async fn snapshot_disk_set(&self, domain: &str) -> Result<()> {
+    async fn snapshot_disk_set(&self, domain: &str, operation: &DomainLock) -> Result<()> {
         let name = format!(
             "save-{}",
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
@@ -290,7 +287,7 @@ impl QemuConnection {
         let xml = format!("<domainsnapshot><name>{name}</name></domainsnapshot>");
         let flags = SnapshotCreateFlags { disk_only: true, atomic: true, disk_set: true, ..Default::default() };
         let snapshots = strata_engine::snapshot::SnapshotEngine::over(self);
-        SnapshotOps::snapshot_create(snapshots, domain, &xml, flags).await.map(|_| ())
+        snapshots.snapshot_create_holding(domain, &xml, flags, operation).await.map(|_| ())
     }
 
     /// Starts the domain saved at `path`; returns its name. A domain not
@@ -378,12 +375,15 @@ impl QemuConnection {
     pub(crate) async fn domain_job_info(&self, domain: &str) -> Result<Option<DomainJobInfo>> {
         let (_, monitor) = self.running(domain).await?;
         let info = query_migrate(&monitor.client, domain).await?;
+        let running = self.stream_in_progress(domain)?;
         if !info.get("status").and_then(Value::as_str).is_some_and(is_active) {
-            return Ok(None);
+            return match running {
+                Some(StreamIntent::Migrate { .. }) => self.disk_copy_info(domain, &monitor.client).await.map(Some),
+                _ => Ok(None),
+            };
         }
-        let job_file = live::runtime_paths(self.store(), domain)?.dir.join(JOB_FILE);
-        let operation = match std::fs::read_to_string(job_file).ok().as_deref() {
-            Some("save") => DomainJobOperation::Save,
+        let operation = match running {
+            Some(StreamIntent::Save { .. }) => DomainJobOperation::Save,
             _ => DomainJobOperation::MigrationOut,
         };
         let ram = |field: &str| info.pointer(&format!("/ram/{field}")).and_then(Value::as_f64).unwrap_or(0.0);
@@ -404,6 +404,9 @@ impl QemuConnection {
         let (_, monitor) = self.running(domain).await?;
         let info = query_migrate(&monitor.client, domain).await?;
         if !info.get("status").and_then(Value::as_str).is_some_and(is_active) {
+            if let Some(StreamIntent::Migrate { targets, .. }) = self.stream_in_progress(domain)? {
+                return cancel_disk_copies(&monitor.client, domain, &targets).await;
+            }
             return Err(Error::operation_invalid("no job is active on the domain"));
         }
         monitor.client.execute("migrate_cancel", None).await.map_err(|e| qmp_error(domain, e))?;

@@ -97,6 +97,10 @@ impl SnapshotBackend for QemuConnection {
         Ok(())
     }
 
+    fn refuse_during_domain_job(&self, domain: &str) -> Result<()> {
+        self.refuse_during_stream(domain)
+    }
+
     async fn settle_snapshot_jobs(&self, domain: &str) -> Result<()> {
         let (_, monitor) = self.running(domain).await?;
         dismiss_snapshot_jobs(&monitor.client, domain).await

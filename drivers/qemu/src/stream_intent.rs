@@ -15,9 +15,9 @@
 use std::path::{Path, PathBuf};
 
 use strata_core::driver::{Connection, DomainState};
-use strata_core::store::Store;
+use strata_core::store::{DomainLock, Store};
 use strata_core::xml::Element;
-use strata_core::{Error, Result};
+use strata_core::{Error, ErrorKind, Result};
 use strata_engine::process::{Liveness, ProcessId};
 
 use crate::memory_stream::{is_active, migration_status};
@@ -134,17 +134,29 @@ impl StreamIntent {
         store.write_domain_file(domain, RECORD_FILE, "")
     }
 
-    /// The record left by a writer that is gone, if any.
-    fn abandoned(store: &Store, domain: &str) -> Result<Option<StreamIntent>> {
+    /// The domain's record and whether the process that wrote it still
+    /// runs, if there is one.
+    fn read(store: &Store, domain: &str) -> Result<Option<(StreamIntent, bool)>> {
         let Some(text) = store.read_domain_file(domain, RECORD_FILE)? else { return Ok(None) };
         if text.trim().is_empty() {
             return Ok(None);
         }
         let root = Element::parse(&text).map_err(|e| e.context(format!("save or migration record '{RECORD_FILE}'")))?;
-        if ProcessId::from_attrs(&root, "owner").is_some_and(|o| o.liveness() != Liveness::Gone) {
-            return Ok(None);
+        let alive = ProcessId::from_attrs(&root, "owner").is_some_and(|o| o.liveness() != Liveness::Gone);
+        Ok(Some((StreamIntent::from_element(&root)?, alive)))
+    }
+
+    /// The record left by a writer that is gone, if any.
+    fn abandoned(store: &Store, domain: &str) -> Result<Option<StreamIntent>> {
+        Ok(StreamIntent::read(store, domain)?.filter(|(_, alive)| !alive).map(|(intent, _)| intent))
+    }
+
+    /// The job, as a refusal names it.
+    fn job(&self) -> &'static str {
+        match self {
+            StreamIntent::Save { .. } => "a save",
+            StreamIntent::Migrate { .. } => "an outgoing migration",
         }
-        StreamIntent::from_element(&root).map(Some)
     }
 }
 
@@ -164,7 +176,46 @@ pub(crate) fn remove_regular_file(path: &Path) -> Result<()> {
     }
 }
 
+/// The refusal of an operation while a save or migration holds the
+/// domain (libvirt's state change lock timeout).
+fn busy(domain: &str, job: &str) -> Error {
+    Error::new(
+        ErrorKind::OperationTimeout,
+        format!(
+            "cannot acquire state change lock: domain '{domain}' has {job} job running \
+             (domjobinfo shows it, domjobabort ends it)"
+        ),
+    )
+}
+
 impl QemuConnection {
+    /// The save or migration of the domain a live process runs now.
+    pub(crate) fn stream_in_progress(&self, domain: &str) -> Result<Option<StreamIntent>> {
+        Ok(StreamIntent::read(self.store(), domain)?.filter(|(_, alive)| *alive).map(|(intent, _)| intent))
+    }
+
+    /// Refuses while a save or migration of the domain runs in another
+    /// process.
+    pub(crate) fn refuse_during_stream(&self, domain: &str) -> Result<()> {
+        match self.stream_in_progress(domain)? {
+            Some(intent) => Err(busy(domain, intent.job())),
+            None => Ok(()),
+        }
+    }
+
+    /// The domain's operation lock for a save or migration, refused (not
+    /// waited for) while a snapshot operation or a block job's start holds
+    /// it.
+    pub(crate) fn stream_operation(&self, domain: &str) -> Result<DomainLock> {
+        self.refuse_during_stream(domain)?;
+        self.store().try_lock_domain_operation(domain)?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::OperationTimeout,
+                format!("cannot acquire state change lock: a snapshot operation or block job holds domain '{domain}'"),
+            )
+        })
+    }
+
     /// Finishes or undoes a save or migration of `domain` whose `strata`
     /// was killed; nothing when none was, or when it still runs.
     pub(crate) async fn recover_stream(&self, domain: &str) -> Result<()> {
