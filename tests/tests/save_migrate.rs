@@ -643,3 +643,32 @@ fn a_migration_copying_its_disks_shows_in_domjobinfo_and_refuses_snapshots() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(qemu_status(&dest, "vm1"), "running");
 }
+
+#[test]
+fn a_saved_domain_is_shut_off_saved_and_list_marks_managed_saves_as_virsh_does() {
+    let env = TestEnv::new();
+    let (_guard1, _disk1) = running_domain(&env, "vm1");
+    let (_guard2, _disk2) = running_domain(&env, "vm2");
+    let file = env.path("vm1.save");
+
+    env.ok(&["save", "vm1", file.to_str().expect("utf8")]);
+    assert_eq!(env.ok(&["domstate", "vm1", "--reason"]).trim(), "shut off (saved)");
+    env.ok(&["managedsave", "vm2"]);
+    assert_eq!(env.ok(&["domstate", "vm2", "--reason"]).trim(), "shut off (saved)");
+
+    let table = env.ok(&["list", "--all", "--managed-save"]);
+    let state_of = |name: &str| {
+        let row = table.lines().find(|l| l.split_whitespace().nth(1) == Some(name)).expect("a row");
+        row.split_whitespace().skip(2).collect::<Vec<_>>().join(" ")
+    };
+    assert_eq!(state_of("vm1"), "shut off", "{table}");
+    assert_eq!(state_of("vm2"), "saved", "{table}");
+    assert_eq!(env.ok(&["list", "--all", "--with-managed-save", "--name"]).trim(), "vm2");
+    assert_eq!(env.ok(&["list", "--all", "--without-managed-save", "--name"]).trim(), "vm1");
+
+    // Running again, and stopped otherwise, the reason is no longer the save.
+    env.ok(&["restore", file.to_str().expect("utf8")]);
+    assert_eq!(env.ok(&["domstate", "vm1", "--reason"]).trim(), "running (restored)");
+    env.ok(&["destroy", "vm1"]);
+    assert_eq!(env.ok(&["domstate", "vm1", "--reason"]).trim(), "shut off (unknown)");
+}

@@ -58,6 +58,9 @@ use strata_qemu_block::monitor::{qmp_error, Monitor};
 pub use strata_qemu_block::runtime::MONITORS;
 
 /// The emulator binary: `$STRATA_QEMU` or `qemu-system-x86_64` on `PATH`.
+/// The domain state file naming why the domain was last shut off.
+const SHUTOFF_REASON: &str = "shutoff-reason";
+
 fn qemu_binary() -> String {
     std::env::var("STRATA_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_string())
 }
@@ -175,7 +178,7 @@ impl QemuConnection {
             name: name.clone(),
             uuid: dom.uuid().unwrap_or_default(),
             state: DomainState::Shutoff,
-            reason: Some("unknown".into()),
+            reason: Some(self.shutoff_reason(&name)?),
             persistent: true,
             damaged: None,
         };
@@ -249,6 +252,7 @@ impl QemuConnection {
         std::fs::create_dir_all(&paths.dir).map_err(|e| Error::io("create", &paths.dir, e))?;
         if server == live::Server::Vm {
             transient::create_overlays(&dom, &paths)?;
+            self.forget_shutoff_reason(name)?;
         }
         let id = match server {
             live::Server::Vm => live::next_domain_id(&self.store)?,
@@ -317,6 +321,26 @@ impl QemuConnection {
                 return Err(Error::operation_failed(format!("{binary} exited during start-up: {}", log.trim())));
             }
             return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Why the domain is shut off, as libvirt says it: `saved` once a save
+    /// stopped it (until it runs again), else `unknown` (Strata does not
+    /// track how a QEMU ended).
+    fn shutoff_reason(&self, name: &str) -> Result<String> {
+        let recorded = self.store.read_domain_file(name, SHUTOFF_REASON)?;
+        Ok(recorded.map(|r| r.trim().to_string()).filter(|r| !r.is_empty()).unwrap_or_else(|| "unknown".into()))
+    }
+
+    /// Records why the domain was shut off, for `domstate --reason`.
+    pub(crate) fn record_shutoff_reason(&self, name: &str, word: &str) -> Result<()> {
+        self.store.write_domain_file(name, SHUTOFF_REASON, word)
+    }
+
+    fn forget_shutoff_reason(&self, name: &str) -> Result<()> {
+        if self.store.read_domain_file(name, SHUTOFF_REASON)?.is_some_and(|r| !r.is_empty()) {
+            self.store.write_domain_file(name, SHUTOFF_REASON, "")?;
         }
         Ok(())
     }

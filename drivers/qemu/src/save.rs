@@ -272,8 +272,16 @@ impl QemuConnection {
         // The image is in place: the next command stops the source.
         record.committed().write(self.store(), domain)?;
         strata_core::crash_point("save:committed");
-        Connection::destroy(self, domain).await?;
+        self.stop_saved(domain).await?;
         StreamIntent::clear(self.store(), domain)
+    }
+
+    /// Stops the domain whose state is saved, shut off for that reason.
+    pub(crate) async fn stop_saved(&self, domain: &str) -> Result<()> {
+        if live::reconcile(self.store(), domain)?.is_some_and(|s| s.is_vm()) {
+            Connection::destroy(self, domain).await?;
+        }
+        self.record_shutoff_reason(domain, "saved")
     }
 
     /// Seed 004's save flag: an external disk-only snapshot of the disk

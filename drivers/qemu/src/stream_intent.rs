@@ -227,7 +227,7 @@ impl QemuConnection {
         };
         tracing::info!(domain, ?intent, "recovering a save or migration whose strata was killed");
         match &intent {
-            StreamIntent::Save { committed: true, .. } => self.stop_source(domain).await?,
+            StreamIntent::Save { committed: true, .. } => self.stop_saved(domain).await?,
             StreamIntent::Save { running, partial, committed: false } => {
                 self.resume_source(domain, *running, &[]).await?;
                 if let Some(partial) = partial {
