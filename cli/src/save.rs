@@ -101,6 +101,10 @@ pub struct RestoreArgs {
     /// Accepted; the image is read once.
     #[arg(long = "bypass-cache")]
     _bypass_cache: bool,
+    /// A domain XML file to restore the domain with instead of the image's
+    /// (same name and UUID).
+    #[arg(long, value_name = "FILE")]
+    xml: Option<String>,
     #[command(flatten)]
     state: RestoredState,
 }
@@ -204,7 +208,8 @@ pub async fn run(conn: &dyn Connection, cmd: SaveCommand, global_json: bool) -> 
         }
         SaveCommand::Restore(a) => {
             let flags = save_flags(false, a.state, false);
-            ops.restore(&a.file, flags)
+            let xml = a.xml.as_deref().map(read_document).transpose()?;
+            ops.restore(&a.file, xml.as_deref(), flags)
                 .await
                 .map_err(|e| anyhow!(e).context(format!("Failed to restore domain from {}", a.file)))?;
             writeln!(out, "Domain restored from {}\n", a.file)?;

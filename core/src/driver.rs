@@ -691,8 +691,10 @@ pub trait SaveMigrateOps: Send + Sync {
     /// Saves the running domain's memory and device state to `file` and
     /// stops it; a failure leaves it running.
     async fn save(&self, domain: &str, file: &str, opts: &SaveOptions) -> Result<()>;
-    /// Starts the domain saved in `file`; returns its name.
-    async fn restore(&self, file: &str, flags: SaveFlags) -> Result<String>;
+    /// Starts the domain saved in `file`; returns its name. With `xml`,
+    /// the domain runs on that definition instead of the image's (same
+    /// name and UUID).
+    async fn restore(&self, file: &str, xml: Option<&str>, flags: SaveFlags) -> Result<String>;
     /// The domain XML a saved image holds.
     async fn save_image_xml(&self, file: &str) -> Result<String>;
     /// Saves to the domain's own image, which its next start resumes from.

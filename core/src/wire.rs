@@ -89,7 +89,7 @@ pub enum Call {
     SetVcpus { domain: String, count: u32, scope: PinScope, maximum: bool },
     // SaveMigrateOps
     Save { domain: String, file: String, options: SaveOptions },
-    Restore { file: String, flags: SaveFlags },
+    Restore { file: String, xml: Option<String>, flags: SaveFlags },
     SaveImageXml { file: String },
     ManagedSave { domain: String, options: SaveOptions },
     ManagedSaveRemove { domain: String },
@@ -272,7 +272,9 @@ async fn perform(conn: &dyn Connection, call: Call) -> Result<Reply> {
         Call::Save { domain, file, options } => {
             done(conn.require_save_migrate()?.save(&domain, &file, &options).await?)
         }
-        Call::Restore { file, flags } => Reply::Text(conn.require_save_migrate()?.restore(&file, flags).await?),
+        Call::Restore { file, xml, flags } => {
+            Reply::Text(conn.require_save_migrate()?.restore(&file, xml.as_deref(), flags).await?)
+        }
         Call::SaveImageXml { file } => Reply::Text(conn.require_save_migrate()?.save_image_xml(&file).await?),
         Call::ManagedSave { domain, options } => {
             done(conn.require_save_migrate()?.managed_save(&domain, &options).await?)
@@ -710,7 +712,11 @@ mod tests {
                     flags: SaveFlags { paused: true, disk_set: true, ..Default::default() },
                 },
             },
-            Call::Restore { file: "/srv/vm1.save".into(), flags: SaveFlags { running: true, ..Default::default() } },
+            Call::Restore {
+                file: "/srv/vm1.save".into(),
+                xml: Some("<domain><name>vm1</name></domain>".into()),
+                flags: SaveFlags { running: true, ..Default::default() },
+            },
             Call::SaveImageXml { file: "/dev/loop7".into() },
             Call::ManagedSave { domain: d(), options: SaveOptions::default() },
             Call::ManagedSaveRemove { domain: d() },

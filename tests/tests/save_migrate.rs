@@ -672,3 +672,29 @@ fn a_saved_domain_is_shut_off_saved_and_list_marks_managed_saves_as_virsh_does()
     env.ok(&["destroy", "vm1"]);
     assert_eq!(env.ok(&["domstate", "vm1", "--reason"]).trim(), "shut off (unknown)");
 }
+
+#[test]
+fn restore_with_xml_runs_that_document_and_refuses_another_domain_leaving_the_image() {
+    let env = TestEnv::new();
+    let (_guard, _disk) = running_domain(&env, "vm1");
+    let before = filled_and_paused(&env, "vm1", 12);
+    let file = env.path("vm1.save");
+    let file = file.to_str().expect("utf8");
+    env.ok(&["save", "vm1", file]);
+    let saved = env.ok(&["save-image-dumpxml", file]);
+
+    let other = env.path("other.xml");
+    std::fs::write(&other, saved.replace("<name>vm1</name>", "<name>vm2</name>")).expect("write");
+    let err = env.fails(&["restore", file, "--xml", other.to_str().expect("utf8")]);
+    assert!(err.contains("describes domain 'vm2', not 'vm1'"), "{err}");
+    assert_eq!(domstate(&env, "vm1"), "shut off");
+    assert_eq!(env.ok(&["save-image-dumpxml", file]), saved, "the image is left as it was");
+
+    let described = env.path("described.xml");
+    let with_description =
+        saved.replacen("<name>vm1</name>", "<name>vm1</name>\n  <description>restored on purpose</description>", 1);
+    std::fs::write(&described, with_description).expect("write");
+    env.ok(&["restore", file, "--xml", described.to_str().expect("utf8")]);
+    assert!(env.ok(&["dumpxml", "vm1"]).contains("<description>restored on purpose</description>"));
+    assert_same_ram(&before, &guest_ram(&env, "vm1", "after.ram"));
+}

@@ -670,8 +670,8 @@ impl SaveMigrateOps for QemuConnection {
         self.save_domain(domain, Path::new(file), opts).await
     }
 
-    async fn restore(&self, file: &str, flags: SaveFlags) -> Result<String> {
-        self.restore_domain(Path::new(file), flags).await
+    async fn restore(&self, file: &str, xml: Option<&str>, flags: SaveFlags) -> Result<String> {
+        self.restore_domain(Path::new(file), xml, flags).await
     }
 
     async fn save_image_xml(&self, file: &str) -> Result<String> {

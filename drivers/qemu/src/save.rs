@@ -300,12 +300,17 @@ impl QemuConnection {
 
     /// Starts the domain saved at `path`; returns its name. A domain not
     /// defined here is defined from the image; one that is must have the
-    /// image's UUID and be shut off. The domain runs on the image's XML.
-    pub(crate) async fn restore_domain(&self, path: &Path, flags: SaveFlags) -> Result<String> {
+    /// image's UUID and be shut off. The domain runs on the image's XML,
+    /// or on `xml` (`restore --xml`), which must describe the same domain.
+    pub(crate) async fn restore_domain(&self, path: &Path, xml: Option<&str>, flags: SaveFlags) -> Result<String> {
         flags.validate()?;
         let mut file = File::open(path).map_err(|e| Error::io("open", path, e))?;
         let (header, offset) = SaveHeader::read(&mut file, path)?;
         let dom = Domain::parse(&header.xml)?;
+        let dom = match xml {
+            Some(xml) => Domain::parse(&checked_replacement(&dom, xml)?)?,
+            None => dom,
+        };
         let name = dom.name();
         let defined_here = match strata_engine::definitions::load(self.store(), &name) {
             Ok(existing) => {
@@ -375,7 +380,7 @@ impl QemuConnection {
     pub(crate) async fn start_from_managed_save(&self, domain: &str, paused: bool) -> Result<()> {
         let image = self.managed_image(domain)?;
         let flags = SaveFlags { paused, ..Default::default() };
-        self.restore_domain(&image, flags).await?;
+        self.restore_domain(&image, None, flags).await?;
         std::fs::remove_file(&image).map_err(|e| Error::io("remove", &image, e))
     }
 
@@ -422,14 +427,15 @@ impl QemuConnection {
     }
 }
 
-/// `save --xml`: the document must describe the same domain.
-fn checked_replacement(running: &Domain, xml: &str) -> Result<String> {
+/// `save --xml`, `restore --xml`: the document must describe the same
+/// domain as the one saved.
+fn checked_replacement(saved: &Domain, xml: &str) -> Result<String> {
     let dom = Domain::parse(xml)?;
-    if dom.name() != running.name() || dom.uuid() != running.uuid() {
+    if dom.name() != saved.name() || dom.uuid() != saved.uuid() {
         return Err(Error::invalid_arg(format!(
             "the XML given for the saved image describes domain '{}', not '{}' (name and UUID must match)",
             dom.name(),
-            running.name()
+            saved.name()
         )));
     }
     Ok(dom.to_xml())
