@@ -152,6 +152,16 @@ fn job_running(env: &TestEnv, name: &str, operation: &str) -> String {
     }
 }
 
+/// Writes `data` into vm1's RAM and saves vm1 to `file` at 1 MiB/s in the
+/// background; returns once `domjobinfo` shows the save, with what it
+/// printed.
+fn throttled_save(env: &TestEnv, data: &[u8], file: &Path) -> (Background, String) {
+    write_guest_ram(env, "vm1", FILL_AT, data);
+    let save = Background::spawn(env, &["save", "vm1", file.to_str().expect("utf8"), "--bandwidth", "1"]);
+    let info = job_running(env, "vm1", "Save");
+    (save, info)
+}
+
 /// The names in `dir`, sorted.
 fn listing(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -301,13 +311,9 @@ fn managedsave_and_start_resume_with_ram_identical() {
 fn domjobabort_cancels_a_throttled_save_and_the_domain_runs_on() {
     let env = TestEnv::new();
     let (_guard, _disk) = running_domain(&env, "vm1");
-    write_guest_ram(&env, "vm1", FILL_AT, &noise(5, FILL_BYTES));
     let saves = env.path("saves");
     std::fs::create_dir(&saves).expect("mkdir");
-    let file = saves.join("vm1.save");
-
-    let save = Background::spawn(&env, &["save", "vm1", file.to_str().expect("utf8"), "--bandwidth", "1"]);
-    let info = job_running(&env, "vm1", "Save");
+    let (save, info) = throttled_save(&env, &noise(5, FILL_BYTES), &saves.join("vm1.save"));
     assert!(info.starts_with("Job type:         Unbounded"), "{info}");
     assert!(info.contains("Data total:"), "{info}");
     let json: serde_json::Value = serde_json::from_str(&env.ok(&["domjobinfo", "vm1", "--json"])).expect("JSON");
@@ -329,13 +335,9 @@ fn a_save_killed_mid_stream_is_undone_by_the_next_command() {
     let env = TestEnv::new();
     let (_guard, _disk) = running_domain(&env, "vm1");
     let data = noise(8, FILL_BYTES);
-    write_guest_ram(&env, "vm1", FILL_AT, &data);
     let saves = env.path("saves");
     std::fs::create_dir(&saves).expect("mkdir");
-    let file = saves.join("vm1.save");
-
-    let save = Background::spawn(&env, &["save", "vm1", file.to_str().expect("utf8"), "--bandwidth", "1"]);
-    job_running(&env, "vm1", "Save");
+    let (save, _) = throttled_save(&env, &data, &saves.join("vm1.save"));
     let partial = listing(&saves);
     assert!(partial.len() == 1 && partial[0].ends_with(".partial"), "the save writes a partial image: {partial:?}");
     // SIGKILL, as the OOM killer would end it, mid-stream.
@@ -594,11 +596,8 @@ fn a_migration_killed_mid_stream_is_undone_by_the_next_command_on_the_source() {
 fn a_running_save_refuses_snapshots_and_block_jobs_and_a_snapshot_operation_refuses_a_save() {
     let env = TestEnv::new();
     let (_guard, disk) = running_domain(&env, "vm1");
-    write_guest_ram(&env, "vm1", FILL_AT, &noise(11, FILL_BYTES));
     let file = env.path("vm1.save");
-
-    let save = Background::spawn(&env, &["save", "vm1", file.to_str().expect("utf8"), "--bandwidth", "1"]);
-    job_running(&env, "vm1", "Save");
+    let (save, _) = throttled_save(&env, &noise(11, FILL_BYTES), &file);
     let busy = "cannot acquire state change lock: domain 'vm1' has a save job running";
     let err = env.fails(&["snapshot-create-as", "vm1", "s1", "--disk-only"]);
     assert!(err.contains(busy), "{err}");

@@ -18,6 +18,7 @@ use strata_core::driver::{Connection, DomainState};
 use strata_core::store::{DomainLock, Store};
 use strata_core::xml::Element;
 use strata_core::{Error, ErrorKind, Result};
+use strata_engine::intent::yes_no;
 use strata_engine::process::{Liveness, ProcessId};
 
 use crate::memory_stream::{is_active, migration_status};
@@ -43,14 +44,6 @@ pub(crate) enum StreamIntent {
         undefine_source: bool,
         committed: bool,
     },
-}
-
-fn yes_no(b: bool) -> &'static str {
-    if b {
-        "yes"
-    } else {
-        "no"
-    }
 }
 
 impl StreamIntent {
