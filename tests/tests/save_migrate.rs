@@ -428,6 +428,7 @@ fn migrate_copies_the_disk_set_shares_the_rest_and_keeps_ram() {
     src.ok(&["migrate", "vm1", &dest.uri, "--live", "--copy-storage-disk-set", "--persistent", "--undefinesource"]);
     assert_eq!(qemu_status(&dest, "vm1"), "paused");
     assert_eq!(src.ok(&["list", "--all", "--name"]).trim(), "", "undefined at the source");
+    assert!(!src.state_root().join("domains/vm1").exists(), "nothing of it is left at the source");
     assert_same_ram(&before, &guest_ram(&dest, "vm1", "after.ram"));
     dest.ok(&["resume", "vm1"]);
     assert_eq!(qemu_status(&dest, "vm1"), "running");
@@ -621,14 +622,13 @@ fn a_running_save_refuses_snapshots_and_block_jobs_and_a_snapshot_operation_refu
 }
 
 #[test]
-fn a_migration_copying_its_disks_shows_in_domjobinfo_and_refuses_snapshots() {
+fn a_migration_copying_its_disks_shows_in_domjobinfo_refuses_snapshots_and_is_aborted_by_domjobabort() {
     let src = TestEnv::new();
     let dest = TestEnv::new();
     let _guard = migratable_domain(&src, &dest, false);
-    let _dest_guard = DomainGuard { env: &dest, name: "vm1".into() };
 
     let args = ["migrate", "vm1", &dest.uri, "--live", "--copy-storage-disk-set"];
-    let migration = Background::spawn_paused_at(&src, &args, "migrate:disks-copied").expect("paused at the disk copy");
+    let migration = Background::spawn_paused_at(&src, &args, "migrate:disks-copying").expect("paused at the disk copy");
     let info = src.ok(&["domjobinfo", "vm1"]);
     assert!(info.contains("Operation:        Outgoing migration"), "{info}");
     assert!(info.contains("Data total:"), "{info}");
@@ -637,10 +637,14 @@ fn a_migration_copying_its_disks_shows_in_domjobinfo_and_refuses_snapshots() {
         err.contains("cannot acquire state change lock: domain 'vm1' has an outgoing migration job running"),
         "{err}"
     );
+    src.ok(&["domjobabort", "vm1"]);
     migration.resume();
     let out = migration.finish(Duration::from_secs(300));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(qemu_status(&dest, "vm1"), "running");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("operation aborted: migration job: canceled by client"), "{err}");
+    assert_eq!(qemu_status(&src, "vm1"), "running");
+    assert_destination_clean(&dest);
 }
 
 #[test]

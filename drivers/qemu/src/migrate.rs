@@ -77,7 +77,7 @@ impl QemuConnection {
             return Err(Error::invalid_arg(format!("'{dest_uri}' is the domain's own connection")));
         }
         let (status, monitor) = self.running_without_job(domain).await?;
-        let _operation = self.stream_operation(domain)?;
+        let _operation = self.stream_operation(domain).await?;
         let client = &monitor.client;
         let persistent = strata_engine::definitions::load(self.store(), domain)?;
         let copied = copied_targets(&persistent, &status.domain, opts)?;
@@ -149,10 +149,11 @@ impl QemuConnection {
             return Err(e);
         }
         Connection::destroy(self, domain).await?;
+        StreamIntent::clear(self.store(), domain)?;
         if opts.flags.undefine_source {
             strata_engine::definitions::undefine(self.store(), domain, false)?;
         }
-        StreamIntent::clear(self.store(), domain)
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -221,15 +222,17 @@ impl QemuConnection {
                     Some(json!({
                         "job-id": disk.job(), "device": disk.source_root, "target": disk.nbd_node(),
                         "sync": "full", "copy-mode": "write-blocking",
+                        // Kept once ended, so a cancelled copy tells it was one.
+                        "auto-dismiss": false,
                     })),
                 )
                 .await
                 .map_err(|e| qmp_error(domain, e))?;
         }
+        strata_core::pause_point("migrate:disks-copying");
         for disk in disks {
             wait_job(client, domain, &disk.job(), JobStatus::Ready).await?;
         }
-        strata_core::pause_point("migrate:disks-copied");
         let events = json!({"capability": "events", "state": true});
         dest_client
             .execute("migrate-set-capabilities", Some(json!({"capabilities": [events]})))
@@ -413,6 +416,11 @@ pub(crate) async fn cancel_disk_copies(client: &QmpClient, domain: &str, targets
     Ok(())
 }
 
+/// virsh's words for a migration domjobabort ended.
+fn canceled_by_client() -> Error {
+    Error::new(ErrorKind::OperationAborted, "operation aborted: migration job: canceled by client")
+}
+
 /// Waits for block job `id` to reach `wanted` (`Null`: gone), failing if
 /// it ends otherwise.
 async fn wait_job(client: &QmpClient, domain: &str, id: &str, wanted: JobStatus) -> Result<()> {
@@ -425,6 +433,17 @@ async fn wait_job(client: &QmpClient, domain: &str, id: &str, wanted: JobStatus)
             Some(j) if j.status == wanted => return Ok(()),
             None => {
                 return Err(Error::operation_failed(format!("the copy of a disk ({id}) ended before it was ready")))
+            }
+            Some(j) if j.status == JobStatus::Concluded => {
+                client.execute("job-dismiss", Some(json!({"id": id}))).await.map_err(|e| qmp_error(domain, e))?;
+                match j.error.as_deref() {
+                    // domjobabort while the disks were still copying.
+                    Some("Operation canceled") if wanted != JobStatus::Null => return Err(canceled_by_client()),
+                    Some(why) if wanted != JobStatus::Null => {
+                        return Err(Error::operation_failed(format!("the copy of a disk ({id}) failed: {why}")))
+                    }
+                    _ => {}
+                }
             }
             Some(j) if j.error.is_some() => {
                 return Err(Error::operation_failed(format!(
@@ -456,12 +475,7 @@ async fn wait_migration_state(
         let info: Value = client.execute("query-migrate", None).await.map_err(|e| qmp_error(domain, e))?;
         match info.get("status").and_then(Value::as_str) {
             Some(s) if s == wanted => return Ok(()),
-            Some("cancelled") => {
-                return Err(Error::new(
-                    ErrorKind::OperationAborted,
-                    "operation aborted: migration job: canceled by client",
-                ))
-            }
+            Some("cancelled") => return Err(canceled_by_client()),
             Some("failed") => {
                 let why = info.get("error-desc").and_then(Value::as_str).unwrap_or("unknown reason");
                 return Err(Error::operation_failed(format!("migration failed: {why}")));

@@ -215,7 +215,7 @@ impl QemuConnection {
     pub(crate) async fn save_domain(&self, domain: &str, path: &Path, opts: &SaveOptions) -> Result<()> {
         opts.flags.validate()?;
         let (status, monitor) = self.running_without_job(domain).await?;
-        let operation = self.stream_operation(domain)?;
+        let operation = self.stream_operation(domain).await?;
         let client = &monitor.client;
         let xml_override = match &opts.xml {
             Some(xml) => Some(checked_replacement(&status.domain, xml)?),

@@ -199,25 +199,46 @@ impl QemuConnection {
     /// The domain's operation lock for a save or migration, refused (not
     /// waited for) while a snapshot operation or a block job's start holds
     /// it.
-    pub(crate) fn stream_operation(&self, domain: &str) -> Result<DomainLock> {
+    pub(crate) async fn stream_operation(&self, domain: &str) -> Result<DomainLock> {
         self.refuse_during_stream(domain)?;
-        self.store().try_lock_domain_operation(domain)?.ok_or_else(|| {
+        let operation = self.store().try_lock_domain_operation(domain)?.ok_or_else(|| {
             Error::new(
                 ErrorKind::OperationTimeout,
                 format!("cannot acquire state change lock: a snapshot operation or block job holds domain '{domain}'"),
             )
-        })
+        })?;
+        // One killed while the lock was busy a moment ago, not yet undone:
+        // its record must not be overwritten.
+        if self.recover_holding(domain).await? {
+            return Err(Error::operation_invalid(format!(
+                "an interrupted save or migration of domain '{domain}' was just finished or undone; \
+                 check the domain's state and try again"
+            )));
+        }
+        Ok(operation)
     }
 
     /// Finishes or undoes a save or migration of `domain` whose `strata`
     /// was killed; nothing when none was, or when it still runs.
     pub(crate) async fn recover_stream(&self, domain: &str) -> Result<()> {
-        let Some(intent) = StreamIntent::abandoned(self.store(), domain)? else { return Ok(()) };
-        let _operation = strata_engine::blocking::lock_domain_operation(self.store(), domain).await?;
-        // Another process may have recovered it while this one waited.
-        let Some(intent) = StreamIntent::abandoned(self.store(), domain)?.filter(|i| *i == intent) else {
+        if StreamIntent::abandoned(self.store(), domain)?.is_none() {
+            return Ok(());
+        }
+        // A snapshot operation or block-job start holding the lock now
+        // leaves the recovery to a later command, rather than making this
+        // one (a `list`, say) wait for it.
+        let Some(_operation) = self.store().try_lock_domain_operation(domain)? else {
+            tracing::debug!(domain, "an interrupted save or migration waits for the operation lock");
             return Ok(());
         };
+        self.recover_holding(domain).await.map(|_| ())
+    }
+
+    /// [`QemuConnection::recover_stream`] for a caller holding the
+    /// operation lock; whether there was anything to recover.
+    async fn recover_holding(&self, domain: &str) -> Result<bool> {
+        // Read again: another process may have recovered it meanwhile.
+        let Some(intent) = StreamIntent::abandoned(self.store(), domain)? else { return Ok(false) };
         tracing::info!(domain, ?intent, "recovering a save or migration whose strata was killed");
         match &intent {
             StreamIntent::Save { committed: true, .. } => self.stop_saved(domain).await?,
@@ -227,11 +248,8 @@ impl QemuConnection {
                     remove_regular_file(partial)?;
                 }
             }
-            StreamIntent::Migrate { committed: true, running, root, name, undefine_source, .. } => {
+            StreamIntent::Migrate { committed: true, running, root, name, .. } => {
                 self.stop_source(domain).await?;
-                if *undefine_source {
-                    strata_engine::definitions::undefine(self.store(), domain, false)?;
-                }
                 let dest = QemuConnection::open_embedded(root)?;
                 if *running {
                     if let Some(monitor) = dest.vm_monitor(name).await? {
@@ -246,7 +264,12 @@ impl QemuConnection {
                 dest.remove_migrated(name, uuid.as_deref(), images).await?;
             }
         }
-        StreamIntent::clear(self.store(), domain)
+        StreamIntent::clear(self.store(), domain)?;
+        // Last: the record lives in the domain's directory.
+        if let StreamIntent::Migrate { committed: true, undefine_source: true, .. } = intent {
+            strata_engine::definitions::undefine(self.store(), domain, false)?;
+        }
+        Ok(true)
     }
 
     /// The monitor of the domain's QEMU, if one runs.
