@@ -222,7 +222,13 @@ impl QemuConnection {
     /// Starts QEMU (or the storage daemon) on `dom`, which may differ from
     /// the persistent definition (a restored image's); the caller holds
     /// the domain lock.
-    pub(crate) async fn launch(&self, name: &str, server: live::Server, mode: StartMode, dom: Domain) -> Result<()> {
+    pub(crate) async fn launch(
+        &self,
+        name: &str,
+        server: live::Server,
+        mode: StartMode,
+        mut dom: Domain,
+    ) -> Result<()> {
         let paths = live::runtime_paths(&self.store, name)?;
         // QEMU opens a volume disk's file; the status keeps the volume.
         let launched = define::resolve_volume_disks(&dom, &PoolManager::new(self.store.clone()))?;

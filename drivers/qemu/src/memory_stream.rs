@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use strata_core::{Error, ErrorKind, Result};
 use strata_qmp::QmpClient;
 
-use crate::live::qmp_error;
+use strata_qemu_block::monitor::qmp_error;
 
 /// As fast as the host allows: QEMU's default cap (128 MiB/s) also
 /// throttles a migration into a file (recipe book, quirk 8).

@@ -28,10 +28,11 @@ use strata_engine::image_work::{image_size, path_str};
 use strata_qmp::types::JobStatus;
 use strata_qmp::QmpClient;
 
-use crate::live::{self, qmp_error};
+use crate::live;
 use crate::memory_stream::{is_active, migration_status, UNCAPPED};
 use crate::stream_intent::{remove_regular_file, StreamIntent};
 use crate::{QemuConnection, StartMode};
+use strata_qemu_block::monitor::qmp_error;
 
 /// A disk the migration copies: its root node at the source and the
 /// fresh image the destination runs it on.

@@ -23,11 +23,12 @@ use strata_core::store::DomainLock;
 use strata_core::xml::Domain;
 use strata_core::{Error, ErrorKind, Result};
 
-use crate::live::{self, qmp_error, LiveStatus, Monitor};
+use crate::live::{self, LiveStatus};
 use crate::memory_stream::{is_active, migrate_from_fd, migrate_to_fd, migration_status, query_migrate, UNCAPPED};
 use crate::migrate::cancel_disk_copies;
 use crate::stream_intent::StreamIntent;
 use crate::{QemuConnection, StartMode};
+use strata_qemu_block::monitor::{qmp_error, Monitor};
 
 /// The first bytes of a saved image.
 const MAGIC: &[u8; 16] = b"StrataSavedState";

@@ -20,6 +20,7 @@ use strata_core::xml::Element;
 use strata_core::{Error, ErrorKind, Result};
 use strata_engine::intent::yes_no;
 use strata_engine::process::{Liveness, ProcessId};
+use strata_qemu_block::monitor::{qmp_error, Monitor};
 
 use crate::memory_stream::{is_active, migration_status};
 use crate::{live, QemuConnection};
@@ -253,7 +254,7 @@ impl QemuConnection {
                 let dest = QemuConnection::open_embedded(root)?;
                 if *running {
                     if let Some(monitor) = dest.vm_monitor(name).await? {
-                        monitor.client.execute("cont", None).await.map_err(|e| live::qmp_error(name, e))?;
+                        monitor.client.execute("cont", None).await.map_err(|e| qmp_error(name, e))?;
                         dest.record_reason(name, DomainState::Running, "migrated")?;
                     }
                 }
@@ -273,7 +274,7 @@ impl QemuConnection {
     }
 
     /// The monitor of the domain's QEMU, if one runs.
-    async fn vm_monitor(&self, name: &str) -> Result<Option<std::sync::Arc<live::Monitor>>> {
+    async fn vm_monitor(&self, name: &str) -> Result<Option<std::sync::Arc<Monitor>>> {
         match live::reconcile(self.store(), name)?.filter(live::LiveStatus::is_vm) {
             Some(status) => self.attach(name, &status).await,
             None => Ok(None),
@@ -298,7 +299,7 @@ impl QemuConnection {
         } else if running {
             // A save that completed into its partial image left QEMU in
             // postmigrate, one cut short left it paused.
-            client.execute("cont", None).await.map_err(|e| live::qmp_error(domain, e))?;
+            client.execute("cont", None).await.map_err(|e| qmp_error(domain, e))?;
         }
         Ok(())
     }
