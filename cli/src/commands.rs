@@ -204,6 +204,15 @@ pub enum Command {
         /// Accepted; changes nothing: the table is the default layout.
         #[arg(long)]
         _table: bool,
+        /// Show an inactive domain with a managed save image as `saved`.
+        #[arg(long)]
+        managed_save: bool,
+        /// List domains with a managed save image only.
+        #[arg(long, conflicts_with = "without_managed_save")]
+        with_managed_save: bool,
+        /// List domains without a managed save image only.
+        #[arg(long)]
+        without_managed_save: bool,
         #[command(flatten)]
         json: JsonFlag,
     },
@@ -485,6 +494,8 @@ pub enum Command {
     Event(EventArgs),
     #[command(flatten)]
     Pools(Box<crate::pools::PoolCommand>),
+    #[command(flatten)]
+    Save(Box<crate::save::SaveCommand>),
     /// Send a command to the domain's monitor and print its reply.
     ///
     /// The command is QMP JSON (`{"execute":"query-block"}`), passed through
@@ -774,15 +785,39 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                 .map_err(|e| domain_error(e, name, "Failed to undefine domain"))?;
             writeln!(out, "Domain '{name}' has been undefined\n")?;
         }
-        Command::List { all, inactive, name, uuid, json, .. } => {
-            let domains = session.conn()?.list_domains().await?;
+        Command::List {
+            all,
+            inactive,
+            name,
+            uuid,
+            json,
+            managed_save,
+            with_managed_save,
+            without_managed_save,
+            ..
+        } => {
+            let conn = session.conn()?;
+            let domains = conn.list_domains().await?;
             for reason in domains.iter().filter_map(|d| d.damaged.as_ref()) {
                 eprintln!("warning: {reason}");
             }
-            let shown: Vec<_> = domains
-                .into_iter()
-                .filter(|d| if inactive { !d.state.is_active() } else { all || d.state.is_active() })
-                .collect();
+            let mut shown = Vec::new();
+            for d in domains {
+                if !(if inactive { !d.state.is_active() } else { all || d.state.is_active() }) {
+                    continue;
+                }
+                let saved = if managed_save || with_managed_save || without_managed_save {
+                    d.damaged.is_none() && conn.domain_info(&d.name).await?.managed_save
+                } else {
+                    false
+                };
+                if (with_managed_save && !saved) || (without_managed_save && saved) {
+                    continue;
+                }
+                shown.push((d, saved && managed_save));
+            }
+            let shown_saved: Vec<bool> = shown.iter().map(|(_, saved)| *saved).collect();
+            let shown: Vec<_> = shown.into_iter().map(|(d, _)| d).collect();
             if wants_json(json) {
                 writeln!(out, "{}", serde_json::to_string_pretty(&shown)?)?;
             } else if name || uuid {
@@ -797,11 +832,13 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
             } else {
                 let rows: Vec<Vec<String>> = shown
                     .iter()
-                    .map(|d| {
+                    .zip(&shown_saved)
+                    .map(|(d, saved)| {
                         vec![
                             d.id.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
                             d.name.clone(),
-                            d.state.as_virsh().to_string(),
+                            // virsh's --managed-save state word.
+                            if *saved { "saved".into() } else { d.state.as_virsh().to_string() },
                         ]
                     })
                     .collect();
@@ -1219,6 +1256,19 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
             let pools = session.conn()?.require_storage_pools()?;
             out = crate::pools::run(pools.as_ref(), *command, global_json, quiet).await?;
         }
+        Command::Save(command) => {
+            let domain = command.domain().map(str::to_string);
+            let ran = crate::save::run(session.conn()?, *command, global_json).await;
+            // An unknown domain is virsh's lookup failure; any other error
+            // keeps the command's own context ("Failed to save domain …").
+            let no_domain = |e: &anyhow::Error| {
+                e.downcast_ref::<strata_core::Error>().is_some_and(|core| core.kind() == ErrorKind::NoDomain)
+            };
+            out = match (ran, domain) {
+                (Err(e), Some(domain)) if no_domain(&e) => return Err(job_error(e, &domain)),
+                (ran, _) => ran?,
+            };
+        }
         Command::QemuMonitor { domain, hmp, pretty, return_value, cmd } => {
             let name = domain.name();
             let reply = session
@@ -1361,6 +1411,8 @@ fn capability_lines(caps: &DriverCapabilities) -> Vec<(&'static str, String)> {
                 (domains.monitor, "monitor commands"),
                 (domains.cpu_placement, "CPU placement"),
                 (domains.vcpu_hotplug, "vCPU hotplug"),
+                (domains.save_restore, "save and restore"),
+                (domains.migration, "migration"),
             ]]),
         ),
         (

@@ -13,6 +13,7 @@ mod commands;
 mod help;
 mod output;
 mod pools;
+mod save;
 mod shared;
 mod snapshots;
 mod table;

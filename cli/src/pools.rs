@@ -16,7 +16,7 @@ use strata_core::pool::{parse_scaled, pool_xml_from_parts};
 use strata_core::xml::Element;
 use strata_core::ErrorKind;
 
-use crate::shared::read_document;
+use crate::shared::{binary_units, read_document};
 use crate::table::{format_fields, format_table};
 use crate::virsh_args::BY_POSITION;
 
@@ -356,14 +356,8 @@ fn lookup_error(
 
 /// virsh's size with a binary unit: `64.00 MiB`.
 fn pretty_size(bytes: u64) -> String {
-    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.2} {}", UNITS[unit])
+    let (value, unit) = binary_units(bytes);
+    format!("{value:.2} {unit}")
 }
 
 fn size_text(bytes: u64, exact: bool) -> String {

@@ -54,6 +54,19 @@ pub(crate) fn format_timestamp(us: i64) -> String {
     format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{millis:03}+0000", rem / 3600, (rem % 3600) / 60, rem % 60)
 }
 
+/// `bytes` in the largest binary unit that keeps the value at 1 or more,
+/// as virsh scales sizes (`vshPrettyCapacity`).
+pub(crate) fn binary_units(bytes: u64) -> (f64, &'static str) {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    (value, UNITS[unit])
+}
+
 #[cfg(test)]
 mod tests {
     use super::format_timestamp;

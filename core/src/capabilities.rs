@@ -56,6 +56,10 @@ pub struct DomainCapabilities {
     pub cpu_placement: bool,
     /// vCPUs plugged into a running domain (`setvcpus --live`).
     pub vcpu_hotplug: bool,
+    /// Memory state saved to a file or block device and restored, managed save.
+    pub save_restore: bool,
+    /// Running domains moved to another connection, disks copied or shared.
+    pub migration: bool,
 }
 
 /// Snapshots: what they can hold, when they can be taken, how they are

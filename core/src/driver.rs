@@ -273,6 +273,9 @@ pub trait Connection: Send + Sync {
     fn cpu_placement(&self) -> Option<&dyn CpuPlacementOps> {
         None
     }
+    fn save_migrate(&self) -> Option<&dyn SaveMigrateOps> {
+        None
+    }
 }
 
 impl<'a> dyn Connection + 'a {
@@ -299,6 +302,10 @@ impl<'a> dyn Connection + 'a {
 
     pub fn require_cpu_placement(&self) -> Result<&dyn CpuPlacementOps> {
         self.cpu_placement().ok_or_else(|| not_supported(self, "host CPU information and placement"))
+    }
+
+    pub fn require_save_migrate(&self) -> Result<&dyn SaveMigrateOps> {
+        self.save_migrate().ok_or_else(|| not_supported(self, "saving and migrating domains"))
     }
 
     /// Refuses, before the driver is asked, a snapshot of `domain` that the
@@ -542,6 +549,164 @@ wire_flags!(PinScope as u32 {
     live = 1 << 0,   // VIR_DOMAIN_AFFECT_LIVE
     config = 1 << 1, // VIR_DOMAIN_AFFECT_CONFIG
 });
+
+/// Flags for [`SaveMigrateOps::save`] and [`SaveMigrateOps::managed_save`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "u32", try_from = "u32")]
+pub struct SaveFlags {
+    /// Keep the saved state's pages out of the host's page cache.
+    pub bypass_cache: bool,
+    /// Restore the domain running, whatever it was when saved.
+    pub running: bool,
+    /// Restore the domain paused.
+    pub paused: bool,
+    /// Seed 004's save flag: the disks of the domain's disk set get
+    /// external overlays at the instant the memory was saved.
+    pub disk_set: bool,
+}
+
+wire_flags!(SaveFlags as u32 {
+    bypass_cache = 1 << 0, // VIR_DOMAIN_SAVE_BYPASS_CACHE
+    running = 1 << 1,      // VIR_DOMAIN_SAVE_RUNNING
+    paused = 1 << 2,       // VIR_DOMAIN_SAVE_PAUSED
+    disk_set = STRATA_FLAGS, // --disk-set, Strata's own
+});
+
+impl SaveFlags {
+    pub fn validate(&self) -> Result<()> {
+        if self.running && self.paused {
+            return Err(Error::invalid_arg("Options --running and --paused are mutually exclusive"));
+        }
+        Ok(())
+    }
+}
+
+/// What a save is asked for besides the domain and the file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaveOptions {
+    /// The domain XML to record in the image instead of the running one
+    /// (same name and UUID; virsh's `save --xml`).
+    pub xml: Option<String>,
+    /// A cap on the transfer in MiB/s (Strata's own); none is as fast as
+    /// the host allows.
+    pub bandwidth_mib: Option<u64>,
+    pub flags: SaveFlags,
+}
+
+/// What a domain job moves the guest's memory for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DomainJobOperation {
+    Save,
+    Restore,
+    MigrationOut,
+    MigrationIn,
+}
+
+impl DomainJobOperation {
+    /// The words `domjobinfo` prints.
+    pub fn as_virsh(self) -> &'static str {
+        match self {
+            DomainJobOperation::Save => "Save",
+            DomainJobOperation::Restore => "Restore",
+            DomainJobOperation::MigrationOut => "Outgoing migration",
+            DomainJobOperation::MigrationIn => "Incoming migration",
+        }
+    }
+}
+
+/// A running save or migration, as `domjobinfo` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainJobInfo {
+    pub operation: DomainJobOperation,
+    pub elapsed_ms: u64,
+    pub data_processed: u64,
+    pub data_remaining: u64,
+    pub data_total: u64,
+    /// Bytes per second.
+    pub memory_bandwidth: u64,
+}
+
+/// Flags for [`SaveMigrateOps::migrate`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "u32", try_from = "u32")]
+pub struct MigrateFlags {
+    pub live: bool,
+    /// Define the domain at the destination.
+    pub persist_dest: bool,
+    /// Undefine the domain at the source once it runs at the destination.
+    pub undefine_source: bool,
+    /// Copy every disk (virsh's `--copy-storage-all`).
+    pub copy_storage_all: bool,
+    /// Copy every disk, the destination holding its backing chain
+    /// (`--copy-storage-inc`).
+    pub copy_storage_inc: bool,
+    pub abort_on_error: bool,
+    /// Copy the disks of the domain's disk set (seed 004), Strata's own.
+    pub copy_storage_disk_set: bool,
+}
+
+wire_flags!(MigrateFlags as u32 {
+    live = 1 << 0,               // VIR_MIGRATE_LIVE
+    persist_dest = 1 << 3,       // VIR_MIGRATE_PERSIST_DEST
+    undefine_source = 1 << 4,    // VIR_MIGRATE_UNDEFINE_SOURCE
+    copy_storage_all = 1 << 6,   // VIR_MIGRATE_NON_SHARED_DISK
+    copy_storage_inc = 1 << 7,   // VIR_MIGRATE_NON_SHARED_INC
+    abort_on_error = 1 << 12,    // VIR_MIGRATE_ABORT_ON_ERROR
+    copy_storage_disk_set = STRATA_FLAGS,
+});
+
+impl MigrateFlags {
+    pub fn validate(&self) -> Result<()> {
+        let copies = [
+            (self.copy_storage_all, "--copy-storage-all"),
+            (self.copy_storage_inc, "--copy-storage-inc"),
+            (self.copy_storage_disk_set, "--copy-storage-disk-set"),
+        ];
+        let given: Vec<&str> = copies.iter().filter(|(on, _)| *on).map(|(_, name)| *name).collect();
+        if given.len() > 1 {
+            return Err(Error::invalid_arg(format!("Options {} are mutually exclusive", given.join(" and "))));
+        }
+        Ok(())
+    }
+}
+
+/// A migration's request besides the domain and the destination.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateOptions {
+    /// A cap on the transfer in MiB/s.
+    pub bandwidth_mib: Option<u64>,
+    /// Pause the guest once the memory transfer has run this many
+    /// seconds, so that it ends (virsh's `--timeout`).
+    pub timeout_s: Option<u64>,
+    pub flags: MigrateFlags,
+}
+
+/// Memory state leaving a running domain: saved to a file or a block
+/// device (and restored), kept as the domain's managed save, or migrated
+/// to another connection; and the domain job that carries it, which
+/// another process can watch or abort.
+#[async_trait]
+pub trait SaveMigrateOps: Send + Sync {
+    /// Saves the running domain's memory and device state to `file` and
+    /// stops it; a failure leaves it running.
+    async fn save(&self, domain: &str, file: &str, opts: &SaveOptions) -> Result<()>;
+    /// Starts the domain saved in `file`; returns its name. With `xml`,
+    /// the domain runs on that definition instead of the image's (same
+    /// name and UUID).
+    async fn restore(&self, file: &str, xml: Option<&str>, flags: SaveFlags) -> Result<String>;
+    /// The domain XML a saved image holds.
+    async fn save_image_xml(&self, file: &str) -> Result<String>;
+    /// Saves to the domain's own image, which its next start resumes from.
+    async fn managed_save(&self, domain: &str, opts: &SaveOptions) -> Result<()>;
+    async fn managed_save_remove(&self, domain: &str) -> Result<()>;
+    /// The save or migration running on the domain, if any.
+    async fn job_info(&self, domain: &str) -> Result<Option<DomainJobInfo>>;
+    /// Cancels the save or migration running on the domain; it keeps running.
+    async fn job_abort(&self, domain: &str) -> Result<()>;
+    /// Moves the running domain to the connection `dest_uri` names.
+    async fn migrate(&self, domain: &str, dest_uri: &str, opts: &MigrateOptions) -> Result<()>;
+}
 
 /// Seed 004's outcomes for adding or removing one disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

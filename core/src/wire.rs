@@ -15,8 +15,9 @@ use serde::{Deserialize, Serialize};
 use crate::capabilities::DriverCapabilities;
 use crate::driver::{
     BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobState, Connection, DefineFlags, DefineOutcome, DiskChainCheck,
-    DiskSetOutcome, DomainEvent, DomainInfo, DomainSummary, DumpXmlFlags, PinScope, PoolBuildFlags, PoolInfo,
-    SnapshotSummary, StartFlags, StartOutcome, UndefineFlags, VcpuCounts, VcpuInfo, VolumeInfo, VolumeResizeFlags,
+    DiskSetOutcome, DomainEvent, DomainInfo, DomainJobInfo, DomainSummary, DumpXmlFlags, MigrateOptions, PinScope,
+    PoolBuildFlags, PoolInfo, SaveFlags, SaveOptions, SnapshotSummary, StartFlags, StartOutcome, UndefineFlags,
+    VcpuCounts, VcpuInfo, VolumeInfo, VolumeResizeFlags,
 };
 use crate::error::{Error, ErrorKind, ErrorPayload, Result};
 use crate::hostcpu::{HostCpuMap, NodeInfo};
@@ -86,6 +87,15 @@ pub enum Call {
     PinEmulator { domain: String, cpus: Vec<u32>, scope: PinScope },
     VcpuCounts { domain: String },
     SetVcpus { domain: String, count: u32, scope: PinScope, maximum: bool },
+    // SaveMigrateOps
+    Save { domain: String, file: String, options: SaveOptions },
+    Restore { file: String, xml: Option<String>, flags: SaveFlags },
+    SaveImageXml { file: String },
+    ManagedSave { domain: String, options: SaveOptions },
+    ManagedSaveRemove { domain: String },
+    DomainJobInfo { domain: String },
+    DomainJobAbort { domain: String },
+    Migrate { domain: String, dest_uri: String, options: MigrateOptions },
     // StoragePoolOps; a volume without a pool is named by its path.
     PoolDefineXml { xml: String },
     PoolUndefine { pool: String },
@@ -145,6 +155,7 @@ pub enum Reply {
     /// The host CPUs the emulator's threads may run on.
     Cpus(Vec<u32>),
     VcpuCounts(VcpuCounts),
+    DomainJobInfo(Option<DomainJobInfo>),
     Pools(Vec<PoolInfo>),
     Pool(PoolInfo),
     Volumes(Vec<VolumeInfo>),
@@ -256,6 +267,23 @@ async fn perform(conn: &dyn Connection, call: Call) -> Result<Reply> {
         Call::VcpuCounts { domain } => Reply::VcpuCounts(conn.require_cpu_placement()?.vcpu_counts(&domain).await?),
         Call::SetVcpus { domain, count, scope, maximum } => {
             done(conn.require_cpu_placement()?.set_vcpus(&domain, count, scope, maximum).await?)
+        }
+
+        Call::Save { domain, file, options } => {
+            done(conn.require_save_migrate()?.save(&domain, &file, &options).await?)
+        }
+        Call::Restore { file, xml, flags } => {
+            Reply::Text(conn.require_save_migrate()?.restore(&file, xml.as_deref(), flags).await?)
+        }
+        Call::SaveImageXml { file } => Reply::Text(conn.require_save_migrate()?.save_image_xml(&file).await?),
+        Call::ManagedSave { domain, options } => {
+            done(conn.require_save_migrate()?.managed_save(&domain, &options).await?)
+        }
+        Call::ManagedSaveRemove { domain } => done(conn.require_save_migrate()?.managed_save_remove(&domain).await?),
+        Call::DomainJobInfo { domain } => Reply::DomainJobInfo(conn.require_save_migrate()?.job_info(&domain).await?),
+        Call::DomainJobAbort { domain } => done(conn.require_save_migrate()?.job_abort(&domain).await?),
+        Call::Migrate { domain, dest_uri, options } => {
+            done(conn.require_save_migrate()?.migrate(&domain, &dest_uri, &options).await?)
         }
 
         Call::PoolDefineXml { xml } => Reply::Text(conn.require_storage_pools()?.pool_define_xml(&xml).await?),
@@ -390,7 +418,7 @@ mod tests {
 
     use super::*;
     use crate::chain::ChainDifference;
-    use crate::driver::{DomainState, PoolState, VcpuCount};
+    use crate::driver::{DomainJobOperation, DomainState, MigrateFlags, PoolState, VcpuCount};
     use crate::xml::Domain;
 
     fn round_trip<T: Serialize + DeserializeOwned + PartialEq + Debug>(value: &T) {
@@ -675,6 +703,34 @@ mod tests {
             Call::PinEmulator { domain: d(), cpus: vec![2], scope },
             Call::VcpuCounts { domain: d() },
             Call::SetVcpus { domain: d(), count: 2, scope, maximum: false },
+            Call::Save {
+                domain: d(),
+                file: "/srv/vm1.save".into(),
+                options: SaveOptions {
+                    xml: Some("<domain/>".into()),
+                    bandwidth_mib: Some(8),
+                    flags: SaveFlags { paused: true, disk_set: true, ..Default::default() },
+                },
+            },
+            Call::Restore {
+                file: "/srv/vm1.save".into(),
+                xml: Some("<domain><name>vm1</name></domain>".into()),
+                flags: SaveFlags { running: true, ..Default::default() },
+            },
+            Call::SaveImageXml { file: "/dev/loop7".into() },
+            Call::ManagedSave { domain: d(), options: SaveOptions::default() },
+            Call::ManagedSaveRemove { domain: d() },
+            Call::DomainJobInfo { domain: d() },
+            Call::DomainJobAbort { domain: d() },
+            Call::Migrate {
+                domain: d(),
+                dest_uri: "qemu:///embed?root=/srv/b".into(),
+                options: MigrateOptions {
+                    bandwidth_mib: Some(100),
+                    timeout_s: Some(30),
+                    flags: MigrateFlags { live: true, copy_storage_disk_set: true, ..Default::default() },
+                },
+            },
             Call::PoolDefineXml { xml: "<pool/>".into() },
             Call::PoolUndefine { pool: pool() },
             Call::PoolBuild { pool: pool(), flags: PoolBuildFlags { no_overwrite: true, overwrite: false } },
@@ -742,6 +798,14 @@ mod tests {
                 config: VcpuCount { maximum: 2, current: 1 },
                 live: Some(VcpuCount { maximum: 2, current: 2 }),
             }),
+            Reply::DomainJobInfo(Some(DomainJobInfo {
+                operation: DomainJobOperation::Save,
+                elapsed_ms: 1200,
+                data_processed: 1 << 20,
+                data_remaining: 1 << 21,
+                data_total: 3 << 20,
+                memory_bandwidth: 1 << 20,
+            })),
             Reply::Pools(vec![pool_info()]),
             Reply::Pool(pool_info()),
             Reply::Volumes(vec![volume_info()]),
@@ -895,6 +959,7 @@ mod tests {
             (Call::DisksetList { domain: "vm1".into() }, "disk sets"),
             (Call::MonitorCommand { domain: "vm1".into(), command: "{}".into(), human: false }, "monitor commands"),
             (Call::NodeInfo, "host CPU information and placement"),
+            (Call::DomainJobInfo { domain: "vm1".into() }, "saving and migrating domains"),
             (Call::PoolList, "storage pools"),
         ];
         for (call, what) in cases {

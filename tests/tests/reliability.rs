@@ -12,28 +12,13 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{domain_xml, qemu_chain, qemu_img, DiskSpec, DomainGuard, TestEnv};
+use common::{domain_xml, qemu_chain, qemu_img, DiskSpec, DomainGuard, TestEnv, Tmpfs};
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf8")
 }
 
-/// A tmpfs of `size` mounted at `path` for the length of a test.
-struct Tmpfs {
-    path: PathBuf,
-}
-
 impl Tmpfs {
-    fn mount(path: PathBuf, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(&path).expect("mount point");
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", s(&path)])
-            .output()
-            .expect("run mount");
-        assert!(out.status.success(), "mount tmpfs (the suite runs as root): {}", String::from_utf8_lossy(&out.stderr));
-        Tmpfs { path }
-    }
-
     fn remount(&self, option: &str) {
         let out =
             Command::new("mount").args(["-o", &format!("remount,{option}"), s(&self.path)]).output().expect("mount");
@@ -50,12 +35,6 @@ impl Tmpfs {
         let probe = std::fs::write(self.path.join("probe"), vec![0u8; 8192]);
         assert!(probe.is_err(), "the tmpfs still had room after filling it");
         file
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.path).output();
     }
 }
 

@@ -57,7 +57,8 @@ pub enum DeleteMethod {
     Pull,
 }
 
-fn yes_no(b: bool) -> &'static str {
+/// A flag as intent records spell it.
+pub fn yes_no(b: bool) -> &'static str {
     if b {
         "yes"
     } else {

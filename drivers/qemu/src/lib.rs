@@ -14,9 +14,13 @@ mod honoured;
 mod jobs;
 mod launch;
 pub mod live;
+mod memory_stream;
+mod migrate;
 mod monitor_command;
 mod placement;
+mod save;
 mod snapshot_backend;
+mod stream_intent;
 mod tap;
 mod transient;
 mod vcpus;
@@ -34,8 +38,9 @@ use strata_core::capabilities::{
 use strata_core::define;
 use strata_core::driver::{
     BlockJobOps, Connection, CpuPlacementOps, DefineFlags, DefineOutcome, DiskChainCheck, DiskSetOps, DiskSetOutcome,
-    DomainEvent, DomainInfo, DomainState, DomainSummary, DriverCapabilities, DumpXmlFlags, MonitorOps, PinScope,
-    SnapshotOps, StartFlags, StartOutcome, UndefineFlags, VcpuCounts, VcpuInfo,
+    DomainEvent, DomainInfo, DomainJobInfo, DomainState, DomainSummary, DriverCapabilities, DumpXmlFlags,
+    MigrateOptions, MonitorOps, PinScope, SaveFlags, SaveMigrateOps, SaveOptions, SnapshotOps, StartFlags,
+    StartOutcome, UndefineFlags, VcpuCounts, VcpuInfo,
 };
 use strata_core::hostcpu::{HostCpuMap, NodeInfo, SysfsCpus};
 use strata_core::pool::PoolManager;
@@ -53,6 +58,9 @@ use strata_qemu_block::monitor::{qmp_error, Monitor};
 pub use strata_qemu_block::runtime::MONITORS;
 
 /// The emulator binary: `$STRATA_QEMU` or `qemu-system-x86_64` on `PATH`.
+/// The domain state file naming why the domain was last shut off.
+const SHUTOFF_REASON: &str = "shutoff-reason";
+
 fn qemu_binary() -> String {
     std::env::var("STRATA_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_string())
 }
@@ -121,6 +129,7 @@ impl QemuConnection {
     /// daemon of an offline block job — with recorded jobs brought forward.
     async fn serving(&self, name: &str) -> Result<Option<(LiveStatus, Arc<Monitor>)>> {
         strata_engine::definitions::load(&self.store, name)?;
+        self.recover_stream(name).await?;
         let Some(status) = live::reconcile(&self.store, name)? else { return Ok(None) };
         let Some(monitor) = self.attach(name, &status).await? else { return Ok(None) };
         match jobs::reconcile_jobs(&self.store, name, &monitor, status).await? {
@@ -169,10 +178,11 @@ impl QemuConnection {
             name: name.clone(),
             uuid: dom.uuid().unwrap_or_default(),
             state: DomainState::Shutoff,
-            reason: Some("unknown".into()),
+            reason: Some(self.shutoff_reason(&name)?),
             persistent: true,
             damaged: None,
         };
+        self.recover_stream(&name).await?;
         if let Some(status) = live::reconcile(&self.store, &name)?.filter(LiveStatus::is_vm) {
             let Some(monitor) = self.attach(&name, &status).await? else { return Ok(s) };
             let run = monitor.client.query_status().await.map_err(|e| qmp_error(&name, e))?;
@@ -206,6 +216,19 @@ impl QemuConnection {
         if dom.to_xml() != before {
             self.store.write_domain(name, &dom.to_xml())?;
         }
+        self.launch(name, server, mode, dom).await
+    }
+
+    /// Starts QEMU (or the storage daemon) on `dom`, which may differ from
+    /// the persistent definition (a restored image's); the caller holds
+    /// the domain lock.
+    pub(crate) async fn launch(
+        &self,
+        name: &str,
+        server: live::Server,
+        mode: StartMode,
+        mut dom: Domain,
+    ) -> Result<()> {
         let paths = live::runtime_paths(&self.store, name)?;
         // QEMU opens a volume disk's file; the status keeps the volume.
         let launched = define::resolve_volume_disks(&dom, &PoolManager::new(self.store.clone()))?;
@@ -235,6 +258,7 @@ impl QemuConnection {
         std::fs::create_dir_all(&paths.dir).map_err(|e| Error::io("create", &paths.dir, e))?;
         if server == live::Server::Vm {
             transient::create_overlays(&dom, &paths)?;
+            self.forget_shutoff_reason(name)?;
         }
         let id = match server {
             live::Server::Vm => live::next_domain_id(&self.store)?,
@@ -303,6 +327,26 @@ impl QemuConnection {
                 return Err(Error::operation_failed(format!("{binary} exited during start-up: {}", log.trim())));
             }
             return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Why the domain is shut off, as libvirt says it: `saved` once a save
+    /// stopped it (until it runs again), else `unknown` (Strata does not
+    /// track how a QEMU ended).
+    fn shutoff_reason(&self, name: &str) -> Result<String> {
+        let recorded = self.store.read_domain_file(name, SHUTOFF_REASON)?;
+        Ok(recorded.map(|r| r.trim().to_string()).filter(|r| !r.is_empty()).unwrap_or_else(|| "unknown".into()))
+    }
+
+    /// Records why the domain was shut off, for `domstate --reason`.
+    pub(crate) fn record_shutoff_reason(&self, name: &str, word: &str) -> Result<()> {
+        self.store.write_domain_file(name, SHUTOFF_REASON, word)
+    }
+
+    fn forget_shutoff_reason(&self, name: &str) -> Result<()> {
+        if self.store.read_domain_file(name, SHUTOFF_REASON)?.is_some_and(|r| !r.is_empty()) {
+            self.store.write_domain_file(name, SHUTOFF_REASON, "")?;
         }
         Ok(())
     }
@@ -378,6 +422,8 @@ impl Connection for QemuConnection {
                 monitor: true,
                 cpu_placement: true,
                 vcpu_hotplug: true,
+                save_restore: true,
+                migration: true,
             },
             snapshots: SnapshotCapabilities {
                 kinds: SnapshotKinds { internal_disk: true, external_disk: true, internal_memory: true, external_memory: true },
@@ -456,13 +502,19 @@ impl Connection for QemuConnection {
             used_memory_kib: dom.current_memory_kib().unwrap_or(0),
             vcpus: dom.vcpus(),
             autostart: false,
-            managed_save: false,
+            managed_save: self.managed_image(name)?.exists(),
         })
     }
 
     async fn start(&self, name: &str, flags: StartFlags) -> Result<StartOutcome> {
-        let _lock = strata_engine::blocking::lock_domain(&self.store, name).await?;
-        self.start_locked(name, flags).await?;
+        strata_engine::definitions::load(&self.store, name)?;
+        self.recover_stream(name).await?;
+        if self.managed_image(name)?.exists() {
+            self.start_from_managed_save(name, flags.paused).await?;
+        } else {
+            let _lock = strata_engine::blocking::lock_domain(&self.store, name).await?;
+            self.start_locked(name, flags).await?;
+        }
         let dom = strata_engine::definitions::load(&self.store, name)?;
         let warnings = honoured::unhonoured(&dom)
             .into_iter()
@@ -611,6 +663,52 @@ impl Connection for QemuConnection {
 
     fn cpu_placement(&self) -> Option<&dyn CpuPlacementOps> {
         Some(self)
+    }
+
+    fn save_migrate(&self) -> Option<&dyn SaveMigrateOps> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl SaveMigrateOps for QemuConnection {
+    async fn save(&self, domain: &str, file: &str, opts: &SaveOptions) -> Result<()> {
+        self.save_domain(domain, Path::new(file), opts).await
+    }
+
+    async fn restore(&self, file: &str, xml: Option<&str>, flags: SaveFlags) -> Result<String> {
+        self.restore_domain(Path::new(file), xml, flags).await
+    }
+
+    async fn save_image_xml(&self, file: &str) -> Result<String> {
+        self.saved_image_xml(Path::new(file))
+    }
+
+    async fn managed_save(&self, domain: &str, opts: &SaveOptions) -> Result<()> {
+        let image = self.managed_image(domain)?;
+        self.save_domain(domain, &image, opts).await
+    }
+
+    async fn managed_save_remove(&self, domain: &str) -> Result<()> {
+        strata_engine::definitions::load(&self.store, domain)?;
+        match std::fs::remove_file(self.managed_image(domain)?) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::io("remove", &self.managed_image(domain)?, e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn job_info(&self, domain: &str) -> Result<Option<DomainJobInfo>> {
+        self.domain_job_info(domain).await
+    }
+
+    async fn job_abort(&self, domain: &str) -> Result<()> {
+        self.domain_job_abort(domain).await
+    }
+
+    async fn migrate(&self, domain: &str, dest_uri: &str, opts: &MigrateOptions) -> Result<()> {
+        self.migrate_domain(domain, dest_uri, opts).await
     }
 }
 

@@ -97,6 +97,10 @@ impl SnapshotBackend for QemuConnection {
         Ok(())
     }
 
+    fn refuse_during_domain_job(&self, domain: &str) -> Result<()> {
+        self.refuse_during_stream(domain)
+    }
+
     async fn settle_snapshot_jobs(&self, domain: &str) -> Result<()> {
         let (_, monitor) = self.running(domain).await?;
         dismiss_snapshot_jobs(&monitor.client, domain).await
@@ -213,12 +217,7 @@ impl SnapshotBackend for QemuConnection {
         let (_, monitor) = self.running(domain).await?;
         let client = &monitor.client;
         let f = std::fs::File::open(file).map_err(|e| Error::io("open", file, e))?;
-        client.send_fd("strata-mem-in", std::os::fd::AsFd::as_fd(&f)).await.map_err(|e| qmp_error(domain, e))?;
-        client
-            .execute("migrate-incoming", Some(json!({"uri": "fd:strata-mem-in"})))
-            .await
-            .map_err(|e| qmp_error(domain, e))?;
-        wait_migration(client, domain).await
+        crate::memory_stream::migrate_from_fd(client, domain, std::os::fd::AsFd::as_fd(&f)).await
     }
 
     async fn pause_guest(&self, domain: &str) -> Result<bool> {
@@ -439,33 +438,7 @@ async fn save_memory(client: &strata_qmp::QmpClient, domain: &str, file: &Path) 
         .create_new(true)
         .open(file)
         .map_err(|e| Error::io("create", file, e))?;
-    client.send_fd("strata-mem-out", std::os::fd::AsFd::as_fd(&f)).await.map_err(|e| qmp_error(domain, e))?;
-    // QEMU throttles migration to 128 MiB/s by default, also into a file.
-    client
-        .execute("migrate-set-parameters", Some(json!({"max-bandwidth": 10_u64 << 30})))
-        .await
-        .map_err(|e| qmp_error(domain, e))?;
-    client.execute("migrate", Some(json!({"uri": "fd:strata-mem-out"}))).await.map_err(|e| qmp_error(domain, e))?;
-    wait_migration(client, domain).await?;
+    crate::memory_stream::migrate_to_fd(client, domain, std::os::fd::AsFd::as_fd(&f), crate::memory_stream::UNCAPPED)
+        .await?;
     f.sync_all().map_err(|e| Error::io("sync", file, e))
-}
-
-/// Waits for an outgoing or incoming migration to end.
-async fn wait_migration(client: &strata_qmp::QmpClient, domain: &str) -> Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(600);
-    loop {
-        let info = client.execute("query-migrate", None).await.map_err(|e| qmp_error(domain, e))?;
-        match info.get("status").and_then(|s| s.as_str()) {
-            Some("completed") => return Ok(()),
-            Some("failed") | Some("cancelled") => {
-                let why = info.get("error-desc").and_then(|e| e.as_str()).unwrap_or("unknown reason");
-                return Err(Error::operation_failed(format!("saving or loading the VM state failed: {why}")));
-            }
-            _ => {}
-        }
-        if std::time::Instant::now() >= deadline {
-            return Err(Error::new(ErrorKind::OperationTimeout, "the VM state transfer took over 10 minutes"));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }

@@ -640,6 +640,13 @@ pub fn qemu_pid(env: &TestEnv, name: &str) -> Option<i32> {
     status[start..end].parse().ok()
 }
 
+/// Whether process `pid` exists and is not a zombie (a killed process
+/// whose parent has not reaped it yet).
+pub fn process_runs(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+}
+
 /// Kills a running domain's QEMU with SIGKILL, as a crash would, and waits
 /// until the process is gone or a zombie (a 60 s hang guard), without
 /// running `strata`: the next command is the first to see the crash.
@@ -647,14 +654,35 @@ pub fn kill_qemu(env: &TestEnv, name: &str) {
     let pid = qemu_pid(env, name).expect("a running QEMU in the status XML");
     // SAFETY: kill(2) on the pid recorded for this test's own QEMU.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-    let running = || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|stat| stat.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
-    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while running() {
+    while process_runs(pid) {
         assert!(std::time::Instant::now() < deadline, "QEMU {pid} outlived SIGKILL for 60 s");
         std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A tmpfs of `size` mounted at `path` for the length of a test;
+/// unmounted by its path on drop.
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(path: PathBuf, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(&path).expect("mount point");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .output()
+            .expect("run mount");
+        assert!(out.status.success(), "mount tmpfs (the suite runs as root): {}", String::from_utf8_lossy(&out.stderr));
+        Tmpfs { path }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).output();
     }
 }
 

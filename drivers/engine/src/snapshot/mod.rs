@@ -128,6 +128,13 @@ pub trait SnapshotBackend: Send + Sync {
     /// Refuses while a block job runs on a disk of the domain.
     async fn refuse_during_block_job(&self, domain: &str) -> Result<()>;
 
+    /// Refuses while another process runs a job of the whole domain (a save
+    /// or a migration, which hold the operation lock until they end), where
+    /// waiting for the lock would leave the caller hanging for as long.
+    fn refuse_during_domain_job(&self, _domain: &str) -> Result<()> {
+        Ok(())
+    }
+
     /// Waits for and clears snapshot work that a process which died left
     /// in the running hypervisor.
     async fn settle_snapshot_jobs(&self, _domain: &str) -> Result<()> {
@@ -296,14 +303,30 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
     /// a crash interrupted.
     async fn snapshot_operation(&self, domain: &str) -> Result<DomainLock> {
         crate::definitions::load(self.store(), domain)?;
+        self.backend.refuse_during_domain_job(domain)?;
         let operation = crate::blocking::lock_domain_operation(self.store(), domain).await?;
         self.log_recovery(domain, &operation).await?;
         Ok(operation)
     }
 
+    /// A snapshot creation by a caller that already holds the domain's
+    /// operation lock (a save taking a disk-set snapshot while its guest
+    /// is paused); an interrupted snapshot operation is finished first.
+    pub async fn snapshot_create_holding(
+        &self,
+        domain: &str,
+        xml: &str,
+        flags: SnapshotCreateFlags,
+        operation: &DomainLock,
+    ) -> Result<String> {
+        self.log_recovery(domain, operation).await?;
+        self.create(domain, xml, flags, operation).await
+    }
+
     /// See [`settle_operations`].
     pub async fn settle_operations(&self, domain: &str) -> Result<DomainLock> {
         crate::definitions::load(self.store(), domain)?;
+        self.backend.refuse_during_domain_job(domain)?;
         let operation = crate::blocking::lock_domain_operation(self.store(), domain).await?;
         self.recover_or_warn(domain, &operation).await;
         Ok(operation)

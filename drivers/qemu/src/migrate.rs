@@ -1,0 +1,497 @@
+//! Migration of a running domain to another Strata connection of the QEMU
+//! driver (recipe book section 8). The destination QEMU starts paused with
+//! `-incoming defer` and exports fresh images of the copied disks over
+//! NBD; the source mirrors each copied disk into its export
+//! (`write-blocking`), migrates RAM with pause-before-switchover, and only
+//! there ends the mirrors, so the disks and the memory the destination
+//! resumes are of one instant. A disk that is not copied must be on
+//! storage the destination shares: QEMU would otherwise run the guest on
+//! whatever image the destination has, without a word. Nothing starts
+//! until every disk is accounted for; a failed or cancelled migration
+//! leaves the source running and the destination with nothing of it.
+//! The domain is defined at the destination whether or not the request
+//! asks for it (`--persistent`): Strata has no transient domains.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use strata_core::chain::{Backing, Chain, Layer, StorageSource};
+use strata_core::driver::{
+    Connection, DefineFlags, DomainJobInfo, DomainJobOperation, DomainState, MigrateOptions, StoragePoolOps,
+};
+use strata_core::pool::PoolManager;
+use strata_core::uri::ConnectUri;
+use strata_core::xml::Domain;
+use strata_core::{Error, ErrorKind, Result};
+use strata_engine::image_work::{image_size, path_str};
+use strata_qmp::types::JobStatus;
+use strata_qmp::QmpClient;
+
+use crate::live;
+use crate::memory_stream::{is_active, migration_status, UNCAPPED};
+use crate::stream_intent::{remove_regular_file, StreamIntent};
+use crate::{QemuConnection, StartMode};
+use strata_qemu_block::monitor::qmp_error;
+
+/// A disk the migration copies: its root node at the source and the
+/// fresh image the destination runs it on.
+struct CopiedDisk {
+    target: String,
+    source_root: String,
+    format: String,
+    size: u64,
+    image: PathBuf,
+}
+
+impl CopiedDisk {
+    fn job(&self) -> String {
+        mirror_job(&self.target)
+    }
+    fn nbd_node(&self) -> String {
+        nbd_node(&self.target)
+    }
+}
+
+/// The mirror job copying disk `target` to the destination.
+fn mirror_job(target: &str) -> String {
+    format!("{MIRROR_JOB_PREFIX}{target}")
+}
+
+const MIRROR_JOB_PREFIX: &str = "strata-migrate-";
+
+/// The source's NBD client node of disk `target`'s export.
+fn nbd_node(target: &str) -> String {
+    format!("strata-migrate-{target}-nbd")
+}
+
+impl QemuConnection {
+    pub(crate) async fn migrate_domain(&self, domain: &str, dest_uri: &str, opts: &MigrateOptions) -> Result<()> {
+        opts.flags.validate()?;
+        if opts.flags.copy_storage_inc {
+            return Err(Error::no_support(
+                "--copy-storage-inc: the qemu driver copies whole disks (--copy-storage-all, --copy-storage-disk-set)",
+            ));
+        }
+        let dest = QemuConnection::open(&ConnectUri::parse(dest_uri)?)?;
+        if dest.store().root() == self.store().root() {
+            return Err(Error::invalid_arg(format!("'{dest_uri}' is the domain's own connection")));
+        }
+        let (status, monitor) = self.running_without_job(domain).await?;
+        let _operation = self.stream_operation(domain).await?;
+        let client = &monitor.client;
+        let persistent = strata_engine::definitions::load(self.store(), domain)?;
+        let copied = copied_targets(&persistent, &status.domain, opts)?;
+        let images = dest.store().root().join("images").join(domain);
+        let mut disks = Vec::new();
+        let mut dest_dom = status.domain.clone();
+        for disk in status.domain.disks()? {
+            let Some(chain) = disk.chain.as_ref() else { continue };
+            if copied.contains(&disk.target) {
+                let top = chain.top().ok_or_else(|| Error::internal("a disk chain without layers"))?;
+                let path = top.source.local_path().ok_or_else(|| {
+                    Error::config_unsupported(format!(
+                        "disk '{}' is not a local image and cannot be copied",
+                        disk.target
+                    ))
+                })?;
+                let format = top.format.clone().unwrap_or_else(|| "raw".into());
+                let image = images.join(path.file_name().ok_or_else(|| Error::internal("an image without a name"))?);
+                let single = Chain {
+                    layers: vec![Layer {
+                        source: StorageSource::File { path: image.clone() },
+                        format: Some(format.clone()),
+                        index: 0,
+                        backing: Backing::End,
+                        slice: None,
+                    }],
+                };
+                dest_dom.set_disk_chain(&disk.target, &single)?;
+                let source_root = status
+                    .roots
+                    .get(&disk.target)
+                    .cloned()
+                    .ok_or_else(|| Error::internal(format!("no root node recorded for disk '{}'", disk.target)))?;
+                disks.push(CopiedDisk {
+                    target: disk.target.clone(),
+                    source_root,
+                    size: image_size(path, &format)?,
+                    format,
+                    image,
+                });
+            } else {
+                refuse_unshared(&dest, dest_uri, &disk.target, chain).await?;
+            }
+        }
+        refuse_existing_destination(&dest, &dest_dom).await?;
+
+        let was_running = client.query_status().await.map_err(|e| qmp_error(domain, e))?.running;
+        let images: Vec<PathBuf> = disks.iter().map(|d| d.image.clone()).collect();
+        let targets: Vec<String> = disks.iter().map(|d| d.target.clone()).collect();
+        let record = StreamIntent::Migrate {
+            running: was_running,
+            root: dest.store().root().to_path_buf(),
+            name: domain.to_string(),
+            uuid: dest_dom.uuid(),
+            images: images.clone(),
+            targets: targets.clone(),
+            undefine_source: opts.flags.undefine_source,
+            committed: false,
+        };
+        record.write(self.store(), domain)?;
+        let migrated = self.run_migration(domain, client, &dest, &dest_dom, &disks, opts, was_running, &record).await;
+        if let Err(e) = migrated {
+            self.abandon(domain, client, &targets, was_running).await;
+            match dest.remove_migrated(domain, dest_dom.uuid().as_deref(), &images).await {
+                Ok(()) => StreamIntent::clear(self.store(), domain)?,
+                // The record stays for the next command to finish the cleanup.
+                Err(left) => tracing::warn!(domain, error = %left.report(), "the destination is not cleaned up yet"),
+            }
+            return Err(e);
+        }
+        Connection::destroy(self, domain).await?;
+        StreamIntent::clear(self.store(), domain)?;
+        if opts.flags.undefine_source {
+            strata_engine::definitions::undefine(self.store(), domain, false)?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_migration(
+        &self,
+        domain: &str,
+        client: &QmpClient,
+        dest: &QemuConnection,
+        dest_dom: &Domain,
+        disks: &[CopiedDisk],
+        opts: &MigrateOptions,
+        was_running: bool,
+        record: &StreamIntent,
+    ) -> Result<()> {
+        for disk in disks {
+            let dir = disk.image.parent().ok_or_else(|| Error::internal("an image without a directory"))?;
+            std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+            strata_core::tool::run_tool(
+                &strata_engine::image_work::qemu_img_binary(),
+                &["create", "-q", "-f", &disk.format, path_str(&disk.image)?, &disk.size.to_string()],
+            )?;
+        }
+        let mut persistent = dest_dom.clone();
+        persistent.set_id(None);
+        strata_engine::definitions::define(dest.store(), &persistent.to_xml(), DefineFlags::default())?;
+        {
+            let _lock = strata_engine::blocking::lock_domain(dest.store(), domain).await?;
+            dest.launch(domain, live::Server::Vm, StartMode::Incoming, dest_dom.clone()).await?;
+        }
+        let (dest_status, dest_monitor) = dest.running(domain).await?;
+        let dest_client = &dest_monitor.client;
+        let run_dir = live::runtime_paths(dest.store(), domain)?.dir;
+        let nbd_socket = run_dir.join("nbd.sock");
+        let migration_socket = run_dir.join("migration.sock");
+        if !disks.is_empty() {
+            let addr = json!({"type": "unix", "data": {"path": path_str(&nbd_socket)?}});
+            dest_client
+                .execute("nbd-server-start", Some(json!({"addr": addr})))
+                .await
+                .map_err(|e| qmp_error(domain, e))?;
+        }
+        for disk in disks {
+            let node = dest_status.roots.get(&disk.target).ok_or_else(|| {
+                Error::internal(format!("no root node at the destination for disk '{}'", disk.target))
+            })?;
+            dest_client
+                .execute(
+                    "block-export-add",
+                    Some(json!({"type": "nbd", "id": disk.target, "node-name": node, "name": disk.target, "writable": true})),
+                )
+                .await
+                .map_err(|e| qmp_error(domain, e))?;
+            let server = json!({"type": "unix", "path": path_str(&nbd_socket)?});
+            client
+                .execute(
+                    "blockdev-add",
+                    Some(
+                        json!({"driver": "nbd", "node-name": disk.nbd_node(), "server": server, "export": disk.target}),
+                    ),
+                )
+                .await
+                .map_err(|e| qmp_error(domain, e))?;
+            client
+                .execute(
+                    "blockdev-mirror",
+                    Some(json!({
+                        "job-id": disk.job(), "device": disk.source_root, "target": disk.nbd_node(),
+                        "sync": "full", "copy-mode": "write-blocking",
+                        // Kept once ended, so a cancelled copy tells it was one.
+                        "auto-dismiss": false,
+                    })),
+                )
+                .await
+                .map_err(|e| qmp_error(domain, e))?;
+        }
+        strata_core::pause_point("migrate:disks-copying");
+        for disk in disks {
+            wait_job(client, domain, &disk.job(), JobStatus::Ready).await?;
+        }
+        let events = json!({"capability": "events", "state": true});
+        dest_client
+            .execute("migrate-set-capabilities", Some(json!({"capabilities": [events]})))
+            .await
+            .map_err(|e| qmp_error(domain, e))?;
+        let switchover = json!({"capability": "pause-before-switchover", "state": true});
+        client
+            .execute("migrate-set-capabilities", Some(json!({"capabilities": [events, switchover]})))
+            .await
+            .map_err(|e| qmp_error(domain, e))?;
+        let bandwidth = opts.bandwidth_mib.map_or(UNCAPPED, |mib| mib << 20);
+        client
+            .execute("migrate-set-parameters", Some(json!({"max-bandwidth": bandwidth})))
+            .await
+            .map_err(|e| qmp_error(domain, e))?;
+        if !opts.flags.live {
+            client.execute("stop", None).await.map_err(|e| qmp_error(domain, e))?;
+        }
+        let uri = format!("unix:{}", path_str(&migration_socket)?);
+        dest_client.execute("migrate-incoming", Some(json!({"uri": uri}))).await.map_err(|e| qmp_error(domain, e))?;
+        let moved = async {
+            client.execute("migrate", Some(json!({"uri": uri}))).await.map_err(|e| qmp_error(domain, e))?;
+            wait_migration_state(client, domain, "pre-switchover", opts.timeout_s).await?;
+            // The guest is stopped: the mirrors hold every write it made.
+            // Ending a ready mirror without a pivot leaves the source on its
+            // own image, in case the switchover still fails.
+            for disk in disks {
+                client
+                    .execute("block-job-cancel", Some(json!({"device": disk.job()})))
+                    .await
+                    .map_err(|e| qmp_error(domain, e))?;
+                wait_job(client, domain, &disk.job(), JobStatus::Null).await?;
+            }
+            client
+                .execute("migrate-continue", Some(json!({"state": "pre-switchover"})))
+                .await
+                .map_err(|e| qmp_error(domain, e))?;
+            wait_migration_state(client, domain, "completed", None).await
+        }
+        .await;
+        moved?;
+        wait_migration_state(dest_client, domain, "completed", None).await?;
+        // Both sides hold the guest, paused: from here the next command
+        // finishes the migration rather than undoing it.
+        record.committed().write(self.store(), domain)?;
+        if !disks.is_empty() {
+            dest_client.execute("nbd-server-stop", None).await.map_err(|e| qmp_error(domain, e))?;
+        }
+        if was_running {
+            dest_client.execute("cont", None).await.map_err(|e| qmp_error(domain, e))?;
+            dest.record_reason(domain, DomainState::Running, "migrated")?;
+        } else {
+            dest.record_reason(domain, DomainState::Paused, "migration")?;
+        }
+        Ok(())
+    }
+
+    /// The source after a failed migration: the stream cancelled, the
+    /// mirrors and their NBD clients gone, the guest running as before.
+    pub(crate) async fn abandon(&self, domain: &str, client: &QmpClient, targets: &[String], resume: bool) {
+        let _ = client.execute("migrate_cancel", None).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while migration_status(client).await.is_some_and(|s| is_active(&s)) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A later save must not stop before its switchover.
+        let switchover = json!({"capability": "pause-before-switchover", "state": false});
+        let _ = client.execute("migrate-set-capabilities", Some(json!({"capabilities": [switchover]}))).await;
+        for target in targets {
+            let job = mirror_job(target);
+            if client.execute("block-job-cancel", Some(json!({"device": job, "force": true}))).await.is_ok() {
+                let _ = wait_job(client, domain, &job, JobStatus::Null).await;
+            }
+            let _ = client.execute("blockdev-del", Some(json!({"node-name": nbd_node(target)}))).await;
+        }
+        if resume {
+            let _ = client.execute("cont", None).await;
+        }
+    }
+
+    /// `domjobinfo` of a migration still copying its disks: the progress
+    /// of its mirror jobs.
+    pub(crate) async fn disk_copy_info(&self, domain: &str, client: &QmpClient) -> Result<DomainJobInfo> {
+        let jobs = client.query_jobs().await.map_err(|e| qmp_error(domain, e))?;
+        let mirrors: Vec<_> = jobs.iter().filter(|j| j.id.starts_with(MIRROR_JOB_PREFIX)).collect();
+        let processed: u64 = mirrors.iter().map(|j| j.current_progress).sum();
+        let total: u64 = mirrors.iter().map(|j| j.total_progress).sum();
+        Ok(DomainJobInfo {
+            operation: DomainJobOperation::MigrationOut,
+            elapsed_ms: 0,
+            data_processed: processed,
+            data_remaining: total.saturating_sub(processed),
+            data_total: total,
+            memory_bandwidth: 0,
+        })
+    }
+
+    /// The destination after a failed migration: its QEMU stopped and
+    /// the definition removed (only if it is the migrated domain's, by
+    /// UUID), and the copied images it made removed.
+    pub(crate) async fn remove_migrated(&self, domain: &str, uuid: Option<&str>, images: &[PathBuf]) -> Result<()> {
+        let ours = match strata_engine::definitions::load(self.store(), domain) {
+            Ok(dom) => dom.uuid().as_deref() == uuid,
+            Err(e) if e.kind() == ErrorKind::NoDomain => false,
+            Err(e) => return Err(e),
+        };
+        if ours {
+            if live::reconcile(self.store(), domain)?.is_some_and(|s| s.is_vm()) {
+                Connection::destroy(self, domain).await?;
+            }
+            strata_engine::definitions::undefine(self.store(), domain, false)?;
+        }
+        for image in images {
+            remove_regular_file(image)?;
+        }
+        if let Some(dir) = images.first().and_then(|i| i.parent()) {
+            let _ = std::fs::remove_dir(dir);
+        }
+        Ok(())
+    }
+}
+
+/// The disks the flags copy: every disk, the disk set, or none.
+fn copied_targets(persistent: &Domain, running: &Domain, opts: &MigrateOptions) -> Result<Vec<String>> {
+    let flags = opts.flags;
+    if flags.copy_storage_all {
+        return Ok(running.disks()?.into_iter().filter(|d| d.chain.is_some()).map(|d| d.target).collect());
+    }
+    if flags.copy_storage_disk_set {
+        return strata_core::diskset::selected(persistent);
+    }
+    Ok(Vec::new())
+}
+
+/// A disk that is not copied must be on storage the destination sees at
+/// the same path: every image of its chain inside a running storage pool
+/// of the destination connection.
+async fn refuse_unshared(dest: &QemuConnection, dest_uri: &str, target: &str, chain: &Chain) -> Result<()> {
+    let pools = PoolManager::new(dest.store().clone()).pool_list().await?;
+    for layer in &chain.layers {
+        let Some(path) = layer.source.local_path() else { continue };
+        let shared = pools
+            .iter()
+            .filter(|p| p.state == strata_core::driver::PoolState::Running)
+            .any(|p| path.starts_with(Path::new(&p.target)));
+        if !shared {
+            return Err(Error::new(
+                ErrorKind::OperationInvalid,
+                format!(
+                    "disk '{target}' is not copied and '{}' is not on storage shared with '{dest_uri}' \
+                     (no running storage pool there holds it); copy it (--copy-storage-disk-set with the disk \
+                     in the disk set, or --copy-storage-all) or put it in a pool both sides share",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The destination must not run or define another domain of that name.
+async fn refuse_existing_destination(dest: &QemuConnection, dom: &Domain) -> Result<()> {
+    let name = dom.name();
+    match strata_engine::definitions::load(dest.store(), &name) {
+        Ok(_) => Err(Error::operation_invalid(format!("domain '{name}' already exists at the destination"))),
+        Err(e) if e.kind() == ErrorKind::NoDomain => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Cancels the copies of a migration's disks still mirroring (before its
+/// memory stream starts): the migrating strata sees them end before they
+/// were ready and undoes the migration.
+pub(crate) async fn cancel_disk_copies(client: &QmpClient, domain: &str, targets: &[String]) -> Result<()> {
+    for target in targets {
+        client
+            .execute("block-job-cancel", Some(json!({"device": mirror_job(target), "force": true})))
+            .await
+            .map_err(|e| qmp_error(domain, e))?;
+    }
+    Ok(())
+}
+
+/// virsh's words for a migration domjobabort ended.
+fn canceled_by_client() -> Error {
+    Error::new(ErrorKind::OperationAborted, "operation aborted: migration job: canceled by client")
+}
+
+/// Waits for block job `id` to reach `wanted` (`Null`: gone), failing if
+/// it ends otherwise.
+async fn wait_job(client: &QmpClient, domain: &str, id: &str, wanted: JobStatus) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let jobs = client.query_jobs().await.map_err(|e| qmp_error(domain, e))?;
+        let job = jobs.iter().find(|j| j.id == id);
+        match job {
+            None if wanted == JobStatus::Null => return Ok(()),
+            Some(j) if j.status == wanted => return Ok(()),
+            None => {
+                return Err(Error::operation_failed(format!("the copy of a disk ({id}) ended before it was ready")))
+            }
+            Some(j) if j.status == JobStatus::Concluded => {
+                client.execute("job-dismiss", Some(json!({"id": id}))).await.map_err(|e| qmp_error(domain, e))?;
+                match j.error.as_deref() {
+                    // domjobabort while the disks were still copying.
+                    Some("Operation canceled") if wanted != JobStatus::Null => return Err(canceled_by_client()),
+                    Some(why) if wanted != JobStatus::Null => {
+                        return Err(Error::operation_failed(format!("the copy of a disk ({id}) failed: {why}")))
+                    }
+                    _ => {}
+                }
+            }
+            Some(j) if j.error.is_some() => {
+                return Err(Error::operation_failed(format!(
+                    "the copy of a disk ({id}) failed: {}",
+                    j.error.clone().unwrap_or_default()
+                )))
+            }
+            Some(_) => {}
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::new(ErrorKind::OperationTimeout, format!("the disk copy {id} took over 10 minutes")));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits for the migration to reach `wanted`; a failed or cancelled one is
+/// an error. With `suspend_after`, the guest is paused once it has run that
+/// many seconds of the migration (virsh's `--timeout`), so it converges.
+async fn wait_migration_state(
+    client: &QmpClient,
+    domain: &str,
+    wanted: &str,
+    suspend_after: Option<u64>,
+) -> Result<()> {
+    let start = Instant::now();
+    let mut suspended = false;
+    loop {
+        let info: Value = client.execute("query-migrate", None).await.map_err(|e| qmp_error(domain, e))?;
+        match info.get("status").and_then(Value::as_str) {
+            Some(s) if s == wanted => return Ok(()),
+            Some("cancelled") => return Err(canceled_by_client()),
+            Some("failed") => {
+                let why = info.get("error-desc").and_then(Value::as_str).unwrap_or("unknown reason");
+                return Err(Error::operation_failed(format!("migration failed: {why}")));
+            }
+            _ => {}
+        }
+        if let Some(limit) = suspend_after.filter(|_| !suspended) {
+            if start.elapsed() >= Duration::from_secs(limit) {
+                client.execute("stop", None).await.map_err(|e| qmp_error(domain, e))?;
+                suspended = true;
+            }
+        }
+        if start.elapsed() >= Duration::from_secs(3600) {
+            return Err(Error::new(ErrorKind::OperationTimeout, "the migration took over an hour"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
