@@ -364,7 +364,7 @@ fn create_offline_holding(
                 "external" => {
                     let overlay = p.overlay.as_ref().ok_or_else(|| Error::internal("external plan without overlay"))?;
                     if created.contains(overlay) {
-                        create_overlay(Some(operation), &p.image, &p.format, overlay)?;
+                        create_overlay(&p.image, &p.format, overlay)?;
                         made.push(overlay.clone());
                     }
                 }
