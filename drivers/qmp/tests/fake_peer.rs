@@ -18,6 +18,14 @@ use tokio::task::JoinHandle;
 
 const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "fake"}, "capabilities": ["oob"]}}"#;
 
+/// A fake monitor socket in a new temporary directory.
+fn listen() -> (tempfile::TempDir, PathBuf, UnixListener) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fake.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    (dir, path, listener)
+}
+
 /// Binds a fake monitor socket and serves one connection: it sends
 /// `prelude` and the greeting, then writes what `answer` returns for each
 /// request (given the command name and the request's id).
@@ -25,9 +33,7 @@ fn serve(
     prelude: &'static str,
     mut answer: impl FnMut(&str, Value) -> Vec<Value> + Send + 'static,
 ) -> (tempfile::TempDir, PathBuf, JoinHandle<()>) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("fake.sock");
-    let listener = UnixListener::bind(&path).unwrap();
+    let (dir, path, listener) = listen();
     let peer = tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
         let (read, mut write) = stream.into_split();
@@ -128,9 +134,7 @@ async fn event_ahead_of_the_greeting_is_skipped() {
 /// time out.
 #[tokio::test]
 async fn capabilities_are_sent_before_the_greeting_is_read() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("fake.sock");
-    let listener = UnixListener::bind(&path).unwrap();
+    let (_dir, path, listener) = listen();
     let peer = tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
         let (read, mut write) = stream.into_split();
