@@ -20,7 +20,7 @@
 //! (`cargo build --release -p strata-cli`), or `$STRATA_BENCH_BIN`.
 //! `STRATA_BENCH_QUICK=1` runs fewer repetitions.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{BufRead, BufReader};
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use strata_benches::{
-    between, create_qcow2, domain_xml, ms, path_str, qcow2_chain, quick_suffix, time, BackingNames as Names,
-    DomainBench, DomainGuard, Leftover, Stats, Strata, RUNNING_DOMAIN_TOOLS,
+    between, create_qcow2, domain_xml, measure_ok, mib, ms, path_str, qcow2_chain, quick_suffix, time,
+    BackingNames as Names, DomainBench, DomainGuard, Leftover, Stats, Strata, RUNNING_DOMAIN_TOOLS,
 };
 
 const DOMAIN: &str = "vm";
@@ -366,14 +366,25 @@ impl Bench<'_> {
             for (cmd, out_bytes, lines) in
                 [("--tree", tree.bytes, tree.lines), ("--name", name_out.len() as u64, name_out.lines().count() as u64)]
             {
-                let samples: Vec<Duration> =
+                let measured: Vec<(Duration, u64)> =
                     (0..runs).map(|_| dom.time_to_null(&["snapshot-list", DOMAIN, cmd])).collect();
-                let st = Stats::of(&samples);
-                table.push((shape.label(), shape.records(), shape.depth(), cmd, st, out_bytes, lines, tree.widest));
+                let st = Stats::of(&measured.iter().map(|(d, _)| *d).collect::<Vec<_>>());
+                let rss = measured.iter().map(|(_, r)| *r).max().unwrap_or(0);
+                table.push((
+                    shape.label(),
+                    shape.records(),
+                    shape.depth(),
+                    cmd,
+                    st,
+                    rss,
+                    out_bytes,
+                    lines,
+                    tree.widest,
+                ));
                 rows.push(json!({
                     "shape": shape.label(), "records": shape.records(), "depth": shape.depth(),
                     "command": format!("snapshot-list vm {cmd}"), "runs": st.runs,
-                    "median_ms": ms(st.median), "min_ms": ms(st.min), "max_ms": ms(st.max),
+                    "median_ms": ms(st.median), "min_ms": ms(st.min), "max_ms": ms(st.max), "peak_rss_mib": mib(rss),
                     "output_bytes": out_bytes, "output_lines": lines,
                     "widest_line": if cmd == "--tree" { Some(tree.widest) } else { None },
                     "note": note,
@@ -381,16 +392,27 @@ impl Bench<'_> {
             }
         }
         println!(
-            "{:<30} {:>7} {:>6} {:>8} {:>5} {:>10} {:>9} {:>9} {:>11} {:>8}",
-            "shape", "records", "depth", "option", "runs", "median ms", "min ms", "max ms", "output", "lines"
+            "{:<30} {:>7} {:>6} {:>8} {:>5} {:>10} {:>9} {:>9} {:>9} {:>11} {:>8}",
+            "shape",
+            "records",
+            "depth",
+            "option",
+            "runs",
+            "median ms",
+            "min ms",
+            "max ms",
+            "peak MiB",
+            "output",
+            "lines"
         );
-        for (label, recs, depth, cmd, st, bytes, lines, widest) in table {
+        for (label, recs, depth, cmd, st, rss, bytes, lines, widest) in table {
             println!(
-                "{label:<30} {recs:>7} {depth:>6} {cmd:>8} {:>5} {:>10.1} {:>9.1} {:>9.1} {:>11} {lines:>8}{}",
+                "{label:<30} {recs:>7} {depth:>6} {cmd:>8} {:>5} {:>10.1} {:>9.1} {:>9.1} {:>9.1} {:>11} {lines:>8}{}",
                 st.runs,
                 ms(st.median),
                 ms(st.min),
                 ms(st.max),
+                mib(rss),
                 human_bytes(bytes),
                 if cmd == "--tree" { format!("  (widest line {widest} columns)") } else { String::new() }
             );
@@ -637,19 +659,12 @@ impl RunningDomain {
         Some(size)
     }
 
-    /// Wall time of one call with stdout to /dev/null.
-    fn time_to_null(&self, args: &[&str]) -> Duration {
-        let null = File::create("/dev/null").expect("open /dev/null");
+    /// Wall time and peak RSS (bytes) of one call with stdout to /dev/null.
+    fn time_to_null(&self, args: &[&str]) -> (Duration, u64) {
         let mut cmd = self.cli.command(args);
-        cmd.stdout(Stdio::from(null)).stderr(Stdio::piped());
-        let (t, out) = time(|| cmd.output().expect("run strata"));
-        assert!(
-            out.status.success(),
-            "strata {args:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        t
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        let run = measure_ok(cmd);
+        (run.wall, run.peak_rss)
     }
 }
 

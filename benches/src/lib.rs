@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 pub mod images;
 pub mod strata;
 
-pub use images::{copy_images, create_qcow2, qcow2_chain, qemu_io, BackingNames};
+pub use images::{copy_images, create_qcow2, deep_layer_name, deep_qcow2_chain, qcow2_chain, qemu_io, BackingNames};
 pub use strata::{domain_type, domain_xml, pid_attr, strata_for_bench, DomainBench, DomainGuard, Leftover, Strata};
 
 /// `STRATA_BENCH_QUICK=1`: fewer repetitions, for CI smoke runs.
@@ -54,6 +54,70 @@ pub fn time<T>(f: impl FnOnce() -> T) -> (Duration, T) {
     let start = Instant::now();
     let out = f();
     (start.elapsed(), out)
+}
+
+/// One finished process: its output, wall time, and peak memory.
+pub struct Measured {
+    pub output: Output,
+    pub wall: Duration,
+    /// The largest resident set, in bytes, of the process or of any
+    /// process it waited for (wait4's `ru_maxrss`).
+    pub peak_rss: u64,
+}
+
+/// Runs `command` to its end and measures it (see [`Measured`]); its
+/// stdout and stderr go where the caller set them (piped ones are read
+/// into the output).
+#[allow(clippy::zombie_processes, reason = "wait4 reaps the child, which is how its usage is read")]
+pub fn measure(mut command: Command) -> Measured {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{ExitStatus, Stdio};
+
+    fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                pipe.read_to_end(&mut bytes).expect("read the output of a measured process");
+            }
+            bytes
+        })
+    }
+    let start = Instant::now();
+    let mut child = command.stdin(Stdio::null()).spawn().unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    let (stdout, stderr) = (drain(child.stdout.take()), drain(child.stderr.take()));
+    let pid = i32::try_from(child.id()).expect("a pid fits in i32");
+    let mut status = 0;
+    // SAFETY: rusage is plain integers, for which all zeroes are valid.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4(2) on our own unreaped child, writing into locals.
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(rc, pid, "wait4 on {command:?}: {}", std::io::Error::last_os_error());
+    let wall = start.elapsed();
+    let output = Output {
+        status: ExitStatus::from_raw(status),
+        stdout: stdout.join().expect("the stdout reader"),
+        stderr: stderr.join().expect("the stderr reader"),
+    };
+    Measured { output, wall, peak_rss: u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024 }
+}
+
+/// [`measure`] of a run that must succeed (else panics with its stderr).
+pub fn measure_ok(command: Command) -> Measured {
+    let what = format!("{command:?}");
+    let run = measure(command);
+    assert!(
+        run.output.status.success(),
+        "{what} failed ({}): {}",
+        run.output.status,
+        String::from_utf8_lossy(&run.output.stderr)
+    );
+    run
+}
+
+/// `bytes` in MiB, for tables.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
 }
 
 /// Summary of repeated wall-clock measurements.

@@ -112,6 +112,7 @@ pub fn newest_rs(dir: &Path) -> Option<SystemTime> {
 
 /// The `strata` command with one connection URI: the embedded QEMU driver
 /// on a private state root (`qemu:///embed?root=STATE`).
+#[derive(Clone)]
 pub struct Strata {
     pub bin: PathBuf,
     pub uri: String,
@@ -135,6 +136,11 @@ impl Strata {
     /// `bin -c lxc:///embed?root=STATE`: the LXC driver on a private state root.
     pub fn embedded_lxc(bin: &Path, state: &Path) -> Strata {
         Strata { uri: format!("lxc:///embed?root={}", state.display()), ..Strata::embedded(bin, state) }
+    }
+
+    /// The same state root through another binary (an older build).
+    pub fn with_bin(&self, bin: &Path) -> Strata {
+        Strata { bin: bin.to_path_buf(), ..self.clone() }
     }
 
     /// The same, with `NO_COLOR=1` for every [`Strata::run`] and

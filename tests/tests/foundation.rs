@@ -1569,7 +1569,8 @@ fn event_with_nothing_running_sleeps_until_its_timeout() {
     for extra in [&[][..], &["--loop"]] {
         let mut args = vec!["event", "--all", "--timeout", "2"];
         args.extend_from_slice(extra);
-        let (out, cpu) = env.strata_with_cpu(&args, Duration::from_secs(60));
+        let (out, used) = env.run_with_usage(env.command(&args), Duration::from_secs(60));
+        let cpu = used.cpu;
         assert_eq!(stdout_of(&out), "event loop timed out\nevents received: 0\n\n", "{args:?}");
         assert_eq!(stderr_of(&out), "", "{args:?}");
         assert_eq!(out.status.code(), Some(1), "{args:?}");

@@ -11,6 +11,9 @@
 //! from a file can make these functions panic; a header that QEMU would
 //! refuse, or that Strata cannot follow safely, is a
 //! [`ErrorKind::StorageProbeFailed`] error naming the file.
+//!
+//! [`create_qcow2_overlay`] is the one writer: a new qcow2 overlay's header,
+//! written without opening the backing chain.
 
 use std::fmt;
 use std::path::Path;
@@ -19,6 +22,7 @@ use std::str::FromStr;
 use crate::error::{Error, ErrorKind, Result};
 
 mod other;
+mod overlay;
 mod qcow;
 mod qed;
 mod source;
@@ -30,6 +34,7 @@ mod vmdk;
 #[cfg(test)]
 mod tests;
 
+pub use overlay::create_qcow2_overlay;
 use source::ImageFile;
 
 /// The trailing area where fixed VHD footers and DMG trailers live.

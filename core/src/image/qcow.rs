@@ -8,18 +8,18 @@ use super::source::{has_magic, peek_be32, utf8_name, Fields, ImageFile};
 use super::{invalid, not_format, ImageFormat, ImageHeader};
 use crate::error::Result;
 
-const MAGIC: &[u8] = b"QFI\xfb";
+pub(super) const MAGIC: &[u8] = b"QFI\xfb";
 
 /// Version 2 header length; version 3 records its own (at least 104).
 const V2_HEADER_LEN: u32 = 72;
-const V3_MIN_HEADER_LEN: u32 = 104;
+pub(super) const V3_MIN_HEADER_LEN: u32 = 104;
 
 /// QEMU's cluster size limits (512 bytes to 2 MiB).
 const MIN_CLUSTER_BITS: u32 = 9;
 const MAX_CLUSTER_BITS: u32 = 21;
 
 /// QEMU refuses longer backing names.
-const MAX_BACKING_NAME: u32 = 1023;
+pub(super) const MAX_BACKING_NAME: u32 = 1023;
 /// QEMU keeps the backing format in a 16-byte C buffer.
 const MAX_BACKING_FORMAT: u32 = 15;
 
@@ -28,8 +28,8 @@ const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 /// dirty, corrupt, external data file, compression type, extended L2.
 const INCOMPAT_KNOWN: u64 = 0x1f;
 
-const EXT_END: u32 = 0;
-const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+pub(super) const EXT_END: u32 = 0;
+pub(super) const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
 
 /// The version field of a file starting with the qcow magic, if present.

@@ -807,3 +807,73 @@ fn format_names_round_trip() {
     let backing: Vec<ImageFormat> = ImageFormat::ALL.into_iter().filter(|f| f.supports_backing()).collect();
     assert_eq!(backing, [ImageFormat::Qcow2, ImageFormat::Qcow, ImageFormat::Qed, ImageFormat::Vmdk]);
 }
+
+/// The native overlay is the file `qemu-img create -f qcow2 -u -b B -F FMT`
+/// writes, byte for byte, for empty, odd, small, multi-L2 and multi-cluster
+/// L1 sizes, on qcow2 and raw backings; `qemu-img check` finds it clean and
+/// the prober reads back what was written.
+#[test]
+fn native_qcow2_overlay_matches_qemu_img_create() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = create(dir.path(), "base.qcow2", "qcow2", &[], Some("8M"));
+    let raw = create(dir.path(), "base.raw", "raw", &[], Some("1M"));
+    let cases = [
+        (&base, ImageFormat::Qcow2, 0u64, "0"),
+        (&base, ImageFormat::Qcow2, 1000, "1000"),
+        (&base, ImageFormat::Qcow2, 8 << 20, "8M"),
+        (&raw, ImageFormat::Raw, 1 << 30, "1G"),
+        (&base, ImageFormat::Qcow2, 300 << 40, "300T"),
+    ];
+    for (backing, format, size, size_arg) in cases {
+        let native = dir.path().join(format!("native-{size_arg}.qcow2"));
+        let tool = dir.path().join(format!("tool-{size_arg}.qcow2"));
+        create_qcow2_overlay(&native, path_str(backing), format, size).unwrap();
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            path_str(backing),
+            "-F",
+            format.as_str(),
+            path_str(&tool),
+            size_arg,
+        ]);
+        assert!(fs::read(&native).unwrap() == fs::read(&tool).unwrap(), "{size_arg}: the overlays differ");
+        qemu_img(&["check", "-q", path_str(&native)]);
+        let header = read_header(&native, ImageFormat::Qcow2).unwrap();
+        assert_eq!(header.virtual_size, size.next_multiple_of(512));
+        assert_eq!(header.backing_file.as_deref(), Some(path_str(backing)));
+        assert_eq!(header.backing_format.as_deref(), Some(format.as_str()));
+    }
+}
+
+/// Creating an overlay over an existing file replaces it, as `qemu-img
+/// create` does.
+#[test]
+fn native_qcow2_overlay_replaces_an_existing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = create(dir.path(), "base.qcow2", "qcow2", &[], Some("8M"));
+    let overlay = dir.path().join("top.qcow2");
+    fs::write(&overlay, vec![0xa5u8; 1 << 20]).unwrap();
+    create_qcow2_overlay(&overlay, path_str(&base), ImageFormat::Qcow2, 8 << 20).unwrap();
+    qemu_img(&["check", "-q", path_str(&overlay)]);
+    assert_eq!(fs::metadata(&overlay).unwrap().len(), 3 * 65536 + 8);
+}
+
+#[test]
+fn native_qcow2_overlay_refuses_what_qcow2_cannot_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let overlay = dir.path().join("top.qcow2");
+    let long = "b".repeat(1024);
+    let err = create_qcow2_overlay(&overlay, &long, ImageFormat::Raw, 1 << 20).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArg);
+    assert!(err.to_string().contains("backing file name must be 1 to 1023 bytes long, not 1024"), "{err}");
+    let err = create_qcow2_overlay(&overlay, "base", ImageFormat::Raw, 1 << 62).unwrap_err();
+    assert!(err.to_string().contains("larger than qcow2 allows"), "{err}");
+    let err = create_qcow2_overlay(&overlay, "base", ImageFormat::Raw, u64::MAX).unwrap_err();
+    assert!(err.to_string().contains("larger than qcow2 allows"), "{err}");
+    assert!(!overlay.exists(), "a refused overlay leaves no file");
+}

@@ -31,7 +31,7 @@ pub(crate) fn create_overlays(dom: &Domain, paths: &RuntimePaths) -> Result<()> 
                 return Err(Error::internal(format!("transient disk '{}' has no image", disk.target)));
             };
             let overlay = paths.transient_overlay(&disk.target);
-            strata_engine::image_work::create_overlay(None, image, format.as_deref().unwrap_or("raw"), &overlay)?;
+            strata_engine::image_work::create_overlay(image, format.as_deref().unwrap_or("raw"), &overlay)?;
             made.push(overlay);
         }
         Ok(())

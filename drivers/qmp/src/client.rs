@@ -34,6 +34,11 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// state change, so this leaves a wide margin.
 const EVENT_CAPACITY: usize = 1024;
 
+/// The id of the `qmp_capabilities` sent with the connection; the ids of
+/// later commands start after it.
+const CAPABILITIES_ID: u64 = 0;
+const CAPABILITIES: &[u8] = b"{\"execute\":\"qmp_capabilities\",\"id\":0}\n";
+
 /// An async QMP connection to one QEMU (or qemu-storage-daemon) monitor socket.
 ///
 /// Cloning is cheap and every clone drives the same connection; commands from
@@ -179,22 +184,25 @@ impl QmpClient {
                 capabilities: greeting.capabilities,
                 writer: Arc::new(tokio::sync::Mutex::new(writer)),
                 shared,
-                next_id: AtomicU64::new(1),
+                next_id: AtomicU64::new(CAPABILITIES_ID + 1),
                 default_timeout: Mutex::new(DEFAULT_TIMEOUT),
                 reader,
             }),
         };
-        // QEMU refuses every command but this one until capabilities are
-        // negotiated. No optional capability (such as "oob") is enabled.
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        client.execute_timeout("qmp_capabilities", None, remaining).await?;
         Ok(client)
     }
 
+    /// Connects, reads the greeting and negotiates capabilities in one
+    /// round trip: `qmp_capabilities` is sent with the connection, before
+    /// the greeting is read (QEMU reads a client's commands only after it
+    /// has sent the greeting, and refuses every command but this one until
+    /// capabilities are negotiated). No optional capability (such as
+    /// "oob") is enabled.
     async fn open(path: &Path) -> Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf, protocol::Greeting), QmpError> {
-        let stream =
-            UnixStream::connect(path).await.map_err(|source| QmpError::Io { path: path.to_path_buf(), source })?;
-        let (read, write) = stream.into_split();
+        let io = |source| QmpError::Io { path: path.to_path_buf(), source };
+        let stream = UnixStream::connect(path).await.map_err(io)?;
+        let (read, mut write) = stream.into_split();
+        write.write_all(CAPABILITIES).await.map_err(io)?;
         // The same BufReader goes on to the reader task, so nothing QEMU sent
         // right after the greeting is lost.
         let mut reader = BufReader::new(read);
@@ -224,6 +232,19 @@ impl QmpClient {
             break;
         }
         let greeting = protocol::parse_greeting(line.trim_ascii())?;
+        // QEMU sends no event before capabilities are negotiated, so the
+        // next line is the reply.
+        line.clear();
+        if reader.read_until(b'\n', &mut line).await.map_err(io)? == 0 {
+            return Err(QmpError::Disconnected);
+        }
+        match protocol::parse_incoming(line.trim_ascii())? {
+            Incoming::Reply { id: Some(CAPABILITIES_ID), reply: Reply::Return(_) } => {}
+            Incoming::Reply { reply: Reply::Error { class, desc }, .. } => {
+                return Err(QmpError::Command { command: "qmp_capabilities".into(), class, desc })
+            }
+            other => return Err(QmpError::Protocol(format!("unexpected answer to qmp_capabilities: {other:?}"))),
+        }
         Ok((reader, write, greeting))
     }
 

@@ -18,6 +18,14 @@ use tokio::task::JoinHandle;
 
 const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "fake"}, "capabilities": ["oob"]}}"#;
 
+/// A fake monitor socket in a new temporary directory.
+fn listen() -> (tempfile::TempDir, PathBuf, UnixListener) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fake.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    (dir, path, listener)
+}
+
 /// Binds a fake monitor socket and serves one connection: it sends
 /// `prelude` and the greeting, then writes what `answer` returns for each
 /// request (given the command name and the request's id).
@@ -25,9 +33,7 @@ fn serve(
     prelude: &'static str,
     mut answer: impl FnMut(&str, Value) -> Vec<Value> + Send + 'static,
 ) -> (tempfile::TempDir, PathBuf, JoinHandle<()>) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("fake.sock");
-    let listener = UnixListener::bind(&path).unwrap();
+    let (dir, path, listener) = listen();
     let peer = tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
         let (read, mut write) = stream.into_split();
@@ -118,6 +124,38 @@ async fn event_ahead_of_the_greeting_is_skipped() {
     let value = client.execute("query-status", None).await.unwrap();
     assert_eq!(value, json!({"command": "query-status"}));
 
+    drop(client);
+    tokio::time::timeout(Duration::from_secs(5), peer).await.expect("connection not closed on drop").unwrap();
+}
+
+/// The handshake takes one round trip: `qmp_capabilities` goes out with the
+/// connection, before the greeting is read. This peer reads a command
+/// before it greets, so a client that waited for the greeting first would
+/// time out.
+#[tokio::test]
+async fn capabilities_are_sent_before_the_greeting_is_read() {
+    let (_dir, path, listener) = listen();
+    let peer = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let first: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        assert_eq!(first["execute"], "qmp_capabilities");
+        let reply = json!({"return": {}, "id": first["id"]});
+        write.write_all(format!("{GREETING}\n{reply}\n").as_bytes()).await.unwrap();
+        let next: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        assert_ne!(next["id"], first["id"], "a later command reuses the handshake's id");
+        write
+            .write_all(format!("{}\n", json!({"return": {"status": "running"}, "id": next["id"]})).as_bytes())
+            .await
+            .unwrap();
+        // Served until the client hangs up.
+        while lines.next_line().await.unwrap().is_some() {}
+    });
+    let client = QmpClient::connect_with_timeout(&path, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(client.version().package, "fake");
+    let value = client.execute_timeout("query-status", None, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(value, json!({"status": "running"}));
     drop(client);
     tokio::time::timeout(Duration::from_secs(5), peer).await.expect("connection not closed on drop").unwrap();
 }

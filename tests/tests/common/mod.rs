@@ -60,12 +60,13 @@ impl TestEnv {
         self.command(args).output().expect("run strata")
     }
 
-    /// Runs `strata -c URI ARGS…` and returns its output with the CPU time
-    /// (user + system) it used, from wait4(2); kills it and fails the test
-    /// if it runs longer than `limit` (a hang guard).
-    #[allow(clippy::zombie_processes, reason = "wait4 reaps the child, which is how its CPU time is read")]
-    pub fn strata_with_cpu(&self, args: &[&str], limit: Duration) -> (Output, Duration) {
-        let mut child = self.command(args).spawn().expect("spawn strata");
+    /// Runs `command` (from [`TestEnv::command`]) and returns its output
+    /// with what it and the processes it waited for used, from wait4(2);
+    /// kills it and fails the test if it runs longer than `limit` (a hang
+    /// guard).
+    #[allow(clippy::zombie_processes, reason = "wait4 reaps the child, which is how its usage is read")]
+    pub fn run_with_usage(&self, mut command: Command, limit: Duration) -> (Output, Usage) {
+        let mut child = command.spawn().expect("spawn strata");
         let pid = i32::try_from(child.id()).expect("pid");
         let deadline = Instant::now() + limit;
         let mut status = 0;
@@ -80,7 +81,7 @@ impl TestEnv {
             assert_eq!(rc, 0, "wait4 on strata failed: {}", std::io::Error::last_os_error());
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("strata {args:?} still running after {limit:?}");
+                panic!("{command:?} still running after {limit:?}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -92,8 +93,11 @@ impl TestEnv {
         let stdout = read(child.stdout.as_mut().map(|p| p as &mut dyn Read));
         let stderr = read(child.stderr.as_mut().map(|p| p as &mut dyn Read));
         let timeval = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-        let cpu = timeval(usage.ru_utime) + timeval(usage.ru_stime);
-        (Output { status: ExitStatus::from_raw(status), stdout, stderr }, cpu)
+        let used = Usage {
+            cpu: timeval(usage.ru_utime) + timeval(usage.ru_stime),
+            peak_rss: u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024,
+        };
+        (Output { status: ExitStatus::from_raw(status), stdout, stderr }, used)
     }
 
     /// Starts `strata -c URI ARGS…` with its output piped, without waiting.
@@ -133,6 +137,15 @@ impl TestEnv {
         std::fs::write(&file, xml).expect("write xml");
         self.ok(&["define", file.to_str().expect("utf8")])
     }
+}
+
+/// What a finished process used (see [`TestEnv::run_with_usage`]).
+pub struct Usage {
+    /// User plus system CPU time.
+    pub cpu: Duration,
+    /// The largest resident set, in bytes, of the process or of any
+    /// process it waited for.
+    pub peak_rss: u64,
 }
 
 /// A `strata` running in the background (started half a second before

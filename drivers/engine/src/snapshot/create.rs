@@ -1,13 +1,15 @@
 //! Snapshot creation: validation, the plan of each disk, the record
 //! settled before any image changes, the intent, the images (by the
-//! backend while the domain runs, by `qemu-img` while it is shut off),
+//! backend while the domain runs; while it is shut off, overlays written
+//! natively and internal snapshots by `qemu-img`),
 //! then the chains recorded and the record saved.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use strata_core::chain::{probe_chain, StorageSource};
+use strata_core::chain::{probe_chain, Chain, StorageSource};
+use strata_core::image::ImageFormat;
 use strata_core::options::{SnapshotCreateFlags, SnapshotRevertFlags};
 use strata_core::store::DomainLock;
 use strata_core::xml::{Domain, SnapshotDef, SnapshotDisk, SnapshotMemory};
@@ -31,7 +33,9 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
     ) -> Result<String> {
         flags.validate()?;
         let store = self.store();
-        crate::definitions::load(store, domain)?;
+        // Read once: a definition thousands of layers deep takes a while to
+        // parse.
+        let mut persistent = crate::definitions::load(store, domain)?;
         let mut def = SnapshotDef::parse(xml)?;
         if flags.redefine {
             return self.redefine(domain, def, flags.current);
@@ -82,6 +86,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
                 operation,
             )
             .await?;
+            persistent = crate::definitions::load(store, domain)?;
         }
         // The live state records the running chains and root nodes, so no
         // query of the hypervisor's whole block graph is needed: creation
@@ -93,12 +98,11 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
                     "an offline block job runs on the disks of domain '{domain}'; wait for it to end"
                 )))
             }
-            Activity::ShutOff => (crate::definitions::load(store, domain)?, false),
+            Activity::ShutOff => (persistent.clone(), false),
         };
         // The record keeps the definition, not this run's domain id.
         dom.set_id(None);
-        let selected: HashSet<String> =
-            strata_core::diskset::selected(&crate::definitions::load(store, domain)?)?.into_iter().collect();
+        let selected: HashSet<String> = strata_core::diskset::selected(&persistent)?.into_iter().collect();
         let disk_flags = SnapshotCreateFlags { disk_only: flags.disk_only || memory_file.is_some(), ..flags };
         let plans = plan_disks(&dom, &def, &disk_flags, &name, &selected)?;
         if memory_file.is_some() && plans.iter().any(|p| p.mode == "internal") {
@@ -289,7 +293,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
                     .ok_or_else(|| Error::internal(format!("disk '{target}' has no recorded chain")))?;
                 (below.with_overlay(StorageSource::local(overlay), Some("qcow2".into())), Some(node.clone()))
             } else {
-                (probe_chain(&StorageSource::local(overlay), "qcow2")?, None)
+                (offline_chain(&persistent, target, overlay)?, None)
             };
             if let Ok(device) = persistent.find_storage_device(target) {
                 persistent.set_storage_chain(&device.address(), &chain)?;
@@ -337,6 +341,28 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
     }
 }
 
+/// The chain of disk `target` of a shut-off domain under its new
+/// `overlay`: the recorded chain with the overlay on top when the overlay's
+/// header names the recorded top and its format (as it does when this
+/// process wrote it), so that the layers below are not read again; else
+/// (recovery finding the overlay already recorded, or another chain) the
+/// overlay's chain as probed.
+fn offline_chain(persistent: &Domain, target: &str, overlay: PathBuf) -> Result<Chain> {
+    let recorded = persistent.find_storage_device(target).ok().and_then(|d| d.chain().cloned());
+    if let Some(recorded) = recorded {
+        let header = strata_core::image::read_header(&overlay, ImageFormat::Qcow2)?;
+        let top = recorded.top();
+        let named = top.and_then(|l| l.source.local_path()).and_then(Path::to_str);
+        if named.is_some()
+            && header.backing_file.as_deref() == named
+            && header.backing_format == top.and_then(|l| l.format.clone())
+        {
+            return Ok(recorded.with_overlay(StorageSource::local(overlay), Some("qcow2".into())));
+        }
+    }
+    probe_chain(&StorageSource::local(overlay), "qcow2")
+}
+
 /// Takes the snapshot `plans` describe in the images of a shut-off domain:
 /// internal ones with `qemu-img snapshot -c`, external ones as new
 /// overlays (those in `created`; the others are reused files).
@@ -364,13 +390,16 @@ fn create_offline_holding(
                 "external" => {
                     let overlay = p.overlay.as_ref().ok_or_else(|| Error::internal("external plan without overlay"))?;
                     if created.contains(overlay) {
-                        create_overlay(Some(operation), &p.image, &p.format, overlay)?;
+                        create_overlay(&p.image, &p.format, overlay)?;
                         made.push(overlay.clone());
                     }
                 }
                 _ => {}
             }
         }
+        // The overlays are made and named nowhere yet, as when QEMU has
+        // made them live.
+        strata_core::crash_point("snapshot-create:overlays");
         Ok(())
     })();
     if result.is_err() {

@@ -15,7 +15,7 @@ use strata_core::{Error, Result};
 use super::plan::default_overlay;
 use super::{end_state, RecordedChain, SnapshotBackend, SnapshotEngine};
 use crate::graph::{frozen_by, frozen_images};
-use crate::image_work::{path_str, run};
+use crate::image_work::{create_overlay, path_str, run};
 use crate::intent::Intent;
 use crate::records::{load, set_current};
 
@@ -135,11 +135,8 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
                 }
             }
             for (name, frozen, fmt, overlay) in &branches {
-                run(
-                    operation,
-                    &["create", "-q", "-f", "qcow2", "-b", path_str(frozen)?, "-F", fmt, path_str(overlay)?],
-                )
-                .await?;
+                let (frozen, fmt, made) = (frozen.clone(), fmt.clone(), overlay.clone());
+                crate::blocking::blocking(move || create_overlay(&frozen, &fmt, &made)).await?;
                 let chain = probe_chain(&StorageSource::local(overlay.clone()), "qcow2")?;
                 crate::storage::set_chain(&mut target, name, &chain)?;
             }
