@@ -12,7 +12,7 @@ use std::process::Command;
 
 use std::time::Duration;
 
-use common::{busybox_image, busybox_root, killed_at, Background, TestEnv};
+use common::{busybox_image, busybox_root, killed_at, mounted_at, qemu_chain, qemu_img, Background, TestEnv};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -33,6 +33,27 @@ fn loop_root(image: &Path) -> String {
          <source file='{}'/><target dir='/'/></filesystem>",
         image.display()
     )
+}
+
+fn qcow2_root(top: &Path) -> String {
+    format!(
+        "<filesystem type='file' accessmode='passthrough'><driver type='loop' format='qcow2'/>\
+         <source file='{}'/><target dir='/'/></filesystem>",
+        top.display()
+    )
+}
+
+/// A 3-deep qcow2 chain holding busybox: the base converted from the ext4
+/// image, two empty overlays over it; returns the layers, top first.
+fn busybox_chain(env: &TestEnv) -> [PathBuf; 3] {
+    let raw = env.path("busybox.raw");
+    busybox_image(&env.path("tree"), &raw, 64);
+    let [top, mid, base] = [env.path("top.qcow2"), env.path("mid.qcow2"), env.path("base.qcow2")];
+    let s = |p: &Path| p.to_str().expect("utf8").to_string();
+    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", &s(&raw), &s(&base)]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &s(&base), &s(&mid)]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &s(&mid), &s(&top)]);
+    [top, mid, base]
 }
 
 fn block_root(device: &Path) -> String {
@@ -164,6 +185,15 @@ fn assert_nothing_left(env: &TestEnv, name: &str, init: Option<i32>, cgroup: Opt
 /// its root is, which no host mount may show.
 fn run_and_destroy(env: &TestEnv, name: &str, image: Option<&Path>, device: Option<&Path>) {
     let (held, _guard) = start_guarded(env, name);
+    check_running(env, name, &held, image, device);
+    env.ok(&["destroy", name]);
+    assert!(env.ok(&["domstate", name]).starts_with("shut off"));
+    assert_nothing_left(env, name, Some(held.init), Some(&held.cgroup), image);
+}
+
+/// The running container `name`, checked from the inside and the outside
+/// (see [`run_and_destroy`]).
+fn check_running(env: &TestEnv, name: &str, held: &Held, image: Option<&Path>, device: Option<&Path>) {
     assert!(alive(held.init), "the init runs after start");
 
     let hostname = env.ok(&["lxc-enter-namespace", name, "--noseclabel", "--", "/bin/hostname"]);
@@ -214,10 +244,6 @@ fn run_and_destroy(env: &TestEnv, name: &str, image: Option<&Path>, device: Opti
     assert!(refused.contains(&format!("domain '{name}' is running; destroy it before undefining it")), "{refused}");
     let live = env.ok(&["dumpxml", name]);
     assert!(live.contains(&format!("<domain type='lxc' id='{}'>", held.init)), "{live}");
-
-    env.ok(&["destroy", name]);
-    assert!(env.ok(&["domstate", name]).starts_with("shut off"));
-    assert_nothing_left(env, name, Some(held.init), Some(&held.cgroup), image);
 }
 
 /// Seed 003's case: a block root is really mounted, and the container runs on it.
@@ -236,6 +262,65 @@ fn a_container_runs_on_a_raw_image_through_a_loop_device() {
     let env = TestEnv::lxc();
     let image = sleeper_on_raw_image(&env, "file");
     run_and_destroy(&env, "file", Some(&image), None);
+}
+
+/// A qcow2 root: a storage daemon outside the container's cgroup serves
+/// the chain over FUSE, a loop device holds the export, the container
+/// mounts that; the live XML shows the chain; a write inside lands in the
+/// top image only, and destroy stops the daemon and leaves no FUSE mount.
+#[test]
+fn a_container_runs_on_a_qcow2_chain_served_by_a_storage_daemon() {
+    for (what, path) in [("FUSE", "/dev/fuse"), ("loop devices", "/dev/loop-control")] {
+        assert!(Path::new(path).exists(), "{what} missing: {path} does not exist");
+    }
+    let env = TestEnv::lxc();
+    let [top, mid, base] = busybox_chain(&env);
+    let lower_bytes = [std::fs::read(&mid).expect("mid"), std::fs::read(&base).expect("base")];
+    env.define("qcow", &container_xml("qcow", SLEEPER, &qcow2_root(&top)));
+    let defined = env.ok(&["dumpxml", "qcow"]);
+    assert!(defined.contains(&format!("<source file='{}'/>", mid.display())), "{defined}");
+
+    let (held, _guard) = start_guarded(&env, "qcow");
+    let dir = PathBuf::from(attr(&held.status, "dir").expect("the served filesystem's daemon directory"));
+    let export = PathBuf::from(attr(&held.status, "file").expect("the export file"));
+    let daemon: i32 = std::fs::read_to_string(dir.join("storage-daemon.pid"))
+        .expect("the daemon's process record")
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a pid");
+    assert!(alive(daemon), "the storage daemon {daemon} runs");
+    let cmdline = std::fs::read_to_string(format!("/proc/{daemon}/cmdline")).expect("its cmdline");
+    assert!(cmdline.contains("qemu-storage-daemon"), "{cmdline}");
+    let procs = std::fs::read_to_string(held.cgroup.join("cgroup.procs")).expect("cgroup.procs");
+    assert!(!procs.lines().any(|p| p == daemon.to_string()), "the daemon is outside the container's cgroup");
+    assert!(mounted_at(&export), "the export {} is a FUSE mount on the host", export.display());
+    check_running(&env, "qcow", &held, Some(&export), None);
+    let live = env.ok(&["dumpxml", "qcow"]);
+    for layer in [&top, &mid, &base] {
+        assert!(live.contains(&format!("<source file='{}'/>", layer.display())), "{live}");
+    }
+    env.ok(&["lxc-enter-namespace", "qcow", "--noseclabel", "--", "sh", "-c", "echo inside > /written; sync"]);
+    let read = env.ok(&["lxc-enter-namespace", "qcow", "--noseclabel", "--", "cat", "/written"]);
+    assert_eq!(read, "inside\n");
+
+    env.ok(&["destroy", "qcow"]);
+    assert_nothing_left(&env, "qcow", Some(held.init), Some(&held.cgroup), Some(&export));
+    assert!(!alive(daemon), "the storage daemon {daemon} is stopped");
+    assert!(!mounted_at(&export), "the FUSE export is unmounted");
+
+    let chain: Vec<String> = qemu_chain(&top).into_iter().map(|(f, _)| f).collect();
+    assert_eq!(chain, [&top, &mid, &base].map(|p| p.display().to_string()));
+    assert!(
+        [std::fs::read(&mid).expect("mid"), std::fs::read(&base).expect("base")] == lower_bytes,
+        "the backing images are byte-identical"
+    );
+    let flat = env.path("flat.raw");
+    qemu_img(&["convert", "-O", "raw", top.to_str().expect("utf8"), flat.to_str().expect("utf8")]);
+    let fsck = Command::new("e2fsck").arg("-fn").arg(&flat).output().expect("run e2fsck");
+    assert!(fsck.status.success(), "e2fsck -fn: {}", String::from_utf8_lossy(&fsck.stdout));
+    let cat = Command::new("debugfs").arg("-R").arg("cat /written").arg(&flat).output().expect("run debugfs");
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), "inside\n", "the write inside reached the top image");
 }
 
 #[test]
@@ -414,14 +499,14 @@ fn snapshots_jobs_and_unsupported_filesystems_are_refused_with_the_reason() {
     assert!(caps.contains("lxc"), "{caps}");
     assert!(caps.contains("memory state cannot be saved"), "{caps}");
 
-    let qcow2 = container_xml(
-        "q",
+    let vmdk = container_xml(
+        "v",
         SLEEPER,
-        "<filesystem type='file'><driver type='loop' format='qcow2'/><source file='/x.qcow2'/><target dir='/'/></filesystem>",
+        "<filesystem type='file'><driver type='loop' format='vmdk'/><source file='/x.vmdk'/><target dir='/'/></filesystem>",
     );
-    std::fs::write(env.path("q.xml"), qcow2).expect("write");
-    let err = env.fails(&["define", env.path("q.xml").to_str().expect("utf8")]);
-    assert!(err.contains("filesystem '/': <driver format='qcow2'> is not supported by the lxc driver yet"), "{err}");
+    std::fs::write(env.path("v.xml"), vmdk).expect("write");
+    let err = env.fails(&["define", env.path("v.xml").to_str().expect("utf8")]);
+    assert!(err.contains("filesystem '/': <driver format='vmdk'> is not supported by the lxc driver"), "{err}");
     let session = Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
         .args(["-c", "lxc:///session", "list"])
         .output()

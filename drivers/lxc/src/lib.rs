@@ -3,7 +3,8 @@
 //! Containers (`<domain type='lxc'>`) run on the kernel directly: new
 //! mount, pid, uts, ipc and net namespaces, a root filesystem mounted in
 //! the container's mount namespace only (a block device, a raw image on a
-//! loop device, a host directory, or memory), `/proc`, a minimal `/dev`,
+//! loop device, a qcow2 chain served by `qemu-storage-daemon` over FUSE
+//! on a loop device, a host directory, or memory), `/proc`, a minimal `/dev`,
 //! `pivot_root`, and the init the definition names, in a cgroup of its
 //! own. Every kernel call goes through one seam ([`syscall::Syscall`]).
 //! No daemon: the init outlives `strata`, and later calls find it again by
@@ -157,7 +158,7 @@ fn open_registered(uri: &ConnectUri) -> Result<Box<dyn Connection>> {
 inventory::submit! {
     DriverRegistration {
         scheme: "lxc",
-        description: "Linux containers on block, loop, bind and ram root filesystems",
+        description: "Linux containers on block, raw or qcow2 image, bind and ram root filesystems",
         open: open_registered,
     }
 }
@@ -192,8 +193,8 @@ impl Connection for LxcConnection {
             storage: StorageCapabilities { disk_sets: false, storage_pools: true },
             honoured_elements: vec![
                 "os/type exe, os/init, os/initarg".into(),
-                "filesystem type='block' (ext2/3/4, xfs, btrfs, vfat probed), type='file' with a raw loop driver, \
-                 type='mount', type='ram'; readonly"
+                "filesystem type='block' (ext2/3/4, xfs, btrfs, vfat probed), type='file' with a raw or qcow2 \
+                 loop driver, type='mount', type='ram'; readonly"
                     .into(),
                 "name (the container's hostname)".into(),
             ],
@@ -209,6 +210,9 @@ impl Connection for LxcConnection {
                 "a container gets new mount, pid, uts, ipc and net namespaces and a cgroup2 group of its own".into(),
                 "its root is mounted in its own mount namespace only; image files go through loop devices \
                  (autoclear, no direct I/O), each image on one device at most"
+                    .into(),
+                "a qcow2 chain is served by a qemu-storage-daemon of its own, outside the container's cgroup, \
+                 as a FUSE-exported file that a loop device holds"
                     .into(),
                 "snapshots and block jobs need a qcow2 layer, which raw, loop, block, bind and ram filesystems lack"
                     .into(),
