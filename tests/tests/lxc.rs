@@ -477,6 +477,46 @@ fn a_strata_killed_during_start_leaves_what_the_next_call_cleans() {
     assert_nothing_left(&env, "killed", Some(held.init), Some(&held.cgroup), Some(&image));
 }
 
+/// A `strata` killed while it starts a container on a qcow2 chain, once
+/// the storage daemon serves the chain (no loop device yet) and once the
+/// init runs (its root mounted from the export's loop device): the next call stops the
+/// daemon and leaves no FUSE mount or loop device; the container starts
+/// again afterwards.
+#[test]
+fn a_strata_killed_while_starting_on_a_qcow2_chain_leaves_no_daemon() {
+    let env = TestEnv::lxc();
+    let [top, _, _] = busybox_chain(&env);
+    env.define("killedq", &container_xml("killedq", SLEEPER, &qcow2_root(&top)));
+    let status_file = env.state_root().join("domains/killedq/status.xml");
+    for step in ["lxc-start:served", "lxc-start:running"] {
+        killed_at(&env, &["start", "killedq"], step);
+        let status = std::fs::read_to_string(&status_file).expect("the record of the killed start");
+        let dir = PathBuf::from(attr(&status, "dir").expect("the daemon's directory is recorded"));
+        let export = PathBuf::from(attr(&status, "file").expect("the export is recorded"));
+        let daemon: i32 = std::fs::read_to_string(dir.join("storage-daemon.pid"))
+            .expect("the daemon's process record")
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("a pid");
+        let init = attr(&status, "init").and_then(|p| p.parse().ok());
+        let _guard = ContainerGuard { env: &env, name: "killedq".into(), init };
+        assert!(alive(daemon), "{step}: the storage daemon runs after strata died");
+        assert!(mounted_at(&export), "{step}: the export is mounted");
+        let loops = if step == "lxc-start:served" { 0 } else { 1 };
+        assert_eq!(losetup_j(&export).lines().count(), loops, "{step}: loop devices on the export");
+        let list = env.ok(&["list", "--all"]);
+        assert!(list.lines().any(|l| l.contains("killedq") && l.contains("shut off")), "{step}: {list}");
+        let cgroup = attr(&status, "cgroup").map(PathBuf::from);
+        assert_nothing_left(&env, "killedq", init, cgroup.as_deref(), Some(&export));
+        assert!(!alive(daemon), "{step}: the storage daemon {daemon} is stopped");
+        assert!(!mounted_at(&export), "{step}: the FUSE export is unmounted");
+    }
+    let (held, _guard) = start_guarded(&env, "killedq");
+    env.ok(&["destroy", "killedq"]);
+    assert_nothing_left(&env, "killedq", Some(held.init), Some(&held.cgroup), None);
+}
+
 /// Snapshots and block jobs of a raw root are refused by capability,
 /// saying why, before anything runs; define refuses what the driver
 /// cannot mount, naming the element.

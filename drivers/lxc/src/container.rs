@@ -260,6 +260,7 @@ fn serve(store: &Store, name: &str, fs: &Mountable, record: &mut LiveStatus) -> 
     let runtime = tokio::runtime::Handle::try_current()
         .map_err(|e| Error::internal(format!("serving filesystem '{}' needs the async runtime: {e}", fs.target)))?;
     let served = runtime.block_on(fuse::serve_fuse(name, &device, &dir, &file))?;
+    strata_core::crash_point("lxc-start:served");
     Ok(served.file().to_path_buf())
 }
 
