@@ -517,8 +517,93 @@ fn a_strata_killed_while_starting_on_a_qcow2_chain_leaves_no_daemon() {
     assert_nothing_left(&env, "killedq", Some(held.init), Some(&held.cgroup), None);
 }
 
-/// Snapshots and block jobs of a raw root are refused by capability,
-/// saying why, before anything runs; define refuses what the driver
+/// The root's top image as the container's XML names it now.
+fn root_image(env: &TestEnv, name: &str) -> PathBuf {
+    let xml = env.ok(&["dumpxml", name, "--inactive"]);
+    let start = xml.find("<source file='").expect("a root source") + "<source file='".len();
+    PathBuf::from(&xml[start..start + xml[start..].find('\'').expect("quoted")])
+}
+
+/// Starts `name`, writes `text` into `/data` inside and reads it back,
+/// and destroys it again.
+fn write_inside(env: &TestEnv, name: &str, text: &str) {
+    let (_held, _guard) = start_guarded(env, name);
+    env.ok(&["lxc-enter-namespace", name, "--noseclabel", "--", "sh", "-c", &format!("echo {text} > /data; sync")]);
+    assert_eq!(env.ok(&["lxc-enter-namespace", name, "--noseclabel", "--", "cat", "/data"]), format!("{text}\n"));
+    env.ok(&["destroy", name]);
+}
+
+/// `/data` of the ext4 filesystem in `image`'s chain (converted to raw,
+/// after `e2fsck -fn` passes on it).
+fn data_in(env: &TestEnv, image: &Path) -> String {
+    let flat = env.path("flat.raw");
+    let _ = std::fs::remove_file(&flat);
+    qemu_img(&["convert", "-U", "-O", "raw", image.to_str().expect("utf8"), flat.to_str().expect("utf8")]);
+    let fsck = Command::new("e2fsck").arg("-fn").arg(&flat).output().expect("run e2fsck");
+    assert!(fsck.status.success(), "e2fsck -fn of {}: {}", image.display(), String::from_utf8_lossy(&fsck.stdout));
+    let cat = Command::new("debugfs").arg("-R").arg("cat /data").arg(&flat).output().expect("run debugfs");
+    String::from_utf8_lossy(&cat.stdout).into_owned()
+}
+
+/// Snapshots of a container's qcow2 root through the engine, while it is
+/// shut off: an external snapshot freezes the top image (its filesystem
+/// clean, holding what was written before) under a new overlay the
+/// container then runs on; a revert brings back what was written before
+/// and drops what came after; an internal snapshot lands in the top's
+/// snapshot table and its delete removes it. A running container's
+/// snapshot and an external snapshot's delete (a commit) are refused by
+/// capability.
+#[test]
+fn a_shut_off_container_on_qcow2_takes_reverts_to_and_deletes_snapshots() {
+    let env = TestEnv::lxc();
+    let [top, mid, base] = busybox_chain(&env);
+    env.define("snap", &container_xml("snap", SLEEPER, &qcow2_root(&top)));
+    write_inside(&env, "snap", "before");
+    env.ok(&["snapshot-create-as", "snap", "s1", "--disk-only"]);
+    let overlay = root_image(&env, "snap");
+    assert_ne!(overlay, top, "the container runs on a new overlay");
+    let chain: Vec<String> = qemu_chain(&overlay).into_iter().map(|(f, _)| f).collect();
+    assert_eq!(chain, [&overlay, &top, &mid, &base].map(|p| p.display().to_string()));
+    assert_eq!(data_in(&env, &top), "before\n", "the frozen image holds the write before the snapshot");
+
+    write_inside(&env, "snap", "after");
+    assert_eq!(data_in(&env, &overlay), "after\n");
+    assert_eq!(data_in(&env, &top), "before\n", "the frozen image is unchanged");
+    let list = env.ok(&["snapshot-list", "snap"]);
+    assert!(list.lines().any(|l| l.trim_start().starts_with("s1") && l.contains("disk-snapshot")), "{list}");
+
+    {
+        let (_held, _guard) = start_guarded(&env, "snap");
+        let err = env.fails(&["snapshot-create-as", "snap", "s9", "--disk-only"]);
+        assert!(err.contains("the lxc driver cannot take a snapshot of a running domain"), "{err}");
+        env.ok(&["destroy", "snap"]);
+    }
+
+    env.ok(&["snapshot-revert", "snap", "s1"]);
+    let reverted = root_image(&env, "snap");
+    assert_eq!(qemu_chain(&reverted)[1].0, top.display().to_string(), "the revert's overlay reads the frozen image");
+    let (_held, _guard) = start_guarded(&env, "snap");
+    let read = env.ok(&["lxc-enter-namespace", "snap", "--noseclabel", "--", "cat", "/data"]);
+    assert_eq!(read, "before\n", "what was written before the snapshot reads back, what came after is gone");
+    env.ok(&["destroy", "snap"]);
+    assert_eq!(data_in(&env, &reverted), "before\n");
+
+    env.ok(&["snapshot-create-as", "snap", "s2"]);
+    let table = qemu_img(&["snapshot", "-l", reverted.to_str().expect("utf8")]);
+    assert!(table.contains("s2"), "the internal snapshot is in the top's table: {table}");
+    env.ok(&["snapshot-delete", "snap", "s2"]);
+    let table = qemu_img(&["snapshot", "-l", reverted.to_str().expect("utf8")]);
+    assert!(!table.contains("s2"), "the internal snapshot is deleted: {table}");
+
+    let err = env.fails(&["snapshot-delete", "snap", "s1"]);
+    assert!(err.contains("the lxc driver cannot delete external snapshots"), "{err}");
+    env.ok(&["snapshot-delete", "snap", "s1", "--metadata"]);
+    assert_eq!(env.ok(&["snapshot-list", "snap", "--name"]).trim(), "");
+    assert!(overlay.exists() && top.exists(), "a metadata-only delete keeps the images");
+}
+
+/// Snapshots of a raw root are refused saying why, and block jobs by
+/// capability, before anything runs; define refuses what the driver
 /// cannot mount, naming the element.
 #[test]
 fn snapshots_jobs_and_unsupported_filesystems_are_refused_with_the_reason() {
@@ -528,13 +613,14 @@ fn snapshots_jobs_and_unsupported_filesystems_are_refused_with_the_reason() {
     let err = env.fails(&["snapshot-create-as", "raw", "s1", "--disk-only"]);
     assert_eq!(
         err,
-        format!("{prefix}the lxc driver cannot take snapshots: its storage has no image layer (such as qcow2) to hold one\n")
+        format!(
+            "{prefix}the lxc driver cannot take snapshots of filesystem '/': a raw image has no image layer \
+             (such as qcow2) to hold one\n"
+        )
     );
+    assert_eq!(env.ok(&["snapshot-list", "raw", "--name"]).trim(), "", "nothing was recorded");
     let err = env.fails(&["blockpull", "raw", "/"]);
-    assert_eq!(
-        err,
-        format!("{prefix}the lxc driver cannot run block jobs: its storage has no image layer (such as qcow2) to hold one\n")
-    );
+    assert_eq!(err, format!("{prefix}the lxc driver does not support block jobs\n"));
     let caps = env.ok(&["capabilities"]);
     assert!(caps.contains("lxc"), "{caps}");
     assert!(caps.contains("memory state cannot be saved"), "{caps}");

@@ -10,12 +10,14 @@
 //! No daemon: the init outlives `strata`, and later calls find it again by
 //! its recorded pid and start time ([`status`]).
 //!
-//! Snapshots and block jobs need a qcow2 layer, which these roots lack:
-//! the capabilities say so, and the requests are refused with that reason.
+//! Snapshots of qcow2 filesystems go through strata-engine while the
+//! container is shut off ([`snapshots`]); other roots have no layer to
+//! hold one, and are refused saying so. Block jobs are not there yet.
 
 mod container;
 mod plan;
 mod probe;
+pub mod snapshots;
 pub mod status;
 pub mod syscall;
 
@@ -23,10 +25,13 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use strata_core::capabilities::{refusal, DomainCapabilities, StorageCapabilities};
+use strata_core::capabilities::{
+    refusal, DeleteMethods, DomainCapabilities, RevertRules, RevertTo, RevertedGuest, SnapshotCapabilities,
+    SnapshotCreation, SnapshotKinds, StorageCapabilities,
+};
 use strata_core::driver::{
     Connection, DefineFlags, DefineOutcome, DiskChainCheck, DomainEvent, DomainInfo, DomainState, DomainSummary,
-    DriverCapabilities, DumpXmlFlags, StartFlags, StartOutcome, UndefineFlags,
+    DriverCapabilities, DumpXmlFlags, SnapshotOps, StartFlags, StartOutcome, UndefineFlags,
 };
 use strata_core::registry::DriverRegistration;
 use strata_core::store::Store;
@@ -190,6 +195,12 @@ impl Connection for LxcConnection {
             uri: self.uri.clone(),
             hypervisor: "Linux namespaces".into(),
             domains: DomainCapabilities { run: true, events: true, ..Default::default() },
+            snapshots: SnapshotCapabilities {
+                kinds: SnapshotKinds { internal_disk: true, external_disk: true, ..Default::default() },
+                creation: SnapshotCreation { live: false, offline: true },
+                revert: RevertRules { to: RevertTo::AnySnapshot, external: true, guest: RevertedGuest::StoppedOnly },
+                delete: DeleteMethods { internal: true, metadata_only: true, children: true, ..Default::default() },
+            },
             storage: StorageCapabilities { disk_sets: false, storage_pools: true },
             honoured_elements: vec![
                 "os/type exe, os/init, os/initarg".into(),
@@ -214,8 +225,11 @@ impl Connection for LxcConnection {
                 "a qcow2 chain is served by a qemu-storage-daemon of its own, outside the container's cgroup, \
                  as a FUSE-exported file that a loop device holds"
                     .into(),
-                "snapshots and block jobs need a qcow2 layer, which raw, loop, block, bind and ram filesystems lack"
+                "snapshots (internal or external, of the disk state only) are of qcow2 filesystems and are taken, \
+                 reverted to and deleted while the container is shut off; raw, block, bind and ram filesystems \
+                 have no layer to hold one"
                     .into(),
+                "no block jobs yet, and so no delete of an external snapshot (which commits or pulls)".into(),
                 "memory state cannot be saved (no checkpoint/restore)".into(),
                 "suspend and resume freeze and thaw the container's cgroup".into(),
                 format!(
@@ -401,5 +415,9 @@ impl Connection for LxcConnection {
 
     fn state_store(&self) -> Option<&Store> {
         Some(&self.store)
+    }
+
+    fn snapshots(&self) -> Option<&dyn SnapshotOps> {
+        Some(self)
     }
 }
