@@ -56,6 +56,20 @@ fn busybox_chain(env: &TestEnv) -> [PathBuf; 3] {
     [top, mid, base]
 }
 
+/// The FUSE export and the storage daemon's pid of the one qcow2
+/// filesystem a container's record (`status.xml`) shows served.
+fn served_root(status: &str) -> (PathBuf, i32) {
+    let dir = PathBuf::from(attr(status, "dir").expect("the daemon's directory is recorded"));
+    let export = PathBuf::from(attr(status, "file").expect("the export is recorded"));
+    let daemon = std::fs::read_to_string(dir.join("storage-daemon.pid"))
+        .expect("the daemon's process record")
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a pid");
+    (export, daemon)
+}
+
 fn block_root(device: &Path) -> String {
     format!("<filesystem type='block'><source dev='{}'/><target dir='/'/></filesystem>", device.display())
 }
@@ -281,14 +295,7 @@ fn a_container_runs_on_a_qcow2_chain_served_by_a_storage_daemon() {
     assert!(defined.contains(&format!("<source file='{}'/>", mid.display())), "{defined}");
 
     let (held, _guard) = start_guarded(&env, "qcow");
-    let dir = PathBuf::from(attr(&held.status, "dir").expect("the served filesystem's daemon directory"));
-    let export = PathBuf::from(attr(&held.status, "file").expect("the export file"));
-    let daemon: i32 = std::fs::read_to_string(dir.join("storage-daemon.pid"))
-        .expect("the daemon's process record")
-        .split_whitespace()
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("a pid");
+    let (export, daemon) = served_root(&held.status);
     assert!(alive(daemon), "the storage daemon {daemon} runs");
     let cmdline = std::fs::read_to_string(format!("/proc/{daemon}/cmdline")).expect("its cmdline");
     assert!(cmdline.contains("qemu-storage-daemon"), "{cmdline}");
@@ -491,14 +498,7 @@ fn a_strata_killed_while_starting_on_a_qcow2_chain_leaves_no_daemon() {
     for step in ["lxc-start:served", "lxc-start:running"] {
         killed_at(&env, &["start", "killedq"], step);
         let status = std::fs::read_to_string(&status_file).expect("the record of the killed start");
-        let dir = PathBuf::from(attr(&status, "dir").expect("the daemon's directory is recorded"));
-        let export = PathBuf::from(attr(&status, "file").expect("the export is recorded"));
-        let daemon: i32 = std::fs::read_to_string(dir.join("storage-daemon.pid"))
-            .expect("the daemon's process record")
-            .split_whitespace()
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("a pid");
+        let (export, daemon) = served_root(&status);
         let init = attr(&status, "init").and_then(|p| p.parse().ok());
         let _guard = ContainerGuard { env: &env, name: "killedq".into(), init };
         assert!(alive(daemon), "{step}: the storage daemon runs after strata died");
