@@ -602,6 +602,57 @@ fn a_shut_off_container_on_qcow2_takes_reverts_to_and_deletes_snapshots() {
     assert!(overlay.exists() && top.exists(), "a metadata-only delete keeps the images");
 }
 
+/// `snapshot-create-as` and `snapshot-revert` of a shut-off container on
+/// qcow2 killed (SIGKILL) at each of the engine's steps: the next command
+/// rolls the creation back (no chain changed yet) or finishes it, the
+/// records and the chain on disk agree, and the container starts on its
+/// data afterwards.
+#[test]
+fn snapshot_commands_killed_at_each_step_are_finished_or_rolled_back() {
+    let steps = [
+        ("snapshot-create:intent", false),
+        // The overlay is made, no chain uses it yet.
+        ("snapshot-create:images", false),
+        ("snapshot-create:chains", true),
+        ("snapshot-create:record", true),
+    ];
+    for (step, finished) in steps {
+        let env = TestEnv::lxc();
+        let [top, mid, _] = busybox_chain(&env);
+        env.define("ks", &container_xml("ks", SLEEPER, &qcow2_root(&top)));
+        write_inside(&env, "ks", "before");
+        killed_at(&env, &["snapshot-create-as", "ks", "s1", "--disk-only"], step);
+        let listed = env.ok(&["snapshot-list", "ks", "--name"]);
+        let root = root_image(&env, "ks");
+        if finished {
+            assert_eq!(listed.trim(), "s1", "{step}: the snapshot was finished");
+            assert_eq!(qemu_chain(&root)[1].0, top.display().to_string(), "{step}: the overlay reads the frozen top");
+        } else {
+            assert_eq!(listed.trim(), "", "{step}: the snapshot was rolled back");
+            assert_eq!(root, top, "{step}: the container still runs on its top image");
+            assert!(!env.path("top.s1").exists(), "{step}: the rolled-back overlay is removed");
+            assert_eq!(qemu_chain(&top)[1].0, mid.display().to_string(), "{step}");
+        }
+        assert_eq!(data_in(&env, &root), "before\n", "{step}");
+        if !finished {
+            continue;
+        }
+        write_inside(&env, "ks", "after");
+        for revert_step in ["snapshot-revert:intent", "snapshot-revert:overlays", "snapshot-revert:adopted"] {
+            killed_at(&env, &["snapshot-revert", "ks", "s1"], revert_step);
+            env.ok(&["snapshot-list", "ks"]);
+            let root = root_image(&env, "ks");
+            let data = data_in(&env, &root);
+            assert!(data == "before\n" || data == "after\n", "{step}, {revert_step}: {data:?}");
+            env.ok(&["snapshot-revert", "ks", "s1"]);
+            let (_held, _guard) = start_guarded(&env, "ks");
+            let read = env.ok(&["lxc-enter-namespace", "ks", "--noseclabel", "--", "cat", "/data"]);
+            assert_eq!(read, "before\n", "{step}, {revert_step}: a revert after the killed one reads back");
+            env.ok(&["destroy", "ks"]);
+        }
+    }
+}
+
 /// Snapshots of a raw root are refused saying why, and block jobs by
 /// capability, before anything runs; define refuses what the driver
 /// cannot mount, naming the element.
