@@ -3,11 +3,13 @@
 //! Times `strata start` and `strata destroy` of a busybox container on each
 //! root kind the LXC driver mounts: a block device (a loop device this
 //! bench attaches, standing in for an LV), a raw image through Strata's own
-//! loop device, a host directory, and memory (with `/bin` bound from the
+//! loop device, a 3-deep qcow2 chain served by a `qemu-storage-daemon`
+//! over FUSE onto a loop device, a host directory, and memory (with `/bin` bound from the
 //! host). `start` includes the driver's one-second watch that the init did
 //! not exit at once, so its time above that second is the start itself.
 //!
-//! Needs root, `mkfs.ext4`, `losetup` and busybox-static. Uses the
+//! Needs root, `mkfs.ext4`, `losetup`, busybox-static, `qemu-img` and
+//! `qemu-storage-daemon`. Uses the
 //! `strata` binary already built in this target directory (`cargo build
 //! --release -p strata-cli`), or `$STRATA_BENCH_BIN`.
 //! `STRATA_BENCH_QUICK=1` runs fewer repetitions.
@@ -19,8 +21,10 @@ use std::time::Duration;
 use serde_json::json;
 use strata_benches::{ms, path_str, quick_suffix, run_tool, strata_for_bench, time, Stats, Strata, Tools};
 
-const TOOLS: Tools =
-    Tools { programs: &["mkfs.ext4", "losetup", "busybox"], packages: "e2fsprogs mount busybox-static" };
+const TOOLS: Tools = Tools {
+    programs: &["mkfs.ext4", "losetup", "busybox", "qemu-img", "qemu-storage-daemon"],
+    packages: "e2fsprogs mount busybox-static qemu-utils qemu-system-x86",
+};
 
 /// The driver's watch of a new init (`INIT_SETTLE` in strata-lxc).
 const INIT_SETTLE: Duration = Duration::from_secs(1);
@@ -38,11 +42,23 @@ fn main() -> ExitCode {
     run_tool(path_str(&script), &[path_str(&tree), path_str(&image), "64"]);
     run_tool(path_str(&script), &[path_str(&tree), path_str(&lv_image), "64"]);
     let lv = LoopDevice::attach(&lv_image);
+    let [base, mid, top] = [root.join("base.qcow2"), root.join("mid.qcow2"), root.join("top.qcow2")];
+    run_tool("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", path_str(&lv_image), path_str(&base)]);
+    for (backing, overlay) in [(&base, &mid), (&mid, &top)] {
+        run_tool(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", path_str(backing), path_str(overlay)],
+        );
+    }
 
     let cli = Strata::embedded_lxc(&strata, &root.join("state"));
     let loop_root = format!(
         "<filesystem type='file'><driver type='loop' format='raw'/><source file='{}'/><target dir='/'/></filesystem>",
         image.display()
+    );
+    let qcow2_root = format!(
+        "<filesystem type='file'><driver type='loop' format='qcow2'/><source file='{}'/><target dir='/'/></filesystem>",
+        top.display()
     );
     let block_root = format!("<filesystem type='block'><source dev='{}'/><target dir='/'/></filesystem>", lv.0);
     let dir_root = format!("<filesystem type='mount'><source dir='{}'/><target dir='/'/></filesystem>", tree.display());
@@ -51,7 +67,8 @@ fn main() -> ExitCode {
          <filesystem type='mount'><source dir='{}'/><target dir='/bin'/><readonly/></filesystem>",
         tree.join("bin").display()
     );
-    let kinds = [("block", block_root), ("file", loop_root), ("mount", dir_root), ("ram", ram_root)];
+    let kinds =
+        [("block", block_root), ("file", loop_root), ("qcow2", qcow2_root), ("mount", dir_root), ("ram", ram_root)];
 
     println!("LXC container start and destroy per root kind{}", quick_suffix(quick));
     println!("binary: {}", strata.display());

@@ -183,10 +183,11 @@ pub fn refresh_chains(dom: &mut Domain) -> Result<()> {
     Ok(())
 }
 
-/// Probes the disks whose chain is not known yet (an image created after
-/// the domain was defined), failing if an image is still missing.
+/// Probes the disks and filesystems whose chain is not known yet (an
+/// image created after the domain was defined), failing if an image is
+/// still missing.
 pub fn probe_missing_chains(dom: &mut Domain) -> Result<()> {
-    for device in dom.disks()?.into_iter().map(StorageDevice::Disk) {
+    for device in dom.storage_devices()? {
         let Some(chain) = device.chain() else { continue };
         if chain.is_complete() {
             continue;

@@ -12,7 +12,7 @@ use std::process::Command;
 
 use std::time::Duration;
 
-use common::{busybox_image, busybox_root, killed_at, Background, TestEnv};
+use common::{busybox_image, busybox_root, killed_at, mounted_at, qemu_chain, qemu_img, Background, TestEnv};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -33,6 +33,41 @@ fn loop_root(image: &Path) -> String {
          <source file='{}'/><target dir='/'/></filesystem>",
         image.display()
     )
+}
+
+fn qcow2_root(top: &Path) -> String {
+    format!(
+        "<filesystem type='file' accessmode='passthrough'><driver type='loop' format='qcow2'/>\
+         <source file='{}'/><target dir='/'/></filesystem>",
+        top.display()
+    )
+}
+
+/// A 3-deep qcow2 chain holding busybox: the base converted from the ext4
+/// image, two empty overlays over it; returns the layers, top first.
+fn busybox_chain(env: &TestEnv) -> [PathBuf; 3] {
+    let raw = env.path("busybox.raw");
+    busybox_image(&env.path("tree"), &raw, 64);
+    let [top, mid, base] = [env.path("top.qcow2"), env.path("mid.qcow2"), env.path("base.qcow2")];
+    let s = |p: &Path| p.to_str().expect("utf8").to_string();
+    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", &s(&raw), &s(&base)]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &s(&base), &s(&mid)]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &s(&mid), &s(&top)]);
+    [top, mid, base]
+}
+
+/// The FUSE export and the storage daemon's pid of the one qcow2
+/// filesystem a container's record (`status.xml`) shows served.
+fn served_root(status: &str) -> (PathBuf, i32) {
+    let dir = PathBuf::from(attr(status, "dir").expect("the daemon's directory is recorded"));
+    let export = PathBuf::from(attr(status, "file").expect("the export is recorded"));
+    let daemon = std::fs::read_to_string(dir.join("storage-daemon.pid"))
+        .expect("the daemon's process record")
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a pid");
+    (export, daemon)
 }
 
 fn block_root(device: &Path) -> String {
@@ -164,6 +199,15 @@ fn assert_nothing_left(env: &TestEnv, name: &str, init: Option<i32>, cgroup: Opt
 /// its root is, which no host mount may show.
 fn run_and_destroy(env: &TestEnv, name: &str, image: Option<&Path>, device: Option<&Path>) {
     let (held, _guard) = start_guarded(env, name);
+    check_running(env, name, &held, image, device);
+    env.ok(&["destroy", name]);
+    assert!(env.ok(&["domstate", name]).starts_with("shut off"));
+    assert_nothing_left(env, name, Some(held.init), Some(&held.cgroup), image);
+}
+
+/// The running container `name`, checked from the inside and the outside
+/// (see [`run_and_destroy`]).
+fn check_running(env: &TestEnv, name: &str, held: &Held, image: Option<&Path>, device: Option<&Path>) {
     assert!(alive(held.init), "the init runs after start");
 
     let hostname = env.ok(&["lxc-enter-namespace", name, "--noseclabel", "--", "/bin/hostname"]);
@@ -214,10 +258,6 @@ fn run_and_destroy(env: &TestEnv, name: &str, image: Option<&Path>, device: Opti
     assert!(refused.contains(&format!("domain '{name}' is running; destroy it before undefining it")), "{refused}");
     let live = env.ok(&["dumpxml", name]);
     assert!(live.contains(&format!("<domain type='lxc' id='{}'>", held.init)), "{live}");
-
-    env.ok(&["destroy", name]);
-    assert!(env.ok(&["domstate", name]).starts_with("shut off"));
-    assert_nothing_left(env, name, Some(held.init), Some(&held.cgroup), image);
 }
 
 /// Seed 003's case: a block root is really mounted, and the container runs on it.
@@ -236,6 +276,58 @@ fn a_container_runs_on_a_raw_image_through_a_loop_device() {
     let env = TestEnv::lxc();
     let image = sleeper_on_raw_image(&env, "file");
     run_and_destroy(&env, "file", Some(&image), None);
+}
+
+/// A qcow2 root: a storage daemon outside the container's cgroup serves
+/// the chain over FUSE, a loop device holds the export, the container
+/// mounts that; the live XML shows the chain; a write inside lands in the
+/// top image only, and destroy stops the daemon and leaves no FUSE mount.
+#[test]
+fn a_container_runs_on_a_qcow2_chain_served_by_a_storage_daemon() {
+    for (what, path) in [("FUSE", "/dev/fuse"), ("loop devices", "/dev/loop-control")] {
+        assert!(Path::new(path).exists(), "{what} missing: {path} does not exist");
+    }
+    let env = TestEnv::lxc();
+    let [top, mid, base] = busybox_chain(&env);
+    let lower_bytes = [std::fs::read(&mid).expect("mid"), std::fs::read(&base).expect("base")];
+    env.define("qcow", &container_xml("qcow", SLEEPER, &qcow2_root(&top)));
+    let defined = env.ok(&["dumpxml", "qcow"]);
+    assert!(defined.contains(&format!("<source file='{}'/>", mid.display())), "{defined}");
+
+    let (held, _guard) = start_guarded(&env, "qcow");
+    let (export, daemon) = served_root(&held.status);
+    assert!(alive(daemon), "the storage daemon {daemon} runs");
+    let cmdline = std::fs::read_to_string(format!("/proc/{daemon}/cmdline")).expect("its cmdline");
+    assert!(cmdline.contains("qemu-storage-daemon"), "{cmdline}");
+    let procs = std::fs::read_to_string(held.cgroup.join("cgroup.procs")).expect("cgroup.procs");
+    assert!(!procs.lines().any(|p| p == daemon.to_string()), "the daemon is outside the container's cgroup");
+    assert!(mounted_at(&export), "the export {} is a FUSE mount on the host", export.display());
+    check_running(&env, "qcow", &held, Some(&export), None);
+    let live = env.ok(&["dumpxml", "qcow"]);
+    for layer in [&top, &mid, &base] {
+        assert!(live.contains(&format!("<source file='{}'/>", layer.display())), "{live}");
+    }
+    env.ok(&["lxc-enter-namespace", "qcow", "--noseclabel", "--", "sh", "-c", "echo inside > /written; sync"]);
+    let read = env.ok(&["lxc-enter-namespace", "qcow", "--noseclabel", "--", "cat", "/written"]);
+    assert_eq!(read, "inside\n");
+
+    env.ok(&["destroy", "qcow"]);
+    assert_nothing_left(&env, "qcow", Some(held.init), Some(&held.cgroup), Some(&export));
+    assert!(!alive(daemon), "the storage daemon {daemon} is stopped");
+    assert!(!mounted_at(&export), "the FUSE export is unmounted");
+
+    let chain: Vec<String> = qemu_chain(&top).into_iter().map(|(f, _)| f).collect();
+    assert_eq!(chain, [&top, &mid, &base].map(|p| p.display().to_string()));
+    assert!(
+        [std::fs::read(&mid).expect("mid"), std::fs::read(&base).expect("base")] == lower_bytes,
+        "the backing images are byte-identical"
+    );
+    let flat = env.path("flat.raw");
+    qemu_img(&["convert", "-O", "raw", top.to_str().expect("utf8"), flat.to_str().expect("utf8")]);
+    let fsck = Command::new("e2fsck").arg("-fn").arg(&flat).output().expect("run e2fsck");
+    assert!(fsck.status.success(), "e2fsck -fn: {}", String::from_utf8_lossy(&fsck.stdout));
+    let cat = Command::new("debugfs").arg("-R").arg("cat /written").arg(&flat).output().expect("run debugfs");
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), "inside\n", "the write inside reached the top image");
 }
 
 #[test]
@@ -392,8 +484,177 @@ fn a_strata_killed_during_start_leaves_what_the_next_call_cleans() {
     assert_nothing_left(&env, "killed", Some(held.init), Some(&held.cgroup), Some(&image));
 }
 
-/// Snapshots and block jobs of a raw root are refused by capability,
-/// saying why, before anything runs; define refuses what the driver
+/// A `strata` killed while it starts a container on a qcow2 chain, once
+/// the storage daemon serves the chain (no loop device yet) and once the
+/// init runs (its root mounted from the export's loop device): the next call stops the
+/// daemon and leaves no FUSE mount or loop device; the container starts
+/// again afterwards.
+#[test]
+fn a_strata_killed_while_starting_on_a_qcow2_chain_leaves_no_daemon() {
+    let env = TestEnv::lxc();
+    let [top, _, _] = busybox_chain(&env);
+    env.define("killedq", &container_xml("killedq", SLEEPER, &qcow2_root(&top)));
+    let status_file = env.state_root().join("domains/killedq/status.xml");
+    for step in ["lxc-start:served", "lxc-start:running"] {
+        killed_at(&env, &["start", "killedq"], step);
+        let status = std::fs::read_to_string(&status_file).expect("the record of the killed start");
+        let (export, daemon) = served_root(&status);
+        let init = attr(&status, "init").and_then(|p| p.parse().ok());
+        let _guard = ContainerGuard { env: &env, name: "killedq".into(), init };
+        assert!(alive(daemon), "{step}: the storage daemon runs after strata died");
+        assert!(mounted_at(&export), "{step}: the export is mounted");
+        let loops = if step == "lxc-start:served" { 0 } else { 1 };
+        assert_eq!(losetup_j(&export).lines().count(), loops, "{step}: loop devices on the export");
+        let list = env.ok(&["list", "--all"]);
+        assert!(list.lines().any(|l| l.contains("killedq") && l.contains("shut off")), "{step}: {list}");
+        let cgroup = attr(&status, "cgroup").map(PathBuf::from);
+        assert_nothing_left(&env, "killedq", init, cgroup.as_deref(), Some(&export));
+        assert!(!alive(daemon), "{step}: the storage daemon {daemon} is stopped");
+        assert!(!mounted_at(&export), "{step}: the FUSE export is unmounted");
+    }
+    let (held, _guard) = start_guarded(&env, "killedq");
+    env.ok(&["destroy", "killedq"]);
+    assert_nothing_left(&env, "killedq", Some(held.init), Some(&held.cgroup), None);
+}
+
+/// The root's top image as the container's XML names it now.
+fn root_image(env: &TestEnv, name: &str) -> PathBuf {
+    let xml = env.ok(&["dumpxml", name, "--inactive"]);
+    let start = xml.find("<source file='").expect("a root source") + "<source file='".len();
+    PathBuf::from(&xml[start..start + xml[start..].find('\'').expect("quoted")])
+}
+
+/// Starts `name`, writes `text` into `/data` inside and reads it back,
+/// and destroys it again.
+fn write_inside(env: &TestEnv, name: &str, text: &str) {
+    let (_held, _guard) = start_guarded(env, name);
+    env.ok(&["lxc-enter-namespace", name, "--noseclabel", "--", "sh", "-c", &format!("echo {text} > /data; sync")]);
+    assert_eq!(env.ok(&["lxc-enter-namespace", name, "--noseclabel", "--", "cat", "/data"]), format!("{text}\n"));
+    env.ok(&["destroy", name]);
+}
+
+/// `/data` of the ext4 filesystem in `image`'s chain (converted to raw,
+/// after `e2fsck -fn` passes on it).
+fn data_in(env: &TestEnv, image: &Path) -> String {
+    let flat = env.path("flat.raw");
+    let _ = std::fs::remove_file(&flat);
+    qemu_img(&["convert", "-U", "-O", "raw", image.to_str().expect("utf8"), flat.to_str().expect("utf8")]);
+    let fsck = Command::new("e2fsck").arg("-fn").arg(&flat).output().expect("run e2fsck");
+    assert!(fsck.status.success(), "e2fsck -fn of {}: {}", image.display(), String::from_utf8_lossy(&fsck.stdout));
+    let cat = Command::new("debugfs").arg("-R").arg("cat /data").arg(&flat).output().expect("run debugfs");
+    String::from_utf8_lossy(&cat.stdout).into_owned()
+}
+
+/// Snapshots of a container's qcow2 root through the engine, while it is
+/// shut off: an external snapshot freezes the top image (its filesystem
+/// clean, holding what was written before) under a new overlay the
+/// container then runs on; a revert brings back what was written before
+/// and drops what came after; an internal snapshot lands in the top's
+/// snapshot table and its delete removes it. A running container's
+/// snapshot and an external snapshot's delete (a commit) are refused by
+/// capability.
+#[test]
+fn a_shut_off_container_on_qcow2_takes_reverts_to_and_deletes_snapshots() {
+    let env = TestEnv::lxc();
+    let [top, mid, base] = busybox_chain(&env);
+    env.define("snap", &container_xml("snap", SLEEPER, &qcow2_root(&top)));
+    write_inside(&env, "snap", "before");
+    env.ok(&["snapshot-create-as", "snap", "s1", "--disk-only"]);
+    let overlay = root_image(&env, "snap");
+    assert_ne!(overlay, top, "the container runs on a new overlay");
+    let chain: Vec<String> = qemu_chain(&overlay).into_iter().map(|(f, _)| f).collect();
+    assert_eq!(chain, [&overlay, &top, &mid, &base].map(|p| p.display().to_string()));
+    assert_eq!(data_in(&env, &top), "before\n", "the frozen image holds the write before the snapshot");
+
+    write_inside(&env, "snap", "after");
+    assert_eq!(data_in(&env, &overlay), "after\n");
+    assert_eq!(data_in(&env, &top), "before\n", "the frozen image is unchanged");
+    let list = env.ok(&["snapshot-list", "snap"]);
+    assert!(list.lines().any(|l| l.trim_start().starts_with("s1") && l.contains("disk-snapshot")), "{list}");
+
+    {
+        let (_held, _guard) = start_guarded(&env, "snap");
+        let err = env.fails(&["snapshot-create-as", "snap", "s9", "--disk-only"]);
+        assert!(err.contains("the lxc driver cannot take a snapshot of a running domain"), "{err}");
+        env.ok(&["destroy", "snap"]);
+    }
+
+    env.ok(&["snapshot-revert", "snap", "s1"]);
+    let reverted = root_image(&env, "snap");
+    assert_eq!(qemu_chain(&reverted)[1].0, top.display().to_string(), "the revert's overlay reads the frozen image");
+    let (_held, _guard) = start_guarded(&env, "snap");
+    let read = env.ok(&["lxc-enter-namespace", "snap", "--noseclabel", "--", "cat", "/data"]);
+    assert_eq!(read, "before\n", "what was written before the snapshot reads back, what came after is gone");
+    env.ok(&["destroy", "snap"]);
+    assert_eq!(data_in(&env, &reverted), "before\n");
+
+    env.ok(&["snapshot-create-as", "snap", "s2"]);
+    let table = qemu_img(&["snapshot", "-l", reverted.to_str().expect("utf8")]);
+    assert!(table.contains("s2"), "the internal snapshot is in the top's table: {table}");
+    env.ok(&["snapshot-delete", "snap", "s2"]);
+    let table = qemu_img(&["snapshot", "-l", reverted.to_str().expect("utf8")]);
+    assert!(!table.contains("s2"), "the internal snapshot is deleted: {table}");
+
+    let err = env.fails(&["snapshot-delete", "snap", "s1"]);
+    assert!(err.contains("the lxc driver cannot delete external snapshots"), "{err}");
+    env.ok(&["snapshot-delete", "snap", "s1", "--metadata"]);
+    assert_eq!(env.ok(&["snapshot-list", "snap", "--name"]).trim(), "");
+    assert!(overlay.exists() && top.exists(), "a metadata-only delete keeps the images");
+}
+
+/// `snapshot-create-as` and `snapshot-revert` of a shut-off container on
+/// qcow2 killed (SIGKILL) at each of the engine's steps: the next command
+/// rolls the creation back (no chain changed yet) or finishes it, the
+/// records and the chain on disk agree, and the container starts on its
+/// data afterwards.
+#[test]
+fn snapshot_commands_killed_at_each_step_are_finished_or_rolled_back() {
+    let steps = [
+        ("snapshot-create:intent", false),
+        // The overlay is made, no chain uses it yet.
+        ("snapshot-create:images", false),
+        ("snapshot-create:chains", true),
+        ("snapshot-create:record", true),
+    ];
+    for (step, finished) in steps {
+        let env = TestEnv::lxc();
+        let [top, mid, _] = busybox_chain(&env);
+        env.define("ks", &container_xml("ks", SLEEPER, &qcow2_root(&top)));
+        write_inside(&env, "ks", "before");
+        killed_at(&env, &["snapshot-create-as", "ks", "s1", "--disk-only"], step);
+        let listed = env.ok(&["snapshot-list", "ks", "--name"]);
+        let root = root_image(&env, "ks");
+        if finished {
+            assert_eq!(listed.trim(), "s1", "{step}: the snapshot was finished");
+            assert_eq!(qemu_chain(&root)[1].0, top.display().to_string(), "{step}: the overlay reads the frozen top");
+        } else {
+            assert_eq!(listed.trim(), "", "{step}: the snapshot was rolled back");
+            assert_eq!(root, top, "{step}: the container still runs on its top image");
+            assert!(!env.path("top.s1").exists(), "{step}: the rolled-back overlay is removed");
+            assert_eq!(qemu_chain(&top)[1].0, mid.display().to_string(), "{step}");
+        }
+        assert_eq!(data_in(&env, &root), "before\n", "{step}");
+        if !finished {
+            continue;
+        }
+        write_inside(&env, "ks", "after");
+        for revert_step in ["snapshot-revert:intent", "snapshot-revert:overlays", "snapshot-revert:adopted"] {
+            killed_at(&env, &["snapshot-revert", "ks", "s1"], revert_step);
+            env.ok(&["snapshot-list", "ks"]);
+            let root = root_image(&env, "ks");
+            let data = data_in(&env, &root);
+            assert!(data == "before\n" || data == "after\n", "{step}, {revert_step}: {data:?}");
+            env.ok(&["snapshot-revert", "ks", "s1"]);
+            let (_held, _guard) = start_guarded(&env, "ks");
+            let read = env.ok(&["lxc-enter-namespace", "ks", "--noseclabel", "--", "cat", "/data"]);
+            assert_eq!(read, "before\n", "{step}, {revert_step}: a revert after the killed one reads back");
+            env.ok(&["destroy", "ks"]);
+        }
+    }
+}
+
+/// Snapshots of a raw root are refused saying why, and block jobs by
+/// capability, before anything runs; define refuses what the driver
 /// cannot mount, naming the element.
 #[test]
 fn snapshots_jobs_and_unsupported_filesystems_are_refused_with_the_reason() {
@@ -403,25 +664,26 @@ fn snapshots_jobs_and_unsupported_filesystems_are_refused_with_the_reason() {
     let err = env.fails(&["snapshot-create-as", "raw", "s1", "--disk-only"]);
     assert_eq!(
         err,
-        format!("{prefix}the lxc driver cannot take snapshots: its storage has no image layer (such as qcow2) to hold one\n")
+        format!(
+            "{prefix}the lxc driver cannot take snapshots of filesystem '/': a raw image has no image layer \
+             (such as qcow2) to hold one\n"
+        )
     );
+    assert_eq!(env.ok(&["snapshot-list", "raw", "--name"]).trim(), "", "nothing was recorded");
     let err = env.fails(&["blockpull", "raw", "/"]);
-    assert_eq!(
-        err,
-        format!("{prefix}the lxc driver cannot run block jobs: its storage has no image layer (such as qcow2) to hold one\n")
-    );
+    assert_eq!(err, format!("{prefix}the lxc driver does not support block jobs\n"));
     let caps = env.ok(&["capabilities"]);
     assert!(caps.contains("lxc"), "{caps}");
     assert!(caps.contains("memory state cannot be saved"), "{caps}");
 
-    let qcow2 = container_xml(
-        "q",
+    let vmdk = container_xml(
+        "v",
         SLEEPER,
-        "<filesystem type='file'><driver type='loop' format='qcow2'/><source file='/x.qcow2'/><target dir='/'/></filesystem>",
+        "<filesystem type='file'><driver type='loop' format='vmdk'/><source file='/x.vmdk'/><target dir='/'/></filesystem>",
     );
-    std::fs::write(env.path("q.xml"), qcow2).expect("write");
-    let err = env.fails(&["define", env.path("q.xml").to_str().expect("utf8")]);
-    assert!(err.contains("filesystem '/': <driver format='qcow2'> is not supported by the lxc driver yet"), "{err}");
+    std::fs::write(env.path("v.xml"), vmdk).expect("write");
+    let err = env.fails(&["define", env.path("v.xml").to_str().expect("utf8")]);
+    assert!(err.contains("filesystem '/': <driver format='vmdk'> is not supported by the lxc driver"), "{err}");
     let session = Command::new(env!("CARGO_BIN_EXE_strata-test-cli"))
         .args(["-c", "lxc:///session", "list"])
         .output()

@@ -18,15 +18,17 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use strata_core::define;
 use strata_core::error::os_reason;
 use strata_core::store::Store;
 use strata_core::xml::Domain;
 use strata_core::{Error, Result};
 use strata_engine::process::{pipe, ProcessId};
+use strata_qemu_block::fuse;
 
 use crate::plan::{self, cstr, Container, Mountable, PlannedStep, Prepared, Source};
 use crate::probe;
-use crate::status::{self, AttachedLoop, LiveStatus};
+use crate::status::{self, AttachedLoop, LiveStatus, ServedFilesystem};
 use crate::syscall::{loop_devices_holding, Linux, LoopDevice, Syscall};
 
 /// How long the init must keep running after its exec for `start` to
@@ -73,7 +75,9 @@ fn check_sources(container: &Container) -> Result<()> {
                 }
                 Err(_) => return missing("block device", dev),
             },
-            Source::LoopImage(image) if !image.is_file() => return missing("image", image),
+            Source::LoopImage(image) | Source::ServedChain(image) if !image.is_file() => {
+                return missing("image", image)
+            }
             Source::HostDir(dir) if !dir.is_dir() => return missing("directory", dir),
             _ => {}
         }
@@ -84,9 +88,11 @@ fn check_sources(container: &Container) -> Result<()> {
 /// Starts the container `name` defined as `dom`; the caller holds the
 /// domain lock and has found it shut off. Returns once its init runs, or
 /// fails with the reason and nothing left behind.
-pub fn start(store: &Store, name: &str, dom: Domain) -> Result<()> {
+pub fn start(store: &Store, name: &str, mut dom: Domain) -> Result<()> {
     let container = Container::from_domain(&dom)?;
     check_sources(&container)?;
+    // The live XML shows the chains the storage daemons open.
+    define::probe_missing_chains(&mut dom)?;
     let uuid = dom.uuid().ok_or_else(|| Error::internal(format!("domain '{name}' has no uuid")))?;
     let cgroup = status::cgroup2_root()?.join("strata-lxc").join(&uuid);
     // A container of another state root with the same UUID would share
@@ -102,8 +108,15 @@ pub fn start(store: &Store, name: &str, dom: Domain) -> Result<()> {
     let run = status::runtime_dir(store, name)?;
     let stage = run.join("root");
     std::fs::create_dir_all(&stage).map_err(|e| Error::io("create", &stage, e))?;
-    let mut record =
-        LiveStatus { domain: dom, init: None, owner: ProcessId::this()?, starting: true, cgroup, loops: Vec::new() };
+    let mut record = LiveStatus {
+        domain: dom,
+        init: None,
+        owner: ProcessId::this()?,
+        starting: true,
+        cgroup,
+        loops: Vec::new(),
+        served: Vec::new(),
+    };
     store.write_status(name, &record.to_xml())?;
     let mut handles = Vec::new();
     let started = launch(store, name, &container, &stage, &mut record, &mut handles);
@@ -145,6 +158,12 @@ fn launch(
             Source::Device(dev) => device(dev)?,
             Source::LoopImage(image) => {
                 let LoopDevice { device: dev, handle } = attach(store, name, fs, image, &sys, record)?;
+                handles.extend(handle);
+                device(&dev)?
+            }
+            Source::ServedChain(_) => {
+                let export = serve(store, name, fs, record)?;
+                let LoopDevice { device: dev, handle } = attach(store, name, fs, &export, &sys, record)?;
                 handles.extend(handle);
                 device(&dev)?
             }
@@ -225,6 +244,24 @@ fn launch(
     }
     std::mem::forget(reaped);
     Ok(())
+}
+
+/// Starts a storage daemon that serves the filesystem's recorded chain and
+/// returns the file it exports it at. The daemon is recorded before it
+/// starts and runs on after this process exits, outside the container's
+/// cgroup (a frozen daemon would hang the filesystem's freeze); teardown
+/// stops it once the loop device over its export is gone.
+fn serve(store: &Store, name: &str, fs: &Mountable, record: &mut LiveStatus) -> Result<PathBuf> {
+    let device = record.domain.find_storage_device(&fs.target)?;
+    let dir = status::runtime_dir(store, name)?.join(format!("fs-{}", record.served.len()));
+    let file = dir.join("export.raw");
+    record.served.push(ServedFilesystem { target: fs.target.clone(), dir: dir.clone(), file: file.clone() });
+    store.write_status(name, &record.to_xml())?;
+    let runtime = tokio::runtime::Handle::try_current()
+        .map_err(|e| Error::internal(format!("serving filesystem '{}' needs the async runtime: {e}", fs.target)))?;
+    let served = runtime.block_on(fuse::serve_fuse(name, &device, &dir, &file))?;
+    strata_core::crash_point("lxc-start:served");
+    Ok(served.file().to_path_buf())
 }
 
 /// Attaches a filesystem's image to a loop device, unless a loop device

@@ -3,18 +3,21 @@
 //! Containers (`<domain type='lxc'>`) run on the kernel directly: new
 //! mount, pid, uts, ipc and net namespaces, a root filesystem mounted in
 //! the container's mount namespace only (a block device, a raw image on a
-//! loop device, a host directory, or memory), `/proc`, a minimal `/dev`,
+//! loop device, a qcow2 chain served by `qemu-storage-daemon` over FUSE
+//! on a loop device, a host directory, or memory), `/proc`, a minimal `/dev`,
 //! `pivot_root`, and the init the definition names, in a cgroup of its
 //! own. Every kernel call goes through one seam ([`syscall::Syscall`]).
 //! No daemon: the init outlives `strata`, and later calls find it again by
 //! its recorded pid and start time ([`status`]).
 //!
-//! Snapshots and block jobs need a qcow2 layer, which these roots lack:
-//! the capabilities say so, and the requests are refused with that reason.
+//! Snapshots of qcow2 filesystems go through strata-engine while the
+//! container is shut off ([`snapshots`]); other roots have no layer to
+//! hold one, and are refused saying so. Block jobs are not there yet.
 
 mod container;
 mod plan;
 mod probe;
+pub mod snapshots;
 pub mod status;
 pub mod syscall;
 
@@ -22,10 +25,13 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use strata_core::capabilities::{refusal, DomainCapabilities, StorageCapabilities};
+use strata_core::capabilities::{
+    refusal, DeleteMethods, DomainCapabilities, RevertRules, RevertTo, RevertedGuest, SnapshotCapabilities,
+    SnapshotCreation, SnapshotKinds, StorageCapabilities,
+};
 use strata_core::driver::{
     Connection, DefineFlags, DefineOutcome, DiskChainCheck, DomainEvent, DomainInfo, DomainState, DomainSummary,
-    DriverCapabilities, DumpXmlFlags, StartFlags, StartOutcome, UndefineFlags,
+    DriverCapabilities, DumpXmlFlags, SnapshotOps, StartFlags, StartOutcome, UndefineFlags,
 };
 use strata_core::registry::DriverRegistration;
 use strata_core::store::Store;
@@ -157,7 +163,7 @@ fn open_registered(uri: &ConnectUri) -> Result<Box<dyn Connection>> {
 inventory::submit! {
     DriverRegistration {
         scheme: "lxc",
-        description: "Linux containers on block, loop, bind and ram root filesystems",
+        description: "Linux containers on block, raw or qcow2 image, bind and ram root filesystems",
         open: open_registered,
     }
 }
@@ -189,11 +195,17 @@ impl Connection for LxcConnection {
             uri: self.uri.clone(),
             hypervisor: "Linux namespaces".into(),
             domains: DomainCapabilities { run: true, events: true, ..Default::default() },
+            snapshots: SnapshotCapabilities {
+                kinds: SnapshotKinds { internal_disk: true, external_disk: true, ..Default::default() },
+                creation: SnapshotCreation { live: false, offline: true },
+                revert: RevertRules { to: RevertTo::AnySnapshot, external: true, guest: RevertedGuest::StoppedOnly },
+                delete: DeleteMethods { internal: true, metadata_only: true, children: true, ..Default::default() },
+            },
             storage: StorageCapabilities { disk_sets: false, storage_pools: true },
             honoured_elements: vec![
                 "os/type exe, os/init, os/initarg".into(),
-                "filesystem type='block' (ext2/3/4, xfs, btrfs, vfat probed), type='file' with a raw loop driver, \
-                 type='mount', type='ram'; readonly"
+                "filesystem type='block' (ext2/3/4, xfs, btrfs, vfat probed), type='file' with a raw or qcow2 \
+                 loop driver, type='mount', type='ram'; readonly"
                     .into(),
                 "name (the container's hostname)".into(),
             ],
@@ -210,8 +222,14 @@ impl Connection for LxcConnection {
                 "its root is mounted in its own mount namespace only; image files go through loop devices \
                  (autoclear, no direct I/O), each image on one device at most"
                     .into(),
-                "snapshots and block jobs need a qcow2 layer, which raw, loop, block, bind and ram filesystems lack"
+                "a qcow2 chain is served by a qemu-storage-daemon of its own, outside the container's cgroup, \
+                 as a FUSE-exported file that a loop device holds"
                     .into(),
+                "snapshots (internal or external, of the disk state only) are of qcow2 filesystems and are taken, \
+                 reverted to and deleted while the container is shut off; raw, block, bind and ram filesystems \
+                 have no layer to hold one"
+                    .into(),
+                "no block jobs yet, and so no delete of an external snapshot (which commits or pulls)".into(),
                 "memory state cannot be saved (no checkpoint/restore)".into(),
                 "suspend and resume freeze and thaw the container's cgroup".into(),
                 format!(
@@ -397,5 +415,9 @@ impl Connection for LxcConnection {
 
     fn state_store(&self) -> Option<&Store> {
         Some(&self.store)
+    }
+
+    fn snapshots(&self) -> Option<&dyn SnapshotOps> {
+        Some(self)
     }
 }

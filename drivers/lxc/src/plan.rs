@@ -23,6 +23,10 @@ pub enum Source {
     Device(PathBuf),
     /// `type='file'` with a raw loop driver: an image attached to a loop device.
     LoopImage(PathBuf),
+    /// `type='file'` with a qcow2 loop driver: the image's chain served by
+    /// a storage daemon as a FUSE-exported file, attached to a loop device.
+    /// The path is the chain's top image.
+    ServedChain(PathBuf),
     /// `type='mount'`: a host directory, bind-mounted.
     HostDir(PathBuf),
     /// `type='ram'`: a tmpfs of this many KiB.
@@ -99,14 +103,18 @@ fn mountable(fs: &Filesystem) -> Result<Mountable> {
                     "<driver type='{driver}'> is not supported by the lxc driver (a file is attached through type='loop')"
                 ));
             }
-            if format != "raw" {
-                return unsupported(format!(
-                    "<driver format='{format}'> is not supported by the lxc driver yet (a loop device holds a raw image)"
-                ));
-            }
-            match image.local_path() {
-                Some(file) => Source::LoopImage(file.to_path_buf()),
-                None => return unsupported(format!("a file filesystem needs a local image, not {image}")),
+            match (format, image.local_path()) {
+                ("raw", Some(file)) => Source::LoopImage(file.to_path_buf()),
+                ("qcow2", Some(file)) => Source::ServedChain(file.to_path_buf()),
+                ("raw" | "qcow2", None) => {
+                    return unsupported(format!("a file filesystem needs a local image, not {image}"))
+                }
+                (other, _) => {
+                    return unsupported(format!(
+                        "<driver format='{other}'> is not supported by the lxc driver (raw images go on a loop \
+                         device, qcow2 chains through qemu-storage-daemon)"
+                    ))
+                }
             }
         }
         (FilesystemType::Mount, Some(FilesystemSource::Dir(dir))) => {
@@ -412,20 +420,24 @@ mod tests {
             "<filesystem type='ram'><source usage='2' units='MiB'/><target dir='/tmp/a/b'/></filesystem>\
              <filesystem type='mount'><source dir='/srv/data'/><target dir='/data'/><readonly/></filesystem>\
              <filesystem type='file' accessmode='passthrough'><driver type='loop' format='raw'/>\
-             <source file='/img/root.raw'/><target dir='/'/></filesystem>",
+             <source file='/img/root.raw'/><target dir='/'/></filesystem>\
+             <filesystem type='file'><driver type='loop' format='qcow2'/>\
+             <source file='/img/var.qcow2'/><target dir='/var'/></filesystem>",
             OS,
         ))
         .expect("a valid container");
         assert_eq!((c.name.as_str(), c.init.as_str()), ("ct1", "/bin/sh"));
         assert_eq!(c.init_args, ["-c", "sleep 100"]);
         let targets: Vec<&str> = c.filesystems.iter().map(|f| f.target.as_str()).collect();
-        assert_eq!(targets, ["/", "/data", "/tmp/a/b"]);
+        assert_eq!(targets, ["/", "/data", "/var", "/tmp/a/b"]);
+        let var = c.filesystems.iter().find(|f| f.target == "/var").expect("/var");
+        assert_eq!(var.source, Source::ServedChain("/img/var.qcow2".into()));
         assert_eq!(c.filesystems[0].source, Source::LoopImage("/img/root.raw".into()));
         assert_eq!(
             c.filesystems[1],
             Mountable { target: "/data".into(), source: Source::HostDir("/srv/data".into()), readonly: true }
         );
-        assert_eq!(c.filesystems[2].source, Source::Ram { kib: 2048 });
+        assert_eq!(c.filesystems[3].source, Source::Ram { kib: 2048 });
     }
 
     #[test]
@@ -437,9 +449,8 @@ mod tests {
             .contains("<os><init>sbin/init</init> must be an absolute path"));
         let data = "<filesystem type='mount'><source dir='/srv'/><target dir='/data'/></filesystem>";
         assert!(refusal(data, OS).contains("no <filesystem> has <target dir='/'>"));
-        let qcow2 = "<filesystem type='file'><driver type='loop' format='qcow2'/><source file='/i.qcow2'/><target dir='/'/></filesystem>";
-        assert!(refusal(qcow2, OS)
-            .contains("filesystem '/': <driver format='qcow2'> is not supported by the lxc driver yet"));
+        let vmdk = "<filesystem type='file'><driver type='loop' format='vmdk'/><source file='/i.vmdk'/><target dir='/'/></filesystem>";
+        assert!(refusal(vmdk, OS).contains("filesystem '/': <driver format='vmdk'> is not supported by the lxc driver"));
         let nbd = "<filesystem type='file'><driver type='nbd'/><source file='/i.raw'/><target dir='/'/></filesystem>";
         assert!(refusal(nbd, OS).contains("<driver type='nbd'> is not supported"));
         let up = "<filesystem type='mount'><source dir='/srv'/><target dir='/a/../b'/></filesystem>";

@@ -11,14 +11,29 @@ use strata_core::store::Store;
 use strata_core::xml::{Domain, Element};
 use strata_core::{Error, Result};
 use strata_engine::process::{Liveness, ProcessId};
+use strata_qemu_block::fuse::recorded_server;
 
+use crate::plan::cstr;
 use crate::syscall::Syscall;
+
+/// How long a storage daemon gets to quit after SIGTERM.
+const DAEMON_GRACE: Duration = Duration::from_secs(10);
 
 /// A loop device a container's filesystem was attached to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttachedLoop {
     pub device: PathBuf,
     pub image: PathBuf,
+}
+
+/// A filesystem's chain served by a storage daemon of its own: the
+/// daemon's runtime directory (which records its process before it runs)
+/// and the FUSE-exported file a loop device holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedFilesystem {
+    pub target: String,
+    pub dir: PathBuf,
+    pub file: PathBuf,
 }
 
 /// What `status.xml` records of a container.
@@ -34,6 +49,8 @@ pub struct LiveStatus {
     pub starting: bool,
     pub cgroup: PathBuf,
     pub loops: Vec<AttachedLoop>,
+    /// Recorded before each daemon starts.
+    pub served: Vec<ServedFilesystem>,
 }
 
 impl LiveStatus {
@@ -53,6 +70,14 @@ impl LiveStatus {
                     .with_attr("image", l.image.to_string_lossy()),
             );
         }
+        for d in &self.served {
+            root = root.with_child(
+                Element::new("served")
+                    .with_attr("target", &d.target)
+                    .with_attr("dir", d.dir.to_string_lossy())
+                    .with_attr("file", d.file.to_string_lossy()),
+            );
+        }
         root.with_child(self.domain.element().clone()).to_xml()
     }
 
@@ -69,6 +94,16 @@ impl LiveStatus {
             loops: root
                 .children_named("loop")
                 .filter_map(|l| Some(AttachedLoop { device: l.attr("dev")?.into(), image: l.attr("image")?.into() }))
+                .collect(),
+            served: root
+                .children_named("served")
+                .filter_map(|d| {
+                    Some(ServedFilesystem {
+                        target: d.attr("target")?.into(),
+                        dir: d.attr("dir")?.into(),
+                        file: d.attr("file")?.into(),
+                    })
+                })
                 .collect(),
         })
     }
@@ -119,7 +154,8 @@ pub fn forget(store: &Store, name: &str) -> Result<()> {
 /// Everything a container holds, released: its processes killed (the
 /// cgroup's, and the init by its recorded identity, so a reused pid is
 /// never signalled), its loop devices detached once its mounts are gone,
-/// its cgroup removed.
+/// then the storage daemons serving their chains stopped, and its cgroup
+/// removed.
 pub fn teardown(sys: &dyn Syscall, status: &LiveStatus) -> Result<()> {
     sys.cgroup_kill(&status.cgroup)?;
     if let Some(init) = status.running_init() {
@@ -129,7 +165,34 @@ pub fn teardown(sys: &dyn Syscall, status: &LiveStatus) -> Result<()> {
     for l in &status.loops {
         sys.loop_detach(&l.device, &l.image)?;
     }
+    for served in &status.served {
+        stop_daemon(sys, served)?;
+    }
     sys.cgroup_remove(&status.cgroup)
+}
+
+/// Stops the storage daemon serving `served` (SIGTERM: it removes its
+/// FUSE export and closes the chain; SIGKILL after [`DAEMON_GRACE`]),
+/// and unmounts the export a killed daemon left.
+fn stop_daemon(sys: &dyn Syscall, served: &ServedFilesystem) -> Result<()> {
+    if let Some(daemon) = recorded_server(&served.dir)?.filter(|d| d.liveness() == Liveness::Alive) {
+        sys.kill(daemon.pid, libc::SIGTERM)?;
+        if !daemon.wait_gone_blocking(DAEMON_GRACE) && daemon.liveness() == Liveness::Alive {
+            sys.kill(daemon.pid, libc::SIGKILL)?;
+            if !daemon.wait_gone_blocking(Duration::from_secs(30)) {
+                return Err(Error::operation_failed(format!(
+                    "the storage daemon (pid {}) serving filesystem '{}' did not exit",
+                    daemon.pid, served.target
+                )));
+            }
+        }
+    }
+    let file = cstr(&served.file)?;
+    match sys.umount(&file, libc::MNT_DETACH) {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => Ok(()),
+        Err(e) => Err(Error::io("unmount the FUSE export", &served.file, e)),
+    }
 }
 
 /// Waits until `process` is gone, at most `timeout`.
@@ -171,14 +234,20 @@ mod tests {
             cgroup: "/sys/fs/cgroup/unified/strata-lxc/u1".into(),
             loops: vec![
                 AttachedLoop { device: "/dev/loop7".into(), image: "/img/root.raw".into() },
-                AttachedLoop { device: "/dev/loop8".into(), image: "/img/data.raw".into() },
+                AttachedLoop { device: "/dev/loop8".into(), image: "/run/ct1/fs-1/export.raw".into() },
             ],
+            served: vec![ServedFilesystem {
+                target: "/data".into(),
+                dir: "/run/ct1/fs-1".into(),
+                file: "/run/ct1/fs-1/export.raw".into(),
+            }],
         }
     }
 
     /// The cgroup's processes are killed before the loop devices are
-    /// detached (their mounts go with the processes), and the cgroup is
-    /// removed last; an init already gone is not signalled.
+    /// detached (their mounts go with the processes), the FUSE exports
+    /// under them are unmounted after that, and the cgroup is removed
+    /// last; an init already gone is not signalled.
     #[test]
     fn teardown_kills_then_detaches_then_removes_the_cgroup() {
         let sys = Recorder::default();
@@ -189,7 +258,8 @@ mod tests {
             [
                 "cgroup_kill /sys/fs/cgroup/unified/strata-lxc/u1",
                 "loop_detach /dev/loop7 /img/root.raw",
-                "loop_detach /dev/loop8 /img/data.raw",
+                "loop_detach /dev/loop8 /run/ct1/fs-1/export.raw",
+                "umount /run/ct1/fs-1/export.raw 2",
                 "cgroup_remove /sys/fs/cgroup/unified/strata-lxc/u1",
             ]
         );
@@ -208,7 +278,7 @@ mod tests {
         s.starting = true;
         let back = LiveStatus::parse(&s.to_xml()).expect("parse");
         assert_eq!((back.init, back.owner, back.starting), (s.init, s.owner, true));
-        assert_eq!((back.cgroup, back.loops), (s.cgroup, s.loops));
+        assert_eq!((back.cgroup, back.loops, back.served), (s.cgroup, s.loops, s.served));
         assert_eq!(back.domain.name(), "ct1");
     }
 }
