@@ -10,16 +10,14 @@
 //! is backed by `lNNNNN-1`; the chain of depth D has its top at `lD` and
 //! holds D+1 images. `STRATA_BENCH_QUICK=1` runs fewer repetitions.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use serde_json::json;
 use strata_benches::{
-    human, ms, path_str, qcow2_chain, quick, quick_suffix, require_tools, run_tool, temp_dir, time, us, BackingNames,
-    Stats, Tools,
+    human, layer_name, ms, patched_chain, path_str, quick, quick_suffix, require_tools, run_tool, temp_dir, time, us,
+    BackingNames, Stats, Tools,
 };
 use strata_core::chain::{probe_chain, Backing, StorageSource};
 
@@ -27,10 +25,6 @@ const MAX_DEPTH: usize = 10_000;
 const DEPTHS: [usize; 6] = [1, 10, 100, 500, 1000, 10_000];
 /// Depth of the comparison with qemu-img.
 const QEMU_DEPTH: usize = 500;
-
-fn layer_name(i: usize) -> String {
-    format!("l{i:05}.qcow2")
-}
 
 /// Repetitions per depth (after one untimed warm-up run that also checks
 /// the result).
@@ -54,7 +48,9 @@ fn main() -> ExitCode {
     let quick = quick();
     let dir = temp_dir("strata-bench-chain-");
 
-    let (build_time, ()) = time(|| build_fixture(dir.path()));
+    let (build_time, ()) = time(|| {
+        patched_chain(dir.path(), MAX_DEPTH, BackingNames::Relative);
+    });
     verify_fixture(dir.path());
     println!("Strata backing-chain probe: strata_core::chain::probe_chain on qcow2 chains{}", quick_suffix(quick));
     println!(
@@ -188,45 +184,6 @@ fn check_probe(top: &Path, depth: usize) {
 
 /// `l00000` (base) and `l00001` with qemu-img; `l00002` … `l10000` as
 /// patched copies of `l00001`.
-fn build_fixture(dir: &Path) {
-    let path = |i: usize| -> PathBuf { dir.join(layer_name(i)) };
-    qcow2_chain(dir, &[layer_name(0), layer_name(1)], "64M", BackingNames::Relative);
-
-    let template = std::fs::read(path(1)).expect("read the overlay made by qemu-img");
-    let be64 = |at: usize| u64::from_be_bytes(template[at..at + 8].try_into().expect("8 bytes"));
-    let be32 = |at: usize| u32::from_be_bytes(template[at..at + 4].try_into().expect("4 bytes"));
-    assert!(template.len() >= 24 && template.starts_with(b"QFI\xfb"), "qemu-img did not write a qcow2 header");
-    let offset = usize::try_from(be64(8)).expect("backing_file_offset fits in usize");
-    let size = be32(16) as usize;
-    let name = layer_name(0);
-    assert_eq!(
-        template.get(offset..offset + size),
-        Some(name.as_bytes()),
-        "the overlay's header does not name {name} at backing_file_offset {offset}"
-    );
-
-    let mut bytes = template.clone();
-    for i in 2..=MAX_DEPTH {
-        let backing = layer_name(i - 1);
-        assert_eq!(backing.len(), size, "layer names must all have the same length");
-        bytes[offset..offset + size].copy_from_slice(backing.as_bytes());
-        write_sparse(&path(i), &bytes);
-    }
-}
-
-/// Writes only the non-zero 4 KiB blocks: an empty overlay is ~192 KiB,
-/// nearly all zeros, and 10,000 dense copies would take ~2 GB.
-fn write_sparse(path: &Path, bytes: &[u8]) {
-    const BLOCK: usize = 4096;
-    let file = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-    for (n, block) in bytes.chunks(BLOCK).enumerate() {
-        if block.iter().any(|b| *b != 0) {
-            file.write_all_at(block, (n * BLOCK) as u64).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-        }
-    }
-    file.set_len(bytes.len() as u64).unwrap_or_else(|e| panic!("size {}: {e}", path.display()));
-}
-
 /// qemu-img agrees that a generated layer is a qcow2 overlay of the one
 /// below it, with the backing format recorded.
 fn verify_fixture(dir: &Path) {

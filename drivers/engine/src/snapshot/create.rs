@@ -180,11 +180,9 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
             .write(store, domain)?;
         strata_core::crash_point("snapshot-create:intent");
         let roots = match (live, &memory_file) {
-            (true, Some(file)) => Some(
-                self.backend
-                    .snapshot_disks_with_memory(domain, &plans, &name, file, &created, running)
-                    .await?,
-            ),
+            (true, Some(file)) => {
+                Some(self.backend.snapshot_disks_with_memory(domain, &plans, &name, file, &created, running).await?)
+            }
             (true, None) => Some(self.create_live(domain, &plans, &name, checkpoint, &created).await?),
             (false, _) => {
                 create_offline(operation, &plans, &name, &created).await?;
