@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use strata_benches::{
-    deep_layer_name, deep_qcow2_chain, human, ms, path_str, quick, quick_suffix, require_tools, run_tool, temp_dir,
-    time, us, Stats, Tools,
+    human, layer_name, ms, patched_chain, path_str, quick, quick_suffix, require_tools, run_tool, temp_dir, time, us,
+    BackingNames, Stats, Tools,
 };
 use strata_core::chain::{probe_chain, Backing, StorageSource};
 
@@ -48,7 +48,9 @@ fn main() -> ExitCode {
     let quick = quick();
     let dir = temp_dir("strata-bench-chain-");
 
-    let (build_time, _) = time(|| deep_qcow2_chain(dir.path(), MAX_DEPTH));
+    let (build_time, ()) = time(|| {
+        patched_chain(dir.path(), MAX_DEPTH, BackingNames::Relative);
+    });
     verify_fixture(dir.path());
     println!("Strata backing-chain probe: strata_core::chain::probe_chain on qcow2 chains{}", quick_suffix(quick));
     println!(
@@ -66,7 +68,7 @@ fn main() -> ExitCode {
     let mut rows = Vec::new();
     let mut probe_500 = None;
     for depth in DEPTHS {
-        let top = dir.path().join(deep_layer_name(depth));
+        let top = dir.path().join(layer_name(depth));
         check_probe(&top, depth);
         let runs = runs_for(depth, quick);
         let samples: Vec<Duration> = (0..runs)
@@ -106,9 +108,9 @@ fn main() -> ExitCode {
     );
 
     // qemu-img on the same depth-500 chain.
-    let top500 = dir.path().join(deep_layer_name(QEMU_DEPTH));
+    let top500 = dir.path().join(layer_name(QEMU_DEPTH));
     let top500_s = path_str(&top500);
-    let base = dir.path().join(deep_layer_name(0));
+    let base = dir.path().join(layer_name(0));
     let base_s = path_str(&base);
     let qemu_runs = 3;
     let qemu_samples: Vec<Duration> = (0..qemu_runs)
@@ -177,16 +179,18 @@ fn check_probe(top: &Path, depth: usize) {
     let base = line.last().expect("a chain has a top");
     assert_eq!(base.backing, Backing::End, "the base layer has no backing file");
     assert_eq!(base.format.as_deref(), Some("qcow2"));
-    assert_eq!(base.source.local_path().and_then(Path::file_name), Some(deep_layer_name(0).as_ref()));
+    assert_eq!(base.source.local_path().and_then(Path::file_name), Some(layer_name(0).as_ref()));
 }
 
+/// `l00000` (base) and `l00001` with qemu-img; `l00002` … `l10000` as
+/// patched copies of `l00001`.
 /// qemu-img agrees that a generated layer is a qcow2 overlay of the one
 /// below it, with the backing format recorded.
 fn verify_fixture(dir: &Path) {
-    let top = dir.join(deep_layer_name(MAX_DEPTH));
+    let top = dir.join(layer_name(MAX_DEPTH));
     let out = run_tool("qemu-img", &["info", "--output=json", path_str(&top)]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("qemu-img info prints JSON");
     assert_eq!(v["format"], "qcow2", "generated layer: {out}");
-    assert_eq!(v["backing-filename"], deep_layer_name(MAX_DEPTH - 1).as_str(), "generated layer: {out}");
+    assert_eq!(v["backing-filename"], layer_name(MAX_DEPTH - 1).as_str(), "generated layer: {out}");
     assert_eq!(v["backing-filename-format"], "qcow2", "generated layer: {out}");
 }

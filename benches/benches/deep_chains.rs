@@ -9,7 +9,7 @@
 //!
 //! `STRATA_BENCH_BEFORE=/path/to/strata` runs the same commands with a
 //! second binary (an older build) in the same run, for a before/after
-//! table. The chain is built once (see `deep_qcow2_chain`); every binary
+//! table. The chain is built once (see `patched_chain`); every binary
 //! and depth gets a fresh state root, and each snapshot's overlay is
 //! removed before the next run.
 
@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use strata_benches::{
-    deep_qcow2_chain, domain_type, domain_xml, human, measure_ok, mib, ms, path_str, quick, quick_suffix,
-    strata_for_bench, temp_dir, time, Stats, Strata, Tools,
+    domain_type, domain_xml, human, measure_ok, mib, ms, patched_chain, path_str, quick, quick_suffix,
+    strata_for_bench, temp_dir, time, BackingNames, Stats, Strata, Tools,
 };
 
 const DEPTHS: [usize; 2] = [5_000, 10_000];
@@ -45,7 +45,7 @@ fn main() -> ExitCode {
     let dir = temp_dir("strata-bench-deep-");
     let chain_dir = dir.path().join("chain");
     std::fs::create_dir_all(&chain_dir).expect("create the chain directory");
-    let (build, chain) = time(|| deep_qcow2_chain(&chain_dir, DEPTHS[DEPTHS.len() - 1]));
+    let (build, chain) = time(|| patched_chain(&chain_dir, DEPTHS[DEPTHS.len() - 1], BackingNames::Relative));
     println!("Strata commands on a shut-off domain on a deep qcow2 chain{}", quick_suffix(quick));
     println!(
         "fixture: {} qcow2 images built in {}; median wall time of {runs} runs, largest peak RSS\n",

@@ -61,6 +61,61 @@ pub fn qcow2_chain<S: AsRef<str>>(dir: &Path, names: &[S], size: &str, backing: 
     paths
 }
 
+/// The name of layer `i` of a [`patched_chain`]: `l00000.qcow2` is the base.
+pub fn layer_name(i: usize) -> String {
+    format!("l{i:05}.qcow2")
+}
+
+/// A linear qcow2 chain of `depth` overlays on a 64 MiB base in `dir`
+/// (created if missing), made fast: qemu-img makes the base and the first
+/// overlay, the others are copies of that overlay with the backing-file
+/// name in the header patched (names of one length, see [`layer_name`], so
+/// nothing else moves; formats recorded). Returns the images, base first:
+/// the top (index `depth`) has `depth` backing files.
+pub fn patched_chain(dir: &Path, depth: usize, backing: BackingNames) -> Vec<PathBuf> {
+    assert!(depth >= 1, "a chain of at least one overlay");
+    let mut paths = qcow2_chain(dir, &[layer_name(0), layer_name(1)], "64M", backing);
+    let name = |i: usize| match backing {
+        BackingNames::Absolute => path_str(&dir.join(layer_name(i))).to_string(),
+        BackingNames::Relative => layer_name(i),
+    };
+    let template = std::fs::read(&paths[1]).expect("read the overlay made by qemu-img");
+    let be64 = |at: usize| u64::from_be_bytes(template[at..at + 8].try_into().expect("8 bytes"));
+    let be32 = |at: usize| u32::from_be_bytes(template[at..at + 4].try_into().expect("4 bytes"));
+    assert!(template.len() >= 24 && template.starts_with(b"QFI\xfb"), "qemu-img did not write a qcow2 header");
+    let offset = usize::try_from(be64(8)).expect("backing_file_offset fits in usize");
+    let size = be32(16) as usize;
+    assert_eq!(
+        template.get(offset..offset + size),
+        Some(name(0).as_bytes()),
+        "the overlay's header does not name {} at backing_file_offset {offset}",
+        name(0)
+    );
+    let mut bytes = template.clone();
+    for i in 2..=depth {
+        let backing = name(i - 1);
+        assert_eq!(backing.len(), size, "layer names must all have the same length");
+        bytes[offset..offset + size].copy_from_slice(backing.as_bytes());
+        let path = dir.join(layer_name(i));
+        write_sparse(&path, &bytes);
+        paths.push(path);
+    }
+    paths
+}
+
+/// Writes only the non-zero 4 KiB blocks: an empty overlay is ~192 KiB,
+/// nearly all zeros, and 10,000 dense copies would take ~2 GB.
+fn write_sparse(path: &Path, bytes: &[u8]) {
+    const BLOCK: usize = 4096;
+    let file = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    for (n, block) in bytes.chunks(BLOCK).enumerate() {
+        if block.iter().any(|b| *b != 0) {
+            file.write_all_at(block, (n * BLOCK) as u64).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        }
+    }
+    file.set_len(bytes.len() as u64).unwrap_or_else(|e| panic!("size {}: {e}", path.display()));
+}
+
 /// Runs `qemu-io -f qcow2 -c CMD IMAGE` (e.g. `write -P 0x11 0 32M`).
 pub fn qemu_io(image: &Path, cmd: &str) {
     run_tool("qemu-io", &["-f", "qcow2", "-c", cmd, path_str(image)]);
@@ -87,55 +142,4 @@ pub fn copy_images(from: &Path, to: &Path) {
         }
         dst.sync_all().expect("fsync an image copy");
     }
-}
-
-/// The name of layer `i` of a [`deep_qcow2_chain`]: `l00000.qcow2` …
-/// (all the same length).
-pub fn deep_layer_name(i: usize) -> String {
-    format!("l{i:05}.qcow2")
-}
-
-/// A linear qcow2 chain of `depth` overlays in `dir`, fast: `l00000`
-/// (base, 64 MiB) and `l00001` with qemu-img; `l00002` … as patched copies
-/// of `l00001` (the backing name in its header replaced, same length, so
-/// nothing else moves), each backed by the layer before it by a relative
-/// name. Returns the paths, base first.
-pub fn deep_qcow2_chain(dir: &Path, depth: usize) -> Vec<PathBuf> {
-    let paths: Vec<PathBuf> = (0..=depth).map(|i| dir.join(deep_layer_name(i))).collect();
-    qcow2_chain(dir, &[deep_layer_name(0), deep_layer_name(1)], "64M", BackingNames::Relative);
-
-    let template = std::fs::read(&paths[1]).expect("read the overlay made by qemu-img");
-    let be64 = |at: usize| u64::from_be_bytes(template[at..at + 8].try_into().expect("8 bytes"));
-    let be32 = |at: usize| u32::from_be_bytes(template[at..at + 4].try_into().expect("4 bytes"));
-    assert!(template.len() >= 24 && template.starts_with(b"QFI\xfb"), "qemu-img did not write a qcow2 header");
-    let offset = usize::try_from(be64(8)).expect("backing_file_offset fits in usize");
-    let size = be32(16) as usize;
-    let name = deep_layer_name(0);
-    assert_eq!(
-        template.get(offset..offset + size),
-        Some(name.as_bytes()),
-        "the overlay's header does not name {name} at backing_file_offset {offset}"
-    );
-
-    let mut bytes = template.clone();
-    for (i, path) in paths.iter().enumerate().skip(2) {
-        let backing = deep_layer_name(i - 1);
-        assert_eq!(backing.len(), size, "layer names must all have the same length");
-        bytes[offset..offset + size].copy_from_slice(backing.as_bytes());
-        write_sparse(path, &bytes);
-    }
-    paths
-}
-
-/// Writes only the non-zero 4 KiB blocks: an empty overlay is ~192 KiB,
-/// nearly all zeros, and 10,000 dense copies would take ~2 GB.
-fn write_sparse(path: &Path, bytes: &[u8]) {
-    const BLOCK: usize = 4096;
-    let file = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-    for (n, block) in bytes.chunks(BLOCK).enumerate() {
-        if block.iter().any(|b| *b != 0) {
-            file.write_all_at(block, (n * BLOCK) as u64).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-        }
-    }
-    file.set_len(bytes.len() as u64).unwrap_or_else(|e| panic!("size {}: {e}", path.display()));
 }

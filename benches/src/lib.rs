@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 pub mod images;
 pub mod strata;
 
-pub use images::{copy_images, create_qcow2, deep_layer_name, deep_qcow2_chain, qcow2_chain, qemu_io, BackingNames};
+pub use images::{copy_images, create_qcow2, layer_name, patched_chain, qcow2_chain, qemu_io, BackingNames};
 pub use strata::{domain_type, domain_xml, pid_attr, strata_for_bench, DomainBench, DomainGuard, Leftover, Strata};
 
 /// `STRATA_BENCH_QUICK=1`: fewer repetitions, for CI smoke runs.

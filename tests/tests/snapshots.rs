@@ -2369,6 +2369,52 @@ fn delete_after_a_revert_repoints_every_reader_offline() {
 /// overlay header without opening the chain (before, `qemu-img create`
 /// opened all 5,000 layers, which took minutes). The bound is generous: it
 /// catches the cost growing with the chain, not a slow machine.
+/// A live snapshot reads the frozen top's header (for the overlay's size)
+/// and nothing below it: the chain QEMU runs on comes from the recorded
+/// state, so the cost does not grow with depth by opening files. strace
+/// records every file the `strata` process (and any child) opens.
+#[test]
+fn live_snapshot_of_a_deep_chain_opens_only_the_top() {
+    let env = TestEnv::new();
+    let dir = env.path("deep");
+    std::fs::create_dir(&dir).expect("chain directory");
+    let layer = |i: usize| dir.join(format!("l{i}.qcow2"));
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&layer(0)), "8M"]);
+    for i in 1..=DEEP_LIVE {
+        let below = layer(i - 1);
+        qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", s(&below), "-F", "qcow2", s(&layer(i)), "8M"]);
+    }
+    let top = layer(DEEP_LIVE);
+    env.define("vm", &domain_xml("vm", &[DiskSpec { target: "vda", format: "qcow2", path: &top, extra: "" }]));
+    let _guard = DomainGuard { env: &env, name: "vm".into() };
+    env.ok(&["start", "vm"]);
+
+    let log = env.path("opened.strace");
+    let cli = env.command(&["snapshot-create-as", "vm", "s1", "--disk-only", "--atomic"]);
+    let mut traced = std::process::Command::new("strace");
+    traced.args(["-f", "-qq", "-e", "trace=open,openat,openat2", "-o", s(&log)]).arg(cli.get_program());
+    traced.args(cli.get_args()).env_remove("STRATA_LOG");
+    let out = traced.output().expect("run strata under strace (install strace: .ci/install-deps)");
+    assert!(out.status.success(), "snapshot failed: {}", String::from_utf8_lossy(&out.stderr));
+    let overlay = dir.join(format!("l{DEEP_LIVE}.s1"));
+    assert_eq!(active(&env, "vda"), overlay);
+    let info = qemu_img(&["info", "-U", "--output=json", s(&overlay)]);
+    let info: serde_json::Value = serde_json::from_str(&info).expect("qemu-img json");
+    assert_eq!(info["backing-filename"], s(&top));
+
+    let trace = std::fs::read_to_string(&log).expect("strace log");
+    let opened: Vec<&str> = trace.lines().filter_map(|l| l.split('"').nth(1)).collect();
+    assert!(opened.contains(&s(&overlay)), "strace did not see the overlay created:\n{trace}");
+    let below: Vec<&&str> =
+        opened.iter().filter(|p| p.starts_with(s(&dir)) && **p != s(&top) && **p != s(&overlay)).collect();
+    assert!(below.is_empty(), "the live snapshot opened images below the top: {below:?}");
+}
+
+/// Depth of the chain of the live snapshot test: deep enough that a walk
+/// would show, shallow enough for QEMU to open it within strata's start
+/// timeout on a loaded machine.
+const DEEP_LIVE: usize = 60;
+
 #[test]
 fn offline_snapshot_of_a_5000_deep_chain_does_not_open_the_chain() {
     let env = TestEnv::new();

@@ -66,26 +66,59 @@ pub async fn create_blockdev(client: &QmpClient, name: &str, job: &str, options:
         .execute("blockdev-create", Some(json!({"job-id": job, "options": options})))
         .await
         .map_err(|e| qmp_error(name, e))?;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // Only a job that failed needs a query: its error is in query-jobs,
+    // not in the events.
+    let error = if creation_failed(client, name, &mut rx, job).await? {
+        find_job(&client.query_jobs().await.map_err(|e| qmp_error(name, e))?, job)
+            .ok_or_else(|| Error::internal(format!("creation job '{job}' vanished")))?
+            .error
+            .clone()
+    } else {
+        None
+    };
+    client.execute("job-dismiss", Some(json!({"id": job}))).await.map_err(|e| qmp_error(name, e))?;
+    match error {
+        Some(e) => Err(Error::operation_failed(format!("cannot create the image: {e}"))),
+        None => Ok(()),
+    }
+}
+
+/// Waits, on the JOB_STATUS_CHANGE events of `rx` (subscribed before the
+/// job started), until creation job `job` concluded; whether it failed
+/// (passed through `aborting`). Asks QEMU only when events were lost.
+async fn creation_failed(
+    client: &QmpClient,
+    name: &str,
+    rx: &mut broadcast::Receiver<QmpEvent>,
+    job: &str,
+) -> Result<bool> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut aborting = false;
     loop {
-        let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
-        match jobs.iter().find(|j| j.id == job) {
-            Some(j) if j.status == JobStatus::Concluded => {
-                let error = j.error.clone();
-                client.execute("job-dismiss", Some(json!({"id": job}))).await.map_err(|e| qmp_error(name, e))?;
-                return match error {
-                    Some(e) => Err(Error::operation_failed(format!("cannot create the image: {e}"))),
-                    None => Ok(()),
-                };
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Err(_) => return Err(Error::new(ErrorKind::OperationTimeout, "creating the image took over 60 s")),
+            Ok(Ok(event)) => {
+                if let KnownEvent::JobStatusChange(change) = event.known() {
+                    match change.status {
+                        _ if change.id != job => {}
+                        JobStatus::Aborting => aborting = true,
+                        JobStatus::Concluded => return Ok(aborting),
+                        _ => {}
+                    }
+                }
             }
-            None => return Err(Error::internal(format!("creation job '{job}' vanished"))),
-            _ => {}
+            Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
+                let jobs = client.query_jobs().await.map_err(|e| qmp_error(name, e))?;
+                match find_job(&jobs, job) {
+                    Some(j) if j.status == JobStatus::Concluded => return Ok(j.error.is_some()),
+                    Some(_) => {}
+                    None => return Err(Error::internal(format!("creation job '{job}' vanished"))),
+                }
+            }
+            Ok(Err(broadcast::error::RecvError::Closed)) => {
+                return Err(qmp_error(name, strata_qmp::QmpError::Disconnected))
+            }
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(Error::new(ErrorKind::OperationTimeout, "creating the image took over 60 s"));
-        }
-        let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), rx.recv()).await;
     }
 }
 

@@ -21,8 +21,9 @@ use crate::nodes::node_prefix;
 /// Takes the `plans` of snapshot `name` in the process `client` talks to
 /// (serving `domain`): an internal snapshot of each `internal` device's
 /// root node (`root` gives a device's), and for each `external` one its
-/// overlay (created by `blockdev-create` when it is among `created`, with
-/// the frozen image as its backing file) added as nodes numbered from
+/// overlay (when it is among `created`: an empty file made here, its
+/// qcow2 header by `blockdev-create` with the frozen image as its backing
+/// file) added as nodes numbered from
 /// `number`, then one `transaction` of them all. Returns each device's new
 /// root node. On failure the nodes added are removed and the files in
 /// `created` deleted. The caller holds the unattached-nodes lock
@@ -56,13 +57,12 @@ pub async fn snapshot_live(
                     new_roots.insert(p.target.clone(), fmt_node.clone());
                     let ov = path_str(overlay)?;
                     if created.contains(overlay) {
-                        create_blockdev(
-                            client,
-                            domain,
-                            &format!("{file_node}-create"),
-                            json!({"driver": "file", "filename": ov, "size": 0}),
-                        )
-                        .await?;
+                        // What the `file` driver's creation job would do (an
+                        // empty file), without a job's round trips; the
+                        // intent already names the file for recovery.
+                        std::fs::OpenOptions::new().write(true).create_new(true).open(overlay).map_err(|e| {
+                            Error::operation_failed(format!("cannot create '{}': {e}", overlay.display()))
+                        })?;
                     }
                     client
                         .execute(

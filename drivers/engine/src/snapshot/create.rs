@@ -150,16 +150,14 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
             if flags.reuse_external { Vec::new() } else { plans.iter().filter_map(|p| p.overlay.clone()).collect() };
         // The whole record is settled before any image changes, and kept
         // in the intent, so a crash at any later step can be finished.
-        let (running, checkpoint) = if live {
-            let running = self.backend.guest_running(domain).await?;
-            (Some(running), !flags.disk_only && def.memory.as_ref().is_none_or(|m| m.snapshot != "no"))
-        } else {
-            (None, false)
-        };
-        let state = match (running, checkpoint) {
-            (Some(true), true) => "running",
-            (Some(false), true) => "paused",
-            (None, _) if !flags.disk_only => "shutoff",
+        let checkpoint = live && !flags.disk_only && def.memory.as_ref().is_none_or(|m| m.snapshot != "no");
+        // Only a checkpoint's state and a memory save depend on whether the
+        // guest runs: a disk-only snapshot does not ask the hypervisor.
+        let running = (checkpoint || memory_file.is_some()) && self.backend.guest_running(domain).await?;
+        let state = match (live, checkpoint, running) {
+            (true, true, true) => "running",
+            (true, true, false) => "paused",
+            (false, _, _) if !flags.disk_only => "shutoff",
             _ => "disk-snapshot",
         };
         def.name = Some(name.clone());
@@ -186,11 +184,9 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
             .write(store, domain)?;
         strata_core::crash_point("snapshot-create:intent");
         let roots = match (live, &memory_file) {
-            (true, Some(file)) => Some(
-                self.backend
-                    .snapshot_disks_with_memory(domain, &plans, &name, file, &created, running == Some(true))
-                    .await?,
-            ),
+            (true, Some(file)) => {
+                Some(self.backend.snapshot_disks_with_memory(domain, &plans, &name, file, &created, running).await?)
+            }
             (true, None) => Some(self.create_live(domain, &plans, &name, checkpoint, &created).await?),
             (false, _) => {
                 create_offline(operation, &plans, &name, &created).await?;
