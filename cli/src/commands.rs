@@ -485,6 +485,8 @@ pub enum Command {
     Event(EventArgs),
     #[command(flatten)]
     Pools(Box<crate::pools::PoolCommand>),
+    #[command(flatten)]
+    Networks(Box<crate::networks::NetworkCommand>),
     /// Send a command to the domain's monitor and print its reply.
     ///
     /// The command is QMP JSON (`{"execute":"query-block"}`), passed through
@@ -1218,6 +1220,10 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
         Command::Pools(command) => {
             let pools = session.conn()?.require_storage_pools()?;
             out = crate::pools::run(pools.as_ref(), *command, global_json, quiet).await?;
+        }
+        Command::Networks(command) => {
+            let networks = session.conn()?.require_networks()?;
+            out = crate::networks::run(networks.as_ref(), *command, global_json, quiet).await?;
         }
         Command::QemuMonitor { domain, hmp, pretty, return_value, cmd } => {
             let name = domain.name();

@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
+pub use backend::boot_id;
 pub use def::{pool_xml_from_parts, PoolDef, PoolSizes, PoolType};
 pub use volume::{parse_scaled, VolumeRequest};
 
