@@ -58,9 +58,19 @@ pub fn add_masquerade(table: &str, subnet: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn delete_table(table: &str) -> Result<()> {
+/// The `ip` tables of Strata networks on the host, from every store.
+pub fn strata_tables() -> Result<Vec<String>> {
     let listed = run_tool("nft", &["list", "tables", "ip"])?;
-    if listed.lines().any(|l| l.trim() == format!("table ip {table}")) {
+    Ok(listed
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("table ip "))
+        .filter(|t| t.starts_with("strata_"))
+        .map(str::to_string)
+        .collect())
+}
+
+pub fn delete_table(table: &str) -> Result<()> {
+    if strata_tables()?.iter().any(|t| t == table) {
         run_tool("nft", &["delete", "table", "ip", table])?;
     }
     Ok(())

@@ -155,7 +155,8 @@ impl NetworkManager {
     }
 
     /// Deletes what the record names, turns forwarding back off when Strata
-    /// turned it on and no other network forwards, and drops the record.
+    /// turned it on and no other Strata network on the host forwards (one of
+    /// another store keeps it on), and drops the record.
     fn undo_locked(&self, name: &str, record: &StartRecord) -> Result<()> {
         if let Some(table) = &record.nft_table {
             host::delete_table(table)?;
@@ -172,14 +173,15 @@ impl NetworkManager {
         Ok(())
     }
 
-    /// Whether a running network other than `except` forwards.
+    /// Whether a running network other than `except` forwards: one of this
+    /// store, or any Strata network on the host (another store's table).
     fn any_forwarding(&self, except: &str) -> Result<bool> {
         for other in self.names()? {
             if other != except && self.record(&other)?.is_some_and(|r| r.nft_table.is_some()) {
                 return Ok(true);
             }
         }
-        Ok(false)
+        Ok(!host::strata_tables()?.is_empty())
     }
 
     fn start_locked(&self, def: &NetworkDef) -> Result<Vec<String>> {
