@@ -177,6 +177,22 @@ fn interface(iface_type: &str, inner: &str) -> String {
     format!("    <interface type='{iface_type}'>\n      {inner}\n      <model type='virtio'/>\n    </interface>")
 }
 
+/// The running domain's live XML and the tap its first interface runs on
+/// (its `<target dev>`).
+fn live_tap(env: &TestEnv) -> (String, String) {
+    let live = env.ok(&["dumpxml", "vm"]);
+    let nic = &live[live.find("<interface").expect("an interface")..];
+    let at = nic.find("<target dev='").expect("the live XML names the tap") + "<target dev='".len();
+    let tap = nic[at..].split('\'').next().expect("a name").to_string();
+    (live, tap)
+}
+
+/// `domiflist vm`'s one row has these columns.
+fn assert_listed(env: &TestEnv, columns: [&str; 5]) {
+    let listed = env.ok(&["domiflist", "vm"]);
+    assert!(listed.lines().nth(2).expect("a row").split_whitespace().eq(columns), "{listed}");
+}
+
 #[test]
 fn an_ethernet_tap_is_opened_by_strata_held_by_qemu_and_gone_after_destroy_and_a_crash() {
     let env = TestEnv::new();
@@ -272,10 +288,7 @@ fn a_bridge_interface_puts_its_tap_on_the_bridge_and_a_missing_bridge_is_refused
     env.define("vm", &vm_with(&env, &interface("bridge", &format!("<source bridge='{bridge_name}'/>"))));
     let _guard = DomainGuard { env: &env, name: "vm".into() };
     env.ok(&["start", "vm"]);
-    let live = env.ok(&["dumpxml", "vm"]);
-    let nic = &live[live.find("<interface").expect("an interface")..];
-    let start = nic.find("<target dev='").expect("the live XML names the tap") + "<target dev='".len();
-    let tap = nic[start..].split('\'').next().expect("a name").to_string();
+    let (live, tap) = live_tap(&env);
     let _tap = HostDevice(tap.clone());
     assert!(tap.starts_with("vnet"), "{live}");
     let host = link(&tap);
@@ -283,17 +296,7 @@ fn a_bridge_interface_puts_its_tap_on_the_bridge_and_a_missing_bridge_is_refused
     assert!(host["flags"].as_array().expect("flags").iter().any(|f| f == "UP"), "{host}");
     let pid = qemu_pid(&env, "vm").expect("QEMU runs");
     assert_eq!(taps_held_by(pid), [tap.as_str()]);
-    let listed = env.ok(&["domiflist", "vm"]);
-    assert!(
-        listed.lines().nth(2).expect("a row").split_whitespace().eq([
-            tap.as_str(),
-            "bridge",
-            bridge_name.as_str(),
-            "virtio",
-            mac_in(&live).as_str()
-        ]),
-        "{listed}"
-    );
+    assert_listed(&env, [tap.as_str(), "bridge", bridge_name.as_str(), "virtio", mac_in(&live).as_str()]);
     env.ok(&["destroy", "vm"]);
     assert!(!device_exists(&tap), "the tap is gone after destroy");
 
@@ -324,25 +327,12 @@ fn a_network_interface_puts_its_tap_on_the_networks_bridge_and_an_inactive_netwo
     let start = env.strata(&["start", "vm"]);
     let stderr = String::from_utf8_lossy(&start.stderr);
     assert!(start.status.success() && !stderr.contains("interface"), "a network interface is honoured: {stderr}");
-    let live = env.ok(&["dumpxml", "vm"]);
-    let nic = &live[live.find("<interface").expect("an interface")..];
-    let at = nic.find("<target dev='").expect("the live XML names the tap") + "<target dev='".len();
-    let tap = nic[at..].split('\'').next().expect("a name").to_string();
+    let (live, tap) = live_tap(&env);
     let _tap = HostDevice(tap.clone());
     assert_eq!(link(&tap)["master"], bridge_name.as_str(), "the tap is on the network's bridge");
     let pid = qemu_pid(&env, "vm").expect("QEMU runs");
     assert_eq!(taps_held_by(pid), [tap.as_str()]);
-    let listed = env.ok(&["domiflist", "vm"]);
-    assert!(
-        listed.lines().nth(2).expect("a row").split_whitespace().eq([
-            tap.as_str(),
-            "network",
-            network.as_str(),
-            "virtio",
-            mac_in(&live).as_str()
-        ]),
-        "{listed}"
-    );
+    assert_listed(&env, [tap.as_str(), "network", network.as_str(), "virtio", mac_in(&live).as_str()]);
     env.ok(&["destroy", "vm"]);
     assert!(!device_exists(&tap), "the tap is gone after destroy");
     env.ok(&["net-destroy", &network]);

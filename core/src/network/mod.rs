@@ -34,7 +34,8 @@ pub use host::nft_table;
 use crate::driver::{NetworkInfo, NetworkOps};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pool::boot_id;
-use crate::store::{atomic_write, entry_names, validate_name, DomainLock, Store};
+use crate::store::{atomic_write, entry_names, set_marker, validate_name, DomainLock, Store};
+use crate::tool::offload;
 
 /// The networks of one state store.
 #[derive(Debug, Clone)]
@@ -333,15 +334,7 @@ impl NetworkManager {
         let _lock = self.locked()?;
         self.load(name)?;
         let marker = self.network_dir(name)?.join("autostart");
-        let result = if autostart {
-            fs::write(&marker, b"")
-        } else {
-            match fs::remove_file(&marker) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                other => other,
-            }
-        };
-        result.map_err(|e| Error::io(if autostart { "create" } else { "remove" }, &marker, e))
+        set_marker(&marker, autostart)
     }
 
     /// The bridge of a running network, for a guest's `<interface type='network'>`.
@@ -355,51 +348,45 @@ impl NetworkManager {
     }
 }
 
-async fn offload<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| Error::internal(format!("a network task ended abnormally: {e}")))?
-}
-
 #[async_trait]
 impl NetworkOps for NetworkManager {
     async fn net_define_xml(&self, xml: &str) -> Result<String> {
         let (manager, xml) = (self.clone(), xml.to_string());
-        offload(move || manager.define_blocking(&xml)).await
+        offload("network", move || manager.define_blocking(&xml)).await
     }
 
     async fn net_undefine(&self, network: &str) -> Result<()> {
         let (manager, network) = (self.clone(), network.to_string());
-        offload(move || manager.undefine_blocking(&network)).await
+        offload("network", move || manager.undefine_blocking(&network)).await
     }
 
     async fn net_start(&self, network: &str) -> Result<Vec<String>> {
         let (manager, network) = (self.clone(), network.to_string());
-        offload(move || manager.start_blocking(&network)).await
+        offload("network", move || manager.start_blocking(&network)).await
     }
 
     async fn net_destroy(&self, network: &str) -> Result<()> {
         let (manager, network) = (self.clone(), network.to_string());
-        offload(move || manager.destroy_blocking(&network)).await
+        offload("network", move || manager.destroy_blocking(&network)).await
     }
 
     async fn net_list(&self) -> Result<Vec<NetworkInfo>> {
         let manager = self.clone();
-        offload(move || manager.list_blocking()).await
+        offload("network", move || manager.list_blocking()).await
     }
 
     async fn net_info(&self, network: &str) -> Result<NetworkInfo> {
         let (manager, network) = (self.clone(), network.to_string());
-        offload(move || manager.info_blocking(&network)).await
+        offload("network", move || manager.info_blocking(&network)).await
     }
 
     async fn net_xml(&self, network: &str) -> Result<String> {
         let (manager, network) = (self.clone(), network.to_string());
-        offload(move || manager.load(&network).map(|d| d.to_xml())).await
+        offload("network", move || manager.load(&network).map(|d| d.to_xml())).await
     }
 
     async fn net_set_autostart(&self, network: &str, autostart: bool) -> Result<()> {
         let (manager, network) = (self.clone(), network.to_string());
-        offload(move || manager.set_autostart_blocking(&network, autostart)).await
+        offload("network", move || manager.set_autostart_blocking(&network, autostart)).await
     }
 }
