@@ -496,6 +496,8 @@ pub enum Command {
     Pools(Box<crate::pools::PoolCommand>),
     #[command(flatten)]
     Save(Box<crate::save::SaveCommand>),
+    #[command(flatten)]
+    Networks(Box<crate::networks::NetworkCommand>),
     /// Send a command to the domain's monitor and print its reply.
     ///
     /// The command is QMP JSON (`{"execute":"query-block"}`), passed through
@@ -1268,6 +1270,10 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                 (Err(e), Some(domain)) if no_domain(&e) => return Err(job_error(e, &domain)),
                 (ran, _) => ran?,
             };
+        }
+        Command::Networks(command) => {
+            let networks = session.conn()?.require_networks()?;
+            out = crate::networks::run(networks.as_ref(), *command, global_json, quiet).await?;
         }
         Command::QemuMonitor { domain, hmp, pretty, return_value, cmd } => {
             let name = domain.name();

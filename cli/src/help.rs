@@ -78,6 +78,22 @@ const GROUPS: &[(&str, &str, &[&str])] = &[
         ],
     ),
     (
+        "Networking",
+        "network",
+        &[
+            "net-autostart",
+            "net-define",
+            "net-destroy",
+            "net-dumpxml",
+            "net-info",
+            "net-list",
+            "net-name",
+            "net-start",
+            "net-undefine",
+            "net-uuid",
+        ],
+    ),
+    (
         "Storage Pool",
         "pool",
         &[

@@ -11,6 +11,7 @@ mod blockjobs;
 mod capability_refusals;
 mod commands;
 mod help;
+mod networks;
 mod output;
 mod pools;
 mod save;

@@ -368,7 +368,7 @@ fn size_text(bytes: u64, exact: bool) -> String {
     }
 }
 
-fn yes_no(b: bool) -> String {
+pub(crate) fn yes_no(b: bool) -> String {
     if b { "yes" } else { "no" }.to_string()
 }
 

@@ -14,6 +14,7 @@ use crate::capabilities::{refusal, SnapshotRequest};
 use crate::chain::ChainDifference;
 use crate::error::{Error, Result};
 use crate::hostcpu::{HostCpuMap, NodeInfo};
+use crate::network::NetworkManager;
 use crate::options::{
     wire_flags, BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions, SnapshotCreateFlags,
     SnapshotDeleteFlags, SnapshotRevertFlags, STRATA_FLAGS,
@@ -267,6 +268,11 @@ pub trait Connection: Send + Sync {
     fn storage_pools(&self) -> Option<Box<dyn StoragePoolOps>> {
         self.state_store().map(|store| Box::new(PoolManager::new(store.clone())) as Box<dyn StoragePoolOps>)
     }
+    /// Virtual networks: by default the neutral bridge networks kept in
+    /// [`Connection::state_store`].
+    fn networks(&self) -> Option<Box<dyn NetworkOps>> {
+        self.state_store().map(|store| Box::new(NetworkManager::new(store.clone())) as Box<dyn NetworkOps>)
+    }
     fn monitor(&self) -> Option<&dyn MonitorOps> {
         None
     }
@@ -294,6 +300,9 @@ impl<'a> dyn Connection + 'a {
     }
     pub fn require_storage_pools(&self) -> Result<Box<dyn StoragePoolOps>> {
         self.storage_pools().ok_or_else(|| not_supported(self, "storage pools"))
+    }
+    pub fn require_networks(&self) -> Result<Box<dyn NetworkOps>> {
+        self.networks().ok_or_else(|| not_supported(self, "networks"))
     }
 
     pub fn require_monitor(&self) -> Result<&dyn MonitorOps> {
@@ -837,4 +846,31 @@ pub trait StoragePoolOps: Send + Sync {
     async fn vol_resize(&self, pool: Option<&str>, volume: &str, bytes: u64, flags: VolumeResizeFlags) -> Result<u64>;
     /// Copies a volume's data into a new volume `new_name` of its pool.
     async fn vol_clone(&self, pool: Option<&str>, volume: &str, new_name: &str) -> Result<()>;
+}
+
+/// A virtual network as `net-list` and `net-info` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkInfo {
+    pub name: String,
+    pub uuid: String,
+    pub active: bool,
+    pub persistent: bool,
+    pub autostart: bool,
+    /// The bridge device the network's guests are put on.
+    pub bridge: String,
+}
+
+/// Virtual networks, as virsh's `net-*` commands use them.
+#[async_trait]
+pub trait NetworkOps: Send + Sync {
+    /// Defines (or redefines) a network from `<network>` XML; returns its name.
+    async fn net_define_xml(&self, xml: &str) -> Result<String>;
+    async fn net_undefine(&self, network: &str) -> Result<()>;
+    /// Starts a network; returns warnings for the user (no DHCP server, …).
+    async fn net_start(&self, network: &str) -> Result<Vec<String>>;
+    async fn net_destroy(&self, network: &str) -> Result<()>;
+    async fn net_list(&self) -> Result<Vec<NetworkInfo>>;
+    async fn net_info(&self, network: &str) -> Result<NetworkInfo>;
+    async fn net_xml(&self, network: &str) -> Result<String>;
+    async fn net_set_autostart(&self, network: &str, autostart: bool) -> Result<()>;
 }

@@ -91,6 +91,8 @@ error_kinds! {
     XmlInvalidSchema = 92, "xml-invalid-schema", "XML document failed to validate against schema";
     /// VIR_ERR_DOM_EXIST: a domain with this name or UUID already exists.
     DomainExists = 28, "domain-exists", "operation failed";
+    /// VIR_ERR_NO_NETWORK
+    NoNetwork = 43, "no-network", "Network not found";
     /// VIR_ERR_NO_STORAGE_POOL
     NoStoragePool = 49, "no-storage-pool", "Storage pool not found";
     /// VIR_ERR_NO_STORAGE_VOL
@@ -295,6 +297,7 @@ mod tests {
             (ErrorKind::DomainExists, 28, "VIR_ERR_DOM_EXIST"),
             (ErrorKind::System, 38, "VIR_ERR_SYSTEM_ERROR"),
             (ErrorKind::NoDomain, 42, "VIR_ERR_NO_DOMAIN"),
+            (ErrorKind::NoNetwork, 43, "VIR_ERR_NO_NETWORK"),
             (ErrorKind::NoStoragePool, 49, "VIR_ERR_NO_STORAGE_POOL"),
             (ErrorKind::NoStorageVol, 50, "VIR_ERR_NO_STORAGE_VOL"),
             (ErrorKind::OperationInvalid, 55, "VIR_ERR_OPERATION_INVALID"),

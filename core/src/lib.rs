@@ -11,6 +11,7 @@ pub mod error;
 pub mod hostcpu;
 pub mod ifaddr;
 pub mod image;
+pub mod network;
 pub mod options;
 pub mod plugin;
 pub mod pool;

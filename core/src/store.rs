@@ -392,6 +392,19 @@ fn sync_dir(path: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("sync directory", dir, e))
 }
 
+/// Creates (empty) or removes a marker file such as an object's `autostart`.
+pub fn set_marker(marker: &Path, present: bool) -> Result<()> {
+    let result = if present {
+        fs::write(marker, b"")
+    } else {
+        match fs::remove_file(marker) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    };
+    result.map_err(|e| Error::io(if present { "create" } else { "remove" }, marker, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -69,6 +69,14 @@ fn die_with_parent(parent: libc::pid_t, held: Option<RawFd>) -> std::io::Result<
     Ok(())
 }
 
+/// Runs blocking `work` (host tools, files) off the async runtime;
+/// `what` names the kind of task in the error if it ends abnormally.
+pub async fn offload<T: Send + 'static>(what: &str, work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::internal(format!("a {what} task ended abnormally: {e}")))?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,9 +15,9 @@ use serde::{Deserialize, Serialize};
 use crate::capabilities::DriverCapabilities;
 use crate::driver::{
     BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobState, Connection, DefineFlags, DefineOutcome, DiskChainCheck,
-    DiskSetOutcome, DomainEvent, DomainInfo, DomainJobInfo, DomainSummary, DumpXmlFlags, MigrateOptions, PinScope,
-    PoolBuildFlags, PoolInfo, SaveFlags, SaveOptions, SnapshotSummary, StartFlags, StartOutcome, UndefineFlags,
-    VcpuCounts, VcpuInfo, VolumeInfo, VolumeResizeFlags,
+    DiskSetOutcome, DomainEvent, DomainInfo, DomainJobInfo, DomainSummary, DumpXmlFlags, MigrateOptions, NetworkInfo,
+    PinScope, PoolBuildFlags, PoolInfo, SaveFlags, SaveOptions, SnapshotSummary, StartFlags, StartOutcome,
+    UndefineFlags, VcpuCounts, VcpuInfo, VolumeInfo, VolumeResizeFlags,
 };
 use crate::error::{Error, ErrorKind, ErrorPayload, Result};
 use crate::hostcpu::{HostCpuMap, NodeInfo};
@@ -114,6 +114,15 @@ pub enum Call {
     VolDelete { pool: Option<String>, volume: String },
     VolResize { pool: Option<String>, volume: String, bytes: u64, flags: VolumeResizeFlags },
     VolClone { pool: Option<String>, volume: String, new_name: String },
+    // NetworkOps
+    NetDefineXml { xml: String },
+    NetUndefine { network: String },
+    NetStart { network: String },
+    NetDestroy { network: String },
+    NetList,
+    NetInfo { network: String },
+    NetXml { network: String },
+    NetSetAutostart { network: String, autostart: bool },
 }
 
 /// A method's result, one variant per result type.
@@ -160,6 +169,8 @@ pub enum Reply {
     Pool(PoolInfo),
     Volumes(Vec<VolumeInfo>),
     Volume(VolumeInfo),
+    Networks(Vec<NetworkInfo>),
+    Network(NetworkInfo),
 }
 
 /// Performs `call` on `conn`. A capability the connection lacks gives the
@@ -317,6 +328,16 @@ async fn perform(conn: &dyn Connection, call: Call) -> Result<Reply> {
         Call::VolClone { pool, volume, new_name } => {
             done(conn.require_storage_pools()?.vol_clone(pool.as_deref(), &volume, &new_name).await?)
         }
+        Call::NetDefineXml { xml } => Reply::Text(conn.require_networks()?.net_define_xml(&xml).await?),
+        Call::NetUndefine { network } => done(conn.require_networks()?.net_undefine(&network).await?),
+        Call::NetStart { network } => Reply::Lines(conn.require_networks()?.net_start(&network).await?),
+        Call::NetDestroy { network } => done(conn.require_networks()?.net_destroy(&network).await?),
+        Call::NetList => Reply::Networks(conn.require_networks()?.net_list().await?),
+        Call::NetInfo { network } => Reply::Network(conn.require_networks()?.net_info(&network).await?),
+        Call::NetXml { network } => Reply::Text(conn.require_networks()?.net_xml(&network).await?),
+        Call::NetSetAutostart { network, autostart } => {
+            done(conn.require_networks()?.net_set_autostart(&network, autostart).await?)
+        }
     })
 }
 
@@ -459,6 +480,17 @@ mod tests {
             end: 1024,
             bandwidth_bytes: 0,
             ready: true,
+        }
+    }
+
+    fn network_info() -> NetworkInfo {
+        NetworkInfo {
+            name: "default".into(),
+            uuid: "5a2c1e0e-4f0b-4a53-9a3e-0c4f2b7d9e11".into(),
+            active: true,
+            persistent: true,
+            autostart: false,
+            bridge: "virbr0".into(),
         }
     }
 
@@ -753,6 +785,14 @@ mod tests {
                 flags: VolumeResizeFlags { delta: true, shrink: false },
             },
             Call::VolClone { pool: None, volume: vol(), new_name: "copy.qcow2".into() },
+            Call::NetDefineXml { xml: "<network/>".into() },
+            Call::NetUndefine { network: "default".into() },
+            Call::NetStart { network: "default".into() },
+            Call::NetDestroy { network: "default".into() },
+            Call::NetList,
+            Call::NetInfo { network: "default".into() },
+            Call::NetXml { network: "default".into() },
+            Call::NetSetAutostart { network: "default".into(), autostart: true },
         ]
     }
 
@@ -810,6 +850,8 @@ mod tests {
             Reply::Pool(pool_info()),
             Reply::Volumes(vec![volume_info()]),
             Reply::Volume(volume_info()),
+            Reply::Networks(vec![network_info()]),
+            Reply::Network(network_info()),
         ]
     }
 
@@ -961,6 +1003,7 @@ mod tests {
             (Call::NodeInfo, "host CPU information and placement"),
             (Call::DomainJobInfo { domain: "vm1".into() }, "saving and migrating domains"),
             (Call::PoolList, "storage pools"),
+            (Call::NetList, "networks"),
         ];
         for (call, what) in cases {
             let payload = dispatch(&conn, call).await.expect_err("no such capability");

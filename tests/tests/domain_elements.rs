@@ -33,14 +33,14 @@ fn start_warns_about_each_element_not_honoured() {
         "  <title>A title</title>\n  <description>not seen by the guest</description>\n  \
          <metadata><app:note xmlns:app='urn:example'/></metadata>\n  \
          <cputune><shares>2048</shares></cputune>\n",
-        "    <interface type='network'><source network='default'/><model type='virtio'/></interface>\n    \
+        "    <interface type='mcast'><source address='230.0.0.1' port='5558'/><model type='virtio'/></interface>\n    \
          <sound model='ich9'/>\n",
     );
     env.define("vm", &xml);
     let stderr = start_stderr(&env);
     let _guard = DomainGuard { env: &env, name: "vm".into() };
     let warnings: Vec<&str> = stderr.lines().filter(|l| l.starts_with("warning: ")).collect();
-    for element in ["<interface type='network'>", "<cputune>", "<sound model='ich9'>"] {
+    for element in ["<interface type='mcast'>", "<cputune>", "<sound model='ich9'>"] {
         assert!(
             warnings.iter().any(|w| w.contains(element) && w.contains("domain 'vm'") && w.contains("not honoured")),
             "no warning names {element}:\n{stderr}"
@@ -50,7 +50,7 @@ fn start_warns_about_each_element_not_honoured() {
     assert_eq!(env.ok(&["domstate", "vm"]).trim(), "running");
     // The definition keeps them.
     let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
-    assert!(inactive.contains("<interface type='network'>") && inactive.contains("<cputune>"), "{inactive}");
+    assert!(inactive.contains("<interface type='mcast'>") && inactive.contains("<cputune>"), "{inactive}");
 }
 
 #[test]
@@ -98,7 +98,7 @@ fn capabilities_list_what_is_and_is_not_honoured() {
     assert!(list("unhonoured_elements").iter().any(|e| e == "numatune"), "{json}");
     assert!(
         list("honoured_elements").iter().any(|e| e
-            == "interface (type='user' with mac/model/portForward; type='ethernet'|'bridge'|'direct' with \
+            == "interface (type='user' with mac/model/portForward; type='ethernet'|'bridge'|'network'|'direct' with \
                    mac/model/source/target/driver)"),
         "{json}"
     );

@@ -3,7 +3,8 @@
 //! MAC is generated once at define and kept, and `domiflist` shows the MAC
 //! QEMU reports. `ethernet` and `bridge` interfaces run on taps Strata
 //! opens on the host (checked with `ip` and QEMU's `/proc/PID/fdinfo`),
-//! gone after destroy and after a crash; vhost-net and macvtap, which this
+//! gone after destroy and after a crash; a `network` interface's tap goes on
+//! its network's bridge, and an inactive network is refused; vhost-net and macvtap, which this
 //! kernel lacks, fail clearly and leave nothing. `domifaddr --source arp`
 //! reads the host's neighbour table for the guest's MAC.
 
@@ -176,6 +177,22 @@ fn interface(iface_type: &str, inner: &str) -> String {
     format!("    <interface type='{iface_type}'>\n      {inner}\n      <model type='virtio'/>\n    </interface>")
 }
 
+/// The running domain's live XML and the tap its first interface runs on
+/// (its `<target dev>`).
+fn live_tap(env: &TestEnv) -> (String, String) {
+    let live = env.ok(&["dumpxml", "vm"]);
+    let nic = &live[live.find("<interface").expect("an interface")..];
+    let at = nic.find("<target dev='").expect("the live XML names the tap") + "<target dev='".len();
+    let tap = nic[at..].split('\'').next().expect("a name").to_string();
+    (live, tap)
+}
+
+/// `domiflist vm`'s one row has these columns.
+fn assert_listed(env: &TestEnv, columns: [&str; 5]) {
+    let listed = env.ok(&["domiflist", "vm"]);
+    assert!(listed.lines().nth(2).expect("a row").split_whitespace().eq(columns), "{listed}");
+}
+
 #[test]
 fn an_ethernet_tap_is_opened_by_strata_held_by_qemu_and_gone_after_destroy_and_a_crash() {
     let env = TestEnv::new();
@@ -271,10 +288,7 @@ fn a_bridge_interface_puts_its_tap_on_the_bridge_and_a_missing_bridge_is_refused
     env.define("vm", &vm_with(&env, &interface("bridge", &format!("<source bridge='{bridge_name}'/>"))));
     let _guard = DomainGuard { env: &env, name: "vm".into() };
     env.ok(&["start", "vm"]);
-    let live = env.ok(&["dumpxml", "vm"]);
-    let nic = &live[live.find("<interface").expect("an interface")..];
-    let start = nic.find("<target dev='").expect("the live XML names the tap") + "<target dev='".len();
-    let tap = nic[start..].split('\'').next().expect("a name").to_string();
+    let (live, tap) = live_tap(&env);
     let _tap = HostDevice(tap.clone());
     assert!(tap.starts_with("vnet"), "{live}");
     let host = link(&tap);
@@ -282,17 +296,7 @@ fn a_bridge_interface_puts_its_tap_on_the_bridge_and_a_missing_bridge_is_refused
     assert!(host["flags"].as_array().expect("flags").iter().any(|f| f == "UP"), "{host}");
     let pid = qemu_pid(&env, "vm").expect("QEMU runs");
     assert_eq!(taps_held_by(pid), [tap.as_str()]);
-    let listed = env.ok(&["domiflist", "vm"]);
-    assert!(
-        listed.lines().nth(2).expect("a row").split_whitespace().eq([
-            tap.as_str(),
-            "bridge",
-            bridge_name.as_str(),
-            "virtio",
-            mac_in(&live).as_str()
-        ]),
-        "{listed}"
-    );
+    assert_listed(&env, [tap.as_str(), "bridge", bridge_name.as_str(), "virtio", mac_in(&live).as_str()]);
     env.ok(&["destroy", "vm"]);
     assert!(!device_exists(&tap), "the tap is gone after destroy");
 
@@ -301,6 +305,38 @@ fn a_bridge_interface_puts_its_tap_on_the_bridge_and_a_missing_bridge_is_refused
     let err = env.fails(&["start", "vm"]);
     assert!(err.starts_with("error: ") && err.contains(&format!("bridge '{missing}' does not exist")), "{err}");
     assert!(qemu_pid(&env, "vm").is_none(), "no QEMU was started");
+}
+
+#[test]
+fn a_network_interface_puts_its_tap_on_the_networks_bridge_and_an_inactive_network_is_refused() {
+    let env = TestEnv::new();
+    let (network, bridge_name) = (host_dev("n"), host_dev("nb"));
+    let _bridge = HostDevice(bridge_name.clone());
+    let file = env.path("net.xml");
+    std::fs::write(&file, format!("<network><name>{network}</name><bridge name='{bridge_name}'/></network>"))
+        .expect("write network xml");
+    env.ok(&["net-define", file.to_str().expect("utf8")]);
+    env.define("vm", &vm_with(&env, &interface("network", &format!("<source network='{network}'/>"))));
+    let _guard = DomainGuard { env: &env, name: "vm".into() };
+
+    let err = env.fails(&["start", "vm"]);
+    assert!(err.starts_with("error: ") && err.contains(&format!("network '{network}' is not active")), "{err}");
+    assert!(qemu_pid(&env, "vm").is_none(), "no QEMU was started");
+
+    env.ok(&["net-start", &network]);
+    let start = env.strata(&["start", "vm"]);
+    let stderr = String::from_utf8_lossy(&start.stderr);
+    assert!(start.status.success() && !stderr.contains("interface"), "a network interface is honoured: {stderr}");
+    let (live, tap) = live_tap(&env);
+    let _tap = HostDevice(tap.clone());
+    assert_eq!(link(&tap)["master"], bridge_name.as_str(), "the tap is on the network's bridge");
+    let pid = qemu_pid(&env, "vm").expect("QEMU runs");
+    assert_eq!(taps_held_by(pid), [tap.as_str()]);
+    assert_listed(&env, [tap.as_str(), "network", network.as_str(), "virtio", mac_in(&live).as_str()]);
+    env.ok(&["destroy", "vm"]);
+    assert!(!device_exists(&tap), "the tap is gone after destroy");
+    env.ok(&["net-destroy", &network]);
+    assert!(!device_exists(&bridge_name), "net-destroy removed the bridge");
 }
 
 /// Starts `vm`, whose interface needs a host feature: where the host has

@@ -28,12 +28,14 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
+pub use backend::boot_id;
 pub use def::{pool_xml_from_parts, PoolDef, PoolSizes, PoolType};
 pub use volume::{parse_scaled, VolumeRequest};
 
 use crate::driver::{PoolBuildFlags, PoolInfo, PoolState, StoragePoolOps, VolumeInfo, VolumeResizeFlags};
 use crate::error::{Error, ErrorKind, Result};
-use crate::store::{atomic_write, entry_names, validate_name, DomainLock, Store};
+use crate::store::{atomic_write, entry_names, set_marker, validate_name, DomainLock, Store};
+use crate::tool::offload;
 
 /// The storage pools of one state store.
 #[derive(Debug, Clone)]
@@ -346,15 +348,7 @@ impl PoolManager {
         self.pool(pool)?;
         let _lock = self.lock()?;
         let marker = self.pool_dir(pool)?.join("autostart");
-        let result = if autostart {
-            fs::write(&marker, b"")
-        } else {
-            match fs::remove_file(&marker) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                other => other,
-            }
-        };
-        result.map_err(|e| Error::io(if autostart { "create" } else { "remove" }, &marker, e))
+        set_marker(&marker, autostart)
     }
 
     fn vol_list_blocking(&self, pool: &str) -> Result<Vec<VolumeInfo>> {
@@ -407,99 +401,94 @@ impl PoolManager {
 }
 
 /// Runs blocking pool work off the async runtime.
-async fn offload<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| Error::internal(format!("a storage pool task ended abnormally: {e}")))?
-}
 
 #[async_trait]
 impl StoragePoolOps for PoolManager {
     async fn pool_define_xml(&self, xml: &str) -> Result<String> {
         let (manager, xml) = (self.clone(), xml.to_string());
-        offload(move || manager.pool_define_xml_blocking(&xml)).await
+        offload("storage pool", move || manager.pool_define_xml_blocking(&xml)).await
     }
 
     async fn pool_undefine(&self, pool: &str) -> Result<()> {
         let (manager, pool) = (self.clone(), pool.to_string());
-        offload(move || manager.pool_undefine_blocking(&pool)).await
+        offload("storage pool", move || manager.pool_undefine_blocking(&pool)).await
     }
 
     async fn pool_build(&self, pool: &str, flags: PoolBuildFlags) -> Result<()> {
         let (manager, pool, flags) = (self.clone(), pool.to_string(), flags);
-        offload(move || manager.pool_build_blocking(&pool, flags)).await
+        offload("storage pool", move || manager.pool_build_blocking(&pool, flags)).await
     }
 
     async fn pool_start(&self, pool: &str) -> Result<()> {
         let (manager, pool) = (self.clone(), pool.to_string());
-        offload(move || manager.pool_start_blocking(&pool)).await
+        offload("storage pool", move || manager.pool_start_blocking(&pool)).await
     }
 
     async fn pool_destroy(&self, pool: &str) -> Result<()> {
         let (manager, pool) = (self.clone(), pool.to_string());
-        offload(move || manager.pool_destroy_blocking(&pool)).await
+        offload("storage pool", move || manager.pool_destroy_blocking(&pool)).await
     }
 
     async fn pool_refresh(&self, pool: &str) -> Result<()> {
         let (manager, pool) = (self.clone(), pool.to_string());
-        offload(move || manager.pool_refresh_blocking(&pool)).await
+        offload("storage pool", move || manager.pool_refresh_blocking(&pool)).await
     }
 
     async fn pool_list(&self) -> Result<Vec<PoolInfo>> {
         let manager = self.clone();
-        offload(move || manager.pool_list_blocking()).await
+        offload("storage pool", move || manager.pool_list_blocking()).await
     }
 
     async fn pool_info(&self, pool: &str) -> Result<PoolInfo> {
         let (manager, pool) = (self.clone(), pool.to_string());
-        offload(move || manager.pool_info_blocking(&pool)).await
+        offload("storage pool", move || manager.pool_info_blocking(&pool)).await
     }
 
     async fn pool_xml(&self, pool: &str, inactive: bool) -> Result<String> {
         let (manager, pool, inactive) = (self.clone(), pool.to_string(), inactive);
-        offload(move || manager.pool_xml_blocking(&pool, inactive)).await
+        offload("storage pool", move || manager.pool_xml_blocking(&pool, inactive)).await
     }
 
     async fn pool_set_autostart(&self, pool: &str, autostart: bool) -> Result<()> {
         let (manager, pool, autostart) = (self.clone(), pool.to_string(), autostart);
-        offload(move || manager.pool_set_autostart_blocking(&pool, autostart)).await
+        offload("storage pool", move || manager.pool_set_autostart_blocking(&pool, autostart)).await
     }
 
     async fn vol_list(&self, pool: &str) -> Result<Vec<VolumeInfo>> {
         let (manager, pool) = (self.clone(), pool.to_string());
-        offload(move || manager.vol_list_blocking(&pool)).await
+        offload("storage pool", move || manager.vol_list_blocking(&pool)).await
     }
 
     async fn vol_info(&self, pool: Option<&str>, volume: &str) -> Result<VolumeInfo> {
         let (manager, pool, volume) = (self.clone(), pool.map(str::to_string), volume.to_string());
-        offload(move || manager.vol_info_blocking(pool.as_deref(), &volume)).await
+        offload("storage pool", move || manager.vol_info_blocking(pool.as_deref(), &volume)).await
     }
 
     async fn vol_xml(&self, pool: Option<&str>, volume: &str) -> Result<String> {
         let (manager, pool, volume) = (self.clone(), pool.map(str::to_string), volume.to_string());
-        offload(move || manager.vol_xml_blocking(pool.as_deref(), &volume)).await
+        offload("storage pool", move || manager.vol_xml_blocking(pool.as_deref(), &volume)).await
     }
 
     async fn vol_create_xml(&self, pool: &str, xml: &str) -> Result<String> {
         let (manager, pool, xml) = (self.clone(), pool.to_string(), xml.to_string());
-        offload(move || manager.vol_create_xml_blocking(&pool, &xml)).await
+        offload("storage pool", move || manager.vol_create_xml_blocking(&pool, &xml)).await
     }
 
     async fn vol_delete(&self, pool: Option<&str>, volume: &str) -> Result<()> {
         let (manager, pool, volume) = (self.clone(), pool.map(str::to_string), volume.to_string());
-        offload(move || manager.vol_delete_blocking(pool.as_deref(), &volume)).await
+        offload("storage pool", move || manager.vol_delete_blocking(pool.as_deref(), &volume)).await
     }
 
     async fn vol_resize(&self, pool: Option<&str>, volume: &str, bytes: u64, flags: VolumeResizeFlags) -> Result<u64> {
         let (manager, pool, volume, bytes, flags) =
             (self.clone(), pool.map(str::to_string), volume.to_string(), bytes, flags);
-        offload(move || manager.vol_resize_blocking(pool.as_deref(), &volume, bytes, flags)).await
+        offload("storage pool", move || manager.vol_resize_blocking(pool.as_deref(), &volume, bytes, flags)).await
     }
 
     async fn vol_clone(&self, pool: Option<&str>, volume: &str, new_name: &str) -> Result<()> {
         let (manager, pool, volume, new_name) =
             (self.clone(), pool.map(str::to_string), volume.to_string(), new_name.to_string());
-        offload(move || manager.vol_clone_blocking(pool.as_deref(), &volume, &new_name)).await
+        offload("storage pool", move || manager.vol_clone_blocking(pool.as_deref(), &volume, &new_name)).await
     }
 }
 

@@ -118,19 +118,20 @@ fn controller_is_built_in(el: &Element, _: &Domain) -> bool {
 }
 
 /// What `interface_is_started` accepts, as `capabilities` describes it.
-const INTERFACE_FORM: &str = "type='user' with mac/model/portForward; type='ethernet'|'bridge'|'direct' with \
+const INTERFACE_FORM: &str =
+    "type='user' with mac/model/portForward; type='ethernet'|'bridge'|'network'|'direct' with \
                               mac/model/source/target/driver";
 
 /// `launch` starts a `type='user'` interface with its MAC, model and port
-/// forwards (QEMU's user-mode stack), and an `ethernet`, `bridge` or
-/// `direct` one on the tap or macvtap `tap` opens, with its MAC, model,
+/// forwards (QEMU's user-mode stack), and an `ethernet`, `bridge`,
+/// `network` or `direct` one on the tap or macvtap `tap` opens, with its MAC, model,
 /// source, target dev and driver; their other settings, and the other
 /// types, are not acted on.
 fn interface_is_started(el: &Element, _: &Domain) -> bool {
     let common = |c: &Element| matches!(c.name.as_str(), "mac" | "model" | "alias" | "address");
     match el.attr("type") {
         Some("user") => el.elements().all(|c| common(c) || c.name == "portForward"),
-        Some("ethernet" | "bridge" | "direct") => {
+        Some("ethernet" | "bridge" | "network" | "direct") => {
             el.elements().all(|c| common(c) || matches!(c.name.as_str(), "source" | "target" | "driver"))
         }
         _ => false,
@@ -143,7 +144,7 @@ fn input_is_ps2(el: &Element, _: &Domain) -> bool {
 
 /// Each element of `dom` that changes what the guest sees but that the
 /// driver does not act on, named with its identifying attribute where it
-/// has one (`interface type='network'`, `features/hyperv`).
+/// has one (`interface type='mcast'`, `features/hyperv`).
 pub fn unhonoured(dom: &Domain) -> Vec<String> {
     let mut out = Vec::new();
     for el in dom.element().elements() {
@@ -229,7 +230,7 @@ mod tests {
         let dom = domain(
             "<cputune><shares>2048</shares></cputune><features><hyperv mode='custom'/></features>\
              <qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'/>",
-            "<interface type='network'><source network='default'/></interface>\
+            "<interface type='mcast'><source address='230.0.0.1' port='5558'/></interface>\
              <controller type='usb' model='qemu-xhci'/><memballoon model='virtio'/><video/>",
         );
         assert_eq!(
@@ -238,7 +239,7 @@ mod tests {
                 "cputune",
                 "features/hyperv mode='custom'",
                 "qemu:commandline",
-                "interface type='network'",
+                "interface type='mcast'",
                 "controller type='usb'",
                 "memballoon model='virtio'",
                 "video",

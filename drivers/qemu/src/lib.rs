@@ -43,6 +43,7 @@ use strata_core::driver::{
     StartOutcome, UndefineFlags, VcpuCounts, VcpuInfo,
 };
 use strata_core::hostcpu::{HostCpuMap, NodeInfo, SysfsCpus};
+use strata_core::network::NetworkManager;
 use strata_core::pool::PoolManager;
 use strata_core::registry::DriverRegistration;
 use strata_core::store::Store;
@@ -239,7 +240,7 @@ impl QemuConnection {
         let (binary, args) = match server {
             live::Server::Vm => {
                 let accel = launch::accel_for(&dom)?;
-                nics = tap::HostNics::open(&launched)?;
+                nics = tap::HostNics::open(&launched, &NetworkManager::new(self.store.clone()))?;
                 // The live definition names the host device each runs on.
                 for (index, nic) in &nics.by_index {
                     dom.set_interface_target(*index, &nic.name)?;

@@ -17,6 +17,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use strata_core::network::NetworkManager;
 use strata_core::tool::run_tool;
 use strata_core::xml::{Domain, Element, Interface};
 use strata_core::{Error, Result};
@@ -191,12 +192,12 @@ pub struct HostNics {
 
 impl HostNics {
     /// Opens the host side of every interface QEMU reaches through a
-    /// host device (`ethernet`, `bridge`, `direct`); on an error nothing
-    /// stays created.
-    pub fn open(dom: &Domain) -> Result<HostNics> {
+    /// host device (`ethernet`, `bridge`, `network`, `direct`); on an
+    /// error nothing stays created.
+    pub fn open(dom: &Domain, networks: &NetworkManager) -> Result<HostNics> {
         let mut nics = HostNics::default();
         for (index, iface) in dom.interfaces()?.iter().enumerate() {
-            if let Some(nic) = open_interface(iface, index)? {
+            if let Some(nic) = open_interface(iface, index, networks)? {
                 nics.by_index.insert(index, nic);
             }
         }
@@ -223,14 +224,22 @@ impl HostNics {
 }
 
 /// Opens the host side of one interface; `None` for a type QEMU reaches
-/// without a host device (`user`) or that is not started.
-pub fn open_interface(iface: &Interface, index: usize) -> Result<Option<OpenedNic>> {
+/// without a host device (`user`) or that is not started. A `network`
+/// interface's tap goes on the bridge of its network, which must be active.
+pub fn open_interface(iface: &Interface, index: usize, networks: &NetworkManager) -> Result<Option<OpenedNic>> {
     let what = iface.description(index);
     let queues = iface.driver_queues.unwrap_or(1) as usize;
     match iface.iface_type.as_str() {
-        "ethernet" | "bridge" => {
+        "ethernet" | "bridge" | "network" => {
             let bridge = match iface.iface_type.as_str() {
                 "bridge" => Some(existing_bridge(iface, &what)?),
+                "network" => {
+                    let network = iface
+                        .source
+                        .as_deref()
+                        .ok_or_else(|| Error::config_unsupported(format!("{what} has no <source network='…'>")))?;
+                    Some(networks.active_bridge(network)?)
+                }
                 _ => None,
             };
             // vhost first: a refusal leaves no tap behind.
