@@ -22,7 +22,12 @@ use crate::options::{
 use crate::xml::{Domain, SnapshotDef};
 
 /// Everything a driver can do, and what it honours of a definition.
+///
+/// Every struct here reads a field its JSON lacks as absent
+/// (`serde(default)`): a plugin built before a capability was added says
+/// nothing of it, and must keep loading as a driver without it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DriverCapabilities {
     /// The URI scheme's driver name (`qemu`).
     pub driver: String,
@@ -43,6 +48,7 @@ pub struct DriverCapabilities {
 
 /// Running domains, and what can be watched or controlled while they run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DomainCapabilities {
     /// Domains can run, not only be defined.
     pub run: bool,
@@ -65,6 +71,7 @@ pub struct DomainCapabilities {
 /// Snapshots: what they can hold, when they can be taken, how they are
 /// reverted to and deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SnapshotCapabilities {
     pub kinds: SnapshotKinds,
     pub creation: SnapshotCreation,
@@ -88,6 +95,7 @@ impl SnapshotCapabilities {
 
 /// What a snapshot can hold. As a request, what one snapshot needs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SnapshotKinds {
     /// A disk's state kept inside its own image (qcow2's snapshot table).
     pub internal_disk: bool,
@@ -102,6 +110,7 @@ pub struct SnapshotKinds {
 /// Whether a snapshot can be taken of a running or paused domain, and of
 /// one that is shut off.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SnapshotCreation {
     pub live: bool,
     pub offline: bool,
@@ -109,6 +118,7 @@ pub struct SnapshotCreation {
 
 /// Which snapshots can be reverted to, and what the guest can be afterwards.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RevertRules {
     pub to: RevertTo,
     /// A snapshot holding external disk snapshots (virsh 9.0 refuses these).
@@ -140,6 +150,7 @@ pub enum RevertedGuest {
 
 /// How snapshots can be deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DeleteMethods {
     /// An internal snapshot, from its images' snapshot tables.
     pub internal: bool,
@@ -155,6 +166,7 @@ pub struct DeleteMethods {
 
 /// Block jobs: which kinds run, a copy's options, and their controls.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct BlockJobCapabilities {
     pub kinds: BlockJobKinds,
     pub copy: CopyModes,
@@ -167,6 +179,7 @@ pub struct BlockJobCapabilities {
 
 /// The four block jobs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct BlockJobKinds {
     pub pull: bool,
     /// A commit of images below the active layer.
@@ -178,6 +191,7 @@ pub struct BlockJobKinds {
 
 /// A block copy's options. As a request, those one copy asks for.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct CopyModes {
     /// Only the top layer, the copy keeping the source's backing (`--shallow`).
     pub shallow: bool,
@@ -189,6 +203,7 @@ pub struct CopyModes {
 
 /// Storage beyond a domain's own disks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct StorageCapabilities {
     /// Seed 004's persistent selections of a domain's disks.
     pub disk_sets: bool,
@@ -911,5 +926,19 @@ mod tests {
         let value: serde_json::Value = serde_json::from_str(&json).expect("JSON");
         assert_eq!(value["snapshots"]["revert"]["to"], "any-snapshot");
         assert_eq!(value["block_jobs"]["kinds"]["active_commit"], true);
+    }
+
+    /// Capabilities from a plugin that predates some of them: what its JSON
+    /// does not name is absent, and the rest is read as it says.
+    #[test]
+    fn capabilities_missing_newer_fields_read_as_absent() {
+        let json =
+            r#"{"driver":"old","uri":"old:///","domains":{"run":true},"snapshots":{"kinds":{"internal_disk":true}}}"#;
+        let caps: DriverCapabilities = serde_json::from_str(json).expect("an older plugin's capabilities");
+        assert_eq!(caps.driver, "old");
+        assert!(caps.snapshots.kinds.internal_disk);
+        assert!(!caps.snapshots.kinds.external_disk);
+        assert!(caps.domains.run);
+        assert!(!caps.domains.save_restore && !caps.domains.migration);
     }
 }
