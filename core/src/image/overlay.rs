@@ -78,8 +78,18 @@ pub fn create_qcow2_overlay(path: &Path, backing: &str, backing_format: ImageFor
     } else {
         write_with_zeros(&file, &metadata, layout.end())
     };
-    written.map_err(|e| Error::io("write", path, e))?;
-    file.sync_all().map_err(|e| Error::io("sync", path, e))?;
+    let durable = written
+        .map_err(|e| Error::io("write", path, e))
+        .and_then(|()| file.sync_all().map_err(|e| Error::io("sync", path, e)));
+    if let Err(err) = durable {
+        // A half-written overlay must not be left for a later command to
+        // take for a snapshot's image (a full filesystem fails here); a
+        // block device is the caller's and stays.
+        if regular {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(err);
+    }
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("sync directory", dir, e))
 }
