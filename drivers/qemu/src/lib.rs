@@ -49,7 +49,7 @@ use strata_core::registry::DriverRegistration;
 use strata_core::store::Store;
 use strata_core::uri::ConnectUri;
 use strata_core::xml::{Domain, StorageDevice};
-use strata_core::{Error, ErrorKind, Result};
+use strata_core::{Error, Result};
 use strata_engine::job::engine::{BlockJobEngine, BlockJobHost, Served};
 
 use live::{LiveStatus, MonitorCache};
@@ -458,23 +458,11 @@ impl Connection for QemuConnection {
 
     async fn list_domains(&self) -> Result<Vec<DomainSummary>> {
         let mut out = Vec::new();
-        for name in self.store.list_domains()? {
-            match strata_engine::definitions::load(&self.store, &name) {
-                Ok(dom) => out.push(self.summary(&dom).await?),
-                // One damaged definition must not hide every other domain.
-                Err(e) if e.kind() == ErrorKind::StoreFormat => out.push(DomainSummary {
-                    id: None,
-                    name,
-                    uuid: String::new(),
-                    state: DomainState::Damaged,
-                    reason: None,
-                    persistent: true,
-                    damaged: Some(e.message().to_string()),
-                }),
-                // Undefined since the names were listed.
-                Err(e) if e.kind() == ErrorKind::NoDomain => {}
-                Err(e) => return Err(e),
-            }
+        for listed in strata_engine::definitions::list(&self.store)? {
+            out.push(match listed {
+                Ok(dom) => self.summary(&dom).await?,
+                Err(damaged) => damaged,
+            });
         }
         Ok(out)
     }
@@ -496,15 +484,8 @@ impl Connection for QemuConnection {
 
     async fn domain_info(&self, name: &str) -> Result<DomainInfo> {
         let dom = strata_engine::definitions::load(&self.store, name)?;
-        Ok(DomainInfo {
-            summary: self.summary(&dom).await?,
-            os_type: dom.os_type(),
-            max_memory_kib: dom.memory_kib().unwrap_or(0),
-            used_memory_kib: dom.current_memory_kib().unwrap_or(0),
-            vcpus: dom.vcpus(),
-            autostart: false,
-            managed_save: self.managed_image(name)?.exists(),
-        })
+        let summary = self.summary(&dom).await?;
+        Ok(DomainInfo { managed_save: self.managed_image(name)?.exists(), ..DomainInfo::of_definition(&dom, summary) })
     }
 
     async fn start(&self, name: &str, flags: StartFlags) -> Result<StartOutcome> {
