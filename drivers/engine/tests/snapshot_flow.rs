@@ -24,28 +24,11 @@ use strata_engine::snapshot::{
     Activity, DiskJob, DiskPlan, LiveChain, NewTops, RecordedChain, SnapshotBackend, SnapshotEngine,
 };
 
-/// A qcow2 version 3 header of a 1 MiB image backed by `backing` in
-/// format `format` (the backing format header extension), as `qemu-img
-/// create -u` writes it; core's probe reads nothing more.
+/// A 1 MiB qcow2 overlay of `backing` in format `format`, written by core's
+/// native writer (what a hypervisor's overlay creation leaves on disk).
 fn write_qcow2_overlay(path: &Path, backing: &Path, format: &str) {
-    let backing = backing.to_str().unwrap();
-    let mut h = vec![0u8; 104];
-    h[0..4].copy_from_slice(b"QFI\xfb");
-    h[4..8].copy_from_slice(&3u32.to_be_bytes());
-    h[8..16].copy_from_slice(&0x200u64.to_be_bytes());
-    h[16..20].copy_from_slice(&(backing.len() as u32).to_be_bytes());
-    h[20..24].copy_from_slice(&16u32.to_be_bytes());
-    h[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
-    h[96..100].copy_from_slice(&4u32.to_be_bytes());
-    h[100..104].copy_from_slice(&104u32.to_be_bytes());
-    h.extend_from_slice(&0xe279_2acau32.to_be_bytes());
-    h.extend_from_slice(&(format.len() as u32).to_be_bytes());
-    h.extend_from_slice(format.as_bytes());
-    h.resize(h.len().next_multiple_of(8), 0);
-    h.extend_from_slice(&[0; 8]);
-    h.resize(0x200, 0);
-    h.extend_from_slice(backing.as_bytes());
-    std::fs::write(path, h).unwrap();
+    let format = format.parse().expect("a known image format");
+    strata_core::image::create_qcow2_overlay(path, backing.to_str().unwrap(), format, 1 << 20).unwrap();
 }
 
 /// A running domain as the test backend keeps it: its live definition,
