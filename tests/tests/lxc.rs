@@ -536,12 +536,19 @@ fn write_inside(env: &TestEnv, name: &str, text: &str) {
 /// `/data` of the ext4 filesystem in `image`'s chain (converted to raw,
 /// after `e2fsck -fn` passes on it).
 fn data_in(env: &TestEnv, image: &Path) -> String {
+    file_in(env, image, "/data")
+}
+
+/// The file `path` of the ext4 filesystem in `image`'s chain, read with
+/// `qemu-img convert -U` to raw (the image may be open in a storage
+/// daemon) once `e2fsck -fn` passes on that copy.
+fn file_in(env: &TestEnv, image: &Path, path: &str) -> String {
     let flat = env.path("flat.raw");
     let _ = std::fs::remove_file(&flat);
     qemu_img(&["convert", "-U", "-O", "raw", image.to_str().expect("utf8"), flat.to_str().expect("utf8")]);
     let fsck = Command::new("e2fsck").arg("-fn").arg(&flat).output().expect("run e2fsck");
     assert!(fsck.status.success(), "e2fsck -fn of {}: {}", image.display(), String::from_utf8_lossy(&fsck.stdout));
-    let cat = Command::new("debugfs").arg("-R").arg("cat /data").arg(&flat).output().expect("run debugfs");
+    let cat = Command::new("debugfs").arg("-R").arg(format!("cat {path}")).arg(&flat).output().expect("run debugfs");
     String::from_utf8_lossy(&cat.stdout).into_owned()
 }
 
@@ -573,9 +580,10 @@ fn a_shut_off_container_on_qcow2_takes_reverts_to_and_deletes_snapshots() {
     assert!(list.lines().any(|l| l.trim_start().starts_with("s1") && l.contains("disk-snapshot")), "{list}");
 
     {
+        // Without --disk-only, a running domain's snapshot holds its memory.
         let (_held, _guard) = start_guarded(&env, "snap");
-        let err = env.fails(&["snapshot-create-as", "snap", "s9", "--disk-only"]);
-        assert!(err.contains("the lxc driver cannot take a snapshot of a running domain"), "{err}");
+        let err = env.fails(&["snapshot-create-as", "snap", "s9"]);
+        assert!(err.contains("the lxc driver cannot save memory state"), "{err}");
         env.ok(&["destroy", "snap"]);
     }
 
@@ -835,4 +843,159 @@ fn suspend_and_resume_freeze_and_thaw_the_container() {
     env.ok(&["suspend", "frozen"]);
     env.ok(&["destroy", "frozen"]);
     assert_nothing_left(&env, "frozen", Some(held.init), Some(&held.cgroup), None);
+}
+
+/// A container's init that appends numbered lines to `/log` as fast as it
+/// can (`BOOT N`, BOOT counting its starts in `/boots`), without syncing:
+/// what a snapshot's filesystem freeze writes out is what reaches the image.
+const WRITER: &[&str] = &[
+    "/bin/sh",
+    "-c",
+    "b=$(cat /boots 2>/dev/null || echo 0); b=$((b+1)); echo $b > /boots; \
+     i=0; while true; do i=$((i+1)); echo \"$b $i\" >> /log; usleep 10000; done",
+];
+
+/// `/log` of the running container `name`, read from inside.
+fn log_inside(env: &TestEnv, name: &str) -> Vec<String> {
+    env.ok(&["lxc-enter-namespace", name, "--noseclabel", "--", "cat", "/log"]).lines().map(str::to_string).collect()
+}
+
+/// Waits until the running container's `/log` holds more than `after`
+/// lines (its writer runs); returns them.
+fn log_grows(env: &TestEnv, name: &str, after: usize) -> Vec<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let lines = log_inside(env, name);
+        if lines.len() > after {
+            return lines;
+        }
+        assert!(std::time::Instant::now() < deadline, "{name}: /log stays at {} lines", lines.len());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The lines `BOOT 1` to `BOOT n`, as the writer appends them.
+fn numbered(boot: u32, lines: &[String]) {
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line, &format!("{boot} {}", i + 1), "line {} of /log: {lines:?}", i + 1);
+    }
+}
+
+/// Whether the kernel reports the cgroup frozen (`cgroup.events`).
+fn cgroup_frozen(cgroup: &Path) -> bool {
+    std::fs::read_to_string(cgroup.join("cgroup.events")).expect("cgroup.events").lines().any(|l| l == "frozen 1")
+}
+
+/// A live external snapshot of a container on a qcow2 chain while its
+/// init appends to a file: the writes are seen progressing before, the
+/// container runs on after (not frozen, still writing), the chain on disk
+/// is one deeper with the old top frozen holding a clean filesystem with
+/// every line written before the snapshot, the live XML shows the new top.
+/// A revert of the running container stops it on a new overlay over the
+/// frozen image holding exactly that data; a revert with --running starts
+/// it again on it; the snapshot's overlay keeps its chain. A snapshot of
+/// the memory (no --disk-only) is refused by capability.
+#[test]
+fn a_running_container_takes_a_live_snapshot_while_it_writes_and_reverts_to_it() {
+    let env = TestEnv::lxc();
+    let [top, mid, base] = busybox_chain(&env);
+    env.define("live", &container_xml("live", WRITER, &qcow2_root(&top)));
+    let (held, _guard) = start_guarded(&env, "live");
+    let first = log_grows(&env, "live", 0);
+    let before = log_grows(&env, "live", first.len());
+    numbered(1, &before);
+
+    env.ok(&["snapshot-create-as", "live", "s1", "--disk-only", "--atomic"]);
+    assert!(!cgroup_frozen(&held.cgroup), "the container is thawed after the snapshot");
+    assert_eq!(env.ok(&["domstate", "live"]).trim(), "running");
+    let overlay = root_image(&env, "live");
+    assert_ne!(overlay, top, "the container runs on a new overlay");
+    let chain: Vec<String> = qemu_chain(&overlay).into_iter().map(|(f, _)| f).collect();
+    assert_eq!(chain, [&overlay, &top, &mid, &base].map(|p| p.display().to_string()), "one layer deeper on disk");
+    let live = env.ok(&["dumpxml", "live"]);
+    let first_source = live.find("<source file='").expect("a source");
+    assert!(live[first_source..].starts_with(&format!("<source file='{}'/>", overlay.display())), "{live}");
+    let top_bytes = std::fs::read(&top).expect("the frozen image");
+    let frozen: Vec<String> = file_in(&env, &top, "/log").lines().map(str::to_string).collect();
+    assert!(frozen.len() >= before.len(), "the frozen image holds every line written before: {frozen:?}");
+    numbered(1, &frozen);
+    let after = log_grows(&env, "live", frozen.len());
+    numbered(1, &after);
+    assert!(std::fs::read(&top).expect("the frozen image") == top_bytes, "the writes after it leave it unchanged");
+    let (_, daemon) = served_root(&held.status);
+    assert!(alive(daemon) && alive(held.init), "the daemon and the init run on");
+    let err = env.fails(&["snapshot-create-as", "live", "s9"]);
+    assert!(err.contains("the lxc driver cannot save memory state"), "{err}");
+
+    env.ok(&["snapshot-revert", "live", "s1"]);
+    assert!(env.ok(&["domstate", "live"]).starts_with("shut off"), "a revert to a disk snapshot stops the container");
+    assert_nothing_left(&env, "live", Some(held.init), Some(&held.cgroup), None);
+    let branch = root_image(&env, "live");
+    assert_eq!(qemu_chain(&branch)[1].0, top.display().to_string(), "the revert's overlay reads the frozen image");
+    assert_eq!(file_in(&env, &branch, "/log"), file_in(&env, &top, "/log"), "exactly the data of the snapshot");
+    let written: Vec<String> = file_in(&env, &overlay, "/log").lines().map(str::to_string).collect();
+    assert!(written.len() >= after.len(), "the writes after the snapshot went to its overlay: {written:?}");
+    numbered(1, &written);
+
+    let (held, _guard) = start_guarded(&env, "live");
+    log_grows(&env, "live", frozen.len());
+    env.ok(&["snapshot-revert", "live", "s1", "--running"]);
+    assert_eq!(env.ok(&["domstate", "live"]).trim(), "running");
+    assert!(!alive(held.init), "the container was restarted");
+    let held = self::held(&env, "live");
+    assert!(!cgroup_frozen(&held.cgroup));
+    let again = log_grows(&env, "live", frozen.len());
+    assert_eq!(again[..frozen.len()], frozen[..], "the log starts as the snapshot had it");
+    numbered(2, &again[frozen.len()..]);
+    let chain: Vec<String> = qemu_chain(&overlay).into_iter().map(|(f, _)| f).collect();
+    assert_eq!(chain, [&overlay, &top, &mid, &base].map(|p| p.display().to_string()), "the first branch is kept");
+    env.ok(&["destroy", "live"]);
+}
+
+/// `snapshot-create-as --disk-only` of a running container killed at each
+/// step, the container paused (cgroup and filesystem frozen) at some of
+/// them: the next command thaws it and rolls the snapshot back or
+/// finishes it (finished once its storage daemon writes into the overlay),
+/// and the container runs on, writing, with its chain on disk as recorded.
+#[test]
+fn a_live_snapshot_killed_at_each_step_leaves_a_running_thawed_container() {
+    let steps = [
+        ("snapshot-create:intent", false, false),
+        ("lxc-snapshot:frozen", true, false),
+        ("snapshot-create:overlays", true, false),
+        ("snapshot-create:images", false, true),
+        ("snapshot-create:chains", false, true),
+        ("snapshot-create:record", false, true),
+    ];
+    let env = TestEnv::lxc();
+    let [top, _, _] = busybox_chain(&env);
+    env.define("kl", &container_xml("kl", WRITER, &qcow2_root(&top)));
+    let (held, _guard) = start_guarded(&env, "kl");
+    let mut expected_top = top.clone();
+    let mut taken = Vec::new();
+    for (n, (step, left_frozen, finished)) in steps.into_iter().enumerate() {
+        let name = format!("s{n}");
+        let lines = log_grows(&env, "kl", 0).len();
+        killed_at(&env, &["snapshot-create-as", "kl", &name, "--disk-only"], step);
+        assert_eq!(cgroup_frozen(&held.cgroup), left_frozen, "{step}: the container as the kill left it");
+        let listed = env.ok(&["snapshot-list", "kl", "--name"]);
+        assert!(!cgroup_frozen(&held.cgroup), "{step}: the next command thawed the container");
+        assert_eq!(env.ok(&["domstate", "kl"]).trim(), "running", "{step}");
+        if finished {
+            taken.push(name.clone());
+            expected_top = env.path(&format!("top.{name}"));
+        }
+        let names: Vec<&str> = listed.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        assert_eq!(names, taken, "{step}: the snapshots listed");
+        assert_eq!(root_image(&env, "kl"), expected_top, "{step}: the recorded top");
+        let chain = qemu_chain(&expected_top);
+        assert_eq!(chain.len(), 3 + taken.len(), "{step}: the chain on disk: {chain:?}");
+        assert!(!env.path(&format!("top.{name}")).exists() || finished, "{step}: a rolled-back overlay goes");
+        let now = log_grows(&env, "kl", lines);
+        numbered(1, &now);
+    }
+    env.ok(&["destroy", "kl"]);
+    let log: Vec<String> = file_in(&env, &expected_top, "/log").lines().map(str::to_string).collect();
+    numbered(1, &log);
+    assert!(!log.is_empty());
 }

@@ -116,6 +116,8 @@ pub fn start(store: &Store, name: &str, mut dom: Domain) -> Result<()> {
         cgroup,
         loops: Vec::new(),
         served: Vec::new(),
+        next_node: 0,
+        pause: None,
     };
     store.write_status(name, &record.to_xml())?;
     let mut handles = Vec::new();

@@ -10,11 +10,13 @@
 //! No daemon: the init outlives `strata`, and later calls find it again by
 //! its recorded pid and start time ([`status`]).
 //!
-//! Snapshots of qcow2 filesystems go through strata-engine while the
-//! container is shut off ([`snapshots`]); other roots have no layer to
-//! hold one, and are refused saying so. Block jobs are not there yet.
+//! Snapshots of qcow2 filesystems go through strata-engine, offline or
+//! while the container runs (paused for the switch: [`pause`]) ([`snapshots`]);
+//! other roots have no layer to hold one, and are refused saying so.
+//! Block jobs are not there yet.
 
 mod container;
+mod pause;
 mod plan;
 mod probe;
 pub mod snapshots;
@@ -197,8 +199,12 @@ impl Connection for LxcConnection {
             domains: DomainCapabilities { run: true, events: true, ..Default::default() },
             snapshots: SnapshotCapabilities {
                 kinds: SnapshotKinds { internal_disk: true, external_disk: true, ..Default::default() },
-                creation: SnapshotCreation { live: false, offline: true },
-                revert: RevertRules { to: RevertTo::AnySnapshot, external: true, guest: RevertedGuest::StoppedOnly },
+                creation: SnapshotCreation { live: true, offline: true },
+                revert: RevertRules {
+                    to: RevertTo::AnySnapshot,
+                    external: true,
+                    guest: RevertedGuest::RunningOrPaused,
+                },
                 delete: DeleteMethods { internal: true, metadata_only: true, children: true, ..Default::default() },
             },
             storage: StorageCapabilities { disk_sets: false, storage_pools: true },
@@ -225,9 +231,14 @@ impl Connection for LxcConnection {
                 "a qcow2 chain is served by a qemu-storage-daemon of its own, outside the container's cgroup, \
                  as a FUSE-exported file that a loop device holds"
                     .into(),
-                "snapshots (internal or external, of the disk state only) are of qcow2 filesystems and are taken, \
-                 reverted to and deleted while the container is shut off; raw, block, bind and ram filesystems \
-                 have no layer to hold one"
+                "snapshots (internal or external, of the disk state only) are of qcow2 filesystems; raw, block, \
+                 bind and ram filesystems have no layer to hold one"
+                    .into(),
+                "a running container's snapshot is taken in its storage daemons while the container is paused: \
+                 its cgroup frozen, then each filesystem (FIFREEZE), thawed right after the overlays switch"
+                    .into(),
+                "a revert stops a running container and starts it again only with --running or --paused (a \
+                 container started paused runs its init's first second before it is frozen)"
                     .into(),
                 "no block jobs yet, and so no delete of an external snapshot (which commits or pulls)".into(),
                 "memory state cannot be saved (no checkpoint/restore)".into(),

@@ -1,8 +1,13 @@
 //! The LXC driver's snapshot backend for strata-engine: snapshots of a
-//! container's qcow2 filesystems taken, reverted to and deleted by the
-//! engine's offline image work while the container is shut off. What only
-//! a running container's storage daemons could do (live snapshots, the
-//! commit or pull a delete runs) is refused here, and by the driver's
+//! container's qcow2 filesystems, taken, reverted to and deleted by the
+//! engine's offline image work while the container is shut off, and taken
+//! live in the filesystems' storage daemons while it runs: each overlay's
+//! header written natively first, then, with the container paused
+//! ([`crate::pause`]: cgroup freeze, `FIFREEZE`), each daemon's new nodes
+//! added and switched in one `transaction` (`strata-qemu-block`'s
+//! `snapshot_live`); the FUSE export follows its node to the new overlay,
+//! so the loop device and the mount over it write there from then on.
+//! The commit or pull a delete runs is refused here, and by the driver's
 //! capabilities before any request gets this far. A snapshot of a
 //! container with a filesystem that has no qcow2 layer (a raw image, a
 //! block device) is refused before the engine plans it: an overlay over
@@ -18,18 +23,24 @@ use strata_core::options::{SnapshotCreateFlags, SnapshotDeleteFlags, SnapshotRev
 use strata_core::store::Store;
 use strata_core::xml::Domain;
 use strata_core::{Error, Result};
+use strata_engine::blocking::{blocking, lock_domain};
 use strata_engine::definitions;
+use strata_engine::image_work::create_overlay;
+use strata_engine::process::{Liveness, ProcessId};
 use strata_engine::snapshot::{
     not_supported, Activity, DiskJob, DiskPlan, LiveChain, NewTops, RecordedChain, SnapshotBackend, SnapshotEngine,
 };
+use strata_qemu_block::graph::live_chains;
+use strata_qemu_block::monitor::{acquire, qmp_error, Monitor};
+use strata_qemu_block::nodes::node_prefix;
+use strata_qemu_block::runtime::RuntimePaths;
+use strata_qemu_block::snapshot::snapshot_live;
 
+use crate::pause::pause;
 use crate::plan::{Container, Source};
-use crate::status::{self, LiveStatus};
+use crate::status::{self, LiveStatus, ServedFilesystem, SnapshotPause};
 use crate::syscall::{self, Linux, Syscall};
 use crate::LxcConnection;
-
-/// What a running container's snapshot would need, refused.
-const LIVE: &str = "take or change snapshots of a running container (its storage daemons do not run snapshot work yet)";
 
 impl LxcConnection {
     /// The running container's record, reconciled with the kernel.
@@ -37,6 +48,153 @@ impl LxcConnection {
         status::reconcile(&Linux, &self.store, domain)?
             .filter(|s| !s.starting)
             .ok_or_else(|| Error::operation_invalid("domain is not running"))
+    }
+
+    /// A monitor of the storage daemon serving `served`.
+    async fn daemon_monitor(&self, domain: &str, served: &ServedFilesystem) -> Result<Monitor> {
+        acquire(&RuntimePaths { dir: served.dir.clone() }, domain).await
+    }
+
+    /// Changes the running container's record under the domain lock.
+    async fn edit_status(&self, domain: &str, edit: impl FnOnce(&mut LiveStatus) + Send + 'static) -> Result<()> {
+        let _lock = lock_domain(&self.store, domain).await?;
+        let mut status = self.running_status(domain)?;
+        edit(&mut status);
+        self.store.write_status(domain, &status.to_xml())
+    }
+
+    /// Takes the external and internal `plans` of snapshot `name` in the
+    /// storage daemons of the running container: the overlays in
+    /// `created` written first, then the container paused while each
+    /// daemon switches (see the module's documentation). Returns each
+    /// filesystem's new root node.
+    async fn snapshot_running(
+        &self,
+        domain: &str,
+        plans: &[DiskPlan],
+        name: &str,
+        created: &[PathBuf],
+    ) -> Result<NewTops> {
+        let status = self.running_status(domain)?;
+        let init = status.running_init().ok_or_else(|| Error::operation_invalid("domain is not running"))?;
+        let mut daemons = Vec::new();
+        for served in &status.served {
+            let own: Vec<DiskPlan> = plans.iter().filter(|p| p.target == served.target).cloned().collect();
+            if own.iter().any(|p| p.mode == "external" || p.mode == "internal") {
+                refuse_daemon_in_cgroup(&status, served)?;
+                daemons.push((served.clone(), own, self.daemon_monitor(domain, served).await?));
+            }
+        }
+        let externals = plans.iter().filter(|p| p.mode == "external").count() as u64;
+        // The headers are written while the container still runs: the
+        // pause is only the switch.
+        let made = plans
+            .iter()
+            .filter(|p| p.mode == "external")
+            .filter_map(|p| Some((p.clone(), p.overlay.clone().filter(|o| created.contains(o))?)))
+            .collect::<Vec<_>>();
+        let written = blocking(move || {
+            let mut written = Vec::new();
+            for (plan, overlay) in &made {
+                if let Err(e) = create_overlay(&plan.image, &plan.format, overlay) {
+                    remove_files(&written);
+                    return Err(e);
+                }
+                written.push(overlay.clone());
+            }
+            Ok(written)
+        })
+        .await?;
+        let snapshot_pause = SnapshotPause {
+            owner: ProcessId::this()?,
+            cgroup: !syscall::cgroup_frozen(&status.cgroup),
+            filesystems: daemons.iter().map(|(served, _, _)| served.target.clone()).collect(),
+        };
+        let first_node = status.next_node;
+        let recorded = snapshot_pause.clone();
+        // The pause is recorded before anything freezes (the next call
+        // thaws it if this process dies), with the node numbers it uses.
+        if let Err(e) = self
+            .edit_status(domain, move |s| {
+                s.next_node = first_node.saturating_add(externals);
+                s.pause = Some(recorded);
+            })
+            .await
+        {
+            remove_files(&written);
+            return Err(e);
+        }
+        let mut switched = 0;
+        let outcome = async {
+            let paused = pause(&Linux, &status, init, &snapshot_pause)?;
+            strata_core::crash_point("lxc-snapshot:frozen");
+            let mut tops = NewTops::new();
+            let mut number = first_node;
+            for (served, own, monitor) in &daemons {
+                let root = export_node(&monitor.client, domain, &served.target).await?;
+                tops.extend(
+                    snapshot_live(&monitor.client, domain, own, name, number, &[], |_| Ok(root.clone())).await?,
+                );
+                number += own.iter().filter(|p| p.mode == "external").count() as u64;
+                switched += 1;
+            }
+            let paused_for = paused.thaw()?;
+            tracing::debug!(
+                domain,
+                snapshot = name,
+                pause_ms = paused_for.as_secs_f64() * 1000.0,
+                "container paused for its live snapshot (cgroup freeze to thaw)"
+            );
+            Ok::<NewTops, Error>(tops)
+        }
+        .await;
+        if outcome.is_err() && switched == 0 {
+            // No daemon writes into an overlay: they go.
+            remove_files(&written);
+        }
+        self.edit_status(domain, |s| s.pause = None).await?;
+        outcome
+    }
+}
+
+/// A daemon in the container's cgroup would freeze with it, and the
+/// filesystem freeze then wait for it forever.
+fn refuse_daemon_in_cgroup(status: &LiveStatus, served: &ServedFilesystem) -> Result<()> {
+    let daemon = strata_qemu_block::fuse::recorded_server(&served.dir)?
+        .filter(|d| d.liveness() == Liveness::Alive)
+        .ok_or_else(|| {
+            Error::operation_failed(format!("the storage daemon serving filesystem '{}' is not running", served.target))
+        })?;
+    let procs = status.cgroup.join("cgroup.procs");
+    let members = std::fs::read_to_string(&procs).map_err(|e| Error::io("read", &procs, e))?;
+    if members.lines().any(|p| p.trim() == daemon.pid.to_string()) {
+        return Err(Error::operation_failed(format!(
+            "the storage daemon (pid {}) serving filesystem '{}' is in the container's cgroup; freezing the \
+             container would freeze it too",
+            daemon.pid, served.target
+        )));
+    }
+    Ok(())
+}
+
+/// The node the FUSE export of filesystem `target` serves now: the top of
+/// its chain (an export follows its node to a new overlay).
+async fn export_node(client: &strata_qmp::QmpClient, domain: &str, target: &str) -> Result<String> {
+    let id = node_prefix(target);
+    let exports = client.execute("query-block-exports", None).await.map_err(|e| qmp_error(domain, e))?;
+    exports
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e.get("id").and_then(|v| v.as_str()) == Some(id.as_str()))
+        .and_then(|e| e.get("node-name").and_then(|v| v.as_str()))
+        .map(str::to_string)
+        .ok_or_else(|| Error::internal(format!("the storage daemon of filesystem '{target}' has no export '{id}'")))
+}
+
+fn remove_files(files: &[PathBuf]) {
+    for f in files {
+        let _ = std::fs::remove_file(f);
     }
 }
 
@@ -114,14 +272,27 @@ impl SnapshotBackend for LxcConnection {
         Ok(self.running_status(domain)?.domain)
     }
 
-    /// The chains the record shows: each storage daemon opened the chain
-    /// recorded at start, and nothing changes it while the container runs.
+    /// The record's definition with each served filesystem's chain as its
+    /// storage daemon has it open.
     async fn live_definition(&self, domain: &str) -> Result<Domain> {
-        Ok(self.running_status(domain)?.domain)
+        let mut dom = self.running_status(domain)?.domain;
+        for (target, live) in self.live_chains(domain).await? {
+            let address = dom.find_storage_device(&target)?.address();
+            dom.set_storage_chain(&address, &live.chain)?;
+        }
+        Ok(dom)
     }
 
-    async fn live_chains(&self, _domain: &str) -> Result<HashMap<String, LiveChain>> {
-        Err(not_supported(LIVE))
+    async fn live_chains(&self, domain: &str) -> Result<HashMap<String, LiveChain>> {
+        let status = self.running_status(domain)?;
+        let mut out = HashMap::new();
+        for served in &status.served {
+            let monitor = self.daemon_monitor(domain, served).await?;
+            for (target, disk) in live_chains(&monitor.client, domain).await? {
+                out.insert(target, LiveChain { top: disk.root().map(str::to_string), chain: disk.chain });
+            }
+        }
+        Ok(out)
     }
 
     async fn guest_running(&self, domain: &str) -> Result<bool> {
@@ -133,8 +304,14 @@ impl SnapshotBackend for LxcConnection {
         Ok(())
     }
 
-    async fn snapshot_disks(&self, _: &str, _: &[DiskPlan], _: &str, _: &[PathBuf]) -> Result<NewTops> {
-        Err(not_supported(LIVE))
+    async fn snapshot_disks(
+        &self,
+        domain: &str,
+        plans: &[DiskPlan],
+        name: &str,
+        created: &[PathBuf],
+    ) -> Result<NewTops> {
+        self.snapshot_running(domain, plans, name, created).await
     }
 
     async fn pause_guest(&self, domain: &str) -> Result<bool> {
@@ -154,8 +331,11 @@ impl SnapshotBackend for LxcConnection {
         Connection::resume(self, domain).await
     }
 
-    async fn start_paused(&self, _domain: &str) -> Result<()> {
-        Err(not_supported("start a container paused"))
+    /// Starts the container and freezes it once its init has run (start
+    /// returns only then): a revert's restart, resumed unless `--paused`.
+    async fn start_paused(&self, domain: &str) -> Result<()> {
+        Connection::start(self, domain, Default::default()).await?;
+        self.freeze(domain, true).await
     }
 
     async fn stop(&self, domain: &str) -> Result<()> {

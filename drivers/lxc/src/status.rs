@@ -36,6 +36,20 @@ pub struct ServedFilesystem {
     pub file: PathBuf,
 }
 
+/// A live snapshot's pause of the container, recorded before anything is
+/// frozen and removed once everything is thawed, so that the next call
+/// thaws a container whose snapshot's `strata` died in between.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotPause {
+    /// The `strata` taking the snapshot; answerable for the pause while it runs.
+    pub owner: ProcessId,
+    /// Whether it froze the cgroup (a container the user had suspended
+    /// stays suspended).
+    pub cgroup: bool,
+    /// The targets of the filesystems it freezes.
+    pub filesystems: Vec<String>,
+}
+
 /// What `status.xml` records of a container.
 #[derive(Debug, Clone)]
 pub struct LiveStatus {
@@ -51,6 +65,11 @@ pub struct LiveStatus {
     pub loops: Vec<AttachedLoop>,
     /// Recorded before each daemon starts.
     pub served: Vec<ServedFilesystem>,
+    /// The number the next node a live snapshot adds to a storage daemon
+    /// takes (reserved here before the node is added, so no name is used twice).
+    pub next_node: u64,
+    /// A live snapshot's pause in progress.
+    pub pause: Option<SnapshotPause>,
 }
 
 impl LiveStatus {
@@ -58,6 +77,9 @@ impl LiveStatus {
         let mut root = Element::new("lxcstatus").with_attr("cgroup", self.cgroup.to_string_lossy());
         if self.starting {
             root.set_attr("state", "starting");
+        }
+        if self.next_node > 0 {
+            root.set_attr("nextnode", self.next_node.to_string());
         }
         self.owner.set_attrs(&mut root, "owner");
         if let Some(init) = self.init {
@@ -77,6 +99,14 @@ impl LiveStatus {
                     .with_attr("dir", d.dir.to_string_lossy())
                     .with_attr("file", d.file.to_string_lossy()),
             );
+        }
+        if let Some(pause) = &self.pause {
+            let mut el = Element::new("snapshotpause").with_attr("cgroup", if pause.cgroup { "yes" } else { "no" });
+            pause.owner.set_attrs(&mut el, "owner");
+            for target in &pause.filesystems {
+                el = el.with_child(Element::new("filesystem").with_attr("target", target));
+            }
+            root = root.with_child(el);
         }
         root.with_child(self.domain.element().clone()).to_xml()
     }
@@ -105,6 +135,19 @@ impl LiveStatus {
                     })
                 })
                 .collect(),
+            next_node: root.attr("nextnode").and_then(|n| n.parse().ok()).unwrap_or(0),
+            pause: match root.child("snapshotpause") {
+                Some(p) => Some(SnapshotPause {
+                    owner: ProcessId::from_attrs(p, "owner").ok_or_else(|| bad("the owner of its snapshot pause"))?,
+                    cgroup: p.attr("cgroup") == Some("yes"),
+                    filesystems: p
+                        .children_named("filesystem")
+                        .filter_map(|f| f.attr("target"))
+                        .map(Into::into)
+                        .collect(),
+                }),
+                None => None,
+            },
         })
     }
 
@@ -132,7 +175,16 @@ pub fn reconcile(sys: &dyn Syscall, store: &Store, name: &str) -> Result<Option<
         return Ok(Some(status));
     }
     if init_runs && !status.starting {
-        return Ok(Some(status));
+        return match &status.pause {
+            Some(pause) if pause.owner.liveness() == Liveness::Gone => {
+                tracing::debug!(domain = name, "thawing a container a snapshot's strata left frozen");
+                crate::pause::thaw_abandoned(sys, &status, pause)?;
+                let status = LiveStatus { pause: None, ..status };
+                store.write_status(name, &status.to_xml())?;
+                Ok(Some(status))
+            }
+            _ => Ok(Some(status)),
+        };
     }
     tracing::debug!(domain = name, init_runs, starting = status.starting, "tearing down a container that is gone");
     teardown(sys, &status)?;
@@ -241,6 +293,12 @@ mod tests {
                 dir: "/run/ct1/fs-1".into(),
                 file: "/run/ct1/fs-1/export.raw".into(),
             }],
+            next_node: 3,
+            pause: Some(SnapshotPause {
+                owner: ProcessId { pid: 9, start_time: 10 },
+                cgroup: true,
+                filesystems: vec!["/".into(), "/data".into()],
+            }),
         }
     }
 
@@ -279,6 +337,7 @@ mod tests {
         let back = LiveStatus::parse(&s.to_xml()).expect("parse");
         assert_eq!((back.init, back.owner, back.starting), (s.init, s.owner, true));
         assert_eq!((back.cgroup, back.loops, back.served), (s.cgroup, s.loops, s.served));
+        assert_eq!((back.next_node, back.pause), (3, s.pause));
         assert_eq!(back.domain.name(), "ct1");
     }
 }

@@ -1,6 +1,7 @@
 //! The one seam between the driver and the kernel (youki's `Syscall`
 //! trait is the model): mounts, the root switch, namespaces, the hostname,
-//! loop devices, cgroups (with their freezer) and signals. [`Linux`] makes the calls; the unit
+//! loop devices, cgroups (with their freezer), filesystem freezes and
+//! signals. [`Linux`] makes the calls; the unit
 //! tests hand the mount plan and the teardown a recorder instead, so the
 //! order of the calls is checked without a kernel, while the integration
 //! tests run the real thing.
@@ -28,6 +29,16 @@ pub struct LoopDevice {
     pub device: PathBuf,
     /// The open device; `None` in a recording.
     pub handle: Option<OwnedFd>,
+}
+
+/// A filesystem's mount opened for a freeze or a thaw: the open directory
+/// keeps the mount reachable even if the container's init (whose
+/// `/proc/PID/root` it was opened through) exits meanwhile.
+#[derive(Debug)]
+pub struct MountHandle {
+    pub dir: PathBuf,
+    /// The open directory; `None` in a recording.
+    pub handle: Option<File>,
 }
 
 /// What the driver asks of the kernel.
@@ -68,6 +79,15 @@ pub trait Syscall {
     /// no error.
     fn cgroup_remove(&self, dir: &Path) -> Result<()>;
     fn kill(&self, pid: libc::pid_t, signal: libc::c_int) -> Result<()>;
+    /// Opens the directory `dir` (a mount point) for [`Syscall::fs_freeze`]
+    /// and [`Syscall::fs_thaw`].
+    fn open_mount(&self, dir: &Path) -> Result<MountHandle>;
+    /// Freezes the filesystem `mount` is on (`FIFREEZE`): its dirty data
+    /// and journal are written out, and its writers wait until the thaw.
+    fn fs_freeze(&self, mount: &MountHandle) -> Result<()>;
+    /// Thaws the filesystem `mount` is on (`FITHAW`); `false` when it was
+    /// not frozen.
+    fn fs_thaw(&self, mount: &MountHandle) -> Result<bool>;
 }
 
 /// The kernel itself.
@@ -94,6 +114,9 @@ const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LO_FLAGS_READ_ONLY: u32 = 1;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
 const LO_NAME_SIZE: usize = 64;
+/// `_IOWR('X', 119, int)` and `_IOWR('X', 120, int)` of `<linux/fs.h>`.
+const FIFREEZE: libc::c_ulong = 0xC004_5877;
+const FITHAW: libc::c_ulong = 0xC004_5878;
 
 /// `struct loop_info64` of `<linux/loop.h>`.
 #[repr(C)]
@@ -398,6 +421,47 @@ impl Syscall for Linux {
             _ => Ok(()),
         }
     }
+
+    fn open_mount(&self, dir: &Path) -> Result<MountHandle> {
+        let handle = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(dir)
+            .map_err(|e| Error::io("open the mount point", dir, e))?;
+        Ok(MountHandle { dir: dir.to_path_buf(), handle: Some(handle) })
+    }
+
+    fn fs_freeze(&self, mount: &MountHandle) -> Result<()> {
+        let fd = mount_fd(mount)?;
+        // SAFETY: FIFREEZE takes no argument beyond the descriptor of a
+        // directory on the filesystem, open for the call.
+        check(unsafe { libc::ioctl(fd, FIFREEZE, 0) }).map_err(|e| match e.raw_os_error() {
+            Some(libc::EBUSY) => Error::operation_failed(format!(
+                "the filesystem at '{}' is frozen already (by fsfreeze?); thaw it first",
+                mount.dir.display()
+            )),
+            _ => Error::io("freeze the filesystem at", &mount.dir, e),
+        })
+    }
+
+    fn fs_thaw(&self, mount: &MountHandle) -> Result<bool> {
+        let fd = mount_fd(mount)?;
+        // SAFETY: as for FIFREEZE.
+        match check(unsafe { libc::ioctl(fd, FITHAW, 0) }) {
+            Ok(()) => Ok(true),
+            // Not frozen.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+            Err(e) => Err(Error::io("thaw the filesystem at", &mount.dir, e)),
+        }
+    }
+}
+
+fn mount_fd(mount: &MountHandle) -> Result<libc::c_int> {
+    mount
+        .handle
+        .as_ref()
+        .map(AsRawFd::as_raw_fd)
+        .ok_or_else(|| Error::internal(format!("the mount at '{}' is not open", mount.dir.display())))
 }
 
 #[cfg(test)]
@@ -412,7 +476,7 @@ pub(crate) mod recording {
 
     use strata_core::{Error, Result};
 
-    use super::{LoopDevice, Syscall};
+    use super::{LoopDevice, MountHandle, Syscall};
 
     #[derive(Default)]
     pub struct Recorder {
@@ -508,6 +572,16 @@ pub(crate) mod recording {
         }
         fn kill(&self, pid: libc::pid_t, signal: libc::c_int) -> Result<()> {
             self.record_result(format!("kill {pid} {signal}"))
+        }
+        fn open_mount(&self, dir: &Path) -> Result<MountHandle> {
+            self.record_result(format!("open_mount {}", dir.display()))?;
+            Ok(MountHandle { dir: dir.to_path_buf(), handle: None })
+        }
+        fn fs_freeze(&self, mount: &MountHandle) -> Result<()> {
+            self.record_result(format!("fs_freeze {}", mount.dir.display()))
+        }
+        fn fs_thaw(&self, mount: &MountHandle) -> Result<bool> {
+            self.record_result(format!("fs_thaw {}", mount.dir.display())).map(|()| true)
         }
     }
 }

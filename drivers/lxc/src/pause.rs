@@ -1,0 +1,182 @@
+//! A running container held still for a live snapshot: its cgroup frozen
+//! first (a task blocked in a frozen filesystem would hold up the cgroup's
+//! freeze), then each snapshotted filesystem with `FIFREEZE`, opened
+//! through the init's `/proc/PID/root` since it is mounted in the
+//! container's mount namespace only; thawed in the reverse order, always:
+//! [`Paused`] thaws on drop, on every error path. The storage daemons
+//! serving the filesystems run outside the container's cgroup, or the
+//! filesystem freeze would wait for a frozen daemon.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use strata_core::{Error, Result};
+use strata_engine::process::ProcessId;
+
+use crate::status::{LiveStatus, SnapshotPause};
+use crate::syscall::{MountHandle, Syscall};
+
+/// Where the container whose init is `init` has filesystem `target`
+/// mounted, as the host reaches it.
+pub fn mount_dir(init: ProcessId, target: &str) -> PathBuf {
+    Path::new(&format!("/proc/{}/root", init.pid)).join(target.trim_start_matches('/'))
+}
+
+/// The container, frozen until [`Paused::thaw`] (or the drop).
+pub struct Paused<'a, S: Syscall + ?Sized> {
+    sys: &'a S,
+    /// The cgroup this pause froze, to thaw.
+    cgroup: Option<PathBuf>,
+    /// The filesystems frozen so far, in order.
+    frozen: Vec<MountHandle>,
+    since: Instant,
+}
+
+/// Freezes the container `status` records: its cgroup unless `cgroup` is
+/// false (the user has it suspended), then the filesystems at `targets`.
+/// A failure thaws what was frozen before it returns.
+pub fn pause<'a, S: Syscall + ?Sized>(
+    sys: &'a S,
+    status: &LiveStatus,
+    init: ProcessId,
+    pause: &SnapshotPause,
+) -> Result<Paused<'a, S>> {
+    // Opened before anything is frozen: nothing then waits in the window.
+    let mounts: Vec<MountHandle> =
+        pause.filesystems.iter().map(|t| sys.open_mount(&mount_dir(init, t))).collect::<Result<_>>()?;
+    let since = Instant::now();
+    let mut paused = Paused { sys, cgroup: None, frozen: Vec::new(), since };
+    if pause.cgroup {
+        sys.cgroup_freeze(&status.cgroup, true)?;
+        paused.cgroup = Some(status.cgroup.clone());
+    }
+    for mount in mounts {
+        sys.fs_freeze(&mount)?;
+        paused.frozen.push(mount);
+    }
+    Ok(paused)
+}
+
+impl<S: Syscall + ?Sized> Paused<'_, S> {
+    /// Thaws the filesystems (last frozen first), then the cgroup; returns
+    /// how long the container was paused. Every thaw is tried; the first
+    /// failure is returned.
+    pub fn thaw(mut self) -> Result<Duration> {
+        self.release()?;
+        Ok(self.since.elapsed())
+    }
+
+    fn release(&mut self) -> Result<()> {
+        let mut first_error = None;
+        while let Some(mount) = self.frozen.pop() {
+            if let Err(e) = self.sys.fs_thaw(&mount) {
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Some(cgroup) = self.cgroup.take() {
+            if let Err(e) = self.sys.cgroup_freeze(&cgroup, false) {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl<S: Syscall + ?Sized> Drop for Paused<'_, S> {
+    fn drop(&mut self) {
+        if let Err(e) = self.release() {
+            tracing::warn!(error = %e.report(), "the container could not be thawed after its snapshot");
+        }
+    }
+}
+
+/// Thaws what the snapshot pause `pause` recorded in `status` froze, its
+/// `strata` having died before it did: each of its filesystems (one not
+/// frozen is left as it is), then the cgroup if it froze it.
+pub fn thaw_abandoned(sys: &dyn Syscall, status: &LiveStatus, pause: &SnapshotPause) -> Result<()> {
+    let init = status.running_init().ok_or_else(|| Error::operation_invalid("domain is not running"))?;
+    for target in pause.filesystems.iter().rev() {
+        let mount = sys.open_mount(&mount_dir(init, target))?;
+        sys.fs_thaw(&mount)?;
+    }
+    if pause.cgroup {
+        sys.cgroup_freeze(&status.cgroup, false)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::syscall::recording::Recorder;
+    use strata_core::xml::Domain;
+
+    fn status() -> LiveStatus {
+        LiveStatus {
+            domain: Domain::parse("<domain type='lxc'><name>ct1</name></domain>").expect("domain"),
+            init: None,
+            owner: ProcessId { pid: 1, start_time: 1 },
+            starting: false,
+            cgroup: "/cg/ct1".into(),
+            loops: Vec::new(),
+            served: Vec::new(),
+            next_node: 0,
+            pause: None,
+        }
+    }
+
+    fn snapshot_pause(cgroup: bool) -> SnapshotPause {
+        SnapshotPause {
+            owner: ProcessId { pid: 2, start_time: 2 },
+            cgroup,
+            filesystems: vec!["/".into(), "/data".into()],
+        }
+    }
+
+    const INIT: ProcessId = ProcessId { pid: 42, start_time: 7 };
+
+    /// The cgroup freezes before the filesystems, which thaw first.
+    #[test]
+    fn the_cgroup_freezes_first_and_thaws_last() {
+        let sys = Recorder::default();
+        let paused = pause(&sys, &status(), INIT, &snapshot_pause(true)).expect("paused");
+        paused.thaw().expect("thawed");
+        assert_eq!(
+            sys.lines(),
+            [
+                "open_mount /proc/42/root/",
+                "open_mount /proc/42/root/data",
+                "cgroup_freeze /cg/ct1 true",
+                "fs_freeze /proc/42/root/",
+                "fs_freeze /proc/42/root/data",
+                "fs_thaw /proc/42/root/data",
+                "fs_thaw /proc/42/root/",
+                "cgroup_freeze /cg/ct1 false",
+            ]
+        );
+    }
+
+    /// A freeze that fails thaws what was frozen before it; a cgroup the
+    /// user had suspended is neither frozen nor thawed.
+    #[test]
+    fn a_failed_freeze_thaws_what_was_frozen() {
+        let sys = Recorder::failing("fs_freeze /proc/42/root/data");
+        assert!(pause(&sys, &status(), INIT, &snapshot_pause(false)).is_err());
+        assert_eq!(
+            sys.lines()[2..],
+            ["fs_freeze /proc/42/root/", "fs_freeze /proc/42/root/data", "fs_thaw /proc/42/root/"]
+        );
+    }
+
+    /// A pause dropped on an error path thaws everything it froze.
+    #[test]
+    fn a_pause_dropped_on_an_error_path_thaws() {
+        let sys = Recorder::default();
+        drop(pause(&sys, &status(), INIT, &snapshot_pause(true)).expect("paused"));
+        let lines = sys.lines();
+        assert_eq!(
+            lines[lines.len() - 3..],
+            ["fs_thaw /proc/42/root/data", "fs_thaw /proc/42/root/", "cgroup_freeze /cg/ct1 false"]
+        );
+    }
+}
