@@ -14,7 +14,7 @@ use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ use strata_core::{Error, Result};
 use strata_engine::process::{pipe, ProcessId};
 use strata_qemu_block::fuse;
 
-use crate::plan::{self, cstr, Container, Mountable, PlannedStep, Prepared, Source};
+use crate::plan::{self, cstr, Container, IdMap, Mountable, PlannedStep, Prepared, Source};
 use crate::probe;
 use crate::status::{self, AttachedLoop, LiveStatus, ServedFilesystem};
 use crate::syscall::{loop_devices_holding, Linux, LoopDevice, Syscall};
@@ -37,6 +37,9 @@ const INIT_SETTLE: Duration = Duration::from_secs(1);
 
 /// The index a child reports for a failed exec of the init.
 const EXEC_STEP: u32 = u32::MAX;
+
+/// The index a child reports for a failure to enter its user namespace.
+const USERNS_STEP: u32 = u32::MAX - 1;
 
 const NAMESPACES: libc::c_int =
     libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWNET;
@@ -194,11 +197,14 @@ fn launch(
     sys.cgroup_create(&record.cgroup)?;
     let (go_read, go_write) = pipe()?;
     let (report_read, report_write) = pipe()?;
+    let (unshared_read, unshared_write) = pipe()?;
     let child = ChildFds {
         go_read: go_read.as_raw_fd(),
         go_write: go_write.as_raw_fd(),
         report_read: report_read.as_raw_fd(),
         report_write: report_write.as_raw_fd(),
+        unshared_read: unshared_read.as_raw_fd(),
+        unshared_write: container.idmap.as_ref().map_or(-1, |_| unshared_write.as_raw_fd()),
         stdin: null.as_raw_fd(),
         output: output.as_raw_fd(),
     };
@@ -208,7 +214,7 @@ fn launch(
     if pid == 0 {
         child_main(&sys, child, &steps, &init, &argv_ptrs, &envp_ptrs);
     }
-    drop((go_read, report_write, null, output));
+    drop((go_read, report_write, unshared_write, null, output));
     let mut reaped = Reaper { pid, reaped: false };
     let id =
         ProcessId::of(pid).ok_or_else(|| Error::operation_failed("the container's first process exited at once"))?;
@@ -216,9 +222,21 @@ fn launch(
     store.write_status(name, &record.to_xml())?;
     strata_core::crash_point("lxc-start:recorded");
     sys.cgroup_attach(&record.cgroup, pid)?;
-    File::from(go_write)
-        .write_all(&[1])
-        .map_err(|e| Error::operation_failed(format!("cannot release the container's first process: {e}")))?;
+    let mut go = File::from(go_write);
+    let release = |go: &mut File| {
+        go.write_all(&[1])
+            .map_err(|e| Error::operation_failed(format!("cannot release the container's first process: {e}")))
+    };
+    release(&mut go)?;
+    if let Some(idmap) = &container.idmap {
+        // Its mounts are made; once it is in its user namespace (or gone:
+        // then its report says why), the maps are written and it goes on.
+        if !read_report(unshared_read, "the container's user namespace")?.is_empty() {
+            sys.write_id_maps(pid, &IdMap::map_text(&idmap.uid), &IdMap::map_text(&idmap.gid))?;
+            release(&mut go)?;
+        }
+    }
+    drop(go);
     let report = read_report(report_read, "the container's start-up")?;
     if report.len() >= 8 {
         let index = u32::from_ne_bytes([report[0], report[1], report[2], report[3]]);
@@ -228,6 +246,7 @@ fn launch(
         let what = match steps.get(index as usize) {
             Some(PlannedStep { what, .. }) => format!("cannot {what}"),
             None if index == EXEC_STEP => format!("cannot run its init '{}'", container.init),
+            None if index == USERNS_STEP => "cannot enter its user namespace (<idmap>)".into(),
             None => "its first process failed".into(),
         };
         return Err(Error::operation_failed(format!("domain '{name}' did not start: {what}: {err}")));
@@ -347,6 +366,10 @@ struct ChildFds {
     go_write: RawFd,
     report_read: RawFd,
     report_write: RawFd,
+    unshared_read: RawFd,
+    /// Where it says it has entered its user namespace (closed after the
+    /// byte); -1 without an `<idmap>`.
+    unshared_write: RawFd,
     stdin: RawFd,
     output: RawFd,
 }
@@ -371,21 +394,27 @@ fn child_main(
             libc::_exit(1)
         }
     };
-    // SAFETY: close, read, setsid, dup2, signal and sigprocmask on descriptors and
-    // local values this process owns; all async-signal-safe.
-    unsafe {
-        libc::close(fds.go_write);
-        libc::close(fds.report_read);
+    // SAFETY: read(2) into a local byte from a pipe this process owns, and
+    // _exit(2); async-signal-safe.
+    let wait_for_parent = || unsafe {
         let mut go = 0u8;
         loop {
             match libc::read(fds.go_read, (&mut go as *mut u8).cast(), 1) {
                 1 => break,
                 -1 if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) => {}
-                // The parent went away without recording this process.
+                // The parent went away (without recording this process, or
+                // without writing its id maps).
                 _ => libc::_exit(1),
             }
         }
-        libc::close(fds.go_read);
+    };
+    // SAFETY: close, setsid, dup2, signal and sigprocmask on descriptors and
+    // local values this process owns; all async-signal-safe.
+    unsafe {
+        libc::close(fds.go_write);
+        libc::close(fds.report_read);
+        libc::close(fds.unshared_read);
+        wait_for_parent();
         // A session of its own: no terminal strata ran in signals it.
         if libc::setsid() < 0 {
             report(EXEC_STEP, std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO));
@@ -401,6 +430,22 @@ fn child_main(
     }
     if let Err((index, err)) = plan::run_steps(sys, steps) {
         report(index as u32, err.raw_os_error().unwrap_or(libc::EIO));
+    }
+    if fds.unshared_write >= 0 {
+        // With its mounts made, into a user namespace of its own, whose id
+        // maps the parent writes.
+        if let Err(err) = sys.unshare(libc::CLONE_NEWUSER) {
+            report(USERNS_STEP, err.raw_os_error().unwrap_or(libc::EIO));
+        }
+        // SAFETY: write(2) of a local byte to our pipe end, and close(2).
+        unsafe {
+            libc::write(fds.unshared_write, [1u8].as_ptr().cast(), 1);
+            libc::close(fds.unshared_write);
+        }
+        wait_for_parent();
+        if let Err(err) = sys.become_root() {
+            report(USERNS_STEP, err.raw_os_error().unwrap_or(libc::EIO));
+        }
     }
     // SAFETY: execve(2) with NUL-terminated strings and null-terminated
     // pointer arrays that live until it returns (only on failure).
@@ -429,6 +474,7 @@ pub fn enter(init: ProcessId, cgroup: &Path, command: &[String]) -> Result<i32> 
         .collect::<Result<_>>()?;
     let root_path = PathBuf::from(format!("/proc/{}/root", init.pid));
     let root = File::open(&root_path).map_err(|e| Error::io("open the container's root", &root_path, e))?;
+    let user_ns = own_user_namespace(init)?;
     if init.liveness() != strata_engine::process::Liveness::Alive {
         return Err(Error::operation_invalid("domain is not running"));
     }
@@ -462,6 +508,7 @@ pub fn enter(init: ProcessId, cgroup: &Path, command: &[String]) -> Result<i32> 
                 &ns_fds,
                 root.as_raw_fd(),
                 procs.as_raw_fd(),
+                user_ns.as_ref().map_or(-1, AsRawFd::as_raw_fd),
                 &candidates,
                 &argv_ptrs,
                 &envp_ptrs,
@@ -470,7 +517,7 @@ pub fn enter(init: ProcessId, cgroup: &Path, command: &[String]) -> Result<i32> 
         }
     }
     drop(report_write);
-    drop((namespaces, root, procs));
+    drop((namespaces, root, procs, user_ns));
     let mut status = 0;
     // SAFETY: waitpid(2) on our own child with a valid status pointer.
     while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
@@ -492,18 +539,35 @@ pub fn enter(init: ProcessId, cgroup: &Path, command: &[String]) -> Result<i32> 
     Ok(if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 128 + libc::WTERMSIG(status) })
 }
 
+/// The user namespace of the container whose init is `init`, when it has
+/// one of its own (an `<idmap>`): joined last, once the host's privileges
+/// have joined the rest.
+fn own_user_namespace(init: ProcessId) -> Result<Option<File>> {
+    let inode =
+        |path: &Path| std::fs::metadata(path).map(|m| (m.dev(), m.ino())).map_err(|e| Error::io("inspect", path, e));
+    let theirs = PathBuf::from(format!("/proc/{}/ns/user", init.pid));
+    if inode(&theirs)? == inode(Path::new("/proc/self/ns/user"))? {
+        return Ok(None);
+    }
+    File::open(&theirs).map(Some).map_err(|e| Error::io("open the container's namespace", &theirs, e))
+}
+
 /// The forked child of [`enter`]: joins the namespaces and the cgroup,
 /// takes the container's root (`root`, its init's `/proc/PID/root`, as
 /// nsenter does: the mount namespace's own root is the host's, under the
-/// pivot), forks once more (a pid namespace holds only the children of
-/// whoever joins it), and passes on the grandchild's exit status.
+/// pivot), joins the container's user namespace if it has one
+/// (`user_ns`, -1 if not) as its root, forks once more (a pid namespace
+/// holds only the children of whoever joins it), and passes on the
+/// grandchild's exit status.
 ///
 /// # Safety
 /// Called only in a freshly forked child; every pointer is valid.
+#[allow(clippy::too_many_arguments)]
 unsafe fn enter_child(
     namespaces: &[RawFd],
     root: RawFd,
     procs: RawFd,
+    user_ns: RawFd,
     candidates: &[CString],
     argv: &[*const libc::c_char],
     envp: &[*const libc::c_char],
@@ -531,6 +595,14 @@ unsafe fn enter_child(
         }
         if libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
             fail(errno());
+        }
+        if user_ns >= 0 && libc::setns(user_ns, libc::CLONE_NEWUSER) < 0 {
+            fail(errno());
+        }
+        if user_ns >= 0 {
+            if let Err(e) = Linux.become_root() {
+                fail(e.raw_os_error().unwrap_or(libc::EIO));
+            }
         }
         let pid = libc::fork();
         if pid < 0 {

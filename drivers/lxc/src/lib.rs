@@ -71,8 +71,9 @@ impl LxcConnection {
         uri.require_local("lxc", "containers")?;
         if uri.path == "session" {
             return Err(Error::no_support(format!(
-                "'{uri}': unprivileged containers need a user namespace with an id map, which the lxc driver \
-                 does not set up yet; use lxc:///system (as root) or lxc:///embed?root=DIR"
+                "'{uri}': unprivileged containers are not supported (the lxc driver attaches loop devices, \
+                 mounts and makes cgroups as root; an <idmap> gives a container a user namespace of its own); \
+                 use lxc:///system (as root) or lxc:///embed?root=DIR"
             )));
         }
         Ok(LxcConnection { uri: uri.to_string(), store: Store::open(uri.state_root()?)?, watched: Default::default() })
@@ -177,9 +178,7 @@ fn unhonoured(dom: &Domain) -> Vec<String> {
     let devices = root.child("devices").into_iter().flat_map(|d| d.elements());
     let mut out: Vec<String> =
         devices.map(|e| e.name.clone()).filter(|n| !HONOURED_DEVICES.contains(&n.as_str())).collect();
-    out.extend(
-        ["idmap", "resource", "cputune", "memtune"].iter().filter(|n| root.child(n).is_some()).map(|n| n.to_string()),
-    );
+    out.extend(["resource", "cputune", "memtune"].iter().filter(|n| root.child(n).is_some()).map(|n| n.to_string()));
     out.sort();
     out.dedup();
     out
@@ -214,10 +213,10 @@ impl Connection for LxcConnection {
                  loop driver, type='mount', type='ram'; readonly"
                     .into(),
                 "name (the container's hostname)".into(),
+                "idmap (uid and gid ranges: the init runs in a user namespace of its own)".into(),
             ],
             unhonoured_elements: vec![
                 "interface".into(),
-                "idmap".into(),
                 "disk".into(),
                 "resource".into(),
                 "cputune".into(),
@@ -225,6 +224,9 @@ impl Connection for LxcConnection {
             ],
             notes: vec![
                 "a container gets new mount, pid, uts, ipc and net namespaces and a cgroup2 group of its own".into(),
+                "with an <idmap>, its init enters a user namespace of its own with those id maps once its \
+                 filesystems are mounted (by the host's root); the other namespaces stay the host's root's"
+                    .into(),
                 "its root is mounted in its own mount namespace only; image files go through loop devices \
                  (autoclear, no direct I/O), each image on one device at most"
                     .into(),

@@ -52,6 +52,88 @@ pub struct Container {
     pub init_args: Vec<String>,
     /// The root first, then the others, each after the one it sits in.
     pub filesystems: Vec<Mountable>,
+    /// `<idmap>`: the init runs in a user namespace of its own with these maps.
+    pub idmap: Option<IdMap>,
+}
+
+/// One `<uid>` or `<gid>` of `<idmap>`: ids `start` to `start + count - 1`
+/// in the container are `target` to `target + count - 1` on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdRange {
+    pub start: u32,
+    pub target: u32,
+    pub count: u32,
+}
+
+/// libvirt's `<idmap>`: the container's user and group ids as the host sees them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdMap {
+    pub uid: Vec<IdRange>,
+    pub gid: Vec<IdRange>,
+}
+
+/// The kernel takes at most this many lines in a `uid_map` or `gid_map`.
+const MAX_ID_RANGES: usize = 340;
+
+impl IdMap {
+    /// Reads and checks `<idmap>`: each `<uid>` and `<gid>` with numeric
+    /// `start`, `target` and a non-zero `count` within the 32-bit ids, the
+    /// ranges of each kind apart inside and on the host, and the
+    /// container's root (id 0) mapped in both. Each refusal names the
+    /// element.
+    fn from_element(idmap: &strata_core::xml::Element) -> Result<IdMap> {
+        let ranges = |kind: &str| -> Result<Vec<IdRange>> {
+            let mut out: Vec<IdRange> = Vec::new();
+            for el in idmap.children_named(kind) {
+                let shown = format!(
+                    "<idmap><{kind} start='{}' target='{}' count='{}'/>",
+                    el.attr("start").unwrap_or_default(),
+                    el.attr("target").unwrap_or_default(),
+                    el.attr("count").unwrap_or_default()
+                );
+                let number = |attr: &str| -> Result<u32> {
+                    el.attr(attr)
+                        .and_then(|v| v.trim().parse().ok())
+                        .ok_or_else(|| Error::xml(format!("{shown}: '{attr}' must be an id from 0 to {}", u32::MAX)))
+                };
+                let range = IdRange { start: number("start")?, target: number("target")?, count: number("count")? };
+                let end = |from: u32| u64::from(from) + u64::from(range.count);
+                if range.count == 0 || end(range.start) > 1 << 32 || end(range.target) > 1 << 32 {
+                    return Err(Error::xml(format!(
+                        "{shown}: 'count' must be at least 1, and the ids it maps must stay below 2^32"
+                    )));
+                }
+                let overlaps = |a: u32, b: u32, n: u32| {
+                    u64::from(a) < u64::from(b) + u64::from(n) && u64::from(b) < u64::from(a) + u64::from(range.count)
+                };
+                if let Some(other) = out
+                    .iter()
+                    .find(|o| overlaps(range.start, o.start, o.count) || overlaps(range.target, o.target, o.count))
+                {
+                    return Err(Error::xml(format!(
+                        "{shown} overlaps <{kind} start='{}' target='{}' count='{}'/>",
+                        other.start, other.target, other.count
+                    )));
+                }
+                out.push(range);
+            }
+            if !out.iter().any(|r| r.start == 0) {
+                return Err(Error::xml(format!(
+                    "<idmap> maps no <{kind} start='0'>: the container's root must be mapped"
+                )));
+            }
+            if out.len() > MAX_ID_RANGES {
+                return Err(Error::xml(format!("<idmap> has more than {MAX_ID_RANGES} <{kind}> ranges")));
+            }
+            Ok(out)
+        };
+        Ok(IdMap { uid: ranges("uid")?, gid: ranges("gid")? })
+    }
+
+    /// The text of a `uid_map` or `gid_map` file for `ranges`.
+    pub fn map_text(ranges: &[IdRange]) -> String {
+        ranges.iter().map(|r| format!("{} {} {}\n", r.start, r.target, r.count)).collect()
+    }
 }
 
 /// The KiB in `usage` `units` (libvirt's `<source usage units>`; KiB when
@@ -173,7 +255,8 @@ impl Container {
         }
         // The root first, and every filesystem after those it sits in.
         filesystems.sort_by_key(|f| if f.target == "/" { 0 } else { Path::new(&f.target).components().count() });
-        Ok(Container { name: dom.name(), init, init_args, filesystems })
+        let idmap = dom.element().child("idmap").map(IdMap::from_element).transpose()?;
+        Ok(Container { name: dom.name(), init, init_args, filesystems, idmap })
     }
 }
 
@@ -459,6 +542,46 @@ mod tests {
         assert!(refusal(units, OS).contains("<source units='parsecs'>"));
         let template = "<filesystem type='template'><source name='t'/><target dir='/'/></filesystem>";
         assert!(refusal(template, OS).contains("type 'template' is not supported by the lxc driver"));
+    }
+
+    fn idmapped(idmap: &str) -> Result<Container> {
+        let root = "<filesystem type='mount'><source dir='/srv'/><target dir='/'/></filesystem>";
+        let xml = format!("<domain type='lxc'><name>ct1</name><os>{OS}</os>{idmap}<devices>{root}</devices></domain>");
+        Container::from_domain(&Domain::parse(&xml).expect("domain XML"))
+    }
+
+    #[test]
+    fn an_idmap_gives_the_maps_the_kernel_takes() {
+        let c = idmapped(
+            "<idmap><uid start='0' target='100000' count='65536'/><uid start='65536' target='300000' count='1'/>\
+             <gid start='0' target='200000' count='65536'/></idmap>",
+        )
+        .expect("a valid idmap");
+        let map = c.idmap.expect("the idmap");
+        assert_eq!(IdMap::map_text(&map.uid), "0 100000 65536\n65536 300000 1\n");
+        assert_eq!(IdMap::map_text(&map.gid), "0 200000 65536\n");
+        assert_eq!(idmapped("").expect("no idmap").idmap, None);
+    }
+
+    #[test]
+    fn a_malformed_idmap_is_refused_naming_the_element() {
+        let gid = "<gid start='0' target='100000' count='65536'/>";
+        let cases = [
+            (format!("<idmap><uid start='0' target='100000'/>{gid}</idmap>"), "<idmap><uid start='0' target='100000' count=''/>: 'count' must be an id"),
+            (format!("<idmap><uid start='0' target='x' count='1'/>{gid}</idmap>"), "'target' must be an id"),
+            (format!("<idmap><uid start='0' target='1' count='0'/>{gid}</idmap>"), "'count' must be at least 1"),
+            (format!("<idmap><uid start='0' target='4294967295' count='2'/>{gid}</idmap>"), "stay below 2^32"),
+            (format!("<idmap><uid start='1' target='100000' count='10'/>{gid}</idmap>"), "<idmap> maps no <uid start='0'>"),
+            ("<idmap><uid start='0' target='100000' count='10'/></idmap>".to_string(), "<idmap> maps no <gid start='0'>"),
+            (
+                format!("<idmap><uid start='0' target='100000' count='10'/><uid start='5' target='200000' count='10'/>{gid}</idmap>"),
+                "<idmap><uid start='5' target='200000' count='10'/> overlaps <uid start='0' target='100000' count='10'/>",
+            ),
+        ];
+        for (idmap, expected) in cases {
+            let err = idmapped(&idmap).expect_err("refused").to_string();
+            assert!(err.contains(expected), "{idmap}: expected {expected:?} in {err}");
+        }
     }
 
     fn planned(fs: &[(Mountable, Prepared)]) -> Vec<PlannedStep> {

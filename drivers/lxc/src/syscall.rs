@@ -62,6 +62,15 @@ pub trait Syscall {
     /// `clone` into new namespaces (`CLONE_NEW*` flags) like `fork`: the
     /// child's pid in the parent, 0 in the child.
     fn clone_namespaces(&self, flags: libc::c_int) -> io::Result<libc::pid_t>;
+    /// Moves this process into new namespaces (`unshare(2)`).
+    fn unshare(&self, flags: libc::c_int) -> io::Result<()>;
+    /// Makes this process root of its user namespace: no supplementary
+    /// groups, group and user id 0 (raw system calls, for this thread
+    /// alone: the child of a clone is the process's only thread).
+    fn become_root(&self) -> io::Result<()>;
+    /// Writes the user and group id maps of process `pid`'s user namespace
+    /// (`/proc/PID/uid_map`, `gid_map`: `INSIDE OUTSIDE COUNT` lines).
+    fn write_id_maps(&self, pid: libc::pid_t, uid_map: &str, gid_map: &str) -> Result<()>;
     /// Attaches `image` to a free loop device: buffered (no direct I/O),
     /// autoclear, read-only when asked.
     fn loop_attach(&self, image: &Path, readonly: bool) -> Result<LoopDevice>;
@@ -312,6 +321,31 @@ impl Syscall for Linux {
         }
     }
 
+    fn unshare(&self, flags: libc::c_int) -> io::Result<()> {
+        // SAFETY: unshare(2) takes flags only.
+        check(unsafe { libc::unshare(flags) })
+    }
+
+    fn become_root(&self) -> io::Result<()> {
+        // SAFETY: setgroups(2), setresgid(2) and setresuid(2) as raw system
+        // calls (glibc's wrappers would signal threads a cloned child does
+        // not have), with an empty group list and plain ids.
+        unsafe {
+            check(libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) as libc::c_int)?;
+            check(libc::syscall(libc::SYS_setresgid, 0, 0, 0) as libc::c_int)?;
+            check(libc::syscall(libc::SYS_setresuid, 0, 0, 0) as libc::c_int)
+        }
+    }
+
+    fn write_id_maps(&self, pid: libc::pid_t, uid_map: &str, gid_map: &str) -> Result<()> {
+        for (file, map) in [("uid_map", uid_map), ("gid_map", gid_map)] {
+            let path = PathBuf::from(format!("/proc/{pid}/{file}"));
+            // One write: the kernel takes a map whole or not at all.
+            std::fs::write(&path, map).map_err(|e| Error::io("write the id map", &path, e))?;
+        }
+        Ok(())
+    }
+
     fn loop_attach(&self, image: &Path, readonly: bool) -> Result<LoopDevice> {
         let image_file = OpenOptions::new()
             .read(true)
@@ -547,6 +581,15 @@ pub(crate) mod recording {
         }
         fn clone_namespaces(&self, flags: libc::c_int) -> io::Result<libc::pid_t> {
             self.record(format!("clone {flags:#x}")).map(|()| 4242)
+        }
+        fn unshare(&self, flags: libc::c_int) -> io::Result<()> {
+            self.record(format!("unshare {flags:#x}"))
+        }
+        fn become_root(&self) -> io::Result<()> {
+            self.record("become_root".into())
+        }
+        fn write_id_maps(&self, pid: libc::pid_t, uid_map: &str, gid_map: &str) -> Result<()> {
+            self.record_result(format!("write_id_maps {pid} {uid_map:?} {gid_map:?}"))
         }
         fn loop_attach(&self, image: &Path, readonly: bool) -> Result<LoopDevice> {
             self.record_result(format!("loop_attach {} {readonly}", image.display()))?;
