@@ -893,7 +893,8 @@ fn cgroup_frozen(cgroup: &Path) -> bool {
 /// every line written before the snapshot, the live XML shows the new top.
 /// A revert of the running container stops it on a new overlay over the
 /// frozen image holding exactly that data; a revert with --running starts
-/// it again on it; the snapshot's overlay keeps its chain. A snapshot of
+/// it again on it, one with --paused leaves it frozen; the snapshot's
+/// overlay keeps its chain. A snapshot of
 /// the memory (no --disk-only) is refused by capability.
 #[test]
 fn a_running_container_takes_a_live_snapshot_while_it_writes_and_reverts_to_it() {
@@ -949,6 +950,9 @@ fn a_running_container_takes_a_live_snapshot_while_it_writes_and_reverts_to_it()
     numbered(2, &again[frozen.len()..]);
     let chain: Vec<String> = qemu_chain(&overlay).into_iter().map(|(f, _)| f).collect();
     assert_eq!(chain, [&overlay, &top, &mid, &base].map(|p| p.display().to_string()), "the first branch is kept");
+    env.ok(&["snapshot-revert", "live", "s1", "--paused"]);
+    assert_eq!(env.ok(&["domstate", "live", "--reason"]).trim(), "paused (user)");
+    assert!(cgroup_frozen(&self::held(&env, "live").cgroup), "a revert with --paused leaves it frozen");
     env.ok(&["destroy", "live"]);
 }
 
