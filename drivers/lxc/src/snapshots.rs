@@ -62,99 +62,6 @@ impl LxcConnection {
         edit(&mut status);
         self.store.write_status(domain, &status.to_xml())
     }
-
-    /// Takes the external and internal `plans` of snapshot `name` in the
-    /// storage daemons of the running container: the overlays in
-    /// `created` written first, then the container paused while each
-    /// daemon switches (see the module's documentation). Returns each
-    /// filesystem's new root node.
-    async fn snapshot_running(
-        &self,
-        domain: &str,
-        plans: &[DiskPlan],
-        name: &str,
-        created: &[PathBuf],
-    ) -> Result<NewTops> {
-        let status = self.running_status(domain)?;
-        let init = status.running_init().ok_or_else(|| Error::operation_invalid("domain is not running"))?;
-        let mut daemons = Vec::new();
-        for served in &status.served {
-            let own: Vec<DiskPlan> = plans.iter().filter(|p| p.target == served.target).cloned().collect();
-            if own.iter().any(|p| p.mode == "external" || p.mode == "internal") {
-                refuse_daemon_in_cgroup(&status, served)?;
-                daemons.push((served.clone(), own, self.daemon_monitor(domain, served).await?));
-            }
-        }
-        let externals = plans.iter().filter(|p| p.mode == "external").count() as u64;
-        // The headers are written while the container still runs: the
-        // pause is only the switch.
-        let made = plans
-            .iter()
-            .filter(|p| p.mode == "external")
-            .filter_map(|p| Some((p.clone(), p.overlay.clone().filter(|o| created.contains(o))?)))
-            .collect::<Vec<_>>();
-        let written = blocking(move || {
-            let mut written = Vec::new();
-            for (plan, overlay) in &made {
-                if let Err(e) = create_overlay(&plan.image, &plan.format, overlay) {
-                    remove_files(&written);
-                    return Err(e);
-                }
-                written.push(overlay.clone());
-            }
-            Ok(written)
-        })
-        .await?;
-        let snapshot_pause = SnapshotPause {
-            owner: ProcessId::this()?,
-            cgroup: !syscall::cgroup_frozen(&status.cgroup),
-            filesystems: daemons.iter().map(|(served, _, _)| served.target.clone()).collect(),
-        };
-        let first_node = status.next_node;
-        let recorded = snapshot_pause.clone();
-        // The pause is recorded before anything freezes (the next call
-        // thaws it if this process dies), with the node numbers it uses.
-        if let Err(e) = self
-            .edit_status(domain, move |s| {
-                s.next_node = first_node.saturating_add(externals);
-                s.pause = Some(recorded);
-            })
-            .await
-        {
-            remove_files(&written);
-            return Err(e);
-        }
-        let mut switched = 0;
-        let outcome = async {
-            let paused = pause(&Linux, &status, init, &snapshot_pause)?;
-            strata_core::crash_point("lxc-snapshot:frozen");
-            let mut tops = NewTops::new();
-            let mut number = first_node;
-            for (served, own, monitor) in &daemons {
-                let root = export_node(&monitor.client, domain, &served.target).await?;
-                tops.extend(
-                    snapshot_live(&monitor.client, domain, own, name, number, &[], |_| Ok(root.clone())).await?,
-                );
-                number += own.iter().filter(|p| p.mode == "external").count() as u64;
-                switched += 1;
-            }
-            let paused_for = paused.thaw()?;
-            tracing::debug!(
-                domain,
-                snapshot = name,
-                pause_ms = paused_for.as_secs_f64() * 1000.0,
-                "container paused for its live snapshot (cgroup freeze to thaw)"
-            );
-            Ok::<NewTops, Error>(tops)
-        }
-        .await;
-        if outcome.is_err() && switched == 0 {
-            // No daemon writes into an overlay: they go.
-            remove_files(&written);
-        }
-        self.edit_status(domain, |s| s.pause = None).await?;
-        outcome
-    }
 }
 
 /// A daemon in the container's cgroup would freeze with it, and the
@@ -304,6 +211,11 @@ impl SnapshotBackend for LxcConnection {
         Ok(())
     }
 
+    /// Takes the external and internal `plans` of snapshot `name` in the
+    /// storage daemons of the running container: the overlays in
+    /// `created` written first, then the container paused while each
+    /// daemon switches (see the module's documentation). Returns each
+    /// filesystem's new root node.
     async fn snapshot_disks(
         &self,
         domain: &str,
@@ -311,7 +223,85 @@ impl SnapshotBackend for LxcConnection {
         name: &str,
         created: &[PathBuf],
     ) -> Result<NewTops> {
-        self.snapshot_running(domain, plans, name, created).await
+        let status = self.running_status(domain)?;
+        let init = status.running_init().ok_or_else(|| Error::operation_invalid("domain is not running"))?;
+        let mut daemons = Vec::new();
+        for served in &status.served {
+            let own: Vec<DiskPlan> = plans.iter().filter(|p| p.target == served.target).cloned().collect();
+            if own.iter().any(|p| p.mode == "external" || p.mode == "internal") {
+                refuse_daemon_in_cgroup(&status, served)?;
+                daemons.push((served.clone(), own, self.daemon_monitor(domain, served).await?));
+            }
+        }
+        let externals = plans.iter().filter(|p| p.mode == "external").count() as u64;
+        // The headers are written while the container still runs: the
+        // pause is only the switch.
+        let made = plans
+            .iter()
+            .filter(|p| p.mode == "external")
+            .filter_map(|p| Some((p.clone(), p.overlay.clone().filter(|o| created.contains(o))?)))
+            .collect::<Vec<_>>();
+        let written = blocking(move || {
+            let mut written = Vec::new();
+            for (plan, overlay) in &made {
+                if let Err(e) = create_overlay(&plan.image, &plan.format, overlay) {
+                    remove_files(&written);
+                    return Err(e);
+                }
+                written.push(overlay.clone());
+            }
+            Ok(written)
+        })
+        .await?;
+        let snapshot_pause = SnapshotPause {
+            owner: ProcessId::this()?,
+            cgroup: !syscall::cgroup_frozen(&status.cgroup),
+            filesystems: daemons.iter().map(|(served, _, _)| served.target.clone()).collect(),
+        };
+        let first_node = status.next_node;
+        let recorded = snapshot_pause.clone();
+        // The pause is recorded before anything freezes (the next call
+        // thaws it if this process dies), with the node numbers it uses.
+        if let Err(e) = self
+            .edit_status(domain, move |s| {
+                s.next_node = first_node.saturating_add(externals);
+                s.pause = Some(recorded);
+            })
+            .await
+        {
+            remove_files(&written);
+            return Err(e);
+        }
+        let mut switched = 0;
+        let outcome = async {
+            let paused = pause(&Linux, &status, init, &snapshot_pause)?;
+            strata_core::crash_point("lxc-snapshot:frozen");
+            let mut tops = NewTops::new();
+            let mut number = first_node;
+            for (served, own, monitor) in &daemons {
+                let root = export_node(&monitor.client, domain, &served.target).await?;
+                tops.extend(
+                    snapshot_live(&monitor.client, domain, own, name, number, &[], |_| Ok(root.clone())).await?,
+                );
+                number += own.iter().filter(|p| p.mode == "external").count() as u64;
+                switched += 1;
+            }
+            let paused_for = paused.thaw()?;
+            tracing::debug!(
+                domain,
+                snapshot = name,
+                pause_ms = paused_for.as_secs_f64() * 1000.0,
+                "container paused for its live snapshot (cgroup freeze to thaw)"
+            );
+            Ok::<NewTops, Error>(tops)
+        }
+        .await;
+        if outcome.is_err() && switched == 0 {
+            // No daemon writes into an overlay: they go.
+            remove_files(&written);
+        }
+        self.edit_status(domain, |s| s.pause = None).await?;
+        outcome
     }
 
     async fn pause_guest(&self, domain: &str) -> Result<bool> {
