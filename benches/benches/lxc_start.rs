@@ -19,18 +19,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use serde_json::json;
-use strata_benches::{ms, path_str, quick_suffix, run_tool, strata_for_bench, time, Stats, Strata, Tools};
-
-const TOOLS: Tools = Tools {
-    programs: &["mkfs.ext4", "losetup", "busybox", "qemu-img", "qemu-storage-daemon"],
-    packages: "e2fsprogs mount busybox-static qemu-utils qemu-system-x86",
-};
+use strata_benches::{ms, path_str, quick_suffix, run_tool, strata_for_bench, time, Stats, Strata, CONTAINER_TOOLS};
 
 /// The driver's watch of a new init (`INIT_SETTLE` in strata-lxc).
 const INIT_SETTLE: Duration = Duration::from_secs(1);
 
 fn main() -> ExitCode {
-    let Some(strata) = strata_for_bench("lxc_start", &TOOLS) else {
+    let Some(strata) = strata_for_bench("lxc_start", &CONTAINER_TOOLS) else {
         return ExitCode::FAILURE;
     };
     let quick = strata_benches::quick();

@@ -206,6 +206,14 @@ pub struct Tools {
 pub const RUNNING_DOMAIN_TOOLS: Tools =
     Tools { programs: &["qemu-img", "qemu-system-x86_64"], packages: "qemu-utils qemu-system-x86" };
 
+/// What a bench on busybox containers needs: their root images made by
+/// `fixtures/images/make-busybox-root`, loop devices, and the storage
+/// daemon serving a qcow2 root.
+pub const CONTAINER_TOOLS: Tools = Tools {
+    programs: &["mkfs.ext4", "losetup", "busybox", "qemu-img", "qemu-storage-daemon"],
+    packages: "e2fsprogs mount busybox-static qemu-utils qemu-system-x86",
+};
+
 /// Whether every one of `tools` can be run; if not, tells which one is
 /// missing and which packages provide them, prefixed with the bench's name.
 pub fn require_tools(bench: &str, tools: &Tools) -> bool {
