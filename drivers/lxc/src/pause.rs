@@ -10,11 +10,25 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use strata_core::{Error, Result};
+use strata_core::Result;
 use strata_engine::process::ProcessId;
 
-use crate::status::{LiveStatus, SnapshotPause};
 use crate::syscall::{MountHandle, Syscall};
+
+/// A live snapshot's pause of a container, recorded in the container's
+/// record before anything is frozen and removed once everything is
+/// thawed, so that the next call thaws a container whose snapshot's
+/// `strata` died in between.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotPause {
+    /// The `strata` taking the snapshot; answerable for the pause while it runs.
+    pub owner: ProcessId,
+    /// Whether it froze the cgroup (a container the user had suspended
+    /// stays suspended).
+    pub cgroup: bool,
+    /// The targets of the filesystems it freezes.
+    pub filesystems: Vec<String>,
+}
 
 /// Where the container whose init is `init` has filesystem `target`
 /// mounted, as the host reaches it.
@@ -32,13 +46,14 @@ pub struct Paused<'a, S: Syscall + ?Sized> {
     since: Instant,
 }
 
-/// Freezes the container `status` records: its cgroup unless `cgroup` is
-/// false (the user has it suspended), then the filesystems at `targets`.
-/// A failure thaws what was frozen before it returns.
+/// Freezes the container whose init is `init` as `pause` says: its cgroup
+/// `cgroup` unless the pause leaves it (the user has it suspended), then
+/// the filesystems it names. A failure thaws what was frozen before it
+/// returns.
 pub fn pause<'a, S: Syscall + ?Sized>(
     sys: &'a S,
-    status: &LiveStatus,
     init: ProcessId,
+    cgroup: &Path,
     pause: &SnapshotPause,
 ) -> Result<Paused<'a, S>> {
     // Opened before anything is frozen: nothing then waits in the window.
@@ -47,8 +62,8 @@ pub fn pause<'a, S: Syscall + ?Sized>(
     let since = Instant::now();
     let mut paused = Paused { sys, cgroup: None, frozen: Vec::new(), since };
     if pause.cgroup {
-        sys.cgroup_freeze(&status.cgroup, true)?;
-        paused.cgroup = Some(status.cgroup.clone());
+        sys.cgroup_freeze(cgroup, true)?;
+        paused.cgroup = Some(cgroup.to_path_buf());
     }
     for mount in mounts {
         sys.fs_freeze(&mount)?;
@@ -90,17 +105,17 @@ impl<S: Syscall + ?Sized> Drop for Paused<'_, S> {
     }
 }
 
-/// Thaws what the snapshot pause `pause` recorded in `status` froze, its
-/// `strata` having died before it did: each of its filesystems (one not
-/// frozen is left as it is), then the cgroup if it froze it.
-pub fn thaw_abandoned(sys: &dyn Syscall, status: &LiveStatus, pause: &SnapshotPause) -> Result<()> {
-    let init = status.running_init().ok_or_else(|| Error::operation_invalid("domain is not running"))?;
+/// Thaws what the snapshot pause `pause` of the container whose init is
+/// `init` froze, its `strata` having died before it did: each of its
+/// filesystems (one not frozen is left as it is), then the cgroup
+/// `cgroup` if it froze it.
+pub fn thaw_abandoned(sys: &dyn Syscall, init: ProcessId, cgroup: &Path, pause: &SnapshotPause) -> Result<()> {
     for target in pause.filesystems.iter().rev() {
         let mount = sys.open_mount(&mount_dir(init, target))?;
         sys.fs_thaw(&mount)?;
     }
     if pause.cgroup {
-        sys.cgroup_freeze(&status.cgroup, false)?;
+        sys.cgroup_freeze(cgroup, false)?;
     }
     Ok(())
 }
@@ -109,21 +124,8 @@ pub fn thaw_abandoned(sys: &dyn Syscall, status: &LiveStatus, pause: &SnapshotPa
 mod tests {
     use super::*;
     use crate::syscall::recording::Recorder;
-    use strata_core::xml::Domain;
 
-    fn status() -> LiveStatus {
-        LiveStatus {
-            domain: Domain::parse("<domain type='lxc'><name>ct1</name></domain>").expect("domain"),
-            init: None,
-            owner: ProcessId { pid: 1, start_time: 1 },
-            starting: false,
-            cgroup: "/cg/ct1".into(),
-            loops: Vec::new(),
-            served: Vec::new(),
-            next_node: 0,
-            pause: None,
-        }
-    }
+    const CGROUP: &str = "/cg/ct1";
 
     fn snapshot_pause(cgroup: bool) -> SnapshotPause {
         SnapshotPause {
@@ -139,7 +141,7 @@ mod tests {
     #[test]
     fn the_cgroup_freezes_first_and_thaws_last() {
         let sys = Recorder::default();
-        let paused = pause(&sys, &status(), INIT, &snapshot_pause(true)).expect("paused");
+        let paused = pause(&sys, INIT, Path::new(CGROUP), &snapshot_pause(true)).expect("paused");
         paused.thaw().expect("thawed");
         assert_eq!(
             sys.lines(),
@@ -161,7 +163,7 @@ mod tests {
     #[test]
     fn a_failed_freeze_thaws_what_was_frozen() {
         let sys = Recorder::failing("fs_freeze /proc/42/root/data");
-        assert!(pause(&sys, &status(), INIT, &snapshot_pause(false)).is_err());
+        assert!(pause(&sys, INIT, Path::new(CGROUP), &snapshot_pause(false)).is_err());
         assert_eq!(
             sys.lines()[2..],
             ["fs_freeze /proc/42/root/", "fs_freeze /proc/42/root/data", "fs_thaw /proc/42/root/"]
@@ -172,7 +174,7 @@ mod tests {
     #[test]
     fn a_pause_dropped_on_an_error_path_thaws() {
         let sys = Recorder::default();
-        drop(pause(&sys, &status(), INIT, &snapshot_pause(true)).expect("paused"));
+        drop(pause(&sys, INIT, Path::new(CGROUP), &snapshot_pause(true)).expect("paused"));
         let lines = sys.lines();
         assert_eq!(
             lines[lines.len() - 3..],

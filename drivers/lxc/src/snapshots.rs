@@ -36,9 +36,9 @@ use strata_qemu_block::nodes::node_prefix;
 use strata_qemu_block::runtime::RuntimePaths;
 use strata_qemu_block::snapshot::snapshot_live;
 
-use crate::pause::pause;
+use crate::pause::{pause, SnapshotPause};
 use crate::plan::{Container, Source};
-use crate::status::{self, LiveStatus, ServedFilesystem, SnapshotPause};
+use crate::status::{self, LiveStatus, ServedFilesystem};
 use crate::syscall::{self, Linux, Syscall};
 use crate::LxcConnection;
 
@@ -274,7 +274,7 @@ impl SnapshotBackend for LxcConnection {
         }
         let mut switched = 0;
         let outcome = async {
-            let paused = pause(&Linux, &status, init, &snapshot_pause)?;
+            let paused = pause(&Linux, init, &status.cgroup, &snapshot_pause)?;
             strata_core::crash_point("lxc-snapshot:frozen");
             let mut tops = NewTops::new();
             let mut number = first_node;

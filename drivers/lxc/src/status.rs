@@ -13,6 +13,7 @@ use strata_core::{Error, Result};
 use strata_engine::process::{Liveness, ProcessId};
 use strata_qemu_block::fuse::recorded_server;
 
+use crate::pause::{self, SnapshotPause};
 use crate::plan::cstr;
 use crate::syscall::Syscall;
 
@@ -34,20 +35,6 @@ pub struct ServedFilesystem {
     pub target: String,
     pub dir: PathBuf,
     pub file: PathBuf,
-}
-
-/// A live snapshot's pause of the container, recorded before anything is
-/// frozen and removed once everything is thawed, so that the next call
-/// thaws a container whose snapshot's `strata` died in between.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SnapshotPause {
-    /// The `strata` taking the snapshot; answerable for the pause while it runs.
-    pub owner: ProcessId,
-    /// Whether it froze the cgroup (a container the user had suspended
-    /// stays suspended).
-    pub cgroup: bool,
-    /// The targets of the filesystems it freezes.
-    pub filesystems: Vec<String>,
 }
 
 /// What `status.xml` records of a container.
@@ -178,7 +165,8 @@ pub fn reconcile(sys: &dyn Syscall, store: &Store, name: &str) -> Result<Option<
         return match &status.pause {
             Some(pause) if pause.owner.liveness() == Liveness::Gone => {
                 tracing::debug!(domain = name, "thawing a container a snapshot's strata left frozen");
-                crate::pause::thaw_abandoned(sys, &status, pause)?;
+                let init = status.running_init().ok_or_else(|| Error::operation_invalid("domain is not running"))?;
+                pause::thaw_abandoned(sys, init, &status.cgroup, pause)?;
                 let status = LiveStatus { pause: None, ..status };
                 store.write_status(name, &status.to_xml())?;
                 Ok(Some(status))
