@@ -170,6 +170,27 @@ mod tests {
         );
     }
 
+    /// A pause whose strata died is thawed filesystem by filesystem, the
+    /// cgroup last and only when the pause froze it.
+    #[test]
+    fn an_abandoned_pause_is_thawed_as_it_was_recorded() {
+        let sys = Recorder::default();
+        thaw_abandoned(&sys, INIT, Path::new(CGROUP), &snapshot_pause(true)).expect("thawed");
+        assert_eq!(
+            sys.lines(),
+            [
+                "open_mount /proc/42/root/data",
+                "fs_thaw /proc/42/root/data",
+                "open_mount /proc/42/root/",
+                "fs_thaw /proc/42/root/",
+                "cgroup_freeze /cg/ct1 false",
+            ]
+        );
+        let sys = Recorder::default();
+        thaw_abandoned(&sys, INIT, Path::new(CGROUP), &snapshot_pause(false)).expect("thawed");
+        assert!(!sys.lines().iter().any(|l| l.starts_with("cgroup_freeze")), "{:#?}", sys.lines());
+    }
+
     /// A pause dropped on an error path thaws everything it froze.
     #[test]
     fn a_pause_dropped_on_an_error_path_thaws() {
