@@ -895,7 +895,8 @@ fn cgroup_frozen(cgroup: &Path) -> bool {
 /// frozen image holding exactly that data; a revert with --running starts
 /// it again on it, one with --paused leaves it frozen; the snapshot's
 /// overlay keeps its chain. A snapshot of
-/// the memory (no --disk-only) is refused by capability.
+/// the memory (no --disk-only) is refused by capability; a suspended
+/// container's snapshot leaves it suspended.
 #[test]
 fn a_running_container_takes_a_live_snapshot_while_it_writes_and_reverts_to_it() {
     let env = TestEnv::lxc();
@@ -927,6 +928,14 @@ fn a_running_container_takes_a_live_snapshot_while_it_writes_and_reverts_to_it()
     assert!(alive(daemon) && alive(held.init), "the daemon and the init run on");
     let err = env.fails(&["snapshot-create-as", "live", "s9"]);
     assert!(err.contains("the lxc driver cannot save memory state"), "{err}");
+    // A container the user suspended is snapshotted as it is, and stays so.
+    env.ok(&["suspend", "live"]);
+    env.ok(&["snapshot-create-as", "live", "s2", "--disk-only"]);
+    assert_eq!(env.ok(&["domstate", "live", "--reason"]).trim(), "paused (user)");
+    assert!(cgroup_frozen(&held.cgroup), "the suspended container stays frozen");
+    env.ok(&["resume", "live"]);
+    let child = root_image(&env, "live");
+    log_grows(&env, "live", after.len());
 
     env.ok(&["snapshot-revert", "live", "s1"]);
     assert!(env.ok(&["domstate", "live"]).starts_with("shut off"), "a revert to a disk snapshot stops the container");
@@ -950,6 +959,8 @@ fn a_running_container_takes_a_live_snapshot_while_it_writes_and_reverts_to_it()
     numbered(2, &again[frozen.len()..]);
     let chain: Vec<String> = qemu_chain(&overlay).into_iter().map(|(f, _)| f).collect();
     assert_eq!(chain, [&overlay, &top, &mid, &base].map(|p| p.display().to_string()), "the first branch is kept");
+    let chain: Vec<String> = qemu_chain(&child).into_iter().map(|(f, _)| f).collect();
+    assert_eq!(chain, [&child, &overlay, &top, &mid, &base].map(|p| p.display().to_string()), "s2's too");
     env.ok(&["snapshot-revert", "live", "s1", "--paused"]);
     assert_eq!(env.ok(&["domstate", "live", "--reason"]).trim(), "paused (user)");
     assert!(cgroup_frozen(&self::held(&env, "live").cgroup), "a revert with --paused leaves it frozen");
