@@ -495,6 +495,53 @@ fn domjobabort_cancels_a_throttled_migration_leaving_the_source_running_and_the_
     src.ok(&["save", "vm1", src.path("after-abort.save").to_str().expect("utf8")]);
 }
 
+/// The source's block jobs as `query-block-jobs` lists them.
+fn block_jobs(env: &TestEnv, name: &str) -> Vec<serde_json::Value> {
+    let reply = env.ok(&["qemu-monitor-command", name, r#"{"execute":"query-block-jobs"}"#]);
+    let value: serde_json::Value = serde_json::from_str(&reply).expect("QMP reply");
+    value["return"].as_array().expect("a job list").clone()
+}
+
+/// Writes 8 MiB more into vm1's copied disk (vda), then migrates vm1 to
+/// `dest` at 1 MiB/s in the background; returns once the copy of vda
+/// runs (a 60 s hang guard), with its `query-block-jobs` entry.
+fn throttled_disk_copy(src: &TestEnv, dest: &TestEnv) -> (Background, serde_json::Value) {
+    let write = "qemu-io -d vda/virtio-backend \"write -P 0x61 4M 8M\"";
+    assert_eq!(src.ok(&["qemu-monitor-command", "vm1", "--hmp", write]).trim(), "");
+    let args = ["migrate", "vm1", &dest.uri, "--live", "--copy-storage-disk-set", "--bandwidth", "1"];
+    let migration = Background::spawn(src, &args);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let jobs = block_jobs(src, "vm1");
+        if let Some(copy) = jobs.iter().find(|j| j["device"] == "strata-migrate-vda") {
+            return (migration, copy.clone());
+        }
+        assert!(Instant::now() < deadline, "no copy of vda started: {jobs:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_throttled_migration_caps_its_disk_copy_and_domjobabort_cancels_it() {
+    let src = TestEnv::new();
+    let dest = TestEnv::new();
+    let _guard = migratable_domain(&src, &dest, false);
+    let (migration, copy) = throttled_disk_copy(&src, &dest);
+    assert_eq!(copy["type"], "mirror", "{copy}");
+    assert_eq!(copy["speed"], 1 << 20, "the disk copy runs at the migration's bandwidth: {copy}");
+    assert!(copy["offset"].as_u64() < copy["len"].as_u64(), "the copy is still running: {copy}");
+
+    src.ok(&["domjobabort", "vm1"]);
+    let out = migration.finish(Duration::from_secs(120));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("operation aborted: migration job: canceled by client"), "{err}");
+    assert_eq!(block_jobs(&src, "vm1"), Vec::<serde_json::Value>::new(), "the copy is gone");
+    assert_eq!(qemu_status(&src, "vm1"), "running");
+    assert_eq!(domstate(&src, "vm1"), "running");
+    assert_destination_clean(&dest);
+}
+
 #[test]
 fn save_with_disk_set_puts_overlays_on_the_set_at_the_saved_instant() {
     let env = TestEnv::new();

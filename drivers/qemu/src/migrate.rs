@@ -196,6 +196,8 @@ impl QemuConnection {
                 .await
                 .map_err(|e| qmp_error(domain, e))?;
         }
+        // libvirt caps the disk copies at the migration's bandwidth too.
+        let speed = opts.bandwidth_mib.map(|mib| mib << 20);
         for disk in disks {
             let node = dest_status.roots.get(&disk.target).ok_or_else(|| {
                 Error::internal(format!("no root node at the destination for disk '{}'", disk.target))
@@ -217,18 +219,16 @@ impl QemuConnection {
                 )
                 .await
                 .map_err(|e| qmp_error(domain, e))?;
-            client
-                .execute(
-                    "blockdev-mirror",
-                    Some(json!({
-                        "job-id": disk.job(), "device": disk.source_root, "target": disk.nbd_node(),
-                        "sync": "full", "copy-mode": "write-blocking",
-                        // Kept once ended, so a cancelled copy tells it was one.
-                        "auto-dismiss": false,
-                    })),
-                )
-                .await
-                .map_err(|e| qmp_error(domain, e))?;
+            let mut mirror = json!({
+                "job-id": disk.job(), "device": disk.source_root, "target": disk.nbd_node(),
+                "sync": "full", "copy-mode": "write-blocking",
+                // Kept once ended, so a cancelled copy tells it was one.
+                "auto-dismiss": false,
+            });
+            if let Some(speed) = speed {
+                mirror["speed"] = json!(speed);
+            }
+            client.execute("blockdev-mirror", Some(mirror)).await.map_err(|e| qmp_error(domain, e))?;
         }
         strata_core::pause_point("migrate:disks-copying");
         for disk in disks {
@@ -244,7 +244,7 @@ impl QemuConnection {
             .execute("migrate-set-capabilities", Some(json!({"capabilities": [events, switchover]})))
             .await
             .map_err(|e| qmp_error(domain, e))?;
-        let bandwidth = opts.bandwidth_mib.map_or(UNCAPPED, |mib| mib << 20);
+        let bandwidth = speed.unwrap_or(UNCAPPED);
         client
             .execute("migrate-set-parameters", Some(json!({"max-bandwidth": bandwidth})))
             .await
