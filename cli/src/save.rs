@@ -308,13 +308,18 @@ fn job_info_text(info: Option<&DomainJobInfo>) -> String {
     line("Data remaining:", size(info.data_remaining));
     line("Data total:", size(info.data_total));
     line("Memory bandwidth:", format!("{}/s", size(info.memory_bandwidth)));
+    if let Some(disks) = info.disks {
+        line("File processed:", size(disks.processed));
+        line("File remaining:", size(disks.remaining));
+        line("File total:", size(disks.total));
+    }
     out.push('\n');
     out
 }
 
 #[cfg(test)]
 mod tests {
-    use strata_core::driver::DomainJobOperation;
+    use strata_core::driver::{DiskCopyProgress, DomainJobOperation};
 
     use super::*;
 
@@ -327,6 +332,7 @@ mod tests {
             data_remaining: 1 << 19,
             data_total: 128 << 20,
             memory_bandwidth: 1 << 20,
+            disks: None,
         };
         assert_eq!(
             job_info_text(Some(&info)),
@@ -339,5 +345,24 @@ mod tests {
              Memory bandwidth: 1.000 MiB/s\n\n"
         );
         assert_eq!(job_info_text(None), "Job type:         None        \n\n");
+
+        // A migration copying disks: data counts memory and disks, the
+        // disks alone are virsh's File lines.
+        let disks = DiskCopyProgress { processed: 1 << 20, remaining: 3 << 20, total: 4 << 20 };
+        let migration = DomainJobInfo {
+            operation: DomainJobOperation::MigrationOut,
+            data_processed: 1 << 20,
+            data_remaining: 3 << 20,
+            data_total: 4 << 20,
+            memory_bandwidth: 0,
+            disks: Some(disks),
+            ..info
+        };
+        assert!(job_info_text(Some(&migration)).ends_with(
+            "Memory bandwidth: 0.000 B/s\n\
+             File processed:   1.000 MiB\n\
+             File remaining:   3.000 MiB\n\
+             File total:       4.000 MiB\n\n"
+        ));
     }
 }

@@ -628,12 +628,26 @@ impl DomainJobOperation {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomainJobInfo {
     pub operation: DomainJobOperation,
+    /// Since the job started (a migration's disk copy included).
     pub elapsed_ms: u64,
+    /// Memory and copied disks together, as libvirt counts them.
     pub data_processed: u64,
     pub data_remaining: u64,
     pub data_total: u64,
     /// Bytes per second.
     pub memory_bandwidth: u64,
+    /// The disks a migration copies, when it copies any (libvirt's
+    /// `disk_*` job fields, virsh's `File` lines).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disks: Option<DiskCopyProgress>,
+}
+
+/// How far a migration's disk copies are, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskCopyProgress {
+    pub processed: u64,
+    pub remaining: u64,
+    pub total: u64,
 }
 
 /// Flags for [`SaveMigrateOps::migrate`].

@@ -439,7 +439,7 @@ mod tests {
 
     use super::*;
     use crate::chain::ChainDifference;
-    use crate::driver::{DomainJobOperation, DomainState, MigrateFlags, PoolState, VcpuCount};
+    use crate::driver::{DiskCopyProgress, DomainJobOperation, DomainState, MigrateFlags, PoolState, VcpuCount};
     use crate::xml::Domain;
 
     fn round_trip<T: Serialize + DeserializeOwned + PartialEq + Debug>(value: &T) {
@@ -845,6 +845,7 @@ mod tests {
                 data_remaining: 1 << 21,
                 data_total: 3 << 20,
                 memory_bandwidth: 1 << 20,
+                disks: Some(DiskCopyProgress { processed: 1 << 20, remaining: 0, total: 1 << 20 }),
             })),
             Reply::Pools(vec![pool_info()]),
             Reply::Pool(pool_info()),

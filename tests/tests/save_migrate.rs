@@ -542,6 +542,53 @@ fn a_throttled_migration_caps_its_disk_copy_and_domjobabort_cancels_it() {
     assert_destination_clean(&dest);
 }
 
+/// A `domjobinfo` line's value.
+fn job_field(info: &str, label: &str) -> String {
+    let line = info.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no '{label}' in {info}"));
+    line[label.len()..].trim().to_string()
+}
+
+/// A `domjobinfo` size (`1.500 MiB`) in bytes.
+fn job_bytes(info: &str, label: &str) -> f64 {
+    let value = job_field(info, label);
+    let (number, unit) = value.split_once(' ').unwrap_or_else(|| panic!("no unit in '{value}'"));
+    let scale = ["B", "KiB", "MiB", "GiB"].iter().position(|u| *u == unit).expect("a binary unit");
+    number.parse::<f64>().expect("a number") * 1024f64.powi(scale as i32)
+}
+
+#[test]
+fn domjobinfo_of_a_migration_copying_its_disks_shows_its_time_and_the_disks_progress() {
+    let src = TestEnv::new();
+    let dest = TestEnv::new();
+    let _guard = migratable_domain(&src, &dest, false);
+    let args = ["migrate", "vm1", &dest.uri, "--live", "--copy-storage-disk-set"];
+    let migration = Background::spawn_paused_at(&src, &args, "migrate:disks-copying").expect("paused at the disk copy");
+    let elapsed = |info: &str| -> u64 {
+        job_field(info, "Time elapsed:").trim_end_matches("ms").trim().parse().expect("milliseconds")
+    };
+    let first = src.ok(&["domjobinfo", "vm1"]);
+    std::thread::sleep(Duration::from_millis(200));
+    let second = src.ok(&["domjobinfo", "vm1"]);
+    assert!(elapsed(&first) > 0, "{first}");
+    assert!(elapsed(&second) > elapsed(&first), "{first}\n{second}");
+    for info in [&first, &second] {
+        assert_eq!(job_field(info, "Operation:"), "Outgoing migration");
+        let total = job_bytes(info, "File total:");
+        assert!(total > 0.0, "{info}");
+        assert!(job_bytes(info, "File processed:") <= total, "{info}");
+        assert!(job_bytes(info, "Data processed:") <= job_bytes(info, "Data total:"), "{info}");
+    }
+    let json: serde_json::Value = serde_json::from_str(&src.ok(&["domjobinfo", "vm1", "--json"])).expect("JSON");
+    let disks = &json["job"]["disks"];
+    assert!(disks["total"].as_u64() > Some(0) && disks["processed"].as_u64() <= disks["total"].as_u64(), "{json}");
+
+    src.ok(&["domjobabort", "vm1"]);
+    migration.resume();
+    assert_eq!(migration.finish(Duration::from_secs(300)).status.code(), Some(1));
+    assert_eq!(qemu_status(&src, "vm1"), "running");
+    assert_destination_clean(&dest);
+}
+
 #[test]
 fn save_with_disk_set_puts_overlays_on_the_set_at_the_saved_instant() {
     let env = TestEnv::new();

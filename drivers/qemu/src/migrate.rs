@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use strata_core::chain::{Backing, Chain, Layer, StorageSource};
 use strata_core::driver::{
-    Connection, DefineFlags, DomainJobInfo, DomainJobOperation, DomainState, MigrateOptions, StoragePoolOps,
+    Connection, DefineFlags, DiskCopyProgress, DomainJobInfo, DomainJobOperation, DomainState, MigrateOptions,
+    StoragePoolOps,
 };
 use strata_core::pool::PoolManager;
 use strata_core::uri::ConnectUri;
@@ -77,6 +78,7 @@ impl QemuConnection {
         if dest.store().root() == self.store().root() {
             return Err(Error::invalid_arg(format!("'{dest_uri}' is the domain's own connection")));
         }
+        let started_ms = unix_ms();
         let (status, monitor) = self.running_without_job(domain).await?;
         let _operation = self.stream_operation(domain).await?;
         let client = &monitor.client;
@@ -130,6 +132,7 @@ impl QemuConnection {
         let targets: Vec<String> = disks.iter().map(|d| d.target.clone()).collect();
         let record = StreamIntent::Migrate {
             running: was_running,
+            started_ms: Some(started_ms),
             root: dest.store().root().to_path_buf(),
             name: domain.to_string(),
             uuid: dest_dom.uuid(),
@@ -314,21 +317,41 @@ impl QemuConnection {
         }
     }
 
-    /// `domjobinfo` of a migration still copying its disks: the progress
-    /// of its mirror jobs.
-    pub(crate) async fn disk_copy_info(&self, domain: &str, client: &QmpClient) -> Result<DomainJobInfo> {
+    /// `domjobinfo` of a migration that started at `started_ms`: its
+    /// memory stream's progress (`memory`, once the stream runs) and its
+    /// disk copies' (their mirror jobs, until the switchover ends them),
+    /// the data counting both as libvirt does.
+    pub(crate) async fn migration_job_info(
+        &self,
+        domain: &str,
+        client: &QmpClient,
+        memory: Option<DomainJobInfo>,
+        started_ms: Option<u64>,
+    ) -> Result<DomainJobInfo> {
         let jobs = client.query_jobs().await.map_err(|e| qmp_error(domain, e))?;
         let mirrors: Vec<_> = jobs.iter().filter(|j| j.id.starts_with(MIRROR_JOB_PREFIX)).collect();
         let processed: u64 = mirrors.iter().map(|j| j.current_progress).sum();
         let total: u64 = mirrors.iter().map(|j| j.total_progress).sum();
-        Ok(DomainJobInfo {
+        let mut info = memory.unwrap_or(DomainJobInfo {
             operation: DomainJobOperation::MigrationOut,
             elapsed_ms: 0,
-            data_processed: processed,
-            data_remaining: total.saturating_sub(processed),
-            data_total: total,
+            data_processed: 0,
+            data_remaining: 0,
+            data_total: 0,
             memory_bandwidth: 0,
-        })
+            disks: None,
+        });
+        if let Some(started) = started_ms {
+            info.elapsed_ms = unix_ms().saturating_sub(started);
+        }
+        if !mirrors.is_empty() {
+            let remaining = total.saturating_sub(processed);
+            info.data_processed += processed;
+            info.data_remaining += remaining;
+            info.data_total += total;
+            info.disks = Some(DiskCopyProgress { processed, remaining, total });
+        }
+        Ok(info)
     }
 
     /// The destination after a failed migration: its QEMU stopped and
@@ -354,6 +377,11 @@ impl QemuConnection {
         }
         Ok(())
     }
+}
+
+/// Now, in milliseconds since the Unix epoch.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The disks the flags copy: every disk, the disk set, or none.

@@ -34,9 +34,12 @@ pub(crate) enum StreamIntent {
     /// `None` for a block device, written in place).
     Save { running: bool, partial: Option<PathBuf>, committed: bool },
     /// A migration to the domain `name` of the Strata root `root`, on the
-    /// fresh images it made there, mirroring the disks `targets`.
+    /// fresh images it made there, mirroring the disks `targets`, started
+    /// at `started_ms` (milliseconds since the Unix epoch; `None` in a
+    /// record written before Strata kept it).
     Migrate {
         running: bool,
+        started_ms: Option<u64>,
         root: PathBuf,
         name: String,
         uuid: Option<String>,
@@ -60,18 +63,31 @@ impl StreamIntent {
                     None => root,
                 }
             }
-            StreamIntent::Migrate { running, root, name, uuid, images, targets, undefine_source, committed } => {
+            StreamIntent::Migrate {
+                running,
+                started_ms,
+                root,
+                name,
+                uuid,
+                images,
+                targets,
+                undefine_source,
+                committed,
+            } => {
                 let mut dest =
                     Element::new("destination").with_attr("root", root.to_string_lossy()).with_attr("name", &**name);
                 if let Some(uuid) = uuid {
                     dest.set_attr("uuid", &**uuid);
                 }
-                let el = Element::new("stream-intent")
+                let mut el = Element::new("stream-intent")
                     .with_attr("op", "migrate")
                     .with_attr("running", yes_no(*running))
                     .with_attr("undefine-source", yes_no(*undefine_source))
                     .with_attr("committed", yes_no(*committed))
                     .with_child(dest);
+                if let Some(started) = started_ms {
+                    el.set_attr("started-ms", started.to_string());
+                }
                 let el = images
                     .iter()
                     .fold(el, |r, p| r.with_child(Element::new("image").with_attr("path", p.to_string_lossy())));
@@ -92,6 +108,7 @@ impl StreamIntent {
                 let dest = root.child("destination").ok_or_else(|| damaged("no <destination>"))?;
                 Ok(StreamIntent::Migrate {
                     running: yes("running"),
+                    started_ms: root.attr("started-ms").and_then(|ms| ms.parse().ok()),
                     root: PathBuf::from(dest.attr("root").ok_or_else(|| damaged("no destination root"))?),
                     name: dest.attr("name").ok_or_else(|| damaged("no destination name"))?.to_string(),
                     uuid: dest.attr("uuid").map(String::from),
@@ -325,6 +342,7 @@ mod tests {
         round_trip(StreamIntent::Save { running: false, partial: None, committed: true });
         round_trip(StreamIntent::Migrate {
             running: true,
+            started_ms: Some(1_796_000_000_123),
             root: "/dest".into(),
             name: "vm".into(),
             uuid: Some("0c1e39c6-7b8f-4f4e-9a5e-d3c2a1b0f9e8".into()),
