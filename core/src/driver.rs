@@ -729,6 +729,72 @@ pub trait SaveMigrateOps: Send + Sync {
     async fn job_abort(&self, domain: &str) -> Result<()>;
     /// Moves the running domain to the connection `dest_uri` names.
     async fn migrate(&self, domain: &str, dest_uri: &str, opts: &MigrateOptions) -> Result<()>;
+
+    // The destination's steps of a migration (libvirt's Prepare and
+    // Finish), which the source's `migrate` calls on the destination's
+    // connection, in this process or across a remote transport.
+
+    /// Refuses a migration this connection cannot receive: a domain of
+    /// that name exists, or a disk not copied is not on storage it sees
+    /// at the same path. Changes nothing.
+    async fn migrate_check(&self, incoming: &IncomingMigration) -> Result<()>;
+    /// Makes ready to receive the migration: fresh images for the copied
+    /// disks, the domain defined and started waiting for the stream, the
+    /// copied disks served for the source to write.
+    async fn migrate_prepare(&self, incoming: &IncomingMigration) -> Result<PreparedMigration>;
+    /// Waits until the stream has arrived and stops serving the disks,
+    /// leaving the guest paused; with `resume`, runs it (if it ran at the
+    /// source). Done twice, it does nothing more.
+    async fn migrate_finish(&self, domain: &str, resume: bool) -> Result<()>;
+    /// Removes what a prepare made for a migration that failed: the
+    /// domain's QEMU and definition (only if its UUID is `uuid`) and the
+    /// copied images named `images`.
+    async fn migrate_cleanup(&self, domain: &str, uuid: Option<&str>, images: &[String]) -> Result<()>;
+}
+
+/// What a migration's source asks its destination to receive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingMigration {
+    /// The domain's live XML at the source.
+    pub xml: String,
+    /// The disks the source copies, each onto a fresh image.
+    pub copied: Vec<IncomingDisk>,
+    /// The disks not copied, with their images, which the destination
+    /// must see at the same paths on storage it shares.
+    pub shared: Vec<SharedDisk>,
+    /// The address the destination listens on for the memory stream and
+    /// the disk copies (TCP); `None`: Unix sockets, for a destination on
+    /// the same machine.
+    pub listen: Option<String>,
+}
+
+/// A disk a migration copies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingDisk {
+    pub target: String,
+    pub format: String,
+    /// Its virtual size in bytes.
+    pub size: u64,
+    /// The name of the image at the source; the destination's image has it too.
+    pub file_name: String,
+}
+
+/// A disk a migration does not copy, and the images of its chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedDisk {
+    pub target: String,
+    pub images: Vec<String>,
+}
+
+/// Where a prepared destination waits, as QEMU addresses take them:
+/// `unix:PATH` or `tcp:HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparedMigration {
+    /// The memory stream's.
+    pub migration_uri: String,
+    /// The NBD server of the copied disks (each exported under its target
+    /// name), when any disk is copied.
+    pub disks_uri: Option<String>,
 }
 
 /// Seed 004's outcomes for adding or removing one disk.

@@ -415,23 +415,108 @@ fn assert_destination_clean(dest: &TestEnv) {
     assert_no_stray_processes(dest, "after a migration that did not happen");
 }
 
+/// Two network namespaces joined by a veth pair, acting as two hosts:
+/// `a` at 10.254.0.1 and `b` at 10.254.0.2, named after this test process
+/// and the test's tag; deleted by those names on drop, even after a
+/// failure (the veth pair goes with them).
+struct TwoHosts {
+    a: String,
+    b: String,
+}
+
+const HOST_B_ADDRESS: &str = "10.254.0.2";
+
+impl TwoHosts {
+    fn new(tag: &str) -> TwoHosts {
+        let pid = std::process::id();
+        let hosts = TwoHosts { a: format!("strata-{pid}-{tag}-a"), b: format!("strata-{pid}-{tag}-b") };
+        let (veth_a, veth_b) = (format!("sv{pid}{tag}a"), format!("sv{pid}{tag}b"));
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("run ip (iproute2)");
+            assert!(out.status.success(), "ip {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        ip(&["netns", "add", &hosts.a]);
+        ip(&["netns", "add", &hosts.b]);
+        ip(&["link", "add", &veth_a, "netns", &hosts.a, "type", "veth", "peer", "name", &veth_b, "netns", &hosts.b]);
+        for (ns, veth, address) in [(&hosts.a, &veth_a, "10.254.0.1/24"), (&hosts.b, &veth_b, "10.254.0.2/24")] {
+            ip(&["-n", ns, "addr", "add", address, "dev", veth]);
+            ip(&["-n", ns, "link", "set", veth, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        hosts
+    }
+
+    /// A source world whose every `strata` runs in host a, and a
+    /// destination reached from it as the Strata host at b's address,
+    /// whose `strata` (and so QEMU) runs in host b.
+    fn envs(&self) -> (TestEnv, TestEnv) {
+        (host_env(&self.a, ""), host_env(&self.b, HOST_B_ADDRESS))
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// A world on the Strata host `netns`: its URI runs `strata` there
+/// through the ext transport, the host reached at `address`.
+fn host_env(netns: &str, address: &str) -> TestEnv {
+    let mut env = TestEnv::new();
+    let command = format!("ip netns exec {netns} {}", env!("CARGO_BIN_EXE_strata-test-cli"));
+    env.uri = format!(
+        "qemu+ext://{address}/embed?root={}&command={}",
+        env.state_root().display(),
+        command.replace(' ', "%20")
+    );
+    env
+}
+
+/// Whether the domain's QEMU runs in network namespace `netns`.
+fn runs_in(env: &TestEnv, name: &str, netns: &str) -> bool {
+    let pid = qemu_pid(env, name).expect("a running QEMU");
+    let ino = |path: String| std::fs::metadata(&path).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).expect(&path);
+    ino(format!("/proc/{pid}/ns/net")) == ino(format!("/run/netns/{netns}"))
+}
+
 #[test]
 fn migrate_copies_the_disk_set_shares_the_rest_and_keeps_ram() {
-    let src = TestEnv::new();
-    let dest = TestEnv::new();
-    let _guard = migratable_domain(&src, &dest, false);
-    let _dest_guard = DomainGuard { env: &dest, name: "vm1".into() };
+    migrates_the_disk_set_keeping_ram(&TestEnv::new(), &TestEnv::new(), None);
+}
+
+#[test]
+fn migrate_to_another_host_over_tcp_copies_the_disk_set_and_keeps_ram() {
+    let hosts = TwoHosts::new("m");
+    let (src, dest) = hosts.envs();
+    migrates_the_disk_set_keeping_ram(&src, &dest, Some(&hosts));
+}
+
+/// A disk-set migration of vm1 from `src` to `dest` (on `hosts` when
+/// given: its QEMU in host a before, in host b after): the guest's RAM
+/// and disks arrive, the source is undefined.
+fn migrates_the_disk_set_keeping_ram(src: &TestEnv, dest: &TestEnv, hosts: Option<&TwoHosts>) {
+    let _guard = migratable_domain(src, dest, false);
+    let _dest_guard = DomainGuard { env: dest, name: "vm1".into() };
+    if let Some(hosts) = hosts {
+        assert!(runs_in(src, "vm1", &hosts.a), "the source QEMU runs in host a");
+    }
     // The firmware of a running guest keeps changing its own RAM, so the
     // guest is paused for the dumps; it arrives paused and is resumed.
-    let before = filled_and_paused(&src, "vm1", 6);
+    let before = filled_and_paused(src, "vm1", 6);
 
     src.ok(&["migrate", "vm1", &dest.uri, "--live", "--copy-storage-disk-set", "--persistent", "--undefinesource"]);
-    assert_eq!(qemu_status(&dest, "vm1"), "paused");
+    if let Some(hosts) = hosts {
+        assert!(runs_in(dest, "vm1", &hosts.b), "the destination QEMU runs in host b");
+    }
+    assert_eq!(qemu_status(dest, "vm1"), "paused");
     assert_eq!(src.ok(&["list", "--all", "--name"]).trim(), "", "undefined at the source");
     assert!(!src.state_root().join("domains/vm1").exists(), "nothing of it is left at the source");
-    assert_same_ram(&before, &guest_ram(&dest, "vm1", "after.ram"));
+    assert_same_ram(&before, &guest_ram(dest, "vm1", "after.ram"));
     dest.ok(&["resume", "vm1"]);
-    assert_eq!(qemu_status(&dest, "vm1"), "running");
+    assert_eq!(qemu_status(dest, "vm1"), "running");
 
     let blklist = dest.ok(&["domblklist", "vm1"]);
     let copied = dest.state_root().join("images/vm1/copied.qcow2");
@@ -460,18 +545,29 @@ fn migrate_copies_the_disk_set_shares_the_rest_and_keeps_ram() {
 
 #[test]
 fn migrate_refuses_a_disk_neither_copied_nor_shared_before_anything_starts() {
-    let src = TestEnv::new();
-    let dest = TestEnv::new();
-    let _guard = migratable_domain(&src, &dest, true);
+    refuses_an_unshared_disk(&TestEnv::new(), &TestEnv::new());
+}
+
+#[test]
+fn migrate_to_another_host_refuses_a_disk_neither_copied_nor_shared_before_anything_starts() {
+    let hosts = TwoHosts::new("r");
+    let (src, dest) = hosts.envs();
+    refuses_an_unshared_disk(&src, &dest);
+}
+
+/// vm1 with a disk neither copied nor on storage `dest` shares is not
+/// migrated: refused before anything starts, naming the disk.
+fn refuses_an_unshared_disk(src: &TestEnv, dest: &TestEnv) {
+    let _guard = migratable_domain(src, dest, true);
     let err = src.fails(&["migrate", "vm1", &dest.uri, "--live", "--copy-storage-disk-set"]);
     let private = src.path("private.qcow2");
     assert!(
         err.contains(&format!("disk 'vdc' is not copied and '{}' is not on storage shared with", private.display())),
         "{err}"
     );
-    assert_eq!(qemu_status(&src, "vm1"), "running");
-    assert_eq!(domstate(&src, "vm1"), "running");
-    assert_destination_clean(&dest);
+    assert_eq!(qemu_status(src, "vm1"), "running");
+    assert_eq!(domstate(src, "vm1"), "running");
+    assert_destination_clean(dest);
 }
 
 #[test]
@@ -523,23 +619,37 @@ fn throttled_disk_copy(src: &TestEnv, dest: &TestEnv) -> (Background, serde_json
 
 #[test]
 fn a_throttled_migration_caps_its_disk_copy_and_domjobabort_cancels_it() {
-    let src = TestEnv::new();
-    let dest = TestEnv::new();
-    let _guard = migratable_domain(&src, &dest, false);
-    let (migration, copy) = throttled_disk_copy(&src, &dest);
+    aborts_a_throttled_disk_copy(&TestEnv::new(), &TestEnv::new());
+}
+
+#[test]
+fn domjobabort_cancels_a_throttled_migration_to_another_host_leaving_the_destination_clean() {
+    let hosts = TwoHosts::new("a");
+    let (src, dest) = hosts.envs();
+    aborts_a_throttled_disk_copy(&src, &dest);
+}
+
+/// A migration of vm1 from `src` to `dest` at 1 MiB/s copies its disk at
+/// that speed, and domjobabort ends it there: the source runs on, the
+/// destination has nothing of it.
+fn aborts_a_throttled_disk_copy(src: &TestEnv, dest: &TestEnv) {
+    let _guard = migratable_domain(src, dest, false);
+    let (migration, copy) = throttled_disk_copy(src, dest);
     assert_eq!(copy["type"], "mirror", "{copy}");
     assert_eq!(copy["speed"], 1 << 20, "the disk copy runs at the migration's bandwidth: {copy}");
-    assert!(copy["offset"].as_u64() < copy["len"].as_u64(), "the copy is still running: {copy}");
+    // Its first burst may reach the end; the rate limit then holds it
+    // back from ready.
+    assert!(copy["status"] == "running" && copy["ready"] == false, "the copy is still running: {copy}");
 
     src.ok(&["domjobabort", "vm1"]);
     let out = migration.finish(Duration::from_secs(120));
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("operation aborted: migration job: canceled by client"), "{err}");
-    assert_eq!(block_jobs(&src, "vm1"), Vec::<serde_json::Value>::new(), "the copy is gone");
-    assert_eq!(qemu_status(&src, "vm1"), "running");
-    assert_eq!(domstate(&src, "vm1"), "running");
-    assert_destination_clean(&dest);
+    assert_eq!(block_jobs(src, "vm1"), Vec::<serde_json::Value>::new(), "the copy is gone");
+    assert_eq!(qemu_status(src, "vm1"), "running");
+    assert_eq!(domstate(src, "vm1"), "running");
+    assert_destination_clean(dest);
 }
 
 /// A `domjobinfo` line's value.
