@@ -544,6 +544,32 @@ fn migrates_the_disk_set_keeping_ram(src: &TestEnv, dest: &TestEnv, hosts: Optio
 }
 
 #[test]
+fn a_running_guest_migrates_running() {
+    running_guest_arrives_running(&TestEnv::new(), &TestEnv::new());
+}
+
+#[test]
+fn a_running_guest_migrates_running_to_another_host() {
+    let hosts = TwoHosts::new("g");
+    let (src, dest) = hosts.envs();
+    running_guest_arrives_running(&src, &dest);
+}
+
+/// A running vm1 moved from `src` to `dest` with every disk copied runs
+/// there, its state's reason `migrated`, and is shut off at the source.
+fn running_guest_arrives_running(src: &TestEnv, dest: &TestEnv) {
+    let (_guard, disk) = running_domain(src, "vm1");
+    let _dest_guard = DomainGuard { env: dest, name: "vm1".into() };
+    src.ok(&["migrate", "vm1", &dest.uri, "--live", "--copy-storage-all"]);
+    assert_eq!(qemu_status(dest, "vm1"), "running");
+    assert_eq!(dest.ok(&["domstate", "vm1", "--reason"]).trim(), "running (migrated)");
+    assert_eq!(domstate(src, "vm1"), "shut off");
+    let copied = dest.state_root().join("images/vm1").join(disk.file_name().expect("a file name"));
+    let same = qemu_img(&["compare", "-U", disk.to_str().expect("utf8"), copied.to_str().expect("utf8")]);
+    assert!(same.contains("identical"), "{same}");
+}
+
+#[test]
 fn migrate_refuses_a_disk_neither_copied_nor_shared_before_anything_starts() {
     refuses_an_unshared_disk(&TestEnv::new(), &TestEnv::new());
 }

@@ -139,11 +139,12 @@ impl QemuConnection {
             }
             return Err(e);
         }
-        // Committed: from here nothing is undone.
+        // Committed: from here nothing is undone. The guest runs on at the
+        // destination first, then the paused source stops.
+        let resumed = if was_running { dest.migrate_finish(domain, true).await } else { Ok(()) };
         Connection::destroy(self, domain).await?;
-        if was_running {
-            dest.migrate_finish(domain, true).await?;
-        }
+        // Not resumed: the record stays, for the next command to ask again.
+        resumed?;
         StreamIntent::clear(self.store(), domain)?;
         if opts.flags.undefine_source {
             strata_engine::definitions::undefine(self.store(), domain, false)?;
