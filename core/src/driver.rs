@@ -702,7 +702,48 @@ pub struct MigrateOptions {
     /// Pause the guest once the memory transfer has run this many
     /// seconds, so that it ends (virsh's `--timeout`).
     pub timeout_s: Option<u64>,
+    /// Where the destination receives the memory stream (virsh's
+    /// `--migrateuri`, `tcp:HOST[:PORT]`); by default the host of a remote
+    /// destination's URI, or Unix sockets on this machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrate_uri: Option<String>,
+    /// Where the destination serves the copied disks (virsh's
+    /// `--disks-uri`, `tcp:HOST[:PORT]`); by default the memory stream's
+    /// host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disks_uri: Option<String>,
     pub flags: MigrateFlags,
+}
+
+/// A TCP address a migration's destination listens on: virsh's
+/// `tcp:HOST[:PORT]` or `tcp://HOST[:PORT]`, an IPv6 host in brackets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpListen {
+    pub host: String,
+    /// `None`: a port free when the destination starts listening.
+    pub port: Option<u16>,
+}
+
+impl TcpListen {
+    pub fn parse(uri: &str) -> Result<TcpListen> {
+        let bad = || Error::invalid_arg(format!("'{uri}' is not a migration URI of the form tcp:HOST[:PORT]"));
+        let rest = uri.strip_prefix("tcp://").or_else(|| uri.strip_prefix("tcp:")).ok_or_else(bad)?;
+        let (host, port) = match rest.strip_prefix('[') {
+            Some(bracketed) => {
+                let (host, after) = bracketed.split_once(']').ok_or_else(bad)?;
+                (host, after.strip_prefix(':'))
+            }
+            None => match rest.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (rest, None),
+            },
+        };
+        if host.is_empty() {
+            return Err(bad());
+        }
+        let port = port.map(|p| p.parse::<u16>().map_err(|_| bad())).transpose()?;
+        Ok(TcpListen { host: host.to_string(), port })
+    }
 }
 
 /// Memory state leaving a running domain: saved to a file or a block
@@ -762,10 +803,11 @@ pub struct IncomingMigration {
     /// The disks not copied, with their images, which the destination
     /// must see at the same paths on storage it shares.
     pub shared: Vec<SharedDisk>,
-    /// The address the destination listens on for the memory stream and
-    /// the disk copies (TCP); `None`: Unix sockets, for a destination on
-    /// the same machine.
-    pub listen: Option<String>,
+    /// Where the destination listens for the memory stream (TCP);
+    /// `None`: a Unix socket, for a destination on the same machine.
+    pub migration_listen: Option<TcpListen>,
+    /// Where it serves the copied disks (TCP); `None`: a Unix socket.
+    pub disks_listen: Option<TcpListen>,
 }
 
 /// A disk a migration copies.
@@ -953,4 +995,21 @@ pub trait NetworkOps: Send + Sync {
     async fn net_info(&self, network: &str) -> Result<NetworkInfo>;
     async fn net_xml(&self, network: &str) -> Result<String>;
     async fn net_set_autostart(&self, network: &str, autostart: bool) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_migration_uri_is_virshs_tcp_host_and_port() {
+        let parsed = |uri: &str| TcpListen::parse(uri).map(|l| (l.host, l.port));
+        assert_eq!(parsed("tcp:10.0.0.2:49152").expect("tcp"), ("10.0.0.2".into(), Some(49152)));
+        assert_eq!(parsed("tcp://hostb").expect("tcp://"), ("hostb".into(), None));
+        assert_eq!(parsed("tcp:[fd00::2]:49153").expect("IPv6"), ("fd00::2".into(), Some(49153)));
+        for bad in ["unix:/run/m.sock", "tcp:", "tcp:host:port", "tcp:[fd00::2"] {
+            let err = TcpListen::parse(bad).expect_err(bad);
+            assert_eq!(err.message(), format!("'{bad}' is not a migration URI of the form tcp:HOST[:PORT]"));
+        }
+    }
 }

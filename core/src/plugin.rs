@@ -1,7 +1,8 @@
 //! Driver plugins: shared libraries found on disk that speak the C ABI of
-//! `strata-plugin-abi`, and the [`Connection`] that sends wire calls
-//! ([`crate::wire`]) through one's table, so every command works on a
-//! plugin's driver as on a built-in one.
+//! `strata-plugin-abi`, and the transport that carries wire calls
+//! ([`crate::wire`]) through one's table for `wire_client`'s
+//! [`Connection`], so every command works on a plugin's driver as on a
+//! built-in one.
 //!
 //! Plugins are looked for in `$STRATA_PLUGIN_DIR`, then in
 //! `<prefix>/lib/strata/drivers`, `<prefix>` being the directory above the

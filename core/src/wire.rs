@@ -1,11 +1,13 @@
-//! The driver traits as plain data, for a driver behind a C ABI.
+//! The driver traits as plain data, for a driver behind a C ABI or on
+//! another host.
 //!
 //! Every method of [`Connection`] and of its capability traits is one
 //! [`Call`] variant (its arguments as owned values, flags as bit sets) and
 //! its result one [`Reply`] variant; an error is an [`ErrorPayload`].
 //! [`dispatch`] performs a call on a connection, and [`dispatch_json`] does
 //! the same for a JSON request in a versioned envelope, which is what a
-//! plugin's `call` carries (see [`crate::plugin`]). Nothing waits for the
+//! plugin's `call` carries (see [`crate::plugin`]) and a remote `strata`
+//! reads, a line each (see [`crate::remote`]). Nothing waits for the
 //! other side: events and block-job progress are asked for with a timeout
 //! ([`Call::NextEvent`], [`Call::BlockJobWait`]); a plugin driver pushes its
 //! events instead, through a callback record the host owns.
@@ -455,7 +457,8 @@ mod tests {
     use super::*;
     use crate::chain::ChainDifference;
     use crate::driver::{
-        DiskCopyProgress, DomainJobOperation, DomainState, IncomingDisk, MigrateFlags, PoolState, SharedDisk, VcpuCount,
+        DiskCopyProgress, DomainJobOperation, DomainState, IncomingDisk, MigrateFlags, PoolState, SharedDisk,
+        TcpListen, VcpuCount,
     };
     use crate::xml::Domain;
 
@@ -681,7 +684,8 @@ mod tests {
                 file_name: "copied.qcow2".into(),
             }],
             shared: vec![SharedDisk { target: "vdb".into(), images: vec!["/srv/shared/vdb.qcow2".into()] }],
-            listen: Some("10.0.0.2".into()),
+            migration_listen: Some(TcpListen { host: "10.0.0.2".into(), port: Some(49152) }),
+            disks_listen: Some(TcpListen { host: "10.0.0.2".into(), port: None }),
         }
     }
 
@@ -791,6 +795,8 @@ mod tests {
                 options: MigrateOptions {
                     bandwidth_mib: Some(100),
                     timeout_s: Some(30),
+                    migrate_uri: Some("tcp:10.0.0.2:49152".into()),
+                    disks_uri: None,
                     flags: MigrateFlags { live: true, copy_storage_disk_set: true, ..Default::default() },
                 },
             },

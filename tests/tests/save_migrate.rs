@@ -454,6 +454,15 @@ impl TwoHosts {
     }
 }
 
+impl TwoHosts {
+    /// The TCP sockets listening in host b, as `ss -Hltn` lists them.
+    fn listening_in_b(&self) -> String {
+        let out = Command::new("ip").args(["netns", "exec", &self.b, "ss", "-Hltn"]).output().expect("run ss");
+        assert!(out.status.success(), "ss failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
 impl Drop for TwoHosts {
     fn drop(&mut self) {
         for ns in [&self.a, &self.b] {
@@ -625,12 +634,14 @@ fn block_jobs(env: &TestEnv, name: &str) -> Vec<serde_json::Value> {
 }
 
 /// Writes 8 MiB more into vm1's copied disk (vda), then migrates vm1 to
-/// `dest` at 1 MiB/s in the background; returns once the copy of vda
-/// runs (a 60 s hang guard), with its `query-block-jobs` entry.
-fn throttled_disk_copy(src: &TestEnv, dest: &TestEnv) -> (Background, serde_json::Value) {
+/// `dest` at 1 MiB/s in the background (with `extra` options); returns
+/// once the copy of vda runs (a 60 s hang guard), with its
+/// `query-block-jobs` entry.
+fn throttled_disk_copy(src: &TestEnv, dest: &TestEnv, extra: &[&str]) -> (Background, serde_json::Value) {
     let write = "qemu-io -d vda/virtio-backend \"write -P 0x61 4M 8M\"";
     assert_eq!(src.ok(&["qemu-monitor-command", "vm1", "--hmp", write]).trim(), "");
-    let args = ["migrate", "vm1", &dest.uri, "--live", "--copy-storage-disk-set", "--bandwidth", "1"];
+    let mut args = vec!["migrate", "vm1", &dest.uri, "--live", "--copy-storage-disk-set", "--bandwidth", "1"];
+    args.extend_from_slice(extra);
     let migration = Background::spawn(src, &args);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -660,7 +671,7 @@ fn domjobabort_cancels_a_throttled_migration_to_another_host_leaving_the_destina
 /// destination has nothing of it.
 fn aborts_a_throttled_disk_copy(src: &TestEnv, dest: &TestEnv) {
     let _guard = migratable_domain(src, dest, false);
-    let (migration, copy) = throttled_disk_copy(src, dest);
+    let (migration, copy) = throttled_disk_copy(src, dest, &[]);
     assert_eq!(copy["type"], "mirror", "{copy}");
     assert_eq!(copy["speed"], 1 << 20, "the disk copy runs at the migration's bandwidth: {copy}");
     // Its first burst may reach the end; the rate limit then holds it
@@ -676,6 +687,27 @@ fn aborts_a_throttled_disk_copy(src: &TestEnv, dest: &TestEnv) {
     assert_eq!(qemu_status(src, "vm1"), "running");
     assert_eq!(domstate(src, "vm1"), "running");
     assert_destination_clean(dest);
+}
+
+#[test]
+fn migrateuri_and_disks_uri_choose_where_the_destination_host_listens() {
+    let hosts = TwoHosts::new("u");
+    let (src, dest) = hosts.envs();
+    let _guard = migratable_domain(&src, &dest, false);
+    let err = src.fails(&["migrate", "vm1", &dest.uri, "--live", "--copy-storage-all", "--migrateuri", "unix:/run/m"]);
+    assert!(err.contains("'unix:/run/m' is not a migration URI of the form tcp:HOST[:PORT]"), "{err}");
+    assert_destination_clean(&dest);
+
+    let uris = ["--migrateuri", "tcp:10.254.0.2:49252", "--disks-uri", "tcp://10.254.0.2:49253"];
+    let (migration, _) = throttled_disk_copy(&src, &dest, &uris);
+    let listening = hosts.listening_in_b();
+    assert!(listening.contains("10.254.0.2:49252"), "the memory stream's port: {listening}");
+    assert!(listening.contains("10.254.0.2:49253"), "the disks' port: {listening}");
+    src.ok(&["domjobabort", "vm1"]);
+    assert_eq!(migration.finish(Duration::from_secs(120)).status.code(), Some(1));
+    assert_eq!(qemu_status(&src, "vm1"), "running");
+    assert_destination_clean(&dest);
+    assert!(!hosts.listening_in_b().contains("10.254.0.2:4925"), "nothing listens any more");
 }
 
 /// A `domjobinfo` line's value.

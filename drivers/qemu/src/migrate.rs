@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use strata_core::chain::{Backing, Chain, Layer, StorageSource};
 use strata_core::driver::{
     Connection, DefineFlags, DiskCopyProgress, DomainJobInfo, DomainJobOperation, DomainState, IncomingDisk,
-    IncomingMigration, MigrateOptions, PreparedMigration, SaveMigrateOps, SharedDisk, StoragePoolOps,
+    IncomingMigration, MigrateOptions, PreparedMigration, SaveMigrateOps, SharedDisk, StoragePoolOps, TcpListen,
 };
 use strata_core::pool::PoolManager;
 use strata_core::uri::ConnectUri;
@@ -71,7 +71,7 @@ impl QemuConnection {
             ));
         }
         let started_ms = unix_ms();
-        let listen = listen_address(dest_uri, self.store().root())?;
+        let (migration_listen, disks_listen) = listen_addresses(dest_uri, self.store().root(), opts)?;
         let dest_conn = strata_core::registry::open(dest_uri)?;
         let dest = dest_conn.require_save_migrate()?;
         let (status, monitor) = self.running_without_job(domain).await?;
@@ -79,8 +79,13 @@ impl QemuConnection {
         let client = &monitor.client;
         let persistent = strata_engine::definitions::load(self.store(), domain)?;
         let copied = copied_targets(&persistent, &status.domain, opts)?;
-        let mut incoming =
-            IncomingMigration { xml: status.domain.to_xml(), copied: Vec::new(), shared: Vec::new(), listen };
+        let mut incoming = IncomingMigration {
+            xml: status.domain.to_xml(),
+            copied: Vec::new(),
+            shared: Vec::new(),
+            migration_listen,
+            disks_listen,
+        };
         let mut disks = Vec::new();
         for disk in status.domain.disks()? {
             let Some(chain) = disk.chain.as_ref() else { continue };
@@ -350,15 +355,18 @@ impl QemuConnection {
         let (status, monitor) = self.running(&domain).await?;
         let client = &monitor.client;
         let run_dir = live::runtime_paths(self.store(), &domain)?.dir;
-        let endpoint = |socket: &str| -> Result<(String, Value)> {
-            match &incoming.listen {
+        let endpoint = |listen: &Option<TcpListen>, socket: &str| -> Result<(String, Value)> {
+            match listen {
                 None => {
                     let path = run_dir.join(socket);
                     let path = path_str(&path)?;
                     Ok((format!("unix:{path}"), json!({"type": "unix", "data": {"path": path}})))
                 }
-                Some(host) => {
-                    let port = free_port(host)?;
+                Some(TcpListen { host, port }) => {
+                    let port = match port {
+                        Some(port) => *port,
+                        None => free_port(host)?,
+                    };
                     let inet = json!({"type": "inet", "data": {"host": host, "port": port.to_string()}});
                     Ok((format!("tcp:{}:{port}", uri_host(host)), inet))
                 }
@@ -366,7 +374,7 @@ impl QemuConnection {
         };
         let mut disks_uri = None;
         if !incoming.copied.is_empty() {
-            let (uri, addr) = endpoint("nbd.sock")?;
+            let (uri, addr) = endpoint(&incoming.disks_listen, "nbd.sock")?;
             client.execute("nbd-server-start", Some(json!({"addr": addr}))).await.map_err(|e| qmp_error(&domain, e))?;
             disks_uri = Some(uri);
         }
@@ -387,7 +395,7 @@ impl QemuConnection {
             .execute("migrate-set-capabilities", Some(json!({"capabilities": [events]})))
             .await
             .map_err(|e| qmp_error(&domain, e))?;
-        let (migration_uri, _) = endpoint("migration.sock")?;
+        let (migration_uri, _) = endpoint(&incoming.migration_listen, "migration.sock")?;
         client
             .execute("migrate-incoming", Some(json!({"uri": migration_uri})))
             .await
@@ -453,23 +461,35 @@ fn copied_image_name(name: &str) -> Result<&str> {
     Ok(name)
 }
 
-/// The address the destination listens on: none (Unix sockets) for a
-/// destination on this machine, the host a remote URI names otherwise.
+/// Where the destination listens for the memory stream and for the disk
+/// copies: `--migrateuri` and `--disks-uri` when given, else the host a
+/// remote URI names, else (a destination on this machine) Unix sockets.
 /// A local destination must not be the domain's own connection.
-fn listen_address(dest_uri: &str, own_root: &Path) -> Result<Option<String>> {
+fn listen_addresses(
+    dest_uri: &str,
+    own_root: &Path,
+    opts: &MigrateOptions,
+) -> Result<(Option<TcpListen>, Option<TcpListen>)> {
     let target = ConnectUri::parse(dest_uri)?;
-    if target.transport.is_none() {
-        if target.driver == "qemu" && target.state_root().is_ok_and(|root| root == own_root) {
-            return Err(Error::invalid_arg(format!("'{dest_uri}' is the domain's own connection")));
-        }
-        return Ok(None);
+    if target.transport.is_none() && target.driver == "qemu" && target.state_root().is_ok_and(|root| root == own_root) {
+        return Err(Error::invalid_arg(format!("'{dest_uri}' is the domain's own connection")));
     }
-    target.host.clone().map(Some).ok_or_else(|| {
-        Error::invalid_arg(format!(
-            "'{dest_uri}' names no host: a remote destination's URI gives the address it receives the \
-             migration on (DRIVER+TRANSPORT://ADDRESS/…)"
-        ))
-    })
+    let migration = match (&opts.migrate_uri, &target.transport, &target.host) {
+        (Some(uri), _, _) => Some(TcpListen::parse(uri)?),
+        (None, None, _) => None,
+        (None, Some(_), Some(host)) => Some(TcpListen { host: host.clone(), port: None }),
+        (None, Some(_), None) => {
+            return Err(Error::invalid_arg(format!(
+                "'{dest_uri}' names no host: give the address a remote destination receives the migration on \
+                 in its URI (DRIVER+TRANSPORT://ADDRESS/…) or as --migrateuri tcp:ADDRESS[:PORT]"
+            )))
+        }
+    };
+    let disks = match &opts.disks_uri {
+        Some(uri) => Some(TcpListen::parse(uri)?),
+        None => migration.as_ref().map(|m| TcpListen { host: m.host.clone(), port: None }),
+    };
+    Ok((migration, disks))
 }
 
 /// A TCP port free on `host` now, for QEMU to listen on.
