@@ -520,6 +520,10 @@ pub enum Command {
         #[arg(long, value_name = "CMD", required = true, action = ArgAction::Append, help_heading = BY_POSITION)]
         cmd: Vec<String>,
     },
+    /// Serve this connection's wire calls, one JSON line each, on standard
+    /// input and output: the far side of a `DRIVER+ext://` URI.
+    #[command(name = "serve-wire", hide = true)]
+    ServeWire,
     /// Run a command inside a container's namespaces.
     ///
     /// The command (after `--`) runs in the container's mount, pid, uts,
@@ -1296,6 +1300,7 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                 writeln!(out, "{reply}")?;
             }
         }
+        Command::ServeWire => strata_core::remote::serve_stdio(session.conn()?).await?,
         Command::LxcEnterNamespace { domain, noseclabel: _, cmd } => {
             let name = domain.name();
             let status = session.conn()?.enter_namespace(name, &cmd).await.map_err(|e| lookup_error(e, name))?;

@@ -146,7 +146,9 @@ pub struct MigrateArgs {
     /// Domain name.
     #[arg(long, value_name = "DOMAIN", help_heading = BY_POSITION)]
     domain: String,
-    /// The destination connection's URI (a Strata connection of the same driver).
+    /// The destination connection's URI: a Strata connection of the same
+    /// driver on this machine, or on another host through a remote
+    /// transport (qemu+ext://ADDRESS/embed?root=DIR&command=CMD).
     #[arg(long, value_name = "URI", help_heading = BY_POSITION)]
     desturi: String,
     /// Migrate while the guest runs (otherwise it is paused for the move).
@@ -177,6 +179,14 @@ pub struct MigrateArgs {
     /// Pause the guest after this many seconds of live migration.
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<u64>,
+    /// Where the destination receives the memory stream: tcp:HOST[:PORT]
+    /// (default: the destination URI's host, a free port).
+    #[arg(long, value_name = "URI")]
+    migrateuri: Option<String>,
+    /// Where the destination serves the copied disks: tcp:HOST[:PORT]
+    /// (default: the memory stream's host, a free port).
+    #[arg(long = "disks-uri", value_name = "URI")]
+    disks_uri: Option<String>,
     /// Abort the migration on an I/O error (Strata always does).
     #[arg(long = "abort-on-error")]
     abort_on_error: bool,
@@ -248,7 +258,13 @@ pub async fn run(conn: &dyn Connection, cmd: SaveCommand, global_json: bool) -> 
                 abort_on_error: a.abort_on_error,
                 copy_storage_disk_set: a.copy_storage_disk_set,
             };
-            let opts = MigrateOptions { bandwidth_mib: a.bandwidth, timeout_s: a.timeout, flags };
+            let opts = MigrateOptions {
+                bandwidth_mib: a.bandwidth,
+                timeout_s: a.timeout,
+                migrate_uri: a.migrateuri,
+                disks_uri: a.disks_uri,
+                flags,
+            };
             let migrated =
                 with_progress(ops, &a.domain, "Migration", a.verbose, ops.migrate(&a.domain, &a.desturi, &opts));
             migrated.await.map_err(|e| anyhow!(e).context(format!("Failed to migrate domain '{}'", a.domain)))?;
@@ -308,13 +324,18 @@ fn job_info_text(info: Option<&DomainJobInfo>) -> String {
     line("Data remaining:", size(info.data_remaining));
     line("Data total:", size(info.data_total));
     line("Memory bandwidth:", format!("{}/s", size(info.memory_bandwidth)));
+    if let Some(disks) = info.disks {
+        line("File processed:", size(disks.processed));
+        line("File remaining:", size(disks.remaining));
+        line("File total:", size(disks.total));
+    }
     out.push('\n');
     out
 }
 
 #[cfg(test)]
 mod tests {
-    use strata_core::driver::DomainJobOperation;
+    use strata_core::driver::{DiskCopyProgress, DomainJobOperation};
 
     use super::*;
 
@@ -327,6 +348,7 @@ mod tests {
             data_remaining: 1 << 19,
             data_total: 128 << 20,
             memory_bandwidth: 1 << 20,
+            disks: None,
         };
         assert_eq!(
             job_info_text(Some(&info)),
@@ -339,5 +361,24 @@ mod tests {
              Memory bandwidth: 1.000 MiB/s\n\n"
         );
         assert_eq!(job_info_text(None), "Job type:         None        \n\n");
+
+        // A migration copying disks: data counts memory and disks, the
+        // disks alone are virsh's File lines.
+        let disks = DiskCopyProgress { processed: 1 << 20, remaining: 3 << 20, total: 4 << 20 };
+        let migration = DomainJobInfo {
+            operation: DomainJobOperation::MigrationOut,
+            data_processed: 1 << 20,
+            data_remaining: 3 << 20,
+            data_total: 4 << 20,
+            memory_bandwidth: 0,
+            disks: Some(disks),
+            ..info
+        };
+        assert!(job_info_text(Some(&migration)).ends_with(
+            "Memory bandwidth: 0.000 B/s\n\
+             File processed:   1.000 MiB\n\
+             File remaining:   3.000 MiB\n\
+             File total:       4.000 MiB\n\n"
+        ));
     }
 }

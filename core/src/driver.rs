@@ -628,12 +628,26 @@ impl DomainJobOperation {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomainJobInfo {
     pub operation: DomainJobOperation,
+    /// Since the job started (a migration's disk copy included).
     pub elapsed_ms: u64,
+    /// Memory and copied disks together, as libvirt counts them.
     pub data_processed: u64,
     pub data_remaining: u64,
     pub data_total: u64,
     /// Bytes per second.
     pub memory_bandwidth: u64,
+    /// The disks a migration copies, when it copies any (libvirt's
+    /// `disk_*` job fields, virsh's `File` lines).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disks: Option<DiskCopyProgress>,
+}
+
+/// How far a migration's disk copies are, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskCopyProgress {
+    pub processed: u64,
+    pub remaining: u64,
+    pub total: u64,
 }
 
 /// Flags for [`SaveMigrateOps::migrate`].
@@ -688,7 +702,48 @@ pub struct MigrateOptions {
     /// Pause the guest once the memory transfer has run this many
     /// seconds, so that it ends (virsh's `--timeout`).
     pub timeout_s: Option<u64>,
+    /// Where the destination receives the memory stream (virsh's
+    /// `--migrateuri`, `tcp:HOST[:PORT]`); by default the host of a remote
+    /// destination's URI, or Unix sockets on this machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrate_uri: Option<String>,
+    /// Where the destination serves the copied disks (virsh's
+    /// `--disks-uri`, `tcp:HOST[:PORT]`); by default the memory stream's
+    /// host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disks_uri: Option<String>,
     pub flags: MigrateFlags,
+}
+
+/// A TCP address a migration's destination listens on: virsh's
+/// `tcp:HOST[:PORT]` or `tcp://HOST[:PORT]`, an IPv6 host in brackets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpListen {
+    pub host: String,
+    /// `None`: a port free when the destination starts listening.
+    pub port: Option<u16>,
+}
+
+impl TcpListen {
+    pub fn parse(uri: &str) -> Result<TcpListen> {
+        let bad = || Error::invalid_arg(format!("'{uri}' is not a migration URI of the form tcp:HOST[:PORT]"));
+        let rest = uri.strip_prefix("tcp://").or_else(|| uri.strip_prefix("tcp:")).ok_or_else(bad)?;
+        let (host, port) = match rest.strip_prefix('[') {
+            Some(bracketed) => {
+                let (host, after) = bracketed.split_once(']').ok_or_else(bad)?;
+                (host, after.strip_prefix(':'))
+            }
+            None => match rest.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (rest, None),
+            },
+        };
+        if host.is_empty() {
+            return Err(bad());
+        }
+        let port = port.map(|p| p.parse::<u16>().map_err(|_| bad())).transpose()?;
+        Ok(TcpListen { host: host.to_string(), port })
+    }
 }
 
 /// Memory state leaving a running domain: saved to a file or a block
@@ -715,6 +770,73 @@ pub trait SaveMigrateOps: Send + Sync {
     async fn job_abort(&self, domain: &str) -> Result<()>;
     /// Moves the running domain to the connection `dest_uri` names.
     async fn migrate(&self, domain: &str, dest_uri: &str, opts: &MigrateOptions) -> Result<()>;
+
+    // The destination's steps of a migration (libvirt's Prepare and
+    // Finish), which the source's `migrate` calls on the destination's
+    // connection, in this process or across a remote transport.
+
+    /// Refuses a migration this connection cannot receive: a domain of
+    /// that name exists, or a disk not copied is not on storage it sees
+    /// at the same path. Changes nothing.
+    async fn migrate_check(&self, incoming: &IncomingMigration) -> Result<()>;
+    /// Makes ready to receive the migration: fresh images for the copied
+    /// disks, the domain defined and started waiting for the stream, the
+    /// copied disks served for the source to write.
+    async fn migrate_prepare(&self, incoming: &IncomingMigration) -> Result<PreparedMigration>;
+    /// Waits until the stream has arrived and stops serving the disks,
+    /// leaving the guest paused; with `resume`, runs it (if it ran at the
+    /// source). Done twice, it does nothing more.
+    async fn migrate_finish(&self, domain: &str, resume: bool) -> Result<()>;
+    /// Removes what a prepare made for a migration that failed: the
+    /// domain's QEMU and definition (only if its UUID is `uuid`) and the
+    /// copied images named `images`.
+    async fn migrate_cleanup(&self, domain: &str, uuid: Option<&str>, images: &[String]) -> Result<()>;
+}
+
+/// What a migration's source asks its destination to receive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingMigration {
+    /// The domain's live XML at the source.
+    pub xml: String,
+    /// The disks the source copies, each onto a fresh image.
+    pub copied: Vec<IncomingDisk>,
+    /// The disks not copied, with their images, which the destination
+    /// must see at the same paths on storage it shares.
+    pub shared: Vec<SharedDisk>,
+    /// Where the destination listens for the memory stream (TCP);
+    /// `None`: a Unix socket, for a destination on the same machine.
+    pub migration_listen: Option<TcpListen>,
+    /// Where it serves the copied disks (TCP); `None`: a Unix socket.
+    pub disks_listen: Option<TcpListen>,
+}
+
+/// A disk a migration copies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingDisk {
+    pub target: String,
+    pub format: String,
+    /// Its virtual size in bytes.
+    pub size: u64,
+    /// The name of the image at the source; the destination's image has it too.
+    pub file_name: String,
+}
+
+/// A disk a migration does not copy, and the images of its chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedDisk {
+    pub target: String,
+    pub images: Vec<String>,
+}
+
+/// Where a prepared destination waits, as QEMU addresses take them:
+/// `unix:PATH` or `tcp:HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparedMigration {
+    /// The memory stream's.
+    pub migration_uri: String,
+    /// The NBD server of the copied disks (each exported under its target
+    /// name), when any disk is copied.
+    pub disks_uri: Option<String>,
 }
 
 /// Seed 004's outcomes for adding or removing one disk.
@@ -873,4 +995,21 @@ pub trait NetworkOps: Send + Sync {
     async fn net_info(&self, network: &str) -> Result<NetworkInfo>;
     async fn net_xml(&self, network: &str) -> Result<String>;
     async fn net_set_autostart(&self, network: &str, autostart: bool) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_migration_uri_is_virshs_tcp_host_and_port() {
+        let parsed = |uri: &str| TcpListen::parse(uri).map(|l| (l.host, l.port));
+        assert_eq!(parsed("tcp:10.0.0.2:49152").expect("tcp"), ("10.0.0.2".into(), Some(49152)));
+        assert_eq!(parsed("tcp://hostb").expect("tcp://"), ("hostb".into(), None));
+        assert_eq!(parsed("tcp:[fd00::2]:49153").expect("IPv6"), ("fd00::2".into(), Some(49153)));
+        for bad in ["unix:/run/m.sock", "tcp:", "tcp:host:port", "tcp:[fd00::2"] {
+            let err = TcpListen::parse(bad).expect_err(bad);
+            assert_eq!(err.message(), format!("'{bad}' is not a migration URI of the form tcp:HOST[:PORT]"));
+        }
+    }
 }

@@ -16,10 +16,12 @@ pub mod options;
 pub mod plugin;
 pub mod pool;
 pub mod registry;
+pub mod remote;
 pub mod store;
 pub mod tool;
 pub mod uri;
 pub mod wire;
+mod wire_client;
 pub mod xml;
 
 pub use error::{Error, ErrorKind, Result};

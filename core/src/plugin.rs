@@ -1,7 +1,8 @@
 //! Driver plugins: shared libraries found on disk that speak the C ABI of
-//! `strata-plugin-abi`, and the [`Connection`] that sends wire calls
-//! ([`crate::wire`]) through one's table, so every command works on a
-//! plugin's driver as on a built-in one.
+//! `strata-plugin-abi`, and the transport that carries wire calls
+//! ([`crate::wire`]) through one's table for `wire_client`'s
+//! [`Connection`], so every command works on a plugin's driver as on a
+//! built-in one.
 //!
 //! Plugins are looked for in `$STRATA_PLUGIN_DIR`, then in
 //! `<prefix>/lib/strata/drivers`, `<prefix>` being the directory above the
@@ -26,20 +27,11 @@ use strata_plugin_abi::{
 };
 
 use crate::capabilities::DriverCapabilities;
-use crate::driver::{
-    BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobOps, BlockJobState, Connection, CpuPlacementOps, DefineFlags,
-    DefineOutcome, DiskChainCheck, DiskSetOps, DiskSetOutcome, DomainEvent, DomainInfo, DomainSummary, DumpXmlFlags,
-    MonitorOps, PinScope, PoolBuildFlags, PoolInfo, SnapshotOps, SnapshotSummary, StartFlags, StartOutcome,
-    StoragePoolOps, UndefineFlags, VcpuCounts, VcpuInfo, VolumeInfo, VolumeResizeFlags,
-};
+use crate::driver::{Connection, DomainEvent};
 use crate::error::{Error, ErrorKind, Result};
-use crate::hostcpu::{HostCpuMap, NodeInfo};
-use crate::options::{
-    BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions, SnapshotCreateFlags,
-    SnapshotDeleteFlags, SnapshotRevertFlags,
-};
 use crate::uri::ConnectUri;
 use crate::wire::{read_response, Call, Reply, Request};
+use crate::wire_client::{WireConnection, WireTransport};
 
 /// The variable naming the first directory searched for plugins.
 pub const PLUGIN_DIR_VARIABLE: &str = "STRATA_PLUGIN_DIR";
@@ -271,7 +263,9 @@ impl Plugin {
         capabilities.uri = uri.as_str().to_string();
         let channel = Arc::new(Channel { plugin: self, raw, next_call: AtomicU64::new(1) });
         let events = capabilities.domains.events.then(|| EventListener::register(&channel)).transpose()?;
-        Ok(Box::new(PluginConnection { uri: uri.as_str().to_string(), capabilities, channel, events }))
+        let peer = format!("the {} driver", self.name);
+        let transport = Arc::new(PluginTransport { channel, peer, events });
+        Ok(Box::new(WireConnection { uri: uri.as_str().to_string(), capabilities, transport }))
     }
 }
 
@@ -440,301 +434,48 @@ unsafe extern "C" fn deliver_event(callback: *const StrataCallback, kind: u32, d
     .unwrap_or(STRATA_ERR_INTERNAL)
 }
 
-/// A connection to a plugin's driver: each trait method is one wire call.
-struct PluginConnection {
-    uri: String,
-    capabilities: DriverCapabilities,
+/// A plugin's handle as a [`WireTransport`], with the connection's event
+/// record, unregistered when the last user of the handle goes.
+struct PluginTransport {
     channel: Arc<Channel>,
+    peer: String,
     events: Option<&'static EventListener>,
 }
 
-impl Drop for PluginConnection {
+impl Drop for PluginTransport {
     fn drop(&mut self) {
         if let Some(listener) = self.events {
             // Stopped first: whatever the plugin does from here on, through
             // this record, is refused by the host.
             listener.stopped.store(true, Ordering::SeqCst);
-            // SAFETY: the handle is still open (this connection holds it).
+            // SAFETY: the handle is still open (this transport holds it).
             let status =
                 unsafe { (self.channel.plugin.functions.unregister_callback)(self.channel.raw, &listener.record) };
             if status != STRATA_OK {
-                tracing::warn!(driver = %self.capabilities.driver, status, "the plugin failed to unregister a callback");
+                tracing::warn!(driver = %self.channel.plugin.name, status, "the plugin failed to unregister a callback");
             }
         }
     }
 }
 
-/// `$reply`'s value when it is the `$variant` the call answers with.
-macro_rules! expect_reply {
-    ($channel:expr, $call:expr, $variant:ident) => {
-        match $channel.call($call).await? {
-            Reply::$variant(value) => Ok(value),
-            other => Err(unexpected(&$channel, &other)),
-        }
-    };
-    ($channel:expr, $call:expr) => {
-        match $channel.call($call).await? {
-            Reply::Done => Ok(()),
-            other => Err(unexpected(&$channel, &other)),
-        }
-    };
-}
-
-fn unexpected(channel: &Channel, reply: &Reply) -> Error {
-    let shown = serde_json::to_string(reply).unwrap_or_default();
-    Error::internal(format!("the {} driver answered with an unexpected reply: {shown}", channel.plugin.name))
-}
-
-fn count(channel: &Channel, n: u64) -> Result<usize> {
-    usize::try_from(n).map_err(|_| unexpected(channel, &Reply::Count(n)))
-}
-
-fn s(text: &str) -> String {
-    text.to_string()
-}
-
 #[async_trait]
-impl Connection for PluginConnection {
-    fn uri(&self) -> &str {
-        &self.uri
+impl WireTransport for PluginTransport {
+    fn peer(&self) -> &str {
+        &self.peer
     }
-    fn capabilities(&self) -> DriverCapabilities {
-        self.capabilities.clone()
-    }
-    async fn list_domains(&self) -> Result<Vec<DomainSummary>> {
-        expect_reply!(self.channel, Call::ListDomains, Domains)
-    }
-    async fn define_xml(&self, xml: &str, flags: DefineFlags) -> Result<DefineOutcome> {
-        expect_reply!(self.channel, Call::DefineXml { xml: s(xml), flags }, Defined)
-    }
-    async fn undefine(&self, name: &str, flags: UndefineFlags) -> Result<()> {
-        expect_reply!(self.channel, Call::Undefine { domain: s(name), flags })
-    }
-    async fn domain_info(&self, name: &str) -> Result<DomainInfo> {
-        expect_reply!(self.channel, Call::DomainInfo { domain: s(name) }, DomainInfo)
-    }
-    async fn start(&self, name: &str, flags: StartFlags) -> Result<StartOutcome> {
-        expect_reply!(self.channel, Call::Start { domain: s(name), flags }, Started)
-    }
-    async fn destroy(&self, name: &str) -> Result<()> {
-        expect_reply!(self.channel, Call::Destroy { domain: s(name) })
-    }
-    async fn shutdown(&self, name: &str) -> Result<()> {
-        expect_reply!(self.channel, Call::Shutdown { domain: s(name) })
-    }
-    async fn suspend(&self, name: &str) -> Result<()> {
-        expect_reply!(self.channel, Call::Suspend { domain: s(name) })
-    }
-    async fn resume(&self, name: &str) -> Result<()> {
-        expect_reply!(self.channel, Call::Resume { domain: s(name) })
-    }
-    async fn dump_xml(&self, name: &str, flags: DumpXmlFlags) -> Result<String> {
-        expect_reply!(self.channel, Call::DumpXml { domain: s(name), flags }, Text)
-    }
-    async fn check_chains(&self, name: &str, disk: Option<&str>, fix: bool) -> Result<Vec<DiskChainCheck>> {
-        expect_reply!(self.channel, Call::CheckChains { domain: s(name), disk: disk.map(s), fix }, ChainChecks)
+    async fn call(&self, call: Call) -> Result<Reply> {
+        self.channel.call(call).await
     }
     /// Events come through the host's callback record, not as a call: the
     /// wait is for the plugin to notify.
     async fn next_event(&self, domain: &str, timeout_ms: u64) -> Result<Option<DomainEvent>> {
         let Some(listener) = self.events else {
-            return Err(crate::capabilities::refusal(&self.capabilities.driver, "does not report events"));
+            return Err(crate::capabilities::refusal(&self.channel.plugin.name, "does not report events"));
         };
-        let domain = s(domain);
+        let domain = domain.to_string();
         tokio::task::spawn_blocking(move || listener.next(&domain, Duration::from_millis(timeout_ms)))
             .await
             .map_err(|e| Error::internal(format!("waiting for an event failed: {e}")))
-    }
-    async fn vcpu_info(&self, name: &str) -> Result<Vec<VcpuInfo>> {
-        expect_reply!(self.channel, Call::VcpuInfo { domain: s(name) }, Vcpus)
-    }
-    fn snapshots(&self) -> Option<&dyn SnapshotOps> {
-        let kinds = self.capabilities.snapshots.kinds;
-        (kinds.internal_disk || kinds.external_disk || kinds.internal_memory || kinds.external_memory)
-            .then_some(self as &dyn SnapshotOps)
-    }
-    fn block_jobs(&self) -> Option<&dyn BlockJobOps> {
-        let kinds = self.capabilities.block_jobs.kinds;
-        (kinds.pull || kinds.intermediate_commit || kinds.active_commit || kinds.copy)
-            .then_some(self as &dyn BlockJobOps)
-    }
-    fn disk_sets(&self) -> Option<&dyn DiskSetOps> {
-        self.capabilities.storage.disk_sets.then_some(self as &dyn DiskSetOps)
-    }
-    fn storage_pools(&self) -> Option<Box<dyn StoragePoolOps>> {
-        self.capabilities
-            .storage
-            .storage_pools
-            .then(|| Box::new(PluginPools(Arc::clone(&self.channel))) as Box<dyn StoragePoolOps>)
-    }
-    fn monitor(&self) -> Option<&dyn MonitorOps> {
-        self.capabilities.domains.monitor.then_some(self as &dyn MonitorOps)
-    }
-    fn cpu_placement(&self) -> Option<&dyn CpuPlacementOps> {
-        self.capabilities.domains.cpu_placement.then_some(self as &dyn CpuPlacementOps)
-    }
-}
-
-#[async_trait]
-impl SnapshotOps for PluginConnection {
-    async fn snapshot_create(&self, domain: &str, xml: &str, flags: SnapshotCreateFlags) -> Result<String> {
-        expect_reply!(self.channel, Call::SnapshotCreate { domain: s(domain), xml: s(xml), flags }, Text)
-    }
-    async fn snapshot_list(&self, domain: &str) -> Result<Vec<SnapshotSummary>> {
-        expect_reply!(self.channel, Call::SnapshotList { domain: s(domain) }, Snapshots)
-    }
-    async fn snapshot_xml(&self, domain: &str, snapshot: &str) -> Result<String> {
-        expect_reply!(self.channel, Call::SnapshotXml { domain: s(domain), snapshot: s(snapshot) }, Text)
-    }
-    async fn snapshot_set_current(&self, domain: &str, snapshot: &str) -> Result<()> {
-        expect_reply!(self.channel, Call::SnapshotSetCurrent { domain: s(domain), snapshot: s(snapshot) })
-    }
-    async fn snapshot_revert(&self, domain: &str, snapshot: &str, flags: SnapshotRevertFlags) -> Result<()> {
-        expect_reply!(self.channel, Call::SnapshotRevert { domain: s(domain), snapshot: s(snapshot), flags })
-    }
-    async fn snapshot_delete(&self, domain: &str, snapshot: &str, flags: SnapshotDeleteFlags) -> Result<Vec<String>> {
-        expect_reply!(self.channel, Call::SnapshotDelete { domain: s(domain), snapshot: s(snapshot), flags }, Lines)
-    }
-}
-
-#[async_trait]
-impl BlockJobOps for PluginConnection {
-    async fn block_pull(&self, domain: &str, disk: &str, opts: &BlockPullOptions) -> Result<()> {
-        expect_reply!(self.channel, Call::BlockPull { domain: s(domain), disk: s(disk), options: opts.clone() })
-    }
-    async fn block_commit(&self, domain: &str, disk: &str, opts: &BlockCommitOptions) -> Result<BlockJobKind> {
-        let call = Call::BlockCommit { domain: s(domain), disk: s(disk), options: opts.clone() };
-        expect_reply!(self.channel, call, BlockJobKind)
-    }
-    async fn block_copy(&self, domain: &str, disk: &str, opts: &BlockCopyOptions) -> Result<Vec<String>> {
-        expect_reply!(self.channel, Call::BlockCopy { domain: s(domain), disk: s(disk), options: opts.clone() }, Lines)
-    }
-    async fn block_job_info(&self, domain: &str, disk: &str) -> Result<Option<BlockJobInfo>> {
-        expect_reply!(self.channel, Call::BlockJobInfo { domain: s(domain), disk: s(disk) }, BlockJobInfo)
-    }
-    async fn block_job_abort(&self, domain: &str, disk: &str, flags: BlockJobAbortFlags) -> Result<BlockJobEnd> {
-        expect_reply!(self.channel, Call::BlockJobAbort { domain: s(domain), disk: s(disk), flags }, BlockJobEnd)
-    }
-    async fn block_job_set_speed(&self, domain: &str, disk: &str, bytes_per_sec: u64) -> Result<()> {
-        expect_reply!(self.channel, Call::BlockJobSetSpeed { domain: s(domain), disk: s(disk), bytes_per_sec })
-    }
-    async fn block_job_wait(&self, domain: &str, disk: &str, timeout_ms: u64) -> Result<BlockJobState> {
-        expect_reply!(self.channel, Call::BlockJobWait { domain: s(domain), disk: s(disk), timeout_ms }, BlockJobState)
-    }
-}
-
-#[async_trait]
-impl DiskSetOps for PluginConnection {
-    async fn diskset_add(&self, domain: &str, disk: &str) -> Result<DiskSetOutcome> {
-        expect_reply!(self.channel, Call::DisksetAdd { domain: s(domain), disk: s(disk) }, DiskSetOutcome)
-    }
-    async fn diskset_remove(&self, domain: &str, disk: &str) -> Result<DiskSetOutcome> {
-        expect_reply!(self.channel, Call::DisksetRemove { domain: s(domain), disk: s(disk) }, DiskSetOutcome)
-    }
-    async fn diskset_add_all(&self, domain: &str) -> Result<usize> {
-        count(&self.channel, expect_reply!(self.channel, Call::DisksetAddAll { domain: s(domain) }, Count)?)
-    }
-    async fn diskset_remove_all(&self, domain: &str) -> Result<usize> {
-        count(&self.channel, expect_reply!(self.channel, Call::DisksetRemoveAll { domain: s(domain) }, Count)?)
-    }
-    async fn diskset_list(&self, domain: &str) -> Result<Vec<String>> {
-        expect_reply!(self.channel, Call::DisksetList { domain: s(domain) }, Lines)
-    }
-    async fn diskset_size(&self, domain: &str) -> Result<usize> {
-        count(&self.channel, expect_reply!(self.channel, Call::DisksetSize { domain: s(domain) }, Count)?)
-    }
-}
-
-#[async_trait]
-impl MonitorOps for PluginConnection {
-    async fn monitor_command(&self, domain: &str, command: &str, human: bool) -> Result<String> {
-        expect_reply!(self.channel, Call::MonitorCommand { domain: s(domain), command: s(command), human }, Text)
-    }
-}
-
-#[async_trait]
-impl CpuPlacementOps for PluginConnection {
-    async fn node_info(&self) -> Result<NodeInfo> {
-        expect_reply!(self.channel, Call::NodeInfo, NodeInfo)
-    }
-    async fn node_cpu_map(&self) -> Result<HostCpuMap> {
-        expect_reply!(self.channel, Call::NodeCpuMap, HostCpuMap)
-    }
-    async fn vcpu_pins(&self, domain: &str, scope: PinScope) -> Result<Vec<Vec<u32>>> {
-        expect_reply!(self.channel, Call::VcpuPins { domain: s(domain), scope }, VcpuPins)
-    }
-    async fn pin_vcpu(&self, domain: &str, vcpu: u32, cpus: &[u32], scope: PinScope) -> Result<()> {
-        expect_reply!(self.channel, Call::PinVcpu { domain: s(domain), vcpu, cpus: cpus.to_vec(), scope })
-    }
-    async fn emulator_pin(&self, domain: &str, scope: PinScope) -> Result<Vec<u32>> {
-        expect_reply!(self.channel, Call::EmulatorPin { domain: s(domain), scope }, Cpus)
-    }
-    async fn pin_emulator(&self, domain: &str, cpus: &[u32], scope: PinScope) -> Result<()> {
-        expect_reply!(self.channel, Call::PinEmulator { domain: s(domain), cpus: cpus.to_vec(), scope })
-    }
-    async fn vcpu_counts(&self, domain: &str) -> Result<VcpuCounts> {
-        expect_reply!(self.channel, Call::VcpuCounts { domain: s(domain) }, VcpuCounts)
-    }
-    async fn set_vcpus(&self, domain: &str, count: u32, scope: PinScope, maximum: bool) -> Result<()> {
-        expect_reply!(self.channel, Call::SetVcpus { domain: s(domain), count, scope, maximum })
-    }
-}
-
-/// A plugin's storage pools, over the connection's handle.
-struct PluginPools(Arc<Channel>);
-
-#[async_trait]
-impl StoragePoolOps for PluginPools {
-    async fn pool_define_xml(&self, xml: &str) -> Result<String> {
-        expect_reply!(self.0, Call::PoolDefineXml { xml: s(xml) }, Text)
-    }
-    async fn pool_undefine(&self, pool: &str) -> Result<()> {
-        expect_reply!(self.0, Call::PoolUndefine { pool: s(pool) })
-    }
-    async fn pool_build(&self, pool: &str, flags: PoolBuildFlags) -> Result<()> {
-        expect_reply!(self.0, Call::PoolBuild { pool: s(pool), flags })
-    }
-    async fn pool_start(&self, pool: &str) -> Result<()> {
-        expect_reply!(self.0, Call::PoolStart { pool: s(pool) })
-    }
-    async fn pool_destroy(&self, pool: &str) -> Result<()> {
-        expect_reply!(self.0, Call::PoolDestroy { pool: s(pool) })
-    }
-    async fn pool_refresh(&self, pool: &str) -> Result<()> {
-        expect_reply!(self.0, Call::PoolRefresh { pool: s(pool) })
-    }
-    async fn pool_list(&self) -> Result<Vec<PoolInfo>> {
-        expect_reply!(self.0, Call::PoolList, Pools)
-    }
-    async fn pool_info(&self, pool: &str) -> Result<PoolInfo> {
-        expect_reply!(self.0, Call::PoolInfo { pool: s(pool) }, Pool)
-    }
-    async fn pool_xml(&self, pool: &str, inactive: bool) -> Result<String> {
-        expect_reply!(self.0, Call::PoolXml { pool: s(pool), inactive }, Text)
-    }
-    async fn pool_set_autostart(&self, pool: &str, autostart: bool) -> Result<()> {
-        expect_reply!(self.0, Call::PoolSetAutostart { pool: s(pool), autostart })
-    }
-    async fn vol_list(&self, pool: &str) -> Result<Vec<VolumeInfo>> {
-        expect_reply!(self.0, Call::VolList { pool: s(pool) }, Volumes)
-    }
-    async fn vol_info(&self, pool: Option<&str>, volume: &str) -> Result<VolumeInfo> {
-        expect_reply!(self.0, Call::VolInfo { pool: pool.map(s), volume: s(volume) }, Volume)
-    }
-    async fn vol_xml(&self, pool: Option<&str>, volume: &str) -> Result<String> {
-        expect_reply!(self.0, Call::VolXml { pool: pool.map(s), volume: s(volume) }, Text)
-    }
-    async fn vol_create_xml(&self, pool: &str, xml: &str) -> Result<String> {
-        expect_reply!(self.0, Call::VolCreateXml { pool: s(pool), xml: s(xml) }, Text)
-    }
-    async fn vol_delete(&self, pool: Option<&str>, volume: &str) -> Result<()> {
-        expect_reply!(self.0, Call::VolDelete { pool: pool.map(s), volume: s(volume) })
-    }
-    async fn vol_resize(&self, pool: Option<&str>, volume: &str, bytes: u64, flags: VolumeResizeFlags) -> Result<u64> {
-        expect_reply!(self.0, Call::VolResize { pool: pool.map(s), volume: s(volume), bytes, flags }, Bytes)
-    }
-    async fn vol_clone(&self, pool: Option<&str>, volume: &str, new_name: &str) -> Result<()> {
-        expect_reply!(self.0, Call::VolClone { pool: pool.map(s), volume: s(volume), new_name: s(new_name) })
     }
 }
 

@@ -79,6 +79,9 @@ pub fn drivers() -> Vec<DriverListing> {
 /// a plugin's.
 pub fn open(uri: &str) -> Result<Box<dyn Connection>> {
     let parsed = ConnectUri::parse(uri)?;
+    if parsed.transport.as_deref() == Some(crate::remote::TRANSPORT) {
+        return crate::remote::open(&parsed);
+    }
     if let Some(reg) = inventory::iter::<DriverRegistration>.into_iter().find(|d| d.scheme == parsed.driver) {
         return (reg.open)(&parsed);
     }

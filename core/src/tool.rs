@@ -49,7 +49,7 @@ pub fn run_tool_output(tool: &str, args: &[&str], hold: Option<BorrowedFd<'_>>) 
 /// In the forked child, before exec: SIGKILL when the parent's thread dies
 /// (and no start at all if the parent died before that was set up), and
 /// the held descriptor kept across exec. Only async-signal-safe calls.
-fn die_with_parent(parent: libc::pid_t, held: Option<RawFd>) -> std::io::Result<()> {
+pub(crate) fn die_with_parent(parent: libc::pid_t, held: Option<RawFd>) -> std::io::Result<()> {
     // SAFETY: prctl, getppid and fcntl are async-signal-safe system calls;
     // `held` is a descriptor this child inherited.
     unsafe {

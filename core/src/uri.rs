@@ -77,6 +77,24 @@ impl ConnectUri {
         &self.raw
     }
 
+    /// The URI as the driver on the far side of its transport opens it:
+    /// no transport, no host, and none of the parameters `transport_params`
+    /// (those the transport itself reads).
+    pub fn far_side(&self, transport_params: &[&str]) -> String {
+        let query: Vec<String> = self
+            .params
+            .iter()
+            .filter(|(k, _)| !transport_params.contains(&k.as_str()))
+            .map(|(k, v)| format!("{}={}", percent_encode(k), percent_encode(v)))
+            .collect();
+        let mut uri = format!("{}:///{}", self.driver, self.path);
+        if !query.is_empty() {
+            uri.push('?');
+            uri.push_str(&query.join("&"));
+        }
+        uri
+    }
+
     /// The state directory for this URI's instance of a driver:
     /// `/var/lib/strata/DRIVER` for `system`, `$XDG_STATE_HOME/strata/DRIVER`
     /// (or `~/.local/state/strata/DRIVER`) for `session`, and `root=DIR` for
@@ -121,6 +139,16 @@ impl fmt::Display for ConnectUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.raw)
     }
+}
+
+/// `s` with every byte but letters, digits, `-._~/` percent-encoded.
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn percent_decode(s: &str) -> String {
@@ -189,5 +217,15 @@ mod tests {
         assert!(ConnectUri::parse("qemu:///embed").expect("parse").state_root().is_err());
         assert!(ConnectUri::parse("qemu:///embed?root=rel").expect("parse").state_root().is_err());
         assert!(ConnectUri::parse("qemu:///bogus").expect("parse").state_root().is_err());
+    }
+
+    #[test]
+    fn the_far_side_of_a_transport_drops_it_with_its_host_and_parameters() {
+        let u = ConnectUri::parse("qemu+ext://10.0.0.2/embed?root=/srv/a%20b&command=ip%20netns%20exec%20b%20strata")
+            .expect("ext");
+        assert_eq!(u.param("command"), Some("ip netns exec b strata"));
+        let far = u.far_side(&["command"]);
+        assert_eq!(far, "qemu:///embed?root=/srv/a%20b");
+        assert_eq!(ConnectUri::parse(&far).expect("far").state_root().expect("root"), PathBuf::from("/srv/a b"));
     }
 }

@@ -1,11 +1,13 @@
-//! The driver traits as plain data, for a driver behind a C ABI.
+//! The driver traits as plain data, for a driver behind a C ABI or on
+//! another host.
 //!
 //! Every method of [`Connection`] and of its capability traits is one
 //! [`Call`] variant (its arguments as owned values, flags as bit sets) and
 //! its result one [`Reply`] variant; an error is an [`ErrorPayload`].
 //! [`dispatch`] performs a call on a connection, and [`dispatch_json`] does
 //! the same for a JSON request in a versioned envelope, which is what a
-//! plugin's `call` carries (see [`crate::plugin`]). Nothing waits for the
+//! plugin's `call` carries (see [`crate::plugin`]) and a remote `strata`
+//! reads, a line each (see [`crate::remote`]). Nothing waits for the
 //! other side: events and block-job progress are asked for with a timeout
 //! ([`Call::NextEvent`], [`Call::BlockJobWait`]); a plugin driver pushes its
 //! events instead, through a callback record the host owns.
@@ -15,9 +17,9 @@ use serde::{Deserialize, Serialize};
 use crate::capabilities::DriverCapabilities;
 use crate::driver::{
     BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobState, Connection, DefineFlags, DefineOutcome, DiskChainCheck,
-    DiskSetOutcome, DomainEvent, DomainInfo, DomainJobInfo, DomainSummary, DumpXmlFlags, MigrateOptions, NetworkInfo,
-    PinScope, PoolBuildFlags, PoolInfo, SaveFlags, SaveOptions, SnapshotSummary, StartFlags, StartOutcome,
-    UndefineFlags, VcpuCounts, VcpuInfo, VolumeInfo, VolumeResizeFlags,
+    DiskSetOutcome, DomainEvent, DomainInfo, DomainJobInfo, DomainSummary, DumpXmlFlags, IncomingMigration,
+    MigrateOptions, NetworkInfo, PinScope, PoolBuildFlags, PoolInfo, PreparedMigration, SaveFlags, SaveOptions,
+    SnapshotSummary, StartFlags, StartOutcome, UndefineFlags, VcpuCounts, VcpuInfo, VolumeInfo, VolumeResizeFlags,
 };
 use crate::error::{Error, ErrorKind, ErrorPayload, Result};
 use crate::hostcpu::{HostCpuMap, NodeInfo};
@@ -96,6 +98,10 @@ pub enum Call {
     DomainJobInfo { domain: String },
     DomainJobAbort { domain: String },
     Migrate { domain: String, dest_uri: String, options: MigrateOptions },
+    MigrateCheck { incoming: IncomingMigration },
+    MigratePrepare { incoming: IncomingMigration },
+    MigrateFinish { domain: String, resume: bool },
+    MigrateCleanup { domain: String, uuid: Option<String>, images: Vec<String> },
     // StoragePoolOps; a volume without a pool is named by its path.
     PoolDefineXml { xml: String },
     PoolUndefine { pool: String },
@@ -165,6 +171,7 @@ pub enum Reply {
     Cpus(Vec<u32>),
     VcpuCounts(VcpuCounts),
     DomainJobInfo(Option<DomainJobInfo>),
+    PreparedMigration(PreparedMigration),
     Pools(Vec<PoolInfo>),
     Pool(PoolInfo),
     Volumes(Vec<VolumeInfo>),
@@ -295,6 +302,16 @@ async fn perform(conn: &dyn Connection, call: Call) -> Result<Reply> {
         Call::DomainJobAbort { domain } => done(conn.require_save_migrate()?.job_abort(&domain).await?),
         Call::Migrate { domain, dest_uri, options } => {
             done(conn.require_save_migrate()?.migrate(&domain, &dest_uri, &options).await?)
+        }
+        Call::MigrateCheck { incoming } => done(conn.require_save_migrate()?.migrate_check(&incoming).await?),
+        Call::MigratePrepare { incoming } => {
+            Reply::PreparedMigration(conn.require_save_migrate()?.migrate_prepare(&incoming).await?)
+        }
+        Call::MigrateFinish { domain, resume } => {
+            done(conn.require_save_migrate()?.migrate_finish(&domain, resume).await?)
+        }
+        Call::MigrateCleanup { domain, uuid, images } => {
+            done(conn.require_save_migrate()?.migrate_cleanup(&domain, uuid.as_deref(), &images).await?)
         }
 
         Call::PoolDefineXml { xml } => Reply::Text(conn.require_storage_pools()?.pool_define_xml(&xml).await?),
@@ -439,7 +456,10 @@ mod tests {
 
     use super::*;
     use crate::chain::ChainDifference;
-    use crate::driver::{DomainJobOperation, DomainState, MigrateFlags, PoolState, VcpuCount};
+    use crate::driver::{
+        DiskCopyProgress, DomainJobOperation, DomainState, IncomingDisk, MigrateFlags, PoolState, SharedDisk,
+        TcpListen, VcpuCount,
+    };
     use crate::xml::Domain;
 
     fn round_trip<T: Serialize + DeserializeOwned + PartialEq + Debug>(value: &T) {
@@ -654,6 +674,21 @@ mod tests {
         list.split(", ").map(|name| name.trim_matches('`').to_string()).collect()
     }
 
+    fn incoming_migration() -> IncomingMigration {
+        IncomingMigration {
+            xml: "<domain/>".into(),
+            copied: vec![IncomingDisk {
+                target: "vda".into(),
+                format: "qcow2".into(),
+                size: 16 << 20,
+                file_name: "copied.qcow2".into(),
+            }],
+            shared: vec![SharedDisk { target: "vdb".into(), images: vec!["/srv/shared/vdb.qcow2".into()] }],
+            migration_listen: Some(TcpListen { host: "10.0.0.2".into(), port: Some(49152) }),
+            disks_listen: Some(TcpListen { host: "10.0.0.2".into(), port: None }),
+        }
+    }
+
     fn sample_calls() -> Vec<Call> {
         let d = || "vm1".to_string();
         let disk = || "vda".to_string();
@@ -760,8 +795,18 @@ mod tests {
                 options: MigrateOptions {
                     bandwidth_mib: Some(100),
                     timeout_s: Some(30),
+                    migrate_uri: Some("tcp:10.0.0.2:49152".into()),
+                    disks_uri: None,
                     flags: MigrateFlags { live: true, copy_storage_disk_set: true, ..Default::default() },
                 },
+            },
+            Call::MigrateCheck { incoming: incoming_migration() },
+            Call::MigratePrepare { incoming: incoming_migration() },
+            Call::MigrateFinish { domain: d(), resume: true },
+            Call::MigrateCleanup {
+                domain: d(),
+                uuid: Some("0c1e39c6-7b8f-4f4e-9a5e-d3c2a1b0f9e8".into()),
+                images: vec!["copied.qcow2".into()],
             },
             Call::PoolDefineXml { xml: "<pool/>".into() },
             Call::PoolUndefine { pool: pool() },
@@ -845,7 +890,12 @@ mod tests {
                 data_remaining: 1 << 21,
                 data_total: 3 << 20,
                 memory_bandwidth: 1 << 20,
+                disks: Some(DiskCopyProgress { processed: 1 << 20, remaining: 0, total: 1 << 20 }),
             })),
+            Reply::PreparedMigration(PreparedMigration {
+                migration_uri: "tcp:10.0.0.2:49152".into(),
+                disks_uri: Some("tcp:10.0.0.2:49153".into()),
+            }),
             Reply::Pools(vec![pool_info()]),
             Reply::Pool(pool_info()),
             Reply::Volumes(vec![volume_info()]),

@@ -415,23 +415,117 @@ fn assert_destination_clean(dest: &TestEnv) {
     assert_no_stray_processes(dest, "after a migration that did not happen");
 }
 
+/// Two network namespaces joined by a veth pair, acting as two hosts:
+/// `a` at 10.254.0.1 and `b` at 10.254.0.2, named after this test process
+/// and the test's tag; deleted by those names on drop, even after a
+/// failure (the veth pair goes with them).
+struct TwoHosts {
+    a: String,
+    b: String,
+}
+
+const HOST_B_ADDRESS: &str = "10.254.0.2";
+
+impl TwoHosts {
+    fn new(tag: &str) -> TwoHosts {
+        let pid = std::process::id();
+        let hosts = TwoHosts { a: format!("strata-{pid}-{tag}-a"), b: format!("strata-{pid}-{tag}-b") };
+        let (veth_a, veth_b) = (format!("sv{pid}{tag}a"), format!("sv{pid}{tag}b"));
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("run ip (iproute2)");
+            assert!(out.status.success(), "ip {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        ip(&["netns", "add", &hosts.a]);
+        ip(&["netns", "add", &hosts.b]);
+        ip(&["link", "add", &veth_a, "netns", &hosts.a, "type", "veth", "peer", "name", &veth_b, "netns", &hosts.b]);
+        for (ns, veth, address) in [(&hosts.a, &veth_a, "10.254.0.1/24"), (&hosts.b, &veth_b, "10.254.0.2/24")] {
+            ip(&["-n", ns, "addr", "add", address, "dev", veth]);
+            ip(&["-n", ns, "link", "set", veth, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        hosts
+    }
+
+    /// A source world whose every `strata` runs in host a, and a
+    /// destination reached from it as the Strata host at b's address,
+    /// whose `strata` (and so QEMU) runs in host b.
+    fn envs(&self) -> (TestEnv, TestEnv) {
+        (host_env(&self.a, ""), host_env(&self.b, HOST_B_ADDRESS))
+    }
+}
+
+impl TwoHosts {
+    /// The TCP sockets listening in host b, as `ss -Hltn` lists them.
+    fn listening_in_b(&self) -> String {
+        let out = Command::new("ip").args(["netns", "exec", &self.b, "ss", "-Hltn"]).output().expect("run ss");
+        assert!(out.status.success(), "ss failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// A world on the Strata host `netns`: its URI runs `strata` there
+/// through the ext transport, the host reached at `address`.
+fn host_env(netns: &str, address: &str) -> TestEnv {
+    let mut env = TestEnv::new();
+    let command = format!("ip netns exec {netns} {}", env!("CARGO_BIN_EXE_strata-test-cli"));
+    env.uri = format!(
+        "qemu+ext://{address}/embed?root={}&command={}",
+        env.state_root().display(),
+        command.replace(' ', "%20")
+    );
+    env
+}
+
+/// Whether the domain's QEMU runs in network namespace `netns`.
+fn runs_in(env: &TestEnv, name: &str, netns: &str) -> bool {
+    let pid = qemu_pid(env, name).expect("a running QEMU");
+    let ino = |path: String| std::fs::metadata(&path).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).expect(&path);
+    ino(format!("/proc/{pid}/ns/net")) == ino(format!("/run/netns/{netns}"))
+}
+
 #[test]
 fn migrate_copies_the_disk_set_shares_the_rest_and_keeps_ram() {
-    let src = TestEnv::new();
-    let dest = TestEnv::new();
-    let _guard = migratable_domain(&src, &dest, false);
-    let _dest_guard = DomainGuard { env: &dest, name: "vm1".into() };
+    migrates_the_disk_set_keeping_ram(&TestEnv::new(), &TestEnv::new(), None);
+}
+
+#[test]
+fn migrate_to_another_host_over_tcp_copies_the_disk_set_and_keeps_ram() {
+    let hosts = TwoHosts::new("m");
+    let (src, dest) = hosts.envs();
+    migrates_the_disk_set_keeping_ram(&src, &dest, Some(&hosts));
+}
+
+/// A disk-set migration of vm1 from `src` to `dest` (on `hosts` when
+/// given: its QEMU in host a before, in host b after): the guest's RAM
+/// and disks arrive, the source is undefined.
+fn migrates_the_disk_set_keeping_ram(src: &TestEnv, dest: &TestEnv, hosts: Option<&TwoHosts>) {
+    let _guard = migratable_domain(src, dest, false);
+    let _dest_guard = DomainGuard { env: dest, name: "vm1".into() };
+    if let Some(hosts) = hosts {
+        assert!(runs_in(src, "vm1", &hosts.a), "the source QEMU runs in host a");
+    }
     // The firmware of a running guest keeps changing its own RAM, so the
     // guest is paused for the dumps; it arrives paused and is resumed.
-    let before = filled_and_paused(&src, "vm1", 6);
+    let before = filled_and_paused(src, "vm1", 6);
 
     src.ok(&["migrate", "vm1", &dest.uri, "--live", "--copy-storage-disk-set", "--persistent", "--undefinesource"]);
-    assert_eq!(qemu_status(&dest, "vm1"), "paused");
+    if let Some(hosts) = hosts {
+        assert!(runs_in(dest, "vm1", &hosts.b), "the destination QEMU runs in host b");
+    }
+    assert_eq!(qemu_status(dest, "vm1"), "paused");
     assert_eq!(src.ok(&["list", "--all", "--name"]).trim(), "", "undefined at the source");
     assert!(!src.state_root().join("domains/vm1").exists(), "nothing of it is left at the source");
-    assert_same_ram(&before, &guest_ram(&dest, "vm1", "after.ram"));
+    assert_same_ram(&before, &guest_ram(dest, "vm1", "after.ram"));
     dest.ok(&["resume", "vm1"]);
-    assert_eq!(qemu_status(&dest, "vm1"), "running");
+    assert_eq!(qemu_status(dest, "vm1"), "running");
 
     let blklist = dest.ok(&["domblklist", "vm1"]);
     let copied = dest.state_root().join("images/vm1/copied.qcow2");
@@ -459,19 +553,56 @@ fn migrate_copies_the_disk_set_shares_the_rest_and_keeps_ram() {
 }
 
 #[test]
+fn a_running_guest_migrates_running() {
+    running_guest_arrives_running(&TestEnv::new(), &TestEnv::new());
+}
+
+#[test]
+fn a_running_guest_migrates_running_to_another_host() {
+    let hosts = TwoHosts::new("g");
+    let (src, dest) = hosts.envs();
+    running_guest_arrives_running(&src, &dest);
+}
+
+/// A running vm1 moved from `src` to `dest` with every disk copied runs
+/// there, its state's reason `migrated`, and is shut off at the source.
+fn running_guest_arrives_running(src: &TestEnv, dest: &TestEnv) {
+    let (_guard, disk) = running_domain(src, "vm1");
+    let _dest_guard = DomainGuard { env: dest, name: "vm1".into() };
+    src.ok(&["migrate", "vm1", &dest.uri, "--live", "--copy-storage-all"]);
+    assert_eq!(qemu_status(dest, "vm1"), "running");
+    assert_eq!(dest.ok(&["domstate", "vm1", "--reason"]).trim(), "running (migrated)");
+    assert_eq!(domstate(src, "vm1"), "shut off");
+    let copied = dest.state_root().join("images/vm1").join(disk.file_name().expect("a file name"));
+    let same = qemu_img(&["compare", "-U", disk.to_str().expect("utf8"), copied.to_str().expect("utf8")]);
+    assert!(same.contains("identical"), "{same}");
+}
+
+#[test]
 fn migrate_refuses_a_disk_neither_copied_nor_shared_before_anything_starts() {
-    let src = TestEnv::new();
-    let dest = TestEnv::new();
-    let _guard = migratable_domain(&src, &dest, true);
+    refuses_an_unshared_disk(&TestEnv::new(), &TestEnv::new());
+}
+
+#[test]
+fn migrate_to_another_host_refuses_a_disk_neither_copied_nor_shared_before_anything_starts() {
+    let hosts = TwoHosts::new("r");
+    let (src, dest) = hosts.envs();
+    refuses_an_unshared_disk(&src, &dest);
+}
+
+/// vm1 with a disk neither copied nor on storage `dest` shares is not
+/// migrated: refused before anything starts, naming the disk.
+fn refuses_an_unshared_disk(src: &TestEnv, dest: &TestEnv) {
+    let _guard = migratable_domain(src, dest, true);
     let err = src.fails(&["migrate", "vm1", &dest.uri, "--live", "--copy-storage-disk-set"]);
     let private = src.path("private.qcow2");
     assert!(
         err.contains(&format!("disk 'vdc' is not copied and '{}' is not on storage shared with", private.display())),
         "{err}"
     );
-    assert_eq!(qemu_status(&src, "vm1"), "running");
-    assert_eq!(domstate(&src, "vm1"), "running");
-    assert_destination_clean(&dest);
+    assert_eq!(qemu_status(src, "vm1"), "running");
+    assert_eq!(domstate(src, "vm1"), "running");
+    assert_destination_clean(dest);
 }
 
 #[test]
@@ -493,6 +624,137 @@ fn domjobabort_cancels_a_throttled_migration_leaving_the_source_running_and_the_
     assert_destination_clean(&dest);
     // The source can still be saved: the migration left no capability behind.
     src.ok(&["save", "vm1", src.path("after-abort.save").to_str().expect("utf8")]);
+}
+
+/// The source's block jobs as `query-block-jobs` lists them.
+fn block_jobs(env: &TestEnv, name: &str) -> Vec<serde_json::Value> {
+    let reply = env.ok(&["qemu-monitor-command", name, r#"{"execute":"query-block-jobs"}"#]);
+    let value: serde_json::Value = serde_json::from_str(&reply).expect("QMP reply");
+    value["return"].as_array().expect("a job list").clone()
+}
+
+/// Writes 8 MiB more into vm1's copied disk (vda), then migrates vm1 to
+/// `dest` at 1 MiB/s in the background (with `extra` options); returns
+/// once the copy of vda runs (a 60 s hang guard), with its
+/// `query-block-jobs` entry.
+fn throttled_disk_copy(src: &TestEnv, dest: &TestEnv, extra: &[&str]) -> (Background, serde_json::Value) {
+    let write = "qemu-io -d vda/virtio-backend \"write -P 0x61 4M 8M\"";
+    assert_eq!(src.ok(&["qemu-monitor-command", "vm1", "--hmp", write]).trim(), "");
+    let mut args = vec!["migrate", "vm1", &dest.uri, "--live", "--copy-storage-disk-set", "--bandwidth", "1"];
+    args.extend_from_slice(extra);
+    let migration = Background::spawn(src, &args);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let jobs = block_jobs(src, "vm1");
+        if let Some(copy) = jobs.iter().find(|j| j["device"] == "strata-migrate-vda") {
+            return (migration, copy.clone());
+        }
+        assert!(Instant::now() < deadline, "no copy of vda started: {jobs:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_throttled_migration_caps_its_disk_copy_and_domjobabort_cancels_it() {
+    aborts_a_throttled_disk_copy(&TestEnv::new(), &TestEnv::new());
+}
+
+#[test]
+fn domjobabort_cancels_a_throttled_migration_to_another_host_leaving_the_destination_clean() {
+    let hosts = TwoHosts::new("a");
+    let (src, dest) = hosts.envs();
+    aborts_a_throttled_disk_copy(&src, &dest);
+}
+
+/// A migration of vm1 from `src` to `dest` at 1 MiB/s copies its disk at
+/// that speed, and domjobabort ends it there: the source runs on, the
+/// destination has nothing of it.
+fn aborts_a_throttled_disk_copy(src: &TestEnv, dest: &TestEnv) {
+    let _guard = migratable_domain(src, dest, false);
+    let (migration, copy) = throttled_disk_copy(src, dest, &[]);
+    assert_eq!(copy["type"], "mirror", "{copy}");
+    assert_eq!(copy["speed"], 1 << 20, "the disk copy runs at the migration's bandwidth: {copy}");
+    // Its first burst may reach the end; the rate limit then holds it
+    // back from ready.
+    assert!(copy["status"] == "running" && copy["ready"] == false, "the copy is still running: {copy}");
+
+    src.ok(&["domjobabort", "vm1"]);
+    let out = migration.finish(Duration::from_secs(120));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("operation aborted: migration job: canceled by client"), "{err}");
+    assert_eq!(block_jobs(src, "vm1"), Vec::<serde_json::Value>::new(), "the copy is gone");
+    assert_eq!(qemu_status(src, "vm1"), "running");
+    assert_eq!(domstate(src, "vm1"), "running");
+    assert_destination_clean(dest);
+}
+
+#[test]
+fn migrateuri_and_disks_uri_choose_where_the_destination_host_listens() {
+    let hosts = TwoHosts::new("u");
+    let (src, dest) = hosts.envs();
+    let _guard = migratable_domain(&src, &dest, false);
+    let err = src.fails(&["migrate", "vm1", &dest.uri, "--live", "--copy-storage-all", "--migrateuri", "unix:/run/m"]);
+    assert!(err.contains("'unix:/run/m' is not a migration URI of the form tcp:HOST[:PORT]"), "{err}");
+    assert_destination_clean(&dest);
+
+    let uris = ["--migrateuri", "tcp:10.254.0.2:49252", "--disks-uri", "tcp://10.254.0.2:49253"];
+    let (migration, _) = throttled_disk_copy(&src, &dest, &uris);
+    let listening = hosts.listening_in_b();
+    assert!(listening.contains("10.254.0.2:49252"), "the memory stream's port: {listening}");
+    assert!(listening.contains("10.254.0.2:49253"), "the disks' port: {listening}");
+    src.ok(&["domjobabort", "vm1"]);
+    assert_eq!(migration.finish(Duration::from_secs(120)).status.code(), Some(1));
+    assert_eq!(qemu_status(&src, "vm1"), "running");
+    assert_destination_clean(&dest);
+    assert!(!hosts.listening_in_b().contains("10.254.0.2:4925"), "nothing listens any more");
+}
+
+/// A `domjobinfo` line's value.
+fn job_field(info: &str, label: &str) -> String {
+    let line = info.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no '{label}' in {info}"));
+    line[label.len()..].trim().to_string()
+}
+
+/// A `domjobinfo` size (`1.500 MiB`) in bytes.
+fn job_bytes(info: &str, label: &str) -> f64 {
+    let value = job_field(info, label);
+    let (number, unit) = value.split_once(' ').unwrap_or_else(|| panic!("no unit in '{value}'"));
+    let scale = ["B", "KiB", "MiB", "GiB"].iter().position(|u| *u == unit).expect("a binary unit");
+    number.parse::<f64>().expect("a number") * 1024f64.powi(scale as i32)
+}
+
+#[test]
+fn domjobinfo_of_a_migration_copying_its_disks_shows_its_time_and_the_disks_progress() {
+    let src = TestEnv::new();
+    let dest = TestEnv::new();
+    let _guard = migratable_domain(&src, &dest, false);
+    let args = ["migrate", "vm1", &dest.uri, "--live", "--copy-storage-disk-set"];
+    let migration = Background::spawn_paused_at(&src, &args, "migrate:disks-copying").expect("paused at the disk copy");
+    let elapsed = |info: &str| -> u64 {
+        job_field(info, "Time elapsed:").trim_end_matches("ms").trim().parse().expect("milliseconds")
+    };
+    let first = src.ok(&["domjobinfo", "vm1"]);
+    std::thread::sleep(Duration::from_millis(200));
+    let second = src.ok(&["domjobinfo", "vm1"]);
+    assert!(elapsed(&first) > 0, "{first}");
+    assert!(elapsed(&second) > elapsed(&first), "{first}\n{second}");
+    for info in [&first, &second] {
+        assert_eq!(job_field(info, "Operation:"), "Outgoing migration");
+        let total = job_bytes(info, "File total:");
+        assert!(total > 0.0, "{info}");
+        assert!(job_bytes(info, "File processed:") <= total, "{info}");
+        assert!(job_bytes(info, "Data processed:") <= job_bytes(info, "Data total:"), "{info}");
+    }
+    let json: serde_json::Value = serde_json::from_str(&src.ok(&["domjobinfo", "vm1", "--json"])).expect("JSON");
+    let disks = &json["job"]["disks"];
+    assert!(disks["total"].as_u64() > Some(0) && disks["processed"].as_u64() <= disks["total"].as_u64(), "{json}");
+
+    src.ok(&["domjobabort", "vm1"]);
+    migration.resume();
+    assert_eq!(migration.finish(Duration::from_secs(300)).status.code(), Some(1));
+    assert_eq!(qemu_status(&src, "vm1"), "running");
+    assert_destination_clean(&dest);
 }
 
 #[test]
@@ -568,26 +830,39 @@ fn save_with_xml_records_that_document_and_refuses_another_domain_leaving_it_run
 
 #[test]
 fn a_migration_killed_mid_stream_is_undone_by_the_next_command_on_the_source() {
-    let src = TestEnv::new();
-    let dest = TestEnv::new();
-    let _guard = migratable_domain(&src, &dest, false);
+    killed_migration_is_undone(&TestEnv::new(), &TestEnv::new());
+}
+
+#[test]
+fn a_migration_to_another_host_killed_mid_stream_is_undone_through_its_transport() {
+    let hosts = TwoHosts::new("k");
+    let (src, dest) = hosts.envs();
+    killed_migration_is_undone(&src, &dest);
+}
+
+/// A migration of vm1 from `src` to `dest` SIGKILLed mid-stream is undone
+/// by the next command on the source: the guest runs on with its RAM, the
+/// destination (reached as the record names it) has nothing of it.
+fn killed_migration_is_undone(src: &TestEnv, dest: &TestEnv) {
+    let _guard = migratable_domain(src, dest, false);
     let data = noise(10, FILL_BYTES);
-    write_guest_ram(&src, "vm1", FILL_AT, &data);
+    write_guest_ram(src, "vm1", FILL_AT, &data);
 
     let args = ["migrate", "vm1", &dest.uri, "--live", "--copy-storage-disk-set", "--bandwidth", "1"];
-    let migration = Background::spawn(&src, &args);
-    job_running(&src, "vm1", "Outgoing migration");
-    assert!(qemu_pid(&dest, "vm1").is_some(), "the destination QEMU runs");
+    let migration = Background::spawn(src, &args);
+    job_running(src, "vm1", "Outgoing migration");
+    assert!(qemu_pid(dest, "vm1").is_some(), "the destination QEMU runs");
     assert!(dest.state_root().join("images/vm1/copied.qcow2").exists(), "the copied image is made");
-    // SIGKILL mid-stream.
+    // SIGKILL mid-stream (a strata reached through a transport dies with
+    // the one that started it).
     drop(migration);
 
     src.ok(&["list", "--all"]);
-    assert_eq!(qemu_status(&src, "vm1"), "running");
+    assert_eq!(qemu_status(src, "vm1"), "running");
     assert!(src.ok(&["domjobinfo", "vm1"]).starts_with("Job type:         None"));
-    assert_destination_clean(&dest);
+    assert_destination_clean(dest);
     src.ok(&["suspend", "vm1"]);
-    let ram = guest_ram(&src, "vm1", "after.ram");
+    let ram = guest_ram(src, "vm1", "after.ram");
     assert!(ram[FILL_AT as usize..FILL_AT as usize + FILL_BYTES] == data[..], "guest RAM changed");
     // The source can be saved: the killed migration left no job or capability behind.
     src.ok(&["save", "vm1", src.path("after-kill.save").to_str().expect("utf8")]);

@@ -39,8 +39,8 @@ use strata_core::define;
 use strata_core::driver::{
     BlockJobOps, Connection, CpuPlacementOps, DefineFlags, DefineOutcome, DiskChainCheck, DiskSetOps, DiskSetOutcome,
     DomainEvent, DomainInfo, DomainJobInfo, DomainState, DomainSummary, DriverCapabilities, DumpXmlFlags,
-    MigrateOptions, MonitorOps, PinScope, SaveFlags, SaveMigrateOps, SaveOptions, SnapshotOps, StartFlags,
-    StartOutcome, UndefineFlags, VcpuCounts, VcpuInfo,
+    IncomingMigration, MigrateOptions, MonitorOps, PinScope, PreparedMigration, SaveFlags, SaveMigrateOps, SaveOptions,
+    SnapshotOps, StartFlags, StartOutcome, UndefineFlags, VcpuCounts, VcpuInfo,
 };
 use strata_core::hostcpu::{HostCpuMap, NodeInfo, SysfsCpus};
 use strata_core::network::NetworkManager;
@@ -691,6 +691,22 @@ impl SaveMigrateOps for QemuConnection {
 
     async fn migrate(&self, domain: &str, dest_uri: &str, opts: &MigrateOptions) -> Result<()> {
         self.migrate_domain(domain, dest_uri, opts).await
+    }
+
+    async fn migrate_check(&self, incoming: &IncomingMigration) -> Result<()> {
+        self.check_incoming(incoming).await
+    }
+
+    async fn migrate_prepare(&self, incoming: &IncomingMigration) -> Result<PreparedMigration> {
+        self.prepare_incoming(incoming).await
+    }
+
+    async fn migrate_finish(&self, domain: &str, resume: bool) -> Result<()> {
+        self.finish_incoming(domain, resume).await
+    }
+
+    async fn migrate_cleanup(&self, domain: &str, uuid: Option<&str>, images: &[String]) -> Result<()> {
+        self.remove_migrated(domain, uuid, images).await
     }
 }
 

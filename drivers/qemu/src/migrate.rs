@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use strata_core::chain::{Backing, Chain, Layer, StorageSource};
 use strata_core::driver::{
-    Connection, DefineFlags, DomainJobInfo, DomainJobOperation, DomainState, MigrateOptions, StoragePoolOps,
+    Connection, DefineFlags, DiskCopyProgress, DomainJobInfo, DomainJobOperation, DomainState, IncomingDisk,
+    IncomingMigration, MigrateOptions, PreparedMigration, SaveMigrateOps, SharedDisk, StoragePoolOps, TcpListen,
 };
 use strata_core::pool::PoolManager;
 use strata_core::uri::ConnectUri;
@@ -34,14 +35,10 @@ use crate::stream_intent::{remove_regular_file, StreamIntent};
 use crate::{QemuConnection, StartMode};
 use strata_qemu_block::monitor::qmp_error;
 
-/// A disk the migration copies: its root node at the source and the
-/// fresh image the destination runs it on.
+/// A disk the migration copies: its root node at the source.
 struct CopiedDisk {
     target: String,
     source_root: String,
-    format: String,
-    size: u64,
-    image: PathBuf,
 }
 
 impl CopiedDisk {
@@ -73,83 +70,86 @@ impl QemuConnection {
                 "--copy-storage-inc: the qemu driver copies whole disks (--copy-storage-all, --copy-storage-disk-set)",
             ));
         }
-        let dest = QemuConnection::open(&ConnectUri::parse(dest_uri)?)?;
-        if dest.store().root() == self.store().root() {
-            return Err(Error::invalid_arg(format!("'{dest_uri}' is the domain's own connection")));
-        }
+        let started_ms = unix_ms();
+        let (migration_listen, disks_listen) = listen_addresses(dest_uri, self.store().root(), opts)?;
+        let dest_conn = strata_core::registry::open(dest_uri)?;
+        let dest = dest_conn.require_save_migrate()?;
         let (status, monitor) = self.running_without_job(domain).await?;
         let _operation = self.stream_operation(domain).await?;
         let client = &monitor.client;
         let persistent = strata_engine::definitions::load(self.store(), domain)?;
         let copied = copied_targets(&persistent, &status.domain, opts)?;
-        let images = dest.store().root().join("images").join(domain);
+        let mut incoming = IncomingMigration {
+            xml: status.domain.to_xml(),
+            copied: Vec::new(),
+            shared: Vec::new(),
+            migration_listen,
+            disks_listen,
+        };
         let mut disks = Vec::new();
-        let mut dest_dom = status.domain.clone();
         for disk in status.domain.disks()? {
             let Some(chain) = disk.chain.as_ref() else { continue };
-            if copied.contains(&disk.target) {
-                let top = chain.top().ok_or_else(|| Error::internal("a disk chain without layers"))?;
-                let path = top.source.local_path().ok_or_else(|| {
-                    Error::config_unsupported(format!(
-                        "disk '{}' is not a local image and cannot be copied",
-                        disk.target
-                    ))
-                })?;
-                let format = top.format.clone().unwrap_or_else(|| "raw".into());
-                let image = images.join(path.file_name().ok_or_else(|| Error::internal("an image without a name"))?);
-                let single = Chain {
-                    layers: vec![Layer {
-                        source: StorageSource::File { path: image.clone() },
-                        format: Some(format.clone()),
-                        index: 0,
-                        backing: Backing::End,
-                        slice: None,
-                    }],
-                };
-                dest_dom.set_disk_chain(&disk.target, &single)?;
-                let source_root = status
-                    .roots
-                    .get(&disk.target)
-                    .cloned()
-                    .ok_or_else(|| Error::internal(format!("no root node recorded for disk '{}'", disk.target)))?;
-                disks.push(CopiedDisk {
-                    target: disk.target.clone(),
-                    source_root,
-                    size: image_size(path, &format)?,
-                    format,
-                    image,
-                });
-            } else {
-                refuse_unshared(&dest, dest_uri, &disk.target, chain).await?;
+            if !copied.contains(&disk.target) {
+                let images = chain.layers.iter().filter_map(|l| l.source.local_path()).map(|p| p.display().to_string());
+                incoming.shared.push(SharedDisk { target: disk.target.clone(), images: images.collect() });
+                continue;
             }
+            let top = chain.top().ok_or_else(|| Error::internal("a disk chain without layers"))?;
+            let path = top.source.local_path().ok_or_else(|| {
+                Error::config_unsupported(format!("disk '{}' is not a local image and cannot be copied", disk.target))
+            })?;
+            let format = top.format.clone().unwrap_or_else(|| "raw".into());
+            let file_name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| Error::internal(format!("image '{}' has no UTF-8 file name", path.display())))?;
+            let source_root = status
+                .roots
+                .get(&disk.target)
+                .cloned()
+                .ok_or_else(|| Error::internal(format!("no root node recorded for disk '{}'", disk.target)))?;
+            incoming.copied.push(IncomingDisk {
+                target: disk.target.clone(),
+                size: image_size(path, &format)?,
+                format,
+                file_name: file_name.to_string(),
+            });
+            disks.push(CopiedDisk { target: disk.target.clone(), source_root });
         }
-        refuse_existing_destination(&dest, &dest_dom).await?;
+        dest.migrate_check(&incoming).await?;
 
         let was_running = client.query_status().await.map_err(|e| qmp_error(domain, e))?.running;
-        let images: Vec<PathBuf> = disks.iter().map(|d| d.image.clone()).collect();
+        let images: Vec<String> = incoming.copied.iter().map(|d| d.file_name.clone()).collect();
         let targets: Vec<String> = disks.iter().map(|d| d.target.clone()).collect();
+        let uuid = status.domain.uuid();
         let record = StreamIntent::Migrate {
             running: was_running,
-            root: dest.store().root().to_path_buf(),
+            started_ms: Some(started_ms),
+            uri: dest_uri.to_string(),
             name: domain.to_string(),
-            uuid: dest_dom.uuid(),
+            uuid: uuid.clone(),
             images: images.clone(),
             targets: targets.clone(),
             undefine_source: opts.flags.undefine_source,
             committed: false,
         };
         record.write(self.store(), domain)?;
-        let migrated = self.run_migration(domain, client, &dest, &dest_dom, &disks, opts, was_running, &record).await;
+        let migrated = self.run_migration(domain, client, dest, &incoming, &disks, opts, &record).await;
         if let Err(e) = migrated {
             self.abandon(domain, client, &targets, was_running).await;
-            match dest.remove_migrated(domain, dest_dom.uuid().as_deref(), &images).await {
+            match dest.migrate_cleanup(domain, uuid.as_deref(), &images).await {
                 Ok(()) => StreamIntent::clear(self.store(), domain)?,
                 // The record stays for the next command to finish the cleanup.
                 Err(left) => tracing::warn!(domain, error = %left.report(), "the destination is not cleaned up yet"),
             }
             return Err(e);
         }
+        // Committed: from here nothing is undone. The guest runs on at the
+        // destination first, then the paused source stops.
+        let resumed = if was_running { dest.migrate_finish(domain, true).await } else { Ok(()) };
         Connection::destroy(self, domain).await?;
+        // Not resumed: the record stays, for the next command to ask again.
+        resumed?;
         StreamIntent::clear(self.store(), domain)?;
         if opts.flags.undefine_source {
             strata_engine::definitions::undefine(self.store(), domain, false)?;
@@ -157,57 +157,29 @@ impl QemuConnection {
         Ok(())
     }
 
+    /// Everything up to the commit: the destination prepared, the disks
+    /// copied, the memory moved, and the destination holding the guest,
+    /// paused.
     #[allow(clippy::too_many_arguments)]
     async fn run_migration(
         &self,
         domain: &str,
         client: &QmpClient,
-        dest: &QemuConnection,
-        dest_dom: &Domain,
+        dest: &dyn SaveMigrateOps,
+        incoming: &IncomingMigration,
         disks: &[CopiedDisk],
         opts: &MigrateOptions,
-        was_running: bool,
         record: &StreamIntent,
     ) -> Result<()> {
+        let prepared = dest.migrate_prepare(incoming).await?;
+        let server = match (&prepared.disks_uri, disks.is_empty()) {
+            (_, true) => Value::Null,
+            (Some(uri), false) => nbd_server(uri)?,
+            (None, false) => return Err(Error::internal("the destination serves no disks to copy into")),
+        };
+        // libvirt caps the disk copies at the migration's bandwidth too.
+        let speed = opts.bandwidth_mib.map(|mib| mib << 20);
         for disk in disks {
-            let dir = disk.image.parent().ok_or_else(|| Error::internal("an image without a directory"))?;
-            std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
-            strata_core::tool::run_tool(
-                &strata_engine::image_work::qemu_img_binary(),
-                &["create", "-q", "-f", &disk.format, path_str(&disk.image)?, &disk.size.to_string()],
-            )?;
-        }
-        let mut persistent = dest_dom.clone();
-        persistent.set_id(None);
-        strata_engine::definitions::define(dest.store(), &persistent.to_xml(), DefineFlags::default())?;
-        {
-            let _lock = strata_engine::blocking::lock_domain(dest.store(), domain).await?;
-            dest.launch(domain, live::Server::Vm, StartMode::Incoming, dest_dom.clone()).await?;
-        }
-        let (dest_status, dest_monitor) = dest.running(domain).await?;
-        let dest_client = &dest_monitor.client;
-        let run_dir = live::runtime_paths(dest.store(), domain)?.dir;
-        let nbd_socket = run_dir.join("nbd.sock");
-        let migration_socket = run_dir.join("migration.sock");
-        if !disks.is_empty() {
-            let addr = json!({"type": "unix", "data": {"path": path_str(&nbd_socket)?}});
-            dest_client
-                .execute("nbd-server-start", Some(json!({"addr": addr})))
-                .await
-                .map_err(|e| qmp_error(domain, e))?;
-        }
-        for disk in disks {
-            let node = dest_status.roots.get(&disk.target).ok_or_else(|| {
-                Error::internal(format!("no root node at the destination for disk '{}'", disk.target))
-            })?;
-            dest_client
-                .execute(
-                    "block-export-add",
-                    Some(json!({"type": "nbd", "id": disk.target, "node-name": node, "name": disk.target, "writable": true})),
-                )
-                .await
-                .map_err(|e| qmp_error(domain, e))?;
-            let server = json!({"type": "unix", "path": path_str(&nbd_socket)?});
             client
                 .execute(
                     "blockdev-add",
@@ -217,34 +189,28 @@ impl QemuConnection {
                 )
                 .await
                 .map_err(|e| qmp_error(domain, e))?;
-            client
-                .execute(
-                    "blockdev-mirror",
-                    Some(json!({
-                        "job-id": disk.job(), "device": disk.source_root, "target": disk.nbd_node(),
-                        "sync": "full", "copy-mode": "write-blocking",
-                        // Kept once ended, so a cancelled copy tells it was one.
-                        "auto-dismiss": false,
-                    })),
-                )
-                .await
-                .map_err(|e| qmp_error(domain, e))?;
+            let mut mirror = json!({
+                "job-id": disk.job(), "device": disk.source_root, "target": disk.nbd_node(),
+                "sync": "full", "copy-mode": "write-blocking",
+                // Kept once ended, so a cancelled copy tells it was one.
+                "auto-dismiss": false,
+            });
+            if let Some(speed) = speed {
+                mirror["speed"] = json!(speed);
+            }
+            client.execute("blockdev-mirror", Some(mirror)).await.map_err(|e| qmp_error(domain, e))?;
         }
         strata_core::pause_point("migrate:disks-copying");
         for disk in disks {
             wait_job(client, domain, &disk.job(), JobStatus::Ready).await?;
         }
         let events = json!({"capability": "events", "state": true});
-        dest_client
-            .execute("migrate-set-capabilities", Some(json!({"capabilities": [events]})))
-            .await
-            .map_err(|e| qmp_error(domain, e))?;
         let switchover = json!({"capability": "pause-before-switchover", "state": true});
         client
             .execute("migrate-set-capabilities", Some(json!({"capabilities": [events, switchover]})))
             .await
             .map_err(|e| qmp_error(domain, e))?;
-        let bandwidth = opts.bandwidth_mib.map_or(UNCAPPED, |mib| mib << 20);
+        let bandwidth = speed.unwrap_or(UNCAPPED);
         client
             .execute("migrate-set-parameters", Some(json!({"max-bandwidth": bandwidth})))
             .await
@@ -252,43 +218,30 @@ impl QemuConnection {
         if !opts.flags.live {
             client.execute("stop", None).await.map_err(|e| qmp_error(domain, e))?;
         }
-        let uri = format!("unix:{}", path_str(&migration_socket)?);
-        dest_client.execute("migrate-incoming", Some(json!({"uri": uri}))).await.map_err(|e| qmp_error(domain, e))?;
-        let moved = async {
-            client.execute("migrate", Some(json!({"uri": uri}))).await.map_err(|e| qmp_error(domain, e))?;
-            wait_migration_state(client, domain, "pre-switchover", opts.timeout_s).await?;
-            // The guest is stopped: the mirrors hold every write it made.
-            // Ending a ready mirror without a pivot leaves the source on its
-            // own image, in case the switchover still fails.
-            for disk in disks {
-                client
-                    .execute("block-job-cancel", Some(json!({"device": disk.job()})))
-                    .await
-                    .map_err(|e| qmp_error(domain, e))?;
-                wait_job(client, domain, &disk.job(), JobStatus::Null).await?;
-            }
+        client
+            .execute("migrate", Some(json!({"uri": prepared.migration_uri})))
+            .await
+            .map_err(|e| qmp_error(domain, e))?;
+        wait_migration_state(client, domain, "pre-switchover", opts.timeout_s).await?;
+        // The guest is stopped: the mirrors hold every write it made.
+        // Ending a ready mirror without a pivot leaves the source on its
+        // own image, in case the switchover still fails.
+        for disk in disks {
             client
-                .execute("migrate-continue", Some(json!({"state": "pre-switchover"})))
+                .execute("block-job-cancel", Some(json!({"device": disk.job()})))
                 .await
                 .map_err(|e| qmp_error(domain, e))?;
-            wait_migration_state(client, domain, "completed", None).await
+            wait_job(client, domain, &disk.job(), JobStatus::Null).await?;
         }
-        .await;
-        moved?;
-        wait_migration_state(dest_client, domain, "completed", None).await?;
+        client
+            .execute("migrate-continue", Some(json!({"state": "pre-switchover"})))
+            .await
+            .map_err(|e| qmp_error(domain, e))?;
+        wait_migration_state(client, domain, "completed", None).await?;
+        dest.migrate_finish(domain, false).await?;
         // Both sides hold the guest, paused: from here the next command
         // finishes the migration rather than undoing it.
-        record.committed().write(self.store(), domain)?;
-        if !disks.is_empty() {
-            dest_client.execute("nbd-server-stop", None).await.map_err(|e| qmp_error(domain, e))?;
-        }
-        if was_running {
-            dest_client.execute("cont", None).await.map_err(|e| qmp_error(domain, e))?;
-            dest.record_reason(domain, DomainState::Running, "migrated")?;
-        } else {
-            dest.record_reason(domain, DomainState::Paused, "migration")?;
-        }
-        Ok(())
+        record.committed().write(self.store(), domain)
     }
 
     /// The source after a failed migration: the stream cancelled, the
@@ -314,27 +267,166 @@ impl QemuConnection {
         }
     }
 
-    /// `domjobinfo` of a migration still copying its disks: the progress
-    /// of its mirror jobs.
-    pub(crate) async fn disk_copy_info(&self, domain: &str, client: &QmpClient) -> Result<DomainJobInfo> {
+    /// `domjobinfo` of a migration that started at `started_ms`: its
+    /// memory stream's progress (`memory`, once the stream runs) and its
+    /// disk copies' (their mirror jobs, until the switchover ends them),
+    /// the data counting both as libvirt does.
+    pub(crate) async fn migration_job_info(
+        &self,
+        domain: &str,
+        client: &QmpClient,
+        memory: Option<DomainJobInfo>,
+        started_ms: Option<u64>,
+    ) -> Result<DomainJobInfo> {
         let jobs = client.query_jobs().await.map_err(|e| qmp_error(domain, e))?;
         let mirrors: Vec<_> = jobs.iter().filter(|j| j.id.starts_with(MIRROR_JOB_PREFIX)).collect();
         let processed: u64 = mirrors.iter().map(|j| j.current_progress).sum();
         let total: u64 = mirrors.iter().map(|j| j.total_progress).sum();
-        Ok(DomainJobInfo {
+        let mut info = memory.unwrap_or(DomainJobInfo {
             operation: DomainJobOperation::MigrationOut,
             elapsed_ms: 0,
-            data_processed: processed,
-            data_remaining: total.saturating_sub(processed),
-            data_total: total,
+            data_processed: 0,
+            data_remaining: 0,
+            data_total: 0,
             memory_bandwidth: 0,
-        })
+            disks: None,
+        });
+        if let Some(started) = started_ms {
+            info.elapsed_ms = unix_ms().saturating_sub(started);
+        }
+        if !mirrors.is_empty() {
+            let remaining = total.saturating_sub(processed);
+            info.data_processed += processed;
+            info.data_remaining += remaining;
+            info.data_total += total;
+            info.disks = Some(DiskCopyProgress { processed, remaining, total });
+        }
+        Ok(info)
     }
 
-    /// The destination after a failed migration: its QEMU stopped and
-    /// the definition removed (only if it is the migrated domain's, by
-    /// UUID), and the copied images it made removed.
-    pub(crate) async fn remove_migrated(&self, domain: &str, uuid: Option<&str>, images: &[PathBuf]) -> Result<()> {
+    /// The destination's check before anything starts (see
+    /// [`SaveMigrateOps::migrate_check`]).
+    pub(crate) async fn check_incoming(&self, incoming: &IncomingMigration) -> Result<()> {
+        refuse_existing_destination(self, &Domain::parse(&incoming.xml)?)?;
+        for disk in &incoming.copied {
+            copied_image_name(&disk.file_name)?;
+        }
+        for disk in &incoming.shared {
+            refuse_unshared(self, disk).await?;
+        }
+        Ok(())
+    }
+
+    /// The destination made ready (see [`SaveMigrateOps::migrate_prepare`]):
+    /// fresh images of the copied disks under the root's `images/DOMAIN/`,
+    /// the domain defined and its QEMU started with `-incoming defer`,
+    /// the images exported over NBD and the stream awaited, on Unix
+    /// sockets in the run directory or on TCP at `incoming.listen`.
+    pub(crate) async fn prepare_incoming(&self, incoming: &IncomingMigration) -> Result<PreparedMigration> {
+        self.check_incoming(incoming).await?;
+        let mut dom = Domain::parse(&incoming.xml)?;
+        let domain = dom.name();
+        let images = self.images_dir(&domain);
+        for disk in &incoming.copied {
+            let image = images.join(copied_image_name(&disk.file_name)?);
+            let single = Chain {
+                layers: vec![Layer {
+                    source: StorageSource::File { path: image.clone() },
+                    format: Some(disk.format.clone()),
+                    index: 0,
+                    backing: Backing::End,
+                    slice: None,
+                }],
+            };
+            dom.set_disk_chain(&disk.target, &single)?;
+            std::fs::create_dir_all(&images).map_err(|e| Error::io("create", &images, e))?;
+            strata_core::tool::run_tool(
+                &strata_engine::image_work::qemu_img_binary(),
+                &["create", "-q", "-f", &disk.format, path_str(&image)?, &disk.size.to_string()],
+            )?;
+        }
+        let mut persistent = dom.clone();
+        persistent.set_id(None);
+        strata_engine::definitions::define(self.store(), &persistent.to_xml(), DefineFlags::default())?;
+        {
+            let _lock = strata_engine::blocking::lock_domain(self.store(), &domain).await?;
+            self.launch(&domain, live::Server::Vm, StartMode::Incoming, dom).await?;
+        }
+        let (status, monitor) = self.running(&domain).await?;
+        let client = &monitor.client;
+        let run_dir = live::runtime_paths(self.store(), &domain)?.dir;
+        let endpoint = |listen: &Option<TcpListen>, socket: &str| -> Result<(String, Value)> {
+            match listen {
+                None => {
+                    let path = run_dir.join(socket);
+                    let path = path_str(&path)?;
+                    Ok((format!("unix:{path}"), json!({"type": "unix", "data": {"path": path}})))
+                }
+                Some(TcpListen { host, port }) => {
+                    let port = match port {
+                        Some(port) => *port,
+                        None => free_port(host)?,
+                    };
+                    let inet = json!({"type": "inet", "data": {"host": host, "port": port.to_string()}});
+                    Ok((format!("tcp:{}:{port}", uri_host(host)), inet))
+                }
+            }
+        };
+        let mut disks_uri = None;
+        if !incoming.copied.is_empty() {
+            let (uri, addr) = endpoint(&incoming.disks_listen, "nbd.sock")?;
+            client.execute("nbd-server-start", Some(json!({"addr": addr}))).await.map_err(|e| qmp_error(&domain, e))?;
+            disks_uri = Some(uri);
+        }
+        for disk in &incoming.copied {
+            let node = status.roots.get(&disk.target).ok_or_else(|| {
+                Error::internal(format!("no root node at the destination for disk '{}'", disk.target))
+            })?;
+            client
+                .execute(
+                    "block-export-add",
+                    Some(json!({"type": "nbd", "id": disk.target, "node-name": node, "name": disk.target, "writable": true})),
+                )
+                .await
+                .map_err(|e| qmp_error(&domain, e))?;
+        }
+        let events = json!({"capability": "events", "state": true});
+        client
+            .execute("migrate-set-capabilities", Some(json!({"capabilities": [events]})))
+            .await
+            .map_err(|e| qmp_error(&domain, e))?;
+        let (migration_uri, _) = endpoint(&incoming.migration_listen, "migration.sock")?;
+        client
+            .execute("migrate-incoming", Some(json!({"uri": migration_uri})))
+            .await
+            .map_err(|e| qmp_error(&domain, e))?;
+        Ok(PreparedMigration { migration_uri, disks_uri })
+    }
+
+    /// The stream arrived (see [`SaveMigrateOps::migrate_finish`]).
+    pub(crate) async fn finish_incoming(&self, domain: &str, resume: bool) -> Result<()> {
+        let (_, monitor) = self.running(domain).await?;
+        let client = &monitor.client;
+        wait_migration_state(client, domain, "completed", None).await?;
+        // The copied images are the guest's own now. A second call finds
+        // the server stopped already.
+        if let Err(e) = client.execute("nbd-server-stop", None).await {
+            tracing::debug!(domain, error = %e, "no NBD server to stop");
+        }
+        if !resume {
+            return self.record_reason(domain, DomainState::Paused, "migration");
+        }
+        if !client.query_status().await.map_err(|e| qmp_error(domain, e))?.running {
+            client.execute("cont", None).await.map_err(|e| qmp_error(domain, e))?;
+        }
+        self.record_reason(domain, DomainState::Running, "migrated")
+    }
+
+    /// The destination after a failed migration (see
+    /// [`SaveMigrateOps::migrate_cleanup`]): its QEMU stopped and the
+    /// definition removed (only if it is the migrated domain's, by UUID),
+    /// and the copied images it made removed.
+    pub(crate) async fn remove_migrated(&self, domain: &str, uuid: Option<&str>, images: &[String]) -> Result<()> {
         let ours = match strata_engine::definitions::load(self.store(), domain) {
             Ok(dom) => dom.uuid().as_deref() == uuid,
             Err(e) if e.kind() == ErrorKind::NoDomain => false,
@@ -346,14 +438,93 @@ impl QemuConnection {
             }
             strata_engine::definitions::undefine(self.store(), domain, false)?;
         }
-        for image in images {
-            remove_regular_file(image)?;
+        let dir = self.images_dir(domain);
+        for name in images {
+            remove_regular_file(&dir.join(copied_image_name(name)?))?;
         }
-        if let Some(dir) = images.first().and_then(|i| i.parent()) {
-            let _ = std::fs::remove_dir(dir);
-        }
+        let _ = std::fs::remove_dir(&dir);
         Ok(())
     }
+
+    /// Where the destination keeps the images it copies a domain's disks to.
+    fn images_dir(&self, domain: &str) -> PathBuf {
+        self.store().root().join("images").join(domain)
+    }
+}
+
+/// A copied image's name as the source sends it: a file name, nothing
+/// that would reach outside the destination's image directory.
+fn copied_image_name(name: &str) -> Result<&str> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+        return Err(Error::invalid_arg(format!("'{name}' is not the file name of a copied image")));
+    }
+    Ok(name)
+}
+
+/// Where the destination listens for the memory stream and for the disk
+/// copies: `--migrateuri` and `--disks-uri` when given, else the host a
+/// remote URI names, else (a destination on this machine) Unix sockets.
+/// A local destination must not be the domain's own connection.
+fn listen_addresses(
+    dest_uri: &str,
+    own_root: &Path,
+    opts: &MigrateOptions,
+) -> Result<(Option<TcpListen>, Option<TcpListen>)> {
+    let target = ConnectUri::parse(dest_uri)?;
+    if target.transport.is_none() && target.driver == "qemu" && target.state_root().is_ok_and(|root| root == own_root) {
+        return Err(Error::invalid_arg(format!("'{dest_uri}' is the domain's own connection")));
+    }
+    let migration = match (&opts.migrate_uri, &target.transport, &target.host) {
+        (Some(uri), _, _) => Some(TcpListen::parse(uri)?),
+        (None, None, _) => None,
+        (None, Some(_), Some(host)) => Some(TcpListen { host: host.clone(), port: None }),
+        (None, Some(_), None) => {
+            return Err(Error::invalid_arg(format!(
+                "'{dest_uri}' names no host: give the address a remote destination receives the migration on \
+                 in its URI (DRIVER+TRANSPORT://ADDRESS/…) or as --migrateuri tcp:ADDRESS[:PORT]"
+            )))
+        }
+    };
+    let disks = match &opts.disks_uri {
+        Some(uri) => Some(TcpListen::parse(uri)?),
+        None => migration.as_ref().map(|m| TcpListen { host: m.host.clone(), port: None }),
+    };
+    Ok((migration, disks))
+}
+
+/// A TCP port free on `host` now, for QEMU to listen on.
+fn free_port(host: &str) -> Result<u16> {
+    let bound = std::net::TcpListener::bind((host, 0))
+        .map_err(|e| Error::operation_failed(format!("cannot listen on '{host}' for the migration: {e}")))?;
+    bound.local_addr().map(|a| a.port()).map_err(|e| Error::operation_failed(format!("no port on '{host}': {e}")))
+}
+
+/// `host` as a URI writes it: an IPv6 address in brackets.
+fn uri_host(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+/// The NBD client's `server` for a destination's disks URI.
+fn nbd_server(uri: &str) -> Result<Value> {
+    if let Some(path) = uri.strip_prefix("unix:") {
+        return Ok(json!({"type": "unix", "path": path}));
+    }
+    let address = uri.strip_prefix("tcp:").and_then(|a| a.rsplit_once(':'));
+    match address {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+            Ok(json!({"type": "inet", "host": host.trim_start_matches('[').trim_end_matches(']'), "port": port}))
+        }
+        _ => Err(Error::invalid_arg(format!("'{uri}' is not a disks URI (unix:PATH or tcp:HOST:PORT)"))),
+    }
+}
+
+/// Now, in milliseconds since the Unix epoch.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The disks the flags copy: every disk, the disk set, or none.
@@ -370,32 +541,37 @@ fn copied_targets(persistent: &Domain, running: &Domain, opts: &MigrateOptions) 
 
 /// A disk that is not copied must be on storage the destination sees at
 /// the same path: every image of its chain inside a running storage pool
-/// of the destination connection.
-async fn refuse_unshared(dest: &QemuConnection, dest_uri: &str, target: &str, chain: &Chain) -> Result<()> {
+/// of the destination connection, and there.
+async fn refuse_unshared(dest: &QemuConnection, disk: &SharedDisk) -> Result<()> {
     let pools = PoolManager::new(dest.store().clone()).pool_list().await?;
-    for layer in &chain.layers {
-        let Some(path) = layer.source.local_path() else { continue };
-        let shared = pools
+    for image in &disk.images {
+        let path = Path::new(image);
+        let in_pool = pools
             .iter()
             .filter(|p| p.state == strata_core::driver::PoolState::Running)
             .any(|p| path.starts_with(Path::new(&p.target)));
-        if !shared {
-            return Err(Error::new(
-                ErrorKind::OperationInvalid,
-                format!(
-                    "disk '{target}' is not copied and '{}' is not on storage shared with '{dest_uri}' \
-                     (no running storage pool there holds it); copy it (--copy-storage-disk-set with the disk \
-                     in the disk set, or --copy-storage-all) or put it in a pool both sides share",
-                    path.display()
-                ),
-            ));
-        }
+        let why = if !in_pool {
+            "no running storage pool there holds it"
+        } else if !path.exists() {
+            "it is not there"
+        } else {
+            continue;
+        };
+        return Err(Error::new(
+            ErrorKind::OperationInvalid,
+            format!(
+                "disk '{}' is not copied and '{image}' is not on storage shared with '{}' ({why}); copy it \
+                 (--copy-storage-disk-set with the disk in the disk set, or --copy-storage-all) or put it in a \
+                 pool both sides share",
+                disk.target, dest.uri
+            ),
+        ));
     }
     Ok(())
 }
 
 /// The destination must not run or define another domain of that name.
-async fn refuse_existing_destination(dest: &QemuConnection, dom: &Domain) -> Result<()> {
+fn refuse_existing_destination(dest: &QemuConnection, dom: &Domain) -> Result<()> {
     let name = dom.name();
     match strata_engine::definitions::load(dest.store(), &name) {
         Ok(_) => Err(Error::operation_invalid(format!("domain '{name}' already exists at the destination"))),

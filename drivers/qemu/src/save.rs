@@ -385,31 +385,24 @@ impl QemuConnection {
         std::fs::remove_file(&image).map_err(|e| Error::io("remove", &image, e))
     }
 
-    /// The save or migration stream running on the domain.
+    /// The save or migration running on the domain: its memory stream
+    /// and, for a migration, its disk copies.
     pub(crate) async fn domain_job_info(&self, domain: &str) -> Result<Option<DomainJobInfo>> {
         let (_, monitor) = self.running(domain).await?;
         let info = query_migrate(&monitor.client, domain).await?;
+        let streaming = info.get("status").and_then(Value::as_str).is_some_and(is_active);
         let running = self.stream_in_progress(domain)?;
-        if !info.get("status").and_then(Value::as_str).is_some_and(is_active) {
-            return match running {
-                Some(StreamIntent::Migrate { .. }) => self.disk_copy_info(domain, &monitor.client).await.map(Some),
-                _ => Ok(None),
-            };
-        }
         let operation = match running {
             Some(StreamIntent::Save { .. }) => DomainJobOperation::Save,
             _ => DomainJobOperation::MigrationOut,
         };
-        let ram = |field: &str| info.pointer(&format!("/ram/{field}")).and_then(Value::as_f64).unwrap_or(0.0);
-        Ok(Some(DomainJobInfo {
-            operation,
-            elapsed_ms: info.get("total-time").and_then(Value::as_u64).unwrap_or(0),
-            data_processed: ram("transferred") as u64,
-            data_remaining: ram("remaining") as u64,
-            data_total: ram("total") as u64,
-            // QEMU reports megabits per second.
-            memory_bandwidth: (ram("mbps") * 1_000_000.0 / 8.0) as u64,
-        }))
+        let memory = streaming.then(|| memory_job_info(operation, &info));
+        match running {
+            Some(StreamIntent::Migrate { started_ms, .. }) => {
+                self.migration_job_info(domain, &monitor.client, memory, started_ms).await.map(Some)
+            }
+            _ => Ok(memory),
+        }
     }
 
     /// Cancels the stream; the strata running the save or migration sees
@@ -425,6 +418,21 @@ impl QemuConnection {
         }
         monitor.client.execute("migrate_cancel", None).await.map_err(|e| qmp_error(domain, e))?;
         Ok(())
+    }
+}
+
+/// A memory stream's progress as `query-migrate` reports it.
+fn memory_job_info(operation: DomainJobOperation, info: &Value) -> DomainJobInfo {
+    let ram = |field: &str| info.pointer(&format!("/ram/{field}")).and_then(Value::as_f64).unwrap_or(0.0);
+    DomainJobInfo {
+        operation,
+        elapsed_ms: info.get("total-time").and_then(Value::as_u64).unwrap_or(0),
+        data_processed: ram("transferred") as u64,
+        data_remaining: ram("remaining") as u64,
+        data_total: ram("total") as u64,
+        // QEMU reports megabits per second.
+        memory_bandwidth: (ram("mbps") * 1_000_000.0 / 8.0) as u64,
+        disks: None,
     }
 }
 

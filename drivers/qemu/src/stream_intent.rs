@@ -14,7 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
-use strata_core::driver::{Connection, DomainState};
+use strata_core::driver::Connection;
 use strata_core::store::{DomainLock, Store};
 use strata_core::xml::Element;
 use strata_core::{Error, ErrorKind, Result};
@@ -33,14 +33,18 @@ pub(crate) enum StreamIntent {
     /// A save into `partial` (a regular file written beside its name;
     /// `None` for a block device, written in place).
     Save { running: bool, partial: Option<PathBuf>, committed: bool },
-    /// A migration to the domain `name` of the Strata root `root`, on the
-    /// fresh images it made there, mirroring the disks `targets`.
+    /// A migration to the domain `name` of the connection `uri`, on the
+    /// fresh images (file names) it made there, mirroring the disks
+    /// `targets`, started
+    /// at `started_ms` (milliseconds since the Unix epoch; `None` in a
+    /// record written before Strata kept it).
     Migrate {
         running: bool,
-        root: PathBuf,
+        started_ms: Option<u64>,
+        uri: String,
         name: String,
         uuid: Option<String>,
-        images: Vec<PathBuf>,
+        images: Vec<String>,
         targets: Vec<String>,
         undefine_source: bool,
         committed: bool,
@@ -60,21 +64,31 @@ impl StreamIntent {
                     None => root,
                 }
             }
-            StreamIntent::Migrate { running, root, name, uuid, images, targets, undefine_source, committed } => {
-                let mut dest =
-                    Element::new("destination").with_attr("root", root.to_string_lossy()).with_attr("name", &**name);
+            StreamIntent::Migrate {
+                running,
+                started_ms,
+                uri,
+                name,
+                uuid,
+                images,
+                targets,
+                undefine_source,
+                committed,
+            } => {
+                let mut dest = Element::new("destination").with_attr("uri", &**uri).with_attr("name", &**name);
                 if let Some(uuid) = uuid {
                     dest.set_attr("uuid", &**uuid);
                 }
-                let el = Element::new("stream-intent")
+                let mut el = Element::new("stream-intent")
                     .with_attr("op", "migrate")
                     .with_attr("running", yes_no(*running))
                     .with_attr("undefine-source", yes_no(*undefine_source))
                     .with_attr("committed", yes_no(*committed))
                     .with_child(dest);
-                let el = images
-                    .iter()
-                    .fold(el, |r, p| r.with_child(Element::new("image").with_attr("path", p.to_string_lossy())));
+                if let Some(started) = started_ms {
+                    el.set_attr("started-ms", started.to_string());
+                }
+                let el = images.iter().fold(el, |r, i| r.with_child(Element::new("image").with_attr("name", &**i)));
                 targets.iter().fold(el, |r, t| r.with_child(Element::new("disk").with_attr("target", &**t)))
             }
         }
@@ -92,10 +106,11 @@ impl StreamIntent {
                 let dest = root.child("destination").ok_or_else(|| damaged("no <destination>"))?;
                 Ok(StreamIntent::Migrate {
                     running: yes("running"),
-                    root: PathBuf::from(dest.attr("root").ok_or_else(|| damaged("no destination root"))?),
+                    started_ms: root.attr("started-ms").and_then(|ms| ms.parse().ok()),
+                    uri: destination_uri(dest)?,
                     name: dest.attr("name").ok_or_else(|| damaged("no destination name"))?.to_string(),
                     uuid: dest.attr("uuid").map(String::from),
-                    images: root.children_named("image").filter_map(|i| i.attr("path")).map(PathBuf::from).collect(),
+                    images: root.children_named("image").filter_map(image_name).collect(),
                     targets: root.children_named("disk").filter_map(|d| d.attr("target")).map(String::from).collect(),
                     undefine_source: yes("undefine-source"),
                     committed: yes("committed"),
@@ -151,6 +166,25 @@ impl StreamIntent {
             StreamIntent::Save { .. } => "a save",
             StreamIntent::Migrate { .. } => "an outgoing migration",
         }
+    }
+}
+
+/// The destination's URI; a record written before Strata kept it names
+/// the root of a local connection.
+fn destination_uri(dest: &Element) -> Result<String> {
+    match (dest.attr("uri"), dest.attr("root")) {
+        (Some(uri), _) => Ok(uri.to_string()),
+        (None, Some(root)) => Ok(format!("qemu:///embed?root={root}")),
+        (None, None) => Err(damaged("no destination URI")),
+    }
+}
+
+/// A copied image's file name; an older record gives its whole path.
+fn image_name(image: &Element) -> Option<String> {
+    match (image.attr("name"), image.attr("path")) {
+        (Some(name), _) => Some(name.to_string()),
+        (None, Some(path)) => Path::new(path).file_name().map(|n| n.to_string_lossy().into_owned()),
+        (None, None) => None,
     }
 }
 
@@ -249,20 +283,18 @@ impl QemuConnection {
                     remove_regular_file(partial)?;
                 }
             }
-            StreamIntent::Migrate { committed: true, running, root, name, .. } => {
+            StreamIntent::Migrate { committed: true, running, uri, name, .. } => {
                 self.stop_source(domain).await?;
-                let dest = QemuConnection::open_embedded(root)?;
-                if *running {
-                    if let Some(monitor) = dest.vm_monitor(name).await? {
-                        monitor.client.execute("cont", None).await.map_err(|e| qmp_error(name, e))?;
-                        dest.record_reason(name, DomainState::Running, "migrated")?;
-                    }
+                let dest = strata_core::registry::open(uri)?;
+                // A destination whose QEMU is gone has no guest to resume.
+                if let Err(e) = dest.require_save_migrate()?.migrate_finish(name, *running).await {
+                    tracing::warn!(domain, error = %e.report(), "the migrated domain was not resumed at the destination");
                 }
             }
-            StreamIntent::Migrate { committed: false, running, root, name, uuid, images, targets, .. } => {
+            StreamIntent::Migrate { committed: false, running, uri, name, uuid, images, targets, .. } => {
                 self.resume_source(domain, *running, targets).await?;
-                let dest = QemuConnection::open_embedded(root)?;
-                dest.remove_migrated(name, uuid.as_deref(), images).await?;
+                let dest = strata_core::registry::open(uri)?;
+                dest.require_save_migrate()?.migrate_cleanup(name, uuid.as_deref(), images).await?;
             }
         }
         StreamIntent::clear(self.store(), domain)?;
@@ -325,10 +357,11 @@ mod tests {
         round_trip(StreamIntent::Save { running: false, partial: None, committed: true });
         round_trip(StreamIntent::Migrate {
             running: true,
-            root: "/dest".into(),
+            started_ms: Some(1_796_000_000_123),
+            uri: "qemu+ext://10.0.0.2/embed?root=/dest&command=ip%20netns%20exec%20b%20strata".into(),
             name: "vm".into(),
             uuid: Some("0c1e39c6-7b8f-4f4e-9a5e-d3c2a1b0f9e8".into()),
-            images: vec!["/dest/images/vm/a.qcow2".into()],
+            images: vec!["a.qcow2".into()],
             targets: vec!["vda".into()],
             undefine_source: true,
             committed: false,
