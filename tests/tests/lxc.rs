@@ -653,8 +653,8 @@ fn snapshot_commands_killed_at_each_step_are_finished_or_rolled_back() {
     }
 }
 
-/// Snapshots of a raw root are refused saying why, and block jobs by
-/// capability, before anything runs; define refuses what the driver
+/// Snapshots of a raw root are refused saying why, and block jobs on it,
+/// shut off or running, before anything runs; define refuses what the driver
 /// cannot mount, naming the element.
 #[test]
 fn snapshots_jobs_and_unsupported_filesystems_are_refused_with_the_reason() {
@@ -671,7 +671,23 @@ fn snapshots_jobs_and_unsupported_filesystems_are_refused_with_the_reason() {
     );
     assert_eq!(env.ok(&["snapshot-list", "raw", "--name"]).trim(), "", "nothing was recorded");
     let err = env.fails(&["blockpull", "raw", "/"]);
-    assert_eq!(err, format!("{prefix}the lxc driver does not support block jobs\n"));
+    assert_eq!(
+        err,
+        format!(
+            "{prefix}the lxc driver cannot run block jobs on domain 'raw' while it is shut off: they run in the \
+             storage daemon that serves a running container's qcow2 filesystem\n"
+        )
+    );
+    let (_held, _guard) = start_guarded(&env, "raw");
+    let err = env.fails(&["blockpull", "raw", "/"]);
+    assert_eq!(
+        err,
+        format!(
+            "{prefix}the lxc driver cannot run block jobs on domain 'raw': none of its filesystems is a qcow2 \
+             chain (a raw image, a block device, a bind or ram filesystem has no layers to merge)\n"
+        )
+    );
+    env.ok(&["destroy", "raw"]);
     let caps = env.ok(&["capabilities"]);
     assert!(caps.contains("lxc"), "{caps}");
     assert!(caps.contains("memory state cannot be saved"), "{caps}");
@@ -835,4 +851,119 @@ fn suspend_and_resume_freeze_and_thaw_the_container() {
     env.ok(&["suspend", "frozen"]);
     env.ok(&["destroy", "frozen"]);
     assert_nothing_left(&env, "frozen", Some(held.init), Some(&held.cgroup), None);
+}
+
+/// A container that appends a numbered line to `/log` ten times a second.
+const WRITER: &[&str] = &["/bin/sh", "-c", "i=0; while true; do i=$((i+1)); echo $i >> /log; sleep 0.1; done"];
+
+/// How many lines the writer has appended to `/log` in container `name`,
+/// read inside it.
+fn lines_written(env: &TestEnv, name: &str) -> usize {
+    let log = env.ok(&["lxc-enter-namespace", name, "--noseclabel", "--", "cat", "/log"]);
+    let numbers: Vec<usize> = log.lines().map(|l| l.parse().expect("a numbered line")).collect();
+    assert_eq!(numbers, (1..=numbers.len()).collect::<Vec<_>>(), "the log is 1, 2, 3, … without a gap");
+    numbers.len()
+}
+
+/// Waits (a hang guard of two minutes) until the writer in `name` has
+/// appended more than `after` lines; returns how many it has.
+fn wait_for_writes(env: &TestEnv, name: &str, after: usize) -> usize {
+    for _ in 0..1200 {
+        let n = lines_written(env, name);
+        if n > after {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the writer in '{name}' wrote nothing after line {after} in two minutes");
+}
+
+/// Block jobs on a running container's 4-deep qcow2 chain (active
+/// `upper` over `top` holding a file written earlier, over `mid` and
+/// `base`), run by the storage daemon serving it while a shell loop in
+/// the container writes: an intermediate commit of `top` into `mid`, then
+/// a pull into `mid` of everything below it. The chain on disk and in the
+/// live and persistent XML follows each job, `mid` ends holding exactly
+/// what the frozen chain below the active layer held (qemu-img compare
+/// against a copy made before), the writer never stopped, the file
+/// reads back inside, and the filesystem is clean after stop; `event`
+/// reports the commit's completion. The jobs that would write the
+/// FUSE-exported active layer are refused, saying why.
+#[test]
+fn pull_and_intermediate_commit_run_on_a_running_container_while_it_writes() {
+    let env = TestEnv::lxc();
+    let [top, mid, base] = busybox_chain(&env);
+    env.define("jobs", &container_xml("jobs", SLEEPER, &qcow2_root(&top)));
+    write_inside(&env, "jobs", "before");
+    let (upper, reference) = (env.path("upper.qcow2"), env.path("reference.raw"));
+    let s = |p: &Path| p.to_str().expect("utf8").to_string();
+    qemu_img(&["convert", "-O", "raw", &s(&top), &s(&reference)]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &s(&top), &s(&upper)]);
+    env.define("jobs", &container_xml("jobs", WRITER, &qcow2_root(&upper)));
+    let layers = |paths: &[&PathBuf]| paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>();
+    let on_disk = || qemu_chain(&upper).into_iter().map(|(f, _)| f).collect::<Vec<_>>();
+    assert_eq!(on_disk(), layers(&[&upper, &top, &mid, &base]));
+
+    let (held, _guard) = start_guarded(&env, "jobs");
+    let mut written = wait_for_writes(&env, "jobs", 0);
+
+    let watch = ["event", "jobs", "--event", "block-job", "--timeout", "120"];
+    let watcher = Background::spawn_paused_at(&env, &watch, "lxc-event:watching").expect("the watcher's first look");
+    env.ok(&["blockcommit", "jobs", "/", "--top", "/[1]", "--base", "/[2]", "--wait"]);
+    assert_eq!(on_disk(), layers(&[&upper, &mid, &base]), "top was committed into mid");
+    watcher.resume();
+    let out = watcher.finish(Duration::from_secs(120));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.starts_with("event 'block-job' for domain 'jobs': Block Commit for / completed\n"), "{text}");
+    written = wait_for_writes(&env, "jobs", written);
+    env.ok(&["blockpull", "jobs", "/", "--top", "/[1]", "--wait"]);
+    assert_eq!(on_disk(), layers(&[&upper, &mid]), "base was pulled into mid");
+    written = wait_for_writes(&env, "jobs", written);
+    let compared = Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "raw", "-F", "qcow2"])
+        .args([&reference, &mid])
+        .output()
+        .expect("run qemu-img compare");
+    assert!(compared.status.success(), "mid holds what the chain below the active layer held: {compared:?}");
+    for xml in [env.ok(&["dumpxml", "jobs"]), env.ok(&["dumpxml", "jobs", "--inactive"])] {
+        assert!(xml.contains(&format!("<source file='{}'/>", mid.display())), "{xml}");
+        for gone in [&top, &base] {
+            assert!(!xml.contains(&format!("'{}'", gone.display())), "{} left the chain: {xml}", gone.display());
+        }
+    }
+    assert_eq!(env.ok(&["lxc-enter-namespace", "jobs", "--noseclabel", "--", "cat", "/data"]), "before\n");
+
+    let refused = env.fails(&["blockpull", "jobs", "/", "--wait"]);
+    assert!(
+        refused.contains(
+            "error: Requested operation is not valid: cannot pull into the active layer of 'jobs' while \
+                          its storage is exported writable over FUSE"
+        ),
+        "{refused}"
+    );
+    let prefix = "error: this function is not supported by the connection driver: the lxc driver";
+    let refused = env.fails(&["blockcommit", "jobs", "/", "--active", "--pivot"]);
+    assert_eq!(refused, format!("{prefix} cannot run an active block commit\n"));
+    let copy = env.path("copy.qcow2");
+    let refused = env.fails(&["blockcopy", "jobs", "/", copy.to_str().expect("utf8"), "--pivot"]);
+    assert_eq!(refused, format!("{prefix} cannot run a block copy\n"));
+    assert!(!copy.exists(), "a refused copy makes no destination");
+    assert_eq!(on_disk(), layers(&[&upper, &mid]), "the refusals changed nothing");
+    assert_eq!(env.ok(&["blockjob", "jobs", "/", "--info"]).trim(), "No current block job for /");
+    let last = wait_for_writes(&env, "jobs", written);
+
+    env.ok(&["destroy", "jobs"]);
+    assert!(!alive(held.init));
+    let flat = env.path("flat.raw");
+    qemu_img(&["convert", "-O", "raw", &s(&upper), &s(&flat)]);
+    let fsck = Command::new("e2fsck").arg("-fn").arg(&flat).output().expect("run e2fsck");
+    assert!(fsck.status.success(), "e2fsck -fn: {}", String::from_utf8_lossy(&fsck.stdout));
+    let cat = |file: &str| {
+        let out = Command::new("debugfs").arg("-R").arg(format!("cat {file}")).arg(&flat).output().expect("debugfs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(cat("/data"), "before\n");
+    let log = cat("/log");
+    assert!(log.lines().count() >= last, "the {last} lines seen inside are on disk: {log}");
 }

@@ -116,6 +116,8 @@ pub fn start(store: &Store, name: &str, mut dom: Domain) -> Result<()> {
         cgroup,
         loops: Vec::new(),
         served: Vec::new(),
+        jobs: Vec::new(),
+        next_job: 1,
     };
     store.write_status(name, &record.to_xml())?;
     let mut handles = Vec::new();
