@@ -967,3 +967,39 @@ fn pull_and_intermediate_commit_run_on_a_running_container_while_it_writes() {
     let log = cat("/log");
     assert!(log.lines().count() >= last, "the {last} lines seen inside are on disk: {log}");
 }
+
+/// A disk set over a container's filesystems: with `/data` alone in the
+/// set, `snapshot-create-as --disk-set` of the shut-off container puts an
+/// overlay over `/data`'s image only and leaves the root on its image;
+/// `diskset-remove` empties the set again.
+#[test]
+fn a_disk_set_of_filesystems_selects_what_a_snapshot_takes() {
+    let env = TestEnv::lxc();
+    let [top, ..] = busybox_chain(&env);
+    let data = env.path("data.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", data.to_str().expect("utf8"), "16M"]);
+    let filesystems = format!(
+        "{}<filesystem type='file'><driver type='loop' format='qcow2'/><source file='{}'/>\
+         <target dir='/data'/></filesystem>",
+        qcow2_root(&top),
+        data.display()
+    );
+    env.define("set", &container_xml("set", SLEEPER, &filesystems));
+    assert_eq!(env.ok(&["diskset-add", "set", "/data"]), "Disk '/data' added to the disk set\n");
+    assert_eq!(env.ok(&["diskset-list", "set"]).trim(), "/data");
+
+    env.ok(&["snapshot-create-as", "set", "s1", "--disk-only", "--disk-set"]);
+    let overlay = env.path("data.s1");
+    assert_eq!(
+        qemu_chain(&overlay).into_iter().map(|(f, _)| f).collect::<Vec<_>>(),
+        [&overlay, &data].map(|p| p.display().to_string()),
+        "/data runs on a new overlay over its image"
+    );
+    let xml = env.ok(&["dumpxml", "set", "--inactive"]);
+    assert!(xml.contains(&format!("<source file='{}'/>", overlay.display())), "{xml}");
+    assert_eq!(root_image(&env, "set"), top, "the root, outside the set, keeps its image");
+    assert!(!env.path("top.s1").exists(), "no overlay was made for the root");
+
+    assert_eq!(env.ok(&["diskset-remove", "set", "/data"]), "Disk '/data' removed from the disk set\n");
+    assert_eq!(env.ok(&["diskset-list", "set"]).trim(), "");
+}

@@ -33,8 +33,8 @@ use strata_core::capabilities::{
     RevertedGuest, SnapshotCapabilities, SnapshotCreation, SnapshotKinds, StorageCapabilities,
 };
 use strata_core::driver::{
-    BlockJobOps, Connection, DefineFlags, DefineOutcome, DiskChainCheck, DomainEvent, DomainInfo, DomainState,
-    DomainSummary, DriverCapabilities, DumpXmlFlags, SnapshotOps, StartFlags, StartOutcome, UndefineFlags,
+    BlockJobOps, Connection, DefineFlags, DefineOutcome, DiskChainCheck, DiskSetOps, DomainEvent, DomainInfo,
+    DomainState, DomainSummary, DriverCapabilities, DumpXmlFlags, SnapshotOps, StartFlags, StartOutcome, UndefineFlags,
 };
 use strata_core::registry::DriverRegistration;
 use strata_core::store::Store;
@@ -218,7 +218,7 @@ impl Connection for LxcConnection {
                 bandwidth: true,
                 ..Default::default()
             },
-            storage: StorageCapabilities { disk_sets: false, storage_pools: true },
+            storage: StorageCapabilities { disk_sets: true, storage_pools: true },
             honoured_elements: vec![
                 "os/type exe, os/init, os/initarg".into(),
                 "filesystem type='block' (ext2/3/4, xfs, btrfs, vfat probed), type='file' with a raw or qcow2 \
@@ -454,5 +454,9 @@ impl Connection for LxcConnection {
 
     fn block_jobs(&self) -> Option<&dyn BlockJobOps> {
         Some(BlockJobEngine::over(self))
+    }
+
+    fn disk_sets(&self) -> Option<&dyn DiskSetOps> {
+        Some(definitions::StoredDiskSets::over(&self.store))
     }
 }
