@@ -12,7 +12,9 @@ use std::process::Command;
 
 use std::time::Duration;
 
-use common::{busybox_image, busybox_root, killed_at, mounted_at, qemu_chain, qemu_img, Background, TestEnv};
+use common::{
+    busybox_image, busybox_root, killed_at, mounted_at, qemu_chain, qemu_img, Background, TestEnv, JOB_STEPS,
+};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -986,6 +988,38 @@ fn pull_and_intermediate_commit_run_on_a_running_container_while_it_writes() {
     assert_eq!(cat("/data"), "before\n");
     let log = cat("/log");
     assert!(log.lines().count() >= last, "the {last} lines seen inside are on disk: {log}");
+}
+
+/// An intermediate commit on a running container, its `strata` killed at
+/// each step of the job (recorded and not yet sent, sent, its end being
+/// recorded): the next command concludes or drops the record, the chain
+/// on disk and in the live and persistent XML agree (committed once QEMU
+/// had the job), the container runs on with its data, and its filesystem
+/// is clean after stop.
+#[test]
+fn a_job_command_killed_at_each_step_is_concluded_by_the_next_one() {
+    for step in JOB_STEPS {
+        let env = TestEnv::lxc();
+        let [top, mid, base] = busybox_chain(&env);
+        env.define("kj", &container_xml("kj", SLEEPER, &qcow2_root(&top)));
+        write_inside(&env, "kj", "before");
+        let (_held, _guard) = start_guarded(&env, "kj");
+        killed_at(&env, &["blockcommit", "kj", "/", "--top", "/[1]", "--wait"], step);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !env.ok(&["blockjob", "kj", "/", "--info"]).contains("No current block job for /") {
+            assert!(std::time::Instant::now() < deadline, "{step}: the commit did not end");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let on_disk: Vec<String> = qemu_chain(&top).into_iter().map(|(f, _)| f).collect();
+        let expected = if step == "job:starting" { vec![&top, &mid, &base] } else { vec![&top, &base] };
+        assert_eq!(on_disk, expected.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(), "{step}");
+        assert_eq!(xml_chain(&env.ok(&["dumpxml", "kj"])), on_disk, "{step}: the live XML");
+        assert_eq!(xml_chain(&env.ok(&["dumpxml", "kj", "--inactive"])), on_disk, "{step}: the definition");
+        let read = env.ok(&["lxc-enter-namespace", "kj", "--noseclabel", "--", "cat", "/data"]);
+        assert_eq!(read, "before\n", "{step}");
+        env.ok(&["destroy", "kj"]);
+        assert_eq!(data_in(&env, &top), "before\n", "{step}");
+    }
 }
 
 /// A disk set over a container's filesystems: with `/data` alone in the

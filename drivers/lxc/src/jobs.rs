@@ -10,13 +10,11 @@
 //! asked. A pull into a layer below the active one and an intermediate
 //! commit work while the container writes.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use strata_core::capabilities::refusal;
-use strata_core::driver::DomainEvent;
 use strata_core::store::Store;
 use strata_core::{Error, Result};
 use strata_engine::blocking::blocking;
@@ -25,11 +23,10 @@ use strata_engine::job::engine::{BlockJobHost, Served};
 use strata_engine::job::record::{record_server_exit, JobRecord};
 use strata_engine::job::{run, JobTable};
 use strata_qemu_block::fuse::recorded_server;
-use strata_qemu_block::jobs::{block_job_event, JobRecords, QemuJobServer};
-use strata_qemu_block::monitor::{acquire, Monitor};
+use strata_qemu_block::jobs::{JobRecords, QemuJobServer};
+use strata_qemu_block::monitor::acquire;
 use strata_qemu_block::runtime::RuntimePaths;
-use strata_qmp::{QmpClient, QmpEvent};
-use tokio::sync::broadcast::{self, error::TryRecvError};
+use strata_qmp::QmpClient;
 
 use crate::status::{self, LiveStatus};
 use crate::syscall::Linux;
@@ -161,60 +158,5 @@ impl BlockJobHost for LxcConnection {
             Ok(true)
         })
         .await
-    }
-}
-
-/// A subscription to a storage daemon's events, with the monitor it came
-/// through (held while subscribed).
-type Subscription = (Arc<Monitor>, broadcast::Receiver<QmpEvent>);
-
-/// Subscriptions to the events of the storage daemons serving watched
-/// containers, by domain.
-#[derive(Default)]
-pub struct JobEvents {
-    subscribed: tokio::sync::Mutex<HashMap<String, Subscription>>,
-}
-
-impl JobEvents {
-    /// Subscribes to the events of the daemon serving `domain`'s qcow2
-    /// filesystem, unless subscribed already; a container that does not
-    /// run, or has no such daemon, has no block-job events to watch.
-    pub async fn watch(&self, store: &Store, domain: &str) {
-        let mut subscribed = self.subscribed.lock().await;
-        if subscribed.get(domain).is_some_and(|(monitor, _)| monitor.client.is_connected()) {
-            return;
-        }
-        subscribed.remove(domain);
-        let Ok(Some(status)) = status::running(store, domain) else { return };
-        let [served] = status.served.as_slice() else { return };
-        match acquire(&RuntimePaths { dir: served.dir.clone() }, domain).await {
-            Ok(monitor) => {
-                let events = monitor.client.subscribe_events();
-                subscribed.insert(domain.to_string(), (Arc::new(monitor), events));
-            }
-            Err(e) => tracing::warn!(domain, error = %e, "no block-job events: the storage daemon's monitor"),
-        }
-    }
-
-    /// The next block-job event the daemon serving `domain` sent since
-    /// the last look, if any.
-    pub async fn next(&self, domain: &str) -> Option<DomainEvent> {
-        let mut subscribed = self.subscribed.lock().await;
-        let (_, events) = subscribed.get_mut(domain)?;
-        loop {
-            match events.try_recv() {
-                Ok(ev) => {
-                    if let Some(event) = block_job_event(domain, &ev) {
-                        return Some(event);
-                    }
-                }
-                Err(TryRecvError::Lagged(_)) => {}
-                Err(TryRecvError::Empty) => return None,
-                Err(TryRecvError::Closed) => {
-                    subscribed.remove(domain);
-                    return None;
-                }
-            }
-        }
     }
 }

@@ -17,6 +17,7 @@
 //! ([`jobs`]).
 
 mod container;
+mod events;
 pub mod jobs;
 mod plan;
 mod probe;
@@ -66,7 +67,7 @@ pub struct LxcConnection {
     watched: std::sync::Mutex<HashMap<String, Option<ProcessId>>>,
     /// Per watched domain, the events of the storage daemon serving its
     /// qcow2 filesystem, for block-job events.
-    job_events: jobs::JobEvents,
+    job_events: events::JobEvents,
 }
 
 impl LxcConnection {
