@@ -12,7 +12,9 @@ use std::process::Command;
 
 use std::time::Duration;
 
-use common::{busybox_image, busybox_root, killed_at, mounted_at, qemu_chain, qemu_img, Background, TestEnv};
+use common::{
+    busybox_image, busybox_root, killed_at, mounted_at, qemu_chain, qemu_img, Background, TestEnv, JOB_STEPS,
+};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -661,8 +663,8 @@ fn snapshot_commands_killed_at_each_step_are_finished_or_rolled_back() {
     }
 }
 
-/// Snapshots of a raw root are refused saying why, and block jobs by
-/// capability, before anything runs; define refuses what the driver
+/// Snapshots of a raw root are refused saying why, and block jobs on it,
+/// shut off or running, before anything runs; define refuses what the driver
 /// cannot mount, naming the element.
 #[test]
 fn snapshots_jobs_and_unsupported_filesystems_are_refused_with_the_reason() {
@@ -679,7 +681,23 @@ fn snapshots_jobs_and_unsupported_filesystems_are_refused_with_the_reason() {
     );
     assert_eq!(env.ok(&["snapshot-list", "raw", "--name"]).trim(), "", "nothing was recorded");
     let err = env.fails(&["blockpull", "raw", "/"]);
-    assert_eq!(err, format!("{prefix}the lxc driver does not support block jobs\n"));
+    assert_eq!(
+        err,
+        format!(
+            "{prefix}the lxc driver cannot run block jobs on domain 'raw' while it is shut off: they run in the \
+             storage daemon that serves a running container's qcow2 filesystem\n"
+        )
+    );
+    let (_held, _guard) = start_guarded(&env, "raw");
+    let err = env.fails(&["blockpull", "raw", "/"]);
+    assert_eq!(
+        err,
+        format!(
+            "{prefix}the lxc driver cannot run block jobs on domain 'raw': none of its filesystems is a qcow2 \
+             chain (a raw image, a block device, a bind or ram filesystem has no layers to merge)\n"
+        )
+    );
+    env.ok(&["destroy", "raw"]);
     let caps = env.ok(&["capabilities"]);
     assert!(caps.contains("lxc"), "{caps}");
     assert!(caps.contains("memory state cannot be saved"), "{caps}");
@@ -1062,4 +1080,207 @@ fn an_idmap_runs_the_container_in_a_user_namespace_with_those_maps() {
     std::fs::write(env.path("badmap.xml"), bad).expect("write");
     let err = env.fails(&["define", env.path("badmap.xml").to_str().expect("utf8")]);
     assert!(err.contains("<idmap><uid start='0' target='100000' count=''/>: 'count' must be an id"), "{err}");
+}
+
+/// A container that appends a numbered line to `/log` ten times a second.
+const COUNTER: &[&str] = &["/bin/sh", "-c", "i=0; while true; do i=$((i+1)); echo $i >> /log; sleep 0.1; done"];
+
+/// How many lines the writer has appended to `/log` in container `name`,
+/// read inside it.
+fn lines_written(env: &TestEnv, name: &str) -> usize {
+    let log = env.ok(&["lxc-enter-namespace", name, "--noseclabel", "--", "cat", "/log"]);
+    let numbers: Vec<usize> = log.lines().map(|l| l.parse().expect("a numbered line")).collect();
+    assert_eq!(numbers, (1..=numbers.len()).collect::<Vec<_>>(), "the log is 1, 2, 3, … without a gap");
+    numbers.len()
+}
+
+/// Waits (a hang guard of two minutes) until the writer in `name` has
+/// appended more than `after` lines; returns how many it has.
+fn wait_for_writes(env: &TestEnv, name: &str, after: usize) -> usize {
+    for _ in 0..1200 {
+        let n = lines_written(env, name);
+        if n > after {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the writer in '{name}' wrote nothing after line {after} in two minutes");
+}
+
+/// The images a domain XML names, in document order (its one storage
+/// device's chain, active layer first).
+fn xml_chain(xml: &str) -> Vec<String> {
+    xml.split("<source file='").skip(1).map(|rest| rest[..rest.find('\'').expect("quoted")].to_string()).collect()
+}
+
+/// Block jobs on a running container's 4-deep qcow2 chain (active
+/// `upper` over `top` holding a file written earlier, over `mid` and
+/// `base`), run by the storage daemon serving it while a shell loop in
+/// the container writes: an intermediate commit of `top` into `mid`, then
+/// a pull into `mid` of everything below it. The chain on disk and in the
+/// live and persistent XML follows each job, `mid` ends holding exactly
+/// what the frozen chain below the active layer held (qemu-img compare
+/// against a copy made before), the writer never stopped, the file
+/// reads back inside, and the filesystem is clean after stop; `event`
+/// reports the commit's completion; a pull destroyed right after it
+/// started leaves the chain as it was, and runs again after a restart. The jobs that would
+/// write the FUSE-exported active layer are refused, saying why.
+#[test]
+fn pull_and_intermediate_commit_run_on_a_running_container_while_it_writes() {
+    let env = TestEnv::lxc();
+    let [top, mid, base] = busybox_chain(&env);
+    env.define("jobs", &container_xml("jobs", SLEEPER, &qcow2_root(&top)));
+    write_inside(&env, "jobs", "before");
+    let (upper, reference) = (env.path("upper.qcow2"), env.path("reference.raw"));
+    let s = |p: &Path| p.to_str().expect("utf8").to_string();
+    qemu_img(&["convert", "-O", "raw", &s(&top), &s(&reference)]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &s(&top), &s(&upper)]);
+    env.define("jobs", &container_xml("jobs", COUNTER, &qcow2_root(&upper)));
+    let layers = |paths: &[&PathBuf]| paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>();
+    let on_disk = || qemu_chain(&upper).into_iter().map(|(f, _)| f).collect::<Vec<_>>();
+    assert_eq!(on_disk(), layers(&[&upper, &top, &mid, &base]));
+
+    let (held, _guard) = start_guarded(&env, "jobs");
+    let mut written = wait_for_writes(&env, "jobs", 0);
+
+    let watch = ["event", "jobs", "--event", "block-job", "--timeout", "120"];
+    let watcher = Background::spawn_paused_at(&env, &watch, "lxc-event:watching").expect("the watcher's first look");
+    env.ok(&["blockcommit", "jobs", "/", "--top", "/[1]", "--base", "/[2]", "--wait"]);
+    assert_eq!(on_disk(), layers(&[&upper, &mid, &base]), "top was committed into mid");
+    watcher.resume();
+    let out = watcher.finish(Duration::from_secs(120));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.starts_with("event 'block-job' for domain 'jobs': Block Commit for / completed\n"), "{text}");
+    for xml in [env.ok(&["dumpxml", "jobs"]), env.ok(&["dumpxml", "jobs", "--inactive"])] {
+        assert_eq!(xml_chain(&xml), on_disk(), "the live and persistent XML follow the commit: {xml}");
+    }
+    written = wait_for_writes(&env, "jobs", written);
+    assert_eq!(env.ok(&["lxc-enter-namespace", "jobs", "--noseclabel", "--", "cat", "/data"]), "before\n");
+
+    let refused = env.fails(&["blockpull", "jobs", "/", "--wait"]);
+    assert!(
+        refused.contains(
+            "error: Requested operation is not valid: cannot pull into the active layer of 'jobs' while its \
+             storage is exported writable over FUSE"
+        ),
+        "{refused}"
+    );
+    let prefix = "error: this function is not supported by the connection driver: the lxc driver";
+    let refused = env.fails(&["blockcommit", "jobs", "/", "--active", "--pivot"]);
+    assert_eq!(refused, format!("{prefix} cannot run an active block commit\n"));
+    let copy = env.path("copy.qcow2");
+    let refused = env.fails(&["blockcopy", "jobs", "/", copy.to_str().expect("utf8"), "--pivot"]);
+    assert_eq!(refused, format!("{prefix} cannot run a block copy\n"));
+    assert!(!copy.exists(), "a refused copy makes no destination");
+    assert_eq!(on_disk(), layers(&[&upper, &mid, &base]), "the refusals changed nothing");
+    assert_eq!(env.ok(&["blockjob", "jobs", "/", "--info"]).trim(), "No current block job for /");
+
+    let last = wait_for_writes(&env, "jobs", written);
+
+    // A pull destroyed as soon as it started: QEMU changes an image's
+    // backing only when Strata finalizes the job, so the chain on disk and
+    // in the definition is the one before the pull.
+    assert_eq!(env.ok(&["blockpull", "jobs", "/", "--top", "/[1]"]).trim(), "Block Pull started");
+    env.ok(&["destroy", "jobs"]);
+    assert!(!alive(held.init));
+    assert_eq!(on_disk(), layers(&[&upper, &mid, &base]));
+    assert_eq!(xml_chain(&env.ok(&["dumpxml", "jobs", "--inactive"])), on_disk(), "the definition follows the disk");
+    let compared = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2"])
+        .args([&reference, &mid])
+        .output()
+        .expect("run qemu-img compare");
+    assert!(compared.status.success(), "mid's chain reads what top's read: {compared:?}");
+    env.ok(&["start", "jobs"]);
+    assert_eq!(env.ok(&["lxc-enter-namespace", "jobs", "--noseclabel", "--", "cat", "/data"]), "before\n");
+    env.ok(&["blockpull", "jobs", "/", "--top", "/[1]", "--wait"]);
+    assert_eq!(on_disk(), layers(&[&upper, &mid]), "base was pulled into mid");
+    assert_eq!(xml_chain(&env.ok(&["dumpxml", "jobs"])), on_disk(), "the live XML follows the pull");
+    let compared = Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "raw", "-F", "qcow2"])
+        .args([&reference, &mid])
+        .output()
+        .expect("run qemu-img compare");
+    assert!(compared.status.success(), "mid holds what the chain below the active layer held: {compared:?}");
+    env.ok(&["destroy", "jobs"]);
+    let flat = env.path("flat.raw");
+    qemu_img(&["convert", "-O", "raw", &s(&upper), &s(&flat)]);
+    let fsck = Command::new("e2fsck").arg("-fn").arg(&flat).output().expect("run e2fsck");
+    assert!(fsck.status.success(), "e2fsck -fn: {}", String::from_utf8_lossy(&fsck.stdout));
+    let cat = |file: &str| {
+        let out = Command::new("debugfs").arg("-R").arg(format!("cat {file}")).arg(&flat).output().expect("debugfs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(cat("/data"), "before\n");
+    let log = cat("/log");
+    assert!(log.lines().count() >= last, "the {last} lines seen inside are on disk: {log}");
+}
+
+/// An intermediate commit on a running container, its `strata` killed at
+/// each step of the job (recorded and not yet sent, sent, its end being
+/// recorded): the next command concludes or drops the record, the chain
+/// on disk and in the live and persistent XML agree (committed once QEMU
+/// had the job), the container runs on with its data, and its filesystem
+/// is clean after stop.
+#[test]
+fn a_job_command_killed_at_each_step_is_concluded_by_the_next_one() {
+    for step in JOB_STEPS {
+        let env = TestEnv::lxc();
+        let [top, mid, base] = busybox_chain(&env);
+        env.define("kj", &container_xml("kj", SLEEPER, &qcow2_root(&top)));
+        write_inside(&env, "kj", "before");
+        let (_held, _guard) = start_guarded(&env, "kj");
+        killed_at(&env, &["blockcommit", "kj", "/", "--top", "/[1]", "--wait"], step);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !env.ok(&["blockjob", "kj", "/", "--info"]).contains("No current block job for /") {
+            assert!(std::time::Instant::now() < deadline, "{step}: the commit did not end");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let on_disk: Vec<String> = qemu_chain(&top).into_iter().map(|(f, _)| f).collect();
+        let expected = if step == "job:starting" { vec![&top, &mid, &base] } else { vec![&top, &base] };
+        assert_eq!(on_disk, expected.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(), "{step}");
+        assert_eq!(xml_chain(&env.ok(&["dumpxml", "kj"])), on_disk, "{step}: the live XML");
+        assert_eq!(xml_chain(&env.ok(&["dumpxml", "kj", "--inactive"])), on_disk, "{step}: the definition");
+        let read = env.ok(&["lxc-enter-namespace", "kj", "--noseclabel", "--", "cat", "/data"]);
+        assert_eq!(read, "before\n", "{step}");
+        env.ok(&["destroy", "kj"]);
+        assert_eq!(data_in(&env, &top), "before\n", "{step}");
+    }
+}
+
+/// A disk set over a container's filesystems: with `/data` alone in the
+/// set, `snapshot-create-as --disk-set` of the shut-off container puts an
+/// overlay over `/data`'s image only and leaves the root on its image;
+/// `diskset-remove` empties the set again.
+#[test]
+fn a_disk_set_of_filesystems_selects_what_a_snapshot_takes() {
+    let env = TestEnv::lxc();
+    let [top, ..] = busybox_chain(&env);
+    let data = env.path("data.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", data.to_str().expect("utf8"), "16M"]);
+    let filesystems = format!(
+        "{}<filesystem type='file'><driver type='loop' format='qcow2'/><source file='{}'/>\
+         <target dir='/data'/></filesystem>",
+        qcow2_root(&top),
+        data.display()
+    );
+    env.define("set", &container_xml("set", SLEEPER, &filesystems));
+    assert_eq!(env.ok(&["diskset-add", "set", "/data"]), "Disk '/data' added to the disk set\n");
+    assert_eq!(env.ok(&["diskset-list", "set"]).trim(), "/data");
+
+    env.ok(&["snapshot-create-as", "set", "s1", "--disk-only", "--disk-set"]);
+    let overlay = env.path("data.s1");
+    assert_eq!(
+        qemu_chain(&overlay).into_iter().map(|(f, _)| f).collect::<Vec<_>>(),
+        [&overlay, &data].map(|p| p.display().to_string()),
+        "/data runs on a new overlay over its image"
+    );
+    let xml = env.ok(&["dumpxml", "set", "--inactive"]);
+    assert!(xml.contains(&format!("<source file='{}'/>", overlay.display())), "{xml}");
+    assert_eq!(root_image(&env, "set"), top, "the root, outside the set, keeps its image");
+    assert!(!env.path("top.s1").exists(), "no overlay was made for the root");
+
+    assert_eq!(env.ok(&["diskset-remove", "set", "/data"]), "Disk '/data' removed from the disk set\n");
+    assert_eq!(env.ok(&["diskset-list", "set"]).trim(), "");
 }

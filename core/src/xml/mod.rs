@@ -15,6 +15,6 @@ pub use filesystem::{Filesystem, FilesystemDriver, FilesystemSource, FilesystemT
 pub use interface::{check_mac, generated_mac, Interface, PortForward, PortRange, INTERFACE_CHILD_ORDER};
 pub use limits::{read_document, MAX_DOCUMENT_BYTES, MAX_DOCUMENT_NODES};
 pub use snapshot::{SnapshotDef, SnapshotDisk, SnapshotMemory};
-pub use storage::{StorageAddress, StorageDevice};
+pub use storage::{device_identifier, device_of_identifier, StorageAddress, StorageDevice};
 pub use tree::{Element, Node};
 pub use volume::{chain_from_volume, volume_element};

@@ -67,6 +67,26 @@ impl fmt::Display for StorageAddress {
     }
 }
 
+/// A device's name as an identifier of letters, digits, `-`, `.` and `_`
+/// (what QEMU's node names and job ids allow): a disk's target as it is
+/// (`vda`); for a filesystem, its target dir after `fs`, each `/` a `.`
+/// (`/` is `fs.`, `/data` is `fs.data`).
+pub fn device_identifier(device: &str) -> String {
+    if device.starts_with('/') {
+        format!("fs{}", device.replace('/', "."))
+    } else {
+        device.to_string()
+    }
+}
+
+/// The device name whose [`device_identifier`] is `identifier`.
+pub fn device_of_identifier(identifier: &str) -> String {
+    match identifier.strip_prefix("fs.") {
+        Some(dir) => format!("/{}", dir.replace('.', "/")),
+        None => identifier.to_string(),
+    }
+}
+
 /// A disk or a filesystem, read from the domain's XML.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", content = "device", rename_all = "lowercase")]

@@ -2,12 +2,18 @@
 
 use std::path::PathBuf;
 
+use async_trait::async_trait;
 use strata_core::define;
-use strata_core::driver::{DefineFlags, DefineOutcome, DiskChainCheck, DomainState, DomainSummary, DumpXmlFlags};
+use strata_core::diskset;
+use strata_core::driver::{
+    DefineFlags, DefineOutcome, DiskChainCheck, DiskSetOps, DiskSetOutcome, DomainState, DomainSummary, DumpXmlFlags,
+};
 use strata_core::pool::PoolManager;
 use strata_core::store::{no_such_domain, Store};
 use strata_core::xml::{Disk, Domain};
 use strata_core::{Error, ErrorKind, Result};
+
+use crate::view::TransparentOver;
 
 /// What the store holds as a domain's persistent definition.
 enum Stored {
@@ -228,5 +234,52 @@ pub fn check_transient_disk(disk: &Disk) -> Result<()> {
             refuse(&format!("must be a local file (type 'file'), not '{}'", disk.disk_type))
         }
         Some(_) => Ok(()),
+    }
+}
+
+/// Seed 004's disk sets, kept in the persistent definitions of a store:
+/// a driver with a state store hands out core's `DiskSetOps` as this view
+/// of its store ([`StoredDiskSets::over`]). A set holds disks by target
+/// and filesystems by target dir.
+#[repr(transparent)]
+pub struct StoredDiskSets {
+    store: Store,
+}
+
+// SAFETY: StoredDiskSets is repr(transparent) over its one field, a Store.
+unsafe impl TransparentOver for StoredDiskSets {
+    type Inner = Store;
+}
+
+impl StoredDiskSets {
+    /// The disk sets of the domains in `store`, borrowed for as long as the view.
+    pub fn over(store: &Store) -> &StoredDiskSets {
+        crate::view::over(store)
+    }
+}
+
+#[async_trait]
+impl DiskSetOps for StoredDiskSets {
+    async fn diskset_add(&self, domain: &str, disk: &str) -> Result<DiskSetOutcome> {
+        edit(&self.store, domain, |dom| diskset::set_selected(dom, disk, true))
+    }
+
+    async fn diskset_remove(&self, domain: &str, disk: &str) -> Result<DiskSetOutcome> {
+        edit(&self.store, domain, |dom| diskset::set_selected(dom, disk, false))
+    }
+
+    async fn diskset_add_all(&self, domain: &str) -> Result<usize> {
+        edit(&self.store, domain, |dom| {
+            diskset::set_all(dom, true)?;
+            Ok(diskset::selected(dom)?.len())
+        })
+    }
+
+    async fn diskset_remove_all(&self, domain: &str) -> Result<usize> {
+        edit(&self.store, domain, |dom| diskset::set_all(dom, false))
+    }
+
+    async fn diskset_list(&self, domain: &str) -> Result<Vec<String>> {
+        diskset::selected(&load(&self.store, domain)?)
     }
 }

@@ -121,6 +121,8 @@ pub fn start(store: &Store, name: &str, mut dom: Domain) -> Result<()> {
         served: Vec::new(),
         next_node: 0,
         pause: None,
+        jobs: Vec::new(),
+        next_job: 1,
     };
     store.write_status(name, &record.to_xml())?;
     let mut handles = Vec::new();

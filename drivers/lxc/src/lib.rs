@@ -13,9 +13,12 @@
 //! Snapshots of qcow2 filesystems go through strata-engine, offline or
 //! while the container runs (paused for the switch: [`pause`]) ([`snapshots`]);
 //! other roots have no layer to hold one, and are refused saying so.
-//! Block jobs are not there yet.
+//! Block jobs on a running container's qcow2 filesystem run in the storage
+//! daemon serving it ([`jobs`]).
 
 mod container;
+mod events;
+pub mod jobs;
 mod pause;
 mod plan;
 mod probe;
@@ -28,12 +31,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use strata_core::capabilities::{
-    refusal, DeleteMethods, DomainCapabilities, RevertRules, RevertTo, RevertedGuest, SnapshotCapabilities,
-    SnapshotCreation, SnapshotKinds, StorageCapabilities,
+    refusal, BlockJobCapabilities, BlockJobKinds, DeleteMethods, DomainCapabilities, RevertRules, RevertTo,
+    RevertedGuest, SnapshotCapabilities, SnapshotCreation, SnapshotKinds, StorageCapabilities,
 };
 use strata_core::driver::{
-    Connection, DefineFlags, DefineOutcome, DiskChainCheck, DomainEvent, DomainInfo, DomainState, DomainSummary,
-    DriverCapabilities, DumpXmlFlags, SnapshotOps, StartFlags, StartOutcome, UndefineFlags,
+    BlockJobOps, Connection, DefineFlags, DefineOutcome, DiskChainCheck, DiskSetOps, DomainEvent, DomainInfo,
+    DomainState, DomainSummary, DriverCapabilities, DumpXmlFlags, SnapshotOps, StartFlags, StartOutcome, UndefineFlags,
 };
 use strata_core::registry::DriverRegistration;
 use strata_core::store::Store;
@@ -42,6 +45,7 @@ use strata_core::xml::Domain;
 use strata_core::{Error, Result};
 use strata_engine::blocking::blocking;
 use strata_engine::definitions;
+use strata_engine::job::engine::{BlockJobEngine, BlockJobHost};
 use strata_engine::process::ProcessId;
 
 use crate::status::LiveStatus;
@@ -62,6 +66,9 @@ pub struct LxcConnection {
     store: Store,
     /// Per watched domain, the init `next_event` saw last (`None`: shut off).
     watched: std::sync::Mutex<HashMap<String, Option<ProcessId>>>,
+    /// Per watched domain, the events of the storage daemon serving its
+    /// qcow2 filesystem, for block-job events.
+    job_events: events::JobEvents,
 }
 
 impl LxcConnection {
@@ -76,7 +83,12 @@ impl LxcConnection {
                  use lxc:///system (as root) or lxc:///embed?root=DIR"
             )));
         }
-        Ok(LxcConnection { uri: uri.to_string(), store: Store::open(uri.state_root()?)?, watched: Default::default() })
+        Ok(LxcConnection {
+            uri: uri.to_string(),
+            store: Store::open(uri.state_root()?)?,
+            watched: Default::default(),
+            job_events: Default::default(),
+        })
     }
 
     /// The domain's record after reconciling it, under the domain lock:
@@ -206,7 +218,12 @@ impl Connection for LxcConnection {
                 },
                 delete: DeleteMethods { internal: true, metadata_only: true, children: true, ..Default::default() },
             },
-            storage: StorageCapabilities { disk_sets: false, storage_pools: true },
+            block_jobs: BlockJobCapabilities {
+                kinds: BlockJobKinds { pull: true, intermediate_commit: true, ..Default::default() },
+                bandwidth: true,
+                ..Default::default()
+            },
+            storage: StorageCapabilities { disk_sets: true, storage_pools: true },
             honoured_elements: vec![
                 "os/type exe, os/init, os/initarg".into(),
                 "filesystem type='block' (ext2/3/4, xfs, btrfs, vfat probed), type='file' with a raw or qcow2 \
@@ -242,7 +259,11 @@ impl Connection for LxcConnection {
                 "a revert stops a running container and starts it again only with --running or --paused (a \
                  container started paused runs its init's first second before it is frozen)"
                     .into(),
-                "no block jobs yet, and so no delete of an external snapshot (which commits or pulls)".into(),
+                "block jobs run on a running container's qcow2 filesystem, in the storage daemon serving it: a pull \
+                 into a layer below the active one (blockpull --top) and an intermediate commit (blockcommit --top); \
+                 the FUSE export holds the active layer, so a pull into it, an active commit and a copy are \
+                 refused, as are jobs on a shut-off container and the delete of an external snapshot"
+                    .into(),
                 "memory state cannot be saved (no checkpoint/restore)".into(),
                 "suspend and resume freeze and thaw the container's cgroup".into(),
                 format!(
@@ -250,7 +271,6 @@ impl Connection for LxcConnection {
                     SHUTDOWN_GRACE.as_secs()
                 ),
             ],
-            ..Default::default()
         }
     }
 
@@ -341,6 +361,11 @@ impl Connection for LxcConnection {
 
     async fn dump_xml(&self, name: &str, flags: DumpXmlFlags) -> Result<String> {
         definitions::load(&self.store, name)?;
+        // Jobs that ended while no strata ran are recorded first, so the
+        // chains shown are the ones the images now have.
+        if status::running(&self.store, name)?.is_some_and(|s| !s.jobs.is_empty()) {
+            BlockJobHost::serving(self, name).await?;
+        }
         match self.reconciled(name).await?.filter(|s| !flags.inactive && !s.starting) {
             Some(status) => {
                 let mut dom = status.domain;
@@ -360,8 +385,11 @@ impl Connection for LxcConnection {
     /// Shutdown`), or its record going with a destroy or shutdown
     /// (`Stopped Destroyed`). An init started after this process began
     /// counts as started even when the first look already finds it.
+    /// Block-job events come from the storage daemon serving the running
+    /// container's qcow2 filesystem, as a QEMU domain's come from QEMU.
     async fn next_event(&self, domain: &str, timeout_ms: u64) -> Result<Option<DomainEvent>> {
         definitions::load(&self.store, domain)?;
+        self.job_events.watch(&self.store, domain).await;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
         let first =
             self.watched.lock().map_err(|_| Error::internal("the event watch lock is poisoned"))?.get(domain).copied();
@@ -376,6 +404,9 @@ impl Connection for LxcConnection {
             }
         };
         let event = loop {
+            if let Some(event) = self.job_events.next(domain).await {
+                break Some(event);
+            }
             let (init, recorded) = self.observe(domain)?;
             let detail = match (last, init) {
                 (None, Some(_)) => Some("Started Booted"),
@@ -432,5 +463,13 @@ impl Connection for LxcConnection {
 
     fn snapshots(&self) -> Option<&dyn SnapshotOps> {
         Some(self)
+    }
+
+    fn block_jobs(&self) -> Option<&dyn BlockJobOps> {
+        Some(BlockJobEngine::over(self))
+    }
+
+    fn disk_sets(&self) -> Option<&dyn DiskSetOps> {
+        Some(definitions::StoredDiskSets::over(&self.store))
     }
 }

@@ -22,10 +22,11 @@ use strata_core::driver::{Connection, DomainState, SnapshotOps, SnapshotSummary}
 use strata_core::options::{SnapshotCreateFlags, SnapshotDeleteFlags, SnapshotRevertFlags};
 use strata_core::store::Store;
 use strata_core::xml::Domain;
-use strata_core::{Error, Result};
+use strata_core::{Error, ErrorKind, Result};
 use strata_engine::blocking::{blocking, lock_domain};
 use strata_engine::definitions;
 use strata_engine::image_work::create_overlay;
+use strata_engine::job::engine::BlockJobHost;
 use strata_engine::process::{Liveness, ProcessId};
 use strata_engine::snapshot::{
     not_supported, Activity, DiskJob, DiskPlan, LiveChain, NewTops, RecordedChain, SnapshotBackend, SnapshotEngine,
@@ -206,8 +207,20 @@ impl SnapshotBackend for LxcConnection {
         Ok(!syscall::cgroup_frozen(&self.running_status(domain)?.cgroup))
     }
 
-    /// No block job runs on a container's filesystems.
-    async fn refuse_during_block_job(&self, _domain: &str) -> Result<()> {
+    /// Refuses while a block job runs on a filesystem of the container
+    /// (jobs that ended meanwhile are recorded first), as for QEMU.
+    async fn refuse_during_block_job(&self, domain: &str) -> Result<()> {
+        if status::running(&self.store, domain)?.is_none_or(|s| s.jobs.is_empty()) {
+            return Ok(());
+        }
+        if let Some(served) = BlockJobHost::serving(self, domain).await? {
+            if let Some(job) = served.jobs.first() {
+                return Err(Error::new(
+                    ErrorKind::BlockCopyActive,
+                    format!("disk '{}' already in active block job", job.disk),
+                ));
+            }
+        }
         Ok(())
     }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use strata_core::store::Store;
 use strata_core::xml::{Domain, Element};
 use strata_core::{Error, Result};
+use strata_engine::job::record::JobRecord;
 use strata_engine::process::{Liveness, ProcessId};
 use strata_qemu_block::fuse::recorded_server;
 
@@ -57,6 +58,10 @@ pub struct LiveStatus {
     pub next_node: u64,
     /// A live snapshot's pause in progress.
     pub pause: Option<SnapshotPause>,
+    /// Block jobs the storage daemons run on the served filesystems.
+    pub jobs: Vec<JobRecord>,
+    /// For job ids: numbers never used before while the container runs.
+    pub next_job: u64,
 }
 
 impl LiveStatus {
@@ -95,7 +100,10 @@ impl LiveStatus {
             }
             root = root.with_child(el);
         }
-        root.with_child(self.domain.element().clone()).to_xml()
+        let jobs = self.jobs.iter().fold(Element::new("jobs"), |jobs, j| jobs.with_child(j.to_element()));
+        root.with_child(jobs.with_attr("next", self.next_job.to_string()))
+            .with_child(self.domain.element().clone())
+            .to_xml()
     }
 
     pub fn parse(xml: &str) -> Result<LiveStatus> {
@@ -135,6 +143,12 @@ impl LiveStatus {
                 }),
                 None => None,
             },
+            jobs: root
+                .child("jobs")
+                .map(|j| j.children_named("job").map(JobRecord::from_element).collect::<Result<Vec<_>>>())
+                .transpose()?
+                .unwrap_or_default(),
+            next_job: root.child("jobs").and_then(|j| j.attr("next")).and_then(|n| n.parse().ok()).unwrap_or(1),
         })
     }
 
@@ -178,6 +192,15 @@ pub fn reconcile(sys: &dyn Syscall, store: &Store, name: &str) -> Result<Option<
     teardown(sys, &status)?;
     forget(store, name)?;
     Ok(None)
+}
+
+/// The record of a container whose init runs and whose start is over, as
+/// read now, without reconciling (a reader that does not hold the domain
+/// lock); `None` otherwise.
+pub fn running(store: &Store, name: &str) -> Result<Option<LiveStatus>> {
+    let Some(xml) = store.read_status(name)? else { return Ok(None) };
+    let status = LiveStatus::parse(&xml)?;
+    Ok((!status.starting && status.running_init().is_some()).then_some(status))
 }
 
 /// Removes the record and the staging directory of a container torn down.
@@ -287,6 +310,8 @@ mod tests {
                 cgroup: true,
                 filesystems: vec!["/".into(), "/data".into()],
             }),
+            jobs: Vec::new(),
+            next_job: 1,
         }
     }
 
@@ -322,8 +347,13 @@ mod tests {
     fn the_record_round_trips() {
         let mut s = status(Some(ProcessId { pid: 42, start_time: 7 }));
         s.starting = true;
+        let mut job = JobRecord::new(strata_core::driver::BlockJobKind::Pull, "/data", Vec::new());
+        job.give_id(3).expect("id");
+        s.jobs.push(job);
+        s.next_job = 4;
         let back = LiveStatus::parse(&s.to_xml()).expect("parse");
         assert_eq!((back.init, back.owner, back.starting), (s.init, s.owner, true));
+        assert_eq!((&back.jobs, back.next_job), (&s.jobs, 4));
         assert_eq!((back.cgroup, back.loops, back.served), (s.cgroup, s.loops, s.served));
         assert_eq!((back.next_node, back.pause), (3, s.pause));
         assert_eq!(back.domain.name(), "ct1");

@@ -23,12 +23,12 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde_json::{json, Value};
 use strata_core::chain::Chain;
-use strata_core::driver::{BlockJobEnd, BlockJobKind};
+use strata_core::driver::{BlockJobEnd, BlockJobKind, DomainEvent};
 use strata_core::options::BlockCopyOptions;
 use strata_core::store::{DomainLock, Store};
 use strata_core::{Error, ErrorKind, Result};
 use strata_engine::job::layers::{CommitLayers, PullLayers};
-use strata_engine::job::record::JobRecord;
+use strata_engine::job::record::{job_of_id, JobRecord};
 use strata_engine::job::{BlockJobBackend, CopyTarget, JobPhase, JobTable, ObservedJob};
 use strata_engine::process::ProcessId;
 use strata_qmp::types::{JobInfo, JobStatus};
@@ -229,12 +229,38 @@ pub struct QemuJobServer<R> {
     records: R,
     /// The QEMU or storage daemon process.
     pub process: ProcessId,
+    /// The devices' roots are exported writable over FUSE (a running
+    /// container's filesystems): QEMU 7.2's export holds the resize
+    /// permission on the root that a job writing the root (a pull into
+    /// it, an active commit, a copy) must not share.
+    fuse_exported: bool,
 }
 
 impl<R: JobRecords> QemuJobServer<R> {
     /// The job server of `process`, serving `name` through `monitor`.
     pub fn new(store: &Store, name: &str, monitor: Arc<Monitor>, process: ProcessId, records: R) -> QemuJobServer<R> {
-        QemuJobServer { store: store.clone(), name: name.to_string(), monitor, records, process }
+        QemuJobServer { store: store.clone(), name: name.to_string(), monitor, records, process, fuse_exported: false }
+    }
+
+    /// The same server, its devices' roots exported writable over FUSE:
+    /// the jobs that write a root are refused, saying why, before QEMU
+    /// is asked (it would refuse them with a permission conflict).
+    pub fn over_writable_fuse_exports(self) -> QemuJobServer<R> {
+        QemuJobServer { fuse_exported: true, ..self }
+    }
+
+    /// Refuses `what`, a job that writes the device's exported root, on a
+    /// server whose roots are exported over FUSE.
+    fn refuse_writing_exported_root(&self, what: &str) -> Result<()> {
+        if !self.fuse_exported {
+            return Ok(());
+        }
+        Err(Error::operation_invalid(format!(
+            "cannot {what} of '{}' while its storage is exported writable over FUSE: QEMU's FUSE export holds \
+             the resize permission on the active layer that this job needs to itself; only layers below the \
+             active one can be merged now (blockpull --top, blockcommit --top)",
+            self.name
+        )))
     }
 
     pub fn client(&self) -> &QmpClient {
@@ -356,6 +382,9 @@ impl<R: JobRecords> BlockJobBackend for QemuJobServer<R> {
         backing: Option<String>,
         bandwidth: Option<u64>,
     ) -> Result<()> {
+        if layers.into == 0 {
+            self.refuse_writing_exported_root("pull into the active layer")?;
+        }
         let mut args = json!({
             "device": disk.nodes[layers.into],
             "auto-finalize": false,
@@ -381,6 +410,9 @@ impl<R: JobRecords> BlockJobBackend for QemuJobServer<R> {
         backing: Option<String>,
         bandwidth: Option<u64>,
     ) -> Result<()> {
+        if layers.kind == BlockJobKind::ActiveCommit {
+            self.refuse_writing_exported_root("run an active block commit")?;
+        }
         let mut args = json!({
             "device": disk.nodes[0],
             "base-node": disk.nodes[layers.base],
@@ -402,6 +434,7 @@ impl<R: JobRecords> BlockJobBackend for QemuJobServer<R> {
     /// The destination's format node over its file (or host device) node,
     /// named after the disk; a new image is made by `blockdev-create`.
     async fn open_copy_target(&self, disk_name: &str, disk: &LiveDisk, target: &CopyTarget) -> Result<QemuCopyTarget> {
+        self.refuse_writing_exported_root("run a block copy")?;
         let (client, name) = (self.client(), self.name.as_str());
         let unattached = strata_engine::blocking::lock_domain_for(&self.store, name, UNATTACHED_NODES).await?;
         let graph = BlockGraph::query(client, name).await?;
@@ -600,6 +633,31 @@ async fn remove_dead_nodes(store: &Store, client: &QmpClient, name: &str, disk: 
         }
     }
     Ok(())
+}
+
+/// virsh's `block-job` event for QEMU's event about a job Strata started
+/// (its id names the kind and the device: `Block Commit for / completed`).
+pub fn block_job_event(domain: &str, ev: &QmpEvent) -> Option<DomainEvent> {
+    let (id, what) = match ev.known() {
+        KnownEvent::BlockJobCompleted(e) => (e.device, if e.error.is_some() { "failed" } else { "completed" }),
+        KnownEvent::BlockJobCancelled(e) => (e.device, "canceled"),
+        KnownEvent::BlockJobReady(e) => (e.device, "ready"),
+        KnownEvent::BlockJobError(e) => (e.device, "failed"),
+        _ => return None,
+    };
+    let (kind, disk) = job_of_id(&id)?;
+    Some(DomainEvent {
+        domain: domain.to_string(),
+        event: "block-job".to_string(),
+        detail: format!("{} for {disk} {what}", kind.label()),
+        disk: Some(disk),
+        timestamp_us: event_time_us(ev),
+    })
+}
+
+/// When QEMU says the event happened, in microseconds since the epoch.
+pub fn event_time_us(ev: &QmpEvent) -> i64 {
+    ev.timestamp.0.saturating_mul(1_000_000).saturating_add(ev.timestamp.1)
 }
 
 async fn speed_of(client: &QmpClient, name: &str, id: &str) -> Result<u64> {

@@ -12,24 +12,11 @@ use strata_core::xml::StorageDevice;
 use strata_core::{Error, Result};
 
 /// The prefix of a storage device's node names, and its export id in a
-/// storage daemon: a disk's target (`vda`); for a filesystem, its target
-/// dir after `fs`, each `/` a `.` (`/` is `fs.`, `/data` is `fs.data`),
-/// since node names hold only letters, digits, `-`, `.` and `_`.
-pub fn node_prefix(device: &str) -> String {
-    if device.starts_with('/') {
-        format!("fs{}", device.replace('/', "."))
-    } else {
-        device.to_string()
-    }
-}
-
+/// storage daemon: the device's identifier (`vda`, `fs.` for `/`, `fs.data`
+/// for `/data`), since node names hold only letters, digits, `-`, `.` and `_`.
+pub use strata_core::xml::device_identifier as node_prefix;
 /// The device name whose [`node_prefix`] is `prefix`.
-pub fn device_of_prefix(prefix: &str) -> String {
-    match prefix.strip_prefix("fs.") {
-        Some(dir) => format!("/{}", dir.replace('.', "/")),
-        None => prefix.to_string(),
-    }
-}
+pub use strata_core::xml::device_of_identifier as device_of_prefix;
 
 /// The format node of a device's active layer as a start names it.
 pub fn root_node(device: &str) -> String {

@@ -37,10 +37,10 @@ use strata_core::capabilities::{
 };
 use strata_core::define;
 use strata_core::driver::{
-    BlockJobOps, Connection, CpuPlacementOps, DefineFlags, DefineOutcome, DiskChainCheck, DiskSetOps, DiskSetOutcome,
-    DomainEvent, DomainInfo, DomainJobInfo, DomainState, DomainSummary, DriverCapabilities, DumpXmlFlags,
-    IncomingMigration, MigrateOptions, MonitorOps, PinScope, PreparedMigration, SaveFlags, SaveMigrateOps, SaveOptions,
-    SnapshotOps, StartFlags, StartOutcome, UndefineFlags, VcpuCounts, VcpuInfo,
+    BlockJobOps, Connection, CpuPlacementOps, DefineFlags, DefineOutcome, DiskChainCheck, DiskSetOps, DomainEvent,
+    DomainInfo, DomainJobInfo, DomainState, DomainSummary, DriverCapabilities, DumpXmlFlags, IncomingMigration,
+    MigrateOptions, MonitorOps, PinScope, PreparedMigration, SaveFlags, SaveMigrateOps, SaveOptions, SnapshotOps,
+    StartFlags, StartOutcome, UndefineFlags, VcpuCounts, VcpuInfo,
 };
 use strata_core::hostcpu::{HostCpuMap, NodeInfo, SysfsCpus};
 use strata_core::network::NetworkManager;
@@ -628,7 +628,7 @@ impl Connection for QemuConnection {
     }
 
     fn disk_sets(&self) -> Option<&dyn DiskSetOps> {
-        Some(self)
+        Some(strata_engine::definitions::StoredDiskSets::over(&self.store))
     }
 
     fn block_jobs(&self) -> Option<&dyn BlockJobOps> {
@@ -819,33 +819,5 @@ impl BlockJobHost for QemuConnection {
         self.monitors.forget(domain).await;
         live::reconcile(&self.store, domain)?;
         Ok(true)
-    }
-}
-
-#[async_trait]
-impl DiskSetOps for QemuConnection {
-    async fn diskset_add(&self, domain: &str, disk: &str) -> Result<DiskSetOutcome> {
-        strata_engine::definitions::edit(&self.store, domain, |dom| strata_core::diskset::set_selected(dom, disk, true))
-    }
-
-    async fn diskset_remove(&self, domain: &str, disk: &str) -> Result<DiskSetOutcome> {
-        strata_engine::definitions::edit(&self.store, domain, |dom| {
-            strata_core::diskset::set_selected(dom, disk, false)
-        })
-    }
-
-    async fn diskset_add_all(&self, domain: &str) -> Result<usize> {
-        strata_engine::definitions::edit(&self.store, domain, |dom| {
-            strata_core::diskset::set_all(dom, true)?;
-            Ok(strata_core::diskset::selected(dom)?.len())
-        })
-    }
-
-    async fn diskset_remove_all(&self, domain: &str) -> Result<usize> {
-        strata_engine::definitions::edit(&self.store, domain, |dom| strata_core::diskset::set_all(dom, false))
-    }
-
-    async fn diskset_list(&self, domain: &str) -> Result<Vec<String>> {
-        strata_core::diskset::selected(&strata_engine::definitions::load(&self.store, domain)?)
     }
 }

@@ -24,6 +24,7 @@ use strata_core::{Error, Result};
 use crate::tap::CreatedNic;
 use strata_engine::job::record::{self, JobRecord};
 use strata_engine::process::{Liveness, ProcessId};
+use strata_qemu_block::jobs::{block_job_event, event_time_us};
 use strata_qemu_block::monitor::{acquire, qmp_error, Monitor};
 use strata_qemu_block::nodes::root_node;
 use strata_qemu_block::runtime::{RuntimePaths, MONITORS};
@@ -376,30 +377,24 @@ pub fn next_domain_id(store: &Store) -> Result<u32> {
     Ok(current)
 }
 
-/// virsh's words for a QEMU event, if it is one `strata event` reports.
+/// virsh's words for a QEMU event, if it is one `strata event` reports:
+/// a block job's (see [`block_job_event`]) or a lifecycle change.
 pub fn translate_event(domain: &str, ev: &strata_qmp::QmpEvent) -> Option<strata_core::driver::DomainEvent> {
     use strata_qmp::KnownEvent;
-    let block_job = |id: &str, what: &str| {
-        let (kind, disk) = record::job_of_id(id)?;
-        Some(("block-job", format!("{} for {disk} {what}", kind.label()), Some(disk.to_string())))
-    };
-    let (event, detail, disk) = match ev.known() {
-        KnownEvent::BlockJobCompleted(e) => {
-            block_job(&e.device, if e.error.is_some() { "failed" } else { "completed" })?
-        }
-        KnownEvent::BlockJobCancelled(e) => block_job(&e.device, "canceled")?,
-        KnownEvent::BlockJobReady(e) => block_job(&e.device, "ready")?,
-        KnownEvent::BlockJobError(e) => block_job(&e.device, "failed")?,
-        KnownEvent::Stop => ("lifecycle", "Suspended Paused".to_string(), None),
-        KnownEvent::Resume => ("lifecycle", "Resumed Unpaused".to_string(), None),
-        KnownEvent::Shutdown(_) => ("lifecycle", "Stopped Shutdown".to_string(), None),
+    if let Some(event) = block_job_event(domain, ev) {
+        return Some(event);
+    }
+    let detail = match ev.known() {
+        KnownEvent::Stop => "Suspended Paused",
+        KnownEvent::Resume => "Resumed Unpaused",
+        KnownEvent::Shutdown(_) => "Stopped Shutdown",
         _ => return None,
     };
     Some(strata_core::driver::DomainEvent {
         domain: domain.to_string(),
-        event: event.to_string(),
-        detail,
-        disk,
-        timestamp_us: ev.timestamp.0.saturating_mul(1_000_000).saturating_add(ev.timestamp.1),
+        event: "lifecycle".to_string(),
+        detail: detail.to_string(),
+        disk: None,
+        timestamp_us: event_time_us(ev),
     })
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use strata_core::driver::{BlockJobEnd, BlockJobKind, BlockJobState};
 use strata_core::store::Store;
-use strata_core::xml::Element;
+use strata_core::xml::{device_identifier, device_of_identifier, Element};
 use strata_core::{Error, Result};
 
 use crate::process::{Liveness, ProcessId};
@@ -96,19 +96,21 @@ impl JobRecord {
 
 /// A job id never used before in this QEMU: a process that read an older
 /// record must not take a later job on the same disk for the one it read.
+/// The disk is named by its identifier (a filesystem `/` as `fs.`): job ids
+/// hold only letters, digits, `-`, `.` and `_`.
 fn job_id(kind: BlockJobKind, disk: &str, number: u64) -> String {
-    format!("strata-{}-{disk}-{number}", kind.as_str())
+    format!("strata-{}-{}-{number}", kind.as_str(), device_identifier(disk))
 }
 
 /// The kind and disk of a job [`job_id`] named; None for another id.
-pub fn job_of_id(id: &str) -> Option<(BlockJobKind, &str)> {
+pub fn job_of_id(id: &str) -> Option<(BlockJobKind, String)> {
     let rest = id.strip_prefix("strata-")?;
     let kind = [BlockJobKind::ActiveCommit, BlockJobKind::Pull, BlockJobKind::Commit, BlockJobKind::Copy]
         .into_iter()
         .find(|k| rest.starts_with(&format!("{}-", k.as_str())))?;
     let (disk, number) = rest[kind.as_str().len() + 1..].rsplit_once('-')?;
     number.parse::<u64>().ok()?;
-    Some((kind, disk))
+    Some((kind, device_of_identifier(disk)))
 }
 
 /// How the last job on a disk ended, kept so a waiter that was not the one

@@ -284,11 +284,14 @@ pub async fn conclude<B: BlockJobBackend>(backend: &B, rec: &JobRecord) -> Resul
         }
         let open = backend.open_disk(&rec.disk).await?;
         backend.edit_records(Some((&rec.disk, &open)), |table| {
-            let disk_before = table.live.find_disk(&rec.disk)?;
+            let device_before = table.live.find_storage_device(&rec.disk)?;
             // A volume disk still on its volume keeps naming it.
-            let chain = define::live_chain_as_recorded(&disk_before, B::chain(&open), &PoolManager::new(store.clone()));
+            let chain = match device_before.as_disk() {
+                Some(disk) => define::live_chain_as_recorded(disk, B::chain(&open), &PoolManager::new(store.clone())),
+                None => B::chain(&open).clone(),
+            };
             record_in_live(table.live, table.jobs, rec, &chain)?;
-            record_in_store(store, name, rec, &end, disk_before.source(), &chain)
+            record_in_store(store, name, rec, &end, device_before.source(), &chain)
         })?;
         end
     };

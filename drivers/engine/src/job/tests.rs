@@ -327,8 +327,12 @@ fn a_record_survives_its_xml_and_its_id_names_kind_and_disk() {
     rec.give_id(7).expect("id");
     assert_eq!(rec.id, "strata-active-commit-vdb-7");
     assert_eq!(rec.starter, Some(this_process()));
-    assert_eq!(job_of_id(&rec.id), Some((BlockJobKind::ActiveCommit, "vdb")));
-    assert_eq!(job_of_id("strata-pull-my-disk-3"), Some((BlockJobKind::Pull, "my-disk")));
+    assert_eq!(job_of_id(&rec.id), Some((BlockJobKind::ActiveCommit, "vdb".to_string())));
+    assert_eq!(job_of_id("strata-pull-my-disk-3"), Some((BlockJobKind::Pull, "my-disk".to_string())));
+    let mut fs = JobRecord::new(BlockJobKind::Pull, "/srv/data", Vec::new());
+    fs.give_id(2).expect("id");
+    assert_eq!(fs.id, "strata-pull-fs.srv.data-2", "a filesystem's job id holds no '/'");
+    assert_eq!(job_of_id(&fs.id), Some((BlockJobKind::Pull, "/srv/data".to_string())));
     assert_eq!(job_of_id("blockdev-create-1"), None);
     rec.ready = true;
     let parsed = JobRecord::from_element(&Element::parse(&rec.to_element().to_xml()).expect("xml")).expect("parse");
