@@ -232,13 +232,22 @@ impl QmpClient {
             break;
         }
         let greeting = protocol::parse_greeting(line.trim_ascii())?;
-        // QEMU sends no event before capabilities are negotiated, so the
-        // next line is the reply.
-        line.clear();
-        if reader.read_until(b'\n', &mut line).await.map_err(io)? == 0 {
-            return Err(QmpError::Disconnected);
-        }
-        match protocol::parse_incoming(line.trim_ascii())? {
+        // An event of that same window can also follow the greeting, ahead of
+        // the reply (seen under load with a job's JOB_STATUS_CHANGE): it is
+        // dropped for the same reason.
+        let reply = loop {
+            line.clear();
+            if reader.read_until(b'\n', &mut line).await.map_err(io)? == 0 {
+                return Err(QmpError::Disconnected);
+            }
+            match protocol::parse_incoming(line.trim_ascii())? {
+                Incoming::Event(event) => {
+                    tracing::debug!(path = %path.display(), event = %event.event, "event ahead of the capabilities reply dropped");
+                }
+                other => break other,
+            }
+        };
+        match reply {
             Incoming::Reply { id: Some(CAPABILITIES_ID), reply: Reply::Return(_) } => {}
             Incoming::Reply { reply: Reply::Error { class, desc }, .. } => {
                 return Err(QmpError::Command { command: "qmp_capabilities".into(), class, desc })

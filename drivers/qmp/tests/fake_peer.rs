@@ -128,6 +128,28 @@ async fn event_ahead_of_the_greeting_is_skipped() {
     tokio::time::timeout(Duration::from_secs(5), peer).await.expect("connection not closed on drop").unwrap();
 }
 
+/// An event of the same window can also come between the greeting and the
+/// capabilities reply (seen under load: a job's JOB_STATUS_CHANGE); the
+/// handshake skips it rather than failing the connection.
+#[tokio::test]
+async fn event_between_the_greeting_and_the_capabilities_reply_is_skipped() {
+    let (_dir, path, peer) = serve("", |command, id| match command {
+        "qmp_capabilities" => vec![
+            json!({"timestamp": {"seconds": 1795473704, "microseconds": 1}, "event": "JOB_STATUS_CHANGE",
+                   "data": {"id": "strata-pull-vda-3", "status": "concluded"}}),
+            json!({"return": {}, "id": id}),
+        ],
+        other => vec![json!({"return": {"command": other}, "id": id})],
+    });
+
+    let client = QmpClient::connect_with_timeout(&path, Duration::from_secs(5)).await.unwrap();
+    let value = client.execute("query-status", None).await.unwrap();
+    assert_eq!(value, json!({"command": "query-status"}));
+
+    drop(client);
+    tokio::time::timeout(Duration::from_secs(5), peer).await.expect("connection not closed on drop").unwrap();
+}
+
 /// The handshake takes one round trip: `qmp_capabilities` goes out with the
 /// connection, before the greeting is read. This peer reads a command
 /// before it greets, so a client that waited for the greeting first would
