@@ -1,6 +1,6 @@
 //! `<domain>`: a lossless document with typed accessors for what Strata uses.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::disk::{self, Disk, DISK_CHILD_ORDER};
 use super::filesystem::{self, Filesystem};
@@ -52,6 +52,24 @@ const CPUTUNE_CHILD_ORDER: &[&str] = &[
     "cachetune",
     "memorytune",
 ];
+
+/// libvirt's direct kernel boot: `<os><kernel>`, `<initrd>`, `<cmdline>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelBoot {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+}
+
+/// A guest serial port whose output goes to a host file:
+/// `<serial type='file'>`, or a `<console type='file'>` when the domain
+/// has no `<serial>` (libvirt then gives the console a serial port of its own).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerialFile {
+    pub path: PathBuf,
+    /// `<source append='on'>`: keep what the file holds.
+    pub append: bool,
+}
 
 /// A domain definition. Everything Strata does not model is kept as written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -230,6 +248,32 @@ impl Domain {
     /// `<os><type>`: `hvm`, `exe`, …
     pub fn os_type(&self) -> String {
         self.root.child("os").and_then(|os| os.child_text("type")).unwrap_or_else(|| "hvm".to_string())
+    }
+
+    /// `<os><kernel>` with its `<initrd>` and `<cmdline>`, when the domain
+    /// boots a kernel directly instead of through its firmware.
+    pub fn kernel_boot(&self) -> Option<KernelBoot> {
+        let os = self.root.child("os")?;
+        let path = |name: &str| os.child_text(name).map(|t| PathBuf::from(t.trim()));
+        Some(KernelBoot { kernel: path("kernel")?, initrd: path("initrd"), cmdline: os.child_text("cmdline") })
+    }
+
+    /// The serial ports written to host files, in the order `<devices>`
+    /// lists them; a port of another type is not one of them.
+    pub fn serial_files(&self) -> Vec<SerialFile> {
+        let serials: Vec<&Element> = self.device_elements("serial").collect();
+        let ports = if serials.is_empty() { self.device_elements("console").take(1).collect() } else { serials };
+        ports
+            .into_iter()
+            .filter(|el| el.attr("type") == Some("file"))
+            .filter_map(|el| {
+                let source = el.child("source")?;
+                Some(SerialFile {
+                    path: PathBuf::from(source.attr("path")?),
+                    append: source.attr("append") == Some("on"),
+                })
+            })
+            .collect()
     }
 
     pub fn disks(&self) -> Result<Vec<Disk>> {
@@ -689,5 +733,28 @@ mod tests {
         let err = Domain::parse(over).expect_err("current above the maximum");
         assert_eq!(err.kind(), crate::error::ErrorKind::XmlError);
         assert!(err.message().contains("maxvcpus must not be less than current vcpus (2 < 3)"), "{err}");
+    }
+
+    #[test]
+    fn a_kernel_boot_and_file_serial_ports_are_read_and_a_console_counts_only_without_a_serial() {
+        use super::SerialFile;
+        use std::path::PathBuf;
+        let xml = "<domain type='qemu'><name>vm</name><os><type>hvm</type><kernel> /g/vmlinuz </kernel>\
+                   <initrd>/g/initrd.gz</initrd><cmdline>console=ttyS0 quiet</cmdline></os><devices>\
+                   <serial type='file'><source path='/g/serial0.log' append='on'/><target port='0'/></serial>\
+                   <serial type='pty'/><console type='file'><source path='/g/console.log'/></console>\
+                   </devices></domain>";
+        let dom = Domain::parse(xml).expect("parses");
+        let boot = dom.kernel_boot().expect("a kernel boot");
+        assert_eq!(boot.kernel, PathBuf::from("/g/vmlinuz"));
+        assert_eq!(boot.initrd, Some(PathBuf::from("/g/initrd.gz")));
+        assert_eq!(boot.cmdline.as_deref(), Some("console=ttyS0 quiet"));
+        assert_eq!(dom.serial_files(), [SerialFile { path: PathBuf::from("/g/serial0.log"), append: true }]);
+
+        let console_only = "<domain type='qemu'><name>vm</name><devices>\
+                            <console type='file'><source path='/g/console.log'/></console></devices></domain>";
+        let dom = Domain::parse(console_only).expect("parses");
+        assert_eq!(dom.kernel_boot(), None);
+        assert_eq!(dom.serial_files(), [SerialFile { path: PathBuf::from("/g/console.log"), append: false }]);
     }
 }

@@ -560,6 +560,59 @@ pub fn domain_xml(name: &str, disks: &[DiskSpec]) -> String {
     MINIMAL_DOMAIN.replace("@TYPE@", domain_type()).replace("@NAME@", name).replace("@DISKS@\n", &devices)
 }
 
+/// The tiny guest OS `fixtures/guest/make-test-guest` builds: a kernel and
+/// an initramfs whose init reports on the serial console.
+pub struct TestGuest {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+/// The test guest in `$STRATA_TEST_GUEST_DIR` (else
+/// `/var/cache/strata/test-guest`); a missing one fails the test, naming
+/// the script that builds it.
+pub fn test_guest() -> TestGuest {
+    let dir = std::env::var_os("STRATA_TEST_GUEST_DIR")
+        .map_or_else(|| PathBuf::from("/var/cache/strata/test-guest"), PathBuf::from);
+    let guest = TestGuest { kernel: dir.join("vmlinuz"), initrd: dir.join("initrd.gz") };
+    assert!(
+        guest.kernel.is_file() && guest.initrd.is_file(),
+        "the test guest OS is missing from {}: build it with {} (.ci/install-deps runs it)",
+        dir.display(),
+        fixture("guest/make-test-guest").display()
+    );
+    guest
+}
+
+/// `fixtures/domains/test-guest.xml`: a TCG domain booting the test guest.
+const TEST_GUEST_DOMAIN: &str = include_str!("../../../fixtures/domains/test-guest.xml");
+
+/// A domain `name` booting [`test_guest`] under TCG, its serial console
+/// written to `console`, with `interfaces` in its devices.
+pub fn guest_domain_xml(name: &str, console: &Path, interfaces: &str) -> String {
+    let guest = test_guest();
+    TEST_GUEST_DOMAIN
+        .replace("@NAME@", name)
+        .replace("@KERNEL@", &guest.kernel.display().to_string())
+        .replace("@INITRD@", &guest.initrd.display().to_string())
+        .replace("@CONSOLE@", &console.display().to_string())
+        .replace("@INTERFACES@\n", interfaces)
+}
+
+/// Polls the guest's console file until a line holds `marker`, and
+/// returns that line; fails the test with the console's text after
+/// `limit` (a hang guard: TCG guests boot slowly on a loaded machine).
+pub fn wait_for_console(console: &Path, marker: &str, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let text = std::fs::read_to_string(console).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains(marker)) {
+            return line.trim().to_string();
+        }
+        assert!(Instant::now() < deadline, "no '{marker}' on the guest's console after {limit:?}:\n{text}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A `<disk type='nvme'>` (target vdf) as libvirt's schema has it.
 pub const NVME_DISK: &str = include_str!("../../../fixtures/domains/nvme-disk.xml");
 
