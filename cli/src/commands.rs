@@ -349,8 +349,9 @@ pub enum Command {
         json: JsonFlag,
     },
     /// List a running domain's IP addresses: from the host's neighbour
-    /// table for the interfaces' MACs (`--source arp`), or from DHCP
-    /// leases (`lease`, the default; no Strata network hands any out).
+    /// table for the interfaces' MACs (`--source arp`), or from the DHCP
+    /// leases of the networks its `type='network'` interfaces are on
+    /// (`lease`, the default).
     Domifaddr {
         #[command(flatten)]
         domain: DomainArg,
@@ -1095,7 +1096,17 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                 .collect();
             let addresses = match source {
                 AddressSource::Arp => ifaddr::arp_addresses(&interfaces, &ifaddr::read_arp_table()?),
-                AddressSource::Lease | AddressSource::Agent => Vec::new(),
+                AddressSource::Lease => {
+                    let networks = session.conn()?.require_networks()?;
+                    let mut addresses = Vec::new();
+                    for iface in interfaces.iter().filter(|i| i.iface_type == "network") {
+                        let Some(network) = &iface.source else { continue };
+                        let leases = networks.net_dhcp_leases(network).await?;
+                        addresses.extend(ifaddr::lease_addresses(iface, &leases));
+                    }
+                    addresses
+                }
+                AddressSource::Agent => Vec::new(),
             };
             if wants_json(json) {
                 writeln!(out, "{}", serde_json::to_string_pretty(&addresses)?)?;

@@ -82,8 +82,10 @@ const GROUPS: &[(&str, &str, &[&str])] = &[
         "network",
         &[
             "net-autostart",
+            "net-create",
             "net-define",
             "net-destroy",
+            "net-dhcp-leases",
             "net-dumpxml",
             "net-info",
             "net-list",

@@ -860,11 +860,39 @@ pub struct NetworkInfo {
     pub bridge: String,
 }
 
+/// A DHCP lease a network's server handed out (`net-dhcp-leases`,
+/// `domifaddr --source lease`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkLease {
+    /// The network's bridge.
+    pub interface: String,
+    /// Seconds since the epoch.
+    pub expiry_time: i64,
+    pub mac: String,
+    pub address: String,
+    pub prefix: u32,
+    pub hostname: Option<String>,
+    pub client_id: Option<String>,
+}
+
+/// A network `net-create` defined and started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkCreated {
+    pub name: String,
+    /// What the start warns about, as `net_start`'s.
+    pub warnings: Vec<String>,
+}
+
 /// Virtual networks, as virsh's `net-*` commands use them.
 #[async_trait]
 pub trait NetworkOps: Send + Sync {
     /// Defines (or redefines) a network from `<network>` XML; returns its name.
     async fn net_define_xml(&self, xml: &str) -> Result<String>;
+    /// Defines a transient network from `<network>` XML and starts it: it
+    /// is gone once destroyed (or when its start fails).
+    async fn net_create_xml(&self, xml: &str) -> Result<NetworkCreated>;
+    /// The leases of a running network's DHCP server.
+    async fn net_dhcp_leases(&self, network: &str) -> Result<Vec<NetworkLease>>;
     async fn net_undefine(&self, network: &str) -> Result<()>;
     /// Starts a network; returns warnings for the user (no DHCP server, …).
     async fn net_start(&self, network: &str) -> Result<Vec<String>>;

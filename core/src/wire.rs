@@ -15,9 +15,9 @@ use serde::{Deserialize, Serialize};
 use crate::capabilities::DriverCapabilities;
 use crate::driver::{
     BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobState, Connection, DefineFlags, DefineOutcome, DiskChainCheck,
-    DiskSetOutcome, DomainEvent, DomainInfo, DomainJobInfo, DomainSummary, DumpXmlFlags, MigrateOptions, NetworkInfo,
-    PinScope, PoolBuildFlags, PoolInfo, SaveFlags, SaveOptions, SnapshotSummary, StartFlags, StartOutcome,
-    UndefineFlags, VcpuCounts, VcpuInfo, VolumeInfo, VolumeResizeFlags,
+    DiskSetOutcome, DomainEvent, DomainInfo, DomainJobInfo, DomainSummary, DumpXmlFlags, MigrateOptions,
+    NetworkCreated, NetworkInfo, NetworkLease, PinScope, PoolBuildFlags, PoolInfo, SaveFlags, SaveOptions,
+    SnapshotSummary, StartFlags, StartOutcome, UndefineFlags, VcpuCounts, VcpuInfo, VolumeInfo, VolumeResizeFlags,
 };
 use crate::error::{Error, ErrorKind, ErrorPayload, Result};
 use crate::hostcpu::{HostCpuMap, NodeInfo};
@@ -116,6 +116,8 @@ pub enum Call {
     VolClone { pool: Option<String>, volume: String, new_name: String },
     // NetworkOps
     NetDefineXml { xml: String },
+    NetCreateXml { xml: String },
+    NetDhcpLeases { network: String },
     NetUndefine { network: String },
     NetStart { network: String },
     NetDestroy { network: String },
@@ -171,6 +173,8 @@ pub enum Reply {
     Volume(VolumeInfo),
     Networks(Vec<NetworkInfo>),
     Network(NetworkInfo),
+    NetworkCreated(NetworkCreated),
+    NetworkLeases(Vec<NetworkLease>),
 }
 
 /// Performs `call` on `conn`. A capability the connection lacks gives the
@@ -329,6 +333,10 @@ async fn perform(conn: &dyn Connection, call: Call) -> Result<Reply> {
             done(conn.require_storage_pools()?.vol_clone(pool.as_deref(), &volume, &new_name).await?)
         }
         Call::NetDefineXml { xml } => Reply::Text(conn.require_networks()?.net_define_xml(&xml).await?),
+        Call::NetCreateXml { xml } => Reply::NetworkCreated(conn.require_networks()?.net_create_xml(&xml).await?),
+        Call::NetDhcpLeases { network } => {
+            Reply::NetworkLeases(conn.require_networks()?.net_dhcp_leases(&network).await?)
+        }
         Call::NetUndefine { network } => done(conn.require_networks()?.net_undefine(&network).await?),
         Call::NetStart { network } => Reply::Lines(conn.require_networks()?.net_start(&network).await?),
         Call::NetDestroy { network } => done(conn.require_networks()?.net_destroy(&network).await?),
@@ -786,6 +794,8 @@ mod tests {
             },
             Call::VolClone { pool: None, volume: vol(), new_name: "copy.qcow2".into() },
             Call::NetDefineXml { xml: "<network/>".into() },
+            Call::NetCreateXml { xml: "<network/>".into() },
+            Call::NetDhcpLeases { network: "default".into() },
             Call::NetUndefine { network: "default".into() },
             Call::NetStart { network: "default".into() },
             Call::NetDestroy { network: "default".into() },
@@ -852,6 +862,16 @@ mod tests {
             Reply::Volume(volume_info()),
             Reply::Networks(vec![network_info()]),
             Reply::Network(network_info()),
+            Reply::NetworkCreated(NetworkCreated { name: "default".into(), warnings: vec!["no DHCP".into()] }),
+            Reply::NetworkLeases(vec![NetworkLease {
+                interface: "virbr0".into(),
+                expiry_time: 1_733_400_000,
+                mac: "52:54:00:aa:00:01".into(),
+                address: "192.168.122.45".into(),
+                prefix: 24,
+                hostname: Some("guest".into()),
+                client_id: None,
+            }]),
         ]
     }
 

@@ -3,13 +3,16 @@
 //! initramfs) booted directly from `<os><kernel>`/`<initrd>`/`<cmdline>`
 //! under TCG, its serial console written to the file a
 //! `<serial type='file'>` names. What the guest reports there (ready, each
-//! NIC with its MAC, each DHCP lease) is what these tests check.
+//! NIC with its MAC, each DHCP lease) is what these tests check, with the
+//! leases a Strata network's dnsmasq hands out.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{guest_domain_xml, qemu_pid, wait_for_console, DomainGuard, TestEnv};
+use common::{
+    guest_domain_xml, link, process_runs, qemu_pid, wait_for_console, DomainGuard, NetGuard, TestEnv, TestNet,
+};
 
 /// How long a TCG guest may take to reach a marker on a loaded machine.
 const BOOT_LIMIT: Duration = Duration::from_secs(180);
@@ -56,4 +59,85 @@ fn a_missing_kernel_is_refused_at_start_naming_it_and_nothing_runs() {
     assert!(qemu_pid(&env, "guest").is_none(), "no QEMU was started");
     assert!(!console.exists(), "no console file was made");
     assert!(env.ok(&["domstate", "guest"]).starts_with("shut off"));
+}
+
+/// The interface name the guest's console gave the NIC with `mac`
+/// (`strata-guest: nic eth1 52:54:00:…`).
+fn guest_nic(console: &std::path::Path, mac: &str) -> String {
+    let line = wait_for_console(console, &format!(" {mac}"), BOOT_LIMIT);
+    line.split_whitespace().nth(2).expect("strata-guest: nic NAME MAC").to_string()
+}
+
+#[test]
+fn a_guest_on_a_strata_network_gets_its_leases_from_the_networks_dnsmasq_and_net_destroy_stops_exactly_it() {
+    let env = TestEnv::new();
+    let net = TestNet::new('g');
+    let _net_guard = NetGuard(&env, &[&net]);
+    let (fixed_mac, ranged_mac) = ("52:54:00:5e:01:01", "52:54:00:5e:01:02");
+    let dhcp = format!(
+        "<dhcp><range start='{}' end='{}'/><host mac='{fixed_mac}' ip='{}'/></dhcp>",
+        net.address(100),
+        net.address(150),
+        net.address(77)
+    );
+    net.define_xml(&env, &net.xml_with_dhcp("", &dhcp));
+    let start = env.strata(&["net-start", &net.name]);
+    assert_eq!(String::from_utf8_lossy(&start.stderr), "", "dnsmasq is installed: no warning");
+    let dnsmasq = net.recorded_dnsmasq(&env).expect("net-start recorded its dnsmasq");
+    let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{dnsmasq}/cmdline")).expect("dnsmasq runs"))
+        .replace('\0', " ");
+    for wanted in [format!("--interface={}", net.bridge), "--bind-interfaces".into(), "--port=0".into()] {
+        assert!(cmdline.contains(&wanted), "{wanted} not in {cmdline}");
+    }
+
+    let console = env.path("console.log");
+    let interfaces: String = [fixed_mac, ranged_mac]
+        .iter()
+        .map(|mac| {
+            format!(
+                "    <interface type='network'><source network='{}'/><mac address='{mac}'/><model type='virtio'/></interface>\n",
+                net.name
+            )
+        })
+        .collect();
+    env.define("guest", &guest_domain_xml("guest", &console, &interfaces));
+    let _guard = DomainGuard { env: &env, name: "guest".into() };
+    env.ok(&["start", "guest"]);
+    let (fixed_nic, ranged_nic) = (guest_nic(&console, fixed_mac), guest_nic(&console, ranged_mac));
+    assert_eq!(
+        wait_for_console(&console, &format!("strata-guest: lease {fixed_nic} "), BOOT_LIMIT),
+        format!("strata-guest: lease {fixed_nic} {}", net.address(77)),
+        "the <host> entry's address"
+    );
+    let ranged_line = wait_for_console(&console, &format!("strata-guest: lease {ranged_nic} "), BOOT_LIMIT);
+    let ranged: std::net::Ipv4Addr = ranged_line.rsplit(' ').next().and_then(|a| a.parse().ok()).expect("an address");
+    let in_range = |a: std::net::Ipv4Addr| {
+        let [a0, a1, a2, a3] = a.octets();
+        (a0, a1, u32::from(a2)) == (10, 214, net.octet) && (100..=150).contains(&a3)
+    };
+    assert!(in_range(ranged), "{ranged} is in the network's DHCP range");
+
+    let addresses = env.ok(&["domifaddr", "guest"]);
+    let rows: Vec<&str> = addresses.lines().skip(2).collect();
+    assert_eq!(rows.len(), 2, "one lease per NIC: {addresses}");
+    assert!(
+        rows[0].contains(fixed_mac) && rows[0].ends_with(&format!("ipv4         {}/24", net.address(77))),
+        "{addresses}"
+    );
+    assert!(rows[1].contains(ranged_mac) && rows[1].ends_with(&format!("ipv4         {ranged}/24")), "{addresses}");
+    let leases: serde_json::Value =
+        serde_json::from_str(&env.ok(&["net-dhcp-leases", &net.name, "--json"])).expect("json");
+    let leased: Vec<(&str, &str)> = leases
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|l| (l["mac"].as_str().expect("mac"), l["address"].as_str().expect("address")))
+        .collect();
+    assert!(leased.contains(&(fixed_mac, net.address(77).as_str())), "{leases}");
+    assert!(leased.contains(&(ranged_mac, ranged.to_string().as_str())), "{leases}");
+
+    env.ok(&["destroy", "guest"]);
+    env.ok(&["net-destroy", &net.name]);
+    assert!(!process_runs(dnsmasq), "net-destroy stopped the network's dnsmasq, pid {dnsmasq}");
+    assert_eq!(link(&net.bridge), None, "and deleted its bridge");
 }
