@@ -248,6 +248,23 @@ pub trait Connection: Send + Sync {
         Err(not_supported_by(&self.capabilities().driver, "vCPU information"))
     }
 
+    /// Attaches the network interface `xml` (an `<interface>`) to the
+    /// running domain (`scope.live`) and to its persistent definition
+    /// (`scope.config`); neither is the running domain when it runs, else
+    /// the definition (virsh's `--current`).
+    async fn attach_interface(&self, name: &str, xml: &str, scope: PinScope) -> Result<()> {
+        let _ = (name, xml, scope);
+        Err(not_supported_by(&self.capabilities().driver, "attaching network interfaces"))
+    }
+
+    /// Detaches the interface of type `iface_type` whose MAC is `mac` (any
+    /// MAC when only one interface has that type), as
+    /// [`Connection::attach_interface`] reads `scope`.
+    async fn detach_interface(&self, name: &str, iface_type: &str, mac: Option<&str>, scope: PinScope) -> Result<()> {
+        let _ = (name, iface_type, mac, scope);
+        Err(not_supported_by(&self.capabilities().driver, "detaching network interfaces"))
+    }
+
     fn snapshots(&self) -> Option<&dyn SnapshotOps> {
         None
     }

@@ -53,6 +53,8 @@ pub enum Call {
     CheckChains { domain: String, disk: Option<String>, fix: bool },
     NextEvent { domain: String, timeout_ms: u64 },
     VcpuInfo { domain: String },
+    AttachInterface { domain: String, xml: String, scope: PinScope },
+    DetachInterface { domain: String, iface_type: String, mac: Option<String>, scope: PinScope },
     // SnapshotOps
     SnapshotCreate { domain: String, xml: String, flags: SnapshotCreateFlags },
     SnapshotList { domain: String },
@@ -207,6 +209,10 @@ async fn perform(conn: &dyn Connection, call: Call) -> Result<Reply> {
         }
         Call::NextEvent { domain, timeout_ms } => Reply::Event(conn.next_event(&domain, timeout_ms).await?),
         Call::VcpuInfo { domain } => Reply::Vcpus(conn.vcpu_info(&domain).await?),
+        Call::AttachInterface { domain, xml, scope } => done(conn.attach_interface(&domain, &xml, scope).await?),
+        Call::DetachInterface { domain, iface_type, mac, scope } => {
+            done(conn.detach_interface(&domain, &iface_type, mac.as_deref(), scope).await?)
+        }
 
         Call::SnapshotCreate { domain, xml, flags } => {
             Reply::Text(conn.require_snapshots()?.snapshot_create(&domain, &xml, flags).await?)
@@ -686,6 +692,17 @@ mod tests {
             Call::CheckChains { domain: d(), disk: Some(disk()), fix: true },
             Call::NextEvent { domain: d(), timeout_ms: 500 },
             Call::VcpuInfo { domain: d() },
+            Call::AttachInterface {
+                domain: d(),
+                xml: "<interface type='user'/>".into(),
+                scope: PinScope { live: true, config: false },
+            },
+            Call::DetachInterface {
+                domain: d(),
+                iface_type: "network".into(),
+                mac: Some("52:54:00:aa:00:01".into()),
+                scope: PinScope { live: true, config: true },
+            },
             Call::SnapshotCreate {
                 domain: d(),
                 xml: "<domainsnapshot/>".into(),

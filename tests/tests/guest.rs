@@ -68,6 +68,20 @@ fn guest_nic(console: &std::path::Path, mac: &str) -> String {
     line.split_whitespace().nth(2).expect("strata-guest: nic NAME MAC").to_string()
 }
 
+/// The address the guest's console says `nic` leased, once it has; it
+/// must lie in the range the tests give `net` (.100 to .150).
+fn leased_in_range(net: &TestNet, console: &std::path::Path, nic: &str) -> std::net::Ipv4Addr {
+    let line = wait_for_console(console, &format!("strata-guest: lease {nic} "), BOOT_LIMIT);
+    let leased: std::net::Ipv4Addr = line.rsplit(' ').next().and_then(|a| a.parse().ok()).expect("an address");
+    let [a0, a1, a2, a3] = leased.octets();
+    assert!(
+        (a0, a1, u32::from(a2)) == (10, 214, net.octet) && (100..=150).contains(&a3),
+        "{leased} is in the DHCP range of {}",
+        net.subnet()
+    );
+    leased
+}
+
 #[test]
 fn a_guest_on_a_strata_network_gets_its_leases_from_the_networks_dnsmasq_and_net_destroy_stops_exactly_it() {
     let env = TestEnv::new();
@@ -109,13 +123,7 @@ fn a_guest_on_a_strata_network_gets_its_leases_from_the_networks_dnsmasq_and_net
         format!("strata-guest: lease {fixed_nic} {}", net.address(77)),
         "the <host> entry's address"
     );
-    let ranged_line = wait_for_console(&console, &format!("strata-guest: lease {ranged_nic} "), BOOT_LIMIT);
-    let ranged: std::net::Ipv4Addr = ranged_line.rsplit(' ').next().and_then(|a| a.parse().ok()).expect("an address");
-    let in_range = |a: std::net::Ipv4Addr| {
-        let [a0, a1, a2, a3] = a.octets();
-        (a0, a1, u32::from(a2)) == (10, 214, net.octet) && (100..=150).contains(&a3)
-    };
-    assert!(in_range(ranged), "{ranged} is in the network's DHCP range");
+    let ranged = leased_in_range(&net, &console, &ranged_nic);
 
     let addresses = env.ok(&["domifaddr", "guest"]);
     let rows: Vec<&str> = addresses.lines().skip(2).collect();
@@ -140,4 +148,69 @@ fn a_guest_on_a_strata_network_gets_its_leases_from_the_networks_dnsmasq_and_net
     env.ok(&["net-destroy", &net.name]);
     assert!(!process_runs(dnsmasq), "net-destroy stopped the network's dnsmasq, pid {dnsmasq}");
     assert_eq!(link(&net.bridge), None, "and deleted its bridge");
+}
+
+/// `domiflist`'s rows (below its header), each split into its columns.
+fn interface_rows(env: &TestEnv, args: &[&str]) -> Vec<Vec<String>> {
+    let listed = env.ok(args);
+    listed
+        .lines()
+        .skip(2)
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.split_whitespace().map(str::to_string).collect())
+        .collect()
+}
+
+#[test]
+fn a_nic_attached_live_gets_a_lease_and_a_detached_one_leaves_the_guest_the_live_xml_and_the_host() {
+    let env = TestEnv::new();
+    let net = TestNet::new('h');
+    let _net_guard = NetGuard(&env, &[&net]);
+    net.define_xml(
+        &env,
+        &net.xml_with_dhcp(
+            "",
+            &format!("<dhcp><range start='{}' end='{}'/></dhcp>", net.address(100), net.address(150)),
+        ),
+    );
+    env.ok(&["net-start", &net.name]);
+    let console = env.path("console.log");
+    env.define("guest", &guest_domain_xml("guest", &console, ""));
+    let _guard = DomainGuard { env: &env, name: "guest".into() };
+    env.ok(&["start", "guest"]);
+    wait_for_console(&console, "strata-guest: ready", BOOT_LIMIT);
+
+    let mac = "52:54:00:5e:02:01";
+    let out = env.ok(&["attach-interface", "guest", "network", &net.name, "--mac", mac, "--model", "virtio", "--live"]);
+    assert_eq!(out, "Interface attached successfully\n\n");
+    let nic = guest_nic(&console, mac);
+    leased_in_range(&net, &console, &nic);
+    let rows = interface_rows(&env, &["domiflist", "guest"]);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let tap = rows[0][0].clone();
+    assert_eq!(rows[0][1..], ["network", net.name.as_str(), "virtio", mac], "{rows:?}");
+    let host = link(&tap).expect("the attached NIC's tap exists on the host");
+    assert_eq!(host["master"], net.bridge.as_str(), "the tap is on the network's bridge: {host}");
+    assert!(interface_rows(&env, &["domiflist", "guest", "--inactive"]).is_empty(), "--live left the definition alone");
+
+    let stderr = env.fails(&["detach-interface", "guest", "network", "--mac", "52:54:00:5e:02:99", "--live"]);
+    assert!(
+        stderr.starts_with("error: Failed to detach interface\n")
+            && stderr.contains("has no interface of type 'network' with MAC address '52:54:00:5e:02:99'"),
+        "{stderr}"
+    );
+    let out = env.ok(&["detach-interface", "guest", "network", "--mac", mac, "--live"]);
+    assert_eq!(out, "Interface detached successfully\n\n");
+    wait_for_console(&console, &format!("strata-guest: nic-gone {nic}"), BOOT_LIMIT);
+    assert!(interface_rows(&env, &["domiflist", "guest"]).is_empty(), "domiflist dropped the NIC");
+    assert_eq!(link(&tap), None, "the tap is gone from the host");
+
+    env.ok(&["attach-interface", "guest", "network", &net.name, "--mac", mac, "--config"]);
+    assert!(interface_rows(&env, &["domiflist", "guest"]).is_empty(), "--config leaves the running guest alone");
+    let defined = interface_rows(&env, &["domiflist", "guest", "--inactive"]);
+    assert_eq!(defined.len(), 1, "{defined:?}");
+    assert_eq!(defined[0][1..], ["network", net.name.as_str(), "-", mac], "{defined:?}");
+    env.ok(&["detach-interface", "guest", "network", "--config"]);
+    assert!(interface_rows(&env, &["domiflist", "guest", "--inactive"]).is_empty());
+    env.ok(&["destroy", "guest"]);
 }

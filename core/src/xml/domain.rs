@@ -326,6 +326,46 @@ impl Domain {
         Ok(())
     }
 
+    /// Records `alias` as the `<alias name>` of the `index`th interface:
+    /// the id of its device in the hypervisor, as a live definition shows it.
+    pub fn set_interface_alias(&mut self, index: usize, alias: &str) -> Result<()> {
+        interface::write_alias(self.interface_mut(index)?, alias);
+        Ok(())
+    }
+
+    /// Adds an `<interface>` after the domain's last one (at the end of
+    /// `<devices>` when it has none), as libvirt places an attached one.
+    pub fn add_interface(&mut self, iface: Element) -> Result<()> {
+        Interface::from_element(&iface, self.interfaces()?.len())?;
+        if self.root.child("devices").is_none() {
+            self.root.children.push(super::tree::Node::Element(Element::new("devices")));
+        }
+        let devices = self.root.child_mut("devices").ok_or_else(|| Error::internal("<devices> just added"))?;
+        devices.insert_ordered(iface, &["interface"]);
+        Ok(())
+    }
+
+    /// Removes the `index`th interface.
+    pub fn remove_interface(&mut self, index: usize) -> Result<()> {
+        let domain = self.name();
+        let devices = self.root.child_mut("devices");
+        let position = devices.as_ref().and_then(|d| {
+            d.children
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| matches!(n, super::tree::Node::Element(e) if e.name == "interface"))
+                .nth(index)
+                .map(|(i, _)| i)
+        });
+        match (devices, position) {
+            (Some(devices), Some(position)) => {
+                devices.children.remove(position);
+                Ok(())
+            }
+            _ => Err(Error::invalid_arg(format!("domain '{domain}' has no interface {}", index + 1))),
+        }
+    }
+
     fn interface_mut(&mut self, index: usize) -> Result<&mut Element> {
         let domain = self.name();
         self.root
@@ -756,5 +796,30 @@ mod tests {
         let dom = Domain::parse(console_only).expect("parses");
         assert_eq!(dom.kernel_boot(), None);
         assert_eq!(dom.serial_files(), [SerialFile { path: PathBuf::from("/g/console.log"), append: false }]);
+    }
+
+    #[test]
+    fn an_interface_is_added_after_the_last_one_and_removed_by_its_place_keeping_other_devices() {
+        use super::Element;
+        let xml = "<domain><name>vm</name><devices><disk type='file' device='disk'><source file='/i/a.qcow2'/>\
+                   <target dev='vda'/></disk><interface type='user'/><video/></devices></domain>";
+        let mut dom = Domain::parse(xml).expect("parses");
+        let added = Element::parse("<interface type='network'><source network='n'/></interface>").expect("xml");
+        dom.add_interface(added).expect("add");
+        dom.set_interface_alias(1, "net1").expect("alias");
+        let out = dom.to_xml();
+        let at = |needle: &str| out.find(needle).unwrap_or_else(|| panic!("{needle} missing from {out}"));
+        assert!(
+            at("<interface type='user'/>") < at("<interface type='network'>")
+                && at("<alias name='net1'/>") < at("<video/>"),
+            "{out}"
+        );
+        dom.remove_interface(0).expect("remove");
+        let types: Vec<String> = dom.interfaces().expect("interfaces").into_iter().map(|i| i.iface_type).collect();
+        assert_eq!(types, ["network"]);
+        assert!(dom.to_xml().contains("<video/>"));
+        assert!(dom.remove_interface(3).expect_err("no fourth interface").to_string().contains("has no interface 4"));
+        let bad = Element::parse("<interface type='user'><mac address='01:00:00:00:00:01'/></interface>").expect("xml");
+        assert!(dom.add_interface(bad).is_err(), "a multicast MAC is refused before it is added");
     }
 }

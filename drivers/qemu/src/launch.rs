@@ -111,6 +111,11 @@ pub fn command_line(dom: &Domain, accel: Accel, paths: &RuntimePaths, nics: &Hos
             push(&mut args, "-device", device);
         }
     }
+    if crate::hotplug::is_q35(&machine) {
+        for port in crate::hotplug::root_port_devices() {
+            push(&mut args, "-device", port);
+        }
+    }
     for (index, serial) in dom.serial_files().iter().enumerate() {
         let path = serial.path.to_str().ok_or_else(|| {
             Error::config_unsupported(format!("domain '{name}': serial file '{}' is not UTF-8", serial.path.display()))
@@ -311,6 +316,7 @@ mod tests {
         assert!(args.contains(&"ide-hd,bus=ide.0,id=sda,drive=sda-0-fmt".to_string()));
         assert_eq!(args.iter().filter(|a| *a == "-qmp").count(), MONITORS);
         assert!(args.contains(&"q35,accel=tcg".to_string()));
+        assert!(args.contains(&"pcie-root-port,id=strata-port4,chassis=4,bus=pcie.0".to_string()), "spare ports");
     }
 
     #[test]
