@@ -115,12 +115,19 @@ pub async fn attach(
     iface_el: Element,
 ) -> Result<()> {
     let client = &monitor.client;
+    // A port first: a refusal leaves nothing opened or passed to QEMU.
+    let machine = status.domain.element().child("os").and_then(|o| o.child("type")).and_then(|t| t.attr("machine"));
+    let bus = match is_q35(machine.unwrap_or("q35")) {
+        true => Some(free_root_port(monitor, domain).await?),
+        false => None,
+    };
     let id = free_nic_id(&status.domain)?;
     let index = status.domain.interfaces()?.len();
     let iface = Interface::from_element(&iface_el, index)?;
     let networks = NetworkManager::new(store.clone());
     let nic = tap::open_interface(&iface, index, &networks)?;
     let netdev_id = format!("host{id}");
+    let mut passed = Vec::new();
     let netdev = match (&nic, iface.iface_type.as_str()) {
         (Some(nic), _) => {
             // The tap Strata created is in the status before QEMU holds it.
@@ -138,6 +145,7 @@ pub async fn attach(
             let (tap_names, vhost_names) = (names("tap", &nic.taps), names("vhost", &nic.vhosts));
             for (name, fd) in tap_names.iter().zip(&nic.taps).chain(vhost_names.iter().zip(&nic.vhosts)) {
                 client.send_fd(name, fd.as_fd()).await.map_err(|e| qmp_error(domain, e))?;
+                passed.push(name.clone());
             }
             let mut netdev = json!({ "type": "tap", "id": netdev_id, "fds": tap_names.join(":") });
             if !vhost_names.is_empty() {
@@ -160,12 +168,13 @@ pub async fn attach(
     let placed = nic_id(index);
     let device =
         device.replacen(&format!("id={placed},netdev=host{placed}"), &format!("id={id},netdev={netdev_id}"), 1);
-    let machine = status.domain.element().child("os").and_then(|o| o.child("type")).and_then(|t| t.attr("machine"));
-    let bus = match is_q35(machine.unwrap_or("q35")) {
-        true => Some(free_root_port(monitor, domain).await?),
-        false => None,
-    };
-    client.execute("netdev_add", Some(netdev)).await.map_err(|e| qmp_error(domain, e))?;
+    if let Err(e) = client.execute("netdev_add", Some(netdev)).await {
+        // QEMU lets go of the descriptors it was passed, and so of the tap.
+        for name in passed {
+            let _ = client.execute("closefd", Some(json!({ "fdname": name }))).await;
+        }
+        return Err(qmp_error(domain, e));
+    }
     if let Err(e) = client.execute("device_add", Some(device_arguments(&device, bus.as_deref()))).await {
         let _ = client.execute("netdev_del", Some(json!({ "id": netdev_id }))).await;
         return Err(qmp_error(domain, e));
