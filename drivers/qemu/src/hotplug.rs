@@ -1,7 +1,7 @@
 //! `attach-interface` and `detach-interface` on a running domain.
 //!
 //! On q35 a NIC can only be plugged into (and unplugged from) a PCIe root
-//! port, so `launch` gives every q35 domain [`SPARE_ROOT_PORTS`] empty
+//! port, so `launch` gives every q35 domain `SPARE_ROOT_PORTS` empty
 //! ones, as libvirt adds spare ports; an attached NIC goes on a free one.
 //! NICs present at start sit on the root complex, which cannot unplug
 //! them: QEMU refuses their `device_del`, and they are detached with
@@ -30,38 +30,14 @@ use strata_core::{Error, ErrorKind, Result};
 use strata_qemu_block::monitor::{qmp_error, Monitor};
 use strata_qmp::QmpError;
 
-use crate::launch::{nic_args, nic_id};
+use crate::launch::{is_q35, live_nic_id, nic_args, nic_id, ROOT_PORT_PREFIX, SPARE_ROOT_PORTS};
 use crate::live::{edit_status_async, LiveStatus};
 use crate::tap;
-
-/// Empty PCIe root ports a q35 domain starts with, for NICs attached later.
-pub const SPARE_ROOT_PORTS: usize = 4;
 
 /// How long a detach waits for the guest to release the device (a
 /// guest's PCIe hotplug driver takes 5 s to act on the request, and a
 /// TCG guest on a loaded host longer).
 const UNPLUG_WAIT: Duration = Duration::from_secs(60);
-
-/// The id of the `n`th spare root port (from 1).
-pub fn root_port_id(n: usize) -> String {
-    format!("strata-port{n}")
-}
-
-/// Whether the machine is q35, whose NICs need root ports to be hot-plugged.
-pub fn is_q35(machine: &str) -> bool {
-    machine == "q35" || machine.starts_with("pc-q35")
-}
-
-/// `-device` arguments of the spare root ports.
-pub fn root_port_devices() -> Vec<String> {
-    (1..=SPARE_ROOT_PORTS).map(|n| format!("pcie-root-port,id={},chassis={n},bus=pcie.0", root_port_id(n))).collect()
-}
-
-/// The QEMU id of the live definition's `index`th interface: its alias, or
-/// the id a start gives it by its place.
-pub fn live_nic_id(iface: &Interface, index: usize) -> String {
-    iface.alias.clone().unwrap_or_else(|| nic_id(index))
-}
 
 /// A NIC id no interface of `dom` uses.
 fn free_nic_id(dom: &Domain) -> Result<String> {
@@ -76,7 +52,7 @@ async fn free_root_port(monitor: &Monitor, domain: &str) -> Result<String> {
     let devices =
         buses.as_array().into_iter().flatten().flat_map(|bus| bus["devices"].as_array().into_iter().flatten());
     let free = devices
-        .filter(|d| d["qdev_id"].as_str().is_some_and(|id| id.starts_with("strata-port")))
+        .filter(|d| d["qdev_id"].as_str().is_some_and(|id| id.starts_with(ROOT_PORT_PREFIX)))
         .find(|d| d["pci_bridge"]["devices"].as_array().is_none_or(Vec::is_empty));
     free.and_then(|d| d["qdev_id"].as_str().map(str::to_string)).ok_or_else(|| {
         Error::new(
@@ -324,7 +300,6 @@ mod tests {
             json!({ "driver": "virtio-net-pci", "id": "net1", "netdev": "hostnet1", "mac": "52:54:00:00:00:02",
                     "bus": "strata-port2" })
         );
-        assert_eq!(root_port_devices()[0], "pcie-root-port,id=strata-port1,chassis=1,bus=pcie.0");
         assert!(is_q35("pc-q35-7.2") && is_q35("q35") && !is_q35("pc-i440fx-7.2"));
     }
 }

@@ -111,8 +111,8 @@ pub fn command_line(dom: &Domain, accel: Accel, paths: &RuntimePaths, nics: &Hos
             push(&mut args, "-device", device);
         }
     }
-    if crate::hotplug::is_q35(&machine) {
-        for port in crate::hotplug::root_port_devices() {
+    if is_q35(&machine) {
+        for port in root_port_devices() {
             push(&mut args, "-device", port);
         }
     }
@@ -145,6 +145,28 @@ fn existing_file(domain: &str, what: &str, path: &std::path::Path) -> Result<Str
 /// alias for it); its netdev is `host` followed by it.
 pub fn nic_id(index: usize) -> String {
     format!("net{index}")
+}
+
+/// Empty PCIe root ports a q35 domain starts with, for NICs attached later.
+pub const SPARE_ROOT_PORTS: usize = 4;
+
+/// The ids of the spare root ports: this, then their number from 1.
+pub const ROOT_PORT_PREFIX: &str = "strata-port";
+
+/// Whether the machine is q35, whose NICs need root ports to be hot-plugged.
+pub fn is_q35(machine: &str) -> bool {
+    machine == "q35" || machine.starts_with("pc-q35")
+}
+
+/// `-device` arguments of the spare root ports.
+fn root_port_devices() -> Vec<String> {
+    (1..=SPARE_ROOT_PORTS).map(|n| format!("pcie-root-port,id={ROOT_PORT_PREFIX}{n},chassis={n},bus=pcie.0")).collect()
+}
+
+/// The QEMU id of the live definition's `index`th interface: its alias, or
+/// the id a start gives it by its place.
+pub fn live_nic_id(iface: &Interface, index: usize) -> String {
+    iface.alias.clone().unwrap_or_else(|| nic_id(index))
 }
 
 /// The model libvirt's QEMU driver gives an x86 guest's NIC when the XML

@@ -352,7 +352,7 @@ pub fn state_of(run: RunState) -> (DomainState, &'static str) {
 pub async fn nic_macs(client: &QmpClient, domain: &str, dom: &Domain) -> Result<Vec<(usize, String)>> {
     let mut out = Vec::new();
     for (index, iface) in dom.interfaces()?.iter().enumerate() {
-        let path = format!("/machine/peripheral/{}", crate::hotplug::live_nic_id(iface, index));
+        let path = format!("/machine/peripheral/{}", crate::launch::live_nic_id(iface, index));
         let args = serde_json::json!({ "path": path, "property": "mac" });
         match client.execute("qom-get", Some(args)).await {
             Ok(mac) => {
