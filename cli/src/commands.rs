@@ -16,7 +16,7 @@ use strata_core::driver::{
 };
 use strata_core::hostcpu::{format_cpulist, parse_cpulist};
 use strata_core::ifaddr::{self, AddressSource};
-use strata_core::xml::Domain;
+use strata_core::xml::{interface_from_options, Domain};
 use strata_core::ErrorKind;
 
 use crate::output;
@@ -121,6 +121,21 @@ fn selected_vcpu_count(counts: &VcpuCounts, maximum: bool, scope: PinScope) -> R
         (false, None) => counts.config,
     };
     Ok(if maximum { definition.maximum } else { definition.current })
+}
+
+/// virsh's `--persistent`: the running domain and its definition when it
+/// runs, else the definition; otherwise the scope the flags give.
+async fn modification_scope(
+    session: &mut Session,
+    name: &str,
+    persistent: bool,
+    flags: PinScopeFlags,
+) -> Result<PinScope> {
+    if !persistent {
+        return Ok(flags.scope());
+    }
+    let running = session.conn()?.domain_info(name).await.map_err(|e| lookup_error(e, name))?.summary.id.is_some();
+    Ok(PinScope { live: running, config: true })
 }
 
 impl PinScopeFlags {
@@ -348,9 +363,54 @@ pub enum Command {
         #[command(flatten)]
         json: JsonFlag,
     },
+    /// Attach a network interface to a domain, running (--live) or in its
+    /// definition (--config).
+    AttachInterface {
+        #[command(flatten)]
+        domain: DomainArg,
+        /// Network interface type: network, bridge, direct, ethernet or user.
+        #[arg(long = "type", value_name = "TYPE", help_heading = BY_POSITION)]
+        iface_type: String,
+        /// Source of the interface: the network, the bridge, the host
+        /// device of a direct interface, an ethernet interface's tap.
+        #[arg(long, value_name = "SOURCE", help_heading = BY_POSITION)]
+        source: String,
+        /// The host device the interface runs on.
+        #[arg(long)]
+        target: Option<String>,
+        /// MAC address.
+        #[arg(long)]
+        mac: Option<String>,
+        /// Model type (virtio, e1000, rtl8139, …).
+        #[arg(long)]
+        model: Option<String>,
+        /// The running domain and, when it runs, the definition too.
+        #[arg(long, conflicts_with_all = ["live", "config", "current"])]
+        persistent: bool,
+        #[command(flatten)]
+        scope: PinScopeFlags,
+    },
+    /// Detach a network interface from a domain, running (--live) or in
+    /// its definition (--config).
+    DetachInterface {
+        #[command(flatten)]
+        domain: DomainArg,
+        /// Network interface type.
+        #[arg(long = "type", value_name = "TYPE", help_heading = BY_POSITION)]
+        iface_type: String,
+        /// MAC address of the interface (needed when several have the type).
+        #[arg(long)]
+        mac: Option<String>,
+        /// The running domain and, when it runs, the definition too.
+        #[arg(long, conflicts_with_all = ["live", "config", "current"])]
+        persistent: bool,
+        #[command(flatten)]
+        scope: PinScopeFlags,
+    },
     /// List a running domain's IP addresses: from the host's neighbour
-    /// table for the interfaces' MACs (`--source arp`), or from DHCP
-    /// leases (`lease`, the default; no Strata network hands any out).
+    /// table for the interfaces' MACs (`--source arp`), or from the DHCP
+    /// leases of the networks its `type='network'` interfaces are on
+    /// (`lease`, the default).
     Domifaddr {
         #[command(flatten)]
         domain: DomainArg,
@@ -1063,6 +1123,29 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                 out.push('\n');
             }
         }
+        Command::AttachInterface { domain, iface_type, source, target, mac, model, persistent, scope } => {
+            let name = domain.name();
+            let xml =
+                interface_from_options(&iface_type, &source, target.as_deref(), mac.as_deref(), model.as_deref())?
+                    .to_xml();
+            let scope = modification_scope(session, name, persistent, scope).await?;
+            session
+                .conn()?
+                .attach_interface(name, &xml, scope)
+                .await
+                .map_err(|e| lookup_error(e, name).context("Failed to attach interface"))?;
+            writeln!(out, "Interface attached successfully\n")?;
+        }
+        Command::DetachInterface { domain, iface_type, mac, persistent, scope } => {
+            let name = domain.name();
+            let scope = modification_scope(session, name, persistent, scope).await?;
+            session
+                .conn()?
+                .detach_interface(name, &iface_type, mac.as_deref(), scope)
+                .await
+                .map_err(|e| lookup_error(e, name).context("Failed to detach interface"))?;
+            writeln!(out, "Interface detached successfully\n")?;
+        }
         Command::Domiflist { domain, inactive, json } => {
             let interfaces = listed_domain(session, domain.name(), inactive).await?.interfaces()?;
             if wants_json(json) {
@@ -1099,7 +1182,17 @@ pub async fn run(session: &mut Session, cmd: Command) -> Result<String> {
                 .collect();
             let addresses = match source {
                 AddressSource::Arp => ifaddr::arp_addresses(&interfaces, &ifaddr::read_arp_table()?),
-                AddressSource::Lease | AddressSource::Agent => Vec::new(),
+                AddressSource::Lease => {
+                    let networks = session.conn()?.require_networks()?;
+                    let mut addresses = Vec::new();
+                    for iface in interfaces.iter().filter(|i| i.iface_type == "network") {
+                        let Some(network) = &iface.source else { continue };
+                        let leases = networks.net_dhcp_leases(network).await?;
+                        addresses.extend(ifaddr::lease_addresses(iface, &leases));
+                    }
+                    addresses
+                }
+                AddressSource::Agent => Vec::new(),
             };
             if wants_json(json) {
                 writeln!(out, "{}", serde_json::to_string_pretty(&addresses)?)?;

@@ -6,12 +6,12 @@ use std::fmt::Write as _;
 
 use anyhow::{anyhow, Result};
 use clap::{Args, Subcommand};
-use strata_core::driver::{NetworkInfo, NetworkOps};
+use strata_core::driver::{NetworkInfo, NetworkLease, NetworkOps};
 use strata_core::ErrorKind;
 
 use crate::output;
 use crate::pools::yes_no;
-use crate::shared::read_document;
+use crate::shared::{format_timestamp, read_document};
 use crate::table::{format_fields, format_table};
 use crate::virsh_args::BY_POSITION;
 
@@ -20,6 +20,13 @@ pub enum NetworkCommand {
     /// Define (but do not start) a network from an XML file.
     #[command(name = "net-define")]
     Define(FileArgs),
+    /// Create and start a transient network from an XML file: it is gone
+    /// once destroyed.
+    #[command(name = "net-create")]
+    Create(FileArgs),
+    /// The leases of a running network's DHCP server.
+    #[command(name = "net-dhcp-leases")]
+    DhcpLeases(LeasesArgs),
     /// Undefine an inactive network.
     #[command(name = "net-undefine")]
     Undefine(NetworkArgs),
@@ -49,7 +56,20 @@ pub enum NetworkCommand {
     Name(UuidArgs),
 }
 
-/// `net-define FILE`.
+/// `net-dhcp-leases NETWORK [--mac MAC]`.
+#[derive(Args, Debug)]
+pub struct LeasesArgs {
+    #[command(flatten)]
+    network: NetworkArgs,
+    /// Only the leases of this MAC address.
+    #[arg(long)]
+    mac: Option<String>,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `net-define FILE`, `net-create FILE`.
 #[derive(Args, Debug)]
 pub struct FileArgs {
     /// A <network> XML file.
@@ -132,6 +152,51 @@ pub async fn run(nets: &dyn NetworkOps, cmd: NetworkCommand, global_json: bool, 
                 .await
                 .map_err(|e| anyhow!(e).context(format!("Failed to define network from {file}")))?;
             writeln!(out, "Network {name} defined from {file}\n")?;
+        }
+        NetworkCommand::Create(a) => {
+            let file = a.file;
+            let xml = read_document(&file)?;
+            let created = nets
+                .net_create_xml(&xml)
+                .await
+                .map_err(|e| anyhow!(e).context(format!("Failed to create network from {file}")))?;
+            for w in created.warnings {
+                output::err(&format!("warning: {w}\n"));
+            }
+            writeln!(out, "Network {} created from {file}\n", created.name)?;
+        }
+        NetworkCommand::DhcpLeases(a) => {
+            let name = a.network.network;
+            let leases: Vec<NetworkLease> = nets
+                .net_dhcp_leases(&name)
+                .await
+                .map_err(|e| lookup_error(e, &name, Some(format!("Failed to get leases info for {name}"))))?
+                .into_iter()
+                .filter(|l| a.mac.as_ref().is_none_or(|m| l.mac.eq_ignore_ascii_case(m)))
+                .collect();
+            if a.json || global_json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&leases)?)?;
+            } else {
+                let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+                let rows: Vec<Vec<String>> = leases
+                    .iter()
+                    .map(|l| {
+                        // virsh's "%Y-%m-%d %H:%M:%S".
+                        let mut expiry = format_timestamp(l.expiry_time.saturating_mul(1_000_000));
+                        expiry.truncate(19);
+                        vec![
+                            expiry,
+                            l.mac.clone(),
+                            "ipv4".into(),
+                            format!("{}/{}", l.address, l.prefix),
+                            dash(&l.hostname),
+                            dash(&l.client_id),
+                        ]
+                    })
+                    .collect();
+                let header = ["Expiry Time", "MAC address", "Protocol", "IP address", "Hostname", "Client ID or DUID"];
+                out.push_str(&format_table(&header, &rows, quiet));
+            }
         }
         NetworkCommand::Undefine(a) => {
             let name = a.network;

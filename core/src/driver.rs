@@ -248,6 +248,23 @@ pub trait Connection: Send + Sync {
         Err(not_supported_by(&self.capabilities().driver, "vCPU information"))
     }
 
+    /// Attaches the network interface `xml` (an `<interface>`) to the
+    /// running domain (`scope.live`) and to its persistent definition
+    /// (`scope.config`); neither is the running domain when it runs, else
+    /// the definition (virsh's `--current`).
+    async fn attach_interface(&self, name: &str, xml: &str, scope: PinScope) -> Result<()> {
+        let _ = (name, xml, scope);
+        Err(not_supported_by(&self.capabilities().driver, "attaching network interfaces"))
+    }
+
+    /// Detaches the interface of type `iface_type` whose MAC is `mac` (any
+    /// MAC when only one interface has that type), as
+    /// [`Connection::attach_interface`] reads `scope`.
+    async fn detach_interface(&self, name: &str, iface_type: &str, mac: Option<&str>, scope: PinScope) -> Result<()> {
+        let _ = (name, iface_type, mac, scope);
+        Err(not_supported_by(&self.capabilities().driver, "detaching network interfaces"))
+    }
+
     fn snapshots(&self) -> Option<&dyn SnapshotOps> {
         None
     }
@@ -982,11 +999,39 @@ pub struct NetworkInfo {
     pub bridge: String,
 }
 
+/// A DHCP lease a network's server handed out (`net-dhcp-leases`,
+/// `domifaddr --source lease`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkLease {
+    /// The network's bridge.
+    pub interface: String,
+    /// Seconds since the epoch.
+    pub expiry_time: i64,
+    pub mac: String,
+    pub address: String,
+    pub prefix: u32,
+    pub hostname: Option<String>,
+    pub client_id: Option<String>,
+}
+
+/// A network `net-create` defined and started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkCreated {
+    pub name: String,
+    /// What the start warns about, as `net_start`'s.
+    pub warnings: Vec<String>,
+}
+
 /// Virtual networks, as virsh's `net-*` commands use them.
 #[async_trait]
 pub trait NetworkOps: Send + Sync {
     /// Defines (or redefines) a network from `<network>` XML; returns its name.
     async fn net_define_xml(&self, xml: &str) -> Result<String>;
+    /// Defines a transient network from `<network>` XML and starts it: it
+    /// is gone once destroyed (or when its start fails).
+    async fn net_create_xml(&self, xml: &str) -> Result<NetworkCreated>;
+    /// The leases of a running network's DHCP server.
+    async fn net_dhcp_leases(&self, network: &str) -> Result<Vec<NetworkLease>>;
     async fn net_undefine(&self, network: &str) -> Result<()>;
     /// Starts a network; returns warnings for the user (no DHCP server, …).
     async fn net_start(&self, network: &str) -> Result<Vec<String>>;

@@ -1,9 +1,11 @@
 //! A running guest's IP addresses as the host sees them (`domifaddr`):
 //! the host's neighbour table (`/proc/net/arp`) read for the guest's MACs,
-//! libvirt's `--source arp`.
+//! libvirt's `--source arp`, or the DHCP leases of the networks its
+//! interfaces are on, `--source lease`.
 
 use serde::{Deserialize, Serialize};
 
+use crate::driver::NetworkLease;
 use crate::error::{Error, Result};
 use crate::xml::Interface;
 
@@ -79,6 +81,23 @@ pub fn arp_addresses(interfaces: &[Interface], arp: &str) -> Vec<InterfaceAddres
         }
     }
     out
+}
+
+/// The addresses `leases` (a network's DHCP leases) give the MAC of
+/// `iface`, with the network's prefix, as libvirt's `--source lease`.
+pub fn lease_addresses(iface: &Interface, leases: &[NetworkLease]) -> Vec<InterfaceAddress> {
+    let Some(mac) = iface.mac.as_deref().map(str::to_lowercase) else { return Vec::new() };
+    leases
+        .iter()
+        .filter(|l| l.mac == mac)
+        .map(|l| InterfaceAddress {
+            name: iface.target_dev.clone().unwrap_or_else(|| "-".into()),
+            mac: mac.clone(),
+            protocol: "ipv4".into(),
+            address: l.address.clone(),
+            prefix: l.prefix,
+        })
+        .collect()
 }
 
 /// The host's neighbour table, read.

@@ -15,6 +15,7 @@ pub mod network;
 pub mod options;
 pub mod plugin;
 pub mod pool;
+pub mod process;
 pub mod registry;
 pub mod remote;
 pub mod store;

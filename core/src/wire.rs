@@ -18,8 +18,9 @@ use crate::capabilities::DriverCapabilities;
 use crate::driver::{
     BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobState, Connection, DefineFlags, DefineOutcome, DiskChainCheck,
     DiskSetOutcome, DomainEvent, DomainInfo, DomainJobInfo, DomainSummary, DumpXmlFlags, IncomingMigration,
-    MigrateOptions, NetworkInfo, PinScope, PoolBuildFlags, PoolInfo, PreparedMigration, SaveFlags, SaveOptions,
-    SnapshotSummary, StartFlags, StartOutcome, UndefineFlags, VcpuCounts, VcpuInfo, VolumeInfo, VolumeResizeFlags,
+    MigrateOptions, NetworkCreated, NetworkInfo, NetworkLease, PinScope, PoolBuildFlags, PoolInfo, PreparedMigration,
+    SaveFlags, SaveOptions, SnapshotSummary, StartFlags, StartOutcome, UndefineFlags, VcpuCounts, VcpuInfo, VolumeInfo,
+    VolumeResizeFlags,
 };
 use crate::error::{Error, ErrorKind, ErrorPayload, Result};
 use crate::hostcpu::{HostCpuMap, NodeInfo};
@@ -55,6 +56,8 @@ pub enum Call {
     CheckChains { domain: String, disk: Option<String>, fix: bool },
     NextEvent { domain: String, timeout_ms: u64 },
     VcpuInfo { domain: String },
+    AttachInterface { domain: String, xml: String, scope: PinScope },
+    DetachInterface { domain: String, iface_type: String, mac: Option<String>, scope: PinScope },
     // SnapshotOps
     SnapshotCreate { domain: String, xml: String, flags: SnapshotCreateFlags },
     SnapshotList { domain: String },
@@ -122,6 +125,8 @@ pub enum Call {
     VolClone { pool: Option<String>, volume: String, new_name: String },
     // NetworkOps
     NetDefineXml { xml: String },
+    NetCreateXml { xml: String },
+    NetDhcpLeases { network: String },
     NetUndefine { network: String },
     NetStart { network: String },
     NetDestroy { network: String },
@@ -178,6 +183,8 @@ pub enum Reply {
     Volume(VolumeInfo),
     Networks(Vec<NetworkInfo>),
     Network(NetworkInfo),
+    NetworkCreated(NetworkCreated),
+    NetworkLeases(Vec<NetworkLease>),
 }
 
 /// Performs `call` on `conn`. A capability the connection lacks gives the
@@ -210,6 +217,10 @@ async fn perform(conn: &dyn Connection, call: Call) -> Result<Reply> {
         }
         Call::NextEvent { domain, timeout_ms } => Reply::Event(conn.next_event(&domain, timeout_ms).await?),
         Call::VcpuInfo { domain } => Reply::Vcpus(conn.vcpu_info(&domain).await?),
+        Call::AttachInterface { domain, xml, scope } => done(conn.attach_interface(&domain, &xml, scope).await?),
+        Call::DetachInterface { domain, iface_type, mac, scope } => {
+            done(conn.detach_interface(&domain, &iface_type, mac.as_deref(), scope).await?)
+        }
 
         Call::SnapshotCreate { domain, xml, flags } => {
             Reply::Text(conn.require_snapshots()?.snapshot_create(&domain, &xml, flags).await?)
@@ -346,6 +357,10 @@ async fn perform(conn: &dyn Connection, call: Call) -> Result<Reply> {
             done(conn.require_storage_pools()?.vol_clone(pool.as_deref(), &volume, &new_name).await?)
         }
         Call::NetDefineXml { xml } => Reply::Text(conn.require_networks()?.net_define_xml(&xml).await?),
+        Call::NetCreateXml { xml } => Reply::NetworkCreated(conn.require_networks()?.net_create_xml(&xml).await?),
+        Call::NetDhcpLeases { network } => {
+            Reply::NetworkLeases(conn.require_networks()?.net_dhcp_leases(&network).await?)
+        }
         Call::NetUndefine { network } => done(conn.require_networks()?.net_undefine(&network).await?),
         Call::NetStart { network } => Reply::Lines(conn.require_networks()?.net_start(&network).await?),
         Call::NetDestroy { network } => done(conn.require_networks()?.net_destroy(&network).await?),
@@ -713,6 +728,17 @@ mod tests {
             Call::CheckChains { domain: d(), disk: Some(disk()), fix: true },
             Call::NextEvent { domain: d(), timeout_ms: 500 },
             Call::VcpuInfo { domain: d() },
+            Call::AttachInterface {
+                domain: d(),
+                xml: "<interface type='user'/>".into(),
+                scope: PinScope { live: true, config: false },
+            },
+            Call::DetachInterface {
+                domain: d(),
+                iface_type: "network".into(),
+                mac: Some("52:54:00:aa:00:01".into()),
+                scope: PinScope { live: true, config: true },
+            },
             Call::SnapshotCreate {
                 domain: d(),
                 xml: "<domainsnapshot/>".into(),
@@ -831,6 +857,8 @@ mod tests {
             },
             Call::VolClone { pool: None, volume: vol(), new_name: "copy.qcow2".into() },
             Call::NetDefineXml { xml: "<network/>".into() },
+            Call::NetCreateXml { xml: "<network/>".into() },
+            Call::NetDhcpLeases { network: "default".into() },
             Call::NetUndefine { network: "default".into() },
             Call::NetStart { network: "default".into() },
             Call::NetDestroy { network: "default".into() },
@@ -902,6 +930,16 @@ mod tests {
             Reply::Volume(volume_info()),
             Reply::Networks(vec![network_info()]),
             Reply::Network(network_info()),
+            Reply::NetworkCreated(NetworkCreated { name: "default".into(), warnings: vec!["no DHCP".into()] }),
+            Reply::NetworkLeases(vec![NetworkLease {
+                interface: "virbr0".into(),
+                expiry_time: 1_733_400_000,
+                mac: "52:54:00:aa:00:01".into(),
+                address: "192.168.122.45".into(),
+                prefix: 24,
+                hostname: Some("guest".into()),
+                client_id: None,
+            }]),
         ]
     }
 

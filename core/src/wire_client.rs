@@ -116,6 +116,13 @@ impl Connection for WireConnection {
     async fn vcpu_info(&self, name: &str) -> Result<Vec<VcpuInfo>> {
         expect_reply!(self.transport, Call::VcpuInfo { domain: s(name) }, Vcpus)
     }
+    async fn attach_interface(&self, name: &str, xml: &str, scope: PinScope) -> Result<()> {
+        expect_reply!(self.transport, Call::AttachInterface { domain: s(name), xml: s(xml), scope })
+    }
+    async fn detach_interface(&self, name: &str, iface_type: &str, mac: Option<&str>, scope: PinScope) -> Result<()> {
+        let call = Call::DetachInterface { domain: s(name), iface_type: s(iface_type), mac: mac.map(s), scope };
+        expect_reply!(self.transport, call)
+    }
     fn snapshots(&self) -> Option<&dyn SnapshotOps> {
         let kinds = self.capabilities.snapshots.kinds;
         (kinds.internal_disk || kinds.external_disk || kinds.internal_memory || kinds.external_memory)

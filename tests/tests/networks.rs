@@ -1,96 +1,22 @@
 //! Strata-defined networks on the real kernel: `net-start` makes the
 //! network's bridge (up, with its address, checked with `ip -j`) and for
 //! `nat` a masquerade rule for the subnet in a table of its own (checked
-//! with `nft`); `net-destroy` removes exactly those; a `net-start` killed
-//! midway is undone by the next network command. Each test uses its own
+//! with `nft`), and for a `<dhcp><range>` a dnsmasq (checked by the pid
+//! recorded for it); `net-destroy` removes exactly those; a `net-start`
+//! killed midway is undone by the next network command; `net-create`
+//! makes a transient network. Each test uses its own
 //! network, bridge and subnet names, derived from the test's process id
 //! and a letter, and removes them by name.
 
 mod common;
 
-use std::process::Command;
-
-use common::{killed_at, TestEnv};
-
-/// A network this test owns: its name, bridge and /24 subnet's third octet.
-struct TestNet {
-    name: String,
-    bridge: String,
-    octet: u32,
-}
-
-impl TestNet {
-    fn new(letter: char) -> TestNet {
-        let id = std::process::id() % 100_000;
-        let octet = 100 + (id + letter as u32) % 150;
-        TestNet { name: format!("sn{id}{letter}"), bridge: format!("snbr{id}{letter}"), octet }
-    }
-
-    fn subnet(&self) -> String {
-        format!("10.214.{}.0/24", self.octet)
-    }
-
-    fn xml(&self, forward: &str) -> String {
-        format!(
-            "<network>\n  <name>{}</name>\n  {forward}\n  <bridge name='{}' stp='on' delay='0'/>\n  \
-             <ip address='10.214.{}.1' netmask='255.255.255.0'/>\n  <x-unknown keep='yes'/>\n</network>\n",
-            self.name, self.bridge, self.octet
-        )
-    }
-
-    fn define(&self, env: &TestEnv, forward: &str) {
-        let file = env.path(&format!("{}.xml", self.name));
-        std::fs::write(&file, self.xml(forward)).expect("write network xml");
-        let out = env.ok(&["net-define", file.to_str().expect("utf8")]);
-        assert_eq!(out, format!("Network {} defined from {}\n\n", self.name, file.display()));
-    }
-
-    fn table(&self) -> String {
-        format!("strata_{}", self.name)
-    }
-}
-
-/// Removes what a test's networks left on the host, by name, whatever
-/// the test reached.
-struct NetGuard<'a>(&'a [&'a TestNet]);
-
-impl Drop for NetGuard<'_> {
-    fn drop(&mut self) {
-        for net in self.0 {
-            let _ = Command::new("ip").args(["link", "del", &net.bridge]).output();
-            let _ = Command::new("nft").args(["delete", "table", "ip", &net.table()]).output();
-        }
-    }
-}
-
-fn tool(program: &str, args: &[&str]) -> std::process::Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} is needed by this test (.ci/install-deps installs it): {e}"))
-}
-
-/// `ip -j addr show DEV` as JSON, or None when the device does not exist.
-fn link(dev: &str) -> Option<serde_json::Value> {
-    let out = tool("ip", &["-j", "addr", "show", "dev", dev]);
-    if !out.status.success() {
-        return None;
-    }
-    let mut links: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("ip -j prints JSON");
-    links.pop()
-}
-
-/// The ruleset of `table ip NAME`, or None when there is no such table.
-fn nft_table(name: &str) -> Option<String> {
-    let out = tool("nft", &["list", "table", "ip", name]);
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
+use common::{killed_at, link, nft_table, process_runs, NetGuard, TestEnv, TestNet};
 
 #[test]
 fn a_nat_network_gets_its_bridge_and_masquerade_and_destroy_removes_exactly_those() {
     let env = TestEnv::new();
     let (nat, isolated) = (TestNet::new('a'), TestNet::new('b'));
-    let _guard = NetGuard(&[&nat, &isolated]);
+    let _guard = NetGuard(&env, &[&nat, &isolated]);
     nat.define(&env, "<forward mode='nat'/>");
     isolated.define(&env, "");
     let listed = env.ok(&["net-list", "--all"]);
@@ -181,7 +107,7 @@ fn unknown_networks_are_refused_in_virshs_words() {
 fn a_net_start_killed_midway_is_undone_by_the_next_network_command() {
     let env = TestEnv::new();
     let net = TestNet::new('c');
-    let _guard = NetGuard(&[&net]);
+    let _guard = NetGuard(&env, &[&net]);
     net.define(&env, "<forward mode='nat'/>");
     killed_at(&env, &["net-start", &net.name], "net-start-bridge");
     assert!(link(&net.bridge).is_some(), "the killed net-start had created the bridge");
@@ -193,4 +119,63 @@ fn a_net_start_killed_midway_is_undone_by_the_next_network_command() {
     assert!(nft_table(&net.table()).is_some());
     env.ok(&["net-destroy", &net.name]);
     assert_eq!(link(&net.bridge), None);
+}
+
+/// The DHCP range of `net` the tests serve: .100 to .150.
+fn dhcp_range(net: &TestNet) -> String {
+    format!("<dhcp><range start='{}' end='{}'/></dhcp>", net.address(100), net.address(150))
+}
+
+#[test]
+fn a_net_start_killed_after_dnsmasq_started_is_undone_by_the_next_network_command() {
+    let env = TestEnv::new();
+    let net = TestNet::new('d');
+    let _guard = NetGuard(&env, &[&net]);
+    net.define_xml(&env, &net.xml_with_dhcp("", &dhcp_range(&net)));
+    killed_at(&env, &["net-start", &net.name], "net-start-dnsmasq");
+    let pid = net.recorded_dnsmasq(&env).expect("the killed net-start recorded its dnsmasq");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("the recorded dnsmasq runs");
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(cmdline.contains("dnsmasq") && cmdline.contains(&format!("--interface={}", net.bridge)), "{cmdline}");
+
+    let listed = env.ok(&["net-list", "--all"]);
+    assert!(listed.contains(&format!(" {}   inactive", net.name)), "{listed}");
+    assert!(!process_runs(pid), "the next command stopped the half-started network's dnsmasq {pid}");
+    assert_eq!(link(&net.bridge), None, "and deleted its bridge");
+    let dir = env.state_root().join("networks").join(&net.name);
+    assert!(!dir.join("started.json").exists() && !dir.join("dnsmasq.leases").exists(), "nothing of the start is left");
+}
+
+#[test]
+fn net_create_starts_a_transient_network_that_is_gone_once_destroyed() {
+    let env = TestEnv::new();
+    let net = TestNet::new('e');
+    let _guard = NetGuard(&env, &[&net]);
+    let file = net.write(&env, &net.xml_with_dhcp("<forward mode='nat'/>", &dhcp_range(&net)));
+    let out = env.strata(&["net-create", file.to_str().expect("utf8")]);
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "", "dnsmasq serves the range: no warning");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("Network {} created from {}\n\n", net.name, file.display())
+    );
+    assert!(link(&net.bridge).is_some(), "net-create started the network's bridge");
+    let pid = net.recorded_dnsmasq(&env).expect("a recorded dnsmasq");
+    assert!(process_runs(pid), "its dnsmasq runs");
+    let listed = env.ok(&["net-list", "--all"]);
+    assert!(listed.contains(&format!(" {}   active   no          no\n", net.name)), "{listed}");
+    assert!(env.ok(&["net-info", &net.name]).contains("Persistent:     no\n"));
+    let leases = env.ok(&["net-dhcp-leases", &net.name]);
+    assert_eq!(leases.lines().count(), 2, "a table of no lease yet: {leases}");
+    assert!(
+        leases.starts_with(" Expiry Time   MAC address   Protocol   IP address   Hostname   Client ID or DUID"),
+        "{leases}"
+    );
+    let stderr = env.fails(&["net-create", file.to_str().expect("utf8")]);
+    assert!(stderr.contains(&format!("network '{}' already exists", net.name)), "{stderr}");
+
+    env.ok(&["net-destroy", &net.name]);
+    assert!(!process_runs(pid), "net-destroy stopped the dnsmasq it recorded");
+    assert_eq!(link(&net.bridge), None);
+    assert_eq!(nft_table(&net.table()), None);
+    assert_eq!(env.ok(&["net-list", "--all", "--name"]), "\n", "a transient network is gone once destroyed");
 }

@@ -13,15 +13,30 @@ const NETWORK_CHILD_ORDER: &[&str] = &["name", "uuid", "forward", "bridge", "mac
 const MAX_DEVICE_NAME: usize = 15;
 
 /// An IPv4 address of the host on the network's bridge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkIp {
     pub address: Ipv4Addr,
     pub prefix: u8,
     /// `<dhcp><range start end/>`.
     pub dhcp_range: Option<(Ipv4Addr, Ipv4Addr)>,
+    /// `<dhcp><host mac ip name/>`: fixed addresses.
+    pub dhcp_hosts: Vec<DhcpHost>,
+}
+
+/// A fixed DHCP address: `<host mac='…' ip='…' name='…'/>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DhcpHost {
+    pub mac: String,
+    pub ip: Ipv4Addr,
+    pub name: Option<String>,
 }
 
 impl NetworkIp {
+    /// The netmask in dotted form: `255.255.255.0`.
+    pub fn netmask(&self) -> Ipv4Addr {
+        Ipv4Addr::from(if self.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(self.prefix)) })
+    }
+
     /// The subnet in CIDR form: `192.168.100.0/24`.
     pub fn subnet(&self) -> String {
         let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(self.prefix)) };
@@ -142,7 +157,30 @@ impl NetworkDef {
             }
             None => None,
         };
-        Ok(Some(NetworkIp { address, prefix, dhcp_range }))
+        let mut dhcp_hosts = Vec::new();
+        for host in ip.child("dhcp").into_iter().flat_map(|d| d.children_named("host")) {
+            let (Some(mac), Some(host_ip)) = (host.attr("mac"), host.attr("ip")) else {
+                return Err(bad(name, "has a <dhcp><host> without both 'mac' and 'ip'".into()));
+            };
+            crate::xml::check_mac(mac)
+                .map_err(|_| bad(name, format!("has a <dhcp><host> with an invalid mac '{mac}'")))?;
+            let name_attr = host.attr("name").map(str::to_string);
+            if name_attr
+                .as_deref()
+                .is_some_and(|n| n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || "-.".contains(c)))
+            {
+                return Err(bad(
+                    name,
+                    format!("has a <dhcp><host> with an invalid name '{}'", name_attr.unwrap_or_default()),
+                ));
+            }
+            dhcp_hosts.push(DhcpHost {
+                mac: mac.to_lowercase(),
+                ip: addr(host_ip, "DHCP host address")?,
+                name: name_attr,
+            });
+        }
+        Ok(Some(NetworkIp { address, prefix, dhcp_range, dhcp_hosts }))
     }
 
     /// The definition as stored and dumped.
@@ -162,9 +200,10 @@ mod tests {
         let def = NetworkDef::parse(xml, || "virbr9".into()).expect("parse");
         assert!(def.nat);
         assert_eq!(def.bridge, "virbr9");
-        let ip = def.ip.expect("ip");
+        let ip = def.ip.clone().expect("ip");
         assert_eq!((ip.subnet().as_str(), ip.prefix), ("192.168.77.0/24", 24));
         assert_eq!(ip.dhcp_range.map(|r| r.1.to_string()), Some("192.168.77.20".to_string()));
+        assert_eq!(ip.netmask().to_string(), "255.255.255.0");
         let stored = def.to_xml();
         assert!(stored.contains("<x-unknown a='1'/>") && stored.contains("<bridge name='virbr9'/>"), "{stored}");
         assert!(stored.contains(&format!("<uuid>{}</uuid>", def.uuid)), "{stored}");
@@ -179,6 +218,8 @@ mod tests {
             ("<network><name>n</name><ip address='10.0.0.1' netmask='255.0.255.0'/></network>", "'255.0.255.0'"),
             ("<network><name>n</name><ip address='10.0.0.x'/></network>", "'10.0.0.x'"),
             ("<network><name>a/b</name></network>", "'a/b'"),
+            ("<network><name>n</name><ip address='10.0.0.1'><dhcp><host mac='52:54:00:00:00:01'/></dhcp></ip></network>", "both 'mac' and 'ip'"),
+            ("<network><name>n</name><ip address='10.0.0.1'><dhcp><host mac='52:54' ip='10.0.0.5'/></dhcp></ip></network>", "mac '52:54'"),
             ("<pool/>", "<network>"),
         ];
         for (xml, words) in cases {

@@ -85,8 +85,3 @@ pub fn set_ip_forwarding(on: bool) -> Result<()> {
     run_tool("sysctl", &["-q", "-w", &format!("net.ipv4.ip_forward={}", u8::from(on))])?;
     Ok(())
 }
-
-/// Whether a DHCP server can be run for a network.
-pub fn dnsmasq_installed() -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join("dnsmasq").is_file()))
-}

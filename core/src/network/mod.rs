@@ -5,13 +5,16 @@
 //! A running network is a bridge on the host with the network's address;
 //! a `nat` network also has IPv4 forwarding on and a masquerade rule for its
 //! subnet in an nftables table of its own (`table ip strata_NAME`), so that
-//! stopping it deletes exactly that table.
+//! stopping it deletes exactly that table; one with a `<dhcp><range>` has a
+//! dnsmasq serving DHCP on its bridge (`dhcp`).
 //!
 //! Layout in the state store:
 //! ```text
 //! ROOT/networks/NAME/network.xml   the definition
 //! ROOT/networks/NAME/autostart     present when the network is marked autostart
+//! ROOT/networks/NAME/transient     present for a network net-create made (removed once inactive)
 //! ROOT/networks/NAME/started.json  what net-start did (see StartRecord)
+//! ROOT/networks/NAME/dnsmasq.*     the DHCP server's leases, hosts, pid file and log
 //! ROOT/networks/.ip_forward        present while Strata turned IPv4 forwarding on
 //! ```
 //! `net-start` writes its record before each step, marked incomplete until
@@ -20,6 +23,7 @@
 //! names. A record from an earlier boot of the host reads as inactive.
 
 mod def;
+mod dhcp;
 mod host;
 
 use std::fs;
@@ -28,12 +32,13 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-pub use def::{NetworkDef, NetworkIp};
+pub use def::{DhcpHost, NetworkDef, NetworkIp};
 pub use host::nft_table;
 
-use crate::driver::{NetworkInfo, NetworkOps};
+use crate::driver::{NetworkCreated, NetworkInfo, NetworkLease, NetworkOps};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pool::boot_id;
+use crate::process::ProcessId;
 use crate::store::{atomic_write, entry_names, set_marker, validate_name, DomainLock, Store};
 use crate::tool::offload;
 
@@ -53,7 +58,12 @@ struct StartRecord {
     created_bridge: Option<String>,
     /// The nftables table Strata added.
     nft_table: Option<String>,
+    /// The network's DHCP server, recorded before it ran.
+    dnsmasq: Option<ProcessId>,
 }
+
+/// How long a network's dnsmasq has to exit on SIGTERM before SIGKILL.
+const DNSMASQ_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The no-network error, in libvirt's words.
 pub fn no_such_network(name: &str) -> Error {
@@ -101,6 +111,19 @@ impl NetworkManager {
         }
     }
 
+    fn dhcp_files(&self, name: &str) -> Result<dhcp::DhcpFiles> {
+        Ok(dhcp::DhcpFiles::new(self.network_dir(name)?))
+    }
+
+    fn is_transient(&self, name: &str) -> Result<bool> {
+        Ok(self.network_dir(name)?.join("transient").exists())
+    }
+
+    fn remove_network_dir(&self, name: &str) -> Result<()> {
+        let dir = self.network_dir(name)?;
+        fs::remove_dir_all(&dir).map_err(|e| Error::io("remove", &dir, e))
+    }
+
     fn record_file(&self, name: &str) -> Result<PathBuf> {
         Ok(self.network_dir(name)?.join("started.json"))
     }
@@ -135,8 +158,9 @@ impl NetworkManager {
         Ok(self.record(&def.name)?.is_some_and(|r| r.complete && r.boot == boot) && host::device_exists(&def.bridge))
     }
 
-    /// Undoes the `net-start`s that died midway, and forgets records of an
-    /// earlier boot. Called with the lock held.
+    /// Undoes the `net-start`s that died midway, forgets records of an
+    /// earlier boot, and removes transient networks that no longer run.
+    /// Called with the lock held.
     fn recover_locked(&self) -> Result<()> {
         let boot = boot_id()?;
         for name in self.names()? {
@@ -144,6 +168,9 @@ impl NetworkManager {
                 Some(r) if !r.complete => self.undo_locked(&name, &r)?,
                 Some(r) if r.boot != boot => self.remove_record(&name)?,
                 _ => {}
+            }
+            if self.is_transient(&name)? && !self.is_running(&self.load(&name)?)? {
+                self.remove_network_dir(&name)?;
             }
         }
         Ok(())
@@ -159,6 +186,10 @@ impl NetworkManager {
     /// turned it on and no other Strata network on the host forwards (one of
     /// another store keeps it on), and drops the record.
     fn undo_locked(&self, name: &str, record: &StartRecord) -> Result<()> {
+        if let Some(dnsmasq) = &record.dnsmasq {
+            dnsmasq.stop(DNSMASQ_GRACE)?;
+            self.dhcp_files(name)?.remove()?;
+        }
         if let Some(table) = &record.nft_table {
             host::delete_table(table)?;
         }
@@ -210,6 +241,13 @@ impl NetworkManager {
                     host::set_ip_forwarding(true)?;
                 }
             }
+            if dhcp::dnsmasq_binary().is_some() {
+                let files = self.dhcp_files(&def.name)?;
+                let recorded = record.clone();
+                record.dnsmasq = dhcp::start(def, &files, |id| {
+                    self.write_record(&def.name, &StartRecord { dnsmasq: Some(id), ..recorded })
+                })?;
+            }
             record.complete = true;
             self.write_record(&def.name, &record)
         };
@@ -221,10 +259,11 @@ impl NetworkManager {
             return Err(e);
         }
         let mut warnings = Vec::new();
-        if def.ip.is_some_and(|ip| ip.dhcp_range.is_some()) {
-            let why =
-                if host::dnsmasq_installed() { "Strata does not run dnsmasq yet" } else { "dnsmasq is not installed" };
-            warnings.push(format!("network '{}' has a DHCP range but no DHCP server runs on it: {why}", def.name));
+        if def.ip.as_ref().is_some_and(|ip| ip.dhcp_range.is_some()) && dhcp::dnsmasq_binary().is_none() {
+            warnings.push(format!(
+                "network '{}' has a DHCP range but no DHCP server runs on it: dnsmasq is not installed",
+                def.name
+            ));
         }
         Ok(warnings)
     }
@@ -238,7 +277,7 @@ impl NetworkManager {
             name: def.name.clone(),
             uuid: def.uuid.clone(),
             active: self.is_running(def)?,
-            persistent: true,
+            persistent: !self.is_transient(&def.name)?,
             autostart: self.autostart(&def.name)?,
             bridge: def.bridge.clone(),
         })
@@ -284,7 +323,47 @@ impl NetworkManager {
         let dir = self.network_dir(&def.name)?;
         fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
         atomic_write(&dir.join("network.xml"), def.to_xml().as_bytes())?;
+        // A transient network defined becomes persistent, as in libvirt.
+        set_marker(&dir.join("transient"), false)?;
         Ok(def.name)
+    }
+
+    fn create_blocking(&self, xml: &str) -> Result<NetworkCreated> {
+        let _lock = self.locked()?;
+        let free = self.free_bridge()?;
+        let def = NetworkDef::parse(xml, || free)?;
+        if self.network_dir(&def.name)?.join("network.xml").exists() {
+            return Err(Error::operation_failed(format!("network '{}' already exists", def.name)));
+        }
+        for other in self.names()? {
+            let existing = self.load(&other)?;
+            if existing.uuid == def.uuid || existing.bridge == def.bridge {
+                return Err(Error::operation_failed(format!(
+                    "network '{other}' already has uuid {} or bridge '{}'",
+                    def.uuid, def.bridge
+                )));
+            }
+        }
+        let dir = self.network_dir(&def.name)?;
+        fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        set_marker(&dir.join("transient"), true)?;
+        atomic_write(&dir.join("network.xml"), def.to_xml().as_bytes())?;
+        match self.start_locked(&def) {
+            Ok(warnings) => Ok(NetworkCreated { name: def.name, warnings }),
+            Err(e) => {
+                self.remove_network_dir(&def.name)?;
+                Err(e)
+            }
+        }
+    }
+
+    fn dhcp_leases_blocking(&self, name: &str) -> Result<Vec<NetworkLease>> {
+        let _lock = self.locked()?;
+        let def = self.load(name)?;
+        if !self.is_running(&def)? {
+            return Err(not_active(name));
+        }
+        dhcp::read_leases(&def, &self.dhcp_files(name)?)
     }
 
     fn undefine_blocking(&self, name: &str) -> Result<()> {
@@ -293,8 +372,7 @@ impl NetworkManager {
         if self.is_running(&def)? {
             return Err(Error::operation_invalid(format!("network '{name}' is still active")));
         }
-        let dir = self.network_dir(name)?;
-        fs::remove_dir_all(&dir).map_err(|e| Error::io("remove", &dir, e))
+        self.remove_network_dir(name)
     }
 
     fn start_blocking(&self, name: &str) -> Result<Vec<String>> {
@@ -317,7 +395,11 @@ impl NetworkManager {
             return Err(not_active(name));
         }
         let record = self.record(name)?.unwrap_or_default();
-        self.undo_locked(name, &record)
+        self.undo_locked(name, &record)?;
+        if self.is_transient(name)? {
+            self.remove_network_dir(name)?;
+        }
+        Ok(())
     }
 
     fn list_blocking(&self) -> Result<Vec<NetworkInfo>> {
@@ -353,6 +435,16 @@ impl NetworkOps for NetworkManager {
     async fn net_define_xml(&self, xml: &str) -> Result<String> {
         let (manager, xml) = (self.clone(), xml.to_string());
         offload("network", move || manager.define_blocking(&xml)).await
+    }
+
+    async fn net_create_xml(&self, xml: &str) -> Result<NetworkCreated> {
+        let (manager, xml) = (self.clone(), xml.to_string());
+        offload("network", move || manager.create_blocking(&xml)).await
+    }
+
+    async fn net_dhcp_leases(&self, network: &str) -> Result<Vec<NetworkLease>> {
+        let (manager, network) = (self.clone(), network.to_string());
+        offload("network", move || manager.dhcp_leases_blocking(&network)).await
     }
 
     async fn net_undefine(&self, network: &str) -> Result<()> {

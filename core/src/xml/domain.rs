@@ -1,6 +1,6 @@
 //! `<domain>`: a lossless document with typed accessors for what Strata uses.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::disk::{self, Disk, DISK_CHILD_ORDER};
 use super::filesystem::{self, Filesystem};
@@ -52,6 +52,24 @@ const CPUTUNE_CHILD_ORDER: &[&str] = &[
     "cachetune",
     "memorytune",
 ];
+
+/// libvirt's direct kernel boot: `<os><kernel>`, `<initrd>`, `<cmdline>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelBoot {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+}
+
+/// A guest serial port whose output goes to a host file:
+/// `<serial type='file'>`, or a `<console type='file'>` when the domain
+/// has no `<serial>` (libvirt then gives the console a serial port of its own).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerialFile {
+    pub path: PathBuf,
+    /// `<source append='on'>`: keep what the file holds.
+    pub append: bool,
+}
 
 /// A domain definition. Everything Strata does not model is kept as written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,6 +250,32 @@ impl Domain {
         self.root.child("os").and_then(|os| os.child_text("type")).unwrap_or_else(|| "hvm".to_string())
     }
 
+    /// `<os><kernel>` with its `<initrd>` and `<cmdline>`, when the domain
+    /// boots a kernel directly instead of through its firmware.
+    pub fn kernel_boot(&self) -> Option<KernelBoot> {
+        let os = self.root.child("os")?;
+        let path = |name: &str| os.child_text(name).map(|t| PathBuf::from(t.trim()));
+        Some(KernelBoot { kernel: path("kernel")?, initrd: path("initrd"), cmdline: os.child_text("cmdline") })
+    }
+
+    /// The serial ports written to host files, in the order `<devices>`
+    /// lists them; a port of another type is not one of them.
+    pub fn serial_files(&self) -> Vec<SerialFile> {
+        let serials: Vec<&Element> = self.device_elements("serial").collect();
+        let ports = if serials.is_empty() { self.device_elements("console").take(1).collect() } else { serials };
+        ports
+            .into_iter()
+            .filter(|el| el.attr("type") == Some("file"))
+            .filter_map(|el| {
+                let source = el.child("source")?;
+                Some(SerialFile {
+                    path: PathBuf::from(source.attr("path")?),
+                    append: source.attr("append") == Some("on"),
+                })
+            })
+            .collect()
+    }
+
     pub fn disks(&self) -> Result<Vec<Disk>> {
         self.device_elements("disk").map(Disk::from_element).collect()
     }
@@ -280,6 +324,46 @@ impl Domain {
     pub fn set_interface_target(&mut self, index: usize, dev: &str) -> Result<()> {
         interface::write_target(self.interface_mut(index)?, dev);
         Ok(())
+    }
+
+    /// Records `alias` as the `<alias name>` of the `index`th interface:
+    /// the id of its device in the hypervisor, as a live definition shows it.
+    pub fn set_interface_alias(&mut self, index: usize, alias: &str) -> Result<()> {
+        interface::write_alias(self.interface_mut(index)?, alias);
+        Ok(())
+    }
+
+    /// Adds an `<interface>` after the domain's last one (at the end of
+    /// `<devices>` when it has none), as libvirt places an attached one.
+    pub fn add_interface(&mut self, iface: Element) -> Result<()> {
+        Interface::from_element(&iface, self.interfaces()?.len())?;
+        if self.root.child("devices").is_none() {
+            self.root.children.push(super::tree::Node::Element(Element::new("devices")));
+        }
+        let devices = self.root.child_mut("devices").ok_or_else(|| Error::internal("<devices> just added"))?;
+        devices.insert_ordered(iface, &["interface"]);
+        Ok(())
+    }
+
+    /// Removes the `index`th interface.
+    pub fn remove_interface(&mut self, index: usize) -> Result<()> {
+        let domain = self.name();
+        let devices = self.root.child_mut("devices");
+        let position = devices.as_ref().and_then(|d| {
+            d.children
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| matches!(n, super::tree::Node::Element(e) if e.name == "interface"))
+                .nth(index)
+                .map(|(i, _)| i)
+        });
+        match (devices, position) {
+            (Some(devices), Some(position)) => {
+                devices.children.remove(position);
+                Ok(())
+            }
+            _ => Err(Error::invalid_arg(format!("domain '{domain}' has no interface {}", index + 1))),
+        }
     }
 
     fn interface_mut(&mut self, index: usize) -> Result<&mut Element> {
@@ -689,5 +773,53 @@ mod tests {
         let err = Domain::parse(over).expect_err("current above the maximum");
         assert_eq!(err.kind(), crate::error::ErrorKind::XmlError);
         assert!(err.message().contains("maxvcpus must not be less than current vcpus (2 < 3)"), "{err}");
+    }
+
+    #[test]
+    fn a_kernel_boot_and_file_serial_ports_are_read_and_a_console_counts_only_without_a_serial() {
+        use super::SerialFile;
+        use std::path::PathBuf;
+        let xml = "<domain type='qemu'><name>vm</name><os><type>hvm</type><kernel> /g/vmlinuz </kernel>\
+                   <initrd>/g/initrd.gz</initrd><cmdline>console=ttyS0 quiet</cmdline></os><devices>\
+                   <serial type='file'><source path='/g/serial0.log' append='on'/><target port='0'/></serial>\
+                   <serial type='pty'/><console type='file'><source path='/g/console.log'/></console>\
+                   </devices></domain>";
+        let dom = Domain::parse(xml).expect("parses");
+        let boot = dom.kernel_boot().expect("a kernel boot");
+        assert_eq!(boot.kernel, PathBuf::from("/g/vmlinuz"));
+        assert_eq!(boot.initrd, Some(PathBuf::from("/g/initrd.gz")));
+        assert_eq!(boot.cmdline.as_deref(), Some("console=ttyS0 quiet"));
+        assert_eq!(dom.serial_files(), [SerialFile { path: PathBuf::from("/g/serial0.log"), append: true }]);
+
+        let console_only = "<domain type='qemu'><name>vm</name><devices>\
+                            <console type='file'><source path='/g/console.log'/></console></devices></domain>";
+        let dom = Domain::parse(console_only).expect("parses");
+        assert_eq!(dom.kernel_boot(), None);
+        assert_eq!(dom.serial_files(), [SerialFile { path: PathBuf::from("/g/console.log"), append: false }]);
+    }
+
+    #[test]
+    fn an_interface_is_added_after_the_last_one_and_removed_by_its_place_keeping_other_devices() {
+        use super::Element;
+        let xml = "<domain><name>vm</name><devices><disk type='file' device='disk'><source file='/i/a.qcow2'/>\
+                   <target dev='vda'/></disk><interface type='user'/><video/></devices></domain>";
+        let mut dom = Domain::parse(xml).expect("parses");
+        let added = Element::parse("<interface type='network'><source network='n'/></interface>").expect("xml");
+        dom.add_interface(added).expect("add");
+        dom.set_interface_alias(1, "net1").expect("alias");
+        let out = dom.to_xml();
+        let at = |needle: &str| out.find(needle).unwrap_or_else(|| panic!("{needle} missing from {out}"));
+        assert!(
+            at("<interface type='user'/>") < at("<interface type='network'>")
+                && at("<alias name='net1'/>") < at("<video/>"),
+            "{out}"
+        );
+        dom.remove_interface(0).expect("remove");
+        let types: Vec<String> = dom.interfaces().expect("interfaces").into_iter().map(|i| i.iface_type).collect();
+        assert_eq!(types, ["network"]);
+        assert!(dom.to_xml().contains("<video/>"));
+        assert!(dom.remove_interface(3).expect_err("no fourth interface").to_string().contains("has no interface 4"));
+        let bad = Element::parse("<interface type='user'><mac address='01:00:00:00:00:01'/></interface>").expect("xml");
+        assert!(dom.add_interface(bad).is_err(), "a multicast MAC is refused before it is added");
     }
 }

@@ -237,6 +237,51 @@ pub(crate) fn write_mac(el: &mut Element, mac: &str) {
     el.replace_or_insert(Element::new("mac").with_attr("address", mac), INTERFACE_CHILD_ORDER);
 }
 
+/// The `<interface>` virsh's `attach-interface TYPE SOURCE [--target]
+/// [--mac] [--model]` describes: the source as the type names it
+/// (`network`, `bridge`, a `direct` interface's `dev`; an `ethernet`
+/// interface's is its target device), none for `user`.
+pub fn interface_from_options(
+    iface_type: &str,
+    source: &str,
+    target: Option<&str>,
+    mac: Option<&str>,
+    model: Option<&str>,
+) -> Result<Element> {
+    let mut el = Element::new("interface").with_attr("type", iface_type);
+    let source_attr = match iface_type {
+        "network" => Some("network"),
+        "bridge" => Some("bridge"),
+        "direct" => Some("dev"),
+        "ethernet" | "user" => None,
+        other => {
+            return Err(Error::invalid_arg(format!(
+                "interface type '{other}' cannot be attached (network, bridge, direct, ethernet or user)"
+            )))
+        }
+    };
+    if let Some(attr) = source_attr {
+        el = el.with_child(Element::new("source").with_attr(attr, source));
+    }
+    if let Some(mac) = mac {
+        check_mac(mac).map_err(|why| Error::invalid_arg(format!("--mac '{mac}': {why}")))?;
+        el = el.with_child(Element::new("mac").with_attr("address", mac.to_lowercase()));
+    }
+    let target = target.or((iface_type == "ethernet").then_some(source));
+    if let Some(dev) = target {
+        el = el.with_child(Element::new("target").with_attr("dev", dev));
+    }
+    if let Some(model) = model {
+        el = el.with_child(Element::new("model").with_attr("type", model));
+    }
+    Ok(el)
+}
+
+/// Writes `<alias name>` into an `<interface>`, in libvirt's place.
+pub(crate) fn write_alias(el: &mut Element, alias: &str) {
+    el.replace_or_insert(Element::new("alias").with_attr("name", alias), INTERFACE_CHILD_ORDER);
+}
+
 /// Writes `<target dev>` into an `<interface>`, in libvirt's place.
 pub(crate) fn write_target(el: &mut Element, dev: &str) {
     el.replace_or_insert(Element::new("target").with_attr("dev", dev), INTERFACE_CHILD_ORDER);

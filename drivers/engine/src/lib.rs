@@ -11,7 +11,8 @@
 //! - `job`: block jobs: records and outcomes, layer resolution,
 //!   refusals, reconciliation decisions, what a job's end changes, and
 //!   the `BlockJobEngine` a driver's `BlockJobHost` gets `BlockJobOps` from.
-//! - `process`: processes a driver starts, recorded before they run.
+//! - `process`: core's `process`, re-exported: processes a driver
+//!   starts, recorded before they run.
 //! - `snapshot`: snapshot create, revert, delete and recovery over a
 //!   driver's `SnapshotBackend`.
 //! - `storage`: a disk or filesystem by the name records give it.
@@ -22,8 +23,10 @@ pub mod graph;
 pub mod image_work;
 pub mod intent;
 pub mod job;
-pub mod process;
 pub mod records;
 pub mod snapshot;
 pub mod storage;
 pub mod view;
+
+/// Processes a driver starts: core's, which networks use too.
+pub use strata_core::process;

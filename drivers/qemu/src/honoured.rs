@@ -33,6 +33,9 @@ const ELEMENTS: &[(&str, Treatment)] = &[
     ("vcpu", Honoured { when: always, form: "" }),
     ("os/type", Honoured { when: always, form: "" }),
     ("os/loader", Honoured { when: always, form: "" }),
+    ("os/kernel", Honoured { when: always, form: "" }),
+    ("os/initrd", Honoured { when: always, form: "" }),
+    ("os/cmdline", Honoured { when: always, form: "" }),
     ("os/boot", Honoured { when: boot_from_disk, form: "dev='hd', SeaBIOS's own order" }),
     ("features/acpi", Honoured { when: always, form: "QEMU's default" }),
     ("features/apic", Honoured { when: always, form: "QEMU's default" }),
@@ -66,8 +69,8 @@ const ELEMENTS: &[(&str, Treatment)] = &[
     ("devices/graphics", NotYet),
     ("devices/video", NotYet),
     ("devices/sound", NotYet),
-    ("devices/serial", NotYet),
-    ("devices/console", NotYet),
+    ("devices/serial", Honoured { when: serial_is_file, form: "type='file', an isa-serial port" }),
+    ("devices/console", Honoured { when: console_is_file, form: "type='file', the first serial port" }),
     ("devices/channel", NotYet),
     ("devices/hostdev", NotYet),
     ("devices/filesystem", NotYet),
@@ -136,6 +139,18 @@ fn interface_is_started(el: &Element, _: &Domain) -> bool {
         }
         _ => false,
     }
+}
+
+/// `launch` writes a `type='file'` serial port to its `<source path>`.
+fn serial_is_file(el: &Element, _: &Domain) -> bool {
+    el.attr("type") == Some("file") && el.child("source").and_then(|s| s.attr("path")).is_some()
+}
+
+/// A console is the first serial port (libvirt's alias of it), or a port
+/// of its own in a domain without `<serial>`.
+fn console_is_file(el: &Element, dom: &Domain) -> bool {
+    let first_serial = dom.element().child("devices").and_then(|d| d.children_named("serial").next());
+    serial_is_file(first_serial.unwrap_or(el), dom)
 }
 
 fn input_is_ps2(el: &Element, _: &Domain) -> bool {
@@ -271,6 +286,25 @@ mod tests {
         assert_eq!(
             unhonoured(&others),
             ["interface type='user'", "interface type='bridge'", "interface type='vhostuser'"]
+        );
+    }
+
+    #[test]
+    fn a_direct_kernel_boot_and_file_serial_ports_are_honoured_and_other_serial_types_are_not() {
+        let dom = |serials: &str| {
+            Domain::parse(&format!(
+                "<domain type='qemu'><name>t</name><os><type>hvm</type><kernel>/k</kernel><initrd>/i</initrd>\
+                 <cmdline>console=ttyS0</cmdline></os><devices>{serials}</devices></domain>"
+            ))
+            .expect("xml")
+        };
+        let file = "<serial type='file'><source path='/l/s.log'/></serial><console type='file'>\
+                    <source path='/l/s.log'/><target type='serial'/></console>";
+        assert_eq!(unhonoured(&dom(file)), Vec::<String>::new());
+        assert_eq!(unhonoured(&dom("<console type='file'><source path='/l/c.log'/></console>")), Vec::<String>::new());
+        assert_eq!(
+            unhonoured(&dom("<serial type='pty'/><console type='pty'/>")),
+            ["serial type='pty'", "console type='pty'"]
         );
     }
 

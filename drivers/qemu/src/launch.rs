@@ -74,6 +74,15 @@ pub fn command_line(dom: &Domain, accel: Accel, paths: &RuntimePaths, nics: &Hos
     if let Some(loader) = os.and_then(|o| o.child_text("loader")) {
         push(&mut args, "-bios", loader);
     }
+    if let Some(boot) = dom.kernel_boot() {
+        push(&mut args, "-kernel", existing_file(&name, "kernel", &boot.kernel)?);
+        if let Some(initrd) = &boot.initrd {
+            push(&mut args, "-initrd", existing_file(&name, "initrd", initrd)?);
+        }
+        if let Some(cmdline) = boot.cmdline {
+            push(&mut args, "-append", cmdline);
+        }
+    }
     for flag in ["-nodefaults", "-no-user-config", "-S"] {
         args.push(flag.to_string());
     }
@@ -102,13 +111,62 @@ pub fn command_line(dom: &Domain, accel: Accel, paths: &RuntimePaths, nics: &Hos
             push(&mut args, "-device", device);
         }
     }
+    if is_q35(&machine) {
+        for port in root_port_devices() {
+            push(&mut args, "-device", port);
+        }
+    }
+    for (index, serial) in dom.serial_files().iter().enumerate() {
+        let path = serial.path.to_str().ok_or_else(|| {
+            Error::config_unsupported(format!("domain '{name}': serial file '{}' is not UTF-8", serial.path.display()))
+        })?;
+        let append = if serial.append { ",append=on" } else { "" };
+        push(&mut args, "-chardev", format!("file,id=charserial{index},path={}{append}", path.replace(',', ",,")));
+        push(&mut args, "-device", format!("isa-serial,chardev=charserial{index},id=serial{index}"));
+    }
     Ok(args)
+}
+
+/// A file the domain's `<os>` names for QEMU to read at start, as QEMU's
+/// argument; a missing one is refused here, naming it, before QEMU runs.
+fn existing_file(domain: &str, what: &str, path: &std::path::Path) -> Result<String> {
+    if !path.is_file() {
+        return Err(Error::config_unsupported(format!(
+            "domain '{domain}': the <{what}> file '{}' does not exist or is not a regular file",
+            path.display()
+        )));
+    }
+    path.to_str().map(str::to_string).ok_or_else(|| {
+        Error::config_unsupported(format!("domain '{domain}': <{what}> '{}' is not UTF-8", path.display()))
+    })
 }
 
 /// The QEMU id of the NIC of the domain's `index`th interface (libvirt's
 /// alias for it); its netdev is `host` followed by it.
 pub fn nic_id(index: usize) -> String {
     format!("net{index}")
+}
+
+/// Empty PCIe root ports a q35 domain starts with, for NICs attached later.
+pub const SPARE_ROOT_PORTS: usize = 4;
+
+/// The ids of the spare root ports: this, then their number from 1.
+pub const ROOT_PORT_PREFIX: &str = "strata-port";
+
+/// Whether the machine is q35, whose NICs need root ports to be hot-plugged.
+pub fn is_q35(machine: &str) -> bool {
+    machine == "q35" || machine.starts_with("pc-q35")
+}
+
+/// `-device` arguments of the spare root ports.
+fn root_port_devices() -> Vec<String> {
+    (1..=SPARE_ROOT_PORTS).map(|n| format!("pcie-root-port,id={ROOT_PORT_PREFIX}{n},chassis={n},bus=pcie.0")).collect()
+}
+
+/// The QEMU id of the live definition's `index`th interface: its alias, or
+/// the id a start gives it by its place.
+pub fn live_nic_id(iface: &Interface, index: usize) -> String {
+    iface.alias.clone().unwrap_or_else(|| nic_id(index))
 }
 
 /// The model libvirt's QEMU driver gives an x86 guest's NIC when the XML
@@ -280,6 +338,7 @@ mod tests {
         assert!(args.contains(&"ide-hd,bus=ide.0,id=sda,drive=sda-0-fmt".to_string()));
         assert_eq!(args.iter().filter(|a| *a == "-qmp").count(), MONITORS);
         assert!(args.contains(&"q35,accel=tcg".to_string()));
+        assert!(args.contains(&"pcie-root-port,id=strata-port4,chassis=4,bus=pcie.0".to_string()), "spare ports");
     }
 
     #[test]
@@ -352,6 +411,36 @@ mod tests {
         assert!(err.contains("address='::1'> is not an IPv4 address"), "{err}");
         let err = refused("<interface type='user'><mac address='52:54:00:00:00:09'/><model type='tulip'/></interface>");
         assert!(err.contains("interface '52:54:00:00:00:09': <model type='tulip'> is not a NIC"), "{err}");
+    }
+
+    #[test]
+    fn a_kernel_is_booted_directly_and_a_file_serial_port_gets_a_chardev() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = dir.path().join("vmlinuz");
+        std::fs::write(&kernel, b"kernel").expect("write kernel");
+        let boot = |initrd: &str| {
+            let xml = CHAIN_XML
+                .replace(
+                    "</os>",
+                    &format!(
+                        "<kernel>{}</kernel><initrd>{initrd}</initrd><cmdline>console=ttyS0</cmdline></os>",
+                        kernel.display()
+                    ),
+                )
+                .replace("</devices>", "<serial type='file'><source path='/l/a,b.log'/></serial></devices>");
+            command_line(&Domain::parse(&xml).expect("xml"), Accel::Tcg, &paths(), &HostNics::default())
+        };
+        let args = boot(&kernel.display().to_string()).expect("command line");
+        let after = |flag: &str| args.windows(2).find(|w| w[0] == flag).map(|w| w[1].clone());
+        assert_eq!(after("-kernel"), Some(kernel.display().to_string()));
+        assert_eq!(after("-initrd"), Some(kernel.display().to_string()));
+        assert_eq!(after("-append").as_deref(), Some("console=ttyS0"));
+        assert_eq!(after("-chardev").as_deref(), Some("file,id=charserial0,path=/l/a,,b.log"));
+        assert!(args.contains(&"isa-serial,chardev=charserial0,id=serial0".to_string()), "{args:?}");
+
+        let missing = dir.path().join("no-initrd");
+        let err = boot(&missing.display().to_string()).expect_err("a missing initrd");
+        assert!(err.to_string().contains(&format!("<initrd> file '{}' does not exist", missing.display())), "{err}");
     }
 
     #[test]

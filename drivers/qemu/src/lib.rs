@@ -11,6 +11,7 @@
 
 mod affinity;
 mod honoured;
+mod hotplug;
 mod jobs;
 mod launch;
 pub mod live;
@@ -241,9 +242,13 @@ impl QemuConnection {
             live::Server::Vm => {
                 let accel = launch::accel_for(&dom)?;
                 nics = tap::HostNics::open(&launched, &NetworkManager::new(self.store.clone()))?;
-                // The live definition names the host device each runs on.
+                // The live definition names the host device each runs on,
+                // and the id of each NIC in QEMU.
                 for (index, nic) in &nics.by_index {
                     dom.set_interface_target(*index, &nic.name)?;
+                }
+                for index in 0..dom.interfaces()?.len() {
+                    dom.set_interface_alias(index, &launch::nic_id(index))?;
                 }
                 let mut args = launch::command_line(&launched, accel, &paths, &nics)?;
                 if mode == StartMode::Incoming {
@@ -627,6 +632,42 @@ impl Connection for QemuConnection {
         vcpus::vcpu_info(&monitor.client, name, &self.host_cpus).await
     }
 
+    async fn attach_interface(&self, name: &str, xml: &str, scope: PinScope) -> Result<()> {
+        let iface = with_mac(xml)?;
+        let targets = placement::pin_targets(self.running_vm(name).await?, scope)?;
+        if targets.config {
+            // Checked before anything changes.
+            let mut dom = strata_engine::definitions::load(&self.store, name)?;
+            dom.add_interface(iface.clone())?;
+        }
+        if let Some((status, monitor)) = &targets.live {
+            hotplug::attach(&self.store, name, status, monitor, iface.clone()).await?;
+        }
+        if targets.config {
+            strata_engine::definitions::edit(&self.store, name, |dom| dom.add_interface(iface))?;
+        }
+        Ok(())
+    }
+
+    async fn detach_interface(&self, name: &str, iface_type: &str, mac: Option<&str>, scope: PinScope) -> Result<()> {
+        let targets = placement::pin_targets(self.running_vm(name).await?, scope)?;
+        if targets.config {
+            // Refused before anything changes when the definition lacks it.
+            hotplug::find_interface(&strata_engine::definitions::load(&self.store, name)?, iface_type, mac)?;
+        }
+        if let Some((status, monitor)) = &targets.live {
+            let index = hotplug::find_interface(&status.domain, iface_type, mac)?;
+            hotplug::detach(&self.store, name, status, monitor, index).await?;
+        }
+        if targets.config {
+            strata_engine::definitions::edit(&self.store, name, |dom| {
+                let index = hotplug::find_interface(dom, iface_type, mac)?;
+                dom.remove_interface(index)
+            })?;
+        }
+        Ok(())
+    }
+
     fn disk_sets(&self) -> Option<&dyn DiskSetOps> {
         Some(strata_engine::definitions::StoredDiskSets::over(&self.store))
     }
@@ -771,6 +812,25 @@ impl MonitorOps for QemuConnection {
         let (_, monitor) = self.running(domain).await?;
         monitor_command::run(&monitor.client, domain, command, human).await
     }
+}
+
+/// The `<interface>` of `xml`, given a MAC in libvirt's range for QEMU
+/// guests when it has none, so that the running domain and the definition
+/// get the same one.
+fn with_mac(xml: &str) -> Result<strata_core::xml::Element> {
+    let iface = strata_core::xml::Element::parse(xml)?;
+    if iface.name != "interface" {
+        return Err(Error::xml(format!("expected an <interface> document, found <{}>", iface.name)));
+    }
+    let mut scratch = Domain::parse("<domain><name>attach</name><devices/></domain>")?;
+    scratch.add_interface(iface)?;
+    define::assign_macs(&mut scratch)?;
+    scratch
+        .element()
+        .child("devices")
+        .and_then(|d| d.child("interface"))
+        .cloned()
+        .ok_or_else(|| Error::internal("the interface just added is missing"))
 }
 
 /// Block jobs run in the domain's QEMU, or for a shut-off domain in a

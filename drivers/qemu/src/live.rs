@@ -352,8 +352,8 @@ pub fn state_of(run: RunState) -> (DomainState, &'static str) {
 /// driver does not start) has none.
 pub async fn nic_macs(client: &QmpClient, domain: &str, dom: &Domain) -> Result<Vec<(usize, String)>> {
     let mut out = Vec::new();
-    for index in 0..dom.interfaces()?.len() {
-        let path = format!("/machine/peripheral/{}", crate::launch::nic_id(index));
+    for (index, iface) in dom.interfaces()?.iter().enumerate() {
+        let path = format!("/machine/peripheral/{}", crate::launch::live_nic_id(iface, index));
         let args = serde_json::json!({ "path": path, "property": "mac" });
         match client.execute("qom-get", Some(args)).await {
             Ok(mac) => {

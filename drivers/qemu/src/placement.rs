@@ -33,16 +33,16 @@ pub(crate) fn host_cpus() -> SysfsCpus {
     }
 }
 
-/// The running domain a pin acts on (with its QEMU and monitor), and
-/// whether it changes the persistent definition too.
-struct PinTargets {
-    live: Option<(LiveStatus, Arc<Monitor>)>,
-    config: bool,
+/// The running domain a pin (or an attach or detach) acts on (with its
+/// QEMU and monitor), and whether it changes the persistent definition too.
+pub(crate) struct PinTargets {
+    pub live: Option<(LiveStatus, Arc<Monitor>)>,
+    pub config: bool,
 }
 
 /// Resolves virsh's `--live`/`--config`/`--current` for a domain that
 /// `running` serves now (its QEMU and monitor), or that is shut off.
-fn pin_targets(running: Option<(LiveStatus, Arc<Monitor>)>, scope: PinScope) -> Result<PinTargets> {
+pub(crate) fn pin_targets(running: Option<(LiveStatus, Arc<Monitor>)>, scope: PinScope) -> Result<PinTargets> {
     let (live, config) = match (scope.live, scope.config) {
         (false, false) => (running.is_some(), running.is_none()),
         scope => scope,

@@ -560,6 +560,59 @@ pub fn domain_xml(name: &str, disks: &[DiskSpec]) -> String {
     MINIMAL_DOMAIN.replace("@TYPE@", domain_type()).replace("@NAME@", name).replace("@DISKS@\n", &devices)
 }
 
+/// The tiny guest OS `fixtures/guest/make-test-guest` builds: a kernel and
+/// an initramfs whose init reports on the serial console.
+pub struct TestGuest {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+/// The test guest in `$STRATA_TEST_GUEST_DIR` (else
+/// `/var/cache/strata/test-guest`); a missing one fails the test, naming
+/// the script that builds it.
+pub fn test_guest() -> TestGuest {
+    let dir = std::env::var_os("STRATA_TEST_GUEST_DIR")
+        .map_or_else(|| PathBuf::from("/var/cache/strata/test-guest"), PathBuf::from);
+    let guest = TestGuest { kernel: dir.join("vmlinuz"), initrd: dir.join("initrd.gz") };
+    assert!(
+        guest.kernel.is_file() && guest.initrd.is_file(),
+        "the test guest OS is missing from {}: build it with {} (.ci/install-deps runs it)",
+        dir.display(),
+        fixture("guest/make-test-guest").display()
+    );
+    guest
+}
+
+/// `fixtures/domains/test-guest.xml`: a TCG domain booting the test guest.
+const TEST_GUEST_DOMAIN: &str = include_str!("../../../fixtures/domains/test-guest.xml");
+
+/// A domain `name` booting [`test_guest`] under TCG, its serial console
+/// written to `console`, with `interfaces` in its devices.
+pub fn guest_domain_xml(name: &str, console: &Path, interfaces: &str) -> String {
+    let guest = test_guest();
+    TEST_GUEST_DOMAIN
+        .replace("@NAME@", name)
+        .replace("@KERNEL@", &guest.kernel.display().to_string())
+        .replace("@INITRD@", &guest.initrd.display().to_string())
+        .replace("@CONSOLE@", &console.display().to_string())
+        .replace("@INTERFACES@\n", interfaces)
+}
+
+/// Polls the guest's console file until a line holds `marker`, and
+/// returns that line; fails the test with the console's text after
+/// `limit` (a hang guard: TCG guests boot slowly on a loaded machine).
+pub fn wait_for_console(console: &Path, marker: &str, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let text = std::fs::read_to_string(console).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains(marker)) {
+            return line.trim().to_string();
+        }
+        assert!(Instant::now() < deadline, "no '{marker}' on the guest's console after {limit:?}:\n{text}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A `<disk type='nvme'>` (target vdf) as libvirt's schema has it.
 pub const NVME_DISK: &str = include_str!("../../../fixtures/domains/nvme-disk.xml");
 
@@ -832,4 +885,120 @@ pub fn busybox_image(dir: &Path, image: &Path, mib: u64) {
     let script = fixture("images/make-busybox-root");
     let mib = mib.to_string();
     run_tool(script.to_str().expect("utf8"), &[dir.to_str().expect("utf8"), image.to_str().expect("utf8"), &mib]);
+}
+
+/// A Strata network a test owns: its name, bridge and /24 subnet's third
+/// octet (10.214.OCTET.0/24), derived from the test's process id and a
+/// letter, so that tests running at once do not collide.
+pub struct TestNet {
+    pub name: String,
+    pub bridge: String,
+    pub octet: u32,
+}
+
+impl TestNet {
+    pub fn new(letter: char) -> TestNet {
+        let id = std::process::id() % 100_000;
+        let octet = 100 + (id + letter as u32) % 150;
+        TestNet { name: format!("sn{id}{letter}"), bridge: format!("snbr{id}{letter}"), octet }
+    }
+
+    pub fn subnet(&self) -> String {
+        format!("10.214.{}.0/24", self.octet)
+    }
+
+    /// The address `last` of the subnet: `10.214.OCTET.LAST`.
+    pub fn address(&self, last: u32) -> String {
+        format!("10.214.{}.{last}", self.octet)
+    }
+
+    /// The network's XML with `forward` (`<forward mode='nat'/>` or
+    /// nothing) and `dhcp` inside its `<ip>`, and an element Strata does
+    /// not model.
+    pub fn xml_with_dhcp(&self, forward: &str, dhcp: &str) -> String {
+        format!(
+            "<network>\n  <name>{}</name>\n  {forward}\n  <bridge name='{}' stp='on' delay='0'/>\n  \
+             <ip address='{}' netmask='255.255.255.0'>{dhcp}</ip>\n  <x-unknown keep='yes'/>\n</network>\n",
+            self.name,
+            self.bridge,
+            self.address(1)
+        )
+    }
+
+    pub fn xml(&self, forward: &str) -> String {
+        self.xml_with_dhcp(forward, "")
+    }
+
+    /// Writes `xml` to NAME.xml in the test's directory.
+    pub fn write(&self, env: &TestEnv, xml: &str) -> PathBuf {
+        let file = env.path(&format!("{}.xml", self.name));
+        std::fs::write(&file, xml).expect("write network xml");
+        file
+    }
+
+    /// `net-define` of `xml`, checking virsh's message.
+    pub fn define_xml(&self, env: &TestEnv, xml: &str) {
+        let file = self.write(env, xml);
+        let out = env.ok(&["net-define", file.to_str().expect("utf8")]);
+        assert_eq!(out, format!("Network {} defined from {}\n\n", self.name, file.display()));
+    }
+
+    pub fn define(&self, env: &TestEnv, forward: &str) {
+        self.define_xml(env, &self.xml(forward));
+    }
+
+    pub fn table(&self) -> String {
+        format!("strata_{}", self.name)
+    }
+
+    /// The pid of the network's dnsmasq as `net-start` recorded it.
+    pub fn recorded_dnsmasq(&self, env: &TestEnv) -> Option<i32> {
+        let record = env.state_root().join("networks").join(&self.name).join("started.json");
+        let record: serde_json::Value = serde_json::from_slice(&std::fs::read(record).ok()?).ok()?;
+        record["dnsmasq"]["pid"].as_i64().and_then(|p| i32::try_from(p).ok())
+    }
+}
+
+/// Removes what a test's networks left on the host (a dnsmasq by its
+/// recorded pid, the bridge and the nft table by name), whatever the
+/// test reached.
+pub struct NetGuard<'a>(pub &'a TestEnv, pub &'a [&'a TestNet]);
+
+impl Drop for NetGuard<'_> {
+    fn drop(&mut self) {
+        for net in self.1 {
+            if let Some(pid) = net.recorded_dnsmasq(self.0).filter(|pid| process_runs(*pid)) {
+                // SAFETY: kill(2) on the pid this test's network recorded for its dnsmasq.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+            let _ = Command::new("ip").args(["link", "del", &net.bridge]).output();
+            let _ = Command::new("nft").args(["delete", "table", "ip", &net.table()]).output();
+        }
+    }
+}
+
+/// Runs a host tool a test needs, failing loudly when it is missing.
+pub fn host_tool(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} is needed by this test (.ci/install-deps installs it): {e}"))
+}
+
+/// `ip -j addr show DEV` as JSON, or None when the device does not exist.
+pub fn link(dev: &str) -> Option<serde_json::Value> {
+    let out = host_tool("ip", &["-j", "addr", "show", "dev", dev]);
+    if !out.status.success() {
+        return None;
+    }
+    let mut links: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("ip -j prints JSON");
+    links.pop()
+}
+
+/// The ruleset of `table ip NAME`, or None when there is no such table.
+pub fn nft_table(name: &str) -> Option<String> {
+    let out = host_tool("nft", &["list", "table", "ip", name]);
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }

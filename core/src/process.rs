@@ -1,8 +1,9 @@
-//! Processes Strata starts. Servers (QEMU, qemu-storage-daemon) are
-//! children in their own session so that they outlive `strata`, recorded
-//! before they run, and recognised later by pid plus start time so that a
-//! reused pid is never mistaken for (or signalled as) one of them. Helpers
-//! (`qemu-img`) die with the `strata` that runs them.
+//! Processes Strata starts. Servers (QEMU, qemu-storage-daemon, a
+//! network's dnsmasq) are children in their own session so that they
+//! outlive `strata`, recorded before they run, and recognised later by pid
+//! plus start time so that a reused pid is never mistaken for (or
+//! signalled as) one of them. Helpers (`qemu-img`) die with the `strata`
+//! that runs them (`crate::tool`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -12,11 +13,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use strata_core::xml::Element;
-use strata_core::{Error, Result};
+use crate::error::{Error, Result};
+use crate::xml::Element;
 
-/// A QEMU process as recorded in the status XML.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A server process as its record names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProcessId {
     pub pid: i32,
     /// Field 22 of `/proc/PID/stat`: clock ticks after boot.
@@ -80,13 +81,13 @@ impl ProcessId {
         if self.liveness() == Liveness::Gone {
             return Ok(());
         }
-        // SAFETY: kill(2) with a pid we just checked belongs to our QEMU;
+        // SAFETY: kill(2) with a pid we just checked belongs to our server;
         // it has no memory-safety preconditions.
         let rc = unsafe { libc::kill(self.pid, signal) };
         if rc != 0 {
             let err = std::io::Error::last_os_error();
             if err.raw_os_error() != Some(libc::ESRCH) {
-                return Err(Error::operation_failed(format!("cannot signal QEMU pid {}: {err}", self.pid)));
+                return Err(Error::operation_failed(format!("cannot signal pid {}: {err}", self.pid)));
             }
         }
         Ok(())
@@ -106,13 +107,14 @@ impl ProcessId {
         }
     }
 
-    /// SIGTERM, then SIGKILL if QEMU has not exited after `grace` (QEMU can
-    /// ignore SIGTERM while a drained job holds it; see the recipe book).
+    /// SIGTERM, then SIGKILL if the process has not exited after `grace`
+    /// (QEMU can ignore SIGTERM while a drained job holds it; see the
+    /// recipe book).
     pub async fn terminate(&self, grace: Duration) -> Result<()> {
         let id = *self;
         tokio::task::spawn_blocking(move || id.stop(grace))
             .await
-            .map_err(|e| Error::internal(format!("stopping QEMU pid {}: {e}", id.pid)))?
+            .map_err(|e| Error::internal(format!("stopping pid {}: {e}", id.pid)))?
     }
 
     /// [`ProcessId::terminate`] for callers that are not async: blocks this
@@ -126,7 +128,7 @@ impl ProcessId {
         if self.wait_gone_blocking(Duration::from_secs(10)) {
             Ok(())
         } else {
-            Err(Error::operation_failed(format!("QEMU pid {} did not exit after SIGKILL", self.pid)))
+            Err(Error::operation_failed(format!("pid {} did not exit after SIGKILL", self.pid)))
         }
     }
 
@@ -143,7 +145,7 @@ impl ProcessId {
     }
 }
 
-/// A QEMU just started: its identity and the handle that reaps it if it
+/// A server just started: its identity and the handle that reaps it if it
 /// exits while this process still runs.
 pub struct Spawned {
     pub id: ProcessId,
@@ -164,8 +166,8 @@ pub fn spawn(
     record: impl FnOnce(ProcessId) -> Result<()>,
 ) -> Result<Spawned> {
     let log_file =
-        OpenOptions::new().create(true).append(true).open(log).map_err(|e| Error::io("open the QEMU log", log, e))?;
-    let log_err = log_file.try_clone().map_err(|e| Error::io("open the QEMU log", log, e))?;
+        OpenOptions::new().create(true).append(true).open(log).map_err(|e| Error::io("open the log", log, e))?;
+    let log_err = log_file.try_clone().map_err(|e| Error::io("open the log", log, e))?;
     let mut cmd = Command::new(binary);
     cmd.args(args).stdin(Stdio::null()).stdout(Stdio::from(log_file)).stderr(Stdio::from(log_err));
     let (ready_read, ready_write) = pipe()?;
@@ -191,9 +193,9 @@ pub fn spawn(
     });
     let mut go = File::from(go_write);
     let released = held_child(ready_read).map(|id| {
-        strata_core::crash_point("server:forked");
+        crate::crash_point("server:forked");
         record(id)?;
-        strata_core::crash_point("server:recorded");
+        crate::crash_point("server:recorded");
         go.write_all(&[1]).map_err(|e| Error::operation_failed(format!("cannot release {binary}: {e}")))?;
         Ok(id)
     });

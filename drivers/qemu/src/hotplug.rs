@@ -1,0 +1,305 @@
+//! `attach-interface` and `detach-interface` on a running domain.
+//!
+//! On q35 a NIC can only be plugged into (and unplugged from) a PCIe root
+//! port, so `launch` gives every q35 domain `SPARE_ROOT_PORTS` empty
+//! ones, as libvirt adds spare ports; an attached NIC goes on a free one.
+//! NICs present at start sit on the root complex, which cannot unplug
+//! them: QEMU refuses their `device_del`, and they are detached with
+//! `--config` and a restart.
+//!
+//! An attach opens the host side as a start does (`tap::open_interface`:
+//! Strata opens the tap and vhost-net, records a tap it created in the
+//! status, and passes the descriptors with `getfd`), then `netdev_add`
+//! and `device_add`. A detach sends `device_del` and waits for QEMU's
+//! `DEVICE_DELETED`, which comes once the guest has released the device;
+//! only then are the netdev, the tap and the live XML's `<interface>`
+//! removed. A guest that does not answer within [`UNPLUG_WAIT`] leaves the
+//! request pending in QEMU and the interface in the live XML: the command
+//! fails saying so, and the same `detach-interface` run again finishes
+//! the job once the device is gone (or waits again); a tap still there is
+//! removed with the domain at destroy.
+
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+use strata_core::network::NetworkManager;
+use strata_core::store::Store;
+use strata_core::xml::{Domain, Element, Interface};
+use strata_core::{Error, ErrorKind, Result};
+use strata_qemu_block::monitor::{qmp_error, Monitor};
+use strata_qmp::QmpError;
+
+use crate::launch::{is_q35, live_nic_id, nic_args, nic_id, ROOT_PORT_PREFIX, SPARE_ROOT_PORTS};
+use crate::live::{edit_status_async, LiveStatus};
+use crate::tap;
+
+/// How long a detach waits for the guest to release the device (a
+/// guest's PCIe hotplug driver takes 5 s to act on the request, and a
+/// TCG guest on a loaded host longer).
+const UNPLUG_WAIT: Duration = Duration::from_secs(60);
+
+/// A NIC id no interface of `dom` uses.
+fn free_nic_id(dom: &Domain) -> Result<String> {
+    let used: Vec<String> =
+        dom.interfaces()?.iter().enumerate().map(|(index, iface)| live_nic_id(iface, index)).collect();
+    Ok((0..).map(nic_id).find(|id| !used.contains(id)).unwrap_or_default())
+}
+
+/// A spare root port with nothing plugged into it, from `query-pci`.
+async fn free_root_port(monitor: &Monitor, domain: &str) -> Result<String> {
+    let buses = monitor.client.execute("query-pci", None).await.map_err(|e| qmp_error(domain, e))?;
+    let devices =
+        buses.as_array().into_iter().flatten().flat_map(|bus| bus["devices"].as_array().into_iter().flatten());
+    let free = devices
+        .filter(|d| d["qdev_id"].as_str().is_some_and(|id| id.starts_with(ROOT_PORT_PREFIX)))
+        .find(|d| d["pci_bridge"]["devices"].as_array().is_none_or(Vec::is_empty));
+    free.and_then(|d| d["qdev_id"].as_str().map(str::to_string)).ok_or_else(|| {
+        Error::new(
+            ErrorKind::OperationFailed,
+            format!(
+                "domain '{domain}' has no free PCIe root port for another NIC (it started with {SPARE_ROOT_PORTS} \
+                 spare ones); detach one, or add the interface with --config and restart the domain"
+            ),
+        )
+    })
+}
+
+/// `device_add`'s arguments from a `-device` option string.
+fn device_arguments(device: &str, bus: Option<&str>) -> Value {
+    let mut parts = device.split(',');
+    let mut args = Map::new();
+    args.insert("driver".into(), parts.next().unwrap_or_default().into());
+    for part in parts {
+        if let Some((key, value)) = part.split_once('=') {
+            args.insert(key.into(), value.into());
+        }
+    }
+    if let Some(bus) = bus {
+        args.insert("bus".into(), bus.into());
+    }
+    Value::Object(args)
+}
+
+/// Plugs the interface `iface_el` (with its MAC) into the running domain
+/// and records it in the live definition.
+pub async fn attach(
+    store: &Store,
+    domain: &str,
+    status: &LiveStatus,
+    monitor: &Monitor,
+    iface_el: Element,
+) -> Result<()> {
+    let client = &monitor.client;
+    // A port first: a refusal leaves nothing opened or passed to QEMU.
+    let machine = status.domain.element().child("os").and_then(|o| o.child("type")).and_then(|t| t.attr("machine"));
+    let bus = match is_q35(machine.unwrap_or("q35")) {
+        true => Some(free_root_port(monitor, domain).await?),
+        false => None,
+    };
+    let id = free_nic_id(&status.domain)?;
+    let index = status.domain.interfaces()?.len();
+    let iface = Interface::from_element(&iface_el, index)?;
+    let networks = NetworkManager::new(store.clone());
+    let nic = tap::open_interface(&iface, index, &networks)?;
+    let netdev_id = format!("host{id}");
+    let mut passed = Vec::new();
+    let netdev = match (&nic, iface.iface_type.as_str()) {
+        (Some(nic), _) => {
+            // The tap Strata created is in the status before QEMU holds it.
+            if let Some(created) = &nic.created {
+                let created = created.clone();
+                edit_status_async(store, domain, |s| {
+                    s.host_nics.push(created);
+                    Ok(())
+                })
+                .await?;
+            }
+            let names = |kind: &str, fds: &[std::os::fd::OwnedFd]| {
+                (0..fds.len()).map(|i| format!("{netdev_id}-{kind}{i}")).collect::<Vec<_>>()
+            };
+            let (tap_names, vhost_names) = (names("tap", &nic.taps), names("vhost", &nic.vhosts));
+            for (name, fd) in tap_names.iter().zip(&nic.taps).chain(vhost_names.iter().zip(&nic.vhosts)) {
+                client.send_fd(name, fd.as_fd()).await.map_err(|e| qmp_error(domain, e))?;
+                passed.push(name.clone());
+            }
+            let mut netdev = json!({ "type": "tap", "id": netdev_id, "fds": tap_names.join(":") });
+            if !vhost_names.is_empty() {
+                netdev["vhost"] = true.into();
+                netdev["vhostfds"] = vhost_names.join(":").into();
+            }
+            netdev
+        }
+        (None, "user") if iface.port_forwards.is_empty() => json!({ "type": "user", "id": netdev_id }),
+        (None, other) => {
+            return Err(Error::config_unsupported(format!(
+                "{}: an interface of type '{other}'{} cannot be attached to a running domain",
+                iface.description(index),
+                if other == "user" { " with port forwards" } else { "" }
+            )))
+        }
+    };
+    let (_, device) = nic_args(&iface, index, nic.as_ref())?
+        .ok_or_else(|| Error::internal("a started interface type has no NIC arguments"))?;
+    let placed = nic_id(index);
+    let device =
+        device.replacen(&format!("id={placed},netdev=host{placed}"), &format!("id={id},netdev={netdev_id}"), 1);
+    if let Err(e) = client.execute("netdev_add", Some(netdev)).await {
+        // QEMU lets go of the descriptors it was passed, and so of the tap.
+        for name in passed {
+            let _ = client.execute("closefd", Some(json!({ "fdname": name }))).await;
+        }
+        return Err(qmp_error(domain, e));
+    }
+    if let Err(e) = client.execute("device_add", Some(device_arguments(&device, bus.as_deref()))).await {
+        let _ = client.execute("netdev_del", Some(json!({ "id": netdev_id }))).await;
+        return Err(qmp_error(domain, e));
+    }
+    // QEMU holds its own copies of the descriptors now, and the status
+    // answers for what was created: dropping ours deletes nothing.
+    let host_dev = nic.map(|mut nic| {
+        nic.created = None;
+        nic.name.clone()
+    });
+    edit_status_async(store, domain, |s| {
+        s.domain.add_interface(iface_el)?;
+        let added = s.domain.interfaces()?.len() - 1;
+        if let Some(dev) = &host_dev {
+            s.domain.set_interface_target(added, dev)?;
+        }
+        s.domain.set_interface_alias(added, &id)
+    })
+    .await?;
+    Ok(())
+}
+
+/// The index of the one interface of `dom` of type `iface_type` with `mac`
+/// (any MAC when only one has the type).
+pub fn find_interface(dom: &Domain, iface_type: &str, mac: Option<&str>) -> Result<usize> {
+    let interfaces = dom.interfaces()?;
+    let matching: Vec<usize> = interfaces
+        .iter()
+        .enumerate()
+        .filter(|(_, i)| i.iface_type == iface_type)
+        .filter(|(_, i)| mac.is_none_or(|m| i.mac.as_deref().is_some_and(|own| own.eq_ignore_ascii_case(m))))
+        .map(|(index, _)| index)
+        .collect();
+    match (matching.as_slice(), mac) {
+        ([index], _) => Ok(*index),
+        ([], Some(mac)) => Err(Error::operation_failed(format!(
+            "domain '{}' has no interface of type '{iface_type}' with MAC address '{mac}'",
+            dom.name()
+        ))),
+        ([], None) => {
+            Err(Error::operation_failed(format!("domain '{}' has no interface of type '{iface_type}'", dom.name())))
+        }
+        (_, _) => Err(Error::operation_failed(format!(
+            "domain '{}' has several interfaces of type '{iface_type}'; name one with --mac",
+            dom.name()
+        ))),
+    }
+}
+
+/// Unplugs the live definition's `index`th interface: `device_del`, then
+/// once QEMU reports `DEVICE_DELETED` (or the device is already gone) its
+/// netdev, its tap and its `<interface>` go.
+pub async fn detach(store: &Store, domain: &str, status: &LiveStatus, monitor: &Monitor, index: usize) -> Result<()> {
+    let client = &monitor.client;
+    let iface = status.domain.interfaces()?.remove(index);
+    let id = live_nic_id(&iface, index);
+    let mut events = client.subscribe_events();
+    let deleted = |e: &strata_qmp::QmpEvent| e.event == "DEVICE_DELETED" && e.data["device"] == id.as_str();
+    match client.execute("device_del", Some(json!({ "id": id }))).await {
+        Ok(_) => {}
+        // Already gone: a request an earlier detach left pending ended.
+        Err(QmpError::Command { class, .. }) if class == "DeviceNotFound" => {}
+        // Already asked for by an earlier detach: wait for it again.
+        Err(QmpError::Command { desc, .. }) if desc.contains("already in the process of unplug") => {}
+        Err(e) => return Err(qmp_error(domain, e)),
+    }
+    if device_exists(monitor, &id).await? {
+        if let Err(e) = client.wait_event(&mut events, deleted, UNPLUG_WAIT).await {
+            if device_exists(monitor, &id).await? {
+                tracing::debug!(domain, device = id, error = %e, "no DEVICE_DELETED");
+                return Err(Error::operation_failed(format!(
+                    "the guest of domain '{domain}' has not released interface '{id}' after {}s; the unplug request \
+                     stays pending: run detach-interface again to finish it once the guest has released the device",
+                    UNPLUG_WAIT.as_secs()
+                )));
+            }
+        }
+    }
+    match client.execute("netdev_del", Some(json!({ "id": format!("host{id}") }))).await {
+        Ok(_) => {}
+        Err(QmpError::Command { class, .. }) if class == "DeviceNotFound" => {}
+        Err(e) => return Err(qmp_error(domain, e)),
+    }
+    edit_status_async(store, domain, |s| {
+        let now = find_by_id(&s.domain, &id)?;
+        s.domain.remove_interface(now)?;
+        if let Some(dev) = &iface.target_dev {
+            if let Some(position) = s.host_nics.iter().position(|n| &n.name == dev) {
+                s.host_nics.remove(position).remove()?;
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+fn find_by_id(dom: &Domain, id: &str) -> Result<usize> {
+    dom.interfaces()?
+        .iter()
+        .enumerate()
+        .position(|(index, iface)| live_nic_id(iface, index) == id)
+        .ok_or_else(|| Error::internal(format!("interface '{id}' left the live definition")))
+}
+
+/// Whether QEMU still has the device `id`.
+async fn device_exists(monitor: &Monitor, id: &str) -> Result<bool> {
+    let path = format!("/machine/peripheral/{id}");
+    match monitor.client.execute("qom-list", Some(json!({ "path": path }))).await {
+        Ok(_) => Ok(true),
+        Err(QmpError::Command { class, .. }) if class == "DeviceNotFound" => Ok(false),
+        Err(e) => Err(qmp_error(&path, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nic_is_found_by_type_and_mac_and_an_absent_or_ambiguous_one_is_refused_naming_it() {
+        let dom = Domain::parse(
+            "<domain><name>vm</name><devices><interface type='user'><mac address='52:54:00:00:00:01'/></interface>\
+             <interface type='network'><source network='n'/><mac address='52:54:00:00:00:02'/><alias name='net5'/>\
+             </interface><interface type='network'><source network='n'/><mac address='52:54:00:00:00:03'/>\
+             </interface></devices></domain>",
+        )
+        .expect("xml");
+        assert_eq!(find_interface(&dom, "user", None).expect("the one user NIC"), 0);
+        assert_eq!(find_interface(&dom, "network", Some("52:54:00:00:00:03")).expect("by MAC"), 2);
+        let several = find_interface(&dom, "network", None).expect_err("two network NICs");
+        assert!(several.to_string().contains("several interfaces of type 'network'; name one with --mac"), "{several}");
+        let absent = find_interface(&dom, "network", Some("52:54:00:00:00:09")).expect_err("no such MAC");
+        assert!(absent.to_string().contains("no interface of type 'network' with MAC address '52:54:00:00:00:09'"));
+        let ids: Vec<String> =
+            dom.interfaces().expect("interfaces").iter().enumerate().map(|(i, f)| live_nic_id(f, i)).collect();
+        assert_eq!(ids, ["net0", "net5", "net2"]);
+        assert_eq!(free_nic_id(&dom).expect("free id"), "net1");
+    }
+
+    #[test]
+    fn a_device_option_string_becomes_device_add_arguments_on_the_free_port() {
+        let args =
+            device_arguments("virtio-net-pci,id=net1,netdev=hostnet1,mac=52:54:00:00:00:02", Some("strata-port2"));
+        assert_eq!(
+            args,
+            json!({ "driver": "virtio-net-pci", "id": "net1", "netdev": "hostnet1", "mac": "52:54:00:00:00:02",
+                    "bus": "strata-port2" })
+        );
+        assert!(is_q35("pc-q35-7.2") && is_q35("q35") && !is_q35("pc-i440fx-7.2"));
+    }
+}
