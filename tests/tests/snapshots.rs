@@ -1720,6 +1720,78 @@ fn killed_at_each_step_offline() {
     killed_at_each_step(false);
 }
 
+/// After the images changed, the chains (domain.xml, status.xml), the
+/// record and the current mark are renamed into place with one directory
+/// fsync per directory after the last rename, and only then is the intent
+/// cleared. A crash of the machine before those fsyncs may lose any of the
+/// renames; the intent redoes what was lost. Played here: strata killed
+/// after the renames and before the directory fsyncs, then the renames in
+/// `lost` undone (the file as it was when the images changed; the record
+/// removed). Whatever is lost, the next command leaves a consistent
+/// domain: the snapshot finished (when QEMU runs the overlay, or the
+/// record survived), or rolled back (offline, nothing of it survived).
+fn renames_lost_before_the_directory_fsyncs(live: bool, lost: &[&str]) {
+    let env = TestEnv::new();
+    let vm = Vm::new(&env, Vdb::None, live);
+    let _guard = vm.guard();
+    let dir = env.state_root().join("domains").join("vm");
+    let record = dir.join("snapshots").join("s1.xml");
+    let args = ["snapshot-create-as", "vm", "s1", "--disk-only", "--atomic"];
+    let crash = [("STRATA_CRASH_AT", "snapshot-create:published")];
+    let paused = Background::spawn_paused_at_with(&env, &args, "snapshot-create:images", &crash)
+        .unwrap_or_else(|out| panic!("ended before the images changed: {}", String::from_utf8_lossy(&out.stderr)));
+    let before: Vec<(PathBuf, Option<Vec<u8>>)> =
+        lost.iter().filter(|f| **f != "record").map(|f| (dir.join(f), std::fs::read(dir.join(f)).ok())).collect();
+    paused.resume();
+    let out = paused.finish(std::time::Duration::from_secs(120));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(libc::SIGKILL), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(record.exists(), "strata was killed before it saved the record");
+    for (path, content) in &before {
+        match content {
+            Some(content) => std::fs::write(path, content).expect("undo a rename"),
+            None => std::fs::remove_file(path).expect("undo a rename"),
+        }
+    }
+    if lost.contains(&"record") {
+        std::fs::remove_file(&record).expect("undo the record's rename");
+    }
+
+    let when = format!("lost {lost:?}");
+    let listed = env.ok(&["snapshot-list", "vm", "--name"]);
+    assert_recovered(&env, &when);
+    let overlay = env.path("top.s1");
+    let finished = live || !lost.contains(&"record");
+    if finished {
+        assert_eq!(listed.trim(), "s1", "{when}: the snapshot was not finished");
+        assert_eq!(current_name(&env), "s1", "{when}");
+        assert_eq!(active(&env, "vda"), overlay, "{when}");
+        let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
+        assert_eq!(xml_chain(&inactive, "vda"), strs(&[&overlay, &vm.top, &vm.base]), "{when}");
+        assert_eq!(chain_files(&overlay), strs(&[&overlay, &vm.top, &vm.base]), "{when}");
+    } else {
+        assert!(listed.trim().is_empty(), "{when}: a record survived a rolled-back creation");
+        assert!(!overlay.exists(), "{when}: the overlay was left behind");
+        assert_eq!(active(&env, "vda"), vm.top, "{when}");
+    }
+    assert!(vm.reads(&vm.reference), "{when}: the disk no longer reads its data");
+    vm.ext_snapshot("s2");
+    assert_eq!(active(&env, "vda"), env.path("top.s2"), "{when}");
+}
+
+#[test]
+fn renames_lost_before_the_directory_fsyncs_live() {
+    renames_lost_before_the_directory_fsyncs(true, &["domain.xml", "status.xml", "snapshot-current", "record"]);
+}
+
+#[test]
+fn renames_lost_before_the_directory_fsyncs_offline() {
+    // The chains lost, the record kept: finished from the record.
+    renames_lost_before_the_directory_fsyncs(false, &["domain.xml"]);
+    // Everything lost: rolled back.
+    renames_lost_before_the_directory_fsyncs(false, &["domain.xml", "snapshot-current", "record"]);
+}
+
 /// A `qemu-img` that takes its time: it waits 2 s on a FIFO nobody writes
 /// (bash's `read`, so no child process of its own) before it runs.
 fn slow_qemu_img(env: &TestEnv) -> PathBuf {

@@ -166,7 +166,19 @@ impl Background {
     /// stopped itself there; its output when it ended without reaching
     /// `step`.
     pub fn spawn_paused_at(env: &TestEnv, args: &[&str], step: &str) -> Result<Background, Output> {
-        let child = env.command(args).env("STRATA_PAUSE_AT", step).spawn().expect("spawn strata");
+        Background::spawn_paused_at_with(env, args, step, &[])
+    }
+
+    /// [`Background::spawn_paused_at`] with more variables in its
+    /// environment (`STRATA_CRASH_AT` for a later step, …).
+    pub fn spawn_paused_at_with(
+        env: &TestEnv,
+        args: &[&str],
+        step: &str,
+        vars: &[(&str, &str)],
+    ) -> Result<Background, Output> {
+        let child =
+            env.command(args).env("STRATA_PAUSE_AT", step).envs(vars.iter().copied()).spawn().expect("spawn strata");
         let mut bg = Background { child: Some(child) };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
