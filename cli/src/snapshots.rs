@@ -735,6 +735,8 @@ pub async fn delete(conn: &dyn Connection, a: DeleteArgs) -> Result<String> {
 }
 
 #[cfg(test)]
+// A failed unwrap is how these tests report a listing error.
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -1685,29 +1685,35 @@ fn killed_at_each_step(live: bool) {
         let vm = Vm::new(&env, Vdb::None, live);
         let _guard = vm.guard();
         killed_at(&env, &["snapshot-create-as", "vm", "s1", "--disk-only", "--atomic"], step);
-
-        let listed = env.ok(&["snapshot-list", "vm", "--name"]);
-        assert_recovered(&env, step);
-        let overlay_path = env.path("top.s1");
-        if *finished {
-            assert_eq!(listed.trim(), "s1", "{step}: the snapshot was not finished");
-            assert_eq!(current_name(&env), "s1");
-            assert_eq!(active(&env, "vda"), overlay_path, "{step}");
-            let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
-            assert_eq!(xml_chain(&inactive, "vda"), strs(&[&overlay_path, &vm.top, &vm.base]), "{step}");
-            assert_eq!(chain_files(&overlay_path), strs(&[&overlay_path, &vm.top, &vm.base]), "{step}");
-        } else {
-            assert!(listed.trim().is_empty(), "{step}: a record survived a rolled-back creation");
-            assert!(!overlay_path.exists(), "{step}: the overlay was left behind");
-            assert_eq!(active(&env, "vda"), vm.top, "{step}");
-            let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
-            assert_eq!(xml_chain(&inactive, "vda"), strs(&[&vm.top, &vm.base]), "{step}");
-        }
-        assert!(vm.reads(&vm.reference), "{step}: the disk no longer reads its data");
-        // And snapshots go on working.
-        vm.ext_snapshot("s2");
-        assert_eq!(active(&env, "vda"), env.path("top.s2"), "{step}");
+        assert_creation_settled(&env, &vm, *finished, step);
     }
+}
+
+/// What an interrupted `snapshot-create-as vm s1 --disk-only` leaves once
+/// the next command recovered it: finished (the record, current, vda on
+/// top.s1 in the definition and on disk) or rolled back (no record, no
+/// overlay, vda on its old top); either way the images agree with the
+/// records, the disk reads its data, and snapshots go on working.
+fn assert_creation_settled(env: &TestEnv, vm: &Vm, finished: bool, when: &str) {
+    let listed = env.ok(&["snapshot-list", "vm", "--name"]);
+    assert_recovered(env, when);
+    let overlay_path = env.path("top.s1");
+    let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
+    if finished {
+        assert_eq!(listed.trim(), "s1", "{when}: the snapshot was not finished");
+        assert_eq!(current_name(env), "s1", "{when}");
+        assert_eq!(active(env, "vda"), overlay_path, "{when}");
+        assert_eq!(xml_chain(&inactive, "vda"), strs(&[&overlay_path, &vm.top, &vm.base]), "{when}");
+        assert_eq!(chain_files(&overlay_path), strs(&[&overlay_path, &vm.top, &vm.base]), "{when}");
+    } else {
+        assert!(listed.trim().is_empty(), "{when}: a record survived a rolled-back creation");
+        assert!(!overlay_path.exists(), "{when}: the overlay was left behind");
+        assert_eq!(active(env, "vda"), vm.top, "{when}");
+        assert_eq!(xml_chain(&inactive, "vda"), strs(&[&vm.top, &vm.base]), "{when}");
+    }
+    assert!(vm.reads(&vm.reference), "{when}: the disk no longer reads its data");
+    vm.ext_snapshot("s2");
+    assert_eq!(active(env, "vda"), env.path("top.s2"), "{when}");
 }
 
 #[test]
@@ -1757,26 +1763,9 @@ fn renames_lost_before_the_directory_fsyncs(live: bool, lost: &[&str]) {
         std::fs::remove_file(&record).expect("undo the record's rename");
     }
 
-    let when = format!("lost {lost:?}");
-    let listed = env.ok(&["snapshot-list", "vm", "--name"]);
-    assert_recovered(&env, &when);
-    let overlay = env.path("top.s1");
+    // Finished when QEMU runs the overlay or the record survived.
     let finished = live || !lost.contains(&"record");
-    if finished {
-        assert_eq!(listed.trim(), "s1", "{when}: the snapshot was not finished");
-        assert_eq!(current_name(&env), "s1", "{when}");
-        assert_eq!(active(&env, "vda"), overlay, "{when}");
-        let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
-        assert_eq!(xml_chain(&inactive, "vda"), strs(&[&overlay, &vm.top, &vm.base]), "{when}");
-        assert_eq!(chain_files(&overlay), strs(&[&overlay, &vm.top, &vm.base]), "{when}");
-    } else {
-        assert!(listed.trim().is_empty(), "{when}: a record survived a rolled-back creation");
-        assert!(!overlay.exists(), "{when}: the overlay was left behind");
-        assert_eq!(active(&env, "vda"), vm.top, "{when}");
-    }
-    assert!(vm.reads(&vm.reference), "{when}: the disk no longer reads its data");
-    vm.ext_snapshot("s2");
-    assert_eq!(active(&env, "vda"), env.path("top.s2"), "{when}");
+    assert_creation_settled(&env, &vm, finished, &format!("lost {lost:?}"));
 }
 
 #[test]
