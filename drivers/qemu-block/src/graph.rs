@@ -179,13 +179,25 @@ impl BlockGraph {
     }
 
     /// Each block backend attached to a device: (the device, as
-    /// `query-block` names it; the node on its `root` edge).
+    /// `query-block` names it; the node on its `root` edge). A filter QEMU
+    /// put there itself (a running mirror's or commit's, which only QEMU
+    /// names: `#blockN`, while Strata names every node it adds) is looked
+    /// through to the node below it, as `query-block` does.
     fn device_roots(&self) -> Vec<(String, String)> {
+        let below = |node: u64| {
+            self.children.get(&(node, "backing".to_string())).or_else(|| self.children.get(&(node, "file".to_string())))
+        };
         self.backends
             .iter()
             .filter_map(|(device, id)| {
-                let root = self.children.get(&(*id, "root".to_string()))?;
-                Some((device.clone(), self.names.get(root)?.clone()))
+                let mut root = *self.children.get(&(*id, "root".to_string()))?;
+                for _ in 0..self.names.len() {
+                    match self.names.get(&root) {
+                        Some(name) if name.starts_with('#') => root = *below(root)?,
+                        _ => break,
+                    }
+                }
+                Some((device.clone(), self.names.get(&root)?.clone()))
             })
             .collect()
     }
