@@ -1768,6 +1768,79 @@ fn renames_lost_before_the_directory_fsyncs(live: bool, lost: &[&str]) {
     assert_creation_settled(&env, &vm, finished, &format!("lost {lost:?}"));
 }
 
+/// What a live snapshot syncs, as strace sees it: every file is fsynced
+/// before the rename that publishes it; after the images changed, the
+/// chains, the record and the current mark are renamed first and their
+/// two directories (the domain's and its snapshots') fsynced once each,
+/// after the last of those renames and before the intent is removed; the
+/// removal is synced too.
+#[test]
+fn a_live_snapshot_syncs_each_directory_once_before_the_intent_goes() {
+    let env = TestEnv::new();
+    let vm = Vm::new(&env, Vdb::None, true);
+    let _guard = vm.guard();
+    let log = env.path("sync.strace");
+    let cli = env.command(&["snapshot-create-as", "vm", "s1", "--disk-only", "--atomic"]);
+    let mut traced = std::process::Command::new("strace");
+    traced.args(["-f", "-qq", "-y", "-e", "trace=fsync,rename,unlink", "-o", s(&log)]).arg(cli.get_program());
+    traced.args(cli.get_args()).env_remove("STRATA_LOG");
+    let out = traced.output().expect("run strata under strace (install strace: .ci/install-deps)");
+    assert!(out.status.success(), "snapshot failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(active(&env, "vda"), env.path("top.s1"));
+
+    let trace = std::fs::read_to_string(&log).expect("strace log");
+    // (call, its first path), in order: fsync(5</path>), rename("from", "to"), unlink("path").
+    let calls: Vec<(&str, &str, &str)> = trace
+        .lines()
+        .filter(|l| l.ends_with("= 0"))
+        .filter_map(|l| {
+            let call = l.split_whitespace().nth(1)?;
+            let name = call.split('(').next()?;
+            let first = call.split(['<', '"']).nth(1)?.trim_end_matches(['>', ')', ',']);
+            let to = l.split('"').nth(3).unwrap_or("");
+            Some((name, first, to))
+        })
+        .collect();
+    let synced = |file: &str, before: usize| calls[..before].iter().any(|(c, p, _)| *c == "fsync" && *p == file);
+    for (i, (call, from, to)) in calls.iter().enumerate() {
+        if *call == "rename" {
+            assert!(synced(from, i), "{to} was renamed into place before its file was fsynced:\n{trace}");
+        }
+    }
+    let dir = env.state_root().join("domains").join("vm");
+    let snapshots = dir.join("snapshots");
+    let renamed_to = |file: &Path| calls.iter().rposition(|(c, _, to)| *c == "rename" && *to == s(file));
+    let published: Vec<usize> = ["domain.xml", "status.xml", "snapshot-current"]
+        .iter()
+        .map(|f| renamed_to(&dir.join(f)).unwrap_or_else(|| panic!("{f} was not written:\n{trace}")))
+        .chain(renamed_to(&snapshots.join("s1.xml")))
+        .collect();
+    let first = published.iter().min().copied().unwrap_or_default();
+    let last = published.iter().max().copied().unwrap_or_default();
+    assert_eq!(published.len(), 4, "the record was not written:\n{trace}");
+    let intent = dir.join("snapshot-intent.xml");
+    let removed = calls
+        .iter()
+        .position(|(c, p, _)| *c == "unlink" && *p == s(&intent))
+        .unwrap_or_else(|| panic!("the intent was not removed:\n{trace}"));
+    assert!(removed > last, "the intent was removed before the chains and the record were renamed:\n{trace}");
+    for d in [&dir, &snapshots] {
+        let syncs: Vec<usize> = (first..removed).filter(|i| calls[*i].0 == "fsync" && calls[*i].1 == s(d)).collect();
+        assert_eq!(
+            syncs.len(),
+            1,
+            "{} was fsynced {} times between the first rename and the intent's removal:\n{trace}",
+            d.display(),
+            syncs.len()
+        );
+        assert!(syncs[0] > last, "{} was fsynced before the last rename:\n{trace}", d.display());
+    }
+    assert!(
+        calls[removed..].iter().any(|(c, p, _)| *c == "fsync" && *p == s(&dir)),
+        "the intent's removal was not synced:\n{trace}"
+    );
+}
+
 #[test]
 fn renames_lost_before_the_directory_fsyncs_live() {
     renames_lost_before_the_directory_fsyncs(true, &["domain.xml", "status.xml", "snapshot-current", "record"]);
