@@ -9,7 +9,7 @@
 //!    them; one extra case with relative names) and shared read-only.
 //! 2. 50 consecutive snapshots of vda on one running domain (vda goes from
 //!    1 to 51 backing files), as in the libvirt research.
-//! 3. `snapshot-list vm --tree` and `--name` with 10,000 snapshot records:
+//! 3. `snapshot-list vm --tree`, `--name` and `--leaves` with 10,000 snapshot records:
 //!    one real snapshot is taken and dumped, then 10,000 variants of it are
 //!    written straight into the store (`domains/vm/snapshots/NAME.xml`),
 //!    once as one chain s00001 ← … ← s10000 and once as 100 roots with 99
@@ -363,9 +363,14 @@ impl Bench<'_> {
             assert_eq!(tree.nodes, shape.records(), "--tree did not print every snapshot");
             let name_out = dom.cli.ok(&["snapshot-list", DOMAIN, "--name"]);
             assert_eq!(name_out.lines().filter(|l| !l.is_empty()).count(), shape.records());
-            for (cmd, out_bytes, lines) in
-                [("--tree", tree.bytes, tree.lines), ("--name", name_out.len() as u64, name_out.lines().count() as u64)]
-            {
+            let leaves_out = dom.cli.ok(&["snapshot-list", DOMAIN, "--leaves"]);
+            // The table's two header lines and its closing blank line.
+            assert_eq!(leaves_out.lines().count() - 3, shape.leaves(), "--leaves:\n{leaves_out}");
+            for (cmd, out_bytes, lines) in [
+                ("--tree", tree.bytes, tree.lines),
+                ("--name", name_out.len() as u64, name_out.lines().count() as u64),
+                ("--leaves", leaves_out.len() as u64, leaves_out.lines().count() as u64),
+            ] {
                 let measured: Vec<(Duration, u64)> =
                     (0..runs).map(|_| dom.time_to_null(&["snapshot-list", DOMAIN, cmd])).collect();
                 let st = Stats::of(&measured.iter().map(|(d, _)| *d).collect::<Vec<_>>());
@@ -451,6 +456,14 @@ impl Shape {
         match *self {
             Shape::Chain(n) => n,
             Shape::Bushy(roots, per) => roots * per,
+        }
+    }
+
+    /// Records without children.
+    fn leaves(&self) -> usize {
+        match *self {
+            Shape::Chain(_) => 1,
+            Shape::Bushy(roots, per) => roots * (per - 1),
         }
     }
 

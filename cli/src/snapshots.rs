@@ -1,6 +1,6 @@
 //! The snapshot commands, with virsh's syntax, tables and tree.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::future::Future;
 use std::time::Duration;
@@ -90,7 +90,7 @@ pub struct CreateAsArgs {
     print_xml: bool,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Default)]
 pub struct ListArgs {
     /// Domain name.
     #[arg(long, value_name = "DOMAIN", help_heading = BY_POSITION)]
@@ -407,38 +407,7 @@ pub async fn list(snaps: &dyn SnapshotOps, a: ListArgs, quiet: bool, json: bool)
         bail!("Options --leaves and --no-leaves are mutually exclusive");
     }
     let all = snaps.snapshot_list(&a.domain).await?;
-    let by_name: HashMap<&str, &SnapshotSummary> = all.iter().map(|s| (s.name.as_str(), s)).collect();
-    let has_children = |n: &str| all.iter().any(|s| s.parent.as_deref() == Some(n));
-    let current = all.iter().find(|s| s.current).map(|s| s.name.clone());
-    let from = match (&a.from, a.current) {
-        (Some(f), _) => {
-            if !by_name.contains_key(f.as_str()) {
-                bail!("Domain snapshot not found: no domain snapshot with matching name '{f}'");
-            }
-            Some(f.clone())
-        }
-        (None, true) if !a.tree => current.clone(),
-        _ => None,
-    };
-    let mut shown: Vec<&SnapshotSummary> = all
-        .iter()
-        .filter(|s| match &from {
-            Some(f) if a.descendants || a.tree => is_under(&by_name, &s.name, f) || (a.tree && &s.name == f),
-            Some(f) => s.parent.as_deref() == Some(f.as_str()),
-            None => !a.current || a.tree,
-        })
-        .filter(|s| !a.roots || s.parent.is_none())
-        .filter(|s| !a.leaves || !has_children(&s.name))
-        .filter(|s| !a.no_leaves || has_children(&s.name))
-        .filter(|s| !a.internal || s.location == "internal")
-        .filter(|s| !a.external || s.location != "internal")
-        .filter(|s| !a.disk_only || s.state == "disk-snapshot")
-        .filter(|s| !a.active || s.state == "running" || s.state == "paused")
-        .filter(|s| !a.inactive || s.state == "shutoff")
-        .collect();
-    if a.topological {
-        shown.sort_by_key(|s| depth(s, &by_name));
-    }
+    let shown = select(&all, &a)?;
     if json || a.json {
         return Ok(format!("{}\n", serde_json::to_string_pretty(&shown)?));
     }
@@ -474,33 +443,110 @@ pub async fn list(snaps: &dyn SnapshotOps, a: ListArgs, quiet: bool, json: bool)
     Ok(out)
 }
 
-/// Whether `n` descends from `root`.
-fn is_under<'a>(by_name: &HashMap<&'a str, &'a SnapshotSummary>, mut n: &'a str, root: &str) -> bool {
-    let mut steps = 0;
-    while let Some(p) = by_name.get(n).and_then(|s| s.parent.as_deref()) {
-        if p == root {
-            return true;
+/// The snapshots `snapshot-list` shows with `a`'s options, in its order.
+/// Linear in the number of snapshots: the parent→children index is built
+/// once, and each question about the tree (children, descendants, depth)
+/// is answered from it.
+fn select<'a>(all: &'a [SnapshotSummary], a: &ListArgs) -> Result<Vec<&'a SnapshotSummary>> {
+    let family = Family::new(all);
+    let current = all.iter().find(|s| s.current).map(|s| s.name.as_str());
+    let from = match (&a.from, a.current) {
+        (Some(f), _) => {
+            if !family.by_name.contains_key(f.as_str()) {
+                bail!("Domain snapshot not found: no domain snapshot with matching name '{f}'");
+            }
+            Some(f.as_str())
         }
-        n = p;
-        steps += 1;
-        if steps > by_name.len() {
-            return false;
-        }
+        (None, true) if !a.tree => current,
+        _ => None,
+    };
+    let under = match from {
+        Some(f) if a.descendants || a.tree => family.descendants(f),
+        _ => HashSet::new(),
+    };
+    let mut shown: Vec<&SnapshotSummary> = all
+        .iter()
+        .filter(|s| match from {
+            Some(f) if a.descendants || a.tree => under.contains(s.name.as_str()) || (a.tree && s.name == f),
+            Some(f) => s.parent.as_deref() == Some(f),
+            None => !a.current || a.tree,
+        })
+        .filter(|s| !a.roots || s.parent.is_none())
+        .filter(|s| !a.leaves || !family.has_children(&s.name))
+        .filter(|s| !a.no_leaves || family.has_children(&s.name))
+        .filter(|s| !a.internal || s.location == "internal")
+        .filter(|s| !a.external || s.location != "internal")
+        .filter(|s| !a.disk_only || s.state == "disk-snapshot")
+        .filter(|s| !a.active || s.state == "running" || s.state == "paused")
+        .filter(|s| !a.inactive || s.state == "shutoff")
+        .collect();
+    if a.topological {
+        let depths = family.depths();
+        shown.sort_by_key(|s| depths.get(s.name.as_str()).copied().unwrap_or(usize::MAX));
     }
-    false
+    Ok(shown)
 }
 
-fn depth(s: &SnapshotSummary, by_name: &HashMap<&str, &SnapshotSummary>) -> usize {
-    let mut d = 0;
-    let mut cur = s.parent.as_deref();
-    while let Some(p) = cur {
-        d += 1;
-        if d > by_name.len() {
-            break;
+/// The snapshot tree indexed once: each snapshot by name and the children
+/// of each.
+struct Family<'a> {
+    by_name: HashMap<&'a str, &'a SnapshotSummary>,
+    children: HashMap<&'a str, Vec<&'a str>>,
+}
+
+impl<'a> Family<'a> {
+    fn new(all: &'a [SnapshotSummary]) -> Family<'a> {
+        let by_name = all.iter().map(|s| (s.name.as_str(), s)).collect();
+        let mut children: HashMap<&str, Vec<&str>> = HashMap::new();
+        for s in all {
+            if let Some(p) = s.parent.as_deref() {
+                children.entry(p).or_default().push(&s.name);
+            }
         }
-        cur = by_name.get(p).and_then(|x| x.parent.as_deref());
+        Family { by_name, children }
     }
-    d
+
+    fn children(&self, name: &str) -> &[&'a str] {
+        self.children.get(name).map_or(&[], Vec::as_slice)
+    }
+
+    fn has_children(&self, name: &str) -> bool {
+        !self.children(name).is_empty()
+    }
+
+    /// Every snapshot below `root` (not `root` itself), each once even if
+    /// the records' parents form a cycle.
+    fn descendants(&self, root: &str) -> HashSet<&'a str> {
+        let mut found = HashSet::new();
+        let mut frontier: Vec<&str> = self.children(root).to_vec();
+        while let Some(n) = frontier.pop() {
+            if found.insert(n) {
+                frontier.extend_from_slice(self.children(n));
+            }
+        }
+        found
+    }
+
+    /// Each snapshot's distance from its root (a snapshot whose parent is
+    /// not recorded counts as one below a root). Snapshots on a cycle of
+    /// parents are left out.
+    fn depths(&self) -> HashMap<&'a str, usize> {
+        let mut depths = HashMap::with_capacity(self.by_name.len());
+        let mut frontier: Vec<(&str, usize)> = Vec::new();
+        for (name, s) in &self.by_name {
+            match s.parent.as_deref() {
+                None => frontier.push((name, 0)),
+                Some(p) if !self.by_name.contains_key(p) => frontier.push((name, 1)),
+                Some(_) => {}
+            }
+        }
+        while let Some((n, d)) = frontier.pop() {
+            if depths.insert(n, d).is_none() {
+                frontier.extend(self.children(n).iter().map(|c| (*c, d + 1)));
+            }
+        }
+        depths
+    }
 }
 
 /// The output of [`tree`] is handed on in pieces of about this size.
@@ -591,15 +637,9 @@ pub async fn info(snaps: &dyn SnapshotOps, a: NameArgs, json: bool) -> Result<St
     let all = snaps.snapshot_list(&a.domain).await?;
     let name = a.which.pick(&all)?;
     let s = find_summary(&all, &name)?;
-    let children = all.iter().filter(|c| c.parent.as_deref() == Some(name.as_str())).count();
-    let mut descendants = 0;
-    let mut frontier = vec![name.clone()];
-    while let Some(n) = frontier.pop() {
-        for c in all.iter().filter(|c| c.parent.as_deref() == Some(n.as_str())) {
-            descendants += 1;
-            frontier.push(c.name.clone());
-        }
-    }
+    let family = Family::new(&all);
+    let children = family.children(&name).len();
+    let descendants = family.descendants(&name).len();
     if json || a.json {
         let v = serde_json::json!({
             "name": s.name, "domain": a.domain, "current": s.current, "state": s.state,
@@ -695,6 +735,8 @@ pub async fn delete(conn: &dyn Connection, a: DeleteArgs) -> Result<String> {
 }
 
 #[cfg(test)]
+// A failed unwrap is how these tests report a listing error.
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -739,6 +781,63 @@ mod tests {
         assert_eq!(whole, drawn(&refs));
         assert_eq!(whole.lines().filter(|l| l.trim_start().starts_with("+- ")).count(), 1_999);
         assert!(whole.starts_with("s0000\n  |\n  +- s0001\n"));
+    }
+
+    fn names(shown: &[&SnapshotSummary]) -> Vec<String> {
+        shown.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// 10,000 snapshots in one line: s00000 the root, s09999 the one leaf.
+    fn deep_line() -> Vec<SnapshotSummary> {
+        let names: Vec<String> = (0..10_000).map(|i| format!("s{i:05}")).collect();
+        let mut line: Vec<SnapshotSummary> =
+            names.iter().enumerate().map(|(i, n)| s(n, i.checked_sub(1).map(|p| names[p].as_str()))).collect();
+        // Listed in the store's (name) order, not parents first, for --topological.
+        line.reverse();
+        line
+    }
+
+    #[test]
+    fn listing_a_10000_deep_line_of_snapshots() {
+        let line = deep_line();
+        let leaves = select(&line, &ListArgs { leaves: true, ..Default::default() }).unwrap();
+        assert_eq!(names(&leaves), ["s09999"]);
+        let roots = select(&line, &ListArgs { roots: true, ..Default::default() }).unwrap();
+        assert_eq!(names(&roots), ["s00000"]);
+        let inner = select(&line, &ListArgs { no_leaves: true, ..Default::default() }).unwrap();
+        assert_eq!(inner.len(), 9_999);
+        assert!(!names(&inner).contains(&"s09999".to_string()));
+        let from =
+            |name: &str, descendants: bool| ListArgs { from: Some(name.into()), descendants, ..Default::default() };
+        let below = select(&line, &from("s05000", true)).unwrap();
+        assert_eq!(below.len(), 4_999);
+        assert!(below.iter().all(|s| s.name.as_str() > "s05000"), "{:?}", names(&below));
+        assert_eq!(names(&select(&line, &from("s05000", false)).unwrap()), ["s05001"]);
+        let ordered = select(&line, &ListArgs { topological: true, ..Default::default() }).unwrap();
+        let expected: Vec<String> = (0..10_000).map(|i| format!("s{i:05}")).collect();
+        assert_eq!(names(&ordered), expected);
+    }
+
+    #[test]
+    fn listing_10000_children_of_one_root() {
+        let mut wide = vec![s("root", None)];
+        let kids: Vec<String> = (0..10_000).map(|i| format!("c{i:05}")).collect();
+        wide.extend(kids.iter().map(|k| s(k, Some("root"))));
+        let leaves = select(&wide, &ListArgs { leaves: true, ..Default::default() }).unwrap();
+        assert_eq!(names(&leaves), kids);
+        let inner = select(&wide, &ListArgs { no_leaves: true, ..Default::default() }).unwrap();
+        assert_eq!(names(&inner), ["root"]);
+        let roots = select(&wide, &ListArgs { roots: true, ..Default::default() }).unwrap();
+        assert_eq!(names(&roots), ["root"]);
+        let children = ListArgs { from: Some("root".into()), ..Default::default() };
+        assert_eq!(names(&select(&wide, &children).unwrap()), kids);
+        let leaf = ListArgs { from: Some("c00042".into()), descendants: true, ..Default::default() };
+        assert!(select(&wide, &leaf).unwrap().is_empty());
+        let family = Family::new(&wide);
+        assert_eq!((family.children("root").len(), family.descendants("root").len()), (10_000, 10_000));
+        let unknown = ListArgs { from: Some("nope".into()), ..Default::default() };
+        let err = select(&wide, &unknown).unwrap_err().to_string();
+        assert_eq!(err, "Domain snapshot not found: no domain snapshot with matching name 'nope'");
     }
 
     #[test]

@@ -17,14 +17,17 @@
 //! shared `vm`'s operation lock). Store-wide locks start with '.', which
 //! no domain name may.
 //!
-//! Every write is atomic (temporary file, fsync, rename, directory fsync),
-//! and read-modify-write cycles hold the domain lock, so two `strata`
+//! Every write is atomic (temporary file, fsync, rename, directory fsync;
+//! within a [`DirSyncBatch`], one directory fsync per directory at its
+//! end), and read-modify-write cycles hold the domain lock, so two `strata`
 //! processes never lose each other's updates. Every read is bounded by the
 //! limits on XML documents ([`crate::xml::MAX_DOCUMENT_BYTES`]).
 
+use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -64,6 +67,18 @@ pub fn no_such_domain(name: &str) -> Error {
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// While a [`DirSyncBatch`] is open, the directories whose fsync the
+    /// store's writes left to it (shared by the store's clones: a driver
+    /// and its engines write through clones of one store).
+    deferred_dir_syncs: Arc<Mutex<Option<BTreeSet<PathBuf>>>>,
+}
+
+/// Directory fsyncs the store's writes leave to the end of a group of
+/// writes (see [`Store::defer_dir_syncs`]); dropped without
+/// [`DirSyncBatch::sync`], it syncs them anyway (an error path).
+#[derive(Debug)]
+pub struct DirSyncBatch<'a> {
+    store: &'a Store,
 }
 
 /// Holds a lock (one of a domain's or a store-wide one) until dropped.
@@ -117,7 +132,41 @@ impl Store {
             }
             Err(e) => return Err(Error::io("read", &version_file, e)),
         }
-        Ok(Store { root })
+        Ok(Store { root, deferred_dir_syncs: Arc::default() })
+    }
+
+    /// Starts a group of writes whose directory fsyncs are done once per
+    /// directory, by [`DirSyncBatch::sync`], instead of after each rename.
+    /// Every file is still fsynced before the rename that publishes it;
+    /// what a crash before the batch's sync can lose is a rename. So this
+    /// is only for writes that a record written and synced earlier redoes
+    /// when they are lost (an operation's intent), and that record is
+    /// cleared only after the batch is synced.
+    pub fn defer_dir_syncs(&self) -> DirSyncBatch<'_> {
+        self.deferred().get_or_insert_with(BTreeSet::new);
+        DirSyncBatch { store: self }
+    }
+
+    fn deferred(&self) -> MutexGuard<'_, Option<BTreeSet<PathBuf>>> {
+        // A panic while the set was held leaves a set of paths: still usable.
+        self.deferred_dir_syncs.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// [`atomic_write`], with the directory fsync left to an open
+    /// [`DirSyncBatch`] if there is one.
+    fn write_file(&self, path: &Path, data: &[u8]) -> Result<()> {
+        let mut deferred = self.deferred();
+        match deferred.as_mut() {
+            Some(dirs) => {
+                replace_file(path, data)?;
+                dirs.insert(path.parent().unwrap_or(Path::new(".")).to_path_buf());
+                Ok(())
+            }
+            None => {
+                drop(deferred);
+                atomic_write(path, data)
+            }
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -235,7 +284,7 @@ impl Store {
     pub fn write_domain(&self, name: &str, xml: &str) -> Result<()> {
         let dir = self.domain_dir(name)?;
         fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
-        atomic_write(&dir.join("domain.xml"), xml.as_bytes())
+        self.write_file(&dir.join("domain.xml"), xml.as_bytes())
     }
 
     pub fn remove_domain(&self, name: &str) -> Result<()> {
@@ -249,7 +298,7 @@ impl Store {
     pub fn write_status(&self, name: &str, xml: &str) -> Result<()> {
         let dir = self.domain_dir(name)?;
         fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
-        atomic_write(&dir.join("status.xml"), xml.as_bytes())
+        self.write_file(&dir.join("status.xml"), xml.as_bytes())
     }
 
     pub fn remove_status(&self, name: &str) -> Result<()> {
@@ -277,7 +326,14 @@ impl Store {
         validate_name("file", file)?;
         let dir = self.domain_dir(name)?;
         fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
-        atomic_write(&dir.join(file), data.as_bytes())
+        self.write_file(&dir.join(file), data.as_bytes())
+    }
+
+    /// Removes a driver's own per-domain file if present (the removal
+    /// synced to disk).
+    pub fn remove_domain_file(&self, name: &str, file: &str) -> Result<()> {
+        validate_name("file", file)?;
+        remove_optional(&self.file(name, file)?)
     }
 
     pub fn read_snapshot(&self, domain: &str, snap: &str) -> Result<Option<String>> {
@@ -289,7 +345,7 @@ impl Store {
         validate_name("snapshot", snap)?;
         let dir = self.file(domain, "snapshots")?;
         fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
-        atomic_write(&dir.join(format!("{snap}.xml")), xml.as_bytes())
+        self.write_file(&dir.join(format!("{snap}.xml")), xml.as_bytes())
     }
 
     pub fn list_snapshots(&self, domain: &str) -> Result<Vec<String>> {
@@ -371,6 +427,13 @@ fn remove_optional(path: &Path) -> Result<()> {
 /// content: temporary file in the same directory, fsync, rename, fsync the
 /// directory.
 pub fn atomic_write(path: &Path, data: &[u8]) -> Result<()> {
+    replace_file(path, data)?;
+    sync_dir(path)
+}
+
+/// The file part of [`atomic_write`]: `data` in a temporary file in the
+/// same directory, fsynced, renamed over `path`.
+fn replace_file(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
@@ -378,13 +441,34 @@ pub fn atomic_write(path: &Path, data: &[u8]) -> Result<()> {
         let mut f = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
         f.write_all(data).map_err(|e| Error::io("write", &tmp, e))?;
         f.sync_all().map_err(|e| Error::io("sync", &tmp, e))?;
-        fs::rename(&tmp, path).map_err(|e| Error::io("rename into place", path, e))?;
-        sync_dir(path)
+        fs::rename(&tmp, path).map_err(|e| Error::io("rename into place", path, e))
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+impl DirSyncBatch<'_> {
+    /// Fsyncs each directory the batch's writes renamed files in, once, and
+    /// ends the batch: the store's writes sync their directories again.
+    pub fn sync(self) -> Result<()> {
+        self.flush()
+    }
+
+    fn flush(&self) -> Result<()> {
+        let dirs = self.store.deferred().take().unwrap_or_default();
+        for dir in dirs {
+            File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("sync directory", &dir, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for DirSyncBatch<'_> {
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
 }
 
 fn sync_dir(path: &Path) -> Result<()> {

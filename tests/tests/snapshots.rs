@@ -1685,29 +1685,35 @@ fn killed_at_each_step(live: bool) {
         let vm = Vm::new(&env, Vdb::None, live);
         let _guard = vm.guard();
         killed_at(&env, &["snapshot-create-as", "vm", "s1", "--disk-only", "--atomic"], step);
-
-        let listed = env.ok(&["snapshot-list", "vm", "--name"]);
-        assert_recovered(&env, step);
-        let overlay_path = env.path("top.s1");
-        if *finished {
-            assert_eq!(listed.trim(), "s1", "{step}: the snapshot was not finished");
-            assert_eq!(current_name(&env), "s1");
-            assert_eq!(active(&env, "vda"), overlay_path, "{step}");
-            let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
-            assert_eq!(xml_chain(&inactive, "vda"), strs(&[&overlay_path, &vm.top, &vm.base]), "{step}");
-            assert_eq!(chain_files(&overlay_path), strs(&[&overlay_path, &vm.top, &vm.base]), "{step}");
-        } else {
-            assert!(listed.trim().is_empty(), "{step}: a record survived a rolled-back creation");
-            assert!(!overlay_path.exists(), "{step}: the overlay was left behind");
-            assert_eq!(active(&env, "vda"), vm.top, "{step}");
-            let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
-            assert_eq!(xml_chain(&inactive, "vda"), strs(&[&vm.top, &vm.base]), "{step}");
-        }
-        assert!(vm.reads(&vm.reference), "{step}: the disk no longer reads its data");
-        // And snapshots go on working.
-        vm.ext_snapshot("s2");
-        assert_eq!(active(&env, "vda"), env.path("top.s2"), "{step}");
+        assert_creation_settled(&env, &vm, *finished, step);
     }
+}
+
+/// What an interrupted `snapshot-create-as vm s1 --disk-only` leaves once
+/// the next command recovered it: finished (the record, current, vda on
+/// top.s1 in the definition and on disk) or rolled back (no record, no
+/// overlay, vda on its old top); either way the images agree with the
+/// records, the disk reads its data, and snapshots go on working.
+fn assert_creation_settled(env: &TestEnv, vm: &Vm, finished: bool, when: &str) {
+    let listed = env.ok(&["snapshot-list", "vm", "--name"]);
+    assert_recovered(env, when);
+    let overlay_path = env.path("top.s1");
+    let inactive = env.ok(&["dumpxml", "vm", "--inactive"]);
+    if finished {
+        assert_eq!(listed.trim(), "s1", "{when}: the snapshot was not finished");
+        assert_eq!(current_name(env), "s1", "{when}");
+        assert_eq!(active(env, "vda"), overlay_path, "{when}");
+        assert_eq!(xml_chain(&inactive, "vda"), strs(&[&overlay_path, &vm.top, &vm.base]), "{when}");
+        assert_eq!(chain_files(&overlay_path), strs(&[&overlay_path, &vm.top, &vm.base]), "{when}");
+    } else {
+        assert!(listed.trim().is_empty(), "{when}: a record survived a rolled-back creation");
+        assert!(!overlay_path.exists(), "{when}: the overlay was left behind");
+        assert_eq!(active(env, "vda"), vm.top, "{when}");
+        assert_eq!(xml_chain(&inactive, "vda"), strs(&[&vm.top, &vm.base]), "{when}");
+    }
+    assert!(vm.reads(&vm.reference), "{when}: the disk no longer reads its data");
+    vm.ext_snapshot("s2");
+    assert_eq!(active(env, "vda"), env.path("top.s2"), "{when}");
 }
 
 #[test]
@@ -1718,6 +1724,134 @@ fn killed_at_each_step_live() {
 #[test]
 fn killed_at_each_step_offline() {
     killed_at_each_step(false);
+}
+
+/// After the images changed, the chains (domain.xml, status.xml), the
+/// record and the current mark are renamed into place with one directory
+/// fsync per directory after the last rename, and only then is the intent
+/// cleared. A crash of the machine before those fsyncs may lose any of the
+/// renames; the intent redoes what was lost. Played here: strata killed
+/// after the renames and before the directory fsyncs, then the renames in
+/// `lost` undone (the file as it was when the images changed; the record
+/// removed). Whatever is lost, the next command leaves a consistent
+/// domain: the snapshot finished (when QEMU runs the overlay, or the
+/// record survived), or rolled back (offline, nothing of it survived).
+fn renames_lost_before_the_directory_fsyncs(live: bool, lost: &[&str]) {
+    let env = TestEnv::new();
+    let vm = Vm::new(&env, Vdb::None, live);
+    let _guard = vm.guard();
+    let dir = env.state_root().join("domains").join("vm");
+    let record = dir.join("snapshots").join("s1.xml");
+    let args = ["snapshot-create-as", "vm", "s1", "--disk-only", "--atomic"];
+    let crash = [("STRATA_CRASH_AT", "snapshot-create:published")];
+    let paused = Background::spawn_paused_at_with(&env, &args, "snapshot-create:images", &crash)
+        .unwrap_or_else(|out| panic!("ended before the images changed: {}", String::from_utf8_lossy(&out.stderr)));
+    let before: Vec<(PathBuf, Option<Vec<u8>>)> =
+        lost.iter().filter(|f| **f != "record").map(|f| (dir.join(f), std::fs::read(dir.join(f)).ok())).collect();
+    paused.resume();
+    let out = paused.finish(std::time::Duration::from_secs(120));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(libc::SIGKILL), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(record.exists(), "strata was killed before it saved the record");
+    for (path, content) in &before {
+        match content {
+            Some(content) => std::fs::write(path, content).expect("undo a rename"),
+            None => std::fs::remove_file(path).expect("undo a rename"),
+        }
+    }
+    if lost.contains(&"record") {
+        std::fs::remove_file(&record).expect("undo the record's rename");
+    }
+
+    // Finished when QEMU runs the overlay or the record survived.
+    let finished = live || !lost.contains(&"record");
+    assert_creation_settled(&env, &vm, finished, &format!("lost {lost:?}"));
+}
+
+/// What a live snapshot syncs, as strace sees it: every file is fsynced
+/// before the rename that publishes it; after the images changed, the
+/// chains, the record and the current mark are renamed first and their
+/// two directories (the domain's and its snapshots') fsynced once each,
+/// after the last of those renames and before the intent is removed; the
+/// removal is synced too.
+#[test]
+fn a_live_snapshot_syncs_each_directory_once_before_the_intent_goes() {
+    let env = TestEnv::new();
+    let vm = Vm::new(&env, Vdb::None, true);
+    let _guard = vm.guard();
+    let log = env.path("sync.strace");
+    let cli = env.command(&["snapshot-create-as", "vm", "s1", "--disk-only", "--atomic"]);
+    let mut traced = std::process::Command::new("strace");
+    traced.args(["-f", "-qq", "-y", "-e", "trace=fsync,rename,unlink", "-o", s(&log)]).arg(cli.get_program());
+    traced.args(cli.get_args()).env_remove("STRATA_LOG");
+    let out = traced.output().expect("run strata under strace (install strace: .ci/install-deps)");
+    assert!(out.status.success(), "snapshot failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(active(&env, "vda"), env.path("top.s1"));
+
+    let trace = std::fs::read_to_string(&log).expect("strace log");
+    // (call, its first path), in order: fsync(5</path>), rename("from", "to"), unlink("path").
+    let calls: Vec<(&str, &str, &str)> = trace
+        .lines()
+        .filter(|l| l.ends_with("= 0"))
+        .filter_map(|l| {
+            let call = l.split_whitespace().nth(1)?;
+            let name = call.split('(').next()?;
+            let first = call.split(['<', '"']).nth(1)?.trim_end_matches(['>', ')', ',']);
+            let to = l.split('"').nth(3).unwrap_or("");
+            Some((name, first, to))
+        })
+        .collect();
+    let synced = |file: &str, before: usize| calls[..before].iter().any(|(c, p, _)| *c == "fsync" && *p == file);
+    for (i, (call, from, to)) in calls.iter().enumerate() {
+        if *call == "rename" {
+            assert!(synced(from, i), "{to} was renamed into place before its file was fsynced:\n{trace}");
+        }
+    }
+    let dir = env.state_root().join("domains").join("vm");
+    let snapshots = dir.join("snapshots");
+    let renamed_to = |file: &Path| calls.iter().rposition(|(c, _, to)| *c == "rename" && *to == s(file));
+    let published: Vec<usize> = ["domain.xml", "status.xml", "snapshot-current"]
+        .iter()
+        .map(|f| renamed_to(&dir.join(f)).unwrap_or_else(|| panic!("{f} was not written:\n{trace}")))
+        .chain(renamed_to(&snapshots.join("s1.xml")))
+        .collect();
+    let first = published.iter().min().copied().unwrap_or_default();
+    let last = published.iter().max().copied().unwrap_or_default();
+    assert_eq!(published.len(), 4, "the record was not written:\n{trace}");
+    let intent = dir.join("snapshot-intent.xml");
+    let removed = calls
+        .iter()
+        .position(|(c, p, _)| *c == "unlink" && *p == s(&intent))
+        .unwrap_or_else(|| panic!("the intent was not removed:\n{trace}"));
+    assert!(removed > last, "the intent was removed before the chains and the record were renamed:\n{trace}");
+    for d in [&dir, &snapshots] {
+        let syncs: Vec<usize> = (first..removed).filter(|i| calls[*i].0 == "fsync" && calls[*i].1 == s(d)).collect();
+        assert_eq!(
+            syncs.len(),
+            1,
+            "{} was fsynced {} times between the first rename and the intent's removal:\n{trace}",
+            d.display(),
+            syncs.len()
+        );
+        assert!(syncs[0] > last, "{} was fsynced before the last rename:\n{trace}", d.display());
+    }
+    assert!(
+        calls[removed..].iter().any(|(c, p, _)| *c == "fsync" && *p == s(&dir)),
+        "the intent's removal was not synced:\n{trace}"
+    );
+}
+
+#[test]
+fn renames_lost_before_the_directory_fsyncs_live() {
+    renames_lost_before_the_directory_fsyncs(true, &["domain.xml", "status.xml", "snapshot-current", "record"]);
+}
+
+#[test]
+fn renames_lost_before_the_directory_fsyncs_offline() {
+    // The chains lost, the record kept: finished from the record.
+    renames_lost_before_the_directory_fsyncs(false, &["domain.xml"]);
+    // Everything lost: rolled back.
+    renames_lost_before_the_directory_fsyncs(false, &["domain.xml", "snapshot-current", "record"]);
 }
 
 /// A `qemu-img` that takes its time: it waits 2 s on a FIFO nobody writes

@@ -206,8 +206,10 @@ impl Intent {
     }
 
     /// Marks the operation done.
+    /// Removes the record: one unlink and a directory fsync, where writing
+    /// an empty record took a file fsync as well.
     pub fn clear(store: &Store, domain: &str) -> Result<()> {
-        store.write_domain_file(domain, INTENT_FILE, "")
+        store.remove_domain_file(domain, INTENT_FILE)
     }
 }
 

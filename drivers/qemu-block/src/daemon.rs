@@ -1,13 +1,10 @@
 //! `qemu-storage-daemon`: its binary, the command line that serves storage
-//! devices' chains with the same node graph a VM's start builds, and the
-//! wait for a started QEMU's monitor socket. The daemon is started through
-//! `strata_engine::process::spawn`, recorded before it opens an image.
-
-use std::path::Path;
-use std::time::{Duration, Instant};
+//! devices' chains with the same node graph a VM's start builds. The
+//! daemon is started through `strata_engine::process::spawn`, recorded
+//! before it opens an image.
 
 use strata_core::xml::StorageDevice;
-use strata_core::{Error, ErrorKind, Result};
+use strata_core::Result;
 
 use crate::nodes::{device_blockdevs, node_prefix, read_only};
 use crate::runtime::{RuntimePaths, MONITORS};
@@ -52,28 +49,4 @@ pub(crate) fn monitor_args(paths: &RuntimePaths) -> Vec<String> {
         args.push(format!("chardev=qmp{n}"));
     }
     args
-}
-
-/// Waits for a started QEMU (`child`, logging to `log`) to create the
-/// monitor socket `path`.
-pub async fn wait_for_socket(path: &Path, child: &mut std::process::Child, log: &Path) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if path.exists() {
-            return Ok(());
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(Error::operation_failed(format!(
-                "QEMU exited during start-up ({status}): {}",
-                strata_engine::process::log_tail(log, 5)
-            )));
-        }
-        if Instant::now() >= deadline {
-            return Err(Error::new(
-                ErrorKind::OperationTimeout,
-                format!("QEMU did not create its monitor socket '{}' within 30 s", path.display()),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }

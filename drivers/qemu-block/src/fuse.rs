@@ -35,10 +35,10 @@ use strata_engine::process::ProcessId;
 use strata_qmp::{QmpClient, QmpEvent};
 use tokio::sync::broadcast;
 
-use crate::daemon::{monitor_args, storage_daemon_binary, wait_for_socket};
-use crate::monitor::{acquire, qmp_error, Monitor};
+use crate::daemon::{monitor_args, storage_daemon_binary};
+use crate::monitor::{acquire_started, qmp_error, start_up_guard, Monitor};
 use crate::nodes::{device_nodes, node_prefix, read_only};
-use crate::runtime::{RuntimePaths, MONITORS};
+use crate::runtime::RuntimePaths;
 
 /// The file in a FUSE server's runtime directory that records its process
 /// (`PID STARTTIME`), written before the daemon runs.
@@ -56,10 +56,10 @@ pub struct FuseServer {
 }
 
 impl FuseServer {
-    /// Starts a storage daemon with [`MONITORS`] monitors and no node in
-    /// `runtime_dir` (created if missing), for `name`'s storage. Its
-    /// process is recorded in the directory before it runs (see
-    /// [`recorded_server`]).
+    /// Starts a storage daemon with [`MONITORS`](crate::runtime::MONITORS)
+    /// monitors and no node in `runtime_dir` (created if missing), for
+    /// `name`'s storage. Its process is recorded in the directory before it
+    /// runs (see [`recorded_server`]).
     pub async fn start(name: &str, runtime_dir: &Path) -> Result<FuseServer> {
         let paths = RuntimePaths { dir: runtime_dir.to_path_buf() };
         std::fs::create_dir_all(&paths.dir).map_err(|e| Error::io("create", &paths.dir, e))?;
@@ -69,11 +69,8 @@ impl FuseServer {
         };
         let binary = storage_daemon_binary();
         let mut spawned = strata_engine::process::spawn(&binary, &monitor_args(&paths), &[], &paths.log(), record)?;
-        let started = async {
-            wait_for_socket(&paths.monitor_socket(MONITORS - 1), &mut spawned.child, &paths.log()).await?;
-            acquire(&paths, name).await
-        }
-        .await;
+        // The daemon starts with no node: exports are added once it runs.
+        let started = acquire_started(&paths, name, &mut spawned.child, &paths.log(), start_up_guard(0)).await;
         match started {
             Ok(monitor) => {
                 Ok(FuseServer { paths, process: spawned.id, child: spawned.child, monitor, name: name.to_string() })

@@ -30,16 +30,19 @@ impl LiveDisk {
 /// graph: the device's root node, then `backing` edges down, each format
 /// node's driver and its protocol child's file name. A transient disk's
 /// throwaway overlay is looked through: the disk's chain is its image's.
+///
+/// Devices are found as the graph's block backends, not by `query-block`,
+/// whose reply nests each layer's image in the one above it: a chain
+/// 1,000 deep nests deeper than a JSON reader should follow.
 pub async fn live_chains(client: &QmpClient, domain: &str) -> Result<HashMap<String, LiveDisk>> {
-    let block = client.query_block().await.map_err(|e| qmp_error(domain, e))?;
     let graph = BlockGraph::query(client, domain).await?;
+    let devices = graph.device_roots();
     let mut out = HashMap::new();
-    for dev in &block {
-        let Some(qdev) = &dev.qdev else { continue };
+    for (qdev, root) in &devices {
         let Some(target) = qdev.strip_prefix("/machine/peripheral/").and_then(|r| r.split('/').next()) else {
             continue;
         };
-        let Some(mut root) = dev.inserted.as_ref().and_then(|i| i.node_name.clone()) else { continue };
+        let mut root = root.clone();
         if root == transient_node(target) {
             root = graph
                 .child(&root, "backing")
@@ -49,7 +52,7 @@ pub async fn live_chains(client: &QmpClient, domain: &str) -> Result<HashMap<Str
     }
     // A storage daemon has no devices; each device is an export named
     // after its node prefix, whose node follows a pivot as a device's would.
-    if block.is_empty() {
+    if devices.is_empty() {
         let exports = client.execute("query-block-exports", None).await.map_err(|e| qmp_error(domain, e))?;
         for e in exports.as_array().into_iter().flatten() {
             let (Some(id), Some(node)) =
@@ -70,6 +73,12 @@ pub struct BlockGraph {
     names: HashMap<u64, String>,
     ids: HashMap<String, u64>,
     edges: Vec<(u64, u64, String)>,
+    /// Each parent's child by edge name (the first such edge), so that a
+    /// walk down a chain is linear in its depth.
+    children: HashMap<(u64, String), u64>,
+    /// Block backends: (the device QEMU names for each, as `query-block`'s
+    /// `qdev`; its id).
+    backends: Vec<(String, u64)>,
 }
 
 impl BlockGraph {
@@ -138,27 +147,58 @@ impl BlockGraph {
         let bad = || Error::internal("x-debug-query-block-graph returned an unexpected shape");
         let mut names = HashMap::new();
         let mut ids = HashMap::new();
+        let mut backends = Vec::new();
         for n in v.get("nodes").and_then(|n| n.as_array()).ok_or_else(bad)? {
             let id = n.get("id").and_then(|i| i.as_u64()).ok_or_else(bad)?;
             let name = n.get("name").and_then(|i| i.as_str()).unwrap_or("").to_string();
-            if n.get("type").and_then(|t| t.as_str()) == Some("block-driver") {
-                ids.insert(name.clone(), id);
+            match n.get("type").and_then(|t| t.as_str()) {
+                Some("block-driver") => {
+                    ids.insert(name.clone(), id);
+                }
+                Some("block-backend") if !name.is_empty() => backends.push((name.clone(), id)),
+                _ => {}
             }
             names.insert(id, name);
         }
         let mut edges = Vec::new();
+        let mut children = HashMap::new();
         for e in v.get("edges").and_then(|n| n.as_array()).ok_or_else(bad)? {
             let parent = e.get("parent").and_then(|i| i.as_u64()).ok_or_else(bad)?;
             let child = e.get("child").and_then(|i| i.as_u64()).ok_or_else(bad)?;
             let name = e.get("name").and_then(|i| i.as_str()).unwrap_or("").to_string();
+            children.entry((parent, name.clone())).or_insert(child);
             edges.push((parent, child, name));
         }
-        Ok(BlockGraph { nodes: HashMap::new(), names, ids, edges })
+        Ok(BlockGraph { nodes: HashMap::new(), names, ids, edges, children, backends })
     }
 
     /// The node name of `node`'s child on edge `edge` (`file`, `backing`).
     pub fn child(&self, node: &str, edge: &str) -> Option<String> {
         let id = self.ids.get(node)?;
-        self.edges.iter().find(|(p, _, n)| p == id && n == edge).and_then(|(_, c, _)| self.names.get(c).cloned())
+        self.children.get(&(*id, edge.to_string())).and_then(|c| self.names.get(c).cloned())
+    }
+
+    /// Each block backend attached to a device: (the device, as
+    /// `query-block` names it; the node on its `root` edge). A filter QEMU
+    /// put there itself (a running mirror's or commit's, which only QEMU
+    /// names: `#blockN`, while Strata names every node it adds) is looked
+    /// through to the node below it, as `query-block` does.
+    fn device_roots(&self) -> Vec<(String, String)> {
+        let below = |node: u64| {
+            self.children.get(&(node, "backing".to_string())).or_else(|| self.children.get(&(node, "file".to_string())))
+        };
+        self.backends
+            .iter()
+            .filter_map(|(device, id)| {
+                let mut root = *self.children.get(&(*id, "root".to_string()))?;
+                for _ in 0..self.names.len() {
+                    match self.names.get(&root) {
+                        Some(name) if name.starts_with('#') => root = *below(root)?,
+                        _ => break,
+                    }
+                }
+                Some((device.clone(), self.names.get(&root)?.clone()))
+            })
+            .collect()
     }
 }

@@ -3,6 +3,7 @@
 //! long call while others use the rest; and QMP failures as Strata errors.
 
 use std::fs::{File, OpenOptions};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use strata_core::{Error, ErrorKind, Result};
@@ -21,23 +22,8 @@ pub struct Monitor {
 pub async fn acquire(paths: &RuntimePaths, name: &str) -> Result<Monitor> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        for n in 0..MONITORS {
-            let lock_path = paths.monitor_lock(n);
-            let file = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&lock_path)
-                .map_err(|e| Error::io("open the monitor lock", &lock_path, e))?;
-            if file.try_lock().is_err() {
-                continue;
-            }
-            let socket = paths.monitor_socket(n);
-            let client = QmpClient::connect_with_timeout(&socket, Duration::from_secs(10))
-                .await
-                .map_err(|e| qmp_error(name, e))?;
-            tracing::debug!(domain = name, monitor = n, "QMP monitor attached");
-            return Ok(Monitor { client, _lock: file });
+        if let Some(monitor) = take_free(paths, name, Duration::from_secs(10)).await? {
+            return Ok(monitor);
         }
         if Instant::now() >= deadline {
             return Err(Error::new(
@@ -47,6 +33,89 @@ pub async fn acquire(paths: &RuntimePaths, name: &str) -> Result<Monitor> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// How long a QEMU just started on `layers` images in all may take to
+/// answer its monitor. QEMU creates its monitor sockets early but reads
+/// them only once it has opened every image, and the time grows faster
+/// than the layers (each new node is checked against the chain below it):
+/// QEMU 7.2 took 6 s for a 1,000-deep chain and 11–21 s for a 1,500-deep
+/// one on this project's loaded 2-vCPU machine. So the guard is generous
+/// and grows with the layers.
+pub fn start_up_guard(layers: usize) -> Duration {
+    let per_layer = Duration::from_millis(20).saturating_mul(u32::try_from(layers).unwrap_or(u32::MAX));
+    Duration::from_secs(30).saturating_add(per_layer)
+}
+
+/// Takes a monitor of the QEMU just started as `child` (logging to `log`)
+/// once it answers. The wait is on progress, not a fixed clock: it lasts
+/// while the process is alive and has not answered yet (it is opening its
+/// images), ends with QEMU's own words when the process exits, and with an
+/// error naming the wait after `guard` (see [`start_up_guard`]), which
+/// only a QEMU that hangs reaches.
+pub async fn acquire_started(
+    paths: &RuntimePaths,
+    name: &str,
+    child: &mut std::process::Child,
+    log: &Path,
+    guard: Duration,
+) -> Result<Monitor> {
+    let answered = async {
+        let last = paths.monitor_socket(MONITORS - 1);
+        while !last.exists() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // No other process takes a monitor of a server that is starting.
+        take_free(paths, name, guard).await?.ok_or_else(|| {
+            Error::operation_failed(format!("every QMP monitor of the starting QEMU of '{name}' is locked"))
+        })
+    };
+    let exited = async {
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::select! {
+        monitor = tokio::time::timeout(guard, answered) => monitor.map_err(|_| {
+            Error::new(
+                ErrorKind::OperationTimeout,
+                format!(
+                    "QEMU of '{name}' was still running but had not answered on its monitor {guard:?} after its start \
+                     (the wait for it to open its images)"
+                ),
+            )
+        })?,
+        status = exited => Err(Error::operation_failed(format!(
+            "QEMU exited during start-up ({status}): {}",
+            strata_engine::process::log_tail(log, 5)
+        ))),
+    }
+}
+
+/// The first monitor of `paths` whose lock is free, connected within
+/// `connect_within`; `None` when every one is held.
+async fn take_free(paths: &RuntimePaths, name: &str, connect_within: Duration) -> Result<Option<Monitor>> {
+    for n in 0..MONITORS {
+        let lock_path = paths.monitor_lock(n);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io("open the monitor lock", &lock_path, e))?;
+        if file.try_lock().is_err() {
+            continue;
+        }
+        let client = QmpClient::connect_with_timeout(&paths.monitor_socket(n), connect_within)
+            .await
+            .map_err(|e| qmp_error(name, e))?;
+        tracing::debug!(domain = name, monitor = n, "QMP monitor attached");
+        return Ok(Some(Monitor { client, _lock: file }));
+    }
+    Ok(None)
 }
 
 /// Maps a QMP failure into Strata's error, keeping QEMU's class and text;

@@ -54,9 +54,9 @@ use strata_core::{Error, Result};
 use strata_engine::job::engine::{BlockJobEngine, BlockJobHost, Served};
 
 use live::{LiveStatus, MonitorCache};
-use strata_qemu_block::daemon::{storage_daemon_binary, storage_daemon_command_line, wait_for_socket};
+use strata_qemu_block::daemon::{storage_daemon_binary, storage_daemon_command_line};
 use strata_qemu_block::graph::live_chains;
-use strata_qemu_block::monitor::{qmp_error, Monitor};
+use strata_qemu_block::monitor::{acquire_started, qmp_error, start_up_guard, Monitor};
 pub use strata_qemu_block::runtime::MONITORS;
 
 /// The emulator binary: `$STRATA_QEMU` or `qemu-system-x86_64` on `PATH`.
@@ -261,6 +261,8 @@ impl QemuConnection {
                 (storage_daemon_binary(), storage_daemon_command_line(&disks, &paths)?)
             }
         };
+        // QEMU answers its monitor only once it has opened every layer.
+        let layers = launched.disks()?.iter().map(|d| d.chain.as_ref().map_or(1, |c| c.layers.len())).sum();
         std::fs::create_dir_all(&paths.dir).map_err(|e| Error::io("create", &paths.dir, e))?;
         if server == live::Server::Vm {
             transient::create_overlays(&dom, &paths)?;
@@ -296,7 +298,8 @@ impl QemuConnection {
         };
         strata_core::crash_point("server:spawned");
         let started = async {
-            wait_for_socket(&paths.monitor_socket(MONITORS - 1), &mut spawned.child, &paths.log()).await?;
+            let monitor =
+                acquire_started(&paths, name, &mut spawned.child, &paths.log(), start_up_guard(layers)).await?;
             let mut status = LiveStatus::new(spawned.id, id, dom, server, owner);
             status.host_nics = created_nics;
             status.starting = false;
@@ -308,7 +311,7 @@ impl QemuConnection {
             }
             self.store.write_status(name, &status.to_xml())?;
             strata_core::crash_point("server:started");
-            let monitor = self.monitors.get(&self.store, name, status.process).await?;
+            let monitor = self.monitors.hold(name, status.process, monitor).await;
             if server == live::Server::Vm {
                 let host = HostCpuMap::read(&self.host_cpus)?;
                 placement::apply_defined_placement(&monitor.client, name, status.process.pid, &status.domain, &host)
@@ -326,11 +329,13 @@ impl QemuConnection {
             // the usual cause; its own words say more than a socket error.
             let exited = spawned.id.wait_gone(Duration::from_millis(500)).await;
             let _ = spawned.id.terminate(Duration::from_secs(2)).await;
-            let _ = spawned.child.try_wait();
+            // How it ended: a signal (QEMU 7.2 crashes reading through a
+            // chain some thousand layers deep) or an exit code.
+            let how = spawned.child.try_wait().ok().flatten().map(|status| format!(" ({status})")).unwrap_or_default();
             let log = strata_engine::process::log_tail(&paths.log(), 5);
             live::cleanup(&self.store, name)?;
             if exited && !log.trim().is_empty() {
-                return Err(Error::operation_failed(format!("{binary} exited during start-up: {}", log.trim())));
+                return Err(Error::operation_failed(format!("{binary} exited during start-up{how}: {}", log.trim())));
             }
             return Err(e);
         }

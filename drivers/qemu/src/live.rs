@@ -322,6 +322,14 @@ impl MonitorCache {
         Ok(monitor)
     }
 
+    /// Keeps `monitor`, just taken of the QEMU `process` started for
+    /// `name`, for the calls that follow.
+    pub async fn hold(&self, name: &str, process: ProcessId, monitor: Monitor) -> Arc<Monitor> {
+        let monitor = Arc::new(monitor);
+        self.held.lock().await.insert(name.to_string(), (process, Arc::clone(&monitor)));
+        monitor
+    }
+
     pub async fn forget(&self, name: &str) {
         self.held.lock().await.remove(name);
     }

@@ -166,7 +166,19 @@ impl Background {
     /// stopped itself there; its output when it ended without reaching
     /// `step`.
     pub fn spawn_paused_at(env: &TestEnv, args: &[&str], step: &str) -> Result<Background, Output> {
-        let child = env.command(args).env("STRATA_PAUSE_AT", step).spawn().expect("spawn strata");
+        Background::spawn_paused_at_with(env, args, step, &[])
+    }
+
+    /// [`Background::spawn_paused_at`] with more variables in its
+    /// environment (`STRATA_CRASH_AT` for a later step, …).
+    pub fn spawn_paused_at_with(
+        env: &TestEnv,
+        args: &[&str],
+        step: &str,
+        vars: &[(&str, &str)],
+    ) -> Result<Background, Output> {
+        let child =
+            env.command(args).env("STRATA_PAUSE_AT", step).envs(vars.iter().copied()).spawn().expect("spawn strata");
         let mut bg = Background { child: Some(child) };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -677,6 +689,24 @@ pub fn qemu_chain(path: &Path) -> Vec<(String, String)> {
             (l["filename"].as_str().expect("filename").to_string(), l["format"].as_str().expect("format").to_string())
         })
         .collect()
+}
+
+/// A qcow2 chain `depth` overlays deep in `dir` (created), of 8 MiB:
+/// `l00000.qcow2` the base (by qemu-img), each overlay naming the image
+/// below by its absolute path, as Strata's own overlays do, with its
+/// header written by `strata_core::image::create_qcow2_overlay` (which
+/// does not open the chain, so thousands of layers take a second).
+/// Returns the images, base first.
+pub fn absolute_chain(dir: &Path, depth: usize) -> Vec<PathBuf> {
+    std::fs::create_dir_all(dir).expect("chain directory");
+    let layers: Vec<PathBuf> = (0..=depth).map(|i| dir.join(format!("l{i:05}.qcow2"))).collect();
+    qemu_img(&["create", "-q", "-f", "qcow2", layers[0].to_str().expect("utf8"), "8M"]);
+    for pair in layers.windows(2) {
+        let below = pair[0].to_str().expect("utf8");
+        strata_core::image::create_qcow2_overlay(&pair[1], below, strata_core::image::ImageFormat::Qcow2, 8 << 20)
+            .expect("write an overlay header");
+    }
+    layers
 }
 
 /// Destroys a test's running domain on drop (even when the test panics),

@@ -194,6 +194,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
             }
         };
         strata_core::crash_point("snapshot-create:images");
+        strata_core::pause_point("snapshot-create:images");
         self.finish_creation(domain, &def, flags.no_metadata, roots).await?;
         Ok(name)
     }
@@ -242,6 +243,10 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
             .iter()
             .filter_map(|d| Some((d.name.clone(), d.source.as_ref()?.local_path()?.to_path_buf())))
             .collect();
+        // A rename below lost in a crash is redone from the intent, which
+        // is cleared only once their directories are synced: one fsync per
+        // directory instead of one per file.
+        let batch = store.defer_dir_syncs();
         self.record_chains(domain, &targets, &overlays, roots).await?;
         strata_core::crash_point("snapshot-create:chains");
         if !no_metadata {
@@ -250,6 +255,8 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
             strata_core::crash_point("snapshot-create:record");
             set_current(store, domain, Some(&name))?;
         }
+        strata_core::crash_point("snapshot-create:published");
+        batch.sync()?;
         Intent::clear(store, domain)
     }
 

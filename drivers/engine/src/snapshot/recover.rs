@@ -147,6 +147,15 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         for d in &doms {
             in_use.extend(images_in_use(d)?);
         }
+        // The record is saved only after the chains are recorded, and the
+        // name was free when the creation began: a saved record means the
+        // images had changed, even if a crash lost the rename of the chains
+        // (published with one directory fsync each, see finish_creation).
+        if let Some(name) = record.as_ref().and_then(|r| r.name.as_deref()) {
+            if store.read_snapshot(domain, name)?.is_some() {
+                in_use.extend(files.iter().cloned());
+            }
+        }
         let mut notes = Vec::new();
         match creation_recovery(&files, record, &in_use) {
             CreationRecovery::Finish(def) => {
