@@ -1034,6 +1034,40 @@ fn a_live_snapshot_killed_at_each_step_leaves_a_running_thawed_container() {
     assert!(!log.is_empty());
 }
 
+/// A container a snapshot's killed `strata` left frozen (its cgroup and its
+/// qcow2 root's filesystem), whose init is then killed: the next command
+/// finds it shut off and tears it down. Nothing is left: no cgroup, no
+/// frozen filesystem (whose superblock would hold the loop device on the
+/// export), no mount, no loop device, no storage daemon; the snapshot is
+/// rolled back and the image holds a clean filesystem.
+#[test]
+fn a_frozen_container_whose_init_died_is_torn_down_by_the_next_command() {
+    let env = TestEnv::lxc();
+    let [top, mid, base] = busybox_chain(&env);
+    env.define("fz", &container_xml("fz", WRITER, &qcow2_root(&top)));
+    let (held, _guard) = start_guarded(&env, "fz");
+    log_grows(&env, "fz", 0);
+    let (export, daemon) = served_root(&held.status);
+    assert!(!losetup_j(&export).is_empty(), "a loop device holds the export");
+    killed_at(&env, &["snapshot-create-as", "fz", "s1", "--disk-only"], "lxc-snapshot:frozen");
+    assert!(cgroup_frozen(&held.cgroup), "the kill left the container frozen");
+    // SAFETY: kill(2) on the init this test's container recorded.
+    assert_eq!(unsafe { libc::kill(held.init, libc::SIGKILL) }, 0, "the init is killed");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while alive(held.init) {
+        assert!(std::time::Instant::now() < deadline, "the frozen init {} survives SIGKILL", held.init);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    assert_eq!(env.ok(&["domstate", "fz"]).trim(), "shut off");
+    assert_nothing_left(&env, "fz", Some(held.init), Some(&held.cgroup), Some(&export));
+    assert!(!alive(daemon), "the storage daemon {daemon} is stopped");
+    assert_eq!(env.ok(&["snapshot-list", "fz", "--name"]).trim(), "", "the snapshot is rolled back");
+    let chain: Vec<String> = qemu_chain(&top).into_iter().map(|(f, _)| f).collect();
+    assert_eq!(chain, [&top, &mid, &base].map(|p| p.display().to_string()), "the chain on disk as it was");
+    numbered(1, &file_in(&env, &top, "/log").lines().map(str::to_string).collect::<Vec<_>>());
+}
+
 /// A container's init that appends the same numbered lines (`1 N`) to
 /// `/log` on its root and to `/data/log` on its second filesystem, in that
 /// order, as fast as it can.
