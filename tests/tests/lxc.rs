@@ -1068,6 +1068,60 @@ fn a_frozen_container_whose_init_died_is_torn_down_by_the_next_command() {
     numbered(1, &file_in(&env, &top, "/log").lines().map(str::to_string).collect::<Vec<_>>());
 }
 
+/// The lines of file `path` in the container whose init is `init`, read
+/// from the host through `/proc/PID/root` (a frozen container runs no
+/// command); none when it does not exist.
+fn lines_through_proc(init: i32, path: &str) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{init}/root{path}"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Waits until the container whose init is `init` has `count` lines in `path`.
+fn wait_for_lines(init: i32, path: &str, count: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while lines_through_proc(init, path).len() < count {
+        assert!(std::time::Instant::now() < deadline, "{path} stays at {:?}", lines_through_proc(init, path));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A container started paused (a revert with --paused, start --paused) is
+/// frozen before its init's exec: the line its init appends to `/started`
+/// first is not there when the command returns, the container reads as
+/// paused, and the line comes once it is resumed.
+#[test]
+fn a_container_started_paused_runs_nothing_of_its_init_until_resumed() {
+    let env = TestEnv::lxc();
+    let [top, _, _] = busybox_chain(&env);
+    let init = ["/bin/sh", "-c", "echo up >> /started; exec sleep 1000"];
+    env.define("held", &container_xml("held", &init, &qcow2_root(&top)));
+    let (first, _guard) = start_guarded(&env, "held");
+    wait_for_lines(first.init, "/started", 1);
+    env.ok(&["snapshot-create-as", "held", "s1", "--disk-only"]);
+
+    env.ok(&["snapshot-revert", "held", "s1", "--paused"]);
+    let reverted = held(&env, "held");
+    assert_ne!(reverted.init, first.init, "the container was started again");
+    assert_eq!(env.ok(&["domstate", "held", "--reason"]).trim(), "paused (user)");
+    assert!(cgroup_frozen(&reverted.cgroup), "its cgroup is frozen");
+    assert_eq!(lines_through_proc(reverted.init, "/started"), ["up"], "only the snapshot's line: the init ran nothing");
+    env.ok(&["resume", "held"]);
+    wait_for_lines(reverted.init, "/started", 2);
+    env.ok(&["destroy", "held"]);
+
+    env.ok(&["start", "held", "--paused"]);
+    let paused = held(&env, "held");
+    let _guard = ContainerGuard { env: &env, name: "held".into(), init: Some(paused.init) };
+    assert_eq!(env.ok(&["domstate", "held", "--reason"]).trim(), "paused (user)");
+    assert_eq!(lines_through_proc(paused.init, "/started").len(), 2, "start --paused: the init ran nothing");
+    env.ok(&["resume", "held"]);
+    wait_for_lines(paused.init, "/started", 3);
+    env.ok(&["destroy", "held"]);
+}
+
 /// A container's init that appends the same numbered lines (`1 N`) to
 /// `/log` on its root and to `/data/log` on its second filesystem, in that
 /// order, as fast as it can.

@@ -28,8 +28,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use strata_core::capabilities::{
-    refusal, DeleteMethods, DomainCapabilities, RevertRules, RevertTo, RevertedGuest, SnapshotCapabilities,
-    SnapshotCreation, SnapshotKinds, StorageCapabilities,
+    DeleteMethods, DomainCapabilities, RevertRules, RevertTo, RevertedGuest, SnapshotCapabilities, SnapshotCreation,
+    SnapshotKinds, StorageCapabilities,
 };
 use strata_core::driver::{
     Connection, DefineFlags, DefineOutcome, DiskChainCheck, DomainEvent, DomainInfo, DomainState, DomainSummary,
@@ -239,8 +239,9 @@ impl Connection for LxcConnection {
                 "a running container's snapshot is taken in its storage daemons while the container is paused: \
                  its cgroup frozen, then each filesystem (FIFREEZE), thawed right after the overlays switch"
                     .into(),
-                "a revert stops a running container and starts it again only with --running or --paused (a \
-                 container started paused runs its init's first second before it is frozen)"
+                "a revert stops a running container and starts it again only with --running or --paused".into(),
+                "start --paused freezes the container's cgroup before its init's exec: the init runs nothing \
+                 until resume"
                     .into(),
                 "no block jobs yet, and so no delete of an external snapshot (which commits or pulls)".into(),
                 "memory state cannot be saved (no checkpoint/restore)".into(),
@@ -291,9 +292,6 @@ impl Connection for LxcConnection {
     }
 
     async fn start(&self, name: &str, flags: StartFlags) -> Result<StartOutcome> {
-        if flags.paused {
-            return Err(refusal("lxc", "cannot start a container paused"));
-        }
         let (store, name) = (self.store.clone(), name.to_string());
         blocking(move || {
             let _lock = store.lock_domain(&name)?;
@@ -305,7 +303,7 @@ impl Connection for LxcConnection {
                 .into_iter()
                 .map(|e| format!("domain '{name}': <{e}> is not honoured by the lxc driver (kept in the definition, not acted on)"))
                 .collect();
-            container::start(&store, &name, dom)?;
+            container::start(&store, &name, dom, flags.paused)?;
             Ok(StartOutcome { warnings })
         })
         .await

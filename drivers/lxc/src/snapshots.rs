@@ -21,7 +21,7 @@ use std::path::PathBuf;
 
 use async_trait::async_trait;
 use strata_core::capabilities::refusal;
-use strata_core::driver::{Connection, DomainState, SnapshotOps, SnapshotSummary};
+use strata_core::driver::{Connection, DomainState, SnapshotOps, SnapshotSummary, StartFlags};
 use strata_core::options::{SnapshotCreateFlags, SnapshotDeleteFlags, SnapshotRevertFlags};
 use strata_core::store::Store;
 use strata_core::xml::Domain;
@@ -345,11 +345,11 @@ impl SnapshotBackend for LxcConnection {
         Connection::resume(self, domain).await
     }
 
-    /// Starts the container and freezes it once its init has run (start
-    /// returns only then): a revert's restart, resumed unless `--paused`.
+    /// Starts the container frozen before its init runs (see
+    /// [`crate::container::start`]): a revert's restart, resumed unless
+    /// `--paused`.
     async fn start_paused(&self, domain: &str) -> Result<()> {
-        Connection::start(self, domain, Default::default()).await?;
-        self.freeze(domain, true).await
+        Connection::start(self, domain, StartFlags { paused: true }).await.map(drop)
     }
 
     async fn stop(&self, domain: &str) -> Result<()> {
