@@ -1063,9 +1063,8 @@ fn a_frozen_container_whose_init_died_is_torn_down_by_the_next_command() {
     assert_nothing_left(&env, "fz", Some(held.init), Some(&held.cgroup), Some(&export));
     assert!(!alive(daemon), "the storage daemon {daemon} is stopped");
     assert_eq!(env.ok(&["snapshot-list", "fz", "--name"]).trim(), "", "the snapshot is rolled back");
-    let chain: Vec<String> = qemu_chain(&top).into_iter().map(|(f, _)| f).collect();
-    assert_eq!(chain, [&top, &mid, &base].map(|p| p.display().to_string()), "the chain on disk as it was");
-    numbered(1, &file_in(&env, &top, "/log").lines().map(str::to_string).collect::<Vec<_>>());
+    assert_eq!(chain_files(&top), [&top, &mid, &base].map(|p| p.display().to_string()), "the chain on disk as it was");
+    numbered(1, &lines(file_in(&env, &top, "/log")));
 }
 
 /// The lines of file `path` in the container whose init is `init`, read
