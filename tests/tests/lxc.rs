@@ -38,9 +38,13 @@ fn loop_root(image: &Path) -> String {
 }
 
 fn qcow2_root(top: &Path) -> String {
+    qcow2_fs(top, "/")
+}
+
+fn qcow2_fs(top: &Path, target: &str) -> String {
     format!(
         "<filesystem type='file' accessmode='passthrough'><driver type='loop' format='qcow2'/>\
-         <source file='{}'/><target dir='/'/></filesystem>",
+         <source file='{}'/><target dir='{target}'/></filesystem>",
         top.display()
     )
 }
@@ -521,9 +525,18 @@ fn a_strata_killed_while_starting_on_a_qcow2_chain_leaves_no_daemon() {
 
 /// The root's top image as the container's XML names it now.
 fn root_image(env: &TestEnv, name: &str) -> PathBuf {
+    fs_image(env, name, "/")
+}
+
+/// The top image of filesystem `target` as the container's XML names it now.
+fn fs_image(env: &TestEnv, name: &str, target: &str) -> PathBuf {
     let xml = env.ok(&["dumpxml", name, "--inactive"]);
-    let start = xml.find("<source file='").expect("a root source") + "<source file='".len();
-    PathBuf::from(&xml[start..start + xml[start..].find('\'').expect("quoted")])
+    let element = xml
+        .split("<filesystem ")
+        .find(|f| f.contains(&format!("<target dir='{target}'/>")))
+        .unwrap_or_else(|| panic!("no filesystem '{target}' in {xml}"));
+    let start = element.find("<source file='").expect("a source") + "<source file='".len();
+    PathBuf::from(&element[start..start + element[start..].find('\'').expect("quoted")])
 }
 
 /// Starts `name`, writes `text` into `/data` inside and reads it back,
@@ -873,21 +886,27 @@ const WRITER: &[&str] = &[
      i=0; while true; do i=$((i+1)); echo \"$b $i\" >> /log; usleep 10000; done",
 ];
 
-/// `/log` of the running container `name`, read from inside.
-fn log_inside(env: &TestEnv, name: &str) -> Vec<String> {
-    env.ok(&["lxc-enter-namespace", name, "--noseclabel", "--", "cat", "/log"]).lines().map(str::to_string).collect()
+/// The lines of file `path` of the running container `name`, read from inside.
+fn lines_inside(env: &TestEnv, name: &str, path: &str) -> Vec<String> {
+    env.ok(&["lxc-enter-namespace", name, "--noseclabel", "--", "cat", path]).lines().map(str::to_string).collect()
 }
 
 /// Waits until the running container's `/log` holds more than `after`
 /// lines (its writer runs); returns them.
 fn log_grows(env: &TestEnv, name: &str, after: usize) -> Vec<String> {
+    file_grows(env, name, "/log", after)
+}
+
+/// Waits until the running container's file `path` holds more than
+/// `after` lines; returns them.
+fn file_grows(env: &TestEnv, name: &str, path: &str, after: usize) -> Vec<String> {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
-        let lines = log_inside(env, name);
+        let lines = lines_inside(env, name, path);
         if lines.len() > after {
             return lines;
         }
-        assert!(std::time::Instant::now() < deadline, "{name}: /log stays at {} lines", lines.len());
+        assert!(std::time::Instant::now() < deadline, "{name}: {path} stays at {} lines", lines.len());
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -1031,6 +1050,215 @@ fn a_live_snapshot_killed_at_each_step_leaves_a_running_thawed_container() {
     let log: Vec<String> = file_in(&env, &expected_top, "/log").lines().map(str::to_string).collect();
     numbered(1, &log);
     assert!(!log.is_empty());
+}
+
+/// A container a snapshot's killed `strata` left frozen (its cgroup and its
+/// qcow2 root's filesystem), whose init is then killed: the next command
+/// finds it shut off and tears it down. Nothing is left: no cgroup, no
+/// frozen filesystem (whose superblock would hold the loop device on the
+/// export), no mount, no loop device, no storage daemon; the snapshot is
+/// rolled back and the image holds a clean filesystem.
+#[test]
+fn a_frozen_container_whose_init_died_is_torn_down_by_the_next_command() {
+    let env = TestEnv::lxc();
+    let [top, mid, base] = busybox_chain(&env);
+    env.define("fz", &container_xml("fz", WRITER, &qcow2_root(&top)));
+    let (held, _guard) = start_guarded(&env, "fz");
+    log_grows(&env, "fz", 0);
+    let (export, daemon) = served_root(&held.status);
+    assert!(!losetup_j(&export).is_empty(), "a loop device holds the export");
+    killed_at(&env, &["snapshot-create-as", "fz", "s1", "--disk-only"], "lxc-snapshot:frozen");
+    assert!(cgroup_frozen(&held.cgroup), "the kill left the container frozen");
+    // SAFETY: kill(2) on the init this test's container recorded.
+    assert_eq!(unsafe { libc::kill(held.init, libc::SIGKILL) }, 0, "the init is killed");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while alive(held.init) {
+        assert!(std::time::Instant::now() < deadline, "the frozen init {} survives SIGKILL", held.init);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    assert_eq!(env.ok(&["domstate", "fz"]).trim(), "shut off");
+    assert_nothing_left(&env, "fz", Some(held.init), Some(&held.cgroup), Some(&export));
+    assert!(!alive(daemon), "the storage daemon {daemon} is stopped");
+    assert_eq!(env.ok(&["snapshot-list", "fz", "--name"]).trim(), "", "the snapshot is rolled back");
+    assert_eq!(chain_files(&top), [&top, &mid, &base].map(|p| p.display().to_string()), "the chain on disk as it was");
+    numbered(1, &lines(file_in(&env, &top, "/log")));
+}
+
+/// The lines of file `path` in the container whose init is `init`, read
+/// from the host through `/proc/PID/root` (a frozen container runs no
+/// command); none when it does not exist.
+fn lines_through_proc(init: i32, path: &str) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{init}/root{path}"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Waits until the container whose init is `init` has `count` lines in `path`.
+fn wait_for_lines(init: i32, path: &str, count: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while lines_through_proc(init, path).len() < count {
+        assert!(std::time::Instant::now() < deadline, "{path} stays at {:?}", lines_through_proc(init, path));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A container started paused (a revert with --paused, start --paused) is
+/// frozen before its init's exec: the line its init appends to `/started`
+/// first is not there when the command returns, the container reads as
+/// paused, and the line comes once it is resumed.
+#[test]
+fn a_container_started_paused_runs_nothing_of_its_init_until_resumed() {
+    let env = TestEnv::lxc();
+    let [top, _, _] = busybox_chain(&env);
+    let init = ["/bin/sh", "-c", "echo up >> /started; exec sleep 1000"];
+    env.define("held", &container_xml("held", &init, &qcow2_root(&top)));
+    let (first, _guard) = start_guarded(&env, "held");
+    wait_for_lines(first.init, "/started", 1);
+    env.ok(&["snapshot-create-as", "held", "s1", "--disk-only"]);
+
+    env.ok(&["snapshot-revert", "held", "s1", "--paused"]);
+    let reverted = held(&env, "held");
+    assert_ne!(reverted.init, first.init, "the container was started again");
+    assert_eq!(env.ok(&["domstate", "held", "--reason"]).trim(), "paused (user)");
+    assert!(cgroup_frozen(&reverted.cgroup), "its cgroup is frozen");
+    assert_eq!(lines_through_proc(reverted.init, "/started"), ["up"], "only the snapshot's line: the init ran nothing");
+    env.ok(&["resume", "held"]);
+    wait_for_lines(reverted.init, "/started", 2);
+    env.ok(&["destroy", "held"]);
+
+    env.ok(&["start", "held", "--paused"]);
+    let paused = held(&env, "held");
+    let _guard = ContainerGuard { env: &env, name: "held".into(), init: Some(paused.init) };
+    assert_eq!(env.ok(&["domstate", "held", "--reason"]).trim(), "paused (user)");
+    assert_eq!(lines_through_proc(paused.init, "/started").len(), 2, "start --paused: the init ran nothing");
+    env.ok(&["resume", "held"]);
+    wait_for_lines(paused.init, "/started", 3);
+    env.ok(&["destroy", "held"]);
+}
+
+/// A container's init that appends the same numbered lines (`1 N`) to
+/// `/log` on its root and to `/data/log` on its second filesystem, in that
+/// order, as fast as it can.
+const TWO_WRITER: &[&str] = &[
+    "/bin/sh",
+    "-c",
+    "i=0; while true; do i=$((i+1)); echo \"1 $i\" >> /log; echo \"1 $i\" >> /data/log; usleep 10000; done",
+];
+
+/// An empty ext4 filesystem of 16 MiB in a qcow2 image `STEM.base.qcow2`
+/// with an overlay `STEM.qcow2` over it; returns the layers, top first.
+fn ext4_chain(env: &TestEnv, stem: &str) -> [PathBuf; 2] {
+    let raw = env.path(&format!("{stem}.raw"));
+    std::fs::File::create(&raw).and_then(|f| f.set_len(16 * MIB)).expect("an image file");
+    let mkfs = Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&raw).output().expect("run mkfs.ext4");
+    assert!(mkfs.status.success(), "mkfs.ext4: {}", String::from_utf8_lossy(&mkfs.stderr));
+    let [top, base] = [env.path(&format!("{stem}.qcow2")), env.path(&format!("{stem}.base.qcow2"))];
+    let s = |p: &Path| p.to_str().expect("utf8").to_string();
+    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", &s(&raw), &s(&base)]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &s(&base), &s(&top)]);
+    [top, base]
+}
+
+/// The files of `top`'s chain on disk, top first.
+fn chain_files(top: &Path) -> Vec<String> {
+    qemu_chain(top).into_iter().map(|(f, _)| f).collect()
+}
+
+fn lines(text: String) -> Vec<String> {
+    text.lines().map(str::to_string).collect()
+}
+
+/// Takes the node name the next live snapshot's overlay of the second
+/// filesystem the container's record lists would get (its storage
+/// daemon then fails to add it), with a null node in that daemon.
+fn occupy_second_overlay_node(status: &str) {
+    let served = status.split("<served").nth(2).expect("a second served filesystem");
+    let (target, dir) = (attr(served, "target").expect("its target"), attr(served, "dir").expect("its directory"));
+    let next: u64 = attr(status, "nextnode").map_or(0, |n| n.parse().expect("a node number"));
+    let node = format!("{}-s{}-file", strata_qemu_block::nodes::node_prefix(target), next + 1);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    runtime.block_on(async {
+        let paths = strata_qemu_block::runtime::RuntimePaths { dir: dir.into() };
+        let monitor = strata_qemu_block::monitor::acquire(&paths, "the test").await.expect("a monitor of the daemon");
+        let added = serde_json::json!({"driver": "null-co", "node-name": node});
+        monitor.client.execute("blockdev-add", Some(added)).await.expect("the node added");
+    });
+}
+
+/// A live snapshot of a container with two qcow2 filesystems (each served
+/// by a storage daemon of its own) while its init appends to both: both
+/// chains on disk are one deeper, both frozen images hold clean
+/// filesystems of the same instant (the root at most the one line ahead
+/// it writes first) and stay unchanged while the container writes on.
+/// When the second daemon's switch fails, the first is switched back:
+/// the command fails naming the cause, no snapshot is recorded, both
+/// chains are as they were (no overlay file left), and the container runs
+/// on, thawed, writing into the tops it had.
+#[test]
+fn a_live_snapshot_of_two_filesystems_switches_both_or_neither() {
+    let env = TestEnv::lxc();
+    let [top, mid, base] = busybox_chain(&env);
+    let [data_top, data_base] = ext4_chain(&env, "data");
+    let filesystems = format!("{}{}", qcow2_root(&top), qcow2_fs(&data_top, "/data"));
+    env.define("two", &container_xml("two", TWO_WRITER, &filesystems));
+    let (held, _guard) = start_guarded(&env, "two");
+    let first = file_grows(&env, "two", "/data/log", 0);
+    let before = file_grows(&env, "two", "/data/log", first.len());
+    numbered(1, &before);
+
+    env.ok(&["snapshot-create-as", "two", "s1", "--disk-only", "--atomic"]);
+    assert!(!cgroup_frozen(&held.cgroup), "the container is thawed after the snapshot");
+    assert_eq!(env.ok(&["domstate", "two"]).trim(), "running");
+    let (root_s1, data_s1) = (root_image(&env, "two"), fs_image(&env, "two", "/data"));
+    let path = |p: &PathBuf| p.display().to_string();
+    assert_eq!(chain_files(&root_s1), [&root_s1, &top, &mid, &base].map(path), "the root's chain, one deeper");
+    assert_eq!(chain_files(&data_s1), [&data_s1, &data_top, &data_base].map(path), "/data's chain, one deeper");
+    let frozen_root = lines(file_in(&env, &top, "/log"));
+    let frozen_data = lines(file_in(&env, &data_top, "/log"));
+    numbered(1, &frozen_root);
+    numbered(1, &frozen_data);
+    assert!(frozen_data.len() >= before.len(), "the frozen /data holds every line written before: {frozen_data:?}");
+    assert!(
+        frozen_root.len() == frozen_data.len() || frozen_root.len() == frozen_data.len() + 1,
+        "both filesystems are of one instant: {} lines in /log, {} in /data/log",
+        frozen_root.len(),
+        frozen_data.len()
+    );
+    let frozen_bytes = [&top, &data_top].map(|p| std::fs::read(p).expect("a frozen image"));
+    let after = file_grows(&env, "two", "/data/log", frozen_data.len() + 1);
+    numbered(1, &after);
+    assert!([&top, &data_top].map(|p| std::fs::read(p).expect("a frozen image")) == frozen_bytes, "left unchanged");
+
+    occupy_second_overlay_node(&self::held(&env, "two").status);
+    let err = env.fails(&["snapshot-create-as", "two", "s2", "--disk-only", "--atomic"]);
+    assert!(err.starts_with("error: ") && err.contains("Duplicate nodes with node-name"), "{err}");
+    assert!(!cgroup_frozen(&held.cgroup), "the container is thawed after the failed snapshot");
+    assert_eq!(env.ok(&["domstate", "two"]).trim(), "running");
+    assert_eq!(env.ok(&["snapshot-list", "two", "--name"]).trim(), "s1", "no snapshot s2 is recorded");
+    assert_eq!((root_image(&env, "two"), fs_image(&env, "two", "/data")), (root_s1.clone(), data_s1.clone()));
+    assert_eq!(chain_files(&root_s1), [&root_s1, &top, &mid, &base].map(path), "the root's chain as it was");
+    assert_eq!(chain_files(&data_s1), [&data_s1, &data_top, &data_base].map(path), "/data's chain as it was");
+    let left: Vec<String> = std::fs::read_dir(env.path(""))
+        .expect("the test's directory")
+        .map(|e| e.expect("an entry").file_name().to_string_lossy().into_owned())
+        .filter(|f| f.contains("s2"))
+        .collect();
+    assert!(left.is_empty(), "no overlay of s2 is left: {left:?}");
+    let later = file_grows(&env, "two", "/data/log", after.len() + 1);
+    numbered(1, &later);
+    assert!(alive(held.init), "the container runs on");
+
+    env.ok(&["destroy", "two"]);
+    // The writes after the failure went to the tops the container had.
+    let root_log = lines(file_in(&env, &root_s1, "/log"));
+    let data_log = lines(file_in(&env, &data_s1, "/log"));
+    numbered(1, &root_log);
+    numbered(1, &data_log);
+    assert!(data_log.len() >= later.len(), "/data holds every line written: {} of {}", data_log.len(), later.len());
+    assert!(root_log.len() >= later.len(), "/ holds every line written: {} of {}", root_log.len(), later.len());
 }
 
 /// `<idmap>`: the init runs in a user namespace of its own with the maps

@@ -90,8 +90,10 @@ fn check_sources(container: &Container) -> Result<()> {
 
 /// Starts the container `name` defined as `dom`; the caller holds the
 /// domain lock and has found it shut off. Returns once its init runs, or
-/// fails with the reason and nothing left behind.
-pub fn start(store: &Store, name: &str, mut dom: Domain) -> Result<()> {
+/// fails with the reason and nothing left behind. `paused`: its cgroup is
+/// frozen while its first process waits, mounts made, just before the
+/// exec, so the init runs its first instruction only once resumed.
+pub fn start(store: &Store, name: &str, mut dom: Domain, paused: bool) -> Result<()> {
     let container = Container::from_domain(&dom)?;
     check_sources(&container)?;
     // The live XML shows the chains the storage daemons open.
@@ -126,7 +128,7 @@ pub fn start(store: &Store, name: &str, mut dom: Domain) -> Result<()> {
     };
     store.write_status(name, &record.to_xml())?;
     let mut handles = Vec::new();
-    let started = launch(store, name, &container, &stage, &mut record, &mut handles);
+    let started = launch(store, name, &container, &stage, &mut record, &mut handles, paused);
     // The mounts hold the loop devices now (or nothing does): autoclear
     // detaches them when the container's last mount goes.
     drop(handles);
@@ -145,7 +147,8 @@ pub fn start(store: &Store, name: &str, mut dom: Domain) -> Result<()> {
 }
 
 /// The loop devices, the probe, the clone and the handshake; `record` and
-/// `handles` keep what was attached, for the caller to release.
+/// `handles` keep what was attached, for the caller to release; `paused`
+/// as for [`start`].
 fn launch(
     store: &Store,
     name: &str,
@@ -153,6 +156,7 @@ fn launch(
     stage: &Path,
     record: &mut LiveStatus,
     handles: &mut Vec<OwnedFd>,
+    paused: bool,
 ) -> Result<()> {
     let sys = Linux;
     let mut prepared = Vec::new();
@@ -200,6 +204,7 @@ fn launch(
     let (go_read, go_write) = pipe()?;
     let (report_read, report_write) = pipe()?;
     let (unshared_read, unshared_write) = pipe()?;
+    let (held_read, held_write) = pipe()?;
     let child = ChildFds {
         go_read: go_read.as_raw_fd(),
         go_write: go_write.as_raw_fd(),
@@ -207,6 +212,8 @@ fn launch(
         report_write: report_write.as_raw_fd(),
         unshared_read: unshared_read.as_raw_fd(),
         unshared_write: container.idmap.as_ref().map_or(-1, |_| unshared_write.as_raw_fd()),
+        held_read: held_read.as_raw_fd(),
+        held_write: if paused { held_write.as_raw_fd() } else { -1 },
         stdin: null.as_raw_fd(),
         output: output.as_raw_fd(),
     };
@@ -216,7 +223,7 @@ fn launch(
     if pid == 0 {
         child_main(&sys, child, &steps, &init, &argv_ptrs, &envp_ptrs);
     }
-    drop((go_read, report_write, unshared_write, null, output));
+    drop((go_read, report_write, unshared_write, held_write, null, output));
     let mut reaped = Reaper { pid, reaped: false };
     let id =
         ProcessId::of(pid).ok_or_else(|| Error::operation_failed("the container's first process exited at once"))?;
@@ -237,6 +244,16 @@ fn launch(
             sys.write_id_maps(pid, &IdMap::map_text(&idmap.uid), &IdMap::map_text(&idmap.gid))?;
             release(&mut go)?;
         }
+    }
+    if paused && !read_report(held_read, "the container's first process")?.is_empty() {
+        // It waits at its exec, its mounts made: frozen there (the freeze
+        // returns once the kernel has it frozen), then released, it goes
+        // on to the exec only once thawed. Its exec is not watched: an
+        // init that cannot run leaves a container that is gone once resumed.
+        sys.cgroup_freeze(&record.cgroup, true)?;
+        release(&mut go)?;
+        std::mem::forget(reaped);
+        return Ok(());
     }
     drop(go);
     let report = read_report(report_read, "the container's start-up")?;
@@ -372,6 +389,10 @@ struct ChildFds {
     /// Where it says it has entered its user namespace (closed after the
     /// byte); -1 without an `<idmap>`.
     unshared_write: RawFd,
+    held_read: RawFd,
+    /// Where it says it waits at its exec for a paused start (closed after
+    /// the byte); -1 otherwise.
+    held_write: RawFd,
     stdin: RawFd,
     output: RawFd,
 }
@@ -416,6 +437,7 @@ fn child_main(
         libc::close(fds.go_write);
         libc::close(fds.report_read);
         libc::close(fds.unshared_read);
+        libc::close(fds.held_read);
         wait_for_parent();
         // A session of its own: no terminal strata ran in signals it.
         if libc::setsid() < 0 {
@@ -448,6 +470,32 @@ fn child_main(
         if let Err(err) = sys.become_root() {
             report(USERNS_STEP, err.raw_os_error().unwrap_or(libc::EIO));
         }
+    }
+    if fds.held_write >= 0 {
+        // It may wait frozen for long: what the exec would close (every
+        // descriptor of strata's, such as its domain lock's, all
+        // close-on-exec) is closed now, or the next call would wait for
+        // the lock.
+        let mut keep = [0, 1, 2, fds.go_read, fds.report_write, fds.held_write];
+        keep.sort_unstable();
+        let mut from: libc::c_uint = 0;
+        for fd in keep {
+            let fd = fd as libc::c_uint;
+            if fd > from {
+                // SAFETY: close_range(2) of descriptors this process owns
+                // and no longer uses; async-signal-safe.
+                unsafe { libc::close_range(from, fd - 1, 0) };
+            }
+            from = from.max(fd + 1);
+        }
+        // SAFETY: close_range(2) as above, of the rest.
+        unsafe { libc::close_range(from, libc::c_uint::MAX, 0) };
+        // SAFETY: write(2) of a local byte to our pipe end, and close(2).
+        unsafe {
+            libc::write(fds.held_write, [1u8].as_ptr().cast(), 1);
+            libc::close(fds.held_write);
+        }
+        wait_for_parent();
     }
     // SAFETY: execve(2) with NUL-terminated strings and null-terminated
     // pointer arrays that live until it returns (only on failure).

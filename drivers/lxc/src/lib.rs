@@ -31,8 +31,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use strata_core::capabilities::{
-    refusal, BlockJobCapabilities, BlockJobKinds, DeleteMethods, DomainCapabilities, RevertRules, RevertTo,
-    RevertedGuest, SnapshotCapabilities, SnapshotCreation, SnapshotKinds, StorageCapabilities,
+    BlockJobCapabilities, BlockJobKinds, DeleteMethods, DomainCapabilities, RevertRules, RevertTo, RevertedGuest,
+    SnapshotCapabilities, SnapshotCreation, SnapshotKinds, StorageCapabilities,
 };
 use strata_core::driver::{
     BlockJobOps, Connection, DefineFlags, DefineOutcome, DiskChainCheck, DiskSetOps, DomainEvent, DomainInfo,
@@ -256,8 +256,9 @@ impl Connection for LxcConnection {
                 "a running container's snapshot is taken in its storage daemons while the container is paused: \
                  its cgroup frozen, then each filesystem (FIFREEZE), thawed right after the overlays switch"
                     .into(),
-                "a revert stops a running container and starts it again only with --running or --paused (a \
-                 container started paused runs its init's first second before it is frozen)"
+                "a revert stops a running container and starts it again only with --running or --paused".into(),
+                "start --paused freezes the container's cgroup before its init's exec: the init runs nothing \
+                 until resume"
                     .into(),
                 "block jobs run on a running container's qcow2 filesystem, in the storage daemon serving it: a pull \
                  into a layer below the active one (blockpull --top) and an intermediate commit (blockcommit --top); \
@@ -311,9 +312,6 @@ impl Connection for LxcConnection {
     }
 
     async fn start(&self, name: &str, flags: StartFlags) -> Result<StartOutcome> {
-        if flags.paused {
-            return Err(refusal("lxc", "cannot start a container paused"));
-        }
         let (store, name) = (self.store.clone(), name.to_string());
         blocking(move || {
             let _lock = store.lock_domain(&name)?;
@@ -325,7 +323,7 @@ impl Connection for LxcConnection {
                 .into_iter()
                 .map(|e| format!("domain '{name}': <{e}> is not honoured by the lxc driver (kept in the definition, not acted on)"))
                 .collect();
-            container::start(&store, &name, dom)?;
+            container::start(&store, &name, dom, flags.paused)?;
             Ok(StartOutcome { warnings })
         })
         .await

@@ -10,9 +10,11 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use strata_core::Result;
+use strata_core::{Error, Result};
 use strata_engine::process::ProcessId;
 
+use crate::plan::cstr;
+use crate::probe;
 use crate::syscall::{MountHandle, Syscall};
 
 /// A live snapshot's pause of a container, recorded in the container's
@@ -118,6 +120,23 @@ pub fn thaw_abandoned(sys: &dyn Syscall, init: ProcessId, cgroup: &Path, pause: 
         sys.cgroup_freeze(cgroup, false)?;
     }
     Ok(())
+}
+
+/// Thaws the filesystem on loop device `device` (holding the filesystem
+/// of `target`) that a snapshot's pause froze and whose container is gone
+/// since: its mounts went with the container's mount namespace, but the
+/// freeze keeps its superblock, and with it the loop device, until a thaw
+/// reaches it. Mounting the device again gives back that superblock: it
+/// is mounted at `dir` (made for it), thawed there and unmounted.
+pub fn thaw_unmounted(sys: &dyn Syscall, device: &Path, target: &str, dir: &Path) -> Result<()> {
+    let fstype = cstr(probe::mount_type(probe::probe_device(device, target)?))?;
+    let (source, at) = (cstr(device)?, cstr(dir)?);
+    sys.mkdir(&at, 0o700).map_err(|e| Error::io("create", dir, e))?;
+    sys.mount(Some(&source), &at, Some(&fstype), 0, None).map_err(|e| Error::io("mount again", device, e))?;
+    let thawed = sys.open_mount(dir).and_then(|mount| sys.fs_thaw(&mount));
+    sys.umount(&at, libc::MNT_DETACH).map_err(|e| Error::io("unmount", dir, e))?;
+    let _ = std::fs::remove_dir(dir);
+    thawed.map(drop)
 }
 
 #[cfg(test)]

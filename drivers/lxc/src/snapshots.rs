@@ -3,10 +3,13 @@
 //! engine's offline image work while the container is shut off, and taken
 //! live in the filesystems' storage daemons while it runs: each overlay's
 //! header written natively first, then, with the container paused
-//! ([`crate::pause`]: cgroup freeze, `FIFREEZE`), each daemon's new nodes
-//! added and switched in one `transaction` (`strata-qemu-block`'s
-//! `snapshot_live`); the FUSE export follows its node to the new overlay,
-//! so the loop device and the mount over it write there from then on.
+//! ([`crate::pause`]: cgroup freeze, `FIFREEZE`), every daemon's new nodes
+//! added (`strata-qemu-block`'s `prepare_snapshot_live`), and only then
+//! each daemon switched in one `transaction`; the FUSE export follows its
+//! node to the new overlay, so the loop device and the mount over it
+//! write there from then on. A switch has no undo in a daemon (a commit
+//! job cannot run under a writable FUSE export, which holds the resize
+//! permission), so whatever can fail is done in every daemon first.
 //! The commit or pull a delete runs is refused here, and by the driver's
 //! capabilities before any request gets this far. A snapshot of a
 //! container with a filesystem that has no qcow2 layer (a raw image, a
@@ -18,7 +21,7 @@ use std::path::PathBuf;
 
 use async_trait::async_trait;
 use strata_core::capabilities::refusal;
-use strata_core::driver::{Connection, DomainState, SnapshotOps, SnapshotSummary};
+use strata_core::driver::{Connection, DomainState, SnapshotOps, SnapshotSummary, StartFlags};
 use strata_core::options::{SnapshotCreateFlags, SnapshotDeleteFlags, SnapshotRevertFlags};
 use strata_core::store::Store;
 use strata_core::xml::Domain;
@@ -35,7 +38,7 @@ use strata_qemu_block::graph::live_chains;
 use strata_qemu_block::monitor::{acquire, qmp_error, Monitor};
 use strata_qemu_block::nodes::node_prefix;
 use strata_qemu_block::runtime::RuntimePaths;
-use strata_qemu_block::snapshot::snapshot_live;
+use strata_qemu_block::snapshot::prepare_snapshot_live;
 
 use crate::pause::{pause, SnapshotPause};
 use crate::plan::{Container, Source};
@@ -289,14 +292,35 @@ impl SnapshotBackend for LxcConnection {
         let outcome = async {
             let paused = pause(&Linux, init, &status.cgroup, &snapshot_pause)?;
             strata_core::crash_point("lxc-snapshot:frozen");
-            let mut tops = NewTops::new();
+            // Every daemon's nodes are added before any switches: a
+            // failure there (a node name taken, an overlay that cannot be
+            // opened) leaves every filesystem as it was.
+            let mut prepared = Vec::new();
             let mut number = first_node;
             for (served, own, monitor) in &daemons {
-                let root = export_node(&monitor.client, domain, &served.target).await?;
-                tops.extend(
-                    snapshot_live(&monitor.client, domain, own, name, number, &[], |_| Ok(root.clone())).await?,
-                );
+                let ready = async {
+                    let root = export_node(&monitor.client, domain, &served.target).await?;
+                    prepare_snapshot_live(&monitor.client, domain, own, name, number, &[], |_| Ok(root.clone())).await
+                }
+                .await;
+                match ready {
+                    Ok(ready) => prepared.push((monitor, ready)),
+                    Err(e) => {
+                        for (monitor, ready) in prepared {
+                            ready.discard(&monitor.client).await;
+                        }
+                        return Err(e);
+                    }
+                }
                 number += own.iter().filter(|p| p.mode == "external").count() as u64;
+            }
+            strata_core::crash_point("snapshot-create:overlays");
+            // What is left to fail is a daemon itself (gone, its filesystem
+            // with it): the next command finishes the snapshot from where
+            // the daemons stand.
+            let mut tops = NewTops::new();
+            for (monitor, ready) in prepared {
+                tops.extend(ready.switch(&monitor.client, domain).await?);
                 switched += 1;
             }
             let paused_for = paused.thaw()?;
@@ -334,11 +358,11 @@ impl SnapshotBackend for LxcConnection {
         Connection::resume(self, domain).await
     }
 
-    /// Starts the container and freezes it once its init has run (start
-    /// returns only then): a revert's restart, resumed unless `--paused`.
+    /// Starts the container frozen before its init runs (see
+    /// [`crate::container::start`]): a revert's restart, resumed unless
+    /// `--paused`.
     async fn start_paused(&self, domain: &str) -> Result<()> {
-        Connection::start(self, domain, Default::default()).await?;
-        self.freeze(domain, true).await
+        Connection::start(self, domain, StartFlags { paused: true }).await.map(drop)
     }
 
     async fn stop(&self, domain: &str) -> Result<()> {

@@ -16,7 +16,7 @@ use strata_qemu_block::fuse::recorded_server;
 
 use crate::pause::{self, SnapshotPause};
 use crate::plan::cstr;
-use crate::syscall::Syscall;
+use crate::syscall::{loop_backing_file, Syscall};
 
 /// How long a storage daemon gets to quit after SIGTERM.
 const DAEMON_GRACE: Duration = Duration::from_secs(10);
@@ -225,6 +225,9 @@ pub fn teardown(sys: &dyn Syscall, status: &LiveStatus) -> Result<()> {
         sys.kill(init.pid, libc::SIGKILL)?;
         wait_gone(init, Duration::from_secs(30))?;
     }
+    if let Some(pause) = &status.pause {
+        thaw_gone_pause(sys, status, pause)?;
+    }
     for l in &status.loops {
         sys.loop_detach(&l.device, &l.image)?;
     }
@@ -232,6 +235,26 @@ pub fn teardown(sys: &dyn Syscall, status: &LiveStatus) -> Result<()> {
         stop_daemon(sys, served)?;
     }
     sys.cgroup_remove(&status.cgroup)
+}
+
+/// Thaws the filesystems the snapshot pause `pause` froze in a container
+/// that is gone now (its init killed while it was frozen), last frozen
+/// first, each through a mount of its own ([`pause::thaw_unmounted`]):
+/// a frozen one would keep its loop device. A loop device that no longer
+/// holds the filesystem's export is another's now, and left alone. The
+/// cgroup needs no thaw: it is killed and removed frozen.
+fn thaw_gone_pause(sys: &dyn Syscall, status: &LiveStatus, pause: &SnapshotPause) -> Result<()> {
+    for target in pause.filesystems.iter().rev() {
+        let Some(served) = status.served.iter().find(|s| &s.target == target) else { continue };
+        let held = status
+            .loops
+            .iter()
+            .find(|l| l.image == served.file && loop_backing_file(&l.device).as_deref() == Some(served.file.as_path()));
+        if let Some(l) = held {
+            pause::thaw_unmounted(sys, &l.device, target, &served.dir.join("thaw"))?;
+        }
+    }
+    Ok(())
 }
 
 /// Stops the storage daemon serving `served` (SIGTERM: it removes its

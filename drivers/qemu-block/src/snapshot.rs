@@ -19,14 +19,10 @@ use crate::monitor::qmp_error;
 use crate::nodes::node_prefix;
 
 /// Takes the `plans` of snapshot `name` in the process `client` talks to
-/// (serving `domain`): an internal snapshot of each `internal` device's
-/// root node (`root` gives a device's), and for each `external` one its
-/// overlay (when it is among `created`: an empty file made here, its
-/// qcow2 header by `blockdev-create` with the frozen image as its backing
-/// file) added as nodes numbered from
-/// `number`, then one `transaction` of them all. Returns each device's new
-/// root node. On failure the nodes added are removed and the files in
-/// `created` deleted. The caller holds the unattached-nodes lock
+/// (serving `domain`): [`prepare_snapshot_live`], then
+/// [`PreparedSnapshot::switch`]. Returns each device's new root node. On
+/// failure the nodes added are removed and the files in `created`
+/// deleted. The caller holds the unattached-nodes lock
 /// ([`crate::jobs::lock_unattached_nodes`]) from before until it has
 /// recorded the new roots.
 pub async fn snapshot_live(
@@ -34,10 +30,41 @@ pub async fn snapshot_live(
     domain: &str,
     plans: &[DiskPlan],
     name: &str,
-    mut number: u64,
+    number: u64,
     created: &[PathBuf],
     root: impl Fn(&str) -> Result<String>,
 ) -> Result<NewTops> {
+    let prepared = prepare_snapshot_live(client, domain, plans, name, number, created, root).await?;
+    strata_core::crash_point("snapshot-create:overlays");
+    prepared.switch(client, domain).await
+}
+
+/// A live snapshot's nodes added to one process, not yet switched in:
+/// what can fail short of the process itself (a node name taken, an
+/// overlay that cannot be opened) has not.
+pub struct PreparedSnapshot {
+    new_roots: NewTops,
+    added: Vec<String>,
+    actions: Vec<Value>,
+    created: Vec<PathBuf>,
+}
+
+/// Prepares the `plans` of snapshot `name` in the process `client` talks
+/// to (serving `domain`): an internal snapshot of each `internal` device's
+/// root node (`root` gives a device's), and for each `external` one its
+/// overlay (when it is among `created`: an empty file made here, its
+/// qcow2 header by `blockdev-create` with the frozen image as its backing
+/// file) added as nodes numbered from `number`. On failure the nodes added
+/// are removed and the files in `created` deleted.
+pub async fn prepare_snapshot_live(
+    client: &QmpClient,
+    domain: &str,
+    plans: &[DiskPlan],
+    name: &str,
+    mut number: u64,
+    created: &[PathBuf],
+    root: impl Fn(&str) -> Result<String>,
+) -> Result<PreparedSnapshot> {
     let mut new_roots = HashMap::new();
     let mut added: Vec<String> = Vec::new();
     let mut actions: Vec<Value> = Vec::new();
@@ -106,19 +133,43 @@ pub async fn snapshot_live(
                 _ => {}
             }
         }
-        strata_core::crash_point("snapshot-create:overlays");
-        client.execute("transaction", Some(json!({"actions": actions}))).await.map_err(|e| qmp_error(domain, e))?;
         Ok::<(), Error>(())
     }
     .await;
-    if let Err(e) = outcome {
-        for node in added.iter().rev() {
+    let prepared = PreparedSnapshot { new_roots, added, actions, created: created.to_vec() };
+    match outcome {
+        Ok(()) => Ok(prepared),
+        Err(e) => {
+            prepared.discard(client).await;
+            Err(e)
+        }
+    }
+}
+
+impl PreparedSnapshot {
+    /// Switches every prepared device to its overlay (and takes the
+    /// internal snapshots) in one `transaction`; returns each device's new
+    /// root node. On failure the nodes are removed and the files made for
+    /// it deleted.
+    pub async fn switch(self, client: &QmpClient, domain: &str) -> Result<NewTops> {
+        let actions = json!({"actions": self.actions});
+        match client.execute("transaction", Some(actions)).await {
+            Ok(_) => Ok(self.new_roots),
+            Err(e) => {
+                let e = qmp_error(domain, e);
+                self.discard(client).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes the nodes added and deletes the files made for it.
+    pub async fn discard(self, client: &QmpClient) {
+        for node in self.added.iter().rev() {
             let _ = client.execute("blockdev-del", Some(json!({"node-name": node}))).await;
         }
-        for f in created {
+        for f in &self.created {
             let _ = std::fs::remove_file(f);
         }
-        return Err(e);
     }
-    Ok(new_roots)
 }
