@@ -851,7 +851,14 @@ fn killed_migration_is_undone(src: &TestEnv, dest: &TestEnv) {
     let args = ["migrate", "vm1", &dest.uri, "--live", "--copy-storage-disk-set", "--bandwidth", "1"];
     let migration = Background::spawn(src, &args);
     job_running(src, "vm1", "Outgoing migration");
-    assert!(qemu_pid(dest, "vm1").is_some(), "the destination QEMU runs");
+    // The job shows from the moment the migration is recorded, before the
+    // destination is prepared: wait for the destination's QEMU (under load
+    // it comes a while later), so the kill lands mid-stream.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while qemu_pid(dest, "vm1").is_none() {
+        assert!(Instant::now() < deadline, "the destination QEMU never ran");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(dest.state_root().join("images/vm1/copied.qcow2").exists(), "the copied image is made");
     // SIGKILL mid-stream (a strata reached through a transport dies with
     // the one that started it).
