@@ -3,8 +3,10 @@
 //! On q35 a NIC can only be plugged into (and unplugged from) a PCIe root
 //! port, so `launch` gives every q35 domain `SPARE_ROOT_PORTS` empty
 //! ones, as libvirt adds spare ports; an attached NIC goes on a free one.
-//! NICs present at start sit on the root complex, which cannot unplug
-//! them: QEMU refuses their `device_del`, and they are detached with
+//! A PCIe NIC (virtio, e1000e) present at start sits on a root port of
+//! its own and is unplugged the same way; a conventional PCI one
+//! (rtl8139, e1000, …) sits on the root complex, which cannot unplug it:
+//! its detach is refused before anything changes, and it is detached with
 //! `--config` and a restart.
 //!
 //! An attach opens the host side as a start does (`tap::open_interface`:
@@ -30,7 +32,7 @@ use strata_core::{Error, ErrorKind, Result};
 use strata_qemu_block::monitor::{qmp_error, Monitor};
 use strata_qmp::QmpError;
 
-use crate::launch::{is_q35, live_nic_id, nic_args, nic_id, ROOT_PORT_PREFIX, SPARE_ROOT_PORTS};
+use crate::launch::{is_q35, live_nic_id, nic_args, nic_id, nic_model, ROOT_PORT_PREFIX, SPARE_ROOT_PORTS};
 use crate::live::{edit_status_async, LiveStatus};
 use crate::tap;
 
@@ -46,23 +48,54 @@ fn free_nic_id(dom: &Domain) -> Result<String> {
     Ok((0..).map(nic_id).find(|id| !used.contains(id)).unwrap_or_default())
 }
 
-/// A spare root port with nothing plugged into it, from `query-pci`.
-async fn free_root_port(monitor: &Monitor, domain: &str) -> Result<String> {
+/// The devices on the root bus, from `query-pci` (a bridge's own
+/// devices are under its `pci_bridge`).
+async fn root_bus_devices(monitor: &Monitor, domain: &str) -> Result<Vec<Value>> {
     let buses = monitor.client.execute("query-pci", None).await.map_err(|e| qmp_error(domain, e))?;
-    let devices =
-        buses.as_array().into_iter().flatten().flat_map(|bus| bus["devices"].as_array().into_iter().flatten());
-    let free = devices
-        .filter(|d| d["qdev_id"].as_str().is_some_and(|id| id.starts_with(ROOT_PORT_PREFIX)))
-        .find(|d| d["pci_bridge"]["devices"].as_array().is_none_or(Vec::is_empty));
-    free.and_then(|d| d["qdev_id"].as_str().map(str::to_string)).ok_or_else(|| {
-        Error::new(
-            ErrorKind::OperationFailed,
-            format!(
-                "domain '{domain}' has no free PCIe root port for another NIC (it started with {SPARE_ROOT_PORTS} \
-                 spare ones); detach one, or add the interface with --config and restart the domain"
-            ),
-        )
-    })
+    Ok(buses
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|bus| bus["devices"].as_array().into_iter().flatten())
+        .cloned()
+        .collect())
+}
+
+/// A root port of Strata's with nothing plugged into it: the ports from
+/// `query-pci`, each one's bus read through QOM (a device on it is a
+/// `child[N]` link there). `query-pci` alone cannot say: it lists what is
+/// behind a port only once the guest has numbered the port's bus.
+async fn free_root_port(monitor: &Monitor, domain: &str) -> Result<String> {
+    let devices = root_bus_devices(monitor, domain).await?;
+    let ports = devices.iter().filter_map(|d| d["qdev_id"].as_str()).filter(|id| id.starts_with(ROOT_PORT_PREFIX));
+    for port in ports {
+        let path = format!("/machine/peripheral/{port}/{port}");
+        let properties = monitor
+            .client
+            .execute("qom-list", Some(json!({ "path": path })))
+            .await
+            .map_err(|e| qmp_error(domain, e))?;
+        let occupied = properties
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["name"].as_str().is_some_and(|name| name.starts_with("child[")));
+        if !occupied {
+            return Ok(port.to_string());
+        }
+    }
+    Err(Error::new(
+        ErrorKind::OperationFailed,
+        format!(
+            "domain '{domain}' has no free PCIe root port for another NIC (it started with {SPARE_ROOT_PORTS} \
+             spare ones); detach one, or add the interface with --config and restart the domain"
+        ),
+    ))
+}
+
+/// The machine type the domain's `<os><type machine>` names.
+fn machine_of(dom: &Domain) -> Option<&str> {
+    dom.element().child("os").and_then(|o| o.child("type")).and_then(|t| t.attr("machine"))
 }
 
 /// `device_add`'s arguments from a `-device` option string.
@@ -92,8 +125,7 @@ pub async fn attach(
 ) -> Result<()> {
     let client = &monitor.client;
     // A port first: a refusal leaves nothing opened or passed to QEMU.
-    let machine = status.domain.element().child("os").and_then(|o| o.child("type")).and_then(|t| t.attr("machine"));
-    let bus = match is_q35(machine.unwrap_or("q35")) {
+    let bus = match is_q35(machine_of(&status.domain).unwrap_or("q35")) {
         true => Some(free_root_port(monitor, domain).await?),
         false => None,
     };
@@ -207,6 +239,17 @@ pub async fn detach(store: &Store, domain: &str, status: &LiveStatus, monitor: &
     let client = &monitor.client;
     let iface = status.domain.interfaces()?.remove(index);
     let id = live_nic_id(&iface, index);
+    if is_q35(machine_of(&status.domain).unwrap_or("q35")) {
+        let on_root_complex = root_bus_devices(monitor, domain).await?.iter().any(|d| d["qdev_id"] == id.as_str());
+        if on_root_complex {
+            return Err(Error::operation_failed(format!(
+                "interface '{id}' of domain '{domain}' cannot be detached live: its model '{}' is a conventional \
+                 PCI device, on q35's root complex, which cannot unplug it (a virtio or e1000e NIC goes on a root \
+                 port of its own); detach it with --config and restart the domain",
+                nic_model(&iface)
+            )));
+        }
+    }
     let mut events = client.subscribe_events();
     let deleted = |e: &strata_qmp::QmpEvent| e.event == "DEVICE_DELETED" && e.data["device"] == id.as_str();
     match client.execute("device_del", Some(json!({ "id": id }))).await {
