@@ -273,3 +273,50 @@ fn a_pcie_nic_present_at_start_is_detached_live_and_a_conventional_pci_ones_deta
     assert_eq!(pci_placement(&env, "guest", "net0"), None, "QEMU no longer has it");
     env.ok(&["destroy", "guest"]);
 }
+
+#[test]
+fn an_unplug_left_pending_by_the_detach_is_finished_by_the_next_command_that_reads_the_domain() {
+    let env = TestEnv::new();
+    let console = env.path("console.log");
+    let mac = "52:54:00:5e:04:01";
+    let interface =
+        format!("    <interface type='ethernet'><mac address='{mac}'/><model type='virtio'/></interface>\n");
+    env.define("guest", &guest_domain_xml("guest", &console, &interface));
+    let _guard = DomainGuard { env: &env, name: "guest".into() };
+    env.ok(&["start", "guest"]);
+    let nic = guest_nic(&console, mac);
+    let rows = interface_rows(&env, &["domiflist", "guest"]);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let tap = rows[0][0].clone();
+    assert!(link(&tap).is_some(), "the NIC's tap {tap} exists on the host");
+
+    // A paused guest cannot answer QEMU's unplug request: the detach gives
+    // up waiting and leaves it pending.
+    env.ok(&["suspend", "guest"]);
+    let stderr = env.fails(&["detach-interface", "guest", "ethernet", "--mac", mac, "--live"]);
+    assert!(
+        stderr.starts_with("error: Failed to detach interface\n")
+            && stderr.contains("has not released interface 'net0' after 60s; the unplug request stays pending"),
+        "{stderr}"
+    );
+    let status = env.state_root().join("domains/guest/status.xml");
+    let recorded = std::fs::read_to_string(&status).expect("the live status");
+    assert!(recorded.contains(&format!("<pendingunplug alias='net0' tap='{tap}'/>")), "{recorded}");
+
+    assert_eq!(interface_rows(&env, &["domiflist", "guest"]), rows, "the paused guest still has the NIC");
+    assert!(link(&tap).is_some(), "and its tap stays while QEMU has it");
+    // No detach runs again: once the resumed guest has released the NIC,
+    // domiflist is what finishes the detach.
+    env.ok(&["resume", "guest"]);
+    wait_for_console(&console, &format!("strata-guest: nic-gone {nic}"), BOOT_LIMIT);
+    let deadline = std::time::Instant::now() + BOOT_LIMIT;
+    while !interface_rows(&env, &["domiflist", "guest"]).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "domiflist still lists the NIC the guest released");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert_eq!(link(&tap), None, "the tap is gone from the host");
+    let recorded = std::fs::read_to_string(&status).expect("the live status");
+    assert!(!recorded.contains("pendingunplug") && !recorded.contains(mac), "{recorded}");
+    assert!(!env.ok(&["dumpxml", "guest"]).contains(mac), "the live XML dropped the interface");
+    env.ok(&["destroy", "guest"]);
+}

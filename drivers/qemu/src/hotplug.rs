@@ -15,11 +15,13 @@
 //! and `device_add`. A detach sends `device_del` and waits for QEMU's
 //! `DEVICE_DELETED`, which comes once the guest has released the device;
 //! only then are the netdev, the tap and the live XML's `<interface>`
-//! removed. A guest that does not answer within [`UNPLUG_WAIT`] leaves the
-//! request pending in QEMU and the interface in the live XML: the command
-//! fails saying so, and the same `detach-interface` run again finishes
-//! the job once the device is gone (or waits again); a tap still there is
-//! removed with the domain at destroy.
+//! removed. The request is recorded in the status ([`PendingUnplug`])
+//! once QEMU has it. A guest that does not answer within [`UNPLUG_WAIT`]
+//! leaves it pending in QEMU and the interface in the live XML: the
+//! command fails saying so, and the next command that reads the running
+//! domain ([`finish_pending_unplugs`], from the connection's
+//! reconciliation) finishes the detach once QEMU no longer has the device;
+//! a tap still there is removed with the domain at destroy.
 
 use std::os::fd::AsFd;
 use std::time::Duration;
@@ -33,7 +35,7 @@ use strata_qemu_block::monitor::{qmp_error, Monitor};
 use strata_qmp::QmpError;
 
 use crate::launch::{is_q35, live_nic_id, nic_args, nic_id, nic_model, ROOT_PORT_PREFIX, SPARE_ROOT_PORTS};
-use crate::live::{edit_status_async, LiveStatus};
+use crate::live::{edit_status_async, LiveStatus, PendingUnplug};
 use crate::tap;
 
 /// How long a detach waits for the guest to release the device (a
@@ -260,43 +262,79 @@ pub async fn detach(store: &Store, domain: &str, status: &LiveStatus, monitor: &
         Err(QmpError::Command { desc, .. }) if desc.contains("already in the process of unplug") => {}
         Err(e) => return Err(qmp_error(domain, e)),
     }
+    // Recorded as soon as QEMU has the request, so that whichever command
+    // next finds the device gone finishes the detach.
+    let pending = PendingUnplug { alias: id.clone(), tap: iface.target_dev.clone() };
+    edit_status_async(store, domain, |s| {
+        if !s.pending_unplugs.contains(&pending) {
+            s.pending_unplugs.push(pending.clone());
+        }
+        Ok(())
+    })
+    .await?;
     if device_exists(monitor, &id).await? {
         if let Err(e) = client.wait_event(&mut events, deleted, UNPLUG_WAIT).await {
             if device_exists(monitor, &id).await? {
                 tracing::debug!(domain, device = id, error = %e, "no DEVICE_DELETED");
                 return Err(Error::operation_failed(format!(
                     "the guest of domain '{domain}' has not released interface '{id}' after {}s; the unplug request \
-                     stays pending: run detach-interface again to finish it once the guest has released the device",
+                     stays pending and the next command that reads the domain (domiflist, dumpxml, list, …) \
+                     finishes it once the guest has released the device",
                     UNPLUG_WAIT.as_secs()
                 )));
             }
         }
     }
-    match client.execute("netdev_del", Some(json!({ "id": format!("host{id}") }))).await {
+    finish_unplug(store, domain, monitor, &pending).await
+}
+
+/// Finishes the pending unplugs of `status` whose device QEMU no longer
+/// has (the guest released it after the detach stopped waiting): their
+/// netdevs, taps and `<interface>`s go. Returns whether any was finished.
+pub async fn finish_pending_unplugs(
+    store: &Store,
+    domain: &str,
+    status: &LiveStatus,
+    monitor: &Monitor,
+) -> Result<bool> {
+    let mut finished = false;
+    for pending in &status.pending_unplugs {
+        if !device_exists(monitor, &pending.alias).await? {
+            finish_unplug(store, domain, monitor, pending).await?;
+            finished = true;
+        }
+    }
+    Ok(finished)
+}
+
+/// What follows the device's removal: its netdev, its tap, its
+/// `<interface>` in the live XML and the pending record go. Another
+/// command may have finished it first: what is already gone is skipped.
+async fn finish_unplug(store: &Store, domain: &str, monitor: &Monitor, pending: &PendingUnplug) -> Result<()> {
+    let netdev = json!({ "id": format!("host{}", pending.alias) });
+    match monitor.client.execute("netdev_del", Some(netdev)).await {
         Ok(_) => {}
         Err(QmpError::Command { class, .. }) if class == "DeviceNotFound" => {}
         Err(e) => return Err(qmp_error(domain, e)),
     }
     edit_status_async(store, domain, |s| {
-        let now = find_by_id(&s.domain, &id)?;
-        s.domain.remove_interface(now)?;
-        if let Some(dev) = &iface.target_dev {
-            if let Some(position) = s.host_nics.iter().position(|n| &n.name == dev) {
+        if let Some(now) = find_by_id(&s.domain, &pending.alias)? {
+            s.domain.remove_interface(now)?;
+        }
+        if let Some(tap) = &pending.tap {
+            if let Some(position) = s.host_nics.iter().position(|n| &n.name == tap) {
                 s.host_nics.remove(position).remove()?;
             }
         }
+        s.pending_unplugs.retain(|p| p != pending);
         Ok(())
     })
     .await?;
     Ok(())
 }
 
-fn find_by_id(dom: &Domain, id: &str) -> Result<usize> {
-    dom.interfaces()?
-        .iter()
-        .enumerate()
-        .position(|(index, iface)| live_nic_id(iface, index) == id)
-        .ok_or_else(|| Error::internal(format!("interface '{id}' left the live definition")))
+fn find_by_id(dom: &Domain, id: &str) -> Result<Option<usize>> {
+    Ok(dom.interfaces()?.iter().enumerate().position(|(index, iface)| live_nic_id(iface, index) == id))
 }
 
 /// Whether QEMU still has the device `id`.
