@@ -214,3 +214,109 @@ fn a_nic_attached_live_gets_a_lease_and_a_detached_one_leaves_the_guest_the_live
     assert!(interface_rows(&env, &["domiflist", "guest", "--inactive"]).is_empty());
     env.ok(&["destroy", "guest"]);
 }
+
+/// Where QEMU placed the device `id`: the bus it is plugged into and its
+/// slot there (QOM's `parent_bus` and `addr`), `None` once it is gone.
+fn pci_placement(env: &TestEnv, domain: &str, id: &str) -> Option<(String, i64)> {
+    let get = |property: &str| -> serde_json::Value {
+        let command = format!(
+            r#"{{"execute":"qom-get","arguments":{{"path":"/machine/peripheral/{id}","property":"{property}"}}}}"#
+        );
+        let out = env.strata(&["qemu-monitor-command", domain, &command]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).map(|r| r["return"].clone()).unwrap_or_default()
+    };
+    Some((get("parent_bus").as_str()?.to_string(), get("addr").as_i64()?))
+}
+
+#[test]
+fn a_pcie_nic_present_at_start_is_detached_live_and_a_conventional_pci_ones_detach_is_refused_naming_its_model() {
+    let env = TestEnv::new();
+    let console = env.path("console.log");
+    let (virtio_mac, rtl_mac) = ("52:54:00:5e:03:01", "52:54:00:5e:03:02");
+    let interfaces = format!(
+        "    <interface type='ethernet'><mac address='{virtio_mac}'/><model type='virtio'/></interface>\n    \
+         <interface type='user'><mac address='{rtl_mac}'/><model type='rtl8139'/></interface>\n"
+    );
+    env.define("guest", &guest_domain_xml("guest", &console, &interfaces));
+    let _guard = DomainGuard { env: &env, name: "guest".into() };
+    env.ok(&["start", "guest"]);
+    let placements = || ["net0", "strata-port-net0", "net1"].map(|id| pci_placement(&env, "guest", id));
+    let placed = placements();
+    let [Some(virtio_at), Some(port_at), Some(rtl_at)] = placed.clone() else { panic!("all placed: {placed:?}") };
+    assert_eq!(virtio_at.0, "/machine/peripheral/strata-port-net0/strata-port-net0", "virtio on its own port");
+    assert_eq!(port_at.0, "/machine/q35/pcie.0", "the port on the root complex");
+    assert_eq!(rtl_at.0, "/machine/q35/pcie.0", "the rtl8139 NIC on the root complex");
+    env.ok(&["destroy", "guest"]);
+    env.ok(&["start", "guest"]);
+    assert_eq!(placements(), placed, "the same definition places its NICs at the same addresses at every start");
+
+    let nic = guest_nic(&console, virtio_mac);
+    let rows = interface_rows(&env, &["domiflist", "guest"]);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let tap = rows[0][0].clone();
+    assert!(link(&tap).is_some(), "the virtio NIC's tap {tap} exists on the host");
+
+    let stderr = env.fails(&["detach-interface", "guest", "user", "--mac", rtl_mac, "--live"]);
+    assert!(
+        stderr.starts_with("error: Failed to detach interface\n")
+            && stderr.contains("interface 'net1' of domain 'guest' cannot be detached live: its model 'rtl8139' is a conventional PCI device"),
+        "{stderr}"
+    );
+    assert_eq!(interface_rows(&env, &["domiflist", "guest"]), rows, "the refused detach changed nothing");
+    assert_eq!(pci_placement(&env, "guest", "net1"), Some(rtl_at), "QEMU still has the rtl8139 NIC");
+
+    let out = env.ok(&["detach-interface", "guest", "ethernet", "--mac", virtio_mac, "--live"]);
+    assert_eq!(out, "Interface detached successfully\n\n");
+    wait_for_console(&console, &format!("strata-guest: nic-gone {nic}"), BOOT_LIMIT);
+    assert_eq!(interface_rows(&env, &["domiflist", "guest"]), rows[1..], "domiflist dropped the virtio NIC only");
+    assert_eq!(link(&tap), None, "its tap is gone from the host");
+    assert_eq!(pci_placement(&env, "guest", "net0"), None, "QEMU no longer has it");
+    env.ok(&["destroy", "guest"]);
+}
+
+#[test]
+fn an_unplug_left_pending_by_the_detach_is_finished_by_the_next_command_that_reads_the_domain() {
+    let env = TestEnv::new();
+    let console = env.path("console.log");
+    let mac = "52:54:00:5e:04:01";
+    let interface =
+        format!("    <interface type='ethernet'><mac address='{mac}'/><model type='virtio'/></interface>\n");
+    env.define("guest", &guest_domain_xml("guest", &console, &interface));
+    let _guard = DomainGuard { env: &env, name: "guest".into() };
+    env.ok(&["start", "guest"]);
+    let nic = guest_nic(&console, mac);
+    let rows = interface_rows(&env, &["domiflist", "guest"]);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let tap = rows[0][0].clone();
+    assert!(link(&tap).is_some(), "the NIC's tap {tap} exists on the host");
+
+    // A paused guest cannot answer QEMU's unplug request: the detach gives
+    // up waiting and leaves it pending.
+    env.ok(&["suspend", "guest"]);
+    let stderr = env.fails(&["detach-interface", "guest", "ethernet", "--mac", mac, "--live"]);
+    assert!(
+        stderr.starts_with("error: Failed to detach interface\n")
+            && stderr.contains("has not released interface 'net0' after 60s; the unplug request stays pending"),
+        "{stderr}"
+    );
+    let status = env.state_root().join("domains/guest/status.xml");
+    let recorded = std::fs::read_to_string(&status).expect("the live status");
+    assert!(recorded.contains(&format!("<pendingunplug alias='net0' tap='{tap}'/>")), "{recorded}");
+
+    assert_eq!(interface_rows(&env, &["domiflist", "guest"]), rows, "the paused guest still has the NIC");
+    assert!(link(&tap).is_some(), "and its tap stays while QEMU has it");
+    // No detach runs again: once the resumed guest has released the NIC,
+    // domiflist is what finishes the detach.
+    env.ok(&["resume", "guest"]);
+    wait_for_console(&console, &format!("strata-guest: nic-gone {nic}"), BOOT_LIMIT);
+    let deadline = std::time::Instant::now() + BOOT_LIMIT;
+    while !interface_rows(&env, &["domiflist", "guest"]).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "domiflist still lists the NIC the guest released");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert_eq!(link(&tap), None, "the tap is gone from the host");
+    let recorded = std::fs::read_to_string(&status).expect("the live status");
+    assert!(!recorded.contains("pendingunplug") && !recorded.contains(mac), "{recorded}");
+    assert!(!env.ok(&["dumpxml", "guest"]).contains(mac), "the live XML dropped the interface");
+    env.ok(&["destroy", "guest"]);
+}

@@ -3,8 +3,10 @@
 //! On q35 a NIC can only be plugged into (and unplugged from) a PCIe root
 //! port, so `launch` gives every q35 domain `SPARE_ROOT_PORTS` empty
 //! ones, as libvirt adds spare ports; an attached NIC goes on a free one.
-//! NICs present at start sit on the root complex, which cannot unplug
-//! them: QEMU refuses their `device_del`, and they are detached with
+//! A PCIe NIC (virtio, e1000e) present at start sits on a root port of
+//! its own and is unplugged the same way; a conventional PCI one
+//! (rtl8139, e1000, …) sits on the root complex, which cannot unplug it:
+//! its detach is refused before anything changes, and it is detached with
 //! `--config` and a restart.
 //!
 //! An attach opens the host side as a start does (`tap::open_interface`:
@@ -13,11 +15,13 @@
 //! and `device_add`. A detach sends `device_del` and waits for QEMU's
 //! `DEVICE_DELETED`, which comes once the guest has released the device;
 //! only then are the netdev, the tap and the live XML's `<interface>`
-//! removed. A guest that does not answer within [`UNPLUG_WAIT`] leaves the
-//! request pending in QEMU and the interface in the live XML: the command
-//! fails saying so, and the same `detach-interface` run again finishes
-//! the job once the device is gone (or waits again); a tap still there is
-//! removed with the domain at destroy.
+//! removed. The request is recorded in the status ([`PendingUnplug`])
+//! once QEMU has it. A guest that does not answer within [`UNPLUG_WAIT`]
+//! leaves it pending in QEMU and the interface in the live XML: the
+//! command fails saying so, and the next command that reads the running
+//! domain ([`finish_pending_unplugs`], from the connection's
+//! reconciliation) finishes the detach once QEMU no longer has the device;
+//! a tap still there is removed with the domain at destroy.
 
 use std::os::fd::AsFd;
 use std::time::Duration;
@@ -30,13 +34,14 @@ use strata_core::{Error, ErrorKind, Result};
 use strata_qemu_block::monitor::{qmp_error, Monitor};
 use strata_qmp::QmpError;
 
-use crate::launch::{is_q35, live_nic_id, nic_args, nic_id, ROOT_PORT_PREFIX, SPARE_ROOT_PORTS};
-use crate::live::{edit_status_async, LiveStatus};
+use crate::launch::{is_q35, live_nic_id, nic_args, nic_id, nic_model, ROOT_PORT_PREFIX, SPARE_ROOT_PORTS};
+use crate::live::{edit_status_async, LiveStatus, PendingUnplug};
 use crate::tap;
 
-/// How long a detach waits for the guest to release the device (a
-/// guest's PCIe hotplug driver takes 5 s to act on the request, and a
-/// TCG guest on a loaded host longer).
+/// How long a detach waits for the guest to release the device: a guest
+/// answering through native PCIe hotplug waits 5 s before it acts (QEMU
+/// 7.2's q35 root ports use ACPI hotplug, which a guest answers at once),
+/// and a TCG guest on a loaded host takes longer still.
 const UNPLUG_WAIT: Duration = Duration::from_secs(60);
 
 /// A NIC id no interface of `dom` uses.
@@ -46,23 +51,54 @@ fn free_nic_id(dom: &Domain) -> Result<String> {
     Ok((0..).map(nic_id).find(|id| !used.contains(id)).unwrap_or_default())
 }
 
-/// A spare root port with nothing plugged into it, from `query-pci`.
-async fn free_root_port(monitor: &Monitor, domain: &str) -> Result<String> {
+/// The devices on the root bus, from `query-pci` (a bridge's own
+/// devices are under its `pci_bridge`).
+async fn root_bus_devices(monitor: &Monitor, domain: &str) -> Result<Vec<Value>> {
     let buses = monitor.client.execute("query-pci", None).await.map_err(|e| qmp_error(domain, e))?;
-    let devices =
-        buses.as_array().into_iter().flatten().flat_map(|bus| bus["devices"].as_array().into_iter().flatten());
-    let free = devices
-        .filter(|d| d["qdev_id"].as_str().is_some_and(|id| id.starts_with(ROOT_PORT_PREFIX)))
-        .find(|d| d["pci_bridge"]["devices"].as_array().is_none_or(Vec::is_empty));
-    free.and_then(|d| d["qdev_id"].as_str().map(str::to_string)).ok_or_else(|| {
-        Error::new(
-            ErrorKind::OperationFailed,
-            format!(
-                "domain '{domain}' has no free PCIe root port for another NIC (it started with {SPARE_ROOT_PORTS} \
-                 spare ones); detach one, or add the interface with --config and restart the domain"
-            ),
-        )
-    })
+    Ok(buses
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|bus| bus["devices"].as_array().into_iter().flatten())
+        .cloned()
+        .collect())
+}
+
+/// A root port of Strata's with nothing plugged into it: the ports from
+/// `query-pci`, each one's bus read through QOM (a device on it is a
+/// `child[N]` link there). `query-pci` alone cannot say: it lists what is
+/// behind a port only once the guest has numbered the port's bus.
+async fn free_root_port(monitor: &Monitor, domain: &str) -> Result<String> {
+    let devices = root_bus_devices(monitor, domain).await?;
+    let ports = devices.iter().filter_map(|d| d["qdev_id"].as_str()).filter(|id| id.starts_with(ROOT_PORT_PREFIX));
+    for port in ports {
+        let path = format!("/machine/peripheral/{port}/{port}");
+        let properties = monitor
+            .client
+            .execute("qom-list", Some(json!({ "path": path })))
+            .await
+            .map_err(|e| qmp_error(domain, e))?;
+        let occupied = properties
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["name"].as_str().is_some_and(|name| name.starts_with("child[")));
+        if !occupied {
+            return Ok(port.to_string());
+        }
+    }
+    Err(Error::new(
+        ErrorKind::OperationFailed,
+        format!(
+            "domain '{domain}' has no free PCIe root port for another NIC (it started with {SPARE_ROOT_PORTS} \
+             spare ones); detach one, or add the interface with --config and restart the domain"
+        ),
+    ))
+}
+
+/// The machine type the domain's `<os><type machine>` names.
+fn machine_of(dom: &Domain) -> Option<&str> {
+    dom.element().child("os").and_then(|o| o.child("type")).and_then(|t| t.attr("machine"))
 }
 
 /// `device_add`'s arguments from a `-device` option string.
@@ -92,8 +128,7 @@ pub async fn attach(
 ) -> Result<()> {
     let client = &monitor.client;
     // A port first: a refusal leaves nothing opened or passed to QEMU.
-    let machine = status.domain.element().child("os").and_then(|o| o.child("type")).and_then(|t| t.attr("machine"));
-    let bus = match is_q35(machine.unwrap_or("q35")) {
+    let bus = match is_q35(machine_of(&status.domain).unwrap_or("q35")) {
         true => Some(free_root_port(monitor, domain).await?),
         false => None,
     };
@@ -207,6 +242,17 @@ pub async fn detach(store: &Store, domain: &str, status: &LiveStatus, monitor: &
     let client = &monitor.client;
     let iface = status.domain.interfaces()?.remove(index);
     let id = live_nic_id(&iface, index);
+    if is_q35(machine_of(&status.domain).unwrap_or("q35")) {
+        let on_root_complex = root_bus_devices(monitor, domain).await?.iter().any(|d| d["qdev_id"] == id.as_str());
+        if on_root_complex {
+            return Err(Error::operation_failed(format!(
+                "interface '{id}' of domain '{domain}' cannot be detached live: its model '{}' is a conventional \
+                 PCI device, on q35's root complex, which cannot unplug it (a virtio or e1000e NIC goes on a root \
+                 port of its own); detach it with --config and restart the domain",
+                nic_model(&iface)
+            )));
+        }
+    }
     let mut events = client.subscribe_events();
     let deleted = |e: &strata_qmp::QmpEvent| e.event == "DEVICE_DELETED" && e.data["device"] == id.as_str();
     match client.execute("device_del", Some(json!({ "id": id }))).await {
@@ -217,43 +263,79 @@ pub async fn detach(store: &Store, domain: &str, status: &LiveStatus, monitor: &
         Err(QmpError::Command { desc, .. }) if desc.contains("already in the process of unplug") => {}
         Err(e) => return Err(qmp_error(domain, e)),
     }
+    // Recorded as soon as QEMU has the request, so that whichever command
+    // next finds the device gone finishes the detach.
+    let pending = PendingUnplug { alias: id.clone(), tap: iface.target_dev.clone() };
+    edit_status_async(store, domain, |s| {
+        if !s.pending_unplugs.contains(&pending) {
+            s.pending_unplugs.push(pending.clone());
+        }
+        Ok(())
+    })
+    .await?;
     if device_exists(monitor, &id).await? {
         if let Err(e) = client.wait_event(&mut events, deleted, UNPLUG_WAIT).await {
             if device_exists(monitor, &id).await? {
                 tracing::debug!(domain, device = id, error = %e, "no DEVICE_DELETED");
                 return Err(Error::operation_failed(format!(
                     "the guest of domain '{domain}' has not released interface '{id}' after {}s; the unplug request \
-                     stays pending: run detach-interface again to finish it once the guest has released the device",
+                     stays pending and the next command that reads the domain (domiflist, dumpxml, list, …) \
+                     finishes it once the guest has released the device",
                     UNPLUG_WAIT.as_secs()
                 )));
             }
         }
     }
-    match client.execute("netdev_del", Some(json!({ "id": format!("host{id}") }))).await {
+    finish_unplug(store, domain, monitor, &pending).await
+}
+
+/// Finishes the pending unplugs of `status` whose device QEMU no longer
+/// has (the guest released it after the detach stopped waiting): their
+/// netdevs, taps and `<interface>`s go. Returns whether any was finished.
+pub async fn finish_pending_unplugs(
+    store: &Store,
+    domain: &str,
+    status: &LiveStatus,
+    monitor: &Monitor,
+) -> Result<bool> {
+    let mut finished = false;
+    for pending in &status.pending_unplugs {
+        if !device_exists(monitor, &pending.alias).await? {
+            finish_unplug(store, domain, monitor, pending).await?;
+            finished = true;
+        }
+    }
+    Ok(finished)
+}
+
+/// What follows the device's removal: its netdev, its tap, its
+/// `<interface>` in the live XML and the pending record go. Another
+/// command may have finished it first: what is already gone is skipped.
+async fn finish_unplug(store: &Store, domain: &str, monitor: &Monitor, pending: &PendingUnplug) -> Result<()> {
+    let netdev = json!({ "id": format!("host{}", pending.alias) });
+    match monitor.client.execute("netdev_del", Some(netdev)).await {
         Ok(_) => {}
         Err(QmpError::Command { class, .. }) if class == "DeviceNotFound" => {}
         Err(e) => return Err(qmp_error(domain, e)),
     }
     edit_status_async(store, domain, |s| {
-        let now = find_by_id(&s.domain, &id)?;
-        s.domain.remove_interface(now)?;
-        if let Some(dev) = &iface.target_dev {
-            if let Some(position) = s.host_nics.iter().position(|n| &n.name == dev) {
+        if let Some(now) = find_by_id(&s.domain, &pending.alias)? {
+            s.domain.remove_interface(now)?;
+        }
+        if let Some(tap) = &pending.tap {
+            if let Some(position) = s.host_nics.iter().position(|n| &n.name == tap) {
                 s.host_nics.remove(position).remove()?;
             }
         }
+        s.pending_unplugs.retain(|p| p != pending);
         Ok(())
     })
     .await?;
     Ok(())
 }
 
-fn find_by_id(dom: &Domain, id: &str) -> Result<usize> {
-    dom.interfaces()?
-        .iter()
-        .enumerate()
-        .position(|(index, iface)| live_nic_id(iface, index) == id)
-        .ok_or_else(|| Error::internal(format!("interface '{id}' left the live definition")))
+fn find_by_id(dom: &Domain, id: &str) -> Result<Option<usize>> {
+    Ok(dom.interfaces()?.iter().enumerate().position(|(index, iface)| live_nic_id(iface, index) == id))
 }
 
 /// Whether QEMU still has the device `id`.

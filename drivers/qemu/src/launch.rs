@@ -108,6 +108,16 @@ pub fn command_line(dom: &Domain, accel: Accel, paths: &RuntimePaths, nics: &Hos
     for (index, iface) in dom.interfaces()?.iter().enumerate() {
         if let Some((netdev, device)) = nic_args(iface, index, nics.by_index.get(&index))? {
             push(&mut args, "-netdev", netdev);
+            // A PCIe NIC on a root port of its own can be unplugged live;
+            // one on the root complex cannot.
+            let device = match is_q35(&machine) && is_pcie_nic(iface) {
+                true => {
+                    let (port, port_id) = nic_root_port(index);
+                    push(&mut args, "-device", port);
+                    format!("{device},bus={port_id}")
+                }
+                false => device,
+            };
             push(&mut args, "-device", device);
         }
     }
@@ -163,6 +173,28 @@ fn root_port_devices() -> Vec<String> {
     (1..=SPARE_ROOT_PORTS).map(|n| format!("pcie-root-port,id={ROOT_PORT_PREFIX}{n},chassis={n},bus=pcie.0")).collect()
 }
 
+/// The root port the `index`th interface's NIC sits on from start (its
+/// `-device` argument and id): its chassis follows the spare ports', so
+/// the same definition gets the same ports at every start. Once its NIC
+/// is unplugged it is free for an attach like a spare one.
+fn nic_root_port(index: usize) -> (String, String) {
+    let id = format!("{ROOT_PORT_PREFIX}-{}", nic_id(index));
+    let chassis = SPARE_ROOT_PORTS + 1 + index;
+    (format!("pcie-root-port,id={id},chassis={chassis},bus=pcie.0"), id)
+}
+
+/// Whether the interface's NIC model is a PCI Express device, which goes
+/// on a root port of q35 (libvirt's rule: virtio and e1000e); the others
+/// are conventional PCI and stay on the root complex.
+pub fn is_pcie_nic(iface: &Interface) -> bool {
+    matches!(nic_model(iface), "virtio" | "e1000e")
+}
+
+/// The interface's NIC model as the XML names it, or the default.
+pub fn nic_model(iface: &Interface) -> &str {
+    iface.model.as_deref().unwrap_or(DEFAULT_NIC_MODEL)
+}
+
 /// The QEMU id of the live definition's `index`th interface: its alias, or
 /// the id a start gives it by its place.
 pub fn live_nic_id(iface: &Interface, index: usize) -> String {
@@ -185,7 +217,7 @@ pub fn nic_args(iface: &Interface, index: usize, host: Option<&OpenedNic>) -> Re
         _ => return Ok(None),
     };
     let what = format!("interface '{}'", iface.mac.as_deref().unwrap_or(&id));
-    let model = iface.model.as_deref().unwrap_or(DEFAULT_NIC_MODEL);
+    let model = nic_model(iface);
     let device = match model {
         "virtio" => "virtio-net-pci",
         "e1000" | "e1000e" | "rtl8139" | "ne2k_pci" | "pcnet" | "vmxnet3" | "i82551" | "i82557b" | "i82559er" => model,
@@ -392,8 +424,15 @@ mod tests {
             ]
         );
         let devices = values("-device");
-        assert!(devices.contains(&"virtio-net-pci,id=net1,netdev=hostnet1,mac=52:54:00:00:00:02".to_string()));
+        // The PCIe NIC on a root port of its own, after the spare ones'
+        // chassis; the conventional PCI one on the root complex.
+        let port = devices.iter().position(|d| d == "pcie-root-port,id=strata-port-net1,chassis=6,bus=pcie.0");
+        let nic = devices
+            .iter()
+            .position(|d| d == "virtio-net-pci,id=net1,netdev=hostnet1,mac=52:54:00:00:00:02,bus=strata-port-net1");
+        assert!(port.is_some_and(|port| nic.is_some_and(|nic| port < nic)), "{devices:?}");
         assert!(devices.contains(&"rtl8139,id=net2,netdev=hostnet2".to_string()), "{devices:?}");
+        assert_eq!(devices.iter().filter(|d| d.starts_with("pcie-root-port")).count(), SPARE_ROOT_PORTS + 1);
     }
 
     #[test]

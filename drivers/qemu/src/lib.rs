@@ -135,7 +135,10 @@ impl QemuConnection {
         let Some(status) = live::reconcile(&self.store, name)? else { return Ok(None) };
         let Some(monitor) = self.attach(name, &status).await? else { return Ok(None) };
         match jobs::reconcile_jobs(&self.store, name, &monitor, status).await? {
-            Some(status) => Ok(Some((status, monitor))),
+            Some(status) => match hotplug::finish_pending_unplugs(&self.store, name, &status, &monitor).await? {
+                true => Ok(live::reconcile(&self.store, name)?.map(|status| (status, monitor))),
+                false => Ok(Some((status, monitor))),
+            },
             None => {
                 self.monitors.forget(name).await;
                 Ok(None)
@@ -187,6 +190,7 @@ impl QemuConnection {
         self.recover_stream(&name).await?;
         if let Some(status) = live::reconcile(&self.store, &name)?.filter(LiveStatus::is_vm) {
             let Some(monitor) = self.attach(&name, &status).await? else { return Ok(s) };
+            hotplug::finish_pending_unplugs(&self.store, &name, &status, &monitor).await?;
             let run = monitor.client.query_status().await.map_err(|e| qmp_error(&name, e))?;
             let (state, reason) = live::state_of(run.status);
             s.id = Some(status.id);

@@ -60,6 +60,33 @@ pub struct LiveStatus {
     /// Host network devices Strata created for the guest (taps,
     /// macvtaps), deleted at [`cleanup`]; recorded before QEMU runs.
     pub host_nics: Vec<CreatedNic>,
+    /// NICs QEMU was asked to unplug whose guest had not released them
+    /// when the detach gave up waiting; the next command that reads the
+    /// domain finishes each one QEMU no longer has.
+    pub pending_unplugs: Vec<PendingUnplug>,
+}
+
+/// An unplug QEMU was asked for and the guest has not yet completed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingUnplug {
+    /// The NIC's QEMU id (its alias in the live XML).
+    pub alias: String,
+    /// The host device it runs on, if any.
+    pub tap: Option<String>,
+}
+
+impl PendingUnplug {
+    fn to_element(&self) -> Element {
+        let element = Element::new("pendingunplug").with_attr("alias", &*self.alias);
+        match &self.tap {
+            Some(tap) => element.with_attr("tap", &**tap),
+            None => element,
+        }
+    }
+
+    fn from_element(element: &Element) -> Option<PendingUnplug> {
+        Some(PendingUnplug { alias: element.attr("alias")?.to_string(), tap: element.attr("tap").map(str::to_string) })
+    }
 }
 
 /// What serves the domain's disks.
@@ -93,6 +120,7 @@ impl LiveStatus {
             next_node: 1,
             reason: None,
             host_nics: Vec::new(),
+            pending_unplugs: Vec::new(),
         }
     }
 
@@ -138,6 +166,11 @@ impl LiveStatus {
             let nics = self.host_nics.iter().fold(Element::new("hostnics"), |nics, n| nics.with_child(n.to_element()));
             root = root.with_child(nics);
         }
+        if !self.pending_unplugs.is_empty() {
+            let pending =
+                self.pending_unplugs.iter().fold(Element::new("pendingunplugs"), |p, u| p.with_child(u.to_element()));
+            root = root.with_child(pending);
+        }
         if let Some((state, word)) = &self.reason {
             root = root.with_child(Element::new("reason").with_attr("state", &**state).with_text(&**word));
         }
@@ -182,6 +215,10 @@ impl LiveStatus {
             host_nics: root
                 .child("hostnics")
                 .map(|n| n.children_named("hostnic").filter_map(CreatedNic::from_element).collect())
+                .unwrap_or_default(),
+            pending_unplugs: root
+                .child("pendingunplugs")
+                .map(|p| p.children_named("pendingunplug").filter_map(PendingUnplug::from_element).collect())
                 .unwrap_or_default(),
         })
     }
