@@ -34,10 +34,21 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// state change, so this leaves a wide margin.
 const EVENT_CAPACITY: usize = 1024;
 
-/// The id of the `qmp_capabilities` sent with the connection; the ids of
-/// later commands start after it.
-const CAPABILITIES_ID: u64 = 0;
-const CAPABILITIES: &[u8] = b"{\"execute\":\"qmp_capabilities\",\"id\":0}\n";
+/// The first id of a connection: its `qmp_capabilities`; the ids of later
+/// commands follow it. QEMU writes a reply it computed after its client
+/// went away (a `strata` killed mid-command) to the next client of the
+/// monitor, so ids are not reused from one connection to the next: each
+/// connection numbers from a base of its own, a random multiple of 2^32
+/// below 2^52 (QEMU echoes ids through its JSON parser, exact below 2^53),
+/// and a stale reply matches none of its requests.
+fn connection_id_base() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    hasher.write_u64(CONNECTIONS.fetch_add(1, Ordering::Relaxed));
+    (hasher.finish() % (1 << 20)) << 32
+}
 
 /// An async QMP connection to one QEMU (or qemu-storage-daemon) monitor socket.
 ///
@@ -167,7 +178,8 @@ impl QmpClient {
     /// [`QmpError::Io`] error, and retrying while QEMU starts is up to the caller.
     pub async fn connect_with_timeout(path: &Path, timeout: Duration) -> Result<QmpClient, QmpError> {
         let deadline = Instant::now() + timeout;
-        let (reader, writer, greeting) = tokio::time::timeout_at(deadline, Self::open(path))
+        let base_id = connection_id_base();
+        let (reader, writer, greeting) = tokio::time::timeout_at(deadline, Self::open(path, base_id))
             .await
             .map_err(|_| QmpError::Timeout { command: "connect".into(), after: timeout })??;
         tracing::debug!(path = %path.display(), version = %greeting.version,
@@ -184,7 +196,7 @@ impl QmpClient {
                 capabilities: greeting.capabilities,
                 writer: Arc::new(tokio::sync::Mutex::new(writer)),
                 shared,
-                next_id: AtomicU64::new(CAPABILITIES_ID + 1),
+                next_id: AtomicU64::new(base_id + 1),
                 default_timeout: Mutex::new(DEFAULT_TIMEOUT),
                 reader,
             }),
@@ -198,11 +210,15 @@ impl QmpClient {
     /// has sent the greeting, and refuses every command but this one until
     /// capabilities are negotiated). No optional capability (such as
     /// "oob") is enabled.
-    async fn open(path: &Path) -> Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf, protocol::Greeting), QmpError> {
+    async fn open(
+        path: &Path,
+        capabilities_id: u64,
+    ) -> Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf, protocol::Greeting), QmpError> {
         let io = |source| QmpError::Io { path: path.to_path_buf(), source };
         let stream = UnixStream::connect(path).await.map_err(io)?;
         let (read, mut write) = stream.into_split();
-        write.write_all(CAPABILITIES).await.map_err(io)?;
+        let capabilities = format!("{{\"execute\":\"qmp_capabilities\",\"id\":{capabilities_id}}}\n");
+        write.write_all(capabilities.as_bytes()).await.map_err(io)?;
         // The same BufReader goes on to the reader task, so nothing QEMU sent
         // right after the greeting is lost.
         let mut reader = BufReader::new(read);
@@ -233,9 +249,10 @@ impl QmpClient {
         }
         let greeting = protocol::parse_greeting(line.trim_ascii())?;
         // An event of that same window can also follow the greeting, ahead of
-        // the reply (seen under load with a job's JOB_STATUS_CHANGE): it is
-        // dropped for the same reason.
-        let reply = loop {
+        // the reply (seen under load with a job's JOB_STATUS_CHANGE), and so
+        // can the previous client's late reply (seen: a killed client's
+        // `query-block`): both are dropped for the same reason.
+        loop {
             line.clear();
             if reader.read_until(b'\n', &mut line).await.map_err(io)? == 0 {
                 return Err(QmpError::Disconnected);
@@ -244,15 +261,15 @@ impl QmpClient {
                 Incoming::Event(event) => {
                     tracing::debug!(path = %path.display(), event = %event.event, "event ahead of the capabilities reply dropped");
                 }
-                other => break other,
+                Incoming::Reply { id: Some(id), .. } if id != capabilities_id => {
+                    tracing::debug!(path = %path.display(), id, "another client's reply dropped");
+                }
+                Incoming::Reply { id: Some(_), reply: Reply::Return(_) } => break,
+                Incoming::Reply { reply: Reply::Error { class, desc }, .. } => {
+                    return Err(QmpError::Command { command: "qmp_capabilities".into(), class, desc })
+                }
+                other => return Err(QmpError::Protocol(format!("unexpected answer to qmp_capabilities: {other:?}"))),
             }
-        };
-        match reply {
-            Incoming::Reply { id: Some(CAPABILITIES_ID), reply: Reply::Return(_) } => {}
-            Incoming::Reply { reply: Reply::Error { class, desc }, .. } => {
-                return Err(QmpError::Command { command: "qmp_capabilities".into(), class, desc })
-            }
-            other => return Err(QmpError::Protocol(format!("unexpected answer to qmp_capabilities: {other:?}"))),
         }
         Ok((reader, write, greeting))
     }

@@ -150,6 +150,36 @@ async fn event_between_the_greeting_and_the_capabilities_reply_is_skipped() {
     tokio::time::timeout(Duration::from_secs(5), peer).await.expect("connection not closed on drop").unwrap();
 }
 
+/// QEMU writes a reply it computed after its client went away to the next
+/// client of the monitor (seen: a killed `strata`'s `query-block`). One
+/// that comes ahead of the capabilities reply is dropped, and one that comes
+/// later is never taken for the answer to a request of the new client: ids
+/// are not reused from one connection to the next.
+#[tokio::test]
+async fn another_clients_late_replies_are_never_taken_for_this_ones() {
+    let (_dir, path, peer) = serve("", |command, id| {
+        // What a client numbering from 0 would have had outstanding.
+        let stale = |n: u64| json!({"return": {"stale": n}, "id": n});
+        match command {
+            "qmp_capabilities" => vec![stale(7), json!({"return": {}, "id": id})],
+            other => {
+                let mut replies: Vec<Value> = (0..4).map(stale).collect();
+                replies.push(json!({"return": {"command": other}, "id": id}));
+                replies
+            }
+        }
+    });
+
+    let client = QmpClient::connect_with_timeout(&path, Duration::from_secs(5)).await.unwrap();
+    for command in ["query-block", "query-status"] {
+        let value = client.execute_timeout(command, None, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(value, json!({"command": command}));
+    }
+
+    drop(client);
+    tokio::time::timeout(Duration::from_secs(5), peer).await.expect("connection not closed on drop").unwrap();
+}
+
 /// The handshake takes one round trip: `qmp_capabilities` goes out with the
 /// connection, before the greeting is read. This peer reads a command
 /// before it greets, so a client that waited for the greeting first would
