@@ -210,7 +210,7 @@ impl SnapshotBackend for LxcConnection {
     /// Refuses while a block job runs on a filesystem of the container
     /// (jobs that ended meanwhile are recorded first), as for QEMU.
     async fn refuse_during_block_job(&self, domain: &str) -> Result<()> {
-        if status::running(&self.store, domain)?.is_none_or(|s| s.jobs.is_empty()) {
+        if !crate::jobs::recorded(&self.store, domain)? {
             return Ok(());
         }
         if let Some(served) = BlockJobHost::serving(self, domain).await? {
