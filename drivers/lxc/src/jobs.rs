@@ -216,15 +216,6 @@ impl BlockJobHost for LxcConnection {
     }
 }
 
-/// Whether a job is recorded on the container's filesystems, running or
-/// shut off (as read now, not reconciled: a reader without the lock).
-pub fn recorded(store: &Store, domain: &str) -> Result<bool> {
-    if let Some(status) = status::running(store, domain)? {
-        return Ok(!status.jobs.is_empty());
-    }
-    Ok(offline::recorded(store, domain)?.is_some())
-}
-
 impl LxcConnection {
     /// The shut-off container's offline daemon, reconciled under the
     /// domain lock.

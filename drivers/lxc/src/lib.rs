@@ -218,7 +218,13 @@ impl Connection for LxcConnection {
                     external: true,
                     guest: RevertedGuest::RunningOrPaused,
                 },
-                delete: DeleteMethods { internal: true, metadata_only: true, children: true, ..Default::default() },
+                delete: DeleteMethods {
+                    internal: true,
+                    external_by_commit: true,
+                    external_by_pull: true,
+                    metadata_only: true,
+                    children: true,
+                },
             },
             block_jobs: BlockJobCapabilities {
                 kinds: BlockJobKinds { pull: true, intermediate_commit: true, active_commit: true, copy: true },
@@ -373,7 +379,7 @@ impl Connection for LxcConnection {
         definitions::load(&self.store, name)?;
         // Jobs that ended while no strata ran are recorded first, so the
         // chains shown are the ones the images now have.
-        if jobs::recorded(&self.store, name)? {
+        if offline::jobs_recorded(&self.store, name)? {
             BlockJobHost::serving(self, name).await?;
         }
         match self.reconciled(name).await?.filter(|s| !flags.inactive && !s.starting) {

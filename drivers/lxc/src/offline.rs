@@ -91,6 +91,16 @@ pub fn recorded(store: &Store, name: &str) -> Result<Option<OfflineJobs>> {
     }
 }
 
+/// Whether a job is recorded on the container's filesystems, running or
+/// shut off (as read now, not reconciled: a reader without the lock); an
+/// offline daemon's record counts while it is there.
+pub fn jobs_recorded(store: &Store, name: &str) -> Result<bool> {
+    if let Some(status) = crate::status::running(store, name)? {
+        return Ok(!status.jobs.is_empty());
+    }
+    Ok(recorded(store, name)?.is_some())
+}
+
 fn write(store: &Store, name: &str, record: &OfflineJobs) -> Result<()> {
     atomic_write(&record_path(store, name)?, record.to_xml().as_bytes())
 }
