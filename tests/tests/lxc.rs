@@ -572,8 +572,8 @@ fn file_in(env: &TestEnv, image: &Path, path: &str) -> String {
 /// clean, holding what was written before) under a new overlay the
 /// container then runs on; a revert brings back what was written before
 /// and drops what came after; an internal snapshot lands in the top's
-/// snapshot table and its delete removes it. A running container's
-/// snapshot and an external snapshot's delete (a commit) are refused by
+/// snapshot table and its delete removes it; a metadata-only delete
+/// keeps the images. A running container's memory snapshot is refused by
 /// capability.
 #[test]
 fn a_shut_off_container_on_qcow2_takes_reverts_to_and_deletes_snapshots() {
@@ -618,8 +618,6 @@ fn a_shut_off_container_on_qcow2_takes_reverts_to_and_deletes_snapshots() {
     let table = qemu_img(&["snapshot", "-l", reverted.to_str().expect("utf8")]);
     assert!(!table.contains("s2"), "the internal snapshot is deleted: {table}");
 
-    let err = env.fails(&["snapshot-delete", "snap", "s1"]);
-    assert!(err.contains("the lxc driver cannot delete external snapshots"), "{err}");
     env.ok(&["snapshot-delete", "snap", "s1", "--metadata"]);
     assert_eq!(env.ok(&["snapshot-list", "snap", "--name"]).trim(), "");
     assert!(overlay.exists() && top.exists(), "a metadata-only delete keeps the images");
@@ -693,23 +691,14 @@ fn snapshots_jobs_and_unsupported_filesystems_are_refused_with_the_reason() {
         )
     );
     assert_eq!(env.ok(&["snapshot-list", "raw", "--name"]).trim(), "", "nothing was recorded");
-    let err = env.fails(&["blockpull", "raw", "/"]);
-    assert_eq!(
-        err,
-        format!(
-            "{prefix}the lxc driver cannot run block jobs on domain 'raw' while it is shut off: they run in the \
-             storage daemon that serves a running container's qcow2 filesystem\n"
-        )
+    let no_qcow2 = format!(
+        "{prefix}the lxc driver cannot run block jobs on domain 'raw': none of its filesystems is a qcow2 \
+         chain (a raw image, a block device, a bind or ram filesystem has no layers to merge)\n"
     );
+    assert_eq!(env.fails(&["blockpull", "raw", "/"]), no_qcow2, "shut off");
+    assert!(!env.state_root().join("domains/raw/offline-jobs.xml").exists(), "no daemon was started");
     let (_held, _guard) = start_guarded(&env, "raw");
-    let err = env.fails(&["blockpull", "raw", "/"]);
-    assert_eq!(
-        err,
-        format!(
-            "{prefix}the lxc driver cannot run block jobs on domain 'raw': none of its filesystems is a qcow2 \
-             chain (a raw image, a block device, a bind or ram filesystem has no layers to merge)\n"
-        )
-    );
+    assert_eq!(env.fails(&["blockpull", "raw", "/"]), no_qcow2, "running");
     env.ok(&["destroy", "raw"]);
     let caps = env.ok(&["capabilities"]);
     assert!(caps.contains("lxc"), "{caps}");
@@ -1394,12 +1383,15 @@ fn pull_and_intermediate_commit_run_on_a_running_container_while_it_writes() {
         ),
         "{refused}"
     );
-    let prefix = "error: this function is not supported by the connection driver: the lxc driver";
+    let running_only = "a running container merges only layers below the active one (blockpull --top, \
+                        blockcommit --top); shut it off to run this job offline\n";
     let refused = env.fails(&["blockcommit", "jobs", "/", "--active", "--pivot"]);
-    assert_eq!(refused, format!("{prefix} cannot run an active block commit\n"));
+    assert!(refused.contains("cannot run an active block commit of 'jobs'"), "{refused}");
+    assert!(refused.ends_with(running_only), "{refused}");
     let copy = env.path("copy.qcow2");
     let refused = env.fails(&["blockcopy", "jobs", "/", copy.to_str().expect("utf8"), "--pivot"]);
-    assert_eq!(refused, format!("{prefix} cannot run a block copy\n"));
+    assert!(refused.contains("cannot run a block copy of 'jobs'"), "{refused}");
+    assert!(refused.ends_with(running_only), "{refused}");
     assert!(!copy.exists(), "a refused copy makes no destination");
     assert_eq!(on_disk(), layers(&[&upper, &mid, &base]), "the refusals changed nothing");
     assert_eq!(env.ok(&["blockjob", "jobs", "/", "--info"]).trim(), "No current block job for /");
@@ -1475,6 +1467,166 @@ fn a_job_command_killed_at_each_step_is_concluded_by_the_next_one() {
         env.ok(&["destroy", "kj"]);
         assert_eq!(data_in(&env, &top), "before\n", "{step}");
     }
+}
+
+/// The offline daemon a shut-off container's jobs run in: its pid while
+/// its record is there (in the domain's directory, apart from a running
+/// container's record).
+fn offline_daemon(env: &TestEnv, name: &str) -> Option<i32> {
+    let record = std::fs::read_to_string(env.state_root().join("domains").join(name).join("offline-jobs.xml")).ok()?;
+    Some(attr(&record, "pid").and_then(|p| p.parse().ok()).expect("the daemon's pid is recorded"))
+}
+
+/// Block jobs on a shut-off container's 3-deep qcow2 chain (`top`, which
+/// holds a file written earlier, over `mid` and `base`) run in a storage
+/// daemon started for them, which quits when each has ended: an active
+/// commit of `top` into `mid` pivoted to `mid`, a pull into `mid` (the
+/// active layer now) of `base`, and a copy pivoted to a new image. After
+/// each the chain on disk and in the definition agree, the active layer
+/// reads what the chain read before (qemu-img compare against a copy made
+/// before), `e2fsck -fn` passes on a raw copy, and no daemon or record is
+/// left; the container then starts on the copy and reads its file.
+#[test]
+fn jobs_on_a_shut_off_container_run_in_a_daemon_started_for_them() {
+    let env = TestEnv::lxc();
+    let [top, mid, base] = busybox_chain(&env);
+    env.define("off", &container_xml("off", SLEEPER, &qcow2_root(&top)));
+    write_inside(&env, "off", "before");
+    let s = |p: &Path| p.to_str().expect("utf8").to_string();
+    let reference = env.path("reference.raw");
+    qemu_img(&["convert", "-O", "raw", &s(&top), &s(&reference)]);
+    let on_disk = |image: &Path| qemu_chain(image).into_iter().map(|(f, _)| f).collect::<Vec<_>>();
+    let layers = |paths: &[&PathBuf]| paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>();
+    let same_data = |image: &Path| {
+        let compared = Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "qcow2"])
+            .args([&reference, &image.to_path_buf()])
+            .output()
+            .expect("run qemu-img compare");
+        assert!(compared.status.success(), "{} reads what the chain read: {compared:?}", image.display());
+    };
+    let settled = |image: &Path, step: &str| {
+        assert_eq!(offline_daemon(&env, "off"), None, "{step}: the daemon quit and its record went");
+        assert!(!env.state_root().join("domains/off/jobs-run").exists(), "{step}: runtime files left");
+        assert_eq!(env.ok(&["domstate", "off"]).trim(), "shut off", "{step}");
+        assert_eq!(xml_chain(&env.ok(&["dumpxml", "off", "--inactive"])), on_disk(image), "{step}: the definition");
+        assert_eq!(env.ok(&["blockjob", "off", "/", "--info"]).trim(), "No current block job for /", "{step}");
+        same_data(image);
+        assert_eq!(data_in(&env, image), "before\n", "{step}");
+    };
+
+    let out = env.ok(&["blockcommit", "off", "/", "--active", "--base", "/[1]", "--pivot", "--verbose"]);
+    assert!(out.contains("Successfully pivoted"), "{out}");
+    assert_eq!(on_disk(&mid), layers(&[&mid, &base]), "top was committed into mid");
+    settled(&mid, "active commit");
+
+    env.ok(&["blockpull", "off", "/", "--wait"]);
+    assert_eq!(on_disk(&mid), layers(&[&mid]), "base was pulled into mid");
+    settled(&mid, "pull into the active layer");
+
+    let copy = env.path("copy.qcow2");
+    let out = env.ok(&["blockcopy", "off", "/", &s(&copy), "--pivot", "--verbose"]);
+    assert!(out.contains("Successfully pivoted"), "{out}");
+    assert_eq!(on_disk(&copy), layers(&[&copy]), "a full copy stands alone");
+    settled(&copy, "copy");
+
+    let (_held, _guard) = start_guarded(&env, "off");
+    assert_eq!(env.ok(&["lxc-enter-namespace", "off", "--noseclabel", "--", "cat", "/data"]), "before\n");
+    env.ok(&["destroy", "off"]);
+}
+
+/// An intermediate commit on a shut-off container, its `strata` killed
+/// once QEMU has the job (`job:started`): the next command concludes it,
+/// the daemon started for it (found by its recorded pid) is gone with its
+/// record, the chain on disk and in the definition agree, and the
+/// container starts on it and reads its file; a start while the job's
+/// daemon runs is refused, saying why.
+#[test]
+fn an_offline_commit_killed_once_started_is_concluded_by_the_next_command() {
+    let env = TestEnv::lxc();
+    let [top, mid, base] = busybox_chain(&env);
+    env.define("kj", &container_xml("kj", SLEEPER, &qcow2_root(&top)));
+    write_inside(&env, "kj", "before");
+    killed_at(&env, &["blockcommit", "kj", "/", "--top", "/[1]", "--wait"], "job:started");
+    let daemon = offline_daemon(&env, "kj").expect("the daemon of the killed job is recorded");
+    assert!(alive(daemon), "the daemon runs the job its strata left");
+    let refused = env.fails(&["start", "kj"]);
+    assert!(refused.contains("an offline block job runs on its filesystems"), "{refused}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !env.ok(&["blockjob", "kj", "/", "--info"]).contains("No current block job for /") {
+        assert!(std::time::Instant::now() < deadline, "the commit did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!alive(daemon), "the daemon quit once the job was concluded");
+    assert_eq!(offline_daemon(&env, "kj"), None, "its record went with it");
+    let on_disk: Vec<String> = qemu_chain(&top).into_iter().map(|(f, _)| f).collect();
+    assert_eq!(on_disk, vec![top.display().to_string(), base.display().to_string()], "mid was committed");
+    assert!(mid.exists(), "a commit keeps the image it merged");
+    assert_eq!(xml_chain(&env.ok(&["dumpxml", "kj", "--inactive"])), on_disk, "the definition follows");
+    assert_eq!(data_in(&env, &top), "before\n");
+    let (_held, _guard) = start_guarded(&env, "kj");
+    assert_eq!(env.ok(&["lxc-enter-namespace", "kj", "--noseclabel", "--", "cat", "/data"]), "before\n");
+    env.ok(&["destroy", "kj"]);
+}
+
+/// External snapshot deletes of a container (`s1` frozen `top` under
+/// `o1`, `s2` froze `o1` under `o2`, each layer holding what was written
+/// before the next snapshot): while it runs, deleting `s1` commits `o1`
+/// into `top` in its storage daemon (an intermediate commit) and the
+/// container reads on; deleting `s2` would need an active commit, which
+/// its FUSE export does not allow, so it is refused before anything is
+/// recorded, and the next command has nothing to finish. Shut off, `s2`
+/// still reverts to its data, and its delete then pulls `top` into the
+/// revert's overlay. Each chain is checked on disk and in the definition,
+/// the data with e2fsck -fn and debugfs.
+#[test]
+fn external_snapshots_are_deleted_through_block_jobs_running_or_shut_off() {
+    let env = TestEnv::lxc();
+    let [top, mid, base] = busybox_chain(&env);
+    env.define("del", &container_xml("del", SLEEPER, &qcow2_root(&top)));
+    write_inside(&env, "del", "one");
+    env.ok(&["snapshot-create-as", "del", "s1", "--disk-only"]);
+    let o1 = root_image(&env, "del");
+    write_inside(&env, "del", "two");
+    env.ok(&["snapshot-create-as", "del", "s2", "--disk-only"]);
+    let o2 = root_image(&env, "del");
+    write_inside(&env, "del", "three");
+    assert_eq!(data_in(&env, &o1), "two\n", "o1 holds what was written before s2");
+    let layers = |paths: &[&PathBuf]| paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>();
+    let on_disk = |image: &Path| qemu_chain(image).into_iter().map(|(f, _)| f).collect::<Vec<_>>();
+    assert_eq!(on_disk(&o2), layers(&[&o2, &o1, &top, &mid, &base]));
+
+    let (_held, _guard) = start_guarded(&env, "del");
+    env.ok(&["snapshot-delete", "del", "s1"]);
+    assert_eq!(on_disk(&o2), layers(&[&o2, &top, &mid, &base]), "o1 was committed into top");
+    assert!(!o1.exists(), "the committed overlay is removed");
+    assert_eq!(xml_chain(&env.ok(&["dumpxml", "del"])), on_disk(&o2), "the live XML follows");
+    assert_eq!(env.ok(&["snapshot-list", "del", "--name"]).trim(), "s2");
+    assert_eq!(env.ok(&["lxc-enter-namespace", "del", "--noseclabel", "--", "cat", "/data"]), "three\n");
+
+    let refused = env.fails(&["snapshot-delete", "del", "s2"]);
+    assert!(
+        refused.contains(
+            "the lxc driver cannot delete this external snapshot of filesystem '/' of domain 'del' while it runs"
+        ) && refused.contains("an active commit of its overlay")
+            && refused.contains("shut the container off to delete it"),
+        "{refused}"
+    );
+    assert_eq!(on_disk(&o2), layers(&[&o2, &top, &mid, &base]), "the refusal changed nothing");
+    assert_eq!(env.ok(&["snapshot-list", "del", "--name"]).trim(), "s2", "nothing is left to finish");
+    env.ok(&["destroy", "del"]);
+
+    env.ok(&["snapshot-revert", "del", "s2"]);
+    let reverted = root_image(&env, "del");
+    assert_eq!(data_in(&env, &reverted), "two\n", "s2 reverts to what was written before it");
+    env.ok(&["snapshot-delete", "del", "s2"]);
+    assert_eq!(env.ok(&["snapshot-list", "del", "--name"]).trim(), "");
+    assert_eq!(on_disk(&reverted), layers(&[&reverted, &mid, &base]), "top was pulled into the revert's overlay");
+    assert_eq!(xml_chain(&env.ok(&["dumpxml", "del", "--inactive"])), on_disk(&reverted), "the definition follows");
+    assert_eq!(data_in(&env, &reverted), "two\n");
+    let (_held, _guard) = start_guarded(&env, "del");
+    assert_eq!(env.ok(&["lxc-enter-namespace", "del", "--noseclabel", "--", "cat", "/data"]), "two\n");
+    env.ok(&["destroy", "del"]);
 }
 
 /// A disk set over a container's filesystems: with `/data` alone in the

@@ -537,9 +537,19 @@ impl Domain {
         }
     }
 
-    /// Replaces or removes a disk's `<mirror>` element.
-    pub fn set_disk_mirror(&mut self, target: &str, mirror: Option<Element>) -> Result<()> {
-        let el = self.disk_element_mut(target)?;
+    /// The element of the filesystem whose target dir is `name`, else of
+    /// the disk whose target is `name` (a block job's device).
+    fn storage_element_mut(&mut self, name: &str) -> Result<&mut Element> {
+        if self.filesystems()?.iter().any(|f| f.target == name) {
+            return self.filesystem_element_mut(name);
+        }
+        self.disk_element_mut(name)
+    }
+
+    /// Replaces or removes the `<mirror>` element of a block copy's device
+    /// (a disk, or a filesystem by its target dir).
+    pub fn set_storage_mirror(&mut self, name: &str, mirror: Option<Element>) -> Result<()> {
+        let el = self.storage_element_mut(name)?;
         el.remove_children("mirror");
         if let Some(m) = mirror {
             el.insert_ordered(m, DISK_CHILD_ORDER);
@@ -547,9 +557,9 @@ impl Domain {
         Ok(())
     }
 
-    /// Marks a disk's block copy as in its mirroring phase (`ready='yes'`).
-    pub fn set_mirror_ready(&mut self, target: &str) -> Result<()> {
-        if let Some(m) = self.disk_element_mut(target)?.child_mut("mirror") {
+    /// Marks a device's block copy as in its mirroring phase (`ready='yes'`).
+    pub fn set_mirror_ready(&mut self, name: &str) -> Result<()> {
+        if let Some(m) = self.storage_element_mut(name)?.child_mut("mirror") {
             m.set_attr("ready", "yes");
         }
         Ok(())

@@ -14,11 +14,13 @@
 //! while the container runs (paused for the switch: [`pause`]) ([`snapshots`]);
 //! other roots have no layer to hold one, and are refused saying so.
 //! Block jobs on a running container's qcow2 filesystem run in the storage
-//! daemon serving it ([`jobs`]).
+//! daemon serving it, on a shut-off container's in an offline daemon
+//! started for them ([`jobs`], [`offline`]).
 
 mod container;
 mod events;
 pub mod jobs;
+mod offline;
 mod pause;
 mod plan;
 mod probe;
@@ -216,11 +218,18 @@ impl Connection for LxcConnection {
                     external: true,
                     guest: RevertedGuest::RunningOrPaused,
                 },
-                delete: DeleteMethods { internal: true, metadata_only: true, children: true, ..Default::default() },
+                delete: DeleteMethods {
+                    internal: true,
+                    external_by_commit: true,
+                    external_by_pull: true,
+                    metadata_only: true,
+                    children: true,
+                },
             },
             block_jobs: BlockJobCapabilities {
-                kinds: BlockJobKinds { pull: true, intermediate_commit: true, ..Default::default() },
+                kinds: BlockJobKinds { pull: true, intermediate_commit: true, active_commit: true, copy: true },
                 bandwidth: true,
+                ready_pivot: true,
                 ..Default::default()
             },
             storage: StorageCapabilities { disk_sets: true, storage_pools: true },
@@ -260,10 +269,11 @@ impl Connection for LxcConnection {
                 "start --paused freezes the container's cgroup before its init's exec: the init runs nothing \
                  until resume"
                     .into(),
-                "block jobs run on a running container's qcow2 filesystem, in the storage daemon serving it: a pull \
-                 into a layer below the active one (blockpull --top) and an intermediate commit (blockcommit --top); \
-                 the FUSE export holds the active layer, so a pull into it, an active commit and a copy are \
-                 refused, as are jobs on a shut-off container and the delete of an external snapshot"
+                "block jobs on a shut-off container's qcow2 filesystems run in a storage daemon started for them \
+                 (every job; the container cannot start until they end); on a running container's qcow2 \
+                 filesystem in the storage daemon serving it, whose FUSE export holds the active layer: only a \
+                 pull into a layer below the active one (blockpull --top) and an intermediate commit (blockcommit \
+                 --top) run, the others are refused saying so"
                     .into(),
                 "memory state cannot be saved (no checkpoint/restore)".into(),
                 "suspend and resume freeze and thaw the container's cgroup".into(),
@@ -319,6 +329,12 @@ impl Connection for LxcConnection {
             if status::reconcile(&Linux, &store, &name)?.is_some() {
                 return Err(Error::operation_invalid(format!("domain '{name}' is already active")));
             }
+            if offline::reconcile(&store, &name)?.is_some() {
+                return Err(Error::operation_invalid(format!(
+                    "domain '{name}' is shut off but an offline block job runs on its filesystems; \
+                     wait for it (blockjob --info) or abort it (blockjob --abort)"
+                )));
+            }
             let warnings = unhonoured(&dom)
                 .into_iter()
                 .map(|e| format!("domain '{name}': <{e}> is not honoured by the lxc driver (kept in the definition, not acted on)"))
@@ -361,7 +377,7 @@ impl Connection for LxcConnection {
         definitions::load(&self.store, name)?;
         // Jobs that ended while no strata ran are recorded first, so the
         // chains shown are the ones the images now have.
-        if status::running(&self.store, name)?.is_some_and(|s| !s.jobs.is_empty()) {
+        if offline::jobs_recorded(&self.store, name)? {
             BlockJobHost::serving(self, name).await?;
         }
         match self.reconciled(name).await?.filter(|s| !flags.inactive && !s.starting) {

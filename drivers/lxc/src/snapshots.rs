@@ -29,10 +29,10 @@ use strata_core::{Error, ErrorKind, Result};
 use strata_engine::blocking::{blocking, lock_domain};
 use strata_engine::definitions;
 use strata_engine::image_work::create_overlay;
-use strata_engine::job::engine::BlockJobHost;
+use strata_engine::job::engine::{BlockJobEngine, BlockJobHost};
 use strata_engine::process::{Liveness, ProcessId};
 use strata_engine::snapshot::{
-    not_supported, Activity, DiskJob, DiskPlan, LiveChain, NewTops, RecordedChain, SnapshotBackend, SnapshotEngine,
+    Activity, DiskJob, DiskPlan, LiveChain, NewTops, RecordedChain, SnapshotBackend, SnapshotEngine,
 };
 use strata_qemu_block::graph::live_chains;
 use strata_qemu_block::monitor::{acquire, qmp_error, Monitor};
@@ -160,8 +160,11 @@ impl SnapshotBackend for LxcConnection {
     }
 
     fn activity(&self, domain: &str) -> Result<Activity> {
-        Ok(match status::reconcile(&Linux, &self.store, domain)? {
-            Some(_) => Activity::Running,
+        if status::reconcile(&Linux, &self.store, domain)?.is_some() {
+            return Ok(Activity::Running);
+        }
+        Ok(match crate::offline::reconcile(&self.store, domain)? {
+            Some(_) => Activity::OfflineJob,
             None => Activity::ShutOff,
         })
     }
@@ -213,7 +216,7 @@ impl SnapshotBackend for LxcConnection {
     /// Refuses while a block job runs on a filesystem of the container
     /// (jobs that ended meanwhile are recorded first), as for QEMU.
     async fn refuse_during_block_job(&self, domain: &str) -> Result<()> {
-        if status::running(&self.store, domain)?.is_none_or(|s| s.jobs.is_empty()) {
+        if !crate::offline::jobs_recorded(&self.store, domain)? {
             return Ok(());
         }
         if let Some(served) = BlockJobHost::serving(self, domain).await? {
@@ -379,11 +382,32 @@ impl SnapshotBackend for LxcConnection {
         Ok(())
     }
 
-    async fn run_disk_job(&self, _domain: &str, _disk: &str, _job: DiskJob) -> Result<()> {
-        Err(not_supported("run block jobs"))
+    /// A running container's storage daemon cannot run a job that writes
+    /// its FUSE-exported active layer (see [`crate::jobs`]).
+    fn refuse_delete_job(&self, domain: &str, disk: &str, job: DiskJob) -> Result<()> {
+        let writes_active = matches!(job, DiskJob::ActiveCommit { .. } | DiskJob::Pull { into: 0, .. });
+        if !writes_active || status::running(&self.store, domain)?.is_none() {
+            return Ok(());
+        }
+        let how = match job {
+            DiskJob::ActiveCommit { .. } => "an active commit of its overlay",
+            _ => "a pull into its active layer",
+        };
+        Err(refusal(
+            "lxc",
+            &format!(
+                "cannot delete this external snapshot of filesystem '{disk}' of domain '{domain}' while it runs: the \
+                 delete needs {how}, and a running container's storage daemon exports the active layer over \
+                 FUSE; shut the container off to delete it"
+            ),
+        ))
     }
 
-    async fn settle_disk_job(&self, _domain: &str, _disk: &str) -> Result<()> {
-        Err(not_supported("run block jobs"))
+    async fn run_disk_job(&self, domain: &str, disk: &str, job: DiskJob) -> Result<()> {
+        BlockJobEngine::over(self).run_disk_job(domain, disk, job).await
+    }
+
+    async fn settle_disk_job(&self, domain: &str, disk: &str) -> Result<()> {
+        BlockJobEngine::over(self).settle_disk_job(domain, disk).await
     }
 }

@@ -233,32 +233,32 @@ pub struct QemuJobServer<R> {
     /// container's filesystems): QEMU 7.2's export holds the resize
     /// permission on the root that a job writing the root (a pull into
     /// it, an active commit, a copy) must not share.
-    fuse_exported: bool,
+    /// Over writable FUSE exports: the remedy a refusal names.
+    fuse_exported: Option<&'static str>,
 }
 
 impl<R: JobRecords> QemuJobServer<R> {
     /// The job server of `process`, serving `name` through `monitor`.
     pub fn new(store: &Store, name: &str, monitor: Arc<Monitor>, process: ProcessId, records: R) -> QemuJobServer<R> {
-        QemuJobServer { store: store.clone(), name: name.to_string(), monitor, records, process, fuse_exported: false }
+        QemuJobServer { store: store.clone(), name: name.to_string(), monitor, records, process, fuse_exported: None }
     }
 
     /// The same server, its devices' roots exported writable over FUSE:
     /// the jobs that write a root are refused, saying why, before QEMU
     /// is asked (it would refuse them with a permission conflict).
-    pub fn over_writable_fuse_exports(self) -> QemuJobServer<R> {
-        QemuJobServer { fuse_exported: true, ..self }
+    /// `remedy` says which jobs the caller's storage can run now and how
+    /// to run the others.
+    pub fn over_writable_fuse_exports(self, remedy: &'static str) -> QemuJobServer<R> {
+        QemuJobServer { fuse_exported: Some(remedy), ..self }
     }
 
     /// Refuses `what`, a job that writes the device's exported root, on a
     /// server whose roots are exported over FUSE.
     fn refuse_writing_exported_root(&self, what: &str) -> Result<()> {
-        if !self.fuse_exported {
-            return Ok(());
-        }
+        let Some(remedy) = self.fuse_exported else { return Ok(()) };
         Err(Error::operation_invalid(format!(
             "cannot {what} of '{}' while its storage is exported writable over FUSE: QEMU's FUSE export holds \
-             the resize permission on the active layer that this job needs to itself; only layers below the \
-             active one can be merged now (blockpull --top, blockcommit --top)",
+             the resize permission on the active layer that this job needs to itself; {remedy}",
             self.name
         )))
     }

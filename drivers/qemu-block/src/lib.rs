@@ -13,6 +13,9 @@
 //! - [`graph`]: the chain of each device as QEMU has it open;
 //! - [`jobs`]: [`jobs::QemuJobServer`], strata-engine's `BlockJobBackend`
 //!   over a monitor, its records kept by the driver ([`jobs::JobRecords`]);
+//! - [`offline`]: a storage daemon started for block jobs on storage
+//!   nothing else serves, its [`offline::ServerRecord`] embedded in the
+//!   driver's status;
 //! - [`snapshot`]: overlays added and switched in one `transaction`;
 //! - [`fuse`]: a chain served by a storage daemon as a FUSE-exported file
 //!   (for a loop device, which the caller attaches).
@@ -26,5 +29,6 @@ pub mod graph;
 pub mod jobs;
 pub mod monitor;
 pub mod nodes;
+pub mod offline;
 pub mod runtime;
 pub mod snapshot;

@@ -3,10 +3,8 @@
 //! records are kept in the domain's status XML ([`StatusRecords`]), and a
 //! storage daemon left without a job is quit here.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use async_trait::async_trait;
+use std::sync::Arc;
 use strata_core::store::Store;
 use strata_core::Result;
 use strata_engine::job::record::JobRecord;
@@ -14,6 +12,7 @@ use strata_engine::job::{run, JobTable};
 use strata_engine::process::ProcessId;
 use strata_qemu_block::jobs::JobRecords;
 use strata_qemu_block::monitor::Monitor;
+use strata_qemu_block::offline::quit_daemon;
 use strata_qmp::QmpClient;
 
 use crate::live::{self, LiveStatus};
@@ -24,7 +23,7 @@ pub type QemuJobServer = strata_qemu_block::jobs::QemuJobServer<StatusRecords>;
 
 /// The job server of the process `status` records.
 pub fn job_server(store: &Store, name: &str, monitor: Arc<Monitor>, status: &LiveStatus) -> QemuJobServer {
-    QemuJobServer::new(store, name, monitor, status.process, StatusRecords)
+    QemuJobServer::new(store, name, monitor, status.run.process, StatusRecords)
 }
 
 /// Job records in the domain's status XML.
@@ -50,7 +49,7 @@ impl JobRecords for StatusRecords {
                 }
                 if !status.is_vm() {
                     // Answerable for a daemon left without a job: it quits it.
-                    status.owner = Some(ProcessId::this()?);
+                    status.run.owner = Some(ProcessId::this()?);
                 }
             }
             change(JobTable { jobs: &mut status.jobs, live: &mut status.domain, next_number: &mut status.next_node })
@@ -85,16 +84,15 @@ pub async fn reconcile_jobs(
 pub async fn quit_if_idle_daemon(store: &Store, name: &str, client: &QmpClient) -> Result<()> {
     if let Some(status) = live::reconcile(store, name)? {
         if !status.is_vm() && status.jobs.is_empty() {
-            quit_daemon(store, name, client, &status).await?;
+            quit_idle_daemon(store, name, client, &status).await?;
         }
     }
     Ok(())
 }
 
 /// Ends a storage daemon and removes its status.
-async fn quit_daemon(store: &Store, name: &str, client: &QmpClient, status: &LiveStatus) -> Result<()> {
+async fn quit_idle_daemon(store: &Store, name: &str, client: &QmpClient, status: &LiveStatus) -> Result<()> {
     let _lock = strata_engine::blocking::lock_domain(store, name).await?;
-    let _ = client.execute("quit", None).await;
-    status.process.terminate(Duration::from_secs(3)).await?;
+    quit_daemon(client, &status.run).await?;
     live::cleanup(store, name)
 }

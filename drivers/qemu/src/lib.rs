@@ -54,9 +54,9 @@ use strata_core::{Error, Result};
 use strata_engine::job::engine::{BlockJobEngine, BlockJobHost, Served};
 
 use live::{LiveStatus, MonitorCache};
-use strata_qemu_block::daemon::{storage_daemon_binary, storage_daemon_command_line};
 use strata_qemu_block::graph::live_chains;
 use strata_qemu_block::monitor::{acquire_started, qmp_error, start_up_guard, Monitor};
+use strata_qemu_block::offline::{self, ServerRecord};
 pub use strata_qemu_block::runtime::MONITORS;
 
 /// The emulator binary: `$STRATA_QEMU` or `qemu-system-x86_64` on `PATH`.
@@ -150,10 +150,10 @@ impl QemuConnection {
     /// out to be dying (killed a moment ago: its sockets already refuse),
     /// in which case the domain is cleaned up as shut off.
     async fn attach(&self, name: &str, status: &LiveStatus) -> Result<Option<Arc<Monitor>>> {
-        match self.monitors.get(&self.store, name, status.process).await {
+        match self.monitors.get(&self.store, name, status.run.process).await {
             Ok(m) => Ok(Some(m)),
             Err(e) => {
-                if status.process.wait_gone(Duration::from_secs(2)).await {
+                if status.run.process.wait_gone(Duration::from_secs(2)).await {
                     self.monitors.forget(name).await;
                     // Reconciling a gone process removes its status.
                     let _lock = strata_engine::blocking::lock_domain(&self.store, name).await?;
@@ -222,60 +222,61 @@ impl QemuConnection {
         if dom.to_xml() != before {
             self.store.write_domain(name, &dom.to_xml())?;
         }
-        self.launch(name, server, mode, dom).await
+        match server {
+            live::Server::Vm => self.launch(name, mode, dom).await,
+            live::Server::StorageDaemon => self.start_storage_daemon(name, dom).await,
+        }
     }
 
-    /// Starts QEMU (or the storage daemon) on `dom`, which may differ from
-    /// the persistent definition (a restored image's); the caller holds
-    /// the domain lock.
-    pub(crate) async fn launch(
-        &self,
-        name: &str,
-        server: live::Server,
-        mode: StartMode,
-        mut dom: Domain,
-    ) -> Result<()> {
+    /// Starts strata-qemu-block's offline storage daemon on the shut-off
+    /// domain's disks, its record in the domain's status.
+    async fn start_storage_daemon(&self, name: &str, dom: Domain) -> Result<()> {
+        let paths = live::runtime_paths(&self.store, name)?;
+        // The daemon opens a volume disk's file; the status keeps the volume.
+        let launched = define::resolve_volume_disks(&dom, &PoolManager::new(self.store.clone()))?;
+        live::cleanup(&self.store, name)?;
+        let disks: Vec<StorageDevice> = launched.disks()?.into_iter().map(StorageDevice::Disk).collect();
+        let record = |run: &ServerRecord| {
+            let status = LiveStatus::new(*run, 0, dom.clone(), live::Server::StorageDaemon);
+            self.store.write_status(name, &status.to_xml())
+        };
+        if let Err(e) = offline::start_daemon(&disks, &paths, record).await {
+            live::cleanup(&self.store, name)?;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Starts QEMU on `dom`, which may differ from the persistent
+    /// definition (a restored image's); the caller holds the domain lock.
+    pub(crate) async fn launch(&self, name: &str, mode: StartMode, mut dom: Domain) -> Result<()> {
         let paths = live::runtime_paths(&self.store, name)?;
         // QEMU opens a volume disk's file; the status keeps the volume.
         let launched = define::resolve_volume_disks(&dom, &PoolManager::new(self.store.clone()))?;
         // What a previous run left (its status, runtime files, host NICs)
         // goes before this run opens its own.
         live::cleanup(&self.store, name)?;
-        let mut nics = tap::HostNics::default();
-        let (binary, args) = match server {
-            live::Server::Vm => {
-                let accel = launch::accel_for(&dom)?;
-                nics = tap::HostNics::open(&launched, &NetworkManager::new(self.store.clone()))?;
-                // The live definition names the host device each runs on,
-                // and the id of each NIC in QEMU.
-                for (index, nic) in &nics.by_index {
-                    dom.set_interface_target(*index, &nic.name)?;
-                }
-                for index in 0..dom.interfaces()?.len() {
-                    dom.set_interface_alias(index, &launch::nic_id(index))?;
-                }
-                let mut args = launch::command_line(&launched, accel, &paths, &nics)?;
-                if mode == StartMode::Incoming {
-                    args.extend(["-incoming".to_string(), "defer".to_string()]);
-                }
-                (qemu_binary(), args)
-            }
-            live::Server::StorageDaemon => {
-                let disks: Vec<StorageDevice> = launched.disks()?.into_iter().map(StorageDevice::Disk).collect();
-                (storage_daemon_binary(), storage_daemon_command_line(&disks, &paths)?)
-            }
-        };
+        let accel = launch::accel_for(&dom)?;
+        let nics = tap::HostNics::open(&launched, &NetworkManager::new(self.store.clone()))?;
+        // The live definition names the host device each runs on, and the
+        // id of each NIC in QEMU.
+        for (index, nic) in &nics.by_index {
+            dom.set_interface_target(*index, &nic.name)?;
+        }
+        for index in 0..dom.interfaces()?.len() {
+            dom.set_interface_alias(index, &launch::nic_id(index))?;
+        }
         // QEMU answers its monitor only once it has opened every layer.
         let layers = launched.disks()?.iter().map(|d| d.chain.as_ref().map_or(1, |c| c.layers.len())).sum();
-        std::fs::create_dir_all(&paths.dir).map_err(|e| Error::io("create", &paths.dir, e))?;
-        if server == live::Server::Vm {
-            transient::create_overlays(&dom, &paths)?;
-            self.forget_shutoff_reason(name)?;
+        let mut args = launch::command_line(&launched, accel, &paths, &nics)?;
+        if mode == StartMode::Incoming {
+            args.extend(["-incoming".to_string(), "defer".to_string()]);
         }
-        let id = match server {
-            live::Server::Vm => live::next_domain_id(&self.store)?,
-            live::Server::StorageDaemon => 0,
-        };
+        let binary = qemu_binary();
+        std::fs::create_dir_all(&paths.dir).map_err(|e| Error::io("create", &paths.dir, e))?;
+        transient::create_overlays(&dom, &paths)?;
+        self.forget_shutoff_reason(name)?;
+        let id = live::next_domain_id(&self.store)?;
         let owner = strata_engine::process::ProcessId::this()?;
         tracing::debug!(domain = name, binary, ?args, "starting");
         // Recorded as starting before it runs: whoever finds it while this
@@ -283,7 +284,7 @@ impl QemuConnection {
         // The host NICs Strata created are in the record before QEMU runs.
         let created_nics = nics.created();
         let record = |process| {
-            let mut status = LiveStatus::new(process, id, dom.clone(), server, owner);
+            let mut status = LiveStatus::new(ServerRecord::starting(process, owner), id, dom.clone(), live::Server::Vm);
             status.host_nics = created_nics.clone();
             self.store.write_status(name, &status.to_xml())
         };
@@ -304,10 +305,10 @@ impl QemuConnection {
         let started = async {
             let monitor =
                 acquire_started(&paths, name, &mut spawned.child, &paths.log(), start_up_guard(layers)).await?;
-            let mut status = LiveStatus::new(spawned.id, id, dom, server, owner);
+            let run = ServerRecord { starting: false, ..ServerRecord::starting(spawned.id, owner) };
+            let mut status = LiveStatus::new(run, id, dom, live::Server::Vm);
             status.host_nics = created_nics;
-            status.starting = false;
-            if server == live::Server::Vm && mode == StartMode::Run {
+            if mode == StartMode::Run {
                 // Until `cont` below: a start killed in between leaves the
                 // guest paused, and domstate --reason says why (libvirt's
                 // VIR_DOMAIN_PAUSED_STARTING_UP), not that a user paused it.
@@ -315,13 +316,11 @@ impl QemuConnection {
             }
             self.store.write_status(name, &status.to_xml())?;
             strata_core::crash_point("server:started");
-            let monitor = self.monitors.hold(name, status.process, monitor).await;
-            if server == live::Server::Vm {
-                let host = HostCpuMap::read(&self.host_cpus)?;
-                placement::apply_defined_placement(&monitor.client, name, status.process.pid, &status.domain, &host)
-                    .await?;
-            }
-            if server == live::Server::Vm && mode == StartMode::Run {
+            let monitor = self.monitors.hold(name, status.run.process, monitor).await;
+            let host = HostCpuMap::read(&self.host_cpus)?;
+            placement::apply_defined_placement(&monitor.client, name, status.run.process.pid, &status.domain, &host)
+                .await?;
+            if mode == StartMode::Run {
                 monitor.client.execute("cont", None).await.map_err(|e| qmp_error(name, e))?;
             }
             Ok::<(), Error>(())
@@ -528,7 +527,7 @@ impl Connection for QemuConnection {
             .filter(LiveStatus::is_vm)
             .ok_or_else(|| Error::operation_invalid("domain is not running"))?;
         self.monitors.forget(name).await;
-        status.process.terminate(Duration::from_secs(3)).await?;
+        status.run.process.terminate(Duration::from_secs(3)).await?;
         live::cleanup(&self.store, name)
     }
 

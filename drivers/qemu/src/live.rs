@@ -23,10 +23,11 @@ use strata_core::{Error, Result};
 
 use crate::tap::CreatedNic;
 use strata_engine::job::record::{self, JobRecord};
-use strata_engine::process::{Liveness, ProcessId};
+use strata_engine::process::ProcessId;
 use strata_qemu_block::jobs::{block_job_event, event_time_us};
 use strata_qemu_block::monitor::{acquire, qmp_error, Monitor};
 use strata_qemu_block::nodes::root_node;
+use strata_qemu_block::offline::{ServerRecord, Verdict};
 use strata_qemu_block::runtime::{RuntimePaths, MONITORS};
 use strata_qmp::types::RunState;
 use strata_qmp::{QmpClient, QmpError};
@@ -34,7 +35,11 @@ use strata_qmp::{QmpClient, QmpError};
 /// The live status of a running domain, as kept in `status.xml`.
 #[derive(Debug, Clone)]
 pub struct LiveStatus {
-    pub process: ProcessId,
+    /// The process and the `strata` answerable for it while it is
+    /// starting or, for a storage daemon, while it has no job: the one that
+    /// started it, or the one that recorded the end of its last job (and
+    /// quits it).
+    pub run: ServerRecord,
     pub id: u32,
     /// The definition the domain runs with; disk chains are updated as
     /// they change.
@@ -42,12 +47,6 @@ pub struct LiveStatus {
     /// Block jobs in progress.
     pub jobs: Vec<JobRecord>,
     pub server: Server,
-    /// Recorded before the process runs, until its monitors are up.
-    pub starting: bool,
-    /// The `strata` process answerable for the server while it is starting
-    /// or, for a storage daemon, while it has no job: the one that started
-    /// it, or the one that recorded the end of its last job (and quits it).
-    pub owner: Option<ProcessId>,
     /// Each disk's root (active) format node, kept up to date so that
     /// operations need not read QEMU's whole block graph to find it.
     pub roots: std::collections::BTreeMap<String, String>,
@@ -99,8 +98,8 @@ pub enum Server {
 }
 
 impl LiveStatus {
-    /// The record of a server about to run, started by `owner`.
-    pub fn new(process: ProcessId, id: u32, domain: Domain, server: Server, owner: ProcessId) -> LiveStatus {
+    /// The status of the server `run` records.
+    pub fn new(run: ServerRecord, id: u32, domain: Domain, server: Server) -> LiveStatus {
         let roots = domain
             .disks()
             .unwrap_or_default()
@@ -109,13 +108,11 @@ impl LiveStatus {
             .map(|d| (d.target.clone(), root_node(&d.target)))
             .collect();
         LiveStatus {
-            process,
+            run,
             id,
             domain,
             jobs: Vec::new(),
             server,
-            starting: true,
-            owner: Some(owner),
             roots,
             next_node: 1,
             reason: None,
@@ -124,10 +121,10 @@ impl LiveStatus {
         }
     }
 
-    /// Whether the server exists only for its owner now: while it starts,
-    /// and for a storage daemon while it has no job.
-    fn needs_owner(&self) -> bool {
-        self.starting || (!self.is_vm() && self.jobs.is_empty())
+    /// Whether a started server exists only for its owner: a storage
+    /// daemon without a job.
+    fn idle(&self) -> bool {
+        !self.is_vm() && self.jobs.is_empty()
     }
 
     pub fn is_vm(&self) -> bool {
@@ -144,23 +141,15 @@ impl LiveStatus {
             roots =
                 roots.with_child(Element::new("root").with_attr("disk", disk.clone()).with_attr("node", node.clone()));
         }
-        let mut root = Element::new("domstatus")
-            .with_attr(
-                "server",
-                match self.server {
-                    Server::Vm => "vm",
-                    Server::StorageDaemon => "storage-daemon",
-                },
-            )
-            .with_attr("pid", self.process.pid.to_string())
-            .with_attr("starttime", self.process.start_time.to_string())
-            .with_attr("id", self.id.to_string());
-        if self.starting {
-            root.set_attr("state", "starting");
-        }
-        if let Some(owner) = self.owner {
-            owner.set_attrs(&mut root, "owner");
-        }
+        let mut root = Element::new("domstatus").with_attr(
+            "server",
+            match self.server {
+                Server::Vm => "vm",
+                Server::StorageDaemon => "storage-daemon",
+            },
+        );
+        self.run.set_attrs(&mut root);
+        root.set_attr("id", self.id.to_string());
         root = root.with_child(jobs).with_child(roots);
         if !self.host_nics.is_empty() {
             let nics = self.host_nics.iter().fold(Element::new("hostnics"), |nics, n| nics.with_child(n.to_element()));
@@ -184,7 +173,6 @@ impl LiveStatus {
                 .and_then(|v| v.parse().ok())
                 .ok_or_else(|| Error::internal(format!("status XML lacks a numeric '{attr}'")))
         };
-        let pid = i32::try_from(num("pid")?).map_err(|_| Error::internal("status XML pid out of range"))?;
         let domain = root.child("domain").cloned().ok_or_else(|| Error::internal("status XML lacks the <domain>"))?;
         let jobs_el = root.child("jobs");
         let jobs = jobs_el
@@ -192,12 +180,10 @@ impl LiveStatus {
             .transpose()?
             .unwrap_or_default();
         Ok(LiveStatus {
-            process: ProcessId { pid, start_time: num("starttime")? },
+            run: ServerRecord::from_attrs(&root)?,
             id: u32::try_from(num("id")?).map_err(|_| Error::internal("status XML id out of range"))?,
             domain: Domain::from_element(domain)?,
             jobs,
-            starting: root.attr("state") == Some("starting"),
-            owner: ProcessId::from_attrs(&root, "owner"),
             roots: root
                 .child("roots")
                 .map(|r| {
@@ -253,23 +239,24 @@ pub fn reconcile(store: &Store, name: &str) -> Result<Option<LiveStatus>> {
             return Ok(None);
         }
     };
-    if status.process.liveness() == Liveness::Gone {
-        tracing::debug!(domain = name, pid = status.process.pid, "QEMU is gone; cleaning up");
-        let server = if status.is_vm() { "QEMU" } else { "qemu-storage-daemon" };
-        record::record_server_exit(store, name, &status.jobs, server, status.process.pid)?;
-        forget(store, name, status.process)?;
-        return Ok(None);
-    }
-    if status.needs_owner() {
-        if status.owner.is_some_and(|o| o.liveness() == Liveness::Alive) {
-            return Ok((!status.starting).then_some(status));
+    let process = status.run.process;
+    match status.run.verdict(status.idle()) {
+        Verdict::Gone => {
+            tracing::debug!(domain = name, pid = process.pid, "QEMU is gone; cleaning up");
+            let server = if status.is_vm() { "QEMU" } else { "qemu-storage-daemon" };
+            record::record_server_exit(store, name, &status.jobs, server, process.pid)?;
+            forget(store, name, process)?;
+            Ok(None)
         }
-        tracing::info!(domain = name, pid = status.process.pid, "stopping a server whose starter died");
-        status.process.stop(Duration::from_secs(3))?;
-        forget(store, name, status.process)?;
-        return Ok(None);
+        Verdict::Abandoned => {
+            tracing::info!(domain = name, pid = process.pid, "stopping a server whose starter died");
+            process.stop(Duration::from_secs(3))?;
+            forget(store, name, process)?;
+            Ok(None)
+        }
+        Verdict::Starting => Ok(None),
+        Verdict::Serving => Ok(Some(status)),
     }
-    Ok(Some(status))
 }
 
 /// Changes the running domain's status under the domain lock: reads it
@@ -315,7 +302,7 @@ pub fn edit_locked_status<T>(
 /// [`cleanup`] unless the status has meanwhile come to name another
 /// process (another caller cleaned up and started a new one).
 fn forget(store: &Store, name: &str, process: ProcessId) -> Result<()> {
-    let still = store.read_status(name)?.and_then(|xml| LiveStatus::parse(&xml).ok()).map(|s| s.process);
+    let still = store.read_status(name)?.and_then(|xml| LiveStatus::parse(&xml).ok()).map(|s| s.run.process);
     if still.is_none_or(|p| p == process) {
         cleanup(store, name)?;
     }

@@ -350,7 +350,7 @@ impl QemuConnection {
         strata_engine::definitions::define(self.store(), &persistent.to_xml(), DefineFlags::default())?;
         {
             let _lock = strata_engine::blocking::lock_domain(self.store(), &domain).await?;
-            self.launch(&domain, live::Server::Vm, StartMode::Incoming, dom).await?;
+            self.launch(&domain, StartMode::Incoming, dom).await?;
         }
         let (status, monitor) = self.running(&domain).await?;
         let client = &monitor.client;

@@ -156,7 +156,7 @@ impl Placement<'_> {
         let target = pin_targets(running, scope)?;
         let host = self.host_map()?;
         match target.live {
-            Some((status, _)) => Ok(allowed_cpus(&thread_affinity(status.process.pid, &host)?)),
+            Some((status, _)) => Ok(allowed_cpus(&thread_affinity(status.run.process.pid, &host)?)),
             None => {
                 let dom = persistent::load(self.store, domain)?;
                 configured_cpus(dom.emulator_pin(), &dom, &host)
@@ -174,7 +174,7 @@ impl Placement<'_> {
         let target = pin_targets(running, scope)?;
         self.host_map()?.check_pinnable(cpus)?;
         if let Some((status, monitor)) = &target.live {
-            pin_emulator_threads(&monitor.client, domain, status.process.pid, cpus).await?;
+            pin_emulator_threads(&monitor.client, domain, status.run.process.pid, cpus).await?;
         }
         if target.config {
             persistent::edit(self.store, domain, |dom| {

@@ -357,7 +357,7 @@ impl QemuConnection {
             if live::reconcile(self.store(), name)?.is_some() {
                 return Err(Error::operation_invalid(format!("domain '{name}' is already active")));
             }
-            self.launch(name, live::Server::Vm, StartMode::Incoming, dom).await?;
+            self.launch(name, StartMode::Incoming, dom).await?;
         }
         let loaded = async {
             file.seek(SeekFrom::Start(offset)).map_err(|e| Error::io("seek", Path::new(name), e))?;

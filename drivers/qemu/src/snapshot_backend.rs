@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
-use strata_core::driver::{BlockJobEnd, BlockJobKind, BlockJobState, Connection, DomainState, StartFlags};
-use strata_core::options::{BlockCommitOptions, BlockJobAbortFlags, BlockPullOptions};
+use strata_core::driver::{Connection, DomainState, StartFlags};
 use strata_core::store::Store;
 use strata_core::xml::Domain;
 use strata_core::{Error, ErrorKind, Result};
@@ -254,57 +253,12 @@ impl SnapshotBackend for QemuConnection {
         QemuConnection::record_reason(self, domain, state, word)
     }
 
-    /// Runs a block job through this driver's own job machinery (QEMU when
-    /// running, the storage daemon otherwise) and waits for its end.
     async fn run_disk_job(&self, domain: &str, disk: &str, job: DiskJob) -> Result<()> {
-        let layer = |i: usize| format!("{disk}[{i}]");
-        // A delete commits an overlay into the image its snapshot froze
-        // only when no other image reads through that image (the plan
-        // checked), so the one snapshot the commit changes is the one
-        // being deleted.
-        let pivot = match job {
-            DiskJob::ActiveCommit { base } => {
-                let opts = BlockCommitOptions {
-                    active: true,
-                    pivot: true,
-                    base: Some(layer(base)),
-                    allow_snapshot_change: true,
-                    ..Default::default()
-                };
-                self.jobs().start_commit(domain, disk, &opts).await?;
-                true
-            }
-            DiskJob::Commit { top, base } => {
-                let opts = BlockCommitOptions {
-                    top: Some(layer(top)),
-                    base: Some(layer(base)),
-                    allow_snapshot_change: true,
-                    ..Default::default()
-                };
-                self.jobs().start_commit(domain, disk, &opts).await?;
-                false
-            }
-            DiskJob::Pull { into, base } => {
-                let opts = BlockPullOptions { base: base.map(layer), top: Some(layer(into)), ..Default::default() };
-                self.jobs().start_pull(domain, disk, &opts).await?;
-                false
-            }
-        };
-        strata_core::crash_point("snapshot-delete:job");
-        self.job_to_end(domain, disk, pivot).await
+        self.jobs().run_disk_job(domain, disk, job).await
     }
 
-    /// Waits for the end of a pull or commit left running on `disk` by an
-    /// interrupted delete, pivoting an active commit once it is ready.
     async fn settle_disk_job(&self, domain: &str, disk: &str) -> Result<()> {
-        let Some(info) = self.jobs().info(domain, disk).await? else { return Ok(()) };
-        if !matches!(info.kind, BlockJobKind::Pull | BlockJobKind::Commit | BlockJobKind::ActiveCommit) {
-            return Err(Error::new(
-                ErrorKind::BlockCopyActive,
-                format!("disk '{disk}' has a block copy in progress; end it before the snapshot delete can finish"),
-            ));
-        }
-        self.job_to_end(domain, disk, true).await
+        self.jobs().settle_disk_job(domain, disk).await
     }
 }
 
@@ -342,21 +296,6 @@ impl QemuConnection {
         BlockJobEngine::over(self)
     }
 
-    /// Waits for the end of the job on `disk`, ending it once it is ready
-    /// (pivoting when `pivot`).
-    async fn job_to_end(&self, domain: &str, disk: &str, pivot: bool) -> Result<()> {
-        loop {
-            match self.jobs().wait(domain, disk, Duration::from_secs(60)).await? {
-                BlockJobState::Running(_) => {}
-                BlockJobState::Ready(_) => {
-                    let end = self.jobs().end_job(domain, disk, BlockJobAbortFlags { pivot, no_wait: false }).await?;
-                    return job_result(end);
-                }
-                BlockJobState::Ended { end, .. } => return job_result(end),
-            }
-        }
-    }
-
     /// Reserves `count` node numbers in the status for new node names.
     fn reserve_nodes(&self, domain: &str, count: u64) -> Result<u64> {
         let store = self.store();
@@ -367,14 +306,6 @@ impl QemuConnection {
         status.next_node = first.saturating_add(count);
         store.write_status(domain, &status.to_xml())?;
         Ok(first)
-    }
-}
-
-fn job_result(end: BlockJobEnd) -> Result<()> {
-    match end {
-        BlockJobEnd::Completed => Ok(()),
-        BlockJobEnd::Failed(e) => Err(Error::operation_failed(format!("block job failed: {e}"))),
-        other => Err(Error::operation_failed(format!("block job ended as {other:?}"))),
     }
 }
 

@@ -14,7 +14,7 @@ use super::record::{set_outcome, JobOutcome, JobRecord};
 pub fn record_in_live(live: &mut Domain, jobs: &mut Vec<JobRecord>, rec: &JobRecord, chain: &Chain) -> Result<()> {
     crate::storage::set_chain(live, &rec.disk, chain)?;
     if rec.kind == BlockJobKind::Copy {
-        live.set_disk_mirror(&rec.disk, None)?;
+        live.set_storage_mirror(&rec.disk, None)?;
     }
     jobs.retain(|j| j.id != rec.id);
     Ok(())

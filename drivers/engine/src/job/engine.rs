@@ -9,11 +9,11 @@ use strata_core::driver::{BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobOps, 
 use strata_core::options::{BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions};
 use strata_core::store::Store;
 use strata_core::xml::Domain;
-use strata_core::{Error, Result};
+use strata_core::{Error, ErrorKind, Result};
 
 use super::record::{ended, JobRecord};
 use super::{run, BlockJobBackend};
-use crate::snapshot::{in_use_definition, settle_operations, SnapshotBackend};
+use crate::snapshot::{in_use_definition, settle_operations, DiskJob, SnapshotBackend};
 use crate::view::TransparentOver;
 
 /// The job server that serves a domain's disks now, with what its records
@@ -170,6 +170,84 @@ impl<B: BlockJobHost + SnapshotBackend> BlockJobEngine<B> {
             Ok(d) => d.refuse_if_transient("block jobs"),
             Err(_) => Ok(()),
         }
+    }
+
+    /// A snapshot delete's job on `disk` ([`SnapshotBackend::run_disk_job`]),
+    /// run through the driver's own jobs (in the process serving the
+    /// domain, or one started for it while it is shut off) to its end.
+    pub async fn run_disk_job(&self, domain: &str, disk: &str, job: DiskJob) -> Result<()> {
+        let layer = |i: usize| format!("{disk}[{i}]");
+        // A delete commits an overlay into the image its snapshot froze
+        // only when no other image reads through that image (the plan
+        // checked), so the one snapshot the commit changes is the one
+        // being deleted.
+        let pivot = match job {
+            DiskJob::ActiveCommit { base } => {
+                let opts = BlockCommitOptions {
+                    active: true,
+                    pivot: true,
+                    base: Some(layer(base)),
+                    allow_snapshot_change: true,
+                    ..Default::default()
+                };
+                self.start_commit(domain, disk, &opts).await?;
+                true
+            }
+            DiskJob::Commit { top, base } => {
+                let opts = BlockCommitOptions {
+                    top: Some(layer(top)),
+                    base: Some(layer(base)),
+                    allow_snapshot_change: true,
+                    ..Default::default()
+                };
+                self.start_commit(domain, disk, &opts).await?;
+                false
+            }
+            DiskJob::Pull { into, base } => {
+                let opts = BlockPullOptions { base: base.map(layer), top: Some(layer(into)), ..Default::default() };
+                self.start_pull(domain, disk, &opts).await?;
+                false
+            }
+        };
+        strata_core::crash_point("snapshot-delete:job");
+        self.job_to_end(domain, disk, pivot).await
+    }
+
+    /// Waits for the end of a pull or commit left running on `disk` by an
+    /// interrupted delete, pivoting an active commit once it is ready
+    /// ([`SnapshotBackend::settle_disk_job`]).
+    pub async fn settle_disk_job(&self, domain: &str, disk: &str) -> Result<()> {
+        let Some(info) = self.info(domain, disk).await? else { return Ok(()) };
+        if !matches!(info.kind, BlockJobKind::Pull | BlockJobKind::Commit | BlockJobKind::ActiveCommit) {
+            return Err(Error::new(
+                ErrorKind::BlockCopyActive,
+                format!("disk '{disk}' has a block copy in progress; end it before the snapshot delete can finish"),
+            ));
+        }
+        self.job_to_end(domain, disk, true).await
+    }
+
+    /// Waits for the end of the job on `disk`, ending it once it is ready
+    /// (pivoting when `pivot`).
+    async fn job_to_end(&self, domain: &str, disk: &str, pivot: bool) -> Result<()> {
+        loop {
+            match self.wait(domain, disk, Duration::from_secs(60)).await? {
+                BlockJobState::Running(_) => {}
+                BlockJobState::Ready(_) => {
+                    let end = self.end_job(domain, disk, BlockJobAbortFlags { pivot, no_wait: false }).await?;
+                    return job_result(end);
+                }
+                BlockJobState::Ended { end, .. } => return job_result(end),
+            }
+        }
+    }
+}
+
+fn job_result(end: BlockJobEnd) -> Result<()> {
+    match end {
+        BlockJobEnd::Completed => Ok(()),
+        BlockJobEnd::Failed(e) => Err(Error::operation_failed(format!("block job failed: {e}"))),
+        other => Err(Error::operation_failed(format!("block job ended as {other:?}"))),
     }
 }
 

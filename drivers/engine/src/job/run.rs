@@ -218,7 +218,7 @@ async fn record_job<B: BlockJobBackend>(backend: &B, mut rec: JobRecord, mirror:
         *table.next_number = table.next_number.saturating_add(1);
         let id = rec.id.clone();
         if let Some(m) = mirror {
-            table.live.set_disk_mirror(&rec.disk, Some(m))?;
+            table.live.set_storage_mirror(&rec.disk, Some(m))?;
         }
         set_outcome(backend.store(), backend.domain(), &rec.disk, None)?;
         table.jobs.push(rec);
@@ -233,7 +233,7 @@ async fn drop_record<B: BlockJobBackend>(backend: &B, id: &str) -> Result<()> {
         if let Some(rec) = table.jobs.iter().find(|j| j.id == id).cloned() {
             table.jobs.retain(|j| j.id != id);
             if rec.kind == BlockJobKind::Copy {
-                table.live.set_disk_mirror(&rec.disk, None)?;
+                table.live.set_storage_mirror(&rec.disk, None)?;
             }
         }
         Ok(())

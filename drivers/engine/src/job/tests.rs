@@ -310,7 +310,7 @@ fn a_persistent_disk_redefined_meanwhile_keeps_its_new_image() {
 #[test]
 fn the_live_definition_drops_a_copy_mirror_and_its_record() {
     let mut live = Domain::parse(DOMAIN).expect("parse");
-    live.set_disk_mirror("vda", Some(Element::new("mirror").with_attr("job", "copy"))).expect("mirror");
+    live.set_storage_mirror("vda", Some(Element::new("mirror").with_attr("job", "copy"))).expect("mirror");
     let rec = record(BlockJobKind::Copy, None, false);
     let other = JobRecord { id: "strata-pull-vdb-5".into(), disk: "vdb".into(), ..rec.clone() };
     let mut jobs = vec![rec.clone(), other.clone()];
@@ -733,7 +733,7 @@ async fn a_ready_copy_is_marked_ready_in_its_record_and_its_mirror() {
         .live
         .lock()
         .expect("live")
-        .set_disk_mirror("vda", Some(Element::new("mirror").with_attr("job", "copy")))
+        .set_storage_mirror("vda", Some(Element::new("mirror").with_attr("job", "copy")))
         .expect("mirror");
     assert!(run::reconcile_jobs(&server, &[rec]).await.expect("reconcile"));
     assert!(server.records()[0].ready, "the record says ready");

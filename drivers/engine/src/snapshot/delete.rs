@@ -280,6 +280,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         let children: Vec<PathBuf> = edges.iter().filter(|(_, b)| *b == frozen).map(|(c, _)| c.clone()).collect();
         let below = edges.iter().find(|(c, _)| *c == frozen).map(|(_, b)| b.clone());
         let method = delete_method(&children, &overlay, overlay.exists());
+        self.refuse_planned_jobs(domain, &d.name, method, &overlay, &frozen, &children, below.as_deref()).await?;
         if method == DeleteMethod::Commit {
             let dom = self.current_definition(domain).await?;
             let running_line: Vec<PathBuf> = chain_of(&dom, &d.name)
@@ -301,6 +302,39 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
             below,
             children,
         })
+    }
+
+    /// Asks the backend about each job the plan will run on the disk's
+    /// current chain (as [`Self::apply_delete_plan`] chooses them), so that
+    /// one the domain cannot run now is refused before the plan is
+    /// recorded.
+    #[allow(clippy::too_many_arguments)]
+    async fn refuse_planned_jobs(
+        &self,
+        domain: &str,
+        disk: &str,
+        method: DeleteMethod,
+        overlay: &Path,
+        frozen: &Path,
+        children: &[PathBuf],
+        below: Option<&Path>,
+    ) -> Result<()> {
+        let dom = self.current_definition(domain).await?;
+        let Some(chain) = chain_of(&dom, disk)? else { return Ok(()) };
+        let layer_of = |p: &Path| chain.main_line().iter().find(|l| l.source.local_path() == Some(p)).map(|l| l.index);
+        let jobs: Vec<DiskJob> = match method {
+            DeleteMethod::Commit => match (layer_of(overlay), layer_of(frozen)) {
+                (Some(0), Some(base)) => vec![DiskJob::ActiveCommit { base }],
+                (Some(top), Some(base)) => vec![DiskJob::Commit { top, base }],
+                _ => Vec::new(),
+            },
+            DeleteMethod::Pull => children
+                .iter()
+                .filter_map(|c| layer_of(c))
+                .map(|into| DiskJob::Pull { into, base: below.and_then(layer_of) })
+                .collect(),
+        };
+        jobs.into_iter().try_for_each(|job| self.backend.refuse_delete_job(domain, disk, job))
     }
 
     /// Carries out a delete plan. Each step first checks whether it is

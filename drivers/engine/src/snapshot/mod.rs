@@ -212,6 +212,14 @@ pub trait SnapshotBackend: Send + Sync {
     /// Records why the running domain is in `state` (libvirt's reason word).
     fn record_reason(&self, domain: &str, state: DomainState, word: &str) -> Result<()>;
 
+    /// Refuses a job a snapshot delete's plan needs on `disk` that the
+    /// domain cannot run in its current state, before the plan is
+    /// recorded (a refusal after it would leave a delete that every later
+    /// command retries).
+    fn refuse_delete_job(&self, _domain: &str, _disk: &str, _job: DiskJob) -> Result<()> {
+        Ok(())
+    }
+
     /// Runs `job` on `disk` to its end (pivoting an active commit).
     async fn run_disk_job(&self, domain: &str, disk: &str, job: DiskJob) -> Result<()>;
 
