@@ -1615,6 +1615,7 @@ fn external_snapshots_are_deleted_through_block_jobs_running_or_shut_off() {
     assert_eq!(on_disk(&o2), layers(&[&o2, &top, &mid, &base]), "the refusal changed nothing");
     assert_eq!(env.ok(&["snapshot-list", "del", "--name"]).trim(), "s2", "nothing is left to finish");
     env.ok(&["destroy", "del"]);
+    assert_eq!(data_in(&env, &o2), "three\n", "the chain the live delete left holds the data, its filesystem clean");
 
     env.ok(&["snapshot-revert", "del", "s2"]);
     let reverted = root_image(&env, "del");
