@@ -61,10 +61,12 @@ pub struct SnapshotDef {
 
 impl SnapshotDef {
     pub fn parse(xml: &str) -> Result<SnapshotDef> {
-        let root = Element::parse(xml)?;
+        let mut root = Element::parse(xml)?;
         if root.name != "domainsnapshot" {
             return Err(Error::xml(format!("expected a <domainsnapshot> document, found <{}>", root.name)));
         }
+        let domain = root.take_child("domain");
+        let inactive_domain = root.take_child("inactiveDomain");
         let mut def = SnapshotDef {
             name: root.child_text("name"),
             description: root.child("description").map(|d| d.text()),
@@ -73,8 +75,8 @@ impl SnapshotDef {
             parent: root.child("parent").and_then(|p| p.child_text("name")),
             memory: None,
             disks: Vec::new(),
-            domain: root.child("domain").cloned(),
-            inactive_domain: root.child("inactiveDomain").cloned(),
+            domain,
+            inactive_domain,
             active: None,
             cookie: root.child("cookie").cloned(),
             unknown: root.elements().filter(|e| !SNAPSHOT_CHILD_ORDER.contains(&e.name.as_str())).cloned().collect(),

@@ -130,6 +130,16 @@ impl Element {
         self.children.push(Node::Text(text.into()));
     }
 
+    /// Removes the first child element with this name and returns it (a
+    /// document's subtree taken out without copying it).
+    pub fn take_child(&mut self, name: &str) -> Option<Element> {
+        let at = self.children.iter().position(|n| matches!(n, Node::Element(e) if e.name == name))?;
+        match self.children.remove(at) {
+            Node::Element(e) => Some(e),
+            _ => None,
+        }
+    }
+
     /// Removes every child element with this name; returns how many went.
     pub fn remove_children(&mut self, name: &str) -> usize {
         let before = self.children.len();
@@ -210,6 +220,12 @@ impl Element {
                     }
                     attach(&mut stack, &mut root, el)?;
                 }
+                // Whitespace after a child element is layout, dropped at
+                // once rather than kept until the parent closes: most text
+                // events of a deep chain are indentation.
+                Event::Text(text)
+                    if text.iter().all(u8::is_ascii_whitespace)
+                        && matches!(stack.last().and_then(|p| p.children.last()), Some(Node::Element(_))) => {}
                 Event::Text(text) => {
                     let decoded = text.decode().map_err(|e| Error::xml(format!("malformed XML text: {e}")))?;
                     let unescaped = quick_xml::escape::unescape(&decoded)
@@ -454,6 +470,32 @@ mod tests {
             "<domain type='kvm' xmlns:q='urn:x'>\n  <name>vm1</name>\n  <!-- hello -->\n  <devices>\n    <graphics type='vnc' port='-1' custom='a&apos;b &amp; c'/>\n    <q:thing/>\n  </devices>\n  <cpu mode='host-model'>\n    <feature policy='require' name='x2apic'/>\n  </cpu>\n</domain>\n"
         );
         assert_eq!(Element::parse(&out).expect("reparse").to_xml(), out);
+    }
+
+    #[test]
+    fn layout_whitespace_goes_and_text_stays() {
+        let el = Element::parse("<a>\n  <b> </b>\n  <c/>\n  tail\n  <d/>\n</a>").expect("parse");
+        // Whitespace-only content of a leaf is text; between elements it is layout.
+        assert_eq!(el.child("b").map(Element::text).as_deref(), Some(" "));
+        let kinds: Vec<String> = el
+            .children
+            .iter()
+            .map(|n| match n {
+                Node::Element(e) => e.name.clone(),
+                Node::Text(t) => format!("text:{}", t.trim()),
+                Node::Comment(_) => "comment".into(),
+            })
+            .collect();
+        assert_eq!(kinds, ["b", "c", "text:tail", "d"]);
+    }
+
+    #[test]
+    fn take_child_moves_the_first_named_subtree_out() {
+        let mut el = Element::parse("<a><x n='1'><y/></x><z/><x n='2'/></a>").expect("parse");
+        let taken = el.take_child("x").expect("x");
+        assert_eq!(taken.to_xml(), "<x n='1'>\n  <y/>\n</x>\n");
+        assert_eq!(el.to_xml(), "<a>\n  <z/>\n  <x n='2'/>\n</a>\n");
+        assert!(el.take_child("missing").is_none());
     }
 
     #[test]

@@ -107,9 +107,9 @@ impl LiveStatus {
     }
 
     pub fn parse(xml: &str) -> Result<LiveStatus> {
-        let root = Element::parse(xml)?;
+        let mut root = Element::parse(xml)?;
         let bad = |what: &str| Error::internal(format!("the container's status XML lacks {what}"));
-        let domain = root.child("domain").cloned().ok_or_else(|| bad("the <domain>"))?;
+        let domain = root.take_child("domain").ok_or_else(|| bad("the <domain>"))?;
         Ok(LiveStatus {
             domain: Domain::from_element(domain)?,
             init: ProcessId::from_attrs(&root, "init"),
