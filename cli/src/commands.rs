@@ -144,7 +144,12 @@ impl PinScopeFlags {
     }
 }
 
+/// Each command's options are added only when that command is parsed
+/// (`defer`): adding every command's took most of what a short command
+/// such as `list` spends before it reaches the driver. Code that reads a
+/// command's options reads them from `virsh_args::built_subcommand`.
 #[derive(Subcommand, Debug)]
+#[command(defer = true)]
 pub enum Command {
     /// Print the connection URI.
     Uri {

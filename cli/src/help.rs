@@ -203,7 +203,7 @@ pub fn topic(root: &clap::Command, name: &str) -> Option<String> {
     if let Some((title, _, _)) = GROUPS.iter().find(|(_, keyword, _)| *keyword == name) {
         return Some(group_text(title, &commands(root)));
     }
-    root.find_subcommand(name).map(command_help)
+    crate::virsh_args::built_subcommand(root, name).map(|cmd| command_help(&cmd))
 }
 
 /// One command's help as `virsh help COMMAND` prints it: NAME, SYNOPSIS,
@@ -286,7 +286,10 @@ mod tests {
 
     #[test]
     fn every_option_of_every_command_is_described() {
-        let root = CommandLine::command();
+        let mut root = CommandLine::command();
+        // Every command's deferred options added.
+        root.build();
+        assert!(root.find_subcommand("snapshot-create-as").is_some_and(|c| c.get_arguments().count() > 5));
         let mut undescribed = Vec::new();
         for cmd in root.get_subcommands() {
             if cmd.get_about().is_none() {
@@ -297,6 +300,22 @@ mod tests {
             }
         }
         assert!(undescribed.is_empty(), "undescribed: {undescribed:?}");
+    }
+
+    #[test]
+    fn a_commands_help_has_its_own_description_and_its_deferred_options() {
+        let root = CommandLine::command();
+        // Commands whose options come from a shared struct with a doc
+        // comment of its own (the domain, the snapshot, the job options).
+        for (name, about, option) in [
+            ("domblklist", "domblklist - List a domain's block devices", "--details"),
+            ("snapshot-revert", "snapshot-revert - Revert the domain to a snapshot", "--running"),
+            ("blockpull", "blockpull - Pull backing data into the active layer", "--wait"),
+        ] {
+            let help = super::topic(&root, name).expect("a command");
+            assert!(help.contains(about), "{help}");
+            assert!(help.contains(option), "{help}");
+        }
     }
 
     #[test]

@@ -135,7 +135,7 @@ fn parse_error_message(command: &str, e: &clap::Error) -> String {
 fn virsh_option(command: &str, clap_arg: &str) -> String {
     let option = clap_arg.split_whitespace().next().unwrap_or(clap_arg);
     let root = CommandLine::command();
-    let by_position = root.find_subcommand(command).is_some_and(|cmd| {
+    let by_position = virsh_args::built_subcommand(&root, command).is_some_and(|cmd| {
         cmd.get_arguments().any(|a| virsh_args::by_position(a) && a.get_long() == option.strip_prefix("--"))
     });
     match option.strip_prefix("--") {

@@ -16,6 +16,8 @@ use crate::table::{format_fields, format_table};
 use crate::virsh_args::BY_POSITION;
 
 #[derive(Subcommand, Debug)]
+// Options added when the command is parsed: see `commands::Command`.
+#[command(defer = true)]
 pub enum NetworkCommand {
     /// Define (but do not start) a network from an XML file.
     #[command(name = "net-define")]

@@ -21,6 +21,8 @@ use crate::table::{format_fields, format_table};
 use crate::virsh_args::BY_POSITION;
 
 #[derive(Subcommand, Debug)]
+// Options added when the command is parsed: see `commands::Command`.
+#[command(defer = true)]
 pub enum PoolCommand {
     /// Define a pool from a set of args.
     #[command(name = "pool-define-as")]

@@ -18,6 +18,8 @@ use crate::shared::{binary_units, read_document};
 use crate::virsh_args::BY_POSITION;
 
 #[derive(Subcommand, Debug)]
+// Options added when the command is parsed: see `commands::Command`.
+#[command(defer = true)]
 pub enum SaveCommand {
     /// Save a running domain's state to a file or block device and stop it.
     Save(SaveArgs),

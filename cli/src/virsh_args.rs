@@ -25,13 +25,27 @@ fn option_named<'a>(cmd: &'a clap::Command, name: &str) -> Option<&'a Arg> {
         .find(|a| a.get_long() == Some(name) || a.get_all_aliases().is_some_and(|aliases| aliases.contains(&name)))
 }
 
+/// A copy of `root`'s command `name` (or alias) with its options in
+/// place: each command's options are added only when it is parsed
+/// (`commands::Command`'s `defer`).
+pub fn built_subcommand(root: &clap::Command, name: &str) -> Option<clap::Command> {
+    let mut cmd = root.find_subcommand(name)?.clone();
+    // The command's description is its variant's: the options' structs'
+    // own doc comments, added by the deferred build, would replace it.
+    let (about, long_about) = (cmd.get_about().cloned(), cmd.get_long_about().cloned());
+    cmd.build();
+    let reset = || clap::builder::Resettable::Reset;
+    Some(cmd.about(about.map_or_else(reset, Into::into)).long_about(long_about.map_or_else(reset, Into::into)))
+}
+
 /// `words` (a command and its options) with every bare word given as the
 /// option it fills, `--NAME=WORD`, for clap, whose command line `root`
 /// declares the commands. Bare words left over stay as they are, for clap
 /// to refuse as virsh does ("unexpected data").
 pub fn name_positional_words(root: &clap::Command, words: &[String]) -> Vec<String> {
     let Some((command, rest)) = words.split_first() else { return Vec::new() };
-    let Some(cmd) = root.find_subcommand(command) else { return words.to_vec() };
+    let Some(cmd) = built_subcommand(root, command) else { return words.to_vec() };
+    let cmd = &cmd;
     let slots: Vec<&Arg> = cmd.get_arguments().filter(|a| by_position(a)).collect();
     let mut given = vec![false; slots.len()];
     let mut named = vec![command.clone()];
