@@ -67,15 +67,19 @@ pub async fn live_chains(client: &QmpClient, domain: &str) -> Result<HashMap<Str
     Ok(out)
 }
 
-/// QEMU's block graph: nodes by name, and named edges between them.
+/// QEMU's block graph: nodes by name, and the named edges between them.
 pub struct BlockGraph {
     nodes: HashMap<String, strata_qmp::types::NamedBlockNode>,
     names: HashMap<u64, String>,
     ids: HashMap<String, u64>,
-    edges: Vec<(u64, u64, String)>,
     /// Each parent's child by edge name (the first such edge), so that a
     /// walk down a chain is linear in its depth.
     children: HashMap<(u64, String), u64>,
+    /// How many edges (from a device, a job or another node) lead to each
+    /// node that has a parent.
+    parents: HashMap<u64, usize>,
+    /// Every edge's child, by parent.
+    edges_from: HashMap<u64, Vec<u64>>,
     /// Block backends: (the device QEMU names for each, as `query-block`'s
     /// `qdev`; its id).
     backends: Vec<(String, u64)>,
@@ -83,8 +87,11 @@ pub struct BlockGraph {
 
 impl BlockGraph {
     pub async fn query(client: &QmpClient, domain: &str) -> Result<BlockGraph> {
-        let nodes = client.query_named_block_nodes().await.map_err(|e| qmp_error(domain, e))?;
-        let graph = client.execute("x-debug-query-block-graph", None).await.map_err(|e| qmp_error(domain, e))?;
+        // Both queries in flight at once: one round trip instead of two.
+        let (nodes, graph) =
+            tokio::join!(client.query_named_block_nodes(), client.execute("x-debug-query-block-graph", None));
+        let nodes = nodes.map_err(|e| qmp_error(domain, e))?;
+        let graph = graph.map_err(|e| qmp_error(domain, e))?;
         let mut g = BlockGraph::parse(&graph)?;
         g.nodes = nodes.into_iter().map(|n| (n.node_name.clone(), n)).collect();
         Ok(g)
@@ -95,9 +102,35 @@ impl BlockGraph {
         self.nodes.keys().map(String::as_str)
     }
 
-    /// Nodes with a parent of any kind (a device, a job, another node).
-    pub fn has_parent(&self, node: &str) -> bool {
-        self.ids.get(node).is_some_and(|id| self.edges.iter().any(|(_, c, _)| c == id))
+    /// The nodes named `PREFIX…` that nothing uses, and then those that
+    /// only they use, in an order QEMU can remove them in (each before the
+    /// nodes it uses): what one look at the graph tells about a dropped
+    /// chain, where removing one layer at a time took a query per layer.
+    pub fn unused_nodes(&self, prefix: &str) -> Vec<String> {
+        let named = |id: &u64| self.names.get(id).filter(|n| n.starts_with(prefix) && self.ids.contains_key(*n));
+        let mut parents = self.parents.clone();
+        let mut ready: Vec<&String> = self
+            .ids
+            .iter()
+            .filter(|(n, id)| n.starts_with(prefix) && !parents.contains_key(id))
+            .map(|(n, _)| n)
+            .collect();
+        // Largest name last, popped first: a stable order from one graph.
+        ready.sort_unstable();
+        let mut order = Vec::new();
+        while let Some(name) = ready.pop() {
+            order.push(name.clone());
+            let Some(id) = self.ids.get(name) else { continue };
+            for child in self.edges_from.get(id).into_iter().flatten() {
+                let Some(count) = parents.get_mut(child) else { continue };
+                *count -= 1;
+                if *count == 0 {
+                    parents.remove(child);
+                    ready.extend(named(child));
+                }
+            }
+        }
+        order
     }
 
     /// The chain below format node `root`.
@@ -160,16 +193,18 @@ impl BlockGraph {
             }
             names.insert(id, name);
         }
-        let mut edges = Vec::new();
+        let mut parents: HashMap<u64, usize> = HashMap::new();
+        let mut edges_from: HashMap<u64, Vec<u64>> = HashMap::new();
         let mut children = HashMap::new();
         for e in v.get("edges").and_then(|n| n.as_array()).ok_or_else(bad)? {
             let parent = e.get("parent").and_then(|i| i.as_u64()).ok_or_else(bad)?;
             let child = e.get("child").and_then(|i| i.as_u64()).ok_or_else(bad)?;
             let name = e.get("name").and_then(|i| i.as_str()).unwrap_or("").to_string();
-            children.entry((parent, name.clone())).or_insert(child);
-            edges.push((parent, child, name));
+            children.entry((parent, name)).or_insert(child);
+            *parents.entry(child).or_default() += 1;
+            edges_from.entry(parent).or_default().push(child);
         }
-        Ok(BlockGraph { nodes: HashMap::new(), names, ids, edges, children, backends })
+        Ok(BlockGraph { nodes: HashMap::new(), names, ids, children, parents, edges_from, backends })
     }
 
     /// The node name of `node`'s child on edge `edge` (`file`, `backing`).
@@ -200,5 +235,45 @@ impl BlockGraph {
                 Some((device.clone(), self.names.get(&root)?.clone()))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BlockGraph;
+
+    /// Device `vda` on `vda-s2-fmt`, backed by `vda-base-fmt`; a dropped
+    /// chain `vda-s1-fmt` → `vda-s0-fmt` → `vda-base-fmt` (still used by
+    /// the active layer); an unused node of another disk.
+    fn graph() -> BlockGraph {
+        let node = |id: u64, kind: &str, name: &str| serde_json::json!({"id": id, "type": kind, "name": name});
+        let edge =
+            |parent: u64, child: u64, name: &str| serde_json::json!({"parent": parent, "child": child, "name": name});
+        let v = serde_json::json!({
+            "nodes": [
+                node(1, "block-backend", "vda"),
+                node(2, "block-driver", "vda-s2-fmt"), node(3, "block-driver", "vda-s2-file"),
+                node(4, "block-driver", "vda-base-fmt"), node(5, "block-driver", "vda-base-file"),
+                node(6, "block-driver", "vda-s1-fmt"), node(7, "block-driver", "vda-s1-file"),
+                node(8, "block-driver", "vda-s0-fmt"), node(9, "block-driver", "vda-s0-file"),
+                node(10, "block-driver", "vdb-s1-fmt"),
+            ],
+            "edges": [
+                edge(1, 2, "root"), edge(2, 3, "file"), edge(2, 4, "backing"), edge(4, 5, "file"),
+                edge(6, 7, "file"), edge(6, 8, "backing"), edge(8, 9, "file"), edge(8, 4, "backing"),
+            ],
+        });
+        BlockGraph::parse(&v).expect("graph")
+    }
+
+    #[test]
+    fn unused_nodes_come_each_before_the_nodes_it_uses_and_spare_the_used() {
+        let order = graph().unused_nodes("vda-");
+        let at = |n: &str| order.iter().position(|o| o == n).unwrap_or_else(|| panic!("{n} missing from {order:?}"));
+        assert_eq!(order.len(), 4, "{order:?}");
+        assert!(at("vda-s1-fmt") < at("vda-s1-file") && at("vda-s1-fmt") < at("vda-s0-fmt"), "{order:?}");
+        assert!(at("vda-s0-fmt") < at("vda-s0-file"), "{order:?}");
+        assert!(graph().unused_nodes("vdc-").is_empty());
+        assert_eq!(graph().unused_nodes("vdb-"), ["vdb-s1-fmt"]);
     }
 }

@@ -32,7 +32,7 @@ use strata_engine::job::record::{job_of_id, JobRecord};
 use strata_engine::job::{BlockJobBackend, CopyTarget, JobPhase, JobTable, ObservedJob};
 use strata_engine::process::ProcessId;
 use strata_qmp::types::{JobInfo, JobStatus};
-use strata_qmp::{KnownEvent, QmpClient, QmpEvent};
+use strata_qmp::{KnownEvent, QmpClient, QmpError, QmpEvent};
 use tokio::sync::broadcast;
 
 use crate::graph::{live_chains, BlockGraph, LiveDisk};
@@ -614,22 +614,33 @@ pub fn lock_unattached_nodes(store: &Store, name: &str) -> Result<DomainLock> {
 }
 
 /// Removes the disk's nodes nothing uses any more (left by a finished job;
-/// QEMU keeps monitor-added nodes until told), format nodes before their
-/// files. Only this disk's nodes: another disk's job may be adding some.
+/// QEMU keeps monitor-added nodes until told), each before the nodes it
+/// uses, all sent at once. Only this disk's nodes: another disk's job may
+/// be adding some. When QEMU refuses one, the graph is read again.
 async fn remove_dead_nodes(store: &Store, client: &QmpClient, name: &str, disk: &str) -> Result<()> {
     let _nodes = strata_engine::blocking::lock_domain_for(store, name, UNATTACHED_NODES).await?;
     let prefix = format!("{}-", node_prefix(disk));
     for _ in 0..64 {
-        let graph = BlockGraph::query(client, name).await?;
-        let dead: Vec<String> =
-            graph.node_names().filter(|n| n.starts_with(&prefix) && !graph.has_parent(n)).map(str::to_string).collect();
+        let dead = BlockGraph::query(client, name).await?.unused_nodes(&prefix);
         if dead.is_empty() {
             return Ok(());
         }
-        for node in dead {
-            if let Err(e) = client.execute("blockdev-del", Some(json!({"node-name": node}))).await {
-                tracing::debug!(node, error = %e, "node not removed");
+        let removals = dead.iter().map(|node| ("blockdev-del", Some(json!({"node-name": node})))).collect();
+        let mut all_removed = true;
+        for (node, removed) in dead.iter().zip(client.execute_in_order(removals).await) {
+            match removed {
+                Ok(_) => {}
+                // A node given inline at start (a layer's file node) goes
+                // with its parent: already gone is what was asked for.
+                Err(QmpError::Command { desc, .. }) if desc.starts_with("Failed to find node with node-name") => {}
+                Err(e) => {
+                    tracing::debug!(node, error = %e, "node not removed");
+                    all_removed = false;
+                }
             }
+        }
+        if all_removed {
+            return Ok(());
         }
     }
     Ok(())

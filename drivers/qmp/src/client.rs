@@ -437,17 +437,7 @@ impl QmpClient {
         fd: Option<OwnedFd>,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut msg = Map::new();
-        msg.insert("execute".into(), Value::from(command));
-        if let Some(arguments) = arguments {
-            msg.insert("arguments".into(), arguments);
-        }
-        msg.insert("id".into(), Value::from(id));
-        let mut bytes =
-            serde_json::to_vec(&msg).map_err(|e| QmpError::Protocol(format!("cannot encode '{command}': {e}")))?;
-        bytes.push(b'\n');
-
+        let (id, bytes) = self.encode(command, arguments)?;
         // Registered before writing: the reply can arrive before the write
         // call returns.
         let rx = self.inner.shared.register(id)?;
@@ -459,29 +449,75 @@ impl QmpClient {
             tracing::debug!(command, id, with_fd, "QMP command sent");
             rx.await.map_err(|_| QmpError::Disconnected)
         };
-        let outcome = tokio::time::timeout(timeout, exchange).await;
-        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-        let reply = match outcome {
-            Ok(reply) => reply,
-            Err(_) => {
-                tracing::debug!(command, id, elapsed_ms, "QMP command timed out");
-                return Err(QmpError::Timeout { command: command.into(), after: timeout });
-            }
+        let outcome = tokio::time::timeout(timeout, exchange).await.ok();
+        settle(command, id, started, timeout, outcome)
+    }
+
+    /// Runs `commands` in this order, sent in one write: QEMU runs a
+    /// monitor's commands one at a time, so each starts once the one before
+    /// has ended, without a round trip between them. One result per
+    /// command, all within the default timeout; a failed command does not
+    /// stop the ones after it.
+    pub async fn execute_in_order(&self, commands: Vec<(&str, Option<Value>)>) -> Vec<Result<Value, QmpError>> {
+        let timeout = self.default_timeout();
+        let started = Instant::now();
+        let mut bytes = Vec::new();
+        let mut pending = Vec::new();
+        for (command, arguments) in commands {
+            let registered = self.encode(command, arguments).and_then(|(id, message)| {
+                let rx = self.inner.shared.register(id)?;
+                bytes.extend(message);
+                Ok((id, rx, PendingGuard { shared: &self.inner.shared, id }))
+            });
+            pending.push((command, registered));
+        }
+        let written = match tokio::time::timeout(timeout, self.write(bytes, None)).await {
+            Ok(written) => written,
+            Err(_) => Err(QmpError::Timeout { command: "a batch of commands".into(), after: timeout }),
         };
-        match reply {
-            Ok(Reply::Return(value)) => {
-                tracing::debug!(command, id, elapsed_ms, "QMP reply received");
-                Ok(value)
-            }
-            Ok(Reply::Error { class, desc }) => {
-                tracing::debug!(command, id, elapsed_ms, %class, %desc, "QMP error reply received");
-                Err(QmpError::Command { command: command.into(), class, desc })
-            }
-            Err(e) => {
-                tracing::debug!(command, id, elapsed_ms, error = %e, "QMP command failed");
-                Err(e)
+        if written.is_ok() {
+            for (command, registered) in &pending {
+                if let Ok((id, _, _)) = registered {
+                    tracing::debug!(command, id, with_fd = false, "QMP command sent");
+                }
             }
         }
+        let mut results = Vec::new();
+        for (command, registered) in pending {
+            let (id, rx, _pending) = match (registered, &written) {
+                (Err(e), _) => {
+                    results.push(Err(e));
+                    continue;
+                }
+                (Ok(_), Err(e)) => {
+                    results.push(Err(match e {
+                        QmpError::Timeout { after, .. } => QmpError::Timeout { command: command.into(), after: *after },
+                        _ => QmpError::Disconnected,
+                    }));
+                    continue;
+                }
+                (Ok(registered), Ok(())) => registered,
+            };
+            let left = timeout.saturating_sub(started.elapsed());
+            let outcome = tokio::time::timeout(left, async { rx.await.map_err(|_| QmpError::Disconnected) }).await.ok();
+            results.push(settle(command, id, started, timeout, outcome));
+        }
+        results
+    }
+
+    /// A command's id and its message, newline included.
+    fn encode(&self, command: &str, arguments: Option<Value>) -> Result<(u64, Vec<u8>), QmpError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut msg = Map::new();
+        msg.insert("execute".into(), Value::from(command));
+        if let Some(arguments) = arguments {
+            msg.insert("arguments".into(), arguments);
+        }
+        msg.insert("id".into(), Value::from(id));
+        let mut bytes =
+            serde_json::to_vec(&msg).map_err(|e| QmpError::Protocol(format!("cannot encode '{command}': {e}")))?;
+        bytes.push(b'\n');
+        Ok((id, bytes))
     }
 
     /// Writes one complete message, with `fd` attached if given.
@@ -510,6 +546,36 @@ impl QmpClient {
             Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
             // Cancelled: the runtime is shutting down.
             Err(_) => Err(QmpError::Disconnected),
+        }
+    }
+}
+
+/// The result of command `command` (`id`, sent at `started`) from its
+/// reply, or `None` when `timeout` passed first; logged either way.
+fn settle(
+    command: &str,
+    id: u64,
+    started: Instant,
+    timeout: Duration,
+    reply: Option<Result<Reply, QmpError>>,
+) -> Result<Value, QmpError> {
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    match reply {
+        None => {
+            tracing::debug!(command, id, elapsed_ms, "QMP command timed out");
+            Err(QmpError::Timeout { command: command.into(), after: timeout })
+        }
+        Some(Ok(Reply::Return(value))) => {
+            tracing::debug!(command, id, elapsed_ms, "QMP reply received");
+            Ok(value)
+        }
+        Some(Ok(Reply::Error { class, desc })) => {
+            tracing::debug!(command, id, elapsed_ms, %class, %desc, "QMP error reply received");
+            Err(QmpError::Command { command: command.into(), class, desc })
+        }
+        Some(Err(e)) => {
+            tracing::debug!(command, id, elapsed_ms, error = %e, "QMP command failed");
+            Err(e)
         }
     }
 }

@@ -211,3 +211,47 @@ async fn capabilities_are_sent_before_the_greeting_is_read() {
     drop(client);
     tokio::time::timeout(Duration::from_secs(5), peer).await.expect("connection not closed on drop").unwrap();
 }
+
+/// `execute_in_order` sends its commands together: this peer reads all
+/// three before it answers any (a client waiting for each reply would time
+/// out), receives them in the order given, and a refused command in the
+/// middle fails alone.
+#[tokio::test]
+async fn commands_in_order_go_out_together_and_fail_one_by_one() {
+    let (_dir, path, listener) = listen();
+    let peer = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let capabilities: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        let reply = json!({"return": {}, "id": capabilities["id"]});
+        write.write_all(format!("{GREETING}\n{reply}\n").as_bytes()).await.unwrap();
+        let mut batch = Vec::new();
+        for _ in 0..3 {
+            let command: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+            batch.push(command);
+        }
+        let nodes: Vec<&str> = batch.iter().map(|c| c["arguments"]["node-name"].as_str().unwrap()).collect();
+        assert_eq!(nodes, ["a-fmt", "a-file", "b-fmt"]);
+        for (n, command) in batch.iter().enumerate() {
+            let reply = if n == 1 {
+                json!({"error": {"class": "GenericError", "desc": "node is in use"}, "id": command["id"]})
+            } else {
+                json!({"return": {}, "id": command["id"]})
+            };
+            write.write_all(format!("{reply}\n").as_bytes()).await.unwrap();
+        }
+        while lines.next_line().await.unwrap().is_some() {}
+    });
+    let client = QmpClient::connect_with_timeout(&path, Duration::from_secs(5)).await.unwrap();
+    client.set_default_timeout(Duration::from_secs(5));
+    let commands =
+        ["a-fmt", "a-file", "b-fmt"].iter().map(|n| ("blockdev-del", Some(json!({"node-name": n})))).collect();
+    let results = client.execute_in_order(commands).await;
+    assert_eq!(results.len(), 3);
+    assert_eq!(results[0].as_ref().unwrap(), &json!({}));
+    assert!(matches!(&results[1], Err(QmpError::Command { desc, .. }) if desc == "node is in use"), "{results:?}");
+    assert_eq!(results[2].as_ref().unwrap(), &json!({}));
+    drop(client);
+    tokio::time::timeout(Duration::from_secs(5), peer).await.expect("connection not closed on drop").unwrap();
+}
