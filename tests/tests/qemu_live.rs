@@ -490,3 +490,60 @@ fn start_killed_at_each_step_leaves_no_untracked_qemu() {
         assert_eq!(env.ok(&["domstate", "vm"]).trim(), "running", "{step}");
     }
 }
+
+/// A running domain's live XML comes from Strata's records, without a
+/// round trip to QEMU, while nothing can have changed QEMU behind them
+/// (libvirt answers from its records too). A command passed through to
+/// QEMU's monitor taints the domain (libvirt's `custom-monitor`): from
+/// then on the live XML is read from QEMU, so a snapshot taken through the
+/// monitor shows in `domblklist` and `dumpxml`.
+#[test]
+fn live_xml_is_read_from_the_records_until_the_monitor_is_used_directly() {
+    let env = TestEnv::new();
+    let chain = start_three_deep(&env);
+    let _guard = DomainGuard { env: &env, name: "vm".into() };
+    let top = chain[2].display().to_string();
+
+    let quiet = env.strata(&["--debug", "domblklist", "vm"]);
+    assert!(quiet.status.success(), "{}", String::from_utf8_lossy(&quiet.stderr));
+    let rows = String::from_utf8_lossy(&quiet.stdout).into_owned();
+    assert!(rows.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["vda", top.as_str()]), "{rows}");
+    let log = String::from_utf8_lossy(&quiet.stderr).into_owned();
+    assert!(log.contains("connection URI"), "the debug log is on:\n{log}");
+    assert!(!log.contains("QMP greeting"), "domblklist talked to QEMU with nothing to ask it:\n{log}");
+
+    // A snapshot Strata does not know of, taken through the monitor.
+    let status = std::fs::read_to_string(env.state_root().join("domains/vm/status.xml")).expect("status.xml");
+    let root = strata_core::xml::Element::parse(&status).expect("status XML");
+    let node = root
+        .child("roots")
+        .and_then(|r| r.children_named("root").find(|e| e.attr("disk") == Some("vda")))
+        .and_then(|e| e.attr("node"))
+        .expect("vda's root node")
+        .to_string();
+    let overlay = env.path("behind-strata.qcow2");
+    let command = serde_json::json!({
+        "execute": "blockdev-snapshot-sync",
+        "arguments": {"node-name": node, "snapshot-file": overlay, "format": "qcow2", "snapshot-node-name": "outside"},
+    });
+    env.ok(&["qemu-monitor-command", "vm", &command.to_string()]);
+    let status = std::fs::read_to_string(env.state_root().join("domains/vm/status.xml")).expect("status.xml");
+    assert!(status.contains("<taint flag='custom-monitor'/>"), "{status}");
+
+    let asked = env.strata(&["--debug", "domblklist", "vm"]);
+    let rows = String::from_utf8_lossy(&asked.stdout).into_owned();
+    let overlay = overlay.display().to_string();
+    assert!(rows.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["vda", overlay.as_str()]), "{rows}");
+    assert!(String::from_utf8_lossy(&asked.stderr).contains("QMP greeting"), "a tainted domain's XML is QEMU's");
+    let live = Domain::parse(&env.ok(&["dumpxml", "vm"])).expect("live XML");
+    let layers: Vec<String> = live
+        .find_disk("vda")
+        .expect("vda")
+        .chain
+        .expect("chain")
+        .main_line()
+        .iter()
+        .map(|l| l.source.to_string())
+        .collect();
+    assert_eq!(layers, [overlay, top, chain[1].display().to_string(), chain[0].display().to_string()]);
+}

@@ -58,6 +58,19 @@ pub fn load(store: &Store, name: &str) -> Result<Domain> {
     }
 }
 
+/// Refuses a domain the store does not have, without reading its
+/// definition: for a caller that reads a running domain from its status
+/// and needs only libvirt's no-domain error for an unknown name (parsing a
+/// definition on a deep chain costs milliseconds, and a snapshot asked for
+/// the running domain several times).
+pub fn require_known(store: &Store, name: &str) -> Result<()> {
+    if store.is_defined(name)? {
+        Ok(())
+    } else {
+        Err(no_such_domain(name))
+    }
+}
+
 /// Every domain the store defines, for `list`: its definition, or the
 /// row of one whose definition is damaged (which must not hide the
 /// others). A domain undefined while the names were read is left out.

@@ -197,6 +197,19 @@ impl Intent {
         read_root(store, domain)?.map(|root| Intent::from_element(&root)).transpose()
     }
 
+    /// Whether an operation's intent is recorded (done or not), without
+    /// reading it: for a reader that trusts the recorded state only when
+    /// no operation may be halfway through changing it.
+    pub fn is_recorded(store: &Store, domain: &str) -> Result<bool> {
+        let path = store.domain_dir(domain)?.join(INTENT_FILE);
+        match std::fs::metadata(&path) {
+            // An empty record is a cleared one, as `read` takes it.
+            Ok(meta) => Ok(meta.len() > 0),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io("stat", &path, e)),
+        }
+    }
+
     /// Whether the process that wrote the pending intent is known to be
     /// gone (a record without an owner names none).
     pub fn owner_gone(store: &Store, domain: &str) -> Result<bool> {

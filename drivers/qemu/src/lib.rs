@@ -130,7 +130,7 @@ impl QemuConnection {
     /// Whatever serves the domain's disks now — its QEMU, or the storage
     /// daemon of an offline block job — with recorded jobs brought forward.
     async fn serving(&self, name: &str) -> Result<Option<(LiveStatus, Arc<Monitor>)>> {
-        strata_engine::definitions::load(&self.store, name)?;
+        strata_engine::definitions::require_known(&self.store, name)?;
         self.recover_stream(name).await?;
         let Some(status) = live::reconcile(&self.store, name)? else { return Ok(None) };
         let Some(monitor) = self.attach(name, &status).await? else { return Ok(None) };
@@ -333,8 +333,17 @@ impl QemuConnection {
             let exited = spawned.id.wait_gone(Duration::from_millis(500)).await;
             let _ = spawned.id.terminate(Duration::from_secs(2)).await;
             // How it ended: a signal (QEMU 7.2 crashes reading through a
-            // chain some thousand layers deep) or an exit code.
-            let how = spawned.child.try_wait().ok().flatten().map(|status| format!(" ({status})")).unwrap_or_default();
+            // chain some thousand layers deep) or an exit code. A crashing
+            // QEMU's main thread shows as a zombie while its other threads
+            // still write the core dump, so its status may come later.
+            let mut how = String::new();
+            for _ in 0..if exited { 150 } else { 1 } {
+                if let Ok(Some(status)) = spawned.child.try_wait() {
+                    how = format!(" ({status})");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             let log = strata_engine::process::log_tail(&paths.log(), 5);
             live::cleanup(&self.store, name)?;
             if exited && !log.trim().is_empty() {
@@ -377,20 +386,37 @@ impl QemuConnection {
         Ok(())
     }
 
+    /// Whether the running domain's recorded live definition is what QEMU
+    /// has, with no round trip to QEMU: nothing can have changed QEMU's
+    /// block graph or devices behind the records while no block job is
+    /// recorded (a job's end is recorded only by [`Self::serving`]), no
+    /// NIC unplug waits for its guest, no snapshot operation, save or
+    /// migration is halfway and no command was passed through to QEMU's
+    /// monitor. Otherwise [`Self::live_domain`] asks QEMU.
+    fn records_are_current(&self, name: &str, status: &LiveStatus) -> Result<bool> {
+        Ok(status.jobs.is_empty()
+            && status.pending_unplugs.is_empty()
+            && !status.custom_monitor
+            && !strata_engine::intent::Intent::is_recorded(&self.store, name)?
+            && !self.stream_recorded(name)?)
+    }
+
     /// The live definition: the one QEMU runs with, each disk's chain read
     /// from QEMU's block graph and each NIC's MAC as QEMU reports it.
     pub(crate) async fn live_domain(&self, name: &str) -> Result<Domain> {
         let (status, monitor) = self.running(name).await?;
-        let mut dom = status.domain.clone();
+        let mut dom = status.domain;
         dom.set_id(Some(status.id));
-        let chains = live_chains(&monitor.client, name).await?;
+        // Read-only queries, in flight together.
+        let (chains, macs) =
+            tokio::try_join!(live_chains(&monitor.client, name), live::nic_macs(&monitor.client, name, &dom))?;
         let pools = PoolManager::new(self.store.clone());
         for disk in dom.disks()? {
             if let Some(live) = chains.get(&disk.target) {
                 dom.set_disk_chain(&disk.target, &define::live_chain_as_recorded(&disk, &live.chain, &pools))?;
             }
         }
-        for (index, mac) in live::nic_macs(&monitor.client, name, &dom).await? {
+        for (index, mac) in macs {
             dom.set_interface_mac(index, &mac)?;
         }
         Ok(dom)
@@ -550,13 +576,22 @@ impl Connection for QemuConnection {
     }
 
     async fn dump_xml(&self, name: &str, flags: DumpXmlFlags) -> Result<String> {
+        let mut status = live::reconcile(&self.store, name)?;
         // Jobs that ended while no strata ran are recorded first, so the
         // persistent chain shown is the one the images now have.
-        if live::reconcile(&self.store, name)?.is_some_and(|s| !s.jobs.is_empty()) {
+        if status.as_ref().is_some_and(|s| !s.jobs.is_empty()) {
             self.serving(name).await?;
+            status = live::reconcile(&self.store, name)?;
         }
-        if flags.inactive || live::reconcile(&self.store, name)?.filter(LiveStatus::is_vm).is_none() {
+        let Some(status) = status.filter(|s| !flags.inactive && s.is_vm()) else {
             return strata_engine::definitions::dump_xml(&self.store, name, flags);
+        };
+        if self.records_are_current(name, &status)? {
+            // libvirt answers from its own records too: every change to the
+            // chains and devices goes through Strata and is recorded.
+            let mut dom = status.domain;
+            dom.set_id(Some(status.id));
+            return Ok(dom.to_xml());
         }
         Ok(self.live_domain(name).await?.to_xml())
     }
@@ -817,7 +852,16 @@ impl CpuPlacementOps for QemuConnection {
 #[async_trait]
 impl MonitorOps for QemuConnection {
     async fn monitor_command(&self, domain: &str, command: &str, human: bool) -> Result<String> {
-        let (_, monitor) = self.running(domain).await?;
+        let (status, monitor) = self.running(domain).await?;
+        if !status.custom_monitor {
+            // Recorded before QEMU gets the command, so that a strata killed
+            // after sending it still leaves the domain tainted.
+            live::edit_status_async(&self.store, domain, |s| {
+                s.custom_monitor = true;
+                Ok(())
+            })
+            .await?;
+        }
         monitor_command::run(&monitor.client, domain, command, human).await
     }
 }

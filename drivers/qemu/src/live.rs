@@ -63,6 +63,11 @@ pub struct LiveStatus {
     /// when the detach gave up waiting; the next command that reads the
     /// domain finishes each one QEMU no longer has.
     pub pending_unplugs: Vec<PendingUnplug>,
+    /// libvirt's `custom-monitor` taint: a command was passed through to
+    /// QEMU's monitor (`qemu-monitor-command`), which may have changed
+    /// QEMU's block graph or devices behind Strata's records, so that the
+    /// live XML is read from QEMU from then on.
+    pub custom_monitor: bool,
 }
 
 /// An unplug QEMU was asked for and the guest has not yet completed.
@@ -118,6 +123,7 @@ impl LiveStatus {
             reason: None,
             host_nics: Vec::new(),
             pending_unplugs: Vec::new(),
+            custom_monitor: false,
         }
     }
 
@@ -163,17 +169,21 @@ impl LiveStatus {
         if let Some((state, word)) = &self.reason {
             root = root.with_child(Element::new("reason").with_attr("state", &**state).with_text(&**word));
         }
+        if self.custom_monitor {
+            root = root.with_child(Element::new("taint").with_attr("flag", "custom-monitor"));
+        }
         root.with_child(self.domain.element().clone()).to_xml()
     }
 
     pub fn parse(xml: &str) -> Result<LiveStatus> {
-        let root = Element::parse(xml)?;
+        let mut root = Element::parse(xml)?;
+        let domain = root.take_child("domain").ok_or_else(|| Error::internal("status XML lacks the <domain>"))?;
         let num = |attr: &str| -> Result<u64> {
             root.attr(attr)
                 .and_then(|v| v.parse().ok())
                 .ok_or_else(|| Error::internal(format!("status XML lacks a numeric '{attr}'")))
         };
-        let domain = root.child("domain").cloned().ok_or_else(|| Error::internal("status XML lacks the <domain>"))?;
+        let custom_monitor = root.elements().any(|t| t.name == "taint" && t.attr("flag") == Some("custom-monitor"));
         let jobs_el = root.child("jobs");
         let jobs = jobs_el
             .map(|j| j.children_named("job").map(JobRecord::from_element).collect::<Result<Vec<_>>>())
@@ -206,6 +216,7 @@ impl LiveStatus {
                 .child("pendingunplugs")
                 .map(|p| p.children_named("pendingunplug").filter_map(PendingUnplug::from_element).collect())
                 .unwrap_or_default(),
+            custom_monitor,
         })
     }
 }

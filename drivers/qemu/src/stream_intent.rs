@@ -217,6 +217,12 @@ fn busy(domain: &str, job: &str) -> Error {
 }
 
 impl QemuConnection {
+    /// Whether a save or migration of the domain is recorded, running or
+    /// left by a process that died.
+    pub(crate) fn stream_recorded(&self, domain: &str) -> Result<bool> {
+        Ok(StreamIntent::read(self.store(), domain)?.is_some())
+    }
+
     /// The save or migration of the domain a live process runs now.
     pub(crate) fn stream_in_progress(&self, domain: &str) -> Result<Option<StreamIntent>> {
         Ok(StreamIntent::read(self.store(), domain)?.filter(|(_, alive)| *alive).map(|(intent, _)| intent))
