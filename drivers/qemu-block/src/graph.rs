@@ -36,6 +36,11 @@ impl LiveDisk {
 /// 1,000 deep nests deeper than a JSON reader should follow.
 pub async fn live_chains(client: &QmpClient, domain: &str) -> Result<HashMap<String, LiveDisk>> {
     let graph = BlockGraph::query(client, domain).await?;
+    chains_in(&graph, client, domain).await
+}
+
+/// [`live_chains`] read from a graph already queried.
+pub async fn chains_in(graph: &BlockGraph, client: &QmpClient, domain: &str) -> Result<HashMap<String, LiveDisk>> {
     let devices = graph.device_roots();
     let mut out = HashMap::new();
     for (qdev, root) in &devices {

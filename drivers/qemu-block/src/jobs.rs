@@ -35,7 +35,7 @@ use strata_qmp::types::{JobInfo, JobStatus};
 use strata_qmp::{KnownEvent, QmpClient, QmpError, QmpEvent};
 use tokio::sync::broadcast;
 
-use crate::graph::{live_chains, BlockGraph, LiveDisk};
+use crate::graph::{chains_in, live_chains, BlockGraph, LiveDisk};
 use crate::monitor::{qmp_error, Monitor};
 use crate::nodes::node_prefix;
 
@@ -57,6 +57,25 @@ pub async fn live_disk(client: &QmpClient, domain: &str, disk: &str) -> Result<L
         .await?
         .remove(disk)
         .ok_or_else(|| Error::invalid_arg(format!("disk '{disk}' not found in domain")))
+}
+
+/// A disk as QEMU has it open for a block job, with the block graph it
+/// was read from: the clean-up after a job starts from the graph its
+/// conclusion read instead of asking QEMU again.
+pub struct OpenDisk {
+    pub live: LiveDisk,
+    graph: BlockGraph,
+}
+
+impl OpenDisk {
+    async fn read(client: &QmpClient, domain: &str, disk: &str) -> Result<OpenDisk> {
+        let graph = BlockGraph::query(client, domain).await?;
+        let live = chains_in(&graph, client, domain)
+            .await?
+            .remove(disk)
+            .ok_or_else(|| Error::invalid_arg(format!("disk '{disk}' not found in domain")))?;
+        Ok(OpenDisk { live, graph })
+    }
 }
 
 /// Runs a `blockdev-create` job to its end and dismisses it.
@@ -174,6 +193,20 @@ pub async fn wait_status(
     }
 }
 
+/// Whether QEMU has already reported job `id` entering one of `wanted`,
+/// among the events `changes` holds (none is waited for). A lagging
+/// receiver answers no: the caller asks QEMU instead.
+fn reported(changes: &mut broadcast::Receiver<QmpEvent>, id: &str, wanted: &[JobStatus]) -> bool {
+    while let Ok(ev) = changes.try_recv() {
+        if let KnownEvent::JobStatusChange(c) = ev.known() {
+            if c.id == id && wanted.contains(&c.status) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 /// Waits up to `limit` for QEMU to report a status change of job `id`;
 /// false when none came in time. Missed events (a lagging receiver) or a
 /// closed monitor end the wait too: the caller looks again.
@@ -286,7 +319,7 @@ pub struct QemuCopyTarget {
 
 #[async_trait]
 impl<R: JobRecords> BlockJobBackend for QemuJobServer<R> {
-    type OpenDisk = LiveDisk;
+    type OpenDisk = OpenDisk;
     type Changes = broadcast::Receiver<QmpEvent>;
     type CopyTarget = QemuCopyTarget;
 
@@ -352,9 +385,14 @@ impl<R: JobRecords> BlockJobBackend for QemuJobServer<R> {
     }
 
     async fn finalize(&self, id: &str) -> Result<()> {
+        let mut changes = self.client().subscribe_events();
         finalize(self.client(), &self.name, id).await?;
         let done = [JobStatus::Concluded, JobStatus::Null];
-        wait_status(self.client(), &self.name, id, &done, Duration::from_secs(30)).await?;
+        // QEMU concludes a job inside `job-finalize` and sends its status
+        // change before the reply, so the change is usually here already.
+        if !reported(&mut changes, id, &done) {
+            wait_status(self.client(), &self.name, id, &done, Duration::from_secs(30)).await?;
+        }
         Ok(())
     }
 
@@ -366,22 +404,23 @@ impl<R: JobRecords> BlockJobBackend for QemuJobServer<R> {
         Ok(())
     }
 
-    async fn open_disk(&self, disk: &str) -> Result<LiveDisk> {
-        live_disk(self.client(), &self.name, disk).await
+    async fn open_disk(&self, disk: &str) -> Result<OpenDisk> {
+        OpenDisk::read(self.client(), &self.name, disk).await
     }
 
-    fn chain(disk: &LiveDisk) -> &Chain {
-        &disk.chain
+    fn chain(disk: &OpenDisk) -> &Chain {
+        &disk.live.chain
     }
 
     async fn start_pull(
         &self,
         id: &str,
-        disk: &LiveDisk,
+        open: &OpenDisk,
         layers: &PullLayers,
         backing: Option<String>,
         bandwidth: Option<u64>,
     ) -> Result<()> {
+        let disk = &open.live;
         if layers.into == 0 {
             self.refuse_writing_exported_root("pull into the active layer")?;
         }
@@ -405,11 +444,12 @@ impl<R: JobRecords> BlockJobBackend for QemuJobServer<R> {
     async fn start_commit(
         &self,
         id: &str,
-        disk: &LiveDisk,
+        open: &OpenDisk,
         layers: &CommitLayers,
         backing: Option<String>,
         bandwidth: Option<u64>,
     ) -> Result<()> {
+        let disk = &open.live;
         if layers.kind == BlockJobKind::ActiveCommit {
             self.refuse_writing_exported_root("run an active block commit")?;
         }
@@ -433,7 +473,8 @@ impl<R: JobRecords> BlockJobBackend for QemuJobServer<R> {
 
     /// The destination's format node over its file (or host device) node,
     /// named after the disk; a new image is made by `blockdev-create`.
-    async fn open_copy_target(&self, disk_name: &str, disk: &LiveDisk, target: &CopyTarget) -> Result<QemuCopyTarget> {
+    async fn open_copy_target(&self, disk_name: &str, open: &OpenDisk, target: &CopyTarget) -> Result<QemuCopyTarget> {
+        let disk = &open.live;
         self.refuse_writing_exported_root("run a block copy")?;
         let (client, name) = (self.client(), self.name.as_str());
         let unattached = strata_engine::blocking::lock_domain_for(&self.store, name, UNATTACHED_NODES).await?;
@@ -506,10 +547,11 @@ impl<R: JobRecords> BlockJobBackend for QemuJobServer<R> {
     async fn start_copy(
         &self,
         id: &str,
-        disk: &LiveDisk,
+        open: &OpenDisk,
         target: &QemuCopyTarget,
         opts: &BlockCopyOptions,
     ) -> Result<()> {
+        let disk = &open.live;
         let mut args = json!({
             "device": disk.nodes[0],
             "target": target.format_node,
@@ -535,8 +577,8 @@ impl<R: JobRecords> BlockJobBackend for QemuJobServer<R> {
         }
     }
 
-    async fn tidy_after(&self, rec: &JobRecord, end: &BlockJobEnd) -> Result<()> {
-        remove_dead_nodes(&self.store, self.client(), &self.name, &rec.disk).await?;
+    async fn tidy_after(&self, rec: &JobRecord, end: &BlockJobEnd, open: &OpenDisk) -> Result<()> {
+        remove_dead_nodes(&self.store, self.client(), &self.name, &rec.disk, &open.graph).await?;
         if rec.kind == BlockJobKind::ActiveCommit && *end != BlockJobEnd::Completed {
             reopen_backing_read_only(self.client(), &self.name, &rec.disk).await?;
         }
@@ -557,10 +599,10 @@ impl<R: JobRecords> BlockJobBackend for QemuJobServer<R> {
 
     fn edit_records<T>(
         &self,
-        ended: Option<(&str, &LiveDisk)>,
+        ended: Option<(&str, &OpenDisk)>,
         change: impl FnOnce(JobTable<'_>) -> Result<T>,
     ) -> Result<Option<T>> {
-        let ended = ended.map(|(disk, open)| (disk, open.root()));
+        let ended = ended.map(|(disk, open)| (disk, open.live.root()));
         self.records.edit_records(&self.store, &self.name, ended, change)
     }
 }
@@ -616,12 +658,15 @@ pub fn lock_unattached_nodes(store: &Store, name: &str) -> Result<DomainLock> {
 /// Removes the disk's nodes nothing uses any more (left by a finished job;
 /// QEMU keeps monitor-added nodes until told), each before the nodes it
 /// uses, all sent at once. Only this disk's nodes: another disk's job may
-/// be adding some. When QEMU refuses one, the graph is read again.
-async fn remove_dead_nodes(store: &Store, client: &QmpClient, name: &str, disk: &str) -> Result<()> {
+/// be adding some. The first round works from `read`, the graph the job's
+/// conclusion read (a node it shows unused that another process has
+/// attached since is refused by QEMU as in use); when QEMU refuses one,
+/// the graph is read again.
+async fn remove_dead_nodes(store: &Store, client: &QmpClient, name: &str, disk: &str, read: &BlockGraph) -> Result<()> {
     let _nodes = strata_engine::blocking::lock_domain_for(store, name, UNATTACHED_NODES).await?;
     let prefix = format!("{}-", node_prefix(disk));
+    let mut dead = read.unused_nodes(&prefix);
     for _ in 0..64 {
-        let dead = BlockGraph::query(client, name).await?.unused_nodes(&prefix);
         if dead.is_empty() {
             return Ok(());
         }
@@ -642,6 +687,7 @@ async fn remove_dead_nodes(store: &Store, client: &QmpClient, name: &str, disk: 
         if all_removed {
             return Ok(());
         }
+        dead = BlockGraph::query(client, name).await?.unused_nodes(&prefix);
     }
     Ok(())
 }

@@ -173,8 +173,9 @@ pub trait BlockJobBackend: Send + Sync {
     ) -> Result<()>;
     /// Closes a target no copy started into.
     async fn close_copy_target(&self, target: Self::CopyTarget);
-    /// Cleans up what a job that ended with `end` left in the hypervisor.
-    async fn tidy_after(&self, rec: &JobRecord, end: &BlockJobEnd) -> Result<()>;
+    /// Cleans up what a job that ended with `end` left in the hypervisor;
+    /// `open` is the disk as the job's conclusion read it.
+    async fn tidy_after(&self, rec: &JobRecord, end: &BlockJobEnd, open: &Self::OpenDisk) -> Result<()>;
     /// Ends the process that serves the disks if it runs only for jobs
     /// and has none left.
     async fn quit_if_idle(&self) -> Result<()>;

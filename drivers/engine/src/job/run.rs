@@ -220,7 +220,9 @@ async fn record_job<B: BlockJobBackend>(backend: &B, mut rec: JobRecord, mirror:
         if let Some(m) = mirror {
             table.live.set_storage_mirror(&rec.disk, Some(m))?;
         }
-        set_outcome(backend.store(), backend.domain(), &rec.disk, None)?;
+        // The disk's last outcome stays until this job's replaces it: every
+        // path that forgets a record writes its outcome, but for a start
+        // QEMU refused ([`drop_record`]), which clears it.
         table.jobs.push(rec);
         Ok(id)
     })
@@ -228,10 +230,13 @@ async fn record_job<B: BlockJobBackend>(backend: &B, mut rec: JobRecord, mirror:
     .ok_or_else(|| Error::operation_invalid("domain is not running"))
 }
 
+/// Forgets the record of a job the hypervisor refused to start, and the
+/// outcome of the disk's job before it, which is not this job's.
 async fn drop_record<B: BlockJobBackend>(backend: &B, id: &str) -> Result<()> {
     edit(backend, |table| {
         if let Some(rec) = table.jobs.iter().find(|j| j.id == id).cloned() {
             table.jobs.retain(|j| j.id != id);
+            set_outcome(backend.store(), backend.domain(), &rec.disk, None)?;
             if rec.kind == BlockJobKind::Copy {
                 table.live.set_storage_mirror(&rec.disk, None)?;
             }
@@ -263,7 +268,7 @@ pub async fn mark_ready<B: BlockJobBackend>(backend: &B, id: &str) -> Result<()>
 /// `--delete` files go.
 pub async fn conclude<B: BlockJobBackend>(backend: &B, rec: &JobRecord) -> Result<()> {
     let (store, name) = (backend.store(), backend.domain());
-    let end = {
+    let (end, open) = {
         // Held throughout, so only one process records the job.
         let _lock = backend.lock().await?;
         let Some(jobs) = backend.recorded_jobs()? else { return Ok(()) };
@@ -293,11 +298,11 @@ pub async fn conclude<B: BlockJobBackend>(backend: &B, rec: &JobRecord) -> Resul
             record_in_live(table.live, table.jobs, rec, &chain)?;
             record_in_store(store, name, rec, &end, device_before.source(), &chain)
         })?;
-        end
+        (end, open)
     };
     strata_core::pause_point("job:recorded");
     strata_core::crash_point("job:recorded");
-    backend.tidy_after(rec, &end).await?;
+    backend.tidy_after(rec, &end, &open).await?;
     delete_committed(rec, &end);
     backend.quit_if_idle().await
 }

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use strata_core::chain::{Chain, StorageSource};
 use strata_core::driver::{BlockJobEnd, BlockJobKind, BlockJobState};
@@ -535,7 +536,7 @@ impl BlockJobBackend for FakeServer {
         disk
     }
 
-    async fn tidy_after(&self, rec: &JobRecord, end: &BlockJobEnd) -> strata_core::Result<()> {
+    async fn tidy_after(&self, rec: &JobRecord, end: &BlockJobEnd, _open: &Chain) -> strata_core::Result<()> {
         self.log(format!("tidy {} {end:?}", rec.disk));
         Ok(())
     }
@@ -822,7 +823,8 @@ async fn a_started_job_is_recorded_first_and_marked_started_after() {
     let store = store_with_domain(dir.path(), DOMAIN);
     let old = JobOutcome { disk: "vda".into(), kind: BlockJobKind::Pull, end: BlockJobEnd::Cancelled };
     set_outcome(&store, "vm", "vda", Some(old)).expect("an earlier job's outcome");
-    let server = FakeServer::new(store.clone(), Vec::new(), Vec::new(), chain(&VDA));
+    let running = vec![("strata-pull-vda-1".to_string(), job(JobPhase::Running, None))];
+    let server = FakeServer::new(store.clone(), Vec::new(), running, chain(&VDA));
     let rec = JobRecord::new(BlockJobKind::Pull, "vda", Vec::new());
     run::start_recorded(&server, rec, None, |id| {
         let seen = server.records();
@@ -838,14 +840,20 @@ async fn a_started_job_is_recorded_first_and_marked_started_after() {
     assert_eq!(records.len(), 1);
     assert!(!records[0].starting, "marked started once sent");
     assert_eq!(records[0].starter, Some(this_process()));
-    assert_eq!(last_outcome(&store, "vm", "vda").expect("read"), None, "the earlier outcome is cleared");
+    // Kept until this job's outcome replaces it: a wait finds the record
+    // first, so the earlier outcome is never taken for this job's.
+    let kept = last_outcome(&store, "vm", "vda").expect("read").map(|o| o.end);
+    assert_eq!(kept, Some(BlockJobEnd::Cancelled), "no outcome write before the job starts");
+    assert!(matches!(run::wait(&server, "vda", Duration::ZERO).await.expect("wait"), BlockJobState::Running(_)));
 }
 
 #[tokio::test]
-async fn a_refused_start_leaves_no_record_and_no_mirror() {
+async fn a_refused_start_leaves_no_record_no_mirror_and_no_earlier_outcome() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = store_with_domain(dir.path(), DOMAIN);
-    let server = FakeServer::new(store, Vec::new(), Vec::new(), chain(&VDA));
+    let old = JobOutcome { disk: "vda".into(), kind: BlockJobKind::Pull, end: BlockJobEnd::Completed };
+    set_outcome(&store, "vm", "vda", Some(old)).expect("an earlier job's outcome");
+    let server = FakeServer::new(store.clone(), Vec::new(), Vec::new(), chain(&VDA));
     let mirror = Element::new("mirror").with_attr("job", "copy");
     let rec = JobRecord::new(BlockJobKind::Copy, "vda", Vec::new());
     let err = run::start_recorded(&server, rec, Some(mirror), |_| async {
@@ -856,6 +864,9 @@ async fn a_refused_start_leaves_no_record_and_no_mirror() {
     assert_eq!(message(err), "the hypervisor refused");
     assert!(server.records().is_empty());
     assert!(!server.live.lock().expect("live").to_xml().contains("<mirror"));
+    // A wait now says there is no job, not that the earlier one completed.
+    let err = run::wait(&server, "vda", Duration::ZERO).await.expect_err("no job");
+    assert_eq!(message(err), "disk vda does not have an active block job");
 }
 
 #[tokio::test]

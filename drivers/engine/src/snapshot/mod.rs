@@ -281,7 +281,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
     /// starting is stopped).
     async fn snapshot_recover(&self, domain: &str) -> Result<()> {
         let store = self.store();
-        crate::definitions::load(store, domain)?;
+        crate::definitions::require_known(store, domain)?;
         self.backend.activity(domain)?;
         if Intent::read(store, domain)?.is_some() {
             let operation = match store.try_lock_domain_operation(domain)? {
@@ -310,7 +310,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
     /// until the returned guard drops) and finishes or undoes an operation
     /// a crash interrupted.
     async fn snapshot_operation(&self, domain: &str) -> Result<DomainLock> {
-        crate::definitions::load(self.store(), domain)?;
+        crate::definitions::require_known(self.store(), domain)?;
         self.backend.refuse_during_domain_job(domain)?;
         let operation = crate::blocking::lock_domain_operation(self.store(), domain).await?;
         self.log_recovery(domain, &operation).await?;
@@ -333,7 +333,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
 
     /// See [`settle_operations`].
     pub async fn settle_operations(&self, domain: &str) -> Result<DomainLock> {
-        crate::definitions::load(self.store(), domain)?;
+        crate::definitions::require_known(self.store(), domain)?;
         self.backend.refuse_during_domain_job(domain)?;
         let operation = crate::blocking::lock_domain_operation(self.store(), domain).await?;
         self.recover_or_warn(domain, &operation).await;
