@@ -132,6 +132,13 @@ impl Shared {
         }
     }
 
+    /// Answers every command waiting now with `reply`.
+    fn fail_all(&self, reply: Reply) {
+        for (_, tx) in self.lock().pending.drain() {
+            let _ = tx.send(reply.clone());
+        }
+    }
+
     fn close(&self) {
         let mut state = self.lock();
         // Dropping the senders wakes every waiter with a RecvError, which
@@ -166,13 +173,18 @@ impl fmt::Debug for QmpClient {
 
 impl QmpClient {
     /// Connects to the monitor socket at `path`, reads the greeting and
-    /// negotiates capabilities, all within [`DEFAULT_TIMEOUT`].
+    /// negotiates capabilities, within [`DEFAULT_TIMEOUT`] (see
+    /// [`QmpClient::connect_with_timeout`]).
     pub async fn connect(path: &Path) -> Result<QmpClient, QmpError> {
         Self::connect_with_timeout(path, DEFAULT_TIMEOUT).await
     }
 
-    /// Like [`QmpClient::connect`], with `timeout` bounding the whole
-    /// handshake (connect, greeting, `qmp_capabilities`).
+    /// Like [`QmpClient::connect`], with `timeout` bounding the connection
+    /// and the greeting. `qmp_capabilities` is sent first and its reply is
+    /// not waited for: the first command goes out behind it and QEMU
+    /// answers the two in order, one round trip fewer per connection. A
+    /// refused negotiation fails every command waiting then and closes
+    /// the connection.
     ///
     /// This makes a single attempt: a socket that does not exist yet is an
     /// [`QmpError::Io`] error, and retrying while QEMU starts is up to the caller.
@@ -188,7 +200,7 @@ impl QmpClient {
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let shared =
             Arc::new(Shared { state: Mutex::new(ConnState { pending: HashMap::new(), events: Some(events) }) });
-        let reader = tokio::spawn(read_loop(reader, Arc::clone(&shared)));
+        let reader = tokio::spawn(read_loop(reader, Arc::clone(&shared), base_id));
         let client = QmpClient {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
@@ -204,12 +216,12 @@ impl QmpClient {
         Ok(client)
     }
 
-    /// Connects, reads the greeting and negotiates capabilities in one
-    /// round trip: `qmp_capabilities` is sent with the connection, before
-    /// the greeting is read (QEMU reads a client's commands only after it
-    /// has sent the greeting, and refuses every command but this one until
-    /// capabilities are negotiated). No optional capability (such as
-    /// "oob") is enabled.
+    /// Connects, sends `qmp_capabilities` and reads the greeting:
+    /// `qmp_capabilities` goes out with the connection, before the
+    /// greeting is read (QEMU reads a client's commands only after it has
+    /// sent the greeting, and refuses every command but this one until
+    /// capabilities are negotiated). Its reply is left to [`read_loop`].
+    /// No optional capability (such as "oob") is enabled.
     async fn open(
         path: &Path,
         capabilities_id: u64,
@@ -248,29 +260,6 @@ impl QmpClient {
             break;
         }
         let greeting = protocol::parse_greeting(line.trim_ascii())?;
-        // An event of that same window can also follow the greeting, ahead of
-        // the reply (seen under load with a job's JOB_STATUS_CHANGE), and so
-        // can the previous client's late reply (seen: a killed client's
-        // `query-block`): both are dropped for the same reason.
-        loop {
-            line.clear();
-            if reader.read_until(b'\n', &mut line).await.map_err(io)? == 0 {
-                return Err(QmpError::Disconnected);
-            }
-            match protocol::parse_incoming(line.trim_ascii())? {
-                Incoming::Event(event) => {
-                    tracing::debug!(path = %path.display(), event = %event.event, "event ahead of the capabilities reply dropped");
-                }
-                Incoming::Reply { id: Some(id), .. } if id != capabilities_id => {
-                    tracing::debug!(path = %path.display(), id, "another client's reply dropped");
-                }
-                Incoming::Reply { id: Some(_), reply: Reply::Return(_) } => break,
-                Incoming::Reply { reply: Reply::Error { class, desc }, .. } => {
-                    return Err(QmpError::Command { command: "qmp_capabilities".into(), class, desc })
-                }
-                other => return Err(QmpError::Protocol(format!("unexpected answer to qmp_capabilities: {other:?}"))),
-            }
-        }
         Ok((reader, write, greeting))
     }
 
@@ -596,8 +585,17 @@ async fn write_with_fd(writer: &mut OwnedWriteHalf, bytes: &[u8], fd: BorrowedFd
     writer.write_all(&bytes[sent..]).await
 }
 
-async fn read_loop(mut reader: BufReader<OwnedReadHalf>, shared: Arc<Shared>) {
+/// Reads QEMU's replies and events until the connection closes, starting
+/// right after the greeting. Until the reply to `qmp_capabilities` (id
+/// `capabilities_id`) comes, what the monitor sends was meant for its
+/// previous client: QEMU keeps a monitor in command mode from one client's
+/// disconnect until the next client's connection is processed, so an
+/// event of that window (seen under load: a job's JOB_STATUS_CHANGE) or a
+/// killed client's late reply (seen: `query-block`) can reach the new
+/// client first. No caller can have asked for them: they are dropped.
+async fn read_loop(mut reader: BufReader<OwnedReadHalf>, shared: Arc<Shared>, capabilities_id: u64) {
     let mut line = Vec::new();
+    let mut negotiated = false;
     loop {
         line.clear();
         match reader.read_until(b'\n', &mut line).await {
@@ -620,6 +618,24 @@ async fn read_loop(mut reader: BufReader<OwnedReadHalf>, shared: Arc<Shared>) {
         }
         let text = line.trim_ascii();
         if text.is_empty() {
+            continue;
+        }
+        if !negotiated {
+            match protocol::parse_incoming(text) {
+                Ok(Incoming::Reply { id: Some(id), reply: Reply::Return(_) }) if id == capabilities_id => {
+                    negotiated = true;
+                }
+                Ok(Incoming::Reply { id: Some(id), reply: Reply::Error { class, desc } }) if id == capabilities_id => {
+                    tracing::warn!(class, desc, "QEMU refused qmp_capabilities");
+                    shared.fail_all(Reply::Error { class, desc: format!("qmp_capabilities refused: {desc}") });
+                    break;
+                }
+                Ok(Incoming::Event(event)) => {
+                    tracing::debug!(event = %event.event, "event ahead of the capabilities reply dropped");
+                }
+                Ok(other) => tracing::debug!(?other, "another client's reply dropped"),
+                Err(e) => tracing::warn!(error = %e, "ignoring QMP line ahead of the capabilities reply"),
+            }
             continue;
         }
         match protocol::parse_incoming(text) {

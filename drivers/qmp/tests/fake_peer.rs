@@ -212,6 +212,60 @@ async fn capabilities_are_sent_before_the_greeting_is_read() {
     tokio::time::timeout(Duration::from_secs(5), peer).await.expect("connection not closed on drop").unwrap();
 }
 
+/// The first command goes out right behind `qmp_capabilities`, without
+/// waiting for its reply: this peer greets, then reads both before it
+/// answers either (a client that waited for the capabilities reply would
+/// time out).
+#[tokio::test]
+async fn the_first_command_goes_out_before_the_capabilities_reply() {
+    let (_dir, path, listener) = listen();
+    let peer = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        write.write_all(format!("{GREETING}\n").as_bytes()).await.unwrap();
+        let capabilities: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        let first: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        assert_eq!(capabilities["execute"], "qmp_capabilities");
+        assert_eq!(first["execute"], "query-status");
+        // A previous client's event in between is not this client's.
+        let stale = json!({"timestamp": {"seconds": 1, "microseconds": 0}, "event": "STOP"});
+        let replies = [
+            stale,
+            json!({"return": {}, "id": capabilities["id"]}),
+            json!({"return": {"status": "running"}, "id": first["id"]}),
+        ];
+        for reply in replies {
+            write.write_all(format!("{reply}\n").as_bytes()).await.unwrap();
+        }
+        while lines.next_line().await.unwrap().is_some() {}
+    });
+    let client = QmpClient::connect_with_timeout(&path, Duration::from_secs(5)).await.unwrap();
+    let mut events = client.subscribe_events();
+    let value = client.execute_timeout("query-status", None, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(value, json!({"status": "running"}));
+    assert!(events.try_recv().is_err(), "the event ahead of the capabilities reply reached a subscriber");
+    drop(client);
+    tokio::time::timeout(Duration::from_secs(5), peer).await.expect("connection not closed on drop").unwrap();
+}
+
+/// A refused negotiation fails the command waiting behind it with QEMU's
+/// reason, not a timeout.
+#[tokio::test]
+async fn a_refused_negotiation_fails_the_first_command() {
+    let (_dir, path, peer) = serve("", |command, id| match command {
+        "qmp_capabilities" => vec![json!({"error": {"class": "GenericError", "desc": "no way"}, "id": id})],
+        _ => {
+            vec![json!({"error": {"class": "CommandNotFound", "desc": "Expecting capabilities negotiation"}, "id": id})]
+        }
+    });
+    let client = QmpClient::connect_with_timeout(&path, Duration::from_secs(5)).await.unwrap();
+    let err = client.execute_timeout("query-status", None, Duration::from_secs(5)).await.expect_err("refused");
+    assert!(err.to_string().contains("qmp_capabilities refused: no way"), "{err}");
+    drop(client);
+    let _ = tokio::time::timeout(Duration::from_secs(5), peer).await;
+}
+
 /// `execute_in_order` sends its commands together: this peer reads all
 /// three before it answers any (a client waiting for each reply would time
 /// out), receives them in the order given, and a refused command in the
