@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use serde_json::Value;
 use strata_core::chain::{Chain, StorageSource};
 use strata_core::{Error, Result};
 use strata_qmp::QmpClient;
@@ -97,7 +98,19 @@ impl BlockGraph {
             tokio::join!(client.query_named_block_nodes(), client.execute("x-debug-query-block-graph", None));
         let nodes = nodes.map_err(|e| qmp_error(domain, e))?;
         let graph = graph.map_err(|e| qmp_error(domain, e))?;
-        let mut g = BlockGraph::parse(&graph)?;
+        BlockGraph::from_parts(nodes, &graph)
+    }
+
+    /// The graph from the replies to `query-named-block-nodes` (flat) and
+    /// `x-debug-query-block-graph`, sent by the caller.
+    pub fn from_replies(nodes: Value, graph: &Value) -> Result<BlockGraph> {
+        let nodes = serde_json::from_value(nodes)
+            .map_err(|e| Error::internal(format!("unexpected query-named-block-nodes reply: {e}")))?;
+        BlockGraph::from_parts(nodes, graph)
+    }
+
+    fn from_parts(nodes: Vec<strata_qmp::types::NamedBlockNode>, graph: &Value) -> Result<BlockGraph> {
+        let mut g = BlockGraph::parse(graph)?;
         g.nodes = nodes.into_iter().map(|n| (n.node_name.clone(), n)).collect();
         Ok(g)
     }

@@ -69,7 +69,10 @@ pub struct OpenDisk {
 
 impl OpenDisk {
     async fn read(client: &QmpClient, domain: &str, disk: &str) -> Result<OpenDisk> {
-        let graph = BlockGraph::query(client, domain).await?;
+        OpenDisk::from_graph(BlockGraph::query(client, domain).await?, client, domain, disk).await
+    }
+
+    async fn from_graph(graph: BlockGraph, client: &QmpClient, domain: &str, disk: &str) -> Result<OpenDisk> {
         let live = chains_in(&graph, client, domain)
             .await?
             .remove(disk)
@@ -398,10 +401,23 @@ impl<R: JobRecords> BlockJobBackend for QemuJobServer<R> {
 
     /// Dismissed before the graph is read: on QEMU 7.2 (seen with
     /// qemu-storage-daemon), query-named-block-nodes between a stream's
-    /// finalize and its dismiss crashes the process.
-    async fn dismiss(&self, id: &str) -> Result<()> {
-        self.client().execute("job-dismiss", Some(json!({"id": id}))).await.map_err(|e| qmp_error(&self.name, e))?;
-        Ok(())
+    /// finalize and its dismiss crashes the process. The dismissal and the
+    /// graph's queries go out together, in that order, which QEMU keeps.
+    async fn dismiss_then_open(&self, dismiss: Option<&str>, disk: &str) -> Result<OpenDisk> {
+        let Some(id) = dismiss else { return OpenDisk::read(self.client(), &self.name, disk).await };
+        let (client, name) = (self.client(), self.name.as_str());
+        let mut replies = client
+            .execute_in_order(vec![
+                ("job-dismiss", Some(json!({"id": id}))),
+                ("query-named-block-nodes", Some(json!({"flat": true}))),
+                ("x-debug-query-block-graph", None),
+            ])
+            .await
+            .into_iter();
+        let mut next = || replies.next().unwrap_or(Err(QmpError::Disconnected)).map_err(|e| qmp_error(name, e));
+        next()?;
+        let (nodes, edges) = (next()?, next()?);
+        OpenDisk::from_graph(BlockGraph::from_replies(nodes, &edges)?, client, name, disk).await
     }
 
     async fn open_disk(&self, disk: &str) -> Result<OpenDisk> {

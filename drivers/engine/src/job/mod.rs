@@ -121,8 +121,11 @@ pub trait BlockJobBackend: Send + Sync {
     async fn settle(&self, id: &str) -> Result<()>;
     /// Finalizes a pending job and waits until it has concluded.
     async fn finalize(&self, id: &str) -> Result<()>;
-    /// Lets go of a concluded job, which the hypervisor keeps until told.
-    async fn dismiss(&self, id: &str) -> Result<()>;
+    /// Lets go of the concluded job `dismiss` (which the hypervisor keeps
+    /// until told), if given, then reads `disk` as the hypervisor has it
+    /// open: in that order, since a backend may not be able to show its
+    /// graph while a finished job is still around.
+    async fn dismiss_then_open(&self, dismiss: Option<&str>, disk: &str) -> Result<Self::OpenDisk>;
     /// The disk as the hypervisor has it open now.
     async fn open_disk(&self, disk: &str) -> Result<Self::OpenDisk>;
     fn chain(disk: &Self::OpenDisk) -> &Chain;

@@ -282,12 +282,7 @@ pub async fn conclude<B: BlockJobBackend>(backend: &B, rec: &JobRecord) -> Resul
         }
         // The record as it is now: the caller's copy may predate a pivot.
         let end = end_of(job, fresh.pivoting || rec.pivoting, rec.kind);
-        // Dismissed before the disk is read: a backend may not be able to
-        // show its graph while a finished job is still around.
-        if job.is_some() {
-            backend.dismiss(&rec.id).await?;
-        }
-        let open = backend.open_disk(&rec.disk).await?;
+        let open = backend.dismiss_then_open(job.map(|_| rec.id.as_str()), &rec.disk).await?;
         backend.edit_records(Some((&rec.disk, &open)), |table| {
             let device_before = table.live.find_storage_device(&rec.disk)?;
             // A volume disk still on its volume keeps naming it.

@@ -521,10 +521,12 @@ impl BlockJobBackend for FakeServer {
         Ok(())
     }
 
-    async fn dismiss(&self, id: &str) -> strata_core::Result<()> {
-        self.log(format!("dismiss {id}"));
-        self.observed.lock().expect("observed").retain(|(job, _)| job != id);
-        Ok(())
+    async fn dismiss_then_open(&self, dismiss: Option<&str>, disk: &str) -> strata_core::Result<Chain> {
+        if let Some(id) = dismiss {
+            self.log(format!("dismiss {id}"));
+            self.observed.lock().expect("observed").retain(|(job, _)| job != id);
+        }
+        self.open_disk(disk).await
     }
 
     async fn open_disk(&self, disk: &str) -> strata_core::Result<Chain> {
