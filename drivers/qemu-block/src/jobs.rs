@@ -196,6 +196,20 @@ pub async fn wait_status(
     }
 }
 
+/// Finalizes pending job `id` and waits up to `limit` until it has
+/// concluded. QEMU concludes a job inside `job-finalize` and sends the
+/// status change before the reply, so it is usually here already and no
+/// query is needed.
+async fn finalize_to_conclusion(client: &QmpClient, name: &str, id: &str, limit: Duration) -> Result<()> {
+    let mut changes = client.subscribe_events();
+    finalize(client, name, id).await?;
+    let done = [JobStatus::Concluded, JobStatus::Null];
+    if !reported(&mut changes, id, &done) {
+        wait_status(client, name, id, &done, limit).await?;
+    }
+    Ok(())
+}
+
 /// Whether QEMU has already reported job `id` entering one of `wanted`,
 /// among the events `changes` holds (none is waited for). A lagging
 /// receiver answers no: the caller asks QEMU instead.
@@ -381,22 +395,13 @@ impl<R: JobRecords> BlockJobBackend for QemuJobServer<R> {
         let (client, name) = (self.client(), &self.name);
         let ended = [JobStatus::Pending, JobStatus::Concluded, JobStatus::Null];
         if wait_status(client, name, id, &ended, Duration::from_secs(300)).await? == JobStatus::Pending {
-            finalize(client, name, id).await?;
-            wait_status(client, name, id, &[JobStatus::Concluded, JobStatus::Null], Duration::from_secs(60)).await?;
+            finalize_to_conclusion(client, name, id, Duration::from_secs(60)).await?;
         }
         Ok(())
     }
 
     async fn finalize(&self, id: &str) -> Result<()> {
-        let mut changes = self.client().subscribe_events();
-        finalize(self.client(), &self.name, id).await?;
-        let done = [JobStatus::Concluded, JobStatus::Null];
-        // QEMU concludes a job inside `job-finalize` and sends its status
-        // change before the reply, so the change is usually here already.
-        if !reported(&mut changes, id, &done) {
-            wait_status(self.client(), &self.name, id, &done, Duration::from_secs(30)).await?;
-        }
-        Ok(())
+        finalize_to_conclusion(self.client(), &self.name, id, Duration::from_secs(30)).await
     }
 
     /// Dismissed before the graph is read: on QEMU 7.2 (seen with

@@ -32,9 +32,18 @@ fn find<'a>(observed: &'a [(String, ObservedJob)], id: &str) -> Option<&'a Obser
 /// Takes each recorded job one step forward; true when any record changed.
 pub async fn reconcile_jobs<B: BlockJobBackend>(backend: &B, jobs: &[JobRecord]) -> Result<bool> {
     let observed = backend.observe().await?;
+    reconcile_observed(backend, jobs, &observed).await
+}
+
+/// [`reconcile_jobs`] from the jobs the hypervisor was just seen to have.
+async fn reconcile_observed<B: BlockJobBackend>(
+    backend: &B,
+    jobs: &[JobRecord],
+    observed: &[(String, ObservedJob)],
+) -> Result<bool> {
     let mut changed = false;
     for rec in jobs {
-        match next_step(rec, find(&observed, &rec.id)) {
+        match next_step(rec, find(observed, &rec.id)) {
             Step::Finalize => {
                 strata_core::pause_point("job:seen-ended");
                 backend.finalize(&rec.id).await?;
@@ -361,15 +370,24 @@ pub async fn abort<B: BlockJobBackend>(
     Ok(last_outcome(backend.store(), backend.domain(), disk)?.map(|o| o.end).unwrap_or(BlockJobEnd::Completed))
 }
 
-/// The job records with every job brought forward; `None` once nothing
-/// serves the domain (a job server whose last job ended has quit).
-async fn brought_forward<B: BlockJobBackend>(backend: &B) -> Result<Option<Vec<JobRecord>>> {
-    let Some(jobs) = backend.recorded_jobs()? else { return Ok(None) };
-    if jobs.is_empty() || !reconcile_jobs(backend, &jobs).await? {
-        return Ok(Some(jobs));
+/// The job records with every job brought forward (`None` once nothing
+/// serves the domain: a job server whose last job ended has quit), and
+/// the jobs the hypervisor was seen to have when that changed no record,
+/// which a caller need not ask for again.
+async fn brought_forward<B: BlockJobBackend>(backend: &B) -> Result<(Option<Vec<JobRecord>>, Option<Observed>)> {
+    let Some(jobs) = backend.recorded_jobs()? else { return Ok((None, None)) };
+    if jobs.is_empty() {
+        return Ok((Some(jobs), None));
     }
-    backend.recorded_jobs()
+    let observed = backend.observe().await?;
+    if reconcile_observed(backend, &jobs, &observed).await? {
+        return Ok((backend.recorded_jobs()?, None));
+    }
+    Ok((Some(jobs), Some(observed)))
 }
+
+/// The jobs a hypervisor has, by id.
+type Observed = Vec<(String, ObservedJob)>;
 
 /// Waits up to `timeout` for the job on `disk` to change state; finalizes
 /// and records it when it ends. Driven by the hypervisor's state changes:
@@ -379,11 +397,14 @@ pub async fn wait<B: BlockJobBackend>(backend: &B, disk: &str, timeout: Duration
     let deadline = Instant::now() + timeout;
     loop {
         // Subscribed before looking, so no change between the two is lost.
-        let jobs = brought_forward(backend).await?;
+        let (jobs, observed) = brought_forward(backend).await?;
         let Some(rec) = jobs.and_then(|jobs| jobs.into_iter().find(|j| j.disk == disk)) else {
             return ended(backend.store(), backend.domain(), disk);
         };
-        let observed = backend.observe().await?;
+        let observed = match observed {
+            Some(observed) => observed,
+            None => backend.observe().await?,
+        };
         let Some(job) = find(&observed, &rec.id) else {
             // Recorded, not yet started: its starter sends it next, or
             // drops the record if the hypervisor refuses (which no change
