@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use strata_benches::{
-    copy_images, domain_xml, ms, path_str, qcow2_chain, qemu_io, quick_suffix, run_tool, time, BackingNames,
-    DomainBench, DomainGuard, Leftover, Stats, Strata, Tools,
+    copy_images, domain_xml, ms, path_str, pid_attr, qcow2_chain, qemu_io, quick_suffix, run_tool, time, wait_for_idle,
+    BackingNames, DomainBench, DomainGuard, Leftover, Stats, Strata, Tools,
 };
 
 const DOMAIN: &str = "vm";
@@ -40,7 +40,7 @@ fn main() -> ExitCode {
     let Some(env) = DomainBench::setup("block_jobs", &TOOLS) else {
         return ExitCode::FAILURE;
     };
-    let runs = if env.quick { 2 } else { 5 };
+    let runs = if env.quick { 2 } else { 9 };
 
     let root = env.dir.path();
     let state = root.join("state");
@@ -114,24 +114,25 @@ fn main() -> ExitCode {
     let commit_row = Row::of("blockcommit --active --pivot", &commit);
     println!("running domain, 64 MiB 3-layer qcow2 chain (32/16/8 MiB of data):");
     println!(
-        "{:<30} {:>5} {:>11} {:>11} {:>12} {:>14}",
-        "command", "runs", "strata ms", "QEMU job ms", "overhead ms", "strata min ms"
+        "{:<30} {:>5} {:>11} {:>11} {:>12} {:>16}",
+        "command", "runs", "strata ms", "QEMU job ms", "overhead ms", "overhead min ms"
     );
     for r in [&pull_row, &commit_row] {
         println!(
-            "{:<30} {:>5} {:>11.1} {:>11.1} {:>12.1} {:>14.1}",
+            "{:<30} {:>5} {:>11.1} {:>11.1} {:>12.1} {:>16.1}",
             r.label,
             runs,
             ms(r.wall),
             ms(r.job),
-            ms(r.wall) - ms(r.job),
-            ms(r.wall_min)
+            ms(r.overhead),
+            ms(r.overhead_min)
         );
     }
     let ready = Stats::of(&commit.iter().map(|s| s.job.ready.expect("checked when parsed")).collect::<Vec<_>>()).median;
     println!(
         "  strata ms: the whole `strata --debug …` process; QEMU job ms: JOB_STATUS_CHANGE \
-         'created' → 'concluded' (QEMU's timestamps); overhead = difference (medians).\n  \
+         'created' → 'concluded' (QEMU's timestamps); overhead: the median of each run's\n  \
+         difference. \
          The overhead includes the strata process start, its QMP queries and the fsyncs of its \
          state files; it grows on a busy machine."
     );
@@ -218,16 +219,23 @@ struct Row {
     wall: Duration,
     wall_min: Duration,
     job: Duration,
+    /// The median of each run's wall time less its QEMU job time: QEMU's
+    /// job time varies from run to run by more than the overhead does.
+    overhead: Duration,
+    overhead_min: Duration,
 }
 
 impl Row {
     fn of(label: &'static str, samples: &[Sample]) -> Row {
         let wall = Stats::of(&samples.iter().map(|s| s.wall).collect::<Vec<_>>());
+        let overhead = Stats::of(&samples.iter().map(|s| s.wall.saturating_sub(s.job.total)).collect::<Vec<_>>());
         Row {
             label,
             wall: wall.median,
             wall_min: wall.min,
             job: Stats::of(&samples.iter().map(|s| s.job.total).collect::<Vec<_>>()).median,
+            overhead: overhead.median,
+            overhead_min: overhead.min,
         }
     }
 
@@ -237,7 +245,8 @@ impl Row {
             "strata_ms": ms(self.wall),
             "strata_min_ms": ms(self.wall_min),
             "qemu_job_ms": ms(self.job),
-            "overhead_ms": ms(self.wall) - ms(self.job),
+            "overhead_ms": ms(self.overhead),
+            "overhead_min_ms": ms(self.overhead_min),
         })
     }
 }
@@ -251,6 +260,10 @@ fn live_job(cli: &Strata, live_dir: &Path, tpl: &Path, xml: &Path, job: LiveJob,
     // A pivot rewrites the definition; define the original chain again.
     cli.ok(&["define", path_str(xml)]);
     cli.ok(&["start", DOMAIN]);
+    let status = std::fs::read_to_string(cli.state.join("domains").join(DOMAIN).join("status.xml")).ok();
+    if let Some(pid) = status.as_deref().and_then(pid_attr) {
+        wait_for_idle(pid);
+    }
     let sample = match job {
         LiveJob::Pull => timed_job(cli, &["blockpull", DOMAIN, "vda", "--wait"], "Pull complete"),
         LiveJob::ActiveCommit => {

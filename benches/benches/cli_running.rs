@@ -3,9 +3,13 @@
 //! Times whole `strata` invocations (process start to exit) against a
 //! running QEMU domain in an embedded state root: `list --all`,
 //! `dominfo vm`, `domblklist vm` and `dumpxml vm`, plus `strata --version`
-//! as the bare process start-up cost, and prints each median's ratio to
-//! virsh 9.0's (measured with hyperfine on this kind of machine, in
-//! research/libvirt-9.0/REPORT.md; libvirtd does not run here).
+//! as the bare process start-up cost, and each median's ratio to virsh's.
+//! virsh is measured in the same run, alternating with strata, on a
+//! libvirt domain of the same XML on its own copy of the chain, where a
+//! libvirtd answers (`$STRATA_BENCH_VIRSH_URI`, default `qemu:///system`;
+//! see benches/README.md); otherwise the ratio is to virsh 9.0's medians
+//! measured with hyperfine on this kind of machine
+//! (research/libvirt-9.0/REPORT.md).
 //!
 //! Uses the `strata` binary already built in this target directory
 //! (`cargo build --release -p strata-cli`), or `$STRATA_BENCH_BIN`;
@@ -17,8 +21,8 @@ use std::process::ExitCode;
 
 use serde_json::json;
 use strata_benches::{
-    domain_xml, ms, path_str, qcow2_chain, quick_suffix, time, BackingNames, DomainBench, DomainGuard, Leftover, Stats,
-    Strata, RUNNING_DOMAIN_TOOLS,
+    domain_xml, libvirt_xml, ms, path_str, qcow2_chain, quick_suffix, time, BackingNames, DomainBench, DomainGuard,
+    Leftover, Stats, Strata, Virsh, VirshDomain, RUNNING_DOMAIN_TOOLS,
 };
 
 const DOMAIN: &str = "vm";
@@ -52,6 +56,21 @@ fn main() -> ExitCode {
 
     // The same state root, read by an older build too.
     let before = std::env::var_os("STRATA_BENCH_BEFORE").map(|bin| cli.with_bin(bin.as_ref()));
+    // libvirt's domain: the same XML on its own copy of the chain.
+    let virsh = Virsh::reachable("cli_running").map(|virsh| {
+        let dir = env.dir.path().join("virsh");
+        let chain = qcow2_chain(&dir, &["base.qcow2", "mid.qcow2", "top.qcow2"], "64M", BackingNames::Relative);
+        let name = VirshDomain::name_for("cli_running");
+        let xml = dir.join("vm.xml");
+        std::fs::write(&xml, libvirt_xml(&domain_xml(&name, env.kind, &chain[2..])))
+            .expect("write libvirt's domain XML");
+        println!("virsh:  {} (domain '{name}'), measured in this run", virsh.uri);
+        VirshDomain::start(&virsh, &name, &xml).unwrap_or_else(|e| panic!("libvirt did not start '{name}': {e}"))
+    });
+    guard.wait_for_idle();
+    if let Some(domain) = &virsh {
+        domain.wait_for_idle();
+    }
     let cases: [Case; 5] = [
         ("--version (start-up only)", &["--version"], |_| true, None),
         ("list --all", &["list", "--all"], |out| out.contains(DOMAIN) && out.contains("running"), Some(VIRSH_LIST_MS)),
@@ -69,25 +88,33 @@ fn main() -> ExitCode {
         "binary", "command", "runs", "min ms", "median ms", "p90 ms", "virsh/strata"
     );
     let mut rows = Vec::new();
-    for (label, args, check, virsh) in cases {
-        let binaries: Vec<(&str, &Strata)> = before.iter().map(|b| ("before", b)).chain([("strata", cli)]).collect();
+    for (label, args, check, reference) in cases {
+        let mut binaries: Vec<(&str, Runner)> =
+            before.iter().map(|b| ("before", Runner::Strata(b))).chain([("strata", Runner::Strata(cli))]).collect();
+        // virsh has no `--version` start-up case worth comparing.
+        if let Some(domain) = virsh.as_ref().filter(|_| args[0] != "--version") {
+            binaries.push(("virsh", Runner::Virsh(domain)));
+        }
         for (_, bin) in &binaries {
             let out = bin.ok(args);
-            assert!(check(&out), "strata {args:?} printed something unexpected:\n{out}");
+            assert!(check(&out), "{args:?} printed something unexpected:\n{out}");
             for _ in 1..WARMUP {
                 bin.ok(args);
             }
         }
-        // Alternating, so that load on the machine falls on both alike.
+        // Alternating, so that load on the machine falls on all alike.
         let mut samples = vec![Vec::new(); binaries.len()];
         for _ in 0..runs {
             for (i, (_, bin)) in binaries.iter().enumerate() {
                 samples[i].push(time(|| bin.ok(args)).0);
             }
         }
+        let measured_virsh =
+            binaries.iter().position(|(b, _)| *b == "virsh").map(|i| ms(Stats::of(&samples[i]).median));
+        let virsh_ms = measured_virsh.or(reference);
         for ((binary, _), samples) in binaries.iter().zip(samples) {
             let s = Stats::of(&samples);
-            let ratio = virsh.map(|v| v / ms(s.median));
+            let ratio = virsh_ms.filter(|_| *binary != "virsh").map(|v| v / ms(s.median));
             println!(
                 "{binary:<8} {label:<28} {:>5} {:>10.2} {:>10.2} {:>10.2} {:>14}",
                 s.runs,
@@ -103,24 +130,19 @@ fn main() -> ExitCode {
                 "min_ms": ms(s.min),
                 "median_ms": ms(s.median),
                 "p90_ms": ms(s.p90),
-                "virsh_reference_ms": virsh,
+                "virsh_ms": virsh_ms,
+                "virsh_measured": measured_virsh.is_some(),
                 "virsh_over_strata": ratio,
             }));
         }
     }
-    println!(
-        "\nvirsh medians (REPORT.md, hyperfine, NOT measured now): list {VIRSH_LIST_MS} ms, domblklist \
-         {VIRSH_DOMBLKLIST_MS} ms, dumpxml {VIRSH_DUMPXML_MS} ms; goal: virsh/strata >= 6"
-    );
-
-    println!(
-        "\nSame measurement against libvirt (optional; needs libvirtd and images libvirt's qemu user can read):\n  \
-         virsh -c qemu:///system define vm.xml && virsh -c qemu:///system start vm\n  \
-         for c in 'list --all' 'dominfo vm' 'domblklist vm' 'dumpxml vm'; do echo \"$c\"; \
-         time (for i in $(seq {runs}); do virsh -c qemu:///system $c >/dev/null; done); done\n  \
-         (or: hyperfine -N --runs {runs} 'virsh -c qemu:///system list --all')\n  \
-         virsh -c qemu:///system destroy vm; virsh -c qemu:///system undefine vm"
-    );
+    if virsh.is_none() {
+        println!(
+            "\nvirsh medians (REPORT.md, hyperfine, NOT measured now: no libvirtd answered): list {VIRSH_LIST_MS} ms, \
+             domblklist {VIRSH_DOMBLKLIST_MS} ms, dumpxml {VIRSH_DUMPXML_MS} ms"
+        );
+    }
+    println!("goal: virsh/strata >= 6 for list, dominfo, domblklist");
     let result = json!({
         "bench": "cli_running",
         "quick": env.quick,
@@ -135,6 +157,28 @@ fn main() -> ExitCode {
 /// A timed command: label, arguments, a check of its first output, and
 /// virsh's median for it (ms), where the research report has one.
 type Case = (&'static str, &'static [&'static str], fn(&str) -> bool, Option<f64>);
+
+/// What runs a case: a strata build on the bench's state root, or virsh
+/// on libvirt's copy of the domain (named differently: the case's domain
+/// name is replaced by libvirt's).
+enum Runner<'a> {
+    Strata(&'a Strata),
+    Virsh(&'a VirshDomain),
+}
+
+impl Runner<'_> {
+    fn ok(&self, args: &[&str]) -> String {
+        match self {
+            Runner::Strata(cli) => cli.ok(args),
+            Runner::Virsh(domain) => {
+                let args: Vec<&str> =
+                    args.iter().map(|a| if *a == DOMAIN { domain.name.as_str() } else { a }).collect();
+                // The listing names libvirt's domain; the checks look for the case's.
+                domain.virsh.ok(&args).replace(&domain.name, DOMAIN)
+            }
+        }
+    }
+}
 
 /// virsh 9.0 against libvirtd on this kind of machine (2 shared vCPUs),
 /// hyperfine medians from research/libvirt-9.0/REPORT.md.

@@ -9,21 +9,27 @@
 //! snapshots are timed (process start to exit), so the depth grows by one
 //! per run, which is nothing against 5,000. Each overlay is checked with
 //! `qemu-img info` (which does not open the chain) to name the previous
-//! top as its backing file. virsh 9.0's 73 ms (issue 11, same machine) is
-//! printed as the reference, not measured: libvirt is not installed here.
+//! top as its backing file. Where a libvirtd answers
+//! (`$STRATA_BENCH_VIRSH_URI`, default `qemu:///system`; see
+//! benches/README.md), virsh takes the same snapshots in the same run,
+//! alternating with strata, of a libvirt domain of the same XML whose
+//! active image is its own overlay over the same chain (backing files are
+//! shared read-only); otherwise virsh 9.0's 73 ms (issue 11, same
+//! machine) is the reference.
 //!
 //! Uses the `strata` binary already built in this target directory
 //! (`cargo build --release -p strata-cli`), or `$STRATA_BENCH_BIN`.
-//! `STRATA_BENCH_QUICK=1` runs fewer repetitions.
+//! `STRATA_BENCH_QUICK=1` runs fewer repetitions; `STRATA_BENCH_DEPTHS=1,50,1000`
+//! measures only the depths listed.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use serde_json::json;
 use strata_benches::{
-    domain_xml, ms, patched_chain, path_str, quick_suffix, run_tool, time, BackingNames, DomainBench, DomainGuard,
-    Leftover, Stats, Strata, RUNNING_DOMAIN_TOOLS,
+    domain_xml, libvirt_xml, ms, patched_chain, path_str, quick_suffix, run_tool, time, BackingNames, DomainBench,
+    DomainGuard, Leftover, Stats, Strata, Virsh, VirshDomain, RUNNING_DOMAIN_TOOLS,
 };
 
 const DOMAIN: &str = "vm";
@@ -46,14 +52,22 @@ fn main() -> ExitCode {
          {runs} consecutive snapshot-create-as {DOMAIN} sN --disk-only --atomic after one warm-up\n",
         env.kind
     );
-    println!("{:>6} {:>11} {:>9} {:>9} {:>9} {:>13}", "depth", "chain made", "median", "min", "max", "vs virsh");
+    let virsh = Virsh::reachable("live_snapshot");
+    if let Some(v) = &virsh {
+        println!("virsh: {} (measured in this run)\n", v.uri);
+    }
+    println!(
+        "{:>6} {:>11} {:>9} {:>9} {:>9} {:>12} {:>13}",
+        "depth", "chain made", "median", "min", "max", "virsh median", "virsh/strata"
+    );
     let mut results = Vec::new();
     let mut medians = Vec::new();
-    for depth in DEPTHS {
+    for depth in depths() {
         let dir = env.dir.path().join(format!("d{depth}"));
         let (made, chain) = time(|| patched_chain(&dir, depth, BackingNames::Absolute));
         let top = chain.last().expect("a chain has a top");
-        let samples = match snapshots(&env.strata, env.kind, &dir, top, runs) {
+        let libvirt = virsh.as_ref().map(|v| libvirt_domain(v, env.kind, &dir, &chain));
+        let (samples, virsh_samples) = match snapshots(&env.strata, env.kind, &dir, top, runs, libvirt.as_ref()) {
             Ok(samples) => samples,
             Err(start) => {
                 println!("{depth:>6} {:>9.2} s   the domain did not start: {start}", made.as_secs_f64());
@@ -64,24 +78,40 @@ fn main() -> ExitCode {
         };
         let stats = Stats::of(&samples);
         medians.push(ms(stats.median));
+        let virsh_ms = (!virsh_samples.is_empty()).then(|| ms(Stats::of(&virsh_samples).median));
+        // Against this run's virsh where it was measured, against the
+        // reference where none answered, and none where libvirt failed.
+        let ratio = match (&libvirt, virsh_ms) {
+            (_, Some(v)) => Some(v / ms(stats.median)),
+            (None, None) => Some(VIRSH_MS / ms(stats.median)),
+            (Some(_), None) => None,
+        };
+        let virsh_note = match &libvirt {
+            Some(Err(e)) => format!("   virsh: the domain did not start: {e}"),
+            _ => String::new(),
+        };
         println!(
-            "{depth:>6} {:>9.2} s {:>6.1} ms {:>6.1} ms {:>6.1} ms {:>12.1}×",
+            "{depth:>6} {:>9.2} s {:>6.1} ms {:>6.1} ms {:>6.1} ms {:>12} {:>13}{virsh_note}",
             made.as_secs_f64(),
             ms(stats.median),
             ms(stats.min),
             ms(stats.max),
-            VIRSH_MS / ms(stats.median)
+            virsh_ms.map_or("-".into(), |v| format!("{v:.1} ms")),
+            ratio.map_or("-".into(), |r| format!("{r:.1}×"))
         );
         results.push(json!({
             "depth": depth, "runs": runs, "median_ms": ms(stats.median), "min_ms": ms(stats.min),
-            "max_ms": ms(stats.max), "virsh_ratio": VIRSH_MS / ms(stats.median),
+            "max_ms": ms(stats.max), "virsh_median_ms": virsh_ms,
+            "virsh_ratio": ratio,
         }));
+        drop(libvirt);
         let _ = std::fs::remove_dir_all(&dir);
     }
     let spread = medians.iter().cloned().fold(f64::MIN, f64::max) / medians.iter().cloned().fold(f64::MAX, f64::min);
     println!("\nslowest / fastest depth median: {spread:.2}");
     println!(
-        "reference (not measured): virsh 9.0 {VIRSH_MS} ms; the goal is ≤ {GOAL_MS} ms (≥ 5× virsh) at every depth"
+        "virsh/strata uses virsh's median of this run where it was measured, else virsh 9.0's {VIRSH_MS} ms \
+         (reference); the goal is ≤ {GOAL_MS} ms (≥ 5× virsh) at every depth"
     );
     println!(
         "RESULT {}",
@@ -90,12 +120,49 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// The depths to measure: `$STRATA_BENCH_DEPTHS` (comma-separated, e.g.
+/// `1,50,1000` to leave out 5,000, whose failed start takes two minutes),
+/// else [`DEPTHS`].
+fn depths() -> Vec<usize> {
+    match std::env::var("STRATA_BENCH_DEPTHS") {
+        Ok(list) => list
+            .split(',')
+            .map(|d| d.trim().parse().unwrap_or_else(|_| panic!("STRATA_BENCH_DEPTHS: '{d}' is not a depth")))
+            .filter(|d| *d >= 1)
+            .collect(),
+        Err(_) => DEPTHS.to_vec(),
+    }
+}
+
+/// libvirt's domain for a chain: the same XML, its active image a copy of
+/// strata's still empty top (an overlay over the same image, so of the
+/// same depth; copied, since `qemu-img create -b` would open the whole
+/// chain). Err(virsh's message) if it does not start.
+fn libvirt_domain(virsh: &Virsh, kind: &str, dir: &Path, chain: &[PathBuf]) -> Result<VirshDomain, String> {
+    let top = dir.join("virsh-top.qcow2");
+    std::fs::copy(chain.last().expect("a chain has a top"), &top).expect("copy the top for libvirt");
+    let name = VirshDomain::name_for("live_snapshot");
+    let xml = dir.join("virsh.xml");
+    std::fs::write(&xml, libvirt_xml(&domain_xml(&name, kind, &[&top]))).expect("write libvirt's domain XML");
+    VirshDomain::start(virsh, &name, &xml)
+}
+
 /// Starts a domain on `top` (in `dir`), takes one warm-up and `runs` timed
-/// snapshots, checks each overlay's backing file, destroys the domain.
+/// snapshots, checks each overlay's backing file, destroys the domain;
+/// with a running libvirt domain, virsh takes the same snapshots of it
+/// after each of strata's. Returns strata's and virsh's times.
 /// Err(strata's message) if the domain does not start: QEMU 7.2 crashes
 /// (SIGSEGV) on its first read through a chain of about 1,100 layers or
 /// more, its recursion over the chain overflowing a coroutine stack.
-fn snapshots(bin: &Path, kind: &str, dir: &Path, top: &Path, runs: usize) -> Result<Vec<Duration>, String> {
+fn snapshots(
+    bin: &Path,
+    kind: &str,
+    dir: &Path,
+    top: &Path,
+    runs: usize,
+    libvirt: Option<&Result<VirshDomain, String>>,
+) -> Result<(Vec<Duration>, Vec<Duration>), String> {
+    let libvirt = libvirt.and_then(|d| d.as_ref().ok());
     let xml = dir.join("vm.xml");
     std::fs::write(&xml, domain_xml(DOMAIN, kind, &[top])).expect("write the domain XML");
     let cli = Strata::embedded(bin, &dir.join("state"));
@@ -106,8 +173,12 @@ fn snapshots(bin: &Path, kind: &str, dir: &Path, top: &Path, runs: usize) -> Res
     if !start.status.success() {
         return Err(String::from_utf8_lossy(&start.stderr).lines().last().unwrap_or_default().to_string());
     }
+    dom.wait_for_idle();
+    if let Some(domain) = libvirt {
+        domain.wait_for_idle();
+    }
     let mut below = top.to_path_buf();
-    let mut samples = Vec::new();
+    let (mut samples, mut virsh_samples) = (Vec::new(), Vec::new());
     for n in 0..=runs {
         let name = format!("s{n}");
         let (t, out) = time(|| dom.cli.ok(&["snapshot-create-as", DOMAIN, &name, "--disk-only", "--atomic"]));
@@ -121,6 +192,14 @@ fn snapshots(bin: &Path, kind: &str, dir: &Path, top: &Path, runs: usize) -> Res
             samples.push(t);
         }
         below = overlay;
+        if let Some(domain) = libvirt {
+            let args = ["snapshot-create-as", domain.name.as_str(), &name, "--disk-only", "--atomic"];
+            let (t, out) = time(|| domain.virsh.ok(&args));
+            assert!(out.contains(&format!("Domain snapshot {name} created")), "unexpected virsh output: {out}");
+            if n > 0 {
+                virsh_samples.push(t);
+            }
+        }
     }
-    Ok(samples)
+    Ok((samples, virsh_samples))
 }

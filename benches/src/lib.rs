@@ -1,7 +1,8 @@
 //! Shared helpers for Strata's benchmark programs (`benches/*.rs`): timing
 //! statistics, the quick-mode switch, running external tools and temporary
 //! directories here; the `strata` command and the domains it runs in
-//! [`strata`]; qcow2 images in [`images`].
+//! [`strata`]; qcow2 images in [`images`]; virsh, where a libvirtd
+//! answers, in [`virsh`].
 //!
 //! The benchmarks are plain programs (`harness = false`); each prints a
 //! human-readable table and one final `RESULT {json}` line.
@@ -12,9 +13,11 @@ use std::time::{Duration, Instant};
 
 pub mod images;
 pub mod strata;
+pub mod virsh;
 
 pub use images::{copy_images, create_qcow2, layer_name, patched_chain, qcow2_chain, qemu_io, BackingNames};
 pub use strata::{domain_type, domain_xml, pid_attr, strata_for_bench, DomainBench, DomainGuard, Leftover, Strata};
+pub use virsh::{libvirt_xml, Virsh, VirshDomain};
 
 /// `STRATA_BENCH_QUICK=1`: fewer repetitions, for CI smoke runs.
 pub fn quick() -> bool {
@@ -187,6 +190,32 @@ pub fn success_stdout(tool: &str, args: &[&str], out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits until process `pid` (a domain's QEMU) stops using the CPU: a
+/// guest without an OS keeps one core busy for about 3 s after its start
+/// while its firmware looks for something to boot, which on a 2-core
+/// machine would slow whatever a bench times next. Gives up after 15 s.
+pub fn wait_for_idle(pid: u32) {
+    // utime + stime, in clock ticks (fields 14 and 15; the name in field 2
+    // may hold spaces, so count from its closing parenthesis).
+    let cpu_ticks = || -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split_whitespace().collect();
+        Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let Some(mut last) = cpu_ticks() else { return };
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+        let Some(now) = cpu_ticks() else { return };
+        // At most 2 ticks (20 ms) of 250: idle.
+        if now.saturating_sub(last) <= 2 {
+            return;
+        }
+        last = now;
+    }
+    eprintln!("pid {pid} still busy after 15 s; measuring anyway");
 }
 
 /// Whether `tool` can be run at all (`tool --version` starts).

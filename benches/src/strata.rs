@@ -214,6 +214,14 @@ impl DomainGuard {
     pub fn domain_dir(&self) -> PathBuf {
         self.cli.state.join("domains").join(&self.name)
     }
+
+    /// Waits until the running domain's QEMU is idle ([`crate::wait_for_idle`]).
+    pub fn wait_for_idle(&self) {
+        let status = std::fs::read_to_string(self.domain_dir().join("status.xml")).ok();
+        if let Some(pid) = status.as_deref().and_then(pid_attr) {
+            crate::wait_for_idle(pid);
+        }
+    }
 }
 
 impl Drop for DomainGuard {

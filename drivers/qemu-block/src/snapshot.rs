@@ -20,8 +20,7 @@ use crate::nodes::node_prefix;
 /// Takes the `plans` of snapshot `name` in the process `client` talks to
 /// (serving `domain`): [`prepare_snapshot_live`], then
 /// [`PreparedSnapshot::switch`]. Returns each device's new root node. On
-/// failure the nodes added are removed and the files in `created`
-/// deleted. The caller holds the unattached-nodes lock
+/// failure the nodes added are removed and the overlays it made deleted. The caller holds the unattached-nodes lock
 /// ([`crate::jobs::lock_unattached_nodes`]) from before until it has
 /// recorded the new roots.
 pub async fn snapshot_live(
@@ -45,6 +44,7 @@ pub struct PreparedSnapshot {
     new_roots: NewTops,
     added: Vec<String>,
     actions: Vec<Value>,
+    /// The overlay files made for it.
     created: Vec<PathBuf>,
 }
 
@@ -53,8 +53,8 @@ pub struct PreparedSnapshot {
 /// root node (`root` gives a device's), and for each `external` one its
 /// overlay (when it is among `created`: made here with its qcow2 header
 /// naming the frozen image as its backing file) added as nodes numbered
-/// from `number`. On failure the nodes added
-/// are removed and the files in `created` deleted.
+/// from `number`, all in one write. On failure the nodes added are
+/// removed and the overlays made here deleted.
 pub async fn prepare_snapshot_live(
     client: &QmpClient,
     domain: &str,
@@ -67,7 +67,13 @@ pub async fn prepare_snapshot_live(
     let mut new_roots = HashMap::new();
     let mut added: Vec<String> = Vec::new();
     let mut actions: Vec<Value> = Vec::new();
+    // The files this call made: only those are deleted on failure (one that
+    // appeared since the plan was made is someone else's).
+    let mut made: Vec<PathBuf> = Vec::new();
     let outcome = async {
+        // Every overlay's nodes, added in one write once the files exist
+        // (QEMU takes the commands in order): (node name, arguments).
+        let mut additions: Vec<(String, Value)> = Vec::new();
         for p in plans {
             match p.mode.as_str() {
                 "internal" => actions.push(json!({
@@ -95,26 +101,17 @@ pub async fn prepare_snapshot_live(
                         std::fs::OpenOptions::new().write(true).create_new(true).open(overlay).map_err(|e| {
                             Error::operation_failed(format!("cannot create '{}': {e}", overlay.display()))
                         })?;
+                        made.push(overlay.clone());
                         create_overlay(&p.image, &p.format, overlay)?;
                     }
-                    client
-                        .execute(
-                            "blockdev-add",
-                            Some(json!({"driver": "file", "node-name": file_node, "filename": ov})),
-                        )
-                        .await
-                        .map_err(|e| qmp_error(domain, e))?;
-                    added.push(file_node.clone());
+                    additions
+                        .push((file_node.clone(), json!({"driver": "file", "node-name": file_node, "filename": ov})));
                     // Quirk 2: "backing": null, or QEMU opens the header's
                     // backing file a second time and fails on its lock.
-                    client
-                        .execute(
-                            "blockdev-add",
-                            Some(json!({"driver": "qcow2", "node-name": fmt_node, "file": file_node, "backing": null})),
-                        )
-                        .await
-                        .map_err(|e| qmp_error(domain, e))?;
-                    added.push(fmt_node.clone());
+                    additions.push((
+                        fmt_node.clone(),
+                        json!({"driver": "qcow2", "node-name": fmt_node, "file": file_node, "backing": null}),
+                    ));
                     actions.push(json!({
                         "type": "blockdev-snapshot",
                         "data": {"node": root(&p.target)?, "overlay": fmt_node},
@@ -123,10 +120,23 @@ pub async fn prepare_snapshot_live(
                 _ => {}
             }
         }
-        Ok::<(), Error>(())
+        let commands = additions.iter().map(|(_, args)| ("blockdev-add", Some(args.clone()))).collect();
+        let replies = client.execute_in_order(commands).await;
+        // Each node QEMU added is recorded for removal on failure, also
+        // after the first refusal (a later disk's nodes may have gone in).
+        let mut refused = None;
+        for ((node, _), reply) in additions.into_iter().zip(replies) {
+            match reply {
+                Ok(_) => added.push(node),
+                Err(e) => {
+                    refused.get_or_insert(qmp_error(domain, e));
+                }
+            }
+        }
+        refused.map_or(Ok(()), Err)
     }
     .await;
-    let prepared = PreparedSnapshot { new_roots, added, actions, created: created.to_vec() };
+    let prepared = PreparedSnapshot { new_roots, added, actions, created: made };
     match outcome {
         Ok(()) => Ok(prepared),
         Err(e) => {
