@@ -633,13 +633,21 @@ fn block_jobs(env: &TestEnv, name: &str) -> Vec<serde_json::Value> {
     value["return"].as_array().expect("a job list").clone()
 }
 
-/// Writes 8 MiB more into vm1's copied disk (vda), then migrates vm1 to
+/// Writes 9 MiB more into vm1's copied disk (vda), then migrates vm1 to
 /// `dest` at 1 MiB/s in the background (with `extra` options); returns
 /// once the copy of vda runs (a 60 s hang guard), with its
-/// `query-block-jobs` entry.
+/// `query-block-jobs` entry. QEMU's mirror copies one dirty extent per
+/// step and pays for it in delay after it, so the copy is ready only
+/// after the delays of every extent but the last: the 8 MiB extent has a
+/// 1 MiB one after it, or a test slowed down by more than the first
+/// extent's 2 s (seen under load) would find the copy ready.
 fn throttled_disk_copy(src: &TestEnv, dest: &TestEnv, extra: &[&str]) -> (Background, serde_json::Value) {
-    let write = "qemu-io -d vda/virtio-backend \"write -P 0x61 4M 8M\"";
-    assert_eq!(src.ok(&["qemu-monitor-command", "vm1", "--hmp", write]).trim(), "");
+    for write in [
+        "qemu-io -d vda/virtio-backend \"write -P 0x61 4M 8M\"",
+        "qemu-io -d vda/virtio-backend \"write -P 0x62 14M 1M\"",
+    ] {
+        assert_eq!(src.ok(&["qemu-monitor-command", "vm1", "--hmp", write]).trim(), "");
+    }
     let mut args = vec!["migrate", "vm1", &dest.uri, "--live", "--copy-storage-disk-set", "--bandwidth", "1"];
     args.extend_from_slice(extra);
     let migration = Background::spawn(src, &args);
