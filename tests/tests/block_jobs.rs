@@ -166,6 +166,25 @@ fn assert_released(image: &Path, when: &str) {
     );
 }
 
+/// QEMU has nodes for the images of vda's live chain and for nothing
+/// else: a format and a protocol node per layer, the dropped layers' all
+/// removed (a node left behind keeps its image open). Asks QEMU directly,
+/// so call it last: the domain is tainted as custom-monitor from then on.
+fn assert_only_live_nodes(env: &TestEnv, when: &str) {
+    let chain: Vec<String> = live_chain(env).into_iter().map(|(path, _)| path).collect();
+    let reply =
+        env.ok(&["qemu-monitor-command", "vm", r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#]);
+    let reply: serde_json::Value = serde_json::from_str(&reply).expect("QMP reply");
+    let nodes = reply["return"].as_array().expect("a node list");
+    let names: Vec<&str> = nodes.iter().map(|n| n["node-name"].as_str().unwrap_or_default()).collect();
+    // A format node's `file` may be a json: description; a protocol
+    // node's is the image's path.
+    let opened: Vec<&str> =
+        nodes.iter().filter(|n| n["drv"] == "file").map(|n| n["file"].as_str().unwrap_or_default()).collect();
+    assert!(opened.iter().all(|f| chain.iter().any(|c| c == f)), "{when}: QEMU keeps dropped layers open: {opened:?}");
+    assert_eq!(names.len(), 2 * chain.len(), "{when}: not one format and one protocol node per layer: {names:?}");
+}
+
 /// `qemu-img compare` of an image file (opened without locking) with the
 /// reference.
 fn image_equals(image: &Path, format: &str, reference: &Path) -> bool {
@@ -389,6 +408,7 @@ fn active_commit_pivot_runs_on_the_base() {
     // A write after the pivot lands in RootBase.
     guest_write(&env, &c.reference, 0x77, 30 * MIB, MIB);
     assert_guest_sees(&env, &c.reference, "after a write on the base");
+    assert_only_live_nodes(&env, "after the pivot");
 }
 
 /// `--active --pivot --base vda[3] --delete`: runs on snap1, and the files
@@ -519,6 +539,7 @@ fn pull_to_rootbase_figure5() {
     assert_eq!(header_backing(c.path(SNAP4)).as_deref(), Some(c.arg(ROOT)), "absolute by default");
     assert_views_unchanged(&c, &views);
     assert_guest_sees(&env, &c.reference, "after the pull");
+    assert_only_live_nodes(&env, "after the pull");
 }
 
 /// Figure 6: no base → snap4 standalone.
@@ -536,6 +557,7 @@ fn pull_everything_figure6() {
     assert_eq!(header_backing(c.path(SNAP4)), None);
     assert_views_unchanged(&c, &views);
     assert_guest_sees(&env, &c.reference, "after the pull");
+    assert_only_live_nodes(&env, "after the pull");
 }
 
 /// `--keep-relative` keeps the header's backing name relative; it needs
@@ -1450,4 +1472,5 @@ fn snapshot_commands_wait_for_the_end_of_a_block_job() {
     assert_chain(&env, &expected, "after the delete");
     assert_eq!(env.ok(&["snapshot-list", "vm", "--name"]).trim(), "");
     assert_guest_sees(&env, &c.reference, "after the pull and the delete");
+    assert_only_live_nodes(&env, "after the pull and the delete");
 }

@@ -951,6 +951,12 @@ fn delete_current_leaf_external_live() {
     let o1 = overlay(&env, "s1", "vda");
     assert_eq!(active(&env, "vda"), o1);
     assert_eq!(xml_chain(&env.ok(&["dumpxml", "vm", "--inactive"]), "vda"), strs(&[&o1, &vm.top, &vm.base]));
+    // The overlay's nodes went from QEMU with it, its protocol node too
+    // (added on its own, unlike those of the images the domain started on).
+    let nodes =
+        env.ok(&["qemu-monitor-command", "vm", r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#]);
+    assert!(nodes.contains(&o1.display().to_string()), "no node for the active overlay: {nodes}");
+    assert!(!nodes.contains(&o2.display().to_string()), "QEMU keeps the deleted overlay open: {nodes}");
     vm.destroy();
     assert!(same(&o1, &now));
 }

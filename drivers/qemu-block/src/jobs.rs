@@ -37,7 +37,7 @@ use tokio::sync::broadcast;
 
 use crate::graph::{chains_in, live_chains, BlockGraph, LiveDisk};
 use crate::monitor::{qmp_error, Monitor};
-use crate::nodes::node_prefix;
+use crate::nodes::{inline_parent, node_prefix};
 
 /// `job-finalize`, tolerating another process having finalized it first.
 async fn finalize(client: &QmpClient, name: &str, id: &str) -> Result<()> {
@@ -691,6 +691,10 @@ async fn remove_dead_nodes(store: &Store, client: &QmpClient, name: &str, disk: 
         if dead.is_empty() {
             return Ok(());
         }
+        // A protocol node given inline goes with its format node: asking
+        // for it as well would only be refused (about 0.5 ms a command).
+        let all: std::collections::HashSet<String> = dead.iter().cloned().collect();
+        dead.retain(|node| inline_parent(node).is_none_or(|parent| !all.contains(&parent)));
         let removals = dead.iter().map(|node| ("blockdev-del", Some(json!({"node-name": node})))).collect();
         let mut all_removed = true;
         for (node, removed) in dead.iter().zip(client.execute_in_order(removals).await) {

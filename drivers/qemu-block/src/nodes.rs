@@ -34,6 +34,18 @@ pub fn transient_node(target: &str) -> String {
     format!("{target}-transient-fmt")
 }
 
+/// For a protocol node that [`device_nodes`] gives inline, inside its
+/// format node's options (`PREFIX-N-file`, `TARGET-transient-file`): that
+/// format node, with which QEMU removes it. Nodes added on their own (a
+/// snapshot's `PREFIX-sN-file`, a copy's `PREFIX-copy-file`) have none
+/// and need a `blockdev-del` of their own.
+pub fn inline_parent(node: &str) -> Option<String> {
+    let stem = node.strip_suffix("-file")?;
+    let (_, last) = stem.rsplit_once('-')?;
+    let given_inline = last == "transient" || (!last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()));
+    given_inline.then(|| format!("{stem}-fmt"))
+}
+
 /// Whether the guest (or a job) must not write the device's own image.
 pub fn read_only(device: &StorageDevice) -> bool {
     device.readonly() || device.as_disk().is_some_and(|d| d.device == "cdrom" || d.transient)
@@ -223,6 +235,22 @@ mod tests {
         let root = device_blockdevs(device, "--blockdev", &mut args, None).expect("blockdevs");
         assert!(args.iter().step_by(2).all(|a| a == "--blockdev"), "{args:?}");
         (root, args.iter().skip(1).step_by(2).map(|j| serde_json::from_str(j).expect("json")).collect())
+    }
+
+    #[test]
+    fn only_the_protocol_nodes_given_inline_have_an_inline_parent() {
+        assert_eq!(inline_parent("vda-2-file").as_deref(), Some("vda-2-fmt"));
+        assert_eq!(inline_parent("fs.data-0-file").as_deref(), Some("fs.data-0-fmt"));
+        assert_eq!(inline_parent("vda-transient-file").as_deref(), Some("vda-transient-fmt"));
+        for own in ["vda-s3-file", "vda-copy-file1", "vda-s3-fmt", "vda-2-fmt", "file", "-file"] {
+            assert_eq!(inline_parent(own), None, "{own}");
+        }
+        // What device_nodes gives inline is what inline_parent names.
+        let (_, nodes) = blockdevs(&device("vdb"));
+        for fmt in &nodes {
+            let file = fmt["file"]["node-name"].as_str().expect("an inline protocol node");
+            assert_eq!(inline_parent(file).as_deref(), fmt["node-name"].as_str());
+        }
     }
 
     #[test]
