@@ -35,7 +35,7 @@ use strata_qmp::types::{JobInfo, JobStatus};
 use strata_qmp::{KnownEvent, QmpClient, QmpError, QmpEvent};
 use tokio::sync::broadcast;
 
-use crate::graph::{chains_in, live_chains, BlockGraph, LiveDisk};
+use crate::graph::{chains_in, BlockGraph, LiveDisk};
 use crate::monitor::{qmp_error, Monitor};
 use crate::nodes::{inline_parent, node_prefix};
 
@@ -53,10 +53,7 @@ async fn finalize(client: &QmpClient, name: &str, id: &str) -> Result<()> {
 
 /// The disk as QEMU has it open.
 pub async fn live_disk(client: &QmpClient, domain: &str, disk: &str) -> Result<LiveDisk> {
-    live_chains(client, domain)
-        .await?
-        .remove(disk)
-        .ok_or_else(|| Error::invalid_arg(format!("disk '{disk}' not found in domain")))
+    Ok(OpenDisk::read(client, domain, disk).await?.live)
 }
 
 /// A disk as QEMU has it open for a block job, with the block graph it
