@@ -6,6 +6,8 @@
 //! only the elements they own. Parsing, formatting and dropping are iterative
 //! because backing chains nest one element per layer and may be 10,000 deep.
 
+use std::ops::Range;
+
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::Reader;
 
@@ -195,6 +197,19 @@ impl Element {
     /// [`MAX_DOCUMENT_BYTES`] or [`MAX_DOCUMENT_NODES`] is refused, the
     /// latter as soon as the count is passed.
     pub fn parse(xml: &str) -> Result<Element> {
+        Ok(Element::parse_keeping(xml, None)?.0)
+    }
+
+    /// [`Element::parse`], except that the root's first child element
+    /// named `raw_child` is not parsed: where its text is in `xml` (from its
+    /// `<` to the `>` of its end tag) is returned instead, so that a large
+    /// part a caller seldom needs costs a scan rather than a tree. Only
+    /// its tags' nesting is checked here; whoever parses it checks the rest.
+    pub fn parse_keeping_raw(xml: &str, raw_child: &str) -> Result<(Element, Option<Range<usize>>)> {
+        Element::parse_keeping(xml, Some(raw_child))
+    }
+
+    fn parse_keeping(xml: &str, raw_child: Option<&str>) -> Result<(Element, Option<Range<usize>>)> {
         if xml.len() > MAX_DOCUMENT_BYTES {
             return Err(Error::xml(format!("the document is refused: {}", super::limits::too_large())));
         }
@@ -202,11 +217,23 @@ impl Element {
         let mut stack: Vec<Element> = Vec::new();
         let mut root: Option<Element> = None;
         let mut nodes = NodeBudget(MAX_DOCUMENT_NODES);
+        let mut raw: Option<Range<usize>> = None;
         loop {
+            let before = position(&reader);
             let event = reader
                 .read_event()
                 .map_err(|e| Error::xml(format!("malformed XML at byte {}: {e}", reader.error_position())))?;
+            let kept_raw = |start: &BytesStart<'_>| {
+                raw.is_none() && stack.len() == 1 && raw_child.is_some_and(|n| n.as_bytes() == start.name().as_ref())
+            };
             match event {
+                Event::Start(start) if kept_raw(&start) => {
+                    reader
+                        .read_to_end(start.name())
+                        .map_err(|e| Error::xml(format!("malformed XML at byte {}: {e}", reader.error_position())))?;
+                    raw = Some(before..position(&reader));
+                }
+                Event::Empty(start) if kept_raw(&start) => raw = Some(before..position(&reader)),
                 Event::Start(start) => stack.push(element_from_start(&start, &mut nodes)?),
                 Event::Empty(start) => {
                     let el = element_from_start(&start, &mut nodes)?;
@@ -259,58 +286,122 @@ impl Element {
                 stack.last().map(|e| e.name.as_str()).unwrap_or("")
             )));
         }
-        root.ok_or_else(|| Error::xml("empty XML document"))
+        Ok((root.ok_or_else(|| Error::xml("empty XML document"))?, raw))
     }
 
     /// Formats the element as libvirt does: two-space indentation and
     /// single-quoted attributes; whitespace between elements is re-made.
     pub fn to_xml(&self) -> String {
         let mut out = String::with_capacity(256);
-        // Each frame: element, index of the next child to write, depth.
-        let mut stack: Vec<(&Element, usize, usize)> = vec![(self, 0, 0)];
-        open_tag(&mut out, self, 0);
-        while let Some(frame) = stack.last_mut() {
-            let (el, next, depth) = (frame.0, frame.1, frame.2);
-            if is_inline(el) {
-                for node in &el.children {
-                    if let Node::Text(t) = node {
-                        escape_into(&mut out, t, false);
-                    }
-                }
-                close_tag(&mut out, el, depth, true);
-                stack.pop();
-                continue;
+        write_tree(&mut out, self, 0);
+        out
+    }
+
+    /// [`Element::to_xml`] with one more child after the others: `raw`, an
+    /// element's XML as [`Element::parse_keeping_raw`] returned it, written
+    /// back as it was read.
+    pub fn to_xml_with_raw_child(&self, raw: &str) -> String {
+        let mut out = String::with_capacity(raw.len() + 256);
+        self.write_with_more(&mut out, 0, |out, depth| {
+            indent(out, depth);
+            out.push_str(raw);
+            out.push('\n');
+        });
+        out
+    }
+
+    /// [`Element::to_xml`] with `last` as one more child after the others,
+    /// without copying it into this element first.
+    pub fn to_xml_with_child(&self, last: &Element) -> String {
+        let mut out = String::with_capacity(256);
+        self.write_with_more(&mut out, 0, |out, depth| last.write_at(out, depth));
+        out
+    }
+
+    /// Appends this element and everything under it to `out` as
+    /// [`Element::to_xml`] writes it, as a descendant at `depth`.
+    pub fn write_at(&self, out: &mut String, depth: usize) {
+        write_tree(out, self, depth);
+    }
+
+    /// Appends this element at `depth` with more children after its own:
+    /// those `more` writes at the depth it is given. A document that holds a
+    /// large subtree it does not own (a snapshot record's domain) is written
+    /// this way instead of copying the subtree into it first.
+    pub fn write_with_more(&self, out: &mut String, depth: usize, more: impl FnOnce(&mut String, usize)) {
+        start_tag(out, self, depth);
+        out.push_str(">\n");
+        for node in &self.children {
+            match node {
+                Node::Element(child) => write_tree(out, child, depth + 1),
+                leaf => write_leaf(out, leaf, depth + 1),
             }
-            match el.children.get(next) {
-                None => {
-                    close_tag(&mut out, el, depth, false);
-                    stack.pop();
+        }
+        more(out, depth + 1);
+        indent(out, depth);
+        out.push_str("</");
+        out.push_str(&self.name);
+        out.push_str(">\n");
+    }
+}
+
+/// Writes `top` and everything under it, `top` at `depth`.
+fn write_tree(out: &mut String, top: &Element, depth: usize) {
+    // Each frame: element, index of the next child to write, depth.
+    let mut stack: Vec<(&Element, usize, usize)> = vec![(top, 0, depth)];
+    open_tag(out, top, depth);
+    while let Some(frame) = stack.last_mut() {
+        let (el, next, depth) = (frame.0, frame.1, frame.2);
+        if is_inline(el) {
+            for node in &el.children {
+                if let Node::Text(t) = node {
+                    escape_into(out, t, false);
                 }
-                Some(node) => {
-                    frame.1 += 1;
-                    match node {
-                        Node::Element(child) => {
-                            open_tag(&mut out, child, depth + 1);
-                            stack.push((child, 0, depth + 1));
-                        }
-                        Node::Text(t) if !t.trim().is_empty() => {
-                            indent(&mut out, depth + 1);
-                            escape_into(&mut out, t.trim(), false);
-                            out.push('\n');
-                        }
-                        Node::Text(_) => {}
-                        Node::Comment(c) => {
-                            indent(&mut out, depth + 1);
-                            out.push_str("<!--");
-                            out.push_str(c);
-                            out.push_str("-->\n");
-                        }
+            }
+            close_tag(out, el, depth, true);
+            stack.pop();
+            continue;
+        }
+        match el.children.get(next) {
+            None => {
+                close_tag(out, el, depth, false);
+                stack.pop();
+            }
+            Some(node) => {
+                frame.1 += 1;
+                match node {
+                    Node::Element(child) => {
+                        open_tag(out, child, depth + 1);
+                        stack.push((child, 0, depth + 1));
                     }
+                    leaf => write_leaf(out, leaf, depth + 1),
                 }
             }
         }
-        out
     }
+}
+
+/// Writes a text or comment child of an element written over several lines.
+fn write_leaf(out: &mut String, node: &Node, depth: usize) {
+    match node {
+        Node::Text(t) if !t.trim().is_empty() => {
+            indent(out, depth);
+            escape_into(out, t.trim(), false);
+            out.push('\n');
+        }
+        Node::Comment(c) => {
+            indent(out, depth);
+            out.push_str("<!--");
+            out.push_str(c);
+            out.push_str("-->\n");
+        }
+        Node::Text(_) | Node::Element(_) => {}
+    }
+}
+
+/// The reader's byte offset into the document it reads from a `&str`.
+fn position(reader: &Reader<&[u8]>) -> usize {
+    usize::try_from(reader.buffer_position()).unwrap_or(usize::MAX)
 }
 
 fn push_text(stack: &mut [Element], text: &str) {
@@ -406,7 +497,8 @@ fn indent(out: &mut String, depth: usize) {
     }
 }
 
-fn open_tag(out: &mut String, el: &Element, depth: usize) {
+/// Writes a start tag up to its closing `>` (which the caller writes).
+fn start_tag(out: &mut String, el: &Element, depth: usize) {
     indent(out, depth);
     out.push('<');
     out.push_str(&el.name);
@@ -417,6 +509,10 @@ fn open_tag(out: &mut String, el: &Element, depth: usize) {
         escape_into(out, v, true);
         out.push('\'');
     }
+}
+
+fn open_tag(out: &mut String, el: &Element, depth: usize) {
+    start_tag(out, el, depth);
     let empty = el.children.iter().all(|n| matches!(n, Node::Text(t) if t.trim().is_empty()));
     if empty {
         out.push_str("/>\n");
@@ -456,6 +552,53 @@ fn escape_into(out: &mut String, s: &str, attribute: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_raw_child_is_kept_as_read_and_written_back_unchanged() {
+        let doc = Element::new("status")
+            .with_attr("id", "1")
+            .with_child(Element::new("jobs").with_child(Element::new("job").with_attr("disk", "vda")))
+            .with_child(
+                Element::new("domain")
+                    .with_child(Element::new("name").with_text("vm & co"))
+                    .with_child(Element::new("devices").with_child(Element::new("disk"))),
+            )
+            .with_child(Element::new("domain").with_child(Element::new("name").with_text("second")));
+        let xml = doc.to_xml();
+        let (root, raw) = Element::parse_keeping_raw(&xml, "domain").expect("parse");
+        let raw = &xml[raw.expect("the first <domain> is kept raw")];
+        assert_eq!(
+            raw,
+            "<domain>\n    <name>vm &amp; co</name>\n    <devices>\n      <disk/>\n    </devices>\n  </domain>"
+        );
+        assert_eq!(Element::parse(raw).expect("the raw part parses").child_text("name").as_deref(), Some("vm & co"));
+        // Only the first is kept raw; the others stay in the tree.
+        assert_eq!(root.children_named("domain").count(), 1);
+        assert_eq!(root.child("domain").and_then(|d| d.child_text("name")).as_deref(), Some("second"));
+        let mut whole = Element::parse(&xml).expect("parse");
+        let first = whole.take_child("domain").expect("first domain");
+        whole.children.push(Node::Element(first));
+        assert_eq!(root.to_xml_with_raw_child(raw), whole.to_xml());
+        let parsed_raw = Element::parse(raw).expect("the raw part parses");
+        assert_eq!(root.to_xml_with_child(&parsed_raw), whole.to_xml());
+    }
+
+    #[test]
+    fn a_raw_child_is_looked_for_under_the_root_only() {
+        let xml = "<status><jobs><domain/></jobs><domain/></status>";
+        let (root, raw) = Element::parse_keeping_raw(xml, "domain").expect("parse");
+        assert_eq!(raw.map(|r| &xml[r]), Some("<domain/>"));
+        assert!(root.child("jobs").and_then(|j| j.child("domain")).is_some());
+        let (_, none) = Element::parse_keeping_raw("<status><jobs/></status>", "domain").expect("parse");
+        assert_eq!(none, None);
+    }
+
+    #[test]
+    fn an_unclosed_raw_child_is_refused() {
+        let err = Element::parse_keeping_raw("<status><domain><name>x</name></status>", "domain")
+            .expect_err("an unclosed <domain> is refused");
+        assert!(err.to_string().contains("malformed XML"), "{err}");
+    }
 
     #[test]
     fn round_trip_keeps_unknown_content_and_formats_like_libvirt() {
