@@ -127,13 +127,14 @@ pub async fn attach(
     iface_el: Element,
 ) -> Result<()> {
     let client = &monitor.client;
+    let live = status.domain.get()?;
     // A port first: a refusal leaves nothing opened or passed to QEMU.
-    let bus = match is_q35(machine_of(&status.domain).unwrap_or("q35")) {
+    let bus = match is_q35(machine_of(live).unwrap_or("q35")) {
         true => Some(free_root_port(monitor, domain).await?),
         false => None,
     };
-    let id = free_nic_id(&status.domain)?;
-    let index = status.domain.interfaces()?.len();
+    let id = free_nic_id(live)?;
+    let index = live.interfaces()?.len();
     let iface = Interface::from_element(&iface_el, index)?;
     let networks = NetworkManager::new(store.clone());
     let nic = tap::open_interface(&iface, index, &networks)?;
@@ -197,12 +198,13 @@ pub async fn attach(
         nic.name.clone()
     });
     edit_status_async(store, domain, |s| {
-        s.domain.add_interface(iface_el)?;
-        let added = s.domain.interfaces()?.len() - 1;
+        let live = s.domain.get_mut()?;
+        live.add_interface(iface_el)?;
+        let added = live.interfaces()?.len() - 1;
         if let Some(dev) = &host_dev {
-            s.domain.set_interface_target(added, dev)?;
+            live.set_interface_target(added, dev)?;
         }
-        s.domain.set_interface_alias(added, &id)
+        live.set_interface_alias(added, &id)
     })
     .await?;
     Ok(())
@@ -240,9 +242,10 @@ pub fn find_interface(dom: &Domain, iface_type: &str, mac: Option<&str>) -> Resu
 /// netdev, its tap and its `<interface>` go.
 pub async fn detach(store: &Store, domain: &str, status: &LiveStatus, monitor: &Monitor, index: usize) -> Result<()> {
     let client = &monitor.client;
-    let iface = status.domain.interfaces()?.remove(index);
+    let live = status.domain.get()?;
+    let iface = live.interfaces()?.remove(index);
     let id = live_nic_id(&iface, index);
-    if is_q35(machine_of(&status.domain).unwrap_or("q35")) {
+    if is_q35(machine_of(live).unwrap_or("q35")) {
         let on_root_complex = root_bus_devices(monitor, domain).await?.iter().any(|d| d["qdev_id"] == id.as_str());
         if on_root_complex {
             return Err(Error::operation_failed(format!(
@@ -319,8 +322,9 @@ async fn finish_unplug(store: &Store, domain: &str, monitor: &Monitor, pending: 
         Err(e) => return Err(qmp_error(domain, e)),
     }
     edit_status_async(store, domain, |s| {
-        if let Some(now) = find_by_id(&s.domain, &pending.alias)? {
-            s.domain.remove_interface(now)?;
+        let live = s.domain.get_mut()?;
+        if let Some(now) = find_by_id(live, &pending.alias)? {
+            live.remove_interface(now)?;
         }
         if let Some(tap) = &pending.tap {
             if let Some(position) = s.host_nics.iter().position(|n| &n.name == tap) {

@@ -318,8 +318,8 @@ impl QemuConnection {
             strata_core::crash_point("server:started");
             let monitor = self.monitors.hold(name, status.run.process, monitor).await;
             let host = HostCpuMap::read(&self.host_cpus)?;
-            placement::apply_defined_placement(&monitor.client, name, status.run.process.pid, &status.domain, &host)
-                .await?;
+            let live = status.domain.get()?;
+            placement::apply_defined_placement(&monitor.client, name, status.run.process.pid, live, &host).await?;
             if mode == StartMode::Run {
                 monitor.client.execute("cont", None).await.map_err(|e| qmp_error(name, e))?;
             }
@@ -405,7 +405,7 @@ impl QemuConnection {
     /// from QEMU's block graph and each NIC's MAC as QEMU reports it.
     pub(crate) async fn live_domain(&self, name: &str) -> Result<Domain> {
         let (status, monitor) = self.running(name).await?;
-        let mut dom = status.domain;
+        let mut dom = status.domain.into_inner()?;
         dom.set_id(Some(status.id));
         // Read-only queries, in flight together.
         let (chains, macs) =
@@ -589,7 +589,7 @@ impl Connection for QemuConnection {
         if self.records_are_current(name, &status)? {
             // libvirt answers from its own records too: every change to the
             // chains and devices goes through Strata and is recorded.
-            let mut dom = status.domain;
+            let mut dom = status.domain.into_inner()?;
             dom.set_id(Some(status.id));
             return Ok(dom.to_xml());
         }
@@ -609,7 +609,7 @@ impl Connection for QemuConnection {
         // the image headers say are compared pairwise.
         let (status, monitor) = self.running(name).await?;
         let qemu = live_chains(&monitor.client, name).await?;
-        let mut recorded = status.domain.clone();
+        let mut recorded = status.domain.into_inner()?;
         let pools = PoolManager::new(self.store.clone());
         let mut checks = define::check_chains_in_pools(&mut recorded, disk, false, &pools)?;
         let mut rewritten = false;
@@ -637,7 +637,7 @@ impl Connection for QemuConnection {
         }
         if rewritten {
             live::edit_status_async(&self.store, name, |status| {
-                status.domain = recorded;
+                status.domain.set(recorded);
                 Ok(())
             })
             .await?;
@@ -699,7 +699,7 @@ impl Connection for QemuConnection {
             hotplug::find_interface(&strata_engine::definitions::load(&self.store, name)?, iface_type, mac)?;
         }
         if let Some((status, monitor)) = &targets.live {
-            let index = hotplug::find_interface(&status.domain, iface_type, mac)?;
+            let index = hotplug::find_interface(status.domain.get()?, iface_type, mac)?;
             hotplug::detach(&self.store, name, status, monitor, index).await?;
         }
         if targets.config {
@@ -897,10 +897,11 @@ impl BlockJobHost for QemuConnection {
     }
 
     async fn serving(&self, domain: &str) -> Result<Option<Served<jobs::QemuJobServer>>> {
-        Ok(QemuConnection::serving(self, domain).await?.map(|(status, monitor)| Served {
+        let Some((status, monitor)) = QemuConnection::serving(self, domain).await? else { return Ok(None) };
+        Ok(Some(Served {
             server: jobs::job_server(&self.store, domain, monitor, &status),
             jobs: status.jobs,
-            live: status.domain,
+            live: status.domain.into_inner()?,
         }))
     }
 

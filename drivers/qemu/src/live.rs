@@ -43,7 +43,7 @@ pub struct LiveStatus {
     pub id: u32,
     /// The definition the domain runs with; disk chains are updated as
     /// they change.
-    pub domain: Domain,
+    pub domain: StatusDomain,
     /// Block jobs in progress.
     pub jobs: Vec<JobRecord>,
     pub server: Server,
@@ -68,6 +68,65 @@ pub struct LiveStatus {
     /// QEMU's block graph or devices behind Strata's records, so that the
     /// live XML is read from QEMU from then on.
     pub custom_monitor: bool,
+}
+
+/// The definition a status holds, parsed when first asked for. Most
+/// commands read the status for its process, jobs or nodes only, and a
+/// disk's backing chain can make the definition most of the file (370 KB
+/// for 1,000 layers): read, it is kept as text; written back untouched, it
+/// is that text again.
+#[derive(Debug, Clone)]
+pub struct StatusDomain {
+    /// status.xml as read, and where in it the `<domain>` element is;
+    /// dropped once the definition is changed.
+    text: String,
+    raw: std::ops::Range<usize>,
+    parsed: std::sync::OnceLock<Domain>,
+}
+
+impl StatusDomain {
+    fn parsed(domain: Domain) -> StatusDomain {
+        StatusDomain { text: String::new(), raw: 0..0, parsed: std::sync::OnceLock::from(domain) }
+    }
+
+    fn raw(&self) -> &str {
+        self.text.get(self.raw.clone()).unwrap_or_default()
+    }
+
+    /// The definition, parsed on first use.
+    pub fn get(&self) -> Result<&Domain> {
+        if let Some(domain) = self.parsed.get() {
+            return Ok(domain);
+        }
+        let domain = Domain::parse(self.raw()).map_err(|e| Error::internal(format!("status XML: {e}")))?;
+        Ok(self.parsed.get_or_init(|| domain))
+    }
+
+    /// The definition to change in place.
+    pub fn get_mut(&mut self) -> Result<&mut Domain> {
+        self.get()?;
+        self.text = String::new();
+        self.parsed.get_mut().ok_or_else(|| Error::internal("status XML: the definition was not kept"))
+    }
+
+    pub fn into_inner(mut self) -> Result<Domain> {
+        self.get()?;
+        self.parsed.take().ok_or_else(|| Error::internal("status XML: the definition was not kept"))
+    }
+
+    /// Replaces the definition.
+    pub fn set(&mut self, domain: Domain) {
+        *self = StatusDomain::parsed(domain);
+    }
+
+    /// `root` written with the definition as its last child: the text it
+    /// was read as unless it has been parsed since.
+    fn write_under(&self, root: &Element) -> String {
+        match self.parsed.get() {
+            Some(domain) => root.to_xml_with_child(domain.element()),
+            None => root.to_xml_with_raw_child(self.raw()),
+        }
+    }
 }
 
 /// An unplug QEMU was asked for and the guest has not yet completed.
@@ -115,7 +174,7 @@ impl LiveStatus {
         LiveStatus {
             run,
             id,
-            domain,
+            domain: StatusDomain::parsed(domain),
             jobs: Vec::new(),
             server,
             roots,
@@ -172,12 +231,12 @@ impl LiveStatus {
         if self.custom_monitor {
             root = root.with_child(Element::new("taint").with_attr("flag", "custom-monitor"));
         }
-        root.with_child(self.domain.element().clone()).to_xml()
+        self.domain.write_under(&root)
     }
 
-    pub fn parse(xml: &str) -> Result<LiveStatus> {
-        let mut root = Element::parse(xml)?;
-        let domain = root.take_child("domain").ok_or_else(|| Error::internal("status XML lacks the <domain>"))?;
+    pub fn parse(xml: String) -> Result<LiveStatus> {
+        let (root, raw) = Element::parse_keeping_raw(&xml, "domain")?;
+        let raw = raw.ok_or_else(|| Error::internal("status XML lacks the <domain>"))?;
         let num = |attr: &str| -> Result<u64> {
             root.attr(attr)
                 .and_then(|v| v.parse().ok())
@@ -192,7 +251,7 @@ impl LiveStatus {
         Ok(LiveStatus {
             run: ServerRecord::from_attrs(&root)?,
             id: u32::try_from(num("id")?).map_err(|_| Error::internal("status XML id out of range"))?,
-            domain: Domain::from_element(domain)?,
+            domain: StatusDomain { text: xml, raw, parsed: std::sync::OnceLock::new() },
             jobs,
             roots: root
                 .child("roots")
@@ -242,7 +301,7 @@ pub fn runtime_paths(store: &Store, name: &str) -> Result<RuntimePaths> {
 /// stopped. A server another process is starting is not there yet.
 pub fn reconcile(store: &Store, name: &str) -> Result<Option<LiveStatus>> {
     let Some(xml) = store.read_status(name)? else { return Ok(None) };
-    let status = match LiveStatus::parse(&xml) {
+    let status = match LiveStatus::parse(xml) {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(domain = name, error = %e, "unreadable status XML; treating the domain as shut off");
@@ -313,7 +372,7 @@ pub fn edit_locked_status<T>(
 /// [`cleanup`] unless the status has meanwhile come to name another
 /// process (another caller cleaned up and started a new one).
 fn forget(store: &Store, name: &str, process: ProcessId) -> Result<()> {
-    let still = store.read_status(name)?.and_then(|xml| LiveStatus::parse(&xml).ok()).map(|s| s.run.process);
+    let still = store.read_status(name)?.and_then(|xml| LiveStatus::parse(xml).ok()).map(|s| s.run.process);
     if still.is_none_or(|p| p == process) {
         cleanup(store, name)?;
     }
@@ -323,7 +382,7 @@ fn forget(store: &Store, name: &str, process: ProcessId) -> Result<()> {
 /// Removes a stopped domain's host network devices, status and runtime
 /// directory.
 pub fn cleanup(store: &Store, name: &str) -> Result<()> {
-    if let Some(status) = store.read_status(name)?.and_then(|xml| LiveStatus::parse(&xml).ok()) {
+    if let Some(status) = store.read_status(name)?.and_then(|xml| LiveStatus::parse(xml).ok()) {
         for nic in &status.host_nics {
             nic.remove()?;
         }

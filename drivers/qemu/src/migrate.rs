@@ -78,16 +78,17 @@ impl QemuConnection {
         let _operation = self.stream_operation(domain).await?;
         let client = &monitor.client;
         let persistent = strata_engine::definitions::load(self.store(), domain)?;
-        let copied = copied_targets(&persistent, &status.domain, opts)?;
+        let live = status.domain.get()?;
+        let copied = copied_targets(&persistent, live, opts)?;
         let mut incoming = IncomingMigration {
-            xml: status.domain.to_xml(),
+            xml: live.to_xml(),
             copied: Vec::new(),
             shared: Vec::new(),
             migration_listen,
             disks_listen,
         };
         let mut disks = Vec::new();
-        for disk in status.domain.disks()? {
+        for disk in live.disks()? {
             let Some(chain) = disk.chain.as_ref() else { continue };
             if !copied.contains(&disk.target) {
                 let images = chain.layers.iter().filter_map(|l| l.source.local_path()).map(|p| p.display().to_string());
@@ -121,7 +122,7 @@ impl QemuConnection {
         let was_running = client.query_status().await.map_err(|e| qmp_error(domain, e))?.running;
         let images: Vec<String> = incoming.copied.iter().map(|d| d.file_name.clone()).collect();
         let targets: Vec<String> = disks.iter().map(|d| d.target.clone()).collect();
-        let uuid = status.domain.uuid();
+        let uuid = live.uuid();
         let record = StreamIntent::Migrate {
             running: was_running,
             started_ms: Some(started_ms),

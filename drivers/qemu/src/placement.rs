@@ -188,7 +188,8 @@ impl Placement<'_> {
     pub(crate) fn vcpu_counts(&self, domain: &str, running: Option<(LiveStatus, Arc<Monitor>)>) -> Result<VcpuCounts> {
         let count = |dom: &Domain| VcpuCount { maximum: dom.vcpus(), current: dom.current_vcpus() };
         let config = count(&persistent::load(self.store, domain)?);
-        Ok(VcpuCounts { config, live: running.map(|(status, _)| count(&status.domain)) })
+        let live = running.map(|(status, _)| status.domain.get().map(count)).transpose()?;
+        Ok(VcpuCounts { config, live })
     }
 
     /// `setvcpus`: every request is checked before anything changes; the
@@ -213,8 +214,9 @@ impl Placement<'_> {
                     "maximum vcpu count of a live domain can't be modified",
                 ));
             }
-            refuse_above_maximum(count, status.domain.vcpus(), "live")?;
-            let current = status.domain.current_vcpus();
+            let live = status.domain.get()?;
+            refuse_above_maximum(count, live.vcpus(), "live")?;
+            let current = live.current_vcpus();
             if count < current {
                 return Err(Error::new(
                     ErrorKind::OperationUnsupported,
@@ -235,7 +237,8 @@ impl Placement<'_> {
             let online = u32::try_from(vcpu_threads(&monitor.client, domain).await?.len())
                 .map_err(|_| Error::internal("vCPU count out of range"))?;
             edit_status_async(self.store, domain, |status| {
-                status.domain.set_vcpus(status.domain.vcpus(), online);
+                let live = status.domain.get_mut()?;
+                live.set_vcpus(live.vcpus(), online);
                 Ok(())
             })
             .await?;

@@ -219,7 +219,7 @@ impl QemuConnection {
         let operation = self.stream_operation(domain).await?;
         let client = &monitor.client;
         let xml_override = match &opts.xml {
-            Some(xml) => Some(checked_replacement(&status.domain, xml)?),
+            Some(xml) => Some(checked_replacement(status.domain.get()?, xml)?),
             None => None,
         };
         let run = client.query_status().await.map_err(|e| qmp_error(domain, e))?;
@@ -244,7 +244,7 @@ impl QemuConnection {
             }
             let xml = match xml_override {
                 Some(xml) => xml,
-                None => self.running(domain).await?.0.domain.to_xml(),
+                None => self.running(domain).await?.0.domain.get()?.to_xml(),
             };
             let running = if opts.flags.running || opts.flags.paused { opts.flags.running } else { run.running };
             target.write_header(&SaveHeader { running, xml })?;

@@ -41,7 +41,7 @@ impl SnapshotBackend for QemuConnection {
     }
 
     fn recorded_live_definition(&self, domain: &str) -> Result<Option<Domain>> {
-        Ok(live::reconcile(&self.store, domain)?.map(|status| status.domain))
+        live::reconcile(&self.store, domain)?.map(|status| status.domain.into_inner()).transpose()
     }
 
     fn record_live_chains(&self, domain: &str, chains: &[RecordedChain]) -> Result<()> {
@@ -50,7 +50,7 @@ impl SnapshotBackend for QemuConnection {
             if let Some(root) = &recorded.top {
                 status.roots.insert(recorded.disk.clone(), root.clone());
             }
-            status.domain.set_disk_chain(&recorded.disk, &recorded.chain)?;
+            status.domain.get_mut()?.set_disk_chain(&recorded.disk, &recorded.chain)?;
         }
         self.store.write_status(domain, &status.to_xml())
     }
@@ -58,7 +58,7 @@ impl SnapshotBackend for QemuConnection {
     /// The status records the running chains and root nodes.
     async fn running_definition(&self, domain: &str) -> Result<Domain> {
         let (status, _) = self.running(domain).await?;
-        Ok(status.domain)
+        status.domain.into_inner()
     }
 
     async fn live_definition(&self, domain: &str) -> Result<Domain> {
