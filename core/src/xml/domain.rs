@@ -123,6 +123,11 @@ impl Domain {
         &self.root
     }
 
+    /// The document, taken out without copying it.
+    pub fn into_element(self) -> Element {
+        self.root
+    }
+
     pub fn name(&self) -> String {
         self.root.child_text("name").unwrap_or_default()
     }

@@ -124,19 +124,36 @@ fn read_root(store: &Store, domain: &str) -> Result<Option<Element>> {
     Element::parse(&text).map(Some).map_err(|e| e.context(format!("intent record '{INTENT_FILE}'")))
 }
 
+/// A creation's intent without its record, which is written after it.
+fn create_root(files: &[PathBuf], no_metadata: bool) -> Element {
+    let root = Element::new("intent").with_attr("op", "snapshot-create").with_attr("metadata", yes_no(!no_metadata));
+    file_elements(root, "file", files)
+}
+
+/// Writes an intent record naming this process as the one carrying the
+/// operation out, with `record` (a creation's) as its last child.
+fn write_root(store: &Store, domain: &str, mut root: Element, record: Option<&SnapshotDef>) -> Result<()> {
+    ProcessId::this()?.set_attrs(&mut root, "owner");
+    store.write_domain_file(domain, INTENT_FILE, &document(&root, record))
+}
+
+fn document(root: &Element, record: Option<&SnapshotDef>) -> String {
+    match record {
+        Some(record) => {
+            let mut out = String::new();
+            root.write_with_more(&mut out, 0, |out, depth| record.write_xml(out, depth));
+            out
+        }
+        None => root.to_xml(),
+    }
+}
+
 impl Intent {
+    /// The record without a creation's snapshot record, which
+    /// [`write_root`] appends.
     fn to_element(&self) -> Element {
         match self {
-            Intent::Create { files, record, no_metadata } => {
-                let root = Element::new("intent")
-                    .with_attr("op", "snapshot-create")
-                    .with_attr("metadata", yes_no(!*no_metadata));
-                let root = file_elements(root, "file", files);
-                match record {
-                    Some(r) => root.with_child(r.to_element()),
-                    None => root,
-                }
-            }
+            Intent::Create { files, no_metadata, .. } => create_root(files, *no_metadata),
             Intent::Revert { snapshot, running, paused, overlays } => {
                 let root = Element::new("intent")
                     .with_attr("op", "snapshot-revert")
@@ -187,9 +204,24 @@ impl Intent {
     /// Writes (or replaces) the domain's intent record, naming this process
     /// as the one carrying the operation out.
     pub fn write(&self, store: &Store, domain: &str) -> Result<()> {
-        let mut root = self.to_element();
-        ProcessId::this()?.set_attrs(&mut root, "owner");
-        store.write_domain_file(domain, INTENT_FILE, &root.to_xml())
+        let record = match self {
+            Intent::Create { record, .. } => record.as_deref(),
+            _ => None,
+        };
+        write_root(store, domain, self.to_element(), record)
+    }
+
+    /// [`Intent::write`] of an [`Intent::Create`] with `record`, from a
+    /// record the caller keeps (it embeds the whole domain definition,
+    /// which need not be copied to be written).
+    pub fn write_create(
+        store: &Store,
+        domain: &str,
+        files: &[PathBuf],
+        record: &SnapshotDef,
+        no_metadata: bool,
+    ) -> Result<()> {
+        write_root(store, domain, create_root(files, no_metadata), Some(record))
     }
 
     /// The domain's pending intent, if an operation was interrupted.
@@ -233,7 +265,11 @@ mod tests {
     use super::*;
 
     fn round_trip(intent: Intent) {
-        let xml = intent.to_element().to_xml();
+        let record = match &intent {
+            Intent::Create { record, .. } => record.as_deref(),
+            _ => None,
+        };
+        let xml = document(&intent.to_element(), record);
         let back = Intent::from_element(&Element::parse(&xml).unwrap()).unwrap();
         assert_eq!(back, intent, "{xml}");
     }
@@ -241,6 +277,18 @@ mod tests {
     #[test]
     fn every_kind_round_trips() {
         round_trip(Intent::Create { files: vec!["/i/a.s1".into()], record: None, no_metadata: true });
+        let record = SnapshotDef::parse(
+            "<domainsnapshot><name>s1</name><disks><disk name='vda' snapshot='external'/></disks>\
+             <domain type='kvm'><name>vm</name><devices><disk type='file'><source file='/i/a'/>\
+             <backingStore type='file'><source file='/i/b'/></backingStore></disk></devices></domain>\
+             <cookie><x/></cookie></domainsnapshot>",
+        )
+        .expect("a snapshot record");
+        round_trip(Intent::Create {
+            files: vec!["/i/a.s1".into()],
+            record: Some(Box::new(record)),
+            no_metadata: false,
+        });
         round_trip(Intent::Revert {
             snapshot: "s1".into(),
             running: true,
