@@ -281,6 +281,17 @@ impl Store {
         read_optional(&self.file(name, "domain.xml")?)
     }
 
+    /// [`Store::read_domain`], with a mark that tells later whether the
+    /// definition read is still the stored one.
+    pub fn read_domain_marked(&self, name: &str) -> Result<Option<(String, ReadMark)>> {
+        let path = self.file(name, "domain.xml")?;
+        match crate::xml::read_document_keeping(&path) {
+            Ok((text, file)) => Ok(Some((text, ReadMark { file, path }))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("read", &path, e)),
+        }
+    }
+
     pub fn write_domain(&self, name: &str, xml: &str) -> Result<()> {
         let dir = self.domain_dir(name)?;
         fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
@@ -407,6 +418,29 @@ fn remove_format1_locks(locks: &Path) -> Result<()> {
 }
 
 /// A store file, bounded as every XML document is; `None` when absent.
+/// A store file as one read found it, held open. The store replaces a file
+/// only by renaming a new one over it, and the inode of a file held open is
+/// not reused: while the path names the inode read, its content is what was
+/// read, and a caller that kept what it parsed need not read it again.
+#[derive(Debug)]
+pub struct ReadMark {
+    file: fs::File,
+    path: PathBuf,
+}
+
+impl ReadMark {
+    /// Whether the path still names the file that was read.
+    pub fn unchanged(&self) -> Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let read = self.file.metadata().map_err(|e| Error::io("stat", &self.path, e))?;
+        match fs::metadata(&self.path) {
+            Ok(now) => Ok(now.dev() == read.dev() && now.ino() == read.ino()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io("stat", &self.path, e)),
+        }
+    }
+}
+
 fn read_optional(path: &Path) -> Result<Option<String>> {
     match crate::xml::read_document(path) {
         Ok(s) => Ok(Some(s)),
@@ -525,6 +559,24 @@ mod tests {
         assert!(store.read_domain("../etc").is_err());
         store.remove_domain("vm1").expect("remove");
         assert_eq!(store.read_domain("vm1").expect("read"), None);
+    }
+
+    #[test]
+    fn a_read_mark_tells_whether_the_definition_was_replaced_since() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        store.write_domain("vm1", "<domain/>").expect("write");
+        let (text, mark) = store.read_domain_marked("vm1").expect("read").expect("defined");
+        assert_eq!(text, "<domain/>");
+        assert!(mark.unchanged().expect("stat"));
+        // The same content written again is a new file: a change the
+        // reader did not see is never taken for none.
+        store.write_domain("vm1", "<domain/>").expect("rewrite");
+        assert!(!mark.unchanged().expect("stat"));
+        let (_, mark) = store.read_domain_marked("vm1").expect("read").expect("defined");
+        store.remove_domain("vm1").expect("remove");
+        assert!(!mark.unchanged().expect("stat"));
+        assert!(store.read_domain_marked("vm1").expect("read").is_none());
     }
 
     #[test]

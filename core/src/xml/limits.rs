@@ -8,7 +8,7 @@
 //! number of elements, attributes and comments is bounded instead (a
 //! 10,000-layer chain takes about 70,000), which bounds the nesting too.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
@@ -24,6 +24,11 @@ pub const MAX_DOCUMENT_NODES: usize = 250_000;
 /// and a file over [`MAX_DOCUMENT_BYTES`] after reading at most one byte
 /// more than that.
 pub fn read_document(path: &Path) -> io::Result<String> {
+    Ok(read_document_keeping(path)?.0)
+}
+
+/// [`read_document`], also returning the file, still open.
+pub fn read_document_keeping(path: &Path) -> io::Result<(String, File)> {
     // O_NONBLOCK: opening a FIFO must not wait for a writer before it can
     // be refused; O_NOCTTY: a terminal named here must not become ours.
     let file = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path)?;
@@ -45,11 +50,11 @@ pub fn read_document(path: &Path) -> io::Result<String> {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("it is {what}, not a regular file")));
     }
     let mut text = String::new();
-    file.take(MAX_DOCUMENT_BYTES as u64 + 1).read_to_string(&mut text)?;
+    (&file).take(MAX_DOCUMENT_BYTES as u64 + 1).read_to_string(&mut text)?;
     if text.len() > MAX_DOCUMENT_BYTES {
         return Err(io::Error::new(io::ErrorKind::FileTooLarge, too_large()));
     }
-    Ok(text)
+    Ok((text, file))
 }
 
 /// Why a document over [`MAX_DOCUMENT_BYTES`] is refused.

@@ -15,7 +15,7 @@ pub use filesystem::{Filesystem, FilesystemDriver, FilesystemSource, FilesystemT
 pub use interface::{
     check_mac, generated_mac, interface_from_options, Interface, PortForward, PortRange, INTERFACE_CHILD_ORDER,
 };
-pub use limits::{read_document, MAX_DOCUMENT_BYTES, MAX_DOCUMENT_NODES};
+pub use limits::{read_document, read_document_keeping, MAX_DOCUMENT_BYTES, MAX_DOCUMENT_NODES};
 pub use snapshot::{SnapshotDef, SnapshotDisk, SnapshotMemory};
 pub use storage::{device_identifier, device_of_identifier, StorageAddress, StorageDevice};
 pub use tree::{Element, Node};

@@ -9,7 +9,7 @@ use strata_core::driver::{
     DefineFlags, DefineOutcome, DiskChainCheck, DiskSetOps, DiskSetOutcome, DomainState, DomainSummary, DumpXmlFlags,
 };
 use strata_core::pool::PoolManager;
-use strata_core::store::{no_such_domain, Store};
+use strata_core::store::{no_such_domain, ReadMark, Store};
 use strata_core::xml::{Disk, Domain};
 use strata_core::{Error, ErrorKind, Result};
 
@@ -24,19 +24,19 @@ enum Stored {
         path: PathBuf,
         reason: String,
     },
-    Defined(Domain),
+    Defined(Domain, ReadMark),
 }
 
 fn read(store: &Store, name: &str) -> Result<Stored> {
     let path = store.domain_dir(name)?.join("domain.xml");
     let damaged = |reason: String| Stored::Damaged { path: path.clone(), reason };
-    let xml = match store.read_domain(name) {
-        Ok(Some(xml)) => xml,
+    let (xml, mark) = match store.read_domain_marked(name) {
+        Ok(Some(read)) => read,
         Ok(None) => return Ok(Stored::Missing),
         Err(e) => return Ok(damaged(e.report())),
     };
     Ok(match Domain::parse(&xml) {
-        Ok(dom) if dom.name() == name => Stored::Defined(dom),
+        Ok(dom) if dom.name() == name => Stored::Defined(dom, mark),
         Ok(dom) => damaged(format!("it defines domain '{}'", dom.name())),
         Err(e) => damaged(e.report()),
     })
@@ -45,8 +45,13 @@ fn read(store: &Store, name: &str) -> Result<Stored> {
 /// Reads a domain's persistent definition. A damaged one is a store error
 /// naming the file and why, which `list` shows for that domain alone.
 pub fn load(store: &Store, name: &str) -> Result<Domain> {
+    Ok(load_marked(store, name)?.0)
+}
+
+/// [`load`], with the mark of the file read (see [`reload_if_replaced`]).
+pub fn load_marked(store: &Store, name: &str) -> Result<(Domain, ReadMark)> {
     match read(store, name)? {
-        Stored::Defined(dom) => Ok(dom),
+        Stored::Defined(dom, mark) => Ok((dom, mark)),
         Stored::Missing => Err(no_such_domain(name)),
         Stored::Damaged { path, reason } => Err(Error::new(
             ErrorKind::StoreFormat,
@@ -55,6 +60,18 @@ pub fn load(store: &Store, name: &str) -> Result<Domain> {
                 path.display()
             ),
         )),
+    }
+}
+
+/// `dom`, read by [`load_marked`] with `mark`, if the store still holds
+/// that file, else the definition read again: for a caller that takes the
+/// domain lock after reading and must not overwrite a change made before it
+/// (parsing a definition on a deep chain costs milliseconds).
+pub fn reload_if_replaced(store: &Store, name: &str, dom: Domain, mark: &ReadMark) -> Result<Domain> {
+    if mark.unchanged()? {
+        Ok(dom)
+    } else {
+        load(store, name)
     }
 }
 
@@ -155,7 +172,7 @@ pub fn define_for(
     let _definitions = store.lock_definitions()?;
     let _lock = store.lock_domain_to_define(&name)?;
     match read(store, &name)? {
-        Stored::Defined(existing) => match (existing.uuid(), dom.uuid()) {
+        Stored::Defined(existing, _) => match (existing.uuid(), dom.uuid()) {
             (Some(old), Some(new)) if old != new => {
                 return Err(Error::new(
                     ErrorKind::DomainExists,
@@ -176,7 +193,7 @@ pub fn define_for(
             continue;
         }
         // A damaged definition's UUID cannot be known; it is not checked.
-        if let Stored::Defined(d) = read(store, &other)? {
+        if let Stored::Defined(d, _) = read(store, &other)? {
             if d.uuid().as_deref() == Some(uuid.as_str()) {
                 return Err(Error::new(
                     ErrorKind::DomainExists,

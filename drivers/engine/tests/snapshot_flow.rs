@@ -39,6 +39,9 @@ struct TestBackend {
     live: Mutex<Domain>,
     tops: Mutex<HashMap<String, String>>,
     calls: Mutex<Vec<String>>,
+    /// A `<description>` another command gives the persistent definition
+    /// while the overlays are made.
+    described_meanwhile: Mutex<Option<String>>,
 }
 
 impl TestBackend {
@@ -136,6 +139,13 @@ impl SnapshotBackend for TestBackend {
             write_qcow2_overlay(overlay, &p.image, &p.format);
             tops.insert(p.target.clone(), format!("{}-top", p.target));
         }
+        if let Some(text) = self.described_meanwhile.lock().unwrap().take() {
+            let xml = self.store.read_domain("vm")?.unwrap();
+            let described =
+                xml.replacen("<name>vm</name>", &format!("<name>vm</name><description>{text}</description>"), 1);
+            assert_ne!(described, xml);
+            self.store.write_domain("vm", &described)?;
+        }
         let planned: Vec<String> = plans.iter().map(|p| format!("{}:{}", p.target, p.mode)).collect();
         self.record(format!("snapshot_disks {}", planned.join(",")));
         Ok(tops)
@@ -208,6 +218,7 @@ fn running_domain_with(dir: &Path, devices: &str) -> SnapshotEngine<TestBackend>
         live: Mutex::new(dom),
         tops: Mutex::new(HashMap::new()),
         calls: Mutex::new(Vec::new()),
+        described_meanwhile: Mutex::new(None),
     })
 }
 
@@ -281,6 +292,21 @@ async fn a_live_external_snapshot_is_recorded_after_the_switch_and_deleted_by_an
     assert_eq!(store.list_snapshots("vm").unwrap(), Vec::<String>::new());
     assert_eq!(strata_engine::records::current(store, "vm").unwrap(), None);
     assert_eq!(Intent::read(store, "vm").unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_definition_changed_while_a_snapshot_is_taken_keeps_the_change_and_gets_the_overlay() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, overlay) = (dir.path().join("base.img"), dir.path().join("base.s1"));
+    let engine = running_domain(dir.path());
+    let backend = engine.backend();
+    *backend.described_meanwhile.lock().unwrap() = Some("changed meanwhile".into());
+
+    create_disk_only_s1(&engine).await;
+    assert!(backend.described_meanwhile.lock().unwrap().is_none(), "the definition was changed during the snapshot");
+    let persistent = strata_engine::definitions::load(&backend.store, "vm").unwrap();
+    assert_eq!(persistent.element().child_text("description").as_deref(), Some("changed meanwhile"));
+    assert_eq!(chain_of(&persistent), [overlay, base]);
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use strata_core::chain::{probe_chain, Chain, StorageSource};
 use strata_core::image::ImageFormat;
 use strata_core::options::{SnapshotCreateFlags, SnapshotRevertFlags};
-use strata_core::store::DomainLock;
+use strata_core::store::{DomainLock, ReadMark};
 use strata_core::xml::{Domain, SnapshotDef, SnapshotDisk, SnapshotMemory};
 use strata_core::{Error, Result};
 
@@ -35,7 +35,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         let store = self.store();
         // Read once: a definition thousands of layers deep takes a while to
         // parse.
-        let mut persistent = crate::definitions::load(store, domain)?;
+        let (mut persistent, mut mark) = crate::definitions::load_marked(store, domain)?;
         let mut def = SnapshotDef::parse(xml)?;
         if flags.redefine {
             return self.redefine(domain, def, flags.current);
@@ -86,7 +86,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
                 operation,
             )
             .await?;
-            persistent = crate::definitions::load(store, domain)?;
+            (persistent, mark) = crate::definitions::load_marked(store, domain)?;
         }
         // The live state records the running chains and root nodes, so no
         // query of the hypervisor's whole block graph is needed: creation
@@ -179,9 +179,12 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
                 source: p.overlay.clone().map(|path| StorageSource::File { path }),
             })
             .collect();
-        def.domain = Some(dom.element().clone());
-        Intent::Create { files: created.clone(), record: Some(Box::new(def.clone())), no_metadata: flags.no_metadata }
-            .write(store, domain)?;
+        // Each overlay goes over the chain the live state records now: the
+        // operation lock keeps every other chain change out until the end.
+        let external = plans.iter().filter(|p| p.mode == "external").map(|p| &p.target);
+        let below = live.then(|| recorded_chains(&dom, external)).transpose()?;
+        def.domain = Some(dom.into_element());
+        Intent::write_create(store, domain, &created, &def, flags.no_metadata)?;
         strata_core::crash_point("snapshot-create:intent");
         let roots = match (live, &memory_file) {
             (true, Some(file)) => {
@@ -195,7 +198,8 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         };
         strata_core::crash_point("snapshot-create:images");
         strata_core::pause_point("snapshot-create:images");
-        self.finish_creation(domain, &def, flags.no_metadata, roots).await?;
+        let made = Made { persistent, mark, roots, below };
+        self.finish_creation(domain, &def, flags.no_metadata, Some(made)).await?;
         Ok(name)
     }
 
@@ -226,14 +230,14 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
     /// The steps after the images changed: chains recorded, the record
     /// saved and made current, the intent cleared. Also what recovery runs
     /// for a creation whose images had changed when it was interrupted.
-    /// `roots`: the new top handle of each disk that got an overlay, when
-    /// this process made them (recovery passes `None` and asks the backend).
+    /// `made`: what the creation read and made, when this process made it
+    /// (recovery passes `None`: the definitions are read and the backend asked).
     pub(super) async fn finish_creation(
         &self,
         domain: &str,
         def: &SnapshotDef,
         no_metadata: bool,
-        roots: Option<NewTops>,
+        made: Option<Made>,
     ) -> Result<()> {
         let store = self.store();
         let targets: Vec<String> =
@@ -247,7 +251,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         // is cleared only once their directories are synced: one fsync per
         // directory instead of one per file.
         let batch = store.defer_dir_syncs();
-        self.record_chains(domain, &targets, &overlays, roots).await?;
+        self.record_chains(domain, &targets, &overlays, made).await?;
         strata_core::crash_point("snapshot-create:chains");
         if !no_metadata {
             let name = def.name.clone().unwrap_or_default();
@@ -262,24 +266,37 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
 
     /// Records in the persistent (and live) definition the chains the
     /// images have after a snapshot: each overlay on the chain recorded
-    /// before it, with its new top handle (`roots`); without `roots`
-    /// (recovery), the hypervisor's chains when running, else the
-    /// overlays' headers.
+    /// before it (`below`, else the live state's), with its new top handle
+    /// (`roots`); without `roots` (recovery), the hypervisor's chains when
+    /// running, else the overlays' headers.
     async fn record_chains(
         &self,
         domain: &str,
         targets: &[String],
         overlays: &HashMap<String, PathBuf>,
-        roots: Option<NewTops>,
+        made: Option<Made>,
     ) -> Result<()> {
         let store = self.store();
+        let (read, roots, below) = match made {
+            Some(Made { persistent, mark, roots, below }) => (Some((persistent, mark)), roots, below),
+            None => (None, None, None),
+        };
         let live_chains = match (self.running(domain)?, &roots) {
             (true, None) => Some(self.backend.live_chains(domain).await?),
             _ => None,
         };
         let _lock = crate::blocking::lock_domain(store, domain).await?;
-        let mut persistent = crate::definitions::load(store, domain)?;
-        let recorded = self.backend.recorded_live_definition(domain)?;
+        let mut persistent = match read {
+            Some((dom, mark)) => crate::definitions::reload_if_replaced(store, domain, dom, &mark)?,
+            None => crate::definitions::load(store, domain)?,
+        };
+        // Parsing the live state again is needed only when no caller read it.
+        let mut recorded = match below {
+            Some(below) => Some(below),
+            None => {
+                self.backend.recorded_live_definition(domain)?.map(|rec| recorded_chains(&rec, targets)).transpose()?
+            }
+        };
         let mut live_updates = Vec::new();
         for target in targets {
             let overlay = overlays
@@ -288,11 +305,9 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
                 .ok_or_else(|| Error::internal(format!("no overlay recorded for disk '{target}'")))?;
             let (chain, top) = if let Some(l) = live_chains.as_ref().and_then(|c| c.get(target)) {
                 (l.chain.clone(), l.top.clone())
-            } else if let (Some(rec), Some(node)) = (recorded.as_ref(), roots.as_ref().and_then(|r| r.get(target))) {
+            } else if let (Some(rec), Some(node)) = (recorded.as_mut(), roots.as_ref().and_then(|r| r.get(target))) {
                 let below = rec
-                    .find_storage_device(target)?
-                    .chain()
-                    .cloned()
+                    .remove(target)
                     .ok_or_else(|| Error::internal(format!("disk '{target}' has no recorded chain")))?;
                 (below.with_overlay(StorageSource::local(overlay), Some("qcow2".into())), Some(node.clone()))
             } else {
@@ -350,6 +365,28 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
 /// process wrote it), so that the layers below are not read again; else
 /// (recovery finding the overlay already recorded, or another chain) the
 /// overlay's chain as probed.
+/// What a creation read and made, handed to the steps that record it.
+pub(super) struct Made {
+    /// The persistent definition, as read before the domain lock was taken.
+    persistent: Domain,
+    mark: ReadMark,
+    /// The new top handle of each disk that got an overlay while running.
+    roots: Option<NewTops>,
+    /// The live chain each of those overlays went on.
+    below: Option<HashMap<String, Chain>>,
+}
+
+/// The chain `dom` records for each of `targets` that has one.
+fn recorded_chains<'a>(dom: &Domain, targets: impl IntoIterator<Item = &'a String>) -> Result<HashMap<String, Chain>> {
+    let mut chains = HashMap::new();
+    for target in targets {
+        if let Some(chain) = dom.find_storage_device(target)?.chain() {
+            chains.insert(target.clone(), chain.clone());
+        }
+    }
+    Ok(chains)
+}
+
 fn offline_chain(persistent: &Domain, target: &str, overlay: PathBuf) -> Result<Chain> {
     let recorded = persistent.find_storage_device(target).ok().and_then(|d| d.chain().cloned());
     if let Some(recorded) = recorded {
