@@ -24,12 +24,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::json;
 use strata_benches::{
-    domain_xml, libvirt_xml, ms, patched_chain, path_str, quick_suffix, run_tool, time, BackingNames, DomainBench,
-    DomainGuard, Leftover, Stats, Strata, Virsh, VirshDomain, RUNNING_DOMAIN_TOOLS,
+    domain_xml, libvirt_xml, measure_ok, ms, patched_chain, path_str, quick_suffix, run_tool, time, BackingNames,
+    DomainBench, DomainGuard, Leftover, Stats, Strata, Virsh, VirshDomain, RUNNING_DOMAIN_TOOLS,
 };
 
 const DOMAIN: &str = "vm";
@@ -57,8 +58,8 @@ fn main() -> ExitCode {
         println!("virsh: {} (measured in this run)\n", v.uri);
     }
     println!(
-        "{:>6} {:>11} {:>9} {:>9} {:>9} {:>12} {:>13}",
-        "depth", "chain made", "median", "min", "max", "virsh median", "virsh/strata"
+        "{:>6} {:>11} {:>9} {:>9} {:>9} {:>11} {:>12} {:>13}",
+        "depth", "chain made", "median", "min", "max", "strata CPU", "virsh median", "virsh/strata"
     );
     let mut results = Vec::new();
     let mut medians = Vec::new();
@@ -67,16 +68,18 @@ fn main() -> ExitCode {
         let (made, chain) = time(|| patched_chain(&dir, depth, BackingNames::Absolute));
         let top = chain.last().expect("a chain has a top");
         let libvirt = virsh.as_ref().map(|v| libvirt_domain(v, env.kind, &dir, &chain));
-        let (samples, virsh_samples) = match snapshots(&env.strata, env.kind, &dir, top, runs, libvirt.as_ref()) {
-            Ok(samples) => samples,
-            Err(start) => {
-                println!("{depth:>6} {:>9.2} s   the domain did not start: {start}", made.as_secs_f64());
-                results.push(json!({"depth": depth, "start_failed": start}));
-                let _ = std::fs::remove_dir_all(&dir);
-                continue;
-            }
-        };
+        let Samples { wall: samples, cpu, virsh: virsh_samples } =
+            match snapshots(&env.strata, env.kind, &dir, top, runs, libvirt.as_ref()) {
+                Ok(samples) => samples,
+                Err(start) => {
+                    println!("{depth:>6} {:>9.2} s   the domain did not start: {start}", made.as_secs_f64());
+                    results.push(json!({"depth": depth, "start_failed": start}));
+                    let _ = std::fs::remove_dir_all(&dir);
+                    continue;
+                }
+            };
         let stats = Stats::of(&samples);
+        let cpu_ms = ms(Stats::of(&cpu).median);
         medians.push(ms(stats.median));
         let virsh_ms = (!virsh_samples.is_empty()).then(|| ms(Stats::of(&virsh_samples).median));
         // Against this run's virsh where it was measured, against the
@@ -91,17 +94,18 @@ fn main() -> ExitCode {
             _ => String::new(),
         };
         println!(
-            "{depth:>6} {:>9.2} s {:>6.1} ms {:>6.1} ms {:>6.1} ms {:>12} {:>13}{virsh_note}",
+            "{depth:>6} {:>9.2} s {:>6.1} ms {:>6.1} ms {:>6.1} ms {:>8.1} ms {:>12} {:>13}{virsh_note}",
             made.as_secs_f64(),
             ms(stats.median),
             ms(stats.min),
             ms(stats.max),
+            cpu_ms,
             virsh_ms.map_or("-".into(), |v| format!("{v:.1} ms")),
             ratio.map_or("-".into(), |r| format!("{r:.1}×"))
         );
         results.push(json!({
             "depth": depth, "runs": runs, "median_ms": ms(stats.median), "min_ms": ms(stats.min),
-            "max_ms": ms(stats.max), "virsh_median_ms": virsh_ms,
+            "max_ms": ms(stats.max), "cpu_median_ms": cpu_ms, "virsh_median_ms": virsh_ms,
             "virsh_ratio": ratio,
         }));
         drop(libvirt);
@@ -109,6 +113,7 @@ fn main() -> ExitCode {
     }
     let spread = medians.iter().cloned().fold(f64::MIN, f64::max) / medians.iter().cloned().fold(f64::MAX, f64::min);
     println!("\nslowest / fastest depth median: {spread:.2}");
+    println!("strata CPU: the median user + system time of the strata process alone (QEMU's work is not in it)");
     println!(
         "virsh/strata uses virsh's median of this run where it was measured, else virsh 9.0's {VIRSH_MS} ms \
          (reference); the goal is ≤ {GOAL_MS} ms (≥ 5× virsh) at every depth"
@@ -161,7 +166,7 @@ fn snapshots(
     top: &Path,
     runs: usize,
     libvirt: Option<&Result<VirshDomain, String>>,
-) -> Result<(Vec<Duration>, Vec<Duration>), String> {
+) -> Result<Samples, String> {
     let libvirt = libvirt.and_then(|d| d.as_ref().ok());
     let xml = dir.join("vm.xml");
     std::fs::write(&xml, domain_xml(DOMAIN, kind, &[top])).expect("write the domain XML");
@@ -178,10 +183,13 @@ fn snapshots(
         domain.wait_for_idle();
     }
     let mut below = top.to_path_buf();
-    let (mut samples, mut virsh_samples) = (Vec::new(), Vec::new());
+    let mut samples = Samples { wall: Vec::new(), cpu: Vec::new(), virsh: Vec::new() };
     for n in 0..=runs {
         let name = format!("s{n}");
-        let (t, out) = time(|| dom.cli.ok(&["snapshot-create-as", DOMAIN, &name, "--disk-only", "--atomic"]));
+        let mut command = dom.cli.command(&["snapshot-create-as", DOMAIN, &name, "--disk-only", "--atomic"]);
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let run = measure_ok(command);
+        let out = String::from_utf8_lossy(&run.output.stdout);
         assert!(out.contains(&format!("Domain snapshot {name} created")), "unexpected output: {out}");
         // strata names the overlay after the image it covers: l05000.sN.
         let overlay = below.with_extension(&name);
@@ -189,7 +197,8 @@ fn snapshots(
         let info: serde_json::Value = serde_json::from_str(&info).expect("qemu-img info prints JSON");
         assert_eq!(info["backing-filename"], path_str(&below), "overlay {}: {info}", overlay.display());
         if n > 0 {
-            samples.push(t);
+            samples.wall.push(run.wall);
+            samples.cpu.push(run.cpu);
         }
         below = overlay;
         if let Some(domain) = libvirt {
@@ -197,9 +206,18 @@ fn snapshots(
             let (t, out) = time(|| domain.virsh.ok(&args));
             assert!(out.contains(&format!("Domain snapshot {name} created")), "unexpected virsh output: {out}");
             if n > 0 {
-                virsh_samples.push(t);
+                samples.virsh.push(t);
             }
         }
     }
-    Ok((samples, virsh_samples))
+    Ok(samples)
+}
+
+/// One depth's timings: strata's wall and CPU time (of the `strata`
+/// process alone: QEMU's work is in the wall time only), and virsh's wall
+/// time where it was measured.
+struct Samples {
+    wall: Vec<Duration>,
+    cpu: Vec<Duration>,
+    virsh: Vec<Duration>,
 }

@@ -59,10 +59,13 @@ pub fn time<T>(f: impl FnOnce() -> T) -> (Duration, T) {
     (start.elapsed(), out)
 }
 
-/// One finished process: its output, wall time, and peak memory.
+/// One finished process: its output, wall time, CPU time and peak memory.
 pub struct Measured {
     pub output: Output,
     pub wall: Duration,
+    /// User and system CPU time of the process and of any process it
+    /// waited for (not of a server it started, such as QEMU).
+    pub cpu: Duration,
     /// The largest resident set, in bytes, of the process or of any
     /// process it waited for (wait4's `ru_maxrss`).
     pub peak_rss: u64,
@@ -102,7 +105,12 @@ pub fn measure(mut command: Command) -> Measured {
         stdout: stdout.join().expect("the stdout reader"),
         stderr: stderr.join().expect("the stderr reader"),
     };
-    Measured { output, wall, peak_rss: u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024 }
+    let seconds = |t: libc::timeval| {
+        Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+            + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+    };
+    let cpu = seconds(usage.ru_utime) + seconds(usage.ru_stime);
+    Measured { output, wall, cpu, peak_rss: u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024 }
 }
 
 /// [`measure`] of a run that must succeed (else panics with its stderr).
