@@ -27,7 +27,7 @@ pub fn current(store: &Store, domain: &str) -> Result<Option<String>> {
     Ok(store
         .read_domain_file(domain, CURRENT_FILE)?
         .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty() && store.read_snapshot(domain, s).ok().flatten().is_some()))
+        .filter(|s| !s.is_empty() && store.has_snapshot(domain, s).unwrap_or(false)))
 }
 
 pub fn set_current(store: &Store, domain: &str, name: Option<&str>) -> Result<()> {

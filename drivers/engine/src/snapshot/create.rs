@@ -70,7 +70,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         };
         let name = def.name.clone().unwrap_or_else(|| now_secs().to_string());
         strata_core::store::validate_name("snapshot", &name)?;
-        if store.read_snapshot(domain, &name)?.is_some() {
+        if store.has_snapshot(domain, &name)? {
             return Err(Error::operation_failed(format!("domain moment {name} already exists")));
         }
         if flags.branch {
@@ -342,7 +342,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
             )));
         }
         if let Some(parent) = &def.parent {
-            if parent == &name || store.read_snapshot(domain, parent)?.is_none() {
+            if parent == &name || !store.has_snapshot(domain, parent)? {
                 return Err(Error::invalid_arg(format!("parent snapshot '{parent}' of '{name}' does not exist")));
             }
         }

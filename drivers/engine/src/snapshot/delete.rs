@@ -157,7 +157,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         for name in snapshots {
             // A plan on record means its steps may have begun.
             *in_progress = plans.iter().any(|p| p.snapshot == *name);
-            if store.read_snapshot(domain, name)?.is_none() {
+            if !store.has_snapshot(domain, name)? {
                 continue;
             }
             let def = load(store, domain, name)?;

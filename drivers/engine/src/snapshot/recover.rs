@@ -152,7 +152,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         // images had changed, even if a crash lost the rename of the chains
         // (published with one directory fsync each, see finish_creation).
         if let Some(name) = record.as_ref().and_then(|r| r.name.as_deref()) {
-            if store.read_snapshot(domain, name)?.is_some() {
+            if store.has_snapshot(domain, name)? {
                 in_use.extend(files.iter().cloned());
             }
         }
