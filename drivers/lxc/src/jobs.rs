@@ -153,7 +153,7 @@ impl BlockJobHost for LxcConnection {
                     None => return Ok(None),
                 },
             };
-            return Ok(Some(Served { server, jobs: status.jobs, live: status.domain }));
+            return Ok(Some(Served { server, jobs: status.jobs, live: Box::new(status.domain) }));
         }
         let Some(record) = self.offline_record(domain).await? else { return Ok(None) };
         let monitor = Arc::new(acquire(&offline::runtime_paths(&self.store, domain)?, domain).await?);
@@ -165,7 +165,7 @@ impl BlockJobHost for LxcConnection {
                 None => return Ok(None),
             },
         };
-        Ok(Some(Served { server, jobs: record.jobs, live: record.domain }))
+        Ok(Some(Served { server, jobs: record.jobs, live: Box::new(record.domain) }))
     }
 
     async fn start_offline_server(&self, domain: &str) -> Result<Served<ContainerJobServer>> {

@@ -52,8 +52,7 @@ impl JobRecords for StatusRecords {
                     status.run.owner = Some(ProcessId::this()?);
                 }
             }
-            let live = status.domain.get_mut()?;
-            change(JobTable { jobs: &mut status.jobs, live, next_number: &mut status.next_node })
+            change(JobTable { jobs: &mut status.jobs, live: &mut status.domain, next_number: &mut status.next_node })
         })
     }
 

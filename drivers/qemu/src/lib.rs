@@ -901,7 +901,7 @@ impl BlockJobHost for QemuConnection {
         Ok(Some(Served {
             server: jobs::job_server(&self.store, domain, monitor, &status),
             jobs: status.jobs,
-            live: status.domain.into_inner()?,
+            live: Box::new(status.domain),
         }))
     }
 

@@ -129,6 +129,16 @@ impl StatusDomain {
     }
 }
 
+impl strata_engine::job::LiveDefinition for StatusDomain {
+    fn definition(&self) -> Result<&Domain> {
+        self.get()
+    }
+
+    fn definition_mut(&mut self) -> Result<&mut Domain> {
+        self.get_mut()
+    }
+}
+
 /// An unplug QEMU was asked for and the guest has not yet completed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingUnplug {

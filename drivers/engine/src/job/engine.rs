@@ -8,11 +8,10 @@ use async_trait::async_trait;
 use strata_core::driver::{BlockJobEnd, BlockJobInfo, BlockJobKind, BlockJobOps, BlockJobState};
 use strata_core::options::{BlockCommitOptions, BlockCopyOptions, BlockJobAbortFlags, BlockPullOptions};
 use strata_core::store::Store;
-use strata_core::xml::Domain;
 use strata_core::{Error, ErrorKind, Result};
 
 use super::record::{ended, JobRecord};
-use super::{run, BlockJobBackend};
+use super::{run, BlockJobBackend, LiveDefinition};
 use crate::snapshot::{in_use_definition, settle_operations, DiskJob, SnapshotBackend};
 use crate::view::TransparentOver;
 
@@ -21,7 +20,7 @@ use crate::view::TransparentOver;
 pub struct Served<S> {
     pub server: S,
     pub jobs: Vec<JobRecord>,
-    pub live: Domain,
+    pub live: Box<dyn LiveDefinition>,
 }
 
 /// Where a driver's block jobs run: the process serving a domain (its
@@ -126,7 +125,7 @@ impl<B: BlockJobHost> BlockJobEngine<B> {
     /// has none, once the disk is found in its definition).
     pub async fn info(&self, domain: &str, disk: &str) -> Result<Option<BlockJobInfo>> {
         match self.host.serving(domain).await? {
-            Some(served) => run::info(&served.server, &served.live, &served.jobs, disk).await,
+            Some(served) => run::info(&served.server, served.live.definition()?, &served.jobs, disk).await,
             None => {
                 crate::definitions::load(self.host.store(), domain)?.find_storage_device(disk)?;
                 Ok(None)

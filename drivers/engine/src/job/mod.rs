@@ -60,8 +60,26 @@ pub enum JobPhase {
 /// counter of numbers never used before on the server (for job ids).
 pub struct JobTable<'a> {
     pub jobs: &'a mut Vec<JobRecord>,
-    pub live: &'a mut Domain,
+    pub live: &'a mut dyn LiveDefinition,
     pub next_number: &'a mut u64,
+}
+
+/// A live definition as a host's records keep it. A host may keep it
+/// unparsed until a job step reads or changes it: most steps touch only
+/// the job records, and a deep chain makes the definition large.
+pub trait LiveDefinition: Send + Sync {
+    fn definition(&self) -> Result<&Domain>;
+    fn definition_mut(&mut self) -> Result<&mut Domain>;
+}
+
+impl LiveDefinition for Domain {
+    fn definition(&self) -> Result<&Domain> {
+        Ok(self)
+    }
+
+    fn definition_mut(&mut self) -> Result<&mut Domain> {
+        Ok(self)
+    }
 }
 
 use layers::{CommitLayers, PullLayers};

@@ -227,7 +227,7 @@ async fn record_job<B: BlockJobBackend>(backend: &B, mut rec: JobRecord, mirror:
         *table.next_number = table.next_number.saturating_add(1);
         let id = rec.id.clone();
         if let Some(m) = mirror {
-            table.live.set_storage_mirror(&rec.disk, Some(m))?;
+            table.live.definition_mut()?.set_storage_mirror(&rec.disk, Some(m))?;
         }
         // The disk's last outcome stays until this job's replaces it: every
         // path that forgets a record writes its outcome, but for a start
@@ -247,7 +247,7 @@ async fn drop_record<B: BlockJobBackend>(backend: &B, id: &str) -> Result<()> {
             table.jobs.retain(|j| j.id != id);
             set_outcome(backend.store(), backend.domain(), &rec.disk, None)?;
             if rec.kind == BlockJobKind::Copy {
-                table.live.set_storage_mirror(&rec.disk, None)?;
+                table.live.definition_mut()?.set_storage_mirror(&rec.disk, None)?;
             }
         }
         Ok(())
@@ -263,7 +263,7 @@ pub async fn mark_ready<B: BlockJobBackend>(backend: &B, id: &str) -> Result<()>
         let Some(rec) = table.jobs.iter_mut().find(|j| j.id == id) else { return Ok(()) };
         rec.ready = true;
         if rec.kind == BlockJobKind::Copy {
-            table.live.set_mirror_ready(&rec.disk)?;
+            table.live.definition_mut()?.set_mirror_ready(&rec.disk)?;
         }
         Ok(())
     })
@@ -293,13 +293,14 @@ pub async fn conclude<B: BlockJobBackend>(backend: &B, rec: &JobRecord) -> Resul
         let end = end_of(job, fresh.pivoting || rec.pivoting, rec.kind);
         let open = backend.dismiss_then_open(job.map(|_| rec.id.as_str()), &rec.disk).await?;
         backend.edit_records(Some((&rec.disk, &open)), |table| {
-            let device_before = table.live.find_storage_device(&rec.disk)?;
+            let live = table.live.definition_mut()?;
+            let device_before = live.find_storage_device(&rec.disk)?;
             // A volume disk still on its volume keeps naming it.
             let chain = match device_before.as_disk() {
                 Some(disk) => define::live_chain_as_recorded(disk, B::chain(&open), &PoolManager::new(store.clone())),
                 None => B::chain(&open).clone(),
             };
-            record_in_live(table.live, table.jobs, rec, &chain)?;
+            record_in_live(live, table.jobs, rec, &chain)?;
             record_in_store(store, name, rec, &end, device_before.source(), &chain)
         })?;
         (end, open)

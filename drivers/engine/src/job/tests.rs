@@ -624,7 +624,7 @@ impl BlockJobBackend for FakeServer {
         }
         let mut live = self.live.lock().expect("live");
         let mut next_number = 1;
-        change(JobTable { jobs, live: &mut live, next_number: &mut next_number }).map(Some)
+        change(JobTable { jobs, live: &mut *live, next_number: &mut next_number }).map(Some)
     }
 }
 
@@ -914,7 +914,8 @@ impl BlockJobHost for TestHost {
 
     async fn serving(&self, _domain: &str) -> strata_core::Result<Option<Served<FakeServer>>> {
         let Some(jobs) = self.server.records.lock().expect("records").clone() else { return Ok(None) };
-        Ok(Some(Served { server: self.server.clone(), jobs, live: self.server.live.lock().expect("live").clone() }))
+        let live = Box::new(self.server.live.lock().expect("live").clone());
+        Ok(Some(Served { server: self.server.clone(), jobs, live }))
     }
 
     async fn start_offline_server(&self, domain: &str) -> strata_core::Result<Served<FakeServer>> {
@@ -922,7 +923,7 @@ impl BlockJobHost for TestHost {
         *self.server.offline.lock().expect("offline") = true;
         *self.server.records.lock().expect("records") = Some(Vec::new());
         let live = self.server.live.lock().expect("live").clone();
-        Ok(Served { server: self.server.clone(), jobs: Vec::new(), live })
+        Ok(Served { server: self.server.clone(), jobs: Vec::new(), live: Box::new(live) })
     }
 
     async fn after_refused_request(&self, _domain: &str, server: &FakeServer) -> strata_core::Result<()> {
