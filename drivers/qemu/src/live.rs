@@ -510,3 +510,46 @@ pub fn translate_event(domain: &str, ev: &strata_qmp::QmpEvent) -> Option<strata
         timestamp_us: event_time_us(ev),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status() -> LiveStatus {
+        let this = ProcessId::this().expect("this process");
+        let domain = Domain::parse(
+            "<domain type='kvm'><name>vm</name><devices><disk type='file' device='disk'>\
+             <driver name='qemu' type='qcow2'/><source file='/i/top'/>\
+             <backingStore type='file'><format type='raw'/><source file='/i/base'/></backingStore>\
+             <target dev='vda' bus='virtio'/></disk></devices></domain>",
+        )
+        .expect("a definition");
+        LiveStatus::new(ServerRecord::starting(this, this), 7, domain, Server::Vm)
+    }
+
+    #[test]
+    fn a_status_read_and_written_without_its_definition_parsed_is_unchanged() {
+        let xml = status().to_xml();
+        let mut read = LiveStatus::parse(xml.clone()).expect("parse");
+        assert!(read.domain.parsed.get().is_none(), "the definition is not parsed to read the status");
+        assert_eq!(read.to_xml(), xml);
+        read.next_node = 42;
+        let written = read.to_xml();
+        assert!(written.contains("next='42'"), "{written}");
+        assert_eq!(written.replace("next='42'", "next='1'"), xml);
+        assert_eq!(read.domain.get().expect("parse on use").name(), "vm");
+    }
+
+    #[test]
+    fn a_changed_definition_is_written_and_a_damaged_one_is_an_error_when_used() {
+        let mut read = LiveStatus::parse(status().to_xml()).expect("parse");
+        read.domain.get_mut().expect("parse").set_id(Some(7));
+        let written = LiveStatus::parse(read.to_xml()).expect("parse again");
+        assert_eq!(written.domain.get().expect("parse").element().attr("id"), Some("7"));
+
+        let damaged = status().to_xml().replace("<name>vm</name>", "<title>vm</title>");
+        let read = LiveStatus::parse(damaged).expect("the status itself reads");
+        let err = read.domain.get().expect_err("the definition does not parse");
+        assert!(err.to_string().contains("status XML"), "{err}");
+    }
+}
