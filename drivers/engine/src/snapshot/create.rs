@@ -359,12 +359,6 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
     }
 }
 
-/// The chain of disk `target` of a shut-off domain under its new
-/// `overlay`: the recorded chain with the overlay on top when the overlay's
-/// header names the recorded top and its format (as it does when this
-/// process wrote it), so that the layers below are not read again; else
-/// (recovery finding the overlay already recorded, or another chain) the
-/// overlay's chain as probed.
 /// What a creation read and made, handed to the steps that record it.
 pub(super) struct Made {
     /// The persistent definition, as read before the domain lock was taken.
@@ -387,6 +381,12 @@ fn recorded_chains<'a>(dom: &Domain, targets: impl IntoIterator<Item = &'a Strin
     Ok(chains)
 }
 
+/// The chain of disk `target` of a shut-off domain under its new
+/// `overlay`: the recorded chain with the overlay on top when the overlay's
+/// header names the recorded top and its format (as it does when this
+/// process wrote it), so that the layers below are not read again; else
+/// (recovery finding the overlay already recorded, or another chain) the
+/// overlay's chain as probed.
 fn offline_chain(persistent: &Domain, target: &str, overlay: PathBuf) -> Result<Chain> {
     let recorded = persistent.find_storage_device(target).ok().and_then(|d| d.chain().cloned());
     if let Some(recorded) = recorded {
