@@ -495,7 +495,7 @@ pub(crate) fn write_device_chain(device: &mut Element, chain: &Chain, order: &[&
     if let Some(old) = device.child("source") {
         for (k, v) in &old.attrs {
             if !matches!(
-                k.as_str(),
+                k.as_ref(),
                 "file"
                     | "dev"
                     | "dir"
@@ -515,11 +515,11 @@ pub(crate) fn write_device_chain(device: &mut Element, chain: &Chain, order: &[&
         }
         // Children the new source writes itself (hosts, slices, …) replace
         // the old ones; the others (seclabels, auth, …) are kept.
-        let written: Vec<String> = new_source.elements().map(|e| e.name.clone()).collect();
+        let written: Vec<&str> = new_source.elements().map(|e| e.name.as_ref()).collect();
         let keep: Vec<super::tree::Node> = old
             .children
             .iter()
-            .filter(|n| !matches!(n, super::tree::Node::Element(e) if e.name == "host" || written.contains(&e.name)))
+            .filter(|n| !matches!(n, super::tree::Node::Element(e) if e.name == "host" || written.contains(&e.name.as_ref())))
             .cloned()
             .collect();
         new_source.children.extend(keep);

@@ -387,7 +387,7 @@ impl Domain {
     pub fn storage_devices(&self) -> Result<Vec<StorageDevice>> {
         let devices = self.root.child("devices").into_iter().flat_map(|d| d.elements());
         devices
-            .filter_map(|el| match el.name.as_str() {
+            .filter_map(|el| match el.name.as_ref() {
                 "disk" => Some(Disk::from_element(el).map(StorageDevice::Disk)),
                 "filesystem" => Some(Filesystem::from_element(el).map(StorageDevice::Filesystem)),
                 _ => None,

@@ -79,7 +79,7 @@ impl SnapshotDef {
             inactive_domain,
             active: None,
             cookie: root.child("cookie").cloned(),
-            unknown: root.elements().filter(|e| !SNAPSHOT_CHILD_ORDER.contains(&e.name.as_str())).cloned().collect(),
+            unknown: root.elements().filter(|e| !SNAPSHOT_CHILD_ORDER.contains(&e.name.as_ref())).cloned().collect(),
         };
         if let Some(name) = &def.name {
             crate::store::validate_name("snapshot", name)?;

@@ -6,6 +6,7 @@
 //! only the elements they own. Parsing, formatting and dropping are iterative
 //! because backing chains nest one element per layer and may be 10,000 deep.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use quick_xml::events::{BytesStart, Event};
@@ -25,8 +26,10 @@ pub enum Node {
 /// An XML element with its attributes in document order.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Element {
-    pub name: String,
-    pub attrs: Vec<(String, String)>,
+    /// Names Strata reads and writes often are not allocated ([`interned`]):
+    /// a chain has three elements and four attributes per layer.
+    pub name: Cow<'static, str>,
+    pub attrs: Vec<(Cow<'static, str>, String)>,
     pub children: Vec<Node>,
 }
 
@@ -44,7 +47,7 @@ impl Drop for Element {
 }
 
 impl Element {
-    pub fn new(name: impl Into<String>) -> Self {
+    pub fn new(name: impl Into<Cow<'static, str>>) -> Self {
         Element { name: name.into(), attrs: Vec::new(), children: Vec::new() }
     }
 
@@ -75,7 +78,7 @@ impl Element {
         let value = value.into();
         match self.attrs.iter_mut().find(|(k, _)| k == name) {
             Some((_, v)) => *v = value,
-            None => self.attrs.push((name.to_string(), value)),
+            None => self.attrs.push((interned(name.as_bytes()), value)),
         }
     }
 
@@ -283,7 +286,7 @@ impl Element {
         if !stack.is_empty() {
             return Err(Error::xml(format!(
                 "malformed XML: element <{}> is not closed",
-                stack.last().map(|e| e.name.as_str()).unwrap_or("")
+                stack.last().map(|e| e.name.as_ref()).unwrap_or("")
             )));
         }
         Ok((root.ok_or_else(|| Error::xml("empty XML document"))?, raw))
@@ -441,15 +444,14 @@ impl NodeBudget {
 
 fn element_from_start(start: &BytesStart<'_>, nodes: &mut NodeBudget) -> Result<Element> {
     nodes.take()?;
-    let name = String::from_utf8_lossy(start.name().as_ref()).into_owned();
-    let mut el = Element::new(name);
+    let mut el = Element::new(interned(start.name().as_ref()));
     // quick-xml's duplicate check compares each attribute with every one
     // before it; duplicates are found below by sorting instead, so that a
     // start tag of a million attributes costs no more than a million elements.
     for attr in start.attributes().with_checks(false) {
         nodes.take()?;
         let attr = attr.map_err(|e| Error::xml(format!("malformed attribute in <{}>: {e}", el.name)))?;
-        let key = String::from_utf8_lossy(attr.key.as_ref()).into_owned();
+        let key = interned(attr.key.as_ref());
         let value = attr
             .unescape_value()
             .map_err(|e| Error::xml(format!("malformed attribute '{key}' in <{}>: {e}", el.name)))?
@@ -457,13 +459,56 @@ fn element_from_start(start: &BytesStart<'_>, nodes: &mut NodeBudget) -> Result<
         el.attrs.push((key, value));
     }
     if el.attrs.len() > 1 {
-        let mut keys: Vec<&str> = el.attrs.iter().map(|(k, _)| k.as_str()).collect();
+        let mut keys: Vec<&str> = el.attrs.iter().map(|(k, _)| k.as_ref()).collect();
         keys.sort_unstable();
         if let Some(pair) = keys.windows(2).find(|pair| pair[0] == pair[1]) {
             return Err(Error::xml(format!("attribute '{}' appears twice in <{}>", pair[0], el.name)));
         }
     }
     Ok(el)
+}
+
+/// An element or attribute name: a static string for the names of the
+/// documents Strata writes itself (a backing chain's above all), else a
+/// copy.
+fn interned(name: &[u8]) -> Cow<'static, str> {
+    const KNOWN: &[&str] = &[
+        "address",
+        "alias",
+        "backingStore",
+        "bus",
+        "controller",
+        "dev",
+        "device",
+        "disk",
+        "disks",
+        "domain",
+        "domainsnapshot",
+        "driver",
+        "file",
+        "format",
+        "index",
+        "interface",
+        "job",
+        "jobs",
+        "mac",
+        "mirror",
+        "model",
+        "name",
+        "node",
+        "root",
+        "roots",
+        "slot",
+        "snapshot",
+        "source",
+        "target",
+        "type",
+        "unit",
+    ];
+    match KNOWN.binary_search_by(|known| known.as_bytes().cmp(name)) {
+        Ok(at) => Cow::Borrowed(KNOWN[at]),
+        Err(_) => Cow::Owned(String::from_utf8_lossy(name).into_owned()),
+    }
 }
 
 fn attach(stack: &mut [Element], root: &mut Option<Element>, el: Element) -> Result<()> {
@@ -584,6 +629,20 @@ mod tests {
     }
 
     #[test]
+    fn names_strata_writes_are_not_allocated_and_others_are_kept_as_written() {
+        let xml = "<disk type='file'><source file='/a'/><backingStore type='file' index='1'><format type='qcow2'/>\
+                   <source file='/b'/></backingStore><q:thing q:attr='x'/></disk>";
+        let el = Element::parse(xml).expect("parse");
+        let backing = el.child("backingStore").expect("backingStore");
+        assert!(matches!(backing.name, Cow::Borrowed("backingStore")));
+        assert!(backing.attrs.iter().all(|(k, _)| matches!(k, Cow::Borrowed(_))), "{:?}", backing.attrs);
+        let unknown = el.child("q:thing").expect("an element Strata does not know");
+        assert!(matches!(&unknown.name, Cow::Owned(n) if n == "q:thing"));
+        assert_eq!(unknown.attr("q:attr"), Some("x"));
+        assert_eq!(Element::parse(&el.to_xml()).expect("parse again"), el);
+    }
+
+    #[test]
     fn a_raw_child_is_looked_for_under_the_root_only() {
         let xml = "<status><jobs><domain/></jobs><domain/></status>";
         let (root, raw) = Element::parse_keeping_raw(xml, "domain").expect("parse");
@@ -624,7 +683,7 @@ mod tests {
             .children
             .iter()
             .map(|n| match n {
-                Node::Element(e) => e.name.clone(),
+                Node::Element(e) => e.name.to_string(),
                 Node::Text(t) => format!("text:{}", t.trim()),
                 Node::Comment(_) => "comment".into(),
             })
@@ -696,7 +755,7 @@ mod tests {
         let mut disk = Element::parse("<disk><driver/><source/><x-unknown/><target/><alias/></disk>").expect("parse");
         let order = ["driver", "source", "backingStore", "mirror", "target"];
         disk.insert_ordered(Element::new("backingStore"), &order);
-        let names: Vec<&str> = disk.elements().map(|e| e.name.as_str()).collect();
+        let names: Vec<&str> = disk.elements().map(|e| e.name.as_ref()).collect();
         assert_eq!(names, ["driver", "source", "backingStore", "x-unknown", "target", "alias"]);
     }
 }

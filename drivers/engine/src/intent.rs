@@ -66,7 +66,7 @@ pub fn yes_no(b: bool) -> &'static str {
     }
 }
 
-fn file_elements(root: Element, name: &str, paths: &[PathBuf]) -> Element {
+fn file_elements(root: Element, name: &'static str, paths: &[PathBuf]) -> Element {
     paths.iter().fold(root, |r, p| r.with_child(Element::new(name).with_attr("path", p.to_string_lossy())))
 }
 

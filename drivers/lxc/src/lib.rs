@@ -191,7 +191,7 @@ fn unhonoured(dom: &Domain) -> Vec<String> {
     let root = dom.element();
     let devices = root.child("devices").into_iter().flat_map(|d| d.elements());
     let mut out: Vec<String> =
-        devices.map(|e| e.name.clone()).filter(|n| !HONOURED_DEVICES.contains(&n.as_str())).collect();
+        devices.map(|e| e.name.to_string()).filter(|n| !HONOURED_DEVICES.contains(&n.as_str())).collect();
     out.extend(["resource", "cputune", "memtune"].iter().filter(|n| root.child(n).is_some()).map(|n| n.to_string()));
     out.sort();
     out.dedup();

@@ -92,7 +92,7 @@ fn current_memory_is_all(_: &Element, dom: &Domain) -> bool {
 /// Pins are applied at start (`placement::apply_defined_placement`);
 /// scheduler shares, quotas and the like are not.
 fn cputune_pins_only(el: &Element, _: &Domain) -> bool {
-    el.elements().all(|c| matches!(c.name.as_str(), "vcpupin" | "emulatorpin"))
+    el.elements().all(|c| matches!(c.name.as_ref(), "vcpupin" | "emulatorpin"))
 }
 
 fn boot_from_disk(el: &Element, _: &Domain) -> bool {
@@ -131,11 +131,11 @@ const INTERFACE_FORM: &str =
 /// source, target dev and driver; their other settings, and the other
 /// types, are not acted on.
 fn interface_is_started(el: &Element, _: &Domain) -> bool {
-    let common = |c: &Element| matches!(c.name.as_str(), "mac" | "model" | "alias" | "address");
+    let common = |c: &Element| matches!(c.name.as_ref(), "mac" | "model" | "alias" | "address");
     match el.attr("type") {
         Some("user") => el.elements().all(|c| common(c) || c.name == "portForward"),
         Some("ethernet" | "bridge" | "network" | "direct") => {
-            el.elements().all(|c| common(c) || matches!(c.name.as_str(), "source" | "target" | "driver"))
+            el.elements().all(|c| common(c) || matches!(c.name.as_ref(), "source" | "target" | "driver"))
         }
         _ => false,
     }
@@ -163,7 +163,7 @@ fn input_is_ps2(el: &Element, _: &Domain) -> bool {
 pub fn unhonoured(dom: &Domain) -> Vec<String> {
     let mut out = Vec::new();
     for el in dom.element().elements() {
-        if CONTAINERS.contains(&el.name.as_str()) {
+        if CONTAINERS.contains(&el.name.as_ref()) {
             for child in el.elements() {
                 check(&format!("{}/{}", el.name, child.name), child, dom, &mut out);
             }
