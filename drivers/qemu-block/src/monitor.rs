@@ -6,6 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
 use strata_core::{Error, ErrorKind, Result};
 use strata_qmp::{QmpClient, QmpError};
 
@@ -20,10 +21,31 @@ pub struct Monitor {
 /// Takes the first free monitor of the process whose runtime directory is
 /// `paths` (serving `name`, for messages), waiting up to 30 s for one.
 pub async fn acquire(paths: &RuntimePaths, name: &str) -> Result<Monitor> {
+    acquire_sending(paths, name, None).await.map(|(monitor, _)| monitor)
+}
+
+/// Like [`acquire`], and runs `command` (without arguments) on the new
+/// connection, sent with its opening (see
+/// [`QmpClient::connect_and_execute`]): its outcome comes back with the
+/// monitor.
+pub async fn acquire_asking(
+    paths: &RuntimePaths,
+    name: &str,
+    command: &str,
+) -> Result<(Monitor, std::result::Result<Value, QmpError>)> {
+    match acquire_sending(paths, name, Some(command)).await? {
+        (monitor, Some(reply)) => Ok((monitor, reply)),
+        (_, None) => Err(Error::internal(format!("'{command}' was not sent to the QEMU of '{name}'"))),
+    }
+}
+
+type Asked = Option<std::result::Result<Value, QmpError>>;
+
+async fn acquire_sending(paths: &RuntimePaths, name: &str, command: Option<&str>) -> Result<(Monitor, Asked)> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(monitor) = take_free(paths, name, Duration::from_secs(10)).await? {
-            return Ok(monitor);
+        if let Some(taken) = take_free(paths, name, Duration::from_secs(10), command).await? {
+            return Ok(taken);
         }
         if Instant::now() >= deadline {
             return Err(Error::new(
@@ -66,7 +88,8 @@ pub async fn acquire_started(
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // No other process takes a monitor of a server that is starting.
-        take_free(paths, name, guard).await?.ok_or_else(|| {
+        let taken = take_free(paths, name, guard, None).await?;
+        taken.map(|(monitor, _)| monitor).ok_or_else(|| {
             Error::operation_failed(format!("every QMP monitor of the starting QEMU of '{name}' is locked"))
         })
     };
@@ -96,8 +119,14 @@ pub async fn acquire_started(
 }
 
 /// The first monitor of `paths` whose lock is free, connected within
-/// `connect_within`; `None` when every one is held.
-async fn take_free(paths: &RuntimePaths, name: &str, connect_within: Duration) -> Result<Option<Monitor>> {
+/// `connect_within`, with the outcome of `command` when one is given;
+/// `None` when every one is held.
+async fn take_free(
+    paths: &RuntimePaths,
+    name: &str,
+    connect_within: Duration,
+    command: Option<&str>,
+) -> Result<Option<(Monitor, Asked)>> {
     for n in 0..MONITORS {
         let lock_path = paths.monitor_lock(n);
         let file = OpenOptions::new()
@@ -109,11 +138,16 @@ async fn take_free(paths: &RuntimePaths, name: &str, connect_within: Duration) -
         if file.try_lock().is_err() {
             continue;
         }
-        let client = QmpClient::connect_with_timeout(&paths.monitor_socket(n), connect_within)
-            .await
-            .map_err(|e| qmp_error(name, e))?;
+        let socket = paths.monitor_socket(n);
+        let (client, asked) = match command {
+            Some(command) => QmpClient::connect_and_execute(&socket, connect_within, command)
+                .await
+                .map(|(client, reply)| (client, Some(reply))),
+            None => QmpClient::connect_with_timeout(&socket, connect_within).await.map(|client| (client, None)),
+        }
+        .map_err(|e| qmp_error(name, e))?;
         tracing::debug!(domain = name, monitor = n, "QMP monitor attached");
-        return Ok(Some(Monitor { client, _lock: file }));
+        return Ok(Some((Monitor { client, _lock: file }, asked)));
     }
     Ok(None)
 }

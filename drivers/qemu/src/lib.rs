@@ -150,7 +150,24 @@ impl QemuConnection {
     /// out to be dying (killed a moment ago: its sockets already refuse),
     /// in which case the domain is cleaned up as shut off.
     async fn attach(&self, name: &str, status: &LiveStatus) -> Result<Option<Arc<Monitor>>> {
-        match self.monitors.get(&self.store, name, status.run.process).await {
+        let attached = self.monitors.get(&self.store, name, status.run.process).await;
+        self.attached_or_gone(name, status, attached).await
+    }
+
+    /// [`QemuConnection::attach`] with QEMU's run state.
+    async fn attach_with_run_state(
+        &self,
+        name: &str,
+        status: &LiveStatus,
+    ) -> Result<Option<(Arc<Monitor>, strata_qmp::types::StatusInfo)>> {
+        let attached = self.monitors.get_with_run_state(&self.store, name, status.run.process).await;
+        self.attached_or_gone(name, status, attached).await
+    }
+
+    /// What was attached, or `None` when the failure was the process
+    /// exiting (its status is then reconciled away).
+    async fn attached_or_gone<T>(&self, name: &str, status: &LiveStatus, attached: Result<T>) -> Result<Option<T>> {
+        match attached {
             Ok(m) => Ok(Some(m)),
             Err(e) => {
                 if status.run.process.wait_gone(Duration::from_secs(2)).await {
@@ -189,9 +206,8 @@ impl QemuConnection {
         };
         self.recover_stream(&name).await?;
         if let Some(status) = live::reconcile(&self.store, &name)?.filter(LiveStatus::is_vm) {
-            let Some(monitor) = self.attach(&name, &status).await? else { return Ok(s) };
+            let Some((monitor, run)) = self.attach_with_run_state(&name, &status).await? else { return Ok(s) };
             hotplug::finish_pending_unplugs(&self.store, &name, &status, &monitor).await?;
-            let run = monitor.client.query_status().await.map_err(|e| qmp_error(&name, e))?;
             let (state, reason) = live::state_of(run.status);
             s.id = Some(status.id);
             s.state = state;

@@ -25,11 +25,11 @@ use crate::tap::CreatedNic;
 use strata_engine::job::record::{self, JobRecord};
 use strata_engine::process::ProcessId;
 use strata_qemu_block::jobs::{block_job_event, event_time_us};
-use strata_qemu_block::monitor::{acquire, qmp_error, Monitor};
+use strata_qemu_block::monitor::{acquire, acquire_asking, qmp_error, Monitor};
 use strata_qemu_block::nodes::root_node;
 use strata_qemu_block::offline::{ServerRecord, Verdict};
 use strata_qemu_block::runtime::{RuntimePaths, MONITORS};
-use strata_qmp::types::RunState;
+use strata_qmp::types::{RunState, StatusInfo};
 use strata_qmp::{QmpClient, QmpError};
 
 /// The live status of a running domain, as kept in `status.xml`.
@@ -424,6 +424,34 @@ impl MonitorCache {
         let monitor = Arc::new(acquire(&runtime_paths(store, name)?, name).await?);
         held.insert(name.to_string(), (process, Arc::clone(&monitor)));
         Ok(monitor)
+    }
+
+    /// Like [`MonitorCache::get`], with QEMU's run state: a new connection
+    /// asks `query-status` with its opening, which spares `list` and
+    /// `dominfo` a round trip; a held one asks after.
+    pub async fn get_with_run_state(
+        &self,
+        store: &Store,
+        name: &str,
+        process: ProcessId,
+    ) -> Result<(Arc<Monitor>, StatusInfo)> {
+        let mut held = self.held.lock().await;
+        if let Some((pid, m)) = held.get(name) {
+            if *pid == process && m.client.is_connected() {
+                let run = m.client.query_status().await.map_err(|e| qmp_error(name, e))?;
+                return Ok((Arc::clone(m), run));
+            }
+        }
+        let (monitor, reply) = acquire_asking(&runtime_paths(store, name)?, name, "query-status").await?;
+        let monitor = Arc::new(monitor);
+        held.insert(name.to_string(), (process, Arc::clone(&monitor)));
+        let run = reply
+            .and_then(|value| {
+                serde_json::from_value(value)
+                    .map_err(|e| QmpError::Protocol(format!("reply to 'query-status' did not decode: {e}")))
+            })
+            .map_err(|e| qmp_error(name, e))?;
+        Ok((monitor, run))
     }
 
     /// Keeps `monitor`, just taken of the QEMU `process` started for

@@ -189,9 +189,50 @@ impl QmpClient {
     /// This makes a single attempt: a socket that does not exist yet is an
     /// [`QmpError::Io`] error, and retrying while QEMU starts is up to the caller.
     pub async fn connect_with_timeout(path: &Path, timeout: Duration) -> Result<QmpClient, QmpError> {
+        Self::connect_sending(path, timeout, None).await.map(|(client, _)| client)
+    }
+
+    /// Like [`QmpClient::connect_with_timeout`], and runs `command` (without
+    /// arguments) too: it goes out with `qmp_capabilities`, before the
+    /// greeting, so that a connection made for one question (a run state)
+    /// costs one round trip instead of two. Returns the client and the
+    /// command's own outcome, within the default timeout; only a failed
+    /// connection is the outer error.
+    pub async fn connect_and_execute(
+        path: &Path,
+        timeout: Duration,
+        command: &str,
+    ) -> Result<(QmpClient, Result<Value, QmpError>), QmpError> {
+        let (client, first) = Self::connect_sending(path, timeout, Some(command)).await?;
+        let Some((id, rx)) = first else {
+            return Err(QmpError::Protocol(format!("'{command}' was not sent with the connection")));
+        };
+        let reply = {
+            let _pending = PendingGuard { shared: &client.inner.shared, id };
+            let started = Instant::now();
+            tracing::debug!(command, id, with_fd = false, "QMP command sent");
+            let after = client.default_timeout();
+            let outcome =
+                tokio::time::timeout(after, async { rx.await.map_err(|_| QmpError::Disconnected) }).await.ok();
+            settle(command, id, started, after, outcome)
+        };
+        Ok((client, reply))
+    }
+
+    /// Connects and negotiates; `first`, a command without arguments, is
+    /// sent right behind `qmp_capabilities`, and its id and reply channel
+    /// come back with the client.
+    async fn connect_sending(
+        path: &Path,
+        timeout: Duration,
+        first: Option<&str>,
+    ) -> Result<(QmpClient, Option<(u64, oneshot::Receiver<Reply>)>), QmpError> {
         let deadline = Instant::now() + timeout;
         let base_id = connection_id_base();
-        let (reader, writer, greeting) = tokio::time::timeout_at(deadline, Self::open(path, base_id))
+        let first = first.map(|command| encode_message(command, None, base_id + 1).map(|bytes| (base_id + 1, bytes)));
+        let first = first.transpose()?;
+        let first_bytes = first.as_ref().map(|(_, bytes)| bytes.as_slice()).unwrap_or_default();
+        let (reader, writer, greeting) = tokio::time::timeout_at(deadline, Self::open(path, base_id, first_bytes))
             .await
             .map_err(|_| QmpError::Timeout { command: "connect".into(), after: timeout })??;
         tracing::debug!(path = %path.display(), version = %greeting.version,
@@ -200,6 +241,12 @@ impl QmpClient {
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let shared =
             Arc::new(Shared { state: Mutex::new(ConnState { pending: HashMap::new(), events: Some(events) }) });
+        // Registered before the reader starts: the reply may already be in.
+        let first = match first {
+            Some((id, _)) => Some((id, shared.register(id)?)),
+            None => None,
+        };
+        let next_id = base_id + 1 + u64::from(first.is_some());
         let reader = tokio::spawn(read_loop(reader, Arc::clone(&shared), base_id));
         let client = QmpClient {
             inner: Arc::new(Inner {
@@ -208,12 +255,12 @@ impl QmpClient {
                 capabilities: greeting.capabilities,
                 writer: Arc::new(tokio::sync::Mutex::new(writer)),
                 shared,
-                next_id: AtomicU64::new(base_id + 1),
+                next_id: AtomicU64::new(next_id),
                 default_timeout: Mutex::new(DEFAULT_TIMEOUT),
                 reader,
             }),
         };
-        Ok(client)
+        Ok((client, first))
     }
 
     /// Connects, sends `qmp_capabilities` and reads the greeting:
@@ -221,16 +268,19 @@ impl QmpClient {
     /// greeting is read (QEMU reads a client's commands only after it has
     /// sent the greeting, and refuses every command but this one until
     /// capabilities are negotiated). Its reply is left to [`read_loop`].
-    /// No optional capability (such as "oob") is enabled.
+    /// No optional capability (such as "oob") is enabled. `then` (whole
+    /// messages, or nothing) goes out in the same write, behind it.
     async fn open(
         path: &Path,
         capabilities_id: u64,
+        then: &[u8],
     ) -> Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf, protocol::Greeting), QmpError> {
         let io = |source| QmpError::Io { path: path.to_path_buf(), source };
         let stream = UnixStream::connect(path).await.map_err(io)?;
         let (read, mut write) = stream.into_split();
-        let capabilities = format!("{{\"execute\":\"qmp_capabilities\",\"id\":{capabilities_id}}}\n");
-        write.write_all(capabilities.as_bytes()).await.map_err(io)?;
+        let mut opening = format!("{{\"execute\":\"qmp_capabilities\",\"id\":{capabilities_id}}}\n").into_bytes();
+        opening.extend_from_slice(then);
+        write.write_all(&opening).await.map_err(io)?;
         // The same BufReader goes on to the reader task, so nothing QEMU sent
         // right after the greeting is lost.
         let mut reader = BufReader::new(read);
@@ -497,16 +547,7 @@ impl QmpClient {
     /// A command's id and its message, newline included.
     fn encode(&self, command: &str, arguments: Option<Value>) -> Result<(u64, Vec<u8>), QmpError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut msg = Map::new();
-        msg.insert("execute".into(), Value::from(command));
-        if let Some(arguments) = arguments {
-            msg.insert("arguments".into(), arguments);
-        }
-        msg.insert("id".into(), Value::from(id));
-        let mut bytes =
-            serde_json::to_vec(&msg).map_err(|e| QmpError::Protocol(format!("cannot encode '{command}': {e}")))?;
-        bytes.push(b'\n');
-        Ok((id, bytes))
+        Ok((id, encode_message(command, arguments, id)?))
     }
 
     /// Writes one complete message, with `fd` attached if given.
@@ -583,6 +624,20 @@ async fn write_with_fd(writer: &mut OwnedWriteHalf, bytes: &[u8], fd: BorrowedFd
     // command claims it, so the remainder of the message (if the socket took
     // only part of it) can follow as plain bytes.
     writer.write_all(&bytes[sent..]).await
+}
+
+/// One command as QMP's JSON line, under `id`.
+fn encode_message(command: &str, arguments: Option<Value>, id: u64) -> Result<Vec<u8>, QmpError> {
+    let mut msg = Map::new();
+    msg.insert("execute".into(), Value::from(command));
+    if let Some(arguments) = arguments {
+        msg.insert("arguments".into(), arguments);
+    }
+    msg.insert("id".into(), Value::from(id));
+    let mut bytes =
+        serde_json::to_vec(&msg).map_err(|e| QmpError::Protocol(format!("cannot encode '{command}': {e}")))?;
+    bytes.push(b'\n');
+    Ok(bytes)
 }
 
 /// Reads QEMU's replies and events until the connection closes, starting

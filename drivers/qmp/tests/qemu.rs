@@ -38,6 +38,30 @@ async fn connect_reports_version_and_status_follows_cont() {
     assert_eq!(status.status, RunState::Running);
 }
 
+/// A command sent with the connection's opening is answered, and the
+/// connection goes on with ids of its own.
+#[tokio::test]
+async fn a_command_sent_with_the_opening_is_answered_and_the_connection_goes_on() {
+    let mut qemu = Qemu::spawn();
+    // Waits for QEMU to listen; the monitor is free again once it is dropped.
+    drop(qemu.connect().await);
+
+    let (client, reply) =
+        QmpClient::connect_and_execute(qemu.socket(), Duration::from_secs(5), "query-status").await.unwrap();
+    let status: StatusInfo = serde_json::from_value(reply.unwrap()).unwrap();
+    assert_eq!(status, StatusInfo { running: false, status: RunState::Prelaunch });
+    assert_eq!(client.version().major, 7);
+    client.execute("cont", None).await.unwrap();
+    assert_eq!(client.query_status().await.unwrap().status, RunState::Running);
+    drop(client);
+
+    // A refused first command is the command's error; the connection stays.
+    let (client, reply) =
+        QmpClient::connect_and_execute(qemu.socket(), Duration::from_secs(5), "no-such-command").await.unwrap();
+    assert!(matches!(reply, Err(QmpError::Command { ref class, .. }) if class == "CommandNotFound"), "{reply:?}");
+    assert!(client.query_status().await.unwrap().running);
+}
+
 #[tokio::test]
 async fn unknown_command_is_command_not_found() {
     let mut qemu = Qemu::spawn();

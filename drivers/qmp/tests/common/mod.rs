@@ -35,6 +35,11 @@ impl Qemu {
     }
 
     /// A scratch directory that lives as long as this QEMU.
+    /// The monitor socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
