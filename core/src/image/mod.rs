@@ -34,7 +34,7 @@ mod vmdk;
 #[cfg(test)]
 mod tests;
 
-pub use overlay::create_qcow2_overlay;
+pub use overlay::{create_qcow2_overlay, write_qcow2_overlay, UnsyncedOverlay};
 use source::ImageFile;
 
 /// The trailing area where fixed VHD footers and DMG trailers live.

@@ -15,7 +15,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::qcow::{EXT_BACKING_FORMAT, EXT_END, MAGIC, MAX_BACKING_NAME, V3_MIN_HEADER_LEN};
 use super::ImageFormat;
@@ -59,6 +59,20 @@ const FEATURE_NAME_LEN: usize = 46;
 /// on disk. The backing image is not opened: `backing` is written as given.
 /// A block device at `path` is written in place, zeros included.
 pub fn create_qcow2_overlay(path: &Path, backing: &str, backing_format: ImageFormat, virtual_size: u64) -> Result<()> {
+    write_qcow2_overlay(path, backing, backing_format, virtual_size)?.sync()
+}
+
+/// [`create_qcow2_overlay`] without the sync: the overlay is written but
+/// not yet on disk, for a caller that has other work to do in the time the
+/// sync takes (a live snapshot adds the overlay's nodes to QEMU, which
+/// reads it from the page cache) and calls [`UnsyncedOverlay::sync`]
+/// before anything can name the overlay.
+pub fn write_qcow2_overlay(
+    path: &Path,
+    backing: &str,
+    backing_format: ImageFormat,
+    virtual_size: u64,
+) -> Result<UnsyncedOverlay> {
     let layout = Layout::new(path, backing, virtual_size)?;
     let file = OpenOptions::new()
         .write(true)
@@ -78,20 +92,42 @@ pub fn create_qcow2_overlay(path: &Path, backing: &str, backing_format: ImageFor
     } else {
         write_with_zeros(&file, &metadata, layout.end())
     };
-    let durable = written
-        .map_err(|e| Error::io("write", path, e))
-        .and_then(|()| file.sync_all().map_err(|e| Error::io("sync", path, e)));
-    if let Err(err) = durable {
-        // A half-written overlay must not be left for a later command to
-        // take for a snapshot's image (a full filesystem fails here); a
-        // block device is the caller's and stays.
-        if regular {
-            let _ = std::fs::remove_file(path);
-        }
-        return Err(err);
+    let overlay = UnsyncedOverlay { file, path: path.to_path_buf(), regular };
+    match written {
+        Ok(()) => Ok(overlay),
+        Err(e) => Err(overlay.fail(Error::io("write", path, e))),
     }
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("sync directory", dir, e))
+}
+
+/// An overlay [`write_qcow2_overlay`] wrote, not yet synced.
+#[derive(Debug)]
+pub struct UnsyncedOverlay {
+    file: File,
+    path: PathBuf,
+    regular: bool,
+}
+
+impl UnsyncedOverlay {
+    /// Syncs the overlay and its directory. On failure a regular file is
+    /// removed.
+    pub fn sync(self) -> Result<()> {
+        if let Err(e) = self.file.sync_all() {
+            let err = Error::io("sync", &self.path, e);
+            return Err(self.fail(err));
+        }
+        let dir = self.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("sync directory", dir, e))
+    }
+
+    /// A half-written overlay must not be left for a later command to take
+    /// for a snapshot's image (a full filesystem fails here); a block
+    /// device is the caller's and stays.
+    fn fail(self, err: Error) -> Error {
+        if self.regular {
+            let _ = std::fs::remove_file(&self.path);
+        }
+        err
+    }
 }
 
 /// Writes `[0, end)` of a block device: the `metadata` pieces (sorted, not

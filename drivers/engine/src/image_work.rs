@@ -115,7 +115,13 @@ pub async fn has_internal(operation: &DomainLock, p: &Path, snap: &str) -> bool 
 /// maps the block layer), and an offline snapshot of a 5,000-deep chain
 /// took minutes. The chain was already probed and checked by Strata.
 pub fn create_overlay(image: &Path, format: &str, overlay: &Path) -> Result<()> {
+    write_overlay(image, format, overlay)?.sync()
+}
+
+/// [`create_overlay`] without the sync, which is the caller's (see
+/// [`strata_core::image::write_qcow2_overlay`]).
+pub fn write_overlay(image: &Path, format: &str, overlay: &Path) -> Result<strata_core::image::UnsyncedOverlay> {
     let backing_format: strata_core::image::ImageFormat = format.parse()?;
     let size = image_size(image, format)?;
-    strata_core::image::create_qcow2_overlay(overlay, path_str(image)?, backing_format, size)
+    strata_core::image::write_qcow2_overlay(overlay, path_str(image)?, backing_format, size)
 }

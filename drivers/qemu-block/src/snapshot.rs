@@ -9,8 +9,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use serde_json::{json, Value};
+use strata_core::image::UnsyncedOverlay;
 use strata_core::{Error, Result};
-use strata_engine::image_work::{create_overlay, path_str};
+use strata_engine::image_work::{path_str, write_overlay};
 use strata_engine::snapshot::{DiskPlan, NewTops};
 use strata_qmp::QmpClient;
 
@@ -70,6 +71,7 @@ pub async fn prepare_snapshot_live(
     // The files this call made: only those are deleted on failure (one that
     // appeared since the plan was made is someone else's).
     let mut made: Vec<PathBuf> = Vec::new();
+    let mut unsynced: Vec<UnsyncedOverlay> = Vec::new();
     let outcome = async {
         // Every overlay's nodes, added in one write once the files exist
         // (QEMU takes the commands in order): (node name, arguments).
@@ -97,12 +99,13 @@ pub async fn prepare_snapshot_live(
                         // the frozen image and its format (QMP's
                         // blockdev-snapshot never writes the backing name into
                         // the overlay, recipe book quirk 3). The intent
-                        // already names the file for recovery.
+                        // already names the file for recovery. Its sync runs
+                        // while QEMU adds its nodes (below).
                         std::fs::OpenOptions::new().write(true).create_new(true).open(overlay).map_err(|e| {
                             Error::operation_failed(format!("cannot create '{}': {e}", overlay.display()))
                         })?;
                         made.push(overlay.clone());
-                        create_overlay(&p.image, &p.format, overlay)?;
+                        unsynced.push(write_overlay(&p.image, &p.format, overlay)?);
                     }
                     additions
                         .push((file_node.clone(), json!({"driver": "file", "node-name": file_node, "filename": ov})));
@@ -121,7 +124,19 @@ pub async fn prepare_snapshot_live(
             }
         }
         let commands = additions.iter().map(|(_, args)| ("blockdev-add", Some(args.clone()))).collect();
+        // QEMU reads the new overlays from the page cache while they are
+        // synced; the transaction that lets the guest write to them comes
+        // only once they are on disk.
+        let overlays = std::mem::take(&mut unsynced);
+        let syncing = (!overlays.is_empty())
+            .then(|| tokio::task::spawn_blocking(move || overlays.into_iter().try_for_each(UnsyncedOverlay::sync)));
         let replies = client.execute_in_order(commands).await;
+        let synced = match syncing {
+            Some(task) => {
+                task.await.unwrap_or_else(|e| Err(Error::internal(format!("the overlays' sync did not finish: {e}"))))
+            }
+            None => Ok(()),
+        };
         // Each node QEMU added is recorded for removal on failure, also
         // after the first refusal (a later disk's nodes may have gone in).
         let mut refused = None;
@@ -133,7 +148,7 @@ pub async fn prepare_snapshot_live(
                 }
             }
         }
-        refused.map_or(Ok(()), Err)
+        refused.map_or(synced, Err)
     }
     .await;
     let prepared = PreparedSnapshot { new_roots, added, actions, created: made };
