@@ -273,8 +273,9 @@ fn root_of(status: &LiveStatus, target: &str) -> Result<String> {
 
 impl QemuConnection {
     /// Takes a disk snapshot in the running QEMU (see [`snapshot_live`]),
-    /// its new nodes numbered from those reserved in the status; returns
-    /// each disk's new root node.
+    /// its new nodes numbered from those reserved in the runtime directory
+    /// (see `RuntimePaths::reserve_snapshot_numbers`); returns each disk's
+    /// new root node.
     async fn create_live(
         &self,
         domain: &str,
@@ -285,8 +286,14 @@ impl QemuConnection {
         created: &[PathBuf],
     ) -> Result<NewTops> {
         let externals = plans.iter().filter(|p| p.mode == "external").count() as u64;
-        let number = if externals > 0 { self.reserve_nodes(domain, externals)? } else { 0 };
         let _nodes = lock_unattached_nodes(self.store(), domain)?;
+        // The status's counter is the floor: it numbered the nodes of
+        // snapshots taken before the runtime directory kept the count.
+        let number = if externals > 0 {
+            live::runtime_paths(self.store(), domain)?.reserve_snapshot_numbers(status.next_node, externals)?
+        } else {
+            0
+        };
         snapshot_live(client, domain, plans, name, number, created, |t| root_of(status, t)).await
     }
 
@@ -294,18 +301,6 @@ impl QemuConnection {
     /// delete runs while it holds the operation lock.
     fn jobs(&self) -> &BlockJobEngine<QemuConnection> {
         BlockJobEngine::over(self)
-    }
-
-    /// Reserves `count` node numbers in the status for new node names.
-    fn reserve_nodes(&self, domain: &str, count: u64) -> Result<u64> {
-        let store = self.store();
-        let _lock = store.lock_domain(domain)?;
-        let mut status =
-            live::reconcile(store, domain)?.ok_or_else(|| Error::operation_invalid("domain is not running"))?;
-        let first = status.next_node;
-        status.next_node = first.saturating_add(count);
-        store.write_status(domain, &status.to_xml())?;
-        Ok(first)
     }
 }
 
