@@ -81,6 +81,29 @@ pub struct DirSyncBatch<'a> {
     store: &'a Store,
 }
 
+/// A store file written and synced under a temporary name in its
+/// directory, which [`Store::publish`] renames into place: the write and
+/// its fsync can run while the caller waits for something else (a
+/// hypervisor's command), and only the rename is left for after it.
+/// Dropped unpublished, the temporary file is removed.
+#[derive(Debug)]
+pub struct StagedFile {
+    tmp: PathBuf,
+    path: PathBuf,
+    published: bool,
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        if !self.published {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// The prefix and infix of a staged file's temporary name: `.NAME.staged.PID`.
+const STAGED_INFIX: &str = ".staged.";
+
 /// Holds a lock (one of a domain's or a store-wide one) until dropped.
 #[derive(Debug)]
 pub struct DomainLock {
@@ -366,6 +389,62 @@ impl Store {
         self.write_file(&dir.join(format!("{snap}.xml")), xml.as_bytes())
     }
 
+    /// Stages the domain's definition (see [`StagedFile`]).
+    pub fn stage_domain(&self, name: &str, xml: &str) -> Result<StagedFile> {
+        let dir = self.domain_dir(name)?;
+        fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        stage_file(&dir.join("domain.xml"), xml.as_bytes())
+    }
+
+    /// Stages a snapshot record (see [`StagedFile`]).
+    pub fn stage_snapshot(&self, domain: &str, snap: &str, xml: &str) -> Result<StagedFile> {
+        validate_name("snapshot", snap)?;
+        let dir = self.file(domain, "snapshots")?;
+        fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        stage_file(&dir.join(format!("{snap}.xml")), xml.as_bytes())
+    }
+
+    /// Stages a driver's own per-domain file (see [`StagedFile`]).
+    pub fn stage_domain_file(&self, name: &str, file: &str, data: &str) -> Result<StagedFile> {
+        validate_name("file", file)?;
+        let dir = self.domain_dir(name)?;
+        fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        stage_file(&dir.join(file), data.as_bytes())
+    }
+
+    /// Renames `staged` into place; its directory is synced like after any
+    /// other write (by the open [`DirSyncBatch`] if there is one).
+    pub fn publish(&self, mut staged: StagedFile) -> Result<()> {
+        fs::rename(&staged.tmp, &staged.path).map_err(|e| Error::io("rename into place", &staged.path, e))?;
+        staged.published = true;
+        let mut deferred = self.deferred();
+        match deferred.as_mut() {
+            Some(dirs) => {
+                dirs.insert(staged.path.parent().unwrap_or(Path::new(".")).to_path_buf());
+                Ok(())
+            }
+            None => {
+                drop(deferred);
+                sync_dir(&staged.path)
+            }
+        }
+    }
+
+    /// Removes what staged files a killed process left in the domain's
+    /// directory and its snapshots' (see [`StagedFile`]). The caller holds
+    /// the lock of whatever stages them.
+    pub fn remove_staged(&self, domain: &str) -> Result<()> {
+        let dir = self.domain_dir(domain)?;
+        for dir in [dir.join("snapshots"), dir] {
+            for name in entry_names(&dir)? {
+                if name.starts_with('.') && name.contains(STAGED_INFIX) {
+                    remove_optional(&dir.join(name))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn list_snapshots(&self, domain: &str) -> Result<Vec<String>> {
         let files = entry_names(&self.file(domain, "snapshots")?)?;
         Ok(files.iter().filter_map(|f| f.strip_suffix(".xml")).map(str::to_string).collect())
@@ -490,6 +569,18 @@ fn replace_file(path: &Path, data: &[u8]) -> Result<()> {
     result
 }
 
+/// `data` in `path`'s staged temporary file, synced (see [`StagedFile`]).
+fn stage_file(path: &Path, data: &[u8]) -> Result<StagedFile> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}{STAGED_INFIX}{}", std::process::id()));
+    let staged = StagedFile { tmp, path: path.to_path_buf(), published: false };
+    let mut f = File::create(&staged.tmp).map_err(|e| Error::io("create", &staged.tmp, e))?;
+    f.write_all(data).map_err(|e| Error::io("write", &staged.tmp, e))?;
+    f.sync_all().map_err(|e| Error::io("sync", &staged.tmp, e))?;
+    Ok(staged)
+}
+
 impl DirSyncBatch<'_> {
     /// Fsyncs each directory the batch's writes renamed files in, once, and
     /// ends the batch: the store's writes sync their directories again.
@@ -584,6 +675,35 @@ mod tests {
         store.remove_domain("vm1").expect("remove");
         assert!(!mark.unchanged().expect("stat"));
         assert!(store.read_domain_marked("vm1").expect("read").is_none());
+    }
+
+    #[test]
+    fn a_staged_file_shows_only_once_published_and_leaves_nothing_otherwise() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        store.write_domain("vm1", "<domain>old</domain>").expect("write");
+        let domain_dir = store.domain_dir("vm1").expect("dir");
+        let hidden = |dir: &Path| entry_names(dir).expect("list").into_iter().filter(|n| n.starts_with('.')).count();
+
+        let staged = store.stage_domain("vm1", "<domain>new</domain>").expect("stage");
+        let record = store.stage_snapshot("vm1", "s1", "<domainsnapshot/>").expect("stage record");
+        assert_eq!(store.read_domain("vm1").expect("read").as_deref(), Some("<domain>old</domain>"));
+        assert!(store.list_snapshots("vm1").expect("list").is_empty());
+        store.publish(staged).expect("publish");
+        assert_eq!(store.read_domain("vm1").expect("read").as_deref(), Some("<domain>new</domain>"));
+        // Dropped unpublished: its temporary file goes with it.
+        drop(record);
+        assert!(store.list_snapshots("vm1").expect("list").is_empty());
+        assert_eq!(hidden(&domain_dir) + hidden(&domain_dir.join("snapshots")), 0);
+
+        // What a killed process left is removed by the next one.
+        let current = store.stage_domain_file("vm1", "snapshot-current", "s1").expect("stage current");
+        let record = store.stage_snapshot("vm1", "s1", "<domainsnapshot/>").expect("stage record");
+        std::mem::forget((current, record));
+        assert_eq!(hidden(&domain_dir) + hidden(&domain_dir.join("snapshots")), 2);
+        store.remove_staged("vm1").expect("clean");
+        assert_eq!(hidden(&domain_dir) + hidden(&domain_dir.join("snapshots")), 0);
+        assert_eq!(store.read_domain_file("vm1", "snapshot-current").expect("read"), None);
     }
 
     #[test]

@@ -1718,6 +1718,15 @@ fn assert_creation_settled(env: &TestEnv, vm: &Vm, finished: bool, when: &str) {
         assert_eq!(xml_chain(&inactive, "vda"), strs(&[&vm.top, &vm.base]), "{when}");
     }
     assert!(vm.reads(&vm.reference), "{when}: the disk no longer reads its data");
+    // A live creation stages its records while QEMU works; killed before
+    // publishing them, it leaves their temporary files to the next command.
+    let dir = env.state_root().join("domains").join("vm");
+    for d in [dir.join("snapshots"), dir] {
+        let left: Vec<String> = std::fs::read_dir(&d)
+            .map(|entries| entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+            .unwrap_or_default();
+        assert!(!left.iter().any(|n| n.contains(".staged.")), "{when}: staged files left in {}: {left:?}", d.display());
+    }
     vm.ext_snapshot("s2");
     assert_eq!(active(env, "vda"), env.path("top.s2"), "{when}");
 }

@@ -12,6 +12,23 @@ pub async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send
         .map_err(|e| Error::internal(format!("a blocking task ended abnormally: {e}")))?
 }
 
+/// Runs `work` on a thread of its own and returns what it returned: for
+/// work on the critical path (a sync a hypervisor's next command waits
+/// for), which must not queue behind other work the blocking pool was
+/// given at the same moment (the pool can hand two tasks spawned together
+/// to one thread, one after the other).
+pub async fn on_own_thread<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    let (done, outcome) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("strata-sync".into())
+        .spawn(move || {
+            // The receiver is gone only if the caller was dropped.
+            let _ = done.send(work());
+        })
+        .map_err(|e| Error::internal(format!("cannot start a thread: {e}")))?;
+    outcome.await.map_err(|_| Error::internal("a thread ended without its result"))?
+}
+
 /// [`Store::lock_domain`], waiting off the runtime.
 pub async fn lock_domain(store: &Store, name: &str) -> Result<DomainLock> {
     let (store, name) = (store.clone(), name.to_string());

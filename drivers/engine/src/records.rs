@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use strata_core::driver::SnapshotSummary;
-use strata_core::store::Store;
+use strata_core::store::{StagedFile, Store};
 use strata_core::xml::SnapshotDef;
 use strata_core::{Error, ErrorKind, Result};
 
@@ -37,6 +37,17 @@ pub fn set_current(store: &Store, domain: &str, name: Option<&str>) -> Result<()
 pub fn save(store: &Store, domain: &str, def: &SnapshotDef) -> Result<()> {
     let name = def.name.as_deref().ok_or_else(|| Error::internal("snapshot without a name"))?;
     store.write_snapshot(domain, name, &def.to_xml())
+}
+
+/// [`save`], staged: written and synced, published later by [`Store::publish`].
+pub fn stage(store: &Store, domain: &str, def: &SnapshotDef) -> Result<StagedFile> {
+    let name = def.name.as_deref().ok_or_else(|| Error::internal("snapshot without a name"))?;
+    store.stage_snapshot(domain, name, &def.to_xml())
+}
+
+/// [`set_current`] of `name`, staged (see [`stage`]).
+pub fn stage_current(store: &Store, domain: &str, name: &str) -> Result<StagedFile> {
+    store.stage_domain_file(domain, CURRENT_FILE, name)
 }
 
 /// Where a snapshot's disk data lives.

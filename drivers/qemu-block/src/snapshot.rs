@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use serde_json::{json, Value};
 use strata_core::image::UnsyncedOverlay;
 use strata_core::{Error, Result};
+use strata_engine::blocking::on_own_thread;
 use strata_engine::image_work::{path_str, write_overlay};
 use strata_engine::snapshot::{DiskPlan, NewTops};
 use strata_qmp::QmpClient;
@@ -128,15 +129,13 @@ pub async fn prepare_snapshot_live(
         // synced; the transaction that lets the guest write to them comes
         // only once they are on disk.
         let overlays = std::mem::take(&mut unsynced);
-        let syncing = (!overlays.is_empty())
-            .then(|| tokio::task::spawn_blocking(move || overlays.into_iter().try_for_each(UnsyncedOverlay::sync)));
-        let replies = client.execute_in_order(commands).await;
-        let synced = match syncing {
-            Some(task) => {
-                task.await.unwrap_or_else(|e| Err(Error::internal(format!("the overlays' sync did not finish: {e}"))))
+        let syncing = async {
+            if overlays.is_empty() {
+                return Ok(());
             }
-            None => Ok(()),
+            on_own_thread(move || overlays.into_iter().try_for_each(UnsyncedOverlay::sync)).await
         };
+        let (replies, synced) = tokio::join!(client.execute_in_order(commands), syncing);
         // Each node QEMU added is recorded for removal on failure, also
         // after the first refusal (a later disk's nodes may have gone in).
         let mut refused = None;

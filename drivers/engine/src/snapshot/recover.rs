@@ -136,6 +136,9 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         no_metadata: bool,
     ) -> Result<Vec<String>> {
         let store = self.store();
+        // Records a killed creation staged were never published: whatever
+        // it finished is redone below from the intent.
+        store.remove_staged(domain)?;
         let mut in_use: HashSet<PathBuf> = HashSet::new();
         let mut doms = Vec::new();
         if let Some(xml) = store.read_domain(domain)? {
