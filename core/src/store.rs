@@ -272,7 +272,13 @@ impl Store {
     /// Like [`Store::lock_domain_operation`] without waiting: `None` while
     /// another process holds it.
     pub fn try_lock_domain_operation(&self, name: &str) -> Result<Option<DomainLock>> {
-        let (file, path) = self.open_existing_domain_lock_file(name, "operation")?;
+        self.try_lock_domain_for(name, "operation")
+    }
+
+    /// Like [`Store::lock_domain_for`] without waiting: `None` while
+    /// another process holds it.
+    pub fn try_lock_domain_for(&self, name: &str, purpose: &str) -> Result<Option<DomainLock>> {
+        let (file, path) = self.open_existing_domain_lock_file(name, purpose)?;
         match file.try_lock() {
             Ok(()) => Ok(Some(DomainLock { file })),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
