@@ -34,9 +34,25 @@ pub enum Liveness {
 
 /// `(state, start time)` from `/proc/PID/stat`.
 fn stat(pid: i32) -> Option<(char, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is in parentheses and may contain spaces.
-    let after = &text[text.rfind(')')? + 1..];
+    use std::io::Read;
+    // Read into a fixed buffer: `read_to_string` stats the file for a size
+    // (procfs says 0) and then grows from 32 bytes, five reads where one
+    // does; a command checks its QEMU's identity several times.
+    let mut file = std::fs::File::open(format!("/proc/{pid}/stat")).ok()?;
+    let mut buf = [0u8; 4096];
+    let mut len = 0;
+    while len < buf.len() {
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    // The command name is in parentheses and may contain spaces (and any
+    // byte): only what follows its closing parenthesis is read.
+    let close = buf[..len].iter().rposition(|b| *b == b')')?;
+    let after = std::str::from_utf8(&buf[close + 1..len]).ok()?;
     let fields: Vec<&str> = after.split_whitespace().collect();
     let state = fields.first()?.chars().next()?;
     let start = fields.get(19)?.parse().ok()?;
@@ -288,4 +304,29 @@ pub fn log_tail(log: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A command name with a parenthesis and spaces (the kernel copies it
+    /// from the executable's file name) does not shift the fields read
+    /// after it; a process that was reaped is gone.
+    #[test]
+    fn a_process_is_known_by_its_start_time_whatever_its_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let odd = dir.path().join("a) b (c");
+        std::fs::copy("/bin/sleep", &odd).expect("copy sleep");
+        let mut child = std::process::Command::new(&odd).arg("30").spawn().expect("spawn");
+        let pid = i32::try_from(child.id()).expect("pid");
+        let id = ProcessId::of(pid).expect("its stat reads");
+        let this = ProcessId::this().expect("this process");
+        assert!(id.start_time >= this.start_time, "{id:?} started after {this:?}");
+        assert_eq!(id.liveness(), Liveness::Alive);
+        assert_eq!(ProcessId { pid, start_time: id.start_time + 1 }.liveness(), Liveness::Gone);
+        child.kill().expect("kill");
+        child.wait().expect("reap");
+        assert_eq!(id.liveness(), Liveness::Gone);
+    }
 }
