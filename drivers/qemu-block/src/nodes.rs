@@ -34,15 +34,18 @@ pub fn transient_node(target: &str) -> String {
     format!("{target}-transient-fmt")
 }
 
-/// For a protocol node that [`device_nodes`] gives inline, inside its
-/// format node's options (`PREFIX-N-file`, `TARGET-transient-file`): that
-/// format node, with which QEMU removes it. Nodes added on their own (a
-/// snapshot's `PREFIX-sN-file`, a copy's `PREFIX-copy-file`) have none
-/// and need a `blockdev-del` of their own.
+/// For a protocol node given inline, inside its format node's options (a
+/// layer's `PREFIX-N-file` and `TARGET-transient-file` from
+/// [`device_nodes`], a live snapshot's `PREFIX-oN-file`): that format
+/// node, with which QEMU removes it. Nodes added on their own (a copy's
+/// `PREFIX-copy-file`, and a snapshot's `PREFIX-sN-file` in a QEMU a build
+/// from before inline overlays served) have none and need a `blockdev-del`
+/// of their own.
 pub fn inline_parent(node: &str) -> Option<String> {
     let stem = node.strip_suffix("-file")?;
     let (_, last) = stem.rsplit_once('-')?;
-    let given_inline = last == "transient" || (!last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()));
+    let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let given_inline = last == "transient" || number(last) || last.strip_prefix('o').is_some_and(number);
     given_inline.then(|| format!("{stem}-fmt"))
 }
 
@@ -242,7 +245,8 @@ mod tests {
         assert_eq!(inline_parent("vda-2-file").as_deref(), Some("vda-2-fmt"));
         assert_eq!(inline_parent("fs.data-0-file").as_deref(), Some("fs.data-0-fmt"));
         assert_eq!(inline_parent("vda-transient-file").as_deref(), Some("vda-transient-fmt"));
-        for own in ["vda-s3-file", "vda-copy-file1", "vda-s3-fmt", "vda-2-fmt", "file", "-file"] {
+        assert_eq!(inline_parent("vda-o3-file").as_deref(), Some("vda-o3-fmt"));
+        for own in ["vda-s3-file", "vda-copy-file1", "vda-s3-fmt", "vda-2-fmt", "file", "-file", "vda-o-file"] {
             assert_eq!(inline_parent(own), None, "{own}");
         }
         // What device_nodes gives inline is what inline_parent names.

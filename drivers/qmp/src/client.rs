@@ -34,21 +34,27 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// state change, so this leaves a wide margin.
 const EVENT_CAPACITY: usize = 1024;
 
-/// The first id of a connection: its `qmp_capabilities`; the ids of later
-/// commands follow it. QEMU writes a reply it computed after its client
-/// went away (a `strata` killed mid-command) to the next client of the
-/// monitor, so ids are not reused from one connection to the next: each
-/// connection numbers from a base of its own, a random multiple of 2^32
-/// below 2^52 (QEMU echoes ids through its JSON parser, exact below 2^53),
-/// and a stale reply matches none of its requests.
-fn connection_id_base() -> u64 {
+/// The id of a connection's `qmp_capabilities`. QEMU writes a reply it
+/// computed after its client went away (a `strata` killed mid-command) to
+/// the next client of the monitor, ahead of that client's first reply, so
+/// the reader drops everything until the reply to this id (see
+/// [`read_loop`]), which is unique to the connection: a random multiple of
+/// 2^32 below 2^52 (QEMU echoes ids through its JSON parser, exact below
+/// 2^53). The connection's commands are numbered from 1 after it
+/// ([`FIRST_COMMAND_ID`]), far below any such id: QEMU reads a command's
+/// JSON a byte at a time (about 4 µs a byte here), and a short id is
+/// sooner read.
+fn new_capabilities_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u32(std::process::id());
     hasher.write_u64(CONNECTIONS.fetch_add(1, Ordering::Relaxed));
-    (hasher.finish() % (1 << 20)) << 32
+    (hasher.finish() % (1 << 20) + 1) << 32
 }
+
+/// The id of a connection's first command (see [`new_capabilities_id`]).
+const FIRST_COMMAND_ID: u64 = 1;
 
 /// An async QMP connection to one QEMU (or qemu-storage-daemon) monitor socket.
 ///
@@ -228,13 +234,15 @@ impl QmpClient {
         first: Option<&str>,
     ) -> Result<(QmpClient, Option<(u64, oneshot::Receiver<Reply>)>), QmpError> {
         let deadline = Instant::now() + timeout;
-        let base_id = connection_id_base();
-        let first = first.map(|command| encode_message(command, None, base_id + 1).map(|bytes| (base_id + 1, bytes)));
+        let capabilities_id = new_capabilities_id();
+        let first =
+            first.map(|command| encode_message(command, None, FIRST_COMMAND_ID).map(|bytes| (FIRST_COMMAND_ID, bytes)));
         let first = first.transpose()?;
         let first_bytes = first.as_ref().map(|(_, bytes)| bytes.as_slice()).unwrap_or_default();
-        let (reader, writer, greeting) = tokio::time::timeout_at(deadline, Self::open(path, base_id, first_bytes))
-            .await
-            .map_err(|_| QmpError::Timeout { command: "connect".into(), after: timeout })??;
+        let (reader, writer, greeting) =
+            tokio::time::timeout_at(deadline, Self::open(path, capabilities_id, first_bytes))
+                .await
+                .map_err(|_| QmpError::Timeout { command: "connect".into(), after: timeout })??;
         tracing::debug!(path = %path.display(), version = %greeting.version,
             capabilities = ?greeting.capabilities, "QMP greeting");
 
@@ -246,8 +254,8 @@ impl QmpClient {
             Some((id, _)) => Some((id, shared.register(id)?)),
             None => None,
         };
-        let next_id = base_id + 1 + u64::from(first.is_some());
-        let reader = tokio::spawn(read_loop(reader, Arc::clone(&shared), base_id));
+        let next_id = FIRST_COMMAND_ID + u64::from(first.is_some());
+        let reader = tokio::spawn(read_loop(reader, Arc::clone(&shared), capabilities_id));
         let client = QmpClient {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
