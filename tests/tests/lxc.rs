@@ -1167,7 +1167,7 @@ fn occupy_second_overlay_node(status: &str) {
     let served = status.split("<served").nth(2).expect("a second served filesystem");
     let (target, dir) = (attr(served, "target").expect("its target"), attr(served, "dir").expect("its directory"));
     let next: u64 = attr(status, "nextnode").map_or(0, |n| n.parse().expect("a node number"));
-    let node = format!("{}-s{}-file", strata_qemu_block::nodes::node_prefix(target), next + 1);
+    let node = format!("{}-o{}-file", strata_qemu_block::nodes::node_prefix(target), next + 1);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     runtime.block_on(async {
         let paths = strata_qemu_block::runtime::RuntimePaths { dir: dir.into() };

@@ -1804,9 +1804,27 @@ fn a_live_snapshot_syncs_each_directory_once_before_the_intent_goes() {
     assert_eq!(active(&env, "vda"), env.path("top.s1"));
 
     let trace = std::fs::read_to_string(&log).expect("strace log");
-    // (call, its first path), in order: fsync(5</path>), rename("from", "to"), unlink("path").
-    let calls: Vec<(&str, &str, &str)> = trace
+    // The records are staged on another thread: strace splits a call that
+    // another thread's call interrupts into `... <unfinished ...>` and
+    // `<... fsync resumed>) = 0`; joined again, a call counts when it ends.
+    let mut unfinished: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+    let joined: Vec<String> = trace
         .lines()
+        .filter_map(|l| {
+            let pid = l.split_whitespace().next()?;
+            if let Some(start) = l.strip_suffix(" <unfinished ...>") {
+                unfinished.insert(pid, start);
+                return None;
+            }
+            match (l.split_once(" resumed>"), unfinished.remove(pid)) {
+                (Some((_, rest)), Some(start)) => Some(format!("{start}{rest}")),
+                _ => Some(l.to_string()),
+            }
+        })
+        .collect();
+    // (call, its first path), in order: fsync(5</path>), rename("from", "to"), unlink("path").
+    let calls: Vec<(&str, &str, &str)> = joined
+        .iter()
         .filter(|l| l.ends_with("= 0"))
         .filter_map(|l| {
             let call = l.split_whitespace().nth(1)?;
