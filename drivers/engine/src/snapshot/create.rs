@@ -182,46 +182,47 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         // Each overlay goes over the chain the live state records now: the
         // operation lock keeps every other chain change out until the end.
         let external = plans.iter().filter(|p| p.mode == "external").map(|p| &p.target);
-        let below = live.then(|| recorded_chains(&dom, external)).transpose()?;
+        let mut below = live.then(|| recorded_chains(&dom, external)).transpose()?;
         def.domain = Some(dom.into_element());
         Intent::write_create(store, domain, &created, &def, flags.no_metadata)?;
         strata_core::crash_point("snapshot-create:intent");
-        let mut staged = Ok(Staged::default());
-        let roots = match (live, &memory_file) {
+        let (roots, staged) = match (live, &memory_file) {
             (true, Some(file)) => {
-                Some(self.backend.snapshot_disks_with_memory(domain, &plans, &name, file, &created, running).await?)
+                let roots =
+                    self.backend.snapshot_disks_with_memory(domain, &plans, &name, file, &created, running).await?;
+                (Some(roots), Staged::default())
             }
             (true, None) => {
                 // The records published once the hypervisor has switched
-                // are written and synced while it works (see `Staged`).
+                // are written and synced while it works (see `Staged`);
+                // what they are made of goes to the thread and comes back.
                 let staging = {
-                    let (store, domain, below) = (store.clone(), domain.to_string(), below.clone());
-                    let no_metadata = flags.no_metadata;
+                    let (store, domain, no_metadata) = (store.clone(), domain.to_string(), flags.no_metadata);
                     blocking(move || {
                         let staged = Staged::write(&store, &domain, &mut persistent, &def, below.as_ref(), no_metadata);
-                        Ok((persistent, def, staged))
+                        Ok((persistent, def, below, staged))
                     })
                 };
                 // Staging is polled first, so that its thread starts before
                 // the backend's own blocking work.
                 let (staging, taken) =
                     tokio::join!(staging, self.create_live(domain, &plans, &name, checkpoint, &created));
-                let staged_def;
-                (persistent, staged_def, staged) = staging?;
+                let (staged_def, staged);
+                (persistent, staged_def, below, staged) = staging?;
                 def = staged_def;
-                Some(taken?)
+                let staged = staged.unwrap_or_else(|e| {
+                    tracing::debug!(error = %e, "the snapshot's records are written after the switch");
+                    Staged::default()
+                });
+                (Some(taken?), staged)
             }
             (false, _) => {
                 create_offline(operation, &plans, &name, &created).await?;
-                None
+                (None, Staged::default())
             }
         };
         strata_core::crash_point("snapshot-create:images");
         strata_core::pause_point("snapshot-create:images");
-        let staged = staged.unwrap_or_else(|e| {
-            tracing::debug!(error = %e, "the snapshot's records are written after the switch");
-            Staged::default()
-        });
         let made = Made { persistent, mark, roots, below, staged };
         self.finish_creation(domain, &def, flags.no_metadata, Some(made)).await?;
         Ok(name)
