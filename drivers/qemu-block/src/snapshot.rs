@@ -165,8 +165,8 @@ pub async fn prepare_snapshot_live(
 
 impl PreparedSnapshot {
     /// Switches every prepared device to its overlay (and takes the
-    /// internal snapshots) in one `transaction`; returns each device's new
-    /// root node. On failure the nodes are removed and the files made for
+    /// internal snapshots) in one `transaction` (one action alone is its
+    /// own command); returns each device's new root node. On failure the nodes are removed and the files made for
     /// it deleted.
     pub async fn switch(mut self, client: &QmpClient, domain: &str) -> Result<NewTops> {
         // One action is sent as its own command: QEMU runs it as a

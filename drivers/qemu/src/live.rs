@@ -436,11 +436,11 @@ impl MonitorCache {
         process: ProcessId,
     ) -> Result<(Arc<Monitor>, StatusInfo)> {
         let mut held = self.held.lock().await;
-        if let Some((pid, m)) = held.get(name) {
-            if *pid == process && m.client.is_connected() {
-                let run = m.client.query_status().await.map_err(|e| qmp_error(name, e))?;
-                return Ok((Arc::clone(m), run));
-            }
+        let reusable = held.get(name).filter(|(pid, m)| *pid == process && m.client.is_connected());
+        if let Some(m) = reusable.map(|(_, m)| Arc::clone(m)) {
+            drop(held);
+            let run = m.client.query_status().await.map_err(|e| qmp_error(name, e))?;
+            return Ok((m, run));
         }
         let (monitor, reply) = acquire_asking(&runtime_paths(store, name)?, name, "query-status").await?;
         let monitor = Arc::new(monitor);
