@@ -19,9 +19,11 @@ pub struct Monitor {
 }
 
 /// Takes the first free monitor of the process whose runtime directory is
-/// `paths` (serving `name`, for messages), waiting up to 30 s for one.
+/// `paths` (serving `name`, for messages), waiting up to 30 s for one. The
+/// process runs already: the monitor is handed out before QEMU's greeting
+/// is read (see [`QmpClient::connect_to_running`]).
 pub async fn acquire(paths: &RuntimePaths, name: &str) -> Result<Monitor> {
-    acquire_sending(paths, name, None).await.map(|(monitor, _)| monitor)
+    acquire_opening(paths, name, Opening::Running).await.map(|(monitor, _)| monitor)
 }
 
 /// Like [`acquire`], and runs `command` (without arguments) on the new
@@ -33,7 +35,7 @@ pub async fn acquire_asking(
     name: &str,
     command: &str,
 ) -> Result<(Monitor, std::result::Result<Value, QmpError>)> {
-    match acquire_sending(paths, name, Some(command)).await? {
+    match acquire_opening(paths, name, Opening::Asking(command)).await? {
         (monitor, Some(reply)) => Ok((monitor, reply)),
         (_, None) => Err(Error::internal(format!("'{command}' was not sent to the QEMU of '{name}'"))),
     }
@@ -41,10 +43,24 @@ pub async fn acquire_asking(
 
 type Asked = Option<std::result::Result<Value, QmpError>>;
 
-async fn acquire_sending(paths: &RuntimePaths, name: &str, command: Option<&str>) -> Result<(Monitor, Asked)> {
+/// How long a running QEMU may take to greet a connection that waits for it.
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+
+/// How a monitor is connected.
+#[derive(Debug, Clone, Copy)]
+enum Opening<'a> {
+    /// QEMU is starting: its greeting is waited for, this long.
+    Starting(Duration),
+    /// QEMU runs: its greeting is read behind the caller's next work.
+    Running,
+    /// QEMU runs, and this command goes out with the opening.
+    Asking(&'a str),
+}
+
+async fn acquire_opening(paths: &RuntimePaths, name: &str, opening: Opening<'_>) -> Result<(Monitor, Asked)> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(taken) = take_free(paths, name, Duration::from_secs(10), command).await? {
+        if let Some(taken) = take_free(paths, name, opening).await? {
             return Ok(taken);
         }
         if Instant::now() >= deadline {
@@ -88,7 +104,7 @@ pub async fn acquire_started(
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // No other process takes a monitor of a server that is starting.
-        let taken = take_free(paths, name, guard, None).await?;
+        let taken = take_free(paths, name, Opening::Starting(guard)).await?;
         taken.map(|(monitor, _)| monitor).ok_or_else(|| {
             Error::operation_failed(format!("every QMP monitor of the starting QEMU of '{name}' is locked"))
         })
@@ -118,15 +134,10 @@ pub async fn acquire_started(
     }
 }
 
-/// The first monitor of `paths` whose lock is free, connected within
-/// `connect_within`, with the outcome of `command` when one is given;
-/// `None` when every one is held.
-async fn take_free(
-    paths: &RuntimePaths,
-    name: &str,
-    connect_within: Duration,
-    command: Option<&str>,
-) -> Result<Option<(Monitor, Asked)>> {
+/// The first monitor of `paths` whose lock is free, connected as
+/// `opening` says, with the outcome of the command it asks when it asks
+/// one; `None` when every one is held.
+async fn take_free(paths: &RuntimePaths, name: &str, opening: Opening<'_>) -> Result<Option<(Monitor, Asked)>> {
     for n in 0..MONITORS {
         let lock_path = paths.monitor_lock(n);
         let file = OpenOptions::new()
@@ -139,11 +150,12 @@ async fn take_free(
             continue;
         }
         let socket = paths.monitor_socket(n);
-        let (client, asked) = match command {
-            Some(command) => QmpClient::connect_and_execute(&socket, connect_within, command)
+        let (client, asked) = match opening {
+            Opening::Starting(within) => QmpClient::connect_with_timeout(&socket, within).await.map(|c| (c, None)),
+            Opening::Running => QmpClient::connect_to_running(&socket).await.map(|client| (client, None)),
+            Opening::Asking(command) => QmpClient::connect_and_execute(&socket, ANSWER_WITHIN, command)
                 .await
                 .map(|(client, reply)| (client, Some(reply))),
-            None => QmpClient::connect_with_timeout(&socket, connect_within).await.map(|client| (client, None)),
         }
         .map_err(|e| qmp_error(name, e))?;
         tracing::debug!(domain = name, monitor = n, "QMP monitor attached");

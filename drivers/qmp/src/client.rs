@@ -6,7 +6,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -68,8 +68,6 @@ pub struct QmpClient {
 
 struct Inner {
     path: PathBuf,
-    version: QemuVersion,
-    capabilities: Vec<String>,
     /// Held for the whole of one message so that concurrent commands never
     /// interleave their bytes on the socket.
     writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
@@ -90,6 +88,9 @@ impl Drop for Inner {
 /// State shared between callers and the reader task.
 struct Shared {
     state: Mutex<ConnState>,
+    /// QEMU's greeting, once read: by the connect, or by the reader for a
+    /// connection that did not wait for it ([`QmpClient::connect_to_running`]).
+    greeting: OnceLock<protocol::Greeting>,
 }
 
 struct ConnState {
@@ -171,7 +172,7 @@ impl fmt::Debug for QmpClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QmpClient")
             .field("path", &self.inner.path)
-            .field("version", &self.inner.version)
+            .field("version", &self.version())
             .field("connected", &self.is_connected())
             .finish()
     }
@@ -195,7 +196,18 @@ impl QmpClient {
     /// This makes a single attempt: a socket that does not exist yet is an
     /// [`QmpError::Io`] error, and retrying while QEMU starts is up to the caller.
     pub async fn connect_with_timeout(path: &Path, timeout: Duration) -> Result<QmpClient, QmpError> {
-        Self::connect_sending(path, timeout, None).await.map(|(client, _)| client)
+        Self::connect_sending(path, timeout, None, GreetingWait::Awaited).await.map(|(client, _)| client)
+    }
+
+    /// Connects to a monitor of a QEMU that already answers its monitors
+    /// (a running domain's, not one still starting): `qmp_capabilities` is
+    /// sent and the client returned without waiting for the greeting, which
+    /// the reader takes in; the caller's next work (reading its records,
+    /// syncing an intent) overlaps QEMU's answer, and the first command
+    /// goes out behind the negotiation. A QEMU that does not answer shows
+    /// at that command's timeout; one that is gone, at the connection.
+    pub async fn connect_to_running(path: &Path) -> Result<QmpClient, QmpError> {
+        Self::connect_sending(path, DEFAULT_TIMEOUT, None, GreetingWait::Later).await.map(|(client, _)| client)
     }
 
     /// Like [`QmpClient::connect_with_timeout`], and runs `command` (without
@@ -209,7 +221,7 @@ impl QmpClient {
         timeout: Duration,
         command: &str,
     ) -> Result<(QmpClient, Result<Value, QmpError>), QmpError> {
-        let (client, first) = Self::connect_sending(path, timeout, Some(command)).await?;
+        let (client, first) = Self::connect_sending(path, timeout, Some(command), GreetingWait::Awaited).await?;
         let Some((id, rx)) = first else {
             return Err(QmpError::Protocol(format!("'{command}' was not sent with the connection")));
         };
@@ -232,6 +244,7 @@ impl QmpClient {
         path: &Path,
         timeout: Duration,
         first: Option<&str>,
+        greeting: GreetingWait,
     ) -> Result<(QmpClient, Option<(u64, oneshot::Receiver<Reply>)>), QmpError> {
         let deadline = Instant::now() + timeout;
         let capabilities_id = new_capabilities_id();
@@ -240,27 +253,25 @@ impl QmpClient {
         let first = first.transpose()?;
         let first_bytes = first.as_ref().map(|(_, bytes)| bytes.as_slice()).unwrap_or_default();
         let (reader, writer, greeting) =
-            tokio::time::timeout_at(deadline, Self::open(path, capabilities_id, first_bytes))
+            tokio::time::timeout_at(deadline, Self::open(path, capabilities_id, first_bytes, greeting))
                 .await
                 .map_err(|_| QmpError::Timeout { command: "connect".into(), after: timeout })??;
-        tracing::debug!(path = %path.display(), version = %greeting.version,
-            capabilities = ?greeting.capabilities, "QMP greeting");
 
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
-        let shared =
-            Arc::new(Shared { state: Mutex::new(ConnState { pending: HashMap::new(), events: Some(events) }) });
+        let shared = Arc::new(Shared {
+            state: Mutex::new(ConnState { pending: HashMap::new(), events: Some(events) }),
+            greeting: greeting.map(OnceLock::from).unwrap_or_default(),
+        });
         // Registered before the reader starts: the reply may already be in.
         let first = match first {
             Some((id, _)) => Some((id, shared.register(id)?)),
             None => None,
         };
         let next_id = FIRST_COMMAND_ID + u64::from(first.is_some());
-        let reader = tokio::spawn(read_loop(reader, Arc::clone(&shared), capabilities_id));
+        let reader = tokio::spawn(read_loop(reader, Arc::clone(&shared), capabilities_id, path.to_path_buf()));
         let client = QmpClient {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
-                version: greeting.version,
-                capabilities: greeting.capabilities,
                 writer: Arc::new(tokio::sync::Mutex::new(writer)),
                 shared,
                 next_id: AtomicU64::new(next_id),
@@ -277,12 +288,14 @@ impl QmpClient {
     /// sent the greeting, and refuses every command but this one until
     /// capabilities are negotiated). Its reply is left to [`read_loop`].
     /// No optional capability (such as "oob") is enabled. `then` (whole
-    /// messages, or nothing) goes out in the same write, behind it.
+    /// messages, or nothing) goes out in the same write, behind it. With
+    /// [`GreetingWait::Later`], the greeting is left to the reader too.
     async fn open(
         path: &Path,
         capabilities_id: u64,
         then: &[u8],
-    ) -> Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf, protocol::Greeting), QmpError> {
+        greeting: GreetingWait,
+    ) -> Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf, Option<protocol::Greeting>), QmpError> {
         let io = |source| QmpError::Io { path: path.to_path_buf(), source };
         let stream = UnixStream::connect(path).await.map_err(io)?;
         let (read, mut write) = stream.into_split();
@@ -292,43 +305,23 @@ impl QmpClient {
         // The same BufReader goes on to the reader task, so nothing QEMU sent
         // right after the greeting is lost.
         let mut reader = BufReader::new(read);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            let n = reader
-                .read_until(b'\n', &mut line)
-                .await
-                .map_err(|source| QmpError::Io { path: path.to_path_buf(), source })?;
-            if n == 0 {
-                return Err(QmpError::Disconnected);
-            }
-            let trimmed = line.trim_ascii();
-            if trimmed.is_empty() {
-                continue;
-            }
-            // QEMU keeps a monitor in command mode from one client's
-            // disconnect until the next client's connection is processed, and
-            // an event emitted in that window reaches the new client ahead
-            // of its greeting. It was meant for the previous client, and no
-            // caller can have subscribed yet, so it is dropped.
-            if let Ok(Incoming::Event(event)) = protocol::parse_incoming(trimmed) {
-                tracing::debug!(path = %path.display(), event = %event.event, "event ahead of the greeting dropped");
-                continue;
-            }
-            break;
-        }
-        let greeting = protocol::parse_greeting(line.trim_ascii())?;
+        let greeting = match greeting {
+            GreetingWait::Awaited => Some(read_greeting(&mut reader, path).await?),
+            GreetingWait::Later => None,
+        };
         Ok((reader, write, greeting))
     }
 
-    /// QEMU's version from the greeting.
-    pub fn version(&self) -> &QemuVersion {
-        &self.inner.version
+    /// QEMU's version from the greeting; `None` until a connection that did
+    /// not wait for it ([`QmpClient::connect_to_running`]) has read it.
+    pub fn version(&self) -> Option<&QemuVersion> {
+        self.inner.shared.greeting.get().map(|g| &g.version)
     }
 
-    /// Optional capabilities QEMU offered in the greeting (e.g. `oob`); none is enabled.
+    /// Optional capabilities QEMU offered in the greeting (e.g. `oob`); none
+    /// is enabled. Empty until the greeting is read (see [`QmpClient::version`]).
     pub fn capabilities(&self) -> &[String] {
-        &self.inner.capabilities
+        self.inner.shared.greeting.get().map_or(&[], |g| g.capabilities.as_slice())
     }
 
     /// The monitor socket this client is connected to.
@@ -634,6 +627,47 @@ async fn write_with_fd(writer: &mut OwnedWriteHalf, bytes: &[u8], fd: BorrowedFd
     writer.write_all(&bytes[sent..]).await
 }
 
+/// Whether a connection waits for QEMU's greeting before it is handed out.
+#[derive(Debug, Clone, Copy)]
+enum GreetingWait {
+    /// Read by the connect: QEMU answered (a starting QEMU answers only
+    /// once it has opened its images).
+    Awaited,
+    /// Read by the reader, while the caller goes on.
+    Later,
+}
+
+/// Reads QEMU's greeting. QEMU keeps a monitor in command mode from one
+/// client's disconnect until the next client's connection is processed, and
+/// an event emitted in that window reaches the new client ahead of its
+/// greeting. It was meant for the previous client, and no caller can have
+/// subscribed yet, so it is dropped.
+async fn read_greeting(reader: &mut BufReader<OwnedReadHalf>, path: &Path) -> Result<protocol::Greeting, QmpError> {
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = reader
+            .read_until(b'\n', &mut line)
+            .await
+            .map_err(|source| QmpError::Io { path: path.to_path_buf(), source })?;
+        if n == 0 {
+            return Err(QmpError::Disconnected);
+        }
+        let trimmed = line.trim_ascii();
+        if trimmed.is_empty() {
+            continue;
+        }
+        if let Ok(Incoming::Event(event)) = protocol::parse_incoming(trimmed) {
+            tracing::debug!(path = %path.display(), event = %event.event, "event ahead of the greeting dropped");
+            continue;
+        }
+        let greeting = protocol::parse_greeting(trimmed)?;
+        tracing::debug!(path = %path.display(), version = %greeting.version,
+            capabilities = ?greeting.capabilities, "QMP greeting");
+        return Ok(greeting);
+    }
+}
+
 /// One command as QMP's JSON line, under `id`.
 fn encode_message(command: &str, arguments: Option<Value>, id: u64) -> Result<Vec<u8>, QmpError> {
     let mut msg = Map::new();
@@ -656,7 +690,19 @@ fn encode_message(command: &str, arguments: Option<Value>, id: u64) -> Result<Ve
 /// event of that window (seen under load: a job's JOB_STATUS_CHANGE) or a
 /// killed client's late reply (seen: `query-block`) can reach the new
 /// client first. No caller can have asked for them: they are dropped.
-async fn read_loop(mut reader: BufReader<OwnedReadHalf>, shared: Arc<Shared>, capabilities_id: u64) {
+async fn read_loop(mut reader: BufReader<OwnedReadHalf>, shared: Arc<Shared>, capabilities_id: u64, path: PathBuf) {
+    if shared.greeting.get().is_none() {
+        match read_greeting(&mut reader, &path).await {
+            Ok(greeting) => {
+                let _ = shared.greeting.set(greeting);
+            }
+            Err(e) => {
+                tracing::debug!(path = %path.display(), error = %e, "no QMP greeting");
+                shared.close();
+                return;
+            }
+        }
+    }
     let mut line = Vec::new();
     let mut negotiated = false;
     loop {

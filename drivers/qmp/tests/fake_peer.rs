@@ -70,7 +70,7 @@ async fn client_timer_fires_when_fake_peer_never_replies() {
     });
 
     let client = QmpClient::connect_with_timeout(&path, Duration::from_secs(5)).await.unwrap();
-    assert_eq!(client.version().package, "fake");
+    assert_eq!(client.version().expect("the greeting").package, "fake");
     assert_eq!(client.capabilities(), ["oob"]);
 
     let started = Instant::now();
@@ -120,7 +120,7 @@ async fn event_ahead_of_the_greeting_is_skipped() {
     });
 
     let client = QmpClient::connect_with_timeout(&path, Duration::from_secs(5)).await.unwrap();
-    assert_eq!(client.version().package, "fake");
+    assert_eq!(client.version().expect("the greeting").package, "fake");
     let value = client.execute("query-status", None).await.unwrap();
     assert_eq!(value, json!({"command": "query-status"}));
 
@@ -207,7 +207,7 @@ async fn capabilities_are_sent_before_the_greeting_is_read() {
         while lines.next_line().await.unwrap().is_some() {}
     });
     let client = QmpClient::connect_with_timeout(&path, Duration::from_secs(5)).await.unwrap();
-    assert_eq!(client.version().package, "fake");
+    assert_eq!(client.version().expect("the greeting").package, "fake");
     let value = client.execute_timeout("query-status", None, Duration::from_secs(5)).await.unwrap();
     assert_eq!(value, json!({"status": "running"}));
     drop(client);

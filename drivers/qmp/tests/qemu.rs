@@ -21,7 +21,7 @@ const EVENT_WAIT: Duration = Duration::from_secs(30);
 async fn connect_reports_version_and_status_follows_cont() {
     let mut qemu = Qemu::spawn();
     let client = qemu.connect().await;
-    assert_eq!(client.version().major, 7);
+    assert_eq!(client.version().expect("the greeting").major, 7);
     assert!(client.is_connected());
 
     let status = client.query_status().await.unwrap();
@@ -50,7 +50,7 @@ async fn a_command_sent_with_the_opening_is_answered_and_the_connection_goes_on(
         QmpClient::connect_and_execute(qemu.socket(), Duration::from_secs(5), "query-status").await.unwrap();
     let status: StatusInfo = serde_json::from_value(reply.unwrap()).unwrap();
     assert_eq!(status, StatusInfo { running: false, status: RunState::Prelaunch });
-    assert_eq!(client.version().major, 7);
+    assert_eq!(client.version().expect("the greeting").major, 7);
     client.execute("cont", None).await.unwrap();
     assert_eq!(client.query_status().await.unwrap().status, RunState::Running);
     drop(client);
