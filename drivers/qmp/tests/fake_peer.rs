@@ -311,3 +311,49 @@ async fn commands_in_order_go_out_together_and_fail_one_by_one() {
     drop(client);
     tokio::time::timeout(Duration::from_secs(5), peer).await.expect("connection not closed on drop").unwrap();
 }
+
+/// A monitor of a running QEMU is handed out before the greeting is read:
+/// this peer greets only after a pause, and the client is back before it;
+/// its first command goes out behind the negotiation and is answered once
+/// the greeting came, which the reader took in. A peer that hangs up
+/// without greeting fails the first command as a disconnection.
+#[tokio::test]
+async fn a_connection_to_a_running_qemu_does_not_wait_for_the_greeting() {
+    const PAUSE: Duration = Duration::from_millis(300);
+    let (_dir, path, listener) = listen();
+    let peer = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let capabilities: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        assert_eq!(capabilities["execute"], "qmp_capabilities");
+        tokio::time::sleep(PAUSE).await;
+        let reply = json!({"return": {}, "id": capabilities["id"]});
+        write.write_all(format!("{GREETING}\n{reply}\n").as_bytes()).await.unwrap();
+        let command: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        let reply = json!({"return": {"status": "running"}, "id": command["id"]});
+        write.write_all(format!("{reply}\n").as_bytes()).await.unwrap();
+        while lines.next_line().await.unwrap().is_some() {}
+    });
+    let started = Instant::now();
+    let client = QmpClient::connect_to_running(&path).await.unwrap();
+    assert!(started.elapsed() < PAUSE, "the connection waited for the greeting: {:?}", started.elapsed());
+    assert!(client.version().is_none(), "no greeting has come yet");
+    let value = client.execute_timeout("query-status", None, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(value, json!({"status": "running"}));
+    assert!(started.elapsed() >= PAUSE);
+    assert_eq!(client.version().expect("the greeting, read by the reader").package, "fake");
+    assert_eq!(client.capabilities(), ["oob"]);
+    drop(client);
+    tokio::time::timeout(Duration::from_secs(5), peer).await.expect("connection not closed on drop").unwrap();
+
+    let (_dir, path, listener) = listen();
+    let peer = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        drop(stream);
+    });
+    let client = QmpClient::connect_to_running(&path).await.unwrap();
+    let err = client.execute_timeout("query-status", None, Duration::from_secs(5)).await.unwrap_err();
+    assert!(matches!(err, QmpError::Disconnected), "{err:?}");
+    peer.await.unwrap();
+}
