@@ -150,14 +150,23 @@ async fn take_free(paths: &RuntimePaths, name: &str, opening: Opening<'_>) -> Re
             continue;
         }
         let socket = paths.monitor_socket(n);
-        let (client, asked) = match opening {
+        let connected = match opening {
             Opening::Starting(within) => QmpClient::connect_with_timeout(&socket, within).await.map(|c| (c, None)),
             Opening::Running => QmpClient::connect_to_running(&socket).await.map(|client| (client, None)),
             Opening::Asking(command) => QmpClient::connect_and_execute(&socket, ANSWER_WITHIN, command)
                 .await
                 .map(|(client, reply)| (client, Some(reply))),
-        }
-        .map_err(|e| qmp_error(name, e))?;
+        };
+        let (client, asked) = match connected {
+            // The socket's backlog is full: QEMU has not yet taken in the
+            // connection of the monitor's last holder (one that did not wait
+            // for the greeting, and exited without a command). Busy for now.
+            Err(QmpError::Io { source, .. }) if source.kind() == std::io::ErrorKind::WouldBlock => {
+                tracing::debug!(domain = name, monitor = n, "QMP monitor's backlog is full");
+                continue;
+            }
+            connected => connected.map_err(|e| qmp_error(name, e))?,
+        };
         tracing::debug!(domain = name, monitor = n, "QMP monitor attached");
         return Ok(Some((Monitor { client, _lock: file }, asked)));
     }
