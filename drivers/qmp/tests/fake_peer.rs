@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use strata_qmp::{QmpClient, QmpError};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixListener;
 use tokio::task::JoinHandle;
 
@@ -26,6 +27,19 @@ fn listen() -> (tempfile::TempDir, PathBuf, UnixListener) {
     (dir, path, listener)
 }
 
+/// The client's connection to the fake monitor: its request lines and
+/// the peer's writing half.
+async fn accept(listener: &UnixListener) -> (Lines<BufReader<OwnedReadHalf>>, OwnedWriteHalf) {
+    let (stream, _) = listener.accept().await.unwrap();
+    let (read, write) = stream.into_split();
+    (BufReader::new(read).lines(), write)
+}
+
+/// The client's next request.
+async fn next_request(lines: &mut Lines<BufReader<OwnedReadHalf>>) -> Value {
+    serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap()
+}
+
 /// Binds a fake monitor socket and serves one connection: it sends
 /// `prelude` and the greeting, then writes what `answer` returns for each
 /// request (given the command name and the request's id).
@@ -35,10 +49,8 @@ fn serve(
 ) -> (tempfile::TempDir, PathBuf, JoinHandle<()>) {
     let (dir, path, listener) = listen();
     let peer = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let (read, mut write) = stream.into_split();
+        let (mut lines, mut write) = accept(&listener).await;
         write.write_all(format!("{prelude}{GREETING}\n").as_bytes()).await.unwrap();
-        let mut lines = BufReader::new(read).lines();
         while let Some(line) = lines.next_line().await.unwrap() {
             let request: Value = serde_json::from_str(&line).unwrap();
             for reply in answer(request["execute"].as_str().unwrap(), request["id"].clone()) {
@@ -190,14 +202,12 @@ async fn another_clients_late_replies_are_never_taken_for_this_ones() {
 async fn capabilities_are_sent_before_the_greeting_is_read() {
     let (_dir, path, listener) = listen();
     let peer = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let (read, mut write) = stream.into_split();
-        let mut lines = BufReader::new(read).lines();
-        let first: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        let (mut lines, mut write) = accept(&listener).await;
+        let first = next_request(&mut lines).await;
         assert_eq!(first["execute"], "qmp_capabilities");
         let reply = json!({"return": {}, "id": first["id"]});
         write.write_all(format!("{GREETING}\n{reply}\n").as_bytes()).await.unwrap();
-        let next: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        let next = next_request(&mut lines).await;
         assert_ne!(next["id"], first["id"], "a later command reuses the handshake's id");
         write
             .write_all(format!("{}\n", json!({"return": {"status": "running"}, "id": next["id"]})).as_bytes())
@@ -222,12 +232,10 @@ async fn capabilities_are_sent_before_the_greeting_is_read() {
 async fn the_first_command_goes_out_before_the_capabilities_reply() {
     let (_dir, path, listener) = listen();
     let peer = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let (read, mut write) = stream.into_split();
-        let mut lines = BufReader::new(read).lines();
+        let (mut lines, mut write) = accept(&listener).await;
         write.write_all(format!("{GREETING}\n").as_bytes()).await.unwrap();
-        let capabilities: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
-        let first: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        let capabilities = next_request(&mut lines).await;
+        let first = next_request(&mut lines).await;
         assert_eq!(capabilities["execute"], "qmp_capabilities");
         assert_eq!(first["execute"], "query-status");
         // A previous client's event in between is not this client's.
@@ -276,15 +284,13 @@ async fn a_refused_negotiation_fails_the_first_command() {
 async fn commands_in_order_go_out_together_and_fail_one_by_one() {
     let (_dir, path, listener) = listen();
     let peer = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let (read, mut write) = stream.into_split();
-        let mut lines = BufReader::new(read).lines();
-        let capabilities: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        let (mut lines, mut write) = accept(&listener).await;
+        let capabilities = next_request(&mut lines).await;
         let reply = json!({"return": {}, "id": capabilities["id"]});
         write.write_all(format!("{GREETING}\n{reply}\n").as_bytes()).await.unwrap();
         let mut batch = Vec::new();
         for _ in 0..3 {
-            let command: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+            let command = next_request(&mut lines).await;
             batch.push(command);
         }
         let nodes: Vec<&str> = batch.iter().map(|c| c["arguments"]["node-name"].as_str().unwrap()).collect();
@@ -322,15 +328,13 @@ async fn a_connection_to_a_running_qemu_does_not_wait_for_the_greeting() {
     const PAUSE: Duration = Duration::from_millis(300);
     let (_dir, path, listener) = listen();
     let peer = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let (read, mut write) = stream.into_split();
-        let mut lines = BufReader::new(read).lines();
-        let capabilities: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        let (mut lines, mut write) = accept(&listener).await;
+        let capabilities = next_request(&mut lines).await;
         assert_eq!(capabilities["execute"], "qmp_capabilities");
         tokio::time::sleep(PAUSE).await;
         let reply = json!({"return": {}, "id": capabilities["id"]});
         write.write_all(format!("{GREETING}\n{reply}\n").as_bytes()).await.unwrap();
-        let command: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        let command = next_request(&mut lines).await;
         let reply = json!({"return": {"status": "running"}, "id": command["id"]});
         write.write_all(format!("{reply}\n").as_bytes()).await.unwrap();
         while lines.next_line().await.unwrap().is_some() {}
