@@ -1874,6 +1874,45 @@ fn a_live_snapshot_syncs_each_directory_once_before_the_intent_goes() {
     );
 }
 
+/// A live snapshot's new status is written and synced under a temporary
+/// name while QEMU switches, and renamed into place afterwards only if
+/// the status is still the one it was made from. Here another command
+/// changes the status in between (`qemu-monitor-command` records its
+/// taint without the snapshot's operation lock): the staged status is
+/// dropped, and the chain is recorded over the changed status, so neither
+/// the taint nor the new overlay is lost.
+#[test]
+fn a_status_changed_during_a_live_snapshot_keeps_the_change_and_gets_the_chain() {
+    let env = TestEnv::new();
+    let vm = Vm::new(&env, Vdb::None, true);
+    let _guard = vm.guard();
+    let dir = env.state_root().join("domains").join("vm");
+    let staged = || {
+        std::fs::read_dir(&dir)
+            .expect("list the domain's directory")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with(".status.xml.staged."))
+            .count()
+    };
+    let args = ["snapshot-create-as", "vm", "s1", "--disk-only", "--atomic"];
+    let paused = Background::spawn_paused_at(&env, &args, "snapshot-create:images")
+        .unwrap_or_else(|out| panic!("ended before the images changed: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(staged(), 1, "the new status was not staged while QEMU switched");
+    let status = || std::fs::read_to_string(dir.join("status.xml")).expect("read status.xml");
+    assert!(!status().contains(s(&env.path("top.s1"))), "the status named the overlay before the switch was recorded");
+    env.ok(&["qemu-monitor-command", "vm", r#"{"execute":"query-status"}"#]);
+    assert!(status().contains("custom-monitor"), "qemu-monitor-command did not taint the status");
+
+    paused.resume();
+    let out = paused.finish(std::time::Duration::from_secs(120));
+    assert!(out.status.success(), "snapshot failed: {}", String::from_utf8_lossy(&out.stderr));
+    let after = status();
+    assert!(after.contains("custom-monitor"), "the snapshot dropped the taint recorded meanwhile:\n{after}");
+    assert!(after.contains(s(&env.path("top.s1"))), "the new overlay is not in the status:\n{after}");
+    assert_eq!(active(&env, "vda"), env.path("top.s1"));
+    assert_eq!(staged(), 0, "a staged status was left behind");
+}
+
 #[test]
 fn renames_lost_before_the_directory_fsyncs_live() {
     renames_lost_before_the_directory_fsyncs(true, &["domain.xml", "status.xml", "snapshot-current", "record"]);

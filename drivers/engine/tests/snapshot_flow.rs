@@ -21,7 +21,8 @@ use strata_core::xml::Domain;
 use strata_core::Result;
 use strata_engine::intent::Intent;
 use strata_engine::snapshot::{
-    Activity, DiskJob, DiskPlan, LiveChain, NewTops, RecordedChain, SnapshotBackend, SnapshotEngine,
+    Activity, DiskJob, DiskPlan, LiveChain, NewTops, RecordedChain, SnapshotBackend, SnapshotEngine, StagedLiveChains,
+    Switched,
 };
 
 /// A 1 MiB qcow2 overlay of `backing` in format `format`, written by core's
@@ -78,7 +79,12 @@ impl SnapshotBackend for TestBackend {
         Ok(Some(self.live.lock().unwrap().clone()))
     }
 
-    fn record_live_chains(&self, _domain: &str, chains: &[RecordedChain]) -> Result<()> {
+    fn record_live_chains(
+        &self,
+        _domain: &str,
+        chains: &[RecordedChain],
+        _staged: Option<StagedLiveChains>,
+    ) -> Result<()> {
         let mut live = self.live.lock().unwrap();
         for c in chains {
             strata_engine::storage::set_chain(&mut live, &c.disk, &c.chain)?;
@@ -131,7 +137,7 @@ impl SnapshotBackend for TestBackend {
         plans: &[DiskPlan],
         _name: &str,
         created: &[PathBuf],
-    ) -> Result<NewTops> {
+    ) -> Result<Switched> {
         let mut tops = NewTops::new();
         for p in plans.iter().filter(|p| p.mode == "external") {
             let overlay = p.overlay.as_ref().unwrap();
@@ -148,7 +154,7 @@ impl SnapshotBackend for TestBackend {
         }
         let planned: Vec<String> = plans.iter().map(|p| format!("{}:{}", p.target, p.mode)).collect();
         self.record(format!("snapshot_disks {}", planned.join(",")));
-        Ok(tops)
+        Ok(Switched::unstaged(tops))
     }
 
     async fn pause_guest(&self, _domain: &str) -> Result<bool> {

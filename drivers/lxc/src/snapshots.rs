@@ -32,7 +32,8 @@ use strata_engine::image_work::create_overlay;
 use strata_engine::job::engine::{BlockJobEngine, BlockJobHost};
 use strata_engine::process::{Liveness, ProcessId};
 use strata_engine::snapshot::{
-    Activity, DiskJob, DiskPlan, LiveChain, NewTops, RecordedChain, SnapshotBackend, SnapshotEngine,
+    Activity, DiskJob, DiskPlan, LiveChain, NewTops, RecordedChain, SnapshotBackend, SnapshotEngine, StagedLiveChains,
+    Switched,
 };
 use strata_qemu_block::graph::live_chains;
 use strata_qemu_block::monitor::{acquire, qmp_error, Monitor};
@@ -173,7 +174,14 @@ impl SnapshotBackend for LxcConnection {
         Ok(status::reconcile(&Linux, &self.store, domain)?.map(|s| s.domain))
     }
 
-    fn record_live_chains(&self, domain: &str, chains: &[RecordedChain]) -> Result<()> {
+    /// Nothing is staged for a container (its snapshot writes its status
+    /// before the switch, to record the pause).
+    fn record_live_chains(
+        &self,
+        domain: &str,
+        chains: &[RecordedChain],
+        _staged: Option<StagedLiveChains>,
+    ) -> Result<()> {
         let Some(mut status) = status::reconcile(&Linux, &self.store, domain)? else { return Ok(()) };
         for recorded in chains {
             let address = status.domain.find_storage_device(&recorded.disk)?.address();
@@ -241,7 +249,7 @@ impl SnapshotBackend for LxcConnection {
         plans: &[DiskPlan],
         name: &str,
         created: &[PathBuf],
-    ) -> Result<NewTops> {
+    ) -> Result<Switched> {
         let status = self.running_status(domain)?;
         let init = status.running_init().ok_or_else(|| Error::operation_invalid("domain is not running"))?;
         let mut daemons = Vec::new();
@@ -341,7 +349,7 @@ impl SnapshotBackend for LxcConnection {
             remove_files(&written);
         }
         self.edit_status(domain, |s| s.pause = None).await?;
-        outcome
+        outcome.map(Switched::unstaged)
     }
 
     async fn pause_guest(&self, domain: &str) -> Result<bool> {

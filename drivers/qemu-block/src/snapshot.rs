@@ -39,6 +39,25 @@ pub async fn snapshot_live(
     prepared.switch(client, domain).await
 }
 
+/// The root node each external plan of `plans` gets when their overlays
+/// are numbered from `number` (as [`prepare_snapshot_live`] numbers
+/// them), known before QEMU is asked anything.
+pub fn new_roots(plans: &[DiskPlan], number: u64) -> NewTops {
+    plans
+        .iter()
+        .filter(|p| p.mode == "external")
+        .zip(number..)
+        .map(|(p, n)| (p.target.clone(), overlay_nodes(&p.target, n).0))
+        .collect()
+}
+
+/// The format and protocol node names of overlay `number` of device
+/// `target`.
+fn overlay_nodes(target: &str, number: u64) -> (String, String) {
+    let prefix = node_prefix(target);
+    (format!("{prefix}-o{number}-fmt"), format!("{prefix}-o{number}-file"))
+}
+
 /// A live snapshot's nodes added to one process, not yet switched in:
 /// what can fail short of the process itself (a node name taken, an
 /// overlay that cannot be opened) has not.
@@ -85,9 +104,7 @@ pub async fn prepare_snapshot_live(
                 })),
                 "external" => {
                     let overlay = p.overlay.as_ref().ok_or_else(|| Error::internal("external plan without overlay"))?;
-                    let prefix = node_prefix(&p.target);
-                    let fmt_node = format!("{prefix}-o{number}-fmt");
-                    let file_node = format!("{prefix}-o{number}-file");
+                    let (fmt_node, file_node) = overlay_nodes(&p.target, number);
                     number += 1;
                     new_roots.insert(p.target.clone(), fmt_node.clone());
                     let ov = path_str(overlay)?;

@@ -16,12 +16,16 @@ use strata_core::driver::{Connection, DomainState, StartFlags};
 use strata_core::store::Store;
 use strata_core::xml::Domain;
 use strata_core::{Error, ErrorKind, Result};
+use strata_engine::blocking::blocking;
 use strata_engine::job::engine::BlockJobEngine;
-use strata_engine::snapshot::{Activity, DiskJob, DiskPlan, LiveChain, NewTops, RecordedChain, SnapshotBackend};
+use strata_engine::snapshot::{
+    overlaid, Activity, DiskJob, DiskPlan, LiveChain, NewTops, RecordedChain, SnapshotBackend, StagedLiveChains,
+    Switched,
+};
 use strata_qemu_block::graph::live_chains;
 use strata_qemu_block::jobs::{lock_unattached_nodes, reopen_node, wait_status};
 use strata_qemu_block::monitor::qmp_error;
-use strata_qemu_block::snapshot::snapshot_live;
+use strata_qemu_block::snapshot::{new_roots, snapshot_live};
 
 use crate::live::{self, LiveStatus};
 use crate::QemuConnection;
@@ -44,14 +48,17 @@ impl SnapshotBackend for QemuConnection {
         live::reconcile(&self.store, domain)?.map(|status| status.domain.into_inner()).transpose()
     }
 
-    fn record_live_chains(&self, domain: &str, chains: &[RecordedChain]) -> Result<()> {
+    fn record_live_chains(
+        &self,
+        domain: &str,
+        chains: &[RecordedChain],
+        staged: Option<StagedLiveChains>,
+    ) -> Result<()> {
         let Some(mut status) = live::reconcile(&self.store, domain)? else { return Ok(()) };
-        for recorded in chains {
-            if let Some(root) = &recorded.top {
-                status.roots.insert(recorded.disk.clone(), root.clone());
-            }
-            status.domain.get_mut()?.set_disk_chain(&recorded.disk, &recorded.chain)?;
+        if let Some(file) = staged.and_then(|s| s.publishable(&status.to_xml(), chains)) {
+            return self.store.publish(file);
         }
+        record_in(&mut status, chains)?;
         self.store.write_status(domain, &status.to_xml())
     }
 
@@ -111,9 +118,9 @@ impl SnapshotBackend for QemuConnection {
         plans: &[DiskPlan],
         name: &str,
         created: &[PathBuf],
-    ) -> Result<NewTops> {
+    ) -> Result<Switched> {
         let (status, monitor) = self.running(domain).await?;
-        self.create_live(domain, &status, &monitor.client, plans, name, created).await
+        self.create_live(domain, &status, &monitor.client, plans, name, created, true).await
     }
 
     /// A checkpoint with external memory: the guest is stopped, its disks
@@ -133,9 +140,9 @@ impl SnapshotBackend for QemuConnection {
         let client = &monitor.client;
         client.execute("stop", None).await.map_err(|e| qmp_error(domain, e))?;
         let saved = async {
-            let roots = self.create_live(domain, &status, client, plans, name, created).await?;
+            let switched = self.create_live(domain, &status, client, plans, name, created, false).await?;
             save_memory(client, domain, file).await?;
-            Ok(roots)
+            Ok(switched.tops)
         }
         .await;
         // Back to running (or paused: QEMU refuses a later migration of a
@@ -275,7 +282,9 @@ impl QemuConnection {
     /// Takes a disk snapshot in the running QEMU (see [`snapshot_live`]),
     /// its new nodes numbered from those reserved in the runtime directory
     /// (see `RuntimePaths::reserve_snapshot_numbers`); returns each disk's
-    /// new root node.
+    /// new root node. With `stage`, the status recording them is staged
+    /// while QEMU works (see [`StagedLiveChains`]).
+    #[allow(clippy::too_many_arguments)]
     async fn create_live(
         &self,
         domain: &str,
@@ -284,7 +293,8 @@ impl QemuConnection {
         plans: &[DiskPlan],
         name: &str,
         created: &[PathBuf],
-    ) -> Result<NewTops> {
+        stage: bool,
+    ) -> Result<Switched> {
         let externals = plans.iter().filter(|p| p.mode == "external").count() as u64;
         let _nodes = lock_unattached_nodes(self.store(), domain)?;
         // The status's counter is the floor: it numbered the nodes of
@@ -294,7 +304,20 @@ impl QemuConnection {
         } else {
             0
         };
-        snapshot_live(client, domain, plans, name, number, created, |t| root_of(status, t)).await
+        let switching = snapshot_live(client, domain, plans, name, number, created, |t| root_of(status, t));
+        if !stage || externals == 0 {
+            return switching.await.map(Switched::unstaged);
+        }
+        // QEMU's part takes 2–3 ms, the status's write and fsync about
+        // 0.5 ms: written meanwhile, only its rename is left for after.
+        let staging = {
+            let (store, domain, status) = (self.store.clone(), domain.to_string(), status.clone());
+            let (plans, roots) = (plans.to_vec(), new_roots(plans, number));
+            blocking(move || stage_status(&store, &domain, status, &plans, &roots))
+        };
+        let (staged, tops) = tokio::join!(staging, switching);
+        let staged = staged.inspect_err(|e| tracing::debug!(error = %e, "the status is written after the switch")).ok();
+        Ok(Switched { tops: tops?, staged })
     }
 
     /// The block-job engine over this connection, for the jobs a snapshot
@@ -367,4 +390,43 @@ async fn save_memory(client: &strata_qmp::QmpClient, domain: &str, file: &Path) 
     crate::memory_stream::migrate_to_fd(client, domain, std::os::fd::AsFd::as_fd(&f), crate::memory_stream::UNCAPPED)
         .await?;
     f.sync_all().map_err(|e| Error::io("sync", file, e))
+}
+
+/// Records each of `chains` in `status`: the disk's chain and, when known,
+/// its root node.
+fn record_in(status: &mut LiveStatus, chains: &[RecordedChain]) -> Result<()> {
+    for recorded in chains {
+        if let Some(root) = &recorded.top {
+            status.roots.insert(recorded.disk.clone(), root.clone());
+        }
+        status.domain.get_mut()?.set_disk_chain(&recorded.disk, &recorded.chain)?;
+    }
+    Ok(())
+}
+
+/// Stages the domain's status as it is once the external `plans` have
+/// switched: each disk on its overlay over the chain `status` records,
+/// with its new root node from `roots`.
+fn stage_status(
+    store: &Store,
+    domain: &str,
+    mut status: LiveStatus,
+    plans: &[DiskPlan],
+    roots: &NewTops,
+) -> Result<StagedLiveChains> {
+    let basis = status.to_xml();
+    let mut chains = Vec::new();
+    for plan in plans.iter().filter(|p| p.mode == "external") {
+        let overlay = plan.overlay.clone().ok_or_else(|| Error::internal("external plan without overlay"))?;
+        let below = status.domain.get()?.find_storage_device(&plan.target)?.chain().cloned();
+        let below = below.ok_or_else(|| Error::internal(format!("disk '{}' has no recorded chain", plan.target)))?;
+        chains.push(RecordedChain {
+            disk: plan.target.clone(),
+            chain: overlaid(&below, overlay),
+            top: roots.get(&plan.target).cloned(),
+        });
+    }
+    record_in(&mut status, &chains)?;
+    let file = store.stage_domain_file(domain, "status.xml", &status.to_xml())?;
+    Ok(StagedLiveChains::new(file, basis, chains))
 }

@@ -16,7 +16,7 @@ use strata_core::xml::{Domain, SnapshotDef, SnapshotDisk, SnapshotMemory};
 use strata_core::{Error, Result};
 
 use super::plan::{plan_disks, DiskPlan};
-use super::{now_secs, Activity, NewTops, RecordedChain, SnapshotBackend, SnapshotEngine};
+use super::{now_secs, Activity, NewTops, RecordedChain, SnapshotBackend, SnapshotEngine, StagedLiveChains, Switched};
 use crate::blocking::blocking;
 use crate::graph::images_read_by;
 use crate::image_work::{create_overlay, held, path_str, run_holding};
@@ -186,11 +186,11 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         def.domain = Some(dom.into_element());
         Intent::write_create(store, domain, &created, &def, flags.no_metadata)?;
         strata_core::crash_point("snapshot-create:intent");
-        let (roots, staged) = match (live, &memory_file) {
+        let (switched, staged) = match (live, &memory_file) {
             (true, Some(file)) => {
                 let roots =
                     self.backend.snapshot_disks_with_memory(domain, &plans, &name, file, &created, running).await?;
-                (Some(roots), Staged::default())
+                (Some(Switched::unstaged(roots)), Staged::default())
             }
             (true, None) => {
                 // The records published once the hypervisor has switched
@@ -223,7 +223,8 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         };
         strata_core::crash_point("snapshot-create:images");
         strata_core::pause_point("snapshot-create:images");
-        let made = Made { persistent, mark, roots, below, staged };
+        let (roots, staged_live) = switched.map(|s| (s.tops, s.staged)).unzip();
+        let made = Made { persistent, mark, roots, below, staged, staged_live: staged_live.flatten() };
         self.finish_creation(domain, &def, flags.no_metadata, Some(made)).await?;
         Ok(name)
     }
@@ -237,7 +238,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         name: &str,
         checkpoint: bool,
         created: &[PathBuf],
-    ) -> Result<NewTops> {
+    ) -> Result<Switched> {
         if checkpoint {
             // A system checkpoint: VM state and every selected qcow2 disk
             // in one internal snapshot (disks with snapshot='no' are left out).
@@ -247,7 +248,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
                 ));
             }
             self.backend.save_checkpoint(domain, plans, name).await?;
-            return Ok(NewTops::new());
+            return Ok(Switched::default());
         }
         self.backend.snapshot_disks(domain, plans, name, created).await
     }
@@ -311,11 +312,11 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         made: Option<Made>,
     ) -> Result<()> {
         let store = self.store();
-        let (read, roots, below, staged_domain) = match made {
-            Some(Made { persistent, mark, roots, below, staged }) => {
-                (Some((persistent, mark)), roots, below, staged.domain)
+        let (read, roots, below, staged_domain, staged_live) = match made {
+            Some(Made { persistent, mark, roots, below, staged, staged_live }) => {
+                (Some((persistent, mark)), roots, below, staged.domain, staged_live)
             }
-            None => (None, None, None, None),
+            None => (None, None, None, None, None),
         };
         let live_chains = match (self.running(domain)?, &roots) {
             (true, None) => Some(self.backend.live_chains(domain).await?),
@@ -365,7 +366,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
             Some(staged) => store.publish(staged)?,
             None => store.write_domain(domain, &persistent.to_xml())?,
         }
-        self.backend.record_live_chains(domain, &live_updates)
+        self.backend.record_live_chains(domain, &live_updates, staged_live)
     }
 
     /// `--redefine`: a record from dumped XML, checked against the domain.
@@ -414,6 +415,8 @@ pub(super) struct Made {
     below: Option<HashMap<String, Chain>>,
     /// The records written while the hypervisor worked.
     staged: Staged,
+    /// The live state the backend staged meanwhile.
+    staged_live: Option<StagedLiveChains>,
 }
 
 /// A live snapshot's records, written and synced while the hypervisor
@@ -462,8 +465,9 @@ impl Staged {
     }
 }
 
-/// `below` with a new qcow2 `overlay` on top.
-fn overlaid(below: &Chain, overlay: PathBuf) -> Chain {
+/// `below` with a new qcow2 `overlay` on top: a disk's chain once a
+/// snapshot switched it to its overlay.
+pub fn overlaid(below: &Chain, overlay: PathBuf) -> Chain {
     below.with_overlay(StorageSource::local(overlay), Some("qcow2".into()))
 }
 

@@ -29,13 +29,14 @@ use async_trait::async_trait;
 use strata_core::chain::Chain;
 use strata_core::driver::{DomainState, SnapshotOps, SnapshotSummary};
 use strata_core::options::{SnapshotCreateFlags, SnapshotDeleteFlags, SnapshotRevertFlags};
-use strata_core::store::{DomainLock, Store};
+use strata_core::store::{DomainLock, StagedFile, Store};
 use strata_core::xml::{Domain, SnapshotDef};
 use strata_core::{Error, Result};
 
 use crate::intent::Intent;
 use crate::view::TransparentOver;
 
+pub use create::overlaid;
 pub use delete::{delete_method, refuse_merged_behind_back};
 pub use plan::{default_overlay, plan_disks, DiskPlan};
 pub use recover::{creation_recovery, revert_recovery, CreationRecovery, RevertRecovery};
@@ -82,6 +83,49 @@ pub enum DiskJob {
 /// disk target.
 pub type NewTops = HashMap<String, String>;
 
+/// What a live disk snapshot's switch left: each disk's new top handle,
+/// and the live state the backend staged for it while its hypervisor
+/// worked, if it did.
+#[derive(Debug, Default)]
+pub struct Switched {
+    pub tops: NewTops,
+    pub staged: Option<StagedLiveChains>,
+}
+
+impl Switched {
+    /// A switch whose live state is written only once it is recorded.
+    pub fn unstaged(tops: NewTops) -> Switched {
+        Switched { tops, staged: None }
+    }
+}
+
+/// A backend's live state with a switch's chains recorded, written and
+/// synced under a temporary name while its hypervisor switched, so that
+/// recording them after the switch is only a rename. It is published only
+/// if it records exactly the chains the engine records, over the live
+/// state it was made from; otherwise it is dropped (its file removed) and
+/// the chains are recorded the usual way.
+#[derive(Debug)]
+pub struct StagedLiveChains {
+    file: StagedFile,
+    /// The live state, serialized, that the staged one was made from.
+    basis: String,
+    chains: Vec<RecordedChain>,
+}
+
+impl StagedLiveChains {
+    /// `file` holds the live state `basis` with `chains` recorded.
+    pub fn new(file: StagedFile, basis: String, chains: Vec<RecordedChain>) -> StagedLiveChains {
+        StagedLiveChains { file, basis, chains }
+    }
+
+    /// The staged file, if recording `chains` over the live state
+    /// `current` (serialized as the basis was) would write what it holds.
+    pub fn publishable(self, current: &str, chains: &[RecordedChain]) -> Option<StagedFile> {
+        (self.basis == current && self.chains == chains).then_some(self.file)
+    }
+}
+
 /// An error for what a backend cannot do.
 pub fn not_supported(what: &str) -> Error {
     Error::no_support(format!("this driver cannot {what}"))
@@ -107,8 +151,15 @@ pub trait SnapshotBackend: Send + Sync {
 
     /// Records in the live state each disk's chain (and top handle, when
     /// given) after a switch of overlays; nothing when nothing serves the
-    /// domain. The caller holds the domain lock.
-    fn record_live_chains(&self, domain: &str, chains: &[RecordedChain]) -> Result<()>;
+    /// domain. `staged`: what [`SnapshotBackend::snapshot_disks`] staged
+    /// for the switch, published if it holds this record (see
+    /// [`StagedLiveChains`]). The caller holds the domain lock.
+    fn record_live_chains(
+        &self,
+        domain: &str,
+        chains: &[RecordedChain],
+        staged: Option<StagedLiveChains>,
+    ) -> Result<()>;
 
     /// The running domain's recorded definition, without asking the
     /// hypervisor for its whole block graph (so a snapshot costs the same
@@ -144,14 +195,15 @@ pub trait SnapshotBackend: Send + Sync {
     /// Takes a live disk snapshot atomically: each external plan's overlay
     /// becomes its disk's top (the files in `created` are made first) and
     /// each internal plan's image gets the snapshot `name`. Returns the
-    /// new top handle of each disk that got an overlay.
+    /// new top handle of each disk that got an overlay, and the live state
+    /// recording them if the backend staged it meanwhile.
     async fn snapshot_disks(
         &self,
         domain: &str,
         plans: &[DiskPlan],
         name: &str,
         created: &[PathBuf],
-    ) -> Result<NewTops>;
+    ) -> Result<Switched>;
 
     /// [`SnapshotBackend::snapshot_disks`] of external plans with the
     /// guest's memory saved into `file`, of one instant; the guest is left
@@ -437,5 +489,39 @@ impl<B: SnapshotBackend> SnapshotOps for SnapshotEngine<B> {
     async fn snapshot_delete(&self, domain: &str, snapshot: &str, flags: SnapshotDeleteFlags) -> Result<Vec<String>> {
         let operation = self.snapshot_operation(domain).await?;
         self.delete(domain, snapshot, flags, &operation).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_core::chain::StorageSource;
+
+    fn chains(top: &str) -> Vec<RecordedChain> {
+        let base = Chain::single(StorageSource::local("/i/base.qcow2".into()), Some("qcow2".into()));
+        vec![RecordedChain { disk: "vda".into(), chain: overlaid(&base, top.into()), top: Some("vda-o1-fmt".into()) }]
+    }
+
+    #[test]
+    fn a_staged_live_state_is_published_only_over_its_basis_with_its_chains() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::internal(e.to_string()))?;
+        let store = Store::open(dir.path().to_path_buf())?;
+        let stage = || -> Result<StagedLiveChains> {
+            let file = store.stage_domain_file("vm", "status.xml", "<status>after</status>")?;
+            Ok(StagedLiveChains::new(file, "<status>before</status>".into(), chains("/i/top.s1")))
+        };
+        let staged_names = || -> Result<usize> {
+            let names = strata_core::store::entry_names(&dir.path().join("domains").join("vm"))?;
+            Ok(names.iter().filter(|n| n.starts_with(".status.xml.staged.")).count())
+        };
+        assert!(stage()?.publishable("<status>changed</status>", &chains("/i/top.s1")).is_none());
+        assert!(stage()?.publishable("<status>before</status>", &chains("/i/other.s1")).is_none());
+        assert_eq!(staged_names()?, 0, "a staged state not published was left behind");
+
+        let file = stage()?.publishable("<status>before</status>", &chains("/i/top.s1"));
+        store.publish(file.ok_or_else(|| Error::internal("not publishable over its own basis"))?)?;
+        assert_eq!(store.read_status("vm")?.as_deref(), Some("<status>after</status>"));
+        assert_eq!(staged_names()?, 0);
+        Ok(())
     }
 }

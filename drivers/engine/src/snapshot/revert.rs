@@ -268,7 +268,7 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
                         }
                     }
                 }
-                self.backend.record_live_chains(domain, &chains)?;
+                self.backend.record_live_chains(domain, &chains, None)?;
             }
         }
         store.write_domain(domain, &t.to_xml())
