@@ -315,7 +315,10 @@ impl QemuConnection {
             let (plans, roots) = (plans.to_vec(), new_roots(plans, number));
             blocking(move || stage_status(&store, &domain, status, &plans, &roots))
         };
-        let (staged, tops) = tokio::join!(staging, switching);
+        // The switch is polled first: its command goes to QEMU and its
+        // overlays' sync (which the switch waits for) gets a thread before
+        // the staging does.
+        let (tops, staged) = tokio::join!(switching, staging);
         let staged = staged.inspect_err(|e| tracing::debug!(error = %e, "the status is written after the switch")).ok();
         Ok(Switched { tops: tops?, staged })
     }
