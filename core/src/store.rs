@@ -600,8 +600,8 @@ impl DirSyncBatch<'_> {
             |dir: &PathBuf| File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("sync directory", dir, e));
         let mut dirs = dirs.iter();
         let Some(first) = dirs.next() else { return Ok(()) };
-        // Synced together, the directories' changes go to disk in one
-        // journal commit (ext4's) instead of one after the other.
+        // Synced at once, the directories' writes to the disk overlap
+        // instead of waiting one after the other.
         std::thread::scope(|scope| {
             let others: Vec<_> = dirs.map(|dir| scope.spawn(move || sync(dir))).collect();
             let mut result = sync(first);
