@@ -26,7 +26,7 @@ pub enum Node {
 /// An XML element with its attributes in document order.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Element {
-    /// Names Strata reads and writes often are not allocated ([`interned`]):
+    /// Names Strata reads and writes often are not allocated (`interned`):
     /// a chain has three elements and four attributes per layer.
     pub name: Cow<'static, str>,
     pub attrs: Vec<(Cow<'static, str>, String)>,

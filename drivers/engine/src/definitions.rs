@@ -135,7 +135,7 @@ pub fn define(store: &Store, xml: &str, flags: DefineFlags) -> Result<DefineOutc
     define_for(store, xml, flags, "qemu", &["kvm", "qemu"], |_| Ok(()))
 }
 
-/// [`define`] for the driver named `driver`, which runs domains of the
+/// [`define()`] for the driver named `driver`, which runs domains of the
 /// `types` given and checks what else it needs of a definition with
 /// `validate` before anything is written.
 pub fn define_for(

@@ -3,7 +3,7 @@
 //! by the driver ([`ContainerRecords`]). A running container's jobs run in
 //! the storage daemon that serves the filesystem, recorded in the
 //! container's record; a shut-off container's in the offline daemon
-//! ([`crate::offline`]) started for them, recorded in its own record.
+//! (`crate::offline`) started for them, recorded in its own record.
 //!
 //! A running container's daemon exports the chain's active layer writable
 //! over FUSE, and QEMU 7.2's FUSE export holds the resize permission on

@@ -11,11 +11,11 @@
 //! its recorded pid and start time ([`status`]).
 //!
 //! Snapshots of qcow2 filesystems go through strata-engine, offline or
-//! while the container runs (paused for the switch: [`pause`]) ([`snapshots`]);
+//! while the container runs (paused for the switch: `pause`) ([`snapshots`]);
 //! other roots have no layer to hold one, and are refused saying so.
 //! Block jobs on a running container's qcow2 filesystem run in the storage
 //! daemon serving it, on a shut-off container's in an offline daemon
-//! started for them ([`jobs`], [`offline`]).
+//! started for them ([`jobs`], `offline`).
 
 mod container;
 mod events;

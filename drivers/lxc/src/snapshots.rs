@@ -3,7 +3,7 @@
 //! engine's offline image work while the container is shut off, and taken
 //! live in the filesystems' storage daemons while it runs: each overlay's
 //! header written natively first, then, with the container paused
-//! ([`crate::pause`]: cgroup freeze, `FIFREEZE`), every daemon's new nodes
+//! (`crate::pause`: cgroup freeze, `FIFREEZE`), every daemon's new nodes
 //! added (`strata-qemu-block`'s `prepare_snapshot_live`), and only then
 //! each daemon switched in one `transaction`; the FUSE export follows its
 //! node to the new overlay, so the loop device and the mount over it
@@ -370,7 +370,7 @@ impl SnapshotBackend for LxcConnection {
     }
 
     /// Starts the container frozen before its init runs (see
-    /// [`crate::container::start`]): a revert's restart, resumed unless
+    /// `crate::container::start`): a revert's restart, resumed unless
     /// `--paused`.
     async fn start_paused(&self, domain: &str) -> Result<()> {
         Connection::start(self, domain, StartFlags { paused: true }).await.map(drop)

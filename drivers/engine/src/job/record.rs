@@ -102,7 +102,7 @@ fn job_id(kind: BlockJobKind, disk: &str, number: u64) -> String {
     format!("strata-{}-{}-{number}", kind.as_str(), device_identifier(disk))
 }
 
-/// The kind and disk of a job [`job_id`] named; None for another id.
+/// The kind and disk of a job `job_id` named; None for another id.
 pub fn job_of_id(id: &str) -> Option<(BlockJobKind, String)> {
     let rest = id.strip_prefix("strata-")?;
     let kind = [BlockJobKind::ActiveCommit, BlockJobKind::Pull, BlockJobKind::Commit, BlockJobKind::Copy]
