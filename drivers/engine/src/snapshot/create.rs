@@ -186,11 +186,11 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         def.domain = Some(dom.into_element());
         Intent::write_create(store, domain, &created, &def, flags.no_metadata)?;
         strata_core::crash_point("snapshot-create:intent");
-        let (switched, staged) = match (live, &memory_file) {
+        let (roots, staged, staged_live) = match (live, &memory_file) {
             (true, Some(file)) => {
                 let roots =
                     self.backend.snapshot_disks_with_memory(domain, &plans, &name, file, &created, running).await?;
-                (Some(Switched::unstaged(roots)), Staged::default())
+                (Some(roots), Staged::default(), None)
             }
             (true, None) => {
                 // The records published once the hypervisor has switched
@@ -214,17 +214,17 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
                     tracing::debug!(error = %e, "the snapshot's records are written after the switch");
                     Staged::default()
                 });
-                (Some(taken?), staged)
+                let switched = taken?;
+                (Some(switched.tops), staged, switched.staged)
             }
             (false, _) => {
                 create_offline(operation, &plans, &name, &created).await?;
-                (None, Staged::default())
+                (None, Staged::default(), None)
             }
         };
         strata_core::crash_point("snapshot-create:images");
         strata_core::pause_point("snapshot-create:images");
-        let (roots, staged_live) = switched.map(|s| (s.tops, s.staged)).unzip();
-        let made = Made { persistent, mark, roots, below, staged, staged_live: staged_live.flatten() };
+        let made = Made { persistent, mark, roots, below, staged, staged_live };
         self.finish_creation(domain, &def, flags.no_metadata, Some(made)).await?;
         Ok(name)
     }
