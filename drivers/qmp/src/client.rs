@@ -70,7 +70,7 @@ struct Inner {
     path: PathBuf,
     /// Held for the whole of one message so that concurrent commands never
     /// interleave their bytes on the socket.
-    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+    writer: Arc<tokio::sync::Mutex<Writer>>,
     shared: Arc<Shared>,
     next_id: AtomicU64,
     default_timeout: Mutex<Duration>,
@@ -84,6 +84,19 @@ impl Drop for Inner {
         self.reader.abort();
     }
 }
+
+/// The socket's write half, and the command written but its last bytes,
+/// if there is one (see [`QmpClient::hold`]).
+struct Writer {
+    half: OwnedWriteHalf,
+    /// The id of the held command. Any other write aborts it first.
+    held: Option<u64>,
+}
+
+/// What QEMU's JSON parser takes as "drop the partial input": a byte that
+/// is never valid UTF-8 (QMP specification, "Forcing the JSON parser into
+/// known-good state"). QEMU answers it with one error without an id.
+const ABORT_PARTIAL: &[u8] = b"\xff\n";
 
 /// State shared between callers and the reader task.
 struct Shared {
@@ -99,6 +112,9 @@ struct ConnState {
     /// `None` once the socket has closed: dropping the only sender is what
     /// ends every subscriber's stream, and it doubles as the "closed" flag.
     events: Option<broadcast::Sender<QmpEvent>>,
+    /// How many held commands were aborted whose error (one each, without
+    /// an id) QEMU has not sent yet.
+    aborts_unanswered: usize,
 }
 
 impl Shared {
@@ -155,14 +171,18 @@ impl Shared {
     }
 }
 
+/// A command's id, the channel its reply comes on, and the guard of its
+/// entry (see [`PendingGuard`]).
+type Registered = (u64, oneshot::Receiver<Reply>, PendingGuard);
+
 /// Removes a request's pending entry however the request ends (reply,
 /// timeout, or the caller dropping the future), so abandoned ids don't pile up.
-struct PendingGuard<'a> {
-    shared: &'a Shared,
+struct PendingGuard {
+    shared: Arc<Shared>,
     id: u64,
 }
 
-impl Drop for PendingGuard<'_> {
+impl Drop for PendingGuard {
     fn drop(&mut self) {
         self.shared.lock().pending.remove(&self.id);
     }
@@ -226,7 +246,7 @@ impl QmpClient {
             return Err(QmpError::Protocol(format!("'{command}' was not sent with the connection")));
         };
         let reply = {
-            let _pending = PendingGuard { shared: &client.inner.shared, id };
+            let _pending = PendingGuard { shared: Arc::clone(&client.inner.shared), id };
             let started = Instant::now();
             tracing::debug!(command, id, with_fd = false, "QMP command sent");
             let after = client.default_timeout();
@@ -259,7 +279,7 @@ impl QmpClient {
 
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let shared = Arc::new(Shared {
-            state: Mutex::new(ConnState { pending: HashMap::new(), events: Some(events) }),
+            state: Mutex::new(ConnState { pending: HashMap::new(), events: Some(events), aborts_unanswered: 0 }),
             greeting: greeting.map(OnceLock::from).unwrap_or_default(),
         });
         // Registered before the reader starts: the reply may already be in.
@@ -272,7 +292,7 @@ impl QmpClient {
         let client = QmpClient {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
-                writer: Arc::new(tokio::sync::Mutex::new(writer)),
+                writer: Arc::new(tokio::sync::Mutex::new(Writer { half: writer, held: None })),
                 shared,
                 next_id: AtomicU64::new(next_id),
                 default_timeout: Mutex::new(DEFAULT_TIMEOUT),
@@ -481,11 +501,11 @@ impl QmpClient {
         // Registered before writing: the reply can arrive before the write
         // call returns.
         let rx = self.inner.shared.register(id)?;
-        let _pending = PendingGuard { shared: &self.inner.shared, id };
+        let _pending = PendingGuard { shared: Arc::clone(&self.inner.shared), id };
         let started = Instant::now();
         let with_fd = fd.is_some();
         let exchange = async {
-            self.write(bytes, fd).await?;
+            self.write(bytes, fd, Hold::None).await?;
             tracing::debug!(command, id, with_fd, "QMP command sent");
             rx.await.map_err(|_| QmpError::Disconnected)
         };
@@ -501,29 +521,80 @@ impl QmpClient {
     pub async fn execute_in_order(&self, commands: Vec<(&str, Option<Value>)>) -> Vec<Result<Value, QmpError>> {
         let timeout = self.default_timeout();
         let started = Instant::now();
+        let (bytes, queued) = self.queue(commands.iter().map(|(c, a)| (*c, a.clone())));
+        let written = self.write(bytes, None, Hold::None).await;
+        self.replies(queued, written, started, timeout).await
+    }
+
+    /// Writes `commands` but the last bytes of the first, and returns them
+    /// held, to be run with [`HeldCommands::run`]. QEMU reads a command's
+    /// JSON a byte at a time (about 5 µs a byte here) and runs it only once
+    /// its last byte has come, so the reading is done while the caller
+    /// readies what the commands need (a file they open). Any other command
+    /// written on this connection meanwhile aborts the held one first
+    /// (QEMU drops its partial JSON); `run` then writes it again whole.
+    /// Only the first command is read ahead: the ones after it would run
+    /// at once.
+    pub async fn hold(&self, commands: Vec<(&str, Option<Value>)>) -> Result<HeldCommands, QmpError> {
+        let Some((first, _)) = commands.first() else {
+            return Err(QmpError::Protocol("no command to hold".into()));
+        };
+        let first = (*first).to_string();
+        let (bytes, queued) = self.queue(commands.iter().map(|(c, a)| (*c, a.clone())));
+        let mut registered = Vec::new();
+        for (command, entry) in queued {
+            registered.push((command, entry?));
+        }
+        let id = registered.first().map(|(_, (id, _, _))| *id).unwrap_or_default();
+        // The first message ends in "}\n" (JSON text has no raw newline):
+        // without its closing brace, QEMU's parser waits for more.
+        let held_len = bytes.iter().position(|&b| b == b'\n').unwrap_or(bytes.len()).saturating_sub(1);
+        self.write(bytes.clone(), None, Hold::Start { id, len: held_len }).await?;
+        tracing::debug!(command = first, id, "QMP command held");
+        let commands = commands.into_iter().map(|(c, a)| (c.to_string(), a)).collect();
+        Ok(HeldCommands { client: self.clone(), id, commands, bytes, held_len, registered })
+    }
+
+    /// Each command encoded and registered for its reply, in order, and
+    /// their messages in one buffer; a command that cannot be sent is its
+    /// error (and has no bytes).
+    fn queue<'a>(
+        &self,
+        commands: impl Iterator<Item = (&'a str, Option<Value>)>,
+    ) -> (Vec<u8>, Vec<(String, Result<Registered, QmpError>)>) {
         let mut bytes = Vec::new();
-        let mut pending = Vec::new();
+        let mut queued = Vec::new();
         for (command, arguments) in commands {
             let registered = self.encode(command, arguments).and_then(|(id, message)| {
+                // Registered before writing: the reply can arrive before
+                // the write call returns.
                 let rx = self.inner.shared.register(id)?;
                 bytes.extend(message);
-                Ok((id, rx, PendingGuard { shared: &self.inner.shared, id }))
+                Ok((id, rx, PendingGuard { shared: Arc::clone(&self.inner.shared), id }))
             });
-            pending.push((command, registered));
+            queued.push((command.to_string(), registered));
         }
-        let written = match tokio::time::timeout(timeout, self.write(bytes, None)).await {
-            Ok(written) => written,
-            Err(_) => Err(QmpError::Timeout { command: "a batch of commands".into(), after: timeout }),
-        };
+        (bytes, queued)
+    }
+
+    /// The results of `queued` commands, written (or not: `written`) from
+    /// `started`, within `timeout` in all.
+    async fn replies(
+        &self,
+        queued: Vec<(String, Result<Registered, QmpError>)>,
+        written: Result<(), QmpError>,
+        started: Instant,
+        timeout: Duration,
+    ) -> Vec<Result<Value, QmpError>> {
         if written.is_ok() {
-            for (command, registered) in &pending {
+            for (command, registered) in &queued {
                 if let Ok((id, _, _)) = registered {
                     tracing::debug!(command, id, with_fd = false, "QMP command sent");
                 }
             }
         }
         let mut results = Vec::new();
-        for (command, registered) in pending {
+        for (command, registered) in queued {
             let (id, rx, _pending) = match (registered, &written) {
                 (Err(e), _) => {
                     results.push(Err(e));
@@ -531,7 +602,7 @@ impl QmpClient {
                 }
                 (Ok(_), Err(e)) => {
                     results.push(Err(match e {
-                        QmpError::Timeout { after, .. } => QmpError::Timeout { command: command.into(), after: *after },
+                        QmpError::Timeout { after, .. } => QmpError::Timeout { command, after: *after },
                         _ => QmpError::Disconnected,
                     }));
                     continue;
@@ -540,7 +611,7 @@ impl QmpClient {
             };
             let left = timeout.saturating_sub(started.elapsed());
             let outcome = tokio::time::timeout(left, async { rx.await.map_err(|_| QmpError::Disconnected) }).await.ok();
-            results.push(settle(command, id, started, timeout, outcome));
+            results.push(settle(&command, id, started, timeout, outcome));
         }
         results
     }
@@ -551,22 +622,48 @@ impl QmpClient {
         Ok((id, encode_message(command, arguments, id)?))
     }
 
-    /// Writes one complete message, with `fd` attached if given.
+    /// Writes `bytes` (whole messages), with `fd` attached if given, or
+    /// part of them as `hold` says, within the default timeout.
     ///
     /// The write runs in its own task so that it always finishes even when the
     /// caller's future is dropped (timeout, `select!`): abandoning a write
     /// half-way would leave a truncated JSON object on the socket and corrupt
     /// every later command on this connection.
-    async fn write(&self, bytes: Vec<u8>, fd: Option<OwnedFd>) -> Result<(), QmpError> {
+    async fn write(&self, bytes: Vec<u8>, fd: Option<OwnedFd>, hold: Hold) -> Result<(), QmpError> {
         let writer = Arc::clone(&self.inner.writer);
+        let shared = Arc::clone(&self.inner.shared);
         let task = tokio::spawn(async move {
             let mut writer = writer.lock().await;
-            match fd {
-                Some(fd) => write_with_fd(&mut writer, &bytes, fd.as_fd()).await,
-                None => writer.write_all(&bytes).await,
+            let writer = &mut *writer;
+            let mut from = 0;
+            match (writer.held.take(), hold) {
+                (Some(held), Hold::Rest { id, from: rest }) if held == id => from = rest,
+                (Some(held), _) => {
+                    tracing::debug!(id = held, "held QMP command aborted");
+                    shared.lock().aborts_unanswered += 1;
+                    writer.half.write_all(ABORT_PARTIAL).await?;
+                }
+                (None, _) => {}
             }
+            let until = match hold {
+                Hold::Start { len, .. } => len,
+                Hold::None | Hold::Rest { .. } => bytes.len(),
+            };
+            match fd {
+                Some(fd) => write_with_fd(&mut writer.half, &bytes[from..until], fd.as_fd()).await?,
+                None => writer.half.write_all(&bytes[from..until]).await?,
+            }
+            if let Hold::Start { id, .. } = hold {
+                writer.held = Some(id);
+            }
+            Ok::<(), io::Error>(())
         });
-        match task.await {
+        let timeout = self.default_timeout();
+        let finished = match tokio::time::timeout(timeout, task).await {
+            Ok(finished) => finished,
+            Err(_) => return Err(QmpError::Timeout { command: "a write".into(), after: timeout }),
+        };
+        match finished {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(match e.kind() {
                 io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::NotConnected => {
@@ -578,6 +675,61 @@ impl QmpClient {
             // Cancelled: the runtime is shutting down.
             Err(_) => Err(QmpError::Disconnected),
         }
+    }
+}
+
+/// Which part of a write's bytes go out, and what becomes of a held
+/// command (see [`QmpClient::hold`]).
+#[derive(Debug, Clone, Copy)]
+enum Hold {
+    /// All of them; a held command is aborted first.
+    None,
+    /// The first `len` bytes, the rest held as command `id`'s.
+    Start { id: u64, len: usize },
+    /// Those from `from` on when command `id` is still held; all of them
+    /// (again) when it was aborted meanwhile.
+    Rest { id: u64, from: usize },
+}
+
+/// Commands written to QEMU but the last bytes of the first (see
+/// [`QmpClient::hold`]). Dropping them leaves the partial command to be
+/// aborted by the connection's next write.
+pub struct HeldCommands {
+    client: QmpClient,
+    id: u64,
+    commands: Vec<(String, Option<Value>)>,
+    bytes: Vec<u8>,
+    held_len: usize,
+    registered: Vec<(String, Registered)>,
+}
+
+impl fmt::Debug for HeldCommands {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HeldCommands").field("id", &self.id).field("commands", &self.commands).finish()
+    }
+}
+
+impl HeldCommands {
+    /// Whether these are `commands`, in this order, with these arguments.
+    pub fn are(&self, commands: &[(&str, Option<Value>)]) -> bool {
+        self.commands.len() == commands.len()
+            && self.commands.iter().zip(commands).all(|((c, a), (d, b))| c == d && a == b)
+    }
+
+    /// Whether they were held on `client`'s connection.
+    pub fn on(&self, client: &QmpClient) -> bool {
+        Arc::ptr_eq(&self.client.inner, &client.inner)
+    }
+
+    /// Writes the rest, so QEMU runs the commands in order, and returns one
+    /// result per command, as [`QmpClient::execute_in_order`] does.
+    pub async fn run(self) -> Vec<Result<Value, QmpError>> {
+        let HeldCommands { client, id, bytes, held_len, registered, .. } = self;
+        let timeout = client.default_timeout();
+        let started = Instant::now();
+        let written = client.write(bytes, None, Hold::Rest { id, from: held_len }).await;
+        let queued = registered.into_iter().map(|(command, entry)| (command, Ok(entry))).collect();
+        client.replies(queued, written, started, timeout).await
     }
 }
 
@@ -753,7 +905,17 @@ async fn read_loop(mut reader: BufReader<OwnedReadHalf>, shared: Arc<Shared>, ca
             // QEMU only answers without an id when it could not parse the
             // request; nobody can be matched to it.
             Ok(Incoming::Reply { id: None, reply }) => {
-                tracing::warn!(?reply, "QMP reply without a usable id");
+                let aborted = {
+                    let mut state = shared.lock();
+                    let aborted = matches!(reply, Reply::Error { .. }) && state.aborts_unanswered > 0;
+                    state.aborts_unanswered -= usize::from(aborted);
+                    aborted
+                };
+                if aborted {
+                    tracing::debug!(?reply, "QEMU dropped an aborted held command");
+                } else {
+                    tracing::warn!(?reply, "QMP reply without a usable id");
+                }
             }
             // A line that is not QMP cannot be attributed to any request; the
             // affected caller (if any) will time out.

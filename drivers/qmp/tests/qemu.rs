@@ -141,6 +141,72 @@ async fn blockdev_add_shows_named_nodes() {
     assert!(client.query_block().await.unwrap().is_empty());
 }
 
+/// A `blockdev-add` of the qcow2 image `image` as nodes `NAME-fmt` and
+/// `NAME-file`.
+fn add_qcow2(name: &str, image: &std::path::Path) -> (&'static str, Option<serde_json::Value>) {
+    let args = json!({
+        "driver": "qcow2",
+        "node-name": format!("{name}-fmt"),
+        "file": {"driver": "file", "filename": image, "node-name": format!("{name}-file")},
+    });
+    ("blockdev-add", Some(args))
+}
+
+/// The node names QEMU has now.
+async fn node_names(client: &QmpClient) -> Vec<String> {
+    client.query_named_block_nodes().await.unwrap().into_iter().map(|n| n.node_name).collect()
+}
+
+#[tokio::test]
+async fn a_held_command_runs_only_once_its_last_bytes_come() {
+    let mut qemu = Qemu::spawn();
+    let client = qemu.connect().await;
+    let image = qemu.dir().join("later.qcow2");
+
+    // Held before its image exists: had QEMU run it, it would have failed.
+    let held = client.hold(vec![add_qcow2("later", &image)]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    qemu_img_create(&["-q", "-f", "qcow2", image.to_str().unwrap(), "16M"]);
+    let replies = held.run().await;
+    assert_eq!(replies.len(), 1);
+    replies.into_iter().for_each(|r| r.map(drop).unwrap());
+    assert!(node_names(&client).await.contains(&"later-fmt".to_string()));
+}
+
+#[tokio::test]
+async fn a_command_written_while_one_is_held_aborts_it_and_the_held_one_goes_again_whole() {
+    let mut qemu = Qemu::spawn();
+    let client = qemu.connect().await;
+    let image = qemu.dir().join("a.qcow2");
+    qemu_img_create(&["-q", "-f", "qcow2", image.to_str().unwrap(), "16M"]);
+    let second = qemu.dir().join("b.qcow2");
+    qemu_img_create(&["-q", "-f", "qcow2", second.to_str().unwrap(), "16M"]);
+
+    let held = client.hold(vec![add_qcow2("a", &image), add_qcow2("b", &second)]).await.unwrap();
+    assert!(held.are(&[add_qcow2("a", &image), add_qcow2("b", &second)]));
+    assert!(!held.are(&[add_qcow2("a", &image)]));
+    assert!(held.on(&client));
+    // Another command aborts the held one: it is answered, and QEMU has
+    // run neither the held command nor the one behind it.
+    assert!(!client.query_status().await.unwrap().running);
+    let nodes = node_names(&client).await;
+    assert!(!nodes.iter().any(|n| n.starts_with("a-") || n.starts_with("b-")), "{nodes:?}");
+    // Run, the held commands go out whole, once each.
+    let replies = held.run().await;
+    assert_eq!(replies.len(), 2);
+    replies.into_iter().for_each(|r| r.map(drop).unwrap());
+    let nodes = node_names(&client).await;
+    assert!(nodes.contains(&"a-fmt".to_string()) && nodes.contains(&"b-fmt".to_string()), "{nodes:?}");
+
+    // A held command dropped unrun never runs, and the connection goes on.
+    let third = qemu.dir().join("c.qcow2");
+    qemu_img_create(&["-q", "-f", "qcow2", third.to_str().unwrap(), "16M"]);
+    drop(client.hold(vec![add_qcow2("c", &third)]).await.unwrap());
+    assert!(!client.query_status().await.unwrap().running);
+    assert!(!node_names(&client).await.contains(&"c-fmt".to_string()));
+    assert!(client.is_connected());
+}
+
 /// The next JOB_STATUS_CHANGE of job `id`.
 async fn next_status(client: &QmpClient, events: &mut broadcast::Receiver<QmpEvent>, id: &str) -> JobStatus {
     let event =
