@@ -175,6 +175,9 @@ impl Shared {
 /// entry (see [`PendingGuard`]).
 type Registered = (u64, oneshot::Receiver<Reply>, PendingGuard);
 
+/// A command's name and how it was registered, or why it could not be.
+type Queued = (String, Result<Registered, QmpError>);
+
 /// Removes a request's pending entry however the request ends (reply,
 /// timeout, or the caller dropping the future), so abandoned ids don't pile up.
 struct PendingGuard {
@@ -561,7 +564,7 @@ impl QmpClient {
     fn queue<'a>(
         &self,
         commands: impl Iterator<Item = (&'a str, Option<Value>)>,
-    ) -> (Vec<u8>, Vec<(String, Result<Registered, QmpError>)>) {
+    ) -> (Vec<u8>, Vec<Queued>) {
         let mut bytes = Vec::new();
         let mut queued = Vec::new();
         for (command, arguments) in commands {
@@ -581,7 +584,7 @@ impl QmpClient {
     /// `started`, within `timeout` in all.
     async fn replies(
         &self,
-        queued: Vec<(String, Result<Registered, QmpError>)>,
+        queued: Vec<Queued>,
         written: Result<(), QmpError>,
         started: Instant,
         timeout: Duration,
