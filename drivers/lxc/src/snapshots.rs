@@ -311,7 +311,8 @@ impl SnapshotBackend for LxcConnection {
             for (served, own, monitor) in &daemons {
                 let ready = async {
                     let root = export_node(&monitor.client, domain, &served.target).await?;
-                    prepare_snapshot_live(&monitor.client, domain, own, name, number, &[], |_| Ok(root.clone())).await
+                    prepare_snapshot_live(&monitor.client, domain, own, name, number, &[], |_| Ok(root.clone()), None)
+                        .await
                 }
                 .await;
                 match ready {

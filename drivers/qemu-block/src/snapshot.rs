@@ -14,17 +14,19 @@ use strata_core::{Error, Result};
 use strata_engine::blocking::on_own_thread;
 use strata_engine::image_work::{path_str, write_overlay};
 use strata_engine::snapshot::{DiskPlan, NewTops};
-use strata_qmp::QmpClient;
+use strata_qmp::{HeldCommands, QmpClient};
 
 use crate::monitor::qmp_error;
 use crate::nodes::node_prefix;
 
 /// Takes the `plans` of snapshot `name` in the process `client` talks to
 /// (serving `domain`): [`prepare_snapshot_live`], then
-/// [`PreparedSnapshot::switch`]. Returns each device's new root node. On
+/// [`PreparedSnapshot::switch`]; `held`: what [`hold_overlay_additions`]
+/// held for it. Returns each device's new root node. On
 /// failure the nodes added are removed and the overlays it made deleted. The caller holds the unattached-nodes lock
 /// ([`crate::jobs::lock_unattached_nodes`]) from before until it has
 /// recorded the new roots.
+#[allow(clippy::too_many_arguments)]
 pub async fn snapshot_live(
     client: &QmpClient,
     domain: &str,
@@ -33,8 +35,9 @@ pub async fn snapshot_live(
     number: u64,
     created: &[PathBuf],
     root: impl Fn(&str) -> Result<String>,
+    held: Option<HeldCommands>,
 ) -> Result<NewTops> {
-    let prepared = prepare_snapshot_live(client, domain, plans, name, number, created, root).await?;
+    let prepared = prepare_snapshot_live(client, domain, plans, name, number, created, root, held).await?;
     strata_core::crash_point("snapshot-create:overlays");
     prepared.switch(client, domain).await
 }
@@ -58,6 +61,40 @@ fn overlay_nodes(target: &str, number: u64) -> (String, String) {
     (format!("{prefix}-o{number}-fmt"), format!("{prefix}-o{number}-file"))
 }
 
+/// The `blockdev-add` arguments of overlay `overlay` as nodes `fmt_node`
+/// and `file_node`. The protocol node is given inline (it goes with its
+/// format node, see `nodes::inline_parent`): one command where two were,
+/// and QEMU reads a command's JSON a byte at a time (about 5 µs each
+/// here). Quirk 2: "backing": null, or QEMU opens the header's backing
+/// file a second time and fails on its lock.
+fn overlay_addition(fmt_node: &str, file_node: &str, overlay: &str) -> Value {
+    json!({"driver": "qcow2", "node-name": fmt_node, "backing": null,
+           "file": {"driver": "file", "node-name": file_node, "filename": overlay}})
+}
+
+/// Writes the `blockdev-add` commands of the overlays of `plans` (their
+/// nodes numbered from `number`) to `client` but their last bytes (see
+/// [`QmpClient::hold`]), so that QEMU reads them while the snapshot's
+/// intent is written and its overlays made; [`snapshot_live`] with the
+/// same plans and number runs them. `None` when no plan is external.
+pub async fn hold_overlay_additions(
+    client: &QmpClient,
+    domain: &str,
+    plans: &[DiskPlan],
+    number: u64,
+) -> Result<Option<HeldCommands>> {
+    let mut commands = Vec::new();
+    for (p, n) in plans.iter().filter(|p| p.mode == "external").zip(number..) {
+        let overlay = p.overlay.as_ref().ok_or_else(|| Error::internal("external plan without overlay"))?;
+        let (fmt_node, file_node) = overlay_nodes(&p.target, n);
+        commands.push(("blockdev-add", Some(overlay_addition(&fmt_node, &file_node, path_str(overlay)?))));
+    }
+    if commands.is_empty() {
+        return Ok(None);
+    }
+    client.hold(commands).await.map(Some).map_err(|e| qmp_error(domain, e))
+}
+
 /// A live snapshot's nodes added to one process, not yet switched in:
 /// what can fail short of the process itself (a node name taken, an
 /// overlay that cannot be opened) has not.
@@ -74,8 +111,10 @@ pub struct PreparedSnapshot {
 /// root node (`root` gives a device's), and for each `external` one its
 /// overlay (when it is among `created`: made here with its qcow2 header
 /// naming the frozen image as its backing file) added as nodes numbered
-/// from `number`, all in one write. On failure the nodes added are
-/// removed and the overlays made here deleted.
+/// from `number`, all in one write, or by running `held` when it holds
+/// those very commands. On failure the nodes added are removed and the
+/// overlays made here deleted.
+#[allow(clippy::too_many_arguments)]
 pub async fn prepare_snapshot_live(
     client: &QmpClient,
     domain: &str,
@@ -84,6 +123,7 @@ pub async fn prepare_snapshot_live(
     mut number: u64,
     created: &[PathBuf],
     root: impl Fn(&str) -> Result<String>,
+    held: Option<HeldCommands>,
 ) -> Result<PreparedSnapshot> {
     let mut new_roots = HashMap::new();
     let mut added: Vec<String> = Vec::new();
@@ -125,17 +165,7 @@ pub async fn prepare_snapshot_live(
                         made.push(overlay.clone());
                         unsynced.push(write_overlay(&p.image, &p.format, overlay)?);
                     }
-                    // The protocol node is given inline (it goes with its
-                    // format node, see `nodes::inline_parent`): one command
-                    // where two were, and QEMU reads a command's JSON a
-                    // byte at a time (about 4 µs each here).
-                    // Quirk 2: "backing": null, or QEMU opens the header's
-                    // backing file a second time and fails on its lock.
-                    additions.push((
-                        fmt_node.clone(),
-                        json!({"driver": "qcow2", "node-name": fmt_node, "backing": null,
-                               "file": {"driver": "file", "node-name": file_node, "filename": ov}}),
-                    ));
+                    additions.push((fmt_node.clone(), overlay_addition(&fmt_node, &file_node, ov)));
                     actions.push(json!({
                         "type": "blockdev-snapshot",
                         "data": {"node": root(&p.target)?, "overlay": fmt_node},
@@ -144,7 +174,15 @@ pub async fn prepare_snapshot_live(
                 _ => {}
             }
         }
-        let commands = additions.iter().map(|(_, args)| ("blockdev-add", Some(args.clone()))).collect();
+        let commands: Vec<_> = additions.iter().map(|(_, args)| ("blockdev-add", Some(args.clone()))).collect();
+        // Held commands that are not these are dropped, and the write
+        // below aborts them.
+        let adding = async {
+            match held.filter(|h| h.on(client) && h.are(&commands)) {
+                Some(held) => held.run().await,
+                None => client.execute_in_order(commands).await,
+            }
+        };
         // QEMU reads the new overlays from the page cache while they are
         // synced; the transaction that lets the guest write to them comes
         // only once they are on disk.
@@ -155,7 +193,7 @@ pub async fn prepare_snapshot_live(
             }
             on_own_thread(move || overlays.into_iter().try_for_each(UnsyncedOverlay::sync)).await
         };
-        let (replies, synced) = tokio::join!(client.execute_in_order(commands), syncing);
+        let (replies, synced) = tokio::join!(adding, syncing);
         // Each node QEMU added is recorded for removal on failure, also
         // after the first refusal (a later disk's nodes may have gone in).
         let mut refused = None;

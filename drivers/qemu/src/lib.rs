@@ -76,6 +76,9 @@ pub struct QemuConnection {
     events: tokio::sync::Mutex<HashMap<String, tokio::sync::broadcast::Receiver<strata_qmp::QmpEvent>>>,
     /// Where the host's CPU lists are read.
     host_cpus: SysfsCpus,
+    /// Live snapshots readied, not yet taken, by domain (see
+    /// `ready_snapshot_disks`).
+    readied_snapshots: std::sync::Mutex<HashMap<String, snapshot_backend::ReadiedSnapshot>>,
 }
 
 impl QemuConnection {
@@ -96,6 +99,7 @@ impl QemuConnection {
             monitors: MonitorCache::default(),
             events: Default::default(),
             host_cpus: placement::host_cpus(),
+            readied_snapshots: Default::default(),
         })
     }
 
@@ -111,6 +115,7 @@ impl QemuConnection {
             monitors: MonitorCache::default(),
             events: Default::default(),
             host_cpus: placement::host_cpus(),
+            readied_snapshots: Default::default(),
         })
     }
 

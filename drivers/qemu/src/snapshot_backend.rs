@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::PoisonError;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -25,7 +26,8 @@ use strata_engine::snapshot::{
 use strata_qemu_block::graph::live_chains;
 use strata_qemu_block::jobs::{lock_unattached_nodes, reopen_node, wait_status};
 use strata_qemu_block::monitor::qmp_error;
-use strata_qemu_block::snapshot::{new_roots, snapshot_live};
+use strata_qemu_block::snapshot::{hold_overlay_additions, new_roots, snapshot_live};
+use strata_qmp::HeldCommands;
 
 use crate::live::{self, LiveStatus};
 use crate::QemuConnection;
@@ -110,6 +112,27 @@ impl SnapshotBackend for QemuConnection {
     async fn settle_snapshot_jobs(&self, domain: &str) -> Result<()> {
         let (_, monitor) = self.running(domain).await?;
         dismiss_snapshot_jobs(&monitor.client, domain).await
+    }
+
+    /// Reserves the overlays' node numbers and holds their `blockdev-add`
+    /// commands (see [`hold_overlay_additions`]): QEMU reads them while the
+    /// engine writes the intent and `snapshot_disks` makes the overlays,
+    /// which runs them.
+    async fn ready_snapshot_disks(&self, domain: &str, plans: &[DiskPlan], name: &str) -> Result<()> {
+        let externals = plans.iter().filter(|p| p.mode == "external").count() as u64;
+        if externals == 0 {
+            return Ok(());
+        }
+        let (status, monitor) = self.running(domain).await?;
+        let number = {
+            let _nodes = lock_unattached_nodes(self.store(), domain)?;
+            live::runtime_paths(self.store(), domain)?.reserve_snapshot_numbers(status.next_node, externals)?
+        };
+        if let Some(held) = hold_overlay_additions(&monitor.client, domain, plans, number).await? {
+            let readied = ReadiedSnapshot { name: name.to_string(), plans: plans.to_vec(), number, held };
+            self.readied_snapshots.lock().unwrap_or_else(PoisonError::into_inner).insert(domain.to_string(), readied);
+        }
+        Ok(())
     }
 
     async fn snapshot_disks(
@@ -269,6 +292,15 @@ impl SnapshotBackend for QemuConnection {
     }
 }
 
+/// A live snapshot readied by `ready_snapshot_disks`: its plans, the
+/// first of its reserved node numbers, and its held commands.
+pub(crate) struct ReadiedSnapshot {
+    name: String,
+    plans: Vec<DiskPlan>,
+    number: u64,
+    held: HeldCommands,
+}
+
 /// The root node the status records for disk `target`.
 fn root_of(status: &LiveStatus, target: &str) -> Result<String> {
     status
@@ -297,14 +329,18 @@ impl QemuConnection {
     ) -> Result<Switched> {
         let externals = plans.iter().filter(|p| p.mode == "external").count() as u64;
         let _nodes = lock_unattached_nodes(self.store(), domain)?;
-        // The status's counter is the floor: it numbered the nodes of
-        // snapshots taken before the runtime directory kept the count.
-        let number = if externals > 0 {
-            live::runtime_paths(self.store(), domain)?.reserve_snapshot_numbers(status.next_node, externals)?
-        } else {
-            0
+        let readied = self.readied_snapshots.lock().unwrap_or_else(PoisonError::into_inner).remove(domain);
+        let (number, held) = match readied.filter(|r| r.name == name && r.plans == plans) {
+            Some(readied) => (readied.number, Some(readied.held)),
+            // The status's counter is the floor: it numbered the nodes of
+            // snapshots taken before the runtime directory kept the count.
+            None if externals > 0 => (
+                live::runtime_paths(self.store(), domain)?.reserve_snapshot_numbers(status.next_node, externals)?,
+                None,
+            ),
+            None => (0, None),
         };
-        let switching = snapshot_live(client, domain, plans, name, number, created, |t| root_of(status, t));
+        let switching = snapshot_live(client, domain, plans, name, number, created, |t| root_of(status, t), held);
         if !stage || externals == 0 {
             return switching.await.map(Switched::unstaged);
         }

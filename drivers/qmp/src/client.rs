@@ -561,10 +561,7 @@ impl QmpClient {
     /// Each command encoded and registered for its reply, in order, and
     /// their messages in one buffer; a command that cannot be sent is its
     /// error (and has no bytes).
-    fn queue<'a>(
-        &self,
-        commands: impl Iterator<Item = (&'a str, Option<Value>)>,
-    ) -> (Vec<u8>, Vec<Queued>) {
+    fn queue<'a>(&self, commands: impl Iterator<Item = (&'a str, Option<Value>)>) -> (Vec<u8>, Vec<Queued>) {
         let mut bytes = Vec::new();
         let mut queued = Vec::new();
         for (command, arguments) in commands {

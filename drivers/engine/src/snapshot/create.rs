@@ -184,6 +184,9 @@ impl<B: SnapshotBackend> SnapshotEngine<B> {
         let external = plans.iter().filter(|p| p.mode == "external").map(|p| &p.target);
         let mut below = live.then(|| recorded_chains(&dom, external)).transpose()?;
         def.domain = Some(dom.into_element());
+        if live && !checkpoint && memory_file.is_none() {
+            self.backend.ready_snapshot_disks(domain, &plans, &name).await?;
+        }
         Intent::write_create(store, domain, &created, &def, flags.no_metadata)?;
         strata_core::crash_point("snapshot-create:intent");
         let (roots, staged, staged_live) = match (live, &memory_file) {

@@ -192,6 +192,15 @@ pub trait SnapshotBackend: Send + Sync {
         Ok(())
     }
 
+    /// Called before the intent of a live disk snapshot is written, with
+    /// what [`SnapshotBackend::snapshot_disks`] gets next: a backend may
+    /// start here what changes nothing yet (the QEMU driver writes its
+    /// commands but their last bytes, which QEMU reads meanwhile). Nothing
+    /// by default.
+    async fn ready_snapshot_disks(&self, _domain: &str, _plans: &[DiskPlan], _name: &str) -> Result<()> {
+        Ok(())
+    }
+
     /// Takes a live disk snapshot atomically: each external plan's overlay
     /// becomes its disk's top (the files in `created` are made first) and
     /// each internal plan's image gets the snapshot `name`. Returns the
