@@ -1914,6 +1914,34 @@ fn a_status_changed_during_a_live_snapshot_keeps_the_change_and_gets_the_chain()
 }
 
 #[test]
+fn a_live_snapshot_switches_only_once_its_overlays_are_in() {
+    let env = TestEnv::new();
+    let vm = Vm::new(&env, Vdb::None, true);
+    let _guard = vm.guard();
+    let overlay = env.path("top.s1");
+    let args = ["snapshot-create-as", "vm", "s1", "--disk-only", "--atomic"];
+    // Paused with the overlay's nodes added and the switch held on the
+    // monitor (QEMU has read all of it but its last bytes).
+    let paused = Background::spawn_paused_at(&env, &args, "snapshot-create:overlays")
+        .unwrap_or_else(|out| panic!("ended before the switch: {}", String::from_utf8_lossy(&out.stderr)));
+    let nodes =
+        env.ok(&["qemu-monitor-command", "vm", r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#]);
+    assert!(nodes.contains(s(&overlay)), "the overlay's nodes were not added before the switch:\n{nodes}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let devices = env.ok(&["qemu-monitor-command", "vm", r#"{"execute":"query-block"}"#]);
+    assert!(devices.contains(s(&vm.top)), "the disk is not on its old top:\n{devices}");
+    assert!(!devices.contains(s(&overlay)), "the disk switched before the snapshot let it:\n{devices}");
+
+    paused.resume();
+    let out = paused.finish(std::time::Duration::from_secs(120));
+    assert!(out.status.success(), "snapshot failed: {}", String::from_utf8_lossy(&out.stderr));
+    let devices = env.ok(&["qemu-monitor-command", "vm", r#"{"execute":"query-block"}"#]);
+    assert!(devices.contains(s(&overlay)), "the disk did not switch:\n{devices}");
+    assert_eq!(active(&env, "vda"), overlay);
+    assert_eq!(chain_files(&overlay), strs(&[&overlay, &vm.top, &vm.base]));
+}
+
+#[test]
 fn renames_lost_before_the_directory_fsyncs_live() {
     renames_lost_before_the_directory_fsyncs(true, &["domain.xml", "status.xml", "snapshot-current", "record"]);
 }

@@ -14,7 +14,7 @@ use strata_core::{Error, Result};
 use strata_engine::blocking::on_own_thread;
 use strata_engine::image_work::{path_str, write_overlay};
 use strata_engine::snapshot::{DiskPlan, NewTops};
-use strata_qmp::{HeldCommands, QmpClient};
+use strata_qmp::{HeldCommands, QmpClient, QmpError};
 
 use crate::monitor::qmp_error;
 use crate::nodes::node_prefix;
@@ -39,6 +39,7 @@ pub async fn snapshot_live(
 ) -> Result<NewTops> {
     let prepared = prepare_snapshot_live(client, domain, plans, name, number, created, root, held).await?;
     strata_core::crash_point("snapshot-create:overlays");
+    strata_core::pause_point("snapshot-create:overlays");
     prepared.switch(client, domain).await
 }
 
@@ -101,9 +102,23 @@ pub async fn hold_overlay_additions(
 pub struct PreparedSnapshot {
     new_roots: NewTops,
     added: Vec<String>,
-    actions: Vec<Value>,
+    /// The command that switches the devices, and its arguments.
+    switch: (String, Value),
+    /// That command, held (see [`QmpClient::hold`]): QEMU has read it
+    /// while it added the nodes and the overlays were synced.
+    held_switch: Option<HeldCommands>,
     /// The overlay files made for it.
     created: Vec<PathBuf>,
+}
+
+/// The one command that takes `actions` at once: a `transaction`, or the
+/// action's own command when there is one (QEMU runs it as a transaction
+/// of one, and the shorter JSON is read sooner).
+fn switch_command(actions: Vec<Value>) -> (String, Value) {
+    match <[Value; 1]>::try_from(actions) {
+        Ok([mut action]) => (action["type"].as_str().unwrap_or_default().to_string(), action["data"].take()),
+        Err(actions) => ("transaction".to_string(), json!({"actions": actions})),
+    }
 }
 
 /// Prepares the `plans` of snapshot `name` in the process `client` talks
@@ -132,6 +147,8 @@ pub async fn prepare_snapshot_live(
     // appeared since the plan was made is someone else's).
     let mut made: Vec<PathBuf> = Vec::new();
     let mut unsynced: Vec<UnsyncedOverlay> = Vec::new();
+    let mut switch = (String::new(), Value::Null);
+    let mut held_switch = None;
     let outcome = async {
         // Every overlay's nodes, added in one write once the files exist
         // (QEMU takes the commands in order): (node name, arguments).
@@ -177,11 +194,18 @@ pub async fn prepare_snapshot_live(
         let commands: Vec<_> = additions.iter().map(|(_, args)| ("blockdev-add", Some(args.clone()))).collect();
         // Held commands that are not these are dropped, and the write
         // below aborts them.
+        switch = switch_command(std::mem::take(&mut actions));
+        // The switch is held behind them: QEMU reads it once it has added
+        // the nodes, while the overlays' sync (which the switch waits
+        // for) ends.
+        let (command, arguments) = &switch;
         let adding = async {
-            match held.filter(|h| h.on(client) && h.are(&commands)) {
-                Some(held) => held.run().await,
-                None => client.execute_in_order(commands).await,
-            }
+            let sent = match held.filter(|h| h.on(client) && h.are(&commands)) {
+                Some(held) => held.send().await,
+                None => client.send_in_order(commands).await,
+            };
+            let held_switch = client.hold(vec![(command.as_str(), Some(arguments.clone()))]).await.ok();
+            (sent.replies().await, held_switch)
         };
         // QEMU reads the new overlays from the page cache while they are
         // synced; the transaction that lets the guest write to them comes
@@ -193,7 +217,8 @@ pub async fn prepare_snapshot_live(
             }
             on_own_thread(move || overlays.into_iter().try_for_each(UnsyncedOverlay::sync)).await
         };
-        let (replies, synced) = tokio::join!(adding, syncing);
+        let ((replies, held), synced) = tokio::join!(adding, syncing);
+        held_switch = held;
         // Each node QEMU added is recorded for removal on failure, also
         // after the first refusal (a later disk's nodes may have gone in).
         let mut refused = None;
@@ -208,7 +233,7 @@ pub async fn prepare_snapshot_live(
         refused.map_or(synced, Err)
     }
     .await;
-    let prepared = PreparedSnapshot { new_roots, added, actions, created: made };
+    let prepared = PreparedSnapshot { new_roots, added, switch, held_switch, created: made };
     match outcome {
         Ok(()) => Ok(prepared),
         Err(e) => {
@@ -224,14 +249,11 @@ impl PreparedSnapshot {
     /// own command); returns each device's new root node. On failure the nodes are removed and the files made for
     /// it deleted.
     pub async fn switch(mut self, client: &QmpClient, domain: &str) -> Result<NewTops> {
-        // One action is sent as its own command: QEMU runs it as a
-        // transaction of one, and the shorter JSON is read sooner.
-        let switched = match <[Value; 1]>::try_from(std::mem::take(&mut self.actions)) {
-            Ok([mut action]) => {
-                let command = action["type"].as_str().unwrap_or_default().to_string();
-                client.execute(&command, Some(action["data"].take())).await
-            }
-            Err(actions) => client.execute("transaction", Some(json!({"actions": actions}))).await,
+        let (command, arguments) = self.switch.clone();
+        let held = self.held_switch.take().filter(|h| h.on(client) && h.are(&[(&command, Some(arguments.clone()))]));
+        let switched = match held {
+            Some(held) => held.run().await.pop().unwrap_or(Err(QmpError::Disconnected)),
+            None => client.execute(&command, Some(arguments)).await,
         };
         match switched {
             Ok(_) => Ok(self.new_roots),

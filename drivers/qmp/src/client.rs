@@ -522,11 +522,17 @@ impl QmpClient {
     /// command, all within the default timeout; a failed command does not
     /// stop the ones after it.
     pub async fn execute_in_order(&self, commands: Vec<(&str, Option<Value>)>) -> Vec<Result<Value, QmpError>> {
-        let timeout = self.default_timeout();
+        self.send_in_order(commands).await.replies().await
+    }
+
+    /// The first half of [`QmpClient::execute_in_order`]: the commands
+    /// written, their replies still to come ([`SentCommands::replies`]),
+    /// so that the caller can write more (a command to hold) meanwhile.
+    pub async fn send_in_order(&self, commands: Vec<(&str, Option<Value>)>) -> SentCommands {
         let started = Instant::now();
         let (bytes, queued) = self.queue(commands.iter().map(|(c, a)| (*c, a.clone())));
         let written = self.write(bytes, None, Hold::None).await;
-        self.replies(queued, written, started, timeout).await
+        SentCommands { client: self.clone(), queued, written, started }
     }
 
     /// Writes `commands` but the last bytes of the first, and returns them
@@ -724,11 +730,35 @@ impl HeldCommands {
     /// Writes the rest, so QEMU runs the commands in order, and returns one
     /// result per command, as [`QmpClient::execute_in_order`] does.
     pub async fn run(self) -> Vec<Result<Value, QmpError>> {
+        self.send().await.replies().await
+    }
+
+    /// The first half of [`HeldCommands::run`]: the rest written, the
+    /// replies still to come.
+    pub async fn send(self) -> SentCommands {
         let HeldCommands { client, id, bytes, held_len, registered, .. } = self;
-        let timeout = client.default_timeout();
         let started = Instant::now();
         let written = client.write(bytes, None, Hold::Rest { id, from: held_len }).await;
         let queued = registered.into_iter().map(|(command, entry)| (command, Ok(entry))).collect();
+        SentCommands { client, queued, written, started }
+    }
+}
+
+/// Commands written to QEMU whose replies are still to come (see
+/// [`QmpClient::send_in_order`]).
+pub struct SentCommands {
+    client: QmpClient,
+    queued: Vec<Queued>,
+    written: Result<(), QmpError>,
+    started: Instant,
+}
+
+impl SentCommands {
+    /// One result per command, in order, all within the default timeout
+    /// from when they were written.
+    pub async fn replies(self) -> Vec<Result<Value, QmpError>> {
+        let SentCommands { client, queued, written, started } = self;
+        let timeout = client.default_timeout();
         client.replies(queued, written, started, timeout).await
     }
 }
