@@ -192,14 +192,14 @@ pub async fn prepare_snapshot_live(
             }
         }
         let commands: Vec<_> = additions.iter().map(|(_, args)| ("blockdev-add", Some(args.clone()))).collect();
-        // Held commands that are not these are dropped, and the write
-        // below aborts them.
         switch = switch_command(std::mem::take(&mut actions));
         // The switch is held behind them: QEMU reads it once it has added
         // the nodes, while the overlays' sync (which the switch waits
         // for) ends.
         let (command, arguments) = &switch;
         let adding = async {
+            // Held commands that are not these are dropped, and the write
+            // of these aborts them.
             let sent = match held.filter(|h| h.on(client) && h.are(&commands)) {
                 Some(held) => held.send().await,
                 None => client.send_in_order(commands).await,

@@ -194,9 +194,8 @@ pub trait SnapshotBackend: Send + Sync {
 
     /// Called before the intent of a live disk snapshot is written, with
     /// what [`SnapshotBackend::snapshot_disks`] gets next: a backend may
-    /// start here what changes nothing yet (the QEMU driver writes its
-    /// commands but their last bytes, which QEMU reads meanwhile). Nothing
-    /// by default.
+    /// start here what changes nothing yet (such as handing the hypervisor
+    /// the commands it will run, to be read meanwhile). Nothing by default.
     async fn ready_snapshot_disks(&self, _domain: &str, _plans: &[DiskPlan], _name: &str) -> Result<()> {
         Ok(())
     }
