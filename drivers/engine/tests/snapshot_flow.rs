@@ -131,6 +131,12 @@ impl SnapshotBackend for TestBackend {
 
     /// Makes each new overlay as the hypervisor would, on the image the
     /// plan froze.
+    async fn ready_snapshot_disks(&self, _domain: &str, plans: &[DiskPlan], name: &str) -> Result<()> {
+        let planned: Vec<String> = plans.iter().map(|p| format!("{}:{}", p.target, p.mode)).collect();
+        self.record(format!("ready_snapshot_disks {name} {}", planned.join(",")));
+        Ok(())
+    }
+
     async fn snapshot_disks(
         &self,
         _domain: &str,
@@ -258,6 +264,9 @@ async fn a_live_external_snapshot_is_recorded_after_the_switch_and_deleted_by_an
         backend.calls(),
         [
             "refuse_during_block_job [no intent]",
+            // Readied with the plans it is then taken with, before the
+            // intent is written.
+            "ready_snapshot_disks s1 vda:external [no intent]",
             // The intent names the overlay before the hypervisor makes it.
             "snapshot_disks vda:external [create intent of 1 file(s)]",
             "record_live_chains vda@vda-top [create intent of 1 file(s)]",
@@ -421,6 +430,7 @@ async fn a_root_filesystem_image_is_snapshotted_and_deleted_with_the_disk() {
         backend.calls(),
         [
             "refuse_during_block_job [no intent]",
+            "ready_snapshot_disks s1 vda:external,/:external [no intent]",
             "snapshot_disks vda:external,/:external [create intent of 2 file(s)]",
             "record_live_chains vda@vda-top,/@/-top [create intent of 2 file(s)]",
         ]
