@@ -219,7 +219,7 @@ impl QmpClient {
     /// This makes a single attempt: a socket that does not exist yet is an
     /// [`QmpError::Io`] error, and retrying while QEMU starts is up to the caller.
     pub async fn connect_with_timeout(path: &Path, timeout: Duration) -> Result<QmpClient, QmpError> {
-        Self::connect_sending(path, timeout, None, GreetingWait::Awaited).await.map(|(client, _)| client)
+        Self::connect_sending(path, timeout, None, GreetingWait::Awaited, false).await.map(|(client, _)| client)
     }
 
     /// Connects to a monitor of a QEMU that already answers its monitors
@@ -229,8 +229,14 @@ impl QmpClient {
     /// syncing an intent) overlaps QEMU's answer, and the first command
     /// goes out behind the negotiation. A QEMU that does not answer shows
     /// at that command's timeout; one that is gone, at the connection.
+    ///
+    /// The `oob` capability is enabled (every monitor on a socket offers
+    /// it): QEMU then reads a command while the one before it runs, instead
+    /// of only once it has ended, so that a command held behind another
+    /// ([`QmpClient::hold`]) is read meanwhile. Commands are still run one
+    /// at a time, in order; Strata sends none out of band.
     pub async fn connect_to_running(path: &Path) -> Result<QmpClient, QmpError> {
-        Self::connect_sending(path, DEFAULT_TIMEOUT, None, GreetingWait::Later).await.map(|(client, _)| client)
+        Self::connect_sending(path, DEFAULT_TIMEOUT, None, GreetingWait::Later, true).await.map(|(client, _)| client)
     }
 
     /// Like [`QmpClient::connect_with_timeout`], and runs `command` (without
@@ -244,7 +250,8 @@ impl QmpClient {
         timeout: Duration,
         command: &str,
     ) -> Result<(QmpClient, Result<Value, QmpError>), QmpError> {
-        let (client, first) = Self::connect_sending(path, timeout, Some(command), GreetingWait::Awaited).await?;
+        // No `oob`: its 30 bytes would be read before the question.
+        let (client, first) = Self::connect_sending(path, timeout, Some(command), GreetingWait::Awaited, false).await?;
         let Some((id, rx)) = first else {
             return Err(QmpError::Protocol(format!("'{command}' was not sent with the connection")));
         };
@@ -260,14 +267,15 @@ impl QmpClient {
         Ok((client, reply))
     }
 
-    /// Connects and negotiates; `first`, a command without arguments, is
-    /// sent right behind `qmp_capabilities`, and its id and reply channel
-    /// come back with the client.
+    /// Connects and negotiates (enabling `oob` if asked); `first`, a
+    /// command without arguments, is sent right behind `qmp_capabilities`,
+    /// and its id and reply channel come back with the client.
     async fn connect_sending(
         path: &Path,
         timeout: Duration,
         first: Option<&str>,
         greeting: GreetingWait,
+        oob: bool,
     ) -> Result<(QmpClient, Option<(u64, oneshot::Receiver<Reply>)>), QmpError> {
         let deadline = Instant::now() + timeout;
         let capabilities_id = new_capabilities_id();
@@ -276,7 +284,7 @@ impl QmpClient {
         let first = first.transpose()?;
         let first_bytes = first.as_ref().map(|(_, bytes)| bytes.as_slice()).unwrap_or_default();
         let (reader, writer, greeting) =
-            tokio::time::timeout_at(deadline, Self::open(path, capabilities_id, first_bytes, greeting))
+            tokio::time::timeout_at(deadline, Self::open(path, capabilities_id, oob, first_bytes, greeting))
                 .await
                 .map_err(|_| QmpError::Timeout { command: "connect".into(), after: timeout })??;
 
@@ -310,19 +318,22 @@ impl QmpClient {
     /// greeting is read (QEMU reads a client's commands only after it has
     /// sent the greeting, and refuses every command but this one until
     /// capabilities are negotiated). Its reply is left to [`read_loop`].
-    /// No optional capability (such as "oob") is enabled. `then` (whole
+    /// The one optional capability, `oob`, is enabled if asked. `then` (whole
     /// messages, or nothing) goes out in the same write, behind it. With
     /// [`GreetingWait::Later`], the greeting is left to the reader too.
     async fn open(
         path: &Path,
         capabilities_id: u64,
+        oob: bool,
         then: &[u8],
         greeting: GreetingWait,
     ) -> Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf, Option<protocol::Greeting>), QmpError> {
         let io = |source| QmpError::Io { path: path.to_path_buf(), source };
         let stream = UnixStream::connect(path).await.map_err(io)?;
         let (read, mut write) = stream.into_split();
-        let mut opening = format!("{{\"execute\":\"qmp_capabilities\",\"id\":{capabilities_id}}}\n").into_bytes();
+        let enable = if oob { r#","arguments":{"enable":["oob"]}"# } else { "" };
+        let mut opening =
+            format!("{{\"execute\":\"qmp_capabilities\"{enable},\"id\":{capabilities_id}}}\n").into_bytes();
         opening.extend_from_slice(then);
         write.write_all(&opening).await.map_err(io)?;
         // The same BufReader goes on to the reader task, so nothing QEMU sent
@@ -341,8 +352,9 @@ impl QmpClient {
         self.inner.shared.greeting.get().map(|g| &g.version)
     }
 
-    /// Optional capabilities QEMU offered in the greeting (e.g. `oob`); none
-    /// is enabled. Empty until the greeting is read (see [`QmpClient::version`]).
+    /// Optional capabilities QEMU offered in the greeting (e.g. `oob`, which
+    /// [`QmpClient::connect_to_running`] enables). Empty until the greeting
+    /// is read (see [`QmpClient::version`]).
     pub fn capabilities(&self) -> &[String] {
         self.inner.shared.greeting.get().map_or(&[], |g| g.capabilities.as_slice())
     }
@@ -543,7 +555,9 @@ impl QmpClient {
     /// written on this connection meanwhile aborts the held one first
     /// (QEMU drops its partial JSON); `run` then writes it again whole.
     /// Only the first command is read ahead: the ones after it would run
-    /// at once.
+    /// at once. Held behind a command still running, it is read meanwhile
+    /// on a connection with `oob` ([`QmpClient::connect_to_running`]),
+    /// else once that command has ended.
     pub async fn hold(&self, commands: Vec<(&str, Option<Value>)>) -> Result<HeldCommands, QmpError> {
         let Some((first, _)) = commands.first() else {
             return Err(QmpError::Protocol("no command to hold".into()));
