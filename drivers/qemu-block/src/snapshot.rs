@@ -96,6 +96,28 @@ pub async fn hold_overlay_additions(
     client.hold(commands).await.map(Some).map_err(|e| qmp_error(domain, e))
 }
 
+/// A live snapshot readied before its intent was written: the first of its
+/// reserved node numbers and its held `blockdev-add` commands (see
+/// [`hold_overlay_additions`]), for snapshot `name` of `plans`.
+pub struct ReadiedSnapshot {
+    name: String,
+    plans: Vec<DiskPlan>,
+    number: u64,
+    held: HeldCommands,
+}
+
+impl ReadiedSnapshot {
+    pub fn new(name: &str, plans: &[DiskPlan], number: u64, held: HeldCommands) -> ReadiedSnapshot {
+        ReadiedSnapshot { name: name.to_string(), plans: plans.to_vec(), number, held }
+    }
+
+    /// Its node numbers and held commands, if it was readied for snapshot
+    /// `name` of `plans`.
+    pub fn take_for(self, name: &str, plans: &[DiskPlan]) -> Option<(u64, HeldCommands)> {
+        (self.name == name && self.plans == plans).then_some((self.number, self.held))
+    }
+}
+
 /// A live snapshot's nodes added to one process, not yet switched in:
 /// what can fail short of the process itself (a node name taken, an
 /// overlay that cannot be opened) has not.

@@ -78,7 +78,7 @@ pub struct QemuConnection {
     host_cpus: SysfsCpus,
     /// Live snapshots readied, not yet taken, by domain (see
     /// `ready_snapshot_disks`).
-    readied_snapshots: std::sync::Mutex<HashMap<String, snapshot_backend::ReadiedSnapshot>>,
+    readied_snapshots: std::sync::Mutex<HashMap<String, strata_qemu_block::snapshot::ReadiedSnapshot>>,
 }
 
 impl QemuConnection {

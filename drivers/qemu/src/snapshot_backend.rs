@@ -26,8 +26,7 @@ use strata_engine::snapshot::{
 use strata_qemu_block::graph::live_chains;
 use strata_qemu_block::jobs::{lock_unattached_nodes, reopen_node, wait_status};
 use strata_qemu_block::monitor::qmp_error;
-use strata_qemu_block::snapshot::{hold_overlay_additions, new_roots, snapshot_live};
-use strata_qmp::HeldCommands;
+use strata_qemu_block::snapshot::{hold_overlay_additions, new_roots, snapshot_live, ReadiedSnapshot};
 
 use crate::live::{self, LiveStatus};
 use crate::QemuConnection;
@@ -129,7 +128,7 @@ impl SnapshotBackend for QemuConnection {
             live::runtime_paths(self.store(), domain)?.reserve_snapshot_numbers(status.next_node, externals)?
         };
         if let Some(held) = hold_overlay_additions(&monitor.client, domain, plans, number).await? {
-            let readied = ReadiedSnapshot { name: name.to_string(), plans: plans.to_vec(), number, held };
+            let readied = ReadiedSnapshot::new(name, plans, number, held);
             self.readied_snapshots.lock().unwrap_or_else(PoisonError::into_inner).insert(domain.to_string(), readied);
         }
         Ok(())
@@ -292,15 +291,6 @@ impl SnapshotBackend for QemuConnection {
     }
 }
 
-/// A live snapshot readied by `ready_snapshot_disks`: its plans, the
-/// first of its reserved node numbers, and its held commands.
-pub(crate) struct ReadiedSnapshot {
-    name: String,
-    plans: Vec<DiskPlan>,
-    number: u64,
-    held: HeldCommands,
-}
-
 /// The root node the status records for disk `target`.
 fn root_of(status: &LiveStatus, target: &str) -> Result<String> {
     status
@@ -330,8 +320,8 @@ impl QemuConnection {
         let externals = plans.iter().filter(|p| p.mode == "external").count() as u64;
         let _nodes = lock_unattached_nodes(self.store(), domain)?;
         let readied = self.readied_snapshots.lock().unwrap_or_else(PoisonError::into_inner).remove(domain);
-        let (number, held) = match readied.filter(|r| r.name == name && r.plans == plans) {
-            Some(readied) => (readied.number, Some(readied.held)),
+        let (number, held) = match readied.and_then(|r| r.take_for(name, plans)) {
+            Some((number, held)) => (number, Some(held)),
             // The status's counter is the floor: it numbered the nodes of
             // snapshots taken before the runtime directory kept the count.
             None if externals > 0 => (
