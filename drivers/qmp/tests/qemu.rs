@@ -115,17 +115,8 @@ async fn blockdev_add_shows_named_nodes() {
     let image = qemu.dir().join("a.qcow2");
     qemu_img_create(&["-q", "-f", "qcow2", image.to_str().unwrap(), "16M"]);
 
-    client
-        .execute(
-            "blockdev-add",
-            Some(json!({
-                "driver": "qcow2",
-                "node-name": "a-fmt",
-                "file": {"driver": "file", "filename": image, "node-name": "a-file"},
-            })),
-        )
-        .await
-        .unwrap();
+    let (command, arguments) = add_qcow2("a", &image);
+    client.execute(command, arguments).await.unwrap();
 
     let nodes = client.query_named_block_nodes().await.unwrap();
     let fmt = nodes.iter().find(|n| n.node_name == "a-fmt").unwrap();
