@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -124,6 +124,14 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn new(greeting: Option<protocol::Greeting>) -> Arc<Shared> {
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        Arc::new(Shared {
+            state: Mutex::new(ConnState { pending: HashMap::new(), events: Some(events), aborts_unanswered: 0 }),
+            greeting: greeting.map(OnceLock::from).unwrap_or_default(),
+        })
+    }
+
     fn register(&self, id: u64) -> Result<oneshot::Receiver<Reply>, QmpError> {
         let mut state = self.lock();
         if state.events.is_none() {
@@ -219,7 +227,7 @@ impl QmpClient {
     /// This makes a single attempt: a socket that does not exist yet is an
     /// [`QmpError::Io`] error, and retrying while QEMU starts is up to the caller.
     pub async fn connect_with_timeout(path: &Path, timeout: Duration) -> Result<QmpClient, QmpError> {
-        Self::connect_sending(path, timeout, None, GreetingWait::Awaited, false).await.map(|(client, _)| client)
+        Self::connect_sending(path, timeout, GreetingWait::Awaited, false).await
     }
 
     /// Connects to a monitor of a QEMU that already answers its monitors
@@ -236,71 +244,81 @@ impl QmpClient {
     /// ([`QmpClient::hold`]) is read meanwhile. Commands are still run one
     /// at a time, in order; Strata sends none out of band.
     pub async fn connect_to_running(path: &Path) -> Result<QmpClient, QmpError> {
-        Self::connect_sending(path, DEFAULT_TIMEOUT, None, GreetingWait::Later, true).await.map(|(client, _)| client)
+        Self::connect_sending(path, DEFAULT_TIMEOUT, GreetingWait::Later, true).await
     }
 
     /// Like [`QmpClient::connect_with_timeout`], and runs `command` (without
-    /// arguments) too: it goes out with `qmp_capabilities`, before the
-    /// greeting, so that a connection made for one question (a run state)
-    /// costs one round trip instead of two. Returns the client and the
-    /// command's own outcome, within the default timeout; only a failed
-    /// connection is the outer error.
+    /// arguments) too: [`QmpClient::ask_on_opening`] then
+    /// [`AskedOnOpening::answer`]. Returns the client and the command's own
+    /// outcome; only a failed connection is the outer error.
     pub async fn connect_and_execute(
         path: &Path,
         timeout: Duration,
         command: &str,
     ) -> Result<(QmpClient, Result<Value, QmpError>), QmpError> {
-        // No `oob`: its 30 bytes would be read before the question.
-        let (client, first) = Self::connect_sending(path, timeout, Some(command), GreetingWait::Awaited, false).await?;
-        let Some((id, rx)) = first else {
-            return Err(QmpError::Protocol(format!("'{command}' was not sent with the connection")));
-        };
-        let reply = {
-            let _pending = PendingGuard { shared: Arc::clone(&client.inner.shared), id };
-            let started = Instant::now();
-            tracing::debug!(command, id, with_fd = false, "QMP command sent");
-            let after = client.default_timeout();
-            let outcome =
-                tokio::time::timeout(after, async { rx.await.map_err(|_| QmpError::Disconnected) }).await.ok();
-            settle(command, id, started, after, outcome)
-        };
-        Ok((client, reply))
+        Self::ask_on_opening(path, command)?.answer(timeout).await
     }
 
-    /// Connects and negotiates (enabling `oob` if asked); `first`, a
-    /// command without arguments, is sent right behind `qmp_capabilities`,
-    /// and its id and reply channel come back with the client.
+    /// Connects to the monitor at `path` and writes `qmp_capabilities` with
+    /// `command` (without arguments) behind it, before the greeting, so that
+    /// a connection made for one question (a run state) costs one round trip
+    /// instead of two. Nothing is read and nothing waited for: QEMU reads
+    /// and answers while the caller goes on (reading its records), and the
+    /// answer is read by [`AskedOnOpening::answer`]. This needs no runtime.
+    ///
+    /// Unix sockets connect at once: a monitor whose backlog is full (QEMU
+    /// has not taken in an earlier client yet) is an [`QmpError::Io`] error
+    /// of kind `WouldBlock`, not a wait.
+    pub fn ask_on_opening(path: &Path, command: &str) -> Result<AskedOnOpening, QmpError> {
+        let io = |source| QmpError::Io { path: path.to_path_buf(), source };
+        let capabilities_id = new_capabilities_id();
+        let mut unsent = opening(capabilities_id, false);
+        unsent.extend(encode_message(command, None, FIRST_COMMAND_ID)?);
+        let stream = std::os::unix::net::UnixStream::from(mio::net::UnixStream::connect(path).map_err(io)?);
+        let written = match (&stream).write(&unsent) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(io(e)),
+        };
+        unsent.drain(..written);
+        Ok(AskedOnOpening {
+            path: path.to_path_buf(),
+            stream,
+            unsent,
+            capabilities_id,
+            command: command.to_string(),
+            asked: Instant::now(),
+        })
+    }
+
+    /// Connects and negotiates (enabling `oob` if asked).
     async fn connect_sending(
         path: &Path,
         timeout: Duration,
-        first: Option<&str>,
         greeting: GreetingWait,
         oob: bool,
-    ) -> Result<(QmpClient, Option<(u64, oneshot::Receiver<Reply>)>), QmpError> {
-        let deadline = Instant::now() + timeout;
+    ) -> Result<QmpClient, QmpError> {
         let capabilities_id = new_capabilities_id();
-        let first =
-            first.map(|command| encode_message(command, None, FIRST_COMMAND_ID).map(|bytes| (FIRST_COMMAND_ID, bytes)));
-        let first = first.transpose()?;
-        let first_bytes = first.as_ref().map(|(_, bytes)| bytes.as_slice()).unwrap_or_default();
         let (reader, writer, greeting) =
-            tokio::time::timeout_at(deadline, Self::open(path, capabilities_id, oob, first_bytes, greeting))
+            tokio::time::timeout(timeout, Self::open(path, capabilities_id, oob, greeting))
                 .await
                 .map_err(|_| QmpError::Timeout { command: "connect".into(), after: timeout })??;
+        Ok(Self::assemble(path, reader, writer, Shared::new(greeting), capabilities_id, FIRST_COMMAND_ID))
+    }
 
-        let (events, _) = broadcast::channel(EVENT_CAPACITY);
-        let shared = Arc::new(Shared {
-            state: Mutex::new(ConnState { pending: HashMap::new(), events: Some(events), aborts_unanswered: 0 }),
-            greeting: greeting.map(OnceLock::from).unwrap_or_default(),
-        });
-        // Registered before the reader starts: the reply may already be in.
-        let first = match first {
-            Some((id, _)) => Some((id, shared.register(id)?)),
-            None => None,
-        };
-        let next_id = FIRST_COMMAND_ID + u64::from(first.is_some());
+    /// The client of a connection whose opening is written, its reader
+    /// started (reading the greeting first if `shared` has none yet); its
+    /// commands are numbered from `next_id`.
+    fn assemble(
+        path: &Path,
+        reader: BufReader<OwnedReadHalf>,
+        writer: OwnedWriteHalf,
+        shared: Arc<Shared>,
+        capabilities_id: u64,
+        next_id: u64,
+    ) -> QmpClient {
         let reader = tokio::spawn(read_loop(reader, Arc::clone(&shared), capabilities_id, path.to_path_buf()));
-        let client = QmpClient {
+        QmpClient {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 writer: Arc::new(tokio::sync::Mutex::new(Writer { half: writer, held: None })),
@@ -309,8 +327,7 @@ impl QmpClient {
                 default_timeout: Mutex::new(DEFAULT_TIMEOUT),
                 reader,
             }),
-        };
-        Ok((client, first))
+        }
     }
 
     /// Connects, sends `qmp_capabilities` and reads the greeting:
@@ -318,24 +335,18 @@ impl QmpClient {
     /// greeting is read (QEMU reads a client's commands only after it has
     /// sent the greeting, and refuses every command but this one until
     /// capabilities are negotiated). Its reply is left to [`read_loop`].
-    /// The one optional capability, `oob`, is enabled if asked. `then` (whole
-    /// messages, or nothing) goes out in the same write, behind it. With
+    /// The one optional capability, `oob`, is enabled if asked. With
     /// [`GreetingWait::Later`], the greeting is left to the reader too.
     async fn open(
         path: &Path,
         capabilities_id: u64,
         oob: bool,
-        then: &[u8],
         greeting: GreetingWait,
     ) -> Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf, Option<protocol::Greeting>), QmpError> {
         let io = |source| QmpError::Io { path: path.to_path_buf(), source };
         let stream = UnixStream::connect(path).await.map_err(io)?;
         let (read, mut write) = stream.into_split();
-        let enable = if oob { r#","arguments":{"enable":["oob"]}"# } else { "" };
-        let mut opening =
-            format!("{{\"execute\":\"qmp_capabilities\"{enable},\"id\":{capabilities_id}}}\n").into_bytes();
-        opening.extend_from_slice(then);
-        write.write_all(&opening).await.map_err(io)?;
+        write.write_all(&opening(capabilities_id, oob)).await.map_err(io)?;
         // The same BufReader goes on to the reader task, so nothing QEMU sent
         // right after the greeting is lost.
         let mut reader = BufReader::new(read);
@@ -821,6 +832,62 @@ async fn write_with_fd(writer: &mut OwnedWriteHalf, bytes: &[u8], fd: BorrowedFd
     // command claims it, so the remainder of the message (if the socket took
     // only part of it) can follow as plain bytes.
     writer.write_all(&bytes[sent..]).await
+}
+
+/// A monitor connection with `qmp_capabilities` and one question written,
+/// nothing read yet: [`QmpClient::ask_on_opening`]. Dropping it closes the
+/// connection; QEMU's answer, if it comes, goes nowhere (a later client of
+/// the monitor drops it, see [`read_loop`]).
+#[derive(Debug)]
+pub struct AskedOnOpening {
+    path: PathBuf,
+    stream: std::os::unix::net::UnixStream,
+    /// What the socket did not take at once (normally nothing).
+    unsent: Vec<u8>,
+    capabilities_id: u64,
+    command: String,
+    asked: Instant,
+}
+
+impl AskedOnOpening {
+    /// The client, and QEMU's answer to the question. `timeout` bounds the
+    /// greeting (and the rest of the opening, if it was not all written);
+    /// the answer is then waited for up to the client's default timeout.
+    /// Only a failed connection is the outer error.
+    pub async fn answer(self, timeout: Duration) -> Result<(QmpClient, Result<Value, QmpError>), QmpError> {
+        let AskedOnOpening { path, stream, unsent, capabilities_id, command, asked } = self;
+        let io = |source| QmpError::Io { path: path.clone(), source };
+        let (read, mut write) = UnixStream::from_std(stream).map_err(io)?.into_split();
+        let opened = async {
+            write.write_all(&unsent).await.map_err(io)?;
+            let mut reader = BufReader::new(read);
+            let greeting = read_greeting(&mut reader, &path).await?;
+            Ok::<_, QmpError>((reader, greeting))
+        };
+        let (reader, greeting) = tokio::time::timeout(timeout, opened)
+            .await
+            .map_err(|_| QmpError::Timeout { command: "connect".into(), after: timeout })??;
+        let shared = Shared::new(Some(greeting));
+        // Registered before the reader starts: the answer may already be in.
+        let rx = shared.register(FIRST_COMMAND_ID)?;
+        let client = QmpClient::assemble(&path, reader, write, shared, capabilities_id, FIRST_COMMAND_ID + 1);
+        let reply = {
+            let _pending = PendingGuard { shared: Arc::clone(&client.inner.shared), id: FIRST_COMMAND_ID };
+            tracing::debug!(command, id = FIRST_COMMAND_ID, with_fd = false, "QMP command sent");
+            let after = client.default_timeout();
+            let outcome =
+                tokio::time::timeout(after, async { rx.await.map_err(|_| QmpError::Disconnected) }).await.ok();
+            settle(&command, FIRST_COMMAND_ID, asked, after, outcome)
+        };
+        Ok((client, reply))
+    }
+}
+
+/// A connection's first message: `qmp_capabilities` under its unique id,
+/// enabling `oob` if asked.
+fn opening(capabilities_id: u64, oob: bool) -> Vec<u8> {
+    let enable = if oob { r#","arguments":{"enable":["oob"]}"# } else { "" };
+    format!("{{\"execute\":\"qmp_capabilities\"{enable},\"id\":{capabilities_id}}}\n").into_bytes()
 }
 
 /// Whether a connection waits for QEMU's greeting before it is handed out.

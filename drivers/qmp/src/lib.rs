@@ -23,7 +23,7 @@ mod fdpass;
 mod protocol;
 pub mod types;
 
-pub use client::{HeldCommands, QmpClient, SentCommands, DEFAULT_TIMEOUT};
+pub use client::{AskedOnOpening, HeldCommands, QmpClient, SentCommands, DEFAULT_TIMEOUT};
 pub use error::QmpError;
 pub use event::{KnownEvent, QmpEvent};
 pub use types::QemuVersion;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{qemu_img_create, Qemu};
 use serde_json::json;
 use strata_qmp::event::{BlockJobPending, JobStatusChange, Shutdown, ShutdownCause};
-use strata_qmp::types::{JobStatus, JobType, RunState, StatusInfo};
+use strata_qmp::types::{JobStatus, JobType, KvmInfo, RunState, StatusInfo};
 use strata_qmp::{KnownEvent, QmpClient, QmpError, QmpEvent};
 use tokio::sync::broadcast;
 
@@ -60,6 +60,49 @@ async fn a_command_sent_with_the_opening_is_answered_and_the_connection_goes_on(
         QmpClient::connect_and_execute(qemu.socket(), Duration::from_secs(5), "no-such-command").await.unwrap();
     assert!(matches!(reply, Err(QmpError::Command { ref class, .. }) if class == "CommandNotFound"), "{reply:?}");
     assert!(client.query_status().await.unwrap().running);
+}
+
+/// A question asked on the opening is answered while the asker does other
+/// work, and read later. One dropped unread closes its connection: QEMU
+/// serves one client per monitor, and the next one is greeted (within 5 s)
+/// and gets the answer to its own question.
+#[tokio::test]
+async fn a_question_asked_on_the_opening_is_read_later_and_a_dropped_one_frees_the_monitor() {
+    let mut qemu = Qemu::spawn();
+    drop(qemu.connect().await);
+
+    let asked = QmpClient::ask_on_opening(qemu.socket(), "query-status").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let (client, reply) = asked.answer(Duration::from_secs(5)).await.unwrap();
+    let status: StatusInfo = serde_json::from_value(reply.unwrap()).unwrap();
+    assert_eq!(status, StatusInfo { running: false, status: RunState::Prelaunch });
+    assert!(!client.query_kvm().await.unwrap().enabled);
+    drop(client);
+
+    for _ in 0..20 {
+        drop(QmpClient::ask_on_opening(qemu.socket(), "query-status").unwrap());
+        let (client, reply) = loop {
+            match QmpClient::connect_and_execute(qemu.socket(), Duration::from_secs(5), "query-kvm").await {
+                // QEMU has not yet taken in the dropped connection.
+                Err(QmpError::Io { source, .. }) if source.kind() == std::io::ErrorKind::WouldBlock => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                connected => break connected.unwrap(),
+            }
+        };
+        let kvm: KvmInfo = serde_json::from_value(reply.unwrap()).unwrap();
+        assert!(!kvm.enabled);
+        assert_eq!(client.query_status().await.unwrap().status, RunState::Prelaunch);
+    }
+
+    let nothing = qemu.dir().join("nothing.sock");
+    match QmpClient::ask_on_opening(&nothing, "query-status") {
+        Err(QmpError::Io { path, source }) => {
+            assert_eq!(path, nothing);
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+        }
+        other => panic!("expected an I/O error, got {other:?}"),
+    }
 }
 
 #[tokio::test]
