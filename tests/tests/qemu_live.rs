@@ -6,8 +6,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    absolute_chain, assert_recovered, domain_xml, killed_at, make_chain, process_runs, qemu_chain, qemu_img, qemu_io,
-    qemu_pid, validate_xml, DiskSpec, DomainGuard, TestEnv, NVME_DISK, SERVER_STEPS, VHOSTUSER_DISK, VHOSTVDPA_DISK,
+    absolute_chain, assert_recovered, domain_xml, kill_qemu, killed_at, make_chain, process_runs, qemu_chain, qemu_img,
+    qemu_io, qemu_pid, validate_xml, DiskSpec, DomainGuard, TestEnv, NVME_DISK, SERVER_STEPS, VHOSTUSER_DISK,
+    VHOSTVDPA_DISK,
 };
 use strata_core::xml::Domain;
 use strata_qemu::QemuConnection;
@@ -236,6 +237,45 @@ fn sigkill_to_qemu_is_reconciled_and_start_works_again() {
     env.ok(&["start", "vm"]);
     assert_eq!(env.ok(&["domstate", "vm"]).trim(), "running");
     assert_ne!(qemu_pid(&env, "vm"), Some(pid));
+}
+
+/// `list` and `dominfo` ask each running QEMU for its run state before
+/// they read the records: every domain still gets its own state, and one
+/// whose QEMU was killed (its sockets left behind, nothing listening) is
+/// shut off, its status and sockets cleaned up.
+#[test]
+fn list_asks_each_qemu_first_and_shows_every_domain_its_own_state() {
+    let env = TestEnv::new();
+    for name in ["a", "b", "c", "d"] {
+        let disk = env.path(&format!("{name}.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", disk.to_str().expect("utf8"), "16M"]);
+        env.define(name, &domain_xml(name, &[DiskSpec { target: "vda", format: "qcow2", path: &disk, extra: "" }]));
+    }
+    let _guards: Vec<_> = ["a", "b", "d"].map(|name| DomainGuard { env: &env, name: name.into() }).into();
+    env.ok(&["start", "a"]);
+    env.ok(&["start", "b", "--paused"]);
+    env.ok(&["start", "d"]);
+    let d_run = env.state_root().join("domains").join("d").join("run");
+    kill_qemu(&env, "d");
+    assert!(d_run.join("qmp-0.sock").exists(), "the killed QEMU's socket is left for list to find");
+
+    let table = env.ok(&["list", "--all"]);
+    let states: Vec<(String, String)> = table
+        .lines()
+        .skip(2)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            Some((cols.get(1)?.to_string(), cols.get(2..)?.join(" ")))
+        })
+        .collect();
+    let expected = [("a", "running"), ("b", "paused"), ("c", "shut off"), ("d", "shut off")];
+    assert_eq!(states, expected.map(|(n, s)| (n.to_string(), s.to_string())), "{table}");
+    assert!(!d_run.exists(), "the killed QEMU's sockets were not cleaned up");
+
+    let info = env.ok(&["dominfo", "b"]);
+    assert!(info.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["State:", "paused"]), "{info}");
+    let info = env.ok(&["dominfo", "a"]);
+    assert!(info.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["State:", "running"]), "{info}");
 }
 
 /// `event --all` started before any domain runs picks up one that starts

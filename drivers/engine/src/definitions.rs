@@ -92,8 +92,14 @@ pub fn require_known(store: &Store, name: &str) -> Result<()> {
 /// row of one whose definition is damaged (which must not hide the
 /// others). A domain undefined while the names were read is left out.
 pub fn list(store: &Store) -> Result<Vec<std::result::Result<Domain, DomainSummary>>> {
+    list_named(store, store.list_domains()?)
+}
+
+/// [`list`] of the domains `names` ([`Store::list_domains`], read by the
+/// caller).
+pub fn list_named(store: &Store, names: Vec<String>) -> Result<Vec<std::result::Result<Domain, DomainSummary>>> {
     let mut out = Vec::new();
-    for name in store.list_domains()? {
+    for name in names {
         match load(store, &name) {
             Ok(dom) => out.push(Ok(dom)),
             Err(e) if e.kind() == ErrorKind::StoreFormat => out.push(Err(DomainSummary {

@@ -3,12 +3,13 @@
 //! long call while others use the rest; and QMP failures as Strata errors.
 
 use std::fs::{File, OpenOptions};
+use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use strata_core::{Error, ErrorKind, Result};
-use strata_qmp::{QmpClient, QmpError};
+use strata_qmp::{AskedOnOpening, QmpClient, QmpError};
 
 use crate::runtime::{RuntimePaths, MONITORS};
 
@@ -23,44 +24,80 @@ pub struct Monitor {
 /// process runs already: the monitor is handed out before QEMU's greeting
 /// is read (see [`QmpClient::connect_to_running`]).
 pub async fn acquire(paths: &RuntimePaths, name: &str) -> Result<Monitor> {
-    acquire_opening(paths, name, Opening::Running).await.map(|(monitor, _)| monitor)
+    acquire_opening(paths, name, Opening::Running).await
 }
 
 /// Like [`acquire`], and runs `command` (without arguments) on the new
-/// connection, sent with its opening (see
-/// [`QmpClient::connect_and_execute`]): its outcome comes back with the
-/// monitor.
+/// connection, sent with its opening (see [`ask_free`]): its outcome comes
+/// back with the monitor.
 pub async fn acquire_asking(
     paths: &RuntimePaths,
     name: &str,
     command: &str,
 ) -> Result<(Monitor, std::result::Result<Value, QmpError>)> {
-    match acquire_opening(paths, name, Opening::Asking(command)).await? {
-        (monitor, Some(reply)) => Ok((monitor, reply)),
-        (_, None) => Err(Error::internal(format!("'{command}' was not sent to the QEMU of '{name}'"))),
+    let asked = until_free(name, || std::future::ready(ask_free(paths, name, command))).await?;
+    asked.answer(name).await
+}
+
+/// A monitor taken, and one question written on its new connection with
+/// the opening: [`ask_free`].
+pub struct QuestionAsked {
+    asked: AskedOnOpening,
+    lock: File,
+}
+
+impl QuestionAsked {
+    /// The monitor, and QEMU's answer (within the client's default
+    /// timeout, after a greeting within 10 s).
+    pub async fn answer(self, name: &str) -> Result<(Monitor, std::result::Result<Value, QmpError>)> {
+        let (client, reply) = self.asked.answer(ANSWER_WITHIN).await.map_err(|e| qmp_error(name, e))?;
+        Ok((Monitor { client, _lock: self.lock }, reply))
     }
 }
 
-type Asked = Option<std::result::Result<Value, QmpError>>;
+/// Takes the first free monitor of the running process whose runtime
+/// directory is `paths` (serving `name`, for messages) and writes
+/// `command` (without arguments) with the connection's opening, without
+/// waiting for anything: QEMU reads and answers while the caller goes on,
+/// and [`QuestionAsked::answer`] reads the answer. `None` when every
+/// monitor is held or busy.
+pub fn ask_free(paths: &RuntimePaths, name: &str, command: &str) -> Result<Option<QuestionAsked>> {
+    for free in free_monitors(paths) {
+        let (n, lock) = free?;
+        match QmpClient::ask_on_opening(&paths.monitor_socket(n), command) {
+            Ok(asked) => {
+                tracing::debug!(domain = name, monitor = n, command, "QMP monitor asked on its opening");
+                return Ok(Some(QuestionAsked { asked, lock }));
+            }
+            Err(e) if backlog_full(&e) => tracing::debug!(domain = name, monitor = n, "QMP monitor's backlog is full"),
+            Err(e) => return Err(qmp_error(name, e)),
+        }
+    }
+    Ok(None)
+}
 
 /// How long a running QEMU may take to greet a connection that waits for it.
 const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 
 /// How a monitor is connected.
 #[derive(Debug, Clone, Copy)]
-enum Opening<'a> {
+enum Opening {
     /// QEMU is starting: its greeting is waited for, this long.
     Starting(Duration),
     /// QEMU runs: its greeting is read behind the caller's next work.
     Running,
-    /// QEMU runs, and this command goes out with the opening.
-    Asking(&'a str),
 }
 
-async fn acquire_opening(paths: &RuntimePaths, name: &str, opening: Opening<'_>) -> Result<(Monitor, Asked)> {
+async fn acquire_opening(paths: &RuntimePaths, name: &str, opening: Opening) -> Result<Monitor> {
+    until_free(name, || take_free(paths, name, opening)).await
+}
+
+/// What `take` takes once it takes something, trying again every 20 ms
+/// while every monitor is held or busy, for up to 30 s.
+async fn until_free<T, F: Future<Output = Result<Option<T>>>>(name: &str, mut take: impl FnMut() -> F) -> Result<T> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(taken) = take_free(paths, name, opening).await? {
+        if let Some(taken) = take().await? {
             return Ok(taken);
         }
         if Instant::now() >= deadline {
@@ -105,7 +142,7 @@ pub async fn acquire_started(
         }
         // No other process takes a monitor of a server that is starting.
         let taken = take_free(paths, name, Opening::Starting(guard)).await?;
-        taken.map(|(monitor, _)| monitor).ok_or_else(|| {
+        taken.ok_or_else(|| {
             Error::operation_failed(format!("every QMP monitor of the starting QEMU of '{name}' is locked"))
         })
     };
@@ -135,42 +172,45 @@ pub async fn acquire_started(
 }
 
 /// The first monitor of `paths` whose lock is free, connected as
-/// `opening` says, with the outcome of the command it asks when it asks
-/// one; `None` when every one is held.
-async fn take_free(paths: &RuntimePaths, name: &str, opening: Opening<'_>) -> Result<Option<(Monitor, Asked)>> {
-    for n in 0..MONITORS {
-        let lock_path = paths.monitor_lock(n);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| Error::io("open the monitor lock", &lock_path, e))?;
-        if file.try_lock().is_err() {
-            continue;
-        }
+/// `opening` says; `None` when every one is held or busy.
+async fn take_free(paths: &RuntimePaths, name: &str, opening: Opening) -> Result<Option<Monitor>> {
+    for free in free_monitors(paths) {
+        let (n, lock) = free?;
         let socket = paths.monitor_socket(n);
         let connected = match opening {
-            Opening::Starting(within) => QmpClient::connect_with_timeout(&socket, within).await.map(|c| (c, None)),
-            Opening::Running => QmpClient::connect_to_running(&socket).await.map(|client| (client, None)),
-            Opening::Asking(command) => QmpClient::connect_and_execute(&socket, ANSWER_WITHIN, command)
-                .await
-                .map(|(client, reply)| (client, Some(reply))),
+            Opening::Starting(within) => QmpClient::connect_with_timeout(&socket, within).await,
+            Opening::Running => QmpClient::connect_to_running(&socket).await,
         };
-        let (client, asked) = match connected {
-            // The socket's backlog is full: QEMU has not yet taken in the
-            // connection of the monitor's last holder (one that did not wait
-            // for the greeting, and exited without a command). Busy for now.
-            Err(QmpError::Io { source, .. }) if source.kind() == std::io::ErrorKind::WouldBlock => {
-                tracing::debug!(domain = name, monitor = n, "QMP monitor's backlog is full");
-                continue;
+        match connected {
+            Ok(client) => {
+                tracing::debug!(domain = name, monitor = n, "QMP monitor attached");
+                return Ok(Some(Monitor { client, _lock: lock }));
             }
-            connected => connected.map_err(|e| qmp_error(name, e))?,
-        };
-        tracing::debug!(domain = name, monitor = n, "QMP monitor attached");
-        return Ok(Some((Monitor { client, _lock: file }, asked)));
+            Err(e) if backlog_full(&e) => tracing::debug!(domain = name, monitor = n, "QMP monitor's backlog is full"),
+            Err(e) => return Err(qmp_error(name, e)),
+        }
     }
     Ok(None)
+}
+
+/// Each monitor of `paths` whose lock this process could take, in order,
+/// with the lock held.
+fn free_monitors(paths: &RuntimePaths) -> impl Iterator<Item = Result<(usize, File)>> + '_ {
+    (0..MONITORS).filter_map(|n| {
+        let lock_path = paths.monitor_lock(n);
+        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path);
+        match file {
+            Ok(file) => file.try_lock().is_ok().then_some(Ok((n, file))),
+            Err(e) => Some(Err(Error::io("open the monitor lock", &lock_path, e))),
+        }
+    })
+}
+
+/// The socket's backlog is full: QEMU has not yet taken in the connection
+/// of the monitor's last holder (one that did not wait for the greeting,
+/// and exited without a command). The monitor is busy for now.
+fn backlog_full(e: &QmpError) -> bool {
+    matches!(e, QmpError::Io { source, .. } if source.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 /// Maps a QMP failure into Strata's error, keeping QEMU's class and text;

@@ -55,7 +55,7 @@ use strata_engine::job::engine::{BlockJobEngine, BlockJobHost, Served};
 
 use live::{LiveStatus, MonitorCache};
 use strata_qemu_block::graph::live_chains;
-use strata_qemu_block::monitor::{acquire_started, qmp_error, start_up_guard, Monitor};
+use strata_qemu_block::monitor::{acquire_started, qmp_error, start_up_guard, Monitor, QuestionAsked};
 use strata_qemu_block::offline::{self, ServerRecord};
 pub use strata_qemu_block::runtime::MONITORS;
 
@@ -164,8 +164,9 @@ impl QemuConnection {
         &self,
         name: &str,
         status: &LiveStatus,
+        early: Option<QuestionAsked>,
     ) -> Result<Option<(Arc<Monitor>, strata_qmp::types::StatusInfo)>> {
-        let attached = self.monitors.get_with_run_state(&self.store, name, status.run.process).await;
+        let attached = self.monitors.get_with_run_state(&self.store, name, status.run.process, early).await;
         self.attached_or_gone(name, status, attached).await
     }
 
@@ -198,7 +199,10 @@ impl QemuConnection {
         )))
     }
 
-    async fn summary(&self, dom: &Domain) -> Result<DomainSummary> {
+    /// The domain's state for `list` and `dominfo`. `early` is the run
+    /// state asked ahead of the records ([`MonitorCache::ask_run_state_early`]),
+    /// used only if the records say QEMU serves the domain.
+    async fn summary(&self, dom: &Domain, early: Option<QuestionAsked>) -> Result<DomainSummary> {
         let name = dom.name();
         let mut s = DomainSummary {
             id: None,
@@ -211,7 +215,7 @@ impl QemuConnection {
         };
         self.recover_stream(&name).await?;
         if let Some(status) = live::reconcile(&self.store, &name)?.filter(LiveStatus::is_vm) {
-            let Some((monitor, run)) = self.attach_with_run_state(&name, &status).await? else { return Ok(s) };
+            let Some((monitor, run)) = self.attach_with_run_state(&name, &status, early).await? else { return Ok(s) };
             hotplug::finish_pending_unplugs(&self.store, &name, &status, &monitor).await?;
             let (state, reason) = live::state_of(run.status);
             s.id = Some(status.id);
@@ -517,10 +521,20 @@ impl Connection for QemuConnection {
     }
 
     async fn list_domains(&self) -> Result<Vec<DomainSummary>> {
+        let names = self.store.list_domains()?;
+        // Every running QEMU is asked first: they answer at once, while
+        // the records are read.
+        let mut early: HashMap<String, QuestionAsked> = names
+            .iter()
+            .filter_map(|name| Some((name.clone(), self.monitors.ask_run_state_early(&self.store, name)?)))
+            .collect();
         let mut out = Vec::new();
-        for listed in strata_engine::definitions::list(&self.store)? {
+        for listed in strata_engine::definitions::list_named(&self.store, names)? {
             out.push(match listed {
-                Ok(dom) => self.summary(&dom).await?,
+                Ok(dom) => {
+                    let asked = early.remove(&dom.name());
+                    self.summary(&dom, asked).await?
+                }
                 Err(damaged) => damaged,
             });
         }
@@ -543,8 +557,9 @@ impl Connection for QemuConnection {
     }
 
     async fn domain_info(&self, name: &str) -> Result<DomainInfo> {
+        let early = self.monitors.ask_run_state_early(&self.store, name);
         let dom = strata_engine::definitions::load(&self.store, name)?;
-        let summary = self.summary(&dom).await?;
+        let summary = self.summary(&dom, early).await?;
         Ok(DomainInfo { managed_save: self.managed_image(name)?.exists(), ..DomainInfo::of_definition(&dom, summary) })
     }
 

@@ -25,7 +25,7 @@ use crate::tap::CreatedNic;
 use strata_engine::job::record::{self, JobRecord};
 use strata_engine::process::ProcessId;
 use strata_qemu_block::jobs::{block_job_event, event_time_us};
-use strata_qemu_block::monitor::{acquire, acquire_asking, qmp_error, Monitor};
+use strata_qemu_block::monitor::{acquire, acquire_asking, ask_free, qmp_error, Monitor, QuestionAsked};
 use strata_qemu_block::nodes::root_node;
 use strata_qemu_block::offline::{ServerRecord, Verdict};
 use strata_qemu_block::runtime::{RuntimePaths, MONITORS};
@@ -426,14 +426,38 @@ impl MonitorCache {
         Ok(monitor)
     }
 
+    /// Asks the QEMU serving `name` for its run state now, on a new
+    /// connection, if this process holds no monitor of it: QEMU reads and
+    /// answers while the caller reads the domain's records, and
+    /// [`MonitorCache::get_with_run_state`] takes the answer. `None` when
+    /// nothing can be asked (no runtime directory: the domain is shut off;
+    /// nothing listening; every monitor held); the records say then what
+    /// runs, and the question is asked after them, if at all.
+    pub fn ask_run_state_early(&self, store: &Store, name: &str) -> Option<QuestionAsked> {
+        let holds_one = match self.held.try_lock() {
+            Ok(held) => held.get(name).is_some_and(|(_, m)| m.client.is_connected()),
+            Err(_) => true,
+        };
+        if holds_one {
+            return None;
+        }
+        let asked = runtime_paths(store, name).and_then(|paths| ask_free(&paths, name, "query-status"));
+        asked.unwrap_or_else(|e| {
+            tracing::debug!(domain = name, error = %e, "run state not asked ahead of the records");
+            None
+        })
+    }
+
     /// Like [`MonitorCache::get`], with QEMU's run state: a new connection
     /// asks `query-status` with its opening, which spares `list` and
-    /// `dominfo` a round trip; a held one asks after.
+    /// `dominfo` a round trip (or takes the answer to `early`, asked by
+    /// [`MonitorCache::ask_run_state_early`]); a held one asks after.
     pub async fn get_with_run_state(
         &self,
         store: &Store,
         name: &str,
         process: ProcessId,
+        early: Option<QuestionAsked>,
     ) -> Result<(Arc<Monitor>, StatusInfo)> {
         let mut held = self.held.lock().await;
         let reusable = held.get(name).filter(|(pid, m)| *pid == process && m.client.is_connected());
@@ -442,7 +466,10 @@ impl MonitorCache {
             let run = m.client.query_status().await.map_err(|e| qmp_error(name, e))?;
             return Ok((m, run));
         }
-        let (monitor, reply) = acquire_asking(&runtime_paths(store, name)?, name, "query-status").await?;
+        let (monitor, reply) = match early {
+            Some(asked) => asked.answer(name).await?,
+            None => acquire_asking(&runtime_paths(store, name)?, name, "query-status").await?,
+        };
         let monitor = Arc::new(monitor);
         held.insert(name.to_string(), (process, Arc::clone(&monitor)));
         let run = reply
