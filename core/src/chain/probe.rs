@@ -99,21 +99,23 @@ fn probe(top: &StorageSource, top_format: &str, stop_at_missing: bool) -> Result
             }
             break;
         };
-        let absent = matches!(std::fs::metadata(&backing_path), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
-        if stop_at_missing && absent {
+        // One stat says both whether the file is there and which file it is
+        // (a probe of a deep chain is mostly these system calls).
+        let found = std::fs::metadata(&backing_path);
+        if stop_at_missing && matches!(&found, Err(e) if e.kind() == std::io::ErrorKind::NotFound) {
             let id = chain.push_backing(current, backing.source, written_format);
             chain.layers[id].slice = backing.slice;
             missing = Some(MissingBacking { image: current_path, backing: backing_path });
             break;
         }
-        let id = identity(&backing_path).map_err(|e| {
+        let id = found.map(|meta| (meta.dev(), meta.ino())).map_err(|e| {
             Error::new(
                 ErrorKind::StorageProbeFailed,
                 format!(
                     "backing file '{}' of '{}' cannot be used: {}",
                     backing_path.display(),
                     current_path.display(),
-                    e.detail()
+                    Error::io("open", &backing_path, e).detail()
                 ),
             )
         })?;

@@ -31,7 +31,8 @@ impl<'a> ImageFile<'a> {
             .custom_flags(libc::O_NONBLOCK)
             .open(path)
             .map_err(|e| Error::io("open", path, e))?;
-        let file_type = file.metadata().map_err(|e| Error::io("stat", path, e))?.file_type();
+        let metadata = file.metadata().map_err(|e| Error::io("stat", path, e))?;
+        let file_type = metadata.file_type();
         if file_type.is_dir() {
             return Err(Error::probe_failed(format!("'{}' is a directory, not a disk image", path.display())));
         }
@@ -41,9 +42,13 @@ impl<'a> ImageFile<'a> {
                 path.display()
             )));
         }
-        // Seeking to the end gives the size of block devices too, whose
-        // metadata reports a length of 0.
-        let len = file.seek(SeekFrom::End(0)).map_err(|e| Error::io("seek", path, e))?;
+        // A block device's metadata reports a length of 0: its size is where
+        // a seek to its end lands.
+        let len = if file_type.is_block_device() {
+            file.seek(SeekFrom::End(0)).map_err(|e| Error::io("seek", path, e))?
+        } else {
+            metadata.len()
+        };
         Ok(ImageFile { path, file, len, head: Vec::new() })
     }
 
