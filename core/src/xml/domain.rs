@@ -573,6 +573,12 @@ impl Domain {
     pub fn to_xml(&self) -> String {
         self.root.to_xml()
     }
+
+    /// Refuses the definition if `written`, its [`Domain::to_xml`], would be
+    /// refused when read back (see [`Element::check_readable`]).
+    pub fn check_readable(&self, written: &str) -> Result<()> {
+        self.root.check_readable(written)
+    }
 }
 
 fn memory_in_kib(el: &Element) -> Option<u64> {

@@ -292,6 +292,34 @@ impl Element {
         Ok((root.ok_or_else(|| Error::xml("empty XML document"))?, raw))
     }
 
+    /// Refuses the tree if `written`, the document [`Element::to_xml`] made
+    /// of it, would be refused when read back: over [`MAX_DOCUMENT_BYTES`],
+    /// or holding more than [`MAX_DOCUMENT_NODES`] elements, attributes and
+    /// comments. The nodes are counted on the tree, which holds every one
+    /// the text does: reading a deep chain's definition back took longer
+    /// than probing its images.
+    pub fn check_readable(&self, written: &str) -> Result<()> {
+        if written.len() > MAX_DOCUMENT_BYTES {
+            return Err(Error::xml(format!("the document is refused: {}", super::limits::too_large())));
+        }
+        let mut nodes = NodeBudget(MAX_DOCUMENT_NODES);
+        let mut stack = vec![self];
+        while let Some(el) = stack.pop() {
+            nodes.take()?;
+            for _ in &el.attrs {
+                nodes.take()?;
+            }
+            for child in &el.children {
+                match child {
+                    Node::Element(child) => stack.push(child),
+                    Node::Comment(_) => nodes.take()?,
+                    Node::Text(_) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Formats the element as libvirt does: two-space indentation and
     /// single-quoted attributes; whitespace between elements is re-made.
     pub fn to_xml(&self) -> String {
@@ -721,6 +749,29 @@ mod tests {
             let err = Element::parse(&xml).expect_err("over the node limit");
             assert!(err.to_string().contains(&format!("more than {MAX_DOCUMENT_NODES} elements")), "{err}");
         }
+        // A tree is checked as its text would be when read back.
+        let tree = |children: usize, attrs: usize, comments: usize| {
+            let mut el = Element::new("a");
+            el.attrs = (0..attrs).map(|i| (Cow::Owned(format!("x{i}")), String::new())).collect();
+            el.children.extend((0..children).map(|_| Node::Element(Element::new("b"))));
+            el.children.extend((0..comments).map(|_| Node::Comment(String::new())));
+            el
+        };
+        let within = tree(MAX_DOCUMENT_NODES / 2, MAX_DOCUMENT_NODES / 4, MAX_DOCUMENT_NODES / 4 - 1);
+        let text = within.to_xml();
+        within.check_readable(&text).expect("within the limit");
+        Element::parse(&text).expect("read back");
+        for over in [tree(MAX_DOCUMENT_NODES, 0, 0), tree(0, MAX_DOCUMENT_NODES, 0), tree(1, 0, MAX_DOCUMENT_NODES - 1)]
+        {
+            let text = over.to_xml();
+            let err = over.check_readable(&text).expect_err("over the node limit");
+            assert!(err.to_string().contains(&format!("more than {MAX_DOCUMENT_NODES} elements")), "{err}");
+            assert!(Element::parse(&text).is_err(), "the text of a refused tree reads back");
+        }
+        let mut long = Element::new("a");
+        long.children.push(Node::Text("x".repeat(MAX_DOCUMENT_BYTES)));
+        let err = long.check_readable(&long.to_xml()).expect_err("over the byte limit");
+        assert!(err.to_string().contains("10 MiB"), "{err}");
         // Over the byte limit, refused before parsing: the tag is unclosed.
         let huge = format!("<a>{}", " ".repeat(MAX_DOCUMENT_BYTES));
         let err = Element::parse(&huge).expect_err("over the byte limit");

@@ -211,7 +211,7 @@ pub fn define_for(
     let out = dom.to_xml();
     // Recorded chains make a definition larger than its input: it must stay
     // within what the store reads back.
-    Domain::parse(&out).map_err(|e| e.context("the definition with its backing chains recorded"))?;
+    dom.check_readable(&out).map_err(|e| e.context("the definition with its backing chains recorded"))?;
     store.write_domain(&name, &out)?;
     Ok(DefineOutcome { name, warnings })
 }
