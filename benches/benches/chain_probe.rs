@@ -2,7 +2,9 @@
 //!
 //! Times `strata_core::chain::probe_chain` on linear qcow2 chains of depth
 //! 1 … 10,000 (warm page cache) and compares depth 500 with
-//! `qemu-img info --backing-chain`.
+//! `qemu-img info --backing-chain`, and with a whole `strata define`
+//! process on that chain (the `strata` binary of the other benches; left
+//! out if there is none).
 //!
 //! The fixture is one base and one overlay made by qemu-img; the other
 //! 9,999 overlays are copies of the first with the backing-file name in the
@@ -15,9 +17,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use serde_json::json;
+use strata_benches::strata::locate_strata;
 use strata_benches::{
-    human, layer_name, ms, patched_chain, path_str, quick, quick_suffix, require_tools, run_tool, temp_dir, time, us,
-    BackingNames, Stats, Tools,
+    domain_type, domain_xml, human, layer_name, ms, patched_chain, path_str, quick, quick_suffix, require_tools,
+    run_tool, temp_dir, time, us, BackingNames, Stats, Strata, Tools,
 };
 use strata_core::chain::{probe_chain, Backing, StorageSource};
 
@@ -112,7 +115,7 @@ fn main() -> ExitCode {
     let top500_s = path_str(&top500);
     let base = dir.path().join(layer_name(0));
     let base_s = path_str(&base);
-    let qemu_runs = 3;
+    let qemu_runs = 5;
     let qemu_samples: Vec<Duration> = (0..qemu_runs)
         .map(|_| {
             let (d, out) = time(|| run_tool("qemu-img", &["info", "--backing-chain", "-U", "--output=json", top500_s]));
@@ -147,6 +150,19 @@ fn main() -> ExitCode {
         human(strata.median)
     );
     println!("  {:<58} {:>11.1}x", "ratio qemu-img / strata", ratio);
+    let define = time_define(dir.path(), &top500, if quick { 5 } else { 21 });
+    if let Some(define) = &define {
+        println!(
+            "  {:<58} {:>12}",
+            format!("strata define of a domain on it, whole process (median of {})", define.runs),
+            human(define.median)
+        );
+        println!(
+            "  {:<58} {:>11.1}x",
+            "ratio qemu-img / strata define",
+            qemu.median.as_secs_f64() / define.median.as_secs_f64()
+        );
+    }
 
     let result = json!({
         "bench": "chain_probe",
@@ -160,10 +176,38 @@ fn main() -> ExitCode {
             "qemu_img_startup_median_ms": ms(startup.median),
             "strata_median_ms": ms(strata.median),
             "ratio": ratio,
+            "define_median_ms": define.as_ref().map(|d| ms(d.median)),
+            "define_ratio": define.as_ref().map(|d| qemu.median.as_secs_f64() / d.median.as_secs_f64()),
         },
     });
     println!("RESULT {result}");
     ExitCode::SUCCESS
+}
+
+/// `strata define` (process start to exit) of a domain whose disk is
+/// `top`, `runs` times into a fresh embedded state (undefined between
+/// runs); `None` without a `strata` binary. Each definition must record
+/// the chain down to its base.
+fn time_define(dir: &Path, top: &Path, runs: usize) -> Option<Stats> {
+    let Some(bin) = locate_strata() else {
+        println!("  (no strata binary: build it with cargo build --release -p strata-cli to time define)");
+        return None;
+    };
+    let cli = Strata::embedded(&bin, &dir.join("define-state"));
+    let xml = dir.join("define.xml");
+    std::fs::write(&xml, domain_xml("vm", domain_type(), &[top])).expect("write the domain XML");
+    let define = ["define", path_str(&xml)];
+    let samples: Vec<Duration> = (0..runs + 1)
+        .map(|_| {
+            let (d, _) = time(|| cli.ok(&define));
+            let recorded = cli.ok(&["dumpxml", "vm", "--inactive"]);
+            assert!(recorded.contains(&layer_name(0)), "define did not record the chain down to its base");
+            cli.ok(&["undefine", "vm"]);
+            d
+        })
+        .skip(1)
+        .collect();
+    Some(Stats::of(&samples))
 }
 
 fn probe(top: &Path) -> strata_core::chain::Chain {
