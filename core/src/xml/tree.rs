@@ -296,8 +296,8 @@ impl Element {
     /// of it, would be refused when read back: over [`MAX_DOCUMENT_BYTES`],
     /// or holding more than [`MAX_DOCUMENT_NODES`] elements, attributes and
     /// comments. The nodes are counted on the tree, which holds every one
-    /// the text does: reading a deep chain's definition back took longer
-    /// than probing its images.
+    /// the text does: parsing a deep chain's definition again took
+    /// milliseconds.
     pub fn check_readable(&self, written: &str) -> Result<()> {
         if written.len() > MAX_DOCUMENT_BYTES {
             return Err(Error::xml(format!("the document is refused: {}", super::limits::too_large())));

@@ -272,6 +272,7 @@ impl QmpClient {
     pub fn ask_on_opening(path: &Path, command: &str) -> Result<AskedOnOpening, QmpError> {
         let io = |source| QmpError::Io { path: path.to_path_buf(), source };
         let capabilities_id = new_capabilities_id();
+        // No `oob`: its 30 bytes would be read before the question.
         let mut unsent = opening(capabilities_id, false);
         unsent.extend(encode_message(command, None, FIRST_COMMAND_ID)?);
         let stream = std::os::unix::net::UnixStream::from(mio::net::UnixStream::connect(path).map_err(io)?);
