@@ -838,7 +838,7 @@ async fn write_with_fd(writer: &mut OwnedWriteHalf, bytes: &[u8], fd: BorrowedFd
 /// A monitor connection with `qmp_capabilities` and one question written,
 /// nothing read yet: [`QmpClient::ask_on_opening`]. Dropping it closes the
 /// connection; QEMU's answer, if it comes, goes nowhere (a later client of
-/// the monitor drops it, see [`read_loop`]).
+/// the monitor drops what arrives ahead of its own negotiation).
 #[derive(Debug)]
 pub struct AskedOnOpening {
     path: PathBuf,
