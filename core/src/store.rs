@@ -323,7 +323,7 @@ impl Store {
 
     pub fn write_domain(&self, name: &str, xml: &str) -> Result<()> {
         let dir = self.domain_dir(name)?;
-        fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        create_dir_synced(&dir)?;
         self.write_file(&dir.join("domain.xml"), xml.as_bytes())
     }
 
@@ -337,7 +337,7 @@ impl Store {
 
     pub fn write_status(&self, name: &str, xml: &str) -> Result<()> {
         let dir = self.domain_dir(name)?;
-        fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        create_dir_synced(&dir)?;
         self.write_file(&dir.join("status.xml"), xml.as_bytes())
     }
 
@@ -365,7 +365,7 @@ impl Store {
     pub fn write_domain_file(&self, name: &str, file: &str, data: &str) -> Result<()> {
         validate_name("file", file)?;
         let dir = self.domain_dir(name)?;
-        fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        create_dir_synced(&dir)?;
         self.write_file(&dir.join(file), data.as_bytes())
     }
 
@@ -391,14 +391,14 @@ impl Store {
     pub fn write_snapshot(&self, domain: &str, snap: &str, xml: &str) -> Result<()> {
         validate_name("snapshot", snap)?;
         let dir = self.file(domain, "snapshots")?;
-        fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        create_dir_synced(&dir)?;
         self.write_file(&dir.join(format!("{snap}.xml")), xml.as_bytes())
     }
 
     /// Stages the domain's definition (see [`StagedFile`]).
     pub fn stage_domain(&self, name: &str, xml: &str) -> Result<StagedFile> {
         let dir = self.domain_dir(name)?;
-        fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        create_dir_synced(&dir)?;
         stage_file(&dir.join("domain.xml"), xml.as_bytes())
     }
 
@@ -406,7 +406,7 @@ impl Store {
     pub fn stage_snapshot(&self, domain: &str, snap: &str, xml: &str) -> Result<StagedFile> {
         validate_name("snapshot", snap)?;
         let dir = self.file(domain, "snapshots")?;
-        fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        create_dir_synced(&dir)?;
         stage_file(&dir.join(format!("{snap}.xml")), xml.as_bytes())
     }
 
@@ -414,7 +414,7 @@ impl Store {
     pub fn stage_domain_file(&self, name: &str, file: &str, data: &str) -> Result<StagedFile> {
         validate_name("file", file)?;
         let dir = self.domain_dir(name)?;
-        fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        create_dir_synced(&dir)?;
         stage_file(&dir.join(file), data.as_bytes())
     }
 
@@ -618,6 +618,27 @@ impl Drop for DirSyncBatch<'_> {
     fn drop(&mut self) {
         let _ = self.flush();
     }
+}
+
+/// Creates `dir` and any missing parent, syncing each directory it makes
+/// into its parent: a record renamed into a directory made a moment before
+/// is synced into that directory, which is lost in a crash unless it was
+/// synced into its own parent. A directory already there costs one stat.
+fn create_dir_synced(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_dir_synced(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        // Made by another process a moment ago, which may not have synced
+        // it yet: synced here too.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+        Err(e) => return Err(Error::io("create", dir, e)),
+    }
+    sync_dir(dir)
 }
 
 fn sync_dir(path: &Path) -> Result<()> {
