@@ -942,6 +942,60 @@ fn xml_files_are_bounded() {
     assert!(env.ok(&["snapshot-list", "vm", "--name"]).trim().is_empty());
 }
 
+/// A directory the store makes (a new domain's; the one its first
+/// snapshot's record goes in) is synced into its parent before a record is
+/// renamed into it: a crash could otherwise lose the directory, and the
+/// record with it, after the command said it was done.
+#[test]
+fn a_new_store_directory_is_synced_into_its_parent_before_a_record_goes_in() {
+    let env = TestEnv::new();
+    let data = env.path("data.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&data), "16M"]);
+    let xml = env.path("vm.xml");
+    std::fs::write(&xml, one_disk_domain("vm", &data, "qcow2")).expect("write xml");
+    // (call, its first path, rename's target) of each call that succeeded.
+    let traced = |args: &[&str]| -> Vec<(String, String, String)> {
+        let log = env.path("dirs.strace");
+        let cli = env.command(args);
+        let mut strace = Command::new("strace");
+        strace.args(["-f", "-qq", "-y", "-e", "trace=mkdir,fsync,rename", "-o", p(&log)]).arg(cli.get_program());
+        let out = strace.args(cli.get_args()).env_remove("STRATA_LOG").output().expect("run strata under strace");
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let trace = std::fs::read_to_string(&log).expect("strace log");
+        trace
+            .lines()
+            .filter(|l| l.ends_with("= 0"))
+            .filter_map(|l| {
+                let call = l.split_whitespace().nth(1)?;
+                let name = call.split('(').next()?.to_string();
+                let first = call.split(['<', '"']).nth(1)?.trim_end_matches(['>', ')', ',']).to_string();
+                Some((name, first, l.split('"').nth(3).unwrap_or("").to_string()))
+            })
+            .collect()
+    };
+    let check = |calls: &[(String, String, String)], made: &Path, record: &Path| {
+        let at = |call: &str, path: &Path, target: bool| {
+            calls.iter().position(|(c, first, to)| c == call && (if target { to } else { first }) == p(path))
+        };
+        let mkdir = at("mkdir", made, false).unwrap_or_else(|| panic!("{} was not made: {calls:?}", made.display()));
+        let parent = made.parent().expect("a parent");
+        let synced = calls[mkdir..].iter().position(|(c, first, _)| c == "fsync" && first == p(parent));
+        let renamed = at("rename", record, true).unwrap_or_else(|| panic!("{} was not written", record.display()));
+        let synced =
+            synced.map(|i| i + mkdir).unwrap_or_else(|| panic!("{} was not synced: {calls:?}", parent.display()));
+        assert!(synced < renamed, "{} went in before {} was synced: {calls:?}", record.display(), made.display());
+    };
+
+    env.ok(&["list", "--all"]);
+    let dir = env.state_root().join("domains").join("vm");
+    check(&traced(&["define", p(&xml)]), &dir, &dir.join("domain.xml"));
+    let snapshots = dir.join("snapshots");
+    check(&traced(&["snapshot-create-as", "vm", "s1", "--disk-only"]), &snapshots, &snapshots.join("s1.xml"));
+    // A directory already there is not synced again.
+    let again = traced(&["snapshot-create-as", "vm", "s2", "--disk-only"]);
+    assert!(!again.iter().any(|(c, _, _)| c == "mkdir"), "{again:?}");
+}
+
 /// The table row of `list --all` for a domain: its columns.
 fn list_row(env: &TestEnv, name: &str) -> Vec<String> {
     let table = env.ok(&["list", "--all"]);
