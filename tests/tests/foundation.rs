@@ -961,17 +961,7 @@ fn a_new_store_directory_is_synced_into_its_parent_before_a_record_goes_in() {
         strace.args(["-f", "-qq", "-y", "-e", "trace=mkdir,fsync,rename", "-o", p(&log)]).arg(cli.get_program());
         let out = strace.args(cli.get_args()).env_remove("STRATA_LOG").output().expect("run strata under strace");
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        let trace = std::fs::read_to_string(&log).expect("strace log");
-        trace
-            .lines()
-            .filter(|l| l.ends_with("= 0"))
-            .filter_map(|l| {
-                let call = l.split_whitespace().nth(1)?;
-                let name = call.split('(').next()?.to_string();
-                let first = call.split(['<', '"']).nth(1)?.trim_end_matches(['>', ')', ',']).to_string();
-                Some((name, first, l.split('"').nth(3).unwrap_or("").to_string()))
-            })
-            .collect()
+        common::strace_calls(&std::fs::read_to_string(&log).expect("strace log"))
     };
     let check = |calls: &[(String, String, String)], made: &Path, record: &Path| {
         let at = |call: &str, path: &Path, target: bool| {

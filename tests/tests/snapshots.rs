@@ -1804,36 +1804,9 @@ fn a_live_snapshot_syncs_each_directory_once_before_the_intent_goes() {
     assert_eq!(active(&env, "vda"), env.path("top.s1"));
 
     let trace = std::fs::read_to_string(&log).expect("strace log");
-    // The records are staged on another thread: strace splits a call that
-    // another thread's call interrupts into `... <unfinished ...>` and
-    // `<... fsync resumed>) = 0`; joined again, a call counts when it ends.
-    let mut unfinished: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
-    let joined: Vec<String> = trace
-        .lines()
-        .filter_map(|l| {
-            let pid = l.split_whitespace().next()?;
-            if let Some(start) = l.strip_suffix(" <unfinished ...>") {
-                unfinished.insert(pid, start);
-                return None;
-            }
-            match (l.split_once(" resumed>"), unfinished.remove(pid)) {
-                (Some((_, rest)), Some(start)) => Some(format!("{start}{rest}")),
-                _ => Some(l.to_string()),
-            }
-        })
-        .collect();
-    // (call, its first path), in order: fsync(5</path>), rename("from", "to"), unlink("path").
-    let calls: Vec<(&str, &str, &str)> = joined
-        .iter()
-        .filter(|l| l.ends_with("= 0"))
-        .filter_map(|l| {
-            let call = l.split_whitespace().nth(1)?;
-            let name = call.split('(').next()?;
-            let first = call.split(['<', '"']).nth(1)?.trim_end_matches(['>', ')', ',']);
-            let to = l.split('"').nth(3).unwrap_or("");
-            Some((name, first, to))
-        })
-        .collect();
+    // The records are staged on another thread: its calls' lines are
+    // joined again (see `strace_calls`).
+    let calls = common::strace_calls(&trace);
     let synced = |file: &str, before: usize| calls[..before].iter().any(|(c, p, _)| *c == "fsync" && *p == file);
     for (i, (call, from, to)) in calls.iter().enumerate() {
         if *call == "rename" {

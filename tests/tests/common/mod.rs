@@ -1032,3 +1032,37 @@ pub fn nft_table(name: &str) -> Option<String> {
     let out = host_tool("nft", &["list", "table", "ip", name]);
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// The calls of an `strace -f -qq -y -o LOG` log that succeeded (`= 0`), in
+/// the order they ended, as (call, its first path, its second quoted path):
+/// `fsync(5</path>)` gives `/path`, `rename("from", "to")` gives `from`
+/// and `to`, `mkdir("path", 0777)` gives `path`. strace splits a call that
+/// another thread's call interrupts into `... <unfinished ...>` and
+/// `<... fsync resumed>) = 0`; the two are joined again here.
+pub fn strace_calls(trace: &str) -> Vec<(String, String, String)> {
+    let mut unfinished: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+    let joined: Vec<String> = trace
+        .lines()
+        .filter_map(|l| {
+            let pid = l.split_whitespace().next()?;
+            if let Some(start) = l.strip_suffix(" <unfinished ...>") {
+                unfinished.insert(pid, start);
+                return None;
+            }
+            match (l.split_once(" resumed>"), unfinished.remove(pid)) {
+                (Some((_, rest)), Some(start)) => Some(format!("{start}{rest}")),
+                _ => Some(l.to_string()),
+            }
+        })
+        .collect();
+    joined
+        .iter()
+        .filter(|l| l.ends_with("= 0"))
+        .filter_map(|l| {
+            let call = l.split_whitespace().nth(1)?;
+            let name = call.split('(').next()?.to_string();
+            let first = call.split(['<', '"']).nth(1)?.trim_end_matches(['>', ')', ',']).to_string();
+            Some((name, first, l.split('"').nth(3).unwrap_or("").to_string()))
+        })
+        .collect()
+}
